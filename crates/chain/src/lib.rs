@@ -1,0 +1,216 @@
+//! The chain layer: opens an image and its backing chain.
+//!
+//! The gate: a backing file is opened only with a known format, recorded in the
+//! overlay (the backing-format header extension) or given by the caller; backing
+//! files are never probed. Relative backing names resolve against the overlay's
+//! directory. Loops and chains deeper than [`OpenSpec::max_depth`] are refused.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions};
+use strata_format::raw::RawImage;
+use strata_format::{BlockDevice, Format};
+use strata_storage::{FileStorage, OpenOptions, Storage};
+
+/// Errors from opening a chain. Each names the image it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Format(#[from] strata_format::Error),
+    #[error("{}", .0)]
+    Storage(#[from] strata_storage::Error),
+    #[error("Could not open backing file '{backing}' of '{image}': its format is not recorded in the image.\nGive it with -F FMT, or record it with 'strata img rebase -u -b {backing} -F FMT {image}'")]
+    BackingFormatUnknown { image: PathBuf, backing: String },
+    #[error("Backing chain of '{image}' loops back to '{again}'")]
+    Loop { image: PathBuf, again: PathBuf },
+    #[error("Backing chain of '{image}' is deeper than the limit of {limit} images")]
+    TooDeep { image: PathBuf, limit: usize },
+    #[error("Could not open backing file '{backing}' of '{image}': {source}")]
+    Backing {
+        image: PathBuf,
+        backing: String,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("Could not determine the format of '{0}'")]
+    UnknownFormat(PathBuf),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Default depth limit (QEMU has none; very deep chains are a mistake worth stopping).
+pub const DEFAULT_MAX_DEPTH: usize = 256;
+
+/// How to open an image and its chain.
+#[derive(Debug, Clone)]
+pub struct OpenSpec {
+    pub path: PathBuf,
+    /// The top image's format; probed (qcow2 magic, else raw) when `None`.
+    pub format: Option<Format>,
+    pub write: bool,
+    /// Open without locks (`-U`), read-only.
+    pub force_share: bool,
+    /// Open backing files (`false`: the top image alone, unallocated reads as zeroes).
+    pub open_backing: bool,
+    /// Format of the top image's backing file when the image does not record one.
+    pub backing_format: Option<Format>,
+    pub max_depth: usize,
+}
+
+impl OpenSpec {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        OpenSpec {
+            path: path.into(),
+            format: None,
+            write: false,
+            force_share: false,
+            open_backing: true,
+            backing_format: None,
+            max_depth: DEFAULT_MAX_DEPTH,
+        }
+    }
+    pub fn format(mut self, f: Option<Format>) -> Self {
+        self.format = f;
+        self
+    }
+    pub fn write(mut self, w: bool) -> Self {
+        self.write = w;
+        self
+    }
+    pub fn force_share(mut self, u: bool) -> Self {
+        self.force_share = u;
+        self
+    }
+    pub fn open_backing(mut self, b: bool) -> Self {
+        self.open_backing = b;
+        self
+    }
+}
+
+/// One image of a chain.
+#[derive(Clone)]
+pub struct Layer {
+    /// The path as opened (resolved against the overlay's directory).
+    pub path: PathBuf,
+    pub format: Format,
+    pub device: Arc<dyn BlockDevice>,
+    /// The backing file name as recorded in the image.
+    pub backing_name: Option<String>,
+    /// The backing format as recorded in the image.
+    pub backing_format: Option<String>,
+    /// The backing file name resolved to a path.
+    pub backing_path: Option<PathBuf>,
+}
+
+/// An image and its backing chain; `layers[0]` is the top.
+pub struct Chain {
+    pub layers: Vec<Layer>,
+}
+
+impl Chain {
+    pub fn top(&self) -> &Arc<dyn BlockDevice> {
+        &self.layers[0].device
+    }
+}
+
+/// Probe the format of a top image from its first bytes: qcow2 by magic, else raw.
+pub fn probe_format(path: &Path) -> Result<Format> {
+    let s = FileStorage::open(path, OpenOptions::read().force_share(true))?;
+    let mut buf = [0u8; 4];
+    s.read_at(&mut buf, 0)?;
+    Ok(if strata_format::qcow2::probe(&buf) { Format::Qcow2 } else { Format::Raw })
+}
+
+/// Resolve a backing file name recorded in `overlay` (relative names are relative to
+/// the overlay's directory, as QEMU resolves them).
+pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        overlay.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// Open one image file (no backing) as a block device.
+pub fn open_image(path: &Path, format: Format, write: bool, force_share: bool) -> Result<Arc<dyn BlockDevice>> {
+    let opts = if write { OpenOptions::write() } else { OpenOptions::read().force_share(force_share) };
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, opts)?);
+    Ok(match format {
+        Format::Raw => Arc::new(RawImage::open(storage)?),
+        Format::Qcow2 => Arc::new(Qcow2Image::open(
+            storage,
+            Qcow2OpenOptions { read_only: !write, ..Default::default() },
+        )?),
+    })
+}
+
+/// Open the image `spec` names and, unless told not to, its whole backing chain
+/// (read-only), attaching each layer to the one above.
+pub fn open(spec: &OpenSpec) -> Result<Chain> {
+    let format = match spec.format {
+        Some(f) => f,
+        None => probe_format(&spec.path)?,
+    };
+    let mut layers: Vec<Layer> = Vec::new();
+    let mut seen: HashSet<PathBuf> = HashSet::new();
+    let mut path = spec.path.clone();
+    let mut fmt = format;
+    let mut write = spec.write;
+    loop {
+        let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        if !seen.insert(canon.clone()) {
+            return Err(Error::Loop { image: spec.path.clone(), again: path });
+        }
+        if layers.len() >= spec.max_depth {
+            return Err(Error::TooDeep { image: spec.path.clone(), limit: spec.max_depth });
+        }
+        let device = open_image(&path, fmt, write, spec.force_share)?;
+        let (backing_name, backing_format) = match device.as_any().downcast_ref::<Qcow2Image>() {
+            Some(q) => {
+                let h = q.header();
+                (h.backing_file, h.backing_format)
+            }
+            None => (None, None),
+        };
+        let backing_path = backing_name.as_deref().map(|b| resolve_backing(&path, b));
+        layers.push(Layer {
+            path: path.clone(),
+            format: fmt,
+            device,
+            backing_name: backing_name.clone(),
+            backing_format: backing_format.clone(),
+            backing_path: backing_path.clone(),
+        });
+        let (Some(name), Some(bpath)) = (backing_name, backing_path) else { break };
+        if !spec.open_backing {
+            break;
+        }
+        let bfmt = match backing_format.as_deref() {
+            Some(f) => f.parse::<Format>()?,
+            None if layers.len() == 1 && spec.backing_format.is_some() => spec.backing_format.expect("checked"),
+            None => return Err(Error::BackingFormatUnknown { image: path.clone(), backing: name }),
+        };
+        if !bpath.exists() {
+            return Err(Error::Backing {
+                image: path.clone(),
+                backing: name,
+                source: Box::new(Error::Storage(strata_storage::Error::Io {
+                    op: "Could not open",
+                    path: bpath,
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                })),
+            });
+        }
+        path = bpath;
+        fmt = bfmt;
+        write = false;
+    }
+    // Attach each layer to the one below it.
+    for i in 0..layers.len() - 1 {
+        let below = layers[i + 1].device.clone();
+        layers[i].device.set_backing(Some(below));
+    }
+    Ok(Chain { layers })
+}

@@ -1,0 +1,45 @@
+//! The format layer: maps guest offsets to host data.
+//!
+//! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU) and [`raw`].
+//! Both offer the guest view through [`BlockDevice`].
+
+mod device;
+mod error;
+pub mod qcow2;
+pub mod raw;
+
+pub use device::{check_range, BlockDevice, Extent, Status};
+pub use error::{Error, ErrorKind, Result};
+
+/// Image formats strata reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "qcow2" => Ok(Format::Qcow2),
+            "raw" => Ok(Format::Raw),
+            other => Err(Error::invalid_argument(format!("Unknown file format '{other}'"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -1,0 +1,71 @@
+//! A bounded write-back cache of metadata tables (L2 tables, refcount blocks), keyed
+//! by host offset. Eviction picks the least recently used table; dirty tables are
+//! handed back to the caller to be written in the order the image requires.
+
+use std::collections::HashMap;
+
+pub struct Slot<T> {
+    pub data: T,
+    pub dirty: bool,
+    used: u64,
+}
+
+pub struct TableCache<T> {
+    map: HashMap<u64, Slot<T>>,
+    capacity: usize,
+    tick: u64,
+}
+
+impl<T> TableCache<T> {
+    pub fn new(capacity: usize) -> Self {
+        TableCache { map: HashMap::new(), capacity: capacity.max(2), tick: 0 }
+    }
+
+    pub fn get(&mut self, offset: u64) -> Option<&mut Slot<T>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.map.get_mut(&offset).map(|s| {
+            s.used = tick;
+            s
+        })
+    }
+
+    pub fn contains(&self, offset: u64) -> bool {
+        self.map.contains_key(&offset)
+    }
+
+    /// Insert a table. If the cache is full, the least recently used table is removed
+    /// first and returned (with its offset) so a dirty one can be written.
+    #[must_use]
+    pub fn insert(&mut self, offset: u64, data: T, dirty: bool) -> Option<(u64, Slot<T>)> {
+        let evicted = if self.map.len() >= self.capacity && !self.map.contains_key(&offset) {
+            let victim = self.map.iter().min_by_key(|(_, s)| s.used).map(|(&k, _)| k);
+            victim.and_then(|k| self.map.remove(&k).map(|s| (k, s)))
+        } else {
+            None
+        };
+        self.tick += 1;
+        self.map.insert(offset, Slot { data, dirty, used: self.tick });
+        evicted
+    }
+
+    /// Offsets of dirty tables, in ascending order (sequential writes).
+    pub fn dirty_offsets(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.map.iter().filter(|(_, s)| s.dirty).map(|(&k, _)| k).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn any_dirty(&self) -> bool {
+        self.map.values().any(|s| s.dirty)
+    }
+
+    pub fn remove(&mut self, offset: u64) -> Option<Slot<T>> {
+        self.map.remove(&offset)
+    }
+
+    /// Drop every clean table (after the image is rewritten underneath).
+    pub fn clear(&mut self) {
+        self.map.retain(|_, s| s.dirty);
+    }
+}

@@ -1,0 +1,187 @@
+//! Creating qcow2 images with QEMU's options.
+
+use super::compress::CompressionType;
+use super::header::{self, Header};
+use super::image::{Qcow2Image, Qcow2OpenOptions};
+use super::refcount::rb_set;
+use crate::{BlockDevice, Error, Result};
+use std::sync::Arc;
+use strata_storage::Storage;
+
+/// `preallocation=` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    #[default]
+    Off,
+    Metadata,
+    Falloc,
+    Full,
+}
+
+impl std::str::FromStr for Preallocation {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "off" => Preallocation::Off,
+            "metadata" => Preallocation::Metadata,
+            "falloc" => Preallocation::Falloc,
+            "full" => Preallocation::Full,
+            _ => return Err(Error::invalid_argument(format!("Invalid parameter '{s}' for preallocation"))),
+        })
+    }
+}
+
+/// Everything `qemu-img create -f qcow2 -o ...` can set.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub cluster_size: u64,
+    /// 2 (compat=0.10) or 3 (compat=1.1).
+    pub version: u32,
+    pub lazy_refcounts: bool,
+    pub refcount_bits: u32,
+    pub preallocation: Preallocation,
+    pub compression_type: CompressionType,
+    pub extended_l2: bool,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: 65536,
+            version: 3,
+            lazy_refcounts: false,
+            refcount_bits: 16,
+            preallocation: Preallocation::Off,
+            compression_type: CompressionType::Zlib,
+            extended_l2: false,
+            backing_file: None,
+            backing_format: None,
+        }
+    }
+}
+
+impl CreateOptions {
+    /// Check the combination as QEMU does, with its messages.
+    pub fn validate(&self) -> Result<()> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(Error::invalid_argument(
+                "Cluster size must be a power of two between 512 and 2048k",
+            ));
+        }
+        if self.version != 2 && self.version != 3 {
+            return Err(Error::invalid_argument("Invalid compatibility level"));
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err(Error::invalid_argument(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        if self.version == 2 && self.refcount_bits != 16 {
+            return Err(Error::invalid_argument(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+            ));
+        }
+        if self.version == 2 && self.lazy_refcounts {
+            return Err(Error::invalid_argument(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if self.version == 2 && self.compression_type != CompressionType::Zlib {
+            return Err(Error::invalid_argument(
+                "Compression type other than zlib requires compatibility level 1.1 or above (use compat=1.1 or greater)",
+            ));
+        }
+        if self.version == 2 && self.extended_l2 {
+            return Err(Error::invalid_argument(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if self.extended_l2 && cs < 16384 {
+            return Err(Error::invalid_argument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"));
+        }
+        if self.backing_file.is_some() && self.preallocation != Preallocation::Off && !self.extended_l2 {
+            return Err(Error::invalid_argument(
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+            ));
+        }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return Err(Error::invalid_argument("Backing format cannot be used without backing file"));
+        }
+        if self.size % 512 != 0 {
+            return Err(Error::invalid_argument("Image size must be a multiple of 512 bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// Create a qcow2 image on `storage` (which is truncated) and return it open for
+/// writing. Layout as QEMU's: header, refcount table, refcount block, L1 table.
+pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Image> {
+    opts.validate()?;
+    let cs = opts.cluster_size;
+    let cluster_bits = cs.trailing_zeros();
+    let refcount_order = opts.refcount_bits.trailing_zeros();
+    let mut h = Header {
+        version: opts.version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits,
+        size: 0,
+        crypt_method: 0,
+        l1_size: 0,
+        l1_table_offset: 0,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order,
+        header_length: if opts.version >= 3 { header::V3_HEADER_LEN_COMPRESSION } else { header::V2_HEADER_LEN },
+        compression_type: opts.compression_type,
+        backing_file: opts.backing_file.clone(),
+        backing_format: opts.backing_format.clone(),
+        feature_names: if opts.version >= 3 { Header::default_feature_names() } else { Vec::new() },
+        bitmaps: None,
+        unknown_extensions: Vec::new(),
+    };
+    if opts.lazy_refcounts {
+        h.compatible_features |= header::compat::LAZY_REFCOUNTS;
+    }
+    if opts.compression_type != CompressionType::Zlib {
+        h.incompatible_features |= header::incompat::COMPRESSION;
+    }
+    if opts.extended_l2 {
+        h.incompatible_features |= header::incompat::EXTL2;
+    }
+    let hdr = h.serialize()?;
+    storage.set_size(0)?;
+    let mut first = vec![0u8; cs as usize];
+    first[..hdr.len()].copy_from_slice(&hdr);
+    storage.write_at(&first, 0)?;
+    // Refcount table (cluster 1) pointing at one refcount block (cluster 2) that counts
+    // clusters 0, 1 and 2.
+    let mut table = vec![0u8; cs as usize];
+    table[..8].copy_from_slice(&(2 * cs).to_be_bytes());
+    storage.write_at(&table, cs)?;
+    let mut block = vec![0u8; cs as usize];
+    for c in 0..3 {
+        rb_set(&mut block, refcount_order, c, 1);
+    }
+    storage.write_at(&block, 2 * cs)?;
+    storage.flush()?;
+    let img = Qcow2Image::open(storage.clone(), Qcow2OpenOptions::default())?;
+    // Size the disk: the L1 table is created by the ordinary growth path.
+    img.resize(opts.size, false)?;
+    if opts.preallocation != Preallocation::Off {
+        img.preallocate(opts.preallocation)?;
+    }
+    img.flush()?;
+    Ok(img)
+}

@@ -1,0 +1,580 @@
+//! The qcow2 header: parsing with every field checked against QEMU's limits, header
+//! extensions (kept byte for byte when unknown), and serialisation.
+
+use super::compress::CompressionType;
+use crate::{Error, Result};
+
+pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
+pub const V2_HEADER_LEN: u32 = 72;
+pub const V3_HEADER_LEN: u32 = 104;
+/// With the compression-type byte, padded to a multiple of 8.
+pub const V3_HEADER_LEN_COMPRESSION: u32 = 112;
+
+pub const MIN_CLUSTER_BITS: u32 = 9;
+pub const MAX_CLUSTER_BITS: u32 = 21;
+pub const MAX_BACKING_NAME: u64 = 1023;
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub const MAX_SNAPSHOTS: u32 = 65536;
+/// Host cluster offsets must stay below 2^56.
+pub const MAX_HOST_OFFSET: u64 = 1 << 56;
+
+pub mod incompat {
+    pub const DIRTY: u64 = 1 << 0;
+    pub const CORRUPT: u64 = 1 << 1;
+    pub const DATA_FILE: u64 = 1 << 2;
+    pub const COMPRESSION: u64 = 1 << 3;
+    pub const EXTL2: u64 = 1 << 4;
+    /// Bits this implementation understands.
+    pub const KNOWN: u64 = DIRTY | CORRUPT | COMPRESSION | EXTL2;
+}
+pub mod compat {
+    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
+}
+pub mod autoclear {
+    pub const BITMAPS: u64 = 1 << 0;
+    pub const DATA_FILE_RAW: u64 = 1 << 1;
+}
+
+pub mod ext {
+    pub const END: u32 = 0;
+    pub const BACKING_FORMAT: u32 = 0xe279_2aca;
+    pub const FEATURE_TABLE: u32 = 0x6803_f857;
+    pub const BITMAPS: u32 = 0x2385_2875;
+    pub const CRYPTO: u32 = 0x0537_be77;
+    pub const DATA_FILE: u32 = 0x4441_5441;
+}
+
+/// One entry of the feature-name table extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    pub bit: u8,
+    pub name: String,
+}
+
+/// The bitmaps header extension (the directory itself is parsed elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+/// A parsed and validated qcow2 header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub backing_file_offset: u64,
+    pub backing_file_size: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub crypt_method: u32,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    pub compression_type: CompressionType,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    pub feature_names: Vec<FeatureName>,
+    pub bitmaps: Option<BitmapsExt>,
+    /// Extensions strata does not interpret, kept to be written back unchanged.
+    pub unknown_extensions: Vec<(u32, Vec<u8>)>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Names of the incompatible feature bits strata and QEMU define.
+fn known_incompat_name(bit: u32) -> Option<&'static str> {
+    Some(match bit {
+        0 => "dirty bit",
+        1 => "corrupt bit",
+        2 => "external data file",
+        3 => "compression type",
+        4 => "extended L2 entries",
+        _ => return None,
+    })
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & incompat::EXTL2 != 0
+    }
+    pub fn is_dirty(&self) -> bool {
+        self.incompatible_features & incompat::DIRTY != 0
+    }
+    pub fn is_corrupt(&self) -> bool {
+        self.incompatible_features & incompat::CORRUPT != 0
+    }
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible_features & compat::LAZY_REFCOUNTS != 0
+    }
+    /// Bytes per L2 entry: 8, or 16 with extended L2.
+    pub fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+    /// L2 entries in one L2 table (one cluster).
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / self.l2_entry_size()
+    }
+    /// L1 entries needed to map `size` bytes.
+    pub fn l1_entries_for(&self, size: u64) -> u64 {
+        let per_l1 = self.cluster_size() * self.l2_entries();
+        size.div_ceil(per_l1)
+    }
+
+    /// Parse and validate the header found in `buf` (the image's first bytes: at least
+    /// the first cluster, or the whole file if it is shorter). `file_size` bounds offsets.
+    pub fn parse(buf: &[u8], file_size: u64) -> Result<Header> {
+        if buf.len() < V2_HEADER_LEN as usize {
+            return Err(Error::invalid("Image is not in qcow2 format (file too short for a header)"));
+        }
+        if be32(buf, 0) != MAGIC {
+            return Err(Error::invalid("Image is not in qcow2 format (bad magic)"));
+        }
+        let version = be32(buf, 4);
+        if version != 2 && version != 3 {
+            return Err(Error::unsupported(format!("qcow2 version {version}")));
+        }
+        let cluster_bits = be32(buf, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(Error::invalid(format!(
+                "Unsupported cluster size: 2^{cluster_bits} (must be 2^9 to 2^21)"
+            )));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        let mut h = Header {
+            version,
+            backing_file_offset: be64(buf, 8),
+            backing_file_size: be32(buf, 16),
+            cluster_bits,
+            size: be64(buf, 24),
+            crypt_method: be32(buf, 32),
+            l1_size: be32(buf, 36),
+            l1_table_offset: be64(buf, 40),
+            refcount_table_offset: be64(buf, 48),
+            refcount_table_clusters: be32(buf, 56),
+            nb_snapshots: be32(buf, 60),
+            snapshots_offset: be64(buf, 64),
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            compression_type: CompressionType::Zlib,
+            backing_file: None,
+            backing_format: None,
+            feature_names: Vec::new(),
+            bitmaps: None,
+            unknown_extensions: Vec::new(),
+        };
+        if version == 3 {
+            if buf.len() < V3_HEADER_LEN as usize {
+                return Err(Error::invalid("qcow2 header exceeds the file size"));
+            }
+            h.incompatible_features = be64(buf, 72);
+            h.compatible_features = be64(buf, 80);
+            h.autoclear_features = be64(buf, 88);
+            h.refcount_order = be32(buf, 96);
+            h.header_length = be32(buf, 100);
+            if h.header_length < V3_HEADER_LEN {
+                return Err(Error::invalid(format!(
+                    "qcow2 header too short: header_length {} < 104",
+                    h.header_length
+                )));
+            }
+            if u64::from(h.header_length) > cluster_size {
+                return Err(Error::invalid("qcow2 header exceeds cluster size"));
+            }
+            if h.header_length as usize > buf.len() {
+                return Err(Error::invalid("qcow2 header exceeds the file size"));
+            }
+            if h.header_length > V3_HEADER_LEN {
+                let ct = buf[104];
+                h.compression_type = CompressionType::from_byte(ct).ok_or_else(|| {
+                    Error::unsupported(format!("compression type {ct}"))
+                })?;
+            }
+        }
+        h.validate_fixed(file_size)?;
+        h.parse_extensions(buf)?;
+        h.parse_backing_name(buf)?;
+        Ok(h)
+    }
+
+    fn validate_fixed(&self, file_size: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        // Unknown incompatible features are refused after the extensions are parsed,
+        // so the error can use the image's own feature names.
+        if self.crypt_method != 0 {
+            return Err(Error::unsupported(format!(
+                "encrypted images (crypt_method {}): strata does not read encrypted qcow2",
+                self.crypt_method
+            )));
+        }
+        if self.refcount_order > 6 {
+            return Err(Error::invalid(format!(
+                "Reference count entry width too large; may not exceed 64 bits (refcount_order {})",
+                self.refcount_order
+            )));
+        }
+        let compression_bit = self.incompatible_features & incompat::COMPRESSION != 0;
+        if compression_bit != (self.compression_type != CompressionType::Zlib) {
+            return Err(Error::invalid(format!(
+                "compression type {} does not agree with the compression-type feature bit",
+                self.compression_type.name()
+            )));
+        }
+        if self.extended_l2() && cs / 32 < 512 {
+            return Err(Error::invalid(format!(
+                "extended L2 entries need clusters of at least 16 KiB, got {cs} bytes"
+            )));
+        }
+        if self.version == 2 && self.incompatible_features != 0 {
+            return Err(Error::invalid("version 2 image with feature bits"));
+        }
+        // Size: the L1 table must be able to describe it; QEMU caps virtual size at 2^63-512.
+        if self.size > (i64::MAX as u64) - 511 {
+            return Err(Error::invalid(format!("Image size {} is too large", self.size)));
+        }
+        // Refcount table.
+        if self.refcount_table_clusters == 0 {
+            return Err(Error::invalid("Image does not contain a reference count table"));
+        }
+        let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
+        if rt_bytes > MAX_REFTABLE_BYTES {
+            return Err(Error::invalid(format!(
+                "Reference count table too large ({rt_bytes} bytes; the limit is 8 MiB)"
+            )));
+        }
+        check_table(self.refcount_table_offset, rt_bytes, cs, file_size, "Reference count table")?;
+        // L1 table.
+        let l1_bytes = u64::from(self.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(Error::invalid(format!(
+                "Active L1 table too large ({l1_bytes} bytes; the limit is 32 MiB)"
+            )));
+        }
+        let needed = self.l1_entries_for(self.size);
+        if u64::from(self.l1_size) < needed {
+            return Err(Error::invalid(format!(
+                "L1 table is too small: {} entries for a disk of {} bytes that needs {needed}",
+                self.l1_size, self.size
+            )));
+        }
+        if self.l1_size > 0 {
+            check_table(self.l1_table_offset, l1_bytes, cs, file_size, "Active L1 table")?;
+        }
+        // Snapshot table.
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(Error::invalid(format!(
+                "Too many snapshots ({}; the limit is {MAX_SNAPSHOTS})",
+                self.nb_snapshots
+            )));
+        }
+        if self.nb_snapshots > 0 {
+            // Each entry is at least 40 bytes; the table is bounded to 64 MiB.
+            let min = u64::from(self.nb_snapshots) * 40;
+            check_table(self.snapshots_offset, min, cs, file_size, "Snapshot table")?;
+        }
+        Ok(())
+    }
+
+    fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
+        let cs = self.cluster_size() as usize;
+        let limit = if self.backing_file_offset > 0 {
+            (self.backing_file_offset as usize).min(cs).min(buf.len())
+        } else {
+            cs.min(buf.len())
+        };
+        let mut at = self.header_length as usize;
+        let mut seen_backing_fmt = false;
+        loop {
+            if at + 8 > limit {
+                // No room for another extension header: treat as the end (QEMU too).
+                break;
+            }
+            let ty = be32(buf, at);
+            let len = be32(buf, at + 4) as usize;
+            at += 8;
+            if ty == ext::END {
+                break;
+            }
+            let end = at.checked_add(len).filter(|&e| e <= limit).ok_or_else(|| {
+                Error::invalid(format!(
+                    "header extension 0x{ty:08x} of {len} bytes overruns the header area"
+                ))
+            })?;
+            let data = &buf[at..end];
+            match ty {
+                ext::BACKING_FORMAT => {
+                    if seen_backing_fmt {
+                        return Err(Error::invalid("duplicate backing format extension"));
+                    }
+                    seen_backing_fmt = true;
+                    let s = std::str::from_utf8(data)
+                        .map_err(|_| Error::invalid("backing format name is not UTF-8"))?;
+                    self.backing_format = Some(s.trim_end_matches('\0').to_string());
+                }
+                ext::FEATURE_TABLE => {
+                    for entry in data.chunks_exact(48) {
+                        let name = &entry[2..];
+                        let n = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+                        self.feature_names.push(FeatureName {
+                            kind: entry[0],
+                            bit: entry[1],
+                            name: String::from_utf8_lossy(&name[..n]).into_owned(),
+                        });
+                    }
+                }
+                ext::BITMAPS => {
+                    if data.len() != 24 {
+                        return Err(Error::invalid(format!(
+                            "bitmaps extension has {} bytes, expected 24",
+                            data.len()
+                        )));
+                    }
+                    let b = BitmapsExt {
+                        nb_bitmaps: be32(data, 0),
+                        directory_size: be64(data, 8),
+                        directory_offset: be64(data, 16),
+                    };
+                    if self.autoclear_features & autoclear::BITMAPS != 0 {
+                        if b.nb_bitmaps > 65535 {
+                            return Err(Error::invalid(format!(
+                                "too many persistent bitmaps ({}; the limit is 65535)",
+                                b.nb_bitmaps
+                            )));
+                        }
+                        if b.directory_size > 1024 * 65535 {
+                            return Err(Error::invalid("bitmap directory too large"));
+                        }
+                        if b.directory_offset % self.cluster_size() != 0 {
+                            return Err(Error::invalid("bitmap directory offset is not cluster-aligned"));
+                        }
+                    }
+                    self.bitmaps = Some(b);
+                }
+                ext::CRYPTO => {
+                    return Err(Error::unsupported("encrypted images (LUKS): strata does not read encrypted qcow2"));
+                }
+                _ => self.unknown_extensions.push((ty, data.to_vec())),
+            }
+            at = end.checked_add(7).map(|e| e & !7).unwrap_or(usize::MAX);
+        }
+        // Now that names are known, refuse unknown incompatible features.
+        let unknown = self.incompatible_features & !incompat::KNOWN;
+        if unknown != 0 {
+            return Err(Error::unsupported(format!(
+                "incompatible features: {}",
+                self.feature_list(unknown)
+            )));
+        }
+        if self.incompatible_features & incompat::DATA_FILE != 0 {
+            return Err(Error::unsupported("incompatible features: external data file"));
+        }
+        Ok(())
+    }
+
+    /// Human-readable names for the incompatible bits in `mask`, from the image's
+    /// feature-name table, then strata's own list, else "Unknown incompatible feature: N".
+    pub fn feature_list(&self, mask: u64) -> String {
+        let mut names = Vec::new();
+        for bit in 0..64u32 {
+            if mask & (1 << bit) == 0 {
+                continue;
+            }
+            let from_table = self
+                .feature_names
+                .iter()
+                .find(|f| f.kind == 0 && u32::from(f.bit) == bit)
+                .map(|f| f.name.clone());
+            names.push(
+                from_table
+                    .or_else(|| known_incompat_name(bit).map(str::to_string))
+                    .unwrap_or_else(|| format!("Unknown incompatible feature: {bit}")),
+            );
+        }
+        names.join(", ")
+    }
+
+    fn parse_backing_name(&mut self, buf: &[u8]) -> Result<()> {
+        if self.backing_file_offset == 0 {
+            return Ok(());
+        }
+        let len = u64::from(self.backing_file_size);
+        if len > MAX_BACKING_NAME {
+            return Err(Error::invalid(format!(
+                "Backing file name too long ({len} bytes; the limit is 1023)"
+            )));
+        }
+        let end = self
+            .backing_file_offset
+            .checked_add(len)
+            .filter(|&e| e <= self.cluster_size())
+            .ok_or_else(|| Error::invalid("Backing file name is not inside the first cluster"))?;
+        if end as usize > buf.len() {
+            return Err(Error::invalid("Backing file name lies past the end of the file"));
+        }
+        let raw = &buf[self.backing_file_offset as usize..end as usize];
+        let name = std::str::from_utf8(raw)
+            .map_err(|_| Error::invalid("Backing file name is not valid UTF-8"))?;
+        if name.contains('\0') {
+            return Err(Error::invalid("Backing file name contains a NUL byte"));
+        }
+        if !name.is_empty() {
+            self.backing_file = Some(name.to_string());
+        }
+        Ok(())
+    }
+
+    /// Serialise the whole header area: fixed fields, extensions, backing file name.
+    /// Fails if it does not fit in the first cluster.
+    pub fn serialize(&mut self) -> Result<Vec<u8>> {
+        let cs = self.cluster_size() as usize;
+        let mut out = Vec::with_capacity(512);
+        let put32 = |o: &mut Vec<u8>, v: u32| o.extend_from_slice(&v.to_be_bytes());
+        let put64 = |o: &mut Vec<u8>, v: u64| o.extend_from_slice(&v.to_be_bytes());
+        put32(&mut out, MAGIC);
+        put32(&mut out, self.version);
+        put64(&mut out, 0); // backing offset, patched below
+        put32(&mut out, 0); // backing size, patched below
+        put32(&mut out, self.cluster_bits);
+        put64(&mut out, self.size);
+        put32(&mut out, self.crypt_method);
+        put32(&mut out, self.l1_size);
+        put64(&mut out, self.l1_table_offset);
+        put64(&mut out, self.refcount_table_offset);
+        put32(&mut out, self.refcount_table_clusters);
+        put32(&mut out, self.nb_snapshots);
+        put64(&mut out, self.snapshots_offset);
+        if self.version >= 3 {
+            put64(&mut out, self.incompatible_features);
+            put64(&mut out, self.compatible_features);
+            put64(&mut out, self.autoclear_features);
+            put32(&mut out, self.refcount_order);
+            put32(&mut out, self.header_length);
+            if self.header_length > V3_HEADER_LEN {
+                out.push(self.compression_type.as_byte());
+                out.resize(self.header_length as usize, 0);
+            }
+        }
+        let put_ext = |o: &mut Vec<u8>, ty: u32, data: &[u8]| {
+            o.extend_from_slice(&ty.to_be_bytes());
+            o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            o.extend_from_slice(data);
+            while o.len() % 8 != 0 {
+                o.push(0);
+            }
+        };
+        if let Some(fmt) = &self.backing_format {
+            put_ext(&mut out, ext::BACKING_FORMAT, fmt.as_bytes());
+        }
+        if let Some(b) = self.bitmaps {
+            let mut d = Vec::with_capacity(24);
+            d.extend_from_slice(&b.nb_bitmaps.to_be_bytes());
+            d.extend_from_slice(&0u32.to_be_bytes());
+            d.extend_from_slice(&b.directory_size.to_be_bytes());
+            d.extend_from_slice(&b.directory_offset.to_be_bytes());
+            put_ext(&mut out, ext::BITMAPS, &d);
+        }
+        for (ty, data) in &self.unknown_extensions {
+            put_ext(&mut out, *ty, data);
+        }
+        if self.version >= 3 && !self.feature_names.is_empty() {
+            let mut d = Vec::with_capacity(48 * self.feature_names.len());
+            for f in &self.feature_names {
+                let mut e = [0u8; 48];
+                e[0] = f.kind;
+                e[1] = f.bit;
+                let n = f.name.len().min(46);
+                e[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
+                d.extend_from_slice(&e);
+            }
+            put_ext(&mut out, ext::FEATURE_TABLE, &d);
+        }
+        put_ext(&mut out, ext::END, &[]);
+        if let Some(name) = &self.backing_file {
+            if name.len() as u64 > MAX_BACKING_NAME {
+                return Err(Error::invalid_argument("Backing file name too long (limit 1023 bytes)"));
+            }
+            self.backing_file_offset = out.len() as u64;
+            self.backing_file_size = name.len() as u32;
+            out.extend_from_slice(name.as_bytes());
+        } else {
+            self.backing_file_offset = 0;
+            self.backing_file_size = 0;
+        }
+        out[8..16].copy_from_slice(&self.backing_file_offset.to_be_bytes());
+        out[16..20].copy_from_slice(&self.backing_file_size.to_be_bytes());
+        if out.len() > cs {
+            return Err(Error::invalid_argument(
+                "header, extensions and backing file name do not fit in the first cluster",
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The feature-name table QEMU writes into v3 images.
+    pub fn default_feature_names() -> Vec<FeatureName> {
+        let f = |kind, bit, name: &str| FeatureName { kind, bit, name: name.to_string() };
+        vec![
+            f(0, 0, "dirty bit"),
+            f(0, 1, "corrupt bit"),
+            f(0, 2, "external data file"),
+            f(0, 3, "compression type"),
+            f(0, 4, "extended L2 entries"),
+            f(1, 0, "lazy refcounts"),
+            f(2, 0, "bitmaps"),
+            f(2, 1, "raw external data"),
+        ]
+    }
+}
+
+/// A table at `offset` of `len` bytes must be cluster-aligned, must not overflow, and
+/// must start below 2^56. (QEMU lets tables extend past the end of the file; reads
+/// there give zeroes. Offsets far past the end are still refused as implausible.)
+pub fn check_table(offset: u64, len: u64, cluster_size: u64, file_size: u64, what: &str) -> Result<()> {
+    if offset % cluster_size != 0 {
+        return Err(Error::invalid(format!("{what} offset 0x{offset:x} is not cluster-aligned")));
+    }
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| Error::invalid(format!("{what} offset 0x{offset:x} + size overflows")))?;
+    if end > MAX_HOST_OFFSET {
+        return Err(Error::invalid(format!("{what} at 0x{offset:x} lies beyond the 2^56 limit")));
+    }
+    if offset == 0 {
+        return Err(Error::invalid(format!("{what} overlaps the image header")));
+    }
+    if offset >= file_size.max(cluster_size) {
+        return Err(Error::invalid(format!(
+            "{what} at 0x{offset:x} starts past the end of the file ({file_size} bytes)"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,790 @@
+//! An open qcow2 image: the guest view ([`BlockDevice`]) over the metadata in [`Meta`].
+
+use super::compress::{self, CompressionType};
+use super::entries::{self, Geometry, L2Entry, SubState, ALL_ALLOCATED, ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO};
+use super::header::{self, Header};
+use super::meta::Meta;
+use super::snapshot::{self, Snapshot};
+use crate::{check_range, BlockDevice, Error, ErrorKind, Extent, Result, Status};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use strata_storage::Storage;
+
+/// How to open a qcow2 image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Qcow2OpenOptions {
+    pub read_only: bool,
+    /// Open even if the corrupt bit is set (for `check -r`), read-write.
+    pub for_repair: bool,
+    /// Leave a dirty image alone instead of repairing it on a read-write open.
+    pub no_auto_repair: bool,
+}
+
+/// A qcow2 image.
+pub struct Qcow2Image {
+    pub(crate) meta: Mutex<Meta>,
+    pub(crate) storage: Arc<dyn Storage>,
+    geo: Geometry,
+    size: AtomicU64,
+    backing: RwLock<Option<Arc<dyn BlockDevice>>>,
+    read_only: bool,
+    /// The last decompressed cluster: (L2 compressed offset, bytes).
+    zcache: Mutex<Option<(u64, Vec<u8>)>>,
+}
+
+/// How a run of guest bytes is served, with offsets already adjusted to the run start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Run {
+    Data { host: u64 },
+    Zero { host: u64 },
+    Unallocated,
+    /// Bytes `skip..` of the cluster compressed at `offset` (`size` bytes).
+    Compressed { offset: u64, size: u64, skip: u64 },
+}
+
+impl Qcow2Image {
+    /// Open and validate a qcow2 image. Backing files are not opened here: the chain
+    /// layer attaches them with [`BlockDevice::set_backing`].
+    pub fn open(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
+        let path = storage.path().map(|p| p.to_path_buf());
+        Self::open_inner(storage, opts).map_err(|e| e.at(path.as_deref()))
+    }
+
+    fn open_inner(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
+        let read_only = opts.read_only || storage.read_only();
+        let file_size = storage.size()?;
+        let mut first = vec![0u8; file_size.min(1 << header::MAX_CLUSTER_BITS) as usize];
+        storage.read_at(&mut first, 0)?;
+        let mut h = Header::parse(&first, file_size)?;
+        if h.is_corrupt() && !read_only && !opts.for_repair {
+            return Err(Error::corrupt(
+                "qcow2: Image is corrupt; cannot be opened read/write (run 'strata img check -r all' to repair it)",
+            ));
+        }
+        let l1 = read_table(&*storage, h.l1_table_offset, u64::from(h.l1_size))?;
+        let rt_entries = u64::from(h.refcount_table_clusters) * h.cluster_size() / 8;
+        let reftable = read_table(&*storage, h.refcount_table_offset, rt_entries)?;
+        let (snaps, _) = snapshot::read_table(
+            &*storage,
+            h.snapshots_offset,
+            h.nb_snapshots,
+            h.cluster_size(),
+            file_size,
+        )?;
+        if !read_only && h.autoclear_features != 0 {
+            // strata does not keep persistent bitmaps up to date on write, so it must
+            // mark them inconsistent, as the specification asks of such programs.
+            h.autoclear_features = 0;
+            if h.version >= 3 {
+                storage.write_at(&0u64.to_be_bytes(), 88)?;
+                storage.flush()?;
+            }
+        }
+        let geo = Geometry { cluster_bits: h.cluster_bits, extended_l2: h.extended_l2(), version: h.version };
+        let size = h.size;
+        let dirty = h.is_dirty();
+        let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
+        meta.snapshots = snaps;
+        let img = Qcow2Image {
+            meta: Mutex::new(meta),
+            storage,
+            geo,
+            size: AtomicU64::new(size),
+            backing: RwLock::new(None),
+            read_only,
+            zcache: Mutex::new(None),
+        };
+        if dirty && !read_only && !opts.no_auto_repair {
+            // A dirty image (lazy refcounts, not closed cleanly) has refcounts that
+            // may be too low: rebuild them before writing, as QEMU does.
+            img.check(super::check::Repair::All)?;
+        }
+        Ok(img)
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.lock().h.clone()
+    }
+
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.lock().snapshots.clone()
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    pub fn compression_type(&self) -> CompressionType {
+        self.lock().h.compression_type
+    }
+
+    /// Flush everything and clear the dirty bit this session set. Dropping an image
+    /// does the same, ignoring errors; call this to see them.
+    pub fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.flush_metadata().map_err(|e| self.err(e))?;
+        m.clear_dirty().map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn err(&self, e: impl Into<Error>) -> Error {
+        e.into().at(self.storage.path())
+    }
+
+    /// Find how the bytes at `off` are served and for how long (at most `max`),
+    /// staying inside one L2 table.
+    pub(crate) fn lookup(&self, m: &mut Meta, off: u64, max: u64) -> Result<(Run, u64)> {
+        let cs = self.geo.cluster_size();
+        let scs = self.geo.subcluster_size();
+        let nsub = u64::from(self.geo.subclusters());
+        let l2n = m.l2_entries();
+        let gc = off / cs;
+        let table_end = (gc / l2n + 1) * l2n * cs;
+        let limit = (off + max).min(table_end);
+        let first_entry = m.entry(gc)?;
+        let sc0 = ((off % cs) / scs) as u32;
+        let first = self.geo.sub_state(first_entry, sc0);
+        let within = off % scs;
+        let run = match first {
+            SubState::Data { host } => Run::Data { host: host + within },
+            SubState::Zero { host } => Run::Zero { host: if host != 0 { host + off % cs } else { 0 } },
+            SubState::Unallocated => Run::Unallocated,
+            SubState::Compressed { offset, size } => {
+                let end = ((gc + 1) * cs).min(limit);
+                return Ok((Run::Compressed { offset, size, skip: off % cs }, end - off));
+            }
+        };
+        // Extend over following subclusters while the state continues.
+        let mut pos = off - within + scs; // start of the next subcluster
+        let mut entry = first_entry;
+        let mut cur_gc = gc;
+        while pos < limit {
+            let g = pos / cs;
+            if g != cur_gc {
+                cur_gc = g;
+                entry = m.entry(g)?;
+            }
+            let sc = ((pos % cs) / scs) as u32;
+            let st = self.geo.sub_state(entry, sc);
+            let same = match (first, st) {
+                (SubState::Data { host: h0 }, SubState::Data { host }) => host == h0 + (pos - (off - within)),
+                (SubState::Zero { host: h0 }, SubState::Zero { host }) => {
+                    (h0 == 0 && host == 0) || (h0 != 0 && host == h0 + (pos - (off - within)))
+                }
+                (SubState::Unallocated, SubState::Unallocated) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            pos += scs;
+            let _ = nsub;
+        }
+        Ok((run, pos.min(limit) - off))
+    }
+
+    /// Read a run's bytes into `buf` (without the metadata lock).
+    fn read_run(&self, run: Run, buf: &mut [u8], off: u64) -> Result<()> {
+        match run {
+            Run::Data { host } => self.storage.read_at(buf, host).map_err(|e| self.err(e)),
+            Run::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Run::Unallocated => self.read_backing(buf, off),
+            Run::Compressed { offset, size, skip } => {
+                let mut zc = self.zcache.lock().unwrap_or_else(|p| p.into_inner());
+                if zc.as_ref().map(|(o, _)| *o) != Some(offset) {
+                    let data = self.decompress_cluster(offset, size)?;
+                    *zc = Some((offset, data));
+                }
+                let data = &zc.as_ref().expect("filled").1;
+                buf.copy_from_slice(&data[skip as usize..skip as usize + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    fn decompress_cluster(&self, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let cs = self.geo.cluster_size();
+        if offset.checked_add(size).map_or(true, |e| e > header::MAX_HOST_OFFSET) {
+            return Err(self.err(Error::corrupt(format!("compressed cluster at 0x{offset:x} out of range"))));
+        }
+        let mut input = vec![0u8; size as usize];
+        self.storage.read_at(&mut input, offset).map_err(|e| self.err(e))?;
+        let mut out = vec![0u8; cs as usize];
+        let kind = self.compression_type();
+        compress::decompress(kind, &input, &mut out).map_err(|msg| {
+            self.err(Error::new(ErrorKind::Decompress(format!("at host offset 0x{offset:x}: {msg}"))))
+        })?;
+        Ok(out)
+    }
+
+    /// Read guest bytes that this layer does not hold: from the backing device, or
+    /// zeroes past its end or without one.
+    fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let backing = self.backing.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match backing {
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+            Some(b) => {
+                let bsize = b.virtual_size();
+                let len = buf.len() as u64;
+                if off >= bsize {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                let n = (bsize - off).min(len) as usize;
+                b.read(&mut buf[..n], off)?;
+                buf[n..].fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Read with the metadata lock already held (for copy-on-write inside writes).
+    fn read_locked(&self, m: &mut Meta, buf: &mut [u8], off: u64) -> Result<()> {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let (run, n) = self.lookup(m, off + pos as u64, (buf.len() - pos) as u64)?;
+            let n = n as usize;
+            self.read_run(run, &mut buf[pos..pos + n], off + pos as u64)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(self.err(Error::new(ErrorKind::ReadOnly)))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Report a corruption found while writing: set the corrupt bit, then fail.
+    fn fail_corrupt(&self, m: &mut Meta, e: Error) -> Error {
+        if matches!(e.kind, ErrorKind::Corrupt(_)) {
+            m.mark_corrupt();
+        }
+        self.err(e)
+    }
+
+    fn write_locked(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let l2n = m.l2_entries();
+        let mut pos = 0u64;
+        let len = buf.len() as u64;
+        while pos < len {
+            let off = offset + pos;
+            let gc = off / cs;
+            let in_cl = off % cs;
+            let n = (cs - in_cl).min(len - pos);
+            let entry = m.entry(gc)?;
+            if let Some(host) = self.in_place_target(entry, in_cl, n) {
+                // Gather following in-place clusters that are contiguous on the host.
+                let mut run = n;
+                let mut g = gc + 1;
+                while pos + run < len {
+                    let e2 = m.entry(g)?;
+                    let n2 = cs.min(len - pos - run);
+                    match self.in_place_target(e2, 0, n2) {
+                        Some(h2) if h2 == host + (g - gc) * cs => {}
+                        _ => break,
+                    }
+                    run += n2;
+                    g += 1;
+                }
+                self.storage
+                    .write_at(&buf[pos as usize..(pos + run) as usize], host + in_cl)
+                    .map_err(|e| self.err(e))?;
+                pos += run;
+                continue;
+            }
+            if let L2Entry::Normal { host, copied: true, .. } = entry {
+                if host != 0 {
+                    // Owned cluster that needs its missing parts filled (zero flag,
+                    // or subclusters not yet allocated): rewrite it in place.
+                    let mut full = vec![0u8; cs as usize];
+                    self.read_locked(m, &mut full, gc * cs)?;
+                    full[in_cl as usize..(in_cl + n) as usize].copy_from_slice(&buf[pos as usize..(pos + n) as usize]);
+                    self.storage.write_at(&full, host).map_err(|e| self.err(e))?;
+                    let l2 = m.l2_for_write(gc / l2n)?;
+                    m.set_raw_entry(l2, gc % l2n, host | OFLAG_COPIED, ALL_ALLOCATED)?;
+                    pos += n;
+                    continue;
+                }
+            }
+            // Allocate: a run of clusters that all need new host clusters, within one
+            // L2 table, at most 32 MiB at a time.
+            let table_end = (gc / l2n + 1) * l2n;
+            let max_clusters = ((32u64 << 20) / cs).max(1);
+            let mut k = 1u64;
+            let mut olds = vec![entry];
+            while k < max_clusters && gc + k < table_end && pos + (k * cs - in_cl) < len {
+                let e2 = m.entry(gc + k)?;
+                if matches!(e2, L2Entry::Normal { copied: true, host, .. } if host != 0) {
+                    break;
+                }
+                olds.push(e2);
+                k += 1;
+            }
+            let l2 = m.l2_for_write(gc / l2n)?;
+            let host = m.alloc_clusters(k)?;
+            let run_bytes = (k * cs - in_cl).min(len - pos);
+            let end_in_last = (in_cl + run_bytes) - (k - 1) * cs; // bytes used in the last cluster
+            if in_cl == 0 && end_in_last == cs {
+                self.storage
+                    .write_at(&buf[pos as usize..(pos + run_bytes) as usize], host)
+                    .map_err(|e| self.err(e))?;
+            } else {
+                // Copy-on-write: fill the head and tail of the run from the current
+                // guest view, then write the whole run at once.
+                let mut data = vec![0u8; (k * cs) as usize];
+                if in_cl > 0 {
+                    self.read_locked(m, &mut data[..in_cl as usize], gc * cs)?;
+                }
+                if end_in_last < cs {
+                    let tail_start = (k - 1) * cs + end_in_last;
+                    let mut tail = vec![0u8; (cs - end_in_last) as usize];
+                    self.read_locked(m, &mut tail, gc * cs + tail_start)?;
+                    data[tail_start as usize..].copy_from_slice(&tail);
+                }
+                data[in_cl as usize..(in_cl + run_bytes) as usize]
+                    .copy_from_slice(&buf[pos as usize..(pos + run_bytes) as usize]);
+                self.storage.write_at(&data, host).map_err(|e| self.err(e))?;
+            }
+            for (i, old) in olds.into_iter().enumerate() {
+                let i = i as u64;
+                m.set_raw_entry(l2, (gc + i) % l2n, (host + i * cs) | OFLAG_COPIED, ALL_ALLOCATED)?;
+                m.release_entry(old);
+            }
+            pos += run_bytes;
+        }
+        Ok(())
+    }
+
+    /// Host offset of the cluster if `[in_cl, in_cl+n)` can be written in place:
+    /// the cluster is owned (COPIED), reads its own data there, and no metadata change
+    /// is needed.
+    fn in_place_target(&self, e: L2Entry, in_cl: u64, n: u64) -> Option<u64> {
+        match e {
+            L2Entry::Normal { host, copied: true, zero: false, bitmap } if host != 0 => {
+                if !self.geo.extended_l2 {
+                    return Some(host);
+                }
+                let scs = self.geo.subcluster_size();
+                let first = in_cl / scs;
+                let last = (in_cl + n - 1) / scs;
+                let mask = ((1u64 << (last - first + 1)) - 1) << first;
+                (bitmap & mask == mask).then_some(host)
+            }
+            _ => None,
+        }
+    }
+
+    /// Write one cluster's worth of already compressed bytes for guest cluster `gc`.
+    pub fn write_compressed_cluster(&self, gc: u64, compressed: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let mut m = self.lock();
+        m.mark_dirty_if_lazy()?;
+        let l2n = m.l2_entries();
+        let r = (|| {
+            let old = m.entry(gc)?;
+            let l2 = m.l2_for_write(gc / l2n)?;
+            let off = self.alloc_bytes(&mut m, compressed.len() as u64)?;
+            self.storage.write_at(compressed, off)?;
+            let e = self.geo.encode_compressed(off, compressed.len() as u64);
+            m.set_raw_entry(l2, gc % l2n, e, 0)?;
+            m.release_entry(old);
+            Ok(())
+        })();
+        r.map_err(|e| self.fail_corrupt(&mut m, e))
+    }
+
+    /// Compress a whole guest cluster (or the zero-padded last one). `None` when it
+    /// does not shrink, so it should be written uncompressed. Needs no lock: callers
+    /// compress on several threads and write in order.
+    pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        let cs = self.geo.cluster_size() as usize;
+        let kind = self.compression_type();
+        if data.len() < cs {
+            let mut padded = data.to_vec();
+            padded.resize(cs, 0);
+            return compress::compress(kind, &padded, cs - 1);
+        }
+        compress::compress(kind, data, cs - 1)
+    }
+
+    /// Allocate `size` bytes for compressed data, packing into the current partly
+    /// used cluster when it fits or continues contiguously. Each host cluster the
+    /// bytes touch gains one reference.
+    fn alloc_bytes(&self, m: &mut Meta, size: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let cur = m.compressed_cursor;
+        if cur != 0 && cur % cs != 0 {
+            let first = cur / cs;
+            let last = (cur + size - 1) / cs;
+            let mut ok = true;
+            for c in first + 1..=last {
+                if m.refcount(c)? != 0 || m.refblock_offset(c / m.rb_entries())? == 0 {
+                    ok = false;
+                }
+            }
+            if ok {
+                m.update_refcount(first, 1)?;
+                for c in first + 1..=last {
+                    m.update_refcount(c, 1)?;
+                }
+                m.compressed_cursor = cur + size;
+                return Ok(cur);
+            }
+        }
+        let n = size.div_ceil(cs);
+        let off = m.alloc_clusters(n)?;
+        m.compressed_cursor = off + size;
+        Ok(off)
+    }
+
+    fn zero_locked(&self, m: &mut Meta, offset: u64, len: u64, may_unmap: bool, discard: bool) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let l2n = m.l2_entries();
+        let has_backing = self.backing.read().unwrap_or_else(|p| p.into_inner()).is_some();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos / cs;
+            let cstart = gc * cs;
+            let cend = (cstart + cs).min(self.virtual_size().max(cstart + cs));
+            let whole = pos == cstart && end >= cstart + cs;
+            let n = (cstart + cs).min(end) - pos;
+            if !whole {
+                if !discard && !self.reads_zero(m, pos, n, has_backing)? {
+                    let zeros = vec![0u8; n as usize];
+                    self.write_locked(m, &zeros, pos)?;
+                }
+                pos += n;
+                continue;
+            }
+            let _ = cend;
+            let old = m.entry(gc)?;
+            let v3 = self.geo.version >= 3;
+            let (new_e, new_b, release) = if !v3 {
+                if has_backing && !discard {
+                    // v2 has no zero flag: with a backing file, zeroes must be written.
+                    let zeros = vec![0u8; cs as usize];
+                    self.write_locked(m, &zeros, pos)?;
+                    pos += cs;
+                    continue;
+                }
+                (0, 0, true)
+            } else {
+                match old {
+                    L2Entry::Normal { host, copied: true, .. } if host != 0 && !may_unmap && !discard => {
+                        if self.geo.extended_l2 {
+                            (host | OFLAG_COPIED, ALL_ZERO, false)
+                        } else {
+                            (host | OFLAG_COPIED | OFLAG_ZERO, 0, false)
+                        }
+                    }
+                    _ => {
+                        if self.geo.extended_l2 {
+                            (0, ALL_ZERO, true)
+                        } else {
+                            (OFLAG_ZERO, 0, true)
+                        }
+                    }
+                }
+            };
+            let unchanged = match old {
+                L2Entry::Normal { host: 0, zero, bitmap, .. } => {
+                    (new_e == 0 && new_b == 0 && !zero && bitmap == 0)
+                        || (new_e == OFLAG_ZERO && zero)
+                        || (new_e == 0 && new_b == ALL_ZERO && bitmap == ALL_ZERO)
+                }
+                _ => false,
+            };
+            if !unchanged {
+                let l2 = m.l2_for_write(gc / l2n)?;
+                m.set_raw_entry(l2, gc % l2n, new_e, new_b)?;
+                if release {
+                    m.release_entry(old);
+                }
+            }
+            pos += cs;
+        }
+        Ok(())
+    }
+
+    /// Whether `[off, off+n)` (inside one cluster) already reads as zeroes from its
+    /// metadata alone.
+    fn reads_zero(&self, m: &mut Meta, off: u64, n: u64, has_backing: bool) -> Result<bool> {
+        let (run, len) = self.lookup(m, off, n)?;
+        Ok(len >= n && (matches!(run, Run::Zero { .. }) || (run == Run::Unallocated && !has_backing)))
+    }
+
+    /// Grow the L1 table to at least `entries` entries (new table, header switch in one
+    /// write, then the old table is freed).
+    fn grow_l1(&self, m: &mut Meta, entries: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        if entries <= m.l1.len() as u64 {
+            return Ok(());
+        }
+        if entries * 8 > header::MAX_L1_BYTES {
+            return Err(Error::invalid_argument("Image size too large for this cluster size: the L1 table would exceed 32 MiB"));
+        }
+        let clusters = (entries * 8).div_ceil(cs);
+        let new_off = m.alloc_clusters(clusters)?;
+        let mut table = m.l1.clone();
+        table.resize(entries as usize, 0);
+        let mut bytes = Vec::with_capacity((clusters * cs) as usize);
+        for e in &table {
+            bytes.extend_from_slice(&e.to_be_bytes());
+        }
+        bytes.resize((clusters * cs) as usize, 0);
+        m.flush_metadata()?;
+        m.storage.write_at(&bytes, new_off)?;
+        m.storage.flush()?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&new_off.to_be_bytes());
+        m.storage.write_at(&hdr, 36)?;
+        m.storage.flush()?;
+        let old_off = m.h.l1_table_offset;
+        let old_clusters = (u64::from(m.h.l1_size) * 8).div_ceil(cs);
+        m.h.l1_size = entries as u32;
+        m.h.l1_table_offset = new_off;
+        m.l1 = table;
+        if old_off != 0 {
+            for c in 0..old_clusters {
+                m.update_refcount(old_off / cs + c, -1)?;
+            }
+        }
+        m.flush_metadata()
+    }
+
+    /// Allocate every cluster of the disk (`preallocation=metadata` and up); with
+    /// `falloc` the data clusters get disk space, with `full` they are written with zeroes.
+    pub(crate) fn preallocate(&self, mode: super::create::Preallocation) -> Result<()> {
+        use super::create::Preallocation as P;
+        let mut m = self.lock();
+        let cs = self.geo.cluster_size();
+        let l2n = m.l2_entries();
+        let clusters = self.virtual_size().div_ceil(cs);
+        let mut gc = 0;
+        while gc < clusters {
+            let n = (l2n - gc % l2n).min(clusters - gc);
+            let l2 = m.l2_for_write(gc / l2n)?;
+            let host = m.alloc_clusters(n)?;
+            let bytes = n * cs;
+            match mode {
+                P::Off => {}
+                P::Metadata => {
+                    if host + bytes > m.storage.size()? {
+                        m.storage.set_size(host + bytes)?;
+                    }
+                }
+                P::Falloc => m.storage.preallocate(host, bytes)?,
+                P::Full => {
+                    let zeros = vec![0u8; (1 << 20).min(bytes) as usize];
+                    let mut off = 0;
+                    while off < bytes {
+                        let k = (bytes - off).min(zeros.len() as u64) as usize;
+                        m.storage.write_at(&zeros[..k], host + off)?;
+                        off += k as u64;
+                    }
+                }
+            }
+            for i in 0..n {
+                m.set_raw_entry(l2, (gc + i) % l2n, (host + i * cs) | OFLAG_COPIED, ALL_ALLOCATED)?;
+            }
+            gc += n;
+        }
+        m.flush_metadata()
+    }
+
+    /// The end of the last cluster in use (for preallocation and `image-end-offset`).
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+}
+
+fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u64>> {
+    if entries == 0 {
+        return Ok(Vec::new());
+    }
+    let mut buf = vec![0u8; (entries * 8) as usize];
+    storage.read_at(&mut buf, offset)?;
+    Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect())
+}
+
+impl BlockDevice for Qcow2Image {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            let (run, n) = {
+                let mut m = self.lock();
+                self.lookup(&mut m, off, (buf.len() - pos) as u64).map_err(|e| self.err(e))?
+            };
+            let n = n as usize;
+            self.read_run(run, &mut buf[pos..pos + n], off)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+        self.write_locked(&mut m, buf, offset).map_err(|e| self.fail_corrupt(&mut m, e))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+        let mut m = self.lock();
+        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+        self.zero_locked(&mut m, offset, len, may_unmap, false).map_err(|e| self.fail_corrupt(&mut m, e))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+        let cs = self.geo.cluster_size();
+        // Only whole clusters are discarded (the last one may end at the disk's end).
+        let start = offset.next_multiple_of(cs);
+        let mut end = (offset + len) / cs * cs;
+        if offset + len == self.virtual_size() {
+            end = offset + len;
+        }
+        if end <= start {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+        let padded_end = end.next_multiple_of(cs);
+        self.zero_locked(&mut m, start, padded_end - start, true, true).map_err(|e| self.fail_corrupt(&mut m, e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.compressed_cursor = 0;
+        m.flush_metadata().map_err(|e| self.err(e))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+        let mut m = self.lock();
+        let (run, n) = self.lookup(&mut m, offset, len).map_err(|e| self.err(e))?;
+        let status = match run {
+            Run::Data { host } => Status::Data { host_offset: Some(host), compressed: false },
+            Run::Zero { host } => Status::Zero { host_offset: (host != 0).then_some(host) },
+            Run::Unallocated => Status::Unallocated,
+            Run::Compressed { .. } => Status::Data { host_offset: None, compressed: true },
+        };
+        Ok(Extent { offset, len: n, status })
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.backing.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) {
+        *self.backing.write().unwrap_or_else(|p| p.into_inner()) = backing;
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn allocated_bytes(&self) -> Result<Option<u64>> {
+        self.storage.allocated_bytes().map_err(|e| self.err(e))
+    }
+
+    fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.check_writable()?;
+        let cur = self.virtual_size();
+        if new_size % 512 != 0 {
+            return Err(Error::invalid_argument("The new size must be a multiple of 512"));
+        }
+        let mut m = self.lock();
+        if new_size < cur {
+            if !allow_shrink {
+                return Err(Error::invalid_argument("Use the --shrink option to perform a shrink operation."));
+            }
+            if !m.snapshots.is_empty() {
+                return Err(Error::invalid_argument("Can't resize an image which has snapshots"));
+            }
+            let cs = self.geo.cluster_size();
+            let from = new_size.next_multiple_of(cs);
+            let to = cur.next_multiple_of(cs);
+            if to > from {
+                self.zero_locked(&mut m, from, to - from, true, true).map_err(|e| self.err(e))?;
+            }
+            if new_size % cs != 0 {
+                // The tail of the last cluster must read as zeroes if the disk grows again.
+                let tail_end = (new_size.next_multiple_of(cs)).min(cur);
+                if tail_end > new_size {
+                    let zeros = vec![0u8; (tail_end - new_size) as usize];
+                    self.write_locked(&mut m, &zeros, new_size).map_err(|e| self.err(e))?;
+                }
+            }
+        } else {
+            let entries = m.h.l1_entries_for(new_size);
+            self.grow_l1(&mut m, entries).map_err(|e| self.err(e))?;
+        }
+        m.flush_metadata().map_err(|e| self.err(e))?;
+        m.storage.write_at(&new_size.to_be_bytes(), 24).map_err(|e| self.err(e))?;
+        m.storage.flush().map_err(|e| self.err(e))?;
+        m.h.size = new_size;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    fn path(&self) -> Option<PathBuf> {
+        self.storage.path().map(|p| p.to_path_buf())
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.geo.cluster_size())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+

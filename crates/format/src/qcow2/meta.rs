@@ -1,0 +1,302 @@
+//! The metadata state of an open qcow2 image and the ordered ways to change it.
+
+use super::cache::TableCache;
+use super::entries::{self, Geometry, L2Entry, OFLAG_COPIED, OFFSET_MASK};
+use super::header::{self, Header};
+use super::snapshot::Snapshot;
+use crate::{Error, Result};
+use std::sync::Arc;
+use strata_storage::Storage;
+
+/// Bytes of L2 tables kept in memory (QEMU's default covers 32 MiB of guest data per
+/// MiB; strata keeps enough to map a 1 TiB disk with 64 KiB clusters).
+pub const L2_CACHE_BYTES: u64 = 32 << 20;
+pub const REFBLOCK_CACHE_BYTES: u64 = 4 << 20;
+
+pub struct Meta {
+    pub storage: Arc<dyn Storage>,
+    pub h: Header,
+    pub geo: Geometry,
+    /// Raw L1 entries.
+    pub l1: Vec<u64>,
+    /// Raw refcount table entries.
+    pub reftable: Vec<u64>,
+    /// L2 tables by host offset; entries as raw u64 (entry, bitmap pairs with extended L2).
+    pub l2: TableCache<Vec<u64>>,
+    /// Refcount blocks by host offset, as stored bytes.
+    pub rb: TableCache<Vec<u8>>,
+    /// No cluster below this index is free (a search starts here).
+    pub free_hint: u64,
+    /// Host clusters whose refcount drops once the current mappings are on disk.
+    pub pending_frees: Vec<u64>,
+    /// Offset of the next free byte for packing compressed clusters (0: none open).
+    pub compressed_cursor: u64,
+    pub snapshots: Vec<Snapshot>,
+    pub read_only: bool,
+    /// Set once the dirty bit has been written for this session (lazy refcounts).
+    pub dirty_written: bool,
+}
+
+impl Meta {
+    pub fn new(storage: Arc<dyn Storage>, h: Header, l1: Vec<u64>, reftable: Vec<u64>, read_only: bool) -> Self {
+        let geo = Geometry { cluster_bits: h.cluster_bits, extended_l2: h.extended_l2(), version: h.version };
+        let cs = h.cluster_size();
+        Meta {
+            storage,
+            geo,
+            l1,
+            reftable,
+            l2: TableCache::new((L2_CACHE_BYTES / cs) as usize),
+            rb: TableCache::new((REFBLOCK_CACHE_BYTES / cs).max(8) as usize),
+            free_hint: 1,
+            pending_frees: Vec::new(),
+            compressed_cursor: 0,
+            snapshots: Vec::new(),
+            read_only,
+            dirty_written: false,
+            h,
+        }
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.h.cluster_size()
+    }
+    pub fn l2_entries(&self) -> u64 {
+        self.h.l2_entries()
+    }
+    /// u64 words per L2 entry in the cached tables.
+    fn words(&self) -> usize {
+        if self.geo.extended_l2 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// L2 table offset and COPIED flag for L1 index `i` (0 if none).
+    pub fn l1_entry(&self, i: u64) -> Result<(u64, bool)> {
+        match self.l1.get(i as usize) {
+            None => Ok((0, false)),
+            Some(&e) => entries::decode_l1(e, self.cluster_size(), i as usize),
+        }
+    }
+
+    fn decode_table(&self, buf: &[u8]) -> Vec<u64> {
+        buf.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect()
+    }
+
+    fn encode_table(t: &[u64]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(t.len() * 8);
+        for e in t {
+            out.extend_from_slice(&e.to_be_bytes());
+        }
+        out
+    }
+
+    /// Write every dirty refcount block (no flush).
+    fn write_refblocks(&mut self) -> Result<bool> {
+        let offs = self.rb.dirty_offsets();
+        for off in &offs {
+            let slot = self.rb.get(*off).expect("dirty slot");
+            slot.dirty = false;
+            let data = slot.data.clone();
+            self.storage.write_at(&data, *off)?;
+        }
+        Ok(!offs.is_empty())
+    }
+
+    /// Write one L2 table that left the cache dirty, after the refcounts it relies on.
+    fn write_evicted_l2(&mut self, off: u64, data: &[u64]) -> Result<()> {
+        if self.write_refblocks()? {
+            self.storage.flush()?;
+        }
+        self.storage.write_at(&Self::encode_table(data), off)?;
+        Ok(())
+    }
+
+    fn insert_l2(&mut self, off: u64, table: Vec<u64>, dirty: bool) -> Result<()> {
+        if let Some((k, slot)) = self.l2.insert(off, table, dirty) {
+            if slot.dirty {
+                self.write_evicted_l2(k, &slot.data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Load the L2 table at `off` into the cache.
+    pub fn load_l2(&mut self, off: u64) -> Result<()> {
+        if self.l2.contains(off) {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; self.cluster_size() as usize];
+        self.storage.read_at(&mut buf, off)?;
+        let t = self.decode_table(&buf);
+        self.insert_l2(off, t, false)
+    }
+
+    /// The L2 entry (and bitmap) of guest cluster `gc`; unallocated if no L2 table.
+    pub fn entry(&mut self, gc: u64) -> Result<L2Entry> {
+        let n = self.l2_entries();
+        let (l2off, _) = self.l1_entry(gc / n)?;
+        if l2off == 0 {
+            return Ok(L2Entry::Normal { host: 0, copied: false, zero: false, bitmap: 0 });
+        }
+        let (e, b) = self.raw_entry(l2off, gc % n)?;
+        self.geo.decode_l2(e, b)
+    }
+
+    /// Raw (entry, bitmap) at index `i` of the L2 table at `l2off`.
+    pub fn raw_entry(&mut self, l2off: u64, i: u64) -> Result<(u64, u64)> {
+        self.load_l2(l2off)?;
+        let w = self.words();
+        let t = &self.l2.get(l2off).expect("loaded").data;
+        let i = i as usize * w;
+        Ok((t[i], if w == 2 { t[i + 1] } else { 0 }))
+    }
+
+    /// Set the raw entry at index `i` of the cached L2 table at `l2off`.
+    pub fn set_raw_entry(&mut self, l2off: u64, i: u64, e: u64, bitmap: u64) -> Result<()> {
+        self.load_l2(l2off)?;
+        let w = self.words();
+        let slot = self.l2.get(l2off).expect("loaded");
+        let i = i as usize * w;
+        slot.data[i] = e;
+        if w == 2 {
+            slot.data[i + 1] = bitmap;
+        }
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// An L2 table for L1 index `l1i` that this image owns alone (COPIED), allocating
+    /// a new one or copying a shared one. Returns its offset.
+    ///
+    /// Order: the new table's refcount and contents are written and flushed before the
+    /// L1 entry points at it; a shared old table loses its reference afterwards.
+    pub fn l2_for_write(&mut self, l1i: u64) -> Result<u64> {
+        if l1i >= self.l1.len() as u64 {
+            return Err(Error::corrupt(format!("L1 index {l1i} past the L1 table")));
+        }
+        let (old, copied) = self.l1_entry(l1i)?;
+        if old != 0 && copied {
+            return Ok(old);
+        }
+        let table = if old == 0 {
+            vec![0u64; self.l2_entries() as usize * self.words()]
+        } else {
+            self.load_l2(old)?;
+            self.l2.get(old).expect("loaded").data.clone()
+        };
+        let new = self.alloc_clusters(1)?;
+        self.write_refblocks()?;
+        self.storage.write_at(&Self::encode_table(&table), new)?;
+        self.storage.flush()?;
+        self.l1[l1i as usize] = new | OFLAG_COPIED;
+        self.write_l1_entry(l1i)?;
+        self.insert_l2(new, table, false)?;
+        if old != 0 {
+            self.free_later(old / self.cluster_size());
+        }
+        Ok(new)
+    }
+
+    pub fn write_l1_entry(&mut self, i: u64) -> Result<()> {
+        let e = self.l1[i as usize];
+        self.storage.write_at(&e.to_be_bytes(), self.h.l1_table_offset + i * 8)?;
+        Ok(())
+    }
+
+    /// Drop one reference to everything a (former) L2 entry pointed at.
+    pub fn release_entry(&mut self, e: L2Entry) {
+        let cs = self.cluster_size();
+        match e {
+            L2Entry::Normal { host, .. } if host != 0 => self.free_later(host / cs),
+            L2Entry::Normal { .. } => {}
+            L2Entry::Compressed { offset, size } => {
+                let first = offset / cs;
+                let last = (offset + size - 1) / cs;
+                for c in first..=last {
+                    self.free_later(c);
+                }
+            }
+        }
+    }
+
+    /// Make all metadata durable in the order crash safety needs:
+    /// refcount blocks, flush, L2 tables, flush; then apply queued frees and write
+    /// those refcounts, flush.
+    pub fn flush_metadata(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let wrote_rb = self.write_refblocks()?;
+        if self.l2.any_dirty() {
+            if wrote_rb {
+                self.storage.flush()?;
+            }
+            for off in self.l2.dirty_offsets() {
+                let slot = self.l2.get(off).expect("dirty slot");
+                slot.dirty = false;
+                let bytes = Self::encode_table(&slot.data);
+                self.storage.write_at(&bytes, off)?;
+            }
+        }
+        self.storage.flush()?;
+        if !self.pending_frees.is_empty() {
+            let frees = std::mem::take(&mut self.pending_frees);
+            for c in frees {
+                self.update_refcount(c, -1)?;
+            }
+            self.write_refblocks()?;
+            self.storage.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write the 8-byte incompatible-features field.
+    pub fn write_incompat(&mut self) -> Result<()> {
+        if self.h.version < 3 {
+            return Ok(());
+        }
+        self.storage.write_at(&self.h.incompatible_features.to_be_bytes(), 72)?;
+        Ok(())
+    }
+
+    /// Before the first write of a lazy-refcounts session: set and flush the dirty bit.
+    pub fn mark_dirty_if_lazy(&mut self) -> Result<()> {
+        if self.dirty_written || !self.h.lazy_refcounts() || self.h.version < 3 {
+            return Ok(());
+        }
+        self.h.incompatible_features |= header::incompat::DIRTY;
+        self.write_incompat()?;
+        self.storage.flush()?;
+        self.dirty_written = true;
+        Ok(())
+    }
+
+    /// After everything is flushed: clear the dirty bit this session set.
+    pub fn clear_dirty(&mut self) -> Result<()> {
+        if self.h.is_dirty() && !self.read_only {
+            self.h.incompatible_features &= !header::incompat::DIRTY;
+            self.write_incompat()?;
+            self.storage.flush()?;
+            self.dirty_written = false;
+        }
+        Ok(())
+    }
+
+    /// Record that the image is corrupt (when writable), so no tool trusts it blindly.
+    pub fn mark_corrupt(&mut self) {
+        if self.read_only || self.h.version < 3 || self.h.is_corrupt() {
+            return;
+        }
+        self.h.incompatible_features |= header::incompat::CORRUPT;
+        let _ = self.write_incompat();
+        let _ = self.storage.flush();
+    }
+
+    /// Host offset mask helper for callers holding raw entries.
+    pub fn host_of(e: u64) -> u64 {
+        e & OFFSET_MASK
+    }
+}

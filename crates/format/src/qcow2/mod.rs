@@ -1,0 +1,30 @@
+//! The qcow2 driver (versions 2 and 3), byte-compatible with QEMU.
+//!
+//! Layout of the module: [`header`] parses and validates the header; [`entries`]
+//! decodes L1/L2 entries; `meta` holds the open image's metadata and orders its
+//! updates; `refcount` counts and allocates clusters; [`image`] serves the guest view;
+//! [`create`] makes new images; [`check`] verifies and repairs; [`snapshot`] reads the
+//! snapshot table; [`compress`] is the compressed-cluster codec.
+
+mod cache;
+pub mod check;
+pub mod compress;
+pub mod create;
+pub mod entries;
+pub mod header;
+pub mod image;
+mod meta;
+mod refcount;
+pub mod snapshot;
+
+pub use check::{CheckReport, Repair};
+pub use compress::CompressionType;
+pub use create::{create, CreateOptions, Preallocation};
+pub use header::Header;
+pub use image::{Qcow2Image, Qcow2OpenOptions};
+pub use snapshot::Snapshot;
+
+/// Whether `buf` (the start of a file) looks like a qcow2 image.
+pub fn probe(buf: &[u8]) -> bool {
+    buf.len() >= 4 && u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) == header::MAGIC
+}

@@ -1,0 +1,334 @@
+//! Reference counts: reading and writing entries of every width (1 to 64 bits),
+//! cluster allocation, refcount-block creation and refcount-table growth.
+//!
+//! Write ordering (see DESIGN.md): a refcount block reaches the disk, and is flushed,
+//! before the refcount table points at it; a grown refcount table is written and
+//! flushed before the header switches to it in one write; decrements are applied only
+//! after the mappings that dropped the references are on disk (`pending_frees`).
+
+use super::meta::Meta;
+use crate::{Error, Result};
+
+/// Read entry `i` of a refcount block of `order` (bits = 2^order).
+pub fn rb_get(block: &[u8], order: u32, i: usize) -> u64 {
+    match order {
+        0 => u64::from((block[i / 8] >> (i % 8)) & 1),
+        1 => u64::from((block[i / 4] >> (2 * (i % 4))) & 3),
+        2 => u64::from((block[i / 2] >> (4 * (i % 2))) & 0xf),
+        3 => u64::from(block[i]),
+        4 => u64::from(u16::from_be_bytes([block[2 * i], block[2 * i + 1]])),
+        5 => u64::from(u32::from_be_bytes(block[4 * i..4 * i + 4].try_into().expect("4"))),
+        _ => u64::from_be_bytes(block[8 * i..8 * i + 8].try_into().expect("8")),
+    }
+}
+
+/// Write entry `i`; `v` must fit the width.
+pub fn rb_set(block: &mut [u8], order: u32, i: usize, v: u64) {
+    match order {
+        0 | 1 | 2 => {
+            let bits = 1usize << order;
+            let per = 8 / bits;
+            let shift = bits * (i % per);
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            let b = &mut block[i / per];
+            *b = (*b & !mask) | (((v as u8) << shift) & mask);
+        }
+        3 => block[i] = v as u8,
+        4 => block[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_be_bytes()),
+        5 => block[4 * i..4 * i + 4].copy_from_slice(&(v as u32).to_be_bytes()),
+        _ => block[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes()),
+    }
+}
+
+/// Reserved bits of a refcount table entry (bits 0..=8).
+pub const REFTABLE_RESERVED: u64 = 0x1ff;
+
+impl Meta {
+    /// Refcount entries per refcount block.
+    pub fn rb_entries(&self) -> u64 {
+        (self.cluster_size() * 8) >> self.h.refcount_order
+    }
+
+    pub fn max_refcount(&self) -> u64 {
+        if self.h.refcount_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << self.h.refcount_order)) - 1
+        }
+    }
+
+    /// Host offset of refcount block `idx`, or 0 if there is none.
+    pub fn refblock_offset(&self, idx: u64) -> Result<u64> {
+        let Some(&e) = self.reftable.get(idx as usize) else { return Ok(0) };
+        if e & REFTABLE_RESERVED != 0 {
+            return Err(Error::corrupt(format!(
+                "refcount table entry {idx} has reserved bits set (0x{e:x})"
+            )));
+        }
+        if e % self.cluster_size() != 0 {
+            return Err(Error::corrupt(format!(
+                "refcount block {idx} offset 0x{e:x} is not cluster-aligned"
+            )));
+        }
+        Ok(e)
+    }
+
+    fn load_refblock(&mut self, off: u64) -> Result<()> {
+        if self.rb.contains(off) {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; self.cluster_size() as usize];
+        self.storage.read_at(&mut buf, off)?;
+        if let Some((k, slot)) = self.rb.insert(off, buf, false) {
+            if slot.dirty {
+                self.storage.write_at(&slot.data, k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored refcount of host cluster `cluster`.
+    pub fn refcount(&mut self, cluster: u64) -> Result<u64> {
+        let epb = self.rb_entries();
+        let off = self.refblock_offset(cluster / epb)?;
+        if off == 0 {
+            return Ok(0);
+        }
+        self.load_refblock(off)?;
+        let order = self.h.refcount_order;
+        let slot = self.rb.get(off).expect("loaded");
+        Ok(rb_get(&slot.data, order, (cluster % epb) as usize))
+    }
+
+    /// Set the refcount of `cluster` (its refcount block must exist).
+    fn set_refcount_in_block(&mut self, cluster: u64, v: u64) -> Result<()> {
+        let epb = self.rb_entries();
+        let off = self.refblock_offset(cluster / epb)?;
+        debug_assert!(off != 0, "refcount block must exist");
+        self.load_refblock(off)?;
+        let order = self.h.refcount_order;
+        let slot = self.rb.get(off).expect("loaded");
+        rb_set(&mut slot.data, order, (cluster % epb) as usize, v);
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// Add `delta` to the refcount of `cluster`, creating its refcount block if needed.
+    /// Underflow and overflow are corruption errors, never wrap-around.
+    pub fn update_refcount(&mut self, cluster: u64, delta: i64) -> Result<u64> {
+        self.ensure_refblock(cluster / self.rb_entries())?;
+        let cur = self.refcount(cluster)?;
+        let new = if delta >= 0 {
+            cur.checked_add(delta as u64).filter(|&v| v <= self.max_refcount()).ok_or_else(|| {
+                Error::corrupt(format!("refcount of cluster {cluster} would overflow"))
+            })?
+        } else {
+            cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                Error::corrupt(format!("refcount of cluster {cluster} would drop below zero"))
+            })?
+        };
+        self.set_refcount_in_block(cluster, new)?;
+        if new == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
+        Ok(new)
+    }
+
+    /// Make sure refcount block `idx` exists, creating it (and growing the refcount
+    /// table) as needed. A new block is self-describing: it lives in the first cluster
+    /// of the range it covers, which is free because the range has no block yet.
+    pub fn ensure_refblock(&mut self, idx: u64) -> Result<()> {
+        if self.refblock_offset(idx)? != 0 {
+            return Ok(());
+        }
+        if idx >= self.reftable.len() as u64 {
+            // Growth places block `idx` itself, with the new table.
+            return self.grow_reftable(idx);
+        }
+        let cs = self.cluster_size();
+        let epb = self.rb_entries();
+        let c0 = idx * epb;
+        let off = c0.checked_mul(cs).filter(|&o| o < super::header::MAX_HOST_OFFSET).ok_or_else(
+            || Error::invalid("image would grow past the 2^56-byte host offset limit"),
+        )?;
+        let mut block = vec![0u8; cs as usize];
+        rb_set(&mut block, self.h.refcount_order, 0, 1);
+        self.storage.write_at(&block, off)?;
+        self.storage.flush()?;
+        self.reftable[idx as usize] = off;
+        self.storage.write_at(&off.to_be_bytes(), self.h.refcount_table_offset + idx * 8)?;
+        self.storage.flush()?;
+        if let Some((k, slot)) = self.rb.insert(off, block, false) {
+            if slot.dirty {
+                self.storage.write_at(&slot.data, k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Grow the refcount table so that block `need` fits, creating block `need` and
+    /// any blocks needed to count the new table itself, in a fresh area starting at
+    /// the first cluster block `need` covers.
+    fn grow_reftable(&mut self, need: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let epb = self.rb_entries();
+        let per_cluster = cs / 8;
+        let old_len = self.reftable.len() as u64;
+        // Fixed point: m new blocks (for `need`.. need+m) and t table clusters.
+        let mut m = 1u64;
+        let mut t;
+        loop {
+            let entries = (need + m).max(old_len + old_len / 2).max(old_len + 1);
+            t = entries.div_ceil(per_cluster);
+            let m2 = (m + t).div_ceil(epb);
+            if m2 <= m {
+                break;
+            }
+            m = m2;
+        }
+        if t * cs > super::header::MAX_REFTABLE_BYTES {
+            return Err(Error::invalid(
+                "refcount table would exceed 8 MiB: the image is too large for its cluster size",
+            ));
+        }
+        let area = need * epb; // first cluster of the area
+        let area_off = area
+            .checked_mul(cs)
+            .and_then(|o| o.checked_add((m + t) * cs).map(|_| o))
+            .filter(|&o| o + (m + t) * cs <= super::header::MAX_HOST_OFFSET)
+            .ok_or_else(|| Error::invalid("image would grow past the 2^56-byte host offset limit"))?;
+        // The new blocks: block need+j covers clusters [(need+j)*epb, ...). Area clusters
+        // are [area, area+m+t).
+        let order = self.h.refcount_order;
+        let mut new_table = self.reftable.clone();
+        new_table.resize((t * per_cluster) as usize, 0);
+        for j in 0..m {
+            let idx = need + j;
+            let first = idx * epb;
+            let mut block = vec![0u8; cs as usize];
+            for c in area..area + m + t {
+                if c >= first && c < first + epb {
+                    rb_set(&mut block, order, (c - first) as usize, 1);
+                }
+            }
+            let off = (area + j) * cs;
+            self.storage.write_at(&block, off)?;
+            new_table[idx as usize] = off;
+        }
+        let table_off = area_off + m * cs;
+        let mut bytes = Vec::with_capacity((t * cs) as usize);
+        for e in &new_table {
+            bytes.extend_from_slice(&e.to_be_bytes());
+        }
+        self.storage.write_at(&bytes, table_off)?;
+        self.storage.flush()?;
+        // Switch the header to the new table in one write (offset 48: table offset
+        // then cluster count).
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
+        self.storage.write_at(&hdr, 48)?;
+        self.storage.flush()?;
+        let old_off = self.h.refcount_table_offset;
+        let old_clusters = u64::from(self.h.refcount_table_clusters);
+        self.h.refcount_table_offset = table_off;
+        self.h.refcount_table_clusters = t as u32;
+        self.reftable = new_table;
+        // The old table is no longer referenced: free its clusters now that the
+        // header switch is durable.
+        for c in 0..old_clusters {
+            self.update_refcount(old_off / cs + c, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Allocate `n` contiguous free clusters, set their refcounts to 1 (in the cache),
+    /// and return the host offset of the first. The caller must not let any L2 entry
+    /// pointing there reach the disk before the refcount blocks are flushed
+    /// ([`Meta::flush_metadata`] keeps that order).
+    pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        debug_assert!(n > 0);
+        let cs = self.cluster_size();
+        let epb = self.rb_entries();
+        'search: loop {
+            let mut c = self.free_hint.max(1);
+            let mut start = c;
+            let mut run = 0u64;
+            let mut hint_moving = true;
+            while run < n {
+                if c.checked_mul(cs).map_or(true, |o| o >= super::header::MAX_HOST_OFFSET) {
+                    return Err(Error::invalid(
+                        "image would grow past the 2^56-byte host offset limit",
+                    ));
+                }
+                if self.refcount(c)? == 0 {
+                    if run == 0 {
+                        start = c;
+                    }
+                    run += 1;
+                    hint_moving = false;
+                } else {
+                    run = 0;
+                    if hint_moving {
+                        self.free_hint = c + 1;
+                    }
+                }
+                c += 1;
+            }
+            // Creating missing refcount blocks may take clusters inside the run.
+            let mut created = false;
+            for blk in start / epb..=(start + n - 1) / epb {
+                if self.refblock_offset(blk)? == 0 {
+                    self.ensure_refblock(blk)?;
+                    created = true;
+                }
+            }
+            if created {
+                continue 'search;
+            }
+            for c in start..start + n {
+                self.set_refcount_in_block(c, 1)?;
+            }
+            if self.free_hint == start {
+                self.free_hint = start + n;
+            }
+            return Ok(start * cs);
+        }
+    }
+
+    /// Queue one reference of host cluster `cluster` to be dropped once the mapping
+    /// change that dropped it is on disk.
+    pub fn free_later(&mut self, cluster: u64) {
+        self.pending_frees.push(cluster);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refcount_width_round_trips_without_touching_neighbours() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 / bits as usize;
+            for i in 0..n {
+                rb_set(&mut block, order, i, (i as u64 * 7 + 3) & max);
+            }
+            for i in 0..n {
+                assert_eq!(rb_get(&block, order, i), (i as u64 * 7 + 3) & max, "order {order} i {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn sub_byte_refcounts_are_lsb_first_like_qemu() {
+        let mut block = vec![0u8; 1];
+        rb_set(&mut block, 0, 0, 1);
+        assert_eq!(block[0], 0b0000_0001);
+        rb_set(&mut block, 1, 1, 3);
+        assert_eq!(block[0], 0b0000_1101);
+    }
+}

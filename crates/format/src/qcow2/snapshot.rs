@@ -1,0 +1,111 @@
+//! The internal-snapshot table: parsing within QEMU's limits, and serialisation.
+
+use super::header::{check_table, MAX_L1_BYTES};
+use crate::{Error, Result};
+use strata_storage::Storage;
+
+pub const MAX_EXTRA_DATA: u32 = 1024;
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+
+/// One internal snapshot as QEMU records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub l1_table_offset: u64,
+    pub l1_size: u32,
+    pub id: String,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    /// VM-state size (the 64-bit extra-data field when present, else the 32-bit one).
+    pub vm_state_size: u64,
+    /// Virtual disk size when the snapshot was taken (extra data), if recorded.
+    pub disk_size: Option<u64>,
+    /// Instruction count (extra data), if recorded; -1 means none.
+    pub icount: Option<u64>,
+    /// The whole extra-data area, kept so unknown fields survive a rewrite.
+    pub extra: Vec<u8>,
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4"))
+}
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8"))
+}
+
+/// Read `count` snapshot entries at `offset`. Returns them and the table's byte size.
+pub fn read_table(
+    storage: &dyn Storage,
+    offset: u64,
+    count: u32,
+    cluster_size: u64,
+    file_size: u64,
+) -> Result<(Vec<Snapshot>, u64)> {
+    let mut out = Vec::with_capacity(count.min(1024) as usize);
+    let mut at = offset;
+    for i in 0..count {
+        let rel = at - offset;
+        if rel + 40 > MAX_TABLE_BYTES {
+            return Err(Error::invalid("Snapshot table too large (the limit is 64 MiB)"));
+        }
+        let mut fixed = [0u8; 40];
+        storage.read_at(&mut fixed, at)?;
+        let l1_table_offset = be64(&fixed, 0);
+        let l1_size = be32(&fixed, 8);
+        let id_len = u64::from(be16(&fixed, 12));
+        let name_len = u64::from(be16(&fixed, 14));
+        let extra_len = be32(&fixed, 36);
+        if extra_len > MAX_EXTRA_DATA {
+            return Err(Error::invalid(format!(
+                "Snapshot {i} has {extra_len} bytes of extra data (the limit is 1024)"
+            )));
+        }
+        let var = u64::from(extra_len) + id_len + name_len;
+        let entry = (40 + var).next_multiple_of(8);
+        if rel + entry > MAX_TABLE_BYTES {
+            return Err(Error::invalid("Snapshot table too large (the limit is 64 MiB)"));
+        }
+        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(Error::invalid(format!("Snapshot {i} L1 table is too large")));
+        }
+        if l1_size > 0 {
+            check_table(l1_table_offset, u64::from(l1_size) * 8, cluster_size, file_size, "Snapshot L1 table")?;
+        }
+        let mut vbuf = vec![0u8; var as usize];
+        storage.read_at(&mut vbuf, at + 40)?;
+        let extra = vbuf[..extra_len as usize].to_vec();
+        let id_end = extra_len as usize + id_len as usize;
+        let id = String::from_utf8_lossy(&vbuf[extra_len as usize..id_end]).into_owned();
+        let name = String::from_utf8_lossy(&vbuf[id_end..]).into_owned();
+        let vm_state_size = if extra.len() >= 8 { be64(&extra, 0) } else { u64::from(be32(&fixed, 32)) };
+        let disk_size = (extra.len() >= 16).then(|| be64(&extra, 8));
+        let icount = (extra.len() >= 24).then(|| be64(&extra, 16)).filter(|&v| v != u64::MAX);
+        out.push(Snapshot {
+            l1_table_offset,
+            l1_size,
+            id,
+            name,
+            date_sec: be32(&fixed, 16),
+            date_nsec: be32(&fixed, 20),
+            vm_clock_nsec: be64(&fixed, 24),
+            vm_state_size,
+            disk_size,
+            icount,
+            extra,
+        });
+        at += entry;
+    }
+    Ok((out, at - offset))
+}
+
+/// Byte size of the table holding `snaps`.
+pub fn table_size(snaps: &[Snapshot]) -> u64 {
+    snaps
+        .iter()
+        .map(|s| (40 + s.extra.len() + s.id.len() + s.name.len()).next_multiple_of(8) as u64)
+        .sum()
+}

@@ -1,0 +1,114 @@
+//! The raw driver: guest offset = host offset; holes in the file read as zeroes.
+
+use crate::{check_range, BlockDevice, Error, Extent, Result, Status};
+use std::sync::{Arc, RwLock};
+use strata_storage::Storage;
+
+/// A raw image: the file is the disk.
+pub struct RawImage {
+    storage: Arc<dyn Storage>,
+    size: RwLock<u64>,
+}
+
+impl RawImage {
+    /// Open a raw image; its virtual size is the file's size.
+    pub fn open(storage: Arc<dyn Storage>) -> Result<Self> {
+        let size = storage.size()?;
+        Ok(RawImage { storage, size: RwLock::new(size) })
+    }
+
+    /// Create a raw image of `size` bytes, preallocated as asked.
+    pub fn create(storage: Arc<dyn Storage>, size: u64, prealloc: crate::qcow2::Preallocation) -> Result<Self> {
+        use crate::qcow2::Preallocation as P;
+        storage.set_size(0)?;
+        match prealloc {
+            P::Off | P::Metadata => storage.set_size(size)?,
+            P::Falloc => storage.preallocate(0, size)?,
+            P::Full => {
+                storage.set_size(0)?;
+                let zeros = vec![0u8; 1 << 20];
+                let mut off = 0;
+                while off < size {
+                    let n = (size - off).min(zeros.len() as u64) as usize;
+                    storage.write_at(&zeros[..n], off)?;
+                    off += n as u64;
+                }
+                storage.set_size(size)?;
+            }
+        }
+        Self::open(storage)
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn err(&self, e: impl Into<Error>) -> Error {
+        e.into().at(self.storage.path())
+    }
+}
+
+impl BlockDevice for RawImage {
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+    fn virtual_size(&self) -> u64 {
+        *self.size.read().expect("lock")
+    }
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.virtual_size())?;
+        self.storage.read_at(buf, offset).map_err(|e| self.err(e))
+    }
+    fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.virtual_size())?;
+        self.storage.write_at(buf, offset).map_err(|e| self.err(e))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
+        check_range(offset, len, self.virtual_size())?;
+        self.storage.write_zeroes(offset, len).map_err(|e| self.err(e))
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.virtual_size())?;
+        self.storage.discard(offset, len).map_err(|e| self.err(e))
+    }
+    fn flush(&self) -> Result<()> {
+        self.storage.flush().map_err(|e| self.err(e))
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(offset, len, self.virtual_size())?;
+        let (data, n) = self.storage.probe_data(offset, len).map_err(|e| self.err(e))?;
+        let status = if data {
+            Status::Data { host_offset: Some(offset), compressed: false }
+        } else {
+            Status::Zero { host_offset: Some(offset) }
+        };
+        Ok(Extent { offset, len: n.max(1).min(len), status })
+    }
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        None
+    }
+    fn set_backing(&self, _backing: Option<Arc<dyn BlockDevice>>) {}
+    fn read_only(&self) -> bool {
+        self.storage.read_only()
+    }
+    fn allocated_bytes(&self) -> Result<Option<u64>> {
+        self.storage.allocated_bytes().map_err(|e| self.err(e))
+    }
+    fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        let cur = self.virtual_size();
+        if new_size < cur && !allow_shrink {
+            return Err(Error::invalid_argument(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        self.storage.set_size(new_size).map_err(|e| self.err(e))?;
+        *self.size.write().expect("lock") = new_size;
+        Ok(())
+    }
+    fn path(&self) -> Option<std::path::PathBuf> {
+        self.storage.path().map(|p| p.to_path_buf())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}

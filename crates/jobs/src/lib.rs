@@ -1,0 +1,1 @@
+//! Jobs: operations on images, each defined once for the CLI and the API.

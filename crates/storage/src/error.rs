@@ -1,0 +1,40 @@
+use std::path::PathBuf;
+
+/// Errors from a storage backend. Each names the operation and, where there is one, the path.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("range at offset {offset} with length {len} overflows")]
+    OutOfRange { offset: u64, len: u64 },
+    #[error("the storage is read-only")]
+    ReadOnly,
+    #[error("Failed to get {kind} \"{perm}\" lock on {path}\nIs another process using the image [{path}]?")]
+    Locked {
+        kind: &'static str,
+        perm: &'static str,
+        path: PathBuf,
+    },
+    /// Raised by [`crate::FaultStorage`] once its plan says the storage is gone.
+    #[error("injected fault: {0}")]
+    Injected(std::io::Error),
+}
+
+impl Error {
+    /// The OS error code behind this error, if there is one (EIO, ENOSPC...).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } | Error::Injected(source) => source.raw_os_error(),
+            Error::ReadOnly => Some(libc::EPERM),
+            Error::OutOfRange { .. } => Some(libc::EINVAL),
+            Error::Locked { .. } => Some(libc::EAGAIN),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

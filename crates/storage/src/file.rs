@@ -1,0 +1,245 @@
+use crate::lock::{self, LockMode};
+use crate::{Error, Result, Storage};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// How to open a [`FileStorage`].
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    pub write: bool,
+    pub create: bool,
+    pub lock: LockMode,
+}
+
+impl OpenOptions {
+    /// Read-only with QEMU's read locks.
+    pub fn read() -> Self {
+        OpenOptions { write: false, create: false, lock: LockMode::Read }
+    }
+    /// Read-write with QEMU's write locks.
+    pub fn write() -> Self {
+        OpenOptions { write: true, create: false, lock: LockMode::Write }
+    }
+    /// With no locks: `-U` / `--force-share`. Only meaningful read-only.
+    pub fn force_share(mut self, yes: bool) -> Self {
+        if yes {
+            self.lock = LockMode::ForceShare;
+        }
+        self
+    }
+}
+
+/// A host file (or block device) used as storage.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io { op, path: path.to_path_buf(), source }
+}
+
+impl FileStorage {
+    /// Open `path` with the locks `opts.lock` asks for.
+    pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(opts.write)
+            .create(opts.create)
+            .truncate(false)
+            .open(path)
+            .map_err(io("Could not open", path))?;
+        lock::acquire(&file, path, opts.lock)?;
+        Ok(FileStorage { file, path: path.to_path_buf(), read_only: !opts.write })
+    }
+
+    /// Create (or truncate) `path` and open it for writing with write locks.
+    pub fn create(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io("Could not create", path))?;
+        lock::acquire(&file, path, LockMode::Write)?;
+        file.set_len(0).map_err(io("Could not truncate", path))?;
+        Ok(FileStorage { file, path: path.to_path_buf(), read_only: false })
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        // SAFETY: the descriptor is open; fallocate only reads its integer arguments.
+        let r = unsafe {
+            libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let end = offset + len;
+        while offset < end {
+            let n = CHUNK.min(end - offset) as usize;
+            self.write_at(&zeros[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io("Could not read", &self.path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.file.write_all_at(buf, offset).map_err(io("Could not write", &self.path))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        let size = self.size()?;
+        if len == 0 || offset >= size {
+            return Ok(());
+        }
+        let len = end.min(size) - offset;
+        if self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len).is_ok() {
+            return Ok(());
+        }
+        if self
+            .fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        self.write_zero_bytes(offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        let size = self.size()?;
+        if len == 0 || offset >= size {
+            return Ok(());
+        }
+        let len = end.min(size) - offset;
+        if self
+            .fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        self.write_zero_bytes(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(io("Could not flush", &self.path))
+    }
+
+    fn size(&self) -> Result<u64> {
+        let meta = self.file.metadata().map_err(io("Could not stat", &self.path))?;
+        if meta.file_type().is_file() {
+            return Ok(meta.len());
+        }
+        // Block devices report their size through seek.
+        use std::io::Seek;
+        (&self.file)
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(io("Could not get size of", &self.path))
+    }
+
+    fn set_size(&self, size: u64) -> Result<()> {
+        self.check_writable()?;
+        self.file.set_len(size).map_err(io("Could not resize", &self.path))
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        match self.fallocate(0, offset, len) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                let end = offset + len;
+                if end > self.size()? {
+                    self.set_size(end)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn allocated_bytes(&self) -> Result<Option<u64>> {
+        let meta = self.file.metadata().map_err(io("Could not stat", &self.path))?;
+        Ok(Some(meta.blocks() * 512))
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn probe_data(&self, offset: u64, max_len: u64) -> Result<(bool, u64)> {
+        let fd = self.file.as_raw_fd();
+        let seek = |whence| {
+            // SAFETY: lseek on an open descriptor.
+            let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        match seek(libc::SEEK_DATA) {
+            Ok(d) if d > offset => Ok((false, (d - offset).min(max_len))),
+            Ok(_) => match seek(libc::SEEK_HOLE) {
+                Ok(h) if h > offset => Ok((true, (h - offset).min(max_len))),
+                _ => Ok((true, max_len)),
+            },
+            // ENXIO: only a hole from here to the end.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((false, max_len)),
+            Err(_) => Ok((true, max_len)),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The storage layer: moves bytes and nothing else.
+//!
+//! Every backend implements [`Storage`]: positional reads and writes, write-zeroes,
+//! discard, flush, size and resize. Backends:
+//! - [`FileStorage`]: a host file or block device, honouring QEMU's byte-range lock
+//!   protocol (see [`lock`]);
+//! - [`MemStorage`]: an in-memory byte vector, for tests and models;
+//! - [`FaultStorage`]: wraps another backend and cuts writes or injects errors at a
+//!   chosen operation, to prove crash safety.
+
+mod error;
+mod fault;
+mod file;
+pub mod lock;
+mod mem;
+
+pub use error::{Error, Result};
+pub use fault::{FaultMode, FaultPlan, FaultStorage};
+pub use file::{FileStorage, OpenOptions};
+pub use lock::LockMode;
+pub use mem::MemStorage;
+
+use std::path::Path;
+
+/// A byte-addressed backing store.
+///
+/// Contracts every backend keeps:
+/// - `read_at` fills the whole buffer; bytes past the end of the store read as zeroes
+///   (as QEMU's file driver does), so metadata near the end need not be special-cased.
+/// - `write_at` writes the whole buffer, growing the store if the write ends past it.
+/// - `write_zeroes` and `discard` never change the size; discarded ranges read as zeroes
+///   (backends that cannot punch holes write zeroes).
+/// - `flush` returns only when every write completed before it is durable.
+/// - All methods take `&self`: backends are safe to share between threads.
+pub trait Storage: Send + Sync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    fn flush(&self) -> Result<()>;
+    /// Current size in bytes.
+    fn size(&self) -> Result<u64>;
+    /// Truncate or extend to exactly `size` bytes.
+    fn set_size(&self, size: u64) -> Result<()>;
+    /// Extend to `size` bytes, allocating space (`fallocate`) where the backend can.
+    fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        if end > self.size()? {
+            self.set_size(end)?;
+        }
+        Ok(())
+    }
+    /// Bytes the store occupies on its host (for `actual-size`), if known.
+    fn allocated_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// The host path, for file-backed stores.
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool {
+        false
+    }
+    /// Whether the bytes at `offset` may hold data (`true`) or are a hole that reads
+    /// as zeroes (`false`), and for how many bytes (at least 1, at most `max_len`) that
+    /// answer holds. Backends that cannot tell answer `(true, max_len)`.
+    fn probe_data(&self, offset: u64, max_len: u64) -> Result<(bool, u64)> {
+        let _ = offset;
+        Ok((true, max_len))
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn size(&self) -> Result<u64> {
+        (**self).size()
+    }
+    fn set_size(&self, size: u64) -> Result<()> {
+        (**self).set_size(size)
+    }
+    fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).preallocate(offset, len)
+    }
+    fn allocated_bytes(&self) -> Result<Option<u64>> {
+        (**self).allocated_bytes()
+    }
+    fn path(&self) -> Option<&Path> {
+        (**self).path()
+    }
+    fn read_only(&self) -> bool {
+        (**self).read_only()
+    }
+    fn probe_data(&self, offset: u64, max_len: u64) -> Result<(bool, u64)> {
+        (**self).probe_data(offset, max_len)
+    }
+}

@@ -1,0 +1,87 @@
+use crate::{Error, Result, Storage};
+use std::sync::RwLock;
+
+/// Storage in memory: for tests, models and scratch images.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store holding `bytes`.
+    pub fn from_vec(bytes: Vec<u8>) -> Self {
+        MemStorage { data: RwLock::new(bytes) }
+    }
+
+    /// A copy of the whole contents.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.read().expect("lock").clone()
+    }
+}
+
+fn end_of(offset: u64, len: usize) -> Result<usize> {
+    let end = offset
+        .checked_add(len as u64)
+        .ok_or(Error::OutOfRange { offset, len: len as u64 })?;
+    usize::try_from(end).map_err(|_| Error::OutOfRange { offset, len: len as u64 })
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let data = self.data.read().expect("lock");
+        let end = end_of(offset, buf.len())?;
+        let start = offset as usize;
+        buf.fill(0);
+        if start < data.len() {
+            let avail = end.min(data.len()) - start;
+            buf[..avail].copy_from_slice(&data[start..start + avail]);
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut data = self.data.write().expect("lock");
+        let end = end_of(offset, buf.len())?;
+        if end > data.len() {
+            data.resize(end, 0);
+        }
+        data[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let mut data = self.data.write().expect("lock");
+        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        let size = data.len() as u64;
+        if offset < size {
+            data[offset as usize..end.min(size) as usize].fill(0);
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn size(&self) -> Result<u64> {
+        Ok(self.data.read().expect("lock").len() as u64)
+    }
+
+    fn set_size(&self, size: u64) -> Result<()> {
+        let size = usize::try_from(size).map_err(|_| Error::OutOfRange { offset: size, len: 0 })?;
+        self.data.write().expect("lock").resize(size, 0);
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> Result<Option<u64>> {
+        Ok(Some(self.size()?))
+    }
+}
