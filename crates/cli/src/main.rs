@@ -1,1 +1,52 @@
-fn main() {}
+//! The `strata` command line. `strata img ...` mirrors qemu-img; invoked under the
+//! name `qemu-img` (a symlink), the binary behaves as `strata img`.
+
+mod img;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Virtual-machine disk images, snapshots and backups")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Disk image tool compatible with qemu-img (create, info, map, check, compare,
+    /// measure, resize, convert).
+    Img(img::ImgCli),
+}
+
+fn main() {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let as_qemu_img = std::path::Path::new(&argv0)
+        .file_name()
+        .map(|n| n == "qemu-img")
+        .unwrap_or(false);
+    let code = if as_qemu_img {
+        img::main_as(std::env::args_os().skip(1), "qemu-img")
+    } else {
+        let mut args: Vec<_> = std::env::args_os().collect();
+        if args.get(1).map(|a| a == "img").unwrap_or(false) {
+            args.drain(..2);
+            img::main_as(args.into_iter(), "strata img")
+        } else {
+            match Cli::try_parse() {
+                Ok(cli) => match cli.command {
+                    Command::Img(c) => img::run(c, "strata img"),
+                },
+                Err(e) => {
+                    let _ = e.print();
+                    if e.use_stderr() {
+                        1
+                    } else {
+                        0
+                    }
+                }
+            }
+        }
+    };
+    std::process::exit(code);
+}

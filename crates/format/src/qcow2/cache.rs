@@ -59,13 +59,4 @@ impl<T> TableCache<T> {
     pub fn any_dirty(&self) -> bool {
         self.map.values().any(|s| s.dirty)
     }
-
-    pub fn remove(&mut self, offset: u64) -> Option<Slot<T>> {
-        self.map.remove(&offset)
-    }
-
-    /// Drop every clean table (after the image is rewritten underneath).
-    pub fn clear(&mut self) {
-        self.map.retain(|_, s| s.dirty);
-    }
 }

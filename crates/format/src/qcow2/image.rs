@@ -1,7 +1,7 @@
 //! An open qcow2 image: the guest view ([`BlockDevice`]) over the metadata in [`Meta`].
 
 use super::compress::{self, CompressionType};
-use super::entries::{self, Geometry, L2Entry, SubState, ALL_ALLOCATED, ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO};
+use super::entries::{Geometry, L2Entry, SubState, ALL_ALLOCATED, ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO};
 use super::header::{self, Header};
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
@@ -613,10 +613,6 @@ impl Qcow2Image {
         m.flush_metadata()
     }
 
-    /// The end of the last cluster in use (for preallocation and `image-end-offset`).
-    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
-        &self.storage
-    }
 }
 
 fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u64>> {

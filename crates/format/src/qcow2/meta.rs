@@ -1,7 +1,7 @@
 //! The metadata state of an open qcow2 image and the ordered ways to change it.
 
 use super::cache::TableCache;
-use super::entries::{self, Geometry, L2Entry, OFLAG_COPIED, OFFSET_MASK};
+use super::entries::{self, Geometry, L2Entry, OFLAG_COPIED};
 use super::header::{self, Header};
 use super::snapshot::Snapshot;
 use crate::{Error, Result};
@@ -293,10 +293,5 @@ impl Meta {
         self.h.incompatible_features |= header::incompat::CORRUPT;
         let _ = self.write_incompat();
         let _ = self.storage.flush();
-    }
-
-    /// Host offset mask helper for callers holding raw entries.
-    pub fn host_of(e: u64) -> u64 {
-        e & OFFSET_MASK
     }
 }

@@ -1,0 +1,175 @@
+//! Helpers shared by the `strata img` subcommands: sizes, `-o` options, output modes.
+
+use anyhow::{anyhow, bail, Result};
+use std::collections::BTreeMap;
+
+/// Per-invocation context.
+pub struct Ctx {
+    /// How the program names itself in messages ("qemu-img" or "strata img").
+    pub prog: &'static str,
+}
+
+impl Ctx {
+    /// Print an error the way qemu-img does: `prog: message` on stderr.
+    pub fn error(&self, e: &anyhow::Error) {
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !msg.contains(&c) {
+                msg.push_str(": ");
+                msg.push_str(&c);
+            }
+        }
+        eprintln!("{}: {}", self.prog, msg);
+    }
+}
+
+/// `--output=human|json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// Parse a size as qemu-img does: a number with an optional suffix k/K, M, G, T, P, E
+/// (powers of 1024) or b/B (bytes). Fractions are allowed with a suffix ("1.5G").
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c {
+                'b' | 'B' => 1,
+                'k' | 'K' => 1 << 10,
+                'm' | 'M' => 1 << 20,
+                'g' | 'G' => 1 << 30,
+                't' | 'T' => 1 << 40,
+                'p' | 'P' => 1 << 50,
+                'e' | 'E' => 1 << 60,
+                _ => bail!("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."),
+            };
+            (&s[..s.len() - 1], m)
+        }
+        _ => (s, 1),
+    };
+    let bad = || anyhow!("Invalid image size specified. Must be between 0 and 9223372036854775807.");
+    if num.contains('.') {
+        let f: f64 = num.parse().map_err(|_| bad())?;
+        let v = f * mult as f64;
+        if !(0.0..9.223_372_036_854_775e18).contains(&v) {
+            return Err(bad());
+        }
+        return Ok(v as u64);
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let v = n.checked_mul(mult).filter(|&v| v <= i64::MAX as u64).ok_or_else(bad)?;
+    Ok(v)
+}
+
+/// Parse repeated `-o key=value,key2=value2` options (commas inside values are
+/// written `,,` as in QEMU). Later values win.
+pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for o in opts {
+        let mut items = Vec::new();
+        let mut cur = String::new();
+        let mut chars = o.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    cur.push(',');
+                } else {
+                    items.push(std::mem::take(&mut cur));
+                }
+            } else {
+                cur.push(c);
+            }
+        }
+        items.push(cur);
+        for item in items.into_iter().filter(|i| !i.is_empty()) {
+            match item.split_once('=') {
+                Some((k, v)) => out.insert(k.to_string(), v.to_string()),
+                None => out.insert(item, "on".to_string()),
+            };
+        }
+    }
+    Ok(out)
+}
+
+/// Parse an on/off option value as QEMU does.
+pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => bail!("Parameter '{key}' expects 'on' or 'off'"),
+    }
+}
+
+/// QEMU's human-readable size: three significant digits and a binary unit
+/// ("192 KiB", "1 GiB", "1.5 MiB").
+pub fn human_size(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    // Same unit choice as QEMU: the unit in which the value is below 1000.
+    let x = val as f64 / (1000.0 / 1024.0);
+    let exp = if x == 0.0 { 0 } else { x.log2().floor() as i32 + 1 };
+    let i = (((exp - 1).max(0)) / 10).min(6) as usize;
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
+}
+
+/// C's `%0.3g`: three significant digits, trailing zeroes trimmed.
+pub fn fmt_g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let exp = v.abs().log10().floor() as i32;
+    if !(-5..3).contains(&exp) {
+        // Scientific form, as %g switches to it.
+        let s = format!("{:.2e}", v);
+        let (mant, e) = s.split_once('e').expect("e");
+        let mant = mant.trim_end_matches('0').trim_end_matches('.');
+        let e: i32 = e.parse().expect("exp");
+        return format!("{mant}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs());
+    }
+    let decimals = (2 - exp).max(0) as usize;
+    let s = format!("{:.*}", decimals, v);
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_qemu_img() {
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999E").is_err());
+    }
+
+    #[test]
+    fn human_sizes_match_qemu_img() {
+        assert_eq!(human_size(196608), "192 KiB");
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(3 << 19), "1.5 MiB");
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1000), "0.977 KiB");
+        assert_eq!(human_size(999), "999 B");
+    }
+
+    #[test]
+    fn options_split_on_commas_with_escapes() {
+        let o = parse_options(&["cluster_size=4k,lazy_refcounts".into(), "backing_file=a,,b".into()]).unwrap();
+        assert_eq!(o["cluster_size"], "4k");
+        assert_eq!(o["lazy_refcounts"], "on");
+        assert_eq!(o["backing_file"], "a,b");
+    }
+}

@@ -1,0 +1,10 @@
+//! `strata img create` (placeholder).
+
+use super::common::Ctx;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<i32> {
+    anyhow::bail!("create is not implemented yet")
+}

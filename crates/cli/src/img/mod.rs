@@ -1,0 +1,90 @@
+//! `strata img`: qemu-img's interface (flags, exit codes, text and JSON output).
+//!
+//! Each subcommand lives in its own module with an `Args` (clap) and a
+//! `run(args, &Ctx) -> anyhow::Result<i32>` returning the process exit code.
+
+mod check;
+mod common;
+mod compare;
+mod convert;
+mod create;
+mod info;
+mod map;
+mod measure;
+mod resize;
+
+use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+
+pub use common::Ctx;
+
+#[derive(Parser)]
+#[command(
+    name = "img",
+    about = "Disk image tool compatible with qemu-img",
+    long_about = "Disk image tool compatible with qemu-img: the same subcommands, flags, exit codes \
+                  and --output=json shapes. Invoked as `qemu-img` (a symlink), strata behaves as \
+                  `strata img`."
+)]
+pub struct ImgCli {
+    #[command(subcommand)]
+    command: ImgCommand,
+}
+
+#[derive(Subcommand)]
+enum ImgCommand {
+    /// Create a new disk image (qcow2 or raw), optionally on top of a backing file.
+    Create(create::Args),
+    /// Show an image's format, sizes, backing file and format-specific details.
+    Info(info::Args),
+    /// Show how guest ranges are stored: allocated data, zeroes, or backing layers.
+    Map(map::Args),
+    /// Check an image for consistency and optionally repair it (exit codes 0/1/2/3/63).
+    Check(check::Args),
+    /// Compare the guest-visible contents of two images (exit 0 same, 1 different).
+    Compare(compare::Args),
+    /// Compute the size a new image needs for a given size or source image.
+    Measure(measure::Args),
+    /// Change an image's virtual size ([+|-]SIZE; shrinking needs --shrink).
+    Resize(resize::Args),
+    /// Convert or copy an image (formats, compression, flattening of a backing chain).
+    Convert(convert::Args),
+}
+
+/// Parse `args` as `<prog> SUBCOMMAND ...` and run it; returns the exit code.
+pub fn main_as(args: impl Iterator<Item = OsString>, prog: &'static str) -> i32 {
+    let argv = std::iter::once(OsString::from(prog)).chain(args);
+    match ImgCli::try_parse_from(argv) {
+        Ok(cli) => run(cli, prog),
+        Err(e) => {
+            let _ = e.print();
+            // qemu-img exits 1 on bad arguments; help and version exit 0.
+            if e.use_stderr() {
+                1
+            } else {
+                0
+            }
+        }
+    }
+}
+
+pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
+    let ctx = Ctx { prog };
+    let r = match cli.command {
+        ImgCommand::Create(a) => create::run(a, &ctx),
+        ImgCommand::Info(a) => info::run(a, &ctx),
+        ImgCommand::Map(a) => map::run(a, &ctx),
+        ImgCommand::Check(a) => check::run(a, &ctx),
+        ImgCommand::Compare(a) => compare::run(a, &ctx),
+        ImgCommand::Measure(a) => measure::run(a, &ctx),
+        ImgCommand::Resize(a) => resize::run(a, &ctx),
+        ImgCommand::Convert(a) => convert::run(a, &ctx),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            ctx.error(&e);
+            1
+        }
+    }
+}
