@@ -1,0 +1,1 @@
+//! info (to be written).
