@@ -9,7 +9,10 @@ use std::sync::Arc;
 pub enum Status {
     /// Data stored in this layer. `host_offset` is where it starts in the layer's
     /// file when that is meaningful (not for compressed clusters).
-    Data { host_offset: Option<u64>, compressed: bool },
+    Data {
+        host_offset: Option<u64>,
+        compressed: bool,
+    },
     /// Reads as zeroes because this layer says so (zero cluster, hole in a raw file).
     /// `host_offset` is set for preallocated zero clusters.
     Zero { host_offset: Option<u64> },

@@ -33,7 +33,9 @@ impl std::str::FromStr for Format {
         match s {
             "qcow2" => Ok(Format::Qcow2),
             "raw" => Ok(Format::Raw),
-            other => Err(Error::invalid_argument(format!("Unknown file format '{other}'"))),
+            other => Err(Error::invalid_argument(format!(
+                "Unknown file format '{other}'"
+            ))),
         }
     }
 }

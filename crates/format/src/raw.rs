@@ -14,11 +14,18 @@ impl RawImage {
     /// Open a raw image; its virtual size is the file's size.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Self> {
         let size = storage.size()?;
-        Ok(RawImage { storage, size: RwLock::new(size) })
+        Ok(RawImage {
+            storage,
+            size: RwLock::new(size),
+        })
     }
 
     /// Create a raw image of `size` bytes, preallocated as asked.
-    pub fn create(storage: Arc<dyn Storage>, size: u64, prealloc: crate::qcow2::Preallocation) -> Result<Self> {
+    pub fn create(
+        storage: Arc<dyn Storage>,
+        size: u64,
+        prealloc: crate::qcow2::Preallocation,
+    ) -> Result<Self> {
         use crate::qcow2::Preallocation as P;
         storage.set_size(0)?;
         match prealloc {
@@ -65,7 +72,9 @@ impl BlockDevice for RawImage {
     }
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
         check_range(offset, len, self.virtual_size())?;
-        self.storage.write_zeroes(offset, len).map_err(|e| self.err(e))
+        self.storage
+            .write_zeroes(offset, len)
+            .map_err(|e| self.err(e))
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.virtual_size())?;
@@ -76,13 +85,25 @@ impl BlockDevice for RawImage {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.virtual_size())?;
-        let (data, n) = self.storage.probe_data(offset, len).map_err(|e| self.err(e))?;
+        let (data, n) = self
+            .storage
+            .probe_data(offset, len)
+            .map_err(|e| self.err(e))?;
         let status = if data {
-            Status::Data { host_offset: Some(offset), compressed: false }
+            Status::Data {
+                host_offset: Some(offset),
+                compressed: false,
+            }
         } else {
-            Status::Zero { host_offset: Some(offset) }
+            Status::Zero {
+                host_offset: Some(offset),
+            }
         };
-        Ok(Extent { offset, len: n.max(1).min(len), status })
+        Ok(Extent {
+            offset,
+            len: n.max(1).min(len),
+            status,
+        })
     }
     fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
         None

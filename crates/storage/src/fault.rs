@@ -36,7 +36,12 @@ pub struct FaultStorage<S> {
 
 impl<S: Storage> FaultStorage<S> {
     pub fn new(inner: S, plan: Option<FaultPlan>) -> Self {
-        FaultStorage { inner, plan, ops: AtomicU64::new(0), cut: AtomicBool::new(false) }
+        FaultStorage {
+            inner,
+            plan,
+            ops: AtomicU64::new(0),
+            cut: AtomicBool::new(false),
+        }
     }
 
     /// Mutating operations seen so far (including the failed ones).
@@ -64,7 +69,9 @@ impl<S: Storage> FaultStorage<S> {
             FaultMode::Cut => {
                 if n >= plan.at {
                     self.cut.store(true, Ordering::SeqCst);
-                    return Err(Error::Injected(std::io::Error::from_raw_os_error(libc::EIO)));
+                    return Err(Error::Injected(std::io::Error::from_raw_os_error(
+                        libc::EIO,
+                    )));
                 }
             }
             FaultMode::ErrorOnce(errno) => {
@@ -130,7 +137,13 @@ mod tests {
 
     #[test]
     fn cut_stops_every_later_write() {
-        let s = FaultStorage::new(MemStorage::new(), Some(FaultPlan { at: 1, mode: FaultMode::Cut }));
+        let s = FaultStorage::new(
+            MemStorage::new(),
+            Some(FaultPlan {
+                at: 1,
+                mode: FaultMode::Cut,
+            }),
+        );
         s.write_at(b"a", 0).unwrap();
         assert!(s.write_at(b"b", 1).is_err());
         assert!(s.flush().is_err());
@@ -143,7 +156,10 @@ mod tests {
     fn error_once_fails_one_operation_with_its_errno() {
         let s = FaultStorage::new(
             MemStorage::new(),
-            Some(FaultPlan { at: 0, mode: FaultMode::ErrorOnce(libc::ENOSPC) }),
+            Some(FaultPlan {
+                at: 0,
+                mode: FaultMode::ErrorOnce(libc::ENOSPC),
+            }),
         );
         let e = s.write_at(b"a", 0).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));

@@ -16,11 +16,19 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// Read-only with QEMU's read locks.
     pub fn read() -> Self {
-        OpenOptions { write: false, create: false, lock: LockMode::Read }
+        OpenOptions {
+            write: false,
+            create: false,
+            lock: LockMode::Read,
+        }
     }
     /// Read-write with QEMU's write locks.
     pub fn write() -> Self {
-        OpenOptions { write: true, create: false, lock: LockMode::Write }
+        OpenOptions {
+            write: true,
+            create: false,
+            lock: LockMode::Write,
+        }
     }
     /// With no locks: `-U` / `--force-share`. Only meaningful read-only.
     pub fn force_share(mut self, yes: bool) -> Self {
@@ -40,7 +48,11 @@ pub struct FileStorage {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io { op, path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl FileStorage {
@@ -55,7 +67,11 @@ impl FileStorage {
             .open(path)
             .map_err(io("Could not open", path))?;
         lock::acquire(&file, path, opts.lock)?;
-        Ok(FileStorage { file, path: path.to_path_buf(), read_only: !opts.write })
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            read_only: !opts.write,
+        })
     }
 
     /// Create (or truncate) `path` and open it for writing with write locks.
@@ -70,7 +86,11 @@ impl FileStorage {
             .map_err(io("Could not create", path))?;
         lock::acquire(&file, path, LockMode::Write)?;
         file.set_len(0).map_err(io("Could not truncate", path))?;
-        Ok(FileStorage { file, path: path.to_path_buf(), read_only: false })
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            read_only: false,
+        })
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -84,7 +104,12 @@ impl FileStorage {
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
         // SAFETY: the descriptor is open; fallocate only reads its integer arguments.
         let r = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
         };
         if r == 0 {
             Ok(())
@@ -125,22 +150,33 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        self.file.write_all_at(buf, offset).map_err(io("Could not write", &self.path))
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(io("Could not write", &self.path))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::OutOfRange { offset, len })?;
         let size = self.size()?;
         if len == 0 || offset >= size {
             return Ok(());
         }
         let len = end.min(size) - offset;
-        if self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len).is_ok() {
+        if self
+            .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+            .is_ok()
+        {
             return Ok(());
         }
         if self
-            .fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            .fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
             .is_ok()
         {
             return Ok(());
@@ -150,14 +186,20 @@ impl Storage for FileStorage {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::OutOfRange { offset, len })?;
         let size = self.size()?;
         if len == 0 || offset >= size {
             return Ok(());
         }
         let len = end.min(size) - offset;
         if self
-            .fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            .fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
             .is_ok()
         {
             return Ok(());
@@ -169,11 +211,16 @@ impl Storage for FileStorage {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data().map_err(io("Could not flush", &self.path))
+        self.file
+            .sync_data()
+            .map_err(io("Could not flush", &self.path))
     }
 
     fn size(&self) -> Result<u64> {
-        let meta = self.file.metadata().map_err(io("Could not stat", &self.path))?;
+        let meta = self
+            .file
+            .metadata()
+            .map_err(io("Could not stat", &self.path))?;
         if meta.file_type().is_file() {
             return Ok(meta.len());
         }
@@ -186,7 +233,9 @@ impl Storage for FileStorage {
 
     fn set_size(&self, size: u64) -> Result<()> {
         self.check_writable()?;
-        self.file.set_len(size).map_err(io("Could not resize", &self.path))
+        self.file
+            .set_len(size)
+            .map_err(io("Could not resize", &self.path))
     }
 
     fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
@@ -194,7 +243,9 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(());
         }
-        offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        offset
+            .checked_add(len)
+            .ok_or(Error::OutOfRange { offset, len })?;
         match self.fallocate(0, offset, len) {
             Ok(()) => Ok(()),
             Err(_) => {
@@ -208,7 +259,10 @@ impl Storage for FileStorage {
     }
 
     fn allocated_bytes(&self) -> Result<Option<u64>> {
-        let meta = self.file.metadata().map_err(io("Could not stat", &self.path))?;
+        let meta = self
+            .file
+            .metadata()
+            .map_err(io("Could not stat", &self.path))?;
         Ok(Some(meta.blocks() * 512))
     }
 

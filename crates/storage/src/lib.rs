@@ -44,7 +44,9 @@ pub trait Storage: Send + Sync {
     fn set_size(&self, size: u64) -> Result<()>;
     /// Extend to `size` bytes, allocating space (`fallocate`) where the backend can.
     fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
-        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::OutOfRange { offset, len })?;
         if end > self.size()? {
             self.set_size(end)?;
         }

@@ -14,7 +14,9 @@ impl MemStorage {
 
     /// A store holding `bytes`.
     pub fn from_vec(bytes: Vec<u8>) -> Self {
-        MemStorage { data: RwLock::new(bytes) }
+        MemStorage {
+            data: RwLock::new(bytes),
+        }
     }
 
     /// A copy of the whole contents.
@@ -24,10 +26,14 @@ impl MemStorage {
 }
 
 fn end_of(offset: u64, len: usize) -> Result<usize> {
-    let end = offset
-        .checked_add(len as u64)
-        .ok_or(Error::OutOfRange { offset, len: len as u64 })?;
-    usize::try_from(end).map_err(|_| Error::OutOfRange { offset, len: len as u64 })
+    let end = offset.checked_add(len as u64).ok_or(Error::OutOfRange {
+        offset,
+        len: len as u64,
+    })?;
+    usize::try_from(end).map_err(|_| Error::OutOfRange {
+        offset,
+        len: len as u64,
+    })
 }
 
 impl Storage for MemStorage {
@@ -55,7 +61,9 @@ impl Storage for MemStorage {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let mut data = self.data.write().expect("lock");
-        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::OutOfRange { offset, len })?;
         let size = data.len() as u64;
         if offset < size {
             data[offset as usize..end.min(size) as usize].fill(0);
@@ -76,7 +84,10 @@ impl Storage for MemStorage {
     }
 
     fn set_size(&self, size: u64) -> Result<()> {
-        let size = usize::try_from(size).map_err(|_| Error::OutOfRange { offset: size, len: 0 })?;
+        let size = usize::try_from(size).map_err(|_| Error::OutOfRange {
+            offset: size,
+            len: 0,
+        })?;
         self.data.write().expect("lock").resize(size, 0);
         Ok(())
     }

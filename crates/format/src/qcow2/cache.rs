@@ -18,7 +18,11 @@ pub struct TableCache<T> {
 
 impl<T> TableCache<T> {
     pub fn new(capacity: usize) -> Self {
-        TableCache { map: HashMap::new(), capacity: capacity.max(2), tick: 0 }
+        TableCache {
+            map: HashMap::new(),
+            capacity: capacity.max(2),
+            tick: 0,
+        }
     }
 
     pub fn get(&mut self, offset: u64) -> Option<&mut Slot<T>> {
@@ -45,13 +49,25 @@ impl<T> TableCache<T> {
             None
         };
         self.tick += 1;
-        self.map.insert(offset, Slot { data, dirty, used: self.tick });
+        self.map.insert(
+            offset,
+            Slot {
+                data,
+                dirty,
+                used: self.tick,
+            },
+        );
         evicted
     }
 
     /// Offsets of dirty tables, in ascending order (sequential writes).
     pub fn dirty_offsets(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.map.iter().filter(|(_, s)| s.dirty).map(|(&k, _)| k).collect();
+        let mut v: Vec<u64> = self
+            .map
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(&k, _)| k)
+            .collect();
         v.sort_unstable();
         v
     }

@@ -6,7 +6,7 @@
 //! (leaks only, or all) and COPIED flags; if refcount blocks are missing or unusable it
 //! rebuilds the refcount structures in a fresh area and switches the header to them.
 
-use super::entries::{decode_l1, L2Entry, OFLAG_COPIED, OFFSET_MASK};
+use super::entries::{decode_l1, L2Entry, OFFSET_MASK, OFLAG_COPIED};
 use super::header::{self, MAX_HOST_OFFSET};
 use super::image::Qcow2Image;
 use super::meta::Meta;
@@ -54,7 +54,9 @@ impl Counter {
         }
         let Some(end) = offset.checked_add(len).filter(|&e| e <= MAX_HOST_OFFSET) else {
             self.corruptions += 1;
-            self.messages.push(format!("ERROR: {what} at offset 0x{offset:x} is out of range"));
+            self.messages.push(format!(
+                "ERROR: {what} at offset 0x{offset:x} is out of range"
+            ));
             return;
         };
         let first = offset / self.cs;
@@ -95,9 +97,14 @@ impl Qcow2Image {
         if !m.read_only {
             m.flush_metadata().map_err(|e| self.err(e))?;
         }
-        let mut report = self.check_locked(&mut m, if repairing { repair } else { Repair::None })?;
+        let mut report =
+            self.check_locked(&mut m, if repairing { repair } else { Repair::None })?;
         if repairing && (report.corruptions_fixed > 0 || report.leaks_fixed > 0) {
-            let fixed = (report.corruptions_fixed, report.leaks_fixed, report.messages.clone());
+            let fixed = (
+                report.corruptions_fixed,
+                report.leaks_fixed,
+                report.messages.clone(),
+            );
             m.flush_metadata().map_err(|e| self.err(e))?;
             let mut again = self.check_locked(&mut m, Repair::None)?;
             again.corruptions_fixed = fixed.0;
@@ -136,7 +143,12 @@ impl Qcow2Image {
         // Header cluster.
         ctr.add(0, cs, "header");
         // Active L1 and everything under it (with fragmentation statistics).
-        let mut frag = Frag { allocated: 0, fragmented: 0, compressed: 0, next: 0 };
+        let mut frag = Frag {
+            allocated: 0,
+            fragmented: 0,
+            compressed: 0,
+            next: 0,
+        };
         let l1 = m.l1.clone();
         let l1_off = m.h.l1_table_offset;
         ctr.add(l1_off, l1.len() as u64 * 8, "L1 table");
@@ -147,13 +159,26 @@ impl Qcow2Image {
         // Snapshots.
         let snaps = m.snapshots.clone();
         if !snaps.is_empty() {
-            ctr.add(m.h.snapshots_offset, super::snapshot::table_size(&snaps), "snapshot table");
+            ctr.add(
+                m.h.snapshots_offset,
+                super::snapshot::table_size(&snaps),
+                "snapshot table",
+            );
         }
         for s in &snaps {
-            ctr.add(s.l1_table_offset, u64::from(s.l1_size) * 8, "snapshot L1 table");
+            ctr.add(
+                s.l1_table_offset,
+                u64::from(s.l1_size) * 8,
+                "snapshot L1 table",
+            );
             let mut buf = vec![0u8; s.l1_size as usize * 8];
-            m.storage.read_at(&mut buf, s.l1_table_offset).map_err(|e| self.err(e))?;
-            let sl1: Vec<u64> = buf.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect();
+            m.storage
+                .read_at(&mut buf, s.l1_table_offset)
+                .map_err(|e| self.err(e))?;
+            let sl1: Vec<u64> = buf
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+                .collect();
             self.count_l1(m, &sl1, &mut ctr, None)?;
         }
         // Bitmaps.
@@ -164,7 +189,11 @@ impl Qcow2Image {
         }
         // Refcount structures.
         let rt_off = m.h.refcount_table_offset;
-        ctr.add(rt_off, u64::from(m.h.refcount_table_clusters) * cs, "refcount table");
+        ctr.add(
+            rt_off,
+            u64::from(m.h.refcount_table_clusters) * cs,
+            "refcount table",
+        );
         let reftable = m.reftable.clone();
         let mut bad_blocks = false;
         for (i, &e) in reftable.iter().enumerate() {
@@ -180,7 +209,8 @@ impl Qcow2Image {
             }
             if off >= file_size.next_multiple_of(cs) {
                 ctr.corruptions += 1;
-                ctr.messages.push(format!("ERROR refcount block {i} is outside image"));
+                ctr.messages
+                    .push(format!("ERROR refcount block {i} is outside image"));
                 bad_blocks = true;
                 continue;
             }
@@ -194,7 +224,11 @@ impl Qcow2Image {
         let mut need_rebuild = bad_blocks && repair == Repair::All;
         let mut fixes: Vec<(u64, u64)> = Vec::new();
         for c in 0..n {
-            let stored = if bad_blocks { self.stored_refcount_safe(m, c)? } else { m.refcount(c).map_err(|e| self.err(e))? };
+            let stored = if bad_blocks {
+                self.stored_refcount_safe(m, c)?
+            } else {
+                m.refcount(c).map_err(|e| self.err(e))?
+            };
             let computed = u64::from(*ctr.refs.get(c as usize).unwrap_or(&0));
             if stored > 0 || computed > 0 {
                 highest = c + 1;
@@ -220,7 +254,9 @@ impl Qcow2Image {
             } else {
                 "Leaked"
             };
-            ctr.messages.push(format!("{label} cluster {c} refcount={stored} reference={computed}"));
+            ctr.messages.push(format!(
+                "{label} cluster {c} refcount={stored} reference={computed}"
+            ));
             if fix {
                 if stored < computed {
                     report.corruptions_fixed += 1;
@@ -239,7 +275,8 @@ impl Qcow2Image {
         } else {
             for (c, v) in fixes {
                 let cur = m.refcount(c).map_err(|e| self.err(e))?;
-                m.update_refcount(c, v as i64 - cur as i64).map_err(|e| self.err(e))?;
+                m.update_refcount(c, v as i64 - cur as i64)
+                    .map_err(|e| self.err(e))?;
             }
         }
         // COPIED flags (after refcount repair, against the now-stored counts).
@@ -258,14 +295,25 @@ impl Qcow2Image {
     /// A stored refcount, treating unusable refcount blocks as holding zeroes.
     fn stored_refcount_safe(&self, m: &mut Meta, c: u64) -> Result<u64> {
         let epb = m.rb_entries();
-        let Some(&e) = m.reftable.get((c / epb) as usize) else { return Ok(0) };
-        if e & REFTABLE_RESERVED != 0 || e % m.cluster_size() != 0 || e >= m.storage.size().map_err(|er| self.err(er))? {
+        let Some(&e) = m.reftable.get((c / epb) as usize) else {
+            return Ok(0);
+        };
+        if e & REFTABLE_RESERVED != 0
+            || e % m.cluster_size() != 0
+            || e >= m.storage.size().map_err(|er| self.err(er))?
+        {
             return Ok(0);
         }
         m.refcount(c).map_err(|er| self.err(er))
     }
 
-    fn count_l1(&self, m: &mut Meta, l1: &[u64], ctr: &mut Counter, mut frag: Option<&mut Frag>) -> Result<()> {
+    fn count_l1(
+        &self,
+        m: &mut Meta,
+        l1: &[u64],
+        ctr: &mut Counter,
+        mut frag: Option<&mut Frag>,
+    ) -> Result<()> {
         let cs = m.cluster_size();
         let geo = m.geo;
         let words = if geo.extended_l2 { 2 } else { 1 };
@@ -286,8 +334,13 @@ impl Qcow2Image {
                 continue;
             }
             let mut buf = vec![0u8; cs as usize];
-            m.storage.read_at(&mut buf, l2off).map_err(|er| self.err(er))?;
-            let words_v: Vec<u64> = buf.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect();
+            m.storage
+                .read_at(&mut buf, l2off)
+                .map_err(|er| self.err(er))?;
+            let words_v: Vec<u64> = buf
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+                .collect();
             for j in (0..words_v.len()).step_by(words) {
                 let raw = words_v[j];
                 let bitmap = if words == 2 { words_v[j + 1] } else { 0 };
@@ -295,7 +348,8 @@ impl Qcow2Image {
                     Ok(v) => v,
                     Err(err) => {
                         ctr.corruptions += 1;
-                        ctr.messages.push(format!("ERROR: {} (L2 table at 0x{l2off:x})", err.kind));
+                        ctr.messages
+                            .push(format!("ERROR: {} (L2 table at 0x{l2off:x})", err.kind));
                         continue;
                     }
                 };
@@ -330,12 +384,15 @@ impl Qcow2Image {
         ctr.add(b.directory_offset, b.directory_size, "bitmap directory");
         let size = b.directory_size.min(1024 * 65535) as usize;
         let mut dir = vec![0u8; size];
-        m.storage.read_at(&mut dir, b.directory_offset).map_err(|e| self.err(e))?;
+        m.storage
+            .read_at(&mut dir, b.directory_offset)
+            .map_err(|e| self.err(e))?;
         let mut at = 0usize;
         for _ in 0..b.nb_bitmaps {
             if at + 24 > dir.len() {
                 ctr.corruptions += 1;
-                ctr.messages.push("ERROR: bitmap directory is truncated".into());
+                ctr.messages
+                    .push("ERROR: bitmap directory is truncated".into());
                 break;
             }
             let table_off = u64::from_be_bytes(dir[at..at + 8].try_into().expect("8"));
@@ -345,7 +402,9 @@ impl Qcow2Image {
             ctr.add(table_off, u64::from(table_size) * 8, "bitmap table");
             if u64::from(table_size) * 8 <= 64 << 20 {
                 let mut t = vec![0u8; table_size as usize * 8];
-                m.storage.read_at(&mut t, table_off).map_err(|e| self.err(e))?;
+                m.storage
+                    .read_at(&mut t, table_off)
+                    .map_err(|e| self.err(e))?;
                 for c in t.chunks_exact(8) {
                     let e = u64::from_be_bytes(c.try_into().expect("8")) & OFFSET_MASK;
                     if e != 0 {
@@ -368,7 +427,9 @@ impl Qcow2Image {
         let words = if geo.extended_l2 { 2 } else { 1 };
         for i in 0..m.l1.len() {
             let e = m.l1[i];
-            let Ok((l2off, copied)) = decode_l1(e, cs, i) else { continue };
+            let Ok((l2off, copied)) = decode_l1(e, cs, i) else {
+                continue;
+            };
             if l2off == 0 || l2off >= m.storage.size().map_err(|er| self.err(er))? {
                 continue;
             }
@@ -376,16 +437,24 @@ impl Qcow2Image {
             if (rc == 1) != copied {
                 count += 1;
                 let label = if fix { "Repairing" } else { "ERROR" };
-                msgs.push(format!("{label} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"));
+                msgs.push(format!(
+                    "{label} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                ));
                 if fix {
-                    m.l1[i] = if rc == 1 { e | OFLAG_COPIED } else { e & !OFLAG_COPIED };
+                    m.l1[i] = if rc == 1 {
+                        e | OFLAG_COPIED
+                    } else {
+                        e & !OFLAG_COPIED
+                    };
                     m.write_l1_entry(i as u64).map_err(|er| self.err(er))?;
                 }
             }
             let n = m.l2_entries();
             for j in 0..n {
                 let (raw, bitmap) = m.raw_entry(l2off, j).map_err(|er| self.err(er))?;
-                let Ok(L2Entry::Normal { host, copied, .. }) = geo.decode_l2(raw, bitmap) else { continue };
+                let Ok(L2Entry::Normal { host, copied, .. }) = geo.decode_l2(raw, bitmap) else {
+                    continue;
+                };
                 if host == 0 {
                     continue;
                 }
@@ -393,10 +462,17 @@ impl Qcow2Image {
                 if (rc == 1) != copied {
                     count += 1;
                     let label = if fix { "Repairing" } else { "ERROR" };
-                    msgs.push(format!("{label} OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"));
+                    msgs.push(format!(
+                        "{label} OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
+                    ));
                     if fix {
-                        let new = if rc == 1 { raw | OFLAG_COPIED } else { raw & !OFLAG_COPIED };
-                        m.set_raw_entry(l2off, j, new, bitmap).map_err(|er| self.err(er))?;
+                        let new = if rc == 1 {
+                            raw | OFLAG_COPIED
+                        } else {
+                            raw & !OFLAG_COPIED
+                        };
+                        m.set_raw_entry(l2off, j, new, bitmap)
+                            .map_err(|er| self.err(er))?;
                     }
                 }
             }
@@ -431,7 +507,10 @@ impl Qcow2Image {
                 }
             }
         }
-        let end = refs.iter().rposition(|&r| r > 0).map_or(1, |i| i as u64 + 1);
+        let end = refs
+            .iter()
+            .rposition(|&r| r > 0)
+            .map_or(1, |i| i as u64 + 1);
         let start = end.max(m.storage.size().map_err(|e| self.err(e))?.div_ceil(cs));
         // Fixed point: blocks and table clusters placed at `start` must count themselves.
         let (mut blocks, mut table) = (0u64, 0u64);
@@ -469,7 +548,9 @@ impl Qcow2Image {
         for e in &reftable {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
-        m.storage.write_at(&bytes, table_off).map_err(|e| self.err(e))?;
+        m.storage
+            .write_at(&bytes, table_off)
+            .map_err(|e| self.err(e))?;
         m.storage.flush().map_err(|e| self.err(e))?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
@@ -479,7 +560,8 @@ impl Qcow2Image {
         m.h.refcount_table_offset = table_off;
         m.h.refcount_table_clusters = table as u32;
         m.reftable = reftable;
-        m.rb = super::cache::TableCache::new((super::meta::REFBLOCK_CACHE_BYTES / cs).max(8) as usize);
+        m.rb =
+            super::cache::TableCache::new((super::meta::REFBLOCK_CACHE_BYTES / cs).max(8) as usize);
         m.free_hint = 1;
         Ok(())
     }

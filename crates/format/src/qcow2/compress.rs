@@ -34,7 +34,8 @@ pub fn compress(kind: CompressionType, input: &[u8], max_out: usize) -> Option<V
         CompressionType::Zlib => {
             let mut c = Compress::new_with_window_bits(Compression::new(6), false, 12);
             let mut out = Vec::with_capacity(max_out + 64);
-            c.compress_vec(input, &mut out, FlushCompress::Finish).ok()?;
+            c.compress_vec(input, &mut out, FlushCompress::Finish)
+                .ok()?;
             if c.total_in() as usize != input.len() {
                 return None;
             }
@@ -49,7 +50,8 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
     match kind {
         CompressionType::Zlib => {
             let mut d = flate2::Decompress::new_with_window_bits(false, 15);
-            d.decompress(input, out, flate2::FlushDecompress::Finish).map_err(|e| e.to_string())?;
+            d.decompress(input, out, flate2::FlushDecompress::Finish)
+                .map_err(|e| e.to_string())?;
             if d.total_out() as usize != out.len() {
                 return Err("short data".into());
             }
@@ -57,7 +59,9 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
         }
         CompressionType::Zstd => {
             use std::io::Read;
-            let mut dec = zstd::stream::read::Decoder::new(input).map_err(|e| e.to_string())?.single_frame();
+            let mut dec = zstd::stream::read::Decoder::new(input)
+                .map_err(|e| e.to_string())?
+                .single_frame();
             dec.read_exact(out).map_err(|e| e.to_string())
         }
     }

@@ -26,7 +26,11 @@ impl std::str::FromStr for Preallocation {
             "metadata" => Preallocation::Metadata,
             "falloc" => Preallocation::Falloc,
             "full" => Preallocation::Full,
-            _ => return Err(Error::invalid_argument(format!("Invalid parameter '{s}' for preallocation"))),
+            _ => {
+                return Err(Error::invalid_argument(format!(
+                    "Invalid parameter '{s}' for preallocation"
+                )))
+            }
         })
     }
 }
@@ -102,18 +106,27 @@ impl CreateOptions {
             ));
         }
         if self.extended_l2 && cs < 16384 {
-            return Err(Error::invalid_argument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"));
+            return Err(Error::invalid_argument(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            ));
         }
-        if self.backing_file.is_some() && self.preallocation != Preallocation::Off && !self.extended_l2 {
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
             return Err(Error::invalid_argument(
                 "Backing file and preallocation can only be used at the same time if extended_l2 is on",
             ));
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
-            return Err(Error::invalid_argument("Backing format cannot be used without backing file"));
+            return Err(Error::invalid_argument(
+                "Backing format cannot be used without backing file",
+            ));
         }
         if self.size % 512 != 0 {
-            return Err(Error::invalid_argument("Image size must be a multiple of 512 bytes"));
+            return Err(Error::invalid_argument(
+                "Image size must be a multiple of 512 bytes",
+            ));
         }
         Ok(())
     }
@@ -143,11 +156,19 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
         compatible_features: 0,
         autoclear_features: 0,
         refcount_order,
-        header_length: if opts.version >= 3 { header::V3_HEADER_LEN_COMPRESSION } else { header::V2_HEADER_LEN },
+        header_length: if opts.version >= 3 {
+            header::V3_HEADER_LEN_COMPRESSION
+        } else {
+            header::V2_HEADER_LEN
+        },
         compression_type: opts.compression_type,
         backing_file: opts.backing_file.clone(),
         backing_format: opts.backing_format.clone(),
-        feature_names: if opts.version >= 3 { Header::default_feature_names() } else { Vec::new() },
+        feature_names: if opts.version >= 3 {
+            Header::default_feature_names()
+        } else {
+            Vec::new()
+        },
         bitmaps: None,
         unknown_extensions: Vec::new(),
     };

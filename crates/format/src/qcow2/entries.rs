@@ -33,7 +33,12 @@ pub fn decode_l1(e: u64, cluster_size: u64, index: usize) -> Result<(u64, bool)>
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L2Entry {
     /// Standard cluster (possibly with subclusters). `host` 0 means no host cluster.
-    Normal { host: u64, copied: bool, zero: bool, bitmap: u64 },
+    Normal {
+        host: u64,
+        copied: bool,
+        zero: bool,
+        bitmap: u64,
+    },
     /// Compressed cluster: bytes `[offset, offset + size)` hold the compressed data
     /// (the last sector may contain trailing bytes).
     Compressed { offset: u64, size: u64 },
@@ -44,9 +49,16 @@ pub enum L2Entry {
 pub enum SubState {
     Unallocated,
     /// Zero; `host` set when a preallocated cluster stays reserved.
-    Zero { host: u64 },
-    Data { host: u64 },
-    Compressed { offset: u64, size: u64 },
+    Zero {
+        host: u64,
+    },
+    Data {
+        host: u64,
+    },
+    Compressed {
+        offset: u64,
+        size: u64,
+    },
 }
 
 /// Layout parameters needed to decode entries.
@@ -94,9 +106,15 @@ impl Geometry {
             let size = (nb_sectors * 512) - (offset & 511);
             return Ok(L2Entry::Compressed { offset, size });
         }
-        let reserved = if self.extended_l2 { L2_STD_RESERVED | OFLAG_ZERO } else { L2_STD_RESERVED };
+        let reserved = if self.extended_l2 {
+            L2_STD_RESERVED | OFLAG_ZERO
+        } else {
+            L2_STD_RESERVED
+        };
         if e & reserved != 0 {
-            return Err(Error::corrupt(format!("L2 entry 0x{e:016x} has reserved bits set")));
+            return Err(Error::corrupt(format!(
+                "L2 entry 0x{e:016x} has reserved bits set"
+            )));
         }
         let host = e & OFFSET_MASK;
         if host % self.cluster_size() != 0 {
@@ -117,20 +135,31 @@ impl Geometry {
                 )));
             }
             if alloc != 0 && host == 0 {
-                return Err(Error::corrupt("subclusters allocated without a host cluster"));
+                return Err(Error::corrupt(
+                    "subclusters allocated without a host cluster",
+                ));
             }
         }
-        Ok(L2Entry::Normal { host, copied: e & OFLAG_COPIED != 0, zero, bitmap })
+        Ok(L2Entry::Normal {
+            host,
+            copied: e & OFLAG_COPIED != 0,
+            zero,
+            bitmap,
+        })
     }
 
     /// State of subcluster `sc` (0 for non-extended images) of a decoded entry.
     pub fn sub_state(&self, entry: L2Entry, sc: u32) -> SubState {
         match entry {
             L2Entry::Compressed { offset, size } => SubState::Compressed { offset, size },
-            L2Entry::Normal { host, zero, bitmap, .. } => {
+            L2Entry::Normal {
+                host, zero, bitmap, ..
+            } => {
                 if self.extended_l2 {
                     if bitmap & (1 << sc) != 0 {
-                        SubState::Data { host: host + u64::from(sc) * self.subcluster_size() }
+                        SubState::Data {
+                            host: host + u64::from(sc) * self.subcluster_size(),
+                        }
                     } else if bitmap & (1 << (32 + sc)) != 0 {
                         SubState::Zero { host: 0 }
                     } else {
@@ -169,7 +198,11 @@ pub const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 mod tests {
     use super::*;
 
-    const G: Geometry = Geometry { cluster_bits: 16, extended_l2: false, version: 3 };
+    const G: Geometry = Geometry {
+        cluster_bits: 16,
+        extended_l2: false,
+        version: 3,
+    };
 
     #[test]
     fn compressed_entry_round_trips_offset_and_sector_count() {
@@ -191,7 +224,10 @@ mod tests {
     #[test]
     fn reserved_l1_bits_are_corruption() {
         assert!(decode_l1(0x10_0001, 65536, 0).is_err());
-        assert_eq!(decode_l1(OFLAG_COPIED | 0x10_0000, 65536, 0).unwrap(), (0x10_0000, true));
+        assert_eq!(
+            decode_l1(OFLAG_COPIED | 0x10_0000, 65536, 0).unwrap(),
+            (0x10_0000, true)
+        );
     }
 
     #[test]
@@ -202,7 +238,11 @@ mod tests {
 
     #[test]
     fn extended_bitmap_selects_subcluster_states() {
-        let g = Geometry { cluster_bits: 16, extended_l2: true, version: 3 };
+        let g = Geometry {
+            cluster_bits: 16,
+            extended_l2: true,
+            version: 3,
+        };
         let e = g.decode_l2(0x2_0000, 0b01 | (0b10 << 32)).unwrap();
         assert_eq!(g.sub_state(e, 0), SubState::Data { host: 0x2_0000 });
         assert_eq!(g.sub_state(e, 1), SubState::Zero { host: 0 });

@@ -151,7 +151,9 @@ impl Header {
     /// the first cluster, or the whole file if it is shorter). `file_size` bounds offsets.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Header> {
         if buf.len() < V2_HEADER_LEN as usize {
-            return Err(Error::invalid("Image is not in qcow2 format (file too short for a header)"));
+            return Err(Error::invalid(
+                "Image is not in qcow2 format (file too short for a header)",
+            ));
         }
         if be32(buf, 0) != MAGIC {
             return Err(Error::invalid("Image is not in qcow2 format (bad magic)"));
@@ -215,9 +217,8 @@ impl Header {
             }
             if h.header_length > V3_HEADER_LEN {
                 let ct = buf[104];
-                h.compression_type = CompressionType::from_byte(ct).ok_or_else(|| {
-                    Error::unsupported(format!("compression type {ct}"))
-                })?;
+                h.compression_type = CompressionType::from_byte(ct)
+                    .ok_or_else(|| Error::unsupported(format!("compression type {ct}")))?;
             }
         }
         h.validate_fixed(file_size)?;
@@ -259,11 +260,16 @@ impl Header {
         }
         // Size: the L1 table must be able to describe it; QEMU caps virtual size at 2^63-512.
         if self.size > (i64::MAX as u64) - 511 {
-            return Err(Error::invalid(format!("Image size {} is too large", self.size)));
+            return Err(Error::invalid(format!(
+                "Image size {} is too large",
+                self.size
+            )));
         }
         // Refcount table.
         if self.refcount_table_clusters == 0 {
-            return Err(Error::invalid("Image does not contain a reference count table"));
+            return Err(Error::invalid(
+                "Image does not contain a reference count table",
+            ));
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFTABLE_BYTES {
@@ -271,7 +277,13 @@ impl Header {
                 "Reference count table too large ({rt_bytes} bytes; the limit is 8 MiB)"
             )));
         }
-        check_table(self.refcount_table_offset, rt_bytes, cs, file_size, "Reference count table")?;
+        check_table(
+            self.refcount_table_offset,
+            rt_bytes,
+            cs,
+            file_size,
+            "Reference count table",
+        )?;
         // L1 table.
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
@@ -287,7 +299,13 @@ impl Header {
             )));
         }
         if self.l1_size > 0 {
-            check_table(self.l1_table_offset, l1_bytes, cs, file_size, "Active L1 table")?;
+            check_table(
+                self.l1_table_offset,
+                l1_bytes,
+                cs,
+                file_size,
+                "Active L1 table",
+            )?;
         }
         // Snapshot table.
         if self.nb_snapshots > MAX_SNAPSHOTS {
@@ -374,13 +392,17 @@ impl Header {
                             return Err(Error::invalid("bitmap directory too large"));
                         }
                         if b.directory_offset % self.cluster_size() != 0 {
-                            return Err(Error::invalid("bitmap directory offset is not cluster-aligned"));
+                            return Err(Error::invalid(
+                                "bitmap directory offset is not cluster-aligned",
+                            ));
                         }
                     }
                     self.bitmaps = Some(b);
                 }
                 ext::CRYPTO => {
-                    return Err(Error::unsupported("encrypted images (LUKS): strata does not read encrypted qcow2"));
+                    return Err(Error::unsupported(
+                        "encrypted images (LUKS): strata does not read encrypted qcow2",
+                    ));
                 }
                 _ => self.unknown_extensions.push((ty, data.to_vec())),
             }
@@ -395,7 +417,9 @@ impl Header {
             )));
         }
         if self.incompatible_features & incompat::DATA_FILE != 0 {
-            return Err(Error::unsupported("incompatible features: external data file"));
+            return Err(Error::unsupported(
+                "incompatible features: external data file",
+            ));
         }
         Ok(())
     }
@@ -438,7 +462,9 @@ impl Header {
             .filter(|&e| e <= self.cluster_size())
             .ok_or_else(|| Error::invalid("Backing file name is not inside the first cluster"))?;
         if end as usize > buf.len() {
-            return Err(Error::invalid("Backing file name lies past the end of the file"));
+            return Err(Error::invalid(
+                "Backing file name lies past the end of the file",
+            ));
         }
         let raw = &buf[self.backing_file_offset as usize..end as usize];
         let name = std::str::from_utf8(raw)
@@ -505,7 +531,14 @@ impl Header {
         for (ty, data) in &self.unknown_extensions {
             put_ext(&mut out, *ty, data);
         }
-        if self.version >= 3 && !self.feature_names.is_empty() {
+        // The feature-name table is informational: like QEMU, leave it out when it
+        // would not fit in the first cluster with the backing file name.
+        let name_len = self.backing_file.as_ref().map_or(0, |n| n.len());
+        let table_len = 8 + 48 * self.feature_names.len();
+        if self.version >= 3
+            && !self.feature_names.is_empty()
+            && out.len() + table_len + 8 + name_len <= cs
+        {
             let mut d = Vec::with_capacity(48 * self.feature_names.len());
             for f in &self.feature_names {
                 let mut e = [0u8; 48];
@@ -520,7 +553,9 @@ impl Header {
         put_ext(&mut out, ext::END, &[]);
         if let Some(name) = &self.backing_file {
             if name.len() as u64 > MAX_BACKING_NAME {
-                return Err(Error::invalid_argument("Backing file name too long (limit 1023 bytes)"));
+                return Err(Error::invalid_argument(
+                    "Backing file name too long (limit 1023 bytes)",
+                ));
             }
             self.backing_file_offset = out.len() as u64;
             self.backing_file_size = name.len() as u32;
@@ -541,7 +576,11 @@ impl Header {
 
     /// The feature-name table QEMU writes into v3 images.
     pub fn default_feature_names() -> Vec<FeatureName> {
-        let f = |kind, bit, name: &str| FeatureName { kind, bit, name: name.to_string() };
+        let f = |kind, bit, name: &str| FeatureName {
+            kind,
+            bit,
+            name: name.to_string(),
+        };
         vec![
             f(0, 0, "dirty bit"),
             f(0, 1, "corrupt bit"),
@@ -558,15 +597,25 @@ impl Header {
 /// A table at `offset` of `len` bytes must be cluster-aligned, must not overflow, and
 /// must start below 2^56. (QEMU lets tables extend past the end of the file; reads
 /// there give zeroes. Offsets far past the end are still refused as implausible.)
-pub fn check_table(offset: u64, len: u64, cluster_size: u64, file_size: u64, what: &str) -> Result<()> {
+pub fn check_table(
+    offset: u64,
+    len: u64,
+    cluster_size: u64,
+    file_size: u64,
+    what: &str,
+) -> Result<()> {
     if offset % cluster_size != 0 {
-        return Err(Error::invalid(format!("{what} offset 0x{offset:x} is not cluster-aligned")));
+        return Err(Error::invalid(format!(
+            "{what} offset 0x{offset:x} is not cluster-aligned"
+        )));
     }
     let end = offset
         .checked_add(len)
         .ok_or_else(|| Error::invalid(format!("{what} offset 0x{offset:x} + size overflows")))?;
     if end > MAX_HOST_OFFSET {
-        return Err(Error::invalid(format!("{what} at 0x{offset:x} lies beyond the 2^56 limit")));
+        return Err(Error::invalid(format!(
+            "{what} at 0x{offset:x} lies beyond the 2^56 limit"
+        )));
     }
     if offset == 0 {
         return Err(Error::invalid(format!("{what} overlaps the image header")));

@@ -1,7 +1,9 @@
 //! An open qcow2 image: the guest view ([`BlockDevice`]) over the metadata in [`Meta`].
 
 use super::compress::{self, CompressionType};
-use super::entries::{Geometry, L2Entry, SubState, ALL_ALLOCATED, ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO};
+use super::entries::{
+    Geometry, L2Entry, SubState, ALL_ALLOCATED, ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO,
+};
 use super::header::{self, Header};
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
@@ -36,11 +38,19 @@ pub struct Qcow2Image {
 /// How a run of guest bytes is served, with offsets already adjusted to the run start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Run {
-    Data { host: u64 },
-    Zero { host: u64 },
+    Data {
+        host: u64,
+    },
+    Zero {
+        host: u64,
+    },
     Unallocated,
     /// Bytes `skip..` of the cluster compressed at `offset` (`size` bytes).
-    Compressed { offset: u64, size: u64, skip: u64 },
+    Compressed {
+        offset: u64,
+        size: u64,
+        skip: u64,
+    },
 }
 
 impl Qcow2Image {
@@ -81,7 +91,11 @@ impl Qcow2Image {
                 storage.flush()?;
             }
         }
-        let geo = Geometry { cluster_bits: h.cluster_bits, extended_l2: h.extended_l2(), version: h.version };
+        let geo = Geometry {
+            cluster_bits: h.cluster_bits,
+            extended_l2: h.extended_l2(),
+            version: h.version,
+        };
         let size = h.size;
         let dirty = h.is_dirty();
         let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
@@ -154,12 +168,23 @@ impl Qcow2Image {
         let first = self.geo.sub_state(first_entry, sc0);
         let within = off % scs;
         let run = match first {
-            SubState::Data { host } => Run::Data { host: host + within },
-            SubState::Zero { host } => Run::Zero { host: if host != 0 { host + off % cs } else { 0 } },
+            SubState::Data { host } => Run::Data {
+                host: host + within,
+            },
+            SubState::Zero { host } => Run::Zero {
+                host: if host != 0 { host + off % cs } else { 0 },
+            },
             SubState::Unallocated => Run::Unallocated,
             SubState::Compressed { offset, size } => {
                 let end = ((gc + 1) * cs).min(limit);
-                return Ok((Run::Compressed { offset, size, skip: off % cs }, end - off));
+                return Ok((
+                    Run::Compressed {
+                        offset,
+                        size,
+                        skip: off % cs,
+                    },
+                    end - off,
+                ));
             }
         };
         // Extend over following subclusters while the state continues.
@@ -175,7 +200,9 @@ impl Qcow2Image {
             let sc = ((pos % cs) / scs) as u32;
             let st = self.geo.sub_state(entry, sc);
             let same = match (first, st) {
-                (SubState::Data { host: h0 }, SubState::Data { host }) => host == h0 + (pos - (off - within)),
+                (SubState::Data { host: h0 }, SubState::Data { host }) => {
+                    host == h0 + (pos - (off - within))
+                }
                 (SubState::Zero { host: h0 }, SubState::Zero { host }) => {
                     (h0 == 0 && host == 0) || (h0 != 0 && host == h0 + (pos - (off - within)))
                 }
@@ -215,15 +242,24 @@ impl Qcow2Image {
 
     fn decompress_cluster(&self, offset: u64, size: u64) -> Result<Vec<u8>> {
         let cs = self.geo.cluster_size();
-        if offset.checked_add(size).map_or(true, |e| e > header::MAX_HOST_OFFSET) {
-            return Err(self.err(Error::corrupt(format!("compressed cluster at 0x{offset:x} out of range"))));
+        if offset
+            .checked_add(size)
+            .map_or(true, |e| e > header::MAX_HOST_OFFSET)
+        {
+            return Err(self.err(Error::corrupt(format!(
+                "compressed cluster at 0x{offset:x} out of range"
+            ))));
         }
         let mut input = vec![0u8; size as usize];
-        self.storage.read_at(&mut input, offset).map_err(|e| self.err(e))?;
+        self.storage
+            .read_at(&mut input, offset)
+            .map_err(|e| self.err(e))?;
         let mut out = vec![0u8; cs as usize];
         let kind = self.compression_type();
         compress::decompress(kind, &input, &mut out).map_err(|msg| {
-            self.err(Error::new(ErrorKind::Decompress(format!("at host offset 0x{offset:x}: {msg}"))))
+            self.err(Error::new(ErrorKind::Decompress(format!(
+                "at host offset 0x{offset:x}: {msg}"
+            ))))
         })?;
         Ok(out)
     }
@@ -231,7 +267,11 @@ impl Qcow2Image {
     /// Read guest bytes that this layer does not hold: from the backing device, or
     /// zeroes past its end or without one.
     fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let backing = self.backing.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let backing = self
+            .backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         match backing {
             None => {
                 buf.fill(0);
@@ -311,14 +351,20 @@ impl Qcow2Image {
                 pos += run;
                 continue;
             }
-            if let L2Entry::Normal { host, copied: true, .. } = entry {
+            if let L2Entry::Normal {
+                host, copied: true, ..
+            } = entry
+            {
                 if host != 0 {
                     // Owned cluster that needs its missing parts filled (zero flag,
                     // or subclusters not yet allocated): rewrite it in place.
                     let mut full = vec![0u8; cs as usize];
                     self.read_locked(m, &mut full, gc * cs)?;
-                    full[in_cl as usize..(in_cl + n) as usize].copy_from_slice(&buf[pos as usize..(pos + n) as usize]);
-                    self.storage.write_at(&full, host).map_err(|e| self.err(e))?;
+                    full[in_cl as usize..(in_cl + n) as usize]
+                        .copy_from_slice(&buf[pos as usize..(pos + n) as usize]);
+                    self.storage
+                        .write_at(&full, host)
+                        .map_err(|e| self.err(e))?;
                     let l2 = m.l2_for_write(gc / l2n)?;
                     m.set_raw_entry(l2, gc % l2n, host | OFLAG_COPIED, ALL_ALLOCATED)?;
                     pos += n;
@@ -362,11 +408,18 @@ impl Qcow2Image {
                 }
                 data[in_cl as usize..(in_cl + run_bytes) as usize]
                     .copy_from_slice(&buf[pos as usize..(pos + run_bytes) as usize]);
-                self.storage.write_at(&data, host).map_err(|e| self.err(e))?;
+                self.storage
+                    .write_at(&data, host)
+                    .map_err(|e| self.err(e))?;
             }
             for (i, old) in olds.into_iter().enumerate() {
                 let i = i as u64;
-                m.set_raw_entry(l2, (gc + i) % l2n, (host + i * cs) | OFLAG_COPIED, ALL_ALLOCATED)?;
+                m.set_raw_entry(
+                    l2,
+                    (gc + i) % l2n,
+                    (host + i * cs) | OFLAG_COPIED,
+                    ALL_ALLOCATED,
+                )?;
                 m.release_entry(old);
             }
             pos += run_bytes;
@@ -379,7 +432,12 @@ impl Qcow2Image {
     /// is needed.
     fn in_place_target(&self, e: L2Entry, in_cl: u64, n: u64) -> Option<u64> {
         match e {
-            L2Entry::Normal { host, copied: true, zero: false, bitmap } if host != 0 => {
+            L2Entry::Normal {
+                host,
+                copied: true,
+                zero: false,
+                bitmap,
+            } if host != 0 => {
                 if !self.geo.extended_l2 {
                     return Some(host);
                 }
@@ -456,10 +514,21 @@ impl Qcow2Image {
         Ok(off)
     }
 
-    fn zero_locked(&self, m: &mut Meta, offset: u64, len: u64, may_unmap: bool, discard: bool) -> Result<()> {
+    fn zero_locked(
+        &self,
+        m: &mut Meta,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        discard: bool,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let l2n = m.l2_entries();
-        let has_backing = self.backing.read().unwrap_or_else(|p| p.into_inner()).is_some();
+        let has_backing = self
+            .backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -490,7 +559,9 @@ impl Qcow2Image {
                 (0, 0, true)
             } else {
                 match old {
-                    L2Entry::Normal { host, copied: true, .. } if host != 0 && !may_unmap && !discard => {
+                    L2Entry::Normal {
+                        host, copied: true, ..
+                    } if host != 0 && !may_unmap && !discard => {
                         if self.geo.extended_l2 {
                             (host | OFLAG_COPIED, ALL_ZERO, false)
                         } else {
@@ -507,7 +578,12 @@ impl Qcow2Image {
                 }
             };
             let unchanged = match old {
-                L2Entry::Normal { host: 0, zero, bitmap, .. } => {
+                L2Entry::Normal {
+                    host: 0,
+                    zero,
+                    bitmap,
+                    ..
+                } => {
                     (new_e == 0 && new_b == 0 && !zero && bitmap == 0)
                         || (new_e == OFLAG_ZERO && zero)
                         || (new_e == 0 && new_b == ALL_ZERO && bitmap == ALL_ZERO)
@@ -530,7 +606,8 @@ impl Qcow2Image {
     /// metadata alone.
     fn reads_zero(&self, m: &mut Meta, off: u64, n: u64, has_backing: bool) -> Result<bool> {
         let (run, len) = self.lookup(m, off, n)?;
-        Ok(len >= n && (matches!(run, Run::Zero { .. }) || (run == Run::Unallocated && !has_backing)))
+        Ok(len >= n
+            && (matches!(run, Run::Zero { .. }) || (run == Run::Unallocated && !has_backing)))
     }
 
     /// Grow the L1 table to at least `entries` entries (new table, header switch in one
@@ -541,7 +618,9 @@ impl Qcow2Image {
             return Ok(());
         }
         if entries * 8 > header::MAX_L1_BYTES {
-            return Err(Error::invalid_argument("Image size too large for this cluster size: the L1 table would exceed 32 MiB"));
+            return Err(Error::invalid_argument(
+                "Image size too large for this cluster size: the L1 table would exceed 32 MiB",
+            ));
         }
         let clusters = (entries * 8).div_ceil(cs);
         let new_off = m.alloc_clusters(clusters)?;
@@ -606,13 +685,17 @@ impl Qcow2Image {
                 }
             }
             for i in 0..n {
-                m.set_raw_entry(l2, (gc + i) % l2n, (host + i * cs) | OFLAG_COPIED, ALL_ALLOCATED)?;
+                m.set_raw_entry(
+                    l2,
+                    (gc + i) % l2n,
+                    (host + i * cs) | OFLAG_COPIED,
+                    ALL_ALLOCATED,
+                )?;
             }
             gc += n;
         }
         m.flush_metadata()
     }
-
 }
 
 fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u64>> {
@@ -621,7 +704,10 @@ fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u6
     }
     let mut buf = vec![0u8; (entries * 8) as usize];
     storage.read_at(&mut buf, offset)?;
-    Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect())
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+        .collect())
 }
 
 impl BlockDevice for Qcow2Image {
@@ -640,7 +726,8 @@ impl BlockDevice for Qcow2Image {
             let off = offset + pos as u64;
             let (run, n) = {
                 let mut m = self.lock();
-                self.lookup(&mut m, off, (buf.len() - pos) as u64).map_err(|e| self.err(e))?
+                self.lookup(&mut m, off, (buf.len() - pos) as u64)
+                    .map_err(|e| self.err(e))?
             };
             let n = n as usize;
             self.read_run(run, &mut buf[pos..pos + n], off)?;
@@ -657,7 +744,8 @@ impl BlockDevice for Qcow2Image {
         }
         let mut m = self.lock();
         m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
-        self.write_locked(&mut m, buf, offset).map_err(|e| self.fail_corrupt(&mut m, e))
+        self.write_locked(&mut m, buf, offset)
+            .map_err(|e| self.fail_corrupt(&mut m, e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
@@ -665,7 +753,8 @@ impl BlockDevice for Qcow2Image {
         check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
         let mut m = self.lock();
         m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
-        self.zero_locked(&mut m, offset, len, may_unmap, false).map_err(|e| self.fail_corrupt(&mut m, e))
+        self.zero_locked(&mut m, offset, len, may_unmap, false)
+            .map_err(|e| self.fail_corrupt(&mut m, e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -684,7 +773,8 @@ impl BlockDevice for Qcow2Image {
         let mut m = self.lock();
         m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
         let padded_end = end.next_multiple_of(cs);
-        self.zero_locked(&mut m, start, padded_end - start, true, true).map_err(|e| self.fail_corrupt(&mut m, e))
+        self.zero_locked(&mut m, start, padded_end - start, true, true)
+            .map_err(|e| self.fail_corrupt(&mut m, e))
     }
 
     fn flush(&self) -> Result<()> {
@@ -701,16 +791,31 @@ impl BlockDevice for Qcow2Image {
         let mut m = self.lock();
         let (run, n) = self.lookup(&mut m, offset, len).map_err(|e| self.err(e))?;
         let status = match run {
-            Run::Data { host } => Status::Data { host_offset: Some(host), compressed: false },
-            Run::Zero { host } => Status::Zero { host_offset: (host != 0).then_some(host) },
+            Run::Data { host } => Status::Data {
+                host_offset: Some(host),
+                compressed: false,
+            },
+            Run::Zero { host } => Status::Zero {
+                host_offset: (host != 0).then_some(host),
+            },
             Run::Unallocated => Status::Unallocated,
-            Run::Compressed { .. } => Status::Data { host_offset: None, compressed: true },
+            Run::Compressed { .. } => Status::Data {
+                host_offset: None,
+                compressed: true,
+            },
         };
-        Ok(Extent { offset, len: n, status })
+        Ok(Extent {
+            offset,
+            len: n,
+            status,
+        })
     }
 
     fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
-        self.backing.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) {
@@ -729,28 +834,36 @@ impl BlockDevice for Qcow2Image {
         self.check_writable()?;
         let cur = self.virtual_size();
         if new_size % 512 != 0 {
-            return Err(Error::invalid_argument("The new size must be a multiple of 512"));
+            return Err(Error::invalid_argument(
+                "The new size must be a multiple of 512",
+            ));
         }
         let mut m = self.lock();
         if new_size < cur {
             if !allow_shrink {
-                return Err(Error::invalid_argument("Use the --shrink option to perform a shrink operation."));
+                return Err(Error::invalid_argument(
+                    "Use the --shrink option to perform a shrink operation.",
+                ));
             }
             if !m.snapshots.is_empty() {
-                return Err(Error::invalid_argument("Can't resize an image which has snapshots"));
+                return Err(Error::invalid_argument(
+                    "Can't resize an image which has snapshots",
+                ));
             }
             let cs = self.geo.cluster_size();
             let from = new_size.next_multiple_of(cs);
             let to = cur.next_multiple_of(cs);
             if to > from {
-                self.zero_locked(&mut m, from, to - from, true, true).map_err(|e| self.err(e))?;
+                self.zero_locked(&mut m, from, to - from, true, true)
+                    .map_err(|e| self.err(e))?;
             }
             if new_size % cs != 0 {
                 // The tail of the last cluster must read as zeroes if the disk grows again.
                 let tail_end = (new_size.next_multiple_of(cs)).min(cur);
                 if tail_end > new_size {
                     let zeros = vec![0u8; (tail_end - new_size) as usize];
-                    self.write_locked(&mut m, &zeros, new_size).map_err(|e| self.err(e))?;
+                    self.write_locked(&mut m, &zeros, new_size)
+                        .map_err(|e| self.err(e))?;
                 }
             }
         } else {
@@ -758,7 +871,9 @@ impl BlockDevice for Qcow2Image {
             self.grow_l1(&mut m, entries).map_err(|e| self.err(e))?;
         }
         m.flush_metadata().map_err(|e| self.err(e))?;
-        m.storage.write_at(&new_size.to_be_bytes(), 24).map_err(|e| self.err(e))?;
+        m.storage
+            .write_at(&new_size.to_be_bytes(), 24)
+            .map_err(|e| self.err(e))?;
         m.storage.flush().map_err(|e| self.err(e))?;
         m.h.size = new_size;
         self.size.store(new_size, Ordering::Release);
@@ -783,4 +898,3 @@ impl Drop for Qcow2Image {
         let _ = self.close();
     }
 }
-

@@ -38,8 +38,18 @@ pub struct Meta {
 }
 
 impl Meta {
-    pub fn new(storage: Arc<dyn Storage>, h: Header, l1: Vec<u64>, reftable: Vec<u64>, read_only: bool) -> Self {
-        let geo = Geometry { cluster_bits: h.cluster_bits, extended_l2: h.extended_l2(), version: h.version };
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        h: Header,
+        l1: Vec<u64>,
+        reftable: Vec<u64>,
+        read_only: bool,
+    ) -> Self {
+        let geo = Geometry {
+            cluster_bits: h.cluster_bits,
+            extended_l2: h.extended_l2(),
+            version: h.version,
+        };
         let cs = h.cluster_size();
         Meta {
             storage,
@@ -82,7 +92,9 @@ impl Meta {
     }
 
     fn decode_table(&self, buf: &[u8]) -> Vec<u64> {
-        buf.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect()
+        buf.chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+            .collect()
     }
 
     fn encode_table(t: &[u64]) -> Vec<u8> {
@@ -94,6 +106,10 @@ impl Meta {
     }
 
     /// Write every dirty refcount block (no flush).
+    pub fn write_dirty_refblocks(&mut self) -> Result<bool> {
+        self.write_refblocks()
+    }
+
     fn write_refblocks(&mut self) -> Result<bool> {
         let offs = self.rb.dirty_offsets();
         for off in &offs {
@@ -139,7 +155,12 @@ impl Meta {
         let n = self.l2_entries();
         let (l2off, _) = self.l1_entry(gc / n)?;
         if l2off == 0 {
-            return Ok(L2Entry::Normal { host: 0, copied: false, zero: false, bitmap: 0 });
+            return Ok(L2Entry::Normal {
+                host: 0,
+                copied: false,
+                zero: false,
+                bitmap: 0,
+            });
         }
         let (e, b) = self.raw_entry(l2off, gc % n)?;
         self.geo.decode_l2(e, b)
@@ -202,7 +223,8 @@ impl Meta {
 
     pub fn write_l1_entry(&mut self, i: u64) -> Result<()> {
         let e = self.l1[i as usize];
-        self.storage.write_at(&e.to_be_bytes(), self.h.l1_table_offset + i * 8)?;
+        self.storage
+            .write_at(&e.to_be_bytes(), self.h.l1_table_offset + i * 8)?;
         Ok(())
     }
 
@@ -258,7 +280,8 @@ impl Meta {
         if self.h.version < 3 {
             return Ok(());
         }
-        self.storage.write_at(&self.h.incompatible_features.to_be_bytes(), 72)?;
+        self.storage
+            .write_at(&self.h.incompatible_features.to_be_bytes(), 72)?;
         Ok(())
     }
 

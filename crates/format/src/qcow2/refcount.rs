@@ -17,7 +17,9 @@ pub fn rb_get(block: &[u8], order: u32, i: usize) -> u64 {
         2 => u64::from((block[i / 2] >> (4 * (i % 2))) & 0xf),
         3 => u64::from(block[i]),
         4 => u64::from(u16::from_be_bytes([block[2 * i], block[2 * i + 1]])),
-        5 => u64::from(u32::from_be_bytes(block[4 * i..4 * i + 4].try_into().expect("4"))),
+        5 => u64::from(u32::from_be_bytes(
+            block[4 * i..4 * i + 4].try_into().expect("4"),
+        )),
         _ => u64::from_be_bytes(block[8 * i..8 * i + 8].try_into().expect("8")),
     }
 }
@@ -59,7 +61,9 @@ impl Meta {
 
     /// Host offset of refcount block `idx`, or 0 if there is none.
     pub fn refblock_offset(&self, idx: u64) -> Result<u64> {
-        let Some(&e) = self.reftable.get(idx as usize) else { return Ok(0) };
+        let Some(&e) = self.reftable.get(idx as usize) else {
+            return Ok(0);
+        };
         if e & REFTABLE_RESERVED != 0 {
             return Err(Error::corrupt(format!(
                 "refcount table entry {idx} has reserved bits set (0x{e:x})"
@@ -119,12 +123,16 @@ impl Meta {
         self.ensure_refblock(cluster / self.rb_entries())?;
         let cur = self.refcount(cluster)?;
         let new = if delta >= 0 {
-            cur.checked_add(delta as u64).filter(|&v| v <= self.max_refcount()).ok_or_else(|| {
-                Error::corrupt(format!("refcount of cluster {cluster} would overflow"))
-            })?
+            cur.checked_add(delta as u64)
+                .filter(|&v| v <= self.max_refcount())
+                .ok_or_else(|| {
+                    Error::corrupt(format!("refcount of cluster {cluster} would overflow"))
+                })?
         } else {
             cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
-                Error::corrupt(format!("refcount of cluster {cluster} would drop below zero"))
+                Error::corrupt(format!(
+                    "refcount of cluster {cluster} would drop below zero"
+                ))
             })?
         };
         self.set_refcount_in_block(cluster, new)?;
@@ -148,15 +156,19 @@ impl Meta {
         let cs = self.cluster_size();
         let epb = self.rb_entries();
         let c0 = idx * epb;
-        let off = c0.checked_mul(cs).filter(|&o| o < super::header::MAX_HOST_OFFSET).ok_or_else(
-            || Error::invalid("image would grow past the 2^56-byte host offset limit"),
-        )?;
+        let off = c0
+            .checked_mul(cs)
+            .filter(|&o| o < super::header::MAX_HOST_OFFSET)
+            .ok_or_else(|| {
+                Error::invalid("image would grow past the 2^56-byte host offset limit")
+            })?;
         let mut block = vec![0u8; cs as usize];
         rb_set(&mut block, self.h.refcount_order, 0, 1);
         self.storage.write_at(&block, off)?;
         self.storage.flush()?;
         self.reftable[idx as usize] = off;
-        self.storage.write_at(&off.to_be_bytes(), self.h.refcount_table_offset + idx * 8)?;
+        self.storage
+            .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + idx * 8)?;
         self.storage.flush()?;
         if let Some((k, slot)) = self.rb.insert(off, block, false) {
             if slot.dirty {
@@ -196,7 +208,9 @@ impl Meta {
             .checked_mul(cs)
             .and_then(|o| o.checked_add((m + t) * cs).map(|_| o))
             .filter(|&o| o + (m + t) * cs <= super::header::MAX_HOST_OFFSET)
-            .ok_or_else(|| Error::invalid("image would grow past the 2^56-byte host offset limit"))?;
+            .ok_or_else(|| {
+                Error::invalid("image would grow past the 2^56-byte host offset limit")
+            })?;
         // The new blocks: block need+j covers clusters [(need+j)*epb, ...). Area clusters
         // are [area, area+m+t).
         let order = self.h.refcount_order;
@@ -246,45 +260,41 @@ impl Meta {
     /// and return the host offset of the first. The caller must not let any L2 entry
     /// pointing there reach the disk before the refcount blocks are flushed
     /// ([`Meta::flush_metadata`] keeps that order).
+    ///
+    /// Refcount blocks missing for the run are placed right after it (each counted in
+    /// the block that covers it), written and flushed, and only then entered in the
+    /// refcount table, so the run stays contiguous whatever its length.
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         debug_assert!(n > 0);
         let cs = self.cluster_size();
         let epb = self.rb_entries();
-        'search: loop {
-            let mut c = self.free_hint.max(1);
-            let mut start = c;
-            let mut run = 0u64;
-            let mut hint_moving = true;
-            while run < n {
-                if c.checked_mul(cs).map_or(true, |o| o >= super::header::MAX_HOST_OFFSET) {
-                    return Err(Error::invalid(
-                        "image would grow past the 2^56-byte host offset limit",
-                    ));
-                }
-                if self.refcount(c)? == 0 {
-                    if run == 0 {
-                        start = c;
-                    }
-                    run += 1;
-                    hint_moving = false;
-                } else {
-                    run = 0;
-                    if hint_moving {
-                        self.free_hint = c + 1;
-                    }
-                }
-                c += 1;
+        let mut extra = 0u64;
+        loop {
+            let start = self.find_free_run(n + extra)?;
+            let end = start + n + extra;
+            // Blocks past the table need the table to grow first; growth takes its own
+            // area, so search again afterwards.
+            if (end - 1) / epb >= self.reftable.len() as u64 {
+                let first_missing = (start / epb..=(end - 1) / epb)
+                    .find(|&b| b >= self.reftable.len() as u64)
+                    .expect("a block past the table");
+                self.ensure_refblock(first_missing)?;
+                continue;
             }
-            // Creating missing refcount blocks may take clusters inside the run.
-            let mut created = false;
-            for blk in start / epb..=(start + n - 1) / epb {
-                if self.refblock_offset(blk)? == 0 {
-                    self.ensure_refblock(blk)?;
-                    created = true;
+            let mut missing = Vec::new();
+            for b in start / epb..=(end - 1) / epb {
+                if self.refblock_offset(b)? == 0 {
+                    missing.push(b);
                 }
             }
-            if created {
-                continue 'search;
+            if missing.len() as u64 > extra {
+                extra = missing.len() as u64;
+                continue;
+            }
+            if !missing.is_empty() {
+                let positions: Vec<u64> =
+                    (0..missing.len() as u64).map(|j| start + n + j).collect();
+                self.create_refblocks(&missing, &positions)?;
             }
             for c in start..start + n {
                 self.set_refcount_in_block(c, 1)?;
@@ -294,6 +304,78 @@ impl Meta {
             }
             return Ok(start * cs);
         }
+    }
+
+    /// First run of `n` clusters with refcount 0, searching from the hint.
+    fn find_free_run(&mut self, n: u64) -> Result<u64> {
+        let cs = self.cluster_size();
+        let mut c = self.free_hint.max(1);
+        let mut start = c;
+        let mut run = 0u64;
+        let mut hint_moving = true;
+        while run < n {
+            if c.checked_mul(cs)
+                .map_or(true, |o| o >= super::header::MAX_HOST_OFFSET)
+            {
+                return Err(Error::invalid(
+                    "image would grow past the 2^56-byte host offset limit",
+                ));
+            }
+            if self.refcount(c)? == 0 {
+                if run == 0 {
+                    start = c;
+                }
+                run += 1;
+                hint_moving = false;
+            } else {
+                run = 0;
+                if hint_moving {
+                    self.free_hint = c + 1;
+                }
+            }
+            c += 1;
+        }
+        Ok(start)
+    }
+
+    /// Create refcount blocks `blocks` (all inside the table, all missing) at the free
+    /// clusters `positions`; each position is counted in whichever block covers it
+    /// (an existing one through the cache, a new one in its initial contents).
+    fn create_refblocks(&mut self, blocks: &[u64], positions: &[u64]) -> Result<()> {
+        let cs = self.cluster_size();
+        let epb = self.rb_entries();
+        let order = self.h.refcount_order;
+        // Positions covered by existing blocks are counted there first.
+        for &p in positions {
+            if !blocks.contains(&(p / epb)) {
+                self.set_refcount_in_block(p, 1)?;
+            }
+        }
+        self.write_dirty_refblocks()?;
+        let mut made = Vec::with_capacity(blocks.len());
+        for (&b, &pos) in blocks.iter().zip(positions) {
+            let mut block = vec![0u8; cs as usize];
+            for &p in positions {
+                if p / epb == b {
+                    rb_set(&mut block, order, (p % epb) as usize, 1);
+                }
+            }
+            self.storage.write_at(&block, pos * cs)?;
+            made.push((b, pos * cs, block));
+        }
+        self.storage.flush()?;
+        for (b, off, block) in made {
+            self.reftable[b as usize] = off;
+            self.storage
+                .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + b * 8)?;
+            if let Some((k, slot)) = self.rb.insert(off, block, false) {
+                if slot.dirty {
+                    self.storage.write_at(&slot.data, k)?;
+                }
+            }
+        }
+        self.storage.flush()?;
+        Ok(())
     }
 
     /// Queue one reference of host cluster `cluster` to be dropped once the mapping
@@ -311,14 +393,22 @@ mod tests {
     fn every_refcount_width_round_trips_without_touching_neighbours() {
         for order in 0..=6u32 {
             let bits = 1u32 << order;
-            let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
             let mut block = vec![0u8; 512];
             let n = 512 * 8 / bits as usize;
             for i in 0..n {
                 rb_set(&mut block, order, i, (i as u64 * 7 + 3) & max);
             }
             for i in 0..n {
-                assert_eq!(rb_get(&block, order, i), (i as u64 * 7 + 3) & max, "order {order} i {i}");
+                assert_eq!(
+                    rb_get(&block, order, i),
+                    (i as u64 * 7 + 3) & max,
+                    "order {order} i {i}"
+                );
             }
         }
     }

@@ -50,7 +50,9 @@ pub fn read_table(
     for i in 0..count {
         let rel = at - offset;
         if rel + 40 > MAX_TABLE_BYTES {
-            return Err(Error::invalid("Snapshot table too large (the limit is 64 MiB)"));
+            return Err(Error::invalid(
+                "Snapshot table too large (the limit is 64 MiB)",
+            ));
         }
         let mut fixed = [0u8; 40];
         storage.read_at(&mut fixed, at)?;
@@ -67,13 +69,23 @@ pub fn read_table(
         let var = u64::from(extra_len) + id_len + name_len;
         let entry = (40 + var).next_multiple_of(8);
         if rel + entry > MAX_TABLE_BYTES {
-            return Err(Error::invalid("Snapshot table too large (the limit is 64 MiB)"));
+            return Err(Error::invalid(
+                "Snapshot table too large (the limit is 64 MiB)",
+            ));
         }
         if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(Error::invalid(format!("Snapshot {i} L1 table is too large")));
+            return Err(Error::invalid(format!(
+                "Snapshot {i} L1 table is too large"
+            )));
         }
         if l1_size > 0 {
-            check_table(l1_table_offset, u64::from(l1_size) * 8, cluster_size, file_size, "Snapshot L1 table")?;
+            check_table(
+                l1_table_offset,
+                u64::from(l1_size) * 8,
+                cluster_size,
+                file_size,
+                "Snapshot L1 table",
+            )?;
         }
         let mut vbuf = vec![0u8; var as usize];
         storage.read_at(&mut vbuf, at + 40)?;
@@ -81,9 +93,15 @@ pub fn read_table(
         let id_end = extra_len as usize + id_len as usize;
         let id = String::from_utf8_lossy(&vbuf[extra_len as usize..id_end]).into_owned();
         let name = String::from_utf8_lossy(&vbuf[id_end..]).into_owned();
-        let vm_state_size = if extra.len() >= 8 { be64(&extra, 0) } else { u64::from(be32(&fixed, 32)) };
+        let vm_state_size = if extra.len() >= 8 {
+            be64(&extra, 0)
+        } else {
+            u64::from(be32(&fixed, 32))
+        };
         let disk_size = (extra.len() >= 16).then(|| be64(&extra, 8));
-        let icount = (extra.len() >= 24).then(|| be64(&extra, 16)).filter(|&v| v != u64::MAX);
+        let icount = (extra.len() >= 24)
+            .then(|| be64(&extra, 16))
+            .filter(|&v| v != u64::MAX);
         out.push(Snapshot {
             l1_table_offset,
             l1_size,
