@@ -119,7 +119,11 @@ pub fn probe_format(path: &Path) -> Result<Format> {
     let s = FileStorage::open(path, OpenOptions::read().force_share(true))?;
     let mut buf = [0u8; 4];
     s.read_at(&mut buf, 0)?;
-    Ok(if strata_format::qcow2::probe(&buf) { Format::Qcow2 } else { Format::Raw })
+    Ok(if strata_format::qcow2::probe(&buf) {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
 }
 
 /// Resolve a backing file name recorded in `overlay` (relative names are relative to
@@ -134,14 +138,26 @@ pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
 }
 
 /// Open one image file (no backing) as a block device.
-pub fn open_image(path: &Path, format: Format, write: bool, force_share: bool) -> Result<Arc<dyn BlockDevice>> {
-    let opts = if write { OpenOptions::write() } else { OpenOptions::read().force_share(force_share) };
+pub fn open_image(
+    path: &Path,
+    format: Format,
+    write: bool,
+    force_share: bool,
+) -> Result<Arc<dyn BlockDevice>> {
+    let opts = if write {
+        OpenOptions::write()
+    } else {
+        OpenOptions::read().force_share(force_share)
+    };
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, opts)?);
     Ok(match format {
         Format::Raw => Arc::new(RawImage::open(storage)?),
         Format::Qcow2 => Arc::new(Qcow2Image::open(
             storage,
-            Qcow2OpenOptions { read_only: !write, ..Default::default() },
+            Qcow2OpenOptions {
+                read_only: !write,
+                ..Default::default()
+            },
         )?),
     })
 }
@@ -161,10 +177,16 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
     loop {
         let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if !seen.insert(canon.clone()) {
-            return Err(Error::Loop { image: spec.path.clone(), again: path });
+            return Err(Error::Loop {
+                image: spec.path.clone(),
+                again: path,
+            });
         }
         if layers.len() >= spec.max_depth {
-            return Err(Error::TooDeep { image: spec.path.clone(), limit: spec.max_depth });
+            return Err(Error::TooDeep {
+                image: spec.path.clone(),
+                limit: spec.max_depth,
+            });
         }
         let device = open_image(&path, fmt, write, spec.force_share)?;
         let (backing_name, backing_format) = match device.as_any().downcast_ref::<Qcow2Image>() {
@@ -183,14 +205,23 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             backing_format: backing_format.clone(),
             backing_path: backing_path.clone(),
         });
-        let (Some(name), Some(bpath)) = (backing_name, backing_path) else { break };
+        let (Some(name), Some(bpath)) = (backing_name, backing_path) else {
+            break;
+        };
         if !spec.open_backing {
             break;
         }
         let bfmt = match backing_format.as_deref() {
             Some(f) => f.parse::<Format>()?,
-            None if layers.len() == 1 && spec.backing_format.is_some() => spec.backing_format.expect("checked"),
-            None => return Err(Error::BackingFormatUnknown { image: path.clone(), backing: name }),
+            None if layers.len() == 1 && spec.backing_format.is_some() => {
+                spec.backing_format.expect("checked")
+            }
+            None => {
+                return Err(Error::BackingFormatUnknown {
+                    image: path.clone(),
+                    backing: name,
+                })
+            }
         };
         if !bpath.exists() {
             return Err(Error::Backing {
