@@ -134,3 +134,27 @@ pub fn acquire(file: &std::fs::File, path: &Path, mode: LockMode) -> Result<()> 
     }
     Ok(())
 }
+
+/// Who else uses an image, as seen through QEMU's lock bytes, without taking any lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockProbe {
+    /// Some process holds the write permission (a running QEMU writing the image).
+    pub write_held: bool,
+    /// Some process refuses to share writing (no one else may write).
+    pub write_unshared: bool,
+}
+
+/// Look at the lock bytes of `path` and report who holds what. Takes no locks, so it
+/// never disturbs a QEMU that is about to open the image.
+pub fn probe(path: &Path) -> Result<LockProbe> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        op: "Could not open",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let fd = file.as_raw_fd();
+    Ok(LockProbe {
+        write_held: is_locked_by_other(fd, PERM_BASE + 1, path)?,
+        write_unshared: is_locked_by_other(fd, SHARED_BASE + 1, path)?,
+    })
+}
