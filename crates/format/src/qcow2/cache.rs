@@ -75,4 +75,9 @@ impl<T> TableCache<T> {
     pub fn any_dirty(&self) -> bool {
         self.map.values().any(|s| s.dirty)
     }
+
+    /// Return a slot that was evicted but could not be written.
+    pub fn put_back(&mut self, offset: u64, slot: Slot<T>) {
+        self.map.insert(offset, slot);
+    }
 }

@@ -114,9 +114,9 @@ impl Meta {
         let offs = self.rb.dirty_offsets();
         for off in &offs {
             let slot = self.rb.get(*off).expect("dirty slot");
+            self.storage.write_at(&slot.data, *off)?;
+            // Clean only once written: a failed write is retried by the next flush.
             slot.dirty = false;
-            let data = slot.data.clone();
-            self.storage.write_at(&data, *off)?;
         }
         Ok(!offs.is_empty())
     }
@@ -133,7 +133,11 @@ impl Meta {
     fn insert_l2(&mut self, off: u64, table: Vec<u64>, dirty: bool) -> Result<()> {
         if let Some((k, slot)) = self.l2.insert(off, table, dirty) {
             if slot.dirty {
-                self.write_evicted_l2(k, &slot.data)?;
+                if let Err(e) = self.write_evicted_l2(k, &slot.data) {
+                    // Keep the unwritten table (the cache may run one over its bound).
+                    self.l2.put_back(k, slot);
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -258,9 +262,9 @@ impl Meta {
             }
             for off in self.l2.dirty_offsets() {
                 let slot = self.l2.get(off).expect("dirty slot");
-                slot.dirty = false;
                 let bytes = Self::encode_table(&slot.data);
                 self.storage.write_at(&bytes, off)?;
+                slot.dirty = false;
             }
         }
         self.storage.flush()?;

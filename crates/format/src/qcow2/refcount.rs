@@ -83,9 +83,21 @@ impl Meta {
         }
         let mut buf = vec![0u8; self.cluster_size() as usize];
         self.storage.read_at(&mut buf, off)?;
-        if let Some((k, slot)) = self.rb.insert(off, buf, false) {
+        let evicted = self.rb.insert(off, buf, false);
+        self.write_evicted_refblock(evicted)
+    }
+
+    /// Write a refcount block the cache pushed out; on failure keep it cached and dirty.
+    pub(crate) fn write_evicted_refblock(
+        &mut self,
+        evicted: Option<(u64, super::cache::Slot<Vec<u8>>)>,
+    ) -> Result<()> {
+        if let Some((k, slot)) = evicted {
             if slot.dirty {
-                self.storage.write_at(&slot.data, k)?;
+                if let Err(e) = self.storage.write_at(&slot.data, k) {
+                    self.rb.put_back(k, slot);
+                    return Err(e.into());
+                }
             }
         }
         Ok(())
@@ -170,12 +182,8 @@ impl Meta {
         self.storage
             .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + idx * 8)?;
         self.storage.flush()?;
-        if let Some((k, slot)) = self.rb.insert(off, block, false) {
-            if slot.dirty {
-                self.storage.write_at(&slot.data, k)?;
-            }
-        }
-        Ok(())
+        let evicted = self.rb.insert(off, block, false);
+        self.write_evicted_refblock(evicted)
     }
 
     /// Grow the refcount table so that block `need` fits, creating block `need` and
@@ -368,11 +376,8 @@ impl Meta {
             self.reftable[b as usize] = off;
             self.storage
                 .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + b * 8)?;
-            if let Some((k, slot)) = self.rb.insert(off, block, false) {
-                if slot.dirty {
-                    self.storage.write_at(&slot.data, k)?;
-                }
-            }
+            let evicted = self.rb.insert(off, block, false);
+            self.write_evicted_refblock(evicted)?;
         }
         self.storage.flush()?;
         Ok(())
