@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Run the same work through qemu-img and strata in one run and print the ratios.
+#
+#   bash scripts/bench.sh                 # 4 GiB image, best of 3 runs
+#   BENCH_SIZE=1G BENCH_RUNS=1 bash scripts/bench.sh
+#
+# The input disk is half incompressible data, a quarter compressible text and a
+# quarter zeroes (holes). Each operation runs alternately through both tools; the
+# best time of each is kept (page cache warm for both). Ratio = strata / qemu-img:
+# below 1.0 strata is faster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${BENCH_SIZE:-4G}
+RUNS=${BENCH_RUNS:-3}
+WORK=${BENCH_DIR:-$PWD/bench-work}
+cargo build --release -q -p strata-cli
+STRATA=$PWD/target/release/strata
+mkdir -p "$WORK"
+trap 'rm -f "$WORK"/out.*' EXIT
+
+bytes=$("$STRATA" img measure --size "$SIZE" -O raw --output=json | sed -n 's/.*"required": *\([0-9]*\).*/\1/p')
+[ -n "$bytes" ] || bytes=$(numfmt --from=iec "$SIZE")
+src_raw="$WORK/src-$SIZE.raw"
+src_q="$WORK/src-$SIZE.qcow2"
+if [ ! -f "$src_raw" ]; then
+  echo "bench: generating $SIZE input in $WORK"
+  python3 - "$src_raw" "$bytes" <<'PY'
+import random, sys
+path, size = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(7)
+noise = rnd.randbytes(1 << 20)
+text = (b"strata benchmark: compressible guest data block %d\n" * 20000)[: 1 << 20]
+with open(path, "wb") as f:
+    f.truncate(size)
+    for i in range(size >> 20):
+        kind = i % 8
+        if kind in (5, 6):
+            continue                      # zeroes: left as a hole
+        f.seek(i << 20)
+        if kind in (0, 1, 2):
+            f.write(i.to_bytes(8, "little") + noise[8:])
+        elif kind in (3, 4):
+            f.write(text)
+        else:
+            f.write(noise[: 1 << 19])    # half data, half zeroes
+PY
+  qemu-img convert -f raw -O qcow2 "$src_raw" "$src_q"
+fi
+
+now() { date +%s%N; }
+best_q=0; best_s=0
+time_one() { # tool args... -> seconds (float) of one run
+  local t0 t1
+  rm -f "$WORK"/out.*
+  t0=$(now); "$@" >/dev/null; t1=$(now)
+  echo $(( (t1 - t0) / 1000 ))
+}
+
+printf "%-28s %12s %12s %8s %8s\n" "operation ($SIZE)" "qemu-img s" "strata s" "ratio" "target"
+bench() { # name target args-after-tool...
+  local name=$1 target=$2; shift 2
+  local bq=999999999999 bs=999999999999 t
+  for _ in $(seq "$RUNS"); do
+    t=$(time_one qemu-img "$@"); [ "$t" -lt "$bq" ] && bq=$t
+    t=$(time_one "$STRATA" img "$@"); [ "$t" -lt "$bs" ] && bs=$t
+  done
+  awk -v n="$name" -v q="$bq" -v s="$bs" -v tg="$target" \
+    'BEGIN { printf "%-28s %12.3f %12.3f %8.2f %8s\n", n, q/1e6, s/1e6, s/q, tg }'
+}
+
+bench "convert qcow2->raw"      "<=0.8" convert -O raw "$src_q" "$WORK/out.raw"
+bench "convert raw->qcow2"      "<=0.8" convert -f raw -O qcow2 "$src_raw" "$WORK/out.qcow2"
+bench "convert qcow2->qcow2"    "<=0.8" convert -O qcow2 "$src_q" "$WORK/out.qcow2"
+bench "convert -c zlib"         "<=0.5" convert -c -O qcow2 -o compression_type=zlib "$src_q" "$WORK/out.qcow2"
+bench "convert -c zstd"         "<=0.5" convert -c -O qcow2 -o compression_type=zstd "$src_q" "$WORK/out.qcow2"
+bench "map --output=json"       "<=0.5" map --output=json "$src_q"
+bench "check"                   "<=0.5" check "$src_q"
+bench "info"                    "-"     info "$src_q"
