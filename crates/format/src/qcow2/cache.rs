@@ -80,4 +80,9 @@ impl<T> TableCache<T> {
     pub fn put_back(&mut self, offset: u64, slot: Slot<T>) {
         self.map.insert(offset, slot);
     }
+
+    /// Drop every clean table (after tables were freed underneath the cache).
+    pub fn clear(&mut self) {
+        self.map.retain(|_, s| s.dirty);
+    }
 }

@@ -698,6 +698,66 @@ impl Qcow2Image {
     }
 }
 
+impl Qcow2Image {
+    /// Build an image from already validated parts (snapshot views share the file).
+    pub(crate) fn from_parts(
+        storage: Arc<dyn Storage>,
+        h: Header,
+        l1: Vec<u64>,
+        reftable: Vec<u64>,
+        snapshots: Vec<Snapshot>,
+        read_only: bool,
+    ) -> Qcow2Image {
+        let geo = Geometry {
+            cluster_bits: h.cluster_bits,
+            extended_l2: h.extended_l2(),
+            version: h.version,
+        };
+        let size = h.size;
+        let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
+        meta.snapshots = snapshots;
+        Qcow2Image {
+            meta: Mutex::new(meta),
+            storage,
+            geo,
+            size: AtomicU64::new(size),
+            backing: RwLock::new(None),
+            read_only,
+            zcache: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn set_virtual_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
+    }
+
+    /// Grow the L1 table to `entries` entries (snapshot apply, VM state).
+    pub(crate) fn grow_l1_for(&self, m: &mut Meta, entries: u64) -> Result<()> {
+        self.grow_l1(m, entries)
+    }
+
+    /// Write guest bytes that may lie past the virtual disk (the VM-state area).
+    pub(crate) fn write_beyond_disk(&self, m: &mut Meta, data: &[u8], off: u64) -> Result<()> {
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| Error::invalid_argument("VM state offset overflows"))?;
+        let entries = m.h.l1_entries_for(end);
+        self.grow_l1(m, entries)?;
+        m.mark_dirty_if_lazy()?;
+        self.write_locked(m, data, off)
+    }
+
+    /// Read guest bytes that may lie past the virtual disk (the VM-state area).
+    pub(crate) fn read_beyond_disk(&self, m: &mut Meta, buf: &mut [u8], off: u64) -> Result<()> {
+        self.read_locked(m, buf, off)
+    }
+
+    /// Drop whole clusters past the virtual disk (the VM-state area).
+    pub(crate) fn discard_beyond_disk(&self, m: &mut Meta, off: u64, len: u64) -> Result<()> {
+        self.zero_locked(m, off, len, true, true)
+    }
+}
+
 fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u64>> {
     if entries == 0 {
         return Ok(Vec::new());

@@ -16,6 +16,7 @@ pub mod image;
 mod meta;
 mod refcount;
 pub mod snapshot;
+pub mod snapshot_ops;
 
 pub use check::{CheckReport, Repair};
 pub use compress::CompressionType;
@@ -23,6 +24,7 @@ pub use create::{create, CreateOptions, Preallocation};
 pub use header::Header;
 pub use image::{Qcow2Image, Qcow2OpenOptions};
 pub use snapshot::Snapshot;
+pub use snapshot_ops::SnapshotSpec;
 
 /// Whether `buf` (the start of a file) looks like a qcow2 image.
 pub fn probe(buf: &[u8]) -> bool {

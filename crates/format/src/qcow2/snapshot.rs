@@ -127,3 +127,43 @@ pub fn table_size(snaps: &[Snapshot]) -> u64 {
         .map(|s| (40 + s.extra.len() + s.id.len() + s.name.len()).next_multiple_of(8) as u64)
         .sum()
 }
+
+impl Snapshot {
+    /// The extra-data area QEMU writes: 64-bit VM-state size, disk size and
+    /// instruction count (-1 when not recorded), keeping any longer unknown tail.
+    pub fn encode_extra(&self) -> Vec<u8> {
+        let mut e = Vec::with_capacity(self.extra.len().max(24));
+        e.extend_from_slice(&self.vm_state_size.to_be_bytes());
+        e.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
+        e.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
+        if self.extra.len() > 24 {
+            e.extend_from_slice(&self.extra[24..]);
+        }
+        e
+    }
+}
+
+/// Serialise a snapshot table (entries padded to 8 bytes, as read by [`read_table`]).
+pub fn serialize_table(snaps: &[Snapshot]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in snaps {
+        let extra = s.encode_extra();
+        out.extend_from_slice(&s.l1_table_offset.to_be_bytes());
+        out.extend_from_slice(&s.l1_size.to_be_bytes());
+        out.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&s.date_sec.to_be_bytes());
+        out.extend_from_slice(&s.date_nsec.to_be_bytes());
+        out.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
+        // The 32-bit VM-state field saturates; the 64-bit one in extra data is exact.
+        out.extend_from_slice(&(s.vm_state_size.min(u64::from(u32::MAX)) as u32).to_be_bytes());
+        out.extend_from_slice(&(extra.len() as u32).to_be_bytes());
+        out.extend_from_slice(&extra);
+        out.extend_from_slice(s.id.as_bytes());
+        out.extend_from_slice(s.name.as_bytes());
+        while out.len() % 8 != 0 {
+            out.push(0);
+        }
+    }
+    out
+}

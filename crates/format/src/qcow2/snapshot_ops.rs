@@ -1,0 +1,400 @@
+//! Internal snapshots: create, apply (revert), delete, read-only views, and the
+//! VM-state area, with QEMU's write orders (FACTS.md):
+//! - create: write the L1 copy and raise the refcounts, flush; write the new snapshot
+//!   table, flush; switch `nb_snapshots` + `snapshots_offset` in one header write; free
+//!   the old table;
+//! - apply: raise the snapshot's refcounts, flush; write the active L1, flush; then
+//!   lower the old active image's refcounts;
+//! - delete: rewrite the table first, then lower the refcounts.
+//! A crash anywhere leaks clusters at worst.
+
+use super::entries::{decode_l1, L2Entry, OFLAG_COPIED};
+use super::header::{MAX_L1_BYTES, MAX_SNAPSHOTS};
+use super::image::Qcow2Image;
+use super::meta::Meta;
+use super::snapshot::{self, Snapshot};
+use crate::{BlockDevice, Error, Result};
+
+/// Which snapshot: by ID first, then by name (as qemu-img resolves its argument).
+pub fn find<'a>(snaps: &'a [Snapshot], key: &str) -> Option<(usize, &'a Snapshot)> {
+    snaps
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.id == key)
+        .or_else(|| snaps.iter().enumerate().find(|(_, s)| s.name == key))
+}
+
+impl Meta {
+    /// Add `delta` to the refcount of every L2 table and data cluster `l1` reaches.
+    pub(crate) fn update_l1_refcounts(&mut self, l1: &[u64], delta: i64) -> Result<()> {
+        let cs = self.cluster_size();
+        let n = self.l2_entries();
+        for (i, &e) in l1.iter().enumerate() {
+            let (l2off, _) = decode_l1(e, cs, i)?;
+            if l2off == 0 {
+                continue;
+            }
+            for j in 0..n {
+                let (raw, bitmap) = self.raw_entry(l2off, j)?;
+                match self.geo.decode_l2(raw, bitmap)? {
+                    L2Entry::Normal { host, .. } if host != 0 => {
+                        self.update_refcount(host / cs, delta)?;
+                    }
+                    L2Entry::Normal { .. } => {}
+                    L2Entry::Compressed { offset, size } => {
+                        for c in offset / cs..=(offset + size - 1) / cs {
+                            self.update_refcount(c, delta)?;
+                        }
+                    }
+                }
+            }
+            self.update_refcount(l2off / cs, delta)?;
+        }
+        Ok(())
+    }
+
+    /// Make the COPIED flags of the active L1 and its L2 tables match the refcounts.
+    pub(crate) fn fix_copied_flags(&mut self) -> Result<()> {
+        let cs = self.cluster_size();
+        let n = self.l2_entries();
+        for i in 0..self.l1.len() {
+            let e = self.l1[i];
+            let (l2off, copied) = decode_l1(e, cs, i)?;
+            if l2off == 0 {
+                continue;
+            }
+            let rc = self.refcount(l2off / cs)?;
+            if (rc == 1) != copied {
+                self.l1[i] = if rc == 1 {
+                    e | OFLAG_COPIED
+                } else {
+                    e & !OFLAG_COPIED
+                };
+                self.write_l1_entry(i as u64)?;
+            }
+            for j in 0..n {
+                let (raw, bitmap) = self.raw_entry(l2off, j)?;
+                if let L2Entry::Normal { host, copied, .. } = self.geo.decode_l2(raw, bitmap)? {
+                    if host == 0 {
+                        continue;
+                    }
+                    let rc = self.refcount(host / cs)?;
+                    if (rc == 1) != copied {
+                        let new = if rc == 1 {
+                            raw | OFLAG_COPIED
+                        } else {
+                            raw & !OFLAG_COPIED
+                        };
+                        self.set_raw_entry(l2off, j, new, bitmap)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_l1_at(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
+        if u64::from(entries) * 8 > MAX_L1_BYTES {
+            return Err(Error::invalid("snapshot L1 table too large"));
+        }
+        let mut buf = vec![0u8; entries as usize * 8];
+        self.storage.read_at(&mut buf, offset)?;
+        Ok(buf
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+            .collect())
+    }
+
+    /// Write `snaps` as the new snapshot table and switch the header to it; then free
+    /// the old table.
+    fn replace_snapshot_table(&mut self, mut snaps: Vec<Snapshot>) -> Result<()> {
+        let cs = self.cluster_size();
+        for s in &mut snaps {
+            s.extra = s.encode_extra();
+        }
+        let bytes = snapshot::serialize_table(&snaps);
+        let new_off = if bytes.is_empty() {
+            0
+        } else {
+            let n = (bytes.len() as u64).div_ceil(cs);
+            let off = self.alloc_clusters(n)?;
+            self.write_dirty_refblocks()?;
+            self.storage.write_at(&bytes, off)?;
+            off
+        };
+        self.storage.flush()?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(snaps.len() as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&new_off.to_be_bytes());
+        self.storage.write_at(&hdr, 60)?;
+        self.storage.flush()?;
+        let old_off = self.h.snapshots_offset;
+        let old_len = snapshot::table_size(&self.snapshots);
+        self.h.nb_snapshots = snaps.len() as u32;
+        self.h.snapshots_offset = new_off;
+        self.snapshots = snaps;
+        if old_off != 0 && old_len > 0 {
+            for c in old_off / cs..(old_off + old_len).div_ceil(cs) {
+                self.update_refcount(c, -1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Options for a new snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotSpec {
+    pub name: String,
+    /// Seconds and nanoseconds since the epoch (now, when `None`).
+    pub date: Option<(u32, u32)>,
+    pub vm_clock_nsec: u64,
+    /// The VM state to keep with the snapshot (a full system checkpoint), if any.
+    pub vm_state: Vec<u8>,
+    pub icount: Option<u64>,
+}
+
+impl Qcow2Image {
+    /// Guest offset where the VM-state area starts: the first L1 entry past the disk.
+    pub fn vm_state_offset(&self) -> u64 {
+        let m = self.lock();
+        let per_l1 = m.cluster_size() * m.l2_entries();
+        self.virtual_size().div_ceil(per_l1) * per_l1
+    }
+
+    /// Write `data` into the VM-state area at `pos` (the area QEMU's savevm uses).
+    pub fn write_vm_state(&self, data: &[u8], pos: u64) -> Result<()> {
+        let base = self.vm_state_offset();
+        let mut m = self.lock();
+        self.write_beyond_disk(&mut m, data, base + pos)
+    }
+
+    /// Read `buf.len()` bytes of the VM-state area of the active image at `pos`.
+    pub fn read_vm_state(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        let base = self.vm_state_offset();
+        let mut m = self.lock();
+        self.read_beyond_disk(&mut m, buf, base + pos)
+    }
+
+    /// Read the VM state saved with snapshot `key`.
+    pub fn snapshot_vm_state(&self, key: &str) -> Result<Vec<u8>> {
+        let view = self.snapshot_view(key)?;
+        let (size, base) = {
+            let m = view.lock();
+            let per_l1 = m.cluster_size() * m.l2_entries();
+            (
+                m.snapshots
+                    .iter()
+                    .find(|s| s.id == key || s.name == key)
+                    .map(|s| s.vm_state_size),
+                view.virtual_size().div_ceil(per_l1) * per_l1,
+            )
+        };
+        let size = size.unwrap_or(0);
+        let mut buf =
+            vec![0u8; usize::try_from(size).map_err(|_| Error::invalid("VM state too large"))?];
+        let mut m = view.lock();
+        view.read_beyond_disk(&mut m, &mut buf, base)?;
+        Ok(buf)
+    }
+
+    /// Create an internal snapshot of the current disk (and `spec.vm_state`).
+    pub fn snapshot_create(&self, spec: &SnapshotSpec) -> Result<Snapshot> {
+        if self.read_only() {
+            return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
+        }
+        let vm_base = self.vm_state_offset();
+        let mut m = self.lock();
+        let r = self.snapshot_create_locked(&mut m, spec, vm_base);
+        r.map_err(|e| self.err(e))
+    }
+
+    fn snapshot_create_locked(
+        &self,
+        m: &mut Meta,
+        spec: &SnapshotSpec,
+        vm_base: u64,
+    ) -> Result<Snapshot> {
+        if m.snapshots.len() as u32 >= MAX_SNAPSHOTS {
+            return Err(Error::invalid_argument(
+                "Too many snapshots (the limit is 65536)",
+            ));
+        }
+        if spec.name.len() > 65535 {
+            return Err(Error::invalid_argument("Snapshot name too long"));
+        }
+        let cs = m.cluster_size();
+        if !spec.vm_state.is_empty() {
+            self.write_beyond_disk(m, &spec.vm_state, vm_base)?;
+        }
+        m.flush_metadata()?;
+        // The L1 copy.
+        let l1 = m.l1.clone();
+        let l1_off = if l1.is_empty() {
+            0
+        } else {
+            let n = (l1.len() as u64 * 8).div_ceil(cs);
+            let off = m.alloc_clusters(n)?;
+            m.write_dirty_refblocks()?;
+            let mut bytes = Vec::with_capacity(l1.len() * 8);
+            for e in &l1 {
+                bytes.extend_from_slice(&e.to_be_bytes());
+            }
+            m.storage.write_at(&bytes, off)?;
+            off
+        };
+        // Raise the refcounts of everything the active image uses; clear COPIED.
+        m.update_l1_refcounts(&l1, 1)?;
+        m.fix_copied_flags()?;
+        m.flush_metadata()?;
+        let next_id = m
+            .snapshots
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let (sec, nsec) = spec.date.unwrap_or_else(|| {
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (d.as_secs() as u32, d.subsec_nanos())
+        });
+        let snap = Snapshot {
+            l1_table_offset: l1_off,
+            l1_size: l1.len() as u32,
+            id: next_id.to_string(),
+            name: spec.name.clone(),
+            date_sec: sec,
+            date_nsec: nsec,
+            vm_clock_nsec: spec.vm_clock_nsec,
+            vm_state_size: spec.vm_state.len() as u64,
+            disk_size: Some(self.virtual_size()),
+            icount: spec.icount,
+            extra: Vec::new(),
+        };
+        let mut snaps = m.snapshots.clone();
+        snaps.push(snap);
+        m.replace_snapshot_table(snaps)?;
+        if !spec.vm_state.is_empty() {
+            // The state now lives in the snapshot; the active image no longer needs it.
+            let len = (spec.vm_state.len() as u64).next_multiple_of(cs);
+            self.discard_beyond_disk(m, vm_base, len)?;
+        }
+        m.flush_metadata()?;
+        Ok(m.snapshots.last().expect("just added").clone())
+    }
+
+    /// Revert the disk to snapshot `key` (ID or name). The current state is lost.
+    pub fn snapshot_apply(&self, key: &str) -> Result<()> {
+        if self.read_only() {
+            return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
+        }
+        let mut m = self.lock();
+        let r = self.snapshot_apply_locked(&mut m, key);
+        r.map_err(|e| self.err(e))
+    }
+
+    fn snapshot_apply_locked(&self, m: &mut Meta, key: &str) -> Result<()> {
+        let snap = find(&m.snapshots, key)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| Error::invalid_argument(format!("Can't find snapshot '{key}'")))?;
+        m.flush_metadata()?;
+        let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
+        if sl1.len() > m.l1.len() {
+            self.grow_l1_for(m, sl1.len() as u64)?;
+        }
+        // Raise the snapshot's refcounts first.
+        m.update_l1_refcounts(&sl1, 1)?;
+        m.flush_metadata()?;
+        // Switch the active L1 in one table write.
+        let old = std::mem::take(&mut m.l1);
+        let mut new = sl1;
+        new.resize(old.len(), 0);
+        let mut bytes = Vec::with_capacity(new.len() * 8);
+        for e in &new {
+            bytes.extend_from_slice(&e.to_be_bytes());
+        }
+        m.storage.write_at(&bytes, m.h.l1_table_offset)?;
+        m.storage.flush()?;
+        m.l1 = new;
+        if let Some(size) = snap.disk_size {
+            if size != self.virtual_size() {
+                m.storage.write_at(&size.to_be_bytes(), 24)?;
+                m.storage.flush()?;
+                m.h.size = size;
+                self.set_virtual_size(size);
+            }
+        }
+        // Then lower the old state's.
+        m.update_l1_refcounts(&old, -1)?;
+        m.fix_copied_flags()?;
+        m.flush_metadata()?;
+        m.l2.clear();
+        Ok(())
+    }
+
+    /// Delete snapshot `key` (ID or name), freeing the clusters only it used.
+    pub fn snapshot_delete(&self, key: &str) -> Result<Snapshot> {
+        if self.read_only() {
+            return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
+        }
+        let mut m = self.lock();
+        let r = self.snapshot_delete_locked(&mut m, key);
+        r.map_err(|e| self.err(e))
+    }
+
+    fn snapshot_delete_locked(&self, m: &mut Meta, key: &str) -> Result<Snapshot> {
+        let (idx, snap) = find(&m.snapshots, key)
+            .map(|(i, s)| (i, s.clone()))
+            .ok_or_else(|| Error::invalid_argument(format!("Can't find the snapshot '{key}'")))?;
+        m.flush_metadata()?;
+        let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
+        let mut snaps = m.snapshots.clone();
+        snaps.remove(idx);
+        m.replace_snapshot_table(snaps)?;
+        // The table no longer names it: now drop its references.
+        m.update_l1_refcounts(&sl1, -1)?;
+        let cs = m.cluster_size();
+        if snap.l1_size > 0 {
+            let end = (snap.l1_table_offset + u64::from(snap.l1_size) * 8).div_ceil(cs);
+            for c in snap.l1_table_offset / cs..end {
+                m.update_refcount(c, -1)?;
+            }
+        }
+        m.fix_copied_flags()?;
+        m.flush_metadata()?;
+        m.l2.clear();
+        Ok(snap)
+    }
+
+    /// A read-only view of snapshot `key` as a disk (for `convert -l`).
+    pub fn snapshot_view(&self, key: &str) -> Result<Qcow2Image> {
+        let m = self.lock();
+        let snap = find(&m.snapshots, key)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| {
+                self.err(Error::invalid_argument(format!(
+                    "Can't find snapshot '{key}'"
+                )))
+            })?;
+        let l1 = m
+            .read_l1_at(snap.l1_table_offset, snap.l1_size)
+            .map_err(|e| self.err(e))?;
+        let mut h = m.h.clone();
+        h.size = snap.disk_size.unwrap_or(h.size);
+        h.l1_size = snap.l1_size;
+        h.l1_table_offset = snap.l1_table_offset;
+        let reftable = m.reftable.clone();
+        let snaps = m.snapshots.clone();
+        drop(m);
+        Ok(Qcow2Image::from_parts(
+            self.storage.clone(),
+            h,
+            l1,
+            reftable,
+            snaps,
+            true,
+        ))
+    }
+}
