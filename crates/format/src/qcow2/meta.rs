@@ -301,6 +301,28 @@ impl Meta {
         Ok(())
     }
 
+    /// Before a multi-step metadata operation (snapshots): set the dirty bit so that a
+    /// crash in the middle leaves an image that is checked and repaired before its
+    /// next read-write use. Returns whether this call set it (and should clear it).
+    pub fn begin_metadata_op(&mut self) -> Result<bool> {
+        if self.read_only || self.h.version < 3 || self.h.is_dirty() {
+            return Ok(false);
+        }
+        self.h.incompatible_features |= header::incompat::DIRTY;
+        self.write_incompat()?;
+        self.storage.flush()?;
+        Ok(true)
+    }
+
+    /// End an operation begun with [`Meta::begin_metadata_op`].
+    pub fn end_metadata_op(&mut self, set_here: bool) -> Result<()> {
+        self.flush_metadata()?;
+        if set_here {
+            self.clear_dirty()?;
+        }
+        Ok(())
+    }
+
     /// After everything is flushed: clear the dirty bit this session set.
     pub fn clear_dirty(&mut self) -> Result<()> {
         if self.h.is_dirty() && !self.read_only {

@@ -54,7 +54,13 @@ impl Meta {
     }
 
     /// Make the COPIED flags of the active L1 and its L2 tables match the refcounts.
+    ///
+    /// The refcounts are made durable first: a COPIED flag on disk must never claim
+    /// a cluster is exclusively owned while its stored refcount says otherwise.
     pub(crate) fn fix_copied_flags(&mut self) -> Result<()> {
+        if self.write_dirty_refblocks()? {
+            self.storage.flush()?;
+        }
         let cs = self.cluster_size();
         let n = self.l2_entries();
         for i in 0..self.l1.len() {
@@ -205,7 +211,15 @@ impl Qcow2Image {
         }
         let vm_base = self.vm_state_offset();
         let mut m = self.lock();
-        let r = self.snapshot_create_locked(&mut m, spec, vm_base);
+        let m = &mut *m;
+        let r = (|| {
+            let set = m.begin_metadata_op()?;
+            let r = self.snapshot_create_locked(m, spec, vm_base);
+            if r.is_ok() {
+                m.end_metadata_op(set)?;
+            }
+            r
+        })();
         r.map_err(|e| self.err(e))
     }
 
@@ -291,7 +305,15 @@ impl Qcow2Image {
             return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
         }
         let mut m = self.lock();
-        let r = self.snapshot_apply_locked(&mut m, key);
+        let m = &mut *m;
+        let r = (|| {
+            let set = m.begin_metadata_op()?;
+            let r = self.snapshot_apply_locked(m, key);
+            if r.is_ok() {
+                m.end_metadata_op(set)?;
+            }
+            r
+        })();
         r.map_err(|e| self.err(e))
     }
 
@@ -340,7 +362,15 @@ impl Qcow2Image {
             return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
         }
         let mut m = self.lock();
-        let r = self.snapshot_delete_locked(&mut m, key);
+        let m = &mut *m;
+        let r = (|| {
+            let set = m.begin_metadata_op()?;
+            let r = self.snapshot_delete_locked(m, key);
+            if r.is_ok() {
+                m.end_metadata_op(set)?;
+            }
+            r
+        })();
         r.map_err(|e| self.err(e))
     }
 
