@@ -12,6 +12,7 @@ mod info;
 mod map;
 mod measure;
 mod resize;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -49,6 +50,8 @@ enum ImgCommand {
     Resize(resize::Args),
     /// Convert or copy an image (formats, compression, flattening of a backing chain).
     Convert(convert::Args),
+    /// List, create, apply or delete internal snapshots (-l, -c, -a, -d).
+    Snapshot(snapshot::Args),
 }
 
 /// Parse `args` as `<prog> SUBCOMMAND ...` and run it; returns the exit code.
@@ -79,6 +82,7 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
         ImgCommand::Measure(a) => measure::run(a, &ctx),
         ImgCommand::Resize(a) => resize::run(a, &ctx),
         ImgCommand::Convert(a) => convert::run(a, &ctx),
+        ImgCommand::Snapshot(a) => snapshot::run(a, &ctx),
     };
     match r {
         Ok(code) => code,

@@ -1,0 +1,120 @@
+//! `strata img snapshot`: internal snapshots with qemu-img's interface
+//! (`-l` list, `-c` create, `-a` apply, `-d` delete; by ID or name).
+
+use super::common::{human_size, Ctx};
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::PathBuf;
+use strata_format::qcow2::{Qcow2Image, Snapshot, SnapshotSpec};
+use strata_format::Format;
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("action").args(["list", "create", "apply", "delete"])))]
+pub struct Args {
+    /// List the snapshots (the default when no action is given).
+    #[arg(short = 'l')]
+    list: bool,
+    /// Create a snapshot named NAME of the current disk.
+    #[arg(short = 'c', value_name = "NAME")]
+    create: Option<String>,
+    /// Apply (revert to) the snapshot with this ID or name; the current state is lost.
+    #[arg(short = 'a', value_name = "SNAPSHOT")]
+    apply: Option<String>,
+    /// Delete the snapshot with this ID or name, freeing what only it used.
+    #[arg(short = 'd', value_name = "SNAPSHOT")]
+    delete: Option<String>,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Open without locks, to list the snapshots of an image in use (read-only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image.
+    filename: PathBuf,
+}
+
+/// qemu-img's snapshot table: header and one line per snapshot.
+pub fn format_list(snaps: &[Snapshot]) -> String {
+    let mut out = String::from("Snapshot list:\n");
+    out.push_str(&format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    ));
+    for s in snaps {
+        let ns = s.vm_clock_nsec;
+        let secs = ns / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            (ns / 1_000_000) % 1000
+        );
+        let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+        out.push_str(&format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            s.id,
+            s.name,
+            human_size(s.vm_state_size),
+            local_date(s.date_sec),
+            clock,
+            icount
+        ));
+    }
+    out
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in local time, as qemu-img prints snapshot dates.
+fn local_date(secs: u32) -> String {
+    let t = secs as libc::time_t;
+    // SAFETY: localtime_r writes into the tm we own; the pointers are valid.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    unsafe { libc::localtime_r(&t, &mut tm) };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+    let format = match &args.format {
+        Some(f) => f.parse::<Format>()?,
+        None => strata_chain::probe_format(&args.filename)?,
+    };
+    let writing = args.create.is_some() || args.apply.is_some() || args.delete.is_some();
+    if writing && args.force_share {
+        bail!("force-share=on can only be used with read-only images");
+    }
+    let dev = strata_chain::open_image(&args.filename, format, writing, args.force_share)?;
+    let img = dev
+        .as_any()
+        .downcast_ref::<Qcow2Image>()
+        .ok_or_else(|| anyhow!("Format '{}' does not support internal snapshots", format))?;
+    if let Some(name) = &args.create {
+        img.snapshot_create(&SnapshotSpec {
+            name: name.clone(),
+            icount: Some(0),
+            ..Default::default()
+        })
+        .with_context(|| format!("Could not create snapshot '{name}'"))?;
+    } else if let Some(key) = &args.apply {
+        img.snapshot_apply(key)
+            .with_context(|| format!("Could not apply snapshot '{key}'"))?;
+    } else if let Some(key) = &args.delete {
+        img.snapshot_delete(key)
+            .with_context(|| format!("Could not delete snapshot '{key}'"))?;
+    } else {
+        print!("{}", format_list(&img.snapshots()));
+    }
+    if writing {
+        img.close()?;
+    }
+    Ok(0)
+}
