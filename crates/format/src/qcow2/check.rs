@@ -92,6 +92,7 @@ impl Qcow2Image {
     /// Check the image and, if asked, repair it. Returns the report of the final state
     /// (after repair, the image is checked again, as qemu-img does).
     pub fn check(&self, repair: Repair) -> Result<CheckReport> {
+        let _excl = self.exclusive();
         let mut m = self.lock();
         let repairing = repair != Repair::None && !m.read_only;
         if !m.read_only {

@@ -33,6 +33,78 @@ pub struct Qcow2Image {
     read_only: bool,
     /// The last decompressed cluster: (L2 compressed offset, bytes).
     zcache: Mutex<Option<(u64, Vec<u8>)>>,
+    /// Requests in flight, by guest cluster range.
+    inflight: InFlight,
+    /// Readers hold it shared while they read data outside the metadata lock;
+    /// operations that can make freed clusters reusable hold it exclusively.
+    reuse: RwLock<()>,
+}
+
+/// Where the bytes of a planned write come from.
+enum SegData {
+    /// A range of the caller's buffer.
+    Buf(usize, usize),
+    /// Bytes built while planning (copy-on-write merges).
+    Owned(Vec<u8>),
+}
+
+/// One contiguous host write of a plan.
+struct Seg {
+    host: u64,
+    data: SegData,
+}
+
+/// An L2 entry to set once the data is written; `old` loses its reference then.
+struct L2Update {
+    gc: u64,
+    entry: u64,
+    bitmap: u64,
+    old: Option<L2Entry>,
+}
+
+#[derive(Default)]
+struct WritePlan {
+    segs: Vec<Seg>,
+    updates: Vec<L2Update>,
+}
+
+/// Guest cluster ranges with a request in flight: a request waits until no other
+/// in-flight request overlaps its clusters, so allocations and copy-on-write of the
+/// same cluster never race.
+#[derive(Default)]
+struct InFlight {
+    ranges: Mutex<Vec<(u64, u64)>>,
+    cv: std::sync::Condvar,
+}
+
+struct InFlightGuard<'a> {
+    owner: &'a InFlight,
+    range: (u64, u64),
+}
+
+impl InFlight {
+    /// Reserve guest clusters `[start, end)`, waiting for overlapping requests.
+    fn acquire(&self, start: u64, end: u64) -> InFlightGuard<'_> {
+        let mut r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        while r.iter().any(|&(a, b)| a < end && start < b) {
+            r = self.cv.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+        r.push((start, end));
+        InFlightGuard {
+            owner: self,
+            range: (start, end),
+        }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut r = self.owner.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = r.iter().position(|&x| x == self.range) {
+            r.swap_remove(i);
+        }
+        self.owner.cv.notify_all();
+    }
 }
 
 /// How a run of guest bytes is served, with offsets already adjusted to the run start.
@@ -108,6 +180,8 @@ impl Qcow2Image {
             backing: RwLock::new(None),
             read_only,
             zcache: Mutex::new(None),
+            inflight: InFlight::default(),
+            reuse: RwLock::new(()),
         };
         if dirty && !read_only && !opts.no_auto_repair {
             // A dirty image (lazy refcounts, not closed cleanly) has refcounts that
@@ -144,6 +218,7 @@ impl Qcow2Image {
         if self.read_only {
             return Ok(());
         }
+        let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock();
         m.flush_metadata().map_err(|e| self.err(e))?;
         m.clear_dirty().map_err(|e| self.err(e))
@@ -320,9 +395,20 @@ impl Qcow2Image {
         self.err(e)
     }
 
+    /// Write with the metadata lock held throughout (internal callers).
     fn write_locked(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<()> {
+        let plan = self.plan_write(m, buf, offset)?;
+        self.write_segments(&plan, buf)?;
+        self.commit_plan(m, plan)
+    }
+
+    /// Decide where each part of a guest write goes: in place into owned clusters, or
+    /// into newly allocated clusters (with copy-on-write of partial clusters). Allocates
+    /// and builds copy-on-write data; writes no data and changes no mapping.
+    fn plan_write(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<WritePlan> {
         let cs = self.geo.cluster_size();
         let l2n = m.l2_entries();
+        let mut plan = WritePlan::default();
         let mut pos = 0u64;
         let len = buf.len() as u64;
         while pos < len {
@@ -345,9 +431,10 @@ impl Qcow2Image {
                     run += n2;
                     g += 1;
                 }
-                self.storage
-                    .write_at(&buf[pos as usize..(pos + run) as usize], host + in_cl)
-                    .map_err(|e| self.err(e))?;
+                plan.segs.push(Seg {
+                    host: host + in_cl,
+                    data: SegData::Buf(pos as usize, (pos + run) as usize),
+                });
                 pos += run;
                 continue;
             }
@@ -362,11 +449,16 @@ impl Qcow2Image {
                     self.read_locked(m, &mut full, gc * cs)?;
                     full[in_cl as usize..(in_cl + n) as usize]
                         .copy_from_slice(&buf[pos as usize..(pos + n) as usize]);
-                    self.storage
-                        .write_at(&full, host)
-                        .map_err(|e| self.err(e))?;
-                    let l2 = m.l2_for_write(gc / l2n)?;
-                    m.set_raw_entry(l2, gc % l2n, host | OFLAG_COPIED, ALL_ALLOCATED)?;
+                    plan.segs.push(Seg {
+                        host,
+                        data: SegData::Owned(full),
+                    });
+                    plan.updates.push(L2Update {
+                        gc,
+                        entry: host | OFLAG_COPIED,
+                        bitmap: ALL_ALLOCATED,
+                        old: None,
+                    });
                     pos += n;
                     continue;
                 }
@@ -385,14 +477,16 @@ impl Qcow2Image {
                 olds.push(e2);
                 k += 1;
             }
-            let l2 = m.l2_for_write(gc / l2n)?;
+            // The L2 table first, so a sequentially written image keeps QEMU's layout.
+            m.l2_for_write(gc / l2n)?;
             let host = m.alloc_clusters(k)?;
             let run_bytes = (k * cs - in_cl).min(len - pos);
             let end_in_last = (in_cl + run_bytes) - (k - 1) * cs; // bytes used in the last cluster
             if in_cl == 0 && end_in_last == cs {
-                self.storage
-                    .write_at(&buf[pos as usize..(pos + run_bytes) as usize], host)
-                    .map_err(|e| self.err(e))?;
+                plan.segs.push(Seg {
+                    host,
+                    data: SegData::Buf(pos as usize, (pos + run_bytes) as usize),
+                });
             } else {
                 // Copy-on-write: fill the head and tail of the run from the current
                 // guest view, then write the whole run at once.
@@ -408,21 +502,48 @@ impl Qcow2Image {
                 }
                 data[in_cl as usize..(in_cl + run_bytes) as usize]
                     .copy_from_slice(&buf[pos as usize..(pos + run_bytes) as usize]);
-                self.storage
-                    .write_at(&data, host)
-                    .map_err(|e| self.err(e))?;
+                plan.segs.push(Seg {
+                    host,
+                    data: SegData::Owned(data),
+                });
             }
             for (i, old) in olds.into_iter().enumerate() {
                 let i = i as u64;
-                m.set_raw_entry(
-                    l2,
-                    (gc + i) % l2n,
-                    (host + i * cs) | OFLAG_COPIED,
-                    ALL_ALLOCATED,
-                )?;
-                m.release_entry(old);
+                plan.updates.push(L2Update {
+                    gc: gc + i,
+                    entry: (host + i * cs) | OFLAG_COPIED,
+                    bitmap: ALL_ALLOCATED,
+                    old: Some(old),
+                });
             }
             pos += run_bytes;
+        }
+        Ok(plan)
+    }
+
+    /// Write a plan's data (no lock needed: the clusters are reserved for it).
+    fn write_segments(&self, plan: &WritePlan, buf: &[u8]) -> Result<()> {
+        for seg in &plan.segs {
+            let data = match &seg.data {
+                SegData::Buf(a, b) => &buf[*a..*b],
+                SegData::Owned(v) => v.as_slice(),
+            };
+            self.storage
+                .write_at(data, seg.host)
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Point the L2 entries at the data a plan wrote, and drop the old references.
+    fn commit_plan(&self, m: &mut Meta, plan: WritePlan) -> Result<()> {
+        let l2n = m.l2_entries();
+        for u in plan.updates {
+            let l2 = m.l2_for_write(u.gc / l2n)?;
+            m.set_raw_entry(l2, u.gc % l2n, u.entry, u.bitmap)?;
+            if let Some(old) = u.old {
+                m.release_entry(old);
+            }
         }
         Ok(())
     }
@@ -724,7 +845,17 @@ impl Qcow2Image {
             backing: RwLock::new(None),
             read_only,
             zcache: Mutex::new(None),
+            inflight: InFlight::default(),
+            reuse: RwLock::new(()),
         }
+    }
+
+    /// Hold off every reader and writer: for operations that remap or free clusters
+    /// anywhere (snapshots, repair).
+    pub(crate) fn exclusive(&self) -> (std::sync::RwLockWriteGuard<'_, ()>, impl Drop + '_) {
+        let gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
+        let busy = self.inflight.acquire(0, u64::MAX);
+        (gate, busy)
     }
 
     pub(crate) fn set_virtual_size(&self, size: u64) {
@@ -781,6 +912,7 @@ impl BlockDevice for Qcow2Image {
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
+        let _reading = self.reuse.read().unwrap_or_else(|p| p.into_inner());
         let mut pos = 0usize;
         while pos < buf.len() {
             let off = offset + pos as u64;
@@ -802,15 +934,30 @@ impl BlockDevice for Qcow2Image {
         if buf.is_empty() {
             return Ok(());
         }
+        let cs = self.geo.cluster_size();
+        let _busy = self
+            .inflight
+            .acquire(offset / cs, (offset + buf.len() as u64).div_ceil(cs));
+        let plan = {
+            let mut m = self.lock();
+            m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+            self.plan_write(&mut m, buf, offset)
+                .map_err(|e| self.fail_corrupt(&mut m, e))?
+        };
+        // The data goes out without the metadata lock, so writes run in parallel.
+        self.write_segments(&plan, buf)?;
         let mut m = self.lock();
-        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
-        self.write_locked(&mut m, buf, offset)
+        self.commit_plan(&mut m, plan)
             .map_err(|e| self.fail_corrupt(&mut m, e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+        let cs = self.geo.cluster_size();
+        let _busy = self
+            .inflight
+            .acquire(offset / cs, (offset + len).div_ceil(cs));
         let mut m = self.lock();
         m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
         self.zero_locked(&mut m, offset, len, may_unmap, false)
@@ -830,6 +977,7 @@ impl BlockDevice for Qcow2Image {
         if end <= start {
             return Ok(());
         }
+        let _busy = self.inflight.acquire(start / cs, end.div_ceil(cs));
         let mut m = self.lock();
         m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
         let padded_end = end.next_multiple_of(cs);
@@ -841,6 +989,9 @@ impl BlockDevice for Qcow2Image {
         if self.read_only {
             return Ok(());
         }
+        // Queued frees become reusable clusters here: no reader may still be reading
+        // them.
+        let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock();
         m.compressed_cursor = 0;
         m.flush_metadata().map_err(|e| self.err(e))
@@ -898,6 +1049,8 @@ impl BlockDevice for Qcow2Image {
                 "The new size must be a multiple of 512",
             ));
         }
+        let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
+        let _busy = self.inflight.acquire(0, u64::MAX);
         let mut m = self.lock();
         if new_size < cur {
             if !allow_shrink {

@@ -210,6 +210,7 @@ impl Qcow2Image {
             return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
         }
         let vm_base = self.vm_state_offset();
+        let _excl = self.exclusive();
         let mut m = self.lock();
         let m = &mut *m;
         let r = (|| {
@@ -304,6 +305,7 @@ impl Qcow2Image {
         if self.read_only() {
             return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
         }
+        let _excl = self.exclusive();
         let mut m = self.lock();
         let m = &mut *m;
         let r = (|| {
@@ -361,6 +363,7 @@ impl Qcow2Image {
         if self.read_only() {
             return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
         }
+        let _excl = self.exclusive();
         let mut m = self.lock();
         let m = &mut *m;
         let r = (|| {
