@@ -76,3 +76,58 @@ bench "convert -c zstd"         "<=0.5" convert -c -O qcow2 -o compression_type=
 bench "map --output=json"       "<=0.5" map --output=json "$src_q"
 bench "check"                   "<=0.5" check "$src_q"
 bench "info"                    "-"     info "$src_q"
+
+# ---- internal snapshots (create, list, apply, delete) ----
+# A fully written image; each sequence creates "bench", lists, applies it (a no-op
+# revert to the state just saved) and deletes it, so the image ends as it started and
+# both tools work on the same file.
+full="$WORK/full-$SIZE.qcow2"
+if [ ! -f "$full" ]; then
+  echo "bench: writing every cluster of $full"
+  qemu-img create -q -f qcow2 "$full" "$SIZE"
+  qemu-io -f qcow2 -c "write -P 0x5a 0 $SIZE" "$full" >/dev/null
+fi
+snap_bench() { # image label
+  local img=$1 label=$2
+  for op in create list apply delete; do
+    local bq=999999999999 bs=999999999999 t
+    for _ in $(seq "$RUNS"); do
+      for tool in qemu-img strata; do
+        local cmd=("$tool"); [ "$tool" = strata ] && cmd=("$STRATA" img)
+        if [ "$op" = create ]; then
+          t0=$(now); "${cmd[@]}" snapshot -c bench "$img"; t1=$(now)
+          qemu-img snapshot -d bench "$img"
+        elif [ "$op" = list ]; then
+          t0=$(now); "${cmd[@]}" snapshot -l "$img" >/dev/null; t1=$(now)
+        elif [ "$op" = apply ]; then
+          qemu-img snapshot -c bench "$img"
+          t0=$(now); "${cmd[@]}" snapshot -a bench "$img"; t1=$(now)
+          qemu-img snapshot -d bench "$img"
+        else
+          qemu-img snapshot -c bench "$img"
+          t0=$(now); "${cmd[@]}" snapshot -d bench "$img"; t1=$(now)
+        fi
+        t=$(( (t1 - t0) / 1000 ))
+        if [ "$tool" = qemu-img ]; then [ "$t" -lt "$bq" ] && bq=$t; else [ "$t" -lt "$bs" ] && bs=$t; fi
+      done
+    done
+    awk -v n="snapshot $op ($label)" -v q="$bq" -v s="$bs" \
+      'BEGIN { printf "%-28s %12.3f %12.3f %8.2f %8s\n", n, q/1e6, s/1e6, s/q, "<=0.5" }'
+  done
+}
+for n in 0 10 100; do
+  img="$WORK/snaps-$n-$SIZE.qcow2"
+  if [ ! -f "$img" ]; then
+    cp "$full" "$img"
+    for i in $(seq "$n"); do qemu-img snapshot -c "s$i" "$img"; done
+  fi
+  snap_bench "$img" "$n snaps"
+done
+# 1,000 snapshots on a smaller fully written image (256 MiB), to keep setup bounded.
+many="$WORK/snaps-1000.qcow2"
+if [ ! -f "$many" ]; then
+  qemu-img create -q -f qcow2 "$many" 256M
+  qemu-io -f qcow2 -c "write -P 0x33 0 256M" "$many" >/dev/null
+  for i in $(seq 1000); do qemu-img snapshot -c "s$i" "$many"; done
+fi
+snap_bench "$many" "1000 snaps, 256M"
