@@ -111,17 +111,17 @@ fn run(cfg: Config, ops: Vec<Op>) {
                 if end > start {
                     for c in (start..end).step_by(cs as usize) {
                         let e = (c + cs).min(DISK) as usize;
-                        if cfg.version >= 3 || backing.is_none() {
-                            model[c as usize..e].fill(0);
-                        } else {
-                            let mut b = vec![0u8; e - c as usize];
-                            let bk = backing.as_ref().unwrap();
-                            let bsz = bk.virtual_size();
-                            if c < bsz {
-                                let n = ((bsz - c) as usize).min(b.len());
-                                bk.read(&mut b[..n], c).unwrap();
+                        match backing.as_ref().filter(|_| cfg.version < 3) {
+                            None => model[c as usize..e].fill(0),
+                            Some(bk) => {
+                                let mut b = vec![0u8; e - c as usize];
+                                let bsz = bk.virtual_size();
+                                if c < bsz {
+                                    let n = ((bsz - c) as usize).min(b.len());
+                                    bk.read(&mut b[..n], c).unwrap();
+                                }
+                                model[c as usize..e].copy_from_slice(&b);
                             }
-                            model[c as usize..e].copy_from_slice(&b);
                         }
                     }
                 }

@@ -28,10 +28,9 @@ impl<T> TableCache<T> {
     pub fn get(&mut self, offset: u64) -> Option<&mut Slot<T>> {
         self.tick += 1;
         let tick = self.tick;
-        self.map.get_mut(&offset).map(|s| {
-            s.used = tick;
-            s
-        })
+        let slot = self.map.get_mut(&offset)?;
+        slot.used = tick;
+        Some(slot)
     }
 
     pub fn contains(&self, offset: u64) -> bool {

@@ -199,7 +199,7 @@ impl Qcow2Image {
         let mut bad_blocks = false;
         for (i, &e) in reftable.iter().enumerate() {
             let off = e & !REFTABLE_RESERVED;
-            if e & REFTABLE_RESERVED != 0 || off % cs != 0 {
+            if e & REFTABLE_RESERVED != 0 || !off.is_multiple_of(cs) {
                 ctr.corruptions += 1;
                 ctr.messages.push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
                 bad_blocks = true;
@@ -300,7 +300,7 @@ impl Qcow2Image {
             return Ok(0);
         };
         if e & REFTABLE_RESERVED != 0
-            || e % m.cluster_size() != 0
+            || !e.is_multiple_of(m.cluster_size())
             || e >= m.storage.size().map_err(|er| self.err(er))?
         {
             return Ok(0);
@@ -502,7 +502,7 @@ impl Qcow2Image {
         }
         for &e in &m.reftable {
             let off = e & !REFTABLE_RESERVED;
-            if off != 0 && off % cs == 0 {
+            if off != 0 && off.is_multiple_of(cs) {
                 if let Some(r) = refs.get_mut((off / cs) as usize) {
                     *r = r.saturating_sub(1);
                 }

@@ -123,7 +123,7 @@ impl CreateOptions {
                 "Backing format cannot be used without backing file",
             ));
         }
-        if self.size % 512 != 0 {
+        if !self.size.is_multiple_of(512) {
             return Err(Error::invalid_argument(
                 "Image size must be a multiple of 512 bytes",
             ));

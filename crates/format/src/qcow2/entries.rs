@@ -21,7 +21,7 @@ pub fn decode_l1(e: u64, cluster_size: u64, index: usize) -> Result<(u64, bool)>
         )));
     }
     let off = e & OFFSET_MASK;
-    if off % cluster_size != 0 {
+    if !off.is_multiple_of(cluster_size) {
         return Err(Error::corrupt(format!(
             "L2 table offset 0x{off:x} in L1 entry {index} is not cluster-aligned"
         )));
@@ -117,7 +117,7 @@ impl Geometry {
             )));
         }
         let host = e & OFFSET_MASK;
-        if host % self.cluster_size() != 0 {
+        if !host.is_multiple_of(self.cluster_size()) {
             return Err(Error::corrupt(format!(
                 "data cluster offset 0x{host:x} is not cluster-aligned"
             )));
@@ -210,7 +210,7 @@ mod tests {
         match G.decode_l2(e, 0).unwrap() {
             L2Entry::Compressed { offset, size } => {
                 assert_eq!(offset, 0x12_3456);
-                assert!(size >= 3000 && size < 3000 + 512);
+                assert!((3000..3000 + 512).contains(&size));
             }
             other => panic!("{other:?}"),
         }

@@ -391,7 +391,7 @@ impl Header {
                         if b.directory_size > 1024 * 65535 {
                             return Err(Error::invalid("bitmap directory too large"));
                         }
-                        if b.directory_offset % self.cluster_size() != 0 {
+                        if !b.directory_offset.is_multiple_of(self.cluster_size()) {
                             return Err(Error::invalid(
                                 "bitmap directory offset is not cluster-aligned",
                             ));
@@ -513,7 +513,7 @@ impl Header {
             o.extend_from_slice(&ty.to_be_bytes());
             o.extend_from_slice(&(data.len() as u32).to_be_bytes());
             o.extend_from_slice(data);
-            while o.len() % 8 != 0 {
+            while !o.len().is_multiple_of(8) {
                 o.push(0);
             }
         };
@@ -604,7 +604,7 @@ pub fn check_table(
     file_size: u64,
     what: &str,
 ) -> Result<()> {
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(Error::invalid(format!(
             "{what} offset 0x{offset:x} is not cluster-aligned"
         )));

@@ -319,7 +319,7 @@ impl Qcow2Image {
         let cs = self.geo.cluster_size();
         if offset
             .checked_add(size)
-            .map_or(true, |e| e > header::MAX_HOST_OFFSET)
+            .is_none_or(|e| e > header::MAX_HOST_OFFSET)
         {
             return Err(self.err(Error::corrupt(format!(
                 "compressed cluster at 0x{offset:x} out of range"
@@ -611,7 +611,7 @@ impl Qcow2Image {
     fn alloc_bytes(&self, m: &mut Meta, size: u64) -> Result<u64> {
         let cs = self.geo.cluster_size();
         let cur = m.compressed_cursor;
-        if cur != 0 && cur % cs != 0 {
+        if cur != 0 && !cur.is_multiple_of(cs) {
             let first = cur / cs;
             let last = (cur + size - 1) / cs;
             let mut ok = true;
@@ -1044,7 +1044,7 @@ impl BlockDevice for Qcow2Image {
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         self.check_writable()?;
         let cur = self.virtual_size();
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(Error::invalid_argument(
                 "The new size must be a multiple of 512",
             ));
@@ -1070,7 +1070,7 @@ impl BlockDevice for Qcow2Image {
                 self.zero_locked(&mut m, from, to - from, true, true)
                     .map_err(|e| self.err(e))?;
             }
-            if new_size % cs != 0 {
+            if !new_size.is_multiple_of(cs) {
                 // The tail of the last cluster must read as zeroes if the disk grows again.
                 let tail_end = (new_size.next_multiple_of(cs)).min(cur);
                 if tail_end > new_size {

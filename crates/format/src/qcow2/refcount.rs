@@ -27,7 +27,7 @@ pub fn rb_get(block: &[u8], order: u32, i: usize) -> u64 {
 /// Write entry `i`; `v` must fit the width.
 pub fn rb_set(block: &mut [u8], order: u32, i: usize, v: u64) {
     match order {
-        0 | 1 | 2 => {
+        0..=2 => {
             let bits = 1usize << order;
             let per = 8 / bits;
             let shift = bits * (i % per);
@@ -69,7 +69,7 @@ impl Meta {
                 "refcount table entry {idx} has reserved bits set (0x{e:x})"
             )));
         }
-        if e % self.cluster_size() != 0 {
+        if !e.is_multiple_of(self.cluster_size()) {
             return Err(Error::corrupt(format!(
                 "refcount block {idx} offset 0x{e:x} is not cluster-aligned"
             )));
@@ -323,7 +323,7 @@ impl Meta {
         let mut hint_moving = true;
         while run < n {
             if c.checked_mul(cs)
-                .map_or(true, |o| o >= super::header::MAX_HOST_OFFSET)
+                .is_none_or(|o| o >= super::header::MAX_HOST_OFFSET)
             {
                 return Err(Error::invalid(
                     "image would grow past the 2^56-byte host offset limit",

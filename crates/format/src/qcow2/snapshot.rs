@@ -161,7 +161,7 @@ pub fn serialize_table(snaps: &[Snapshot]) -> Vec<u8> {
         out.extend_from_slice(&extra);
         out.extend_from_slice(s.id.as_bytes());
         out.extend_from_slice(s.name.as_bytes());
-        while out.len() % 8 != 0 {
+        while !out.len().is_multiple_of(8) {
             out.push(0);
         }
     }

@@ -6,6 +6,7 @@
 //! - apply: raise the snapshot's refcounts, flush; write the active L1, flush; then
 //!   lower the old active image's refcounts;
 //! - delete: rewrite the table first, then lower the refcounts.
+//!
 //! A crash anywhere leaks clusters at worst.
 
 use super::entries::{decode_l1, L2Entry, OFLAG_COPIED};
