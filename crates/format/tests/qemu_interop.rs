@@ -492,3 +492,36 @@ fn strata_refuses_to_write_an_image_qemu_is_writing() {
     );
     assert!(shared.is_ok(), "-U (force share) must open an image in use");
 }
+
+#[test]
+fn a_backing_file_recorded_by_strata_is_what_qemu_img_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![5u8; 1 << 20]).unwrap();
+    let top = dir.path().join("top.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&top), "1M"]);
+    let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&top, OpenOptions::write()).unwrap());
+    let img = Qcow2Image::open(st, Qcow2OpenOptions::default()).unwrap();
+    img.set_backing_file(Some("base.raw"), Some("raw")).unwrap();
+    drop(img);
+    let info = qemu_ok("qemu-img", &["info", "--output=json", s(&top)]);
+    assert!(
+        info.contains("\"backing-filename\": \"base.raw\""),
+        "{info}"
+    );
+    assert!(
+        info.contains("\"backing-filename-format\": \"raw\""),
+        "{info}"
+    );
+    let raw = dir.path().join("out.raw");
+    qemu_ok("qemu-img", &["convert", "-O", "raw", s(&top), s(&raw)]);
+    assert!(std::fs::read(&raw).unwrap().iter().all(|&b| b == 5));
+    // And back to no backing file at all.
+    let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&top, OpenOptions::write()).unwrap());
+    let img = Qcow2Image::open(st, Qcow2OpenOptions::default()).unwrap();
+    img.set_backing_file(None, None).unwrap();
+    drop(img);
+    let info = qemu_ok("qemu-img", &["info", "--output=json", s(&top)]);
+    assert!(!info.contains("backing-filename"), "{info}");
+    qemu_ok("qemu-img", &["check", s(&top)]);
+}
