@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
 # Install what strata's tests and benchmarks need on Debian bookworm:
-# QEMU 10's qemu-img/qemu-io/qemu-nbd from bookworm-backports (the reference
-# implementation the tests compare against) and libnbd's NBD clients.
-# Idempotent; run as root (or with sudo available).
+# QEMU 10's qemu-img/qemu-io/qemu-nbd (package qemu-utils) from bookworm-backports,
+# the reference implementation the tests compare against, and libnbd's NBD
+# clients (libnbd-bin) from bookworm itself.
+# Idempotent. Runs as root, or through sudo when that is available.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-SUDO=""
+say() { echo "install-deps: $*"; }
+die() { echo "install-deps: ERROR: $*" >&2; exit 1; }
+
+SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "install-deps: must run as root (or with sudo)" >&2; exit 1; fi
+  command -v sudo >/dev/null 2>&1 || die "must run as root (or with sudo available)"
+  SUDO=(sudo env DEBIAN_FRONTEND=noninteractive)
 fi
 
-qemu_major() {
-  command -v qemu-img >/dev/null 2>&1 || { echo 0; return; }
-  qemu-img --version | sed -n 's/^qemu-img version \([0-9]*\)\..*/\1/p' | head -n1
+# Is a bookworm-backports suite configured (in a file apt reads, not commented out)?
+have_backports() {
+  local f
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    if sed 's/#.*//' "$f" | grep -Eq '(^|[[:space:]])bookworm-backports([[:space:]]|$)'; then
+      return 0
+    fi
+  done
+  return 1
 }
 
 # Debian's backports suite carries QEMU 10; plain bookworm has 7.2.
-if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  echo "install-deps: adding bookworm-backports to apt sources"
-  $SUDO tee /etc/apt/sources.list.d/strata-backports.sources >/dev/null <<'SRC'
+if have_backports; then
+  say "bookworm-backports is already configured"
+else
+  say "adding bookworm-backports to apt sources"
+  "${SUDO[@]}" tee /etc/apt/sources.list.d/strata-backports.sources >/dev/null <<'SRC'
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bookworm-backports
@@ -29,13 +42,28 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-$SUDO apt-get update -q
-$SUDO apt-get install -y -q -t bookworm-backports qemu-utils
-$SUDO apt-get install -y -q libnbd-bin
+# Mirrors hiccup: try the index update a few times before giving up.
+for attempt in 1 2 3; do
+  if "${SUDO[@]}" apt-get update -q; then
+    break
+  fi
+  [ "$attempt" -lt 3 ] || die "apt-get update failed $attempt times"
+  say "apt-get update failed; retrying in 10 s"
+  sleep 10
+done
 
-major=$(qemu_major)
-if [ "${major:-0}" -lt 10 ]; then
-  echo "install-deps: qemu-img ${major:-missing} found, but strata's tests need QEMU 10 or newer" >&2
-  exit 1
+# Only qemu-utils comes from backports (with whatever it needs from there);
+# nothing else, in particular no qemu-system-* from plain bookworm.
+"${SUDO[@]}" apt-get install -y -q -t bookworm-backports qemu-utils
+"${SUDO[@]}" apt-get install -y -q libnbd-bin
+
+for tool in qemu-img qemu-io qemu-nbd nbdinfo; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool is missing after the install"
+done
+
+version=$(qemu-img --version | head -n1)
+major=$(printf '%s\n' "$version" | sed -n 's/^qemu-img version \([0-9][0-9]*\)\..*/\1/p')
+if [ -z "$major" ] || [ "$major" -lt 10 ]; then
+  die "strata's tests need QEMU 10 or newer, but qemu-img reports: ${version:-nothing}"
 fi
-echo "install-deps: $(qemu-img --version | head -n1)"
+say "$version"
