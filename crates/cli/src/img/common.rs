@@ -52,7 +52,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
         }
         _ => (s, 1),
     };
-    let bad = || anyhow!("Invalid image size specified. Must be between 0 and 9223372036854775807.");
+    let bad =
+        || anyhow!("Invalid image size specified. Must be between 0 and 9223372036854775807.");
     if num.contains('.') {
         let f: f64 = num.parse().map_err(|_| bad())?;
         let v = f * mult as f64;
@@ -62,7 +63,10 @@ pub fn parse_size(s: &str) -> Result<u64> {
         return Ok(v as u64);
     }
     let n: u64 = num.parse().map_err(|_| bad())?;
-    let v = n.checked_mul(mult).filter(|&v| v <= i64::MAX as u64).ok_or_else(bad)?;
+    let v = n
+        .checked_mul(mult)
+        .filter(|&v| v <= i64::MAX as u64)
+        .ok_or_else(bad)?;
     Ok(v)
 }
 
@@ -112,7 +116,11 @@ pub fn human_size(val: u64) -> String {
     const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
     // Same unit choice as QEMU: the unit in which the value is below 1000.
     let x = val as f64 / (1000.0 / 1024.0);
-    let exp = if x == 0.0 { 0 } else { x.log2().floor() as i32 + 1 };
+    let exp = if x == 0.0 {
+        0
+    } else {
+        x.log2().floor() as i32 + 1
+    };
     let i = (((exp - 1).max(0)) / 10).min(6) as usize;
     let div = (1u64 << (i * 10)) as f64;
     format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
@@ -167,7 +175,11 @@ mod tests {
 
     #[test]
     fn options_split_on_commas_with_escapes() {
-        let o = parse_options(&["cluster_size=4k,lazy_refcounts".into(), "backing_file=a,,b".into()]).unwrap();
+        let o = parse_options(&[
+            "cluster_size=4k,lazy_refcounts".into(),
+            "backing_file=a,,b".into(),
+        ])
+        .unwrap();
         assert_eq!(o["cluster_size"], "4k");
         assert_eq!(o["lazy_refcounts"], "on");
         assert_eq!(o["backing_file"], "a,b");
