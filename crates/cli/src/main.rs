@@ -2,6 +2,7 @@
 //! name `qemu-img` (a symlink), the binary behaves as `strata img`.
 
 mod img;
+mod nbd;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,8 @@ enum Command {
     /// Disk image tool compatible with qemu-img (create, info, map, check, compare,
     /// measure, resize, convert).
     Img(img::ImgCli),
+    /// NBD server: export images and chains; live snapshots, commit and stream.
+    Nbd(nbd::NbdCli),
 }
 
 fn main() {
@@ -36,6 +39,7 @@ fn main() {
             match Cli::try_parse() {
                 Ok(cli) => match cli.command {
                     Command::Img(c) => img::run(c, "strata img"),
+                    Command::Nbd(c) => nbd::run(c),
                 },
                 Err(e) => {
                     let _ = e.print();

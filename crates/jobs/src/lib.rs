@@ -2,11 +2,14 @@
 //! API. A job that moves data first builds a plan, then applies it with progress
 //! ([`Progress`]) and cancellation ([`Cancel`]).
 
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod rebase;
+pub mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

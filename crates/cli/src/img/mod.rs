@@ -4,6 +4,7 @@
 //! `run(args, &Ctx) -> anyhow::Result<i32>` returning the process exit code.
 
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -11,6 +12,7 @@ mod create;
 mod info;
 mod map;
 mod measure;
+mod rebase;
 mod resize;
 mod snapshot;
 
@@ -52,6 +54,10 @@ enum ImgCommand {
     Convert(convert::Args),
     /// List, create, apply or delete internal snapshots (-l, -c, -a, -d).
     Snapshot(snapshot::Args),
+    /// Merge an overlay's data into its backing file (or a chosen base) and relink.
+    Commit(commit::Args),
+    /// Change an image's backing file, keeping the guest-visible content (or -u: not).
+    Rebase(rebase::Args),
 }
 
 /// Parse `args` as `<prog> SUBCOMMAND ...` and run it; returns the exit code.
@@ -83,6 +89,8 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
         ImgCommand::Resize(a) => resize::run(a, &ctx),
         ImgCommand::Convert(a) => convert::run(a, &ctx),
         ImgCommand::Snapshot(a) => snapshot::run(a, &ctx),
+        ImgCommand::Commit(a) => commit::run(a, &ctx),
+        ImgCommand::Rebase(a) => rebase::run(a, &ctx),
     };
     match r {
         Ok(code) => code,

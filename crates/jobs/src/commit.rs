@@ -1,0 +1,1 @@
+//! commit job (to be written).

@@ -1,0 +1,1 @@
+//! rebase job (to be written).

@@ -1,0 +1,1 @@
+//! stream job (to be written).
