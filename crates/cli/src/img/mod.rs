@@ -12,9 +12,11 @@ mod create;
 mod info;
 mod map;
 mod measure;
+mod progress;
 mod rebase;
 mod resize;
 mod snapshot;
+mod stream;
 
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -58,6 +60,8 @@ enum ImgCommand {
     Commit(commit::Args),
     /// Change an image's backing file, keeping the guest-visible content (or -u: not).
     Rebase(rebase::Args),
+    /// Pull data from part of the backing chain into the image, then drop that part.
+    Stream(stream::Args),
 }
 
 /// Parse `args` as `<prog> SUBCOMMAND ...` and run it; returns the exit code.
@@ -91,6 +95,7 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
         ImgCommand::Snapshot(a) => snapshot::run(a, &ctx),
         ImgCommand::Commit(a) => commit::run(a, &ctx),
         ImgCommand::Rebase(a) => rebase::run(a, &ctx),
+        ImgCommand::Stream(a) => stream::run(a, &ctx),
     };
     match r {
         Ok(code) => code,
