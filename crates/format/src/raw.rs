@@ -11,9 +11,10 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Open a raw image; its virtual size is the file's size.
+    /// Open a raw image; its virtual size is the file's size rounded up to whole
+    /// 512-byte sectors, as QEMU sees it (the tail past the file's end reads as zeroes).
     pub fn open(storage: Arc<dyn Storage>) -> Result<Self> {
-        let size = storage.size()?;
+        let size = storage.size()?.div_ceil(512) * 512;
         Ok(RawImage {
             storage,
             size: RwLock::new(size),
@@ -85,9 +86,19 @@ impl BlockDevice for RawImage {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.virtual_size())?;
+        let file_len = self.storage.size().map_err(|e| self.err(e))?;
+        if offset >= file_len {
+            return Ok(Extent {
+                offset,
+                len,
+                status: Status::Zero {
+                    host_offset: Some(offset),
+                },
+            });
+        }
         let (data, n) = self
             .storage
-            .probe_data(offset, len)
+            .probe_data(offset, len.min(file_len - offset))
             .map_err(|e| self.err(e))?;
         let status = if data {
             Status::Data {

@@ -1,1 +1,215 @@
-//! info (to be written).
+//! `info`: what an image is (format, sizes, backing file, snapshots, format details
+//! and the file under it), in the shape of QEMU's `ImageInfo`.
+//!
+//! Field names and optional fields follow QEMU's schema so that the JSON a client
+//! gets from strata parses like the JSON qemu-img prints.
+
+use crate::Result;
+use serde::Serialize;
+use std::path::Path;
+use strata_chain::Layer;
+use strata_format::qcow2::{Qcow2Image, Snapshot};
+use strata_format::BlockDevice;
+
+/// Information about one image (one layer of a chain).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageInfo {
+    pub filename: String,
+    pub format: String,
+    pub dirty_flag: bool,
+    /// Bytes allocated on the host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actual_size: Option<u64>,
+    pub virtual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<FormatSpecific>,
+    pub children: Vec<ChildInfo>,
+}
+
+/// One internal snapshot.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_sec: u64,
+    pub vm_clock_nsec: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
+}
+
+impl From<&Snapshot> for SnapshotInfo {
+    fn from(s: &Snapshot) -> Self {
+        SnapshotInfo {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            vm_state_size: s.vm_state_size,
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+            icount: s.icount,
+        }
+    }
+}
+
+/// Format-specific details, tagged by format.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", content = "data", rename_all = "lowercase")]
+pub enum FormatSpecific {
+    Qcow2(Qcow2Specific),
+    File(FileSpecific),
+}
+
+/// qcow2 details. Version 2 images report only `compat`, `compression-type` and
+/// `refcount-bits`, as QEMU does.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2Specific {
+    pub compat: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_l2: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_refcounts: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<bool>,
+    pub refcount_bits: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapEntry>>,
+    pub compression_type: String,
+}
+
+/// A persistent dirty bitmap.
+#[derive(Debug, Clone, Serialize)]
+pub struct BitmapEntry {
+    pub flags: Vec<String>,
+    pub name: String,
+    pub granularity: u64,
+}
+
+/// The protocol layer (a plain file) has no details yet.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileSpecific {}
+
+/// A child node: the file holding the image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChildInfo {
+    pub name: String,
+    pub info: ImageInfo,
+}
+
+/// Describe one opened layer. `filename` is how the user (or the overlay above)
+/// named it.
+pub fn layer_info(layer: &Layer, filename: &str) -> Result<ImageInfo> {
+    let dev = &layer.device;
+    let actual = dev.allocated_bytes()?;
+    let file_len = file_length(dev.as_ref())?;
+    let file = ImageInfo {
+        filename: filename.to_string(),
+        format: "file".into(),
+        dirty_flag: false,
+        actual_size: actual,
+        virtual_size: file_len,
+        cluster_size: None,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        snapshots: Vec::new(),
+        format_specific: Some(FormatSpecific::File(FileSpecific {})),
+        children: Vec::new(),
+    };
+    let mut info = ImageInfo {
+        filename: filename.to_string(),
+        format: dev.format_name().to_string(),
+        dirty_flag: false,
+        actual_size: actual,
+        virtual_size: dev.virtual_size(),
+        cluster_size: None,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        snapshots: Vec::new(),
+        format_specific: None,
+        children: vec![ChildInfo {
+            name: "file".into(),
+            info: file,
+        }],
+    };
+    if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
+        let h = q.header();
+        info.dirty_flag = h.is_dirty();
+        info.cluster_size = Some(h.cluster_size());
+        info.backing_filename = layer.backing_name.clone();
+        info.full_backing_filename = layer
+            .backing_path
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        info.backing_filename_format = layer.backing_format.clone();
+        info.snapshots = q.snapshots().iter().map(SnapshotInfo::from).collect();
+        let v3 = h.version >= 3;
+        let bitmaps = if v3 { q.bitmaps()? } else { Vec::new() };
+        info.format_specific = Some(FormatSpecific::Qcow2(Qcow2Specific {
+            compat: if v3 { "1.1" } else { "0.10" }.into(),
+            extended_l2: v3.then(|| h.extended_l2()),
+            lazy_refcounts: v3.then(|| h.lazy_refcounts()),
+            corrupt: v3.then(|| h.is_corrupt()),
+            refcount_bits: h.refcount_bits(),
+            bitmaps: (!bitmaps.is_empty()).then(|| {
+                bitmaps
+                    .iter()
+                    .map(|b| BitmapEntry {
+                        flags: b.flag_names().into_iter().map(String::from).collect(),
+                        name: b.name.clone(),
+                        granularity: b.granularity,
+                    })
+                    .collect()
+            }),
+            compression_type: h.compression_type.name().into(),
+        }));
+    }
+    Ok(info)
+}
+
+/// The length of the file under a device, in whole 512-byte sectors as QEMU
+/// reports it.
+fn file_length(dev: &dyn BlockDevice) -> Result<u64> {
+    let len = if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
+        q.storage().size()?
+    } else if let Some(r) = dev.as_any().downcast_ref::<strata_format::raw::RawImage>() {
+        r.storage().size()?
+    } else {
+        dev.virtual_size()
+    };
+    Ok(len.div_ceil(512) * 512)
+}
+
+/// Describe every layer of a chain, top first; each below the top is named as the
+/// layer above resolved its backing file name.
+pub fn chain_info(chain: &strata_chain::Chain, top_name: &str) -> Result<Vec<ImageInfo>> {
+    let mut out = Vec::with_capacity(chain.layers.len());
+    let mut name = top_name.to_string();
+    for layer in &chain.layers {
+        let info = layer_info(layer, &name)?;
+        name = layer
+            .backing_path
+            .as_deref()
+            .map(|p: &Path| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out.push(info);
+    }
+    Ok(out)
+}

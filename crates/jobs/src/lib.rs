@@ -9,6 +9,7 @@ pub mod info;
 pub mod map;
 pub mod measure;
 pub mod rebase;
+pub mod status;
 pub mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};

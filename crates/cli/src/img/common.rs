@@ -24,6 +24,20 @@ impl Ctx {
     }
 }
 
+/// The chain-opening spec for a user-named image: `-f` parsed, `-U` applied.
+pub fn open_spec(
+    path: &std::path::Path,
+    format: Option<&str>,
+    force_share: bool,
+) -> Result<strata_chain::OpenSpec> {
+    let format = format
+        .map(|f| f.parse::<strata_format::Format>())
+        .transpose()?;
+    Ok(strata_chain::OpenSpec::new(path)
+        .format(format)
+        .force_share(force_share))
+}
+
 /// `--output=human|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OutputFormat {

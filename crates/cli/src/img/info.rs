@@ -1,10 +1,153 @@
-//! `strata img info` (placeholder).
+//! `strata img info`: an image's format, sizes, backing file, snapshots and format
+//! details, as qemu-img prints them (text, or `--output=json`).
 
-use super::common::Ctx;
+use super::common::{human_size, open_spec, Ctx, OutputFormat};
+use super::{qjson, snapshot};
+use anyhow::Result;
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use strata_jobs::info::{chain_info, layer_info, ImageInfo};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Image format (probed from the top image when omitted; backing files never are).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]
+    output: OutputFormat,
+    /// Show every image of the backing chain, top first.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    /// Open without locks, to inspect an image in use.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image.
+    filename: PathBuf,
+}
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<i32> {
-    anyhow::bail!("info is not implemented yet")
+pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+    let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?
+        .open_backing(args.backing_chain);
+    let chain = strata_chain::open(&spec)?;
+    let name = args.filename.to_string_lossy();
+    let infos = if args.backing_chain {
+        chain_info(&chain, &name)?
+    } else {
+        vec![layer_info(&chain.layers[0], &name)?]
+    };
+    match args.output {
+        OutputFormat::Json => {
+            let v = if args.backing_chain {
+                serde_json::to_value(&infos)?
+            } else {
+                serde_json::to_value(&infos[0])?
+            };
+            println!("{}", qjson::to_string(&v));
+        }
+        OutputFormat::Human => {
+            let texts: Vec<String> = infos.iter().map(|i| dump(i, 0, false)).collect();
+            print!("{}", texts.join("\n"));
+        }
+    }
+    Ok(0)
+}
+
+/// qemu-img's text dump of one node (and its children, indented).
+pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> String {
+    let pad = "    ".repeat(level);
+    let mut s = String::new();
+    let disk = info
+        .actual_size
+        .map(human_size)
+        .unwrap_or_else(|| "unavailable".into());
+    if protocol {
+        let _ = writeln!(s, "{pad}filename: {}", info.filename);
+        let _ = writeln!(s, "{pad}protocol type: {}", info.format);
+        let _ = writeln!(
+            s,
+            "{pad}file length: {} ({} bytes)",
+            human_size(info.virtual_size),
+            info.virtual_size
+        );
+    } else {
+        let _ = writeln!(s, "{pad}image: {}", info.filename);
+        let _ = writeln!(s, "{pad}file format: {}", info.format);
+        let _ = writeln!(
+            s,
+            "{pad}virtual size: {} ({} bytes)",
+            human_size(info.virtual_size),
+            info.virtual_size
+        );
+    }
+    let _ = writeln!(s, "{pad}disk size: {disk}");
+    if let Some(cs) = info.cluster_size {
+        let _ = writeln!(s, "{pad}cluster_size: {cs}");
+    }
+    if info.dirty_flag {
+        let _ = writeln!(s, "{pad}cleanly shut down: no");
+    }
+    if let Some(b) = &info.backing_filename {
+        let _ = write!(s, "{pad}backing file: {b}");
+        match &info.full_backing_filename {
+            None => s.push_str(" (cannot determine actual path)"),
+            Some(full) if full != b => {
+                let _ = write!(s, " (actual path: {full})");
+            }
+            Some(_) => {}
+        }
+        s.push('\n');
+    }
+    if let Some(f) = &info.backing_filename_format {
+        let _ = writeln!(s, "{pad}backing file format: {f}");
+    }
+    if !info.snapshots.is_empty() {
+        s.push_str(&snapshot::format_info_list(&info.snapshots));
+    }
+    if let Some(fs) = &info.format_specific {
+        let v = serde_json::to_value(fs).unwrap_or(Value::Null);
+        if let Some(Value::Object(data)) = v.get("data") {
+            if !data.is_empty() {
+                let _ = writeln!(s, "{pad}Format specific information:");
+                dump_dict(&mut s, data, level + 1);
+            }
+        }
+    }
+    for child in &info.children {
+        let _ = writeln!(s, "{pad}Child node '/{}':", child.name);
+        s.push_str(&dump(&child.info, level + 1, true));
+    }
+    s
+}
+
+/// QEMU's text dump of a dictionary: `key: value`, dashes shown as spaces, nested
+/// containers on their own lines, keys in QEMU's order.
+fn dump_dict(s: &mut String, m: &serde_json::Map<String, Value>, level: usize) {
+    for k in qjson::key_order(m) {
+        let key = k.replace('-', " ");
+        dump_entry(s, &key, &m[k], level);
+    }
+}
+
+fn dump_entry(s: &mut String, key: &str, v: &Value, level: usize) {
+    let pad = "    ".repeat(level);
+    match v {
+        Value::Object(m) => {
+            let _ = writeln!(s, "{pad}{key}:");
+            dump_dict(s, m, level + 1);
+        }
+        Value::Array(a) => {
+            let _ = writeln!(s, "{pad}{key}:");
+            for (i, item) in a.iter().enumerate() {
+                dump_entry(s, &format!("[{i}]"), item, level + 1);
+            }
+        }
+        Value::String(t) => {
+            let _ = writeln!(s, "{pad}{key}: {t}");
+        }
+        other => {
+            let _ = writeln!(s, "{pad}{key}: {other}");
+        }
+    }
 }

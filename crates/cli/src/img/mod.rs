@@ -13,6 +13,7 @@ mod info;
 mod map;
 mod measure;
 mod progress;
+mod qjson;
 mod rebase;
 mod resize;
 mod snapshot;

@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
 use strata_format::qcow2::{Qcow2Image, Snapshot, SnapshotSpec};
 use strata_format::Format;
+use strata_jobs::info::SnapshotInfo;
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("action").args(["list", "create", "apply", "delete"])))]
@@ -37,20 +38,25 @@ pub struct Args {
 
 /// qemu-img's snapshot table: header and one line per snapshot.
 pub fn format_list(snaps: &[Snapshot]) -> String {
+    let infos: Vec<SnapshotInfo> = snaps.iter().map(SnapshotInfo::from).collect();
+    format_info_list(&infos)
+}
+
+/// The same table for snapshots described by `info`.
+pub fn format_info_list(snaps: &[SnapshotInfo]) -> String {
     let mut out = String::from("Snapshot list:\n");
     out.push_str(&format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
         "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
     ));
     for s in snaps {
-        let ns = s.vm_clock_nsec;
-        let secs = ns / 1_000_000_000;
+        let secs = s.vm_clock_sec;
         let clock = format!(
             "{:04}:{:02}:{:02}.{:03}",
             secs / 3600,
             (secs / 60) % 60,
             secs % 60,
-            (ns / 1_000_000) % 1000
+            s.vm_clock_nsec / 1_000_000
         );
         let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
         out.push_str(&format!(

@@ -13,6 +13,7 @@ pub mod create;
 pub mod entries;
 pub mod header;
 pub mod image;
+pub mod inspect;
 mod meta;
 mod refcount;
 pub mod snapshot;
@@ -23,6 +24,7 @@ pub use compress::CompressionType;
 pub use create::{create, CreateOptions, Preallocation};
 pub use header::Header;
 pub use image::{Qcow2Image, Qcow2OpenOptions};
+pub use inspect::BitmapInfo;
 pub use snapshot::Snapshot;
 pub use snapshot_ops::SnapshotSpec;
 

@@ -1,0 +1,225 @@
+//! Allocation status through a whole backing chain, with QEMU's semantics.
+//!
+//! Two walks exist because qemu-img uses two: `map` stops at the first layer that
+//! says *data or zero*, while `compare`, `measure` and `convert` stop at the first
+//! layer where the range is *allocated* (a range past the end of a shorter backing
+//! file counts as allocated zeroes there). Both report the same [`BlockState`].
+
+use std::sync::Arc;
+use strata_chain::Chain;
+use strata_format::qcow2::Qcow2Image;
+use strata_format::{BlockDevice, Status};
+
+use crate::Result;
+
+/// The state of a run of guest bytes, seen through the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockState {
+    pub offset: u64,
+    pub len: u64,
+    /// Index of the layer that answered (0 is the top).
+    pub depth: usize,
+    /// Stored in the answering layer (data or zero clusters, or a raw file).
+    pub allocated: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+    /// Backed by data (which may still read as zeroes).
+    pub data: bool,
+    pub compressed: bool,
+    /// Host offset in the answering layer's file, when meaningful.
+    pub host_offset: Option<u64>,
+    /// The run reaches the end of the answering layer.
+    pub eof: bool,
+}
+
+impl BlockState {
+    /// The flag word qemu-img compares in `compare -s` (bit values are ours; only
+    /// equality matters).
+    pub fn flags(&self) -> u32 {
+        (self.data as u32)
+            | (self.zero as u32) << 1
+            | (self.host_offset.is_some() as u32) << 2
+            | (self.allocated as u32) << 3
+            | (self.eof as u32) << 4
+            | (self.compressed as u32) << 5
+    }
+}
+
+/// Where a walk stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// At the first layer that reports data or zeroes (`qemu-img map`).
+    DataOrZero,
+    /// At the first layer where the range is allocated (`compare`, `measure`).
+    Allocated,
+}
+
+/// A chain prepared for status queries.
+pub struct ChainStatus {
+    layers: Vec<LayerInfo>,
+}
+
+struct LayerInfo {
+    device: Arc<dyn BlockDevice>,
+    /// Ask the file system about data clusters (metadata-preallocated qcow2).
+    recurse: bool,
+}
+
+impl ChainStatus {
+    /// Prepare `chain` (all its layers) for queries.
+    pub fn new(chain: &Chain) -> Result<Self> {
+        let devices: Vec<_> = chain.layers.iter().map(|l| l.device.clone()).collect();
+        Self::from_devices(devices)
+    }
+
+    /// Prepare a stack of devices, top first (each attached to the next).
+    pub fn from_devices(devices: Vec<Arc<dyn BlockDevice>>) -> Result<Self> {
+        let mut layers = Vec::with_capacity(devices.len());
+        for device in devices {
+            let recurse = match device.as_any().downcast_ref::<Qcow2Image>() {
+                Some(q) => q.metadata_preallocated()?,
+                None => false,
+            };
+            layers.push(LayerInfo { device, recurse });
+        }
+        Ok(ChainStatus { layers })
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.layers[0].device.virtual_size()
+    }
+
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The device of layer `i` (0 is the top).
+    pub fn layer(&self, i: usize) -> &Arc<dyn BlockDevice> {
+        &self.layers[i].device
+    }
+
+    /// The state of `[offset, offset+len)` from its start: the returned run starts at
+    /// `offset` and is between 1 and `len` bytes long. `len` must be at least 1 and
+    /// the range inside the top layer.
+    pub fn status(&self, offset: u64, len: u64, walk: Walk) -> Result<BlockState> {
+        let mut bytes = len;
+        let n = self.layers.len();
+        for (depth, layer) in self.layers.iter().enumerate() {
+            let size = layer.device.virtual_size();
+            if offset >= size {
+                // Only reachable below the top: a backing file shorter than the
+                // layer above reads as zeroes there, as if allocated here.
+                return Ok(BlockState {
+                    offset,
+                    len: bytes,
+                    depth,
+                    allocated: true,
+                    zero: true,
+                    data: false,
+                    compressed: false,
+                    host_offset: None,
+                    eof: false,
+                });
+            }
+            let ext = layer
+                .device
+                .block_status(offset, bytes.min(size - offset))?;
+            bytes = ext.len;
+            let eof = offset + bytes == size;
+            match ext.status {
+                Status::Data {
+                    host_offset,
+                    compressed,
+                } => {
+                    let mut st = BlockState {
+                        offset,
+                        len: bytes,
+                        depth,
+                        allocated: true,
+                        zero: false,
+                        data: true,
+                        compressed,
+                        host_offset,
+                        eof,
+                    };
+                    if let (true, Some(h), false) = (layer.recurse, host_offset, compressed) {
+                        self.refine_from_file(layer, h, &mut st)?;
+                    }
+                    return Ok(st);
+                }
+                Status::Zero { host_offset } => {
+                    return Ok(BlockState {
+                        offset,
+                        len: bytes,
+                        depth,
+                        allocated: true,
+                        zero: true,
+                        data: false,
+                        compressed: false,
+                        host_offset,
+                        eof,
+                    })
+                }
+                Status::Unallocated => {
+                    let below =
+                        (depth + 1 < n).then(|| self.layers[depth + 1].device.virtual_size());
+                    match below {
+                        None => {
+                            return Ok(BlockState {
+                                offset,
+                                len: bytes,
+                                depth,
+                                allocated: false,
+                                zero: true,
+                                data: false,
+                                compressed: false,
+                                host_offset: None,
+                                eof,
+                            })
+                        }
+                        Some(bsize) if offset >= bsize && walk == Walk::DataOrZero => {
+                            return Ok(BlockState {
+                                offset,
+                                len: bytes,
+                                depth,
+                                allocated: false,
+                                zero: true,
+                                data: false,
+                                compressed: false,
+                                host_offset: None,
+                                eof,
+                            })
+                        }
+                        Some(_) => continue,
+                    }
+                }
+            }
+        }
+        unreachable!("the bottom layer always answers")
+    }
+
+    /// A data run of a metadata-preallocated qcow2 layer: holes in its file read as
+    /// zeroes (QEMU asks the file system the same question).
+    fn refine_from_file(&self, layer: &LayerInfo, host: u64, st: &mut BlockState) -> Result<()> {
+        let q = layer
+            .device
+            .as_any()
+            .downcast_ref::<Qcow2Image>()
+            .expect("recurse is only set on qcow2 layers");
+        let storage = q.storage();
+        let file_len = storage.size()?;
+        if host >= file_len {
+            st.zero = true;
+            return Ok(());
+        }
+        let (is_data, n) = storage.probe_data(host, st.len)?;
+        if n > 0 {
+            st.len = st.len.min(n);
+        }
+        if !is_data {
+            st.zero = true;
+        }
+        st.eof = st.offset + st.len == layer.device.virtual_size();
+        Ok(())
+    }
+}
