@@ -7,7 +7,11 @@ mod nbd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Virtual-machine disk images, snapshots and backups")]
+#[command(
+    name = "strata",
+    version,
+    about = "Virtual-machine disk images, snapshots and backups"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -23,6 +23,8 @@ pub enum Outcome {
     /// Strict mode: allocation status differs at this offset.
     StrictStatusMismatch { offset: u64 },
     /// The contents differ first in the 512-byte sector at this offset.
+    /// `size_mismatch`: the difference is in the longer image's tail (qemu-img
+    /// warns about the sizes first).
     ContentMismatch { offset: u64, size_mismatch: bool },
 }
 
@@ -43,9 +45,14 @@ pub fn compare(
     progress.set_total(sa.max(sb));
     let mut buf_a = vec![0u8; CHUNK as usize];
     let mut buf_b = vec![0u8; CHUNK as usize];
+    // The size warning comes with a mismatch only when it lies in the tail.
     let mismatch = |offset| Outcome::ContentMismatch {
         offset,
-        size_mismatch,
+        size_mismatch: false,
+    };
+    let tail_mismatch = |offset| Outcome::ContentMismatch {
+        offset,
+        size_mismatch: true,
     };
     let mut off = 0;
     while off < min {
@@ -87,7 +94,7 @@ pub fn compare(
         if s.allocated && !s.zero {
             chunk = chunk.min(CHUNK);
             if let Some(i) = first_nonzero(longer, off, chunk, &mut buf_a)? {
-                return Ok(mismatch(off + i / SECTOR * SECTOR));
+                return Ok(tail_mismatch(off + i / SECTOR * SECTOR));
             }
         }
         off += chunk;

@@ -1,6 +1,6 @@
 //! Helpers shared by the `strata img` subcommands: sizes, `-o` options, output modes.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use std::collections::BTreeMap;
 
 /// Per-invocation context.
@@ -49,39 +49,9 @@ pub enum OutputFormat {
 /// Parse a size as qemu-img does: a number with an optional suffix k/K, M, G, T, P, E
 /// (powers of 1024) or b/B (bytes). Fractions are allowed with a suffix ("1.5G").
 pub fn parse_size(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c {
-                'b' | 'B' => 1,
-                'k' | 'K' => 1 << 10,
-                'm' | 'M' => 1 << 20,
-                'g' | 'G' => 1 << 30,
-                't' | 'T' => 1 << 40,
-                'p' | 'P' => 1 << 50,
-                'e' | 'E' => 1 << 60,
-                _ => bail!("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."),
-            };
-            (&s[..s.len() - 1], m)
-        }
-        _ => (s, 1),
-    };
-    let bad =
-        || anyhow!("Invalid image size specified. Must be between 0 and 9223372036854775807.");
-    if num.contains('.') {
-        let f: f64 = num.parse().map_err(|_| bad())?;
-        let v = f * mult as f64;
-        if !(0.0..9.223_372_036_854_775e18).contains(&v) {
-            return Err(bad());
-        }
-        return Ok(v as u64);
-    }
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let v = n
-        .checked_mul(mult)
-        .filter(|&v| v <= i64::MAX as u64)
-        .ok_or_else(bad)?;
-    Ok(v)
+    strata_jobs::create::parse_size(s).ok_or_else(|| {
+        anyhow!("Invalid image size specified. Must be between 0 and 9223372036854775807.")
+    })
 }
 
 /// Parse repeated `-o key=value,key2=value2` options (commas inside values are
@@ -113,15 +83,6 @@ pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
         }
     }
     Ok(out)
-}
-
-/// Parse an on/off option value as QEMU does.
-pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => bail!("Parameter '{key}' expects 'on' or 'off'"),
-    }
 }
 
 /// QEMU's human-readable size: three significant digits and a binary unit

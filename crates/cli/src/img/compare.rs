@@ -1,10 +1,96 @@
-//! `strata img compare` (placeholder).
+//! `strata img compare`: do two images (with their backing chains) show the guest
+//! the same bytes? Exit 0 identical, 1 different, 2 error, as qemu-img.
 
-use super::common::Ctx;
+use super::common::{open_spec, Ctx};
+use super::progress::Bar;
+use anyhow::Result;
+use std::path::PathBuf;
+use strata_jobs::compare::{compare, Outcome};
+use strata_jobs::status::ChainStatus;
+use strata_jobs::Cancel;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Format of the first image (probed when omitted).
+    #[arg(short = 'f', value_name = "FMT")]
+    format1: Option<String>,
+    /// Format of the second image (probed when omitted).
+    #[arg(short = 'F', value_name = "FMT")]
+    format2: Option<String>,
+    /// Strict: fail on a size difference or a different allocation status, not only
+    /// on different contents.
+    #[arg(short = 's')]
+    strict: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet: print nothing (the exit code tells the result).
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode (accepted for compatibility).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    cache: Option<String>,
+    /// Open without locks.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    filename1: PathBuf,
+    filename2: PathBuf,
+}
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<i32> {
-    anyhow::bail!("compare is not implemented yet")
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    // Errors exit with 2 here, not 1: 1 means "different".
+    match run_inner(&args) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            ctx.error(&e);
+            Ok(2)
+        }
+    }
+}
+
+fn run_inner(args: &Args) -> Result<i32> {
+    let open = |p: &PathBuf, f: &Option<String>| -> Result<_> {
+        let chain = strata_chain::open(&open_spec(p, f.as_deref(), args.force_share)?)?;
+        Ok(ChainStatus::new(&chain)?)
+    };
+    let a = open(&args.filename1, &args.format1)?;
+    let b = open(&args.filename2, &args.format2)?;
+    let bar = Bar::new(args.progress && !args.quiet);
+    let out = compare(&a, &b, args.strict, &bar, &Cancel::default())?;
+    bar.finish();
+    let say = |s: &str| {
+        if !args.quiet {
+            println!("{s}");
+        }
+    };
+    let size_warning = |m: bool| {
+        if m {
+            say("Warning: Image size mismatch!");
+        }
+    };
+    Ok(match out {
+        Outcome::Identical { size_mismatch } => {
+            size_warning(size_mismatch);
+            say("Images are identical.");
+            0
+        }
+        Outcome::StrictSizeMismatch => {
+            say("Strict mode: Image size mismatch!");
+            1
+        }
+        Outcome::StrictStatusMismatch { offset } => {
+            say(&format!(
+                "Strict mode: Offset {offset} block status mismatch!"
+            ));
+            1
+        }
+        Outcome::ContentMismatch {
+            offset,
+            size_mismatch,
+        } => {
+            size_warning(size_mismatch);
+            say(&format!("Content mismatch at offset {offset}!"));
+            1
+        }
+    })
 }

@@ -1,10 +1,76 @@
-//! `strata img create` (placeholder).
+//! `strata img create`: a new qcow2 or raw image, optionally on a backing file, with
+//! qemu-img's options (`-o cluster_size=...,compat=...,preallocation=...`).
 
-use super::common::Ctx;
+use super::common::{parse_options, parse_size, Ctx};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use strata_format::Format;
+use strata_jobs::create::{create, supported_options, CreateRequest};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Image format: qcow2 or raw (default raw).
+    #[arg(short = 'f', value_name = "FMT", default_value = "raw")]
+    format: String,
+    /// Format options, comma separated (`-o help` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Backing file: the new image is an overlay on it (qcow2 only).
+    #[arg(short = 'b', value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// Backing file format (required with -b).
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Do not open the backing file (its size must then be given).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Quiet: do not print the summary line.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The new image.
+    filename: PathBuf,
+    /// Virtual size (k, M, G, T, P, E suffixes); defaults to the backing file's size.
+    size: Option<String>,
+}
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<i32> {
-    anyhow::bail!("create is not implemented yet")
+pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+    let format: Format = args
+        .format
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.filename.display()))?;
+    let mut options = parse_options(&args.options)?;
+    if options.contains_key("help") || options.contains_key("?") {
+        println!("Supported {} options:", format.name());
+        for (k, help) in supported_options(format) {
+            println!("  {:<22} - {help}", format!("{k}=<...>"));
+        }
+        return Ok(0);
+    }
+    if let Some(b) = &args.backing {
+        options.insert("backing_file".into(), b.clone());
+    }
+    if let Some(f) = &args.backing_format {
+        if args.backing.is_none() && !options.contains_key("backing_file") {
+            bail!(
+                "{}: -F requires a backing file (-b)",
+                args.filename.display()
+            );
+        }
+        options.insert("backing_fmt".into(), f.clone());
+    }
+    let size = match &args.size {
+        Some(s) => Some(parse_size(s)?),
+        None => None,
+    };
+    let created = create(&CreateRequest {
+        path: args.filename.clone(),
+        format,
+        size,
+        options,
+        unsafe_backing: args.unsafe_backing,
+    })?;
+    if !args.quiet {
+        println!("{}", created.summary);
+    }
+    Ok(0)
 }

@@ -1,10 +1,135 @@
-//! `strata img map` (placeholder).
+//! `strata img map`: how guest ranges are stored, through the whole backing chain
+//! (text and `--output=json`, as qemu-img prints them).
 
-use super::common::Ctx;
+use super::common::{open_spec, parse_size, Ctx, OutputFormat};
+use anyhow::{bail, Result};
+use std::io::Write;
+use std::path::PathBuf;
+use strata_jobs::map::{map, MapEntry};
+use strata_jobs::status::ChainStatus;
+use strata_jobs::Cancel;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Image format (probed from the top image when omitted).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format (`json` adds zero/unallocated runs and the chain depth).
+    #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]
+    output: OutputFormat,
+    /// Start mapping at this guest offset.
+    #[arg(short = 's', long = "start-offset", value_name = "OFFSET")]
+    start_offset: Option<String>,
+    /// Map at most this many bytes.
+    #[arg(short = 'l', long = "max-length", value_name = "LENGTH")]
+    max_length: Option<String>,
+    /// Open without locks, to inspect an image in use.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image.
+    filename: PathBuf,
+}
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<i32> {
-    anyhow::bail!("map is not implemented yet")
+pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+    let start = match &args.start_offset {
+        Some(s) => parse_size(s).map_err(|_| anyhow::anyhow!("Invalid start offset specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."))?,
+        None => 0,
+    };
+    let max_len = match &args.max_length {
+        Some(s) => Some(parse_size(s).map_err(|_| anyhow::anyhow!("Invalid length specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."))?),
+        None => None,
+    };
+    let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?;
+    let chain = strata_chain::open(&spec)?;
+    let names: Vec<String> = std::iter::once(args.filename.to_string_lossy().into_owned())
+        .chain(chain.layers[..chain.layers.len() - 1].iter().map(|l| {
+            l.backing_path
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        }))
+        .collect();
+    let status = ChainStatus::new(&chain)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let json = args.output == OutputFormat::Json;
+    if json {
+        write!(out, "[")?;
+    } else {
+        writeln!(
+            out,
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
+        )?;
+    }
+    let mut first = true;
+    let mut failure = None;
+    let res = map(
+        &status,
+        start,
+        max_len,
+        &Cancel::default(),
+        |e: &MapEntry| {
+            if json {
+                if !first {
+                    write!(out, ",\n").map_err(io_err)?;
+                }
+                write!(out, "{}", json_entry(e)).map_err(io_err)?;
+            } else if e.data {
+                let Some(off) = e.offset else {
+                    failure = Some("File contains external, encrypted or compressed clusters.");
+                    return Err(strata_jobs::Error::Cancelled);
+                };
+                if !e.zero {
+                    writeln!(
+                        out,
+                        "{:<16}{:<16}{:<16}{}",
+                        hex(e.start),
+                        hex(e.length),
+                        hex(off),
+                        names[e.depth]
+                    )
+                    .map_err(io_err)?;
+                }
+            }
+            first = false;
+            Ok(())
+        },
+    );
+    if let Some(msg) = failure {
+        out.flush()?;
+        bail!("{msg}");
+    }
+    res?;
+    if json {
+        writeln!(out, "]")?;
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+fn io_err(e: std::io::Error) -> strata_jobs::Error {
+    strata_jobs::Error::Invalid(format!("Could not write the map: {e}"))
+}
+
+/// C's `%#x`: `0` for zero, `0x...` otherwise.
+fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// One entry in qemu-img's JSON map line format.
+fn json_entry(e: &MapEntry) -> String {
+    let mut s = format!(
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+    );
+    if let Some(o) = e.offset {
+        s.push_str(&format!(", \"offset\": {o}"));
+    }
+    s.push('}');
+    s
 }

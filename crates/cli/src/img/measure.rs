@@ -1,10 +1,128 @@
-//! `strata img measure` (placeholder).
+//! `strata img measure`: the file size a new image needs, for a size or a source
+//! image (with its chain), by qemu-img's formulas.
 
-use super::common::Ctx;
+use super::common::{open_spec, parse_options, parse_size, Ctx, OutputFormat};
+use super::qjson;
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+use strata_format::qcow2::Qcow2Image;
+use strata_format::{BlockDevice, Format};
+use strata_jobs::measure::{measure, Source, Target};
+use strata_jobs::status::ChainStatus;
+use strata_jobs::Cancel;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]
+    output: OutputFormat,
+    /// Format of the image to be created (default raw).
+    #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+    out_format: String,
+    /// Creation options of the image to be created.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Measure an image of this size instead of a source image.
+    #[arg(long = "size", value_name = "SIZE")]
+    size: Option<String>,
+    /// Source image format (probed when omitted).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Measure an internal snapshot of the source (snapshot.name=N, snapshot.id=I or a name).
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    /// Open without locks.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The source image.
+    filenames: Vec<PathBuf>,
+}
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<i32> {
-    anyhow::bail!("measure is not implemented yet")
+/// The snapshot key of a `-l` argument.
+pub fn snapshot_key(param: &str) -> String {
+    param
+        .strip_prefix("snapshot.name=")
+        .or_else(|| param.strip_prefix("snapshot.id="))
+        .unwrap_or(param)
+        .to_string()
+}
+
+pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+    if args.filenames.len() > 1 {
+        bail!("At most one filename argument is allowed.");
+    }
+    let filename = args.filenames.first();
+    match (filename.is_some(), args.size.is_some()) {
+        (true, true) => bail!("--size N cannot be used together with a filename."),
+        (false, false) => bail!("Either --size N or one filename must be specified."),
+        _ => {}
+    }
+    let format: Format = args.out_format.parse()?;
+    let opts = parse_options(&args.options)?;
+    let mut target = Target {
+        format,
+        ..Default::default()
+    };
+    if format == Format::Qcow2 {
+        // qemu-img's measure knows compat only as 0.10, 1.1 or v3.
+        if let Some(v) = opts
+            .get("compat")
+            .filter(|v| !["0.10", "1.1", "v3"].contains(&v.as_str()))
+        {
+            bail!("Invalid compatibility level: '{v}'");
+        }
+        let c = strata_jobs::create::qcow2_options(&opts).map_err(anyhow::Error::msg)?;
+        target.cluster_size = c.cluster_size;
+        target.refcount_bits = c.refcount_bits;
+        target.extended_l2 = c.extended_l2;
+        target.version = c.version;
+        target.preallocation = c.preallocation;
+        target.has_backing_file = c.backing_file.is_some();
+    }
+    let cancel = Cancel::default();
+    let m = match (filename, &args.size) {
+        (None, Some(s)) => measure(Source::Size(parse_size(s)?), &target, &cancel)?,
+        (Some(f), _) => {
+            let chain =
+                strata_chain::open(&open_spec(f, args.format.as_deref(), args.force_share)?)?;
+            let top = chain.top().clone();
+            let q = top.as_any().downcast_ref::<Qcow2Image>();
+            let status = match (&args.snapshot, q) {
+                (Some(key), Some(q)) => {
+                    let view: Arc<dyn BlockDevice> = Arc::new(q.snapshot_view(&snapshot_key(key))?);
+                    ChainStatus::from_devices(vec![view])?
+                }
+                (Some(_), None) => bail!(
+                    "Format '{}' does not support internal snapshots",
+                    chain.layers[0].format
+                ),
+                (None, _) => ChainStatus::new(&chain)?,
+            };
+            let bitmaps = match q {
+                Some(q) if q.header().version >= 3 => Some(q.bitmaps()?),
+                _ => None,
+            };
+            measure(
+                Source::Image {
+                    chain: &status,
+                    bitmaps,
+                },
+                &target,
+                &cancel,
+            )?
+        }
+        (None, None) => unreachable!("checked above"),
+    };
+    match args.output {
+        OutputFormat::Json => println!("{}", qjson::to_string(&serde_json::to_value(m)?)),
+        OutputFormat::Human => {
+            println!("required size: {}", m.required);
+            println!("fully allocated size: {}", m.fully_allocated);
+            if let Some(b) = m.bitmaps {
+                println!("bitmaps size: {b}");
+            }
+        }
+    }
+    Ok(0)
 }

@@ -1,10 +1,124 @@
-//! `strata img resize` (placeholder).
+//! `strata img resize`: change an image's virtual size (`SIZE`, `+SIZE` or `-SIZE`);
+//! shrinking needs `--shrink`, as in qemu-img.
 
-use super::common::Ctx;
+use super::common::{parse_size, Ctx};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use strata_format::Format;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Preallocation of the new area: off, metadata, falloc or full.
+    #[arg(long = "preallocation", value_name = "PREALLOC")]
+    preallocation: Option<String>,
+    /// Allow the image to shrink (data past the new end is lost).
+    #[arg(long = "shrink")]
+    shrink: bool,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image.
+    filename: PathBuf,
+    /// The new size, or a change (+SIZE / -SIZE), with k, M, G, T, P, E suffixes.
+    #[arg(allow_hyphen_values = true)]
+    size: String,
+}
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<i32> {
-    anyhow::bail!("resize is not implemented yet")
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    let (sign, num) = match args.size.as_bytes().first() {
+        Some(b'+') => (1i8, &args.size[1..]),
+        Some(b'-') => (-1, &args.size[1..]),
+        _ => (0, args.size.as_str()),
+    };
+    let n = parse_size(num).map_err(|_| anyhow::anyhow!("Invalid size specified"))?;
+    let format = match &args.format {
+        Some(f) => f.parse::<Format>()?,
+        None => {
+            let f = strata_chain::probe_format(&args.filename)?;
+            if f == Format::Raw {
+                eprintln!(
+                    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
+                    args.filename.display()
+                );
+            }
+            f
+        }
+    };
+    let prealloc = match args.preallocation.as_deref() {
+        None | Some("off") => None,
+        Some(p) => Some(p.parse::<strata_format::qcow2::Preallocation>()?),
+    };
+    let dev = strata_chain::open_image(&args.filename, format, true, false)?;
+    let cur = dev.virtual_size();
+    let new = match sign {
+        0 => Some(n),
+        1 => cur.checked_add(n),
+        _ => cur.checked_sub(n),
+    };
+    let Some(new) = new.filter(|&v| v <= i64::MAX as u64) else {
+        bail!("New image size must be positive");
+    };
+    if new < cur {
+        if !args.shrink {
+            eprintln!(
+                "{}: Use the --shrink option to perform a shrink operation.",
+                ctx.prog
+            );
+            eprintln!("{}: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.", ctx.prog);
+            return Ok(1);
+        }
+        if prealloc.is_some() {
+            bail!("Preallocation can only be used for growing images");
+        }
+    }
+    dev.resize(new, args.shrink)?;
+    if let Some(p) = prealloc {
+        if new > cur {
+            preallocate(dev.as_ref(), p, cur, new)?;
+        }
+    }
+    dev.flush()?;
+    if let Some(q) = dev
+        .as_any()
+        .downcast_ref::<strata_format::qcow2::Qcow2Image>()
+    {
+        q.close()?;
+    }
+    if !args.quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
+}
+
+/// Preallocate the grown area `[from, to)`.
+fn preallocate(
+    dev: &dyn strata_format::BlockDevice,
+    mode: strata_format::qcow2::Preallocation,
+    from: u64,
+    to: u64,
+) -> Result<()> {
+    use strata_format::qcow2::{Preallocation as P, Qcow2Image};
+    if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
+        q.preallocate_range(mode, from, to)?;
+        return Ok(());
+    }
+    if let Some(r) = dev.as_any().downcast_ref::<strata_format::raw::RawImage>() {
+        match mode {
+            P::Off | P::Metadata => {}
+            P::Falloc => r.storage().preallocate(from, to - from)?,
+            P::Full => {
+                let zeros = vec![0u8; 1 << 20];
+                let mut off = from;
+                while off < to {
+                    let n = (to - off).min(zeros.len() as u64) as usize;
+                    r.storage().write_at(&zeros[..n], off)?;
+                    off += n as u64;
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -342,6 +342,10 @@ impl Qcow2Image {
                 .chunks_exact(8)
                 .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
                 .collect();
+            // Contiguity is judged within one L2 table, as qemu-img counts it.
+            if let Some(f) = frag.as_deref_mut() {
+                f.next = 0;
+            }
             for j in (0..words_v.len()).step_by(words) {
                 let raw = words_v[j];
                 let bitmap = if words == 2 { words_v[j + 1] } else { 0 };

@@ -776,15 +776,41 @@ impl Qcow2Image {
     /// Allocate every cluster of the disk (`preallocation=metadata` and up); with
     /// `falloc` the data clusters get disk space, with `full` they are written with zeroes.
     pub(crate) fn preallocate(&self, mode: super::create::Preallocation) -> Result<()> {
+        self.preallocate_range(mode, 0, self.virtual_size())
+    }
+
+    /// Preallocate the unallocated clusters that hold guest bytes `[from, to)` (after
+    /// a resize grew the disk, for example). Clusters already allocated are kept.
+    pub fn preallocate_range(
+        &self,
+        mode: super::create::Preallocation,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
         use super::create::Preallocation as P;
+        self.check_writable()?;
+        if mode == P::Off || from >= to {
+            return Ok(());
+        }
+        check_range(from, to - from, self.virtual_size()).map_err(|e| self.err(e))?;
+        let _excl = self.exclusive();
         let mut m = self.lock();
         let cs = self.geo.cluster_size();
         let l2n = m.l2_entries();
-        let clusters = self.virtual_size().div_ceil(cs);
-        let mut gc = 0;
-        while gc < clusters {
-            let n = (l2n - gc % l2n).min(clusters - gc);
+        let end = to.div_ceil(cs);
+        let mut gc = from / cs;
+        while gc < end {
+            let table_end = (gc / l2n + 1) * l2n;
             let l2 = m.l2_for_write(gc / l2n)?;
+            // The run of unallocated clusters starting at gc, inside this L2 table.
+            let mut n = 0;
+            while gc + n < end.min(table_end) && m.raw_entry(l2, (gc + n) % l2n)?.0 == 0 {
+                n += 1;
+            }
+            if n == 0 {
+                gc += 1;
+                continue;
+            }
             let host = m.alloc_clusters(n)?;
             let bytes = n * cs;
             match mode {
