@@ -30,18 +30,9 @@ impl RawImage {
         use crate::qcow2::Preallocation as P;
         storage.set_size(0)?;
         match prealloc {
-            P::Off | P::Metadata => {
-                storage.set_size(size)?;
-                // As QEMU does, allocate the first block so that the file system
-                // reports it as data (tools probe alignment there).
-                let first = size.min(4096) as usize;
-                if first > 0 {
-                    storage.write_at(&vec![0u8; first], 0)?;
-                }
-            }
+            P::Off | P::Metadata => storage.set_size(size)?,
             P::Falloc => storage.preallocate(0, size)?,
             P::Full => {
-                storage.set_size(0)?;
                 let zeros = vec![0u8; 1 << 20];
                 let mut off = 0;
                 while off < size {
@@ -51,6 +42,12 @@ impl RawImage {
                 }
                 storage.set_size(size)?;
             }
+        }
+        // As QEMU does, write the first block so that the file system reports it as
+        // data (tools probe the alignment there).
+        let first = size.min(4096) as usize;
+        if first > 0 && prealloc != P::Full {
+            storage.write_at(&vec![0u8; first], 0)?;
         }
         Self::open(storage)
     }

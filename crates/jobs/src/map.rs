@@ -79,8 +79,16 @@ pub fn map(
             }
         }
     }
-    if let Some(c) = cur {
-        emit(&c)?;
-    }
-    Ok(())
+    // qemu-img prints one empty entry when there is nothing to map.
+    let last = cur.unwrap_or(MapEntry {
+        start,
+        length: 0,
+        depth: 0,
+        present: false,
+        zero: false,
+        data: false,
+        compressed: false,
+        offset: None,
+    });
+    emit(&last)
 }

@@ -8,6 +8,8 @@ use strata_format::qcow2::{BitmapInfo, Preallocation};
 use strata_format::Format;
 
 const L1_ENTRY: u64 = 8;
+/// QEMU's limit on the L1 table's size.
+const MAX_L1_BYTES: u64 = 32 << 20;
 const REFTABLE_ENTRY: u64 = 8;
 const BITMAP_TABLE_ENTRY: u64 = 8;
 
@@ -111,6 +113,14 @@ fn measure_qcow2(source: Source<'_>, t: &Target, cancel: &Cancel) -> Result<Meas
     };
     if matches!(t.preallocation, Preallocation::Full | Preallocation::Falloc) {
         required = virtual_size;
+    }
+    // The L1 table may not exceed QEMU's limit of 32 MiB.
+    let l2e = if t.extended_l2 { 16 } else { 8 };
+    let l1_entries = (virtual_size / cs).div_ceil(cs / l2e);
+    if l1_entries > MAX_L1_BYTES / L1_ENTRY {
+        return Err(Error::Invalid(
+            "The image size is too large (try using a larger cluster size)".into(),
+        ));
     }
     let fully_allocated = prealloc_size(
         virtual_size,

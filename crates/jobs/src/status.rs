@@ -165,6 +165,15 @@ impl ChainStatus {
                         (depth + 1 < n).then(|| self.layers[depth + 1].device.virtual_size());
                     match below {
                         None => {
+                            // A cluster allocated around unallocated subclusters
+                            // still has a host offset to report.
+                            let mut host_offset = None;
+                            if let Some(q) = layer.device.as_any().downcast_ref::<Qcow2Image>() {
+                                if let Some((h, n)) = q.reserved_host_offset(offset)? {
+                                    host_offset = Some(h);
+                                    bytes = bytes.min(n);
+                                }
+                            }
                             return Ok(BlockState {
                                 offset,
                                 len: bytes,
@@ -173,9 +182,9 @@ impl ChainStatus {
                                 zero: true,
                                 data: false,
                                 compressed: false,
-                                host_offset: None,
-                                eof,
-                            })
+                                host_offset,
+                                eof: offset + bytes == size,
+                            });
                         }
                         Some(bsize) if offset >= bsize && walk == Walk::DataOrZero => {
                             return Ok(BlockState {

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 /// Errors from a storage backend. Each names the operation and, where there is one, the path.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} '{}': {}", path.display(), os_message(source))]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -23,6 +23,15 @@ pub enum Error {
     /// Raised by [`crate::FaultStorage`] once its plan says the storage is gone.
     #[error("injected fault: {0}")]
     Injected(std::io::Error),
+}
+
+/// An I/O error's message without Rust's " (os error N)" suffix, as C tools print it.
+pub fn os_message(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
+    }
 }
 
 impl Error {

@@ -14,7 +14,7 @@ mod file;
 pub mod lock;
 mod mem;
 
-pub use error::{Error, Result};
+pub use error::{os_message, Error, Result};
 pub use fault::{FaultMode, FaultPlan, FaultStorage};
 pub use file::{FileStorage, OpenOptions};
 pub use lock::LockMode;

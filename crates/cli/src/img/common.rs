@@ -14,7 +14,10 @@ impl Ctx {
     pub fn error(&self, e: &anyhow::Error) {
         let mut msg = e.to_string();
         for cause in e.chain().skip(1) {
-            let c = cause.to_string();
+            let mut c = cause.to_string();
+            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                c = strata_storage::os_message(io);
+            }
             if !msg.contains(&c) {
                 msg.push_str(": ");
                 msg.push_str(&c);
@@ -36,6 +39,13 @@ pub fn open_spec(
     Ok(strata_chain::OpenSpec::new(path)
         .format(format)
         .force_share(force_share))
+}
+
+/// Open an image and (unless the spec says not to) its chain, with qemu-img's
+/// "Could not open 'FILE': reason" message on failure.
+pub fn open_chain(spec: &strata_chain::OpenSpec) -> Result<strata_chain::Chain> {
+    use anyhow::Context;
+    strata_chain::open(spec).with_context(|| format!("Could not open '{}'", spec.path.display()))
 }
 
 /// `--output=human|json`.

@@ -1,7 +1,7 @@
 //! `strata img compare`: do two images (with their backing chains) show the guest
 //! the same bytes? Exit 0 identical, 1 different, 2 error, as qemu-img.
 
-use super::common::{open_spec, Ctx};
+use super::common::{open_chain, open_spec, Ctx};
 use super::progress::Bar;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -50,7 +50,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 
 fn run_inner(args: &Args) -> Result<i32> {
     let open = |p: &PathBuf, f: &Option<String>| -> Result<_> {
-        let chain = strata_chain::open(&open_spec(p, f.as_deref(), args.force_share)?)?;
+        let chain = open_chain(&open_spec(p, f.as_deref(), args.force_share)?)?;
         Ok(ChainStatus::new(&chain)?)
     };
     let a = open(&args.filename1, &args.format1)?;

@@ -1,7 +1,7 @@
 //! `strata img info`: an image's format, sizes, backing file, snapshots and format
 //! details, as qemu-img prints them (text, or `--output=json`).
 
-use super::common::{human_size, open_spec, Ctx, OutputFormat};
+use super::common::{human_size, open_chain, open_spec, Ctx, OutputFormat};
 use super::{qjson, snapshot};
 use anyhow::Result;
 use serde_json::Value;
@@ -30,7 +30,7 @@ pub struct Args {
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?
         .open_backing(args.backing_chain);
-    let chain = strata_chain::open(&spec)?;
+    let chain = open_chain(&spec)?;
     let name = args.filename.to_string_lossy();
     let infos = if args.backing_chain {
         chain_info(&chain, &name)?

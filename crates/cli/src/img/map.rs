@@ -1,7 +1,7 @@
 //! `strata img map`: how guest ranges are stored, through the whole backing chain
 //! (text and `--output=json`, as qemu-img prints them).
 
-use super::common::{open_spec, parse_size, Ctx, OutputFormat};
+use super::common::{open_chain, open_spec, parse_size, Ctx, OutputFormat};
 use anyhow::{bail, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,7 +40,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         None => None,
     };
     let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?;
-    let chain = strata_chain::open(&spec)?;
+    let chain = open_chain(&spec)?;
     let names: Vec<String> = std::iter::once(args.filename.to_string_lossy().into_owned())
         .chain(chain.layers[..chain.layers.len() - 1].iter().map(|l| {
             l.backing_path
@@ -72,7 +72,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         |e: &MapEntry| {
             if json {
                 if !first {
-                    write!(out, ",\n").map_err(io_err)?;
+                    writeln!(out, ",").map_err(io_err)?;
                 }
                 write!(out, "{}", json_entry(e)).map_err(io_err)?;
             } else if e.data {

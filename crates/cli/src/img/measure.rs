@@ -1,7 +1,7 @@
 //! `strata img measure`: the file size a new image needs, for a size or a source
 //! image (with its chain), by qemu-img's formulas.
 
-use super::common::{open_spec, parse_options, parse_size, Ctx, OutputFormat};
+use super::common::{open_chain, open_spec, parse_options, parse_size, Ctx, OutputFormat};
 use super::qjson;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -73,6 +73,14 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             bail!("Invalid compatibility level: '{v}'");
         }
         let c = strata_jobs::create::qcow2_options(&opts).map_err(anyhow::Error::msg)?;
+        if c.version == 2 && c.refcount_bits != 16 {
+            bail!("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
+        }
+        if c.extended_l2 && c.cluster_size < 16384 {
+            bail!(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+            );
+        }
         target.cluster_size = c.cluster_size;
         target.refcount_bits = c.refcount_bits;
         target.extended_l2 = c.extended_l2;
@@ -84,14 +92,17 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let m = match (filename, &args.size) {
         (None, Some(s)) => measure(Source::Size(parse_size(s)?), &target, &cancel)?,
         (Some(f), _) => {
-            let chain =
-                strata_chain::open(&open_spec(f, args.format.as_deref(), args.force_share)?)?;
+            let chain = open_chain(&open_spec(f, args.format.as_deref(), args.force_share)?)?;
             let top = chain.top().clone();
             let q = top.as_any().downcast_ref::<Qcow2Image>();
             let status = match (&args.snapshot, q) {
                 (Some(key), Some(q)) => {
+                    // The snapshot reads through the image's backing chain.
                     let view: Arc<dyn BlockDevice> = Arc::new(q.snapshot_view(&snapshot_key(key))?);
-                    ChainStatus::from_devices(vec![view])?
+                    view.set_backing(top.backing());
+                    let mut devices = vec![view];
+                    devices.extend(chain.layers[1..].iter().map(|l| l.device.clone()));
+                    ChainStatus::from_devices(devices)?
                 }
                 (Some(_), None) => bail!(
                     "Format '{}' does not support internal snapshots",

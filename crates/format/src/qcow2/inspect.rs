@@ -127,3 +127,22 @@ impl Qcow2Image {
         self.geometry().cluster_size()
     }
 }
+
+impl Qcow2Image {
+    /// For a guest offset that reads as unallocated: the host offset reserved for it
+    /// when its cluster is allocated but the subcluster is not (extended L2), and how
+    /// many bytes to the end of that cluster. QEMU reports such ranges with an offset.
+    pub fn reserved_host_offset(&self, offset: u64) -> Result<Option<(u64, u64)>> {
+        if !self.geometry().extended_l2 || offset >= crate::BlockDevice::virtual_size(self) {
+            return Ok(None);
+        }
+        let cs = self.cluster_size_bytes();
+        let mut m = self.lock();
+        Ok(match m.entry(offset / cs)? {
+            super::entries::L2Entry::Normal { host, .. } if host != 0 => {
+                Some((host + offset % cs, cs - offset % cs))
+            }
+            _ => None,
+        })
+    }
+}

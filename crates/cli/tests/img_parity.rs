@@ -1,0 +1,577 @@
+//! `strata img` prints what qemu-img prints. Every inspection subcommand runs on the
+//! same images (made by the real qemu-img/qemu-io 10: both versions, several cluster
+//! sizes, compressed zlib and zstd, zero clusters, subclusters, backing chains over
+//! qcow2 and raw, preallocation, snapshots, bitmaps, odd sizes, damaged refcounts)
+//! through both tools; stdout, stderr and the exit code must be identical.
+
+use std::path::Path;
+use std::process::Command;
+
+const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+fn sh(dir: &Path, prog: &str, args: &[&str]) {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Output of one run: exit code, stdout, stderr (program name normalised).
+fn run(dir: &Path, prog: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = if prog == "strata" {
+        let mut c = Command::new(STRATA);
+        c.arg("img");
+        c
+    } else {
+        Command::new("qemu-img")
+    };
+    let out = cmd
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr)
+        .replace("strata img:", "PROG:")
+        .replace("qemu-img:", "PROG:");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        err,
+    )
+}
+
+thread_local! {
+    static FAILURES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `args` through both tools and record any difference (all differences of a
+/// test are reported together by [`assert_all_same`]).
+fn same(dir: &Path, args: &[&str]) {
+    let ours = run(dir, "strata", args);
+    let theirs = run(dir, "qemu-img", args);
+    if ours != theirs {
+        FAILURES.with(|f| {
+            f.borrow_mut().push(format!(
+                "`img {}`\n  strata:   {ours:?}\n  qemu-img: {theirs:?}",
+                args.join(" ")
+            ))
+        });
+    }
+}
+
+fn assert_all_same() {
+    let failures = FAILURES.with(|f| std::mem::take(&mut *f.borrow_mut()));
+    assert!(
+        failures.is_empty(),
+        "{} differences from qemu-img:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Set refcount entry `cluster` of a 16-bit-refcount image to `value` (the first
+/// refcount block), to damage an image in a known way.
+fn poke_refcount(path: &Path, cluster: u64, value: u16) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut h = [0u8; 64];
+    f.read_exact(&mut h).unwrap();
+    let rt = u64::from_be_bytes(h[48..56].try_into().unwrap());
+    f.seek(SeekFrom::Start(rt)).unwrap();
+    let mut e = [0u8; 8];
+    f.read_exact(&mut e).unwrap();
+    let rb = u64::from_be_bytes(e);
+    f.seek(SeekFrom::Start(rb + 2 * cluster)).unwrap();
+    f.write_all(&value.to_be_bytes()).unwrap();
+}
+
+/// The image zoo, built in `dir`; returns the image names.
+fn zoo(dir: &Path) -> Vec<&'static str> {
+    let q = |args: &[&str]| sh(dir, "qemu-img", args);
+    let io = |f: &str, fmt: &str, cmds: &[&str]| {
+        let mut a = vec!["-f", fmt];
+        for c in cmds {
+            a.push("-c");
+            a.push(c);
+        }
+        a.push(f);
+        sh(dir, "qemu-io", &a);
+    };
+    q(&["create", "-q", "-f", "raw", "base.raw", "48M"]);
+    io(
+        "base.raw",
+        "raw",
+        &["write -P 0x11 0 1M", "write -P 0x12 20M 64k"],
+    );
+    q(&["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
+    io(
+        "base.qcow2",
+        "qcow2",
+        &["write -P 1 0 1M", "write -z 4M 1M", "write -P 2 10M 100k"],
+    );
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "96M",
+    ]);
+    io(
+        "top.qcow2",
+        "qcow2",
+        &[
+            "write -P 3 512k 1M",
+            "write -P 4 80M 1M",
+            "write -z 10M 64k",
+        ],
+    );
+    q(&["snapshot", "-c", "first", "top.qcow2"]);
+    io("top.qcow2", "qcow2", &["write -P 5 0 4k"]);
+    q(&["bitmap", "--add", "top.qcow2", "dirty0"]);
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "overraw.qcow2",
+        "64M",
+    ]);
+    io("overraw.qcow2", "qcow2", &["write -P 6 30M 2M"]);
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10,cluster_size=4k",
+        "v2.qcow2",
+        "16M",
+    ]);
+    io(
+        "v2.qcow2",
+        "qcow2",
+        &["write -P 7 0 300k", "write -P 8 8M 4k"],
+    );
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512,refcount_bits=1",
+        "small.qcow2",
+        "4M",
+    ]);
+    io("small.qcow2", "qcow2", &["write -P 9 1000 10000"]);
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M,refcount_bits=64",
+        "big.qcow2",
+        "64M",
+    ]);
+    io("big.qcow2", "qcow2", &["write -P 10 3M 5M"]);
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "sub.qcow2",
+        "8M",
+    ]);
+    io(
+        "sub.qcow2",
+        "qcow2",
+        &[
+            "write -P 11 4k 8k",
+            "write -z 100k 4k",
+            "write -P 12 1M 64k",
+        ],
+    );
+    q(&["convert", "-c", "-O", "qcow2", "top.qcow2", "zlib.qcow2"]);
+    q(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        "top.qcow2",
+        "zstd.qcow2",
+    ]);
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata,cluster_size=4k",
+        "meta.qcow2",
+        "12M",
+    ]);
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=falloc",
+        "falloc.qcow2",
+        "8M",
+    ]);
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=full,lazy_refcounts=on",
+        "full.qcow2",
+        "4M",
+    ]);
+    std::fs::write(dir.join("odd.raw"), vec![0x5au8; 1000]).unwrap();
+    q(&["create", "-q", "-f", "qcow2", "empty.qcow2", "1G"]);
+    // Damaged: a leaked cluster (refcount 1, no reference) and a refcount too low.
+    q(&["create", "-q", "-f", "qcow2", "leak.qcow2", "16M"]);
+    io("leak.qcow2", "qcow2", &["write -P 13 0 128k"]);
+    std::fs::copy(dir.join("leak.qcow2"), dir.join("low.qcow2")).unwrap();
+    let len = std::fs::metadata(dir.join("leak.qcow2")).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("leak.qcow2"))
+        .unwrap();
+    f.set_len(len + 65536).unwrap();
+    poke_refcount(&dir.join("leak.qcow2"), len / 65536, 1);
+    poke_refcount(&dir.join("low.qcow2"), 4, 0);
+    vec![
+        "base.raw",
+        "base.qcow2",
+        "top.qcow2",
+        "overraw.qcow2",
+        "v2.qcow2",
+        "small.qcow2",
+        "big.qcow2",
+        "sub.qcow2",
+        "zlib.qcow2",
+        "zstd.qcow2",
+        "meta.qcow2",
+        "falloc.qcow2",
+        "full.qcow2",
+        "odd.raw",
+        "empty.qcow2",
+        "leak.qcow2",
+        "low.qcow2",
+    ]
+}
+
+#[test]
+fn info_map_check_and_measure_print_what_qemu_img_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for img in zoo(d) {
+        for out in ["--output=human", "--output=json"] {
+            same(d, &["info", out, img]);
+            same(d, &["info", out, "--backing-chain", img]);
+            same(d, &["map", out, img]);
+            same(d, &["check", out, img]);
+            same(d, &["measure", out, "-O", "qcow2", img]);
+            same(d, &["measure", out, "-O", "raw", img]);
+            same(
+                d,
+                &[
+                    "measure",
+                    out,
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=4k,extended_l2=on",
+                    img,
+                ],
+            );
+        }
+        same(d, &["map", "--output=json", "-s", "1M", "-l", "9M", img]);
+        same(
+            d,
+            &[
+                "measure",
+                "-O",
+                "qcow2",
+                "-o",
+                "refcount_bits=1,compat=0.10",
+                img,
+            ],
+        );
+    }
+    same(d, &["measure", "-O", "qcow2", "-l", "first", "top.qcow2"]);
+    same(
+        d,
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-l",
+            "snapshot.name=first",
+            "top.qcow2",
+        ],
+    );
+    for size in ["1G", "1000", "123456789", "2T"] {
+        for o in [
+            "cluster_size=512",
+            "preallocation=full",
+            "extended_l2=on",
+            "refcount_bits=64",
+        ] {
+            same(
+                d,
+                &[
+                    "measure",
+                    "--output=json",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    o,
+                    "--size",
+                    size,
+                ],
+            );
+        }
+    }
+    assert_all_same();
+}
+
+#[test]
+fn compare_reports_what_qemu_img_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    zoo(d);
+    sh(d, "cp", &["top.qcow2", "copy.qcow2"]);
+    sh(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 99 81M 1", "copy.qcow2"],
+    );
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "short.qcow2", "1M"],
+    );
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "long.qcow2", "2M"],
+    );
+    sh(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 1500000 1", "long.qcow2"],
+    );
+    let pairs: &[&[&str]] = &[
+        &["top.qcow2", "top.qcow2"],
+        &["top.qcow2", "zlib.qcow2"],
+        &["-s", "top.qcow2", "zlib.qcow2"],
+        &["top.qcow2", "zstd.qcow2"],
+        &["top.qcow2", "copy.qcow2"],
+        &["top.qcow2", "base.qcow2"],
+        &["-s", "top.qcow2", "base.qcow2"],
+        &["base.raw", "overraw.qcow2"],
+        &["-f", "raw", "-F", "qcow2", "odd.raw", "empty.qcow2"],
+        &["short.qcow2", "long.qcow2"],
+        &["-s", "short.qcow2", "long.qcow2"],
+        &["empty.qcow2", "meta.qcow2"],
+        &["-s", "empty.qcow2", "meta.qcow2"],
+        &["-q", "top.qcow2", "copy.qcow2"],
+        &["top.qcow2", "missing.qcow2"],
+    ];
+    for p in pairs {
+        let mut args = vec!["compare"];
+        args.extend_from_slice(p);
+        same(d, &args);
+    }
+    assert_all_same();
+}
+
+#[test]
+fn create_prints_and_makes_what_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    for d in [&a, &b] {
+        sh(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "base.qcow2", "32M"],
+        );
+        sh(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "base.raw", "8M"],
+        );
+    }
+    let cases: &[&[&str]] = &[
+        &["create", "-f", "qcow2", "c1.qcow2", "1G"],
+        &["create", "-f", "raw", "c2.raw", "10M"],
+        &["create", "c3.img", "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "c4.qcow2",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "c5.qcow2", "20M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,cluster_size=4k,preallocation=metadata",
+            "c6.qcow2",
+            "10M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compression_type=zstd,extended_l2=on,refcount_bits=8,lazy_refcounts=on",
+            "c7.qcow2",
+            "1G",
+        ],
+        &[
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "preallocation=full",
+            "c8.raw",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "preallocation=falloc",
+            "c9.raw",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "-o", "size=5M", "c10.qcow2"],
+        &["create", "-f", "qcow2", "c11.qcow2", "1000"],
+        &["create", "-f", "qcow2", "-q", "c12.qcow2", "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "nonexist.qcow2",
+            "-F",
+            "qcow2",
+            "c13.qcow2",
+            "1G",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=v3,preallocation=falloc,cluster_size=128k",
+            "c14.qcow2",
+            "3M",
+        ],
+        &["create", "-f", "qcow2", "x1.qcow2"],
+        &["create", "-f", "qcow2", "-o", "foo=bar", "x2.qcow2", "1M"],
+        &["create", "-f", "vmdkx", "x3", "1M"],
+        &["create", "-f", "qcow2", "x4.qcow2", "--", "-1"],
+    ];
+    for c in cases {
+        let ours = run(&a, "strata", c);
+        let theirs = run(&b, "qemu-img", c);
+        assert_eq!(ours, theirs, "`strata img {}`", c.join(" "));
+        let Some(name) = c.iter().find(|x| {
+            x.contains('.')
+                && !x.starts_with("base")
+                && !x.starts_with("compat")
+                && !x.starts_with("compression")
+                && !x.starts_with("size")
+                && !x.starts_with("nonexist")
+        }) else {
+            continue;
+        };
+        let (pa, pb) = (a.join(name), b.join(name));
+        if ours.0 != Some(0) {
+            continue;
+        }
+        // Same guest content and allocation, and qemu-img finds ours clean.
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-s", "-U"])
+            .arg(&pa)
+            .arg(&pb)
+            .output()
+            .unwrap();
+        if !c.contains(&"-u") {
+            assert!(
+                cmp.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&cmp.stdout)
+            );
+        }
+        if name.ends_with(".qcow2") && !c.contains(&"-u") {
+            let chk = Command::new("qemu-img")
+                .arg("check")
+                .arg(&pa)
+                .output()
+                .unwrap();
+            assert!(
+                chk.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&chk.stdout)
+            );
+            let info = |p: &Path| {
+                let o = Command::new("qemu-img")
+                    .args(["info", "-U", "--output=json"])
+                    .arg(p)
+                    .output()
+                    .unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                (
+                    v["virtual-size"].clone(),
+                    v["cluster-size"].clone(),
+                    v["format-specific"].clone(),
+                    v["backing-filename"].clone(),
+                )
+            };
+            assert_eq!(info(&pa), info(&pb), "{name}: qemu-img info differs");
+        }
+    }
+}
