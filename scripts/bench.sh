@@ -3,6 +3,7 @@
 #
 #   bash scripts/bench.sh                 # 4 GiB image, best of 3 runs
 #   BENCH_SIZE=1G BENCH_RUNS=1 bash scripts/bench.sh
+#   BENCH_ONLY='map|check' bash scripts/bench.sh   # only operations whose name matches
 #
 # The input disk is half incompressible data, a quarter compressible text and a
 # quarter zeroes (holes). Each operation runs alternately through both tools; the
@@ -57,8 +58,11 @@ time_one() { # tool args... -> seconds (float) of one run
 }
 
 printf "%-28s %12s %12s %8s %8s\n" "operation ($SIZE)" "qemu-img s" "strata s" "ratio" "target"
+ONLY=${BENCH_ONLY:-.}
+wanted() { printf '%s\n' "$1" | grep -Eq -- "$ONLY"; }
 bench() { # name target args-after-tool...
   local name=$1 target=$2; shift 2
+  wanted "$name" || return 0
   local bq=999999999999 bs=999999999999 t
   for _ in $(seq "$RUNS"); do
     t=$(time_one qemu-img "$@"); [ "$t" -lt "$bq" ] && bq=$t
@@ -78,6 +82,7 @@ bench "check"                   "<=0.5" check "$src_q"
 bench "info"                    "-"     info "$src_q"
 
 # ---- internal snapshots (create, list, apply, delete) ----
+wanted snapshot || exit 0
 # A fully written image; each sequence creates "bench", lists, applies it (a no-op
 # revert to the state just saved) and deletes it, so the image ends as it started and
 # both tools work on the same file.
@@ -89,6 +94,7 @@ if [ ! -f "$full" ]; then
 fi
 snap_bench() { # image label
   local img=$1 label=$2
+  wanted "snapshot ($label)" || return 0
   for op in create list apply delete; do
     local bq=999999999999 bs=999999999999 t
     for _ in $(seq "$RUNS"); do

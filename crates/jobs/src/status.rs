@@ -106,41 +106,47 @@ impl ChainStatus {
         let n = self.layers.len();
         for (depth, layer) in self.layers.iter().enumerate() {
             let size = layer.device.virtual_size();
+            // Reads as zeroes, not stored in this layer: the starting point of every answer.
+            let base = BlockState {
+                offset,
+                len: bytes,
+                depth,
+                allocated: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                host_offset: None,
+                eof: false,
+            };
             if offset >= size {
                 // Only reachable below the top: a backing file shorter than the
                 // layer above reads as zeroes there, as if allocated here.
                 return Ok(BlockState {
-                    offset,
-                    len: bytes,
-                    depth,
                     allocated: true,
-                    zero: true,
-                    data: false,
-                    compressed: false,
-                    host_offset: None,
-                    eof: false,
+                    ..base
                 });
             }
             let ext = layer
                 .device
                 .block_status(offset, bytes.min(size - offset))?;
             bytes = ext.len;
-            let eof = offset + bytes == size;
+            let base = BlockState {
+                len: bytes,
+                eof: offset + bytes == size,
+                ..base
+            };
             match ext.status {
                 Status::Data {
                     host_offset,
                     compressed,
                 } => {
                     let mut st = BlockState {
-                        offset,
-                        len: bytes,
-                        depth,
                         allocated: true,
                         zero: false,
                         data: true,
                         compressed,
                         host_offset,
-                        eof,
+                        ..base
                     };
                     if let (true, Some(h), false) = (layer.recurse, host_offset, compressed) {
                         self.refine_from_file(layer, h, &mut st)?;
@@ -149,57 +155,31 @@ impl ChainStatus {
                 }
                 Status::Zero { host_offset } => {
                     return Ok(BlockState {
-                        offset,
-                        len: bytes,
-                        depth,
                         allocated: true,
-                        zero: true,
-                        data: false,
-                        compressed: false,
                         host_offset,
-                        eof,
+                        ..base
                     })
                 }
-                Status::Unallocated => {
-                    let below =
-                        (depth + 1 < n).then(|| self.layers[depth + 1].device.virtual_size());
-                    match below {
-                        None => {
-                            // A cluster allocated around unallocated subclusters
-                            // still has a host offset to report.
-                            let mut host_offset = None;
-                            if let Some(q) = layer.device.as_any().downcast_ref::<Qcow2Image>() {
-                                if let Some((h, n)) = q.reserved_host_offset(offset)? {
-                                    host_offset = Some(h);
-                                    bytes = bytes.min(n);
-                                }
-                            }
+                Status::Unallocated if depth + 1 == n => {
+                    // A cluster allocated around unallocated subclusters still has a
+                    // host offset to report.
+                    if let Some(q) = layer.device.as_any().downcast_ref::<Qcow2Image>() {
+                        if let Some((h, run)) = q.reserved_host_offset(offset)? {
+                            let len = bytes.min(run);
                             return Ok(BlockState {
-                                offset,
-                                len: bytes,
-                                depth,
-                                allocated: false,
-                                zero: true,
-                                data: false,
-                                compressed: false,
-                                host_offset,
-                                eof: offset + bytes == size,
+                                host_offset: Some(h),
+                                len,
+                                eof: offset + len == size,
+                                ..base
                             });
                         }
-                        Some(bsize) if offset >= bsize && walk == Walk::DataOrZero => {
-                            return Ok(BlockState {
-                                offset,
-                                len: bytes,
-                                depth,
-                                allocated: false,
-                                zero: true,
-                                data: false,
-                                compressed: false,
-                                host_offset: None,
-                                eof,
-                            })
-                        }
-                        Some(_) => continue,
+                    }
+                    return Ok(base);
+                }
+                Status::Unallocated => {
+                    let below = self.layers[depth + 1].device.virtual_size();
+                    if offset >= below && walk == Walk::DataOrZero {
+                        return Ok(base);
                     }
                 }
             }
