@@ -3,6 +3,31 @@
 //! handed back to the caller to be written in the order the image requires.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A fast hasher for table offsets (trusted, cluster-aligned integers): a few
+/// multiply-xor rounds instead of SipHash, which dominated per-cluster lookups.
+#[derive(Default)]
+pub struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        let mut x = self.0 ^ k;
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        self.0 = x ^ (x >> 31);
+    }
+}
+
+type OffsetMap<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
 
 pub struct Slot<T> {
     pub data: T,
@@ -11,7 +36,7 @@ pub struct Slot<T> {
 }
 
 pub struct TableCache<T> {
-    map: HashMap<u64, Slot<T>>,
+    map: OffsetMap<Slot<T>>,
     capacity: usize,
     tick: u64,
 }
@@ -19,7 +44,7 @@ pub struct TableCache<T> {
 impl<T> TableCache<T> {
     pub fn new(capacity: usize) -> Self {
         TableCache {
-            map: HashMap::new(),
+            map: OffsetMap::default(),
             capacity: capacity.max(2),
             tick: 0,
         }

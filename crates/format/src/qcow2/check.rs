@@ -224,12 +224,9 @@ impl Qcow2Image {
         let mut highest = 0u64;
         let mut need_rebuild = bad_blocks && repair == Repair::All;
         let mut fixes: Vec<(u64, u64)> = Vec::new();
+        let mut stored_all = self.stored_refcounts(m, n)?;
         for c in 0..n {
-            let stored = if bad_blocks {
-                self.stored_refcount_safe(m, c)?
-            } else {
-                m.refcount(c).map_err(|e| self.err(e))?
-            };
+            let stored = stored_all[c as usize];
             let computed = u64::from(*ctr.refs.get(c as usize).unwrap_or(&0));
             if stored > 0 || computed > 0 {
                 highest = c + 1;
@@ -273,15 +270,17 @@ impl Qcow2Image {
         report.image_end_offset = highest * cs;
         if need_rebuild {
             self.rebuild_refcounts(m, &ctr.refs)?;
+            stored_all = self.stored_refcounts(m, n)?;
         } else {
             for (c, v) in fixes {
                 let cur = m.refcount(c).map_err(|e| self.err(e))?;
                 m.update_refcount(c, v as i64 - cur as i64)
                     .map_err(|e| self.err(e))?;
+                stored_all[c as usize] = v;
             }
         }
         // COPIED flags (after refcount repair, against the now-stored counts).
-        let copied_errors = self.check_copied(m, repair == Repair::All)?;
+        let copied_errors = self.check_copied(m, repair == Repair::All, &stored_all)?;
         if repair == Repair::All {
             report.corruptions_fixed += copied_errors.1;
         } else {
@@ -293,19 +292,30 @@ impl Qcow2Image {
         Ok(report)
     }
 
-    /// A stored refcount, treating unusable refcount blocks as holding zeroes.
-    fn stored_refcount_safe(&self, m: &mut Meta, c: u64) -> Result<u64> {
+    /// The stored refcounts of clusters `0..n`, each refcount block read once.
+    /// Unusable blocks (reserved bits, misaligned, past the end of the file) count
+    /// as holding zeroes.
+    fn stored_refcounts(&self, m: &mut Meta, n: u64) -> Result<Vec<u64>> {
         let epb = m.rb_entries();
-        let Some(&e) = m.reftable.get((c / epb) as usize) else {
-            return Ok(0);
-        };
-        if e & REFTABLE_RESERVED != 0
-            || !e.is_multiple_of(m.cluster_size())
-            || e >= m.storage.size().map_err(|er| self.err(er))?
-        {
-            return Ok(0);
+        let cs = m.cluster_size();
+        let order = m.h.refcount_order;
+        let file_size = m.storage.size().map_err(|er| self.err(er))?;
+        let mut out = vec![0u64; n as usize];
+        for b in 0..n.div_ceil(epb) {
+            let Some(&e) = m.reftable.get(b as usize) else {
+                break;
+            };
+            if e == 0 || e & REFTABLE_RESERVED != 0 || !e.is_multiple_of(cs) || e >= file_size {
+                continue;
+            }
+            m.load_refblock(e).map_err(|er| self.err(er))?;
+            let block = &m.rb.get(e).expect("loaded").data;
+            let first = b * epb;
+            for c in first..(first + epb).min(n) {
+                out[c as usize] = super::refcount::rb_get(block, order, (c - first) as usize);
+            }
         }
-        m.refcount(c).map_err(|er| self.err(er))
+        Ok(out)
     }
 
     fn count_l1(
@@ -424,21 +434,25 @@ impl Qcow2Image {
 
     /// Verify COPIED flags on the active L1 and its L2 tables; fix them if asked.
     /// Returns the messages and the number of wrong flags.
-    fn check_copied(&self, m: &mut Meta, fix: bool) -> Result<(Vec<String>, u64)> {
+    /// Verify (and with `fix`, correct) the COPIED flags of the active L1 and L2
+    /// tables against `stored`, the refcounts now on disk.
+    fn check_copied(&self, m: &mut Meta, fix: bool, stored: &[u64]) -> Result<(Vec<String>, u64)> {
         let cs = m.cluster_size();
         let mut msgs = Vec::new();
         let mut count = 0u64;
         let geo = m.geo;
         let words = if geo.extended_l2 { 2 } else { 1 };
+        let file_size = m.storage.size().map_err(|er| self.err(er))?;
+        let rc_of = |off: u64| stored.get((off / cs) as usize).copied().unwrap_or(0);
         for i in 0..m.l1.len() {
             let e = m.l1[i];
             let Ok((l2off, copied)) = decode_l1(e, cs, i) else {
                 continue;
             };
-            if l2off == 0 || l2off >= m.storage.size().map_err(|er| self.err(er))? {
+            if l2off == 0 || l2off >= file_size {
                 continue;
             }
-            let rc = m.refcount(l2off / cs).map_err(|er| self.err(er))?;
+            let rc = rc_of(l2off);
             if (rc == 1) != copied {
                 count += 1;
                 let label = if fix { "Repairing" } else { "ERROR" };
@@ -454,16 +468,17 @@ impl Qcow2Image {
                     m.write_l1_entry(i as u64).map_err(|er| self.err(er))?;
                 }
             }
-            let n = m.l2_entries();
-            for j in 0..n {
-                let (raw, bitmap) = m.raw_entry(l2off, j).map_err(|er| self.err(er))?;
+            m.load_l2(l2off).map_err(|er| self.err(er))?;
+            let table = m.l2.get(l2off).expect("loaded").data.clone();
+            for (j, w) in table.chunks_exact(words).enumerate() {
+                let (raw, bitmap) = (w[0], if words == 2 { w[1] } else { 0 });
                 let Ok(L2Entry::Normal { host, copied, .. }) = geo.decode_l2(raw, bitmap) else {
                     continue;
                 };
                 if host == 0 {
                     continue;
                 }
-                let rc = m.refcount(host / cs).map_err(|er| self.err(er))?;
+                let rc = rc_of(host);
                 if (rc == 1) != copied {
                     count += 1;
                     let label = if fix { "Repairing" } else { "ERROR" };
@@ -476,12 +491,11 @@ impl Qcow2Image {
                         } else {
                             raw & !OFLAG_COPIED
                         };
-                        m.set_raw_entry(l2off, j, new, bitmap)
+                        m.set_raw_entry(l2off, j as u64, new, bitmap)
                             .map_err(|er| self.err(er))?;
                     }
                 }
             }
-            let _ = words;
         }
         if fix && count > 0 {
             m.flush_metadata().map_err(|er| self.err(er))?;

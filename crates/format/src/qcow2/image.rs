@@ -136,8 +136,17 @@ impl Qcow2Image {
     fn open_inner(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
         let read_only = opts.read_only || storage.read_only();
         let file_size = storage.size()?;
-        let mut first = vec![0u8; file_size.min(1 << header::MAX_CLUSTER_BITS) as usize];
+        // The header and its extensions fill at most the first cluster: read a page,
+        // then the rest of the cluster once its size is known.
+        let mut first = vec![0u8; file_size.min(4096) as usize];
         storage.read_at(&mut first, 0)?;
+        if first.len() >= 24 {
+            let bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
+            if bits <= header::MAX_CLUSTER_BITS && (1u64 << bits) > first.len() as u64 {
+                first = vec![0u8; file_size.min(1 << bits) as usize];
+                storage.read_at(&mut first, 0)?;
+            }
+        }
         let mut h = Header::parse(&first, file_size)?;
         if h.is_corrupt() && !read_only && !opts.for_repair {
             return Err(Error::corrupt(

@@ -112,13 +112,23 @@ impl Qcow2Image {
         let threshold = (real * 10 / 9).max(real + 2);
         let end_cluster = file_len.div_ceil(cs);
         let mut m = self.lock();
+        let epb = m.rb_entries();
+        let order = m.h.refcount_order;
         let mut count = 0u64;
-        let mut i = 0u64;
-        while i < end_cluster && count < threshold {
-            if m.refcount(i)? != 0 {
-                count += 1;
+        for b in 0..end_cluster.div_ceil(epb) {
+            if count >= threshold {
+                break;
             }
-            i += 1;
+            let off = m.refblock_offset(b)?;
+            if off == 0 {
+                continue;
+            }
+            m.load_refblock(off)?;
+            let block = &m.rb.get(off).expect("loaded").data;
+            let n = (end_cluster - b * epb).min(epb) as usize;
+            count += (0..n)
+                .filter(|&i| super::refcount::rb_get(block, order, i) != 0)
+                .count() as u64;
         }
         Ok(count >= threshold)
     }

@@ -77,7 +77,7 @@ impl Meta {
         Ok(e)
     }
 
-    fn load_refblock(&mut self, off: u64) -> Result<()> {
+    pub(crate) fn load_refblock(&mut self, off: u64) -> Result<()> {
         if self.rb.contains(off) {
             return Ok(());
         }
