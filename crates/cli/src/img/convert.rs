@@ -1,10 +1,202 @@
-//! `strata img convert` (placeholder).
+//! `strata img convert`: copy images between formats, flatten backing chains,
+//! export internal snapshots, compress (zlib or zstd on every core), with
+//! qemu-img's flags and messages.
 
-use super::common::Ctx;
+use super::common::{open_chain, open_spec, parse_options, parse_size, Ctx};
+use super::measure::snapshot_key;
+use super::progress::Bar;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+use strata_format::qcow2::Qcow2Image;
+use strata_format::{BlockDevice, Format};
+use strata_jobs::convert::{convert, default_workers, ConvertOptions, Plan, MAX_SPARSE};
+use strata_jobs::create::{create, CreateRequest};
+use strata_jobs::status::ChainStatus;
+use strata_jobs::Cancel;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Source format (probed from each source when omitted; backing files never are).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format: qcow2 or raw (default raw).
+    #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+    out_format: String,
+    /// Creation options of the output (`-o help` with `create` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Compress the output's clusters (qcow2; zlib or zstd by -o compression_type).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Leave out aligned all-zero blocks of this size (default 4k; 0 writes everything).
+    #[arg(short = 'S', value_name = "SPARSE_SIZE")]
+    sparse_size: Option<String>,
+    /// Do not create the target: write into an existing image.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// The output gets this backing file; only what the source's top layer stores is copied.
+    #[arg(short = 'B', value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// Format of the -B backing file (required with -B).
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Parallel workers, 1 to 16 (default: twice the CPUs, at least 2).
+    #[arg(short = 'm', value_name = "NUM")]
+    workers: Option<String>,
+    /// Allow out-of-order writes (strata always writes in parallel; accepted for compatibility).
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// With -n: the target already reads as zeroes, so zero ranges are not written.
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    /// Convert an internal snapshot: snapshot.name=NAME, snapshot.id=ID or NAME.
+    #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]
+    snapshot_param: Option<String>,
+    /// Convert an internal snapshot given by ID or name (deprecated form of -l).
+    #[arg(short = 's', value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    /// Open the sources without locks.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Target cache mode (accepted for compatibility).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Source cache mode (accepted for compatibility).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Bandwidth limit (accepted for compatibility; not applied).
+    #[arg(short = 'r', value_name = "RATE")]
+    rate: Option<String>,
+    /// Source images (concatenated) followed by the output image.
+    #[arg(required = true, num_args = 2.., value_name = "FILENAME")]
+    files: Vec<PathBuf>,
+}
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<i32> {
-    anyhow::bail!("convert is not implemented yet")
+pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+    let (out_path, src_paths) = args.files.split_last().expect("clap requires two files");
+    let out_format: Format = args.out_format.parse()?;
+    if args.target_is_zero && !args.no_create {
+        bail!("--target-is-zero requires use of -n flag");
+    }
+    let sparse_size = match &args.sparse_size {
+        None => 4096,
+        Some(s) => match parse_size(s) {
+            Ok(v) if v.is_multiple_of(512) && v <= MAX_SPARSE => v,
+            _ => bail!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."),
+        },
+    };
+    let workers = match &args.workers {
+        None => default_workers(),
+        Some(m) => match m.parse::<usize>() {
+            Ok(v) if (1..=16).contains(&v) => v,
+            _ => bail!("Invalid number of coroutines specified. Must be between 1 and 16."),
+        },
+    };
+    if args.compress && out_format != Format::Qcow2 {
+        bail!("Compression not supported for this file format");
+    }
+    let snapshot = args
+        .snapshot_param
+        .as_deref()
+        .map(snapshot_key)
+        .or(args.snapshot.clone());
+    if snapshot.is_some() && src_paths.len() > 1 {
+        bail!("No support for concatenating multiple snapshot");
+    }
+
+    // Sources, each with its chain (or the snapshot view over the chain below).
+    let mut sources = Vec::with_capacity(src_paths.len());
+    for p in src_paths {
+        let mut spec = open_spec(p, args.format.as_deref(), args.force_share)?;
+        if args.backing.is_some() {
+            // With -B only the top layer is copied; its backing is not needed.
+            spec = spec.open_backing(false);
+        }
+        let chain = open_chain(&spec)?;
+        let status = match &snapshot {
+            None => ChainStatus::new(&chain)?,
+            Some(key) => {
+                let top = chain.top().clone();
+                let q = top
+                    .as_any()
+                    .downcast_ref::<Qcow2Image>()
+                    .context("Failed to load snapshot")?;
+                let view: Arc<dyn BlockDevice> = Arc::new(q.snapshot_view(key).map_err(|_| {
+                    anyhow::anyhow!("Failed to load snapshot: Can't find snapshot")
+                })?);
+                view.set_backing(top.backing());
+                let mut devices = vec![view];
+                devices.extend(chain.layers[1..].iter().map(|l| l.device.clone()));
+                ChainStatus::from_devices(devices)?
+            }
+        };
+        sources.push(status);
+    }
+    let total: u64 = sources.iter().map(|s| s.virtual_size()).sum();
+
+    // The target: created (with -o and -B) unless -n.
+    let mut options = parse_options(&args.options)?;
+    if let Some(b) = &args.backing {
+        if out_format == Format::Raw {
+            bail!("Backing file not supported for file format 'raw'");
+        }
+        let Some(f) = &args.backing_format else {
+            bail!("Use of backing file requires explicit backing format");
+        };
+        options.insert("backing_file".into(), b.clone());
+        options.insert("backing_fmt".into(), f.clone());
+    }
+    if args.compress {
+        if let Some(p) = options.get("preallocation").filter(|p| p.as_str() != "off") {
+            bail!("Compression and preallocation not supported at the same time ('{p}')");
+        }
+    }
+    let target_is_zero;
+    let target: Arc<dyn BlockDevice> = if args.no_create {
+        let spec = open_spec(out_path, Some(out_format.name()), false)?
+            .write(true)
+            .open_backing(false);
+        let chain = open_chain(&spec)?;
+        let t = chain.top().clone();
+        if t.virtual_size() < total {
+            bail!("output file is smaller than input file");
+        }
+        target_is_zero = args.target_is_zero;
+        t
+    } else {
+        create(&CreateRequest {
+            path: out_path.clone(),
+            format: out_format,
+            size: Some(total),
+            options,
+            unsafe_backing: true,
+        })?;
+        target_is_zero = true;
+        strata_chain::open_image(out_path, out_format, true, false)?
+    };
+
+    let opts = ConvertOptions {
+        compress: args.compress,
+        sparse_size,
+        target_is_zero,
+        target_has_backing: args.backing.is_some(),
+        workers,
+    };
+    let cancel = Cancel::default();
+    let cluster = target.cluster_size().unwrap_or(512);
+    let plan = Plan::new(&sources, &opts, cluster, &cancel)?;
+    let bar = Bar::new(args.progress && !args.quiet);
+    convert(&sources, &plan, &target, &opts, &bar, &cancel)?;
+    bar.finish();
+    if let Some(q) = target.as_any().downcast_ref::<Qcow2Image>() {
+        q.close()?;
+    }
+    Ok(0)
 }
