@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Disk image tool compatible with qemu-img (create, info, map, check, compare,
     /// measure, resize, convert).
-    Img(img::ImgCli),
+    Img(Box<img::ImgCli>),
     /// NBD server: export images and chains; live snapshots, commit and stream.
     Nbd(nbd::NbdCli),
 }
@@ -42,7 +42,7 @@ fn main() {
         } else {
             match Cli::try_parse() {
                 Ok(cli) => match cli.command {
-                    Command::Img(c) => img::run(c, "strata img"),
+                    Command::Img(c) => img::run(*c, "strata img"),
                     Command::Nbd(c) => nbd::run(c),
                 },
                 Err(e) => {
