@@ -26,7 +26,8 @@ pub const MAX_SPARSE: u64 = 16 << 20;
 pub struct ConvertOptions {
     /// Write compressed clusters (qcow2 targets).
     pub compress: bool,
-    /// Blocks of this many zero bytes (aligned) are not written; 0 writes every byte.
+    /// Blocks of this many zero bytes (aligned) are not written; 0 writes every
+    /// byte, zeroes included (a fully allocated output).
     pub sparse_size: u64,
     /// The target reads as zeroes before the copy (new image, or `--target-is-zero`).
     pub target_is_zero: bool,
@@ -270,6 +271,16 @@ impl Worker<'_> {
         for r in &w.runs {
             match r.kind {
                 Kind::Backing => {}
+                Kind::Zero if self.opts.sparse_size == 0 && !self.opts.compress => {
+                    // -S 0 allocates everything: zeroes are written as data.
+                    let n = r.len as usize;
+                    if self.buf.len() < n {
+                        self.buf.resize(n, 0);
+                    }
+                    self.buf[..n].fill(0);
+                    self.target.write(&self.buf[..n], r.start)?;
+                    self.stats.data_bytes += r.len;
+                }
                 Kind::Zero => {
                     if !self.opts.target_is_zero || self.opts.target_has_backing {
                         self.target.write_zeroes(r.start, r.len, true)?;

@@ -171,12 +171,18 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         target_is_zero = args.target_is_zero;
         t
     } else {
+        // qemu-img convert reports creation errors without the file name.
+        let prefix = format!("{}: ", out_path.display());
         create(&CreateRequest {
             path: out_path.clone(),
             format: out_format,
             size: Some(total),
             options,
             unsafe_backing: true,
+        })
+        .map_err(|e| {
+            let m = e.to_string();
+            anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m).to_string())
         })?;
         target_is_zero = true;
         strata_chain::open_image(out_path, out_format, true, false)?
