@@ -182,7 +182,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         })
         .map_err(|e| {
             let m = e.to_string();
-            anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m).to_string())
+            anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
         })?;
         target_is_zero = true;
         strata_chain::open_image(out_path, out_format, true, false)?
