@@ -5,6 +5,8 @@
 
 mod device;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod qcow2;
 pub mod raw;
 
