@@ -56,6 +56,9 @@ pub struct OpenSpec {
     /// Format of the top image's backing file when the image does not record one.
     pub backing_format: Option<Format>,
     pub max_depth: usize,
+    /// Layers below the top to open for writing too, by depth (1 is the top's
+    /// backing file): the base a commit writes into.
+    pub write_layers: Vec<usize>,
 }
 
 impl OpenSpec {
@@ -68,6 +71,7 @@ impl OpenSpec {
             open_backing: true,
             backing_format: None,
             max_depth: DEFAULT_MAX_DEPTH,
+            write_layers: Vec::new(),
         }
     }
     pub fn format(mut self, f: Option<Format>) -> Self {
@@ -84,6 +88,11 @@ impl OpenSpec {
     }
     pub fn open_backing(mut self, b: bool) -> Self {
         self.open_backing = b;
+        self
+    }
+    /// Also open the layer at `depth` (1 = the top's backing file) for writing.
+    pub fn write_layer(mut self, depth: usize) -> Self {
+        self.write_layers.push(depth);
         self
     }
 }
@@ -111,6 +120,29 @@ pub struct Chain {
 impl Chain {
     pub fn top(&self) -> &Arc<dyn BlockDevice> {
         &self.layers[0].device
+    }
+
+    /// The devices, top first.
+    pub fn devices(&self) -> Vec<Arc<dyn BlockDevice>> {
+        self.layers.iter().map(|l| l.device.clone()).collect()
+    }
+
+    /// The index of the layer `name` designates: a path (relative to the current
+    /// directory or to the top image's directory) or the backing name an overlay
+    /// records for it.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        let canon = |p: &Path| std::fs::canonicalize(p).ok();
+        let wanted: Vec<PathBuf> = [
+            canon(Path::new(name)),
+            canon(&resolve_backing(&self.layers[0].path, name)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        self.layers.iter().enumerate().position(|(i, l)| {
+            canon(&l.path).is_some_and(|c| wanted.contains(&c))
+                || (i > 0 && self.layers[i - 1].backing_name.as_deref() == Some(name))
+        })
     }
 }
 
@@ -236,7 +268,7 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
         }
         path = bpath;
         fmt = bfmt;
-        write = false;
+        write = spec.write_layers.contains(&layers.len());
     }
     // Attach each layer to the one below it.
     for i in 0..layers.len() - 1 {

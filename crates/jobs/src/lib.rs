@@ -7,6 +7,7 @@ pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod info;
+pub mod layers;
 pub mod map;
 pub mod measure;
 pub mod rebase;

@@ -1,6 +1,16 @@
 use crate::{Error, Result, Storage};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The operation counter and trip flag of one or more [`FaultStorage`]s. Backends
+/// that share a clock fail together, the way every file of a chain stops at once
+/// when the machine crashes.
+#[derive(Debug, Default)]
+pub struct FaultClock {
+    ops: AtomicU64,
+    cut: AtomicBool,
+}
 
 /// What happens when a [`FaultStorage`] reaches its fault point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,28 +40,29 @@ pub struct FaultPlan {
 pub struct FaultStorage<S> {
     inner: S,
     plan: Option<FaultPlan>,
-    ops: AtomicU64,
-    cut: AtomicBool,
+    clock: Arc<FaultClock>,
 }
 
 impl<S: Storage> FaultStorage<S> {
     pub fn new(inner: S, plan: Option<FaultPlan>) -> Self {
-        FaultStorage {
-            inner,
-            plan,
-            ops: AtomicU64::new(0),
-            cut: AtomicBool::new(false),
-        }
+        Self::with_clock(inner, plan, Arc::new(FaultClock::default()))
     }
 
-    /// Mutating operations seen so far (including the failed ones).
+    /// A backend counting on a shared clock: the plan's `at` counts the mutating
+    /// operations of every backend sharing `clock`.
+    pub fn with_clock(inner: S, plan: Option<FaultPlan>, clock: Arc<FaultClock>) -> Self {
+        FaultStorage { inner, plan, clock }
+    }
+
+    /// Mutating operations seen so far on this backend's clock (including the
+    /// failed ones).
     pub fn ops(&self) -> u64 {
-        self.ops.load(Ordering::SeqCst)
+        self.clock.ops.load(Ordering::SeqCst)
     }
 
     /// Whether the plan has fired.
     pub fn tripped(&self) -> bool {
-        self.cut.load(Ordering::SeqCst)
+        self.clock.cut.load(Ordering::SeqCst)
     }
 
     pub fn inner(&self) -> &S {
@@ -63,12 +74,12 @@ impl<S: Storage> FaultStorage<S> {
     }
 
     fn gate(&self) -> Result<()> {
-        let n = self.ops.fetch_add(1, Ordering::SeqCst);
+        let n = self.clock.ops.fetch_add(1, Ordering::SeqCst);
         let Some(plan) = self.plan else { return Ok(()) };
         match plan.mode {
             FaultMode::Cut => {
                 if n >= plan.at {
-                    self.cut.store(true, Ordering::SeqCst);
+                    self.clock.cut.store(true, Ordering::SeqCst);
                     return Err(Error::Injected(std::io::Error::from_raw_os_error(
                         libc::EIO,
                     )));
@@ -76,7 +87,7 @@ impl<S: Storage> FaultStorage<S> {
             }
             FaultMode::ErrorOnce(errno) => {
                 if n == plan.at {
-                    self.cut.store(true, Ordering::SeqCst);
+                    self.clock.cut.store(true, Ordering::SeqCst);
                     return Err(Error::Injected(std::io::Error::from_raw_os_error(errno)));
                 }
             }

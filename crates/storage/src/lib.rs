@@ -15,7 +15,7 @@ pub mod lock;
 mod mem;
 
 pub use error::{os_message, Error, Result};
-pub use fault::{FaultMode, FaultPlan, FaultStorage};
+pub use fault::{FaultClock, FaultMode, FaultPlan, FaultStorage};
 pub use file::{FileStorage, OpenOptions};
 pub use lock::LockMode;
 pub use mem::MemStorage;

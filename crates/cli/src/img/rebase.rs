@@ -1,10 +1,104 @@
-//! `strata img rebase` (placeholder).
+//! `strata img rebase`: change an image's backing file. Safe mode copies the
+//! differences between the old and new backing content first, so the guest view is
+//! unchanged; `-u` only rewrites the pointer; `-b ""` flattens the image.
 
-use super::common::Ctx;
+use super::common::{open_chain, open_spec, Ctx};
+use super::progress::Bar;
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use strata_format::Format;
+use strata_jobs::{commit, rebase, Cancel};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Format of the image (probed when omitted).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// The new backing file ("" for none), relative to the image's directory.
+    #[arg(short = 'b', value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// Format of the new backing file (required with a non-empty -b).
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Unsafe: only rewrite the backing file name; copy nothing.
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode (accepted for compatibility).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Source cache mode (accepted for compatibility).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// The image to rebase.
+    filename: PathBuf,
+}
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<i32> {
-    anyhow::bail!("rebase is not implemented yet")
+pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+    let Some(backing) = args.backing.clone() else {
+        bail!("Must specify backing file (-b) or use unsafe mode (-u)");
+    };
+    let new_name = (!backing.is_empty()).then_some(backing.clone());
+    let new_format: Option<Format> = match (&new_name, &args.backing_format) {
+        (Some(_), None) => bail!(
+            "Could not change the backing file to '{backing}': backing format must be specified"
+        ),
+        (Some(_), Some(f)) => Some(f.parse()?),
+        (None, _) => None,
+    };
+    let spec = open_spec(&args.filename, args.format.as_deref(), false)?
+        .write(true)
+        .open_backing(!args.unsafe_mode);
+    let chain = open_chain(&spec)?;
+    let image = chain.top().clone();
+    if !args.unsafe_mode {
+        let new_chain = match (&new_name, new_format) {
+            (Some(n), Some(f)) => {
+                let path = strata_chain::resolve_backing(&args.filename, n);
+                let spec = strata_chain::OpenSpec::new(&path).format(Some(f));
+                Some(strata_chain::open(&spec).map_err(|e| {
+                    anyhow::anyhow!(
+                        "Could not open new backing file '{n}': Could not open '{n}': {}",
+                        short(&e)
+                    )
+                })?)
+            }
+            _ => None,
+        };
+        let bar = Bar::new(args.progress && !args.quiet);
+        rebase::copy_differences(
+            &image,
+            new_chain.as_ref().map(|c| c.top()),
+            &bar,
+            &Cancel::default(),
+        )?;
+        bar.finish();
+    }
+    commit::relink_above(
+        image.as_ref(),
+        new_name.as_deref(),
+        new_format.map(|f| f.name()),
+    )?;
+    if let Some(q) = image
+        .as_any()
+        .downcast_ref::<strata_format::qcow2::Qcow2Image>()
+    {
+        q.close()?;
+    }
+    Ok(0)
+}
+
+/// The innermost reason of a chain error, as qemu-img words it.
+fn short(e: &strata_chain::Error) -> String {
+    match e {
+        strata_chain::Error::Storage(strata_storage::Error::Io { source, .. }) => {
+            strata_storage::os_message(source)
+        }
+        other => other.to_string(),
+    }
 }

@@ -388,7 +388,7 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
             Err(self.err(Error::new(ErrorKind::ReadOnly)))
         } else {
@@ -397,7 +397,7 @@ impl Qcow2Image {
     }
 
     /// Report a corruption found while writing: set the corrupt bit, then fail.
-    fn fail_corrupt(&self, m: &mut Meta, e: Error) -> Error {
+    pub(crate) fn fail_corrupt(&self, m: &mut Meta, e: Error) -> Error {
         if matches!(e.kind, ErrorKind::Corrupt(_)) {
             m.mark_corrupt();
         }

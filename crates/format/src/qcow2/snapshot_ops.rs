@@ -432,3 +432,38 @@ impl Qcow2Image {
         ))
     }
 }
+
+impl Qcow2Image {
+    /// Make the active disk empty: every cluster unallocated, so reads fall through
+    /// to the backing file (what an overlay looks like after `qemu-img commit`).
+    /// Clusters shared with internal snapshots stay with them. The new L2 entries
+    /// are durable before any cluster is freed (a crash leaks at worst).
+    pub fn make_empty(&self) -> Result<()> {
+        self.check_writable()?;
+        let _excl = self.exclusive();
+        let mut m = self.lock();
+        let set_here = m.begin_metadata_op().map_err(|e| self.err(e))?;
+        let r = (|| {
+            let l2n = m.l2_entries();
+            for l1i in 0..m.l1.len() as u64 {
+                let (l2off, _) = m.l1_entry(l1i)?;
+                if l2off == 0 {
+                    continue;
+                }
+                let l2 = m.l2_for_write(l1i)?;
+                for i in 0..l2n {
+                    let (raw, bitmap) = m.raw_entry(l2, i)?;
+                    if raw == 0 && bitmap == 0 {
+                        continue;
+                    }
+                    let old = m.entry(l1i * l2n + i)?;
+                    m.set_raw_entry(l2, i, 0, 0)?;
+                    m.release_entry(old);
+                }
+            }
+            m.flush_metadata()
+        })();
+        r.map_err(|e| self.fail_corrupt(&mut m, e))?;
+        m.end_metadata_op(set_here).map_err(|e| self.err(e))
+    }
+}
