@@ -89,8 +89,13 @@ wanted snapshot || exit 0
 full="$WORK/full-$SIZE.qcow2"
 if [ ! -f "$full" ]; then
   echo "bench: writing every cluster of $full"
-  qemu-img create -q -f qcow2 "$full" "$SIZE"
-  qemu-io -f qcow2 -c "write -P 0x5a 0 $SIZE" "$full" >/dev/null
+  # qemu-io requests are limited in size: fill the image 256 MiB at a time, into a
+  # temporary name so an interrupted run never leaves a half-written input behind.
+  qemu-img create -q -f qcow2 "$full.tmp" "$SIZE"
+  fill=()
+  for ((off = 0; off < bytes; off += 256 << 20)); do fill+=(-c "write -P 0x5a $off 256M"); done
+  qemu-io -f qcow2 "${fill[@]}" "$full.tmp" >/dev/null
+  mv "$full.tmp" "$full"
 fi
 snap_bench() { # image label
   local img=$1 label=$2
@@ -124,16 +129,18 @@ snap_bench() { # image label
 for n in 0 10 100; do
   img="$WORK/snaps-$n-$SIZE.qcow2"
   if [ ! -f "$img" ]; then
-    cp "$full" "$img"
-    for i in $(seq "$n"); do qemu-img snapshot -c "s$i" "$img"; done
+    cp "$full" "$img.tmp"
+    for i in $(seq "$n"); do qemu-img snapshot -c "s$i" "$img.tmp"; done
+    mv "$img.tmp" "$img"
   fi
   snap_bench "$img" "$n snaps"
 done
 # 1,000 snapshots on a smaller fully written image (256 MiB), to keep setup bounded.
 many="$WORK/snaps-1000.qcow2"
 if [ ! -f "$many" ]; then
-  qemu-img create -q -f qcow2 "$many" 256M
-  qemu-io -f qcow2 -c "write -P 0x33 0 256M" "$many" >/dev/null
-  for i in $(seq 1000); do qemu-img snapshot -c "s$i" "$many"; done
+  qemu-img create -q -f qcow2 "$many.tmp" 256M
+  qemu-io -f qcow2 -c "write -P 0x33 0 256M" "$many.tmp" >/dev/null
+  for i in $(seq 1000); do qemu-img snapshot -c "s$i" "$many.tmp"; done
+  mv "$many.tmp" "$many"
 fi
 snap_bench "$many" "1000 snaps, 256M"
