@@ -34,7 +34,7 @@ pub struct ConvertOptions {
     /// The target has a backing file that already holds the sources' backing data:
     /// only what each source's top layer stores is copied (`-B`).
     pub target_has_backing: bool,
-    /// Worker threads (`-m`).
+    /// Producer threads (`-m`); one more thread writes.
     pub workers: usize,
 }
 
@@ -50,10 +50,11 @@ impl Default for ConvertOptions {
     }
 }
 
-/// Enough threads to keep both cores busy and reads overlapping writes.
+/// One producer per core (reading, scanning and compressing), beside the writer.
 pub fn default_workers() -> usize {
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    (cpus * 2).clamp(2, 16)
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 16)
 }
 
 /// What a run of a window holds.
@@ -181,7 +182,32 @@ impl Plan {
     }
 }
 
+/// A write the producers hand to the writer.
+enum Out {
+    /// Bytes `buf[range]` at target offset `at`.
+    Data {
+        at: u64,
+        buf: Arc<Vec<u8>>,
+        range: std::ops::Range<usize>,
+    },
+    /// Zeroes at `[at, at+len)`.
+    Zero { at: u64, len: u64 },
+    /// An already compressed cluster.
+    Compressed {
+        cluster: u64,
+        bytes: Vec<u8>,
+        len: u64,
+    },
+    /// A window is done (for progress).
+    Done(u64),
+}
+
 /// Copy what `plan` lists from `sources` into `target`, then flush it.
+///
+/// Producers (several threads) read windows, find zero blocks and compress; one
+/// writer applies their output. A single writer keeps the target file's lock
+/// uncontended, which is what makes buffered writes fast; the reading, scanning
+/// and compressing run in parallel on every core.
 pub fn convert(
     sources: &[ChainStatus],
     plan: &Plan,
@@ -211,177 +237,251 @@ pub fn convert(
     }
     progress.set_total(plan.total);
     let next = AtomicUsize::new(0);
-    let stats = Mutex::new(ConvertStats::default());
     let failure: Mutex<Option<Error>> = Mutex::new(None);
-    let workers = opts.workers.clamp(1, 16).min(plan.windows.len().max(1));
+    let fail = |e: Error| {
+        failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    };
+    let failed = || failure.lock().map(|f| f.is_some()).unwrap_or(true);
+    let producers = opts.workers.clamp(1, 16).min(plan.windows.len().max(1));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Out>(producers * 4);
+    let cluster = qcow2.map(|q| q.geometry().cluster_size());
+    let mut stats = ConvertStats::default();
+    // Buffers go back to the producers once written: no page faults and no zeroing
+    // of fresh memory per window.
+    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                let mut worker = Worker {
-                    target,
-                    qcow2,
+        for _ in 0..producers {
+            let tx = tx.clone();
+            let (next, fail, failed, pool) = (&next, &fail, &failed, &pool);
+            scope.spawn(move || {
+                let mut p = Producer {
                     opts,
-                    buf: Vec::new(),
-                    stats: ConvertStats::default(),
+                    cluster,
+                    qcow2,
+                    size: target.virtual_size(),
+                    tx,
+                    pool,
                 };
                 loop {
-                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    if failed() {
                         break;
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(w) = plan.windows.get(i) else { break };
-                    let r = cancel
+                    if let Err(e) = cancel
                         .check()
-                        .and_then(|()| worker.apply(&sources[w.source], w));
-                    match r {
-                        Ok(n) => progress.advance(n),
-                        Err(e) => {
-                            let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
-                            f.get_or_insert(e);
-                            break;
-                        }
+                        .and_then(|()| p.produce(&sources[w.source], w))
+                    {
+                        fail(e);
+                        break;
                     }
                 }
-                let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-                s.data_bytes += worker.stats.data_bytes;
-                s.zeroed_bytes += worker.stats.zeroed_bytes;
-                s.compressed_clusters += worker.stats.compressed_clusters;
             });
+        }
+        drop(tx);
+        // The writer: this thread.
+        for out in rx {
+            if failed() {
+                continue; // drain so producers can finish
+            }
+            let r = match out {
+                Out::Data { at, buf, range } => {
+                    stats.data_bytes += range.len() as u64;
+                    let r = target.write(&buf[range], at);
+                    if let Ok(v) = Arc::try_unwrap(buf) {
+                        pool.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+                    }
+                    r
+                }
+                Out::Zero { at, len } => {
+                    stats.zeroed_bytes += len;
+                    target.write_zeroes(at, len, true)
+                }
+                Out::Compressed {
+                    cluster,
+                    bytes,
+                    len,
+                } => {
+                    stats.compressed_clusters += 1;
+                    stats.data_bytes += len;
+                    qcow2
+                        .expect("compression needs qcow2")
+                        .write_compressed_cluster(cluster, &bytes)
+                }
+                Out::Done(n) => {
+                    progress.advance(n);
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                fail(e.into());
+            }
         }
     });
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
     target.flush()?;
-    Ok(stats.into_inner().unwrap_or_else(|p| p.into_inner()))
+    Ok(stats)
 }
 
-struct Worker<'a> {
-    target: &'a Arc<dyn BlockDevice>,
-    qcow2: Option<&'a Qcow2Image>,
+/// Reads windows and turns them into writes for the writer.
+struct Producer<'a> {
     opts: &'a ConvertOptions,
-    buf: Vec<u8>,
-    stats: ConvertStats,
+    cluster: Option<u64>,
+    qcow2: Option<&'a Qcow2Image>,
+    size: u64,
+    tx: std::sync::mpsc::SyncSender<Out>,
+    pool: &'a Mutex<Vec<Vec<u8>>>,
 }
 
-impl Worker<'_> {
-    /// Apply one window; returns its length for progress.
-    fn apply(&mut self, src: &ChainStatus, w: &Window) -> Result<u64> {
+impl Producer<'_> {
+    fn send(&self, o: Out) -> Result<()> {
+        self.tx
+            .send(o)
+            .map_err(|_| Error::Invalid("the writer stopped".into()))
+    }
+
+    /// Whether zero ranges must be written (the target does not read as zeroes).
+    fn write_zeroes(&self) -> bool {
+        !self.opts.target_is_zero || self.opts.target_has_backing
+    }
+
+    fn produce(&mut self, src: &ChainStatus, w: &Window) -> Result<()> {
         let mut done = 0;
         for r in &w.runs {
             match r.kind {
                 Kind::Backing => {}
                 Kind::Zero if self.opts.sparse_size == 0 && !self.opts.compress => {
                     // -S 0 allocates everything: zeroes are written as data.
-                    let n = r.len as usize;
-                    if self.buf.len() < n {
-                        self.buf.resize(n, 0);
-                    }
-                    self.buf[..n].fill(0);
-                    self.target.write(&self.buf[..n], r.start)?;
-                    self.stats.data_bytes += r.len;
+                    let buf = Arc::new(vec![0u8; r.len as usize]);
+                    self.send(Out::Data {
+                        at: r.start,
+                        range: 0..buf.len(),
+                        buf,
+                    })?;
                 }
                 Kind::Zero => {
-                    if !self.opts.target_is_zero || self.opts.target_has_backing {
-                        self.target.write_zeroes(r.start, r.len, true)?;
-                        self.stats.zeroed_bytes += r.len;
+                    if self.write_zeroes() {
+                        self.send(Out::Zero {
+                            at: r.start,
+                            len: r.len,
+                        })?;
                     }
                 }
                 Kind::Data => {
-                    let n = r.len as usize;
-                    if self.buf.len() < n {
-                        self.buf.resize(n, 0);
-                    }
-                    let mut buf = std::mem::take(&mut self.buf);
-                    src.layer(0).read(&mut buf[..n], r.start - w.base)?;
-                    let res = if self.opts.compress {
-                        self.write_compressed(&buf[..n], r.start)
+                    let mut buf = self
+                        .pool
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .pop()
+                        .unwrap_or_default();
+                    buf.resize(r.len as usize, 0);
+                    src.layer(0).read(&mut buf, r.start - w.base)?;
+                    let buf = Arc::new(buf);
+                    if self.opts.compress {
+                        self.compressed(&buf, r.start)?;
                     } else {
-                        self.write_sparse(&buf[..n], r.start)
-                    };
-                    self.buf = buf;
-                    res?;
+                        self.sparse(&buf, r.start)?;
+                    }
                 }
             }
             done += r.len;
         }
-        Ok(done)
+        self.send(Out::Done(done))
     }
 
-    /// Write `data` at `off`, leaving out aligned all-zero blocks of `-S` bytes.
-    fn write_sparse(&mut self, data: &[u8], off: u64) -> Result<()> {
+    /// Hand over `buf` (at target offset `off`) leaving out aligned all-zero blocks
+    /// of `-S` bytes.
+    fn sparse(&self, buf: &Arc<Vec<u8>>, off: u64) -> Result<()> {
         let ss = self.opts.sparse_size as usize;
         if ss == 0 {
-            self.target.write(data, off)?;
-            self.stats.data_bytes += data.len() as u64;
-            return Ok(());
+            return self.send(Out::Data {
+                at: off,
+                buf: buf.clone(),
+                range: 0..buf.len(),
+            });
         }
-        // Runs of blocks, each block aligned to ss in target offsets.
         let mut i = 0usize;
-        let mut pending: Option<(usize, bool)> = None; // (start, is_zero)
-        while i < data.len() {
+        let mut run: Option<(usize, bool)> = None;
+        while i < buf.len() {
             let abs = off + i as u64;
-            let next = ((abs / ss as u64 + 1) * ss as u64 - off) as usize;
-            let end = next.min(data.len());
-            let zero = end - i == ss && is_zero(&data[i..end]);
-            match pending {
+            let end = (((abs / ss as u64 + 1) * ss as u64 - off) as usize).min(buf.len());
+            let zero = end - i == ss && is_zero(&buf[i..end]);
+            match run {
                 Some((_, z)) if z == zero => {}
                 Some((s, z)) => {
-                    self.flush_run(data, off, s, i, z)?;
-                    pending = Some((i, zero));
+                    self.emit(buf, off, s..i, z)?;
+                    run = Some((i, zero));
                 }
-                None => pending = Some((i, zero)),
+                None => run = Some((i, zero)),
             }
             i = end;
         }
-        if let Some((s, z)) = pending {
-            self.flush_run(data, off, s, data.len(), z)?;
+        if let Some((s, z)) = run {
+            self.emit(buf, off, s..buf.len(), z)?;
         }
         Ok(())
     }
 
-    fn flush_run(&mut self, data: &[u8], off: u64, s: usize, e: usize, zero: bool) -> Result<()> {
-        let at = off + s as u64;
-        let len = (e - s) as u64;
-        if zero {
-            if !self.opts.target_is_zero || self.opts.target_has_backing {
-                self.target.write_zeroes(at, len, true)?;
-                self.stats.zeroed_bytes += len;
-            }
+    fn emit(
+        &self,
+        buf: &Arc<Vec<u8>>,
+        off: u64,
+        range: std::ops::Range<usize>,
+        zero: bool,
+    ) -> Result<()> {
+        let at = off + range.start as u64;
+        if !zero {
+            self.send(Out::Data {
+                at,
+                buf: buf.clone(),
+                range,
+            })
+        } else if self.write_zeroes() {
+            self.send(Out::Zero {
+                at,
+                len: range.len() as u64,
+            })
         } else {
-            self.target.write(&data[s..e], at)?;
-            self.stats.data_bytes += len;
+            Ok(())
         }
-        Ok(())
     }
 
-    /// Write whole clusters compressed (clusters that do not shrink go plain;
-    /// all-zero clusters are left out when the target reads as zeroes).
-    fn write_compressed(&mut self, data: &[u8], off: u64) -> Result<()> {
+    /// Compress whole clusters (clusters that do not shrink go plain; all-zero
+    /// clusters are left out when the target reads as zeroes).
+    fn compressed(&self, buf: &Arc<Vec<u8>>, off: u64) -> Result<()> {
         let q = self.qcow2.expect("checked by convert()");
-        let cs = q.geometry().cluster_size();
-        let size = self.target.virtual_size();
+        let cs = self.cluster.expect("qcow2 has clusters");
         let mut i = 0usize;
-        while i < data.len() {
+        while i < buf.len() {
             let abs = off + i as u64;
-            let cend = ((abs / cs + 1) * cs).min(size);
-            let end = ((cend - off) as usize).min(data.len());
-            let chunk = &data[i..end];
-            let whole = abs.is_multiple_of(cs) && (abs + chunk.len() as u64 == cend);
+            let cend = ((abs / cs + 1) * cs).min(self.size);
+            let end = ((cend - off) as usize).min(buf.len());
+            let chunk = &buf[i..end];
+            let whole = abs.is_multiple_of(cs) && abs + chunk.len() as u64 == cend;
             if is_zero(chunk) {
-                if !self.opts.target_is_zero || self.opts.target_has_backing {
-                    self.target.write_zeroes(abs, chunk.len() as u64, true)?;
-                    self.stats.zeroed_bytes += chunk.len() as u64;
+                if self.write_zeroes() {
+                    self.send(Out::Zero {
+                        at: abs,
+                        len: chunk.len() as u64,
+                    })?;
                 }
-            } else if let (true, Some(z)) =
-                (whole, whole.then(|| q.compress_cluster(chunk)).flatten())
-            {
-                q.write_compressed_cluster(abs / cs, &z)?;
-                self.stats.compressed_clusters += 1;
-                self.stats.data_bytes += chunk.len() as u64;
+            } else if let Some(z) = whole.then(|| q.compress_cluster(chunk)).flatten() {
+                self.send(Out::Compressed {
+                    cluster: abs / cs,
+                    bytes: z,
+                    len: chunk.len() as u64,
+                })?;
             } else {
-                self.target.write(chunk, abs)?;
-                self.stats.data_bytes += chunk.len() as u64;
+                self.send(Out::Data {
+                    at: abs,
+                    buf: buf.clone(),
+                    range: i..end,
+                })?;
             }
             i = end;
         }

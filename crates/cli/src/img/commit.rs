@@ -2,7 +2,7 @@
 //! base, as `qemu-img commit`; `--top` merges a middle range of the chain and
 //! relinks the image above it (libvirt's intermediate block commit).
 
-use super::common::{open_chain, open_spec, Ctx};
+use super::common::{open_chain, open_spec, warn_probed_raw, Ctx};
 use super::progress::Bar;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
@@ -111,6 +111,7 @@ fn other_users(chain: &Chain, base: usize) -> Vec<PathBuf> {
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let name = args.filename.display().to_string();
     // Find the layers first (read-only), then reopen what must be written.
+    warn_probed_raw(&args.filename, args.format.as_deref());
     let spec = open_spec(&args.filename, args.format.as_deref(), false)?;
     let probe = open_chain(&spec)?;
     if probe.layers.len() < 2 {

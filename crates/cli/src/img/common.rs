@@ -41,6 +41,17 @@ pub fn open_spec(
         .force_share(force_share))
 }
 
+/// qemu-img's warning when a raw image is opened for writing without `-f`.
+pub fn warn_probed_raw(path: &std::path::Path, format: Option<&str>) {
+    if format.is_none() && strata_chain::probe_format(path).ok() == Some(strata_format::Format::Raw)
+    {
+        eprintln!(
+            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
+            path.display()
+        );
+    }
+}
+
 /// Open an image and (unless the spec says not to) its chain, with qemu-img's
 /// "Could not open 'FILE': reason" message on failure.
 pub fn open_chain(spec: &strata_chain::OpenSpec) -> Result<strata_chain::Chain> {

@@ -185,7 +185,13 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
         })?;
         target_is_zero = true;
-        strata_chain::open_image(out_path, out_format, true, false)?
+        let t = strata_chain::open_image(out_path, out_format, true, false)?;
+        // A new target is unusable until the copy completes: order metadata writes
+        // but flush only at the end.
+        if let Some(q) = t.as_any().downcast_ref::<Qcow2Image>() {
+            q.set_write_barriers(false)?;
+        }
+        t
     };
 
     let opts = ConvertOptions {

@@ -2,7 +2,7 @@
 //! differences between the old and new backing content first, so the guest view is
 //! unchanged; `-u` only rewrites the pointer; `-b ""` flattens the image.
 
-use super::common::{open_chain, open_spec, Ctx};
+use super::common::{open_chain, open_spec, warn_probed_raw, Ctx};
 use super::progress::Bar;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -39,9 +39,12 @@ pub struct Args {
     filename: PathBuf,
 }
 
-pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let Some(backing) = args.backing.clone() else {
-        bail!("Must specify backing file (-b) or use unsafe mode (-u)");
+        bail!(
+            "Must specify backing file (-b) or use unsafe mode (-u)\nTry '{} rebase --help' for more info",
+            ctx.prog
+        );
     };
     let new_name = (!backing.is_empty()).then_some(backing.clone());
     let new_format: Option<Format> = match (&new_name, &args.backing_format) {
@@ -51,6 +54,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         (Some(_), Some(f)) => Some(f.parse()?),
         (None, _) => None,
     };
+    warn_probed_raw(&args.filename, args.format.as_deref());
     let spec = open_spec(&args.filename, args.format.as_deref(), false)?
         .write(true)
         .open_backing(!args.unsafe_mode);

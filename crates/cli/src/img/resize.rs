@@ -37,14 +37,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let format = match &args.format {
         Some(f) => f.parse::<Format>()?,
         None => {
-            let f = strata_chain::probe_format(&args.filename)?;
-            if f == Format::Raw {
-                eprintln!(
-                    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
-                    args.filename.display()
-                );
-            }
-            f
+            super::common::warn_probed_raw(&args.filename, None);
+            strata_chain::probe_format(&args.filename)?
         }
     };
     let prealloc = match args.preallocation.as_deref() {

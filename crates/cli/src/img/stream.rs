@@ -3,7 +3,7 @@
 //! relinking the image to the base (or to nothing).
 
 use super::commit::backing_name_for;
-use super::common::{open_chain, open_spec, Ctx};
+use super::common::{open_chain, open_spec, warn_probed_raw, Ctx};
 use super::progress::Bar;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -30,6 +30,7 @@ pub struct Args {
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let name = args.filename.display().to_string();
+    warn_probed_raw(&args.filename, args.format.as_deref());
     let spec = open_spec(&args.filename, args.format.as_deref(), false)?.write(true);
     let chain = open_chain(&spec)?;
     if chain.layers.len() < 2 {

@@ -581,6 +581,20 @@ impl Qcow2Image {
         }
     }
 
+    /// Turn the flushes between ordered metadata writes off (or back on). With
+    /// barriers off, metadata is still written in the safe order, but only
+    /// [`BlockDevice::flush`] makes anything durable: for an image being filled from
+    /// scratch (the target of a convert), where a crash midway leaves an unfinished
+    /// copy whatever the ordering, and the flushes would force the page cache out
+    /// synchronously again and again. Turning barriers back on flushes first.
+    pub fn set_write_barriers(&self, on: bool) -> Result<()> {
+        if on {
+            crate::BlockDevice::flush(self)?;
+        }
+        self.lock().barriers = on;
+        Ok(())
+    }
+
     /// Write one cluster's worth of already compressed bytes for guest cluster `gc`.
     pub fn write_compressed_cluster(&self, gc: u64, compressed: &[u8]) -> Result<()> {
         self.check_writable()?;
@@ -1029,7 +1043,11 @@ impl BlockDevice for Qcow2Image {
         let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock();
         m.compressed_cursor = 0;
-        m.flush_metadata().map_err(|e| self.err(e))
+        m.flush_metadata().map_err(|e| self.err(e))?;
+        if !m.barriers {
+            m.storage.flush().map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

@@ -35,6 +35,8 @@ pub struct Meta {
     pub read_only: bool,
     /// Set once the dirty bit has been written for this session (lazy refcounts).
     pub dirty_written: bool,
+    /// Flush the storage between ordered metadata writes (the default).
+    pub barriers: bool,
 }
 
 impl Meta {
@@ -64,6 +66,7 @@ impl Meta {
             snapshots: Vec::new(),
             read_only,
             dirty_written: false,
+            barriers: true,
             h,
         }
     }
@@ -124,7 +127,7 @@ impl Meta {
     /// Write one L2 table that left the cache dirty, after the refcounts it relies on.
     fn write_evicted_l2(&mut self, off: u64, data: &[u64]) -> Result<()> {
         if self.write_refblocks()? {
-            self.storage.flush()?;
+            self.barrier()?;
         }
         self.storage.write_at(&Self::encode_table(data), off)?;
         Ok(())
@@ -215,7 +218,7 @@ impl Meta {
         let new = self.alloc_clusters(1)?;
         self.write_refblocks()?;
         self.storage.write_at(&Self::encode_table(&table), new)?;
-        self.storage.flush()?;
+        self.barrier()?;
         self.l1[l1i as usize] = new | OFLAG_COPIED;
         self.write_l1_entry(l1i)?;
         self.insert_l2(new, table, false)?;
@@ -258,7 +261,7 @@ impl Meta {
         let wrote_rb = self.write_refblocks()?;
         if self.l2.any_dirty() {
             if wrote_rb {
-                self.storage.flush()?;
+                self.barrier()?;
             }
             for off in self.l2.dirty_offsets() {
                 let slot = self.l2.get(off).expect("dirty slot");
@@ -267,13 +270,22 @@ impl Meta {
                 slot.dirty = false;
             }
         }
-        self.storage.flush()?;
+        self.barrier()?;
         if !self.pending_frees.is_empty() {
             let frees = std::mem::take(&mut self.pending_frees);
             for c in frees {
                 self.update_refcount(c, -1)?;
             }
             self.write_refblocks()?;
+            self.barrier()?;
+        }
+        Ok(())
+    }
+
+    /// An ordering point between metadata writes: a flush of the storage, unless
+    /// barriers are off (see [`super::Qcow2Image::set_write_barriers`]).
+    pub fn barrier(&self) -> Result<()> {
+        if self.barriers {
             self.storage.flush()?;
         }
         Ok(())
@@ -296,7 +308,7 @@ impl Meta {
         }
         self.h.incompatible_features |= header::incompat::DIRTY;
         self.write_incompat()?;
-        self.storage.flush()?;
+        self.barrier()?;
         self.dirty_written = true;
         Ok(())
     }
@@ -310,7 +322,7 @@ impl Meta {
         }
         self.h.incompatible_features |= header::incompat::DIRTY;
         self.write_incompat()?;
-        self.storage.flush()?;
+        self.barrier()?;
         Ok(true)
     }
 
@@ -328,7 +340,7 @@ impl Meta {
         if self.h.is_dirty() && !self.read_only {
             self.h.incompatible_features &= !header::incompat::DIRTY;
             self.write_incompat()?;
-            self.storage.flush()?;
+            self.barrier()?;
             self.dirty_written = false;
         }
         Ok(())

@@ -177,11 +177,11 @@ impl Meta {
         let mut block = vec![0u8; cs as usize];
         rb_set(&mut block, self.h.refcount_order, 0, 1);
         self.storage.write_at(&block, off)?;
-        self.storage.flush()?;
+        self.barrier()?;
         self.reftable[idx as usize] = off;
         self.storage
             .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + idx * 8)?;
-        self.storage.flush()?;
+        self.barrier()?;
         let evicted = self.rb.insert(off, block, false);
         self.write_evicted_refblock(evicted)
     }
@@ -243,14 +243,14 @@ impl Meta {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
         self.storage.write_at(&bytes, table_off)?;
-        self.storage.flush()?;
+        self.barrier()?;
         // Switch the header to the new table in one write (offset 48: table offset
         // then cluster count).
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
         self.storage.write_at(&hdr, 48)?;
-        self.storage.flush()?;
+        self.barrier()?;
         let old_off = self.h.refcount_table_offset;
         let old_clusters = u64::from(self.h.refcount_table_clusters);
         self.h.refcount_table_offset = table_off;
@@ -371,7 +371,7 @@ impl Meta {
             self.storage.write_at(&block, pos * cs)?;
             made.push((b, pos * cs, block));
         }
-        self.storage.flush()?;
+        self.barrier()?;
         for (b, off, block) in made {
             self.reftable[b as usize] = off;
             self.storage
@@ -379,7 +379,7 @@ impl Meta {
             let evicted = self.rb.insert(off, block, false);
             self.write_evicted_refblock(evicted)?;
         }
-        self.storage.flush()?;
+        self.barrier()?;
         Ok(())
     }
 
