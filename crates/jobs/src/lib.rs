@@ -10,6 +10,7 @@ pub mod info;
 pub mod layers;
 pub mod map;
 pub mod measure;
+pub mod overlay;
 pub mod rebase;
 pub mod status;
 pub mod stream;
