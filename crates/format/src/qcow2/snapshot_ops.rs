@@ -434,34 +434,63 @@ impl Qcow2Image {
 }
 
 impl Qcow2Image {
-    /// Make the active disk empty: every cluster unallocated, so reads fall through
+    /// Make the active disk empty: every L1 entry cleared, so all reads fall through
     /// to the backing file (what an overlay looks like after `qemu-img commit`).
-    /// Clusters shared with internal snapshots stay with them. The new L2 entries
-    /// are durable before any cluster is freed (a crash leaks at worst).
+    /// Each L2 table and the clusters it maps lose the active view's reference;
+    /// what internal snapshots share stays with them. The file's free tail is then
+    /// given back, so an image without snapshots shrinks to its header, refcount
+    /// structures and L1 table, as qemu-img 10 leaves it.
+    ///
+    /// Crash safety: the cleared L1 table is written and flushed before any
+    /// refcount drops, and the file is shortened only past the last cluster whose
+    /// refcount is durable at zero, so a crash leaks clusters at worst.
     pub fn make_empty(&self) -> Result<()> {
         self.check_writable()?;
         let _excl = self.exclusive();
         let mut m = self.lock();
         let set_here = m.begin_metadata_op().map_err(|e| self.err(e))?;
         let r = (|| {
+            // Settle the cache so no L2 table is written after its L1 entry goes.
+            m.flush_metadata()?;
             let l2n = m.l2_entries();
+            let cs = m.cluster_size();
+            let mut dropped = false;
             for l1i in 0..m.l1.len() as u64 {
                 let (l2off, _) = m.l1_entry(l1i)?;
                 if l2off == 0 {
                     continue;
                 }
-                let l2 = m.l2_for_write(l1i)?;
                 for i in 0..l2n {
-                    let (raw, bitmap) = m.raw_entry(l2, i)?;
-                    if raw == 0 && bitmap == 0 {
-                        continue;
-                    }
                     let old = m.entry(l1i * l2n + i)?;
-                    m.set_raw_entry(l2, i, 0, 0)?;
                     m.release_entry(old);
                 }
+                m.free_later(l2off / cs);
+                m.l1[l1i as usize] = 0;
+                dropped = true;
             }
-            m.flush_metadata()
+            if !dropped {
+                return Ok(());
+            }
+            let mut table = Vec::with_capacity(m.l1.len() * 8);
+            for e in &m.l1 {
+                table.extend_from_slice(&e.to_be_bytes());
+            }
+            m.storage.write_at(&table, m.h.l1_table_offset)?;
+            m.barrier()?;
+            m.l2.clear();
+            m.compressed_cursor = 0;
+            // Drops the references (refcount blocks written and flushed).
+            m.flush_metadata()?;
+            let end = m.storage.size()?.div_ceil(cs);
+            let mut keep = end;
+            while keep > 0 && m.refcount(keep - 1)? == 0 {
+                keep -= 1;
+            }
+            if keep < end {
+                m.storage.set_size(keep * cs)?;
+                m.storage.flush()?;
+            }
+            Ok(())
         })();
         r.map_err(|e| self.fail_corrupt(&mut m, e))?;
         m.end_metadata_op(set_here).map_err(|e| self.err(e))
