@@ -199,6 +199,31 @@ fn commit_matches_qemu_img() {
             backing_of(&b, "top.qcow2"),
             "{args:?}"
         );
+        // The top is left as qemu-img leaves it: emptied down to its header,
+        // refcount structures and L1 table (or untouched with -d / -b).
+        let len = |d: &Path| std::fs::metadata(d.join("top.qcow2")).unwrap().len();
+        assert_eq!(len(&a), len(&b), "{args:?}: top.qcow2 file length");
+        let mapped = |d: &Path| {
+            let m = ok(d, "qemu-img", &["map", "--output=json", "-U", "top.qcow2"]);
+            let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+            v.as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["depth"] == 0 && e["present"] == true)
+                .map(|e| {
+                    (
+                        e["start"].as_u64(),
+                        e["length"].as_u64(),
+                        e["zero"].as_bool(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            mapped(&a),
+            mapped(&b),
+            "{args:?}: what the top itself stores"
+        );
     }
 }
 
