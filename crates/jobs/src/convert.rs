@@ -36,6 +36,10 @@ pub struct ConvertOptions {
     pub target_has_backing: bool,
     /// Producer threads (`-m`); one more thread writes.
     pub workers: usize,
+    /// Make the target durable at the end (`flush`). qemu-img's default cache mode
+    /// for convert (`unsafe`) does not; without it, a qcow2 target's metadata is
+    /// written when the caller closes it.
+    pub flush: bool,
 }
 
 impl Default for ConvertOptions {
@@ -46,6 +50,7 @@ impl Default for ConvertOptions {
             target_is_zero: true,
             target_has_backing: false,
             workers: default_workers(),
+            flush: true,
         }
     }
 }
@@ -182,12 +187,36 @@ impl Plan {
     }
 }
 
+/// A page-aligned run of bytes inside a reusable allocation (the kernel copies
+/// aligned buffers into the page cache faster).
+struct Block {
+    data: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Block {
+    fn new(mut data: Vec<u8>, len: usize) -> Block {
+        data.resize(len + PAGE, 0);
+        let start = data.as_ptr().align_offset(PAGE).min(PAGE);
+        Block { data, start, len }
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.start..self.start + self.len]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.data[self.start..self.start + self.len]
+    }
+}
+
+const PAGE: usize = 4096;
+
 /// A write the producers hand to the writer.
 enum Out {
     /// Bytes `buf[range]` at target offset `at`.
     Data {
         at: u64,
-        buf: Arc<Vec<u8>>,
+        buf: Arc<Block>,
         range: std::ops::Range<usize>,
     },
     /// Zeroes at `[at, at+len)`.
@@ -290,9 +319,9 @@ pub fn convert(
             let r = match out {
                 Out::Data { at, buf, range } => {
                     stats.data_bytes += range.len() as u64;
-                    let r = target.write(&buf[range], at);
-                    if let Ok(v) = Arc::try_unwrap(buf) {
-                        pool.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+                    let r = target.write(&buf.bytes()[range], at);
+                    if let Ok(b) = Arc::try_unwrap(buf) {
+                        pool.lock().unwrap_or_else(|p| p.into_inner()).push(b.data);
                     }
                     r
                 }
@@ -324,7 +353,9 @@ pub fn convert(
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    target.flush()?;
+    if opts.flush {
+        target.flush()?;
+    }
     Ok(stats)
 }
 
@@ -357,10 +388,10 @@ impl Producer<'_> {
                 Kind::Backing => {}
                 Kind::Zero if self.opts.sparse_size == 0 && !self.opts.compress => {
                     // -S 0 allocates everything: zeroes are written as data.
-                    let buf = Arc::new(vec![0u8; r.len as usize]);
+                    let buf = Arc::new(Block::new(Vec::new(), r.len as usize));
                     self.send(Out::Data {
                         at: r.start,
-                        range: 0..buf.len(),
+                        range: 0..buf.len,
                         buf,
                     })?;
                 }
@@ -373,14 +404,14 @@ impl Producer<'_> {
                     }
                 }
                 Kind::Data => {
-                    let mut buf = self
+                    let spare = self
                         .pool
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .pop()
                         .unwrap_or_default();
-                    buf.resize(r.len as usize, 0);
-                    src.layer(0).read(&mut buf, r.start - w.base)?;
+                    let mut buf = Block::new(spare, r.len as usize);
+                    src.layer(0).read(buf.bytes_mut(), r.start - w.base)?;
                     let buf = Arc::new(buf);
                     if self.opts.compress {
                         self.compressed(&buf, r.start)?;
@@ -396,21 +427,21 @@ impl Producer<'_> {
 
     /// Hand over `buf` (at target offset `off`) leaving out aligned all-zero blocks
     /// of `-S` bytes.
-    fn sparse(&self, buf: &Arc<Vec<u8>>, off: u64) -> Result<()> {
+    fn sparse(&self, buf: &Arc<Block>, off: u64) -> Result<()> {
         let ss = self.opts.sparse_size as usize;
         if ss == 0 {
             return self.send(Out::Data {
                 at: off,
                 buf: buf.clone(),
-                range: 0..buf.len(),
+                range: 0..buf.len,
             });
         }
         let mut i = 0usize;
         let mut run: Option<(usize, bool)> = None;
-        while i < buf.len() {
+        while i < buf.len {
             let abs = off + i as u64;
-            let end = (((abs / ss as u64 + 1) * ss as u64 - off) as usize).min(buf.len());
-            let zero = end - i == ss && is_zero(&buf[i..end]);
+            let end = (((abs / ss as u64 + 1) * ss as u64 - off) as usize).min(buf.len);
+            let zero = end - i == ss && is_zero(&buf.bytes()[i..end]);
             match run {
                 Some((_, z)) if z == zero => {}
                 Some((s, z)) => {
@@ -422,14 +453,14 @@ impl Producer<'_> {
             i = end;
         }
         if let Some((s, z)) = run {
-            self.emit(buf, off, s..buf.len(), z)?;
+            self.emit(buf, off, s..buf.len, z)?;
         }
         Ok(())
     }
 
     fn emit(
         &self,
-        buf: &Arc<Vec<u8>>,
+        buf: &Arc<Block>,
         off: u64,
         range: std::ops::Range<usize>,
         zero: bool,
@@ -453,15 +484,15 @@ impl Producer<'_> {
 
     /// Compress whole clusters (clusters that do not shrink go plain; all-zero
     /// clusters are left out when the target reads as zeroes).
-    fn compressed(&self, buf: &Arc<Vec<u8>>, off: u64) -> Result<()> {
+    fn compressed(&self, buf: &Arc<Block>, off: u64) -> Result<()> {
         let q = self.qcow2.expect("checked by convert()");
         let cs = self.cluster.expect("qcow2 has clusters");
         let mut i = 0usize;
-        while i < buf.len() {
+        while i < buf.len {
             let abs = off + i as u64;
             let cend = ((abs / cs + 1) * cs).min(self.size);
-            let end = ((cend - off) as usize).min(buf.len());
-            let chunk = &buf[i..end];
+            let end = ((cend - off) as usize).min(buf.len);
+            let chunk = &buf.bytes()[i..end];
             let whole = abs.is_multiple_of(cs) && abs + chunk.len() as u64 == cend;
             if is_zero(chunk) {
                 if self.write_zeroes() {

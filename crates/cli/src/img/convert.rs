@@ -65,10 +65,11 @@ pub struct Args {
     /// Open the sources without locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Target cache mode (accepted for compatibility).
+    /// Target cache mode: none, writeback, writethrough, directsync or unsafe (the
+    /// default, as in qemu-img convert: the target is not flushed at the end).
     #[arg(short = 't', value_name = "CACHE")]
     cache: Option<String>,
-    /// Source cache mode (accepted for compatibility).
+    /// Source cache mode (validated; strata reads through the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// Bandwidth limit (accepted for compatibility; not applied).
@@ -99,6 +100,19 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             _ => bail!("Invalid number of coroutines specified. Must be between 1 and 16."),
         },
     };
+    let flush = match args.cache.as_deref() {
+        None | Some("unsafe") => false,
+        Some(c) if is_cache_mode(c) => true,
+        Some(c) => bail!("Invalid cache option: {c}"),
+    };
+    if let Some(c) = args.src_cache.as_deref().filter(|c| !is_cache_mode(c)) {
+        bail!("Invalid source cache option: {c}");
+    }
+    if let Some(r) = &args.rate {
+        if parse_size(r).is_err() {
+            bail!("Invalid rate limit specified: '{r}'.");
+        }
+    }
     if args.compress && out_format != Format::Qcow2 {
         bail!("Compression not supported for this file format");
     }
@@ -200,6 +214,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         target_is_zero,
         target_has_backing: args.backing.is_some(),
         workers,
+        flush,
     };
     let cancel = Cancel::default();
     let cluster = target.cluster_size().unwrap_or(512);
@@ -211,4 +226,12 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         q.close()?;
     }
     Ok(0)
+}
+
+/// The cache modes QEMU knows (`-t`, `-T`).
+fn is_cache_mode(c: &str) -> bool {
+    matches!(
+        c,
+        "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
+    )
 }
