@@ -17,7 +17,7 @@ with open(sys.argv[1], "wb") as f:
         elif i % 4 == 1:
             f.write(b"\0" * (1 << 20))
         else:
-            f.write((b"strata keeps your disks %d\n" % i) * ((1 << 20) // 26) + b"\0" * ((1 << 20) % 26))
+            f.write(((b"strata keeps your disks %d\n" % i) * (1 << 16))[: 1 << 20])
 PY
 
 run "$STRATA" img create -f qcow2 "$work/disk.qcow2" 256M
