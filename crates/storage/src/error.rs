@@ -20,6 +20,9 @@ pub enum Error {
         perm: &'static str,
         path: PathBuf,
     },
+    /// `-U` asked for on an image opened for writing (QEMU refuses it too).
+    #[error("force-share=on can only be used with read-only images")]
+    ForceShareWrite,
     /// Raised by [`crate::FaultStorage`] once its plan says the storage is gone.
     #[error("injected fault: {0}")]
     Injected(std::io::Error),
@@ -42,6 +45,7 @@ impl Error {
             Error::ReadOnly => Some(libc::EPERM),
             Error::OutOfRange { .. } => Some(libc::EINVAL),
             Error::Locked { .. } => Some(libc::EAGAIN),
+            Error::ForceShareWrite => Some(libc::EINVAL),
         }
     }
 }

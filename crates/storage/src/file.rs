@@ -30,7 +30,8 @@ impl OpenOptions {
             lock: LockMode::Write,
         }
     }
-    /// With no locks: `-U` / `--force-share`. Only meaningful read-only.
+    /// With no locks: `-U` / `--force-share`. Read-only only: opening for writing
+    /// with it is refused, as QEMU refuses it.
     pub fn force_share(mut self, yes: bool) -> Self {
         if yes {
             self.lock = LockMode::ForceShare;
@@ -59,6 +60,9 @@ impl FileStorage {
     /// Open `path` with the locks `opts.lock` asks for.
     pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Self> {
         let path = path.as_ref();
+        if opts.write && opts.lock == LockMode::ForceShare {
+            return Err(Error::ForceShareWrite);
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(opts.write)

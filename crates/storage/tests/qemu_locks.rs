@@ -339,3 +339,16 @@ fn strata_writers_exclude_each_other_and_readers_share() {
     assert!(!p.write_held && !p.write_unshared, "{p:?}");
     FileStorage::create(&img).expect("create after everyone left");
 }
+
+#[test]
+fn force_share_is_refused_for_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.raw");
+    std::fs::write(&p, [0u8; 512]).unwrap();
+    let e = strata_storage::FileStorage::open(
+        &p,
+        strata_storage::OpenOptions::write().force_share(true),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+}
