@@ -11,8 +11,8 @@ use crate::{Cancel, Progress, Result};
 use std::sync::Arc;
 use strata_format::BlockDevice;
 
-/// Bytes moved per read/write.
-const CHUNK: u64 = 4 << 20;
+/// Bytes moved per read/write (and the alignment of the pieces workers take).
+const CHUNK: u64 = 1 << 20;
 
 /// What to do with a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,9 +97,38 @@ pub fn plan_band(
     Ok(plan)
 }
 
+/// Worker threads applying a plan: more than cores, so reads of one overlap the
+/// writes of another (page-cache copies are bound by per-request latency).
+const WORKERS: usize = 4;
+
+/// Split `plan` into pieces of at most [`CHUNK`] bytes that do not cross a
+/// [`CHUNK`]-aligned boundary (so no two workers share a cluster of up to that size).
+fn pieces(plan: &CopyPlan) -> Vec<Range> {
+    let mut out = Vec::new();
+    for r in &plan.ranges {
+        let end = r.offset + r.len;
+        let mut off = r.offset;
+        while off < end {
+            let next = ((off / CHUNK) + 1) * CHUNK;
+            let n = next.min(end) - off;
+            out.push(Range {
+                offset: off,
+                len: n,
+                action: r.action,
+            });
+            off += n;
+        }
+    }
+    out
+}
+
 /// Carry out `plan`: read each Copy range through `source` (the guest view) and
-/// write it into `dest`; write zeroes for Zero ranges. `dest` is flushed at the end,
-/// so the data is durable before the caller relinks anything.
+/// write it into `dest` (zeroes where the data reads as zeroes, keeping `dest`
+/// sparse); write zeroes for Zero ranges. Pieces are applied by a few worker
+/// threads in any order (they never overlap). `dest` is flushed at the end, so the
+/// data is durable before the caller relinks anything. On error or cancellation
+/// the workers stop and the first error is returned; what was written stays (it
+/// is invisible until the caller relinks, see the jobs' crash-safety notes).
 pub fn apply(
     plan: &CopyPlan,
     source: &dyn BlockDevice,
@@ -107,30 +136,104 @@ pub fn apply(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     progress.set_total(plan.total_bytes());
-    let mut buf = Vec::new();
-    for r in &plan.ranges {
-        let mut off = r.offset;
-        let end = r.offset + r.len;
-        while off < end {
-            cancel.check()?;
-            let n = (end - off).min(CHUNK);
-            match r.action {
-                Action::Zero => dest.write_zeroes(off, n, false)?,
-                Action::Copy => {
-                    buf.resize(n as usize, 0);
-                    source.read(&mut buf, off)?;
-                    if crate::convert::is_zero(&buf) {
-                        dest.write_zeroes(off, n, false)?;
-                    } else {
-                        dest.write(&buf, off)?;
+    let items = pieces(plan);
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: std::sync::Mutex<Option<crate::Error>> = std::sync::Mutex::new(None);
+    let work = || {
+        let mut buf = Vec::new();
+        loop {
+            if failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(r) = items.get(i) else { return };
+            let res = (|| -> Result<()> {
+                cancel.check()?;
+                match r.action {
+                    Action::Zero => dest.write_zeroes(r.offset, r.len, false)?,
+                    Action::Copy => {
+                        buf.resize(r.len as usize, 0);
+                        source.read(&mut buf, r.offset)?;
+                        if crate::convert::is_zero(&buf) {
+                            dest.write_zeroes(r.offset, r.len, false)?;
+                        } else {
+                            dest.write(&buf, r.offset)?;
+                        }
                     }
                 }
+                Ok(())
+            })();
+            match res {
+                Ok(()) => progress.advance(r.len),
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.is_none() {
+                        *slot = Some(e);
+                    }
+                    return;
+                }
             }
-            off += n;
-            progress.advance(n);
         }
+    };
+    let workers = WORKERS.min(items.len());
+    std::thread::scope(|scope| {
+        for _ in 1..workers {
+            scope.spawn(work);
+        }
+        work();
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
     }
     dest.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(offset: u64, len: u64, action: Action) -> Range {
+        Range {
+            offset,
+            len,
+            action,
+        }
+    }
+
+    #[test]
+    fn pieces_split_at_chunk_boundaries_and_keep_the_action() {
+        use Action::*;
+        let m = CHUNK / 4;
+        let cases: Vec<(Vec<Range>, Vec<Range>)> = vec![
+            (vec![], vec![]),
+            (vec![r(0, 4096, Copy)], vec![r(0, 4096, Copy)]),
+            (vec![r(0, CHUNK, Zero)], vec![r(0, CHUNK, Zero)]),
+            (
+                vec![r(CHUNK - m, 2 * m, Copy)],
+                vec![r(CHUNK - m, m, Copy), r(CHUNK, m, Copy)],
+            ),
+            (
+                vec![r(m, 2 * CHUNK, Copy), r(3 * CHUNK, 5, Zero)],
+                vec![
+                    r(m, CHUNK - m, Copy),
+                    r(CHUNK, CHUNK, Copy),
+                    r(2 * CHUNK, m, Copy),
+                    r(3 * CHUNK, 5, Zero),
+                ],
+            ),
+        ];
+        for (input, want) in cases {
+            let plan = CopyPlan {
+                ranges: input.clone(),
+            };
+            let got = pieces(&plan);
+            assert_eq!(got, want, "{input:?}");
+            assert_eq!(got.iter().map(|r| r.len).sum::<u64>(), plan.total_bytes());
+        }
+    }
 }
