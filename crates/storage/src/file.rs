@@ -278,6 +278,10 @@ impl Storage for FileStorage {
         self.read_only
     }
 
+    fn file(&self) -> Option<&std::fs::File> {
+        Some(&self.file)
+    }
+
     fn probe_data(&self, offset: u64, max_len: u64) -> Result<(bool, u64)> {
         let fd = self.file.as_raw_fd();
         let seek = |whence| {

@@ -71,6 +71,12 @@ pub trait Storage: Send + Sync {
         let _ = offset;
         Ok((true, max_len))
     }
+    /// The open file behind the store, for callers that map it read-only to copy in
+    /// bulk without a copy through a buffer (convert). `None` for backends that are
+    /// not a host file, and for wrappers that must see every access.
+    fn file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -109,5 +115,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn probe_data(&self, offset: u64, max_len: u64) -> Result<(bool, u64)> {
         (**self).probe_data(offset, max_len)
+    }
+    fn file(&self) -> Option<&std::fs::File> {
+        (**self).file()
     }
 }
