@@ -1,17 +1,24 @@
 //! Drive the qcow2 driver over untrusted bytes: open, read, walk the allocation,
-//! list snapshots and check. Shared by the hostile-image tests and the cargo-fuzz
-//! target, so both exercise the same paths. Work is bounded whatever the image
-//! claims (its virtual size, table sizes...), so a hostile image cannot make it hang.
+//! list snapshots and bitmaps, check, and (on a copy opened read-write) write.
+//! Shared by the hostile-image tests and the cargo-fuzz target, so both exercise
+//! the same paths. The work done here is bounded whatever the image claims (its
+//! virtual size, table sizes, snapshot count...), so a hostile image cannot make
+//! it hang; what the driver itself allocates or loops over is what is under test.
 
 use crate::qcow2::{Qcow2Image, Qcow2OpenOptions, Repair};
 use crate::{BlockDevice, Result};
+use std::path::Path;
 use std::sync::Arc;
-use strata_storage::MemStorage;
+use strata_storage::{MemStorage, Storage};
 
 /// Guest bytes read at most.
 const READ_LIMIT: u64 = 8 << 20;
 /// Allocation runs walked at most.
 const EXTENT_LIMIT: usize = 4096;
+/// Snapshots whose view is opened and read at most.
+const SNAPSHOT_LIMIT: usize = 16;
+/// How far past its original size the write exercise lets the image file grow.
+const GROWTH_LIMIT: u64 = 64 << 20;
 
 /// Open `bytes` as a qcow2 image (read-only) and use it. The first error is
 /// returned; a panic, a hang or a huge allocation is a bug.
@@ -44,11 +51,81 @@ pub fn exercise_image(img: &Qcow2Image) -> Result<()> {
         off += e.len;
         runs += 1;
     }
-    for s in img.snapshots() {
+    for s in img.snapshots().iter().take(SNAPSHOT_LIMIT) {
         let view = img.snapshot_view(&s.id)?;
         let mut first = vec![0u8; view.virtual_size().min(65536) as usize];
         view.read(&mut first, 0)?;
     }
+    img.bitmaps()?;
     img.check(Repair::None)?;
     Ok(())
+}
+
+/// Open a copy of `bytes` read-write (a dirty image is repaired first, as on any
+/// read-write open), write a little at the start, the middle and the end of the
+/// disk, flush and check. The file may grow by at most 64 MiB; past that, writes
+/// fail with a storage error instead of allocating without bound.
+pub fn exercise_write(bytes: &[u8]) -> Result<()> {
+    let storage = Arc::new(Capped {
+        inner: MemStorage::from_vec(bytes.to_vec()),
+        limit: (bytes.len() as u64).saturating_add(GROWTH_LIMIT),
+    });
+    let img = Qcow2Image::open(storage, Qcow2OpenOptions::default())?;
+    let size = img.virtual_size();
+    let data = [0x5au8; 4096 + 512];
+    for off in [0, size / 2, size.saturating_sub(data.len() as u64)] {
+        let n = (size - off).min(data.len() as u64) as usize;
+        img.write(&data[..n], off)?;
+    }
+    if size >= 8192 {
+        img.write_zeroes(4096, 4096, true)?;
+        img.discard(0, 4096)?;
+    }
+    img.flush()?;
+    img.check(Repair::None)?;
+    img.close()
+}
+
+/// A memory store that refuses to grow past `limit` bytes.
+struct Capped {
+    inner: MemStorage,
+    limit: u64,
+}
+
+impl Capped {
+    fn fits(&self, offset: u64, len: u64) -> strata_storage::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.limit => Ok(()),
+            _ => Err(strata_storage::Error::OutOfRange { offset, len }),
+        }
+    }
+}
+
+impl Storage for Capped {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> strata_storage::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> strata_storage::Result<()> {
+        self.fits(offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> strata_storage::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> strata_storage::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> strata_storage::Result<()> {
+        self.inner.flush()
+    }
+    fn size(&self) -> strata_storage::Result<u64> {
+        self.inner.size()
+    }
+    fn set_size(&self, size: u64) -> strata_storage::Result<()> {
+        self.fits(size, 0)?;
+        self.inner.set_size(size)
+    }
+    fn path(&self) -> Option<&Path> {
+        None
+    }
 }
