@@ -661,6 +661,14 @@ fn corpus() -> Vec<Case> {
             qemu_refuses,
         }
     };
+    v.push(ext_case(
+        "backing format name of 16 bytes",
+        "backing format",
+        true,
+        0xe279_2aca,
+        b"qcow2qcow2qcow2q",
+        0,
+    ));
     v.push({
         let mut c = ext_case(
             "duplicate backing format extension",

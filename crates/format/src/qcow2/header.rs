@@ -13,6 +13,8 @@ pub const V3_HEADER_LEN_COMPRESSION: u32 = 112;
 pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
 pub const MAX_BACKING_NAME: u64 = 1023;
+/// Longest backing format name QEMU accepts in the header extension.
+pub const MAX_BACKING_FORMAT: usize = 15;
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
@@ -354,6 +356,12 @@ impl Header {
                         return Err(Error::invalid("duplicate backing format extension"));
                     }
                     seen_backing_fmt = true;
+                    if data.len() > MAX_BACKING_FORMAT {
+                        return Err(Error::invalid(format!(
+                            "backing format name of {} bytes is too long (the limit is {MAX_BACKING_FORMAT})",
+                            data.len()
+                        )));
+                    }
                     let s = std::str::from_utf8(data)
                         .map_err(|_| Error::invalid("backing format name is not UTF-8"))?;
                     self.backing_format = Some(s.trim_end_matches('\0').to_string());
