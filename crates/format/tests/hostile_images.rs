@@ -723,6 +723,13 @@ fn corpus() -> Vec<Case> {
     ));
     v.extend([
         case(
+            "header length not a multiple of 8",
+            Open,
+            "multiple of 8",
+            true,
+            |b, _| put32(b, 100, 108),
+        ),
+        case(
             "compression bit without the compression field",
             Open,
             "compression",

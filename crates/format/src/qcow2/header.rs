@@ -211,6 +211,12 @@ impl Header {
                     h.header_length
                 )));
             }
+            if !h.header_length.is_multiple_of(8) {
+                return Err(Error::invalid(format!(
+                    "qcow2 header_length {} is not a multiple of 8",
+                    h.header_length
+                )));
+            }
             if u64::from(h.header_length) > cluster_size {
                 return Err(Error::invalid("qcow2 header exceeds cluster size"));
             }
