@@ -215,6 +215,9 @@ enum Stage {
     Check,
     /// A read-only open works, a read-write open is refused.
     WriteOpen,
+    /// Reads work; a guest write of the first cluster is refused and the image is
+    /// marked corrupt.
+    Write,
     /// A read-only open works, reads everything and leaves the file untouched; a
     /// read-write open repairs it.
     ReadOnlyUntouched,
@@ -842,6 +845,27 @@ fn corpus() -> Vec<Case> {
             |b, l| put64(b, l.l1, 1 << 63 | 1 << 50),
         ),
         case(
+            "data cluster pointing at the L1 table, then written",
+            Write,
+            "l1 table",
+            false,
+            |b, l| put64(b, l.l2, 1 << 63 | l.l1 as u64),
+        ),
+        case(
+            "data cluster pointing at the refcount table, then written",
+            Write,
+            "refcount table",
+            false,
+            |b, l| put64(b, l.l2, 1 << 63 | l.reftable as u64),
+        ),
+        case(
+            "data cluster pointing at its own L2 table, then written",
+            Write,
+            "l2 table",
+            false,
+            |b, l| put64(b, l.l2, 1 << 63 | l.l2 as u64),
+        ),
+        case(
             "dirty image with a wrong refcount, opened read-only",
             ReadOnlyUntouched,
             "",
@@ -986,6 +1010,24 @@ fn verdict(c: &Case) -> std::result::Result<String, String> {
                 Ok(_) => Err("opened for writing".into()),
                 Err(e) => must_say(low(&e)),
             }
+        }
+        Stage::Write => {
+            let s = Arc::new(MemStorage::from_vec(c.bytes.clone()));
+            let img = open_on(s.clone(), true).map_err(|e| format!("open failed: {e}"))?;
+            let mut buf = vec![0u8; 4096];
+            img.read(&mut buf, 0)
+                .map_err(|e| format!("read failed: {e}"))?;
+            let msg = match img.write(&[0xeeu8; 4096], 0) {
+                Ok(()) => return Err("the write went through".into()),
+                Err(e) => must_say(low(&e))?,
+            };
+            drop(img);
+            let after = open_on(Arc::new(MemStorage::from_vec(s.snapshot())), false)
+                .map_err(|e| format!("reopen failed: {e}"))?;
+            if !after.header().is_corrupt() {
+                return Err("the image was not marked corrupt".into());
+            }
+            Ok(msg)
         }
         Stage::ReadOnlyUntouched => {
             let s = Arc::new(MemStorage::from_vec(c.bytes.clone()));

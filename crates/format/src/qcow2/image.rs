@@ -440,6 +440,8 @@ impl Qcow2Image {
                     run += n2;
                     g += 1;
                 }
+                m.check_data_write(host + in_cl, run)
+                    .map_err(|e| self.fail_corrupt(m, e))?;
                 plan.segs.push(Seg {
                     host: host + in_cl,
                     data: SegData::Buf(pos as usize, (pos + run) as usize),
@@ -454,6 +456,8 @@ impl Qcow2Image {
                 if host != 0 {
                     // Owned cluster that needs its missing parts filled (zero flag,
                     // or subclusters not yet allocated): rewrite it in place.
+                    m.check_data_write(host, cs)
+                        .map_err(|e| self.fail_corrupt(m, e))?;
                     let mut full = vec![0u8; cs as usize];
                     self.read_locked(m, &mut full, gc * cs)?;
                     full[in_cl as usize..(in_cl + n) as usize]

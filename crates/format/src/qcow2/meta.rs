@@ -346,6 +346,60 @@ impl Meta {
         Ok(())
     }
 
+    /// Refuse guest data bound for host bytes `[off, off + len)` if they lie on
+    /// metadata this image knows of: the header cluster, the active L1 table, the
+    /// refcount table, the snapshot table and snapshot L1 tables, and the L2 tables
+    /// and refcount blocks now cached. Only a corrupt L2 entry can point there, so
+    /// the error is a corruption (the caller marks the image).
+    pub fn check_data_write(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let end = off.saturating_add(len);
+        let hits =
+            |start: u64, bytes: u64| bytes > 0 && start < end && off < start.saturating_add(bytes);
+        let snap_bytes = super::snapshot::table_size(&self.snapshots);
+        let mut what = None;
+        if hits(0, cs) {
+            what = Some("the image header");
+        } else if hits(self.h.l1_table_offset, self.l1.len() as u64 * 8) {
+            what = Some("the active L1 table");
+        } else if hits(
+            self.h.refcount_table_offset,
+            u64::from(self.h.refcount_table_clusters) * cs,
+        ) {
+            what = Some("the refcount table");
+        } else if self.h.nb_snapshots > 0 && hits(self.h.snapshots_offset, snap_bytes) {
+            what = Some("the snapshot table");
+        } else if self
+            .snapshots
+            .iter()
+            .any(|s| hits(s.l1_table_offset, u64::from(s.l1_size) * 8))
+        {
+            what = Some("a snapshot L1 table");
+        } else {
+            let mut c = off - off % cs;
+            while c < end {
+                if self.l2.contains(c) {
+                    what = Some("an L2 table");
+                    break;
+                }
+                if self.rb.contains(c) {
+                    what = Some("a refcount block");
+                    break;
+                }
+                c += cs;
+            }
+        }
+        match what {
+            None => Ok(()),
+            Some(w) => Err(Error::corrupt(format!(
+                "Refusing to write guest data at host offset 0x{off:x}: it would overwrite {w}; image marked as corrupt"
+            ))),
+        }
+    }
+
     /// Record that the image is corrupt (when writable), so no tool trusts it blindly.
     pub fn mark_corrupt(&mut self) {
         if self.read_only || self.h.version < 3 || self.h.is_corrupt() {
