@@ -5,6 +5,9 @@
 //! files are never probed. Relative backing names resolve against the overlay's
 //! directory. Loops and chains deeper than [`OpenSpec::max_depth`] are refused.
 
+mod index;
+pub use index::IndexedChain;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,6 +123,17 @@ pub struct Chain {
 impl Chain {
     pub fn top(&self) -> &Arc<dyn BlockDevice> {
         &self.layers[0].device
+    }
+
+    /// A device for reading the top's guest view. When every layer is open
+    /// read-only it is an [`IndexedChain`], which resolves the serving layer of each
+    /// granule once (reads through deep chains cost about what a flat image costs);
+    /// otherwise it is the top device itself.
+    pub fn reader(&self) -> Arc<dyn BlockDevice> {
+        match IndexedChain::new(self.devices()) {
+            Some(view) => Arc::new(view),
+            None => self.top().clone(),
+        }
     }
 
     /// The devices, top first.

@@ -18,7 +18,7 @@ fn main() {
         eprintln!("chain_reads: {e}");
         std::process::exit(1)
     });
-    let top = chain.top();
+    let top = chain.reader();
     let blocks = top.virtual_size() / 4096;
     let mut buf = vec![0u8; 4096];
     let mut sum = 0u64;
