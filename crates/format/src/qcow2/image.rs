@@ -31,6 +31,9 @@ pub struct Qcow2Image {
     size: AtomicU64,
     backing: RwLock<Option<Arc<dyn BlockDevice>>>,
     read_only: bool,
+    /// Fixed for the life of the open image; kept outside the metadata lock because
+    /// copy-on-write decompresses while that lock is held.
+    compression: CompressionType,
     /// The last decompressed cluster: (L2 compressed offset, bytes).
     zcache: Mutex<Option<(u64, Vec<u8>)>>,
     /// Requests in flight, by guest cluster range.
@@ -52,6 +55,8 @@ enum SegData {
 struct Seg {
     host: u64,
     data: SegData,
+    /// The clusters were allocated for this write (nothing of them is on disk yet).
+    fresh: bool,
 }
 
 /// An L2 entry to set once the data is written; `old` loses its reference then.
@@ -66,6 +71,8 @@ struct L2Update {
 struct WritePlan {
     segs: Vec<Seg>,
     updates: Vec<L2Update>,
+    /// Allocate the file space of fresh clusters before writing them.
+    falloc: bool,
 }
 
 /// Guest cluster ranges with a request in flight: a request waits until no other
@@ -179,6 +186,7 @@ impl Qcow2Image {
         };
         let size = h.size;
         let dirty = h.is_dirty();
+        let compression = h.compression_type;
         let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
         meta.snapshots = snaps;
         let img = Qcow2Image {
@@ -188,6 +196,7 @@ impl Qcow2Image {
             size: AtomicU64::new(size),
             backing: RwLock::new(None),
             read_only,
+            compression,
             zcache: Mutex::new(None),
             inflight: InFlight::default(),
             reuse: RwLock::new(()),
@@ -218,7 +227,7 @@ impl Qcow2Image {
     }
 
     pub fn compression_type(&self) -> CompressionType {
-        self.lock().h.compression_type
+        self.compression
     }
 
     /// Flush everything and clear the dirty bit this session set. Dropping an image
@@ -247,7 +256,31 @@ impl Qcow2Image {
         let gc = off / cs;
         let table_end = (gc / l2n + 1) * l2n * cs;
         let limit = (off + max).min(table_end);
-        let first_entry = m.entry(gc)?;
+        // Every cluster of a lookup lies in one L2 table: find it once.
+        let geo = self.geo;
+        let words = if geo.extended_l2 { 2 } else { 1 };
+        let (l2off, _) = m.l1_entry(gc / l2n)?;
+        let table: Option<&[u64]> = if l2off == 0 {
+            None
+        } else {
+            m.load_l2(l2off)?;
+            Some(&m.l2.get(l2off).expect("loaded").data)
+        };
+        let entry_of = |g: u64| -> Result<L2Entry> {
+            match table {
+                None => Ok(L2Entry::Normal {
+                    host: 0,
+                    copied: false,
+                    zero: false,
+                    bitmap: 0,
+                }),
+                Some(t) => {
+                    let i = (g % l2n) as usize * words;
+                    geo.decode_l2(t[i], if words == 2 { t[i + 1] } else { 0 })
+                }
+            }
+        };
+        let first_entry = entry_of(gc)?;
         let sc0 = ((off % cs) / scs) as u32;
         let first = self.geo.sub_state(first_entry, sc0);
         let within = off % scs;
@@ -279,7 +312,7 @@ impl Qcow2Image {
             let g = pos / cs;
             if g != cur_gc {
                 cur_gc = g;
-                entry = m.entry(g)?;
+                entry = entry_of(g)?;
             }
             let sc = ((pos % cs) / scs) as u32;
             let st = self.geo.sub_state(entry, sc);
@@ -417,7 +450,10 @@ impl Qcow2Image {
     fn plan_write(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<WritePlan> {
         let cs = self.geo.cluster_size();
         let l2n = m.l2_entries();
-        let mut plan = WritePlan::default();
+        let mut plan = WritePlan {
+            falloc: m.falloc_new_clusters,
+            ..WritePlan::default()
+        };
         let mut pos = 0u64;
         let len = buf.len() as u64;
         while pos < len {
@@ -445,6 +481,7 @@ impl Qcow2Image {
                 plan.segs.push(Seg {
                     host: host + in_cl,
                     data: SegData::Buf(pos as usize, (pos + run) as usize),
+                    fresh: false,
                 });
                 pos += run;
                 continue;
@@ -465,6 +502,7 @@ impl Qcow2Image {
                     plan.segs.push(Seg {
                         host,
                         data: SegData::Owned(full),
+                        fresh: false,
                     });
                     plan.updates.push(L2Update {
                         gc,
@@ -499,6 +537,7 @@ impl Qcow2Image {
                 plan.segs.push(Seg {
                     host,
                     data: SegData::Buf(pos as usize, (pos + run_bytes) as usize),
+                    fresh: true,
                 });
             } else {
                 // Copy-on-write: fill the head and tail of the run from the current
@@ -518,6 +557,7 @@ impl Qcow2Image {
                 plan.segs.push(Seg {
                     host,
                     data: SegData::Owned(data),
+                    fresh: true,
                 });
             }
             for (i, old) in olds.into_iter().enumerate() {
@@ -541,6 +581,11 @@ impl Qcow2Image {
                 SegData::Buf(a, b) => &buf[*a..*b],
                 SegData::Owned(v) => v.as_slice(),
             };
+            if plan.falloc && seg.fresh {
+                self.storage
+                    .preallocate(seg.host, data.len() as u64)
+                    .map_err(|e| self.err(e))?;
+            }
             self.storage
                 .write_at(data, seg.host)
                 .map_err(|e| self.err(e))?;
@@ -597,6 +642,13 @@ impl Qcow2Image {
         }
         self.lock().barriers = on;
         Ok(())
+    }
+
+    /// Allocate file space (`fallocate`) for newly allocated data clusters before
+    /// writing them. Off by default; for bulk copies into a new image (convert),
+    /// where it spares the file system per-page delayed-allocation work.
+    pub fn set_falloc_new_clusters(&self, on: bool) {
+        self.lock().falloc_new_clusters = on;
     }
 
     /// Write one cluster's worth of already compressed bytes for guest cluster `gc`.
@@ -888,6 +940,7 @@ impl Qcow2Image {
             version: h.version,
         };
         let size = h.size;
+        let compression = h.compression_type;
         let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
         meta.snapshots = snapshots;
         Qcow2Image {
@@ -897,6 +950,7 @@ impl Qcow2Image {
             size: AtomicU64::new(size),
             backing: RwLock::new(None),
             read_only,
+            compression,
             zcache: Mutex::new(None),
             inflight: InFlight::default(),
             reuse: RwLock::new(()),
