@@ -37,6 +37,8 @@ pub struct Meta {
     pub dirty_written: bool,
     /// Flush the storage between ordered metadata writes (the default).
     pub barriers: bool,
+    /// `fallocate` fresh data clusters before writing them (off by default).
+    pub falloc_new_clusters: bool,
 }
 
 impl Meta {
@@ -67,6 +69,7 @@ impl Meta {
             read_only,
             dirty_written: false,
             barriers: true,
+            falloc_new_clusters: false,
             h,
         }
     }
