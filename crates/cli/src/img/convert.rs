@@ -47,10 +47,10 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Parallel workers, 1 to 16 (default: twice the CPUs, at least 2).
+    /// Threads reading, scanning and compressing, 1 to 16 (default: one per CPU, at least 2).
     #[arg(short = 'm', value_name = "NUM")]
     workers: Option<String>,
-    /// Allow out-of-order writes (strata always writes in parallel; accepted for compatibility).
+    /// Write output as it is ready instead of in guest order.
     #[arg(short = 'W')]
     out_of_order: bool,
     /// With -n: the target already reads as zeroes, so zero ranges are not written.
@@ -199,11 +199,19 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
         })?;
         target_is_zero = true;
-        let t = strata_chain::open_image(out_path, out_format, true, false)?;
+        let t = if args.backing.is_some() {
+            // Opened with its backing file, as qemu-img does: a cluster the source
+            // fills only in part takes the rest from there.
+            let spec = open_spec(out_path, Some(out_format.name()), false)?.write(true);
+            open_chain(&spec)?.top().clone()
+        } else {
+            strata_chain::open_image(out_path, out_format, true, false)?
+        };
         // A new target is unusable until the copy completes: order metadata writes
-        // but flush only at the end.
+        // but flush only at the end. Its data clusters are allocated in bulk.
         if let Some(q) = t.as_any().downcast_ref::<Qcow2Image>() {
             q.set_write_barriers(false)?;
+            q.set_falloc_new_clusters(true);
         }
         t
     };
@@ -215,6 +223,9 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         target_has_backing: args.backing.is_some(),
         workers,
         flush,
+        out_of_order: args.out_of_order,
+        // A source others may write (-U) could shrink under a map.
+        map_sources: !args.force_share,
     };
     let cancel = Cancel::default();
     let cluster = target.cluster_size().unwrap_or(512);
