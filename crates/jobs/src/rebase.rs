@@ -262,11 +262,17 @@ pub fn apply(
             }
         }
     };
+    let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
         for _ in 1..WORKERS.min(pieces.len()) {
             scope.spawn(work);
         }
+        if let (Some(path), false) = (image.path(), pieces.is_empty()) {
+            let done = &done;
+            scope.spawn(move || crate::layers::early_writeback(&path, done));
+        }
         work();
+        done.store(true, Ordering::Relaxed);
     });
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
