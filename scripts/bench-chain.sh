@@ -19,7 +19,9 @@
 #                            | strata img commit --top c3 -b c1 c4   (c2,c3 into c1, c4 relinked)
 #   rebase -b '' (5-deep)    qemu-img rebase -b '' c4   | strata img rebase -b '' c4
 #   stream (5-deep)          qemu-img rebase -b '' c4   | strata img stream c4   (same result)
-#   stream vs convert        qemu-img convert -O qcow2 c4 new | strata img stream c4
+#   stream vs convert        qemu-img convert -t writeback -O qcow2 c4 new | strata img stream c4
+#                            (convert's default cache mode, unsafe, never flushes; stream
+#                            must flush before its relink, so the reference flushes too)
 #   8-deep random reads      BENCH_READS random 4 KiB reads (same offsets) through r7 and
 #                            through a flat qcow2 copy of it, both by strata's chain reader
 #                            (Chain::reader, the indexed view; examples/chain_reads.rs),
@@ -126,7 +128,7 @@ bench "rebase -b '' (5-deep)" "<=0.7" "c4" \
 bench "stream (5-deep)" "<=0.7" "c4" \
   "qemu-img rebase -b '' c4" "$STRATA img stream c4"
 bench "stream vs convert" "<=0.7" "c4" \
-  "qemu-img convert -O qcow2 c4 new.qcow2" "$STRATA img stream c4"
+  "qemu-img convert -t writeback -O qcow2 c4 new.qcow2" "$STRATA img stream c4"
 
 if wanted "8-deep random reads"; then
   best() { # image -> best seconds of RUNS
