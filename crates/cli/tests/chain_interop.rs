@@ -349,3 +349,62 @@ fn bad_chain_requests_fail_like_qemu_img() {
         assert_eq!(first(&ours), first(&theirs), "{args:?}");
     }
 }
+
+#[test]
+fn commit_warns_when_other_images_use_the_base() {
+    let (_t, a, _b) = setup();
+    ok(
+        &a,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "l3.qcow2",
+            "-F",
+            "qcow2",
+            "sibling.qcow2",
+        ],
+    );
+    let o = run(&a, "strata", &["commit", "top.qcow2"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning") && err.contains("sibling.qcow2") && err.contains("l3.qcow2"),
+        "{err}"
+    );
+    // No warning when nothing else uses the base.
+    let (_t, a, _b) = setup();
+    let o = run(&a, "strata", &["commit", "top.qcow2"]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+}
+
+#[test]
+fn stream_refuses_a_base_outside_the_chain_and_an_image_without_backing() {
+    let (_t, a, _b) = setup();
+    for (args, msg) in [
+        (
+            &["stream", "-b", "nonexist", "top.qcow2"][..],
+            "Did not find 'nonexist'",
+        ),
+        (
+            &["stream", "-b", "top.qcow2", "top.qcow2"],
+            "Did not find 'top.qcow2'",
+        ),
+        (&["stream", "base.raw"], "does not have a backing file"),
+        (
+            &["commit", "--top", "nonexist", "top.qcow2"],
+            "Did not find 'nonexist'",
+        ),
+    ] {
+        let o = run(&a, "strata", args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(msg), "{args:?}: {err}");
+    }
+    // Nothing changed.
+    ok(&a, "qemu-img", &["compare", "before.raw", "top.qcow2"]);
+    assert_eq!(backing_of(&a, "top.qcow2").as_deref(), Some("l3.qcow2"));
+}
