@@ -291,3 +291,97 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
     }
     Ok(Chain { layers })
 }
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use strata_format::qcow2::{create, CreateOptions};
+
+    fn qcow2(path: &Path, backing: Option<&str>, fmt: Option<&str>) {
+        let s: Arc<dyn Storage> = Arc::new(FileStorage::create(path).unwrap());
+        create(
+            s,
+            &CreateOptions {
+                size: 1 << 20,
+                backing_file: backing.map(String::from),
+                backing_format: fmt.map(String::from),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .close()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_loop_in_the_chain_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        qcow2(&t.path().join("a"), Some("b"), Some("qcow2"));
+        qcow2(&t.path().join("b"), Some("a"), Some("qcow2"));
+        let e = open(&OpenSpec::new(t.path().join("a"))).err().unwrap();
+        assert!(matches!(e, Error::Loop { .. }), "{e}");
+        assert!(e.to_string().contains("loops back"), "{e}");
+        // An image that names itself.
+        qcow2(&t.path().join("self"), Some("self"), Some("qcow2"));
+        let e = open(&OpenSpec::new(t.path().join("self"))).err().unwrap();
+        assert!(matches!(e, Error::Loop { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_chain_deeper_than_the_limit_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        qcow2(&t.path().join("l0"), None, None);
+        for i in 1..5 {
+            let b = format!("l{}", i - 1);
+            qcow2(&t.path().join(format!("l{i}")), Some(&b), Some("qcow2"));
+        }
+        let mut spec = OpenSpec::new(t.path().join("l4"));
+        assert_eq!(open(&spec).unwrap().layers.len(), 5);
+        spec.max_depth = 5;
+        assert_eq!(open(&spec).unwrap().layers.len(), 5);
+        spec.max_depth = 4;
+        let e = open(&spec).err().unwrap();
+        assert!(matches!(e, Error::TooDeep { limit: 4, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_backing_file_without_a_recorded_format_needs_one_given_and_is_never_probed() {
+        let t = tempfile::tempdir().unwrap();
+        // The backing file holds qcow2 bytes, but nothing says it is qcow2.
+        qcow2(&t.path().join("base"), None, None);
+        qcow2(&t.path().join("top"), Some("base"), None);
+        let e = open(&OpenSpec::new(t.path().join("top"))).err().unwrap();
+        assert!(matches!(e, Error::BackingFormatUnknown { .. }), "{e}");
+        assert!(e.to_string().contains("-F"), "{e}");
+        // Given as raw, it is read as raw (the qcow2 header shows as data).
+        let mut spec = OpenSpec::new(t.path().join("top"));
+        spec.backing_format = Some(Format::Raw);
+        let c = open(&spec).unwrap();
+        assert_eq!(c.layers[1].format, Format::Raw);
+        let mut magic = [0u8; 4];
+        c.top().read(&mut magic, 0).unwrap();
+        assert_eq!(&magic, b"QFI\xfb");
+        // A recorded raw format wins over the content as well.
+        qcow2(&t.path().join("top2"), Some("base"), Some("raw"));
+        let c = open(&OpenSpec::new(t.path().join("top2"))).unwrap();
+        assert_eq!(c.layers[1].format, Format::Raw);
+    }
+
+    #[test]
+    fn relative_backing_names_resolve_against_the_overlay_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let sub = t.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        qcow2(&sub.join("base"), None, None);
+        qcow2(&t.path().join("base"), None, None);
+        qcow2(&sub.join("top"), Some("base"), Some("qcow2"));
+        let c = open(&OpenSpec::new(sub.join("top"))).unwrap();
+        assert_eq!(c.layers[1].path, sub.join("base"));
+        assert_eq!(c.find("base"), Some(1));
+        // A missing backing file names both images.
+        qcow2(&sub.join("orphan"), Some("nowhere"), Some("qcow2"));
+        let e = open(&OpenSpec::new(sub.join("orphan"))).err().unwrap();
+        let m = e.to_string();
+        assert!(m.contains("nowhere") && m.contains("orphan"), "{m}");
+    }
+}
