@@ -231,3 +231,82 @@ fn chain_operations_survive_a_crash_at_every_write() {
     println!("chain operations: {points} fault points tested");
     assert!(points > 100);
 }
+
+/// Cancels the job once some progress has been reported.
+struct CancelAfter<'a> {
+    cancel: &'a Cancel,
+    after: u64,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl strata_jobs::Progress for CancelAfter<'_> {
+    fn set_total(&self, _total: u64) {}
+    fn advance(&self, n: u64) {
+        let s = self.seen.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n;
+        if s >= self.after {
+            self.cancel.cancel();
+        }
+    }
+}
+
+#[test]
+fn a_cancelled_job_stops_with_the_chain_unchanged_and_can_run_again() {
+    let before_bytes = build();
+    let before = visible(open(&before_bytes, None).layers[0].as_ref());
+    type Job =
+        fn(&[Arc<dyn BlockDevice>], &dyn strata_jobs::Progress, &Cancel) -> strata_jobs::Result<()>;
+    let jobs: [(&str, Job); 3] = [
+        ("commit", |l, p, c| {
+            let plan = commit::plan(l, 1, 2, c)?;
+            commit::apply_plan(l, &plan, p, c)?;
+            commit::relink_above(l[0].as_ref(), Some("base"), Some("qcow2"))
+        }),
+        ("stream", |l, p, c| {
+            let plan = stream::plan(l, 3, c)?;
+            stream::apply_plan(l, &plan, p, c)?;
+            commit::relink_above(l[0].as_ref(), None, None)
+        }),
+        ("rebase", |l, p, c| {
+            rebase::copy_differences(&l[0], None, p, c)?;
+            commit::relink_above(l[0].as_ref(), None, None)
+        }),
+    ];
+    for (name, job) in jobs {
+        let o = open(&before_bytes, None);
+        let cancel = Cancel::default();
+        let p = CancelAfter {
+            cancel: &cancel,
+            after: 1,
+            seen: Default::default(),
+        };
+        let r = job(&o.layers, &p, &cancel);
+        assert!(
+            matches!(r, Err(strata_jobs::Error::Cancelled)),
+            "{name}: {:?}",
+            r.err()
+        );
+        let bytes = after_cut(&o);
+        drop(o);
+        let again = open(&bytes, None);
+        assert_eq!(
+            visible(again.layers[0].as_ref()),
+            before,
+            "{name}: view after cancel"
+        );
+        // The top still has its old backing file: the relink never happened.
+        let q = again.layers[0]
+            .as_any()
+            .downcast_ref::<Qcow2Image>()
+            .unwrap();
+        assert_eq!(q.header().backing_file.as_deref(), Some("mid"), "{name}");
+        // Running it again to the end works and keeps the view.
+        job(&again.layers, &NoProgress, &Cancel::default()).unwrap();
+        let done = after_cut(&again);
+        drop(again);
+        assert_eq!(
+            visible(open(&done, None).layers[0].as_ref()),
+            before,
+            "{name}: rerun"
+        );
+    }
+}
