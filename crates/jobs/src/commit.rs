@@ -108,3 +108,54 @@ pub fn relink_above(
     q.set_backing_file(backing_name, backing_format)?;
     Ok(())
 }
+
+/// Images known to use `chain.layers[base]` as their backing file besides the
+/// chain's own layers: qcow2 files in the base's directory whose recorded backing
+/// name resolves to it. A commit into the base changes what they show, so callers
+/// warn before writing. (Overlays elsewhere cannot be found without a catalogue.)
+pub fn other_users(chain: &strata_chain::Chain, base: usize) -> Vec<std::path::PathBuf> {
+    let Ok(target) = std::fs::canonicalize(&chain.layers[base].path) else {
+        return Vec::new();
+    };
+    let members: Vec<std::path::PathBuf> = chain
+        .layers
+        .iter()
+        .filter_map(|l| std::fs::canonicalize(&l.path).ok())
+        .collect();
+    let dir = target
+        .parent()
+        .unwrap_or(std::path::Path::new("/"))
+        .to_path_buf();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut users = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        let Ok(c) = std::fs::canonicalize(&p) else {
+            continue;
+        };
+        if members.contains(&c) || !p.is_file() {
+            continue;
+        }
+        let Ok(dev) = strata_chain::open_image(&p, strata_format::Format::Qcow2, false, true)
+        else {
+            continue;
+        };
+        let Some(q) = dev
+            .as_any()
+            .downcast_ref::<strata_format::qcow2::Qcow2Image>()
+        else {
+            continue;
+        };
+        if let Some(b) = q.header().backing_file {
+            if std::fs::canonicalize(strata_chain::resolve_backing(&p, &b)).ok()
+                == Some(target.clone())
+            {
+                users.push(p);
+            }
+        }
+    }
+    users.sort();
+    users
+}

@@ -63,51 +63,6 @@ pub fn backing_name_for(chain: &Chain, above: usize, base: usize) -> String {
     }
 }
 
-/// Other qcow2 images next to `base` whose backing file is `base` (outside `chain`).
-fn other_users(chain: &Chain, base: usize) -> Vec<PathBuf> {
-    let Ok(target) = std::fs::canonicalize(&chain.layers[base].path) else {
-        return Vec::new();
-    };
-    let members: Vec<PathBuf> = chain
-        .layers
-        .iter()
-        .filter_map(|l| std::fs::canonicalize(&l.path).ok())
-        .collect();
-    let dir = target.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut users = Vec::new();
-    for e in entries.flatten() {
-        let p = e.path();
-        let Ok(c) = std::fs::canonicalize(&p) else {
-            continue;
-        };
-        if members.contains(&c) || !p.is_file() {
-            continue;
-        }
-        let Ok(dev) = strata_chain::open_image(&p, strata_format::Format::Qcow2, false, true)
-        else {
-            continue;
-        };
-        let Some(q) = dev
-            .as_any()
-            .downcast_ref::<strata_format::qcow2::Qcow2Image>()
-        else {
-            continue;
-        };
-        if let Some(b) = q.header().backing_file {
-            if std::fs::canonicalize(strata_chain::resolve_backing(&p, &b)).ok()
-                == Some(target.clone())
-            {
-                users.push(p);
-            }
-        }
-    }
-    users.sort();
-    users
-}
-
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let name = args.filename.display().to_string();
     // Find the layers first (read-only), then reopen what must be written.
@@ -138,7 +93,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     let empty_top = top == 0 && args.base.is_none() && !args.drop_empty;
     let relink = top > 0;
-    for user in other_users(&probe, base) {
+    for user in commit::other_users(&probe, base) {
         eprintln!(
             "{}: warning: '{}' also has '{}' as its backing file; its content will change",
             ctx.prog,
