@@ -1,9 +1,263 @@
-//! `strata nbd` (placeholder).
+//! `strata nbd`: the NBD server (`serve`, the counterpart of qemu-nbd) and its
+//! control client (`ctl`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use strata_format::Format;
+use strata_nbd::{Export, ExportConfig, Server, ServerConfig};
 
 #[derive(clap::Args)]
-pub struct NbdCli {}
+pub struct NbdCli {
+    #[command(subcommand)]
+    command: NbdCommand,
+}
 
-pub fn run(_cli: NbdCli) -> i32 {
-    eprintln!("strata nbd: not implemented yet");
-    1
+#[derive(clap::Subcommand)]
+enum NbdCommand {
+    /// Export images (and their backing chains) over NBD.
+    Serve(ServeArgs),
+    /// Send a live operation to a running server's control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The image to export (named by --export-name).
+    file: Option<PathBuf>,
+    /// Name of the export of FILE.
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    export_name: String,
+    /// More exports, as NAME=PATH (repeatable).
+    #[arg(long = "export", value_name = "NAME=PATH")]
+    exports: Vec<String>,
+    /// Format of the image(s) (probed when not given: qcow2 by magic, else raw).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Description of the exports (NBD_INFO_DESCRIPTION).
+    #[arg(short = 'D', long = "description", default_value = "")]
+    description: String,
+    /// Address to listen on for TCP.
+    #[arg(short = 'b', long = "bind")]
+    bind: Option<String>,
+    /// TCP port (0 picks a free one; the port is printed).
+    #[arg(short = 'p', long = "port")]
+    port: Option<u16>,
+    /// Listen on this Unix socket (then no TCP unless --bind or --port is given).
+    #[arg(short = 'k', long = "socket")]
+    socket: Option<PathBuf>,
+    /// Control socket for live operations (see `strata nbd ctl`).
+    #[arg(long = "control")]
+    control: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key, clients must use TLS.
+    #[arg(long = "tls-cert", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long = "tls-key", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Minimum block size advertised and enforced (power of two, 1..65536).
+    #[arg(long = "min-block-size", default_value_t = 1)]
+    min_block_size: u32,
+    /// Requests carried out concurrently per connection.
+    #[arg(long = "workers", default_value_t = 4)]
+    workers: usize,
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The server's control socket.
+    #[arg(long = "socket", short = 's')]
+    socket: PathBuf,
+    /// The export to act on (needed when the server has several).
+    #[arg(long = "export")]
+    export: Option<String>,
+    /// snapshot NAME | snapshot-external OVERLAY | commit | stream | list | quit
+    #[arg(required = true, num_args = 1..=2)]
+    command: Vec<String>,
+}
+
+pub fn run(cli: NbdCli) -> i32 {
+    let r = match cli.command {
+        NbdCommand::Serve(a) => serve(a),
+        NbdCommand::Ctl(a) => ctl(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("strata nbd: {e:#}");
+            1
+        }
+    }
+}
+
+static QUIT: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    QUIT.store(true, Ordering::SeqCst);
+}
+
+fn serve(a: ServeArgs) -> Result<i32> {
+    let format = a
+        .format
+        .as_deref()
+        .map(|f| f.parse::<Format>())
+        .transpose()
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut configs = Vec::new();
+    let mk = |name: &str, path: PathBuf| ExportConfig {
+        name: name.to_string(),
+        path,
+        format,
+        read_only: a.read_only,
+        description: a.description.clone(),
+        min_block: a.min_block_size,
+    };
+    if let Some(f) = &a.file {
+        configs.push(mk(&a.export_name, f.clone()));
+    }
+    for e in &a.exports {
+        let (name, path) = e
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--export wants NAME=PATH, not '{e}'"))?;
+        configs.push(mk(name, PathBuf::from(path)));
+    }
+    if configs.is_empty() {
+        bail!("nothing to export: give an image file or --export NAME=PATH");
+    }
+    let mut names = std::collections::HashSet::new();
+    for c in &configs {
+        if !names.insert(c.name.clone()) {
+            bail!("export name '{}' given twice", c.name);
+        }
+    }
+    let exports = configs
+        .iter()
+        .map(|c| {
+            Export::open(c)
+                .map(Arc::new)
+                .with_context(|| format!("cannot export '{}'", c.path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(strata_nbd::tls::server_config(c, k)?),
+        _ => None,
+    };
+    let server = Server::new(ServerConfig {
+        exports,
+        tls,
+        workers: a.workers.clamp(1, 64),
+        log: true,
+    });
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let mut threads = Vec::new();
+    let quit = Arc::new(AtomicBool::new(false));
+    let want_tcp = a.socket.is_none() || a.bind.is_some() || a.port.is_some();
+    if want_tcp {
+        let addr = format!(
+            "{}:{}",
+            a.bind.as_deref().unwrap_or("0.0.0.0"),
+            a.port.unwrap_or(10809)
+        );
+        let l = TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!("strata nbd: listening on tcp {}", l.local_addr()?);
+        let s = server.clone();
+        threads.push(std::thread::spawn(move || {
+            if let Err(e) = s.serve_tcp(l) {
+                eprintln!("strata nbd: tcp listener: {e}");
+            }
+        }));
+    }
+    let mut cleanup = Vec::new();
+    if let Some(p) = &a.socket {
+        let l =
+            UnixListener::bind(p).with_context(|| format!("cannot listen on '{}'", p.display()))?;
+        cleanup.push(p.clone());
+        eprintln!("strata nbd: listening on unix {}", p.display());
+        let s = server.clone();
+        threads.push(std::thread::spawn(move || {
+            if let Err(e) = s.serve_unix(l) {
+                eprintln!("strata nbd: unix listener: {e}");
+            }
+        }));
+    }
+    if let Some(p) = &a.control {
+        let l =
+            UnixListener::bind(p).with_context(|| format!("cannot listen on '{}'", p.display()))?;
+        cleanup.push(p.clone());
+        let s = server.clone();
+        let q = quit.clone();
+        threads.push(std::thread::spawn(move || {
+            strata_nbd::control::serve(s, l, q)
+        }));
+    }
+    eprintln!("strata nbd: ready");
+    while !QUIT.load(Ordering::SeqCst) && !quit.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("strata nbd: shutting down");
+    let r = server.shutdown();
+    for t in threads {
+        let _ = t.join();
+    }
+    for p in cleanup {
+        let _ = std::fs::remove_file(p);
+    }
+    r?;
+    Ok(0)
+}
+
+fn ctl(a: CtlArgs) -> Result<i32> {
+    let cmd = a.command[0].as_str();
+    let arg = a.command.get(1);
+    let mut req = serde_json::Map::new();
+    req.insert("command".into(), cmd.into());
+    match (cmd, arg) {
+        ("snapshot", Some(n)) => {
+            req.insert("name".into(), n.as_str().into());
+        }
+        ("snapshot-external", Some(p)) => {
+            // Relative to the caller's directory, not the server's.
+            let p = std::path::absolute(p).context("overlay path")?;
+            req.insert("overlay".into(), p.display().to_string().into());
+        }
+        ("commit" | "stream" | "list" | "quit", None) => {}
+        ("snapshot", None) => bail!("snapshot needs a NAME"),
+        ("snapshot-external", None) => bail!("snapshot-external needs an OVERLAY path"),
+        _ => bail!(
+            "unknown control command '{}' (snapshot NAME, snapshot-external OVERLAY, commit, stream, list, quit)",
+            a.command.join(" ")
+        ),
+    }
+    if let Some(e) = &a.export {
+        req.insert("export".into(), e.as_str().into());
+    }
+    let mut s = UnixStream::connect(&a.socket)
+        .with_context(|| format!("cannot connect to '{}'", a.socket.display()))?;
+    let mut line = serde_json::Value::Object(req).to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&answer).context("the server's answer is not JSON")?;
+    if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        Ok(0)
+    } else {
+        let msg = v.get("error").and_then(|e| e.as_str()).unwrap_or("failed");
+        eprintln!("strata nbd ctl: {cmd}: {msg}");
+        Ok(1)
+    }
 }

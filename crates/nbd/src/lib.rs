@@ -1,1 +1,39 @@
-//! NBD server (to be written).
+//! strata's NBD server: exports images and backing chains over TCP and Unix
+//! sockets (fixed newstyle handshake, structured replies, extended headers, block
+//! status, TLS), and changes the chain under live connections: internal and
+//! external snapshots, commit and stream, driven through a control socket.
+//!
+//! - [`proto`]: wire constants;
+//! - [`export`]: an exported chain behind the gate that live operations take;
+//! - [`server`]: listeners, handshake and transmission;
+//! - [`control`]: the JSON-lines control socket;
+//! - [`tls`]: loading a certificate and key into a rustls configuration.
+
+pub mod control;
+pub mod export;
+pub mod proto;
+pub mod server;
+pub mod tls;
+
+pub use export::{Export, ExportConfig};
+pub use server::{Server, ServerConfig};
+
+/// Errors from the NBD crate (opening exports, live operations, TLS setup).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Chain(#[from] strata_chain::Error),
+    #[error(transparent)]
+    Format(#[from] strata_format::Error),
+    #[error(transparent)]
+    Jobs(#[from] strata_jobs::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A request that cannot be carried out; the message says why.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

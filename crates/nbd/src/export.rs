@@ -1,0 +1,573 @@
+//! An exported disk: an image and its backing chain behind a gate, with the live
+//! operations (internal snapshot, external snapshot, commit, stream) that change
+//! the chain while clients keep reading and writing.
+//!
+//! The gate: every client request holds the gate shared for the whole of its I/O.
+//! A live operation takes it exclusively for the instant it switches the chain: the
+//! exclusive lock waits for requests in flight to finish (draining them) and holds
+//! new ones back until the switch is done. Before switching, the chain is flushed,
+//! so every write acknowledged before the operation is in the image the operation
+//! freezes, and no write acknowledged after it is.
+
+use crate::{Error, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use strata_chain::{Layer, OpenSpec};
+use strata_format::qcow2::{Qcow2Image, SnapshotSpec};
+use strata_format::{BlockDevice, Format, Status};
+use strata_jobs::status::{ChainStatus, Walk};
+use strata_jobs::{Cancel, NoProgress};
+
+/// What to export.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    /// The export name clients ask for ("" is the default export).
+    pub name: String,
+    pub path: PathBuf,
+    /// The top image's format; probed (qcow2 magic, else raw) when `None`.
+    pub format: Option<Format>,
+    pub read_only: bool,
+    pub description: String,
+    /// Minimum block size advertised and enforced (a power of two, 1..=65536).
+    pub min_block: u32,
+}
+
+impl ExportConfig {
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        ExportConfig {
+            name: name.into(),
+            path: path.into(),
+            format: None,
+            read_only: false,
+            description: String::new(),
+            min_block: 1,
+        }
+    }
+}
+
+/// The chain an export currently serves.
+pub struct Backend {
+    /// Top first; each layer attached to the one below it.
+    pub layers: Vec<Layer>,
+    status: ChainStatus,
+}
+
+impl Backend {
+    fn new(layers: Vec<Layer>) -> Result<Self> {
+        let devices = layers.iter().map(|l| l.device.clone()).collect();
+        let status = ChainStatus::from_devices(devices)?;
+        Ok(Backend { layers, status })
+    }
+
+    /// The device clients read and write.
+    pub fn top(&self) -> &Arc<dyn BlockDevice> {
+        &self.layers[0].device
+    }
+
+    /// `base:allocation` flags (`STATE_HOLE`, `STATE_ZERO`) of the run starting at
+    /// `offset` (at most `len` bytes, `len` ≥ 1) and its length.
+    pub fn allocation(&self, offset: u64, len: u64) -> strata_format::Result<(u64, u32)> {
+        let s = self
+            .status
+            .status(offset, len, Walk::DataOrZero)
+            .map_err(to_format)?;
+        let mut flags = 0;
+        if !s.data {
+            flags |= crate::proto::STATE_HOLE;
+        }
+        if s.zero {
+            flags |= crate::proto::STATE_ZERO;
+        }
+        Ok((s.len, flags))
+    }
+
+    /// `qemu:allocation-depth` of the run starting at `offset`: 0 when no layer
+    /// stores it, else the 1-based depth of the layer that does.
+    pub fn depth(&self, offset: u64, len: u64) -> strata_format::Result<(u64, u32)> {
+        let s = self
+            .status
+            .status(offset, len, Walk::Allocated)
+            .map_err(to_format)?;
+        let d = if s.allocated {
+            u32::try_from(s.depth + 1).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        Ok((s.len, d))
+    }
+
+    /// Whether `[offset, offset+len)` reads as zeroes without reading it.
+    pub fn reads_as_zero(&self, offset: u64, len: u64) -> strata_format::Result<bool> {
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let s = self
+                .status
+                .status(pos, end - pos, Walk::DataOrZero)
+                .map_err(to_format)?;
+            if !s.zero || s.len == 0 {
+                return Ok(false);
+            }
+            pos += s.len;
+        }
+        Ok(true)
+    }
+}
+
+/// Status queries only fail with engine errors; keep them as such.
+fn to_format(e: strata_jobs::Error) -> strata_format::Error {
+    match e {
+        strata_jobs::Error::Format(f) => f,
+        other => strata_format::Error::new(strata_format::ErrorKind::Invalid(other.to_string())),
+    }
+}
+
+/// A layer as `list` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    pub path: String,
+    pub format: String,
+    /// Internal snapshots (qcow2), by name.
+    pub snapshots: Vec<String>,
+}
+
+/// An export as `list` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportInfo {
+    pub name: String,
+    pub size: u64,
+    pub read_only: bool,
+    /// Top first.
+    pub chain: Vec<LayerInfo>,
+}
+
+/// An exported disk. Shared by every connection to it (so one flush covers the
+/// writes of all connections: the multi-connection promise holds).
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub read_only: bool,
+    pub min_block: u32,
+    size: u64,
+    gate: RwLock<Backend>,
+    /// Ranges written since a commit began copying (None when no commit runs).
+    dirty: Mutex<Option<Vec<(u64, u64)>>>,
+    /// One live operation at a time.
+    ops: Mutex<()>,
+}
+
+fn layer_for(path: &Path, format: Format, device: Arc<dyn BlockDevice>) -> Layer {
+    let (backing_name, backing_format) = match device.as_any().downcast_ref::<Qcow2Image>() {
+        Some(q) => {
+            let h = q.header();
+            (h.backing_file, h.backing_format)
+        }
+        None => (None, None),
+    };
+    let backing_path = backing_name
+        .as_deref()
+        .map(|b| strata_chain::resolve_backing(path, b));
+    Layer {
+        path: path.to_path_buf(),
+        format,
+        device,
+        backing_name,
+        backing_format,
+        backing_path,
+    }
+}
+
+impl Export {
+    /// Open the image and its chain. A writable export opens every layer for
+    /// writing (with QEMU's write locks), so a live commit can write the backing
+    /// file without reopening it.
+    pub fn open(cfg: &ExportConfig) -> Result<Export> {
+        if !cfg.min_block.is_power_of_two() || cfg.min_block > 65536 {
+            return Err(Error::Invalid(format!(
+                "minimum block size {} is not a power of two up to 65536",
+                cfg.min_block
+            )));
+        }
+        let mut spec = OpenSpec::new(&cfg.path)
+            .format(cfg.format)
+            .write(!cfg.read_only);
+        if !cfg.read_only {
+            spec.write_layers = (1..strata_chain::DEFAULT_MAX_DEPTH).collect();
+        }
+        let chain = strata_chain::open(&spec)?;
+        let size = chain.top().virtual_size();
+        Ok(Export {
+            name: cfg.name.clone(),
+            description: cfg.description.clone(),
+            read_only: cfg.read_only,
+            min_block: cfg.min_block,
+            size,
+            gate: RwLock::new(Backend::new(chain.layers)?),
+            dirty: Mutex::new(None),
+            ops: Mutex::new(()),
+        })
+    }
+
+    /// The size advertised to clients (fixed for the life of the export).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Hold the gate shared: the chain cannot switch while the guard lives.
+    pub fn io(&self) -> RwLockReadGuard<'_, Backend> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exclusive(&self) -> RwLockWriteGuard<'_, Backend> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record that `[offset, offset+len)` changed (call with the gate held shared,
+    /// after the write). Only recorded while a commit copies.
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = d.as_mut() {
+            v.push((offset, len));
+        }
+    }
+
+    /// Flush the whole chain's top (all connections' writes).
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.io().top().flush()?)
+    }
+
+    /// Take an internal snapshot `name` of the top image (qcow2 only).
+    pub fn snapshot(&self, name: &str) -> Result<String> {
+        if self.read_only {
+            return Err(Error::Invalid(format!(
+                "export '{}' is read-only",
+                self.name
+            )));
+        }
+        if name.is_empty() {
+            return Err(Error::Invalid("a snapshot needs a name".into()));
+        }
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let b = self.exclusive();
+        let q = b
+            .top()
+            .as_any()
+            .downcast_ref::<Qcow2Image>()
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "internal snapshots need a qcow2 top image; '{}' is {}",
+                    b.layers[0].path.display(),
+                    b.top().format_name()
+                ))
+            })?;
+        if q.snapshots().iter().any(|s| s.name == name) {
+            return Err(Error::Invalid(format!(
+                "a snapshot named '{name}' already exists in '{}'",
+                b.layers[0].path.display()
+            )));
+        }
+        q.flush()?;
+        let s = q.snapshot_create(&SnapshotSpec {
+            name: name.to_string(),
+            date: None,
+            vm_clock_nsec: 0,
+            vm_state: Vec::new(),
+            icount: None,
+        })?;
+        Ok(s.id)
+    }
+
+    /// Create a qcow2 overlay at `overlay` on the current top and switch the
+    /// export's writes to it. The old top is frozen from then on: it holds exactly
+    /// the writes acknowledged before the switch.
+    pub fn snapshot_external(&self, overlay: &Path) -> Result<()> {
+        if self.read_only {
+            return Err(Error::Invalid(format!(
+                "export '{}' is read-only",
+                self.name
+            )));
+        }
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if overlay.exists() {
+            return Err(Error::Invalid(format!(
+                "'{}' already exists; an overlay is never created over an existing file",
+                overlay.display()
+            )));
+        }
+        // Create the (empty) overlay first, outside the gate: it only records the
+        // top's name and format, which do not change while `ops` is held.
+        let (top_path, top_format, cluster_size, depth) = {
+            let b = self.io();
+            let cs = b
+                .top()
+                .as_any()
+                .downcast_ref::<Qcow2Image>()
+                .map_or(65536, |q| 1u64 << q.header().cluster_bits);
+            (
+                b.layers[0].path.clone(),
+                b.layers[0].format,
+                cs,
+                b.layers.len(),
+            )
+        };
+        let depth = depth + 1;
+        if depth > strata_chain::DEFAULT_MAX_DEPTH {
+            return Err(Error::Invalid(format!(
+                "an overlay would make a chain of {depth} images, deeper than the limit of {}",
+                strata_chain::DEFAULT_MAX_DEPTH
+            )));
+        }
+        let plan = strata_jobs::overlay::OverlayPlan {
+            overlay: overlay.to_path_buf(),
+            backing_name: strata_jobs::overlay::backing_name(overlay, &top_path)?,
+            backing_format: top_format,
+            size: self.size.next_multiple_of(512),
+            cluster_size,
+            depth,
+        };
+        strata_jobs::overlay::apply(&plan)?;
+        let device = match strata_chain::open_image(overlay, Format::Qcow2, true, false) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_file(overlay);
+                return Err(e.into());
+            }
+        };
+        let layer = layer_for(overlay, Format::Qcow2, device.clone());
+        let mut b = self.exclusive();
+        let flushed = b.top().flush();
+        if let Err(e) = flushed {
+            drop(b);
+            drop(device);
+            let _ = std::fs::remove_file(overlay);
+            return Err(e.into());
+        }
+        device.set_backing(Some(b.top().clone()));
+        let mut layers = vec![layer];
+        layers.extend(b.layers.iter().cloned());
+        *b = Backend::new(layers)?;
+        Ok(())
+    }
+
+    /// Merge the top overlay into its backing file and switch the export back to
+    /// it. The data is copied while clients keep writing (their writes are
+    /// recorded); then, under the gate, the ranges written meanwhile are copied
+    /// again, the backing file flushed, and the export switched.
+    pub fn commit(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::Invalid(format!(
+                "export '{}' is read-only",
+                self.name
+            )));
+        }
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let devices: Vec<Arc<dyn BlockDevice>> = {
+            let b = self.exclusive();
+            if b.layers.len() < 2 {
+                return Err(Error::Invalid(format!(
+                    "'{}' has no backing file to commit into",
+                    b.layers[0].path.display()
+                )));
+            }
+            if b.layers[1].device.read_only() {
+                return Err(Error::Invalid(format!(
+                    "the backing file '{}' is not open for writing",
+                    b.layers[1].path.display()
+                )));
+            }
+            *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+            b.layers.iter().map(|l| l.device.clone()).collect()
+        };
+        let result = (|| -> Result<()> {
+            let cancel = Cancel::default();
+            let plan = strata_jobs::commit::plan(&devices, 0, 1, &cancel)?;
+            strata_jobs::commit::apply_plan(&devices, &plan, &NoProgress, &cancel)?;
+            let mut b = self.exclusive();
+            let dirty = self
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_default();
+            let top = b.top().clone();
+            let base = b.layers[1].device.clone();
+            for (off, len) in merge_ranges(dirty) {
+                copy_view(top.as_ref(), base.as_ref(), off, len)?;
+            }
+            base.flush()?;
+            let layers = b.layers[1..].to_vec();
+            *b = Backend::new(layers)?;
+            drop(b);
+            // The old top is no longer served; it still shows the same view.
+            top.flush()?;
+            Ok(())
+        })();
+        *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        result
+    }
+
+    /// Pull the data of the backing chain into the top image and drop the backing
+    /// chain. The copy goes a chunk at a time, each under the gate and only into
+    /// ranges the top does not store yet, so a client write is never overwritten
+    /// by older backing data.
+    pub fn stream(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::Invalid(format!(
+                "export '{}' is read-only",
+                self.name
+            )));
+        }
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let (devices, has_qcow2_top) = {
+            let b = self.io();
+            (
+                b.layers
+                    .iter()
+                    .map(|l| l.device.clone())
+                    .collect::<Vec<_>>(),
+                b.top().as_any().downcast_ref::<Qcow2Image>().is_some(),
+            )
+        };
+        if devices.len() < 2 {
+            return Err(Error::Invalid("the top image has no backing file".into()));
+        }
+        if !has_qcow2_top {
+            return Err(Error::Invalid(
+                "only a qcow2 top image can have its backing chain streamed".into(),
+            ));
+        }
+        let plan = strata_jobs::stream::plan(&devices, devices.len(), &Cancel::default())?;
+        const CHUNK: u64 = 1 << 20;
+        for r in &plan.ranges {
+            let mut pos = r.offset;
+            let end = r.offset + r.len;
+            while pos < end {
+                let n = (end - pos).min(CHUNK - pos % CHUNK);
+                let b = self.exclusive();
+                let top = b.top().clone();
+                let mut p = pos;
+                while p < pos + n {
+                    let e = top.block_status(p, pos + n - p)?;
+                    if e.len == 0 {
+                        break;
+                    }
+                    if e.status == Status::Unallocated {
+                        copy_view(top.as_ref(), top.as_ref(), p, e.len)?;
+                    }
+                    p += e.len;
+                }
+                drop(b);
+                pos += n;
+            }
+        }
+        let mut b = self.exclusive();
+        let top = b.top().clone();
+        top.flush()?;
+        strata_jobs::commit::relink_above(top.as_ref(), None, None)?;
+        top.set_backing(None);
+        let mut layer = b.layers[0].clone();
+        layer.backing_name = None;
+        layer.backing_format = None;
+        layer.backing_path = None;
+        *b = Backend::new(vec![layer])?;
+        Ok(())
+    }
+
+    /// The export, its chain and the internal snapshots of each layer.
+    pub fn info(&self) -> ExportInfo {
+        let b = self.io();
+        ExportInfo {
+            name: self.name.clone(),
+            size: self.size,
+            read_only: self.read_only,
+            chain: b
+                .layers
+                .iter()
+                .map(|l| LayerInfo {
+                    path: l.path.display().to_string(),
+                    format: l.format.name().to_string(),
+                    snapshots: l
+                        .device
+                        .as_any()
+                        .downcast_ref::<Qcow2Image>()
+                        .map(|q| q.snapshots().into_iter().map(|s| s.name).collect())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Flush and close every layer (errors are reported, the first one returned).
+    pub fn close(&self) -> Result<()> {
+        let b = self.exclusive();
+        let mut first: Option<Error> = None;
+        for l in &b.layers {
+            if l.device.read_only() {
+                continue;
+            }
+            let r = match l.device.as_any().downcast_ref::<Qcow2Image>() {
+                Some(q) => q.close(),
+                None => l.device.flush(),
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e.into());
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Sort and merge overlapping or touching ranges.
+fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (off, len) in v {
+        if len == 0 {
+            continue;
+        }
+        if let Some(last) = out.last_mut() {
+            if off <= last.0 + last.1 {
+                let end = (off + len).max(last.0 + last.1);
+                last.1 = end - last.0;
+                continue;
+            }
+        }
+        out.push((off, len));
+    }
+    out
+}
+
+/// Copy the guest view of `src` over `[off, off+len)` into `dst`, zeroes as
+/// zero writes, in 1 MiB pieces.
+fn copy_view(src: &dyn BlockDevice, dst: &dyn BlockDevice, off: u64, len: u64) -> Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let mut buf = vec![0u8; PIECE.min(len) as usize];
+    let mut pos = off;
+    let end = off + len;
+    while pos < end {
+        let n = (end - pos).min(PIECE);
+        let b = &mut buf[..n as usize];
+        src.read(b, pos)?;
+        if b.iter().all(|&x| x == 0) {
+            dst.write_zeroes(pos, n, false)?;
+        } else {
+            dst.write(b, pos)?;
+        }
+        pos += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_ranges;
+
+    #[test]
+    fn merge_ranges_joins_overlapping_and_touching_ranges() {
+        assert_eq!(
+            merge_ranges(vec![(10, 5), (0, 4), (4, 2), (12, 10), (40, 0), (30, 1)]),
+            vec![(0, 6), (10, 12), (30, 1)]
+        );
+    }
+}

@@ -1,0 +1,1321 @@
+//! The NBD server: listeners, the fixed newstyle handshake, and the transmission
+//! phase.
+//!
+//! Threads, not async: each connection has a reader thread that parses requests
+//! and a small pool of worker threads that carry them out against the export. The
+//! engine below (qcow2, raw) does blocking positional I/O and takes its own locks,
+//! so an async runtime would only add a blocking pool in front of the same calls;
+//! plain threads keep each request's life easy to follow, and the bounded queue
+//! plus a per-connection byte budget bound the memory one client can pin
+//! (`BUDGET` bytes of payloads and read buffers, whatever it sends). A TLS
+//! connection is served in order by its reader thread alone (a TLS session cannot
+//! be read and written from two threads).
+
+use crate::export::{Backend, Export};
+use crate::proto::*;
+use crate::Result;
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::Duration;
+use strata_format::ErrorKind;
+
+/// Bytes of request payloads and read buffers one connection may have in flight.
+const BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
+/// Most block status descriptors in one reply chunk.
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// A connected socket (TCP or Unix).
+pub trait Socket: Read + Write + Send + Sync + 'static {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Socket>>;
+    fn shutdown_both(&self);
+    fn peer(&self) -> String;
+}
+
+impl Socket for TcpStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn peer(&self) -> String {
+        self.peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "tcp:?".into())
+    }
+}
+
+impl Socket for UnixStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn peer(&self) -> String {
+        "unix".into()
+    }
+}
+
+/// Server-wide settings.
+pub struct ServerConfig {
+    pub exports: Vec<Arc<Export>>,
+    /// TLS settings: when set, clients must STARTTLS before anything else.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Worker threads per connection (requests carried out concurrently).
+    pub workers: usize,
+    /// Write one line per connect and disconnect to stderr.
+    pub log: bool,
+}
+
+/// A running server: shared by the listener threads and the connections.
+pub struct Server {
+    cfg: ServerConfig,
+    shutdown: AtomicBool,
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<u64, Box<dyn Socket>>>,
+    active: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Server {
+    pub fn new(cfg: ServerConfig) -> Arc<Server> {
+        Arc::new(Server {
+            cfg,
+            shutdown: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            conns: Mutex::new(HashMap::new()),
+            active: Mutex::new(0),
+            idle: Condvar::new(),
+        })
+    }
+
+    pub fn exports(&self) -> &[Arc<Export>] {
+        &self.cfg.exports
+    }
+
+    /// Find an export by name; "" is the first export.
+    pub fn find(&self, name: &str) -> Option<&Arc<Export>> {
+        self.cfg
+            .exports
+            .iter()
+            .find(|e| e.name == name)
+            .or_else(|| name.is_empty().then(|| self.cfg.exports.first()).flatten())
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Stop accepting, cut every connection, wait for their threads, then flush
+    /// and close the exports.
+    pub fn shutdown(&self) -> Result<()> {
+        self.shutdown.store(true, Ordering::SeqCst);
+        for s in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            s.shutdown_both();
+        }
+        let mut n = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = self
+                .idle
+                .wait_timeout(n, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(n);
+        let mut first = None;
+        for e in &self.cfg.exports {
+            if let Err(err) = e.close() {
+                eprintln!("strata nbd: closing export '{}': {err}", e.name);
+                first.get_or_insert(err);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Accept TCP clients until shutdown (call from its own thread).
+    pub fn serve_tcp(self: &Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        while !self.is_shutting_down() {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    let _ = s.set_nodelay(true);
+                    self.spawn_client(Box::new(s));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("strata nbd: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Accept Unix-socket clients until shutdown (call from its own thread).
+    pub fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        while !self.is_shutting_down() {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    self.spawn_client(Box::new(s));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("strata nbd: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_client(self: &Arc<Self>, sock: Box<dyn Socket>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = sock.try_clone_box() {
+            self.conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, c);
+        }
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-client-{id}"))
+            .spawn(move || {
+                let peer = sock.peer();
+                let summary = me.client(sock, id);
+                if me.cfg.log {
+                    eprintln!("strata nbd: client {id} ({peer}) disconnected: {summary}");
+                }
+                me.conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                *me.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                me.idle.notify_all();
+            });
+        if spawned.is_err() {
+            self.conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            *self.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        }
+    }
+
+    /// Serve one client from handshake to disconnect; returns a summary for the log.
+    fn client(self: &Arc<Self>, sock: Box<dyn Socket>, id: u64) -> String {
+        let peer = sock.peer();
+        let mut conn = Conn::Plain(sock);
+        let neg = match handshake(self, &mut conn) {
+            Ok(Some(n)) => n,
+            Ok(None) => return "ended during the handshake".into(),
+            Err(e) => return format!("handshake failed: {e}"),
+        };
+        if self.cfg.log {
+            eprintln!(
+                "strata nbd: client {id} ({peer}) connected to export '{}'{}{}",
+                neg.export.name,
+                if neg.tls { " over TLS" } else { "" },
+                match neg.mode {
+                    Mode::Simple => "",
+                    Mode::Structured => ", structured replies",
+                    Mode::Extended => ", extended headers",
+                }
+            );
+        }
+        let export = neg.export.clone();
+        let stats = transmission(self, conn, neg);
+        // A client that vanished leaves the image consistent: its acknowledged
+        // writes are flushed now.
+        let flushed = match export.flush() {
+            Ok(()) => String::new(),
+            Err(e) => format!(", flush failed: {e}"),
+        };
+        format!(
+            "{} requests, {}{flushed}",
+            stats.requests,
+            stats.end.as_deref().unwrap_or("clean disconnect")
+        )
+    }
+}
+
+/// A connection before or after STARTTLS.
+enum Conn {
+    Plain(Box<dyn Socket>),
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, Box<dyn Socket>>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Simple,
+    Structured,
+    Extended,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ctx {
+    Allocation,
+    Depth,
+}
+
+struct Negotiated {
+    export: Arc<Export>,
+    mode: Mode,
+    /// Selected metadata contexts, by id.
+    contexts: Vec<(u32, Ctx)>,
+    tls: bool,
+}
+
+fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    r.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn opt_reply(w: &mut impl Write, opt: u32, typ: u32, data: &[u8]) -> io::Result<()> {
+    let mut m = Vec::with_capacity(20 + data.len());
+    m.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&typ.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    w.write_all(&m)
+}
+
+fn opt_error(w: &mut impl Write, opt: u32, typ: u32, msg: &str) -> io::Result<()> {
+    opt_reply(w, opt, typ, msg.as_bytes())
+}
+
+/// A cursor over an option's data that fails instead of reading past the end.
+struct OptData<'a>(&'a [u8]);
+
+impl<'a> OptData<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn string(&mut self) -> Option<String> {
+        let n = self.u32()? as usize;
+        let s = self.take(n)?;
+        String::from_utf8(s.to_vec()).ok()
+    }
+}
+
+fn info_export(export: &Export, mode: Mode) -> Vec<u8> {
+    let mut d = Vec::with_capacity(12);
+    d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    d.extend_from_slice(&export.size().to_be_bytes());
+    d.extend_from_slice(&transmission_flags(export, mode).to_be_bytes());
+    d
+}
+
+fn transmission_flags(export: &Export, mode: Mode) -> u16 {
+    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
+    // Every connection shares one device, and a flush flushes that device: a flush
+    // on any connection covers the writes completed on all of them.
+    f |= FLAG_CAN_MULTI_CONN;
+    if export.read_only {
+        f |= FLAG_READ_ONLY;
+    } else {
+        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+    }
+    if mode != Mode::Simple {
+        f |= FLAG_SEND_DF;
+    }
+    f
+}
+
+fn block_size_info(export: &Export) -> Vec<u8> {
+    let mut d = Vec::with_capacity(14);
+    d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    d.extend_from_slice(&export.min_block.to_be_bytes());
+    d.extend_from_slice(&PREFERRED_BLOCK.max(export.min_block).to_be_bytes());
+    d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+    d
+}
+
+/// Parse metadata context queries; `None` when the data is malformed.
+fn parse_meta(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let mut d = OptData(data);
+    let name = d.string()?;
+    let n = d.u32()?;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        queries.push(d.string()?);
+    }
+    if !d.0.is_empty() {
+        return None;
+    }
+    Some((name, queries))
+}
+
+/// Which contexts a query designates (`list` allows the namespace-only form).
+fn match_query(q: &str, list: bool) -> Vec<Ctx> {
+    match q {
+        CONTEXT_BASE_ALLOCATION => vec![Ctx::Allocation],
+        CONTEXT_ALLOCATION_DEPTH => vec![Ctx::Depth],
+        "base:" if list => vec![Ctx::Allocation],
+        "qemu:" if list => vec![Ctx::Depth],
+        _ => vec![],
+    }
+}
+
+fn ctx_name(c: Ctx) -> &'static str {
+    match c {
+        Ctx::Allocation => CONTEXT_BASE_ALLOCATION,
+        Ctx::Depth => CONTEXT_ALLOCATION_DEPTH,
+    }
+}
+
+/// The fixed newstyle handshake. `Ok(None)`: the client aborted or was refused
+/// with a hard disconnect.
+fn handshake(server: &Server, conn: &mut Conn) -> io::Result<Option<Negotiated>> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    conn.write_all(&hello)?;
+    conn.flush()?;
+    let cflags = read_u32(conn)?;
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        // Unknown client flags: the spec requires the server to close.
+        return Ok(None);
+    }
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let mut mode = Mode::Simple;
+    let mut contexts: Vec<(u32, Ctx)> = Vec::new();
+    let mut meta_export: Option<*const Export> = None;
+    let mut tls = false;
+    loop {
+        conn.flush()?;
+        if server.is_shutting_down() {
+            return Ok(None);
+        }
+        let magic = read_u64(conn)?;
+        if magic != IHAVEOPT {
+            return Ok(None);
+        }
+        let opt = read_u32(conn)?;
+        let len = read_u32(conn)?;
+        if len > MAX_OPTION_LEN {
+            // Larger than any valid option: treated as an attack.
+            return Ok(None);
+        }
+        let mut data = vec![0u8; len as usize];
+        conn.read_exact(&mut data)?;
+        if server.cfg.tls.is_some() && !tls && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                return Ok(None);
+            }
+            opt_error(conn, opt, REP_ERR_TLS_REQD, "TLS is required")?;
+            continue;
+        }
+        match opt {
+            OPT_EXPORT_NAME => {
+                if mode == Mode::Extended {
+                    // Not allowed after extended headers; no error reply exists.
+                    return Ok(None);
+                }
+                let Ok(name) = String::from_utf8(data) else {
+                    return Ok(None);
+                };
+                let Some(export) = server.find(&name).cloned() else {
+                    return Ok(None);
+                };
+                let mut m = Vec::with_capacity(134);
+                m.extend_from_slice(&export.size().to_be_bytes());
+                m.extend_from_slice(&transmission_flags(&export, mode).to_be_bytes());
+                if !no_zeroes {
+                    m.extend_from_slice(&[0u8; 124]);
+                }
+                conn.write_all(&m)?;
+                conn.flush()?;
+                if meta_export != Some(Arc::as_ptr(&export)) {
+                    contexts.clear();
+                }
+                return Ok(Some(Negotiated {
+                    export,
+                    mode,
+                    contexts,
+                    tls,
+                }));
+            }
+            OPT_ABORT => {
+                let _ = opt_reply(conn, opt, REP_ACK, &[]);
+                let _ = conn.flush();
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    opt_error(conn, opt, REP_ERR_INVALID, "LIST takes no data")?;
+                    continue;
+                }
+                for e in server.exports() {
+                    let mut d = Vec::new();
+                    d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
+                    d.extend_from_slice(e.name.as_bytes());
+                    d.extend_from_slice(e.description.as_bytes());
+                    opt_reply(conn, opt, REP_SERVER, &d)?;
+                }
+                opt_reply(conn, opt, REP_ACK, &[])?;
+            }
+            OPT_STARTTLS => {
+                let Some(cfg) = server.cfg.tls.clone() else {
+                    opt_error(conn, opt, REP_ERR_UNSUP, "TLS is not configured")?;
+                    continue;
+                };
+                if tls {
+                    opt_error(conn, opt, REP_ERR_INVALID, "TLS is already active")?;
+                    continue;
+                }
+                if !data.is_empty() {
+                    opt_error(conn, opt, REP_ERR_INVALID, "STARTTLS takes no data")?;
+                    continue;
+                }
+                opt_reply(conn, opt, REP_ACK, &[])?;
+                conn.flush()?;
+                let plain = std::mem::replace(conn, Conn::Plain(Box::new(NullSocket)));
+                let Conn::Plain(sock) = plain else {
+                    return Ok(None);
+                };
+                let sc = rustls::ServerConnection::new(cfg)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let mut stream = rustls::StreamOwned::new(sc, sock);
+                while stream.conn.is_handshaking() {
+                    stream
+                        .conn
+                        .complete_io(&mut stream.sock)
+                        .map_err(|e| io::Error::other(format!("TLS handshake: {e}")))?;
+                }
+                *conn = Conn::Tls(Box::new(stream));
+                tls = true;
+                // Everything negotiated before TLS is forgotten.
+                mode = Mode::Simple;
+                contexts.clear();
+                meta_export = None;
+            }
+            OPT_INFO | OPT_GO => {
+                let mut d = OptData(&data);
+                let parsed = (|| {
+                    let n = d.u32()? as usize;
+                    let name = String::from_utf8(d.take(n)?.to_vec()).ok()?;
+                    let count = d.u16()?;
+                    let mut reqs = Vec::new();
+                    for _ in 0..count {
+                        reqs.push(d.u16()?);
+                    }
+                    d.0.is_empty().then_some((name, reqs))
+                })();
+                let Some((name, reqs)) = parsed else {
+                    opt_error(conn, opt, REP_ERR_INVALID, "malformed INFO/GO request")?;
+                    continue;
+                };
+                let Some(export) = server.find(&name).cloned() else {
+                    opt_error(conn, opt, REP_ERR_UNKNOWN, "no such export")?;
+                    continue;
+                };
+                opt_reply(conn, opt, REP_INFO, &info_export(&export, mode))?;
+                if reqs.contains(&INFO_NAME) {
+                    let mut d = INFO_NAME.to_be_bytes().to_vec();
+                    d.extend_from_slice(export.name.as_bytes());
+                    opt_reply(conn, opt, REP_INFO, &d)?;
+                }
+                if reqs.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
+                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                    d.extend_from_slice(export.description.as_bytes());
+                    opt_reply(conn, opt, REP_INFO, &d)?;
+                }
+                opt_reply(conn, opt, REP_INFO, &block_size_info(&export))?;
+                opt_reply(conn, opt, REP_ACK, &[])?;
+                if opt == OPT_GO {
+                    conn.flush()?;
+                    if meta_export != Some(Arc::as_ptr(&export)) {
+                        contexts.clear();
+                    }
+                    return Ok(Some(Negotiated {
+                        export,
+                        mode,
+                        contexts,
+                        tls,
+                    }));
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    opt_error(conn, opt, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")?;
+                } else if mode == Mode::Extended {
+                    opt_error(
+                        conn,
+                        opt,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated",
+                    )?;
+                } else {
+                    mode = Mode::Structured;
+                    opt_reply(conn, opt, REP_ACK, &[])?;
+                }
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    opt_error(conn, opt, REP_ERR_INVALID, "EXTENDED_HEADERS takes no data")?;
+                } else {
+                    mode = Mode::Extended;
+                    opt_reply(conn, opt, REP_ACK, &[])?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt == OPT_SET_META_CONTEXT;
+                if set {
+                    // Replaced even when this request fails.
+                    contexts.clear();
+                    meta_export = None;
+                }
+                if mode == Mode::Simple {
+                    opt_error(
+                        conn,
+                        opt,
+                        REP_ERR_INVALID,
+                        "structured replies must be negotiated first",
+                    )?;
+                    continue;
+                }
+                let Some((name, queries)) = parse_meta(&data) else {
+                    opt_error(conn, opt, REP_ERR_INVALID, "malformed context request")?;
+                    continue;
+                };
+                let Some(export) = server.find(&name).cloned() else {
+                    opt_error(conn, opt, REP_ERR_UNKNOWN, "no such export")?;
+                    continue;
+                };
+                if let Some(q) = queries.iter().find(|q| !q.contains(':')) {
+                    opt_error(
+                        conn,
+                        opt,
+                        REP_ERR_INVALID,
+                        &format!("query '{q}' has no namespace"),
+                    )?;
+                    continue;
+                }
+                let mut found: Vec<Ctx> = Vec::new();
+                if queries.is_empty() && !set {
+                    found = vec![Ctx::Allocation, Ctx::Depth];
+                }
+                for q in &queries {
+                    for c in match_query(q, !set) {
+                        if !found.contains(&c) {
+                            found.push(c);
+                        }
+                    }
+                }
+                for c in &found {
+                    let id = match c {
+                        Ctx::Allocation => 1u32,
+                        Ctx::Depth => 2u32,
+                    };
+                    let mut d = if set { id } else { 0 }.to_be_bytes().to_vec();
+                    d.extend_from_slice(ctx_name(*c).as_bytes());
+                    opt_reply(conn, opt, REP_META_CONTEXT, &d)?;
+                    if set {
+                        contexts.push((id, *c));
+                    }
+                }
+                if set {
+                    meta_export = Some(Arc::as_ptr(&export));
+                }
+                opt_reply(conn, opt, REP_ACK, &[])?;
+            }
+            _ => {
+                opt_error(conn, opt, REP_ERR_UNSUP, "unknown option")?;
+            }
+        }
+    }
+}
+
+/// Placeholder while a socket moves into a TLS session.
+struct NullSocket;
+impl Read for NullSocket {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Ok(0)
+    }
+}
+impl Write for NullSocket {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::BrokenPipe.into())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+impl Socket for NullSocket {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Socket>> {
+        Ok(Box::new(NullSocket))
+    }
+    fn shutdown_both(&self) {}
+    fn peer(&self) -> String {
+        String::new()
+    }
+}
+
+/// One parsed request.
+struct Request {
+    flags: u16,
+    typ: u16,
+    cookie: u64,
+    offset: u64,
+    /// Effect length (or the payload length of a write).
+    len: u64,
+    payload: Vec<u8>,
+    /// Error found while parsing (answered without touching the export).
+    early: Option<(u32, &'static str)>,
+    /// Bytes of the connection's budget this request holds until it is answered.
+    held: u64,
+}
+
+/// Bytes of the connection's budget a request holds until its reply is sent.
+struct Budget {
+    used: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: u64) {
+        let n = n.min(BUDGET);
+        let mut u = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *u + n > BUDGET {
+            u = self.cv.wait(u).unwrap_or_else(|p| p.into_inner());
+        }
+        *u += n;
+    }
+    fn release(&self, n: u64) {
+        let n = n.min(BUDGET);
+        *self.used.lock().unwrap_or_else(|p| p.into_inner()) -= n;
+        self.cv.notify_all();
+    }
+    fn wait_idle(&self) {
+        let mut u = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *u > 0 {
+            u = self.cv.wait(u).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+struct Stats {
+    requests: u64,
+    end: Option<String>,
+}
+
+/// What the worker side needs.
+struct Session {
+    export: Arc<Export>,
+    mode: Mode,
+    contexts: Vec<(u32, Ctx)>,
+    out: Mutex<Box<dyn Write + Send>>,
+    budget: Budget,
+    /// Set when a reply could not be sent: the connection is finished.
+    broken: AtomicBool,
+}
+
+fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
+    let (reader, writer, workers): (Box<dyn Read + Send>, Box<dyn Write + Send>, usize) = match conn
+    {
+        Conn::Plain(sock) => match sock.try_clone_box() {
+            Ok(w) => (Box::new(sock), w_box(w), server.cfg.workers.max(1)),
+            Err(e) => {
+                return Stats {
+                    requests: 0,
+                    end: Some(format!("socket: {e}")),
+                }
+            }
+        },
+        Conn::Tls(t) => {
+            let shared = Arc::new(Mutex::new(t));
+            (
+                Box::new(SharedTls(shared.clone())),
+                Box::new(SharedTls(shared)),
+                0,
+            )
+        }
+    };
+    let session = Arc::new(Session {
+        export: neg.export,
+        mode: neg.mode,
+        contexts: neg.contexts,
+        out: Mutex::new(Box::new(BufWriter::with_capacity(256 << 10, writer))),
+        budget: Budget {
+            used: Mutex::new(0),
+            cv: Condvar::new(),
+        },
+        broken: AtomicBool::new(false),
+    });
+    let mut reader = BufReader::with_capacity(256 << 10, reader);
+    let (tx, rx) = mpsc::sync_channel::<Request>(workers.max(1) * 2);
+    let rx = Arc::new(Mutex::new(rx));
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let rx = rx.clone();
+        let s = session.clone();
+        handles.push(std::thread::spawn(move || loop {
+            let req = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                Ok(r) => r,
+                Err(_) => break,
+            };
+            let c = req.held;
+            execute(&s, req);
+            s.budget.release(c);
+        }));
+    }
+    let mut stats = Stats {
+        requests: 0,
+        end: None,
+    };
+    loop {
+        if session.broken.load(Ordering::SeqCst) {
+            stats.end = Some("reply could not be sent".into());
+            break;
+        }
+        let req = match read_request(&mut reader, &session, &mut stats) {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                if stats.end.is_none() {
+                    stats.end = Some(if e.kind() == io::ErrorKind::UnexpectedEof {
+                        "client went away".into()
+                    } else {
+                        format!("connection error: {e}")
+                    });
+                }
+                break;
+            }
+        };
+        stats.requests += 1;
+        if req.typ == CMD_DISC && req.early.is_none() {
+            session.budget.release(req.held);
+            break;
+        }
+        if workers == 0 {
+            let c = req.held;
+            execute(&session, req);
+            session.budget.release(c);
+        } else if let Err(mpsc::SendError(r)) = tx.send(req) {
+            session.budget.release(r.held);
+            break;
+        }
+    }
+    drop(tx);
+    for h in handles {
+        let _ = h.join();
+    }
+    session.budget.wait_idle();
+    let _ = session
+        .out
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .flush();
+    stats
+}
+
+fn w_box(s: Box<dyn Socket>) -> Box<dyn Write + Send> {
+    Box::new(s)
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ServerConnection, Box<dyn Socket>>;
+
+/// A TLS stream shared by the (single-threaded) reader and the reply writer.
+struct SharedTls(Arc<Mutex<Box<TlsStream>>>);
+impl Read for SharedTls {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).read(buf)
+    }
+}
+impl Write for SharedTls {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+/// Read one request (header and payload). `Ok(None)` ends the connection with a
+/// hard disconnect the protocol allows (bad magic, oversized payload).
+fn read_request(r: &mut impl Read, s: &Session, stats: &mut Stats) -> io::Result<Option<Request>> {
+    let magic = read_u32(r)?;
+    let extended = s.mode == Mode::Extended;
+    let expected = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
+    if magic != expected {
+        stats.end = Some(format!("bad request magic {magic:#x}"));
+        return Ok(None);
+    }
+    let flags = read_u16(r)?;
+    let typ = read_u16(r)?;
+    let cookie = read_u64(r)?;
+    let offset = read_u64(r)?;
+    let len = if extended {
+        read_u64(r)?
+    } else {
+        read_u32(r)? as u64
+    };
+    let mut req = Request {
+        flags,
+        typ,
+        cookie,
+        offset,
+        len,
+        payload: Vec::new(),
+        early: None,
+        held: 0,
+    };
+    // Which bytes follow the header.
+    let payload_len = if extended {
+        if flags & CMD_FLAG_PAYLOAD_LEN != 0 || typ == CMD_WRITE {
+            // A write's length is its payload length whether or not the client
+            // set the flag (QEMU 10's client does not): be liberal in what we take.
+            len
+        } else {
+            0
+        }
+    } else if typ == CMD_WRITE {
+        len
+    } else {
+        0
+    };
+    if payload_len > MAX_PAYLOAD as u64 {
+        stats.end = Some(format!("request payload of {payload_len} bytes refused"));
+        return Ok(None);
+    }
+    // Held until the reply is sent (at least 1 so an idle wait sees every request).
+    let read_buf = if typ == CMD_READ {
+        len.min(MAX_PAYLOAD as u64)
+    } else {
+        0
+    };
+    req.held = payload_len.max(read_buf).max(1);
+    s.budget.acquire(req.held);
+    if payload_len > 0 {
+        let mut p = vec![0u8; payload_len as usize];
+        if let Err(e) = r.read_exact(&mut p) {
+            stats.end = Some("client went away in the middle of a write".into());
+            return Err(e);
+        }
+        req.payload = p;
+    }
+    Ok(Some(req))
+}
+
+/// Map an engine error to the NBD error a client gets.
+fn errno(e: &strata_format::Error, write: bool) -> u32 {
+    match &e.kind {
+        ErrorKind::OutOfRange(_) if write => ENOSPC,
+        ErrorKind::OutOfRange(_) | ErrorKind::InvalidArgument(_) => EINVAL,
+        ErrorKind::ReadOnly => EPERM,
+        ErrorKind::Storage(s) => match s.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
+            _ => EIO,
+        },
+        _ => EIO,
+    }
+}
+
+/// Validate a request against the protocol and the export; `Err` is the error
+/// the spec prescribes.
+fn validate(s: &Session, req: &Request) -> std::result::Result<(), (u32, &'static str)> {
+    if let Some(e) = req.early {
+        return Err(e);
+    }
+    let ex = &s.export;
+    let allowed = match req.typ {
+        CMD_READ => {
+            CMD_FLAG_FUA
+                | if s.mode != Mode::Simple {
+                    CMD_FLAG_DF
+                } else {
+                    0
+                }
+        }
+        CMD_WRITE => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_TRIM | CMD_FLUSH | CMD_CACHE | CMD_DISC => CMD_FLAG_FUA,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        _ => return Err((EINVAL, "unknown command")),
+    };
+    let allowed = if s.mode == Mode::Extended && req.typ == CMD_WRITE {
+        allowed | CMD_FLAG_PAYLOAD_LEN
+    } else {
+        allowed
+    };
+    if req.flags & !allowed != 0 {
+        return Err((EINVAL, "flag not valid for this command"));
+    }
+    if req.flags & CMD_FLAG_PAYLOAD_LEN != 0 && req.typ != CMD_WRITE {
+        return Err((EINVAL, "this command takes no payload"));
+    }
+    let writes = matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
+    if writes && ex.read_only {
+        return Err((EPERM, "the export is read-only"));
+    }
+    if req.typ == CMD_FLUSH {
+        if req.offset != 0 || req.len != 0 {
+            return Err((EINVAL, "flush takes no offset or length"));
+        }
+        return Ok(());
+    }
+    let end = req.offset.checked_add(req.len);
+    if end.is_none_or(|e| e > ex.size()) {
+        return Err(if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) {
+            (ENOSPC, "request goes past the end of the export")
+        } else {
+            (EINVAL, "request goes past the end of the export")
+        });
+    }
+    let mb = ex.min_block as u64;
+    if mb > 1 && (!req.offset.is_multiple_of(mb) || !req.len.is_multiple_of(mb)) {
+        return Err((EINVAL, "request not aligned to the minimum block size"));
+    }
+    match req.typ {
+        CMD_READ if req.len > MAX_PAYLOAD as u64 => {
+            Err((EOVERFLOW, "read larger than the maximum payload"))
+        }
+        CMD_BLOCK_STATUS if s.contexts.is_empty() => {
+            Err((EINVAL, "no metadata context was negotiated"))
+        }
+        CMD_BLOCK_STATUS if req.len == 0 => Err((EINVAL, "block status of zero length")),
+        _ => Ok(()),
+    }
+}
+
+/// Carry out one request and send its reply.
+fn execute(s: &Session, req: Request) {
+    let r = match validate(s, &req) {
+        Err((e, msg)) => send_error(s, &req, e, msg),
+        Ok(()) => run(s, &req),
+    };
+    if r.is_err() {
+        s.broken.store(true, Ordering::SeqCst);
+    }
+}
+
+fn run(s: &Session, req: &Request) -> io::Result<()> {
+    let ex = &s.export;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let gate = ex.io();
+    let top = gate.top();
+    let write_result = |r: strata_format::Result<()>, b: &Backend| -> strata_format::Result<()> {
+        r?;
+        if fua {
+            b.top().flush()?;
+        }
+        Ok(())
+    };
+    match req.typ {
+        CMD_READ => {
+            if req.len == 0 {
+                drop(gate);
+                return send_ok(s, req);
+            }
+            match gate.reads_as_zero(req.offset, req.len) {
+                Ok(true) if s.mode != Mode::Simple => {
+                    drop(gate);
+                    return send_hole(s, req);
+                }
+                _ => {}
+            }
+            let mut buf = vec![0u8; req.len as usize];
+            let r = top.read(&mut buf, req.offset);
+            drop(gate);
+            match r {
+                Ok(()) => send_data(s, req, &buf),
+                Err(e) => send_error(s, req, errno(&e, false), &e.to_string()),
+            }
+        }
+        CMD_WRITE => {
+            let r = write_result(top.write(&req.payload, req.offset), &gate);
+            ex.mark_dirty(req.offset, req.payload.len() as u64);
+            drop(gate);
+            reply_result(s, req, r, true)
+        }
+        CMD_WRITE_ZEROES => {
+            let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
+            let r = write_result(top.write_zeroes(req.offset, req.len, may_unmap), &gate);
+            ex.mark_dirty(req.offset, req.len);
+            drop(gate);
+            reply_result(s, req, r, true)
+        }
+        CMD_TRIM => {
+            let r = write_result(top.discard(req.offset, req.len), &gate);
+            ex.mark_dirty(req.offset, req.len);
+            drop(gate);
+            reply_result(s, req, r, true)
+        }
+        CMD_FLUSH => {
+            let r = top.flush();
+            drop(gate);
+            reply_result(s, req, r, false)
+        }
+        CMD_CACHE => {
+            drop(gate);
+            send_ok(s, req)
+        }
+        CMD_BLOCK_STATUS => {
+            let r = block_status(s, &gate, req);
+            drop(gate);
+            match r {
+                Ok(chunks) => send_block_status(s, req, &chunks),
+                Err(e) => send_error(s, req, errno(&e, false), &e.to_string()),
+            }
+        }
+        _ => {
+            drop(gate);
+            send_error(s, req, EINVAL, "unknown command")
+        }
+    }
+}
+
+fn reply_result(
+    s: &Session,
+    req: &Request,
+    r: strata_format::Result<()>,
+    write: bool,
+) -> io::Result<()> {
+    match r {
+        Ok(()) => send_ok(s, req),
+        Err(e) => send_error(s, req, errno(&e, write), &e.to_string()),
+    }
+}
+
+type Extents = Vec<(u64, u32)>;
+
+fn block_status(
+    s: &Session,
+    b: &Backend,
+    req: &Request,
+) -> strata_format::Result<Vec<(u32, Extents)>> {
+    let size = s.export.size();
+    let end = req.offset + req.len;
+    let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    let mb = s.export.min_block as u64;
+    let mut out = Vec::new();
+    for &(id, ctx) in &s.contexts {
+        let mut ext: Extents = Vec::new();
+        let mut pos = req.offset;
+        while pos < end && ext.len() < MAX_EXTENTS {
+            // Compact replies carry 32-bit lengths.
+            let ask = (end - pos).min(if s.mode == Mode::Extended {
+                u64::MAX
+            } else {
+                u32::MAX as u64 + 1 - mb.max(512)
+            });
+            let q = match ctx {
+                Ctx::Allocation => b.allocation(pos, ask),
+                Ctx::Depth => b.depth(pos, ask),
+            }?;
+            let (mut len, mut flags) = q;
+            if mb > 1 {
+                let rounded = len - len % mb;
+                if rounded == 0 {
+                    len = mb.min(size - pos);
+                    flags = 0;
+                } else {
+                    len = rounded;
+                }
+            }
+            if len == 0 {
+                break;
+            }
+            match ext.last_mut() {
+                Some(last) if last.1 == flags && !one => last.0 += len,
+                _ => ext.push((len, flags)),
+            }
+            pos += len;
+            if one {
+                break;
+            }
+        }
+        out.push((id, ext));
+    }
+    Ok(out)
+}
+
+fn chunk_header(s: &Session, req: &Request, flags: u16, typ: u16, len: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(32);
+    if s.mode == Mode::Extended {
+        h.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+        h.extend_from_slice(&flags.to_be_bytes());
+        h.extend_from_slice(&typ.to_be_bytes());
+        h.extend_from_slice(&req.cookie.to_be_bytes());
+        h.extend_from_slice(&req.offset.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+    } else {
+        h.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        h.extend_from_slice(&flags.to_be_bytes());
+        h.extend_from_slice(&typ.to_be_bytes());
+        h.extend_from_slice(&req.cookie.to_be_bytes());
+        h.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    h
+}
+
+fn simple(req: &Request, err: u32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(16);
+    h.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    h.extend_from_slice(&err.to_be_bytes());
+    h.extend_from_slice(&req.cookie.to_be_bytes());
+    h
+}
+
+fn send(s: &Session, parts: &[&[u8]]) -> io::Result<()> {
+    let mut w = s.out.lock().unwrap_or_else(|p| p.into_inner());
+    for p in parts {
+        w.write_all(p)?;
+    }
+    w.flush()
+}
+
+fn send_ok(s: &Session, req: &Request) -> io::Result<()> {
+    match s.mode {
+        Mode::Simple => send(s, &[&simple(req, 0)]),
+        Mode::Structured if req.typ != CMD_READ => send(s, &[&simple(req, 0)]),
+        _ => send(
+            s,
+            &[&chunk_header(s, req, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)],
+        ),
+    }
+}
+
+fn send_error(s: &Session, req: &Request, err: u32, msg: &str) -> io::Result<()> {
+    if s.mode == Mode::Simple {
+        return send(s, &[&simple(req, err)]);
+    }
+    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    let mut p = Vec::with_capacity(6 + msg.len());
+    p.extend_from_slice(&err.to_be_bytes());
+    p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    p.extend_from_slice(msg);
+    let h = chunk_header(s, req, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, p.len() as u64);
+    send(s, &[&h, &p])
+}
+
+fn send_data(s: &Session, req: &Request, data: &[u8]) -> io::Result<()> {
+    if s.mode == Mode::Simple {
+        return send(s, &[&simple(req, 0), data]);
+    }
+    let h = chunk_header(
+        s,
+        req,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        8 + data.len() as u64,
+    );
+    send(s, &[&h, &req.offset.to_be_bytes(), data])
+}
+
+fn send_hole(s: &Session, req: &Request) -> io::Result<()> {
+    let h = chunk_header(s, req, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 12);
+    let mut p = req.offset.to_be_bytes().to_vec();
+    p.extend_from_slice(&(req.len as u32).to_be_bytes());
+    send(s, &[&h, &p])
+}
+
+fn send_block_status(s: &Session, req: &Request, chunks: &[(u32, Extents)]) -> io::Result<()> {
+    let mut msg = Vec::new();
+    for (i, (id, ext)) in chunks.iter().enumerate() {
+        let last = i + 1 == chunks.len();
+        let flags = if last { REPLY_FLAG_DONE } else { 0 };
+        let mut p = id.to_be_bytes().to_vec();
+        if s.mode == Mode::Extended {
+            p.extend_from_slice(&(ext.len() as u32).to_be_bytes());
+            for &(len, st) in ext {
+                p.extend_from_slice(&len.to_be_bytes());
+                p.extend_from_slice(&(st as u64).to_be_bytes());
+            }
+            msg.extend(chunk_header(
+                s,
+                req,
+                flags,
+                REPLY_TYPE_BLOCK_STATUS_EXT,
+                p.len() as u64,
+            ));
+        } else {
+            for &(len, st) in ext {
+                p.extend_from_slice(&(len as u32).to_be_bytes());
+                p.extend_from_slice(&st.to_be_bytes());
+            }
+            msg.extend(chunk_header(
+                s,
+                req,
+                flags,
+                REPLY_TYPE_BLOCK_STATUS,
+                p.len() as u64,
+            ));
+        }
+        msg.extend(p);
+    }
+    send(s, &[&msg])
+}
