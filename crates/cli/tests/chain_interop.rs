@@ -182,6 +182,10 @@ fn commit_matches_qemu_img() {
             &["top.qcow2", "base.raw"],
         ),
         (
+            &["commit", "-r", "64M", "top.qcow2"],
+            &["top.qcow2", "l3.qcow2"],
+        ),
+        (
             &["commit", "-p", "l3.qcow2"],
             &["top.qcow2", "l3.qcow2", "l2.qcow2"],
         ),
@@ -332,6 +336,8 @@ fn bad_chain_requests_fail_like_qemu_img() {
         &["rebase", "-u", "-b", "l1.qcow2", "top.qcow2"],
         &["rebase", "-b", "nonexist", "-F", "qcow2", "top.qcow2"],
         &["rebase", "top.qcow2"],
+        &["commit", "-r", "abc", "top.qcow2"],
+        &["commit", "-r", "-5", "top.qcow2"],
     ] {
         let ours = run(&a, "strata", args);
         let theirs = run(&b, "qemu-img", args);

@@ -97,6 +97,47 @@ pub fn plan_band(
     Ok(plan)
 }
 
+/// A bandwidth limit (`qemu-img commit -r`): wraps the progress a job reports to
+/// and holds back the reporting thread (a copy worker) until the bytes done so far
+/// fit within `rate` bytes per second since the start. Rate 0 means no limit.
+pub struct RateLimit<'a> {
+    inner: &'a dyn Progress,
+    rate: u64,
+    start: std::time::Instant,
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> RateLimit<'a> {
+    pub fn new(inner: &'a dyn Progress, rate: u64) -> Self {
+        RateLimit {
+            inner,
+            rate,
+            start: std::time::Instant::now(),
+            done: Default::default(),
+        }
+    }
+}
+
+impl Progress for RateLimit<'_> {
+    fn set_total(&self, total: u64) {
+        self.inner.set_total(total);
+    }
+    fn advance(&self, n: u64) {
+        self.inner.advance(n);
+        if self.rate == 0 {
+            return;
+        }
+        let done = self
+            .done
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(n);
+        let due = std::time::Duration::from_secs_f64(done as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 /// Worker threads applying a plan: more than cores, so reads of one overlap the
 /// writes of another (page-cache copies are bound by per-request latency).
 const WORKERS: usize = 4;

@@ -34,8 +34,8 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Bandwidth limit (accepted for compatibility; not applied).
-    #[arg(short = 'r', value_name = "RATE")]
+    /// Bandwidth limit in bytes per second (size suffixes allowed; 0: none).
+    #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
     rate: Option<String>,
     /// The image whose changes are committed.
     filename: PathBuf,
@@ -63,8 +63,21 @@ pub fn backing_name_for(chain: &Chain, above: usize, base: usize) -> String {
     }
 }
 
+/// `-r RATE` as qemu-img reads it: a size with an optional suffix, in bytes/s.
+fn parse_rate(r: Option<&str>) -> Result<u64> {
+    let Some(r) = r else { return Ok(0) };
+    match strata_jobs::create::parse_size(r) {
+        Some(v) if v <= i64::MAX as u64 => Ok(v),
+        _ if r.trim_start().starts_with('-') || r.parse::<f64>().is_ok() => {
+            bail!("Invalid rate limit specified. Must be between 0 and 9223372036854775807.")
+        }
+        _ => bail!("Invalid rate limit specified: '{r}'."),
+    }
+}
+
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let name = args.filename.display().to_string();
+    let rate = parse_rate(args.rate.as_deref())?;
     // Find the layers first (read-only), then reopen what must be written.
     warn_probed_raw(&args.filename, args.format.as_deref());
     let spec = open_spec(&args.filename, args.format.as_deref(), false)?;
@@ -113,7 +126,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let cancel = Cancel::default();
     let plan = commit::plan(&layers, top, base, &cancel)?;
     let bar = Bar::new(args.progress && !args.quiet);
-    commit::apply_plan(&layers, &plan, &bar, &cancel)?;
+    let limited = strata_jobs::layers::RateLimit::new(&bar, rate);
+    commit::apply_plan(&layers, &plan, &limited, &cancel)?;
     bar.finish();
     if relink {
         let new_name = backing_name_for(&chain, top - 1, base);
