@@ -414,3 +414,65 @@ fn stream_refuses_a_base_outside_the_chain_and_an_image_without_backing() {
     ok(&a, "qemu-img", &["compare", "before.raw", "top.qcow2"]);
     assert_eq!(backing_of(&a, "top.qcow2").as_deref(), Some("l3.qcow2"));
 }
+
+#[test]
+fn commit_empties_a_top_with_internal_snapshots_and_keeps_them() {
+    let (_t, a, b) = setup();
+    for d in [&a, &b] {
+        ok(d, "qemu-img", &["snapshot", "-c", "s1", "top.qcow2"]);
+        io(
+            d,
+            "qcow2",
+            "top.qcow2",
+            &["write -P 9 3500k 64k", "write -z 6M 4k"],
+        );
+        ok(
+            d,
+            "qemu-img",
+            &["convert", "-O", "raw", "top.qcow2", "now.raw"],
+        );
+    }
+    ok(
+        &a,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-l",
+            "snapshot.name=s1",
+            "top.qcow2",
+            "s1.raw",
+        ],
+    );
+    ok(&a, "strata", &["commit", "top.qcow2"]);
+    ok(&b, "qemu-img", &["commit", "top.qcow2"]);
+    // The guest view is kept, the base matches qemu-img's, the snapshot survives.
+    ok(&a, "qemu-img", &["compare", "now.raw", "top.qcow2"]);
+    same_view(&a, &b, "l3.qcow2");
+    let o = run(&a, "qemu-img", &["check", "top.qcow2"]);
+    assert!(
+        matches!(o.status.code(), Some(0) | Some(3)),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(ok(&a, "qemu-img", &["snapshot", "-l", "top.qcow2"]).contains("s1"));
+    ok(
+        &a,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-l",
+            "snapshot.name=s1",
+            "top.qcow2",
+            "s1-after.raw",
+        ],
+    );
+    ok(&a, "cmp", &["s1.raw", "s1-after.raw"]);
+    // The top stores nothing of its own any more.
+    let m = ok(&a, "qemu-img", &["map", "--output=json", "top.qcow2"]);
+    let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+    assert!(v.as_array().unwrap().iter().all(|e| e["depth"] != 0), "{m}");
+}
