@@ -476,3 +476,50 @@ fn commit_empties_a_top_with_internal_snapshots_and_keeps_them() {
     let v: serde_json::Value = serde_json::from_str(&m).unwrap();
     assert!(v.as_array().unwrap().iter().all(|e| e["depth"] != 0), "{m}");
 }
+
+#[test]
+fn rebase_onto_an_unrelated_image_copies_only_the_differences() {
+    let (_t, a, b) = setup();
+    for d in [&a, &b] {
+        // Half equal to the old chain's content, half different, and shorter.
+        ok(
+            d,
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=16k",
+                "other.qcow2",
+                "5M",
+            ],
+        );
+        io(
+            d,
+            "qcow2",
+            "other.qcow2",
+            &[
+                "write -P 1 0 1M",
+                "write -P 3 1M 512k",
+                "write -P 77 1536k 2M",
+            ],
+        );
+    }
+    let args = ["rebase", "-b", "other.qcow2", "-F", "qcow2", "top.qcow2"];
+    ok(&a, "strata", &args);
+    ok(&b, "qemu-img", &args);
+    ok(&a, "qemu-img", &["compare", "before.raw", "top.qcow2"]);
+    same_view(&a, &b, "top.qcow2");
+    ok(&a, "qemu-img", &["check", "top.qcow2"]);
+    assert_eq!(backing_of(&a, "top.qcow2").as_deref(), Some("other.qcow2"));
+    // What the top had to take in: about what qemu-img copied.
+    let size = |d: &Path| std::fs::metadata(d.join("top.qcow2")).unwrap().len();
+    assert!(
+        size(&a) <= size(&b) + (1 << 20),
+        "strata {} vs qemu-img {}",
+        size(&a),
+        size(&b)
+    );
+}
