@@ -962,6 +962,7 @@ fn read_request(r: &mut impl Read, s: &Session, stats: &mut Stats) -> io::Result
     if payload_len > 0 {
         let mut p = vec![0u8; payload_len as usize];
         if let Err(e) = r.read_exact(&mut p) {
+            s.budget.release(req.held);
             stats.end = Some("client went away in the middle of a write".into());
             return Err(e);
         }
