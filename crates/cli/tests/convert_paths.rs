@@ -1,0 +1,235 @@
+//! `strata img convert` paths beyond the basic directions, against qemu-img 10:
+//! `-B` where the source's clusters are smaller than the target's (a partly copied
+//! cluster takes the rest from the backing file), every copy path (mapped or read
+//! with `-U`, in order or `-W`, one or many threads, flushed with `-t writeback`)
+//! giving the same image, incompressible clusters under `-c`, and cache/rate
+//! arguments rejected with qemu-img's messages.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
+    let mut c = if prog == "strata" {
+        let mut c = Command::new(STRATA);
+        c.arg("img");
+        c
+    } else {
+        Command::new(prog)
+    };
+    c.args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"))
+}
+
+fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let o = run(dir, prog, args);
+    assert!(
+        o.status.success(),
+        "{prog} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn io(dir: &Path, file: &str, cmds: &[&str]) {
+    let mut a = vec!["-f", "qcow2"];
+    for c in cmds {
+        a.push("-c");
+        a.push(c);
+    }
+    a.push(file);
+    ok(dir, "qemu-io", &a);
+}
+
+fn verify(dir: &Path, src: &str, out: &str) {
+    ok(dir, "qemu-img", &["compare", src, out]);
+    if out.ends_with(".qcow2") {
+        ok(dir, "qemu-img", &["check", out]);
+    }
+}
+
+#[test]
+fn backing_target_fills_partly_copied_clusters_from_its_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"],
+    );
+    io(d, "base.qcow2", &["write -P 0x11 0 8M"]);
+    // The overlay has 4 KiB clusters; the target gets 64 KiB ones, so each 4 KiB
+    // write covers a sixteenth of a target cluster.
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    io(
+        d,
+        "top.qcow2",
+        &[
+            "write -P 0x22 68k 4k",
+            "write -P 0x33 1M 12k",
+            "write -z 2M 4k",
+        ],
+    );
+    ok(
+        d,
+        "strata",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "out.qcow2",
+        ],
+    );
+    verify(d, "top.qcow2", "out.qcow2");
+    // Only the overlay's data was copied: a few clusters, not 8 MiB.
+    let map = ok(d, "qemu-img", &["map", "--output=json", "out.qcow2"]);
+    assert!(map.contains("\"depth\": 1"), "{map}");
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "q.qcow2",
+        ],
+    );
+    ok(d, "qemu-img", &["compare", "q.qcow2", "out.qcow2"]);
+}
+
+#[test]
+fn every_copy_path_gives_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "20M"],
+    );
+    io(
+        d,
+        "src.qcow2",
+        &[
+            "write -P 7 0 3M",
+            "write -P 9 5M 100k",
+            "write -z 7M 1M",
+            "write -P 3 19M 1M",
+        ],
+    );
+    let cases: &[&[&str]] = &[
+        &[],
+        &["-U"],
+        &["-W"],
+        &["-m", "1"],
+        &["-m", "16", "-W"],
+        &["-t", "writeback", "-T", "none"],
+        &["-S", "0"],
+        &["-S", "64k"],
+    ];
+    for (i, extra) in cases.iter().enumerate() {
+        for fmt in ["raw", "qcow2"] {
+            let out = format!("out{i}.{fmt}");
+            let mut args = vec!["convert", "-O", fmt];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&["src.qcow2", &out]);
+            ok(d, "strata", &args);
+            verify(d, "src.qcow2", &out);
+        }
+    }
+}
+
+#[test]
+fn incompressible_clusters_are_stored_plain_beside_compressed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 1 MiB of pseudo-random bytes, then 1 MiB of text.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut data: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect();
+    data.extend(b"convert me, I compress\n".iter().cycle().take(1 << 20));
+    std::fs::write(d.join("mixed.raw"), &data).unwrap();
+    for ty in ["zlib", "zstd"] {
+        let out = format!("{ty}.qcow2");
+        let o = format!("compression_type={ty}");
+        ok(
+            d,
+            "strata",
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &o,
+                "-f",
+                "raw",
+                "mixed.raw",
+                &out,
+            ],
+        );
+        verify(d, "mixed.raw", &out);
+        let map = ok(d, "qemu-img", &["map", "--output=json", &out]);
+        assert!(map.contains("\"compressed\": true"), "{ty}:\n{map}");
+        assert!(map.contains("\"compressed\": false"), "{ty}:\n{map}");
+        let size = std::fs::metadata(d.join(&out)).unwrap().len();
+        assert!(size < (3 << 19), "{ty}: {size} bytes");
+    }
+}
+
+#[test]
+fn bad_cache_and_rate_arguments_fail_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, "qemu-img", &["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    for (args, msg) in [
+        (&["-t", "bogus"][..], "Invalid cache option: bogus"),
+        (&["-T", "bogus"][..], "Invalid source cache option: bogus"),
+        (&["-r", "1x"][..], "Invalid rate limit specified: '1x'."),
+    ] {
+        for prog in ["qemu-img", "strata"] {
+            let mut a = vec!["convert"];
+            a.extend_from_slice(args);
+            a.extend_from_slice(&["a.raw", "b.raw"]);
+            let o = run(d, prog, &a);
+            assert_eq!(o.status.code(), Some(1), "{prog} {args:?}");
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains(msg), "{prog} {args:?}: {err}");
+        }
+    }
+}
