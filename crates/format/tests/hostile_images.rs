@@ -22,6 +22,8 @@ use strata_storage::{MemStorage, Storage};
 /// L1 table and an 8 MiB refcount table; everything else must be bounded by what
 /// the file really holds, or by fixed caches.
 const ALLOC_LIMIT: usize = 256 << 20;
+/// Snapshots in the snapshot-flood case.
+const SNAPSHOT_FLOOD: usize = 4000;
 /// A case still running after this long is taken to hang (each takes milliseconds).
 const HANG_LIMIT: Duration = Duration::from_secs(60);
 
@@ -876,6 +878,29 @@ fn corpus() -> Vec<Case> {
                 // The L1 table's own refcount (16-bit entries) drops to zero.
                 let at = l.refblock + 2 * (l.l1 / CS);
                 b[at..at + 2].fill(0);
+            },
+        ),
+        case(
+            "thousands of snapshots sharing one 32 MiB L1 table",
+            Bounded,
+            "",
+            false,
+            |b, l| {
+                // Copies of the one snapshot entry, each claiming the largest L1
+                // table QEMU allows (mostly past the end of the file).
+                let s = l.snapshots;
+                let var = be32(b, s + 36) as usize
+                    + usize::from(u16::from_be_bytes([b[s + 12], b[s + 13]]))
+                    + usize::from(u16::from_be_bytes([b[s + 14], b[s + 15]]));
+                let mut entry = b[s..s + (40 + var).next_multiple_of(8)].to_vec();
+                put32(&mut entry, 8, (32 << 20) / 8);
+                let at = b.len().next_multiple_of(CS);
+                b.resize(at, 0);
+                for _ in 0..SNAPSHOT_FLOOD {
+                    b.extend_from_slice(&entry);
+                }
+                put32(b, 60, SNAPSHOT_FLOOD as u32);
+                put64(b, 64, at as u64);
             },
         ),
         case(
