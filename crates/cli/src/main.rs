@@ -23,7 +23,7 @@ enum Command {
     /// measure, resize, convert).
     Img(Box<img::ImgCli>),
     /// NBD server: export images and chains; live snapshots, commit and stream.
-    Nbd(nbd::NbdCli),
+    Nbd(Box<nbd::NbdCli>),
 }
 
 fn main() {
@@ -43,7 +43,7 @@ fn main() {
             match Cli::try_parse() {
                 Ok(cli) => match cli.command {
                     Command::Img(c) => img::run(*c, "strata img"),
-                    Command::Nbd(c) => nbd::run(c),
+                    Command::Nbd(c) => nbd::run(*c),
                 },
                 Err(e) => {
                     let _ = e.print();
