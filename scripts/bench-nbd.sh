@@ -8,7 +8,8 @@
 # Each workload runs against a fresh qcow2 image (reads against one filled by
 # the sequential write pass). Ratio = qemu-nbd time / strata time (> 1: strata
 # is faster).
-# Usage: scripts/bench-nbd.sh   (env: BENCH_SIZE_MB=1024 STRATA=path WORK=dir)
+# Usage: scripts/bench-nbd.sh   (env: BENCH_SIZE_MB=1024 BENCH_RUNS=3
+#        BENCH_ONLY="seq-write-1M ..." BENCH_4K_COUNT=100000 STRATA=path WORK=dir)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${BENCH_SIZE_MB:-1024}
@@ -53,6 +54,8 @@ start_server() { # $1 = strata|qemu
 URI="nbd+unix:///disk?socket=$SOCK"
 MB=$((SIZE_MB))
 N4K=${BENCH_4K_COUNT:-100000}
+RUNS=${BENCH_RUNS:-3}
+ONLY=${BENCH_ONLY:-seq-write-1M seq-read-1M rand-write-4k rand-read-4k nbdcopy-out nbdcopy-in}
 STRIDE=$((4096 * 7919))
 
 fresh() { rm -f "$IMG"; qemu-img create -q -f qcow2 "$IMG" "${SIZE_MB}M"; }
@@ -82,22 +85,33 @@ prepare() {
   esac
 }
 
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
+echo "runs per workload and server: $RUNS (median shown; servers alternate which goes first)"
 printf '%-14s %12s %12s %8s   %s\n' workload strata_s qemu-nbd_s ratio "throughput (strata / qemu-nbd)"
-for w in seq-write-1M seq-read-1M rand-write-4k rand-read-4k nbdcopy-out nbdcopy-in; do
-  declare -A T=()
-  for srv in strata qemu; do
-    prepare "$w"
-    start_server "$srv"
-    t0=$(now); run_workload "$w" >/dev/null; t1=$(now)
-    stop_server
-    T[$srv]=$(echo "$t1 - $t0" | bc -l)
+for w in $ONLY; do
+  declare -A S=([strata]="" [qemu]="")
+  for r in $(seq "$RUNS"); do
+    if [ $((r % 2)) -eq 1 ]; then order="strata qemu"; else order="qemu strata"; fi
+    for srv in $order; do
+      prepare "$w"
+      # Write back what preparing (and the previous run) left dirty, so neither
+      # server's final flush pays for the other's or the setup's writes.
+      sync
+      start_server "$srv"
+      t0=$(now); run_workload "$w" >/dev/null; t1=$(now)
+      stop_server
+      S[$srv]+="$(echo "$t1 - $t0" | bc -l) "
+    done
   done
+  declare -A T=()
+  for srv in strata qemu; do T[$srv]=$(echo "${S[$srv]}" | tr ' ' '\n' | grep . | median); done
   ratio=$(echo "${T[qemu]} / ${T[strata]}" | bc -l)
   case "$w" in
     *-4k) unit=$(printf '%.0f / %.0f IOPS' "$(echo "$N4K / ${T[strata]}" | bc -l)" "$(echo "$N4K / ${T[qemu]}" | bc -l)") ;;
     *) unit=$(printf '%.0f / %.0f MiB/s' "$(echo "$MB / ${T[strata]}" | bc -l)" "$(echo "$MB / ${T[qemu]}" | bc -l)") ;;
   esac
   printf '%-14s %12.3f %12.3f %8.2fx   %s\n' "$w" "${T[strata]}" "${T[qemu]}" "$ratio" "$unit"
-  unset T
+  unset S T
 done
 rm -f "$IMG"

@@ -17,6 +17,7 @@ use crate::Result;
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -27,6 +28,8 @@ use strata_format::ErrorKind;
 const BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
 /// Most block status descriptors in one reply chunk.
 const MAX_EXTENTS: usize = 1 << 16;
+/// How long the accept loop waits for a client before it looks at the shutdown flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
 /// A connected socket (TCP or Unix).
 pub trait Socket: Read + Write + Send + Sync + 'static {
@@ -152,14 +155,7 @@ impl Server {
                     let _ = s.set_nodelay(true);
                     self.spawn_client(Box::new(s));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    eprintln!("strata nbd: accept: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                Err(e) => self.accept_failed(&e, listener.as_raw_fd()),
             }
         }
         Ok(())
@@ -174,17 +170,34 @@ impl Server {
                     s.set_nonblocking(false)?;
                     self.spawn_client(Box::new(s));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    eprintln!("strata nbd: accept: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                Err(e) => self.accept_failed(&e, listener.as_raw_fd()),
             }
         }
         Ok(())
+    }
+
+    /// After a failed accept on the non-blocking listener `fd`: wait until a client
+    /// is pending (woken at once, so a connecting client waits for no timer), or
+    /// [`ACCEPT_POLL`] passes so that shutdown is noticed; back off after a real
+    /// error (such as running out of file descriptors).
+    fn accept_failed(&self, e: &io::Error, fd: RawFd) {
+        match e.kind() {
+            io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call; a failed
+                // or interrupted poll only means the loop tries accept again.
+                unsafe { libc::poll(&mut p, 1, ACCEPT_POLL.as_millis() as libc::c_int) };
+            }
+            io::ErrorKind::Interrupted => {}
+            _ => {
+                eprintln!("strata nbd: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     fn spawn_client(self: &Arc<Self>, sock: Box<dyn Socket>) {
@@ -244,11 +257,17 @@ impl Server {
         }
         let export = neg.export.clone();
         let stats = transmission(self, conn, neg);
-        // A client that vanished leaves the image consistent: its acknowledged
-        // writes are flushed now.
-        let flushed = match export.flush() {
-            Ok(()) => String::new(),
-            Err(e) => format!(", flush failed: {e}"),
+        // A client that vanished leaves the image consistent: writes it left
+        // unflushed are flushed now. A client that only read (or flushed after its
+        // last write) costs no flush: one would wait for whatever else the host
+        // has not yet written back of the image file.
+        let flushed = if !stats.unflushed {
+            String::new()
+        } else {
+            match export.flush() {
+                Ok(()) => String::new(),
+                Err(e) => format!(", flush failed: {e}"),
+            }
         };
         format!(
             "{} requests, {}{flushed}",
@@ -766,6 +785,8 @@ impl Budget {
 struct Stats {
     requests: u64,
     end: Option<String>,
+    /// The connection changed the disk after its last successful flush.
+    unflushed: bool,
 }
 
 /// What the worker side needs.
@@ -777,6 +798,9 @@ struct Session {
     budget: Budget,
     /// Set when a reply could not be sent: the connection is finished.
     broken: AtomicBool,
+    /// Set by every write, zero and trim; cleared as a flush starts (and set
+    /// again if it fails), so a change that lands during a flush stays marked.
+    unflushed: AtomicBool,
 }
 
 fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
@@ -788,6 +812,7 @@ fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
                 return Stats {
                     requests: 0,
                     end: Some(format!("socket: {e}")),
+                    unflushed: false,
                 }
             }
         },
@@ -810,6 +835,7 @@ fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
             cv: Condvar::new(),
         },
         broken: AtomicBool::new(false),
+        unflushed: AtomicBool::new(false),
     });
     let mut reader = BufReader::with_capacity(256 << 10, reader);
     let (tx, rx) = mpsc::sync_channel::<Request>(workers.max(1) * 2);
@@ -831,6 +857,7 @@ fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
     let mut stats = Stats {
         requests: 0,
         end: None,
+        unflushed: false,
     };
     loop {
         if session.broken.load(Ordering::SeqCst) {
@@ -875,6 +902,7 @@ fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .flush();
+    stats.unflushed = session.unflushed.load(Ordering::SeqCst);
     stats
 }
 
@@ -1098,6 +1126,8 @@ fn run(s: &Session, req: &Request) -> io::Result<()> {
         }
         CMD_WRITE => {
             let r = write_result(top.write(&req.payload, req.offset), &gate);
+            // Marked once done: a flush that started earlier may not cover it.
+            s.unflushed.store(true, Ordering::SeqCst);
             ex.mark_dirty(req.offset, req.payload.len() as u64);
             drop(gate);
             reply_result(s, req, r, true)
@@ -1105,18 +1135,26 @@ fn run(s: &Session, req: &Request) -> io::Result<()> {
         CMD_WRITE_ZEROES => {
             let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
             let r = write_result(top.write_zeroes(req.offset, req.len, may_unmap), &gate);
+            // Marked once done: a flush that started earlier may not cover it.
+            s.unflushed.store(true, Ordering::SeqCst);
             ex.mark_dirty(req.offset, req.len);
             drop(gate);
             reply_result(s, req, r, true)
         }
         CMD_TRIM => {
             let r = write_result(top.discard(req.offset, req.len), &gate);
+            // Marked once done: a flush that started earlier may not cover it.
+            s.unflushed.store(true, Ordering::SeqCst);
             ex.mark_dirty(req.offset, req.len);
             drop(gate);
             reply_result(s, req, r, true)
         }
         CMD_FLUSH => {
+            s.unflushed.store(false, Ordering::SeqCst);
             let r = top.flush();
+            if r.is_err() {
+                s.unflushed.store(true, Ordering::SeqCst);
+            }
             drop(gate);
             reply_result(s, req, r, false)
         }
