@@ -138,9 +138,10 @@ impl Progress for RateLimit<'_> {
     }
 }
 
-/// Worker threads applying a plan: more than cores, so reads of one overlap the
-/// writes of another (page-cache copies are bound by per-request latency).
-const WORKERS: usize = 4;
+/// Threads reading the source while one thread writes the destination. Reads run
+/// in parallel; writes do not, because buffered writes to one file serialize on
+/// its inode lock, and writers waiting for it spin on the CPU the readers need.
+const READERS: usize = 3;
 
 /// Split `plan` into pieces of at most [`CHUNK`] bytes that do not cross a
 /// [`CHUNK`]-aligned boundary (so no two workers share a cluster of up to that size).
@@ -165,11 +166,12 @@ fn pieces(plan: &CopyPlan) -> Vec<Range> {
 
 /// Carry out `plan`: read each Copy range through `source` (the guest view) and
 /// write it into `dest` (zeroes where the data reads as zeroes, keeping `dest`
-/// sparse); write zeroes for Zero ranges. Pieces are applied by a few worker
-/// threads in any order (they never overlap). `dest` is flushed at the end, so the
-/// data is durable before the caller relinks anything. On error or cancellation
-/// the workers stop and the first error is returned; what was written stays (it
-/// is invisible until the caller relinks, see the jobs' crash-safety notes).
+/// sparse); write zeroes for Zero ranges. A few reader threads read pieces ahead
+/// (in any order: pieces never overlap) and hand them to one writer, the calling
+/// thread. `dest` is flushed at the end, so the data is durable before the caller
+/// relinks anything. On error or cancellation everything stops and the first error
+/// is returned; what was written stays (it is invisible until the caller relinks,
+/// see the jobs' crash-safety notes).
 pub fn apply(
     plan: &CopyPlan,
     source: &dyn BlockDevice,
@@ -178,64 +180,81 @@ pub fn apply(
     cancel: &Cancel,
 ) -> Result<()> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{mpsc, Mutex};
     progress.set_total(plan.total_bytes());
     let items = pieces(plan);
     let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let first_error: std::sync::Mutex<Option<crate::Error>> = std::sync::Mutex::new(None);
-    let work = || {
-        let mut buf = Vec::new();
-        loop {
-            if failed.load(Ordering::Relaxed) {
-                return;
+    let stop = AtomicBool::new(false);
+    // Buffers go back to the readers once written: no fresh allocation (and page
+    // faults) per piece.
+    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let readers = READERS.min(items.len());
+    // A piece read: its range, and its bytes unless it reads as zeroes.
+    type Piece = Result<(Range, Option<Vec<u8>>)>;
+    let (tx, rx) = mpsc::sync_channel::<Piece>(2 * READERS);
+    let read = |tx: mpsc::SyncSender<Piece>| loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(&r) = items.get(i) else { return };
+        let piece = (|| -> Result<Option<Vec<u8>>> {
+            cancel.check()?;
+            if r.action == Action::Zero {
+                return Ok(None);
             }
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(r) = items.get(i) else { return };
-            let res = (|| -> Result<()> {
-                cancel.check()?;
-                match r.action {
-                    Action::Zero => dest.write_zeroes(r.offset, r.len, false)?,
-                    Action::Copy => {
-                        buf.resize(r.len as usize, 0);
-                        source.read(&mut buf, r.offset)?;
-                        if crate::convert::is_zero(&buf) {
-                            dest.write_zeroes(r.offset, r.len, false)?;
-                        } else {
-                            dest.write(&buf, r.offset)?;
-                        }
-                    }
-                }
-                Ok(())
-            })();
-            match res {
-                Ok(()) => progress.advance(r.len),
-                Err(e) => {
-                    failed.store(true, Ordering::Relaxed);
-                    let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
-                    if slot.is_none() {
-                        *slot = Some(e);
-                    }
-                    return;
-                }
+            let mut buf = pool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or_default();
+            buf.resize(r.len as usize, 0);
+            source.read(&mut buf, r.offset)?;
+            if crate::convert::is_zero(&buf) {
+                pool.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+                return Ok(None);
             }
+            Ok(Some(buf))
+        })();
+        let failed = piece.is_err();
+        if tx.send(piece.map(|b| (r, b))).is_err() || failed {
+            return;
         }
     };
-    let workers = WORKERS.min(items.len());
-    let done = AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        for _ in 1..workers {
-            scope.spawn(work);
+    let write = |rx: mpsc::Receiver<Piece>| -> Result<()> {
+        for piece in rx {
+            let (r, buf) = piece?;
+            cancel.check()?;
+            match buf {
+                Some(buf) => {
+                    dest.write(&buf, r.offset)?;
+                    pool.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+                }
+                None => dest.write_zeroes(r.offset, r.len, false)?,
+            }
+            progress.advance(r.len);
         }
+        Ok(())
+    };
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        for _ in 0..readers {
+            let tx = tx.clone();
+            scope.spawn(|| read(tx));
+        }
+        drop(tx);
         if let (Some(path), false) = (dest.path(), items.is_empty()) {
             let done = &done;
             scope.spawn(move || early_writeback(&path, done));
         }
-        work();
+        // Returning drops the receiver, so readers blocked on a full channel
+        // wake up and stop.
+        let r = write(rx);
+        stop.store(true, Ordering::Relaxed);
         done.store(true, Ordering::Relaxed);
+        r
     });
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
+    result?;
     dest.flush()?;
     Ok(())
 }
