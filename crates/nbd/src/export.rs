@@ -51,13 +51,20 @@ pub struct Backend {
     /// Top first; each layer attached to the one below it.
     pub layers: Vec<Layer>,
     status: ChainStatus,
+    /// Set when the chain could not be put back together after a failed live
+    /// operation: every request then fails rather than show wrong data.
+    pub failed: Option<String>,
 }
 
 impl Backend {
     fn new(layers: Vec<Layer>) -> Result<Self> {
         let devices = layers.iter().map(|l| l.device.clone()).collect();
         let status = ChainStatus::from_devices(devices)?;
-        Ok(Backend { layers, status })
+        Ok(Backend {
+            layers,
+            status,
+            failed: None,
+        })
     }
 
     /// The device clients read and write.
@@ -157,6 +164,51 @@ pub struct Export {
     ops: Mutex<()>,
 }
 
+/// Reopen layer `i` (a backing file) for writing or read-only, with the gate held
+/// exclusively (no request is in flight). The old handle is closed first: its
+/// locks would otherwise conflict with the new ones. If the file cannot be opened
+/// for writing (another process uses it as a backing file, or permissions), it is
+/// opened read-only again and the chain is as before.
+fn reopen(b: &mut Backend, i: usize, write: bool) -> Result<()> {
+    let mut layers = std::mem::take(&mut b.layers);
+    let (path, format) = (layers[i].path.clone(), layers[i].format);
+    // Drop every reference to the old handle: the layer above's backing pointer,
+    // the status index and the layer itself.
+    layers[i - 1].device.set_backing(None);
+    b.status = ChainStatus::from_devices(vec![layers[0].device.clone()])?;
+    let below = layers.get(i + 1).map(|l| l.device.clone());
+    let placeholder = layers[0].device.clone();
+    drop(std::mem::replace(&mut layers[i].device, placeholder));
+    let (device, err) = match strata_chain::open_image(&path, format, write, false) {
+        Ok(d) => (d, None),
+        Err(e) => match strata_chain::open_image(&path, format, false, false) {
+            Ok(d) => (d, Some(e)),
+            Err(again) => {
+                // The file went away meanwhile: the top alone would show zeroes
+                // where the backing file's data was. Refuse all I/O instead.
+                let msg = format!(
+                    "the backing file '{}' could not be reopened: {again}",
+                    path.display()
+                );
+                b.layers = layers;
+                b.failed = Some(msg.clone());
+                return Err(Error::Invalid(msg));
+            }
+        },
+    };
+    device.set_backing(below);
+    layers[i - 1].device.set_backing(Some(device.clone()));
+    layers[i].device = device;
+    *b = Backend::new(layers)?;
+    match err {
+        None => Ok(()),
+        Some(e) => Err(Error::Invalid(format!(
+            "cannot write the backing file '{}' to commit into it: {e}",
+            path.display()
+        ))),
+    }
+}
+
 fn layer_for(path: &Path, format: Format, device: Arc<dyn BlockDevice>) -> Layer {
     let (backing_name, backing_format) = match device.as_any().downcast_ref::<Qcow2Image>() {
         Some(q) => {
@@ -179,9 +231,10 @@ fn layer_for(path: &Path, format: Format, device: Arc<dyn BlockDevice>) -> Layer
 }
 
 impl Export {
-    /// Open the image and its chain. A writable export opens every layer for
-    /// writing (with QEMU's write locks), so a live commit can write the backing
-    /// file without reopening it.
+    /// Open the image and its chain. Only the top is opened for writing; backing
+    /// files are opened read-only with QEMU's read locks, so other overlays of the
+    /// same base (other exports, QEMU guests) keep working. A live commit reopens
+    /// the backing file it writes for the time it needs it (see [`Export::commit`]).
     pub fn open(cfg: &ExportConfig) -> Result<Export> {
         if !cfg.min_block.is_power_of_two() || cfg.min_block > 65536 {
             return Err(Error::Invalid(format!(
@@ -189,12 +242,9 @@ impl Export {
                 cfg.min_block
             )));
         }
-        let mut spec = OpenSpec::new(&cfg.path)
+        let spec = OpenSpec::new(&cfg.path)
             .format(cfg.format)
             .write(!cfg.read_only);
-        if !cfg.read_only {
-            spec.write_layers = (1..strata_chain::DEFAULT_MAX_DEPTH).collect();
-        }
         let chain = strata_chain::open(&spec)?;
         let size = chain.top().virtual_size();
         Ok(Export {
@@ -347,7 +397,9 @@ impl Export {
         let mut layers = vec![layer];
         layers.extend(b.layers.iter().cloned());
         *b = Backend::new(layers)?;
-        Ok(())
+        // The frozen image is only read from now on: hold it with read locks, so
+        // other tools (a backup copying it, qemu-img) can open it too.
+        reopen(&mut b, 1, false)
     }
 
     /// Merge the top overlay into its backing file and switch the export back to
@@ -363,7 +415,7 @@ impl Export {
         }
         let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         let devices: Vec<Arc<dyn BlockDevice>> = {
-            let b = self.exclusive();
+            let mut b = self.exclusive();
             if b.layers.len() < 2 {
                 return Err(Error::Invalid(format!(
                     "'{}' has no backing file to commit into",
@@ -371,10 +423,7 @@ impl Export {
                 )));
             }
             if b.layers[1].device.read_only() {
-                return Err(Error::Invalid(format!(
-                    "the backing file '{}' is not open for writing",
-                    b.layers[1].path.display()
-                )));
+                reopen(&mut b, 1, true)?;
             }
             *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
             b.layers.iter().map(|l| l.device.clone()).collect()

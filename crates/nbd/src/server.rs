@@ -1095,6 +1095,11 @@ fn run(s: &Session, req: &Request) -> io::Result<()> {
     let ex = &s.export;
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let gate = ex.io();
+    if let Some(msg) = &gate.failed {
+        let msg = msg.clone();
+        drop(gate);
+        return send_error(s, req, EIO, &msg);
+    }
     let top = gate.top();
     let write_result = |r: strata_format::Result<()>, b: &Backend| -> strata_format::Result<()> {
         r?;

@@ -286,3 +286,84 @@ fn chain_export_shows_backing_data_and_allocation_depth() {
     assert_eq!(at(40 << 20), 0, "{depth}");
     let _ = base;
 }
+
+/// A writable export holds its backing files with read locks only: QEMU can use
+/// the same base under another overlay, and a second export of a sibling overlay
+/// opens. A commit takes the base for writing only while it runs, and is refused,
+/// changing nothing, while another user holds the base.
+#[test]
+fn backing_files_stay_shared_and_commit_takes_the_base_only_when_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = sample(dir.path());
+    let overlay = |name: &str| {
+        let p = dir.path().join(name);
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "disk.qcow2",
+                "-F",
+                "qcow2",
+                s(&p),
+            ],
+        );
+        p
+    };
+    let (a, b) = (overlay("a.qcow2"), overlay("b.qcow2"));
+    ok("qemu-io", &["-c", "write -P 0x5a 1M 64k", s(&a)]);
+    let srv = TestServer::start(dir.path(), vec![cfg("a", &a)]);
+    // QEMU opens the sibling overlay (and so the base) without -U.
+    ok("qemu-io", &["-r", "-c", "read -P 0xab 0 1M", s(&b)]);
+    ok("qemu-img", &["info", "--backing-chain", s(&b)]);
+    // A second export on the same base, in the same process.
+    let sibling = strata_nbd::Export::open(&cfg("b", &b)).expect("sibling export opens");
+    let refused = srv.export(0).commit().unwrap_err().to_string();
+    assert!(refused.contains("disk.qcow2"), "{refused}");
+    // The refused commit left the chain whole: the export still reads the base.
+    let uri = srv.unix_uri("a");
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xab 0 1M",
+            "-c",
+            "read -P 0x5a 1M 64k",
+            &uri,
+        ],
+    );
+    drop(sibling);
+    srv.export(0)
+        .commit()
+        .expect("commit once the base is free");
+    ok("qemu-io", &["-f", "raw", "-c", "read -P 0x5a 1M 64k", &uri]);
+    srv.stop_and_release();
+    ok("qemu-io", &["-r", "-c", "read -P 0x5a 1M 64k", s(&base)]);
+    ok("qemu-img", &["check", s(&base)]);
+}
+
+/// After a live external snapshot the frozen image is held with read locks: a
+/// backup tool can read it (qemu-img without -U) while the export keeps writing
+/// to the new overlay.
+#[test]
+fn frozen_image_of_an_external_snapshot_is_readable_by_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = sample(dir.path());
+    let srv = TestServer::start(dir.path(), vec![cfg("disk", &img)]);
+    let over = dir.path().join("over.qcow2");
+    srv.export(0).snapshot_external(&over).unwrap();
+    let uri = srv.unix_uri("disk");
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 64k", &uri]);
+    let copy = dir.path().join("copy.raw");
+    ok("qemu-img", &["convert", "-O", "raw", s(&img), s(&copy)]);
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-r", "-c", "read -P 0xab 0 1M", s(&copy)],
+    );
+    ok("qemu-img", &["check", s(&img)]);
+}
