@@ -509,6 +509,45 @@ fn create_prints_and_makes_what_qemu_img_does() {
             "c14.qcow2",
             "3M",
         ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "c15.qcow2",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "c16.qcow2",
+            "5G",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=8k",
+            "c17.qcow2",
+            "5G",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "c18.qcow2",
+            "100G",
+        ],
         &["create", "-f", "qcow2", "x1.qcow2"],
         &["create", "-f", "qcow2", "-o", "foo=bar", "x2.qcow2", "1M"],
         &["create", "-f", "vmdkx", "x3", "1M"],
@@ -572,6 +611,18 @@ fn create_prints_and_makes_what_qemu_img_does() {
                 )
             };
             assert_eq!(info(&pa), info(&pb), "{name}: qemu-img info differs");
+            // Without preallocated data (where QEMU places refcount structures by
+            // its own sizing), the file is QEMU's byte for byte, length included.
+            if !c.iter().any(|o| o.contains("falloc") || o.contains("full")) {
+                let (ours, theirs) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+                assert!(
+                    ours == theirs,
+                    "{name}: {} bytes, qemu-img's {} bytes, first difference at {:?}",
+                    ours.len(),
+                    theirs.len(),
+                    ours.iter().zip(&theirs).position(|(x, y)| x != y)
+                );
+            }
         }
     }
 }

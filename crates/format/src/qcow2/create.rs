@@ -164,7 +164,9 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
         compression_type: opts.compression_type,
         backing_file: opts.backing_file.clone(),
         backing_format: opts.backing_format.clone(),
-        feature_names: if opts.version >= 3 {
+        // As QEMU: no feature-name table with clusters of 4 KiB or less, where it
+        // would leave little room for a backing file name in the first cluster.
+        feature_names: if opts.version >= 3 && cs > 4096 {
             Header::default_feature_names()
         } else {
             Vec::new()

@@ -826,11 +826,12 @@ impl Qcow2Image {
         let new_off = m.alloc_clusters(clusters)?;
         let mut table = m.l1.clone();
         table.resize(entries as usize, 0);
-        let mut bytes = Vec::with_capacity((clusters * cs) as usize);
+        // Only the table's bytes are written, as QEMU does: the rest of its last
+        // cluster is never read (a new image ends right after its L1 table).
+        let mut bytes = Vec::with_capacity(table.len() * 8);
         for e in &table {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
-        bytes.resize((clusters * cs) as usize, 0);
         m.flush_metadata()?;
         m.storage.write_at(&bytes, new_off)?;
         m.storage.flush()?;
