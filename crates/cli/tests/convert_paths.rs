@@ -233,3 +233,38 @@ fn bad_cache_and_rate_arguments_fail_like_qemu_img() {
         }
     }
 }
+
+#[test]
+fn bad_target_options_fail_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"],
+    );
+    for (fmt, opts) in [
+        ("qcow2", "preallocation=bogus"),
+        ("qcow2", "compat=2"),
+        ("qcow2", "cluster_size=3000"),
+        ("qcow2", "cluster_size=abc"),
+        ("qcow2", "foo=bar"),
+        ("raw", "preallocation=metadata"),
+    ] {
+        let mut seen = Vec::new();
+        for prog in ["qemu-img", "strata"] {
+            let out = format!("b.{fmt}");
+            let o = run(
+                d,
+                prog,
+                &["convert", "-O", fmt, "-o", opts, "a.qcow2", &out],
+            );
+            let err = String::from_utf8_lossy(&o.stderr)
+                .replace("strata img:", "qemu-img:")
+                .to_string();
+            seen.push((o.status.code(), err));
+            let _ = std::fs::remove_file(d.join(&out));
+        }
+        assert_eq!(seen[0], seen[1], "-O {fmt} -o {opts}");
+    }
+}

@@ -101,15 +101,65 @@ pub fn parse_size(s: &str) -> Option<u64> {
     (v <= i64::MAX as u64).then_some(v)
 }
 
-/// The qcow2 creation options a `-o` map describes (size excluded). Unknown keys,
-/// bad values and unsupported features are refused with qemu-img's messages.
-pub fn qcow2_options(
-    opts: &BTreeMap<String, String>,
-) -> std::result::Result<CreateOptions, String> {
+/// Keys a qcow2 `-o` map may hold.
+const QCOW2_KEYS: &[&str] = &[
+    "size",
+    "compat",
+    "backing_file",
+    "backing_fmt",
+    "cluster_size",
+    "preallocation",
+    "lazy_refcounts",
+    "refcount_bits",
+    "compression_type",
+    "extended_l2",
+    "encryption",
+    "data_file",
+    "data_file_raw",
+];
+
+/// How qemu-img words a bad size-typed option (two lines, suffixes explained).
+fn size_expected(key: &str) -> String {
+    format!(
+        "Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+    )
+}
+
+/// The first stage of qemu-img's handling of a qcow2 `-o` map, before it prints its
+/// "Formatting" line: known keys, and values of number and on/off types.
+fn qcow2_parse(opts: &BTreeMap<String, String>) -> std::result::Result<CreateOptions, String> {
     let mut c = CreateOptions::default();
     for (k, v) in opts {
         match k.as_str() {
-            "size" => {}
+            "backing_file" => c.backing_file = Some(v.clone()),
+            "backing_fmt" => c.backing_format = Some(v.clone()),
+            "cluster_size" => c.cluster_size = parse_size(v).ok_or_else(|| size_expected(k))?,
+            "lazy_refcounts" => c.lazy_refcounts = parse_bool(k, v)?,
+            "refcount_bits" => {
+                c.refcount_bits = v
+                    .parse()
+                    .map_err(|_| "Parameter 'refcount_bits' expects a number".to_string())?
+            }
+            "extended_l2" => c.extended_l2 = parse_bool(k, v)?,
+            "encryption" => {
+                parse_bool(k, v)?;
+            }
+            k if QCOW2_KEYS.contains(&k) || k.starts_with("encrypt.") => {}
+            _ => return Err(format!("Invalid parameter '{k}'")),
+        }
+    }
+    Ok(c)
+}
+
+/// The second stage, the qcow2 driver's own checks (after the "Formatting" line):
+/// enumerated values and features strata does not write (the combination of
+/// values is checked by [`CreateOptions::validate`]).
+fn qcow2_values(
+    opts: &BTreeMap<String, String>,
+    c: &mut CreateOptions,
+) -> std::result::Result<(), String> {
+    for (k, v) in opts {
+        match k.as_str() {
             "compat" => {
                 c.version = match v.as_str() {
                     "0.10" | "v2" => 2,
@@ -117,32 +167,23 @@ pub fn qcow2_options(
                     _ => return Err(format!("Parameter 'version' does not accept value '{v}'")),
                 }
             }
-            "backing_file" => c.backing_file = Some(v.clone()),
-            "backing_fmt" => c.backing_format = Some(v.clone()),
-            "cluster_size" => {
-                c.cluster_size = parse_size(v).ok_or_else(|| {
-                    "Parameter 'cluster_size' expects a non-negative number below 2^64".to_string()
-                })?
-            }
             "preallocation" => {
                 c.preallocation = v
                     .parse::<Preallocation>()
-                    .map_err(|_| format!("Invalid parameter '{v}'"))?
-            }
-            "lazy_refcounts" => c.lazy_refcounts = parse_bool(k, v)?,
-            "refcount_bits" => {
-                c.refcount_bits = v
-                    .parse()
-                    .map_err(|_| "Parameter 'refcount_bits' expects a number".to_string())?
+                    .map_err(|_| format!("Parameter 'preallocation' does not accept value '{v}'"))?
             }
             "compression_type" => {
                 c.compression_type = match v.as_str() {
                     "zlib" => CompressionType::Zlib,
                     "zstd" => CompressionType::Zstd,
-                    _ => return Err(format!("Invalid parameter '{v}'")),
+                    _ => {
+                        return Err(format!(
+                            "Parameter 'compression-type' does not accept value '{v}'"
+                        ))
+                    }
                 }
             }
-            "extended_l2" => c.extended_l2 = parse_bool(k, v)?,
+            "encryption" if v == "off" || v == "no" || v == "false" => {}
             "encryption" | "data_file" | "data_file_raw" => {
                 return Err(format!(
                     "strata does not support '{k}' (encrypted images and external data files)"
@@ -151,23 +192,47 @@ pub fn qcow2_options(
             k if k.starts_with("encrypt.") => {
                 return Err("strata does not support encrypted images".to_string())
             }
-            _ => return Err(format!("Invalid parameter '{k}'")),
+            _ => {}
         }
     }
+    Ok(())
+}
+
+/// The qcow2 creation options a `-o` map describes (size excluded). Unknown keys,
+/// bad values and unsupported features are refused with qemu-img's messages.
+pub fn qcow2_options(
+    opts: &BTreeMap<String, String>,
+) -> std::result::Result<CreateOptions, String> {
+    let mut c = qcow2_parse(opts)?;
+    qcow2_values(opts, &mut c)?;
     Ok(c)
 }
 
-/// Create the image `req` describes. The file is created (or truncated).
-pub fn create(req: &CreateRequest) -> Result<Created> {
+/// A create request checked as far as qemu-img checks before it prints its
+/// "Formatting ..." line: [`Prepared::summary`] is that line, and
+/// [`Prepared::create`] runs the format's own checks and writes the image.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    path: PathBuf,
+    size: u64,
+    summary: String,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// The `preallocation=` value as given.
+    Raw(Option<String>),
+    Qcow2(CreateOptions, BTreeMap<String, String>),
+}
+
+/// Check `req` up to qemu-img's "Formatting" line: option keys and typed values,
+/// the size, and the backing file (opened read-only, unless `-u`, for its size).
+pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
     let p = &req.path;
     let opts = &req.options;
     let size_opt = match opts.get("size") {
-        Some(s) => Some(parse_size(s).ok_or_else(|| {
-            invalid(
-                p,
-                "Invalid image size specified. Must be between 0 and 9223372036854775807.",
-            )
-        })?),
+        Some(s) => Some(parse_size(s).ok_or_else(|| invalid(p, size_expected("size")))?),
         None => None,
     };
     let mut size = req.size.or(size_opt);
@@ -184,62 +249,113 @@ pub fn create(req: &CreateRequest) -> Result<Created> {
                     return Err(invalid(p, format!("Invalid parameter '{k}'")));
                 }
             }
-            let prealloc = match opts.get("preallocation") {
-                Some(v) => match v.parse::<Preallocation>() {
-                    Ok(Preallocation::Metadata) | Err(_) => {
-                        return Err(invalid(p, format!("Invalid parameter '{v}'")))
-                    }
-                    Ok(m) => Some((m, v.clone())),
-                },
-                None => None,
-            };
             let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
+            let prealloc = opts.get("preallocation").cloned();
             let mut summary = format!("Formatting '{}', fmt=raw size={size}", p.display());
-            if let Some((_, v)) = &prealloc {
+            if let Some(v) = &prealloc {
                 summary.push_str(&format!(" preallocation={v}"));
             }
-            let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(p)?);
-            let img = RawImage::create(
-                storage,
+            Ok(Prepared {
+                path: p.clone(),
                 size,
-                prealloc.map(|x| x.0).unwrap_or(Preallocation::Off),
-            )?;
-            img.flush()?;
-            Ok(Created { size, summary })
+                summary,
+                kind: Kind::Raw(prealloc),
+            })
         }
         Format::Qcow2 => {
-            let mut c = qcow2_options(opts).map_err(|m| invalid(p, m))?;
-            if c.backing_file.is_some() && c.backing_format.is_none() {
-                return Err(invalid(p, "Backing file specified without backing format"));
-            }
-            if let (Some(b), false) = (&c.backing_file, req.unsafe_backing) {
-                let bfmt: Format = c
-                    .backing_format
-                    .as_deref()
-                    .expect("checked above")
-                    .parse()
-                    .map_err(|e: strata_format::Error| invalid(p, e))?;
+            let c = qcow2_parse(opts).map_err(|m| invalid(p, m))?;
+            if let Some(b) = &c.backing_file {
                 let bpath = strata_chain::resolve_backing(p, b);
-                let dev = strata_chain::open_image(&bpath, bfmt, false, true).map_err(|e| {
-                    invalid(
-                        p,
-                        format!("Could not open '{b}': {e}\nCould not open backing image."),
-                    )
-                })?;
-                if size.is_none() {
-                    size = Some(dev.virtual_size());
+                let open_failed = |e: &dyn std::fmt::Display| {
+                    let e = e.to_string();
+                    let e = if e.starts_with("Could not open") {
+                        e
+                    } else {
+                        format!("Could not open '{b}': {e}")
+                    };
+                    invalid(p, format!("{e}\nCould not open backing image."))
+                };
+                let fmt: Format = match c.backing_format.as_deref() {
+                    Some(f) => f.parse().map_err(|e: strata_format::Error| invalid(p, e))?,
+                    None => {
+                        // qemu-img probes, to say what it found, and still refuses:
+                        // a probed format is never recorded.
+                        let found =
+                            strata_chain::probe_format(&bpath).map_err(|e| open_failed(&e))?;
+                        return Err(invalid(
+                            p,
+                            format!(
+                                "Backing file specified without backing format\nDetected format of {}.",
+                                found.name()
+                            ),
+                        ));
+                    }
+                };
+                if !req.unsafe_backing {
+                    let dev = strata_chain::open_image(&bpath, fmt, false, true)
+                        .map_err(|e| open_failed(&e))?;
+                    if size.is_none() {
+                        size = Some(dev.virtual_size());
+                    }
                 }
             }
             let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
-            c.size = size.div_ceil(512) * 512;
-            c.validate().map_err(|e| invalid(p, e))?;
             let summary = qcow2_summary(p, opts, &c, size);
-            let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(p)?);
-            let img = strata_format::qcow2::create(storage, &c).map_err(|e| invalid(p, e))?;
-            img.close()?;
-            Ok(Created { size, summary })
+            Ok(Prepared {
+                path: p.clone(),
+                size,
+                summary,
+                kind: Kind::Qcow2(c, opts.clone()),
+            })
         }
     }
+}
+
+impl Prepared {
+    /// qemu-img's summary: `Formatting 'x.qcow2', fmt=qcow2 cluster_size=65536 ...`.
+    pub fn summary(&self) -> &str {
+        &self.summary
+    }
+
+    /// Run the format's checks and create the image (the file is created or
+    /// truncated only once they pass).
+    pub fn create(self) -> Result<Created> {
+        let p = &self.path;
+        match self.kind {
+            Kind::Raw(prealloc) => {
+                let mode = match prealloc.as_deref() {
+                    None => Preallocation::Off,
+                    Some(v) => match v.parse::<Preallocation>() {
+                        Ok(Preallocation::Metadata) => {
+                            return Err(invalid(p, format!("Unsupported preallocation mode: {v}")))
+                        }
+                        Ok(m) => m,
+                        Err(_) => return Err(invalid(p, format!("invalid parameter value: {v}"))),
+                    },
+                };
+                let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(p)?);
+                let img = RawImage::create(storage, self.size, mode)?;
+                img.flush()?;
+            }
+            Kind::Qcow2(mut c, opts) => {
+                c.size = self.size.div_ceil(512) * 512;
+                qcow2_values(&opts, &mut c).map_err(|m| invalid(p, m))?;
+                c.validate().map_err(|e| invalid(p, e))?;
+                let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(p)?);
+                let img = strata_format::qcow2::create(storage, &c).map_err(|e| invalid(p, e))?;
+                img.close()?;
+            }
+        }
+        Ok(Created {
+            size: self.size,
+            summary: self.summary,
+        })
+    }
+}
+
+/// Create the image `req` describes ([`prepare`], then [`Prepared::create`]).
+pub fn create(req: &CreateRequest) -> Result<Created> {
+    prepare(req)?.create()
 }
 
 /// qemu-img's summary line: defaults always, other options when given, in QEMU's order.
@@ -250,7 +366,12 @@ fn qcow2_summary(
     size: u64,
 ) -> String {
     let onoff = |b: bool| if b { "on" } else { "off" };
-    let mut parts = vec![
+    let mut parts: Vec<String> = opts
+        .get("encryption")
+        .map(|v| format!("encryption={v}"))
+        .into_iter()
+        .collect();
+    parts.extend([
         format!("cluster_size={}", c.cluster_size),
         format!(
             "extended_l2={}",
@@ -258,7 +379,7 @@ fn qcow2_summary(
                 .map(String::as_str)
                 .unwrap_or(onoff(c.extended_l2))
         ),
-    ];
+    ]);
     if let Some(v) = opts.get("preallocation") {
         parts.push(format!("preallocation={v}"));
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use strata_format::qcow2::Qcow2Image;
 use strata_format::{BlockDevice, Format};
 use strata_jobs::convert::{convert, default_workers, ConvertOptions, Plan, MAX_SPARSE};
-use strata_jobs::create::{create, CreateRequest};
+use strata_jobs::create::{prepare, CreateRequest};
 use strata_jobs::status::ChainStatus;
 use strata_jobs::Cancel;
 
@@ -185,9 +185,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         target_is_zero = args.target_is_zero;
         t
     } else {
-        // qemu-img convert reports creation errors without the file name.
+        // qemu-img convert reports option errors without the file name, and the
+        // format's own refusals as "FILE: error while converting FMT: ...".
         let prefix = format!("{}: ", out_path.display());
-        create(&CreateRequest {
+        let prepared = prepare(&CreateRequest {
             path: out_path.clone(),
             format: out_format,
             size: Some(total),
@@ -197,6 +198,14 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         .map_err(|e| {
             let m = e.to_string();
             anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
+        })?;
+        prepared.create().map_err(|e| {
+            let m = e.to_string();
+            anyhow::anyhow!(
+                "{prefix}error while converting {}: {}",
+                out_format.name(),
+                m.strip_prefix(&prefix).unwrap_or(&m)
+            )
         })?;
         target_is_zero = true;
         let t = if args.backing.is_some() {

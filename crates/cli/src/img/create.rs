@@ -1,11 +1,11 @@
 //! `strata img create`: a new qcow2 or raw image, optionally on a backing file, with
 //! qemu-img's options (`-o cluster_size=...,compat=...,preallocation=...`).
 
-use super::common::{parse_options, parse_size, Ctx};
-use anyhow::{bail, Result};
+use super::common::{parse_options, Ctx};
+use anyhow::{anyhow, Result};
 use std::path::PathBuf;
 use strata_format::Format;
-use strata_jobs::create::{create, supported_options, CreateRequest};
+use strata_jobs::create::{prepare, supported_options, CreateRequest};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,27 +50,46 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         options.insert("backing_file".into(), b.clone());
     }
     if let Some(f) = &args.backing_format {
-        if args.backing.is_none() && !options.contains_key("backing_file") {
-            bail!(
-                "{}: -F requires a backing file (-b)",
-                args.filename.display()
-            );
-        }
         options.insert("backing_fmt".into(), f.clone());
     }
     let size = match &args.size {
-        Some(s) => Some(parse_size(s)?),
+        Some(s) => Some(image_size(s)?),
         None => None,
     };
-    let created = create(&CreateRequest {
+    let prepared = prepare(&CreateRequest {
         path: args.filename.clone(),
         format,
         size,
         options,
         unsafe_backing: args.unsafe_backing,
     })?;
+    // Printed before the format's own checks, which may still refuse, as
+    // qemu-img does.
     if !args.quiet {
-        println!("{}", created.summary);
+        println!("{}", prepared.summary());
     }
+    prepared.create()?;
     Ok(0)
+}
+
+/// The size argument, refused with qemu-img's two messages: out of range for a
+/// well-formed number (negative, or too large once its suffix applies), invalid
+/// for anything else.
+fn image_size(s: &str) -> Result<u64> {
+    if let Some(v) = strata_jobs::create::parse_size(s) {
+        return Ok(v);
+    }
+    let unsigned = s.strip_prefix('-').unwrap_or(s);
+    let plain = !unsigned.is_empty() && unsigned.bytes().all(|b| b.is_ascii_digit());
+    let number = s
+        .strip_suffix(|c: char| "bBkKmMgGtTpPeE".contains(c))
+        .unwrap_or(s);
+    let suffixed = !s.starts_with('-') && number.parse::<f64>().is_ok_and(|f| f >= 0.0);
+    if plain || suffixed {
+        Err(anyhow!(
+            "Invalid image size specified. Must be between 0 and 9223372036854775807."
+        ))
+    } else {
+        Err(anyhow!("Invalid image size specified: '{s}'."))
+    }
 }

@@ -71,62 +71,47 @@ impl Default for CreateOptions {
 impl CreateOptions {
     /// Check the combination as QEMU does, with its messages.
     pub fn validate(&self) -> Result<()> {
+        // The checks and their order are QEMU's (the first failing one is reported).
+        let bad = |m: &str| Err(Error::invalid_argument(m));
         let cs = self.cluster_size;
-        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-            return Err(Error::invalid_argument(
-                "Cluster size must be a power of two between 512 and 2048k",
-            ));
+        let v2 = self.version == 2;
+        if !self.size.is_multiple_of(512) {
+            return bad("Image size must be a multiple of 512 bytes");
         }
         if self.version != 2 && self.version != 3 {
-            return Err(Error::invalid_argument("Invalid compatibility level"));
+            return bad("Invalid compatibility level");
         }
-        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
-            return Err(Error::invalid_argument(
-                "Refcount width must be a power of two and may not exceed 64 bits",
-            ));
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return bad("Cluster size must be a power of two between 512 and 2048k");
         }
-        if self.version == 2 && self.refcount_bits != 16 {
-            return Err(Error::invalid_argument(
-                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
-            ));
-        }
-        if self.version == 2 && self.lazy_refcounts {
-            return Err(Error::invalid_argument(
-                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
-            ));
-        }
-        if self.version == 2 && self.compression_type != CompressionType::Zlib {
-            return Err(Error::invalid_argument(
-                "Compression type other than zlib requires compatibility level 1.1 or above (use compat=1.1 or greater)",
-            ));
-        }
-        if self.version == 2 && self.extended_l2 {
-            return Err(Error::invalid_argument(
-                "Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
-            ));
+        if self.extended_l2 && v2 {
+            return bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         if self.extended_l2 && cs < 16384 {
-            return Err(Error::invalid_argument(
+            return bad(
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
+            );
         }
         if self.backing_file.is_some()
             && self.preallocation != Preallocation::Off
             && !self.extended_l2
         {
-            return Err(Error::invalid_argument(
-                "Backing file and preallocation can only be used at the same time if extended_l2 is on",
-            ));
+            return bad("Backing file and preallocation can only be used at the same time if extended_l2 is on");
+        }
+        if v2 && self.lazy_refcounts {
+            return bad("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return bad("Refcount width must be a power of two and may not exceed 64 bits");
+        }
+        if v2 && self.refcount_bits != 16 {
+            return bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)");
+        }
+        if v2 && self.compression_type != CompressionType::Zlib {
+            return bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
-            return Err(Error::invalid_argument(
-                "Backing format cannot be used without backing file",
-            ));
-        }
-        if !self.size.is_multiple_of(512) {
-            return Err(Error::invalid_argument(
-                "Image size must be a multiple of 512 bytes",
-            ));
+            return bad("Backing format cannot be used without backing file");
         }
         Ok(())
     }
