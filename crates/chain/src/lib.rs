@@ -269,14 +269,14 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 })
             }
         };
-        if !bpath.exists() {
+        if let Err(e) = std::fs::metadata(&bpath) {
             return Err(Error::Backing {
                 image: path.clone(),
                 backing: name,
                 source: Box::new(Error::Storage(strata_storage::Error::Io {
                     op: "Could not open",
                     path: bpath,
-                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    source: e,
                 })),
             });
         }

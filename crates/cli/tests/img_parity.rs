@@ -727,3 +727,60 @@ fn create_prints_and_makes_what_qemu_img_does() {
         }
     }
 }
+
+/// Refusals that scripts match on: same words, same exit code.
+#[test]
+fn refusals_are_worded_as_qemu_img_words_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
+    );
+    sh(d, "qemu-img", &["snapshot", "-c", "s1", "base.qcow2"]);
+    sh(d, "qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    std::fs::create_dir(d.join("sub")).unwrap();
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            "sub/orphan.qcow2",
+            "1M",
+        ],
+    );
+    let mut v9 = b"QFI\xfb\x00\x00\x00\x09".to_vec();
+    v9.resize(1024, 0);
+    std::fs::write(d.join("v9.qcow2"), v9).unwrap();
+    let cases: &[&[&str]] = &[
+        &["info", "-f", "qcow2", "r.raw"],
+        &["info", "v9.qcow2"],
+        &["info", "sub/orphan.qcow2"],
+        &["check", "sub/orphan.qcow2"],
+        &["snapshot", "-a", "nosuch", "base.qcow2"],
+        &["snapshot", "-d", "nosuch", "base.qcow2"],
+        &["snapshot", "-f", "raw", "-l", "r.raw"],
+        &["snapshot", "-f", "raw", "-c", "s", "r.raw"],
+        &["snapshot", "-f", "raw", "-a", "s", "r.raw"],
+        &["snapshot", "-f", "raw", "-d", "s", "r.raw"],
+        &["resize", "-f", "raw", "r.raw", "1Q"],
+        &["resize", "-f", "raw", "r.raw", "+16E"],
+        &["resize", "-f", "raw", "r.raw", "--", "-abc"],
+        &["measure", "-O", "qcow2", "--size", "1Q"],
+        &["measure", "-O", "qcow2", "--size", "-5"],
+        &["measure", "-O", "qcow2", "--size", "16E"],
+    ];
+    for c in cases {
+        same(d, c);
+    }
+    assert_all_same();
+}

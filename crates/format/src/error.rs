@@ -9,7 +9,7 @@ pub enum ErrorKind {
     #[error("{0}")]
     Invalid(String),
     /// A feature this build does not support (encryption, external data files...).
-    #[error("Unsupported: {0}")]
+    #[error("Unsupported {0}")]
     Unsupported(String),
     /// The image is marked corrupt, or corruption was found while using it.
     #[error("{0}")]

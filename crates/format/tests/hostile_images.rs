@@ -265,7 +265,9 @@ fn corpus() -> Vec<Case> {
         case("truncated header", Open, "qcow2 format", true, |b, _| {
             b.truncate(50)
         }),
-        case("bad magic", Open, "bad magic", true, |b, _| b[0] = b'X'),
+        case("bad magic", Open, "not in qcow2 format", true, |b, _| {
+            b[0] = b'X'
+        }),
         case("version 1", Open, "version", true, |b, _| put32(b, 4, 1)),
         case("version 4", Open, "version", true, |b, _| put32(b, 4, 4)),
         case("cluster bits 8", Open, "cluster", true, |b, _| {

@@ -73,6 +73,22 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             no_auto_repair: true,
         },
     )?;
+    // qemu-img opens the backing file too, and fails when it is gone: a check
+    // that passes says the image can be used.
+    if let Some(b) = img.header().backing_file {
+        let bpath = strata_chain::resolve_backing(&args.filename, &b);
+        if let Err(e) = std::fs::metadata(&bpath) {
+            let e = strata_storage::Error::Io {
+                op: "Could not open",
+                path: bpath,
+                source: e,
+            };
+            bail!(
+                "Could not open '{}': Could not open backing file: {e}",
+                args.filename.display()
+            );
+        }
+    }
     let first = img.check(repair);
     let report = match first {
         Ok(r) => r,

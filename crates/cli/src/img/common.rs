@@ -55,8 +55,13 @@ pub fn warn_probed_raw(path: &std::path::Path, format: Option<&str>) {
 /// Open an image and (unless the spec says not to) its chain, with qemu-img's
 /// "Could not open 'FILE': reason" message on failure.
 pub fn open_chain(spec: &strata_chain::OpenSpec) -> Result<strata_chain::Chain> {
-    use anyhow::Context;
-    strata_chain::open(spec).with_context(|| format!("Could not open '{}'", spec.path.display()))
+    strata_chain::open(spec).map_err(|e| {
+        // The engine's message names the file too; say it once.
+        let path = spec.path.display().to_string();
+        let msg = e.to_string();
+        let msg = msg.strip_prefix(&format!("{path}: ")).unwrap_or(&msg);
+        anyhow::anyhow!("Could not open '{path}': {msg}")
+    })
 }
 
 /// `--output=human|json`.
@@ -65,6 +70,51 @@ pub enum OutputFormat {
     #[default]
     Human,
     Json,
+}
+
+/// Whether `s` is a well-formed size (digits, or a non-negative number with a size
+/// suffix) - one that failed to parse only because it is out of range.
+fn well_formed_size(s: &str) -> bool {
+    let number = s
+        .strip_suffix(|c: char| "bBkKmMgGtTpPeE".contains(c))
+        .unwrap_or(s);
+    !number.is_empty()
+        && !number.starts_with(['-', '+'])
+        && number.parse::<f64>().is_ok_and(|f| f >= 0.0)
+}
+
+/// An image size argument (`create`'s size, `measure --size`), refused with
+/// qemu-img's two messages: out of range for a well-formed number (too large, or a
+/// negative number of bytes), invalid for anything else.
+pub fn image_size(s: &str) -> Result<u64> {
+    if let Some(v) = strata_jobs::create::parse_size(s) {
+        return Ok(v);
+    }
+    let negative_bytes = s
+        .strip_prefix('-')
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    if negative_bytes || well_formed_size(s) {
+        Err(anyhow!(
+            "Invalid image size specified. Must be between 0 and 9223372036854775807."
+        ))
+    } else {
+        Err(anyhow!("Invalid image size specified: '{s}'."))
+    }
+}
+
+/// A size given as an option value (`resize`'s size, after its sign), refused with
+/// the messages of QEMU's option parser.
+pub fn option_size(key: &str, s: &str) -> Result<u64> {
+    if let Some(v) = strata_jobs::create::parse_size(s) {
+        return Ok(v);
+    }
+    if well_formed_size(s) {
+        Err(anyhow!("Value '{s}' is out of range for parameter '{key}'"))
+    } else {
+        Err(anyhow!(
+            "Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+        ))
+    }
 }
 
 /// Parse a size as qemu-img does: a number with an optional suffix k/K, M, G, T, P, E

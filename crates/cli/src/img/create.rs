@@ -1,8 +1,8 @@
 //! `strata img create`: a new qcow2 or raw image, optionally on a backing file, with
 //! qemu-img's options (`-o cluster_size=...,compat=...,preallocation=...`).
 
-use super::common::{parse_options, Ctx};
-use anyhow::{anyhow, Result};
+use super::common::{image_size, parse_options, Ctx};
+use anyhow::Result;
 use std::path::PathBuf;
 use strata_format::Format;
 use strata_jobs::create::{prepare, supported_options, CreateRequest};
@@ -70,26 +70,4 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     }
     prepared.create()?;
     Ok(0)
-}
-
-/// The size argument, refused with qemu-img's two messages: out of range for a
-/// well-formed number (negative, or too large once its suffix applies), invalid
-/// for anything else.
-fn image_size(s: &str) -> Result<u64> {
-    if let Some(v) = strata_jobs::create::parse_size(s) {
-        return Ok(v);
-    }
-    let unsigned = s.strip_prefix('-').unwrap_or(s);
-    let plain = !unsigned.is_empty() && unsigned.bytes().all(|b| b.is_ascii_digit());
-    let number = s
-        .strip_suffix(|c: char| "bBkKmMgGtTpPeE".contains(c))
-        .unwrap_or(s);
-    let suffixed = !s.starts_with('-') && number.parse::<f64>().is_ok_and(|f| f >= 0.0);
-    if plain || suffixed {
-        Err(anyhow!(
-            "Invalid image size specified. Must be between 0 and 9223372036854775807."
-        ))
-    } else {
-        Err(anyhow!("Invalid image size specified: '{s}'."))
-    }
 }

@@ -1,7 +1,7 @@
 //! `strata img measure`: the file size a new image needs, for a size or a source
 //! image (with its chain), by qemu-img's formulas.
 
-use super::common::{open_chain, open_spec, parse_options, parse_size, Ctx, OutputFormat};
+use super::common::{image_size, open_chain, open_spec, parse_options, Ctx, OutputFormat};
 use super::qjson;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Measure an image of this size instead of a source image.
-    #[arg(long = "size", value_name = "SIZE")]
+    #[arg(long = "size", value_name = "SIZE", allow_hyphen_values = true)]
     size: Option<String>,
     /// Source image format (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
@@ -90,7 +90,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     }
     let cancel = Cancel::default();
     let m = match (filename, &args.size) {
-        (None, Some(s)) => measure(Source::Size(parse_size(s)?), &target, &cancel)?,
+        (None, Some(s)) => measure(Source::Size(image_size(s)?), &target, &cancel)?,
         (Some(f), _) => {
             let chain = open_chain(&open_spec(f, args.format.as_deref(), args.force_share)?)?;
             let top = chain.top().clone();

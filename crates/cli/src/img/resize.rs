@@ -1,7 +1,7 @@
 //! `strata img resize`: change an image's virtual size (`SIZE`, `+SIZE` or `-SIZE`);
 //! shrinking needs `--shrink`, as in qemu-img.
 
-use super::common::{parse_size, Ctx};
+use super::common::{option_size, Ctx};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use strata_format::Format;
@@ -33,7 +33,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(b'-') => (-1, &args.size[1..]),
         _ => (0, args.size.as_str()),
     };
-    let n = parse_size(num).map_err(|_| anyhow::anyhow!("Invalid size specified"))?;
+    let n = option_size("size", num)?;
     let format = match &args.format {
         Some(f) => f.parse::<Format>()?,
         None => {

@@ -2,7 +2,7 @@
 //! (`-l` list, `-c` create, `-a` apply, `-d` delete; by ID or name).
 
 use super::common::{human_size, Ctx};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use strata_format::qcow2::{Qcow2Image, Snapshot, SnapshotSpec};
 use strata_format::Format;
@@ -99,10 +99,27 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         bail!("force-share=on can only be used with read-only images");
     }
     let dev = strata_chain::open_image(&args.filename, format, writing, args.force_share)?;
-    let img = dev
-        .as_any()
-        .downcast_ref::<Qcow2Image>()
-        .ok_or_else(|| anyhow!("Format '{}' does not support internal snapshots", format))?;
+    let Some(img) = dev.as_any().downcast_ref::<Qcow2Image>() else {
+        // A format without internal snapshots: qemu-img lists none and words each
+        // refusal as its block layer does.
+        if let Some(name) = &args.create {
+            bail!("Could not create snapshot '{name}': Operation not supported");
+        } else if let Some(key) = &args.apply {
+            bail!("Could not apply snapshot '{key}': Block driver does not support snapshots");
+        } else if let Some(key) = &args.delete {
+            bail!("Could not delete snapshot '{key}': snapshot not found");
+        }
+        return Ok(0);
+    };
+    let known = |key: &str| img.snapshots().iter().any(|s| s.id == key || s.name == key);
+    if let Some(key) = args.apply.as_deref().filter(|k| !known(k)) {
+        bail!(
+            "Could not apply snapshot '{key}': Failed to load snapshot: No such file or directory"
+        );
+    }
+    if let Some(key) = args.delete.as_deref().filter(|k| !known(k)) {
+        bail!("Could not delete snapshot '{key}': snapshot not found");
+    }
     if let Some(name) = &args.create {
         img.snapshot_create(&SnapshotSpec {
             name: name.clone(),

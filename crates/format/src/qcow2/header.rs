@@ -158,7 +158,7 @@ impl Header {
             ));
         }
         if be32(buf, 0) != MAGIC {
-            return Err(Error::invalid("Image is not in qcow2 format (bad magic)"));
+            return Err(Error::invalid("Image is not in qcow2 format"));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {
@@ -241,7 +241,7 @@ impl Header {
         // so the error can use the image's own feature names.
         if self.crypt_method != 0 {
             return Err(Error::unsupported(format!(
-                "encrypted images (crypt_method {}): strata does not read encrypted qcow2",
+                "encryption (crypt_method {}): strata does not read encrypted qcow2",
                 self.crypt_method
             )));
         }
@@ -415,7 +415,7 @@ impl Header {
                 }
                 ext::CRYPTO => {
                     return Err(Error::unsupported(
-                        "encrypted images (LUKS): strata does not read encrypted qcow2",
+                        "encryption (LUKS): strata does not read encrypted qcow2",
                     ));
                 }
                 _ => self.unknown_extensions.push((ty, data.to_vec())),
