@@ -221,6 +221,10 @@ fn bad_cache_and_rate_arguments_fail_like_qemu_img() {
         (&["-t", "bogus"][..], "Invalid cache option: bogus"),
         (&["-T", "bogus"][..], "Invalid source cache option: bogus"),
         (&["-r", "1x"][..], "Invalid rate limit specified: '1x'."),
+        (
+            &["-r", "-5"][..],
+            "Invalid rate limit specified. Must be between 0 and 9223372036854775807.",
+        ),
     ] {
         for prog in ["qemu-img", "strata"] {
             let mut a = vec!["convert"];
@@ -267,4 +271,32 @@ fn bad_target_options_fail_like_qemu_img() {
         }
         assert_eq!(seen[0], seen[1], "-O {fmt} -o {opts}");
     }
+}
+
+/// `-r RATE` holds the copy to RATE bytes per second: 6 MiB at 4 MiB/s cannot end
+/// in under a second (the limit only ever slows a copy down, so this cannot flake
+/// on a slow machine), and the result is the same image.
+#[test]
+fn rate_limit_holds_the_copy_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data: Vec<u8> = (0..6u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(d.join("a.raw"), data).unwrap();
+    let t = std::time::Instant::now();
+    ok(
+        d,
+        "strata",
+        &[
+            "convert", "-f", "raw", "-O", "qcow2", "-r", "4M", "a.raw", "b.qcow2",
+        ],
+    );
+    let took = t.elapsed();
+    assert!(took >= std::time::Duration::from_millis(1000), "{took:?}");
+    ok(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", "a.raw", "b.qcow2"],
+    );
 }

@@ -63,21 +63,9 @@ pub fn backing_name_for(chain: &Chain, above: usize, base: usize) -> String {
     }
 }
 
-/// `-r RATE` as qemu-img reads it: a size with an optional suffix, in bytes/s.
-fn parse_rate(r: Option<&str>) -> Result<u64> {
-    let Some(r) = r else { return Ok(0) };
-    match strata_jobs::create::parse_size(r) {
-        Some(v) if v <= i64::MAX as u64 => Ok(v),
-        _ if r.trim_start().starts_with('-') || r.parse::<f64>().is_ok() => {
-            bail!("Invalid rate limit specified. Must be between 0 and 9223372036854775807.")
-        }
-        _ => bail!("Invalid rate limit specified: '{r}'."),
-    }
-}
-
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let name = args.filename.display().to_string();
-    let rate = parse_rate(args.rate.as_deref())?;
+    let rate = super::common::parse_rate(args.rate.as_deref())?;
     // Find the layers first (read-only), then reopen what must be written.
     warn_probed_raw(&args.filename, args.format.as_deref());
     let spec = open_spec(&args.filename, args.format.as_deref(), false)?;

@@ -117,6 +117,20 @@ pub fn option_size(key: &str, s: &str) -> Result<u64> {
     }
 }
 
+/// `-r RATE` as qemu-img reads it: a size with an optional suffix, in bytes/s.
+pub fn parse_rate(r: Option<&str>) -> Result<u64> {
+    let Some(r) = r else { return Ok(0) };
+    match strata_jobs::create::parse_size(r) {
+        Some(v) if v <= i64::MAX as u64 => Ok(v),
+        _ if r.trim_start().starts_with('-') || r.parse::<f64>().is_ok() => {
+            anyhow::bail!(
+                "Invalid rate limit specified. Must be between 0 and 9223372036854775807."
+            )
+        }
+        _ => anyhow::bail!("Invalid rate limit specified: '{r}'."),
+    }
+}
+
 /// Parse a size as qemu-img does: a number with an optional suffix k/K, M, G, T, P, E
 /// (powers of 1024) or b/B (bytes). Fractions are allowed with a suffix ("1.5G").
 pub fn parse_size(s: &str) -> Result<u64> {

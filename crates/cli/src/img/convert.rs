@@ -72,8 +72,9 @@ pub struct Args {
     /// Source cache mode (validated; strata reads through the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
-    /// Bandwidth limit (accepted for compatibility; not applied).
-    #[arg(short = 'r', value_name = "RATE")]
+    /// Bandwidth limit in bytes per second for the output (size suffixes allowed;
+    /// 0: none).
+    #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
     rate: Option<String>,
     /// Source images (concatenated) followed by the output image.
     #[arg(required = true, num_args = 2.., value_name = "FILENAME")]
@@ -108,11 +109,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     if let Some(c) = args.src_cache.as_deref().filter(|c| !is_cache_mode(c)) {
         bail!("Invalid source cache option: {c}");
     }
-    if let Some(r) = &args.rate {
-        if parse_size(r).is_err() {
-            bail!("Invalid rate limit specified: '{r}'.");
-        }
-    }
+    let rate = super::common::parse_rate(args.rate.as_deref())?;
     if args.compress && out_format != Format::Qcow2 {
         bail!("Compression not supported for this file format");
     }
@@ -240,7 +237,9 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let cluster = target.cluster_size().unwrap_or(512);
     let plan = Plan::new(&sources, &opts, cluster, &cancel)?;
     let bar = Bar::new(args.progress && !args.quiet);
-    convert(&sources, &plan, &target, &opts, &bar, &cancel)?;
+    // -r: the writer is held back to RATE bytes per second (producers wait on it).
+    let limited = strata_jobs::layers::RateLimit::new(&bar, rate);
+    convert(&sources, &plan, &target, &opts, &limited, &cancel)?;
     bar.finish();
     if let Some(q) = target.as_any().downcast_ref::<Qcow2Image>() {
         q.close()?;
