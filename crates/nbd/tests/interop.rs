@@ -29,6 +29,26 @@ fn sample(dir: &Path) -> std::path::PathBuf {
     img
 }
 
+/// A qcow2 overlay `name` (made by qemu-img) on the [`sample`] image in `dir`.
+fn overlay(dir: &Path, name: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "disk.qcow2",
+            "-F",
+            "qcow2",
+            s(&p),
+        ],
+    );
+    p
+}
+
 #[test]
 fn qemu_img_reads_the_export_identically_over_tcp_and_unix() {
     let dir = tempfile::tempdir().unwrap();
@@ -249,21 +269,7 @@ fn read_only_export_is_refused_to_writers_and_served_to_readers() {
 fn chain_export_shows_backing_data_and_allocation_depth() {
     let dir = tempfile::tempdir().unwrap();
     let base = sample(dir.path());
-    let top = dir.path().join("top.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "disk.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    let top = overlay(dir.path(), "top.qcow2");
     ok("qemu-io", &["-c", "write -P 0x77 1M 64k", s(&top)]);
     let srv = TestServer::start(dir.path(), vec![cfg("", &top)]);
     let uri = srv.unix_uri("");
@@ -295,25 +301,10 @@ fn chain_export_shows_backing_data_and_allocation_depth() {
 fn backing_files_stay_shared_and_commit_takes_the_base_only_when_free() {
     let dir = tempfile::tempdir().unwrap();
     let base = sample(dir.path());
-    let overlay = |name: &str| {
-        let p = dir.path().join(name);
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "disk.qcow2",
-                "-F",
-                "qcow2",
-                s(&p),
-            ],
-        );
-        p
-    };
-    let (a, b) = (overlay("a.qcow2"), overlay("b.qcow2"));
+    let (a, b) = (
+        overlay(dir.path(), "a.qcow2"),
+        overlay(dir.path(), "b.qcow2"),
+    );
     ok("qemu-io", &["-c", "write -P 0x5a 1M 64k", s(&a)]);
     let srv = TestServer::start(dir.path(), vec![cfg("a", &a)]);
     // QEMU opens the sibling overlay (and so the base) without -U.
