@@ -236,6 +236,14 @@ impl BlockDevice for IndexedChain {
     fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> strata_format::Result<()> {
         Err(read_only())
     }
+    fn write_zeroes_fast(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _may_unmap: bool,
+    ) -> strata_format::Result<bool> {
+        Err(read_only())
+    }
     fn discard(&self, _offset: u64, _len: u64) -> strata_format::Result<()> {
         Err(read_only())
     }

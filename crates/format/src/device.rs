@@ -45,6 +45,14 @@ pub trait BlockDevice: Send + Sync {
     fn write(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Make `[offset, offset+len)` read as zeroes; `may_unmap` allows freeing storage.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
+    /// `write_zeroes`, but only if it can be done without writing zero data (by
+    /// metadata or an allocation change): NBD's fast-zero request, QEMU's
+    /// no-fallback zeroing. `Ok(false)` means it could not, and nothing changed.
+    /// The default never can.
+    fn write_zeroes_fast(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
+        let _ = (offset, len, may_unmap);
+        Ok(false)
+    }
     /// Drop data the guest no longer needs. Unlike write-zeroes, later reads may see
     /// backing data or zeroes.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;

@@ -82,6 +82,12 @@ impl BlockDevice for RawImage {
             .write_zeroes(offset, len)
             .map_err(|e| self.err(e))
     }
+    fn write_zeroes_fast(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<bool> {
+        check_range(offset, len, self.virtual_size())?;
+        self.storage
+            .write_zeroes_fast(offset, len)
+            .map_err(|e| self.err(e))
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.virtual_size())?;
         self.storage.discard(offset, len).map_err(|e| self.err(e))

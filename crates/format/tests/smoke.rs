@@ -60,3 +60,52 @@ fn smoke() {
     );
     assert!(out.status.success());
 }
+
+/// NBD's fast zero: `write_zeroes_fast` zeroes by metadata or allocation changes
+/// only; where that is impossible it answers `false` and leaves the data as it was.
+#[test]
+fn fast_zeroing_changes_metadata_only_or_refuses_with_data_untouched() {
+    use strata_format::raw::RawImage;
+    use strata_storage::MemStorage;
+    let mk = |version: u32| {
+        create(
+            Arc::new(MemStorage::new()),
+            &CreateOptions {
+                size: 1 << 20,
+                version,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let read = |d: &dyn BlockDevice, off: u64, n: usize| {
+        let mut b = vec![0u8; n];
+        d.read(&mut b, off).unwrap();
+        b
+    };
+    let c = 65536u64;
+    // v3: whole clusters become zero clusters; a partial cluster only if it
+    // already reads as zeroes.
+    let v3 = mk(3);
+    v3.write(&[7u8; 3 * 65536], 0).unwrap();
+    assert!(v3.write_zeroes_fast(0, 2 * c, true).unwrap());
+    assert_eq!(read(&v3, 0, 2 * c as usize), vec![0u8; 2 * c as usize]);
+    assert!(!v3.write_zeroes_fast(2 * c + 512, 4096, true).unwrap());
+    assert_eq!(read(&v3, 2 * c, c as usize), vec![7u8; c as usize]);
+    assert!(v3.write_zeroes_fast(4 * c + 512, 4096, false).unwrap());
+    assert!(v3.write_zeroes_fast(512, c, false).unwrap());
+    assert!(!v3.write_zeroes_fast(c + 512, c, false).unwrap());
+    // v2 with a backing file has no zero flag: refused, backing data still shows.
+    let backing = Arc::new(RawImage::open(Arc::new(MemStorage::new())).unwrap());
+    let v2 = mk(2);
+    v2.set_backing(Some(backing.clone()));
+    backing.resize(1 << 20, false).unwrap();
+    backing.write(&[9u8; 65536], 0).unwrap();
+    assert!(!v2.write_zeroes_fast(0, c, true).unwrap());
+    assert_eq!(read(&v2, 0, c as usize), vec![9u8; c as usize]);
+    // Without a backing file, v2 zeroes by deallocating.
+    let v2 = mk(2);
+    v2.write(&[3u8; 65536], 0).unwrap();
+    assert!(v2.write_zeroes_fast(0, c, true).unwrap());
+    assert_eq!(read(&v2, 0, c as usize), vec![0u8; c as usize]);
+}

@@ -484,6 +484,39 @@ fn cases() -> Vec<Case> {
                 assert_eq!(r.error, 0);
             },
         ),
+        (
+            "FAST_ZERO over part of a cluster holding data: ENOTSUP, nothing changed",
+            |e| {
+                let mut c = e.structured("disk");
+                let off = 5 << 20;
+                c.write(off, &[0x77u8; 65536]).expect("write");
+                expect_err(
+                    &mut c,
+                    CMD_FLAG_FAST_ZERO,
+                    CMD_WRITE_ZEROES,
+                    off + 512,
+                    4096,
+                    &[],
+                    ENOTSUP,
+                );
+                assert_eq!(c.read(off, 65536).unwrap(), vec![0x77u8; 65536]);
+                // Without the flag the same request writes the zeroes.
+                let r = c.call(0, CMD_WRITE_ZEROES, off + 512, 4096, &[]);
+                assert_eq!(r.error, 0);
+                assert_eq!(c.read(off + 512, 4096).unwrap(), vec![0u8; 4096]);
+            },
+        ),
+        (
+            "FAST_ZERO over whole clusters holding data: done by metadata",
+            |e| {
+                let mut c = e.structured("disk");
+                let off = 6 << 20;
+                c.write(off, &[0x55u8; 131072]).expect("write");
+                let r = c.call(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, off, 131072, &[]);
+                assert_eq!(r.error, 0, "{}", r.message);
+                assert_eq!(c.read(off, 131072).unwrap(), vec![0u8; 131072]);
+            },
+        ),
     ]
 }
 

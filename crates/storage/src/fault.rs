@@ -108,6 +108,10 @@ impl<S: Storage> Storage for FaultStorage<S> {
         self.gate()?;
         self.inner.write_zeroes(offset, len)
     }
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> Result<bool> {
+        self.gate()?;
+        self.inner.write_zeroes_fast(offset, len)
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.gate()?;
         self.inner.discard(offset, len)

@@ -122,6 +122,38 @@ impl FileStorage {
         }
     }
 
+    /// Zero `[offset, offset+len)` (clipped to the file) by changing its allocation:
+    /// `FALLOC_FL_ZERO_RANGE`, else punching a hole. Returns the clipped range when
+    /// the file system can do neither (the caller writes zero bytes or gives up).
+    fn zero_range(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+        self.check_writable()?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::OutOfRange { offset, len })?;
+        let size = self.size()?;
+        if len == 0 || offset >= size {
+            return Ok(None);
+        }
+        let len = end.min(size) - offset;
+        if self
+            .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+            .is_ok()
+        {
+            return Ok(None);
+        }
+        if self
+            .fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .is_ok()
+        {
+            return Ok(None);
+        }
+        Ok(Some((offset, len)))
+    }
+
     fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
@@ -160,32 +192,14 @@ impl Storage for FileStorage {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_writable()?;
-        let end = offset
-            .checked_add(len)
-            .ok_or(Error::OutOfRange { offset, len })?;
-        let size = self.size()?;
-        if len == 0 || offset >= size {
-            return Ok(());
+        match self.zero_range(offset, len)? {
+            Some((offset, len)) => self.write_zero_bytes(offset, len),
+            None => Ok(()),
         }
-        let len = end.min(size) - offset;
-        if self
-            .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
-            .is_ok()
-        {
-            return Ok(());
-        }
-        if self
-            .fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
-            .is_ok()
-        {
-            return Ok(());
-        }
-        self.write_zero_bytes(offset, len)
+    }
+
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> Result<bool> {
+        Ok(self.zero_range(offset, len)?.is_none())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

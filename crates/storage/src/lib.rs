@@ -36,6 +36,13 @@ pub trait Storage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+    /// Zero the range as `write_zeroes` does, but only if the backend can do it
+    /// without writing zero bytes (an allocation change such as `fallocate`).
+    /// `Ok(false)` means it could not, and nothing was changed. The default never can.
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     fn flush(&self) -> Result<()>;
     /// Current size in bytes.
@@ -88,6 +95,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         (**self).write_zeroes(offset, len)
+    }
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> Result<bool> {
+        (**self).write_zeroes_fast(offset, len)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         (**self).discard(offset, len)

@@ -804,6 +804,36 @@ impl Qcow2Image {
 
     /// Whether `[off, off+n)` (inside one cluster) already reads as zeroes from its
     /// metadata alone.
+    /// Whether zeroing `[offset, offset+len)` (as `zero_locked` does it) changes
+    /// metadata only: partial clusters must already read as zeroes, and a v2 image
+    /// with a backing file has no way to zero a whole cluster without writing it.
+    fn zeroes_by_metadata(&self, m: &mut Meta, offset: u64, len: u64) -> Result<bool> {
+        let cs = self.geo.cluster_size();
+        let has_backing = self
+            .backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let cstart = pos / cs * cs;
+            if pos == cstart && end >= cstart + cs {
+                if self.geo.version < 3 && has_backing {
+                    return Ok(false);
+                }
+                pos = end / cs * cs;
+                continue;
+            }
+            let n = (cstart + cs).min(end) - pos;
+            if !self.reads_zero(m, pos, n, has_backing)? {
+                return Ok(false);
+            }
+            pos += n;
+        }
+        Ok(true)
+    }
+
     fn reads_zero(&self, m: &mut Meta, off: u64, n: u64, has_backing: bool) -> Result<bool> {
         let (run, len) = self.lookup(m, off, n)?;
         Ok(len >= n
@@ -1070,6 +1100,27 @@ impl BlockDevice for Qcow2Image {
         m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
         self.zero_locked(&mut m, offset, len, may_unmap, false)
             .map_err(|e| self.fail_corrupt(&mut m, e))
+    }
+
+    fn write_zeroes_fast(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
+        self.check_writable()?;
+        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+        let cs = self.geo.cluster_size();
+        let _busy = self
+            .inflight
+            .acquire(offset / cs, (offset + len).div_ceil(cs));
+        let mut m = self.lock();
+        // Checked and done under one lock: nothing can turn the answer stale.
+        let fast = self
+            .zeroes_by_metadata(&mut m, offset, len)
+            .map_err(|e| self.fail_corrupt(&mut m, e))?;
+        if !fast {
+            return Ok(false);
+        }
+        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+        self.zero_locked(&mut m, offset, len, may_unmap, false)
+            .map_err(|e| self.fail_corrupt(&mut m, e))?;
+        Ok(true)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
