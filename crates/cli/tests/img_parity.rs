@@ -289,7 +289,7 @@ fn zoo(dir: &Path) -> Vec<&'static str> {
 }
 
 #[test]
-fn info_map_check_and_measure_print_what_qemu_img_prints() {
+fn info_map_check_measure_and_snapshot_list_print_what_qemu_img_prints() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for img in zoo(d) {
@@ -314,6 +314,7 @@ fn info_map_check_and_measure_print_what_qemu_img_prints() {
             );
         }
         same(d, &["map", "--output=json", "-s", "1M", "-l", "9M", img]);
+        same(d, &["snapshot", "-l", img]);
         same(
             d,
             &[

@@ -134,7 +134,12 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         img.snapshot_delete(key)
             .with_context(|| format!("Could not delete snapshot '{key}'"))?;
     } else {
-        print!("{}", format_list(&img.snapshots()));
+        // Like qemu-img, an image without snapshots lists nothing, not even the
+        // header.
+        let snaps = img.snapshots();
+        if !snaps.is_empty() {
+            print!("{}", format_list(&snaps));
+        }
     }
     if writing {
         img.close()?;
