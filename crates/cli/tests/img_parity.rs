@@ -38,7 +38,8 @@ fn run(dir: &Path, prog: &str, args: &[&str]) -> (Option<i32>, String, String) {
         .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
     let err = String::from_utf8_lossy(&out.stderr)
         .replace("strata img:", "PROG:")
-        .replace("qemu-img:", "PROG:");
+        .replace("qemu-img:", "PROG:")
+        .replace("Try 'strata img ", "Try 'qemu-img ");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -779,9 +780,21 @@ fn refusals_are_worded_as_qemu_img_words_them() {
         &["measure", "-O", "qcow2", "--size", "1Q"],
         &["measure", "-O", "qcow2", "--size", "-5"],
         &["measure", "-O", "qcow2", "--size", "16E"],
+        &["check", "-r", "leaks", "r.raw"],
+        &["check", "-r", "foo", "base.qcow2"],
+        &["map", "-s", "-1", "base.qcow2"],
+        &["map", "-l", "foo", "base.qcow2"],
+        &["map", "--max-length=99999999999999999999", "base.qcow2"],
+        &["map", "--start-offset=1.5x", "base.qcow2"],
+        &["rebase", "base.qcow2"],
     ];
     for c in cases {
         same(d, c);
     }
     assert_all_same();
+    // `rebase -u` without -b drops the backing file (qemu-img does the same).
+    let (code, _, err) = run(d, "strata", &["rebase", "-u", "sub/orphan.qcow2"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, info, _) = run(d, "qemu-img", &["info", "sub/orphan.qcow2"]);
+    assert!(!info.contains("backing file"), "{info}");
 }

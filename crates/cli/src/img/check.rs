@@ -42,7 +42,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         None => Repair::None,
         Some("leaks") => Repair::Leaks,
         Some("all") => Repair::All,
-        Some(_) => bail!("Invalid option for -r: {}", args.repair.unwrap_or_default()),
+        Some(other) => bail!(
+            "--repair (-r) expects 'leaks' or 'all' not '{other}'\nTry '{} check --help' for more info",
+            ctx.prog
+        ),
     };
     if repair != Repair::None && args.force_share {
         bail!("force-share=on can only be used with read-only images");
@@ -51,6 +54,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(f) => f.parse::<Format>()?,
         None => strata_chain::probe_format(&args.filename)?,
     };
+    if repair != Repair::None {
+        super::common::warn_probed_raw(&args.filename, args.format.as_deref());
+    }
     if format != Format::Qcow2 {
         eprintln!("{}: This image format does not support checks", ctx.prog);
         return Ok(63);

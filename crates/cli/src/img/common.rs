@@ -83,10 +83,16 @@ fn well_formed_size(s: &str) -> bool {
         && number.parse::<f64>().is_ok_and(|f| f >= 0.0)
 }
 
-/// An image size argument (`create`'s size, `measure --size`), refused with
+/// An image size argument (`create`'s size, `measure --size`), refused as
+/// [`size_arg`] refuses it.
+pub fn image_size(s: &str) -> Result<u64> {
+    size_arg("image size", s)
+}
+
+/// A size argument named `what` ("image size", "start offset"...), refused with
 /// qemu-img's two messages: out of range for a well-formed number (too large, or a
 /// negative number of bytes), invalid for anything else.
-pub fn image_size(s: &str) -> Result<u64> {
+pub fn size_arg(what: &str, s: &str) -> Result<u64> {
     if let Some(v) = strata_jobs::create::parse_size(s) {
         return Ok(v);
     }
@@ -95,10 +101,10 @@ pub fn image_size(s: &str) -> Result<u64> {
         .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
     if negative_bytes || well_formed_size(s) {
         Err(anyhow!(
-            "Invalid image size specified. Must be between 0 and 9223372036854775807."
+            "Invalid {what} specified. Must be between 0 and 9223372036854775807."
         ))
     } else {
-        Err(anyhow!("Invalid image size specified: '{s}'."))
+        Err(anyhow!("Invalid {what} specified: '{s}'."))
     }
 }
 

@@ -1,7 +1,7 @@
 //! `strata img map`: how guest ranges are stored, through the whole backing chain
 //! (text and `--output=json`, as qemu-img prints them).
 
-use super::common::{open_chain, open_spec, parse_size, Ctx, OutputFormat};
+use super::common::{open_chain, open_spec, size_arg, Ctx, OutputFormat};
 use anyhow::{bail, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,10 +18,20 @@ pub struct Args {
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]
     output: OutputFormat,
     /// Start mapping at this guest offset.
-    #[arg(short = 's', long = "start-offset", value_name = "OFFSET")]
+    #[arg(
+        short = 's',
+        long = "start-offset",
+        value_name = "OFFSET",
+        allow_hyphen_values = true
+    )]
     start_offset: Option<String>,
     /// Map at most this many bytes.
-    #[arg(short = 'l', long = "max-length", value_name = "LENGTH")]
+    #[arg(
+        short = 'l',
+        long = "max-length",
+        value_name = "LENGTH",
+        allow_hyphen_values = true
+    )]
     max_length: Option<String>,
     /// Open without locks, to inspect an image in use.
     #[arg(short = 'U', long = "force-share")]
@@ -32,11 +42,11 @@ pub struct Args {
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let start = match &args.start_offset {
-        Some(s) => parse_size(s).map_err(|_| anyhow::anyhow!("Invalid start offset specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."))?,
+        Some(s) => size_arg("start offset", s)?,
         None => 0,
     };
     let max_len = match &args.max_length {
-        Some(s) => Some(parse_size(s).map_err(|_| anyhow::anyhow!("Invalid length specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."))?),
+        Some(s) => Some(size_arg("max length", s)?),
         None => None,
     };
     let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?;

@@ -15,6 +15,7 @@ pub struct Args {
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
     /// The new backing file ("" for none), relative to the image's directory.
+    /// With -u and no -b, the backing file is removed.
     #[arg(short = 'b', value_name = "BACKING_FILE")]
     backing: Option<String>,
     /// Format of the new backing file (required with a non-empty -b).
@@ -40,11 +41,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
-    let Some(backing) = args.backing.clone() else {
-        bail!(
+    // `-u` without `-b` drops the backing file, as in qemu-img.
+    let backing = match (&args.backing, args.unsafe_mode) {
+        (Some(b), _) => b.clone(),
+        (None, true) => String::new(),
+        (None, false) => bail!(
             "Must specify backing file (-b) or use unsafe mode (-u)\nTry '{} rebase --help' for more info",
             ctx.prog
-        );
+        ),
     };
     let new_name = (!backing.is_empty()).then_some(backing.clone());
     let new_format: Option<Format> = match (&new_name, &args.backing_format) {
