@@ -1,8 +1,8 @@
 //! Crash safety, proven by cutting the storage at every write and flush.
 //!
 //! A sequence of operations (in-place and copy-on-write writes, L2 table and refcount
-//! block allocation, refcount-table growth, L1 growth by resize, write-zeroes,
-//! discard, flushes) runs on a fault-injecting backend that stops all writes from
+//! block allocation, refcount-table growth, L1 growth by resize, shrinking (with
+//! and without snapshots), write-zeroes, discard, flushes) runs on a fault-injecting backend that stops all writes from
 //! operation `k` on, for every `k` until the sequence completes. After each cut the
 //! image reopens; strata's check and `qemu-img check` must report it clean or with
 //! leaks only; every byte flushed before the cut reads back, and bytes written after
@@ -24,6 +24,7 @@ enum Op {
     Zero(u64, u64, bool),
     Discard(u64, u64),
     Resize(u64),
+    Shrink(u64),
     Flush,
     SnapCreate(&'static str),
     SnapApply(&'static str),
@@ -55,6 +56,16 @@ fn ops() -> Vec<Op> {
         Op::SnapApply("a"),
         Op::SnapDelete("b"),
         Op::Write(3000, 100, 9),
+        Op::Flush,
+        // Shrink under snapshot "a" (its tables stay; the active ones are copied).
+        Op::Shrink(SIZE * 3 + 4608),
+        Op::Write(SIZE * 3, 4608, 10),
+        Op::Flush,
+        Op::SnapDelete("a"),
+        // L2 tables, refcount blocks and the file's tail are given back.
+        Op::Shrink(SIZE / 2),
+        Op::Resize(SIZE * 2),
+        Op::Write(SIZE, 5000, 11),
         Op::Flush,
     ]
 }
@@ -103,7 +114,7 @@ fn apply_model(
                 model[start as usize..end as usize].fill(0);
             }
         }
-        Op::Resize(n) => model.resize(n as usize, 0),
+        Op::Resize(n) | Op::Shrink(n) => model.resize(n as usize, 0),
         Op::Flush => {}
     }
 }
@@ -114,6 +125,7 @@ fn run_op(img: &Qcow2Image, op: &Op) -> strata_format::Result<()> {
         Op::Zero(o, l, u) => img.write_zeroes(o, l, u),
         Op::Discard(o, l) => img.discard(o, l),
         Op::Resize(n) => img.resize(n, false),
+        Op::Shrink(n) => img.resize(n, true),
         Op::Flush => img.flush(),
         Op::SnapCreate(n) => img
             .snapshot_create(&strata_format::qcow2::SnapshotSpec {

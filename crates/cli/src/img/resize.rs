@@ -43,7 +43,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     };
     let prealloc = match args.preallocation.as_deref() {
         None | Some("off") => None,
-        Some(p) => Some(p.parse::<strata_format::qcow2::Preallocation>()?),
+        Some(p) => Some(
+            p.parse::<strata_format::qcow2::Preallocation>()
+                .map_err(|_| anyhow::anyhow!("Invalid preallocation mode '{p}'"))?,
+        ),
     };
     let dev = strata_chain::open_image(&args.filename, format, true, false)?;
     let cur = dev.virtual_size();

@@ -1215,15 +1215,17 @@ impl BlockDevice for Qcow2Image {
         let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
         let _busy = self.inflight.acquire(0, u64::MAX);
         let mut m = self.lock();
+        // Each v3 snapshot records its own disk size, so the active disk may change
+        // size under snapshots; v2 did not require that field (QEMU's rule).
+        if !m.snapshots.is_empty() && self.geo.version < 3 {
+            return Err(Error::invalid_argument(
+                "Can't resize a v2 image which has snapshots",
+            ));
+        }
         if new_size < cur {
             if !allow_shrink {
                 return Err(Error::invalid_argument(
                     "Use the --shrink option to perform a shrink operation.",
-                ));
-            }
-            if !m.snapshots.is_empty() {
-                return Err(Error::invalid_argument(
-                    "Can't resize an image which has snapshots",
                 ));
             }
             let cs = self.geo.cluster_size();
@@ -1236,12 +1238,16 @@ impl BlockDevice for Qcow2Image {
             if !new_size.is_multiple_of(cs) {
                 // The tail of the last cluster must read as zeroes if the disk grows again.
                 let tail_end = (new_size.next_multiple_of(cs)).min(cur);
+                // Zeroed only where it does not read as zeroes already.
                 if tail_end > new_size {
-                    let zeros = vec![0u8; (tail_end - new_size) as usize];
-                    self.write_locked(&mut m, &zeros, new_size)
+                    self.zero_locked(&mut m, new_size, tail_end - new_size, false, false)
                         .map_err(|e| self.err(e))?;
                 }
             }
+            // L2 tables wholly past the new end go too, and the file gives back its
+            // free tail (as QEMU's shrink does), before the header records the size.
+            let first = new_size.div_ceil(m.l2_entries() * cs);
+            super::snapshot_ops::drop_l2_tables(&mut m, first).map_err(|e| self.err(e))?;
         } else {
             let entries = m.h.l1_entries_for(new_size);
             self.grow_l1(&mut m, entries).map_err(|e| self.err(e))?;

@@ -116,7 +116,7 @@ impl Meta {
         self.write_refblocks()
     }
 
-    fn write_refblocks(&mut self) -> Result<bool> {
+    pub(crate) fn write_refblocks(&mut self) -> Result<bool> {
         let offs = self.rb.dirty_offsets();
         for off in &offs {
             let slot = self.rb.get(*off).expect("dirty slot");

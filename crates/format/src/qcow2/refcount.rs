@@ -103,6 +103,71 @@ impl Meta {
         Ok(())
     }
 
+    /// Drop refcount blocks that count no cluster but their own (what a shrink
+    /// leaves past the new end), as QEMU does before it shortens the file: their
+    /// refcount-table entries are cleared and written first, and only then does a
+    /// block described by another one lose its reference, so a crash leaks at
+    /// worst. Call with the metadata flushed.
+    pub(crate) fn drop_idle_refblocks(&mut self) -> Result<()> {
+        let cs = self.cluster_size();
+        let epb = self.rb_entries();
+        let order = self.h.refcount_order;
+        let mut dropped = Vec::new();
+        for idx in 0..self.reftable.len() as u64 {
+            let off = self.refblock_offset(idx)?;
+            if off == 0 {
+                continue;
+            }
+            let own = off / cs;
+            let self_described = own / epb == idx;
+            self.load_refblock(off)?;
+            let data = &self.rb.get(off).expect("loaded").data;
+            let idle = (0..epb).all(|i| {
+                let v = rb_get(data, order, i as usize);
+                v == 0 || (self_described && idx * epb + i == own && v == 1)
+            });
+            if idle {
+                dropped.push((idx, own, self_described));
+            }
+        }
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        for &(idx, _, _) in &dropped {
+            self.reftable[idx as usize] = 0;
+            self.storage
+                .write_at(&0u64.to_be_bytes(), self.h.refcount_table_offset + idx * 8)?;
+        }
+        self.barrier()?;
+        self.rb.clear();
+        for &(_, own, self_described) in &dropped {
+            if !self_described {
+                self.update_refcount(own, -1)?;
+            }
+        }
+        self.write_refblocks()?;
+        self.barrier()?;
+        self.free_hint = 1;
+        Ok(())
+    }
+
+    /// Give back the file's free tail: shorten the file to just past the last
+    /// cluster with a reference. Call only once the references dropped are
+    /// flushed, so no structure on disk points past the new end.
+    pub(crate) fn trim_free_tail(&mut self) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let end = self.storage.size()?.div_ceil(cs);
+        let mut keep = end;
+        while keep > 0 && self.refcount(keep - 1)? == 0 {
+            keep -= 1;
+        }
+        if keep < end {
+            self.storage.set_size(keep * cs)?;
+            self.storage.flush()?;
+        }
+        Ok(())
+    }
+
     /// The stored refcount of host cluster `cluster`.
     pub fn refcount(&mut self, cluster: u64) -> Result<u64> {
         let epb = self.rb_entries();
