@@ -4,8 +4,9 @@
 use std::process::Command;
 
 const STRATA: &str = env!("CARGO_BIN_EXE_strata");
-const SUBCOMMANDS: [&str; 9] = [
+const SUBCOMMANDS: [&str; 12] = [
     "create", "info", "map", "check", "compare", "measure", "resize", "convert", "snapshot",
+    "commit", "rebase", "stream",
 ];
 
 #[test]
@@ -97,4 +98,101 @@ fn invoked_as_qemu_img_it_behaves_as_strata_img() {
         String::from_utf8_lossy(&out.stderr).starts_with("qemu-img: "),
         "errors name the program as invoked"
     );
+    // Scripts read the version from qemu-img's first line.
+    for flag in ["--version", "-V"] {
+        let out = Command::new(&link).arg(flag).output().unwrap();
+        assert!(out.status.success());
+        let first = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        assert!(first.starts_with("qemu-img version 10."), "{first}");
+        assert!(first.contains("strata"), "{first}");
+    }
+}
+
+/// `-o help` lists only options create really takes: each one, given a sample
+/// value, makes an image qemu-img checks clean. No image is made by the listing.
+#[test]
+fn option_help_lists_exactly_what_create_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sample = |k: &str| match k {
+        "backing_file" => "base.qcow2",
+        "backing_fmt" => "qcow2",
+        "cluster_size" => "4k",
+        "compat" => "0.10",
+        "compression_type" => "zstd",
+        "extended_l2" | "lazy_refcounts" => "on",
+        "preallocation" => "metadata",
+        "refcount_bits" => "8",
+        "size" => "2M",
+        other => panic!("no sample value for listed option {other}"),
+    };
+    let run = |args: &[&str]| {
+        Command::new(STRATA)
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["img", "create", "-q", "-f", "qcow2", "base.qcow2", "2M"]);
+    for fmt in ["qcow2", "raw"] {
+        let listing = ok(&["img", "create", "-f", fmt, "-o", "help"]);
+        assert!(
+            listing.starts_with(&format!("Supported {fmt} options:\n")),
+            "{listing}"
+        );
+        let via_convert = ok(&["img", "convert", "-O", fmt, "-o", "help", "base.qcow2", "x"]);
+        assert_eq!(via_convert, listing);
+        assert!(!d.join("x").exists(), "-o help made an image");
+        let keys: Vec<String> = listing
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.trim_start().split_once('=').map(|(k, _)| k.to_string()))
+            .collect();
+        assert!(keys.len() >= 2, "{listing}");
+        for k in keys {
+            let mut v = sample(&k);
+            if fmt == "raw" && k == "preallocation" {
+                v = "falloc";
+            }
+            // v2 takes neither of the v3-only switches.
+            let compat = if k == "extended_l2" || k == "lazy_refcounts" {
+                ",compat=1.1"
+            } else {
+                ""
+            };
+            let name = format!("{fmt}-{k}.img");
+            let opts = format!("{k}={v}{compat}");
+            let mut args = vec!["img", "create", "-q", "-f", fmt, "-o", &opts, &name];
+            match k.as_str() {
+                "backing_file" => args.extend(["-F", "qcow2"]),
+                "backing_fmt" => args.extend(["-b", "base.qcow2"]),
+                _ => {}
+            }
+            if k != "size" {
+                args.push("2M");
+            }
+            ok(&args);
+            if fmt == "qcow2" {
+                let out = Command::new("qemu-img")
+                    .args(["check", &name])
+                    .current_dir(d)
+                    .output()
+                    .expect("qemu-img must be installed");
+                assert!(out.status.success(), "{opts}: check failed");
+            }
+        }
+    }
 }

@@ -787,6 +787,10 @@ fn refusals_are_worded_as_qemu_img_words_them() {
         &["map", "--max-length=99999999999999999999", "base.qcow2"],
         &["map", "--start-offset=1.5x", "base.qcow2"],
         &["rebase", "base.qcow2"],
+        &["create"],
+        &["create", "-f", "qcow2"],
+        &["convert"],
+        &["convert", "-O", "raw", "r.raw"],
         &["resize", "--preallocation=foo", "base.qcow2", "+1M"],
         &[
             "resize",

@@ -31,35 +31,69 @@ pub struct Created {
     pub summary: String,
 }
 
-/// Options each format accepts.
-pub fn supported_options(format: Format) -> &'static [(&'static str, &'static str)] {
+/// The `-o` options strata's create understands for `format`, as `-o help` lists
+/// them: name, value type (as qemu-img shows types) and what it does.
+pub fn supported_options(format: Format) -> &'static [(&'static str, &'static str, &'static str)] {
     match format {
         Format::Qcow2 => &[
-            ("backing_file", "File name of a base image"),
-            ("backing_fmt", "Image format of the base image"),
-            ("cluster_size", "qcow2 cluster size"),
-            ("compat", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+            (
+                "backing_file",
+                "str",
+                "Image the new one is an overlay on (a relative name is taken from the new image's directory)",
+            ),
+            ("backing_fmt", "str", "Format of the backing image: qcow2 or raw"),
+            (
+                "cluster_size",
+                "size",
+                "Allocation unit, a power of two from 512 bytes to 2 MiB (default 64 KiB)",
+            ),
+            ("compat", "str", "qcow2 version: 0.10 (v2) or 1.1 (v3, the default)"),
             (
                 "compression_type",
-                "Compression method used for image cluster compression (zlib, zstd)",
+                "str",
+                "Codec for compressed clusters: zlib (default) or zstd",
             ),
-            ("extended_l2", "Extended L2 tables (on/off)"),
-            ("lazy_refcounts", "Postpone refcount updates (on/off)"),
+            (
+                "extended_l2",
+                "bool (on/off)",
+                "Split each cluster into 32 subclusters (v3 only)",
+            ),
+            (
+                "lazy_refcounts",
+                "bool (on/off)",
+                "Defer refcount updates to a repair after a crash (v3 only)",
+            ),
             (
                 "preallocation",
-                "Preallocation mode (allowed values: off, metadata, falloc, full)",
+                "str",
+                "What to allocate up front: off, metadata, falloc or full",
             ),
-            ("refcount_bits", "Width of a reference count entry in bits"),
-            ("size", "Virtual disk size"),
+            (
+                "refcount_bits",
+                "num",
+                "Bits per reference count: 1, 2, 4, 8, 16 (default), 32 or 64",
+            ),
+            ("size", "size", "Virtual disk size"),
         ],
         Format::Raw => &[
             (
                 "preallocation",
-                "Preallocation mode (allowed values: off, falloc, full)",
+                "str",
+                "What to allocate up front: off, falloc or full",
             ),
-            ("size", "Virtual disk size"),
+            ("size", "size", "Virtual disk size"),
         ],
     }
+}
+
+/// The `-o help` listing of [`supported_options`], laid out as qemu-img lays its
+/// own out (name=<type> in a 22-column field, then the description).
+pub fn options_help(format: Format) -> String {
+    let mut out = format!("Supported {} options:\n", format.name());
+    for (k, ty, help) in supported_options(format) {
+        out.push_str(&format!("  {:<22} - {help}\n", format!("{k}=<{ty}>")));
+    }
+    out
 }
 
 fn invalid(path: &Path, msg: impl std::fmt::Display) -> Error {

@@ -77,13 +77,23 @@ pub struct Args {
     #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
     rate: Option<String>,
     /// Source images (concatenated) followed by the output image.
-    #[arg(required = true, num_args = 2.., value_name = "FILENAME")]
+    #[arg(value_name = "FILENAME")]
     files: Vec<PathBuf>,
 }
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
-    let (out_path, src_paths) = args.files.split_last().expect("clap requires two files");
     let out_format: Format = args.out_format.parse()?;
+    if args.options.iter().any(|o| {
+        parse_options(std::slice::from_ref(o))
+            .is_ok_and(|m| m.contains_key("help") || m.contains_key("?"))
+    }) {
+        print!("{}", strata_jobs::create::options_help(out_format));
+        return Ok(0);
+    }
+    let (out_path, src_paths) = match args.files.split_last() {
+        Some((out, srcs)) if !srcs.is_empty() => (out, srcs),
+        _ => bail!("Must specify image file name"),
+    };
     if args.target_is_zero && !args.no_create {
         bail!("--target-is-zero requires use of -n flag");
     }

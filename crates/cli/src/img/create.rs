@@ -5,7 +5,7 @@ use super::common::{image_size, parse_options, Ctx};
 use anyhow::Result;
 use std::path::PathBuf;
 use strata_format::Format;
-use strata_jobs::create::{prepare, supported_options, CreateRequest};
+use strata_jobs::create::{options_help, prepare, CreateRequest};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,25 +27,28 @@ pub struct Args {
     /// Quiet: do not print the summary line.
     #[arg(short = 'q')]
     quiet: bool,
-    /// The new image.
-    filename: PathBuf,
+    /// The new image (not needed with `-o help`).
+    filename: Option<PathBuf>,
     /// Virtual size (k, M, G, T, P, E suffixes); defaults to the backing file's size.
     size: Option<String>,
 }
 
-pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
-    let format: Format = args
-        .format
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.filename.display()))?;
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    let format: Format = args.format.parse().map_err(|e| match &args.filename {
+        Some(p) => anyhow::anyhow!("{}: {e}", p.display()),
+        None => anyhow::anyhow!("{e}"),
+    })?;
     let mut options = parse_options(&args.options)?;
     if options.contains_key("help") || options.contains_key("?") {
-        println!("Supported {} options:", format.name());
-        for (k, help) in supported_options(format) {
-            println!("  {:<22} - {help}", format!("{k}=<...>"));
-        }
+        print!("{}", options_help(format));
         return Ok(0);
     }
+    let Some(filename) = args.filename.clone() else {
+        anyhow::bail!(
+            "Expecting image file name\nTry '{} create --help' for more info",
+            ctx.prog
+        );
+    };
     if let Some(b) = &args.backing {
         options.insert("backing_file".into(), b.clone());
     }
@@ -57,7 +60,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         None => None,
     };
     let prepared = prepare(&CreateRequest {
-        path: args.filename.clone(),
+        path: filename,
         format,
         size,
         options,

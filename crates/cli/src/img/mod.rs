@@ -66,7 +66,30 @@ enum ImgCommand {
 }
 
 /// Parse `args` as `<prog> SUBCOMMAND ...` and run it; returns the exit code.
+/// The qemu-img release whose command line `strata img` follows.
+const QEMU_IMG_INTERFACE: &str = "10.0.0";
+
+/// `--version`/`-V` before any subcommand, as qemu-img takes it. Under the name
+/// `qemu-img` the first line keeps qemu-img's shape, so scripts that read the
+/// version from it see the interface strata implements.
+fn version_text(prog: &str) -> String {
+    let strata = env!("CARGO_PKG_VERSION");
+    if prog == "qemu-img" {
+        format!(
+            "qemu-img version {QEMU_IMG_INTERFACE} (strata {strata})\n\
+             This is strata's implementation of the qemu-img command line, not QEMU.\n"
+        )
+    } else {
+        format!("strata {strata} (qemu-img {QEMU_IMG_INTERFACE} command line)\n")
+    }
+}
+
 pub fn main_as(args: impl Iterator<Item = OsString>, prog: &'static str) -> i32 {
+    let mut args = args.peekable();
+    if args.peek().is_some_and(|a| a == "--version" || a == "-V") {
+        print!("{}", version_text(prog));
+        return 0;
+    }
     let argv = std::iter::once(OsString::from(prog)).chain(args);
     match ImgCli::try_parse_from(argv) {
         Ok(cli) => run(cli, prog),
