@@ -80,6 +80,37 @@ fn base_image(opts: &CreateOptions) -> Vec<u8> {
     mem.snapshot()
 }
 
+/// The same image with two persistent bitmaps added by qemu-img: `on` enabled and
+/// `off` disabled, each with some bits set.
+fn base_image_with_bitmaps(opts: &CreateOptions) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("b.qcow2");
+    std::fs::write(&p, base_image(opts)).unwrap();
+    let ps = p.to_str().unwrap();
+    for args in [
+        &["bitmap", "--add", ps, "on"][..],
+        &["bitmap", "--add", ps, "off"],
+    ] {
+        let st = Command::new("qemu-img")
+            .args(args)
+            .status()
+            .expect("qemu-img must be installed");
+        assert!(st.success());
+    }
+    let st = Command::new("qemu-io")
+        .args(["-c", "write -P 7 64k 4k", ps])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("qemu-io must be installed");
+    assert!(st.success());
+    let st = Command::new("qemu-img")
+        .args(["bitmap", "--disable", ps, "off"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::read(&p).unwrap()
+}
+
 fn fill(seed: u8, off: u64, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| ((off + i) as u8).wrapping_add(seed) | 0x80)
@@ -255,8 +286,12 @@ fn verify(bytes: &[u8], acked: &[u8], since: &[Vec<u8>], what: &str) {
 }
 
 fn crash_at_every_point(opts: CreateOptions) -> u64 {
-    let cs = opts.cluster_size;
     let base = base_image(&opts);
+    crash_at_every_point_from(&opts, base)
+}
+
+fn crash_at_every_point_from(opts: &CreateOptions, base: Vec<u8>) -> u64 {
+    let cs = opts.cluster_size;
     let (_, _, _, completed, total) = run_with(&base, None, cs);
     assert!(completed);
     for k in 0..total {
@@ -323,6 +358,13 @@ fn every_cut_point_leaves_a_consistent_image_with_flushed_data() {
         lazy_refcounts: true,
         ..Default::default()
     });
+    // Persistent bitmaps kept valid through every operation (and every cut).
+    let opts = CreateOptions {
+        size: SIZE,
+        cluster_size: 65536,
+        ..Default::default()
+    };
+    points += crash_at_every_point_from(&opts, base_image_with_bitmaps(&opts));
     eprintln!("crash safety: {points} cut points tested");
     assert!(points > 100);
 }

@@ -170,13 +170,31 @@ impl Qcow2Image {
             h.cluster_size(),
             file_size,
         )?;
+        let mut bitmaps = None;
         if !read_only && h.autoclear_features != 0 {
-            // strata does not keep persistent bitmaps up to date on write, so it must
-            // mark them inconsistent, as the specification asks of such programs.
-            h.autoclear_features = 0;
-            if h.version >= 3 {
-                storage.write_at(&0u64.to_be_bytes(), 88)?;
-                storage.flush()?;
+            // Bitmaps strata can keep valid stay (see `bitmaps`); any other
+            // autoclear feature, or bitmaps it cannot vouch for, are marked
+            // inconsistent, as the specification asks of programs without them.
+            if let (Some(ext), header::autoclear::BITMAPS) = (h.bitmaps, h.autoclear_features) {
+                bitmaps = super::bitmaps::Bitmaps::load(
+                    &*storage,
+                    ext,
+                    h.cluster_size(),
+                    h.size,
+                    file_size,
+                )?;
+            }
+            let keep = if bitmaps.is_some() {
+                header::autoclear::BITMAPS
+            } else {
+                0
+            };
+            if keep != h.autoclear_features {
+                h.autoclear_features = keep;
+                if h.version >= 3 {
+                    storage.write_at(&keep.to_be_bytes(), 88)?;
+                    storage.flush()?;
+                }
             }
         }
         let geo = Geometry {
@@ -189,6 +207,7 @@ impl Qcow2Image {
         let compression = h.compression_type;
         let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
         meta.snapshots = snaps;
+        meta.bitmaps = bitmaps;
         let img = Qcow2Image {
             meta: Mutex::new(meta),
             storage,
@@ -1222,12 +1241,17 @@ impl BlockDevice for Qcow2Image {
                 "Can't resize a v2 image which has snapshots",
             ));
         }
+        if new_size < cur && !allow_shrink {
+            return Err(Error::invalid_argument(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        let marked = if new_size != cur {
+            m.bitmaps_begin_resize().map_err(|e| self.err(e))?
+        } else {
+            Vec::new()
+        };
         if new_size < cur {
-            if !allow_shrink {
-                return Err(Error::invalid_argument(
-                    "Use the --shrink option to perform a shrink operation.",
-                ));
-            }
             let cs = self.geo.cluster_size();
             let from = new_size.next_multiple_of(cs);
             let to = cur.next_multiple_of(cs);
@@ -1259,7 +1283,8 @@ impl BlockDevice for Qcow2Image {
         m.storage.flush().map_err(|e| self.err(e))?;
         m.h.size = new_size;
         self.size.store(new_size, Ordering::Release);
-        Ok(())
+        m.bitmaps_end_resize(&marked, new_size)
+            .map_err(|e| self.err(e))
     }
 
     fn path(&self) -> Option<PathBuf> {

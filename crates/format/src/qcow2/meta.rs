@@ -39,6 +39,8 @@ pub struct Meta {
     pub barriers: bool,
     /// `fallocate` fresh data clusters before writing them (off by default).
     pub falloc_new_clusters: bool,
+    /// Persistent bitmaps kept valid while the image is open for writing.
+    pub bitmaps: Option<super::bitmaps::Bitmaps>,
 }
 
 impl Meta {
@@ -70,6 +72,7 @@ impl Meta {
             dirty_written: false,
             barriers: true,
             falloc_new_clusters: false,
+            bitmaps: None,
             h,
         }
     }
@@ -304,8 +307,12 @@ impl Meta {
         Ok(())
     }
 
-    /// Before the first write of a lazy-refcounts session: set and flush the dirty bit.
+    /// Before a change to the guest disk: persistent bitmaps record it (the first
+    /// time in a session), and the first write of a lazy-refcounts session sets and
+    /// flushes the dirty bit.
     pub fn mark_dirty_if_lazy(&mut self) -> Result<()> {
+        // Bitmaps first record that the disk changes (see `bitmaps`).
+        self.dirty_bitmaps()?;
         if self.dirty_written || !self.h.lazy_refcounts() || self.h.version < 3 {
             return Ok(());
         }

@@ -6,6 +6,7 @@
 //! [`create`] makes new images; [`check`] verifies and repairs; [`snapshot`] reads the
 //! snapshot table; [`compress`] is the compressed-cluster codec.
 
+pub mod bitmaps;
 mod cache;
 pub mod check;
 pub mod compress;

@@ -325,6 +325,8 @@ impl Qcow2Image {
             .map(|(_, s)| s.clone())
             .ok_or_else(|| Error::invalid_argument(format!("Can't find snapshot '{key}'")))?;
         m.flush_metadata()?;
+        // The guest disk changes wholesale: bitmaps record it first.
+        m.dirty_bitmaps()?;
         let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
         if sl1.len() > m.l1.len() {
             self.grow_l1_for(m, sl1.len() as u64)?;
@@ -449,7 +451,7 @@ impl Qcow2Image {
         let _excl = self.exclusive();
         let mut m = self.lock();
         let set_here = m.begin_metadata_op().map_err(|e| self.err(e))?;
-        let r = drop_l2_tables(&mut m, 0);
+        let r = m.dirty_bitmaps().and_then(|_| drop_l2_tables(&mut m, 0));
         r.map_err(|e| self.fail_corrupt(&mut m, e))?;
         m.end_metadata_op(set_here).map_err(|e| self.err(e))
     }

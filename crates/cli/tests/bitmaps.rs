@@ -1,0 +1,178 @@
+//! Persistent dirty bitmaps survive strata's changes to an image, valid: enabled
+//! bitmaps cover every change (strata sets them to all ones), disabled ones keep
+//! their bits, and qemu-img checks the image clean (no bitmap cluster leaks). The
+//! bits are read back by the real QEMU (qemu-nbd exports a bitmap, nbdinfo maps it).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+fn run(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn strata(dir: &Path, args: &[&str]) -> String {
+    let mut a = vec!["img"];
+    a.extend_from_slice(args);
+    run(dir, STRATA, &a)
+}
+
+/// The dirty ranges of bitmap `name` as QEMU reads them: (start, length) pairs.
+fn dirty(dir: &Path, img: &str, name: &str) -> Vec<(u64, u64)> {
+    let sock = dir.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut srv = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-B", name, "-k"])
+        .arg(&sock)
+        .arg(dir.join(img))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-nbd must be installed");
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let map = run(
+        dir,
+        "nbdinfo",
+        &[
+            &format!("--map=qemu:dirty-bitmap:{name}"),
+            &format!("nbd+unix:///?socket={}", sock.display()),
+        ],
+    );
+    let _ = srv.kill();
+    let _ = srv.wait();
+    map.lines()
+        .filter(|l| l.contains("dirty"))
+        .map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .take(2)
+                .map(|x| x.parse().unwrap())
+                .collect();
+            (f[0], f[1])
+        })
+        .collect()
+}
+
+/// Clean check, and no bitmap left marked in use.
+fn sound(dir: &Path, img: &str, what: &str) {
+    let check = Command::new("qemu-img")
+        .args(["check", img])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{what}: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let info = run(dir, "qemu-img", &["info", "--output=json", img]);
+    assert!(
+        info.contains("\"name\": \"b1\""),
+        "{what}: bitmaps gone\n{info}"
+    );
+    assert!(
+        !info.contains("in-use"),
+        "{what}: a bitmap is left in use\n{info}"
+    );
+}
+
+fn size(dir: &Path, img: &str) -> u64 {
+    let info = run(dir, "qemu-img", &["info", "--output=json", img]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+/// `b1` enabled; `b2` disabled, dirty at 8 MiB only.
+fn image_with_bitmaps(dir: &Path, name: &str, backing: Option<&str>) {
+    let mut a = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(b) = backing {
+        a.extend(["-b", b, "-F", "qcow2"]);
+    }
+    a.extend([name, "64M"]);
+    run(dir, "qemu-img", &a);
+    run(dir, "qemu-img", &["bitmap", "--add", name, "b1"]);
+    run(dir, "qemu-img", &["bitmap", "--add", name, "b2"]);
+    run(dir, "qemu-io", &["-c", "write -P 2 8M 64k", name]);
+    run(dir, "qemu-img", &["bitmap", "--disable", name, "b2"]);
+    run(dir, "qemu-io", &["-c", "write -P 1 1M 64k", name]);
+}
+
+#[test]
+fn bitmaps_stay_valid_through_writes_snapshots_commits_and_resizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b2 = vec![(8 << 20, 65536)];
+    run(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "src.raw", "64M"],
+    );
+    run(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 3 20M 4k", "src.raw"],
+    );
+
+    // Before any change, strata leaves the bits as they are.
+    image_with_bitmaps(d, "d.qcow2", None);
+    let before = dirty(d, "d.qcow2", "b1");
+    assert_eq!(before, vec![(1 << 20, 65536), (8 << 20, 65536)]);
+    strata(d, &["snapshot", "-c", "s1", "d.qcow2"]);
+    assert_eq!(
+        dirty(d, "d.qcow2", "b1"),
+        before,
+        "a snapshot changes no data"
+    );
+    sound(d, "d.qcow2", "snapshot create");
+
+    let whole = |img: &str| vec![(0u64, size(d, img))];
+    let steps: &[(&str, &[&str])] = &[
+        (
+            "write",
+            &[
+                "convert", "-n", "-f", "raw", "-O", "qcow2", "src.raw", "d.qcow2",
+            ],
+        ),
+        ("snapshot apply", &["snapshot", "-a", "s1", "d.qcow2"]),
+        ("grow", &["resize", "d.qcow2", "+64M"]),
+        ("shrink", &["resize", "--shrink", "d.qcow2", "32M"]),
+    ];
+    for (what, args) in steps {
+        // Each step starts from bits QEMU wrote.
+        run(d, "qemu-img", &["bitmap", "--clear", "d.qcow2", "b1"]);
+        run(d, "qemu-io", &["-c", "write -P 5 0 4k", "d.qcow2"]);
+        strata(d, args);
+        sound(d, "d.qcow2", what);
+        assert_eq!(dirty(d, "d.qcow2", "b1"), whole("d.qcow2"), "{what}: b1");
+        if what.starts_with("write") || what.starts_with("snapshot") {
+            assert_eq!(dirty(d, "d.qcow2", "b2"), b2, "{what}: disabled b2 changed");
+        }
+    }
+
+    // Commit writes into a base with bitmaps, and empties a top with bitmaps.
+    image_with_bitmaps(d, "base.qcow2", None);
+    image_with_bitmaps(d, "top.qcow2", Some("base.qcow2"));
+    strata(d, &["commit", "top.qcow2"]);
+    for img in ["base.qcow2", "top.qcow2"] {
+        sound(d, img, "commit");
+        assert_eq!(dirty(d, img, "b1"), whole(img), "commit: {img} b1");
+        assert_eq!(dirty(d, img, "b2"), b2, "commit: {img} b2");
+    }
+}

@@ -1,0 +1,307 @@
+//! Persistent dirty bitmaps (the bitmaps header extension), kept valid across the
+//! changes strata makes to an image.
+//!
+//! strata does not record which clusters each write touches. It keeps bitmaps valid
+//! the conservative way instead: before the first change to the guest disk in a
+//! session, every enabled ("auto") bitmap is set to all ones (each bitmap-table entry
+//! becomes the all-ones marker and the bitmap's data clusters are freed). An
+//! incremental backup from such a bitmap copies the whole disk: more work, nothing
+//! missed. A resize sets every consistent bitmap to all ones at the new size.
+//! Bitmaps already marked in use (inconsistent) are left as they are.
+//!
+//! A directory strata cannot vouch for (reserved flags, unknown types, extra data
+//! not marked compatible, fields out of range) is not touched: the image falls back
+//! to the specification's rule for programs without bitmap support (the autoclear
+//! bit is cleared, and QEMU then ignores the bitmaps).
+//!
+//! Crash safety: a table rewritten in place changes entry by entry, and every entry
+//! is valid before and after; a table that moves is written, with its refcounts,
+//! before the directory points at it, and old clusters are freed last (a crash leaks
+//! at worst). A resize marks the bitmaps in use before it starts, so a crash in the
+//! middle leaves them inconsistent (QEMU then disregards their size) rather than
+//! wrong.
+
+use super::entries::OFFSET_MASK;
+use super::header::BitmapsExt;
+use super::meta::Meta;
+use crate::Result;
+use strata_storage::Storage;
+
+/// The bitmap is being changed (or was, when a program stopped): inconsistent.
+const FLAG_IN_USE: u32 = 1 << 0;
+/// Enabled: it must record every change to the disk.
+const FLAG_AUTO: u32 = 1 << 1;
+/// Its extra data may be ignored by programs that do not know it.
+const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
+const KNOWN_FLAGS: u32 = FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE;
+/// Bitmap-table entry with no data cluster and bit 0 set: every bit is one.
+const ALL_ONES: u64 = 1;
+/// QEMU's limits for a bitmap: table entries, bytes of bitmap data, granularity
+/// bits, name length.
+const MAX_TABLE_SIZE: u32 = 0x0800_0000;
+const MAX_PHYS_SIZE: u64 = 64 << 20;
+const MIN_GRANULARITY_BITS: u8 = 9;
+const MAX_GRANULARITY_BITS: u8 = 31;
+const MAX_NAME_SIZE: usize = 1023;
+/// The only bitmap type the specification defines.
+const TYPE_DIRTY_TRACKING: u8 = 1;
+
+/// One directory entry: where it sits in the directory and what it says.
+#[derive(Debug, Clone)]
+struct Entry {
+    at: usize,
+    table_offset: u64,
+    table_size: u32,
+    flags: u32,
+    granularity_bits: u8,
+}
+
+/// The bitmap directory of an image open for writing.
+#[derive(Debug, Clone)]
+pub struct Bitmaps {
+    dir_offset: u64,
+    dir: Vec<u8>,
+    entries: Vec<Entry>,
+    /// Enabled bitmaps were set to all ones in this session.
+    dirtied: bool,
+}
+
+/// Bitmap-table entries a bitmap of `granularity_bits` needs for `size` bytes.
+fn table_entries_for(size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+    size.div_ceil(1u64 << granularity_bits)
+        .div_ceil(8)
+        .div_ceil(cluster_size)
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+impl Bitmaps {
+    /// Read and vet the directory. `Ok(None)` when strata cannot keep these bitmaps
+    /// valid (the caller then clears the autoclear bit); errors are I/O errors.
+    pub fn load(
+        storage: &dyn Storage,
+        ext: BitmapsExt,
+        cluster_size: u64,
+        disk_size: u64,
+        file_size: u64,
+    ) -> Result<Option<Bitmaps>> {
+        let in_file = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= file_size);
+        // The header parser bounds the directory size (64 KiB entries at most).
+        if ext.nb_bitmaps == 0 || !in_file(ext.directory_offset, ext.directory_size) {
+            return Ok(None);
+        }
+        let mut dir = vec![0u8; ext.directory_size as usize];
+        storage.read_at(&mut dir, ext.directory_offset)?;
+        let mut entries = Vec::new();
+        let mut at = 0usize;
+        for _ in 0..ext.nb_bitmaps {
+            let Some(head) = dir.get(at..at + 24) else {
+                return Ok(None);
+            };
+            let table_offset = u64::from_be_bytes(head[0..8].try_into().expect("8 bytes"));
+            let table_size = be32(head, 8);
+            let flags = be32(head, 12);
+            let kind = head[16];
+            let granularity_bits = head[17];
+            let name_size = u16::from_be_bytes([head[18], head[19]]) as usize;
+            let extra = be32(head, 20) as usize;
+            let fits = table_offset != 0
+                && table_offset.is_multiple_of(cluster_size)
+                && table_size != 0
+                && table_size <= MAX_TABLE_SIZE
+                && u64::from(table_size) * cluster_size <= MAX_PHYS_SIZE
+                && in_file(table_offset, u64::from(table_size) * 8)
+                && flags & !KNOWN_FLAGS == 0
+                && kind == TYPE_DIRTY_TRACKING
+                && (MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits)
+                && name_size <= MAX_NAME_SIZE
+                && (extra == 0 || flags & FLAG_EXTRA_DATA_COMPATIBLE != 0)
+                && (flags & FLAG_IN_USE != 0
+                    || u64::from(table_size)
+                        == table_entries_for(disk_size, granularity_bits, cluster_size).max(1));
+            let len = (24 + extra + name_size).next_multiple_of(8);
+            if !fits || at + len > dir.len() {
+                return Ok(None);
+            }
+            entries.push(Entry {
+                at,
+                table_offset,
+                table_size,
+                flags,
+                granularity_bits,
+            });
+            at += len;
+        }
+        Ok(Some(Bitmaps {
+            dir_offset: ext.directory_offset,
+            dir,
+            entries,
+            dirtied: false,
+        }))
+    }
+
+    fn put_entry(&mut self, i: usize) {
+        let e = &self.entries[i];
+        let at = e.at;
+        self.dir[at..at + 8].copy_from_slice(&e.table_offset.to_be_bytes());
+        self.dir[at + 8..at + 12].copy_from_slice(&e.table_size.to_be_bytes());
+        self.dir[at + 12..at + 16].copy_from_slice(&e.flags.to_be_bytes());
+    }
+}
+
+/// Which bitmaps a fill sets to all ones.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Which {
+    /// Enabled bitmaps not in use (before a change to the guest disk).
+    Enabled,
+    /// The bitmaps [`Meta::bitmaps_begin_resize`] marked in use.
+    Marked,
+}
+
+impl Meta {
+    /// Before the first change to the guest disk in this session: set every
+    /// enabled bitmap to all ones (a no-op after that, or without bitmaps).
+    pub(crate) fn dirty_bitmaps(&mut self) -> Result<()> {
+        match &self.bitmaps {
+            Some(b) if !b.dirtied => {}
+            _ => return Ok(()),
+        }
+        let mut b = self.bitmaps.take().expect("checked");
+        let size = self.h.size;
+        let r = self.fill(&mut b, size, Which::Enabled, &[]);
+        if r.is_ok() {
+            b.dirtied = true;
+        }
+        self.bitmaps = Some(b);
+        r
+    }
+
+    /// Before a resize: mark every consistent bitmap in use (one directory write),
+    /// and return which ones, for [`Meta::bitmaps_end_resize`].
+    pub(crate) fn bitmaps_begin_resize(&mut self) -> Result<Vec<usize>> {
+        let Some(mut b) = self.bitmaps.take() else {
+            return Ok(Vec::new());
+        };
+        let marked: Vec<usize> = (0..b.entries.len())
+            .filter(|&i| b.entries[i].flags & FLAG_IN_USE == 0)
+            .collect();
+        for &i in &marked {
+            b.entries[i].flags |= FLAG_IN_USE;
+            b.put_entry(i);
+        }
+        let r = if marked.is_empty() {
+            Ok(())
+        } else {
+            self.flush_metadata()
+                .and_then(|_| Ok(self.storage.write_at(&b.dir, b.dir_offset)?))
+                .and_then(|_| self.barrier())
+        };
+        self.bitmaps = Some(b);
+        r.map(|_| marked)
+    }
+
+    /// After a resize to `size`: the bitmaps marked by
+    /// [`Meta::bitmaps_begin_resize`] become all ones at the new size and
+    /// consistent again.
+    pub(crate) fn bitmaps_end_resize(&mut self, marked: &[usize], size: u64) -> Result<()> {
+        let Some(mut b) = self.bitmaps.take() else {
+            return Ok(());
+        };
+        let r = self.fill(&mut b, size, Which::Marked, marked);
+        self.bitmaps = Some(b);
+        r
+    }
+
+    /// Set the chosen bitmaps to all ones for a disk of `size` bytes (tables of the
+    /// right size, moved if their size changes), then write the directory with
+    /// `Marked` bitmaps no longer in use, and free what the old tables held.
+    fn fill(&mut self, b: &mut Bitmaps, size: u64, which: Which, marked: &[usize]) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut frees = Vec::new();
+        let mut dir_changed = false;
+        for i in 0..b.entries.len() {
+            let e = b.entries[i].clone();
+            let chosen = match which {
+                Which::Enabled => e.flags & FLAG_AUTO != 0 && e.flags & FLAG_IN_USE == 0,
+                Which::Marked => marked.contains(&i),
+            };
+            if !chosen {
+                continue;
+            }
+            let need = table_entries_for(size, e.granularity_bits, cs).max(1);
+            let mut old = vec![0u8; e.table_size as usize * 8];
+            self.storage.read_at(&mut old, e.table_offset)?;
+            let old: Vec<u64> = old
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            let ones: Vec<u8> = std::iter::repeat_n(ALL_ONES.to_be_bytes(), need as usize)
+                .flatten()
+                .collect();
+            let data: Vec<u64> = old
+                .iter()
+                .map(|&x| x & OFFSET_MASK)
+                .filter(|&o| o != 0)
+                .collect();
+            if need == u64::from(e.table_size) {
+                if old.iter().all(|&x| x == ALL_ONES) {
+                    if which == Which::Marked {
+                        b.entries[i].flags &= !FLAG_IN_USE;
+                        b.put_entry(i);
+                        dir_changed = true;
+                    }
+                    continue;
+                }
+                // In place: every entry is valid before and after its own write.
+                self.storage.write_at(&ones, e.table_offset)?;
+            } else {
+                let clusters = (need * 8).div_ceil(cs);
+                let at = self.alloc_clusters(clusters)?;
+                self.storage.write_at(&ones, at)?;
+                frees.extend(
+                    (0..(u64::from(e.table_size) * 8).div_ceil(cs))
+                        .map(|k| e.table_offset / cs + k),
+                );
+                b.entries[i].table_offset = at;
+                b.entries[i].table_size = need as u32;
+            }
+            frees.extend(data.iter().map(|o| o / cs));
+            if which == Which::Marked {
+                b.entries[i].flags &= !FLAG_IN_USE;
+            }
+            b.put_entry(i);
+            dir_changed = true;
+        }
+        // New tables and their refcounts are on disk before the directory points
+        // at them; old clusters are freed only once it no longer does.
+        self.flush_metadata()?;
+        if dir_changed {
+            self.storage.write_at(&b.dir, b.dir_offset)?;
+            self.barrier()?;
+        }
+        for c in frees {
+            self.free_later(c);
+        }
+        self.flush_metadata()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_size_follows_disk_size_granularity_and_cluster_size() {
+        // 1 GiB at 64 KiB granularity: 16384 bits = 2 KiB, one 64 KiB cluster.
+        assert_eq!(table_entries_for(1 << 30, 16, 65536), 1);
+        // 1 TiB at 64 KiB granularity: 2 MiB of bits, 32 clusters of 64 KiB.
+        assert_eq!(table_entries_for(1 << 40, 16, 65536), 32);
+        // One bit past a cluster's worth needs a second cluster.
+        let per_cluster = 512u64 * 8 * 512;
+        assert_eq!(table_entries_for(per_cluster, 9, 512), 1);
+        assert_eq!(table_entries_for(per_cluster + 512, 9, 512), 2);
+        assert_eq!(table_entries_for(0, 16, 65536), 0);
+    }
+}
