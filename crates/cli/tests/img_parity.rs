@@ -37,9 +37,8 @@ fn run(dir: &Path, prog: &str, args: &[&str]) -> (Option<i32>, String, String) {
         .output()
         .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
     let err = String::from_utf8_lossy(&out.stderr)
-        .replace("strata img:", "PROG:")
-        .replace("qemu-img:", "PROG:")
-        .replace("Try 'strata img ", "Try 'qemu-img ");
+        .replace("strata img", "qemu-img")
+        .replace("qemu-img:", "PROG:");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -789,6 +788,18 @@ fn refusals_are_worded_as_qemu_img_words_them() {
         &["rebase", "base.qcow2"],
         &["create"],
         &["create", "-f", "qcow2"],
+        &["create", "-f"],
+        &["info"],
+        &["info", "-q", "base.qcow2"],
+        &["info", "--foo=3", "base.qcow2"],
+        &["info", "base.qcow2", "r.raw"],
+        &["map", "--output"],
+        &["check", "--output=xml", "base.qcow2"],
+        &["compare", "base.qcow2"],
+        &["measure"],
+        &["resize", "base.qcow2"],
+        &["snapshot", "-c", "a", "-d", "b", "base.qcow2"],
+        &["commit"],
         &["convert"],
         &["convert", "-O", "raw", "r.raw"],
         &["resize", "--preallocation=foo", "base.qcow2", "+1M"],

@@ -18,6 +18,7 @@ mod rebase;
 mod resize;
 mod snapshot;
 mod stream;
+mod usage;
 
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -90,11 +91,21 @@ pub fn main_as(args: impl Iterator<Item = OsString>, prog: &'static str) -> i32 
         print!("{}", version_text(prog));
         return 0;
     }
-    let argv = std::iter::once(OsString::from(prog)).chain(args);
+    let args: Vec<OsString> = args.collect();
+    let argv = std::iter::once(OsString::from(prog)).chain(args.iter().cloned());
     match ImgCli::try_parse_from(argv) {
         Ok(cli) => run(cli, prog),
         Err(e) => {
-            let _ = e.print();
+            let typed: Vec<String> = args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            match usage::qemu_img_message(&e, prog, &typed) {
+                Some(msg) => eprint!("{msg}"),
+                None => {
+                    let _ = e.print();
+                }
+            }
             // qemu-img exits 1 on bad arguments; help and version exit 0.
             if e.use_stderr() {
                 1

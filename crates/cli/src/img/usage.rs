@@ -1,0 +1,109 @@
+//! Command-line mistakes worded as qemu-img words them. clap finds the mistake; this
+//! module says it the way scripts and users of qemu-img expect (getopt's messages
+//! for options, the subcommand's own message for missing or extra file names,
+//! and the "Try ... --help" line), with qemu-img's exit code 1.
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+
+/// The message for a wrong number of file names, and whether qemu-img follows it
+/// with the "Try ... --help" line.
+fn file_count_message(sub: &str) -> Option<(&'static str, bool)> {
+    Some(match sub {
+        "info" | "map" | "check" | "snapshot" | "commit" | "rebase" | "stream" => {
+            ("Expecting one image file name", true)
+        }
+        "compare" => ("Expecting two image file names", true),
+        "resize" => ("Expecting image file name and size", true),
+        "create" => ("Expecting image file name", true),
+        "convert" => ("Must specify image file name", false),
+        "measure" => ("Either --size N or one filename must be specified.", false),
+        _ => return None,
+    })
+}
+
+fn context(e: &clap::Error, kind: ContextKind) -> Option<String> {
+    match e.get(kind)? {
+        ContextValue::String(s) => Some(s.clone()),
+        ContextValue::Strings(v) => v.first().cloned(),
+        _ => None,
+    }
+}
+
+/// The option as typed, without clap's value name (`-f <FMT>` -> `-f`).
+fn option_name(arg: &str) -> &str {
+    arg.split([' ', '=']).next().unwrap_or(arg)
+}
+
+/// qemu-img's text for `e` (a clap parse error of `prog sub ...`), or `None` to
+/// let clap speak (help, version, and mistakes qemu-img has no words for).
+pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<String> {
+    let sub = args.first()?.as_str();
+    let try_help = format!("Try '{prog} {sub} --help' for more info");
+    let counted = |(msg, with_try): (&str, bool)| {
+        if with_try {
+            format!("{prog}: {msg}\n{try_help}\n")
+        } else {
+            format!("{prog}: {msg}\n")
+        }
+    };
+    match e.kind() {
+        ErrorKind::UnknownArgument => {
+            let arg = context(e, ContextKind::InvalidArg)?;
+            if arg.starts_with("--") {
+                // As typed, with any `=value` (clap reports the name alone).
+                let prefix = format!("{arg}=");
+                let arg = args.iter().find(|a| a.starts_with(&prefix)).unwrap_or(&arg);
+                Some(format!(
+                    "{prog} {sub}: unrecognized option '{arg}'\n{try_help}\n"
+                ))
+            } else if arg.starts_with('-') && arg.len() > 1 {
+                let c = arg.chars().nth(1)?;
+                Some(format!(
+                    "{prog} {sub}: invalid option -- '{c}'\n{try_help}\n"
+                ))
+            } else {
+                file_count_message(sub).map(counted)
+            }
+        }
+        ErrorKind::MissingRequiredArgument | ErrorKind::TooFewValues => {
+            // A missing option value reads as a missing positional to clap only
+            // when it is a positional; options report InvalidValue below.
+            file_count_message(sub).map(counted)
+        }
+        ErrorKind::InvalidValue => {
+            let arg = context(e, ContextKind::InvalidArg)?;
+            let value = context(e, ContextKind::InvalidValue).unwrap_or_default();
+            let name = option_name(&arg);
+            if value.is_empty() {
+                return Some(match name.strip_prefix("--") {
+                    Some(_) => {
+                        format!("{prog} {sub}: option '{name}' requires an argument\n{try_help}\n")
+                    }
+                    None => format!(
+                        "{prog} {sub}: option requires an argument -- '{}'\n{try_help}\n",
+                        name.trim_start_matches('-')
+                    ),
+                });
+            }
+            (name == "--output").then(|| {
+                format!("{prog}: --output expects 'human' or 'json' not '{value}'\n{try_help}\n")
+            })
+        }
+        ErrorKind::ArgumentConflict if sub == "snapshot" => Some(format!(
+            "{prog}: Cannot mix '-l', '-a', '-c', '-d'\n{try_help}\n"
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_names_lose_their_value_names() {
+        assert_eq!(option_name("-f <FMT>"), "-f");
+        assert_eq!(option_name("--output <OFMT>"), "--output");
+        assert_eq!(option_name("--output=<OFMT>"), "--output");
+    }
+}
