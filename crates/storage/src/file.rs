@@ -122,10 +122,8 @@ impl FileStorage {
         }
     }
 
-    /// Zero `[offset, offset+len)` (clipped to the file) by changing its allocation:
-    /// `FALLOC_FL_ZERO_RANGE`, else punching a hole. Returns the clipped range when
-    /// the file system can do neither (the caller writes zero bytes or gives up).
-    fn zero_range(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+    /// `[offset, offset+len)` clipped to the file's end; `None` if nothing is left.
+    fn clip(&self, offset: u64, len: u64) -> Result<Option<u64>> {
         self.check_writable()?;
         let end = offset
             .checked_add(len)
@@ -134,20 +132,30 @@ impl FileStorage {
         if len == 0 || offset >= size {
             return Ok(None);
         }
-        let len = end.min(size) - offset;
+        Ok(Some(end.min(size) - offset))
+    }
+
+    /// Punch a hole (reads as zeroes, size kept); false if the file system cannot.
+    fn punch_hole(&self, offset: u64, len: u64) -> bool {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+        .is_ok()
+    }
+
+    /// Zero `[offset, offset+len)` (clipped to the file) by changing its allocation:
+    /// `FALLOC_FL_ZERO_RANGE`, else punching a hole. Returns the clipped range when
+    /// the file system can do neither (the caller writes zero bytes or gives up).
+    fn zero_range(&self, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+        let Some(len) = self.clip(offset, len)? else {
+            return Ok(None);
+        };
         if self
             .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
             .is_ok()
-        {
-            return Ok(None);
-        }
-        if self
-            .fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
-            .is_ok()
+            || self.punch_hole(offset, len)
         {
             return Ok(None);
         }
@@ -203,23 +211,10 @@ impl Storage for FileStorage {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_writable()?;
-        let end = offset
-            .checked_add(len)
-            .ok_or(Error::OutOfRange { offset, len })?;
-        let size = self.size()?;
-        if len == 0 || offset >= size {
+        let Some(len) = self.clip(offset, len)? else {
             return Ok(());
-        }
-        let len = end.min(size) - offset;
-        if self
-            .fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
-            .is_ok()
-        {
+        };
+        if self.punch_hole(offset, len) {
             return Ok(());
         }
         self.write_zero_bytes(offset, len)

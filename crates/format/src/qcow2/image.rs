@@ -400,6 +400,45 @@ impl Qcow2Image {
         Ok(out)
     }
 
+    /// A write-zeroes request; with `only_by_metadata`, done only if no zero data
+    /// must be written (checked and done under one lock, so the answer cannot go
+    /// stale), else `Ok(false)` with nothing changed.
+    fn zero_request(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        only_by_metadata: bool,
+    ) -> Result<bool> {
+        self.check_writable()?;
+        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+        let cs = self.geo.cluster_size();
+        let _busy = self
+            .inflight
+            .acquire(offset / cs, (offset + len).div_ceil(cs));
+        let mut m = self.lock();
+        if only_by_metadata {
+            let fast = self
+                .zeroes_by_metadata(&mut m, offset, len)
+                .map_err(|e| self.fail_corrupt(&mut m, e))?;
+            if !fast {
+                return Ok(false);
+            }
+        }
+        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+        self.zero_locked(&mut m, offset, len, may_unmap, false)
+            .map_err(|e| self.fail_corrupt(&mut m, e))?;
+        Ok(true)
+    }
+
+    /// Whether a backing device is attached (unallocated ranges read from it).
+    fn has_backing(&self) -> bool {
+        self.backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Read guest bytes that this layer does not hold: from the backing device, or
     /// zeroes past its end or without one.
     fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
@@ -743,11 +782,7 @@ impl Qcow2Image {
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let l2n = m.l2_entries();
-        let has_backing = self
-            .backing
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+        let has_backing = self.has_backing();
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -821,18 +856,12 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Whether `[off, off+n)` (inside one cluster) already reads as zeroes from its
-    /// metadata alone.
     /// Whether zeroing `[offset, offset+len)` (as `zero_locked` does it) changes
     /// metadata only: partial clusters must already read as zeroes, and a v2 image
     /// with a backing file has no way to zero a whole cluster without writing it.
     fn zeroes_by_metadata(&self, m: &mut Meta, offset: u64, len: u64) -> Result<bool> {
         let cs = self.geo.cluster_size();
-        let has_backing = self
-            .backing
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+        let has_backing = self.has_backing();
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -853,6 +882,8 @@ impl Qcow2Image {
         Ok(true)
     }
 
+    /// Whether `[off, off+n)` (inside one cluster) already reads as zeroes from its
+    /// metadata alone.
     fn reads_zero(&self, m: &mut Meta, off: u64, n: u64, has_backing: bool) -> Result<bool> {
         let (run, len) = self.lookup(m, off, n)?;
         Ok(len >= n
@@ -1109,37 +1140,11 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.check_writable()?;
-        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
-        let cs = self.geo.cluster_size();
-        let _busy = self
-            .inflight
-            .acquire(offset / cs, (offset + len).div_ceil(cs));
-        let mut m = self.lock();
-        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
-        self.zero_locked(&mut m, offset, len, may_unmap, false)
-            .map_err(|e| self.fail_corrupt(&mut m, e))
+        self.zero_request(offset, len, may_unmap, false).map(|_| ())
     }
 
     fn write_zeroes_fast(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
-        self.check_writable()?;
-        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
-        let cs = self.geo.cluster_size();
-        let _busy = self
-            .inflight
-            .acquire(offset / cs, (offset + len).div_ceil(cs));
-        let mut m = self.lock();
-        // Checked and done under one lock: nothing can turn the answer stale.
-        let fast = self
-            .zeroes_by_metadata(&mut m, offset, len)
-            .map_err(|e| self.fail_corrupt(&mut m, e))?;
-        if !fast {
-            return Ok(false);
-        }
-        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
-        self.zero_locked(&mut m, offset, len, may_unmap, false)
-            .map_err(|e| self.fail_corrupt(&mut m, e))?;
-        Ok(true)
+        self.zero_request(offset, len, may_unmap, true)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
