@@ -166,6 +166,20 @@ fn bitmaps_stay_valid_through_writes_snapshots_commits_and_resizes() {
         }
     }
 
+    // A size the bitmaps cannot follow within QEMU's limits is refused up front,
+    // with nothing changed (QEMU resizes and then drops the bitmaps).
+    let before = size(d, "d.qcow2");
+    let out = Command::new(STRATA)
+        .args(["img", "resize", "d.qcow2", "1P"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("persistent bitmap 'b1'"), "{err}");
+    assert_eq!(size(d, "d.qcow2"), before);
+    sound(d, "d.qcow2", "refused resize");
+
     // Commit writes into a base with bitmaps, and empties a top with bitmaps.
     image_with_bitmaps(d, "base.qcow2", None);
     image_with_bitmaps(d, "top.qcow2", Some("base.qcow2"));

@@ -24,7 +24,7 @@
 use super::entries::OFFSET_MASK;
 use super::header::BitmapsExt;
 use super::meta::Meta;
-use crate::Result;
+use crate::{Error, Result};
 use strata_storage::Storage;
 
 /// The bitmap is being changed (or was, when a program stopped): inconsistent.
@@ -142,6 +142,15 @@ impl Bitmaps {
         }))
     }
 
+    /// Bitmap `i`'s name (lossy UTF-8, for messages).
+    fn name(&self, i: usize) -> String {
+        let at = self.entries[i].at;
+        let name_size = u16::from_be_bytes([self.dir[at + 18], self.dir[at + 19]]) as usize;
+        let extra = be32(&self.dir, at + 20) as usize;
+        let start = at + 24 + extra;
+        String::from_utf8_lossy(&self.dir[start..start + name_size]).into_owned()
+    }
+
     fn put_entry(&mut self, i: usize) {
         let e = &self.entries[i];
         let at = e.at;
@@ -178,15 +187,28 @@ impl Meta {
         r
     }
 
-    /// Before a resize: mark every consistent bitmap in use (one directory write),
-    /// and return which ones, for [`Meta::bitmaps_end_resize`].
-    pub(crate) fn bitmaps_begin_resize(&mut self) -> Result<Vec<usize>> {
+    /// Before a resize to `size`: refuse if a bitmap would outgrow QEMU's limits,
+    /// else mark every consistent bitmap in use (one directory write) and return
+    /// which ones, for [`Meta::bitmaps_end_resize`].
+    pub(crate) fn bitmaps_begin_resize(&mut self, size: u64) -> Result<Vec<usize>> {
+        let cs = self.cluster_size();
         let Some(mut b) = self.bitmaps.take() else {
             return Ok(Vec::new());
         };
         let marked: Vec<usize> = (0..b.entries.len())
             .filter(|&i| b.entries[i].flags & FLAG_IN_USE == 0)
             .collect();
+        for &i in &marked {
+            let need = table_entries_for(size, b.entries[i].granularity_bits, cs);
+            if need > u64::from(MAX_TABLE_SIZE) || need * cs > MAX_PHYS_SIZE {
+                let name = b.name(i);
+                self.bitmaps = Some(b);
+                return Err(Error::invalid_argument(format!(
+                    "Cannot resize to {size} bytes: persistent bitmap '{name}' would exceed \
+                     {MAX_PHYS_SIZE} bytes (remove it first with 'qemu-img bitmap --remove')"
+                )));
+            }
+        }
         for &i in &marked {
             b.entries[i].flags |= FLAG_IN_USE;
             b.put_entry(i);

@@ -1252,7 +1252,7 @@ impl BlockDevice for Qcow2Image {
             ));
         }
         let marked = if new_size != cur {
-            m.bitmaps_begin_resize().map_err(|e| self.err(e))?
+            m.bitmaps_begin_resize(new_size).map_err(|e| self.err(e))?
         } else {
             Vec::new()
         };
