@@ -53,6 +53,9 @@ fi
 time_one() { # tool args... -> microseconds of one run
   local t0 t1
   rm -f "$WORK"/out.*
+  # Settle the previous run's output (writeback, and the discards its removal
+  # queues on a discard-mounted file system) outside the timed region.
+  sync
   t0=${EPOCHREALTIME/./}; "$@" >/dev/null; t1=${EPOCHREALTIME/./}
   echo $((t1 - t0))
 }
