@@ -190,3 +190,83 @@ fn bitmaps_stay_valid_through_writes_snapshots_commits_and_resizes() {
         assert_eq!(dirty(d, img, "b2"), b2, "commit: {img} b2");
     }
 }
+
+/// Offset of the first bitmap directory entry (read from the header extension).
+fn first_dir_entry(path: &Path) -> u64 {
+    let b = std::fs::read(path).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let mut at = be32(100) as usize; // header length (v3)
+    loop {
+        let (ty, len) = (be32(at), be32(at + 4) as usize);
+        assert_ne!(ty, 0, "no bitmaps extension");
+        if ty == 0x2385_2875 {
+            return u64::from_be_bytes(b[at + 8 + 16..at + 8 + 24].try_into().unwrap());
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// Bitmap directories strata cannot vouch for are not touched: writing marks the
+/// bitmaps inconsistent (the autoclear rule for programs without them), the write
+/// succeeds, and QEMU still opens the image and reads the data.
+#[test]
+fn bitmaps_strata_cannot_vouch_for_are_marked_inconsistent_not_trusted() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "src.raw", "64M"],
+    );
+    run(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 3 20M 4k", "src.raw"],
+    );
+    // (field offset in the entry, bytes written there)
+    let damage: &[(&str, u64, &[u8])] = &[
+        ("reserved flag", 12, &[0, 0, 0, 0x0a]),
+        ("unknown type", 16, &[2]),
+        ("table size too small", 8, &[0, 0, 0, 0]),
+        ("granularity out of range", 17, &[40]),
+        (
+            "table past the end of the file",
+            0,
+            &[0, 0, 0x7f, 0, 0, 0, 0, 0],
+        ),
+    ];
+    for (what, field, bytes) in damage {
+        let img = "d.qcow2";
+        let _ = std::fs::remove_file(d.join(img));
+        image_with_bitmaps(d, img, None);
+        let entry = first_dir_entry(&d.join(img));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join(img))
+            .unwrap();
+        f.seek(SeekFrom::Start(entry + field)).unwrap();
+        f.write_all(bytes).unwrap();
+        drop(f);
+        strata(
+            d,
+            &["convert", "-n", "-f", "raw", "-O", "qcow2", "src.raw", img],
+        );
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json", img])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(info.status.success(), "{what}: QEMU cannot open the image");
+        let text = String::from_utf8_lossy(&info.stdout);
+        assert!(
+            !text.contains("\"bitmaps\""),
+            "{what}: bitmaps still trusted\n{text}"
+        );
+        run(
+            d,
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "qcow2", "src.raw", img],
+        );
+    }
+}
