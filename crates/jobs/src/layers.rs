@@ -265,16 +265,12 @@ pub fn apply(
 /// the flush. Uses its own read-only descriptor (open-file-description locks are
 /// not affected by it). Best effort: errors are ignored.
 pub(crate) fn early_writeback(path: &std::path::Path, done: &std::sync::atomic::AtomicBool) {
-    use std::os::fd::AsRawFd;
     let Ok(f) = std::fs::File::open(path) else {
         return;
     };
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(std::time::Duration::from_millis(20));
-        // SAFETY: a plain syscall on a descriptor we own; no memory is passed.
-        unsafe {
-            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-        }
+        strata_storage::start_writeback(&f);
     }
 }
 

@@ -162,7 +162,15 @@ pub struct Export {
     dirty: Mutex<Option<Vec<(u64, u64)>>>,
     /// One live operation at a time.
     ops: Mutex<()>,
+    /// Bytes written since the top image's writeback was last started.
+    written: std::sync::atomic::AtomicU64,
+    /// A writeback start is under way (at most one at a time).
+    kicking: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Every this many bytes of writes, the top image's writeback is started in the
+/// background, so a client's flush (a guest's fsync) waits for less.
+const WRITEBACK_STEP: u64 = 32 << 20;
 
 /// Reopen layer `i` (a backing file) for writing or read-only, with the gate held
 /// exclusively (no request is in flight). The old handle is closed first: its
@@ -256,6 +264,8 @@ impl Export {
             gate: RwLock::new(Backend::new(chain.layers)?),
             dirty: Mutex::new(None),
             ops: Mutex::new(()),
+            written: Default::default(),
+            kicking: Default::default(),
         })
     }
 
@@ -280,6 +290,29 @@ impl Export {
         if let Some(v) = d.as_mut() {
             v.push((offset, len));
         }
+    }
+
+    /// Count `len` bytes written to the top of `b` (the backend a request used);
+    /// every [`WRITEBACK_STEP`] bytes, start its writeback on a short-lived thread
+    /// (see [`strata_storage::start_writeback`]). Never waits.
+    pub fn wrote(&self, b: &Backend, len: u64) {
+        use std::sync::atomic::Ordering;
+        let before = self.written.fetch_add(len, Ordering::Relaxed);
+        if before + len < WRITEBACK_STEP {
+            return;
+        }
+        self.written.store(0, Ordering::Relaxed);
+        let Some(path) = b.top().path() else { return };
+        if self.kicking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let kicking = self.kicking.clone();
+        std::thread::spawn(move || {
+            if let Ok(f) = std::fs::File::open(&path) {
+                strata_storage::start_writeback(&f);
+            }
+            kicking.store(false, Ordering::Release);
+        });
     }
 
     /// Flush the whole chain's top (all connections' writes).

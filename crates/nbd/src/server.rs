@@ -747,11 +747,62 @@ struct Request {
     offset: u64,
     /// Effect length (or the payload length of a write).
     len: u64,
-    payload: Vec<u8>,
+    payload: Payload,
     /// Error found while parsing (answered without touching the export).
     early: Option<(u32, &'static str)>,
     /// Bytes of the connection's budget this request holds until it is answered.
     held: u64,
+}
+
+/// Write payload buffers kept for reuse by one connection, so a stream of large
+/// writes does not zero (and fault in) a fresh buffer for every request. A payload
+/// is always filled completely from the socket before use, so what a buffer held
+/// before never shows. At most [`BUDGET`] bytes are kept.
+#[derive(Default)]
+struct PayloadPool(Mutex<(Vec<Vec<u8>>, usize)>);
+
+impl PayloadPool {
+    /// A buffer of exactly `len` bytes, its contents to be overwritten.
+    fn take(self: &Arc<Self>, len: usize) -> Payload {
+        let reused = {
+            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let (bufs, kept) = &mut *g;
+            let found = bufs.iter().position(|b| b.capacity() >= len);
+            found.map(|i| {
+                let b = bufs.swap_remove(i);
+                *kept -= b.capacity();
+                b
+            })
+        };
+        let mut data = reused.unwrap_or_default();
+        // Shrinking keeps the bytes; only growth is zero-filled.
+        data.resize(len, 0);
+        Payload {
+            data,
+            pool: Some(self.clone()),
+        }
+    }
+}
+
+/// A request's payload; its buffer goes back to the connection's pool when the
+/// request is done.
+#[derive(Default)]
+struct Payload {
+    data: Vec<u8>,
+    pool: Option<Arc<PayloadPool>>,
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        let Some(pool) = self.pool.take() else { return };
+        let data = std::mem::take(&mut self.data);
+        let mut g = pool.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (bufs, kept) = &mut *g;
+        if (*kept + data.capacity()) as u64 <= BUDGET {
+            *kept += data.capacity();
+            bufs.push(data);
+        }
+    }
 }
 
 /// Bytes of the connection's budget a request holds until its reply is sent.
@@ -801,6 +852,7 @@ struct Session {
     /// Set by every write, zero and trim; cleared as a flush starts (and set
     /// again if it fails), so a change that lands during a flush stays marked.
     unflushed: AtomicBool,
+    payloads: Arc<PayloadPool>,
 }
 
 fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
@@ -836,6 +888,7 @@ fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
         },
         broken: AtomicBool::new(false),
         unflushed: AtomicBool::new(false),
+        payloads: Arc::new(PayloadPool::default()),
     });
     let mut reader = BufReader::with_capacity(256 << 10, reader);
     let (tx, rx) = mpsc::sync_channel::<Request>(workers.max(1) * 2);
@@ -957,7 +1010,7 @@ fn read_request(r: &mut impl Read, s: &Session, stats: &mut Stats) -> io::Result
         cookie,
         offset,
         len,
-        payload: Vec::new(),
+        payload: Payload::default(),
         early: None,
         held: 0,
     };
@@ -988,8 +1041,8 @@ fn read_request(r: &mut impl Read, s: &Session, stats: &mut Stats) -> io::Result
     req.held = payload_len.max(read_buf).max(1);
     s.budget.acquire(req.held);
     if payload_len > 0 {
-        let mut p = vec![0u8; payload_len as usize];
-        if let Err(e) = r.read_exact(&mut p) {
+        let mut p = s.payloads.take(payload_len as usize);
+        if let Err(e) = r.read_exact(&mut p.data) {
             s.budget.release(req.held);
             stats.end = Some("client went away in the middle of a write".into());
             return Err(e);
@@ -1130,10 +1183,11 @@ fn run(s: &Session, req: &Request) -> io::Result<()> {
             }
         }
         CMD_WRITE => {
-            let r = write_result(top.write(&req.payload, req.offset), &gate);
+            let r = write_result(top.write(&req.payload.data, req.offset), &gate);
             // Marked once done: a flush that started earlier may not cover it.
             s.unflushed.store(true, Ordering::SeqCst);
-            ex.mark_dirty(req.offset, req.payload.len() as u64);
+            ex.mark_dirty(req.offset, req.payload.data.len() as u64);
+            ex.wrote(&gate, req.payload.data.len() as u64);
             drop(gate);
             reply_result(s, req, r, true)
         }

@@ -16,7 +16,7 @@ mod mem;
 
 pub use error::{os_message, Error, Result};
 pub use fault::{FaultClock, FaultMode, FaultPlan, FaultStorage};
-pub use file::{FileStorage, OpenOptions};
+pub use file::{start_writeback, FileStorage, OpenOptions};
 pub use lock::LockMode;
 pub use mem::MemStorage;
 
