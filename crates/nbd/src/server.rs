@@ -26,6 +26,10 @@ use strata_format::ErrorKind;
 
 /// Bytes of request payloads and read buffers one connection may have in flight.
 const BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
+/// Bytes of write payload buffers a connection keeps for reuse, and the largest
+/// buffer kept (larger payloads are rare and get fresh buffers).
+const POOL_BYTES: usize = 16 << 20;
+const POOL_BUFFER: usize = 4 << 20;
 /// Most block status descriptors in one reply chunk.
 const MAX_EXTENTS: usize = 1 << 16;
 /// How long the accept loop waits for a client before it looks at the shutdown flag.
@@ -757,7 +761,8 @@ struct Request {
 /// Write payload buffers kept for reuse by one connection, so a stream of large
 /// writes does not zero (and fault in) a fresh buffer for every request. A payload
 /// is always filled completely from the socket before use, so what a buffer held
-/// before never shows. At most [`BUDGET`] bytes are kept.
+/// before never shows. At most [`POOL_BYTES`] bytes are kept, in buffers of at most
+/// [`POOL_BUFFER`] bytes, so an idle connection holds little memory.
 #[derive(Default)]
 struct PayloadPool(Mutex<(Vec<Vec<u8>>, usize)>);
 
@@ -798,7 +803,7 @@ impl Drop for Payload {
         let data = std::mem::take(&mut self.data);
         let mut g = pool.0.lock().unwrap_or_else(|p| p.into_inner());
         let (bufs, kept) = &mut *g;
-        if (*kept + data.capacity()) as u64 <= BUDGET {
+        if data.capacity() <= POOL_BUFFER && *kept + data.capacity() <= POOL_BYTES {
             *kept += data.capacity();
             bufs.push(data);
         }
