@@ -99,6 +99,20 @@ fn size(dir: &Path, img: &str) -> u64 {
     v["virtual-size"].as_u64().unwrap()
 }
 
+/// `src.raw`: 64 MiB, 4 KiB of data at 20 MiB (what the tests write with convert -n).
+fn source_raw(dir: &Path) {
+    run(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "src.raw", "64M"],
+    );
+    run(
+        dir,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 3 20M 4k", "src.raw"],
+    );
+}
+
 /// `b1` enabled; `b2` disabled, dirty at 8 MiB only.
 fn image_with_bitmaps(dir: &Path, name: &str, backing: Option<&str>) {
     let mut a = vec!["create", "-q", "-f", "qcow2"];
@@ -119,16 +133,7 @@ fn bitmaps_stay_valid_through_writes_snapshots_commits_and_resizes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let b2 = vec![(8 << 20, 65536)];
-    run(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "raw", "src.raw", "64M"],
-    );
-    run(
-        d,
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 3 20M 4k", "src.raw"],
-    );
+    source_raw(d);
 
     // Before any change, strata leaves the bits as they are.
     image_with_bitmaps(d, "d.qcow2", None);
@@ -214,16 +219,7 @@ fn bitmaps_strata_cannot_vouch_for_are_marked_inconsistent_not_trusted() {
     use std::io::{Seek, SeekFrom, Write};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    run(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "raw", "src.raw", "64M"],
-    );
-    run(
-        d,
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 3 20M 4k", "src.raw"],
-    );
+    source_raw(d);
     // (field offset in the entry, bytes written there)
     let damage: &[(&str, u64, &[u8])] = &[
         ("reserved flag", 12, &[0, 0, 0, 0x0a]),

@@ -321,21 +321,20 @@ fn tls_clients_are_served_and_plain_clients_refused() {
         "driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={},file.export=disk,file.tls-creds=tls0",
         srv.port
     );
-    ok(
-        "qemu-io",
-        &[
-            "--object",
-            &obj,
-            "--image-opts",
-            "-c",
-            "read -P 0x3c 0 1M",
-            "-c",
-            "write -P 0x4d 1M 64k",
-            "-c",
-            "read -P 0x4d 1M 64k",
-            &opts,
-        ],
-    );
+    // qemu-io over the TLS export, with its x509 credentials.
+    let tls_qemu_io = |cmds: &[&str]| {
+        let mut a = vec!["--object", &obj, "--image-opts"];
+        for c in cmds {
+            a.extend(["-c", c]);
+        }
+        a.push(&opts);
+        ok("qemu-io", &a);
+    };
+    tls_qemu_io(&[
+        "read -P 0x3c 0 1M",
+        "write -P 0x4d 1M 64k",
+        "read -P 0x4d 1M 64k",
+    ]);
     // Many requests in flight on one TLS session (its reading and writing halves
     // work at once): nbdcopy in and out, large and small requests, content kept.
     let uri = format!(
@@ -371,17 +370,7 @@ fn tls_clients_are_served_and_plain_clients_refused() {
         );
         assert!(std::fs::read(&back).unwrap() == pattern, "TLS copy {size}");
     }
-    ok(
-        "qemu-io",
-        &[
-            "--object",
-            &obj,
-            "--image-opts",
-            "-c",
-            "write -P 0x4d 1M 64k",
-            &opts,
-        ],
-    );
+    tls_qemu_io(&["write -P 0x4d 1M 64k"]);
     // Without TLS: refused during the handshake.
     let o = run(
         "nbdinfo",
