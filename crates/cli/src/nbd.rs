@@ -92,7 +92,8 @@ pub fn run(cli: NbdCli) -> i32 {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("strata nbd: {e:#}");
+            // The error and its causes, each said once.
+            crate::img::Ctx { prog: "strata nbd" }.error(&e);
             1
         }
     }

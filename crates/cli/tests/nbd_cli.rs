@@ -381,3 +381,29 @@ fn tls_clients_are_served_and_plain_clients_refused() {
     ok("qemu-io", &["-c", "read -P 0x4d 1M 64k", s(&img)]);
     ok("qemu-img", &["check", s(&img)]);
 }
+
+#[test]
+fn serve_refuses_a_missing_image_saying_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let out = run(
+        strata(),
+        &[
+            "nbd",
+            "serve",
+            "-k",
+            s(&sock),
+            "-x",
+            "disk",
+            "missing.qcow2",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("strata nbd: cannot export 'missing.qcow2'"),
+        "{err}"
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert!(!sock.exists(), "a socket was left behind");
+}
