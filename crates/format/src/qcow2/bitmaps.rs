@@ -22,7 +22,7 @@
 //! wrong.
 
 use super::entries::OFFSET_MASK;
-use super::header::BitmapsExt;
+use super::header::{be32, be64, BitmapsExt};
 use super::meta::Meta;
 use crate::{Error, Result};
 use strata_storage::Storage;
@@ -50,10 +50,14 @@ const TYPE_DIRTY_TRACKING: u8 = 1;
 #[derive(Debug, Clone)]
 struct Entry {
     at: usize,
+    name: String,
     table_offset: u64,
     table_size: u32,
     flags: u32,
     granularity_bits: u8,
+    /// Marked in use by [`Meta::bitmaps_begin_resize`], to be refilled at the new
+    /// size by [`Meta::bitmaps_end_resize`].
+    resizing: bool,
 }
 
 /// The bitmap directory of an image open for writing.
@@ -71,10 +75,6 @@ fn table_entries_for(size: u64, granularity_bits: u8, cluster_size: u64) -> u64 
     size.div_ceil(1u64 << granularity_bits)
         .div_ceil(8)
         .div_ceil(cluster_size)
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
 impl Bitmaps {
@@ -100,7 +100,7 @@ impl Bitmaps {
             let Some(head) = dir.get(at..at + 24) else {
                 return Ok(None);
             };
-            let table_offset = u64::from_be_bytes(head[0..8].try_into().expect("8 bytes"));
+            let table_offset = be64(head, 0);
             let table_size = be32(head, 8);
             let flags = be32(head, 12);
             let kind = head[16];
@@ -125,12 +125,15 @@ impl Bitmaps {
             if !fits || at + len > dir.len() {
                 return Ok(None);
             }
+            let name = &dir[at + 24 + extra..at + 24 + extra + name_size];
             entries.push(Entry {
                 at,
+                name: String::from_utf8_lossy(name).into_owned(),
                 table_offset,
                 table_size,
                 flags,
                 granularity_bits,
+                resizing: false,
             });
             at += len;
         }
@@ -142,15 +145,6 @@ impl Bitmaps {
         }))
     }
 
-    /// Bitmap `i`'s name (lossy UTF-8, for messages).
-    fn name(&self, i: usize) -> String {
-        let at = self.entries[i].at;
-        let name_size = u16::from_be_bytes([self.dir[at + 18], self.dir[at + 19]]) as usize;
-        let extra = be32(&self.dir, at + 20) as usize;
-        let start = at + 24 + extra;
-        String::from_utf8_lossy(&self.dir[start..start + name_size]).into_owned()
-    }
-
     fn put_entry(&mut self, i: usize) {
         let e = &self.entries[i];
         let at = e.at;
@@ -158,15 +152,6 @@ impl Bitmaps {
         self.dir[at + 8..at + 12].copy_from_slice(&e.table_size.to_be_bytes());
         self.dir[at + 12..at + 16].copy_from_slice(&e.flags.to_be_bytes());
     }
-}
-
-/// Which bitmaps a fill sets to all ones.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Which {
-    /// Enabled bitmaps not in use (before a change to the guest disk).
-    Enabled,
-    /// The bitmaps [`Meta::bitmaps_begin_resize`] marked in use.
-    Marked,
 }
 
 impl Meta {
@@ -179,7 +164,8 @@ impl Meta {
         }
         let mut b = self.bitmaps.take().expect("checked");
         let size = self.h.size;
-        let r = self.fill(&mut b, size, Which::Enabled, &[]);
+        let enabled = |e: &Entry| e.flags & FLAG_AUTO != 0 && e.flags & FLAG_IN_USE == 0;
+        let r = self.fill(&mut b, size, enabled);
         if r.is_ok() {
             b.dirtied = true;
         }
@@ -188,110 +174,103 @@ impl Meta {
     }
 
     /// Before a resize to `size`: refuse if a bitmap would outgrow QEMU's limits,
-    /// else mark every consistent bitmap in use (one directory write) and return
-    /// which ones, for [`Meta::bitmaps_end_resize`].
-    pub(crate) fn bitmaps_begin_resize(&mut self, size: u64) -> Result<Vec<usize>> {
+    /// else mark every consistent bitmap in use (one directory write), to be made
+    /// whole again by [`Meta::bitmaps_end_resize`].
+    pub(crate) fn bitmaps_begin_resize(&mut self, size: u64) -> Result<()> {
         let cs = self.cluster_size();
         let Some(mut b) = self.bitmaps.take() else {
-            return Ok(Vec::new());
+            return Ok(());
         };
-        let marked: Vec<usize> = (0..b.entries.len())
-            .filter(|&i| b.entries[i].flags & FLAG_IN_USE == 0)
-            .collect();
-        for &i in &marked {
-            let need = table_entries_for(size, b.entries[i].granularity_bits, cs);
+        let consistent = |e: &Entry| e.flags & FLAG_IN_USE == 0;
+        for e in b.entries.iter().filter(|e| consistent(e)) {
+            let need = table_entries_for(size, e.granularity_bits, cs);
             if need > u64::from(MAX_TABLE_SIZE) || need * cs > MAX_PHYS_SIZE {
-                let name = b.name(i);
+                let msg = format!(
+                    "Cannot resize to {size} bytes: persistent bitmap '{}' would exceed \
+                     {MAX_PHYS_SIZE} bytes (remove it first with 'qemu-img bitmap --remove')",
+                    e.name
+                );
                 self.bitmaps = Some(b);
-                return Err(Error::invalid_argument(format!(
-                    "Cannot resize to {size} bytes: persistent bitmap '{name}' would exceed \
-                     {MAX_PHYS_SIZE} bytes (remove it first with 'qemu-img bitmap --remove')"
-                )));
+                return Err(Error::invalid_argument(msg));
             }
         }
-        for &i in &marked {
-            b.entries[i].flags |= FLAG_IN_USE;
-            b.put_entry(i);
+        let mut any = false;
+        for i in 0..b.entries.len() {
+            if consistent(&b.entries[i]) {
+                b.entries[i].flags |= FLAG_IN_USE;
+                b.entries[i].resizing = true;
+                b.put_entry(i);
+                any = true;
+            }
         }
-        let r = if marked.is_empty() {
-            Ok(())
-        } else {
+        let r = if any {
             self.flush_metadata()
                 .and_then(|_| Ok(self.storage.write_at(&b.dir, b.dir_offset)?))
                 .and_then(|_| self.barrier())
+        } else {
+            Ok(())
         };
         self.bitmaps = Some(b);
-        r.map(|_| marked)
+        r
     }
 
     /// After a resize to `size`: the bitmaps marked by
     /// [`Meta::bitmaps_begin_resize`] become all ones at the new size and
     /// consistent again.
-    pub(crate) fn bitmaps_end_resize(&mut self, marked: &[usize], size: u64) -> Result<()> {
+    pub(crate) fn bitmaps_end_resize(&mut self, size: u64) -> Result<()> {
         let Some(mut b) = self.bitmaps.take() else {
             return Ok(());
         };
-        let r = self.fill(&mut b, size, Which::Marked, marked);
+        let r = self.fill(&mut b, size, |e| e.resizing);
         self.bitmaps = Some(b);
         r
     }
 
-    /// Set the chosen bitmaps to all ones for a disk of `size` bytes (tables of the
-    /// right size, moved if their size changes), then write the directory with
-    /// `Marked` bitmaps no longer in use, and free what the old tables held.
-    fn fill(&mut self, b: &mut Bitmaps, size: u64, which: Which, marked: &[usize]) -> Result<()> {
+    /// Set the bitmaps `chosen` picks to all ones for a disk of `size` bytes (tables
+    /// of the right size, moved if their size changes), then write the directory
+    /// with bitmaps being resized no longer in use, and free what the old tables
+    /// held.
+    fn fill(&mut self, b: &mut Bitmaps, size: u64, chosen: impl Fn(&Entry) -> bool) -> Result<()> {
         let cs = self.cluster_size();
         let mut frees = Vec::new();
         let mut dir_changed = false;
         for i in 0..b.entries.len() {
-            let e = b.entries[i].clone();
-            let chosen = match which {
-                Which::Enabled => e.flags & FLAG_AUTO != 0 && e.flags & FLAG_IN_USE == 0,
-                Which::Marked => marked.contains(&i),
-            };
-            if !chosen {
+            if !chosen(&b.entries[i]) {
                 continue;
             }
+            let e = &mut b.entries[i];
             let need = table_entries_for(size, e.granularity_bits, cs).max(1);
-            let mut old = vec![0u8; e.table_size as usize * 8];
-            self.storage.read_at(&mut old, e.table_offset)?;
-            let old: Vec<u64> = old
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-                .collect();
-            let ones: Vec<u8> = std::iter::repeat_n(ALL_ONES.to_be_bytes(), need as usize)
-                .flatten()
-                .collect();
-            let data: Vec<u64> = old
-                .iter()
-                .map(|&x| x & OFFSET_MASK)
-                .filter(|&o| o != 0)
-                .collect();
-            if need == u64::from(e.table_size) {
-                if old.iter().all(|&x| x == ALL_ONES) {
-                    if which == Which::Marked {
-                        b.entries[i].flags &= !FLAG_IN_USE;
-                        b.put_entry(i);
-                        dir_changed = true;
-                    }
-                    continue;
+            let mut raw = vec![0u8; e.table_size as usize * 8];
+            self.storage.read_at(&mut raw, e.table_offset)?;
+            let old: Vec<u64> = (0..raw.len()).step_by(8).map(|at| be64(&raw, at)).collect();
+            let unchanged = need == u64::from(e.table_size) && old.iter().all(|&x| x == ALL_ONES);
+            if !unchanged {
+                let ones: Vec<u8> = std::iter::repeat_n(ALL_ONES.to_be_bytes(), need as usize)
+                    .flatten()
+                    .collect();
+                if need == u64::from(e.table_size) {
+                    // In place: every entry is valid before and after its own write.
+                    self.storage.write_at(&ones, e.table_offset)?;
+                } else {
+                    let at = self.alloc_clusters((need * 8).div_ceil(cs))?;
+                    self.storage.write_at(&ones, at)?;
+                    let table_clusters = (u64::from(e.table_size) * 8).div_ceil(cs);
+                    frees.extend((0..table_clusters).map(|k| e.table_offset / cs + k));
+                    e.table_offset = at;
+                    e.table_size = need as u32;
                 }
-                // In place: every entry is valid before and after its own write.
-                self.storage.write_at(&ones, e.table_offset)?;
-            } else {
-                let clusters = (need * 8).div_ceil(cs);
-                let at = self.alloc_clusters(clusters)?;
-                self.storage.write_at(&ones, at)?;
                 frees.extend(
-                    (0..(u64::from(e.table_size) * 8).div_ceil(cs))
-                        .map(|k| e.table_offset / cs + k),
+                    old.iter()
+                        .map(|&x| x & OFFSET_MASK)
+                        .filter(|&o| o != 0)
+                        .map(|o| o / cs),
                 );
-                b.entries[i].table_offset = at;
-                b.entries[i].table_size = need as u32;
+            } else if !e.resizing {
+                continue;
             }
-            frees.extend(data.iter().map(|o| o / cs));
-            if which == Which::Marked {
-                b.entries[i].flags &= !FLAG_IN_USE;
+            if e.resizing {
+                e.flags &= !FLAG_IN_USE;
+                e.resizing = false;
             }
             b.put_entry(i);
             dir_changed = true;

@@ -93,10 +93,11 @@ pub struct Header {
     pub unknown_extensions: Vec<(u32, Vec<u8>)>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+/// Big-endian fields of on-disk structures.
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
-fn be64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 

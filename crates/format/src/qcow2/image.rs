@@ -1251,11 +1251,9 @@ impl BlockDevice for Qcow2Image {
                 "Use the --shrink option to perform a shrink operation.",
             ));
         }
-        let marked = if new_size != cur {
-            m.bitmaps_begin_resize(new_size).map_err(|e| self.err(e))?
-        } else {
-            Vec::new()
-        };
+        if new_size != cur {
+            m.bitmaps_begin_resize(new_size).map_err(|e| self.err(e))?;
+        }
         if new_size < cur {
             let cs = self.geo.cluster_size();
             let from = new_size.next_multiple_of(cs);
@@ -1276,7 +1274,7 @@ impl BlockDevice for Qcow2Image {
             // L2 tables wholly past the new end go too, and the file gives back its
             // free tail (as QEMU's shrink does), before the header records the size.
             let first = new_size.div_ceil(m.l2_entries() * cs);
-            super::snapshot_ops::drop_l2_tables(&mut m, first).map_err(|e| self.err(e))?;
+            m.drop_l2_tables(first).map_err(|e| self.err(e))?;
         } else {
             let entries = m.h.l1_entries_for(new_size);
             self.grow_l1(&mut m, entries).map_err(|e| self.err(e))?;
@@ -1288,8 +1286,7 @@ impl BlockDevice for Qcow2Image {
         m.storage.flush().map_err(|e| self.err(e))?;
         m.h.size = new_size;
         self.size.store(new_size, Ordering::Release);
-        m.bitmaps_end_resize(&marked, new_size)
-            .map_err(|e| self.err(e))
+        m.bitmaps_end_resize(new_size).map_err(|e| self.err(e))
     }
 
     fn path(&self) -> Option<PathBuf> {

@@ -419,4 +419,44 @@ impl Meta {
         let _ = self.write_incompat();
         let _ = self.storage.flush();
     }
+
+    /// Clear the L1 entries from index `first` on: each L2 table there and the
+    /// clusters it maps lose the active view's reference (snapshots keep theirs);
+    /// then idle refcount blocks at the end and the file's free tail are given
+    /// back. The L1 table is written and flushed before any refcount drops, so a
+    /// crash leaks clusters at worst.
+    pub(crate) fn drop_l2_tables(&mut self, first: u64) -> Result<()> {
+        // Settle the cache so no L2 table is written after its L1 entry goes.
+        self.flush_metadata()?;
+        let l2n = self.l2_entries();
+        let cs = self.cluster_size();
+        let mut dropped = false;
+        for l1i in first..self.l1.len() as u64 {
+            let (l2off, _) = self.l1_entry(l1i)?;
+            if l2off == 0 {
+                continue;
+            }
+            for i in 0..l2n {
+                let old = self.entry(l1i * l2n + i)?;
+                self.release_entry(old);
+            }
+            self.free_later(l2off / cs);
+            self.l1[l1i as usize] = 0;
+            dropped = true;
+        }
+        if dropped {
+            let mut table = Vec::with_capacity(self.l1.len() * 8);
+            for e in &self.l1 {
+                table.extend_from_slice(&e.to_be_bytes());
+            }
+            self.storage.write_at(&table, self.h.l1_table_offset)?;
+            self.barrier()?;
+            self.l2.clear();
+            self.compressed_cursor = 0;
+            // Drops the references (refcount blocks written and flushed).
+            self.flush_metadata()?;
+        }
+        self.drop_idle_refblocks()?;
+        self.trim_free_tail()
+    }
 }

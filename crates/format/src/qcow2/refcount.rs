@@ -103,17 +103,18 @@ impl Meta {
         Ok(())
     }
 
-    /// Drop refcount blocks that count no cluster but their own (what a shrink
-    /// leaves past the new end), as QEMU does before it shortens the file: their
-    /// refcount-table entries are cleared and written first, and only then does a
-    /// block described by another one lose its reference, so a crash leaks at
-    /// worst. Call with the metadata flushed.
+    /// Drop the refcount blocks at the end of the refcount table that count no
+    /// cluster but their own (what a shrink leaves past the new end), so the file
+    /// can be shortened past them, as QEMU does. Only that tail is read: the scan
+    /// stops at the last block still in use. Their table entries are cleared and
+    /// written first, and only then does a block described by another one lose
+    /// its reference, so a crash leaks at worst. Call with the metadata flushed.
     pub(crate) fn drop_idle_refblocks(&mut self) -> Result<()> {
         let cs = self.cluster_size();
         let epb = self.rb_entries();
         let order = self.h.refcount_order;
         let mut dropped = Vec::new();
-        for idx in 0..self.reftable.len() as u64 {
+        for idx in (0..self.reftable.len() as u64).rev() {
             let off = self.refblock_offset(idx)?;
             if off == 0 {
                 continue;
@@ -126,9 +127,10 @@ impl Meta {
                 let v = rb_get(data, order, i as usize);
                 v == 0 || (self_described && idx * epb + i == own && v == 1)
             });
-            if idle {
-                dropped.push((idx, own, self_described));
+            if !idle {
+                break;
             }
+            dropped.push((idx, own, self_described));
         }
         if dropped.is_empty() {
             return Ok(());

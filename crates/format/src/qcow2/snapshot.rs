@@ -1,6 +1,6 @@
 //! The internal-snapshot table: parsing within QEMU's limits, and serialisation.
 
-use super::header::{check_table, MAX_L1_BYTES};
+use super::header::{be32, be64, check_table, MAX_L1_BYTES};
 use crate::{Error, Result};
 use strata_storage::Storage;
 
@@ -29,12 +29,6 @@ pub struct Snapshot {
 
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
-}
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4"))
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8"))
 }
 
 /// Read `count` snapshot entries at `offset`. Returns them and the table's byte size.

@@ -451,47 +451,8 @@ impl Qcow2Image {
         let _excl = self.exclusive();
         let mut m = self.lock();
         let set_here = m.begin_metadata_op().map_err(|e| self.err(e))?;
-        let r = m.dirty_bitmaps().and_then(|_| drop_l2_tables(&mut m, 0));
+        let r = m.dirty_bitmaps().and_then(|_| m.drop_l2_tables(0));
         r.map_err(|e| self.fail_corrupt(&mut m, e))?;
         m.end_metadata_op(set_here).map_err(|e| self.err(e))
     }
-}
-
-/// Clear the L1 entries from index `first` on: each L2 table there and the
-/// clusters it maps lose the active view's reference (snapshots keep theirs), then
-/// refcount blocks left counting nothing and the file's free tail are given back. The L1 table is written and flushed before
-/// any refcount drops, so a crash leaks clusters at worst.
-pub(crate) fn drop_l2_tables(m: &mut Meta, first: u64) -> Result<()> {
-    // Settle the cache so no L2 table is written after its L1 entry goes.
-    m.flush_metadata()?;
-    let l2n = m.l2_entries();
-    let cs = m.cluster_size();
-    let mut dropped = false;
-    for l1i in first..m.l1.len() as u64 {
-        let (l2off, _) = m.l1_entry(l1i)?;
-        if l2off == 0 {
-            continue;
-        }
-        for i in 0..l2n {
-            let old = m.entry(l1i * l2n + i)?;
-            m.release_entry(old);
-        }
-        m.free_later(l2off / cs);
-        m.l1[l1i as usize] = 0;
-        dropped = true;
-    }
-    if dropped {
-        let mut table = Vec::with_capacity(m.l1.len() * 8);
-        for e in &m.l1 {
-            table.extend_from_slice(&e.to_be_bytes());
-        }
-        m.storage.write_at(&table, m.h.l1_table_offset)?;
-        m.barrier()?;
-        m.l2.clear();
-        m.compressed_cursor = 0;
-        // Drops the references (refcount blocks written and flushed).
-        m.flush_metadata()?;
-    }
-    m.drop_idle_refblocks()?;
-    m.trim_free_tail()
 }
