@@ -849,23 +849,13 @@ fn resize_leaves_what_qemu_img_leaves() {
             let theirs = format!("t-{img}");
             std::fs::copy(d.join(img), d.join(&ours)).unwrap();
             std::fs::copy(d.join(img), d.join(&theirs)).unwrap();
-            let args = |f: &str| {
+            let resize = |prog: &str, f: &str| {
                 let mut a = vec!["resize", f];
                 a.extend_from_slice(size);
-                a.into_iter().map(String::from).collect::<Vec<_>>()
+                run(d, prog, &a)
             };
-            let a_ours = args(&ours);
-            let a_theirs = args(&theirs);
-            let r_ours = run(
-                d,
-                "strata",
-                &a_ours.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            );
-            let r_theirs = run(
-                d,
-                "qemu-img",
-                &a_theirs.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            );
+            let r_ours = resize("strata", &ours);
+            let r_theirs = resize("qemu-img", &theirs);
             let what = format!("resize {img} {size:?}");
             let norm = |r: &(Option<i32>, String, String), f: &str| {
                 (r.0, r.1.replace(f, "IMG"), r.2.replace(f, "IMG"))

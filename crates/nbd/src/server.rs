@@ -1196,24 +1196,22 @@ fn run(s: &Session, req: &Request) -> io::Result<()> {
             drop(gate);
             reply_result(s, req, r, true)
         }
-        CMD_WRITE_ZEROES if req.flags & CMD_FLAG_FAST_ZERO != 0 => {
-            // Fast zero: done only if it costs no data writes, else ENOTSUP with
-            // nothing changed (the client then writes the zeroes its own way).
-            let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
-            let r = top.write_zeroes_fast(req.offset, req.len, may_unmap);
-            if matches!(r, Ok(false)) {
-                drop(gate);
-                return send_error(s, req, ENOTSUP, "zeroing this range would write data");
-            }
-            let r = write_result(r.map(|_| ()), &gate);
-            s.unflushed.store(true, Ordering::SeqCst);
-            ex.mark_dirty(req.offset, req.len);
-            drop(gate);
-            reply_result(s, req, r, true)
-        }
         CMD_WRITE_ZEROES => {
             let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
-            let r = write_result(top.write_zeroes(req.offset, req.len, may_unmap), &gate);
+            let r = if req.flags & CMD_FLAG_FAST_ZERO != 0 {
+                // Fast zero: done only if it costs no data writes, else ENOTSUP
+                // with nothing changed (the client then writes the zeroes its own way).
+                match top.write_zeroes_fast(req.offset, req.len, may_unmap) {
+                    Ok(false) => {
+                        drop(gate);
+                        return send_error(s, req, ENOTSUP, "zeroing this range would write data");
+                    }
+                    r => r.map(|_| ()),
+                }
+            } else {
+                top.write_zeroes(req.offset, req.len, may_unmap)
+            };
+            let r = write_result(r, &gate);
             // Marked once done: a flush that started earlier may not cover it.
             s.unflushed.store(true, Ordering::SeqCst);
             ex.mark_dirty(req.offset, req.len);

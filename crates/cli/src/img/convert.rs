@@ -2,7 +2,7 @@
 //! export internal snapshots, compress (zlib or zstd on every core), with
 //! qemu-img's flags and messages.
 
-use super::common::{open_chain, open_spec, parse_options, parse_size, Ctx};
+use super::common::{open_chain, open_spec, option_help_asked, parse_options, parse_size, Ctx};
 use super::measure::snapshot_key;
 use super::progress::Bar;
 use anyhow::{bail, Context, Result};
@@ -83,10 +83,8 @@ pub struct Args {
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let out_format: Format = args.out_format.parse()?;
-    if args.options.iter().any(|o| {
-        parse_options(std::slice::from_ref(o))
-            .is_ok_and(|m| m.contains_key("help") || m.contains_key("?"))
-    }) {
+    let mut options = parse_options(&args.options)?;
+    if option_help_asked(&options) {
         print!("{}", strata_jobs::create::options_help(out_format));
         return Ok(0);
     }
@@ -163,7 +161,6 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let total: u64 = sources.iter().map(|s| s.virtual_size()).sum();
 
     // The target: created (with -o and -B) unless -n.
-    let mut options = parse_options(&args.options)?;
     if let Some(b) = &args.backing {
         if out_format == Format::Raw {
             bail!("Backing file not supported for file format 'raw'");

@@ -1,7 +1,7 @@
 //! `strata img create`: a new qcow2 or raw image, optionally on a backing file, with
 //! qemu-img's options (`-o cluster_size=...,compat=...,preallocation=...`).
 
-use super::common::{image_size, parse_options, Ctx};
+use super::common::{image_size, option_help_asked, parse_options, Ctx};
 use anyhow::Result;
 use std::path::PathBuf;
 use strata_format::Format;
@@ -39,7 +39,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         None => anyhow::anyhow!("{e}"),
     })?;
     let mut options = parse_options(&args.options)?;
-    if options.contains_key("help") || options.contains_key("?") {
+    if option_help_asked(&options) {
         print!("{}", options_help(format));
         return Ok(0);
     }

@@ -66,7 +66,6 @@ enum ImgCommand {
     Stream(stream::Args),
 }
 
-/// Parse `args` as `<prog> SUBCOMMAND ...` and run it; returns the exit code.
 /// The qemu-img release whose command line `strata img` follows.
 const QEMU_IMG_INTERFACE: &str = "10.0.0";
 
@@ -85,6 +84,7 @@ fn version_text(prog: &str) -> String {
     }
 }
 
+/// Parse `args` as `<prog> SUBCOMMAND ...` and run it; returns the exit code.
 pub fn main_as(args: impl Iterator<Item = OsString>, prog: &'static str) -> i32 {
     let mut args = args.peekable();
     if args.peek().is_some_and(|a| a == "--version" || a == "-V") {

@@ -65,9 +65,9 @@ pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<
                 file_count_message(sub).map(counted)
             }
         }
+        // Only positionals (the file names) are required; a missing option
+        // value is an InvalidValue, below.
         ErrorKind::MissingRequiredArgument | ErrorKind::TooFewValues => {
-            // A missing option value reads as a missing positional to clap only
-            // when it is a positional; options report InvalidValue below.
             file_count_message(sub).map(counted)
         }
         ErrorKind::InvalidValue => {
