@@ -28,18 +28,65 @@ have_backports() {
   return 1
 }
 
+# The machine's own Debian archive for a suite: the first "URI SIGNED-BY" (SIGNED-BY
+# may be empty) of an enabled deb source serving exactly that suite, in either of
+# apt's source formats. A local mirror or a proxy the machine is set up with is
+# thereby used for backports too; apt's proxy settings stay as they are.
+archive_of_suite() {
+  local suite=$1 f
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -f "$f" ] || continue
+    sed 's/#.*//' "$f" | awk -v suite="$suite" '
+      $1 != "deb" { next }
+      {
+        opts = ""; i = 2
+        if ($2 ~ /^\[/) {
+          while (i <= NF) { opts = opts " " $i; if ($i ~ /\]$/) { i++; break } ; i++ }
+        }
+        if ($(i + 1) != suite) next
+        key = ""
+        if (match(opts, /signed-by=[^] ]+/)) key = substr(opts, RSTART + 10, RLENGTH - 10)
+        print $i, key; exit
+      }'
+  done
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    awk -v suite="$suite" '
+      function flush() {
+        if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ") && enabled != "no" && uris != "") {
+          split(uris, u, " "); print u[1], key; found = 1; exit
+        }
+        types = ""; uris = ""; suites = ""; key = ""; enabled = ""
+      }
+      /^[[:space:]]*#/ { next }
+      /^[[:space:]]*$/ { flush(); next }
+      {
+        field = tolower($1); sub(/:$/, "", field); $1 = ""; sub(/^ +/, "")
+        if (field == "types") types = $0
+        else if (field == "uris") uris = $0
+        else if (field == "suites") suites = $0
+        else if (field == "signed-by") key = $0
+        else if (field == "enabled") enabled = tolower($0)
+      }
+      END { if (!found) flush() }' "$f"
+  done
+}
+
 # Debian's backports suite carries QEMU 10; plain bookworm has 7.2.
 if have_backports; then
   say "bookworm-backports is already configured"
 else
-  say "adding bookworm-backports to apt sources"
-  "${SUDO[@]}" tee /etc/apt/sources.list.d/strata-backports.sources >/dev/null <<'SRC'
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+  read -r archive key < <(archive_of_suite bookworm | head -n1) || true
+  [ -n "${archive:-}" ] ||
+    die "no apt source serves Debian bookworm on this machine; add bookworm-backports to apt's sources and run again"
+  say "adding bookworm-backports from $archive to apt sources"
+  {
+    echo "Types: deb"
+    echo "URIs: $archive"
+    echo "Suites: bookworm-backports"
+    echo "Components: main"
+    [ -z "${key:-}" ] || echo "Signed-By: $key"
+  } | "${SUDO[@]}" tee /etc/apt/sources.list.d/strata-backports.sources >/dev/null
 fi
 
 # Mirrors hiccup: try the index update a few times before giving up.
