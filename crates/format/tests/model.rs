@@ -57,7 +57,9 @@ fn open(storage: &Arc<MemStorage>, backing: &Option<Arc<dyn BlockDevice>>) -> Qc
     img
 }
 
-fn run(cfg: Config, ops: Vec<Op>) {
+/// Runs `ops` on a new image of `cfg` against the model and returns the image's bytes
+/// after a clean close.
+fn run(cfg: Config, ops: Vec<Op>) -> Vec<u8> {
     let cs = 1u64 << cfg.cluster_bits;
     // Backing: a raw disk with its own pattern (shorter than the overlay, to test
     // reads past the backing's end).
@@ -144,6 +146,8 @@ fn run(cfg: Config, ops: Vec<Op>) {
     let report = img.check(Repair::None).expect("check");
     assert_eq!(report.corruptions, 0, "{cfg:?}: {:?}", report.messages);
     assert_eq!(report.leaks, 0, "{cfg:?}: {:?}", report.messages);
+    drop(img);
+    storage.snapshot()
 }
 
 fn config_strategy() -> impl Strategy<Value = Config> {
@@ -184,10 +188,76 @@ proptest! {
     }
 }
 
+/// The header's `(refcount_table_clusters, refcount blocks in use)` of an image.
+fn refcount_geometry(image: &[u8]) -> (u32, usize) {
+    let be64 = |at: usize| u64::from_be_bytes(image[at..at + 8].try_into().unwrap());
+    let table = be64(48) as usize;
+    let clusters = u32::from_be_bytes(image[56..60].try_into().unwrap());
+    let cs = 1usize << u32::from_be_bytes(image[20..24].try_into().unwrap());
+    let blocks = (0..clusters as usize * cs / 8)
+        .filter(|i| be64(table + i * 8) != 0)
+        .count();
+    (clusters, blocks)
+}
+
+/// `qemu-img check` of an image's bytes: QEMU must find it clean.
+fn assert_qemu_finds_clean(image: &[u8]) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), image).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(file.path())
+        .output()
+        .expect("qemu-img must be installed");
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn fill_disk_then_rewrite() -> Vec<Op> {
+    vec![
+        Op::Write {
+            off: 0,
+            len: DISK,
+            seed: 3,
+        },
+        Op::Reopen,
+        Op::Write {
+            off: 1000,
+            len: 5000,
+            seed: 9,
+        },
+    ]
+}
+
 #[test]
-fn small_clusters_with_one_bit_refcounts_grow_the_refcount_table() {
-    // 512-byte clusters and 1-bit refcounts: 4096 clusters per block but the table
-    // holds only 64 entries per cluster, so writing the whole disk grows it.
+fn one_bit_refcounts_count_clusters_across_several_refcount_blocks() {
+    // 512-byte clusters and 1-bit refcounts: a refcount block covers 4096 clusters
+    // (2 MiB), so filling the 3 MiB disk (data, L2 tables) needs a second block.
+    let cfg = Config {
+        cluster_bits: 9,
+        refcount_bits: 1,
+        version: 3,
+        extended_l2: false,
+        lazy: false,
+        backing: false,
+    };
+    let image = run(cfg, fill_disk_then_rewrite());
+    let (_, blocks) = refcount_geometry(&image);
+    assert!(
+        blocks >= 2,
+        "one refcount block covers the whole image: {blocks}"
+    );
+    assert_qemu_finds_clean(&image);
+}
+
+#[test]
+fn small_clusters_with_64_bit_refcounts_grow_the_refcount_table() {
+    // 512-byte clusters and 64-bit refcounts: a block covers 64 clusters and the
+    // first table cluster 64 blocks (2 MiB), so filling the disk grows the table.
     let cfg = Config {
         cluster_bits: 9,
         refcount_bits: 64,
@@ -196,20 +266,8 @@ fn small_clusters_with_one_bit_refcounts_grow_the_refcount_table() {
         lazy: false,
         backing: false,
     };
-    run(
-        cfg,
-        vec![
-            Op::Write {
-                off: 0,
-                len: DISK,
-                seed: 3,
-            },
-            Op::Reopen,
-            Op::Write {
-                off: 1000,
-                len: 5000,
-                seed: 9,
-            },
-        ],
-    );
+    let image = run(cfg, fill_disk_then_rewrite());
+    let (table_clusters, _) = refcount_geometry(&image);
+    assert!(table_clusters > 1, "the refcount table did not grow");
+    assert_qemu_finds_clean(&image);
 }

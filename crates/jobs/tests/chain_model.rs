@@ -108,11 +108,11 @@ fn build(raw_bottom: bool, layers: &[Vec<Write>]) -> Vec<Arc<dyn BlockDevice>> {
 }
 
 /// What layer `from` shows, by the model: the first layer at or below it that
-/// wrote a byte decides it.
-fn model_view(raw_bottom: bool, layers: &[Vec<Write>], from: usize) -> Vec<u8> {
+/// wrote a byte decides it (a raw bottom stores its writes, zeroes included, the
+/// same way, so the bottom's format does not change the view).
+fn model_view(layers: &[Vec<Write>], from: usize) -> Vec<u8> {
     let mut v = vec![0u8; SIZE];
-    for (i, ws) in layers.iter().enumerate().skip(from).rev() {
-        let _ = (i, raw_bottom);
+    for ws in layers.iter().skip(from).rev() {
         for w in ws {
             v[w.off..w.off + w.len].copy_from_slice(&bytes_of(w));
         }
@@ -126,9 +126,19 @@ fn view(d: &dyn BlockDevice) -> Vec<u8> {
     v
 }
 
-fn relink(d: &dyn BlockDevice, to: Option<usize>) {
+/// Points `d`'s header at `devs[to]` (or at nothing), named and formatted as that
+/// image really is, and checks the header now says so.
+fn relink(devs: &[Arc<dyn BlockDevice>], d: &dyn BlockDevice, to: Option<usize>) {
     let name = to.map(|i| format!("L{i}"));
-    commit::relink_above(d, name.as_deref(), to.map(|_| "qcow2")).unwrap();
+    let format = to.map(|i| devs[i].format_name());
+    commit::relink_above(d, name.as_deref(), format).unwrap();
+    let q = d
+        .as_any()
+        .downcast_ref::<Qcow2Image>()
+        .expect("a qcow2 overlay");
+    let h = q.header();
+    assert_eq!(h.backing_file.as_deref(), name.as_deref());
+    assert_eq!(h.backing_format.as_deref(), format);
 }
 
 fn case() -> impl Strategy<Value = (bool, Vec<Vec<Write>>, Vec<Op>)> {
@@ -155,7 +165,7 @@ proptest! {
     #[test]
     fn chain_operations_keep_the_guest_view((raw, layers, ops) in case()) {
         let devs = build(raw, &layers);
-        let before = model_view(raw, &layers, 0);
+        let before = model_view(&layers, 0);
         prop_assert_eq!(view(devs[0].as_ref()), before.clone(), "the chain reads as the model");
         // The current chain, as indexes into `devs` (top first).
         let mut chain: Vec<usize> = (0..devs.len()).collect();
@@ -175,7 +185,7 @@ proptest! {
                     commit::apply_plan(&cur, &p, &NoProgress, &c).unwrap();
                     prop_assert_eq!(view(cur[base].as_ref()), shown, "the base shows the committed view");
                     if top > 0 {
-                        relink(cur[top - 1].as_ref(), Some(chain[base]));
+                        relink(&devs, cur[top - 1].as_ref(), Some(chain[base]));
                         cur[top - 1].set_backing(Some(cur[base].clone()));
                         chain.drain(top..base);
                     } else if op.flag && base == 1 {
@@ -187,14 +197,14 @@ proptest! {
                     let p = stream::plan(&cur, base, &c).unwrap();
                     stream::apply_plan(&cur, &p, &NoProgress, &c).unwrap();
                     let to = (base < n).then_some(base);
-                    relink(cur[0].as_ref(), to.map(|b| chain[b]));
+                    relink(&devs, cur[0].as_ref(), to.map(|b| chain[b]));
                     cur[0].set_backing(to.map(|b| cur[b].clone()));
                     chain.drain(1..base);
                 }
                 _ => {
                     let onto = op.flag.then(|| 1 + op.a % (n - 1));
                     rebase::copy_differences(&cur[0], onto.map(|b| &cur[b]), &NoProgress, &c).unwrap();
-                    relink(cur[0].as_ref(), onto.map(|b| chain[b]));
+                    relink(&devs, cur[0].as_ref(), onto.map(|b| chain[b]));
                     cur[0].set_backing(onto.map(|b| cur[b].clone()));
                     chain.drain(1..onto.unwrap_or(n));
                 }
