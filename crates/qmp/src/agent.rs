@@ -169,6 +169,9 @@ fn op_name(command: &str) -> String {
 impl Agent {
     /// Connect to the agent's chardev socket and synchronise, retrying the
     /// connection (the socket may not exist yet) and the sync until `timeout`.
+    /// QEMU serves one client per chardev socket: while another connection is
+    /// open, a second one is accepted by the kernel but never answered, so its
+    /// sync times out. Callers serialise their agent use (per-VM lock).
     pub fn connect(path: &Path, timeout: Duration) -> Result<Agent> {
         let op = format!("guest agent connect to {}", path.display());
         let deadline = Instant::now() + timeout;
@@ -507,5 +510,47 @@ fn read_error(op: &str, e: std::io::Error, deadline: Instant) -> Error {
         ),
         IoKind::ConnectionReset => closed(op),
         _ => Error::io(op, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn sync_skips_stale_output_up_to_the_delimited_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut w, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(w.try_clone().unwrap());
+            // The request starts with the 0xFF that resets the agent's parser.
+            let mut first = [0u8];
+            r.read_exact(&mut first).unwrap();
+            assert_eq!(first[0], 0xFF);
+            let mut line = Vec::new();
+            r.read_until(b'\n', &mut line).unwrap();
+            let req: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(req["execute"], "guest-sync-delimited");
+            let id = req["arguments"]["id"].as_u64().unwrap();
+            // Half a stale message, a stale reply, an old sync's answer, then ours.
+            write!(w, "{{\"return\": {{\"pid\"").unwrap();
+            writeln!(w, "\n{{\"return\": {{}}, \"id\": 3}}").unwrap();
+            w.write_all(b"\xff{\"return\": 12}\n").unwrap();
+            w.write_all(b"\xff").unwrap();
+            writeln!(w, "{{\"return\": {id}}}").unwrap();
+            // Then a ping, answered after a reply to some other id.
+            line.clear();
+            r.read_until(b'\n', &mut line).unwrap();
+            let req: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(req["execute"], "guest-ping");
+            writeln!(w, "{{\"return\": {{}}, \"id\": 99999999999}}").unwrap();
+            writeln!(w, "{{\"return\": {{}}, \"id\": {}}}", req["id"]).unwrap();
+            let _ = r.read_until(b'\n', &mut line);
+        });
+        let mut agent = Agent::connect(&path, Duration::from_secs(5)).unwrap();
+        agent.ping().unwrap();
     }
 }

@@ -71,7 +71,26 @@ struct State {
     abandoned: HashSet<u64>,
     events: VecDeque<Event>,
     /// Why the connection ended, once it has.
-    closed: Option<String>,
+    closed: Option<Closed>,
+}
+
+/// Why the reader stopped.
+#[derive(Debug, Clone)]
+enum Closed {
+    /// The socket ended or failed: QEMU exited or closed the monitor.
+    Exited(String),
+    /// QEMU sent something that is not a QMP message; replies can no longer be
+    /// matched, so the connection is given up.
+    Protocol(String),
+}
+
+impl Closed {
+    fn error(&self, op: &str) -> Error {
+        match self {
+            Closed::Exited(why) => Error::new(op, ErrorKind::QemuExited(why.clone())),
+            Closed::Protocol(why) => Error::protocol(op, why.clone()),
+        }
+    }
 }
 
 struct Shared {
@@ -100,8 +119,8 @@ impl Shared {
             if let Some(v) = ready(&mut st) {
                 return Ok(v);
             }
-            if let Some(why) = &st.closed {
-                return Err(Error::new(op, ErrorKind::QemuExited(why.clone())));
+            if let Some(closed) = &st.closed {
+                return Err(closed.error(op));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -210,8 +229,8 @@ impl Qmp {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = w.write_all(&line) {
                 // A write to a closed monitor means QEMU is gone; say so.
-                if let Some(why) = self.shared.lock().closed.clone() {
-                    return Err(Error::new(op, ErrorKind::QemuExited(why)));
+                if let Some(closed) = self.shared.lock().closed.clone() {
+                    return Err(closed.error(&op));
                 }
                 return Err(match e.kind() {
                     std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
@@ -349,17 +368,17 @@ fn read_loop(stream: UnixStream, shared: &Shared) {
     let why = loop {
         line.clear();
         match reader.read_until(b'\n', &mut line) {
-            Ok(0) => break "end of stream".to_string(),
+            Ok(0) => break Closed::Exited("end of stream".to_string()),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => break e.to_string(),
+            Err(e) => break Closed::Exited(e.to_string()),
         }
         let msg: Map<String, Value> = match serde_json::from_slice(&line) {
             Ok(m) => m,
             // Whitespace-only lines are harmless; anything else unparsable ends the
             // connection, since replies could no longer be matched reliably.
             Err(_) if line.iter().all(u8::is_ascii_whitespace) => continue,
-            Err(e) => break format!("unparsable message from QEMU: {e}"),
+            Err(e) => break Closed::Protocol(format!("unparsable message from QEMU: {e}")),
         };
         file_message(shared, msg);
     };
@@ -392,4 +411,119 @@ fn file_message(shared: &Shared, mut msg: Map<String, Value>) {
     // Replies without an id answer nothing this client sent; they are dropped.
     drop(st);
     shared.cond.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client against a scripted fake QEMU, for message orders a real QEMU
+    //! rarely produces on demand.
+
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A fake monitor: greets, accepts qmp_capabilities, then runs `script`
+    /// with the request lines reader and the writer.
+    fn fake_qemu(
+        script: impl FnOnce(&mut BufReader<UnixStream>, &mut UnixStream) + Send + 'static,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut w, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(w.try_clone().unwrap());
+            w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 0, \"micro\": 2}}, \"capabilities\": []}}\r\n").unwrap();
+            let id = request_id(&mut r);
+            reply(&mut w, id, "{}");
+            script(&mut r, &mut w);
+            // Stay open until the client hangs up.
+            let _ = r.read_until(b'\n', &mut Vec::new());
+        });
+        (dir, path)
+    }
+
+    fn request_id(r: &mut BufReader<UnixStream>) -> u64 {
+        let mut line = Vec::new();
+        r.read_until(b'\n', &mut line).unwrap();
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        v["id"].as_u64().unwrap()
+    }
+
+    fn reply(w: &mut UnixStream, id: u64, ret: &str) {
+        write!(w, "{{\"return\": {ret}, \"id\": {id}}}\r\n").unwrap();
+    }
+
+    #[test]
+    fn events_sent_before_a_reply_stay_buffered_for_later_waits() {
+        let (_d, path) = fake_qemu(|r, w| {
+            let id = request_id(r);
+            w.write_all(
+                b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\r\n",
+            )
+            .unwrap();
+            w.write_all(b"{\"event\": \"JOB_STATUS_CHANGE\", \"data\": {\"id\": \"j\", \"status\": \"concluded\"}}\r\n")
+                .unwrap();
+            reply(w, id, "{\"running\": false, \"status\": \"paused\"}");
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        assert_eq!(qmp.version().unwrap().major, 10);
+        let st = qmp.execute(&crate::commands::QueryStatus {}).unwrap();
+        assert_eq!(st.status, "paused");
+        let short = Duration::from_millis(10);
+        let job = qmp.wait_job_status("j", "concluded", short).unwrap();
+        assert_eq!(job.str("status"), Some("concluded"));
+        let stop = qmp.wait_event_named("STOP", short).unwrap();
+        assert_eq!(stop.timestamp.unwrap().microseconds, 2);
+        // Each event is delivered once.
+        assert!(qmp
+            .wait_event_named("STOP", short)
+            .unwrap_err()
+            .is_timeout());
+    }
+
+    #[test]
+    fn a_late_reply_to_a_timed_out_command_is_not_taken_for_the_next() {
+        let (_d, path) = fake_qemu(|r, w| {
+            let first = request_id(r);
+            let second = request_id(r);
+            reply(w, first, "\"late\"");
+            reply(w, second, "\"fresh\"");
+        });
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        qmp.set_command_timeout(Duration::from_millis(100));
+        let e = qmp.execute_value("first", None).unwrap_err();
+        assert!(e.is_timeout() && e.to_string().contains("QMP first"), "{e}");
+        qmp.set_command_timeout(Duration::from_secs(5));
+        assert_eq!(qmp.execute_value("second", None).unwrap(), "fresh");
+    }
+
+    #[test]
+    fn an_unparsable_message_is_a_protocol_error_naming_the_command() {
+        let (_d, path) = fake_qemu(|r, w| {
+            request_id(r);
+            w.write_all(b"this is not json\r\n").unwrap();
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        let e = qmp.execute_value("query-status", None).unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::Protocol(_)), "{e}");
+        assert!(e.to_string().contains("query-status"), "{e}");
+    }
+
+    #[test]
+    fn an_error_reply_is_command_failed_with_class_and_description() {
+        let (_d, path) = fake_qemu(|r, w| {
+            let id = request_id(r);
+            write!(w, "{{\"error\": {{\"class\": \"DeviceNotFound\", \"desc\": \"no disk9\"}}, \"id\": {id}}}\r\n").unwrap();
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        let e = qmp
+            .execute(&crate::commands::BlockdevDel {
+                node_name: "disk9".into(),
+            })
+            .unwrap_err();
+        assert_eq!(e.to_string(), "QMP blockdev-del: DeviceNotFound: no disk9");
+        assert!(
+            matches!(e.kind, ErrorKind::CommandFailed { ref command, .. } if command == "blockdev-del")
+        );
+    }
 }

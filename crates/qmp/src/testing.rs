@@ -182,9 +182,15 @@ impl TestVm {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(crate::Error::new(
+                    format!("waiting for the guest agent to open port '{AGENT_PORT}'"),
+                    crate::ErrorKind::Timeout(timeout),
+                ));
+            }
             match qmp.wait_vserport(AGENT_PORT, true, left.min(Duration::from_secs(1))) {
                 Ok(_) => break,
-                Err(e) if e.is_timeout() && !left.is_zero() => continue,
+                Err(e) if e.is_timeout() => continue,
                 Err(e) => return Err(e),
             }
         }
