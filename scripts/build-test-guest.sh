@@ -29,14 +29,17 @@ for tool in apt-get apt-cache dpkg-deb depmod mkfs.ext4 qemu-img ldd flock gzip 
   command -v "$tool" >/dev/null 2>&1 || die "$tool is missing (run scripts/install-deps.sh)"
 done
 
-# The candidate version of a package in a release ("" = the default candidate).
+# The version apt would install: PKG's candidate, or for PKG/RELEASE that release's.
 candidate() {
   local spec=$1
-  apt-cache show "$spec" 2>/dev/null | sed -n 's/^Version: //p' | head -n1
+  case $spec in
+    */*) apt-cache show "$spec" 2>/dev/null | sed -n 's/^Version: //p' | head -n1 || true ;;
+    *) apt-cache policy "$spec" 2>/dev/null | sed -n 's/^ *Candidate: //p' | grep -vx '(none)' | head -n1 || true ;;
+  esac
 }
 
 kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-  sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)
+  sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1 || true)
 [ -n "$kernel_pkg" ] || die "apt-cache knows no linux-image-*-cloud-amd64 (run apt-get update)"
 kernel_ver=$(candidate "$kernel_pkg")
 busybox_ver=$(candidate busybox-static)
