@@ -65,6 +65,7 @@ fn qmp_and_agent_drive_a_booted_guest() {
     files_written_through_the_agent_read_back(&mut agent);
     fsfreeze_freezes_and_thaws_data(&mut agent);
     agent_calls_time_out_and_the_next_call_resyncs(&mut agent);
+    an_agent_restart_is_survived_by_a_resync(qmp, &mut agent);
     snapshot_jobs_conclude_and_failures_name_the_job(qmp);
     // The agent answers again after the snapshot jobs, once resynced.
     agent.sync(Duration::from_secs(30)).unwrap();
@@ -206,6 +207,23 @@ fn agent_calls_time_out_and_the_next_call_resyncs(agent: &mut Agent) {
         .exec("/bin/echo", &["after"], Duration::from_secs(30))
         .unwrap();
     assert_eq!(out.stdout, b"after\n");
+}
+
+fn an_agent_restart_is_survived_by_a_resync(qmp: &Qmp, agent: &mut Agent) {
+    // Events of the first start are not the ones awaited below.
+    qmp.take_events();
+    // The guest's init starts the agent again a second after it dies.
+    agent.exec_start("/bin/killall", &["qemu-ga"]).unwrap();
+    let port = strata_qmp::testing::AGENT_PORT;
+    qmp.wait_vserport(port, false, Duration::from_secs(30))
+        .unwrap();
+    qmp.wait_vserport(port, true, Duration::from_secs(60))
+        .unwrap();
+    agent.sync(Duration::from_secs(30)).unwrap();
+    let out = agent
+        .exec("/bin/echo", &["again"], Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(out.stdout, b"again\n");
 }
 
 fn snapshot_jobs_conclude_and_failures_name_the_job(qmp: &Qmp) {
