@@ -211,3 +211,69 @@ pub struct ChardevInfo {
     pub filename: String,
     pub frontend_open: bool,
 }
+
+/// Create an image through a block driver (a job; dismiss it when concluded):
+/// `options` are QEMU's BlockdevCreateOptions, e.g. `{"driver": "file",
+/// "filename": ..., "size": 0}` or `{"driver": "qcow2", "file": NODE, "size": ...}`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevCreate {
+    pub job_id: String,
+    pub options: Value,
+}
+command!(BlockdevCreate, "blockdev-create", Empty);
+
+/// Merge the data of `top_node` (default: the active layer of `device`) down into
+/// `base_node` (default: the bottom of the chain). Committing the active layer
+/// becomes ready (`BLOCK_JOB_READY`) and completes on `job-complete`. Set
+/// `auto_dismiss: Some(false)` to read the outcome with `Qmp::finish_job`.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockCommit {
+    pub job_id: String,
+    pub device: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_dismiss: Option<bool>,
+}
+command!(BlockCommit, "block-commit", Empty);
+
+/// Copy the data of the backing chain (down to `base_node`, default all) into
+/// `device`'s node.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStream {
+    pub job_id: String,
+    pub device: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_dismiss: Option<bool>,
+}
+command!(BlockStream, "block-stream", Empty);
+
+/// Mirror `device` to the node `target` (`sync`: `full`, `top` or `none`);
+/// ready when in sync, `job-complete` pivots the guest to the target.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevMirror {
+    pub job_id: String,
+    pub device: String,
+    pub target: String,
+    pub sync: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_dismiss: Option<bool>,
+}
+command!(BlockdevMirror, "blockdev-mirror", Empty);
+
+/// The `transaction` action that puts the already added node `overlay` (opened
+/// with `"backing": null`) on top of `node`.
+pub fn blockdev_snapshot_action(node: &str, overlay: &str) -> Value {
+    serde_json::json!({
+        "type": "blockdev-snapshot",
+        "data": { "node": node, "overlay": overlay },
+    })
+}

@@ -2,15 +2,18 @@
 //! test guest (built by scripts/build-test-guest.sh; cached). Two boots: one
 //! guest exercised end to end, and one QEMU killed while the clients wait.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use strata_qmp::agent::FreezeStatus;
 use strata_qmp::commands::{
-    Cont, JobDismiss, QueryJobs, QueryStatus, SnapshotDelete, SnapshotLoad, SnapshotSave,
+    blockdev_snapshot_action, BlockCommit, BlockdevAdd, BlockdevCreate, BlockdevDel, Cont,
+    JobComplete, JobDismiss, QueryJobs, QueryStatus, SnapshotDelete, SnapshotLoad, SnapshotSave,
+    Transaction,
 };
 use strata_qmp::testing::{TestGuest, TestVm};
-use strata_qmp::{Agent, ErrorKind, Qmp};
+use strata_qmp::{Agent, Command, ErrorKind, Qmp};
 
 /// Time allowed for the guest's agent to come up (5-15 s under loaded TCG).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -66,6 +69,7 @@ fn qmp_and_agent_drive_a_booted_guest() {
     fsfreeze_freezes_and_thaws_data(&mut agent);
     agent_calls_time_out_and_the_next_call_resyncs(&mut agent);
     an_agent_restart_is_survived_by_a_resync(qmp, &mut agent);
+    an_external_snapshot_and_its_active_commit_move_guest_writes(qmp, &mut agent, &b.vm.dir);
     snapshot_jobs_conclude_and_failures_name_the_job(qmp);
     // The agent answers again after the snapshot jobs, once resynced.
     agent.sync(Duration::from_secs(30)).unwrap();
@@ -224,6 +228,106 @@ fn an_agent_restart_is_survived_by_a_resync(qmp: &Qmp, agent: &mut Agent) {
         .exec("/bin/echo", &["again"], Duration::from_secs(30))
         .unwrap();
     assert_eq!(out.stdout, b"again\n");
+}
+
+/// The node under guest disk `qdev` (query-block's `inserted` member).
+fn inserted(qmp: &Qmp, qdev: &str) -> serde_json::Value {
+    let blocks = qmp.execute_value("query-block", None).unwrap();
+    let dev = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["qdev"].as_str().is_some_and(|q| q.contains(qdev)))
+        .unwrap_or_else(|| panic!("no {qdev} in {blocks}"));
+    dev["inserted"].clone()
+}
+
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    std::fs::read(path)
+        .unwrap()
+        .windows(needle.len())
+        .any(|w| w == needle)
+}
+
+fn an_external_snapshot_and_its_active_commit_move_guest_writes(
+    qmp: &Qmp,
+    agent: &mut Agent,
+    dir: &Path,
+) {
+    let t = Duration::from_secs(120);
+    let base = dir.join("data.qcow2");
+    let overlay = dir.join("overlay.qcow2");
+    let size = inserted(qmp, "vdisk0")["image"]["virtual-size"]
+        .as_u64()
+        .unwrap();
+    // The overlay is made by QEMU's own jobs: the file, then qcow2 on it.
+    let create_file = BlockdevCreate {
+        job_id: "create-file".into(),
+        options: json!({"driver": "file", "filename": overlay, "size": 0}),
+    };
+    qmp.run_job(&create_file, "create-file", t).unwrap();
+    qmp.execute(&BlockdevAdd(
+        json!({"driver": "file", "filename": overlay, "node-name": "ov-file"}),
+    ))
+    .unwrap();
+    let create_qcow2 = BlockdevCreate {
+        job_id: "create-qcow2".into(),
+        options: json!({"driver": "qcow2", "file": "ov-file", "size": size,
+                        "backing-file": base, "backing-fmt": "qcow2"}),
+    };
+    qmp.run_job(&create_qcow2, "create-qcow2", t).unwrap();
+    qmp.execute(&BlockdevAdd(
+        json!({"driver": "qcow2", "node-name": "ov", "file": "ov-file", "backing": null}),
+    ))
+    .unwrap();
+    qmp.execute(&Transaction {
+        actions: vec![blockdev_snapshot_action("disk0", "ov")],
+    })
+    .unwrap();
+    assert_eq!(inserted(qmp, "vdisk0")["node-name"], "ov");
+
+    // A guest write lands in the overlay only.
+    let marker = b"strata-overlay-marker-5c1e9a";
+    agent.write_file("/data/after-snapshot", marker).unwrap();
+    let out = agent.exec("/bin/sync", &[], t).unwrap();
+    assert_eq!(out.exit_code, Some(0));
+    assert!(
+        file_contains(&overlay, marker),
+        "the write is not in the overlay"
+    );
+    assert!(
+        !file_contains(&base, marker),
+        "the write reached the frozen base"
+    );
+
+    // Active commit: ready, complete (pivot to the base), conclude, dismiss.
+    let commit = BlockCommit {
+        job_id: "commit".into(),
+        device: "ov".into(),
+        auto_dismiss: Some(false),
+        ..Default::default()
+    };
+    qmp.execute(&commit).unwrap();
+    qmp.wait_block_job_ready("commit", t).unwrap();
+    qmp.execute(&JobComplete {
+        id: "commit".into(),
+    })
+    .unwrap();
+    qmp.finish_job(BlockCommit::NAME, "commit", t).unwrap();
+    assert_eq!(inserted(qmp, "vdisk0")["node-name"], "disk0");
+    qmp.execute(&BlockdevDel {
+        node_name: "ov".into(),
+    })
+    .unwrap();
+    qmp.execute(&BlockdevDel {
+        node_name: "ov-file".into(),
+    })
+    .unwrap();
+    assert!(
+        file_contains(&base, marker),
+        "the commit did not reach the base"
+    );
+    assert_eq!(agent.read_file("/data/after-snapshot").unwrap(), marker);
 }
 
 fn snapshot_jobs_conclude_and_failures_name_the_job(qmp: &Qmp) {
