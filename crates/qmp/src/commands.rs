@@ -171,6 +171,7 @@ pub struct MigrateIncoming {
 command!(MigrateIncoming, "migrate-incoming", Empty);
 
 /// Turn migration capabilities on or off (they last for the process's life).
+/// `MIGRATION` status events are sent only while the `events` capability is on.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateSetCapabilities {
     pub capabilities: Vec<MigrationCapability>,
@@ -276,4 +277,57 @@ pub fn blockdev_snapshot_action(node: &str, overlay: &str) -> Value {
         "type": "blockdev-snapshot",
         "data": { "node": node, "overlay": overlay },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{arguments, Command};
+
+    fn args<C: Command>(c: &C) -> Option<Value> {
+        arguments("test", c).unwrap()
+    }
+
+    #[test]
+    fn arguments_use_qemus_member_names_and_omit_unset_options() {
+        assert_eq!(args(&QueryStatus {}), None, "no arguments member at all");
+        assert_eq!(
+            args(&BlockStream {
+                job_id: "s".into(),
+                device: "top".into(),
+                base_node: Some("base".into()),
+                auto_dismiss: None,
+            }),
+            Some(serde_json::json!({"job-id": "s", "device": "top", "base-node": "base"}))
+        );
+        assert_eq!(
+            args(&BlockdevMirror {
+                job_id: "m".into(),
+                device: "disk0".into(),
+                target: "copy".into(),
+                sync: "full".into(),
+                auto_dismiss: Some(false),
+            }),
+            Some(
+                serde_json::json!({"job-id": "m", "device": "disk0", "target": "copy",
+                                    "sync": "full", "auto-dismiss": false})
+            )
+        );
+        assert_eq!(
+            args(&BlockdevDel {
+                node_name: "n".into()
+            }),
+            Some(serde_json::json!({"node-name": "n"}))
+        );
+        assert_eq!(
+            args(&BlockdevAdd(
+                serde_json::json!({"driver": "null-co", "node-name": "x"})
+            )),
+            Some(serde_json::json!({"driver": "null-co", "node-name": "x"}))
+        );
+        assert_eq!(
+            blockdev_snapshot_action("disk0", "ov"),
+            serde_json::json!({"type": "blockdev-snapshot", "data": {"node": "disk0", "overlay": "ov"}})
+        );
+    }
 }

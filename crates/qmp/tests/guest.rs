@@ -9,8 +9,8 @@ use serde_json::json;
 use strata_qmp::agent::FreezeStatus;
 use strata_qmp::commands::{
     blockdev_snapshot_action, BlockCommit, BlockdevAdd, BlockdevCreate, BlockdevDel, Cont,
-    JobComplete, JobDismiss, QueryJobs, QueryStatus, SnapshotDelete, SnapshotLoad, SnapshotSave,
-    Transaction,
+    JobComplete, JobDismiss, Migrate, MigrateSetCapabilities, MigrationCapability, QueryJobs,
+    QueryMigrate, QueryStatus, SnapshotDelete, SnapshotLoad, SnapshotSave, Transaction,
 };
 use strata_qmp::testing::{TestGuest, TestVm};
 use strata_qmp::{Agent, Command, ErrorKind, Qmp};
@@ -71,9 +71,42 @@ fn qmp_and_agent_drive_a_booted_guest() {
     an_agent_restart_is_survived_by_a_resync(qmp, &mut agent);
     an_external_snapshot_and_its_active_commit_move_guest_writes(qmp, &mut agent, &b.vm.dir);
     snapshot_jobs_conclude_and_failures_name_the_job(qmp);
-    // The agent answers again after the snapshot jobs, once resynced.
+    memory_saved_by_migration_to_a_file_and_the_source_resumes(qmp, &b.vm.dir);
+    // The agent answers again after the snapshot jobs and the save, once resynced.
     agent.sync(Duration::from_secs(30)).unwrap();
     agent.ping().unwrap();
+}
+
+fn memory_saved_by_migration_to_a_file_and_the_source_resumes(qmp: &Qmp, dir: &Path) {
+    let state = dir.join("memory.state");
+    qmp.execute(&MigrateSetCapabilities {
+        // MIGRATION events are sent only with the events capability on.
+        capabilities: ["mapped-ram", "events"]
+            .map(|c| MigrationCapability {
+                capability: c.into(),
+                state: true,
+            })
+            .to_vec(),
+    })
+    .unwrap();
+    qmp.execute(&Migrate {
+        uri: format!("file:{}", state.display()),
+    })
+    .unwrap();
+    qmp.wait_event("MIGRATION completed", Duration::from_secs(60), |e| {
+        e.name == "MIGRATION" && e.str("status") == Some("completed")
+    })
+    .unwrap();
+    let info = qmp.execute(&QueryMigrate {}).unwrap();
+    assert_eq!(info.status.as_deref(), Some("completed"), "{info:?}");
+    let st = qmp.execute(&QueryStatus {}).unwrap();
+    assert_eq!((st.running, st.status.as_str()), (false, "postmigrate"));
+    // 256 MiB of guest memory went somewhere: mapped-ram writes it at fixed
+    // offsets, so the file is at least that long (sparse where pages are zero).
+    let len = std::fs::metadata(&state).unwrap().len();
+    assert!(len >= 256 << 20, "state file of {len} bytes");
+    qmp.execute(&Cont {}).unwrap();
+    assert!(qmp.execute(&QueryStatus {}).unwrap().running);
 }
 
 fn qmp_errors_name_the_command(qmp: &Qmp) {
