@@ -428,13 +428,18 @@ fn killing_qemu_ends_waits_promptly_with_qemu_exited() {
     // its sync loop and must end when QEMU dies, not at its timeout.
     let killer = b.vm.killer();
     let agent_socket = b.vm.agent_socket();
+    let (started, agent_started) = std::sync::mpsc::channel();
     let agent_wait = std::thread::spawn(move || {
+        started.send(()).unwrap();
         let t = Instant::now();
         let r = Agent::connect(&agent_socket, Duration::from_secs(120));
         (r.err(), t.elapsed())
     });
     std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(700));
+        // Kill once the agent's connect is surely under way (a connect after
+        // the kill would find the dead socket and retry until its timeout).
+        agent_started.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
         killer.kill();
     });
     let (e, took) = wait_for_unsent_event(qmp, "NEVER_SENT", Duration::from_secs(120));
