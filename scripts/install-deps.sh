@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install what strata's tests and benchmarks need on Debian bookworm:
 # QEMU 10's qemu-img/qemu-io/qemu-nbd (package qemu-utils) from bookworm-backports,
-# the reference implementation the tests compare against, and libnbd's NBD
-# clients (libnbd-bin) from bookworm itself.
+# the reference implementation the tests compare against, QEMU 10's x86 system
+# emulator and guest agent from the same suite (the VM tests boot a real guest, built
+# by scripts/build-test-guest.sh, which also needs e2fsprogs and kmod), and libnbd's
+# NBD clients (libnbd-bin) from bookworm itself.
 # Idempotent. Runs as root, or through sudo when that is available.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -99,18 +101,24 @@ for attempt in 1 2 3; do
   sleep 10
 done
 
-# Only qemu-utils comes from backports (with whatever it needs from there);
-# nothing else, in particular no qemu-system-* from plain bookworm.
-"${SUDO[@]}" apt-get install -y -q -t bookworm-backports qemu-utils
-"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl
+# The QEMU packages come from backports together, in one transaction, so the
+# emulator, the agent and the tools share one QEMU version (with whatever they need
+# from there); never plain bookworm's qemu-system-x86 (7.2). The host's agent also
+# provides, for the guest builder's ldd, the libraries the guest's agent needs.
+"${SUDO[@]}" apt-get install -y -q --no-install-recommends -t bookworm-backports \
+  qemu-utils qemu-system-x86 qemu-guest-agent
+"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl e2fsprogs kmod
 
-for tool in qemu-img qemu-io qemu-nbd nbdinfo; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool is missing after the install"
+# qemu-ga, mkfs.ext4 and depmod live in sbin, which a user's PATH may lack.
+for tool in qemu-img qemu-io qemu-nbd nbdinfo qemu-system-x86_64 qemu-ga mkfs.ext4 depmod; do
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || die "$tool is missing after the install"
 done
 
-version=$(qemu-img --version | head -n1)
-major=$(printf '%s\n' "$version" | sed -n 's/^qemu-img version \([0-9][0-9]*\)\..*/\1/p')
-if [ -z "$major" ] || [ "$major" -lt 10 ]; then
-  die "strata's tests need QEMU 10 or newer, but qemu-img reports: ${version:-nothing}"
-fi
-say "$version"
+for tool in qemu-img qemu-system-x86_64; do
+  version=$("$tool" --version | head -n1)
+  major=$(printf '%s\n' "$version" | sed -n 's/^.* version \([0-9][0-9]*\)\..*/\1/p')
+  if [ -z "$major" ] || [ "$major" -lt 10 ]; then
+    die "strata's tests need QEMU 10 or newer, but $tool reports: ${version:-nothing}"
+  fi
+  say "$version"
+done
