@@ -4,76 +4,11 @@
 //! qcow2 and raw, preallocation, snapshots, bitmaps, odd sizes, damaged refcounts)
 //! through both tools; stdout, stderr and the exit code must be identical.
 
+mod common;
+
+use common::{assert_all_same, run, same, sh};
 use std::path::Path;
 use std::process::Command;
-
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
-
-fn sh(dir: &Path, prog: &str, args: &[&str]) {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Output of one run: exit code, stdout, stderr (program name normalised).
-fn run(dir: &Path, prog: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = if prog == "strata" {
-        let mut c = Command::new(STRATA);
-        c.arg("img");
-        c
-    } else {
-        Command::new("qemu-img")
-    };
-    let out = cmd
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
-    let err = String::from_utf8_lossy(&out.stderr)
-        .replace("strata img", "qemu-img")
-        .replace("qemu-img:", "PROG:");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        err,
-    )
-}
-
-thread_local! {
-    static FAILURES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Run `args` through both tools and record any difference (all differences of a
-/// test are reported together by [`assert_all_same`]).
-fn same(dir: &Path, args: &[&str]) {
-    let ours = run(dir, "strata", args);
-    let theirs = run(dir, "qemu-img", args);
-    if ours != theirs {
-        FAILURES.with(|f| {
-            f.borrow_mut().push(format!(
-                "`img {}`\n  strata:   {ours:?}\n  qemu-img: {theirs:?}",
-                args.join(" ")
-            ))
-        });
-    }
-}
-
-fn assert_all_same() {
-    let failures = FAILURES.with(|f| std::mem::take(&mut *f.borrow_mut()));
-    assert!(
-        failures.is_empty(),
-        "{} differences from qemu-img:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-}
 
 /// Set refcount entry `cluster` of a 16-bit-refcount image to `value` (the first
 /// refcount block), to damage an image in a known way.
