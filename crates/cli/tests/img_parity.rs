@@ -813,3 +813,43 @@ fn resize_leaves_what_qemu_img_leaves() {
         }
     }
 }
+
+/// A header `size` that is not a multiple of 512 (64 MiB + 3, as some tools
+/// write): QEMU rounds it down to whole sectors, and so does strata.
+#[test]
+fn a_header_size_off_the_sector_grid_is_rounded_down_as_qemu_does() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, compat) in [("odd3.qcow2", "1.1"), ("odd2.qcow2", "0.10")] {
+        let compat = format!("compat={compat}");
+        sh(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &compat, name, "64M"],
+        );
+        sh(
+            d,
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 7 63M 1M", name],
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join(name))
+            .unwrap();
+        f.seek(SeekFrom::Start(24)).unwrap();
+        f.write_all(&((64u64 << 20) + 3).to_be_bytes()).unwrap();
+        drop(f);
+        for args in [
+            &["info", name][..],
+            &["info", "--output=json", name],
+            &["map", "--output=json", name],
+            &["check", name],
+            &["measure", "-O", "qcow2", name],
+        ] {
+            same(d, args);
+        }
+    }
+    same(d, &["compare", "odd3.qcow2", "odd2.qcow2"]);
+    assert_all_same();
+}

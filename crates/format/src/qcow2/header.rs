@@ -177,7 +177,9 @@ impl Header {
             backing_file_offset: be64(buf, 8),
             backing_file_size: be32(buf, 16),
             cluster_bits,
-            size: be64(buf, 24),
+            // QEMU counts whole 512-byte sectors: a size off that grid is rounded
+            // down (and written back so when the header is rewritten).
+            size: be64(buf, 24) / 512 * 512,
             crypt_method: be32(buf, 32),
             l1_size: be32(buf, 36),
             l1_table_offset: be64(buf, 40),
