@@ -853,3 +853,65 @@ fn a_header_size_off_the_sector_grid_is_rounded_down_as_qemu_does() {
     same(d, &["compare", "odd3.qcow2", "odd2.qcow2"]);
     assert_all_same();
 }
+
+/// Sizes at the edges of `resize` (QEMU reads them as unsigned 64-bit values and
+/// adds them as signed ones, so large ones wrap): the same refusal, word for word.
+/// And `commit --top` of the bottom image is refused as qemu-img refuses a commit
+/// of an image without a backing file.
+#[test]
+fn resize_edge_sizes_and_a_commit_of_the_bottom_are_refused_as_qemu_img_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sizes = [
+        "+9223372036854775807",
+        "+9223372036854775808",
+        "+8E",
+        "+15E",
+        "+15.9E",
+        "+16E",
+        "+18446744073709551615",
+        "+18446744073709551616",
+        "-9223372036854775808",
+        "-18446744073709551615",
+        "-67108864",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551615",
+        "8E",
+        "16E",
+    ];
+    for size in sizes {
+        for img in ["o.qcow2", "t.qcow2"] {
+            sh(d, "qemu-img", &["create", "-q", "-f", "qcow2", img, "64M"]);
+        }
+        let ours = run(d, "strata", &["resize", "o.qcow2", "--", size]);
+        let theirs = run(d, "qemu-img", &["resize", "t.qcow2", "--", size]);
+        let norm = |r: (Option<i32>, String, String), f: &str| {
+            (r.0, r.1.replace(f, "IMG"), r.2.replace(f, "IMG"))
+        };
+        assert_eq!(
+            norm(ours, "o.qcow2"),
+            norm(theirs, "t.qcow2"),
+            "resize -- {size}"
+        );
+    }
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "o.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    assert_eq!(
+        run(d, "strata", &["commit", "--top", "o.qcow2", "top.qcow2"]),
+        run(d, "qemu-img", &["commit", "o.qcow2"]),
+    );
+}

@@ -110,8 +110,14 @@ pub fn parse_bool(key: &str, v: &str) -> std::result::Result<bool, String> {
     }
 }
 
-/// Parse a size with qemu's suffixes (k, M, G, T, P, E; b for bytes).
+/// Parse a size with qemu's suffixes (k, M, G, T, P, E; b for bytes), at most
+/// 2^63 - 1 (a size QEMU can give an image).
 pub fn parse_size(s: &str) -> Option<u64> {
+    parse_size_u64(s).filter(|&v| v <= i64::MAX as u64)
+}
+
+/// Parse a size as QEMU's option parser does: any value below 2^64.
+pub fn parse_size_u64(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, mult): (&str, u64) = match s.chars().last()? {
         'b' | 'B' => (&s[..s.len() - 1], 1),
@@ -126,14 +132,14 @@ pub fn parse_size(s: &str) -> Option<u64> {
     let v = if num.contains('.') {
         let f: f64 = num.parse().ok()?;
         let v = f * mult as f64;
-        if !(0.0..9.223_372_036_854_775e18).contains(&v) {
+        if !(0.0..18_446_744_073_709_551_616.0).contains(&v) {
             return None;
         }
         v as u64
     } else {
         num.parse::<u64>().ok()?.checked_mul(mult)?
     };
-    (v <= i64::MAX as u64).then_some(v)
+    Some(v)
 }
 
 /// Keys a qcow2 `-o` map may hold.

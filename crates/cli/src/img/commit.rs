@@ -86,6 +86,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(b) => find(b)?,
         None => top + 1,
     };
+    if args.base.is_none() && base >= probe.layers.len() {
+        // --top names the bottom of the chain: nothing below it to commit into.
+        bail!("Image does not have a backing file");
+    }
     if base <= top || base >= probe.layers.len() {
         bail!(
             "Did not find '{}' in the backing chain of '{name}'",
