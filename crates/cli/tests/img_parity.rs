@@ -915,3 +915,80 @@ fn resize_edge_sizes_and_a_commit_of_the_bottom_are_refused_as_qemu_img_refuses_
         run(d, "qemu-img", &["commit", "o.qcow2"]),
     );
 }
+
+/// A QEMU-made overlay whose backing file name is not UTF-8 (names are bytes)
+/// opens, and every command prints the name as qemu-img prints it: its bytes in
+/// text, U+FFFD for each invalid sequence in JSON.
+#[test]
+fn a_backing_file_name_that_is_not_utf8_is_kept_as_bytes() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = OsStr::from_bytes(b"b\xe9se.qcow2");
+    let tool = |prog: &str, args: &[&OsStr]| {
+        let out = Command::new(prog)
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let os = OsStr::new;
+    tool(
+        "qemu-img",
+        &[
+            os("create"),
+            os("-q"),
+            os("-f"),
+            os("qcow2"),
+            base,
+            os("4M"),
+        ],
+    );
+    tool(
+        "qemu-io",
+        &[os("-f"), os("qcow2"), os("-c"), os("write -P 9 0 1M"), base],
+    );
+    let overlay = [
+        "create", "-q", "-f", "qcow2", "-b", "", "-F", "qcow2", "ov.qcow2",
+    ];
+    let mut args: Vec<&OsStr> = overlay.iter().map(|a| os(a)).collect();
+    args[5] = base;
+    tool("qemu-img", &args);
+    sh(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 8 1M 64k", "ov.qcow2"],
+    );
+    let cases: &[&[&str]] = &[
+        &["info", "ov.qcow2"],
+        &["info", "--output=json", "ov.qcow2"],
+        &["info", "--backing-chain", "ov.qcow2"],
+        &["info", "--backing-chain", "--output=json", "ov.qcow2"],
+        &["map", "ov.qcow2"],
+        &["map", "--output=json", "ov.qcow2"],
+        &["check", "ov.qcow2"],
+        &["measure", "-O", "qcow2", "ov.qcow2"],
+    ];
+    for args in cases {
+        // Byte for byte (the parity runner reads output as text).
+        let stdout = |prog: &str| {
+            let mut c = if prog == "strata" {
+                let mut c = Command::new(common::STRATA);
+                c.arg("img");
+                c
+            } else {
+                Command::new(prog)
+            };
+            c.args(*args).current_dir(d).output().unwrap().stdout
+        };
+        assert_eq!(stdout("strata"), stdout("qemu-img"), "img {args:?}");
+        same(d, args);
+    }
+    assert_all_same();
+}

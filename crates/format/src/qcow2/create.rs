@@ -160,7 +160,7 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
             header::V2_HEADER_LEN
         },
         compression_type: opts.compression_type,
-        backing_file: opts.backing_file.clone(),
+        backing_file: opts.backing_file.clone().map(Into::into),
         backing_format: opts.backing_format.clone(),
         // As QEMU: no feature-name table with clusters of 4 KiB or less, where it
         // would leave little room for a backing file name in the first cluster.
