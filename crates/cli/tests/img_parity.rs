@@ -926,20 +926,9 @@ fn a_backing_file_name_that_is_not_utf8_is_kept_as_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = OsStr::from_bytes(b"b\xe9se.qcow2");
-    let tool = |prog: &str, args: &[&OsStr]| {
-        let out = Command::new(prog)
-            .args(args)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let os = OsStr::new;
-    tool(
+    sh(
+        d,
         "qemu-img",
         &[
             os("create"),
@@ -950,7 +939,8 @@ fn a_backing_file_name_that_is_not_utf8_is_kept_as_bytes() {
             os("4M"),
         ],
     );
-    tool(
+    sh(
+        d,
         "qemu-io",
         &[os("-f"), os("qcow2"), os("-c"), os("write -P 9 0 1M"), base],
     );
@@ -959,7 +949,7 @@ fn a_backing_file_name_that_is_not_utf8_is_kept_as_bytes() {
     ];
     let mut args: Vec<&OsStr> = overlay.iter().map(|a| os(a)).collect();
     args[5] = base;
-    tool("qemu-img", &args);
+    sh(d, "qemu-img", &args);
     sh(
         d,
         "qemu-io",

@@ -7,7 +7,8 @@ use std::process::Command;
 
 pub const STRATA: &str = env!("CARGO_BIN_EXE_strata");
 
-pub fn sh(dir: &Path, prog: &str, args: &[&str]) {
+/// Run `prog` with `args` (text or raw bytes) in `dir`; it must succeed.
+pub fn sh<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(dir: &Path, prog: &str, args: &[S]) {
     let out = Command::new(prog)
         .args(args)
         .current_dir(dir)
