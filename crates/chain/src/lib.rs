@@ -9,6 +9,7 @@ mod index;
 pub use index::IndexedChain;
 
 use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions};
@@ -107,8 +108,8 @@ pub struct Layer {
     pub path: PathBuf,
     pub format: Format,
     pub device: Arc<dyn BlockDevice>,
-    /// The backing file name as recorded in the image.
-    pub backing_name: Option<String>,
+    /// The backing file name as recorded in the image (bytes: it need not be UTF-8).
+    pub backing_name: Option<OsString>,
     /// The backing format as recorded in the image.
     pub backing_format: Option<String>,
     /// The backing file name resolved to a path.
@@ -155,7 +156,7 @@ impl Chain {
         .collect();
         self.layers.iter().enumerate().position(|(i, l)| {
             canon(&l.path).is_some_and(|c| wanted.contains(&c))
-                || (i > 0 && self.layers[i - 1].backing_name.as_deref() == Some(name))
+                || (i > 0 && self.layers[i - 1].backing_name.as_deref() == Some(OsStr::new(name)))
         })
     }
 }
@@ -174,8 +175,8 @@ pub fn probe_format(path: &Path) -> Result<Format> {
 
 /// Resolve a backing file name recorded in `overlay` (relative names are relative to
 /// the overlay's directory, as QEMU resolves them).
-pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
+pub fn resolve_backing(overlay: &Path, name: impl AsRef<Path>) -> PathBuf {
+    let p = name.as_ref();
     if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -265,14 +266,14 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             None => {
                 return Err(Error::BackingFormatUnknown {
                     image: path.clone(),
-                    backing: name,
+                    backing: name.to_string_lossy().into_owned(),
                 })
             }
         };
         if let Err(e) = std::fs::metadata(&bpath) {
             return Err(Error::Backing {
                 image: path.clone(),
-                backing: name,
+                backing: name.to_string_lossy().into_owned(),
                 source: Box::new(Error::Storage(strata_storage::Error::Io {
                     op: "Could not open",
                     path: bpath,

@@ -4,8 +4,9 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -182,8 +183,7 @@ fn serve(a: ServeArgs) -> Result<i32> {
     }
     let mut cleanup = Vec::new();
     if let Some(p) = &a.socket {
-        let l =
-            UnixListener::bind(p).with_context(|| format!("cannot listen on '{}'", p.display()))?;
+        let l = listen_unix(p)?;
         cleanup.push(p.clone());
         eprintln!("strata nbd: listening on unix {}", p.display());
         let s = server.clone();
@@ -194,8 +194,7 @@ fn serve(a: ServeArgs) -> Result<i32> {
         }));
     }
     if let Some(p) = &a.control {
-        let l =
-            UnixListener::bind(p).with_context(|| format!("cannot listen on '{}'", p.display()))?;
+        let l = listen_unix(p)?;
         cleanup.push(p.clone());
         let s = server.clone();
         let q = quit.clone();
@@ -217,6 +216,33 @@ fn serve(a: ServeArgs) -> Result<i32> {
     }
     r?;
     Ok(0)
+}
+
+/// Listen on the Unix socket `path`. A socket left there by a server that died
+/// (a connection to it is refused: nobody listens) is replaced, as qemu-nbd
+/// replaces it; a socket a server is listening on is refused, and so is anything
+/// at `path` that is not a socket (it is never removed).
+fn listen_unix(path: &Path) -> Result<UnixListener> {
+    let cannot = || format!("cannot listen on '{}'", path.display());
+    match UnixListener::bind(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+        r => return r.with_context(cannot),
+    }
+    let is_socket = std::fs::symlink_metadata(path)
+        .with_context(cannot)?
+        .file_type()
+        .is_socket();
+    if !is_socket {
+        bail!("{}: the path exists and is not a socket", cannot());
+    }
+    match UnixStream::connect(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            std::fs::remove_file(path).with_context(cannot)?;
+            UnixListener::bind(path).with_context(cannot)
+        }
+        Ok(_) => bail!("{}: a server is listening on it", cannot()),
+        Err(e) => Err(e).with_context(cannot),
+    }
 }
 
 fn ctl(a: CtlArgs) -> Result<i32> {

@@ -4,76 +4,11 @@
 //! qcow2 and raw, preallocation, snapshots, bitmaps, odd sizes, damaged refcounts)
 //! through both tools; stdout, stderr and the exit code must be identical.
 
+mod common;
+
+use common::{assert_all_same, run, same, sh};
 use std::path::Path;
 use std::process::Command;
-
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
-
-fn sh(dir: &Path, prog: &str, args: &[&str]) {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Output of one run: exit code, stdout, stderr (program name normalised).
-fn run(dir: &Path, prog: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = if prog == "strata" {
-        let mut c = Command::new(STRATA);
-        c.arg("img");
-        c
-    } else {
-        Command::new("qemu-img")
-    };
-    let out = cmd
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
-    let err = String::from_utf8_lossy(&out.stderr)
-        .replace("strata img", "qemu-img")
-        .replace("qemu-img:", "PROG:");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        err,
-    )
-}
-
-thread_local! {
-    static FAILURES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Run `args` through both tools and record any difference (all differences of a
-/// test are reported together by [`assert_all_same`]).
-fn same(dir: &Path, args: &[&str]) {
-    let ours = run(dir, "strata", args);
-    let theirs = run(dir, "qemu-img", args);
-    if ours != theirs {
-        FAILURES.with(|f| {
-            f.borrow_mut().push(format!(
-                "`img {}`\n  strata:   {ours:?}\n  qemu-img: {theirs:?}",
-                args.join(" ")
-            ))
-        });
-    }
-}
-
-fn assert_all_same() {
-    let failures = FAILURES.with(|f| std::mem::take(&mut *f.borrow_mut()));
-    assert!(
-        failures.is_empty(),
-        "{} differences from qemu-img:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-}
 
 /// Set refcount entry `cluster` of a 16-bit-refcount image to `value` (the first
 /// refcount block), to damage an image in a known way.
@@ -877,4 +812,173 @@ fn resize_leaves_what_qemu_img_leaves() {
             assert_eq!(code, Some(0), "{what}: compare\n{out}{err}");
         }
     }
+}
+
+/// A header `size` that is not a multiple of 512 (64 MiB + 3, as some tools
+/// write): QEMU rounds it down to whole sectors, and so does strata.
+#[test]
+fn a_header_size_off_the_sector_grid_is_rounded_down_as_qemu_does() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, compat) in [("odd3.qcow2", "1.1"), ("odd2.qcow2", "0.10")] {
+        let compat = format!("compat={compat}");
+        sh(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &compat, name, "64M"],
+        );
+        sh(
+            d,
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 7 63M 1M", name],
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join(name))
+            .unwrap();
+        f.seek(SeekFrom::Start(24)).unwrap();
+        f.write_all(&((64u64 << 20) + 3).to_be_bytes()).unwrap();
+        drop(f);
+        for args in [
+            &["info", name][..],
+            &["info", "--output=json", name],
+            &["map", "--output=json", name],
+            &["check", name],
+            &["measure", "-O", "qcow2", name],
+        ] {
+            same(d, args);
+        }
+    }
+    same(d, &["compare", "odd3.qcow2", "odd2.qcow2"]);
+    assert_all_same();
+}
+
+/// Sizes at the edges of `resize` (QEMU reads them as unsigned 64-bit values and
+/// adds them as signed ones, so large ones wrap): the same refusal, word for word.
+/// And `commit --top` of the bottom image is refused as qemu-img refuses a commit
+/// of an image without a backing file.
+#[test]
+fn resize_edge_sizes_and_a_commit_of_the_bottom_are_refused_as_qemu_img_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sizes = [
+        "+9223372036854775807",
+        "+9223372036854775808",
+        "+8E",
+        "+15E",
+        "+15.9E",
+        "+16E",
+        "+18446744073709551615",
+        "+18446744073709551616",
+        "-9223372036854775808",
+        "-18446744073709551615",
+        "-67108864",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551615",
+        "8E",
+        "16E",
+    ];
+    for size in sizes {
+        for img in ["o.qcow2", "t.qcow2"] {
+            sh(d, "qemu-img", &["create", "-q", "-f", "qcow2", img, "64M"]);
+        }
+        let ours = run(d, "strata", &["resize", "o.qcow2", "--", size]);
+        let theirs = run(d, "qemu-img", &["resize", "t.qcow2", "--", size]);
+        let norm = |r: (Option<i32>, String, String), f: &str| {
+            (r.0, r.1.replace(f, "IMG"), r.2.replace(f, "IMG"))
+        };
+        assert_eq!(
+            norm(ours, "o.qcow2"),
+            norm(theirs, "t.qcow2"),
+            "resize -- {size}"
+        );
+    }
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "o.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    assert_eq!(
+        run(d, "strata", &["commit", "--top", "o.qcow2", "top.qcow2"]),
+        run(d, "qemu-img", &["commit", "o.qcow2"]),
+    );
+}
+
+/// A QEMU-made overlay whose backing file name is not UTF-8 (names are bytes)
+/// opens, and every command prints the name as qemu-img prints it: its bytes in
+/// text, U+FFFD for each invalid sequence in JSON.
+#[test]
+fn a_backing_file_name_that_is_not_utf8_is_kept_as_bytes() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = OsStr::from_bytes(b"b\xe9se.qcow2");
+    let os = OsStr::new;
+    sh(
+        d,
+        "qemu-img",
+        &[
+            os("create"),
+            os("-q"),
+            os("-f"),
+            os("qcow2"),
+            base,
+            os("4M"),
+        ],
+    );
+    sh(
+        d,
+        "qemu-io",
+        &[os("-f"), os("qcow2"), os("-c"), os("write -P 9 0 1M"), base],
+    );
+    let overlay = [
+        "create", "-q", "-f", "qcow2", "-b", "", "-F", "qcow2", "ov.qcow2",
+    ];
+    let mut args: Vec<&OsStr> = overlay.iter().map(|a| os(a)).collect();
+    args[5] = base;
+    sh(d, "qemu-img", &args);
+    sh(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 8 1M 64k", "ov.qcow2"],
+    );
+    let cases: &[&[&str]] = &[
+        &["info", "ov.qcow2"],
+        &["info", "--output=json", "ov.qcow2"],
+        &["info", "--backing-chain", "ov.qcow2"],
+        &["info", "--backing-chain", "--output=json", "ov.qcow2"],
+        &["map", "ov.qcow2"],
+        &["map", "--output=json", "ov.qcow2"],
+        &["check", "ov.qcow2"],
+        &["measure", "-O", "qcow2", "ov.qcow2"],
+    ];
+    for args in cases {
+        // Byte for byte (the parity runner reads output as text).
+        let stdout = |prog: &str| {
+            let mut c = if prog == "strata" {
+                let mut c = Command::new(common::STRATA);
+                c.arg("img");
+                c
+            } else {
+                Command::new(prog)
+            };
+            c.args(*args).current_dir(d).output().unwrap().stdout
+        };
+        assert_eq!(stdout("strata"), stdout("qemu-img"), "img {args:?}");
+        same(d, args);
+    }
+    assert_all_same();
 }

@@ -407,3 +407,72 @@ fn serve_refuses_a_missing_image_saying_why_once() {
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     assert!(!sock.exists(), "a socket was left behind");
 }
+
+/// SIGKILL, and wait for the process to be gone (its socket files stay behind).
+fn kill_hard(mut srv: Served) {
+    unsafe {
+        libc::kill(srv.child.id() as i32, libc::SIGKILL);
+    }
+    srv.child.wait().unwrap();
+}
+
+#[test]
+fn a_restart_after_sigkill_replaces_stale_sockets_and_a_live_or_foreign_path_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let sock = dir.path().join("nbd.sock");
+    let control = dir.path().join("nbd.ctl");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    let args = [
+        "-k",
+        s(&sock),
+        "--control",
+        s(&control),
+        "-x",
+        "disk",
+        "-f",
+        "qcow2",
+        s(&img),
+    ];
+    let uri = format!("nbd+unix:///disk?socket={}", s(&sock));
+    // Killed (no clean-up) twice in a row: each restart finds both sockets stale.
+    for round in 0..2u8 {
+        let srv = Served::start(&args);
+        let write = format!("write -P {} 0 64k", 0x30 + round);
+        ok("qemu-io", &["-f", "raw", "-c", &write, &uri]);
+        kill_hard(srv);
+        assert!(
+            sock.exists() && control.exists(),
+            "the kill left no stale socket"
+        );
+    }
+    let srv = Served::start(&args);
+    ok("qemu-io", &["-f", "raw", "-c", "read -P 0x31 0 64k", &uri]);
+    ctl_ok(&control, &["list"]);
+    // `serve OPT PATH` of `image` fails, saying `why`.
+    let refused = |opt: &str, path: &Path, image: &Path, why: &str| {
+        let args = ["nbd", "serve", opt, s(path), "-x", "disk", "-f", "qcow2"];
+        let out = run(strata(), &[&args[..], &[s(image)]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(why), "{err}");
+    };
+    // While it runs, a second server on the same sockets is refused, and the first
+    // keeps serving.
+    let dir2 = tempfile::tempdir().unwrap();
+    let img2 = dir2.path().join("other.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img2), "4M"]);
+    refused("-k", &sock, &img2, "a server is listening on it");
+    refused("--control", &control, &img2, "a server is listening on it");
+    ok("qemu-io", &["-f", "raw", "-c", "read -P 0x31 0 64k", &uri]);
+    ctl_ok(&control, &["list"]);
+    srv.term();
+    // A path that holds something other than a socket is never removed.
+    for (opt, path) in [("-k", &sock), ("--control", &control)] {
+        std::fs::write(path, b"not a socket").unwrap();
+        refused(opt, path, &img, "is not a socket");
+        assert_eq!(std::fs::read(path).unwrap(), b"not a socket");
+        std::fs::remove_file(path).unwrap();
+    }
+    ok("qemu-img", &["check", s(&img)]);
+}

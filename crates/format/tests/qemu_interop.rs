@@ -502,7 +502,8 @@ fn a_backing_file_recorded_by_strata_is_what_qemu_img_reports() {
     qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&top), "1M"]);
     let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&top, OpenOptions::write()).unwrap());
     let img = Qcow2Image::open(st, Qcow2OpenOptions::default()).unwrap();
-    img.set_backing_file(Some("base.raw"), Some("raw")).unwrap();
+    img.set_backing_file(Some(std::ffi::OsStr::new("base.raw")), Some("raw"))
+        .unwrap();
     drop(img);
     let info = qemu_ok("qemu-img", &["info", "--output=json", s(&top)]);
     assert!(

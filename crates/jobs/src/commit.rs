@@ -99,6 +99,20 @@ pub fn relink_above(
     backing_name: Option<&str>,
     backing_format: Option<&str>,
 ) -> Result<()> {
+    relink_above_to(
+        above,
+        backing_name.map(std::ffi::OsStr::new),
+        backing_format,
+    )
+}
+
+/// [`relink_above`] with the name as bytes (a name found in an image need not be
+/// UTF-8, and is recorded again exactly as it was).
+pub fn relink_above_to(
+    above: &dyn BlockDevice,
+    backing_name: Option<&std::ffi::OsStr>,
+    backing_format: Option<&str>,
+) -> Result<()> {
     let q = above.as_any().downcast_ref::<Qcow2Image>().ok_or_else(|| {
         Error::Invalid(format!(
             "A {} image has no backing file to change",

@@ -1,6 +1,7 @@
 //! `create`: new qcow2 or raw images from qemu-img's option set (`-o key=value`),
 //! with the same validation, defaults and the same "Formatting ..." summary.
 
+use crate::output::{self, FileId, Inputs};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use strata_format::qcow2::{CompressionType, CreateOptions, Preallocation};
 use strata_format::raw::RawImage;
 use strata_format::{BlockDevice, Format};
-use strata_storage::{FileStorage, Storage};
+use strata_storage::Storage;
 
 /// A request to create an image.
 #[derive(Debug, Clone)]
@@ -109,8 +110,14 @@ pub fn parse_bool(key: &str, v: &str) -> std::result::Result<bool, String> {
     }
 }
 
-/// Parse a size with qemu's suffixes (k, M, G, T, P, E; b for bytes).
+/// Parse a size with qemu's suffixes (k, M, G, T, P, E; b for bytes), at most
+/// 2^63 - 1 (a size QEMU can give an image).
 pub fn parse_size(s: &str) -> Option<u64> {
+    parse_size_u64(s).filter(|&v| v <= i64::MAX as u64)
+}
+
+/// Parse a size as QEMU's option parser does: any value below 2^64.
+pub fn parse_size_u64(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, mult): (&str, u64) = match s.chars().last()? {
         'b' | 'B' => (&s[..s.len() - 1], 1),
@@ -125,14 +132,14 @@ pub fn parse_size(s: &str) -> Option<u64> {
     let v = if num.contains('.') {
         let f: f64 = num.parse().ok()?;
         let v = f * mult as f64;
-        if !(0.0..9.223_372_036_854_775e18).contains(&v) {
+        if !(0.0..18_446_744_073_709_551_616.0).contains(&v) {
             return None;
         }
         v as u64
     } else {
         num.parse::<u64>().ok()?.checked_mul(mult)?
     };
-    (v <= i64::MAX as u64).then_some(v)
+    Some(v)
 }
 
 /// Keys a qcow2 `-o` map may hold.
@@ -251,6 +258,8 @@ pub struct Prepared {
     size: u64,
     summary: String,
     kind: Kind,
+    /// Files the new image must not be (its backing chain, and what the caller reads).
+    inputs: Inputs,
 }
 
 #[derive(Debug, Clone)]
@@ -294,12 +303,18 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 size,
                 summary,
                 kind: Kind::Raw(prealloc),
+                inputs: Inputs::default(),
             })
         }
         Format::Qcow2 => {
             let c = qcow2_parse(opts).map_err(|m| invalid(p, m))?;
+            let mut inputs = Inputs::default();
             if let Some(b) = &c.backing_file {
                 let bpath = strata_chain::resolve_backing(p, b);
+                let same_file = FileId::of(p).is_some_and(|id| FileId::of(&bpath) == Some(id));
+                if same_file || Path::new(b) == p {
+                    return Err(Error::BackingIsItself(p.clone()));
+                }
                 let open_failed = |e: &dyn std::fmt::Display| {
                     let e = e.to_string();
                     let e = if e.starts_with("Could not open") {
@@ -332,6 +347,9 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                         size = Some(dev.virtual_size());
                     }
                 }
+                // The new image must not be any file of the chain it goes on
+                // (with -u too, as far as that chain can be found).
+                inputs.add_backing_chain(p, b, Some(fmt));
             }
             let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
             let summary = qcow2_summary(p, opts, &c, size);
@@ -340,6 +358,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 size,
                 summary,
                 kind: Kind::Qcow2(c, opts.clone()),
+                inputs,
             })
         }
     }
@@ -351,11 +370,21 @@ impl Prepared {
         &self.summary
     }
 
-    /// Run the format's checks and create the image (the file is created or
-    /// truncated only once they pass).
+    /// Also refuse to create the image over any of `inputs` (the files the
+    /// caller reads, such as a convert's sources).
+    pub fn refusing(mut self, inputs: &Inputs) -> Self {
+        self.inputs.extend(inputs);
+        self
+    }
+
+    /// Run the format's checks and create the image. The output is opened through
+    /// [`output::create_output`]: refused if it is one of the inputs or is in use,
+    /// and truncated only once every check that needs no file has passed. If the
+    /// image cannot be written, a file this call created is removed again (a file
+    /// that existed before is never removed).
     pub fn create(self) -> Result<Created> {
         let p = &self.path;
-        match self.kind {
+        let build: Box<dyn FnOnce(Arc<dyn Storage>) -> Result<()>> = match self.kind {
             Kind::Raw(prealloc) => {
                 let mode = match prealloc.as_deref() {
                     None => Preallocation::Off,
@@ -367,18 +396,43 @@ impl Prepared {
                         Err(_) => return Err(invalid(p, format!("invalid parameter value: {v}"))),
                     },
                 };
-                let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(p)?);
-                let img = RawImage::create(storage, self.size, mode)?;
-                img.flush()?;
+                let size = self.size;
+                let path = p.clone();
+                Box::new(move |storage| {
+                    let img = RawImage::create(storage, size, mode).map_err(|e| {
+                        let efbig = matches!(&e.kind,
+                            strata_format::ErrorKind::Storage(s) if s.raw_os_error() == Some(libc::EFBIG));
+                        if efbig {
+                            invalid(&path, "The image size is too large for file format 'raw'")
+                        } else {
+                            e.into()
+                        }
+                    })?;
+                    img.flush()?;
+                    Ok(())
+                })
             }
             Kind::Qcow2(mut c, opts) => {
                 c.size = self.size.div_ceil(512) * 512;
                 qcow2_values(&opts, &mut c).map_err(|m| invalid(p, m))?;
                 c.validate().map_err(|e| invalid(p, e))?;
-                let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(p)?);
-                let img = strata_format::qcow2::create(storage, &c).map_err(|e| invalid(p, e))?;
-                img.close()?;
+                let path = p.clone();
+                Box::new(move |storage| {
+                    let img =
+                        strata_format::qcow2::create(storage, &c).map_err(|e| invalid(&path, e))?;
+                    img.close()?;
+                    Ok(())
+                })
             }
+        };
+        let out = output::create_output(p, &self.inputs).map_err(|e| match e {
+            // qemu-img names the file before its lock and open errors.
+            Error::Storage(e) => invalid(p, e),
+            e => e,
+        })?;
+        if let Err(e) = build(out.storage()) {
+            out.discard();
+            return Err(e);
         }
         Ok(Created {
             size: self.size,

@@ -6,7 +6,8 @@
 
 use crate::Result;
 use serde::Serialize;
-use std::path::Path;
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
 use strata_chain::Layer;
 use strata_format::qcow2::{Qcow2Image, Snapshot};
 use strata_format::BlockDevice;
@@ -15,7 +16,10 @@ use strata_format::BlockDevice;
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
-    pub filename: String,
+    /// File names are bytes (they need not be UTF-8); JSON shows each invalid
+    /// sequence as U+FFFD, as QEMU does.
+    #[serde(serialize_with = "lossy")]
+    pub filename: OsString,
     pub format: String,
     pub dirty_flag: bool,
     /// Bytes allocated on the host.
@@ -24,10 +28,10 @@ pub struct ImageInfo {
     pub virtual_size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_size: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backing_filename: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub full_backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_opt")]
+    pub backing_filename: Option<OsString>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_opt")]
+    pub full_backing_filename: Option<OsString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename_format: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -114,12 +118,12 @@ pub struct ChildInfo {
 
 /// Describe one opened layer. `filename` is how the user (or the overlay above)
 /// named it.
-pub fn layer_info(layer: &Layer, filename: &str) -> Result<ImageInfo> {
+pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
     let dev = &layer.device;
     let actual = dev.allocated_bytes()?;
     let file_len = file_length(dev.as_ref())?;
     let file = ImageInfo {
-        filename: filename.to_string(),
+        filename: filename.to_os_string(),
         format: "file".into(),
         dirty_flag: false,
         actual_size: actual,
@@ -133,7 +137,7 @@ pub fn layer_info(layer: &Layer, filename: &str) -> Result<ImageInfo> {
         children: Vec::new(),
     };
     let mut info = ImageInfo {
-        filename: filename.to_string(),
+        filename: filename.to_os_string(),
         format: dev.format_name().to_string(),
         dirty_flag: false,
         actual_size: actual,
@@ -154,10 +158,7 @@ pub fn layer_info(layer: &Layer, filename: &str) -> Result<ImageInfo> {
         info.dirty_flag = h.is_dirty();
         info.cluster_size = Some(h.cluster_size());
         info.backing_filename = layer.backing_name.clone();
-        info.full_backing_filename = layer
-            .backing_path
-            .as_ref()
-            .map(|p| p.to_string_lossy().into_owned());
+        info.full_backing_filename = layer.backing_path.clone().map(PathBuf::into_os_string);
         info.backing_filename_format = layer.backing_format.clone();
         info.snapshots = q.snapshots().iter().map(SnapshotInfo::from).collect();
         let v3 = h.version >= 3;
@@ -199,17 +200,32 @@ fn file_length(dev: &dyn BlockDevice) -> Result<u64> {
 
 /// Describe every layer of a chain, top first; each below the top is named as the
 /// layer above resolved its backing file name.
-pub fn chain_info(chain: &strata_chain::Chain, top_name: &str) -> Result<Vec<ImageInfo>> {
+pub fn chain_info(chain: &strata_chain::Chain, top_name: &OsStr) -> Result<Vec<ImageInfo>> {
     let mut out = Vec::with_capacity(chain.layers.len());
-    let mut name = top_name.to_string();
+    let mut name = top_name.to_os_string();
     for layer in &chain.layers {
         let info = layer_info(layer, &name)?;
         name = layer
             .backing_path
-            .as_deref()
-            .map(|p: &Path| p.to_string_lossy().into_owned())
+            .clone()
+            .map(PathBuf::into_os_string)
             .unwrap_or_default();
         out.push(info);
     }
     Ok(out)
+}
+
+/// A name in JSON: its bytes as UTF-8, each invalid sequence as U+FFFD.
+fn lossy<S: serde::Serializer>(name: &OsString, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&name.to_string_lossy())
+}
+
+fn lossy_opt<S: serde::Serializer>(
+    name: &Option<OsString>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match name {
+        Some(n) => lossy(n, s),
+        None => s.serialize_none(),
+    }
 }

@@ -10,6 +10,7 @@ pub mod info;
 pub mod layers;
 pub mod map;
 pub mod measure;
+pub mod output;
 pub mod overlay;
 pub mod rebase;
 pub mod status;
@@ -31,6 +32,17 @@ pub enum Error {
     Invalid(String),
     #[error("Operation cancelled")]
     Cancelled,
+    /// `create` was asked for an image whose backing file is the image itself
+    /// (by name or by identity); refused before anything is written.
+    #[error("{}: Error: Trying to create an image with the same filename as the backing file", .0.display())]
+    BackingIsItself(std::path::PathBuf),
+    /// The output is a file of its own backing chain, `depth` levels down: worded
+    /// as QEMU's locks refuse to open such an image.
+    #[error("Could not open '{}': {}", .path.display(), output::shared_write_refusal(.path, *.depth))]
+    OutputBelowItself {
+        path: std::path::PathBuf,
+        depth: usize,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -350,7 +350,11 @@ fn a_cancelled_job_stops_with_the_chain_unchanged_and_can_run_again() {
             .as_any()
             .downcast_ref::<Qcow2Image>()
             .unwrap();
-        assert_eq!(q.header().backing_file.as_deref(), Some("mid"), "{name}");
+        assert_eq!(
+            q.header().backing_file.as_deref(),
+            Some("mid".as_ref()),
+            "{name}"
+        );
         // Running it again to the end works and keeps the view.
         job(&again.layers, &NoProgress, &Cancel::default()).unwrap();
         let done = after_cut(&again);

@@ -14,7 +14,10 @@ pub enum Error {
     OutOfRange { offset: u64, len: u64 },
     #[error("the storage is read-only")]
     ReadOnly,
-    #[error("Failed to get {kind} \"{perm}\" lock on {path}\nIs another process using the image [{path}]?")]
+    /// Another holder conflicts with a lock: worded as QEMU words it ("Failed to get
+    /// "write" lock", "Failed to get shared "write" lock"), without naming the file
+    /// first (callers say which open failed).
+    #[error("Failed to get {}\"{perm}\" lock\nIs another process using the image [{}]?", lock_kind(kind), path.display())]
     Locked {
         kind: &'static str,
         perm: &'static str,
@@ -26,6 +29,15 @@ pub enum Error {
     /// Raised by [`crate::FaultStorage`] once its plan says the storage is gone.
     #[error("injected fault: {0}")]
     Injected(std::io::Error),
+}
+
+/// "shared " for a lock on a byte that refuses sharing, nothing for a held permission.
+fn lock_kind(kind: &str) -> String {
+    if kind.is_empty() {
+        String::new()
+    } else {
+        format!("{kind} ")
+    }
 }
 
 /// An I/O error's message without Rust's " (os error N)" suffix, as C tools print it.

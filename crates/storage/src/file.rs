@@ -80,21 +80,7 @@ impl FileStorage {
 
     /// Create (or truncate) `path` and open it for writing with write locks.
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io("Could not create", path))?;
-        lock::acquire(&file, path, LockMode::Write)?;
-        file.set_len(0).map_err(io("Could not truncate", path))?;
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            read_only: false,
-        })
+        OutputFile::open(path.as_ref())?.lock(true)
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -172,6 +158,103 @@ impl FileStorage {
             offset += n as u64;
         }
         Ok(())
+    }
+}
+
+/// A file about to become an output: open for writing (created if it did not
+/// exist), neither locked nor truncated yet, so that its identity can be compared
+/// with the files a job reads before anything about it changes.
+#[derive(Debug)]
+pub struct OutputFile {
+    file: File,
+    path: PathBuf,
+    created: bool,
+}
+
+impl OutputFile {
+    /// Open `path` for writing, creating it if it does not exist ([`Self::created`]
+    /// tells which). Its contents are untouched.
+    pub fn open(path: &Path) -> Result<Self> {
+        let opts = |create_new: bool| {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).write(true);
+            if create_new {
+                o.create_new(true);
+            } else {
+                // A dangling symlink's target is created, as before.
+                o.create(true).truncate(false);
+            }
+            o
+        };
+        let (file, created) = match opts(true).open(path) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
+                opts(false)
+                    .open(path)
+                    .map_err(io("Could not create", path))?,
+                false,
+            ),
+            Err(e) => return Err(io("Could not create", path)(e)),
+        };
+        Ok(OutputFile {
+            file,
+            path: path.to_path_buf(),
+            created,
+        })
+    }
+
+    /// Whether [`Self::open`] created the file (it did not exist before).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The open file's identity: (device, inode).
+    pub fn identity(&self) -> Result<(u64, u64)> {
+        let m = self
+            .file
+            .metadata()
+            .map_err(io("Could not stat", &self.path))?;
+        Ok((m.dev(), m.ino()))
+    }
+
+    /// Take QEMU's write locks and, if `truncate`, empty the file. A file this
+    /// output created is removed again if the locks cannot be had.
+    pub fn lock(self, truncate: bool) -> Result<FileStorage> {
+        let locked = lock::acquire(&self.file, &self.path, LockMode::Write).and_then(|()| {
+            if truncate {
+                self.file
+                    .set_len(0)
+                    .map_err(io("Could not truncate", &self.path))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = locked {
+            self.abandon();
+            return Err(e);
+        }
+        Ok(FileStorage {
+            file: self.file,
+            path: self.path,
+            read_only: false,
+        })
+    }
+
+    /// Give the output up: close it and, if this output created it, remove it.
+    pub fn abandon(self) {
+        if self.created {
+            remove_created(&self.path, self.identity().ok());
+        }
+    }
+}
+
+/// Remove `path` if it still names the file of identity `id` (a file an output
+/// created and then gave up); never anything else. Best effort.
+pub fn remove_created(path: &Path, id: Option<(u64, u64)>) {
+    let now = std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    if id.is_some() && now == id {
+        let _ = std::fs::remove_file(path);
     }
 }
 

@@ -16,7 +16,7 @@ mod mem;
 
 pub use error::{os_message, Error, Result};
 pub use fault::{FaultClock, FaultMode, FaultPlan, FaultStorage};
-pub use file::{start_writeback, FileStorage, OpenOptions};
+pub use file::{remove_created, start_writeback, FileStorage, OpenOptions, OutputFile};
 pub use lock::LockMode;
 pub use mem::MemStorage;
 

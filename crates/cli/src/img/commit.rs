@@ -5,6 +5,7 @@
 use super::common::{open_chain, open_spec, warn_probed_raw, Ctx};
 use super::progress::Bar;
 use anyhow::{bail, Result};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use strata_chain::Chain;
 use strata_jobs::{commit, Cancel};
@@ -43,7 +44,7 @@ pub struct Args {
 
 /// The name to record in `above` for `base`: the name the chain already uses for
 /// it when that resolves the same from `above`'s directory, else its full path.
-pub fn backing_name_for(chain: &Chain, above: usize, base: usize) -> String {
+pub fn backing_name_for(chain: &Chain, above: usize, base: usize) -> OsString {
     let recorded = chain.layers[base - 1]
         .backing_name
         .clone()
@@ -58,8 +59,7 @@ pub fn backing_name_for(chain: &Chain, above: usize, base: usize) -> String {
     } else {
         std::fs::canonicalize(&chain.layers[base].path)
             .unwrap_or_else(|_| chain.layers[base].path.clone())
-            .to_string_lossy()
-            .into_owned()
+            .into_os_string()
     }
 }
 
@@ -86,6 +86,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(b) => find(b)?,
         None => top + 1,
     };
+    if args.base.is_none() && base >= probe.layers.len() {
+        // --top names the bottom of the chain: nothing below it to commit into.
+        bail!("Image does not have a backing file");
+    }
     if base <= top || base >= probe.layers.len() {
         bail!(
             "Did not find '{}' in the backing chain of '{name}'",
@@ -119,7 +123,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     bar.finish();
     if relink {
         let new_name = backing_name_for(&chain, top - 1, base);
-        commit::relink_above(
+        commit::relink_above_to(
             layers[top - 1].as_ref(),
             Some(&new_name),
             Some(chain.layers[base].format.name()),

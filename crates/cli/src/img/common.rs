@@ -108,10 +108,10 @@ pub fn size_arg(what: &str, s: &str) -> Result<u64> {
     }
 }
 
-/// A size given as an option value (`resize`'s size, after its sign), refused with
-/// the messages of QEMU's option parser.
+/// A size given as an option value (`resize`'s size, after its sign): any value
+/// below 2^64, as QEMU's option parser reads it, refused with its messages.
 pub fn option_size(key: &str, s: &str) -> Result<u64> {
-    if let Some(v) = strata_jobs::create::parse_size(s) {
+    if let Some(v) = strata_jobs::create::parse_size_u64(s) {
         return Ok(v);
     }
     if well_formed_size(s) {

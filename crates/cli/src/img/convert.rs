@@ -12,6 +12,7 @@ use strata_format::qcow2::Qcow2Image;
 use strata_format::{BlockDevice, Format};
 use strata_jobs::convert::{convert, default_workers, ConvertOptions, Plan, MAX_SPARSE};
 use strata_jobs::create::{prepare, CreateRequest};
+use strata_jobs::output::{check_output, Inputs};
 use strata_jobs::status::ChainStatus;
 use strata_jobs::Cancel;
 
@@ -131,8 +132,16 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     }
 
     // Sources, each with its chain (or the snapshot view over the chain below).
+    // Every file of their chains, and of the -B chain, is one the output must not be.
+    let src_format = args
+        .format
+        .as_deref()
+        .map(str::parse::<Format>)
+        .transpose()?;
+    let mut inputs = Inputs::default();
     let mut sources = Vec::with_capacity(src_paths.len());
     for p in src_paths {
+        inputs.add_read_chain(p, src_format);
         let mut spec = open_spec(p, args.format.as_deref(), args.force_share)?;
         if args.backing.is_some() {
             // With -B only the top layer is copied; its backing is not needed.
@@ -168,6 +177,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         let Some(f) = &args.backing_format else {
             bail!("Use of backing file requires explicit backing format");
         };
+        inputs.add_backing_chain(out_path, b, f.parse().ok());
         options.insert("backing_file".into(), b.clone());
         options.insert("backing_fmt".into(), f.clone());
     }
@@ -178,6 +188,12 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     }
     let target_is_zero;
     let target: Arc<dyn BlockDevice> = if args.no_create {
+        check_output(out_path, &inputs).map_err(|e| match e {
+            strata_jobs::Error::Storage(e) => {
+                anyhow::anyhow!("Could not open '{}': {e}", out_path.display())
+            }
+            e => e.into(),
+        })?;
         let spec = open_spec(out_path, Some(out_format.name()), false)?
             .write(true)
             .open_backing(false);
@@ -192,6 +208,19 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         // qemu-img convert reports option errors without the file name, and the
         // format's own refusals as "FILE: error while converting FMT: ...".
         let prefix = format!("{}: ", out_path.display());
+        // Refusals of the format, or of an output that is an input.
+        let create_failed = |e: strata_jobs::Error| {
+            let m = e.to_string();
+            if matches!(e, strata_jobs::Error::OutputBelowItself { .. }) {
+                // qemu-img gets this far only when it opens the new image.
+                return anyhow::anyhow!("{m}");
+            }
+            anyhow::anyhow!(
+                "{prefix}error while converting {}: {}",
+                out_format.name(),
+                m.strip_prefix(&prefix).unwrap_or(&m)
+            )
+        };
         let prepared = prepare(&CreateRequest {
             path: out_path.clone(),
             format: out_format,
@@ -199,18 +228,20 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             options,
             unsafe_backing: true,
         })
-        .map_err(|e| {
-            let m = e.to_string();
-            anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
+        .map_err(|e| match e {
+            // The file -B names: refused as the output's own backing file, or as a
+            // source if it is one too (qemu-img's locks catch that first).
+            strata_jobs::Error::BackingIsItself(path) => create_failed(
+                check_output(out_path, &inputs)
+                    .err()
+                    .unwrap_or(strata_jobs::Error::OutputBelowItself { path, depth: 1 }),
+            ),
+            e => {
+                let m = e.to_string();
+                anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
+            }
         })?;
-        prepared.create().map_err(|e| {
-            let m = e.to_string();
-            anyhow::anyhow!(
-                "{prefix}error while converting {}: {}",
-                out_format.name(),
-                m.strip_prefix(&prefix).unwrap_or(&m)
-            )
-        })?;
+        prepared.refusing(&inputs).create().map_err(create_failed)?;
         target_is_zero = true;
         let t = if args.backing.is_some() {
             // Opened with its backing file, as qemu-img does: a cluster the source

@@ -5,7 +5,8 @@ use super::common::{human_size, open_chain, open_spec, Ctx, OutputFormat};
 use super::{qjson, snapshot};
 use anyhow::Result;
 use serde_json::Value;
-use std::fmt::Write as _;
+use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use strata_jobs::info::{chain_info, layer_info, ImageInfo};
 
@@ -31,11 +32,11 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?
         .open_backing(args.backing_chain);
     let chain = open_chain(&spec)?;
-    let name = args.filename.to_string_lossy();
+    let name = args.filename.as_os_str();
     let infos = if args.backing_chain {
-        chain_info(&chain, &name)?
+        chain_info(&chain, name)?
     } else {
-        vec![layer_info(&chain.layers[0], &name)?]
+        vec![layer_info(&chain.layers[0], name)?]
     };
     match args.output {
         OutputFormat::Json => {
@@ -47,23 +48,28 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             println!("{}", qjson::to_string(&v));
         }
         OutputFormat::Human => {
-            let texts: Vec<String> = infos.iter().map(|i| dump(i, 0, false)).collect();
-            print!("{}", texts.join("\n"));
+            // File names are printed as the bytes they are (they need not be UTF-8).
+            let texts: Vec<Vec<u8>> = infos.iter().map(|i| dump(i, 0, false)).collect();
+            std::io::stdout().write_all(&texts.join(&b'\n'))?;
         }
     }
     Ok(0)
 }
 
-/// qemu-img's text dump of one node (and its children, indented).
-pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> String {
+/// qemu-img's text dump of one node (and its children, indented), as bytes: file
+/// names are printed as they are.
+pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> Vec<u8> {
     let pad = "    ".repeat(level);
-    let mut s = String::new();
+    let mut s = Vec::new();
+    let name = |n: &std::ffi::OsStr| n.as_bytes().to_vec();
     let disk = info
         .actual_size
         .map(human_size)
         .unwrap_or_else(|| "unavailable".into());
     if protocol {
-        let _ = writeln!(s, "{pad}filename: {}", info.filename);
+        let _ = write!(s, "{pad}filename: ");
+        s.extend(name(&info.filename));
+        s.push(b'\n');
         let _ = writeln!(s, "{pad}protocol type: {}", info.format);
         let _ = writeln!(
             s,
@@ -72,7 +78,9 @@ pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> String {
             info.virtual_size
         );
     } else {
-        let _ = writeln!(s, "{pad}image: {}", info.filename);
+        let _ = write!(s, "{pad}image: ");
+        s.extend(name(&info.filename));
+        s.push(b'\n');
         let _ = writeln!(s, "{pad}file format: {}", info.format);
         let _ = writeln!(
             s,
@@ -89,21 +97,24 @@ pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> String {
         let _ = writeln!(s, "{pad}cleanly shut down: no");
     }
     if let Some(b) = &info.backing_filename {
-        let _ = write!(s, "{pad}backing file: {b}");
+        let _ = write!(s, "{pad}backing file: ");
+        s.extend(name(b));
         match &info.full_backing_filename {
-            None => s.push_str(" (cannot determine actual path)"),
+            None => s.extend_from_slice(b" (cannot determine actual path)"),
             Some(full) if full != b => {
-                let _ = write!(s, " (actual path: {full})");
+                s.extend_from_slice(b" (actual path: ");
+                s.extend(name(full));
+                s.push(b')');
             }
             Some(_) => {}
         }
-        s.push('\n');
+        s.push(b'\n');
     }
     if let Some(f) = &info.backing_filename_format {
         let _ = writeln!(s, "{pad}backing file format: {f}");
     }
     if !info.snapshots.is_empty() {
-        s.push_str(&snapshot::format_info_list(&info.snapshots));
+        s.extend_from_slice(snapshot::format_info_list(&info.snapshots).as_bytes());
     }
     if let Some(fs) = &info.format_specific {
         let v = serde_json::to_value(fs).unwrap_or(Value::Null);
@@ -116,21 +127,21 @@ pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> String {
     }
     for child in &info.children {
         let _ = writeln!(s, "{pad}Child node '/{}':", child.name);
-        s.push_str(&dump(&child.info, level + 1, true));
+        s.extend(dump(&child.info, level + 1, true));
     }
     s
 }
 
 /// QEMU's text dump of a dictionary: `key: value`, dashes shown as spaces, nested
 /// containers on their own lines, keys in QEMU's order.
-fn dump_dict(s: &mut String, m: &serde_json::Map<String, Value>, level: usize) {
+fn dump_dict(s: &mut Vec<u8>, m: &serde_json::Map<String, Value>, level: usize) {
     for k in qjson::key_order(m) {
         let key = k.replace('-', " ");
         dump_entry(s, &key, &m[k], level);
     }
 }
 
-fn dump_entry(s: &mut String, key: &str, v: &Value, level: usize) {
+fn dump_entry(s: &mut Vec<u8>, key: &str, v: &Value, level: usize) {
     let pad = "    ".repeat(level);
     match v {
         Value::Object(m) => {

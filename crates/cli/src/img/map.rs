@@ -4,6 +4,7 @@
 use super::common::{open_chain, open_spec, size_arg, Ctx, OutputFormat};
 use anyhow::{bail, Result};
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use strata_jobs::map::{map, MapEntry};
 use strata_jobs::status::ChainStatus;
@@ -51,12 +52,12 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     };
     let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?;
     let chain = open_chain(&spec)?;
-    let names: Vec<String> = std::iter::once(args.filename.to_string_lossy().into_owned())
+    // File names, printed as the bytes they are (they need not be UTF-8).
+    let names: Vec<&[u8]> = std::iter::once(args.filename.as_os_str().as_bytes())
         .chain(chain.layers[..chain.layers.len() - 1].iter().map(|l| {
             l.backing_path
                 .as_ref()
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default()
+                .map_or(&b""[..], |p| p.as_os_str().as_bytes())
         }))
         .collect();
     let status = ChainStatus::new(&chain)?;
@@ -91,14 +92,15 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
                     return Err(strata_jobs::Error::Cancelled);
                 };
                 if !e.zero {
-                    writeln!(
+                    write!(
                         out,
-                        "{:<16}{:<16}{:<16}{}",
+                        "{:<16}{:<16}{:<16}",
                         hex(e.start),
                         hex(e.length),
                         hex(off),
-                        names[e.depth]
                     )
+                    .and_then(|()| out.write_all(names[e.depth]))
+                    .and_then(|()| out.write_all(b"\n"))
                     .map_err(io_err)?;
                 }
             }

@@ -7,6 +7,7 @@ use super::progress::Bar;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use strata_format::Format;
+use strata_jobs::output::{check_output, shared_write_refusal, Inputs};
 use strata_jobs::{commit, rebase, Cancel};
 
 #[derive(clap::Args)]
@@ -64,6 +65,20 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .open_backing(!args.unsafe_mode);
     let chain = open_chain(&spec)?;
     let image = chain.top().clone();
+    if let Some(n) = &new_name {
+        // The image must not end up below itself (with -u too): qemu-img's locks
+        // refuse that in safe mode, worded so.
+        let mut below = Inputs::default();
+        below.add_backing_chain(&args.filename, n, new_format);
+        if let Err(strata_jobs::Error::OutputBelowItself { path, depth }) =
+            check_output(&args.filename, &below)
+        {
+            bail!(
+                "Could not open new backing file '{n}': {}",
+                shared_write_refusal(&path, depth - 1)
+            );
+        }
+    }
     if !args.unsafe_mode {
         let new_chain = match (&new_name, new_format) {
             (Some(n), Some(f)) => {

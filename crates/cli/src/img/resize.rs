@@ -27,6 +27,10 @@ pub struct Args {
     size: String,
 }
 
+/// The largest length QEMU's block layer gives an image: 2^63 - 1 rounded down to
+/// a whole GiB.
+const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let (sign, num) = match args.size.as_bytes().first() {
         Some(b'+') => (1i8, &args.size[1..]),
@@ -50,14 +54,16 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     };
     let dev = strata_chain::open_image(&args.filename, format, true, false)?;
     let cur = dev.virtual_size();
-    let new = match sign {
-        0 => Some(n),
-        1 => cur.checked_add(n),
-        _ => cur.checked_sub(n),
+    // As qemu-img computes it: the value as a signed 64-bit number, the change
+    // added with wrap-around (+15E is a shrink below zero, +2^64-1 one of a byte).
+    let total = match sign {
+        0 => n as i64,
+        s => (cur as i64).wrapping_add((n as i64).wrapping_mul(i64::from(s))),
     };
-    let Some(new) = new.filter(|&v| v <= i64::MAX as u64) else {
+    if total <= 0 {
         bail!("New image size must be positive");
-    };
+    }
+    let new = total as u64;
     if new < cur {
         if !args.shrink {
             eprintln!(
@@ -70,6 +76,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         if prealloc.is_some() {
             bail!("Preallocation can only be used for growing images");
         }
+    }
+    if new > MAX_LENGTH {
+        bail!("offset({new}) exceeds maximum({MAX_LENGTH})");
     }
     dev.resize(new, args.shrink)?;
     if let Some(p) = prealloc {

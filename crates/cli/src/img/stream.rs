@@ -53,7 +53,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         commit::relink_above(layers[0].as_ref(), None, None)?;
     } else {
         let new_name = backing_name_for(&chain, 0, base);
-        commit::relink_above(
+        commit::relink_above_to(
             layers[0].as_ref(),
             Some(&new_name),
             Some(chain.layers[base].format.name()),

@@ -113,6 +113,19 @@ impl CreateOptions {
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return bad("Backing format cannot be used without backing file");
         }
+        // The last two are refused by QEMU once it writes the image; here, before
+        // anything is written, so that a refused create leaves no file changed.
+        if let Some(name) = self.backing_file.as_deref().filter(|n| n.len() > 1023) {
+            return bad(&format!(
+                "Could not assign backing file '{name}' with format '{}': Invalid argument",
+                self.backing_format.as_deref().unwrap_or("")
+            ));
+        }
+        let l2_entries = cs / if self.extended_l2 { 16 } else { 8 };
+        let l1_entries = self.size.div_ceil(cs * l2_entries);
+        if l1_entries.saturating_mul(8) > header::MAX_L1_BYTES {
+            return bad("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+        }
         Ok(())
     }
 }
@@ -147,7 +160,7 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
             header::V2_HEADER_LEN
         },
         compression_type: opts.compression_type,
-        backing_file: opts.backing_file.clone(),
+        backing_file: opts.backing_file.clone().map(Into::into),
         backing_format: opts.backing_format.clone(),
         // As QEMU: no feature-name table with clusters of 4 KiB or less, where it
         // would leave little room for a backing file name in the first cluster.

@@ -3,6 +3,7 @@
 
 use super::compress::CompressionType;
 use crate::{Error, Result};
+use std::os::unix::ffi::OsStrExt;
 
 pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
 pub const V2_HEADER_LEN: u32 = 72;
@@ -85,7 +86,8 @@ pub struct Header {
     pub refcount_order: u32,
     pub header_length: u32,
     pub compression_type: CompressionType,
-    pub backing_file: Option<String>,
+    /// The backing file name: bytes, as QEMU keeps it (it need not be UTF-8).
+    pub backing_file: Option<std::ffi::OsString>,
     pub backing_format: Option<String>,
     pub feature_names: Vec<FeatureName>,
     pub bitmaps: Option<BitmapsExt>,
@@ -177,7 +179,9 @@ impl Header {
             backing_file_offset: be64(buf, 8),
             backing_file_size: be32(buf, 16),
             cluster_bits,
-            size: be64(buf, 24),
+            // QEMU counts whole 512-byte sectors: a size off that grid is rounded
+            // down (and written back so when the header is rewritten).
+            size: be64(buf, 24) / 512 * 512,
             crypt_method: be32(buf, 32),
             l1_size: be32(buf, 36),
             l1_table_offset: be64(buf, 40),
@@ -482,13 +486,12 @@ impl Header {
             ));
         }
         let raw = &buf[self.backing_file_offset as usize..end as usize];
-        let name = std::str::from_utf8(raw)
-            .map_err(|_| Error::invalid("Backing file name is not valid UTF-8"))?;
-        if name.contains('\0') {
+        if raw.contains(&0) {
             return Err(Error::invalid("Backing file name contains a NUL byte"));
         }
-        if !name.is_empty() {
-            self.backing_file = Some(name.to_string());
+        if !raw.is_empty() {
+            use std::os::unix::ffi::OsStringExt;
+            self.backing_file = Some(std::ffi::OsString::from_vec(raw.to_vec()));
         }
         Ok(())
     }

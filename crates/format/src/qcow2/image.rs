@@ -1312,14 +1312,18 @@ impl Qcow2Image {
     /// Record a new backing file name and format (or none) in the header, in one
     /// write of the header area, then flush. Only the pointer changes: the caller
     /// (rebase, commit, stream) makes the guest view right first.
-    pub fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+    pub fn set_backing_file(
+        &self,
+        name: Option<&std::ffi::OsStr>,
+        format: Option<&str>,
+    ) -> Result<()> {
         if self.read_only {
             return Err(self.err(Error::new(ErrorKind::ReadOnly)));
         }
         let _excl = self.exclusive();
         let mut m = self.lock();
         let mut h = m.h.clone();
-        h.backing_file = name.map(str::to_string);
+        h.backing_file = name.map(std::ffi::OsStr::to_os_string);
         h.backing_format = name.and(format).map(str::to_string);
         let bytes = h.serialize().map_err(|e| self.err(e))?;
         let r = (|| -> Result<()> {
