@@ -1,0 +1,56 @@
+//! Helpers shared by the command-line tests: run `strata img` or a QEMU tool in a
+//! directory. A missing tool fails the test (it is never skipped).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The `strata` binary under test.
+pub const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+/// Run `prog` in `dir`; the program "strata" stands for `strata img`.
+pub fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
+    let mut c = if prog == "strata" {
+        let mut c = Command::new(STRATA);
+        c.arg("img");
+        c
+    } else {
+        Command::new(prog)
+    };
+    c.args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"))
+}
+
+/// Run `prog` in `dir`, require success and return its stdout.
+pub fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let o = run(dir, prog, args);
+    assert!(
+        o.status.success(),
+        "{prog} {args:?} in {}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Run qemu-io commands on `file` (format `fmt`), requiring success.
+pub fn io<S: AsRef<str>>(dir: &Path, fmt: &str, file: &str, cmds: &[S]) {
+    let mut a = vec!["-f", fmt];
+    for c in cmds {
+        a.push("-c");
+        a.push(c.as_ref());
+    }
+    a.push(file);
+    ok(dir, "qemu-io", &a);
+}
+
+/// `out` holds the same guest bytes as `src` and, if qcow2, is consistent.
+pub fn verify(dir: &Path, src: &str, out: &str) {
+    ok(dir, "qemu-img", &["compare", src, out]);
+    if out.ends_with(".qcow2") {
+        ok(dir, "qemu-img", &["check", out]);
+    }
+}
