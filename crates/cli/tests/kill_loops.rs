@@ -919,6 +919,35 @@ fn killed_shrink_keeps_the_snapshots() {
 }
 
 #[test]
+fn killed_snapshot_create_is_whole_or_not_at_all() {
+    let views = vec![
+        view("snap.qcow2", Rule::Unchanged),
+        snap_view("s1", Rule::Unchanged),
+        snap_view("s2", Rule::Unchanged),
+        snap_view("s3", Rule::Whole),
+    ];
+    on_snapshots(
+        "snapshot -c",
+        &["snapshot", "-c", "s3", "snap.qcow2"],
+        views,
+    );
+}
+
+#[test]
+fn killed_snapshot_apply_is_whole_or_not_at_all() {
+    let views = vec![
+        view("snap.qcow2", Rule::Whole),
+        snap_view("s1", Rule::Unchanged),
+        snap_view("s2", Rule::Unchanged),
+    ];
+    on_snapshots(
+        "snapshot -a",
+        &["snapshot", "-a", "s1", "snap.qcow2"],
+        views,
+    );
+}
+
+#[test]
 fn killed_snapshot_delete_is_whole_or_not_at_all() {
     let views = vec![
         view("snap.qcow2", Rule::Unchanged),
