@@ -13,8 +13,9 @@
 //!   view after the operation, whole, except where the operation's contract allows
 //!   a mix (said at each case).
 //!
-//! The server case kills `strata nbd serve` under a qemu-io writer: every write
-//! whose flush the client saw acknowledged is in the image.
+//! The server case kills `strata nbd serve` under a qemu-io writer, at fractions of
+//! the writer's progress: every write whose flush the client saw acknowledged is in
+//! the image.
 //!
 //! `STRATA_KILL_LOOPS` sets the kills per operation (default 15), `STRATA_KILL_SEED`
 //! the seed (each operation derives its own stream from it).
