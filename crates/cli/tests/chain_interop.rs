@@ -4,46 +4,11 @@
 //! image that stays valid must match (`qemu-img compare`), the backing pointers
 //! must match, and every result must pass `qemu-img check`.
 
+mod common;
+
+use common::{io, ok, run};
 use std::path::Path;
 use std::process::{Command, Output};
-
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
-
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    let mut c = if prog == "strata" {
-        let mut c = Command::new(STRATA);
-        c.arg("img");
-        c
-    } else {
-        Command::new(prog)
-    };
-    c.args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"))
-}
-
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let o = run(dir, prog, args);
-    assert!(
-        o.status.success(),
-        "{prog} {args:?} in {}: {}{}",
-        dir.display(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn io(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
-    let mut a = vec!["-f", fmt];
-    for c in cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    a.push(file);
-    ok(dir, "qemu-io", &a);
-}
 
 /// base.raw <- l1.qcow2 <- l2.qcow2 <- l3.qcow2 <- top.qcow2, with overlapping
 /// writes, zeroes, a grown layer and a shorter one.

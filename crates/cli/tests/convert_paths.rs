@@ -5,51 +5,14 @@
 //! giving the same image, incompressible clusters under `-c`, and cache/rate
 //! arguments rejected with qemu-img's messages.
 
+mod common;
+
+use common::{ok, run, verify};
 use std::path::Path;
-use std::process::{Command, Output};
 
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
-
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    let mut c = if prog == "strata" {
-        let mut c = Command::new(STRATA);
-        c.arg("img");
-        c
-    } else {
-        Command::new(prog)
-    };
-    c.args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"))
-}
-
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let o = run(dir, prog, args);
-    assert!(
-        o.status.success(),
-        "{prog} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
+/// qemu-io commands on a qcow2 image.
 fn io(dir: &Path, file: &str, cmds: &[&str]) {
-    let mut a = vec!["-f", "qcow2"];
-    for c in cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    a.push(file);
-    ok(dir, "qemu-io", &a);
-}
-
-fn verify(dir: &Path, src: &str, out: &str) {
-    ok(dir, "qemu-img", &["compare", src, out]);
-    if out.ends_with(".qcow2") {
-        ok(dir, "qemu-img", &["check", out]);
-    }
+    common::io(dir, "qcow2", file, cmds);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_all_same, run, same, sh};
+use common::{assert_all_same, outcome, same, sh};
 use std::path::Path;
 use std::process::Command;
 
@@ -591,8 +591,8 @@ fn create_prints_and_makes_what_qemu_img_does() {
         &["create", "-f", "qcow2", "x21.qcow2", "--", "-1k"],
     ];
     for c in cases {
-        let ours = run(&a, "strata", c);
-        let theirs = run(&b, "qemu-img", c);
+        let ours = outcome(&a, "strata", c);
+        let theirs = outcome(&b, "qemu-img", c);
         assert_eq!(ours, theirs, "`strata img {}`", c.join(" "));
         let Some(name) = c.iter().find(|x| {
             x.contains('.')
@@ -751,9 +751,9 @@ fn refusals_are_worded_as_qemu_img_words_them() {
     }
     assert_all_same();
     // `rebase -u` without -b drops the backing file (qemu-img does the same).
-    let (code, _, err) = run(d, "strata", &["rebase", "-u", "sub/orphan.qcow2"]);
+    let (code, _, err) = outcome(d, "strata", &["rebase", "-u", "sub/orphan.qcow2"]);
     assert_eq!(code, Some(0), "{err}");
-    let (_, info, _) = run(d, "qemu-img", &["info", "sub/orphan.qcow2"]);
+    let (_, info, _) = outcome(d, "qemu-img", &["info", "sub/orphan.qcow2"]);
     assert!(!info.contains("backing file"), "{info}");
 }
 
@@ -787,7 +787,7 @@ fn resize_leaves_what_qemu_img_leaves() {
             let resize = |prog: &str, f: &str| {
                 let mut a = vec!["resize", f];
                 a.extend_from_slice(size);
-                run(d, prog, &a)
+                outcome(d, prog, &a)
             };
             let r_ours = resize("strata", &ours);
             let r_theirs = resize("qemu-img", &theirs);
@@ -796,19 +796,21 @@ fn resize_leaves_what_qemu_img_leaves() {
                 (r.0, r.1.replace(f, "IMG"), r.2.replace(f, "IMG"))
             };
             assert_eq!(norm(&r_ours, &ours), norm(&r_theirs, &theirs), "{what}");
-            let map = |f: &str| run(d, "qemu-img", &["map", "--output=json", f]).1;
+            let map = |f: &str| outcome(d, "qemu-img", &["map", "--output=json", f]).1;
             assert_eq!(map(&ours), map(&theirs), "{what}: map");
             // strata keeps resized bitmaps valid as all ones, with no data clusters;
             // QEMU writes their bits out, so its file can be longer.
-            let bitmaps = run(d, "qemu-img", &["info", img]).1.contains("bitmaps:");
+            let bitmaps = outcome(d, "qemu-img", &["info", img])
+                .1
+                .contains("bitmaps:");
             if !bitmaps {
                 assert_eq!(len(&ours), len(&theirs), "{what}: file length");
             }
             if img.ends_with(".qcow2") {
-                let (code, out, err) = run(d, "qemu-img", &["check", &ours]);
+                let (code, out, err) = outcome(d, "qemu-img", &["check", &ours]);
                 assert_eq!(code, Some(0), "{what}: check\n{out}{err}");
             }
-            let (code, out, err) = run(d, "qemu-img", &["compare", &ours, &theirs]);
+            let (code, out, err) = outcome(d, "qemu-img", &["compare", &ours, &theirs]);
             assert_eq!(code, Some(0), "{what}: compare\n{out}{err}");
         }
     }
@@ -884,8 +886,8 @@ fn resize_edge_sizes_and_a_commit_of_the_bottom_are_refused_as_qemu_img_refuses_
         for img in ["o.qcow2", "t.qcow2"] {
             sh(d, "qemu-img", &["create", "-q", "-f", "qcow2", img, "64M"]);
         }
-        let ours = run(d, "strata", &["resize", "o.qcow2", "--", size]);
-        let theirs = run(d, "qemu-img", &["resize", "t.qcow2", "--", size]);
+        let ours = outcome(d, "strata", &["resize", "o.qcow2", "--", size]);
+        let theirs = outcome(d, "qemu-img", &["resize", "t.qcow2", "--", size]);
         let norm = |r: (Option<i32>, String, String), f: &str| {
             (r.0, r.1.replace(f, "IMG"), r.2.replace(f, "IMG"))
         };
@@ -911,8 +913,8 @@ fn resize_edge_sizes_and_a_commit_of_the_bottom_are_refused_as_qemu_img_refuses_
         ],
     );
     assert_eq!(
-        run(d, "strata", &["commit", "--top", "o.qcow2", "top.qcow2"]),
-        run(d, "qemu-img", &["commit", "o.qcow2"]),
+        outcome(d, "strata", &["commit", "--top", "o.qcow2", "top.qcow2"]),
+        outcome(d, "qemu-img", &["commit", "o.qcow2"]),
     );
 }
 

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::run;
+use common::outcome;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -51,7 +51,7 @@ fn on_fresh_scene(prog: &str, args: &[&str]) -> (Outcome, bool) {
     let dir = tempfile::tempdir().unwrap();
     scene(dir.path());
     let before = contents(dir.path());
-    let outcome = run(dir.path(), prog, args);
+    let outcome = outcome(dir.path(), prog, args);
     (outcome, contents(dir.path()) == before)
 }
 
@@ -225,8 +225,8 @@ fn an_output_a_running_qemu_nbd_holds_is_refused_as_qemu_img_refuses_it() {
     ];
     let mut failures = Vec::new();
     for args in cases {
-        let ours = run(d, "strata", args);
-        let theirs = run(d, "qemu-img", args);
+        let ours = outcome(d, "strata", args);
+        let theirs = outcome(d, "qemu-img", args);
         if ours != theirs || ours.0 != Some(1) {
             failures.push(format!("`img {}`: {ours:?} vs {theirs:?}", args.join(" ")));
         }

@@ -137,7 +137,10 @@ fn relink(devs: &[Arc<dyn BlockDevice>], d: &dyn BlockDevice, to: Option<usize>)
         .downcast_ref::<Qcow2Image>()
         .expect("a qcow2 overlay");
     let h = q.header();
-    assert_eq!(h.backing_file.as_deref(), name.as_deref().map(std::ffi::OsStr::new));
+    assert_eq!(
+        h.backing_file.as_deref(),
+        name.as_deref().map(std::ffi::OsStr::new)
+    );
     assert_eq!(h.backing_format.as_deref(), format);
 }
 

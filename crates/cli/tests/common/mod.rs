@@ -1,11 +1,61 @@
-//! Parity machinery shared by the tests that hold `strata img` to qemu-img: run
-//! both tools on the same files and compare stdout, stderr and the exit code.
+//! Helpers shared by the command-line tests: run `strata img` or a QEMU tool in a
+//! directory, and the parity machinery that runs both tools on the same files and
+//! compares stdout, stderr and the exit code. A missing tool fails the test (it is
+//! never skipped).
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
+/// The `strata` binary under test.
 pub const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+/// Run `prog` in `dir`; the program "strata" stands for `strata img`.
+pub fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
+    let mut c = if prog == "strata" {
+        let mut c = Command::new(STRATA);
+        c.arg("img");
+        c
+    } else {
+        Command::new(prog)
+    };
+    c.args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"))
+}
+
+/// Run `prog` in `dir`, require success and return its stdout.
+pub fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let o = run(dir, prog, args);
+    assert!(
+        o.status.success(),
+        "{prog} {args:?} in {}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Run qemu-io commands on `file` (format `fmt`), requiring success.
+pub fn io<S: AsRef<str>>(dir: &Path, fmt: &str, file: &str, cmds: &[S]) {
+    let mut a = vec!["-f", fmt];
+    for c in cmds {
+        a.push("-c");
+        a.push(c.as_ref());
+    }
+    a.push(file);
+    ok(dir, "qemu-io", &a);
+}
+
+/// `out` holds the same guest bytes as `src` and, if qcow2, is consistent.
+pub fn verify(dir: &Path, src: &str, out: &str) {
+    ok(dir, "qemu-img", &["compare", src, out]);
+    if out.ends_with(".qcow2") {
+        ok(dir, "qemu-img", &["check", out]);
+    }
+}
 
 /// Run `prog` with `args` (text or raw bytes) in `dir`; it must succeed.
 pub fn sh<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(dir: &Path, prog: &str, args: &[S]) {
@@ -21,20 +71,10 @@ pub fn sh<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(dir: &Path, prog: &str, a
     );
 }
 
-/// Output of one run: exit code, stdout, stderr (program name normalised).
-pub fn run(dir: &Path, prog: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = if prog == "strata" {
-        let mut c = Command::new(STRATA);
-        c.arg("img");
-        c
-    } else {
-        Command::new("qemu-img")
-    };
-    let out = cmd
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
+/// Output of one run: exit code, stdout, stderr (program name normalised, so the
+/// two tools' messages compare equal).
+pub fn outcome(dir: &Path, prog: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = run(dir, prog, args);
     let err = String::from_utf8_lossy(&out.stderr)
         .replace("strata img", "qemu-img")
         .replace("qemu-img:", "PROG:");
@@ -52,8 +92,8 @@ thread_local! {
 /// Run `args` through both tools and record any difference (all differences of a
 /// test are reported together by [`assert_all_same`]).
 pub fn same(dir: &Path, args: &[&str]) {
-    let ours = run(dir, "strata", args);
-    let theirs = run(dir, "qemu-img", args);
+    let ours = outcome(dir, "strata", args);
+    let theirs = outcome(dir, "qemu-img", args);
     if ours != theirs {
         FAILURES.with(|f| {
             f.borrow_mut().push(format!(
