@@ -1,5 +1,6 @@
 //! The metadata state of an open qcow2 image and the ordered ways to change it.
 
+use super::barrier::{skipped, Barrier};
 use super::cache::TableCache;
 use super::entries::{self, Geometry, L2Entry, OFLAG_COPIED};
 use super::header::{self, Header};
@@ -224,7 +225,7 @@ impl Meta {
         let new = self.alloc_clusters(1)?;
         self.write_refblocks()?;
         self.storage.write_at(&Self::encode_table(&table), new)?;
-        self.barrier()?;
+        self.barrier_named(Barrier::L2BeforeL1)?;
         self.l1[l1i as usize] = new | OFLAG_COPIED;
         self.write_l1_entry(l1i)?;
         self.insert_l2(new, table, false)?;
@@ -267,7 +268,7 @@ impl Meta {
         let wrote_rb = self.write_refblocks()?;
         if self.l2.any_dirty() {
             if wrote_rb {
-                self.barrier()?;
+                self.barrier_named(Barrier::RefcountsBeforeL2)?;
             }
             for off in self.l2.dirty_offsets() {
                 let slot = self.l2.get(off).expect("dirty slot");
@@ -295,6 +296,14 @@ impl Meta {
             self.storage.flush()?;
         }
         Ok(())
+    }
+
+    /// The barrier named `b` (see [`super::barrier`]).
+    pub fn barrier_named(&self, b: Barrier) -> Result<()> {
+        if skipped(b) {
+            return Ok(());
+        }
+        self.barrier()
     }
 
     /// Write the 8-byte incompatible-features field.
