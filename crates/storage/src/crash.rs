@@ -7,8 +7,9 @@
 //! on a shared [`CrashClock`]) that operation and every later one fails with EIO
 //! and changes nothing, as if the process died there. What the disk then holds is
 //! materialised by [`materialise`] for a chosen [`CrashPick`]: the durable image
-//! plus none, all, a seeded random subset of the unflushed operations, or such a
-//! subset with one operation torn into a seeded subset of its 512-byte sectors.
+//! plus none, all, only the newest, a seeded random subset of the unflushed
+//! operations, or such a subset with one operation torn into a seeded subset of
+//! its 512-byte sectors.
 //! A sector is the unit a disk writes whole, so a write of at most one sector is
 //! never torn.
 //!
@@ -72,6 +73,10 @@ pub enum CrashPick {
     None,
     /// All of them, whole (the cut the old fault backend modelled).
     All,
+    /// Only the newest one (of all stores on the clock): the write issued last
+    /// overtakes every earlier unflushed one. At a crash just after a write, this
+    /// is the pick that exposes a missing barrier before it.
+    Newest,
     /// Each one independently, by a coin seeded with the value.
     Random(u64),
     /// As `Random`, except one operation (chosen by the seed among those covering
@@ -223,6 +228,7 @@ pub fn materialise(stores: &[&CrashStorage], pick: CrashPick) -> Vec<Vec<u8>> {
         .iter()
         .map(|s| s.pending.lock().expect("lock").clone())
         .collect();
+    let newest = queues.iter().flatten().map(|p| p.seq).max();
     // The torn change: chosen by the seed among those spanning several sectors.
     let torn = match pick {
         CrashPick::Torn(seed) => {
@@ -246,6 +252,8 @@ pub fn materialise(stores: &[&CrashStorage], pick: CrashPick) -> Vec<Vec<u8>> {
                 let r = match pick {
                     CrashPick::None => Ok(()),
                     CrashPick::All => p.change.apply(&out),
+                    CrashPick::Newest if newest == Some(p.seq) => p.change.apply(&out),
+                    CrashPick::Newest => Ok(()),
                     CrashPick::Random(seed) | CrashPick::Torn(seed) if torn == Some(p.seq) => {
                         // A proper tear: some sectors land, some do not.
                         let n = p.change.sectors();
@@ -409,6 +417,21 @@ mod tests {
         assert_eq!(none, vec![vec![1, 0], vec![0, 0]]);
         let all = materialise(&[&a, &b], CrashPick::All);
         assert_eq!(all, vec![vec![1, 0], vec![2, 0]]);
+        b.write_at(&[5], 1).unwrap_err();
+        let c = CrashStorage::new(vec![0; 2], CrashClock::new(None));
+        c.write_at(&[1], 0).unwrap();
+        c.write_at(&[2], 1).unwrap();
+        assert_eq!(
+            c.after_crash(CrashPick::Newest),
+            vec![0, 2],
+            "only the last lands"
+        );
+        let newest = materialise(&[&a, &b], CrashPick::Newest);
+        assert_eq!(
+            newest,
+            vec![vec![1, 0], vec![2, 0]],
+            "b's write was the newest"
+        );
     }
 
     #[test]
