@@ -38,7 +38,8 @@ use strata_format::qcow2::barrier::{self, Barrier};
 use strata_format::qcow2::{create, CreateOptions, Qcow2Image, Qcow2OpenOptions, Repair};
 use strata_format::BlockDevice;
 use strata_storage::{
-    CrashClock, CrashPick, CrashStorage, FaultMode, FaultPlan, FaultStorage, MemStorage, Storage,
+    picks_for, CrashClock, CrashPick, CrashStorage, FaultMode, FaultPlan, FaultStorage, MemStorage,
+    Storage,
 };
 
 const SIZE: u64 = 1 << 20;
@@ -440,18 +441,11 @@ fn env_count(name: &str, default: u64) -> u64 {
 
 /// The picks of unflushed writes tried at one cut.
 fn picks(store: &CrashStorage) -> Vec<CrashPick> {
-    let mut p = vec![CrashPick::None];
-    if store.pending() > 0 {
-        p.push(CrashPick::All);
-    }
-    if store.pending() > 1 {
-        p.push(CrashPick::Newest);
-        p.extend((1..=env_count("STRATA_CRASH_RANDOM", 1)).map(CrashPick::Random));
-    }
-    if store.can_tear() {
-        p.extend((1..=env_count("STRATA_CRASH_TORN", 1)).map(CrashPick::Torn));
-    }
-    p
+    picks_for(
+        &[store],
+        env_count("STRATA_CRASH_RANDOM", 1),
+        env_count("STRATA_CRASH_TORN", 1),
+    )
 }
 
 /// What a sweep covered, and the first failures it found.

@@ -278,6 +278,26 @@ pub fn materialise(stores: &[&CrashStorage], pick: CrashPick) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The picks worth trying after a crash of `stores`: none; all and only the
+/// newest when something is pending; `random` seeded subsets when two or more
+/// changes are (with one, a subset is none or all); `torn` torn writes when a
+/// change covers several sectors. Picks that cannot differ from these are left out.
+pub fn picks_for(stores: &[&CrashStorage], random: u64, torn: u64) -> Vec<CrashPick> {
+    let pending: usize = stores.iter().map(|s| s.pending()).sum();
+    let mut p = vec![CrashPick::None];
+    if pending > 0 {
+        p.push(CrashPick::All);
+    }
+    if pending > 1 {
+        p.push(CrashPick::Newest);
+        p.extend((1..=random).map(CrashPick::Random));
+    }
+    if stores.iter().any(|s| s.can_tear()) {
+        p.extend((1..=torn).map(CrashPick::Torn));
+    }
+    p
+}
+
 impl Storage for CrashStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.volatile.read_at(buf, offset)
@@ -413,6 +433,11 @@ mod tests {
         assert!(b.write_at(&[3], 1).is_err(), "b stops at the shared point");
         assert!(a.write_at(&[4], 1).is_err());
         assert!(b.flush().is_err(), "nothing more becomes durable");
+        assert_eq!(
+            picks_for(&[&a, &b], 2, 1),
+            [CrashPick::None, CrashPick::All],
+            "one change pending: it lands or not"
+        );
         let none = materialise(&[&a, &b], CrashPick::None);
         assert_eq!(none, vec![vec![1, 0], vec![0, 0]]);
         let all = materialise(&[&a, &b], CrashPick::All);

@@ -18,7 +18,7 @@ mod file;
 pub mod lock;
 mod mem;
 
-pub use crash::{materialise, CrashClock, CrashPick, CrashStorage, SECTOR};
+pub use crash::{materialise, picks_for, CrashClock, CrashPick, CrashStorage, SECTOR};
 pub use error::{os_message, Error, Result};
 pub use fault::{FaultClock, FaultMode, FaultPlan, FaultStorage};
 pub use file::{start_writeback, FileStorage, OpenOptions};
