@@ -393,9 +393,15 @@ impl Checker {
         if report.corruptions != 0
             && !(copied_window && only_conservative_copied_errors(&report.messages.join("\n")))
         {
+            let errors: Vec<&String> = report
+                .messages
+                .iter()
+                .filter(|m| m.starts_with("ERROR"))
+                .take(6)
+                .collect();
             return Err(format!(
-                "{what}: strata check found corruption: {:?}",
-                &report.messages[..report.messages.len().min(6)]
+                "{what}: strata check found {} corruptions: {errors:?}",
+                report.corruptions
             ));
         }
         let mut got = vec![0u8; img.virtual_size() as usize];
@@ -490,7 +496,12 @@ fn sweep(opts: &CreateOptions, base: &[u8], checker: &mut Checker, stop_at_first
 
 /// One-off EIO and ENOSPC at every third point: the run stops at the failed
 /// operation and the image meets the same conditions as after a crash.
-fn inject_errors(opts: &CreateOptions, base: &[u8], checker: &mut Checker) -> u64 {
+fn inject_errors(
+    opts: &CreateOptions,
+    base: &[u8],
+    checker: &mut Checker,
+    failures: &mut Vec<String>,
+) -> u64 {
     let states = model_states(base, opts.cluster_size);
     let counting = Arc::new(FaultStorage::new(MemStorage::from_vec(base.to_vec()), None));
     let total = run_sequence(counting.clone(), || counting.ops()).storage_ops;
@@ -507,9 +518,10 @@ fn inject_errors(opts: &CreateOptions, base: &[u8], checker: &mut Checker) -> u6
             ));
             let reached = run_sequence(fault.clone(), || fault.ops());
             let what = format!("{opts:?} errno {errno} at {k}/{total}");
-            checker
-                .verify(&fault.inner().snapshot(), &states, reached.done, &what)
-                .unwrap_or_else(|e| panic!("{e}"));
+            if let Err(e) = checker.verify(&fault.inner().snapshot(), &states, reached.done, &what)
+            {
+                failures.push(e);
+            }
             points += 1;
         }
     }
@@ -576,7 +588,7 @@ fn every_crash_point_with_unflushed_writes_lost_leaves_a_consistent_image_and_on
         total.cut_points += s.cut_points;
         total.images += s.images;
         total.failures.extend(s.failures);
-        errors += inject_errors(opts, base, &mut checker);
+        errors += inject_errors(opts, base, &mut checker, &mut total.failures);
     }
     eprintln!(
         "crash safety: {} crash points x picks = {} images ({} distinct checked by qemu-img), {} error injections",
