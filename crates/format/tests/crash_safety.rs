@@ -96,6 +96,30 @@ fn ops() -> Vec<Op> {
     ]
 }
 
+/// Snapshots of a disk whose L1 table spans several sectors (512-byte clusters,
+/// 4 MiB: 128 entries), with data under both halves of the table, and one taken
+/// at another disk size: an apply must switch tables (and size) all at once.
+fn snapshot_ops_large_l1() -> Vec<Op> {
+    vec![
+        Op::Write(1000, 3000, 1),
+        Op::Write(3 << 20, 5000, 2),
+        Op::SnapCreate("a"),
+        Op::Write(0, 2000, 3),
+        Op::Write((3 << 20) + 512, 1000, 4),
+        Op::Resize(5 << 20),
+        Op::Write((4 << 20) + 100, 700, 5),
+        Op::SnapCreate("b"),
+        Op::SnapApply("a"),
+        Op::Write(600, 600, 6),
+        Op::SnapApply("b"),
+        Op::Write(0, 1500, 7),
+        Op::Write((3 << 20) + 2048, 900, 8),
+        Op::SnapApply("b"), // the same size: only the tables switch
+        Op::SnapDelete("a"),
+        Op::Write(3 << 20, 1024, 9),
+    ]
+}
+
 fn base_image(opts: &CreateOptions) -> Vec<u8> {
     let mem = Arc::new(MemStorage::new());
     let s: Arc<dyn Storage> = mem.clone();
@@ -230,7 +254,7 @@ fn qemu_info(bytes: &[u8]) -> String {
 /// the last successful flush, the set of models possible for bytes written since.
 /// The guest contents before the sequence and after each of its operations:
 /// `states[i]` is the disk after the first `i` operations.
-fn model_states(base: &[u8], cs: u64) -> Vec<Vec<u8>> {
+fn model_states(base: &[u8], cs: u64, seq: &[Op]) -> Vec<Vec<u8>> {
     let img = Qcow2Image::open(
         Arc::new(MemStorage::from_vec(base.to_vec())),
         Qcow2OpenOptions {
@@ -243,8 +267,8 @@ fn model_states(base: &[u8], cs: u64) -> Vec<Vec<u8>> {
     img.read(&mut m, 0).unwrap();
     let mut snaps = std::collections::HashMap::new();
     let mut states = vec![m.clone()];
-    for op in ops() {
-        apply_model(&mut m, &op, cs, &mut snaps);
+    for op in seq {
+        apply_model(&mut m, op, cs, &mut snaps);
         states.push(m.clone());
     }
     states
@@ -261,7 +285,7 @@ struct Reached {
 
 /// Open the image on `s` and run the sequence, flushing after each operation,
 /// until something fails. A crash does not close the image.
-fn run_sequence(s: Arc<dyn Storage>, ops_of: impl Fn() -> u64) -> Reached {
+fn run_sequence(s: Arc<dyn Storage>, seq: &[Op], ops_of: impl Fn() -> u64) -> Reached {
     let mut done = 0;
     let Ok(img) = Qcow2Image::open(s, Qcow2OpenOptions::default()) else {
         return Reached {
@@ -269,13 +293,13 @@ fn run_sequence(s: Arc<dyn Storage>, ops_of: impl Fn() -> u64) -> Reached {
             storage_ops: ops_of(),
         };
     };
-    for op in ops() {
-        if run_op(&img, &op).is_err() || img.flush().is_err() {
+    for op in seq {
+        if run_op(&img, op).is_err() || img.flush().is_err() {
             break;
         }
         done += 1;
     }
-    if done == ops().len() {
+    if done == seq.len() {
         // The clean close clears the dirty bit; a crash there changes no guest data.
         let _ = img.close();
     }
@@ -366,11 +390,11 @@ impl Checker {
         &mut self,
         bytes: &[u8],
         states: &[Vec<u8>],
+        seq: &[Op],
         done: usize,
         what: &str,
     ) -> Result<(), String> {
-        let all = ops();
-        let in_flight = all.get(done);
+        let in_flight = seq.get(done);
         let copied_window = matches!(in_flight, Some(Op::SnapCreate(_) | Op::SnapDelete(_)));
         let lazy = strata_format::qcow2::Header::parse(
             &bytes[..bytes.len().min(65536)],
@@ -464,26 +488,32 @@ struct Sweep {
 
 /// Crash at every point of the sequence on `base`, checking every pick's image.
 /// With `stop_at_first` the sweep ends at its first failure.
-fn sweep(opts: &CreateOptions, base: &[u8], checker: &mut Checker, stop_at_first: bool) -> Sweep {
+fn sweep(
+    opts: &CreateOptions,
+    base: &[u8],
+    seq: &[Op],
+    checker: &mut Checker,
+    stop_at_first: bool,
+) -> Sweep {
     let cs = opts.cluster_size;
-    let states = model_states(base, cs);
+    let states = model_states(base, cs, seq);
     let uncut = Arc::new(CrashStorage::new(base.to_vec(), CrashClock::new(None)));
-    let full = run_sequence(uncut.clone(), || uncut.clock().ops());
+    let full = run_sequence(uncut.clone(), seq, || uncut.clock().ops());
     assert_eq!(
         full.done,
-        ops().len(),
+        seq.len(),
         "{opts:?}: the uncut sequence completes"
     );
     let mut out = Sweep::default();
     for k in 0..full.storage_ops {
         let store = Arc::new(CrashStorage::new(base.to_vec(), CrashClock::new(Some(k))));
-        let reached = run_sequence(store.clone(), || store.clock().ops());
+        let reached = run_sequence(store.clone(), seq, || store.clock().ops());
         out.cut_points += 1;
         for pick in picks(&store) {
             let bytes = store.after_crash(pick);
             out.images += 1;
             let what = format!("{opts:?} crash at {k}/{} ({pick:?})", full.storage_ops);
-            if let Err(e) = checker.verify(&bytes, &states, reached.done, &what) {
+            if let Err(e) = checker.verify(&bytes, &states, seq, reached.done, &what) {
                 out.failures.push(e);
                 if stop_at_first {
                     return out;
@@ -499,12 +529,13 @@ fn sweep(opts: &CreateOptions, base: &[u8], checker: &mut Checker, stop_at_first
 fn inject_errors(
     opts: &CreateOptions,
     base: &[u8],
+    seq: &[Op],
     checker: &mut Checker,
     failures: &mut Vec<String>,
 ) -> u64 {
-    let states = model_states(base, opts.cluster_size);
+    let states = model_states(base, opts.cluster_size, seq);
     let counting = Arc::new(FaultStorage::new(MemStorage::from_vec(base.to_vec()), None));
-    let total = run_sequence(counting.clone(), || counting.ops()).storage_ops;
+    let total = run_sequence(counting.clone(), seq, || counting.ops()).storage_ops;
     let mut points = 0;
     for errno in [libc_eio(), libc_enospc()] {
         for k in (0..total).step_by(3) {
@@ -516,9 +547,10 @@ fn inject_errors(
                 MemStorage::from_vec(base.to_vec()),
                 Some(plan),
             ));
-            let reached = run_sequence(fault.clone(), || fault.ops());
+            let reached = run_sequence(fault.clone(), seq, || fault.ops());
             let what = format!("{opts:?} errno {errno} at {k}/{total}");
-            if let Err(e) = checker.verify(&fault.inner().snapshot(), &states, reached.done, &what)
+            if let Err(e) =
+                checker.verify(&fault.inner().snapshot(), &states, seq, reached.done, &what)
             {
                 failures.push(e);
             }
@@ -584,15 +616,15 @@ fn every_crash_point_with_unflushed_writes_lost_leaves_a_consistent_image_and_on
     let bbase = base_image_with_bitmaps(&bopts);
     bases.push((bopts.clone(), bbase.clone()));
     for (opts, base) in &bases {
-        let s = sweep(opts, base, &mut checker, false);
+        let s = sweep(opts, base, &ops(), &mut checker, false);
         total.cut_points += s.cut_points;
         total.images += s.images;
         total.failures.extend(s.failures);
-        errors += inject_errors(opts, base, &mut checker, &mut total.failures);
+        errors += inject_errors(opts, base, &ops(), &mut checker, &mut total.failures);
     }
     eprintln!(
-        "crash safety: {} crash points x picks = {} images ({} distinct checked by qemu-img), {} error injections",
-        total.cut_points, total.images, checker.images, errors
+        "crash safety: {} crash points x picks = {} images, {} error injections; {} distinct images checked by qemu-img",
+        total.cut_points, total.images, errors, checker.images
     );
     assert!(
         total.failures.is_empty(),
@@ -604,7 +636,7 @@ fn every_crash_point_with_unflushed_writes_lost_leaves_a_consistent_image_and_on
     // Uncut, the whole sequence leaves the bitmaps for QEMU to load: consistent,
     // none in use, and no cluster of theirs leaked.
     let store = Arc::new(CrashStorage::new(bbase, CrashClock::new(None)));
-    let r = run_sequence(store.clone(), || store.clock().ops());
+    let r = run_sequence(store.clone(), &ops(), || store.clock().ops());
     assert_eq!(r.done, ops().len());
     let bytes = store.after_crash(CrashPick::None);
     let (code, out) = qemu_check(&bytes);
@@ -617,6 +649,33 @@ fn every_crash_point_with_unflushed_writes_lost_leaves_a_consistent_image_and_on
     assert!(!info.contains("in-use"), "{info}");
 }
 
+/// Snapshot create, apply (goto) and delete on an image whose L1 table is larger
+/// than a sector, including an apply back to another disk size.
+#[test]
+fn snapshot_operations_on_a_multi_sector_l1_survive_every_crash_as_one_model_state() {
+    let opts = CreateOptions {
+        size: 4 << 20,
+        cluster_size: 512,
+        ..Default::default()
+    };
+    let base = base_image(&opts);
+    let mut checker = Checker::default();
+    let seq = snapshot_ops_large_l1();
+    let mut s = sweep(&opts, &base, &seq, &mut checker, false);
+    let errors = inject_errors(&opts, &base, &seq, &mut checker, &mut s.failures);
+    eprintln!(
+        "snapshots on a multi-sector L1: {} crash points x picks = {} images, {errors} error injections; {} distinct images checked by qemu-img",
+        s.cut_points, s.images, checker.images
+    );
+    assert!(
+        s.failures.is_empty(),
+        "{} bad crash images; the first ones:\n{}",
+        s.failures.len(),
+        s.failures[..s.failures.len().min(5)].join("\n")
+    );
+    assert!(s.cut_points > 50);
+}
+
 /// The sweep can fail: with one metadata barrier removed, some crash leaves an
 /// image that a check rejects or that shows the guest no single model state.
 fn sweep_without(barrier: Barrier) -> Sweep {
@@ -627,7 +686,7 @@ fn sweep_without(barrier: Barrier) -> Sweep {
     };
     let base = base_image(&opts);
     barrier::skip(Some(barrier));
-    let s = sweep(&opts, &base, &mut Checker::default(), true);
+    let s = sweep(&opts, &base, &ops(), &mut Checker::default(), true);
     barrier::skip(None);
     eprintln!(
         "without {barrier:?}: first bad image after {} crash points, {} images:\n{}",

@@ -235,6 +235,44 @@ impl Meta {
         Ok(new)
     }
 
+    /// Make `table` the active L1 table, written to new clusters: the header's
+    /// `l1_size` and `l1_table_offset` (and, with `size`, the virtual size) switch
+    /// in one write of the header's first sector, so a crash leaves the old table
+    /// or the new one, never a mix; the old table is freed afterwards.
+    pub(crate) fn relocate_l1(&mut self, table: Vec<u64>, size: Option<u64>) -> Result<()> {
+        let cs = self.cluster_size();
+        let entries = table.len() as u64;
+        let new_off = self.alloc_clusters((entries * 8).div_ceil(cs).max(1))?;
+        // Only the table's bytes are written, as QEMU does: the rest of its last
+        // cluster is never read (a new image ends right after its L1 table).
+        self.flush_metadata()?;
+        self.storage
+            .write_at(&Self::encode_table(&table), new_off)?;
+        self.storage.flush()?;
+        // Bytes 24..48: size, encryption method, l1_size, l1_table_offset.
+        let mut hdr = [0u8; 24];
+        hdr[..8].copy_from_slice(&size.unwrap_or(self.h.size).to_be_bytes());
+        hdr[8..12].copy_from_slice(&self.h.crypt_method.to_be_bytes());
+        hdr[12..16].copy_from_slice(&(entries as u32).to_be_bytes());
+        hdr[16..].copy_from_slice(&new_off.to_be_bytes());
+        self.storage.write_at(&hdr, 24)?;
+        self.storage.flush()?;
+        let old_off = self.h.l1_table_offset;
+        let old_clusters = (u64::from(self.h.l1_size) * 8).div_ceil(cs);
+        self.h.l1_size = entries as u32;
+        self.h.l1_table_offset = new_off;
+        if let Some(size) = size {
+            self.h.size = size;
+        }
+        self.l1 = table;
+        if old_off != 0 {
+            for c in 0..old_clusters {
+                self.update_refcount(old_off / cs + c, -1)?;
+            }
+        }
+        self.flush_metadata()
+    }
+
     pub fn write_l1_entry(&mut self, i: u64) -> Result<()> {
         let e = self.l1[i as usize];
         self.storage

@@ -6,7 +6,9 @@
 //!   the old table;
 //! - apply: raise the snapshot's refcounts, flush; write the active L1 (its COPIED
 //!   flags computed from the raised refcounts, so they are right in every durable
-//!   state), flush; then lower the old active image's refcounts;
+//!   state; in place when it fits in one sector, else written elsewhere with the
+//!   header switching to it, and the size, in one write), flush; then lower the
+//!   old active image's refcounts;
 //! - delete: rewrite the table first, then lower the refcounts.
 //!
 //! A crash anywhere leaks clusters at worst. A refcount and the COPIED flag of an
@@ -374,9 +376,9 @@ impl Qcow2Image {
         m.update_l1_refcounts(&sl1, 1)?;
         m.write_dirty_refblocks()?;
         m.barrier_named(Barrier::SnapshotRefcountsBeforeL1)?;
-        // Switch the active L1 in one table write. Every table it now names is
-        // shared with the snapshot, so no entry may claim it (COPIED): the flags
-        // are right in the same write that switches the tables.
+        // Switch the active L1 in one write. Every table it now names is shared
+        // with the snapshot, so no entry may claim it (COPIED): the flags are right
+        // in the same write that switches the tables.
         let old = std::mem::take(&mut m.l1);
         let mut new = sl1;
         new.resize(old.len(), 0);
@@ -392,18 +394,21 @@ impl Qcow2Image {
                 };
             }
         }
-        let mut bytes = Vec::with_capacity(new.len() * 8);
-        for e in &new {
-            bytes.extend_from_slice(&e.to_be_bytes());
-        }
-        m.storage.write_at(&bytes, m.h.l1_table_offset)?;
-        m.storage.flush()?;
-        m.l1 = new;
-        if let Some(size) = snap.disk_size {
-            if size != self.virtual_size() {
-                m.storage.write_at(&size.to_be_bytes(), 24)?;
-                m.storage.flush()?;
-                m.h.size = size;
+        let new_size = snap.disk_size.filter(|&s| s != self.virtual_size());
+        if new.len() * 8 <= 512 && new_size.is_none() {
+            // The table fits in one sector, which the disk writes whole.
+            let mut bytes = Vec::with_capacity(new.len() * 8);
+            for e in &new {
+                bytes.extend_from_slice(&e.to_be_bytes());
+            }
+            m.storage.write_at(&bytes, m.h.l1_table_offset)?;
+            m.storage.flush()?;
+            m.l1 = new;
+        } else {
+            // A larger table could be torn, and a size change is a second write:
+            // write the table elsewhere and switch the header (size included) at once.
+            m.relocate_l1(new, new_size)?;
+            if let Some(size) = new_size {
                 self.set_virtual_size(size);
             }
         }
