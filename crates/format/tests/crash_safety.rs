@@ -71,6 +71,9 @@ fn ops() -> Vec<Op> {
         Op::Write(SIZE * 2, 600_000, 5), // refcount table growth with 4 KiB clusters, 64-bit refcounts
         Op::Flush,
         Op::Zero(SIZE * 5 + 4096, 8192, false),
+        // Into clusters that keep their allocation under a zero flag: rewritten in
+        // place, then the flag cleared (the data must be durable first).
+        Op::Write(SIZE * 5 + 6000, 3000, 12),
         Op::Write(50, 10, 6),
         Op::Flush,
         Op::SnapCreate("a"),

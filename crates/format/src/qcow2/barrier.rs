@@ -10,8 +10,8 @@
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Barrier {
-    /// Refcount blocks raised for new clusters are durable before the L2 tables
-    /// that point at those clusters are written.
+    /// Refcount blocks raised for new clusters, and data written for new
+    /// mappings, are durable before the L2 tables that point at them are written.
     RefcountsBeforeL2,
     /// A new L2 table is durable before the L1 entry that points at it.
     L2BeforeL1,

@@ -131,11 +131,11 @@ impl Meta {
         Ok(!offs.is_empty())
     }
 
-    /// Write one L2 table that left the cache dirty, after the refcounts it relies on.
+    /// Write one L2 table that left the cache dirty, after the refcounts and the
+    /// data it relies on are durable.
     fn write_evicted_l2(&mut self, off: u64, data: &[u64]) -> Result<()> {
-        if self.write_refblocks()? {
-            self.barrier()?;
-        }
+        self.write_refblocks()?;
+        self.barrier_named(Barrier::RefcountsBeforeL2)?;
         self.storage.write_at(&Self::encode_table(data), off)?;
         Ok(())
     }
@@ -297,17 +297,18 @@ impl Meta {
     }
 
     /// Make all metadata durable in the order crash safety needs:
-    /// refcount blocks, flush, L2 tables, flush; then apply queued frees and write
+    /// refcount blocks (and data already written), flush, L2 tables, flush; then apply queued frees and write
     /// those refcounts, flush.
     pub fn flush_metadata(&mut self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let wrote_rb = self.write_refblocks()?;
+        self.write_refblocks()?;
         if self.l2.any_dirty() {
-            if wrote_rb {
-                self.barrier_named(Barrier::RefcountsBeforeL2)?;
-            }
+            // Even with no refcount changed, an entry may newly point at data just
+            // written (a zero flag or subcluster bit cleared on an owned cluster):
+            // that data is durable before the entry.
+            self.barrier_named(Barrier::RefcountsBeforeL2)?;
             for off in self.l2.dirty_offsets() {
                 let slot = self.l2.get(off).expect("dirty slot");
                 let bytes = Self::encode_table(&slot.data);
