@@ -1,20 +1,46 @@
-//! Crash safety, proven by cutting the storage at every write and flush.
+//! Crash safety, proven by crashing the storage at every write and flush with the
+//! unflushed writes lost.
 //!
-//! A sequence of operations (in-place and copy-on-write writes, L2 table and refcount
-//! block allocation, refcount-table growth, L1 growth by resize, shrinking (with
-//! and without snapshots), write-zeroes, discard, flushes) runs on a fault-injecting backend that stops all writes from
-//! operation `k` on, for every `k` until the sequence completes. After each cut the
-//! image reopens; strata's check and `qemu-img check` must report it clean or with
-//! leaks only; every byte flushed before the cut reads back, and bytes written after
-//! the last flush read as either their old or their new value. The same points are
-//! then hit with a one-off EIO and ENOSPC: the operation fails, later ones work, and
-//! the image stays consistent.
+//! The model: the image lives on a [`CrashStorage`], whose writes stay volatile until
+//! a flush. A sequence of guest operations (in-place and copy-on-write writes, L2
+//! table and refcount block allocation, refcount-table growth, L1 growth by resize,
+//! shrinking with and without snapshots, write-zeroes, discard, snapshot create,
+//! apply and delete, persistent bitmaps kept valid) runs with a guest flush after
+//! each operation, and the storage crashes at mutating operation `k`, for every `k`
+//! until the sequence completes. For each cut the disk left behind is built for
+//! several picks of the unflushed writes: none, all, only the newest (the pick that
+//! exposes a missing barrier before the write just issued), `STRATA_CRASH_RANDOM`
+//! (default 1) seeded random subsets and `STRATA_CRASH_TORN` (default 1) subsets with one write
+//! torn into 512-byte sectors (picks that cannot differ from "none" are skipped;
+//! equal images are checked once). Each image must then:
+//! - pass `qemu-img check` and strata's check (clean or leaks only) as it lies on
+//!   disk, before anything repairs it (only an image whose dirty bit says its
+//!   refcounts are lazy is opened read-write, and so repaired, first). The one
+//!   exception is a cut inside snapshot create or delete: there a cluster's refcount
+//!   and its COPIED flag change in two writes, and the order makes the window
+//!   conservative (refcount 1, flag clear: a writer copies instead of writing in
+//!   place); those cuts may show that and no other error;
+//! - show the guest ONE whole model state: the one before the operation the crash
+//!   interrupted or the one after it (every earlier operation was flushed). A guest
+//!   write, write-zeroes or discard in flight may land in part, so for those each
+//!   512-byte guest sector of its range may be old or new, and everything outside
+//!   its range must be exactly the model's. A shrink discards the part past the new
+//!   size before it records the size (as QEMU's does), so in flight the disk may
+//!   keep its old length with sectors of that part reading as zeroes.
+//!
+//! The same points are then hit with a one-off EIO and ENOSPC on the fault backend:
+//! the operation fails, the run stops, and the image must meet the same conditions.
+//! The test prints the number of cut points and of images checked.
 
 use std::process::Command;
 use std::sync::Arc;
+use strata_format::qcow2::barrier::{self, Barrier};
 use strata_format::qcow2::{create, CreateOptions, Qcow2Image, Qcow2OpenOptions, Repair};
 use strata_format::BlockDevice;
-use strata_storage::{FaultMode, FaultPlan, FaultStorage, MemStorage, Storage};
+use strata_storage::{
+    picks_for, CrashClock, CrashPick, CrashStorage, FaultMode, FaultPlan, FaultStorage, MemStorage,
+    Storage,
+};
 
 const SIZE: u64 = 1 << 20;
 
@@ -45,6 +71,9 @@ fn ops() -> Vec<Op> {
         Op::Write(SIZE * 2, 600_000, 5), // refcount table growth with 4 KiB clusters, 64-bit refcounts
         Op::Flush,
         Op::Zero(SIZE * 5 + 4096, 8192, false),
+        // Into clusters that keep their allocation under a zero flag: rewritten in
+        // place, then the flag cleared (the data must be durable first).
+        Op::Write(SIZE * 5 + 6000, 3000, 12),
         Op::Write(50, 10, 6),
         Op::Flush,
         Op::SnapCreate("a"),
@@ -67,6 +96,30 @@ fn ops() -> Vec<Op> {
         Op::Resize(SIZE * 2),
         Op::Write(SIZE, 5000, 11),
         Op::Flush,
+    ]
+}
+
+/// Snapshots of a disk whose L1 table spans several sectors (512-byte clusters,
+/// 4 MiB: 128 entries), with data under both halves of the table, and one taken
+/// at another disk size: an apply must switch tables (and size) all at once.
+fn snapshot_ops_large_l1() -> Vec<Op> {
+    vec![
+        Op::Write(1000, 3000, 1),
+        Op::Write(3 << 20, 5000, 2),
+        Op::SnapCreate("a"),
+        Op::Write(0, 2000, 3),
+        Op::Write((3 << 20) + 512, 1000, 4),
+        Op::Resize(5 << 20),
+        Op::Write((4 << 20) + 100, 700, 5),
+        Op::SnapCreate("b"),
+        Op::SnapApply("a"),
+        Op::Write(600, 600, 6),
+        Op::SnapApply("b"),
+        Op::Write(0, 1500, 7),
+        Op::Write((3 << 20) + 2048, 900, 8),
+        Op::SnapApply("b"), // the same size: only the tables switch
+        Op::SnapDelete("a"),
+        Op::Write(3 << 20, 1024, 9),
     ]
 }
 
@@ -202,140 +255,312 @@ fn qemu_info(bytes: &[u8]) -> String {
 
 /// Run the sequence with `plan`; return the bytes left on storage, the model as of
 /// the last successful flush, the set of models possible for bytes written since.
-fn run_with(
-    base: &[u8],
-    plan: Option<FaultPlan>,
-    cs: u64,
-) -> (Vec<u8>, Vec<u8>, Vec<Vec<u8>>, bool, u64) {
-    let fault = Arc::new(FaultStorage::new(MemStorage::from_vec(base.to_vec()), plan));
-    let s: Arc<dyn Storage> = fault.clone();
-    let mut acked = {
+/// The guest contents before the sequence and after each of its operations:
+/// `states[i]` is the disk after the first `i` operations.
+fn model_states(base: &[u8], cs: u64, seq: &[Op]) -> Vec<Vec<u8>> {
+    let img = Qcow2Image::open(
+        Arc::new(MemStorage::from_vec(base.to_vec())),
+        Qcow2OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut m = vec![0u8; img.virtual_size() as usize];
+    img.read(&mut m, 0).unwrap();
+    let mut snaps = std::collections::HashMap::new();
+    let mut states = vec![m.clone()];
+    for op in seq {
+        apply_model(&mut m, op, cs, &mut snaps);
+        states.push(m.clone());
+    }
+    states
+}
+
+/// How far a run got: the operations that completed (and were flushed), and
+/// whether the one after them was interrupted.
+struct Reached {
+    /// Operations completed and flushed.
+    done: usize,
+    /// Mutating storage operations issued (the cut points of an uncut run).
+    storage_ops: u64,
+}
+
+/// Open the image on `s` and run the sequence, flushing after each operation,
+/// until something fails. A crash does not close the image.
+fn run_sequence(s: Arc<dyn Storage>, seq: &[Op], ops_of: impl Fn() -> u64) -> Reached {
+    let mut done = 0;
+    let Ok(img) = Qcow2Image::open(s, Qcow2OpenOptions::default()) else {
+        return Reached {
+            done,
+            storage_ops: ops_of(),
+        };
+    };
+    for op in seq {
+        if run_op(&img, op).is_err() || img.flush().is_err() {
+            break;
+        }
+        done += 1;
+    }
+    if done == seq.len() {
+        // The clean close clears the dirty bit; a crash there changes no guest data.
+        let _ = img.close();
+    }
+    std::mem::forget(img);
+    Reached {
+        done,
+        storage_ops: ops_of(),
+    }
+}
+
+/// What an operation in flight may leave in part: a guest byte range, and the
+/// disk with that range landed. A write, write-zeroes or discard lands its range
+/// sector by sector. A shrink first discards everything past the new size, then
+/// records the size: until then the disk keeps its length with the cut-off part
+/// reading as zeroes, sector by sector.
+fn partial_effect(op: &Op, before: &[u8], after: &[u8]) -> Option<(u64, u64, Vec<u8>)> {
+    match *op {
+        Op::Write(o, l, _) | Op::Zero(o, l, _) | Op::Discard(o, l) => Some((o, l, after.to_vec())),
+        Op::Shrink(n) => {
+            let mut cut = before.to_vec();
+            cut[n as usize..].fill(0);
+            Some((n, before.len() as u64 - n, cut))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `got` is the model state before `op` or after it, where an operation
+/// in flight may have landed in whole 512-byte guest sectors of its range (see
+/// [`partial_effect`]).
+fn is_one_model_state(got: &[u8], before: &[u8], after: &[u8], op: Option<&Op>) -> bool {
+    if got == before || got == after {
+        return true;
+    }
+    let Some((o, l, landed)) = op.and_then(|op| partial_effect(op, before, after)) else {
+        return false;
+    };
+    if got.len() != before.len() || before.len() != landed.len() {
+        return false;
+    }
+    let (lo, hi) = (
+        (o / 512 * 512) as usize,
+        ((o + l).div_ceil(512) * 512) as usize,
+    );
+    let hi = hi.min(got.len());
+    got[..lo] == before[..lo]
+        && got[hi..] == before[hi..]
+        && got[lo..hi]
+            .chunks(512)
+            .zip(before[lo..hi].chunks(512).zip(landed[lo..hi].chunks(512)))
+            .all(|(g, (b, a))| g == b || g == a)
+}
+
+/// Whether every error line of a check is a COPIED flag left clear on a cluster
+/// whose refcount is 1: the conservative side of a snapshot's refcount change.
+fn only_conservative_copied_errors(lines: &str) -> bool {
+    let errors: Vec<&str> = lines.lines().filter(|l| l.starts_with("ERROR")).collect();
+    !errors.is_empty()
+        && errors
+            .iter()
+            .all(|l| l.starts_with("ERROR OFLAG_COPIED") && l.ends_with(" refcount=1"))
+}
+
+/// Checks the images a sweep produces, running `qemu-img check` once per distinct image.
+#[derive(Default)]
+struct Checker {
+    qemu: std::collections::HashMap<u64, (i32, String)>,
+    images: u64,
+}
+
+impl Checker {
+    fn qemu_check_cached(&mut self, bytes: &[u8]) -> (i32, String) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut h);
+        let key = h.finish();
+        if let Some(r) = self.qemu.get(&key) {
+            return r.clone();
+        }
+        self.images += 1;
+        let r = qemu_check(bytes);
+        self.qemu.insert(key, r.clone());
+        r
+    }
+
+    /// Check one image left by a crash after `done` operations; `states` is the model.
+    fn verify(
+        &mut self,
+        bytes: &[u8],
+        states: &[Vec<u8>],
+        seq: &[Op],
+        done: usize,
+        what: &str,
+    ) -> Result<(), String> {
+        let in_flight = seq.get(done);
+        let copied_window = matches!(in_flight, Some(Op::SnapCreate(_) | Op::SnapDelete(_)));
+        let lazy = strata_format::qcow2::Header::parse(
+            &bytes[..bytes.len().min(65536)],
+            bytes.len() as u64,
+        )
+        .map(|h| h.lazy_refcounts() && h.is_dirty())
+        .unwrap_or(false);
+        let mem = Arc::new(MemStorage::from_vec(bytes.to_vec()));
+        let s: Arc<dyn Storage> = mem.clone();
+        // Only lazy refcounts rely on the repair a read-write open does.
         let img = Qcow2Image::open(
-            s.clone(),
+            s,
             Qcow2OpenOptions {
-                read_only: true,
+                read_only: !lazy,
                 ..Default::default()
             },
         )
-        .unwrap();
-        let mut m = vec![0u8; img.virtual_size() as usize];
-        img.read(&mut m, 0).unwrap();
-        m
-    };
-    let mut since: Vec<Vec<u8>> = Vec::new();
-    let mut completed = true;
-    let img = match Qcow2Image::open(s, Qcow2OpenOptions::default()) {
-        Ok(i) => i,
-        Err(_) => return (fault.inner().snapshot(), acked, since, false, fault.ops()),
-    };
-    let mut current = acked.clone();
-    let mut snaps = std::collections::HashMap::new();
-    for op in ops() {
-        let r = run_op(&img, &op);
-        if r.is_err() {
-            completed = false;
-            // The op may have partly happened.
-            let mut maybe = current.clone();
-            apply_model(&mut maybe, &op, cs, &mut snaps.clone());
-            since.push(maybe);
-            break;
+        .map_err(|e| format!("{what}: reopen failed: {e}"))?;
+        let report = img.check(Repair::None).unwrap();
+        if report.corruptions != 0
+            && !(copied_window && only_conservative_copied_errors(&report.messages.join("\n")))
+        {
+            let errors: Vec<&String> = report
+                .messages
+                .iter()
+                .filter(|m| m.starts_with("ERROR"))
+                .take(6)
+                .collect();
+            return Err(format!(
+                "{what}: strata check found {} corruptions: {errors:?}",
+                report.corruptions
+            ));
         }
-        apply_model(&mut current, &op, cs, &mut snaps);
-        if matches!(
-            op,
-            Op::Flush | Op::SnapCreate(_) | Op::SnapApply(_) | Op::SnapDelete(_)
-        ) {
-            acked = current.clone();
-            since.clear();
-        } else {
-            since.push(current.clone());
+        let mut got = vec![0u8; img.virtual_size() as usize];
+        img.read(&mut got, 0).unwrap();
+        drop(img);
+        let after = states.get(done + 1).unwrap_or(&states[done]);
+        if !is_one_model_state(&got, &states[done], after, in_flight) {
+            let first_diff = |m: &[u8]| {
+                got.iter()
+                    .zip(m)
+                    .position(|(a, b)| a != b)
+                    .map_or(format!("length {} vs {}", got.len(), m.len()), |i| {
+                        format!("byte {i}: {} vs {}", got[i], m[i])
+                    })
+            };
+            return Err(format!(
+                "{what}: the guest sees neither the state before operation {done} ({in_flight:?}) ({}) nor the one after it ({})",
+                first_diff(&states[done]),
+                first_diff(after)
+            ));
         }
+        let (code, out) = self.qemu_check_cached(&mem.snapshot());
+        let ok = code == 0
+            || code == 3
+            || (code == 2 && copied_window && only_conservative_copied_errors(&out));
+        if !ok {
+            let head: Vec<&str> = out.lines().take(8).collect();
+            return Err(format!(
+                "{what}: qemu-img check exit {code}:\n{}",
+                head.join("\n")
+            ));
+        }
+        Ok(())
     }
-    if completed && img.close().is_err() {
-        // The fault hit the final flush or the dirty-bit clear.
-        completed = false;
-    }
-    std::mem::forget(img); // a crash does not close the image
-    (
-        fault.inner().snapshot(),
-        acked,
-        since,
-        completed,
-        fault.ops(),
+}
+
+fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The picks of unflushed writes tried at one cut.
+fn picks(store: &CrashStorage) -> Vec<CrashPick> {
+    picks_for(
+        &[store],
+        env_count("STRATA_CRASH_RANDOM", 1),
+        env_count("STRATA_CRASH_TORN", 1),
     )
 }
 
-fn verify(bytes: &[u8], acked: &[u8], since: &[Vec<u8>], what: &str) {
-    // Reopen read-write (a dirty image gets repaired here, as QEMU does).
-    let mem = Arc::new(MemStorage::from_vec(bytes.to_vec()));
-    let s: Arc<dyn Storage> = mem.clone();
-    let img = Qcow2Image::open(s, Qcow2OpenOptions::default())
-        .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
-    let report = img.check(Repair::None).unwrap();
-    assert_eq!(
-        report.corruptions, 0,
-        "{what}: strata check found corruption: {:?}",
-        report.messages
-    );
-    let size = img.virtual_size() as usize;
-    let mut got = vec![0u8; size];
-    img.read(&mut got, 0).unwrap();
-    drop(img);
-    for (i, &b) in got.iter().enumerate() {
-        let ok = acked.get(i).copied().unwrap_or(0) == b
-            || since.iter().any(|m| m.get(i).copied().unwrap_or(0) == b);
-        assert!(
-            ok,
-            "{what}: byte {i} reads {b}, neither its flushed value nor a later write"
-        );
-    }
-    // QEMU checks the image as it stands after the reopen (which repaired it if the
-    // crash left it dirty).
-    let (code, out) = qemu_check(&mem.snapshot());
-    assert!(
-        code == 0 || code == 3,
-        "{what}: qemu-img check exit {code}:\n{out}"
-    );
+/// What a sweep covered, and the first failures it found.
+#[derive(Default)]
+struct Sweep {
+    cut_points: u64,
+    images: u64,
+    failures: Vec<String>,
 }
 
-fn crash_at_every_point(opts: CreateOptions) -> u64 {
-    let base = base_image(&opts);
-    crash_at_every_point_from(&opts, base)
-}
-
-fn crash_at_every_point_from(opts: &CreateOptions, base: Vec<u8>) -> u64 {
+/// Crash at every point of the sequence on `base`, checking every pick's image.
+/// With `stop_at_first` the sweep ends at its first failure.
+fn sweep(
+    opts: &CreateOptions,
+    base: &[u8],
+    seq: &[Op],
+    checker: &mut Checker,
+    stop_at_first: bool,
+) -> Sweep {
     let cs = opts.cluster_size;
-    let (_, _, _, completed, total) = run_with(&base, None, cs);
-    assert!(completed);
-    for k in 0..total {
-        let plan = FaultPlan {
-            at: k,
-            mode: FaultMode::Cut,
-        };
-        let (bytes, acked, since, _, _) = run_with(&base, Some(plan), cs);
-        verify(
-            &bytes,
-            &acked,
-            &since,
-            &format!("{opts:?} cut at {k}/{total}"),
-        );
+    let states = model_states(base, cs, seq);
+    let uncut = Arc::new(CrashStorage::new(base.to_vec(), CrashClock::new(None)));
+    let full = run_sequence(uncut.clone(), seq, || uncut.clock().ops());
+    assert_eq!(
+        full.done,
+        seq.len(),
+        "{opts:?}: the uncut sequence completes"
+    );
+    let mut out = Sweep::default();
+    for k in 0..full.storage_ops {
+        let store = Arc::new(CrashStorage::new(base.to_vec(), CrashClock::new(Some(k))));
+        let reached = run_sequence(store.clone(), seq, || store.clock().ops());
+        out.cut_points += 1;
+        for pick in picks(&store) {
+            let bytes = store.after_crash(pick);
+            out.images += 1;
+            let what = format!("{opts:?} crash at {k}/{} ({pick:?})", full.storage_ops);
+            if let Err(e) = checker.verify(&bytes, &states, seq, reached.done, &what) {
+                out.failures.push(e);
+                if stop_at_first {
+                    return out;
+                }
+            }
+        }
     }
+    out
+}
+
+/// One-off EIO and ENOSPC at every third point: the run stops at the failed
+/// operation and the image meets the same conditions as after a crash.
+fn inject_errors(
+    opts: &CreateOptions,
+    base: &[u8],
+    seq: &[Op],
+    checker: &mut Checker,
+    failures: &mut Vec<String>,
+) -> u64 {
+    let states = model_states(base, opts.cluster_size, seq);
+    let counting = Arc::new(FaultStorage::new(MemStorage::from_vec(base.to_vec()), None));
+    let total = run_sequence(counting.clone(), seq, || counting.ops()).storage_ops;
+    let mut points = 0;
     for errno in [libc_eio(), libc_enospc()] {
         for k in (0..total).step_by(3) {
             let plan = FaultPlan {
                 at: k,
                 mode: FaultMode::ErrorOnce(errno),
             };
-            let (bytes, acked, since, _, _) = run_with(&base, Some(plan), cs);
-            verify(
-                &bytes,
-                &acked,
-                &since,
-                &format!("{opts:?} errno {errno} at {k}/{total}"),
-            );
+            let fault = Arc::new(FaultStorage::new(
+                MemStorage::from_vec(base.to_vec()),
+                Some(plan),
+            ));
+            let reached = run_sequence(fault.clone(), seq, || fault.ops());
+            let what = format!("{opts:?} errno {errno} at {k}/{total}");
+            if let Err(e) =
+                checker.verify(&fault.inner().snapshot(), &states, seq, reached.done, &what)
+            {
+                failures.push(e);
+            }
+            points += 1;
         }
     }
-    total
+    points
 }
 
 fn libc_eio() -> i32 {
@@ -345,44 +570,78 @@ fn libc_enospc() -> i32 {
     28
 }
 
+fn configs() -> Vec<CreateOptions> {
+    vec![
+        CreateOptions {
+            size: SIZE,
+            cluster_size: 4096,
+            refcount_bits: 64,
+            ..Default::default()
+        },
+        CreateOptions {
+            size: SIZE,
+            cluster_size: 65536,
+            ..Default::default()
+        },
+        CreateOptions {
+            size: SIZE,
+            cluster_size: 65536,
+            extended_l2: true,
+            ..Default::default()
+        },
+        CreateOptions {
+            size: SIZE,
+            cluster_size: 4096,
+            lazy_refcounts: true,
+            ..Default::default()
+        },
+    ]
+}
+
 #[test]
-fn every_cut_point_leaves_a_consistent_image_with_flushed_data() {
-    let mut points = 0;
-    points += crash_at_every_point(CreateOptions {
-        size: SIZE,
-        cluster_size: 4096,
-        refcount_bits: 64,
-        ..Default::default()
-    });
-    points += crash_at_every_point(CreateOptions {
-        size: SIZE,
-        cluster_size: 65536,
-        ..Default::default()
-    });
-    points += crash_at_every_point(CreateOptions {
-        size: SIZE,
-        cluster_size: 65536,
-        extended_l2: true,
-        ..Default::default()
-    });
-    points += crash_at_every_point(CreateOptions {
-        size: SIZE,
-        cluster_size: 4096,
-        lazy_refcounts: true,
-        ..Default::default()
-    });
+fn every_crash_point_with_unflushed_writes_lost_leaves_a_consistent_image_and_one_model_state() {
+    let mut checker = Checker::default();
+    let mut total = Sweep::default();
+    let mut errors = 0;
+    let mut bases: Vec<(CreateOptions, Vec<u8>)> = configs()
+        .into_iter()
+        .map(|o| {
+            let b = base_image(&o);
+            (o, b)
+        })
+        .collect();
     // Persistent bitmaps kept valid through every operation (and every cut).
-    let opts = CreateOptions {
+    let bopts = CreateOptions {
         size: SIZE,
         cluster_size: 65536,
         ..Default::default()
     };
-    let base = base_image_with_bitmaps(&opts);
-    points += crash_at_every_point_from(&opts, base.clone());
+    let bbase = base_image_with_bitmaps(&bopts);
+    bases.push((bopts.clone(), bbase.clone()));
+    for (opts, base) in &bases {
+        let s = sweep(opts, base, &ops(), &mut checker, false);
+        total.cut_points += s.cut_points;
+        total.images += s.images;
+        total.failures.extend(s.failures);
+        errors += inject_errors(opts, base, &ops(), &mut checker, &mut total.failures);
+    }
+    eprintln!(
+        "crash safety: {} crash points x picks = {} images, {} error injections; {} distinct images checked by qemu-img",
+        total.cut_points, total.images, errors, checker.images
+    );
+    assert!(
+        total.failures.is_empty(),
+        "{} bad crash images; the first ones:\n{}",
+        total.failures.len(),
+        total.failures[..total.failures.len().min(5)].join("\n")
+    );
+    assert!(total.cut_points > 500);
     // Uncut, the whole sequence leaves the bitmaps for QEMU to load: consistent,
     // none in use, and no cluster of theirs leaked.
-    let (bytes, _, _, completed, _) = run_with(&base, None, opts.cluster_size);
-    assert!(completed);
+    let store = Arc::new(CrashStorage::new(bbase, CrashClock::new(None)));
+    let r = run_sequence(store.clone(), &ops(), || store.clock().ops());
+    assert_eq!(r.done, ops().len());
+    let bytes = store.after_crash(CrashPick::None);
     let (code, out) = qemu_check(&bytes);
     assert_eq!(code, 0, "bitmaps after the sequence:\n{out}");
     let info = qemu_info(&bytes);
@@ -391,6 +650,71 @@ fn every_cut_point_leaves_a_consistent_image_with_flushed_data() {
         "{info}"
     );
     assert!(!info.contains("in-use"), "{info}");
-    eprintln!("crash safety: {points} cut points tested");
-    assert!(points > 100);
+}
+
+/// Snapshot create, apply (goto) and delete on an image whose L1 table is larger
+/// than a sector, including an apply back to another disk size.
+#[test]
+fn snapshot_operations_on_a_multi_sector_l1_survive_every_crash_as_one_model_state() {
+    let opts = CreateOptions {
+        size: 4 << 20,
+        cluster_size: 512,
+        ..Default::default()
+    };
+    let base = base_image(&opts);
+    let mut checker = Checker::default();
+    let seq = snapshot_ops_large_l1();
+    let mut s = sweep(&opts, &base, &seq, &mut checker, false);
+    let errors = inject_errors(&opts, &base, &seq, &mut checker, &mut s.failures);
+    eprintln!(
+        "snapshots on a multi-sector L1: {} crash points x picks = {} images, {errors} error injections; {} distinct images checked by qemu-img",
+        s.cut_points, s.images, checker.images
+    );
+    assert!(
+        s.failures.is_empty(),
+        "{} bad crash images; the first ones:\n{}",
+        s.failures.len(),
+        s.failures[..s.failures.len().min(5)].join("\n")
+    );
+    assert!(s.cut_points > 50);
+}
+
+/// The sweep can fail: with one metadata barrier removed, some crash leaves an
+/// image that a check rejects or that shows the guest no single model state.
+fn sweep_without(barrier: Barrier) -> Sweep {
+    let opts = CreateOptions {
+        size: SIZE,
+        cluster_size: 4096,
+        ..Default::default()
+    };
+    let base = base_image(&opts);
+    barrier::skip(Some(barrier));
+    let s = sweep(&opts, &base, &ops(), &mut Checker::default(), true);
+    barrier::skip(None);
+    eprintln!(
+        "without {barrier:?}: first bad image after {} crash points, {} images:\n{}",
+        s.cut_points,
+        s.images,
+        s.failures.first().map_or("none", String::as_str)
+    );
+    s
+}
+
+#[test]
+fn the_sweep_fails_without_the_barrier_between_refcounts_and_l2_tables() {
+    assert!(!sweep_without(Barrier::RefcountsBeforeL2)
+        .failures
+        .is_empty());
+}
+
+#[test]
+fn the_sweep_fails_without_the_barrier_between_a_new_l2_table_and_its_l1_entry() {
+    assert!(!sweep_without(Barrier::L2BeforeL1).failures.is_empty());
+}
+
+#[test]
+fn the_sweep_fails_without_the_barrier_between_a_snapshots_refcounts_and_the_active_l1() {
+    assert!(!sweep_without(Barrier::SnapshotRefcountsBeforeL1)
+        .failures
+        .is_empty());
 }

@@ -1,17 +1,26 @@
 //! Chain operations are crash safe: commit (into the backing file, into a lower
 //! base, intermediate with relink), stream (whole chain, down to a base) and rebase
-//! (onto a lower image, flatten) run on a three-image chain whose files all stop at
-//! the same write or flush, for every such point. After each cut the files reopen,
-//! the chain is rebuilt from what their headers say, the top's guest view is
-//! exactly what it was before the operation, and every file passes strata's check
-//! and `qemu-img check` (clean or leaks only). One-off EIO at the same points makes
-//! the operation fail cleanly with the same guarantees.
+//! (onto a lower image, flatten) run on a three-image chain whose files sit on
+//! crash stores sharing one clock, so they all crash at the same write or flush,
+//! for every such point. The unflushed writes of all three files form one pool;
+//! for each crash the files are built for none of them, all, only the newest, a
+//! seeded random subset and one torn write (`STRATA_CRASH_RANDOM` /
+//! `STRATA_CRASH_TORN` for more). Every file must pass strata's check and
+//! `qemu-img check` (clean or leaks only) as it lies on disk, before a read-write
+//! open could repair it; then the files reopen, the chain is rebuilt from what
+//! their headers say, and the top's guest view must be exactly what it was before
+//! the operation (the one model state these operations may show). One-off EIO at
+//! the same points makes the operation fail cleanly with the same guarantees. The
+//! test prints the number of crash points and of chains checked.
 
 use std::sync::Arc;
 use strata_format::qcow2::{create, CreateOptions, Qcow2Image, Qcow2OpenOptions, Repair};
 use strata_format::BlockDevice;
 use strata_jobs::{commit, rebase, stream, Cancel, NoProgress};
-use strata_storage::{FaultClock, FaultMode, FaultPlan, FaultStorage, MemStorage, Storage};
+use strata_storage::{
+    materialise, picks_for, CrashClock, CrashStorage, FaultClock, FaultMode, FaultPlan,
+    FaultStorage, MemStorage, Storage,
+};
 
 const SIZE: u64 = 1 << 20;
 const NAMES: [&str; 3] = ["top", "mid", "base"];
@@ -58,25 +67,14 @@ fn build() -> Vec<Vec<u8>> {
     vec![top, mid, base]
 }
 
-struct Opened {
-    stores: Vec<Arc<FaultStorage<MemStorage>>>,
+struct Opened<S> {
+    stores: Vec<Arc<S>>,
     layers: Vec<Arc<dyn BlockDevice>>,
 }
 
-/// Open every file (read-write, as a user would after a crash) and attach each to
-/// the backing file its header names.
-fn open(bytes: &[Vec<u8>], plan: Option<FaultPlan>) -> Opened {
-    let clock = Arc::new(FaultClock::default());
-    let stores: Vec<_> = bytes
-        .iter()
-        .map(|b| {
-            Arc::new(FaultStorage::with_clock(
-                MemStorage::from_vec(b.clone()),
-                plan,
-                clock.clone(),
-            ))
-        })
-        .collect();
+/// Open every file on its store (read-write, as a user would after a crash) and
+/// attach each to the backing file its header names.
+fn attach<S: Storage + 'static>(stores: Vec<Arc<S>>) -> Opened<S> {
     let layers: Vec<Arc<dyn BlockDevice>> = stores
         .iter()
         .map(|s| {
@@ -93,6 +91,34 @@ fn open(bytes: &[Vec<u8>], plan: Option<FaultPlan>) -> Opened {
         }
     }
     Opened { stores, layers }
+}
+
+/// The chain on fault stores sharing one clock (counting, or failing by `plan`).
+fn open(bytes: &[Vec<u8>], plan: Option<FaultPlan>) -> Opened<FaultStorage<MemStorage>> {
+    let clock = Arc::new(FaultClock::default());
+    attach(
+        bytes
+            .iter()
+            .map(|b| {
+                Arc::new(FaultStorage::with_clock(
+                    MemStorage::from_vec(b.clone()),
+                    plan,
+                    clock.clone(),
+                ))
+            })
+            .collect(),
+    )
+}
+
+/// The chain on crash stores sharing one clock that crashes at operation `at`.
+fn open_crashing(bytes: &[Vec<u8>], at: u64) -> Opened<CrashStorage> {
+    let clock = CrashClock::new(Some(at));
+    attach(
+        bytes
+            .iter()
+            .map(|b| Arc::new(CrashStorage::new(b.clone(), clock.clone())))
+            .collect(),
+    )
 }
 
 fn visible(d: &dyn BlockDevice) -> Vec<u8> {
@@ -182,17 +208,40 @@ fn consistent(bytes: &[Vec<u8>], dir: &std::path::Path, label: &str) {
     }
 }
 
-fn after_cut(o: &Opened) -> Vec<Vec<u8>> {
+fn after_cut(o: &Opened<FaultStorage<MemStorage>>) -> Vec<Vec<u8>> {
     o.stores.iter().map(|s| s.inner().snapshot()).collect()
 }
 
-/// Run each operation to the end, then again cut at every write/flush (and with
-/// one-off EIO at every third), checking the guest view and every file each time.
-/// Returns the number of fault points tested.
-fn cut_everywhere(before_bytes: &[Vec<u8>], ops: &[(&str, Op)]) -> usize {
+fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Files left by a crash: consistent as they lie, and the top's view unchanged.
+fn verify_chain(bytes: &[Vec<u8>], before: &[u8], dir: &std::path::Path, label: &str) {
+    consistent(bytes, dir, label);
+    let again = open(bytes, None);
+    assert!(
+        visible(again.layers[0].as_ref()) == before,
+        "{label}: guest view changed"
+    );
+}
+
+/// Run each operation to the end, then again crash at every write/flush (for each
+/// pick of the unflushed writes) and fail with one-off EIO at every third,
+/// checking the guest view and every file each time. Returns the crash points
+/// and the chains checked.
+fn cut_everywhere(before_bytes: &[Vec<u8>], ops: &[(&str, Op)]) -> (usize, usize) {
     let dir = tempfile::tempdir().unwrap();
     let before = visible(open(before_bytes, None).layers[0].as_ref());
-    let mut points = 0;
+    let (random, torn) = (
+        env_count("STRATA_CRASH_RANDOM", 1),
+        env_count("STRATA_CRASH_TORN", 1),
+    );
+    let mut seen = std::collections::HashSet::new();
+    let (mut points, mut chains) = (0, 0);
     for &(name, op) in ops {
         // Count the fault points, and check the finished operation.
         let full = open(before_bytes, None);
@@ -206,37 +255,45 @@ fn cut_everywhere(before_bytes: &[Vec<u8>], ops: &[(&str, Op)]) -> usize {
         );
         consistent(&done, dir.path(), name);
         for k in 0..n {
-            for mode in [FaultMode::Cut, FaultMode::ErrorOnce(libc::EIO)] {
-                if matches!(mode, FaultMode::ErrorOnce(_)) && k % 3 != 0 {
-                    continue;
+            let o = open_crashing(before_bytes, k);
+            let r = op(&o.layers, &Cancel::default());
+            assert!(r.is_err(), "{name}: crash at {k} went unnoticed");
+            drop(r);
+            let stores: Vec<&CrashStorage> = o.stores.iter().map(|s| s.as_ref()).collect();
+            for pick in picks_for(&stores, random, torn) {
+                let bytes = materialise(&stores, pick);
+                if seen.insert(bytes.clone()) {
+                    let label = format!("{name}, crash at {k} of {n} ({pick:?})");
+                    verify_chain(&bytes, &before, dir.path(), &label);
+                    chains += 1;
                 }
+            }
+            points += 1;
+            if k % 3 == 0 {
+                let mode = FaultMode::ErrorOnce(libc::EIO);
                 let o = open(before_bytes, Some(FaultPlan { at: k, mode }));
                 let r = op(&o.layers, &Cancel::default());
-                assert!(r.is_err(), "{name}: fault at {k} ({mode:?}) went unnoticed");
+                assert!(r.is_err(), "{name}: EIO at {k} went unnoticed");
                 drop(r);
                 let bytes = after_cut(&o);
                 drop(o);
-                let label = format!("{name}, fault at {k} of {n} ({mode:?})");
-                let again = open(&bytes, None);
-                assert_eq!(
-                    visible(again.layers[0].as_ref()),
-                    before,
-                    "{label}: guest view changed"
+                verify_chain(
+                    &bytes,
+                    &before,
+                    dir.path(),
+                    &format!("{name}, EIO at {k} of {n}"),
                 );
-                drop(again);
-                consistent(&bytes, dir.path(), &label);
-                points += 1;
             }
         }
     }
-    points
+    (points, chains)
 }
 
 #[test]
 fn chain_operations_survive_a_crash_at_every_write() {
-    let points = cut_everywhere(&build(), &OPS);
-    println!("chain operations: {points} fault points tested");
-    assert!(points > 100);
+    let (points, chains) = cut_everywhere(&build(), &OPS);
+    println!("chain operations: {points} crash points, {chains} distinct crashed chains checked");
+    assert!(points > 60 && chains > points);
 }
 
 /// Emptying a top that shares clusters with an internal snapshot drops only the
@@ -258,7 +315,10 @@ fn commit_of_a_top_with_an_internal_snapshot_survives_a_crash_at_every_write() {
     top.close().unwrap();
     drop(top);
     bytes[0] = mem.snapshot();
-    let points = cut_everywhere(&bytes, &OPS[..1]);
+    let (points, chains) = cut_everywhere(&bytes, &OPS[..1]);
+    println!(
+        "commit with a snapshot: {points} crash points, {chains} distinct crashed chains checked"
+    );
     assert!(points > 10);
     // The snapshot still reads what the top showed when it was taken.
     let full = open(&bytes, None);

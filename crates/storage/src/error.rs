@@ -26,7 +26,8 @@ pub enum Error {
     /// `-U` asked for on an image opened for writing (QEMU refuses it too).
     #[error("force-share=on can only be used with read-only images")]
     ForceShareWrite,
-    /// Raised by [`crate::FaultStorage`] once its plan says the storage is gone.
+    /// Raised by [`crate::FaultStorage`] or [`crate::CrashStorage`] once the storage
+    /// is gone (or an error was asked for).
     #[error("injected fault: {0}")]
     Injected(std::io::Error),
 }

@@ -16,7 +16,8 @@ pub struct FaultClock {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultMode {
     /// The storage is gone from that point on: the operation and every later write or
-    /// flush fail with EIO and change nothing (a crash or power cut).
+    /// flush fail with EIO and change nothing. Every earlier write stays, flushed or
+    /// not: a crash that loses unflushed writes is [`crate::CrashStorage`]'s.
     Cut,
     /// That one operation fails with the given errno (EIO, ENOSPC...) and changes
     /// nothing; later operations succeed.

@@ -6,14 +6,19 @@
 //!   protocol (see [`lock`]);
 //! - [`MemStorage`]: an in-memory byte vector, for tests and models;
 //! - [`FaultStorage`]: wraps another backend and cuts writes or injects errors at a
-//!   chosen operation, to prove crash safety.
+//!   chosen operation, to prove error handling;
+//! - [`CrashStorage`]: keeps unflushed changes apart from durable ones and, at a
+//!   crash, lets a chosen subset of them (torn at 512-byte sectors) reach the disk,
+//!   to prove that metadata is ordered by flushes.
 
+mod crash;
 mod error;
 mod fault;
 mod file;
 pub mod lock;
 mod mem;
 
+pub use crash::{materialise, picks_for, CrashClock, CrashPick, CrashStorage, SECTOR};
 pub use error::{os_message, Error, Result};
 pub use fault::{FaultClock, FaultMode, FaultPlan, FaultStorage};
 pub use file::{remove_created, start_writeback, FileStorage, OpenOptions, OutputFile};

@@ -893,7 +893,6 @@ impl Qcow2Image {
     /// Grow the L1 table to at least `entries` entries (new table, header switch in one
     /// write, then the old table is freed).
     fn grow_l1(&self, m: &mut Meta, entries: u64) -> Result<()> {
-        let cs = self.geo.cluster_size();
         if entries <= m.l1.len() as u64 {
             return Ok(());
         }
@@ -902,35 +901,9 @@ impl Qcow2Image {
                 "Image size too large for this cluster size: the L1 table would exceed 32 MiB",
             ));
         }
-        let clusters = (entries * 8).div_ceil(cs);
-        let new_off = m.alloc_clusters(clusters)?;
         let mut table = m.l1.clone();
         table.resize(entries as usize, 0);
-        // Only the table's bytes are written, as QEMU does: the rest of its last
-        // cluster is never read (a new image ends right after its L1 table).
-        let mut bytes = Vec::with_capacity(table.len() * 8);
-        for e in &table {
-            bytes.extend_from_slice(&e.to_be_bytes());
-        }
-        m.flush_metadata()?;
-        m.storage.write_at(&bytes, new_off)?;
-        m.storage.flush()?;
-        let mut hdr = [0u8; 12];
-        hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
-        hdr[4..].copy_from_slice(&new_off.to_be_bytes());
-        m.storage.write_at(&hdr, 36)?;
-        m.storage.flush()?;
-        let old_off = m.h.l1_table_offset;
-        let old_clusters = (u64::from(m.h.l1_size) * 8).div_ceil(cs);
-        m.h.l1_size = entries as u32;
-        m.h.l1_table_offset = new_off;
-        m.l1 = table;
-        if old_off != 0 {
-            for c in 0..old_clusters {
-                m.update_refcount(old_off / cs + c, -1)?;
-            }
-        }
-        m.flush_metadata()
+        m.relocate_l1(table, None)
     }
 
     /// Allocate every cluster of the disk (`preallocation=metadata` and up); with

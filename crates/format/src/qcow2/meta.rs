@@ -1,5 +1,6 @@
 //! The metadata state of an open qcow2 image and the ordered ways to change it.
 
+use super::barrier::{skipped, Barrier};
 use super::cache::TableCache;
 use super::entries::{self, Geometry, L2Entry, OFLAG_COPIED};
 use super::header::{self, Header};
@@ -130,11 +131,11 @@ impl Meta {
         Ok(!offs.is_empty())
     }
 
-    /// Write one L2 table that left the cache dirty, after the refcounts it relies on.
+    /// Write one L2 table that left the cache dirty, after the refcounts and the
+    /// data it relies on are durable.
     fn write_evicted_l2(&mut self, off: u64, data: &[u64]) -> Result<()> {
-        if self.write_refblocks()? {
-            self.barrier()?;
-        }
+        self.write_refblocks()?;
+        self.barrier_named(Barrier::RefcountsBeforeL2)?;
         self.storage.write_at(&Self::encode_table(data), off)?;
         Ok(())
     }
@@ -224,7 +225,7 @@ impl Meta {
         let new = self.alloc_clusters(1)?;
         self.write_refblocks()?;
         self.storage.write_at(&Self::encode_table(&table), new)?;
-        self.barrier()?;
+        self.barrier_named(Barrier::L2BeforeL1)?;
         self.l1[l1i as usize] = new | OFLAG_COPIED;
         self.write_l1_entry(l1i)?;
         self.insert_l2(new, table, false)?;
@@ -232,6 +233,44 @@ impl Meta {
             self.free_later(old / self.cluster_size());
         }
         Ok(new)
+    }
+
+    /// Make `table` the active L1 table, written to new clusters: the header's
+    /// `l1_size` and `l1_table_offset` (and, with `size`, the virtual size) switch
+    /// in one write of the header's first sector, so a crash leaves the old table
+    /// or the new one, never a mix; the old table is freed afterwards.
+    pub(crate) fn relocate_l1(&mut self, table: Vec<u64>, size: Option<u64>) -> Result<()> {
+        let cs = self.cluster_size();
+        let entries = table.len() as u64;
+        let new_off = self.alloc_clusters((entries * 8).div_ceil(cs).max(1))?;
+        // Only the table's bytes are written, as QEMU does: the rest of its last
+        // cluster is never read (a new image ends right after its L1 table).
+        self.flush_metadata()?;
+        self.storage
+            .write_at(&Self::encode_table(&table), new_off)?;
+        self.storage.flush()?;
+        // Bytes 24..48: size, encryption method, l1_size, l1_table_offset.
+        let mut hdr = [0u8; 24];
+        hdr[..8].copy_from_slice(&size.unwrap_or(self.h.size).to_be_bytes());
+        hdr[8..12].copy_from_slice(&self.h.crypt_method.to_be_bytes());
+        hdr[12..16].copy_from_slice(&(entries as u32).to_be_bytes());
+        hdr[16..].copy_from_slice(&new_off.to_be_bytes());
+        self.storage.write_at(&hdr, 24)?;
+        self.storage.flush()?;
+        let old_off = self.h.l1_table_offset;
+        let old_clusters = (u64::from(self.h.l1_size) * 8).div_ceil(cs);
+        self.h.l1_size = entries as u32;
+        self.h.l1_table_offset = new_off;
+        if let Some(size) = size {
+            self.h.size = size;
+        }
+        self.l1 = table;
+        if old_off != 0 {
+            for c in 0..old_clusters {
+                self.update_refcount(old_off / cs + c, -1)?;
+            }
+        }
+        self.flush_metadata()
     }
 
     pub fn write_l1_entry(&mut self, i: u64) -> Result<()> {
@@ -258,17 +297,18 @@ impl Meta {
     }
 
     /// Make all metadata durable in the order crash safety needs:
-    /// refcount blocks, flush, L2 tables, flush; then apply queued frees and write
+    /// refcount blocks (and data already written), flush, L2 tables, flush; then apply queued frees and write
     /// those refcounts, flush.
     pub fn flush_metadata(&mut self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let wrote_rb = self.write_refblocks()?;
+        self.write_refblocks()?;
         if self.l2.any_dirty() {
-            if wrote_rb {
-                self.barrier()?;
-            }
+            // Even with no refcount changed, an entry may newly point at data just
+            // written (a zero flag or subcluster bit cleared on an owned cluster):
+            // that data is durable before the entry.
+            self.barrier_named(Barrier::RefcountsBeforeL2)?;
             for off in self.l2.dirty_offsets() {
                 let slot = self.l2.get(off).expect("dirty slot");
                 let bytes = Self::encode_table(&slot.data);
@@ -295,6 +335,14 @@ impl Meta {
             self.storage.flush()?;
         }
         Ok(())
+    }
+
+    /// The barrier named `b` (see [`super::barrier`]).
+    pub fn barrier_named(&self, b: Barrier) -> Result<()> {
+        if skipped(b) {
+            return Ok(());
+        }
+        self.barrier()
     }
 
     /// Write the 8-byte incompatible-features field.

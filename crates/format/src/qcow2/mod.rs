@@ -6,6 +6,8 @@
 //! [`create`] makes new images; [`check`] verifies and repairs; [`snapshot`] reads the
 //! snapshot table; [`compress`] is the compressed-cluster codec.
 
+#[doc(hidden)]
+pub mod barrier;
 pub mod bitmaps;
 mod cache;
 pub mod check;

@@ -1,14 +1,23 @@
 //! Internal snapshots: create, apply (revert), delete, read-only views, and the
 //! VM-state area, with QEMU's write orders (FACTS.md):
-//! - create: write the L1 copy and raise the refcounts, flush; write the new snapshot
+//! - create: write the L1 copy, clear the active COPIED flags, flush; raise the
+//!   refcounts, flush; write the new snapshot
 //!   table, flush; switch `nb_snapshots` + `snapshots_offset` in one header write; free
 //!   the old table;
-//! - apply: raise the snapshot's refcounts, flush; write the active L1, flush; then
-//!   lower the old active image's refcounts;
+//! - apply: raise the snapshot's refcounts, flush; write the active L1 (its COPIED
+//!   flags computed from the raised refcounts, so they are right in every durable
+//!   state; in place when it fits in one sector, else written elsewhere with the
+//!   header switching to it, and the size, in one write), flush; then lower the
+//!   old active image's refcounts;
 //! - delete: rewrite the table first, then lower the refcounts.
 //!
-//! A crash anywhere leaks clusters at worst.
+//! A crash anywhere leaks clusters at worst. A refcount and the COPIED flag of an
+//! entry pointing at the cluster cannot change in one write; create and delete order
+//! them so that the window in between is conservative (refcount 1 with the flag
+//! clear: a writer copies the cluster instead of writing it in place), never a
+//! shared cluster marked as owned. Apply has no such window.
 
+use super::barrier::Barrier;
 use super::entries::{decode_l1, L2Entry, OFLAG_COPIED};
 use super::header::{MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::image::Qcow2Image;
@@ -50,6 +59,31 @@ impl Meta {
                 }
             }
             self.update_refcount(l2off / cs, delta)?;
+        }
+        Ok(())
+    }
+
+    /// Clear the COPIED flag of every active L1 entry and normal L2 entry (the L1
+    /// entries are written, the L2 tables left dirty in the cache), before the
+    /// refcounts are raised to share them.
+    pub(crate) fn clear_copied_flags(&mut self) -> Result<()> {
+        let cs = self.cluster_size();
+        let n = self.l2_entries();
+        for i in 0..self.l1.len() {
+            let (l2off, copied) = decode_l1(self.l1[i], cs, i)?;
+            if l2off == 0 {
+                continue;
+            }
+            if copied {
+                self.l1[i] &= !OFLAG_COPIED;
+                self.write_l1_entry(i as u64)?;
+            }
+            for j in 0..n {
+                let (raw, bitmap) = self.raw_entry(l2off, j)?;
+                if let L2Entry::Normal { copied: true, .. } = self.geo.decode_l2(raw, bitmap)? {
+                    self.set_raw_entry(l2off, j, raw & !OFLAG_COPIED, bitmap)?;
+                }
+            }
         }
         Ok(())
     }
@@ -252,14 +286,21 @@ impl Qcow2Image {
             let n = (l1.len() as u64 * 8).div_ceil(cs);
             let off = m.alloc_clusters(n)?;
             m.write_dirty_refblocks()?;
+            // The copy claims no table as its own: whoever makes it active again
+            // shares every table with it.
             let mut bytes = Vec::with_capacity(l1.len() * 8);
             for e in &l1 {
-                bytes.extend_from_slice(&e.to_be_bytes());
+                bytes.extend_from_slice(&(e & !OFLAG_COPIED).to_be_bytes());
             }
             m.storage.write_at(&bytes, off)?;
             off
         };
-        // Raise the refcounts of everything the active image uses; clear COPIED.
+        // Every table and cluster is about to be shared: clear COPIED first, so that
+        // no durable state marks a shared cluster as owned (a writer would change the
+        // snapshot's data in place). Until the refcounts are raised, a crash leaves
+        // flags that are only conservative (a writer copies a cluster it owns).
+        m.clear_copied_flags()?;
+        m.flush_metadata()?;
         m.update_l1_refcounts(&l1, 1)?;
         m.fix_copied_flags()?;
         m.flush_metadata()?;
@@ -333,23 +374,41 @@ impl Qcow2Image {
         }
         // Raise the snapshot's refcounts first.
         m.update_l1_refcounts(&sl1, 1)?;
-        m.flush_metadata()?;
-        // Switch the active L1 in one table write.
+        m.write_dirty_refblocks()?;
+        m.barrier_named(Barrier::SnapshotRefcountsBeforeL1)?;
+        // Switch the active L1 in one write. Every table it now names is shared
+        // with the snapshot, so no entry may claim it (COPIED): the flags are right
+        // in the same write that switches the tables.
         let old = std::mem::take(&mut m.l1);
         let mut new = sl1;
         new.resize(old.len(), 0);
-        let mut bytes = Vec::with_capacity(new.len() * 8);
-        for e in &new {
-            bytes.extend_from_slice(&e.to_be_bytes());
+        let cs = m.cluster_size();
+        for (i, e) in new.iter_mut().enumerate() {
+            let (l2off, _) = decode_l1(*e, cs, i)?;
+            if l2off != 0 {
+                let owned = m.refcount(l2off / cs)? == 1;
+                *e = if owned {
+                    *e | OFLAG_COPIED
+                } else {
+                    *e & !OFLAG_COPIED
+                };
+            }
         }
-        m.storage.write_at(&bytes, m.h.l1_table_offset)?;
-        m.storage.flush()?;
-        m.l1 = new;
-        if let Some(size) = snap.disk_size {
-            if size != self.virtual_size() {
-                m.storage.write_at(&size.to_be_bytes(), 24)?;
-                m.storage.flush()?;
-                m.h.size = size;
+        let new_size = snap.disk_size.filter(|&s| s != self.virtual_size());
+        if new.len() * 8 <= 512 && new_size.is_none() {
+            // The table fits in one sector, which the disk writes whole.
+            let mut bytes = Vec::with_capacity(new.len() * 8);
+            for e in &new {
+                bytes.extend_from_slice(&e.to_be_bytes());
+            }
+            m.storage.write_at(&bytes, m.h.l1_table_offset)?;
+            m.storage.flush()?;
+            m.l1 = new;
+        } else {
+            // A larger table could be torn, and a size change is a second write:
+            // write the table elsewhere and switch the header (size included) at once.
+            m.relocate_l1(new, new_size)?;
+            if let Some(size) = new_size {
                 self.set_virtual_size(size);
             }
         }
