@@ -102,7 +102,7 @@ done
 # Only qemu-utils comes from backports (with whatever it needs from there);
 # nothing else, in particular no qemu-system-* from plain bookworm.
 "${SUDO[@]}" apt-get install -y -q -t bookworm-backports qemu-utils
-"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl
+"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl restic
 
 for tool in qemu-img qemu-io qemu-nbd nbdinfo; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is missing after the install"
