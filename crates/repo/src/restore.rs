@@ -96,7 +96,8 @@ impl Target {
     }
 }
 
-/// Restore the disk of `snap` to `output` (created or truncated) as `format`.
+/// Restore the disk of `snap` to `output` (created or truncated) as `format`,
+/// under a shared lock.
 pub fn restore(
     repo: &Repository,
     snap: &Snapshot,
@@ -105,6 +106,8 @@ pub fn restore(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<RestoreSummary> {
+    // A shared lock keeps a pruning process from removing packs being read.
+    let lock = crate::lock::Lock::acquire(repo, false)?;
     let node = disk_node(repo, snap)?;
     let target = Target::create(output, format, node.size)?;
     let result = write_content(repo, &node, &target, progress, cancel)
@@ -112,6 +115,7 @@ pub fn restore(
     if result.is_err() {
         let _ = std::fs::remove_file(output);
     }
+    lock.release()?;
     result
 }
 

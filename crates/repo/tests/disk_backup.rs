@@ -12,42 +12,11 @@ use strata_format::{BlockDevice, Format};
 use strata_jobs::{Cancel, NoProgress};
 use strata_repo::disk::{self, BackupOptions, DiskSource, Incremental, CHUNK_SIZE};
 use strata_repo::pack::BlobType;
-use strata_repo::{ErrorKind, FileType, KdfParams, LocalBackend, Repository};
+use strata_repo::{ErrorKind, FileType, LocalBackend, Repository};
 use strata_storage::{FileStorage, OpenOptions, Storage};
 
-const PASSWORD: &str = "correct horse";
-const MIB: u64 = 1 << 20;
-
-/// Cheap scrypt parameters: these tests are about the format, not the KDF's cost.
-fn kdf() -> KdfParams {
-    KdfParams {
-        n: 1024,
-        r: 8,
-        p: 1,
-    }
-}
-
-fn new_repo(dir: &Path) -> Repository {
-    Repository::init(
-        Arc::new(LocalBackend::new(dir.join("repo"))),
-        PASSWORD,
-        kdf(),
-    )
-    .unwrap()
-}
-
-/// Deterministic incompressible bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+mod common;
+use common::{new_repo, noise, MIB, PASSWORD};
 
 /// Storage that counts the bytes read through it.
 struct Counting {
