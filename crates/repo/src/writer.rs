@@ -38,7 +38,38 @@ pub struct BlobSaver<'r> {
     tree: PackWriter,
     pending: HashSet<(BlobType, Id)>,
     written: Vec<IndexPack>,
+    uploader: Option<Uploader>,
     stats: SaveStats,
+}
+
+/// Writes finished packs on a thread of its own, so reading and compressing go on
+/// while a pack is written and synced; at most [`PACKS_IN_FLIGHT`] wait.
+struct Uploader {
+    queue: std::sync::mpsc::SyncSender<(Handle, Vec<u8>)>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+const PACKS_IN_FLIGHT: usize = 2;
+
+impl Uploader {
+    fn start(backend: std::sync::Arc<dyn crate::Backend>) -> Uploader {
+        let (queue, rx) = std::sync::mpsc::sync_channel::<(Handle, Vec<u8>)>(PACKS_IN_FLIGHT);
+        let thread = std::thread::spawn(move || {
+            for (h, bytes) in rx {
+                backend.write(&h, &bytes)?;
+            }
+            Ok(())
+        });
+        Uploader { queue, thread }
+    }
+
+    /// Wait for every queued pack; the first write error, if any.
+    fn wait(self) -> Result<()> {
+        drop(self.queue);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "the pack writer panicked")))
+    }
 }
 
 impl<'r> BlobSaver<'r> {
@@ -50,6 +81,7 @@ impl<'r> BlobSaver<'r> {
             tree: PackWriter::new(BlobType::Tree),
             pending: HashSet::new(),
             written: Vec::new(),
+            uploader: None,
             stats: SaveStats::default(),
         }
     }
@@ -96,7 +128,7 @@ impl<'r> BlobSaver<'r> {
         Ok(true)
     }
 
-    /// Write the current pack of `kind` (if it holds anything).
+    /// Queue the current pack of `kind` (if it holds anything) for writing.
     fn flush(&mut self, kind: BlobType) -> Result<()> {
         let packer = match kind {
             BlobType::Data => &mut self.data,
@@ -107,9 +139,15 @@ impl<'r> BlobSaver<'r> {
         }
         let full = std::mem::replace(packer, PackWriter::new(kind));
         let (bytes, id, blobs) = full.finish(self.repo.key())?;
-        self.repo
-            .backend()
-            .write(&Handle::new(FileType::Data, id.to_string()), &bytes)?;
+        let uploader = self
+            .uploader
+            .get_or_insert_with(|| Uploader::start(self.repo.backend().clone()));
+        let h = Handle::new(FileType::Data, id.to_string());
+        if uploader.queue.send((h, bytes)).is_err() {
+            // The writer stopped at an error: report it.
+            self.uploader.take().expect("started").wait()?;
+            return Err(Error::new(ErrorKind::Io, "the pack writer stopped"));
+        }
         self.written.push(IndexPack::new(id, &blobs));
         self.stats.packs += 1;
         Ok(())
@@ -120,6 +158,10 @@ impl<'r> BlobSaver<'r> {
     pub fn finish(mut self) -> Result<(Vec<IndexFile>, SaveStats)> {
         self.flush(BlobType::Data)?;
         self.flush(BlobType::Tree)?;
+        // Every pack is durable before an index names it.
+        if let Some(u) = self.uploader.take() {
+            u.wait()?;
+        }
         let mut files = Vec::new();
         let mut current = IndexFile::default();
         let mut count = 0;
