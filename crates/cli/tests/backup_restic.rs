@@ -107,6 +107,16 @@ fn qcow2_chain(dir: &Path) -> PathBuf {
     top
 }
 
+/// The disk a guest sees in `image` (its chain read through), as
+/// `qemu-img convert -O raw` writes it (a raw file's length rounds up to 512 bytes).
+fn guest_view(image: &Path) -> Vec<u8> {
+    let out = image.with_extension("guest-view");
+    qemu_img(&["convert", "-O", "raw", s(image), s(&out)]);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -135,9 +145,9 @@ fn restic_lists_checks_and_restores_what_strata_backed_up() {
     let d = dir.path();
     let repo = d.join("repo");
     let top = qcow2_chain(d);
+    let want = guest_view(&top);
     let reference = d.join("ref.raw");
-    qemu_img(&["convert", "-O", "raw", s(&top), s(&reference)]);
-    let want = std::fs::read(&reference).unwrap();
+    std::fs::write(&reference, &want).unwrap();
 
     run(strata(&["init", "--repo", s(&repo)]));
     let id = saved_id(&run(strata(&["create", "--repo", s(&repo), "-U", s(&top)])));
@@ -266,10 +276,7 @@ fn a_wrong_password_or_a_damaged_pack_fails_loudly_in_strata_and_restic() {
     );
     let out = d.join("inc.raw");
     run(with_env(&["restore", "latest", s(&out)]));
-    // The guest view of a raw file is its length rounded up to 512 bytes, as in QEMU.
-    let reference = d.join("ref.raw");
-    qemu_img(&["convert", "-f", "raw", "-O", "raw", s(&raw), s(&reference)]);
-    assert!(std::fs::read(&out).unwrap() == std::fs::read(&reference).unwrap());
+    assert!(std::fs::read(&out).unwrap() == guest_view(&raw));
     std::fs::remove_file(&out).unwrap();
 
     let wrong = strata(&["list", "--repo", s(&repo)])
@@ -307,4 +314,29 @@ fn a_wrong_password_or_a_damaged_pack_fails_loudly_in_strata_and_restic() {
         !check.status.success(),
         "restic check passed a damaged pack"
     );
+}
+
+#[test]
+fn strata_restores_after_restic_forgets_and_prunes_its_backups() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let raw = d.join("disk.raw");
+    let mut content = raw_disk(&raw);
+    run(strata(&["init", "--repo", s(&repo)]));
+    run(strata(&["create", "--repo", s(&repo), s(&raw)]));
+    // Rewrite 3 MiB of noise: the first snapshot's blobs there become garbage
+    // once it is forgotten, so prune repacks the packs they share.
+    content[MIB..4 * MIB].copy_from_slice(&noise(3 * MIB));
+    std::fs::write(&raw, &content).unwrap();
+    let id = saved_id(&run(strata(&["create", "--repo", s(&repo), s(&raw)])));
+    let prune = run(restic(&repo, &["forget", "--keep-last", "1", "--prune"]));
+    assert!(stdout(&prune).contains("repacking"), "{}", stdout(&prune));
+    run(restic(&repo, &["check", "--read-data"]));
+    let listed = snapshots_json(&run(strata(&["list", "--repo", s(&repo), "--output=json"])));
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["short_id"], id.as_str());
+    let out = d.join("out.raw");
+    run(strata(&["restore", "--repo", s(&repo), "latest", s(&out)]));
+    assert!(std::fs::read(&out).unwrap() == guest_view(&raw));
 }
