@@ -16,6 +16,8 @@ type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 pub const OVERHEAD: usize = 32;
 const IV_LEN: usize = 16;
 const MAC_LEN: usize = 16;
+/// The most memory a key file's scrypt parameters may ask for (N * r * 128 bytes).
+const MAX_KDF_MEMORY: u64 = 1 << 30;
 
 /// Fill `buf` from the operating system's secure random source.
 pub fn fill_random(buf: &mut [u8]) -> Result<()> {
@@ -63,6 +65,13 @@ impl Key {
         let bad = |m: String| Error::new(ErrorKind::Unsupported, m);
         if !n.is_power_of_two() || n < 2 {
             return Err(bad(format!("scrypt N={n} is not a power of two")));
+        }
+        // A key file is input: refuse costs that would exhaust memory or time.
+        let memory = n.checked_mul(u64::from(r)).and_then(|v| v.checked_mul(128));
+        if memory.is_none_or(|m| m > MAX_KDF_MEMORY) || p > 16 {
+            return Err(bad(format!(
+                "scrypt parameters N={n} r={r} p={p} exceed the limits (1 GiB of memory, p <= 16)"
+            )));
         }
         let params = scrypt::Params::new(n.trailing_zeros() as u8, r, p, 64)
             .map_err(|e| bad(format!("scrypt parameters N={n} r={r} p={p}: {e}")))?;
@@ -171,6 +180,14 @@ mod tests {
         let nonce: [u8; 16] = hex("fb447350c4e868c52ac3275cf9d4327e").try_into().unwrap();
         let mac = key.mac(&nonce, &hex("f3f6"));
         assert_eq!(mac.to_vec(), hex("f4c633c3044fc145f84f335cb81953de"));
+    }
+
+    #[test]
+    fn key_files_asking_for_too_much_memory_are_refused() {
+        let e = Key::derive(b"pw", b"salt", 1 << 30, 8, 1).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(Key::derive(b"pw", b"salt", 1 << 10, 8, 17).is_err());
+        assert!(Key::derive(b"pw", b"salt", 1000, 8, 1).is_err());
     }
 
     #[test]

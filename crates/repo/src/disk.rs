@@ -168,7 +168,7 @@ pub fn backup(
     let (mut zero_chunks, mut reused_chunks, mut bytes_read) = (0, 0, 0);
     for i in 0..nchunks {
         if cancel.is_cancelled() {
-            return Err(Error::new(ErrorKind::Invalid, "backup cancelled"));
+            return Err(Error::new(ErrorKind::Cancelled, "backup cancelled"));
         }
         lock.refresh_if_due(repo)?;
         let offset = i * CHUNK_SIZE;

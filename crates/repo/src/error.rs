@@ -25,6 +25,8 @@ pub enum ErrorKind {
     Image,
     /// An I/O error from the backend or a local file.
     Io,
+    /// The operation was cancelled.
+    Cancelled,
 }
 
 /// A repository error: its kind, what was being done, and the cause.

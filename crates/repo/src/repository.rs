@@ -22,6 +22,9 @@ pub const VERSION: u32 = 2;
 
 /// Encoding byte of a compressed unpacked file (JSON compressed with zstd).
 const ENCODING_ZSTD: u8 = 2;
+/// The largest blob read (restic's chunks are at most 8 MiB, strata's 4 MiB); an
+/// index claiming more is damaged, and is not allowed to make a reader allocate it.
+const MAX_BLOB: u32 = 256 << 20;
 /// zstd level for metadata and blobs (zstd's default).
 pub(crate) const ZSTD_LEVEL: i32 = 3;
 
@@ -281,6 +284,12 @@ impl Repository {
             )
         })?;
         let h = Handle::new(FileType::Data, loc.pack.to_string());
+        if loc.length > MAX_BLOB || loc.uncompressed_length.is_some_and(|u| u > MAX_BLOB) {
+            return Err(Error::corrupt(format!(
+                "blob {id}: the index gives a length over {} MiB",
+                MAX_BLOB >> 20
+            )));
+        }
         let sealed = self
             .backend
             .read_range(&h, loc.offset, loc.length as usize)

@@ -133,7 +133,7 @@ fn write_content(
     let at = |offset: u64| format!("restoring '{}' at file offset {offset}", node.name);
     for id in node.content.iter().flatten() {
         if cancel.is_cancelled() {
-            return Err(Error::new(ErrorKind::Invalid, "restore cancelled"));
+            return Err(Error::new(ErrorKind::Cancelled, "restore cancelled"));
         }
         let loc = repo.index().get(BlobType::Data, id).ok_or_else(|| {
             Error::new(
