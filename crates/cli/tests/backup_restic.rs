@@ -198,6 +198,27 @@ fn restic_lists_checks_and_restores_what_strata_backed_up() {
         s(&out_q),
         s(&reference),
     ]);
+
+    // restic backs up into the repository strata made (its key, config and
+    // chunker polynomial), and strata restores that backup too.
+    run(restic(
+        &repo,
+        &["backup", "--stdin", "--stdin-filename", "again.raw"],
+    )
+    .stdin(std::fs::File::open(&reference).unwrap()));
+    run(restic(&repo, &["check", "--read-data"]));
+    let listed = snapshots_json(&run(strata(&["list", "--repo", s(&repo), "--output=json"])));
+    let theirs = listed
+        .iter()
+        .find(|s| s["paths"][0] == "/again.raw")
+        .unwrap();
+    let out = d.join("again.raw");
+    let id = theirs["short_id"].as_str().unwrap();
+    run(strata(&["restore", "--repo", s(&repo), id, s(&out)]));
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "restic's backup restores differently"
+    );
 }
 
 #[test]
