@@ -361,3 +361,67 @@ fn strata_restores_after_restic_forgets_and_prunes_its_backups() {
     run(strata(&["restore", "--repo", s(&repo), "latest", s(&out)]));
     assert!(std::fs::read(&out).unwrap() == guest_view(&raw));
 }
+
+/// Rounds of the kill test (`STRATA_BACKUP_KILL_ROUNDS`, default 5).
+fn kill_rounds() -> u64 {
+    std::env::var("STRATA_BACKUP_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+#[test]
+fn backups_killed_midway_leave_only_whole_snapshots_and_a_sound_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let raw = d.join("disk.raw");
+    let mut content = noise(40 * MIB);
+    content.extend(noise(8 * MIB));
+    std::fs::write(&raw, &content).unwrap();
+    let want = guest_view(&raw);
+    run(strata(&["init", "--repo", s(&repo)]));
+    let mut finished = 0;
+    let mut killed = 0;
+    for round in 0..kill_rounds() {
+        let mut child = strata(&["create", "--repo", s(&repo), s(&raw)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Spread the kills over the backup: before, during and after its packs.
+        std::thread::sleep(std::time::Duration::from_millis(150 + 300 * (round % 5)));
+        // SAFETY: the child is ours and has not been waited for.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let status = child.wait().unwrap();
+        if status.success() {
+            finished += 1;
+        } else {
+            killed += 1;
+        }
+        let listed = snapshots_json(&run(strata(&["list", "--repo", s(&repo), "--output=json"])));
+        assert_eq!(
+            listed.len(),
+            finished,
+            "round {round}: a snapshot of a killed backup is visible"
+        );
+        // A killed backup's lock stays behind: restic's `unlock` removes it as stale
+        // (same host, dead process), as strata's next backup ignores it.
+        run(restic(&repo, &["unlock"]));
+        let locks = std::fs::read_dir(repo.join("locks")).unwrap().count();
+        assert_eq!(
+            locks, 0,
+            "round {round}: restic kept a lock it should find stale"
+        );
+        run(restic(&repo, &["check", "--read-data"]));
+    }
+    let packs: usize = std::fs::read_dir(repo.join("data"))
+        .unwrap()
+        .map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap().count())
+        .sum();
+    eprintln!("{killed} backups killed, {finished} finished first, {packs} packs left behind");
+    let id = saved_id(&run(strata(&["create", "--repo", s(&repo), s(&raw)])));
+    let out = d.join("out.raw");
+    run(strata(&["restore", "--repo", s(&repo), &id, s(&out)]));
+    assert!(std::fs::read(&out).unwrap() == want);
+}
