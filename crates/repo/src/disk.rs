@@ -4,6 +4,9 @@
 //! reports as zeroes are never read; an all-zero chunk is the one shared zero blob.
 //! An incremental backup reuses the parent snapshot's blob of every chunk not
 //! named as changed, without reading it.
+//!
+//! Up to four workers read, hash, compress and seal chunks at once; the chunks are
+//! stored in disk order, at most two per worker ahead of the next one stored.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::Id;
@@ -12,9 +15,10 @@ use crate::pack::BlobType;
 use crate::repository::Repository;
 use crate::time::Timestamp;
 use crate::tree::{Node, Snapshot, Tree};
-use crate::writer::{BlobSaver, SaveStats, DEFAULT_PACK_SIZE};
+use crate::writer::{BlobSaver, PreparedBlob, SaveStats, DEFAULT_PACK_SIZE};
 use crate::{host, restore};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{mpsc, Mutex};
 use std::path::Path;
 use std::sync::Arc;
 use strata_format::{BlockDevice, Format};
@@ -161,42 +165,94 @@ pub fn backup(
     };
     let mut lock = Lock::acquire(repo, false)?;
     progress.set_total(size);
-    let mut saver = BlobSaver::new(repo, opts.pack_size);
+    let repo_ro: &Repository = repo;
+    let mut saver = BlobSaver::new(repo_ro, opts.pack_size);
     let mut zeros = HashMap::new();
     let mut content = Vec::with_capacity(nchunks as usize);
-    let mut buf = vec![0u8; CHUNK_SIZE.min(size) as usize];
     let (mut zero_chunks, mut reused_chunks, mut bytes_read) = (0, 0, 0);
-    for i in 0..nchunks {
-        if cancel.is_cancelled() {
-            return Err(Error::new(ErrorKind::Cancelled, "backup cancelled"));
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WORKERS);
+    let (job_tx, job_rx) = mpsc::channel::<u64>();
+    let job_rx = Mutex::new(job_rx);
+    std::thread::scope(|scope| -> Result<()> {
+        // Owned here, so leaving this closure (also on an error) stops the workers.
+        let job_tx = job_tx;
+        let (res_tx, res_rx) = mpsc::channel::<(u64, Result<Chunk>)>();
+        for _ in 0..workers {
+            let (job_rx, res_tx) = (&job_rx, res_tx.clone());
+            let reuse = &reuse;
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                loop {
+                    let Ok(i) = job_rx.lock().expect("job queue").recv() else {
+                        return;
+                    };
+                    let reused = reuse
+                        .as_ref()
+                        .filter(|(_, changed)| !changed.contains(&i))
+                        .map(|(parent, _)| parent[i as usize]);
+                    let r = match reused {
+                        Some(id) => Ok(Chunk::Reused(id)),
+                        None => prepare_chunk(repo_ro, src, i, &mut buf),
+                    };
+                    if res_tx.send((i, r)).is_err() {
+                        return;
+                    }
+                }
+            });
         }
-        lock.refresh_if_due(repo)?;
-        let offset = i * CHUNK_SIZE;
-        let len = CHUNK_SIZE.min(size - offset);
-        if let Some((parent, changed)) = &reuse {
-            let id = parent[i as usize];
-            if !changed.contains(&i) && saver.has(BlobType::Data, &id) {
-                content.push(id);
-                reused_chunks += 1;
-                progress.advance(len);
-                continue;
+        drop(res_tx);
+        // Chunks go out at most `in_flight` ahead of the next one stored, so memory
+        // stays bounded however slow one chunk is.
+        let in_flight = 2 * workers as u64;
+        let mut dispatched = 0u64;
+        let mut done = BTreeMap::new();
+        for i in 0..nchunks {
+            while dispatched < nchunks && dispatched < i + in_flight {
+                job_tx.send(dispatched).expect("workers outlive the queue");
+                dispatched += 1;
             }
+            let chunk = loop {
+                if let Some(c) = done.remove(&i) {
+                    break c;
+                }
+                let (j, c) = res_rx
+                    .recv()
+                    .map_err(|_| Error::new(ErrorKind::Io, "the chunk readers stopped"))?;
+                done.insert(j, c);
+            };
+            if cancel.is_cancelled() {
+                return Err(Error::new(ErrorKind::Cancelled, "backup cancelled"));
+            }
+            lock.refresh_if_due(repo_ro)?;
+            let len = CHUNK_SIZE.min(size - i * CHUNK_SIZE);
+            let id = match chunk? {
+                Chunk::Reused(id) => {
+                    reused_chunks += 1;
+                    id
+                }
+                Chunk::Zero => {
+                    zero_chunks += 1;
+                    let id = zero_id(&mut zeros, len);
+                    if !saver.has(BlobType::Data, &id) {
+                        saver.save(BlobType::Data, id, &vec![0u8; len as usize])?;
+                    }
+                    id
+                }
+                Chunk::Read { id, read, blob } => {
+                    bytes_read += read;
+                    if let Some(blob) = blob {
+                        saver.add(BlobType::Data, blob)?;
+                    }
+                    id
+                }
+            };
+            content.push(id);
+            progress.advance(len);
         }
-        let chunk = &mut buf[..len as usize];
-        let read = src
-            .read_chunk(chunk, offset)
-            .map_err(|e| e.wrap(format_args!("reading the disk at offset {offset}")))?;
-        bytes_read += read;
-        let id = if read == 0 {
-            zero_chunks += 1;
-            zero_id(&mut zeros, len)
-        } else {
-            Id::hash(chunk)
-        };
-        saver.save(BlobType::Data, id, chunk)?;
-        content.push(id);
-        progress.advance(len);
-    }
+        Ok(())
+    })?;
     let now = Timestamp::now().rfc3339();
     let tree = Tree {
         nodes: vec![Node {
@@ -249,6 +305,44 @@ pub fn backup(
         bytes_read,
         saved,
     })
+}
+
+/// Chunks read and prepared at once, at most.
+const MAX_WORKERS: usize = 4;
+
+/// What a worker made of one chunk.
+enum Chunk {
+    /// Unchanged since the parent: its blob, not read.
+    Reused(Id),
+    /// Reads as zeroes: nothing was read.
+    Zero,
+    /// Read and hashed; prepared for a pack unless the repository has it.
+    Read {
+        id: Id,
+        read: u64,
+        blob: Option<PreparedBlob>,
+    },
+}
+
+/// Read chunk `i` of `src` into `buf`, hash it and, if the repository lacks it,
+/// compress and seal it.
+fn prepare_chunk(repo: &Repository, src: &DiskSource, i: u64, buf: &mut Vec<u8>) -> Result<Chunk> {
+    let offset = i * CHUNK_SIZE;
+    let len = CHUNK_SIZE.min(src.size() - offset) as usize;
+    buf.resize(len, 0);
+    let read = src
+        .read_chunk(buf, offset)
+        .map_err(|e| e.wrap(format_args!("reading the disk at offset {offset}")))?;
+    if read == 0 {
+        return Ok(Chunk::Zero);
+    }
+    let id = Id::hash(buf);
+    let blob = if repo.index().contains(BlobType::Data, &id) {
+        None
+    } else {
+        Some(PreparedBlob::new(repo.key(), id, buf)?)
+    };
+    Ok(Chunk::Read { id, read, blob })
 }
 
 /// The chunk blobs of the parent's disk, which must be a fixed-chunk disk of `size`.

@@ -30,6 +30,36 @@ pub struct SaveStats {
     pub packs: u64,
 }
 
+/// A blob ready for a pack: zstd-compressed when that makes it smaller, then sealed.
+pub struct PreparedBlob {
+    pub id: Id,
+    sealed: Vec<u8>,
+    uncompressed: Option<u32>,
+    plain_len: u64,
+}
+
+impl PreparedBlob {
+    /// Compress and seal `plain`, whose hash is `id`. Needs only the key, so it can
+    /// run on any thread.
+    pub fn new(key: &crate::crypto::Key, id: Id, plain: &[u8]) -> Result<PreparedBlob> {
+        let len = u32::try_from(plain.len())
+            .map_err(|_| Error::new(ErrorKind::Invalid, "blob larger than 4 GiB"))?;
+        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)
+            .map_err(|e| Error::with_source(ErrorKind::Io, "compression failed", e))?;
+        let (body, uncompressed) = if compressed.len() < plain.len() {
+            (compressed.as_slice(), Some(len))
+        } else {
+            (plain, None)
+        };
+        Ok(PreparedBlob {
+            id,
+            sealed: key.seal(body)?,
+            uncompressed,
+            plain_len: plain.len() as u64,
+        })
+    }
+}
+
 /// Gathers new blobs into packs.
 pub struct BlobSaver<'r> {
     repo: &'r Repository,
@@ -97,22 +127,28 @@ impl<'r> BlobSaver<'r> {
         if self.has(kind, &id) {
             return Ok(false);
         }
+        let blob = PreparedBlob::new(self.repo.key(), id, plain)?;
+        self.add(kind, blob)
+    }
+
+    /// Add a blob prepared (possibly on another thread) unless it is present;
+    /// returns whether it was new.
+    pub fn add(&mut self, kind: BlobType, blob: PreparedBlob) -> Result<bool> {
+        let PreparedBlob {
+            id,
+            sealed,
+            uncompressed,
+            plain_len,
+        } = blob;
+        if self.has(kind, &id) {
+            return Ok(false);
+        }
         if self.repo.config().version < 2 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 "writing to a version 1 repository is not supported (run 'restic migrate upgrade_repo_v2')",
             ));
         }
-        let len = u32::try_from(plain.len())
-            .map_err(|_| Error::new(ErrorKind::Invalid, "blob larger than 4 GiB"))?;
-        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)
-            .map_err(|e| Error::with_source(ErrorKind::Io, "compression failed", e))?;
-        let (body, uncompressed) = if compressed.len() < plain.len() {
-            (compressed.as_slice(), Some(len))
-        } else {
-            (plain, None)
-        };
-        let sealed = self.repo.key().seal(body)?;
         let packer = match kind {
             BlobType::Data => &mut self.data,
             BlobType::Tree => &mut self.tree,
@@ -120,7 +156,7 @@ impl<'r> BlobSaver<'r> {
         packer.add(id, &sealed, uncompressed)?;
         self.pending.insert((kind, id));
         self.stats.new_blobs += 1;
-        self.stats.new_plain_bytes += plain.len() as u64;
+        self.stats.new_plain_bytes += plain_len;
         self.stats.new_stored_bytes += sealed.len() as u64;
         if packer.len() >= self.pack_size {
             self.flush(kind)?;
