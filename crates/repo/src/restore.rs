@@ -2,9 +2,11 @@
 //! backed up) to a sparse raw file or a qcow2 image. Every blob is authenticated
 //! and checked against its hash before a byte of it is written; a failure stops
 //! the restore, names the blob and the file offset, and removes the output.
+//! Up to four workers read, check and write blobs at once.
 
 use crate::disk::zero_id;
 use crate::error::{Error, ErrorKind, Result};
+use crate::id::Id;
 use crate::pack::BlobType;
 use crate::repository::Repository;
 use crate::tree::{Node, Snapshot};
@@ -12,7 +14,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use strata_format::{BlockDevice, Format};
 use strata_jobs::{Cancel, Progress};
 
@@ -119,6 +123,9 @@ pub fn restore(
     result
 }
 
+/// Blobs read, checked and written at once, at most.
+const MAX_WORKERS: usize = 4;
+
 fn write_content(
     repo: &Repository,
     node: &Node,
@@ -127,14 +134,12 @@ fn write_content(
     cancel: &Cancel,
 ) -> Result<RestoreSummary> {
     progress.set_total(node.size);
+    let at = |offset: u64| format!("restoring '{}' at file offset {offset}", node.name);
+    // Plan first: every blob located and the sizes adding up before a byte is written.
     let mut zeros = HashMap::new();
     let mut offset = 0u64;
-    let mut written = 0u64;
-    let at = |offset: u64| format!("restoring '{}' at file offset {offset}", node.name);
+    let mut jobs = Vec::new();
     for id in node.content.iter().flatten() {
-        if cancel.is_cancelled() {
-            return Err(Error::new(ErrorKind::Cancelled, "restore cancelled"));
-        }
         let loc = repo.index().get(BlobType::Data, id).ok_or_else(|| {
             Error::new(
                 ErrorKind::Corrupt,
@@ -153,16 +158,11 @@ fn write_content(
                 ))
             })?;
         // A blob named by the hash of zeroes is zeroes: a hole, nothing to read.
-        if *id != zero_id(&mut zeros, len) {
-            let data = repo
-                .load_blob(BlobType::Data, id)
-                .map_err(|e| e.wrap(at(offset)))?;
-            if data.iter().any(|&b| b != 0) {
-                target.write(&data, offset)?;
-                written += len;
-            }
+        if *id == zero_id(&mut zeros, len) {
+            progress.advance(len);
+        } else {
+            jobs.push((offset, *id, len));
         }
-        progress.advance(len);
         offset = end;
     }
     if offset != node.size {
@@ -171,8 +171,60 @@ fn write_content(
             node.name, node.size
         )));
     }
+    let next = AtomicUsize::new(0);
+    let written = AtomicU64::new(0);
+    // The failure at the lowest offset, if any; it stops every worker.
+    let failed: Mutex<Option<(u64, Error)>> = Mutex::new(None);
+    let stop = AtomicBool::new(false);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WORKERS);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(&(offset, id, len)) = jobs.get(next.fetch_add(1, Ordering::Relaxed))
+                    else {
+                        return;
+                    };
+                    let r = if cancel.is_cancelled() {
+                        Err(Error::new(ErrorKind::Cancelled, "restore cancelled"))
+                    } else {
+                        restore_blob(repo, target, &id, offset).map_err(|e| e.wrap(at(offset)))
+                    };
+                    match r {
+                        Ok(n) => {
+                            written.fetch_add(n, Ordering::Relaxed);
+                            progress.advance(len);
+                        }
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            let mut f = failed.lock().expect("failure slot");
+                            if f.as_ref().is_none_or(|(o, _)| offset < *o) {
+                                *f = Some((offset, e));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some((_, e)) = failed.into_inner().expect("failure slot") {
+        return Err(e);
+    }
     Ok(RestoreSummary {
         size: node.size,
-        bytes_written: written,
+        bytes_written: written.into_inner(),
     })
+}
+
+/// Load, authenticate and hash-check blob `id`, then write it at `offset` unless it
+/// is all zeroes; the bytes written.
+fn restore_blob(repo: &Repository, target: &Target, id: &Id, offset: u64) -> Result<u64> {
+    let data = repo.load_blob(BlobType::Data, id)?;
+    if data.iter().all(|&b| b == 0) {
+        return Ok(0);
+    }
+    target.write(&data, offset)?;
+    Ok(data.len() as u64)
 }
