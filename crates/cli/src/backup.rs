@@ -36,7 +36,7 @@ struct RepoArgs {
     /// The repository (a directory); default $STRATA_REPOSITORY, then $RESTIC_REPOSITORY.
     #[arg(long = "repo", short = 'r')]
     repo: Option<String>,
-    /// Read the password from this file (its first line, trimmed).
+    /// Read the password from this file (surrounding whitespace and the newline trimmed).
     #[arg(long = "password-file")]
     password_file: Option<PathBuf>,
 }
