@@ -1,6 +1,7 @@
 //! The `strata` command line. `strata img ...` mirrors qemu-img; invoked under the
 //! name `qemu-img` (a symlink), the binary behaves as `strata img`.
 
+mod backup;
 mod img;
 mod nbd;
 
@@ -24,6 +25,8 @@ enum Command {
     Img(Box<img::ImgCli>),
     /// NBD server: export images and chains; live snapshots, commit and stream.
     Nbd(Box<nbd::NbdCli>),
+    /// Backups in restic's repository format: init, create, list, restore.
+    Backup(Box<backup::BackupCli>),
 }
 
 fn main() {
@@ -44,6 +47,7 @@ fn main() {
                 Ok(cli) => match cli.command {
                     Command::Img(c) => img::run(*c, "strata img"),
                     Command::Nbd(c) => nbd::run(*c),
+                    Command::Backup(c) => backup::run(*c),
                 },
                 Err(e) => {
                     let _ = e.print();

@@ -12,7 +12,7 @@ mod create;
 mod info;
 mod map;
 mod measure;
-mod progress;
+pub(crate) mod progress;
 mod qjson;
 mod rebase;
 mod resize;

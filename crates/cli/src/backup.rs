@@ -1,0 +1,313 @@
+//! `strata backup`: disk backups in restic's repository format (`init`, `create`,
+//! `list`, `restore`). The repository comes from `--repo`, `STRATA_REPOSITORY` or
+//! `RESTIC_REPOSITORY`; the password from `--password-file`, `STRATA_PASSWORD`,
+//! `RESTIC_PASSWORD` or `RESTIC_PASSWORD_FILE`, in that order.
+
+use crate::img::progress::Bar;
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use strata_format::Format;
+use strata_jobs::Cancel;
+use strata_repo::disk::{self, BackupOptions, DiskSource, Incremental};
+use strata_repo::{restore, Backend, Id, KdfParams, LocalBackend, Repository};
+
+#[derive(clap::Args)]
+pub struct BackupCli {
+    #[command(subcommand)]
+    command: BackupCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum BackupCommand {
+    /// Create a repository (restic format, version 2, compressed).
+    Init(InitArgs),
+    /// Back up a disk image (qcow2 or raw, with its backing chain).
+    Create(CreateArgs),
+    /// List the snapshots of a repository.
+    List(ListArgs),
+    /// Restore a snapshot's disk to a raw or qcow2 image.
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args)]
+struct RepoArgs {
+    /// The repository (a directory); default $STRATA_REPOSITORY, then $RESTIC_REPOSITORY.
+    #[arg(long = "repo", short = 'r')]
+    repo: Option<String>,
+    /// Read the password from this file (surrounding whitespace and the newline trimmed).
+    #[arg(long = "password-file")]
+    password_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The image to back up.
+    image: PathBuf,
+    /// Its format (probed when not given).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Read an image another process holds for writing (force-share).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Parent snapshot (ID prefix or `latest`), recorded in the new snapshot.
+    #[arg(long = "parent")]
+    parent: Option<String>,
+    /// With --parent: only these 4 MiB chunk indexes changed (comma-separated
+    /// lists and ranges, e.g. `0,5-9`); the others reuse the parent's blobs unread.
+    #[arg(long = "changed-chunks", requires = "parent")]
+    changed_chunks: Option<String>,
+    /// Tag the snapshot (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ListArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// `human` or `json` (restic's `snapshots --json` shape).
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The snapshot: a unique ID prefix or `latest`.
+    snapshot: String,
+    /// The image to write (created or overwritten).
+    output: PathBuf,
+    /// Output format: raw (sparse) or qcow2.
+    #[arg(short = 'O', long = "output-format", default_value = "raw")]
+    output_format: String,
+}
+
+pub fn run(cli: BackupCli) -> i32 {
+    let r = match cli.command {
+        BackupCommand::Init(a) => init(a),
+        BackupCommand::Create(a) => create(a),
+        BackupCommand::List(a) => list(a),
+        BackupCommand::Restore(a) => restore_cmd(a),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            crate::img::Ctx {
+                prog: "strata backup",
+            }
+            .error(&e);
+            1
+        }
+    }
+}
+
+impl RepoArgs {
+    fn backend(&self) -> Result<Arc<LocalBackend>> {
+        let repo = self
+            .repo
+            .clone()
+            .or_else(|| std::env::var("STRATA_REPOSITORY").ok())
+            .or_else(|| std::env::var("RESTIC_REPOSITORY").ok())
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| {
+                anyhow!("no repository given: use --repo, STRATA_REPOSITORY or RESTIC_REPOSITORY")
+            })?;
+        let path = repo.strip_prefix("local:").unwrap_or(&repo);
+        if let Some((scheme, _)) = path.split_once(':') {
+            if !scheme.contains('/') {
+                bail!("repository '{repo}': the '{scheme}' backend is not supported yet (only local directories)");
+            }
+        }
+        Ok(Arc::new(LocalBackend::new(path)))
+    }
+
+    fn password(&self) -> Result<String> {
+        let from_file = |p: &Path| -> Result<String> {
+            let s = std::fs::read_to_string(p)
+                .with_context(|| format!("could not read the password file '{}'", p.display()))?;
+            Ok(s.trim().to_string())
+        };
+        if let Some(p) = &self.password_file {
+            return from_file(p);
+        }
+        for var in ["STRATA_PASSWORD", "RESTIC_PASSWORD"] {
+            if let Ok(p) = std::env::var(var) {
+                return Ok(p);
+            }
+        }
+        if let Ok(p) = std::env::var("RESTIC_PASSWORD_FILE") {
+            return from_file(Path::new(&p));
+        }
+        bail!("no password given: use --password-file, STRATA_PASSWORD, RESTIC_PASSWORD or RESTIC_PASSWORD_FILE")
+    }
+
+    fn open(&self) -> Result<Repository> {
+        let backend = self.backend()?;
+        Ok(Repository::open(backend, &self.password()?)?)
+    }
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    let backend = a.repo.backend()?;
+    let password = a.repo.password()?;
+    if password.is_empty() {
+        bail!("an empty password is not allowed");
+    }
+    let repo = Repository::init(backend.clone(), &password, KdfParams::default())?;
+    println!(
+        "created repository {} at {}",
+        &repo.config().id[..10],
+        backend.location()
+    );
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal.
+fn bar() -> Bar {
+    Bar::new(std::io::stderr().is_terminal())
+}
+
+fn create(a: CreateArgs) -> Result<()> {
+    let format = a
+        .format
+        .as_deref()
+        .map(|f| f.parse::<Format>())
+        .transpose()?;
+    let mut repo = a.repo.open()?;
+    let src = DiskSource::open(&a.image, format, a.force_share)?;
+    let mut opts = BackupOptions::for_image(&a.image);
+    opts.tags = a.tags;
+    if let Some(p) = &a.parent {
+        let (parent, _) = repo.find_snapshot(p)?;
+        opts.parent = Some(parent);
+        if let Some(list) = &a.changed_chunks {
+            opts.incremental = Some(Incremental {
+                parent,
+                changed: parse_chunk_list(list)?,
+            });
+        }
+    }
+    let bar = bar();
+    let s = disk::backup(&mut repo, &src, &opts, &bar, &Cancel::default())?;
+    bar.finish();
+    println!(
+        "{}: {} bytes in {} chunks ({} zero, {} reused), {} bytes read, {} new blobs, {} bytes stored",
+        opts.name,
+        s.size,
+        s.chunks,
+        s.zero_chunks,
+        s.reused_chunks,
+        s.bytes_read,
+        s.saved.new_blobs,
+        s.saved.new_stored_bytes
+    );
+    println!("snapshot {} saved", s.snapshot.short());
+    Ok(())
+}
+
+/// `0,5-9` → {0, 5, 6, 7, 8, 9}.
+fn parse_chunk_list(s: &str) -> Result<std::collections::BTreeSet<u64>> {
+    let mut out = std::collections::BTreeSet::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || anyhow!("invalid chunk list '{s}': expected indexes and ranges like 0,5-9");
+        let (a, b): (u64, u64) = match part.split_once('-') {
+            Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+            None => {
+                let v = part.parse().map_err(|_| bad())?;
+                (v, v)
+            }
+        };
+        if a > b {
+            return Err(bad());
+        }
+        out.extend(a..=b);
+    }
+    Ok(out)
+}
+
+fn list(a: ListArgs) -> Result<()> {
+    let json = match a.output.as_str() {
+        "json" => true,
+        "human" => false,
+        o => bail!("--output must be 'human' or 'json', not '{o}'"),
+    };
+    let repo = a.repo.open()?;
+    let snaps = repo.snapshots()?;
+    if json {
+        let out: Vec<serde_json::Value> = snaps
+            .iter()
+            .map(|(id, s)| {
+                let mut v = serde_json::to_value(s).expect("json");
+                v["id"] = id.to_string().into();
+                v["short_id"] = id.short().into();
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = snaps
+        .iter()
+        .map(|(id, s)| {
+            [
+                id.short(),
+                s.timestamp().display(),
+                s.hostname.clone(),
+                s.tags.join(","),
+                s.paths.join(" "),
+            ]
+        })
+        .collect();
+    let head = ["ID", "Time", "Host", "Tags", "Paths"].map(String::from);
+    let mut widths = head.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |r: &[String; 5]| {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    };
+    line(&head);
+    println!("{}", "-".repeat(widths.iter().sum::<usize>() + 8));
+    rows.iter().for_each(line);
+    println!("{} snapshots", rows.len());
+    Ok(())
+}
+
+fn restore_cmd(a: RestoreArgs) -> Result<()> {
+    let format = match a.output_format.as_str() {
+        "raw" => Format::Raw,
+        "qcow2" => Format::Qcow2,
+        o => bail!("output format must be raw or qcow2, not '{o}'"),
+    };
+    let repo = a.repo.open()?;
+    let (id, snap): (Id, _) = repo.find_snapshot(&a.snapshot)?;
+    let bar = bar();
+    let s = restore::restore(&repo, &snap, &a.output, format, &bar, &Cancel::default())?;
+    bar.finish();
+    println!(
+        "restored snapshot {} to {} ({} bytes, {} written)",
+        id.short(),
+        a.output.display(),
+        s.size,
+        s.bytes_written
+    );
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! `strata backup` against the real `restic` (Debian's package; the tests fail if it
+//! is missing): restic lists, checks (reading every blob) and restores what strata
+//! backs up, byte for byte what `qemu-img convert -O raw` reads from the source
+//! chain; strata lists and restores what restic backs up; and damage or a wrong
+//! password fail loudly in both.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+const PASSWORD: &str = "interop secret";
+const MIB: usize = 1 << 20;
+
+fn run(mut cmd: impl std::borrow::BorrowMut<Command>) -> Output {
+    let cmd = cmd.borrow_mut();
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("{cmd:?} did not start ({e}); scripts/install-deps.sh installs it")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `strata backup ARGS` with the password in the environment.
+fn strata(args: &[&str]) -> Command {
+    let mut c = Command::new(STRATA);
+    c.arg("backup").args(args);
+    for v in [
+        "RESTIC_PASSWORD_FILE",
+        "RESTIC_REPOSITORY",
+        "STRATA_REPOSITORY",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("STRATA_PASSWORD", PASSWORD)
+        .env_remove("RESTIC_PASSWORD");
+    c
+}
+
+/// `restic -r REPO ARGS`, without a cache.
+fn restic(repo: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("restic");
+    c.arg("--no-cache").arg("-r").arg(repo).args(args);
+    c.env("RESTIC_PASSWORD", PASSWORD)
+        .env_remove("RESTIC_PASSWORD_FILE");
+    c
+}
+
+fn qemu_img(args: &[&str]) -> Output {
+    run(Command::new("qemu-img").args(args))
+}
+
+/// Incompressible bytes.
+fn noise(len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut v = Vec::with_capacity(len);
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .take(len as u64)
+        .read_to_end(&mut v)
+        .unwrap();
+    v
+}
+
+/// A 40 MiB raw disk: noise, a long zero run, compressible text, noise, and an
+/// odd-sized tail.
+fn raw_disk(path: &Path) -> Vec<u8> {
+    let mut d = noise(6 * MIB);
+    d.resize(20 * MIB, 0);
+    d.extend(b"strata backup ".iter().cycle().take(6 * MIB));
+    d.extend(noise(14 * MIB - 12345));
+    std::fs::write(path, &d).unwrap();
+    d
+}
+
+/// A qcow2 chain: a base converted from [`raw_disk`] and an overlay with a pattern
+/// write and a zeroed range over it. Returns the top's path.
+fn qcow2_chain(dir: &Path) -> PathBuf {
+    let raw = dir.join("base.raw");
+    raw_disk(&raw);
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&base)]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    run(Command::new("qemu-io").args([
+        "-c",
+        "write -P 0x5a 3M 2M",
+        "-c",
+        "write -z 30M 5M",
+        "-c",
+        "write -P 0x11 39M 512k",
+        s(&top),
+    ]));
+    top
+}
+
+/// The disk a guest sees in `image` (its chain read through), as
+/// `qemu-img convert -O raw` writes it (a raw file's length rounds up to 512 bytes).
+fn guest_view(image: &Path) -> Vec<u8> {
+    let out = image.with_extension("guest-view");
+    qemu_img(&["convert", "-O", "raw", s(image), s(&out)]);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The 8-digit ID from strata's `snapshot XXXXXXXX saved`.
+fn saved_id(o: &Output) -> String {
+    let text = stdout(o);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("snapshot ") && l.ends_with(" saved"))
+        .unwrap_or_else(|| panic!("no 'snapshot ... saved' line in {text}"));
+    line.split(' ').nth(1).unwrap().to_string()
+}
+
+fn snapshots_json(o: &Output) -> Vec<serde_json::Value> {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+#[test]
+fn restic_lists_checks_and_restores_what_strata_backed_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let top = qcow2_chain(d);
+    let want = guest_view(&top);
+    let reference = d.join("ref.raw");
+    std::fs::write(&reference, &want).unwrap();
+
+    run(strata(&["init", "--repo", s(&repo)]));
+    let id = saved_id(&run(strata(&["create", "--repo", s(&repo), "-U", s(&top)])));
+
+    let listed = snapshots_json(&run(restic(&repo, &["snapshots", "--json"])));
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["short_id"], id.as_str());
+    assert_eq!(
+        listed[0]["paths"][0],
+        s(&std::fs::canonicalize(&top).unwrap())
+    );
+    let check = run(restic(&repo, &["check", "--read-data"]));
+    assert!(
+        stdout(&check).contains("no errors were found"),
+        "{}",
+        stdout(&check)
+    );
+
+    let dumped = run(restic(&repo, &["dump", &id, "/top.qcow2"]));
+    assert!(dumped.stdout == want, "restic dump differs from the source");
+    let target = d.join("restic-out");
+    run(restic(&repo, &["restore", &id, "--target", s(&target)]));
+    assert!(std::fs::read(target.join("top.qcow2")).unwrap() == want);
+
+    let out = d.join("out.raw");
+    run(strata(&["restore", "--repo", s(&repo), &id, s(&out)]));
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "strata's raw restore differs"
+    );
+    let out_q = d.join("out.qcow2");
+    run(strata(&[
+        "restore",
+        "--repo",
+        s(&repo),
+        "latest",
+        s(&out_q),
+        "-O",
+        "qcow2",
+    ]));
+    qemu_img(&["check", s(&out_q)]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        s(&out_q),
+        s(&reference),
+    ]);
+
+    // restic backs up into the repository strata made (its key, config and
+    // chunker polynomial), and strata restores that backup too.
+    run(restic(
+        &repo,
+        &["backup", "--stdin", "--stdin-filename", "again.raw"],
+    )
+    .stdin(std::fs::File::open(&reference).unwrap()));
+    run(restic(&repo, &["check", "--read-data"]));
+    let listed = snapshots_json(&run(strata(&["list", "--repo", s(&repo), "--output=json"])));
+    let theirs = listed
+        .iter()
+        .find(|s| s["paths"][0] == "/again.raw")
+        .unwrap();
+    let out = d.join("again.raw");
+    let id = theirs["short_id"].as_str().unwrap();
+    run(strata(&["restore", "--repo", s(&repo), id, s(&out)]));
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "restic's backup restores differently"
+    );
+}
+
+#[test]
+fn strata_lists_and_restores_what_restic_backed_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let raw = d.join("disk.raw");
+    let want = raw_disk(&raw);
+    run(restic(&repo, &["init"]));
+    run(restic(
+        &repo,
+        &["backup", "--stdin", "--stdin-filename", "disk.raw"],
+    )
+    .stdin(std::fs::File::open(&raw).unwrap()));
+    run(restic(&repo, &["backup", s(&raw)]));
+    let theirs = snapshots_json(&run(restic(&repo, &["snapshots", "--json"])));
+    let ours = snapshots_json(&run(strata(&["list", "--repo", s(&repo), "--output=json"])));
+    let ids = |v: &[serde_json::Value]| -> Vec<String> {
+        let mut ids: Vec<String> = v
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&ours), ids(&theirs));
+    assert_eq!(ours.len(), 2);
+    for (i, snap) in ours.iter().enumerate() {
+        let out = d.join(format!("out{i}.raw"));
+        let id = snap["short_id"].as_str().unwrap();
+        run(strata(&["restore", "--repo", s(&repo), id, s(&out)]));
+        assert!(
+            std::fs::read(&out).unwrap() == want,
+            "restore of {id} differs"
+        );
+    }
+}
+
+#[test]
+fn a_wrong_password_or_a_damaged_pack_fails_loudly_in_strata_and_restic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let raw = d.join("disk.raw");
+    raw_disk(&raw);
+    // The repository from RESTIC_REPOSITORY, the password from a file.
+    let pw = d.join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let with_env = |args: &[&str]| {
+        let mut c = strata(args);
+        c.env("RESTIC_REPOSITORY", &repo)
+            .env_remove("STRATA_PASSWORD");
+        c.arg("--password-file").arg(&pw);
+        c
+    };
+    run(with_env(&["init"]));
+    run(with_env(&["create", s(&raw)]));
+
+    // An incremental naming chunk 2 as changed reads it alone and restores the new bytes.
+    let mut changed = std::fs::read(&raw).unwrap();
+    changed[2 * 4 * MIB + 100..2 * 4 * MIB + 200].fill(0xee);
+    std::fs::write(&raw, &changed).unwrap();
+    let inc = run(with_env(&[
+        "create",
+        "--parent",
+        "latest",
+        "--changed-chunks",
+        "2",
+        s(&raw),
+    ]));
+    assert!(
+        stdout(&inc).contains(" 9 reused), 4194304 bytes read,"),
+        "{}",
+        stdout(&inc)
+    );
+    let out = d.join("inc.raw");
+    run(with_env(&["restore", "latest", s(&out)]));
+    assert!(std::fs::read(&out).unwrap() == guest_view(&raw));
+    std::fs::remove_file(&out).unwrap();
+
+    let wrong = strata(&["list", "--repo", s(&repo)])
+        .env("STRATA_PASSWORD", "guess")
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong password"));
+
+    // Flip a byte in the middle of the largest pack (blob data, not its header).
+    let mut packs: Vec<(u64, PathBuf)> = Vec::new();
+    for sub in std::fs::read_dir(repo.join("data")).unwrap() {
+        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            let f = f.unwrap();
+            packs.push((f.metadata().unwrap().len(), f.path()));
+        }
+    }
+    let (len, pack) = packs.into_iter().max().unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[len as usize / 2] ^= 1;
+    std::fs::write(&pack, bytes).unwrap();
+
+    let out = d.join("out.raw");
+    let failed = with_env(&["restore", "latest", s(&out)]).output().unwrap();
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("blob ") && err.contains("at file offset "),
+        "{err}"
+    );
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(!out.exists());
+    let check = restic(&repo, &["check", "--read-data"]).output().unwrap();
+    assert!(
+        !check.status.success(),
+        "restic check passed a damaged pack"
+    );
+}
+
+#[test]
+fn strata_restores_after_restic_forgets_and_prunes_its_backups() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let raw = d.join("disk.raw");
+    let mut content = raw_disk(&raw);
+    run(strata(&["init", "--repo", s(&repo)]));
+    run(strata(&["create", "--repo", s(&repo), s(&raw)]));
+    // Rewrite 3 MiB of noise: the first snapshot's blobs there become garbage
+    // once it is forgotten, so prune repacks the packs they share.
+    content[MIB..4 * MIB].copy_from_slice(&noise(3 * MIB));
+    std::fs::write(&raw, &content).unwrap();
+    let id = saved_id(&run(strata(&["create", "--repo", s(&repo), s(&raw)])));
+    let prune = run(restic(&repo, &["forget", "--keep-last", "1", "--prune"]));
+    assert!(stdout(&prune).contains("repacking"), "{}", stdout(&prune));
+    run(restic(&repo, &["check", "--read-data"]));
+    let listed = snapshots_json(&run(strata(&["list", "--repo", s(&repo), "--output=json"])));
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["short_id"], id.as_str());
+    let out = d.join("out.raw");
+    run(strata(&["restore", "--repo", s(&repo), "latest", s(&out)]));
+    assert!(std::fs::read(&out).unwrap() == guest_view(&raw));
+}
+
+/// Rounds of the kill test (`STRATA_BACKUP_KILL_ROUNDS`, default 5).
+fn kill_rounds() -> u64 {
+    std::env::var("STRATA_BACKUP_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+#[test]
+fn backups_killed_midway_leave_only_whole_snapshots_and_a_sound_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let raw = d.join("disk.raw");
+    let mut content = noise(40 * MIB);
+    content.extend(noise(8 * MIB));
+    std::fs::write(&raw, &content).unwrap();
+    let want = guest_view(&raw);
+    run(strata(&["init", "--repo", s(&repo)]));
+    let mut finished = 0;
+    let mut killed = 0;
+    for round in 0..kill_rounds() {
+        let mut child = strata(&["create", "--repo", s(&repo), s(&raw)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Spread the kills over the backup: before, during and after its packs.
+        std::thread::sleep(std::time::Duration::from_millis(150 + 300 * (round % 5)));
+        // SAFETY: the child is ours and has not been waited for.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let status = child.wait().unwrap();
+        if status.success() {
+            finished += 1;
+        } else {
+            killed += 1;
+        }
+        let listed = snapshots_json(&run(strata(&["list", "--repo", s(&repo), "--output=json"])));
+        assert_eq!(
+            listed.len(),
+            finished,
+            "round {round}: a snapshot of a killed backup is visible"
+        );
+        // A killed backup's lock stays behind: restic's `unlock` removes it as stale
+        // (same host, dead process), as strata's next backup ignores it.
+        run(restic(&repo, &["unlock"]));
+        let locks = std::fs::read_dir(repo.join("locks")).unwrap().count();
+        assert_eq!(
+            locks, 0,
+            "round {round}: restic kept a lock it should find stale"
+        );
+        run(restic(&repo, &["check", "--read-data"]));
+    }
+    let packs: usize = std::fs::read_dir(repo.join("data"))
+        .unwrap()
+        .map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap().count())
+        .sum();
+    eprintln!("{killed} backups killed, {finished} finished first, {packs} packs left behind");
+    let id = saved_id(&run(strata(&["create", "--repo", s(&repo), s(&raw)])));
+    let out = d.join("out.raw");
+    run(strata(&["restore", "--repo", s(&repo), &id, s(&out)]));
+    assert!(std::fs::read(&out).unwrap() == want);
+}

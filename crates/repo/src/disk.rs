@@ -1,0 +1,372 @@
+//! Disk backup: a disk image becomes one file node of a snapshot whose content is
+//! fixed [`CHUNK_SIZE`] chunks at fixed offsets (the last one shorter), each a data
+//! blob named by the SHA-256 of its plaintext. Ranges the image's block status
+//! reports as zeroes are never read; an all-zero chunk is the one shared zero blob.
+//! An incremental backup reuses the parent snapshot's blob of every chunk not
+//! named as changed, without reading it.
+//!
+//! Up to four workers read, hash, compress and seal chunks at once; the chunks are
+//! stored in disk order, at most two per worker ahead of the next one stored.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::id::Id;
+use crate::lock::Lock;
+use crate::pack::BlobType;
+use crate::repository::Repository;
+use crate::time::Timestamp;
+use crate::tree::{Node, Snapshot, Tree};
+use crate::writer::{BlobSaver, PreparedBlob, SaveStats, DEFAULT_PACK_SIZE};
+use crate::{host, restore};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::{mpsc, Mutex};
+use strata_format::{BlockDevice, Format};
+use strata_jobs::status::{ChainStatus, Walk};
+use strata_jobs::{Cancel, Progress};
+
+/// The fixed chunk size of disk backups.
+pub const CHUNK_SIZE: u64 = 4 << 20;
+
+/// A disk to back up: its guest view and the block status of its chain.
+pub struct DiskSource {
+    status: ChainStatus,
+    reader: Arc<dyn BlockDevice>,
+}
+
+impl DiskSource {
+    /// Open the image at `path` (format probed when `None`) with its backing chain,
+    /// read-only; `force_share` reads an image another process holds for writing.
+    pub fn open(path: &Path, format: Option<Format>, force_share: bool) -> Result<DiskSource> {
+        let chain = strata_chain::open(
+            &strata_chain::OpenSpec::new(path)
+                .format(format)
+                .force_share(force_share),
+        )?;
+        Ok(DiskSource {
+            status: ChainStatus::new(&chain)?,
+            reader: chain.reader(),
+        })
+    }
+
+    /// A source from an already opened stack of devices, top first.
+    pub fn from_devices(devices: Vec<Arc<dyn BlockDevice>>) -> Result<DiskSource> {
+        let reader = devices[0].clone();
+        Ok(DiskSource {
+            status: ChainStatus::from_devices(devices)?,
+            reader,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.status.virtual_size()
+    }
+
+    /// Fill `buf` with the disk's bytes at `offset`, reading only ranges that are
+    /// not known to be zero; returns the bytes read (0: the range is all zeroes).
+    fn read_chunk(&self, buf: &mut [u8], offset: u64) -> Result<u64> {
+        buf.fill(0);
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        let mut read = 0;
+        while pos < end {
+            let st = self.status.status(pos, end - pos, Walk::DataOrZero)?;
+            if !st.zero {
+                let at = (pos - offset) as usize;
+                self.reader.read(&mut buf[at..at + st.len as usize], pos)?;
+                read += st.len;
+            }
+            pos += st.len;
+        }
+        Ok(read)
+    }
+}
+
+/// The changed chunks an incremental backup must read; every other chunk reuses
+/// the parent snapshot's blob.
+#[derive(Debug, Clone)]
+pub struct Incremental {
+    /// The parent snapshot (its disk must have the same size).
+    pub parent: Id,
+    /// Indexes of the [`CHUNK_SIZE`] chunks that may have changed since the parent.
+    pub changed: BTreeSet<u64>,
+}
+
+/// How to back up a disk.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The file name of the disk in the snapshot.
+    pub name: String,
+    /// The path recorded in the snapshot's `paths`.
+    pub path: String,
+    pub tags: Vec<String>,
+    /// The parent recorded in the snapshot (without `incremental`, everything is read).
+    pub parent: Option<Id>,
+    pub incremental: Option<Incremental>,
+    pub pack_size: usize,
+}
+
+impl BackupOptions {
+    /// Options for the image at `path`: its file name and absolute path.
+    pub fn for_image(path: &Path) -> Self {
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        BackupOptions {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "disk".into()),
+            path: abs.display().to_string(),
+            tags: Vec::new(),
+            parent: None,
+            incremental: None,
+            pack_size: DEFAULT_PACK_SIZE,
+        }
+    }
+}
+
+/// What a backup did.
+#[derive(Debug, Clone)]
+pub struct BackupSummary {
+    pub snapshot: Id,
+    pub size: u64,
+    pub chunks: u64,
+    /// Chunks that read as zeroes (never read).
+    pub zero_chunks: u64,
+    /// Chunks taken from the parent without reading.
+    pub reused_chunks: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    pub saved: SaveStats,
+}
+
+/// The blob ID of `len` zero bytes.
+pub(crate) fn zero_id(cache: &mut HashMap<u64, Id>, len: u64) -> Id {
+    *cache
+        .entry(len)
+        .or_insert_with(|| Id::hash(&vec![0u8; len as usize]))
+}
+
+/// Back up `src` into `repo` as a new snapshot, under a shared lock.
+pub fn backup(
+    repo: &mut Repository,
+    src: &DiskSource,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<BackupSummary> {
+    let size = src.size();
+    let nchunks = size.div_ceil(CHUNK_SIZE);
+    let reuse = match &opts.incremental {
+        Some(inc) => Some((
+            parent_content(repo, &inc.parent, size, nchunks)?,
+            &inc.changed,
+        )),
+        None => None,
+    };
+    let mut lock = Lock::acquire(repo, false)?;
+    progress.set_total(size);
+    let repo_ro: &Repository = repo;
+    let mut saver = BlobSaver::new(repo_ro, opts.pack_size);
+    let mut zeros = HashMap::new();
+    let mut content = Vec::with_capacity(nchunks as usize);
+    let (mut zero_chunks, mut reused_chunks, mut bytes_read) = (0, 0, 0);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WORKERS);
+    let (job_tx, job_rx) = mpsc::channel::<u64>();
+    let job_rx = Mutex::new(job_rx);
+    std::thread::scope(|scope| -> Result<()> {
+        // Owned here, so leaving this closure (also on an error) stops the workers.
+        let job_tx = job_tx;
+        let (res_tx, res_rx) = mpsc::channel::<(u64, Result<Chunk>)>();
+        for _ in 0..workers {
+            let (job_rx, res_tx) = (&job_rx, res_tx.clone());
+            let reuse = &reuse;
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                loop {
+                    let Ok(i) = job_rx.lock().expect("job queue").recv() else {
+                        return;
+                    };
+                    let reused = reuse
+                        .as_ref()
+                        .filter(|(_, changed)| !changed.contains(&i))
+                        .map(|(parent, _)| parent[i as usize]);
+                    let r = match reused {
+                        Some(id) => Ok(Chunk::Reused(id)),
+                        None => prepare_chunk(repo_ro, src, i, &mut buf),
+                    };
+                    if res_tx.send((i, r)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(res_tx);
+        // Chunks go out at most `in_flight` ahead of the next one stored, so memory
+        // stays bounded however slow one chunk is.
+        let in_flight = 2 * workers as u64;
+        let mut dispatched = 0u64;
+        let mut done = BTreeMap::new();
+        for i in 0..nchunks {
+            while dispatched < nchunks && dispatched < i + in_flight {
+                job_tx.send(dispatched).expect("workers outlive the queue");
+                dispatched += 1;
+            }
+            let chunk = loop {
+                if let Some(c) = done.remove(&i) {
+                    break c;
+                }
+                let (j, c) = res_rx
+                    .recv()
+                    .map_err(|_| Error::new(ErrorKind::Io, "the chunk readers stopped"))?;
+                done.insert(j, c);
+            };
+            if cancel.is_cancelled() {
+                return Err(Error::new(ErrorKind::Cancelled, "backup cancelled"));
+            }
+            lock.refresh_if_due(repo_ro)?;
+            let len = CHUNK_SIZE.min(size - i * CHUNK_SIZE);
+            let id = match chunk? {
+                Chunk::Reused(id) => {
+                    reused_chunks += 1;
+                    id
+                }
+                Chunk::Zero => {
+                    zero_chunks += 1;
+                    let id = zero_id(&mut zeros, len);
+                    if !saver.has(BlobType::Data, &id) {
+                        saver.save(BlobType::Data, id, &vec![0u8; len as usize])?;
+                    }
+                    id
+                }
+                Chunk::Read { id, read, blob } => {
+                    bytes_read += read;
+                    if let Some(blob) = blob {
+                        saver.add(BlobType::Data, blob)?;
+                    }
+                    id
+                }
+            };
+            content.push(id);
+            progress.advance(len);
+        }
+        Ok(())
+    })?;
+    let now = Timestamp::now().rfc3339();
+    let tree = Tree {
+        nodes: vec![Node {
+            name: opts.name.clone(),
+            kind: "file".into(),
+            mode: 0o644,
+            mtime: now.clone(),
+            atime: now.clone(),
+            ctime: now.clone(),
+            uid: host::uid(),
+            gid: host::gid(),
+            user: host::username(),
+            group: String::new(),
+            inode: 0,
+            size,
+            links: 1,
+            content: Some(content),
+            subtree: None,
+        }],
+    };
+    let tree_bytes = tree.to_bytes();
+    let tree_id = Id::hash(&tree_bytes);
+    saver.save(BlobType::Tree, tree_id, &tree_bytes)?;
+    let (indexes, saved) = saver.finish()?;
+    for f in &indexes {
+        repo.add_index(f);
+    }
+    let snapshot = Snapshot {
+        time: now,
+        parent: opts
+            .parent
+            .or_else(|| opts.incremental.as_ref().map(|i| i.parent)),
+        tree: tree_id,
+        paths: vec![opts.path.clone()],
+        hostname: host::hostname(),
+        username: host::username(),
+        uid: host::uid(),
+        gid: host::gid(),
+        tags: opts.tags.clone(),
+        original: None,
+    };
+    let id = repo.save_snapshot(&snapshot)?;
+    lock.release()?;
+    Ok(BackupSummary {
+        snapshot: id,
+        size,
+        chunks: nchunks,
+        zero_chunks,
+        reused_chunks,
+        bytes_read,
+        saved,
+    })
+}
+
+/// Chunks read and prepared at once, at most.
+const MAX_WORKERS: usize = 4;
+
+/// What a worker made of one chunk.
+enum Chunk {
+    /// Unchanged since the parent: its blob, not read.
+    Reused(Id),
+    /// Reads as zeroes: nothing was read.
+    Zero,
+    /// Read and hashed; prepared for a pack unless the repository has it.
+    Read {
+        id: Id,
+        read: u64,
+        blob: Option<PreparedBlob>,
+    },
+}
+
+/// Read chunk `i` of `src` into `buf`, hash it and, if the repository lacks it,
+/// compress and seal it.
+fn prepare_chunk(repo: &Repository, src: &DiskSource, i: u64, buf: &mut Vec<u8>) -> Result<Chunk> {
+    let offset = i * CHUNK_SIZE;
+    let len = CHUNK_SIZE.min(src.size() - offset) as usize;
+    buf.resize(len, 0);
+    let read = src
+        .read_chunk(buf, offset)
+        .map_err(|e| e.wrap(format_args!("reading the disk at offset {offset}")))?;
+    if read == 0 {
+        return Ok(Chunk::Zero);
+    }
+    let id = Id::hash(buf);
+    let blob = if repo.index().contains(BlobType::Data, &id) {
+        None
+    } else {
+        Some(PreparedBlob::new(repo.key(), id, buf)?)
+    };
+    Ok(Chunk::Read { id, read, blob })
+}
+
+/// The chunk blobs of the parent's disk, which must be a fixed-chunk disk of `size`.
+fn parent_content(repo: &Repository, parent: &Id, size: u64, nchunks: u64) -> Result<Vec<Id>> {
+    let snap = repo.load_snapshot(parent)?;
+    let node = restore::disk_node(repo, &snap)?;
+    let content = node.content.unwrap_or_default();
+    let fixed = content.len() as u64 == nchunks
+        && content.iter().enumerate().all(|(i, id)| {
+            let expect = CHUNK_SIZE.min(size - i as u64 * CHUNK_SIZE);
+            repo.index()
+                .get(BlobType::Data, id)
+                .is_some_and(|l| l.plain_length() == expect)
+        });
+    if node.size != size || !fixed {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "snapshot {} is not a {}-byte disk in {} MiB chunks; it cannot be the parent of an incremental backup",
+                parent.short(),
+                size,
+                CHUNK_SIZE >> 20
+            ),
+        ));
+    }
+    Ok(content)
+}

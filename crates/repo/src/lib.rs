@@ -1,0 +1,31 @@
+//! Backup repositories in restic's documented format, version 2 (zstd
+//! compression): `config`, `keys/`, `data/XX/` packs, `index/`, `snapshots/` and
+//! `locks/`, sealed with AES-256-CTR and Poly1305-AES under keys derived with
+//! scrypt. restic itself can list, check and restore what strata writes, and
+//! strata restores what restic wrote.
+//!
+//! Disks are stored as one file node per snapshot in fixed 4 MiB chunks
+//! ([`disk`]); [`restore`] writes them back to raw or qcow2 images.
+
+pub mod backend;
+pub mod crypto;
+pub mod disk;
+mod error;
+mod host;
+pub mod id;
+pub mod index;
+pub mod local;
+pub mod lock;
+pub mod pack;
+mod poly;
+pub mod repository;
+pub mod restore;
+pub mod time;
+pub mod tree;
+pub mod writer;
+
+pub use backend::{Backend, FileType, Handle};
+pub use error::{Error, ErrorKind, Result};
+pub use id::Id;
+pub use local::LocalBackend;
+pub use repository::{KdfParams, Repository};
