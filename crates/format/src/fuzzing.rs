@@ -86,6 +86,63 @@ pub fn exercise_write(bytes: &[u8]) -> Result<()> {
     img.close()
 }
 
+/// Repair a copy of `bytes` as `check -r all` does and verify the repair's promise:
+/// afterwards no cluster that any entry names (and qemu-img would count) has a
+/// refcount below its references, so none that is still referenced can be handed
+/// out again. Returns the repaired bytes (`None` when the image does not open for
+/// repair), or a description of the broken promise. The file may grow by at most
+/// 64 MiB.
+pub fn repair_all(bytes: &[u8]) -> std::result::Result<Option<Vec<u8>>, String> {
+    let storage = Arc::new(Capped {
+        inner: MemStorage::from_vec(bytes.to_vec()),
+        limit: (bytes.len() as u64).saturating_add(GROWTH_LIMIT),
+    });
+    let img = match Qcow2Image::open(
+        storage.clone(),
+        Qcow2OpenOptions {
+            for_repair: true,
+            no_auto_repair: true,
+            for_check: true,
+            ..Default::default()
+        },
+    ) {
+        Ok(img) => img,
+        Err(_) => return Ok(None),
+    };
+    let report = img.check(Repair::All).and_then(|r| img.close().map(|()| r));
+    drop(img);
+    let repaired = storage.inner.snapshot();
+    let Ok(report) = report else {
+        return Ok(Some(repaired));
+    };
+    if report.check_errors > 0 {
+        return Ok(Some(repaired));
+    }
+    let again = Qcow2Image::open(
+        Arc::new(MemStorage::from_vec(repaired.clone())),
+        Qcow2OpenOptions {
+            read_only: true,
+            no_auto_repair: true,
+            for_check: true,
+            ..Default::default()
+        },
+    )
+    .and_then(|img| img.check(Repair::None))
+    .map_err(|e| format!("the repaired image does not check: {e}"))?;
+    let low: Vec<&String> = again
+        .messages
+        .iter()
+        .filter(|m| m.starts_with("ERROR cluster "))
+        .collect();
+    if low.is_empty() {
+        Ok(Some(repaired))
+    } else {
+        Err(format!(
+            "after repair, referenced clusters have refcounts below their references: {low:?}"
+        ))
+    }
+}
+
 /// A memory store that refuses to grow past `limit` bytes.
 struct Capped {
     inner: MemStorage,

@@ -528,7 +528,7 @@ fn corpus() -> Vec<Case> {
         case(
             "data cluster beyond the file's reach",
             Check,
-            "beyond the end",
+            "exceeding the end of the file",
             false,
             |b, l| put64(b, l.l2, 1 << 63 | 1 << 55),
         ),
@@ -844,7 +844,7 @@ fn corpus() -> Vec<Case> {
         case(
             "L2 table past the end of the file",
             Check,
-            "beyond the end",
+            "exceeding the end of the file",
             false,
             |b, l| put64(b, l.l1, 1 << 63 | 1 << 50),
         ),

@@ -3,7 +3,12 @@
 //! a repair crashed at any write, with any pick of its unflushed writes lost (the
 //! crash backend), leaves an image that a second repair fixes.
 
-use std::process::Command;
+mod damage;
+
+use damage::{
+    be64, exit_class, put64, qemu_check, qemu_img, qemu_io, repaired_count, strata_check, Verdict,
+};
+use std::path::Path;
 use std::sync::Arc;
 use strata_format::qcow2::header::Header;
 use strata_format::qcow2::{
@@ -11,10 +16,6 @@ use strata_format::qcow2::{
 };
 use strata_format::BlockDevice;
 use strata_storage::{picks_for, CrashClock, CrashStorage, FaultStorage, MemStorage, Storage};
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
-}
 
 /// A clean image with data and one snapshot, as bytes.
 fn sample() -> Vec<u8> {
@@ -77,7 +78,9 @@ fn damaged(kind: &str) -> Vec<u8> {
     let clusters = b.len() as u64 / l.cs;
     match kind {
         "leak" => {
-            // Two clusters past the end of the file counted as used.
+            // Two clusters at the end of the file counted as used by nothing (the
+            // file grows over them: qemu-img compares no refcount past its end).
+            b.resize(((clusters + 3) * l.cs) as usize, 0);
             set_refcount16(&mut b, &l, clusters + 1, 1);
             set_refcount16(&mut b, &l, clusters + 2, 3);
         }
@@ -102,45 +105,10 @@ fn damaged(kind: &str) -> Vec<u8> {
     b
 }
 
-fn qemu_img(args: &[&str]) -> (i32, String) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn count(out: &str, what: &str) -> u64 {
-    // "    N leaked clusters" / "    N corruptions" in qemu-img's repair summary.
-    out.lines()
-        .find(|l| l.trim_end().ends_with(what) && l.starts_with("    "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
+/// strata's `check -r` of `bytes`, which must complete.
 fn strata_repair(bytes: &[u8], repair: Repair) -> (Vec<u8>, strata_format::qcow2::CheckReport) {
-    let mem = Arc::new(MemStorage::from_vec(bytes.to_vec()));
-    let s: Arc<dyn Storage> = mem.clone();
-    let img = Qcow2Image::open(
-        s,
-        Qcow2OpenOptions {
-            for_repair: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let r = img.check(repair).unwrap();
-    img.close().unwrap();
-    drop(img);
-    (mem.snapshot(), r)
+    let (fixed, r) = damage::strata_repair(bytes, repair);
+    (fixed, r.expect("strata repairs"))
 }
 
 fn check_agreement(kind: &str, mode: &str, repair: Repair) {
@@ -148,21 +116,35 @@ fn check_agreement(kind: &str, mode: &str, repair: Repair) {
     let bytes = damaged(kind);
     let q = dir.path().join("q.qcow2");
     std::fs::write(&q, &bytes).unwrap();
-    let (_, before) = qemu_img(&["check", q.to_str().unwrap()]);
+    let (before, bout) = qemu_check(&q);
+    let (seen, _) = strata_check(&bytes);
+    assert!(
+        before.code != 0 && seen == before.code,
+        "{kind}: the damage must be seen before the repair: qemu-img exit {}, strata exit {seen}\n{bout}",
+        before.code
+    );
     let (qcode, qout) = qemu_img(&["check", "-r", mode, q.to_str().unwrap()]);
     let (fixed, report) = strata_repair(&bytes, repair);
+    assert_eq!(
+        exit_class(&report),
+        qcode,
+        "{kind} -r {mode}: strata's repair exits {:?}, qemu-img's {qcode}:\n{qout}",
+        report.messages
+    );
     let s = dir.path().join("s.qcow2");
     std::fs::write(&s, &fixed).unwrap();
     assert_eq!(
         (report.leaks_fixed, report.corruptions_fixed),
-        (count(&qout, "leaked clusters"), count(&qout, "corruptions")),
-        "{kind} -r {mode}: strata fixed {:?}, qemu-img said:\n{qout}\nbefore:\n{before}",
+        (
+            repaired_count(&qout, "leaked clusters"),
+            repaired_count(&qout, "corruptions")
+        ),
+        "{kind} -r {mode}: strata fixed {:?}, qemu-img said:\n{qout}\nbefore:\n{bout}",
         report.messages
     );
     let (scode, sout) = qemu_img(&["check", s.to_str().unwrap()]);
     let (qcode2, _) = qemu_img(&["check", q.to_str().unwrap()]);
     assert_eq!(scode, qcode2, "{kind} -r {mode}: after repair strata's image checks {scode}, qemu-img's {qcode2}:\n{sout}");
-    let _ = qcode;
     let (c, out) = qemu_img(&["compare", q.to_str().unwrap(), s.to_str().unwrap()]);
     assert_eq!(c, 0, "{kind}: repaired images differ: {out}");
 }
@@ -283,4 +265,256 @@ fn a_repair_crashed_at_any_write_is_finished_by_the_next_repair() {
         }
     }
     println!("repair cut: {total} crash points, {images} images repaired again");
+}
+
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// An image made by qemu-img (`create` options, `size`) and written by qemu-io.
+fn qemu_made(dir: &Path, create: &str, size: &str, io: &[&str]) -> Vec<u8> {
+    let p = dir.join("made.qcow2");
+    let p = p.to_str().unwrap();
+    let (c, out) = qemu_img(&["create", "-q", "-f", "qcow2", "-o", create, p, size]);
+    assert_eq!(c, 0, "{out}");
+    let mut args = Vec::new();
+    for cmd in io {
+        args.extend(["-c", cmd]);
+    }
+    args.push(p);
+    let (c, out) = qemu_io(&args);
+    assert_eq!(c, 0, "{out}");
+    std::fs::read(p).unwrap()
+}
+
+/// The file offset of the active L2 entry that maps guest offset `guest`.
+fn l2_entry_at(b: &[u8], guest: u64) -> usize {
+    let h = Header::parse(b, b.len() as u64).unwrap();
+    let cs = h.cluster_size();
+    let stride = if h.extended_l2() { 16 } else { 8 };
+    let per_table = cs / stride;
+    let l2 = be64(b, (h.l1_table_offset + guest / cs / per_table * 8) as usize) & OFFSET_MASK;
+    (l2 + guest / cs % per_table * stride) as usize
+}
+
+/// What qemu-img and strata make of a damaged image and of its repairs.
+struct Judged {
+    /// qemu-img's check of the damaged image, and strata's exit code for it.
+    before: Verdict,
+    strata_before: i32,
+    strata_report: strata_format::qcow2::CheckReport,
+    /// qemu-img's check after qemu-img's own `-r all`.
+    after_qemu_repair: Verdict,
+    /// qemu-img's check after strata's `-r all`, and the file it checked.
+    after: Verdict,
+    repaired: std::path::PathBuf,
+}
+
+fn judge(dir: &Path, bytes: &[u8]) -> Judged {
+    let q = dir.join("damaged.qcow2");
+    std::fs::write(&q, bytes).unwrap();
+    let (before, _) = qemu_check(&q);
+    let (strata_before, report) = strata_check(bytes);
+    let (_, out) = qemu_img(&["check", "-r", "all", q.to_str().unwrap()]);
+    let (after_qemu_repair, _) = qemu_check(&q);
+    let (fixed, _) = strata_repair(bytes, Repair::All);
+    let repaired = dir.join("repaired.qcow2");
+    std::fs::write(&repaired, fixed).unwrap();
+    let (after, _) = qemu_check(&repaired);
+    assert!(
+        after.corruptions + after.leaks <= before.corruptions + before.leaks,
+        "strata's repair made the image worse: {before:?} -> {after:?} (qemu-img's repair: {out})"
+    );
+    Judged {
+        before,
+        strata_before,
+        strata_report: report.expect("strata checks the damaged image"),
+        after_qemu_repair,
+        after,
+        repaired,
+    }
+}
+
+/// The damage is seen by both tools before the repair, and after strata's
+/// repair qemu-img gives the exit code it gives after its own.
+fn assert_seen_and_repaired_like_qemu_img(j: &Judged, what: &str) {
+    assert!(
+        j.before.code != 0 && j.strata_before == j.before.code,
+        "{what}: before the repair qemu-img exits {}, strata {}: {:?}",
+        j.before.code,
+        j.strata_before,
+        j.strata_report.messages
+    );
+    assert_eq!(
+        j.after.code, j.after_qemu_repair.code,
+        "{what}: after strata's repair qemu-img exits {:?}, after its own {:?}",
+        j.after, j.after_qemu_repair
+    );
+}
+
+/// An entry made invalid by `damage` keeps its cluster through strata's repair:
+/// qemu-img still reports the entry (repair leaves it alone, as qemu-img's does),
+/// and an allocating write elsewhere does not land on the cluster it names.
+fn invalid_entry_keeps_its_cluster(
+    create: &str,
+    io: &[&str],
+    guest: u64,
+    damage: impl Fn(&mut [u8], usize),
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = qemu_made(dir.path(), create, "4M", io);
+    let at = l2_entry_at(&bytes, guest);
+    let host = (be64(&bytes, at) & OFFSET_MASK) as usize;
+    let cs = Header::parse(&bytes, bytes.len() as u64)
+        .unwrap()
+        .cluster_size() as usize;
+    let data = bytes[host..host + cs].to_vec();
+    damage(&mut bytes, at);
+    let j = judge(dir.path(), &bytes);
+    assert_seen_and_repaired_like_qemu_img(&j, create);
+    assert_eq!(j.after.code, 2, "the invalid entry is still reported");
+    let p = j.repaired.to_str().unwrap();
+    let (c, out) = qemu_io(&["-c", "write -P 0xee 3M 64k", p]);
+    assert_eq!(c, 0, "{out}");
+    let after = std::fs::read(p).unwrap();
+    assert!(
+        after[host..host + cs] == data[..],
+        "the allocating write landed on the cluster the invalid entry names"
+    );
+}
+
+#[test]
+fn an_entry_with_a_reserved_bit_keeps_its_cluster_through_repair() {
+    invalid_entry_keeps_its_cluster(
+        "cluster_size=65536",
+        &["write -P 0x11 0 64k", "write -P 0x22 1M 64k"],
+        0,
+        |b, at| put64(b, at, be64(b, at) | 1 << 56),
+    );
+}
+
+#[test]
+fn an_entry_with_an_unaligned_offset_keeps_its_cluster_through_repair() {
+    invalid_entry_keeps_its_cluster(
+        "cluster_size=65536",
+        &["write -P 0x11 0 64k", "write -P 0x22 1M 64k"],
+        0,
+        |b, at| put64(b, at, be64(b, at) | 0x200),
+    );
+}
+
+#[test]
+fn an_entry_with_a_bad_subcluster_bitmap_keeps_its_cluster_through_repair() {
+    invalid_entry_keeps_its_cluster(
+        "cluster_size=65536,extended_l2=on",
+        &["write -P 0x11 0 64k", "write -P 0x22 1M 64k"],
+        0,
+        // Subcluster 0 both allocated and zero.
+        |b, at| put64(b, at + 8, be64(b, at + 8) | 1 << 32),
+    );
+}
+
+#[test]
+fn bit_0_of_an_extended_l2_entry_is_ignored_and_repair_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = ["write -P 0x33 0x3b000 56k"];
+    let mut bytes = qemu_made(dir.path(), "extended_l2=on,cluster_size=128k", "4M", &io);
+    let at = l2_entry_at(&bytes, 0x3b000);
+    let e = be64(&bytes, at);
+    put64(&mut bytes, at, e | 1);
+    let q = dir.path().join("damaged.qcow2");
+    std::fs::write(&q, &bytes).unwrap();
+    assert_eq!(qemu_check(&q).0.code, 0, "qemu-img calls it clean");
+    assert_eq!(strata_check(&bytes).0, 0, "so does strata");
+    let (fixed, report) = strata_repair(&bytes, Repair::All);
+    assert_eq!((report.corruptions_fixed, report.leaks_fixed), (0, 0));
+    std::fs::write(&q, fixed).unwrap();
+    let p = q.to_str().unwrap();
+    let (c, out) = qemu_io(&["-c", "write -P 0xee 2M 256k", p]);
+    assert_eq!(c, 0, "{out}");
+    let (c, out) = qemu_io(&[
+        "-c",
+        "read -P 0x33 0x3b000 56k",
+        "-c",
+        "read -P 0xee 2M 256k",
+        p,
+    ]);
+    assert!(c == 0 && !out.contains("failed"), "{out}");
+    assert_eq!(qemu_check(&q).0.code, 0);
+}
+
+#[test]
+fn a_truncated_image_is_corrupt_for_both_and_stays_so_after_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let writes: Vec<String> = (0..40)
+        .map(|i| format!("write -P {i} {}k 64k", i * 1600))
+        .collect();
+    let io: Vec<&str> = writes.iter().map(String::as_str).collect();
+    let mut bytes = qemu_made(dir.path(), "cluster_size=65536", "64M", &io);
+    bytes.truncate(bytes.len() / 2);
+    let j = judge(dir.path(), &bytes);
+    assert_seen_and_repaired_like_qemu_img(&j, "truncated");
+    assert_eq!(
+        j.strata_report.corruptions, j.before.corruptions,
+        "strata counts what qemu-img counts: {:?}",
+        j.strata_report.messages
+    );
+    assert_eq!(j.after.code, 2, "references past the end stay corrupt");
+    assert_eq!(j.after.corruptions, j.before.corruptions);
+}
+
+#[test]
+fn a_compressed_entry_with_copied_is_corrupt_and_repair_leaves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = ["write -c -P 0x44 0 64k", "write -P 0x55 1M 64k"];
+    let mut bytes = qemu_made(dir.path(), "cluster_size=65536", "4M", &io);
+    let at = l2_entry_at(&bytes, 0);
+    assert_ne!(be64(&bytes, at) & 1 << 62, 0, "compressed");
+    let e = be64(&bytes, at);
+    put64(&mut bytes, at, e | 1 << 63);
+    let j = judge(dir.path(), &bytes);
+    assert_seen_and_repaired_like_qemu_img(&j, "compressed with COPIED");
+    assert_eq!(j.after.code, 2, "qemu-img cannot fix it either");
+}
+
+#[test]
+fn a_snapshot_count_past_the_table_is_corrupt_and_repaired_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_made(
+        dir.path(),
+        "cluster_size=65536",
+        "4M",
+        &["write -P 1 0 64k"],
+    );
+    let p = dir.path().join("made.qcow2");
+    let (c, out) = qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    assert_eq!(c, 0, "{out}");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = u32::from_be_bytes(bytes[60..64].try_into().unwrap());
+    bytes[60..64].copy_from_slice(&(n + 1).to_be_bytes());
+    let j = judge(dir.path(), &bytes);
+    assert_seen_and_repaired_like_qemu_img(&j, "nb_snapshots + 1");
+    assert!(j
+        .strata_report
+        .messages
+        .contains(&"ERROR snapshot table entry 1 is incomplete".to_string()));
+    assert_eq!(j.after.code, 0);
+}
+
+#[test]
+fn an_l1_entry_aliasing_the_refcount_table_is_corrupt_and_repaired_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = ["write -P 1 0 64k", "write -P 2 1M 64k"];
+    let mut bytes = qemu_made(dir.path(), "cluster_size=65536", "4M", &io);
+    let h = Header::parse(&bytes, bytes.len() as u64).unwrap();
+    put64(
+        &mut bytes,
+        h.l1_table_offset as usize,
+        h.refcount_table_offset | 1 << 63,
+    );
+    let j = judge(dir.path(), &bytes);
+    assert_seen_and_repaired_like_qemu_img(&j, "L1 on the refcount table");
+    assert!(j
+        .strata_report
+        .messages
+        .contains(&"ERROR refcount block 0 refcount=2".to_string()));
+    assert_eq!(j.after.code, 0);
 }

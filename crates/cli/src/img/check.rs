@@ -77,6 +77,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             read_only: !writing,
             for_repair: writing,
             no_auto_repair: true,
+            for_check: true,
         },
     )?;
     // qemu-img opens the backing file too, and fails when it is gone: a check

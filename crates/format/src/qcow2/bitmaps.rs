@@ -36,6 +36,8 @@ const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
 const KNOWN_FLAGS: u32 = FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE;
 /// Bitmap-table entry with no data cluster and bit 0 set: every bit is one.
 const ALL_ONES: u64 = 1;
+/// Reserved bits of a bitmap table entry.
+const TABLE_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
 /// QEMU's limits for a bitmap: table entries, bytes of bitmap data, granularity
 /// bits, name length.
 const MAX_TABLE_SIZE: u32 = 0x0800_0000;
@@ -143,6 +145,42 @@ impl Bitmaps {
             entries,
             dirtied: false,
         }))
+    }
+
+    /// Refuse, as QEMU refuses when it opens the image, a bitmap directory whose
+    /// entries break the constraints, or a bitmap (not in use) whose table has an
+    /// entry with reserved bits, an unaligned offset, or an offset together with
+    /// the all-ones flag. Used when opening for a check, so that strata's check
+    /// fails where qemu-img's cannot start.
+    pub fn vet(
+        storage: &dyn Storage,
+        ext: BitmapsExt,
+        cluster_size: u64,
+        disk_size: u64,
+        file_size: u64,
+    ) -> Result<()> {
+        let Some(b) = Self::load(storage, ext, cluster_size, disk_size, file_size)? else {
+            return Err(Error::invalid(
+                "Bitmap directory doesn't satisfy the constraints",
+            ));
+        };
+        for e in b.entries.iter().filter(|e| e.flags & FLAG_IN_USE == 0) {
+            let mut table = vec![0u8; e.table_size as usize * 8];
+            storage.read_at(&mut table, e.table_offset)?;
+            for entry in table.chunks_exact(8).map(|c| be64(c, 0)) {
+                let off = entry & OFFSET_MASK;
+                if entry & TABLE_ENTRY_RESERVED != 0
+                    || !off.is_multiple_of(cluster_size)
+                    || (entry & ALL_ONES != 0 && off != 0)
+                {
+                    return Err(Error::invalid(format!(
+                        "Bitmap '{}' has an invalid bitmap table entry 0x{entry:x}",
+                        e.name
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn put_entry(&mut self, i: usize) {

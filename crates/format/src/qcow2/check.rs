@@ -2,16 +2,28 @@
 //!
 //! The check counts every reference the image holds (header, L1/L2 tables, data and
 //! compressed clusters, snapshots, refcount structures, bitmaps), compares the counts
-//! with the stored refcounts, and verifies the COPIED flags. Repair fixes refcounts
-//! (leaks only, or all) and COPIED flags; if refcount blocks are missing or unusable it
-//! rebuilds the refcount structures in a fresh area and switches the header to them.
+//! with the stored refcounts, and verifies the COPIED flags.
+//!
+//! Entries are judged as qemu-img judges them: an entry with reserved bits, an
+//! unaligned offset or a bad subcluster bitmap is a corruption, and the cluster it
+//! names still counts as referenced, so a repair never frees a cluster that any entry
+//! points to. A reference reaching a cluster or more past the end of the file is a
+//! corruption that is not counted (nothing can make it valid). Repair fixes
+//! refcounts (leaks only, or all), COPIED flags and incomplete snapshot entries; when
+//! a referenced cluster has refcount 0 or the refcount blocks are unusable or shared,
+//! it rebuilds the refcount structures in a fresh area, clear of every cluster any
+//! entry names, and switches the header to them. Invalid entries are left as they
+//! are, as qemu-img leaves them.
 
-use super::entries::{decode_l1, L2Entry, OFFSET_MASK, OFLAG_COPIED};
+mod count;
+
+use super::entries::{OFFSET_MASK, OFLAG_COPIED};
 use super::header::{self, MAX_HOST_OFFSET};
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use super::refcount::{rb_set, REFTABLE_RESERVED};
 use crate::{BlockDevice, Result};
+use count::{classify, words, Counter, Kind};
 
 /// What `check -r` may fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,58 +50,9 @@ pub struct CheckReport {
     pub messages: Vec<String>,
 }
 
-struct Counter {
-    refs: Vec<u32>,
-    cs: u64,
-    file_clusters: u64,
-    corruptions: u64,
-    messages: Vec<String>,
-    /// References each [`Counter::add`] counts (snapshots sharing one L1 table are
-    /// walked once, with their number as the weight).
-    weight: u32,
-}
-
-impl Counter {
-    /// Count one reference to each cluster of `[offset, offset+len)`.
-    fn add(&mut self, offset: u64, len: u64, what: &str) {
-        if len == 0 {
-            return;
-        }
-        let Some(end) = offset.checked_add(len).filter(|&e| e <= MAX_HOST_OFFSET) else {
-            self.corruptions += 1;
-            self.messages.push(format!(
-                "ERROR: {what} at offset 0x{offset:x} is out of range"
-            ));
-            return;
-        };
-        let first = offset / self.cs;
-        let last = (end - 1) / self.cs;
-        // Allow references a little past the end of the file (preallocated images may
-        // be shorter than their metadata says), but never grow without bound.
-        let limit = self.file_clusters + 1024;
-        for c in first..=last {
-            if c >= limit {
-                self.corruptions += 1;
-                self.messages.push(format!(
-                    "ERROR: {what} cluster at offset 0x{:x} lies beyond the end of the image file",
-                    c * self.cs
-                ));
-                return;
-            }
-            if c as usize >= self.refs.len() {
-                self.refs.resize(c as usize + 1, 0);
-            }
-            self.refs[c as usize] = self.refs[c as usize].saturating_add(self.weight);
-        }
-    }
-}
-
-struct Frag {
-    allocated: u64,
-    fragmented: u64,
-    compressed: u64,
-    next: u64,
-}
+/// Bytes of snapshot extra data a version 3 image must record (the 64-bit VM-state
+/// size and the disk size); shorter entries are incomplete.
+const SNAPSHOT_EXTRA_V3: usize = 16;
 
 impl Qcow2Image {
     /// Check the image and, if asked, repair it. Returns the report of the final state
@@ -103,6 +66,19 @@ impl Qcow2Image {
         }
         let mut report =
             self.check_locked(&mut m, if repairing { repair } else { Repair::None })?;
+        if repairing && repair == Repair::All && report.check_errors == 0 {
+            let completed = self.complete_snapshots(&mut m)?;
+            if completed > 0 {
+                // The new table may lie past the old end of the file and bring
+                // clusters there into view (a truncated image): count again and
+                // fix what they show.
+                let again = self.check_locked(&mut m, repair)?;
+                report.corruptions_fixed += completed + again.corruptions_fixed;
+                report.leaks_fixed += again.leaks_fixed;
+                report.check_errors += again.check_errors;
+                report.messages.extend(again.messages);
+            }
+        }
         if repairing && (report.corruptions_fixed > 0 || report.leaks_fixed > 0) {
             let fixed = (
                 report.corruptions_fixed,
@@ -130,438 +106,396 @@ impl Qcow2Image {
         Ok(report)
     }
 
+    /// Indexes of the snapshot entries that lack the extra data a version 3 image
+    /// must record.
+    fn incomplete_snapshots(&self, m: &Meta) -> Vec<usize> {
+        if m.h.version < 3 {
+            return Vec::new();
+        }
+        (0..m.snapshots.len())
+            .filter(|&i| m.snapshots[i].extra.len() < SNAPSHOT_EXTRA_V3)
+            .collect()
+    }
+
+    /// Rewrite the snapshot table with complete entries (a missing disk size is the
+    /// current one, as qemu-img records it). Returns the number of entries fixed.
+    fn complete_snapshots(&self, m: &mut Meta) -> Result<u64> {
+        let bad = self.incomplete_snapshots(m);
+        if bad.is_empty() {
+            return Ok(0);
+        }
+        let mut snaps = m.snapshots.clone();
+        for &i in &bad {
+            snaps[i].disk_size.get_or_insert(self.virtual_size());
+        }
+        m.replace_snapshot_table(snaps).map_err(|e| self.err(e))?;
+        m.flush_metadata().map_err(|e| self.err(e))?;
+        Ok(bad.len() as u64)
+    }
+
     fn check_locked(&self, m: &mut Meta, repair: Repair) -> Result<CheckReport> {
         let cs = m.cluster_size();
-        let file_size = m.storage.size().map_err(|e| self.err(e))?;
-        let mut ctr = Counter {
-            refs: Vec::new(),
-            cs,
-            file_clusters: file_size.div_ceil(cs),
-            corruptions: 0,
-            messages: Vec::new(),
-            weight: 1,
-        };
         let mut report = CheckReport {
             total_clusters: self.virtual_size().div_ceil(cs),
             ..Default::default()
         };
-        // Header cluster.
-        ctr.add(0, cs, "header");
-        // Active L1 and everything under it (with fragmentation statistics).
-        let mut frag = Frag {
-            allocated: 0,
-            fragmented: 0,
-            compressed: 0,
-            next: 0,
-        };
-        let l1 = m.l1.clone();
-        let l1_off = m.h.l1_table_offset;
-        ctr.add(l1_off, l1.len() as u64 * 8, "L1 table");
-        self.count_l1(m, &l1, &mut ctr, Some(&mut frag))?;
-        report.allocated_clusters = frag.allocated;
-        report.fragmented_clusters = frag.fragmented;
-        report.compressed_clusters = frag.compressed;
-        // Snapshots.
-        let snaps = m.snapshots.clone();
-        if !snaps.is_empty() {
-            ctr.add(
-                m.h.snapshots_offset,
-                super::snapshot::table_size(&snaps),
-                "snapshot table",
-            );
+        let mut messages = Vec::new();
+        for i in self.incomplete_snapshots(m) {
+            if repair == Repair::All {
+                messages.push(format!("Repairing snapshot table entry {i} is incomplete"));
+            } else {
+                messages.push(format!("ERROR snapshot table entry {i} is incomplete"));
+                report.corruptions += 1;
+            }
         }
-        // Snapshots sharing an L1 table are walked once, counted as many times as
-        // they share it: a table of thousands of snapshots naming one 32 MiB L1
-        // table must not cost thousands of walks. Entries past the end of the
-        // file read as zeroes, so only the part inside the file is read.
-        let mut tables: Vec<((u64, u32), u32)> = Vec::new();
-        let mut index: std::collections::HashMap<(u64, u32), usize> = Default::default();
-        for s in &snaps {
-            let key = (s.l1_table_offset, s.l1_size);
-            match index.get(&key) {
-                Some(&i) => tables[i].1 = tables[i].1.saturating_add(1),
-                None => {
-                    index.insert(key, tables.len());
-                    tables.push((key, 1));
+        let mut count = self.count_refs(m, repair)?;
+        let file_clusters = m.storage.size().map_err(|e| self.err(e))?.div_ceil(cs);
+        let n = (count.ctr.refs.len() as u64).max(file_clusters);
+        let mut stored = self.stored_refcounts(m, n)?;
+        let reserve = reserved_beyond(&count.ctr.beyond, n, m.rb_entries());
+        // A referenced cluster with refcount 0 is fixed by a rebuild, as qemu-img
+        // does; so are unusable refcount blocks, and clusters past the end that
+        // entries name but no refcount block describes.
+        let rebuild = count.bad_blocks
+            || (0..n).any(|c| stored[c as usize] == Some(0) && count.ctr.refs_of(c) > 0)
+            || (repair == Repair::All
+                && reserve
+                    .iter()
+                    .any(|&(c, _)| m.refblock_offset(c / m.rb_entries()).unwrap_or(0) == 0));
+        if rebuild && repair == Repair::All {
+            let (before, _) = self.compare(m, &mut count.ctr, &stored, Repair::None)?;
+            let (old_corruptions, old_leaks) = (count.ctr.corruptions, before.leaks);
+            messages.append(&mut count.ctr.messages);
+            messages.push("Rebuilding refcount structure".into());
+            self.rebuild_refcounts(m, &count.base, &count.ctr.beyond)?;
+            count = self.count_refs(m, Repair::None)?;
+            let n = (count.ctr.refs.len() as u64).max(file_clusters);
+            stored = self.stored_refcounts(m, n)?;
+            let (after, _) = self.compare(m, &mut count.ctr, &stored, Repair::None)?;
+            report.corruptions_fixed += old_corruptions.saturating_sub(count.ctr.corruptions);
+            report.leaks_fixed += old_leaks.saturating_sub(after.leaks);
+            report.leaks += after.leaks;
+            report.check_errors += after.check_errors;
+            report.image_end_offset = after.image_end_offset;
+        } else {
+            if rebuild && repair == Repair::Leaks {
+                count
+                    .ctr
+                    .messages
+                    .push("ERROR need to rebuild refcount structures".into());
+                report.check_errors += 1;
+            }
+            let fix = if report.check_errors > 0 {
+                Repair::None
+            } else {
+                repair
+            };
+            let (r, fixed) = self.compare(m, &mut count.ctr, &stored, fix)?;
+            for (c, v) in fixed {
+                stored[c as usize] = Some(v);
+            }
+            if fix == Repair::All {
+                for &(c, want) in &reserve {
+                    let want = want.min(m.max_refcount());
+                    let have = m.refcount(c).map_err(|e| self.err(e))?;
+                    if have < want {
+                        m.update_refcount(c, (want - have) as i64)
+                            .map_err(|e| self.err(e))?;
+                    }
                 }
             }
+            report.leaks += r.leaks;
+            report.check_errors += r.check_errors;
+            report.leaks_fixed += r.leaks_fixed;
+            report.corruptions_fixed += r.corruptions_fixed;
+            report.image_end_offset = r.image_end_offset;
         }
-        for ((offset, size), n) in tables {
-            ctr.weight = n;
-            let bytes = u64::from(size) * 8;
-            ctr.add(offset, bytes, "snapshot L1 table");
-            let inside = bytes.min(file_size.saturating_sub(offset));
-            let mut buf = vec![0u8; inside as usize];
-            m.storage
-                .read_at(&mut buf, offset)
-                .map_err(|e| self.err(e))?;
-            let sl1: Vec<u64> = buf
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-                .collect();
-            self.count_l1(m, &sl1, &mut ctr, None)?;
-        }
-        ctr.weight = 1;
-        // Bitmaps.
-        if let Some(b) = m.h.bitmaps {
-            if m.h.autoclear_features & header::autoclear::BITMAPS != 0 {
-                self.count_bitmaps(m, b, &mut ctr)?;
+        report.allocated_clusters = count.frag.allocated;
+        report.fragmented_clusters = count.frag.fragmented;
+        report.compressed_clusters = count.frag.compressed;
+        // COPIED flags (after refcount repair, against the now-stored counts). With
+        // `-r leaks` they are fixed only when the refcounts are now right.
+        let fix_copied = match repair {
+            Repair::All => true,
+            Repair::Leaks => {
+                report.check_errors == 0 && count.ctr.corruptions == 0 && report.leaks == 0
             }
-        }
-        // Refcount structures.
-        let rt_off = m.h.refcount_table_offset;
-        ctr.add(
-            rt_off,
-            u64::from(m.h.refcount_table_clusters) * cs,
-            "refcount table",
-        );
-        let reftable = m.reftable.clone();
-        let mut bad_blocks = false;
-        for (i, &e) in reftable.iter().enumerate() {
-            let off = e & !REFTABLE_RESERVED;
-            if e & REFTABLE_RESERVED != 0 || !off.is_multiple_of(cs) {
-                ctr.corruptions += 1;
-                ctr.messages.push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
-                bad_blocks = true;
-                continue;
-            }
-            if off == 0 {
-                continue;
-            }
-            if off >= file_size.next_multiple_of(cs) {
-                ctr.corruptions += 1;
-                ctr.messages
-                    .push(format!("ERROR refcount block {i} is outside image"));
-                bad_blocks = true;
-                continue;
-            }
-            ctr.add(off, cs, "refcount block");
-        }
-        report.check_errors = 0;
-        // Compare.
-        let epb = m.rb_entries();
-        let n = (ctr.refs.len() as u64).max(ctr.file_clusters);
+            Repair::None => false,
+        };
+        let copied = self.check_copied(m, fix_copied, &stored)?;
+        report.corruptions_fixed += copied.fixed;
+        report.check_errors += copied.check_errors;
+        count.ctr.corruptions += copied.found - copied.fixed;
+        count.ctr.messages.extend(copied.messages);
+        report.corruptions += count.ctr.corruptions;
+        messages.append(&mut count.ctr.messages);
+        report.messages = messages;
+        Ok(report)
+    }
+
+    /// Compare the counted references with the stored refcounts; with `fix`, fix
+    /// in place what may be fixed (never a refcount of 0: that needs a rebuild).
+    /// Returns the leaks and fixed counts, and the refcounts written.
+    fn compare(
+        &self,
+        m: &mut Meta,
+        ctr: &mut Counter,
+        stored: &[Option<u64>],
+        fix: Repair,
+    ) -> Result<(CheckReport, Vec<(u64, u64)>)> {
+        let mut r = CheckReport::default();
         let mut highest = 0u64;
-        let mut need_rebuild = bad_blocks && repair == Repair::All;
-        let mut fixes: Vec<(u64, u64)> = Vec::new();
-        let mut stored_all = self.stored_refcounts(m, n)?;
-        for c in 0..n {
-            let stored = stored_all[c as usize];
-            let computed = u64::from(*ctr.refs.get(c as usize).unwrap_or(&0));
-            if stored > 0 || computed > 0 {
+        let mut fixes = Vec::new();
+        for c in 0..stored.len() as u64 {
+            let Some(have) = stored[c as usize] else {
+                ctr.messages.push(format!(
+                    "Can't get refcount for cluster {c}: Input/output error"
+                ));
+                r.check_errors += 1;
+                continue;
+            };
+            let want = ctr.refs_of(c);
+            if have > 0 || want > 0 {
                 highest = c + 1;
             }
-            if stored == computed {
+            if have == want {
                 continue;
             }
-            let fix = match repair {
-                Repair::All => true,
-                Repair::Leaks => stored > computed,
-                Repair::None => false,
-            };
-            if fix {
-                if m.refblock_offset(c / epb).unwrap_or(0) == 0 {
-                    need_rebuild = true;
-                }
-                fixes.push((c, computed));
-            }
-            let label = if fix {
+            let fixing = have != 0
+                && match fix {
+                    Repair::All => true,
+                    Repair::Leaks => have > want,
+                    Repair::None => false,
+                };
+            let label = if fixing {
                 "Repairing"
-            } else if stored < computed {
+            } else if have < want {
                 "ERROR"
             } else {
                 "Leaked"
             };
             ctr.messages.push(format!(
-                "{label} cluster {c} refcount={stored} reference={computed}"
+                "{label} cluster {c} refcount={have} reference={want}"
             ));
-            if fix {
-                if stored < computed {
-                    report.corruptions_fixed += 1;
+            if fixing {
+                let cur = m.refcount(c).map_err(|e| self.err(e))?;
+                m.update_refcount(c, want as i64 - cur as i64)
+                    .map_err(|e| self.err(e))?;
+                fixes.push((c, want));
+                if have < want {
+                    r.corruptions_fixed += 1;
                 } else {
-                    report.leaks_fixed += 1;
+                    r.leaks_fixed += 1;
                 }
-            } else if stored < computed {
+            } else if have < want {
                 ctr.corruptions += 1;
             } else {
-                report.leaks += 1;
+                r.leaks += 1;
             }
         }
-        report.image_end_offset = highest * cs;
-        if need_rebuild {
-            self.rebuild_refcounts(m, &ctr.refs)?;
-            stored_all = self.stored_refcounts(m, n)?;
-        } else {
-            for (c, v) in fixes {
-                let cur = m.refcount(c).map_err(|e| self.err(e))?;
-                m.update_refcount(c, v as i64 - cur as i64)
-                    .map_err(|e| self.err(e))?;
-                stored_all[c as usize] = v;
-            }
-        }
-        // COPIED flags (after refcount repair, against the now-stored counts).
-        let copied_errors = self.check_copied(m, repair == Repair::All, &stored_all)?;
-        if repair == Repair::All {
-            report.corruptions_fixed += copied_errors.1;
-        } else {
-            ctr.corruptions += copied_errors.1;
-        }
-        ctr.messages.extend(copied_errors.0);
-        report.corruptions += ctr.corruptions;
-        report.messages = ctr.messages;
-        Ok(report)
+        r.image_end_offset = highest * m.cluster_size();
+        Ok((r, fixes))
     }
 
-    /// The stored refcounts of clusters `0..n`, each refcount block read once.
-    /// Unusable blocks (reserved bits, misaligned, past the end of the file) count
-    /// as holding zeroes.
-    fn stored_refcounts(&self, m: &mut Meta, n: u64) -> Result<Vec<u64>> {
+    /// The stored refcounts of clusters `0..n`, each refcount block read once, as
+    /// qemu-img reads them: a table entry's reserved bits are ignored, a block past
+    /// the end of the file holds zeroes, and the clusters of a block whose offset is
+    /// not cluster aligned cannot be read (`None`).
+    fn stored_refcounts(&self, m: &mut Meta, n: u64) -> Result<Vec<Option<u64>>> {
         let epb = m.rb_entries();
         let cs = m.cluster_size();
         let order = m.h.refcount_order;
         let file_size = m.storage.size().map_err(|er| self.err(er))?;
-        let mut out = vec![0u64; n as usize];
+        let mut out = vec![Some(0u64); n as usize];
         for b in 0..n.div_ceil(epb) {
             let Some(&e) = m.reftable.get(b as usize) else {
                 break;
             };
-            if e == 0 || e & REFTABLE_RESERVED != 0 || !e.is_multiple_of(cs) || e >= file_size {
+            let e = e & !REFTABLE_RESERVED;
+            let first = b * epb;
+            if !e.is_multiple_of(cs) {
+                out[first as usize..(first + epb).min(n) as usize].fill(None);
+                continue;
+            }
+            if e == 0 || e >= file_size {
                 continue;
             }
             m.load_refblock(e).map_err(|er| self.err(er))?;
             let block = &m.rb.get(e).expect("loaded").data;
-            let first = b * epb;
             for c in first..(first + epb).min(n) {
-                out[c as usize] = super::refcount::rb_get(block, order, (c - first) as usize);
+                out[c as usize] = Some(super::refcount::rb_get(block, order, (c - first) as usize));
             }
         }
         Ok(out)
     }
 
-    fn count_l1(
-        &self,
-        m: &mut Meta,
-        l1: &[u64],
-        ctr: &mut Counter,
-        mut frag: Option<&mut Frag>,
-    ) -> Result<()> {
+    /// Whether the cluster at `off` holds metadata an L2 table must not be written
+    /// over (header, active L1 table, refcount table and blocks, snapshot table).
+    fn overlaps_metadata(&self, m: &Meta, off: u64) -> bool {
         let cs = m.cluster_size();
+        let c = off / cs;
+        let within =
+            |start: u64, len: u64| len > 0 && c >= start / cs && c <= (start + len - 1) / cs;
+        c == 0
+            || within(m.h.l1_table_offset, m.l1.len() as u64 * 8)
+            || within(
+                m.h.refcount_table_offset,
+                u64::from(m.h.refcount_table_clusters) * cs,
+            )
+            || m.reftable.iter().any(|&e| e != 0 && e / cs == c)
+            || within(
+                m.h.snapshots_offset,
+                super::snapshot::table_size(&m.snapshots),
+            )
+    }
+
+    /// Verify (and with `fix`, correct) the COPIED flags of the active L1 and L2
+    /// tables against `stored`, the refcounts now on disk. An L2 table that is not
+    /// cluster aligned, or lies on other metadata, is reported and not written.
+    fn check_copied(&self, m: &mut Meta, fix: bool, stored: &[Option<u64>]) -> Result<Copied> {
+        let cs = m.cluster_size();
+        let mut out = Copied::default();
         let geo = m.geo;
-        let words = if geo.extended_l2 { 2 } else { 1 };
-        for (i, &e) in l1.iter().enumerate() {
-            let (l2off, _) = match decode_l1(e, cs, i) {
-                Ok(v) => v,
-                Err(err) => {
-                    ctr.corruptions += 1;
-                    ctr.messages.push(format!("ERROR: {}", err.kind));
-                    continue;
-                }
-            };
+        let stride = if geo.extended_l2 { 2 } else { 1 };
+        let file_size = m.storage.size().map_err(|er| self.err(er))?;
+        let label = if fix { "Repairing" } else { "ERROR" };
+        for i in 0..m.l1.len() {
+            let e = m.l1[i];
+            let l2off = e & OFFSET_MASK;
             if l2off == 0 {
                 continue;
             }
-            ctr.add(l2off, cs, "L2 table");
-            if l2off >= ctr.file_clusters * cs {
-                continue;
-            }
-            let mut buf = vec![0u8; cs as usize];
-            m.storage
-                .read_at(&mut buf, l2off)
-                .map_err(|er| self.err(er))?;
-            let words_v: Vec<u64> = buf
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-                .collect();
-            // Contiguity is judged within one L2 table, as qemu-img counts it.
-            if let Some(f) = frag.as_deref_mut() {
-                f.next = 0;
-            }
-            for j in (0..words_v.len()).step_by(words) {
-                let raw = words_v[j];
-                let bitmap = if words == 2 { words_v[j + 1] } else { 0 };
-                let entry = match geo.decode_l2(raw, bitmap) {
-                    Ok(v) => v,
-                    Err(err) => {
-                        ctr.corruptions += 1;
-                        ctr.messages
-                            .push(format!("ERROR: {} (L2 table at 0x{l2off:x})", err.kind));
-                        continue;
-                    }
-                };
-                match entry {
-                    L2Entry::Compressed { offset, size } => {
-                        ctr.add(offset, size, "compressed cluster");
-                        if let Some(f) = frag.as_deref_mut() {
-                            f.allocated += 1;
-                            f.compressed += 1;
-                            f.fragmented += 1;
-                        }
-                    }
-                    L2Entry::Normal { host, .. } if host != 0 => {
-                        ctr.add(host, cs, "data cluster");
-                        if let Some(f) = frag.as_deref_mut() {
-                            f.allocated += 1;
-                            if f.next != 0 && host != f.next {
-                                f.fragmented += 1;
-                            }
-                            f.next = host + cs;
-                        }
-                    }
-                    L2Entry::Normal { .. } => {}
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn count_bitmaps(&self, m: &mut Meta, b: header::BitmapsExt, ctr: &mut Counter) -> Result<()> {
-        let cs = m.cluster_size();
-        ctr.add(b.directory_offset, b.directory_size, "bitmap directory");
-        let size = b.directory_size.min(1024 * 65535) as usize;
-        let mut dir = vec![0u8; size];
-        m.storage
-            .read_at(&mut dir, b.directory_offset)
-            .map_err(|e| self.err(e))?;
-        let mut at = 0usize;
-        for _ in 0..b.nb_bitmaps {
-            if at + 24 > dir.len() {
-                ctr.corruptions += 1;
-                ctr.messages
-                    .push("ERROR: bitmap directory is truncated".into());
-                break;
-            }
-            let table_off = u64::from_be_bytes(dir[at..at + 8].try_into().expect("8"));
-            let table_size = u32::from_be_bytes(dir[at + 8..at + 12].try_into().expect("4"));
-            let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
-            let extra = u32::from_be_bytes(dir[at + 20..at + 24].try_into().expect("4")) as usize;
-            ctr.add(table_off, u64::from(table_size) * 8, "bitmap table");
-            if u64::from(table_size) * 8 <= 64 << 20 {
-                let mut t = vec![0u8; table_size as usize * 8];
-                m.storage
-                    .read_at(&mut t, table_off)
-                    .map_err(|e| self.err(e))?;
-                for c in t.chunks_exact(8) {
-                    let e = u64::from_be_bytes(c.try_into().expect("8")) & OFFSET_MASK;
-                    if e != 0 {
-                        ctr.add(e, cs, "bitmap data");
-                    }
-                }
-            }
-            at += (24 + extra + name_size).next_multiple_of(8);
-        }
-        Ok(())
-    }
-
-    /// Verify COPIED flags on the active L1 and its L2 tables; fix them if asked.
-    /// Returns the messages and the number of wrong flags.
-    /// Verify (and with `fix`, correct) the COPIED flags of the active L1 and L2
-    /// tables against `stored`, the refcounts now on disk.
-    fn check_copied(&self, m: &mut Meta, fix: bool, stored: &[u64]) -> Result<(Vec<String>, u64)> {
-        let cs = m.cluster_size();
-        let mut msgs = Vec::new();
-        let mut count = 0u64;
-        let geo = m.geo;
-        let words = if geo.extended_l2 { 2 } else { 1 };
-        let file_size = m.storage.size().map_err(|er| self.err(er))?;
-        let rc_of = |off: u64| stored.get((off / cs) as usize).copied().unwrap_or(0);
-        for i in 0..m.l1.len() {
-            let e = m.l1[i];
-            let Ok((l2off, copied)) = decode_l1(e, cs, i) else {
-                continue;
-            };
-            if l2off == 0 || l2off >= file_size {
-                continue;
-            }
-            let rc = rc_of(l2off);
-            if (rc == 1) != copied {
-                count += 1;
-                let label = if fix { "Repairing" } else { "ERROR" };
-                msgs.push(format!(
-                    "{label} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
-                ));
-                if fix {
-                    m.l1[i] = if rc == 1 {
-                        e | OFLAG_COPIED
-                    } else {
-                        e & !OFLAG_COPIED
-                    };
-                    m.write_l1_entry(i as u64).map_err(|er| self.err(er))?;
-                }
-            }
-            m.load_l2(l2off).map_err(|er| self.err(er))?;
-            let table = m.l2.get(l2off).expect("loaded").data.clone();
-            for (j, w) in table.chunks_exact(words).enumerate() {
-                let (raw, bitmap) = (w[0], if words == 2 { w[1] } else { 0 });
-                let Ok(L2Entry::Normal { host, copied, .. }) = geo.decode_l2(raw, bitmap) else {
-                    continue;
-                };
-                if host == 0 {
-                    continue;
-                }
-                let rc = rc_of(host);
-                if (rc == 1) != copied {
-                    count += 1;
-                    let label = if fix { "Repairing" } else { "ERROR" };
-                    msgs.push(format!(
-                        "{label} OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
+            if let Some(rc) = self.stored_refcount(m, stored, l2off / cs) {
+                if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                    out.found += 1;
+                    out.messages.push(format!(
+                        "{label} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                     ));
                     if fix {
-                        let new = if rc == 1 {
-                            raw | OFLAG_COPIED
+                        m.l1[i] = if rc == 1 {
+                            e | OFLAG_COPIED
                         } else {
-                            raw & !OFLAG_COPIED
+                            e & !OFLAG_COPIED
                         };
-                        m.set_raw_entry(l2off, j as u64, new, bitmap)
-                            .map_err(|er| self.err(er))?;
+                        m.write_l1_entry(i as u64).map_err(|er| self.err(er))?;
+                        out.fixed += 1;
                     }
                 }
             }
+            if l2off >= file_size {
+                continue;
+            }
+            let writable = l2off.is_multiple_of(cs) && !self.overlaps_metadata(m, l2off);
+            let table = words(&self.read_padded(m, l2off, cs)?);
+            let mut wrong = Vec::new();
+            for (j, w) in table.chunks_exact(stride).enumerate() {
+                let (raw, bitmap) = (w[0], if stride == 2 { w[1] } else { 0 });
+                let Kind::Host(host) = classify(&geo, raw) else {
+                    continue;
+                };
+                let Some(rc) = self.stored_refcount(m, stored, host / cs) else {
+                    continue;
+                };
+                if (rc == 1) != (raw & OFLAG_COPIED != 0) {
+                    out.found += 1;
+                    out.messages.push(format!(
+                        "{label} OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
+                    ));
+                    let new = if rc == 1 {
+                        raw | OFLAG_COPIED
+                    } else {
+                        raw & !OFLAG_COPIED
+                    };
+                    wrong.push((j as u64, new, bitmap));
+                }
+            }
+            if !fix || wrong.is_empty() {
+                continue;
+            }
+            if !writable {
+                out.messages.push(
+                    "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error"
+                        .into(),
+                );
+                out.check_errors += 1;
+                break;
+            }
+            for (j, new, bitmap) in wrong {
+                m.set_raw_entry(l2off, j, new, bitmap)
+                    .map_err(|er| self.err(er))?;
+                out.fixed += 1;
+            }
         }
-        if fix && count > 0 {
+        if fix && out.fixed > 0 {
             m.flush_metadata().map_err(|er| self.err(er))?;
         }
-        Ok((msgs, count))
+        Ok(out)
     }
 
-    /// Write fresh refcount structures for `refs` (which counts the old refcount table
-    /// and blocks; those are dropped) after the last used cluster, then switch the
-    /// header to them in one write.
-    fn rebuild_refcounts(&self, m: &mut Meta, refs: &[u32]) -> Result<()> {
+    /// The stored refcount of `cluster`: from `stored` when it covers the cluster,
+    /// else read; `None` when it cannot be read (qemu-img then skips the entry).
+    fn stored_refcount(&self, m: &mut Meta, stored: &[Option<u64>], cluster: u64) -> Option<u64> {
+        match stored.get(cluster as usize) {
+            Some(&v) => v,
+            None => m.refcount(cluster).ok(),
+        }
+    }
+
+    /// Write fresh refcount structures for `refs` (every reference but those of the
+    /// refcount structures) past the end of the file and clear of every cluster in
+    /// `beyond` (named by entries past the end), then switch the header to them in
+    /// one write. The old structures are no longer counted: their clusters keep
+    /// only the references other entries hold.
+    fn rebuild_refcounts(
+        &self,
+        m: &mut Meta,
+        refs: &[u32],
+        beyond: &[(u64, u64, u32)],
+    ) -> Result<()> {
         let cs = m.cluster_size();
         let epb = m.rb_entries();
         let per_cluster = cs / 8;
         let mut refs: Vec<u64> = refs.iter().map(|&r| u64::from(r)).collect();
-        // Drop the old refcount structures' own references.
-        let old_rt = m.h.refcount_table_offset / cs;
-        for c in old_rt..old_rt + u64::from(m.h.refcount_table_clusters) {
-            if let Some(r) = refs.get_mut(c as usize) {
-                *r = r.saturating_sub(1);
+        let file_clusters = m.storage.size().map_err(|e| self.err(e))?.div_ceil(cs);
+        let n = (refs.len() as u64).max(file_clusters);
+        for (c, want) in reserved_beyond(beyond, n, epb) {
+            if c as usize >= refs.len() {
+                refs.resize(c as usize + 1, 0);
             }
-        }
-        for &e in &m.reftable {
-            let off = e & !REFTABLE_RESERVED;
-            if off != 0 && off.is_multiple_of(cs) {
-                if let Some(r) = refs.get_mut((off / cs) as usize) {
-                    *r = r.saturating_sub(1);
-                }
-            }
+            refs[c as usize] = refs[c as usize].max(want);
         }
         let end = refs
             .iter()
             .rposition(|&r| r > 0)
             .map_or(1, |i| i as u64 + 1);
-        let start = end.max(m.storage.size().map_err(|e| self.err(e))?.div_ceil(cs));
-        // Fixed point: blocks and table clusters placed at `start` must count themselves.
+        let mut start = end.max(file_clusters);
+        // Fixed point: blocks and table clusters placed at `start` must count
+        // themselves; move past any cluster an entry names.
         let (mut blocks, mut table) = (0u64, 0u64);
         loop {
             let total = start + blocks + table;
             let b2 = total.div_ceil(epb);
             let t2 = b2.div_ceil(per_cluster).max(1);
-            if b2 == blocks && t2 == table {
-                break;
+            if b2 != blocks || t2 != table {
+                blocks = b2;
+                table = t2;
+                continue;
             }
-            blocks = b2;
-            table = t2;
+            let last = start + blocks + table - 1;
+            match beyond
+                .iter()
+                .filter(|&&(a, b, _)| a <= last && b >= start)
+                .map(|&(_, b, _)| b)
+                .max()
+            {
+                Some(b) => start = b + 1,
+                None => break,
+            }
+        }
+        if (start + blocks + table) * cs > MAX_HOST_OFFSET {
+            return Err(self.err(crate::Error::corrupt(
+                "no room for new refcount structures below the 2^56 limit",
+            )));
         }
         refs.resize((start + blocks + table) as usize, 0);
         for c in start..start + blocks + table {
@@ -624,4 +558,30 @@ impl Qcow2Image {
         }
         Ok(highest * cs)
     }
+}
+
+/// What the COPIED check found.
+#[derive(Default)]
+struct Copied {
+    messages: Vec<String>,
+    found: u64,
+    fixed: u64,
+    check_errors: u64,
+}
+
+/// The clusters past the end of the file (`n` clusters are checked) that entries
+/// name, up to two refcount blocks' reach (`per_block` clusters each) past it,
+/// with the number of references to each. A repair gives them that refcount so
+/// that no allocation hands them out while entries still point there (a write
+/// elsewhere must not show up in them), and so that they are right once the file
+/// grows over them. qemu-img does not compare refcounts past the end of the file.
+fn reserved_beyond(beyond: &[(u64, u64, u32)], n: u64, per_block: u64) -> Vec<(u64, u64)> {
+    let limit = n.saturating_add(2 * per_block);
+    let mut counts = std::collections::BTreeMap::<u64, u64>::new();
+    for &(first, last, weight) in beyond.iter().filter(|&&(first, _, _)| first < limit) {
+        for c in first.max(n)..=last.min(limit - 1) {
+            *counts.entry(c).or_default() += u64::from(weight);
+        }
+    }
+    counts.into_iter().collect()
 }

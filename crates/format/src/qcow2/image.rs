@@ -21,6 +21,10 @@ pub struct Qcow2OpenOptions {
     pub for_repair: bool,
     /// Leave a dirty image alone instead of repairing it on a read-write open.
     pub no_auto_repair: bool,
+    /// Open for `check`: tables that start past the end of the file (a truncated
+    /// image) read as zeroes, as QEMU reads them, so that the check reports what is
+    /// missing instead of refusing the image.
+    pub for_check: bool,
 }
 
 /// A qcow2 image.
@@ -154,7 +158,9 @@ impl Qcow2Image {
                 storage.read_at(&mut first, 0)?;
             }
         }
-        let mut h = Header::parse(&first, file_size)?;
+        // Tables may start past the end of the file only for a check.
+        let table_limit = if opts.for_check { u64::MAX } else { file_size };
+        let mut h = Header::parse(&first, table_limit)?;
         if h.is_corrupt() && !read_only && !opts.for_repair {
             return Err(Error::corrupt(
                 "qcow2: Image is corrupt; cannot be opened read/write (run 'strata img check -r all' to repair it)",
@@ -168,8 +174,14 @@ impl Qcow2Image {
             h.snapshots_offset,
             h.nb_snapshots,
             h.cluster_size(),
-            file_size,
+            table_limit,
+            opts.for_check,
         )?;
+        if opts.for_check && h.autoclear_features & header::autoclear::BITMAPS != 0 {
+            if let Some(ext) = h.bitmaps {
+                super::bitmaps::Bitmaps::vet(&*storage, ext, h.cluster_size(), h.size, file_size)?;
+            }
+        }
         let mut bitmaps = None;
         if !read_only && h.autoclear_features != 0 {
             // Bitmaps strata can keep valid stay (see `bitmaps`); any other

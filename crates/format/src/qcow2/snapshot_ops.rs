@@ -148,7 +148,7 @@ impl Meta {
 
     /// Write `snaps` as the new snapshot table and switch the header to it; then free
     /// the old table.
-    fn replace_snapshot_table(&mut self, mut snaps: Vec<Snapshot>) -> Result<()> {
+    pub(crate) fn replace_snapshot_table(&mut self, mut snaps: Vec<Snapshot>) -> Result<()> {
         let cs = self.cluster_size();
         for s in &mut snaps {
             s.extra = s.encode_extra();
