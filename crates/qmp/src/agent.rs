@@ -18,9 +18,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::base64;
 use crate::error::{Error, ErrorKind, Result};
 use crate::wire::{self, command, Command, Empty};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 
 /// The time allowed for a reply unless a call says otherwise.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -318,7 +319,8 @@ impl Agent {
             if st.exited {
                 let decode = |d: &Option<String>| match d {
                     None => Ok(Vec::new()),
-                    Some(s) => base64::decode(s)
+                    Some(s) => B64
+                        .decode(s)
                         .map_err(|e| Error::protocol(&op, format!("bad base64 output: {e}"))),
                 };
                 return Ok(ExecOutput {
@@ -362,7 +364,7 @@ impl Agent {
     /// Read up to `count` bytes; the flag is true at end of file.
     pub fn file_read(&mut self, handle: i64, count: u64) -> Result<(Vec<u8>, bool)> {
         let r = self.execute(&GuestFileRead { handle, count })?;
-        let data = base64::decode(&r.buf_b64).map_err(|e| {
+        let data = B64.decode(&r.buf_b64).map_err(|e| {
             Error::protocol(
                 op_name(GuestFileRead::NAME),
                 format!("bad base64 data: {e}"),
@@ -381,7 +383,7 @@ impl Agent {
     pub fn file_write(&mut self, handle: i64, data: &[u8]) -> Result<u64> {
         let r = self.execute(&GuestFileWrite {
             handle,
-            buf_b64: base64::encode(data),
+            buf_b64: B64.encode(data),
         })?;
         Ok(r.count)
     }

@@ -14,7 +14,6 @@
 
 pub mod accel;
 pub mod agent;
-mod base64;
 pub mod commands;
 mod error;
 pub mod qmp;
