@@ -3,6 +3,7 @@
 
 mod img;
 mod nbd;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ enum Command {
     Img(Box<img::ImgCli>),
     /// NBD server: export images and chains; live snapshots, commit and stream.
     Nbd(Box<nbd::NbdCli>),
+    /// Virtual machines: define, start, stop, exec, and snapshots with memory.
+    Vm(Box<vm::VmCli>),
 }
 
 fn main() {
@@ -44,6 +47,7 @@ fn main() {
                 Ok(cli) => match cli.command {
                     Command::Img(c) => img::run(*c, "strata img"),
                     Command::Nbd(c) => nbd::run(*c),
+                    Command::Vm(c) => vm::run(*c),
                 },
                 Err(e) => {
                     let _ = e.print();
