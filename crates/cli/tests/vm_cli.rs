@@ -274,6 +274,31 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
     assert_eq!(env.info("b1")["parent"], "s2");
     assert_eq!(env.info("s2")["children"], serde_json::json!(["s3", "b1"]));
 
+    // strata killed after QEMU switched to new overlays, before the record was
+    // written: the next command merges them back and removes them.
+    let record = env.record();
+    let files = env.vm_files();
+    let o = env
+        .cmd(&["snapshot", "create", env.vm, "c", "--disk-only"])
+        .env("STRATA_VM_CRASH_AT", "create-done")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(86),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    env.sh("echo during > /data/f; sync");
+    assert!(!env.ok(&["snapshot", "list", env.vm]).contains("\nc "));
+    assert_eq!(env.record(), record, "recovery did not restore the record");
+    assert_eq!(env.vm_files(), files, "recovery left the new overlay");
+    assert_eq!(
+        env.sh("cat /data/f"),
+        "during",
+        "a write made before recovery was lost"
+    );
+
     // Deleting the current external leaf merges its overlay down, live.
     env.sh("echo merged > /data/f; sync");
     env.ok(&["snapshot", "delete", env.vm, "b1"]);
@@ -398,4 +423,80 @@ fn a_stopped_vm_gets_internal_and_external_snapshots_through_the_engine() {
     assert!(!qemu_img(&["snapshot", "-l", d]).contains("i1"));
     env.ok(&["undefine", "t"]);
     assert!(env.fails(&["status", "t"]).contains("not defined"));
+}
+
+/// Crash (exit with no cleanup) at each step of create, revert and delete of a
+/// stopped VM: the next command finds record and disks in agreement.
+#[test]
+fn an_interrupted_snapshot_operation_is_undone_or_finished_by_the_next_command() {
+    let env = Env::new();
+    let disk = env.dir.path().join("d.qcow2");
+    let d = disk.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", d, "16M"]);
+    env.ok(&["define", "t", "--memory", "64M", "--disk", d]);
+    let crash = |step: &str, args: &[&str]| {
+        let o = env
+            .cmd(args)
+            .env("STRATA_VM_CRASH_AT", step)
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(86),
+            "{step}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&env.record()).unwrap();
+        assert!(r["intent"].is_object(), "{step}: no intent recorded");
+    };
+    let mut cases = 0;
+    for (step, kind) in [
+        ("create-overlays", "--external"),
+        ("create-done", "--external"),
+        ("create-done", "--internal"),
+    ] {
+        let record = env.record();
+        crash(step, &["snapshot", "create", "t", "x", kind]);
+        env.ok(&["status", "t"]);
+        assert_eq!(
+            env.record(),
+            record,
+            "{step} {kind}: record not rolled back"
+        );
+        assert!(env.vm_files().is_empty(), "{step} {kind}: files left");
+        assert!(
+            !qemu_img(&["snapshot", "-l", d]).contains(" x "),
+            "{step} {kind}"
+        );
+        qemu_img(&["check", d]);
+        cases += 1;
+    }
+    env.ok(&["snapshot", "create", "t", "e1", "--external"]);
+    let record = env.record();
+    let files = env.vm_files();
+    crash("revert-overlays", &["snapshot", "revert", "t", "e1"]);
+    env.ok(&["status", "t"]);
+    assert_eq!(env.record(), record, "revert not rolled back");
+    assert_eq!(env.vm_files(), files, "revert left its overlays");
+    cases += 1;
+
+    // A delete that merged already is finished, not undone.
+    let top = env.disks()[0].clone();
+    Command::new("qemu-io")
+        .args(["-c", "write -P 0x33 0 4k", &top])
+        .output()
+        .unwrap();
+    crash("delete-merged", &["snapshot", "delete", "t", "e1"]);
+    env.ok(&["status", "t"]);
+    assert_eq!(env.disks(), vec![d.to_string()]);
+    assert!(env.vm_files().is_empty());
+    assert!(!env.ok(&["snapshot", "list", "t"]).contains("e1"));
+    qemu_img(&["check", d]);
+    let o = Command::new("qemu-io")
+        .args(["-c", "read -P 0x33 0 4k", d])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+    cases += 1;
+    assert_eq!(cases, 5);
 }

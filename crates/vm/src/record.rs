@@ -97,6 +97,10 @@ pub struct Intent {
     /// Files the operation creates (overlays, memory file): removed on rollback.
     #[serde(default)]
     pub new_files: Vec<PathBuf>,
+    /// The guest's filesystems may be frozen by this operation (`--quiesce`):
+    /// recovery thaws them.
+    #[serde(default)]
+    pub quiesce: bool,
 }
 
 /// Everything strata keeps about one VM.

@@ -14,7 +14,7 @@ use strata_qmp::commands::SnapshotDelete;
 
 use crate::engine;
 use crate::error::Result;
-use crate::manager::OpenVm;
+use crate::manager::{agent_timeout, connect_agent, OpenVm};
 use crate::qemu;
 use crate::record::Kind;
 use crate::snapshot::active_commit;
@@ -36,6 +36,12 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
         return Ok(());
     };
     let qmp = qemu::connect(&vm.paths);
+    if intent.quiesce && qmp.is_some() {
+        // The interrupted command may have left the guest frozen.
+        if let Ok(mut agent) = connect_agent(vm, agent_timeout()) {
+            let _ = agent.fsfreeze_thaw();
+        }
+    }
     match (intent.op.as_str(), intent.kind) {
         ("create", Kind::Internal) => match &qmp {
             Some(q) => {

@@ -25,6 +25,20 @@ use crate::qemu::{self, StartMode};
 use crate::record::{Disk, Intent, Kind, Snapshot};
 use crate::state::check_name;
 
+/// The environment variable naming a step at which the command exits at once,
+/// as if killed (for crash tests of the recovery): see [`step`].
+pub const CRASH_AT_ENV: &str = "STRATA_VM_CRASH_AT";
+
+/// A named point between the steps of a multi-step operation. When
+/// `STRATA_VM_CRASH_AT` names it, the process exits at once with status 86,
+/// running no cleanup, like a strata killed there.
+fn step(name: &str) {
+    if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == name) {
+        eprintln!("strata vm: crashing at step '{name}' ({CRASH_AT_ENV})");
+        std::process::exit(86);
+    }
+}
+
 /// Time allowed for snapshot jobs and memory transfers.
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -197,9 +211,11 @@ impl Manager {
         let live = match state.as_str() {
             "running" | "paused" => true,
             "stopped" => false,
-            other => return Err(Error::State(format!(
+            other => {
+                return Err(Error::State(format!(
                 "VM '{name}' is in state '{other}'; a snapshot needs it running, paused or stopped"
-            ))),
+            )))
+            }
         };
         let memory = live && !opts.disk_only;
         let kind = opts.kind.unwrap_or(if live && opts.disk_only {
@@ -259,6 +275,7 @@ impl Manager {
                     snapshot: snap.into(),
                     kind,
                     new_files: Vec::new(),
+                    quiesce: false,
                 });
                 vm.save()?;
                 if let Err(e) = engine::internal_create(&s.disks, snap) {
@@ -269,6 +286,7 @@ impl Manager {
             }
             (Kind::External, q) => external_create(&mut vm, q.as_ref(), &mut s, agent)?,
         }
+        step("create-done");
         vm.rec.snapshots.push(s.clone());
         vm.rec.current = Some(snap.to_string());
         vm.rec.intent = None;
@@ -285,6 +303,7 @@ fn internal_live(vm: &mut OpenVm, qmp: &Qmp, s: &mut Snapshot) -> Result<()> {
         snapshot: s.name.clone(),
         kind: Kind::Internal,
         new_files: Vec::new(),
+        quiesce: false,
     });
     vm.save()?;
     qmp.take_events();
@@ -349,6 +368,7 @@ fn external_create(
         snapshot: s.name.clone(),
         kind: Kind::External,
         new_files: new_files.clone(),
+        quiesce: agent.is_some(),
     });
     vm.save()?;
     let undo = |vm: &mut OpenVm, e: Error| -> Error {
@@ -364,6 +384,7 @@ fn external_create(
             return Err(undo(vm, e));
         }
     }
+    step("create-overlays");
     if let Some(q) = qmp {
         if let Err(e) = switch_live(vm, q, s, &overlays, memory_file.as_ref(), agent, &st) {
             return Err(undo(vm, e));
@@ -590,6 +611,7 @@ fn external_revert(vm: &mut OpenVm, qmp: Option<Qmp>, state: &str, s: &Snapshot)
         snapshot: s.name.clone(),
         kind: Kind::External,
         new_files: overlays.clone(),
+        quiesce: false,
     });
     vm.save()?;
     let made = overlays
@@ -602,6 +624,7 @@ fn external_revert(vm: &mut OpenVm, qmp: Option<Qmp>, state: &str, s: &Snapshot)
         vm.save()?;
         return Err(e);
     }
+    step("revert-overlays");
     let was_live = qmp.is_some() && state != "stopped";
     if let Some(q) = qmp {
         qemu::quit(q, &vm.paths)?;
@@ -766,6 +789,7 @@ fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Resu
             snapshot: s.name.clone(),
             kind: Kind::External,
             new_files: Vec::new(),
+            quiesce: false,
         });
         vm.save()?;
         match &qmp {
@@ -783,6 +807,7 @@ fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Resu
                 }
             }
         }
+        step("delete-merged");
         leftovers = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
     } else {
         leftovers.extend(s.disks.iter().cloned());
