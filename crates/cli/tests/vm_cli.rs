@@ -101,6 +101,21 @@ fn qemu_img(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// Run qemu-io commands on `file`; a failed command or a pattern mismatch fails.
+fn qemu_io(file: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.arg(file).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && !out.contains("verification failed") && !out.contains("failed:"),
+        "qemu-io {cmds:?} {file}: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn qemu_img_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&qemu_img(args)).unwrap()
 }
@@ -368,10 +383,7 @@ fn a_stopped_vm_gets_internal_and_external_snapshots_through_the_engine() {
     let disk = env.dir.path().join("d.qcow2");
     let d = disk.to_str().unwrap();
     qemu_img(&["create", "-q", "-f", "qcow2", d, "16M"]);
-    Command::new("qemu-io")
-        .args(["-c", "write -P 0x11 0 64k", d])
-        .output()
-        .unwrap();
+    qemu_io(d, &["write -P 0x11 0 64k"]);
     env.ok(&["define", "t", "--memory", "64M", "--disk", d]);
 
     // Internal: made in the file itself, visible to qemu-img.
@@ -397,28 +409,16 @@ fn a_stopped_vm_gets_internal_and_external_snapshots_through_the_engine() {
     assert_eq!(env.record(), record);
 
     // Writes land in the overlay; deleting the leaf merges them into the disk.
-    Command::new("qemu-io")
-        .args(["-c", "write -P 0x22 0 4k", &top])
-        .output()
-        .unwrap();
+    qemu_io(&top, &["write -P 0x22 0 4k"]);
     env.ok(&["snapshot", "delete", "t", "e1"]);
     assert_eq!(env.disks(), vec![d.to_string()]);
     assert!(!Path::new(&top).exists(), "the merged overlay was kept");
     qemu_img(&["check", d]);
-    let o = Command::new("qemu-io")
-        .args(["-c", "read -P 0x22 0 4k", "-c", "read -P 0x11 4k 60k", d])
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
+    qemu_io(d, &["read -P 0x22 0 4k", "read -P 0x11 4k 60k"]);
 
     // Revert and delete the internal one through the engine.
     env.ok(&["snapshot", "revert", "t", "i1"]);
-    let o = Command::new("qemu-io")
-        .args(["-c", "read -P 0x11 0 64k", d])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+    qemu_io(d, &["read -P 0x11 0 64k"]);
     env.ok(&["snapshot", "delete", "t", "i1"]);
     assert!(!qemu_img(&["snapshot", "-l", d]).contains("i1"));
     env.ok(&["undefine", "t"]);
@@ -482,21 +482,14 @@ fn an_interrupted_snapshot_operation_is_undone_or_finished_by_the_next_command()
 
     // A delete that merged already is finished, not undone.
     let top = env.disks()[0].clone();
-    Command::new("qemu-io")
-        .args(["-c", "write -P 0x33 0 4k", &top])
-        .output()
-        .unwrap();
+    qemu_io(&top, &["write -P 0x33 0 4k"]);
     crash("delete-merged", &["snapshot", "delete", "t", "e1"]);
     env.ok(&["status", "t"]);
     assert_eq!(env.disks(), vec![d.to_string()]);
     assert!(env.vm_files().is_empty());
     assert!(!env.ok(&["snapshot", "list", "t"]).contains("e1"));
     qemu_img(&["check", d]);
-    let o = Command::new("qemu-io")
-        .args(["-c", "read -P 0x33 0 4k", d])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+    qemu_io(d, &["read -P 0x33 0 4k"]);
     cases += 1;
     assert_eq!(cases, 5);
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use strata_qmp::accel::{self, Accel};
+use strata_qmp::cmdline;
 use strata_qmp::commands::QueryStatus;
 use strata_qmp::Qmp;
 
@@ -23,10 +24,6 @@ use crate::record::VmDef;
 pub const QEMU_ENV: &str = "STRATA_QEMU";
 /// The QEMU binary used when `STRATA_QEMU` is unset.
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
-/// The agent's chardev and port ids.
-pub const AGENT_CHARDEV: &str = "qga0";
-pub const AGENT_PORT: &str = "qga0-port";
-
 /// The files of a VM's running QEMU.
 #[derive(Debug, Clone)]
 pub struct VmPaths {
@@ -60,15 +57,7 @@ pub struct StartMode {
     pub incoming: bool,
 }
 
-/// The qcow2 (or raw) node name of disk `i` as started.
-pub fn disk_node(i: usize) -> String {
-    format!("disk{i}")
-}
-
-/// The device id of disk `i`.
-pub fn disk_device(i: usize) -> String {
-    format!("vdisk{i}")
-}
+pub use strata_qmp::cmdline::{disk_device, disk_node};
 
 /// The QEMU binary: `$STRATA_QEMU` or `qemu-system-x86_64`.
 pub fn qemu_binary() -> String {
@@ -100,35 +89,10 @@ fn command_line(def: &VmDef, paths: &VmPaths, accel: Accel, mode: StartMode) -> 
     cmd.arg("-serial")
         .arg(format!("file:{}", paths.serial().display()));
     for (i, d) in def.disks.iter().enumerate() {
-        let node = disk_node(i);
-        cmd.arg("-blockdev").arg(format!(
-            "driver=file,filename={},node-name={node}-file",
-            escape_opt(&d.file)
-        ));
-        cmd.arg("-blockdev").arg(format!(
-            "driver={},file={node}-file,node-name={node}",
-            d.format
-        ));
-        cmd.arg("-device")
-            .arg(format!("virtio-blk-pci,drive={node},id={}", disk_device(i)));
+        cmdline::add_disk(&mut cmd, i, &d.file, &d.format);
     }
-    cmd.args(["-device", "virtio-serial-pci,id=vser0"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id={AGENT_CHARDEV},path={},server=on,wait=off",
-            escape_opt(&paths.agent())
-        ))
-        .arg("-device")
-        .arg(format!(
-            "virtserialport,chardev={AGENT_CHARDEV},name=org.qemu.guest_agent.0,id={AGENT_PORT}"
-        ))
-        .arg("-qmp")
-        .arg(format!(
-            "unix:{},server=on,wait=off",
-            escape_opt(&paths.qmp())
-        ))
-        .arg("-pidfile")
-        .arg(paths.pid());
+    cmdline::add_channels(&mut cmd, &paths.agent(), &paths.qmp());
+    cmd.arg("-pidfile").arg(paths.pid());
     if mode.paused {
         cmd.arg("-S");
     }
@@ -136,11 +100,6 @@ fn command_line(def: &VmDef, paths: &VmPaths, accel: Accel, mode: StartMode) -> 
         cmd.args(["-incoming", "defer"]);
     }
     cmd
-}
-
-/// A path inside a QEMU option string: commas are doubled.
-fn escape_opt(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
 }
 
 /// Start QEMU for `def` detached and connect to its monitor. Returns the
