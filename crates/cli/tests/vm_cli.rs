@@ -493,3 +493,106 @@ fn an_interrupted_snapshot_operation_is_undone_or_finished_by_the_next_command()
     cases += 1;
     assert_eq!(cases, 5);
 }
+
+/// A tree four deep with two branches, on a stopped VM: deleting a middle
+/// snapshot and then the branch point merges their data into the images above,
+/// and every remaining snapshot and the current state keep their content.
+#[test]
+fn deleting_middle_snapshots_keeps_every_other_snapshot_and_the_current_state() {
+    let env = Env::new();
+    let disk = env.dir.path().join("d.qcow2");
+    let d = disk.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", d, "16M"]);
+    qemu_io(d, &["write -P 0xa1 0 64k"]);
+    env.ok(&["define", "t", "--memory", "64M", "--disk", d]);
+    let top = |env: &Env| env.disks()[0].clone();
+    let snap_file = |env: &Env, s: &str| {
+        env.info(s)["disks"][0]["file"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    env.ok(&["snapshot", "create", "t", "e1", "--external"]);
+    qemu_io(&top(&env), &["write -P 0xb2 4k 4k"]);
+    env.ok(&["snapshot", "create", "t", "e2", "--external"]);
+    qemu_io(&top(&env), &["write -P 0xc3 8k 4k"]);
+    env.ok(&["snapshot", "create", "t", "e3", "--external"]);
+    qemu_io(&top(&env), &["write -P 0xd4 12k 4k"]);
+    env.ok(&["snapshot", "revert", "t", "e2"]);
+    qemu_io(&top(&env), &["write -P 0xe5 16k 4k"]);
+    env.ok(&["snapshot", "create", "t", "b1", "--external"]);
+    qemu_io(&top(&env), &["write -P 0xf6 20k 4k"]);
+    assert_eq!(env.info("e2")["children"], serde_json::json!(["e3", "b1"]));
+
+    // What each image shows: (file, [(pattern, offset)]), the rest of 0..24k as
+    // written before it.
+    let e3_view = [
+        "read -P 0xa1 0 4k",
+        "read -P 0xb2 4k 4k",
+        "read -P 0xc3 8k 4k",
+        "read -P 0xa1 12k 4k",
+    ];
+    let b1_view = [
+        "read -P 0xa1 0 4k",
+        "read -P 0xb2 4k 4k",
+        "read -P 0xa1 8k 8k",
+        "read -P 0xe5 16k 4k",
+    ];
+    let now_view = [
+        "read -P 0xa1 0 4k",
+        "read -P 0xb2 4k 4k",
+        "read -P 0xa1 8k 8k",
+        "read -P 0xe5 16k 4k",
+        "read -P 0xf6 20k 4k",
+    ];
+    let check_all = |env: &Env| {
+        qemu_io(&snap_file(env, "e3"), &e3_view);
+        qemu_io(&snap_file(env, "b1"), &b1_view);
+        qemu_io(&top(env), &now_view);
+        qemu_io(d, &["read -P 0xa1 0 64k"]);
+        for f in env.vm_files() {
+            qemu_img(&["check", f.to_str().unwrap()]);
+        }
+    };
+    check_all(&env);
+
+    // The middle snapshot and branch point e2, with strata stopped after the
+    // first image was rebased: the next command finishes the merge.
+    let e2_file = snap_file(&env, "e2");
+    let o = env
+        .cmd(&["snapshot", "delete", "t", "e2"])
+        .env("STRATA_VM_CRASH_AT", "merge-rebased")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(86),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    env.ok(&["status", "t"]);
+    assert!(!env.ok(&["snapshot", "list", "t"]).contains("e2"));
+    assert!(
+        !Path::new(&e2_file).exists(),
+        "the merged snapshot's file was kept"
+    );
+    assert_eq!(env.info("e3")["parent"], "e1");
+    assert_eq!(env.info("b1")["parent"], "e1");
+    check_all(&env);
+
+    // Then e1, now the branch point, whose file is the user's own disk: the
+    // images above take its data and the disk itself is left alone.
+    env.ok(&["snapshot", "delete", "t", "e1"]);
+    assert_eq!(env.info("e3")["parent"], serde_json::Value::Null);
+    check_all(&env);
+    for s in ["e3", "b1"] {
+        let info = qemu_img_json(&["info", "--output=json", &snap_file(&env, s)]);
+        assert!(info.get("backing-filename").is_none(), "{s}: {info}");
+    }
+
+    // Every remaining snapshot still reverts to its own content.
+    env.ok(&["snapshot", "revert", "t", "e3"]);
+    qemu_io(&top(&env), &e3_view);
+    env.ok(&["snapshot", "revert", "t", "b1"]);
+    qemu_io(&top(&env), &b1_view);
+}

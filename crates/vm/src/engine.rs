@@ -138,3 +138,56 @@ pub fn commit_into_backing(top: &Disk) -> Result<()> {
     layers[1].flush()?;
     Ok(())
 }
+
+/// True when the qcow2 image `x` has `backing` as its backing file.
+pub fn is_on(x: &Path, backing: &Path) -> Result<bool> {
+    let probe = strata_chain::open(
+        &strata_chain::OpenSpec::new(x)
+            .format(Some(Format::Qcow2))
+            .open_backing(false),
+    )?;
+    Ok(probe.layers[0]
+        .backing_path
+        .as_ref()
+        .is_some_and(|b| std::fs::canonicalize(b).ok() == std::fs::canonicalize(backing).ok()))
+}
+
+/// When the qcow2 image `x` has `skipped` as its backing file, make it skip it:
+/// copy into `x` what `skipped` provided (where `skipped`'s content differs from
+/// what lies below it), then point `x` at `skipped`'s own backing file (or at
+/// none). `x` shows the same content afterwards. Returns whether `x` was on
+/// `skipped`. Running it again after an interruption finishes the job.
+pub fn rebase_past(x: &Path, skipped: &Path) -> Result<bool> {
+    if !is_on(x, skipped)? {
+        return Ok(false);
+    }
+    let chain = strata_chain::open(
+        &strata_chain::OpenSpec::new(x)
+            .format(Some(Format::Qcow2))
+            .write(true),
+    )?;
+    let image = chain.top().clone();
+    let below = chain.layers.get(2);
+    let cancel = strata_jobs::Cancel::default();
+    strata_jobs::rebase::copy_differences(
+        &image,
+        below.map(|l| &l.device),
+        &strata_jobs::NoProgress,
+        &cancel,
+    )?;
+    let name = below.map(|l| {
+        std::fs::canonicalize(&l.path)
+            .unwrap_or_else(|_| l.path.clone())
+            .display()
+            .to_string()
+    });
+    strata_jobs::commit::relink_above(
+        image.as_ref(),
+        name.as_deref(),
+        below.map(|l| l.format.name()),
+    )?;
+    if let Some(q) = image.as_any().downcast_ref::<Qcow2Image>() {
+        q.close()?;
+    }
+    Ok(true)
+}

@@ -686,10 +686,7 @@ impl Manager {
             let kids = vm.rec.children(snap);
             let s = vm.rec.snapshot(snap)?;
             if !kids.is_empty() && s.kind == Kind::External && !opts.metadata_only {
-                return Err(Error::State(format!(
-                    "external snapshot '{snap}' has children ({}); merging a snapshot in the middle of the tree is not supported yet: delete with --children, or --metadata-only to keep its files as they are",
-                    kids.join(", ")
-                )));
+                return merge_middle(&mut vm, snap);
             }
         }
         order.push(snap.to_string());
@@ -837,4 +834,69 @@ pub(crate) fn node_of_file(qmp: &Qmp, file: &std::path::Path) -> Result<String> 
         .and_then(|n| n.get("node-name").and_then(|v| v.as_str()))
         .map(str::to_string)
         .ok_or_else(|| Error::Qemu(format!("QEMU has no node open on '{want}'")))
+}
+
+/// Delete an external snapshot that has children, on a stopped VM: every image
+/// built directly on the snapshot's files (children's files, the VM's current
+/// overlays) takes in what those files provided and is pointed past them, so
+/// every other snapshot and the current state keep their content; then the
+/// snapshot's files go (when strata made them and nothing else uses them).
+fn merge_middle(vm: &mut OpenVm, snap: &str) -> Result<()> {
+    if qemu::live_pid(&vm.paths).is_some() {
+        return Err(Error::State(format!(
+            "external snapshot '{snap}' has children: stop VM '{}' to merge it into them (or delete with --metadata-only)",
+            vm.name
+        )));
+    }
+    let frozen = vm.rec.snapshot(snap)?.disks.clone();
+    for o in vm.rec.snapshots.iter().filter(|o| o.kind == Kind::Internal) {
+        for d in &o.disks {
+            for f in &frozen {
+                if d.file != f.file && engine::is_on(&d.file, &f.file)? {
+                    return Err(Error::State(format!(
+                        "internal snapshot '{}' is kept in '{}', built on external snapshot '{snap}'; merging would change what it shows: delete it first, or use --metadata-only",
+                        o.name,
+                        d.file.display()
+                    )));
+                }
+            }
+        }
+    }
+    vm.rec.intent = Some(Intent {
+        op: "merge".into(),
+        snapshot: snap.to_string(),
+        kind: Kind::External,
+        new_files: Vec::new(),
+        quiesce: false,
+    });
+    vm.save()?;
+    finish_merge(vm, snap)
+}
+
+/// The work of [`merge_middle`] after its intent is recorded; also how recovery
+/// finishes an interrupted merge (each step can run again).
+pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str) -> Result<()> {
+    let s = vm.rec.snapshot(snap)?.clone();
+    let mut users: Vec<PathBuf> = vm.rec.def.disks.iter().map(|d| d.file.clone()).collect();
+    for o in &vm.rec.snapshots {
+        users.extend(o.disks.iter().map(|d| d.file.clone()));
+    }
+    users.sort();
+    users.dedup();
+    for f in &s.disks {
+        for x in users.iter().filter(|x| *x != &f.file) {
+            if x.starts_with(vm.dir()) {
+                engine::rebase_past(x, &f.file)?;
+                step("merge-rebased");
+            }
+        }
+    }
+    forget(vm, snap);
+    vm.rec.intent = None;
+    vm.save()?;
+    discard_unused(vm, &s.disks);
+    if let Some(m) = &s.memory_file {
+        let _ = std::fs::remove_file(m);
+    }
+    Ok(())
 }
