@@ -142,6 +142,19 @@ fn define_guest(env: &Env) -> PathBuf {
     disk
 }
 
+/// Define VM `t` (stopped, no guest) on a new 16 MiB qcow2 disk, first written
+/// with the qemu-io command `write`; returns the disk's path.
+fn define_blank(env: &Env, write: Option<&str>) -> String {
+    let disk = env.dir.path().join("d.qcow2");
+    let d = disk.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", d, "16M"]);
+    if let Some(w) = write {
+        qemu_io(d, &[w]);
+    }
+    env.ok(&["define", "t", "--memory", "64M", "--disk", d]);
+    d.to_string()
+}
+
 /// The guest's counter: "pid value".
 fn counter(env: &Env) -> (u64, u64) {
     let s = env.sh("echo $(cat /tmp/pid) $(cat /tmp/n)");
@@ -380,11 +393,8 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
 #[test]
 fn a_stopped_vm_gets_internal_and_external_snapshots_through_the_engine() {
     let env = Env::new();
-    let disk = env.dir.path().join("d.qcow2");
-    let d = disk.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", d, "16M"]);
-    qemu_io(d, &["write -P 0x11 0 64k"]);
-    env.ok(&["define", "t", "--memory", "64M", "--disk", d]);
+    let disk = define_blank(&env, Some("write -P 0x11 0 64k"));
+    let d = disk.as_str();
 
     // Internal: made in the file itself, visible to qemu-img.
     env.ok(&["snapshot", "create", "t", "i1"]);
@@ -430,10 +440,8 @@ fn a_stopped_vm_gets_internal_and_external_snapshots_through_the_engine() {
 #[test]
 fn an_interrupted_snapshot_operation_is_undone_or_finished_by_the_next_command() {
     let env = Env::new();
-    let disk = env.dir.path().join("d.qcow2");
-    let d = disk.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", d, "16M"]);
-    env.ok(&["define", "t", "--memory", "64M", "--disk", d]);
+    let disk = define_blank(&env, None);
+    let d = disk.as_str();
     let crash = |step: &str, args: &[&str]| {
         let o = env
             .cmd(args)
@@ -500,11 +508,8 @@ fn an_interrupted_snapshot_operation_is_undone_or_finished_by_the_next_command()
 #[test]
 fn deleting_middle_snapshots_keeps_every_other_snapshot_and_the_current_state() {
     let env = Env::new();
-    let disk = env.dir.path().join("d.qcow2");
-    let d = disk.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", d, "16M"]);
-    qemu_io(d, &["write -P 0xa1 0 64k"]);
-    env.ok(&["define", "t", "--memory", "64M", "--disk", d]);
+    let disk = define_blank(&env, Some("write -P 0xa1 0 64k"));
+    let d = disk.as_str();
     let top = |env: &Env| env.disks()[0].clone();
     let snap_file = |env: &Env, s: &str| {
         env.info(s)["disks"][0]["file"]
