@@ -285,6 +285,17 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
     let mem = env.info("s3")["memory_file"].as_str().unwrap().to_string();
     assert!(Path::new(&mem).is_file());
 
+    // Reverting a stopped VM to a memory snapshot brings the guest back where it
+    // was, running, with no boot.
+    let (pid, _) = counter(&env);
+    env.sh("echo gone > /data/f; sync");
+    env.ok(&["kill", env.vm]);
+    assert!(env.ok(&["status", env.vm]).contains("state: stopped"));
+    env.ok(&["snapshot", "revert", env.vm, "s3"]);
+    assert!(env.ok(&["status", env.vm]).contains("state: running"));
+    assert_eq!(env.sh("cat /data/f"), "three");
+    assert_eq!(counter(&env).0, pid, "the guest was rebooted, not restored");
+
     // A disk-only snapshot of a running VM needs a restart to revert to.
     let e = env.fails(&["snapshot", "revert", env.vm, "s2"]);
     assert!(e.contains("--force"), "{e}");
