@@ -282,6 +282,10 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
 
     // External with memory.
     memory_snapshot_round_trip(&env, "s3", &["--external"], "three");
+    assert!(
+        env.info("s3")["pause_ms"].is_u64(),
+        "the guest's pause was not measured"
+    );
     let mem = env.info("s3")["memory_file"].as_str().unwrap().to_string();
     assert!(Path::new(&mem).is_file());
 

@@ -142,9 +142,15 @@ fn pause_from_events(qmp: &Qmp) -> Option<u64> {
 }
 
 /// Turn on what memory files need: MIGRATION events and a seekable, sparse file.
-fn memory_capabilities(qmp: &Qmp) -> Result<()> {
+/// `pause` adds `pause-before-switchover` (for saving: the disks are switched
+/// in that pause).
+fn memory_capabilities(qmp: &Qmp, pause: bool) -> Result<()> {
+    let mut caps = vec!["events", "mapped-ram"];
+    if pause {
+        caps.push("pause-before-switchover");
+    }
     qmp.execute(&MigrateSetCapabilities {
-        capabilities: ["events", "mapped-ram"]
+        capabilities: caps
             .into_iter()
             .map(|c| MigrationCapability {
                 capability: c.to_string(),
@@ -155,13 +161,14 @@ fn memory_capabilities(qmp: &Qmp) -> Result<()> {
     Ok(())
 }
 
-/// Poll `query-migrate` until the migration completed; an error when it failed.
-fn wait_migration(qmp: &Qmp, what: &str) -> Result<()> {
+/// Poll `query-migrate` until the migration reaches status `target`; an error
+/// when it failed.
+fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
     let deadline = Instant::now() + JOB_TIMEOUT;
     loop {
         let info = qmp.execute(&QueryMigrate {})?;
         match info.status.as_deref() {
-            Some("completed") => return Ok(()),
+            Some(st) if st == target => return Ok(()),
             Some("failed") | Some("cancelled") => {
                 return Err(Error::Qemu(format!(
                     "{what} failed: {}",
@@ -446,24 +453,32 @@ fn switch_live(
                 s.pause_ms = Some(t0.elapsed().as_millis() as u64);
             }
             Some(mem) => {
-                memory_capabilities(qmp)?;
+                // The memory is copied while the guest runs; QEMU stops it for
+                // the last dirty pages and waits before switching over: the
+                // disks switch then, so memory and disks are of one instant.
+                memory_capabilities(qmp, true)?;
                 let was_running = s.vm_state == "running";
-                let t0 = Instant::now();
-                if was_running {
-                    qmp.execute(&Stop {})?;
-                }
+                qmp.take_events();
+                qmp.execute(&Migrate {
+                    uri: format!("file:{}", mem.display()),
+                })?;
                 let saved = (|| -> Result<()> {
+                    wait_migration(qmp, "saving the memory", "pre-switchover")?;
                     qmp.execute(&Transaction { actions })?;
                     switched = true;
-                    qmp.execute(&Migrate {
-                        uri: format!("file:{}", mem.display()),
-                    })?;
-                    wait_migration(qmp, "saving the memory")
+                    qmp.execute_value(
+                        "migrate-continue",
+                        Some(json!({"state": "pre-switchover"})),
+                    )?;
+                    wait_migration(qmp, "saving the memory", "completed")
                 })();
-                if was_running {
+                if saved.is_err() && !switched {
+                    let _ = qmp.execute_value("migrate_cancel", None);
+                }
+                if was_running && qemu::run_state(qmp)? != "running" {
                     qmp.execute(&Cont {})?;
                 }
-                s.pause_ms = Some(t0.elapsed().as_millis() as u64);
+                s.pause_ms = pause_from_events(qmp);
                 saved?;
             }
         }
@@ -653,11 +668,11 @@ fn external_revert(vm: &mut OpenVm, qmp: Option<Qmp>, state: &str, s: &Snapshot)
                 incoming: true,
             },
         )?;
-        memory_capabilities(&q)?;
+        memory_capabilities(&q, false)?;
         q.execute(&MigrateIncoming {
             uri: format!("file:{}", mem.display()),
         })?;
-        wait_migration(&q, "loading the memory")?;
+        wait_migration(&q, "loading the memory", "completed")?;
         set_run_state(&q, s)?;
     } else if was_live {
         qemu::launch(&vm.rec.def, &vm.paths, StartMode::default())?;
