@@ -148,7 +148,7 @@ impl Manager {
     /// The status of one VM.
     pub fn status(&self, name: &str) -> Result<Status> {
         let vm = self.open(name)?;
-        let (state, pid) = match qemu::connect(&vm.paths) {
+        let (state, pid) = match qemu::connect(&vm.paths)? {
             Some(q) => (qemu::run_state(&q)?, qemu::live_pid(&vm.paths)),
             None => ("stopped".to_string(), None),
         };
@@ -219,7 +219,8 @@ impl Manager {
 
 /// The monitor of a running (or paused) VM, or a clear error when it is stopped.
 pub(crate) fn running_qmp(vm: &OpenVm) -> Result<Qmp> {
-    qemu::connect(&vm.paths).ok_or_else(|| Error::State(format!("VM '{}' is not running", vm.name)))
+    qemu::connect(&vm.paths)?
+        .ok_or_else(|| Error::State(format!("VM '{}' is not running", vm.name)))
 }
 
 /// How long to wait for the agent, from `STRATA_AGENT_TIMEOUT` (default 10 s).

@@ -174,10 +174,22 @@ pub fn live_pid(paths: &VmPaths) -> Option<i32> {
     (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
 }
 
-/// Connect to the VM's monitor if its QEMU is running.
-pub fn connect(paths: &VmPaths) -> Option<Qmp> {
-    live_pid(paths)?;
-    Qmp::connect(&paths.qmp(), Duration::from_secs(10)).ok()
+/// Connect to the VM's monitor if its QEMU is running (`None` when it is not).
+/// A QEMU that runs but does not answer on its monitor (another client holds
+/// it: QEMU serves one at a time) is an error, never taken for a stopped VM.
+pub fn connect(paths: &VmPaths) -> Result<Option<Qmp>> {
+    let Some(pid) = live_pid(paths) else {
+        return Ok(None);
+    };
+    match Qmp::connect(&paths.qmp(), Duration::from_secs(10)) {
+        Ok(q) => Ok(Some(q)),
+        // It may have exited meanwhile.
+        Err(_) if live_pid(paths).is_none() => Ok(None),
+        Err(e) => Err(Error::Qemu(format!(
+            "QEMU (pid {pid}) runs but its monitor {} does not answer (is another client connected?): {e}",
+            paths.qmp().display()
+        ))),
+    }
 }
 
 /// The VM's run state as QEMU reports it (`running`, `paused`, ...).

@@ -35,7 +35,7 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
     let Some(intent) = vm.rec.intent.clone() else {
         return Ok(());
     };
-    let qmp = qemu::connect(&vm.paths);
+    let qmp = qemu::connect(&vm.paths)?;
     if intent.quiesce && qmp.is_some() {
         // The interrupted command may have left the guest frozen.
         if let Ok(mut agent) = connect_agent(vm, agent_timeout()) {

@@ -80,7 +80,7 @@ fn stamp() -> String {
 /// Run state of a VM: the monitor when QEMU runs, and `running`, `paused`,
 /// `stopped` or QEMU's other states.
 fn vm_state(vm: &OpenVm) -> Result<(Option<Qmp>, String)> {
-    match qemu::connect(&vm.paths) {
+    match qemu::connect(&vm.paths)? {
         Some(q) => {
             let s = qemu::run_state(&q)?;
             Ok((Some(q), s))
