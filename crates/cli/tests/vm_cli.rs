@@ -444,10 +444,28 @@ fn a_stopped_vm_gets_internal_and_external_snapshots_through_the_engine() {
     // Revert and delete the internal one through the engine.
     env.ok(&["snapshot", "revert", "t", "i1"]);
     qemu_io(d, &["read -P 0x11 0 64k"]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshot", "list", "t", "--output=json"])).unwrap();
+    assert_eq!(listed[0]["name"], "i1");
+    assert_eq!(listed[0]["disks"][0]["file"], d);
     env.ok(&["snapshot", "delete", "t", "i1"]);
     assert!(!qemu_img(&["snapshot", "-l", d]).contains("i1"));
     env.ok(&["undefine", "t"]);
     assert!(env.fails(&["status", "t"]).contains("not defined"));
+
+    // The same VM from a definition file; a misspelt key is refused.
+    let file = env.dir.path().join("t.json");
+    let def = serde_json::json!({"name": "t", "memory_mib": 64, "cpus": 1,
+                                 "disks": [{"file": d, "format": "qcow2"}]});
+    std::fs::write(&file, def.to_string()).unwrap();
+    env.ok(&["define", "--file", file.to_str().unwrap()]);
+    assert!(env
+        .ok(&["status", "t"])
+        .contains(&format!("disk0: {d} (qcow2)")));
+    let bad = env.dir.path().join("bad.json");
+    std::fs::write(&bad, def.to_string().replace("cpus", "cpu")).unwrap();
+    let e = env.fails(&["define", "u", "--file", bad.to_str().unwrap()]);
+    assert!(e.contains("is not a VM definition"), "{e}");
 }
 
 /// Crash (exit with no cleanup) at each step of create, revert and delete of a
