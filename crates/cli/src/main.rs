@@ -4,6 +4,7 @@
 mod backup;
 mod img;
 mod nbd;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ enum Command {
     Nbd(Box<nbd::NbdCli>),
     /// Backups in restic's repository format: init, create, list, restore.
     Backup(Box<backup::BackupCli>),
+    /// Virtual machines: define, start, stop, exec, and snapshots with memory.
+    Vm(Box<vm::VmCli>),
 }
 
 fn main() {
@@ -48,6 +51,7 @@ fn main() {
                     Command::Img(c) => img::run(*c, "strata img"),
                     Command::Nbd(c) => nbd::run(*c),
                     Command::Backup(c) => backup::run(*c),
+                    Command::Vm(c) => vm::run(*c),
                 },
                 Err(e) => {
                     let _ = e.print();

@@ -4,6 +4,7 @@
 //!   waited for with a predicate and a timeout, job helpers;
 //! - [`agent`]: the guest agent: sync, ping, exec, fsfreeze, file access;
 //! - [`commands`]: the typed QMP commands;
+//! - [`cmdline`]: QEMU command-line pieces (disks, agent port, QMP);
 //! - [`accel`]: whether KVM is really usable, or TCG must be used;
 //! - `testing` (feature `testing`): builds and boots the project's test guest.
 //!
@@ -14,6 +15,7 @@
 
 pub mod accel;
 pub mod agent;
+pub mod cmdline;
 pub mod commands;
 mod error;
 pub mod qmp;

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::accel::{self, Accel};
+use crate::cmdline;
 use crate::commands::QueryChardev;
 use crate::{Agent, Qmp};
 
@@ -18,8 +19,7 @@ use crate::{Agent, Qmp};
 pub const GUEST_DIR_ENV: &str = "STRATA_TEST_GUEST";
 
 /// The id of the agent's chardev and of its virtio-serial port in a [`TestVm`].
-pub const AGENT_CHARDEV: &str = "qga0";
-pub const AGENT_PORT: &str = "qga0-port";
+pub use crate::cmdline::{AGENT_CHARDEV, AGENT_PORT};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -117,30 +117,9 @@ impl TestVm {
             .arg("-serial")
             .arg(format!("file:{}", dir.join("serial.log").display()));
         for (i, d) in disks.iter().enumerate() {
-            cmd.arg("-blockdev").arg(format!(
-                "driver=file,filename={},node-name=disk{i}-file",
-                d.display()
-            ));
-            cmd.arg("-blockdev")
-                .arg(format!("driver=qcow2,file=disk{i}-file,node-name=disk{i}"));
-            cmd.arg("-device")
-                .arg(format!("virtio-blk-pci,drive=disk{i},id=vdisk{i}"));
+            cmdline::add_disk(&mut cmd, i, d, "qcow2");
         }
-        cmd.args(["-device", "virtio-serial-pci,id=vser0"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id={AGENT_CHARDEV},path={},server=on,wait=off",
-                dir.join("agent.sock").display()
-            ))
-            .arg("-device")
-            .arg(format!(
-                "virtserialport,chardev={AGENT_CHARDEV},name=org.qemu.guest_agent.0,id={AGENT_PORT}"
-            ))
-            .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                dir.join("qmp.sock").display()
-            ));
+        cmdline::add_channels(&mut cmd, &dir.join("agent.sock"), &dir.join("qmp.sock"));
         let log = std::fs::File::create(dir.join("qemu.log"))
             .map_err(|e| format!("create {}: {e}", dir.join("qemu.log").display()))?;
         let child = cmd

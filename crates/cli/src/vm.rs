@@ -1,0 +1,372 @@
+//! `strata vm`: define, run and snapshot QEMU virtual machines. No daemon: each
+//! command works on the VM's state directory and talks to its own QMP socket.
+
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+use strata_vm::{CreateOptions, DeleteOptions, Kind, Manager, StateDir, VmDef, VmRecord};
+
+#[derive(clap::Args)]
+pub struct VmCli {
+    /// State directory (default: $STRATA_STATE_DIR, else /var/lib/strata).
+    #[arg(long = "state-dir", global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: VmCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum VmCommand {
+    /// Define a VM (from options, or from a JSON file with --file).
+    Define(DefineArgs),
+    /// Start a VM's QEMU, detached (KVM when usable, else TCG).
+    Start { name: String },
+    /// Press the power button; quit QEMU if the guest is still up after --timeout.
+    Stop {
+        name: String,
+        /// Seconds to wait for the guest to power off.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Kill a VM's QEMU at once.
+    Kill { name: String },
+    /// List the defined VMs and their state.
+    List,
+    /// Show a VM's state and definition.
+    Status { name: String },
+    /// Forget a stopped VM that has no snapshots (its disks are kept).
+    Undefine { name: String },
+    /// Run a command in the guest through its agent; exits with the command's code.
+    Exec {
+        name: String,
+        /// Seconds to wait for the command.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Snapshots: create, list, info, current, revert, delete.
+    #[command(subcommand)]
+    Snapshot(SnapCommand),
+}
+
+#[derive(clap::Args)]
+struct DefineArgs {
+    name: Option<String>,
+    /// A JSON definition (name, memory_mib, cpus, disks [{file, format}], kernel, initrd, append).
+    #[arg(long, conflicts_with_all = ["memory", "cpus", "disk", "kernel", "initrd", "append"])]
+    file: Option<PathBuf>,
+    /// Memory (MiB, or with a K/M/G/T suffix).
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// A disk, PATH[,format=qcow2|raw] (repeatable; in guest order).
+    #[arg(long)]
+    disk: Vec<String>,
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    append: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+enum SnapCommand {
+    /// Create a snapshot (a running VM's memory is included unless --disk-only).
+    Create {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        disk_only: bool,
+        /// Freeze the guest's filesystems through its agent around the snapshot.
+        #[arg(long)]
+        quiesce: bool,
+        #[arg(long, conflicts_with = "external")]
+        internal: bool,
+        #[arg(long)]
+        external: bool,
+    },
+    /// List the snapshots.
+    List {
+        name: String,
+        /// Show the tree.
+        #[arg(long)]
+        tree: bool,
+        /// `json` for machine-readable output.
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
+    /// Show one snapshot (JSON).
+    Info { name: String, snapshot: String },
+    /// Print the current snapshot.
+    Current { name: String },
+    /// Revert to a snapshot.
+    Revert {
+        name: String,
+        snapshot: String,
+        /// Allow restarting a running VM (needed for a disk-only snapshot).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a snapshot, merging its data into its neighbours.
+    Delete {
+        name: String,
+        snapshot: String,
+        /// Delete its descendants too.
+        #[arg(long)]
+        children: bool,
+        /// Only forget it; leave the image files as they are.
+        #[arg(long)]
+        metadata_only: bool,
+    },
+}
+
+pub fn run(cli: VmCli) -> i32 {
+    let mgr = Manager::new(StateDir::resolve(cli.state_dir));
+    match dispatch(&mgr, cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            crate::img::Ctx { prog: "strata vm" }.error(&e);
+            1
+        }
+    }
+}
+
+fn dispatch(mgr: &Manager, cmd: VmCommand) -> Result<i32> {
+    match cmd {
+        VmCommand::Define(a) => define(mgr, a)?,
+        VmCommand::Start { name } => {
+            if let Some(note) = mgr.start(&name)? {
+                eprintln!("{note}");
+            }
+            println!("VM '{name}' started");
+        }
+        VmCommand::Stop { name, timeout } => {
+            let clean = mgr.stop(&name, Duration::from_secs(timeout))?;
+            if clean {
+                println!("VM '{name}' powered off");
+            } else {
+                println!("VM '{name}' did not power off within {timeout} s; QEMU was told to quit");
+            }
+        }
+        VmCommand::Kill { name } => {
+            if !mgr.kill(&name)? {
+                println!("VM '{name}' was not running");
+            }
+        }
+        VmCommand::List => {
+            println!("{:<24} {:<10} {:<8} CURRENT", "NAME", "STATE", "SNAPS");
+            for s in mgr.list()? {
+                println!(
+                    "{:<24} {:<10} {:<8} {}",
+                    s.name,
+                    s.state,
+                    s.snapshots,
+                    s.current.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        VmCommand::Status { name } => {
+            let s = mgr.status(&name)?;
+            println!("name: {}", s.name);
+            println!("state: {}", s.state);
+            if let Some(p) = s.pid {
+                println!("pid: {p}");
+            }
+            println!("memory: {} MiB, cpus: {}", s.def.memory_mib, s.def.cpus);
+            for (i, d) in s.def.disks.iter().enumerate() {
+                println!("disk{i}: {} ({})", d.file.display(), d.format);
+            }
+            println!("snapshots: {}", s.snapshots);
+            println!("current: {}", s.current.as_deref().unwrap_or("-"));
+        }
+        VmCommand::Undefine { name } => mgr.undefine(&name)?,
+        VmCommand::Exec {
+            name,
+            timeout,
+            command,
+        } => {
+            let out = mgr.exec(&name, &command, Duration::from_secs(timeout))?;
+            std::io::stdout().write_all(&out.stdout)?;
+            std::io::stderr().write_all(&out.stderr)?;
+            return Ok(match (out.exit_code, out.signal) {
+                (Some(c), _) => c as i32,
+                (None, Some(sig)) => 128 + sig as i32,
+                (None, None) => 1,
+            });
+        }
+        VmCommand::Snapshot(c) => snapshot(mgr, c)?,
+    }
+    Ok(0)
+}
+
+fn define(mgr: &Manager, a: DefineArgs) -> Result<()> {
+    let def = match &a.file {
+        Some(f) => {
+            let text = std::fs::read(f).with_context(|| format!("read {}", f.display()))?;
+            let mut def: VmDef = serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not a VM definition", f.display()))?;
+            if let Some(n) = &a.name {
+                def.name = n.clone();
+            }
+            def
+        }
+        None => {
+            let Some(name) = a.name else {
+                bail!("define needs a NAME (or --file)");
+            };
+            VmDef {
+                name,
+                memory_mib: strata_vm::record::parse_memory(&a.memory)?,
+                cpus: a.cpus,
+                disks: a
+                    .disk
+                    .iter()
+                    .map(|d| strata_vm::record::parse_disk(d))
+                    .collect::<strata_vm::Result<_>>()?,
+                kernel: a.kernel,
+                initrd: a.initrd,
+                append: a.append,
+            }
+        }
+    };
+    let name = def.name.clone();
+    mgr.define(def)?;
+    println!("VM '{name}' defined");
+    Ok(())
+}
+
+fn snapshot(mgr: &Manager, c: SnapCommand) -> Result<()> {
+    match c {
+        SnapCommand::Create {
+            name,
+            snapshot,
+            disk_only,
+            quiesce,
+            internal,
+            external,
+        } => {
+            let kind = match (internal, external) {
+                (true, _) => Some(Kind::Internal),
+                (_, true) => Some(Kind::External),
+                _ => None,
+            };
+            let s = mgr.snapshot_create(
+                &name,
+                &snapshot,
+                CreateOptions {
+                    disk_only,
+                    quiesce,
+                    kind,
+                },
+            )?;
+            let mut what = format!(
+                "{} {}",
+                s.kind.name(),
+                if s.memory { "full" } else { "disk-only" }
+            );
+            if let Some(n) = s.frozen_filesystems {
+                what.push_str(&format!(", {n} filesystem(s) frozen"));
+            }
+            if let Some(p) = s.pause_ms {
+                what.push_str(&format!(", guest paused {p} ms"));
+            }
+            println!("Snapshot '{snapshot}' created ({what})");
+        }
+        SnapCommand::List { name, tree, output } => {
+            let rec = mgr.record(&name)?;
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&rec.snapshots)?),
+                "human" if tree => print_tree(&rec, None, 0),
+                "human" => {
+                    println!(
+                        "{:<20} {:<10} {:<10} {:<9} PARENT",
+                        "NAME", "KIND", "MEMORY", "STATE"
+                    );
+                    for s in &rec.snapshots {
+                        let cur = if rec.current.as_deref() == Some(&s.name) {
+                            " *"
+                        } else {
+                            ""
+                        };
+                        println!(
+                            "{:<20} {:<10} {:<10} {:<9} {}{cur}",
+                            s.name,
+                            s.kind.name(),
+                            if s.memory { "yes" } else { "no" },
+                            s.vm_state,
+                            s.parent.as_deref().unwrap_or("-")
+                        );
+                    }
+                }
+                other => bail!("unknown output format '{other}' (human or json)"),
+            }
+        }
+        SnapCommand::Info { name, snapshot } => {
+            let rec = mgr.record(&name)?;
+            let s = rec.snapshot(&snapshot)?;
+            let mut v = serde_json::to_value(s)?;
+            v["children"] = serde_json::json!(rec.children(&snapshot));
+            v["current"] = serde_json::json!(rec.current.as_deref() == Some(snapshot.as_str()));
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        SnapCommand::Current { name } => {
+            let rec = mgr.record(&name)?;
+            match rec.current {
+                Some(c) => println!("{c}"),
+                None => bail!("VM '{name}' has no current snapshot"),
+            }
+        }
+        SnapCommand::Revert {
+            name,
+            snapshot,
+            force,
+        } => {
+            mgr.snapshot_revert(&name, &snapshot, force)?;
+            println!("VM '{name}' reverted to snapshot '{snapshot}'");
+        }
+        SnapCommand::Delete {
+            name,
+            snapshot,
+            children,
+            metadata_only,
+        } => {
+            mgr.snapshot_delete(
+                &name,
+                &snapshot,
+                DeleteOptions {
+                    children,
+                    metadata_only,
+                },
+            )?;
+            println!("Snapshot '{snapshot}' deleted");
+        }
+    }
+    Ok(())
+}
+
+fn print_tree(rec: &VmRecord, parent: Option<&str>, depth: usize) {
+    for s in rec
+        .snapshots
+        .iter()
+        .filter(|s| s.parent.as_deref() == parent)
+    {
+        let cur = if rec.current.as_deref() == Some(&s.name) {
+            "  (current)"
+        } else {
+            ""
+        };
+        println!(
+            "{}{} [{}{}]{cur}",
+            "  ".repeat(depth),
+            s.name,
+            s.kind.name(),
+            if s.memory { ", memory" } else { "" }
+        );
+        print_tree(rec, Some(&s.name), depth + 1);
+    }
+}

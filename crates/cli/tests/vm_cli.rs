@@ -1,0 +1,636 @@
+//! `strata vm` end to end: the real test guest booted under QEMU (TCG unless KVM
+//! really works), driven only through the CLI, checked through the guest agent
+//! and qemu-img. One VM per test keeps the number of boots small.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use strata_qmp::testing::TestGuest;
+use strata_qmp::Agent;
+
+const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+/// A state directory and the VM in it; the VM is killed when this is dropped.
+struct Env {
+    dir: tempfile::TempDir,
+    vm: &'static str,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+            vm: "t",
+        }
+    }
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(STRATA);
+        c.arg("vm").arg("--state-dir").arg(self.state()).args(args);
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+    /// Run and require success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "strata vm {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+    /// Run and require failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(!o.status.success(), "strata vm {args:?} succeeded");
+        String::from_utf8(o.stderr).unwrap()
+    }
+    fn record(&self) -> Vec<u8> {
+        std::fs::read(self.state().join("vms").join(self.vm).join("vm.json")).unwrap()
+    }
+    fn vm_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for sub in ["disks", "memory"] {
+            if let Ok(rd) = std::fs::read_dir(self.state().join("vms").join(self.vm).join(sub)) {
+                out.extend(rd.map(|e| e.unwrap().path()));
+            }
+        }
+        out.sort();
+        out
+    }
+    /// A shell command in the guest; its stdout, trimmed.
+    fn sh(&self, script: &str) -> String {
+        self.ok(&["exec", self.vm, "--", "/bin/sh", "-c", script])
+            .trim()
+            .to_string()
+    }
+    fn disks(&self) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_slice(&self.record()).unwrap();
+        v["def"]["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["file"].as_str().unwrap().to_string())
+            .collect()
+    }
+    fn info(&self, snap: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["snapshot", "info", self.vm, snap])).unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill", self.vm]);
+    }
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let o = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Run qemu-io commands on `file`; a failed command or a pattern mismatch fails.
+fn qemu_io(file: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.arg(file).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && !out.contains("verification failed") && !out.contains("failed:"),
+        "qemu-io {cmds:?} {file}: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn qemu_img_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&qemu_img(args)).unwrap()
+}
+
+/// Define VM `t` on a copy of the test guest's disk.
+fn define_guest(env: &Env) -> PathBuf {
+    let guest = TestGuest::ensure().unwrap();
+    let disk = env.dir.path().join("data.qcow2");
+    guest.copy_data_disk(&disk).unwrap();
+    env.ok(&[
+        "define",
+        env.vm,
+        "--memory",
+        "256M",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--kernel",
+        guest.kernel().to_str().unwrap(),
+        "--initrd",
+        guest.initrd().to_str().unwrap(),
+        "--append",
+        "console=ttyS0 panic=-1 quiet",
+    ]);
+    disk
+}
+
+/// Define VM `t` (stopped, no guest) on a new 16 MiB qcow2 disk, first written
+/// with the qemu-io command `write`; returns the disk's path.
+fn define_blank(env: &Env, write: Option<&str>) -> String {
+    let disk = env.dir.path().join("d.qcow2");
+    let d = disk.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", d, "16M"]);
+    if let Some(w) = write {
+        qemu_io(d, &[w]);
+    }
+    env.ok(&["define", "t", "--memory", "64M", "--disk", d]);
+    d.to_string()
+}
+
+/// The guest's counter: "pid value".
+fn counter(env: &Env) -> (u64, u64) {
+    let s = env.sh("echo $(cat /tmp/pid) $(cat /tmp/n)");
+    let mut it = s.split_whitespace().map(|x| x.parse::<u64>().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+fn wait_counter_past(env: &Env, value: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, n) = counter(env);
+        if n > value {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest's counter is stuck at {n}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Snapshot with memory, change the file, let the counter run on, revert: the
+/// file is as at the snapshot and the same counter process continues from its
+/// value at the snapshot.
+fn memory_snapshot_round_trip(env: &Env, snap: &str, extra: &[&str], content: &str) {
+    env.sh(&format!("echo {content} > /data/f; sync"));
+    let (pid, before) = counter(env);
+    let mut args = vec!["snapshot", "create", env.vm, snap];
+    args.extend(extra);
+    env.ok(&args);
+    let (_, after) = counter(env);
+    env.sh("echo changed > /data/f; sync");
+    let later = wait_counter_past(env, after + 20);
+    env.ok(&["snapshot", "revert", env.vm, snap]);
+    assert_eq!(env.sh("cat /data/f"), content, "{snap}: file not reverted");
+    let (pid2, resumed) = counter(env);
+    assert_eq!(
+        pid2, pid,
+        "{snap}: the counter process is not the same (a reboot?)"
+    );
+    assert!(
+        resumed >= before && resumed < later,
+        "{snap}: counter {resumed} does not continue from [{before}, {after}] (it was {later} before the revert)"
+    );
+    let info = env.info(snap);
+    assert_eq!(info["memory"], true);
+    assert_eq!(info["current"], true);
+}
+
+#[test]
+fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
+    let env = Env::new();
+    let disk = define_guest(&env);
+    env.ok(&["start", env.vm]);
+    env.sh("sh -c 'echo $$ > /tmp/pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done' >/dev/null 2>&1 &");
+    wait_counter_past(&env, 0);
+
+    // Internal, with memory (the default for a running VM).
+    memory_snapshot_round_trip(&env, "s1", &[], "one");
+    assert_eq!(env.info("s1")["kind"], "internal");
+    let listed = qemu_img(&["snapshot", "-l", "-U", disk.to_str().unwrap()]);
+    assert!(
+        listed.contains(" s1 "),
+        "qemu-img does not list s1:\n{listed}"
+    );
+
+    // Quiesced external disk-only: the agent froze /data and thawed it after.
+    env.sh("echo two > /data/f; sync");
+    env.ok(&[
+        "snapshot",
+        "create",
+        env.vm,
+        "s2",
+        "--disk-only",
+        "--quiesce",
+    ]);
+    let s2 = env.info("s2");
+    assert_eq!(s2["kind"], "external");
+    assert_eq!(s2["memory"], false);
+    assert!(s2["frozen_filesystems"].as_u64().unwrap() >= 1, "{s2}");
+    assert_eq!(s2["parent"], "s1");
+    env.sh("touch /data/written-after-thaw");
+    {
+        let mut agent = Agent::connect(
+            &env.state().join("vms/t/agent.sock"),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(
+            agent.fsfreeze_status().unwrap(),
+            strata_qmp::agent::FreezeStatus::Thawed
+        );
+        // While this connection holds the agent's only channel, the agent
+        // cannot answer strata: a quiesced snapshot fails and leaves nothing.
+        let record = env.record();
+        let files = env.vm_files();
+        let e = env
+            .cmd(&[
+                "snapshot",
+                "create",
+                env.vm,
+                "q",
+                "--disk-only",
+                "--quiesce",
+            ])
+            .env("STRATA_AGENT_TIMEOUT", "3")
+            .output()
+            .unwrap();
+        assert!(!e.status.success());
+        let msg = String::from_utf8_lossy(&e.stderr);
+        assert!(
+            msg.contains("cannot quiesce") && msg.contains("agent"),
+            "{msg}"
+        );
+        assert_eq!(env.record(), record, "a failed quiesce changed the record");
+        assert_eq!(env.vm_files(), files, "a failed quiesce left files");
+    }
+    // The overlay's backing file is the disk as it was, with its format.
+    let top = env.disks()[0].clone();
+    let info = qemu_img_json(&["info", "-U", "--output=json", &top]);
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["full-backing-filename"], disk.to_str().unwrap());
+    assert_eq!(info["backing-filename-format"], "qcow2");
+
+    // External with memory.
+    memory_snapshot_round_trip(&env, "s3", &["--external"], "three");
+    assert!(
+        env.info("s3")["pause_ms"].is_u64(),
+        "the guest's pause was not measured"
+    );
+    let mem = env.info("s3")["memory_file"].as_str().unwrap().to_string();
+    assert!(Path::new(&mem).is_file());
+
+    // Reverting a stopped VM to a memory snapshot brings the guest back where it
+    // was, running, with no boot.
+    let (pid, _) = counter(&env);
+    env.sh("echo gone > /data/f; sync");
+    env.ok(&["kill", env.vm]);
+    assert!(env.ok(&["status", env.vm]).contains("state: stopped"));
+    env.ok(&["snapshot", "revert", env.vm, "s3"]);
+    assert!(env.ok(&["status", env.vm]).contains("state: running"));
+    assert_eq!(env.sh("cat /data/f"), "three");
+    assert_eq!(counter(&env).0, pid, "the guest was rebooted, not restored");
+
+    // A disk-only snapshot of a running VM needs a restart to revert to.
+    let e = env.fails(&["snapshot", "revert", env.vm, "s2"]);
+    assert!(e.contains("--force"), "{e}");
+    env.ok(&["snapshot", "revert", env.vm, "s2", "--force"]);
+    assert_eq!(env.sh("cat /data/f"), "two");
+    assert_eq!(env.ok(&["snapshot", "current", env.vm]).trim(), "s2");
+    let tree = env.ok(&["snapshot", "list", env.vm, "--tree"]);
+    assert!(
+        tree.contains("s1") && tree.contains("  s2") && tree.contains("    s3"),
+        "{tree}"
+    );
+
+    // A snapshot after a revert starts a branch.
+    env.ok(&["snapshot", "create", env.vm, "b1", "--disk-only"]);
+    assert_eq!(env.info("b1")["parent"], "s2");
+    assert_eq!(env.info("s2")["children"], serde_json::json!(["s3", "b1"]));
+
+    // strata killed after QEMU switched to new overlays, before the record was
+    // written: the next command merges them back and removes them.
+    let record = env.record();
+    let files = env.vm_files();
+    let o = env
+        .cmd(&["snapshot", "create", env.vm, "c", "--disk-only"])
+        .env("STRATA_VM_CRASH_AT", "create-done")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(86),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    env.sh("echo during > /data/f; sync");
+    assert!(!env.ok(&["snapshot", "list", env.vm]).contains("\nc "));
+    assert_eq!(env.record(), record, "recovery did not restore the record");
+    assert_eq!(env.vm_files(), files, "recovery left the new overlay");
+    assert_eq!(
+        env.sh("cat /data/f"),
+        "during",
+        "a write made before recovery was lost"
+    );
+
+    // Deleting the current external leaf merges its overlay down, live.
+    env.sh("echo merged > /data/f; sync");
+    env.ok(&["snapshot", "delete", env.vm, "b1"]);
+    assert_eq!(env.sh("cat /data/f"), "merged");
+    env.ok(&["stop", env.vm]);
+    for d in env.disks() {
+        qemu_img(&["check", &d]);
+    }
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_changes_nothing() {
+    let env = Env::new();
+    let disk = env.dir.path().join("d.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "16M"]);
+    let d = disk.to_str().unwrap();
+
+    let e = env.fails(&["status", "nope"]);
+    assert!(e.contains("VM 'nope' is not defined"), "{e}");
+    let e = env.fails(&["define", "../x", "--disk", d]);
+    assert!(e.contains("invalid VM name"), "{e}");
+    let e = env.fails(&["define", "t", "--disk", "/nonexistent.qcow2"]);
+    assert!(e.contains("/nonexistent.qcow2"), "{e}");
+    let e = env.fails(&["define", "t", "--disk", &format!("{d},format=raw")]);
+    assert!(e.contains("is qcow2, not raw"), "{e}");
+    assert!(!env.state().join("vms/t").exists());
+
+    env.ok(&["define", "t", "--memory", "64M", "--disk", d]);
+    let record = env.record();
+    let e = env.fails(&["define", "t", "--disk", d]);
+    assert!(e.contains("already defined"), "{e}");
+    for bad in ["../x", "a/b", ".x", ""] {
+        let e = env.fails(&["snapshot", "create", "t", bad]);
+        assert!(e.contains("invalid snapshot name"), "{bad}: {e}");
+    }
+    for args in [
+        ["snapshot", "revert", "t", "nosnap"],
+        ["snapshot", "delete", "t", "nosnap"],
+        ["snapshot", "info", "t", "nosnap"],
+    ] {
+        let e = env.fails(&args);
+        assert!(e.contains("VM 't' has no snapshot 'nosnap'"), "{e}");
+    }
+    let e = env.fails(&["snapshot", "create", "t", "q", "--disk-only", "--quiesce"]);
+    assert!(e.contains("--quiesce needs a running VM"), "{e}");
+    let e = env.fails(&["exec", "t", "--", "/bin/true"]);
+    assert!(e.contains("not running"), "{e}");
+    let o = env
+        .cmd(&["start", "t"])
+        .env("STRATA_QEMU", "/nonexistent/qemu-system")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("cannot start QEMU '/nonexistent/qemu-system'"),
+        "{e}"
+    );
+    assert!(env.ok(&["status", "t"]).contains("state: stopped"));
+    assert_eq!(env.record(), record, "a refused command changed the record");
+    assert!(env.vm_files().is_empty());
+}
+
+#[test]
+fn a_stopped_vm_gets_internal_and_external_snapshots_through_the_engine() {
+    let env = Env::new();
+    let disk = define_blank(&env, Some("write -P 0x11 0 64k"));
+    let d = disk.as_str();
+
+    // Internal: made in the file itself, visible to qemu-img.
+    env.ok(&["snapshot", "create", "t", "i1"]);
+    assert!(qemu_img(&["snapshot", "-l", d]).contains(" i1 "));
+    let e = env.fails(&["snapshot", "create", "t", "i1"]);
+    assert!(e.contains("already has a snapshot 'i1'"), "{e}");
+
+    // External: an overlay on the disk, with backing file and format recorded.
+    env.ok(&["snapshot", "create", "t", "e1", "--external"]);
+    let top = env.disks()[0].clone();
+    assert_ne!(top, d);
+    let info = qemu_img_json(&["info", "--output=json", &top]);
+    assert_eq!(info["full-backing-filename"], d);
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_eq!(env.info("e1")["parent"], "i1");
+
+    // The internal snapshot's file is now a backing file: reverting in place
+    // is refused, and nothing changes.
+    let record = env.record();
+    let e = env.fails(&["snapshot", "revert", "t", "i1"]);
+    assert!(e.contains("backing"), "{e}");
+    assert_eq!(env.record(), record);
+
+    // Writes land in the overlay; deleting the leaf merges them into the disk.
+    qemu_io(&top, &["write -P 0x22 0 4k"]);
+    env.ok(&["snapshot", "delete", "t", "e1"]);
+    assert_eq!(env.disks(), vec![d.to_string()]);
+    assert!(!Path::new(&top).exists(), "the merged overlay was kept");
+    qemu_img(&["check", d]);
+    qemu_io(d, &["read -P 0x22 0 4k", "read -P 0x11 4k 60k"]);
+
+    // Revert and delete the internal one through the engine.
+    env.ok(&["snapshot", "revert", "t", "i1"]);
+    qemu_io(d, &["read -P 0x11 0 64k"]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshot", "list", "t", "--output=json"])).unwrap();
+    assert_eq!(listed[0]["name"], "i1");
+    assert_eq!(listed[0]["disks"][0]["file"], d);
+    env.ok(&["snapshot", "delete", "t", "i1"]);
+    assert!(!qemu_img(&["snapshot", "-l", d]).contains("i1"));
+    env.ok(&["undefine", "t"]);
+    assert!(env.fails(&["status", "t"]).contains("not defined"));
+
+    // The same VM from a definition file; a misspelt key is refused.
+    let file = env.dir.path().join("t.json");
+    let def = serde_json::json!({"name": "t", "memory_mib": 64, "cpus": 1,
+                                 "disks": [{"file": d, "format": "qcow2"}]});
+    std::fs::write(&file, def.to_string()).unwrap();
+    env.ok(&["define", "--file", file.to_str().unwrap()]);
+    assert!(env
+        .ok(&["status", "t"])
+        .contains(&format!("disk0: {d} (qcow2)")));
+    let bad = env.dir.path().join("bad.json");
+    std::fs::write(&bad, def.to_string().replace("cpus", "cpu")).unwrap();
+    let e = env.fails(&["define", "u", "--file", bad.to_str().unwrap()]);
+    assert!(e.contains("is not a VM definition"), "{e}");
+}
+
+/// Crash (exit with no cleanup) at each step of create, revert and delete of a
+/// stopped VM: the next command finds record and disks in agreement.
+#[test]
+fn an_interrupted_snapshot_operation_is_undone_or_finished_by_the_next_command() {
+    let env = Env::new();
+    let disk = define_blank(&env, None);
+    let d = disk.as_str();
+    let crash = |step: &str, args: &[&str]| {
+        let o = env
+            .cmd(args)
+            .env("STRATA_VM_CRASH_AT", step)
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(86),
+            "{step}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&env.record()).unwrap();
+        assert!(r["intent"].is_object(), "{step}: no intent recorded");
+    };
+    let mut cases = 0;
+    for (step, kind) in [
+        ("create-overlays", "--external"),
+        ("create-done", "--external"),
+        ("create-done", "--internal"),
+    ] {
+        let record = env.record();
+        crash(step, &["snapshot", "create", "t", "x", kind]);
+        env.ok(&["status", "t"]);
+        assert_eq!(
+            env.record(),
+            record,
+            "{step} {kind}: record not rolled back"
+        );
+        assert!(env.vm_files().is_empty(), "{step} {kind}: files left");
+        assert!(
+            !qemu_img(&["snapshot", "-l", d]).contains(" x "),
+            "{step} {kind}"
+        );
+        qemu_img(&["check", d]);
+        cases += 1;
+    }
+    env.ok(&["snapshot", "create", "t", "e1", "--external"]);
+    let record = env.record();
+    let files = env.vm_files();
+    crash("revert-overlays", &["snapshot", "revert", "t", "e1"]);
+    env.ok(&["status", "t"]);
+    assert_eq!(env.record(), record, "revert not rolled back");
+    assert_eq!(env.vm_files(), files, "revert left its overlays");
+    cases += 1;
+
+    // A delete that merged already is finished, not undone.
+    let top = env.disks()[0].clone();
+    qemu_io(&top, &["write -P 0x33 0 4k"]);
+    crash("delete-merged", &["snapshot", "delete", "t", "e1"]);
+    env.ok(&["status", "t"]);
+    assert_eq!(env.disks(), vec![d.to_string()]);
+    assert!(env.vm_files().is_empty());
+    assert!(!env.ok(&["snapshot", "list", "t"]).contains("e1"));
+    qemu_img(&["check", d]);
+    qemu_io(d, &["read -P 0x33 0 4k"]);
+    cases += 1;
+    assert_eq!(cases, 5);
+}
+
+/// A tree four deep with two branches, on a stopped VM: deleting a middle
+/// snapshot and then the branch point merges their data into the images above,
+/// and every remaining snapshot and the current state keep their content.
+#[test]
+fn deleting_middle_snapshots_keeps_every_other_snapshot_and_the_current_state() {
+    let env = Env::new();
+    let disk = define_blank(&env, Some("write -P 0xa1 0 64k"));
+    let d = disk.as_str();
+    let top = |env: &Env| env.disks()[0].clone();
+    let snap_file = |env: &Env, s: &str| {
+        env.info(s)["disks"][0]["file"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    env.ok(&["snapshot", "create", "t", "e1", "--external"]);
+    qemu_io(&top(&env), &["write -P 0xb2 4k 4k"]);
+    env.ok(&["snapshot", "create", "t", "e2", "--external"]);
+    qemu_io(&top(&env), &["write -P 0xc3 8k 4k"]);
+    env.ok(&["snapshot", "create", "t", "e3", "--external"]);
+    qemu_io(&top(&env), &["write -P 0xd4 12k 4k"]);
+    env.ok(&["snapshot", "revert", "t", "e2"]);
+    qemu_io(&top(&env), &["write -P 0xe5 16k 4k"]);
+    env.ok(&["snapshot", "create", "t", "b1", "--external"]);
+    qemu_io(&top(&env), &["write -P 0xf6 20k 4k"]);
+    assert_eq!(env.info("e2")["children"], serde_json::json!(["e3", "b1"]));
+
+    // What each image shows: (file, [(pattern, offset)]), the rest of 0..24k as
+    // written before it.
+    let e3_view = [
+        "read -P 0xa1 0 4k",
+        "read -P 0xb2 4k 4k",
+        "read -P 0xc3 8k 4k",
+        "read -P 0xa1 12k 4k",
+    ];
+    let b1_view = [
+        "read -P 0xa1 0 4k",
+        "read -P 0xb2 4k 4k",
+        "read -P 0xa1 8k 8k",
+        "read -P 0xe5 16k 4k",
+    ];
+    let now_view = [
+        "read -P 0xa1 0 4k",
+        "read -P 0xb2 4k 4k",
+        "read -P 0xa1 8k 8k",
+        "read -P 0xe5 16k 4k",
+        "read -P 0xf6 20k 4k",
+    ];
+    let check_all = |env: &Env| {
+        qemu_io(&snap_file(env, "e3"), &e3_view);
+        qemu_io(&snap_file(env, "b1"), &b1_view);
+        qemu_io(&top(env), &now_view);
+        qemu_io(d, &["read -P 0xa1 0 64k"]);
+        for f in env.vm_files() {
+            qemu_img(&["check", f.to_str().unwrap()]);
+        }
+    };
+    check_all(&env);
+
+    // The middle snapshot and branch point e2, with strata stopped after the
+    // first image was rebased: the next command finishes the merge.
+    let e2_file = snap_file(&env, "e2");
+    let o = env
+        .cmd(&["snapshot", "delete", "t", "e2"])
+        .env("STRATA_VM_CRASH_AT", "merge-rebased")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(86),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    env.ok(&["status", "t"]);
+    assert!(!env.ok(&["snapshot", "list", "t"]).contains("e2"));
+    assert!(
+        !Path::new(&e2_file).exists(),
+        "the merged snapshot's file was kept"
+    );
+    assert_eq!(env.info("e3")["parent"], "e1");
+    assert_eq!(env.info("b1")["parent"], "e1");
+    check_all(&env);
+
+    // Then e1, now the branch point, whose file is the user's own disk: the
+    // images above take its data and the disk itself is left alone.
+    env.ok(&["snapshot", "delete", "t", "e1"]);
+    assert_eq!(env.info("e3")["parent"], serde_json::Value::Null);
+    check_all(&env);
+    for s in ["e3", "b1"] {
+        let info = qemu_img_json(&["info", "--output=json", &snap_file(&env, s)]);
+        assert!(info.get("backing-filename").is_none(), "{s}: {info}");
+    }
+
+    // Every remaining snapshot still reverts to its own content.
+    env.ok(&["snapshot", "revert", "t", "e3"]);
+    qemu_io(&top(&env), &e3_view);
+    env.ok(&["snapshot", "revert", "t", "b1"]);
+    qemu_io(&top(&env), &b1_view);
+}

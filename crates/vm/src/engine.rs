@@ -1,0 +1,193 @@
+//! Snapshot work on the image files themselves, with strata's engine, for a
+//! stopped VM (and to create the overlays of external snapshots, which may be
+//! written while QEMU holds their backing files).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use strata_format::qcow2::{Qcow2Image, SnapshotSpec};
+use strata_format::Format;
+use strata_jobs::create::{create, CreateRequest};
+
+use crate::error::{Error, Result};
+use crate::record::Disk;
+
+fn format_of(d: &Disk) -> Result<Format> {
+    d.format.parse().map_err(|_| {
+        Error::Invalid(format!(
+            "disk '{}': unknown format '{}'",
+            d.file.display(),
+            d.format
+        ))
+    })
+}
+
+/// Create an empty qcow2 overlay at `path` whose backing file is `backing`
+/// (its absolute path and format recorded).
+pub fn create_overlay(path: &Path, backing: &Disk) -> Result<()> {
+    let mut options = BTreeMap::new();
+    options.insert(
+        "backing_file".to_string(),
+        backing.file.display().to_string(),
+    );
+    options.insert("backing_fmt".to_string(), backing.format.clone());
+    create(&CreateRequest {
+        path: path.to_path_buf(),
+        format: Format::Qcow2,
+        size: None,
+        options,
+        unsafe_backing: false,
+    })?;
+    Ok(())
+}
+
+/// Run `f` on disk `d` opened read-write as qcow2, then close it.
+fn with_qcow2<T>(d: &Disk, f: impl FnOnce(&Qcow2Image) -> Result<T>) -> Result<T> {
+    if format_of(d)? != Format::Qcow2 {
+        return Err(Error::Invalid(format!(
+            "disk '{}' is {}: internal snapshots need qcow2",
+            d.file.display(),
+            d.format
+        )));
+    }
+    let dev = strata_chain::open_image(&d.file, Format::Qcow2, true, false)?;
+    let img = dev
+        .as_any()
+        .downcast_ref::<Qcow2Image>()
+        .ok_or_else(|| Error::Invalid(format!("'{}' is not qcow2", d.file.display())))?;
+    let out = f(img)?;
+    img.close()?;
+    Ok(out)
+}
+
+/// True when the internal snapshot `tag` exists in disk `d`.
+pub fn has_internal(d: &Disk, tag: &str) -> Result<bool> {
+    let dev = strata_chain::open_image(&d.file, Format::Qcow2, false, true)?;
+    Ok(dev
+        .as_any()
+        .downcast_ref::<Qcow2Image>()
+        .is_some_and(|q| q.snapshots().iter().any(|s| s.name == tag)))
+}
+
+/// Create internal snapshot `tag` in every disk, or in none: on a failure the
+/// ones already made are deleted again.
+pub fn internal_create(disks: &[Disk], tag: &str) -> Result<()> {
+    for d in disks {
+        if has_internal(d, tag)? {
+            return Err(Error::Invalid(format!(
+                "disk '{}' already has an internal snapshot '{tag}'",
+                d.file.display()
+            )));
+        }
+    }
+    for (i, d) in disks.iter().enumerate() {
+        let made = with_qcow2(d, |img| {
+            img.snapshot_create(&SnapshotSpec {
+                name: tag.to_string(),
+                icount: Some(0),
+                ..Default::default()
+            })?;
+            Ok(())
+        });
+        if let Err(e) = made {
+            for done in &disks[..i] {
+                let _ = with_qcow2(done, |img| Ok(img.snapshot_delete(tag).map(|_| ())?));
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Apply (revert to) internal snapshot `tag` in every disk.
+pub fn internal_apply(disks: &[Disk], tag: &str) -> Result<()> {
+    for d in disks {
+        if !has_internal(d, tag)? {
+            return Err(Error::Invalid(format!(
+                "disk '{}' has no internal snapshot '{tag}'",
+                d.file.display()
+            )));
+        }
+    }
+    disks
+        .iter()
+        .try_for_each(|d| with_qcow2(d, |img| Ok(img.snapshot_apply(tag)?)))
+}
+
+/// Delete internal snapshot `tag` from every disk that has it.
+pub fn internal_delete(disks: &[Disk], tag: &str) -> Result<()> {
+    for d in disks {
+        if has_internal(d, tag)? {
+            with_qcow2(d, |img| Ok(img.snapshot_delete(tag).map(|_| ())?))?;
+        }
+    }
+    Ok(())
+}
+
+/// Merge the overlay `top` (qcow2) into its backing file `base`: afterwards
+/// `base` shows what `top` showed. `top` is left as it was (its caller removes it).
+pub fn commit_into_backing(top: &Disk) -> Result<()> {
+    let spec = strata_chain::OpenSpec::new(&top.file)
+        .format(Some(format_of(top)?))
+        .write_layer(1);
+    let chain = strata_chain::open(&spec)?;
+    let layers: Vec<_> = chain.layers.iter().map(|l| l.device.clone()).collect();
+    let cancel = strata_jobs::Cancel::default();
+    let plan = strata_jobs::commit::plan(&layers, 0, 1, &cancel)?;
+    strata_jobs::commit::apply_plan(&layers, &plan, &strata_jobs::NoProgress, &cancel)?;
+    layers[1].flush()?;
+    Ok(())
+}
+
+/// True when the qcow2 image `x` has `backing` as its backing file.
+pub fn is_on(x: &Path, backing: &Path) -> Result<bool> {
+    let probe = strata_chain::open(
+        &strata_chain::OpenSpec::new(x)
+            .format(Some(Format::Qcow2))
+            .open_backing(false),
+    )?;
+    Ok(probe.layers[0]
+        .backing_path
+        .as_ref()
+        .is_some_and(|b| std::fs::canonicalize(b).ok() == std::fs::canonicalize(backing).ok()))
+}
+
+/// When the qcow2 image `x` has `skipped` as its backing file, make it skip it:
+/// copy into `x` what `skipped` provided (where `skipped`'s content differs from
+/// what lies below it), then point `x` at `skipped`'s own backing file (or at
+/// none). `x` shows the same content afterwards. Returns whether `x` was on
+/// `skipped`. Running it again after an interruption finishes the job.
+pub fn rebase_past(x: &Path, skipped: &Path) -> Result<bool> {
+    if !is_on(x, skipped)? {
+        return Ok(false);
+    }
+    let chain = strata_chain::open(
+        &strata_chain::OpenSpec::new(x)
+            .format(Some(Format::Qcow2))
+            .write(true),
+    )?;
+    let image = chain.top().clone();
+    let below = chain.layers.get(2);
+    let cancel = strata_jobs::Cancel::default();
+    strata_jobs::rebase::copy_differences(
+        &image,
+        below.map(|l| &l.device),
+        &strata_jobs::NoProgress,
+        &cancel,
+    )?;
+    let name = below.map(|l| {
+        std::fs::canonicalize(&l.path)
+            .unwrap_or_else(|_| l.path.clone())
+            .display()
+            .to_string()
+    });
+    strata_jobs::commit::relink_above(
+        image.as_ref(),
+        name.as_deref(),
+        below.map(|l| l.format.name()),
+    )?;
+    if let Some(q) = image.as_any().downcast_ref::<Qcow2Image>() {
+        q.close()?;
+    }
+    Ok(true)
+}

@@ -1,0 +1,26 @@
+//! strata's VM manager: QEMU guests defined in a state directory, started
+//! detached, driven over their own QMP and guest-agent sockets (no daemon), with
+//! a snapshot tree of internal and external snapshots, with or without memory.
+//!
+//! - [`state`]: the state directory, names, atomic writes, the per-VM lock;
+//! - [`record`]: the VM definition and snapshot tree;
+//! - [`qemu`]: QEMU's command line, detached start, QMP queries;
+//! - [`manager`]: lifecycle (define, start, stop, kill, list, status, exec);
+//! - [`snapshot`]: snapshot create, revert and delete;
+//! - `engine`: the same on image files with strata's own engine;
+//! - `recover`: finishing or undoing an interrupted operation.
+
+mod engine;
+mod error;
+pub mod manager;
+pub mod qemu;
+pub mod record;
+mod recover;
+pub mod snapshot;
+pub mod state;
+
+pub use error::{Error, Result};
+pub use manager::{Manager, Status};
+pub use record::{Disk, Kind, Snapshot, VmDef, VmRecord};
+pub use snapshot::{CreateOptions, DeleteOptions};
+pub use state::StateDir;

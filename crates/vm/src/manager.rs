@@ -1,0 +1,252 @@
+//! The VM manager: define, start, stop, kill, list, status, undefine and exec.
+//! No daemon: each call takes the VM's lock, reads its record, finishes or
+//! rolls back an interrupted operation (see `recover`), and talks to the VM's
+//! own QMP socket.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use strata_qmp::agent::ExecOutput;
+use strata_qmp::commands::SystemPowerdown;
+use strata_qmp::{Agent, Qmp};
+
+use crate::error::{Error, Result};
+use crate::qemu::{self, StartMode, VmPaths};
+use crate::record::{VmDef, VmRecord};
+use crate::state::{check_name, StateDir, VmLock};
+
+/// The environment variable bounding how long a command waits for the guest
+/// agent to answer (seconds).
+pub const AGENT_TIMEOUT_ENV: &str = "STRATA_AGENT_TIMEOUT";
+
+/// How long a command waits for another one holding the VM's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// Entry point of all VM operations.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    pub(crate) state: StateDir,
+}
+
+/// A VM opened for an operation: its lock is held until this is dropped.
+pub(crate) struct OpenVm {
+    pub name: String,
+    pub paths: VmPaths,
+    pub rec: VmRecord,
+    _lock: VmLock,
+}
+
+impl OpenVm {
+    pub fn dir(&self) -> &std::path::Path {
+        &self.paths.dir
+    }
+    pub fn save(&self) -> Result<()> {
+        self.rec.save(&self.paths.dir)
+    }
+}
+
+/// A VM's state as `status` and `list` report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub name: String,
+    /// `running`, `paused`, `stopped`, or another QEMU run state.
+    pub state: String,
+    pub pid: Option<i32>,
+    pub current: Option<String>,
+    pub snapshots: usize,
+    pub def: VmDef,
+}
+
+impl Manager {
+    pub fn new(state: StateDir) -> Self {
+        Manager { state }
+    }
+
+    pub fn state_dir(&self) -> &StateDir {
+        &self.state
+    }
+
+    /// Define a new VM. Refused when the name is taken or the definition is bad.
+    pub fn define(&self, mut def: VmDef) -> Result<()> {
+        def.validate()?;
+        let dir = self.state.vm_dir(&def.name);
+        if dir.join(crate::state::RECORD).exists() {
+            return Err(Error::Invalid(format!(
+                "VM '{}' is already defined",
+                def.name
+            )));
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let _lock = VmLock::acquire(&dir, &def.name, LOCK_WAIT)?;
+        if dir.join(crate::state::RECORD).exists() {
+            return Err(Error::Invalid(format!(
+                "VM '{}' is already defined",
+                def.name
+            )));
+        }
+        VmRecord {
+            def,
+            snapshots: Vec::new(),
+            current: None,
+            intent: None,
+        }
+        .save(&dir)
+    }
+
+    /// Open VM `name` for an operation: lock, load, recover.
+    pub(crate) fn open(&self, name: &str) -> Result<OpenVm> {
+        check_name("VM", name)?;
+        let dir = self.state.vm_dir(name);
+        if !dir.join(crate::state::RECORD).is_file() {
+            return Err(Error::NoSuchVm(name.to_string()));
+        }
+        let lock = VmLock::acquire(&dir, name, LOCK_WAIT)?;
+        let rec = VmRecord::load(&dir)?;
+        let mut vm = OpenVm {
+            name: name.to_string(),
+            paths: VmPaths { dir },
+            rec,
+            _lock: lock,
+        };
+        crate::recover::recover(&mut vm)?;
+        Ok(vm)
+    }
+
+    /// Start the VM's QEMU (detached). Returns a note when TCG is used.
+    pub fn start(&self, name: &str) -> Result<Option<String>> {
+        let vm = self.open(name)?;
+        if qemu::live_pid(&vm.paths).is_some() {
+            return Err(Error::State(format!("VM '{name}' is already running")));
+        }
+        let (_qmp, note) = qemu::launch(&vm.rec.def, &vm.paths, StartMode::default())?;
+        Ok(note)
+    }
+
+    /// Press the power button, and quit QEMU if the guest has not powered off
+    /// within `timeout`. Returns true when the guest shut down by itself.
+    pub fn stop(&self, name: &str, timeout: Duration) -> Result<bool> {
+        let vm = self.open(name)?;
+        let qmp = running_qmp(&vm)?;
+        qmp.execute(&SystemPowerdown {})?;
+        let clean = match qmp.wait_event_named("SHUTDOWN", timeout) {
+            Ok(_) => true,
+            Err(e) if e.is_qemu_exited() => true,
+            Err(e) if e.is_timeout() => false,
+            Err(e) => return Err(e.into()),
+        };
+        qemu::quit(qmp, &vm.paths)?;
+        Ok(clean)
+    }
+
+    /// SIGKILL the VM's QEMU. Returns false when it was not running.
+    pub fn kill(&self, name: &str) -> Result<bool> {
+        let vm = self.open(name)?;
+        qemu::kill(&vm.paths)
+    }
+
+    /// The status of one VM.
+    pub fn status(&self, name: &str) -> Result<Status> {
+        let vm = self.open(name)?;
+        let (state, pid) = match qemu::connect(&vm.paths)? {
+            Some(q) => (qemu::run_state(&q)?, qemu::live_pid(&vm.paths)),
+            None => ("stopped".to_string(), None),
+        };
+        Ok(Status {
+            name: vm.name.clone(),
+            state,
+            pid,
+            current: vm.rec.current.clone(),
+            snapshots: vm.rec.snapshots.len(),
+            def: vm.rec.def.clone(),
+        })
+    }
+
+    /// The status of every defined VM.
+    pub fn list(&self) -> Result<Vec<Status>> {
+        self.state.list()?.iter().map(|n| self.status(n)).collect()
+    }
+
+    /// Forget a stopped VM without snapshots (its own disks are kept; files strata
+    /// made in its directory go with it).
+    pub fn undefine(&self, name: &str) -> Result<()> {
+        let vm = self.open(name)?;
+        if qemu::live_pid(&vm.paths).is_some() {
+            return Err(Error::State(format!(
+                "VM '{name}' is running; stop or kill it first"
+            )));
+        }
+        if !vm.rec.snapshots.is_empty() {
+            return Err(Error::State(format!(
+                "VM '{name}' has {} snapshot(s); delete them first",
+                vm.rec.snapshots.len()
+            )));
+        }
+        if vm
+            .rec
+            .def
+            .disks
+            .iter()
+            .any(|d| d.file.starts_with(vm.dir()))
+        {
+            return Err(Error::State(format!(
+                "VM '{name}' runs on disks strata made in its state directory; \
+                 delete its snapshots (merging them) before undefining it"
+            )));
+        }
+        let dir = vm.dir().to_path_buf();
+        drop(vm);
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("remove {}", dir.display()), e))
+    }
+
+    /// Run `argv` in the guest through the agent and wait for it to exit.
+    pub fn exec(&self, name: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput> {
+        let vm = self.open(name)?;
+        let (path, args) = argv
+            .split_first()
+            .ok_or_else(|| Error::Invalid("no command given".into()))?;
+        running_qmp(&vm)?;
+        let mut agent = connect_agent(&vm, agent_timeout().max(Duration::from_secs(60)))?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Ok(agent.exec(path, &args, timeout)?)
+    }
+
+    /// The record of VM `name` (definition and snapshot tree).
+    pub fn record(&self, name: &str) -> Result<VmRecord> {
+        Ok(self.open(name)?.rec)
+    }
+}
+
+/// The monitor of a running (or paused) VM, or a clear error when it is stopped.
+pub(crate) fn running_qmp(vm: &OpenVm) -> Result<Qmp> {
+    qemu::connect(&vm.paths)?
+        .ok_or_else(|| Error::State(format!("VM '{}' is not running", vm.name)))
+}
+
+/// How long to wait for the agent, from `STRATA_AGENT_TIMEOUT` (default 10 s).
+pub(crate) fn agent_timeout() -> Duration {
+    std::env::var(AGENT_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(10))
+}
+
+/// Connect to the VM's guest agent and sync, within `timeout`.
+pub(crate) fn connect_agent(vm: &OpenVm, timeout: Duration) -> Result<Agent> {
+    let start = Instant::now();
+    Agent::connect(&vm.paths.agent(), timeout).map_err(|e| {
+        Error::State(format!(
+            "the guest agent of VM '{}' does not answer within {:?} ({e})",
+            vm.name,
+            start.elapsed()
+        ))
+    })
+}
+
+/// Files strata creates for a VM live under its directory.
+pub(crate) fn vm_file(vm: &OpenVm, sub: &str, name: String) -> Result<PathBuf> {
+    let dir = vm.dir().join(sub);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    Ok(dir.join(name))
+}

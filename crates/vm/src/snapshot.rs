@@ -1,0 +1,917 @@
+//! Snapshots of a VM: create, revert and delete, internal and external, with or
+//! without memory, for a running or a stopped VM.
+//!
+//! Every multi-step operation first records an [`Intent`] (with the files it
+//! will create) and records its result, clearing the intent, in one atomic write
+//! of the VM record: until that write nothing refers to the new files, and the
+//! next command removes them (see `recover`). A failure on the way undoes what
+//! was done, so no half snapshot is left on disk or in the record.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use strata_qmp::commands::{
+    blockdev_snapshot_action, BlockCommit, BlockdevAdd, BlockdevDel, Cont, JobComplete, Migrate,
+    MigrateIncoming, MigrateSetCapabilities, MigrationCapability, QueryBlockJobs, QueryMigrate,
+    SnapshotDelete, SnapshotLoad, SnapshotSave, Stop, Transaction,
+};
+use strata_qmp::{Agent, Qmp};
+
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::manager::{agent_timeout, connect_agent, vm_file, Manager, OpenVm};
+use crate::qemu::{self, StartMode};
+use crate::record::{Disk, Intent, Kind, Snapshot};
+use crate::state::check_name;
+
+/// The environment variable naming a step at which the command exits at once,
+/// as if killed (for crash tests of the recovery): see [`step`].
+pub const CRASH_AT_ENV: &str = "STRATA_VM_CRASH_AT";
+
+/// A named point between the steps of a multi-step operation. When
+/// `STRATA_VM_CRASH_AT` names it, the process exits at once with status 86,
+/// running no cleanup, like a strata killed there.
+fn step(name: &str) {
+    if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == name) {
+        eprintln!("strata vm: crashing at step '{name}' ({CRASH_AT_ENV})");
+        std::process::exit(86);
+    }
+}
+
+/// Time allowed for snapshot jobs and memory transfers.
+const JOB_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What `snapshot create` was asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateOptions {
+    /// Disks only, no memory (a running VM's memory is included otherwise).
+    pub disk_only: bool,
+    /// Freeze the guest's filesystems through the agent around the switch.
+    pub quiesce: bool,
+    /// Internal or external; chosen from the other options when `None`.
+    pub kind: Option<Kind>,
+}
+
+/// What `snapshot delete` was asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeleteOptions {
+    /// Delete the snapshot's descendants too.
+    pub children: bool,
+    /// Only forget the snapshot; its data stays where it is.
+    pub metadata_only: bool,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A stamp that makes file and node names unique.
+fn stamp() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}{:03}", d.as_secs() % 100_000_000, d.subsec_millis())
+}
+
+/// Run state of a VM: the monitor when QEMU runs, and `running`, `paused`,
+/// `stopped` or QEMU's other states.
+fn vm_state(vm: &OpenVm) -> Result<(Option<Qmp>, String)> {
+    match qemu::connect(&vm.paths)? {
+        Some(q) => {
+            let s = qemu::run_state(&q)?;
+            Ok((Some(q), s))
+        }
+        None => Ok((None, "stopped".to_string())),
+    }
+}
+
+/// Thaws the guest's filesystems when dropped, on every path.
+struct FreezeGuard {
+    agent: Agent,
+    frozen: bool,
+}
+
+impl FreezeGuard {
+    fn freeze(mut agent: Agent) -> Result<(FreezeGuard, u64)> {
+        let n = agent.fsfreeze_freeze().map_err(|e| {
+            // A partial freeze is undone before reporting.
+            let _ = agent.fsfreeze_thaw();
+            Error::State(format!("cannot quiesce the guest: {e}"))
+        })?;
+        Ok((
+            FreezeGuard {
+                agent,
+                frozen: true,
+            },
+            n,
+        ))
+    }
+
+    fn thaw(&mut self) -> Result<()> {
+        if self.frozen {
+            self.frozen = false;
+            self.agent.fsfreeze_thaw()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FreezeGuard {
+    fn drop(&mut self) {
+        let _ = self.thaw();
+    }
+}
+
+/// The pause of the guest between the last `STOP` and `RESUME` events, in ms.
+fn pause_from_events(qmp: &Qmp) -> Option<u64> {
+    let events = qmp.take_events();
+    let ts = |name: &str| {
+        events
+            .iter()
+            .rev()
+            .find(|e| e.name == name)
+            .and_then(|e| e.timestamp)
+            .map(|t| t.seconds * 1_000_000 + t.microseconds)
+    };
+    let (stop, resume) = (ts("STOP")?, ts("RESUME")?);
+    (resume >= stop).then(|| ((resume - stop) / 1000) as u64)
+}
+
+/// Turn on what memory files need: MIGRATION events and a seekable, sparse file.
+/// `pause` adds `pause-before-switchover` (for saving: the disks are switched
+/// in that pause).
+fn memory_capabilities(qmp: &Qmp, pause: bool) -> Result<()> {
+    let mut caps = vec!["events", "mapped-ram"];
+    if pause {
+        caps.push("pause-before-switchover");
+    }
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: caps
+            .into_iter()
+            .map(|c| MigrationCapability {
+                capability: c.to_string(),
+                state: true,
+            })
+            .collect(),
+    })?;
+    Ok(())
+}
+
+/// Poll `query-migrate` until the migration reaches status `target`; an error
+/// when it failed.
+fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    loop {
+        let info = qmp.execute(&QueryMigrate {})?;
+        match info.status.as_deref() {
+            Some(st) if st == target => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                return Err(Error::Qemu(format!(
+                    "{what} failed: {}",
+                    info.error_desc.unwrap_or_else(|| "no reason given".into())
+                )))
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Qemu(format!(
+                "{what} did not finish in {JOB_TIMEOUT:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Refuse while a block job runs: its result would be mixed into the snapshot.
+fn no_block_jobs(vm: &OpenVm, qmp: &Qmp) -> Result<()> {
+    let jobs = qmp.execute(&QueryBlockJobs {})?;
+    if let Some(j) = jobs.first() {
+        return Err(Error::State(format!(
+            "VM '{}' has a block job running ({} on {}); wait for it or cancel it first",
+            vm.name, j.job_type, j.device
+        )));
+    }
+    Ok(())
+}
+
+fn remove_files(files: &[PathBuf]) {
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+impl Manager {
+    /// Create snapshot `snap` of VM `name`.
+    pub fn snapshot_create(&self, name: &str, snap: &str, opts: CreateOptions) -> Result<Snapshot> {
+        check_name("snapshot", snap)?;
+        let mut vm = self.open(name)?;
+        if vm.rec.snapshots.iter().any(|s| s.name == snap) {
+            return Err(Error::Invalid(format!(
+                "VM '{name}' already has a snapshot '{snap}'"
+            )));
+        }
+        let (qmp, state) = vm_state(&vm)?;
+        let live = match state.as_str() {
+            "running" | "paused" => true,
+            "stopped" => false,
+            other => {
+                return Err(Error::State(format!(
+                "VM '{name}' is in state '{other}'; a snapshot needs it running, paused or stopped"
+            )))
+            }
+        };
+        let memory = live && !opts.disk_only;
+        let kind = opts.kind.unwrap_or(if live && opts.disk_only {
+            Kind::External
+        } else {
+            Kind::Internal
+        });
+        if opts.quiesce && !(live && opts.disk_only) {
+            return Err(Error::Invalid(
+                "--quiesce needs a running VM and --disk-only (a memory snapshot would keep the guest frozen)".into(),
+            ));
+        }
+        if live && kind == Kind::Internal && opts.disk_only {
+            return Err(Error::Invalid(
+                "an internal snapshot of a running VM always includes its memory; use --external with --disk-only, or stop the VM".into(),
+            ));
+        }
+        if kind == Kind::Internal {
+            if let Some(d) = vm.rec.def.disks.iter().find(|d| d.format != "qcow2") {
+                return Err(Error::Invalid(format!(
+                    "disk '{}' is {}: internal snapshots need qcow2 (use --external)",
+                    d.file.display(),
+                    d.format
+                )));
+            }
+        }
+        if let Some(q) = &qmp {
+            no_block_jobs(&vm, q)?;
+        }
+        // The agent is asked before anything is made, so a silent agent leaves
+        // nothing behind.
+        let agent = if opts.quiesce {
+            Some(
+                connect_agent(&vm, agent_timeout())
+                    .map_err(|e| Error::State(format!("cannot quiesce, no snapshot taken: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let mut s = Snapshot {
+            name: snap.to_string(),
+            parent: vm.rec.current.clone(),
+            created: now_secs(),
+            kind,
+            memory,
+            memory_file: None,
+            disks: vm.rec.def.disks.clone(),
+            vm_state: state.clone(),
+            frozen_filesystems: None,
+            pause_ms: None,
+        };
+        match (kind, &qmp) {
+            (Kind::Internal, Some(q)) => internal_live(&mut vm, q, &mut s)?,
+            (Kind::Internal, None) => {
+                vm.rec.intent = Some(Intent {
+                    op: "create".into(),
+                    snapshot: snap.into(),
+                    kind,
+                    new_files: Vec::new(),
+                    quiesce: false,
+                });
+                vm.save()?;
+                if let Err(e) = engine::internal_create(&s.disks, snap) {
+                    vm.rec.intent = None;
+                    vm.save()?;
+                    return Err(e);
+                }
+            }
+            (Kind::External, q) => external_create(&mut vm, q.as_ref(), &mut s, agent)?,
+        }
+        step("create-done");
+        vm.rec.snapshots.push(s.clone());
+        vm.rec.current = Some(snap.to_string());
+        vm.rec.intent = None;
+        vm.save()?;
+        Ok(s)
+    }
+}
+
+/// An internal snapshot of a running VM: one `snapshot-save` job over all disks.
+fn internal_live(vm: &mut OpenVm, qmp: &Qmp, s: &mut Snapshot) -> Result<()> {
+    let nodes = qemu::top_nodes(qmp, vm.rec.def.disks.len())?;
+    vm.rec.intent = Some(Intent {
+        op: "create".into(),
+        snapshot: s.name.clone(),
+        kind: Kind::Internal,
+        new_files: Vec::new(),
+        quiesce: false,
+    });
+    vm.save()?;
+    qmp.take_events();
+    let job = format!("strata-save-{}", stamp());
+    let saved = qmp.run_job(
+        &SnapshotSave {
+            job_id: job.clone(),
+            tag: s.name.clone(),
+            vmstate: nodes[0].clone(),
+            devices: nodes.clone(),
+        },
+        &job,
+        JOB_TIMEOUT,
+    );
+    if let Err(e) = saved {
+        // Remove whatever part was written, then the intent.
+        let del = format!("strata-undo-{}", stamp());
+        let _ = qmp.run_job(
+            &SnapshotDelete {
+                job_id: del.clone(),
+                tag: s.name.clone(),
+                devices: nodes,
+            },
+            &del,
+            JOB_TIMEOUT,
+        );
+        vm.rec.intent = None;
+        vm.save()?;
+        return Err(e.into());
+    }
+    s.pause_ms = pause_from_events(qmp);
+    Ok(())
+}
+
+/// An external snapshot: new overlays on every disk, switched to in one
+/// `transaction` when the VM runs, with the memory saved while the guest is
+/// stopped at that same instant when asked.
+fn external_create(
+    vm: &mut OpenVm,
+    qmp: Option<&Qmp>,
+    s: &mut Snapshot,
+    agent: Option<Agent>,
+) -> Result<()> {
+    let st = stamp();
+    let mut overlays = Vec::new();
+    for i in 0..vm.rec.def.disks.len() {
+        overlays.push(vm_file(
+            vm,
+            "disks",
+            format!("disk{i}-{}-{st}.qcow2", s.name),
+        )?);
+    }
+    let memory_file = if s.memory {
+        Some(vm_file(vm, "memory", format!("{}-{st}.mem", s.name))?)
+    } else {
+        None
+    };
+    let mut new_files = overlays.clone();
+    new_files.extend(memory_file.clone());
+    vm.rec.intent = Some(Intent {
+        op: "create".into(),
+        snapshot: s.name.clone(),
+        kind: Kind::External,
+        new_files: new_files.clone(),
+        quiesce: agent.is_some(),
+    });
+    vm.save()?;
+    let undo = |vm: &mut OpenVm, e: Error| -> Error {
+        remove_files(&new_files);
+        vm.rec.intent = None;
+        match vm.save() {
+            Ok(()) => e,
+            Err(e2) => Error::State(format!("{e}; recording the rollback failed too: {e2}")),
+        }
+    };
+    for (ov, d) in overlays.iter().zip(&vm.rec.def.disks) {
+        if let Err(e) = engine::create_overlay(ov, d) {
+            return Err(undo(vm, e));
+        }
+    }
+    step("create-overlays");
+    if let Some(q) = qmp {
+        if let Err(e) = switch_live(vm, q, s, &overlays, memory_file.as_ref(), agent, &st) {
+            return Err(undo(vm, e));
+        }
+    }
+    s.memory_file = memory_file;
+    vm.rec.def.disks = overlays
+        .into_iter()
+        .map(|file| Disk {
+            file,
+            format: "qcow2".into(),
+        })
+        .collect();
+    Ok(())
+}
+
+/// The live part of an external snapshot. On error nothing has been switched:
+/// added nodes are removed again and the guest runs as before.
+fn switch_live(
+    vm: &OpenVm,
+    qmp: &Qmp,
+    s: &mut Snapshot,
+    overlays: &[PathBuf],
+    memory_file: Option<&PathBuf>,
+    agent: Option<Agent>,
+    st: &str,
+) -> Result<()> {
+    let tops = qemu::top_nodes(qmp, vm.rec.def.disks.len())?;
+    let mut added = Vec::new();
+    let mut switched = false;
+    let result = (|| -> Result<()> {
+        for (i, ov) in overlays.iter().enumerate() {
+            let node = format!("s{st}d{i}");
+            qmp.execute(&BlockdevAdd(json!({
+                "driver": "qcow2",
+                "node-name": node,
+                "file": {"driver": "file", "filename": ov},
+                "backing": null,
+            })))?;
+            added.push(node);
+        }
+        let actions = tops
+            .iter()
+            .zip(&added)
+            .map(|(t, o)| blockdev_snapshot_action(t, o))
+            .collect();
+        let mut guard = match agent {
+            Some(a) => {
+                let (g, n) = FreezeGuard::freeze(a)?;
+                s.frozen_filesystems = Some(n);
+                Some(g)
+            }
+            None => None,
+        };
+        match memory_file {
+            None => {
+                let t0 = Instant::now();
+                qmp.execute(&Transaction { actions })?;
+                s.pause_ms = Some(t0.elapsed().as_millis() as u64);
+            }
+            Some(mem) => {
+                // The memory is copied while the guest runs; QEMU stops it for
+                // the last dirty pages and waits before switching over: the
+                // disks switch then, so memory and disks are of one instant.
+                memory_capabilities(qmp, true)?;
+                let was_running = s.vm_state == "running";
+                qmp.take_events();
+                qmp.execute(&Migrate {
+                    uri: format!("file:{}", mem.display()),
+                })?;
+                let saved = (|| -> Result<()> {
+                    wait_migration(qmp, "saving the memory", "pre-switchover")?;
+                    qmp.execute(&Transaction { actions })?;
+                    switched = true;
+                    qmp.execute_value(
+                        "migrate-continue",
+                        Some(json!({"state": "pre-switchover"})),
+                    )?;
+                    wait_migration(qmp, "saving the memory", "completed")
+                })();
+                if saved.is_err() && !switched {
+                    let _ = qmp.execute_value("migrate_cancel", None);
+                }
+                if was_running && qemu::run_state(qmp)? != "running" {
+                    qmp.execute(&Cont {})?;
+                }
+                s.pause_ms = pause_from_events(qmp);
+                saved?;
+            }
+        }
+        if let Some(g) = guard.as_mut() {
+            g.thaw()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        if switched {
+            // Merge back whatever the guest wrote since the switch, and pivot.
+            for (t, o) in tops.iter().zip(&added) {
+                active_commit(qmp, o, t)?;
+            }
+        }
+        for n in &added {
+            let _ = qmp.execute(&BlockdevDel {
+                node_name: n.clone(),
+            });
+        }
+    }
+    result
+}
+
+/// Merge the active layer `top` into the node `base` below it and make `base`
+/// the active layer again (commit, wait until ready, complete, remove `top`).
+pub(crate) fn active_commit(qmp: &Qmp, top: &str, base: &str) -> Result<()> {
+    let job = format!("strata-commit-{}", stamp());
+    qmp.execute(&BlockCommit {
+        job_id: job.clone(),
+        device: top.to_string(),
+        top_node: None,
+        base_node: Some(base.to_string()),
+        auto_dismiss: Some(false),
+    })?;
+    qmp.wait_block_job_ready(&job, JOB_TIMEOUT)?;
+    qmp.execute(&JobComplete { id: job.clone() })?;
+    qmp.finish_job("block-commit", &job, JOB_TIMEOUT)?;
+    let _ = qmp.execute(&BlockdevDel {
+        node_name: top.to_string(),
+    });
+    Ok(())
+}
+
+/// Start QEMU paused and load internal snapshot `tag` (disks and memory).
+fn load_internal(vm: &OpenVm, qmp: &Qmp, tag: &str) -> Result<()> {
+    let nodes = qemu::top_nodes(qmp, vm.rec.def.disks.len())?;
+    let job = format!("strata-load-{}", stamp());
+    qmp.run_job(
+        &SnapshotLoad {
+            job_id: job.clone(),
+            tag: tag.to_string(),
+            vmstate: nodes[0].clone(),
+            devices: nodes,
+        },
+        &job,
+        JOB_TIMEOUT,
+    )?;
+    Ok(())
+}
+
+/// Leave the guest running or paused as it was when snapshot `s` was taken.
+fn set_run_state(qmp: &Qmp, s: &Snapshot) -> Result<()> {
+    let now = qemu::run_state(qmp)?;
+    if s.vm_state == "running" && now != "running" {
+        qmp.execute(&Cont {})?;
+    } else if s.vm_state == "paused" && now == "running" {
+        qmp.execute(&Stop {})?;
+    }
+    Ok(())
+}
+
+impl Manager {
+    /// Revert VM `name` to snapshot `snap`. A running VM that must be restarted
+    /// for it (a disk-only snapshot) is refused unless `force`.
+    pub fn snapshot_revert(&self, name: &str, snap: &str, force: bool) -> Result<()> {
+        let mut vm = self.open(name)?;
+        let s = vm.rec.snapshot(snap)?.clone();
+        let (qmp, state) = vm_state(&vm)?;
+        if qmp.is_some() && !s.memory && !force {
+            return Err(Error::State(format!(
+                "reverting running VM '{name}' to disk-only snapshot '{snap}' restarts the guest; add --force"
+            )));
+        }
+        if let Some(q) = &qmp {
+            no_block_jobs(&vm, q)?;
+        }
+        match s.kind {
+            Kind::Internal => {
+                if vm.rec.def.disks != s.disks {
+                    return Err(Error::State(format!(
+                        "internal snapshot '{snap}' lives in files that later external snapshots froze as backing files; it cannot be reverted to in place"
+                    )));
+                }
+                match (qmp, s.memory) {
+                    (Some(q), true) => {
+                        load_internal(&vm, &q, snap)?;
+                        set_run_state(&q, &s)?;
+                    }
+                    (None, true) => {
+                        let (q, _) = qemu::launch(
+                            &vm.rec.def,
+                            &vm.paths,
+                            StartMode {
+                                paused: true,
+                                incoming: false,
+                            },
+                        )?;
+                        load_internal(&vm, &q, snap)?;
+                        set_run_state(&q, &s)?;
+                    }
+                    (q, false) => {
+                        let was_live = q.is_some();
+                        if let Some(q) = q {
+                            qemu::quit(q, &vm.paths)?;
+                        }
+                        engine::internal_apply(&s.disks, snap)?;
+                        if was_live {
+                            qemu::launch(&vm.rec.def, &vm.paths, StartMode::default())?;
+                        }
+                    }
+                }
+                vm.rec.current = Some(snap.to_string());
+                vm.save()
+            }
+            Kind::External => external_revert(&mut vm, qmp, &state, &s),
+        }
+    }
+}
+
+/// Revert to an external snapshot: new overlays on the snapshot's files become
+/// the VM's disks; the memory is loaded from its file when the snapshot has it.
+fn external_revert(vm: &mut OpenVm, qmp: Option<Qmp>, state: &str, s: &Snapshot) -> Result<()> {
+    let st = stamp();
+    let mut overlays = Vec::new();
+    for i in 0..s.disks.len() {
+        overlays.push(vm_file(
+            vm,
+            "disks",
+            format!("disk{i}-{}-{st}.qcow2", s.name),
+        )?);
+    }
+    vm.rec.intent = Some(Intent {
+        op: "revert".into(),
+        snapshot: s.name.clone(),
+        kind: Kind::External,
+        new_files: overlays.clone(),
+        quiesce: false,
+    });
+    vm.save()?;
+    let made = overlays
+        .iter()
+        .zip(&s.disks)
+        .try_for_each(|(ov, d)| engine::create_overlay(ov, d));
+    if let Err(e) = made {
+        remove_files(&overlays);
+        vm.rec.intent = None;
+        vm.save()?;
+        return Err(e);
+    }
+    step("revert-overlays");
+    let was_live = qmp.is_some() && state != "stopped";
+    if let Some(q) = qmp {
+        qemu::quit(q, &vm.paths)?;
+    }
+    let old = std::mem::replace(
+        &mut vm.rec.def.disks,
+        overlays
+            .into_iter()
+            .map(|file| Disk {
+                file,
+                format: "qcow2".into(),
+            })
+            .collect(),
+    );
+    vm.rec.current = Some(s.name.clone());
+    vm.rec.intent = None;
+    vm.save()?;
+    // The overlays left behind hold only the discarded state.
+    discard_unused(vm, &old);
+    if let Some(mem) = &s.memory_file {
+        let (q, _) = qemu::launch(
+            &vm.rec.def,
+            &vm.paths,
+            StartMode {
+                paused: true,
+                incoming: true,
+            },
+        )?;
+        memory_capabilities(&q, false)?;
+        q.execute(&MigrateIncoming {
+            uri: format!("file:{}", mem.display()),
+        })?;
+        wait_migration(&q, "loading the memory", "completed")?;
+        set_run_state(&q, s)?;
+    } else if was_live {
+        qemu::launch(&vm.rec.def, &vm.paths, StartMode::default())?;
+    }
+    Ok(())
+}
+
+/// Remove files strata made in the VM's directory that nothing refers to any more.
+fn discard_unused(vm: &OpenVm, files: &[Disk]) {
+    for d in files {
+        if d.file.starts_with(vm.dir()) && !vm.rec.file_in_use(&d.file) {
+            let _ = std::fs::remove_file(&d.file);
+        }
+    }
+}
+
+impl Manager {
+    /// Delete snapshot `snap` of VM `name` (see [`DeleteOptions`]).
+    pub fn snapshot_delete(&self, name: &str, snap: &str, opts: DeleteOptions) -> Result<()> {
+        let mut vm = self.open(name)?;
+        vm.rec.snapshot(snap)?;
+        let mut order = Vec::new();
+        if opts.children {
+            descendants_leaves_first(&vm, snap, &mut order);
+        } else {
+            let kids = vm.rec.children(snap);
+            let s = vm.rec.snapshot(snap)?;
+            if !kids.is_empty() && s.kind == Kind::External && !opts.metadata_only {
+                return merge_middle(&mut vm, snap);
+            }
+        }
+        order.push(snap.to_string());
+        for n in order {
+            delete_one(&mut vm, &n, opts.metadata_only)?;
+        }
+        Ok(())
+    }
+}
+
+fn descendants_leaves_first(vm: &OpenVm, snap: &str, out: &mut Vec<String>) {
+    for c in vm.rec.children(snap) {
+        descendants_leaves_first(vm, &c, out);
+        out.push(c);
+    }
+}
+
+/// Forget snapshot `snap`: its children take its parent, and so does `current`.
+fn forget(vm: &mut OpenVm, snap: &str) {
+    let parent = vm.rec.snapshot(snap).ok().and_then(|s| s.parent.clone());
+    vm.rec.snapshots.retain(|s| s.name != snap);
+    for s in &mut vm.rec.snapshots {
+        if s.parent.as_deref() == Some(snap) {
+            s.parent = parent.clone();
+        }
+    }
+    if vm.rec.current.as_deref() == Some(snap) {
+        vm.rec.current = parent;
+    }
+}
+
+fn delete_one(vm: &mut OpenVm, snap: &str, metadata_only: bool) -> Result<()> {
+    let s = vm.rec.snapshot(snap)?.clone();
+    if metadata_only {
+        forget(vm, snap);
+        return vm.save();
+    }
+    let (qmp, _) = vm_state(vm)?;
+    match s.kind {
+        Kind::Internal => {
+            match &qmp {
+                Some(q) if vm.rec.def.disks == s.disks => {
+                    let nodes = qemu::top_nodes(q, s.disks.len())?;
+                    let job = format!("strata-del-{}", stamp());
+                    q.run_job(
+                        &SnapshotDelete {
+                            job_id: job.clone(),
+                            tag: snap.to_string(),
+                            devices: nodes,
+                        },
+                        &job,
+                        JOB_TIMEOUT,
+                    )?;
+                }
+                Some(_) => {
+                    return Err(Error::State(format!(
+                        "internal snapshot '{snap}' is in backing files the running VM holds read-only; stop the VM to delete it"
+                    )))
+                }
+                None => engine::internal_delete(&s.disks, snap)?,
+            }
+            forget(vm, snap);
+            vm.save()
+        }
+        Kind::External => external_delete_leaf(vm, qmp, &s),
+    }
+}
+
+/// Delete a leaf external snapshot. When the VM's disks are overlays on the
+/// snapshot's files, the overlays are merged down into them (active commit with
+/// pivot while running, strata's engine when stopped) and the VM runs on the
+/// snapshot's files again; otherwise the snapshot's files hold nothing anyone
+/// needs and the ones strata made are removed.
+fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Result<()> {
+    let on_top = vm.rec.current.as_deref() == Some(s.name.as_str())
+        && vm
+            .rec
+            .def
+            .disks
+            .iter()
+            .all(|d| d.file.starts_with(vm.dir()));
+    let mut leftovers: Vec<Disk> = Vec::new();
+    if on_top {
+        let shared = vm
+            .rec
+            .snapshots
+            .iter()
+            .any(|o| o.name != s.name && o.disks.iter().any(|d| vm.rec.def.disks.contains(d)));
+        if shared {
+            return Err(Error::State(format!(
+                "the VM's current disks also hold other snapshots; delete '{}' with --metadata-only",
+                s.name
+            )));
+        }
+        vm.rec.intent = Some(Intent {
+            op: "delete".into(),
+            snapshot: s.name.clone(),
+            kind: Kind::External,
+            new_files: Vec::new(),
+            quiesce: false,
+        });
+        vm.save()?;
+        match &qmp {
+            Some(q) => {
+                no_block_jobs(vm, q)?;
+                let tops = qemu::top_nodes(q, s.disks.len())?;
+                for (top, base) in tops.iter().zip(&s.disks) {
+                    let base_node = node_of_file(q, &base.file)?;
+                    active_commit(q, top, &base_node)?;
+                }
+            }
+            None => {
+                for d in &vm.rec.def.disks {
+                    engine::commit_into_backing(d)?;
+                }
+            }
+        }
+        step("delete-merged");
+        leftovers = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
+    } else {
+        leftovers.extend(s.disks.iter().cloned());
+    }
+    forget(vm, &s.name);
+    vm.rec.intent = None;
+    vm.save()?;
+    discard_unused(vm, &leftovers);
+    if let Some(m) = &s.memory_file {
+        let _ = std::fs::remove_file(m);
+    }
+    Ok(())
+}
+
+/// The name of the format node QEMU opened on `file`.
+pub(crate) fn node_of_file(qmp: &Qmp, file: &std::path::Path) -> Result<String> {
+    let nodes = qmp.execute_value("query-named-block-nodes", Some(json!({"flat": true})))?;
+    let want = file.display().to_string();
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| {
+            n.get("file").and_then(|f| f.as_str()) == Some(want.as_str())
+                && n.get("drv").and_then(|d| d.as_str()) != Some("file")
+        })
+        .and_then(|n| n.get("node-name").and_then(|v| v.as_str()))
+        .map(str::to_string)
+        .ok_or_else(|| Error::Qemu(format!("QEMU has no node open on '{want}'")))
+}
+
+/// Delete an external snapshot that has children, on a stopped VM: every image
+/// built directly on the snapshot's files (children's files, the VM's current
+/// overlays) takes in what those files provided and is pointed past them, so
+/// every other snapshot and the current state keep their content; then the
+/// snapshot's files go (when strata made them and nothing else uses them).
+fn merge_middle(vm: &mut OpenVm, snap: &str) -> Result<()> {
+    if qemu::live_pid(&vm.paths).is_some() {
+        return Err(Error::State(format!(
+            "external snapshot '{snap}' has children: stop VM '{}' to merge it into them (or delete with --metadata-only)",
+            vm.name
+        )));
+    }
+    let frozen = vm.rec.snapshot(snap)?.disks.clone();
+    for o in vm.rec.snapshots.iter().filter(|o| o.kind == Kind::Internal) {
+        for d in &o.disks {
+            for f in &frozen {
+                if d.file != f.file && engine::is_on(&d.file, &f.file)? {
+                    return Err(Error::State(format!(
+                        "internal snapshot '{}' is kept in '{}', built on external snapshot '{snap}'; merging would change what it shows: delete it first, or use --metadata-only",
+                        o.name,
+                        d.file.display()
+                    )));
+                }
+            }
+        }
+    }
+    vm.rec.intent = Some(Intent {
+        op: "merge".into(),
+        snapshot: snap.to_string(),
+        kind: Kind::External,
+        new_files: Vec::new(),
+        quiesce: false,
+    });
+    vm.save()?;
+    finish_merge(vm, snap)
+}
+
+/// The work of [`merge_middle`] after its intent is recorded; also how recovery
+/// finishes an interrupted merge (each step can run again).
+pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str) -> Result<()> {
+    let s = vm.rec.snapshot(snap)?.clone();
+    let mut users: Vec<PathBuf> = vm.rec.def.disks.iter().map(|d| d.file.clone()).collect();
+    for o in &vm.rec.snapshots {
+        users.extend(o.disks.iter().map(|d| d.file.clone()));
+    }
+    users.sort();
+    users.dedup();
+    for f in &s.disks {
+        for x in users.iter().filter(|x| *x != &f.file) {
+            if x.starts_with(vm.dir()) {
+                engine::rebase_past(x, &f.file)?;
+                step("merge-rebased");
+            }
+        }
+    }
+    forget(vm, snap);
+    vm.rec.intent = None;
+    vm.save()?;
+    discard_unused(vm, &s.disks);
+    if let Some(m) = &s.memory_file {
+        let _ = std::fs::remove_file(m);
+    }
+    Ok(())
+}
