@@ -99,7 +99,15 @@ fn memory_saved_by_migration_to_a_file_and_the_source_resumes(qmp: &Qmp, dir: &P
     .unwrap();
     let info = qmp.execute(&QueryMigrate {}).unwrap();
     assert_eq!(info.status.as_deref(), Some("completed"), "{info:?}");
-    let st = qmp.execute(&QueryStatus {}).unwrap();
+    // QEMU sends the completed event before it moves the run state on: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = qmp.execute(&QueryStatus {}).unwrap();
+        if st.status == "postmigrate" || std::time::Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!((st.running, st.status.as_str()), (false, "postmigrate"));
     // 256 MiB of guest memory went somewhere: mapped-ram writes it at fixed
     // offsets, so the file is at least that long (sparse where pages are zero).
