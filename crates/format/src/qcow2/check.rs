@@ -454,7 +454,7 @@ impl Qcow2Image {
     ) -> Result<()> {
         let refs: Vec<u64> = refs.iter().map(|&r| u64::from(r)).collect();
         let fresh = m
-            .write_fresh_refcounts(refs, beyond)
+            .write_fresh_refcounts(refs, beyond, None)
             .map_err(|e| self.err(e))?;
         m.storage.flush().map_err(|e| self.err(e))?;
         let mut hdr = [0u8; 12];

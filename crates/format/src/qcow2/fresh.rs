@@ -17,16 +17,26 @@ pub(crate) struct FreshRefcounts {
 }
 
 impl Meta {
+    /// Clusters of refcount blocks and table that describe `covered` clusters
+    /// when placed inside them.
+    pub(crate) fn fresh_refcount_clusters(&self, covered: u64) -> u64 {
+        let blocks = covered.div_ceil(self.rb_entries());
+        blocks + blocks.div_ceil(self.cluster_size() / 8).max(1)
+    }
+
     /// Write refcount blocks and a refcount table describing `refs` (references
     /// per cluster, those of any refcount structure excepted) plus the new
-    /// structures themselves, past the end of the file and past every cluster
-    /// `refs` or `beyond` (ranges named past the end) reach. Nothing is flushed
-    /// and nothing in use is overwritten: until the header names the table, the
-    /// clusters written are unreferenced.
+    /// structures themselves. They go at cluster `inside` when given, if they fit
+    /// there below the end of the file and `refs` names none of those clusters
+    /// (the caller holds them free in the old structures too); else past the end
+    /// of the file and past every cluster `refs` or `beyond` (ranges named past
+    /// the end) reach. Nothing is flushed and nothing in use is overwritten: until
+    /// the header names the table, the clusters written are unreferenced.
     pub(crate) fn write_fresh_refcounts(
         &mut self,
         mut refs: Vec<u64>,
         beyond: &[(u64, u64, u32)],
+        inside: Option<u64>,
     ) -> Result<FreshRefcounts> {
         let cs = self.cluster_size();
         let epb = self.rb_entries();
@@ -44,27 +54,42 @@ impl Meta {
             .rposition(|&r| r > 0)
             .map_or(1, |i| i as u64 + 1);
         let mut start = end.max(file_clusters);
+        let (mut blocks, mut table) = (0u64, 0u64);
+        let mut placed = false;
+        if let Some(at) = inside {
+            let covered = (refs.len() as u64).max(file_clusters);
+            let len = self.fresh_refcount_clusters(covered);
+            let unnamed =
+                (at..at.saturating_add(len)).all(|c| refs.get(c as usize).is_none_or(|&r| r == 0));
+            if beyond.is_empty() && at.saturating_add(len) <= covered && unnamed {
+                start = at;
+                blocks = covered.div_ceil(epb);
+                table = len - blocks;
+                placed = true;
+            }
+        }
         // Fixed point: blocks and table clusters placed at `start` must count
         // themselves; move past any cluster an entry names.
-        let (mut blocks, mut table) = (0u64, 0u64);
-        loop {
-            let total = start + blocks + table;
-            let b2 = total.div_ceil(epb);
-            let t2 = b2.div_ceil(per_cluster).max(1);
-            if b2 != blocks || t2 != table {
-                blocks = b2;
-                table = t2;
-                continue;
-            }
-            let last = start + blocks + table - 1;
-            match beyond
-                .iter()
-                .filter(|&&(a, b, _)| a <= last && b >= start)
-                .map(|&(_, b, _)| b)
-                .max()
-            {
-                Some(b) => start = b + 1,
-                None => break,
+        if !placed {
+            loop {
+                let total = start + blocks + table;
+                let b2 = total.div_ceil(epb);
+                let t2 = b2.div_ceil(per_cluster).max(1);
+                if b2 != blocks || t2 != table {
+                    blocks = b2;
+                    table = t2;
+                    continue;
+                }
+                let last = start + blocks + table - 1;
+                match beyond
+                    .iter()
+                    .filter(|&&(a, b, _)| a <= last && b >= start)
+                    .map(|&(_, b, _)| b)
+                    .max()
+                {
+                    Some(b) => start = b + 1,
+                    None => break,
+                }
             }
         }
         let table_clusters =
@@ -74,7 +99,10 @@ impl Meta {
                 "no room for new refcount structures below the 2^56 limit",
             ));
         }
-        refs.resize((start + blocks + table) as usize, 0);
+        let stop = (start + blocks + table) as usize;
+        if refs.len() < stop {
+            refs.resize(stop, 0);
+        }
         for c in start..start + blocks + table {
             refs[c as usize] = 1;
         }

@@ -13,6 +13,8 @@
 //! offset, all in the first sector, which the disk writes whole) switches from
 //! the old state to the new, and is flushed. A crash leaves one state or the
 //! other, each consistent; clusters written for the new state leak at worst.
+//! The fresh refcount structures take a run the old state leaves free, so the
+//! file does not grow by them at every switch; a free tail is given back after.
 //!
 //! On create, the old active L1 and L2 tables become the snapshot's unchanged:
 //! their COPIED flags are no longer checked (only the active image's are), and
@@ -127,7 +129,13 @@ impl Qcow2Image {
         for c in l1_off / cs..(l1_off + l1_bytes).div_ceil(cs) {
             add(&mut refs, c, 1);
         }
-        let fresh = m.write_fresh_refcounts(refs, &[])?;
+        // The fresh structures go where the old ones leave room (a run free now,
+        // taken from the old structures, so nothing else lands there), not past
+        // the end of the file: the file does not grow by them at every switch.
+        let covered = (refs.len() as u64).max(m.storage.size()?.div_ceil(cs));
+        let at = m.alloc_clusters(m.fresh_refcount_clusters(covered))?;
+        m.write_dirty_refblocks()?;
+        let fresh = m.write_fresh_refcounts(refs, &[], Some(at / cs))?;
         m.storage.flush()?;
         // The switch: bytes 36..72 of the first sector.
         let mut hdr = [0u8; 36];
@@ -145,6 +153,8 @@ impl Qcow2Image {
         m.adopt_refcounts(fresh);
         m.l2.clear();
         m.compressed_cursor = 0;
+        // What the old state alone used may end the file: give it back.
+        m.trim_free_tail()?;
         Ok(true)
     }
 }
