@@ -15,8 +15,9 @@ pub enum Barrier {
     RefcountsBeforeL2,
     /// A new L2 table is durable before the L1 entry that points at it.
     L2BeforeL1,
-    /// A snapshot's raised refcounts are durable before the active L1 table is
-    /// switched to the snapshot's tables (apply).
+    /// A snapshot's raised refcounts, and its L2 tables' COPIED flags made to
+    /// agree with them, are durable before the active L1 table is switched to the
+    /// snapshot's tables (apply).
     SnapshotRefcountsBeforeL1,
 }
 

@@ -18,10 +18,10 @@
 mod count;
 
 use super::entries::{OFFSET_MASK, OFLAG_COPIED};
-use super::header::{self, MAX_HOST_OFFSET};
+use super::header;
 use super::image::Qcow2Image;
 use super::meta::Meta;
-use super::refcount::{rb_set, REFTABLE_RESERVED};
+use super::refcount::REFTABLE_RESERVED;
 use crate::{BlockDevice, Result};
 use count::{classify, words, Counter, Kind};
 
@@ -452,91 +452,30 @@ impl Qcow2Image {
         refs: &[u32],
         beyond: &[(u64, u64, u32)],
     ) -> Result<()> {
-        let cs = m.cluster_size();
-        let epb = m.rb_entries();
-        let per_cluster = cs / 8;
-        let mut refs: Vec<u64> = refs.iter().map(|&r| u64::from(r)).collect();
-        let file_clusters = m.storage.size().map_err(|e| self.err(e))?.div_ceil(cs);
-        let n = (refs.len() as u64).max(file_clusters);
-        for (c, want) in reserved_beyond(beyond, n, epb) {
-            if c as usize >= refs.len() {
-                refs.resize(c as usize + 1, 0);
-            }
-            refs[c as usize] = refs[c as usize].max(want);
-        }
-        let end = refs
-            .iter()
-            .rposition(|&r| r > 0)
-            .map_or(1, |i| i as u64 + 1);
-        let mut start = end.max(file_clusters);
-        // Fixed point: blocks and table clusters placed at `start` must count
-        // themselves; move past any cluster an entry names.
-        let (mut blocks, mut table) = (0u64, 0u64);
-        loop {
-            let total = start + blocks + table;
-            let b2 = total.div_ceil(epb);
-            let t2 = b2.div_ceil(per_cluster).max(1);
-            if b2 != blocks || t2 != table {
-                blocks = b2;
-                table = t2;
-                continue;
-            }
-            let last = start + blocks + table - 1;
-            match beyond
-                .iter()
-                .filter(|&&(a, b, _)| a <= last && b >= start)
-                .map(|&(_, b, _)| b)
-                .max()
-            {
-                Some(b) => start = b + 1,
-                None => break,
-            }
-        }
-        if (start + blocks + table) * cs > MAX_HOST_OFFSET {
-            return Err(self.err(crate::Error::corrupt(
-                "no room for new refcount structures below the 2^56 limit",
-            )));
-        }
-        refs.resize((start + blocks + table) as usize, 0);
-        for c in start..start + blocks + table {
-            refs[c as usize] = 1;
-        }
-        let order = m.h.refcount_order;
-        let max = m.max_refcount();
-        let mut reftable = vec![0u64; (table * per_cluster) as usize];
-        for b in 0..blocks {
-            let mut block = vec![0u8; cs as usize];
-            for i in 0..epb {
-                let c = b * epb + i;
-                if let Some(&v) = refs.get(c as usize) {
-                    rb_set(&mut block, order, i as usize, v.min(max));
-                }
-            }
-            let off = (start + b) * cs;
-            m.storage.write_at(&block, off).map_err(|e| self.err(e))?;
-            reftable[b as usize] = off;
-        }
-        let table_off = (start + blocks) * cs;
-        let mut bytes = Vec::with_capacity((table * cs) as usize);
-        for e in &reftable {
-            bytes.extend_from_slice(&e.to_be_bytes());
-        }
-        m.storage
-            .write_at(&bytes, table_off)
+        let refs: Vec<u64> = refs.iter().map(|&r| u64::from(r)).collect();
+        let fresh = m
+            .write_fresh_refcounts(refs, beyond, None)
             .map_err(|e| self.err(e))?;
         m.storage.flush().map_err(|e| self.err(e))?;
         let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-        hdr[8..].copy_from_slice(&(table as u32).to_be_bytes());
+        hdr[..8].copy_from_slice(&fresh.table_offset.to_be_bytes());
+        hdr[8..].copy_from_slice(&fresh.table_clusters.to_be_bytes());
         m.storage.write_at(&hdr, 48).map_err(|e| self.err(e))?;
         m.storage.flush().map_err(|e| self.err(e))?;
-        m.h.refcount_table_offset = table_off;
-        m.h.refcount_table_clusters = table as u32;
-        m.reftable = reftable;
-        m.rb =
-            super::cache::TableCache::new((super::meta::REFBLOCK_CACHE_BYTES / cs).max(8) as usize);
-        m.free_hint = 1;
+        m.adopt_refcounts(fresh);
         Ok(())
+    }
+
+    /// The references the image holds, refcount structures excepted (what a fresh
+    /// refcount structure must describe), counted from what is on disk under the
+    /// in-memory header, L1 table and snapshot list; `None` when the count finds
+    /// any corruption (then no fresh structure may be built from it).
+    pub(crate) fn references_for_fresh_refcounts(&self, m: &mut Meta) -> Result<Option<Vec<u64>>> {
+        let count = self.count_refs(m, Repair::None)?;
+        if count.ctr.corruptions > 0 || !count.ctr.beyond.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(count.base.iter().map(|&r| u64::from(r)).collect()))
     }
 
     /// End of the last cluster with a non-zero refcount.
@@ -575,7 +514,11 @@ struct Copied {
 /// that no allocation hands them out while entries still point there (a write
 /// elsewhere must not show up in them), and so that they are right once the file
 /// grows over them. qemu-img does not compare refcounts past the end of the file.
-fn reserved_beyond(beyond: &[(u64, u64, u32)], n: u64, per_block: u64) -> Vec<(u64, u64)> {
+pub(crate) fn reserved_beyond(
+    beyond: &[(u64, u64, u32)],
+    n: u64,
+    per_block: u64,
+) -> Vec<(u64, u64)> {
     let limit = n.saturating_add(2 * per_block);
     let mut counts = std::collections::BTreeMap::<u64, u64>::new();
     for &(first, last, weight) in beyond.iter().filter(|&&(first, _, _)| first < limit) {

@@ -85,7 +85,7 @@ impl Meta {
         self.h.l2_entries()
     }
     /// u64 words per L2 entry in the cached tables.
-    fn words(&self) -> usize {
+    pub(crate) fn words(&self) -> usize {
         if self.geo.extended_l2 {
             2
         } else {
@@ -107,7 +107,7 @@ impl Meta {
             .collect()
     }
 
-    fn encode_table(t: &[u64]) -> Vec<u8> {
+    pub(crate) fn encode_table(t: &[u64]) -> Vec<u8> {
         let mut out = Vec::with_capacity(t.len() * 8);
         for e in t {
             out.extend_from_slice(&e.to_be_bytes());
@@ -296,6 +296,18 @@ impl Meta {
         }
     }
 
+    /// Write every dirty L2 table in the cache (no flush, no ordering: the caller
+    /// orders them).
+    pub(crate) fn write_dirty_l2_tables(&mut self) -> Result<()> {
+        for off in self.l2.dirty_offsets() {
+            let slot = self.l2.get(off).expect("dirty slot");
+            let bytes = Self::encode_table(&slot.data);
+            self.storage.write_at(&bytes, off)?;
+            slot.dirty = false;
+        }
+        Ok(())
+    }
+
     /// Make all metadata durable in the order crash safety needs:
     /// refcount blocks (and data already written), flush, L2 tables, flush; then apply queued frees and write
     /// those refcounts, flush.
@@ -309,12 +321,7 @@ impl Meta {
             // written (a zero flag or subcluster bit cleared on an owned cluster):
             // that data is durable before the entry.
             self.barrier_named(Barrier::RefcountsBeforeL2)?;
-            for off in self.l2.dirty_offsets() {
-                let slot = self.l2.get(off).expect("dirty slot");
-                let bytes = Self::encode_table(&slot.data);
-                self.storage.write_at(&bytes, off)?;
-                slot.dirty = false;
-            }
+            self.write_dirty_l2_tables()?;
         }
         self.barrier()?;
         if !self.pending_frees.is_empty() {

@@ -14,6 +14,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod entries;
+mod fresh;
 pub mod header;
 pub mod image;
 pub mod inspect;
@@ -21,6 +22,7 @@ mod meta;
 mod refcount;
 pub mod snapshot;
 pub mod snapshot_ops;
+mod snapshot_switch;
 
 pub use check::{CheckReport, Repair};
 pub use compress::CompressionType;

@@ -1,21 +1,25 @@
 //! Internal snapshots: create, apply (revert), delete, read-only views, and the
-//! VM-state area, with QEMU's write orders (FACTS.md):
-//! - create: write the L1 copy, clear the active COPIED flags, flush; raise the
-//!   refcounts, flush; write the new snapshot
-//!   table, flush; switch `nb_snapshots` + `snapshots_offset` in one header write; free
-//!   the old table;
-//! - apply: raise the snapshot's refcounts, flush; write the active L1 (its COPIED
-//!   flags computed from the raised refcounts, so they are right in every durable
+//! VM-state area. Write orders (FACTS.md):
+//! - create and delete: everything they change (snapshot table, active L1 and the
+//!   L2 tables whose COPIED flags change, refcount structures) is written anew off
+//!   to the side and switched in one header write (see `snapshot_switch`), so
+//!   every durable state passes `qemu-img check` (leaks at worst). An image that
+//!   is not fit for it (an empty active L1, or any corruption found while
+//!   counting) takes the in-place path: create writes an L1 copy, clears the
+//!   active COPIED flags, flush; raises the refcounts; writes the new snapshot
+//!   table and switches `nb_snapshots` + `snapshots_offset` in one header write;
+//!   delete rewrites the table first, then lowers the refcounts. There, a crash
+//!   between a refcount change and its COPIED flag leaves the conservative side
+//!   (refcount 1 with the flag clear: a writer copies instead of writing in
+//!   place), never a shared cluster marked as owned;
+//! - apply: raise the snapshot's refcounts, flush; make the COPIED flags of its
+//!   L2 tables agree with them, flush; write the active L1 (its COPIED flags
+//!   computed from the raised refcounts, so they are right in every durable
 //!   state; in place when it fits in one sector, else written elsewhere with the
 //!   header switching to it, and the size, in one write), flush; then lower the
-//!   old active image's refcounts;
-//! - delete: rewrite the table first, then lower the refcounts.
+//!   old active image's refcounts.
 //!
-//! A crash anywhere leaks clusters at worst. A refcount and the COPIED flag of an
-//! entry pointing at the cluster cannot change in one write; create and delete order
-//! them so that the window in between is conservative (refcount 1 with the flag
-//! clear: a writer copies the cluster instead of writing it in place), never a
-//! shared cluster marked as owned. Apply has no such window.
+//! A crash anywhere leaks clusters at worst.
 
 use super::barrier::Barrier;
 use super::entries::{decode_l1, L2Entry, OFLAG_COPIED};
@@ -97,7 +101,6 @@ impl Meta {
             self.storage.flush()?;
         }
         let cs = self.cluster_size();
-        let n = self.l2_entries();
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let (l2off, copied) = decode_l1(e, cs, i)?;
@@ -113,21 +116,29 @@ impl Meta {
                 };
                 self.write_l1_entry(i as u64)?;
             }
-            for j in 0..n {
-                let (raw, bitmap) = self.raw_entry(l2off, j)?;
-                if let L2Entry::Normal { host, copied, .. } = self.geo.decode_l2(raw, bitmap)? {
-                    if host == 0 {
-                        continue;
-                    }
-                    let rc = self.refcount(host / cs)?;
-                    if (rc == 1) != copied {
-                        let new = if rc == 1 {
-                            raw | OFLAG_COPIED
-                        } else {
-                            raw & !OFLAG_COPIED
-                        };
-                        self.set_raw_entry(l2off, j, new, bitmap)?;
-                    }
+            self.fix_table_flags(l2off)?;
+        }
+        Ok(())
+    }
+
+    /// Make the COPIED flags of the entries of the L2 table at `l2off` match the
+    /// refcounts of their clusters (the table is left dirty in the cache).
+    pub(crate) fn fix_table_flags(&mut self, l2off: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        for j in 0..self.l2_entries() {
+            let (raw, bitmap) = self.raw_entry(l2off, j)?;
+            if let L2Entry::Normal { host, copied, .. } = self.geo.decode_l2(raw, bitmap)? {
+                if host == 0 {
+                    continue;
+                }
+                let rc = self.refcount(host / cs)?;
+                if (rc == 1) != copied {
+                    let new = if rc == 1 {
+                        raw | OFLAG_COPIED
+                    } else {
+                        raw & !OFLAG_COPIED
+                    };
+                    self.set_raw_entry(l2off, j, new, bitmap)?;
                 }
             }
         }
@@ -278,7 +289,61 @@ impl Qcow2Image {
             self.write_beyond_disk(m, &spec.vm_state, vm_base)?;
         }
         m.flush_metadata()?;
-        // The L1 copy.
+        let next_id = m
+            .snapshots
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let (sec, nsec) = spec.date.unwrap_or_else(|| {
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (d.as_secs() as u32, d.subsec_nanos())
+        });
+        // The snapshot takes the active L1 table as it is (see `switch_snapshots`).
+        let snap = Snapshot {
+            l1_table_offset: m.h.l1_table_offset,
+            l1_size: m.l1.len() as u32,
+            id: next_id.to_string(),
+            name: spec.name.clone(),
+            date_sec: sec,
+            date_nsec: nsec,
+            vm_clock_nsec: spec.vm_clock_nsec,
+            vm_state_size: spec.vm_state.len() as u64,
+            disk_size: Some(self.virtual_size()),
+            icount: spec.icount,
+            extra: Vec::new(),
+        };
+        let mut snaps = m.snapshots.clone();
+        snaps.push(snap.clone());
+        if !self.switch_snapshots(m, snaps)? {
+            let l1_table_offset = self.share_active_l1(m)?;
+            let mut snaps = m.snapshots.clone();
+            snaps.push(Snapshot {
+                l1_table_offset,
+                ..snap
+            });
+            m.replace_snapshot_table(snaps)?;
+        }
+        if !spec.vm_state.is_empty() {
+            // The state now lives in the snapshot; the active image no longer needs it.
+            let len = (spec.vm_state.len() as u64).next_multiple_of(cs);
+            self.discard_beyond_disk(m, vm_base, len)?;
+        }
+        m.flush_metadata()?;
+        Ok(m.snapshots.last().expect("just added").clone())
+    }
+
+    /// The in-place way to share the active image with a new snapshot, for images
+    /// [`Qcow2Image::switch_snapshots`] declines: write a copy of the active L1,
+    /// clear the active COPIED flags, flush; raise the refcounts. Returns the copy's
+    /// offset. A crash in between leaves flags that are only conservative (a
+    /// refcount of 1 with the flag clear: a writer copies a cluster it owns), which
+    /// `qemu-img check` still reports.
+    fn share_active_l1(&self, m: &mut Meta) -> Result<u64> {
+        let cs = m.cluster_size();
         let l1 = m.l1.clone();
         let l1_off = if l1.is_empty() {
             0
@@ -295,51 +360,12 @@ impl Qcow2Image {
             m.storage.write_at(&bytes, off)?;
             off
         };
-        // Every table and cluster is about to be shared: clear COPIED first, so that
-        // no durable state marks a shared cluster as owned (a writer would change the
-        // snapshot's data in place). Until the refcounts are raised, a crash leaves
-        // flags that are only conservative (a writer copies a cluster it owns).
         m.clear_copied_flags()?;
         m.flush_metadata()?;
         m.update_l1_refcounts(&l1, 1)?;
         m.fix_copied_flags()?;
         m.flush_metadata()?;
-        let next_id = m
-            .snapshots
-            .iter()
-            .filter_map(|s| s.id.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let (sec, nsec) = spec.date.unwrap_or_else(|| {
-            let d = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            (d.as_secs() as u32, d.subsec_nanos())
-        });
-        let snap = Snapshot {
-            l1_table_offset: l1_off,
-            l1_size: l1.len() as u32,
-            id: next_id.to_string(),
-            name: spec.name.clone(),
-            date_sec: sec,
-            date_nsec: nsec,
-            vm_clock_nsec: spec.vm_clock_nsec,
-            vm_state_size: spec.vm_state.len() as u64,
-            disk_size: Some(self.virtual_size()),
-            icount: spec.icount,
-            extra: Vec::new(),
-        };
-        let mut snaps = m.snapshots.clone();
-        snaps.push(snap);
-        m.replace_snapshot_table(snaps)?;
-        if !spec.vm_state.is_empty() {
-            // The state now lives in the snapshot; the active image no longer needs it.
-            let len = (spec.vm_state.len() as u64).next_multiple_of(cs);
-            self.discard_beyond_disk(m, vm_base, len)?;
-        }
-        m.flush_metadata()?;
-        Ok(m.snapshots.last().expect("just added").clone())
+        Ok(l1_off)
     }
 
     /// Revert the disk to snapshot `key` (ID or name). The current state is lost.
@@ -374,7 +400,20 @@ impl Qcow2Image {
         }
         // Raise the snapshot's refcounts first.
         m.update_l1_refcounts(&sl1, 1)?;
+        // The snapshot's tables may still carry the flags they had while active
+        // (a snapshot takes the active tables as they are): make them agree with
+        // the raised refcounts before the tables become active. Only flags of
+        // shared clusters change (to clear), so no order among these writes
+        // matters; the L1 switch waits for all of them.
+        let cs = m.cluster_size();
+        for (i, &e) in sl1.iter().enumerate() {
+            let (l2off, _) = decode_l1(e, cs, i)?;
+            if l2off != 0 {
+                m.fix_table_flags(l2off)?;
+            }
+        }
         m.write_dirty_refblocks()?;
+        m.write_dirty_l2_tables()?;
         m.barrier_named(Barrier::SnapshotRefcountsBeforeL1)?;
         // Switch the active L1 in one write. Every table it now names is shared
         // with the snapshot, so no entry may claim it (COPIED): the flags are right
@@ -444,9 +483,12 @@ impl Qcow2Image {
             .map(|(i, s)| (i, s.clone()))
             .ok_or_else(|| Error::invalid_argument(format!("Can't find the snapshot '{key}'")))?;
         m.flush_metadata()?;
-        let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
+        if self.switch_snapshots(m, snaps.clone())? {
+            return Ok(snap);
+        }
+        let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
         m.replace_snapshot_table(snaps)?;
         // The table no longer names it: now drop its references.
         m.update_l1_refcounts(&sl1, -1)?;
