@@ -199,12 +199,33 @@ impl Qcow2Image {
                 }
             }
         }
+        // Likewise an L2 table that several snapshots' L1 tables name (every table a
+        // snapshot took over unchanged) is walked once, with the number of times it
+        // is named as the weight: a hundred snapshots of one disk cost one walk of
+        // their shared tables, not a hundred.
+        let mut l2_tables: Vec<(u64, u32)> = Vec::new();
+        let mut l2_index: std::collections::HashMap<u64, usize> = Default::default();
         for ((offset, size), n) in tables {
             ctr.weight = n;
             let bytes = u64::from(size) * 8;
             ctr.add(offset, bytes);
             let sl1: Vec<u64> = words(&self.read_padded(m, offset, bytes)?);
-            self.count_l1(m, &sl1, &mut ctr, None)?;
+            for &e in &sl1 {
+                let Some(l2off) = count_l1_entry(e, cs, &mut ctr) else {
+                    continue;
+                };
+                match l2_index.get(&l2off) {
+                    Some(&i) => l2_tables[i].1 = l2_tables[i].1.saturating_add(n),
+                    None => {
+                        l2_index.insert(l2off, l2_tables.len());
+                        l2_tables.push((l2off, n));
+                    }
+                }
+            }
+        }
+        for (l2off, n) in l2_tables {
+            ctr.weight = n;
+            self.count_l2(m, l2off, &mut ctr, None)?;
         }
         ctr.weight = 1;
         if !snaps.is_empty() {
@@ -291,89 +312,90 @@ impl Qcow2Image {
         mut frag: Option<&mut Frag>,
     ) -> Result<()> {
         let cs = m.cluster_size();
+        for &e in l1 {
+            if let Some(l2off) = count_l1_entry(e, cs, ctr) {
+                self.count_l2(m, l2off, ctr, frag.as_deref_mut())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Count the entries of the L2 table at `l2off` (the table itself is counted
+    /// with its L1 entry), judging each as qemu-img does.
+    fn count_l2(
+        &self,
+        m: &mut Meta,
+        l2off: u64,
+        ctr: &mut Counter,
+        mut frag: Option<&mut Frag>,
+    ) -> Result<()> {
+        let cs = m.cluster_size();
         let geo = m.geo;
         let ext = geo.extended_l2;
         let stride = if ext { 2 } else { 1 };
-        for &e in l1 {
-            if e == 0 {
-                continue;
-            }
-            if e & L1_RESERVED != 0 {
+        let table = words(&self.read_padded(m, l2off, cs)?);
+        // Contiguity is judged within one L2 table, as qemu-img counts it.
+        if let Some(f) = frag.as_deref_mut() {
+            f.next = 0;
+        }
+        for (i, w) in table.chunks_exact(stride).enumerate() {
+            let raw = w[0];
+            let bitmap = if ext { w[1] } else { 0 };
+            let kind = classify(&geo, raw);
+            if !matches!(kind, Kind::Compressed { .. }) && raw & L2_STD_RESERVED != 0 {
                 ctr.corrupt(format!(
-                    "ERROR found L1 entry with reserved bits set: {e:x}"
+                    "ERROR found l2 entry with reserved bits set: {raw:x}"
                 ));
             }
-            let l2off = e & OFFSET_MASK;
-            ctr.add(l2off, cs);
-            if !l2off.is_multiple_of(cs) {
-                ctr.corrupt(format!(
-                    "ERROR l2_offset={l2off:x}: Table is not cluster aligned; L1 entry corrupted"
-                ));
-            }
-            let table = words(&self.read_padded(m, l2off, cs)?);
-            // Contiguity is judged within one L2 table, as qemu-img counts it.
-            if let Some(f) = frag.as_deref_mut() {
-                f.next = 0;
-            }
-            for (i, w) in table.chunks_exact(stride).enumerate() {
-                let raw = w[0];
-                let bitmap = if ext { w[1] } else { 0 };
-                let kind = classify(&geo, raw);
-                if !matches!(kind, Kind::Compressed { .. }) && raw & L2_STD_RESERVED != 0 {
-                    ctr.corrupt(format!(
-                        "ERROR found l2 entry with reserved bits set: {raw:x}"
-                    ));
+            match kind {
+                Kind::Compressed { offset, size } => {
+                    if raw & OFLAG_COPIED != 0 {
+                        ctr.corrupt(format!("ERROR: coffset=0x{offset:x}: copied flag must never be set for compressed clusters"));
+                    }
+                    if bitmap != 0 {
+                        ctr.corrupt(format!("ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{raw:x}"));
+                        continue;
+                    }
+                    ctr.add(offset, size);
+                    if let Some(f) = frag.as_deref_mut() {
+                        f.allocated += 1;
+                        f.compressed += 1;
+                        f.fragmented += 1;
+                    }
                 }
-                match kind {
-                    Kind::Compressed { offset, size } => {
-                        if raw & OFLAG_COPIED != 0 {
-                            ctr.corrupt(format!("ERROR: coffset=0x{offset:x}: copied flag must never be set for compressed clusters"));
-                        }
-                        if bitmap != 0 {
-                            ctr.corrupt(format!("ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{raw:x}"));
-                            continue;
-                        }
-                        ctr.add(offset, size);
-                        if let Some(f) = frag.as_deref_mut() {
-                            f.allocated += 1;
-                            f.compressed += 1;
+                Kind::Host(offset) => {
+                    if (bitmap >> 32) & bitmap != 0 {
+                        ctr.corrupt(format!("ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"));
+                    }
+                    if !offset.is_multiple_of(cs) {
+                        let has_data = if ext {
+                            bitmap & ALL_ALLOCATED != 0
+                        } else {
+                            raw & OFLAG_ZERO == 0
+                        };
+                        let what = if has_data {
+                            "Data cluster"
+                        } else {
+                            "Preallocated cluster"
+                        };
+                        ctr.corrupt(format!("ERROR offset={offset:x}: {what} is not properly aligned; L2 entry corrupted."));
+                    }
+                    if let Some(f) = frag.as_deref_mut() {
+                        f.allocated += 1;
+                        if f.next != 0 && offset != f.next {
                             f.fragmented += 1;
                         }
+                        f.next = offset + cs;
                     }
-                    Kind::Host(offset) => {
-                        if (bitmap >> 32) & bitmap != 0 {
-                            ctr.corrupt(format!("ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"));
-                        }
-                        if !offset.is_multiple_of(cs) {
-                            let has_data = if ext {
-                                bitmap & ALL_ALLOCATED != 0
-                            } else {
-                                raw & OFLAG_ZERO == 0
-                            };
-                            let what = if has_data {
-                                "Data cluster"
-                            } else {
-                                "Preallocated cluster"
-                            };
-                            ctr.corrupt(format!("ERROR offset={offset:x}: {what} is not properly aligned; L2 entry corrupted."));
-                        }
-                        if let Some(f) = frag.as_deref_mut() {
-                            f.allocated += 1;
-                            if f.next != 0 && offset != f.next {
-                                f.fragmented += 1;
-                            }
-                            f.next = offset + cs;
-                        }
-                        ctr.add(offset, cs);
-                    }
-                    Kind::ZeroPlain => {}
-                    Kind::Unallocated => {
-                        if bitmap & ALL_ALLOCATED != 0 {
-                            ctr.corrupt(
-                                "ERROR: Unallocated cluster has non-zero subcluster allocation map"
-                                    .into(),
-                            );
-                        }
+                    ctr.add(offset, cs);
+                }
+                Kind::ZeroPlain => {}
+                Kind::Unallocated => {
+                    if bitmap & ALL_ALLOCATED != 0 {
+                        ctr.corrupt(
+                            "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                                .into(),
+                        );
                     }
                 }
             }
@@ -420,6 +442,27 @@ impl Qcow2Image {
 }
 
 /// Big-endian 64-bit words of `buf`.
+/// Judge one L1 entry and count the L2 table it names; the table's offset, unless
+/// the entry is empty.
+fn count_l1_entry(e: u64, cs: u64, ctr: &mut Counter) -> Option<u64> {
+    if e == 0 {
+        return None;
+    }
+    if e & L1_RESERVED != 0 {
+        ctr.corrupt(format!(
+            "ERROR found L1 entry with reserved bits set: {e:x}"
+        ));
+    }
+    let l2off = e & OFFSET_MASK;
+    ctr.add(l2off, cs);
+    if !l2off.is_multiple_of(cs) {
+        ctr.corrupt(format!(
+            "ERROR l2_offset={l2off:x}: Table is not cluster aligned; L1 entry corrupted"
+        ));
+    }
+    Some(l2off)
+}
+
 pub(super) fn words(buf: &[u8]) -> Vec<u64> {
     buf.chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
