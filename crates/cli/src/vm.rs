@@ -18,7 +18,7 @@ pub struct VmCli {
 
 #[derive(clap::Subcommand)]
 enum VmCommand {
-    /// Define a VM (from options, or from a JSON file with --file).
+    /// Define a VM (from options, or from a TOML or JSON file with --file).
     Define(DefineArgs),
     /// Start a VM's QEMU, detached (KVM when usable, else TCG).
     Start { name: String },
@@ -208,8 +208,13 @@ fn define(mgr: &Manager, a: DefineArgs) -> Result<()> {
     let def = match &a.file {
         Some(f) => {
             let text = std::fs::read(f).with_context(|| format!("read {}", f.display()))?;
-            let mut def: VmDef = serde_json::from_slice(&text)
-                .with_context(|| format!("{} is not a VM definition", f.display()))?;
+            let not_a_def = || format!("{} is not a VM definition", f.display());
+            let mut def: VmDef = if f.extension().is_some_and(|e| e == "toml") {
+                let text = std::str::from_utf8(&text).with_context(not_a_def)?;
+                toml::from_str(text).with_context(not_a_def)?
+            } else {
+                serde_json::from_slice(&text).with_context(not_a_def)?
+            };
             if let Some(n) = &a.name {
                 def.name = n.clone();
             }

@@ -466,6 +466,21 @@ fn a_stopped_vm_gets_internal_and_external_snapshots_through_the_engine() {
     std::fs::write(&bad, def.to_string().replace("cpus", "cpu")).unwrap();
     let e = env.fails(&["define", "u", "--file", bad.to_str().unwrap()]);
     assert!(e.contains("is not a VM definition"), "{e}");
+
+    // The same definition in TOML gives the same record; a misspelt key is refused.
+    let record = env.record();
+    env.ok(&["undefine", "t"]);
+    let toml = env.dir.path().join("t.toml");
+    let text = format!(
+        "name = \"t\"\nmemory_mib = 64\ncpus = 1\n\n[[disks]]\nfile = \"{d}\"\nformat = \"qcow2\"\n"
+    );
+    std::fs::write(&toml, &text).unwrap();
+    env.ok(&["define", "--file", toml.to_str().unwrap()]);
+    assert_eq!(env.record(), record, "TOML and JSON definitions differ");
+    let bad = env.dir.path().join("bad.toml");
+    std::fs::write(&bad, text.replace("cpus", "cpu")).unwrap();
+    let e = env.fails(&["define", "u", "--file", bad.to_str().unwrap()]);
+    assert!(e.contains("is not a VM definition"), "{e}");
 }
 
 /// Crash (exit with no cleanup) at each step of create, revert and delete of a
