@@ -6,27 +6,12 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+mod common;
 
-fn run(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{ok as run, STRATA};
 
 fn strata(dir: &Path, args: &[&str]) -> String {
-    let mut a = vec!["img"];
-    a.extend_from_slice(args);
-    run(dir, STRATA, &a)
+    run(dir, "strata", args)
 }
 
 /// The dirty ranges of bitmap `name` as QEMU reads them: (start, length) pairs.

@@ -46,6 +46,21 @@ impl Env {
         );
         String::from_utf8(o.stdout).unwrap()
     }
+    /// Run with strata told to stop dead (no cleanup) at `step`, and require that
+    /// it did.
+    fn crash_at(&self, step: &str, args: &[&str]) {
+        let o = self
+            .cmd(args)
+            .env("STRATA_VM_CRASH_AT", step)
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(86),
+            "{step}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
     /// Run and require failure; returns stderr.
     fn fails(&self, args: &[&str]) -> String {
         let o = self.run(args);
@@ -321,16 +336,9 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
     // written: the next command merges them back and removes them.
     let record = env.record();
     let files = env.vm_files();
-    let o = env
-        .cmd(&["snapshot", "create", env.vm, "c", "--disk-only"])
-        .env("STRATA_VM_CRASH_AT", "create-done")
-        .output()
-        .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(86),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+    env.crash_at(
+        "create-done",
+        &["snapshot", "create", env.vm, "c", "--disk-only"],
     );
     env.sh("echo during > /data/f; sync");
     assert!(!env.ok(&["snapshot", "list", env.vm]).contains("\nc "));
@@ -491,17 +499,7 @@ fn an_interrupted_snapshot_operation_is_undone_or_finished_by_the_next_command()
     let disk = define_blank(&env, None);
     let d = disk.as_str();
     let crash = |step: &str, args: &[&str]| {
-        let o = env
-            .cmd(args)
-            .env("STRATA_VM_CRASH_AT", step)
-            .output()
-            .unwrap();
-        assert_eq!(
-            o.status.code(),
-            Some(86),
-            "{step}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        env.crash_at(step, args);
         let r: serde_json::Value = serde_json::from_slice(&env.record()).unwrap();
         assert!(r["intent"].is_object(), "{step}: no intent recorded");
     };
@@ -612,17 +610,7 @@ fn deleting_middle_snapshots_keeps_every_other_snapshot_and_the_current_state() 
     // The middle snapshot and branch point e2, with strata stopped after the
     // first image was rebased: the next command finishes the merge.
     let e2_file = snap_file(&env, "e2");
-    let o = env
-        .cmd(&["snapshot", "delete", "t", "e2"])
-        .env("STRATA_VM_CRASH_AT", "merge-rebased")
-        .output()
-        .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(86),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    env.crash_at("merge-rebased", &["snapshot", "delete", "t", "e2"]);
     env.ok(&["status", "t"]);
     assert!(!env.ok(&["snapshot", "list", "t"]).contains("e2"));
     assert!(
