@@ -181,23 +181,28 @@ fn a_consistent_image_with_the_corrupt_bit_opens_again_after_repair() {
     assert!(!img.header().is_corrupt());
 }
 
+/// What a guest reads from the image in `bytes`, opened read-only.
+fn guest_view(bytes: Vec<u8>) -> Vec<u8> {
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(bytes));
+    let img = Qcow2Image::open(
+        s,
+        Qcow2OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut v = vec![0u8; img.virtual_size() as usize];
+    img.read(&mut v, 0).unwrap();
+    v
+}
+
 #[test]
 fn a_repair_crashed_at_any_write_is_finished_by_the_next_repair() {
     let bytes = damaged("too-low");
     let expect = {
         let (fixed, _) = strata_repair(&bytes, Repair::All);
-        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(fixed));
-        let img = Qcow2Image::open(
-            s,
-            Qcow2OpenOptions {
-                read_only: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut v = vec![0u8; img.virtual_size() as usize];
-        img.read(&mut v, 0).unwrap();
-        v
+        guest_view(fixed)
     };
     let counting = Arc::new(FaultStorage::new(MemStorage::from_vec(bytes.clone()), None));
     {
@@ -247,17 +252,7 @@ fn a_repair_crashed_at_any_write_is_finished_by_the_next_repair() {
                 "crash at {k} ({pick:?}): {:?}",
                 second.messages
             );
-            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(again));
-            let img = Qcow2Image::open(
-                s,
-                Qcow2OpenOptions {
-                    read_only: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let mut v = vec![0u8; img.virtual_size() as usize];
-            img.read(&mut v, 0).unwrap();
+            let v = guest_view(again);
             assert!(
                 v == expect,
                 "crash at {k} ({pick:?}): data differs after repair"
