@@ -3,22 +3,18 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// The operation counter and trip flag of one or more [`FaultStorage`]s. Backends
-/// that share a clock fail together, the way every file of a chain stops at once
-/// when the machine crashes.
+/// The operation counter and trip flag of one or more [`FaultStorage`]s: the plan's
+/// operation number counts the mutating operations of every backend sharing it.
 #[derive(Debug, Default)]
 pub struct FaultClock {
     ops: AtomicU64,
     cut: AtomicBool,
 }
 
-/// What happens when a [`FaultStorage`] reaches its fault point.
+/// What happens when a [`FaultStorage`] reaches its fault point. (A crash, which
+/// loses unflushed writes, is [`crate::CrashStorage`]'s.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultMode {
-    /// The storage is gone from that point on: the operation and every later write or
-    /// flush fail with EIO and change nothing. Every earlier write stays, flushed or
-    /// not: a crash that loses unflushed writes is [`crate::CrashStorage`]'s.
-    Cut,
     /// That one operation fails with the given errno (EIO, ENOSPC...) and changes
     /// nothing; later operations succeed.
     ErrorOnce(i32),
@@ -77,21 +73,10 @@ impl<S: Storage> FaultStorage<S> {
     fn gate(&self) -> Result<()> {
         let n = self.clock.ops.fetch_add(1, Ordering::SeqCst);
         let Some(plan) = self.plan else { return Ok(()) };
-        match plan.mode {
-            FaultMode::Cut => {
-                if n >= plan.at {
-                    self.clock.cut.store(true, Ordering::SeqCst);
-                    return Err(Error::Injected(std::io::Error::from_raw_os_error(
-                        libc::EIO,
-                    )));
-                }
-            }
-            FaultMode::ErrorOnce(errno) => {
-                if n == plan.at {
-                    self.clock.cut.store(true, Ordering::SeqCst);
-                    return Err(Error::Injected(std::io::Error::from_raw_os_error(errno)));
-                }
-            }
+        let FaultMode::ErrorOnce(errno) = plan.mode;
+        if n == plan.at {
+            self.clock.cut.store(true, Ordering::SeqCst);
+            return Err(Error::Injected(std::io::Error::from_raw_os_error(errno)));
         }
         Ok(())
     }
@@ -150,23 +135,6 @@ impl<S: Storage> Storage for FaultStorage<S> {
 mod tests {
     use super::*;
     use crate::MemStorage;
-
-    #[test]
-    fn cut_stops_every_later_write() {
-        let s = FaultStorage::new(
-            MemStorage::new(),
-            Some(FaultPlan {
-                at: 1,
-                mode: FaultMode::Cut,
-            }),
-        );
-        s.write_at(b"a", 0).unwrap();
-        assert!(s.write_at(b"b", 1).is_err());
-        assert!(s.flush().is_err());
-        assert!(s.write_at(b"c", 2).is_err());
-        assert_eq!(s.inner().snapshot(), b"a");
-        assert!(s.tripped());
-    }
 
     #[test]
     fn error_once_fails_one_operation_with_its_errno() {

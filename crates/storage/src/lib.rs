@@ -5,8 +5,8 @@
 //! - [`FileStorage`]: a host file or block device, honouring QEMU's byte-range lock
 //!   protocol (see [`lock`]);
 //! - [`MemStorage`]: an in-memory byte vector, for tests and models;
-//! - [`FaultStorage`]: wraps another backend and cuts writes or injects errors at a
-//!   chosen operation, to prove error handling;
+//! - [`FaultStorage`]: wraps another backend and fails one chosen operation with an errno (EIO,
+//!   ENOSPC...), to prove error handling;
 //! - [`CrashStorage`]: keeps unflushed changes apart from durable ones and, at a
 //!   crash, lets a chosen subset of them (torn at 512-byte sectors) reach the disk,
 //!   to prove that metadata is ordered by flushes.
