@@ -12,8 +12,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use strata_format::qcow2::Qcow2Image;
-use strata_format::raw::RawImage;
 use strata_format::{BlockDevice, Error as FormatError, ErrorKind, Extent, Status};
 use strata_storage::Storage;
 
@@ -56,15 +54,7 @@ impl IndexedChain {
         }
         let granule = layers
             .iter()
-            .filter_map(|l| {
-                let q = l.as_any().downcast_ref::<Qcow2Image>()?;
-                let h = q.header();
-                Some(if h.extended_l2() {
-                    h.cluster_size() / 32
-                } else {
-                    h.cluster_size()
-                })
-            })
+            .filter_map(|l| l.allocation_unit())
             .min()
             .unwrap_or(65536)
             .max(512);
@@ -77,17 +67,7 @@ impl IndexedChain {
         let pages = (0..entries.div_ceil(PAGE))
             .map(|_| OnceLock::new())
             .collect();
-        let files = layers
-            .iter()
-            .map(|l| {
-                let any = l.as_any();
-                if let Some(q) = any.downcast_ref::<Qcow2Image>() {
-                    Some(q.storage().clone())
-                } else {
-                    any.downcast_ref::<RawImage>().map(|r| r.storage().clone())
-                }
-            })
-            .collect();
+        let files = layers.iter().map(|l| l.host_file().cloned()).collect();
         Some(IndexedChain {
             layers,
             files,

@@ -236,11 +236,8 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             });
         }
         let device = open_image(&path, fmt, write, spec.force_share)?;
-        let (backing_name, backing_format) = match device.as_any().downcast_ref::<Qcow2Image>() {
-            Some(q) => {
-                let h = q.header();
-                (h.backing_file, h.backing_format)
-            }
+        let (backing_name, backing_format) = match device.overlay() {
+            Some(link) => (link.backing_name(), link.backing_format()),
             None => (None, None),
         };
         let backing_path = backing_name.as_deref().map(|b| resolve_backing(&path, b));

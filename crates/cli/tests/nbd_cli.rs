@@ -176,7 +176,7 @@ fn ctl_takes_snapshots_and_commits_while_qemu_io_writes_over_tcp() {
     // Errors come back as errors.
     let o = ctl(&control, &["commit"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no backing file"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not have a backing file"));
     let o = ctl(&control, &["snapshot", "snap0"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));

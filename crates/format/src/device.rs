@@ -1,7 +1,10 @@
 //! The guest view every image driver offers: [`BlockDevice`].
 
+use crate::qcow2::{Snapshot, SnapshotSpec};
 use crate::Result;
+use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
+use strata_storage::Storage;
 
 /// What one layer knows about a guest range (its own metadata only; the chain layer
 /// resolves `Unallocated` through the backing file).
@@ -73,8 +76,84 @@ pub trait BlockDevice: Send + Sync {
     fn cluster_size(&self) -> Option<u64> {
         None
     }
-    /// Downcast support for format-specific operations.
+    /// The smallest guest range whose allocation `block_status` tells apart (the
+    /// subcluster size of a qcow2 image with extended L2 entries, else the cluster
+    /// size); `None` when the format has no allocation unit of its own.
+    fn allocation_unit(&self) -> Option<u64> {
+        self.cluster_size()
+    }
+    /// Write everything out and leave the image file clean (for qcow2: metadata
+    /// flushed and the dirty bit this session set cleared), reporting errors that
+    /// dropping the device would swallow. The device stays usable. A read-only
+    /// device has nothing to write: `Ok(())`. The default flushes.
+    fn close(&self) -> Result<()> {
+        if self.read_only() {
+            Ok(())
+        } else {
+            self.flush()
+        }
+    }
+    /// The host file whose offsets `block_status` reports (`Status::Data`'s
+    /// `host_offset`), for callers that map or probe it directly; `None` when the
+    /// device is not backed by one file in that way.
+    fn host_file(&self) -> Option<&Arc<dyn Storage>> {
+        None
+    }
+    /// Internal snapshots, when the format keeps them inside the image (qcow2).
+    fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
+        None
+    }
+    /// The backing-file link and the emptying an overlay format offers (qcow2).
+    fn overlay(&self) -> Option<&dyn Overlay> {
+        None
+    }
+    /// Downcast support for format-specific operations that have no capability
+    /// trait (inspection of a format's own structures); prefer the capabilities.
     fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Snapshots kept inside the image file (qcow2's snapshot table).
+///
+/// Contracts:
+/// - a `key` names a snapshot by ID, or failing that by name (the first with it),
+///   as qemu-img resolves its argument;
+/// - `create`, `apply` and `delete` refuse a read-only image (`ReadOnly`) and an
+///   unknown key (`InvalidArgument`), and order their writes so that a crash
+///   leaves the image as before or as after (leaked clusters at worst);
+/// - `create` takes the name as given: naming rules (unique, non-empty) belong to
+///   the caller, since qemu-img itself accepts any name.
+pub trait InternalSnapshots {
+    /// The snapshot table, in table order.
+    fn list(&self) -> Vec<Snapshot>;
+    /// Snapshot the current disk (with `spec.vm_state`, if any).
+    fn create(&self, spec: &SnapshotSpec) -> Result<Snapshot>;
+    /// Revert the disk to snapshot `key`; the current state is lost.
+    fn apply(&self, key: &str) -> Result<()>;
+    /// Delete snapshot `key`, freeing what only it used; returns what it was.
+    fn delete(&self, key: &str) -> Result<Snapshot>;
+    /// A read-only device showing snapshot `key` as a disk, with no backing
+    /// attached (the caller attaches this image's backing to read through it).
+    fn view(&self, key: &str) -> Result<Arc<dyn BlockDevice>>;
+}
+
+/// What an overlay format records about its backing file, and the emptying that
+/// makes it show only that file.
+///
+/// Contracts: `set_backing_file` changes only the pointer, in one write of the
+/// header area, flushed before it returns: the caller makes the guest view right
+/// first (copies data), so a crash shows the old chain or the new one. `make_empty`
+/// writes the cleared mapping before any reference drops, so a crash leaks at worst.
+pub trait Overlay {
+    /// The backing file name exactly as recorded (not necessarily UTF-8), if any.
+    fn backing_name(&self) -> Option<OsString>;
+    /// The backing file format as recorded, if any.
+    fn backing_format(&self) -> Option<String>;
+    /// Record a new backing file name and format, or none (`name` = `None`, which
+    /// also drops the format).
+    fn set_backing_file(&self, name: Option<&OsStr>, format: Option<&str>) -> Result<()>;
+    /// Drop every guest range this image stores, so that all reads fall through to
+    /// the backing file (what `qemu-img commit` leaves in the top image).
+    fn make_empty(&self) -> Result<()>;
 }
 
 /// Check that `[offset, offset+len)` lies inside a disk of `size` bytes.

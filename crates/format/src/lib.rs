@@ -10,7 +10,7 @@ pub mod fuzzing;
 pub mod qcow2;
 pub mod raw;
 
-pub use device::{check_range, BlockDevice, Extent, Status};
+pub use device::{check_range, BlockDevice, Extent, InternalSnapshots, Overlay, Status};
 pub use error::{Error, ErrorKind, Result};
 
 /// Image formats strata reads and writes.

@@ -151,6 +151,9 @@ impl BlockDevice for RawImage {
     fn path(&self) -> Option<std::path::PathBuf> {
         self.storage.path().map(|p| p.to_path_buf())
     }
+    fn host_file(&self) -> Option<&Arc<dyn Storage>> {
+        Some(&self.storage)
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

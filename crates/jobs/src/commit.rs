@@ -9,9 +9,171 @@
 
 use crate::layers::{apply, plan_band, CopyPlan};
 use crate::{Cancel, Error, Progress, Result};
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use strata_format::qcow2::Qcow2Image;
-use strata_format::BlockDevice;
+use strata_chain::{Chain, OpenSpec};
+use strata_format::{BlockDevice, Format};
+
+/// Merge part of an image's backing chain into a lower image of it, as
+/// `qemu-img commit` (`-b`, `-d`) and libvirt's intermediate block commit (`--top`)
+/// do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRequest {
+    /// The image whose chain is committed (the top of the chain).
+    pub image: PathBuf,
+    /// Its format; probed when `None` (backing files never are).
+    #[serde(default, with = "crate::format_name")]
+    pub format: Option<Format>,
+    /// The image to commit into: a path, or the name a layer above records for
+    /// it. Default: the layer just below `top`.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// The highest layer merged, named as `base` is. Default: the image itself.
+    /// When it is below the image, the layer above it is relinked to the base and
+    /// the merged layers leave the chain.
+    #[serde(default)]
+    pub top: Option<String>,
+    /// Keep the image's own data after merging it. Otherwise a commit of the image
+    /// into its own backing file empties it, as qemu-img does; naming `base` or
+    /// `top` always keeps it.
+    #[serde(default)]
+    pub keep_top: bool,
+}
+
+impl CommitRequest {
+    /// Commit `image` into its backing file, emptying it afterwards.
+    pub fn new(image: impl Into<PathBuf>) -> Self {
+        CommitRequest {
+            image: image.into(),
+            format: None,
+            base: None,
+            top: None,
+            keep_top: false,
+        }
+    }
+}
+
+/// A commit resolved against the chain as it is on disk, before anything is
+/// opened for writing: which layers merge, and who else would see the change.
+#[derive(Debug, Clone)]
+pub struct ResolvedCommit {
+    req: CommitRequest,
+    /// Index of the highest merged layer (0: the image).
+    pub top: usize,
+    /// Index of the layer written into.
+    pub base: usize,
+    /// The base image's path.
+    pub base_path: PathBuf,
+    /// Images outside the chain that also have the base as their backing file
+    /// (see [`other_users`]): their content changes too, so interfaces warn.
+    pub other_users: Vec<PathBuf>,
+}
+
+impl ResolvedCommit {
+    /// The image is emptied after the merge.
+    fn empties_top(&self) -> bool {
+        self.top == 0 && self.req.base.is_none() && !self.req.keep_top
+    }
+    /// The layer above the merged range is relinked to the base.
+    fn relinks(&self) -> bool {
+        self.top > 0
+    }
+}
+
+/// Find the layers `req` names, reading the chain only. Errors:
+/// [`Error::NoBackingFile`] when there is nothing below the merged range,
+/// [`Error::NotInChain`] when `base` or `top` names no layer (or `base` is not below
+/// `top`).
+pub fn resolve(req: &CommitRequest) -> Result<ResolvedCommit> {
+    let probe = strata_chain::open(&OpenSpec::new(&req.image).format(req.format))?;
+    let n = probe.layers.len();
+    if n < 2 {
+        return Err(Error::NoBackingFile);
+    }
+    let not_found = |what: &str| Error::NotInChain {
+        what: what.to_string(),
+        image: req.image.clone(),
+    };
+    let find = |what: &str| probe.find(what).ok_or_else(|| not_found(what));
+    let top = match &req.top {
+        Some(t) => find(t)?,
+        None => 0,
+    };
+    let base = match &req.base {
+        Some(b) => find(b)?,
+        None => top + 1,
+    };
+    if req.base.is_none() && base >= n {
+        // `top` names the bottom of the chain: nothing below it to commit into.
+        return Err(Error::NoBackingFile);
+    }
+    if base <= top || base >= n {
+        return Err(not_found(req.base.as_deref().unwrap_or_default()));
+    }
+    Ok(ResolvedCommit {
+        req: req.clone(),
+        top,
+        base,
+        base_path: probe.layers[base].path.clone(),
+        other_users: other_users(&probe, base),
+    })
+}
+
+/// Carry out a resolved commit: open what it writes (the base; the image when it
+/// is emptied; the layer above a merged middle range, relinked), merge, then empty
+/// or relink, and close the written images. See the module for the order of work.
+pub fn commit(c: &ResolvedCommit, progress: &dyn Progress, cancel: &Cancel) -> Result<()> {
+    let (top, base) = (c.top, c.base);
+    let mut spec = OpenSpec::new(&c.req.image)
+        .format(c.req.format)
+        .write(c.empties_top() || (c.relinks() && top == 1))
+        .write_layer(base);
+    if c.relinks() && top > 1 {
+        spec = spec.write_layer(top - 1);
+    }
+    let chain = strata_chain::open(&spec)?;
+    let layers = chain.devices();
+    let plan = plan(&layers, top, base, cancel)?;
+    apply_plan(&layers, &plan, progress, cancel)?;
+    if c.relinks() {
+        let new_name = backing_name_for(&chain, top - 1, base);
+        relink_above_to(
+            layers[top - 1].as_ref(),
+            Some(&new_name),
+            Some(chain.layers[base].format.name()),
+        )?;
+    } else if c.empties_top() {
+        make_empty(layers[0].as_ref())?;
+    }
+    for l in &layers {
+        l.close()?;
+    }
+    Ok(())
+}
+
+/// The name to record in `chain.layers[above]` for `chain.layers[base]`: the name
+/// the chain already records for it when that resolves to the same file from
+/// `above`'s directory, else its full path.
+pub fn backing_name_for(chain: &Chain, above: usize, base: usize) -> OsString {
+    let recorded = chain.layers[base - 1]
+        .backing_name
+        .clone()
+        .unwrap_or_default();
+    let from_above = strata_chain::resolve_backing(&chain.layers[above].path, &recorded);
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    if !recorded.is_empty() && same(&from_above, &chain.layers[base].path) {
+        recorded
+    } else {
+        std::fs::canonicalize(&chain.layers[base].path)
+            .unwrap_or_else(|_| chain.layers[base].path.clone())
+            .into_os_string()
+    }
+}
 
 /// A planned commit: `layers[top..base]` merge into `layers[base]`.
 #[derive(Debug, Clone)]
@@ -81,16 +243,13 @@ pub fn apply_plan(
 /// Make `image` empty (every cluster unallocated, so it shows its backing file), as
 /// qemu-img does to the top after a commit.
 pub fn make_empty(image: &dyn BlockDevice) -> Result<()> {
-    match image.as_any().downcast_ref::<Qcow2Image>() {
-        Some(q) => q.make_empty()?,
-        None => {
-            return Err(Error::Invalid(format!(
-                "A {} image cannot be emptied; use -d to keep it",
-                image.format_name()
-            )))
-        }
-    }
-    Ok(())
+    let overlay = image.overlay().ok_or_else(|| {
+        Error::Invalid(format!(
+            "A {} image cannot be emptied; use -d to keep it",
+            image.format_name()
+        ))
+    })?;
+    Ok(overlay.make_empty()?)
 }
 
 /// Point `above` (a qcow2 overlay) at a new backing file in one header write.
@@ -113,14 +272,13 @@ pub fn relink_above_to(
     backing_name: Option<&std::ffi::OsStr>,
     backing_format: Option<&str>,
 ) -> Result<()> {
-    let q = above.as_any().downcast_ref::<Qcow2Image>().ok_or_else(|| {
+    let overlay = above.overlay().ok_or_else(|| {
         Error::Invalid(format!(
             "A {} image has no backing file to change",
             above.format_name()
         ))
     })?;
-    q.set_backing_file(backing_name, backing_format)?;
-    Ok(())
+    Ok(overlay.set_backing_file(backing_name, backing_format)?)
 }
 
 /// Images known to use `chain.layers[base]` as their backing file besides the
@@ -156,13 +314,10 @@ pub fn other_users(chain: &strata_chain::Chain, base: usize) -> Vec<std::path::P
         else {
             continue;
         };
-        let Some(q) = dev
-            .as_any()
-            .downcast_ref::<strata_format::qcow2::Qcow2Image>()
-        else {
+        let Some(link) = dev.overlay() else {
             continue;
         };
-        if let Some(b) = q.header().backing_file {
+        if let Some(b) = link.backing_name() {
             if std::fs::canonicalize(strata_chain::resolve_backing(&p, &b)).ok()
                 == Some(target.clone())
             {

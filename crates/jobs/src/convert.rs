@@ -301,6 +301,8 @@ pub fn convert(
             plan.total
         )));
     }
+    // Compressed clusters are written through qcow2's own cluster writer (the
+    // codec and the compressed-cluster layout are that format's): no capability.
     let qcow2 = target.as_any().downcast_ref::<Qcow2Image>();
     if opts.compress && qcow2.is_none() {
         return Err(Error::Invalid(format!(
@@ -344,6 +346,8 @@ pub fn convert(
     let mut writer = Writer {
         target,
         qcow2,
+        // Only in a raw file are guest offsets host offsets, so that a range can be
+        // preallocated in the file directly: the format itself is the question.
         raw: target.as_any().downcast_ref::<RawImage>(),
         progress,
         pool: &pool,

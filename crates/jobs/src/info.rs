@@ -42,7 +42,7 @@ pub struct ImageInfo {
 }
 
 /// One internal snapshot.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct SnapshotInfo {
     pub id: String,
@@ -153,6 +153,8 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
             info: file,
         }],
     };
+    // The format-specific part of `info` is qcow2's own header and bitmap
+    // directory: an inspection of that format, not a capability of devices.
     if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
         let h = q.header();
         info.dirty_flag = h.is_dirty();
@@ -188,12 +190,9 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
 /// The length of the file under a device, in whole 512-byte sectors as QEMU
 /// reports it.
 fn file_length(dev: &dyn BlockDevice) -> Result<u64> {
-    let len = if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
-        q.storage().size()?
-    } else if let Some(r) = dev.as_any().downcast_ref::<strata_format::raw::RawImage>() {
-        r.storage().size()?
-    } else {
-        dev.virtual_size()
+    let len = match dev.host_file() {
+        Some(file) => file.size()?,
+        None => dev.virtual_size(),
     };
     Ok(len.div_ceil(512) * 512)
 }

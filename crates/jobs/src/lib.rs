@@ -13,10 +13,30 @@ pub mod measure;
 pub mod output;
 pub mod overlay;
 pub mod rebase;
+pub mod snapshot;
 pub mod status;
 pub mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Serde for an optional image format, as its name ("qcow2", "raw").
+mod format_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use strata_format::Format;
+
+    pub fn serialize<S: Serializer>(f: &Option<Format>, s: S) -> Result<S::Ok, S::Error> {
+        match f {
+            Some(f) => s.serialize_some(f.name()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|n| n.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
 
 /// Errors from jobs.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +52,28 @@ pub enum Error {
     Invalid(String),
     #[error("Operation cancelled")]
     Cancelled,
+    /// The image's format keeps no internal snapshots.
+    #[error("a {format} image has no internal snapshots")]
+    NoInternalSnapshots { format: &'static str },
+    /// No snapshot has this ID or name.
+    #[error("no snapshot '{0}'")]
+    SnapshotNotFound(String),
+    /// A snapshot of the image already has this name (see `snapshot::NameRule`).
+    #[error("a snapshot named '{0}' already exists")]
+    SnapshotNameTaken(String),
+    /// The image has no backing file to commit into or stream from.
+    #[error("Image does not have a backing file")]
+    NoBackingFile,
+    /// `what` names no layer of `image`'s backing chain (or not one the operation
+    /// can use there).
+    #[error("Did not find '{what}' in the backing chain of '{}'", .image.display())]
+    NotInChain {
+        what: String,
+        image: std::path::PathBuf,
+    },
+    /// An empty snapshot name where names must identify snapshots.
+    #[error("a snapshot needs a name")]
+    SnapshotNameEmpty,
     /// `create` was asked for an image whose backing file is the image itself
     /// (by name or by identity); refused before anything is written.
     #[error("{}: Error: Trying to create an image with the same filename as the backing file", .0.display())]

@@ -18,7 +18,6 @@ use crate::{Error, Result};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use strata_format::qcow2::Qcow2Image;
 use strata_format::Format;
 use strata_storage::{FileStorage, OutputFile, Storage};
 
@@ -137,17 +136,13 @@ fn chain_files(path: &Path, format: Option<Format>) -> Vec<FileId> {
         let Ok(dev) = strata_chain::open_image(&p, fmt, false, true) else {
             break;
         };
-        let Some(header) = dev
-            .as_any()
-            .downcast_ref::<Qcow2Image>()
-            .map(|q| q.header())
-        else {
+        let Some(link) = dev.overlay() else {
             break;
         };
-        let Some(name) = header.backing_file else {
+        let Some(name) = link.backing_name() else {
             break;
         };
-        let bfmt = header.backing_format.and_then(|f| f.parse().ok());
+        let bfmt = link.backing_format().and_then(|f| f.parse().ok());
         next = Some((strata_chain::resolve_backing(&p, &name), bfmt));
     }
     out

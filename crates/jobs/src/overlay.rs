@@ -117,10 +117,7 @@ pub fn plan(req: &OverlayRequest) -> Result<OverlayPlan> {
         .ok_or_else(|| Error::Invalid(format!("Invalid image size {size}")))?;
     let cluster_size = match req.cluster_size {
         Some(c) => c,
-        None => top
-            .as_any()
-            .downcast_ref::<qcow2::Qcow2Image>()
-            .map_or(65536, |q| 1u64 << q.header().cluster_bits),
+        None => top.cluster_size().unwrap_or(65536),
     };
     Ok(OverlayPlan {
         overlay: req.overlay.clone(),

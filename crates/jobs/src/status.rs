@@ -76,6 +76,8 @@ impl ChainStatus {
     pub fn from_devices(devices: Vec<Arc<dyn BlockDevice>>) -> Result<Self> {
         let mut layers = Vec::with_capacity(devices.len());
         for device in devices {
+            // Metadata preallocation is a qcow2 notion with no capability trait
+            // (only this status walk asks about it).
             let recurse = match device.as_any().downcast_ref::<Qcow2Image>() {
                 Some(q) => q.metadata_preallocated()?,
                 None => false,
@@ -163,6 +165,8 @@ impl ChainStatus {
                 Status::Unallocated if depth + 1 == n => {
                     // A cluster allocated around unallocated subclusters still has a
                     // host offset to report.
+                    // Clusters reserved around unallocated subclusters exist only in
+                    // qcow2 with extended L2 entries: a qcow2 inspection, no capability.
                     if let Some(q) = layer.device.as_any().downcast_ref::<Qcow2Image>() {
                         if let Some((h, run)) = q.reserved_host_offset(offset)? {
                             let len = bytes.min(run);
@@ -190,12 +194,9 @@ impl ChainStatus {
     /// A data run of a metadata-preallocated qcow2 layer: holes in its file read as
     /// zeroes (QEMU asks the file system the same question).
     fn refine_from_file(&self, layer: &LayerInfo, host: u64, st: &mut BlockState) -> Result<()> {
-        let q = layer
-            .device
-            .as_any()
-            .downcast_ref::<Qcow2Image>()
-            .expect("recurse is only set on qcow2 layers");
-        let storage = q.storage();
+        let Some(storage) = layer.device.host_file() else {
+            return Ok(());
+        };
         let file_len = storage.size()?;
         if host >= file_len {
             st.zero = true;

@@ -84,8 +84,7 @@ fn attach<S: Storage + 'static>(stores: Vec<Arc<S>>) -> Opened<S> {
         })
         .collect();
     for l in &layers {
-        let q = l.as_any().downcast_ref::<Qcow2Image>().unwrap();
-        if let Some(b) = q.header().backing_file {
+        if let Some(b) = l.overlay().unwrap().backing_name() {
             let i = NAMES.iter().position(|n| *n == b).unwrap();
             l.set_backing(Some(layers[i].clone()));
         }
@@ -323,18 +322,15 @@ fn commit_of_a_top_with_an_internal_snapshot_survives_a_crash_at_every_write() {
     // The snapshot still reads what the top showed when it was taken.
     let full = open(&bytes, None);
     commit_into_backing(&full.layers, &Cancel::default()).unwrap();
-    let q = full.layers[0]
-        .as_any()
-        .downcast_ref::<Qcow2Image>()
+    let view = full.layers[0]
+        .internal_snapshots()
+        .unwrap()
+        .view("s1")
         .unwrap();
-    let view = q.snapshot_view("s1").unwrap();
     let mut got = vec![0u8; 400_000];
     view.read(&mut got, 0).unwrap();
     let orig = open(&build(), None);
-    let oq = orig.layers[0]
-        .as_any()
-        .downcast_ref::<Qcow2Image>()
-        .unwrap();
+    let oq = &orig.layers[0];
     let mut want = vec![0u8; 400_000];
     // The snapshot view has no backing attached: compare what the top stored.
     let st = oq.block_status(350_000, 4096).unwrap();
@@ -406,12 +402,8 @@ fn a_cancelled_job_stops_with_the_chain_unchanged_and_can_run_again() {
             "{name}: view after cancel"
         );
         // The top still has its old backing file: the relink never happened.
-        let q = again.layers[0]
-            .as_any()
-            .downcast_ref::<Qcow2Image>()
-            .unwrap();
         assert_eq!(
-            q.header().backing_file.as_deref(),
+            again.layers[0].overlay().unwrap().backing_name().as_deref(),
             Some("mid".as_ref()),
             "{name}"
         );

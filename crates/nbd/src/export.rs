@@ -14,7 +14,6 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use strata_chain::{Layer, OpenSpec};
-use strata_format::qcow2::{Qcow2Image, SnapshotSpec};
 use strata_format::{BlockDevice, Format, Status};
 use strata_jobs::status::{ChainStatus, Walk};
 use strata_jobs::{Cancel, NoProgress};
@@ -218,11 +217,8 @@ fn reopen(b: &mut Backend, i: usize, write: bool) -> Result<()> {
 }
 
 fn layer_for(path: &Path, format: Format, device: Arc<dyn BlockDevice>) -> Layer {
-    let (backing_name, backing_format) = match device.as_any().downcast_ref::<Qcow2Image>() {
-        Some(q) => {
-            let h = q.header();
-            (h.backing_file, h.backing_format)
-        }
+    let (backing_name, backing_format) = match device.overlay() {
+        Some(link) => (link.backing_name(), link.backing_format()),
         None => (None, None),
     };
     let backing_path = backing_name
@@ -320,57 +316,39 @@ impl Export {
         Ok(self.io().top().flush()?)
     }
 
-    /// Take an internal snapshot `name` of the top image (qcow2 only).
+    /// Take an internal snapshot `name` of the top image (qcow2 only), by
+    /// [`strata_jobs::snapshot::create`]'s rules with unique names (clients find
+    /// snapshots again by name). Requests in flight are drained first and new
+    /// ones held back until it is taken: it holds exactly the writes acknowledged
+    /// before it. Returns the snapshot's ID.
     pub fn snapshot(&self, name: &str) -> Result<String> {
+        use strata_jobs::snapshot::{create, CreateRequest, NameRule};
+        self.check_writable()?;
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let b = self.exclusive();
+        let req = CreateRequest {
+            name: name.to_string(),
+            names: NameRule::Unique,
+        };
+        Ok(create(b.top().as_ref(), &req)?.id)
+    }
+
+    /// Live operations write the chain: refused on a read-only export.
+    fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::Invalid(format!(
                 "export '{}' is read-only",
                 self.name
             )));
         }
-        if name.is_empty() {
-            return Err(Error::Invalid("a snapshot needs a name".into()));
-        }
-        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        let b = self.exclusive();
-        let q = b
-            .top()
-            .as_any()
-            .downcast_ref::<Qcow2Image>()
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "internal snapshots need a qcow2 top image; '{}' is {}",
-                    b.layers[0].path.display(),
-                    b.top().format_name()
-                ))
-            })?;
-        if q.snapshots().iter().any(|s| s.name == name) {
-            return Err(Error::Invalid(format!(
-                "a snapshot named '{name}' already exists in '{}'",
-                b.layers[0].path.display()
-            )));
-        }
-        q.flush()?;
-        let s = q.snapshot_create(&SnapshotSpec {
-            name: name.to_string(),
-            date: None,
-            vm_clock_nsec: 0,
-            vm_state: Vec::new(),
-            icount: None,
-        })?;
-        Ok(s.id)
+        Ok(())
     }
 
     /// Create a qcow2 overlay at `overlay` on the current top and switch the
     /// export's writes to it. The old top is frozen from then on: it holds exactly
     /// the writes acknowledged before the switch.
     pub fn snapshot_external(&self, overlay: &Path) -> Result<()> {
-        if self.read_only {
-            return Err(Error::Invalid(format!(
-                "export '{}' is read-only",
-                self.name
-            )));
-        }
+        self.check_writable()?;
         let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         if overlay.exists() {
             return Err(Error::Invalid(format!(
@@ -382,11 +360,7 @@ impl Export {
         // top's name and format, which do not change while `ops` is held.
         let (top_path, top_format, cluster_size, depth) = {
             let b = self.io();
-            let cs = b
-                .top()
-                .as_any()
-                .downcast_ref::<Qcow2Image>()
-                .map_or(65536, |q| 1u64 << q.header().cluster_bits);
+            let cs = b.top().cluster_size().unwrap_or(65536);
             (
                 b.layers[0].path.clone(),
                 b.layers[0].format,
@@ -440,20 +414,12 @@ impl Export {
     /// recorded); then, under the gate, the ranges written meanwhile are copied
     /// again, the backing file flushed, and the export switched.
     pub fn commit(&self) -> Result<()> {
-        if self.read_only {
-            return Err(Error::Invalid(format!(
-                "export '{}' is read-only",
-                self.name
-            )));
-        }
+        self.check_writable()?;
         let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         let devices: Vec<Arc<dyn BlockDevice>> = {
             let mut b = self.exclusive();
             if b.layers.len() < 2 {
-                return Err(Error::Invalid(format!(
-                    "'{}' has no backing file to commit into",
-                    b.layers[0].path.display()
-                )));
+                return Err(strata_jobs::Error::NoBackingFile.into());
             }
             if b.layers[1].device.read_only() {
                 reopen(&mut b, 1, true)?;
@@ -494,30 +460,13 @@ impl Export {
     /// ranges the top does not store yet, so a client write is never overwritten
     /// by older backing data.
     pub fn stream(&self) -> Result<()> {
-        if self.read_only {
-            return Err(Error::Invalid(format!(
-                "export '{}' is read-only",
-                self.name
-            )));
-        }
+        self.check_writable()?;
         let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        let (devices, has_qcow2_top) = {
-            let b = self.io();
-            (
-                b.layers
-                    .iter()
-                    .map(|l| l.device.clone())
-                    .collect::<Vec<_>>(),
-                b.top().as_any().downcast_ref::<Qcow2Image>().is_some(),
-            )
-        };
+        let devices: Vec<_> = self.io().layers.iter().map(|l| l.device.clone()).collect();
+        // Only an overlay format has a backing chain: one layer is all a raw top
+        // ever has.
         if devices.len() < 2 {
-            return Err(Error::Invalid("the top image has no backing file".into()));
-        }
-        if !has_qcow2_top {
-            return Err(Error::Invalid(
-                "only a qcow2 top image can have its backing chain streamed".into(),
-            ));
+            return Err(strata_jobs::Error::NoBackingFile.into());
         }
         let plan = strata_jobs::stream::plan(&devices, devices.len(), &Cancel::default())?;
         const CHUNK: u64 = 1 << 20;
@@ -546,7 +495,11 @@ impl Export {
         let mut b = self.exclusive();
         let top = b.top().clone();
         top.flush()?;
-        strata_jobs::commit::relink_above(top.as_ref(), None, None)?;
+        let chain = strata_chain::Chain {
+            layers: b.layers.clone(),
+        };
+        strata_jobs::stream::relink_to_base(&chain, chain.layers.len())?;
+        drop(chain);
         top.set_backing(None);
         let mut layer = b.layers[0].clone();
         layer.backing_name = None;
@@ -569,12 +522,10 @@ impl Export {
                 .map(|l| LayerInfo {
                     path: l.path.display().to_string(),
                     format: l.format.name().to_string(),
-                    snapshots: l
-                        .device
-                        .as_any()
-                        .downcast_ref::<Qcow2Image>()
-                        .map(|q| q.snapshots().into_iter().map(|s| s.name).collect())
-                        .unwrap_or_default(),
+                    snapshots: strata_jobs::snapshot::list(l.device.as_ref())
+                        .into_iter()
+                        .map(|s| s.name)
+                        .collect(),
                 })
                 .collect(),
         }
@@ -588,11 +539,7 @@ impl Export {
             if l.device.read_only() {
                 continue;
             }
-            let r = match l.device.as_any().downcast_ref::<Qcow2Image>() {
-                Some(q) => q.close(),
-                None => l.device.flush(),
-            };
-            if let Err(e) = r {
+            if let Err(e) = l.device.close() {
                 first.get_or_insert(e.into());
             }
         }

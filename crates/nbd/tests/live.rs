@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use strata_chain::OpenSpec;
-use strata_format::qcow2::Qcow2Image;
 use strata_format::BlockDevice;
 
 const BLOCK: u64 = 4096;
@@ -79,16 +78,8 @@ fn open_chain(path: &Path) -> strata_chain::Chain {
 /// The internal snapshot `name` of `path`, read through `path`'s backing chain.
 fn observe_internal(path: &Path, name: &str) -> Vec<u64> {
     let chain = open_chain(path);
-    let q = chain.layers[0]
-        .device
-        .as_any()
-        .downcast_ref::<Qcow2Image>()
-        .unwrap();
-    let view = q.snapshot_view(name).unwrap();
-    if let Some(b) = chain.layers.get(1) {
-        view.set_backing(Some(b.device.clone()));
-    }
-    observe(&view)
+    let devices = strata_jobs::snapshot::view_chain(&chain.devices(), name).unwrap();
+    observe(devices[0].as_ref())
 }
 
 struct Writer {

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use strata_format::qcow2::{Qcow2Image, SnapshotSpec};
-use strata_format::Format;
+use strata_format::{BlockDevice, Format};
 use strata_jobs::create::{create, CreateRequest};
+use strata_jobs::{commit, snapshot, Cancel, NoProgress};
 
 use crate::error::{Error, Result};
 use crate::record::Disk;
@@ -41,8 +41,9 @@ pub fn create_overlay(path: &Path, backing: &Disk) -> Result<()> {
     Ok(())
 }
 
-/// Run `f` on disk `d` opened read-write as qcow2, then close it.
-fn with_qcow2<T>(d: &Disk, f: impl FnOnce(&Qcow2Image) -> Result<T>) -> Result<T> {
+/// Run `f` on disk `d` opened read-write, then close it. Internal snapshots
+/// need qcow2: any other format is refused before the file is opened.
+fn with_disk<T>(d: &Disk, f: impl FnOnce(&dyn BlockDevice) -> Result<T>) -> Result<T> {
     if format_of(d)? != Format::Qcow2 {
         return Err(Error::Invalid(format!(
             "disk '{}' is {}: internal snapshots need qcow2",
@@ -51,26 +52,20 @@ fn with_qcow2<T>(d: &Disk, f: impl FnOnce(&Qcow2Image) -> Result<T>) -> Result<T
         )));
     }
     let dev = strata_chain::open_image(&d.file, Format::Qcow2, true, false)?;
-    let img = dev
-        .as_any()
-        .downcast_ref::<Qcow2Image>()
-        .ok_or_else(|| Error::Invalid(format!("'{}' is not qcow2", d.file.display())))?;
-    let out = f(img)?;
-    img.close()?;
+    let out = f(dev.as_ref())?;
+    dev.close()?;
     Ok(out)
 }
 
 /// True when the internal snapshot `tag` exists in disk `d`.
 pub fn has_internal(d: &Disk, tag: &str) -> Result<bool> {
     let dev = strata_chain::open_image(&d.file, Format::Qcow2, false, true)?;
-    Ok(dev
-        .as_any()
-        .downcast_ref::<Qcow2Image>()
-        .is_some_and(|q| q.snapshots().iter().any(|s| s.name == tag)))
+    Ok(snapshot::list(dev.as_ref()).iter().any(|s| s.name == tag))
 }
 
 /// Create internal snapshot `tag` in every disk, or in none: on a failure the
-/// ones already made are deleted again.
+/// ones already made are deleted again. Each disk follows
+/// [`snapshot::create`]'s rules with unique names (the manager finds them by name).
 pub fn internal_create(disks: &[Disk], tag: &str) -> Result<()> {
     for d in disks {
         if has_internal(d, tag)? {
@@ -80,23 +75,28 @@ pub fn internal_create(disks: &[Disk], tag: &str) -> Result<()> {
             )));
         }
     }
+    let req = snapshot::CreateRequest {
+        name: tag.to_string(),
+        names: snapshot::NameRule::Unique,
+    };
     for (i, d) in disks.iter().enumerate() {
-        let made = with_qcow2(d, |img| {
-            img.snapshot_create(&SnapshotSpec {
-                name: tag.to_string(),
-                icount: Some(0),
-                ..Default::default()
-            })?;
-            Ok(())
-        });
+        let made = with_disk(d, |dev| Ok(snapshot::create(dev, &req).map(|_| ())?));
         if let Err(e) = made {
             for done in &disks[..i] {
-                let _ = with_qcow2(done, |img| Ok(img.snapshot_delete(tag).map(|_| ())?));
+                let _ = with_disk(done, |dev| {
+                    Ok(snapshot::delete(dev, &delete_req(tag)).map(|_| ())?)
+                });
             }
             return Err(e);
         }
     }
     Ok(())
+}
+
+fn delete_req(tag: &str) -> snapshot::DeleteRequest {
+    snapshot::DeleteRequest {
+        snapshot: tag.to_string(),
+    }
 }
 
 /// Apply (revert to) internal snapshot `tag` in every disk.
@@ -109,33 +109,36 @@ pub fn internal_apply(disks: &[Disk], tag: &str) -> Result<()> {
             )));
         }
     }
+    let req = snapshot::ApplyRequest {
+        snapshot: tag.to_string(),
+    };
     disks
         .iter()
-        .try_for_each(|d| with_qcow2(d, |img| Ok(img.snapshot_apply(tag)?)))
+        .try_for_each(|d| with_disk(d, |dev| Ok(snapshot::apply(dev, &req)?)))
 }
 
 /// Delete internal snapshot `tag` from every disk that has it.
 pub fn internal_delete(disks: &[Disk], tag: &str) -> Result<()> {
     for d in disks {
         if has_internal(d, tag)? {
-            with_qcow2(d, |img| Ok(img.snapshot_delete(tag).map(|_| ())?))?;
+            with_disk(d, |dev| {
+                Ok(snapshot::delete(dev, &delete_req(tag)).map(|_| ())?)
+            })?;
         }
     }
     Ok(())
 }
 
-/// Merge the overlay `top` (qcow2) into its backing file `base`: afterwards
-/// `base` shows what `top` showed. `top` is left as it was (its caller removes it).
+/// Merge the overlay `top` (qcow2) into its backing file: afterwards the backing
+/// file shows what `top` showed. `top` keeps its data (its caller removes it).
 pub fn commit_into_backing(top: &Disk) -> Result<()> {
-    let spec = strata_chain::OpenSpec::new(&top.file)
-        .format(Some(format_of(top)?))
-        .write_layer(1);
-    let chain = strata_chain::open(&spec)?;
-    let layers: Vec<_> = chain.layers.iter().map(|l| l.device.clone()).collect();
-    let cancel = strata_jobs::Cancel::default();
-    let plan = strata_jobs::commit::plan(&layers, 0, 1, &cancel)?;
-    strata_jobs::commit::apply_plan(&layers, &plan, &strata_jobs::NoProgress, &cancel)?;
-    layers[1].flush()?;
+    let req = commit::CommitRequest {
+        format: Some(format_of(top)?),
+        keep_top: true,
+        ..commit::CommitRequest::new(&top.file)
+    };
+    let resolved = commit::resolve(&req)?;
+    commit::commit(&resolved, &NoProgress, &Cancel::default())?;
     Ok(())
 }
 
@@ -186,8 +189,6 @@ pub fn rebase_past(x: &Path, skipped: &Path) -> Result<bool> {
         name.as_deref(),
         below.map(|l| l.format.name()),
     )?;
-    if let Some(q) = image.as_any().downcast_ref::<Qcow2Image>() {
-        q.close()?;
-    }
+    image.close()?;
     Ok(true)
 }

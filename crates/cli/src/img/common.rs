@@ -55,13 +55,25 @@ pub fn warn_probed_raw(path: &std::path::Path, format: Option<&str>) {
 /// Open an image and (unless the spec says not to) its chain, with qemu-img's
 /// "Could not open 'FILE': reason" message on failure.
 pub fn open_chain(spec: &strata_chain::OpenSpec) -> Result<strata_chain::Chain> {
-    strata_chain::open(spec).map_err(|e| {
-        // The engine's message names the file too; say it once.
-        let path = spec.path.display().to_string();
-        let msg = e.to_string();
-        let msg = msg.strip_prefix(&format!("{path}: ")).unwrap_or(&msg);
-        anyhow::anyhow!("Could not open '{path}': {msg}")
-    })
+    strata_chain::open(spec).map_err(|e| open_error(&spec.path, &e))
+}
+
+/// qemu-img's "Could not open 'FILE': reason" for a failure to open `path`'s chain.
+fn open_error(path: &std::path::Path, e: &strata_chain::Error) -> anyhow::Error {
+    // The engine's message names the file too; say it once.
+    let path = path.display().to_string();
+    let msg = e.to_string();
+    let msg = msg.strip_prefix(&format!("{path}: ")).unwrap_or(&msg);
+    anyhow!("Could not open '{path}': {msg}")
+}
+
+/// A job's error on the image `path`: failures to open its chain worded as
+/// [`open_chain`] words them, the rest as the job says.
+pub fn job_error(path: &std::path::Path, e: strata_jobs::Error) -> anyhow::Error {
+    match e {
+        strata_jobs::Error::Chain(c) => open_error(path, &c),
+        e => e.into(),
+    }
 }
 
 /// `--output=human|json`.

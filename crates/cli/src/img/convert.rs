@@ -5,7 +5,7 @@
 use super::common::{open_chain, open_spec, option_help_asked, parse_options, parse_size, Ctx};
 use super::measure::snapshot_key;
 use super::progress::Bar;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
 use strata_format::qcow2::Qcow2Image;
@@ -151,17 +151,14 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         let status = match &snapshot {
             None => ChainStatus::new(&chain)?,
             Some(key) => {
-                let top = chain.top().clone();
-                let q = top
-                    .as_any()
-                    .downcast_ref::<Qcow2Image>()
-                    .context("Failed to load snapshot")?;
-                let view: Arc<dyn BlockDevice> = Arc::new(q.snapshot_view(key).map_err(|_| {
-                    anyhow::anyhow!("Failed to load snapshot: Can't find snapshot")
-                })?);
-                view.set_backing(top.backing());
-                let mut devices = vec![view];
-                devices.extend(chain.layers[1..].iter().map(|l| l.device.clone()));
+                let devices = strata_jobs::snapshot::view_chain(&chain.devices(), key).map_err(
+                    |e| match e {
+                        strata_jobs::Error::NoInternalSnapshots { .. } => {
+                            anyhow::anyhow!("Failed to load snapshot")
+                        }
+                        _ => anyhow::anyhow!("Failed to load snapshot: Can't find snapshot"),
+                    },
+                )?;
                 ChainStatus::from_devices(devices)?
             }
         };
@@ -253,6 +250,8 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         };
         // A new target is unusable until the copy completes: order metadata writes
         // but flush only at the end. Its data clusters are allocated in bulk.
+        // Write barriers and bulk allocation are tuning knobs of qcow2's metadata
+        // ordering, for a target nobody uses yet: no capability of devices.
         if let Some(q) = t.as_any().downcast_ref::<Qcow2Image>() {
             q.set_write_barriers(false)?;
             q.set_falloc_new_clusters(true);
@@ -279,9 +278,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let limited = strata_jobs::layers::RateLimit::new(&bar, rate);
     convert(&sources, &plan, &target, &opts, &limited, &cancel)?;
     bar.finish();
-    if let Some(q) = target.as_any().downcast_ref::<Qcow2Image>() {
-        q.close()?;
-    }
+    target.close()?;
     Ok(0)
 }
 

@@ -5,9 +5,8 @@ use super::common::{image_size, open_chain, open_spec, parse_options, Ctx, Outpu
 use super::qjson;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
-use std::sync::Arc;
 use strata_format::qcow2::Qcow2Image;
-use strata_format::{BlockDevice, Format};
+use strata_format::Format;
 use strata_jobs::measure::{measure, Source, Target};
 use strata_jobs::status::ChainStatus;
 use strata_jobs::Cancel;
@@ -94,22 +93,26 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         (Some(f), _) => {
             let chain = open_chain(&open_spec(f, args.format.as_deref(), args.force_share)?)?;
             let top = chain.top().clone();
-            let q = top.as_any().downcast_ref::<Qcow2Image>();
-            let status = match (&args.snapshot, q) {
-                (Some(key), Some(q)) => {
+            let status = match &args.snapshot {
+                Some(key) => {
                     // The snapshot reads through the image's backing chain.
-                    let view: Arc<dyn BlockDevice> = Arc::new(q.snapshot_view(&snapshot_key(key))?);
-                    view.set_backing(top.backing());
-                    let mut devices = vec![view];
-                    devices.extend(chain.layers[1..].iter().map(|l| l.device.clone()));
+                    let devices = match strata_jobs::snapshot::view_chain(
+                        &chain.devices(),
+                        &snapshot_key(key),
+                    ) {
+                        Err(strata_jobs::Error::NoInternalSnapshots { .. }) => bail!(
+                            "Format '{}' does not support internal snapshots",
+                            chain.layers[0].format
+                        ),
+                        r => r?,
+                    };
                     ChainStatus::from_devices(devices)?
                 }
-                (Some(_), None) => bail!(
-                    "Format '{}' does not support internal snapshots",
-                    chain.layers[0].format
-                ),
-                (None, _) => ChainStatus::new(&chain)?,
+                None => ChainStatus::new(&chain)?,
             };
+            // The bitmaps' sizes are read from qcow2's bitmap directory: an
+            // inspection of that format, no capability of devices.
+            let q = top.as_any().downcast_ref::<Qcow2Image>();
             let bitmaps = match q {
                 Some(q) if q.header().version >= 3 => Some(q.bitmaps()?),
                 _ => None,

@@ -107,12 +107,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         new_name.as_deref(),
         new_format.map(|f| f.name()),
     )?;
-    if let Some(q) = image
-        .as_any()
-        .downcast_ref::<strata_format::qcow2::Qcow2Image>()
-    {
-        q.close()?;
-    }
+    image.close()?;
     Ok(0)
 }
 

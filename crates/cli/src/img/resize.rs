@@ -87,12 +87,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         }
     }
     dev.flush()?;
-    if let Some(q) = dev
-        .as_any()
-        .downcast_ref::<strata_format::qcow2::Qcow2Image>()
-    {
-        q.close()?;
-    }
+    dev.close()?;
     if !args.quiet {
         println!("Image resized.");
     }
@@ -107,6 +102,8 @@ fn preallocate(
     to: u64,
 ) -> Result<()> {
     use strata_format::qcow2::{Preallocation as P, Qcow2Image};
+    // Preallocation modes are defined per format (qcow2 allocates clusters, raw
+    // the file range): each format's own call, no capability trait.
     if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
         q.preallocate_range(mode, from, to)?;
         return Ok(());

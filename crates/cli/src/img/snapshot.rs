@@ -2,9 +2,8 @@
 //! (`-l` list, `-c` create, `-a` apply, `-d` delete; by ID or name).
 
 use super::common::{human_size, Ctx};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::PathBuf;
-use strata_format::qcow2::{Qcow2Image, Snapshot, SnapshotSpec};
 use strata_format::Format;
 use strata_jobs::info::SnapshotInfo;
 
@@ -37,12 +36,6 @@ pub struct Args {
 }
 
 /// qemu-img's snapshot table: header and one line per snapshot.
-pub fn format_list(snaps: &[Snapshot]) -> String {
-    let infos: Vec<SnapshotInfo> = snaps.iter().map(SnapshotInfo::from).collect();
-    format_info_list(&infos)
-}
-
-/// The same table for snapshots described by `info`.
 pub fn format_info_list(snaps: &[SnapshotInfo]) -> String {
     let mut out = String::from("Snapshot list:\n");
     out.push_str(&format!(
@@ -99,50 +92,54 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         bail!("force-share=on can only be used with read-only images");
     }
     let dev = strata_chain::open_image(&args.filename, format, writing, args.force_share)?;
-    let Some(img) = dev.as_any().downcast_ref::<Qcow2Image>() else {
-        // A format without internal snapshots: qemu-img lists none and words each
-        // refusal as its block layer does.
-        if let Some(name) = &args.create {
-            bail!("Could not create snapshot '{name}': Operation not supported");
-        } else if let Some(key) = &args.apply {
-            bail!("Could not apply snapshot '{key}': Block driver does not support snapshots");
-        } else if let Some(key) = &args.delete {
-            bail!("Could not delete snapshot '{key}': snapshot not found");
-        }
-        return Ok(0);
-    };
-    let known = |key: &str| img.snapshots().iter().any(|s| s.id == key || s.name == key);
-    if let Some(key) = args.apply.as_deref().filter(|k| !known(k)) {
-        bail!(
-            "Could not apply snapshot '{key}': Failed to load snapshot: No such file or directory"
-        );
-    }
-    if let Some(key) = args.delete.as_deref().filter(|k| !known(k)) {
-        bail!("Could not delete snapshot '{key}': snapshot not found");
-    }
+    use strata_jobs::snapshot::{self as job, NameRule};
+    use strata_jobs::Error as E;
+    // qemu-img's wording for each refusal (a format without internal snapshots is
+    // worded as its block layer words it).
     if let Some(name) = &args.create {
-        img.snapshot_create(&SnapshotSpec {
+        let req = job::CreateRequest {
             name: name.clone(),
-            icount: Some(0),
-            ..Default::default()
-        })
-        .with_context(|| format!("Could not create snapshot '{name}'"))?;
+            names: NameRule::Any,
+        };
+        job::create(dev.as_ref(), &req).map_err(|e| match e {
+            E::NoInternalSnapshots { .. } => {
+                anyhow::anyhow!("Could not create snapshot '{name}': Operation not supported")
+            }
+            e => anyhow::Error::new(e).context(format!("Could not create snapshot '{name}'")),
+        })?;
     } else if let Some(key) = &args.apply {
-        img.snapshot_apply(key)
-            .with_context(|| format!("Could not apply snapshot '{key}'"))?;
+        let req = job::ApplyRequest {
+            snapshot: key.clone(),
+        };
+        job::apply(dev.as_ref(), &req).map_err(|e| match e {
+            E::NoInternalSnapshots { .. } => anyhow::anyhow!(
+                "Could not apply snapshot '{key}': Block driver does not support snapshots"
+            ),
+            E::SnapshotNotFound(_) => anyhow::anyhow!(
+                "Could not apply snapshot '{key}': Failed to load snapshot: No such file or directory"
+            ),
+            e => anyhow::Error::new(e).context(format!("Could not apply snapshot '{key}'")),
+        })?;
     } else if let Some(key) = &args.delete {
-        img.snapshot_delete(key)
-            .with_context(|| format!("Could not delete snapshot '{key}'"))?;
+        let req = job::DeleteRequest {
+            snapshot: key.clone(),
+        };
+        job::delete(dev.as_ref(), &req).map_err(|e| match e {
+            E::NoInternalSnapshots { .. } | E::SnapshotNotFound(_) => {
+                anyhow::anyhow!("Could not delete snapshot '{key}': snapshot not found")
+            }
+            e => anyhow::Error::new(e).context(format!("Could not delete snapshot '{key}'")),
+        })?;
     } else {
         // Like qemu-img, an image without snapshots lists nothing, not even the
         // header.
-        let snaps = img.snapshots();
+        let snaps = job::list(dev.as_ref());
         if !snaps.is_empty() {
-            print!("{}", format_list(&snaps));
+            print!("{}", format_info_list(&snaps));
         }
     }
     if writing {
-        img.close()?;
+        dev.close()?;
     }
     Ok(0)
 }

@@ -2,12 +2,11 @@
 //! backing chain (down to `-b BASE`, or all of it), then drop that part by
 //! relinking the image to the base (or to nothing).
 
-use super::commit::backing_name_for;
-use super::common::{open_chain, open_spec, warn_probed_raw, Ctx};
+use super::common::{job_error, open_spec, warn_probed_raw, Ctx};
 use super::progress::Bar;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::PathBuf;
-use strata_jobs::{commit, stream, Cancel};
+use strata_jobs::{stream, Cancel};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,41 +28,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
-    let name = args.filename.display().to_string();
     warn_probed_raw(&args.filename, args.format.as_deref());
-    let spec = open_spec(&args.filename, args.format.as_deref(), false)?.write(true);
-    let chain = open_chain(&spec)?;
-    if chain.layers.len() < 2 {
-        bail!("Image does not have a backing file");
-    }
-    let base = match &args.base {
-        Some(b) => match chain.find(b) {
-            Some(i) if i > 0 => i,
-            _ => bail!("Did not find '{b}' in the backing chain of '{name}'"),
-        },
-        None => chain.layers.len(),
+    let req = stream::StreamRequest {
+        image: args.filename.clone(),
+        format: open_spec(&args.filename, args.format.as_deref(), false)?.format,
+        base: args.base.clone(),
     };
-    let layers = chain.devices();
-    let cancel = Cancel::default();
-    let plan = stream::plan(&layers, base, &cancel)?;
     let bar = Bar::new(args.progress && !args.quiet);
-    stream::apply_plan(&layers, &plan, &bar, &cancel)?;
+    stream::stream(&req, &bar, &Cancel::default()).map_err(|e| job_error(&args.filename, e))?;
     bar.finish();
-    if base == chain.layers.len() {
-        commit::relink_above(layers[0].as_ref(), None, None)?;
-    } else {
-        let new_name = backing_name_for(&chain, 0, base);
-        commit::relink_above_to(
-            layers[0].as_ref(),
-            Some(&new_name),
-            Some(chain.layers[base].format.name()),
-        )?;
-    }
-    if let Some(q) = layers[0]
-        .as_any()
-        .downcast_ref::<strata_format::qcow2::Qcow2Image>()
-    {
-        q.close()?;
-    }
     Ok(0)
 }

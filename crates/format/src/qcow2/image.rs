@@ -1282,6 +1282,26 @@ impl BlockDevice for Qcow2Image {
         Some(self.geo.cluster_size())
     }
 
+    fn allocation_unit(&self) -> Option<u64> {
+        Some(self.geo.subcluster_size())
+    }
+
+    fn close(&self) -> Result<()> {
+        Qcow2Image::close(self)
+    }
+
+    fn host_file(&self) -> Option<&Arc<dyn Storage>> {
+        Some(&self.storage)
+    }
+
+    fn internal_snapshots(&self) -> Option<&dyn crate::InternalSnapshots> {
+        Some(self)
+    }
+
+    fn overlay(&self) -> Option<&dyn crate::Overlay> {
+        Some(self)
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

@@ -10,6 +10,7 @@
 pub mod barrier;
 pub mod bitmaps;
 mod cache;
+mod capabilities;
 pub mod check;
 pub mod compress;
 pub mod create;

@@ -5,8 +5,6 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use strata_format::qcow2::Qcow2Image;
-use strata_format::raw::RawImage;
 use strata_format::BlockDevice;
 
 /// A whole file mapped read-only and shared.
@@ -85,15 +83,7 @@ impl Drop for Mapping {
 /// Map the file behind an image layer whose block status reports host offsets in
 /// that file: a raw image or a qcow2 image (or a snapshot view of one).
 pub(crate) fn map_layer(dev: &Arc<dyn BlockDevice>) -> Option<Mapping> {
-    let any = dev.as_any();
-    let storage = if let Some(q) = any.downcast_ref::<Qcow2Image>() {
-        q.storage()
-    } else if let Some(r) = any.downcast_ref::<RawImage>() {
-        r.storage()
-    } else {
-        return None;
-    };
-    Mapping::new(storage.file()?)
+    Mapping::new(dev.host_file()?.file()?)
 }
 
 #[cfg(test)]
