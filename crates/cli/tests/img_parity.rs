@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_all_same, outcome, same, sh};
+use common::{assert_all_same, ok, outcome, same, sh};
 use std::path::Path;
 use std::process::Command;
 
@@ -755,6 +755,49 @@ fn refusals_are_worded_as_qemu_img_words_them() {
     assert_eq!(code, Some(0), "{err}");
     let (_, info, _) = outcome(d, "qemu-img", &["info", "sub/orphan.qcow2"]);
     assert!(!info.contains("backing file"), "{info}");
+}
+
+/// qemu-img accepts a snapshot name that is taken or empty (the IDs tell the
+/// snapshots apart) and `-d NAME` deletes the first of that name: strata's CLI
+/// keeps that, though its services refuse such names.
+#[test]
+fn repeated_and_empty_snapshot_names_are_taken_as_qemu_img_takes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "s.qcow2", "1M"],
+    );
+    // Each tool adds one snapshot per call, on the same file.
+    same(d, &["snapshot", "-c", "a", "s.qcow2"]);
+    same(d, &["snapshot", "-c", "", "s.qcow2"]);
+    let tags = |list: &str| -> Vec<(String, String)> {
+        list.lines()
+            .skip(2)
+            .map(|l| {
+                let id = l[..8].trim().to_string();
+                (id, l[8..25].trim().to_string())
+            })
+            .collect()
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    let listed = ok(d, "qemu-img", &["snapshot", "-l", "s.qcow2"]);
+    assert_eq!(
+        tags(&listed),
+        pairs(&[("1", "a"), ("2", "a"), ("3", ""), ("4", "")]),
+        "{listed}"
+    );
+    same(d, &["snapshot", "-d", "a", "s.qcow2"]);
+    same(d, &["snapshot", "-l", "s.qcow2"]);
+    assert_all_same();
+    let listed = ok(d, "qemu-img", &["snapshot", "-l", "s.qcow2"]);
+    assert_eq!(tags(&listed), pairs(&[("3", ""), ("4", "")]), "{listed}");
+    ok(d, "qemu-img", &["check", "s.qcow2"]);
 }
 
 /// `resize`, growing and with `--shrink`, leaves what qemu-img leaves: the same

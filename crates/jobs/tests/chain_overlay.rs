@@ -3,34 +3,13 @@
 //! and writes into them, and `qemu-img check` passes. A chain of external snapshots
 //! taken in turn (with writes in between) reads the same through strata and QEMU.
 
+mod common;
+
+use common::{qemu, serial};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use strata_format::Format;
 use strata_jobs::overlay::{self, OverlayRequest};
-
-/// The tests run one at a time: a process spawned by one test inherits, between
-/// fork and exec, the open files of another, and with them their QEMU locks
-/// (open-file-description locks), which would make lock checks flaky.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn qemu(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let o = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
-    assert!(
-        o.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn info(dir: &Path, img: &str) -> serde_json::Value {
     serde_json::from_str(&qemu(
