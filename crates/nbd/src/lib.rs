@@ -5,12 +5,14 @@
 //!
 //! - [`proto`]: wire constants;
 //! - [`export`]: an exported chain behind the gate that live operations take;
-//! - [`server`]: listeners, handshake and transmission;
+//! - [`server`]: listeners and transmission;
+//! - `handshake`: the fixed newstyle handshake, one function per option type;
 //! - [`control`]: the JSON-lines control socket;
 //! - [`tls`]: loading a certificate and key into a rustls configuration.
 
 pub mod control;
 pub mod export;
+mod handshake;
 pub mod proto;
 pub mod server;
 pub mod tls;

@@ -1,5 +1,5 @@
-//! The NBD server: listeners, the fixed newstyle handshake, and the transmission
-//! phase.
+//! The NBD server: listeners and the transmission phase (the handshake before it
+//! is in `handshake`).
 //!
 //! Threads, not async: each connection has a reader thread that parses requests
 //! and a small pool of worker threads that carry them out against the export. The
@@ -112,6 +112,11 @@ impl Server {
             .iter()
             .find(|e| e.name == name)
             .or_else(|| name.is_empty().then(|| self.cfg.exports.first()).flatten())
+    }
+
+    /// The TLS settings clients must upgrade with, if any.
+    pub(crate) fn tls_config(&self) -> Option<&Arc<rustls::ServerConfig>> {
+        self.cfg.tls.as_ref()
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -242,7 +247,7 @@ impl Server {
     fn client(self: &Arc<Self>, sock: Box<dyn Socket>, id: u64) -> String {
         let peer = sock.peer();
         let mut conn = Conn::Plain(sock);
-        let neg = match handshake(self, &mut conn) {
+        let neg = match crate::handshake::handshake(self, &mut conn) {
             Ok(Some(n)) => n,
             Ok(None) => return "ended during the handshake".into(),
             Err(e) => return format!("handshake failed: {e}"),
@@ -282,7 +287,7 @@ impl Server {
 }
 
 /// A connection before or after STARTTLS.
-enum Conn {
+pub(crate) enum Conn {
     Plain(Box<dyn Socket>),
     Tls(Box<rustls::StreamOwned<rustls::ServerConnection, Box<dyn Socket>>>),
 }
@@ -311,436 +316,44 @@ impl Write for Conn {
     }
 }
 
+/// The reply format negotiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     Simple,
     Structured,
     Extended,
 }
 
+/// A metadata context a client can select for block status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ctx {
+pub(crate) enum Ctx {
     Allocation,
     Depth,
 }
 
-struct Negotiated {
-    export: Arc<Export>,
-    mode: Mode,
+/// What the handshake settled for the transmission phase.
+pub(crate) struct Negotiated {
+    pub(crate) export: Arc<Export>,
+    pub(crate) mode: Mode,
     /// Selected metadata contexts, by id.
-    contexts: Vec<(u32, Ctx)>,
-    tls: bool,
+    pub(crate) contexts: Vec<(u32, Ctx)>,
+    pub(crate) tls: bool,
 }
 
-fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+pub(crate) fn read_u16(r: &mut impl Read) -> io::Result<u16> {
     let mut b = [0u8; 2];
     r.read_exact(&mut b)?;
     Ok(u16::from_be_bytes(b))
 }
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+pub(crate) fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
     Ok(u32::from_be_bytes(b))
 }
-fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+pub(crate) fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
     Ok(u64::from_be_bytes(b))
-}
-
-fn opt_reply(w: &mut impl Write, opt: u32, typ: u32, data: &[u8]) -> io::Result<()> {
-    let mut m = Vec::with_capacity(20 + data.len());
-    m.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&typ.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    w.write_all(&m)
-}
-
-fn opt_error(w: &mut impl Write, opt: u32, typ: u32, msg: &str) -> io::Result<()> {
-    opt_reply(w, opt, typ, msg.as_bytes())
-}
-
-/// A cursor over an option's data that fails instead of reading past the end.
-struct OptData<'a>(&'a [u8]);
-
-impl<'a> OptData<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if n > self.0.len() {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn string(&mut self) -> Option<String> {
-        let n = self.u32()? as usize;
-        let s = self.take(n)?;
-        String::from_utf8(s.to_vec()).ok()
-    }
-}
-
-fn info_export(export: &Export, mode: Mode) -> Vec<u8> {
-    let mut d = Vec::with_capacity(12);
-    d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-    d.extend_from_slice(&export.size().to_be_bytes());
-    d.extend_from_slice(&transmission_flags(export, mode).to_be_bytes());
-    d
-}
-
-fn transmission_flags(export: &Export, mode: Mode) -> u16 {
-    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
-    // Every connection shares one device, and a flush flushes that device: a flush
-    // on any connection covers the writes completed on all of them.
-    f |= FLAG_CAN_MULTI_CONN;
-    if export.read_only {
-        f |= FLAG_READ_ONLY;
-    } else {
-        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
-    }
-    if mode != Mode::Simple {
-        f |= FLAG_SEND_DF;
-    }
-    f
-}
-
-fn block_size_info(export: &Export) -> Vec<u8> {
-    let mut d = Vec::with_capacity(14);
-    d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-    d.extend_from_slice(&export.min_block.to_be_bytes());
-    d.extend_from_slice(&PREFERRED_BLOCK.max(export.min_block).to_be_bytes());
-    d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
-    d
-}
-
-/// Parse metadata context queries; `None` when the data is malformed.
-fn parse_meta(data: &[u8]) -> Option<(String, Vec<String>)> {
-    let mut d = OptData(data);
-    let name = d.string()?;
-    let n = d.u32()?;
-    let mut queries = Vec::new();
-    for _ in 0..n {
-        queries.push(d.string()?);
-    }
-    if !d.0.is_empty() {
-        return None;
-    }
-    Some((name, queries))
-}
-
-/// Which contexts a query designates (`list` allows the namespace-only form).
-fn match_query(q: &str, list: bool) -> Vec<Ctx> {
-    match q {
-        CONTEXT_BASE_ALLOCATION => vec![Ctx::Allocation],
-        CONTEXT_ALLOCATION_DEPTH => vec![Ctx::Depth],
-        "base:" if list => vec![Ctx::Allocation],
-        "qemu:" if list => vec![Ctx::Depth],
-        _ => vec![],
-    }
-}
-
-fn ctx_name(c: Ctx) -> &'static str {
-    match c {
-        Ctx::Allocation => CONTEXT_BASE_ALLOCATION,
-        Ctx::Depth => CONTEXT_ALLOCATION_DEPTH,
-    }
-}
-
-/// The fixed newstyle handshake. `Ok(None)`: the client aborted or was refused
-/// with a hard disconnect.
-fn handshake(server: &Server, conn: &mut Conn) -> io::Result<Option<Negotiated>> {
-    let mut hello = Vec::with_capacity(18);
-    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    conn.write_all(&hello)?;
-    conn.flush()?;
-    let cflags = read_u32(conn)?;
-    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        // Unknown client flags: the spec requires the server to close.
-        return Ok(None);
-    }
-    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
-    let mut mode = Mode::Simple;
-    let mut contexts: Vec<(u32, Ctx)> = Vec::new();
-    let mut meta_export: Option<*const Export> = None;
-    let mut tls = false;
-    loop {
-        conn.flush()?;
-        if server.is_shutting_down() {
-            return Ok(None);
-        }
-        let magic = read_u64(conn)?;
-        if magic != IHAVEOPT {
-            return Ok(None);
-        }
-        let opt = read_u32(conn)?;
-        let len = read_u32(conn)?;
-        if len > MAX_OPTION_LEN {
-            // Larger than any valid option: treated as an attack.
-            return Ok(None);
-        }
-        let mut data = vec![0u8; len as usize];
-        conn.read_exact(&mut data)?;
-        if server.cfg.tls.is_some() && !tls && opt != OPT_STARTTLS && opt != OPT_ABORT {
-            if opt == OPT_EXPORT_NAME {
-                return Ok(None);
-            }
-            opt_error(conn, opt, REP_ERR_TLS_REQD, "TLS is required")?;
-            continue;
-        }
-        match opt {
-            OPT_EXPORT_NAME => {
-                if mode == Mode::Extended {
-                    // Not allowed after extended headers; no error reply exists.
-                    return Ok(None);
-                }
-                let Ok(name) = String::from_utf8(data) else {
-                    return Ok(None);
-                };
-                let Some(export) = server.find(&name).cloned() else {
-                    return Ok(None);
-                };
-                let mut m = Vec::with_capacity(134);
-                m.extend_from_slice(&export.size().to_be_bytes());
-                m.extend_from_slice(&transmission_flags(&export, mode).to_be_bytes());
-                if !no_zeroes {
-                    m.extend_from_slice(&[0u8; 124]);
-                }
-                conn.write_all(&m)?;
-                conn.flush()?;
-                if meta_export != Some(Arc::as_ptr(&export)) {
-                    contexts.clear();
-                }
-                return Ok(Some(Negotiated {
-                    export,
-                    mode,
-                    contexts,
-                    tls,
-                }));
-            }
-            OPT_ABORT => {
-                let _ = opt_reply(conn, opt, REP_ACK, &[]);
-                let _ = conn.flush();
-                return Ok(None);
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    opt_error(conn, opt, REP_ERR_INVALID, "LIST takes no data")?;
-                    continue;
-                }
-                for e in server.exports() {
-                    let mut d = Vec::new();
-                    d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
-                    d.extend_from_slice(e.name.as_bytes());
-                    d.extend_from_slice(e.description.as_bytes());
-                    opt_reply(conn, opt, REP_SERVER, &d)?;
-                }
-                opt_reply(conn, opt, REP_ACK, &[])?;
-            }
-            OPT_STARTTLS => {
-                let Some(cfg) = server.cfg.tls.clone() else {
-                    opt_error(conn, opt, REP_ERR_UNSUP, "TLS is not configured")?;
-                    continue;
-                };
-                if tls {
-                    opt_error(conn, opt, REP_ERR_INVALID, "TLS is already active")?;
-                    continue;
-                }
-                if !data.is_empty() {
-                    opt_error(conn, opt, REP_ERR_INVALID, "STARTTLS takes no data")?;
-                    continue;
-                }
-                opt_reply(conn, opt, REP_ACK, &[])?;
-                conn.flush()?;
-                let plain = std::mem::replace(conn, Conn::Plain(Box::new(NullSocket)));
-                let Conn::Plain(sock) = plain else {
-                    return Ok(None);
-                };
-                let sc = rustls::ServerConnection::new(cfg)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                let mut stream = rustls::StreamOwned::new(sc, sock);
-                while stream.conn.is_handshaking() {
-                    stream
-                        .conn
-                        .complete_io(&mut stream.sock)
-                        .map_err(|e| io::Error::other(format!("TLS handshake: {e}")))?;
-                }
-                *conn = Conn::Tls(Box::new(stream));
-                tls = true;
-                // Everything negotiated before TLS is forgotten.
-                mode = Mode::Simple;
-                contexts.clear();
-                meta_export = None;
-            }
-            OPT_INFO | OPT_GO => {
-                let mut d = OptData(&data);
-                let parsed = (|| {
-                    let n = d.u32()? as usize;
-                    let name = String::from_utf8(d.take(n)?.to_vec()).ok()?;
-                    let count = d.u16()?;
-                    let mut reqs = Vec::new();
-                    for _ in 0..count {
-                        reqs.push(d.u16()?);
-                    }
-                    d.0.is_empty().then_some((name, reqs))
-                })();
-                let Some((name, reqs)) = parsed else {
-                    opt_error(conn, opt, REP_ERR_INVALID, "malformed INFO/GO request")?;
-                    continue;
-                };
-                let Some(export) = server.find(&name).cloned() else {
-                    opt_error(conn, opt, REP_ERR_UNKNOWN, "no such export")?;
-                    continue;
-                };
-                opt_reply(conn, opt, REP_INFO, &info_export(&export, mode))?;
-                if reqs.contains(&INFO_NAME) {
-                    let mut d = INFO_NAME.to_be_bytes().to_vec();
-                    d.extend_from_slice(export.name.as_bytes());
-                    opt_reply(conn, opt, REP_INFO, &d)?;
-                }
-                if reqs.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
-                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
-                    d.extend_from_slice(export.description.as_bytes());
-                    opt_reply(conn, opt, REP_INFO, &d)?;
-                }
-                opt_reply(conn, opt, REP_INFO, &block_size_info(&export))?;
-                opt_reply(conn, opt, REP_ACK, &[])?;
-                if opt == OPT_GO {
-                    conn.flush()?;
-                    if meta_export != Some(Arc::as_ptr(&export)) {
-                        contexts.clear();
-                    }
-                    return Ok(Some(Negotiated {
-                        export,
-                        mode,
-                        contexts,
-                        tls,
-                    }));
-                }
-            }
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    opt_error(conn, opt, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")?;
-                } else if mode == Mode::Extended {
-                    opt_error(
-                        conn,
-                        opt,
-                        REP_ERR_EXT_HEADER_REQD,
-                        "extended headers already negotiated",
-                    )?;
-                } else {
-                    mode = Mode::Structured;
-                    opt_reply(conn, opt, REP_ACK, &[])?;
-                }
-            }
-            OPT_EXTENDED_HEADERS => {
-                if !data.is_empty() {
-                    opt_error(conn, opt, REP_ERR_INVALID, "EXTENDED_HEADERS takes no data")?;
-                } else {
-                    mode = Mode::Extended;
-                    opt_reply(conn, opt, REP_ACK, &[])?;
-                }
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let set = opt == OPT_SET_META_CONTEXT;
-                if set {
-                    // Replaced even when this request fails.
-                    contexts.clear();
-                    meta_export = None;
-                }
-                if mode == Mode::Simple {
-                    opt_error(
-                        conn,
-                        opt,
-                        REP_ERR_INVALID,
-                        "structured replies must be negotiated first",
-                    )?;
-                    continue;
-                }
-                let Some((name, queries)) = parse_meta(&data) else {
-                    opt_error(conn, opt, REP_ERR_INVALID, "malformed context request")?;
-                    continue;
-                };
-                let Some(export) = server.find(&name).cloned() else {
-                    opt_error(conn, opt, REP_ERR_UNKNOWN, "no such export")?;
-                    continue;
-                };
-                if let Some(q) = queries.iter().find(|q| !q.contains(':')) {
-                    opt_error(
-                        conn,
-                        opt,
-                        REP_ERR_INVALID,
-                        &format!("query '{q}' has no namespace"),
-                    )?;
-                    continue;
-                }
-                let mut found: Vec<Ctx> = Vec::new();
-                if queries.is_empty() && !set {
-                    found = vec![Ctx::Allocation, Ctx::Depth];
-                }
-                for q in &queries {
-                    for c in match_query(q, !set) {
-                        if !found.contains(&c) {
-                            found.push(c);
-                        }
-                    }
-                }
-                for c in &found {
-                    let id = match c {
-                        Ctx::Allocation => 1u32,
-                        Ctx::Depth => 2u32,
-                    };
-                    let mut d = if set { id } else { 0 }.to_be_bytes().to_vec();
-                    d.extend_from_slice(ctx_name(*c).as_bytes());
-                    opt_reply(conn, opt, REP_META_CONTEXT, &d)?;
-                    if set {
-                        contexts.push((id, *c));
-                    }
-                }
-                if set {
-                    meta_export = Some(Arc::as_ptr(&export));
-                }
-                opt_reply(conn, opt, REP_ACK, &[])?;
-            }
-            _ => {
-                opt_error(conn, opt, REP_ERR_UNSUP, "unknown option")?;
-            }
-        }
-    }
-}
-
-/// Placeholder while a socket moves into a TLS session.
-struct NullSocket;
-impl Read for NullSocket {
-    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
-        Ok(0)
-    }
-}
-impl Write for NullSocket {
-    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-        Err(io::ErrorKind::BrokenPipe.into())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-impl Socket for NullSocket {
-    fn try_clone_box(&self) -> io::Result<Box<dyn Socket>> {
-        Ok(Box::new(NullSocket))
-    }
-    fn shutdown_both(&self) {}
-    fn peer(&self) -> String {
-        String::new()
-    }
 }
 
 /// One parsed request.
