@@ -2,6 +2,7 @@
 
 use crate::{check_range, BlockDevice, Error, Extent, Result, Status};
 use std::sync::{Arc, RwLock};
+use strata_storage::sync;
 use strata_storage::Storage;
 
 /// A raw image: the file is the disk.
@@ -66,7 +67,7 @@ impl BlockDevice for RawImage {
         "raw"
     }
     fn virtual_size(&self) -> u64 {
-        *self.size.read().expect("lock")
+        *sync::read(&self.size)
     }
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.virtual_size())?;
@@ -145,7 +146,7 @@ impl BlockDevice for RawImage {
             ));
         }
         self.storage.set_size(new_size).map_err(|e| self.err(e))?;
-        *self.size.write().expect("lock") = new_size;
+        *sync::write(&self.size) = new_size;
         Ok(())
     }
     fn path(&self) -> Option<std::path::PathBuf> {

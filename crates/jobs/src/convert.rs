@@ -28,6 +28,7 @@ use std::time::Duration;
 use strata_format::qcow2::{CompressionType, Qcow2Image};
 use strata_format::raw::RawImage;
 use strata_format::BlockDevice;
+use strata_storage::sync;
 
 /// Bytes per window of work (a multiple of every cluster size).
 const WINDOW: u64 = 2 << 20;
@@ -329,13 +330,10 @@ pub fn convert(
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let gate = Gate::default();
     let fail = |e: Error| {
-        failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(e);
+        sync::lock(&failure).get_or_insert(e);
         gate.cv.notify_all();
     };
-    let failed = || failure.lock().map(|f| f.is_some()).unwrap_or(true);
+    let failed = || sync::lock(&failure).is_some();
     let producers = opts.workers.clamp(1, 16).min(plan.windows.len().max(1));
     let lookahead = producers * 4;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(producers * 8);
@@ -372,13 +370,9 @@ pub fn convert(
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(w) = plan.windows.get(i) else { break };
                     if !opts.out_of_order {
-                        let mut g = gate.written.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut g = sync::lock(&gate.written);
                         while i >= *g + lookahead && !failed() {
-                            g = gate
-                                .cv
-                                .wait_timeout(g, Duration::from_millis(50))
-                                .unwrap_or_else(|p| p.into_inner())
-                                .0;
+                            g = sync::wait_timeout(&gate.cv, g, Duration::from_millis(50));
                         }
                     }
                     if failed() {
@@ -426,7 +420,7 @@ pub fn convert(
                     }
                     cur += 1;
                 }
-                *gate.written.lock().unwrap_or_else(|p| p.into_inner()) = cur;
+                *sync::lock(&gate.written) = cur;
                 gate.cv.notify_all();
             }
             if let Err(e) = r {
@@ -434,7 +428,7 @@ pub fn convert(
             }
         }
     });
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = sync::into_inner(failure) {
         return Err(e);
     }
     if opts.flush {
@@ -466,7 +460,7 @@ impl Writer<'_> {
                 let r = self.write(at, &data.as_slice()[range]);
                 if let Bytes::Owned(v) = data {
                     if let Ok(v) = Arc::try_unwrap(v) {
-                        self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+                        sync::lock(self.pool).push(v);
                     }
                 }
                 r?;
@@ -578,12 +572,7 @@ impl<'m> Producer<'_, 'm> {
                     let data = match mapped {
                         Some(s) => Bytes::Mapped(s),
                         None => {
-                            let mut buf = self
-                                .pool
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .pop()
-                                .unwrap_or_default();
+                            let mut buf = sync::lock(self.pool).pop().unwrap_or_default();
                             buf.resize(len, 0);
                             src.layer(0).read(&mut buf, r.start - w.base)?;
                             Bytes::Owned(Arc::new(buf))

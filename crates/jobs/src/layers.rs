@@ -10,6 +10,7 @@ use crate::status::{ChainStatus, Walk};
 use crate::{Cancel, Progress, Result};
 use std::sync::Arc;
 use strata_format::BlockDevice;
+use strata_storage::sync;
 
 /// Bytes moved per read/write (and the alignment of the pieces workers take).
 const CHUNK: u64 = 1 << 20;
@@ -203,15 +204,11 @@ pub fn apply(
             if r.action == Action::Zero {
                 return Ok(None);
             }
-            let mut buf = pool
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop()
-                .unwrap_or_default();
+            let mut buf = sync::lock(&pool).pop().unwrap_or_default();
             buf.resize(r.len as usize, 0);
             source.read(&mut buf, r.offset)?;
             if crate::convert::is_zero(&buf) {
-                pool.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+                sync::lock(&pool).push(buf);
                 return Ok(None);
             }
             Ok(Some(buf))
@@ -228,7 +225,7 @@ pub fn apply(
             match buf {
                 Some(buf) => {
                     dest.write(&buf, r.offset)?;
-                    pool.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+                    sync::lock(&pool).push(buf);
                 }
                 None => dest.write_zeroes(r.offset, r.len, false)?,
             }

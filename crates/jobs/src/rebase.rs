@@ -13,6 +13,7 @@ use crate::status::{ChainStatus, Walk};
 use crate::{Cancel, Progress, Result};
 use std::sync::Arc;
 use strata_format::{BlockDevice, Status};
+use strata_storage::sync;
 
 /// Bytes compared per step (and the alignment of the pieces workers take).
 const CHUNK: u64 = 1 << 20;
@@ -255,7 +256,7 @@ pub fn apply(
                 }
                 Err(e) => {
                     failed.store(true, Ordering::Relaxed);
-                    let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut slot = sync::lock(&first_error);
                     slot.get_or_insert(e);
                     return;
                 }
@@ -274,7 +275,7 @@ pub fn apply(
         work();
         done.store(true, Ordering::Relaxed);
     });
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = sync::into_inner(first_error) {
         return Err(e);
     }
     image.flush()?;

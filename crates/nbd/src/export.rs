@@ -17,6 +17,7 @@ use strata_chain::{Layer, OpenSpec};
 use strata_format::{BlockDevice, Format, Status};
 use strata_jobs::status::{ChainStatus, Walk};
 use strata_jobs::{Cancel, NoProgress};
+use strata_storage::sync;
 
 /// What to export.
 #[derive(Debug, Clone)]
@@ -272,17 +273,17 @@ impl Export {
 
     /// Hold the gate shared: the chain cannot switch while the guard lives.
     pub fn io(&self) -> RwLockReadGuard<'_, Backend> {
-        self.gate.read().unwrap_or_else(|p| p.into_inner())
+        sync::read(&self.gate)
     }
 
     fn exclusive(&self) -> RwLockWriteGuard<'_, Backend> {
-        self.gate.write().unwrap_or_else(|p| p.into_inner())
+        sync::write(&self.gate)
     }
 
     /// Record that `[offset, offset+len)` changed (call with the gate held shared,
     /// after the write). Only recorded while a commit copies.
     pub fn mark_dirty(&self, offset: u64, len: u64) {
-        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = sync::lock(&self.dirty);
         if let Some(v) = d.as_mut() {
             v.push((offset, len));
         }
@@ -324,7 +325,7 @@ impl Export {
     pub fn snapshot(&self, name: &str) -> Result<String> {
         use strata_jobs::snapshot::{create, CreateRequest, NameRule};
         self.check_writable()?;
-        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let _op = sync::lock(&self.ops);
         let b = self.exclusive();
         let req = CreateRequest {
             name: name.to_string(),
@@ -349,7 +350,7 @@ impl Export {
     /// the writes acknowledged before the switch.
     pub fn snapshot_external(&self, overlay: &Path) -> Result<()> {
         self.check_writable()?;
-        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let _op = sync::lock(&self.ops);
         if overlay.exists() {
             return Err(Error::Invalid(format!(
                 "'{}' already exists; an overlay is never created over an existing file",
@@ -415,7 +416,7 @@ impl Export {
     /// again, the backing file flushed, and the export switched.
     pub fn commit(&self) -> Result<()> {
         self.check_writable()?;
-        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let _op = sync::lock(&self.ops);
         let devices: Vec<Arc<dyn BlockDevice>> = {
             let mut b = self.exclusive();
             if b.layers.len() < 2 {
@@ -424,7 +425,7 @@ impl Export {
             if b.layers[1].device.read_only() {
                 reopen(&mut b, 1, true)?;
             }
-            *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+            *sync::lock(&self.dirty) = Some(Vec::new());
             b.layers.iter().map(|l| l.device.clone()).collect()
         };
         let result = (|| -> Result<()> {
@@ -432,12 +433,7 @@ impl Export {
             let plan = strata_jobs::commit::plan(&devices, 0, 1, &cancel)?;
             strata_jobs::commit::apply_plan(&devices, &plan, &NoProgress, &cancel)?;
             let mut b = self.exclusive();
-            let dirty = self
-                .dirty
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .unwrap_or_default();
+            let dirty = sync::lock(&self.dirty).take().unwrap_or_default();
             let top = b.top().clone();
             let base = b.layers[1].device.clone();
             for (off, len) in merge_ranges(dirty) {
@@ -451,7 +447,7 @@ impl Export {
             top.flush()?;
             Ok(())
         })();
-        *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *sync::lock(&self.dirty) = None;
         result
     }
 
@@ -461,7 +457,7 @@ impl Export {
     /// by older backing data.
     pub fn stream(&self) -> Result<()> {
         self.check_writable()?;
-        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let _op = sync::lock(&self.ops);
         let devices: Vec<_> = self.io().layers.iter().map(|l| l.device.clone()).collect();
         // Only an overlay format has a backing chain: one layer is all a raw top
         // ever has.

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 use strata_format::ErrorKind;
+use strata_storage::sync;
 
 /// Bytes of request payloads and read buffers one connection may have in flight.
 const BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
@@ -127,21 +128,12 @@ impl Server {
     /// and close the exports.
     pub fn shutdown(&self) -> Result<()> {
         self.shutdown.store(true, Ordering::SeqCst);
-        for s in self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
+        for s in sync::lock(&self.conns).values() {
             s.shutdown_both();
         }
-        let mut n = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = sync::lock(&self.active);
         while *n > 0 {
-            n = self
-                .idle
-                .wait_timeout(n, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            n = sync::wait_timeout(&self.idle, n, Duration::from_millis(100));
         }
         drop(n);
         let mut first = None;
@@ -212,12 +204,9 @@ impl Server {
     fn spawn_client(self: &Arc<Self>, sock: Box<dyn Socket>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(c) = sock.try_clone_box() {
-            self.conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, c);
+            sync::lock(&self.conns).insert(id, c);
         }
-        *self.active.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        *sync::lock(&self.active) += 1;
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-client-{id}"))
@@ -227,19 +216,13 @@ impl Server {
                 if me.cfg.log {
                     eprintln!("strata nbd: client {id} ({peer}) disconnected: {summary}");
                 }
-                me.conns
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                *me.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                sync::lock(&me.conns).remove(&id);
+                *sync::lock(&me.active) -= 1;
                 me.idle.notify_all();
             });
         if spawned.is_err() {
-            self.conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            *self.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            sync::lock(&self.conns).remove(&id);
+            *sync::lock(&self.active) -= 1;
         }
     }
 
@@ -383,7 +366,7 @@ impl PayloadPool {
     /// A buffer of exactly `len` bytes, its contents to be overwritten.
     fn take(self: &Arc<Self>, len: usize) -> Payload {
         let reused = {
-            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = sync::lock(&self.0);
             let (bufs, kept) = &mut *g;
             let found = bufs.iter().position(|b| b.capacity() >= len);
             found.map(|i| {
@@ -414,7 +397,7 @@ impl Drop for Payload {
     fn drop(&mut self) {
         let Some(pool) = self.pool.take() else { return };
         let data = std::mem::take(&mut self.data);
-        let mut g = pool.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = sync::lock(&pool.0);
         let (bufs, kept) = &mut *g;
         if data.capacity() <= POOL_BUFFER && *kept + data.capacity() <= POOL_BYTES {
             *kept += data.capacity();
@@ -432,21 +415,21 @@ struct Budget {
 impl Budget {
     fn acquire(&self, n: u64) {
         let n = n.min(BUDGET);
-        let mut u = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut u = sync::lock(&self.used);
         while *u + n > BUDGET {
-            u = self.cv.wait(u).unwrap_or_else(|p| p.into_inner());
+            u = sync::wait(&self.cv, u);
         }
         *u += n;
     }
     fn release(&self, n: u64) {
         let n = n.min(BUDGET);
-        *self.used.lock().unwrap_or_else(|p| p.into_inner()) -= n;
+        *sync::lock(&self.used) -= n;
         self.cv.notify_all();
     }
     fn wait_idle(&self) {
-        let mut u = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut u = sync::lock(&self.used);
         while *u > 0 {
-            u = self.cv.wait(u).unwrap_or_else(|p| p.into_inner());
+            u = sync::wait(&self.cv, u);
         }
     }
 }
@@ -516,7 +499,7 @@ fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
         let rx = rx.clone();
         let s = session.clone();
         handles.push(std::thread::spawn(move || loop {
-            let req = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            let req = match sync::lock(&rx).recv() {
                 Ok(r) => r,
                 Err(_) => break,
             };
@@ -568,11 +551,7 @@ fn transmission(server: &Server, conn: Conn, neg: Negotiated) -> Stats {
         let _ = h.join();
     }
     session.budget.wait_idle();
-    let _ = session
-        .out
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .flush();
+    let _ = sync::lock(&session.out).flush();
     stats.unflushed = session.unflushed.load(Ordering::SeqCst);
     stats
 }
@@ -587,15 +566,15 @@ type TlsStream = rustls::StreamOwned<rustls::ServerConnection, Box<dyn Socket>>;
 struct SharedTls(Arc<Mutex<Box<TlsStream>>>);
 impl Read for SharedTls {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).read(buf)
+        sync::lock(&self.0).read(buf)
     }
 }
 impl Write for SharedTls {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+        sync::lock(&self.0).write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+        sync::lock(&self.0).flush()
     }
 }
 
@@ -960,7 +939,7 @@ fn simple(req: &Request, err: u32) -> Vec<u8> {
 }
 
 fn send(s: &Session, parts: &[&[u8]]) -> io::Result<()> {
-    let mut w = s.out.lock().unwrap_or_else(|p| p.into_inner());
+    let mut w = sync::lock(&s.out);
     for p in parts {
         w.write_all(p)?;
     }

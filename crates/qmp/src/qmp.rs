@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use strata_storage::sync;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -101,7 +102,7 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere while holding the lock leaves consistent data here.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.state)
     }
 
     /// Wait until `ready` gives a value, the connection closes, or the deadline
@@ -126,11 +127,7 @@ impl Shared {
             if now >= deadline {
                 return Err(Error::new(op, ErrorKind::Timeout(timeout)));
             }
-            st = self
-                .cond
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = sync::wait_timeout(&self.cond, st, deadline - now);
         }
     }
 }
@@ -220,13 +217,13 @@ impl Qmp {
     fn execute_raw(&self, name: &str, args: Option<&Value>, timeout: Duration) -> Result<Value> {
         let op = op_name(name);
         let id = {
-            let mut n = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
+            let mut n = sync::lock(&self.next_id);
             *n += 1;
             *n
         };
         let line = wire::request_line(name, args, id);
         {
-            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let mut w = sync::lock(&self.writer);
             if let Err(e) = w.write_all(&line) {
                 // A write to a closed monitor means QEMU is gone; say so.
                 if let Some(closed) = self.shared.lock().closed.clone() {
@@ -348,9 +345,7 @@ impl Qmp {
 
 impl Drop for Qmp {
     fn drop(&mut self) {
-        if let Ok(w) = self.writer.lock() {
-            let _ = w.shutdown(Shutdown::Both);
-        }
+        let _ = sync::lock(&self.writer).shutdown(Shutdown::Both);
         if let Some(h) = self.reader.take() {
             let _ = h.join();
         }

@@ -24,6 +24,7 @@ use std::sync::{mpsc, Mutex};
 use strata_format::{BlockDevice, Format};
 use strata_jobs::status::{ChainStatus, Walk};
 use strata_jobs::{Cancel, Progress};
+use strata_storage::sync;
 
 /// The fixed chunk size of disk backups.
 pub const CHUNK_SIZE: u64 = 4 << 20;
@@ -185,7 +186,7 @@ pub fn backup(
             scope.spawn(move || {
                 let mut buf = Vec::new();
                 loop {
-                    let Ok(i) = job_rx.lock().expect("job queue").recv() else {
+                    let Ok(i) = sync::lock(job_rx).recv() else {
                         return;
                     };
                     let reused = reuse

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use strata_format::{BlockDevice, Format};
 use strata_jobs::{Cancel, Progress};
+use strata_storage::sync;
 
 /// The single file a snapshot holds (a disk), found through its directories.
 pub fn disk_node(repo: &Repository, snap: &Snapshot) -> Result<Node> {
@@ -199,7 +200,7 @@ fn write_content(
                         }
                         Err(e) => {
                             stop.store(true, Ordering::Relaxed);
-                            let mut f = failed.lock().expect("failure slot");
+                            let mut f = sync::lock(&failed);
                             if f.as_ref().is_none_or(|(o, _)| offset < *o) {
                                 *f = Some((offset, e));
                             }
@@ -209,7 +210,7 @@ fn write_content(
             });
         }
     });
-    if let Some((_, e)) = failed.into_inner().expect("failure slot") {
+    if let Some((_, e)) = sync::into_inner(failed) {
         return Err(e);
     }
     Ok(RestoreSummary {

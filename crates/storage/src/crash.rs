@@ -17,6 +17,7 @@
 //! their unflushed operations form one pool: a pick chooses from all of them, in
 //! the order they were issued.
 
+use crate::sync;
 use crate::{Error, MemStorage, Result, Storage};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -186,15 +187,13 @@ impl CrashStorage {
 
     /// Unflushed changes (writes, zeroes, discards, resizes) now queued.
     pub fn pending(&self) -> usize {
-        self.pending.lock().expect("lock").len()
+        sync::lock(&self.pending).len()
     }
 
     /// Whether some unflushed change covers more than one sector (so that a
     /// [`CrashPick::Torn`] can tear it).
     pub fn can_tear(&self) -> bool {
-        self.pending
-            .lock()
-            .expect("lock")
+        sync::lock(&self.pending)
             .iter()
             .any(|p| p.change.sectors() > 1)
     }
@@ -211,7 +210,7 @@ impl CrashStorage {
     }
 
     fn record(&self, change: Change) -> Result<()> {
-        let mut q = self.pending.lock().expect("lock");
+        let mut q = sync::lock(&self.pending);
         self.clock.gate()?;
         change.apply(&self.volatile)?;
         let seq = self.clock.seq.fetch_add(1, Ordering::SeqCst);
@@ -226,7 +225,7 @@ impl CrashStorage {
 pub fn materialise(stores: &[&CrashStorage], pick: CrashPick) -> Vec<Vec<u8>> {
     let queues: Vec<Vec<Pending>> = stores
         .iter()
-        .map(|s| s.pending.lock().expect("lock").clone())
+        .map(|s| sync::lock(&s.pending).clone())
         .collect();
     let newest = queues.iter().flatten().map(|p| p.seq).max();
     // The torn change: chosen by the seed among those spanning several sectors.
@@ -325,7 +324,7 @@ impl Storage for CrashStorage {
         self.write_zeroes(offset, len)
     }
     fn flush(&self) -> Result<()> {
-        let mut q = self.pending.lock().expect("lock");
+        let mut q = sync::lock(&self.pending);
         self.clock.gate()?;
         for p in q.drain(..) {
             p.change.apply(&self.durable)?;

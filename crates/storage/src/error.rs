@@ -30,6 +30,10 @@ pub enum Error {
     /// is gone (or an error was asked for).
     #[error("injected fault: {0}")]
     Injected(std::io::Error),
+    /// A thread panicked in the middle of an update of this state (`.0` names it):
+    /// it is neither used nor written any more (see [`crate::sync`]).
+    #[error("an operation panicked while updating the {0}; it is not used until reopened")]
+    Poisoned(&'static str),
 }
 
 /// "shared " for a lock on a byte that refuses sharing, nothing for a held permission.
@@ -59,6 +63,7 @@ impl Error {
             Error::OutOfRange { .. } => Some(libc::EINVAL),
             Error::Locked { .. } => Some(libc::EAGAIN),
             Error::ForceShareWrite => Some(libc::EINVAL),
+            Error::Poisoned(_) => Some(libc::EIO),
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`CrashStorage`]: keeps unflushed changes apart from durable ones and, at a
 //!   crash, lets a chosen subset of them (torn at 512-byte sectors) reach the disk,
 //!   to prove that metadata is ordered by flushes.
+//!
+//! [`sync`] holds the one policy for poisoned locks that every crate follows.
 
 mod crash;
 mod error;
@@ -17,6 +19,7 @@ mod fault;
 mod file;
 pub mod lock;
 mod mem;
+pub mod sync;
 
 pub use crash::{materialise, picks_for, CrashClock, CrashPick, CrashStorage, SECTOR};
 pub use error::{os_message, Error, Result};

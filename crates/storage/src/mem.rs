@@ -1,3 +1,4 @@
+use crate::sync;
 use crate::{Error, Result, Storage};
 use std::sync::RwLock;
 
@@ -21,7 +22,7 @@ impl MemStorage {
 
     /// A copy of the whole contents.
     pub fn snapshot(&self) -> Vec<u8> {
-        self.data.read().expect("lock").clone()
+        sync::read(&self.data).clone()
     }
 }
 
@@ -38,7 +39,7 @@ fn end_of(offset: u64, len: usize) -> Result<usize> {
 
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let data = self.data.read().expect("lock");
+        let data = sync::read(&self.data);
         let end = end_of(offset, buf.len())?;
         let start = offset as usize;
         buf.fill(0);
@@ -50,7 +51,7 @@ impl Storage for MemStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let mut data = self.data.write().expect("lock");
+        let mut data = sync::write(&self.data);
         let end = end_of(offset, buf.len())?;
         if end > data.len() {
             data.resize(end, 0);
@@ -60,7 +61,7 @@ impl Storage for MemStorage {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let mut data = self.data.write().expect("lock");
+        let mut data = sync::write(&self.data);
         let end = offset
             .checked_add(len)
             .ok_or(Error::OutOfRange { offset, len })?;
@@ -86,7 +87,7 @@ impl Storage for MemStorage {
     }
 
     fn size(&self) -> Result<u64> {
-        Ok(self.data.read().expect("lock").len() as u64)
+        Ok(sync::read(&self.data).len() as u64)
     }
 
     fn set_size(&self, size: u64) -> Result<()> {
@@ -94,7 +95,7 @@ impl Storage for MemStorage {
             offset: size,
             len: 0,
         })?;
-        self.data.write().expect("lock").resize(size, 0);
+        sync::write(&self.data).resize(size, 0);
         Ok(())
     }
 

@@ -59,7 +59,7 @@ impl Qcow2Image {
     /// (after repair, the image is checked again, as qemu-img does).
     pub fn check(&self, repair: Repair) -> Result<CheckReport> {
         let _excl = self.exclusive();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let repairing = repair != Repair::None && !m.read_only;
         if !m.read_only {
             m.flush_metadata().map_err(|e| self.err(e))?;
@@ -480,7 +480,7 @@ impl Qcow2Image {
 
     /// End of the last cluster with a non-zero refcount.
     pub fn image_end_offset(&self) -> Result<u64> {
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let cs = m.cluster_size();
         let epb = m.rb_entries();
         let mut highest = 0u64;

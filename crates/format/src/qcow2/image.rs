@@ -11,6 +11,7 @@ use crate::{check_range, BlockDevice, Error, ErrorKind, Extent, Result, Status};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use strata_storage::sync;
 use strata_storage::Storage;
 
 /// How to open a qcow2 image.
@@ -96,9 +97,9 @@ struct InFlightGuard<'a> {
 impl InFlight {
     /// Reserve guest clusters `[start, end)`, waiting for overlapping requests.
     fn acquire(&self, start: u64, end: u64) -> InFlightGuard<'_> {
-        let mut r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = sync::lock(&self.ranges);
         while r.iter().any(|&(a, b)| a < end && start < b) {
-            r = self.cv.wait(r).unwrap_or_else(|p| p.into_inner());
+            r = sync::wait(&self.cv, r);
         }
         r.push((start, end));
         InFlightGuard {
@@ -110,7 +111,7 @@ impl InFlight {
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        let mut r = self.owner.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = sync::lock(&self.owner.ranges);
         if let Some(i) = r.iter().position(|&x| x == self.range) {
             r.swap_remove(i);
         }
@@ -240,17 +241,27 @@ impl Qcow2Image {
         Ok(img)
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
-        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    /// The metadata, for an operation that uses or changes it. The metadata lock
+    /// is a whole-state lock (see [`strata_storage::sync`]): after a panic in the
+    /// middle of an update it is `Poisoned`, and nothing of it is used or written
+    /// again by this handle.
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+        strata_storage::sync::lock_whole(&self.meta, "image metadata").map_err(|e| self.err(e))
+    }
+
+    /// The metadata for inspection only (the header and snapshot list getters):
+    /// what is in memory, even after a panic poisoned the lock. Never written.
+    pub(crate) fn peek(&self) -> MutexGuard<'_, Meta> {
+        strata_storage::sync::lock(&self.meta)
     }
 
     /// A copy of the current header.
     pub fn header(&self) -> Header {
-        self.lock().h.clone()
+        self.peek().h.clone()
     }
 
     pub fn snapshots(&self) -> Vec<Snapshot> {
-        self.lock().snapshots.clone()
+        self.peek().snapshots.clone()
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -267,8 +278,8 @@ impl Qcow2Image {
         if self.read_only {
             return Ok(());
         }
-        let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.lock();
+        let _gate = sync::write(&self.reuse);
+        let mut m = self.lock()?;
         m.flush_metadata().map_err(|e| self.err(e))?;
         m.clear_dirty().map_err(|e| self.err(e))
     }
@@ -376,7 +387,7 @@ impl Qcow2Image {
             }
             Run::Unallocated => self.read_backing(buf, off),
             Run::Compressed { offset, size, skip } => {
-                let mut zc = self.zcache.lock().unwrap_or_else(|p| p.into_inner());
+                let mut zc = sync::lock(&self.zcache);
                 if zc.as_ref().map(|(o, _)| *o) != Some(offset) {
                     let data = self.decompress_cluster(offset, size)?;
                     *zc = Some((offset, data));
@@ -428,7 +439,7 @@ impl Qcow2Image {
         let _busy = self
             .inflight
             .acquire(offset / cs, (offset + len).div_ceil(cs));
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         if only_by_metadata {
             let fast = self
                 .zeroes_by_metadata(&mut m, offset, len)
@@ -445,20 +456,13 @@ impl Qcow2Image {
 
     /// Whether a backing device is attached (unallocated ranges read from it).
     fn has_backing(&self) -> bool {
-        self.backing
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        sync::read(&self.backing).is_some()
     }
 
     /// Read guest bytes that this layer does not hold: from the backing device, or
     /// zeroes past its end or without one.
     fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let backing = self
-            .backing
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let backing = sync::read(&self.backing).clone();
         match backing {
             None => {
                 buf.fill(0);
@@ -710,7 +714,7 @@ impl Qcow2Image {
         if on {
             crate::BlockDevice::flush(self)?;
         }
-        self.lock().barriers = on;
+        self.lock()?.barriers = on;
         Ok(())
     }
 
@@ -718,13 +722,16 @@ impl Qcow2Image {
     /// writing them. Off by default; for bulk copies into a new image (convert),
     /// where it spares the file system per-page delayed-allocation work.
     pub fn set_falloc_new_clusters(&self, on: bool) {
-        self.lock().falloc_new_clusters = on;
+        // A poisoned image writes nothing more: there is nothing to set then.
+        if let Ok(mut m) = self.lock() {
+            m.falloc_new_clusters = on;
+        }
     }
 
     /// Write one cluster's worth of already compressed bytes for guest cluster `gc`.
     pub fn write_compressed_cluster(&self, gc: u64, compressed: &[u8]) -> Result<()> {
         self.check_writable()?;
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         m.mark_dirty_if_lazy()?;
         let l2n = m.l2_entries();
         let r = (|| {
@@ -939,7 +946,7 @@ impl Qcow2Image {
         }
         check_range(from, to - from, self.virtual_size()).map_err(|e| self.err(e))?;
         let _excl = self.exclusive();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let cs = self.geo.cluster_size();
         let l2n = m.l2_entries();
         let end = to.div_ceil(cs);
@@ -1026,7 +1033,7 @@ impl Qcow2Image {
     /// Hold off every reader and writer: for operations that remap or free clusters
     /// anywhere (snapshots, repair).
     pub(crate) fn exclusive(&self) -> (std::sync::RwLockWriteGuard<'_, ()>, impl Drop + '_) {
-        let gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
+        let gate = sync::write(&self.reuse);
         let busy = self.inflight.acquire(0, u64::MAX);
         (gate, busy)
     }
@@ -1085,12 +1092,12 @@ impl BlockDevice for Qcow2Image {
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
-        let _reading = self.reuse.read().unwrap_or_else(|p| p.into_inner());
+        let _reading = sync::read(&self.reuse);
         let mut pos = 0usize;
         while pos < buf.len() {
             let off = offset + pos as u64;
             let (run, n) = {
-                let mut m = self.lock();
+                let mut m = self.lock()?;
                 self.lookup(&mut m, off, (buf.len() - pos) as u64)
                     .map_err(|e| self.err(e))?
             };
@@ -1112,14 +1119,14 @@ impl BlockDevice for Qcow2Image {
             .inflight
             .acquire(offset / cs, (offset + buf.len() as u64).div_ceil(cs));
         let plan = {
-            let mut m = self.lock();
+            let mut m = self.lock()?;
             m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
             self.plan_write(&mut m, buf, offset)
                 .map_err(|e| self.fail_corrupt(&mut m, e))?
         };
         // The data goes out without the metadata lock, so writes run in parallel.
         self.write_segments(&plan, buf)?;
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         self.commit_plan(&mut m, plan)
             .map_err(|e| self.fail_corrupt(&mut m, e))
     }
@@ -1146,7 +1153,7 @@ impl BlockDevice for Qcow2Image {
             return Ok(());
         }
         let _busy = self.inflight.acquire(start / cs, end.div_ceil(cs));
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
         let padded_end = end.next_multiple_of(cs);
         self.zero_locked(&mut m, start, padded_end - start, true, true)
@@ -1159,8 +1166,8 @@ impl BlockDevice for Qcow2Image {
         }
         // Queued frees become reusable clusters here: no reader may still be reading
         // them.
-        let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.lock();
+        let _gate = sync::write(&self.reuse);
+        let mut m = self.lock()?;
         m.compressed_cursor = 0;
         m.flush_metadata().map_err(|e| self.err(e))?;
         if !m.barriers {
@@ -1171,7 +1178,7 @@ impl BlockDevice for Qcow2Image {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let (run, n) = self.lookup(&mut m, offset, len).map_err(|e| self.err(e))?;
         let status = match run {
             Run::Data { host } => Status::Data {
@@ -1195,14 +1202,11 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
-        self.backing
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        sync::read(&self.backing).clone()
     }
 
     fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) {
-        *self.backing.write().unwrap_or_else(|p| p.into_inner()) = backing;
+        *sync::write(&self.backing) = backing;
     }
 
     fn read_only(&self) -> bool {
@@ -1221,9 +1225,9 @@ impl BlockDevice for Qcow2Image {
                 "The new size must be a multiple of 512",
             ));
         }
-        let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
+        let _gate = sync::write(&self.reuse);
         let _busy = self.inflight.acquire(0, u64::MAX);
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         // Each v3 snapshot records its own disk size, so the active disk may change
         // size under snapshots; v2 did not require that field (QEMU's rule).
         if !m.snapshots.is_empty() && self.geo.version < 3 {
@@ -1308,7 +1312,13 @@ impl BlockDevice for Qcow2Image {
 }
 
 impl Drop for Qcow2Image {
+    /// Close the image, unless a panic is unwinding through its owner or left its
+    /// metadata poisoned: an update may then be half made in memory, and the file
+    /// keeps what the last completed write left (see [`strata_storage::sync`]).
     fn drop(&mut self) {
+        if std::thread::panicking() || self.meta.is_poisoned() {
+            return;
+        }
         let _ = self.close();
     }
 }
@@ -1326,7 +1336,7 @@ impl Qcow2Image {
             return Err(self.err(Error::new(ErrorKind::ReadOnly)));
         }
         let _excl = self.exclusive();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let mut h = m.h.clone();
         h.backing_file = name.map(std::ffi::OsStr::to_os_string);
         h.backing_format = name.and(format).map(str::to_string);

@@ -111,7 +111,7 @@ impl Qcow2Image {
         let real = alloc / cs;
         let threshold = (real * 10 / 9).max(real + 2);
         let end_cluster = file_len.div_ceil(cs);
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let epb = m.rb_entries();
         let order = m.h.refcount_order;
         let mut count = 0u64;
@@ -147,7 +147,7 @@ impl Qcow2Image {
             return Ok(None);
         }
         let cs = self.cluster_size_bytes();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         Ok(match m.entry(offset / cs)? {
             super::entries::L2Entry::Normal { host, .. } if host != 0 => {
                 Some((host + offset % cs, cs - offset % cs))

@@ -209,7 +209,8 @@ pub struct SnapshotSpec {
 impl Qcow2Image {
     /// Guest offset where the VM-state area starts: the first L1 entry past the disk.
     pub fn vm_state_offset(&self) -> u64 {
-        let m = self.lock();
+        // The geometry never changes: reading it is safe even from poisoned metadata.
+        let m = self.peek();
         let per_l1 = m.cluster_size() * m.l2_entries();
         self.virtual_size().div_ceil(per_l1) * per_l1
     }
@@ -217,14 +218,14 @@ impl Qcow2Image {
     /// Write `data` into the VM-state area at `pos` (the area QEMU's savevm uses).
     pub fn write_vm_state(&self, data: &[u8], pos: u64) -> Result<()> {
         let base = self.vm_state_offset();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         self.write_beyond_disk(&mut m, data, base + pos)
     }
 
     /// Read `buf.len()` bytes of the VM-state area of the active image at `pos`.
     pub fn read_vm_state(&self, buf: &mut [u8], pos: u64) -> Result<()> {
         let base = self.vm_state_offset();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         self.read_beyond_disk(&mut m, buf, base + pos)
     }
 
@@ -232,7 +233,7 @@ impl Qcow2Image {
     pub fn snapshot_vm_state(&self, key: &str) -> Result<Vec<u8>> {
         let view = self.snapshot_view(key)?;
         let (size, base) = {
-            let m = view.lock();
+            let m = view.lock()?;
             let per_l1 = m.cluster_size() * m.l2_entries();
             (
                 m.snapshots
@@ -245,7 +246,7 @@ impl Qcow2Image {
         let size = size.unwrap_or(0);
         let mut buf =
             vec![0u8; usize::try_from(size).map_err(|_| Error::invalid("VM state too large"))?];
-        let mut m = view.lock();
+        let mut m = view.lock()?;
         view.read_beyond_disk(&mut m, &mut buf, base)?;
         Ok(buf)
     }
@@ -257,7 +258,7 @@ impl Qcow2Image {
         }
         let vm_base = self.vm_state_offset();
         let _excl = self.exclusive();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let m = &mut *m;
         let r = (|| {
             let set = m.begin_metadata_op()?;
@@ -374,7 +375,7 @@ impl Qcow2Image {
             return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
         }
         let _excl = self.exclusive();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let m = &mut *m;
         let r = (|| {
             let set = m.begin_metadata_op()?;
@@ -465,7 +466,7 @@ impl Qcow2Image {
             return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
         }
         let _excl = self.exclusive();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let m = &mut *m;
         let r = (|| {
             let set = m.begin_metadata_op()?;
@@ -507,7 +508,7 @@ impl Qcow2Image {
 
     /// A read-only view of snapshot `key` as a disk (for `convert -l`).
     pub fn snapshot_view(&self, key: &str) -> Result<Qcow2Image> {
-        let m = self.lock();
+        let m = self.lock()?;
         let snap = find(&m.snapshots, key)
             .map(|(_, s)| s.clone())
             .ok_or_else(|| {
@@ -550,7 +551,7 @@ impl Qcow2Image {
     pub fn make_empty(&self) -> Result<()> {
         self.check_writable()?;
         let _excl = self.exclusive();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         let set_here = m.begin_metadata_op().map_err(|e| self.err(e))?;
         let r = m.dirty_bitmaps().and_then(|_| m.drop_l2_tables(0));
         r.map_err(|e| self.fail_corrupt(&mut m, e))?;
