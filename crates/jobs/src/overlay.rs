@@ -90,17 +90,34 @@ pub fn backing_name(overlay: &Path, backing: &Path) -> Result<String> {
 /// (read-only, with QEMU's read locks, so an image a QEMU is writing is refused),
 /// and decide the recorded name, size and cluster size.
 pub fn plan(req: &OverlayRequest) -> Result<OverlayPlan> {
-    if req.overlay.exists() {
-        return Err(Error::Invalid(format!(
-            "'{}' already exists; an overlay is never created over an existing file",
-            req.overlay.display()
-        )));
-    }
+    refuse_existing(&req.overlay)?;
     let spec = strata_chain::OpenSpec::new(&req.backing).format(Some(req.backing_format));
     let chain = strata_chain::open(&spec)?;
-    let depth = chain
-        .layers
-        .len()
+    plan_on(req, chain.top().as_ref(), chain.layers.len())
+}
+
+/// An overlay is never created over an existing file.
+fn refuse_existing(overlay: &Path) -> Result<()> {
+    if overlay.exists() {
+        return Err(Error::Invalid(format!(
+            "'{}' already exists; an overlay is never created over an existing file",
+            overlay.display()
+        )));
+    }
+    Ok(())
+}
+
+/// [`plan`] for a backing chain the caller already holds open (a live export, whose
+/// top it holds for writing): `top` is the device of `req.backing`, the top of a
+/// chain of `chain_len` images. The same rules: no existing file is replaced, the
+/// depth limit holds, the size is rounded up to whole sectors.
+pub fn plan_on(
+    req: &OverlayRequest,
+    top: &dyn strata_format::BlockDevice,
+    chain_len: usize,
+) -> Result<OverlayPlan> {
+    refuse_existing(&req.overlay)?;
+    let depth = chain_len
         .checked_add(1)
         .ok_or_else(|| Error::Invalid("chain too deep".into()))?;
     if depth > strata_chain::DEFAULT_MAX_DEPTH {
@@ -110,7 +127,6 @@ pub fn plan(req: &OverlayRequest) -> Result<OverlayPlan> {
             strata_chain::DEFAULT_MAX_DEPTH
         )));
     }
-    let top = chain.top();
     let size = req.size.unwrap_or(top.virtual_size());
     let size = size
         .checked_next_multiple_of(512)

@@ -351,38 +351,18 @@ impl Export {
     pub fn snapshot_external(&self, overlay: &Path) -> Result<()> {
         self.check_writable()?;
         let _op = sync::lock(&self.ops);
-        if overlay.exists() {
-            return Err(Error::Invalid(format!(
-                "'{}' already exists; an overlay is never created over an existing file",
-                overlay.display()
-            )));
-        }
         // Create the (empty) overlay first, outside the gate: it only records the
         // top's name and format, which do not change while `ops` is held.
-        let (top_path, top_format, cluster_size, depth) = {
+        let plan = {
             let b = self.io();
-            let cs = b.top().cluster_size().unwrap_or(65536);
-            (
-                b.layers[0].path.clone(),
-                b.layers[0].format,
-                cs,
-                b.layers.len(),
-            )
-        };
-        let depth = depth + 1;
-        if depth > strata_chain::DEFAULT_MAX_DEPTH {
-            return Err(Error::Invalid(format!(
-                "an overlay would make a chain of {depth} images, deeper than the limit of {}",
-                strata_chain::DEFAULT_MAX_DEPTH
-            )));
-        }
-        let plan = strata_jobs::overlay::OverlayPlan {
-            overlay: overlay.to_path_buf(),
-            backing_name: strata_jobs::overlay::backing_name(overlay, &top_path)?,
-            backing_format: top_format,
-            size: self.size.next_multiple_of(512),
-            cluster_size,
-            depth,
+            let req = strata_jobs::overlay::OverlayRequest {
+                overlay: overlay.to_path_buf(),
+                backing: b.layers[0].path.clone(),
+                backing_format: b.layers[0].format,
+                size: Some(self.size),
+                cluster_size: None,
+            };
+            strata_jobs::overlay::plan_on(&req, b.top().as_ref(), b.layers.len())?
         };
         strata_jobs::overlay::apply(&plan)?;
         let device = match strata_chain::open_image(overlay, Format::Qcow2, true, false) {
