@@ -36,7 +36,7 @@ impl RawImage {
                 let zeros = vec![0u8; 1 << 20];
                 let mut off = 0;
                 while off < size {
-                    let n = (size - off).min(zeros.len() as u64) as usize;
+                    let n = crate::units::index((size - off).min(zeros.len() as u64));
                     storage.write_at(&zeros[..n], off)?;
                     off += n as u64;
                 }

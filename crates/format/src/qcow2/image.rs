@@ -7,6 +7,7 @@ use super::entries::{
 use super::header::{self, Header};
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
+use crate::units::{index, ClusterCount, ClusterIndex, HostOffset};
 use crate::{check_range, BlockDevice, Error, ErrorKind, Extent, Result, Status};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,7 +40,7 @@ pub struct Qcow2Image {
     /// copy-on-write decompresses while that lock is held.
     compression: CompressionType,
     /// The last decompressed cluster: (L2 compressed offset, bytes).
-    zcache: Mutex<Option<(u64, Vec<u8>)>>,
+    zcache: Mutex<Option<(HostOffset, Vec<u8>)>>,
     /// Requests in flight, by guest cluster range.
     inflight: InFlight,
     /// Readers hold it shared while they read data outside the metadata lock;
@@ -57,7 +58,7 @@ enum SegData {
 
 /// One contiguous host write of a plan.
 struct Seg {
-    host: u64,
+    host: HostOffset,
     data: SegData,
     /// The clusters were allocated for this write (nothing of them is on disk yet).
     fresh: bool,
@@ -122,15 +123,15 @@ impl Drop for InFlightGuard<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Run {
     Data {
-        host: u64,
+        host: HostOffset,
     },
     Zero {
-        host: u64,
+        host: HostOffset,
     },
     Unallocated,
     /// Bytes `skip..` of the cluster compressed at `offset` (`size` bytes).
     Compressed {
-        offset: u64,
+        offset: HostOffset,
         size: u64,
         skip: u64,
     },
@@ -149,12 +150,12 @@ impl Qcow2Image {
         let file_size = storage.size()?;
         // The header and its extensions fill at most the first cluster: read a page,
         // then the rest of the cluster once its size is known.
-        let mut first = vec![0u8; file_size.min(4096) as usize];
+        let mut first = vec![0u8; index(file_size.min(4096))];
         storage.read_at(&mut first, 0)?;
         if first.len() >= 24 {
             let bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
             if bits <= header::MAX_CLUSTER_BITS && (1u64 << bits) > first.len() as u64 {
-                first = vec![0u8; file_size.min(1 << bits) as usize];
+                first = vec![0u8; index(file_size.min(1 << bits))];
                 storage.read_at(&mut first, 0)?;
             }
         }
@@ -291,28 +292,28 @@ impl Qcow2Image {
         let geo = self.geo;
         let words = if geo.extended_l2 { 2 } else { 1 };
         let (l2off, _) = m.l1_entry(gc / l2n)?;
-        let table: Option<&[u64]> = if l2off == 0 {
+        let table: Option<&[u64]> = if l2off.is_none() {
             None
         } else {
             m.load_l2(l2off)?;
-            Some(&m.l2.get(l2off).expect("loaded").data)
+            Some(&m.l2.get(l2off.get()).expect("loaded").data)
         };
         let entry_of = |g: u64| -> Result<L2Entry> {
             match table {
                 None => Ok(L2Entry::Normal {
-                    host: 0,
+                    host: HostOffset::NONE,
                     copied: false,
                     zero: false,
                     bitmap: 0,
                 }),
                 Some(t) => {
-                    let i = (g % l2n) as usize * words;
+                    let i = index(g % l2n) * words;
                     geo.decode_l2(t[i], if words == 2 { t[i + 1] } else { 0 })
                 }
             }
         };
         let first_entry = entry_of(gc)?;
-        let sc0 = ((off % cs) / scs) as u32;
+        let sc0 = self.geo.subcluster_in((off % cs) / scs);
         let first = self.geo.sub_state(first_entry, sc0);
         let within = off % scs;
         let run = match first {
@@ -320,7 +321,11 @@ impl Qcow2Image {
                 host: host + within,
             },
             SubState::Zero { host } => Run::Zero {
-                host: if host != 0 { host + off % cs } else { 0 },
+                host: if host.is_none() {
+                    host
+                } else {
+                    host + off % cs
+                },
             },
             SubState::Unallocated => Run::Unallocated,
             SubState::Compressed { offset, size } => {
@@ -345,14 +350,15 @@ impl Qcow2Image {
                 cur_gc = g;
                 entry = entry_of(g)?;
             }
-            let sc = ((pos % cs) / scs) as u32;
+            let sc = self.geo.subcluster_in((pos % cs) / scs);
             let st = self.geo.sub_state(entry, sc);
             let same = match (first, st) {
                 (SubState::Data { host: h0 }, SubState::Data { host }) => {
                     host == h0 + (pos - (off - within))
                 }
                 (SubState::Zero { host: h0 }, SubState::Zero { host }) => {
-                    (h0 == 0 && host == 0) || (h0 != 0 && host == h0 + (pos - (off - within)))
+                    (h0.is_none() && host.is_none())
+                        || (!h0.is_none() && host == h0 + (pos - (off - within)))
                 }
                 (SubState::Unallocated, SubState::Unallocated) => true,
                 _ => false,
@@ -369,7 +375,10 @@ impl Qcow2Image {
     /// Read a run's bytes into `buf` (without the metadata lock).
     fn read_run(&self, run: Run, buf: &mut [u8], off: u64) -> Result<()> {
         match run {
-            Run::Data { host } => self.storage.read_at(buf, host).map_err(|e| self.err(e)),
+            Run::Data { host } => self
+                .storage
+                .read_at(buf, host.get())
+                .map_err(|e| self.err(e)),
             Run::Zero { .. } => {
                 buf.fill(0);
                 Ok(())
@@ -382,14 +391,16 @@ impl Qcow2Image {
                     *zc = Some((offset, data));
                 }
                 let data = &zc.as_ref().expect("filled").1;
-                buf.copy_from_slice(&data[skip as usize..skip as usize + buf.len()]);
+                let skip = index(skip);
+                buf.copy_from_slice(&data[skip..skip + buf.len()]);
                 Ok(())
             }
         }
     }
 
-    fn decompress_cluster(&self, offset: u64, size: u64) -> Result<Vec<u8>> {
+    fn decompress_cluster(&self, offset: HostOffset, size: u64) -> Result<Vec<u8>> {
         let cs = self.geo.cluster_size();
+        let offset = offset.get();
         if offset
             .checked_add(size)
             .is_none_or(|e| e > header::MAX_HOST_OFFSET)
@@ -398,11 +409,12 @@ impl Qcow2Image {
                 "compressed cluster at 0x{offset:x} out of range"
             ))));
         }
-        let mut input = vec![0u8; size as usize];
+        // The entry's sector count bounds `size` by two clusters.
+        let mut input = vec![0u8; index(size)];
         self.storage
             .read_at(&mut input, offset)
             .map_err(|e| self.err(e))?;
-        let mut out = vec![0u8; cs as usize];
+        let mut out = vec![0u8; index(cs)];
         let kind = self.compression_type();
         compress::decompress(kind, &input, &mut out).map_err(|msg| {
             self.err(Error::new(ErrorKind::Decompress(format!(
@@ -471,7 +483,7 @@ impl Qcow2Image {
                     buf.fill(0);
                     return Ok(());
                 }
-                let n = (bsize - off).min(len) as usize;
+                let n = index((bsize - off).min(len));
                 b.read(&mut buf[..n], off)?;
                 buf[n..].fill(0);
                 Ok(())
@@ -484,7 +496,7 @@ impl Qcow2Image {
         let mut pos = 0usize;
         while pos < buf.len() {
             let (run, n) = self.lookup(m, off + pos as u64, (buf.len() - pos) as u64)?;
-            let n = n as usize;
+            let n = index(n);
             self.read_run(run, &mut buf[pos..pos + n], off + pos as u64)?;
             pos += n;
         }
@@ -550,7 +562,7 @@ impl Qcow2Image {
                     .map_err(|e| self.fail_corrupt(m, e))?;
                 plan.segs.push(Seg {
                     host: host + in_cl,
-                    data: SegData::Buf(pos as usize, (pos + run) as usize),
+                    data: SegData::Buf(index(pos), index(pos + run)),
                     fresh: false,
                 });
                 pos += run;
@@ -560,15 +572,15 @@ impl Qcow2Image {
                 host, copied: true, ..
             } = entry
             {
-                if host != 0 {
+                if !host.is_none() {
                     // Owned cluster that needs its missing parts filled (zero flag,
                     // or subclusters not yet allocated): rewrite it in place.
                     m.check_data_write(host, cs)
                         .map_err(|e| self.fail_corrupt(m, e))?;
-                    let mut full = vec![0u8; cs as usize];
+                    let mut full = vec![0u8; index(cs)];
                     self.read_locked(m, &mut full, gc * cs)?;
-                    full[in_cl as usize..(in_cl + n) as usize]
-                        .copy_from_slice(&buf[pos as usize..(pos + n) as usize]);
+                    full[index(in_cl)..index(in_cl + n)]
+                        .copy_from_slice(&buf[index(pos)..index(pos + n)]);
                     plan.segs.push(Seg {
                         host,
                         data: SegData::Owned(full),
@@ -576,7 +588,7 @@ impl Qcow2Image {
                     });
                     plan.updates.push(L2Update {
                         gc,
-                        entry: host | OFLAG_COPIED,
+                        entry: host.get() | OFLAG_COPIED,
                         bitmap: ALL_ALLOCATED,
                         old: None,
                     });
@@ -592,7 +604,7 @@ impl Qcow2Image {
             let mut olds = vec![entry];
             while k < max_clusters && gc + k < table_end && pos + (k * cs - in_cl) < len {
                 let e2 = m.entry(gc + k)?;
-                if matches!(e2, L2Entry::Normal { copied: true, host, .. } if host != 0) {
+                if matches!(e2, L2Entry::Normal { copied: true, host, .. } if !host.is_none()) {
                     break;
                 }
                 olds.push(e2);
@@ -600,30 +612,30 @@ impl Qcow2Image {
             }
             // The L2 table first, so a sequentially written image keeps QEMU's layout.
             m.l2_for_write(gc / l2n)?;
-            let host = m.alloc_clusters(k)?;
+            let host = m.alloc_clusters(ClusterCount(k))?;
             let run_bytes = (k * cs - in_cl).min(len - pos);
             let end_in_last = (in_cl + run_bytes) - (k - 1) * cs; // bytes used in the last cluster
             if in_cl == 0 && end_in_last == cs {
                 plan.segs.push(Seg {
                     host,
-                    data: SegData::Buf(pos as usize, (pos + run_bytes) as usize),
+                    data: SegData::Buf(index(pos), index(pos + run_bytes)),
                     fresh: true,
                 });
             } else {
                 // Copy-on-write: fill the head and tail of the run from the current
                 // guest view, then write the whole run at once.
-                let mut data = vec![0u8; (k * cs) as usize];
+                let mut data = vec![0u8; index(k * cs)];
                 if in_cl > 0 {
-                    self.read_locked(m, &mut data[..in_cl as usize], gc * cs)?;
+                    self.read_locked(m, &mut data[..index(in_cl)], gc * cs)?;
                 }
                 if end_in_last < cs {
                     let tail_start = (k - 1) * cs + end_in_last;
-                    let mut tail = vec![0u8; (cs - end_in_last) as usize];
+                    let mut tail = vec![0u8; index(cs - end_in_last)];
                     self.read_locked(m, &mut tail, gc * cs + tail_start)?;
-                    data[tail_start as usize..].copy_from_slice(&tail);
+                    data[index(tail_start)..].copy_from_slice(&tail);
                 }
-                data[in_cl as usize..(in_cl + run_bytes) as usize]
-                    .copy_from_slice(&buf[pos as usize..(pos + run_bytes) as usize]);
+                data[index(in_cl)..index(in_cl + run_bytes)]
+                    .copy_from_slice(&buf[index(pos)..index(pos + run_bytes)]);
                 plan.segs.push(Seg {
                     host,
                     data: SegData::Owned(data),
@@ -634,7 +646,7 @@ impl Qcow2Image {
                 let i = i as u64;
                 plan.updates.push(L2Update {
                     gc: gc + i,
-                    entry: (host + i * cs) | OFLAG_COPIED,
+                    entry: (host + i * cs).get() | OFLAG_COPIED,
                     bitmap: ALL_ALLOCATED,
                     old: Some(old),
                 });
@@ -653,11 +665,11 @@ impl Qcow2Image {
             };
             if plan.falloc && seg.fresh {
                 self.storage
-                    .preallocate(seg.host, data.len() as u64)
+                    .preallocate(seg.host.get(), data.len() as u64)
                     .map_err(|e| self.err(e))?;
             }
             self.storage
-                .write_at(data, seg.host)
+                .write_at(data, seg.host.get())
                 .map_err(|e| self.err(e))?;
         }
         Ok(())
@@ -679,14 +691,14 @@ impl Qcow2Image {
     /// Host offset of the cluster if `[in_cl, in_cl+n)` can be written in place:
     /// the cluster is owned (COPIED), reads its own data there, and no metadata change
     /// is needed.
-    fn in_place_target(&self, e: L2Entry, in_cl: u64, n: u64) -> Option<u64> {
+    fn in_place_target(&self, e: L2Entry, in_cl: u64, n: u64) -> Option<HostOffset> {
         match e {
             L2Entry::Normal {
                 host,
                 copied: true,
                 zero: false,
                 bitmap,
-            } if host != 0 => {
+            } if !host.is_none() => {
                 if !self.geo.extended_l2 {
                     return Some(host);
                 }
@@ -731,7 +743,7 @@ impl Qcow2Image {
             let old = m.entry(gc)?;
             let l2 = m.l2_for_write(gc / l2n)?;
             let off = self.alloc_bytes(&mut m, compressed.len() as u64)?;
-            self.storage.write_at(compressed, off)?;
+            self.storage.write_at(compressed, off.get())?;
             let e = self.geo.encode_compressed(off, compressed.len() as u64);
             m.set_raw_entry(l2, gc % l2n, e, 0)?;
             m.release_entry(old);
@@ -744,7 +756,7 @@ impl Qcow2Image {
     /// does not shrink, so it should be written uncompressed. Needs no lock: callers
     /// compress on several threads and write in order.
     pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
-        let cs = self.geo.cluster_size() as usize;
+        let cs = index(self.geo.cluster_size());
         let kind = self.compression_type();
         if data.len() < cs {
             let mut padded = data.to_vec();
@@ -757,30 +769,31 @@ impl Qcow2Image {
     /// Allocate `size` bytes for compressed data, packing into the current partly
     /// used cluster when it fits or continues contiguously. Each host cluster the
     /// bytes touch gains one reference.
-    fn alloc_bytes(&self, m: &mut Meta, size: u64) -> Result<u64> {
-        let cs = self.geo.cluster_size();
-        let cur = m.compressed_cursor;
-        if cur != 0 && !cur.is_multiple_of(cs) {
-            let first = cur / cs;
-            let last = (cur + size - 1) / cs;
+    fn alloc_bytes(&self, m: &mut Meta, size: u64) -> Result<HostOffset> {
+        let bits = self.geo.cluster_bits;
+        let cur = HostOffset(m.compressed_cursor);
+        if !cur.is_none() && !cur.is_aligned(bits) {
+            let first = cur.cluster(bits);
+            let last = (cur + (size - 1)).cluster(bits);
             let mut ok = true;
-            for c in first + 1..=last {
-                if m.refcount(c)? != 0 || m.refblock_offset(c / m.rb_entries())? == 0 {
+            for c in first.get() + 1..=last.get() {
+                if m.refcount(ClusterIndex(c))? != 0
+                    || m.refblock_offset(c / m.rb_entries())?.is_none()
+                {
                     ok = false;
                 }
             }
             if ok {
                 m.update_refcount(first, 1)?;
-                for c in first + 1..=last {
-                    m.update_refcount(c, 1)?;
+                for c in first.get() + 1..=last.get() {
+                    m.update_refcount(ClusterIndex(c), 1)?;
                 }
-                m.compressed_cursor = cur + size;
+                m.compressed_cursor = (cur + size).get();
                 return Ok(cur);
             }
         }
-        let n = size.div_ceil(cs);
-        let off = m.alloc_clusters(n)?;
-        m.compressed_cursor = off + size;
+        let off = m.alloc_clusters(ClusterCount::for_bytes(size, bits))?;
+        m.compressed_cursor = (off + size).get();
         Ok(off)
     }
 
@@ -805,7 +818,7 @@ impl Qcow2Image {
             let n = (cstart + cs).min(end) - pos;
             if !whole {
                 if !discard && !self.reads_zero(m, pos, n, has_backing)? {
-                    let zeros = vec![0u8; n as usize];
+                    let zeros = vec![0u8; index(n)];
                     self.write_locked(m, &zeros, pos)?;
                 }
                 pos += n;
@@ -817,7 +830,7 @@ impl Qcow2Image {
             let (new_e, new_b, release) = if !v3 {
                 if has_backing && !discard {
                     // v2 has no zero flag: with a backing file, zeroes must be written.
-                    let zeros = vec![0u8; cs as usize];
+                    let zeros = vec![0u8; index(cs)];
                     self.write_locked(m, &zeros, pos)?;
                     pos += cs;
                     continue;
@@ -827,11 +840,11 @@ impl Qcow2Image {
                 match old {
                     L2Entry::Normal {
                         host, copied: true, ..
-                    } if host != 0 && !may_unmap && !discard => {
+                    } if !host.is_none() && !may_unmap && !discard => {
                         if self.geo.extended_l2 {
-                            (host | OFLAG_COPIED, ALL_ZERO, false)
+                            (host.get() | OFLAG_COPIED, ALL_ZERO, false)
                         } else {
-                            (host | OFLAG_COPIED | OFLAG_ZERO, 0, false)
+                            (host.get() | OFLAG_COPIED | OFLAG_ZERO, 0, false)
                         }
                     }
                     _ => {
@@ -845,7 +858,7 @@ impl Qcow2Image {
             };
             let unchanged = match old {
                 L2Entry::Normal {
-                    host: 0,
+                    host: HostOffset::NONE,
                     zero,
                     bitmap,
                     ..
@@ -914,7 +927,7 @@ impl Qcow2Image {
             ));
         }
         let mut table = m.l1.clone();
-        table.resize(entries as usize, 0);
+        table.resize(index(entries), 0);
         m.relocate_l1(table, None)
     }
 
@@ -956,7 +969,7 @@ impl Qcow2Image {
                 gc += 1;
                 continue;
             }
-            let host = m.alloc_clusters(n)?;
+            let host = m.alloc_clusters(ClusterCount(n))?.get();
             let bytes = n * cs;
             match mode {
                 P::Off => {}
@@ -967,10 +980,10 @@ impl Qcow2Image {
                 }
                 P::Falloc => m.storage.preallocate(host, bytes)?,
                 P::Full => {
-                    let zeros = vec![0u8; (1 << 20).min(bytes) as usize];
+                    let zeros = vec![0u8; index((1 << 20).min(bytes))];
                     let mut off = 0;
                     while off < bytes {
-                        let k = (bytes - off).min(zeros.len() as u64) as usize;
+                        let k = index((bytes - off).min(zeros.len() as u64));
                         m.storage.write_at(&zeros[..k], host + off)?;
                         off += k as u64;
                     }
@@ -1066,7 +1079,7 @@ fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u6
     if entries == 0 {
         return Ok(Vec::new());
     }
-    let mut buf = vec![0u8; (entries * 8) as usize];
+    let mut buf = vec![0u8; index(entries * 8)];
     storage.read_at(&mut buf, offset)?;
     Ok(buf
         .chunks_exact(8)
@@ -1094,7 +1107,7 @@ impl BlockDevice for Qcow2Image {
                 self.lookup(&mut m, off, (buf.len() - pos) as u64)
                     .map_err(|e| self.err(e))?
             };
-            let n = n as usize;
+            let n = index(n);
             self.read_run(run, &mut buf[pos..pos + n], off)?;
             pos += n;
         }
@@ -1175,11 +1188,11 @@ impl BlockDevice for Qcow2Image {
         let (run, n) = self.lookup(&mut m, offset, len).map_err(|e| self.err(e))?;
         let status = match run {
             Run::Data { host } => Status::Data {
-                host_offset: Some(host),
+                host_offset: Some(host.get()),
                 compressed: false,
             },
             Run::Zero { host } => Status::Zero {
-                host_offset: (host != 0).then_some(host),
+                host_offset: (!host.is_none()).then_some(host.get()),
             },
             Run::Unallocated => Status::Unallocated,
             Run::Compressed { .. } => Status::Data {
