@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use strata_format::qcow2::Qcow2Image;
 use strata_format::raw::RawImage;
-use strata_format::{BlockDevice, Error as FormatError, ErrorKind, Extent, Status};
+use strata_format::{BlockDevice, Error as FormatError, Extent, Status};
 use strata_storage::Storage;
 
 /// Entries per lazily allocated page of the index (64 KiB pages).
@@ -176,7 +176,7 @@ impl IndexedChain {
 }
 
 fn read_only() -> FormatError {
-    FormatError::new(ErrorKind::ReadOnly)
+    FormatError::read_only()
 }
 
 impl BlockDevice for IndexedChain {

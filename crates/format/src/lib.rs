@@ -14,7 +14,7 @@ pub mod raw;
 pub mod units;
 
 pub use device::{check_range, BlockDevice, Extent, Status};
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Offset, Operation, Result};
 
 /// Image formats strata reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

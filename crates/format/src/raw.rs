@@ -140,9 +140,9 @@ impl BlockDevice for RawImage {
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         let cur = self.virtual_size();
         if new_size < cur && !allow_shrink {
-            return Err(Error::invalid_argument(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
+            return Err(Error::invalid_argument(format!(
+                "Shrinking the image from {cur} to {new_size} bytes was not allowed"
+            )));
         }
         self.storage.set_size(new_size).map_err(|e| self.err(e))?;
         *self.size.write().expect("lock") = new_size;

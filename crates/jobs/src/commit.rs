@@ -83,12 +83,7 @@ pub fn apply_plan(
 pub fn make_empty(image: &dyn BlockDevice) -> Result<()> {
     match image.as_any().downcast_ref::<Qcow2Image>() {
         Some(q) => q.make_empty()?,
-        None => {
-            return Err(Error::Invalid(format!(
-                "A {} image cannot be emptied; use -d to keep it",
-                image.format_name()
-            )))
-        }
+        None => return Err(Error::CannotEmpty(image.format_name())),
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use super::entries::{
 use super::header::{self, Header};
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
+use crate::error::{request, Offset, Operation};
 use crate::units::{index, ClusterCount, ClusterIndex, HostOffset};
 use crate::{check_range, BlockDevice, Error, ErrorKind, Extent, Result, Status};
 use std::path::PathBuf;
@@ -142,7 +143,7 @@ impl Qcow2Image {
     /// layer attaches them with [`BlockDevice::set_backing`].
     pub fn open(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
         let path = storage.path().map(|p| p.to_path_buf());
-        Self::open_inner(storage, opts).map_err(|e| e.at(path.as_deref()))
+        Self::open_inner(storage, opts).map_err(|e| e.at(path.as_deref()).during(Operation::Open))
     }
 
     fn open_inner(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
@@ -163,8 +164,9 @@ impl Qcow2Image {
         let table_limit = if opts.for_check { u64::MAX } else { file_size };
         let mut h = Header::parse(&first, table_limit)?;
         if h.is_corrupt() && !read_only && !opts.for_repair {
-            return Err(Error::corrupt(
-                "qcow2: Image is corrupt; cannot be opened read/write (run 'strata img check -r all' to repair it)",
+            return Err(Error::new(
+                ErrorKind::MarkedCorrupt,
+                "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
         let l1 = read_table(&*storage, h.l1_table_offset, u64::from(h.l1_size))?;
@@ -417,9 +419,13 @@ impl Qcow2Image {
         let mut out = vec![0u8; index(cs)];
         let kind = self.compression_type();
         compress::decompress(kind, &input, &mut out).map_err(|msg| {
-            self.err(Error::new(ErrorKind::Decompress(format!(
-                "at host offset 0x{offset:x}: {msg}"
-            ))))
+            self.err(
+                Error::new(
+                    ErrorKind::BadCompressedData,
+                    format!("Could not decompress cluster: at host offset 0x{offset:x}: {msg}"),
+                )
+                .at_offset(Offset::Host(offset)),
+            )
         })?;
         Ok(out)
     }
@@ -505,7 +511,7 @@ impl Qcow2Image {
 
     pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            Err(self.err(Error::new(ErrorKind::ReadOnly)))
+            Err(self.err(Error::read_only()))
         } else {
             Ok(())
         }
@@ -513,7 +519,7 @@ impl Qcow2Image {
 
     /// Report a corruption found while writing: set the corrupt bit, then fail.
     pub(crate) fn fail_corrupt(&self, m: &mut Meta, e: Error) -> Error {
-        if matches!(e.kind, ErrorKind::Corrupt(_)) {
+        if e.kind() == ErrorKind::Corrupt {
             m.mark_corrupt();
         }
         self.err(e)
@@ -1097,113 +1103,127 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
-        let _reading = self.reuse.read().unwrap_or_else(|p| p.into_inner());
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let (run, n) = {
-                let mut m = self.lock();
-                self.lookup(&mut m, off, (buf.len() - pos) as u64)
-                    .map_err(|e| self.err(e))?
-            };
-            let n = index(n);
-            self.read_run(run, &mut buf[pos..pos + n], off)?;
-            pos += n;
-        }
-        Ok(())
+        request(Operation::Read, Some(offset), || {
+            check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
+            let _reading = self.reuse.read().unwrap_or_else(|p| p.into_inner());
+            let mut pos = 0usize;
+            while pos < buf.len() {
+                let off = offset + pos as u64;
+                let (run, n) = {
+                    let mut m = self.lock();
+                    self.lookup(&mut m, off, (buf.len() - pos) as u64)
+                        .map_err(|e| self.err(e))?
+                };
+                let n = index(n);
+                self.read_run(run, &mut buf[pos..pos + n], off)?;
+                pos += n;
+            }
+            Ok(())
+        })
     }
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable()?;
-        check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let cs = self.geo.cluster_size();
-        let _busy = self
-            .inflight
-            .acquire(offset / cs, (offset + buf.len() as u64).div_ceil(cs));
-        let plan = {
+        request(Operation::Write, Some(offset), || {
+            self.check_writable()?;
+            check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let cs = self.geo.cluster_size();
+            let _busy = self
+                .inflight
+                .acquire(offset / cs, (offset + buf.len() as u64).div_ceil(cs));
+            let plan = {
+                let mut m = self.lock();
+                m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+                self.plan_write(&mut m, buf, offset)
+                    .map_err(|e| self.fail_corrupt(&mut m, e))?
+            };
+            // The data goes out without the metadata lock, so writes run in parallel.
+            self.write_segments(&plan, buf)?;
             let mut m = self.lock();
-            m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
-            self.plan_write(&mut m, buf, offset)
-                .map_err(|e| self.fail_corrupt(&mut m, e))?
-        };
-        // The data goes out without the metadata lock, so writes run in parallel.
-        self.write_segments(&plan, buf)?;
-        let mut m = self.lock();
-        self.commit_plan(&mut m, plan)
-            .map_err(|e| self.fail_corrupt(&mut m, e))
+            self.commit_plan(&mut m, plan)
+                .map_err(|e| self.fail_corrupt(&mut m, e))
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.zero_request(offset, len, may_unmap, false).map(|_| ())
+        request(Operation::WriteZeroes, Some(offset), || {
+            self.zero_request(offset, len, may_unmap, false).map(|_| ())
+        })
     }
 
     fn write_zeroes_fast(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
-        self.zero_request(offset, len, may_unmap, true)
+        request(Operation::WriteZeroes, Some(offset), || {
+            self.zero_request(offset, len, may_unmap, true)
+        })
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_writable()?;
-        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
-        let cs = self.geo.cluster_size();
-        // Only whole clusters are discarded (the last one may end at the disk's end).
-        let start = offset.next_multiple_of(cs);
-        let mut end = (offset + len) / cs * cs;
-        if offset + len == self.virtual_size() {
-            end = offset + len;
-        }
-        if end <= start {
-            return Ok(());
-        }
-        let _busy = self.inflight.acquire(start / cs, end.div_ceil(cs));
-        let mut m = self.lock();
-        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
-        let padded_end = end.next_multiple_of(cs);
-        self.zero_locked(&mut m, start, padded_end - start, true, true)
-            .map_err(|e| self.fail_corrupt(&mut m, e))
+        request(Operation::Discard, Some(offset), || {
+            self.check_writable()?;
+            check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+            let cs = self.geo.cluster_size();
+            // Only whole clusters are discarded (the last one may end at the disk's end).
+            let start = offset.next_multiple_of(cs);
+            let mut end = (offset + len) / cs * cs;
+            if offset + len == self.virtual_size() {
+                end = offset + len;
+            }
+            if end <= start {
+                return Ok(());
+            }
+            let _busy = self.inflight.acquire(start / cs, end.div_ceil(cs));
+            let mut m = self.lock();
+            m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+            let padded_end = end.next_multiple_of(cs);
+            self.zero_locked(&mut m, start, padded_end - start, true, true)
+                .map_err(|e| self.fail_corrupt(&mut m, e))
+        })
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        // Queued frees become reusable clusters here: no reader may still be reading
-        // them.
-        let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.lock();
-        m.compressed_cursor = 0;
-        m.flush_metadata().map_err(|e| self.err(e))?;
-        if !m.barriers {
-            m.storage.flush().map_err(|e| self.err(e))?;
-        }
-        Ok(())
+        request(Operation::Flush, None, || {
+            if self.read_only {
+                return Ok(());
+            }
+            // Queued frees become reusable clusters here: no reader may still be reading
+            // them.
+            let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
+            let mut m = self.lock();
+            m.compressed_cursor = 0;
+            m.flush_metadata().map_err(|e| self.err(e))?;
+            if !m.barriers {
+                m.storage.flush().map_err(|e| self.err(e))?;
+            }
+            Ok(())
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
-        let mut m = self.lock();
-        let (run, n) = self.lookup(&mut m, offset, len).map_err(|e| self.err(e))?;
-        let status = match run {
-            Run::Data { host } => Status::Data {
-                host_offset: Some(host.get()),
-                compressed: false,
-            },
-            Run::Zero { host } => Status::Zero {
-                host_offset: (!host.is_none()).then_some(host.get()),
-            },
-            Run::Unallocated => Status::Unallocated,
-            Run::Compressed { .. } => Status::Data {
-                host_offset: None,
-                compressed: true,
-            },
-        };
-        Ok(Extent {
-            offset,
-            len: n,
-            status,
+        request(Operation::BlockStatus, Some(offset), || {
+            check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+            let mut m = self.lock();
+            let (run, n) = self.lookup(&mut m, offset, len).map_err(|e| self.err(e))?;
+            let status = match run {
+                Run::Data { host } => Status::Data {
+                    host_offset: Some(host.get()),
+                    compressed: false,
+                },
+                Run::Zero { host } => Status::Zero {
+                    host_offset: (!host.is_none()).then_some(host.get()),
+                },
+                Run::Unallocated => Status::Unallocated,
+                Run::Compressed { .. } => Status::Data {
+                    host_offset: None,
+                    compressed: true,
+                },
+            };
+            Ok(Extent {
+                offset,
+                len: n,
+                status,
+            })
         })
     }
 
@@ -1227,64 +1247,66 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
-        self.check_writable()?;
-        let cur = self.virtual_size();
-        if !new_size.is_multiple_of(512) {
-            return Err(Error::invalid_argument(
-                "The new size must be a multiple of 512",
-            ));
-        }
-        let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
-        let _busy = self.inflight.acquire(0, u64::MAX);
-        let mut m = self.lock();
-        // Each v3 snapshot records its own disk size, so the active disk may change
-        // size under snapshots; v2 did not require that field (QEMU's rule).
-        if !m.snapshots.is_empty() && self.geo.version < 3 {
-            return Err(Error::invalid_argument(
-                "Can't resize a v2 image which has snapshots",
-            ));
-        }
-        if new_size < cur && !allow_shrink {
-            return Err(Error::invalid_argument(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
-        }
-        if new_size != cur {
-            m.bitmaps_begin_resize(new_size).map_err(|e| self.err(e))?;
-        }
-        if new_size < cur {
-            let cs = self.geo.cluster_size();
-            let from = new_size.next_multiple_of(cs);
-            let to = cur.next_multiple_of(cs);
-            if to > from {
-                self.zero_locked(&mut m, from, to - from, true, true)
-                    .map_err(|e| self.err(e))?;
+        request(Operation::Resize, None, || {
+            self.check_writable()?;
+            let cur = self.virtual_size();
+            if !new_size.is_multiple_of(512) {
+                return Err(Error::invalid_argument(
+                    "The new size must be a multiple of 512",
+                ));
             }
-            if !new_size.is_multiple_of(cs) {
-                // The tail of the last cluster must read as zeroes if the disk grows again.
-                let tail_end = (new_size.next_multiple_of(cs)).min(cur);
-                // Zeroed only where it does not read as zeroes already.
-                if tail_end > new_size {
-                    self.zero_locked(&mut m, new_size, tail_end - new_size, false, false)
+            let _gate = self.reuse.write().unwrap_or_else(|p| p.into_inner());
+            let _busy = self.inflight.acquire(0, u64::MAX);
+            let mut m = self.lock();
+            // Each v3 snapshot records its own disk size, so the active disk may change
+            // size under snapshots; v2 did not require that field (QEMU's rule).
+            if !m.snapshots.is_empty() && self.geo.version < 3 {
+                return Err(Error::invalid_argument(
+                    "Can't resize a v2 image which has snapshots",
+                ));
+            }
+            if new_size < cur && !allow_shrink {
+                return Err(Error::invalid_argument(format!(
+                    "Shrinking the image from {cur} to {new_size} bytes was not allowed"
+                )));
+            }
+            if new_size != cur {
+                m.bitmaps_begin_resize(new_size).map_err(|e| self.err(e))?;
+            }
+            if new_size < cur {
+                let cs = self.geo.cluster_size();
+                let from = new_size.next_multiple_of(cs);
+                let to = cur.next_multiple_of(cs);
+                if to > from {
+                    self.zero_locked(&mut m, from, to - from, true, true)
                         .map_err(|e| self.err(e))?;
                 }
+                if !new_size.is_multiple_of(cs) {
+                    // The tail of the last cluster must read as zeroes if the disk grows again.
+                    let tail_end = (new_size.next_multiple_of(cs)).min(cur);
+                    // Zeroed only where it does not read as zeroes already.
+                    if tail_end > new_size {
+                        self.zero_locked(&mut m, new_size, tail_end - new_size, false, false)
+                            .map_err(|e| self.err(e))?;
+                    }
+                }
+                // L2 tables wholly past the new end go too, and the file gives back its
+                // free tail (as QEMU's shrink does), before the header records the size.
+                let first = new_size.div_ceil(m.l2_entries() * cs);
+                m.drop_l2_tables(first).map_err(|e| self.err(e))?;
+            } else {
+                let entries = m.h.l1_entries_for(new_size);
+                self.grow_l1(&mut m, entries).map_err(|e| self.err(e))?;
             }
-            // L2 tables wholly past the new end go too, and the file gives back its
-            // free tail (as QEMU's shrink does), before the header records the size.
-            let first = new_size.div_ceil(m.l2_entries() * cs);
-            m.drop_l2_tables(first).map_err(|e| self.err(e))?;
-        } else {
-            let entries = m.h.l1_entries_for(new_size);
-            self.grow_l1(&mut m, entries).map_err(|e| self.err(e))?;
-        }
-        m.flush_metadata().map_err(|e| self.err(e))?;
-        m.storage
-            .write_at(&new_size.to_be_bytes(), 24)
-            .map_err(|e| self.err(e))?;
-        m.storage.flush().map_err(|e| self.err(e))?;
-        m.h.size = new_size;
-        self.size.store(new_size, Ordering::Release);
-        m.bitmaps_end_resize(new_size).map_err(|e| self.err(e))
+            m.flush_metadata().map_err(|e| self.err(e))?;
+            m.storage
+                .write_at(&new_size.to_be_bytes(), 24)
+                .map_err(|e| self.err(e))?;
+            m.storage.flush().map_err(|e| self.err(e))?;
+            m.h.size = new_size;
+            self.size.store(new_size, Ordering::Release);
+            m.bitmaps_end_resize(new_size).map_err(|e| self.err(e))
+        })
     }
 
     fn path(&self) -> Option<PathBuf> {
@@ -1316,7 +1338,7 @@ impl Qcow2Image {
         format: Option<&str>,
     ) -> Result<()> {
         if self.read_only {
-            return Err(self.err(Error::new(ErrorKind::ReadOnly)));
+            return Err(self.err(Error::read_only()));
         }
         let _excl = self.exclusive();
         let mut m = self.lock();

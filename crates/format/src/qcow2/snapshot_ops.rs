@@ -254,7 +254,7 @@ impl Qcow2Image {
     /// Create an internal snapshot of the current disk (and `spec.vm_state`).
     pub fn snapshot_create(&self, spec: &SnapshotSpec) -> Result<Snapshot> {
         if self.read_only() {
-            return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
+            return Err(self.err(Error::read_only()));
         }
         let vm_base = self.vm_state_offset();
         let _excl = self.exclusive();
@@ -376,7 +376,7 @@ impl Qcow2Image {
     /// Revert the disk to snapshot `key` (ID or name). The current state is lost.
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         if self.read_only() {
-            return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
+            return Err(self.err(Error::read_only()));
         }
         let _excl = self.exclusive();
         let mut m = self.lock();
@@ -395,7 +395,7 @@ impl Qcow2Image {
     fn snapshot_apply_locked(&self, m: &mut Meta, key: &str) -> Result<()> {
         let snap = find(&m.snapshots, key)
             .map(|(_, s)| s.clone())
-            .ok_or_else(|| Error::invalid_argument(format!("Can't find snapshot '{key}'")))?;
+            .ok_or_else(|| Error::not_found(format!("Can't find snapshot '{key}'")))?;
         m.flush_metadata()?;
         // The guest disk changes wholesale: bitmaps record it first.
         m.dirty_bitmaps()?;
@@ -467,7 +467,7 @@ impl Qcow2Image {
     /// Delete snapshot `key` (ID or name), freeing the clusters only it used.
     pub fn snapshot_delete(&self, key: &str) -> Result<Snapshot> {
         if self.read_only() {
-            return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
+            return Err(self.err(Error::read_only()));
         }
         let _excl = self.exclusive();
         let mut m = self.lock();
@@ -486,7 +486,7 @@ impl Qcow2Image {
     fn snapshot_delete_locked(&self, m: &mut Meta, key: &str) -> Result<Snapshot> {
         let (idx, snap) = find(&m.snapshots, key)
             .map(|(i, s)| (i, s.clone()))
-            .ok_or_else(|| Error::invalid_argument(format!("Can't find the snapshot '{key}'")))?;
+            .ok_or_else(|| Error::not_found(format!("Can't find the snapshot '{key}'")))?;
         m.flush_metadata()?;
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
@@ -515,11 +515,7 @@ impl Qcow2Image {
         let m = self.lock();
         let snap = find(&m.snapshots, key)
             .map(|(_, s)| s.clone())
-            .ok_or_else(|| {
-                self.err(Error::invalid_argument(format!(
-                    "Can't find snapshot '{key}'"
-                )))
-            })?;
+            .ok_or_else(|| self.err(Error::not_found(format!("Can't find snapshot '{key}'"))))?;
         let l1 = m
             .read_l1_at(snap.l1_table_offset, snap.l1_size)
             .map_err(|e| self.err(e))?;
