@@ -2,6 +2,7 @@
 //! happened in (image path, guest or host offset, operation), with the storage
 //! error behind it as its source.
 
+use crate::units::{GuestOffset, HostOffset};
 use std::path::{Path, PathBuf};
 
 pub use strata_storage::ErrorKind;
@@ -10,9 +11,9 @@ pub use strata_storage::ErrorKind;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offset {
     /// A guest offset: the request that failed.
-    Guest(u64),
+    Guest(GuestOffset),
     /// A host offset in the image file: the metadata or data found wrong there.
-    Host(u64),
+    Host(HostOffset),
 }
 
 /// What was being done when an error happened.
@@ -182,7 +183,7 @@ pub(crate) fn request<T>(
     f().map_err(|e| {
         let e = e.during(op);
         match offset {
-            Some(o) => e.at_offset(Offset::Guest(o)),
+            Some(o) => e.at_offset(Offset::Guest(GuestOffset(o))),
             None => e,
         }
     })
@@ -195,14 +196,14 @@ mod tests {
     #[test]
     fn text_is_path_then_message_and_context_stays_out_of_it() {
         let e = Error::corrupt("L2 entry 0x1 has reserved bits set")
-            .at_offset(Offset::Host(0x30000))
+            .at_offset(Offset::Host(HostOffset(0x30000)))
             .during(Operation::Read)
             .at(Some(Path::new("a.qcow2")))
-            .at_offset(Offset::Guest(0))
+            .at_offset(Offset::Guest(GuestOffset(0)))
             .at(Some(Path::new("b.qcow2")));
         assert_eq!(e.to_string(), "a.qcow2: L2 entry 0x1 has reserved bits set");
         assert_eq!(e.kind(), ErrorKind::Corrupt);
-        assert_eq!(e.offset(), Some(Offset::Host(0x30000)));
+        assert_eq!(e.offset(), Some(Offset::Host(HostOffset(0x30000))));
         assert_eq!(e.operation(), Some(Operation::Read));
     }
 

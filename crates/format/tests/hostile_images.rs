@@ -16,7 +16,7 @@ use std::time::Duration;
 use strata_format::qcow2::{
     create, CreateOptions, Qcow2Image, Qcow2OpenOptions, Repair, SnapshotSpec,
 };
-use strata_format::{fuzzing, BlockDevice, ErrorKind};
+use strata_format::{fuzzing, BlockDevice, ErrorKind, Offset};
 use strata_storage::{MemStorage, Storage};
 
 /// Most bytes one case may hold allocated at once. QEMU's own limits allow a 32 MiB
@@ -1096,6 +1096,10 @@ fn verdict(c: &Case) -> std::result::Result<String, String> {
                 .map_err(|e| format!("read failed: {e}"))?;
             let msg = match img.write(&[0xeeu8; 4096], 0) {
                 Ok(()) => return Err("the write went through".into()),
+                // The refusal says where: the host offset the entry pointed at.
+                Err(e) if !matches!(e.offset(), Some(Offset::Host(_))) => {
+                    return Err(format!("the refusal names no host offset: {e}"))
+                }
                 Err(e) => must_be(e)?,
             };
             drop(img);

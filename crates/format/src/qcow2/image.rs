@@ -424,7 +424,7 @@ impl Qcow2Image {
                     ErrorKind::BadCompressedData,
                     format!("Could not decompress cluster: at host offset 0x{offset:x}: {msg}"),
                 )
-                .at_offset(Offset::Host(offset)),
+                .at_offset(Offset::Host(HostOffset(offset))),
             )
         })?;
         Ok(out)

@@ -471,7 +471,8 @@ impl Meta {
             None => Ok(()),
             Some(w) => Err(Error::corrupt(format!(
                 "Refusing to write guest data at host offset 0x{off:x}: it would overwrite {w}; image marked as corrupt"
-            ))),
+            ))
+            .at_offset(crate::Offset::Host(HostOffset(off)))),
         }
     }
 
