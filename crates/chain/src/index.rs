@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use strata_format::{BlockDevice, Error as FormatError, ErrorKind, Extent, Status};
+use strata_format::{BlockDevice, Error as FormatError, Extent, Status};
 use strata_storage::Storage;
 
 /// Entries per lazily allocated page of the index (64 KiB pages).
@@ -156,7 +156,7 @@ impl IndexedChain {
 }
 
 fn read_only() -> FormatError {
-    FormatError::new(ErrorKind::ReadOnly)
+    FormatError::read_only()
 }
 
 impl BlockDevice for IndexedChain {

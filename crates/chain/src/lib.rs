@@ -24,7 +24,9 @@ pub enum Error {
     Format(#[from] strata_format::Error),
     #[error("{}", .0)]
     Storage(#[from] strata_storage::Error),
-    #[error("Could not open backing file '{backing}' of '{image}': its format is not recorded in the image.\nGive it with -F FMT, or record it with 'strata img rebase -u -b {backing} -F FMT {image}'")]
+    /// Backing files are never probed: their format must be recorded in the
+    /// overlay or given by the caller.
+    #[error("Could not open backing file '{backing}' of '{image}': its format is not recorded in the image.")]
     BackingFormatUnknown { image: PathBuf, backing: String },
     #[error("Backing chain of '{image}' loops back to '{again}'")]
     Loop { image: PathBuf, again: PathBuf },
@@ -42,6 +44,32 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The kind of failure; for a backing file that failed to open, that of the
+    /// failure behind it.
+    pub fn kind(&self) -> strata_format::ErrorKind {
+        use strata_format::ErrorKind as K;
+        match self {
+            Error::Format(e) => e.kind(),
+            Error::Storage(e) => e.kind(),
+            Error::BackingFormatUnknown { .. } => K::BackingFormatUnknown,
+            Error::Loop { .. } | Error::TooDeep { .. } => K::Invalid,
+            Error::Backing { source, .. } => source.kind(),
+            Error::UnknownFormat(_) => K::Unsupported,
+        }
+    }
+
+    /// The overlay and the backing name whose format is unknown, when that is the
+    /// failure (here or behind a backing file that failed to open).
+    pub fn unknown_backing_format(&self) -> Option<(&Path, &str)> {
+        match self {
+            Error::BackingFormatUnknown { image, backing } => Some((image, backing)),
+            Error::Backing { source, .. } => source.unknown_backing_format(),
+            _ => None,
+        }
+    }
+}
 
 /// Default depth limit (QEMU has none; very deep chains are a mistake worth stopping).
 pub const DEFAULT_MAX_DEPTH: usize = 256;
@@ -318,7 +346,7 @@ mod gate_tests {
         qcow2(&t.path().join("b"), Some("a"), Some("qcow2"));
         let e = open(&OpenSpec::new(t.path().join("a"))).err().unwrap();
         assert!(matches!(e, Error::Loop { .. }), "{e}");
-        assert!(e.to_string().contains("loops back"), "{e}");
+        assert_eq!(e.kind(), strata_format::ErrorKind::Invalid);
         // An image that names itself.
         qcow2(&t.path().join("self"), Some("self"), Some("qcow2"));
         let e = open(&OpenSpec::new(t.path().join("self"))).err().unwrap();
@@ -349,8 +377,11 @@ mod gate_tests {
         qcow2(&t.path().join("base"), None, None);
         qcow2(&t.path().join("top"), Some("base"), None);
         let e = open(&OpenSpec::new(t.path().join("top"))).err().unwrap();
-        assert!(matches!(e, Error::BackingFormatUnknown { .. }), "{e}");
-        assert!(e.to_string().contains("-F"), "{e}");
+        assert_eq!(e.kind(), strata_format::ErrorKind::BackingFormatUnknown);
+        assert_eq!(
+            e.unknown_backing_format(),
+            Some((t.path().join("top").as_path(), "base"))
+        );
         // Given as raw, it is read as raw (the qcow2 header shows as data).
         let mut spec = OpenSpec::new(t.path().join("top"));
         spec.backing_format = Some(Format::Raw);
@@ -379,6 +410,7 @@ mod gate_tests {
         // A missing backing file names both images.
         qcow2(&sub.join("orphan"), Some("nowhere"), Some("qcow2"));
         let e = open(&OpenSpec::new(sub.join("orphan"))).err().unwrap();
+        assert_eq!(e.kind(), strata_format::ErrorKind::NotFound);
         let m = e.to_string();
         assert!(m.contains("nowhere") && m.contains("orphan"), "{m}");
     }

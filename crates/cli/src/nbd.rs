@@ -158,6 +158,8 @@ fn serve(a: ServeArgs) -> Result<i32> {
         workers: a.workers.clamp(1, 64),
         log: true,
     });
+    // SAFETY: `on_signal` is an `extern "C" fn(c_int)` that only stores to an atomic,
+    // which is async-signal-safe; SIG_IGN is a valid disposition.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);

@@ -1,9 +1,11 @@
 //! The command-line contract shared by every `strata img` subcommand: `--help` that
 //! explains, qemu-img's exit code 1 for bad arguments, and the `qemu-img` symlink.
 
+mod common;
+
 use std::process::Command;
 
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+use common::STRATA;
 const SUBCOMMANDS: [&str; 12] = [
     "create", "info", "map", "check", "compare", "measure", "resize", "convert", "snapshot",
     "commit", "rebase", "stream",
@@ -194,5 +196,71 @@ fn option_help_lists_exactly_what_create_accepts() {
                 assert!(out.status.success(), "{opts}: check failed");
             }
         }
+    }
+}
+
+/// Run `strata img ARGS` (words split at spaces) in `dir`: exit code and stderr.
+fn img_in(dir: &std::path::Path, args: &str) -> (Option<i32>, String) {
+    let args: Vec<&str> = args.split(' ').collect();
+    let out = common::run(dir, "strata", &args);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn engine_refusals_get_the_command_lines_advice_from_their_kind() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    for args in [
+        "create -q -f qcow2 base.qcow2 1M",
+        "create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
+        "create -q -f qcow2 other.qcow2 1M",
+    ] {
+        assert_eq!(img_in(d, args).0, Some(0), "{args:?}");
+    }
+    // The backing format extension becomes one of an unknown type (ignored), so
+    // the overlay records no backing format; the base gets the corrupt bit.
+    let mut top = std::fs::read(d.join("top.qcow2")).unwrap();
+    let at = top
+        .windows(4)
+        .position(|w| w == 0xe279_2acau32.to_be_bytes())
+        .expect("a backing format extension");
+    top[at..at + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    std::fs::write(d.join("top.qcow2"), top).unwrap();
+    let mut base = std::fs::read(d.join("base.qcow2")).unwrap();
+    base[79] |= 2;
+    std::fs::write(d.join("bad.qcow2"), base).unwrap();
+
+    let unknown = "Could not open 'top.qcow2': Could not open backing file 'base.qcow2' of \
+        'top.qcow2': its format is not recorded in the image.\nGive it with -F FMT, or \
+        record it with 'strata img rebase -u -b base.qcow2 -F FMT top.qcow2'\n";
+    let corrupt = "qcow2: Image is corrupt; cannot be opened read/write \
+        (run 'strata img check -r all' to repair it)\n";
+    for (args, code, says) in [
+        ("map top.qcow2", 1, format!("strata img: {unknown}")),
+        (
+            "compare top.qcow2 bad.qcow2",
+            2,
+            format!("strata img: {unknown}"),
+        ),
+        (
+            "rebase -b top.qcow2 -F qcow2 bad.qcow2",
+            1,
+            format!("strata img: Could not open 'bad.qcow2': {corrupt}"),
+        ),
+        (
+            "resize bad.qcow2 2M",
+            1,
+            format!("strata img: bad.qcow2: {corrupt}"),
+        ),
+        (
+            "rebase -b top.qcow2 -F qcow2 other.qcow2",
+            1,
+            format!("strata img: Could not open new backing file 'top.qcow2': {unknown}"),
+        ),
+    ] {
+        assert_eq!(img_in(d, args), (Some(code), says), "{args:?}");
     }
 }

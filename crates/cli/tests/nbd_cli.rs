@@ -82,6 +82,8 @@ impl Served {
 
     /// SIGTERM, and wait for a clean exit.
     fn term(mut self) -> Vec<String> {
+        // SAFETY: kill(2) takes plain integers; the child is ours and not yet waited
+        // for, so its pid cannot have been reused.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
@@ -410,6 +412,8 @@ fn serve_refuses_a_missing_image_saying_why_once() {
 
 /// SIGKILL, and wait for the process to be gone (its socket files stay behind).
 fn kill_hard(mut srv: Served) {
+    // SAFETY: kill(2) takes plain integers; the child is ours and not yet waited for,
+    // so its pid cannot have been reused.
     unsafe {
         libc::kill(srv.child.id() as i32, libc::SIGKILL);
     }

@@ -40,7 +40,7 @@ pub fn exercise_image(img: &Qcow2Image) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0;
     while off < size.min(READ_LIMIT) {
-        let n = (size - off).min(buf.len() as u64) as usize;
+        let n = crate::units::index((size - off).min(buf.len() as u64));
         img.read(&mut buf[..n], off)?;
         off += n as u64;
     }
@@ -74,7 +74,7 @@ pub fn exercise_write(bytes: &[u8]) -> Result<()> {
     let size = img.virtual_size();
     let data = [0x5au8; 4096 + 512];
     for off in [0, size / 2, size.saturating_sub(data.len() as u64)] {
-        let n = (size - off).min(data.len() as u64) as usize;
+        let n = crate::units::index((size - off).min(data.len() as u64));
         img.write(&data[..n], off)?;
     }
     if size >= 8192 {

@@ -3,15 +3,18 @@
 //! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU) and [`raw`].
 //! Both offer the guest view through [`BlockDevice`].
 
+#![deny(clippy::cast_possible_truncation)]
+
 mod device;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod qcow2;
 pub mod raw;
+pub mod units;
 
 pub use device::{check_range, BlockDevice, Extent, InternalSnapshots, Overlay, Status};
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Offset, Operation, Result};
 
 /// Image formats strata reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,5 +1,6 @@
 //! The raw driver: guest offset = host offset; holes in the file read as zeroes.
 
+use crate::error::{request, Operation};
 use crate::{check_range, BlockDevice, Error, Extent, Result, Status};
 use std::sync::{Arc, RwLock};
 use strata_storage::sync;
@@ -37,7 +38,7 @@ impl RawImage {
                 let zeros = vec![0u8; 1 << 20];
                 let mut off = 0;
                 while off < size {
-                    let n = (size - off).min(zeros.len() as u64) as usize;
+                    let n = crate::units::index((size - off).min(zeros.len() as u64));
                     storage.write_at(&zeros[..n], off)?;
                     off += n as u64;
                 }
@@ -46,7 +47,7 @@ impl RawImage {
         }
         // As QEMU does, write the first block so that the file system reports it as
         // data (tools probe the alignment there).
-        let first = size.min(4096) as usize;
+        let first = crate::units::index(size.min(4096));
         if first > 0 && prealloc != P::Full {
             storage.write_at(&vec![0u8; first], 0)?;
         }
@@ -70,62 +71,76 @@ impl BlockDevice for RawImage {
         *sync::read(&self.size)
     }
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.virtual_size())?;
-        self.storage.read_at(buf, offset).map_err(|e| self.err(e))
+        request(Operation::Read, Some(offset), || {
+            check_range(offset, buf.len() as u64, self.virtual_size())?;
+            self.storage.read_at(buf, offset).map_err(|e| self.err(e))
+        })
     }
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.virtual_size())?;
-        self.storage.write_at(buf, offset).map_err(|e| self.err(e))
+        request(Operation::Write, Some(offset), || {
+            check_range(offset, buf.len() as u64, self.virtual_size())?;
+            self.storage.write_at(buf, offset).map_err(|e| self.err(e))
+        })
     }
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
-        check_range(offset, len, self.virtual_size())?;
-        self.storage
-            .write_zeroes(offset, len)
-            .map_err(|e| self.err(e))
+        request(Operation::WriteZeroes, Some(offset), || {
+            check_range(offset, len, self.virtual_size())?;
+            self.storage
+                .write_zeroes(offset, len)
+                .map_err(|e| self.err(e))
+        })
     }
     fn write_zeroes_fast(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<bool> {
-        check_range(offset, len, self.virtual_size())?;
-        self.storage
-            .write_zeroes_fast(offset, len)
-            .map_err(|e| self.err(e))
+        request(Operation::WriteZeroes, Some(offset), || {
+            check_range(offset, len, self.virtual_size())?;
+            self.storage
+                .write_zeroes_fast(offset, len)
+                .map_err(|e| self.err(e))
+        })
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(offset, len, self.virtual_size())?;
-        self.storage.discard(offset, len).map_err(|e| self.err(e))
+        request(Operation::Discard, Some(offset), || {
+            check_range(offset, len, self.virtual_size())?;
+            self.storage.discard(offset, len).map_err(|e| self.err(e))
+        })
     }
     fn flush(&self) -> Result<()> {
-        self.storage.flush().map_err(|e| self.err(e))
+        request(Operation::Flush, None, || {
+            self.storage.flush().map_err(|e| self.err(e))
+        })
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(offset, len, self.virtual_size())?;
-        let file_len = self.storage.size().map_err(|e| self.err(e))?;
-        if offset >= file_len {
-            return Ok(Extent {
-                offset,
-                len,
-                status: Status::Zero {
+        request(Operation::BlockStatus, Some(offset), || {
+            check_range(offset, len, self.virtual_size())?;
+            let file_len = self.storage.size().map_err(|e| self.err(e))?;
+            if offset >= file_len {
+                return Ok(Extent {
+                    offset,
+                    len,
+                    status: Status::Zero {
+                        host_offset: Some(offset),
+                    },
+                });
+            }
+            let (data, n) = self
+                .storage
+                .probe_data(offset, len.min(file_len - offset))
+                .map_err(|e| self.err(e))?;
+            let status = if data {
+                Status::Data {
                     host_offset: Some(offset),
-                },
-            });
-        }
-        let (data, n) = self
-            .storage
-            .probe_data(offset, len.min(file_len - offset))
-            .map_err(|e| self.err(e))?;
-        let status = if data {
-            Status::Data {
-                host_offset: Some(offset),
-                compressed: false,
-            }
-        } else {
-            Status::Zero {
-                host_offset: Some(offset),
-            }
-        };
-        Ok(Extent {
-            offset,
-            len: n.max(1).min(len),
-            status,
+                    compressed: false,
+                }
+            } else {
+                Status::Zero {
+                    host_offset: Some(offset),
+                }
+            };
+            Ok(Extent {
+                offset,
+                len: n.max(1).min(len),
+                status,
+            })
         })
     }
     fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
@@ -139,15 +154,17 @@ impl BlockDevice for RawImage {
         self.storage.allocated_bytes().map_err(|e| self.err(e))
     }
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
-        let cur = self.virtual_size();
-        if new_size < cur && !allow_shrink {
-            return Err(Error::invalid_argument(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
-        }
-        self.storage.set_size(new_size).map_err(|e| self.err(e))?;
-        *sync::write(&self.size) = new_size;
-        Ok(())
+        request(Operation::Resize, None, || {
+            let cur = self.virtual_size();
+            if new_size < cur && !allow_shrink {
+                return Err(Error::invalid_argument(format!(
+                    "Shrinking the image from {cur} to {new_size} bytes was not allowed"
+                )));
+            }
+            self.storage.set_size(new_size).map_err(|e| self.err(e))?;
+            *sync::write(&self.size) = new_size;
+            Ok(())
+        })
     }
     fn path(&self) -> Option<std::path::PathBuf> {
         self.storage.path().map(|p| p.to_path_buf())

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions};
-use strata_format::{BlockDevice, ErrorKind};
+use strata_format::BlockDevice;
 use strata_storage::{FileStorage, OpenOptions, Result, Storage};
 
 /// A file whose next write or flush panics once armed, and which counts the
@@ -137,10 +137,7 @@ fn a_panic_while_metadata_is_written_poisons_the_image_and_nothing_more_is_writt
     assert!(storage.fired.load(Ordering::SeqCst));
     // The image refuses further use, with the poisoned kind, and writes nothing.
     let poisoned = |e: strata_format::Error| {
-        matches!(
-            e.kind,
-            ErrorKind::Storage(strata_storage::Error::Poisoned(_))
-        )
+        matches!(e.storage_error(), Some(strata_storage::Error::Poisoned(_)))
     };
     assert!(poisoned(img.write(&[0x33; 512], 0).unwrap_err()));
     assert!(poisoned(img.flush().unwrap_err()));

@@ -243,12 +243,9 @@ pub fn apply_plan(
 /// Make `image` empty (every cluster unallocated, so it shows its backing file), as
 /// qemu-img does to the top after a commit.
 pub fn make_empty(image: &dyn BlockDevice) -> Result<()> {
-    let overlay = image.overlay().ok_or_else(|| {
-        Error::Invalid(format!(
-            "A {} image cannot be emptied; use -d to keep it",
-            image.format_name()
-        ))
-    })?;
+    let overlay = image
+        .overlay()
+        .ok_or_else(|| Error::CannotEmpty(image.format_name()))?;
     Ok(overlay.make_empty()?)
 }
 

@@ -400,9 +400,7 @@ impl Prepared {
                 let path = p.clone();
                 Box::new(move |storage| {
                     let img = RawImage::create(storage, size, mode).map_err(|e| {
-                        let efbig = matches!(&e.kind,
-                            strata_format::ErrorKind::Storage(s) if s.raw_os_error() == Some(libc::EFBIG));
-                        if efbig {
+                        if e.raw_os_error() == Some(libc::EFBIG) {
                             invalid(&path, "The image size is too large for file format 'raw'")
                         } else {
                             e.into()

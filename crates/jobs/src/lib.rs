@@ -74,6 +74,10 @@ pub enum Error {
     /// An empty snapshot name where names must identify snapshots.
     #[error("a snapshot needs a name")]
     SnapshotNameEmpty,
+    /// The image's format has no way to drop its data (raw), so it cannot be
+    /// emptied after a commit.
+    #[error("A {0} image cannot be emptied")]
+    CannotEmpty(&'static str),
     /// `create` was asked for an image whose backing file is the image itself
     /// (by name or by identity); refused before anything is written.
     #[error("{}: Error: Trying to create an image with the same filename as the backing file", .0.display())]
@@ -88,6 +92,34 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The kind of failure, for callers to match on.
+    pub fn kind(&self) -> strata_format::ErrorKind {
+        use strata_format::ErrorKind as K;
+        match self {
+            Error::Chain(e) => e.kind(),
+            Error::Format(e) => e.kind(),
+            Error::Storage(e) => e.kind(),
+            Error::Invalid(_) | Error::BackingIsItself(_) => K::InvalidArgument,
+            Error::Cancelled => K::Cancelled,
+            Error::CannotEmpty(_) | Error::NoInternalSnapshots { .. } => K::Unsupported,
+            Error::SnapshotNotFound(_) | Error::NotInChain { .. } => K::NotFound,
+            Error::SnapshotNameTaken(_) | Error::SnapshotNameEmpty => K::InvalidArgument,
+            Error::NoBackingFile => K::InvalidArgument,
+            // Refused as the lock protocol would refuse it.
+            Error::OutputBelowItself { .. } => K::Locked,
+        }
+    }
+
+    /// The chain error behind this one, if opening a chain failed.
+    pub fn chain_error(&self) -> Option<&strata_chain::Error> {
+        match self {
+            Error::Chain(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// Receives progress of a long job. Implementations must be cheap and thread-safe.
 pub trait Progress: Sync {

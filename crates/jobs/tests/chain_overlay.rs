@@ -8,7 +8,7 @@ mod common;
 use common::{qemu, serial};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use strata_format::Format;
+use strata_format::{ErrorKind, Format};
 use strata_jobs::overlay::{self, OverlayRequest};
 
 fn info(dir: &Path, img: &str) -> serde_json::Value {
@@ -142,7 +142,7 @@ fn external_snapshot_of_raw_and_qcow2_disks_is_a_qemu_chain() {
         qemu(d, "qemu-img", &["check", &ov]);
         // Never over an existing file.
         let e = overlay::external_snapshot(&d.join(disk), fmt, &d.join(&ov)).unwrap_err();
-        assert!(e.to_string().contains("already exists"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
     }
 }
 
@@ -218,14 +218,14 @@ fn external_snapshot_refuses_a_disk_qemu_is_writing_and_a_missing_disk() {
     assert!(held, "qemu-io never locked the image");
     let e = overlay::external_snapshot(&d.join("busy.qcow2"), Format::Qcow2, &d.join("snap"))
         .unwrap_err();
-    assert!(e.to_string().contains("lock"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Locked, "{e}");
     assert!(!d.join("snap").exists());
     drop(writer.stdin.take());
     writer.wait().unwrap();
     overlay::external_snapshot(&d.join("busy.qcow2"), Format::Qcow2, &d.join("snap")).unwrap();
 
     let e = overlay::external_snapshot(&d.join("nope"), Format::Raw, &d.join("snap2")).unwrap_err();
-    assert!(e.to_string().contains("No such file"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     // A leftover temporary file is never left behind.
     let names: Vec<String> = std::fs::read_dir(d)
         .unwrap()

@@ -126,7 +126,7 @@ impl Backend {
 fn to_format(e: strata_jobs::Error) -> strata_format::Error {
     match e {
         strata_jobs::Error::Format(f) => f,
-        other => strata_format::Error::new(strata_format::ErrorKind::Invalid(other.to_string())),
+        other => strata_format::Error::new(other.kind(), other.to_string()),
     }
 }
 

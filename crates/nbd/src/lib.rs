@@ -39,3 +39,27 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The kind of failure, for callers to match on.
+    pub fn kind(&self) -> strata_format::ErrorKind {
+        use strata_format::ErrorKind as K;
+        match self {
+            Error::Chain(e) => e.kind(),
+            Error::Format(e) => e.kind(),
+            Error::Jobs(e) => e.kind(),
+            Error::Io(e) if e.kind() == std::io::ErrorKind::NotFound => K::NotFound,
+            Error::Io(_) => K::Io,
+            Error::Invalid(_) | Error::Tls(_) => K::InvalidArgument,
+        }
+    }
+
+    /// The chain error behind this one, if opening a chain failed.
+    pub fn chain_error(&self) -> Option<&strata_chain::Error> {
+        match self {
+            Error::Chain(e) => Some(e),
+            Error::Jobs(e) => e.chain_error(),
+            _ => None,
+        }
+    }
+}

@@ -651,14 +651,17 @@ fn read_request(r: &mut impl Read, s: &Session, stats: &mut Stats) -> io::Result
 
 /// Map an engine error to the NBD error a client gets.
 fn errno(e: &strata_format::Error, write: bool) -> u32 {
-    match &e.kind {
-        ErrorKind::OutOfRange(_) if write => ENOSPC,
-        ErrorKind::OutOfRange(_) | ErrorKind::InvalidArgument(_) => EINVAL,
-        ErrorKind::ReadOnly => EPERM,
-        ErrorKind::Storage(s) => match s.raw_os_error() {
+    // The storage failed: only running out of space is worth telling apart.
+    if let Some(s) = e.storage_error() {
+        return match s.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
             _ => EIO,
-        },
+        };
+    }
+    match e.kind() {
+        ErrorKind::OutOfRange if write => ENOSPC,
+        ErrorKind::OutOfRange | ErrorKind::InvalidArgument => EINVAL,
+        ErrorKind::ReadOnly => EPERM,
         _ => EIO,
     }
 }

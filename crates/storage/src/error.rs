@@ -1,5 +1,45 @@
 use std::path::PathBuf;
 
+/// What kind of failure an error of any strata library is: the part callers and
+/// tests match on. Every library error (storage, format, chain, jobs, NBD) has a
+/// `kind()`; its message and context (path, offset, operation) say the rest.
+/// Interfaces render their own wording from the kind: library messages carry no
+/// command-line advice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The image breaks a rule of its format (a header field out of range, a table
+    /// out of place or past the end of the file): it is refused when opened.
+    Invalid,
+    /// The image's metadata was found corrupt while in use (a bad L2 entry, a
+    /// refcount that would wrap, a write aimed at metadata).
+    Corrupt,
+    /// The image carries the corrupt bit: it opens only read-only, or for repair.
+    MarkedCorrupt,
+    /// Compressed data that does not decompress to a whole cluster.
+    BadCompressedData,
+    /// A feature this build does not implement (encryption, external data files,
+    /// unknown incompatible features...).
+    Unsupported,
+    /// A request outside the image or the storage.
+    OutOfRange,
+    /// A change asked of an image or storage opened read-only.
+    ReadOnly,
+    /// An argument the caller passed is unusable (a bad option value, a size that
+    /// is not a multiple of 512, a shrink that was not allowed...).
+    InvalidArgument,
+    /// Something the caller named does not exist (a file, a snapshot...).
+    NotFound,
+    /// Another holder's lock conflicts with the access asked for.
+    Locked,
+    /// A backing file's format is recorded nowhere and was not given.
+    BackingFormatUnknown,
+    /// The operation was cancelled by its caller.
+    Cancelled,
+    /// The storage failed (I/O error, no space, an injected fault...).
+    Io,
+}
+
 /// Errors from a storage backend. Each names the operation and, where there is one, the path.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,6 +95,20 @@ pub fn os_message(e: &std::io::Error) -> String {
 }
 
 impl Error {
+    /// The kind of failure (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                ErrorKind::NotFound
+            }
+            Error::Io { .. } | Error::Injected(_) | Error::Poisoned(_) => ErrorKind::Io,
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::ReadOnly => ErrorKind::ReadOnly,
+            Error::Locked { .. } => ErrorKind::Locked,
+            Error::ForceShareWrite => ErrorKind::InvalidArgument,
+        }
+    }
+
     /// The OS error code behind this error, if there is one (EIO, ENOSPC...).
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {

@@ -22,7 +22,7 @@ mod mem;
 pub mod sync;
 
 pub use crash::{materialise, picks_for, CrashClock, CrashPick, CrashStorage, SECTOR};
-pub use error::{os_message, Error, Result};
+pub use error::{os_message, Error, ErrorKind, Result};
 pub use fault::{FaultClock, FaultMode, FaultPlan, FaultStorage};
 pub use file::{remove_created, start_writeback, FileStorage, OpenOptions, OutputFile};
 pub use lock::LockMode;

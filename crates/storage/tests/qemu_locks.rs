@@ -289,12 +289,14 @@ fn qemu_readers_and_strata_writers() {
 /// Whether some other open file description holds a lock on `byte`.
 fn holds_byte(f: &std::fs::File, byte: i64) -> bool {
     use std::os::fd::AsRawFd;
-    // SAFETY: flock is plain data; fcntl gets a valid descriptor and struct.
+    // SAFETY: flock is plain integer data, for which all-zero bytes are valid.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = byte;
     fl.l_len = 1;
+    // SAFETY: the descriptor is open for as long as `f` is borrowed, and F_OFD_GETLK
+    // reads and writes only the flock struct we pass.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
     assert_eq!(r, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
     fl.l_type != libc::F_UNLCK as libc::c_short

@@ -12,19 +12,75 @@ pub struct Ctx {
 impl Ctx {
     /// Print an error the way qemu-img does: `prog: message` on stderr.
     pub fn error(&self, e: &anyhow::Error) {
-        let mut msg = e.to_string();
+        let mut msg = engine_text(e.as_ref());
         for cause in e.chain().skip(1) {
-            let mut c = cause.to_string();
-            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-                c = strata_storage::os_message(io);
-            }
+            let c = match cause.downcast_ref::<std::io::Error>() {
+                Some(io) => strata_storage::os_message(io),
+                None => cause.to_string(),
+            };
             if !msg.contains(&c) {
                 msg.push_str(": ");
                 msg.push_str(&c);
+                msg.push_str(&advice(cause).unwrap_or_default());
             }
         }
         eprintln!("{}: {}", self.prog, msg);
     }
+}
+
+/// The kind of an engine error, whichever library raised it.
+fn kind_of(e: &(dyn std::error::Error + 'static)) -> Option<strata_format::ErrorKind> {
+    if let Some(e) = e.downcast_ref::<strata_format::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = e.downcast_ref::<strata_chain::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = e.downcast_ref::<strata_jobs::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = e.downcast_ref::<strata_nbd::Error>() {
+        return Some(e.kind());
+    }
+    e.downcast_ref::<strata_storage::Error>()
+        .map(strata_storage::Error::kind)
+}
+
+/// What the CLI says after an engine error of some kinds: the advice the
+/// engine's messages leave to the interface, worded for this command line.
+fn advice(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let chain = e
+        .downcast_ref::<strata_chain::Error>()
+        .or_else(|| {
+            e.downcast_ref::<strata_jobs::Error>()
+                .and_then(strata_jobs::Error::chain_error)
+        })
+        .or_else(|| {
+            e.downcast_ref::<strata_nbd::Error>()
+                .and_then(strata_nbd::Error::chain_error)
+        });
+    if let Some((image, backing)) = chain.and_then(strata_chain::Error::unknown_backing_format) {
+        return Some(format!(
+            "\nGive it with -F FMT, or record it with 'strata img rebase -u -b {backing} -F FMT {}'",
+            image.display()
+        ));
+    }
+    if let Some(strata_jobs::Error::CannotEmpty(_)) = e.downcast_ref() {
+        return Some("; use -d to keep it".into());
+    }
+    match kind_of(e)? {
+        strata_format::ErrorKind::MarkedCorrupt => {
+            Some(" (run 'strata img check -r all' to repair it)".into())
+        }
+        _ => None,
+    }
+}
+
+/// An engine error as the CLI prints it: its text, then the advice for its kind.
+pub fn engine_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    s.push_str(&advice(e).unwrap_or_default());
+    s
 }
 
 /// The chain-opening spec for a user-named image: `-f` parsed, `-U` applied.
@@ -62,7 +118,7 @@ pub fn open_chain(spec: &strata_chain::OpenSpec) -> Result<strata_chain::Chain> 
 fn open_error(path: &std::path::Path, e: &strata_chain::Error) -> anyhow::Error {
     // The engine's message names the file too; say it once.
     let path = path.display().to_string();
-    let msg = e.to_string();
+    let msg = engine_text(e);
     let msg = msg.strip_prefix(&format!("{path}: ")).unwrap_or(&msg);
     anyhow!("Could not open '{path}': {msg}")
 }

@@ -117,6 +117,6 @@ fn short(e: &strata_chain::Error) -> String {
         strata_chain::Error::Storage(strata_storage::Error::Io { source, .. }) => {
             strata_storage::os_message(source)
         }
-        other => other.to_string(),
+        other => super::common::engine_text(other),
     }
 }

@@ -68,8 +68,11 @@ pub fn format_info_list(snaps: &[SnapshotInfo]) -> String {
 /// `YYYY-MM-DD HH:MM:SS` in local time, as qemu-img prints snapshot dates.
 fn local_date(secs: u32) -> String {
     let t = secs as libc::time_t;
-    // SAFETY: localtime_r writes into the tm we own; the pointers are valid.
+    // SAFETY: `tm` is plain C data (integers and, on glibc, a nullable pointer), for
+    // which all-zero bytes are a valid value.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers come from live locals; localtime_r writes only into `tm`
+    // and, unlike localtime, keeps no shared static buffer.
     unsafe { libc::localtime_r(&t, &mut tm) };
     format!(
         "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",

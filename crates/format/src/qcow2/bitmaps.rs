@@ -24,6 +24,7 @@
 use super::entries::OFFSET_MASK;
 use super::header::{be32, be64, BitmapsExt};
 use super::meta::Meta;
+use crate::units::{header_u32, index, ClusterCount, HostOffset};
 use crate::{Error, Result};
 use strata_storage::Storage;
 
@@ -94,7 +95,7 @@ impl Bitmaps {
         if ext.nb_bitmaps == 0 || !in_file(ext.directory_offset, ext.directory_size) {
             return Ok(None);
         }
-        let mut dir = vec![0u8; ext.directory_size as usize];
+        let mut dir = vec![0u8; index(ext.directory_size)];
         storage.read_at(&mut dir, ext.directory_offset)?;
         let mut entries = Vec::new();
         let mut at = 0usize;
@@ -270,6 +271,7 @@ impl Meta {
     /// held.
     fn fill(&mut self, b: &mut Bitmaps, size: u64, chosen: impl Fn(&Entry) -> bool) -> Result<()> {
         let cs = self.cluster_size();
+        let bits = self.geo.cluster_bits;
         let mut frees = Vec::new();
         let mut dir_changed = false;
         for i in 0..b.entries.len() {
@@ -283,25 +285,29 @@ impl Meta {
             let old: Vec<u64> = (0..raw.len()).step_by(8).map(|at| be64(&raw, at)).collect();
             let unchanged = need == u64::from(e.table_size) && old.iter().all(|&x| x == ALL_ONES);
             if !unchanged {
-                let ones: Vec<u8> = std::iter::repeat_n(ALL_ONES.to_be_bytes(), need as usize)
+                let table_size = header_u32(need, "bitmap table size")?;
+                let ones: Vec<u8> = std::iter::repeat_n(ALL_ONES.to_be_bytes(), index(need))
                     .flatten()
                     .collect();
                 if need == u64::from(e.table_size) {
                     // In place: every entry is valid before and after its own write.
                     self.storage.write_at(&ones, e.table_offset)?;
                 } else {
-                    let at = self.alloc_clusters((need * 8).div_ceil(cs))?;
+                    let at = self
+                        .alloc_clusters(ClusterCount::for_bytes(need * 8, bits))?
+                        .get();
                     self.storage.write_at(&ones, at)?;
-                    let table_clusters = (u64::from(e.table_size) * 8).div_ceil(cs);
-                    frees.extend((0..table_clusters).map(|k| e.table_offset / cs + k));
+                    frees.extend(
+                        HostOffset(e.table_offset).clusters(u64::from(e.table_size) * 8, bits),
+                    );
                     e.table_offset = at;
-                    e.table_size = need as u32;
+                    e.table_size = table_size;
                 }
                 frees.extend(
                     old.iter()
-                        .map(|&x| x & OFFSET_MASK)
-                        .filter(|&o| o != 0)
-                        .map(|o| o / cs),
+                        .map(|&x| HostOffset(x & OFFSET_MASK))
+                        .filter(|o| !o.is_none())
+                        .map(|o| o.cluster(bits)),
                 );
             } else if !e.resizing {
                 continue;

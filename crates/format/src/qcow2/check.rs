@@ -22,6 +22,7 @@ use super::header;
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use super::refcount::REFTABLE_RESERVED;
+use crate::units::{index, ClusterIndex, HostOffset};
 use crate::{BlockDevice, Result};
 use count::{classify, words, Counter, Kind};
 
@@ -157,11 +158,12 @@ impl Qcow2Image {
         // does; so are unusable refcount blocks, and clusters past the end that
         // entries name but no refcount block describes.
         let rebuild = count.bad_blocks
-            || (0..n).any(|c| stored[c as usize] == Some(0) && count.ctr.refs_of(c) > 0)
+            || (0..n).any(|c| stored[index(c)] == Some(0) && count.ctr.refs_of(c) > 0)
             || (repair == Repair::All
-                && reserve
-                    .iter()
-                    .any(|&(c, _)| m.refblock_offset(c / m.rb_entries()).unwrap_or(0) == 0));
+                && reserve.iter().any(|&(c, _)| {
+                    m.refblock_offset(c / m.rb_entries())
+                        .is_ok_and(HostOffset::is_none)
+                }));
         if rebuild && repair == Repair::All {
             let (before, _) = self.compare(m, &mut count.ctr, &stored, Repair::None)?;
             let (old_corruptions, old_leaks) = (count.ctr.corruptions, before.leaks);
@@ -192,14 +194,14 @@ impl Qcow2Image {
             };
             let (r, fixed) = self.compare(m, &mut count.ctr, &stored, fix)?;
             for (c, v) in fixed {
-                stored[c as usize] = Some(v);
+                stored[index(c)] = Some(v);
             }
             if fix == Repair::All {
                 for &(c, want) in &reserve {
                     let want = want.min(m.max_refcount());
-                    let have = m.refcount(c).map_err(|e| self.err(e))?;
+                    let have = m.refcount(ClusterIndex(c)).map_err(|e| self.err(e))?;
                     if have < want {
-                        m.update_refcount(c, (want - have) as i64)
+                        m.update_refcount(ClusterIndex(c), (want - have) as i64)
                             .map_err(|e| self.err(e))?;
                     }
                 }
@@ -247,7 +249,7 @@ impl Qcow2Image {
         let mut highest = 0u64;
         let mut fixes = Vec::new();
         for c in 0..stored.len() as u64 {
-            let Some(have) = stored[c as usize] else {
+            let Some(have) = stored[index(c)] else {
                 ctr.messages.push(format!(
                     "Can't get refcount for cluster {c}: Input/output error"
                 ));
@@ -278,8 +280,8 @@ impl Qcow2Image {
                 "{label} cluster {c} refcount={have} reference={want}"
             ));
             if fixing {
-                let cur = m.refcount(c).map_err(|e| self.err(e))?;
-                m.update_refcount(c, want as i64 - cur as i64)
+                let cur = m.refcount(ClusterIndex(c)).map_err(|e| self.err(e))?;
+                m.update_refcount(ClusterIndex(c), want as i64 - cur as i64)
                     .map_err(|e| self.err(e))?;
                 fixes.push((c, want));
                 if have < want {
@@ -306,24 +308,24 @@ impl Qcow2Image {
         let cs = m.cluster_size();
         let order = m.h.refcount_order;
         let file_size = m.storage.size().map_err(|er| self.err(er))?;
-        let mut out = vec![Some(0u64); n as usize];
+        let mut out = vec![Some(0u64); index(n)];
         for b in 0..n.div_ceil(epb) {
-            let Some(&e) = m.reftable.get(b as usize) else {
+            let Some(&e) = m.reftable.get(index(b)) else {
                 break;
             };
             let e = e & !REFTABLE_RESERVED;
             let first = b * epb;
             if !e.is_multiple_of(cs) {
-                out[first as usize..(first + epb).min(n) as usize].fill(None);
+                out[index(first)..index((first + epb).min(n))].fill(None);
                 continue;
             }
             if e == 0 || e >= file_size {
                 continue;
             }
-            m.load_refblock(e).map_err(|er| self.err(er))?;
+            m.load_refblock(HostOffset(e)).map_err(|er| self.err(er))?;
             let block = &m.rb.get(e).expect("loaded").data;
             for c in first..(first + epb).min(n) {
-                out[c as usize] = Some(super::refcount::rb_get(block, order, (c - first) as usize));
+                out[index(c)] = Some(super::refcount::rb_get(block, order, index(c - first)));
             }
         }
         Ok(out)
@@ -421,7 +423,7 @@ impl Qcow2Image {
                 break;
             }
             for (j, new, bitmap) in wrong {
-                m.set_raw_entry(l2off, j, new, bitmap)
+                m.set_raw_entry(HostOffset(l2off), j, new, bitmap)
                     .map_err(|er| self.err(er))?;
                 out.fixed += 1;
             }
@@ -435,9 +437,9 @@ impl Qcow2Image {
     /// The stored refcount of `cluster`: from `stored` when it covers the cluster,
     /// else read; `None` when it cannot be read (qemu-img then skips the entry).
     fn stored_refcount(&self, m: &mut Meta, stored: &[Option<u64>], cluster: u64) -> Option<u64> {
-        match stored.get(cluster as usize) {
+        match stored.get(index(cluster)) {
             Some(&v) => v,
-            None => m.refcount(cluster).ok(),
+            None => m.refcount(ClusterIndex(cluster)).ok(),
         }
     }
 
@@ -485,12 +487,12 @@ impl Qcow2Image {
         let epb = m.rb_entries();
         let mut highest = 0u64;
         for idx in 0..m.reftable.len() as u64 {
-            if m.refblock_offset(idx).map_err(|e| self.err(e))? == 0 {
+            if m.refblock_offset(idx).map_err(|e| self.err(e))?.is_none() {
                 continue;
             }
             for i in 0..epb {
                 let c = idx * epb + i;
-                if m.refcount(c).map_err(|e| self.err(e))? > 0 {
+                if m.refcount(ClusterIndex(c)).map_err(|e| self.err(e))? > 0 {
                     highest = c + 1;
                 }
             }

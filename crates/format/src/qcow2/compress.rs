@@ -95,7 +95,8 @@ fn deflate(input: &[u8], out: &mut [u8]) -> Option<usize> {
         c.reset();
         // One call with Finish: the stream ends inside `out` or does not fit.
         match c.compress(input, out, FlushCompress::Finish) {
-            Ok(Status::StreamEnd) => Some(c.total_out() as usize),
+            // At most `out.len()`, a usize.
+            Ok(Status::StreamEnd) => usize::try_from(c.total_out()).ok(),
             _ => {
                 // zlib-rs 0.6 panics ("buf.len() must fit in remaining()") in a later
                 // stream when a compressor whose stream was left unfinished is reset
@@ -151,7 +152,8 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
         // As QEMU: one call with Finish. Running out of output space with input left
         // (a buffer error) is success as long as the output is full.
         let r = d.decompress(input, out, FlushDecompress::Finish);
-        let filled = d.total_out() as usize;
+        // At most `out.len()`, a usize.
+        let filled = usize::try_from(d.total_out()).unwrap_or(usize::MAX);
         match r {
             Ok(_) if filled == out.len() => Ok(()),
             Ok(_) => Err(format!(
@@ -212,7 +214,7 @@ mod tests {
     /// Compressible but not trivial: text-like runs with a counter.
     fn pattern(len: usize) -> Vec<u8> {
         (0..len)
-            .map(|i| b"strata qcow2 cluster "[i % 21] ^ ((i / 4096) as u8))
+            .map(|i| b"strata qcow2 cluster "[i % 21] ^ (i / 4096).to_le_bytes()[0])
             .collect()
     }
 
@@ -223,7 +225,7 @@ mod tests {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
-                seed as u8
+                seed.to_le_bytes()[0]
             })
             .collect()
     }

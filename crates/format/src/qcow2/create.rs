@@ -4,6 +4,7 @@ use super::compress::CompressionType;
 use super::header::{self, Header};
 use super::image::{Qcow2Image, Qcow2OpenOptions};
 use super::refcount::rb_set;
+use crate::units::index;
 use crate::{BlockDevice, Error, Result};
 use std::sync::Arc;
 use strata_storage::Storage;
@@ -183,15 +184,15 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
     }
     let hdr = h.serialize()?;
     storage.set_size(0)?;
-    let mut first = vec![0u8; cs as usize];
+    let mut first = vec![0u8; index(cs)];
     first[..hdr.len()].copy_from_slice(&hdr);
     storage.write_at(&first, 0)?;
     // Refcount table (cluster 1) pointing at one refcount block (cluster 2) that counts
     // clusters 0, 1 and 2.
-    let mut table = vec![0u8; cs as usize];
+    let mut table = vec![0u8; index(cs)];
     table[..8].copy_from_slice(&(2 * cs).to_be_bytes());
     storage.write_at(&table, cs)?;
-    let mut block = vec![0u8; cs as usize];
+    let mut block = vec![0u8; index(cs)];
     for c in 0..3 {
         rb_set(&mut block, refcount_order, c, 1);
     }

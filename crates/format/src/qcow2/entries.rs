@@ -1,5 +1,6 @@
 //! L1 and L2 table entries: decoding with reserved-bit checks, and encoding.
 
+use crate::units::HostOffset;
 use crate::{Error, Result};
 
 pub const OFLAG_COPIED: u64 = 1 << 63;
@@ -13,8 +14,8 @@ pub const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Subclusters per cluster in extended-L2 images.
 pub const SUBCLUSTERS: u32 = 32;
 
-/// Decode an L1 entry into the L2 table offset (0 = none) and its COPIED flag.
-pub fn decode_l1(e: u64, cluster_size: u64, index: usize) -> Result<(u64, bool)> {
+/// Decode an L1 entry into the L2 table offset (none if 0) and its COPIED flag.
+pub fn decode_l1(e: u64, cluster_size: u64, index: u64) -> Result<(HostOffset, bool)> {
     if e & L1_RESERVED != 0 {
         return Err(Error::corrupt(format!(
             "L1 entry {index} has reserved bits set (0x{e:016x})"
@@ -26,22 +27,22 @@ pub fn decode_l1(e: u64, cluster_size: u64, index: usize) -> Result<(u64, bool)>
             "L2 table offset 0x{off:x} in L1 entry {index} is not cluster-aligned"
         )));
     }
-    Ok((off, e & OFLAG_COPIED != 0))
+    Ok((HostOffset(off), e & OFLAG_COPIED != 0))
 }
 
 /// A decoded L2 entry (for extended L2, the first 64 bits plus the subcluster bitmap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L2Entry {
-    /// Standard cluster (possibly with subclusters). `host` 0 means no host cluster.
+    /// Standard cluster (possibly with subclusters). `host` none means no host cluster.
     Normal {
-        host: u64,
+        host: HostOffset,
         copied: bool,
         zero: bool,
         bitmap: u64,
     },
     /// Compressed cluster: bytes `[offset, offset + size)` hold the compressed data
     /// (the last sector may contain trailing bytes).
-    Compressed { offset: u64, size: u64 },
+    Compressed { offset: HostOffset, size: u64 },
 }
 
 /// Guest-visible state of one (sub)cluster per its L2 entry.
@@ -50,13 +51,13 @@ pub enum SubState {
     Unallocated,
     /// Zero; `host` set when a preallocated cluster stays reserved.
     Zero {
-        host: u64,
+        host: HostOffset,
     },
     Data {
-        host: u64,
+        host: HostOffset,
     },
     Compressed {
-        offset: u64,
+        offset: HostOffset,
         size: u64,
     },
 }
@@ -90,6 +91,15 @@ impl Geometry {
     pub fn subcluster_size(&self) -> u64 {
         self.cluster_size() / u64::from(self.subclusters())
     }
+    /// Subcluster index `i` (an offset inside a cluster divided by the subcluster
+    /// size) in the width `sub_state` takes.
+    #[inline]
+    pub fn subcluster_in(&self, i: u64) -> u32 {
+        debug_assert!(i < u64::from(self.subclusters()));
+        #[allow(clippy::cast_possible_truncation)] // below `subclusters()`, at most 32
+        let i = i as u32;
+        i
+    }
 
     /// Decode an L2 entry and (for extended L2) its bitmap, checking reserved bits and
     /// alignment as QEMU does (it marks the image corrupt for these).
@@ -104,7 +114,10 @@ impl Geometry {
             let offset = e & ((1u64 << shift) - 1);
             let nb_sectors = ((e >> shift) & self.csize_mask()) + 1;
             let size = (nb_sectors * 512) - (offset & 511);
-            return Ok(L2Entry::Compressed { offset, size });
+            return Ok(L2Entry::Compressed {
+                offset: HostOffset(offset),
+                size,
+            });
         }
         let reserved = if self.extended_l2 {
             L2_STD_RESERVED | OFLAG_ZERO
@@ -141,7 +154,7 @@ impl Geometry {
             }
         }
         Ok(L2Entry::Normal {
-            host,
+            host: HostOffset(host),
             copied: e & OFLAG_COPIED != 0,
             zero,
             bitmap,
@@ -158,16 +171,18 @@ impl Geometry {
                 if self.extended_l2 {
                     if bitmap & (1 << sc) != 0 {
                         SubState::Data {
-                            host: host + u64::from(sc) * self.subcluster_size(),
+                            host: HostOffset(host.0 + u64::from(sc) * self.subcluster_size()),
                         }
                     } else if bitmap & (1 << (32 + sc)) != 0 {
-                        SubState::Zero { host: 0 }
+                        SubState::Zero {
+                            host: HostOffset::NONE,
+                        }
                     } else {
                         SubState::Unallocated
                     }
                 } else if zero {
                     SubState::Zero { host }
-                } else if host == 0 {
+                } else if host.is_none() {
                     SubState::Unallocated
                 } else {
                     SubState::Data { host }
@@ -177,7 +192,8 @@ impl Geometry {
     }
 
     /// Encode a compressed-cluster entry for data at `offset` of `size` bytes.
-    pub fn encode_compressed(&self, offset: u64, size: u64) -> u64 {
+    pub fn encode_compressed(&self, offset: HostOffset, size: u64) -> u64 {
+        let offset = offset.get();
         let nb_sectors = ((offset + size - 1) >> 9) - (offset >> 9) + 1;
         OFLAG_COMPRESSED | offset | ((nb_sectors - 1) << self.csize_shift())
     }
@@ -206,10 +222,10 @@ mod tests {
 
     #[test]
     fn compressed_entry_round_trips_offset_and_sector_count() {
-        let e = G.encode_compressed(0x12_3456, 3000);
+        let e = G.encode_compressed(HostOffset(0x12_3456), 3000);
         match G.decode_l2(e, 0).unwrap() {
             L2Entry::Compressed { offset, size } => {
-                assert_eq!(offset, 0x12_3456);
+                assert_eq!(offset, HostOffset(0x12_3456));
                 assert!((3000..3000 + 512).contains(&size));
             }
             other => panic!("{other:?}"),
@@ -226,7 +242,7 @@ mod tests {
         assert!(decode_l1(0x10_0001, 65536, 0).is_err());
         assert_eq!(
             decode_l1(OFLAG_COPIED | 0x10_0000, 65536, 0).unwrap(),
-            (0x10_0000, true)
+            (HostOffset(0x10_0000), true)
         );
     }
 
@@ -244,8 +260,18 @@ mod tests {
             version: 3,
         };
         let e = g.decode_l2(0x2_0000, 0b01 | (0b10 << 32)).unwrap();
-        assert_eq!(g.sub_state(e, 0), SubState::Data { host: 0x2_0000 });
-        assert_eq!(g.sub_state(e, 1), SubState::Zero { host: 0 });
+        assert_eq!(
+            g.sub_state(e, 0),
+            SubState::Data {
+                host: HostOffset(0x2_0000)
+            }
+        );
+        assert_eq!(
+            g.sub_state(e, 1),
+            SubState::Zero {
+                host: HostOffset::NONE
+            }
+        );
         assert_eq!(g.sub_state(e, 2), SubState::Unallocated);
         assert!(g.decode_l2(0x2_0000, 1 | (1 << 32)).is_err());
     }

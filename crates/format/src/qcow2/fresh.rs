@@ -7,6 +7,7 @@ use super::check::reserved_beyond;
 use super::header::MAX_HOST_OFFSET;
 use super::meta::{Meta, REFBLOCK_CACHE_BYTES};
 use super::refcount::rb_set;
+use crate::units::{index, ClusterIndex};
 use crate::{Error, Result};
 
 /// Refcount structures written but not yet named by the header.
@@ -36,7 +37,7 @@ impl Meta {
         &mut self,
         mut refs: Vec<u64>,
         beyond: &[(u64, u64, u32)],
-        inside: Option<u64>,
+        inside: Option<ClusterIndex>,
     ) -> Result<FreshRefcounts> {
         let cs = self.cluster_size();
         let epb = self.rb_entries();
@@ -44,10 +45,11 @@ impl Meta {
         let file_clusters = self.storage.size()?.div_ceil(cs);
         let n = (refs.len() as u64).max(file_clusters);
         for (c, want) in reserved_beyond(beyond, n, epb) {
-            if c as usize >= refs.len() {
-                refs.resize(c as usize + 1, 0);
+            let c = index(c);
+            if c >= refs.len() {
+                refs.resize(c + 1, 0);
             }
-            refs[c as usize] = refs[c as usize].max(want);
+            refs[c] = refs[c].max(want);
         }
         let end = refs
             .iter()
@@ -56,11 +58,11 @@ impl Meta {
         let mut start = end.max(file_clusters);
         let (mut blocks, mut table) = (0u64, 0u64);
         let mut placed = false;
-        if let Some(at) = inside {
+        if let Some(ClusterIndex(at)) = inside {
             let covered = (refs.len() as u64).max(file_clusters);
             let len = self.fresh_refcount_clusters(covered);
             let unnamed =
-                (at..at.saturating_add(len)).all(|c| refs.get(c as usize).is_none_or(|&r| r == 0));
+                (at..at.saturating_add(len)).all(|c| refs.get(index(c)).is_none_or(|&r| r == 0));
             if beyond.is_empty() && at.saturating_add(len) <= covered && unnamed {
                 start = at;
                 blocks = covered.div_ceil(epb);
@@ -99,30 +101,29 @@ impl Meta {
                 "no room for new refcount structures below the 2^56 limit",
             ));
         }
-        let stop = (start + blocks + table) as usize;
+        // Below 2^56 / cluster size, checked above.
+        let stop = index(start + blocks + table);
         if refs.len() < stop {
             refs.resize(stop, 0);
         }
-        for c in start..start + blocks + table {
-            refs[c as usize] = 1;
-        }
+        refs[index(start)..stop].fill(1);
         let order = self.h.refcount_order;
         let max = self.max_refcount();
-        let mut reftable = vec![0u64; (table * per_cluster) as usize];
+        let mut reftable = vec![0u64; index(table * per_cluster)];
         for b in 0..blocks {
-            let mut block = vec![0u8; cs as usize];
+            let mut block = vec![0u8; index(cs)];
             for i in 0..epb {
                 let c = b * epb + i;
-                if let Some(&v) = refs.get(c as usize) {
-                    rb_set(&mut block, order, i as usize, v.min(max));
+                if let Some(&v) = refs.get(index(c)) {
+                    rb_set(&mut block, order, index(i), v.min(max));
                 }
             }
             let off = (start + b) * cs;
             self.storage.write_at(&block, off)?;
-            reftable[b as usize] = off;
+            reftable[index(b)] = off;
         }
         let table_offset = (start + blocks) * cs;
-        let mut bytes = Vec::with_capacity((table * cs) as usize);
+        let mut bytes = Vec::with_capacity(index(table * cs));
         for e in &reftable {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
@@ -141,7 +142,7 @@ impl Meta {
         self.h.refcount_table_offset = fresh.table_offset;
         self.h.refcount_table_clusters = fresh.table_clusters;
         self.reftable = fresh.table;
-        self.rb = TableCache::new((REFBLOCK_CACHE_BYTES / cs).max(8) as usize);
+        self.rb = TableCache::new(index((REFBLOCK_CACHE_BYTES / cs).max(8)));
         self.free_hint = 1;
     }
 }

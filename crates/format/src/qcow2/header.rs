@@ -2,6 +2,7 @@
 //! extensions (kept byte for byte when unknown), and serialisation.
 
 use super::compress::CompressionType;
+use crate::units::{header_u32, index};
 use crate::{Error, Result};
 use std::os::unix::ffi::OsStrExt;
 
@@ -336,9 +337,9 @@ impl Header {
     }
 
     fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
-        let cs = self.cluster_size() as usize;
+        let cs = index(self.cluster_size());
         let limit = if self.backing_file_offset > 0 {
-            (self.backing_file_offset as usize).min(cs).min(buf.len())
+            index(self.backing_file_offset).min(cs).min(buf.len())
         } else {
             cs.min(buf.len())
         };
@@ -480,12 +481,12 @@ impl Header {
             .checked_add(len)
             .filter(|&e| e <= self.cluster_size())
             .ok_or_else(|| Error::invalid("Backing file name is not inside the first cluster"))?;
-        if end as usize > buf.len() {
+        if index(end) > buf.len() {
             return Err(Error::invalid(
                 "Backing file name lies past the end of the file",
             ));
         }
-        let raw = &buf[self.backing_file_offset as usize..end as usize];
+        let raw = &buf[index(self.backing_file_offset)..index(end)];
         if raw.contains(&0) {
             return Err(Error::invalid("Backing file name contains a NUL byte"));
         }
@@ -499,7 +500,7 @@ impl Header {
     /// Serialise the whole header area: fixed fields, extensions, backing file name.
     /// Fails if it does not fit in the first cluster.
     pub fn serialize(&mut self) -> Result<Vec<u8>> {
-        let cs = self.cluster_size() as usize;
+        let cs = index(self.cluster_size());
         let mut out = Vec::with_capacity(512);
         let put32 = |o: &mut Vec<u8>, v: u32| o.extend_from_slice(&v.to_be_bytes());
         let put64 = |o: &mut Vec<u8>, v: u64| o.extend_from_slice(&v.to_be_bytes());
@@ -527,8 +528,11 @@ impl Header {
                 out.resize(self.header_length as usize, 0);
             }
         }
+        // Every extension strata writes is a few hundred bytes at most (the
+        // feature table, bitmap and backing-format records), far inside u32.
         let put_ext = |o: &mut Vec<u8>, ty: u32, data: &[u8]| {
             o.extend_from_slice(&ty.to_be_bytes());
+            #[allow(clippy::cast_possible_truncation)] // see above
             o.extend_from_slice(&(data.len() as u32).to_be_bytes());
             o.extend_from_slice(data);
             while !o.len().is_multiple_of(8) {
@@ -576,7 +580,7 @@ impl Header {
                 ));
             }
             self.backing_file_offset = out.len() as u64;
-            self.backing_file_size = name.len() as u32;
+            self.backing_file_size = header_u32(name.len() as u64, "backing file name length")?;
             out.extend_from_slice(name.as_bytes());
         } else {
             self.backing_file_offset = 0;

@@ -7,6 +7,8 @@ use super::entries::{
 use super::header::{self, Header};
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
+use crate::error::{request, Offset, Operation};
+use crate::units::{index, ClusterCount, ClusterIndex, HostOffset};
 use crate::{check_range, BlockDevice, Error, ErrorKind, Extent, Result, Status};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +42,7 @@ pub struct Qcow2Image {
     /// copy-on-write decompresses while that lock is held.
     compression: CompressionType,
     /// The last decompressed cluster: (L2 compressed offset, bytes).
-    zcache: Mutex<Option<(u64, Vec<u8>)>>,
+    zcache: Mutex<Option<(HostOffset, Vec<u8>)>>,
     /// Requests in flight, by guest cluster range.
     inflight: InFlight,
     /// Readers hold it shared while they read data outside the metadata lock;
@@ -58,7 +60,7 @@ enum SegData {
 
 /// One contiguous host write of a plan.
 struct Seg {
-    host: u64,
+    host: HostOffset,
     data: SegData,
     /// The clusters were allocated for this write (nothing of them is on disk yet).
     fresh: bool,
@@ -123,15 +125,15 @@ impl Drop for InFlightGuard<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Run {
     Data {
-        host: u64,
+        host: HostOffset,
     },
     Zero {
-        host: u64,
+        host: HostOffset,
     },
     Unallocated,
     /// Bytes `skip..` of the cluster compressed at `offset` (`size` bytes).
     Compressed {
-        offset: u64,
+        offset: HostOffset,
         size: u64,
         skip: u64,
     },
@@ -142,7 +144,7 @@ impl Qcow2Image {
     /// layer attaches them with [`BlockDevice::set_backing`].
     pub fn open(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
         let path = storage.path().map(|p| p.to_path_buf());
-        Self::open_inner(storage, opts).map_err(|e| e.at(path.as_deref()))
+        Self::open_inner(storage, opts).map_err(|e| e.at(path.as_deref()).during(Operation::Open))
     }
 
     fn open_inner(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
@@ -150,12 +152,12 @@ impl Qcow2Image {
         let file_size = storage.size()?;
         // The header and its extensions fill at most the first cluster: read a page,
         // then the rest of the cluster once its size is known.
-        let mut first = vec![0u8; file_size.min(4096) as usize];
+        let mut first = vec![0u8; index(file_size.min(4096))];
         storage.read_at(&mut first, 0)?;
         if first.len() >= 24 {
             let bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
             if bits <= header::MAX_CLUSTER_BITS && (1u64 << bits) > first.len() as u64 {
-                first = vec![0u8; file_size.min(1 << bits) as usize];
+                first = vec![0u8; index(file_size.min(1 << bits))];
                 storage.read_at(&mut first, 0)?;
             }
         }
@@ -163,8 +165,9 @@ impl Qcow2Image {
         let table_limit = if opts.for_check { u64::MAX } else { file_size };
         let mut h = Header::parse(&first, table_limit)?;
         if h.is_corrupt() && !read_only && !opts.for_repair {
-            return Err(Error::corrupt(
-                "qcow2: Image is corrupt; cannot be opened read/write (run 'strata img check -r all' to repair it)",
+            return Err(Error::new(
+                ErrorKind::MarkedCorrupt,
+                "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
         let l1 = read_table(&*storage, h.l1_table_offset, u64::from(h.l1_size))?;
@@ -302,28 +305,28 @@ impl Qcow2Image {
         let geo = self.geo;
         let words = if geo.extended_l2 { 2 } else { 1 };
         let (l2off, _) = m.l1_entry(gc / l2n)?;
-        let table: Option<&[u64]> = if l2off == 0 {
+        let table: Option<&[u64]> = if l2off.is_none() {
             None
         } else {
             m.load_l2(l2off)?;
-            Some(&m.l2.get(l2off).expect("loaded").data)
+            Some(&m.l2.get(l2off.get()).expect("loaded").data)
         };
         let entry_of = |g: u64| -> Result<L2Entry> {
             match table {
                 None => Ok(L2Entry::Normal {
-                    host: 0,
+                    host: HostOffset::NONE,
                     copied: false,
                     zero: false,
                     bitmap: 0,
                 }),
                 Some(t) => {
-                    let i = (g % l2n) as usize * words;
+                    let i = index(g % l2n) * words;
                     geo.decode_l2(t[i], if words == 2 { t[i + 1] } else { 0 })
                 }
             }
         };
         let first_entry = entry_of(gc)?;
-        let sc0 = ((off % cs) / scs) as u32;
+        let sc0 = self.geo.subcluster_in((off % cs) / scs);
         let first = self.geo.sub_state(first_entry, sc0);
         let within = off % scs;
         let run = match first {
@@ -331,7 +334,11 @@ impl Qcow2Image {
                 host: host + within,
             },
             SubState::Zero { host } => Run::Zero {
-                host: if host != 0 { host + off % cs } else { 0 },
+                host: if host.is_none() {
+                    host
+                } else {
+                    host + off % cs
+                },
             },
             SubState::Unallocated => Run::Unallocated,
             SubState::Compressed { offset, size } => {
@@ -356,14 +363,15 @@ impl Qcow2Image {
                 cur_gc = g;
                 entry = entry_of(g)?;
             }
-            let sc = ((pos % cs) / scs) as u32;
+            let sc = self.geo.subcluster_in((pos % cs) / scs);
             let st = self.geo.sub_state(entry, sc);
             let same = match (first, st) {
                 (SubState::Data { host: h0 }, SubState::Data { host }) => {
                     host == h0 + (pos - (off - within))
                 }
                 (SubState::Zero { host: h0 }, SubState::Zero { host }) => {
-                    (h0 == 0 && host == 0) || (h0 != 0 && host == h0 + (pos - (off - within)))
+                    (h0.is_none() && host.is_none())
+                        || (!h0.is_none() && host == h0 + (pos - (off - within)))
                 }
                 (SubState::Unallocated, SubState::Unallocated) => true,
                 _ => false,
@@ -380,7 +388,10 @@ impl Qcow2Image {
     /// Read a run's bytes into `buf` (without the metadata lock).
     fn read_run(&self, run: Run, buf: &mut [u8], off: u64) -> Result<()> {
         match run {
-            Run::Data { host } => self.storage.read_at(buf, host).map_err(|e| self.err(e)),
+            Run::Data { host } => self
+                .storage
+                .read_at(buf, host.get())
+                .map_err(|e| self.err(e)),
             Run::Zero { .. } => {
                 buf.fill(0);
                 Ok(())
@@ -393,14 +404,16 @@ impl Qcow2Image {
                     *zc = Some((offset, data));
                 }
                 let data = &zc.as_ref().expect("filled").1;
-                buf.copy_from_slice(&data[skip as usize..skip as usize + buf.len()]);
+                let skip = index(skip);
+                buf.copy_from_slice(&data[skip..skip + buf.len()]);
                 Ok(())
             }
         }
     }
 
-    fn decompress_cluster(&self, offset: u64, size: u64) -> Result<Vec<u8>> {
+    fn decompress_cluster(&self, offset: HostOffset, size: u64) -> Result<Vec<u8>> {
         let cs = self.geo.cluster_size();
+        let offset = offset.get();
         if offset
             .checked_add(size)
             .is_none_or(|e| e > header::MAX_HOST_OFFSET)
@@ -409,16 +422,21 @@ impl Qcow2Image {
                 "compressed cluster at 0x{offset:x} out of range"
             ))));
         }
-        let mut input = vec![0u8; size as usize];
+        // The entry's sector count bounds `size` by two clusters.
+        let mut input = vec![0u8; index(size)];
         self.storage
             .read_at(&mut input, offset)
             .map_err(|e| self.err(e))?;
-        let mut out = vec![0u8; cs as usize];
+        let mut out = vec![0u8; index(cs)];
         let kind = self.compression_type();
         compress::decompress(kind, &input, &mut out).map_err(|msg| {
-            self.err(Error::new(ErrorKind::Decompress(format!(
-                "at host offset 0x{offset:x}: {msg}"
-            ))))
+            self.err(
+                Error::new(
+                    ErrorKind::BadCompressedData,
+                    format!("Could not decompress cluster: at host offset 0x{offset:x}: {msg}"),
+                )
+                .at_offset(Offset::Host(HostOffset(offset))),
+            )
         })?;
         Ok(out)
     }
@@ -475,7 +493,7 @@ impl Qcow2Image {
                     buf.fill(0);
                     return Ok(());
                 }
-                let n = (bsize - off).min(len) as usize;
+                let n = index((bsize - off).min(len));
                 b.read(&mut buf[..n], off)?;
                 buf[n..].fill(0);
                 Ok(())
@@ -488,7 +506,7 @@ impl Qcow2Image {
         let mut pos = 0usize;
         while pos < buf.len() {
             let (run, n) = self.lookup(m, off + pos as u64, (buf.len() - pos) as u64)?;
-            let n = n as usize;
+            let n = index(n);
             self.read_run(run, &mut buf[pos..pos + n], off + pos as u64)?;
             pos += n;
         }
@@ -497,7 +515,7 @@ impl Qcow2Image {
 
     pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            Err(self.err(Error::new(ErrorKind::ReadOnly)))
+            Err(self.err(Error::read_only()))
         } else {
             Ok(())
         }
@@ -505,7 +523,7 @@ impl Qcow2Image {
 
     /// Report a corruption found while writing: set the corrupt bit, then fail.
     pub(crate) fn fail_corrupt(&self, m: &mut Meta, e: Error) -> Error {
-        if matches!(e.kind, ErrorKind::Corrupt(_)) {
+        if e.kind() == ErrorKind::Corrupt {
             m.mark_corrupt();
         }
         self.err(e)
@@ -554,7 +572,7 @@ impl Qcow2Image {
                     .map_err(|e| self.fail_corrupt(m, e))?;
                 plan.segs.push(Seg {
                     host: host + in_cl,
-                    data: SegData::Buf(pos as usize, (pos + run) as usize),
+                    data: SegData::Buf(index(pos), index(pos + run)),
                     fresh: false,
                 });
                 pos += run;
@@ -564,15 +582,15 @@ impl Qcow2Image {
                 host, copied: true, ..
             } = entry
             {
-                if host != 0 {
+                if !host.is_none() {
                     // Owned cluster that needs its missing parts filled (zero flag,
                     // or subclusters not yet allocated): rewrite it in place.
                     m.check_data_write(host, cs)
                         .map_err(|e| self.fail_corrupt(m, e))?;
-                    let mut full = vec![0u8; cs as usize];
+                    let mut full = vec![0u8; index(cs)];
                     self.read_locked(m, &mut full, gc * cs)?;
-                    full[in_cl as usize..(in_cl + n) as usize]
-                        .copy_from_slice(&buf[pos as usize..(pos + n) as usize]);
+                    full[index(in_cl)..index(in_cl + n)]
+                        .copy_from_slice(&buf[index(pos)..index(pos + n)]);
                     plan.segs.push(Seg {
                         host,
                         data: SegData::Owned(full),
@@ -580,7 +598,7 @@ impl Qcow2Image {
                     });
                     plan.updates.push(L2Update {
                         gc,
-                        entry: host | OFLAG_COPIED,
+                        entry: host.get() | OFLAG_COPIED,
                         bitmap: ALL_ALLOCATED,
                         old: None,
                     });
@@ -596,7 +614,7 @@ impl Qcow2Image {
             let mut olds = vec![entry];
             while k < max_clusters && gc + k < table_end && pos + (k * cs - in_cl) < len {
                 let e2 = m.entry(gc + k)?;
-                if matches!(e2, L2Entry::Normal { copied: true, host, .. } if host != 0) {
+                if matches!(e2, L2Entry::Normal { copied: true, host, .. } if !host.is_none()) {
                     break;
                 }
                 olds.push(e2);
@@ -604,30 +622,30 @@ impl Qcow2Image {
             }
             // The L2 table first, so a sequentially written image keeps QEMU's layout.
             m.l2_for_write(gc / l2n)?;
-            let host = m.alloc_clusters(k)?;
+            let host = m.alloc_clusters(ClusterCount(k))?;
             let run_bytes = (k * cs - in_cl).min(len - pos);
             let end_in_last = (in_cl + run_bytes) - (k - 1) * cs; // bytes used in the last cluster
             if in_cl == 0 && end_in_last == cs {
                 plan.segs.push(Seg {
                     host,
-                    data: SegData::Buf(pos as usize, (pos + run_bytes) as usize),
+                    data: SegData::Buf(index(pos), index(pos + run_bytes)),
                     fresh: true,
                 });
             } else {
                 // Copy-on-write: fill the head and tail of the run from the current
                 // guest view, then write the whole run at once.
-                let mut data = vec![0u8; (k * cs) as usize];
+                let mut data = vec![0u8; index(k * cs)];
                 if in_cl > 0 {
-                    self.read_locked(m, &mut data[..in_cl as usize], gc * cs)?;
+                    self.read_locked(m, &mut data[..index(in_cl)], gc * cs)?;
                 }
                 if end_in_last < cs {
                     let tail_start = (k - 1) * cs + end_in_last;
-                    let mut tail = vec![0u8; (cs - end_in_last) as usize];
+                    let mut tail = vec![0u8; index(cs - end_in_last)];
                     self.read_locked(m, &mut tail, gc * cs + tail_start)?;
-                    data[tail_start as usize..].copy_from_slice(&tail);
+                    data[index(tail_start)..].copy_from_slice(&tail);
                 }
-                data[in_cl as usize..(in_cl + run_bytes) as usize]
-                    .copy_from_slice(&buf[pos as usize..(pos + run_bytes) as usize]);
+                data[index(in_cl)..index(in_cl + run_bytes)]
+                    .copy_from_slice(&buf[index(pos)..index(pos + run_bytes)]);
                 plan.segs.push(Seg {
                     host,
                     data: SegData::Owned(data),
@@ -638,7 +656,7 @@ impl Qcow2Image {
                 let i = i as u64;
                 plan.updates.push(L2Update {
                     gc: gc + i,
-                    entry: (host + i * cs) | OFLAG_COPIED,
+                    entry: (host + i * cs).get() | OFLAG_COPIED,
                     bitmap: ALL_ALLOCATED,
                     old: Some(old),
                 });
@@ -657,11 +675,11 @@ impl Qcow2Image {
             };
             if plan.falloc && seg.fresh {
                 self.storage
-                    .preallocate(seg.host, data.len() as u64)
+                    .preallocate(seg.host.get(), data.len() as u64)
                     .map_err(|e| self.err(e))?;
             }
             self.storage
-                .write_at(data, seg.host)
+                .write_at(data, seg.host.get())
                 .map_err(|e| self.err(e))?;
         }
         Ok(())
@@ -683,14 +701,14 @@ impl Qcow2Image {
     /// Host offset of the cluster if `[in_cl, in_cl+n)` can be written in place:
     /// the cluster is owned (COPIED), reads its own data there, and no metadata change
     /// is needed.
-    fn in_place_target(&self, e: L2Entry, in_cl: u64, n: u64) -> Option<u64> {
+    fn in_place_target(&self, e: L2Entry, in_cl: u64, n: u64) -> Option<HostOffset> {
         match e {
             L2Entry::Normal {
                 host,
                 copied: true,
                 zero: false,
                 bitmap,
-            } if host != 0 => {
+            } if !host.is_none() => {
                 if !self.geo.extended_l2 {
                     return Some(host);
                 }
@@ -738,7 +756,7 @@ impl Qcow2Image {
             let old = m.entry(gc)?;
             let l2 = m.l2_for_write(gc / l2n)?;
             let off = self.alloc_bytes(&mut m, compressed.len() as u64)?;
-            self.storage.write_at(compressed, off)?;
+            self.storage.write_at(compressed, off.get())?;
             let e = self.geo.encode_compressed(off, compressed.len() as u64);
             m.set_raw_entry(l2, gc % l2n, e, 0)?;
             m.release_entry(old);
@@ -751,7 +769,7 @@ impl Qcow2Image {
     /// does not shrink, so it should be written uncompressed. Needs no lock: callers
     /// compress on several threads and write in order.
     pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
-        let cs = self.geo.cluster_size() as usize;
+        let cs = index(self.geo.cluster_size());
         let kind = self.compression_type();
         if data.len() < cs {
             let mut padded = data.to_vec();
@@ -764,30 +782,31 @@ impl Qcow2Image {
     /// Allocate `size` bytes for compressed data, packing into the current partly
     /// used cluster when it fits or continues contiguously. Each host cluster the
     /// bytes touch gains one reference.
-    fn alloc_bytes(&self, m: &mut Meta, size: u64) -> Result<u64> {
-        let cs = self.geo.cluster_size();
-        let cur = m.compressed_cursor;
-        if cur != 0 && !cur.is_multiple_of(cs) {
-            let first = cur / cs;
-            let last = (cur + size - 1) / cs;
+    fn alloc_bytes(&self, m: &mut Meta, size: u64) -> Result<HostOffset> {
+        let bits = self.geo.cluster_bits;
+        let cur = HostOffset(m.compressed_cursor);
+        if !cur.is_none() && !cur.is_aligned(bits) {
+            let first = cur.cluster(bits);
+            let last = (cur + (size - 1)).cluster(bits);
             let mut ok = true;
-            for c in first + 1..=last {
-                if m.refcount(c)? != 0 || m.refblock_offset(c / m.rb_entries())? == 0 {
+            for c in first.get() + 1..=last.get() {
+                if m.refcount(ClusterIndex(c))? != 0
+                    || m.refblock_offset(c / m.rb_entries())?.is_none()
+                {
                     ok = false;
                 }
             }
             if ok {
                 m.update_refcount(first, 1)?;
-                for c in first + 1..=last {
-                    m.update_refcount(c, 1)?;
+                for c in first.get() + 1..=last.get() {
+                    m.update_refcount(ClusterIndex(c), 1)?;
                 }
-                m.compressed_cursor = cur + size;
+                m.compressed_cursor = (cur + size).get();
                 return Ok(cur);
             }
         }
-        let n = size.div_ceil(cs);
-        let off = m.alloc_clusters(n)?;
-        m.compressed_cursor = off + size;
+        let off = m.alloc_clusters(ClusterCount::for_bytes(size, bits))?;
+        m.compressed_cursor = (off + size).get();
         Ok(off)
     }
 
@@ -812,7 +831,7 @@ impl Qcow2Image {
             let n = (cstart + cs).min(end) - pos;
             if !whole {
                 if !discard && !self.reads_zero(m, pos, n, has_backing)? {
-                    let zeros = vec![0u8; n as usize];
+                    let zeros = vec![0u8; index(n)];
                     self.write_locked(m, &zeros, pos)?;
                 }
                 pos += n;
@@ -824,7 +843,7 @@ impl Qcow2Image {
             let (new_e, new_b, release) = if !v3 {
                 if has_backing && !discard {
                     // v2 has no zero flag: with a backing file, zeroes must be written.
-                    let zeros = vec![0u8; cs as usize];
+                    let zeros = vec![0u8; index(cs)];
                     self.write_locked(m, &zeros, pos)?;
                     pos += cs;
                     continue;
@@ -834,11 +853,11 @@ impl Qcow2Image {
                 match old {
                     L2Entry::Normal {
                         host, copied: true, ..
-                    } if host != 0 && !may_unmap && !discard => {
+                    } if !host.is_none() && !may_unmap && !discard => {
                         if self.geo.extended_l2 {
-                            (host | OFLAG_COPIED, ALL_ZERO, false)
+                            (host.get() | OFLAG_COPIED, ALL_ZERO, false)
                         } else {
-                            (host | OFLAG_COPIED | OFLAG_ZERO, 0, false)
+                            (host.get() | OFLAG_COPIED | OFLAG_ZERO, 0, false)
                         }
                     }
                     _ => {
@@ -852,7 +871,7 @@ impl Qcow2Image {
             };
             let unchanged = match old {
                 L2Entry::Normal {
-                    host: 0,
+                    host: HostOffset::NONE,
                     zero,
                     bitmap,
                     ..
@@ -921,7 +940,7 @@ impl Qcow2Image {
             ));
         }
         let mut table = m.l1.clone();
-        table.resize(entries as usize, 0);
+        table.resize(index(entries), 0);
         m.relocate_l1(table, None)
     }
 
@@ -963,7 +982,7 @@ impl Qcow2Image {
                 gc += 1;
                 continue;
             }
-            let host = m.alloc_clusters(n)?;
+            let host = m.alloc_clusters(ClusterCount(n))?.get();
             let bytes = n * cs;
             match mode {
                 P::Off => {}
@@ -974,10 +993,10 @@ impl Qcow2Image {
                 }
                 P::Falloc => m.storage.preallocate(host, bytes)?,
                 P::Full => {
-                    let zeros = vec![0u8; (1 << 20).min(bytes) as usize];
+                    let zeros = vec![0u8; index((1 << 20).min(bytes))];
                     let mut off = 0;
                     while off < bytes {
-                        let k = (bytes - off).min(zeros.len() as u64) as usize;
+                        let k = index((bytes - off).min(zeros.len() as u64));
                         m.storage.write_at(&zeros[..k], host + off)?;
                         off += k as u64;
                     }
@@ -1073,7 +1092,7 @@ fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u6
     if entries == 0 {
         return Ok(Vec::new());
     }
-    let mut buf = vec![0u8; (entries * 8) as usize];
+    let mut buf = vec![0u8; index(entries * 8)];
     storage.read_at(&mut buf, offset)?;
     Ok(buf
         .chunks_exact(8)
@@ -1091,113 +1110,127 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
-        let _reading = sync::read(&self.reuse);
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let (run, n) = {
-                let mut m = self.lock()?;
-                self.lookup(&mut m, off, (buf.len() - pos) as u64)
-                    .map_err(|e| self.err(e))?
-            };
-            let n = n as usize;
-            self.read_run(run, &mut buf[pos..pos + n], off)?;
-            pos += n;
-        }
-        Ok(())
+        request(Operation::Read, Some(offset), || {
+            check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
+            let _reading = sync::read(&self.reuse);
+            let mut pos = 0usize;
+            while pos < buf.len() {
+                let off = offset + pos as u64;
+                let (run, n) = {
+                    let mut m = self.lock()?;
+                    self.lookup(&mut m, off, (buf.len() - pos) as u64)
+                        .map_err(|e| self.err(e))?
+                };
+                let n = index(n);
+                self.read_run(run, &mut buf[pos..pos + n], off)?;
+                pos += n;
+            }
+            Ok(())
+        })
     }
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable()?;
-        check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let cs = self.geo.cluster_size();
-        let _busy = self
-            .inflight
-            .acquire(offset / cs, (offset + buf.len() as u64).div_ceil(cs));
-        let plan = {
+        request(Operation::Write, Some(offset), || {
+            self.check_writable()?;
+            check_range(offset, buf.len() as u64, self.virtual_size()).map_err(|e| self.err(e))?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let cs = self.geo.cluster_size();
+            let _busy = self
+                .inflight
+                .acquire(offset / cs, (offset + buf.len() as u64).div_ceil(cs));
+            let plan = {
+                let mut m = self.lock()?;
+                m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+                self.plan_write(&mut m, buf, offset)
+                    .map_err(|e| self.fail_corrupt(&mut m, e))?
+            };
+            // The data goes out without the metadata lock, so writes run in parallel.
+            self.write_segments(&plan, buf)?;
             let mut m = self.lock()?;
-            m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
-            self.plan_write(&mut m, buf, offset)
-                .map_err(|e| self.fail_corrupt(&mut m, e))?
-        };
-        // The data goes out without the metadata lock, so writes run in parallel.
-        self.write_segments(&plan, buf)?;
-        let mut m = self.lock()?;
-        self.commit_plan(&mut m, plan)
-            .map_err(|e| self.fail_corrupt(&mut m, e))
+            self.commit_plan(&mut m, plan)
+                .map_err(|e| self.fail_corrupt(&mut m, e))
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.zero_request(offset, len, may_unmap, false).map(|_| ())
+        request(Operation::WriteZeroes, Some(offset), || {
+            self.zero_request(offset, len, may_unmap, false).map(|_| ())
+        })
     }
 
     fn write_zeroes_fast(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
-        self.zero_request(offset, len, may_unmap, true)
+        request(Operation::WriteZeroes, Some(offset), || {
+            self.zero_request(offset, len, may_unmap, true)
+        })
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_writable()?;
-        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
-        let cs = self.geo.cluster_size();
-        // Only whole clusters are discarded (the last one may end at the disk's end).
-        let start = offset.next_multiple_of(cs);
-        let mut end = (offset + len) / cs * cs;
-        if offset + len == self.virtual_size() {
-            end = offset + len;
-        }
-        if end <= start {
-            return Ok(());
-        }
-        let _busy = self.inflight.acquire(start / cs, end.div_ceil(cs));
-        let mut m = self.lock()?;
-        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
-        let padded_end = end.next_multiple_of(cs);
-        self.zero_locked(&mut m, start, padded_end - start, true, true)
-            .map_err(|e| self.fail_corrupt(&mut m, e))
+        request(Operation::Discard, Some(offset), || {
+            self.check_writable()?;
+            check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+            let cs = self.geo.cluster_size();
+            // Only whole clusters are discarded (the last one may end at the disk's end).
+            let start = offset.next_multiple_of(cs);
+            let mut end = (offset + len) / cs * cs;
+            if offset + len == self.virtual_size() {
+                end = offset + len;
+            }
+            if end <= start {
+                return Ok(());
+            }
+            let _busy = self.inflight.acquire(start / cs, end.div_ceil(cs));
+            let mut m = self.lock()?;
+            m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+            let padded_end = end.next_multiple_of(cs);
+            self.zero_locked(&mut m, start, padded_end - start, true, true)
+                .map_err(|e| self.fail_corrupt(&mut m, e))
+        })
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        // Queued frees become reusable clusters here: no reader may still be reading
-        // them.
-        let _gate = sync::write(&self.reuse);
-        let mut m = self.lock()?;
-        m.compressed_cursor = 0;
-        m.flush_metadata().map_err(|e| self.err(e))?;
-        if !m.barriers {
-            m.storage.flush().map_err(|e| self.err(e))?;
-        }
-        Ok(())
+        request(Operation::Flush, None, || {
+            if self.read_only {
+                return Ok(());
+            }
+            // Queued frees become reusable clusters here: no reader may still be reading
+            // them.
+            let _gate = sync::write(&self.reuse);
+            let mut m = self.lock()?;
+            m.compressed_cursor = 0;
+            m.flush_metadata().map_err(|e| self.err(e))?;
+            if !m.barriers {
+                m.storage.flush().map_err(|e| self.err(e))?;
+            }
+            Ok(())
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
-        let mut m = self.lock()?;
-        let (run, n) = self.lookup(&mut m, offset, len).map_err(|e| self.err(e))?;
-        let status = match run {
-            Run::Data { host } => Status::Data {
-                host_offset: Some(host),
-                compressed: false,
-            },
-            Run::Zero { host } => Status::Zero {
-                host_offset: (host != 0).then_some(host),
-            },
-            Run::Unallocated => Status::Unallocated,
-            Run::Compressed { .. } => Status::Data {
-                host_offset: None,
-                compressed: true,
-            },
-        };
-        Ok(Extent {
-            offset,
-            len: n,
-            status,
+        request(Operation::BlockStatus, Some(offset), || {
+            check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
+            let mut m = self.lock()?;
+            let (run, n) = self.lookup(&mut m, offset, len).map_err(|e| self.err(e))?;
+            let status = match run {
+                Run::Data { host } => Status::Data {
+                    host_offset: Some(host.get()),
+                    compressed: false,
+                },
+                Run::Zero { host } => Status::Zero {
+                    host_offset: (!host.is_none()).then_some(host.get()),
+                },
+                Run::Unallocated => Status::Unallocated,
+                Run::Compressed { .. } => Status::Data {
+                    host_offset: None,
+                    compressed: true,
+                },
+            };
+            Ok(Extent {
+                offset,
+                len: n,
+                status,
+            })
         })
     }
 
@@ -1218,64 +1251,66 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
-        self.check_writable()?;
-        let cur = self.virtual_size();
-        if !new_size.is_multiple_of(512) {
-            return Err(Error::invalid_argument(
-                "The new size must be a multiple of 512",
-            ));
-        }
-        let _gate = sync::write(&self.reuse);
-        let _busy = self.inflight.acquire(0, u64::MAX);
-        let mut m = self.lock()?;
-        // Each v3 snapshot records its own disk size, so the active disk may change
-        // size under snapshots; v2 did not require that field (QEMU's rule).
-        if !m.snapshots.is_empty() && self.geo.version < 3 {
-            return Err(Error::invalid_argument(
-                "Can't resize a v2 image which has snapshots",
-            ));
-        }
-        if new_size < cur && !allow_shrink {
-            return Err(Error::invalid_argument(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
-        }
-        if new_size != cur {
-            m.bitmaps_begin_resize(new_size).map_err(|e| self.err(e))?;
-        }
-        if new_size < cur {
-            let cs = self.geo.cluster_size();
-            let from = new_size.next_multiple_of(cs);
-            let to = cur.next_multiple_of(cs);
-            if to > from {
-                self.zero_locked(&mut m, from, to - from, true, true)
-                    .map_err(|e| self.err(e))?;
+        request(Operation::Resize, None, || {
+            self.check_writable()?;
+            let cur = self.virtual_size();
+            if !new_size.is_multiple_of(512) {
+                return Err(Error::invalid_argument(
+                    "The new size must be a multiple of 512",
+                ));
             }
-            if !new_size.is_multiple_of(cs) {
-                // The tail of the last cluster must read as zeroes if the disk grows again.
-                let tail_end = (new_size.next_multiple_of(cs)).min(cur);
-                // Zeroed only where it does not read as zeroes already.
-                if tail_end > new_size {
-                    self.zero_locked(&mut m, new_size, tail_end - new_size, false, false)
+            let _gate = sync::write(&self.reuse);
+            let _busy = self.inflight.acquire(0, u64::MAX);
+            let mut m = self.lock()?;
+            // Each v3 snapshot records its own disk size, so the active disk may change
+            // size under snapshots; v2 did not require that field (QEMU's rule).
+            if !m.snapshots.is_empty() && self.geo.version < 3 {
+                return Err(Error::invalid_argument(
+                    "Can't resize a v2 image which has snapshots",
+                ));
+            }
+            if new_size < cur && !allow_shrink {
+                return Err(Error::invalid_argument(format!(
+                    "Shrinking the image from {cur} to {new_size} bytes was not allowed"
+                )));
+            }
+            if new_size != cur {
+                m.bitmaps_begin_resize(new_size).map_err(|e| self.err(e))?;
+            }
+            if new_size < cur {
+                let cs = self.geo.cluster_size();
+                let from = new_size.next_multiple_of(cs);
+                let to = cur.next_multiple_of(cs);
+                if to > from {
+                    self.zero_locked(&mut m, from, to - from, true, true)
                         .map_err(|e| self.err(e))?;
                 }
+                if !new_size.is_multiple_of(cs) {
+                    // The tail of the last cluster must read as zeroes if the disk grows again.
+                    let tail_end = (new_size.next_multiple_of(cs)).min(cur);
+                    // Zeroed only where it does not read as zeroes already.
+                    if tail_end > new_size {
+                        self.zero_locked(&mut m, new_size, tail_end - new_size, false, false)
+                            .map_err(|e| self.err(e))?;
+                    }
+                }
+                // L2 tables wholly past the new end go too, and the file gives back its
+                // free tail (as QEMU's shrink does), before the header records the size.
+                let first = new_size.div_ceil(m.l2_entries() * cs);
+                m.drop_l2_tables(first).map_err(|e| self.err(e))?;
+            } else {
+                let entries = m.h.l1_entries_for(new_size);
+                self.grow_l1(&mut m, entries).map_err(|e| self.err(e))?;
             }
-            // L2 tables wholly past the new end go too, and the file gives back its
-            // free tail (as QEMU's shrink does), before the header records the size.
-            let first = new_size.div_ceil(m.l2_entries() * cs);
-            m.drop_l2_tables(first).map_err(|e| self.err(e))?;
-        } else {
-            let entries = m.h.l1_entries_for(new_size);
-            self.grow_l1(&mut m, entries).map_err(|e| self.err(e))?;
-        }
-        m.flush_metadata().map_err(|e| self.err(e))?;
-        m.storage
-            .write_at(&new_size.to_be_bytes(), 24)
-            .map_err(|e| self.err(e))?;
-        m.storage.flush().map_err(|e| self.err(e))?;
-        m.h.size = new_size;
-        self.size.store(new_size, Ordering::Release);
-        m.bitmaps_end_resize(new_size).map_err(|e| self.err(e))
+            m.flush_metadata().map_err(|e| self.err(e))?;
+            m.storage
+                .write_at(&new_size.to_be_bytes(), 24)
+                .map_err(|e| self.err(e))?;
+            m.storage.flush().map_err(|e| self.err(e))?;
+            m.h.size = new_size;
+            self.size.store(new_size, Ordering::Release);
+            m.bitmaps_end_resize(new_size).map_err(|e| self.err(e))
+        })
     }
 
     fn path(&self) -> Option<PathBuf> {
@@ -1333,7 +1368,7 @@ impl Qcow2Image {
         format: Option<&str>,
     ) -> Result<()> {
         if self.read_only {
-            return Err(self.err(Error::new(ErrorKind::ReadOnly)));
+            return Err(self.err(Error::read_only()));
         }
         let _excl = self.exclusive();
         let mut m = self.lock()?;

@@ -2,6 +2,7 @@
 //! persistent-bitmap directory, and whether the image looks metadata-preallocated.
 
 use super::image::Qcow2Image;
+use crate::units::index;
 use crate::{Error, Result};
 use std::sync::Arc;
 use strata_storage::Storage;
@@ -64,7 +65,7 @@ impl Qcow2Image {
         if end.is_none_or(|e| e > file_size) {
             return Err(Error::corrupt("bitmap directory lies outside the file"));
         }
-        let mut dir = vec![0u8; ext.directory_size as usize];
+        let mut dir = vec![0u8; index(ext.directory_size)];
         self.storage.read_at(&mut dir, ext.directory_offset)?;
         let mut out = Vec::new();
         let mut pos = 0usize;
@@ -93,7 +94,7 @@ impl Qcow2Image {
                 flags,
                 entry_size,
             });
-            pos += entry_size as usize;
+            pos += index(entry_size);
         }
         Ok(out)
     }
@@ -120,12 +121,12 @@ impl Qcow2Image {
                 break;
             }
             let off = m.refblock_offset(b)?;
-            if off == 0 {
+            if off.is_none() {
                 continue;
             }
             m.load_refblock(off)?;
-            let block = &m.rb.get(off).expect("loaded").data;
-            let n = (end_cluster - b * epb).min(epb) as usize;
+            let block = &m.rb.get(off.get()).expect("loaded").data;
+            let n = index((end_cluster - b * epb).min(epb));
             count += (0..n)
                 .filter(|&i| super::refcount::rb_get(block, order, i) != 0)
                 .count() as u64;
@@ -149,8 +150,8 @@ impl Qcow2Image {
         let cs = self.cluster_size_bytes();
         let mut m = self.lock()?;
         Ok(match m.entry(offset / cs)? {
-            super::entries::L2Entry::Normal { host, .. } if host != 0 => {
-                Some((host + offset % cs, cs - offset % cs))
+            super::entries::L2Entry::Normal { host, .. } if !host.is_none() => {
+                Some(((host + offset % cs).get(), cs - offset % cs))
             }
             _ => None,
         })

@@ -5,6 +5,7 @@ use super::cache::TableCache;
 use super::entries::{self, Geometry, L2Entry, OFLAG_COPIED};
 use super::header::{self, Header};
 use super::snapshot::Snapshot;
+use crate::units::{index, ClusterCount, ClusterIndex, HostOffset};
 use crate::{Error, Result};
 use std::sync::Arc;
 use strata_storage::Storage;
@@ -29,7 +30,7 @@ pub struct Meta {
     /// No cluster below this index is free (a search starts here).
     pub free_hint: u64,
     /// Host clusters whose refcount drops once the current mappings are on disk.
-    pub pending_frees: Vec<u64>,
+    pub pending_frees: Vec<ClusterIndex>,
     /// Offset of the next free byte for packing compressed clusters (0: none open).
     pub compressed_cursor: u64,
     pub snapshots: Vec<Snapshot>,
@@ -63,8 +64,8 @@ impl Meta {
             geo,
             l1,
             reftable,
-            l2: TableCache::new((L2_CACHE_BYTES / cs) as usize),
-            rb: TableCache::new((REFBLOCK_CACHE_BYTES / cs).max(8) as usize),
+            l2: TableCache::new(index(L2_CACHE_BYTES / cs)),
+            rb: TableCache::new(index((REFBLOCK_CACHE_BYTES / cs).max(8))),
             free_hint: 1,
             pending_frees: Vec::new(),
             compressed_cursor: 0,
@@ -93,11 +94,11 @@ impl Meta {
         }
     }
 
-    /// L2 table offset and COPIED flag for L1 index `i` (0 if none).
-    pub fn l1_entry(&self, i: u64) -> Result<(u64, bool)> {
-        match self.l1.get(i as usize) {
-            None => Ok((0, false)),
-            Some(&e) => entries::decode_l1(e, self.cluster_size(), i as usize),
+    /// L2 table offset and COPIED flag for L1 index `i` (none if none).
+    pub fn l1_entry(&self, i: u64) -> Result<(HostOffset, bool)> {
+        match self.l1.get(index(i)) {
+            None => Ok((HostOffset::NONE, false)),
+            Some(&e) => entries::decode_l1(e, self.cluster_size(), i),
         }
     }
 
@@ -154,11 +155,12 @@ impl Meta {
     }
 
     /// Load the L2 table at `off` into the cache.
-    pub fn load_l2(&mut self, off: u64) -> Result<()> {
+    pub fn load_l2(&mut self, off: HostOffset) -> Result<()> {
+        let off = off.get();
         if self.l2.contains(off) {
             return Ok(());
         }
-        let mut buf = vec![0u8; self.cluster_size() as usize];
+        let mut buf = vec![0u8; index(self.cluster_size())];
         self.storage.read_at(&mut buf, off)?;
         let t = self.decode_table(&buf);
         self.insert_l2(off, t, false)
@@ -168,9 +170,9 @@ impl Meta {
     pub fn entry(&mut self, gc: u64) -> Result<L2Entry> {
         let n = self.l2_entries();
         let (l2off, _) = self.l1_entry(gc / n)?;
-        if l2off == 0 {
+        if l2off.is_none() {
             return Ok(L2Entry::Normal {
-                host: 0,
+                host: HostOffset::NONE,
                 copied: false,
                 zero: false,
                 bitmap: 0,
@@ -181,20 +183,20 @@ impl Meta {
     }
 
     /// Raw (entry, bitmap) at index `i` of the L2 table at `l2off`.
-    pub fn raw_entry(&mut self, l2off: u64, i: u64) -> Result<(u64, u64)> {
+    pub fn raw_entry(&mut self, l2off: HostOffset, i: u64) -> Result<(u64, u64)> {
         self.load_l2(l2off)?;
         let w = self.words();
-        let t = &self.l2.get(l2off).expect("loaded").data;
-        let i = i as usize * w;
+        let t = &self.l2.get(l2off.get()).expect("loaded").data;
+        let i = index(i) * w;
         Ok((t[i], if w == 2 { t[i + 1] } else { 0 }))
     }
 
     /// Set the raw entry at index `i` of the cached L2 table at `l2off`.
-    pub fn set_raw_entry(&mut self, l2off: u64, i: u64, e: u64, bitmap: u64) -> Result<()> {
+    pub fn set_raw_entry(&mut self, l2off: HostOffset, i: u64, e: u64, bitmap: u64) -> Result<()> {
         self.load_l2(l2off)?;
         let w = self.words();
-        let slot = self.l2.get(l2off).expect("loaded");
-        let i = i as usize * w;
+        let slot = self.l2.get(l2off.get()).expect("loaded");
+        let i = index(i) * w;
         slot.data[i] = e;
         if w == 2 {
             slot.data[i + 1] = bitmap;
@@ -208,29 +210,30 @@ impl Meta {
     ///
     /// Order: the new table's refcount and contents are written and flushed before the
     /// L1 entry points at it; a shared old table loses its reference afterwards.
-    pub fn l2_for_write(&mut self, l1i: u64) -> Result<u64> {
+    pub fn l2_for_write(&mut self, l1i: u64) -> Result<HostOffset> {
         if l1i >= self.l1.len() as u64 {
             return Err(Error::corrupt(format!("L1 index {l1i} past the L1 table")));
         }
         let (old, copied) = self.l1_entry(l1i)?;
-        if old != 0 && copied {
+        if !old.is_none() && copied {
             return Ok(old);
         }
-        let table = if old == 0 {
-            vec![0u64; self.l2_entries() as usize * self.words()]
+        let table = if old.is_none() {
+            vec![0u64; index(self.l2_entries()) * self.words()]
         } else {
             self.load_l2(old)?;
-            self.l2.get(old).expect("loaded").data.clone()
+            self.l2.get(old.get()).expect("loaded").data.clone()
         };
-        let new = self.alloc_clusters(1)?;
+        let new = self.alloc_clusters(ClusterCount(1))?;
         self.write_refblocks()?;
-        self.storage.write_at(&Self::encode_table(&table), new)?;
+        self.storage
+            .write_at(&Self::encode_table(&table), new.get())?;
         self.barrier_named(Barrier::L2BeforeL1)?;
-        self.l1[l1i as usize] = new | OFLAG_COPIED;
+        self.l1[index(l1i)] = new.get() | OFLAG_COPIED;
         self.write_l1_entry(l1i)?;
-        self.insert_l2(new, table, false)?;
-        if old != 0 {
-            self.free_later(old / self.cluster_size());
+        self.insert_l2(new.get(), table, false)?;
+        if !old.is_none() {
+            self.free_later(old.cluster(self.geo.cluster_bits));
         }
         Ok(new)
     }
@@ -242,7 +245,15 @@ impl Meta {
     pub(crate) fn relocate_l1(&mut self, table: Vec<u64>, size: Option<u64>) -> Result<()> {
         let cs = self.cluster_size();
         let entries = table.len() as u64;
-        let new_off = self.alloc_clusters((entries * 8).div_ceil(cs).max(1))?;
+        // The callers size the table for a virtual size the header accepts, whose L1
+        // table QEMU bounds at 32 MiB: its entry count is far inside u32.
+        let l1_size = u32::try_from(entries)
+            .map_err(|_| Error::invalid(format!("L1 table of {entries} entries is too large")))?;
+        let new_off = self
+            .alloc_clusters(
+                ClusterCount::for_bytes(entries * 8, self.geo.cluster_bits).max(ClusterCount(1)),
+            )?
+            .get();
         // Only the table's bytes are written, as QEMU does: the rest of its last
         // cluster is never read (a new image ends right after its L1 table).
         self.flush_metadata()?;
@@ -253,13 +264,13 @@ impl Meta {
         let mut hdr = [0u8; 24];
         hdr[..8].copy_from_slice(&size.unwrap_or(self.h.size).to_be_bytes());
         hdr[8..12].copy_from_slice(&self.h.crypt_method.to_be_bytes());
-        hdr[12..16].copy_from_slice(&(entries as u32).to_be_bytes());
+        hdr[12..16].copy_from_slice(&l1_size.to_be_bytes());
         hdr[16..].copy_from_slice(&new_off.to_be_bytes());
         self.storage.write_at(&hdr, 24)?;
         self.storage.flush()?;
         let old_off = self.h.l1_table_offset;
         let old_clusters = (u64::from(self.h.l1_size) * 8).div_ceil(cs);
-        self.h.l1_size = entries as u32;
+        self.h.l1_size = l1_size;
         self.h.l1_table_offset = new_off;
         if let Some(size) = size {
             self.h.size = size;
@@ -267,14 +278,14 @@ impl Meta {
         self.l1 = table;
         if old_off != 0 {
             for c in 0..old_clusters {
-                self.update_refcount(old_off / cs + c, -1)?;
+                self.update_refcount(ClusterIndex(old_off / cs + c), -1)?;
             }
         }
         self.flush_metadata()
     }
 
     pub fn write_l1_entry(&mut self, i: u64) -> Result<()> {
-        let e = self.l1[i as usize];
+        let e = self.l1[index(i)];
         self.storage
             .write_at(&e.to_be_bytes(), self.h.l1_table_offset + i * 8)?;
         Ok(())
@@ -282,14 +293,12 @@ impl Meta {
 
     /// Drop one reference to everything a (former) L2 entry pointed at.
     pub fn release_entry(&mut self, e: L2Entry) {
-        let cs = self.cluster_size();
+        let bits = self.geo.cluster_bits;
         match e {
-            L2Entry::Normal { host, .. } if host != 0 => self.free_later(host / cs),
+            L2Entry::Normal { host, .. } if !host.is_none() => self.free_later(host.cluster(bits)),
             L2Entry::Normal { .. } => {}
             L2Entry::Compressed { offset, size } => {
-                let first = offset / cs;
-                let last = (offset + size - 1) / cs;
-                for c in first..=last {
+                for c in offset.clusters(size, bits) {
                     self.free_later(c);
                 }
             }
@@ -416,7 +425,8 @@ impl Meta {
     /// refcount table, the snapshot table and snapshot L1 tables, and the L2 tables
     /// and refcount blocks now cached. Only a corrupt L2 entry can point there, so
     /// the error is a corruption (the caller marks the image).
-    pub fn check_data_write(&self, off: u64, len: u64) -> Result<()> {
+    pub fn check_data_write(&self, off: HostOffset, len: u64) -> Result<()> {
+        let off = off.get();
         if len == 0 {
             return Ok(());
         }
@@ -461,7 +471,8 @@ impl Meta {
             None => Ok(()),
             Some(w) => Err(Error::corrupt(format!(
                 "Refusing to write guest data at host offset 0x{off:x}: it would overwrite {w}; image marked as corrupt"
-            ))),
+            ))
+            .at_offset(crate::Offset::Host(HostOffset(off)))),
         }
     }
 
@@ -484,19 +495,18 @@ impl Meta {
         // Settle the cache so no L2 table is written after its L1 entry goes.
         self.flush_metadata()?;
         let l2n = self.l2_entries();
-        let cs = self.cluster_size();
         let mut dropped = false;
         for l1i in first..self.l1.len() as u64 {
             let (l2off, _) = self.l1_entry(l1i)?;
-            if l2off == 0 {
+            if l2off.is_none() {
                 continue;
             }
             for i in 0..l2n {
                 let old = self.entry(l1i * l2n + i)?;
                 self.release_entry(old);
             }
-            self.free_later(l2off / cs);
-            self.l1[l1i as usize] = 0;
+            self.free_later(l2off.cluster(self.geo.cluster_bits));
+            self.l1[index(l1i)] = 0;
             dropped = true;
         }
         if dropped {

@@ -7,6 +7,7 @@
 //! after the mappings that dropped the references are on disk (`pending_frees`).
 
 use super::meta::Meta;
+use crate::units::{index, ClusterCount, ClusterIndex, HostOffset};
 use crate::{Error, Result};
 
 /// Read entry `i` of a refcount block of `order` (bits = 2^order).
@@ -31,15 +32,21 @@ pub fn rb_set(block: &mut [u8], order: u32, i: usize, v: u64) {
             let bits = 1usize << order;
             let per = 8 / bits;
             let shift = bits * (i % per);
-            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            let mask = low_byte((1u64 << bits) - 1) << shift;
             let b = &mut block[i / per];
-            *b = (*b & !mask) | (((v as u8) << shift) & mask);
+            *b = (*b & !mask) | ((low_byte(v) << shift) & mask);
         }
-        3 => block[i] = v as u8,
-        4 => block[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_be_bytes()),
-        5 => block[4 * i..4 * i + 4].copy_from_slice(&(v as u32).to_be_bytes()),
+        3 => block[i] = low_byte(v),
+        4 => block[2 * i..2 * i + 2].copy_from_slice(&v.to_be_bytes()[6..]),
+        5 => block[4 * i..4 * i + 4].copy_from_slice(&v.to_be_bytes()[4..]),
         _ => block[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes()),
     }
+}
+
+/// The lowest byte of `v` (refcount entries narrower than a byte are masked after).
+#[inline]
+fn low_byte(v: u64) -> u8 {
+    v.to_le_bytes()[0]
 }
 
 /// Reserved bits of a refcount table entry (bits 0..=8).
@@ -59,10 +66,10 @@ impl Meta {
         }
     }
 
-    /// Host offset of refcount block `idx`, or 0 if there is none.
-    pub fn refblock_offset(&self, idx: u64) -> Result<u64> {
-        let Some(&e) = self.reftable.get(idx as usize) else {
-            return Ok(0);
+    /// Host offset of refcount block `idx`, or none if there is none.
+    pub fn refblock_offset(&self, idx: u64) -> Result<HostOffset> {
+        let Some(&e) = self.reftable.get(index(idx)) else {
+            return Ok(HostOffset::NONE);
         };
         if e & REFTABLE_RESERVED != 0 {
             return Err(Error::corrupt(format!(
@@ -74,14 +81,15 @@ impl Meta {
                 "refcount block {idx} offset 0x{e:x} is not cluster-aligned"
             )));
         }
-        Ok(e)
+        Ok(HostOffset(e))
     }
 
-    pub(crate) fn load_refblock(&mut self, off: u64) -> Result<()> {
+    pub(crate) fn load_refblock(&mut self, off: HostOffset) -> Result<()> {
+        let off = off.get();
         if self.rb.contains(off) {
             return Ok(());
         }
-        let mut buf = vec![0u8; self.cluster_size() as usize];
+        let mut buf = vec![0u8; index(self.cluster_size())];
         self.storage.read_at(&mut buf, off)?;
         let evicted = self.rb.insert(off, buf, false);
         self.write_evicted_refblock(evicted)
@@ -110,22 +118,21 @@ impl Meta {
     /// written first, and only then does a block described by another one lose
     /// its reference, so a crash leaks at worst. Call with the metadata flushed.
     pub(crate) fn drop_idle_refblocks(&mut self) -> Result<()> {
-        let cs = self.cluster_size();
         let epb = self.rb_entries();
         let order = self.h.refcount_order;
         let mut dropped = Vec::new();
         for idx in (0..self.reftable.len() as u64).rev() {
             let off = self.refblock_offset(idx)?;
-            if off == 0 {
+            if off.is_none() {
                 continue;
             }
-            let own = off / cs;
-            let self_described = own / epb == idx;
+            let own = off.cluster(self.geo.cluster_bits);
+            let self_described = own.get() / epb == idx;
             self.load_refblock(off)?;
-            let data = &self.rb.get(off).expect("loaded").data;
+            let data = &self.rb.get(off.get()).expect("loaded").data;
             let idle = (0..epb).all(|i| {
-                let v = rb_get(data, order, i as usize);
-                v == 0 || (self_described && idx * epb + i == own && v == 1)
+                let v = rb_get(data, order, index(i));
+                v == 0 || (self_described && idx * epb + i == own.get() && v == 1)
             });
             if !idle {
                 break;
@@ -136,7 +143,7 @@ impl Meta {
             return Ok(());
         }
         for &(idx, _, _) in &dropped {
-            self.reftable[idx as usize] = 0;
+            self.reftable[index(idx)] = 0;
             self.storage
                 .write_at(&0u64.to_be_bytes(), self.h.refcount_table_offset + idx * 8)?;
         }
@@ -160,7 +167,7 @@ impl Meta {
         let cs = self.geo.cluster_size();
         let end = self.storage.size()?.div_ceil(cs);
         let mut keep = end;
-        while keep > 0 && self.refcount(keep - 1)? == 0 {
+        while keep > 0 && self.refcount(ClusterIndex(keep - 1))? == 0 {
             keep -= 1;
         }
         if keep < end {
@@ -171,52 +178,53 @@ impl Meta {
     }
 
     /// The stored refcount of host cluster `cluster`.
-    pub fn refcount(&mut self, cluster: u64) -> Result<u64> {
+    pub fn refcount(&mut self, cluster: ClusterIndex) -> Result<u64> {
         let epb = self.rb_entries();
-        let off = self.refblock_offset(cluster / epb)?;
-        if off == 0 {
+        let off = self.refblock_offset(cluster.get() / epb)?;
+        if off.is_none() {
             return Ok(0);
         }
         self.load_refblock(off)?;
         let order = self.h.refcount_order;
-        let slot = self.rb.get(off).expect("loaded");
-        Ok(rb_get(&slot.data, order, (cluster % epb) as usize))
+        let slot = self.rb.get(off.get()).expect("loaded");
+        Ok(rb_get(&slot.data, order, index(cluster.get() % epb)))
     }
 
     /// Set the refcount of `cluster` (its refcount block must exist).
-    fn set_refcount_in_block(&mut self, cluster: u64, v: u64) -> Result<()> {
+    fn set_refcount_in_block(&mut self, cluster: ClusterIndex, v: u64) -> Result<()> {
         let epb = self.rb_entries();
-        let off = self.refblock_offset(cluster / epb)?;
-        debug_assert!(off != 0, "refcount block must exist");
+        let off = self.refblock_offset(cluster.get() / epb)?;
+        debug_assert!(!off.is_none(), "refcount block must exist");
         self.load_refblock(off)?;
         let order = self.h.refcount_order;
-        let slot = self.rb.get(off).expect("loaded");
-        rb_set(&mut slot.data, order, (cluster % epb) as usize, v);
+        let slot = self.rb.get(off.get()).expect("loaded");
+        rb_set(&mut slot.data, order, index(cluster.get() % epb), v);
         slot.dirty = true;
         Ok(())
     }
 
     /// Add `delta` to the refcount of `cluster`, creating its refcount block if needed.
     /// Underflow and overflow are corruption errors, never wrap-around.
-    pub fn update_refcount(&mut self, cluster: u64, delta: i64) -> Result<u64> {
-        self.ensure_refblock(cluster / self.rb_entries())?;
+    pub fn update_refcount(&mut self, cluster: ClusterIndex, delta: i64) -> Result<u64> {
+        self.ensure_refblock(cluster.get() / self.rb_entries())?;
         let cur = self.refcount(cluster)?;
         let new = if delta >= 0 {
             cur.checked_add(delta as u64)
                 .filter(|&v| v <= self.max_refcount())
                 .ok_or_else(|| {
-                    Error::corrupt(format!("refcount of cluster {cluster} would overflow"))
+                    Error::corrupt(format!("refcount of cluster {} would overflow", cluster.0))
                 })?
         } else {
             cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
                 Error::corrupt(format!(
-                    "refcount of cluster {cluster} would drop below zero"
+                    "refcount of cluster {} would drop below zero",
+                    cluster.0
                 ))
             })?
         };
         self.set_refcount_in_block(cluster, new)?;
-        if new == 0 && cluster < self.free_hint {
-            self.free_hint = cluster;
+        if new == 0 && cluster.get() < self.free_hint {
+            self.free_hint = cluster.get();
         }
         Ok(new)
     }
@@ -225,7 +233,7 @@ impl Meta {
     /// table) as needed. A new block is self-describing: it lives in the first cluster
     /// of the range it covers, which is free because the range has no block yet.
     pub fn ensure_refblock(&mut self, idx: u64) -> Result<()> {
-        if self.refblock_offset(idx)? != 0 {
+        if !self.refblock_offset(idx)?.is_none() {
             return Ok(());
         }
         if idx >= self.reftable.len() as u64 {
@@ -241,11 +249,11 @@ impl Meta {
             .ok_or_else(|| {
                 Error::invalid("image would grow past the 2^56-byte host offset limit")
             })?;
-        let mut block = vec![0u8; cs as usize];
+        let mut block = vec![0u8; index(cs)];
         rb_set(&mut block, self.h.refcount_order, 0, 1);
         self.storage.write_at(&block, off)?;
         self.barrier()?;
-        self.reftable[idx as usize] = off;
+        self.reftable[index(idx)] = off;
         self.storage
             .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + idx * 8)?;
         self.barrier()?;
@@ -273,11 +281,15 @@ impl Meta {
             }
             m = m2;
         }
-        if t * cs > super::header::MAX_REFTABLE_BYTES {
-            return Err(Error::invalid(
-                "refcount table would exceed 8 MiB: the image is too large for its cluster size",
-            ));
-        }
+        // The header limit (8 MiB of table) also keeps the cluster count in u32.
+        let table_clusters = u32::try_from(t)
+            .ok()
+            .filter(|_| t * cs <= super::header::MAX_REFTABLE_BYTES)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "refcount table would exceed 8 MiB: the image is too large for its cluster size",
+                )
+            })?;
         let area = need * epb; // first cluster of the area
         let area_off = area
             .checked_mul(cs)
@@ -290,22 +302,22 @@ impl Meta {
         // are [area, area+m+t).
         let order = self.h.refcount_order;
         let mut new_table = self.reftable.clone();
-        new_table.resize((t * per_cluster) as usize, 0);
+        new_table.resize(index(t * per_cluster), 0);
         for j in 0..m {
             let idx = need + j;
             let first = idx * epb;
-            let mut block = vec![0u8; cs as usize];
+            let mut block = vec![0u8; index(cs)];
             for c in area..area + m + t {
                 if c >= first && c < first + epb {
-                    rb_set(&mut block, order, (c - first) as usize, 1);
+                    rb_set(&mut block, order, index(c - first), 1);
                 }
             }
             let off = (area + j) * cs;
             self.storage.write_at(&block, off)?;
-            new_table[idx as usize] = off;
+            new_table[index(idx)] = off;
         }
         let table_off = area_off + m * cs;
-        let mut bytes = Vec::with_capacity((t * cs) as usize);
+        let mut bytes = Vec::with_capacity(index(t * cs));
         for e in &new_table {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
@@ -315,18 +327,18 @@ impl Meta {
         // then cluster count).
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-        hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
+        hdr[8..].copy_from_slice(&table_clusters.to_be_bytes());
         self.storage.write_at(&hdr, 48)?;
         self.barrier()?;
         let old_off = self.h.refcount_table_offset;
         let old_clusters = u64::from(self.h.refcount_table_clusters);
         self.h.refcount_table_offset = table_off;
-        self.h.refcount_table_clusters = t as u32;
+        self.h.refcount_table_clusters = table_clusters;
         self.reftable = new_table;
         // The old table is no longer referenced: free its clusters now that the
         // header switch is durable.
         for c in 0..old_clusters {
-            self.update_refcount(old_off / cs + c, -1)?;
+            self.update_refcount(ClusterIndex(old_off / cs + c), -1)?;
         }
         Ok(())
     }
@@ -339,9 +351,9 @@ impl Meta {
     /// Refcount blocks missing for the run are placed right after it (each counted in
     /// the block that covers it), written and flushed, and only then entered in the
     /// refcount table, so the run stays contiguous whatever its length.
-    pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+    pub fn alloc_clusters(&mut self, n: ClusterCount) -> Result<HostOffset> {
+        let n = n.get();
         debug_assert!(n > 0);
-        let cs = self.cluster_size();
         let epb = self.rb_entries();
         let mut extra = 0u64;
         loop {
@@ -358,7 +370,7 @@ impl Meta {
             }
             let mut missing = Vec::new();
             for b in start / epb..=(end - 1) / epb {
-                if self.refblock_offset(b)? == 0 {
+                if self.refblock_offset(b)?.is_none() {
                     missing.push(b);
                 }
             }
@@ -372,12 +384,13 @@ impl Meta {
                 self.create_refblocks(&missing, &positions)?;
             }
             for c in start..start + n {
-                self.set_refcount_in_block(c, 1)?;
+                self.set_refcount_in_block(ClusterIndex(c), 1)?;
             }
             if self.free_hint == start {
                 self.free_hint = start + n;
             }
-            return Ok(start * cs);
+            // find_free_run stopped below the host offset limit.
+            return Ok(HostOffset(start << self.geo.cluster_bits));
         }
     }
 
@@ -396,7 +409,7 @@ impl Meta {
                     "image would grow past the 2^56-byte host offset limit",
                 ));
             }
-            if self.refcount(c)? == 0 {
+            if self.refcount(ClusterIndex(c))? == 0 {
                 if run == 0 {
                     start = c;
                 }
@@ -423,16 +436,16 @@ impl Meta {
         // Positions covered by existing blocks are counted there first.
         for &p in positions {
             if !blocks.contains(&(p / epb)) {
-                self.set_refcount_in_block(p, 1)?;
+                self.set_refcount_in_block(ClusterIndex(p), 1)?;
             }
         }
         self.write_dirty_refblocks()?;
         let mut made = Vec::with_capacity(blocks.len());
         for (&b, &pos) in blocks.iter().zip(positions) {
-            let mut block = vec![0u8; cs as usize];
+            let mut block = vec![0u8; index(cs)];
             for &p in positions {
                 if p / epb == b {
-                    rb_set(&mut block, order, (p % epb) as usize, 1);
+                    rb_set(&mut block, order, index(p % epb), 1);
                 }
             }
             self.storage.write_at(&block, pos * cs)?;
@@ -440,7 +453,7 @@ impl Meta {
         }
         self.barrier()?;
         for (b, off, block) in made {
-            self.reftable[b as usize] = off;
+            self.reftable[index(b)] = off;
             self.storage
                 .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + b * 8)?;
             let evicted = self.rb.insert(off, block, false);
@@ -452,7 +465,7 @@ impl Meta {
 
     /// Queue one reference of host cluster `cluster` to be dropped once the mapping
     /// change that dropped it is on disk.
-    pub fn free_later(&mut self, cluster: u64) {
+    pub fn free_later(&mut self, cluster: ClusterIndex) {
         self.pending_frees.push(cluster);
     }
 }

@@ -1,6 +1,7 @@
 //! The internal-snapshot table: parsing within QEMU's limits, and serialisation.
 
 use super::header::{be32, be64, check_table, MAX_L1_BYTES};
+use crate::units::{header_u32, index};
 use crate::{Error, Result};
 use strata_storage::Storage;
 
@@ -84,11 +85,12 @@ pub fn read_table(
                 "Snapshot L1 table",
             )?;
         }
-        let mut vbuf = vec![0u8; var as usize];
+        let mut vbuf = vec![0u8; index(var)];
         storage.read_at(&mut vbuf, at + 40)?;
-        let extra = vbuf[..extra_len as usize].to_vec();
-        let id_end = extra_len as usize + id_len as usize;
-        let id = String::from_utf8_lossy(&vbuf[extra_len as usize..id_end]).into_owned();
+        let extra_len = index(u64::from(extra_len));
+        let extra = vbuf[..extra_len].to_vec();
+        let id_end = extra_len + index(id_len);
+        let id = String::from_utf8_lossy(&vbuf[extra_len..id_end]).into_owned();
         let name = String::from_utf8_lossy(&vbuf[id_end..]).into_owned();
         let vm_state_size = if extra.len() >= 8 {
             be64(&extra, 0)
@@ -141,20 +143,28 @@ impl Snapshot {
 }
 
 /// Serialise a snapshot table (entries padded to 8 bytes, as read by [`read_table`]).
-pub fn serialize_table(snaps: &[Snapshot]) -> Vec<u8> {
+/// An ID or name longer than its 16-bit length field is an `InvalidArgument` error.
+pub fn serialize_table(snaps: &[Snapshot]) -> Result<Vec<u8>> {
+    let len16 = |s: &str, what: &str| {
+        u16::try_from(s.len())
+            .map_err(|_| Error::invalid_argument(format!("Snapshot {what} too long")))
+    };
     let mut out = Vec::new();
     for s in snaps {
         let extra = s.encode_extra();
         out.extend_from_slice(&s.l1_table_offset.to_be_bytes());
         out.extend_from_slice(&s.l1_size.to_be_bytes());
-        out.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
-        out.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&len16(&s.id, "ID")?.to_be_bytes());
+        out.extend_from_slice(&len16(&s.name, "name")?.to_be_bytes());
         out.extend_from_slice(&s.date_sec.to_be_bytes());
         out.extend_from_slice(&s.date_nsec.to_be_bytes());
         out.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
         // The 32-bit VM-state field saturates; the 64-bit one in extra data is exact.
-        out.extend_from_slice(&(s.vm_state_size.min(u64::from(u32::MAX)) as u32).to_be_bytes());
-        out.extend_from_slice(&(extra.len() as u32).to_be_bytes());
+        let vm_state_32 = u32::try_from(s.vm_state_size).unwrap_or(u32::MAX);
+        out.extend_from_slice(&vm_state_32.to_be_bytes());
+        out.extend_from_slice(
+            &header_u32(extra.len() as u64, "snapshot extra data")?.to_be_bytes(),
+        );
         out.extend_from_slice(&extra);
         out.extend_from_slice(s.id.as_bytes());
         out.extend_from_slice(s.name.as_bytes());
@@ -162,5 +172,5 @@ pub fn serialize_table(snaps: &[Snapshot]) -> Vec<u8> {
             out.push(0);
         }
     }
-    out
+    Ok(out)
 }

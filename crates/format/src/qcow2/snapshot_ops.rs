@@ -27,6 +27,7 @@ use super::header::{MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
+use crate::units::{header_u32, ClusterCount, ClusterIndex, HostOffset};
 use crate::{BlockDevice, Error, Result};
 
 /// Which snapshot: by ID first, then by name (as qemu-img resolves its argument).
@@ -44,25 +45,25 @@ impl Meta {
         let cs = self.cluster_size();
         let n = self.l2_entries();
         for (i, &e) in l1.iter().enumerate() {
-            let (l2off, _) = decode_l1(e, cs, i)?;
-            if l2off == 0 {
+            let (l2off, _) = decode_l1(e, cs, i as u64)?;
+            if l2off.is_none() {
                 continue;
             }
             for j in 0..n {
                 let (raw, bitmap) = self.raw_entry(l2off, j)?;
                 match self.geo.decode_l2(raw, bitmap)? {
-                    L2Entry::Normal { host, .. } if host != 0 => {
-                        self.update_refcount(host / cs, delta)?;
+                    L2Entry::Normal { host, .. } if !host.is_none() => {
+                        self.update_refcount(host.cluster(self.geo.cluster_bits), delta)?;
                     }
                     L2Entry::Normal { .. } => {}
                     L2Entry::Compressed { offset, size } => {
-                        for c in offset / cs..=(offset + size - 1) / cs {
+                        for c in offset.clusters(size, self.geo.cluster_bits) {
                             self.update_refcount(c, delta)?;
                         }
                     }
                 }
             }
-            self.update_refcount(l2off / cs, delta)?;
+            self.update_refcount(l2off.cluster(self.geo.cluster_bits), delta)?;
         }
         Ok(())
     }
@@ -74,8 +75,8 @@ impl Meta {
         let cs = self.cluster_size();
         let n = self.l2_entries();
         for i in 0..self.l1.len() {
-            let (l2off, copied) = decode_l1(self.l1[i], cs, i)?;
-            if l2off == 0 {
+            let (l2off, copied) = decode_l1(self.l1[i], cs, i as u64)?;
+            if l2off.is_none() {
                 continue;
             }
             if copied {
@@ -103,11 +104,11 @@ impl Meta {
         let cs = self.cluster_size();
         for i in 0..self.l1.len() {
             let e = self.l1[i];
-            let (l2off, copied) = decode_l1(e, cs, i)?;
-            if l2off == 0 {
+            let (l2off, copied) = decode_l1(e, cs, i as u64)?;
+            if l2off.is_none() {
                 continue;
             }
-            let rc = self.refcount(l2off / cs)?;
+            let rc = self.refcount(l2off.cluster(self.geo.cluster_bits))?;
             if (rc == 1) != copied {
                 self.l1[i] = if rc == 1 {
                     e | OFLAG_COPIED
@@ -123,15 +124,14 @@ impl Meta {
 
     /// Make the COPIED flags of the entries of the L2 table at `l2off` match the
     /// refcounts of their clusters (the table is left dirty in the cache).
-    pub(crate) fn fix_table_flags(&mut self, l2off: u64) -> Result<()> {
-        let cs = self.cluster_size();
+    pub(crate) fn fix_table_flags(&mut self, l2off: HostOffset) -> Result<()> {
         for j in 0..self.l2_entries() {
             let (raw, bitmap) = self.raw_entry(l2off, j)?;
             if let L2Entry::Normal { host, copied, .. } = self.geo.decode_l2(raw, bitmap)? {
-                if host == 0 {
+                if host.is_none() {
                     continue;
                 }
-                let rc = self.refcount(host / cs)?;
+                let rc = self.refcount(host.cluster(self.geo.cluster_bits))?;
                 if (rc == 1) != copied {
                     let new = if rc == 1 {
                         raw | OFLAG_COPIED
@@ -164,30 +164,31 @@ impl Meta {
         for s in &mut snaps {
             s.extra = s.encode_extra();
         }
-        let bytes = snapshot::serialize_table(&snaps);
+        let bytes = snapshot::serialize_table(&snaps)?;
+        let nb_snapshots = header_u32(snaps.len() as u64, "snapshot count")?;
         let new_off = if bytes.is_empty() {
             0
         } else {
             let n = (bytes.len() as u64).div_ceil(cs);
-            let off = self.alloc_clusters(n)?;
+            let off = self.alloc_clusters(ClusterCount(n))?.get();
             self.write_dirty_refblocks()?;
             self.storage.write_at(&bytes, off)?;
             off
         };
         self.storage.flush()?;
         let mut hdr = [0u8; 12];
-        hdr[..4].copy_from_slice(&(snaps.len() as u32).to_be_bytes());
+        hdr[..4].copy_from_slice(&nb_snapshots.to_be_bytes());
         hdr[4..].copy_from_slice(&new_off.to_be_bytes());
         self.storage.write_at(&hdr, 60)?;
         self.storage.flush()?;
         let old_off = self.h.snapshots_offset;
         let old_len = snapshot::table_size(&self.snapshots);
-        self.h.nb_snapshots = snaps.len() as u32;
+        self.h.nb_snapshots = nb_snapshots;
         self.h.snapshots_offset = new_off;
         self.snapshots = snaps;
         if old_off != 0 && old_len > 0 {
             for c in old_off / cs..(old_off + old_len).div_ceil(cs) {
-                self.update_refcount(c, -1)?;
+                self.update_refcount(ClusterIndex(c), -1)?;
             }
         }
         Ok(())
@@ -254,7 +255,7 @@ impl Qcow2Image {
     /// Create an internal snapshot of the current disk (and `spec.vm_state`).
     pub fn snapshot_create(&self, spec: &SnapshotSpec) -> Result<Snapshot> {
         if self.read_only() {
-            return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
+            return Err(self.err(Error::read_only()));
         }
         let vm_base = self.vm_state_offset();
         let _excl = self.exclusive();
@@ -277,7 +278,7 @@ impl Qcow2Image {
         spec: &SnapshotSpec,
         vm_base: u64,
     ) -> Result<Snapshot> {
-        if m.snapshots.len() as u32 >= MAX_SNAPSHOTS {
+        if m.snapshots.len() as u64 >= u64::from(MAX_SNAPSHOTS) {
             return Err(Error::invalid_argument(
                 "Too many snapshots (the limit is 65536)",
             ));
@@ -301,12 +302,16 @@ impl Qcow2Image {
             let d = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
-            (d.as_secs() as u32, d.subsec_nanos())
+            // The 32-bit field holds dates up to 2106; later ones saturate.
+            (
+                u32::try_from(d.as_secs()).unwrap_or(u32::MAX),
+                d.subsec_nanos(),
+            )
         });
         // The snapshot takes the active L1 table as it is (see `switch_snapshots`).
         let snap = Snapshot {
             l1_table_offset: m.h.l1_table_offset,
-            l1_size: m.l1.len() as u32,
+            l1_size: header_u32(m.l1.len() as u64, "L1 table size")?,
             id: next_id.to_string(),
             name: spec.name.clone(),
             date_sec: sec,
@@ -350,7 +355,7 @@ impl Qcow2Image {
             0
         } else {
             let n = (l1.len() as u64 * 8).div_ceil(cs);
-            let off = m.alloc_clusters(n)?;
+            let off = m.alloc_clusters(ClusterCount(n))?.get();
             m.write_dirty_refblocks()?;
             // The copy claims no table as its own: whoever makes it active again
             // shares every table with it.
@@ -372,7 +377,7 @@ impl Qcow2Image {
     /// Revert the disk to snapshot `key` (ID or name). The current state is lost.
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         if self.read_only() {
-            return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
+            return Err(self.err(Error::read_only()));
         }
         let _excl = self.exclusive();
         let mut m = self.lock()?;
@@ -391,7 +396,7 @@ impl Qcow2Image {
     fn snapshot_apply_locked(&self, m: &mut Meta, key: &str) -> Result<()> {
         let snap = find(&m.snapshots, key)
             .map(|(_, s)| s.clone())
-            .ok_or_else(|| Error::invalid_argument(format!("Can't find snapshot '{key}'")))?;
+            .ok_or_else(|| Error::not_found(format!("Can't find snapshot '{key}'")))?;
         m.flush_metadata()?;
         // The guest disk changes wholesale: bitmaps record it first.
         m.dirty_bitmaps()?;
@@ -408,8 +413,8 @@ impl Qcow2Image {
         // matters; the L1 switch waits for all of them.
         let cs = m.cluster_size();
         for (i, &e) in sl1.iter().enumerate() {
-            let (l2off, _) = decode_l1(e, cs, i)?;
-            if l2off != 0 {
+            let (l2off, _) = decode_l1(e, cs, i as u64)?;
+            if !l2off.is_none() {
                 m.fix_table_flags(l2off)?;
             }
         }
@@ -424,9 +429,9 @@ impl Qcow2Image {
         new.resize(old.len(), 0);
         let cs = m.cluster_size();
         for (i, e) in new.iter_mut().enumerate() {
-            let (l2off, _) = decode_l1(*e, cs, i)?;
-            if l2off != 0 {
-                let owned = m.refcount(l2off / cs)? == 1;
+            let (l2off, _) = decode_l1(*e, cs, i as u64)?;
+            if !l2off.is_none() {
+                let owned = m.refcount(l2off.cluster(m.geo.cluster_bits))? == 1;
                 *e = if owned {
                     *e | OFLAG_COPIED
                 } else {
@@ -463,7 +468,7 @@ impl Qcow2Image {
     /// Delete snapshot `key` (ID or name), freeing the clusters only it used.
     pub fn snapshot_delete(&self, key: &str) -> Result<Snapshot> {
         if self.read_only() {
-            return Err(self.err(Error::new(crate::ErrorKind::ReadOnly)));
+            return Err(self.err(Error::read_only()));
         }
         let _excl = self.exclusive();
         let mut m = self.lock()?;
@@ -482,7 +487,7 @@ impl Qcow2Image {
     fn snapshot_delete_locked(&self, m: &mut Meta, key: &str) -> Result<Snapshot> {
         let (idx, snap) = find(&m.snapshots, key)
             .map(|(i, s)| (i, s.clone()))
-            .ok_or_else(|| Error::invalid_argument(format!("Can't find the snapshot '{key}'")))?;
+            .ok_or_else(|| Error::not_found(format!("Can't find the snapshot '{key}'")))?;
         m.flush_metadata()?;
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
@@ -497,7 +502,7 @@ impl Qcow2Image {
         if snap.l1_size > 0 {
             let end = (snap.l1_table_offset + u64::from(snap.l1_size) * 8).div_ceil(cs);
             for c in snap.l1_table_offset / cs..end {
-                m.update_refcount(c, -1)?;
+                m.update_refcount(ClusterIndex(c), -1)?;
             }
         }
         m.fix_copied_flags()?;
@@ -511,11 +516,7 @@ impl Qcow2Image {
         let m = self.lock()?;
         let snap = find(&m.snapshots, key)
             .map(|(_, s)| s.clone())
-            .ok_or_else(|| {
-                self.err(Error::invalid_argument(format!(
-                    "Can't find snapshot '{key}'"
-                )))
-            })?;
+            .ok_or_else(|| self.err(Error::not_found(format!("Can't find snapshot '{key}'"))))?;
         let l1 = m
             .read_l1_at(snap.l1_table_offset, snap.l1_size)
             .map_err(|e| self.err(e))?;

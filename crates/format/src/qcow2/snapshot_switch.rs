@@ -24,6 +24,7 @@ use super::entries::{L2Entry, OFLAG_COPIED};
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
+use crate::units::{header_u32, ClusterCount, ClusterIndex, HostOffset};
 use crate::Result;
 
 /// The header fields the switch writes, from byte [`SWITCH_AT`] on.
@@ -44,24 +45,27 @@ impl Qcow2Image {
             return Ok(false);
         }
         let cs = m.cluster_size();
+        let bits = m.geo.cluster_bits;
         // The snapshot table.
         let mut snaps = snaps;
         for s in &mut snaps {
             s.extra = s.encode_extra();
         }
-        let bytes = snapshot::serialize_table(&snaps);
+        let nb_snapshots = header_u32(snaps.len() as u64, "snapshot count")?;
+        let l1_size = header_u32(m.l1.len() as u64, "L1 table size")?;
+        let bytes = snapshot::serialize_table(&snaps)?;
         let table_clusters = (bytes.len() as u64).div_ceil(cs);
         let snap_off = if bytes.is_empty() {
             0
         } else {
-            let off = m.alloc_clusters(table_clusters)?;
+            let off = m.alloc_clusters(ClusterCount(table_clusters))?.get();
             m.write_dirty_refblocks()?;
             m.storage.write_at(&bytes, off)?;
             off
         };
         let old = (m.h.nb_snapshots, m.h.snapshots_offset);
         let old_snaps = std::mem::replace(&mut m.snapshots, snaps);
-        m.h.nb_snapshots = m.snapshots.len() as u32;
+        m.h.nb_snapshots = nb_snapshots;
         m.h.snapshots_offset = snap_off;
         let counted = self.references_for_fresh_refcounts(m);
         let mut refs = match counted {
@@ -69,17 +73,17 @@ impl Qcow2Image {
             other => {
                 m.snapshots = old_snaps;
                 (m.h.nb_snapshots, m.h.snapshots_offset) = old;
-                for c in 0..table_clusters {
-                    m.update_refcount(snap_off / cs + c, -1)?;
+                for c in HostOffset(snap_off).clusters(bytes.len() as u64, bits) {
+                    m.update_refcount(c, -1)?;
                 }
                 return other.map(|_| false);
             }
         };
-        let add = |refs: &mut Vec<u64>, c: u64, delta: i64| {
-            if c as usize >= refs.len() {
-                refs.resize(c as usize + 1, 0);
+        let add = |refs: &mut Vec<u64>, c: ClusterIndex, delta: i64| {
+            if c.slot() >= refs.len() {
+                refs.resize(c.slot() + 1, 0);
             }
-            let r = &mut refs[c as usize];
+            let r = &mut refs[c.slot()];
             *r = r.saturating_add_signed(delta);
         };
         // The active L2 tables, copied where a COPIED flag must change.
@@ -87,59 +91,61 @@ impl Qcow2Image {
         let mut l1 = m.l1.clone();
         for (i, e) in l1.iter_mut().enumerate() {
             let (l2off, _) = m.l1_entry(i as u64)?;
-            if l2off == 0 {
+            if l2off.is_none() {
                 continue;
             }
             m.load_l2(l2off)?;
-            let mut table = m.l2.get(l2off).expect("loaded").data.clone();
+            let mut table = m.l2.get(l2off.get()).expect("loaded").data.clone();
             let mut changed = false;
             for j in 0..table.len() / w {
                 let (raw, bitmap) = (table[j * w], if w == 2 { table[j * w + 1] } else { 0 });
                 if let L2Entry::Normal { host, copied, .. } = m.geo.decode_l2(raw, bitmap)? {
-                    let owned = host != 0 && refs.get((host / cs) as usize) == Some(&1);
-                    if host != 0 && owned != copied {
+                    let owned = !host.is_none() && refs.get(host.cluster(bits).slot()) == Some(&1);
+                    if !host.is_none() && owned != copied {
                         table[j * w] = raw ^ OFLAG_COPIED;
                         changed = true;
                     }
                 }
             }
             *e = if changed {
-                let copy = m.alloc_clusters(1)?;
+                let copy = m.alloc_clusters(ClusterCount(1))?;
                 m.write_dirty_refblocks()?;
-                m.storage.write_at(&Meta::encode_table(&table), copy)?;
-                add(&mut refs, l2off / cs, -1);
-                add(&mut refs, copy / cs, 1);
-                copy | OFLAG_COPIED
-            } else if refs.get((l2off / cs) as usize) == Some(&1) {
-                l2off | OFLAG_COPIED
+                m.storage
+                    .write_at(&Meta::encode_table(&table), copy.get())?;
+                add(&mut refs, l2off.cluster(bits), -1);
+                add(&mut refs, copy.cluster(bits), 1);
+                copy.get() | OFLAG_COPIED
+            } else if refs.get(l2off.cluster(bits).slot()) == Some(&1) {
+                l2off.get() | OFLAG_COPIED
             } else {
-                l2off
+                l2off.get()
             };
         }
         // The active L1 table, in new clusters (the old one is now the snapshot's,
         // or free).
         let l1_bytes = l1.len() as u64 * 8;
-        let l1_off = m.alloc_clusters(l1_bytes.div_ceil(cs))?;
+        let l1_off = m.alloc_clusters(ClusterCount::for_bytes(l1_bytes, bits))?;
         m.write_dirty_refblocks()?;
-        m.storage.write_at(&Meta::encode_table(&l1), l1_off)?;
-        let old_l1 = m.h.l1_table_offset;
-        for c in old_l1 / cs..(old_l1 + u64::from(m.h.l1_size) * 8).div_ceil(cs) {
+        m.storage.write_at(&Meta::encode_table(&l1), l1_off.get())?;
+        let old_l1 = HostOffset(m.h.l1_table_offset);
+        for c in old_l1.clusters(u64::from(m.h.l1_size) * 8, bits) {
             add(&mut refs, c, -1);
         }
-        for c in l1_off / cs..(l1_off + l1_bytes).div_ceil(cs) {
+        for c in l1_off.clusters(l1_bytes, bits) {
             add(&mut refs, c, 1);
         }
+        let l1_off = l1_off.get();
         // The fresh structures go where the old ones leave room (a run free now,
         // taken from the old structures, so nothing else lands there), not past
         // the end of the file: the file does not grow by them at every switch.
         let covered = (refs.len() as u64).max(m.storage.size()?.div_ceil(cs));
-        let at = m.alloc_clusters(m.fresh_refcount_clusters(covered))?;
+        let at = m.alloc_clusters(ClusterCount(m.fresh_refcount_clusters(covered)))?;
         m.write_dirty_refblocks()?;
-        let fresh = m.write_fresh_refcounts(refs, &[], Some(at / cs))?;
+        let fresh = m.write_fresh_refcounts(refs, &[], Some(at.cluster(bits)))?;
         m.storage.flush()?;
         // The switch: bytes 36..72 of the first sector.
         let mut hdr = [0u8; 36];
-        hdr[..4].copy_from_slice(&(l1.len() as u32).to_be_bytes());
+        hdr[..4].copy_from_slice(&l1_size.to_be_bytes());
         hdr[4..12].copy_from_slice(&l1_off.to_be_bytes());
         hdr[12..20].copy_from_slice(&fresh.table_offset.to_be_bytes());
         hdr[20..24].copy_from_slice(&fresh.table_clusters.to_be_bytes());
@@ -147,7 +153,7 @@ impl Qcow2Image {
         hdr[28..].copy_from_slice(&m.h.snapshots_offset.to_be_bytes());
         m.storage.write_at(&hdr, SWITCH_AT)?;
         m.storage.flush()?;
-        m.h.l1_size = l1.len() as u32;
+        m.h.l1_size = l1_size;
         m.h.l1_table_offset = l1_off;
         m.l1 = l1;
         m.adopt_refcounts(fresh);

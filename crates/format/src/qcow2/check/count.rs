@@ -8,6 +8,7 @@ use super::super::image::Qcow2Image;
 use super::super::meta::Meta;
 use super::super::refcount::REFTABLE_RESERVED;
 use super::Repair;
+use crate::units::index;
 use crate::Result;
 
 /// Reserved bits of a bitmap table entry.
@@ -33,7 +34,10 @@ pub(super) enum Kind {
 pub(super) fn classify(geo: &Geometry, e: u64) -> Kind {
     if e & OFLAG_COMPRESSED != 0 {
         return match geo.decode_l2(e, 0) {
-            Ok(L2Entry::Compressed { offset, size }) => Kind::Compressed { offset, size },
+            Ok(L2Entry::Compressed { offset, size }) => Kind::Compressed {
+                offset: offset.get(),
+                size,
+            },
             _ => unreachable!("a compressed entry decodes as compressed"),
         };
     }
@@ -95,7 +99,7 @@ impl Counter {
         }
         let end = end.expect("inside");
         for c in offset / self.cs..=(end - 1) / self.cs {
-            let c = c as usize;
+            let c = index(c);
             if c >= self.refs.len() {
                 self.refs.resize(c + 1, 0);
             }
@@ -118,7 +122,7 @@ impl Counter {
     }
 
     pub(super) fn refs_of(&self, cluster: u64) -> u64 {
-        u64::from(self.refs.get(cluster as usize).copied().unwrap_or(0))
+        u64::from(self.refs.get(index(cluster)).copied().unwrap_or(0))
     }
 }
 
@@ -150,7 +154,7 @@ impl Qcow2Image {
             refs: Vec::new(),
             cs,
             file_size,
-            max_refcount: m.max_refcount().min(u64::from(u32::MAX)) as u32,
+            max_refcount: u32::try_from(m.max_refcount()).unwrap_or(u32::MAX),
             corruptions: 0,
             messages: Vec::new(),
             weight: 1,
@@ -293,8 +297,8 @@ impl Qcow2Image {
     /// `len` bytes at `offset`; what lies past the end of the file reads as zeroes.
     pub(super) fn read_padded(&self, m: &Meta, offset: u64, len: u64) -> Result<Vec<u8>> {
         let file_size = m.storage.size().map_err(|e| self.err(e))?;
-        let mut buf = vec![0u8; len as usize];
-        let inside = len.min(file_size.saturating_sub(offset)) as usize;
+        let mut buf = vec![0u8; index(len)];
+        let inside = index(len.min(file_size.saturating_sub(offset)));
         if inside > 0 {
             m.storage
                 .read_at(&mut buf[..inside], offset)
