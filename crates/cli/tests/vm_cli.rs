@@ -98,6 +98,13 @@ impl Env {
     fn info(&self, snap: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["snapshot", "info", self.vm, snap])).unwrap()
     }
+    /// The file snapshot `snap` froze (of its first disk).
+    fn snap_file(&self, snap: &str) -> String {
+        self.info(snap)["disks"][0]["file"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
 }
 
 impl Drop for Env {
@@ -129,6 +136,20 @@ fn qemu_io(file: &str, cmds: &[&str]) {
         "qemu-io {cmds:?} {file}: {out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// Require the qcow2 image `file` (possibly in use) to show what `raw` holds.
+fn same_as_raw(file: &str, raw: &Path) {
+    qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        file,
+        raw.to_str().unwrap(),
+    ]);
 }
 
 fn qemu_img_json(args: &[&str]) -> serde_json::Value {
@@ -557,12 +578,7 @@ fn deleting_middle_snapshots_keeps_every_other_snapshot_and_the_current_state() 
     let disk = define_blank(&env, Some("write -P 0xa1 0 64k"));
     let d = disk.as_str();
     let top = |env: &Env| env.disks()[0].clone();
-    let snap_file = |env: &Env, s: &str| {
-        env.info(s)["disks"][0]["file"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let snap_file = |env: &Env, s: &str| env.snap_file(s);
     env.ok(&["snapshot", "create", "t", "e1", "--external"]);
     qemu_io(&top(&env), &["write -P 0xb2 4k 4k"]);
     env.ok(&["snapshot", "create", "t", "e2", "--external"]);
@@ -636,4 +652,104 @@ fn deleting_middle_snapshots_keeps_every_other_snapshot_and_the_current_state() 
     qemu_io(&top(&env), &e3_view);
     env.ok(&["snapshot", "revert", "t", "b1"]);
     qemu_io(&top(&env), &b1_view);
+}
+
+/// A tree four deep with two branches of external snapshots of a running guest
+/// that keeps appending to a log: deleting a middle snapshot (its only user an
+/// image QEMU does not have open), a branch point under an image of the running
+/// chain (block-stream into it), the current leaf (active commit and pivot) and
+/// then a branch point right under the active layer (block-stream into it) keeps
+/// every remaining snapshot's content bit for bit and the guest's data whole,
+/// and every image passes qemu-img check.
+#[test]
+fn deleting_middle_snapshots_of_a_running_guest_keeps_every_snapshot_and_its_data() {
+    let env = Env::new();
+    let disk = define_guest(&env);
+    env.ok(&["start", env.vm]);
+    env.sh("sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /data/log; sync; sleep 0.05; done' >/dev/null 2>&1 &");
+    let snap = |s: &str, extra: &[&str]| {
+        env.sh(&format!("echo {s} > /data/f; sync"));
+        let mut args = vec!["snapshot", "create", env.vm, s];
+        args.extend(extra);
+        env.ok(&args);
+    };
+    snap("e1", &["--disk-only"]);
+    snap("e2", &["--external"]);
+    snap("e3", &["--disk-only"]);
+    snap("e4", &["--disk-only"]);
+    env.ok(&["snapshot", "revert", env.vm, "e2"]);
+    assert_eq!(env.sh("cat /data/f"), "e2");
+    snap("b1", &["--disk-only"]);
+    env.sh("echo now > /data/f; sync");
+    assert_eq!(env.info("e2")["children"], serde_json::json!(["e3", "b1"]));
+    assert_eq!(env.snap_file("e1"), disk.to_str().unwrap());
+
+    // Each snapshot's frozen content, to compare with after every delete.
+    let raw = |s: &str| env.dir.path().join(format!("{s}.raw"));
+    let all = ["e1", "e2", "e3", "e4", "b1"];
+    for s in all {
+        let f = env.snap_file(s);
+        qemu_img(&["convert", "-U", "-O", "raw", &f, raw(s).to_str().unwrap()]);
+    }
+    let log_is_whole = |env: &Env| {
+        let log = env.sh("cat /data/log");
+        let n: Vec<u64> = log.lines().map(|l| l.parse().unwrap()).collect();
+        assert!(
+            n.iter().enumerate().all(|(i, v)| *v == i as u64 + 1),
+            "the guest's log has gaps or garbage: {log}"
+        );
+        n.len()
+    };
+    let mut seen = log_is_whole(&env);
+    let mut check = |env: &Env, gone: &[&str]| {
+        for s in all.iter().filter(|s| !gone.contains(s)) {
+            let f = env.snap_file(s);
+            same_as_raw(&f, &raw(s));
+            qemu_img(&["check", "-U", &f]);
+        }
+        assert_eq!(env.sh("cat /data/f"), "now");
+        let n = log_is_whole(env);
+        assert!(n > seen, "the guest stopped writing ({n} lines)");
+        seen = n;
+    };
+    check(&env, &[]);
+
+    // A middle snapshot whose files only e4's (not open in QEMU) is built on.
+    env.ok(&["snapshot", "delete", env.vm, "e3"]);
+    assert_eq!(env.info("e4")["parent"], "e2");
+    check(&env, &["e3"]);
+
+    // The branch point e2, whose file lies under b1's in the running chain.
+    let e2_file = env.snap_file("e2");
+    env.ok(&["snapshot", "delete", env.vm, "e2"]);
+    assert!(!Path::new(&e2_file).exists(), "the merged file was kept");
+    assert_eq!(env.info("b1")["parent"], "e1");
+    assert_eq!(env.info("e4")["parent"], "e1");
+    check(&env, &["e3", "e2"]);
+
+    // The current leaf b1: the active layer is committed into b1's file, which
+    // the guest then writes.
+    let b1_file = env.snap_file("b1");
+    env.ok(&["snapshot", "delete", env.vm, "b1"]);
+    assert_eq!(env.disks(), vec![b1_file.clone()]);
+    check(&env, &["e3", "e2", "b1"]);
+
+    // e1, now a branch point right under the active layer, on the user's disk:
+    // the active layer takes its data and the disk itself is left alone.
+    env.ok(&["snapshot", "delete", env.vm, "e1"]);
+    assert_eq!(env.info("e4")["parent"], serde_json::Value::Null);
+    check(&env, &["e3", "e2", "b1", "e1"]);
+    for f in [&b1_file, &env.snap_file("e4")] {
+        let info = qemu_img_json(&["info", "-U", "--output=json", f]);
+        assert!(info.get("backing-filename").is_none(), "{f}: {info}");
+    }
+    same_as_raw(disk.to_str().unwrap(), &raw("e1"));
+
+    // The remaining snapshot still reverts to its own content.
+    env.ok(&["snapshot", "revert", env.vm, "e4", "--force"]);
+    assert_eq!(env.sh("cat /data/f"), "e4");
+    env.ok(&["stop", env.vm]);
+    for f in env.vm_files() {
+        qemu_img(&["check", f.to_str().unwrap()]);
+    }
 }

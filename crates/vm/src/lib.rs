@@ -8,10 +8,12 @@
 //! - [`manager`]: lifecycle (define, start, stop, kill, list, status, exec);
 //! - [`snapshot`]: snapshot create, revert and delete;
 //! - `engine`: the same on image files with strata's own engine;
+//! - `live`: the same on a running VM's block graph, through QMP;
 //! - `recover`: finishing or undoing an interrupted operation.
 
 mod engine;
 mod error;
+mod live;
 pub mod manager;
 pub mod qemu;
 pub mod record;

@@ -36,6 +36,9 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
         return Ok(());
     };
     let qmp = qemu::connect(&vm.paths)?;
+    if let Some(q) = &qmp {
+        crate::live::settle_jobs(q)?;
+    }
     if intent.quiesce && qmp.is_some() {
         // The interrupted command may have left the guest frozen.
         if let Ok(mut agent) = connect_agent(vm, agent_timeout()) {
@@ -83,7 +86,7 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
                         if files.contains(&base.file.display().to_string()) {
                             continue;
                         }
-                        let base_node = find_node(q, &base.file).ok();
+                        let base_node = crate::live::node_of_file(q, &base.file).ok();
                         if let Some(b) = base_node {
                             active_commit(q, top, &b)?;
                         }
@@ -122,7 +125,7 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
                         .iter()
                         .any(|f| files.get(i) == Some(&f.display().to_string()));
                     if on_new {
-                        let base = find_node(q, &vm.rec.def.disks[i].file)?;
+                        let base = crate::live::node_of_file(q, &vm.rec.def.disks[i].file)?;
                         active_commit(q, top, &base)?;
                     }
                 }
@@ -134,8 +137,4 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
     }
     vm.rec.intent = None;
     vm.save()
-}
-
-fn find_node(q: &strata_qmp::Qmp, file: &std::path::Path) -> Result<String> {
-    crate::snapshot::node_of_file(q, file)
 }

@@ -20,6 +20,7 @@ use strata_qmp::{Agent, Qmp};
 
 use crate::engine;
 use crate::error::{Error, Result};
+use crate::live::{self, node_of_file, stamp, JOB_TIMEOUT};
 use crate::manager::{agent_timeout, connect_agent, vm_file, Manager, OpenVm};
 use crate::qemu::{self, StartMode};
 use crate::record::{Disk, Intent, Kind, Snapshot};
@@ -29,18 +30,25 @@ use crate::state::check_name;
 /// as if killed (for crash tests of the recovery): see [`step`].
 pub const CRASH_AT_ENV: &str = "STRATA_VM_CRASH_AT";
 
+/// The environment variable naming a step at which the VM's QEMU is killed
+/// (SIGKILL) and the command goes on, for fault tests: see [`step`].
+pub const KILL_QEMU_AT_ENV: &str = "STRATA_VM_KILL_QEMU_AT";
+
 /// A named point between the steps of a multi-step operation. When
 /// `STRATA_VM_CRASH_AT` names it, the process exits at once with status 86,
-/// running no cleanup, like a strata killed there.
-fn step(name: &str) {
+/// running no cleanup, like a strata killed there. When
+/// `STRATA_VM_KILL_QEMU_AT` names it, the VM's QEMU is killed there and the
+/// command carries on as it would after QEMU died by itself.
+fn step(vm: &OpenVm, name: &str) {
     if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == name) {
         eprintln!("strata vm: crashing at step '{name}' ({CRASH_AT_ENV})");
         std::process::exit(86);
     }
+    if std::env::var(KILL_QEMU_AT_ENV).is_ok_and(|v| v == name) {
+        eprintln!("strata vm: killing QEMU at step '{name}' ({KILL_QEMU_AT_ENV})");
+        let _ = qemu::kill(&vm.paths);
+    }
 }
-
-/// Time allowed for snapshot jobs and memory transfers.
-const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What `snapshot create` was asked for.
 #[derive(Debug, Clone, Copy, Default)]
@@ -67,14 +75,6 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// A stamp that makes file and node names unique.
-fn stamp() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}{:03}", d.as_secs() % 100_000_000, d.subsec_millis())
 }
 
 /// Run state of a VM: the monitor when QEMU runs, and `running`, `paused`,
@@ -293,7 +293,7 @@ impl Manager {
             }
             (Kind::External, q) => external_create(&mut vm, q.as_ref(), &mut s, agent)?,
         }
-        step("create-done");
+        step(&vm, "create-done");
         vm.rec.snapshots.push(s.clone());
         vm.rec.current = Some(snap.to_string());
         vm.rec.intent = None;
@@ -391,7 +391,7 @@ fn external_create(
             return Err(undo(vm, e));
         }
     }
-    step("create-overlays");
+    step(vm, "create-overlays");
     if let Some(q) = qmp {
         if let Err(e) = switch_live(vm, q, s, &overlays, memory_file.as_ref(), agent, &st) {
             return Err(undo(vm, e));
@@ -639,7 +639,7 @@ fn external_revert(vm: &mut OpenVm, qmp: Option<Qmp>, state: &str, s: &Snapshot)
         vm.save()?;
         return Err(e);
     }
-    step("revert-overlays");
+    step(vm, "revert-overlays");
     let was_live = qmp.is_some() && state != "stopped";
     if let Some(q) = qmp {
         qemu::quit(q, &vm.paths)?;
@@ -819,7 +819,7 @@ fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Resu
                 }
             }
         }
-        step("delete-merged");
+        step(vm, "delete-merged");
         leftovers = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
     } else {
         leftovers.extend(s.disks.iter().cloned());
@@ -834,34 +834,16 @@ fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Resu
     Ok(())
 }
 
-/// The name of the format node QEMU opened on `file`.
-pub(crate) fn node_of_file(qmp: &Qmp, file: &std::path::Path) -> Result<String> {
-    let nodes = qmp.execute_value("query-named-block-nodes", Some(json!({"flat": true})))?;
-    let want = file.display().to_string();
-    nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| {
-            n.get("file").and_then(|f| f.as_str()) == Some(want.as_str())
-                && n.get("drv").and_then(|d| d.as_str()) != Some("file")
-        })
-        .and_then(|n| n.get("node-name").and_then(|v| v.as_str()))
-        .map(str::to_string)
-        .ok_or_else(|| Error::Qemu(format!("QEMU has no node open on '{want}'")))
-}
-
-/// Delete an external snapshot that has children, on a stopped VM: every image
-/// built directly on the snapshot's files (children's files, the VM's current
-/// overlays) takes in what those files provided and is pointed past them, so
-/// every other snapshot and the current state keep their content; then the
-/// snapshot's files go (when strata made them and nothing else uses them).
+/// Delete an external snapshot that has children: every image built directly on
+/// the snapshot's files (children's files, the VM's current overlays) takes in
+/// what those files provided and is pointed past them, so every other snapshot
+/// and the current state keep their content; then the snapshot's files go (when
+/// strata made them and nothing else uses them). While the VM runs, the image
+/// above them in QEMU's chain takes their data with `block-stream` as the guest
+/// runs; images QEMU does not have open are rebased with strata's engine.
 fn merge_middle(vm: &mut OpenVm, snap: &str) -> Result<()> {
-    if qemu::live_pid(&vm.paths).is_some() {
-        return Err(Error::State(format!(
-            "external snapshot '{snap}' has children: stop VM '{}' to merge it into them (or delete with --metadata-only)",
-            vm.name
-        )));
+    if let Some(q) = qemu::connect(&vm.paths)? {
+        no_block_jobs(vm, &q)?;
     }
     let frozen = vm.rec.snapshot(snap)?.disks.clone();
     for o in vm.rec.snapshots.iter().filter(|o| o.kind == Kind::Internal) {
@@ -889,7 +871,8 @@ fn merge_middle(vm: &mut OpenVm, snap: &str) -> Result<()> {
 }
 
 /// The work of [`merge_middle`] after its intent is recorded; also how recovery
-/// finishes an interrupted merge (each step can run again).
+/// finishes an interrupted merge (each step can run again, with or without the
+/// QEMU that ran when it was interrupted).
 pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str) -> Result<()> {
     let s = vm.rec.snapshot(snap)?.clone();
     let mut users: Vec<PathBuf> = vm.rec.def.disks.iter().map(|d| d.file.clone()).collect();
@@ -898,17 +881,27 @@ pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str) -> Result<()> {
     }
     users.sort();
     users.dedup();
+    let qmp = qemu::connect(&vm.paths)?;
     for f in &s.disks {
+        if let Some(q) = &qmp {
+            if live::stream_past(q, vm.rec.def.disks.len(), &f.file)? {
+                step(vm, "merge-streamed");
+            }
+        }
         for x in users.iter().filter(|x| *x != &f.file) {
-            if x.starts_with(vm.dir()) {
-                engine::rebase_past(x, &f.file)?;
-                step("merge-rebased");
+            if x.starts_with(vm.dir()) && engine::rebase_past(x, &f.file)? {
+                step(vm, "merge-rebased");
             }
         }
     }
     forget(vm, snap);
     vm.rec.intent = None;
     vm.save()?;
+    if let Some(q) = &qmp {
+        for f in &s.disks {
+            live::release(q, &f.file);
+        }
+    }
     discard_unused(vm, &s.disks);
     if let Some(m) = &s.memory_file {
         let _ = std::fs::remove_file(m);
