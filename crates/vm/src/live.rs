@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use strata_qmp::commands::{BlockStream, BlockdevDel, JobCancel, JobDismiss, QueryJobs};
+use strata_qmp::commands::{
+    BlockStream, BlockdevDel, Cont, JobCancel, JobDismiss, JobFinalize, QueryJobs, Stop,
+};
 use strata_qmp::Qmp;
 
 use crate::error::{Error, Result};
-use crate::qemu::disk_device;
+use crate::qemu::{self, disk_device};
 
 /// The prefix of the ids of the jobs strata starts for its own operations.
 pub(crate) const JOB_PREFIX: &str = "strata-";
@@ -97,7 +99,9 @@ fn named_nodes(qmp: &Qmp, file: &Path) -> Result<Vec<(String, String)>> {
 /// image above it skip it: QEMU streams what `file` provides (down to its own
 /// backing file) into that image with `block-stream` while the guest runs, then
 /// points it at what lies below `file`. The image shows the same content
-/// throughout, so a kill at any point loses nothing. Returns whether it streamed.
+/// throughout, and its link changes only once the copied data is on disk (see
+/// [`flushed_pause`]), so a kill at any point loses nothing. Returns whether it
+/// streamed.
 /// Refused when `file` is a disk's active layer.
 pub(crate) fn stream_past(qmp: &Qmp, n: usize, file: &Path) -> Result<bool> {
     for chain in chains(qmp, n)? {
@@ -117,13 +121,34 @@ pub(crate) fn stream_past(qmp: &Qmp, n: usize, file: &Path) -> Result<bool> {
             job_id: job.clone(),
             device: above,
             base_node: base,
+            auto_finalize: Some(false),
             auto_dismiss: Some(false),
         })?;
-        qmp.finish_job("block-stream", &job, JOB_TIMEOUT)?;
+        qmp.wait_job_status(&job, "pending", JOB_TIMEOUT)?;
+        flushed_pause(qmp, || {
+            qmp.execute(&JobFinalize { id: job.clone() })?;
+            Ok(qmp.finish_job("block-stream", &job, JOB_TIMEOUT)?)
+        })?;
         release(qmp, file);
         return Ok(true);
     }
     Ok(false)
+}
+
+/// Run `switch` (a change of QEMU's block graph that makes an image's newly
+/// copied data the only copy) with the guest paused, after QEMU wrote every
+/// node's cached metadata to disk (`stop` flushes all block nodes), and resume
+/// the guest after it when it ran. Without the flush a QEMU killed after the
+/// switch would lose the copy's metadata while the old copy is already unlinked.
+/// The guest's pause is the time of the flush and the switch.
+pub(crate) fn flushed_pause<T>(qmp: &Qmp, switch: impl FnOnce() -> Result<T>) -> Result<T> {
+    let was_running = qemu::run_state(qmp)? == "running";
+    qmp.execute(&Stop {})?;
+    let out = switch();
+    if was_running {
+        qmp.execute(&Cont {})?;
+    }
+    out
 }
 
 /// Close the nodes QEMU still has open on `file` that nothing uses (nodes named
@@ -141,8 +166,9 @@ pub(crate) fn release(qmp: &Qmp, file: &Path) {
 
 /// Let the jobs an interrupted strata command started come to rest: a running
 /// one is waited for, a commit waiting for its pivot is cancelled (its base
-/// holds only copies of what the top shows; recovery merges again), a concluded
-/// one is dismissed. Jobs strata did not start are left alone.
+/// holds only copies of what the top shows; recovery merges again), a stream
+/// waiting to be finalized is finalized after a flush, a concluded one is
+/// dismissed. Jobs strata did not start are left alone.
 pub(crate) fn settle_jobs(qmp: &Qmp) -> Result<()> {
     let deadline = Instant::now() + JOB_TIMEOUT;
     loop {
@@ -162,6 +188,9 @@ pub(crate) fn settle_jobs(qmp: &Qmp) -> Result<()> {
                 }
                 "ready" => {
                     let _ = qmp.execute(&JobCancel { id });
+                }
+                "pending" => {
+                    flushed_pause(qmp, || Ok(qmp.execute(&JobFinalize { id })?))?;
                 }
                 _ => {}
             }

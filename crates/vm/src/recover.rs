@@ -61,7 +61,7 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
             }
             None => engine::internal_delete(&vm.rec.def.disks, &intent.snapshot)?,
         },
-        ("merge", _) => return crate::snapshot::finish_merge(vm, &intent.snapshot),
+        ("merge", _) => return crate::snapshot::finish_merge(vm, &intent.snapshot, qmp.as_ref()),
         ("delete", Kind::External) => {
             let s = vm.rec.snapshot(&intent.snapshot)?.clone();
             let pivoted = match &qmp {

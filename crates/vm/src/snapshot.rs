@@ -504,7 +504,8 @@ fn switch_live(
 }
 
 /// Merge the active layer `top` into the node `base` below it and make `base`
-/// the active layer again (commit, wait until ready, complete, remove `top`).
+/// the active layer again (commit, wait until ready, then with the guest paused
+/// and every node flushed complete the pivot, and remove `top`).
 pub(crate) fn active_commit(qmp: &Qmp, top: &str, base: &str) -> Result<()> {
     let job = format!("strata-commit-{}", stamp());
     qmp.execute(&BlockCommit {
@@ -515,8 +516,10 @@ pub(crate) fn active_commit(qmp: &Qmp, top: &str, base: &str) -> Result<()> {
         auto_dismiss: Some(false),
     })?;
     qmp.wait_block_job_ready(&job, JOB_TIMEOUT)?;
-    qmp.execute(&JobComplete { id: job.clone() })?;
-    qmp.finish_job("block-commit", &job, JOB_TIMEOUT)?;
+    live::flushed_pause(qmp, || {
+        qmp.execute(&JobComplete { id: job.clone() })?;
+        Ok(qmp.finish_job("block-commit", &job, JOB_TIMEOUT)?)
+    })?;
     let _ = qmp.execute(&BlockdevDel {
         node_name: top.to_string(),
     });
@@ -842,8 +845,9 @@ fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Resu
 /// above them in QEMU's chain takes their data with `block-stream` as the guest
 /// runs; images QEMU does not have open are rebased with strata's engine.
 fn merge_middle(vm: &mut OpenVm, snap: &str) -> Result<()> {
-    if let Some(q) = qemu::connect(&vm.paths)? {
-        no_block_jobs(vm, &q)?;
+    let qmp = qemu::connect(&vm.paths)?;
+    if let Some(q) = &qmp {
+        no_block_jobs(vm, q)?;
     }
     let frozen = vm.rec.snapshot(snap)?.disks.clone();
     for o in vm.rec.snapshots.iter().filter(|o| o.kind == Kind::Internal) {
@@ -867,13 +871,13 @@ fn merge_middle(vm: &mut OpenVm, snap: &str) -> Result<()> {
         quiesce: false,
     });
     vm.save()?;
-    finish_merge(vm, snap)
+    finish_merge(vm, snap, qmp.as_ref())
 }
 
 /// The work of [`merge_middle`] after its intent is recorded; also how recovery
 /// finishes an interrupted merge (each step can run again, with or without the
-/// QEMU that ran when it was interrupted).
-pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str) -> Result<()> {
+/// QEMU that ran when it was interrupted). `qmp`: the VM's monitor when it runs.
+pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str, qmp: Option<&Qmp>) -> Result<()> {
     let s = vm.rec.snapshot(snap)?.clone();
     let mut users: Vec<PathBuf> = vm.rec.def.disks.iter().map(|d| d.file.clone()).collect();
     for o in &vm.rec.snapshots {
@@ -881,9 +885,8 @@ pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str) -> Result<()> {
     }
     users.sort();
     users.dedup();
-    let qmp = qemu::connect(&vm.paths)?;
     for f in &s.disks {
-        if let Some(q) = &qmp {
+        if let Some(q) = qmp {
             if live::stream_past(q, vm.rec.def.disks.len(), &f.file)? {
                 step(vm, "merge-streamed");
             }
@@ -897,7 +900,7 @@ pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str) -> Result<()> {
     forget(vm, snap);
     vm.rec.intent = None;
     vm.save()?;
-    if let Some(q) = &qmp {
+    if let Some(q) = qmp {
         for f in &s.disks {
             live::release(q, &f.file);
         }
