@@ -789,12 +789,23 @@ fn reads(model: &[u8]) -> Vec<String> {
 
 /// True when the image `file` (possibly in use) shows `model`.
 fn file_shows(file: &str, model: &[u8]) -> bool {
-    let mut c = Command::new("qemu-io");
-    c.args(["-r", "-U"]);
-    for r in reads(model) {
-        c.args(["-c", &r]);
-    }
-    let o = c.arg(file).output().unwrap();
+    let cmds = reads(model);
+    image_passes(
+        file,
+        "qcow2",
+        &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+}
+
+/// True when the image `file` of format `fmt` (possibly in use) passes the
+/// qemu-io commands `cmds` (reads with patterns); a failure is printed.
+fn image_passes(file: &str, fmt: &str, cmds: &[&str]) -> bool {
+    let o = Command::new("qemu-io")
+        .args(["-r", "-U", "-f", fmt])
+        .args(cmds.iter().flat_map(|c| ["-c", c]))
+        .arg(file)
+        .output()
+        .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     let ok = o.status.success() && !out.contains("failed");
     if !ok {
@@ -1057,4 +1068,124 @@ fn check_at_most_leaks(file: &Path) {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// Live block jobs on a running VM (firmware only, writes through QEMU):
+/// commit into a user's backing file, with and without pivot; copy to a new
+/// image, with and without pivot (the definition follows); pull into an overlay
+/// a snapshot froze the file below of; commit refused into a snapshot's file; a
+/// second job refused while one runs; `cancel` ends a job left running.
+#[test]
+fn block_jobs_commit_pull_and_copy_a_running_vms_disk() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qcow2", b, "16M"]);
+    qemu_io(b, &["write -P 0x11 0 64k"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t]);
+    qemu_io(t, &["write -P 0x22 64k 64k"]);
+    env.ok(&["define", env.vm, "--memory", "64M", "--disk", t]);
+    env.ok(&["start", env.vm]);
+    let write = |p: u8, off: &str| {
+        qemu_io_inside(&env, &format!("write -P {p} {off} 64k"));
+        qemu_io_inside(&env, "flush");
+    };
+    write(0x33, "128k");
+    let view = [
+        "read -P 0x11 0 64k",
+        "read -P 0x22 64k 64k",
+        "read -P 0x33 128k 64k",
+    ];
+
+    // Commit without pivot: the backing file takes the data, the VM stays.
+    env.ok(&["blockjob", "commit", env.vm]);
+    assert_eq!(env.disks(), vec![t.to_string()]);
+    let readonly_view = |f: &str, cmds: &[&str]| assert!(image_passes(f, "qcow2", cmds), "{f}");
+    readonly_view(b, &view);
+    // With pivot: the VM runs on the backing file; the definition says so.
+    write(0x44, "192k");
+    env.ok(&["blockjob", "commit", env.vm, "--pivot"]);
+    assert_eq!(env.disks(), vec![b.to_string()]);
+    write(0x55, "256k");
+    let view2 = [
+        &view[..],
+        &["read -P 0x44 192k 64k", "read -P 0x55 256k 64k"],
+    ]
+    .concat();
+    qemu_io_inside(&env, "flush");
+    readonly_view(b, &view2);
+    assert!(top.is_file(), "the user's overlay was removed");
+    let e = env.fails(&["blockjob", "commit", env.vm]);
+    assert!(e.contains("no backing file"), "{e}");
+    let e = env.fails(&["blockjob", "pull", env.vm, "--disk", "3"]);
+    assert!(e.contains("has no disk 3"), "{e}");
+
+    // Copy: without pivot a consistent copy, the VM stays; with pivot it moves.
+    let c1 = dir.join("c1.qcow2");
+    env.ok(&["blockjob", "copy", env.vm, c1.to_str().unwrap()]);
+    assert_eq!(env.disks(), vec![b.to_string()]);
+    readonly_view(c1.to_str().unwrap(), &view2);
+    let e = env.fails(&["blockjob", "copy", env.vm, c1.to_str().unwrap()]);
+    assert!(e.contains("exists already"), "{e}");
+    let c2 = dir.join("c2.raw");
+    let c2s = c2.to_str().unwrap();
+    env.ok(&[
+        "blockjob", "copy", env.vm, c2s, "--format", "raw", "--pivot",
+    ]);
+    assert_eq!(env.disks(), vec![c2s.to_string()]);
+    assert!(env
+        .ok(&["status", env.vm])
+        .contains(&format!("disk0: {c2s} (raw)")));
+    write(0x66, "320k");
+    let view3 = [&view2[..], &["read -P 0x66 320k 64k"]].concat();
+    assert!(image_passes(c2s, "raw", &view3));
+
+    // A snapshot freezes c2: commit into it is refused; pull makes the overlay
+    // stand alone and leaves the snapshot's file as it was.
+    env.ok(&["snapshot", "create", env.vm, "s", "--disk-only"]);
+    write(0x77, "384k");
+    let record = env.record();
+    let e = env.fails(&["blockjob", "commit", env.vm, "--pivot"]);
+    assert!(e.contains("holds snapshot 's'"), "{e}");
+    assert_eq!(env.record(), record);
+    env.ok(&["blockjob", "pull", env.vm]);
+    let ov = env.disks()[0].clone();
+    let info = qemu_img_json(&["info", "-U", "--output=json", &ov]);
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    qemu_io_inside(&env, "flush");
+    let view4 = [&view3[..], &["read -P 0x77 384k 64k"]].concat();
+    readonly_view(&ov, &view4);
+
+    // A job left running (here one of the test's own) refuses another; cancel
+    // ends it.
+    {
+        let q = monitor(&env);
+        q.execute_value(
+            "blockdev-add",
+            Some(serde_json::json!({"driver": "null-co", "node-name": "sink", "size": 16 << 20})),
+        )
+        .unwrap();
+        let disk0 = q.execute_value("query-block", None).unwrap()[0]["inserted"]["node-name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        q.execute_value(
+            "blockdev-mirror",
+            Some(serde_json::json!({"job-id": "left", "device": disk0, "target": "sink", "sync": "full"})),
+        )
+        .unwrap();
+    }
+    let e = env.fails(&["blockjob", "pull", env.vm]);
+    assert!(e.contains("has a job running"), "{e}");
+    assert!(env
+        .ok(&["blockjob", "cancel", env.vm])
+        .contains("1 job(s) cancelled"));
+    let jobs = monitor(&env).execute_value("query-jobs", None).unwrap();
+    assert_eq!(jobs, serde_json::json!([]));
+    env.ok(&["kill", env.vm]);
+    for f in [b, t, &ov, c1.to_str().unwrap()] {
+        qemu_img(&["check", f]);
+    }
 }

@@ -7,7 +7,8 @@
 //!   to) and an internal tag that may have been written is deleted;
 //! - revert: the record still names the old disks: the new overlays go;
 //! - delete (external, merging the overlays down): rolled forward, since the
-//!   merge may already have changed the snapshot's files.
+//!   merge may already have changed the snapshot's files;
+//! - pivot (a block job's switch): the record follows what QEMU runs on.
 
 use serde_json::Value;
 use strata_qmp::commands::SnapshotDelete;
@@ -61,6 +62,7 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
             }
             None => engine::internal_delete(&vm.rec.def.disks, &intent.snapshot)?,
         },
+        ("pivot", _) => crate::blockjob::recover_pivot(vm, qmp.as_ref(), &intent)?,
         ("merge", _) => return crate::snapshot::finish_merge(vm, &intent.snapshot, qmp.as_ref()),
         ("delete", Kind::External) => {
             let s = vm.rec.snapshot(&intent.snapshot)?.clone();
