@@ -31,6 +31,10 @@ enum VmCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Save a running VM's memory to a file and stop it; `start` resumes it.
+    Save { name: String },
+    /// Resume the VM whose saved state FILE is (as `start` does).
+    Restore { file: PathBuf },
     /// Kill a VM's QEMU at once.
     Kill { name: String },
     /// List the defined VMs and their state.
@@ -192,6 +196,17 @@ fn dispatch(mgr: &Manager, cmd: VmCommand) -> Result<i32> {
             } else {
                 println!("VM '{name}' did not power off within {timeout} s; QEMU was told to quit");
             }
+        }
+        VmCommand::Save { name } => {
+            let file = mgr.save(&name)?;
+            println!("VM '{name}' saved to {}", file.display());
+        }
+        VmCommand::Restore { file } => {
+            let (name, note) = mgr.restore(&file)?;
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+            println!("VM '{name}' restored from {}", file.display());
         }
         VmCommand::Kill { name } => {
             if !mgr.kill(&name)? {

@@ -336,6 +336,32 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
     assert_eq!(env.sh("cat /data/f"), "three");
     assert_eq!(counter(&env).0, pid, "the guest was rebooted, not restored");
 
+    // Saved to a file and stopped, the guest resumes on start, and again from
+    // restore FILE: the same counter process, the file as it was.
+    for resume in ["start", "restore"] {
+        env.sh("echo saved > /data/f; sync");
+        let (pid, before) = counter(&env);
+        let out = env.ok(&["save", env.vm]);
+        let file = out.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(Path::new(&file).is_file(), "{out}");
+        assert!(env.ok(&["status", env.vm]).contains("state: stopped"));
+        let e = env.fails(&["snapshot", "revert", env.vm, "s3"]);
+        assert!(e.contains("saved state"), "{e}");
+        match resume {
+            "start" => env.ok(&["start", env.vm]),
+            _ => env.ok(&["restore", &file]),
+        };
+        assert!(env.ok(&["status", env.vm]).contains("state: running"));
+        let (pid2, now) = counter(&env);
+        assert_eq!(pid2, pid, "{resume}: the guest was rebooted, not resumed");
+        assert!(now >= before, "{resume}: counter went back");
+        assert_eq!(env.sh("cat /data/f"), "saved");
+        assert!(
+            !Path::new(&file).exists(),
+            "{resume}: the saved state was kept"
+        );
+    }
+
     // A disk-only snapshot of a running VM needs a restart to revert to.
     let e = env.fails(&["snapshot", "revert", env.vm, "s2"]);
     assert!(e.contains("--force"), "{e}");

@@ -7,6 +7,7 @@
 //! - [`qemu`]: QEMU's command line, detached start, QMP queries;
 //! - [`manager`]: lifecycle (define, start, stop, kill, list, status, exec);
 //! - [`snapshot`]: snapshot create, revert and delete;
+//! - `saved`: save a running VM's memory to a file and resume from it;
 //! - [`blockjob`]: live commit, pull and copy of a running VM's disk;
 //! - `engine`: the same on image files with strata's own engine;
 //! - `live`: the same on a running VM's block graph, through QMP;
@@ -20,6 +21,7 @@ pub mod manager;
 pub mod qemu;
 pub mod record;
 mod recover;
+mod saved;
 pub mod snapshot;
 pub mod state;
 

@@ -8,7 +8,8 @@
 //! - revert: the record still names the old disks: the new overlays go;
 //! - delete (external, merging the overlays down): rolled forward, since the
 //!   merge may already have changed the snapshot's files;
-//! - pivot (a block job's switch): the record follows what QEMU runs on.
+//! - pivot (a block job's switch): the record follows what QEMU runs on;
+//! - save: the file goes and the guest runs on.
 
 use serde_json::Value;
 use strata_qmp::commands::SnapshotDelete;
@@ -62,6 +63,11 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
             }
             None => engine::internal_delete(&vm.rec.def.disks, &intent.snapshot)?,
         },
+        ("save", _) => {
+            if let Some(f) = intent.new_files.first() {
+                return crate::saved::undo_save(vm, qmp.as_ref(), f);
+            }
+        }
         ("pivot", _) => crate::blockjob::recover_pivot(vm, qmp.as_ref(), &intent)?,
         ("merge", _) => return crate::snapshot::finish_merge(vm, &intent.snapshot, qmp.as_ref()),
         ("delete", Kind::External) => {

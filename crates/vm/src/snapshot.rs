@@ -144,7 +144,7 @@ fn pause_from_events(qmp: &Qmp) -> Option<u64> {
 /// Turn on what memory files need: MIGRATION events and a seekable, sparse file.
 /// `pause` adds `pause-before-switchover` (for saving: the disks are switched
 /// in that pause).
-fn memory_capabilities(qmp: &Qmp, pause: bool) -> Result<()> {
+pub(crate) fn memory_capabilities(qmp: &Qmp, pause: bool) -> Result<()> {
     let mut caps = vec!["events", "mapped-ram"];
     if pause {
         caps.push("pause-before-switchover");
@@ -163,7 +163,7 @@ fn memory_capabilities(qmp: &Qmp, pause: bool) -> Result<()> {
 
 /// Poll `query-migrate` until the migration reaches status `target`; an error
 /// when it failed.
-fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
+pub(crate) fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
     let deadline = Instant::now() + JOB_TIMEOUT;
     loop {
         let info = qmp.execute(&QueryMigrate {})?;
@@ -187,7 +187,7 @@ fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
 }
 
 /// Refuse while a block job runs: its result would be mixed into the snapshot.
-fn no_block_jobs(vm: &OpenVm, qmp: &Qmp) -> Result<()> {
+pub(crate) fn no_block_jobs(vm: &OpenVm, qmp: &Qmp) -> Result<()> {
     let jobs = qmp.execute(&QueryBlockJobs {})?;
     if let Some(j) = jobs.first() {
         return Err(Error::State(format!(
@@ -560,6 +560,11 @@ impl Manager {
     pub fn snapshot_revert(&self, name: &str, snap: &str, force: bool) -> Result<()> {
         let mut vm = self.open(name)?;
         let s = vm.rec.snapshot(snap)?.clone();
+        if vm.rec.saved.is_some() {
+            return Err(Error::State(format!(
+                "VM '{name}' has a saved state that a revert would make stale; start it (it resumes) first"
+            )));
+        }
         let (qmp, state) = vm_state(&vm)?;
         if qmp.is_some() && !s.memory && !force {
             return Err(Error::State(format!(
