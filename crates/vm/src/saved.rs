@@ -82,6 +82,22 @@ impl Manager {
 /// failure QEMU is ended and the saved state kept.
 pub(crate) fn resume(mut vm: OpenVm) -> Result<Option<String>> {
     let saved = vm.rec.saved.clone().expect("caller checked");
+    let (qmp, note) = launch_from_memory(&vm, &saved.file)?;
+    vm.rec.saved = None;
+    vm.save()?;
+    let _ = std::fs::remove_file(&saved.file);
+    if saved.vm_state == "running" {
+        qmp.execute(&Cont {})?;
+    }
+    Ok(note)
+}
+
+/// Start the VM's QEMU paused and load the memory file `file` into it. On a
+/// failure QEMU is ended again.
+pub(crate) fn launch_from_memory(
+    vm: &OpenVm,
+    file: &std::path::Path,
+) -> Result<(strata_qmp::Qmp, Option<String>)> {
     let (qmp, note) = qemu::launch(
         &vm.rec.def,
         &vm.paths,
@@ -93,21 +109,17 @@ pub(crate) fn resume(mut vm: OpenVm) -> Result<Option<String>> {
     let loaded = (|| -> Result<()> {
         memory_capabilities(&qmp, false)?;
         qmp.execute(&MigrateIncoming {
-            uri: format!("file:{}", saved.file.display()),
+            uri: format!("file:{}", file.display()),
         })?;
-        wait_migration(&qmp, "loading the saved memory", "completed")
+        wait_migration(&qmp, "loading the memory", "completed")
     })();
-    if let Err(e) = loaded {
-        let _ = qemu::quit(qmp, &vm.paths);
-        return Err(e);
+    match loaded {
+        Ok(()) => Ok((qmp, note)),
+        Err(e) => {
+            let _ = qemu::quit(qmp, &vm.paths);
+            Err(e)
+        }
     }
-    vm.rec.saved = None;
-    vm.save()?;
-    let _ = std::fs::remove_file(&saved.file);
-    if saved.vm_state == "running" {
-        qmp.execute(&Cont {})?;
-    }
-    Ok(note)
 }
 
 /// Undo a save that did not finish: remove its file and resume a guest the

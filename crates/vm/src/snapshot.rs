@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use strata_qmp::commands::{
     blockdev_snapshot_action, BlockCommit, BlockdevAdd, BlockdevDel, Cont, JobComplete, Migrate,
-    MigrateIncoming, MigrateSetCapabilities, MigrationCapability, QueryBlockJobs, QueryMigrate,
-    SnapshotDelete, SnapshotLoad, SnapshotSave, Stop, Transaction,
+    MigrateSetCapabilities, MigrationCapability, QueryBlockJobs, QueryMigrate, SnapshotDelete,
+    SnapshotLoad, SnapshotSave, Stop, Transaction,
 };
 use strata_qmp::{Agent, Qmp};
 
@@ -668,19 +668,7 @@ fn external_revert(vm: &mut OpenVm, qmp: Option<Qmp>, state: &str, s: &Snapshot)
     // The overlays left behind hold only the discarded state.
     discard_unused(vm, &old);
     if let Some(mem) = &s.memory_file {
-        let (q, _) = qemu::launch(
-            &vm.rec.def,
-            &vm.paths,
-            StartMode {
-                paused: true,
-                incoming: true,
-            },
-        )?;
-        memory_capabilities(&q, false)?;
-        q.execute(&MigrateIncoming {
-            uri: format!("file:{}", mem.display()),
-        })?;
-        wait_migration(&q, "loading the memory", "completed")?;
+        let (q, _) = crate::saved::launch_from_memory(vm, mem)?;
         set_run_state(&q, s)?;
     } else if was_live {
         qemu::launch(&vm.rec.def, &vm.paths, StartMode::default())?;
