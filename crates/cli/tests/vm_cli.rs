@@ -1183,6 +1183,13 @@ fn block_jobs_commit_pull_and_copy_a_running_vms_disk() {
     qemu_io_inside(&env, "flush");
     let view4 = [&view3[..], &["read -P 0x77 384k 64k"]].concat();
     readonly_view(&ov, &view4);
+    // The current snapshot's files no longer lie under the disk: deleting it
+    // only forgets it, the VM keeps its disk and data.
+    env.ok(&["snapshot", "delete", env.vm, "s"]);
+    assert_eq!(env.disks(), vec![ov.clone()]);
+    qemu_io_inside(&env, "flush");
+    readonly_view(&ov, &view4);
+    assert!(image_passes(c2s, "raw", &view3));
 
     // A job left running (here one of the test's own) refuses another; cancel
     // ends it.

@@ -113,6 +113,9 @@ impl Manager {
                     qmp.execute(&JobFinalize { id: job.clone() })?;
                     Ok(qmp.finish_job("block-stream", &job, JOB_TIMEOUT)?)
                 })?;
+                for f in &chain[1..] {
+                    live::release(&qmp, f);
+                }
                 Ok(JobOutcome {
                     disk: chain[0].clone(),
                     pivoted: false,

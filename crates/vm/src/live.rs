@@ -146,7 +146,12 @@ pub(crate) fn flushed_pause<T>(qmp: &Qmp, switch: impl FnOnce() -> Result<T>) ->
     qmp.execute(&Stop {})?;
     let out = switch();
     if was_running {
-        qmp.execute(&Cont {})?;
+        match qmp.execute(&Cont {}) {
+            // A QEMU gone after the switch leaves nothing to resume; what the
+            // switch did (and recorded) stands.
+            Err(e) if !e.is_qemu_exited() && out.is_ok() => return Err(e.into()),
+            _ => {}
+        }
     }
     out
 }

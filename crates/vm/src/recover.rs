@@ -80,25 +80,49 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
                         .all(|d| files.contains(&d.file.display().to_string()))
                 }
                 None => {
+                    for (d, f) in vm.rec.def.disks.iter().zip(&s.disks) {
+                        if d.file != f.file && !engine::is_on(&d.file, &f.file)? {
+                            vm.rec.intent = None;
+                            return vm.save();
+                        }
+                    }
                     for d in &vm.rec.def.disks {
-                        engine::commit_into_backing(d)?;
+                        if !s.disks.contains(d) {
+                            engine::commit_into_backing(d)?;
+                        }
                     }
                     true
                 }
             };
             if !pivoted {
                 if let Some(q) = &qmp {
+                    let chains = crate::live::chains(q, s.disks.len())?;
                     let tops = qemu::top_nodes(q, s.disks.len())?;
-                    for (top, base) in tops.iter().zip(&s.disks) {
-                        let files = active_files(q);
-                        if files.contains(&base.file.display().to_string()) {
+                    for ((top, base), chain) in tops.iter().zip(&s.disks).zip(&chains) {
+                        if chain
+                            .first()
+                            .is_some_and(|f| crate::live::same_file(f, &base.file))
+                        {
                             continue;
                         }
-                        let base_node = crate::live::node_of_file(q, &base.file).ok();
-                        if let Some(b) = base_node {
-                            active_commit(q, top, &b)?;
+                        if !chain
+                            .get(1)
+                            .is_some_and(|f| crate::live::same_file(f, &base.file))
+                        {
+                            // The disk is not on the snapshot's file: nothing
+                            // was merged, the delete is dropped.
+                            vm.rec.intent = None;
+                            return vm.save();
                         }
+                        let b = crate::live::node_of_file(q, &base.file)?;
+                        active_commit(q, top, &b)?;
                     }
+                }
+            }
+            if let Some(q) = &qmp {
+                // A command stopped inside the pivot's pause left the guest paused.
+                if qemu::run_state(q)? == "paused" {
+                    q.execute(&strata_qmp::commands::Cont {})?;
                 }
             }
             let old = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());

@@ -503,10 +503,9 @@ fn switch_live(
     result
 }
 
-/// Merge the active layer `top` into the node `base` below it and make `base`
-/// the active layer again (commit, wait until ready, then with the guest paused
-/// and every node flushed complete the pivot, and remove `top`).
-pub(crate) fn active_commit(qmp: &Qmp, top: &str, base: &str) -> Result<()> {
+/// Start merging the active layer `top` into the node `base` below it and wait
+/// until the commit is ready (`base` in step with `top`); returns the job's id.
+fn commit_ready(qmp: &Qmp, top: &str, base: &str) -> Result<String> {
     let job = format!("strata-commit-{}", stamp());
     qmp.execute(&BlockCommit {
         job_id: job.clone(),
@@ -516,14 +515,29 @@ pub(crate) fn active_commit(qmp: &Qmp, top: &str, base: &str) -> Result<()> {
         auto_dismiss: Some(false),
     })?;
     qmp.wait_block_job_ready(&job, JOB_TIMEOUT)?;
-    live::flushed_pause(qmp, || {
+    Ok(job)
+}
+
+/// Complete ready commits `(job, top)`: each `base` becomes the active layer
+/// (the pivot) and its `top` is removed. Call with the guest paused after a
+/// flush (see `live::flushed_pause`).
+fn complete_commits(qmp: &Qmp, jobs: &[(String, String)]) -> Result<()> {
+    for (job, top) in jobs {
         qmp.execute(&JobComplete { id: job.clone() })?;
-        Ok(qmp.finish_job("block-commit", &job, JOB_TIMEOUT)?)
-    })?;
-    let _ = qmp.execute(&BlockdevDel {
-        node_name: top.to_string(),
-    });
+        qmp.finish_job("block-commit", job, JOB_TIMEOUT)?;
+        let _ = qmp.execute(&BlockdevDel {
+            node_name: top.clone(),
+        });
+    }
     Ok(())
+}
+
+/// Merge the active layer `top` into the node `base` below it and make `base`
+/// the active layer again (commit, wait until ready, then with the guest paused
+/// and every node flushed complete the pivot, and remove `top`).
+pub(crate) fn active_commit(qmp: &Qmp, top: &str, base: &str) -> Result<()> {
+    let job = commit_ready(qmp, top, base)?;
+    live::flushed_pause(qmp, || complete_commits(qmp, &[(job, top.to_string())]))
 }
 
 /// Start QEMU paused and load internal snapshot `tag` (disks and memory).
@@ -772,13 +786,20 @@ fn delete_one(vm: &mut OpenVm, snap: &str, metadata_only: bool) -> Result<()> {
 /// snapshot's files again; otherwise the snapshot's files hold nothing anyone
 /// needs and the ones strata made are removed.
 fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Result<()> {
-    let on_top = vm.rec.current.as_deref() == Some(s.name.as_str())
+    // The VM's disks are overlays strata made directly on the snapshot's files
+    // (a pull or a copy may have made them stand alone since).
+    let mut on_top = vm.rec.current.as_deref() == Some(s.name.as_str())
         && vm
             .rec
             .def
             .disks
             .iter()
             .all(|d| d.file.starts_with(vm.dir()));
+    if on_top {
+        for (d, f) in vm.rec.def.disks.iter().zip(&s.disks) {
+            on_top &= engine::is_on(&d.file, &f.file)?;
+        }
+    }
     let mut leftovers: Vec<Disk> = Vec::new();
     if on_top {
         let shared = vm
@@ -804,19 +825,31 @@ fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Resu
             Some(q) => {
                 no_block_jobs(vm, q)?;
                 let tops = qemu::top_nodes(q, s.disks.len())?;
+                let mut jobs = Vec::new();
                 for (top, base) in tops.iter().zip(&s.disks) {
                     let base_node = node_of_file(q, &base.file)?;
-                    active_commit(q, top, &base_node)?;
+                    jobs.push((commit_ready(q, top, &base_node)?, top.clone()));
                 }
+                // The record names the merged files before the guest resumes on
+                // them: a QEMU killed after the pivot leaves nothing newer there
+                // for recovery's second merge to overwrite.
+                live::flushed_pause(q, || {
+                    complete_commits(q, &jobs)?;
+                    step(vm, "delete-merged");
+                    leftovers = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
+                    forget(vm, &s.name);
+                    vm.rec.intent = None;
+                    vm.save()
+                })?;
             }
             None => {
                 for d in &vm.rec.def.disks {
                     engine::commit_into_backing(d)?;
                 }
+                step(vm, "delete-merged");
+                leftovers = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
             }
         }
-        step(vm, "delete-merged");
-        leftovers = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
     } else {
         leftovers.extend(s.disks.iter().cloned());
     }
