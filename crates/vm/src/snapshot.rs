@@ -186,6 +186,25 @@ pub(crate) fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> 
     }
 }
 
+/// Whether a guest that ran is stopped after a memory save ended. QEMU reports
+/// the migration completed a moment before it leaves the `running` state (and
+/// deactivates the disks), so after a completed save this waits (up to 10 s)
+/// for the state to change; a guest left `running` there would be stopped
+/// later with its disks inactive.
+fn stopped_after_migration(qmp: &Qmp, completed: bool) -> Result<bool> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = qemu::run_state(qmp)?;
+        if state != "running" {
+            return Ok(true);
+        }
+        if !completed || Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Refuse while a block job runs: its result would be mixed into the snapshot.
 pub(crate) fn no_block_jobs(vm: &OpenVm, qmp: &Qmp) -> Result<()> {
     let jobs = qmp.execute(&QueryBlockJobs {})?;
@@ -475,7 +494,7 @@ fn switch_live(
                 if saved.is_err() && !switched {
                     let _ = qmp.execute_value("migrate_cancel", None);
                 }
-                if was_running && qemu::run_state(qmp)? != "running" {
+                if was_running && stopped_after_migration(qmp, saved.is_ok())? {
                     qmp.execute(&Cont {})?;
                 }
                 s.pause_ms = pause_from_events(qmp);
