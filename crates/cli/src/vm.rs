@@ -4,7 +4,9 @@
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use strata_vm::blockjob::{JobKind, JobOptions};
 use strata_vm::{CreateOptions, DeleteOptions, Kind, Manager, StateDir, VmDef, VmRecord};
 
 #[derive(clap::Args)]
@@ -29,6 +31,10 @@ enum VmCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Save a running VM's memory to a file and stop it; `start` resumes it.
+    Save { name: String },
+    /// Resume the VM whose saved state FILE is (as `start` does).
+    Restore { file: PathBuf },
     /// Kill a VM's QEMU at once.
     Kill { name: String },
     /// List the defined VMs and their state.
@@ -49,6 +55,44 @@ enum VmCommand {
     /// Snapshots: create, list, info, current, revert, delete.
     #[command(subcommand)]
     Snapshot(SnapCommand),
+    /// Live block jobs on a running VM's disk (progress bar; Ctrl-C cancels).
+    #[command(subcommand)]
+    Blockjob(JobCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum JobCommand {
+    /// Merge the active layer into its backing file (a file no snapshot keeps).
+    Commit {
+        name: String,
+        /// The disk (0 for the first).
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+        /// Run the VM on the backing file afterwards (its definition updated).
+        #[arg(long)]
+        pivot: bool,
+    },
+    /// Copy the backing chain's data into the active layer, which then stands alone.
+    Pull {
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+    },
+    /// Copy the disk to a new image DEST while the guest runs.
+    Copy {
+        name: String,
+        dest: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+        /// qcow2 or raw.
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        /// Move the VM to DEST afterwards (its definition updated).
+        #[arg(long)]
+        pivot: bool,
+    },
+    /// Cancel the jobs left running on the VM (its disks stay as they were).
+    Cancel { name: String },
 }
 
 #[derive(clap::Args)]
@@ -153,6 +197,17 @@ fn dispatch(mgr: &Manager, cmd: VmCommand) -> Result<i32> {
                 println!("VM '{name}' did not power off within {timeout} s; QEMU was told to quit");
             }
         }
+        VmCommand::Save { name } => {
+            let file = mgr.save(&name)?;
+            println!("VM '{name}' saved to {}", file.display());
+        }
+        VmCommand::Restore { file } => {
+            let (name, note) = mgr.restore(&file)?;
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+            println!("VM '{name}' restored from {}", file.display());
+        }
         VmCommand::Kill { name } => {
             if !mgr.kill(&name)? {
                 println!("VM '{name}' was not running");
@@ -200,6 +255,7 @@ fn dispatch(mgr: &Manager, cmd: VmCommand) -> Result<i32> {
             });
         }
         VmCommand::Snapshot(c) => snapshot(mgr, c)?,
+        VmCommand::Blockjob(c) => blockjob(mgr, c)?,
     }
     Ok(0)
 }
@@ -374,4 +430,75 @@ fn print_tree(rec: &VmRecord, parent: Option<&str>, depth: usize) {
         );
         print_tree(rec, Some(&s.name), depth + 1);
     }
+}
+
+/// Set by SIGINT while a block job runs: the job is cancelled.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn blockjob(mgr: &Manager, c: JobCommand) -> Result<()> {
+    let (name, opts) = match c {
+        JobCommand::Cancel { name } => {
+            let ids = mgr.blockjob_cancel(&name)?;
+            println!("{} job(s) cancelled on VM '{name}'", ids.len());
+            return Ok(());
+        }
+        JobCommand::Commit { name, disk, pivot } => (
+            name,
+            JobOptions {
+                kind: JobKind::Commit,
+                disk,
+                pivot,
+            },
+        ),
+        JobCommand::Pull { name, disk } => (
+            name,
+            JobOptions {
+                kind: JobKind::Pull,
+                disk,
+                pivot: false,
+            },
+        ),
+        JobCommand::Copy {
+            name,
+            dest,
+            disk,
+            format,
+            pivot,
+        } => (
+            name,
+            JobOptions {
+                kind: JobKind::Copy { dest, format },
+                disk,
+                pivot,
+            },
+        ),
+    };
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
+    }
+    let bar = crate::img::progress::Bar::new(true);
+    let out = mgr.blockjob(&name, &opts, &bar, &|| INTERRUPTED.load(Ordering::SeqCst))?;
+    bar.finish();
+    if out.pivoted {
+        println!(
+            "VM '{name}' now runs disk {} on {}",
+            opts.disk,
+            out.disk.display()
+        );
+    } else {
+        println!(
+            "Block job done; VM '{name}' runs disk {} on {}",
+            opts.disk,
+            out.disk.display()
+        );
+    }
+    Ok(())
 }

@@ -98,6 +98,13 @@ impl Env {
     fn info(&self, snap: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["snapshot", "info", self.vm, snap])).unwrap()
     }
+    /// The file snapshot `snap` froze (of its first disk).
+    fn snap_file(&self, snap: &str) -> String {
+        self.info(snap)["disks"][0]["file"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
 }
 
 impl Drop for Env {
@@ -129,6 +136,20 @@ fn qemu_io(file: &str, cmds: &[&str]) {
         "qemu-io {cmds:?} {file}: {out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// Require the qcow2 image `file` (possibly in use) to show what `raw` holds.
+fn same_as_raw(file: &str, raw: &Path) {
+    qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        file,
+        raw.to_str().unwrap(),
+    ]);
 }
 
 fn qemu_img_json(args: &[&str]) -> serde_json::Value {
@@ -314,6 +335,32 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
     assert!(env.ok(&["status", env.vm]).contains("state: running"));
     assert_eq!(env.sh("cat /data/f"), "three");
     assert_eq!(counter(&env).0, pid, "the guest was rebooted, not restored");
+
+    // Saved to a file and stopped, the guest resumes on start, and again from
+    // restore FILE: the same counter process, the file as it was.
+    for resume in ["start", "restore"] {
+        env.sh("echo saved > /data/f; sync");
+        let (pid, before) = counter(&env);
+        let out = env.ok(&["save", env.vm]);
+        let file = out.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(Path::new(&file).is_file(), "{out}");
+        assert!(env.ok(&["status", env.vm]).contains("state: stopped"));
+        let e = env.fails(&["snapshot", "revert", env.vm, "s3"]);
+        assert!(e.contains("saved state"), "{e}");
+        match resume {
+            "start" => env.ok(&["start", env.vm]),
+            _ => env.ok(&["restore", &file]),
+        };
+        assert!(env.ok(&["status", env.vm]).contains("state: running"));
+        let (pid2, now) = counter(&env);
+        assert_eq!(pid2, pid, "{resume}: the guest was rebooted, not resumed");
+        assert!(now >= before, "{resume}: counter went back");
+        assert_eq!(env.sh("cat /data/f"), "saved");
+        assert!(
+            !Path::new(&file).exists(),
+            "{resume}: the saved state was kept"
+        );
+    }
 
     // A disk-only snapshot of a running VM needs a restart to revert to.
     let e = env.fails(&["snapshot", "revert", env.vm, "s2"]);
@@ -557,12 +604,7 @@ fn deleting_middle_snapshots_keeps_every_other_snapshot_and_the_current_state() 
     let disk = define_blank(&env, Some("write -P 0xa1 0 64k"));
     let d = disk.as_str();
     let top = |env: &Env| env.disks()[0].clone();
-    let snap_file = |env: &Env, s: &str| {
-        env.info(s)["disks"][0]["file"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let snap_file = |env: &Env, s: &str| env.snap_file(s);
     env.ok(&["snapshot", "create", "t", "e1", "--external"]);
     qemu_io(&top(&env), &["write -P 0xb2 4k 4k"]);
     env.ok(&["snapshot", "create", "t", "e2", "--external"]);
@@ -636,4 +678,547 @@ fn deleting_middle_snapshots_keeps_every_other_snapshot_and_the_current_state() 
     qemu_io(&top(&env), &e3_view);
     env.ok(&["snapshot", "revert", "t", "b1"]);
     qemu_io(&top(&env), &b1_view);
+}
+
+/// A tree four deep with two branches of external snapshots of a running guest
+/// that keeps appending to a log: deleting a middle snapshot (its only user an
+/// image QEMU does not have open), a branch point under an image of the running
+/// chain (block-stream into it), the current leaf (active commit and pivot) and
+/// then a branch point right under the active layer (block-stream into it) keeps
+/// every remaining snapshot's content bit for bit and the guest's data whole,
+/// and every image passes qemu-img check.
+#[test]
+fn deleting_middle_snapshots_of_a_running_guest_keeps_every_snapshot_and_its_data() {
+    let env = Env::new();
+    let disk = define_guest(&env);
+    env.ok(&["start", env.vm]);
+    env.sh("sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /data/log; sync; sleep 0.05; done' >/dev/null 2>&1 &");
+    let snap = |s: &str, extra: &[&str]| {
+        env.sh(&format!("echo {s} > /data/f; sync"));
+        let mut args = vec!["snapshot", "create", env.vm, s];
+        args.extend(extra);
+        env.ok(&args);
+    };
+    snap("e1", &["--disk-only"]);
+    snap("e2", &["--external"]);
+    snap("e3", &["--disk-only"]);
+    snap("e4", &["--disk-only"]);
+    env.ok(&["snapshot", "revert", env.vm, "e2"]);
+    assert_eq!(env.sh("cat /data/f"), "e2");
+    snap("b1", &["--disk-only"]);
+    env.sh("echo now > /data/f; sync");
+    assert_eq!(env.info("e2")["children"], serde_json::json!(["e3", "b1"]));
+    assert_eq!(env.snap_file("e1"), disk.to_str().unwrap());
+
+    // Each snapshot's frozen content, to compare with after every delete.
+    let raw = |s: &str| env.dir.path().join(format!("{s}.raw"));
+    let all = ["e1", "e2", "e3", "e4", "b1"];
+    for s in all {
+        let f = env.snap_file(s);
+        qemu_img(&["convert", "-U", "-O", "raw", &f, raw(s).to_str().unwrap()]);
+    }
+    let log_is_whole = |env: &Env| {
+        let log = env.sh("cat /data/log");
+        let n: Vec<u64> = log.lines().map(|l| l.parse().unwrap()).collect();
+        assert!(
+            n.iter().enumerate().all(|(i, v)| *v == i as u64 + 1),
+            "the guest's log has gaps or garbage: {log}"
+        );
+        n.len()
+    };
+    let mut seen = log_is_whole(&env);
+    let mut check = |env: &Env, gone: &[&str]| {
+        for s in all.iter().filter(|s| !gone.contains(s)) {
+            let f = env.snap_file(s);
+            same_as_raw(&f, &raw(s));
+            qemu_img(&["check", "-U", &f]);
+        }
+        assert_eq!(env.sh("cat /data/f"), "now");
+        let n = log_is_whole(env);
+        assert!(n > seen, "the guest stopped writing ({n} lines)");
+        seen = n;
+    };
+    check(&env, &[]);
+
+    // A middle snapshot whose files only e4's (not open in QEMU) is built on.
+    env.ok(&["snapshot", "delete", env.vm, "e3"]);
+    assert_eq!(env.info("e4")["parent"], "e2");
+    check(&env, &["e3"]);
+
+    // The branch point e2, whose file lies under b1's in the running chain.
+    let e2_file = env.snap_file("e2");
+    env.ok(&["snapshot", "delete", env.vm, "e2"]);
+    assert!(!Path::new(&e2_file).exists(), "the merged file was kept");
+    assert_eq!(env.info("b1")["parent"], "e1");
+    assert_eq!(env.info("e4")["parent"], "e1");
+    check(&env, &["e3", "e2"]);
+
+    // The current leaf b1: the active layer is committed into b1's file, which
+    // the guest then writes.
+    let b1_file = env.snap_file("b1");
+    env.ok(&["snapshot", "delete", env.vm, "b1"]);
+    assert_eq!(env.disks(), vec![b1_file.clone()]);
+    check(&env, &["e3", "e2", "b1"]);
+
+    // e1, now a branch point right under the active layer, on the user's disk:
+    // the active layer takes its data and the disk itself is left alone.
+    env.ok(&["snapshot", "delete", env.vm, "e1"]);
+    assert_eq!(env.info("e4")["parent"], serde_json::Value::Null);
+    check(&env, &["e3", "e2", "b1", "e1"]);
+    for f in [&b1_file, &env.snap_file("e4")] {
+        let info = qemu_img_json(&["info", "-U", "--output=json", f]);
+        assert!(info.get("backing-filename").is_none(), "{f}: {info}");
+    }
+    same_as_raw(disk.to_str().unwrap(), &raw("e1"));
+
+    // The remaining snapshot still reverts to its own content.
+    env.ok(&["snapshot", "revert", env.vm, "e4", "--force"]);
+    assert_eq!(env.sh("cat /data/f"), "e4");
+    env.ok(&["stop", env.vm]);
+    for f in env.vm_files() {
+        qemu_img(&["check", f.to_str().unwrap()]);
+    }
+}
+
+/// The running VM's monitor, on a connection of the test's own (QEMU serves one
+/// client at a time: drop it before the next strata command).
+fn monitor(env: &Env) -> strata_qmp::Qmp {
+    let sock = env.state().join("vms").join(env.vm).join("qmp.sock");
+    strata_qmp::Qmp::connect(&sock, Duration::from_secs(30)).unwrap()
+}
+
+/// Run one qemu-io command inside the running QEMU on the guest's first disk,
+/// through the guest device's own block backend as the guest's I/O goes (what
+/// qemu-io prints goes to QEMU's log). A command QEMU refuses fails the test.
+fn qemu_io_inside(env: &Env, cmd: &str) -> String {
+    let line = format!("qemu-io -d /machine/peripheral/vdisk0/virtio-backend \"{cmd}\"");
+    let v = monitor(env)
+        .execute_value(
+            "human-monitor-command",
+            Some(serde_json::json!({ "command-line": line })),
+        )
+        .unwrap();
+    let out = v.as_str().unwrap().to_string();
+    assert!(!out.contains("Error"), "{line}: {out}");
+    out
+}
+
+/// What a disk must show: slot `i` (4 KiB at `i` * 64 KiB) filled with byte
+/// `model[i]` (0: never written).
+fn reads(model: &[u8]) -> Vec<String> {
+    model
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("read -P {p} {} 4k", i * 65536))
+        .collect()
+}
+
+/// True when the image `file` (possibly in use) shows `model`.
+fn file_shows(file: &str, model: &[u8]) -> bool {
+    let cmds = reads(model);
+    image_passes(
+        file,
+        "qcow2",
+        &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+}
+
+/// True when the image `file` of format `fmt` (possibly in use) passes the
+/// qemu-io commands `cmds` (reads with patterns); a failure is printed.
+fn image_passes(file: &str, fmt: &str, cmds: &[&str]) -> bool {
+    let o = Command::new("qemu-io")
+        .args(["-r", "-U", "-f", fmt])
+        .args(cmds.iter().flat_map(|c| ["-c", c]))
+        .arg(file)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let ok = o.status.success() && !out.contains("failed");
+    if !ok {
+        eprintln!(
+            "qemu-io {file}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    ok
+}
+
+/// True when VM `t`'s current disk shows `model` (a running QEMU flushes first;
+/// no guest writes meanwhile).
+fn current_shows(env: &Env, model: &[u8]) -> bool {
+    if !env.ok(&["status", env.vm]).contains("state: stopped") {
+        qemu_io_inside(env, "flush");
+    }
+    file_shows(&env.disks()[0], model)
+}
+
+/// A fault injected at a step: strata stopped dead there, or QEMU killed there
+/// with strata going on.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Crash,
+    KillQemu,
+}
+
+/// At every step of create (external disk-only, external full, internal full),
+/// revert (external disk-only and full) and delete (current leaf: active commit;
+/// middle: stream and rebase) of a running VM, strata stopped dead there and
+/// QEMU killed there: the next command leaves no intent, every file the record
+/// names exists and passes qemu-img check, strata's directory holds no file the
+/// record does not name, each snapshot shows what the disk showed when it was
+/// taken, and the current disk shows every write QEMU acknowledged (or, for a
+/// revert that may have happened, the snapshot's content). A firmware-only VM
+/// (no guest to boot) keeps each case short; writes go through QEMU's own
+/// qemu-io on the active layer.
+#[test]
+fn faults_at_every_step_of_a_running_vm_leave_record_and_disks_in_agreement() {
+    let env = Env::new();
+    define_blank(&env, None);
+    env.ok(&["start", env.vm]);
+
+    // A block job running refuses a snapshot and changes nothing.
+    let record = env.record();
+    {
+        let q = monitor(&env);
+        q.execute_value(
+            "blockdev-add",
+            Some(serde_json::json!({"driver": "null-co", "node-name": "sink", "size": 16 << 20})),
+        )
+        .unwrap();
+        q.execute_value(
+            "blockdev-mirror",
+            Some(serde_json::json!({"job-id": "mirror", "device": "disk0", "target": "sink", "sync": "full"})),
+        )
+        .unwrap();
+        q.wait_block_job_ready("mirror", Duration::from_secs(60))
+            .unwrap();
+    }
+    let e = env.fails(&["snapshot", "create", env.vm, "busy", "--disk-only"]);
+    assert!(e.contains("block job running"), "{e}");
+    assert_eq!(env.record(), record);
+    assert!(env.vm_files().is_empty());
+    monitor(&env)
+        .execute_value("job-cancel", Some(serde_json::json!({"id": "mirror"})))
+        .unwrap();
+
+    let mut current: Vec<u8> = Vec::new();
+    let mut snaps: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    let ensure_running = |env: &Env| {
+        if env.ok(&["status", env.vm]).contains("state: stopped") {
+            env.ok(&["start", env.vm]);
+        }
+    };
+    // An acknowledged write of a new slot (flushed), into the model.
+    let write = |env: &Env, current: &mut Vec<u8>| {
+        let p = current.len() as u8 + 1;
+        let out = qemu_io_inside(env, &format!("write -P {p} {} 4k", current.len() * 65536));
+        assert!(!out.contains("failed"), "{out}");
+        qemu_io_inside(env, "flush");
+        current.push(p);
+    };
+    let mut cases = 0;
+    let matrix: &[(&str, &[&str])] = &[
+        ("create-disk", &["create-overlays", "create-done"]),
+        ("create-full", &["create-overlays", "create-done"]),
+        ("revert-disk", &["revert-overlays"]),
+        ("revert-full", &["revert-overlays"]),
+        ("delete-leaf", &["delete-merged"]),
+        ("delete-middle", &["merge-streamed", "merge-rebased"]),
+        ("create-internal", &["create-done"]),
+    ];
+    for (op, steps) in matrix {
+        for step in *steps {
+            for fault in [Fault::Crash, Fault::KillQemu] {
+                let what = format!("{op} at {step} ({fault:?})");
+                ensure_running(&env);
+                write(&env, &mut current);
+                let n = format!("s{cases}");
+                let mut create = |env: &Env, name: &str, kind: &str, current: &mut Vec<u8>| {
+                    env.ok(&["snapshot", "create", env.vm, name, kind]);
+                    snaps.insert(name.to_string(), current.clone());
+                    ensure_running(env);
+                    write(env, current);
+                };
+                let args: Vec<String> = match *op {
+                    "create-disk" => vec!["create".into(), n.clone(), "--disk-only".into()],
+                    "create-full" => vec!["create".into(), n.clone(), "--external".into()],
+                    "create-internal" => vec!["create".into(), n.clone(), "--internal".into()],
+                    "revert-disk" | "revert-full" => {
+                        let kind = if *op == "revert-disk" {
+                            "--disk-only"
+                        } else {
+                            "--external"
+                        };
+                        create(&env, &n, kind, &mut current);
+                        vec!["revert".into(), n.clone(), "--force".into()]
+                    }
+                    "delete-leaf" => {
+                        create(&env, &n, "--disk-only", &mut current);
+                        vec!["delete".into(), n.clone()]
+                    }
+                    _ => {
+                        // n with a child whose files QEMU does not have open, and
+                        // the active layer reverted onto n's files.
+                        create(&env, &n, "--disk-only", &mut current);
+                        create(&env, &format!("{n}x"), "--disk-only", &mut current);
+                        env.ok(&["snapshot", "revert", env.vm, &n, "--force"]);
+                        current = snaps[&n].clone();
+                        write(&env, &mut current);
+                        vec!["delete".into(), n.clone()]
+                    }
+                };
+                let mut full = vec!["snapshot", args[0].as_str(), env.vm];
+                full.extend(args[1..].iter().map(String::as_str));
+                let acked = match fault {
+                    Fault::Crash => {
+                        env.crash_at(step, &full);
+                        false
+                    }
+                    Fault::KillQemu => env
+                        .cmd(&full)
+                        .env("STRATA_VM_KILL_QEMU_AT", *step)
+                        .status()
+                        .unwrap()
+                        .success(),
+                };
+                env.ok(&["status", env.vm]);
+
+                // Record and files agree.
+                let rec: serde_json::Value = serde_json::from_slice(&env.record()).unwrap();
+                assert!(rec.get("intent").is_none(), "{what}: intent left: {rec}");
+                let mut named: Vec<PathBuf> = env.disks().iter().map(PathBuf::from).collect();
+                for s in rec["snapshots"].as_array().unwrap() {
+                    for d in s["disks"].as_array().unwrap() {
+                        named.push(PathBuf::from(d["file"].as_str().unwrap()));
+                    }
+                    if let Some(m) = s["memory_file"].as_str() {
+                        named.push(PathBuf::from(m));
+                    }
+                }
+                for f in env.vm_files() {
+                    assert!(
+                        named.contains(&f),
+                        "{what}: {} is named nowhere",
+                        f.display()
+                    );
+                }
+                let running = !env.ok(&["status", env.vm]).contains("state: stopped");
+                if running {
+                    qemu_io_inside(&env, "flush");
+                }
+                for f in named
+                    .iter()
+                    .filter(|f| f.extension().is_some_and(|e| e == "qcow2"))
+                {
+                    assert!(f.is_file(), "{what}: {} is gone", f.display());
+                    check_at_most_leaks(f);
+                }
+
+                // Nothing acknowledged is lost; the operation happened or not.
+                let present: Vec<String> = rec["snapshots"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["name"].as_str().unwrap().to_string())
+                    .collect();
+                if op.starts_with("create") {
+                    if present.contains(&n) {
+                        snaps.insert(n.clone(), current.clone());
+                    } else {
+                        assert!(!acked, "{what}: acknowledged but not recorded");
+                    }
+                }
+                if op.starts_with("delete") {
+                    if present.contains(&n) {
+                        assert!(!acked, "{what}: acknowledged but still recorded");
+                    } else {
+                        snaps.remove(&n);
+                    }
+                }
+                let reverted = op.starts_with("revert") && rec["current"] == n.as_str() && {
+                    let target = snaps[&n].clone();
+                    current_shows(&env, &target)
+                };
+                if reverted {
+                    current = snaps[&n].clone();
+                } else {
+                    assert!(
+                        !(acked && op.starts_with("revert")),
+                        "{what}: acknowledged revert not done"
+                    );
+                }
+                assert!(
+                    current_shows(&env, &current),
+                    "{what}: the current disk lost data"
+                );
+                for (name, model) in &snaps {
+                    let s = rec["snapshots"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|s| s["name"] == name.as_str())
+                        .unwrap_or_else(|| panic!("{what}: snapshot {name} lost"));
+                    if s["kind"] == "external" {
+                        let f = s["disks"][0]["file"].as_str().unwrap();
+                        assert!(file_shows(f, model), "{what}: snapshot {name} changed");
+                    }
+                }
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 20);
+    ensure_running(&env);
+    env.ok(&["stop", env.vm, "--timeout", "1"]);
+    for f in env
+        .vm_files()
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "qcow2"))
+    {
+        check_at_most_leaks(f);
+    }
+}
+
+/// `qemu-img check` finds `file` clean or with leaked clusters only (exit 0 or
+/// 3): what a QEMU killed while it wrote may leave, never a corruption.
+fn check_at_most_leaks(file: &Path) {
+    let o = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        matches!(o.status.code(), Some(0 | 3)),
+        "qemu-img check {}: {}{}",
+        file.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Live block jobs on a running VM (firmware only, writes through QEMU):
+/// commit into a user's backing file, with and without pivot; copy to a new
+/// image, with and without pivot (the definition follows); pull into an overlay
+/// a snapshot froze the file below of; commit refused into a snapshot's file; a
+/// second job refused while one runs; `cancel` ends a job left running.
+#[test]
+fn block_jobs_commit_pull_and_copy_a_running_vms_disk() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qcow2", b, "16M"]);
+    qemu_io(b, &["write -P 0x11 0 64k"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t]);
+    qemu_io(t, &["write -P 0x22 64k 64k"]);
+    env.ok(&["define", env.vm, "--memory", "64M", "--disk", t]);
+    env.ok(&["start", env.vm]);
+    let write = |p: u8, off: &str| {
+        qemu_io_inside(&env, &format!("write -P {p} {off} 64k"));
+        qemu_io_inside(&env, "flush");
+    };
+    write(0x33, "128k");
+    let view = [
+        "read -P 0x11 0 64k",
+        "read -P 0x22 64k 64k",
+        "read -P 0x33 128k 64k",
+    ];
+
+    // Commit without pivot: the backing file takes the data, the VM stays.
+    env.ok(&["blockjob", "commit", env.vm]);
+    assert_eq!(env.disks(), vec![t.to_string()]);
+    let readonly_view = |f: &str, cmds: &[&str]| assert!(image_passes(f, "qcow2", cmds), "{f}");
+    readonly_view(b, &view);
+    // With pivot: the VM runs on the backing file; the definition says so.
+    write(0x44, "192k");
+    env.ok(&["blockjob", "commit", env.vm, "--pivot"]);
+    assert_eq!(env.disks(), vec![b.to_string()]);
+    write(0x55, "256k");
+    let view2 = [
+        &view[..],
+        &["read -P 0x44 192k 64k", "read -P 0x55 256k 64k"],
+    ]
+    .concat();
+    qemu_io_inside(&env, "flush");
+    readonly_view(b, &view2);
+    assert!(top.is_file(), "the user's overlay was removed");
+    let e = env.fails(&["blockjob", "commit", env.vm]);
+    assert!(e.contains("no backing file"), "{e}");
+    let e = env.fails(&["blockjob", "pull", env.vm, "--disk", "3"]);
+    assert!(e.contains("has no disk 3"), "{e}");
+
+    // Copy: without pivot a consistent copy, the VM stays; with pivot it moves.
+    let c1 = dir.join("c1.qcow2");
+    env.ok(&["blockjob", "copy", env.vm, c1.to_str().unwrap()]);
+    assert_eq!(env.disks(), vec![b.to_string()]);
+    readonly_view(c1.to_str().unwrap(), &view2);
+    let e = env.fails(&["blockjob", "copy", env.vm, c1.to_str().unwrap()]);
+    assert!(e.contains("exists already"), "{e}");
+    let c2 = dir.join("c2.raw");
+    let c2s = c2.to_str().unwrap();
+    env.ok(&[
+        "blockjob", "copy", env.vm, c2s, "--format", "raw", "--pivot",
+    ]);
+    assert_eq!(env.disks(), vec![c2s.to_string()]);
+    assert!(env
+        .ok(&["status", env.vm])
+        .contains(&format!("disk0: {c2s} (raw)")));
+    write(0x66, "320k");
+    let view3 = [&view2[..], &["read -P 0x66 320k 64k"]].concat();
+    assert!(image_passes(c2s, "raw", &view3));
+
+    // A snapshot freezes c2: commit into it is refused; pull makes the overlay
+    // stand alone and leaves the snapshot's file as it was.
+    env.ok(&["snapshot", "create", env.vm, "s", "--disk-only"]);
+    write(0x77, "384k");
+    let record = env.record();
+    let e = env.fails(&["blockjob", "commit", env.vm, "--pivot"]);
+    assert!(e.contains("holds snapshot 's'"), "{e}");
+    assert_eq!(env.record(), record);
+    env.ok(&["blockjob", "pull", env.vm]);
+    let ov = env.disks()[0].clone();
+    let info = qemu_img_json(&["info", "-U", "--output=json", &ov]);
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    qemu_io_inside(&env, "flush");
+    let view4 = [&view3[..], &["read -P 0x77 384k 64k"]].concat();
+    readonly_view(&ov, &view4);
+    // The current snapshot's files no longer lie under the disk: deleting it
+    // only forgets it, the VM keeps its disk and data.
+    env.ok(&["snapshot", "delete", env.vm, "s"]);
+    assert_eq!(env.disks(), vec![ov.clone()]);
+    qemu_io_inside(&env, "flush");
+    readonly_view(&ov, &view4);
+    assert!(image_passes(c2s, "raw", &view3));
+
+    // A job left running (here one of the test's own) refuses another; cancel
+    // ends it.
+    {
+        let q = monitor(&env);
+        q.execute_value(
+            "blockdev-add",
+            Some(serde_json::json!({"driver": "null-co", "node-name": "sink", "size": 16 << 20})),
+        )
+        .unwrap();
+        let disk0 = q.execute_value("query-block", None).unwrap()[0]["inserted"]["node-name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        q.execute_value(
+            "blockdev-mirror",
+            Some(serde_json::json!({"job-id": "left", "device": disk0, "target": "sink", "sync": "full"})),
+        )
+        .unwrap();
+    }
+    let e = env.fails(&["blockjob", "pull", env.vm]);
+    assert!(e.contains("has a job running"), "{e}");
+    assert!(env
+        .ok(&["blockjob", "cancel", env.vm])
+        .contains("1 job(s) cancelled"));
+    let jobs = monitor(&env).execute_value("query-jobs", None).unwrap();
+    assert_eq!(jobs, serde_json::json!([]));
+    env.ok(&["kill", env.vm]);
+    for f in [b, t, &ov, c1.to_str().unwrap()] {
+        qemu_img(&["check", f]);
+    }
 }

@@ -78,6 +78,14 @@ pub struct JobComplete {
 }
 command!(JobComplete, "job-complete", Empty);
 
+/// Let a job waiting in the `pending` state (started with auto-finalize off)
+/// make its changes to the graph and conclude.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobFinalize {
+    pub id: String,
+}
+command!(JobFinalize, "job-finalize", Empty);
+
 /// Cancel a job.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobCancel {
@@ -243,7 +251,8 @@ pub struct BlockCommit {
 command!(BlockCommit, "block-commit", Empty);
 
 /// Copy the data of the backing chain (down to `base_node`, default all) into
-/// `device`'s node.
+/// `device`'s node. With `auto_finalize: Some(false)` the job waits in the
+/// `pending` state, before it changes the node's backing link, for `job-finalize`.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BlockStream {
@@ -251,6 +260,8 @@ pub struct BlockStream {
     pub device: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base_node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_finalize: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_dismiss: Option<bool>,
 }
@@ -296,6 +307,7 @@ mod tests {
                 job_id: "s".into(),
                 device: "top".into(),
                 base_node: Some("base".into()),
+                auto_finalize: None,
                 auto_dismiss: None,
             }),
             Some(serde_json::json!({"job-id": "s", "device": "top", "base-node": "base"}))

@@ -142,12 +142,14 @@ pub fn commit_into_backing(top: &Disk) -> Result<()> {
     Ok(())
 }
 
-/// True when the qcow2 image `x` has `backing` as its backing file.
+/// True when the qcow2 image `x` has `backing` as its backing file (read
+/// without locks: `x` may be a disk the running VM writes).
 pub fn is_on(x: &Path, backing: &Path) -> Result<bool> {
     let probe = strata_chain::open(
         &strata_chain::OpenSpec::new(x)
             .format(Some(Format::Qcow2))
-            .open_backing(false),
+            .open_backing(false)
+            .force_share(true),
     )?;
     Ok(probe.layers[0]
         .backing_path

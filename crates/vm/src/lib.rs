@@ -7,15 +7,21 @@
 //! - [`qemu`]: QEMU's command line, detached start, QMP queries;
 //! - [`manager`]: lifecycle (define, start, stop, kill, list, status, exec);
 //! - [`snapshot`]: snapshot create, revert and delete;
+//! - `saved`: save a running VM's memory to a file and resume from it;
+//! - [`blockjob`]: live commit, pull and copy of a running VM's disk;
 //! - `engine`: the same on image files with strata's own engine;
+//! - `live`: the same on a running VM's block graph, through QMP;
 //! - `recover`: finishing or undoing an interrupted operation.
 
+pub mod blockjob;
 mod engine;
 mod error;
+mod live;
 pub mod manager;
 pub mod qemu;
 pub mod record;
 mod recover;
+mod saved;
 pub mod snapshot;
 pub mod state;
 

@@ -90,6 +90,7 @@ impl Manager {
             snapshots: Vec::new(),
             current: None,
             intent: None,
+            saved: None,
         }
         .save(&dir)
     }
@@ -113,11 +114,22 @@ impl Manager {
         Ok(vm)
     }
 
-    /// Start the VM's QEMU (detached). Returns a note when TCG is used.
+    /// Start the VM's QEMU (detached), resuming the guest from its saved state
+    /// when `save` left one. Returns a note when TCG is used.
     pub fn start(&self, name: &str) -> Result<Option<String>> {
         let vm = self.open(name)?;
+        if vm.rec.saved.is_some() {
+            // A save interrupted after its record write leaves QEMU stopped
+            // after the migration: it cannot have written since, so it goes.
+            if let Some(q) = qemu::connect(&vm.paths)? {
+                qemu::quit(q, &vm.paths)?;
+            }
+        }
         if qemu::live_pid(&vm.paths).is_some() {
             return Err(Error::State(format!("VM '{name}' is already running")));
+        }
+        if vm.rec.saved.is_some() {
+            return crate::saved::resume(vm);
         }
         let (_qmp, note) = qemu::launch(&vm.rec.def, &vm.paths, StartMode::default())?;
         Ok(note)

@@ -114,6 +114,18 @@ pub struct VmRecord {
     pub current: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<Intent>,
+    /// The guest's saved memory (`vm save`): the next start resumes from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<Saved>,
+}
+
+/// A VM's state saved to a file by `vm save`, for `vm start` or `vm restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    /// The memory (and device state) file.
+    pub file: PathBuf,
+    /// The run state when saved: `running` or `paused`, as the guest resumes.
+    pub vm_state: String,
 }
 
 impl VmRecord {
@@ -154,6 +166,7 @@ impl VmRecord {
     /// True when `file` is a disk of some snapshot (so it must be kept).
     pub fn file_in_use(&self, file: &Path) -> bool {
         self.def.disks.iter().any(|d| d.file == file)
+            || self.saved.as_ref().is_some_and(|s| s.file == file)
             || self
                 .snapshots
                 .iter()

@@ -7,7 +7,9 @@
 //!   to) and an internal tag that may have been written is deleted;
 //! - revert: the record still names the old disks: the new overlays go;
 //! - delete (external, merging the overlays down): rolled forward, since the
-//!   merge may already have changed the snapshot's files.
+//!   merge may already have changed the snapshot's files;
+//! - pivot (a block job's switch): the record follows what QEMU runs on;
+//! - save: the file goes and the guest runs on.
 
 use serde_json::Value;
 use strata_qmp::commands::SnapshotDelete;
@@ -36,6 +38,9 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
         return Ok(());
     };
     let qmp = qemu::connect(&vm.paths)?;
+    if let Some(q) = &qmp {
+        crate::live::settle_jobs(q)?;
+    }
     if intent.quiesce && qmp.is_some() {
         // The interrupted command may have left the guest frozen.
         if let Ok(mut agent) = connect_agent(vm, agent_timeout()) {
@@ -58,7 +63,13 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
             }
             None => engine::internal_delete(&vm.rec.def.disks, &intent.snapshot)?,
         },
-        ("merge", _) => return crate::snapshot::finish_merge(vm, &intent.snapshot),
+        ("save", _) => {
+            if let Some(f) = intent.new_files.first() {
+                return crate::saved::undo_save(vm, qmp.as_ref(), f);
+            }
+        }
+        ("pivot", _) => crate::blockjob::recover_pivot(vm, qmp.as_ref(), &intent)?,
+        ("merge", _) => return crate::snapshot::finish_merge(vm, &intent.snapshot, qmp.as_ref()),
         ("delete", Kind::External) => {
             let s = vm.rec.snapshot(&intent.snapshot)?.clone();
             let pivoted = match &qmp {
@@ -69,25 +80,49 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
                         .all(|d| files.contains(&d.file.display().to_string()))
                 }
                 None => {
+                    for (d, f) in vm.rec.def.disks.iter().zip(&s.disks) {
+                        if d.file != f.file && !engine::is_on(&d.file, &f.file)? {
+                            vm.rec.intent = None;
+                            return vm.save();
+                        }
+                    }
                     for d in &vm.rec.def.disks {
-                        engine::commit_into_backing(d)?;
+                        if !s.disks.contains(d) {
+                            engine::commit_into_backing(d)?;
+                        }
                     }
                     true
                 }
             };
             if !pivoted {
                 if let Some(q) = &qmp {
+                    let chains = crate::live::chains(q, s.disks.len())?;
                     let tops = qemu::top_nodes(q, s.disks.len())?;
-                    for (top, base) in tops.iter().zip(&s.disks) {
-                        let files = active_files(q);
-                        if files.contains(&base.file.display().to_string()) {
+                    for ((top, base), chain) in tops.iter().zip(&s.disks).zip(&chains) {
+                        if chain
+                            .first()
+                            .is_some_and(|f| crate::live::same_file(f, &base.file))
+                        {
                             continue;
                         }
-                        let base_node = find_node(q, &base.file).ok();
-                        if let Some(b) = base_node {
-                            active_commit(q, top, &b)?;
+                        if !chain
+                            .get(1)
+                            .is_some_and(|f| crate::live::same_file(f, &base.file))
+                        {
+                            // The disk is not on the snapshot's file: nothing
+                            // was merged, the delete is dropped.
+                            vm.rec.intent = None;
+                            return vm.save();
                         }
+                        let b = crate::live::node_of_file(q, &base.file)?;
+                        active_commit(q, top, &b)?;
                     }
+                }
+            }
+            if let Some(q) = &qmp {
+                // A command stopped inside the pivot's pause left the guest paused.
+                if qemu::run_state(q)? == "paused" {
+                    q.execute(&strata_qmp::commands::Cont {})?;
                 }
             }
             let old = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
@@ -122,7 +157,7 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
                         .iter()
                         .any(|f| files.get(i) == Some(&f.display().to_string()));
                     if on_new {
-                        let base = find_node(q, &vm.rec.def.disks[i].file)?;
+                        let base = crate::live::node_of_file(q, &vm.rec.def.disks[i].file)?;
                         active_commit(q, top, &base)?;
                     }
                 }
@@ -134,8 +169,4 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
     }
     vm.rec.intent = None;
     vm.save()
-}
-
-fn find_node(q: &strata_qmp::Qmp, file: &std::path::Path) -> Result<String> {
-    crate::snapshot::node_of_file(q, file)
 }

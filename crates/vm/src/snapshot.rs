@@ -13,13 +13,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use strata_qmp::commands::{
     blockdev_snapshot_action, BlockCommit, BlockdevAdd, BlockdevDel, Cont, JobComplete, Migrate,
-    MigrateIncoming, MigrateSetCapabilities, MigrationCapability, QueryBlockJobs, QueryMigrate,
-    SnapshotDelete, SnapshotLoad, SnapshotSave, Stop, Transaction,
+    MigrateSetCapabilities, MigrationCapability, QueryBlockJobs, QueryMigrate, SnapshotDelete,
+    SnapshotLoad, SnapshotSave, Stop, Transaction,
 };
 use strata_qmp::{Agent, Qmp};
 
 use crate::engine;
 use crate::error::{Error, Result};
+use crate::live::{self, node_of_file, stamp, JOB_TIMEOUT};
 use crate::manager::{agent_timeout, connect_agent, vm_file, Manager, OpenVm};
 use crate::qemu::{self, StartMode};
 use crate::record::{Disk, Intent, Kind, Snapshot};
@@ -29,18 +30,25 @@ use crate::state::check_name;
 /// as if killed (for crash tests of the recovery): see [`step`].
 pub const CRASH_AT_ENV: &str = "STRATA_VM_CRASH_AT";
 
+/// The environment variable naming a step at which the VM's QEMU is killed
+/// (SIGKILL) and the command goes on, for fault tests: see [`step`].
+pub const KILL_QEMU_AT_ENV: &str = "STRATA_VM_KILL_QEMU_AT";
+
 /// A named point between the steps of a multi-step operation. When
 /// `STRATA_VM_CRASH_AT` names it, the process exits at once with status 86,
-/// running no cleanup, like a strata killed there.
-fn step(name: &str) {
+/// running no cleanup, like a strata killed there. When
+/// `STRATA_VM_KILL_QEMU_AT` names it, the VM's QEMU is killed there and the
+/// command carries on as it would after QEMU died by itself.
+fn step(vm: &OpenVm, name: &str) {
     if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == name) {
         eprintln!("strata vm: crashing at step '{name}' ({CRASH_AT_ENV})");
         std::process::exit(86);
     }
+    if std::env::var(KILL_QEMU_AT_ENV).is_ok_and(|v| v == name) {
+        eprintln!("strata vm: killing QEMU at step '{name}' ({KILL_QEMU_AT_ENV})");
+        let _ = qemu::kill(&vm.paths);
+    }
 }
-
-/// Time allowed for snapshot jobs and memory transfers.
-const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What `snapshot create` was asked for.
 #[derive(Debug, Clone, Copy, Default)]
@@ -67,14 +75,6 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// A stamp that makes file and node names unique.
-fn stamp() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}{:03}", d.as_secs() % 100_000_000, d.subsec_millis())
 }
 
 /// Run state of a VM: the monitor when QEMU runs, and `running`, `paused`,
@@ -144,7 +144,7 @@ fn pause_from_events(qmp: &Qmp) -> Option<u64> {
 /// Turn on what memory files need: MIGRATION events and a seekable, sparse file.
 /// `pause` adds `pause-before-switchover` (for saving: the disks are switched
 /// in that pause).
-fn memory_capabilities(qmp: &Qmp, pause: bool) -> Result<()> {
+pub(crate) fn memory_capabilities(qmp: &Qmp, pause: bool) -> Result<()> {
     let mut caps = vec!["events", "mapped-ram"];
     if pause {
         caps.push("pause-before-switchover");
@@ -163,7 +163,7 @@ fn memory_capabilities(qmp: &Qmp, pause: bool) -> Result<()> {
 
 /// Poll `query-migrate` until the migration reaches status `target`; an error
 /// when it failed.
-fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
+pub(crate) fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
     let deadline = Instant::now() + JOB_TIMEOUT;
     loop {
         let info = qmp.execute(&QueryMigrate {})?;
@@ -186,8 +186,27 @@ fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
     }
 }
 
+/// Whether a guest that ran is stopped after a memory save ended. QEMU reports
+/// the migration completed a moment before it leaves the `running` state (and
+/// deactivates the disks), so after a completed save this waits (up to 10 s)
+/// for the state to change; a guest left `running` there would be stopped
+/// later with its disks inactive.
+fn stopped_after_migration(qmp: &Qmp, completed: bool) -> Result<bool> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = qemu::run_state(qmp)?;
+        if state != "running" {
+            return Ok(true);
+        }
+        if !completed || Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Refuse while a block job runs: its result would be mixed into the snapshot.
-fn no_block_jobs(vm: &OpenVm, qmp: &Qmp) -> Result<()> {
+pub(crate) fn no_block_jobs(vm: &OpenVm, qmp: &Qmp) -> Result<()> {
     let jobs = qmp.execute(&QueryBlockJobs {})?;
     if let Some(j) = jobs.first() {
         return Err(Error::State(format!(
@@ -293,7 +312,7 @@ impl Manager {
             }
             (Kind::External, q) => external_create(&mut vm, q.as_ref(), &mut s, agent)?,
         }
-        step("create-done");
+        step(&vm, "create-done");
         vm.rec.snapshots.push(s.clone());
         vm.rec.current = Some(snap.to_string());
         vm.rec.intent = None;
@@ -391,7 +410,7 @@ fn external_create(
             return Err(undo(vm, e));
         }
     }
-    step("create-overlays");
+    step(vm, "create-overlays");
     if let Some(q) = qmp {
         if let Err(e) = switch_live(vm, q, s, &overlays, memory_file.as_ref(), agent, &st) {
             return Err(undo(vm, e));
@@ -475,7 +494,7 @@ fn switch_live(
                 if saved.is_err() && !switched {
                     let _ = qmp.execute_value("migrate_cancel", None);
                 }
-                if was_running && qemu::run_state(qmp)? != "running" {
+                if was_running && stopped_after_migration(qmp, saved.is_ok())? {
                     qmp.execute(&Cont {})?;
                 }
                 s.pause_ms = pause_from_events(qmp);
@@ -503,9 +522,9 @@ fn switch_live(
     result
 }
 
-/// Merge the active layer `top` into the node `base` below it and make `base`
-/// the active layer again (commit, wait until ready, complete, remove `top`).
-pub(crate) fn active_commit(qmp: &Qmp, top: &str, base: &str) -> Result<()> {
+/// Start merging the active layer `top` into the node `base` below it and wait
+/// until the commit is ready (`base` in step with `top`); returns the job's id.
+fn commit_ready(qmp: &Qmp, top: &str, base: &str) -> Result<String> {
     let job = format!("strata-commit-{}", stamp());
     qmp.execute(&BlockCommit {
         job_id: job.clone(),
@@ -515,12 +534,29 @@ pub(crate) fn active_commit(qmp: &Qmp, top: &str, base: &str) -> Result<()> {
         auto_dismiss: Some(false),
     })?;
     qmp.wait_block_job_ready(&job, JOB_TIMEOUT)?;
-    qmp.execute(&JobComplete { id: job.clone() })?;
-    qmp.finish_job("block-commit", &job, JOB_TIMEOUT)?;
-    let _ = qmp.execute(&BlockdevDel {
-        node_name: top.to_string(),
-    });
+    Ok(job)
+}
+
+/// Complete ready commits `(job, top)`: each `base` becomes the active layer
+/// (the pivot) and its `top` is removed. Call with the guest paused after a
+/// flush (see `live::flushed_pause`).
+fn complete_commits(qmp: &Qmp, jobs: &[(String, String)]) -> Result<()> {
+    for (job, top) in jobs {
+        qmp.execute(&JobComplete { id: job.clone() })?;
+        qmp.finish_job("block-commit", job, JOB_TIMEOUT)?;
+        let _ = qmp.execute(&BlockdevDel {
+            node_name: top.clone(),
+        });
+    }
     Ok(())
+}
+
+/// Merge the active layer `top` into the node `base` below it and make `base`
+/// the active layer again (commit, wait until ready, then with the guest paused
+/// and every node flushed complete the pivot, and remove `top`).
+pub(crate) fn active_commit(qmp: &Qmp, top: &str, base: &str) -> Result<()> {
+    let job = commit_ready(qmp, top, base)?;
+    live::flushed_pause(qmp, || complete_commits(qmp, &[(job, top.to_string())]))
 }
 
 /// Start QEMU paused and load internal snapshot `tag` (disks and memory).
@@ -557,6 +593,11 @@ impl Manager {
     pub fn snapshot_revert(&self, name: &str, snap: &str, force: bool) -> Result<()> {
         let mut vm = self.open(name)?;
         let s = vm.rec.snapshot(snap)?.clone();
+        if vm.rec.saved.is_some() {
+            return Err(Error::State(format!(
+                "VM '{name}' has a saved state that a revert would make stale; start it (it resumes) first"
+            )));
+        }
         let (qmp, state) = vm_state(&vm)?;
         if qmp.is_some() && !s.memory && !force {
             return Err(Error::State(format!(
@@ -639,7 +680,7 @@ fn external_revert(vm: &mut OpenVm, qmp: Option<Qmp>, state: &str, s: &Snapshot)
         vm.save()?;
         return Err(e);
     }
-    step("revert-overlays");
+    step(vm, "revert-overlays");
     let was_live = qmp.is_some() && state != "stopped";
     if let Some(q) = qmp {
         qemu::quit(q, &vm.paths)?;
@@ -660,19 +701,7 @@ fn external_revert(vm: &mut OpenVm, qmp: Option<Qmp>, state: &str, s: &Snapshot)
     // The overlays left behind hold only the discarded state.
     discard_unused(vm, &old);
     if let Some(mem) = &s.memory_file {
-        let (q, _) = qemu::launch(
-            &vm.rec.def,
-            &vm.paths,
-            StartMode {
-                paused: true,
-                incoming: true,
-            },
-        )?;
-        memory_capabilities(&q, false)?;
-        q.execute(&MigrateIncoming {
-            uri: format!("file:{}", mem.display()),
-        })?;
-        wait_migration(&q, "loading the memory", "completed")?;
+        let (q, _) = crate::saved::launch_from_memory(vm, mem)?;
         set_run_state(&q, s)?;
     } else if was_live {
         qemu::launch(&vm.rec.def, &vm.paths, StartMode::default())?;
@@ -776,13 +805,20 @@ fn delete_one(vm: &mut OpenVm, snap: &str, metadata_only: bool) -> Result<()> {
 /// snapshot's files again; otherwise the snapshot's files hold nothing anyone
 /// needs and the ones strata made are removed.
 fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Result<()> {
-    let on_top = vm.rec.current.as_deref() == Some(s.name.as_str())
+    // The VM's disks are overlays strata made directly on the snapshot's files
+    // (a pull or a copy may have made them stand alone since).
+    let mut on_top = vm.rec.current.as_deref() == Some(s.name.as_str())
         && vm
             .rec
             .def
             .disks
             .iter()
             .all(|d| d.file.starts_with(vm.dir()));
+    if on_top {
+        for (d, f) in vm.rec.def.disks.iter().zip(&s.disks) {
+            on_top &= engine::is_on(&d.file, &f.file)?;
+        }
+    }
     let mut leftovers: Vec<Disk> = Vec::new();
     if on_top {
         let shared = vm
@@ -808,19 +844,31 @@ fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Resu
             Some(q) => {
                 no_block_jobs(vm, q)?;
                 let tops = qemu::top_nodes(q, s.disks.len())?;
+                let mut jobs = Vec::new();
                 for (top, base) in tops.iter().zip(&s.disks) {
                     let base_node = node_of_file(q, &base.file)?;
-                    active_commit(q, top, &base_node)?;
+                    jobs.push((commit_ready(q, top, &base_node)?, top.clone()));
                 }
+                // The record names the merged files before the guest resumes on
+                // them: a QEMU killed after the pivot leaves nothing newer there
+                // for recovery's second merge to overwrite.
+                live::flushed_pause(q, || {
+                    complete_commits(q, &jobs)?;
+                    step(vm, "delete-merged");
+                    leftovers = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
+                    forget(vm, &s.name);
+                    vm.rec.intent = None;
+                    vm.save()
+                })?;
             }
             None => {
                 for d in &vm.rec.def.disks {
                     engine::commit_into_backing(d)?;
                 }
+                step(vm, "delete-merged");
+                leftovers = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
             }
         }
-        step("delete-merged");
-        leftovers = std::mem::replace(&mut vm.rec.def.disks, s.disks.clone());
     } else {
         leftovers.extend(s.disks.iter().cloned());
     }
@@ -834,34 +882,17 @@ fn external_delete_leaf(vm: &mut OpenVm, qmp: Option<Qmp>, s: &Snapshot) -> Resu
     Ok(())
 }
 
-/// The name of the format node QEMU opened on `file`.
-pub(crate) fn node_of_file(qmp: &Qmp, file: &std::path::Path) -> Result<String> {
-    let nodes = qmp.execute_value("query-named-block-nodes", Some(json!({"flat": true})))?;
-    let want = file.display().to_string();
-    nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| {
-            n.get("file").and_then(|f| f.as_str()) == Some(want.as_str())
-                && n.get("drv").and_then(|d| d.as_str()) != Some("file")
-        })
-        .and_then(|n| n.get("node-name").and_then(|v| v.as_str()))
-        .map(str::to_string)
-        .ok_or_else(|| Error::Qemu(format!("QEMU has no node open on '{want}'")))
-}
-
-/// Delete an external snapshot that has children, on a stopped VM: every image
-/// built directly on the snapshot's files (children's files, the VM's current
-/// overlays) takes in what those files provided and is pointed past them, so
-/// every other snapshot and the current state keep their content; then the
-/// snapshot's files go (when strata made them and nothing else uses them).
+/// Delete an external snapshot that has children: every image built directly on
+/// the snapshot's files (children's files, the VM's current overlays) takes in
+/// what those files provided and is pointed past them, so every other snapshot
+/// and the current state keep their content; then the snapshot's files go (when
+/// strata made them and nothing else uses them). While the VM runs, the image
+/// above them in QEMU's chain takes their data with `block-stream` as the guest
+/// runs; images QEMU does not have open are rebased with strata's engine.
 fn merge_middle(vm: &mut OpenVm, snap: &str) -> Result<()> {
-    if qemu::live_pid(&vm.paths).is_some() {
-        return Err(Error::State(format!(
-            "external snapshot '{snap}' has children: stop VM '{}' to merge it into them (or delete with --metadata-only)",
-            vm.name
-        )));
+    let qmp = qemu::connect(&vm.paths)?;
+    if let Some(q) = &qmp {
+        no_block_jobs(vm, q)?;
     }
     let frozen = vm.rec.snapshot(snap)?.disks.clone();
     for o in vm.rec.snapshots.iter().filter(|o| o.kind == Kind::Internal) {
@@ -885,12 +916,13 @@ fn merge_middle(vm: &mut OpenVm, snap: &str) -> Result<()> {
         quiesce: false,
     });
     vm.save()?;
-    finish_merge(vm, snap)
+    finish_merge(vm, snap, qmp.as_ref())
 }
 
 /// The work of [`merge_middle`] after its intent is recorded; also how recovery
-/// finishes an interrupted merge (each step can run again).
-pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str) -> Result<()> {
+/// finishes an interrupted merge (each step can run again, with or without the
+/// QEMU that ran when it was interrupted). `qmp`: the VM's monitor when it runs.
+pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str, qmp: Option<&Qmp>) -> Result<()> {
     let s = vm.rec.snapshot(snap)?.clone();
     let mut users: Vec<PathBuf> = vm.rec.def.disks.iter().map(|d| d.file.clone()).collect();
     for o in &vm.rec.snapshots {
@@ -899,16 +931,25 @@ pub(crate) fn finish_merge(vm: &mut OpenVm, snap: &str) -> Result<()> {
     users.sort();
     users.dedup();
     for f in &s.disks {
+        if let Some(q) = qmp {
+            if live::stream_past(q, vm.rec.def.disks.len(), &f.file)? {
+                step(vm, "merge-streamed");
+            }
+        }
         for x in users.iter().filter(|x| *x != &f.file) {
-            if x.starts_with(vm.dir()) {
-                engine::rebase_past(x, &f.file)?;
-                step("merge-rebased");
+            if x.starts_with(vm.dir()) && engine::rebase_past(x, &f.file)? {
+                step(vm, "merge-rebased");
             }
         }
     }
     forget(vm, snap);
     vm.rec.intent = None;
     vm.save()?;
+    if let Some(q) = qmp {
+        for f in &s.disks {
+            live::release(q, &f.file);
+        }
+    }
     discard_unused(vm, &s.disks);
     if let Some(m) = &s.memory_file {
         let _ = std::fs::remove_file(m);

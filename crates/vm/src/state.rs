@@ -27,8 +27,14 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    /// The state directory at `root`, made absolute (against the current
+    /// directory): the overlays strata makes there name their backing files by
+    /// these paths, which must not depend on where a later command runs.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        StateDir { root: root.into() }
+        let root = root.into();
+        StateDir {
+            root: std::path::absolute(&root).unwrap_or(root),
+        }
     }
 
     /// `explicit` if given, else `$STRATA_STATE_DIR`, else `/var/lib/strata`.
