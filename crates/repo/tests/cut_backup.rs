@@ -108,7 +108,7 @@ fn a_backup_cut_at_any_write_leaves_no_snapshot_and_a_sound_repository() {
         let (_, snap) = repo.find_snapshot("latest").unwrap();
         let out = d.join("out.raw");
         strata_repo::restore::restore(
-            &repo,
+            &mut repo,
             &snap,
             &out,
             Format::Raw,
