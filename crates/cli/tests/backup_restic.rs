@@ -234,10 +234,7 @@ fn strata_restores_after_restic_forgets_and_prunes_its_backups() {
 
 /// Rounds of the kill test (`STRATA_BACKUP_KILL_ROUNDS`, default 5).
 fn kill_rounds() -> u64 {
-    std::env::var("STRATA_BACKUP_KILL_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
+    env_count("STRATA_BACKUP_KILL_ROUNDS", 5)
 }
 
 #[test]

@@ -204,3 +204,11 @@ pub fn full_id(repo: &Path, short: &str) -> String {
         .find(|id| id.starts_with(short))
         .unwrap_or_else(|| panic!("no snapshot {short}"))
 }
+
+/// A loop bound from the environment variable `var`, `default` when unset.
+pub fn env_count(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
