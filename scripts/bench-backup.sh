@@ -118,14 +118,17 @@ fi
 echo "== restore of the latest backup"
 run strata-restore "$STRATA" backup restore --repo "$WORK/strata" latest "$WORK/strata-out.raw"
 cmp "$IMG" "$WORK/strata-out.raw"
+rm -f "$WORK/strata-out.raw"
 run restic-restore restic --no-cache --repo "$WORK/restic" restore latest --target "$WORK/restic-out"
 cmp "$IMG" "$WORK/restic-out$IMG"
+rm -rf "$WORK/restic-out"
 if [ $HAVE_BORG = 1 ]; then
   mkdir -p "$WORK/borg-out"
   pushd "$WORK/borg-out" >/dev/null
   run borg-restore borg extract "$WORK/borg::incr"
   popd >/dev/null
   cmp "$IMG" "$WORK/borg-out$IMG"
+  rm -rf "$WORK/borg-out"
 fi
 
 echo "== repository sizes"
