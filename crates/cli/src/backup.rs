@@ -40,6 +40,9 @@ enum BackupCommand {
     Gc(GcArgs),
     /// Sizes: logical, deduplicated, stored; deduplication and compression factors.
     Stats(StatsArgs),
+    /// Export a snapshot's disk read-only over NBD: any NBD client (QEMU, qemu-img,
+    /// nbdcopy) reads the backup in place, without restoring it first.
+    Serve(ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -197,6 +200,19 @@ struct GcArgs {
 }
 
 #[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The snapshot: a unique ID prefix or `latest`.
+    snapshot: String,
+    /// Name of the export.
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    export_name: String,
+    #[command(flatten)]
+    listen: crate::nbd::ListenArgs,
+}
+
+#[derive(clap::Args)]
 struct StatsArgs {
     #[command(flatten)]
     repo: RepoArgs,
@@ -215,6 +231,7 @@ pub fn run(cli: BackupCli) -> i32 {
         BackupCommand::Prune(a) => maintenance::prune(a),
         BackupCommand::Gc(a) => maintenance::gc(a),
         BackupCommand::Stats(a) => maintenance::stats(a),
+        BackupCommand::Serve(a) => serve(a),
     };
     match r {
         Ok(()) => 0,
@@ -439,5 +456,51 @@ fn restore_cmd(a: RestoreArgs) -> Result<()> {
         s.size,
         s.bytes_written
     );
+    Ok(())
+}
+
+/// Serve a snapshot over NBD under a shared lock (refreshed while the server
+/// runs), so no prune or gc removes the packs it reads.
+fn serve(a: ServeArgs) -> Result<()> {
+    let mut repo = a.repo.open()?;
+    let mut lock = strata_repo::lock::Lock::acquire(&repo, false)?;
+    repo.reload_index()?;
+    let (id, snap) = repo.find_snapshot(&a.snapshot)?;
+    let repo = Arc::new(repo);
+    let device = strata_repo::device::SnapshotDevice::open(repo.clone(), &snap)?;
+    let export = strata_nbd::Export::from_device(
+        a.export_name,
+        format!("strata backup snapshot {}", id.short()),
+        Arc::new(device),
+    )?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refresher = {
+        let (repo, stop) = (repo.clone(), stop.clone());
+        std::thread::spawn(move || -> strata_repo::Result<()> {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                lock.refresh_if_due(&repo)?;
+            }
+            lock.release()
+        })
+    };
+    let served = crate::nbd::run_server(
+        vec![Arc::new(export)],
+        crate::nbd::Listen {
+            bind: a.listen.bind,
+            port: a.listen.port,
+            socket: a.listen.socket,
+            control: None,
+            tls: None,
+            workers: 4,
+            prog: "strata backup",
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let released = refresher
+        .join()
+        .map_err(|_| anyhow!("the lock refresher panicked"))?;
+    served?;
+    released?;
     Ok(())
 }

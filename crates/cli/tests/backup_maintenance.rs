@@ -551,3 +551,70 @@ fn a_missing_repository_or_a_full_disk_fails_clearly_and_loses_nothing() {
     strata_verify(&repo);
     all_restore(&repo, &HashMap::from([(first, view)]));
 }
+
+#[test]
+fn a_served_backup_reads_as_the_disk_over_nbd_and_holds_off_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let top = qcow2_chain(d);
+    let reference = d.join("ref.raw");
+    std::fs::write(&reference, guest_view(&top)).unwrap();
+    run(strata(&["init", "--repo", s(&repo)]));
+    run(strata(&["create", "--repo", s(&repo), "-U", s(&top)]));
+    let sock = d.join("backup.sock");
+    let mut server = strata(&[
+        "serve",
+        "--repo",
+        s(&repo),
+        "latest",
+        "-k",
+        s(&sock),
+        "-x",
+        "disk",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let url = format!("nbd+unix:///disk?socket={}", s(&sock));
+    qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&reference), &url]);
+    // The zeroed ranges are reported as zeroes, not data.
+    let map = qemu_img(&["map", "--output=json", "-f", "raw", &url]);
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    assert!(
+        map.as_array().unwrap().iter().any(|e| e["zero"] == true),
+        "{map}"
+    );
+    let copy = d.join("copy.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &url, s(&copy)]);
+    qemu_img(&["compare", "-F", "raw", s(&copy), s(&reference)]);
+    let write = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k", &url])
+        .output()
+        .unwrap();
+    assert!(
+        !write.status.success() || String::from_utf8_lossy(&write.stdout).contains("failed"),
+        "a write to the served backup succeeded"
+    );
+    // While it serves, gc (exclusive) is refused; afterwards it runs.
+    let gc = strata(&["gc", "--repo", s(&repo)]).output().unwrap();
+    assert_eq!(gc.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&gc.stderr).contains("locked"),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    // SAFETY: the child is ours and has not been waited for.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+    assert!(!sock.exists());
+    run(strata(&["gc", "--repo", s(&repo)]));
+    restic_check(&repo);
+}

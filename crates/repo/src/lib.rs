@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod crypto;
+pub mod device;
 pub mod disk;
 mod error;
 pub mod gc;

@@ -243,24 +243,30 @@ struct Window {
     write_zeroes: bool,
 }
 
-/// Blobs read, checked and written at once, at most.
-const MAX_WORKERS: usize = 4;
+/// One blob of a file: where it lies in the file and whether it is zeroes.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece {
+    pub offset: u64,
+    pub len: u64,
+    pub id: Id,
+    /// Named by the hash of zeroes: a hole, nothing to read.
+    pub zero: bool,
+}
 
-fn write_content(
-    repo: &Repository,
-    node: &Node,
-    target: &Target,
-    window: &Window,
-    progress: &dyn Progress,
-    cancel: &Cancel,
-) -> Result<RestoreSummary> {
-    progress.set_total(window.end - window.start);
-    let at = |offset: u64| format!("restoring '{}' at file offset {offset}", node.name);
-    // Plan first: every blob located and the sizes adding up before a byte is written.
+impl Piece {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Where each blob of `node` lies in the file, with every blob located in the
+/// index and the lengths adding up to the file's size (else a `Corrupt` error
+/// naming the blob and the offset).
+pub fn layout(repo: &Repository, node: &Node) -> Result<Vec<Piece>> {
+    let at = |offset: u64| format!("'{}' at file offset {offset}", node.name);
     let mut zeros = HashMap::new();
     let mut offset = 0u64;
-    let mut jobs = Vec::new();
-    let mut zero_ranges = Vec::new();
+    let mut out = Vec::new();
     for id in node.content.iter().flatten() {
         let loc = repo.index().get(BlobType::Data, id).ok_or_else(|| {
             Error::new(
@@ -279,20 +285,12 @@ fn write_content(
                     node.size
                 ))
             })?;
-        let (a, b) = (offset.max(window.start), end.min(window.end));
-        if a < b {
-            // A blob named by the hash of zeroes is zeroes: a hole, nothing to read.
-            if *id == zero_id(&mut zeros, len) {
-                zero_ranges.push((a, b));
-            } else {
-                jobs.push(Job {
-                    blob_offset: offset,
-                    id: *id,
-                    from: a,
-                    to: b,
-                });
-            }
-        }
+        out.push(Piece {
+            offset,
+            len,
+            id: *id,
+            zero: *id == zero_id(&mut zeros, len),
+        });
         offset = end;
     }
     if offset != node.size {
@@ -300,6 +298,40 @@ fn write_content(
             "'{}': its blobs hold {offset} bytes, the snapshot says {}",
             node.name, node.size
         )));
+    }
+    Ok(out)
+}
+
+/// Blobs read, checked and written at once, at most.
+const MAX_WORKERS: usize = 4;
+
+fn write_content(
+    repo: &Repository,
+    node: &Node,
+    target: &Target,
+    window: &Window,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<RestoreSummary> {
+    progress.set_total(window.end - window.start);
+    let at = |offset: u64| format!("restoring '{}' at file offset {offset}", node.name);
+    // Plan first: every blob located and the sizes adding up before a byte is written.
+    let mut jobs = Vec::new();
+    let mut zero_ranges = Vec::new();
+    for piece in layout(repo, node)? {
+        let (a, b) = (piece.offset.max(window.start), piece.end().min(window.end));
+        if a < b {
+            if piece.zero {
+                zero_ranges.push((a, b));
+            } else {
+                jobs.push(Job {
+                    blob_offset: piece.offset,
+                    id: piece.id,
+                    from: a,
+                    to: b,
+                });
+            }
+        }
     }
     for (a, b) in zero_ranges {
         if window.write_zeroes {
