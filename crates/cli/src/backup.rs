@@ -1,7 +1,9 @@
 //! `strata backup`: disk backups in restic's repository format (`init`, `create`,
-//! `list`, `restore`). The repository comes from `--repo`, `STRATA_REPOSITORY` or
+//! `list`, `restore`, `verify`, `prune`, `gc`, `stats`). The repository comes from `--repo`, `STRATA_REPOSITORY` or
 //! `RESTIC_REPOSITORY`; the password from `--password-file`, `STRATA_PASSWORD`,
 //! `RESTIC_PASSWORD` or `RESTIC_PASSWORD_FILE`, in that order.
+
+mod maintenance;
 
 use crate::img::progress::Bar;
 use anyhow::{anyhow, bail, Context, Result};
@@ -11,7 +13,8 @@ use std::sync::Arc;
 use strata_format::Format;
 use strata_jobs::Cancel;
 use strata_repo::disk::{self, BackupOptions, DiskSource, Incremental};
-use strata_repo::{restore, Backend, Id, KdfParams, LocalBackend, Repository};
+use strata_repo::restore::{self, RestoreOptions};
+use strata_repo::{Backend, Id, KdfParams, LocalBackend, Repository};
 
 #[derive(clap::Args)]
 pub struct BackupCli {
@@ -27,8 +30,19 @@ enum BackupCommand {
     Create(CreateArgs),
     /// List the snapshots of a repository.
     List(ListArgs),
-    /// Restore a snapshot's disk to a raw or qcow2 image.
+    /// Restore a snapshot's disk (or a byte range of it) to a raw or qcow2 image.
     Restore(RestoreArgs),
+    /// Check the repository: snapshots, index and (all or a sample of) the packs.
+    Verify(VerifyArgs),
+    /// Forget the snapshots a retention policy does not keep, then collect garbage.
+    Prune(PruneArgs),
+    /// Remove data no snapshot references (unreferenced blobs and packs).
+    Gc(GcArgs),
+    /// Sizes: logical, deduplicated, stored; deduplication and compression factors.
+    Stats(StatsArgs),
+    /// Export a snapshot's disk read-only over NBD: any NBD client (QEMU, qemu-img,
+    /// nbdcopy) reads the backup in place, without restoring it first.
+    Serve(ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -39,6 +53,31 @@ struct RepoArgs {
     /// Read the password from this file (surrounding whitespace and the newline trimmed).
     #[arg(long = "password-file")]
     password_file: Option<PathBuf>,
+    /// While another process holds a conflicting lock, retry for up to this long
+    /// (seconds, or with an s, m or h suffix) instead of failing at once.
+    #[arg(long = "retry-lock", value_parser = parse_duration)]
+    retry_lock: Option<std::time::Duration>,
+}
+
+/// `90`, `90s`, `5m` or `1h`.
+fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        anyhow!("invalid duration '{s}': expected seconds, or a number with s, m or h")
+    })?;
+    let secs = match unit {
+        's' => Some(n),
+        'm' => n.checked_mul(60),
+        'h' => n.checked_mul(3600),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        anyhow!("invalid duration '{s}': expected seconds, or a number with s, m or h")
+    })?;
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(clap::Args)]
@@ -91,6 +130,95 @@ struct RestoreArgs {
     /// Output format: raw (sparse) or qcow2.
     #[arg(short = 'O', long = "output-format", default_value = "raw")]
     output_format: String,
+    /// Restore only the bytes from this disk offset (with --length).
+    #[arg(long = "offset", requires = "length")]
+    offset: Option<u64>,
+    /// Restore only this many bytes (from --offset, default 0).
+    #[arg(long = "length")]
+    length: Option<u64>,
+    /// Write into the existing image OUTPUT (format probed) at the disk's own
+    /// offsets, zeroes included, instead of creating a new file.
+    #[arg(long = "existing", conflicts_with = "output_format")]
+    existing: bool,
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Read only a subset of the packs: `n/t` (part n of t) or a percentage (`10%`).
+    #[arg(long = "read-data-subset", conflicts_with = "no_read_data")]
+    read_data_subset: Option<String>,
+    /// Check snapshots, trees and the index only; read no pack.
+    #[arg(long = "no-read-data")]
+    no_read_data: bool,
+    /// `human` or `json`.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+}
+
+#[derive(clap::Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Keep the N most recent snapshots.
+    #[arg(long = "keep-last", short = 'l', default_value_t = 0)]
+    last: u32,
+    /// Keep the most recent snapshot of each of the last N hours that have one.
+    #[arg(long = "keep-hourly", short = 'H', default_value_t = 0)]
+    hourly: u32,
+    /// ... of each of the last N days.
+    #[arg(long = "keep-daily", short = 'd', default_value_t = 0)]
+    daily: u32,
+    /// ... of each of the last N ISO weeks.
+    #[arg(long = "keep-weekly", short = 'w', default_value_t = 0)]
+    weekly: u32,
+    /// ... of each of the last N months.
+    #[arg(long = "keep-monthly", short = 'm', default_value_t = 0)]
+    monthly: u32,
+    /// ... of each of the last N years.
+    #[arg(long = "keep-yearly", short = 'y', default_value_t = 0)]
+    yearly: u32,
+    /// Print each snapshot with keep or remove and the rules that keep it; change nothing.
+    #[arg(long = "dry-run", short = 'n')]
+    dry_run: bool,
+    /// `human` or `json`.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+}
+
+#[derive(clap::Args)]
+struct GcArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Count what would be removed; change nothing.
+    #[arg(long = "dry-run", short = 'n')]
+    dry_run: bool,
+    /// `human` or `json`.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The snapshot: a unique ID prefix or `latest`.
+    snapshot: String,
+    /// Name of the export.
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    export_name: String,
+    #[command(flatten)]
+    listen: crate::nbd::ListenArgs,
+}
+
+#[derive(clap::Args)]
+struct StatsArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// `human` or `json`.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
 }
 
 pub fn run(cli: BackupCli) -> i32 {
@@ -99,6 +227,11 @@ pub fn run(cli: BackupCli) -> i32 {
         BackupCommand::Create(a) => create(a),
         BackupCommand::List(a) => list(a),
         BackupCommand::Restore(a) => restore_cmd(a),
+        BackupCommand::Verify(a) => maintenance::verify(a),
+        BackupCommand::Prune(a) => maintenance::prune(a),
+        BackupCommand::Gc(a) => maintenance::gc(a),
+        BackupCommand::Stats(a) => maintenance::stats(a),
+        BackupCommand::Serve(a) => serve(a),
     };
     match r {
         Ok(()) => 0,
@@ -154,7 +287,11 @@ impl RepoArgs {
 
     fn open(&self) -> Result<Repository> {
         let backend = self.backend()?;
-        Ok(Repository::open(backend, &self.password()?)?)
+        let mut repo = Repository::open(backend, &self.password()?)?;
+        if let Some(wait) = self.retry_lock {
+            repo.set_lock_wait(wait);
+        }
+        Ok(repo)
     }
 }
 
@@ -236,12 +373,17 @@ fn parse_chunk_list(s: &str) -> Result<std::collections::BTreeSet<u64>> {
     Ok(out)
 }
 
-fn list(a: ListArgs) -> Result<()> {
-    let json = match a.output.as_str() {
-        "json" => true,
-        "human" => false,
+/// Whether `--output` asks for JSON.
+fn wants_json(output: &str) -> Result<bool> {
+    match output {
+        "json" => Ok(true),
+        "human" => Ok(false),
         o => bail!("--output must be 'human' or 'json', not '{o}'"),
-    };
+    }
+}
+
+fn list(a: ListArgs) -> Result<()> {
+    let json = wants_json(&a.output)?;
     let repo = a.repo.open()?;
     let snaps = repo.snapshots()?;
     if json {
@@ -297,10 +439,15 @@ fn restore_cmd(a: RestoreArgs) -> Result<()> {
         "qcow2" => Format::Qcow2,
         o => bail!("output format must be raw or qcow2, not '{o}'"),
     };
-    let repo = a.repo.open()?;
+    let mut repo = a.repo.open()?;
     let (id, snap): (Id, _) = repo.find_snapshot(&a.snapshot)?;
+    let opts = RestoreOptions {
+        format,
+        range: a.length.map(|len| (a.offset.unwrap_or(0), len)),
+        existing: a.existing,
+    };
     let bar = bar();
-    let s = restore::restore(&repo, &snap, &a.output, format, &bar, &Cancel::default())?;
+    let s = restore::restore_with(&mut repo, &snap, &a.output, &opts, &bar, &Cancel::default())?;
     bar.finish();
     println!(
         "restored snapshot {} to {} ({} bytes, {} written)",
@@ -309,5 +456,51 @@ fn restore_cmd(a: RestoreArgs) -> Result<()> {
         s.size,
         s.bytes_written
     );
+    Ok(())
+}
+
+/// Serve a snapshot over NBD under a shared lock (refreshed while the server
+/// runs), so no prune or gc removes the packs it reads.
+fn serve(a: ServeArgs) -> Result<()> {
+    let mut repo = a.repo.open()?;
+    let mut lock = strata_repo::lock::Lock::acquire(&repo, false)?;
+    repo.reload_index()?;
+    let (id, snap) = repo.find_snapshot(&a.snapshot)?;
+    let repo = Arc::new(repo);
+    let device = strata_repo::device::SnapshotDevice::open(repo.clone(), &snap)?;
+    let export = strata_nbd::Export::from_device(
+        a.export_name,
+        format!("strata backup snapshot {}", id.short()),
+        Arc::new(device),
+    )?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refresher = {
+        let (repo, stop) = (repo.clone(), stop.clone());
+        std::thread::spawn(move || -> strata_repo::Result<()> {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                lock.refresh_if_due(&repo)?;
+            }
+            lock.release()
+        })
+    };
+    let served = crate::nbd::run_server(
+        vec![Arc::new(export)],
+        crate::nbd::Listen {
+            bind: a.listen.bind,
+            port: a.listen.port,
+            socket: a.listen.socket,
+            control: None,
+            tls: None,
+            workers: 4,
+            prog: "strata backup",
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let released = refresher
+        .join()
+        .map_err(|_| anyhow!("the lock refresher panicked"))?;
+    served?;
+    released?;
     Ok(())
 }

@@ -46,15 +46,8 @@ struct ServeArgs {
     /// Description of the exports (NBD_INFO_DESCRIPTION).
     #[arg(short = 'D', long = "description", default_value = "")]
     description: String,
-    /// Address to listen on for TCP.
-    #[arg(short = 'b', long = "bind")]
-    bind: Option<String>,
-    /// TCP port (0 picks a free one; the port is printed).
-    #[arg(short = 'p', long = "port")]
-    port: Option<u16>,
-    /// Listen on this Unix socket (then no TCP unless --bind or --port is given).
-    #[arg(short = 'k', long = "socket")]
-    socket: Option<PathBuf>,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Control socket for live operations (see `strata nbd ctl`).
     #[arg(long = "control")]
     control: Option<PathBuf>,
@@ -70,6 +63,20 @@ struct ServeArgs {
     /// Requests carried out concurrently per connection.
     #[arg(long = "workers", default_value_t = 4)]
     workers: usize,
+}
+
+/// Where a server listens (shared by every command that serves NBD).
+#[derive(clap::Args)]
+pub(crate) struct ListenArgs {
+    /// Address to listen on for TCP.
+    #[arg(short = 'b', long = "bind")]
+    pub bind: Option<String>,
+    /// TCP port (0 picks a free one; the port is printed).
+    #[arg(short = 'p', long = "port")]
+    pub port: Option<u16>,
+    /// Listen on this Unix socket (then no TCP unless --bind or --port is given).
+    #[arg(short = 'k', long = "socket")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -148,14 +155,48 @@ fn serve(a: ServeArgs) -> Result<i32> {
                 .with_context(|| format!("cannot export '{}'", c.path.display()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => Some(strata_nbd::tls::server_config(c, k)?),
-        _ => None,
+    let tls = a.tls_cert.zip(a.tls_key);
+    run_server(
+        exports,
+        Listen {
+            bind: a.listen.bind,
+            port: a.listen.port,
+            socket: a.listen.socket,
+            control: a.control,
+            tls,
+            workers: a.workers,
+            prog: "strata nbd",
+        },
+    )
+}
+
+/// Where and how a server listens.
+pub(crate) struct Listen {
+    /// TCP address (with or without `port`, TCP is used when no socket is given).
+    pub bind: Option<String>,
+    pub port: Option<u16>,
+    pub socket: Option<PathBuf>,
+    /// Control socket for live operations.
+    pub control: Option<PathBuf>,
+    /// TLS certificate chain and key (PEM): clients must then use TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub workers: usize,
+    /// The program name in messages.
+    pub prog: &'static str,
+}
+
+/// Serve `exports` until SIGINT or SIGTERM (or a control `quit`); then shut
+/// down, removing the sockets made.
+pub(crate) fn run_server(exports: Vec<Arc<Export>>, l: Listen) -> Result<i32> {
+    let prog = l.prog;
+    let tls = match &l.tls {
+        Some((cert, key)) => Some(strata_nbd::tls::server_config(cert, key)?),
+        None => None,
     };
     let server = Server::new(ServerConfig {
         exports,
         tls,
-        workers: a.workers.clamp(1, 64),
+        workers: l.workers.clamp(1, 64),
         log: true,
     });
     // SAFETY: `on_signal` is an `extern "C" fn(c_int)` that only stores to an atomic,
@@ -167,48 +208,49 @@ fn serve(a: ServeArgs) -> Result<i32> {
     }
     let mut threads = Vec::new();
     let quit = Arc::new(AtomicBool::new(false));
-    let want_tcp = a.socket.is_none() || a.bind.is_some() || a.port.is_some();
+    let want_tcp = l.socket.is_none() || l.bind.is_some() || l.port.is_some();
     if want_tcp {
         let addr = format!(
             "{}:{}",
-            a.bind.as_deref().unwrap_or("0.0.0.0"),
-            a.port.unwrap_or(10809)
+            l.bind.as_deref().unwrap_or("0.0.0.0"),
+            l.port.unwrap_or(10809)
         );
-        let l = TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
-        eprintln!("strata nbd: listening on tcp {}", l.local_addr()?);
+        let listener =
+            TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!("{prog}: listening on tcp {}", listener.local_addr()?);
         let s = server.clone();
         threads.push(std::thread::spawn(move || {
-            if let Err(e) = s.serve_tcp(l) {
-                eprintln!("strata nbd: tcp listener: {e}");
+            if let Err(e) = s.serve_tcp(listener) {
+                eprintln!("{prog}: tcp listener: {e}");
             }
         }));
     }
     let mut cleanup = Vec::new();
-    if let Some(p) = &a.socket {
-        let l = listen_unix(p)?;
+    if let Some(p) = &l.socket {
+        let listener = listen_unix(p)?;
         cleanup.push(p.clone());
-        eprintln!("strata nbd: listening on unix {}", p.display());
+        eprintln!("{prog}: listening on unix {}", p.display());
         let s = server.clone();
         threads.push(std::thread::spawn(move || {
-            if let Err(e) = s.serve_unix(l) {
-                eprintln!("strata nbd: unix listener: {e}");
+            if let Err(e) = s.serve_unix(listener) {
+                eprintln!("{prog}: unix listener: {e}");
             }
         }));
     }
-    if let Some(p) = &a.control {
-        let l = listen_unix(p)?;
+    if let Some(p) = &l.control {
+        let listener = listen_unix(p)?;
         cleanup.push(p.clone());
         let s = server.clone();
         let q = quit.clone();
         threads.push(std::thread::spawn(move || {
-            strata_nbd::control::serve(s, l, q)
+            strata_nbd::control::serve(s, listener, q)
         }));
     }
-    eprintln!("strata nbd: ready");
+    eprintln!("{prog}: ready");
     while !QUIT.load(Ordering::SeqCst) && !quit.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("strata nbd: shutting down");
+    eprintln!("{prog}: shutting down");
     let r = server.shutdown();
     for t in threads {
         let _ = t.join();

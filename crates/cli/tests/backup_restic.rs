@@ -4,140 +4,10 @@
 //! chain; strata lists and restores what restic backs up; and damage or a wrong
 //! password fail loudly in both.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
-const PASSWORD: &str = "interop secret";
-const MIB: usize = 1 << 20;
-
-fn run(mut cmd: impl std::borrow::BorrowMut<Command>) -> Output {
-    let cmd = cmd.borrow_mut();
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!("{cmd:?} did not start ({e}); scripts/install-deps.sh installs it")
-    });
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// `strata backup ARGS` with the password in the environment.
-fn strata(args: &[&str]) -> Command {
-    let mut c = Command::new(STRATA);
-    c.arg("backup").args(args);
-    for v in [
-        "RESTIC_PASSWORD_FILE",
-        "RESTIC_REPOSITORY",
-        "STRATA_REPOSITORY",
-    ] {
-        c.env_remove(v);
-    }
-    c.env("STRATA_PASSWORD", PASSWORD)
-        .env_remove("RESTIC_PASSWORD");
-    c
-}
-
-/// `restic -r REPO ARGS`, without a cache.
-fn restic(repo: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new("restic");
-    c.arg("--no-cache").arg("-r").arg(repo).args(args);
-    c.env("RESTIC_PASSWORD", PASSWORD)
-        .env_remove("RESTIC_PASSWORD_FILE");
-    c
-}
-
-fn qemu_img(args: &[&str]) -> Output {
-    run(Command::new("qemu-img").args(args))
-}
-
-/// Incompressible bytes.
-fn noise(len: usize) -> Vec<u8> {
-    use std::io::Read;
-    let mut v = Vec::with_capacity(len);
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .take(len as u64)
-        .read_to_end(&mut v)
-        .unwrap();
-    v
-}
-
-/// A 40 MiB raw disk: noise, a long zero run, compressible text, noise, and an
-/// odd-sized tail.
-fn raw_disk(path: &Path) -> Vec<u8> {
-    let mut d = noise(6 * MIB);
-    d.resize(20 * MIB, 0);
-    d.extend(b"strata backup ".iter().cycle().take(6 * MIB));
-    d.extend(noise(14 * MIB - 12345));
-    std::fs::write(path, &d).unwrap();
-    d
-}
-
-/// A qcow2 chain: a base converted from [`raw_disk`] and an overlay with a pattern
-/// write and a zeroed range over it. Returns the top's path.
-fn qcow2_chain(dir: &Path) -> PathBuf {
-    let raw = dir.join("base.raw");
-    raw_disk(&raw);
-    let base = dir.join("base.qcow2");
-    let top = dir.join("top.qcow2");
-    qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&base)]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
-    run(Command::new("qemu-io").args([
-        "-c",
-        "write -P 0x5a 3M 2M",
-        "-c",
-        "write -z 30M 5M",
-        "-c",
-        "write -P 0x11 39M 512k",
-        s(&top),
-    ]));
-    top
-}
-
-/// The disk a guest sees in `image` (its chain read through), as
-/// `qemu-img convert -O raw` writes it (a raw file's length rounds up to 512 bytes).
-fn guest_view(image: &Path) -> Vec<u8> {
-    let out = image.with_extension("guest-view");
-    qemu_img(&["convert", "-O", "raw", s(image), s(&out)]);
-    let bytes = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    bytes
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// The 8-digit ID from strata's `snapshot XXXXXXXX saved`.
-fn saved_id(o: &Output) -> String {
-    let text = stdout(o);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("snapshot ") && l.ends_with(" saved"))
-        .unwrap_or_else(|| panic!("no 'snapshot ... saved' line in {text}"));
-    line.split(' ').nth(1).unwrap().to_string()
-}
-
-fn snapshots_json(o: &Output) -> Vec<serde_json::Value> {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
-}
+use common::restic::*;
+use std::path::PathBuf;
 
 #[test]
 fn restic_lists_checks_and_restores_what_strata_backed_up() {
@@ -364,10 +234,7 @@ fn strata_restores_after_restic_forgets_and_prunes_its_backups() {
 
 /// Rounds of the kill test (`STRATA_BACKUP_KILL_ROUNDS`, default 5).
 fn kill_rounds() -> u64 {
-    std::env::var("STRATA_BACKUP_KILL_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
+    env_count("STRATA_BACKUP_KILL_ROUNDS", 5)
 }
 
 #[test]

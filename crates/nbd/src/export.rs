@@ -266,6 +266,36 @@ impl Export {
         })
     }
 
+    /// Export `device`, which is no image file (a backup, say), read-only under
+    /// `name`. Live operations on it fail: it has no file to snapshot or commit.
+    pub fn from_device(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<Export> {
+        let size = device.virtual_size();
+        let layer = Layer {
+            path: PathBuf::new(),
+            format: Format::Raw,
+            device,
+            backing_name: None,
+            backing_format: None,
+            backing_path: None,
+        };
+        Ok(Export {
+            name: name.into(),
+            description: description.into(),
+            read_only: true,
+            min_block: 1,
+            size,
+            gate: RwLock::new(Backend::new(vec![layer])?),
+            dirty: Mutex::new(None),
+            ops: Mutex::new(()),
+            written: Default::default(),
+            kicking: Default::default(),
+        })
+    }
+
     /// The size advertised to clients (fixed for the life of the export).
     pub fn size(&self) -> u64 {
         self.size

@@ -147,7 +147,8 @@ pub(crate) fn zero_id(cache: &mut HashMap<u64, Id>, len: u64) -> Id {
         .or_insert_with(|| Id::hash(&vec![0u8; len as usize]))
 }
 
-/// Back up `src` into `repo` as a new snapshot, under a shared lock.
+/// Back up `src` into `repo` as a new snapshot, under a shared lock (the index is
+/// read again once the lock is held).
 pub fn backup(
     repo: &mut Repository,
     src: &DiskSource,
@@ -157,6 +158,11 @@ pub fn backup(
 ) -> Result<BackupSummary> {
     let size = src.size();
     let nchunks = size.div_ceil(CHUNK_SIZE);
+    // The lock first, then the index: a gc that finished before the lock was
+    // taken may have removed blobs the index loaded at open still names, and the
+    // backup must not take such a blob as stored.
+    let mut lock = Lock::acquire(repo, false)?;
+    repo.reload_index()?;
     let reuse = match &opts.incremental {
         Some(inc) => Some((
             parent_content(repo, &inc.parent, size, nchunks)?,
@@ -164,7 +170,6 @@ pub fn backup(
         )),
         None => None,
     };
-    let mut lock = Lock::acquire(repo, false)?;
     progress.set_total(size);
     let repo_ro: &Repository = repo;
     let mut saver = BlobSaver::new(repo_ro, opts.pack_size);

@@ -13,13 +13,13 @@ pub struct IndexFile {
     pub packs: Vec<IndexPack>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IndexPack {
     pub id: Id,
     pub blobs: Vec<IndexBlob>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IndexBlob {
     pub id: Id,
     #[serde(rename = "type")]

@@ -9,19 +9,25 @@
 
 pub mod backend;
 pub mod crypto;
+pub mod device;
 pub mod disk;
 mod error;
+pub mod gc;
 mod host;
 pub mod id;
 pub mod index;
 pub mod local;
 pub mod lock;
 pub mod pack;
+pub mod policy;
 mod poly;
+pub mod refs;
 pub mod repository;
 pub mod restore;
+pub mod stats;
 pub mod time;
 pub mod tree;
+pub mod verify;
 pub mod writer;
 
 pub use backend::{Backend, FileType, Handle};

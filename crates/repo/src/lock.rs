@@ -18,6 +18,8 @@ const STALE_AFTER_SECS: i64 = 30 * 60;
 const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
 /// How long to wait for racing writers before checking again.
 const SETTLE: Duration = Duration::from_millis(100);
+/// How often a waiting acquirer tries again.
+const RETRY_EVERY: Duration = Duration::from_millis(250);
 
 /// A lock document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,9 +72,23 @@ pub struct Lock {
 }
 
 impl Lock {
-    /// Take a lock (`exclusive` or shared); fails with [`ErrorKind::Locked`] naming
-    /// the holder when a live conflicting lock exists.
+    /// Take a lock (`exclusive` or shared). While a live conflicting lock is
+    /// held, try again for up to the repository's [`Repository::lock_wait`], then
+    /// fail with [`ErrorKind::Locked`] naming the holder.
     pub fn acquire(repo: &Repository, exclusive: bool) -> Result<Lock> {
+        let start = Instant::now();
+        let wait = repo.lock_wait();
+        loop {
+            match Lock::try_acquire(repo, exclusive) {
+                Err(e) if e.kind() == ErrorKind::Locked && start.elapsed() < wait => {
+                    std::thread::sleep(RETRY_EVERY.min(wait.saturating_sub(start.elapsed())));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn try_acquire(repo: &Repository, exclusive: bool) -> Result<Lock> {
         check_conflicts(repo, exclusive, None)?;
         let id = write_lock(repo, exclusive)?;
         let lock = Lock {

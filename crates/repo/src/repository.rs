@@ -8,7 +8,7 @@ use crate::crypto::Key;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host;
 use crate::id::Id;
-use crate::index::{Index, IndexFile};
+use crate::index::{BlobLocation, Index, IndexFile};
 use crate::pack::BlobType;
 use crate::time::Timestamp;
 use crate::tree::{Snapshot, Tree};
@@ -78,6 +78,7 @@ pub struct Repository {
     key: Key,
     config: Config,
     index: Index,
+    lock_wait: std::time::Duration,
 }
 
 impl Repository {
@@ -119,6 +120,7 @@ impl Repository {
             key,
             config,
             index: Index::default(),
+            lock_wait: std::time::Duration::ZERO,
         })
     }
 
@@ -158,6 +160,7 @@ impl Repository {
             key,
             config,
             index: Index::default(),
+            lock_wait: std::time::Duration::ZERO,
         };
         repo.reload_index()?;
         Ok(repo)
@@ -200,6 +203,15 @@ impl Repository {
         ))
     }
 
+    /// How long taking a lock waits for a conflicting one to go (zero: not at all).
+    pub fn lock_wait(&self) -> std::time::Duration {
+        self.lock_wait
+    }
+
+    pub fn set_lock_wait(&mut self, wait: std::time::Duration) {
+        self.lock_wait = wait;
+    }
+
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
@@ -219,6 +231,16 @@ impl Repository {
     /// Read all index files again (after other writers added some).
     pub fn reload_index(&mut self) -> Result<()> {
         let mut index = Index::default();
+        for (_, file) in self.index_files()? {
+            index.add_file(&file);
+        }
+        self.index = index;
+        Ok(())
+    }
+
+    /// Every index file of the repository, with its storage ID.
+    pub fn index_files(&self) -> Result<Vec<(Id, IndexFile)>> {
+        let mut out = Vec::new();
         for (name, _) in self.backend.list(FileType::Index)? {
             let id = Id::parse(&name)?;
             let plain = self.load_unpacked(FileType::Index, &id)?;
@@ -229,10 +251,9 @@ impl Repository {
                     e,
                 )
             })?;
-            index.add_file(&file);
+            out.push((id, file));
         }
-        self.index = index;
-        Ok(())
+        Ok(out)
     }
 
     pub(crate) fn add_index(&mut self, file: &IndexFile) {
@@ -284,18 +305,21 @@ impl Repository {
             )
         })?;
         let h = Handle::new(FileType::Data, loc.pack.to_string());
-        if loc.length > MAX_BLOB || loc.uncompressed_length.is_some_and(|u| u > MAX_BLOB) {
-            return Err(Error::corrupt(format!(
-                "blob {id}: the index gives a length over {} MiB",
-                MAX_BLOB >> 20
-            )));
-        }
+        check_blob_length(id, &loc)?;
         let sealed = self
             .backend
             .read_range(&h, loc.offset, loc.length as usize)
             .map_err(|e| e.wrap(format_args!("blob {id}")))?;
+        self.open_blob(id, &loc, &sealed)
+    }
+
+    /// The plaintext of blob `id` from its `sealed` bytes found at `loc`:
+    /// authenticated, decompressed to the length the index gives and checked
+    /// against its hash.
+    pub fn open_blob(&self, id: &Id, loc: &BlobLocation, sealed: &[u8]) -> Result<Vec<u8>> {
+        check_blob_length(id, loc)?;
         let where_ = || format!("blob {id} (pack {}, offset {})", loc.pack, loc.offset);
-        let plain = self.key.open(&sealed).ok_or_else(|| {
+        let plain = self.key.open(sealed).ok_or_else(|| {
             Error::corrupt(format!(
                 "{}: authentication failed, the stored bytes were changed",
                 where_()
@@ -335,6 +359,17 @@ impl Repository {
         serde_json::from_slice(&plain).map_err(|e| {
             Error::with_source(ErrorKind::Corrupt, format!("tree {id} does not parse"), e)
         })
+    }
+
+    /// The pack files stored, by ID, with their sizes (whether an index names
+    /// them or not).
+    pub fn stored_packs(&self) -> Result<std::collections::HashMap<Id, u64>> {
+        Ok(self
+            .backend
+            .list(FileType::Data)?
+            .into_iter()
+            .filter_map(|(n, size)| Id::parse(&n).ok().map(|id| (id, size)))
+            .collect())
     }
 
     /// Every snapshot, oldest first.
@@ -398,6 +433,20 @@ impl Repository {
     pub fn save_snapshot(&self, s: &Snapshot) -> Result<Id> {
         self.save_unpacked(FileType::Snapshot, &serde_json::to_vec(s).expect("json"))
     }
+}
+
+/// A blob longer than any writer makes is damage, and is not allowed to make a
+/// reader allocate its claimed length.
+fn check_blob_length(id: &Id, loc: &BlobLocation) -> Result<()> {
+    if loc.length > MAX_BLOB || loc.uncompressed_length.is_some_and(|u| u > MAX_BLOB) {
+        return Err(Error::corrupt(format!(
+            "blob {id} (pack {}, offset {}): a length over {} MiB is given",
+            loc.pack,
+            loc.offset,
+            MAX_BLOB >> 20
+        )));
+    }
+    Ok(())
 }
 
 /// Strip the encoding of an unpacked file's plaintext: JSON as is (version 1, or a

@@ -82,6 +82,30 @@ impl Target {
         }
     }
 
+    /// The existing image at `path` (format probed), writable, at least `end` bytes.
+    fn open_existing(path: &Path, end: u64) -> Result<Target> {
+        let chain = strata_chain::open(&strata_chain::OpenSpec::new(path).write(true))?;
+        let dev = chain.top().clone();
+        if dev.virtual_size() < end {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "'{}' is {} bytes, too small for the disk's bytes up to offset {end}",
+                    path.display(),
+                    dev.virtual_size()
+                ),
+            ));
+        }
+        Ok(Target::Image(dev))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Target::Raw(_) => self.write(&vec![0u8; len as usize], offset),
+            Target::Image(d) => Ok(d.write_zeroes(offset, len, false)?),
+        }
+    }
+
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         match self {
             Target::Raw(f) => f
@@ -101,45 +125,149 @@ impl Target {
     }
 }
 
+/// Where and what to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// The format of a new output (ignored with `existing`).
+    pub format: Format,
+    /// Only this byte range of the disk (`offset..offset+length`); the whole disk
+    /// when `None`.
+    pub range: Option<(u64, u64)>,
+    /// Write into the existing image at `output` (format probed, its chain left
+    /// as is) at the disk's own offsets, zeroes included, instead of creating a
+    /// new file. A new file holds just the range, from its offset 0.
+    pub existing: bool,
+}
+
+impl RestoreOptions {
+    /// The whole disk to a new image of `format`.
+    pub fn new(format: Format) -> Self {
+        RestoreOptions {
+            format,
+            range: None,
+            existing: false,
+        }
+    }
+}
+
 /// Restore the disk of `snap` to `output` (created or truncated) as `format`,
 /// under a shared lock.
 pub fn restore(
-    repo: &Repository,
+    repo: &mut Repository,
     snap: &Snapshot,
     output: &Path,
     format: Format,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<RestoreSummary> {
-    // A shared lock keeps a pruning process from removing packs being read.
-    let lock = crate::lock::Lock::acquire(repo, false)?;
-    let node = disk_node(repo, snap)?;
-    let target = Target::create(output, format, node.size)?;
-    let result = write_content(repo, &node, &target, progress, cancel)
-        .and_then(|s| target.finish().map(|_| s));
-    if result.is_err() {
-        let _ = std::fs::remove_file(output);
-    }
-    lock.release()?;
-    result
+    restore_with(
+        repo,
+        snap,
+        output,
+        &RestoreOptions::new(format),
+        progress,
+        cancel,
+    )
 }
 
-/// Blobs read, checked and written at once, at most.
-const MAX_WORKERS: usize = 4;
-
-fn write_content(
-    repo: &Repository,
-    node: &Node,
-    target: &Target,
+/// Restore the disk of `snap`, or a range of it, to a new file or into an
+/// existing image, under a shared lock (the index is read again once it is
+/// held, so packs a gc rewrote before are found where they are now). A new
+/// output is removed when the restore fails; an existing image is left with
+/// whatever was written before the failure, and the error says so.
+pub fn restore_with(
+    repo: &mut Repository,
+    snap: &Snapshot,
+    output: &Path,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<RestoreSummary> {
-    progress.set_total(node.size);
-    let at = |offset: u64| format!("restoring '{}' at file offset {offset}", node.name);
-    // Plan first: every blob located and the sizes adding up before a byte is written.
+    // A shared lock keeps a pruning process from removing packs being read.
+    let lock = crate::lock::Lock::acquire(repo, false)?;
+    repo.reload_index()?;
+    let node = disk_node(repo, snap)?;
+    let (start, len) = match opts.range {
+        None => (0, node.size),
+        Some((offset, length)) => {
+            if offset.checked_add(length).is_none_or(|e| e > node.size) || length == 0 {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "the range of {length} bytes at offset {offset} is empty or not inside the {}-byte disk",
+                        node.size
+                    ),
+                ));
+            }
+            (offset, length)
+        }
+    };
+    let window = Window {
+        start,
+        end: start + len,
+        shift: if opts.existing { 0 } else { start },
+        write_zeroes: opts.existing,
+    };
+    let target = if opts.existing {
+        Target::open_existing(output, window.end)?
+    } else {
+        Target::create(output, opts.format, len)?
+    };
+    let result = write_content(repo, &node, &target, &window, progress, cancel)
+        .and_then(|s| target.finish().map(|_| s));
+    match &result {
+        Err(_) if !opts.existing => {
+            let _ = std::fs::remove_file(output);
+        }
+        _ => {}
+    }
+    lock.release()?;
+    result.map_err(|e| {
+        if opts.existing {
+            e.wrap(format_args!(
+                "'{}' was only partly restored",
+                output.display()
+            ))
+        } else {
+            e
+        }
+    })
+}
+
+/// The part of the disk restored and where it goes in the output.
+struct Window {
+    start: u64,
+    end: u64,
+    /// Subtracted from a disk offset to give the output offset.
+    shift: u64,
+    /// Write zero ranges (the output holds other data there) rather than leave holes.
+    write_zeroes: bool,
+}
+
+/// One blob of a file: where it lies in the file and whether it is zeroes.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece {
+    pub offset: u64,
+    pub len: u64,
+    pub id: Id,
+    /// Named by the hash of zeroes: a hole, nothing to read.
+    pub zero: bool,
+}
+
+impl Piece {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Where each blob of `node` lies in the file, with every blob located in the
+/// index and the lengths adding up to the file's size (else a `Corrupt` error
+/// naming the blob and the offset).
+pub fn layout(repo: &Repository, node: &Node) -> Result<Vec<Piece>> {
+    let at = |offset: u64| format!("'{}' at file offset {offset}", node.name);
     let mut zeros = HashMap::new();
     let mut offset = 0u64;
-    let mut jobs = Vec::new();
+    let mut out = Vec::new();
     for id in node.content.iter().flatten() {
         let loc = repo.index().get(BlobType::Data, id).ok_or_else(|| {
             Error::new(
@@ -158,12 +286,12 @@ fn write_content(
                     node.size
                 ))
             })?;
-        // A blob named by the hash of zeroes is zeroes: a hole, nothing to read.
-        if *id == zero_id(&mut zeros, len) {
-            progress.advance(len);
-        } else {
-            jobs.push((offset, *id, len));
-        }
+        out.push(Piece {
+            offset,
+            len,
+            id: *id,
+            zero: *id == zero_id(&mut zeros, len),
+        });
         offset = end;
     }
     if offset != node.size {
@@ -171,6 +299,48 @@ fn write_content(
             "'{}': its blobs hold {offset} bytes, the snapshot says {}",
             node.name, node.size
         )));
+    }
+    Ok(out)
+}
+
+/// Blobs read, checked and written at once, at most.
+const MAX_WORKERS: usize = 4;
+
+fn write_content(
+    repo: &Repository,
+    node: &Node,
+    target: &Target,
+    window: &Window,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<RestoreSummary> {
+    progress.set_total(window.end - window.start);
+    let at = |offset: u64| format!("restoring '{}' at file offset {offset}", node.name);
+    // Plan first: every blob located and the sizes adding up before a byte is written.
+    let mut jobs = Vec::new();
+    let mut zero_ranges = Vec::new();
+    for piece in layout(repo, node)? {
+        let (a, b) = (piece.offset.max(window.start), piece.end().min(window.end));
+        if a < b {
+            if piece.zero {
+                zero_ranges.push((a, b));
+            } else {
+                jobs.push(Job {
+                    blob_offset: piece.offset,
+                    id: piece.id,
+                    from: a,
+                    to: b,
+                });
+            }
+        }
+    }
+    for (a, b) in zero_ranges {
+        if window.write_zeroes {
+            target
+                .write_zeroes(a - window.shift, b - a)
+                .map_err(|e| e.wrap(at(a)))?;
+        }
+        progress.advance(b - a);
     }
     let next = AtomicUsize::new(0);
     let written = AtomicU64::new(0);
@@ -184,19 +354,19 @@ fn write_content(
         for _ in 0..workers {
             scope.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
-                    let Some(&(offset, id, len)) = jobs.get(next.fetch_add(1, Ordering::Relaxed))
-                    else {
+                    let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
                     };
+                    let offset = job.blob_offset;
                     let r = if cancel.is_cancelled() {
                         Err(Error::new(ErrorKind::Cancelled, "restore cancelled"))
                     } else {
-                        restore_blob(repo, target, &id, offset).map_err(|e| e.wrap(at(offset)))
+                        restore_blob(repo, target, job, window).map_err(|e| e.wrap(at(offset)))
                     };
                     match r {
                         Ok(n) => {
                             written.fetch_add(n, Ordering::Relaxed);
-                            progress.advance(len);
+                            progress.advance(job.to - job.from);
                         }
                         Err(e) => {
                             stop.store(true, Ordering::Relaxed);
@@ -214,18 +384,39 @@ fn write_content(
         return Err(e);
     }
     Ok(RestoreSummary {
-        size: node.size,
+        size: window.end - window.start,
         bytes_written: written.into_inner(),
     })
 }
 
-/// Load, authenticate and hash-check blob `id`, then write it at `offset` unless it
-/// is all zeroes; the bytes written.
-fn restore_blob(repo: &Repository, target: &Target, id: &Id, offset: u64) -> Result<u64> {
-    let data = repo.load_blob(BlobType::Data, id)?;
-    if data.iter().all(|&b| b == 0) {
+/// One blob to restore: where it starts in the disk and the part of it wanted.
+struct Job {
+    blob_offset: u64,
+    id: Id,
+    from: u64,
+    to: u64,
+}
+
+/// Load, authenticate and hash-check the job's blob, then write the wanted part
+/// of it (zeroes only when the window asks for them); the bytes written.
+fn restore_blob(repo: &Repository, target: &Target, job: &Job, window: &Window) -> Result<u64> {
+    let data = repo.load_blob(BlobType::Data, &job.id)?;
+    let part = data
+        .get((job.from - job.blob_offset) as usize..(job.to - job.blob_offset) as usize)
+        .ok_or_else(|| {
+            Error::corrupt(format!(
+                "blob {}: holds {} bytes, fewer than the index says",
+                job.id,
+                data.len()
+            ))
+        })?;
+    let out = job.from - window.shift;
+    if part.iter().all(|&b| b == 0) {
+        if window.write_zeroes {
+            target.write_zeroes(out, part.len() as u64)?;
+        }
         return Ok(0);
     }
-    target.write(&data, offset)?;
-    Ok(data.len() as u64)
+    target.write(part, out)?;
+    Ok(part.len() as u64)
 }

@@ -41,7 +41,8 @@ impl Timestamp {
         format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}")
     }
 
-    fn civil(&self) -> (i64, u32, u32, u32, u32, u32) {
+    /// Year, month, day, hour, minute and second of this instant in UTC.
+    pub fn civil(&self) -> (i64, u32, u32, u32, u32, u32) {
         let days = self.secs.div_euclid(86_400);
         let rem = self.secs.rem_euclid(86_400) as u32;
         // Days to a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -59,6 +60,12 @@ impl Timestamp {
 
     /// Parse RFC 3339 (`Z` or `±HH:MM`, optional fraction). `None` if malformed.
     pub fn parse(s: &str) -> Option<Timestamp> {
+        Timestamp::parse_with_offset(s).map(|(t, _)| t)
+    }
+
+    /// Parse RFC 3339 and also return the zone offset it was written in, in
+    /// seconds east of UTC.
+    pub fn parse_with_offset(s: &str) -> Option<(Timestamp, i64)> {
         let b = s.as_bytes();
         let num = |r: std::ops::Range<usize>| -> Option<i64> {
             let t = s.get(r)?;
@@ -108,19 +115,27 @@ impl Timestamp {
             }
             _ => return None,
         };
-        // Date to days since the epoch (inverse of `civil`).
-        let y2 = if mo <= 2 { y - 1 } else { y };
-        let era = y2.div_euclid(400);
-        let yoe = y2 - era * 400;
-        let mp = (mo + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + d - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        let days = era * 146_097 + doe - 719_468;
-        Some(Timestamp {
-            secs: days * 86_400 + h * 3600 + mi * 60 + sec - offset,
-            nanos,
-        })
+        let days = days_from_civil(y, mo, d);
+        Some((
+            Timestamp {
+                secs: days * 86_400 + h * 3600 + mi * 60 + sec - offset,
+                nanos,
+            },
+            offset,
+        ))
     }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (the inverse of
+/// [`Timestamp::civil`]'s date part).
+pub fn days_from_civil(y: i64, mo: i64, d: i64) -> i64 {
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

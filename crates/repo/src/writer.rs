@@ -70,6 +70,8 @@ pub struct BlobSaver<'r> {
     written: Vec<IndexPack>,
     uploader: Option<Uploader>,
     stats: SaveStats,
+    /// Store blobs the index already has (a repack moves them to new packs).
+    ignore_index: bool,
 }
 
 /// Writes finished packs on a thread of its own, so reading and compressing go on
@@ -113,12 +115,23 @@ impl<'r> BlobSaver<'r> {
             written: Vec::new(),
             uploader: None,
             stats: SaveStats::default(),
+            ignore_index: false,
+        }
+    }
+
+    /// A saver that stores every blob given once, even those the index has: the
+    /// new packs of a repack.
+    pub fn for_repack(repo: &'r Repository, pack_size: usize) -> Self {
+        BlobSaver {
+            ignore_index: true,
+            ..BlobSaver::new(repo, pack_size)
         }
     }
 
     /// Whether the blob is stored already or saved in this session.
     pub fn has(&self, kind: BlobType, id: &Id) -> bool {
-        self.repo.index().contains(kind, id) || self.pending.contains(&(kind, *id))
+        (!self.ignore_index && self.repo.index().contains(kind, id))
+            || self.pending.contains(&(kind, *id))
     }
 
     /// Save `plain` as blob `id` (the caller computed `Id::hash(plain)`) unless it is
@@ -198,24 +211,30 @@ impl<'r> BlobSaver<'r> {
         if let Some(u) = self.uploader.take() {
             u.wait()?;
         }
-        let mut files = Vec::new();
-        let mut current = IndexFile::default();
-        let mut count = 0;
-        for pack in self.written {
-            count += pack.blobs.len();
-            current.packs.push(pack);
-            if count >= BLOBS_PER_INDEX {
-                files.push(std::mem::take(&mut current));
-                count = 0;
-            }
-        }
-        if !current.packs.is_empty() {
-            files.push(current);
-        }
-        for f in &files {
-            self.repo
-                .save_unpacked(FileType::Index, &serde_json::to_vec(f).expect("json"))?;
-        }
+        let files = write_index(self.repo, self.written)?;
         Ok((files, self.stats))
     }
+}
+
+/// Store index files listing `packs` (as many files as keep each well under
+/// restic's size limit); returns the documents written.
+pub fn write_index(repo: &Repository, packs: Vec<IndexPack>) -> Result<Vec<IndexFile>> {
+    let mut files = Vec::new();
+    let mut current = IndexFile::default();
+    let mut count = 0;
+    for pack in packs {
+        count += pack.blobs.len();
+        current.packs.push(pack);
+        if count >= BLOBS_PER_INDEX {
+            files.push(std::mem::take(&mut current));
+            count = 0;
+        }
+    }
+    if !current.packs.is_empty() {
+        files.push(current);
+    }
+    for f in &files {
+        repo.save_unpacked(FileType::Index, &serde_json::to_vec(f).expect("json"))?;
+    }
+    Ok(files)
 }

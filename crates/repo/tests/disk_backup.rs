@@ -76,7 +76,7 @@ fn back_up(
     disk::backup(repo, &src, &opts, &NoProgress, &Cancel::default()).unwrap()
 }
 
-fn restore_to(repo: &Repository, snap: &str, out: &Path) -> strata_repo::Result<()> {
+fn restore_to(repo: &mut Repository, snap: &str, out: &Path) -> strata_repo::Result<()> {
     let (_, s) = repo.find_snapshot(snap)?;
     strata_repo::restore::restore(repo, &s, out, Format::Raw, &NoProgress, &Cancel::default())
         .map(|_| ())
@@ -112,7 +112,7 @@ fn a_second_backup_of_an_unchanged_image_adds_no_data_blobs() {
     assert_eq!(data_packs(&repo), packs + 1);
     assert_eq!(repo.snapshots().unwrap().len(), 2);
     let out = dir.path().join("out.raw");
-    restore_to(&repo, &first.snapshot.to_string()[..8], &out).unwrap();
+    restore_to(&mut repo, &first.snapshot.to_string()[..8], &out).unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
 }
 
@@ -139,7 +139,7 @@ fn a_zero_filled_image_is_one_blob_and_its_holes_are_never_read() {
     assert_eq!(s.bytes_read, 64 * MIB);
     assert_eq!(repo.index().count(BlobType::Data), 1);
     let out = dir.path().join("out.raw");
-    restore_to(&repo, "latest", &out).unwrap();
+    restore_to(&mut repo, "latest", &out).unwrap();
     let meta = std::fs::metadata(&out).unwrap();
     assert_eq!(meta.len(), 64 * MIB);
     assert_eq!(
@@ -175,7 +175,7 @@ fn an_incremental_backup_reads_only_the_changed_chunks() {
         Some(full.snapshot)
     );
     let out = dir.path().join("out.raw");
-    restore_to(&repo, &inc.snapshot.to_string(), &out).unwrap();
+    restore_to(&mut repo, &inc.snapshot.to_string(), &out).unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), content);
     // A parent of another size is refused, not silently mixed in.
     std::fs::write(&img, &content[..(20 * MIB) as usize]).unwrap();
@@ -222,7 +222,7 @@ fn a_flipped_byte_in_a_pack_fails_the_restore_naming_blob_and_offset() {
     bytes[(loc.offset + 1000) as usize] ^= 0x40;
     std::fs::write(&pack, bytes).unwrap();
     let out = dir.path().join("out.raw");
-    let e = restore_to(&repo, "latest", &out).unwrap_err();
+    let e = restore_to(&mut repo, "latest", &out).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt);
     let msg = e.to_string();
     assert!(msg.contains(&blob.to_string()), "{msg}");

@@ -1,0 +1,255 @@
+//! `strata backup verify|prune|gc|stats`: the repository's upkeep, with human and
+//! JSON output and a progress bar on the long parts.
+
+use super::{bar, wants_json, GcArgs, PruneArgs, StatsArgs, VerifyArgs};
+use anyhow::{bail, Result};
+use serde_json::json;
+use strata_jobs::Cancel;
+use strata_repo::gc::{self, GcOptions, GcSummary, Planned};
+use strata_repo::policy::Policy;
+use strata_repo::stats as repo_stats;
+use strata_repo::verify::{self, Problem, Subset};
+
+pub(super) fn verify(a: VerifyArgs) -> Result<()> {
+    let json = wants_json(&a.output)?;
+    let subset = match (&a.read_data_subset, a.no_read_data) {
+        (Some(s), _) => Subset::parse(s)?,
+        (None, true) => Subset::None,
+        (None, false) => Subset::All,
+    };
+    let mut repo = a.repo.open()?;
+    let bar = bar();
+    let r = verify::verify(&mut repo, subset, &bar, &Cancel::default())?;
+    bar.finish();
+    if json {
+        let problems: Vec<serde_json::Value> = r.problems.iter().map(problem_json).collect();
+        println!(
+            "{}",
+            json!({
+                "snapshots": r.snapshots,
+                "packs": r.packs,
+                "packs_read": r.packs_read,
+                "blobs_checked": r.blobs_checked,
+                "bytes_read": r.bytes_read,
+                "unindexed_packs": r.unindexed_packs,
+                "problems": problems,
+            })
+        );
+    } else {
+        for p in &r.problems {
+            print_problem(p);
+        }
+        println!(
+            "{} snapshots, {} packs: {} read ({} bytes, {} blobs checked); {} packs no index names",
+            r.snapshots, r.packs, r.packs_read, r.bytes_read, r.blobs_checked, r.unindexed_packs
+        );
+    }
+    if !r.problems.is_empty() {
+        bail!(
+            "the repository is damaged: {} problems found",
+            r.problems.len()
+        );
+    }
+    if !json {
+        println!("no errors were found");
+    }
+    Ok(())
+}
+
+fn problem_json(p: &Problem) -> serde_json::Value {
+    let users: Vec<serde_json::Value> = p
+        .users
+        .iter()
+        .map(|u| json!({"snapshot": u.snapshot.to_string(), "path": u.path, "offset": u.offset}))
+        .collect();
+    json!({
+        "pack": p.pack.map(|id| id.to_string()),
+        "blob": p.blob.map(|(_, id)| id.to_string()),
+        "type": p.blob.map(|(k, _)| format!("{k:?}").to_lowercase()),
+        "pack_offset": p.pack_offset,
+        "error": p.error,
+        "breaks": users,
+    })
+}
+
+fn print_problem(p: &Problem) {
+    let mut line = String::from("error:");
+    if let Some((kind, id)) = p.blob {
+        line += &format!(" {} blob {id}", format!("{kind:?}").to_lowercase());
+    }
+    if let Some(pack) = p.pack {
+        line += &format!(" in pack {pack}");
+    }
+    if let Some(o) = p.pack_offset {
+        line += &format!(" at offset {o}");
+    }
+    println!("{line}: {}", p.error);
+    for u in &p.users {
+        match u.offset {
+            Some(o) => println!(
+                "  breaks snapshot {} file {} at offset {o}",
+                u.snapshot.short(),
+                u.path
+            ),
+            None => println!("  breaks snapshot {} at {}", u.snapshot.short(), u.path),
+        }
+    }
+}
+
+fn gc_json(s: &GcSummary) -> serde_json::Value {
+    json!({
+        "packs": s.packs,
+        "packs_kept": s.packs_kept,
+        "packs_removed": s.packs_removed,
+        "packs_repacked": s.packs_repacked,
+        "unindexed_packs_removed": s.unindexed_removed,
+        "packs_written": s.packs_written,
+        "blobs_removed": s.blobs_removed,
+        "blobs_repacked": s.blobs_repacked,
+        "bytes_freed": s.bytes_freed,
+    })
+}
+
+fn print_gc(s: &GcSummary, dry_run: bool) {
+    let did = |word: &str| {
+        if dry_run {
+            format!("would be {word}")
+        } else {
+            word.to_string()
+        }
+    };
+    println!(
+        "{} packs: {} kept, {} {}, {} {} into {} new; {} unindexed packs {}; {} blobs {}, {} moved; {} bytes {}",
+        s.packs,
+        s.packs_kept,
+        s.packs_removed,
+        did("removed"),
+        s.packs_repacked,
+        did("repacked"),
+        s.packs_written,
+        s.unindexed_removed,
+        did("removed"),
+        s.blobs_removed,
+        did("dropped"),
+        s.blobs_repacked,
+        s.bytes_freed,
+        did("freed"),
+    );
+}
+
+pub(super) fn gc(a: GcArgs) -> Result<()> {
+    let json = wants_json(&a.output)?;
+    let mut repo = a.repo.open()?;
+    let opts = GcOptions {
+        dry_run: a.dry_run,
+        ..GcOptions::default()
+    };
+    let bar = bar();
+    let s = gc::gc(&mut repo, &opts, &bar, &Cancel::default())?;
+    bar.finish();
+    if json {
+        println!("{}", gc_json(&s));
+    } else {
+        print_gc(&s, a.dry_run);
+    }
+    Ok(())
+}
+
+fn planned_json(p: &Planned) -> serde_json::Value {
+    let reasons: Vec<&str> = p.reasons.iter().map(|r| r.reason()).collect();
+    json!({
+        "id": p.id.to_string(),
+        "short_id": p.id.short(),
+        "time": p.snapshot.time,
+        "hostname": p.snapshot.hostname,
+        "paths": p.snapshot.paths,
+        "keep": p.keep,
+        "reasons": reasons,
+    })
+}
+
+pub(super) fn prune(a: PruneArgs) -> Result<()> {
+    let json = wants_json(&a.output)?;
+    let policy = Policy {
+        last: a.last,
+        hourly: a.hourly,
+        daily: a.daily,
+        weekly: a.weekly,
+        monthly: a.monthly,
+        yearly: a.yearly,
+    };
+    let mut repo = a.repo.open()?;
+    let opts = GcOptions {
+        dry_run: a.dry_run,
+        ..GcOptions::default()
+    };
+    let bar = bar();
+    let s = gc::prune(&mut repo, &policy, &opts, &bar, &Cancel::default())?;
+    bar.finish();
+    if json {
+        let plan: Vec<serde_json::Value> = s.plan.iter().map(planned_json).collect();
+        println!(
+            "{}",
+            json!({"dry_run": a.dry_run, "snapshots": plan, "gc": gc_json(&s.gc)})
+        );
+        return Ok(());
+    }
+    for p in &s.plan {
+        let reasons: Vec<&str> = p.reasons.iter().map(|r| r.reason()).collect();
+        println!(
+            "{:<6}  {}  {}  {}  {}{}",
+            if p.keep { "keep" } else { "remove" },
+            p.id.short(),
+            p.snapshot.timestamp().display(),
+            p.snapshot.hostname,
+            p.snapshot.paths.join(" "),
+            if reasons.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", reasons.join(", "))
+            }
+        );
+    }
+    let removed = s.plan.iter().filter(|p| !p.keep).count();
+    println!(
+        "{} snapshots {}removed, {} kept",
+        removed,
+        if a.dry_run { "would be " } else { "" },
+        s.plan.len() - removed
+    );
+    print_gc(&s.gc, a.dry_run);
+    Ok(())
+}
+
+pub(super) fn stats(a: StatsArgs) -> Result<()> {
+    let json = wants_json(&a.output)?;
+    let mut repo = a.repo.open()?;
+    let s = repo_stats::stats(&mut repo)?;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "snapshots": s.snapshots,
+                "logical_bytes": s.logical_bytes,
+                "unique_blobs": s.unique_blobs,
+                "unique_bytes": s.unique_bytes,
+                "stored_bytes": s.stored_bytes,
+                "repository_bytes": s.repository_bytes,
+                "dedup_factor": s.dedup_factor,
+                "compression_factor": s.compression_factor,
+            })
+        );
+        return Ok(());
+    }
+    println!("snapshots:           {}", s.snapshots);
+    println!("logical size:        {} bytes", s.logical_bytes);
+    println!(
+        "deduplicated size:   {} bytes in {} blobs",
+        s.unique_bytes, s.unique_blobs
+    );
+    println!("stored size:         {} bytes", s.stored_bytes);
+    println!("repository size:     {} bytes", s.repository_bytes);
+    println!("deduplication:       {:.2}x", s.dedup_factor);
+    println!("compression:         {:.2}x", s.compression_factor);
+    Ok(())
+}
