@@ -11,7 +11,7 @@ use std::sync::Arc;
 use strata_format::Format;
 use strata_jobs::Cancel;
 use strata_repo::disk::{self, BackupOptions, DiskSource, Incremental};
-use strata_repo::{restore, Backend, Id, KdfParams, LocalBackend, Repository};
+use strata_repo::{restore, Backend, Id, KdfParams, Repository};
 
 #[derive(clap::Args)]
 pub struct BackupCli {
@@ -33,7 +33,7 @@ enum BackupCommand {
 
 #[derive(clap::Args)]
 struct RepoArgs {
-    /// The repository (a directory); default $STRATA_REPOSITORY, then $RESTIC_REPOSITORY.
+    /// The repository: a directory, or s3:http://HOST:PORT/BUCKET[/PREFIX]; default $STRATA_REPOSITORY, then $RESTIC_REPOSITORY.
     #[arg(long = "repo", short = 'r')]
     repo: Option<String>,
     /// Read the password from this file (surrounding whitespace and the newline trimmed).
@@ -113,7 +113,7 @@ pub fn run(cli: BackupCli) -> i32 {
 }
 
 impl RepoArgs {
-    fn backend(&self) -> Result<Arc<LocalBackend>> {
+    fn backend(&self) -> Result<Arc<dyn Backend>> {
         let repo = self
             .repo
             .clone()
@@ -123,13 +123,7 @@ impl RepoArgs {
             .ok_or_else(|| {
                 anyhow!("no repository given: use --repo, STRATA_REPOSITORY or RESTIC_REPOSITORY")
             })?;
-        let path = repo.strip_prefix("local:").unwrap_or(&repo);
-        if let Some((scheme, _)) = path.split_once(':') {
-            if !scheme.contains('/') {
-                bail!("repository '{repo}': the '{scheme}' backend is not supported yet (only local directories)");
-            }
-        }
-        Ok(Arc::new(LocalBackend::new(path)))
+        Ok(strata_repo::open_location(&repo)?)
     }
 
     fn password(&self) -> Result<String> {
