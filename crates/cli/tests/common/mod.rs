@@ -4,6 +4,9 @@
 //! never skipped).
 #![allow(dead_code)]
 
+pub mod backup;
+pub mod garage;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
