@@ -122,3 +122,15 @@ for tool in qemu-img qemu-system-x86_64; do
   fi
   say "$version"
 done
+
+# Garage, the S3 server the backup tests keep repositories in. It is built from
+# the crate registry once (about 20 CPU-minutes) and reused when present; the
+# version is pinned so its command-line output stays what the tests read.
+GARAGE_VERSION=2.5.0
+garage_bin="${CARGO_HOME:-$HOME/.cargo}/bin/garage"
+if ! { [ -x "$garage_bin" ] && "$garage_bin" --version 2>/dev/null | grep -q ":$GARAGE_VERSION "; }; then
+  say "building garage $GARAGE_VERSION (once; reused when present)"
+  cargo install --locked --quiet garage --version "$GARAGE_VERSION"
+fi
+"$garage_bin" --version >/dev/null 2>&1 || die "garage is missing after the install"
+say "garage $GARAGE_VERSION: $garage_bin"

@@ -14,7 +14,7 @@ use strata_format::Format;
 use strata_jobs::Cancel;
 use strata_repo::disk::{self, BackupOptions, DiskSource, Incremental};
 use strata_repo::restore::{self, RestoreOptions};
-use strata_repo::{Backend, Id, KdfParams, LocalBackend, Repository};
+use strata_repo::{Backend, Id, KdfParams, Repository};
 
 #[derive(clap::Args)]
 pub struct BackupCli {
@@ -47,7 +47,7 @@ enum BackupCommand {
 
 #[derive(clap::Args)]
 struct RepoArgs {
-    /// The repository (a directory); default $STRATA_REPOSITORY, then $RESTIC_REPOSITORY.
+    /// The repository: a directory, or s3:http://HOST:PORT/BUCKET[/PREFIX]; default $STRATA_REPOSITORY, then $RESTIC_REPOSITORY.
     #[arg(long = "repo", short = 'r')]
     repo: Option<String>,
     /// Read the password from this file (surrounding whitespace and the newline trimmed).
@@ -246,7 +246,7 @@ pub fn run(cli: BackupCli) -> i32 {
 }
 
 impl RepoArgs {
-    fn backend(&self) -> Result<Arc<LocalBackend>> {
+    fn backend(&self) -> Result<Arc<dyn Backend>> {
         let repo = self
             .repo
             .clone()
@@ -256,13 +256,7 @@ impl RepoArgs {
             .ok_or_else(|| {
                 anyhow!("no repository given: use --repo, STRATA_REPOSITORY or RESTIC_REPOSITORY")
             })?;
-        let path = repo.strip_prefix("local:").unwrap_or(&repo);
-        if let Some((scheme, _)) = path.split_once(':') {
-            if !scheme.contains('/') {
-                bail!("repository '{repo}': the '{scheme}' backend is not supported yet (only local directories)");
-            }
-        }
-        Ok(Arc::new(LocalBackend::new(path)))
+        Ok(strata_repo::open_location(&repo)?)
     }
 
     fn password(&self) -> Result<String> {

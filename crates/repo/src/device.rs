@@ -58,7 +58,7 @@ impl SnapshotDevice {
             strata_format::Error::corrupt(format!("backup blob at disk offset {}: {e}", p.offset))
         })?;
         let data = Arc::new(data);
-        let mut cache = self.cache.lock().expect("cache");
+        let mut cache = strata_storage::sync::lock(&self.cache);
         if cache.len() >= CACHED {
             cache.remove(0);
         }
@@ -67,7 +67,7 @@ impl SnapshotDevice {
     }
 
     fn read_only_error() -> strata_format::Error {
-        strata_format::Error::new(strata_format::ErrorKind::ReadOnly)
+        strata_format::Error::read_only()
     }
 }
 

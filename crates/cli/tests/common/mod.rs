@@ -4,6 +4,7 @@
 //! never skipped).
 #![allow(dead_code)]
 
+pub mod garage;
 pub mod restic;
 
 use std::path::Path;

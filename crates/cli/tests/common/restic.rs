@@ -42,7 +42,7 @@ pub fn strata(args: &[&str]) -> Command {
 }
 
 /// `restic -r REPO ARGS`, without a cache.
-pub fn restic(repo: &Path, args: &[&str]) -> Command {
+pub fn restic(repo: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
     let mut c = Command::new("restic");
     c.arg("--no-cache").arg("-r").arg(repo).args(args);
     c.env("RESTIC_PASSWORD", PASSWORD)
