@@ -148,7 +148,13 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// Parse repeated `-o key=value,key2=value2` options (commas inside values are
 /// written `,,` as in QEMU). Later values win.
 pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
+    Ok(option_items(opts).into_iter().collect())
+}
+
+/// The `key=value` items of repeated `-o` options in the order given (a key
+/// without a value is `on`).
+pub fn option_items(opts: &[String]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
     for o in opts {
         let mut items = Vec::new();
         let mut cur = String::new();
@@ -168,12 +174,12 @@ pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
         items.push(cur);
         for item in items.into_iter().filter(|i| !i.is_empty()) {
             match item.split_once('=') {
-                Some((k, v)) => out.insert(k.to_string(), v.to_string()),
-                None => out.insert(item, "on".to_string()),
-            };
+                Some((k, v)) => out.push((k.to_string(), v.to_string())),
+                None => out.push((item, "on".to_string())),
+            }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Whether `-o` asked for the option listing (`help` or `?` among the keys).

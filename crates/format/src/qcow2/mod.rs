@@ -6,6 +6,7 @@
 //! [`create`] makes new images; [`check`] verifies and repairs; [`snapshot`] reads the
 //! snapshot table; [`compress`] is the compressed-cluster codec.
 
+pub mod amend;
 #[doc(hidden)]
 pub mod barrier;
 pub mod bitmaps;
