@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_all_same, outcome, same, sh};
+use common::{assert_all_same, differs, outcome, same, same_image, same_on_copies, sh};
 use std::path::Path;
 
 /// The images amend is tried on, built in `dir`.
@@ -157,59 +157,18 @@ const CASES: &[(&str, &[&str])] = &[
     ("lazy.qcow2", &["-o", "compat=0.10"]),
 ];
 
-/// `qemu-img info --output=json` of `file`, without what names or measures the
-/// file itself (the two copies have different names, and QEMU punches holes
-/// where strata leaves zeroes).
-fn info(dir: &Path, file: &str) -> String {
-    let (_, out, err) = outcome(dir, "qemu-img", &["info", "--output=json", file]);
-    (out + &err)
-        .lines()
-        .filter(|l| !l.contains("actual-size") && !l.contains("\"filename\""))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .replace(file, "IMG")
-}
-
 #[test]
 fn amend_prints_and_leaves_what_qemu_img_amend_does() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     zoo(d);
-    let mut failures = Vec::new();
     for (n, (img, args)) in CASES.iter().enumerate() {
-        let ours = format!("o{n}-{img}");
-        let theirs = format!("t{n}-{img}");
-        std::fs::copy(d.join(img), d.join(&ours)).unwrap();
-        std::fs::copy(d.join(img), d.join(&theirs)).unwrap();
-        let run = |prog: &str, f: &str| {
-            let mut a = vec!["amend"];
-            a.extend_from_slice(args);
-            a.push(f);
-            let (code, out, err) = outcome(d, prog, &a);
-            (code, out.replace(f, "IMG"), err.replace(f, "IMG"))
-        };
         let what = format!("amend {args:?} {img}");
-        let r_ours = run("strata", &ours);
-        let r_theirs = run("qemu-img", &theirs);
-        if r_ours != r_theirs {
-            failures.push(format!(
-                "{what}\n  strata:   {r_ours:?}\n  qemu-img: {r_theirs:?}"
-            ));
-        }
-        let (i_ours, i_theirs) = (info(d, &ours), info(d, &theirs));
-        if i_ours != i_theirs {
-            failures.push(format!("{what}: info\n{i_ours}\n---\n{i_theirs}"));
-        }
-        let (code, out, err) = outcome(d, "qemu-img", &["check", &ours]);
-        if code != Some(0) {
-            failures.push(format!("{what}: check {code:?}\n{out}{err}"));
-        }
-        let (code, out, err) = outcome(d, "qemu-img", &["compare", &ours, &theirs]);
-        if code != Some(0) {
-            failures.push(format!("{what}: compare\n{out}{err}"));
-        }
+        let (ours, theirs) = same_on_copies(d, n, img, "amend", args, &[]);
+        same_image(d, &ours, &theirs, &what);
         // The snapshot's view too, through raw copies.
-        if i_theirs.contains("\"s1\"") {
+        let (_, list, _) = outcome(d, "qemu-img", &["snapshot", "-l", &theirs]);
+        if list.contains(" s1 ") {
             let raw = |f: &str| {
                 let out = format!("{f}.s1.raw");
                 let a = [
@@ -226,11 +185,11 @@ fn amend_prints_and_leaves_what_qemu_img_amend_does() {
                 std::fs::read(d.join(out)).unwrap()
             };
             if raw(&ours) != raw(&theirs) {
-                failures.push(format!("{what}: snapshot s1 differs"));
+                differs(format!("{what}: snapshot s1 differs"));
             }
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_all_same();
 }
 
 #[test]

@@ -1,16 +1,20 @@
-//! `amend` survives a crash at every write and flush: for each cut, with the
+//! `amend` and the bitmap store survive a crash at every write and flush: for each cut, with the
 //! unflushed writes lost in the picks the crash sweep uses (none, all, the
 //! newest, seeded random subsets, a torn write), the image left behind passes
 //! `qemu-img check` as it lies (clean or leaks only), and `qemu-img compare`
 //! finds the guest view unchanged, as is each snapshot's view read by strata.
 //! Covered: downgrade to v2 (zero clusters with and without a host cluster, a
 //! snapshot, a backing file), upgrade to v3, and refcount width changes up and
-//! down. The test prints the number of cut points and images checked.
+//! down; and a new set of persistent bitmaps (added, removed, merged), which
+//! after any cut is the old set or the new one, as strata reads them, and which
+//! `qemu-img check` counts without errors. The tests print the number of cut
+//! points and images checked.
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use strata_format::qcow2::amend::AmendOptions;
+use strata_format::qcow2::bitmap_edit::Bitmap;
 use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions};
 use strata_format::BlockDevice;
 use strata_storage::{picks_for, CrashClock, CrashStorage, MemStorage, Storage};
@@ -82,23 +86,44 @@ fn amend(s: Arc<dyn Storage>, o: &AmendOptions) {
     }
 }
 
-/// Cut `o` on `name` at every point; returns (cut points, images checked).
-fn sweep(dir: &Path, name: &str, o: &AmendOptions, failures: &mut Vec<String>) -> (u64, u64) {
+/// The image's persistent bitmaps as strata reads them (`None` if it cannot).
+fn bitmaps_of(bytes: &[u8]) -> Option<Vec<Bitmap>> {
+    let img = Qcow2Image::open(
+        Arc::new(MemStorage::from_vec(bytes.to_vec())),
+        Qcow2OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .ok()?;
+    img.read_bitmaps().ok()
+}
+
+/// Cut `op` on `name` at every point; returns (cut points, images checked).
+/// With `sets`, the bitmaps after each cut must be one of them.
+fn sweep(
+    dir: &Path,
+    name: &str,
+    what_op: &str,
+    op: &dyn Fn(Arc<dyn Storage>),
+    sets: Option<&[Vec<Bitmap>]>,
+    failures: &mut Vec<String>,
+) -> (u64, u64) {
     let base = std::fs::read(dir.join(name)).unwrap();
     let views = snapshot_views(&base).expect("the base image opens");
     let uncut = Arc::new(CrashStorage::new(base.clone(), CrashClock::new(None)));
-    amend(uncut.clone(), o);
+    op(uncut.clone());
     let total = uncut.clock().ops();
     let done = uncut.after_crash(strata_storage::CrashPick::None);
     assert_ne!(
         done, base,
-        "{name} {o:?}: the uncut amend changes the image"
+        "{name} {what_op}: the uncut run changes the image"
     );
     let (mut cuts, mut images) = (0, 0);
     let mut seen = std::collections::HashSet::new();
     for k in 0..total {
         let store = Arc::new(CrashStorage::new(base.clone(), CrashClock::new(Some(k))));
-        amend(store.clone(), o);
+        op(store.clone());
         cuts += 1;
         for pick in picks_for(&[&store], 1, 1) {
             let bytes = store.after_crash(pick);
@@ -106,7 +131,7 @@ fn sweep(dir: &Path, name: &str, o: &AmendOptions, failures: &mut Vec<String>) -
                 continue;
             }
             images += 1;
-            let what = format!("{name} {o:?} crash at {k}/{total} ({pick:?})");
+            let what = format!("{name} {what_op} crash at {k}/{total} ({pick:?})");
             std::fs::write(dir.join("cut.qcow2"), &bytes).unwrap();
             let (code, text) = tool(dir, "qemu-img", &["check", "cut.qcow2"]);
             if code != 0 && code != 3 {
@@ -120,6 +145,12 @@ fn sweep(dir: &Path, name: &str, o: &AmendOptions, failures: &mut Vec<String>) -
                 Ok(v) if v == views => {}
                 Ok(_) => failures.push(format!("{what}: a snapshot's view changed")),
                 Err(e) => failures.push(format!("{what}: strata cannot open it: {e}")),
+            }
+            if let Some(sets) = sets {
+                let got = bitmaps_of(&bytes);
+                if !got.as_ref().is_some_and(|g| sets.contains(g)) {
+                    failures.push(format!("{what}: bitmaps neither old nor new: {got:?}"));
+                }
             }
         }
     }
@@ -202,7 +233,14 @@ fn amend_cut_at_any_write_leaves_a_consistent_image_with_the_same_guest_data() {
     let mut failures = Vec::new();
     let (mut cuts, mut images) = (0, 0);
     for (name, o) in &cases {
-        let (c, i) = sweep(d, name, o, &mut failures);
+        let (c, i) = sweep(
+            d,
+            name,
+            &format!("{o:?}"),
+            &|s| amend(s, o),
+            None,
+            &mut failures,
+        );
         cuts += c;
         images += i;
     }
@@ -214,4 +252,48 @@ fn amend_cut_at_any_write_leaves_a_consistent_image_with_the_same_guest_data() {
         failures[..failures.len().min(5)].join("\n")
     );
     assert!(cuts > 50, "only {cuts} cut points");
+}
+
+#[test]
+fn a_bitmap_store_cut_at_any_write_leaves_the_old_bitmaps_or_the_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    build(d, "bm.qcow2", &["-o", "cluster_size=4k"], &[], None);
+    for args in [
+        &["bitmap", "--add", "bm.qcow2", "a"][..],
+        &["bitmap", "--add", "-g", "512", "bm.qcow2", "b"],
+    ] {
+        must(d, "qemu-img", args);
+    }
+    must(
+        d,
+        "qemu-io",
+        &["-c", "write 0 100k", "-c", "write 3M 8k", "bm.qcow2"],
+    );
+    let old = bitmaps_of(&std::fs::read(d.join("bm.qcow2")).unwrap()).unwrap();
+    assert!(
+        old.iter().all(|b| b.bits.iter().any(|&x| x != 0)),
+        "{old:?}"
+    );
+    // Remove `a`, add `c` and merge `b` into it.
+    let mut new: Vec<Bitmap> = old.iter().filter(|b| b.name != "a").cloned().collect();
+    let mut c = Bitmap::new("c", 16, true, 4 << 20);
+    c.merge_from(&new[0]);
+    new.push(c);
+    let store = |s: Arc<dyn Storage>| {
+        if let Ok(img) = Qcow2Image::open(s, Qcow2OpenOptions::default()) {
+            let _ = img.store_bitmaps(&new);
+        }
+    };
+    let mut failures = Vec::new();
+    let sets = [old.clone(), new.clone()];
+    let (cuts, images) = sweep(d, "bm.qcow2", "store", &store, Some(&sets), &mut failures);
+    eprintln!("bitmap store crash sweep: {cuts} cut points, {images} distinct images checked");
+    assert!(
+        failures.is_empty(),
+        "{} bad images; the first ones:\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n")
+    );
+    assert!(cuts > 10, "only {cuts} cut points");
 }

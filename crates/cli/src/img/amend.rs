@@ -2,13 +2,12 @@
 //! `lazy_refcounts=`, `refcount_bits=`, `size=`, `backing_file=`, `backing_fmt=`),
 //! with qemu-img's refusals, messages and `-p` output.
 
-use super::common::{option_items, option_size, warn_probed_raw, Ctx};
+use super::common::{open_qcow2, option_items, option_size, probe_format, warn_probed_raw, Ctx};
 use super::qprogress::QemuProgress;
 use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
-use std::sync::Arc;
 use strata_format::qcow2::amend::{AmendOptions, AmendStep};
-use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions};
+use strata_format::qcow2::Qcow2Image;
 use strata_format::{BlockDevice, Format};
 
 #[derive(clap::Args)]
@@ -174,14 +173,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let format = match &args.format {
         Some(f) => f.parse::<Format>()?,
         None => {
-            let f = strata_chain::probe_format(path).map_err(|e| {
-                let p = path.display();
-                let os = match std::fs::metadata(path) {
-                    Err(io) => strata_storage::os_message(&io),
-                    Ok(_) => e.to_string(),
-                };
-                anyhow!("Could not open '{p}': Could not open '{p}': {os}")
-            })?;
+            let f = probe_format(path)?;
             warn_probed_raw(path, None);
             f
         }
@@ -196,10 +188,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         return print_help(Some("qcow2"));
     }
     let req = parse_request(&items)?;
-    let storage = strata_storage::FileStorage::open(path, strata_storage::OpenOptions::write())
-        .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;
-    let img = Qcow2Image::open(Arc::new(storage), Qcow2OpenOptions::default())
-        .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), e.kind))?;
+    let img = open_qcow2(path, true)?;
     let h = img.header();
     let steps = req.amend.steps(h.version, h.refcount_order).len() as u64;
     let mut bar = QemuProgress::new(args.progress && !args.quiet, 1.0);

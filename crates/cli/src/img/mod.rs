@@ -4,6 +4,7 @@
 //! `run(args, &Ctx) -> anyhow::Result<i32>` returning the process exit code.
 
 mod amend;
+mod bitmap;
 mod check;
 mod commit;
 mod common;
@@ -66,6 +67,8 @@ enum ImgCommand {
     Commit(commit::Args),
     /// Change a qcow2 image's version, refcount width, lazy refcounts, size or backing file.
     Amend(amend::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
+    Bitmap(bitmap::Args),
     /// Change an image's backing file, keeping the guest-visible content (or -u: not).
     Rebase(rebase::Args),
     /// Pull data from part of the backing chain into the image, then drop that part.
@@ -137,6 +140,7 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
         ImgCommand::Commit(a) => commit::run(a, &ctx),
         ImgCommand::Rebase(a) => rebase::run(a, &ctx),
         ImgCommand::Amend(a) => amend::run(a, &ctx),
+        ImgCommand::Bitmap(a) => bitmap::run(a, &ctx),
         ImgCommand::Stream(a) => stream::run(a, &ctx),
     };
     match r {

@@ -164,7 +164,7 @@ impl Qcow2Image {
 /// Write `new` over the header area, which now holds `old`: the part past the
 /// first sector first when `old` does not reach it, so that the first sector's
 /// write switches from one whole header to the other.
-fn write_header(m: &mut Meta, mut new: Header) -> Result<()> {
+pub(crate) fn write_header(m: &mut Meta, mut new: Header) -> Result<()> {
     let cs = m.cluster_size() as usize;
     let old_len = m.h.clone().serialize()?.len();
     let mut bytes = new.serialize()?;

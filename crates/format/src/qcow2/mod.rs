@@ -9,6 +9,7 @@
 pub mod amend;
 #[doc(hidden)]
 pub mod barrier;
+pub mod bitmap_edit;
 pub mod bitmaps;
 mod cache;
 pub mod check;
