@@ -11,6 +11,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod map;
 mod measure;
@@ -69,6 +70,8 @@ enum ImgCommand {
     Amend(amend::Args),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
     Bitmap(bitmap::Args),
+    /// Copy a byte range of an image into a new image (if=, of=, bs=, count=, skip=).
+    Dd(dd::Args),
     /// Change an image's backing file, keeping the guest-visible content (or -u: not).
     Rebase(rebase::Args),
     /// Pull data from part of the backing chain into the image, then drop that part.
@@ -141,6 +144,7 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
         ImgCommand::Rebase(a) => rebase::run(a, &ctx),
         ImgCommand::Amend(a) => amend::run(a, &ctx),
         ImgCommand::Bitmap(a) => bitmap::run(a, &ctx),
+        ImgCommand::Dd(a) => dd::run(a, &ctx),
         ImgCommand::Stream(a) => stream::run(a, &ctx),
     };
     match r {
