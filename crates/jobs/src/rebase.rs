@@ -344,19 +344,20 @@ pub fn copy_differences(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<RebaseStats> {
-    let p = plan(image, new_backing, cancel)?;
-    apply(image, new_backing, &p, progress, cancel)
+    copy_differences_with(image, new_backing, false, progress, cancel)
 }
 
-/// [`copy_differences`], writing the copied clusters compressed (`rebase -c`).
-pub fn copy_differences_compressed(
+/// [`copy_differences`], writing the copied clusters compressed when `compress`
+/// is set (`rebase -c`).
+pub fn copy_differences_with(
     image: &Arc<dyn BlockDevice>,
     new_backing: Option<&Arc<dyn BlockDevice>>,
+    compress: bool,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<RebaseStats> {
     let p = plan(image, new_backing, cancel)?;
-    apply_with(image, new_backing, &p, true, progress, cancel)
+    apply_with(image, new_backing, &p, compress, progress, cancel)
 }
 
 #[cfg(test)]

@@ -97,14 +97,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             _ => None,
         };
         let bar = Bar::new(args.progress && !args.quiet);
-        let copy = if args.compress {
-            rebase::copy_differences_compressed
-        } else {
-            rebase::copy_differences
-        };
-        copy(
+        rebase::copy_differences_with(
             &image,
             new_chain.as_ref().map(|c| c.top()),
+            args.compress,
             &bar,
             &Cancel::default(),
         )?;
