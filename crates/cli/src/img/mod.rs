@@ -4,6 +4,7 @@
 //! `run(args, &Ctx) -> anyhow::Result<i32>` returning the process exit code.
 
 mod amend;
+mod bench;
 mod bitmap;
 mod check;
 mod commit;
@@ -72,6 +73,8 @@ enum ImgCommand {
     Bitmap(bitmap::Args),
     /// Copy a byte range of an image into a new image (if=, of=, bs=, count=, skip=).
     Dd(dd::Args),
+    /// Time a run of read or write requests (qemu-img bench's flags and output).
+    Bench(bench::Args),
     /// Change an image's backing file, keeping the guest-visible content (or -u: not).
     Rebase(rebase::Args),
     /// Pull data from part of the backing chain into the image, then drop that part.
@@ -145,6 +148,7 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
         ImgCommand::Amend(a) => amend::run(a, &ctx),
         ImgCommand::Bitmap(a) => bitmap::run(a, &ctx),
         ImgCommand::Dd(a) => dd::run(a, &ctx),
+        ImgCommand::Bench(a) => bench::run(a, &ctx),
         ImgCommand::Stream(a) => stream::run(a, &ctx),
     };
     match r {
