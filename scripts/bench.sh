@@ -98,7 +98,7 @@ undo_bench() { # name target "timed args" "undo args" [args after the image]
   wanted "$name" || return 0
   local img="$WORK/edit-$SIZE.qcow2" bq=999999999999 bs=999999999999 t
   cp "$src_q" "$img"
-  qemu-img bitmap --add "$img" keep
+  case $name in bitmap*) qemu-img bitmap --add "$img" keep ;; esac
   for _ in $(seq "$(( RUNS > 5 ? RUNS : 5 ))"); do
     for tool in qemu-img strata; do
       local cmd=("$tool"); [ "$tool" = strata ] && cmd=("$STRATA" img)
