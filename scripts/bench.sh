@@ -91,6 +91,35 @@ bench "map --output=json"       "<=0.5" map --output=json "$src_q"
 bench "check"                   "<=0.5" check "$src_q"
 bench "info"                    "-"     info "$src_q"
 
+# ---- amend and bitmap: each timed run is undone by qemu-img (untimed), so both
+# tools always start from the same image ----
+undo_bench() { # name target "timed args" "undo args" [args after the image]
+  local name=$1 target=$2 timed=$3 undo=$4 after=${5:-}
+  wanted "$name" || return 0
+  local img="$WORK/edit-$SIZE.qcow2" bq=999999999999 bs=999999999999 t
+  cp "$src_q" "$img"
+  case $name in bitmap*) qemu-img bitmap --add "$img" keep ;; esac
+  for _ in $(seq "$(( RUNS > 5 ? RUNS : 5 ))"); do
+    for tool in qemu-img strata; do
+      local cmd=("$tool"); [ "$tool" = strata ] && cmd=("$STRATA" img)
+      # shellcheck disable=SC2086
+      t0=${EPOCHREALTIME/./}; "${cmd[@]}" $timed "$img" $after >/dev/null; t1=${EPOCHREALTIME/./}
+      # shellcheck disable=SC2086
+      qemu-img $undo "$img" $after
+      t=$((t1 - t0))
+      if [ "$tool" = qemu-img ]; then [ "$t" -lt "$bq" ] && bq=$t; else [ "$t" -lt "$bs" ] && bs=$t; fi
+    done
+  done
+  rm -f "$img"
+  awk -v n="$name" -v q="$bq" -v s="$bs" -v tg="$target" \
+    'BEGIN { printf "%-28s %12.3f %12.3f %8.2f %8s\n", n, q/1e6, s/1e6, s/q, tg }'
+}
+undo_bench "amend refcount_bits=64"  "<=1.0" "amend -o refcount_bits=64" "amend -o refcount_bits=16"
+undo_bench "amend compat=0.10"       "<=1.0" "amend -o compat=0.10" "amend -o compat=1.1"
+undo_bench "amend lazy_refcounts=on" "<=1.0" "amend -o lazy_refcounts=on" "amend -o lazy_refcounts=off"
+undo_bench "bitmap --add"            "<=1.0" "bitmap --add" "bitmap --remove" new
+undo_bench "bitmap --clear"          "<=1.0" "bitmap --clear" "bitmap --enable" keep
+
 # ---- internal snapshots (create, list, apply, delete) ----
 wanted snapshot || exit 0
 # A fully written image; each sequence creates "bench", lists, applies it (a no-op

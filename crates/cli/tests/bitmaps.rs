@@ -251,3 +251,98 @@ fn bitmaps_strata_cannot_vouch_for_are_marked_inconsistent_not_trusted() {
         );
     }
 }
+
+/// Each case: qemu-img bitmap's arguments (the image and bitmap name follow).
+const BITMAP_CASES: &[(&[&str], &str)] = &[
+    (&["--add"], "n1"),
+    (&["--add", "-g", "512", "--disable"], "n1"),
+    (&["--add", "-g", "2M"], "n1"),
+    (&["--remove"], "b1"),
+    (&["--clear"], "b2"),
+    (&["--enable"], "b2"),
+    (&["--disable"], "b1"),
+    (&["--merge", "b2"], "b1"),
+    (&["--merge", "b1"], "b2"),
+    (&["--add", "--merge", "b2"], "n"),
+    (&["--add", "-g", "1M", "--merge", "b1"], "n"),
+    (&["--add", "-g", "4k", "--merge", "b1"], "n"),
+    (&["--merge", "ob", "-b", "other.qcow2", "-F", "qcow2"], "b2"),
+    (&["--remove", "--add"], "b1"),
+    // Failing operations: those before them stay done.
+    (&["--add"], "b1"),
+    (&["--remove"], "nope"),
+    (&["--add", "--add"], "x"),
+    (&["--clear", "--remove", "--remove"], "b2"),
+    (&["--merge", "nope"], "b1"),
+    (&["--add", "-g", "4G"], "n"),
+    (&["--add"], ""),
+];
+
+/// Refusals before the image is touched, as qemu-img words them.
+const BITMAP_REFUSALS: &[&[&str]] = &[
+    &["bitmap", "a.qcow2", "b1"],
+    &["bitmap", "--add", "a.qcow2"],
+    &["bitmap", "-g", "4k", "--clear", "a.qcow2", "b1"],
+    &["bitmap", "-b", "x", "--clear", "a.qcow2", "b1"],
+    &["bitmap", "-F", "qcow2", "--clear", "a.qcow2", "b1"],
+    &["bitmap", "-U", "--clear", "a.qcow2", "b1"],
+    &["bitmap", "--add=x", "a.qcow2", "b1"],
+    &["bitmap", "--add", "-g", "abc", "a.qcow2", "n"],
+    &[
+        "bitmap",
+        "--merge",
+        "x",
+        "-b",
+        "missing.qcow2",
+        "a.qcow2",
+        "b1",
+    ],
+    &["bitmap", "--add", "missing.qcow2", "n"],
+];
+
+#[test]
+fn bitmap_prints_and_leaves_what_qemu_img_bitmap_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    image_with_bitmaps(d, "a.qcow2", None);
+    run(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "other.qcow2", "64M"],
+    );
+    run(
+        d,
+        "qemu-img",
+        &["bitmap", "--add", "-g", "4k", "other.qcow2", "ob"],
+    );
+    run(d, "qemu-io", &["-c", "write 30M 12k", "other.qcow2"]);
+    for (n, (args, name)) in BITMAP_CASES.iter().enumerate() {
+        let what = format!("bitmap {args:?} {name}");
+        let (ours, theirs) = common::same_on_copies(d, n, "a.qcow2", "bitmap", args, &[*name]);
+        common::same_image(d, &ours, &theirs, &what);
+        let names = |f: &str| -> Vec<String> {
+            let info = run(d, "qemu-img", &["info", "--output=json", f]);
+            let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+            v["format-specific"]["data"]["bitmaps"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|b| b["name"].as_str().unwrap().to_string())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for b in names(&theirs) {
+            let (o, t) = (dirty(d, &ours, &b), dirty(d, &theirs, &b));
+            if o != t {
+                common::differs(format!(
+                    "{what}: bits of {b}\n  strata:   {o:?}\n  qemu-img: {t:?}"
+                ));
+            }
+        }
+    }
+    for args in BITMAP_REFUSALS {
+        common::same(d, args);
+    }
+    common::assert_all_same();
+}

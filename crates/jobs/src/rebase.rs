@@ -12,6 +12,7 @@ use crate::convert::is_zero;
 use crate::status::{ChainStatus, Walk};
 use crate::{Cancel, Progress, Result};
 use std::sync::Arc;
+use strata_format::qcow2::Qcow2Image;
 use strata_format::{BlockDevice, Status};
 use strata_storage::sync;
 
@@ -164,6 +165,7 @@ fn apply_piece(
     r: &CompareRange,
     old: &mut Vec<u8>,
     new: &mut Vec<u8>,
+    compress: bool,
 ) -> Result<u64> {
     let len = r.len as usize;
     old.resize(len, 0);
@@ -181,6 +183,11 @@ fn apply_piece(
     }
     if old == new {
         return Ok(0);
+    }
+    if compress {
+        if let Some(q) = image.as_any().downcast_ref::<Qcow2Image>() {
+            return write_compressed(q, r, old, new);
+        }
     }
     // Copy only the sectors that differ, keeping the image sparse.
     let mut copied = 0;
@@ -210,12 +217,56 @@ fn apply_piece(
     Ok(copied)
 }
 
+/// Write, compressed, each whole cluster of piece `r` whose old view (`old`)
+/// differs from the new one (`new`); a cluster of zeroes becomes a zero cluster,
+/// one that does not shrink is written as it is, and a cluster the piece covers
+/// only in part (subclusters the image stores) is copied sector by sector.
+fn write_compressed(q: &Qcow2Image, r: &CompareRange, old: &[u8], new: &[u8]) -> Result<u64> {
+    let cs = q.geometry().cluster_size();
+    let size = q.virtual_size();
+    let end = r.offset + r.len;
+    let mut copied = 0;
+    let mut c = r.offset / cs * cs;
+    while c < end {
+        let (from, to) = (c.max(r.offset), (c + cs).min(end));
+        let (i, j) = ((from - r.offset) as usize, (to - r.offset) as usize);
+        c += cs;
+        if old[i..j] == new[i..j] {
+            continue;
+        }
+        let whole = from == c - cs && (to == c || to == size);
+        if !whole {
+            q.write(&old[i..j], from)?;
+        } else if is_zero(&old[i..j]) {
+            q.write_zeroes(from, (j - i) as u64, false)?;
+        } else if let Some(z) = q.compress_cluster(&old[i..j]) {
+            q.write_compressed_cluster(from / cs, &z)?;
+        } else {
+            q.write(&old[i..j], from)?;
+        }
+        copied += (j - i) as u64;
+    }
+    Ok(copied)
+}
+
 /// Carry out a rebase plan with a few workers, then flush `image`. The caller then
 /// rewrites the pointer.
 pub fn apply(
     image: &Arc<dyn BlockDevice>,
     new_backing: Option<&Arc<dyn BlockDevice>>,
     plan: &RebasePlan,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<RebaseStats> {
+    apply_with(image, new_backing, plan, false, progress, cancel)
+}
+
+/// [`apply`], writing the copied clusters compressed when `compress` is set.
+fn apply_with(
+    image: &Arc<dyn BlockDevice>,
+    new_backing: Option<&Arc<dyn BlockDevice>>,
+    plan: &RebasePlan,
+    compress: bool,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<RebaseStats> {
@@ -246,9 +297,9 @@ pub fn apply(
             let Some(r) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 return;
             };
-            let res = cancel
-                .check()
-                .and_then(|_| apply_piece(image.as_ref(), new_backing, r, &mut old, &mut new));
+            let res = cancel.check().and_then(|_| {
+                apply_piece(image.as_ref(), new_backing, r, &mut old, &mut new, compress)
+            });
             match res {
                 Ok(n) => {
                     copied.fetch_add(n, Ordering::Relaxed);
@@ -294,8 +345,20 @@ pub fn copy_differences(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<RebaseStats> {
+    copy_differences_with(image, new_backing, false, progress, cancel)
+}
+
+/// [`copy_differences`], writing the copied clusters compressed when `compress`
+/// is set (`rebase -c`).
+pub fn copy_differences_with(
+    image: &Arc<dyn BlockDevice>,
+    new_backing: Option<&Arc<dyn BlockDevice>>,
+    compress: bool,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<RebaseStats> {
     let p = plan(image, new_backing, cancel)?;
-    apply(image, new_backing, &p, progress, cancel)
+    apply_with(image, new_backing, &p, compress, progress, cancel)
 }
 
 #[cfg(test)]

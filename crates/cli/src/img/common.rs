@@ -108,6 +108,39 @@ pub fn warn_probed_raw(path: &std::path::Path, format: Option<&str>) {
     }
 }
 
+/// Probe `path`'s format; a file that cannot be read gets qemu-img's twice-said
+/// "Could not open" message.
+pub fn probe_format(path: &std::path::Path) -> Result<strata_format::Format> {
+    strata_chain::probe_format(path).map_err(|e| {
+        let p = path.display();
+        let os = match std::fs::metadata(path) {
+            Err(io) => strata_storage::os_message(&io),
+            Ok(_) => e.to_string(),
+        };
+        anyhow!("Could not open '{p}': Could not open '{p}': {os}")
+    })
+}
+
+/// Open `path` as a qcow2 image on its own (no backing file attached), for
+/// writing (locked as QEMU locks it) or reading.
+pub fn open_qcow2(path: &std::path::Path, write: bool) -> Result<strata_format::qcow2::Qcow2Image> {
+    let opts = if write {
+        strata_storage::OpenOptions::write()
+    } else {
+        strata_storage::OpenOptions::read()
+    };
+    let storage = strata_storage::FileStorage::open(path, opts)
+        .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;
+    strata_format::qcow2::Qcow2Image::open(
+        std::sync::Arc::new(storage),
+        strata_format::qcow2::Qcow2OpenOptions {
+            read_only: !write,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), e.kind))
+}
+
 /// Open an image and (unless the spec says not to) its chain, with qemu-img's
 /// "Could not open 'FILE': reason" message on failure.
 pub fn open_chain(spec: &strata_chain::OpenSpec) -> Result<strata_chain::Chain> {
@@ -216,7 +249,13 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// Parse repeated `-o key=value,key2=value2` options (commas inside values are
 /// written `,,` as in QEMU). Later values win.
 pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
+    Ok(option_items(opts).into_iter().collect())
+}
+
+/// The `key=value` items of repeated `-o` options in the order given (a key
+/// without a value is `on`).
+pub fn option_items(opts: &[String]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
     for o in opts {
         let mut items = Vec::new();
         let mut cur = String::new();
@@ -236,12 +275,12 @@ pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
         items.push(cur);
         for item in items.into_iter().filter(|i| !i.is_empty()) {
             match item.split_once('=') {
-                Some((k, v)) => out.insert(k.to_string(), v.to_string()),
-                None => out.insert(item, "on".to_string()),
-            };
+                Some((k, v)) => out.push((k.to_string(), v.to_string())),
+                None => out.push((item, "on".to_string())),
+            }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Whether `-o` asked for the option listing (`help` or `?` among the keys).

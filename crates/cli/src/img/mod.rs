@@ -3,17 +3,22 @@
 //! Each subcommand lives in its own module with an `Args` (clap) and a
 //! `run(args, &Ctx) -> anyhow::Result<i32>` returning the process exit code.
 
+mod amend;
+mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod map;
 mod measure;
 pub(crate) mod progress;
 mod qjson;
+mod qprogress;
 mod rebase;
 mod resize;
 mod snapshot;
@@ -28,6 +33,8 @@ pub use common::Ctx;
 #[derive(Parser)]
 #[command(
     name = "img",
+    // An option given twice takes the last value, as qemu-img's getopt loop does.
+    args_override_self = true,
     about = "Disk image tool compatible with qemu-img",
     long_about = "Disk image tool compatible with qemu-img: the same subcommands, flags, exit codes \
                   and --output=json shapes. Invoked as `qemu-img` (a symlink), strata behaves as \
@@ -60,6 +67,14 @@ enum ImgCommand {
     Snapshot(snapshot::Args),
     /// Merge an overlay's data into its backing file (or a chosen base) and relink.
     Commit(commit::Args),
+    /// Change a qcow2 image's version, refcount width, lazy refcounts, size or backing file.
+    Amend(amend::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
+    Bitmap(bitmap::Args),
+    /// Copy a byte range of an image into a new image (if=, of=, bs=, count=, skip=).
+    Dd(dd::Args),
+    /// Time a run of read or write requests (qemu-img bench's flags and output).
+    Bench(bench::Args),
     /// Change an image's backing file, keeping the guest-visible content (or -u: not).
     Rebase(rebase::Args),
     /// Pull data from part of the backing chain into the image, then drop that part.
@@ -130,6 +145,10 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
         ImgCommand::Snapshot(a) => snapshot::run(a, &ctx),
         ImgCommand::Commit(a) => commit::run(a, &ctx),
         ImgCommand::Rebase(a) => rebase::run(a, &ctx),
+        ImgCommand::Amend(a) => amend::run(a, &ctx),
+        ImgCommand::Bitmap(a) => bitmap::run(a, &ctx),
+        ImgCommand::Dd(a) => dd::run(a, &ctx),
+        ImgCommand::Bench(a) => bench::run(a, &ctx),
         ImgCommand::Stream(a) => stream::run(a, &ctx),
     };
     match r {

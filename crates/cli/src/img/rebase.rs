@@ -25,6 +25,9 @@ pub struct Args {
     /// Unsafe: only rewrite the backing file name; copy nothing.
     #[arg(short = 'u')]
     unsafe_mode: bool,
+    /// Write the copied clusters compressed.
+    #[arg(short = 'c')]
+    compress: bool,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
@@ -94,9 +97,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             _ => None,
         };
         let bar = Bar::new(args.progress && !args.quiet);
-        rebase::copy_differences(
+        rebase::copy_differences_with(
             &image,
             new_chain.as_ref().map(|c| c.top()),
+            args.compress,
             &bar,
             &Cancel::default(),
         )?;

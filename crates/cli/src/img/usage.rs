@@ -9,7 +9,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 /// with the "Try ... --help" line.
 fn file_count_message(sub: &str) -> Option<(&'static str, bool)> {
     Some(match sub {
-        "info" | "map" | "check" | "snapshot" | "commit" | "rebase" | "stream" => {
+        "info" | "map" | "check" | "snapshot" | "commit" | "rebase" | "stream" | "bench" => {
             ("Expecting one image file name", true)
         }
         "compare" => ("Expecting two image file names", true),

@@ -116,3 +116,73 @@ pub fn assert_all_same() {
         failures.join("\n")
     );
 }
+
+/// Run `sub args... IMG after...` with both tools, each on its own copy of `img` in `dir`
+/// (`o{n}-IMG` for strata, `t{n}-IMG` for qemu-img), and record any difference
+/// in what they print (the copies' names read `IMG`) for [`assert_all_same`].
+/// Returns the names of the two copies (strata's, qemu-img's).
+pub fn same_on_copies(
+    dir: &Path,
+    n: usize,
+    img: &str,
+    sub: &str,
+    args: &[&str],
+    after: &[&str],
+) -> (String, String) {
+    let ours = format!("o{n}-{img}");
+    let theirs = format!("t{n}-{img}");
+    std::fs::copy(dir.join(img), dir.join(&ours)).unwrap();
+    std::fs::copy(dir.join(img), dir.join(&theirs)).unwrap();
+    let run = |prog: &str, f: &str| {
+        let mut a = vec![sub];
+        a.extend_from_slice(args);
+        a.push(f);
+        a.extend_from_slice(after);
+        let (code, out, err) = outcome(dir, prog, &a);
+        (code, out.replace(f, "IMG"), err.replace(f, "IMG"))
+    };
+    let (r_ours, r_theirs) = (run("strata", &ours), run("qemu-img", &theirs));
+    if r_ours != r_theirs {
+        FAILURES.with(|f| {
+            f.borrow_mut().push(format!(
+                "`img {sub} {} IMG {}`\n  strata:   {r_ours:?}\n  qemu-img: {r_theirs:?}",
+                args.join(" "),
+                after.join(" ")
+            ))
+        });
+    }
+    (ours, theirs)
+}
+
+/// Record a failure for [`assert_all_same`].
+pub fn differs(what: String) {
+    FAILURES.with(|f| f.borrow_mut().push(what));
+}
+
+/// The two copies of [`same_on_copies`] are alike to QEMU: the same `qemu-img
+/// info --output=json` (but for the file's name and allocated size: QEMU punches
+/// holes where strata may leave zeroes), the same guest data, and strata's copy
+/// checks clean.
+pub fn same_image(dir: &Path, ours: &str, theirs: &str, what: &str) {
+    let info = |f: &str| {
+        let (_, out, err) = outcome(dir, "qemu-img", &["info", "--output=json", f]);
+        (out + &err)
+            .lines()
+            .filter(|l| !l.contains("actual-size") && !l.contains("\"filename\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(f, "IMG")
+    };
+    let (i_ours, i_theirs) = (info(ours), info(theirs));
+    if i_ours != i_theirs {
+        differs(format!("{what}: info\n{i_ours}\n---\n{i_theirs}"));
+    }
+    let (code, out, err) = outcome(dir, "qemu-img", &["check", ours]);
+    if code != Some(0) {
+        differs(format!("{what}: check {code:?}\n{out}{err}"));
+    }
+    let (code, out, err) = outcome(dir, "qemu-img", &["compare", "-U", ours, theirs]);
+    if code != Some(0) {
+        differs(format!("{what}: compare\n{out}{err}"));
+    }
+}

@@ -1088,7 +1088,7 @@ impl Qcow2Image {
     }
 }
 
-fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u64>> {
+pub(crate) fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u64>> {
     if entries == 0 {
         return Ok(Vec::new());
     }

@@ -6,8 +6,10 @@
 //! [`create`] makes new images; [`check`] verifies and repairs; [`snapshot`] reads the
 //! snapshot table; [`compress`] is the compressed-cluster codec.
 
+pub mod amend;
 #[doc(hidden)]
 pub mod barrier;
+pub mod bitmap_edit;
 pub mod bitmaps;
 mod cache;
 mod capabilities;

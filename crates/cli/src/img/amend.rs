@@ -1,0 +1,269 @@
+//! `strata img amend`: change a qcow2 image's options in place (`-o compat=`,
+//! `lazy_refcounts=`, `refcount_bits=`, `size=`, `backing_file=`, `backing_fmt=`),
+//! with qemu-img's refusals, messages and `-p` output.
+
+use super::common::{open_qcow2, option_items, option_size, probe_format, warn_probed_raw, Ctx};
+use super::qprogress::QemuProgress;
+use anyhow::{anyhow, bail, Result};
+use std::path::PathBuf;
+use strata_format::qcow2::amend::{AmendOptions, AmendStep};
+use strata_format::qcow2::Qcow2Image;
+use strata_format::{BlockDevice, Format};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format (probed when omitted); only qcow2 images can be amended.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Options to change, `key=value[,key=value...]` (`-o help` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Show progress in qemu-img's format.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet: no progress.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode (accepted for compatibility; strata flushes at every ordering point).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Allow changes qemu-img guards with --force (encryption key slots; none here).
+    #[arg(long = "force")]
+    force: bool,
+    /// The image.
+    filenames: Vec<PathBuf>,
+}
+
+/// Options `amend` changes, with their types, for `-o help`.
+const AMEND_OPTIONS: &[(&str, &str, &str)] = &[
+    (
+        "backing_file",
+        "str",
+        "Backing file name (only the current one; see rebase)",
+    ),
+    (
+        "backing_fmt",
+        "str",
+        "Backing file format (only the current one; see rebase)",
+    ),
+    ("compat", "str", "qcow2 version: 0.10 (v2) or 1.1 (v3)"),
+    (
+        "lazy_refcounts",
+        "bool (on/off)",
+        "Defer refcount updates to a repair after a crash (v3 only)",
+    ),
+    (
+        "refcount_bits",
+        "num",
+        "Bits per reference count: 1, 2, 4, 8, 16, 32 or 64",
+    ),
+    ("size", "size", "Virtual disk size"),
+];
+
+/// qcow2 options only `create` takes.
+const CREATION_ONLY: &[&str] = &[
+    "cluster_size",
+    "preallocation",
+    "extended_l2",
+    "compression_type",
+    "encryption",
+    "encrypt.format",
+    "nocow",
+];
+
+fn options_help() -> String {
+    let mut out = "Amend options for 'qcow2':\n".to_string();
+    for (k, ty, help) in AMEND_OPTIONS {
+        out.push_str(&format!("  {:<22} - {help}\n", format!("{k}=<{ty}>")));
+    }
+    out
+}
+
+/// What the `-o` items ask for.
+#[derive(Default)]
+struct Request {
+    amend: AmendOptions,
+    size: Option<u64>,
+    backing_file: Option<String>,
+    backing_fmt: Option<String>,
+}
+
+/// Check every key (the first unknown one is named), then every value.
+fn parse_request(items: &[(String, String)]) -> Result<Request> {
+    for (k, _) in items {
+        if !AMEND_OPTIONS.iter().any(|(name, _, _)| name == k) {
+            if CREATION_ONLY.contains(&k.as_str()) {
+                bail!("Invalid parameter '{k}'\nThis option is only supported for image creation");
+            }
+            bail!("Invalid parameter '{k}'");
+        }
+    }
+    let mut r = Request::default();
+    for (k, v) in items {
+        match k.as_str() {
+            "compat" => {
+                r.amend.version = Some(match v.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => bail!("Unknown compatibility level {v}"),
+                })
+            }
+            "lazy_refcounts" => {
+                r.amend.lazy_refcounts =
+                    Some(strata_jobs::create::parse_bool(k, v).map_err(|e| anyhow!(e))?)
+            }
+            "refcount_bits" => {
+                r.amend.refcount_bits = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| anyhow!("Parameter 'refcount_bits' expects a number"))?,
+                )
+            }
+            "size" => r.size = Some(option_size("size", v)?),
+            "backing_file" => r.backing_file = Some(v.clone()),
+            "backing_fmt" => r.backing_fmt = Some(v.clone()),
+            _ => {}
+        }
+    }
+    Ok(r)
+}
+
+/// Spreads each step's own (done, total) over the whole run as qemu-img does:
+/// the steps finished so far count with their size, and the steps still to come
+/// are projected at the average size of those seen.
+struct StepProgress {
+    steps: u64,
+    finished: u64,
+    done_before: u64,
+    last: Option<(AmendStep, u64)>,
+}
+
+impl StepProgress {
+    fn report(&mut self, step: AmendStep, done: u64, total: u64) -> (u64, u64) {
+        if let Some((prev, size)) = self.last {
+            if prev != step {
+                self.done_before += size;
+                self.finished += 1;
+            }
+        }
+        self.last = Some((step, total));
+        let covered = self.done_before + total;
+        let ahead = self.steps.saturating_sub(self.finished + 1);
+        let projected = covered * ahead / (self.finished + 1);
+        (self.done_before + done, covered + projected)
+    }
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    let _ = (&args.cache, args.force);
+    if args.options.is_empty() {
+        eprintln!(
+            "{}: Must specify options (-o)\nTry '{} amend --help' for more info",
+            ctx.prog, ctx.prog
+        );
+        return Ok(1);
+    }
+    let items = option_items(&args.options);
+    let help = items.iter().any(|(k, _)| k == "help" || k == "?");
+    let [path] = args.filenames.as_slice() else {
+        if help && args.format.is_some() {
+            return print_help(args.format.as_deref());
+        }
+        bail!("Expecting one image file name");
+    };
+    let format = match &args.format {
+        Some(f) => f.parse::<Format>()?,
+        None => {
+            let f = probe_format(path)?;
+            warn_probed_raw(path, None);
+            f
+        }
+    };
+    if format != Format::Qcow2 {
+        bail!(
+            "Format driver '{}' does not support option amendment",
+            format.name()
+        );
+    }
+    if help {
+        return print_help(Some("qcow2"));
+    }
+    let req = parse_request(&items)?;
+    let img = open_qcow2(path, true)?;
+    let h = img.header();
+    let steps = req.amend.steps(h.version, h.refcount_order).len() as u64;
+    let mut bar = QemuProgress::new(args.progress && !args.quiet, 1.0);
+    bar.set(0.0);
+    let result = amend(img, &req, steps, &mut bar);
+    bar.set(100.0);
+    bar.end();
+    match result {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("{}: {e}", ctx.prog);
+            Ok(1)
+        }
+    }
+}
+
+fn print_help(format: Option<&str>) -> Result<i32> {
+    let format = format.unwrap_or("qcow2").parse::<Format>()?;
+    if format != Format::Qcow2 {
+        bail!(
+            "Format driver '{}' does not support option amendment",
+            format.name()
+        );
+    }
+    print!("{}", options_help());
+    Ok(0)
+}
+
+/// The size first (a plain resize), then the format changes, which close the
+/// image. A backing file or format other than the current one is refused.
+fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &mut QemuProgress) -> Result<(), String> {
+    let kind = |e: strata_format::Error| e.kind.to_string();
+    if let Some(size) = req.size {
+        img.resize(size, true).map_err(kind)?;
+    }
+    if req.backing_file.is_some() || req.backing_fmt.is_some() {
+        // Only a request that names the current backing file and format passes:
+        // changing them is rebase's work.
+        let h = img.header();
+        let name = h.backing_file.as_deref().and_then(|n| n.to_str());
+        if req.backing_file.as_deref() != name
+            || req.backing_fmt.as_deref() != h.backing_format.as_deref()
+        {
+            return Err(
+                "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
+            );
+        }
+    }
+    let mut spread = StepProgress {
+        steps,
+        finished: 0,
+        done_before: 0,
+        last: None,
+    };
+    img.amend(&req.amend, &mut |step, done, total| {
+        let (d, t) = spread.report(step, done, total);
+        bar.set_fraction(d, t);
+    })
+    .map_err(kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_step_starts_past_the_first_steps_work() {
+        let mut s = StepProgress {
+            steps: 2,
+            finished: 0,
+            done_before: 0,
+            last: None,
+        };
+        assert_eq!(s.report(AmendStep::Upgrade, 1, 2), (1, 4));
+        assert_eq!(s.report(AmendStep::RefcountWidth, 0, 30), (2, 32));
+        assert_eq!(s.report(AmendStep::RefcountWidth, 30, 30), (32, 32));
+    }
+}

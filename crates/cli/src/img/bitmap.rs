@@ -1,0 +1,327 @@
+//! `strata img bitmap`: add, remove, clear, enable, disable and merge persistent
+//! dirty bitmaps of a qcow2 image, in the order the operations are given, as
+//! qemu-img does (an operation that fails stops the run; those before it stay).
+
+use super::common::{open_qcow2, probe_format, size_arg, warn_probed_raw, Ctx};
+use anyhow::{anyhow, bail, Result};
+use std::path::Path;
+use strata_format::qcow2::bitmap_edit::Bitmap;
+use strata_format::qcow2::Qcow2Image;
+use strata_format::Format;
+
+#[derive(clap::Args)]
+#[command(disable_help_flag = true)]
+pub struct Args {
+    /// Operations (--add, --remove, --clear, --enable, --disable, --merge SOURCE),
+    /// options (-f FMT, -g GRANULARITY, -b SOURCE_FILE, -F SOURCE_FMT), then the
+    /// image and the bitmap name.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Op {
+    Add,
+    Remove,
+    Clear,
+    Enable,
+    Disable,
+    Merge(String),
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Add => "add",
+            Op::Remove => "remove",
+            Op::Clear => "clear",
+            Op::Enable => "enable",
+            Op::Disable => "disable",
+            Op::Merge(_) => "merge",
+        }
+    }
+}
+
+/// The command line, read as qemu-img's getopt loop reads it (options and file
+/// names in any order; `--opt=value` and `-fVALUE` forms too).
+#[derive(Default, Debug)]
+struct Parsed {
+    ops: Vec<Op>,
+    format: Option<String>,
+    granularity: Option<String>,
+    source_file: Option<String>,
+    source_format: Option<String>,
+    positional: Vec<String>,
+}
+
+fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
+    let try_help = format!("Try '{prog} bitmap --help' for more info");
+    let mut p = Parsed::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (name, inline) = match a.strip_prefix("--") {
+            Some("") => {
+                p.positional.extend(it.by_ref().cloned());
+                break;
+            }
+            Some(long) => match long.split_once('=') {
+                Some((n, v)) => (format!("--{n}"), Some(v.to_string())),
+                None => (a.clone(), None),
+            },
+            None if a.starts_with('-') && a.len() > 1 => {
+                let (n, v) = a.split_at(2);
+                (n.to_string(), (!v.is_empty()).then(|| v.to_string()))
+            }
+            None => {
+                p.positional.push(a.clone());
+                continue;
+            }
+        };
+        let takes_value = matches!(
+            name.as_str(),
+            "-f" | "-g" | "-b" | "-F" | "--merge" | "--object"
+        );
+        let flag = matches!(
+            name.as_str(),
+            "--add" | "--remove" | "--clear" | "--enable" | "--disable" | "--image-opts"
+        );
+        if !takes_value && !flag {
+            return Err(match name.strip_prefix("--") {
+                Some(_) => format!("{prog} bitmap: unrecognized option '{a}'\n{try_help}"),
+                None => format!(
+                    "{prog} bitmap: invalid option -- '{}'\n{try_help}",
+                    &name[1..]
+                ),
+            });
+        }
+        if flag && inline.is_some() {
+            return Err(format!(
+                "{prog} bitmap: option '{name}' doesn't allow an argument\n{try_help}"
+            ));
+        }
+        let value = if takes_value {
+            match inline.or_else(|| it.next().cloned()) {
+                Some(v) => Some(v),
+                None => {
+                    return Err(match name.strip_prefix("--") {
+                        Some(_) => {
+                            format!(
+                                "{prog} bitmap: option '{name}' requires an argument\n{try_help}"
+                            )
+                        }
+                        None => format!(
+                            "{prog} bitmap: option requires an argument -- '{}'\n{try_help}",
+                            &name[1..]
+                        ),
+                    })
+                }
+            }
+        } else {
+            None
+        };
+        match name.as_str() {
+            "--add" => p.ops.push(Op::Add),
+            "--remove" => p.ops.push(Op::Remove),
+            "--clear" => p.ops.push(Op::Clear),
+            "--enable" => p.ops.push(Op::Enable),
+            "--disable" => p.ops.push(Op::Disable),
+            "--merge" => p.ops.push(Op::Merge(value.unwrap_or_default())),
+            "-f" => p.format = value,
+            "-g" => p.granularity = value,
+            "-b" => p.source_file = value,
+            "-F" => p.source_format = value,
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    if args.args.iter().any(|a| a == "-h" || a == "--help") {
+        println!(
+            "Usage: {} bitmap [-f FMT] [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] \
+             {{--add|--remove|--clear|--enable|--disable|--merge SOURCE}}... FILENAME BITMAP",
+            ctx.prog
+        );
+        return Ok(0);
+    }
+    let p = match parse(&args.args, ctx.prog) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return Ok(1);
+        }
+    };
+    if p.ops.is_empty() {
+        bail!("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
+    }
+    let granularity = match &p.granularity {
+        Some(_) if !p.ops.contains(&Op::Add) => bail!("granularity only supported with --add"),
+        Some(g) => Some(
+            size_arg("granularity", g)
+                .map_err(|_| anyhow!("Invalid granularity specified: '{g}'."))?,
+        ),
+        None => None,
+    };
+    if p.source_format.is_some() && p.source_file.is_none() {
+        bail!("-F only supported with -b");
+    }
+    if p.source_file.is_some() && !p.ops.iter().any(|o| matches!(o, Op::Merge(_))) {
+        bail!("Merge bitmap source file only supported with --merge");
+    }
+    let [file, name] = p.positional.as_slice() else {
+        bail!("Expecting filename and bitmap name");
+    };
+    let img = open(Path::new(file), p.format.as_deref(), true)?;
+    let source = match &p.source_file {
+        Some(s) => Some(open(Path::new(s), p.source_format.as_deref(), false)?),
+        None => None,
+    };
+    let size = strata_format::BlockDevice::virtual_size(&img);
+    let mut set = img.read_bitmaps()?;
+    let source_set = match &source {
+        Some(s) => Some(s.read_bitmaps()?),
+        None => None,
+    };
+    let v2 = img.header().version < 3;
+    let mut failure = None;
+    for op in &p.ops {
+        if v2 && *op == Op::Add {
+            // The node name QEMU prints is its own; the file's name stands here.
+            failure = Some(format!(
+                "Operation add on bitmap {name} failed: Can't make bitmap '{name}' persistent in '{file}': Cannot store dirty bitmaps in qcow2 v2 files"
+            ));
+            break;
+        }
+        if let Err(e) = apply(&mut set, op, name, granularity, size, source_set.as_deref()) {
+            failure = Some(format!(
+                "Operation {} on bitmap {name} failed: {e}",
+                op.name()
+            ));
+            break;
+        }
+    }
+    img.store_bitmaps(&set)?;
+    img.close()?;
+    match failure {
+        Some(msg) => bail!(msg),
+        None => Ok(0),
+    }
+}
+
+/// Open `path` as qcow2 (`format`, or probed), for writing or reading.
+fn open(path: &Path, format: Option<&str>, write: bool) -> Result<Qcow2Image> {
+    let format = match format {
+        Some(f) => f.parse::<Format>()?,
+        None => {
+            let f = probe_format(path)?;
+            if write {
+                warn_probed_raw(path, None);
+            }
+            f
+        }
+    };
+    if format != Format::Qcow2 {
+        bail!(
+            "Persistent bitmaps are only supported in qcow2 images, not in {}",
+            format.name()
+        );
+    }
+    open_qcow2(path, write)
+}
+
+fn find<'a>(set: &'a mut [Bitmap], name: &str) -> Result<&'a mut Bitmap, String> {
+    set.iter_mut()
+        .find(|b| b.name == name)
+        .ok_or_else(|| format!("Dirty bitmap '{name}' not found"))
+}
+
+/// One operation on the in-memory set, with qemu-img's reasons for refusing.
+fn apply(
+    set: &mut Vec<Bitmap>,
+    op: &Op,
+    name: &str,
+    granularity: Option<u64>,
+    size: u64,
+    source: Option<&[Bitmap]>,
+) -> Result<(), String> {
+    match op {
+        Op::Add => {
+            if name.is_empty() {
+                return Err("Bitmap name cannot be empty".into());
+            }
+            if set.iter().any(|b| b.name == name) {
+                return Err(format!("Bitmap already exists: {name}"));
+            }
+            if name.len() > 1023 {
+                return Err("Name length exceeds maximum (1023 characters)".into());
+            }
+            let g = granularity.unwrap_or(65536);
+            if !g.is_power_of_two() || !(512..=1 << 31).contains(&g) {
+                return Err("Granularity must be power of 2 and at least 512".into());
+            }
+            set.push(Bitmap::new(name, g.trailing_zeros() as u8, true, size));
+        }
+        Op::Remove => {
+            find(set, name)?;
+            set.retain(|b| b.name != name);
+        }
+        Op::Clear => find(set, name)?.bits.fill(0),
+        Op::Enable => find(set, name)?.enabled = true,
+        Op::Disable => find(set, name)?.enabled = false,
+        Op::Merge(src) => {
+            // Without -b the source is in the image itself, as it is now.
+            let from = source
+                .unwrap_or(set)
+                .iter()
+                .find(|b| &b.name == src)
+                .cloned()
+                .ok_or_else(|| format!("Dirty bitmap '{src}' not found"))?;
+            find(set, name)?.merge_from(&from);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn operations_keep_their_order_and_options_may_follow_the_names() {
+        let p = parse(
+            &strings(&[
+                "--add",
+                "-g",
+                "4k",
+                "a.qcow2",
+                "--merge=b0",
+                "bm",
+                "--disable",
+            ]),
+            "qemu-img",
+        )
+        .unwrap();
+        assert_eq!(p.ops, vec![Op::Add, Op::Merge("b0".into()), Op::Disable]);
+        assert_eq!(p.granularity.as_deref(), Some("4k"));
+        assert_eq!(p.positional, strings(&["a.qcow2", "bm"]));
+    }
+
+    #[test]
+    fn unknown_options_are_worded_as_getopt_words_them() {
+        let e = parse(&strings(&["-U", "a"]), "qemu-img").unwrap_err();
+        assert!(
+            e.starts_with("qemu-img bitmap: invalid option -- 'U'"),
+            "{e}"
+        );
+        let e = parse(&strings(&["--add=x"]), "qemu-img").unwrap_err();
+        assert!(
+            e.contains("option '--add' doesn't allow an argument"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! `strata img dd`: copy a byte range of an image into a new image with dd's
+//! operands (`if=`, `of=`, `bs=`, `count=`, `skip=`), as qemu-img dd does: the
+//! output (`-O`, raw by default) is created anew, `count` blocks are counted from
+//! the start of the input (the skipped ones included), and every block is
+//! written, zeroes too.
+
+use super::common::{open_chain, open_spec, size_arg, Ctx};
+use anyhow::{anyhow, bail, Result};
+use std::path::PathBuf;
+use strata_format::Format;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Input format (probed when omitted).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format (raw by default).
+    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    output_format: Option<String>,
+    /// Open the input read-only even if another program writes it.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Operands: if=INPUT of=OUTPUT [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS].
+    operands: Vec<String>,
+}
+
+/// The operands as given.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Operands {
+    input: Option<String>,
+    output: Option<String>,
+    bs: u64,
+    count: Option<u64>,
+    skip: u64,
+}
+
+fn parse(operands: &[String]) -> Result<Operands> {
+    let mut o = Operands {
+        bs: 512,
+        ..Default::default()
+    };
+    for op in operands {
+        let Some((k, v)) = op.split_once('=') else {
+            bail!("unrecognized operand {op}");
+        };
+        match k {
+            "if" => o.input = Some(v.to_string()),
+            "of" => o.output = Some(v.to_string()),
+            "bs" => {
+                let bs = size_arg("bs", v).map_err(|e| {
+                    if e.to_string().ends_with("9223372036854775807.") {
+                        anyhow!("Invalid bs specified. Must be between 1 and 2147483647.")
+                    } else {
+                        e
+                    }
+                })?;
+                if bs == 0 || bs > i32::MAX as u64 {
+                    bail!("Invalid bs specified. Must be between 1 and 2147483647.");
+                }
+                o.bs = bs;
+            }
+            "count" => o.count = Some(size_arg("count", v)?),
+            "skip" => o.skip = size_arg("skip", v)?,
+            _ => bail!("unrecognized operand {k}"),
+        }
+    }
+    Ok(o)
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    let o = parse(&args.operands)?;
+    let (Some(input), Some(output)) = (&o.input, &o.output) else {
+        bail!("Must specify both input and output files");
+    };
+    let out_format = match &args.output_format {
+        None => Format::Raw,
+        Some(f) => f
+            .parse::<Format>()
+            .map_err(|_| anyhow!("Unknown file format"))?,
+    };
+    let input_path = PathBuf::from(input);
+    let spec = open_spec(&input_path, args.format.as_deref(), args.force_share)?;
+    let chain = open_chain(&spec)?;
+    let reader = chain.reader();
+    let mut size = reader.virtual_size();
+    if let Some(count) = o.count {
+        size = size.min(count.saturating_mul(o.bs));
+    }
+    let mut start = o.skip.saturating_mul(o.bs);
+    if start > size {
+        eprintln!("{}: {input}: cannot skip to specified offset", ctx.prog);
+        start = size;
+    }
+    let out_path = PathBuf::from(output);
+    strata_jobs::create::create(&strata_jobs::create::CreateRequest {
+        path: out_path.clone(),
+        format: out_format,
+        size: Some(size - start),
+        options: Default::default(),
+        unsafe_backing: false,
+    })
+    .map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.strip_prefix(&format!("{output}: ")).unwrap_or(&msg);
+        anyhow!("{output}: error while creating output image: {msg}")
+    })?;
+    let out = strata_chain::open_image(&out_path, out_format, true, false)?;
+    let mut buf = vec![0u8; o.bs.min(size - start).max(1) as usize];
+    let mut pos = start;
+    while pos < size {
+        let n = (size - pos).min(o.bs) as usize;
+        reader.read(&mut buf[..n], pos)?;
+        out.write(&buf[..n], pos - start)?;
+        pos += n as u64;
+    }
+    out.flush()?;
+    if let Some(q) = out
+        .as_any()
+        .downcast_ref::<strata_format::qcow2::Qcow2Image>()
+    {
+        q.close()?;
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ops(a: &[&str]) -> Result<Operands> {
+        parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn operands_parse_with_dd_defaults_and_qemu_img_refusals() {
+        let o = ops(&["if=a", "of=b", "bs=64k", "count=3", "skip=1"]).unwrap();
+        assert_eq!((o.bs, o.count, o.skip), (65536, Some(3), 1));
+        assert_eq!(ops(&["if=a"]).unwrap().bs, 512);
+        let err = |a: &[&str]| ops(a).unwrap_err().to_string();
+        assert_eq!(err(&["foo=1"]), "unrecognized operand foo");
+        assert_eq!(err(&["a.qcow2"]), "unrecognized operand a.qcow2");
+        assert_eq!(
+            err(&["bs=0"]),
+            "Invalid bs specified. Must be between 1 and 2147483647."
+        );
+        assert_eq!(
+            err(&["bs=3G"]),
+            "Invalid bs specified. Must be between 1 and 2147483647."
+        );
+        assert_eq!(err(&["bs=abc"]), "Invalid bs specified: 'abc'.");
+    }
+}

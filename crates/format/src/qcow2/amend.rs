@@ -1,0 +1,436 @@
+//! Changing an image's format options in place (`qemu-img amend`): the version
+//! (2 for compat 0.10, 3 for compat 1.1), lazy refcounts, and the refcount width.
+//!
+//! Every step keeps the image valid at each durable state:
+//! - an upgrade writes the v3 header in one write of the header area (the part
+//!   past the first sector first, while the old header does not reach it);
+//! - a new refcount width gets fresh refcount structures written off to the side,
+//!   then one write of the header's first sector names them and the new width;
+//! - a downgrade first turns every zero cluster into one version 2 can express
+//!   (zeroes written and counted before the L2 entry changes), then writes the
+//!   v2 header.
+//!
+//! The image is consumed: its cached geometry describes the old version.
+
+use super::entries::{L2Entry, OFLAG_COPIED, OFLAG_ZERO};
+use super::header::{self, Header};
+use super::image::read_table;
+use super::image::Qcow2Image;
+use super::meta::Meta;
+use crate::{Error, Result};
+
+/// What to change; `None` keeps the current setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AmendOptions {
+    /// 2 (compat 0.10) or 3 (compat 1.1).
+    pub version: Option<u32>,
+    pub lazy_refcounts: Option<bool>,
+    /// 1, 2, 4, 8, 16, 32 or 64.
+    pub refcount_bits: Option<u64>,
+}
+
+/// The steps of an amend that report progress, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmendStep {
+    Upgrade,
+    RefcountWidth,
+    Downgrade,
+}
+
+impl AmendOptions {
+    /// The steps that will report progress on an image now at `version` with
+    /// refcount order `order`.
+    pub fn steps(&self, version: u32, order: u32) -> Vec<AmendStep> {
+        let new = self.version.unwrap_or(version);
+        let mut steps = Vec::new();
+        if new > version {
+            steps.push(AmendStep::Upgrade);
+        }
+        if self.refcount_bits.is_some_and(|b| b != 1 << order) {
+            steps.push(AmendStep::RefcountWidth);
+        }
+        if new < version {
+            steps.push(AmendStep::Downgrade);
+        }
+        steps
+    }
+}
+
+/// Refuse what cannot be done before anything changes.
+fn vet(h: &Header, o: &AmendOptions) -> Result<()> {
+    let version = o.version.unwrap_or(h.version);
+    if let Some(bits) = o.refcount_bits {
+        if bits == 0 || bits > 64 || !bits.is_power_of_two() {
+            return Err(Error::invalid_argument(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        if version < 3 && bits != 16 {
+            return Err(Error::invalid_argument(
+                "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+            ));
+        }
+    }
+    if o.lazy_refcounts == Some(true) && version < 3 {
+        return Err(Error::invalid_argument(
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+        ));
+    }
+    if version < h.version {
+        let bits = o.refcount_bits.unwrap_or(1 << h.refcount_order);
+        if bits != 16 {
+            return Err(Error::invalid_argument(
+                "compat=0.10 requires refcount_bits=16",
+            ));
+        }
+        let left =
+            h.incompatible_features & !(header::incompat::DIRTY | header::incompat::COMPRESSION);
+        if left != 0 {
+            return Err(Error::invalid_argument(format!(
+                "Cannot downgrade an image with incompatible features 0x{left:x} set"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Qcow2Image {
+    /// Apply `o` (see the module), reporting each step's progress as
+    /// `progress(step, done, total)`, then close the image.
+    pub fn amend(
+        self,
+        o: &AmendOptions,
+        progress: &mut dyn FnMut(AmendStep, u64, u64),
+    ) -> Result<()> {
+        self.check_writable()?;
+        let r = {
+            let _excl = self.exclusive();
+            let mut m = self.lock();
+            self.amend_locked(&mut m, o, progress)
+        };
+        r.map_err(|e| self.err(e))?;
+        self.close()
+    }
+
+    fn amend_locked(
+        &self,
+        m: &mut Meta,
+        o: &AmendOptions,
+        progress: &mut dyn FnMut(AmendStep, u64, u64),
+    ) -> Result<()> {
+        vet(&m.h, o)?;
+        m.flush_metadata()?;
+        let version = o.version.unwrap_or(m.h.version);
+        if version < m.h.version
+            && m.h.compression_type != super::CompressionType::Zlib
+            && has_compressed_clusters(m)?
+        {
+            return Err(Error::invalid_argument(
+                "Cannot downgrade an image with zstd compression type and existing compressed clusters",
+            ));
+        }
+        if version > m.h.version {
+            progress(AmendStep::Upgrade, 0, 2);
+            upgrade(m)?;
+            progress(AmendStep::Upgrade, 1, 2);
+            progress(AmendStep::Upgrade, 2, 2);
+        }
+        if let Some(bits) = o.refcount_bits {
+            let order = bits.trailing_zeros();
+            if order != m.h.refcount_order {
+                change_refcount_order(m, order, &mut |d, t| {
+                    progress(AmendStep::RefcountWidth, d, t)
+                })?;
+            }
+        }
+        if let Some(lazy) = o.lazy_refcounts {
+            if lazy != m.h.lazy_refcounts() {
+                m.clear_dirty()?;
+                m.h.compatible_features ^= header::compat::LAZY_REFCOUNTS;
+                m.storage
+                    .write_at(&m.h.compatible_features.to_be_bytes(), 80)?;
+                m.storage.flush()?;
+            }
+        }
+        if version < m.h.version {
+            let n = 1 + m.snapshots.len() as u64;
+            expand_zero_clusters(m, &mut |d| progress(AmendStep::Downgrade, d, n))?;
+            downgrade(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// Write `new` over the header area, which now holds `old`: the part past the
+/// first sector first when `old` does not reach it, so that the first sector's
+/// write switches from one whole header to the other.
+pub(crate) fn write_header(m: &mut Meta, mut new: Header) -> Result<()> {
+    let cs = m.cluster_size() as usize;
+    let old_len = m.h.clone().serialize()?.len();
+    let mut bytes = new.serialize()?;
+    bytes.resize(bytes.len().max(old_len).min(cs), 0);
+    if old_len <= 512 && bytes.len() > 512 {
+        m.storage.write_at(&bytes[512..], 512)?;
+        m.storage.flush()?;
+        m.storage.write_at(&bytes[..512], 0)?;
+    } else {
+        m.storage.write_at(&bytes, 0)?;
+    }
+    m.storage.flush()?;
+    m.h = new;
+    Ok(())
+}
+
+/// `h` at `version`, with no feature bits (a version change starts them afresh).
+fn at_version(h: &Header, version: u32) -> Header {
+    Header {
+        version,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        ..h.clone()
+    }
+}
+
+/// Version 2 to 3. A snapshot table whose entries lack the extra data v3 requires
+/// is rewritten to new clusters, named by the same header write.
+fn upgrade(m: &mut Meta) -> Result<()> {
+    let cs = m.cluster_size();
+    let mut h = at_version(&m.h, 3);
+    h.header_length = header::V3_HEADER_LEN_COMPRESSION;
+    h.refcount_order = 4;
+    h.feature_names = Header::default_feature_names();
+    let old_table = (
+        m.h.snapshots_offset,
+        super::snapshot::table_size(&m.snapshots),
+    );
+    let rewrite = m.snapshots.iter().any(|s| s.extra.len() < 16);
+    if rewrite {
+        let bytes = super::snapshot::serialize_table(&m.snapshots);
+        let off = m.alloc_clusters((bytes.len() as u64).div_ceil(cs))?;
+        m.write_dirty_refblocks()?;
+        m.storage.write_at(&bytes, off)?;
+        m.storage.flush()?;
+        h.snapshots_offset = off;
+    }
+    write_header(m, h)?;
+    m.geo.version = 3;
+    if rewrite {
+        for s in &mut m.snapshots {
+            s.extra = s.encode_extra();
+        }
+        let (off, len) = old_table;
+        for c in off / cs..(off + len).div_ceil(cs) {
+            m.update_refcount(c, -1)?;
+        }
+        m.flush_metadata()?;
+    }
+    Ok(())
+}
+
+/// Version 3 to 2, once no zero cluster is left (see [`expand_zero_clusters`]).
+fn downgrade(m: &mut Meta) -> Result<()> {
+    let mut h = at_version(&m.h, 2);
+    h.header_length = header::V2_HEADER_LEN;
+    h.compression_type = super::CompressionType::Zlib;
+    h.feature_names.clear();
+    write_header(m, h)?;
+    m.geo.version = 2;
+    Ok(())
+}
+
+/// The L1 tables of the active image and of every snapshot.
+fn all_l1_tables(m: &Meta) -> Result<Vec<Vec<u64>>> {
+    let mut l1s = vec![m.l1.clone()];
+    for s in &m.snapshots {
+        l1s.push(read_table(
+            &*m.storage,
+            s.l1_table_offset,
+            u64::from(s.l1_size),
+        )?);
+    }
+    Ok(l1s)
+}
+
+/// Whether any L2 table (active or a snapshot's) names a compressed cluster.
+fn has_compressed_clusters(m: &mut Meta) -> Result<bool> {
+    let cs = m.cluster_size();
+    for l1 in all_l1_tables(m)? {
+        for (i, &e) in l1.iter().enumerate() {
+            let (l2off, _) = super::entries::decode_l1(e, cs, i)?;
+            if l2off == 0 {
+                continue;
+            }
+            for j in 0..m.l2_entries() {
+                let (raw, bitmap) = m.raw_entry(l2off, j)?;
+                if let L2Entry::Compressed { .. } = m.geo.decode_l2(raw, bitmap)? {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Make every zero entry of every L2 table (active and snapshots') one version 2
+/// can express: without a backing file a zero cluster with no host cluster reads
+/// as zeroes unallocated; else it gets a cluster of zeroes (counted as many times
+/// as its L2 table is shared); an allocated zero cluster gets its zeroes written
+/// and keeps its host cluster. The zeroes and refcounts are durable before the
+/// L2 table changes. `done(n)` reports the L1 tables finished.
+fn expand_zero_clusters(m: &mut Meta, done: &mut dyn FnMut(u64)) -> Result<()> {
+    let cs = m.cluster_size();
+    let l1s = all_l1_tables(m)?;
+    let backed = m.h.backing_file.is_some();
+    let zeroes = vec![0u8; cs as usize];
+    for (n, l1) in l1s.iter().enumerate() {
+        for (i, &e) in l1.iter().enumerate() {
+            let (l2off, _) = super::entries::decode_l1(e, cs, i)?;
+            if l2off == 0 {
+                continue;
+            }
+            let l2_refs = m.refcount(l2off / cs)?;
+            let mut changes = Vec::new();
+            for j in 0..m.l2_entries() {
+                let (raw, bitmap) = m.raw_entry(l2off, j)?;
+                let L2Entry::Normal {
+                    host, zero: true, ..
+                } = m.geo.decode_l2(raw, bitmap)?
+                else {
+                    continue;
+                };
+                let new = if host != 0 {
+                    m.storage.write_at(&zeroes, host)?;
+                    raw & !OFLAG_ZERO
+                } else if !backed {
+                    0
+                } else {
+                    let c = m.alloc_clusters(1)?;
+                    if l2_refs > 1 {
+                        m.update_refcount(c / cs, l2_refs as i64 - 1)?;
+                    }
+                    m.write_dirty_refblocks()?;
+                    m.storage.write_at(&zeroes, c)?;
+                    if l2_refs == 1 {
+                        c | OFLAG_COPIED
+                    } else {
+                        c
+                    }
+                };
+                changes.push((j, new));
+            }
+            if changes.is_empty() {
+                continue;
+            }
+            m.storage.flush()?;
+            for (j, new) in changes {
+                m.set_raw_entry(l2off, j, new, 0)?;
+            }
+            m.flush_metadata()?;
+        }
+        done(n as u64 + 1);
+    }
+    Ok(())
+}
+
+/// Rewrite the refcount structures at width `2^order`: the current refcounts
+/// (those of the old structures excepted, which become free) go into fresh
+/// structures at the first free run, and one write of the first header sector
+/// names them with the new width. `progress(done, total)` runs three passes over
+/// the old refcount table: reading, checking, writing.
+fn change_refcount_order(
+    m: &mut Meta,
+    order: u32,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let cs = m.cluster_size();
+    let entries = m.reftable.len() as u64;
+    let total = 3 * entries;
+    let epb = m.rb_entries();
+    let file_clusters = m.storage.size()?.div_ceil(cs);
+    let mut refs: Vec<u64> = Vec::new();
+    let mut old_structures = Vec::new();
+    progress(0, total);
+    for i in 0..entries {
+        let block = m.refblock_offset(i)?;
+        if block != 0 {
+            old_structures.push(block / cs);
+            let first = i * epb;
+            for c in first..((i + 1) * epb).min(file_clusters.max(first)) {
+                let r = m.refcount(c)?;
+                if r != 0 {
+                    if refs.len() <= c as usize {
+                        refs.resize(c as usize + 1, 0);
+                    }
+                    refs[c as usize] = r;
+                }
+            }
+        }
+        progress(i + 1, total);
+    }
+    let table = m.h.refcount_table_offset / cs;
+    old_structures.extend(table..table + u64::from(m.h.refcount_table_clusters));
+    for c in old_structures {
+        if let Some(r) = refs.get_mut(c as usize) {
+            *r = r.saturating_sub(1);
+        }
+    }
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << order)) - 1
+    };
+    for i in 0..entries {
+        let first = (i * epb) as usize;
+        let last = ((i + 1) * epb).min(refs.len() as u64) as usize;
+        if let Some(c) = (first..last.max(first)).find(|&c| refs[c] > max) {
+            return Err(Error::invalid_argument(format!(
+                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {}",
+                1u32 << order,
+                c as u64 * cs,
+                refs[c]
+            )));
+        }
+        progress(entries + i + 1, total);
+    }
+    // Room for the new structures, taken at the first free run under the old
+    // width (so nothing else lands there), sized for the new one.
+    let old_order = m.h.refcount_order;
+    let covered = (refs.len() as u64).max(file_clusters);
+    m.h.refcount_order = order;
+    let len = m.fresh_refcount_clusters(covered);
+    m.h.refcount_order = old_order;
+    let at = m.alloc_clusters(len)?;
+    m.write_dirty_refblocks()?;
+    m.storage.flush()?;
+    m.h.refcount_order = order;
+    let fresh = m.write_fresh_refcounts(refs, &[], Some(at / cs));
+    let fresh = match fresh {
+        Ok(f) => f,
+        Err(e) => {
+            m.h.refcount_order = old_order;
+            return Err(e);
+        }
+    };
+    m.storage.flush()?;
+    // Bytes 48..100: refcount table offset and clusters, then (unchanged) the
+    // snapshot fields and feature bits, then the refcount order.
+    let mut hdr = [0u8; 52];
+    hdr[..8].copy_from_slice(&fresh.table_offset.to_be_bytes());
+    hdr[8..12].copy_from_slice(&fresh.table_clusters.to_be_bytes());
+    hdr[12..16].copy_from_slice(&m.h.nb_snapshots.to_be_bytes());
+    hdr[16..24].copy_from_slice(&m.h.snapshots_offset.to_be_bytes());
+    hdr[24..32].copy_from_slice(&m.h.incompatible_features.to_be_bytes());
+    hdr[32..40].copy_from_slice(&m.h.compatible_features.to_be_bytes());
+    hdr[40..48].copy_from_slice(&m.h.autoclear_features.to_be_bytes());
+    hdr[48..].copy_from_slice(&order.to_be_bytes());
+    if let Err(e) = m.storage.write_at(&hdr, 48).and_then(|_| m.storage.flush()) {
+        m.h.refcount_order = old_order;
+        return Err(e.into());
+    }
+    m.adopt_refcounts(fresh);
+    for i in 0..entries {
+        progress(2 * entries + i + 1, total);
+    }
+    Ok(())
+}
