@@ -183,12 +183,14 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
         h.incompatible_features |= header::incompat::EXTL2;
     }
     let hdr = h.serialize()?;
+    // The old contents go first, durably: new clusters under an old header would
+    // make an image neither old nor new.
     storage.set_size(0)?;
-    let mut first = vec![0u8; index(cs)];
-    first[..hdr.len()].copy_from_slice(&hdr);
-    storage.write_at(&first, 0)?;
+    storage.flush()?;
     // Refcount table (cluster 1) pointing at one refcount block (cluster 2) that counts
-    // clusters 0, 1 and 2.
+    // clusters 0, 1 and 2. They are durable before the header names them: a crash
+    // before the header leaves a file no tool opens as qcow2, never a qcow2 header
+    // over missing refcounts (which qemu-img would call corrupt).
     let mut table = vec![0u8; index(cs)];
     table[..8].copy_from_slice(&(2 * cs).to_be_bytes());
     storage.write_at(&table, cs)?;
@@ -197,6 +199,10 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
         rb_set(&mut block, refcount_order, c, 1);
     }
     storage.write_at(&block, 2 * cs)?;
+    storage.flush()?;
+    let mut first = vec![0u8; index(cs)];
+    first[..hdr.len()].copy_from_slice(&hdr);
+    storage.write_at(&first, 0)?;
     storage.flush()?;
     let img = Qcow2Image::open(storage.clone(), Qcow2OpenOptions::default())?;
     // Size the disk: the L1 table is created by the ordinary growth path.
