@@ -4,6 +4,8 @@
 //! never skipped).
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
