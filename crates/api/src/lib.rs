@@ -8,6 +8,8 @@
 pub mod error;
 pub mod images;
 pub mod schema;
+pub mod task_routes;
+pub mod tasks;
 pub mod tokens;
 
 use std::net::SocketAddr;
@@ -30,6 +32,7 @@ pub use tokens::{Role, Tokens};
 pub struct AppState {
     pub registry: Registry,
     pub tokens: Tokens,
+    pub tasks: tasks::Tasks,
 }
 
 impl AppState {
@@ -41,6 +44,7 @@ impl AppState {
         Ok(AppState {
             registry,
             tokens: Tokens::new(dir),
+            tasks: tasks::Tasks::open(dir)?,
         })
     }
 }
@@ -136,6 +140,16 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v2/images/{id}/tags/{tag}",
             put(images::add_tag).delete(images::remove_tag),
+        )
+        .route("/api/v1/openapi.json", get(task_routes::openapi))
+        .route("/api/v1/tasks", get(task_routes::list))
+        .route(
+            "/api/v1/tasks/{id}",
+            get(task_routes::show).delete(task_routes::cancel),
+        )
+        .route(
+            "/api/v1/images/{id}/verify",
+            axum::routing::post(task_routes::verify),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(|| async {

@@ -390,3 +390,9 @@ pub fn now() -> String {
         .replacen(' ', "T", 1)
         + "Z"
 }
+
+/// The current time with nanoseconds (`2026-01-02T03:04:05.123456789Z`), for
+/// records that must order within a second.
+pub fn now_precise() -> String {
+    strata_repo::time::Timestamp::now().rfc3339()
+}
