@@ -107,7 +107,7 @@ done
 # provides, for the guest builder's ldd, the libraries the guest's agent needs.
 "${SUDO[@]}" apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-utils qemu-system-x86 qemu-guest-agent
-"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl e2fsprogs kmod restic
+"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl e2fsprogs kmod restic python3-venv
 
 # qemu-ga, mkfs.ext4 and depmod live in sbin, which a user's PATH may lack.
 for tool in qemu-img qemu-io qemu-nbd nbdinfo qemu-system-x86_64 qemu-ga mkfs.ext4 depmod restic; do

@@ -4,6 +4,7 @@
 mod backup;
 mod img;
 mod nbd;
+mod serve;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,12 @@ enum Command {
     Backup(Box<backup::BackupCli>),
     /// Virtual machines: define, start, stop, exec, and snapshots with memory.
     Vm(Box<vm::VmCli>),
+    /// The HTTP API: the image registry (Glance v2 compatible), tokens, TLS.
+    Serve(Box<serve::ServeCli>),
+    /// API tokens: create (admin or --read-only), list.
+    Token(Box<serve::TokenCli>),
+    /// The image registry: list, show, download, delete, create-from-file.
+    Image(Box<serve::ImageCli>),
 }
 
 fn main() {
@@ -52,6 +59,9 @@ fn main() {
                     Command::Nbd(c) => nbd::run(*c),
                     Command::Backup(c) => backup::run(*c),
                     Command::Vm(c) => vm::run(*c),
+                    Command::Serve(c) => serve::run_serve(*c),
+                    Command::Token(c) => serve::run_token(*c),
+                    Command::Image(c) => serve::run_image(*c),
                 },
                 Err(e) => {
                     let _ = e.print();

@@ -220,7 +220,7 @@ fn print_help(format: Option<&str>) -> Result<i32> {
 /// The size first (a plain resize), then the format changes, which close the
 /// image. A backing file or format other than the current one is refused.
 fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &mut QemuProgress) -> Result<(), String> {
-    let kind = |e: strata_format::Error| e.kind.to_string();
+    let kind = |e: strata_format::Error| e.message().to_string();
     if let Some(size) = req.size {
         img.resize(size, true).map_err(kind)?;
     }

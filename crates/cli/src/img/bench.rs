@@ -153,13 +153,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 _ => Ok(()),
             });
             if let Err(e) = r {
-                let msg = match &e.kind {
-                    strata_format::ErrorKind::Storage(strata_storage::Error::Io {
-                        source, ..
-                    }) => strata_storage::os_message(source),
+                let msg = match e.storage_error() {
+                    Some(strata_storage::Error::Io { source, .. }) => {
+                        strata_storage::os_message(source)
+                    }
                     _ => "Input/output error".to_string(),
                 };
-                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+                *strata_storage::sync::lock(&failed) = Some(msg);
                 return;
             }
         }

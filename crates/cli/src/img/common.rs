@@ -138,7 +138,7 @@ pub fn open_qcow2(path: &std::path::Path, write: bool) -> Result<strata_format::
             ..Default::default()
         },
     )
-    .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), e.kind))
+    .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), e.message()))
 }
 
 /// Open an image and (unless the spec says not to) its chain, with qemu-img's

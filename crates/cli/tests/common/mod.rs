@@ -4,6 +4,7 @@
 //! never skipped).
 #![allow(dead_code)]
 
+pub mod api;
 pub mod garage;
 pub mod restic;
 

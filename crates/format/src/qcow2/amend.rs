@@ -17,6 +17,7 @@ use super::header::{self, Header};
 use super::image::read_table;
 use super::image::Qcow2Image;
 use super::meta::Meta;
+use crate::units::{index, ClusterCount, ClusterIndex};
 use crate::{Error, Result};
 
 /// What to change; `None` keeps the current setting.
@@ -105,7 +106,7 @@ impl Qcow2Image {
         self.check_writable()?;
         let r = {
             let _excl = self.exclusive();
-            let mut m = self.lock();
+            let mut m = self.lock()?;
             self.amend_locked(&mut m, o, progress)
         };
         r.map_err(|e| self.err(e))?;
@@ -165,7 +166,7 @@ impl Qcow2Image {
 /// first sector first when `old` does not reach it, so that the first sector's
 /// write switches from one whole header to the other.
 pub(crate) fn write_header(m: &mut Meta, mut new: Header) -> Result<()> {
-    let cs = m.cluster_size() as usize;
+    let cs = index(m.cluster_size());
     let old_len = m.h.clone().serialize()?.len();
     let mut bytes = new.serialize()?;
     bytes.resize(bytes.len().max(old_len).min(cs), 0);
@@ -206,8 +207,10 @@ fn upgrade(m: &mut Meta) -> Result<()> {
     );
     let rewrite = m.snapshots.iter().any(|s| s.extra.len() < 16);
     if rewrite {
-        let bytes = super::snapshot::serialize_table(&m.snapshots);
-        let off = m.alloc_clusters((bytes.len() as u64).div_ceil(cs))?;
+        let bytes = super::snapshot::serialize_table(&m.snapshots)?;
+        let off = m
+            .alloc_clusters(ClusterCount((bytes.len() as u64).div_ceil(cs)))?
+            .get();
         m.write_dirty_refblocks()?;
         m.storage.write_at(&bytes, off)?;
         m.storage.flush()?;
@@ -221,7 +224,7 @@ fn upgrade(m: &mut Meta) -> Result<()> {
         }
         let (off, len) = old_table;
         for c in off / cs..(off + len).div_ceil(cs) {
-            m.update_refcount(c, -1)?;
+            m.update_refcount(ClusterIndex(c), -1)?;
         }
         m.flush_metadata()?;
     }
@@ -257,8 +260,8 @@ fn has_compressed_clusters(m: &mut Meta) -> Result<bool> {
     let cs = m.cluster_size();
     for l1 in all_l1_tables(m)? {
         for (i, &e) in l1.iter().enumerate() {
-            let (l2off, _) = super::entries::decode_l1(e, cs, i)?;
-            if l2off == 0 {
+            let (l2off, _) = super::entries::decode_l1(e, cs, i as u64)?;
+            if l2off.is_none() {
                 continue;
             }
             for j in 0..m.l2_entries() {
@@ -282,14 +285,14 @@ fn expand_zero_clusters(m: &mut Meta, done: &mut dyn FnMut(u64)) -> Result<()> {
     let cs = m.cluster_size();
     let l1s = all_l1_tables(m)?;
     let backed = m.h.backing_file.is_some();
-    let zeroes = vec![0u8; cs as usize];
+    let zeroes = vec![0u8; index(cs)];
     for (n, l1) in l1s.iter().enumerate() {
         for (i, &e) in l1.iter().enumerate() {
-            let (l2off, _) = super::entries::decode_l1(e, cs, i)?;
-            if l2off == 0 {
+            let (l2off, _) = super::entries::decode_l1(e, cs, i as u64)?;
+            if l2off.is_none() {
                 continue;
             }
-            let l2_refs = m.refcount(l2off / cs)?;
+            let l2_refs = m.refcount(l2off.cluster(m.geo.cluster_bits))?;
             let mut changes = Vec::new();
             for j in 0..m.l2_entries() {
                 let (raw, bitmap) = m.raw_entry(l2off, j)?;
@@ -299,22 +302,22 @@ fn expand_zero_clusters(m: &mut Meta, done: &mut dyn FnMut(u64)) -> Result<()> {
                 else {
                     continue;
                 };
-                let new = if host != 0 {
-                    m.storage.write_at(&zeroes, host)?;
+                let new = if !host.is_none() {
+                    m.storage.write_at(&zeroes, host.get())?;
                     raw & !OFLAG_ZERO
                 } else if !backed {
                     0
                 } else {
-                    let c = m.alloc_clusters(1)?;
+                    let c = m.alloc_clusters(ClusterCount(1))?;
                     if l2_refs > 1 {
-                        m.update_refcount(c / cs, l2_refs as i64 - 1)?;
+                        m.update_refcount(c.cluster(m.geo.cluster_bits), l2_refs as i64 - 1)?;
                     }
                     m.write_dirty_refblocks()?;
-                    m.storage.write_at(&zeroes, c)?;
+                    m.storage.write_at(&zeroes, c.get())?;
                     if l2_refs == 1 {
-                        c | OFLAG_COPIED
+                        c.get() | OFLAG_COPIED
                     } else {
-                        c
+                        c.get()
                     }
                 };
                 changes.push((j, new));
@@ -353,16 +356,16 @@ fn change_refcount_order(
     progress(0, total);
     for i in 0..entries {
         let block = m.refblock_offset(i)?;
-        if block != 0 {
-            old_structures.push(block / cs);
+        if !block.is_none() {
+            old_structures.push(block.get() / cs);
             let first = i * epb;
             for c in first..((i + 1) * epb).min(file_clusters.max(first)) {
-                let r = m.refcount(c)?;
+                let r = m.refcount(ClusterIndex(c))?;
                 if r != 0 {
-                    if refs.len() <= c as usize {
-                        refs.resize(c as usize + 1, 0);
+                    if refs.len() <= index(c) {
+                        refs.resize(index(c) + 1, 0);
                     }
-                    refs[c as usize] = r;
+                    refs[index(c)] = r;
                 }
             }
         }
@@ -371,7 +374,7 @@ fn change_refcount_order(
     let table = m.h.refcount_table_offset / cs;
     old_structures.extend(table..table + u64::from(m.h.refcount_table_clusters));
     for c in old_structures {
-        if let Some(r) = refs.get_mut(c as usize) {
+        if let Some(r) = refs.get_mut(index(c)) {
             *r = r.saturating_sub(1);
         }
     }
@@ -381,8 +384,8 @@ fn change_refcount_order(
         (1u64 << (1u32 << order)) - 1
     };
     for i in 0..entries {
-        let first = (i * epb) as usize;
-        let last = ((i + 1) * epb).min(refs.len() as u64) as usize;
+        let first = index(i * epb);
+        let last = index(((i + 1) * epb).min(refs.len() as u64));
         if let Some(c) = (first..last.max(first)).find(|&c| refs[c] > max) {
             return Err(Error::invalid_argument(format!(
                 "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {}",
@@ -400,11 +403,11 @@ fn change_refcount_order(
     m.h.refcount_order = order;
     let len = m.fresh_refcount_clusters(covered);
     m.h.refcount_order = old_order;
-    let at = m.alloc_clusters(len)?;
+    let at = m.alloc_clusters(ClusterCount(len))?;
     m.write_dirty_refblocks()?;
     m.storage.flush()?;
     m.h.refcount_order = order;
-    let fresh = m.write_fresh_refcounts(refs, &[], Some(at / cs));
+    let fresh = m.write_fresh_refcounts(refs, &[], Some(at.cluster(m.geo.cluster_bits)));
     let fresh = match fresh {
         Ok(f) => f,
         Err(e) => {

@@ -12,6 +12,7 @@ use super::entries::OFFSET_MASK;
 use super::header::{autoclear, be32, be64, BitmapsExt};
 use super::image::Qcow2Image;
 use super::meta::Meta;
+use crate::units::{index, ClusterCount, ClusterIndex};
 use crate::{Error, Result};
 
 /// Enabled: the bitmap records every change to the disk.
@@ -40,7 +41,7 @@ impl Bitmap {
             name: name.to_string(),
             granularity_bits,
             enabled,
-            bits: vec![0; bytes_for(size, granularity_bits) as usize],
+            bits: vec![0; index(bytes_for(size, granularity_bits))],
         }
     }
 
@@ -86,7 +87,7 @@ impl Qcow2Image {
     /// bitmaps, or its autoclear bit says they are stale). A bitmap marked in
     /// use (inconsistent) is refused, naming it.
     pub fn read_bitmaps(&self) -> Result<Vec<Bitmap>> {
-        let m = self.lock();
+        let m = self.lock()?;
         let cs = m.cluster_size();
         let size = m.h.size;
         let Some(ext) = m.h.bitmaps else {
@@ -95,7 +96,7 @@ impl Qcow2Image {
         if m.h.autoclear_features & autoclear::BITMAPS == 0 {
             return Ok(Vec::new());
         }
-        let mut dir = vec![0u8; ext.directory_size as usize];
+        let mut dir = vec![0u8; index(ext.directory_size)];
         m.storage.read_at(&mut dir, ext.directory_offset)?;
         let mut out = Vec::new();
         let mut at = 0usize;
@@ -125,7 +126,7 @@ impl Qcow2Image {
             let mut b = Bitmap::new(&name, gran, flags & FLAG_AUTO != 0, size);
             let mut table = vec![0u8; table_size as usize * 8];
             m.storage.read_at(&mut table, table_offset)?;
-            for (i, chunk) in b.bits.chunks_mut(cs as usize).enumerate() {
+            for (i, chunk) in b.bits.chunks_mut(index(cs)).enumerate() {
                 let Some(raw) = table.get(i * 8..i * 8 + 8) else {
                     break;
                 };
@@ -149,7 +150,7 @@ impl Qcow2Image {
         self.check_writable()?;
         let old = self.read_bitmaps()?;
         let _excl = self.exclusive();
-        let mut m = self.lock();
+        let mut m = self.lock()?;
         store(&mut m, bitmaps, old.len()).map_err(|e| self.err(e))
     }
 }
@@ -162,7 +163,7 @@ fn used_clusters(m: &Meta) -> Result<Vec<u64>> {
     };
     let span = |off: u64, len: u64| (off / cs..(off + len).div_ceil(cs)).collect::<Vec<_>>();
     let mut out = span(ext.directory_offset, ext.directory_size);
-    let mut dir = vec![0u8; ext.directory_size as usize];
+    let mut dir = vec![0u8; index(ext.directory_size)];
     m.storage.read_at(&mut dir, ext.directory_offset)?;
     let mut at = 0usize;
     for _ in 0..ext.nb_bitmaps {
@@ -171,7 +172,7 @@ fn used_clusters(m: &Meta) -> Result<Vec<u64>> {
         };
         let (table_offset, table_size) = (be64(head, 0), u64::from(be32(head, 8)));
         out.extend(span(table_offset, table_size * 8));
-        let mut table = vec![0u8; table_size as usize * 8];
+        let mut table = vec![0u8; index(table_size) * 8];
         m.storage.read_at(&mut table, table_offset)?;
         out.extend(
             table
@@ -188,7 +189,8 @@ fn used_clusters(m: &Meta) -> Result<Vec<u64>> {
 
 /// Allocate, count and write `bytes` at new clusters; returns the offset.
 fn put(m: &mut Meta, bytes: &[u8]) -> Result<u64> {
-    let off = m.alloc_clusters((bytes.len() as u64).div_ceil(m.cluster_size()))?;
+    let n = ClusterCount((bytes.len() as u64).div_ceil(m.cluster_size()));
+    let off = m.alloc_clusters(n)?.get();
     m.write_dirty_refblocks()?;
     m.storage.write_at(bytes, off)?;
     Ok(off)
@@ -198,7 +200,7 @@ fn store(m: &mut Meta, bitmaps: &[Bitmap], old_count: usize) -> Result<()> {
     if bitmaps.is_empty() && old_count == 0 && m.h.bitmaps.is_none() {
         return Ok(());
     }
-    let cs = m.cluster_size() as usize;
+    let cs = index(m.cluster_size());
     let old = if m.h.autoclear_features & autoclear::BITMAPS != 0 {
         used_clusters(m)?
     } else {
@@ -223,12 +225,16 @@ fn store(m: &mut Meta, bitmaps: &[Bitmap], old_count: usize) -> Result<()> {
         }
         let table_offset = put(m, &table)?;
         dir.extend_from_slice(&table_offset.to_be_bytes());
-        dir.extend_from_slice(&((table.len() / 8) as u32).to_be_bytes());
+        let entries = u32::try_from(table.len() / 8)
+            .map_err(|_| Error::invalid("a bitmap table is too large"))?;
+        dir.extend_from_slice(&entries.to_be_bytes());
         let flags = if b.enabled { FLAG_AUTO } else { 0 };
         dir.extend_from_slice(&flags.to_be_bytes());
         dir.push(TYPE_DIRTY_TRACKING);
         dir.push(b.granularity_bits);
-        dir.extend_from_slice(&(b.name.len() as u16).to_be_bytes());
+        let name_len =
+            u16::try_from(b.name.len()).map_err(|_| Error::invalid("a bitmap name is too long"))?;
+        dir.extend_from_slice(&name_len.to_be_bytes());
         dir.extend_from_slice(&0u32.to_be_bytes());
         dir.extend_from_slice(b.name.as_bytes());
         dir.resize(dir.len().next_multiple_of(8), 0);
@@ -240,7 +246,8 @@ fn store(m: &mut Meta, bitmaps: &[Bitmap], old_count: usize) -> Result<()> {
     } else {
         let directory_offset = put(m, &dir)?;
         h.bitmaps = Some(BitmapsExt {
-            nb_bitmaps: bitmaps.len() as u32,
+            nb_bitmaps: u32::try_from(bitmaps.len())
+                .map_err(|_| Error::invalid("too many bitmaps"))?,
             directory_size: dir.len() as u64,
             directory_offset,
         });
@@ -249,7 +256,7 @@ fn store(m: &mut Meta, bitmaps: &[Bitmap], old_count: usize) -> Result<()> {
     m.storage.flush()?;
     write_header(m, h)?;
     for c in old {
-        m.free_later(c);
+        m.free_later(ClusterIndex(c));
     }
     m.flush_metadata()?;
     let file_size = m.storage.size()?;

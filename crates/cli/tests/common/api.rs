@@ -1,0 +1,198 @@
+//! Helpers for the API tests: a `strata serve` child on a free loopback port,
+//! tokens, and plain HTTP/1.1 over a socket (so a test controls every byte,
+//! including bodies that stop half way).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::STRATA;
+
+/// A running `strata serve`, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub url: String,
+    pub state: PathBuf,
+}
+
+impl Server {
+    /// Start `strata serve` on `state` with extra `args`; waits until it listens.
+    pub fn start(state: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(STRATA)
+            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start strata serve");
+        let mut out = child.stdout.take().unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while out.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        let url = line
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http"))
+            .unwrap_or_else(|| panic!("strata serve did not start: {line:?}"))
+            .to_string();
+        let addr = url.rsplit('/').next().unwrap().parse().unwrap();
+        Server {
+            child,
+            addr,
+            url,
+            state: state.to_path_buf(),
+        }
+    }
+
+    /// Kill the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Send a whole request and read the whole response.
+    pub fn req(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        ctype: Option<&str>,
+        body: &[u8],
+    ) -> Reply {
+        let mut s = connect(self.addr);
+        let h = head(method, path, token, ctype, Some(body.len() as u64));
+        s.write_all(h.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        read_reply(&mut s)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A new token in `state` (`strata token create`).
+pub fn token(state: &Path, read_only: bool) -> String {
+    let mut c = Command::new(STRATA);
+    c.args(["token", "create", "--state-dir"]).arg(state);
+    if read_only {
+        c.arg("--read-only");
+    }
+    let o = c.output().expect("strata token create");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The message of a Glance-shaped error (`{"error": {"message": ...}}`).
+    pub fn error_message(&self) -> String {
+        let v = self.json();
+        assert_eq!(v["error"]["code"].as_u64(), Some(self.status as u64), "{v}");
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no message: {v}"))
+            .to_string()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// Head of a request with `Connection: close` (and the token as `X-Auth-Token`).
+pub fn head(
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    ctype: Option<&str>,
+    len: Option<u64>,
+) -> String {
+    let mut h = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        h += &format!("X-Auth-Token: {t}\r\n");
+    }
+    if let Some(c) = ctype {
+        h += &format!("Content-Type: {c}\r\n");
+    }
+    if let Some(n) = len {
+        h += &format!("Content-Length: {n}\r\n");
+    }
+    h + "\r\n"
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect to strata serve");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s
+}
+
+/// Read a response to the end of the connection (bodies are not chunked by
+/// length here: the server closes after answering).
+pub fn read_reply(s: &mut TcpStream) -> Reply {
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(&all)));
+    let head = String::from_utf8_lossy(&all[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let mut body = all[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Reply { status, head, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+}
+
+/// The status of image `id` as the API shows it.
+pub fn status_of(srv: &Server, token: &str, id: &str) -> String {
+    let r = srv.req("GET", &format!("/v2/images/{id}"), Some(token), None, b"");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["status"].as_str().unwrap().to_string()
+}

@@ -1,0 +1,27 @@
+//! strata's image registry: images with Glance v2's attributes and statuses,
+//! stored in a directory of the state directory.
+//!
+//! - [`record`]: an image's attributes, validation of what clients set;
+//! - [`store`]: the directory, atomic record writes, recovery, create, update,
+//!   tags, delete;
+//! - [`upload`]: streaming uploads, checksummed as they arrive;
+//! - [`download`]: reading data back, verified against its SHA-512; ranges;
+//! - [`list`]: filters, sorting and paging;
+//! - [`inspect`]: the data checked against its disk format by strata's engine.
+//!
+//! The CLI's local mode and the HTTP API call these same functions.
+
+pub mod download;
+mod error;
+pub mod inspect;
+pub mod list;
+pub mod record;
+pub mod store;
+pub mod upload;
+
+pub use download::{resolve_range, Download};
+pub use error::{Error, ErrorKind, Result};
+pub use list::{ListQuery, Page};
+pub use record::{ImageRecord, Status, Visibility};
+pub use store::{PatchOp, Registry};
+pub use upload::Upload;

@@ -1,0 +1,352 @@
+//! The registry on disk: `images/ID.json` (the record, replaced atomically),
+//! `images/ID.data` (the bytes of an active image), `images/ID.partial` (an
+//! upload in progress) and `images/ID.lock` (held by the one upload of an
+//! image, across processes).
+//!
+//! Contract (crash safety): the record is the truth. The data file is renamed
+//! into place only after it is complete and synced, and the record turns
+//! `active` only after that rename; a deleted image's record goes first, its
+//! files after. [`Registry::open`] returns every `saving` image whose upload
+//! lock nobody holds to `queued` and removes files no record owns, so a
+//! process killed at any point leaves no image stuck in `saving`.
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::record::{self, check_tag, is_valid_id, ImageRecord, Status};
+
+/// Refuse uploads larger than this unless the registry is told otherwise.
+pub const DEFAULT_MAX_IMAGE_SIZE: u64 = 1 << 40;
+
+/// An image registry in a directory. Cheap to clone; clones share one lock
+/// that serialises record updates within the process.
+#[derive(Clone)]
+pub struct Registry {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) dir: PathBuf,
+    pub(crate) max_size: u64,
+    records: Mutex<()>,
+}
+
+/// One JSON patch operation (RFC 6902's `add`, `replace`, `remove` on
+/// top-level attributes, as Glance accepts them).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PatchOp {
+    Add(String, Value),
+    Replace(String, Value),
+    Remove(String),
+}
+
+impl Registry {
+    /// Open (creating if needed) the registry under `state_dir/images`, and
+    /// recover what a killed process left: `saving` images without a live
+    /// upload return to `queued`, files without a record are removed.
+    pub fn open(state_dir: &Path) -> Result<Registry> {
+        let dir = state_dir.join("images");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let reg = Registry {
+            inner: Arc::new(Inner {
+                dir,
+                max_size: DEFAULT_MAX_IMAGE_SIZE,
+                records: Mutex::new(()),
+            }),
+        };
+        reg.recover()?;
+        Ok(reg)
+    }
+
+    /// The same registry refusing uploads above `max` bytes.
+    pub fn with_max_image_size(self, max: u64) -> Registry {
+        Registry {
+            inner: Arc::new(Inner {
+                dir: self.inner.dir.clone(),
+                max_size: max,
+                records: Mutex::new(()),
+            }),
+        }
+    }
+
+    pub fn max_image_size(&self) -> u64 {
+        self.inner.max_size
+    }
+
+    pub(crate) fn path(&self, id: &str, ext: &str) -> PathBuf {
+        self.inner.dir.join(format!("{id}.{ext}"))
+    }
+
+    pub(crate) fn guard(&self) -> MutexGuard<'_, ()> {
+        self.inner.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recover(&self) -> Result<()> {
+        let _g = self.guard();
+        let mut ids = std::collections::HashSet::new();
+        for rec in self.load_all()? {
+            ids.insert(rec.id.clone());
+            if rec.status != Status::Saving {
+                continue;
+            }
+            // A lock nobody holds means the uploading process is gone.
+            if let Some(_lock) = UploadLock::try_take(&self.path(&rec.id, "lock"))? {
+                let mut rec = rec;
+                self.discard_file(&rec.id, "partial")?;
+                self.discard_file(&rec.id, "data")?;
+                rec.status = Status::Queued;
+                rec.updated_at = record::now();
+                self.store(&rec)?;
+            }
+        }
+        let rd = std::fs::read_dir(&self.inner.dir)
+            .map_err(|e| Error::io(format!("read {}", self.inner.dir.display()), e))?;
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((id, ext)) = name.split_once('.') {
+                if matches!(ext, "data" | "partial" | "lock") && !ids.contains(id) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn discard_file(&self, id: &str, ext: &str) -> Result<()> {
+        let p = self.path(id, ext);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("remove {}", p.display()), e)),
+        }
+    }
+
+    /// Write a record atomically (temporary file, fsync, rename, fsync dir).
+    pub(crate) fn store(&self, rec: &ImageRecord) -> Result<()> {
+        let data = serde_json::to_vec_pretty(rec)
+            .map_err(|e| Error::io("encode image record", std::io::Error::other(e)))?;
+        strata_vm::state::write_atomic(&self.path(&rec.id, "json"), &data)?;
+        Ok(())
+    }
+
+    fn load(&self, id: &str) -> Result<ImageRecord> {
+        if !is_valid_id(id) {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        let p = self.path(id, "json");
+        let data = match std::fs::read(&p) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(id.to_string()))
+            }
+            Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
+        };
+        serde_json::from_slice(&data)
+            .map_err(|e| Error::Corrupt(format!("image record {}: {e}", p.display())))
+    }
+
+    fn load_all(&self) -> Result<Vec<ImageRecord>> {
+        let rd = std::fs::read_dir(&self.inner.dir)
+            .map_err(|e| Error::io(format!("read {}", self.inner.dir.display()), e))?;
+        let mut out = Vec::new();
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".json") {
+                match self.load(id) {
+                    Ok(r) => out.push(r),
+                    Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Create a `queued` image from the attributes in `body` (a JSON object;
+    /// `id` may be given as a UUID). Read-only attributes are refused.
+    pub fn create(&self, body: &serde_json::Map<String, Value>) -> Result<ImageRecord> {
+        let id = match body.get("id") {
+            None => record::new_id()?,
+            Some(Value::String(s)) if is_valid_id(s) => s.clone(),
+            Some(v) => {
+                return Err(Error::Invalid(format!(
+                    "Invalid image id {v}: expected a UUID such as 3fa85f64-5717-4562-b3fc-2c963f66afa6"
+                )))
+            }
+        };
+        let mut rec = ImageRecord::new(id, record::now());
+        for (k, v) in body {
+            if k != "id" {
+                rec.set(k, v)?;
+            }
+        }
+        let _g = self.guard();
+        if self.path(&rec.id, "json").exists() {
+            return Err(Error::Conflict(format!(
+                "An image with identifier {} already exists",
+                rec.id
+            )));
+        }
+        self.store(&rec)?;
+        Ok(rec)
+    }
+
+    /// The record of image `id`.
+    pub fn get(&self, id: &str) -> Result<ImageRecord> {
+        self.load(id)
+    }
+
+    /// Every image, in no particular order.
+    pub fn all(&self) -> Result<Vec<ImageRecord>> {
+        self.load_all()
+    }
+
+    /// Apply `f` to the record of `id` and store it, under the process lock.
+    pub(crate) fn modify(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut ImageRecord) -> Result<()>,
+    ) -> Result<ImageRecord> {
+        let _g = self.guard();
+        let mut rec = self.load(id)?;
+        f(&mut rec)?;
+        rec.updated_at = record::now();
+        self.store(&rec)?;
+        Ok(rec)
+    }
+
+    /// Apply JSON patch operations, all or none.
+    pub fn update(&self, id: &str, ops: &[PatchOp]) -> Result<ImageRecord> {
+        self.modify(id, |rec| {
+            for op in ops {
+                match op {
+                    PatchOp::Add(k, v) => rec.set(k, v)?,
+                    PatchOp::Replace(k, v) => {
+                        if !rec.has(k) {
+                            return Err(Error::Conflict(format!("Property {k} does not exist.")));
+                        }
+                        rec.set(k, v)?
+                    }
+                    PatchOp::Remove(k) => rec.remove(k)?,
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Add a tag (adding one it has is no change).
+    pub fn add_tag(&self, id: &str, tag: &str) -> Result<ImageRecord> {
+        check_tag(tag)?;
+        self.modify(id, |rec| {
+            if !rec.tags.iter().any(|t| t == tag) {
+                if rec.tags.len() >= record::MAX_ITEMS {
+                    return Err(Error::TooLarge(format!(
+                        "Maximum number of tags ({}) exceeded",
+                        record::MAX_ITEMS
+                    )));
+                }
+                rec.tags.push(tag.to_string());
+            }
+            Ok(())
+        })
+    }
+
+    /// Remove a tag; a tag the image does not have is `NotFound`.
+    pub fn remove_tag(&self, id: &str, tag: &str) -> Result<ImageRecord> {
+        let r = self.modify(id, |rec| {
+            let before = rec.tags.len();
+            rec.tags.retain(|t| t != tag);
+            if rec.tags.len() == before {
+                return Err(Error::Invalid(String::new()));
+            }
+            Ok(())
+        });
+        match r {
+            Err(Error::Invalid(m)) if m.is_empty() => Err(Error::NotFound(format!(
+                "{id} (the image has no tag '{tag}')"
+            ))),
+            other => other,
+        }
+    }
+
+    /// Delete an image: refused when it is protected or an upload to it runs.
+    /// The record goes first (the image is gone at that instant), the data after.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let _g = self.guard();
+        let rec = self.load(id)?;
+        if rec.protected {
+            return Err(Error::Forbidden(format!(
+                "Image {id} is protected and cannot be deleted."
+            )));
+        }
+        let Some(lock) = UploadLock::try_take(&self.path(id, "lock"))? else {
+            return Err(Error::Conflict(format!(
+                "Image {id} is being uploaded; try again when the upload ends."
+            )));
+        };
+        let p = self.path(id, "json");
+        std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
+        sync_dir(&self.inner.dir)?;
+        self.discard_file(id, "data")?;
+        self.discard_file(id, "partial")?;
+        drop(lock);
+        self.discard_file(id, "lock")?;
+        Ok(())
+    }
+
+    /// The record of an `active` image and its data file, for reading.
+    pub fn open_data(&self, id: &str) -> Result<(ImageRecord, File)> {
+        let rec = self.load(id)?;
+        if rec.status != Status::Active {
+            return Err(Error::NoData(format!(
+                "The requested image {id} has no data: its status is {}",
+                rec.status.as_str()
+            )));
+        }
+        let p = self.path(id, "data");
+        let f = File::open(&p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+        Ok((rec, f))
+    }
+}
+
+/// fsync a directory so a rename or removal in it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(format!("sync {}", dir.display()), e))
+}
+
+/// An exclusive `flock` on an image's lock file: held by its one upload (and
+/// briefly by delete and recovery). Released on drop, or when the process dies.
+pub(crate) struct UploadLock {
+    _file: File,
+}
+
+impl UploadLock {
+    /// Take the lock if nobody holds it; `None` if someone does.
+    pub(crate) fn try_take(path: &Path) -> Result<Option<UploadLock>> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        // SAFETY: flock on a descriptor this function owns.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(Some(UploadLock { _file: file }));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(None)
+        } else {
+            Err(Error::io(format!("lock {}", path.display()), err))
+        }
+    }
+}

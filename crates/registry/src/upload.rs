@@ -1,0 +1,198 @@
+//! Uploads: the bytes stream into `ID.partial` while MD5 and SHA-512 are
+//! computed over them; only a complete, synced, inspected file becomes
+//! `ID.data`, and only then does the record turn `active`.
+
+use std::fs::File;
+use std::io::Write;
+
+use md5::{Digest, Md5};
+use sha2::Sha512;
+
+use crate::error::{Error, Result};
+use crate::inspect::inspect;
+use crate::record::{hex, ImageRecord, Status, HASH_ALGO};
+use crate::store::{sync_dir, Registry, UploadLock};
+
+/// An upload in progress. The image is `saving` while it lives; [`finish`]
+/// makes it `active`, and dropping it unfinished returns it to `queued`.
+///
+/// [`finish`]: Upload::finish
+pub struct Upload {
+    reg: Registry,
+    id: String,
+    file: File,
+    md5: Md5,
+    sha: Sha512,
+    size: u64,
+    expected: Option<u64>,
+    done: bool,
+    _lock: UploadLock,
+}
+
+impl Registry {
+    /// Start uploading the data of `id` (which must be `queued`, with its disk
+    /// and container formats set). `expected` is the size the client announced,
+    /// if any: more or fewer bytes fail the upload. Another upload to the same
+    /// image, in any process, is refused with `Conflict`.
+    pub fn begin_upload(&self, id: &str, expected: Option<u64>) -> Result<Upload> {
+        self.get(id)?;
+        let Some(lock) = UploadLock::try_take(&self.path(id, "lock"))? else {
+            return Err(Error::Conflict(format!(
+                "Image {id} is already being uploaded"
+            )));
+        };
+        if let Some(n) = expected {
+            if n > self.max_image_size() {
+                return Err(too_large(self.max_image_size()));
+            }
+        }
+        self.modify(id, |rec| {
+            if rec.status != Status::Queued {
+                return Err(Error::Conflict(format!(
+                    "Image status transition from {} to saving is not allowed",
+                    rec.status.as_str()
+                )));
+            }
+            if rec.disk_format.is_none() || rec.container_format.is_none() {
+                return Err(Error::Invalid(
+                    "Properties disk_format, container_format must be set prior to saving data."
+                        .into(),
+                ));
+            }
+            rec.status = Status::Saving;
+            Ok(())
+        })?;
+        let p = self.path(id, "partial");
+        let file = match File::create(&p) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = self.requeue(id);
+                return Err(Error::io(format!("create {}", p.display()), e));
+            }
+        };
+        Ok(Upload {
+            reg: self.clone(),
+            id: id.to_string(),
+            file,
+            md5: Md5::new(),
+            sha: Sha512::new(),
+            size: 0,
+            expected,
+            done: false,
+            _lock: lock,
+        })
+    }
+
+    /// Return a `saving` image to `queued` and drop its partial data.
+    fn requeue(&self, id: &str) -> Result<()> {
+        self.discard_file(id, "partial")?;
+        self.modify(id, |rec| {
+            if rec.status == Status::Saving {
+                rec.status = Status::Queued;
+            }
+            Ok(())
+        })
+        .map(|_| ())
+    }
+}
+
+fn too_large(max: u64) -> Error {
+    Error::TooLarge(format!(
+        "Image exceeds the storage quota: at most {max} bytes per image"
+    ))
+}
+
+impl Upload {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Bytes received so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Append the next bytes. Exceeding the registry's limit or the announced
+    /// size fails (the upload is then to be dropped).
+    pub fn write(&mut self, buf: &[u8]) -> Result<()> {
+        let size = self
+            .size
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| too_large(self.reg.max_image_size()))?;
+        if size > self.reg.max_image_size() {
+            return Err(too_large(self.reg.max_image_size()));
+        }
+        if let Some(n) = self.expected {
+            if size > n {
+                return Err(Error::Invalid(format!(
+                    "More data than the announced size of {n} bytes"
+                )));
+            }
+        }
+        self.file
+            .write_all(buf)
+            .map_err(|e| Error::io(format!("write image {}", self.id), e))?;
+        self.md5.update(buf);
+        self.sha.update(buf);
+        self.size = size;
+        Ok(())
+    }
+
+    /// Complete the upload: sync the data, check it against its disk format,
+    /// move it into place and make the image `active` with its size, checksums
+    /// and virtual size. On error the image is back to `queued`.
+    pub fn finish(mut self) -> Result<ImageRecord> {
+        let r = self.complete();
+        self.done = true;
+        if r.is_err() {
+            let _ = self.reg.requeue(&self.id);
+        }
+        r
+    }
+
+    fn complete(&mut self) -> Result<ImageRecord> {
+        if let Some(n) = self.expected {
+            if self.size != n {
+                return Err(Error::Invalid(format!(
+                    "Received {} bytes of the announced {n}",
+                    self.size
+                )));
+            }
+        }
+        let partial = self.reg.path(&self.id, "partial");
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(format!("sync {}", partial.display()), e))?;
+        let format = self.reg.get(&self.id)?.disk_format.unwrap_or_default();
+        let virtual_size = inspect(&partial, &format, self.size)?;
+        let data = self.reg.path(&self.id, "data");
+        std::fs::rename(&partial, &data)
+            .map_err(|e| Error::io(format!("rename to {}", data.display()), e))?;
+        sync_dir(data.parent().unwrap_or(std::path::Path::new(".")))?;
+        let md5 = hex(&std::mem::take(&mut self.md5).finalize());
+        let sha = hex(&std::mem::take(&mut self.sha).finalize());
+        let size = self.size;
+        let r = self.reg.modify(&self.id, |rec| {
+            rec.status = Status::Active;
+            rec.size = Some(size);
+            rec.virtual_size = virtual_size;
+            rec.checksum = Some(md5);
+            rec.os_hash_algo = Some(HASH_ALGO.to_string());
+            rec.os_hash_value = Some(sha);
+            Ok(())
+        });
+        if r.is_err() {
+            // The record still says saving: take the data back out.
+            let _ = self.reg.discard_file(&self.id, "data");
+        }
+        r
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.reg.requeue(&self.id);
+        }
+    }
+}
