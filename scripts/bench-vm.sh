@@ -12,14 +12,15 @@
 #   - libvirt: `virsh qemu-monitor-event --loop` runs during the create and prints
 #     every QEMU event with QEMU's own timestamp; the pause is the sum of the
 #     STOP->RESUME intervals (0 when the guest was never stopped).
-# Ratio = strata / libvirt (< 1: strata is faster or pauses less). A step libvirt
-# refuses is shown as "failed" with its error below the table.
+# Every case runs BENCH_RUNS times (strata and libvirt alternating); the table
+# shows the median. Ratio = strata / libvirt (< 1: strata is faster or pauses
+# less). A step that fails is shown as "failed" with its error below the table.
 # Needs (nothing is installed by this script): qemu-system-x86_64 (QEMU 10) and
 # qemu-img, and libvirt 11 with its client:
 #   apt-get install -t bookworm-backports libvirt-daemon-system libvirt-clients
 # (or STRATA_BENCH_DEPS=1 scripts/install-deps.sh).
 # Usage: scripts/bench-vm.sh   (env: LIBVIRT_URI=qemu:///system (or qemu:///session)
-#        BENCH_MEMORY_MIB=1024 BENCH_ONLY="disk-only-external internal-full
+#        BENCH_MEMORY_MIB=1024 BENCH_RUNS=3 BENCH_ONLY="disk-only-external internal-full
 #        external-full" STRATA=path WORK=dir STRATA_TEST_GUEST=dir)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ WORK=$(realpath -m "${WORK:-$PWD/bench-work/vm}")
 URI=${LIBVIRT_URI:-qemu:///system}
 MEM=${BENCH_MEMORY_MIB:-1024}
 KINDS=${BENCH_ONLY:-disk-only-external internal-full external-full}
+RUNS=${BENCH_RUNS:-3}
 GUEST=$(realpath -m "${STRATA_TEST_GUEST:-$PWD/target/test-guest}")
 DOM=strata-bench
 APPEND="console=ttyS0 panic=-1 quiet"
@@ -205,21 +207,29 @@ libvirt_case() { # KIND
 }
 
 "$STRATA" vm kill bench >/dev/null 2>&1 || true
-for kind in $KINDS; do
-  echo "bench-vm: $kind under strata"
-  strata_case "$kind"
-  echo "bench-vm: $kind under libvirt"
-  libvirt_case "$kind"
+for run in $(seq "$RUNS"); do
+  for kind in $KINDS; do
+    echo "bench-vm: run $run/$RUNS: $kind under strata"
+    strata_case "$kind"
+    echo "bench-vm: run $run/$RUNS: $kind under libvirt"
+    libvirt_case "$kind"
+  done
 done
 
 echo
-echo "guest: ${MEM} MiB, 1 vCPU, TCG; libvirt $("${VIRSH[@]}" version | sed -n 's/^Running hypervisor: //p;s/^Using library: //p' | paste -sd' ')"
+echo "guest: ${MEM} MiB, 1 vCPU, TCG; median of $RUNS runs; libvirt $("${VIRSH[@]}" version | sed -n 's/^Running hypervisor: //p;s/^Using library: //p' | paste -sd' ')"
 python3 - "$RESULTS" <<'EOF'
-import sys
-rows = {}
+import statistics, sys
+values = {}
 for line in open(sys.argv[1]):
     kind, tool, step, value = line.rstrip("\n").split("\t")
-    rows.setdefault((kind, step), {})[tool] = value
+    values.setdefault((kind, step), {}).setdefault(tool, []).append(value)
+def median(vs):
+    try:
+        return str(round(statistics.median(float(v) for v in vs)))
+    except ValueError:
+        return "failed" if "failed" in vs else vs[0]
+rows = {k: {t: median(vs) for t, vs in v.items()} for k, v in values.items()}
 print(f"{'case':<22} {'step':<8} {'strata ms':>10} {'libvirt ms':>11} {'ratio':>7}")
 for (kind, step), v in rows.items():
     s, l = v.get("strata", "-"), v.get("libvirt", "-")
