@@ -4,7 +4,9 @@
 # the reference implementation the tests compare against, QEMU 10's x86 system
 # emulator and guest agent from the same suite (the VM tests boot a real guest, built
 # by scripts/build-test-guest.sh, which also needs e2fsprogs and kmod), and libnbd's
-# NBD clients (libnbd-bin) from bookworm itself.
+# NBD clients (libnbd-bin) from bookworm itself. With STRATA_BENCH_DEPS=1 it also
+# installs libvirt 11 (daemon and virsh, from bookworm-backports), which only
+# scripts/bench-vm.sh compares against; the tests never need it.
 # Idempotent. Runs as root, or through sudo when that is available.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -108,6 +110,13 @@ done
 "${SUDO[@]}" apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-utils qemu-system-x86 qemu-guest-agent
 "${SUDO[@]}" apt-get install -y -q libnbd-bin openssl e2fsprogs kmod restic python3-venv
+
+# libvirt from the same suite, so it drives the same QEMU; only for the VM benchmark.
+if [ "${STRATA_BENCH_DEPS:-0}" = 1 ]; then
+  "${SUDO[@]}" apt-get install -y -q -t bookworm-backports libvirt-daemon-system libvirt-clients
+  command -v virsh >/dev/null 2>&1 || die "virsh is missing after the install"
+  say "$(virsh --version | sed 's/^/libvirt /')"
+fi
 
 # qemu-ga, mkfs.ext4 and depmod live in sbin, which a user's PATH may lack.
 for tool in qemu-img qemu-io qemu-nbd nbdinfo qemu-system-x86_64 qemu-ga mkfs.ext4 depmod restic; do
