@@ -2,7 +2,8 @@
 //! disk changes through QEMU's own block layer): a full backup, then
 //! incrementals that read only the chunks QEMU's persistent dirty bitmap marks,
 //! also after the VM restarts; a bitmap removed behind strata's back makes the
-//! next backup read everything and say so. Every backup restores to the disk as
+//! next backup read everything and say so, and so does a QEMU killed (its
+//! bitmap never stored, or stored and left inconsistent). Every backup restores to the disk as
 //! QEMU shows it, and restic checks the repository.
 
 mod common;
@@ -158,6 +159,29 @@ fn incrementals_of_a_running_vm_read_only_what_its_persistent_bitmap_marks() {
     let (last, read, err) = backup(&repo, &state);
     assert_eq!(read, 4 * MIB, "{err}");
     restores_to_disk(&repo, &last, d, dir);
+
+    // QEMU killed: it stores persistent bitmaps only when it closes the disk,
+    // so a bitmap made in this run is gone, and one an earlier clean stop stored
+    // is marked in use and left inconsistent. Either way everything is read.
+    for (restart, reason) in [(false, "QEMU ended"), (true, "inconsistent")] {
+        if restart {
+            vm(&state, &["stop", "t", "--timeout", "1"]);
+            vm(&state, &["start", "t"]);
+        }
+        vm(&state, &["kill", "t"]);
+        vm(&state, &["start", "t"]);
+        qemu_io_inside(&vm_dir, "write -P 0xee 396M 4M");
+        let (after_kill, read, err) = backup(&repo, &state);
+        assert_eq!(read, DISK, "{err}");
+        assert!(
+            err.contains("reading the whole disk") && err.contains(reason),
+            "{err}"
+        );
+        restores_to_disk(&repo, &after_kill, d, dir);
+    }
+    qemu_io_inside(&vm_dir, "write -P 0xef 8M 4k");
+    let (_, read, err) = backup(&repo, &state);
+    assert_eq!(read, 4 * MIB, "{err}");
 
     restic_check(&repo);
     strata_verify(&repo);

@@ -217,7 +217,10 @@ fn usable(
     }
     let reason = reason.unwrap_or_else(|| match since {
         Some(s) => {
-            format!("the dirty bitmap '{s}' of the previous backup is missing from the disk")
+            format!(
+                "the dirty bitmap '{s}' of the previous backup is missing from the disk \
+             (removed, or QEMU ended without storing it)"
+            )
         }
         None => "there is no previous backup of this disk with a dirty bitmap".to_string(),
     });
