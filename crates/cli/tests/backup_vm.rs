@@ -111,6 +111,44 @@ fn incrementals_of_a_running_vm_read_only_what_its_persistent_bitmap_marks() {
     run(strata(&["restore", "--repo", s(&repo), &full, s(&old)]));
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 26 100M 4M", s(&old)]));
 
+    // strata killed while it reads the point: the next backup removes the
+    // fleecing job, overlay and export left in QEMU, and the changes of the
+    // killed backup's bitmap go back to the previous one: still incremental.
+    qemu_io_inside(&vm_dir, "write -P 0xac 150M 4k");
+    let o = strata(&[
+        "create",
+        "--repo",
+        s(&repo),
+        "--vm",
+        "t",
+        "--state-dir",
+        s(&state),
+    ])
+    .env("STRATA_VM_CRASH_AT", "backup-point")
+    .output()
+    .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(86),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let jobs = || monitor(&vm_dir).execute_value("query-jobs", None).unwrap();
+    assert_eq!(
+        jobs().as_array().unwrap().len(),
+        1,
+        "the killed backup's job runs on"
+    );
+    qemu_io_inside(&vm_dir, "write -P 0xad 170M 4k");
+    let (resumed, read, err) = backup(&repo, &state);
+    assert_eq!(
+        read,
+        8 * MIB,
+        "both changes, before and after the kill: {err}"
+    );
+    assert_eq!(jobs(), serde_json::json!([]));
+    restores_to_disk(&repo, &resumed, d, dir);
+
     // The bitmap is persistent: it survives QEMU quitting and starting again.
     vm(&state, &["stop", "t", "--timeout", "1"]);
     vm(&state, &["start", "t"]);

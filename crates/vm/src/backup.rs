@@ -28,6 +28,13 @@ use crate::qemu;
 /// The prefix of the dirty bitmaps strata keeps for backups.
 pub const BITMAP_PREFIX: &str = "strata-backup-";
 
+/// The prefix of the fleecing jobs and overlay nodes a backup adds to QEMU.
+const FLEECE_PREFIX: &str = "strata-fleece-";
+/// The prefix of the NBD exports a backup adds to QEMU.
+const EXPORT_PREFIX: &str = "strata-export-";
+/// The VM's subdirectory of the fleecing overlays and NBD sockets.
+const WORK_DIR: &str = "backup";
+
 /// Time allowed for QEMU to let go of the export and the fleecing job.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -80,18 +87,19 @@ impl Manager {
         let d = vm.rec.def.disks.get(disk).ok_or_else(|| {
             Error::Invalid(format!("VM '{name}' has no disk {disk} (it has {ndisks})"))
         })?;
+        clear_leftovers(&qmp, &vm.dir().join(WORK_DIR))?;
         let top = qemu::top_nodes(&qmp, ndisks)?.swap_remove(disk);
         let (size, bitmaps) = node_info(&qmp, &top)?;
         let qcow2 = d.format == "qcow2";
         let (changes, full_reason) = usable(&qmp, &top, since, &bitmaps);
         let id = stamp();
         let bitmap = qcow2.then(|| format!("{BITMAP_PREFIX}{id}"));
-        let fleece_file = vm_file(&vm, "backup", format!("fleece-{id}.qcow2"))?;
-        let socket = vm_file(&vm, "backup", format!("nbd-{id}.sock"))?;
+        let fleece_file = vm_file(&vm, WORK_DIR, format!("{FLEECE_PREFIX}{id}.qcow2"))?;
+        let socket = vm_file(&vm, WORK_DIR, format!("nbd-{id}.sock"))?;
         let (fleece, job, export) = (
-            format!("fleece-{id}"),
-            format!("fleece-{id}"),
-            format!("backup-{id}"),
+            format!("{FLEECE_PREFIX}{id}"),
+            format!("{FLEECE_PREFIX}{id}"),
+            format!("{EXPORT_PREFIX}{id}"),
         );
         create(&CreateRequest {
             path: fleece_file.clone(),
@@ -110,6 +118,9 @@ impl Manager {
             disk_file: d.file.clone(),
         };
         let started = start_point(&qmp, &top, &point, &fleece, &fleece_file, &job);
+        if started.is_ok() {
+            crate::snapshot::step(&vm, "backup-point");
+        }
         let out = started.map(|()| read(&point));
         let cleaned = stop_point(&qmp, &fleece, &job, &export);
         let _ = std::fs::remove_file(&fleece_file);
@@ -178,8 +189,10 @@ fn node_info(qmp: &Qmp, node: &str) -> Result<(u64, Vec<BitmapInfo>)> {
     Ok((size, bitmaps))
 }
 
-/// The bitmap of changes since the previous backup, or why there is none. A
-/// bitmap strata made that cannot serve (an unclean QEMU exit left it
+/// The bitmap of changes since the previous backup, or why there is none. The
+/// previous bitmap left frozen by a killed backup takes back the changes of the
+/// bitmaps strata made since and records again. A bitmap strata made that
+/// cannot serve (an unclean QEMU exit left it
 /// inconsistent, it stopped recording, or it belongs to no known backup) is
 /// removed, so only the new one records.
 fn usable(
@@ -190,9 +203,29 @@ fn usable(
 ) -> (Option<String>, Option<String>) {
     let mut reason = None;
     let mut found = None;
-    for b in bitmaps.iter().filter(|b| b.name.starts_with(BITMAP_PREFIX)) {
+    let ours = || bitmaps.iter().filter(|b| b.name.starts_with(BITMAP_PREFIX));
+    // A backup killed after its point froze the previous bitmap and started a
+    // new one: together they hold every change since the previous backup.
+    let resumed = ours()
+        .find(|b| Some(b.name.as_str()) == since && !b.recording && b.persistent && !b.inconsistent)
+        .is_some_and(|old| {
+            let others: Vec<&str> = ours()
+                .filter(|b| b.name != old.name && !b.inconsistent)
+                .map(|b| b.name.as_str())
+                .collect();
+            let actions = json!([
+                {"type": "block-dirty-bitmap-merge",
+                 "data": {"node": node, "target": old.name, "bitmaps": others}},
+                {"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": old.name}},
+            ]);
+            !others.is_empty()
+                && qmp
+                    .execute_value("transaction", Some(json!({ "actions": actions })))
+                    .is_ok()
+        });
+    for b in ours() {
         let wanted = Some(b.name.as_str()) == since;
-        if wanted && b.recording && b.persistent && !b.inconsistent {
+        if wanted && (b.recording || resumed) && b.persistent && !b.inconsistent {
             found = Some(b.name.clone());
             continue;
         }
@@ -275,18 +308,64 @@ fn start_point(
     Ok(())
 }
 
+/// Remove what a backup killed before its own cleanup left in QEMU (its
+/// fleecing job would copy every guest write into an overlay nobody reads) and
+/// in the VM's directory. No backup of this VM runs: the VM's lock is held.
+fn clear_leftovers(qmp: &Qmp, work: &std::path::Path) -> Result<()> {
+    let ids = |query: &str, args: Option<Value>, key: &str, prefix: &str| -> Result<Vec<String>> {
+        let list = qmp.execute_value(query, args)?;
+        Ok(list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get(key)?.as_str())
+            .filter(|id| id.starts_with(prefix))
+            .map(str::to_string)
+            .collect())
+    };
+    for export in ids("query-block-exports", None, "id", EXPORT_PREFIX)? {
+        del_export(qmp, &export)?;
+    }
+    for job in ids("query-jobs", None, "id", FLEECE_PREFIX)? {
+        cancel_job(qmp, &job)?;
+    }
+    let flat = Some(json!({"flat": true}));
+    for node in ids("query-named-block-nodes", flat, "node-name", FLEECE_PREFIX)? {
+        del_node(qmp, &node)?;
+    }
+    if let Ok(rd) = std::fs::read_dir(work) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}
+
 /// Remove what [`start_point`] made (whatever part of it exists), waiting for
 /// QEMU to let go of each piece before the next.
 fn stop_point(qmp: &Qmp, fleece: &str, job: &str, export: &str) -> Result<()> {
-    let _ = qmp.execute_value(
-        "block-export-del",
-        Some(json!({"id": export, "mode": "hard"})),
-    );
-    wait_gone(qmp, "query-block-exports", export)?;
+    del_export(qmp, export)?;
+    cancel_job(qmp, job)?;
+    del_node(qmp, fleece)
+}
+
+/// Close NBD export `id` (and QEMU's NBD server) and wait until it is gone.
+fn del_export(qmp: &Qmp, id: &str) -> Result<()> {
+    let _ = qmp.execute_value("block-export-del", Some(json!({"id": id, "mode": "hard"})));
+    wait_gone(qmp, "query-block-exports", id)?;
     let _ = qmp.execute_value("nbd-server-stop", None);
-    let _ = qmp.execute_value("job-cancel", Some(json!({"id": job})));
-    wait_gone(qmp, "query-jobs", job)?;
-    match qmp.execute_value("blockdev-del", Some(json!({"node-name": fleece}))) {
+    Ok(())
+}
+
+/// Cancel job `id` and wait until it is gone.
+fn cancel_job(qmp: &Qmp, id: &str) -> Result<()> {
+    let _ = qmp.execute_value("job-cancel", Some(json!({"id": id})));
+    wait_gone(qmp, "query-jobs", id)
+}
+
+/// Close node `name`; a node that does not exist is no error.
+fn del_node(qmp: &Qmp, name: &str) -> Result<()> {
+    match qmp.execute_value("blockdev-del", Some(json!({"node-name": name}))) {
         Ok(_) => Ok(()),
         Err(e) if e.to_string().contains("Failed to find node") => Ok(()),
         Err(e) => Err(e.into()),
