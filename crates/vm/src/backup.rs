@@ -28,8 +28,10 @@ use crate::qemu;
 /// The prefix of the dirty bitmaps strata keeps for backups.
 pub const BITMAP_PREFIX: &str = "strata-backup-";
 
-/// The prefix of the fleecing jobs and overlay nodes a backup adds to QEMU.
-const FLEECE_PREFIX: &str = "strata-fleece-";
+/// The prefix of the fleecing jobs and overlay nodes a backup adds to QEMU. Not
+/// the prefix of the jobs recovery waits for: a fleecing job runs until
+/// cancelled, and only the next backup removes one a killed backup left.
+const FLEECE_PREFIX: &str = "backup-fleece-";
 /// The prefix of the NBD exports a backup adds to QEMU.
 const EXPORT_PREFIX: &str = "strata-export-";
 /// The VM's subdirectory of the fleecing overlays and NBD sockets.
