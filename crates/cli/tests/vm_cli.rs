@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use strata_qmp::testing::TestGuest;
 use strata_qmp::Agent;
 
-const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+use common::STRATA;
 
 /// A state directory and the VM in it; the VM is killed when this is dropped.
 struct Env {
@@ -780,27 +782,14 @@ fn deleting_middle_snapshots_of_a_running_guest_keeps_every_snapshot_and_its_dat
     }
 }
 
-/// The running VM's monitor, on a connection of the test's own (QEMU serves one
-/// client at a time: drop it before the next strata command).
+/// The running VM's monitor (see [`common::vm::monitor`]).
 fn monitor(env: &Env) -> strata_qmp::Qmp {
-    let sock = env.state().join("vms").join(env.vm).join("qmp.sock");
-    strata_qmp::Qmp::connect(&sock, Duration::from_secs(30)).unwrap()
+    common::vm::monitor(&env.state().join("vms").join(env.vm))
 }
 
-/// Run one qemu-io command inside the running QEMU on the guest's first disk,
-/// through the guest device's own block backend as the guest's I/O goes (what
-/// qemu-io prints goes to QEMU's log). A command QEMU refuses fails the test.
+/// qemu-io inside the running QEMU on the first disk (see [`common::vm::qemu_io_inside`]).
 fn qemu_io_inside(env: &Env, cmd: &str) -> String {
-    let line = format!("qemu-io -d /machine/peripheral/vdisk0/virtio-backend \"{cmd}\"");
-    let v = monitor(env)
-        .execute_value(
-            "human-monitor-command",
-            Some(serde_json::json!({ "command-line": line })),
-        )
-        .unwrap();
-    let out = v.as_str().unwrap().to_string();
-    assert!(!out.contains("Error"), "{line}: {out}");
-    out
+    common::vm::qemu_io_inside(&env.state().join("vms").join(env.vm), cmd)
 }
 
 /// What a disk must show: slot `i` (4 KiB at `i` * 64 KiB) filled with byte

@@ -3,6 +3,7 @@
 //! status, TLS), and changes the chain under live connections: internal and
 //! external snapshots, commit and stream, driven through a control socket.
 //!
+//! - [`client`]: a small blocking client (reads, block status, metadata contexts);
 //! - [`proto`]: wire constants;
 //! - [`export`]: an exported chain behind the gate that live operations take;
 //! - [`server`]: listeners and transmission;
@@ -10,6 +11,7 @@
 //! - [`control`]: the JSON-lines control socket;
 //! - [`tls`]: loading a certificate and key into a rustls configuration.
 
+pub mod client;
 pub mod control;
 pub mod export;
 mod handshake;

@@ -29,10 +29,25 @@ use strata_storage::sync;
 /// The fixed chunk size of disk backups.
 pub const CHUNK_SIZE: u64 = 4 << 20;
 
+/// Reads a disk's bytes at an offset: a source that is not an image chain
+/// (a point-in-time export of a running VM read over NBD).
+pub type ReadAt = dyn Fn(&mut [u8], u64) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+    + Send
+    + Sync;
+
 /// A disk to back up: its guest view and the block status of its chain.
 pub struct DiskSource {
-    status: ChainStatus,
-    reader: Arc<dyn BlockDevice>,
+    inner: Source,
+}
+
+enum Source {
+    Chain {
+        status: ChainStatus,
+        reader: Arc<dyn BlockDevice>,
+    },
+    /// No block status: every byte asked for is read (all-zero chunks still
+    /// become the shared zero blob).
+    Plain { size: u64, read: Box<ReadAt> },
 }
 
 impl DiskSource {
@@ -45,8 +60,10 @@ impl DiskSource {
                 .force_share(force_share),
         )?;
         Ok(DiskSource {
-            status: ChainStatus::new(&chain)?,
-            reader: chain.reader(),
+            inner: Source::Chain {
+                status: ChainStatus::new(&chain)?,
+                reader: chain.reader(),
+            },
         })
     }
 
@@ -54,27 +71,48 @@ impl DiskSource {
     pub fn from_devices(devices: Vec<Arc<dyn BlockDevice>>) -> Result<DiskSource> {
         let reader = devices[0].clone();
         Ok(DiskSource {
-            status: ChainStatus::from_devices(devices)?,
-            reader,
+            inner: Source::Chain {
+                status: ChainStatus::from_devices(devices)?,
+                reader,
+            },
         })
     }
 
+    /// A source of `size` bytes read through `read`, which may be called from
+    /// several threads at once.
+    pub fn from_reader(size: u64, read: Box<ReadAt>) -> DiskSource {
+        DiskSource {
+            inner: Source::Plain { size, read },
+        }
+    }
+
     pub fn size(&self) -> u64 {
-        self.status.virtual_size()
+        match &self.inner {
+            Source::Chain { status, .. } => status.virtual_size(),
+            Source::Plain { size, .. } => *size,
+        }
     }
 
     /// Fill `buf` with the disk's bytes at `offset`, reading only ranges that are
     /// not known to be zero; returns the bytes read (0: the range is all zeroes).
     fn read_chunk(&self, buf: &mut [u8], offset: u64) -> Result<u64> {
+        let (status, reader) = match &self.inner {
+            Source::Chain { status, reader } => (status, reader),
+            Source::Plain { read, .. } => {
+                read(buf, offset)
+                    .map_err(|e| Error::with_source(ErrorKind::Io, "reading the source", e))?;
+                return Ok(buf.len() as u64);
+            }
+        };
         buf.fill(0);
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         let mut read = 0;
         while pos < end {
-            let st = self.status.status(pos, end - pos, Walk::DataOrZero)?;
+            let st = status.status(pos, end - pos, Walk::DataOrZero)?;
             if !st.zero {
                 let at = (pos - offset) as usize;
-                self.reader.read(&mut buf[at..at + st.len as usize], pos)?;
+                reader.read(&mut buf[at..at + st.len as usize], pos)?;
                 read += st.len;
             }
             pos += st.len;

@@ -8,11 +8,13 @@
 //! - [`manager`]: lifecycle (define, start, stop, kill, list, status, exec);
 //! - [`snapshot`]: snapshot create, revert and delete;
 //! - `saved`: save a running VM's memory to a file and resume from it;
+//! - [`backup`]: a consistent point of a running disk for backups, with dirty bitmaps;
 //! - [`blockjob`]: live commit, pull and copy of a running VM's disk;
 //! - `engine`: the same on image files with strata's own engine;
 //! - `live`: the same on a running VM's block graph, through QMP;
 //! - `recover`: finishing or undoing an interrupted operation.
 
+pub mod backup;
 pub mod blockjob;
 mod engine;
 mod error;

@@ -39,7 +39,7 @@ pub const KILL_QEMU_AT_ENV: &str = "STRATA_VM_KILL_QEMU_AT";
 /// running no cleanup, like a strata killed there. When
 /// `STRATA_VM_KILL_QEMU_AT` names it, the VM's QEMU is killed there and the
 /// command carries on as it would after QEMU died by itself.
-fn step(vm: &OpenVm, name: &str) {
+pub(crate) fn step(vm: &OpenVm, name: &str) {
     if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == name) {
         eprintln!("strata vm: crashing at step '{name}' ({CRASH_AT_ENV})");
         std::process::exit(86);

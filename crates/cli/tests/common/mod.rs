@@ -7,6 +7,7 @@
 pub mod api;
 pub mod garage;
 pub mod restic;
+pub mod vm;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,0 +1,308 @@
+//! A small blocking NBD client over a Unix socket: the fixed newstyle handshake
+//! with structured replies and metadata contexts, then reads and block-status
+//! queries. Enough to read a point-in-time export of a running VM and the
+//! `qemu:dirty-bitmap:NAME` context QEMU offers with it.
+
+use crate::proto::*;
+use crate::{Error, Result};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+/// The largest single request this client sends.
+const MAX_REQUEST: u64 = 16 << 20;
+
+/// One connection to one export.
+pub struct Client {
+    sock: UnixStream,
+    size: u64,
+    /// The metadata contexts the server agreed to: (name, id).
+    contexts: Vec<(String, u32)>,
+    handle: u64,
+}
+
+/// One block-status extent: its length and the context's flags for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusExtent {
+    pub len: u64,
+    pub flags: u32,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Invalid(format!("NBD server: {}", msg.into()))
+}
+
+impl Client {
+    /// Connect to the Unix socket `path`, negotiate structured replies and the
+    /// metadata contexts `contexts` (those the server does not offer are simply
+    /// absent: see [`Client::has_context`]), and open export `export`.
+    pub fn connect_unix(path: &Path, export: &str, contexts: &[&str]) -> Result<Client> {
+        let sock = UnixStream::connect(path)?;
+        let mut c = Client {
+            sock,
+            size: 0,
+            contexts: Vec::new(),
+            handle: 0,
+        };
+        c.handshake(export, contexts)?;
+        Ok(c)
+    }
+
+    /// The export's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the server agreed to the metadata context `name`.
+    pub fn has_context(&self, name: &str) -> bool {
+        self.contexts.iter().any(|(n, _)| n == name)
+    }
+
+    fn handshake(&mut self, export: &str, contexts: &[&str]) -> Result<()> {
+        if self.u64()? != NBDMAGIC || self.u64()? != IHAVEOPT {
+            return Err(invalid("not a newstyle NBD server"));
+        }
+        let flags = self.u16()?;
+        if flags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(invalid("no fixed newstyle negotiation"));
+        }
+        let mut cflags = FLAG_C_FIXED_NEWSTYLE;
+        if flags & FLAG_NO_ZEROES != 0 {
+            cflags |= FLAG_C_NO_ZEROES;
+        }
+        self.sock.write_all(&cflags.to_be_bytes())?;
+        self.option(OPT_STRUCTURED_REPLY, &[])?;
+        let (ty, _) = self.option_reply(OPT_STRUCTURED_REPLY)?;
+        if ty != REP_ACK {
+            return Err(invalid("structured replies refused"));
+        }
+        let name = export.as_bytes();
+        if !contexts.is_empty() {
+            let mut data = Vec::new();
+            put_str(&mut data, name)?;
+            data.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
+            for q in contexts {
+                put_str(&mut data, q.as_bytes())?;
+            }
+            self.option(OPT_SET_META_CONTEXT, &data)?;
+            loop {
+                let (ty, d) = self.option_reply(OPT_SET_META_CONTEXT)?;
+                match ty {
+                    REP_ACK => break,
+                    REP_META_CONTEXT if d.len() >= 4 => {
+                        let id = u32::from_be_bytes(d[..4].try_into().expect("4 bytes"));
+                        let n = String::from_utf8_lossy(&d[4..]).into_owned();
+                        self.contexts.push((n, id));
+                    }
+                    _ => return Err(invalid(format!("unexpected meta context reply {ty}"))),
+                }
+            }
+        }
+        let mut data = Vec::new();
+        put_str(&mut data, name)?;
+        data.extend_from_slice(&0u16.to_be_bytes());
+        self.option(OPT_GO, &data)?;
+        loop {
+            let (ty, d) = self.option_reply(OPT_GO)?;
+            match ty {
+                REP_ACK => break,
+                REP_INFO if d.len() >= 12 && d[..2] == INFO_EXPORT.to_be_bytes() => {
+                    self.size = u64::from_be_bytes(d[2..10].try_into().expect("8 bytes"));
+                }
+                REP_INFO => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "export '{export}' refused: {}",
+                        String::from_utf8_lossy(&d)
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) -> Result<()> {
+        let mut m = Vec::with_capacity(16 + data.len());
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.sock.write_all(&m)?;
+        Ok(())
+    }
+
+    /// One option reply: (type, data); an error reply is returned as its type.
+    fn option_reply(&mut self, opt: u32) -> Result<(u32, Vec<u8>)> {
+        if self.u64()? != REPLY_MAGIC || self.u32()? != opt {
+            return Err(invalid("bad option reply"));
+        }
+        let ty = self.u32()?;
+        let len = self.u32()?;
+        if len > MAX_OPTION_LEN {
+            return Err(invalid("option reply too long"));
+        }
+        let mut d = vec![0; len as usize];
+        self.sock.read_exact(&mut d)?;
+        Ok((ty, d))
+    }
+
+    fn request(&mut self, ty: u16, flags: u16, offset: u64, len: u32) -> Result<u64> {
+        self.handle += 1;
+        let mut m = Vec::with_capacity(28);
+        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&ty.to_be_bytes());
+        m.extend_from_slice(&self.handle.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        self.sock.write_all(&m)?;
+        Ok(self.handle)
+    }
+
+    /// Read structured reply chunks for `handle` until the last one, giving each
+    /// (type, payload) to `chunk`.
+    fn replies(
+        &mut self,
+        handle: u64,
+        mut chunk: impl FnMut(u16, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        loop {
+            let magic = self.u32()?;
+            if magic == SIMPLE_REPLY_MAGIC {
+                let err = self.u32()?;
+                if self.u64()? != handle {
+                    return Err(invalid("reply to an unknown request"));
+                }
+                return if err == 0 {
+                    chunk(REPLY_TYPE_NONE, &[])
+                } else {
+                    Err(invalid(format!("request failed with error {err}")))
+                };
+            }
+            if magic != STRUCTURED_REPLY_MAGIC {
+                return Err(invalid("bad reply magic"));
+            }
+            let flags = self.u16()?;
+            let ty = self.u16()?;
+            if self.u64()? != handle {
+                return Err(invalid("reply to an unknown request"));
+            }
+            let len = self.u32()?;
+            if len > MAX_PAYLOAD + 64 {
+                return Err(invalid("reply too long"));
+            }
+            let mut d = vec![0; len as usize];
+            self.sock.read_exact(&mut d)?;
+            if ty & (1 << 15) != 0 {
+                let err = d
+                    .get(..4)
+                    .map_or(0, |e| u32::from_be_bytes(e.try_into().expect("4")));
+                let msg = d.get(6..).map(String::from_utf8_lossy).unwrap_or_default();
+                return Err(invalid(format!("request failed with error {err}: {msg}")));
+            }
+            chunk(ty, &d)?;
+            if flags & REPLY_FLAG_DONE != 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Fill `buf` with the export's bytes at `offset`.
+    pub fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_REQUEST as usize);
+            let base = offset + done as u64;
+            let part = &mut buf[done..done + n];
+            let h = self.request(CMD_READ, 0, base, n as u32)?;
+            self.replies(h, |ty, d| {
+                let at = |o: u64, l: u64| -> Result<std::ops::Range<usize>> {
+                    let s = o.checked_sub(base).filter(|s| s + l <= n as u64);
+                    let s = s.ok_or_else(|| invalid("read reply outside the request"))?;
+                    Ok(s as usize..(s + l) as usize)
+                };
+                match ty {
+                    REPLY_TYPE_OFFSET_DATA if d.len() >= 8 => {
+                        let o = u64::from_be_bytes(d[..8].try_into().expect("8"));
+                        part[at(o, d.len() as u64 - 8)?].copy_from_slice(&d[8..]);
+                    }
+                    REPLY_TYPE_OFFSET_HOLE if d.len() >= 12 => {
+                        let o = u64::from_be_bytes(d[..8].try_into().expect("8"));
+                        let l = u32::from_be_bytes(d[8..12].try_into().expect("4"));
+                        part[at(o, l.into())?].fill(0);
+                    }
+                    REPLY_TYPE_NONE => {}
+                    _ => return Err(invalid(format!("unexpected read reply {ty}"))),
+                }
+                Ok(())
+            })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The extents of context `name` from `offset` for up to `len` bytes (the
+    /// server may answer for less; at least one extent is returned).
+    pub fn block_status(&mut self, name: &str, offset: u64, len: u64) -> Result<Vec<StatusExtent>> {
+        let id = self
+            .contexts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
+            .ok_or_else(|| invalid(format!("context '{name}' was not negotiated")))?;
+        let len = len.min(u64::from(u32::MAX) & !0xffff) as u32;
+        let h = self.request(CMD_BLOCK_STATUS, 0, offset, len)?;
+        let mut out = Vec::new();
+        self.replies(h, |ty, d| {
+            if ty == REPLY_TYPE_BLOCK_STATUS && d.len() >= 4 {
+                if u32::from_be_bytes(d[..4].try_into().expect("4")) == id {
+                    for e in d[4..].chunks_exact(8) {
+                        out.push(StatusExtent {
+                            len: u32::from_be_bytes(e[..4].try_into().expect("4")).into(),
+                            flags: u32::from_be_bytes(e[4..].try_into().expect("4")),
+                        });
+                    }
+                }
+                Ok(())
+            } else if ty == REPLY_TYPE_NONE {
+                Ok(())
+            } else {
+                Err(invalid(format!("unexpected block status reply {ty}")))
+            }
+        })?;
+        if out.is_empty() || out.iter().any(|e| e.len == 0) {
+            return Err(invalid("empty block status reply"));
+        }
+        Ok(out)
+    }
+
+    fn u16(&mut self) -> Result<u16> {
+        let mut b = [0; 2];
+        self.sock.read_exact(&mut b)?;
+        Ok(u16::from_be_bytes(b))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        let mut b = [0; 4];
+        self.sock.read_exact(&mut b)?;
+        Ok(u32::from_be_bytes(b))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        let mut b = [0; 8];
+        self.sock.read_exact(&mut b)?;
+        Ok(u64::from_be_bytes(b))
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.request(CMD_DISC, 0, 0, 0);
+    }
+}
+
+/// Append a 32-bit length and `s`.
+fn put_str(out: &mut Vec<u8>, s: &[u8]) -> Result<()> {
+    let n = u32::try_from(s.len()).map_err(|_| invalid("name too long"))?;
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(s);
+    Ok(())
+}
