@@ -37,9 +37,12 @@ READS=${BENCH_READS:-1000000}
 WORK=${BENCH_DIR:-$PWD/bench-work}/chain-$SIZE
 ONLY=${BENCH_ONLY:-.}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -q -p strata-cli
 cargo build --release -q -p strata-jobs --example chain_reads
-STRATA=$CARGO_TARGET_DIR/release/strata
+# STRATA=path measures another build (an older one, to compare before and after).
+if [ -z "${STRATA:-}" ]; then
+  cargo build --release -q -p strata-cli
+  STRATA=$CARGO_TARGET_DIR/release/strata
+fi
 READER=$CARGO_TARGET_DIR/release/examples/chain_reads
 mkdir -p "$WORK" "$WORK/run"
 trap 'rm -rf "$WORK/run"' EXIT

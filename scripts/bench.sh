@@ -4,6 +4,7 @@
 #   bash scripts/bench.sh                 # 4 GiB image, best of 3 runs
 #   BENCH_SIZE=1G BENCH_RUNS=1 bash scripts/bench.sh
 #   BENCH_ONLY='map|check' bash scripts/bench.sh   # only operations whose name matches
+#   STRATA=/path/to/old/strata bash scripts/bench.sh   # another build, e.g. before a change
 #
 # The input disk is half incompressible data, a quarter compressible text and a
 # quarter zeroes (holes). Each operation runs alternately through both tools; the
@@ -14,8 +15,11 @@ cd "$(dirname "$0")/.."
 SIZE=${BENCH_SIZE:-4G}
 RUNS=${BENCH_RUNS:-3}
 WORK=${BENCH_DIR:-$PWD/bench-work}
-cargo build --release -q -p strata-cli
-STRATA=$PWD/target/release/strata
+# STRATA=path measures another build (an older one, to compare before and after).
+if [ -z "${STRATA:-}" ]; then
+  cargo build --release -q -p strata-cli
+  STRATA=$PWD/target/release/strata
+fi
 mkdir -p "$WORK"
 trap 'rm -f "$WORK"/out.*' EXIT
 
