@@ -12,26 +12,22 @@ use std::path::Path;
 fn zoo(dir: &Path) {
     let q = |args: &[&str]| sh(dir, "qemu-img", args);
     let io = |f: &str, cmds: &[&str]| common::io(dir, "qcow2", f, cmds);
-    q(&["create", "-q", "-f", "qcow2", "plain.qcow2", "64M"]);
+    // A new qcow2 image made with `-o opts` (none when empty).
+    let create = |opts: &str, name: &str, size: &str| {
+        let o: &[&str] = if opts.is_empty() { &[] } else { &["-o", opts] };
+        q(&[&["create", "-q", "-f", "qcow2"][..], o, &[name, size]].concat());
+    };
+    create("", "plain.qcow2", "64M");
     io("plain.qcow2", &["write -P 1 0 1M", "write -z 2M 1M"]);
-    q(&["create", "-q", "-f", "qcow2", "snap.qcow2", "64M"]);
+    create("", "snap.qcow2", "64M");
     io("snap.qcow2", &["write -P 1 0 1M", "write -z 2M 1M"]);
     q(&["snapshot", "-c", "s1", "snap.qcow2"]);
     io("snap.qcow2", &["write -z 0 64k", "write -P 3 4M 64k"]);
-    q(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        "v2.qcow2",
-        "64M",
-    ]);
+    create("compat=0.10", "v2.qcow2", "64M");
     io("v2.qcow2", &["write -P 1 0 1M"]);
     q(&["snapshot", "-c", "s1", "v2.qcow2"]);
     io("v2.qcow2", &["write -P 2 0 64k"]);
-    q(&["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
+    create("", "base.qcow2", "64M");
     io("base.qcow2", &["write -P 7 0 8M"]);
     let overlay = ["-b", "base.qcow2", "-F", "qcow2", "top.qcow2"];
     q(&[&["create", "-q", "-f", "qcow2"][..], &overlay[..]].concat());
@@ -41,69 +37,15 @@ fn zoo(dir: &Path) {
     );
     q(&["snapshot", "-c", "s1", "top.qcow2"]);
     io("top.qcow2", &["write -z 4M 128k"]);
-    q(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "refcount_bits=64",
-        "r64.qcow2",
-        "64M",
-    ]);
+    create("refcount_bits=64", "r64.qcow2", "64M");
     io("r64.qcow2", &["write -P 5 0 256k"]);
-    q(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        "small.qcow2",
-        "8M",
-    ]);
+    create("cluster_size=512", "small.qcow2", "8M");
     io("small.qcow2", &["write -P 6 0 2M"]);
-    q(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        "ext.qcow2",
-        "64M",
-    ]);
-    q(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compression_type=zstd",
-        "zstd.qcow2",
-        "64M",
-    ]);
-    q(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compression_type=zstd",
-        "zstdc.qcow2",
-        "64M",
-    ]);
+    create("extended_l2=on", "ext.qcow2", "64M");
+    create("compression_type=zstd", "zstd.qcow2", "64M");
+    create("compression_type=zstd", "zstdc.qcow2", "64M");
     io("zstdc.qcow2", &["write -c -P 9 0 64k"]);
-    q(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        "lazy.qcow2",
-        "64M",
-    ]);
+    create("lazy_refcounts=on", "lazy.qcow2", "64M");
     io("lazy.qcow2", &["write -P 4 0 128k"]);
 }
 
