@@ -102,6 +102,10 @@ pub struct OpenSpec {
     /// The image as the user named it when that is not its file name (an option
     /// list, a `json:` name): messages about opening the image quote it.
     pub display_name: Option<String>,
+    /// The protocol driver named as the image's format (`-f file`, `-f
+    /// host_device`): the file is the image, with no format layer. The chain opens
+    /// it as raw; reports name the driver.
+    pub protocol_driver: Option<String>,
 }
 
 impl OpenSpec {
@@ -118,6 +122,7 @@ impl OpenSpec {
             driver_options: BTreeMap::new(),
             secrets: Arc::default(),
             display_name: None,
+            protocol_driver: None,
         }
     }
     /// The name messages about opening the image quote: as the user gave it.

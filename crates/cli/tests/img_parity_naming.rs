@@ -208,3 +208,99 @@ fn convert_and_writing_subcommands_take_option_list_names() {
     }
     assert_all_same();
 }
+
+#[test]
+fn file_prefixes_colons_and_protocol_drivers_as_formats_match_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    std::fs::copy(d.join("a.qcow2"), d.join("c:d.qcow2")).unwrap();
+    let cases: &[&[&str]] = &[
+        &["info", "file:a.qcow2"],
+        &["info", "c:d.qcow2"],
+        &["info", "file:c:d.qcow2"],
+        &["info", "./c:d.qcow2"],
+        &["info", "nosuch:x"],
+        &["info", "file:missing.qcow2"],
+        &["info", "file:"],
+        &["info", "-f", "raw", "c:d.qcow2"],
+        &["info", "-f", "file", "c:d.qcow2"],
+        &["info", "-f", "file", "file:a.qcow2"],
+        &["info", "-f", "file", "a.qcow2"],
+        &["info", "--output=json", "-f", "file", "a.qcow2"],
+        &["info", "--backing-chain", "-f", "file", "a.qcow2"],
+        &["info", "-f", "file", "/dev/null"],
+        &["info", "-f", "host_device", "a.qcow2"],
+        &["info", "-f", "host_device", "/dev/null"],
+        &["info", "--output=json", "-f", "host_device", "/dev/null"],
+        &["info", "-f", "bogus", "a.qcow2"],
+        &["info", "--image-opts", "driver=file,filename=a.qcow2"],
+        &[
+            "info",
+            "--image-opts",
+            "driver=host_device,filename=a.qcow2",
+        ],
+        &[
+            "info",
+            "--image-opts",
+            "driver=qcow2,file.filename=c:d.qcow2",
+        ],
+        &["check", "-f", "file", "a.qcow2"],
+        &["check", "file:a.qcow2"],
+        &["map", "-f", "file", "a.qcow2"],
+        &["map", "--output=json", "-f", "file", "a.qcow2"],
+        &["map", "file:c:d.qcow2"],
+        &["compare", "-f", "file", "-F", "raw", "a.qcow2", "a.qcow2"],
+        &["compare", "file:a.qcow2", "c:d.qcow2"],
+        &["measure", "-O", "qcow2", "-f", "file", "a.qcow2"],
+        &["snapshot", "-l", "-f", "file", "a.qcow2"],
+        &["snapshot", "-l", "file:a.qcow2"],
+        &["amend", "-f", "file", "-o", "size=3M", "r.raw"],
+        &["create", "-f", "raw", "out:4", "1M"],
+        &["convert", "a.qcow2", "out:8"],
+        &["dd", "if=a.qcow2", "of=out:11"],
+    ];
+    // Outputs: the prefix is taken off, `file` writes raw.
+    let writes: &[&[&str]] = &[
+        &["create", "-f", "file", "out1.img", "1M"],
+        &["create", "-f", "qcow2", "file:out2.qcow2", "1M"],
+        &["create", "-f", "raw", "file:out:3", "1M"],
+        &["convert", "-O", "file", "a.qcow2", "out5.img"],
+        &["convert", "-O", "raw", "file:a.qcow2", "file:out6.img"],
+        &["convert", "-f", "file", "a.qcow2", "out7.img"],
+        &["dd", "-O", "file", "if=a.qcow2", "of=out9.img"],
+        &["dd", "if=file:a.qcow2", "of=file:out10.img"],
+    ];
+    for c in cases.iter().chain(writes) {
+        same(d, c);
+    }
+    assert_all_same();
+    // What strata wrote, alone, reads right to qemu-img.
+    for c in writes {
+        ok(d, "strata", c);
+    }
+    for (out, fmt, guest) in [
+        ("out1.img", "raw", None),
+        ("out2.qcow2", "qcow2", None),
+        ("./out:3", "raw", None),
+        ("out5.img", "raw", Some("a.qcow2")),
+        ("out6.img", "raw", Some("a.qcow2")),
+        ("out9.img", "raw", Some("a.qcow2")),
+        ("out10.img", "raw", Some("a.qcow2")),
+    ] {
+        let info = common::ok(d, "qemu-img", &["info", "--output=json", out]);
+        assert!(
+            info.contains(&format!("\"format\": \"{fmt}\"")),
+            "{out}: {info}"
+        );
+        if let Some(src) = guest {
+            sh(d, "qemu-img", &["compare", src, out]);
+        }
+    }
+    // -f file reads the file's own bytes: the qcow2 file as it is on disk.
+    sh(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", "a.qcow2", "out7.img"],
+    );
+}

@@ -186,7 +186,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if format != Format::Qcow2 {
         bail!(
             "Format driver '{}' does not support option amendment",
-            format.name()
+            spec.protocol_driver.as_deref().unwrap_or(format.name())
         );
     }
     if help {

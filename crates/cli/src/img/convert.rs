@@ -97,7 +97,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     }
     let mut naming = args.naming.clone();
     naming.image_opts |= args.source_image_opts;
-    let out_format: Format = args.out_format.as_deref().unwrap_or("raw").parse()?;
+    let out_format = super::imgname::output_format(args.out_format.as_deref().unwrap_or("raw"))?;
     let mut options = parse_options(&args.options)?;
     if option_help_asked(&options) {
         print!("{}", strata_jobs::create::options_help(out_format));
@@ -121,7 +121,8 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         };
         (&target_spec.path, format)
     } else {
-        (out_path, out_format)
+        target_spec = strata_chain::OpenSpec::new(super::imgname::output_path(out_path)?);
+        (&target_spec.path, out_format)
     };
     if args.target_is_zero && !args.no_create {
         bail!("--target-is-zero requires use of -n flag");
@@ -163,16 +164,11 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
 
     // Sources, each with its chain (or the snapshot view over the chain below).
     // Every file of their chains, and of the -B chain, is one the output must not be.
-    let src_format = args
-        .format
-        .as_deref()
-        .map(str::parse::<Format>)
-        .transpose()?;
     let mut inputs = Inputs::default();
     let mut sources = Vec::with_capacity(src_paths.len());
     for p in src_paths {
         let mut spec = naming.spec(p, args.format.as_deref(), args.force_share)?;
-        inputs.add_read_chain(&spec.path, spec.format.or(src_format));
+        inputs.add_read_chain(&spec.path, spec.format);
         if args.backing.is_some() {
             // With -B only the top layer is copied; its backing is not needed.
             spec = spec.open_backing(false);

@@ -2,6 +2,7 @@
 //! qemu-img's options (`-o cluster_size=...,compat=...,preallocation=...`).
 
 use super::common::{image_size, option_help_asked, parse_options, Ctx};
+use super::imgname::{output_format, output_path};
 use anyhow::Result;
 use std::path::PathBuf;
 use strata_format::Format;
@@ -39,7 +40,7 @@ pub struct Args {
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // The secrets by id, for the options that name one.
     let _secrets = args.objects.secrets()?;
-    let format: Format = args.format.parse().map_err(|e| match &args.filename {
+    let format: Format = output_format(&args.format).map_err(|e| match &args.filename {
         Some(p) => anyhow::anyhow!("{}: {e}", p.display()),
         None => anyhow::anyhow!("{e}"),
     })?;
@@ -64,8 +65,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(s) => Some(image_size(s)?),
         None => None,
     };
+    let path =
+        output_path(&filename).map_err(|e| anyhow::anyhow!("{}: {e}", filename.display()))?;
     let prepared = prepare(&CreateRequest {
-        path: filename,
+        path: path.clone(),
         format,
         size,
         options,
@@ -74,7 +77,20 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // Printed before the format's own checks, which may still refuse, as
     // qemu-img does.
     if !args.quiet {
-        println!("{}", prepared.summary());
+        // Worded with the name and format as given (`file:x`, `-f file`).
+        let summary = prepared
+            .summary()
+            .replacen(
+                &format!("'{}'", path.display()),
+                &format!("'{}'", filename.display()),
+                1,
+            )
+            .replacen(
+                &format!(", fmt={} ", format.name()),
+                &format!(", fmt={} ", args.format),
+                1,
+            );
+        println!("{summary}");
     }
     prepared.create()?;
     Ok(0)

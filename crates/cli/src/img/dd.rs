@@ -6,7 +6,7 @@
 
 use super::common::{open_chain, size_arg, Ctx};
 use anyhow::{anyhow, bail, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use strata_format::Format;
 
 #[derive(clap::Args)]
@@ -77,9 +77,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     };
     let out_format = match &args.output_format {
         None => Format::Raw,
-        Some(f) => f
-            .parse::<Format>()
-            .map_err(|_| anyhow!("Unknown file format"))?,
+        Some(f) => super::imgname::output_format(f).map_err(|_| anyhow!("Unknown file format"))?,
     };
     let input_path = PathBuf::from(input);
     let spec = args
@@ -96,7 +94,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         eprintln!("{}: {input}: cannot skip to specified offset", ctx.prog);
         start = size;
     }
-    let out_path = PathBuf::from(output);
+    let out_path = super::imgname::output_path(Path::new(output))?;
     strata_jobs::create::create(&strata_jobs::create::CreateRequest {
         path: out_path.clone(),
         format: out_format,

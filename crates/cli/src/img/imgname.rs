@@ -111,8 +111,14 @@ pub fn image_spec(name: &Path, format: Option<&str>, image_opts: bool) -> Result
         None
     };
     let Some(mut flat) = flat else {
-        let format = format.map(str::parse::<Format>).transpose()?;
-        return Ok(OpenSpec::new(name).format(format));
+        return file_name_spec(name, format)
+            .map_err(|e| anyhow!("Could not open '{typed}': {e}"))
+            .map(|mut spec| {
+                if spec.path != name {
+                    spec.display_name = Some(typed);
+                }
+                spec
+            });
     };
     if let Some(f) = format {
         flat.insert("driver".into(), f.to_string());
@@ -120,6 +126,103 @@ pub fn image_spec(name: &Path, format: Option<&str>, image_opts: bool) -> Result
     let mut spec = from_options(flat).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
     spec.display_name = Some(typed);
     Ok(spec)
+}
+
+/// The protocol drivers qemu-img takes as a format (`-f file`): the file itself
+/// is the image.
+const PROTOCOL_DRIVERS: [&str; 2] = ["file", "host_device"];
+
+/// The protocol prefix of a file name, as QEMU finds one: a colon before any
+/// slash (`nbd:...`, `file:...`; `./a:b` has none).
+fn protocol_prefix(name: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = name.iter().position(|&b| b == b':' || b == b'/')?;
+    (name[end] == b':').then(|| (&name[..end], &name[end + 1..]))
+}
+
+/// The file a `file:` name names: the rest after the prefix, with `./` put in
+/// front when the rest would read as a protocol name again.
+fn file_protocol_path(rest: &[u8]) -> Result<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    if rest.is_empty() {
+        bail!("The 'file' block driver requires a file name");
+    }
+    let mut path = Vec::with_capacity(rest.len() + 2);
+    if protocol_prefix(rest).is_some() {
+        path.extend_from_slice(b"./");
+    }
+    path.extend_from_slice(rest);
+    Ok(std::ffi::OsString::from_vec(path).into())
+}
+
+/// The spec for an image named by its file name (perhaps with a protocol
+/// prefix) and `-f`. A protocol driver given as the format takes the name as a
+/// file name (but for a `file:` prefix).
+fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
+    let bytes = name.as_os_str().as_bytes();
+    let prefix = protocol_prefix(bytes);
+    if let Some(p) = format.filter(|f| PROTOCOL_DRIVERS.contains(f)) {
+        let path = match prefix {
+            Some((b"file", rest)) if p == "file" => file_protocol_path(rest)?,
+            _ => name.to_path_buf(),
+        };
+        check_protocol_file(p, &path)?;
+        let mut spec = OpenSpec::new(path).format(Some(Format::Raw));
+        spec.protocol_driver = Some(p.to_string());
+        return Ok(spec);
+    }
+    let format = format.map(parse_format).transpose()?;
+    let path = match prefix {
+        None => name.to_path_buf(),
+        Some((b"file", rest)) => file_protocol_path(rest)?,
+        Some((other, _)) => bail!("Unknown protocol '{}'", String::from_utf8_lossy(other)),
+    };
+    Ok(OpenSpec::new(path).format(format))
+}
+
+/// The file an output image's name names: a `file:` prefix taken off (an empty
+/// rest names no file), another protocol refused as QEMU refuses it.
+pub fn output_path(name: &Path) -> Result<std::path::PathBuf> {
+    match protocol_prefix(name.as_os_str().as_bytes()) {
+        None => Ok(name.to_path_buf()),
+        Some((b"file", b"")) => Ok(Default::default()),
+        Some((b"file", rest)) => file_protocol_path(rest),
+        Some((other, _)) => bail!("Unknown protocol '{}'", String::from_utf8_lossy(other)),
+    }
+}
+
+/// An output format given as `-O`/`-f`: the `file` protocol driver writes the
+/// bytes as raw does.
+pub fn output_format(f: &str) -> Result<Format, strata_format::Error> {
+    match f {
+        "file" => Ok(Format::Raw),
+        f => f.parse(),
+    }
+}
+
+/// A format name given with `-f` or `driver=`, refused as QEMU refuses a driver
+/// it does not have.
+fn parse_format(f: &str) -> Result<Format> {
+    f.parse::<Format>()
+        .map_err(|_| anyhow!("Unknown driver '{f}'"))
+}
+
+/// A protocol driver opens only its kind of file: `file` a regular file,
+/// `host_device` a block or character device. A file that is not there is left
+/// to the open, which says so.
+fn check_protocol_file(driver: &str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    let p = path.display();
+    match driver {
+        "file" if !t.is_file() => bail!("'file' driver requires '{p}' to be a regular file"),
+        "host_device" if !t.is_block_device() && !t.is_char_device() => {
+            bail!("'host_device' driver requires '{p}' to be either a character or block device")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// An `--image-opts` list as QEMU's option parser reads it: `key=value` items,
@@ -226,9 +329,12 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
             let force_share = check_options(&flat, &FILE_OPTIONS, |k| {
                 format!("Block protocol '{p}' doesn't support the option '{k}'")
             })?;
-            return Ok(OpenSpec::new(path)
+            check_protocol_file(p, Path::new(&path))?;
+            let mut spec = OpenSpec::new(path)
                 .format(Some(Format::Raw))
-                .force_share(force_share));
+                .force_share(force_share);
+            spec.protocol_driver = Some(p.to_string());
+            return Ok(spec);
         }
         Some("qcow2" | "raw") | None => {}
         Some(other) => bail!("Unknown driver '{other}'"),
@@ -250,11 +356,9 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
     check_options(&file, &FILE_OPTIONS, |k| {
         format!("Block protocol '{protocol}' doesn't support the option '{k}'")
     })?;
+    check_protocol_file(&protocol, Path::new(&path))?;
     flat.remove("filename");
-    let format = match driver.as_deref() {
-        Some(f) => Some(f.parse::<Format>()?),
-        None => None,
-    };
+    let format = driver.as_deref().map(parse_format).transpose()?;
     // Validated against the driver that will open the image: the named one, or
     // the probed one (a file that cannot be probed fails to open later anyway).
     let checked = format.or_else(|| strata_chain::probe_format(Path::new(&path)).ok());
@@ -325,9 +429,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.format, Some(Format::Raw));
-        // A plain file name is left as it is.
-        let s = spec("a:b", false).unwrap();
-        assert_eq!((s.path.to_str(), s.format), (Some("a:b"), None));
+        // A plain file name is left as it is; a colon before any slash is a
+        // protocol prefix.
+        let s = spec("./a:b", false).unwrap();
+        assert_eq!((s.path.to_str(), s.format), (Some("./a:b"), None));
+        let s = spec("file:a:b", false).unwrap();
+        assert_eq!(s.path.to_str(), Some("./a:b"));
+        assert_eq!(s.display_name.as_deref(), Some("file:a:b"));
+        assert_eq!(
+            spec("a:b", false).unwrap_err().to_string(),
+            "Could not open 'a:b': Unknown protocol 'a'"
+        );
     }
 
     #[test]

@@ -38,11 +38,17 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         .open_backing(args.backing_chain);
     let chain = open_chain(&spec)?;
     let name = spec.path.as_os_str();
-    let infos = if args.backing_chain {
+    let mut infos = if args.backing_chain {
         chain_info(&chain, name)?
     } else {
         vec![layer_info(&chain.layers[0], name)?]
     };
+    if let Some(driver) = &spec.protocol_driver {
+        infos = infos
+            .into_iter()
+            .map(|i| protocol_view(i, driver))
+            .collect();
+    }
     match args.output {
         OutputFormat::Json => {
             let v = if args.backing_chain {
@@ -59,6 +65,22 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// An image opened by a protocol driver alone (`-f file`): the file node is the
+/// image, reported under the driver's name.
+fn protocol_view(info: ImageInfo, driver: &str) -> ImageInfo {
+    match info.children.into_iter().next() {
+        Some(child) => ImageInfo {
+            filename: info.filename,
+            format: driver.to_string(),
+            ..child.info
+        },
+        None => ImageInfo {
+            children: Vec::new(),
+            ..info
+        },
+    }
 }
 
 /// qemu-img's text dump of one node (and its children, indented), as bytes: file
