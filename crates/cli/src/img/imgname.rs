@@ -132,6 +132,43 @@ pub fn image_spec(name: &Path, format: Option<&str>, image_opts: bool) -> Result
 /// is the image.
 const PROTOCOL_DRIVERS: [&str; 2] = ["file", "host_device"];
 
+/// Protocol prefixes QEMU's block layer knows and strata does not open: named
+/// as such rather than as unknown protocols.
+const UNSUPPORTED_PROTOCOLS: [&str; 22] = [
+    "nbd",
+    "nbd+tcp",
+    "nbd+unix",
+    "blkdebug",
+    "blkverify",
+    "http",
+    "https",
+    "ftp",
+    "ftps",
+    "ssh",
+    "gluster",
+    "gluster+tcp",
+    "gluster+unix",
+    "gluster+rdma",
+    "iscsi",
+    "iser",
+    "nfs",
+    "rbd",
+    "null-co",
+    "null-aio",
+    "nvme",
+    "host_cdrom",
+];
+
+/// The refusal of a protocol prefix other than `file:`.
+fn protocol_refusal(prefix: &[u8]) -> anyhow::Error {
+    let p = String::from_utf8_lossy(prefix);
+    if UNSUPPORTED_PROTOCOLS.contains(&p.as_ref()) {
+        anyhow!("The '{p}' protocol is not supported by strata")
+    } else {
+        anyhow!("Unknown protocol '{p}'")
+    }
+}
+
 /// The protocol prefix of a file name, as QEMU finds one: a colon before any
 /// slash (`nbd:...`, `file:...`; `./a:b` has none).
 fn protocol_prefix(name: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -174,7 +211,7 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
     let path = match prefix {
         None => name.to_path_buf(),
         Some((b"file", rest)) => file_protocol_path(rest)?,
-        Some((other, _)) => bail!("Unknown protocol '{}'", String::from_utf8_lossy(other)),
+        Some((other, _)) => return Err(protocol_refusal(other)),
     };
     Ok(OpenSpec::new(path).format(format))
 }
@@ -186,7 +223,7 @@ pub fn output_path(name: &Path) -> Result<std::path::PathBuf> {
         None => Ok(name.to_path_buf()),
         Some((b"file", b"")) => Ok(Default::default()),
         Some((b"file", rest)) => file_protocol_path(rest),
-        Some((other, _)) => bail!("Unknown protocol '{}'", String::from_utf8_lossy(other)),
+        Some((other, _)) => Err(protocol_refusal(other)),
     }
 }
 
@@ -439,6 +476,10 @@ mod tests {
         assert_eq!(
             spec("a:b", false).unwrap_err().to_string(),
             "Could not open 'a:b': Unknown protocol 'a'"
+        );
+        assert_eq!(
+            spec("ssh://h/x", false).unwrap_err().to_string(),
+            "Could not open 'ssh://h/x': The 'ssh' protocol is not supported by strata"
         );
     }
 
