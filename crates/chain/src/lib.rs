@@ -8,7 +8,7 @@
 mod index;
 pub use index::IndexedChain;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,6 +91,17 @@ pub struct OpenSpec {
     /// Layers below the top to open for writing too, by depth (1 is the top's
     /// backing file): the base a commit writes into.
     pub write_layers: Vec<usize>,
+    /// The top image's format-driver options, as QEMU's dotted keys below the
+    /// driver (`encrypt.key-secret`, `data-file`, `backing`, `lazy-refcounts`...),
+    /// values as text (JSON booleans as `on`/`off`). The command line has already
+    /// refused keys QEMU's driver does not know; the file layer's options are not
+    /// here (they became `path`). Empty for an image named by its file name.
+    pub driver_options: BTreeMap<String, String>,
+    /// Secret values by id (`--object secret,...`), for the options that name one.
+    pub secrets: Arc<BTreeMap<String, Vec<u8>>>,
+    /// The image as the user named it when that is not its file name (an option
+    /// list, a `json:` name): messages about opening the image quote it.
+    pub display_name: Option<String>,
 }
 
 impl OpenSpec {
@@ -104,6 +115,16 @@ impl OpenSpec {
             backing_format: None,
             max_depth: DEFAULT_MAX_DEPTH,
             write_layers: Vec::new(),
+            driver_options: BTreeMap::new(),
+            secrets: Arc::default(),
+            display_name: None,
+        }
+    }
+    /// The name messages about opening the image quote: as the user gave it.
+    pub fn shown_name(&self) -> String {
+        match &self.display_name {
+            Some(n) => n.clone(),
+            None => self.path.display().to_string(),
         }
     }
     pub fn format(mut self, f: Option<Format>) -> Self {

@@ -12,6 +12,9 @@ use strata_format::{BlockDevice, Format};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Image format (probed when omitted); only qcow2 images can be amended.
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -170,8 +173,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         }
         bail!("Expecting one image file name");
     };
-    let format = match &args.format {
-        Some(f) => f.parse::<Format>()?,
+    let spec = args.naming.spec(path, args.format.as_deref(), false)?;
+    let path = &spec.path;
+    let format = match spec.format {
+        Some(f) => f,
         None => {
             let f = probe_format(path)?;
             warn_probed_raw(path, None);

@@ -1,7 +1,7 @@
 //! `strata img bench`: time a run of read or write requests of one size at a
 //! stepping offset, with qemu-img bench's flags, refusals and output lines.
 
-use super::common::{open_chain, open_spec, size_arg, Ctx};
+use super::common::{open_chain, size_arg, Ctx};
 use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +10,9 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Number of requests (default 75000).
     #[arg(short = 'c', value_name = "COUNT", allow_hyphen_values = true)]
     count: Option<String>,
@@ -103,8 +106,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         bail!("Flush interval can't be smaller than depth");
     }
     let step = if step == 0 { bufsize } else { step };
-    let spec =
-        open_spec(&args.filename, args.format.as_deref(), args.force_share)?.write(args.write);
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), args.force_share)?
+        .write(args.write);
     let chain = open_chain(&spec)?;
     let dev = if args.write {
         chain.top().clone()

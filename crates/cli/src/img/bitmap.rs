@@ -51,6 +51,7 @@ struct Parsed {
     granularity: Option<String>,
     source_file: Option<String>,
     source_format: Option<String>,
+    naming: super::imgname::Naming,
     positional: Vec<String>,
 }
 
@@ -130,6 +131,8 @@ fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
             "-g" => p.granularity = value,
             "-b" => p.source_file = value,
             "-F" => p.source_format = value,
+            "--object" => p.naming.objects.object.extend(value),
+            "--image-opts" => p.naming.image_opts = true,
             _ => {}
         }
     }
@@ -172,9 +175,16 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let [file, name] = p.positional.as_slice() else {
         bail!("Expecting filename and bitmap name");
     };
-    let img = open(Path::new(file), p.format.as_deref(), true)?;
+    let img = open(
+        &p.naming.spec(Path::new(file), p.format.as_deref(), false)?,
+        true,
+    )?;
     let source = match &p.source_file {
-        Some(s) => Some(open(Path::new(s), p.source_format.as_deref(), false)?),
+        Some(s) => Some(open(
+            &p.naming
+                .spec(Path::new(s), p.source_format.as_deref(), false)?,
+            false,
+        )?),
         None => None,
     };
     let size = strata_format::BlockDevice::virtual_size(&img);
@@ -210,9 +220,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 }
 
 /// Open `path` as qcow2 (`format`, or probed), for writing or reading.
-fn open(path: &Path, format: Option<&str>, write: bool) -> Result<Qcow2Image> {
-    let format = match format {
-        Some(f) => f.parse::<Format>()?,
+fn open(spec: &strata_chain::OpenSpec, write: bool) -> Result<Qcow2Image> {
+    let path = spec.path.as_path();
+    let format = match spec.format {
+        Some(f) => f,
         None => {
             let f = probe_format(path)?;
             if write {

@@ -14,6 +14,9 @@ use strata_storage::{FileStorage, OpenOptions, Storage};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Image format (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -47,15 +50,18 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             ctx.prog
         ),
     };
-    if repair != Repair::None && args.force_share {
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), args.force_share)?;
+    if repair != Repair::None && spec.force_share {
         bail!("force-share=on can only be used with read-only images");
     }
-    let format = match &args.format {
-        Some(f) => f.parse::<Format>()?,
-        None => strata_chain::probe_format(&args.filename)?,
+    let format = match spec.format {
+        Some(f) => f,
+        None => strata_chain::probe_format(&spec.path)?,
     };
     if repair != Repair::None {
-        super::common::warn_probed_raw(&args.filename, args.format.as_deref());
+        super::common::warn_probed_raw(&spec.path, spec.format.map(Format::name));
     }
     if format != Format::Qcow2 {
         eprintln!("{}: This image format does not support checks", ctx.prog);
@@ -65,11 +71,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let opts = if writing {
         OpenOptions::write()
     } else {
-        OpenOptions::read().force_share(args.force_share)
+        OpenOptions::read().force_share(spec.force_share)
     };
     let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::open(&args.filename, opts)
-            .with_context(|| format!("Could not open '{}'", args.filename.display()))?,
+        FileStorage::open(&spec.path, opts)
+            .with_context(|| format!("Could not open '{}'", spec.shown_name()))?,
     );
     let img = Qcow2Image::open(
         storage,
@@ -84,7 +90,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // qemu-img opens the backing file too, and fails when it is gone: a check
     // that passes says the image can be used.
     if let Some(b) = img.header().backing_file {
-        let bpath = strata_chain::resolve_backing(&args.filename, &b);
+        let bpath = strata_chain::resolve_backing(&spec.path, &b);
         if let Err(e) = std::fs::metadata(&bpath) {
             let e = strata_storage::Error::Io {
                 op: "Could not open",
@@ -93,7 +99,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             };
             bail!(
                 "Could not open '{}': Could not open backing file: {e}",
-                args.filename.display()
+                spec.shown_name()
             );
         }
     }
@@ -119,7 +125,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             report.leaks_fixed, report.corruptions_fixed
         );
     }
-    let name = args.filename.to_string_lossy();
+    let name = spec.path.to_string_lossy();
     match args.output {
         OutputFormat::Human if !args.quiet => print!("{}", human_report(&report)),
         OutputFormat::Json => println!("{}", qjson::to_string(&json_report(&report, &name))),

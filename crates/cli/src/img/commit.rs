@@ -2,14 +2,18 @@
 //! base, as `qemu-img commit`; `--top` merges a middle range of the chain and
 //! relinks the image above it (libvirt's intermediate block commit).
 
-use super::common::{job_error, open_spec, warn_probed_raw, Ctx};
+use super::common::{job_error, warn_probed_raw, Ctx};
 use super::progress::Bar;
 use anyhow::Result;
 use std::path::PathBuf;
+use strata_format::Format;
 use strata_jobs::{commit, Cancel};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Format of the image (probed when omitted; backing files never are).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -42,15 +46,18 @@ pub struct Args {
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let rate = super::common::parse_rate(args.rate.as_deref())?;
-    warn_probed_raw(&args.filename, args.format.as_deref());
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), false)?;
+    warn_probed_raw(&spec.path, spec.format.map(Format::name));
     let req = commit::CommitRequest {
-        image: args.filename.clone(),
-        format: open_spec(&args.filename, args.format.as_deref(), false)?.format,
+        image: spec.path.clone(),
+        format: spec.format,
         base: args.base.clone(),
         top: args.top.clone(),
         keep_top: args.drop_empty,
     };
-    let resolved = commit::resolve(&req).map_err(|e| job_error(&args.filename, e))?;
+    let resolved = commit::resolve(&req).map_err(|e| job_error(&spec.path, e))?;
     for user in &resolved.other_users {
         eprintln!(
             "{}: warning: '{}' also has '{}' as its backing file; its content will change",
@@ -62,7 +69,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let cancel = Cancel::default();
     let bar = Bar::new(args.progress && !args.quiet);
     let limited = strata_jobs::layers::RateLimit::new(&bar, rate);
-    commit::commit(&resolved, &limited, &cancel).map_err(|e| job_error(&args.filename, e))?;
+    commit::commit(&resolved, &limited, &cancel).map_err(|e| job_error(&spec.path, e))?;
     bar.finish();
     if !args.quiet {
         println!("Image committed.");

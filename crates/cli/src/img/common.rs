@@ -144,23 +144,24 @@ pub fn open_qcow2(path: &std::path::Path, write: bool) -> Result<strata_format::
 /// Open an image and (unless the spec says not to) its chain, with qemu-img's
 /// "Could not open 'FILE': reason" message on failure.
 pub fn open_chain(spec: &strata_chain::OpenSpec) -> Result<strata_chain::Chain> {
-    strata_chain::open(spec).map_err(|e| open_error(&spec.path, &e))
+    strata_chain::open(spec).map_err(|e| open_error(&spec.path, &spec.shown_name(), &e))
 }
 
-/// qemu-img's "Could not open 'FILE': reason" for a failure to open `path`'s chain.
-fn open_error(path: &std::path::Path, e: &strata_chain::Error) -> anyhow::Error {
+/// qemu-img's "Could not open 'NAME': reason" for a failure to open `path`'s
+/// chain, the image named as the user named it.
+pub fn open_error(path: &std::path::Path, name: &str, e: &strata_chain::Error) -> anyhow::Error {
     // The engine's message names the file too; say it once.
     let path = path.display().to_string();
     let msg = engine_text(e);
     let msg = msg.strip_prefix(&format!("{path}: ")).unwrap_or(&msg);
-    anyhow!("Could not open '{path}': {msg}")
+    anyhow!("Could not open '{name}': {msg}")
 }
 
 /// A job's error on the image `path`: failures to open its chain worded as
 /// [`open_chain`] words them, the rest as the job says.
 pub fn job_error(path: &std::path::Path, e: strata_jobs::Error) -> anyhow::Error {
     match e {
-        strata_jobs::Error::Chain(c) => open_error(path, &c),
+        strata_jobs::Error::Chain(c) => open_error(path, &path.display().to_string(), &c),
         e => e.into(),
     }
 }
@@ -257,23 +258,7 @@ pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
 pub fn option_items(opts: &[String]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for o in opts {
-        let mut items = Vec::new();
-        let mut cur = String::new();
-        let mut chars = o.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == ',' {
-                if chars.peek() == Some(&',') {
-                    chars.next();
-                    cur.push(',');
-                } else {
-                    items.push(std::mem::take(&mut cur));
-                }
-            } else {
-                cur.push(c);
-            }
-        }
-        items.push(cur);
-        for item in items.into_iter().filter(|i| !i.is_empty()) {
+        for item in split_items(o) {
             match item.split_once('=') {
                 Some((k, v)) => out.push((k.to_string(), v.to_string())),
                 None => out.push((item, "on".to_string())),
@@ -281,6 +266,29 @@ pub fn option_items(opts: &[String]) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// The items of a QEMU option list: split at single commas (`,,` is a comma
+/// inside an item); empty items are left out.
+pub fn split_items(list: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    items.retain(|i| !i.is_empty());
+    items
 }
 
 /// Whether `-o` asked for the option listing (`help` or `?` among the keys).

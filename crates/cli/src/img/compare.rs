@@ -1,7 +1,7 @@
 //! `strata img compare`: do two images (with their backing chains) show the guest
 //! the same bytes? Exit 0 identical, 1 different, 2 error, as qemu-img.
 
-use super::common::{open_chain, open_spec, Ctx};
+use super::common::{open_chain, Ctx};
 use super::progress::Bar;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -11,6 +11,9 @@ use strata_jobs::Cancel;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Format of the first image (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format1: Option<String>,
@@ -50,7 +53,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 
 fn run_inner(args: &Args) -> Result<i32> {
     let open = |p: &PathBuf, f: &Option<String>| -> Result<_> {
-        let chain = open_chain(&open_spec(p, f.as_deref(), args.force_share)?)?;
+        let chain = open_chain(&args.naming.spec(p, f.as_deref(), args.force_share)?)?;
         Ok(ChainStatus::new(&chain)?)
     };
     let a = open(&args.filename1, &args.format1)?;

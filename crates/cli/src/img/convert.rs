@@ -22,8 +22,17 @@ pub struct Args {
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
     /// Output format: qcow2 or raw (default raw).
-    #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
-    out_format: String,
+    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    out_format: Option<String>,
+    /// `--object` definitions and `--image-opts` (`--source-image-opts`) for the sources.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
+    /// The source images are option lists (as --image-opts).
+    #[arg(long = "source-image-opts")]
+    source_image_opts: bool,
+    /// The output is an option list naming an existing image (with -n).
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
     /// Creation options of the output (`-o help` with `create` lists them).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -83,7 +92,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
-    let out_format: Format = args.out_format.parse()?;
+    if args.target_image_opts && args.out_format.is_some() {
+        bail!("--image-opts and --format are mutually exclusive");
+    }
+    let mut naming = args.naming.clone();
+    naming.image_opts |= args.source_image_opts;
+    let out_format: Format = args.out_format.as_deref().unwrap_or("raw").parse()?;
     let mut options = parse_options(&args.options)?;
     if option_help_asked(&options) {
         print!("{}", strata_jobs::create::options_help(out_format));
@@ -92,6 +106,22 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let (out_path, src_paths) = match args.files.split_last() {
         Some((out, srcs)) if !srcs.is_empty() => (out, srcs),
         _ => bail!("Must specify image file name"),
+    };
+    if args.target_image_opts && !args.no_create {
+        bail!("--target-image-opts requires use of -n flag");
+    }
+    // An output named by options is an existing image: its format is the one
+    // the options give, or probed.
+    let target_spec;
+    let (out_path, out_format) = if args.target_image_opts {
+        target_spec = super::imgname::image_spec(out_path, None, true)?;
+        let format = match target_spec.format {
+            Some(f) => f,
+            None => super::common::probe_format(&target_spec.path)?,
+        };
+        (&target_spec.path, format)
+    } else {
+        (out_path, out_format)
     };
     if args.target_is_zero && !args.no_create {
         bail!("--target-is-zero requires use of -n flag");
@@ -141,8 +171,8 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let mut inputs = Inputs::default();
     let mut sources = Vec::with_capacity(src_paths.len());
     for p in src_paths {
-        inputs.add_read_chain(p, src_format);
-        let mut spec = open_spec(p, args.format.as_deref(), args.force_share)?;
+        let mut spec = naming.spec(p, args.format.as_deref(), args.force_share)?;
+        inputs.add_read_chain(&spec.path, spec.format.or(src_format));
         if args.backing.is_some() {
             // With -B only the top layer is copied; its backing is not needed.
             spec = spec.open_backing(false);

@@ -24,6 +24,9 @@ pub struct Args {
     /// Do not open the backing file (its size must then be given).
     #[arg(short = 'u')]
     unsafe_backing: bool,
+    /// `--object` definitions (secrets for encryption keys).
+    #[command(flatten)]
+    objects: super::objects::ObjectArgs,
     /// Quiet: do not print the summary line.
     #[arg(short = 'q')]
     quiet: bool,
@@ -34,6 +37,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    // The secrets by id, for the options that name one.
+    let _secrets = args.objects.secrets()?;
     let format: Format = args.format.parse().map_err(|e| match &args.filename {
         Some(p) => anyhow::anyhow!("{}: {e}", p.display()),
         None => anyhow::anyhow!("{e}"),

@@ -4,13 +4,16 @@
 //! the start of the input (the skipped ones included), and every block is
 //! written, zeroes too.
 
-use super::common::{open_chain, open_spec, size_arg, Ctx};
+use super::common::{open_chain, size_arg, Ctx};
 use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
 use strata_format::Format;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Input format (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -79,7 +82,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             .map_err(|_| anyhow!("Unknown file format"))?,
     };
     let input_path = PathBuf::from(input);
-    let spec = open_spec(&input_path, args.format.as_deref(), args.force_share)?;
+    let spec = args
+        .naming
+        .spec(&input_path, args.format.as_deref(), args.force_share)?;
     let chain = open_chain(&spec)?;
     let reader = chain.reader();
     let mut size = reader.virtual_size();

@@ -1,7 +1,7 @@
 //! `strata img info`: an image's format, sizes, backing file, snapshots and format
 //! details, as qemu-img prints them (text, or `--output=json`).
 
-use super::common::{human_size, open_chain, open_spec, Ctx, OutputFormat};
+use super::common::{human_size, open_chain, Ctx, OutputFormat};
 use super::{qjson, snapshot};
 use anyhow::Result;
 use serde_json::Value;
@@ -12,6 +12,9 @@ use strata_jobs::info::{chain_info, layer_info, ImageInfo};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Image format (probed from the top image when omitted; backing files never are).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -29,10 +32,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
-    let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), args.force_share)?
         .open_backing(args.backing_chain);
     let chain = open_chain(&spec)?;
-    let name = args.filename.as_os_str();
+    let name = spec.path.as_os_str();
     let infos = if args.backing_chain {
         chain_info(&chain, name)?
     } else {

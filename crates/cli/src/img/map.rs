@@ -1,7 +1,7 @@
 //! `strata img map`: how guest ranges are stored, through the whole backing chain
 //! (text and `--output=json`, as qemu-img prints them).
 
-use super::common::{open_chain, open_spec, size_arg, Ctx, OutputFormat};
+use super::common::{open_chain, size_arg, Ctx, OutputFormat};
 use anyhow::{bail, Result};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -12,6 +12,9 @@ use strata_jobs::Cancel;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Image format (probed from the top image when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -50,10 +53,12 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         Some(s) => Some(size_arg("max length", s)?),
         None => None,
     };
-    let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?;
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), args.force_share)?;
     let chain = open_chain(&spec)?;
     // File names, printed as the bytes they are (they need not be UTF-8).
-    let names: Vec<&[u8]> = std::iter::once(args.filename.as_os_str().as_bytes())
+    let names: Vec<&[u8]> = std::iter::once(spec.path.as_os_str().as_bytes())
         .chain(chain.layers[..chain.layers.len() - 1].iter().map(|l| {
             l.backing_path
                 .as_ref()

@@ -1,7 +1,7 @@
 //! `strata img measure`: the file size a new image needs, for a size or a source
 //! image (with its chain), by qemu-img's formulas.
 
-use super::common::{image_size, open_chain, open_spec, parse_options, Ctx, OutputFormat};
+use super::common::{image_size, open_chain, parse_options, Ctx, OutputFormat};
 use super::qjson;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -13,6 +13,9 @@ use strata_jobs::Cancel;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Output format.
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]
     output: OutputFormat,
@@ -91,7 +94,11 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let m = match (filename, &args.size) {
         (None, Some(s)) => measure(Source::Size(image_size(s)?), &target, &cancel)?,
         (Some(f), _) => {
-            let chain = open_chain(&open_spec(f, args.format.as_deref(), args.force_share)?)?;
+            let chain = open_chain(&args.naming.spec(
+                f,
+                args.format.as_deref(),
+                args.force_share,
+            )?)?;
             let top = chain.top().clone();
             let status = match &args.snapshot {
                 Some(key) => {

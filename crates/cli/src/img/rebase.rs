@@ -2,7 +2,7 @@
 //! differences between the old and new backing content first, so the guest view is
 //! unchanged; `-u` only rewrites the pointer; `-b ""` flattens the image.
 
-use super::common::{open_chain, open_spec, warn_probed_raw, Ctx};
+use super::common::{open_chain, warn_probed_raw, Ctx};
 use super::progress::Bar;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -12,6 +12,9 @@ use strata_jobs::{commit, rebase, Cancel};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Format of the image (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -62,19 +65,20 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         (Some(_), Some(f)) => Some(f.parse()?),
         (None, _) => None,
     };
-    warn_probed_raw(&args.filename, args.format.as_deref());
-    let spec = open_spec(&args.filename, args.format.as_deref(), false)?
-        .write(true)
-        .open_backing(!args.unsafe_mode);
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), false)?;
+    warn_probed_raw(&spec.path, spec.format.map(Format::name));
+    let spec = spec.write(true).open_backing(!args.unsafe_mode);
     let chain = open_chain(&spec)?;
     let image = chain.top().clone();
     if let Some(n) = &new_name {
         // The image must not end up below itself (with -u too): qemu-img's locks
         // refuse that in safe mode, worded so.
         let mut below = Inputs::default();
-        below.add_backing_chain(&args.filename, n, new_format);
+        below.add_backing_chain(&spec.path, n, new_format);
         if let Err(strata_jobs::Error::OutputBelowItself { path, depth }) =
-            check_output(&args.filename, &below)
+            check_output(&spec.path, &below)
         {
             bail!(
                 "Could not open new backing file '{n}': {}",
@@ -85,7 +89,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if !args.unsafe_mode {
         let new_chain = match (&new_name, new_format) {
             (Some(n), Some(f)) => {
-                let path = strata_chain::resolve_backing(&args.filename, n);
+                let path = strata_chain::resolve_backing(&spec.path, n);
                 let spec = strata_chain::OpenSpec::new(&path).format(Some(f));
                 Some(strata_chain::open(&spec).map_err(|e| {
                     anyhow::anyhow!(

@@ -4,10 +4,12 @@
 use super::common::{option_size, Ctx};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
-use strata_format::Format;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Image format (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -38,11 +40,14 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         _ => (0, args.size.as_str()),
     };
     let n = option_size("size", num)?;
-    let format = match &args.format {
-        Some(f) => f.parse::<Format>()?,
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), false)?;
+    let format = match spec.format {
+        Some(f) => f,
         None => {
-            super::common::warn_probed_raw(&args.filename, None);
-            strata_chain::probe_format(&args.filename)?
+            super::common::warn_probed_raw(&spec.path, None);
+            strata_chain::probe_format(&spec.path)?
         }
     };
     let prealloc = match args.preallocation.as_deref() {
@@ -52,7 +57,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 .map_err(|_| anyhow::anyhow!("Invalid preallocation mode '{p}'"))?,
         ),
     };
-    let dev = strata_chain::open_image(&args.filename, format, true, false)?;
+    let dev = strata_chain::open_image(&spec.path, format, true, false)?;
     let cur = dev.virtual_size();
     // As qemu-img computes it: the value as a signed 64-bit number, the change
     // added with wrap-around (+15E is a shrink below zero, +2^64-1 one of a byte).

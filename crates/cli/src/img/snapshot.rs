@@ -4,12 +4,14 @@
 use super::common::{human_size, Ctx};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
-use strata_format::Format;
 use strata_jobs::info::SnapshotInfo;
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("action").args(["list", "create", "apply", "delete"])))]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// List the snapshots (the default when no action is given).
     #[arg(short = 'l')]
     list: bool,
@@ -86,15 +88,19 @@ fn local_date(secs: u32) -> String {
 }
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
-    let format = match &args.format {
-        Some(f) => f.parse::<Format>()?,
-        None => strata_chain::probe_format(&args.filename)?,
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), args.force_share)?;
+    let format = match spec.format {
+        Some(f) => f,
+        None => strata_chain::probe_format(&spec.path)?,
     };
     let writing = args.create.is_some() || args.apply.is_some() || args.delete.is_some();
-    if writing && args.force_share {
+    if writing && spec.force_share {
         bail!("force-share=on can only be used with read-only images");
     }
-    let dev = strata_chain::open_image(&args.filename, format, writing, args.force_share)?;
+    let dev = strata_chain::open_image(&spec.path, format, writing, spec.force_share)
+        .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
     use strata_jobs::snapshot::{self as job, NameRule};
     use strata_jobs::Error as E;
     // qemu-img's wording for each refusal (a format without internal snapshots is

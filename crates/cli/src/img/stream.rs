@@ -2,14 +2,18 @@
 //! backing chain (down to `-b BASE`, or all of it), then drop that part by
 //! relinking the image to the base (or to nothing).
 
-use super::common::{job_error, open_spec, warn_probed_raw, Ctx};
+use super::common::{job_error, warn_probed_raw, Ctx};
 use super::progress::Bar;
 use anyhow::Result;
 use std::path::PathBuf;
+use strata_format::Format;
 use strata_jobs::{stream, Cancel};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `--object` definitions and `--image-opts`.
+    #[command(flatten)]
+    naming: super::imgname::Naming,
     /// Format of the image (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -28,14 +32,17 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
-    warn_probed_raw(&args.filename, args.format.as_deref());
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), false)?;
+    warn_probed_raw(&spec.path, spec.format.map(Format::name));
     let req = stream::StreamRequest {
-        image: args.filename.clone(),
-        format: open_spec(&args.filename, args.format.as_deref(), false)?.format,
+        image: spec.path.clone(),
+        format: spec.format,
         base: args.base.clone(),
     };
     let bar = Bar::new(args.progress && !args.quiet);
-    stream::stream(&req, &bar, &Cancel::default()).map_err(|e| job_error(&args.filename, e))?;
+    stream::stream(&req, &bar, &Cancel::default()).map_err(|e| job_error(&spec.path, e))?;
     bar.finish();
     Ok(0)
 }

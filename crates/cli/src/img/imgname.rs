@@ -1,0 +1,382 @@
+//! QEMU's ways of naming an image on qemu-img's command line, turned into a
+//! [`strata_chain::OpenSpec`]: a file name, a `json:{...}` pseudo-filename (nested
+//! objects and dotted keys alike), or with `--image-opts` an option list
+//! (`driver=qcow2,file.filename=PATH,...`). The format driver's own options go to
+//! the spec's `driver_options`; the file layer below it becomes the spec's path;
+//! `--object` secrets go to its `secrets`. Options QEMU's drivers do not know are
+//! refused with QEMU's message, naming the image as typed.
+
+use super::common::split_items;
+use super::objects::ObjectArgs;
+use anyhow::{anyhow, bail, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use strata_chain::OpenSpec;
+use strata_format::Format;
+
+/// `--object` and `--image-opts`, as every subcommand that opens an existing
+/// image takes them.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct Naming {
+    #[command(flatten)]
+    pub objects: ObjectArgs,
+    /// The image arguments are option lists (`driver=qcow2,file.filename=PATH,...`),
+    /// not file names.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+}
+
+impl Naming {
+    /// The spec for the image argument `name` with `-f` `format` and `-U`: its
+    /// location, format, driver options and the command line's secrets.
+    pub fn spec(&self, name: &Path, format: Option<&str>, force_share: bool) -> Result<OpenSpec> {
+        if self.image_opts && format.is_some() {
+            bail!("--image-opts and --format are mutually exclusive");
+        }
+        let secrets = self.objects.secrets()?;
+        let mut spec = image_spec(name, format, self.image_opts)?;
+        spec.force_share |= force_share;
+        spec.secrets = secrets;
+        Ok(spec)
+    }
+}
+
+/// Options every block driver takes (QEMU's generic node options); accepted and,
+/// but for `force-share`, without effect on strata.
+const COMMON_OPTIONS: [&str; 8] = [
+    "node-name",
+    "cache.direct",
+    "cache.no-flush",
+    "read-only",
+    "auto-read-only",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+];
+
+/// The qcow2 driver's own options (a key, or a prefix ending in '.').
+const QCOW2_OPTIONS: [&str; 17] = [
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "discard-no-unref",
+    "overlap-check",
+    "overlap-check.",
+    "cache-size",
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-clean-interval",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "data-file",
+    "data-file.",
+    "backing",
+];
+
+/// The raw format driver's own options.
+const RAW_OPTIONS: [&str; 2] = ["offset", "size"];
+
+/// The file protocol's options (host_device's too).
+const FILE_OPTIONS: [&str; 6] = [
+    "aio",
+    "aio-max-batch",
+    "locking",
+    "pr-manager",
+    "x-check-cache-dropped",
+    "drop-cache",
+];
+
+/// Whether `key` is one of `known` (exactly, or below a prefix ending in '.';
+/// a child like `backing` takes its own dotted options too).
+fn known(key: &str, known: &[&str]) -> bool {
+    known.iter().any(|k| match k.strip_suffix('.') {
+        Some(prefix) => key.strip_prefix(prefix).is_some_and(|r| r.starts_with('.')),
+        None => key == *k || (*k == "backing" && key.starts_with("backing.")),
+    })
+}
+
+/// The spec for the image argument `name` (see the module doc); `format` is `-f`,
+/// which wins over a `json:` name's driver.
+pub fn image_spec(name: &Path, format: Option<&str>, image_opts: bool) -> Result<OpenSpec> {
+    let typed = name.to_string_lossy().into_owned();
+    let flat = if image_opts {
+        Some(opts_list(&typed))
+    } else if let Some(json) = name.as_os_str().as_bytes().strip_prefix(b"json:") {
+        Some(json_options(json).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?)
+    } else {
+        None
+    };
+    let Some(mut flat) = flat else {
+        let format = format.map(str::parse::<Format>).transpose()?;
+        return Ok(OpenSpec::new(name).format(format));
+    };
+    if let Some(f) = format {
+        flat.insert("driver".into(), f.to_string());
+    }
+    let mut spec = from_options(flat).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
+    spec.display_name = Some(typed);
+    Ok(spec)
+}
+
+/// An `--image-opts` list as QEMU's option parser reads it: `key=value` items,
+/// a bare `key` meaning `key=on` (`nokey`: `key=off`), the last of a repeated key
+/// winning.
+fn opts_list(list: &str) -> BTreeMap<String, String> {
+    let mut flat = BTreeMap::new();
+    for item in split_items(list) {
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => match item.strip_prefix("no") {
+                Some(k) if !k.is_empty() => (k.to_string(), "off".to_string()),
+                _ => (item, "on".to_string()),
+            },
+        };
+        flat.insert(k, v);
+    }
+    flat
+}
+
+/// The options of a `json:` pseudo-filename, nested objects flattened to dotted
+/// keys (arrays by index), scalars as text: booleans `on`/`off`, null empty.
+fn json_options(json: &[u8]) -> Result<BTreeMap<String, String>> {
+    let v: Value = serde_json::from_slice(json).map_err(|_| {
+        anyhow!("Could not parse the JSON options: JSON parse error, expecting value")
+    })?;
+    let Value::Object(map) = v else {
+        bail!("Invalid JSON object given");
+    };
+    let mut flat = BTreeMap::new();
+    for (k, v) in map {
+        flatten(&k, &v, &mut flat);
+    }
+    Ok(flat)
+}
+
+fn flatten(key: &str, v: &Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                flatten(&format!("{key}.{k}"), v, out);
+            }
+        }
+        Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                flatten(&format!("{key}.{i}"), v, out);
+            }
+        }
+        Value::String(s) => {
+            out.insert(key.to_string(), s.clone());
+        }
+        Value::Bool(b) => {
+            out.insert(key.to_string(), if *b { "on" } else { "off" }.to_string());
+        }
+        Value::Number(n) => {
+            out.insert(key.to_string(), n.to_string());
+        }
+        Value::Null => {
+            out.insert(key.to_string(), String::new());
+        }
+    }
+}
+
+/// The options below `child.`, with that prefix taken off (removed from `flat`).
+fn take_child(flat: &mut BTreeMap<String, String>, child: &str) -> BTreeMap<String, String> {
+    let prefix = format!("{child}.");
+    let keys: Vec<String> = flat
+        .keys()
+        .filter(|k| k.starts_with(&prefix))
+        .cloned()
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let v = flat.remove(&k)?;
+            Some((k[prefix.len()..].to_string(), v))
+        })
+        .collect()
+}
+
+/// Refuse the first key of `opts` that neither the driver (`own`) nor the
+/// generic node options know; `force-share=on` asks to open without locks.
+fn check_options(
+    opts: &BTreeMap<String, String>,
+    own: &[&str],
+    refusal: impl Fn(&str) -> String,
+) -> Result<bool> {
+    if let Some(k) = opts
+        .keys()
+        .find(|k| !known(k, own) && !COMMON_OPTIONS.contains(&k.as_str()))
+    {
+        bail!("{}", refusal(k));
+    }
+    Ok(opts.get("force-share").map(String::as_str) == Some("on"))
+}
+
+/// A spec from an image's flattened options.
+fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
+    let driver = flat.remove("driver");
+    match driver.as_deref() {
+        Some(p @ ("file" | "host_device")) => {
+            let Some(path) = flat.remove("filename") else {
+                bail!("The '{p}' block driver requires a file name");
+            };
+            let force_share = check_options(&flat, &FILE_OPTIONS, |k| {
+                format!("Block protocol '{p}' doesn't support the option '{k}'")
+            })?;
+            return Ok(OpenSpec::new(path)
+                .format(Some(Format::Raw))
+                .force_share(force_share));
+        }
+        Some("qcow2" | "raw") | None => {}
+        Some(other) => bail!("Unknown driver '{other}'"),
+    }
+    if driver.is_none() && !flat.keys().any(|k| k == "file" || k.starts_with("file.")) {
+        bail!("Must specify either driver or file");
+    }
+    if let Some(node) = flat.remove("file") {
+        bail!("Cannot find device='{node}' nor node-name='{node}'");
+    }
+    let mut file = take_child(&mut flat, "file");
+    let Some(path) = file.remove("filename") else {
+        bail!("A block device must be specified for \"file\"");
+    };
+    let protocol = file.remove("driver").unwrap_or_else(|| "file".into());
+    if !matches!(protocol.as_str(), "file" | "host_device") {
+        bail!("Unknown protocol '{protocol}'");
+    }
+    check_options(&file, &FILE_OPTIONS, |k| {
+        format!("Block protocol '{protocol}' doesn't support the option '{k}'")
+    })?;
+    flat.remove("filename");
+    let format = match driver.as_deref() {
+        Some(f) => Some(f.parse::<Format>()?),
+        None => None,
+    };
+    // Validated against the driver that will open the image: the named one, or
+    // the probed one (a file that cannot be probed fails to open later anyway).
+    let checked = format.or_else(|| strata_chain::probe_format(Path::new(&path)).ok());
+    let own: &[&str] = match checked {
+        Some(Format::Qcow2) => &QCOW2_OPTIONS,
+        Some(Format::Raw) => &RAW_OPTIONS,
+        None => &[],
+    };
+    let name = checked.map_or("raw", Format::name);
+    let force_share = check_options(&flat, own, |k| {
+        format!("Block format '{name}' does not support the option '{k}'")
+    })?;
+    for k in COMMON_OPTIONS {
+        flat.remove(k);
+    }
+    let mut spec = OpenSpec::new(path).format(format).force_share(force_share);
+    spec.driver_options = flat;
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, image_opts: bool) -> Result<OpenSpec> {
+        image_spec(Path::new(name), None, image_opts)
+    }
+
+    #[test]
+    fn json_nested_and_dotted_keys_name_the_same_image() {
+        let nested = spec(
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"/x/a.qcow2"},"encrypt":{"key-secret":"sec0"},"lazy-refcounts":true}"#,
+            false,
+        )
+        .unwrap();
+        let dotted = spec(
+            r#"json:{"driver":"qcow2","file.filename":"/x/a.qcow2","encrypt.key-secret":"sec0","lazy-refcounts":"on"}"#,
+            false,
+        )
+        .unwrap();
+        for s in [&nested, &dotted] {
+            assert_eq!(s.path, Path::new("/x/a.qcow2"));
+            assert_eq!(s.format, Some(Format::Qcow2));
+            assert_eq!(s.driver_options["encrypt.key-secret"], "sec0");
+            assert_eq!(s.driver_options["lazy-refcounts"], "on");
+            assert_eq!(s.driver_options.len(), 2);
+        }
+    }
+
+    #[test]
+    fn image_opts_give_driver_options_and_the_file_location() {
+        let s = spec(
+            "driver=qcow2,file.driver=file,file.filename=/x/a,,b,data-file=d,force-share=on,file.locking=off",
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.path, Path::new("/x/a,b"));
+        assert!(s.force_share);
+        assert_eq!(
+            s.driver_options.into_iter().collect::<Vec<_>>(),
+            vec![("data-file".to_string(), "d".to_string())]
+        );
+        // -f wins over a json: name's driver.
+        let s = image_spec(
+            Path::new(r#"json:{"driver":"qcow2","file.filename":"/x/a"}"#),
+            Some("raw"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(s.format, Some(Format::Raw));
+        // A plain file name is left as it is.
+        let s = spec("a:b", false).unwrap();
+        assert_eq!((s.path.to_str(), s.format), (Some("a:b"), None));
+    }
+
+    #[test]
+    fn unknown_options_and_bad_names_get_qemu_messages() {
+        let err = |n: &str, o: bool| spec(n, o).unwrap_err().to_string();
+        let n = "driver=qcow2,file.filename=/x/a,foo=bar";
+        assert_eq!(
+            err(n, true),
+            format!("Could not open '{n}': Block format 'qcow2' does not support the option 'foo'")
+        );
+        let n = "driver=qcow2,file.filename=/x/a,file.foo=bar";
+        assert_eq!(
+            err(n, true),
+            format!("Could not open '{n}': Block protocol 'file' doesn't support the option 'foo'")
+        );
+        let n = "driver=bogus,file.filename=/x/a";
+        assert_eq!(
+            err(n, true),
+            format!("Could not open '{n}': Unknown driver 'bogus'")
+        );
+        let n = "driver=qcow2,filename=/x/a";
+        assert_eq!(
+            err(n, true),
+            format!("Could not open '{n}': A block device must be specified for \"file\"")
+        );
+        let n = r#"json:{"driver":"qcow2","file":"a"}"#;
+        assert_eq!(
+            err(n, false),
+            format!("Could not open '{n}': Cannot find device='a' nor node-name='a'")
+        );
+        let n = r#"json:{"driver":"qcow2",}"#;
+        assert_eq!(
+            err(n, false),
+            format!("Could not open '{n}': Could not parse the JSON options: JSON parse error, expecting value")
+        );
+        let n = "json:[1]";
+        assert_eq!(
+            err(n, false),
+            format!("Could not open '{n}': Invalid JSON object given")
+        );
+        let e = Naming {
+            image_opts: true,
+            ..Default::default()
+        }
+        .spec(Path::new("driver=raw,file.filename=a"), Some("raw"), false)
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--image-opts and --format are mutually exclusive"
+        );
+    }
+}
