@@ -5,6 +5,7 @@
 
 #![deny(clippy::cast_possible_truncation)]
 
+pub mod crypto;
 mod device;
 mod error;
 #[doc(hidden)]

@@ -5,7 +5,8 @@
 //! a flush. A sequence of guest operations (in-place and copy-on-write writes, L2
 //! table and refcount block allocation, refcount-table growth, L1 growth by resize,
 //! shrinking with and without snapshots, write-zeroes, discard, snapshot create,
-//! apply and delete, persistent bitmaps kept valid) runs with a guest flush after
+//! apply and delete, persistent bitmaps kept valid; on clear and LUKS-encrypted
+//! images) runs with a guest flush after
 //! each operation, and the storage crashes at mutating operation `k`, for every `k`
 //! until the sequence completes. For each cut the disk left behind is built for
 //! several picks of the unflushed writes: none, all, only the newest (the pick that
@@ -43,6 +44,13 @@ use strata_storage::{
 };
 
 const SIZE: u64 = 1 << 20;
+/// The password of the encrypted configuration; every open gives it (a clear
+/// image ignores it).
+const PASSWORD: &str = "crash";
+
+fn unlock() -> strata_format::qcow2::Unlock {
+    strata_format::qcow2::Unlock::Secret(PASSWORD.as_bytes().into())
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -226,8 +234,18 @@ fn qemu_check(bytes: &[u8]) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("cut.qcow2");
     std::fs::write(&p, bytes).unwrap();
+    // The secret is given for every image: a clear one ignores it.
     let out = Command::new("qemu-img")
-        .args(["check", p.to_str().unwrap()])
+        .args([
+            "check",
+            "--object",
+            &format!("secret,id=s0,data={PASSWORD}"),
+        ])
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=qcow2,encrypt.key-secret=s0,file.filename={}",
+            p.to_str().unwrap()
+        ))
         .output()
         .expect("qemu-img must be installed");
     (
@@ -262,6 +280,7 @@ fn model_states(base: &[u8], cs: u64, seq: &[Op]) -> Vec<Vec<u8>> {
         Arc::new(MemStorage::from_vec(base.to_vec())),
         Qcow2OpenOptions {
             read_only: true,
+            unlock: unlock(),
             ..Default::default()
         },
     )
@@ -290,7 +309,11 @@ struct Reached {
 /// until something fails. A crash does not close the image.
 fn run_sequence(s: Arc<dyn Storage>, seq: &[Op], ops_of: impl Fn() -> u64) -> Reached {
     let mut done = 0;
-    let Ok(img) = Qcow2Image::open(s, Qcow2OpenOptions::default()) else {
+    let opts = Qcow2OpenOptions {
+        unlock: unlock(),
+        ..Default::default()
+    };
+    let Ok(img) = Qcow2Image::open(s, opts) else {
         return Reached {
             done,
             storage_ops: ops_of(),
@@ -401,6 +424,7 @@ impl Checker {
             s,
             Qcow2OpenOptions {
                 read_only: !lazy,
+                unlock: unlock(),
                 ..Default::default()
             },
         )
@@ -577,6 +601,19 @@ fn configs() -> Vec<CreateOptions> {
             size: SIZE,
             cluster_size: 4096,
             lazy_refcounts: true,
+            ..Default::default()
+        },
+        // LUKS: every data write is sealed at its host offset.
+        CreateOptions {
+            size: SIZE,
+            cluster_size: 65536,
+            encrypt: Some(strata_format::qcow2::encryption::LuksEncrypt {
+                options: strata_format::crypto::luks::LuksCreateOptions {
+                    iter_time_ms: 1,
+                    ..Default::default()
+                },
+                password: PASSWORD.as_bytes().into(),
+            }),
             ..Default::default()
         },
     ]

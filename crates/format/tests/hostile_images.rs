@@ -436,11 +436,18 @@ fn corpus() -> Vec<Case> {
             },
         ),
         case(
-            "encryption method set",
+            "LUKS encryption method without its header extension",
+            Open,
+            Kind(K::Invalid),
+            true,
+            |b, _| put32(b, 32, 2),
+        ),
+        case(
+            "unknown encryption method",
             Open,
             Kind(K::Unsupported),
             true,
-            |b, _| put32(b, 32, 2),
+            |b, _| put32(b, 32, 3),
         ),
         case(
             "unknown compression type",
@@ -740,7 +747,7 @@ fn corpus() -> Vec<Case> {
     });
     v.push(ext_case(
         "encryption extension without an encryption method",
-        Kind(K::Unsupported),
+        Kind(K::Invalid),
         true,
         0x0537_be77,
         &[0; 16],
@@ -1288,4 +1295,246 @@ fn every_fuzz_seed_reads_and_writes_cleanly() {
         }
     }
     assert!(seeds >= 4, "{seeds} seeds");
+}
+
+/// A valid LUKS-encrypted image, its password, and where its encryption header
+/// extension lies in the first cluster.
+fn luks_base() -> (Vec<u8>, usize) {
+    use strata_format::crypto::luks::LuksCreateOptions;
+    use strata_format::qcow2::encryption::LuksEncrypt;
+    let b = base_with(CreateOptions {
+        size: 16 << 20,
+        encrypt: Some(LuksEncrypt {
+            options: LuksCreateOptions {
+                iter_time_ms: 1,
+                ..Default::default()
+            },
+            password: LUKS_PASSWORD.as_bytes().into(),
+        }),
+        ..Default::default()
+    });
+    let ext = extension(&b, 0x0537_be77).expect("crypto extension");
+    (b, ext)
+}
+
+const LUKS_PASSWORD: &str = "hostile";
+
+/// A LUKS-encrypted image damaged by `f(bytes, ext, area)` (`ext`: the header
+/// extension's position; `area`: the LUKS area's offset in the file).
+fn luks_case(
+    name: &'static str,
+    expect: ErrorKind,
+    qemu_refuses: bool,
+    f: impl FnOnce(&mut Vec<u8>, usize, usize),
+) -> Case {
+    let (mut b, ext) = luks_base();
+    let area = be64(&b, ext + 8) as usize;
+    f(&mut b, ext, area);
+    Case {
+        name,
+        bytes: b,
+        stage: Stage::Open,
+        expect: Expect::Kind(expect),
+        qemu_refuses,
+    }
+}
+
+/// Bad LUKS headers, bad key slots, bad extension fields, overflowing sizes.
+fn luks_corpus() -> Vec<Case> {
+    use ErrorKind as K;
+    let slot = |area: usize, i: usize| area + 208 + 48 * i;
+    vec![
+        luks_case("LUKS magic wrong", K::Invalid, true, |b, _, a| b[a] = b'X'),
+        luks_case("LUKS version 2", K::Unsupported, true, |b, _, a| {
+            b[a + 7] = 2
+        }),
+        luks_case(
+            "LUKS cipher name without NUL",
+            K::Invalid,
+            true,
+            |b, _, a| b[a + 8..a + 40].fill(b'a'),
+        ),
+        luks_case("LUKS hash spec without NUL", K::Invalid, true, |b, _, a| {
+            b[a + 72..a + 104].fill(b's')
+        }),
+        luks_case(
+            "LUKS payload inside the header",
+            K::Invalid,
+            true,
+            |b, _, a| put32(b, a + 104, 1),
+        ),
+        luks_case(
+            "LUKS master key iterations zero",
+            K::Invalid,
+            true,
+            |b, _, a| put32(b, a + 164, 0),
+        ),
+        luks_case(
+            "LUKS key slot stripes wrong",
+            K::Invalid,
+            true,
+            |b, _, a| put32(b, slot(a, 3) + 44, 5),
+        ),
+        luks_case(
+            "LUKS key slot state garbage",
+            K::Invalid,
+            true,
+            |b, _, a| put32(b, slot(a, 2), 1),
+        ),
+        luks_case(
+            "LUKS active key slot with zero iterations",
+            K::Invalid,
+            true,
+            |b, _, a| put32(b, slot(a, 0) + 4, 0),
+        ),
+        luks_case(
+            "LUKS key material inside the header",
+            K::Invalid,
+            true,
+            |b, _, a| put32(b, slot(a, 0) + 40, 1),
+        ),
+        luks_case(
+            "LUKS key material in the payload",
+            K::Invalid,
+            true,
+            |b, _, a| put32(b, slot(a, 7) + 40, 4000),
+        ),
+        luks_case(
+            // QEMU's 32-bit sum of offset and length wraps here and lets it pass.
+            "LUKS key material offset at 2^32-1",
+            K::Invalid,
+            false,
+            |b, _, a| put32(b, slot(a, 5) + 40, u32::MAX),
+        ),
+        luks_case("LUKS key slots overlapping", K::Invalid, true, |b, _, a| {
+            let o = be32(b, slot(a, 4) + 40);
+            put32(b, slot(a, 5) + 40, o)
+        }),
+        luks_case("LUKS key bytes 2^32-1", K::Invalid, true, |b, _, a| {
+            put32(b, a + 108, u32::MAX)
+        }),
+        luks_case("LUKS key bytes zero", K::Invalid, true, |b, _, a| {
+            put32(b, a + 108, 0)
+        }),
+        luks_case(
+            // QEMU implements Twofish; strata says it does not.
+            "LUKS cipher strata does not implement",
+            K::Unsupported,
+            false,
+            |b, _, a| b[a + 8..a + 16].copy_from_slice(b"twofish\0"),
+        ),
+        luks_case("LUKS unknown hash", K::Invalid, true, |b, _, a| {
+            b[a + 72..a + 80].copy_from_slice(b"sha2566\0")
+        }),
+        luks_case(
+            "LUKS cipher mode without IV generator",
+            K::Invalid,
+            true,
+            |b, _, a| {
+                b[a + 40..a + 72].fill(0);
+                b[a + 40..a + 43].copy_from_slice(b"xts")
+            },
+        ),
+        luks_case(
+            "LUKS ESSIV without its hash",
+            K::Invalid,
+            true,
+            |b, _, a| {
+                b[a + 40..a + 72].fill(0);
+                b[a + 40..a + 49].copy_from_slice(b"cbc-essiv");
+                put32(b, a + 108, 32)
+            },
+        ),
+        luks_case(
+            "encryption extension of 20 bytes",
+            K::Invalid,
+            true,
+            |b, e, _| put32(b, e + 4, 20),
+        ),
+        luks_case(
+            "encryption header offset unaligned",
+            K::Invalid,
+            true,
+            |b, e, _| {
+                let o = be64(b, e + 8);
+                put64(b, e + 8, o + 512)
+            },
+        ),
+        luks_case(
+            "encryption header offset near 2^64",
+            K::Invalid,
+            true,
+            |b, e, _| put64(b, e + 8, u64::MAX - 0xffff),
+        ),
+        // QEMU reads the key material only once a secret is given: `info` passes.
+        luks_case(
+            "encryption area shorter than its key material",
+            K::Invalid,
+            false,
+            |b, e, _| put64(b, e + 16, 4096),
+        ),
+        luks_case(
+            "encryption area length near 2^64 past the file",
+            K::Invalid,
+            true,
+            |b, e, _| {
+                put64(b, e + 8, 1 << 40);
+                put64(b, e + 16, u64::MAX)
+            },
+        ),
+        luks_case("wrong password", K::Key, false, |b, _, a| {
+            // The master key digest no longer matches any slot's key.
+            b[a + 112] ^= 1
+        }),
+    ]
+}
+
+#[test]
+fn every_hostile_luks_image_is_refused_with_a_clear_error_as_qemu_refuses_it() {
+    use strata_format::qcow2::Unlock;
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for (i, c) in luks_corpus().into_iter().enumerate() {
+        let name = c.name;
+        let c = Arc::new(c);
+        let c2 = c.clone();
+        let r = guarded(move || {
+            peak_alloc(|| {
+                let s = Arc::new(MemStorage::from_vec(c2.bytes.clone()));
+                let opened = Qcow2Image::open(
+                    s,
+                    Qcow2OpenOptions {
+                        read_only: true,
+                        unlock: Unlock::Secret(LUKS_PASSWORD.as_bytes().into()),
+                        ..Default::default()
+                    },
+                );
+                match (opened, c2.expect) {
+                    (Ok(_), _) => Err("opened".to_string()),
+                    (Err(e), Expect::Kind(k)) if e.kind() == k && !e.message().is_empty() => {
+                        Ok(e.to_string())
+                    }
+                    (Err(e), other) => Err(format!("expected {other:?}, got {:?}: {e}", e.kind())),
+                }
+            })
+        });
+        match r {
+            Ok((Ok(msg), peak)) if peak <= ALLOC_LIMIT => eprintln!("{name}: {msg}"),
+            Ok((Ok(_), peak)) => failures.push(format!("{name}: allocated {peak} bytes")),
+            Ok((Err(m), _)) | Err(m) => failures.push(format!("{name}: {m}")),
+        }
+        if c.qemu_refuses {
+            let p = dir.path().join(format!("luks{i}.qcow2"));
+            std::fs::write(&p, &c.bytes).unwrap();
+            let out = std::process::Command::new("qemu-img")
+                .args(["info", "-f", "qcow2"])
+                .arg(&p)
+                .output()
+                .expect("qemu-img must be installed");
+            if out.status.success() {
+                failures.push(format!("{name}: qemu-img accepted it"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

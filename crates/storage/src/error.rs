@@ -38,6 +38,9 @@ pub enum ErrorKind {
     Cancelled,
     /// The storage failed (I/O error, no space, an injected fault...).
     Io,
+    /// An encrypted image was opened without the secret it needs, or with one
+    /// that unlocks none of its keys.
+    Key,
 }
 
 /// Errors from a storage backend. Each names the operation and, where there is one, the path.

@@ -84,6 +84,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             for_repair: writing,
             no_auto_repair: true,
             for_check: true,
+            ..Default::default()
         },
     )?;
     // qemu-img opens the backing file too, and fails when it is gone: a check

@@ -349,6 +349,7 @@ impl Qcow2Image {
                 m.h.snapshots_offset,
                 super::snapshot::table_size(&m.snapshots),
             )
+            || m.h.crypto.is_some_and(|x| within(x.offset, x.length))
     }
 
     /// Verify (and with `fix`, correct) the COPIED flags of the active L1 and L2

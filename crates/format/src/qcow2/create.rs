@@ -1,6 +1,7 @@
 //! Creating qcow2 images with QEMU's options.
 
 use super::compress::CompressionType;
+use super::encryption::LuksEncrypt;
 use super::header::{self, Header};
 use super::image::{Qcow2Image, Qcow2OpenOptions};
 use super::refcount::rb_set;
@@ -50,6 +51,8 @@ pub struct CreateOptions {
     pub extended_l2: bool,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// Encrypt with LUKS (`encrypt.format=luks`).
+    pub encrypt: Option<LuksEncrypt>,
 }
 
 impl Default for CreateOptions {
@@ -65,6 +68,7 @@ impl Default for CreateOptions {
             extended_l2: false,
             backing_file: None,
             backing_format: None,
+            encrypt: None,
         }
     }
 }
@@ -171,6 +175,7 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
             Vec::new()
         },
         bitmaps: None,
+        crypto: None,
         unknown_extensions: Vec::new(),
     };
     if opts.lazy_refcounts {
@@ -204,9 +209,13 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
     first[..hdr.len()].copy_from_slice(&hdr);
     storage.write_at(&first, 0)?;
     storage.flush()?;
-    let img = Qcow2Image::open(storage.clone(), Qcow2OpenOptions::default())?;
+    let mut img = Qcow2Image::open(storage.clone(), Qcow2OpenOptions::default())?;
     // Size the disk: the L1 table is created by the ordinary growth path.
     img.resize(opts.size, false)?;
+    // The LUKS area follows the L1 table, as in QEMU's images.
+    if let Some(enc) = &opts.encrypt {
+        img.install_luks(enc)?;
+    }
     if opts.preallocation != Preallocation::Off {
         img.preallocate(opts.preallocation)?;
     }

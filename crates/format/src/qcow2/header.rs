@@ -3,7 +3,7 @@
 
 use super::compress::CompressionType;
 use crate::units::{header_u32, index};
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 use std::os::unix::ffi::OsStrExt;
 
 pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
@@ -66,6 +66,21 @@ pub struct BitmapsExt {
     pub directory_offset: u64,
 }
 
+/// The full disk encryption header extension: where the LUKS area lies in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CryptoExt {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// `crypt_method` values.
+pub mod crypt {
+    pub const NONE: u32 = 0;
+    /// The legacy AES-CBC format (read only).
+    pub const AES: u32 = 1;
+    pub const LUKS: u32 = 2;
+}
+
 /// A parsed and validated qcow2 header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -92,6 +107,8 @@ pub struct Header {
     pub backing_format: Option<String>,
     pub feature_names: Vec<FeatureName>,
     pub bitmaps: Option<BitmapsExt>,
+    /// The LUKS area of a LUKS-encrypted image.
+    pub crypto: Option<CryptoExt>,
     /// Extensions strata does not interpret, kept to be written back unchanged.
     pub unknown_extensions: Vec<(u32, Vec<u8>)>,
 }
@@ -200,6 +217,7 @@ impl Header {
             backing_format: None,
             feature_names: Vec::new(),
             bitmaps: None,
+            crypto: None,
             unknown_extensions: Vec::new(),
         };
         if version == 3 {
@@ -245,11 +263,11 @@ impl Header {
         let cs = self.cluster_size();
         // Unknown incompatible features are refused after the extensions are parsed,
         // so the error can use the image's own feature names.
-        if self.crypt_method != 0 {
-            return Err(Error::unsupported(format!(
-                "encryption (crypt_method {}): strata does not read encrypted qcow2",
-                self.crypt_method
-            )));
+        if self.crypt_method > crypt::LUKS {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("Unsupported encryption method {}", self.crypt_method),
+            ));
         }
         if self.refcount_order > 6 {
             return Err(Error::invalid(format!(
@@ -420,13 +438,36 @@ impl Header {
                     self.bitmaps = Some(b);
                 }
                 ext::CRYPTO => {
-                    return Err(Error::unsupported(
-                        "encryption (LUKS): strata does not read encrypted qcow2",
-                    ));
+                    if self.crypt_method != crypt::LUKS {
+                        return Err(Error::invalid(
+                            "CRYPTO header extension only expected with LUKS encryption method",
+                        ));
+                    }
+                    if data.len() != 16 {
+                        return Err(Error::invalid(format!(
+                            "CRYPTO header extension size {}, but expected size 16",
+                            data.len()
+                        )));
+                    }
+                    let c = CryptoExt {
+                        offset: be64(data, 0),
+                        length: be64(data, 8),
+                    };
+                    if !c.offset.is_multiple_of(self.cluster_size()) {
+                        return Err(Error::invalid(format!(
+                            "Encryption header offset '{}' is not a multiple of cluster size '{}'",
+                            c.offset,
+                            self.cluster_size()
+                        )));
+                    }
+                    self.crypto = Some(c);
                 }
                 _ => self.unknown_extensions.push((ty, data.to_vec())),
             }
             at = end.checked_add(7).map(|e| e & !7).unwrap_or(usize::MAX);
+        }
+        if self.crypt_method == crypt::LUKS && self.crypto.is_none() {
+            return Err(Error::invalid("Missing CRYPTO header for crypt method 2"));
         }
         // Now that names are known, refuse unknown incompatible features.
         let unknown = self.incompatible_features & !incompat::KNOWN;
@@ -541,6 +582,12 @@ impl Header {
         };
         if let Some(fmt) = &self.backing_format {
             put_ext(&mut out, ext::BACKING_FORMAT, fmt.as_bytes());
+        }
+        if let Some(c) = self.crypto {
+            let mut d = Vec::with_capacity(16);
+            d.extend_from_slice(&c.offset.to_be_bytes());
+            d.extend_from_slice(&c.length.to_be_bytes());
+            put_ext(&mut out, ext::CRYPTO, &d);
         }
         if let Some(b) = self.bitmaps {
             let mut d = Vec::with_capacity(24);

@@ -1,6 +1,7 @@
 //! An open qcow2 image: the guest view ([`BlockDevice`]) over the metadata in [`Meta`].
 
 use super::compress::{self, CompressionType};
+use super::encryption::{Encryption, EncryptionInfo, Unlock};
 use super::entries::{
     Geometry, L2Entry, SubState, ALL_ALLOCATED, ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO,
 };
@@ -17,7 +18,7 @@ use strata_storage::sync;
 use strata_storage::Storage;
 
 /// How to open a qcow2 image.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Qcow2OpenOptions {
     pub read_only: bool,
     /// Open even if the corrupt bit is set (for `check -r`), read-write.
@@ -28,6 +29,8 @@ pub struct Qcow2OpenOptions {
     /// image) read as zeroes, as QEMU reads them, so that the check reports what is
     /// missing instead of refusing the image.
     pub for_check: bool,
+    /// The secret of an encrypted image (see [`Unlock`]).
+    pub unlock: Unlock,
 }
 
 /// A qcow2 image.
@@ -48,6 +51,8 @@ pub struct Qcow2Image {
     /// Readers hold it shared while they read data outside the metadata lock;
     /// operations that can make freed clusters reusable hold it exclusively.
     reuse: RwLock<()>,
+    /// The encryption of an encrypted image (shared with its snapshot views).
+    pub(crate) crypt: Option<Arc<Encryption>>,
 }
 
 /// Where the bytes of a planned write come from.
@@ -170,6 +175,7 @@ impl Qcow2Image {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
+        let crypt = Encryption::open(&*storage, &h, &opts.unlock, read_only)?.map(Arc::new);
         let l1 = read_table(&*storage, h.l1_table_offset, u64::from(h.l1_size))?;
         let rt_entries = u64::from(h.refcount_table_clusters) * h.cluster_size() / 8;
         let reftable = read_table(&*storage, h.refcount_table_offset, rt_entries)?;
@@ -235,6 +241,7 @@ impl Qcow2Image {
             zcache: Mutex::new(None),
             inflight: InFlight::default(),
             reuse: RwLock::new(()),
+            crypt,
         };
         if dirty && !read_only && !opts.no_auto_repair {
             // A dirty image (lazy refcounts, not closed cleanly) has refcounts that
@@ -388,10 +395,11 @@ impl Qcow2Image {
     /// Read a run's bytes into `buf` (without the metadata lock).
     fn read_run(&self, run: Run, buf: &mut [u8], off: u64) -> Result<()> {
         match run {
-            Run::Data { host } => self
-                .storage
-                .read_at(buf, host.get())
-                .map_err(|e| self.err(e)),
+            Run::Data { host } => match &self.crypt {
+                None => self.storage.read_at(buf, host.get()).map_err(Error::from),
+                Some(c) => c.read(&*self.storage, host.get(), off, buf),
+            }
+            .map_err(|e| self.err(e)),
             Run::Zero { .. } => {
                 buf.fill(0);
                 Ok(())
@@ -540,6 +548,18 @@ impl Qcow2Image {
     /// into newly allocated clusters (with copy-on-write of partial clusters). Allocates
     /// and builds copy-on-write data; writes no data and changes no mapping.
     fn plan_write(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<WritePlan> {
+        if self.crypt.is_some() {
+            if let Some((whole, start)) = self.sector_aligned(m, buf, offset)? {
+                // Every segment of the plan then owns its bytes: `buf` is not used.
+                let mut plan = self.plan_write(m, &whole, start)?;
+                for seg in &mut plan.segs {
+                    if let SegData::Buf(a, b) = seg.data {
+                        seg.data = SegData::Owned(whole[a..b].to_vec());
+                    }
+                }
+                return Ok(plan);
+            }
+        }
         let cs = self.geo.cluster_size();
         let l2n = m.l2_entries();
         let mut plan = WritePlan {
@@ -666,12 +686,50 @@ impl Qcow2Image {
         Ok(plan)
     }
 
-    /// Write a plan's data (no lock needed: the clusters are reserved for it).
+    /// An encrypted image's write of `buf` at `offset` widened to whole sectors
+    /// (the sectors around it read back first), or `None` when it is aligned.
+    fn sector_aligned(
+        &self,
+        m: &mut Meta,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<Option<(Vec<u8>, u64)>> {
+        let ss = crate::crypto::SECTOR_SIZE;
+        let end = offset + buf.len() as u64;
+        if offset.is_multiple_of(ss) && end.is_multiple_of(ss) {
+            return Ok(None);
+        }
+        let start = offset - offset % ss;
+        let stop = end.next_multiple_of(ss);
+        let mut whole = vec![0u8; index(stop - start)];
+        let head = index(offset - start);
+        if head > 0 {
+            self.read_locked(m, &mut whole[..index(ss)], start)?;
+        }
+        let tail = index(stop - end);
+        if tail > 0 {
+            let at = whole.len() - index(ss);
+            self.read_locked(m, &mut whole[at..], stop - ss)?;
+        }
+        whole[head..head + buf.len()].copy_from_slice(buf);
+        Ok(Some((whole, start)))
+    }
+
+    /// Write a plan's data (no lock needed: the clusters are reserved for it),
+    /// encrypted first in an encrypted image.
     fn write_segments(&self, plan: &WritePlan, buf: &[u8]) -> Result<()> {
         for seg in &plan.segs {
             let data = match &seg.data {
                 SegData::Buf(a, b) => &buf[*a..*b],
                 SegData::Owned(v) => v.as_slice(),
+            };
+            let sealed;
+            let data = match &self.crypt {
+                None => data,
+                Some(c) => {
+                    sealed = c.seal(seg.host.get(), data).map_err(|e| self.err(e))?;
+                    sealed.as_slice()
+                }
             };
             if plan.falloc && seg.fresh {
                 self.storage
@@ -1046,7 +1104,19 @@ impl Qcow2Image {
             zcache: Mutex::new(None),
             inflight: InFlight::default(),
             reuse: RwLock::new(()),
+            crypt: None,
         }
+    }
+
+    /// The same image's encryption, for a view of it (a snapshot).
+    pub(crate) fn sharing_encryption_of(mut self, other: &Qcow2Image) -> Qcow2Image {
+        self.crypt = other.crypt.clone();
+        self
+    }
+
+    /// The encryption the image records (`None` for a clear image).
+    pub fn encryption(&self) -> Option<EncryptionInfo> {
+        self.crypt.as_ref().map(|c| c.info.clone())
     }
 
     /// Hold off every reader and writer: for operations that remap or free clusters

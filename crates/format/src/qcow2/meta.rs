@@ -445,6 +445,8 @@ impl Meta {
             u64::from(self.h.refcount_table_clusters) * cs,
         ) {
             what = Some("the refcount table");
+        } else if self.h.crypto.is_some_and(|c| hits(c.offset, c.length)) {
+            what = Some("the encryption header");
         } else if self.h.nb_snapshots > 0 && hits(self.h.snapshots_offset, snap_bytes) {
             what = Some("the snapshot table");
         } else if self

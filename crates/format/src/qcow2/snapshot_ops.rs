@@ -527,14 +527,10 @@ impl Qcow2Image {
         let reftable = m.reftable.clone();
         let snaps = m.snapshots.clone();
         drop(m);
-        Ok(Qcow2Image::from_parts(
-            self.storage.clone(),
-            h,
-            l1,
-            reftable,
-            snaps,
-            true,
-        ))
+        Ok(
+            Qcow2Image::from_parts(self.storage.clone(), h, l1, reftable, snaps, true)
+                .sharing_encryption_of(self),
+        )
     }
 }
 

@@ -244,6 +244,10 @@ impl Qcow2Image {
                 self.count_bitmaps(m, b, &mut ctr)?;
             }
         }
+        // The LUKS area of an encrypted image.
+        if let Some(c) = m.h.crypto {
+            ctr.add(c.offset, c.length);
+        }
         let base = ctr.refs.clone();
         // Refcount structures.
         ctr.add(
