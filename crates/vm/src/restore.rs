@@ -160,14 +160,16 @@ pub fn server_pid(paths: &VmPaths) -> Option<i32> {
 }
 
 /// Start the VM's backup server (detached, in its own process group) unless it
-/// runs, and wait until it accepts connections.
-fn start_server(vm: &OpenVm, r: &InstantRestore) -> Result<()> {
+/// runs, and wait until it accepts connections. Returns where its output
+/// starts in the log when it started one.
+fn start_server(vm: &OpenVm, r: &InstantRestore) -> Result<Option<u64>> {
     if server_pid(&vm.paths).is_some() {
-        return Ok(());
+        return Ok(None);
     }
     let exe = std::env::current_exe()
         .map_err(|e| Error::io("find the strata executable to serve the backup", e))?;
     let log_path = server_log(&vm.paths);
+    let from = std::fs::metadata(&log_path).map_or(0, |m| m.len());
     let sock = socket(&vm.paths);
     let mut cmd = Command::new(exe);
     cmd.args(["backup", "serve", "--repo", &r.source.repo])
@@ -206,7 +208,7 @@ fn start_server(vm: &OpenVm, r: &InstantRestore) -> Result<()> {
     }
     // Reap it if it ends while this process lives; it outlives this process.
     std::thread::spawn(move || child.wait());
-    Ok(())
+    Ok(Some(from))
 }
 
 /// Stop the VM's backup server, if it runs (SIGTERM: it releases its
@@ -349,16 +351,21 @@ pub(crate) fn resume(vm: &mut OpenVm) -> Result<Option<String>> {
         return Ok(None);
     };
     ensure_overlay(vm, &r)?;
-    start_server(vm, &r)?;
+    let started = start_server(vm, &r)?;
+    let deadline = Instant::now() + RECONNECT_WAIT;
     let (qmp, note) = match qemu::connect(&vm.paths)? {
-        Some(q) => (q, None),
+        Some(q) => {
+            if let Some(from) = started {
+                if job(&q, &r)?.is_none_or(|j| j.status == "concluded") && has_backing(&q, vm, &r)?
+                {
+                    wait_reconnected(vm, from, deadline)?;
+                }
+            }
+            (q, None)
+        }
         None => qemu::launch(&vm.rec.def, &vm.paths, StartMode::default())?,
     };
     step(vm, "restore-launched");
-    // QEMU's NBD client, once the delay it waits for a lost server is over,
-    // fails requests until its background reconnection (retried at growing
-    // intervals, up to 16 s) reaches the new server: a stream may fail at once.
-    let deadline = Instant::now() + RECONNECT_WAIT;
     while Instant::now() < deadline {
         match job(&qmp, &r)? {
             Some(j) if j.status == "pending" => {
@@ -389,6 +396,35 @@ pub(crate) fn resume(vm: &mut OpenVm) -> Result<Option<String>> {
         vm.name,
         server_log(&vm.paths).display()
     )))
+}
+
+/// Wait until the running QEMU has connected to the server that started
+/// writing its log at `from`. Once the delay it holds requests for a lost
+/// server is over, QEMU's NBD client fails them until its background
+/// reconnection, retried at growing intervals (up to 16 s), reaches the new
+/// server; the server logs each client's connection to its export.
+fn wait_reconnected(vm: &OpenVm, from: u64, deadline: Instant) -> Result<()> {
+    use std::io::{Read, Seek};
+    let log = server_log(&vm.paths);
+    loop {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&log) {
+            if f.seek(std::io::SeekFrom::Start(from)).is_ok() {
+                let _ = f.read_to_string(&mut text);
+            }
+        }
+        if text.contains(&format!("connected to export '{EXPORT}'")) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::State(format!(
+                "QEMU did not reconnect to the backup server of VM '{}' within {RECONNECT_WAIT:?}; its log is {}",
+                vm.name,
+                log.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Where `r` stands on `vm`.
