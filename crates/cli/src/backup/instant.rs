@@ -14,7 +14,7 @@ use strata_vm::{Manager, StateDir};
 #[derive(clap::Args)]
 pub(super) struct InstantArgs {
     /// Restore as a disk of this VM of `strata vm` (stopped; with --instant):
-    /// OUTPUT becomes that disk.
+    /// OUTPUT, a new file, becomes that disk.
     #[arg(long = "vm", requires = "instant", conflicts_with_all = ["existing", "offset", "length"])]
     pub vm: Option<String>,
     /// With --vm: which disk (0 for the first).
