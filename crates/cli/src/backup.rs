@@ -3,8 +3,11 @@
 //! `RESTIC_REPOSITORY`; the password from `--password-file`, `STRATA_PASSWORD`,
 //! `RESTIC_PASSWORD` or `RESTIC_PASSWORD_FILE`, in that order.
 
+mod instant;
 mod maintenance;
 mod vm;
+
+pub(crate) use instant::{parse_speed, wait as wait_restore};
 
 use crate::img::progress::Bar;
 use anyhow::{anyhow, bail, Context, Result};
@@ -31,7 +34,8 @@ enum BackupCommand {
     Create(CreateArgs),
     /// List the snapshots of a repository.
     List(ListArgs),
-    /// Restore a snapshot's disk (or a byte range of it) to a raw or qcow2 image.
+    /// Restore a snapshot's disk (or a byte range of it) to a raw or qcow2 image;
+    /// with --vm NAME --instant, start the VM on it at once while the data streams in.
     Restore(RestoreArgs),
     /// Check the repository: snapshots, index and (all or a sample of) the packs.
     Verify(VerifyArgs),
@@ -140,9 +144,9 @@ struct RestoreArgs {
     snapshot: String,
     /// The image to write (created or overwritten).
     output: PathBuf,
-    /// Output format: raw (sparse) or qcow2.
-    #[arg(short = 'O', long = "output-format", default_value = "raw")]
-    output_format: String,
+    /// Output format: raw (sparse, the default) or qcow2.
+    #[arg(short = 'O', long = "output-format")]
+    output_format: Option<String>,
     /// Restore only the bytes from this disk offset (with --length).
     #[arg(long = "offset", requires = "length")]
     offset: Option<u64>,
@@ -153,6 +157,8 @@ struct RestoreArgs {
     /// offsets, zeroes included, instead of creating a new file.
     #[arg(long = "existing", conflicts_with = "output_format")]
     existing: bool,
+    #[command(flatten)]
+    instant: instant::InstantArgs,
 }
 
 #[derive(clap::Args)]
@@ -259,17 +265,20 @@ pub fn run(cli: BackupCli) -> i32 {
 }
 
 impl RepoArgs {
-    fn backend(&self) -> Result<Arc<dyn Backend>> {
-        let repo = self
-            .repo
+    /// The repository location: `--repo`, else the environment.
+    fn location(&self) -> Result<String> {
+        self.repo
             .clone()
             .or_else(|| std::env::var("STRATA_REPOSITORY").ok())
             .or_else(|| std::env::var("RESTIC_REPOSITORY").ok())
             .filter(|r| !r.is_empty())
             .ok_or_else(|| {
                 anyhow!("no repository given: use --repo, STRATA_REPOSITORY or RESTIC_REPOSITORY")
-            })?;
-        Ok(strata_repo::open_location(&repo)?)
+            })
+    }
+
+    fn backend(&self) -> Result<Arc<dyn Backend>> {
+        Ok(strata_repo::open_location(&self.location()?)?)
     }
 
     fn password(&self) -> Result<String> {
@@ -453,7 +462,10 @@ fn list(a: ListArgs) -> Result<()> {
 }
 
 fn restore_cmd(a: RestoreArgs) -> Result<()> {
-    let format = match a.output_format.as_str() {
+    if a.instant.vm.is_some() {
+        return instant::restore(a);
+    }
+    let format = match a.output_format.as_deref().unwrap_or("raw") {
         "raw" => Format::Raw,
         "qcow2" => Format::Qcow2,
         o => bail!("output format must be raw or qcow2, not '{o}'"),

@@ -93,6 +93,15 @@ enum JobCommand {
     },
     /// Cancel the jobs left running on the VM (its disks stay as they were).
     Cancel { name: String },
+    /// Wait until a disk restored from a backup (`strata backup restore
+    /// --instant`) is fully local, with progress.
+    Wait {
+        name: String,
+        /// First set the stream's speed limit (bytes per second, suffixes
+        /// k, M, G; 0 for none).
+        #[arg(long, value_parser = crate::backup::parse_speed)]
+        speed: Option<u64>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -238,6 +247,9 @@ fn dispatch(mgr: &Manager, cmd: VmCommand) -> Result<i32> {
             }
             println!("snapshots: {}", s.snapshots);
             println!("current: {}", s.current.as_deref().unwrap_or("-"));
+            if let Some(r) = &s.restore {
+                print_restore(r);
+            }
         }
         VmCommand::Undefine { name } => mgr.undefine(&name)?,
         VmCommand::Exec {
@@ -432,6 +444,39 @@ fn print_tree(rec: &VmRecord, parent: Option<&str>, depth: usize) {
     }
 }
 
+/// The `restore:` lines of `vm status`.
+fn print_restore(r: &strata_vm::restore::RestoreStatus) {
+    use strata_vm::restore::Phase;
+    let src = &r.restore.source;
+    println!(
+        "restore: disk {} from snapshot {} of {}",
+        r.restore.disk,
+        &src.snapshot[..src.snapshot.len().min(8)],
+        src.repo
+    );
+    let state = match &r.phase {
+        Phase::Streaming { done, total } => format!(
+            "streaming, {} of {} MiB ({}%){}",
+            done >> 20,
+            total >> 20,
+            done.saturating_mul(100).checked_div(*total).unwrap_or(0),
+            match r.restore.speed {
+                0 => String::new(),
+                s => format!(", limited to {} KiB/s", s >> 10),
+            }
+        ),
+        Phase::Stopped => "waiting: the VM is stopped; `start` resumes the stream".into(),
+        Phase::ServerDown => {
+            "the backup server is not running: the guest gets I/O errors for data not restored yet; `start` serves the backup again and resumes".into()
+        }
+        Phase::Failed(e) => format!("the stream failed ({e}); `start` resumes it"),
+    };
+    println!("restore state: {state}");
+    if let Some(pid) = r.server {
+        println!("restore server: pid {pid}");
+    }
+}
+
 /// Set by SIGINT while a block job runs: the job is cancelled.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -446,6 +491,7 @@ fn blockjob(mgr: &Manager, c: JobCommand) -> Result<()> {
             println!("{} job(s) cancelled on VM '{name}'", ids.len());
             return Ok(());
         }
+        JobCommand::Wait { name, speed } => return crate::backup::wait_restore(mgr, &name, speed),
         JobCommand::Commit { name, disk, pivot } => (
             name,
             JobOptions {

@@ -1211,3 +1211,190 @@ fn block_jobs_commit_pull_and_copy_a_running_vms_disk() {
         qemu_img(&["check", f]);
     }
 }
+
+/// The `restore state:` line of `vm status` (empty once the disk is local).
+fn restore_state(env: &Env) -> String {
+    let status = env.ok(&["status", env.vm]);
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("restore state: "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// 64 KiB clusters of two raw files of the same size: (how many differ, how
+/// many are the same and not all zero).
+fn cluster_diff(a: &Path, b: &Path) -> (usize, usize) {
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(a.len(), b.len());
+    let mut out = (0, 0);
+    for (x, y) in a.chunks(64 << 10).zip(b.chunks(64 << 10)) {
+        if x != y {
+            out.0 += 1;
+        } else if x.iter().any(|&v| v != 0) {
+            out.1 += 1;
+        }
+    }
+    out
+}
+
+/// Instant restore of the test guest's lost disk: the guest boots from the
+/// backup and reads a file it had written before the stream is done (the
+/// stream is slowed by its speed limit), writes a new one, and rides out
+/// faults: gc refused while the backup is served, the server killed (the
+/// guest's reads of what is not restored yet fail, status says what to do,
+/// `start` serves again and the same guest reads on), the VM stopped midway
+/// (start streams the rest), strata killed right after starting QEMU (the next
+/// command starts the stream). Once the stream completes the disk has no
+/// backing file and checks clean, it differs from the backup restored at rest
+/// only in the few clusters the guest wrote, and a reboot reads both files.
+#[test]
+fn an_instant_restore_runs_the_guest_at_once_and_rides_out_faults_until_the_disk_is_local() {
+    use common::restic::{run, s, strata, PASSWORD};
+    let env = Env::new();
+    let disk = define_guest(&env);
+    let d = s(&disk).to_string();
+    let dir = env.dir.path();
+    let vm_dir = env.state().join("vms").join(env.vm);
+    let (repo, password) = (dir.join("repo"), dir.join("password"));
+    std::fs::write(&password, PASSWORD).unwrap();
+
+    env.ok(&["start", env.vm]);
+    env.sh("echo before-backup > /data/marker; dd if=/dev/urandom of=/data/big bs=64k count=128 2>/dev/null; sync");
+    let big_sum = env.sh("md5sum /data/big");
+    env.ok(&["stop", env.vm]);
+    run(strata(&["init", "--repo", s(&repo)]));
+    run(strata(&["create", "--repo", s(&repo), &d]));
+    let at_rest = dir.join("at-rest.qcow2");
+    run(strata(&[
+        "restore",
+        "--repo",
+        s(&repo),
+        "latest",
+        s(&at_rest),
+        "-O",
+        "qcow2",
+    ]));
+    std::fs::remove_file(&disk).unwrap();
+
+    // The password comes from the file, recorded for the servers `start` runs.
+    let out = run(strata(&[
+        "restore",
+        "--repo",
+        s(&repo),
+        "--password-file",
+        s(&password),
+        "latest",
+        &d,
+        "--vm",
+        env.vm,
+        "--instant",
+        "--speed",
+        "256k",
+        "--state-dir",
+        s(&env.state()),
+    ])
+    .env_remove("STRATA_PASSWORD"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("started on"),
+        "{out:?}"
+    );
+    assert_eq!(env.sh("cat /data/marker"), "before-backup");
+    let state = restore_state(&env);
+    let (done, total): (u64, u64) = {
+        let nums: Vec<u64> = state
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        (nums[0], nums[1])
+    };
+    assert!(
+        state.starts_with("streaming") && done < total,
+        "the guest read its file only after the stream: {state}"
+    );
+    env.sh("echo during-restore > /data/new; sync");
+
+    // gc while the backup is served is held off by the server's lock.
+    let gc = strata(&["gc", "--repo", s(&repo)]).output().unwrap();
+    let err = String::from_utf8_lossy(&gc.stderr);
+    assert!(!gc.status.success() && err.contains("locked"), "{err}");
+
+    // The server dies: data not restored yet (the disk's end) cannot be read.
+    let pid = std::fs::read_to_string(vm_dir.join("restore.pid")).unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let read_end = [
+        "exec",
+        env.vm,
+        "--",
+        "/bin/sh",
+        "-c",
+        "dd if=/dev/vda of=/dev/null bs=64k skip=1010 count=4",
+    ];
+    let o = env.run(&read_end);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("Input/output error"),
+        "a read of data not restored, with the server gone: {err}"
+    );
+    let state = restore_state(&env);
+    assert!(state.contains("`start`"), "{state}");
+    let e = env.fails(&["blockjob", "wait", env.vm]);
+    assert!(
+        e.contains("I/O errors") && e.contains("strata vm start t"),
+        "{e}"
+    );
+    // `start` on the running VM serves again; the same guest reads on.
+    env.ok(&["start", env.vm]);
+    env.ok(&read_end);
+    assert!(restore_state(&env).starts_with("streaming"));
+
+    // Stopped midway: the server goes with QEMU, the next start streams the rest.
+    env.ok(&["stop", env.vm]);
+    assert!(
+        !vm_dir.join("restore.pid").exists(),
+        "the server outlived QEMU"
+    );
+    assert!(restore_state(&env).contains("the VM is stopped"));
+    // strata killed after starting QEMU, before the stream: the next command
+    // starts it.
+    env.crash_at("restore-launched", &["start", env.vm]);
+    assert!(restore_state(&env).starts_with("streaming"));
+    let jobs = monitor(&env).execute_value("query-jobs", None).unwrap();
+    assert_eq!(jobs[0]["id"], "restore-disk0", "{jobs}");
+    assert_eq!(jobs[0]["status"], "running", "{jobs}");
+    assert_eq!(
+        env.sh("cat /data/marker /data/new"),
+        "before-backup\nduring-restore"
+    );
+
+    // No limit from now on; the wait ends with the disk local.
+    env.ok(&["blockjob", "wait", env.vm, "--speed", "0"]);
+    assert_eq!(restore_state(&env), "");
+    let info = qemu_img_json(&["info", "-U", "--output=json", &d]);
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    assert!(!vm_dir.join("restore.pid").exists());
+    assert!(!vm_dir.join("restore.sock").exists());
+    assert_eq!(env.sh("md5sum /data/big"), big_sum);
+    env.ok(&["stop", env.vm]);
+    qemu_img(&["check", &d]);
+
+    // The backup's clusters are all there; only the guest's writes differ.
+    let (ours, theirs) = (dir.join("restored.raw"), dir.join("at-rest.raw"));
+    qemu_img(&["convert", "-O", "raw", &d, s(&ours)]);
+    qemu_img(&["convert", "-O", "raw", s(&at_rest), s(&theirs)]);
+    let (differ, same_data) = cluster_diff(&ours, &theirs);
+    eprintln!("clusters: {differ} differ, {same_data} hold the same data");
+    assert!(differ > 0 && differ <= 64, "{differ} clusters differ");
+    assert!(same_data >= 128, "only {same_data} clusters of data agree");
+
+    env.ok(&["start", env.vm]);
+    assert_eq!(
+        env.sh("cat /data/marker /data/new"),
+        "before-backup\nduring-restore"
+    );
+    assert_eq!(env.sh("md5sum /data/big"), big_sum);
+}

@@ -84,6 +84,7 @@ impl Manager {
         read: impl FnOnce(&BackupPoint) -> std::result::Result<T, E>,
     ) -> Result<std::result::Result<T, E>> {
         let vm = self.open(name)?;
+        crate::restore::not_restoring(&vm, "a backup of it")?;
         let qmp = running_qmp(&vm)?;
         let ndisks = vm.rec.def.disks.len();
         let d = vm.rec.def.disks.get(disk).ok_or_else(|| {

@@ -71,6 +71,7 @@ impl Manager {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<JobOutcome> {
         let mut vm = self.open(name)?;
+        crate::restore::not_restoring(&vm, "another block job")?;
         let qmp = running_qmp(&vm)?;
         let n = vm.rec.def.disks.len();
         if opts.disk >= n {

@@ -142,16 +142,26 @@ pub fn commit_into_backing(top: &Disk) -> Result<()> {
     Ok(())
 }
 
-/// True when the qcow2 image `x` has `backing` as its backing file (read
-/// without locks: `x` may be a disk the running VM writes).
-pub fn is_on(x: &Path, backing: &Path) -> Result<bool> {
-    let probe = strata_chain::open(
+/// The qcow2 image `x` alone, its backing file not opened (read without
+/// locks: `x` may be a disk the running VM writes).
+fn probe(x: &Path) -> Result<strata_chain::Chain> {
+    Ok(strata_chain::open(
         &strata_chain::OpenSpec::new(x)
             .format(Some(Format::Qcow2))
             .open_backing(false)
             .force_share(true),
-    )?;
-    Ok(probe.layers[0]
+    )?)
+}
+
+/// True when the qcow2 image `x` names a backing file (of any kind).
+pub fn has_backing(x: &Path) -> Result<bool> {
+    Ok(probe(x)?.layers[0].backing_name.is_some())
+}
+
+/// True when the qcow2 image `x` has `backing` as its backing file (read
+/// without locks: `x` may be a disk the running VM writes).
+pub fn is_on(x: &Path, backing: &Path) -> Result<bool> {
+    Ok(probe(x)?.layers[0]
         .backing_path
         .as_ref()
         .is_some_and(|b| std::fs::canonicalize(b).ok() == std::fs::canonicalize(backing).ok()))

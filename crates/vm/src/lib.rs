@@ -10,6 +10,7 @@
 //! - `saved`: save a running VM's memory to a file and resume from it;
 //! - [`backup`]: a consistent point of a running disk for backups, with dirty bitmaps;
 //! - [`blockjob`]: live commit, pull and copy of a running VM's disk;
+//! - [`restore`]: instant restore, a VM running on a backup while it streams home;
 //! - `engine`: the same on image files with strata's own engine;
 //! - `live`: the same on a running VM's block graph, through QMP;
 //! - `recover`: finishing or undoing an interrupted operation.
@@ -23,6 +24,7 @@ pub mod manager;
 pub mod qemu;
 pub mod record;
 mod recover;
+pub mod restore;
 mod saved;
 pub mod snapshot;
 pub mod state;

@@ -55,6 +55,8 @@ pub struct Status {
     pub current: Option<String>,
     pub snapshots: usize,
     pub def: VmDef,
+    /// The instant restore under way, if any.
+    pub restore: Option<crate::restore::RestoreStatus>,
 }
 
 impl Manager {
@@ -91,6 +93,7 @@ impl Manager {
             current: None,
             intent: None,
             saved: None,
+            restore: None,
         }
         .save(&dir)
     }
@@ -111,13 +114,19 @@ impl Manager {
             _lock: lock,
         };
         crate::recover::recover(&mut vm)?;
+        crate::restore::settle(&mut vm)?;
         Ok(vm)
     }
 
     /// Start the VM's QEMU (detached), resuming the guest from its saved state
     /// when `save` left one. Returns a note when TCG is used.
     pub fn start(&self, name: &str) -> Result<Option<String>> {
-        let vm = self.open(name)?;
+        let mut vm = self.open(name)?;
+        if vm.rec.restore.is_some() {
+            // Also on a running VM: the server and the stream are made anew
+            // when they died.
+            return crate::restore::resume(&mut vm);
+        }
         if vm.rec.saved.is_some() {
             // A save interrupted after its record write leaves QEMU stopped
             // after the migration: it cannot have written since, so it goes.
@@ -148,13 +157,16 @@ impl Manager {
             Err(e) => return Err(e.into()),
         };
         qemu::quit(qmp, &vm.paths)?;
+        crate::restore::stop_server(&vm.paths);
         Ok(clean)
     }
 
     /// SIGKILL the VM's QEMU. Returns false when it was not running.
     pub fn kill(&self, name: &str) -> Result<bool> {
         let vm = self.open(name)?;
-        qemu::kill(&vm.paths)
+        let killed = qemu::kill(&vm.paths)?;
+        crate::restore::stop_server(&vm.paths);
+        Ok(killed)
     }
 
     /// The status of one VM.
@@ -171,6 +183,7 @@ impl Manager {
             current: vm.rec.current.clone(),
             snapshots: vm.rec.snapshots.len(),
             def: vm.rec.def.clone(),
+            restore: crate::restore::restore_status(&vm)?,
         })
     }
 
@@ -188,6 +201,7 @@ impl Manager {
                 "VM '{name}' is running; stop or kill it first"
             )));
         }
+        crate::restore::not_restoring(&vm, "undefining it")?;
         if !vm.rec.snapshots.is_empty() {
             return Err(Error::State(format!(
                 "VM '{name}' has {} snapshot(s); delete them first",

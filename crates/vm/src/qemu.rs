@@ -8,7 +8,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -111,22 +111,9 @@ pub fn launch(def: &VmDef, paths: &VmPaths, mode: StartMode) -> Result<(Qmp, Opt
     for p in [paths.qmp(), paths.agent(), paths.pid()] {
         let _ = std::fs::remove_file(p);
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(paths.log())
-        .map_err(|e| Error::io(format!("open {}", paths.log().display()), e))?;
-    let log2 = log
-        .try_clone()
-        .map_err(|e| Error::io("duplicate the log descriptor", e))?;
     let mut cmd = command_line(def, paths, choice.accel, mode);
-    cmd.stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .process_group(0);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::Qemu(format!("cannot start QEMU '{}': {e}", qemu_binary())))?;
+    let what = format!("QEMU '{}'", qemu_binary());
+    let mut child = spawn_detached(&mut cmd, &paths.log(), &what)?;
     // Wait for the monitor, noticing a QEMU that exits at once (bad options,
     // locked images) instead of waiting out the timeout.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -154,6 +141,26 @@ pub fn launch(def: &VmDef, paths: &VmPaths, mode: StartMode) -> Result<(Qmp, Opt
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Start `cmd` (`what` names it in errors) in its own process group, so it
+/// outlives this command, with stdin closed and stdout and stderr appended to
+/// the log file `log`.
+pub(crate) fn spawn_detached(cmd: &mut Command, log: &Path, what: &str) -> Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| Error::io(format!("open {}", log.display()), e))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| Error::io("duplicate the log descriptor", e))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Error::Qemu(format!("cannot start {what}: {e}")))
 }
 
 /// The last lines of a log file (for error messages).

@@ -117,6 +117,9 @@ pub struct VmRecord {
     /// The guest's saved memory (`vm save`): the next start resumes from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved: Option<Saved>,
+    /// A disk being restored from a backup while the VM runs on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<crate::restore::InstantRestore>,
 }
 
 /// A VM's state saved to a file by `vm save`, for `vm start` or `vm restore`.

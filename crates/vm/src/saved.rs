@@ -21,6 +21,7 @@ impl Manager {
     /// Save running (or paused) VM `name` to a file and stop it. Returns the file.
     pub fn save(&self, name: &str) -> Result<std::path::PathBuf> {
         let mut vm = self.open(name)?;
+        crate::restore::not_restoring(&vm, "saving it")?;
         let qmp = running_qmp(&vm)?;
         no_block_jobs(&vm, &qmp)?;
         let vm_state = qemu::run_state(&qmp)?;

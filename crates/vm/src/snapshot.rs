@@ -228,6 +228,7 @@ impl Manager {
     pub fn snapshot_create(&self, name: &str, snap: &str, opts: CreateOptions) -> Result<Snapshot> {
         check_name("snapshot", snap)?;
         let mut vm = self.open(name)?;
+        crate::restore::not_restoring(&vm, "taking a snapshot")?;
         if vm.rec.snapshots.iter().any(|s| s.name == snap) {
             return Err(Error::Invalid(format!(
                 "VM '{name}' already has a snapshot '{snap}'"
@@ -592,6 +593,7 @@ impl Manager {
     /// for it (a disk-only snapshot) is refused unless `force`.
     pub fn snapshot_revert(&self, name: &str, snap: &str, force: bool) -> Result<()> {
         let mut vm = self.open(name)?;
+        crate::restore::not_restoring(&vm, "reverting to a snapshot")?;
         let s = vm.rec.snapshot(snap)?.clone();
         if vm.rec.saved.is_some() {
             return Err(Error::State(format!(
@@ -722,6 +724,7 @@ impl Manager {
     /// Delete snapshot `snap` of VM `name` (see [`DeleteOptions`]).
     pub fn snapshot_delete(&self, name: &str, snap: &str, opts: DeleteOptions) -> Result<()> {
         let mut vm = self.open(name)?;
+        crate::restore::not_restoring(&vm, "deleting a snapshot")?;
         vm.rec.snapshot(snap)?;
         let mut order = Vec::new();
         if opts.children {
