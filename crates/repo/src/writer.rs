@@ -123,17 +123,18 @@ struct Uploader {
     thread: std::thread::JoinHandle<Result<()>>,
 }
 
-const PACKS_IN_FLIGHT: usize = 2;
+const PACKS_IN_FLIGHT: usize = 1;
 
 impl Uploader {
     fn start(backend: std::sync::Arc<dyn crate::Backend>) -> Uploader {
         let (queue, rx) = std::sync::mpsc::sync_channel::<(Handle, Vec<u8>)>(PACKS_IN_FLIGHT);
-        let (done, written) = std::sync::mpsc::channel();
+        // One spare buffer is kept at most; memory stays at a few packs.
+        let (done, written) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::spawn(move || {
             for (h, bytes) in rx {
                 backend.write(&h, &bytes)?;
-                // The saver may be gone already; the buffer is then dropped.
-                let _ = done.send(bytes);
+                // With a spare waiting already, or the saver gone, it is dropped.
+                let _ = done.try_send(bytes);
             }
             Ok(())
         });
