@@ -5,6 +5,7 @@
 
 mod instant;
 mod maintenance;
+mod nbd;
 mod vm;
 
 pub(crate) use instant::{parse_speed, wait as wait_restore};
@@ -96,13 +97,23 @@ struct CreateArgs {
     #[command(flatten)]
     repo: RepoArgs,
     /// The image to back up.
-    #[arg(required_unless_present = "vm", conflicts_with = "vm")]
+    #[arg(required_unless_present_any = ["vm", "nbd"], conflicts_with_all = ["vm", "nbd"])]
     image: Option<PathBuf>,
     /// Back up a disk of this running VM of `strata vm` instead: a consistent
     /// point taken through QEMU, reading only what changed since the VM's
     /// previous backup (a persistent dirty bitmap) when it can.
     #[arg(long = "vm", conflicts_with_all = ["format", "force_share", "changed_chunks"])]
     vm: Option<String>,
+    /// Back up an NBD export instead: nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH. Ranges its base:allocation context
+    /// reports as zeroes are not read.
+    #[arg(long = "nbd", value_name = "URL", conflicts_with_all = ["vm", "format", "force_share", "changed_chunks"])]
+    nbd: Option<String>,
+    /// With --nbd: read only the 4 MiB chunks the export's
+    /// qemu:dirty-bitmap:NAME context marks, reusing the parent's others (the
+    /// bitmap must mark every change since the parent snapshot).
+    #[arg(long = "bitmap", value_name = "NAME", requires = "nbd")]
+    bitmap: Option<String>,
     /// With --vm: the disk (0 for the first).
     #[arg(long = "disk", requires = "vm", default_value_t = 0)]
     disk: usize,
@@ -334,6 +345,9 @@ fn bar() -> Bar {
 fn create(a: CreateArgs) -> Result<()> {
     if a.vm.is_some() {
         return vm::create(a);
+    }
+    if a.nbd.is_some() {
+        return nbd::create(a);
     }
     let image = a
         .image

@@ -1,20 +1,54 @@
-//! A small blocking NBD client over a Unix socket: the fixed newstyle handshake
-//! with structured replies and metadata contexts, then reads and block-status
-//! queries. Enough to read a point-in-time export of a running VM and the
-//! `qemu:dirty-bitmap:NAME` context QEMU offers with it.
+//! A small blocking NBD client over a Unix socket or TCP: the fixed newstyle
+//! handshake with structured replies and metadata contexts, then reads and
+//! block-status queries. Enough to read a point-in-time export of a running VM,
+//! or any export, with the `base:allocation` and `qemu:dirty-bitmap:NAME`
+//! contexts QEMU offers with it.
 
 use crate::proto::*;
+use crate::url::{Address, NbdUrl};
 use crate::{Error, Result};
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+
+/// The connection under the protocol.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+        }
+    }
+}
 
 /// The largest single request this client sends.
 const MAX_REQUEST: u64 = 16 << 20;
 
 /// One connection to one export.
 pub struct Client {
-    sock: UnixStream,
+    sock: Stream,
     size: u64,
     /// The metadata contexts the server agreed to: (name, id).
     contexts: Vec<(String, u32)>,
@@ -37,7 +71,23 @@ impl Client {
     /// metadata contexts `contexts` (those the server does not offer are simply
     /// absent: see [`Client::has_context`]), and open export `export`.
     pub fn connect_unix(path: &Path, export: &str, contexts: &[&str]) -> Result<Client> {
-        let sock = UnixStream::connect(path)?;
+        Self::start(Stream::Unix(UnixStream::connect(path)?), export, contexts)
+    }
+
+    /// [`Client::connect_unix`] to the server and export `url` names.
+    pub fn connect(url: &NbdUrl, contexts: &[&str]) -> Result<Client> {
+        let sock = match &url.address {
+            Address::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
+            Address::Tcp { host, port } => {
+                let s = TcpStream::connect((host.as_str(), *port))?;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+        };
+        Self::start(sock, &url.export, contexts)
+    }
+
+    fn start(sock: Stream, export: &str, contexts: &[&str]) -> Result<Client> {
         let mut c = Client {
             sock,
             size: 0,
@@ -272,6 +322,25 @@ impl Client {
         })?;
         if out.is_empty() || out.iter().any(|e| e.len == 0) {
             return Err(invalid("empty block status reply"));
+        }
+        Ok(out)
+    }
+
+    /// Every extent of context `name` over the whole export, in order, as
+    /// (offset, length, flags); lengths are clipped to the export's end.
+    pub fn map(&mut self, name: &str) -> Result<Vec<(u64, u64, u32)>> {
+        let size = self.size;
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        while pos < size {
+            for e in self.block_status(name, pos, size - pos)? {
+                let len = e.len.min(size - pos);
+                out.push((pos, len, e.flags));
+                pos += len;
+                if pos >= size {
+                    break;
+                }
+            }
         }
         Ok(out)
     }

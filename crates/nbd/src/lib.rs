@@ -18,6 +18,7 @@ mod handshake;
 pub mod proto;
 pub mod server;
 pub mod tls;
+pub mod url;
 
 pub use export::{Export, ExportConfig};
 pub use server::{Server, ServerConfig};

@@ -89,6 +89,12 @@ pub trait Backend: Send + Sync {
     fn read(&self, h: &Handle) -> Result<Vec<u8>>;
     /// `len` bytes at `offset`; a short file is an error.
     fn read_range(&self, h: &Handle, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// [`Backend::read_range`] into `buf` (its length is the length read), for
+    /// callers that reuse their memory.
+    fn read_range_into(&self, h: &Handle, offset: u64, buf: &mut [u8]) -> Result<()> {
+        buf.copy_from_slice(&self.read_range(h, offset, buf.len())?);
+        Ok(())
+    }
     /// Store `data` under `h`, atomically and durably.
     fn write(&self, h: &Handle, data: &[u8]) -> Result<()>;
     fn remove(&self, h: &Handle) -> Result<()>;

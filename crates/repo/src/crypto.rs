@@ -15,7 +15,10 @@ type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 /// Bytes an encrypted file or blob has on top of its plaintext.
 pub const OVERHEAD: usize = 32;
 const IV_LEN: usize = 16;
-const MAC_LEN: usize = 16;
+/// Where the ciphertext (and, once opened in place, the plaintext) starts.
+pub const PLAIN_START: usize = IV_LEN;
+/// The MAC closing a sealed file or blob.
+pub const MAC_LEN: usize = 16;
 /// The most memory a key file's scrypt parameters may ask for (N * r * 128 bytes).
 const MAX_KDF_MEMORY: u64 = 1 << 30;
 
@@ -95,20 +98,50 @@ impl Key {
 
     /// Encrypt and authenticate `plaintext` under a fresh random IV.
     pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
+        self.seal_into(plaintext, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Key::seal`] appending to `out` (one copy of `plaintext`, encrypted
+    /// where it lands).
+    pub fn seal_into(&self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let mut iv = [0u8; IV_LEN];
         fill_random(&mut iv)?;
-        let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
+        out.reserve(plaintext.len() + OVERHEAD);
+        let start = out.len();
         out.extend_from_slice(&iv);
         out.extend_from_slice(plaintext);
-        Aes256Ctr::new(&self.encrypt.into(), &iv.into()).apply_keystream(&mut out[IV_LEN..]);
-        let mac = self.mac(&iv, &out[IV_LEN..]);
+        let ct = &mut out[start + IV_LEN..];
+        Aes256Ctr::new(&self.encrypt.into(), &iv.into()).apply_keystream(ct);
+        let mac = self.mac(&iv, ct);
         out.extend_from_slice(&mac);
-        Ok(out)
+        Ok(())
     }
 
     /// Check the MAC of `IV || CIPHERTEXT || MAC` and decrypt it. `None` when the
     /// bytes are too short or fail authentication (wrong key or damaged data).
     pub fn open(&self, sealed: &[u8]) -> Option<Vec<u8>> {
+        let iv = self.authenticate(sealed)?;
+        let mut out = sealed[IV_LEN..sealed.len() - MAC_LEN].to_vec();
+        Aes256Ctr::new(&self.encrypt.into(), &iv.into()).apply_keystream(&mut out);
+        Some(out)
+    }
+
+    /// [`Key::open`] without a copy: check the MAC and decrypt the ciphertext
+    /// where it lies; the plaintext is then `sealed[PLAIN_START..sealed.len() -
+    /// MAC_LEN]`. `false` (and `sealed` unchanged) when it fails authentication.
+    pub fn open_in_place(&self, sealed: &mut [u8]) -> bool {
+        let Some(iv) = self.authenticate(sealed) else {
+            return false;
+        };
+        let end = sealed.len() - MAC_LEN;
+        Aes256Ctr::new(&self.encrypt.into(), &iv.into()).apply_keystream(&mut sealed[IV_LEN..end]);
+        true
+    }
+
+    /// The IV of `sealed` when it is long enough and its MAC is right.
+    fn authenticate(&self, sealed: &[u8]) -> Option<[u8; IV_LEN]> {
         if sealed.len() < OVERHEAD {
             return None;
         }
@@ -119,9 +152,7 @@ impl Key {
         if want.iter().zip(mac).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0 {
             return None;
         }
-        let mut out = ct.to_vec();
-        Aes256Ctr::new(&self.encrypt.into(), &iv.into()).apply_keystream(&mut out);
-        Some(out)
+        Some(iv)
     }
 
     /// The master key as restic's key files hold it (`{"mac":{"k","r"},"encrypt"}`).
@@ -161,6 +192,22 @@ mod tests {
             assert!(key.open(&bad).is_none(), "flip at byte {i} accepted");
         }
         assert!(Key::random().unwrap().open(&sealed).is_none());
+    }
+
+    #[test]
+    fn opening_in_place_gives_the_plaintext_and_refuses_a_flipped_bit() {
+        let key = Key::random().unwrap();
+        let mut sealed = b"prefix:".to_vec();
+        key.seal_into(b"hello, in place", &mut sealed).unwrap();
+        let mut sealed = sealed.split_off(7);
+        let mut bad = sealed.clone();
+        bad[20] ^= 1;
+        assert!(!key.open_in_place(&mut bad));
+        assert!(key.open_in_place(&mut sealed));
+        assert_eq!(
+            &sealed[PLAIN_START..sealed.len() - MAC_LEN],
+            b"hello, in place"
+        );
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! An incremental backup reuses the parent snapshot's blob of every chunk not
 //! named as changed, without reading it.
 //!
-//! Up to four workers read, hash, compress and seal chunks at once; the chunks are
-//! stored in disk order, at most two per worker ahead of the next one stored.
+//! Workers (twice the cores, at most four) read, hash, compress and seal chunks
+//! at once, each with its own buffer and zstd context reused from chunk to
+//! chunk; the chunks are stored in disk order, at most one per worker and two
+//! more ahead of the next one stored.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::Id;
@@ -15,7 +17,7 @@ use crate::pack::BlobType;
 use crate::repository::Repository;
 use crate::time::Timestamp;
 use crate::tree::{Node, Snapshot, Tree};
-use crate::writer::{BlobSaver, PreparedBlob, SaveStats, DEFAULT_PACK_SIZE};
+use crate::writer::{BlobSaver, PreparedBlob, Preparer, SaveStats, DEFAULT_PACK_SIZE};
 use crate::{host, restore};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -45,9 +47,14 @@ enum Source {
         status: ChainStatus,
         reader: Arc<dyn BlockDevice>,
     },
-    /// No block status: every byte asked for is read (all-zero chunks still
-    /// become the shared zero blob).
-    Plain { size: u64, read: Box<ReadAt> },
+    /// Every byte asked for is read but in the ranges known to read as zeroes
+    /// (all-zero chunks still become the shared zero blob).
+    Plain {
+        size: u64,
+        read: Box<ReadAt>,
+        /// Sorted, disjoint (offset, length) ranges that read as zeroes.
+        zeroes: Vec<(u64, u64)>,
+    },
 }
 
 impl DiskSource {
@@ -82,7 +89,39 @@ impl DiskSource {
     /// several threads at once.
     pub fn from_reader(size: u64, read: Box<ReadAt>) -> DiskSource {
         DiskSource {
-            inner: Source::Plain { size, read },
+            inner: Source::Plain {
+                size,
+                read,
+                zeroes: Vec::new(),
+            },
+        }
+    }
+
+    /// [`DiskSource::from_reader`] that never reads the `zeroes` ranges
+    /// ((offset, length), as a block status reports them: in any order,
+    /// adjacent or overlapping ones allowed).
+    pub fn from_reader_with_zeroes(
+        size: u64,
+        read: Box<ReadAt>,
+        mut zeroes: Vec<(u64, u64)>,
+    ) -> DiskSource {
+        zeroes.retain(|&(_, len)| len > 0);
+        zeroes.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(zeroes.len());
+        for (o, l) in zeroes {
+            let end = o.saturating_add(l).min(size);
+            match merged.last_mut() {
+                Some((mo, ml)) if *mo + *ml >= o => *ml = (*ml).max(end - *mo),
+                _ if o < size => merged.push((o, end - o)),
+                _ => {}
+            }
+        }
+        DiskSource {
+            inner: Source::Plain {
+                size,
+                read,
+                zeroes: merged,
+            },
         }
     }
 
@@ -98,27 +137,52 @@ impl DiskSource {
     fn read_chunk(&self, buf: &mut [u8], offset: u64) -> Result<u64> {
         let (status, reader) = match &self.inner {
             Source::Chain { status, reader } => (status, reader),
-            Source::Plain { read, .. } => {
-                read(buf, offset)
-                    .map_err(|e| Error::with_source(ErrorKind::Io, "reading the source", e))?;
-                return Ok(buf.len() as u64);
-            }
+            Source::Plain { read, zeroes, .. } => return read_around(buf, offset, read, zeroes),
         };
-        buf.fill(0);
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         let mut read = 0;
         while pos < end {
             let st = status.status(pos, end - pos, Walk::DataOrZero)?;
-            if !st.zero {
-                let at = (pos - offset) as usize;
-                reader.read(&mut buf[at..at + st.len as usize], pos)?;
+            let at = (pos - offset) as usize;
+            let part = &mut buf[at..at + st.len as usize];
+            if st.zero {
+                part.fill(0);
+            } else {
+                reader.read(part, pos)?;
                 read += st.len;
             }
             pos += st.len;
         }
         Ok(read)
     }
+}
+
+/// Fill `buf` with the bytes at `offset` through `read`, skipping (zero-filling)
+/// the parts inside `zeroes`; the bytes read.
+fn read_around(buf: &mut [u8], offset: u64, read: &ReadAt, zeroes: &[(u64, u64)]) -> Result<u64> {
+    let end = offset + buf.len() as u64;
+    // The first zero range that ends after `offset`.
+    let mut z = zeroes.partition_point(|&(o, l)| o + l <= offset);
+    let mut pos = offset;
+    let mut done = 0;
+    while pos < end {
+        let (zo, zl) = zeroes.get(z).copied().unwrap_or((end, 0));
+        let at = (pos - offset) as usize;
+        if zo <= pos {
+            let stop = (zo + zl).min(end);
+            buf[at..(stop - offset) as usize].fill(0);
+            pos = stop;
+            z += 1;
+        } else {
+            let stop = zo.min(end);
+            read(&mut buf[at..(stop - offset) as usize], pos)
+                .map_err(|e| Error::with_source(ErrorKind::Io, "reading the source", e))?;
+            done += stop - pos;
+            pos = stop;
+        }
+    }
+    Ok(done)
 }
 
 /// The changed chunks an incremental backup must read; every other chunk reuses
@@ -214,9 +278,10 @@ pub fn backup(
     let mut zeros = HashMap::new();
     let mut content = Vec::with_capacity(nchunks as usize);
     let (mut zero_chunks, mut reused_chunks, mut bytes_read) = (0, 0, 0);
+    // More workers than cores, so one waiting for the source keeps no core idle.
     let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, MAX_WORKERS);
+        .map_or(1, |n| n.get() * 2)
+        .clamp(2, MAX_WORKERS);
     let (job_tx, job_rx) = mpsc::channel::<u64>();
     let job_rx = Mutex::new(job_rx);
     std::thread::scope(|scope| -> Result<()> {
@@ -228,6 +293,7 @@ pub fn backup(
             let reuse = &reuse;
             scope.spawn(move || {
                 let mut buf = Vec::new();
+                let mut preparer = None;
                 loop {
                     let Ok(i) = sync::lock(job_rx).recv() else {
                         return;
@@ -238,7 +304,7 @@ pub fn backup(
                         .map(|(parent, _)| parent[i as usize]);
                     let r = match reused {
                         Some(id) => Ok(Chunk::Reused(id)),
-                        None => prepare_chunk(repo_ro, src, i, &mut buf),
+                        None => prepare_chunk(repo_ro, src, i, &mut buf, &mut preparer),
                     };
                     if res_tx.send((i, r)).is_err() {
                         return;
@@ -249,7 +315,7 @@ pub fn backup(
         drop(res_tx);
         // Chunks go out at most `in_flight` ahead of the next one stored, so memory
         // stays bounded however slow one chunk is.
-        let in_flight = 2 * workers as u64;
+        let in_flight = workers as u64 + 2;
         let mut dispatched = 0u64;
         let mut done = BTreeMap::new();
         for i in 0..nchunks {
@@ -369,8 +435,14 @@ enum Chunk {
 }
 
 /// Read chunk `i` of `src` into `buf`, hash it and, if the repository lacks it,
-/// compress and seal it.
-fn prepare_chunk(repo: &Repository, src: &DiskSource, i: u64, buf: &mut Vec<u8>) -> Result<Chunk> {
+/// compress and seal it (with the thread's `preparer`, made on first use).
+fn prepare_chunk(
+    repo: &Repository,
+    src: &DiskSource,
+    i: u64,
+    buf: &mut Vec<u8>,
+    preparer: &mut Option<Preparer>,
+) -> Result<Chunk> {
     let offset = i * CHUNK_SIZE;
     let len = CHUNK_SIZE.min(src.size() - offset) as usize;
     buf.resize(len, 0);
@@ -384,7 +456,11 @@ fn prepare_chunk(repo: &Repository, src: &DiskSource, i: u64, buf: &mut Vec<u8>)
     let blob = if repo.index().contains(BlobType::Data, &id) {
         None
     } else {
-        Some(PreparedBlob::new(repo.key(), id, buf)?)
+        let p = match preparer {
+            Some(p) => p,
+            None => preparer.insert(Preparer::new()?),
+        };
+        Some(p.prepare(repo.key(), id, buf)?)
     };
     Ok(Chunk::Read { id, read, blob })
 }

@@ -26,6 +26,7 @@ pub mod refs;
 pub mod repository;
 pub mod restore;
 pub mod s3;
+pub mod scratch;
 pub mod stats;
 pub mod time;
 pub mod tree;

@@ -120,19 +120,24 @@ impl Backend for LocalBackend {
     }
 
     fn read_range(&self, h: &Handle, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_range_into(h, offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn read_range_into(&self, h: &Handle, offset: u64, buf: &mut [u8]) -> Result<()> {
         let p = self.path(h);
         let f = File::open(&p).map_err(|e| Error::io(self.ctx("open", &p), e))?;
-        let mut buf = vec![0u8; len];
-        f.read_exact_at(&mut buf, offset).map_err(|e| {
+        f.read_exact_at(buf, offset).map_err(|e| {
             Error::io(
                 format!(
-                    "could not read {len} bytes at offset {offset} of '{}'",
+                    "could not read {} bytes at offset {offset} of '{}'",
+                    buf.len(),
                     p.display()
                 ),
                 e,
             )
-        })?;
-        Ok(buf)
+        })
     }
 
     fn write(&self, h: &Handle, data: &[u8]) -> Result<()> {

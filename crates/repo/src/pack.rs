@@ -41,9 +41,17 @@ pub struct PackWriter {
 
 impl PackWriter {
     pub fn new(kind: BlobType) -> Self {
+        Self::with_buffer(kind, Vec::new())
+    }
+
+    /// A writer filling `buf` (cleared; a buffer of a pack written before, or
+    /// one with the capacity a full pack needs, so the pack is never moved
+    /// while it grows).
+    pub fn with_buffer(kind: BlobType, mut buf: Vec<u8>) -> Self {
+        buf.clear();
         PackWriter {
             kind,
-            buf: Vec::new(),
+            buf,
             blobs: Vec::new(),
         }
     }

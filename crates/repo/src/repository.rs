@@ -4,12 +4,13 @@
 //! stored bytes) and its MAC before use.
 
 use crate::backend::{Backend, FileType, Handle};
-use crate::crypto::Key;
+use crate::crypto::{Key, MAC_LEN, PLAIN_START};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host;
 use crate::id::Id;
 use crate::index::{BlobLocation, Index, IndexFile};
 use crate::pack::BlobType;
+use crate::scratch::{aligned_window, BlobScratch};
 use crate::time::Timestamp;
 use crate::tree::{Snapshot, Tree};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -298,12 +299,7 @@ impl Repository {
 
     /// A blob's plaintext, authenticated and checked against its ID.
     pub fn load_blob(&self, kind: BlobType, id: &Id) -> Result<Vec<u8>> {
-        let loc = *self.index.get(kind, id).ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("blob {id} is not in the repository's index"),
-            )
-        })?;
+        let loc = self.locate(kind, id)?;
         let h = Handle::new(FileType::Data, loc.pack.to_string());
         check_blob_length(id, &loc)?;
         let sealed = self
@@ -313,44 +309,81 @@ impl Repository {
         self.open_blob(id, &loc, &sealed)
     }
 
+    /// [`Repository::load_blob`] into `scratch`'s buffers, reused from blob to
+    /// blob (no allocation once they have grown to the largest blob): the
+    /// blob is read, authenticated and decrypted in place, decompressed into the
+    /// second buffer when compressed, and checked against its hash. The
+    /// plaintext returned starts on a [`crate::scratch::ALIGN`] boundary.
+    pub fn load_blob_into<'s>(
+        &self,
+        kind: BlobType,
+        id: &Id,
+        scratch: &'s mut BlobScratch,
+    ) -> Result<&'s [u8]> {
+        let loc = self.locate(kind, id)?;
+        let h = Handle::new(FileType::Data, loc.pack.to_string());
+        check_blob_length(id, &loc)?;
+        let BlobScratch {
+            sealed,
+            plain,
+            decompressor,
+        } = scratch;
+        // The ciphertext, and so an uncompressed plaintext, lands aligned.
+        let sealed = aligned_window(sealed, PLAIN_START, loc.length as usize);
+        self.backend
+            .read_range_into(&h, loc.offset, sealed)
+            .map_err(|e| e.wrap(format_args!("blob {id}")))?;
+        if !self.key.open_in_place(sealed) {
+            return Err(auth_failed(id, &loc));
+        }
+        let body = &sealed[PLAIN_START..sealed.len() - MAC_LEN];
+        let plain: &[u8] = match loc.uncompressed_length {
+            Some(n) => {
+                let out = aligned_window(plain, 0, n as usize);
+                let d = match decompressor {
+                    Some(d) => d,
+                    None => decompressor.insert(zstd::bulk::Decompressor::new().map_err(|e| {
+                        Error::with_source(ErrorKind::Io, "no zstd decompressor", e)
+                    })?),
+                };
+                let got = d
+                    .decompress_to_buffer(body, &mut out[..])
+                    .map_err(|e| not_decompressing(id, &loc, e))?;
+                check_decompressed_length(id, &loc, got, n)?;
+                out
+            }
+            None => body,
+        };
+        check_hash(id, &loc, plain)?;
+        Ok(plain)
+    }
+
+    /// Where the index has blob `id`.
+    fn locate(&self, kind: BlobType, id: &Id) -> Result<BlobLocation> {
+        self.index.get(kind, id).copied().ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("blob {id} is not in the repository's index"),
+            )
+        })
+    }
+
     /// The plaintext of blob `id` from its `sealed` bytes found at `loc`:
     /// authenticated, decompressed to the length the index gives and checked
     /// against its hash.
     pub fn open_blob(&self, id: &Id, loc: &BlobLocation, sealed: &[u8]) -> Result<Vec<u8>> {
         check_blob_length(id, loc)?;
-        let where_ = || format!("blob {id} (pack {}, offset {})", loc.pack, loc.offset);
-        let plain = self.key.open(sealed).ok_or_else(|| {
-            Error::corrupt(format!(
-                "{}: authentication failed, the stored bytes were changed",
-                where_()
-            ))
-        })?;
+        let plain = self.key.open(sealed).ok_or_else(|| auth_failed(id, loc))?;
         let plain = match loc.uncompressed_length {
             Some(n) => {
-                let v = zstd::bulk::decompress(&plain, n as usize).map_err(|e| {
-                    Error::with_source(
-                        ErrorKind::Corrupt,
-                        format!("{}: does not decompress", where_()),
-                        e,
-                    )
-                })?;
-                if v.len() != n as usize {
-                    return Err(Error::corrupt(format!(
-                        "{}: decompresses to {} bytes, the index says {n}",
-                        where_(),
-                        v.len()
-                    )));
-                }
+                let v = zstd::bulk::decompress(&plain, n as usize)
+                    .map_err(|e| not_decompressing(id, loc, e))?;
+                check_decompressed_length(id, loc, v.len(), n)?;
                 v
             }
             None => plain,
         };
-        if Id::hash(&plain) != *id {
-            return Err(Error::corrupt(format!(
-                "{}: content does not match its hash",
-                where_()
-            )));
-        }
+        check_hash(id, loc, &plain)?;
         Ok(plain)
     }
 
@@ -433,6 +466,46 @@ impl Repository {
     pub fn save_snapshot(&self, s: &Snapshot) -> Result<Id> {
         self.save_unpacked(FileType::Snapshot, &serde_json::to_vec(s).expect("json"))
     }
+}
+
+/// Where a blob is, for messages about it.
+fn blob_at(id: &Id, loc: &BlobLocation) -> String {
+    format!("blob {id} (pack {}, offset {})", loc.pack, loc.offset)
+}
+
+fn auth_failed(id: &Id, loc: &BlobLocation) -> Error {
+    Error::corrupt(format!(
+        "{}: authentication failed, the stored bytes were changed",
+        blob_at(id, loc)
+    ))
+}
+
+fn not_decompressing(id: &Id, loc: &BlobLocation, e: std::io::Error) -> Error {
+    Error::with_source(
+        ErrorKind::Corrupt,
+        format!("{}: does not decompress", blob_at(id, loc)),
+        e,
+    )
+}
+
+fn check_decompressed_length(id: &Id, loc: &BlobLocation, got: usize, want: u32) -> Result<()> {
+    if got != want as usize {
+        return Err(Error::corrupt(format!(
+            "{}: decompresses to {got} bytes, the index says {want}",
+            blob_at(id, loc)
+        )));
+    }
+    Ok(())
+}
+
+fn check_hash(id: &Id, loc: &BlobLocation, plain: &[u8]) -> Result<()> {
+    if Id::hash(plain) != *id {
+        return Err(Error::corrupt(format!(
+            "{}: content does not match its hash",
+            blob_at(id, loc)
+        )));
+    }
+    Ok(())
 }
 
 /// A blob longer than any writer makes is damage, and is not allowed to make a

@@ -15,6 +15,9 @@ use std::collections::HashSet;
 
 /// restic's default pack size.
 pub const DEFAULT_PACK_SIZE: usize = 16 << 20;
+/// Room in a data pack's buffer past the target size: the largest chunk a disk
+/// backup makes, sealed, and the pack's header.
+const PACK_SLACK: usize = (4 << 20) + (64 << 10);
 /// Blobs listed per index file, keeping each file well under restic's 8 MiB.
 const BLOBS_PER_INDEX: usize = 50_000;
 
@@ -40,14 +43,46 @@ pub struct PreparedBlob {
 
 impl PreparedBlob {
     /// Compress and seal `plain`, whose hash is `id`. Needs only the key, so it can
-    /// run on any thread.
+    /// run on any thread; a thread preparing many blobs keeps a [`Preparer`].
     pub fn new(key: &crate::crypto::Key, id: Id, plain: &[u8]) -> Result<PreparedBlob> {
+        Preparer::new()?.prepare(key, id, plain)
+    }
+}
+
+/// What one thread reuses from blob to blob: a zstd context (its tables are
+/// set up once, not for every blob) and the buffer it compresses into.
+pub struct Preparer {
+    compressor: zstd::bulk::Compressor<'static>,
+    compressed: Vec<u8>,
+}
+
+impl Preparer {
+    pub fn new() -> Result<Preparer> {
+        Ok(Preparer {
+            compressor: zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(compression_failed)?,
+            compressed: Vec::new(),
+        })
+    }
+
+    /// Compress and seal `plain`, whose hash is `id`.
+    pub fn prepare(
+        &mut self,
+        key: &crate::crypto::Key,
+        id: Id,
+        plain: &[u8],
+    ) -> Result<PreparedBlob> {
         let len = u32::try_from(plain.len())
             .map_err(|_| Error::new(ErrorKind::Invalid, "blob larger than 4 GiB"))?;
-        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)
-            .map_err(|e| Error::with_source(ErrorKind::Io, "compression failed", e))?;
-        let (body, uncompressed) = if compressed.len() < plain.len() {
-            (compressed.as_slice(), Some(len))
+        self.compressed.clear();
+        self.compressed.reserve(plain.len());
+        // Room for about the plaintext only: data that does not shrink fails
+        // here (zstd stops when its output is full) and is stored as it is.
+        let fits = self
+            .compressor
+            .compress_to_buffer(plain, &mut self.compressed)
+            .is_ok();
+        let (body, uncompressed) = if fits && self.compressed.len() < plain.len() {
+            (self.compressed.as_slice(), Some(len))
         } else {
             (plain, None)
         };
@@ -58,6 +93,10 @@ impl PreparedBlob {
             plain_len: plain.len() as u64,
         })
     }
+}
+
+fn compression_failed(e: std::io::Error) -> Error {
+    Error::with_source(ErrorKind::Io, "compression failed", e)
 }
 
 /// Gathers new blobs into packs.
@@ -75,24 +114,35 @@ pub struct BlobSaver<'r> {
 }
 
 /// Writes finished packs on a thread of its own, so reading and compressing go on
-/// while a pack is written and synced; at most [`PACKS_IN_FLIGHT`] wait.
+/// while a pack is written and synced; at most [`PACKS_IN_FLIGHT`] wait. The
+/// buffers of written packs come back for the next packs to fill, so a backup
+/// does not map fresh memory (and fault in every page of it) for each pack.
 struct Uploader {
     queue: std::sync::mpsc::SyncSender<(Handle, Vec<u8>)>,
+    written: std::sync::mpsc::Receiver<Vec<u8>>,
     thread: std::thread::JoinHandle<Result<()>>,
 }
 
-const PACKS_IN_FLIGHT: usize = 2;
+const PACKS_IN_FLIGHT: usize = 1;
 
 impl Uploader {
     fn start(backend: std::sync::Arc<dyn crate::Backend>) -> Uploader {
         let (queue, rx) = std::sync::mpsc::sync_channel::<(Handle, Vec<u8>)>(PACKS_IN_FLIGHT);
+        // One spare buffer is kept at most; memory stays at a few packs.
+        let (done, written) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::spawn(move || {
             for (h, bytes) in rx {
                 backend.write(&h, &bytes)?;
+                // With a spare waiting already, or the saver gone, it is dropped.
+                let _ = done.try_send(bytes);
             }
             Ok(())
         });
-        Uploader { queue, thread }
+        Uploader {
+            queue,
+            written,
+            thread,
+        }
     }
 
     /// Wait for every queued pack; the first write error, if any.
@@ -109,7 +159,10 @@ impl<'r> BlobSaver<'r> {
         BlobSaver {
             repo,
             pack_size: pack_size.max(1),
-            data: PackWriter::new(BlobType::Data),
+            data: PackWriter::with_buffer(
+                BlobType::Data,
+                new_pack_buffer(BlobType::Data, pack_size),
+            ),
             tree: PackWriter::new(BlobType::Tree),
             pending: HashSet::new(),
             written: Vec::new(),
@@ -162,31 +215,35 @@ impl<'r> BlobSaver<'r> {
                 "writing to a version 1 repository is not supported (run 'restic migrate upgrade_repo_v2')",
             ));
         }
-        let packer = match kind {
-            BlobType::Data => &mut self.data,
-            BlobType::Tree => &mut self.tree,
-        };
-        packer.add(id, &sealed, uncompressed)?;
+        self.packer(kind).add(id, &sealed, uncompressed)?;
         self.pending.insert((kind, id));
         self.stats.new_blobs += 1;
         self.stats.new_plain_bytes += plain_len;
         self.stats.new_stored_bytes += sealed.len() as u64;
-        if packer.len() >= self.pack_size {
+        if self.packer(kind).len() >= self.pack_size {
             self.flush(kind)?;
         }
         Ok(true)
     }
 
-    /// Queue the current pack of `kind` (if it holds anything) for writing.
-    fn flush(&mut self, kind: BlobType) -> Result<()> {
-        let packer = match kind {
+    fn packer(&mut self, kind: BlobType) -> &mut PackWriter {
+        match kind {
             BlobType::Data => &mut self.data,
             BlobType::Tree => &mut self.tree,
-        };
-        if packer.is_empty() {
+        }
+    }
+
+    /// Queue the current pack of `kind` (if it holds anything) for writing.
+    fn flush(&mut self, kind: BlobType) -> Result<()> {
+        if self.packer(kind).is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(packer, PackWriter::new(kind));
+        let recycled = match (&self.uploader, kind) {
+            (Some(u), BlobType::Data) => u.written.try_recv().ok(),
+            _ => None,
+        };
+        let buffer = recycled.unwrap_or_else(|| new_pack_buffer(kind, self.pack_size));
+        let full = std::mem::replace(self.packer(kind), PackWriter::with_buffer(kind, buffer));
         let (bytes, id, blobs) = full.finish(self.repo.key())?;
         let uploader = self
             .uploader
@@ -213,6 +270,15 @@ impl<'r> BlobSaver<'r> {
         }
         let files = write_index(self.repo, self.written)?;
         Ok((files, self.stats))
+    }
+}
+
+/// An empty buffer for a pack of `kind`: a data pack's has room for the whole
+/// pack and the blob that passes `pack_size`, so it is never moved as it grows.
+fn new_pack_buffer(kind: BlobType, pack_size: usize) -> Vec<u8> {
+    match kind {
+        BlobType::Data => Vec::with_capacity(pack_size.saturating_add(PACK_SLACK)),
+        BlobType::Tree => Vec::new(),
     }
 }
 

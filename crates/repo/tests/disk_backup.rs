@@ -251,3 +251,35 @@ fn a_live_exclusive_lock_blocks_a_backup_until_released() {
         "the backup's lock is removed"
     );
 }
+
+#[test]
+fn a_reader_source_reads_only_outside_its_zero_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = new_repo(dir.path());
+    let image = mixed_image(dir.path());
+    let bytes = Arc::new(std::fs::read(&image).unwrap());
+    let read = Arc::new(AtomicU64::new(0));
+    let (b, r) = (bytes.clone(), read.clone());
+    // The hole of the mixed image (9..30 MiB) as two overlapping reports, one
+    // range past the end, as block status may give them.
+    let zeroes = vec![(20 * MIB, 10 * MIB), (9 * MIB, 12 * MIB), (40 * MIB, MIB)];
+    let src = DiskSource::from_reader_with_zeroes(
+        bytes.len() as u64,
+        Box::new(move |buf, offset| {
+            r.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }),
+        zeroes,
+    );
+    let opts = BackupOptions::for_image(&image);
+    let s = disk::backup(&mut repo, &src, &opts, &NoProgress, &Cancel::default()).unwrap();
+    let data = bytes.len() as u64 - 21 * MIB;
+    assert_eq!(read.load(Ordering::Relaxed), data);
+    assert_eq!(s.bytes_read, data);
+    // Chunks 3..6 (12..28 MiB) lie wholly in the hole: the zero blob, unread.
+    assert_eq!(s.zero_chunks, 4);
+    let out = dir.path().join("out.raw");
+    restore_to(&mut repo, "latest", &out).unwrap();
+    assert!(std::fs::read(&out).unwrap() == *bytes);
+}

@@ -5,12 +5,11 @@
 //! such snapshot as its parent and reads only the chunks the bitmap marks.
 //! Without a usable bitmap it reads everything and says why on stderr.
 
-use super::{run_backup, CreateArgs};
+use super::nbd::{back_up_export, bitmap_context, contexts, ExportRead, TAG_BITMAP};
+use super::CreateArgs;
 use anyhow::{anyhow, Result};
-use std::collections::BTreeSet;
-use std::sync::Mutex;
 use strata_nbd::client::Client;
-use strata_repo::disk::{BackupOptions, DiskSource, Incremental, CHUNK_SIZE};
+use strata_repo::disk::BackupOptions;
 use strata_repo::{Id, Repository};
 use strata_vm::backup::BackupPoint;
 use strata_vm::{Manager, StateDir};
@@ -18,7 +17,6 @@ use strata_vm::{Manager, StateDir};
 /// The tag prefixes of a VM disk backup.
 const TAG_VM: &str = "vm:";
 const TAG_DISK: &str = "disk:";
-const TAG_BITMAP: &str = "bitmap:";
 
 pub(super) fn create(a: CreateArgs) -> Result<()> {
     let name = a.vm.clone().expect("called with --vm");
@@ -57,12 +55,8 @@ fn back_up_point(
     parent: Option<Id>,
     tags: Vec<String>,
 ) -> Result<()> {
-    let context = point
-        .changes
-        .as_ref()
-        .map(|b| format!("qemu:dirty-bitmap:{b}"));
-    let contexts: Vec<&str> = context.iter().map(String::as_str).collect();
-    let mut client = Client::connect_unix(&point.socket, &point.export, &contexts)?;
+    let context = point.changes.as_deref().map(bitmap_context);
+    let client = Client::connect_unix(&point.socket, &point.export, &contexts(context.as_deref()))?;
     if client.size() != point.size {
         return Err(anyhow!(
             "the export shows {} bytes where the disk has {}",
@@ -73,56 +67,11 @@ fn back_up_point(
     let mut opts = BackupOptions::for_image(&point.disk_file);
     opts.tags = tags;
     opts.parent = parent;
-    let reason = match (&parent, &context) {
-        (None, _) => Some("there is no previous backup of this disk".to_string()),
-        (Some(_), Some(c)) if client.has_context(c) => None,
-        (Some(_), Some(c)) => Some(format!("QEMU does not offer '{c}'")),
-        (Some(_), None) => point.full_reason.clone(),
+    let how = ExportRead {
+        bitmap_context: context.as_deref(),
+        parent,
+        full_reason: point.full_reason.clone(),
+        no_parent: "there is no previous backup of this disk",
     };
-    match (reason, parent) {
-        (None, Some(parent)) => {
-            let changed = changed_chunks(&mut client, context.as_deref().unwrap_or_default())?;
-            eprintln!(
-                "strata backup: incremental: {} of {} chunks changed since snapshot {}",
-                changed.len(),
-                point.size.div_ceil(CHUNK_SIZE),
-                parent.short()
-            );
-            opts.incremental = Some(Incremental { parent, changed });
-        }
-        (reason, _) => eprintln!(
-            "strata backup: reading the whole disk: {}",
-            reason.unwrap_or_default()
-        ),
-    }
-    let size = point.size;
-    let client = Mutex::new(client);
-    let src = DiskSource::from_reader(
-        size,
-        Box::new(move |buf, offset| {
-            let mut c = client.lock().map_err(|_| "the NBD connection failed")?;
-            c.read(buf, offset).map_err(Into::into)
-        }),
-    );
-    run_backup(repo, &src, &opts)
-}
-
-/// The chunk indexes the dirty bitmap `context` marks anywhere.
-fn changed_chunks(client: &mut Client, context: &str) -> Result<BTreeSet<u64>> {
-    let size = client.size();
-    let mut out = BTreeSet::new();
-    let mut pos = 0u64;
-    while pos < size {
-        for e in client.block_status(context, pos, size - pos)? {
-            let len = e.len.min(size - pos);
-            if e.flags & 1 != 0 {
-                out.extend(pos / CHUNK_SIZE..(pos + len).div_ceil(CHUNK_SIZE));
-            }
-            pos += len;
-            if pos >= size {
-                break;
-            }
-        }
-    }
-    Ok(out)
+    back_up_export(repo, client, how, opts)
 }

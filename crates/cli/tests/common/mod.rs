@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod garage;
+pub mod nbd;
 pub mod restic;
 pub mod vm;
 
