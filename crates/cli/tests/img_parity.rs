@@ -1027,3 +1027,50 @@ fn a_backing_file_name_that_is_not_utf8_is_kept_as_bytes() {
     }
     assert_all_same();
 }
+
+/// A snapshot without an instruction count (the field holds -1, as QEMU writes
+/// for a VM run without icount): `snapshot -l` and `info` show it as qemu-img
+/// does (`--` in the ICOUNT column, no JSON field); a real count is printed.
+#[test]
+fn a_snapshot_without_an_instruction_count_is_listed_as_qemu_img_lists_it() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, icount) in [("none.qcow2", u64::MAX), ("some.qcow2", 123_456_789)] {
+        sh(d, "qemu-img", &["create", "-q", "-f", "qcow2", name, "1M"]);
+        sh(d, "qemu-img", &["snapshot", "-c", "s1", name]);
+        sh(
+            d,
+            "qemu-img",
+            &["snapshot", "-c", "a name longer than sixteen", name],
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.join(name))
+            .unwrap();
+        let mut h = [0u8; 72];
+        f.read_exact(&mut h).unwrap();
+        let table = u64::from_be_bytes(h[64..72].try_into().unwrap());
+        // The first entry's extra data: VM state size, disk size, then icount.
+        f.seek(SeekFrom::Start(table + 36)).unwrap();
+        let mut extra = [0u8; 4];
+        f.read_exact(&mut extra).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(extra),
+            24,
+            "QEMU writes the icount field"
+        );
+        f.seek(SeekFrom::Start(table + 40 + 16)).unwrap();
+        f.write_all(&icount.to_be_bytes()).unwrap();
+        drop(f);
+        for args in [
+            &["snapshot", "-l", name][..],
+            &["info", name],
+            &["info", "--output=json", name],
+        ] {
+            same(d, args);
+        }
+    }
+    assert_all_same();
+}

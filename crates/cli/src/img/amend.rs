@@ -3,7 +3,7 @@
 //! with qemu-img's refusals, messages and `-p` output.
 
 use super::common::{open_qcow2, option_items, option_size, probe_format, warn_probed_raw, Ctx};
-use super::qprogress::QemuProgress;
+use super::qsteps::QemuSteps;
 use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
 use strata_format::qcow2::amend::{AmendOptions, AmendStep};
@@ -173,6 +173,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         }
         bail!("Expecting one image file name");
     };
+    // qemu-img starts its progress before opening the image: a failure from here
+    // on still ends the line.
+    let bar = QemuSteps::milestones(args.progress && !args.quiet, 1.0, Vec::new());
     let spec = args.naming.spec(path, args.format.as_deref(), false)?;
     let path = &spec.path;
     let format = match spec.format {
@@ -196,9 +199,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let img = open_qcow2(path, true)?;
     let h = img.header();
     let steps = req.amend.steps(h.version, h.refcount_order).len() as u64;
-    let mut bar = QemuProgress::new(args.progress && !args.quiet, 1.0);
     bar.set(0.0);
-    let result = amend(img, &req, steps, &mut bar);
+    let result = amend(img, &req, steps, &bar);
     bar.set(100.0);
     bar.end();
     match result {
@@ -224,7 +226,7 @@ fn print_help(format: Option<&str>) -> Result<i32> {
 
 /// The size first (a plain resize), then the format changes, which close the
 /// image. A backing file or format other than the current one is refused.
-fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &mut QemuProgress) -> Result<(), String> {
+fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &QemuSteps) -> Result<(), String> {
     let kind = |e: strata_format::Error| e.message().to_string();
     if let Some(size) = req.size {
         img.resize(size, true).map_err(kind)?;

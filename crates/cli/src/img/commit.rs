@@ -3,7 +3,7 @@
 //! relinks the image above it (libvirt's intermediate block commit).
 
 use super::common::{job_error, warn_probed_raw, Ctx};
-use super::progress::Bar;
+use super::qsteps::{QemuSteps, Shown};
 use anyhow::Result;
 use std::path::PathBuf;
 use strata_format::Format;
@@ -67,10 +67,18 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         );
     }
     let cancel = Cancel::default();
-    let bar = Bar::new(args.progress && !args.quiet);
-    let limited = strata_jobs::layers::RateLimit::new(&bar, rate);
+    // qemu-img starts its progress once the image is open and prints the figure of
+    // its block job until the job is done (when the job starts, 0 again).
+    let shown = Shown::new(args.progress && !args.quiet, |on| {
+        QemuSteps::fraction(on, 1.0)
+    });
+    shown.steps.set(0.0);
+    shown.steps.set(0.0);
+    let limited = strata_jobs::layers::RateLimit::new(&shown, rate);
     commit::commit(&resolved, &limited, &cancel).map_err(|e| job_error(&spec.path, e))?;
-    bar.finish();
+    shown.finish_bar();
+    shown.steps.set(100.0);
+    shown.steps.end();
     if !args.quiet {
         println!("Image committed.");
     }

@@ -2,7 +2,7 @@
 //! the same bytes? Exit 0 identical, 1 different, 2 error, as qemu-img.
 
 use super::common::{open_chain, Ctx};
-use super::progress::Bar;
+use super::qsteps::{QemuSteps, Shown};
 use anyhow::Result;
 use std::path::PathBuf;
 use strata_jobs::compare::{compare, Outcome};
@@ -56,24 +56,31 @@ fn run_inner(args: &Args) -> Result<i32> {
         let chain = open_chain(&args.naming.spec(p, f.as_deref(), args.force_share)?)?;
         Ok(ChainStatus::new(&chain)?)
     };
+    // qemu-img starts its progress before opening the images (an open that fails
+    // still ends it) and prints its first figure once both are open.
+    let shown = Shown::new(args.progress && !args.quiet, |on| {
+        QemuSteps::relative(on, 2.0)
+    });
     let a = open(&args.filename1, &args.format1)?;
     let b = open(&args.filename2, &args.format2)?;
-    let bar = Bar::new(args.progress && !args.quiet);
-    let out = compare(&a, &b, args.strict, &bar, &Cancel::default())?;
-    bar.finish();
+    shown.steps.set(0.0);
+    let (sa, sb) = (a.virtual_size(), b.virtual_size());
+    if sa != sb && !args.strict && !args.quiet {
+        // Printed between the comparison of the common part and the check of the
+        // longer image's tail, in the middle of the progress lines.
+        shown
+            .steps
+            .notice(sa.min(sb), "Warning: Image size mismatch!".into());
+    }
+    let out = compare(&a, &b, args.strict, &shown, &Cancel::default())?;
+    shown.finish_bar();
     let say = |s: &str| {
         if !args.quiet {
             println!("{s}");
         }
     };
-    let size_warning = |m: bool| {
-        if m {
-            say("Warning: Image size mismatch!");
-        }
-    };
     Ok(match out {
-        Outcome::Identical { size_mismatch } => {
-            size_warning(size_mismatch);
+        Outcome::Identical { .. } => {
             say("Images are identical.");
             0
         }
@@ -87,11 +94,7 @@ fn run_inner(args: &Args) -> Result<i32> {
             ));
             1
         }
-        Outcome::ContentMismatch {
-            offset,
-            size_mismatch,
-        } => {
-            size_warning(size_mismatch);
+        Outcome::ContentMismatch { offset, .. } => {
             say(&format!("Content mismatch at offset {offset}!"));
             1
         }

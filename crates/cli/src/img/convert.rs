@@ -3,8 +3,9 @@
 //! qemu-img's flags and messages.
 
 use super::common::{open_chain, open_spec, option_help_asked, parse_options, parse_size, Ctx};
+use super::convert_steps::{convert_figures, ConvertShape};
 use super::measure::snapshot_key;
-use super::progress::Bar;
+use super::qsteps::{QemuSteps, Shown};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -150,6 +151,12 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         bail!("Invalid source cache option: {c}");
     }
     let rate = super::common::parse_rate(args.rate.as_deref())?;
+    // qemu-img shows its first figure once the options are read, before it opens
+    // anything, and ends the line on failure too.
+    let shown = Shown::new(args.progress && !args.quiet, |on| {
+        QemuSteps::milestones(on, 1.0, Vec::new())
+    });
+    shown.steps.set(0.0);
     if args.compress && out_format != Format::Qcow2 {
         bail!("Compression not supported for this file format");
     }
@@ -210,6 +217,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         }
     }
     let target_is_zero;
+    let mut target_backing_size = None;
     let target: Arc<dyn BlockDevice> = if args.no_create {
         check_output(out_path, &inputs).map_err(|e| match e {
             strata_jobs::Error::Storage(e) => {
@@ -270,7 +278,9 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             // Opened with its backing file, as qemu-img does: a cluster the source
             // fills only in part takes the rest from there.
             let spec = open_spec(out_path, Some(out_format.name()), false)?.write(true);
-            open_chain(&spec)?.top().clone()
+            let chain = open_chain(&spec)?;
+            target_backing_size = chain.layers.get(1).map(|l| l.device.virtual_size());
+            chain.top().clone()
         } else {
             strata_chain::open_image(out_path, out_format, true, false)?
         };
@@ -299,17 +309,30 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let cancel = Cancel::default();
     let cluster = target.cluster_size().unwrap_or(512);
     let plan = Plan::new(&sources, &opts, cluster, &cancel)?;
-    let bar = Bar::new(args.progress && !args.quiet);
+    if shown.steps.enabled() {
+        let shape = ConvertShape {
+            target_has_backing: args.backing.is_some(),
+            target_backing_size,
+            write_zeroes: sparse_size == 0,
+            compress_cluster: args.compress.then_some(cluster),
+        };
+        shown
+            .steps
+            .set_milestones(convert_figures(&sources, &shape)?);
+    }
     // -r: the writer is held back to RATE bytes per second (producers wait on it).
-    let limited = strata_jobs::layers::RateLimit::new(&bar, rate);
+    let limited = strata_jobs::layers::RateLimit::new(&shown, rate);
     convert(&sources, &plan, &target, &opts, &limited, &cancel)?;
-    bar.finish();
+    shown.steps.complete();
+    shown.finish_bar();
     // A raw target has nothing to finalize. Its data reaches the disk as the cache
     // mode says: `convert` flushes it unless `-t unsafe`, qemu-img's default for
     // convert, asked for no flush; closing it here would sync it anyway (3x slower).
     if target.format_name() != "raw" {
         target.close()?;
     }
+    shown.steps.set(100.0);
+    shown.steps.end();
     Ok(0)
 }
 

@@ -50,6 +50,12 @@ impl QemuProgress {
         }
     }
 
+    /// Add `delta` percent, as qemu-img's relative steps do (`delta / 100 * 100`,
+    /// in single precision like qemu-img's figure).
+    pub fn add(&mut self, delta: f32) {
+        self.set(self.current + delta / 100.0 * 100.0);
+    }
+
     /// The closing newline.
     pub fn end(&self) {
         if self.enabled {

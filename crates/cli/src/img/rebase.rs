@@ -3,7 +3,7 @@
 //! unchanged; `-u` only rewrites the pointer; `-b ""` flattens the image.
 
 use super::common::{open_chain, warn_probed_raw, Ctx};
-use super::progress::Bar;
+use super::qsteps::{rebase_figures, spread_over_job, QemuSteps, Shown};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use strata_format::Format;
@@ -57,6 +57,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             ctx.prog
         ),
     };
+    // qemu-img shows its first figure before it opens anything.
+    let shown = Shown::new(args.progress && !args.quiet, |on| {
+        QemuSteps::milestones(on, 2.0, Vec::new())
+    });
+    shown.steps.set(0.0);
     let new_name = (!backing.is_empty()).then_some(backing.clone());
     let new_format: Option<Format> = match (&new_name, &args.backing_format) {
         (Some(_), None) => bail!(
@@ -100,21 +105,27 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             }
             _ => None,
         };
-        let bar = Bar::new(args.progress && !args.quiet);
+        if shown.steps.enabled() {
+            let figures = rebase_figures(image.as_ref(), args.compress)?;
+            shown.steps.set_shares(spread_over_job(figures));
+        }
         rebase::copy_differences_with(
             &image,
             new_chain.as_ref().map(|c| c.top()),
             args.compress,
-            &bar,
+            &shown,
             &Cancel::default(),
         )?;
-        bar.finish();
+        shown.steps.complete();
+        shown.finish_bar();
     }
     commit::relink_above(
         image.as_ref(),
         new_name.as_deref(),
         new_format.map(|f| f.name()),
     )?;
+    shown.steps.set(100.0);
+    shown.steps.end();
     image.close()?;
     Ok(0)
 }

@@ -53,7 +53,7 @@ pub fn format_info_list(snaps: &[SnapshotInfo]) -> String {
             secs % 60,
             s.vm_clock_nsec / 1_000_000
         );
-        let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+        let icount = s.icount.map_or_else(|| "--".to_string(), |i| i.to_string());
         out.push_str(&format!(
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
             s.id,
