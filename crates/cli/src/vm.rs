@@ -142,6 +142,11 @@ enum SnapCommand {
         internal: bool,
         #[arg(long)]
         external: bool,
+        /// With memory, external: pause the guest only while the disks switch
+        /// (milliseconds) and save its memory as it was then while it runs on
+        /// (the command takes longer than a default snapshot).
+        #[arg(long, requires = "external", conflicts_with = "disk_only")]
+        background: bool,
     },
     /// List the snapshots.
     List {
@@ -322,6 +327,7 @@ fn snapshot(mgr: &Manager, c: SnapCommand) -> Result<()> {
             quiesce,
             internal,
             external,
+            background,
         } => {
             let kind = match (internal, external) {
                 (true, _) => Some(Kind::Internal),
@@ -335,6 +341,7 @@ fn snapshot(mgr: &Manager, c: SnapCommand) -> Result<()> {
                     disk_only,
                     quiesce,
                     kind,
+                    background,
                 },
             )?;
             let mut what = format!(

@@ -1,6 +1,23 @@
 //! `strata vm` end to end: the real test guest booted under QEMU (TCG unless KVM
 //! really works), driven only through the CLI, checked through the guest agent
 //! and qemu-img. One VM per test keeps the number of boots small.
+//!
+//! Snapshot kinds by the VM's state when taken and when reverted (a stopped VM
+//! has no memory to keep, so its snapshots are disk-only; a quiesce needs the
+//! agent of a running guest and is refused otherwise):
+//!
+//! | kind | taken | reverted | test |
+//! |---|---|---|---|
+//! | internal full | running | running | `snapshots_of_a_running_guest_…` (s1) |
+//! | internal full | running | stopped | `snapshots_of_a_running_guest_…` (i2) |
+//! | external disk-only, quiesced | running | running (`--force`) | `snapshots_of_a_running_guest_…` (s2) |
+//! | external disk-only | running | stopped | `snapshots_of_a_running_guest_…` (s2 again) |
+//! | external full | running | running | `snapshots_of_a_running_guest_…` (s3) |
+//! | external full, `--background` | running | running | `snapshots_of_a_running_guest_…` (s3b) |
+//! | external full | running | stopped | `snapshots_of_a_running_guest_…` (s3 again) |
+//! | internal disk-only | stopped | stopped | `a_stopped_vm_gets_…` (i1) |
+//! | external disk-only | stopped | stopped | `deleting_middle_snapshots_keeps_…` (e2, e3, b1) |
+//! | external disk-only | running | running | `deleting_middle_snapshots_of_a_running_guest_…` (e2, e4) |
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -200,6 +217,14 @@ fn counter(env: &Env) -> (u64, u64) {
     (it.next().unwrap(), it.next().unwrap())
 }
 
+/// Start the guest's counter process (its pid in /tmp/pid, its value in
+/// /tmp/n, counting up ten times a second) and wait for its first value.
+fn start_counter(env: &Env) {
+    // Each value is renamed into place, so a reader never sees the file empty.
+    env.sh("sh -c 'echo $$ > /tmp/pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done' >/dev/null 2>&1 &");
+    wait_counter_past(env, 0);
+}
+
 fn wait_counter_past(env: &Env, value: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -215,10 +240,24 @@ fn wait_counter_past(env: &Env, value: u64) -> u64 {
     }
 }
 
-/// Snapshot with memory, change the file, let the counter run on, revert: the
-/// file is as at the snapshot and the same counter process continues from its
-/// value at the snapshot.
-fn memory_snapshot_round_trip(env: &Env, snap: &str, extra: &[&str], content: &str) {
+/// The VM's state when a round trip reverts.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum RevertFrom {
+    Running,
+    /// QEMU killed first: the revert starts it and loads the snapshot.
+    Stopped,
+}
+
+/// Snapshot with memory, change the file, let the counter run on, revert (from
+/// a running or a stopped VM): the guest runs, the file is as at the snapshot
+/// and the same counter process continues from its value at the snapshot.
+fn memory_snapshot_round_trip(
+    env: &Env,
+    snap: &str,
+    extra: &[&str],
+    content: &str,
+    from: RevertFrom,
+) {
     env.sh(&format!("echo {content} > /data/f; sync"));
     let (pid, before) = counter(env);
     let mut args = vec!["snapshot", "create", env.vm, snap];
@@ -227,7 +266,15 @@ fn memory_snapshot_round_trip(env: &Env, snap: &str, extra: &[&str], content: &s
     let (_, after) = counter(env);
     env.sh("echo changed > /data/f; sync");
     let later = wait_counter_past(env, after + 20);
+    if from == RevertFrom::Stopped {
+        env.ok(&["kill", env.vm]);
+        assert!(env.ok(&["status", env.vm]).contains("state: stopped"));
+    }
     env.ok(&["snapshot", "revert", env.vm, snap]);
+    assert!(
+        env.ok(&["status", env.vm]).contains("state: running"),
+        "{snap} ({from:?}): the guest does not run after the revert"
+    );
     assert_eq!(env.sh("cat /data/f"), content, "{snap}: file not reverted");
     let (pid2, resumed) = counter(env);
     assert_eq!(
@@ -248,11 +295,10 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
     let env = Env::new();
     let disk = define_guest(&env);
     env.ok(&["start", env.vm]);
-    env.sh("sh -c 'echo $$ > /tmp/pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done' >/dev/null 2>&1 &");
-    wait_counter_past(&env, 0);
+    start_counter(&env);
 
     // Internal, with memory (the default for a running VM).
-    memory_snapshot_round_trip(&env, "s1", &[], "one");
+    memory_snapshot_round_trip(&env, "s1", &[], "one", RevertFrom::Running);
     assert_eq!(env.info("s1")["kind"], "internal");
     let listed = qemu_img(&["snapshot", "-l", "-U", disk.to_str().unwrap()]);
     assert!(
@@ -319,13 +365,19 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
     assert_eq!(info["backing-filename-format"], "qcow2");
 
     // External with memory.
-    memory_snapshot_round_trip(&env, "s3", &["--external"], "three");
+    memory_snapshot_round_trip(&env, "s3", &["--external"], "three", RevertFrom::Running);
     assert!(
         env.info("s3")["pause_ms"].is_u64(),
         "the guest's pause was not measured"
     );
     let mem = env.info("s3")["memory_file"].as_str().unwrap().to_string();
     assert!(Path::new(&mem).is_file());
+
+    // External with memory saved in the background: the guest paused only for
+    // the disk switch; memory and disks are still of one instant.
+    let bg = ["--external", "--background"];
+    memory_snapshot_round_trip(&env, "s3b", &bg, "three-bg", RevertFrom::Running);
+    assert!(env.info("s3b")["pause_ms"].is_u64());
 
     // Reverting a stopped VM to a memory snapshot brings the guest back where it
     // was, running, with no boot.
@@ -403,6 +455,21 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
     env.sh("echo merged > /data/f; sync");
     env.ok(&["snapshot", "delete", env.vm, "b1"]);
     assert_eq!(env.sh("cat /data/f"), "merged");
+
+    // Internal with memory, reverted while the VM is stopped: QEMU starts
+    // paused, loads it, and the same counter process runs on (a new one: the
+    // revert to s2 restarted the guest).
+    start_counter(&env);
+    memory_snapshot_round_trip(&env, "i2", &[], "four", RevertFrom::Stopped);
+    assert_eq!(env.info("i2")["kind"], "internal");
+
+    // A disk-only snapshot reverted while the VM is stopped changes the disks
+    // only; the next start boots on them.
+    env.ok(&["kill", env.vm]);
+    env.ok(&["snapshot", "revert", env.vm, "s2"]);
+    assert!(env.ok(&["status", env.vm]).contains("state: stopped"));
+    env.ok(&["start", env.vm]);
+    assert_eq!(env.sh("cat /data/f"), "two");
     env.ok(&["stop", env.vm]);
     for d in env.disks() {
         qemu_img(&["check", &d]);
@@ -444,6 +511,8 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
     }
     let e = env.fails(&["snapshot", "create", "t", "q", "--disk-only", "--quiesce"]);
     assert!(e.contains("--quiesce needs a running VM"), "{e}");
+    let e = env.fails(&["snapshot", "create", "t", "b", "--external", "--background"]);
+    assert!(e.contains("--background needs"), "{e}");
     let e = env.fails(&["exec", "t", "--", "/bin/true"]);
     assert!(e.contains("not running"), "{e}");
     let o = env

@@ -205,6 +205,20 @@ pub struct MigrationInfo {
     pub status: Option<String>,
     #[serde(default)]
     pub error_desc: Option<String>,
+    /// RAM transfer counters; absent before the migration reaches `active`.
+    #[serde(default)]
+    pub ram: Option<MigrationRam>,
+}
+
+/// The RAM part of [`MigrationInfo`]: pages written to the stream so far.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct MigrationRam {
+    /// Pages written with their content.
+    #[serde(default)]
+    pub normal: u64,
+    /// Zero pages written as such (QEMU calls them duplicate).
+    #[serde(default)]
+    pub duplicate: u64,
 }
 
 /// The character devices and whether their front ends are open (for a

@@ -7,6 +7,7 @@
 //! - [`qemu`]: QEMU's command line, detached start, QMP queries;
 //! - [`manager`]: lifecycle (define, start, stop, kill, list, status, exec);
 //! - [`snapshot`]: snapshot create, revert and delete;
+//! - `memory`: guest memory to and from files, and memory snapshots with a short pause;
 //! - `saved`: save a running VM's memory to a file and resume from it;
 //! - [`backup`]: a consistent point of a running disk for backups, with dirty bitmaps;
 //! - [`blockjob`]: live commit, pull and copy of a running VM's disk;
@@ -21,6 +22,7 @@ mod engine;
 mod error;
 mod live;
 pub mod manager;
+mod memory;
 pub mod qemu;
 pub mod record;
 mod recover;

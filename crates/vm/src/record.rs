@@ -72,6 +72,9 @@ pub struct Snapshot {
     /// External memory snapshots: the file holding the memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_file: Option<PathBuf>,
+    /// How `memory_file` is laid out (records without it: `mapped-ram`).
+    #[serde(default, skip_serializing_if = "MemoryLayout::is_mapped_ram")]
+    pub memory_layout: MemoryLayout,
     /// Internal: the files holding the snapshot. External: the files frozen at
     /// the snapshot (the backing files of the overlays made then).
     pub disks: Vec<Disk>,
@@ -83,6 +86,25 @@ pub struct Snapshot {
     /// How long the guest was paused for the snapshot, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_ms: Option<u64>,
+}
+
+/// How QEMU laid out a memory file; loading it needs the same layout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryLayout {
+    /// QEMU's `mapped-ram`: every page at a fixed offset of a sparse file (what
+    /// a save copied while the guest ran, each page once at its place).
+    #[default]
+    MappedRam,
+    /// One sequential migration stream (a background snapshot writes each page
+    /// once; QEMU 10 cannot load its `mapped-ram` form).
+    Stream,
+}
+
+impl MemoryLayout {
+    fn is_mapped_ram(&self) -> bool {
+        *self == MemoryLayout::MappedRam
+    }
 }
 
 /// A multi-step operation under way: recorded before its first step, cleared in

@@ -13,9 +13,10 @@ use strata_qmp::commands::{Cont, Migrate, MigrateIncoming};
 use crate::error::{Error, Result};
 use crate::live::stamp;
 use crate::manager::{running_qmp, vm_file, Manager, OpenVm};
+use crate::memory::{self, set_capabilities, wait_migration, Mode};
 use crate::qemu::{self, StartMode};
-use crate::record::{Intent, Kind, Saved};
-use crate::snapshot::{memory_capabilities, no_block_jobs, wait_migration};
+use crate::record::{Intent, Kind, MemoryLayout, Saved};
+use crate::snapshot::no_block_jobs;
 
 impl Manager {
     /// Save running (or paused) VM `name` to a file and stop it. Returns the file.
@@ -40,11 +41,12 @@ impl Manager {
         });
         vm.save()?;
         let saved = (|| -> Result<()> {
-            memory_capabilities(&qmp, false)?;
+            set_capabilities(&qmp, Mode::Plain)?;
             qmp.execute(&Migrate {
                 uri: format!("file:{}", file.display()),
             })?;
-            wait_migration(&qmp, "saving the memory", "completed")
+            wait_migration(&qmp, "saving the memory", "completed")?;
+            memory::sync_file(&file)
         })();
         if let Err(e) = saved {
             undo_save(&mut vm, Some(&qmp), &file)?;
@@ -83,7 +85,7 @@ impl Manager {
 /// failure QEMU is ended and the saved state kept.
 pub(crate) fn resume(mut vm: OpenVm) -> Result<Option<String>> {
     let saved = vm.rec.saved.clone().expect("caller checked");
-    let (qmp, note) = launch_from_memory(&vm, &saved.file)?;
+    let (qmp, note) = launch_from_memory(&vm, &saved.file, MemoryLayout::MappedRam)?;
     vm.rec.saved = None;
     vm.save()?;
     let _ = std::fs::remove_file(&saved.file);
@@ -93,11 +95,13 @@ pub(crate) fn resume(mut vm: OpenVm) -> Result<Option<String>> {
     Ok(note)
 }
 
-/// Start the VM's QEMU paused and load the memory file `file` into it. On a
+/// Start the VM's QEMU paused and load the memory file `file` (laid out as
+/// `layout`) into it. On a
 /// failure QEMU is ended again.
 pub(crate) fn launch_from_memory(
     vm: &OpenVm,
     file: &std::path::Path,
+    layout: MemoryLayout,
 ) -> Result<(strata_qmp::Qmp, Option<String>)> {
     let (qmp, note) = qemu::launch(
         &vm.rec.def,
@@ -108,7 +112,7 @@ pub(crate) fn launch_from_memory(
         },
     )?;
     let loaded = (|| -> Result<()> {
-        memory_capabilities(&qmp, false)?;
+        set_capabilities(&qmp, Mode::Load(layout))?;
         qmp.execute(&MigrateIncoming {
             uri: format!("file:{}", file.display()),
         })?;

@@ -8,13 +8,12 @@
 //! was done, so no half snapshot is left on disk or in the record.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use strata_qmp::commands::{
-    blockdev_snapshot_action, BlockCommit, BlockdevAdd, BlockdevDel, Cont, JobComplete, Migrate,
-    MigrateSetCapabilities, MigrationCapability, QueryBlockJobs, QueryMigrate, SnapshotDelete,
-    SnapshotLoad, SnapshotSave, Stop, Transaction,
+    blockdev_snapshot_action, BlockCommit, BlockdevAdd, BlockdevDel, Cont, JobComplete,
+    QueryBlockJobs, SnapshotDelete, SnapshotLoad, SnapshotSave, Stop, Transaction,
 };
 use strata_qmp::{Agent, Qmp};
 
@@ -22,8 +21,9 @@ use crate::engine;
 use crate::error::{Error, Result};
 use crate::live::{self, node_of_file, stamp, JOB_TIMEOUT};
 use crate::manager::{agent_timeout, connect_agent, vm_file, Manager, OpenVm};
+use crate::memory;
 use crate::qemu::{self, StartMode};
-use crate::record::{Disk, Intent, Kind, Snapshot};
+use crate::record::{Disk, Intent, Kind, MemoryLayout, Snapshot};
 use crate::state::check_name;
 
 /// The environment variable naming a step at which the command exits at once,
@@ -59,6 +59,9 @@ pub struct CreateOptions {
     pub quiesce: bool,
     /// Internal or external; chosen from the other options when `None`.
     pub kind: Option<Kind>,
+    /// External with memory: pause the guest only while the disks switch and
+    /// save its memory as it was then while it runs on (see `memory`).
+    pub background: bool,
 }
 
 /// What `snapshot delete` was asked for.
@@ -126,85 +129,6 @@ impl Drop for FreezeGuard {
     }
 }
 
-/// The pause of the guest between the last `STOP` and `RESUME` events, in ms.
-fn pause_from_events(qmp: &Qmp) -> Option<u64> {
-    let events = qmp.take_events();
-    let ts = |name: &str| {
-        events
-            .iter()
-            .rev()
-            .find(|e| e.name == name)
-            .and_then(|e| e.timestamp)
-            .map(|t| t.seconds * 1_000_000 + t.microseconds)
-    };
-    let (stop, resume) = (ts("STOP")?, ts("RESUME")?);
-    (resume >= stop).then(|| ((resume - stop) / 1000) as u64)
-}
-
-/// Turn on what memory files need: MIGRATION events and a seekable, sparse file.
-/// `pause` adds `pause-before-switchover` (for saving: the disks are switched
-/// in that pause).
-pub(crate) fn memory_capabilities(qmp: &Qmp, pause: bool) -> Result<()> {
-    let mut caps = vec!["events", "mapped-ram"];
-    if pause {
-        caps.push("pause-before-switchover");
-    }
-    qmp.execute(&MigrateSetCapabilities {
-        capabilities: caps
-            .into_iter()
-            .map(|c| MigrationCapability {
-                capability: c.to_string(),
-                state: true,
-            })
-            .collect(),
-    })?;
-    Ok(())
-}
-
-/// Poll `query-migrate` until the migration reaches status `target`; an error
-/// when it failed.
-pub(crate) fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
-    let deadline = Instant::now() + JOB_TIMEOUT;
-    loop {
-        let info = qmp.execute(&QueryMigrate {})?;
-        match info.status.as_deref() {
-            Some(st) if st == target => return Ok(()),
-            Some("failed") | Some("cancelled") => {
-                return Err(Error::Qemu(format!(
-                    "{what} failed: {}",
-                    info.error_desc.unwrap_or_else(|| "no reason given".into())
-                )))
-            }
-            _ => {}
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::Qemu(format!(
-                "{what} did not finish in {JOB_TIMEOUT:?}"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Whether a guest that ran is stopped after a memory save ended. QEMU reports
-/// the migration completed a moment before it leaves the `running` state (and
-/// deactivates the disks), so after a completed save this waits (up to 10 s)
-/// for the state to change; a guest left `running` there would be stopped
-/// later with its disks inactive.
-fn stopped_after_migration(qmp: &Qmp, completed: bool) -> Result<bool> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = qemu::run_state(qmp)?;
-        if state != "running" {
-            return Ok(true);
-        }
-        if !completed || Instant::now() >= deadline {
-            return Ok(false);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Refuse while a block job runs: its result would be mixed into the snapshot.
 pub(crate) fn no_block_jobs(vm: &OpenVm, qmp: &Qmp) -> Result<()> {
     let jobs = qmp.execute(&QueryBlockJobs {})?;
@@ -255,6 +179,11 @@ impl Manager {
                 "--quiesce needs a running VM and --disk-only (a memory snapshot would keep the guest frozen)".into(),
             ));
         }
+        if opts.background && !(memory && kind == Kind::External) {
+            return Err(Error::Invalid(
+                "--background needs an external snapshot with memory of a running VM".into(),
+            ));
+        }
         if live && kind == Kind::Internal && opts.disk_only {
             return Err(Error::Invalid(
                 "an internal snapshot of a running VM always includes its memory; use --external with --disk-only, or stop the VM".into(),
@@ -289,6 +218,7 @@ impl Manager {
             kind,
             memory,
             memory_file: None,
+            memory_layout: MemoryLayout::default(),
             disks: vm.rec.def.disks.clone(),
             vm_state: state.clone(),
             frozen_filesystems: None,
@@ -311,7 +241,9 @@ impl Manager {
                     return Err(e);
                 }
             }
-            (Kind::External, q) => external_create(&mut vm, q.as_ref(), &mut s, agent)?,
+            (Kind::External, q) => {
+                external_create(&mut vm, q.as_ref(), &mut s, agent, opts.background)?
+            }
         }
         step(&vm, "create-done");
         vm.rec.snapshots.push(s.clone());
@@ -361,18 +293,19 @@ fn internal_live(vm: &mut OpenVm, qmp: &Qmp, s: &mut Snapshot) -> Result<()> {
         vm.save()?;
         return Err(e.into());
     }
-    s.pause_ms = pause_from_events(qmp);
+    s.pause_ms = memory::pause_from_events(qmp).0;
     Ok(())
 }
 
 /// An external snapshot: new overlays on every disk, switched to in one
-/// `transaction` when the VM runs, with the memory saved while the guest is
-/// stopped at that same instant when asked.
+/// `transaction` when the VM runs, with the memory saved at that same instant
+/// when asked (`background`: see [`CreateOptions::background`]).
 fn external_create(
     vm: &mut OpenVm,
     qmp: Option<&Qmp>,
     s: &mut Snapshot,
     agent: Option<Agent>,
+    background: bool,
 ) -> Result<()> {
     let st = stamp();
     let mut overlays = Vec::new();
@@ -413,7 +346,8 @@ fn external_create(
     }
     step(vm, "create-overlays");
     if let Some(q) = qmp {
-        if let Err(e) = switch_live(vm, q, s, &overlays, memory_file.as_ref(), agent, &st) {
+        let memory = memory_file.as_ref().map(|m| (m, background));
+        if let Err(e) = switch_live(vm, q, s, &overlays, memory, agent, &st) {
             return Err(undo(vm, e));
         }
     }
@@ -435,7 +369,7 @@ fn switch_live(
     qmp: &Qmp,
     s: &mut Snapshot,
     overlays: &[PathBuf],
-    memory_file: Option<&PathBuf>,
+    memory: Option<(&PathBuf, bool)>,
     agent: Option<Agent>,
     st: &str,
 ) -> Result<()> {
@@ -466,40 +400,22 @@ fn switch_live(
             }
             None => None,
         };
-        match memory_file {
+        match memory {
             None => {
                 let t0 = Instant::now();
                 qmp.execute(&Transaction { actions })?;
                 s.pause_ms = Some(t0.elapsed().as_millis() as u64);
             }
-            Some(mem) => {
-                // The memory is copied while the guest runs; QEMU stops it for
-                // the last dirty pages and waits before switching over: the
-                // disks switch then, so memory and disks are of one instant.
-                memory_capabilities(qmp, true)?;
-                let was_running = s.vm_state == "running";
-                qmp.take_events();
-                qmp.execute(&Migrate {
-                    uri: format!("file:{}", mem.display()),
-                })?;
-                let saved = (|| -> Result<()> {
-                    wait_migration(qmp, "saving the memory", "pre-switchover")?;
+            Some((mem, background)) => {
+                // Memory and disks of one instant (see `memory`).
+                let running = s.vm_state == "running";
+                let taken = memory::snapshot(qmp, mem, running, background, || {
                     qmp.execute(&Transaction { actions })?;
                     switched = true;
-                    qmp.execute_value(
-                        "migrate-continue",
-                        Some(json!({"state": "pre-switchover"})),
-                    )?;
-                    wait_migration(qmp, "saving the memory", "completed")
-                })();
-                if saved.is_err() && !switched {
-                    let _ = qmp.execute_value("migrate_cancel", None);
-                }
-                if was_running && stopped_after_migration(qmp, saved.is_ok())? {
-                    qmp.execute(&Cont {})?;
-                }
-                s.pause_ms = pause_from_events(qmp);
-                saved?;
+                    Ok(())
+                })?;
+                s.pause_ms = taken.pause_ms;
+                s.memory_layout = taken.layout;
             }
         }
         if let Some(g) = guard.as_mut() {
@@ -703,7 +619,7 @@ fn external_revert(vm: &mut OpenVm, qmp: Option<Qmp>, state: &str, s: &Snapshot)
     // The overlays left behind hold only the discarded state.
     discard_unused(vm, &old);
     if let Some(mem) = &s.memory_file {
-        let (q, _) = crate::saved::launch_from_memory(vm, mem)?;
+        let (q, _) = crate::saved::launch_from_memory(vm, mem, s.memory_layout)?;
         set_run_state(&q, s)?;
     } else if was_live {
         qemu::launch(&vm.rec.def, &vm.paths, StartMode::default())?;
