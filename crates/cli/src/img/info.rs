@@ -30,7 +30,8 @@ pub struct Args {
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = open_spec(&args.filename, args.format.as_deref(), args.force_share)?
-        .open_backing(args.backing_chain);
+        .open_backing(args.backing_chain)
+        .metadata_only(true);
     let chain = open_chain(&spec)?;
     let name = args.filename.as_os_str();
     let infos = if args.backing_chain {

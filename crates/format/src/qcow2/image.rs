@@ -1,6 +1,7 @@
 //! An open qcow2 image: the guest view ([`BlockDevice`]) over the metadata in [`Meta`].
 
 use super::compress::{self, CompressionType};
+use super::data_file::{self, DataStore};
 use super::entries::{
     Geometry, L2Entry, SubState, ALL_ALLOCATED, ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO,
 };
@@ -28,12 +29,17 @@ pub struct Qcow2OpenOptions {
     /// image) read as zeroes, as QEMU reads them, so that the check reports what is
     /// missing instead of refusing the image.
     pub for_check: bool,
+    /// Open for the metadata only (`qemu-img info`): an external data file is not
+    /// opened, and guest data can be neither read nor written.
+    pub metadata_only: bool,
 }
 
 /// A qcow2 image.
 pub struct Qcow2Image {
     pub(crate) meta: Mutex<Meta>,
     pub(crate) storage: Arc<dyn Storage>,
+    /// Where guest clusters live (see [`super::data_file`]).
+    pub(crate) data: DataStore,
     geo: Geometry,
     size: AtomicU64,
     backing: RwLock<Option<Arc<dyn BlockDevice>>>,
@@ -144,10 +150,27 @@ impl Qcow2Image {
     /// layer attaches them with [`BlockDevice::set_backing`].
     pub fn open(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
         let path = storage.path().map(|p| p.to_path_buf());
-        Self::open_inner(storage, opts).map_err(|e| e.at(path.as_deref()).during(Operation::Open))
+        Self::open_inner(storage, None, opts)
+            .map_err(|e| e.at(path.as_deref()).during(Operation::Open))
     }
 
-    fn open_inner(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
+    /// Open an image whose external data file is `data` (already open) instead of
+    /// the file its header names.
+    pub fn open_with_data_file(
+        storage: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        opts: Qcow2OpenOptions,
+    ) -> Result<Self> {
+        let path = storage.path().map(|p| p.to_path_buf());
+        Self::open_inner(storage, Some(data), opts)
+            .map_err(|e| e.at(path.as_deref()).during(Operation::Open))
+    }
+
+    fn open_inner(
+        storage: Arc<dyn Storage>,
+        given_data: Option<Arc<dyn Storage>>,
+        opts: Qcow2OpenOptions,
+    ) -> Result<Self> {
         let read_only = opts.read_only || storage.read_only();
         let file_size = storage.size()?;
         // The header and its extensions fill at most the first cluster: read a page,
@@ -170,6 +193,7 @@ impl Qcow2Image {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
+        let data = data_file::store_for(&h, given_data, read_only, opts.metadata_only)?;
         let l1 = read_table(&*storage, h.l1_table_offset, u64::from(h.l1_size))?;
         let rt_entries = u64::from(h.refcount_table_clusters) * h.cluster_size() / 8;
         let reftable = read_table(&*storage, h.refcount_table_offset, rt_entries)?;
@@ -191,7 +215,12 @@ impl Qcow2Image {
             // Bitmaps strata can keep valid stay (see `bitmaps`); any other
             // autoclear feature, or bitmaps it cannot vouch for, are marked
             // inconsistent, as the specification asks of programs without them.
-            if let (Some(ext), header::autoclear::BITMAPS) = (h.bitmaps, h.autoclear_features) {
+            // The raw-data bit stays with the data file it describes.
+            let raw_bit = h.autoclear_features & header::autoclear::DATA_FILE_RAW;
+            let raw_bit = if data.is_external() { raw_bit } else { 0 };
+            if let (Some(ext), header::autoclear::BITMAPS) =
+                (h.bitmaps, h.autoclear_features & !raw_bit)
+            {
                 bitmaps = super::bitmaps::Bitmaps::load(
                     &*storage,
                     ext,
@@ -200,11 +229,12 @@ impl Qcow2Image {
                     file_size,
                 )?;
             }
-            let keep = if bitmaps.is_some() {
-                header::autoclear::BITMAPS
-            } else {
-                0
-            };
+            let keep = raw_bit
+                | if bitmaps.is_some() {
+                    header::autoclear::BITMAPS
+                } else {
+                    0
+                };
             if keep != h.autoclear_features {
                 h.autoclear_features = keep;
                 if h.version >= 3 {
@@ -217,6 +247,7 @@ impl Qcow2Image {
             cluster_bits: h.cluster_bits,
             extended_l2: h.extended_l2(),
             version: h.version,
+            data_file: data.is_external(),
         };
         let size = h.size;
         let dirty = h.is_dirty();
@@ -224,9 +255,11 @@ impl Qcow2Image {
         let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
         meta.snapshots = snaps;
         meta.bitmaps = bitmaps;
+        meta.data_storage = data.external().cloned();
         let img = Qcow2Image {
             meta: Mutex::new(meta),
             storage,
+            data,
             geo,
             size: AtomicU64::new(size),
             backing: RwLock::new(None),
@@ -389,7 +422,7 @@ impl Qcow2Image {
     fn read_run(&self, run: Run, buf: &mut [u8], off: u64) -> Result<()> {
         match run {
             Run::Data { host } => self
-                .storage
+                .data_storage()?
                 .read_at(buf, host.get())
                 .map_err(|e| self.err(e)),
             Run::Zero { .. } => {
@@ -397,6 +430,9 @@ impl Qcow2Image {
                 Ok(())
             }
             Run::Unallocated => self.read_backing(buf, off),
+            Run::Compressed { .. } if self.data.is_external() => {
+                Err(self.err(data_file::compressed_cluster(off)))
+            }
             Run::Compressed { offset, size, skip } => {
                 let mut zc = sync::lock(&self.zcache);
                 if zc.as_ref().map(|(o, _)| *o) != Some(offset) {
@@ -622,7 +658,7 @@ impl Qcow2Image {
             }
             // The L2 table first, so a sequentially written image keeps QEMU's layout.
             m.l2_for_write(gc / l2n)?;
-            let host = m.alloc_clusters(ClusterCount(k))?;
+            let host = self.alloc_data(m, gc, k)?;
             let run_bytes = (k * cs - in_cl).min(len - pos);
             let end_in_last = (in_cl + run_bytes) - (k - 1) * cs; // bytes used in the last cluster
             if in_cl == 0 && end_in_last == cs {
@@ -668,17 +704,18 @@ impl Qcow2Image {
 
     /// Write a plan's data (no lock needed: the clusters are reserved for it).
     fn write_segments(&self, plan: &WritePlan, buf: &[u8]) -> Result<()> {
+        let storage = self.data_storage()?;
         for seg in &plan.segs {
             let data = match &seg.data {
                 SegData::Buf(a, b) => &buf[*a..*b],
                 SegData::Owned(v) => v.as_slice(),
             };
             if plan.falloc && seg.fresh {
-                self.storage
+                storage
                     .preallocate(seg.host.get(), data.len() as u64)
                     .map_err(|e| self.err(e))?;
             }
-            self.storage
+            storage
                 .write_at(data, seg.host.get())
                 .map_err(|e| self.err(e))?;
         }
@@ -749,6 +786,9 @@ impl Qcow2Image {
     /// Write one cluster's worth of already compressed bytes for guest cluster `gc`.
     pub fn write_compressed_cluster(&self, gc: u64, compressed: &[u8]) -> Result<()> {
         self.check_writable()?;
+        if self.data.is_external() {
+            return Err(self.err(data_file::compressed_write_refused()));
+        }
         let mut m = self.lock()?;
         m.mark_dirty_if_lazy()?;
         let l2n = m.l2_entries();
@@ -839,6 +879,19 @@ impl Qcow2Image {
             }
             let _ = cend;
             let old = m.entry(gc)?;
+            // A raw data file is the disk itself: it gets the zeroes (or the hole)
+            // first, and zeroed clusters keep their place in it.
+            let may_unmap = if self.data.is_raw() {
+                let data = self.data_storage()?;
+                if discard {
+                    data.discard(cstart, cs)?;
+                } else {
+                    data.write_zeroes(cstart, cs)?;
+                }
+                false
+            } else {
+                may_unmap
+            };
             let v3 = self.geo.version >= 3;
             let (new_e, new_b, release) = if !v3 {
                 if has_backing && !discard {
@@ -874,9 +927,13 @@ impl Qcow2Image {
                     host: HostOffset::NONE,
                     zero,
                     bitmap,
-                    ..
+                    copied,
                 } => {
                     (new_e == 0 && new_b == 0 && !zero && bitmap == 0)
+                        // A discarded cluster that was never written and has
+                        // nothing below it already reads as zeroes: left as is,
+                        // as QEMU leaves it.
+                        || (discard && !has_backing && !copied && !zero && bitmap == 0)
                         || (new_e == OFLAG_ZERO && zero)
                         || (new_e == 0 && new_b == ALL_ZERO && bitmap == ALL_ZERO)
                 }
@@ -898,6 +955,10 @@ impl Qcow2Image {
     /// metadata only: partial clusters must already read as zeroes, and a v2 image
     /// with a backing file has no way to zero a whole cluster without writing it.
     fn zeroes_by_metadata(&self, m: &mut Meta, offset: u64, len: u64) -> Result<bool> {
+        if self.data.is_raw() {
+            // The zeroes go into the raw data file too.
+            return Ok(false);
+        }
         let cs = self.geo.cluster_size();
         let has_backing = self.has_backing();
         let end = offset + len;
@@ -982,22 +1043,23 @@ impl Qcow2Image {
                 gc += 1;
                 continue;
             }
-            let host = m.alloc_clusters(ClusterCount(n))?.get();
+            let host = self.alloc_data(&mut m, gc, n)?.get();
             let bytes = n * cs;
+            let storage = self.data_storage()?.clone();
             match mode {
                 P::Off => {}
                 P::Metadata => {
-                    if host + bytes > m.storage.size()? {
-                        m.storage.set_size(host + bytes)?;
+                    if host + bytes > storage.size()? {
+                        storage.set_size(host + bytes)?;
                     }
                 }
-                P::Falloc => m.storage.preallocate(host, bytes)?,
+                P::Falloc => storage.preallocate(host, bytes)?,
                 P::Full => {
                     let zeros = vec![0u8; index((1 << 20).min(bytes))];
                     let mut off = 0;
                     while off < bytes {
                         let k = index((bytes - off).min(zeros.len() as u64));
-                        m.storage.write_at(&zeros[..k], host + off)?;
+                        storage.write_at(&zeros[..k], host + off)?;
                         off += k as u64;
                     }
                 }
@@ -1030,6 +1092,7 @@ impl Qcow2Image {
             cluster_bits: h.cluster_bits,
             extended_l2: h.extended_l2(),
             version: h.version,
+            data_file: false,
         };
         let size = h.size;
         let compression = h.compression_type;
@@ -1038,6 +1101,7 @@ impl Qcow2Image {
         Qcow2Image {
             meta: Mutex::new(meta),
             storage,
+            data: DataStore::Image,
             geo,
             size: AtomicU64::new(size),
             backing: RwLock::new(None),
@@ -1201,6 +1265,9 @@ impl BlockDevice for Qcow2Image {
             m.compressed_cursor = 0;
             m.flush_metadata().map_err(|e| self.err(e))?;
             if !m.barriers {
+                if let Some(d) = &m.data_storage {
+                    d.flush().map_err(|e| self.err(e))?;
+                }
                 m.storage.flush().map_err(|e| self.err(e))?;
             }
             Ok(())
@@ -1251,6 +1318,95 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        let old_size = self.virtual_size();
+        self.resize_metadata(new_size, allow_shrink)?;
+        request(Operation::Resize, None, || {
+            self.resize_data_file(old_size, new_size)
+        })
+    }
+
+    fn path(&self) -> Option<PathBuf> {
+        self.storage.path().map(|p| p.to_path_buf())
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.geo.cluster_size())
+    }
+
+    fn allocation_unit(&self) -> Option<u64> {
+        Some(self.geo.subcluster_size())
+    }
+
+    fn close(&self) -> Result<()> {
+        Qcow2Image::close(self)
+    }
+
+    fn host_file(&self) -> Option<&Arc<dyn Storage>> {
+        // Host offsets of data are offsets in the external data file, if any.
+        match &self.data {
+            DataStore::Image => Some(&self.storage),
+            DataStore::External { storage, .. } => Some(storage),
+            DataStore::Unopened => None,
+        }
+    }
+
+    fn internal_snapshots(&self) -> Option<&dyn crate::InternalSnapshots> {
+        // Images with an external data file cannot have internal snapshots.
+        (!self.data.is_external()).then_some(self as &dyn crate::InternalSnapshots)
+    }
+
+    fn overlay(&self) -> Option<&dyn crate::Overlay> {
+        Some(self)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for Qcow2Image {
+    /// Close the image, unless a panic is unwinding through its owner or left its
+    /// metadata poisoned: an update may then be half made in memory, and the file
+    /// keeps what the last completed write left (see [`strata_storage::sync`]).
+    fn drop(&mut self) {
+        if std::thread::panicking() || self.meta.is_poisoned() {
+            return;
+        }
+        let _ = self.close();
+    }
+}
+
+impl Qcow2Image {
+    /// Record a new backing file name and format (or none) in the header, in one
+    /// write of the header area, then flush. Only the pointer changes: the caller
+    /// (rebase, commit, stream) makes the guest view right first.
+    pub fn set_backing_file(
+        &self,
+        name: Option<&std::ffi::OsStr>,
+        format: Option<&str>,
+    ) -> Result<()> {
+        if self.read_only {
+            return Err(self.err(Error::read_only()));
+        }
+        let _excl = self.exclusive();
+        let mut m = self.lock()?;
+        let mut h = m.h.clone();
+        h.backing_file = name.map(std::ffi::OsStr::to_os_string);
+        h.backing_format = name.and(format).map(str::to_string);
+        let bytes = h.serialize().map_err(|e| self.err(e))?;
+        let r = (|| -> Result<()> {
+            m.flush_metadata()?;
+            m.storage.write_at(&bytes, 0)?;
+            m.storage.flush()?;
+            Ok(())
+        })();
+        r.map_err(|e| self.err(e))?;
+        m.h = h;
+        Ok(())
+    }
+
+    /// Change the virtual size in the metadata (the guest view's part of a resize).
+    fn resize_metadata(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         request(Operation::Resize, None, || {
             self.check_writable()?;
             let cur = self.virtual_size();
@@ -1311,79 +1467,5 @@ impl BlockDevice for Qcow2Image {
             self.size.store(new_size, Ordering::Release);
             m.bitmaps_end_resize(new_size).map_err(|e| self.err(e))
         })
-    }
-
-    fn path(&self) -> Option<PathBuf> {
-        self.storage.path().map(|p| p.to_path_buf())
-    }
-
-    fn cluster_size(&self) -> Option<u64> {
-        Some(self.geo.cluster_size())
-    }
-
-    fn allocation_unit(&self) -> Option<u64> {
-        Some(self.geo.subcluster_size())
-    }
-
-    fn close(&self) -> Result<()> {
-        Qcow2Image::close(self)
-    }
-
-    fn host_file(&self) -> Option<&Arc<dyn Storage>> {
-        Some(&self.storage)
-    }
-
-    fn internal_snapshots(&self) -> Option<&dyn crate::InternalSnapshots> {
-        Some(self)
-    }
-
-    fn overlay(&self) -> Option<&dyn crate::Overlay> {
-        Some(self)
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-impl Drop for Qcow2Image {
-    /// Close the image, unless a panic is unwinding through its owner or left its
-    /// metadata poisoned: an update may then be half made in memory, and the file
-    /// keeps what the last completed write left (see [`strata_storage::sync`]).
-    fn drop(&mut self) {
-        if std::thread::panicking() || self.meta.is_poisoned() {
-            return;
-        }
-        let _ = self.close();
-    }
-}
-
-impl Qcow2Image {
-    /// Record a new backing file name and format (or none) in the header, in one
-    /// write of the header area, then flush. Only the pointer changes: the caller
-    /// (rebase, commit, stream) makes the guest view right first.
-    pub fn set_backing_file(
-        &self,
-        name: Option<&std::ffi::OsStr>,
-        format: Option<&str>,
-    ) -> Result<()> {
-        if self.read_only {
-            return Err(self.err(Error::read_only()));
-        }
-        let _excl = self.exclusive();
-        let mut m = self.lock()?;
-        let mut h = m.h.clone();
-        h.backing_file = name.map(std::ffi::OsStr::to_os_string);
-        h.backing_format = name.and(format).map(str::to_string);
-        let bytes = h.serialize().map_err(|e| self.err(e))?;
-        let r = (|| -> Result<()> {
-            m.flush_metadata()?;
-            m.storage.write_at(&bytes, 0)?;
-            m.storage.flush()?;
-            Ok(())
-        })();
-        r.map_err(|e| self.err(e))?;
-        m.h = h;
-        Ok(())
     }
 }

@@ -16,6 +16,7 @@ mod capabilities;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod data_file;
 pub mod entries;
 mod fresh;
 pub mod header;
