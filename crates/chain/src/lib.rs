@@ -106,6 +106,8 @@ pub struct OpenSpec {
     /// host_device`): the file is the image, with no format layer. The chain opens
     /// it as raw; reports name the driver.
     pub protocol_driver: Option<String>,
+    /// Open for the metadata only (`info`): external data files are not opened.
+    pub metadata_only: bool,
 }
 
 impl OpenSpec {
@@ -123,6 +125,7 @@ impl OpenSpec {
             secrets: Arc::default(),
             display_name: None,
             protocol_driver: None,
+            metadata_only: false,
         }
     }
     /// The name messages about opening the image quote: as the user gave it.
@@ -146,6 +149,11 @@ impl OpenSpec {
     }
     pub fn open_backing(mut self, b: bool) -> Self {
         self.open_backing = b;
+        self
+    }
+    /// Open the images for their metadata only (external data files stay closed).
+    pub fn metadata_only(mut self, yes: bool) -> Self {
+        self.metadata_only = yes;
         self
     }
     /// Also open the layer at `depth` (1 = the top's backing file) for writing.
@@ -245,6 +253,18 @@ pub fn open_image(
     write: bool,
     force_share: bool,
 ) -> Result<Arc<dyn BlockDevice>> {
+    open_image_with(path, format, write, force_share, false)
+}
+
+/// [`open_image`], for the image's metadata only when `metadata_only` (an external
+/// data file is not opened).
+pub fn open_image_with(
+    path: &Path,
+    format: Format,
+    write: bool,
+    force_share: bool,
+    metadata_only: bool,
+) -> Result<Arc<dyn BlockDevice>> {
     let opts = if write {
         OpenOptions::write()
     } else {
@@ -257,6 +277,7 @@ pub fn open_image(
             storage,
             Qcow2OpenOptions {
                 read_only: !write,
+                metadata_only,
                 ..Default::default()
             },
         )?),
@@ -289,7 +310,7 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 limit: spec.max_depth,
             });
         }
-        let device = open_image(&path, fmt, write, spec.force_share)?;
+        let device = open_image_with(&path, fmt, write, spec.force_share, spec.metadata_only)?;
         let (backing_name, backing_format) = match device.overlay() {
             Some(link) => (link.backing_name(), link.backing_format()),
             None => (None, None),

@@ -753,6 +753,46 @@ fn corpus() -> Vec<Case> {
         &[0; 16],
         0,
     ));
+    // External data files: a name that runs past the header cluster, a data file
+    // that is not there, the raw-data bit without a data file.
+    v.push({
+        let mut c = ext_case(
+            "data file name extension running past the header cluster",
+            Kind(K::Invalid),
+            true,
+            0x4441_5441,
+            b"d.raw",
+            0,
+        );
+        let hl = be32(&c.bytes, 100) as usize;
+        put32(&mut c.bytes, hl + 4, 0x1_0000);
+        let f = be64(&c.bytes, 72) | 1 << 2;
+        put64(&mut c.bytes, 72, f);
+        c
+    });
+    v.push({
+        let mut c = ext_case(
+            "data file that does not exist",
+            Kind(K::NotFound),
+            false,
+            0x4441_5441,
+            b"/nonexistent-dir/strata-hostile-data.raw",
+            0,
+        );
+        let f = be64(&c.bytes, 72) | 1 << 2;
+        put64(&mut c.bytes, 72, f);
+        c
+    });
+    v.push(case(
+        "raw external data bit without a data file",
+        Open,
+        Kind(K::Invalid),
+        false,
+        |b, _| {
+            let f = be64(b, 88) | 1 << 1;
+            put64(b, 88, f)
+        },
+    ));
     v.push(ext_case(
         "bitmaps extension of 16 bytes",
         Kind(K::Invalid),
@@ -805,9 +845,9 @@ fn corpus() -> Vec<Case> {
             },
         ),
         case(
-            "external data file bit",
+            "external data file bit without a data file name",
             Open,
-            Kind(K::Unsupported),
+            Kind(K::Invalid),
             false,
             |b, _| {
                 let f = be64(b, 72) | 1 << 2;

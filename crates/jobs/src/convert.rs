@@ -476,9 +476,17 @@ impl Writer<'_> {
             } => {
                 self.stats.compressed_clusters += 1;
                 self.stats.data_bytes += len;
-                self.qcow2
-                    .expect("compression needs qcow2")
-                    .write_compressed_cluster(cluster, &bytes)?;
+                let q = self.qcow2.expect("compression needs qcow2");
+                q.write_compressed_cluster(cluster, &bytes).map_err(|e| {
+                    // A refused compressed write (an image with an external data
+                    // file) is worded as qemu-img words a failed write.
+                    if e.kind() == strata_format::ErrorKind::Unsupported {
+                        let at = cluster.saturating_mul(q.geometry().cluster_size());
+                        Error::Invalid(format!("error while writing at byte {at}: {}", e.message()))
+                    } else {
+                        e.into()
+                    }
+                })?;
             }
             Out::Done(n) => self.progress.advance(n),
         }

@@ -55,6 +55,16 @@ pub fn supported_options(format: Format) -> &'static [(&'static str, &'static st
                 "Codec for compressed clusters: zlib (default) or zstd",
             ),
             (
+                "data_file",
+                "str",
+                "File that holds the guest data, at the guest offsets (created or truncated)",
+            ),
+            (
+                "data_file_raw",
+                "bool (on/off)",
+                "Keep the data file a raw image of the disk (implies metadata preallocation)",
+            ),
+            (
                 "extended_l2",
                 "bool (on/off)",
                 "Split each cluster into 32 subclusters (v3 only)",
@@ -182,6 +192,8 @@ fn qcow2_parse(opts: &BTreeMap<String, String>) -> std::result::Result<CreateOpt
                     .map_err(|_| "Parameter 'refcount_bits' expects a number".to_string())?
             }
             "extended_l2" => c.extended_l2 = parse_bool(k, v)?,
+            "data_file" => c.data_file = Some(v.clone()),
+            "data_file_raw" => c.data_file_raw = parse_bool(k, v)?,
             "encryption" => {
                 parse_bool(k, v)?;
             }
@@ -225,10 +237,8 @@ fn qcow2_values(
                 }
             }
             "encryption" if v == "off" || v == "no" || v == "false" => {}
-            "encryption" | "data_file" | "data_file_raw" => {
-                return Err(format!(
-                    "strata does not support '{k}' (encrypted images and external data files)"
-                ))
+            "encryption" => {
+                return Err(format!("strata does not support '{k}' (encrypted images)"))
             }
             k if k.starts_with("encrypt.") => {
                 return Err("strata does not support encrypted images".to_string())
@@ -476,7 +486,13 @@ fn qcow2_summary(
             .unwrap_or("zlib")
     ));
     parts.push(format!("size={size}"));
-    for k in ["compat", "backing_file", "backing_fmt"] {
+    for k in [
+        "compat",
+        "backing_file",
+        "backing_fmt",
+        "data_file",
+        "data_file_raw",
+    ] {
         if let Some(v) = opts.get(k) {
             parts.push(format!("{k}={v}"));
         }

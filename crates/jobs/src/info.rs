@@ -85,6 +85,11 @@ pub enum FormatSpecific {
 #[serde(rename_all = "kebab-case")]
 pub struct Qcow2Specific {
     pub compat: String,
+    /// The external data file's name as the image records it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file_raw: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extended_l2: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -167,6 +172,10 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
         let bitmaps = if v3 { q.bitmaps()? } else { Vec::new() };
         info.format_specific = Some(FormatSpecific::Qcow2(Qcow2Specific {
             compat: if v3 { "1.1" } else { "0.10" }.into(),
+            data_file: strata_format::qcow2::data_file::name(&h)
+                .map(|n| String::from_utf8_lossy(&n).into_owned()),
+            data_file_raw: strata_format::qcow2::data_file::has_data_file(&h)
+                .then(|| strata_format::qcow2::data_file::is_raw(&h)),
             extended_l2: v3.then(|| h.extended_l2()),
             lazy_refcounts: v3.then(|| h.lazy_refcounts()),
             corrupt: v3.then(|| h.is_corrupt()),
@@ -190,7 +199,12 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
 /// The length of the file under a device, in whole 512-byte sectors as QEMU
 /// reports it.
 fn file_length(dev: &dyn BlockDevice) -> Result<u64> {
-    let len = match dev.host_file() {
+    // A qcow2 image's file is its metadata's, even when the data is elsewhere.
+    let file = match dev.as_any().downcast_ref::<Qcow2Image>() {
+        Some(q) => Some(q.image_file()),
+        None => dev.host_file(),
+    };
+    let len = match file {
         Some(file) => file.size()?,
         None => dev.virtual_size(),
     };

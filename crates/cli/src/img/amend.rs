@@ -51,6 +51,16 @@ const AMEND_OPTIONS: &[(&str, &str, &str)] = &[
     ),
     ("compat", "str", "qcow2 version: 0.10 (v2) or 1.1 (v3)"),
     (
+        "data_file",
+        "str",
+        "Name of the external data file (images that have one; empty: forget it)",
+    ),
+    (
+        "data_file_raw",
+        "bool (on/off)",
+        "off: the data file need no longer be a raw image of the disk",
+    ),
+    (
         "lazy_refcounts",
         "bool (on/off)",
         "Defer refcount updates to a repair after a crash (v3 only)",
@@ -89,6 +99,8 @@ struct Request {
     size: Option<u64>,
     backing_file: Option<String>,
     backing_fmt: Option<String>,
+    data_file: Option<String>,
+    data_file_raw: Option<bool>,
 }
 
 /// Check every key (the first unknown one is named), then every value.
@@ -124,6 +136,11 @@ fn parse_request(items: &[(String, String)]) -> Result<Request> {
             "size" => r.size = Some(option_size("size", v)?),
             "backing_file" => r.backing_file = Some(v.clone()),
             "backing_fmt" => r.backing_fmt = Some(v.clone()),
+            "data_file" => r.data_file = Some(v.clone()),
+            "data_file_raw" => {
+                r.data_file_raw =
+                    Some(strata_jobs::create::parse_bool(k, v).map_err(|e| anyhow!(e))?)
+            }
             _ => {}
         }
     }
@@ -228,6 +245,10 @@ fn print_help(format: Option<&str>) -> Result<i32> {
 /// image. A backing file or format other than the current one is refused.
 fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &QemuSteps) -> Result<(), String> {
     let kind = |e: strata_format::Error| e.message().to_string();
+    if req.data_file.is_some() || req.data_file_raw.is_some() {
+        img.amend_data_file(req.data_file.as_deref(), req.data_file_raw)
+            .map_err(kind)?;
+    }
     if let Some(size) = req.size {
         img.resize(size, true).map_err(kind)?;
     }

@@ -86,7 +86,14 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             for_check: true,
             ..Default::default()
         },
-    )?;
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "Could not open '{}': {}",
+            args.filename.display(),
+            e.message()
+        )
+    })?;
     // qemu-img opens the backing file too, and fails when it is gone: a check
     // that passes says the image can be used.
     if let Some(b) = img.header().backing_file {

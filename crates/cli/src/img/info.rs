@@ -35,7 +35,8 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), args.force_share)?
-        .open_backing(args.backing_chain);
+        .open_backing(args.backing_chain)
+        .metadata_only(true);
     let chain = open_chain(&spec)?;
     let name = spec.path.as_os_str();
     let mut infos = if args.backing_chain {

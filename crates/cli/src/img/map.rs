@@ -57,13 +57,23 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         .naming
         .spec(&args.filename, args.format.as_deref(), args.force_share)?;
     let chain = open_chain(&spec)?;
-    // File names, printed as the bytes they are (they need not be UTF-8).
-    let names: Vec<&[u8]> = std::iter::once(spec.path.as_os_str().as_bytes())
+    // File names, printed as the bytes they are (they need not be UTF-8); a layer
+    // with an external data file maps into that file, named as the image records it.
+    let names: Vec<Vec<u8>> = std::iter::once(spec.path.as_os_str().as_bytes())
         .chain(chain.layers[..chain.layers.len() - 1].iter().map(|l| {
             l.backing_path
                 .as_ref()
                 .map_or(&b""[..], |p| p.as_os_str().as_bytes())
         }))
+        .zip(&chain.layers)
+        .map(|(name, layer)| {
+            layer
+                .device
+                .as_any()
+                .downcast_ref::<strata_format::qcow2::Qcow2Image>()
+                .and_then(strata_format::qcow2::Qcow2Image::data_file_name)
+                .unwrap_or_else(|| name.to_vec())
+        })
         .collect();
     let status = ChainStatus::new(&chain)?;
     let stdout = std::io::stdout();
@@ -104,7 +114,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
                         hex(e.length),
                         hex(off),
                     )
-                    .and_then(|()| out.write_all(names[e.depth]))
+                    .and_then(|()| out.write_all(&names[e.depth]))
                     .and_then(|()| out.write_all(b"\n"))
                     .map_err(io_err)?;
                 }

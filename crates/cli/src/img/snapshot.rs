@@ -120,7 +120,14 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         let req = job::ApplyRequest {
             snapshot: key.clone(),
         };
+        let data_file = dev
+            .as_any()
+            .downcast_ref::<strata_format::qcow2::Qcow2Image>()
+            .is_some_and(strata_format::qcow2::Qcow2Image::has_data_file);
         job::apply(dev.as_ref(), &req).map_err(|e| match e {
+            E::NoInternalSnapshots { .. } if data_file => anyhow::anyhow!(
+                "Could not apply snapshot '{key}': Failed to load snapshot: Operation not supported"
+            ),
             E::NoInternalSnapshots { .. } => anyhow::anyhow!(
                 "Could not apply snapshot '{key}': Block driver does not support snapshots"
             ),

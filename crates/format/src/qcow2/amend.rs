@@ -60,6 +60,11 @@ impl AmendOptions {
 /// Refuse what cannot be done before anything changes.
 fn vet(h: &Header, o: &AmendOptions) -> Result<()> {
     let version = o.version.unwrap_or(h.version);
+    if version < 3 && super::data_file::has_data_file(h) {
+        return Err(Error::invalid_argument(
+            "Cannot downgrade an image with a data file",
+        ));
+    }
     if let Some(bits) = o.refcount_bits {
         if bits == 0 || bits > 64 || !bits.is_power_of_two() {
             return Err(Error::invalid_argument(

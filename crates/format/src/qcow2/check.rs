@@ -396,7 +396,13 @@ impl Qcow2Image {
                 let Kind::Host(host) = classify(&geo, raw) else {
                     continue;
                 };
-                let Some(rc) = self.stored_refcount(m, stored, host / cs) else {
+                // Every cluster of an external data file counts as referenced once.
+                let rc = if geo.data_file {
+                    Some(1)
+                } else {
+                    self.stored_refcount(m, stored, host / cs)
+                };
+                let Some(rc) = rc else {
                     continue;
                 };
                 if (rc == 1) != (raw & OFLAG_COPIED != 0) {

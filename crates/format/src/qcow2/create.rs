@@ -53,6 +53,11 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// Encrypt with LUKS (`encrypt.format=luks`).
     pub encrypt: Option<LuksEncrypt>,
+    /// External data file name (`data_file=`): created (or truncated) and named in
+    /// the header; relative names are taken from the current directory, as QEMU does.
+    pub data_file: Option<String>,
+    /// `data_file_raw=on`: the data file is kept a raw image of the disk.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -69,6 +74,8 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             encrypt: None,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -118,6 +125,15 @@ impl CreateOptions {
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return bad("Backing format cannot be used without backing file");
         }
+        if self.data_file_raw && self.data_file.is_none() {
+            return bad("data-file-raw requires data-file");
+        }
+        if self.data_file.is_some() && v2 {
+            return bad("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return bad("Backing file and data-file-raw cannot be used at the same time");
+        }
         // The last two are refused by QEMU once it writes the image; here, before
         // anything is written, so that a refused create leaves no file changed.
         if let Some(name) = self.backing_file.as_deref().filter(|n| n.len() > 1023) {
@@ -139,6 +155,34 @@ impl CreateOptions {
 /// writing. Layout as QEMU's: header, refcount table, refcount block, L1 table.
 pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Image> {
     opts.validate()?;
+    let data = match &opts.data_file {
+        None => None,
+        Some(name) => Some(super::data_file::create_file(name)?),
+    };
+    create_inner(storage, data, opts)
+}
+
+/// Create a qcow2 image on `storage` whose external data file (`opts.data_file`
+/// names it in the header) is `data`, already open; `data` is truncated.
+pub fn create_with_data_file(
+    storage: Arc<dyn Storage>,
+    data: Arc<dyn Storage>,
+    opts: &CreateOptions,
+) -> Result<Qcow2Image> {
+    opts.validate()?;
+    if opts.data_file.is_none() {
+        return Err(Error::invalid_argument(
+            "a data file needs a data_file name",
+        ));
+    }
+    create_inner(storage, Some(data), opts)
+}
+
+fn create_inner(
+    storage: Arc<dyn Storage>,
+    data: Option<Arc<dyn Storage>>,
+    opts: &CreateOptions,
+) -> Result<Qcow2Image> {
     let cs = opts.cluster_size;
     let cluster_bits = cs.trailing_zeros();
     let refcount_order = opts.refcount_bits.trailing_zeros();
@@ -187,6 +231,13 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
     if opts.extended_l2 {
         h.incompatible_features |= header::incompat::EXTL2;
     }
+    if let Some(name) = &opts.data_file {
+        h.incompatible_features |= header::incompat::DATA_FILE;
+        super::data_file::set_name(&mut h, Some(name.as_bytes()));
+        if opts.data_file_raw {
+            h.autoclear_features |= header::autoclear::DATA_FILE_RAW;
+        }
+    }
     let hdr = h.serialize()?;
     // The old contents go first, durably: new clusters under an old header would
     // make an image neither old nor new.
@@ -209,8 +260,15 @@ pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2Im
     first[..hdr.len()].copy_from_slice(&hdr);
     storage.write_at(&first, 0)?;
     storage.flush()?;
-    let mut img = Qcow2Image::open(storage.clone(), Qcow2OpenOptions::default())?;
-    // Size the disk: the L1 table is created by the ordinary growth path.
+    let mut img = match data {
+        None => Qcow2Image::open(storage.clone(), Qcow2OpenOptions::default())?,
+        Some(data) => {
+            data.set_size(0)?;
+            Qcow2Image::open_with_data_file(storage.clone(), data, Qcow2OpenOptions::default())?
+        }
+    };
+    // Size the disk: the L1 table is created by the ordinary growth path (a raw
+    // data file is mapped whole there).
     img.resize(opts.size, false)?;
     // The LUKS area follows the L1 table, as in QEMU's images.
     if let Some(enc) = &opts.encrypt {

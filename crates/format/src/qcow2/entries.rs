@@ -68,6 +68,9 @@ pub struct Geometry {
     pub cluster_bits: u32,
     pub extended_l2: bool,
     pub version: u32,
+    /// Guest clusters live in an external data file, where offset 0 is a valid
+    /// cluster (guest cluster 0): an entry with offset 0 and COPIED is allocated.
+    pub data_file: bool,
 }
 
 impl Geometry {
@@ -147,7 +150,9 @@ impl Geometry {
                     "subcluster bitmap 0x{bitmap:016x} marks subclusters both allocated and zero"
                 )));
             }
-            if alloc != 0 && host == 0 {
+            // Offset 0 with COPIED is guest cluster 0 of an external data file.
+            let data_file_zero = self.data_file && e & OFLAG_COPIED != 0;
+            if alloc != 0 && host == 0 && !data_file_zero {
                 return Err(Error::corrupt(
                     "subclusters allocated without a host cluster",
                 ));
@@ -166,7 +171,10 @@ impl Geometry {
         match entry {
             L2Entry::Compressed { offset, size } => SubState::Compressed { offset, size },
             L2Entry::Normal {
-                host, zero, bitmap, ..
+                host,
+                zero,
+                bitmap,
+                copied,
             } => {
                 if self.extended_l2 {
                     if bitmap & (1 << sc) != 0 {
@@ -182,7 +190,7 @@ impl Geometry {
                     }
                 } else if zero {
                     SubState::Zero { host }
-                } else if host.is_none() {
+                } else if host.is_none() && !(self.data_file && copied) {
                     SubState::Unallocated
                 } else {
                     SubState::Data { host }
@@ -218,6 +226,7 @@ mod tests {
         cluster_bits: 16,
         extended_l2: false,
         version: 3,
+        data_file: false,
     };
 
     #[test]
@@ -247,6 +256,27 @@ mod tests {
     }
 
     #[test]
+    fn offset_zero_with_copied_is_cluster_zero_of_a_data_file() {
+        let e = G.decode_l2(OFLAG_COPIED, 0).unwrap();
+        assert_eq!(G.sub_state(e, 0), SubState::Unallocated);
+        let g = Geometry {
+            data_file: true,
+            ..G
+        };
+        assert_eq!(
+            g.sub_state(e, 0),
+            SubState::Data {
+                host: HostOffset(0)
+            }
+        );
+        // Without COPIED it stays unallocated, as QEMU reads it.
+        assert_eq!(
+            g.sub_state(g.decode_l2(0, 0).unwrap(), 0),
+            SubState::Unallocated
+        );
+    }
+
+    #[test]
     fn zero_flag_in_v2_is_corruption() {
         let g = Geometry { version: 2, ..G };
         assert!(g.decode_l2(OFLAG_ZERO, 0).is_err());
@@ -258,6 +288,7 @@ mod tests {
             cluster_bits: 16,
             extended_l2: true,
             version: 3,
+            data_file: false,
         };
         let e = g.decode_l2(0x2_0000, 0b01 | (0b10 << 32)).unwrap();
         assert_eq!(

@@ -30,7 +30,7 @@ pub mod incompat {
     pub const COMPRESSION: u64 = 1 << 3;
     pub const EXTL2: u64 = 1 << 4;
     /// Bits this implementation understands.
-    pub const KNOWN: u64 = DIRTY | CORRUPT | COMPRESSION | EXTL2;
+    pub const KNOWN: u64 = DIRTY | CORRUPT | DATA_FILE | COMPRESSION | EXTL2;
 }
 pub mod compat {
     pub const LAZY_REFCOUNTS: u64 = 1 << 0;
@@ -374,11 +374,11 @@ impl Header {
             if ty == ext::END {
                 break;
             }
-            let end = at.checked_add(len).filter(|&e| e <= limit).ok_or_else(|| {
-                Error::invalid(format!(
-                    "header extension 0x{ty:08x} of {len} bytes overruns the header area"
-                ))
-            })?;
+            // QEMU's wording, whichever extension it is.
+            let end = at
+                .checked_add(len)
+                .filter(|&e| e <= limit)
+                .ok_or_else(|| Error::invalid("Header extension too large"))?;
             let data = &buf[at..end];
             match ty {
                 ext::BACKING_FORMAT => {
@@ -476,11 +476,6 @@ impl Header {
                 "incompatible features: {}",
                 self.feature_list(unknown)
             )));
-        }
-        if self.incompatible_features & incompat::DATA_FILE != 0 {
-            return Err(Error::unsupported(
-                "incompatible features: external data file",
-            ));
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 
 use super::compress::{self, CompressionType};
 use super::encryption::{Encryption, EncryptionInfo, Unlock};
+use super::data_file::{self, DataStore};
 use super::entries::{
     Geometry, L2Entry, SubState, ALL_ALLOCATED, ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO,
 };
@@ -31,12 +32,17 @@ pub struct Qcow2OpenOptions {
     pub for_check: bool,
     /// The secret of an encrypted image (see [`Unlock`]).
     pub unlock: Unlock,
+    /// Open for the metadata only (`qemu-img info`): an external data file is not
+    /// opened, and guest data can be neither read nor written.
+    pub metadata_only: bool,
 }
 
 /// A qcow2 image.
 pub struct Qcow2Image {
     pub(crate) meta: Mutex<Meta>,
     pub(crate) storage: Arc<dyn Storage>,
+    /// Where guest clusters live (see [`super::data_file`]).
+    pub(crate) data: DataStore,
     geo: Geometry,
     size: AtomicU64,
     backing: RwLock<Option<Arc<dyn BlockDevice>>>,
@@ -149,10 +155,27 @@ impl Qcow2Image {
     /// layer attaches them with [`BlockDevice::set_backing`].
     pub fn open(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
         let path = storage.path().map(|p| p.to_path_buf());
-        Self::open_inner(storage, opts).map_err(|e| e.at(path.as_deref()).during(Operation::Open))
+        Self::open_inner(storage, None, opts)
+            .map_err(|e| e.at(path.as_deref()).during(Operation::Open))
     }
 
-    fn open_inner(storage: Arc<dyn Storage>, opts: Qcow2OpenOptions) -> Result<Self> {
+    /// Open an image whose external data file is `data` (already open) instead of
+    /// the file its header names.
+    pub fn open_with_data_file(
+        storage: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        opts: Qcow2OpenOptions,
+    ) -> Result<Self> {
+        let path = storage.path().map(|p| p.to_path_buf());
+        Self::open_inner(storage, Some(data), opts)
+            .map_err(|e| e.at(path.as_deref()).during(Operation::Open))
+    }
+
+    fn open_inner(
+        storage: Arc<dyn Storage>,
+        given_data: Option<Arc<dyn Storage>>,
+        opts: Qcow2OpenOptions,
+    ) -> Result<Self> {
         let read_only = opts.read_only || storage.read_only();
         let file_size = storage.size()?;
         // The header and its extensions fill at most the first cluster: read a page,
@@ -176,6 +199,7 @@ impl Qcow2Image {
             ));
         }
         let crypt = Encryption::open(&*storage, &h, &opts.unlock, read_only)?.map(Arc::new);
+        let data = data_file::store_for(&h, given_data, read_only, opts.metadata_only)?;
         let l1 = read_table(&*storage, h.l1_table_offset, u64::from(h.l1_size))?;
         let rt_entries = u64::from(h.refcount_table_clusters) * h.cluster_size() / 8;
         let reftable = read_table(&*storage, h.refcount_table_offset, rt_entries)?;
@@ -197,7 +221,12 @@ impl Qcow2Image {
             // Bitmaps strata can keep valid stay (see `bitmaps`); any other
             // autoclear feature, or bitmaps it cannot vouch for, are marked
             // inconsistent, as the specification asks of programs without them.
-            if let (Some(ext), header::autoclear::BITMAPS) = (h.bitmaps, h.autoclear_features) {
+            // The raw-data bit stays with the data file it describes.
+            let raw_bit = h.autoclear_features & header::autoclear::DATA_FILE_RAW;
+            let raw_bit = if data.is_external() { raw_bit } else { 0 };
+            if let (Some(ext), header::autoclear::BITMAPS) =
+                (h.bitmaps, h.autoclear_features & !raw_bit)
+            {
                 bitmaps = super::bitmaps::Bitmaps::load(
                     &*storage,
                     ext,
@@ -206,11 +235,12 @@ impl Qcow2Image {
                     file_size,
                 )?;
             }
-            let keep = if bitmaps.is_some() {
-                header::autoclear::BITMAPS
-            } else {
-                0
-            };
+            let keep = raw_bit
+                | if bitmaps.is_some() {
+                    header::autoclear::BITMAPS
+                } else {
+                    0
+                };
             if keep != h.autoclear_features {
                 h.autoclear_features = keep;
                 if h.version >= 3 {
@@ -223,6 +253,7 @@ impl Qcow2Image {
             cluster_bits: h.cluster_bits,
             extended_l2: h.extended_l2(),
             version: h.version,
+            data_file: data.is_external(),
         };
         let size = h.size;
         let dirty = h.is_dirty();
@@ -230,9 +261,11 @@ impl Qcow2Image {
         let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
         meta.snapshots = snaps;
         meta.bitmaps = bitmaps;
+        meta.data_storage = data.external().cloned();
         let img = Qcow2Image {
             meta: Mutex::new(meta),
             storage,
+            data,
             geo,
             size: AtomicU64::new(size),
             backing: RwLock::new(None),
@@ -395,16 +428,22 @@ impl Qcow2Image {
     /// Read a run's bytes into `buf` (without the metadata lock).
     fn read_run(&self, run: Run, buf: &mut [u8], off: u64) -> Result<()> {
         match run {
-            Run::Data { host } => match &self.crypt {
-                None => self.storage.read_at(buf, host.get()).map_err(Error::from),
-                Some(c) => c.read(&*self.storage, host.get(), off, buf),
+            Run::Data { host } => {
+                let storage = self.data_storage()?;
+                match &self.crypt {
+                    None => storage.read_at(buf, host.get()).map_err(Error::from),
+                    Some(c) => c.read(&**storage, host.get(), off, buf),
+                }
+                .map_err(|e| self.err(e))
             }
-            .map_err(|e| self.err(e)),
             Run::Zero { .. } => {
                 buf.fill(0);
                 Ok(())
             }
             Run::Unallocated => self.read_backing(buf, off),
+            Run::Compressed { .. } if self.data.is_external() => {
+                Err(self.err(data_file::compressed_cluster(off)))
+            }
             Run::Compressed { offset, size, skip } => {
                 let mut zc = sync::lock(&self.zcache);
                 if zc.as_ref().map(|(o, _)| *o) != Some(offset) {
@@ -642,7 +681,7 @@ impl Qcow2Image {
             }
             // The L2 table first, so a sequentially written image keeps QEMU's layout.
             m.l2_for_write(gc / l2n)?;
-            let host = m.alloc_clusters(ClusterCount(k))?;
+            let host = self.alloc_data(m, gc, k)?;
             let run_bytes = (k * cs - in_cl).min(len - pos);
             let end_in_last = (in_cl + run_bytes) - (k - 1) * cs; // bytes used in the last cluster
             if in_cl == 0 && end_in_last == cs {
@@ -718,6 +757,7 @@ impl Qcow2Image {
     /// Write a plan's data (no lock needed: the clusters are reserved for it),
     /// encrypted first in an encrypted image.
     fn write_segments(&self, plan: &WritePlan, buf: &[u8]) -> Result<()> {
+        let storage = self.data_storage()?;
         for seg in &plan.segs {
             let data = match &seg.data {
                 SegData::Buf(a, b) => &buf[*a..*b],
@@ -732,11 +772,11 @@ impl Qcow2Image {
                 }
             };
             if plan.falloc && seg.fresh {
-                self.storage
+                storage
                     .preallocate(seg.host.get(), data.len() as u64)
                     .map_err(|e| self.err(e))?;
             }
-            self.storage
+            storage
                 .write_at(data, seg.host.get())
                 .map_err(|e| self.err(e))?;
         }
@@ -807,6 +847,9 @@ impl Qcow2Image {
     /// Write one cluster's worth of already compressed bytes for guest cluster `gc`.
     pub fn write_compressed_cluster(&self, gc: u64, compressed: &[u8]) -> Result<()> {
         self.check_writable()?;
+        if self.data.is_external() {
+            return Err(self.err(data_file::compressed_write_refused()));
+        }
         let mut m = self.lock()?;
         m.mark_dirty_if_lazy()?;
         let l2n = m.l2_entries();
@@ -897,6 +940,19 @@ impl Qcow2Image {
             }
             let _ = cend;
             let old = m.entry(gc)?;
+            // A raw data file is the disk itself: it gets the zeroes (or the hole)
+            // first, and zeroed clusters keep their place in it.
+            let may_unmap = if self.data.is_raw() {
+                let data = self.data_storage()?;
+                if discard {
+                    data.discard(cstart, cs)?;
+                } else {
+                    data.write_zeroes(cstart, cs)?;
+                }
+                false
+            } else {
+                may_unmap
+            };
             let v3 = self.geo.version >= 3;
             let (new_e, new_b, release) = if !v3 {
                 if has_backing && !discard {
@@ -932,9 +988,13 @@ impl Qcow2Image {
                     host: HostOffset::NONE,
                     zero,
                     bitmap,
-                    ..
+                    copied,
                 } => {
                     (new_e == 0 && new_b == 0 && !zero && bitmap == 0)
+                        // A discarded cluster that was never written and has
+                        // nothing below it already reads as zeroes: left as is,
+                        // as QEMU leaves it.
+                        || (discard && !has_backing && !copied && !zero && bitmap == 0)
                         || (new_e == OFLAG_ZERO && zero)
                         || (new_e == 0 && new_b == ALL_ZERO && bitmap == ALL_ZERO)
                 }
@@ -956,6 +1016,10 @@ impl Qcow2Image {
     /// metadata only: partial clusters must already read as zeroes, and a v2 image
     /// with a backing file has no way to zero a whole cluster without writing it.
     fn zeroes_by_metadata(&self, m: &mut Meta, offset: u64, len: u64) -> Result<bool> {
+        if self.data.is_raw() {
+            // The zeroes go into the raw data file too.
+            return Ok(false);
+        }
         let cs = self.geo.cluster_size();
         let has_backing = self.has_backing();
         let end = offset + len;
@@ -1040,22 +1104,23 @@ impl Qcow2Image {
                 gc += 1;
                 continue;
             }
-            let host = m.alloc_clusters(ClusterCount(n))?.get();
+            let host = self.alloc_data(&mut m, gc, n)?.get();
             let bytes = n * cs;
+            let storage = self.data_storage()?.clone();
             match mode {
                 P::Off => {}
                 P::Metadata => {
-                    if host + bytes > m.storage.size()? {
-                        m.storage.set_size(host + bytes)?;
+                    if host + bytes > storage.size()? {
+                        storage.set_size(host + bytes)?;
                     }
                 }
-                P::Falloc => m.storage.preallocate(host, bytes)?,
+                P::Falloc => storage.preallocate(host, bytes)?,
                 P::Full => {
                     let zeros = vec![0u8; index((1 << 20).min(bytes))];
                     let mut off = 0;
                     while off < bytes {
                         let k = index((bytes - off).min(zeros.len() as u64));
-                        m.storage.write_at(&zeros[..k], host + off)?;
+                        storage.write_at(&zeros[..k], host + off)?;
                         off += k as u64;
                     }
                 }
@@ -1088,6 +1153,7 @@ impl Qcow2Image {
             cluster_bits: h.cluster_bits,
             extended_l2: h.extended_l2(),
             version: h.version,
+            data_file: false,
         };
         let size = h.size;
         let compression = h.compression_type;
@@ -1096,6 +1162,7 @@ impl Qcow2Image {
         Qcow2Image {
             meta: Mutex::new(meta),
             storage,
+            data: DataStore::Image,
             geo,
             size: AtomicU64::new(size),
             backing: RwLock::new(None),
@@ -1271,6 +1338,9 @@ impl BlockDevice for Qcow2Image {
             m.compressed_cursor = 0;
             m.flush_metadata().map_err(|e| self.err(e))?;
             if !m.barriers {
+                if let Some(d) = &m.data_storage {
+                    d.flush().map_err(|e| self.err(e))?;
+                }
                 m.storage.flush().map_err(|e| self.err(e))?;
             }
             Ok(())
@@ -1321,6 +1391,95 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        let old_size = self.virtual_size();
+        self.resize_metadata(new_size, allow_shrink)?;
+        request(Operation::Resize, None, || {
+            self.resize_data_file(old_size, new_size)
+        })
+    }
+
+    fn path(&self) -> Option<PathBuf> {
+        self.storage.path().map(|p| p.to_path_buf())
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.geo.cluster_size())
+    }
+
+    fn allocation_unit(&self) -> Option<u64> {
+        Some(self.geo.subcluster_size())
+    }
+
+    fn close(&self) -> Result<()> {
+        Qcow2Image::close(self)
+    }
+
+    fn host_file(&self) -> Option<&Arc<dyn Storage>> {
+        // Host offsets of data are offsets in the external data file, if any.
+        match &self.data {
+            DataStore::Image => Some(&self.storage),
+            DataStore::External { storage, .. } => Some(storage),
+            DataStore::Unopened => None,
+        }
+    }
+
+    fn internal_snapshots(&self) -> Option<&dyn crate::InternalSnapshots> {
+        // Images with an external data file cannot have internal snapshots.
+        (!self.data.is_external()).then_some(self as &dyn crate::InternalSnapshots)
+    }
+
+    fn overlay(&self) -> Option<&dyn crate::Overlay> {
+        Some(self)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for Qcow2Image {
+    /// Close the image, unless a panic is unwinding through its owner or left its
+    /// metadata poisoned: an update may then be half made in memory, and the file
+    /// keeps what the last completed write left (see [`strata_storage::sync`]).
+    fn drop(&mut self) {
+        if std::thread::panicking() || self.meta.is_poisoned() {
+            return;
+        }
+        let _ = self.close();
+    }
+}
+
+impl Qcow2Image {
+    /// Record a new backing file name and format (or none) in the header, in one
+    /// write of the header area, then flush. Only the pointer changes: the caller
+    /// (rebase, commit, stream) makes the guest view right first.
+    pub fn set_backing_file(
+        &self,
+        name: Option<&std::ffi::OsStr>,
+        format: Option<&str>,
+    ) -> Result<()> {
+        if self.read_only {
+            return Err(self.err(Error::read_only()));
+        }
+        let _excl = self.exclusive();
+        let mut m = self.lock()?;
+        let mut h = m.h.clone();
+        h.backing_file = name.map(std::ffi::OsStr::to_os_string);
+        h.backing_format = name.and(format).map(str::to_string);
+        let bytes = h.serialize().map_err(|e| self.err(e))?;
+        let r = (|| -> Result<()> {
+            m.flush_metadata()?;
+            m.storage.write_at(&bytes, 0)?;
+            m.storage.flush()?;
+            Ok(())
+        })();
+        r.map_err(|e| self.err(e))?;
+        m.h = h;
+        Ok(())
+    }
+
+    /// Change the virtual size in the metadata (the guest view's part of a resize).
+    fn resize_metadata(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         request(Operation::Resize, None, || {
             self.check_writable()?;
             let cur = self.virtual_size();
@@ -1381,79 +1540,5 @@ impl BlockDevice for Qcow2Image {
             self.size.store(new_size, Ordering::Release);
             m.bitmaps_end_resize(new_size).map_err(|e| self.err(e))
         })
-    }
-
-    fn path(&self) -> Option<PathBuf> {
-        self.storage.path().map(|p| p.to_path_buf())
-    }
-
-    fn cluster_size(&self) -> Option<u64> {
-        Some(self.geo.cluster_size())
-    }
-
-    fn allocation_unit(&self) -> Option<u64> {
-        Some(self.geo.subcluster_size())
-    }
-
-    fn close(&self) -> Result<()> {
-        Qcow2Image::close(self)
-    }
-
-    fn host_file(&self) -> Option<&Arc<dyn Storage>> {
-        Some(&self.storage)
-    }
-
-    fn internal_snapshots(&self) -> Option<&dyn crate::InternalSnapshots> {
-        Some(self)
-    }
-
-    fn overlay(&self) -> Option<&dyn crate::Overlay> {
-        Some(self)
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-impl Drop for Qcow2Image {
-    /// Close the image, unless a panic is unwinding through its owner or left its
-    /// metadata poisoned: an update may then be half made in memory, and the file
-    /// keeps what the last completed write left (see [`strata_storage::sync`]).
-    fn drop(&mut self) {
-        if std::thread::panicking() || self.meta.is_poisoned() {
-            return;
-        }
-        let _ = self.close();
-    }
-}
-
-impl Qcow2Image {
-    /// Record a new backing file name and format (or none) in the header, in one
-    /// write of the header area, then flush. Only the pointer changes: the caller
-    /// (rebase, commit, stream) makes the guest view right first.
-    pub fn set_backing_file(
-        &self,
-        name: Option<&std::ffi::OsStr>,
-        format: Option<&str>,
-    ) -> Result<()> {
-        if self.read_only {
-            return Err(self.err(Error::read_only()));
-        }
-        let _excl = self.exclusive();
-        let mut m = self.lock()?;
-        let mut h = m.h.clone();
-        h.backing_file = name.map(std::ffi::OsStr::to_os_string);
-        h.backing_format = name.and(format).map(str::to_string);
-        let bytes = h.serialize().map_err(|e| self.err(e))?;
-        let r = (|| -> Result<()> {
-            m.flush_metadata()?;
-            m.storage.write_at(&bytes, 0)?;
-            m.storage.flush()?;
-            Ok(())
-        })();
-        r.map_err(|e| self.err(e))?;
-        m.h = h;
-        Ok(())
     }
 }

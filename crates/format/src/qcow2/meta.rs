@@ -43,6 +43,10 @@ pub struct Meta {
     pub falloc_new_clusters: bool,
     /// Persistent bitmaps kept valid while the image is open for writing.
     pub bitmaps: Option<super::bitmaps::Bitmaps>,
+    /// The external data file, when guest data lives there: flushed at every
+    /// ordering point before the qcow2 file, so data is durable before the L2 entry
+    /// that maps it.
+    pub data_storage: Option<Arc<dyn Storage>>,
 }
 
 impl Meta {
@@ -57,6 +61,7 @@ impl Meta {
             cluster_bits: h.cluster_bits,
             extended_l2: h.extended_l2(),
             version: h.version,
+            data_file: super::data_file::has_data_file(&h),
         };
         let cs = h.cluster_size();
         Meta {
@@ -75,6 +80,7 @@ impl Meta {
             barriers: true,
             falloc_new_clusters: false,
             bitmaps: None,
+            data_storage: None,
             h,
         }
     }
@@ -295,6 +301,8 @@ impl Meta {
     pub fn release_entry(&mut self, e: L2Entry) {
         let bits = self.geo.cluster_bits;
         match e {
+            // Clusters of an external data file are not refcounted.
+            L2Entry::Normal { .. } if self.geo.data_file => {}
             L2Entry::Normal { host, .. } if !host.is_none() => self.free_later(host.cluster(bits)),
             L2Entry::Normal { .. } => {}
             L2Entry::Compressed { offset, size } => {
@@ -348,6 +356,9 @@ impl Meta {
     /// barriers are off (see [`super::Qcow2Image::set_write_barriers`]).
     pub fn barrier(&self) -> Result<()> {
         if self.barriers {
+            if let Some(d) = &self.data_storage {
+                d.flush()?;
+            }
             self.storage.flush()?;
         }
         Ok(())
@@ -427,7 +438,8 @@ impl Meta {
     /// the error is a corruption (the caller marks the image).
     pub fn check_data_write(&self, off: HostOffset, len: u64) -> Result<()> {
         let off = off.get();
-        if len == 0 {
+        // Guest data bound for an external data file cannot hit this file's metadata.
+        if len == 0 || self.geo.data_file {
             return Ok(());
         }
         let cs = self.cluster_size();

@@ -17,6 +17,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod encryption;
+pub mod data_file;
 pub mod entries;
 mod fresh;
 pub mod header;

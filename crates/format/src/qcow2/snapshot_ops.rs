@@ -257,6 +257,7 @@ impl Qcow2Image {
         if self.read_only() {
             return Err(self.err(Error::read_only()));
         }
+        self.refuse_internal_snapshots()?;
         let vm_base = self.vm_state_offset();
         let _excl = self.exclusive();
         let mut m = self.lock()?;
@@ -379,6 +380,7 @@ impl Qcow2Image {
         if self.read_only() {
             return Err(self.err(Error::read_only()));
         }
+        self.refuse_internal_snapshots()?;
         let _excl = self.exclusive();
         let mut m = self.lock()?;
         let m = &mut *m;

@@ -42,7 +42,9 @@ pub(super) fn classify(geo: &Geometry, e: u64) -> Kind {
         };
     }
     let offset = e & OFFSET_MASK;
-    if offset == 0 {
+    // In an external data file, offset 0 with COPIED is guest cluster 0.
+    let data_file_zero = geo.data_file && e & OFLAG_COPIED != 0;
+    if offset == 0 && !data_file_zero {
         if !geo.extended_l2 && e & OFLAG_ZERO != 0 {
             Kind::ZeroPlain
         } else {
@@ -395,7 +397,10 @@ impl Qcow2Image {
                         }
                         f.next = offset + cs;
                     }
-                    ctr.add(offset, cs);
+                    // Clusters of an external data file are not refcounted.
+                    if !geo.data_file {
+                        ctr.add(offset, cs);
+                    }
                 }
                 Kind::ZeroPlain => {}
                 Kind::Unallocated => {
