@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions};
+use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions, Unlock};
 use strata_format::raw::RawImage;
 use strata_format::{BlockDevice, Format};
 use strata_storage::{FileStorage, OpenOptions, Storage};
@@ -102,6 +102,9 @@ pub struct OpenSpec {
     /// The image as the user named it when that is not its file name (an option
     /// list, a `json:` name): messages about opening the image quote it.
     pub display_name: Option<String>,
+    /// Open an encrypted top image for its metadata alone (`info`): no secret is
+    /// needed, nor used; its data cannot be read.
+    pub metadata_only: bool,
 }
 
 impl OpenSpec {
@@ -118,6 +121,27 @@ impl OpenSpec {
             driver_options: BTreeMap::new(),
             secrets: Arc::default(),
             display_name: None,
+            metadata_only: false,
+        }
+    }
+    pub fn metadata_only(mut self, on: bool) -> Self {
+        self.metadata_only = on;
+        self
+    }
+    /// The secret the top image opens with: the one its `encrypt.key-secret`
+    /// option names (an id no `--object` defined is refused, in QEMU's words).
+    pub fn unlock(&self) -> Result<Unlock> {
+        if self.metadata_only {
+            return Ok(Unlock::MetadataOnly);
+        }
+        match self.driver_options.get("encrypt.key-secret") {
+            None => Ok(Unlock::None),
+            Some(id) => match self.secrets.get(id) {
+                Some(v) => Ok(Unlock::Secret(v.as_slice().into())),
+                None => Err(Error::Format(strata_format::Error::invalid_argument(
+                    format!("No secret with id '{id}'"),
+                ))),
+            },
         }
     }
     /// The name messages about opening the image quote: as the user gave it.
@@ -240,6 +264,17 @@ pub fn open_image(
     write: bool,
     force_share: bool,
 ) -> Result<Arc<dyn BlockDevice>> {
+    open_image_unlocked(path, format, write, force_share, &Unlock::None)
+}
+
+/// [`open_image`], an encrypted image opened as `unlock` says.
+pub fn open_image_unlocked(
+    path: &Path,
+    format: Format,
+    write: bool,
+    force_share: bool,
+    unlock: &Unlock,
+) -> Result<Arc<dyn BlockDevice>> {
     let opts = if write {
         OpenOptions::write()
     } else {
@@ -252,6 +287,7 @@ pub fn open_image(
             storage,
             Qcow2OpenOptions {
                 read_only: !write,
+                unlock: unlock.clone(),
                 ..Default::default()
             },
         )?),
@@ -284,7 +320,13 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 limit: spec.max_depth,
             });
         }
-        let device = open_image(&path, fmt, write, spec.force_share)?;
+        // The secret is the top image's: a backing file QEMU would need its own for.
+        let unlock = if layers.is_empty() || spec.metadata_only {
+            spec.unlock()?
+        } else {
+            Unlock::None
+        };
+        let device = open_image_unlocked(&path, fmt, write, spec.force_share, &unlock)?;
         let (backing_name, backing_format) = match device.overlay() {
             Some(link) => (link.backing_name(), link.backing_format()),
             None => (None, None),

@@ -84,9 +84,18 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             for_repair: writing,
             no_auto_repair: true,
             for_check: true,
-            ..Default::default()
+            unlock: spec
+                .unlock()
+                .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?,
         },
-    )?;
+    )
+    .map_err(|e| match e.kind() {
+        // As qemu-img, which cannot open an encrypted image without its key.
+        strata_format::ErrorKind::Key => {
+            anyhow::anyhow!("Could not open '{}': {}", spec.shown_name(), e.message())
+        }
+        _ => e.into(),
+    })?;
     // qemu-img opens the backing file too, and fails when it is gone: a check
     // that passes says the image can be used.
     if let Some(b) = img.header().backing_file {
@@ -125,7 +134,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             report.leaks_fixed, report.corruptions_fixed
         );
     }
-    let name = spec.path.to_string_lossy();
+    // As the user named it (an option list is printed as given).
+    let name = spec.shown_name();
     match args.output {
         OutputFormat::Human if !args.quiet => print!("{}", human_report(&report)),
         OutputFormat::Json => println!("{}", qjson::to_string(&json_report(&report, &name))),

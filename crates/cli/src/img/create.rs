@@ -38,7 +38,7 @@ pub struct Args {
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // The secrets by id, for the options that name one.
-    let _secrets = args.objects.secrets()?;
+    let secrets = args.objects.secrets()?;
     let format: Format = args.format.parse().map_err(|e| match &args.filename {
         Some(p) => anyhow::anyhow!("{}: {e}", p.display()),
         None => anyhow::anyhow!("{e}"),
@@ -76,6 +76,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if !args.quiet {
         println!("{}", prepared.summary());
     }
-    prepared.create()?;
+    prepared.with_secrets(secrets).create()?;
     Ok(0)
 }

@@ -35,7 +35,9 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), args.force_share)?
-        .open_backing(args.backing_chain);
+        .open_backing(args.backing_chain)
+        // As qemu-img: an encrypted image shows its header without its secret.
+        .metadata_only(true);
     let chain = open_chain(&spec)?;
     let name = spec.path.as_os_str();
     let infos = if args.backing_chain {
@@ -95,6 +97,9 @@ pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> Vec<u8> {
         );
     }
     let _ = writeln!(s, "{pad}disk size: {disk}");
+    if info.encrypted == Some(true) {
+        let _ = writeln!(s, "{pad}encrypted: yes");
+    }
     if let Some(cs) = info.cluster_size {
         let _ = writeln!(s, "{pad}cluster_size: {cs}");
     }
