@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions};
+use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions, Unlock};
 use strata_format::raw::RawImage;
 use strata_format::{BlockDevice, Format};
 use strata_storage::{FileStorage, OpenOptions, Storage};
@@ -106,7 +106,8 @@ pub struct OpenSpec {
     /// host_device`): the file is the image, with no format layer. The chain opens
     /// it as raw; reports name the driver.
     pub protocol_driver: Option<String>,
-    /// Open for the metadata only (`info`): external data files are not opened.
+    /// Open for the metadata only (`info`): external data files are not opened,
+    /// and an encrypted top image needs no secret (its data cannot be read).
     pub metadata_only: bool,
 }
 
@@ -126,6 +127,22 @@ impl OpenSpec {
             display_name: None,
             protocol_driver: None,
             metadata_only: false,
+        }
+    }
+    /// The secret the top image opens with: the one its `encrypt.key-secret`
+    /// option names (an id no `--object` defined is refused, in QEMU's words).
+    pub fn unlock(&self) -> Result<Unlock> {
+        if self.metadata_only {
+            return Ok(Unlock::MetadataOnly);
+        }
+        match self.driver_options.get("encrypt.key-secret") {
+            None => Ok(Unlock::None),
+            Some(id) => match self.secrets.get(id) {
+                Some(v) => Ok(Unlock::Secret(v.as_slice().into())),
+                None => Err(Error::Format(strata_format::Error::invalid_argument(
+                    format!("No secret with id '{id}'"),
+                ))),
+            },
         }
     }
     /// The name messages about opening the image quote: as the user gave it.
@@ -253,17 +270,18 @@ pub fn open_image(
     write: bool,
     force_share: bool,
 ) -> Result<Arc<dyn BlockDevice>> {
-    open_image_with(path, format, write, force_share, false)
+    open_image_with(path, format, write, force_share, false, &Unlock::None)
 }
 
 /// [`open_image`], for the image's metadata only when `metadata_only` (an external
-/// data file is not opened).
+/// data file is not opened), an encrypted image opened as `unlock` says.
 pub fn open_image_with(
     path: &Path,
     format: Format,
     write: bool,
     force_share: bool,
     metadata_only: bool,
+    unlock: &Unlock,
 ) -> Result<Arc<dyn BlockDevice>> {
     let opts = if write {
         OpenOptions::write()
@@ -278,6 +296,7 @@ pub fn open_image_with(
             Qcow2OpenOptions {
                 read_only: !write,
                 metadata_only,
+                unlock: unlock.clone(),
                 ..Default::default()
             },
         )?),
@@ -310,7 +329,20 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 limit: spec.max_depth,
             });
         }
-        let device = open_image_with(&path, fmt, write, spec.force_share, spec.metadata_only)?;
+        // The secret is the top image's: a backing file QEMU would need its own for.
+        let unlock = if layers.is_empty() || spec.metadata_only {
+            spec.unlock()?
+        } else {
+            Unlock::None
+        };
+        let device = open_image_with(
+            &path,
+            fmt,
+            write,
+            spec.force_share,
+            spec.metadata_only,
+            &unlock,
+        )?;
         let (backing_name, backing_format) = match device.overlay() {
             Some(link) => (link.backing_name(), link.backing_format()),
             None => (None, None),

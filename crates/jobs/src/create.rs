@@ -169,6 +169,21 @@ const QCOW2_KEYS: &[&str] = &[
     "data_file_raw",
 ];
 
+/// The `encrypt.*` keys of a qcow2 `-o` map, in QEMU's order (the summary's).
+pub const ENCRYPT_KEYS: &[&str] = &[
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+    "encrypt.iter-time",
+];
+
+/// Secrets by id (`--object secret,id=ID,...`), for `encrypt.key-secret=ID`.
+pub type Secrets = Arc<BTreeMap<String, Vec<u8>>>;
+
 /// How qemu-img words a bad size-typed option (two lines, suffixes explained).
 fn size_expected(key: &str) -> String {
     format!(
@@ -197,7 +212,11 @@ fn qcow2_parse(opts: &BTreeMap<String, String>) -> std::result::Result<CreateOpt
             "encryption" => {
                 parse_bool(k, v)?;
             }
-            k if QCOW2_KEYS.contains(&k) || k.starts_with("encrypt.") => {}
+            "encrypt.iter-time" => {
+                v.parse::<u64>()
+                    .map_err(|_| format!("Parameter '{k}' expects a number"))?;
+            }
+            k if QCOW2_KEYS.contains(&k) || ENCRYPT_KEYS.contains(&k) => {}
             _ => return Err(format!("Invalid parameter '{k}'")),
         }
     }
@@ -210,7 +229,9 @@ fn qcow2_parse(opts: &BTreeMap<String, String>) -> std::result::Result<CreateOpt
 fn qcow2_values(
     opts: &BTreeMap<String, String>,
     c: &mut CreateOptions,
+    secrets: &BTreeMap<String, Vec<u8>>,
 ) -> std::result::Result<(), String> {
+    c.encrypt = crate::create_encrypt::luks_options(opts, secrets)?;
     for (k, v) in opts {
         match k.as_str() {
             "compat" => {
@@ -236,13 +257,6 @@ fn qcow2_values(
                     }
                 }
             }
-            "encryption" if v == "off" || v == "no" || v == "false" => {}
-            "encryption" => {
-                return Err(format!("strata does not support '{k}' (encrypted images)"))
-            }
-            k if k.starts_with("encrypt.") => {
-                return Err("strata does not support encrypted images".to_string())
-            }
             _ => {}
         }
     }
@@ -255,7 +269,7 @@ pub fn qcow2_options(
     opts: &BTreeMap<String, String>,
 ) -> std::result::Result<CreateOptions, String> {
     let mut c = qcow2_parse(opts)?;
-    qcow2_values(opts, &mut c)?;
+    qcow2_values(opts, &mut c, &BTreeMap::new())?;
     Ok(c)
 }
 
@@ -270,6 +284,8 @@ pub struct Prepared {
     kind: Kind,
     /// Files the new image must not be (its backing chain, and what the caller reads).
     inputs: Inputs,
+    /// Secrets `encrypt.key-secret=` may name.
+    secrets: Secrets,
 }
 
 #[derive(Debug, Clone)]
@@ -314,6 +330,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 summary,
                 kind: Kind::Raw(prealloc),
                 inputs: Inputs::default(),
+                secrets: Secrets::default(),
             })
         }
         Format::Qcow2 => {
@@ -369,6 +386,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 summary,
                 kind: Kind::Qcow2(c, opts.clone()),
                 inputs,
+                secrets: Secrets::default(),
             })
         }
     }
@@ -378,6 +396,12 @@ impl Prepared {
     /// qemu-img's summary: `Formatting 'x.qcow2', fmt=qcow2 cluster_size=65536 ...`.
     pub fn summary(&self) -> &str {
         &self.summary
+    }
+
+    /// The secrets an `encrypt.key-secret=ID` option may name.
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     /// Also refuse to create the image over any of `inputs` (the files the
@@ -422,7 +446,7 @@ impl Prepared {
             }
             Kind::Qcow2(mut c, opts) => {
                 c.size = self.size.div_ceil(512) * 512;
-                qcow2_values(&opts, &mut c).map_err(|m| invalid(p, m))?;
+                qcow2_values(&opts, &mut c, &self.secrets).map_err(|m| invalid(p, m))?;
                 c.validate().map_err(|e| invalid(p, e))?;
                 let path = p.clone();
                 Box::new(move |storage| {
@@ -462,10 +486,9 @@ fn qcow2_summary(
     size: u64,
 ) -> String {
     let onoff = |b: bool| if b { "on" } else { "off" };
-    let mut parts: Vec<String> = opts
-        .get("encryption")
-        .map(|v| format!("encryption={v}"))
-        .into_iter()
+    let mut parts: Vec<String> = std::iter::once("encryption")
+        .chain(ENCRYPT_KEYS.iter().copied())
+        .filter_map(|k| opts.get(k).map(|v| format!("{k}={v}")))
         .collect();
     parts.extend([
         format!("cluster_size={}", c.cluster_size),

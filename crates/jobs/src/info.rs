@@ -28,6 +28,9 @@ pub struct ImageInfo {
     pub virtual_size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_size: Option<u64>,
+    /// `Some(true)` for an encrypted image (QEMU says nothing of clear ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_opt")]
     pub backing_filename: Option<OsString>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_opt")]
@@ -98,6 +101,8 @@ pub struct Qcow2Specific {
     pub corrupt: Option<bool>,
     pub refcount_bits: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<Box<crate::info_encrypt::EncryptInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<Vec<BitmapEntry>>,
     pub compression_type: String,
 }
@@ -134,6 +139,7 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
         actual_size: actual,
         virtual_size: file_len,
         cluster_size: None,
+        encrypted: None,
         backing_filename: None,
         full_backing_filename: None,
         backing_filename_format: None,
@@ -148,6 +154,7 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
         actual_size: actual,
         virtual_size: dev.virtual_size(),
         cluster_size: None,
+        encrypted: None,
         backing_filename: None,
         full_backing_filename: None,
         backing_filename_format: None,
@@ -164,6 +171,10 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
         let h = q.header();
         info.dirty_flag = h.is_dirty();
         info.cluster_size = Some(h.cluster_size());
+        let encrypt = q
+            .encryption()
+            .map(|e| crate::info_encrypt::EncryptInfo::of(&e));
+        info.encrypted = encrypt.is_some().then_some(true);
         info.backing_filename = layer.backing_name.clone();
         info.full_backing_filename = layer.backing_path.clone().map(PathBuf::into_os_string);
         info.backing_filename_format = layer.backing_format.clone();
@@ -180,6 +191,7 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
             lazy_refcounts: v3.then(|| h.lazy_refcounts()),
             corrupt: v3.then(|| h.is_corrupt()),
             refcount_bits: h.refcount_bits(),
+            encrypt: encrypt.map(Box::new),
             bitmaps: (!bitmaps.is_empty()).then(|| {
                 bitmaps
                     .iter()

@@ -80,8 +80,16 @@ const CREATION_ONLY: &[&str] = &[
     "extended_l2",
     "compression_type",
     "encryption",
-    "encrypt.format",
     "nocow",
+];
+
+/// The LUKS key-slot options QEMU's amend takes (a slot's state, its secrets).
+const ENCRYPT_AMEND: &[&str] = &[
+    "encrypt.state",
+    "encrypt.keyslot",
+    "encrypt.old-secret",
+    "encrypt.new-secret",
+    "encrypt.iter-time",
 ];
 
 fn options_help() -> String {
@@ -101,13 +109,19 @@ struct Request {
     backing_fmt: Option<String>,
     data_file: Option<String>,
     data_file_raw: Option<bool>,
+    /// Key-slot options (`encrypt.state=...`), by their name below `encrypt.`.
+    encrypt: Vec<(String, String)>,
 }
 
 /// Check every key (the first unknown one is named), then every value.
 fn parse_request(items: &[(String, String)]) -> Result<Request> {
     for (k, _) in items {
-        if !AMEND_OPTIONS.iter().any(|(name, _, _)| name == k) {
-            if CREATION_ONLY.contains(&k.as_str()) {
+        if !AMEND_OPTIONS.iter().any(|(name, _, _)| name == k)
+            && !ENCRYPT_AMEND.contains(&k.as_str())
+        {
+            // create's encrypt.* keys, but for the one key-slot option they share.
+            let create_encrypt = strata_jobs::create::ENCRYPT_KEYS.contains(&k.as_str());
+            if CREATION_ONLY.contains(&k.as_str()) || create_encrypt {
                 bail!("Invalid parameter '{k}'\nThis option is only supported for image creation");
             }
             bail!("Invalid parameter '{k}'");
@@ -141,6 +155,9 @@ fn parse_request(items: &[(String, String)]) -> Result<Request> {
                 r.data_file_raw =
                     Some(strata_jobs::create::parse_bool(k, v).map_err(|e| anyhow!(e))?)
             }
+            k if ENCRYPT_AMEND.contains(&k) => r
+                .encrypt
+                .push((k.trim_start_matches("encrypt.").to_string(), v.clone())),
             _ => {}
         }
     }
@@ -213,7 +230,17 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         return print_help(Some("qcow2"));
     }
     let req = parse_request(&items)?;
-    let img = open_qcow2(path, true)?;
+    let img = open_qcow2(&spec, true)?;
+    if !req.encrypt.is_empty() {
+        // qemu-img's refusals; strata does not add or erase LUKS key slots.
+        if img.encryption().is_none() {
+            bail!("Can't amend encryption options - encryption not present");
+        }
+        if !req.encrypt.iter().any(|(k, _)| k == "state") {
+            bail!("Parameter 'state' is missing");
+        }
+        bail!("Adding or erasing LUKS key slots is not supported by strata");
+    }
     let h = img.header();
     let steps = req.amend.steps(h.version, h.refcount_order).len() as u64;
     bar.set(0.0);

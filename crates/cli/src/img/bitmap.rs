@@ -238,7 +238,7 @@ fn open(spec: &strata_chain::OpenSpec, write: bool) -> Result<Qcow2Image> {
             format.name()
         );
     }
-    open_qcow2(path, write)
+    open_qcow2(spec, write)
 }
 
 fn find<'a>(set: &'a mut [Bitmap], name: &str) -> Result<&'a mut Bitmap, String> {

@@ -84,16 +84,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             for_repair: writing,
             no_auto_repair: true,
             for_check: true,
+            unlock: spec
+                .unlock()
+                .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?,
             ..Default::default()
         },
     )
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "Could not open '{}': {}",
-            args.filename.display(),
-            e.message()
-        )
-    })?;
+    .map_err(|e| anyhow::anyhow!("Could not open '{}': {}", spec.shown_name(), e.message()))?;
     // qemu-img opens the backing file too, and fails when it is gone: a check
     // that passes says the image can be used.
     if let Some(b) = img.header().backing_file {
@@ -132,7 +129,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             report.leaks_fixed, report.corruptions_fixed
         );
     }
-    let name = spec.path.to_string_lossy();
+    // As the user named it (an option list is printed as given).
+    let name = spec.shown_name();
     match args.output {
         OutputFormat::Human if !args.quiet => print!("{}", human_report(&report)),
         OutputFormat::Json => println!("{}", qjson::to_string(&json_report(&report, &name))),

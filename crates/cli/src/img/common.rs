@@ -121,9 +121,17 @@ pub fn probe_format(path: &std::path::Path) -> Result<strata_format::Format> {
     })
 }
 
-/// Open `path` as a qcow2 image on its own (no backing file attached), for
-/// writing (locked as QEMU locks it) or reading.
-pub fn open_qcow2(path: &std::path::Path, write: bool) -> Result<strata_format::qcow2::Qcow2Image> {
+/// Open the image `spec` names as a qcow2 image on its own (no backing file
+/// attached), for writing (locked as QEMU locks it) or reading; an encrypted one
+/// with the secret its options name.
+pub fn open_qcow2(
+    spec: &strata_chain::OpenSpec,
+    write: bool,
+) -> Result<strata_format::qcow2::Qcow2Image> {
+    let path = spec.path.as_path();
+    let unlock = spec
+        .unlock()
+        .map_err(|e| open_error(path, &spec.shown_name(), &e))?;
     let opts = if write {
         strata_storage::OpenOptions::write()
     } else {
@@ -135,10 +143,11 @@ pub fn open_qcow2(path: &std::path::Path, write: bool) -> Result<strata_format::
         std::sync::Arc::new(storage),
         strata_format::qcow2::Qcow2OpenOptions {
             read_only: !write,
+            unlock,
             ..Default::default()
         },
     )
-    .map_err(|e| anyhow!("Could not open '{}': {}", path.display(), e.message()))
+    .map_err(|e| anyhow!("Could not open '{}': {}", spec.shown_name(), e.message()))
 }
 
 /// Open an image and (unless the spec says not to) its chain, with qemu-img's

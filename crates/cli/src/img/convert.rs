@@ -113,17 +113,21 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     }
     // An output named by options is an existing image: its format is the one
     // the options give, or probed.
-    let target_spec;
+    let secrets = naming.objects.secrets()?;
+    // The target's driver options (an encrypted target's key-secret), from an
+    // option list or from the -o that creates it.
+    let mut target_spec = None;
+    let plain_out;
     let (out_path, out_format) = if args.target_image_opts {
-        target_spec = super::imgname::image_spec(out_path, None, true)?;
+        let target_spec = target_spec.insert(super::imgname::image_spec(out_path, None, true)?);
         let format = match target_spec.format {
             Some(f) => f,
             None => super::common::probe_format(&target_spec.path)?,
         };
         (&target_spec.path, format)
     } else {
-        target_spec = strata_chain::OpenSpec::new(super::imgname::output_path(out_path)?);
-        (&target_spec.path, out_format)
+        plain_out = super::imgname::output_path(out_path)?;
+        (&plain_out, out_format)
     };
     if args.target_is_zero && !args.no_create {
         bail!("--target-is-zero requires use of -n flag");
@@ -225,9 +229,14 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             }
             e => e.into(),
         })?;
-        let spec = open_spec(out_path, Some(out_format.name()), false)?
+        let mut spec = open_spec(out_path, Some(out_format.name()), false)?
             .write(true)
             .open_backing(false);
+        if let Some(t) = &target_spec {
+            spec.driver_options = t.driver_options.clone();
+            spec.display_name = t.display_name.clone();
+        }
+        spec.secrets = secrets.clone();
         let chain = open_chain(&spec)?;
         let t = chain.top().clone();
         if t.virtual_size() < total {
@@ -256,7 +265,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             path: out_path.clone(),
             format: out_format,
             size: Some(total),
-            options,
+            options: options.clone(),
             unsafe_backing: true,
         })
         .map_err(|e| match e {
@@ -272,17 +281,26 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
                 anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
             }
         })?;
-        prepared.refusing(&inputs).create().map_err(create_failed)?;
+        prepared
+            .refusing(&inputs)
+            .with_secrets(secrets.clone())
+            .create()
+            .map_err(create_failed)?;
         target_is_zero = true;
+        let mut spec = open_spec(out_path, Some(out_format.name()), false)?.write(true);
+        if let Some(id) = options.get("encrypt.key-secret") {
+            spec.driver_options
+                .insert("encrypt.key-secret".into(), id.clone());
+        }
+        spec.secrets = secrets;
         let t = if args.backing.is_some() {
             // Opened with its backing file, as qemu-img does: a cluster the source
             // fills only in part takes the rest from there.
-            let spec = open_spec(out_path, Some(out_format.name()), false)?.write(true);
             let chain = open_chain(&spec)?;
             target_backing_size = chain.layers.get(1).map(|l| l.device.virtual_size());
             chain.top().clone()
         } else {
-            strata_chain::open_image(out_path, out_format, true, false)?
+            open_chain(&spec.open_backing(false))?.top().clone()
         };
         // A new target is unusable until the copy completes: order metadata writes
         // but flush only at the end. Its data clusters are allocated in bulk.

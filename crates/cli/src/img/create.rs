@@ -39,7 +39,7 @@ pub struct Args {
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // The secrets by id, for the options that name one.
-    let _secrets = args.objects.secrets()?;
+    let secrets = args.objects.secrets()?;
     let format: Format = output_format(&args.format).map_err(|e| match &args.filename {
         Some(p) => anyhow::anyhow!("{}: {e}", p.display()),
         None => anyhow::anyhow!("{e}"),
@@ -92,6 +92,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             );
         println!("{summary}");
     }
-    prepared.create()?;
+    prepared.with_secrets(secrets).create()?;
     Ok(0)
 }

@@ -36,6 +36,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         .naming
         .spec(&args.filename, args.format.as_deref(), args.force_share)?
         .open_backing(args.backing_chain)
+        // As qemu-img: an encrypted image shows its header without its secret.
         .metadata_only(true);
     let chain = open_chain(&spec)?;
     let name = spec.path.as_os_str();
@@ -118,6 +119,9 @@ pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> Vec<u8> {
         );
     }
     let _ = writeln!(s, "{pad}disk size: {disk}");
+    if info.encrypted == Some(true) {
+        let _ = writeln!(s, "{pad}encrypted: yes");
+    }
     if let Some(cs) = info.cluster_size {
         let _ = writeln!(s, "{pad}cluster_size: {cs}");
     }

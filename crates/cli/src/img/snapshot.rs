@@ -99,7 +99,11 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     if writing && spec.force_share {
         bail!("force-share=on can only be used with read-only images");
     }
-    let dev = strata_chain::open_image(&spec.path, format, writing, spec.force_share)
+    let dev = spec
+        .unlock()
+        .and_then(|u| {
+            strata_chain::open_image_with(&spec.path, format, writing, spec.force_share, false, &u)
+        })
         .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
     use strata_jobs::snapshot::{self as job, NameRule};
     use strata_jobs::Error as E;

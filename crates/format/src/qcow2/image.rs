@@ -1,8 +1,8 @@
 //! An open qcow2 image: the guest view ([`BlockDevice`]) over the metadata in [`Meta`].
 
 use super::compress::{self, CompressionType};
-use super::encryption::{Encryption, EncryptionInfo, Unlock};
 use super::data_file::{self, DataStore};
+use super::encryption::{Encryption, EncryptionInfo, Unlock};
 use super::entries::{
     Geometry, L2Entry, SubState, ALL_ALLOCATED, ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO,
 };
@@ -1352,13 +1352,16 @@ impl BlockDevice for Qcow2Image {
             check_range(offset, len, self.virtual_size()).map_err(|e| self.err(e))?;
             let mut m = self.lock()?;
             let (run, n) = self.lookup(&mut m, offset, len).map_err(|e| self.err(e))?;
+            // As QEMU: an encrypted image's host offsets are not offered (its
+            // file holds ciphertext, useless to whoever would read it there).
+            let clear = self.crypt.is_none();
             let status = match run {
                 Run::Data { host } => Status::Data {
-                    host_offset: Some(host.get()),
+                    host_offset: clear.then_some(host.get()),
                     compressed: false,
                 },
                 Run::Zero { host } => Status::Zero {
-                    host_offset: (!host.is_none()).then_some(host.get()),
+                    host_offset: (clear && !host.is_none()).then_some(host.get()),
                 },
                 Run::Unallocated => Status::Unallocated,
                 Run::Compressed { .. } => Status::Data {
