@@ -79,7 +79,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             no_auto_repair: true,
             for_check: true,
         },
-    )?;
+    )
+    .map_err(|e| super::common::open_error(&args.filename, &e.into()))?;
     // qemu-img opens the backing file too, and fails when it is gone: a check
     // that passes says the image can be used.
     if let Some(b) = img.header().backing_file {

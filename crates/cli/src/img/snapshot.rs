@@ -94,7 +94,13 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     if writing && args.force_share {
         bail!("force-share=on can only be used with read-only images");
     }
-    let dev = strata_chain::open_image(&args.filename, format, writing, args.force_share)?;
+    let dev = strata_chain::open_image(&args.filename, format, writing, args.force_share).map_err(
+        |e| match e {
+            // The image's header refused: worded as qemu-img words a failed open.
+            strata_chain::Error::Format(_) => super::common::open_error(&args.filename, &e),
+            e => e.into(),
+        },
+    )?;
     use strata_jobs::snapshot::{self as job, NameRule};
     use strata_jobs::Error as E;
     // qemu-img's wording for each refusal (a format without internal snapshots is
