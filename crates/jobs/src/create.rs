@@ -126,6 +126,31 @@ pub fn parse_size(s: &str) -> Option<u64> {
     parse_size_u64(s).filter(|&v| v <= i64::MAX as u64)
 }
 
+/// Whether `s`, which did not parse as a size, failed only for its range: a
+/// negative number of bytes, or a well-formed non-negative number too large.
+/// QEMU calls those out of range and says the rest is not a size at all.
+pub fn size_out_of_range(s: &str) -> bool {
+    let negative_bytes = s
+        .strip_prefix('-')
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    let number = s
+        .strip_suffix(|c: char| "bBkKmMgGtTpPeE".contains(c))
+        .unwrap_or(s);
+    negative_bytes
+        || (!number.is_empty()
+            && number.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            && number.parse::<f64>().is_ok())
+}
+
+/// How QEMU's option parser refuses `s` as the size-typed option `key`.
+pub fn option_size_error(key: &str, s: &str) -> String {
+    if size_out_of_range(s) {
+        format!("Value '{s}' is out of range for parameter '{key}'")
+    } else {
+        size_expected(key)
+    }
+}
+
 /// Parse a size as QEMU's option parser does: any value below 2^64.
 pub fn parse_size_u64(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -301,7 +326,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
     let p = &req.path;
     let opts = &req.options;
     let size_opt = match opts.get("size") {
-        Some(s) => Some(parse_size(s).ok_or_else(|| invalid(p, size_expected("size")))?),
+        Some(s) => Some(parse_size(s).ok_or_else(|| invalid(p, option_size_error("size", s)))?),
         None => None,
     };
     let mut size = req.size.or(size_opt);

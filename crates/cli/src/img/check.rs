@@ -90,7 +90,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             ..Default::default()
         },
     )
-    .map_err(|e| anyhow::anyhow!("Could not open '{}': {}", spec.shown_name(), e.message()))?;
+    .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e.into()))?;
     // qemu-img opens the backing file too, and fails when it is gone: a check
     // that passes says the image can be used.
     if let Some(b) = img.header().backing_file {

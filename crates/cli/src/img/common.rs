@@ -183,17 +183,6 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Whether `s` is a well-formed size (digits, or a non-negative number with a size
-/// suffix) - one that failed to parse only because it is out of range.
-fn well_formed_size(s: &str) -> bool {
-    let number = s
-        .strip_suffix(|c: char| "bBkKmMgGtTpPeE".contains(c))
-        .unwrap_or(s);
-    !number.is_empty()
-        && !number.starts_with(['-', '+'])
-        && number.parse::<f64>().is_ok_and(|f| f >= 0.0)
-}
-
 /// An image size argument (`create`'s size, `measure --size`), refused as
 /// [`size_arg`] refuses it.
 pub fn image_size(s: &str) -> Result<u64> {
@@ -207,10 +196,7 @@ pub fn size_arg(what: &str, s: &str) -> Result<u64> {
     if let Some(v) = strata_jobs::create::parse_size(s) {
         return Ok(v);
     }
-    let negative_bytes = s
-        .strip_prefix('-')
-        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
-    if negative_bytes || well_formed_size(s) {
+    if strata_jobs::create::size_out_of_range(s) {
         Err(anyhow!(
             "Invalid {what} specified. Must be between 0 and 9223372036854775807."
         ))
@@ -225,13 +211,10 @@ pub fn option_size(key: &str, s: &str) -> Result<u64> {
     if let Some(v) = strata_jobs::create::parse_size_u64(s) {
         return Ok(v);
     }
-    if well_formed_size(s) {
-        Err(anyhow!("Value '{s}' is out of range for parameter '{key}'"))
-    } else {
-        Err(anyhow!(
-            "Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
-        ))
-    }
+    Err(anyhow!(
+        "{}",
+        strata_jobs::create::option_size_error(key, s)
+    ))
 }
 
 /// `-r RATE` as qemu-img reads it: a size with an optional suffix, in bytes/s.

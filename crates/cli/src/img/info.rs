@@ -1,9 +1,9 @@
 //! `strata img info`: an image's format, sizes, backing file, snapshots and format
 //! details, as qemu-img prints them (text, or `--output=json`).
 
-use super::common::{human_size, open_chain, Ctx, OutputFormat};
+use super::common::{human_size, open_chain, open_spec, Ctx, OutputFormat};
 use super::{qjson, snapshot};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::Value;
 use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt;
@@ -38,7 +38,19 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         .open_backing(args.backing_chain)
         // As qemu-img: an encrypted image shows its header without its secret.
         .metadata_only(true);
-    let chain = open_chain(&spec)?;
+    let chain = match strata_chain::open(&spec) {
+        Ok(c) => c,
+        Err(strata_chain::Error::Loop { .. }) if args.backing_chain => {
+            if let Some(again) = repeated_name(&args, 1024)? {
+                bail!(
+                    "Backing file '{}' creates an infinite loop.",
+                    again.display()
+                );
+            }
+            open_chain(&spec)?
+        }
+        Err(_) => open_chain(&spec)?,
+    };
     let name = spec.path.as_os_str();
     let mut infos = if args.backing_chain {
         chain_info(&chain, name)?
@@ -83,6 +95,30 @@ fn protocol_view(info: ImageInfo, driver: &str) -> ImageInfo {
             ..info
         },
     }
+}
+
+/// The name under which qemu-img meets an image of the chain a second time: it
+/// opens each image alone and follows the backing names, each resolved against
+/// the name it reached the image by, until one repeats (as a string). `None`
+/// when no name repeats within `limit` images.
+fn repeated_name(args: &Args, limit: usize) -> Result<Option<PathBuf>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut path = args.filename.clone();
+    let mut format = args.format.clone();
+    for _ in 0..limit {
+        if !seen.insert(path.clone()) {
+            return Ok(Some(path));
+        }
+        let spec = open_spec(&path, format.as_deref(), args.force_share)?.open_backing(false);
+        let chain = open_chain(&spec)?;
+        let top = &chain.layers[0];
+        let Some(next) = top.backing_path.clone() else {
+            return Ok(None);
+        };
+        format = top.backing_format.clone();
+        path = next;
+    }
+    Ok(None)
 }
 
 /// qemu-img's text dump of one node (and its children, indented), as bytes: file

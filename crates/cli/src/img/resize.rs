@@ -88,7 +88,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if new > MAX_LENGTH {
         bail!("offset({new}) exceeds maximum({MAX_LENGTH})");
     }
-    dev.resize(new, args.shrink)?;
+    // qemu-img reports the format's refusal without the file's name.
+    dev.resize(new, args.shrink)
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     if let Some(p) = prealloc {
         if new > cur {
             preallocate(dev.as_ref(), p, cur, new)?;

@@ -121,18 +121,6 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Names of the incompatible feature bits strata and QEMU define.
-fn known_incompat_name(bit: u32) -> Option<&'static str> {
-    Some(match bit {
-        0 => "dirty bit",
-        1 => "corrupt bit",
-        2 => "external data file",
-        3 => "compression type",
-        4 => "extended L2 entries",
-        _ => return None,
-    })
-}
-
 impl Header {
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
@@ -473,31 +461,28 @@ impl Header {
         let unknown = self.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
             return Err(Error::unsupported(format!(
-                "incompatible features: {}",
+                "qcow2 feature(s): {}",
                 self.feature_list(unknown)
             )));
         }
         Ok(())
     }
 
-    /// Human-readable names for the incompatible bits in `mask`, from the image's
-    /// feature-name table, then strata's own list, else "Unknown incompatible feature: N".
+    /// The incompatible bits in `mask` as QEMU names them: the names the image's
+    /// feature-name table gives (in its order, at most 46 characters each), then
+    /// the bits it does not name as one hexadecimal mask.
     pub fn feature_list(&self, mask: u64) -> String {
+        let mut rest = mask;
         let mut names = Vec::new();
-        for bit in 0..64u32 {
-            if mask & (1 << bit) == 0 {
-                continue;
+        for f in self.feature_names.iter().filter(|f| f.kind == 0) {
+            let bit = 1u64.checked_shl(u32::from(f.bit)).unwrap_or(0);
+            if rest & bit != 0 {
+                names.push(f.name.chars().take(46).collect::<String>());
+                rest &= !bit;
             }
-            let from_table = self
-                .feature_names
-                .iter()
-                .find(|f| f.kind == 0 && u32::from(f.bit) == bit)
-                .map(|f| f.name.clone());
-            names.push(
-                from_table
-                    .or_else(|| known_incompat_name(bit).map(str::to_string))
-                    .unwrap_or_else(|| format!("Unknown incompatible feature: {bit}")),
-            );
+        }
+        if rest != 0 {
+            names.push(format!("Unknown incompatible feature: {rest:x}"));
         }
         names.join(", ")
     }

@@ -1057,8 +1057,9 @@ impl Qcow2Image {
             return Ok(());
         }
         if entries * 8 > header::MAX_L1_BYTES {
+            // QEMU's words: its L1 growth fails with EFBIG past 32 MiB.
             return Err(Error::invalid_argument(
-                "Image size too large for this cluster size: the L1 table would exceed 32 MiB",
+                "Failed to grow the L1 table: File too large",
             ));
         }
         let mut table = m.l1.clone();
