@@ -988,13 +988,9 @@ impl Qcow2Image {
                     host: HostOffset::NONE,
                     zero,
                     bitmap,
-                    copied,
+                    ..
                 } => {
                     (new_e == 0 && new_b == 0 && !zero && bitmap == 0)
-                        // A discarded cluster that was never written and has
-                        // nothing below it already reads as zeroes: left as is,
-                        // as QEMU leaves it.
-                        || (discard && !has_backing && !copied && !zero && bitmap == 0)
                         || (new_e == OFLAG_ZERO && zero)
                         || (new_e == 0 && new_b == ALL_ZERO && bitmap == ALL_ZERO)
                 }
