@@ -77,6 +77,10 @@ const QCOW2_OPTIONS: [&str; 17] = [
     "backing",
 ];
 
+/// Driver options QEMU knows that would change the guest's view of the image and
+/// that strata does not implement: refused rather than ignored.
+const UNSUPPORTED_DATA_OPTIONS: &[&str] = &["offset", "size", "backing", "data-file", "data-file."];
+
 /// The raw format driver's own options.
 const RAW_OPTIONS: [&str; 2] = ["offset", "size"];
 
@@ -410,6 +414,10 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
     })?;
     for k in COMMON_OPTIONS {
         flat.remove(k);
+    }
+    // Options that change which bytes the guest sees must not be dropped silently.
+    if let Some(k) = flat.keys().find(|k| known(k, UNSUPPORTED_DATA_OPTIONS)) {
+        bail!("Block format '{name}': strata does not support the option '{k}' yet");
     }
     let mut spec = OpenSpec::new(path).format(format).force_share(force_share);
     spec.driver_options = flat;
