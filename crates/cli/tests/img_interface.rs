@@ -253,7 +253,7 @@ fn engine_refusals_get_the_command_lines_advice_from_their_kind() {
         (
             "resize bad.qcow2 2M",
             1,
-            format!("strata img: bad.qcow2: {corrupt}"),
+            format!("strata img: Could not open 'bad.qcow2': {corrupt}"),
         ),
         (
             "rebase -b top.qcow2 -F qcow2 other.qcow2",

@@ -454,9 +454,26 @@ mod tests {
     }
 
     #[test]
+    fn options_that_would_change_the_guests_view_are_refused_not_ignored() {
+        for name in [
+            "driver=raw,file.filename=/x/a,offset=4096",
+            "driver=raw,file.filename=/x/a,size=1M",
+            "driver=qcow2,file.filename=/x/a,data-file=d",
+            "driver=qcow2,file.filename=/x/a,data-file.filename=d",
+            "driver=qcow2,file.filename=/x/a,backing=",
+        ] {
+            let e = spec(name, true).unwrap_err().to_string();
+            assert!(
+                e.contains("strata does not support the option"),
+                "{name}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn image_opts_give_driver_options_and_the_file_location() {
         let s = spec(
-            "driver=qcow2,file.driver=file,file.filename=/x/a,,b,data-file=d,force-share=on,file.locking=off",
+            "driver=qcow2,file.driver=file,file.filename=/x/a,,b,lazy-refcounts=on,force-share=on,file.locking=off",
             true,
         )
         .unwrap();
@@ -464,7 +481,7 @@ mod tests {
         assert!(s.force_share);
         assert_eq!(
             s.driver_options.into_iter().collect::<Vec<_>>(),
-            vec![("data-file".to_string(), "d".to_string())]
+            vec![("lazy-refcounts".to_string(), "on".to_string())]
         );
         // -f wins over a json: name's driver.
         let s = image_spec(
