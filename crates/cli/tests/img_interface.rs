@@ -126,7 +126,8 @@ fn option_help_lists_exactly_what_create_accepts() {
         "cluster_size" => "4k",
         "compat" => "0.10",
         "compression_type" => "zstd",
-        "extended_l2" | "lazy_refcounts" => "on",
+        "data_file" => "guest-data.bin",
+        "extended_l2" | "lazy_refcounts" | "data_file_raw" => "on",
         "preallocation" => "metadata",
         "refcount_bits" => "8",
         "size" => "2M",
@@ -169,11 +170,12 @@ fn option_help_lists_exactly_what_create_accepts() {
             if fmt == "raw" && k == "preallocation" {
                 v = "falloc";
             }
-            // v2 takes neither of the v3-only switches.
-            let compat = if k == "extended_l2" || k == "lazy_refcounts" {
-                ",compat=1.1"
-            } else {
-                ""
+            // v2 takes neither of the v3-only switches; the raw-data switch needs a
+            // data file.
+            let compat = match k.as_str() {
+                "extended_l2" | "lazy_refcounts" => ",compat=1.1",
+                "data_file_raw" => ",data_file=raw-data.bin",
+                _ => "",
             };
             let name = format!("{fmt}-{k}.img");
             let opts = format!("{k}={v}{compat}");
