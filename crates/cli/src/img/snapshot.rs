@@ -104,13 +104,8 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         .and_then(|u| {
             strata_chain::open_image_with(&spec.path, format, writing, spec.force_share, false, &u)
         })
-        .map_err(|e| match e {
-            // The image's header refused: worded as qemu-img words a failed open.
-            strata_chain::Error::Format(_) => {
-                super::common::open_error(&spec.path, &spec.shown_name(), &e)
-            }
-            e => e.into(),
-        })?;
+        // Worded as qemu-img words a failed open, the image named as given.
+        .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
     use strata_jobs::snapshot::{self as job, NameRule};
     use strata_jobs::Error as E;
     // qemu-img's wording for each refusal (a format without internal snapshots is
