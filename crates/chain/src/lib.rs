@@ -133,7 +133,8 @@ impl OpenSpec {
     /// option names (an id no `--object` defined is refused, in QEMU's words).
     pub fn unlock(&self) -> Result<Unlock> {
         if self.metadata_only {
-            return Ok(Unlock::MetadataOnly);
+            // No secret is needed, nor its id looked up (as qemu-img's info).
+            return Ok(Unlock::None);
         }
         match self.driver_options.get("encrypt.key-secret") {
             None => Ok(Unlock::None),
@@ -330,7 +331,7 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             });
         }
         // The secret is the top image's: a backing file QEMU would need its own for.
-        let unlock = if layers.is_empty() || spec.metadata_only {
+        let unlock = if layers.is_empty() {
             spec.unlock()?
         } else {
             Unlock::None

@@ -579,7 +579,12 @@ mod encrypted {
         qemu_ok(tool, &refs)
     }
 
-    fn open(path: &Path, write: bool, unlock: Unlock) -> strata_format::Result<Qcow2Image> {
+    /// Open `path` with `opts`, read-only unless `write`.
+    fn open_with(
+        path: &Path,
+        write: bool,
+        opts: Qcow2OpenOptions,
+    ) -> strata_format::Result<Qcow2Image> {
         let o = if write {
             OpenOptions::write()
         } else {
@@ -590,10 +595,26 @@ mod encrypted {
             storage,
             Qcow2OpenOptions {
                 read_only: !write,
-                unlock,
-                ..Default::default()
+                ..opts
             },
         )
+    }
+
+    fn open(path: &Path, write: bool, unlock: Unlock) -> strata_format::Result<Qcow2Image> {
+        let opts = Qcow2OpenOptions {
+            unlock,
+            ..Default::default()
+        };
+        open_with(path, write, opts)
+    }
+
+    /// Open `path` read-only for its metadata alone (no secret).
+    fn open_metadata(path: &Path) -> strata_format::Result<Qcow2Image> {
+        let opts = Qcow2OpenOptions {
+            metadata_only: true,
+            ..Default::default()
+        };
+        open_with(path, false, opts)
     }
 
     fn secret() -> Unlock {
@@ -769,7 +790,7 @@ mod encrypted {
         assert_eq!(e.kind(), ErrorKind::Key);
         assert_eq!(e.message(), "Invalid password, cannot unlock any keyslot");
         // For the metadata alone the image opens; its data does not read.
-        let meta = open(&img, false, Unlock::MetadataOnly).unwrap();
+        let meta = open_metadata(&img).unwrap();
         let Some(EncryptionInfo::Luks(h)) = meta.encryption() else {
             panic!("no LUKS header");
         };
@@ -800,7 +821,7 @@ mod encrypted {
         assert!(e
             .message()
             .starts_with("Use of AES-CBC encrypted qcow2 images"));
-        let meta = open(&img, false, Unlock::MetadataOnly).unwrap();
+        let meta = open_metadata(&img).unwrap();
         assert_eq!(meta.encryption(), Some(EncryptionInfo::Aes));
     }
 }

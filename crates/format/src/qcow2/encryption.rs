@@ -21,12 +21,10 @@ use strata_storage::Storage;
 /// The secret an encrypted image is opened with.
 #[derive(Debug, Clone, Default)]
 pub enum Unlock {
-    /// None given: an encrypted image is refused (QEMU's "key-secret is required").
+    /// None given: an encrypted image is refused (QEMU's "key-secret is required"),
+    /// unless it is opened for its metadata only.
     #[default]
     None,
-    /// Open for the metadata only (`info`): the LUKS header is read and checked,
-    /// data clusters cannot be read or written.
-    MetadataOnly,
     /// The password (LUKS) or key (legacy AES).
     Secret(Arc<[u8]>),
 }
@@ -53,18 +51,21 @@ pub const AES_WRITE_REFUSED: &str =
 
 impl Encryption {
     /// The encryption `h` records, unlocked as `unlock` says; `None` for a clear image.
+    /// Opened for its `metadata_only`, the LUKS header is read and checked but no
+    /// secret is needed or used: data clusters can be neither read nor written.
     pub(crate) fn open(
         storage: &dyn Storage,
         h: &Header,
         unlock: &Unlock,
         read_only: bool,
+        metadata_only: bool,
     ) -> Result<Option<Encryption>> {
         if h.crypt_method == crypt::NONE {
             return Ok(None);
         }
         let secret = match unlock {
+            _ if metadata_only => None,
             Unlock::None => return Err(crypto::key_required()),
-            Unlock::MetadataOnly => None,
             Unlock::Secret(s) => Some(s),
         };
         if h.crypt_method == crypt::AES {

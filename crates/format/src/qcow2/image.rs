@@ -33,7 +33,8 @@ pub struct Qcow2OpenOptions {
     /// The secret of an encrypted image (see [`Unlock`]).
     pub unlock: Unlock,
     /// Open for the metadata only (`qemu-img info`): an external data file is not
-    /// opened, and guest data can be neither read nor written.
+    /// opened, an encrypted image needs no secret, and guest data can be neither
+    /// read nor written.
     pub metadata_only: bool,
 }
 
@@ -198,7 +199,8 @@ impl Qcow2Image {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
-        let crypt = Encryption::open(&*storage, &h, &opts.unlock, read_only)?.map(Arc::new);
+        let crypt = Encryption::open(&*storage, &h, &opts.unlock, read_only, opts.metadata_only)?
+            .map(Arc::new);
         let data = data_file::store_for(&h, given_data, read_only, opts.metadata_only)?;
         let l1 = read_table(&*storage, h.l1_table_offset, u64::from(h.l1_size))?;
         let rt_entries = u64::from(h.refcount_table_clusters) * h.cluster_size() / 8;
