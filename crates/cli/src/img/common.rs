@@ -150,6 +150,27 @@ pub fn open_qcow2(
     .map_err(|e| anyhow!("Could not open '{}': {}", spec.shown_name(), e.message()))
 }
 
+/// Open the image `spec` names on its own (no backing file attached), with the
+/// secret its options name, a failure worded as qemu-img words a failed open.
+pub fn open_top(
+    spec: &strata_chain::OpenSpec,
+    format: strata_format::Format,
+    write: bool,
+) -> Result<std::sync::Arc<dyn strata_format::BlockDevice>> {
+    spec.unlock()
+        .and_then(|u| {
+            strata_chain::open_image_with(
+                &spec.path,
+                format,
+                write,
+                spec.force_share,
+                spec.metadata_only,
+                &u,
+            )
+        })
+        .map_err(|e| open_error(&spec.path, &spec.shown_name(), &e))
+}
+
 /// Open an image and (unless the spec says not to) its chain, with qemu-img's
 /// "Could not open 'FILE': reason" message on failure.
 pub fn open_chain(spec: &strata_chain::OpenSpec) -> Result<strata_chain::Chain> {

@@ -57,10 +57,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 .map_err(|_| anyhow::anyhow!("Invalid preallocation mode '{p}'"))?,
         ),
     };
-    let dev = spec
-        .unlock()
-        .and_then(|u| strata_chain::open_image_with(&spec.path, format, true, false, false, &u))
-        .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
+    let dev = super::common::open_top(&spec, format, true)?;
     let cur = dev.virtual_size();
     // As qemu-img computes it: the value as a signed 64-bit number, the change
     // added with wrap-around (+15E is a shrink below zero, +2^64-1 one of a byte).

@@ -99,13 +99,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     if writing && spec.force_share {
         bail!("force-share=on can only be used with read-only images");
     }
-    let dev = spec
-        .unlock()
-        .and_then(|u| {
-            strata_chain::open_image_with(&spec.path, format, writing, spec.force_share, false, &u)
-        })
-        // Worded as qemu-img words a failed open, the image named as given.
-        .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
+    let dev = super::common::open_top(&spec, format, writing)?;
     use strata_jobs::snapshot::{self as job, NameRule};
     use strata_jobs::Error as E;
     // qemu-img's wording for each refusal (a format without internal snapshots is
