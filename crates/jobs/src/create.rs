@@ -305,7 +305,8 @@ pub fn qcow2_options(
 pub struct Prepared {
     path: PathBuf,
     size: u64,
-    summary: String,
+    /// The summary line's options, after `fmt=FORMAT `.
+    summary_options: String,
     kind: Kind,
     /// Files the new image must not be (its backing chain, and what the caller reads).
     inputs: Inputs,
@@ -345,14 +346,14 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
             }
             let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
             let prealloc = opts.get("preallocation").cloned();
-            let mut summary = format!("Formatting '{}', fmt=raw size={size}", p.display());
+            let mut summary_options = format!("size={size}");
             if let Some(v) = &prealloc {
-                summary.push_str(&format!(" preallocation={v}"));
+                summary_options.push_str(&format!(" preallocation={v}"));
             }
             Ok(Prepared {
                 path: p.clone(),
                 size,
-                summary,
+                summary_options,
                 kind: Kind::Raw(prealloc),
                 inputs: Inputs::default(),
                 secrets: Secrets::default(),
@@ -404,11 +405,10 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 inputs.add_backing_chain(p, b, Some(fmt));
             }
             let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
-            let summary = qcow2_summary(p, opts, &c, size);
             Ok(Prepared {
                 path: p.clone(),
                 size,
-                summary,
+                summary_options: qcow2_summary_options(opts, &c, size),
                 kind: Kind::Qcow2(c, opts.clone()),
                 inputs,
                 secrets: Secrets::default(),
@@ -419,8 +419,18 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
 
 impl Prepared {
     /// qemu-img's summary: `Formatting 'x.qcow2', fmt=qcow2 cluster_size=65536 ...`.
-    pub fn summary(&self) -> &str {
-        &self.summary
+    pub fn summary(&self) -> String {
+        let format = match self.kind {
+            Kind::Raw(_) => Format::Raw,
+            Kind::Qcow2(..) => Format::Qcow2,
+        };
+        self.summary_as(&self.path.display().to_string(), format.name())
+    }
+
+    /// The summary line with the image and format named as the user gave them
+    /// (`file:x`, `-f file`), as qemu-img prints it.
+    pub fn summary_as(&self, name: &str, format: &str) -> String {
+        format!("Formatting '{name}', fmt={format} {}", self.summary_options)
     }
 
     /// The secrets an `encrypt.key-secret=ID` option may name.
@@ -442,6 +452,7 @@ impl Prepared {
     /// image cannot be written, a file this call created is removed again (a file
     /// that existed before is never removed).
     pub fn create(self) -> Result<Created> {
+        let summary = self.summary();
         let p = &self.path;
         let build: Box<dyn FnOnce(Arc<dyn Storage>) -> Result<()>> = match self.kind {
             Kind::Raw(prealloc) => {
@@ -493,7 +504,7 @@ impl Prepared {
         }
         Ok(Created {
             size: self.size,
-            summary: self.summary,
+            summary,
         })
     }
 }
@@ -503,13 +514,9 @@ pub fn create(req: &CreateRequest) -> Result<Created> {
     prepare(req)?.create()
 }
 
-/// qemu-img's summary line: defaults always, other options when given, in QEMU's order.
-fn qcow2_summary(
-    p: &Path,
-    opts: &BTreeMap<String, String>,
-    c: &CreateOptions,
-    size: u64,
-) -> String {
+/// The options of qemu-img's summary line: defaults always, other options when
+/// given, in QEMU's order.
+fn qcow2_summary_options(opts: &BTreeMap<String, String>, c: &CreateOptions, size: u64) -> String {
     let onoff = |b: bool| if b { "on" } else { "off" };
     let mut parts: Vec<String> = std::iter::once("encryption")
         .chain(ENCRYPT_KEYS.iter().copied())
@@ -557,9 +564,5 @@ fn qcow2_summary(
             .cloned()
             .unwrap_or(c.refcount_bits.to_string())
     ));
-    format!(
-        "Formatting '{}', fmt=qcow2 {}",
-        p.display(),
-        parts.join(" ")
-    )
+    parts.join(" ")
 }

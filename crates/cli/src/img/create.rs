@@ -78,19 +78,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // qemu-img does.
     if !args.quiet {
         // Worded with the name and format as given (`file:x`, `-f file`).
-        let summary = prepared
-            .summary()
-            .replacen(
-                &format!("'{}'", path.display()),
-                &format!("'{}'", filename.display()),
-                1,
-            )
-            .replacen(
-                &format!(", fmt={} ", format.name()),
-                &format!(", fmt={} ", args.format),
-                1,
-            );
-        println!("{summary}");
+        println!(
+            "{}",
+            prepared.summary_as(&filename.display().to_string(), &args.format)
+        );
     }
     prepared.with_secrets(secrets).create()?;
     Ok(0)
