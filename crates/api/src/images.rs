@@ -39,6 +39,19 @@ pub fn image_json(rec: &ImageRecord) -> Value {
     Value::Object(m)
 }
 
+/// The record an API image object describes: [`image_json`] undone (its links
+/// dropped, the rest read back as the record), so a remote client shows an
+/// image exactly as the registry's own record would be shown.
+pub fn image_record(v: Value) -> serde_json::Result<ImageRecord> {
+    let mut v = v;
+    if let Value::Object(m) = &mut v {
+        for link in ["self", "file", "schema"] {
+            m.remove(link);
+        }
+    }
+    serde_json::from_value(v)
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> strata_registry::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {

@@ -9,6 +9,8 @@ use strata_api::{Role, ServeOptions, Tokens};
 use strata_registry::{ImageRecord, ListQuery, Registry};
 use strata_vm::StateDir;
 
+use crate::image_remote::Remote;
+
 #[derive(clap::Args)]
 pub struct ServeCli {
     /// Address to listen on (port 0 picks a free one; the address is printed).
@@ -113,6 +115,17 @@ fn finish(what: &str, r: Result<()>) -> i32 {
 pub struct ImageCli {
     #[arg(long = "state-dir", global = true, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Work through the API of `strata serve` at URL instead of the local
+    /// state directory (default: $STRATA_SERVER).
+    #[arg(long, global = true, value_name = "URL")]
+    server: Option<String>,
+    /// The API token for --server (default: $STRATA_TOKEN).
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// PEM certificates to trust for an https --server, instead of the
+    /// system's authorities.
+    #[arg(long = "ca-file", global = true, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// `json` for machine-readable output.
     #[arg(long, global = true, default_value = "human")]
     output: String,
@@ -121,7 +134,7 @@ pub struct ImageCli {
 }
 
 #[derive(clap::Subcommand)]
-enum ImageCommand {
+pub(crate) enum ImageCommand {
     /// List images (newest first).
     List {
         /// Only images with this name.
@@ -164,11 +177,26 @@ pub fn run_image(c: ImageCli) -> i32 {
             return 1;
         }
     };
+    let server = c.server.or_else(|| env_value("STRATA_SERVER"));
     let r = (|| -> Result<()> {
-        let reg = Registry::open(state.root()).context("open the image registry")?;
-        image(&reg, c.command, json)
+        match server {
+            Some(url) => {
+                let token = c.token.or_else(|| env_value("STRATA_TOKEN"));
+                let remote = Remote::connect(&url, token, c.ca_file.as_deref())?;
+                image(&remote, c.command, json)
+            }
+            None => {
+                let reg = Registry::open(state.root()).context("open the image registry")?;
+                image(&reg, c.command, json)
+            }
+        }
     })();
     finish("image", r)
+}
+
+/// An environment variable's value, unless unset or empty.
+fn env_value(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 fn show(rec: &ImageRecord, json: bool) -> Result<()> {
@@ -190,46 +218,29 @@ fn show(rec: &ImageRecord, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn image(reg: &Registry, cmd: ImageCommand, json: bool) -> Result<()> {
+/// Where `strata image` finds the registry: the local state directory or a
+/// server's API. Both give the same records, so the output is the same.
+pub(crate) trait ImageStore {
+    /// Every image the filters select, in the registry's default order.
+    fn list(&self, name: Option<String>, status: Option<String>) -> Result<Vec<ImageRecord>>;
+    fn get(&self, id: &str) -> Result<ImageRecord>;
+    fn delete(&self, id: &str) -> Result<()>;
+    /// Create an image and upload `file` into it; the finished record.
+    fn create_from_file(
+        &self,
+        file: &Path,
+        body: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<ImageRecord>;
+    /// Write the image's data to `file`, verified against its sha512.
+    fn download(&self, id: &str, file: &Path) -> Result<()>;
+}
+
+fn image(store: &dyn ImageStore, cmd: ImageCommand, json: bool) -> Result<()> {
     match cmd {
-        ImageCommand::List { name, status } => {
-            let mut pairs = vec![(
-                "limit".to_string(),
-                strata_registry::list::MAX_LIMIT.to_string(),
-            )];
-            pairs.extend(name.map(|n| ("name".to_string(), n)));
-            pairs.extend(status.map(|s| ("status".to_string(), s)));
-            let mut q = ListQuery::from_pairs(&pairs)?;
-            let mut all = Vec::new();
-            loop {
-                let page = reg.list(&q)?;
-                let more = page.more;
-                q.marker = page.images.last().map(|r| r.id.clone());
-                all.extend(page.images);
-                if !more {
-                    break;
-                }
-            }
-            if json {
-                let v: Vec<_> = all.iter().map(strata_api::images::image_json).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{:<36}  {:<8}  {:>12}  NAME", "ID", "STATUS", "SIZE");
-                for r in &all {
-                    let size = r.size.map(|s| s.to_string()).unwrap_or_default();
-                    println!(
-                        "{:<36}  {:<8}  {:>12}  {}",
-                        r.id,
-                        r.status.as_str(),
-                        size,
-                        r.name.as_deref().unwrap_or("")
-                    );
-                }
-            }
-        }
-        ImageCommand::Show { id } => show(&reg.get(&id)?, json)?,
-        ImageCommand::Download { id, file } => download(reg, &id, &file)?,
-        ImageCommand::Delete { id } => reg.delete(&id)?,
+        ImageCommand::List { name, status } => print_list(&store.list(name, status)?, json)?,
+        ImageCommand::Show { id } => show(&store.get(&id)?, json)?,
+        ImageCommand::Download { id, file } => store.download(&id, &file)?,
+        ImageCommand::Delete { id } => store.delete(&id)?,
         ImageCommand::CreateFromFile {
             file,
             name,
@@ -240,31 +251,93 @@ fn image(reg: &Registry, cmd: ImageCommand, json: bool) -> Result<()> {
             body.insert("name".into(), name.into());
             body.insert("disk_format".into(), disk_format.into());
             body.insert("container_format".into(), container_format.into());
-            let rec = reg.create(&body)?;
-            let mut src =
-                std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
-            let mut up = reg.begin_upload(&rec.id, None)?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = src
-                    .read(&mut buf)
-                    .with_context(|| format!("read {}", file.display()))?;
-                if n == 0 {
-                    break;
-                }
-                up.write(&buf[..n])?;
-            }
-            let rec = up.finish()?;
-            show(&rec, json)?;
+            show(&store.create_from_file(&file, body)?, json)?;
         }
     }
     Ok(())
 }
 
-/// Download to a temporary file beside `file` and rename it into place only
-/// when every byte arrived and matched the image's sha512.
-fn download(reg: &Registry, id: &str, file: &Path) -> Result<()> {
-    let (_, mut reader) = reg.download(id, None)?;
+fn print_list(all: &[ImageRecord], json: bool) -> Result<()> {
+    if json {
+        let v: Vec<_> = all.iter().map(strata_api::images::image_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{:<36}  {:<8}  {:>12}  NAME", "ID", "STATUS", "SIZE");
+        for r in all {
+            let size = r.size.map(|s| s.to_string()).unwrap_or_default();
+            println!(
+                "{:<36}  {:<8}  {:>12}  {}",
+                r.id,
+                r.status.as_str(),
+                size,
+                r.name.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+impl ImageStore for Registry {
+    fn list(&self, name: Option<String>, status: Option<String>) -> Result<Vec<ImageRecord>> {
+        let mut pairs = vec![(
+            "limit".to_string(),
+            strata_registry::list::MAX_LIMIT.to_string(),
+        )];
+        pairs.extend(name.map(|n| ("name".to_string(), n)));
+        pairs.extend(status.map(|s| ("status".to_string(), s)));
+        let mut q = ListQuery::from_pairs(&pairs)?;
+        let mut all = Vec::new();
+        loop {
+            let page = Registry::list(self, &q)?;
+            let more = page.more;
+            q.marker = page.images.last().map(|r| r.id.clone());
+            all.extend(page.images);
+            if !more {
+                return Ok(all);
+            }
+        }
+    }
+
+    fn get(&self, id: &str) -> Result<ImageRecord> {
+        Ok(Registry::get(self, id)?)
+    }
+
+    fn delete(&self, id: &str) -> Result<()> {
+        Ok(Registry::delete(self, id)?)
+    }
+
+    fn create_from_file(
+        &self,
+        file: &Path,
+        body: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<ImageRecord> {
+        let rec = self.create(&body)?;
+        let mut src =
+            std::fs::File::open(file).with_context(|| format!("open {}", file.display()))?;
+        let mut up = self.begin_upload(&rec.id, None)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = src
+                .read(&mut buf)
+                .with_context(|| format!("read {}", file.display()))?;
+            if n == 0 {
+                break;
+            }
+            up.write(&buf[..n])?;
+        }
+        Ok(up.finish()?)
+    }
+
+    fn download(&self, id: &str, file: &Path) -> Result<()> {
+        let (_, reader) = Registry::download(self, id, None)?;
+        write_verified(id, reader, file)
+    }
+}
+
+/// Copy image `id`'s data from `reader` (which fails at its end if the bytes
+/// do not match the image's sha512) to a temporary file beside `file`, and
+/// rename it into place only when every byte arrived and matched.
+pub(crate) fn write_verified(id: &str, mut reader: impl Read, file: &Path) -> Result<()> {
     let dir = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

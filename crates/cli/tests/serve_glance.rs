@@ -268,39 +268,7 @@ fn glanceclient_reaches_the_server_over_tls_with_the_server_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let tok = token(&state, false);
-    common::ok(
-        dir.path(),
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-    );
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    let srv = Server::start(
-        &state,
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    );
-    assert!(srv.url.starts_with("https://"), "{}", srv.url);
+    let (srv, cert) = Server::start_tls(&state, dir.path());
     let mut g = Glance {
         bin,
         url: srv.url.clone(),

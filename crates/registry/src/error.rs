@@ -55,6 +55,15 @@ impl Error {
         }
     }
 
+    /// The refusal to read an image that has no data yet (its status is not
+    /// `active`), worded once for the registry and its remote clients.
+    pub fn no_data(id: &str, status: crate::Status) -> Self {
+        Error::NoData(format!(
+            "The requested image {id} has no data: its status is {}",
+            status.as_str()
+        ))
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Invalid(_) => ErrorKind::Invalid,

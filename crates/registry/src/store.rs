@@ -304,10 +304,7 @@ impl Registry {
     pub fn open_data(&self, id: &str) -> Result<(ImageRecord, File)> {
         let rec = self.load(id)?;
         if rec.status != Status::Active {
-            return Err(Error::NoData(format!(
-                "The requested image {id} has no data: its status is {}",
-                rec.status.as_str()
-            )));
+            return Err(Error::no_data(id, rec.status));
         }
         let p = self.path(id, "data");
         let f = File::open(&p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;

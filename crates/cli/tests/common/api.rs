@@ -50,6 +50,61 @@ impl Server {
         }
     }
 
+    /// Start `strata serve` over TLS with a new self-signed certificate for
+    /// 127.0.0.1 in `dir`; the server and the certificate (a client's CA file).
+    pub fn start_tls(state: &Path, dir: &Path) -> (Server, PathBuf) {
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        let o = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl must be installed");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let srv = Server::start(
+            state,
+            &[
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+        );
+        assert!(srv.url.starts_with("https://"), "{}", srv.url);
+        (srv, cert)
+    }
+
+    /// The server's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Create an image with the attributes in `body` (`POST /v2/images`,
+    /// which must answer 201); the image as the server shows it.
+    pub fn create(&self, token: &str, body: &serde_json::Value) -> serde_json::Value {
+        let r = self.req(
+            "POST",
+            "/v2/images",
+            Some(token),
+            Some("application/json"),
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    }
+
     /// Kill the server at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
