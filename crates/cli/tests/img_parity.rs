@@ -6,29 +6,10 @@
 
 mod common;
 
+use common::damage::poke_refcount;
 use common::{assert_all_same, ok, outcome, same, sh};
 use std::path::Path;
 use std::process::Command;
-
-/// Set refcount entry `cluster` of a 16-bit-refcount image to `value` (the first
-/// refcount block), to damage an image in a known way.
-fn poke_refcount(path: &Path, cluster: u64, value: u16) {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut h = [0u8; 64];
-    f.read_exact(&mut h).unwrap();
-    let rt = u64::from_be_bytes(h[48..56].try_into().unwrap());
-    f.seek(SeekFrom::Start(rt)).unwrap();
-    let mut e = [0u8; 8];
-    f.read_exact(&mut e).unwrap();
-    let rb = u64::from_be_bytes(e);
-    f.seek(SeekFrom::Start(rb + 2 * cluster)).unwrap();
-    f.write_all(&value.to_be_bytes()).unwrap();
-}
 
 /// The image zoo, built in `dir`; returns the image names.
 fn zoo(dir: &Path) -> Vec<&'static str> {

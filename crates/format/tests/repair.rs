@@ -17,30 +17,48 @@ use strata_format::qcow2::{
 use strata_format::BlockDevice;
 use strata_storage::{picks_for, CrashClock, CrashStorage, FaultStorage, MemStorage, Storage};
 
-/// A clean image with data and one snapshot, as bytes.
-fn sample() -> Vec<u8> {
+/// A new image of `size` bytes and `cluster_size`, with `writes` (byte, offset,
+/// length) done and a snapshot taken after the first `snap_after` of them; its
+/// bytes once closed.
+fn made(size: u64, cluster_size: u64, writes: &[(u8, u64, usize)], snap_after: usize) -> Vec<u8> {
     let mem = Arc::new(MemStorage::new());
     let s: Arc<dyn Storage> = mem.clone();
     let img = create(
         s,
         &CreateOptions {
-            size: 4 << 20,
-            cluster_size: 4096,
+            size,
+            cluster_size,
             ..Default::default()
         },
     )
     .unwrap();
-    img.write(&vec![0x11u8; 300_000], 0).unwrap();
-    img.snapshot_create(&SnapshotSpec {
-        name: "s".into(),
-        ..Default::default()
-    })
-    .unwrap();
-    img.write(&vec![0x22u8; 40_000], 100_000).unwrap();
-    img.write(&vec![0x33u8; 50_000], 2 << 20).unwrap();
+    for (i, &(byte, offset, len)) in writes.iter().enumerate() {
+        if i == snap_after {
+            img.snapshot_create(&SnapshotSpec {
+                name: "s".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        img.write(&vec![byte; len], offset).unwrap();
+    }
     img.close().unwrap();
     drop(img);
     mem.snapshot()
+}
+
+/// A clean image with data and one snapshot, as bytes.
+fn sample() -> Vec<u8> {
+    made(
+        4 << 20,
+        4096,
+        &[
+            (0x11, 0, 300_000),
+            (0x22, 100_000, 40_000),
+            (0x33, 2 << 20, 50_000),
+        ],
+        1,
+    )
 }
 
 struct Layout {
@@ -199,9 +217,46 @@ fn guest_view(bytes: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn a_repair_crashed_at_any_write_is_finished_by_the_next_repair() {
-    let bytes = damaged("too-low");
+    let (total, images) = sweep_repair_crashes(damaged("too-low"));
+    println!("repair cut: {total} crash points, {images} images repaired again");
+}
+
+/// The rebuild of an image whose refcounts span several refcount blocks (512-byte
+/// clusters: 256 clusters a block), where new blocks land inside the ranges they
+/// describe and the table moves: cut at every write, no worse than before.
+#[test]
+fn a_rebuild_over_several_refcount_blocks_crashed_at_any_write_is_finished_by_the_next_repair() {
+    let mut b = made(
+        8 << 20,
+        512,
+        &[(0x44, 0, 300_000), (0x55, 4 << 20, 100_000)],
+        usize::MAX,
+    );
+    let h = Header::parse(&b, b.len() as u64).unwrap();
+    let l2 = be64(&b, h.l1_table_offset as usize) & OFFSET_MASK;
+    let cluster = l2 / 512;
+    let rb = be64(&b, (h.refcount_table_offset + 8 * (cluster / 256)) as usize);
+    let at = (rb + 2 * (cluster % 256)) as usize;
+    b[at..at + 2].copy_from_slice(&0u16.to_be_bytes());
+    let (total, images) = sweep_repair_crashes(b);
+    println!("rebuild cut: {total} crash points, {images} images repaired again");
+}
+
+/// Cut a `check -r all` of `bytes` at every write and flush, with none, all, only
+/// the newest or a random subset of its unflushed writes reaching the disk; each
+/// crashed image must be repaired clean by a second repair, with the data the
+/// uncut repair leaves. Returns the crash points and images tried.
+fn sweep_repair_crashes(bytes: Vec<u8>) -> (u64, usize) {
     let expect = {
-        let (fixed, _) = strata_repair(&bytes, Repair::All);
+        let (fixed, report) = strata_repair(&bytes, Repair::All);
+        assert!(
+            report
+                .messages
+                .iter()
+                .any(|m| m == "Rebuilding refcount structure"),
+            "the damage must take a rebuild: {:?}",
+            report.messages
+        );
         guest_view(fixed)
     };
     let counting = Arc::new(FaultStorage::new(MemStorage::from_vec(bytes.clone()), None));
@@ -220,8 +275,6 @@ fn a_repair_crashed_at_any_write_is_finished_by_the_next_repair() {
     }
     let total = counting.ops();
     assert!(total > 0);
-    // A crash of the repair at every write and flush, with none, all, only the
-    // newest or a random subset of its unflushed writes reaching the disk.
     let mut images = 0;
     for k in 0..total {
         let f = Arc::new(CrashStorage::new(bytes.clone(), CrashClock::new(Some(k))));
@@ -259,7 +312,7 @@ fn a_repair_crashed_at_any_write_is_finished_by_the_next_repair() {
             );
         }
     }
-    println!("repair cut: {total} crash points, {images} images repaired again");
+    (total, images)
 }
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;

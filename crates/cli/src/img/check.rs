@@ -118,6 +118,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     for m in &report.messages {
         eprintln!("{m}");
     }
+    if let Some(e) = report.failure {
+        eprintln!("{}: Check failed: {e}", ctx.prog);
+        return Ok(1);
+    }
     if writing {
         img.close()?;
     }

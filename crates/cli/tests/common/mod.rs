@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod damage;
 pub mod garage;
 pub mod nbd;
 pub mod restic;

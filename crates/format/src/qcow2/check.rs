@@ -16,6 +16,7 @@
 //! are, as qemu-img leaves them.
 
 mod count;
+mod rebuild;
 
 use super::entries::{OFFSET_MASK, OFLAG_COPIED};
 use super::header;
@@ -49,6 +50,10 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// Lines qemu-img prints on stderr while checking ("Leaked cluster 5 refcount=1 reference=0").
     pub messages: Vec<String>,
+    /// Set when qemu-img's check stops at this point with an error (its text, as
+    /// `strerror` words it) after printing `messages`, and reports no counts: a
+    /// repair of leaks only that finds the refcount structures need a rebuild.
+    pub failure: Option<&'static str>,
 }
 
 /// Bytes of snapshot extra data a version 3 image must record (the 64-bit VM-state
@@ -67,6 +72,9 @@ impl Qcow2Image {
         }
         let mut report =
             self.check_locked(&mut m, if repairing { repair } else { Repair::None })?;
+        if report.failure.is_some() {
+            return Ok(report);
+        }
         if repairing && repair == Repair::All && report.check_errors == 0 {
             let completed = self.complete_snapshots(&mut m)?;
             if completed > 0 {
@@ -169,30 +177,65 @@ impl Qcow2Image {
             let (old_corruptions, old_leaks) = (count.ctr.corruptions, before.leaks);
             messages.append(&mut count.ctr.messages);
             messages.push("Rebuilding refcount structure".into());
-            self.rebuild_refcounts(m, &count.base, &count.ctr.beyond)?;
+            let mut refs: Vec<u64> = count.ctr.refs.iter().map(|&r| u64::from(r)).collect();
+            refs.resize(index(n).max(refs.len()), 0);
+            // Clusters past the end that entries name stay out of the new
+            // structures' way (they are counted as used).
+            for &(c, want) in &reserve {
+                if index(c) >= refs.len() {
+                    refs.resize(index(c) + 1, 0);
+                }
+                refs[index(c)] = refs[index(c)].max(want.min(m.max_refcount()));
+            }
+            self.rebuild_refcounts(m, refs)?;
+            // The old structures are referenced no more: the count finds them
+            // leaked and frees them, as qemu-img does (its output names them).
             count = self.count_refs(m, Repair::None)?;
+            let recounted = count.ctr.corruptions;
+            let file_clusters = m.storage.size().map_err(|e| self.err(e))?.div_ceil(cs);
             let n = (count.ctr.refs.len() as u64).max(file_clusters);
             stored = self.stored_refcounts(m, n)?;
-            let (after, _) = self.compare(m, &mut count.ctr, &stored, Repair::None)?;
-            report.corruptions_fixed += old_corruptions.saturating_sub(count.ctr.corruptions);
-            report.leaks_fixed += old_leaks.saturating_sub(after.leaks);
+            let broken = (0..n).any(|c| stored[index(c)] == Some(0) && count.ctr.refs_of(c) > 0);
+            let (after, fixed) = self.compare(m, &mut count.ctr, &stored, Repair::Leaks)?;
+            for (c, v) in fixed {
+                stored[index(c)] = Some(v);
+            }
+            if broken {
+                count
+                    .ctr
+                    .messages
+                    .push("ERROR rebuilt refcount structure is still broken".into());
+            }
+            count.ctr.corruptions = recounted;
+            report.corruptions_fixed += old_corruptions.saturating_sub(recounted);
+            report.leaks_fixed += old_leaks;
             report.leaks += after.leaks;
             report.check_errors += after.check_errors;
             report.image_end_offset = after.image_end_offset;
         } else {
             if rebuild && repair == Repair::Leaks {
-                count
-                    .ctr
-                    .messages
-                    .push("ERROR need to rebuild refcount structures".into());
+                // qemu-img compares first, then gives up with an I/O error.
+                self.compare(m, &mut count.ctr, &stored, Repair::None)?;
+                messages.append(&mut count.ctr.messages);
+                messages.push("ERROR need to rebuild refcount structures".into());
                 report.check_errors += 1;
+                report.messages = messages;
+                report.failure = Some("Input/output error");
+                return Ok(report);
             }
             let fix = if report.check_errors > 0 {
                 Repair::None
             } else {
                 repair
             };
-            let (r, fixed) = self.compare(m, &mut count.ctr, &stored, fix)?;
+            // qemu-img compares once without fixing (its lines are printed),
+            // and again, fixing, when that found anything wrong.
+            let counted = count.ctr.corruptions;
+            let (mut r, mut fixed) = self.compare(m, &mut count.ctr, &stored, Repair::None)?;
+            if fix != Repair::None && (r.leaks > 0 || count.ctr.corruptions > 0) {
+                count.ctr.corruptions = counted;
+                (r, fixed) = self.compare(m, &mut count.ctr, &stored, fix)?;
+            }
             for (c, v) in fixed {
                 stored[index(c)] = Some(v);
             }
@@ -236,7 +279,8 @@ impl Qcow2Image {
     }
 
     /// Compare the counted references with the stored refcounts; with `fix`, fix
-    /// in place what may be fixed (never a refcount of 0: that needs a rebuild).
+    /// in place what may be fixed (never a refcount of 0: that needs a rebuild),
+    /// discarding the clusters a fix frees.
     /// Returns the leaks and fixed counts, and the refcounts written.
     fn compare(
         &self,
@@ -283,6 +327,12 @@ impl Qcow2Image {
                 let cur = m.refcount(ClusterIndex(c)).map_err(|e| self.err(e))?;
                 m.update_refcount(ClusterIndex(c), want as i64 - cur as i64)
                     .map_err(|e| self.err(e))?;
+                if want == 0 {
+                    // A freed cluster is given back to the file system, as
+                    // qemu-img's repair does (nothing references it).
+                    let cs = m.cluster_size();
+                    m.storage.discard(c * cs, cs).map_err(|e| self.err(e))?;
+                }
                 fixes.push((c, want));
                 if have < want {
                     r.corruptions_fixed += 1;
@@ -450,21 +500,13 @@ impl Qcow2Image {
         }
     }
 
-    /// Write fresh refcount structures for `refs` (every reference but those of the
-    /// refcount structures) past the end of the file and clear of every cluster in
-    /// `beyond` (named by entries past the end), then switch the header to them in
-    /// one write. The old structures are no longer counted: their clusters keep
-    /// only the references other entries hold.
-    fn rebuild_refcounts(
-        &self,
-        m: &mut Meta,
-        refs: &[u32],
-        beyond: &[(u64, u64, u32)],
-    ) -> Result<()> {
-        let refs: Vec<u64> = refs.iter().map(|&r| u64::from(r)).collect();
-        let fresh = m
-            .write_fresh_refcounts(refs, beyond, None)
-            .map_err(|e| self.err(e))?;
+    /// Write new refcount structures for `refs` (every reference, those of the
+    /// old refcount structures included) where qemu-img's rebuild puts them, in
+    /// clusters no reference names, make them durable, then switch the header to
+    /// them in one write. Until that write the old structures are in force and
+    /// untouched, so a crash at any point leaves the image as it was.
+    fn rebuild_refcounts(&self, m: &mut Meta, refs: Vec<u64>) -> Result<()> {
+        let fresh = m.write_rebuilt_refcounts(refs).map_err(|e| self.err(e))?;
         m.storage.flush().map_err(|e| self.err(e))?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&fresh.table_offset.to_be_bytes());

@@ -1,0 +1,64 @@
+//! Known damage done to qcow2 images (16-bit refcounts) in place, for the tests
+//! that compare how both tools see and repair it.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+fn be64(f: &mut std::fs::File, at: u64) -> u64 {
+    let mut e = [0u8; 8];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut e).unwrap();
+    u64::from_be_bytes(e)
+}
+
+fn open(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
+}
+
+/// The cluster size, refcount table offset and L1 table offset of the image.
+fn geometry(f: &mut std::fs::File) -> (u64, u64, u64) {
+    let mut h = [0u8; 64];
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_exact(&mut h).unwrap();
+    let bits = u32::from_be_bytes(h[20..24].try_into().unwrap());
+    let rt = u64::from_be_bytes(h[48..56].try_into().unwrap());
+    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
+    (1 << bits, rt, l1)
+}
+
+/// Set the refcount of `cluster` to `value`, in whichever refcount block holds it.
+pub fn poke_refcount(path: &Path, cluster: u64, value: u16) {
+    let mut f = open(path);
+    let (cs, rt, _) = geometry(&mut f);
+    let per_block = cs / 2;
+    let rb = be64(&mut f, rt + 8 * (cluster / per_block));
+    f.seek(SeekFrom::Start(rb + 2 * (cluster % per_block)))
+        .unwrap();
+    f.write_all(&value.to_be_bytes()).unwrap();
+}
+
+/// The cluster index of the first L2 table of the active L1 table.
+pub fn first_l2_cluster(path: &Path) -> u64 {
+    let mut f = open(path);
+    let (cs, _, l1) = geometry(&mut f);
+    (be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00) / cs
+}
+
+/// Set refcount table entry `index` to `value`.
+pub fn poke_reftable(path: &Path, index: u64, value: u64) {
+    let mut f = open(path);
+    let (_, rt, _) = geometry(&mut f);
+    f.seek(SeekFrom::Start(rt + 8 * index)).unwrap();
+    f.write_all(&value.to_be_bytes()).unwrap();
+}
+
+/// Refcount table entry `index`.
+pub fn reftable_entry(path: &Path, index: u64) -> u64 {
+    let mut f = open(path);
+    let (_, rt, _) = geometry(&mut f);
+    be64(&mut f, rt + 8 * index)
+}
