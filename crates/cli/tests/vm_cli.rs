@@ -372,6 +372,12 @@ fn snapshots_of_a_running_guest_revert_its_files_and_its_memory() {
     );
     let mem = env.info("s3")["memory_file"].as_str().unwrap().to_string();
     assert!(Path::new(&mem).is_file());
+    // The revert loaded the memory through a migration strata set up: like
+    // every save, it runs without QEMU's default 128 MiB/s limit.
+    let params = monitor(&env)
+        .execute_value("query-migrate-parameters", None)
+        .unwrap();
+    assert_eq!(params["max-bandwidth"], i64::MAX, "{params}");
 
     // External with memory saved in the background: the guest paused only for
     // the disk switch; memory and disks are still of one instant.
