@@ -1574,3 +1574,57 @@ fn an_instant_restore_of_two_disks_serves_both_from_one_server_and_finishes_each
     same_as_raw(&e, &backed_up);
 }
 
+/// Instant restore from a backup in S3-compatible storage (a real Garage
+/// node): the server the restore starts reads the bucket, the export it serves
+/// reads back as the backed-up disk while the stream runs, and the stream
+/// completes into a local image holding the same bytes.
+#[test]
+fn an_instant_restore_from_an_s3_repository_serves_the_disk_and_streams_it_whole() {
+    use common::garage::Garage;
+    use common::restic::{noise, run, s, saved_id, strata, MIB};
+    let g = Garage::start(1);
+    let env = Env::new();
+    let dir = env.dir.path();
+    let on = |mut c: Command| {
+        g.credentials(&mut c);
+        c
+    };
+    let repo = g.repo(0, "instant");
+    let raw = dir.join("disk.raw");
+    let mut data = noise(2 * MIB);
+    data.resize(6 * MIB, 0);
+    data.extend(b"served from s3 ".iter().cycle().take(2 * MIB));
+    std::fs::write(&raw, &data).unwrap();
+    run(on(strata(&["init", "--repo", &repo])));
+    let id = saved_id(&run(on(strata(&["create", "--repo", &repo, s(&raw)]))));
+
+    define_blank(&env, None);
+    let restored = dir.join("restored.qcow2");
+    run(on(strata(&[
+        "restore",
+        "--repo",
+        &repo,
+        &id,
+        s(&restored),
+        "--vm",
+        env.vm,
+        "--instant",
+        "--speed",
+        "1M",
+        "--state-dir",
+        s(&env.state()),
+    ])));
+    assert!(restore_state(&env).starts_with("streaming"));
+    // The export, read whole over the server's socket, is the disk.
+    let sock = env.state().join("vms").join(env.vm).join("restore.sock");
+    let export = format!("nbd+unix:///restore-disk0?socket={}", s(&sock));
+    qemu_img(&["compare", "-f", "raw", "-F", "raw", &export, s(&raw)]);
+
+    env.ok(&["blockjob", "wait", env.vm, "--speed", "0"]);
+    assert_eq!(restore_state(&env), "");
+    env.ok(&["kill", env.vm]);
+    let info = qemu_img_json(&["info", "--output=json", s(&restored)]);
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    qemu_img(&["check", s(&restored)]);
+    same_as_raw(s(&restored), &raw);
+}
