@@ -233,11 +233,13 @@ struct GcArgs {
 struct ServeArgs {
     #[command(flatten)]
     repo: RepoArgs,
-    /// The snapshot: a unique ID prefix or `latest`.
-    snapshot: String,
-    /// Name of the export.
-    #[arg(short = 'x', long = "export-name", default_value = "")]
-    export_name: String,
+    /// The snapshots, each served as an export: unique ID prefixes or `latest`.
+    #[arg(required = true)]
+    snapshots: Vec<String>,
+    /// Name of the export (default: empty); with several snapshots, one name
+    /// per snapshot, in their order.
+    #[arg(short = 'x', long = "export-name")]
+    export_names: Vec<String>,
     #[command(flatten)]
     listen: crate::nbd::ListenArgs,
 }
@@ -504,20 +506,47 @@ fn restore_cmd(a: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// Serve a snapshot over NBD under a shared lock (refreshed while the server
-/// runs), so no prune or gc removes the packs it reads.
+/// The export names of `serve`: as given, one per snapshot (a single
+/// snapshot's export is unnamed by default), all different.
+fn export_names(snapshots: usize, mut names: Vec<String>) -> Result<Vec<String>> {
+    if names.is_empty() && snapshots == 1 {
+        names.push(String::new());
+    }
+    if names.len() != snapshots {
+        bail!(
+            "{snapshots} snapshots and {} export names: name each snapshot's export (-x NAME, once per snapshot)",
+            names.len()
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
+        bail!("export name '{dup}' is given twice");
+    }
+    Ok(names)
+}
+
+/// Serve snapshots over NBD, one export each, under a shared lock (refreshed
+/// while the server runs), so no prune or gc removes the packs they read.
 fn serve(a: ServeArgs) -> Result<()> {
+    let names = export_names(a.snapshots.len(), a.export_names)?;
     let mut repo = a.repo.open()?;
     let mut lock = strata_repo::lock::Lock::acquire(&repo, false)?;
     repo.reload_index()?;
-    let (id, snap) = repo.find_snapshot(&a.snapshot)?;
+    let found = a
+        .snapshots
+        .iter()
+        .map(|s| repo.find_snapshot(s))
+        .collect::<Result<Vec<_>, _>>()?;
     let repo = Arc::new(repo);
-    let device = strata_repo::device::SnapshotDevice::open(repo.clone(), &snap)?;
-    let export = strata_nbd::Export::from_device(
-        a.export_name,
-        format!("strata backup snapshot {}", id.short()),
-        Arc::new(device),
-    )?;
+    let mut exports = Vec::new();
+    for (name, (id, snap)) in names.into_iter().zip(found) {
+        let device = strata_repo::device::SnapshotDevice::open(repo.clone(), &snap)?;
+        exports.push(Arc::new(strata_nbd::Export::from_device(
+            name,
+            format!("strata backup snapshot {}", id.short()),
+            Arc::new(device),
+        )?));
+    }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let refresher = {
         let (repo, stop) = (repo.clone(), stop.clone());
@@ -530,7 +559,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         })
     };
     let served = crate::nbd::run_server(
-        vec![Arc::new(export)],
+        exports,
         crate::nbd::Listen {
             bind: a.listen.bind,
             port: a.listen.port,
@@ -548,4 +577,25 @@ fn serve(a: ServeArgs) -> Result<()> {
     served?;
     released?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::export_names;
+
+    #[test]
+    fn serve_names_one_export_per_snapshot_and_refuses_missing_or_repeated_names() {
+        assert_eq!(export_names(1, vec![]).unwrap(), [""]);
+        assert_eq!(export_names(1, vec!["d".into()]).unwrap(), ["d"]);
+        assert_eq!(
+            export_names(2, vec!["a".into(), "b".into()]).unwrap(),
+            ["a", "b"]
+        );
+        let e = export_names(2, vec![]).unwrap_err().to_string();
+        assert!(e.contains("2 snapshots and 0 export names"), "{e}");
+        let e = export_names(2, vec!["a".into(), "a".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'a' is given twice"), "{e}");
+    }
 }

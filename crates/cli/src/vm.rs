@@ -451,34 +451,36 @@ fn print_tree(rec: &VmRecord, parent: Option<&str>, depth: usize) {
     }
 }
 
-/// The `restore:` lines of `vm status`.
+/// The `restore:` lines of `vm status`: a pair for each disk not local yet.
 fn print_restore(r: &strata_vm::restore::RestoreStatus) {
     use strata_vm::restore::Phase;
-    let src = &r.restore.source;
-    println!(
-        "restore: disk {} from snapshot {} of {}",
-        r.restore.disk,
-        &src.snapshot[..src.snapshot.len().min(8)],
-        src.repo
-    );
-    let state = match &r.phase {
-        Phase::Streaming { done, total } => format!(
-            "streaming, {} of {} MiB ({}%){}",
-            done >> 20,
-            total >> 20,
-            done.saturating_mul(100).checked_div(*total).unwrap_or(0),
-            match r.restore.speed {
-                0 => String::new(),
-                s => format!(", limited to {} KiB/s", s >> 10),
+    for d in &r.disks {
+        let src = &d.disk.source;
+        println!(
+            "restore: disk {} from snapshot {} of {}",
+            d.disk.disk,
+            &src.snapshot[..src.snapshot.len().min(8)],
+            src.repo
+        );
+        let state = match &d.phase {
+            Phase::Streaming { done, total } => format!(
+                "streaming, {} of {} MiB ({}%){}",
+                done >> 20,
+                total >> 20,
+                done.saturating_mul(100).checked_div(*total).unwrap_or(0),
+                match r.restore.speed {
+                    0 => String::new(),
+                    s => format!(", limited to {} KiB/s", s >> 10),
+                }
+            ),
+            Phase::Stopped => "waiting: the VM is stopped; `start` resumes the stream".into(),
+            Phase::ServerDown => {
+                "the backup server is not running: the guest gets I/O errors for data not restored yet; `start` serves the backup again and resumes".into()
             }
-        ),
-        Phase::Stopped => "waiting: the VM is stopped; `start` resumes the stream".into(),
-        Phase::ServerDown => {
-            "the backup server is not running: the guest gets I/O errors for data not restored yet; `start` serves the backup again and resumes".into()
-        }
-        Phase::Failed(e) => format!("the stream failed ({e}); `start` resumes it"),
-    };
-    println!("restore state: {state}");
+            Phase::Failed(e) => format!("the stream failed ({e}); `start` resumes it"),
+        };
+        println!("restore state: {state}");
+    }
     if let Some(pid) = r.server {
         println!("restore server: pid {pid}");
     }

@@ -186,6 +186,17 @@ pub struct MigrateSetCapabilities {
 }
 command!(MigrateSetCapabilities, "migrate-set-capabilities", Empty);
 
+/// Change migration parameters (they last for the process's life); a field
+/// left `None` keeps its value.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrateSetParameters {
+    /// The outgoing migration's speed limit, bytes per second (QEMU's default
+    /// is 128 MiB/s).
+    #[serde(rename = "max-bandwidth", skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+}
+command!(MigrateSetParameters, "migrate-set-parameters", Empty);
+
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationCapability {
     pub capability: String,
@@ -351,6 +362,13 @@ mod tests {
             )),
             Some(serde_json::json!({"driver": "null-co", "node-name": "x"}))
         );
+        assert_eq!(
+            args(&MigrateSetParameters {
+                max_bandwidth: Some(1 << 40)
+            }),
+            Some(serde_json::json!({"max-bandwidth": 1u64 << 40}))
+        );
+        assert_eq!(args(&MigrateSetParameters::default()), None);
         assert_eq!(
             blockdev_snapshot_action("disk0", "ov"),
             serde_json::json!({"type": "blockdev-snapshot", "data": {"node": "disk0", "overlay": "ov"}})

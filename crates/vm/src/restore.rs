@@ -1,20 +1,22 @@
 //! Instant restore: a VM runs at once on a disk restored from a backup while
 //! the data streams into a local image behind it.
 //!
-//! The restored disk is a local qcow2 overlay whose backing file is the backup
-//! snapshot served read-only over NBD by `strata backup serve`, started
-//! detached on a Unix socket in the VM's directory (`restore.sock`, its pid in
+//! Each restored disk is a local qcow2 overlay whose backing file is its backup
+//! snapshot served read-only over NBD by `strata backup serve`: one server for
+//! all the disks restored at once (one export each), started detached on a
+//! Unix socket in the VM's directory (`restore.sock`, its pid in
 //! `restore.pid`, its output in `restore.log`). QEMU runs the guest on the
-//! overlay and a QMP `block-stream` job copies every cluster the overlay does
-//! not hold yet from the backup, at an optional speed limit. When the job
-//! completes the overlay has no backing file: the server is stopped and the
-//! record no longer names a restore, so the disk is an ordinary local disk.
+//! overlays and one QMP `block-stream` job per disk copies every cluster its
+//! overlay does not hold yet from the backup, at an optional speed limit. When
+//! a disk's job completes its overlay has no backing file and the record no
+//! longer names it; once no disk is left the server is stopped and the record
+//! names no restore, so the disks are ordinary local disks.
 //!
 //! Contract, for every interruption:
 //! - the restore is recorded (disk, source, speed) before anything else, and
-//!   every later step is idempotent: [`resume`] makes the overlay if it is
+//!   every later step is idempotent: [`resume`] makes each overlay if it is
 //!   missing, starts the server if it is not running, QEMU if it is stopped,
-//!   and the stream if QEMU runs none;
+//!   and each disk's stream if QEMU runs none;
 //! - the server runs only while QEMU does: whatever opens the VM and finds QEMU
 //!   gone stops it (so gc and prune are held off only while it serves); `vm
 //!   start` serves the snapshot again and streams the rest;
@@ -55,8 +57,14 @@ pub const RECONNECT_DELAY: u64 = 5;
 /// How long `resume` retries a stream that fails while QEMU reconnects.
 const RECONNECT_WAIT: Duration = Duration::from_secs(40);
 
-/// The export name the server gives the snapshot's disk.
-const EXPORT: &str = "restore";
+/// The export name of the one disk of a restore recorded before several disks
+/// could be restored at once (its overlay's backing file names it).
+const SINGLE_EXPORT: &str = "restore";
+
+/// The export name the server gives disk `disk`'s snapshot.
+fn export_name(disk: usize) -> String {
+    format!("restore-disk{disk}")
+}
 
 /// How long a server may take to listen (opening an S3 repository included).
 const SERVER_START: Duration = Duration::from_secs(60);
@@ -76,15 +84,82 @@ pub struct BackupSource {
     pub size: u64,
 }
 
-/// An instant restore under way, kept in the VM record until the disk is local.
+/// One disk of an instant restore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstantRestore {
+pub struct RestoredDisk {
     /// The disk restored (its index); the definition names its local overlay.
     pub disk: usize,
     pub source: BackupSource,
-    /// The stream's speed limit in bytes per second (0: none).
-    #[serde(default)]
+    /// The server's export of the disk's snapshot, which the overlay's
+    /// backing file names.
+    pub export: String,
+}
+
+impl RestoredDisk {
+    /// Disk `disk` restored from `source`, served under its own export name.
+    pub fn new(disk: usize, source: BackupSource) -> RestoredDisk {
+        RestoredDisk {
+            disk,
+            source,
+            export: export_name(disk),
+        }
+    }
+}
+
+/// An instant restore under way, kept in the VM record until every disk is local.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "RecordedRestore")]
+pub struct InstantRestore {
+    /// The disks not local yet, all from one repository (one server serves them).
+    pub disks: Vec<RestoredDisk>,
+    /// Each stream's speed limit in bytes per second (0: none).
     pub speed: u64,
+}
+
+/// The forms of [`InstantRestore`] a record holds.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RecordedRestore {
+    Disks {
+        disks: Vec<RestoredDisk>,
+        #[serde(default)]
+        speed: u64,
+    },
+    /// A single disk, recorded before several could be restored at once.
+    Single {
+        disk: usize,
+        source: BackupSource,
+        #[serde(default)]
+        speed: u64,
+    },
+}
+
+impl From<RecordedRestore> for InstantRestore {
+    fn from(r: RecordedRestore) -> InstantRestore {
+        match r {
+            RecordedRestore::Disks { disks, speed } => InstantRestore { disks, speed },
+            RecordedRestore::Single {
+                disk,
+                source,
+                speed,
+            } => InstantRestore {
+                disks: vec![RestoredDisk {
+                    disk,
+                    source,
+                    export: SINGLE_EXPORT.into(),
+                }],
+                speed,
+            },
+        }
+    }
+}
+
+impl InstantRestore {
+    /// The disks' indexes, as a message names them ("0, 2").
+    fn disk_list(&self) -> String {
+        let d: Vec<String> = self.disks.iter().map(|d| d.disk.to_string()).collect();
+        d.join(", ")
+    }
 }
 
 /// Where a restore stands, as `status` reports it.
@@ -100,13 +175,21 @@ pub enum Phase {
     Failed(String),
 }
 
+/// Where one disk of an instant restore stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskStatus {
+    pub disk: RestoredDisk,
+    /// The local image the data streams into.
+    pub file: PathBuf,
+    pub phase: Phase,
+}
+
 /// An instant restore and where it stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoreStatus {
     pub restore: InstantRestore,
-    /// The local image the data streams into.
-    pub file: PathBuf,
-    pub phase: Phase,
+    /// Each disk not local yet, in the record's order.
+    pub disks: Vec<DiskStatus>,
     /// The server's pid, when it runs.
     pub server: Option<i32>,
 }
@@ -127,15 +210,16 @@ fn job_id(disk: usize) -> String {
     format!("restore-disk{disk}")
 }
 
-/// The overlay's backing file name: the server's export, read as raw, with a
-/// reconnect delay so a server restarted at once goes unnoticed by the guest.
-fn backing_name(paths: &VmPaths) -> String {
+/// An overlay's backing file name: the server's export `export`, read as raw,
+/// with a reconnect delay so a server restarted at once goes unnoticed by the
+/// guest.
+fn backing_name(paths: &VmPaths, export: &str) -> String {
     let spec = json!({
         "driver": "raw",
         "file": {
             "driver": "nbd",
             "server": {"type": "unix", "path": socket(paths)},
-            "export": EXPORT,
+            "export": export,
             "reconnect-delay": RECONNECT_DELAY,
         },
     });
@@ -160,8 +244,8 @@ pub fn server_pid(paths: &VmPaths) -> Option<i32> {
 }
 
 /// Start the VM's backup server (detached, in its own process group) unless it
-/// runs, and wait until it accepts connections. Returns where its output
-/// starts in the log when it started one.
+/// runs, serving every disk of `r` not local yet, and wait until it accepts
+/// connections. Returns where its output starts in the log when it started one.
 fn start_server(vm: &OpenVm, r: &InstantRestore) -> Result<Option<u64>> {
     if server_pid(&vm.paths).is_some() {
         return Ok(None);
@@ -171,13 +255,16 @@ fn start_server(vm: &OpenVm, r: &InstantRestore) -> Result<Option<u64>> {
     let log_path = server_log(&vm.paths);
     let from = std::fs::metadata(&log_path).map_or(0, |m| m.len());
     let sock = socket(&vm.paths);
+    let Some(first) = r.disks.first() else {
+        return Ok(None);
+    };
     let mut cmd = Command::new(exe);
-    cmd.args(["backup", "serve", "--repo", &r.source.repo])
-        .arg(&r.source.snapshot)
-        .arg("-k")
-        .arg(&sock)
-        .args(["-x", EXPORT]);
-    if let Some(p) = &r.source.password_file {
+    cmd.args(["backup", "serve", "--repo", &first.source.repo]);
+    for d in &r.disks {
+        cmd.arg(&d.source.snapshot).args(["-x", &d.export]);
+    }
+    cmd.arg("-k").arg(&sock);
+    if let Some(p) = &first.source.password_file {
         cmd.arg("--password-file").arg(p);
     }
     let mut child = qemu::spawn_detached(&mut cmd, &log_path, "the backup server")?;
@@ -235,47 +322,51 @@ pub(crate) fn stop_server(paths: &VmPaths) {
     let _ = std::fs::remove_file(pid_file(paths));
 }
 
-/// Create the local overlay of the restore, unless it exists: qcow2, the
-/// disk's size, backed by the server's export (not opened: it need not run).
-fn ensure_overlay(vm: &OpenVm, r: &InstantRestore) -> Result<()> {
-    let file = &vm.rec.def.disks[r.disk].file;
+/// Create the local overlay of disk `d`, unless it exists: qcow2, the disk's
+/// size, backed by the server's export (not opened: it need not run).
+fn ensure_overlay(vm: &OpenVm, d: &RestoredDisk) -> Result<()> {
+    let file = &vm.rec.def.disks[d.disk].file;
     if file.exists() {
         return Ok(());
     }
     let mut options = std::collections::BTreeMap::new();
-    options.insert("backing_file".to_string(), backing_name(&vm.paths));
+    options.insert(
+        "backing_file".to_string(),
+        backing_name(&vm.paths, &d.export),
+    );
     options.insert("backing_fmt".to_string(), "raw".to_string());
     create(&CreateRequest {
         path: file.clone(),
         format: Format::Qcow2,
-        size: Some(r.source.size),
+        size: Some(d.source.size),
         options,
         unsafe_backing: true,
     })?;
     Ok(())
 }
 
-/// The stream job of the restore, as QEMU reports it.
-fn job(qmp: &Qmp, r: &InstantRestore) -> Result<Option<JobInfo>> {
-    let id = job_id(r.disk);
+/// The stream job of disk `disk`, as QEMU reports it.
+fn job(qmp: &Qmp, disk: usize) -> Result<Option<JobInfo>> {
+    let id = job_id(disk);
     Ok(qmp.execute(&QueryJobs {})?.into_iter().find(|j| j.id == id))
 }
 
-/// True while QEMU's view of the restored disk still has a backing file.
-fn has_backing(qmp: &Qmp, vm: &OpenVm, r: &InstantRestore) -> Result<bool> {
+/// True while QEMU's view of disk `disk` still has a backing file.
+fn has_backing(qmp: &Qmp, vm: &OpenVm, disk: usize) -> Result<bool> {
     let chains = live::chains(qmp, vm.rec.def.disks.len())?;
-    Ok(chains.get(r.disk).is_some_and(|c| c.len() > 1))
+    Ok(chains.get(disk).is_some_and(|c| c.len() > 1))
 }
 
-/// Start the stream job: every cluster of the backing into the overlay.
-fn start_stream(qmp: &Qmp, vm: &OpenVm, r: &InstantRestore) -> Result<()> {
-    let top = qemu::top_nodes(qmp, vm.rec.def.disks.len())?.swap_remove(r.disk);
+/// Start the stream job of disk `disk`: every cluster of the backing into the
+/// overlay, at `speed` bytes per second (0: no limit).
+fn start_stream(qmp: &Qmp, vm: &OpenVm, disk: usize, speed: u64) -> Result<()> {
+    let top = qemu::top_nodes(qmp, vm.rec.def.disks.len())?.swap_remove(disk);
     qmp.execute_value(
         "block-stream",
         Some(json!({
-            "job-id": job_id(r.disk),
+            "job-id": job_id(disk),
             "device": top,
-            "speed": r.speed,
+            "speed": speed,
             "auto-finalize": false,
             "auto-dismiss": false,
         })),
@@ -283,82 +374,103 @@ fn start_stream(qmp: &Qmp, vm: &OpenVm, r: &InstantRestore) -> Result<()> {
     Ok(())
 }
 
-/// Finalize a stream waiting in `pending` (the guest paused after a flush of
-/// every node), then record the disk as local.
-fn finish(vm: &mut OpenVm, qmp: &Qmp, r: &InstantRestore) -> Result<()> {
-    let id = job_id(r.disk);
+/// Finalize disk `disk`'s stream waiting in `pending` (the guest paused after
+/// a flush of every node), then record the disk as local.
+fn finish(vm: &mut OpenVm, qmp: &Qmp, disk: usize) -> Result<()> {
+    let id = job_id(disk);
     live::flushed_pause(qmp, || {
         qmp.execute(&JobFinalize { id: id.clone() })?;
         Ok(qmp.finish_job("block-stream", &id, JOB_TIMEOUT)?)
     })?;
     step(vm, "restore-finalized");
-    complete(vm, Some(qmp), r)
+    complete(vm, Some(qmp), disk)
 }
 
-/// The overlay stands alone: stop the server and drop the restore from the record.
-fn complete(vm: &mut OpenVm, qmp: Option<&Qmp>, r: &InstantRestore) -> Result<()> {
+/// Disk `disk`'s overlay stands alone: drop it from the restore; with no disk
+/// left, stop the server and drop the restore from the record.
+fn complete(vm: &mut OpenVm, qmp: Option<&Qmp>, disk: usize) -> Result<()> {
     if let Some(q) = qmp {
-        if has_backing(q, vm, r)? {
+        if has_backing(q, vm, disk)? {
             return Err(Error::Qemu(format!(
-                "disk {} of VM '{}' still has its backing file after the stream",
-                r.disk, vm.name
+                "disk {disk} of VM '{}' still has its backing file after the stream",
+                vm.name
             )));
         }
     }
-    stop_server(&vm.paths);
-    vm.rec.restore = None;
+    if let Some(r) = vm.rec.restore.as_mut() {
+        r.disks.retain(|d| d.disk != disk);
+        if r.disks.is_empty() {
+            stop_server(&vm.paths);
+            vm.rec.restore = None;
+        }
+    }
     vm.save()
 }
 
 /// Bring an instant restore a previous command left to rest, whenever the VM
-/// is opened: a stream waiting for its finalization is finalized; a running
-/// QEMU with no stream (its starter was killed) gets one when the server runs;
-/// a stopped QEMU's server is stopped; an overlay that stands alone ends the
-/// restore. A failed stream is left for `status` to report and `start` to resume.
+/// is opened, disk by disk: a stream waiting for its finalization is
+/// finalized; a running QEMU with no stream (its starter was killed) gets one
+/// when the server runs; a stopped QEMU's server is stopped; an overlay that
+/// stands alone ends that disk's restore. A failed stream is left for `status`
+/// to report and `start` to resume.
 pub(crate) fn settle(vm: &mut OpenVm) -> Result<()> {
     let Some(r) = vm.rec.restore.clone() else {
         return Ok(());
     };
     match qemu::connect(&vm.paths)? {
-        Some(q) => match job(&q, &r)? {
-            Some(j) if j.status == "pending" => finish(vm, &q, &r),
-            Some(j) if j.status == "concluded" && j.error.is_none() => {
-                q.execute(&JobDismiss { id: j.id })?;
-                complete(vm, Some(&q), &r)
+        Some(q) => {
+            for d in &r.disks {
+                match job(&q, d.disk)? {
+                    Some(j) if j.status == "pending" => finish(vm, &q, d.disk)?,
+                    Some(j) if j.status == "concluded" && j.error.is_none() => {
+                        q.execute(&JobDismiss { id: j.id })?;
+                        complete(vm, Some(&q), d.disk)?
+                    }
+                    Some(_) => {}
+                    None if !has_backing(&q, vm, d.disk)? => complete(vm, Some(&q), d.disk)?,
+                    None if server_pid(&vm.paths).is_some() => {
+                        start_stream(&q, vm, d.disk, r.speed)?
+                    }
+                    None => {}
+                }
             }
-            Some(_) => Ok(()),
-            None if !has_backing(&q, vm, &r)? => complete(vm, Some(&q), &r),
-            None if server_pid(&vm.paths).is_some() => start_stream(&q, vm, &r),
-            None => Ok(()),
-        },
+            Ok(())
+        }
         None => {
             stop_server(&vm.paths);
-            let file = vm.rec.def.disks[r.disk].file.clone();
-            if file.exists() && !crate::engine::has_backing(&file)? {
-                complete(vm, None, &r)?;
+            for d in &r.disks {
+                let file = vm.rec.def.disks[d.disk].file.clone();
+                if file.exists() && !crate::engine::has_backing(&file)? {
+                    complete(vm, None, d.disk)?;
+                }
             }
             Ok(())
         }
     }
 }
 
-/// Make an instant restore go on: the overlay, the server, QEMU (started when
-/// `launch` and stopped) and the stream, each made only when missing. A stream
-/// that failed (its server died) is replaced by a new one, which copies only
-/// what the overlay lacks. Returns QEMU's start note (TCG).
+/// Make an instant restore go on: the overlays, the server, QEMU (started
+/// when stopped) and each disk's stream, each made only when missing. A
+/// stream that failed (its server died) is replaced by a new one, which copies
+/// only what the overlay lacks. Returns QEMU's start note (TCG).
 pub(crate) fn resume(vm: &mut OpenVm) -> Result<Option<String>> {
     let Some(r) = vm.rec.restore.clone() else {
         return Ok(None);
     };
-    ensure_overlay(vm, &r)?;
+    for d in &r.disks {
+        ensure_overlay(vm, d)?;
+    }
     let started = start_server(vm, &r)?;
     let deadline = Instant::now() + RECONNECT_WAIT;
     let (qmp, note) = match qemu::connect(&vm.paths)? {
         Some(q) => {
             if let Some(from) = started {
-                if job(&q, &r)?.is_none_or(|j| j.status == "concluded") && has_backing(&q, vm, &r)?
-                {
-                    wait_reconnected(vm, from, deadline)?;
+                for d in &r.disks {
+                    if job(&q, d.disk)?.is_none_or(|j| j.status == "concluded")
+                        && has_backing(&q, vm, d.disk)?
+                    {
+                        wait_reconnected(vm, &d.export, from, deadline)?;
+                    }
                 }
             }
             (q, None)
@@ -367,43 +479,64 @@ pub(crate) fn resume(vm: &mut OpenVm) -> Result<Option<String>> {
     };
     step(vm, "restore-launched");
     while Instant::now() < deadline {
-        match job(&qmp, &r)? {
-            Some(j) if j.status == "pending" => {
-                finish(vm, &qmp, &r)?;
-                return Ok(note);
-            }
-            Some(j) if j.status == "concluded" => {
-                qmp.execute(&JobDismiss { id: j.id })?;
-                if j.error.is_none() {
-                    complete(vm, Some(&qmp), &r)?;
-                    return Ok(note);
+        let Some(r) = vm.rec.restore.clone() else {
+            return Ok(note);
+        };
+        let mut started_one = false;
+        for d in &r.disks {
+            match job(&qmp, d.disk)? {
+                Some(j) if j.status == "pending" => {
+                    finish(vm, &qmp, d.disk)?;
+                    continue;
                 }
+                Some(j) if j.status == "concluded" => {
+                    qmp.execute(&JobDismiss { id: j.id })?;
+                    if j.error.is_none() {
+                        complete(vm, Some(&qmp), d.disk)?;
+                        continue;
+                    }
+                }
+                Some(_) => continue,
+                None => {}
             }
-            Some(_) => return Ok(note),
-            None => {}
+            if !has_backing(&qmp, vm, d.disk)? {
+                complete(vm, Some(&qmp), d.disk)?;
+                continue;
+            }
+            start_stream(&qmp, vm, d.disk, r.speed)?;
+            started_one = true;
         }
-        if !has_backing(&qmp, vm, &r)? {
-            complete(vm, Some(&qmp), &r)?;
+        if !started_one {
             return Ok(note);
         }
-        start_stream(&qmp, vm, &r)?;
         std::thread::sleep(Duration::from_secs(1));
     }
-    let err = job(&qmp, &r)?.and_then(|j| j.error).unwrap_or_default();
+    let failing: Vec<String> = match &vm.rec.restore {
+        Some(r) => r
+            .disks
+            .iter()
+            .filter_map(|d| {
+                let j = job(&qmp, d.disk).ok()??;
+                let err = j.error?;
+                Some(format!("disk {}: {err}", d.disk))
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     Err(Error::State(format!(
-        "the stream restoring disk {} of VM '{}' fails: {err}; the backup server's log is {}",
-        r.disk,
+        "the streams restoring VM '{}' fail ({}); the backup server's log is {}",
         vm.name,
+        failing.join("; "),
         server_log(&vm.paths).display()
     )))
 }
 
-/// Wait until the running QEMU has connected to the server that started
-/// writing its log at `from`. Once the delay it holds requests for a lost
-/// server is over, QEMU's NBD client fails them until its background
-/// reconnection, retried at growing intervals (up to 16 s), reaches the new
-/// server; the server logs each client's connection to its export.
-fn wait_reconnected(vm: &OpenVm, from: u64, deadline: Instant) -> Result<()> {
+/// Wait until the running QEMU has connected to export `export` of the server
+/// that started writing its log at `from`. Once the delay it holds requests
+/// for a lost server is over, QEMU's NBD client fails them until its
+/// background reconnection, retried at growing intervals (up to 16 s), reaches
+/// the new server; the server logs each client's connection to its export.
+fn wait_reconnected(vm: &OpenVm, export: &str, from: u64, deadline: Instant) -> Result<()> {
     use std::io::{Read, Seek};
     let log = server_log(&vm.paths);
     loop {
@@ -413,7 +546,7 @@ fn wait_reconnected(vm: &OpenVm, from: u64, deadline: Instant) -> Result<()> {
                 let _ = f.read_to_string(&mut text);
             }
         }
-        if text.contains(&format!("connected to export '{EXPORT}'")) {
+        if text.contains(&format!("connected to export '{export}'")) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -427,13 +560,12 @@ fn wait_reconnected(vm: &OpenVm, from: u64, deadline: Instant) -> Result<()> {
     }
 }
 
-/// Where `r` stands on `vm`.
-fn phase(vm: &OpenVm, r: &InstantRestore) -> Result<Phase> {
-    let Some(q) = qemu::connect(&vm.paths)? else {
+/// Where disk `d` stands, with QEMU's monitor `qmp` (`None`: QEMU is stopped).
+fn phase(qmp: Option<&Qmp>, server_up: bool, d: &RestoredDisk) -> Result<Phase> {
+    let Some(q) = qmp else {
         return Ok(Phase::Stopped);
     };
-    let server_up = server_pid(&vm.paths).is_some();
-    Ok(match job(&q, r)? {
+    Ok(match job(q, d.disk)? {
         Some(j) if j.status == "concluded" => Phase::Failed(j.error.unwrap_or_default()),
         _ if !server_up => Phase::ServerDown,
         Some(j) => Phase::Streaming {
@@ -442,7 +574,7 @@ fn phase(vm: &OpenVm, r: &InstantRestore) -> Result<Phase> {
         },
         None => Phase::Streaming {
             done: 0,
-            total: r.source.size,
+            total: d.source.size,
         },
     })
 }
@@ -459,26 +591,63 @@ fn broken(vm: &OpenVm, what: &str) -> Error {
     ))
 }
 
+/// Check that disk `disk` of VM `name` (which has `n` disks) can be restored
+/// from `source` into `file`, a new image in an existing directory; returns
+/// `file` made absolute.
+fn check_target(
+    name: &str,
+    n: usize,
+    disk: usize,
+    file: &Path,
+    source: &BackupSource,
+) -> Result<PathBuf> {
+    if disk >= n {
+        return Err(Error::Invalid(format!(
+            "VM '{name}' has no disk {disk} (it has {n})"
+        )));
+    }
+    if source.size == 0 || !source.size.is_multiple_of(512) {
+        return Err(Error::Invalid(format!(
+            "the backed-up disk is {} bytes, not a positive multiple of 512: it cannot be a VM disk",
+            source.size
+        )));
+    }
+    if file.exists() || file.symlink_metadata().is_ok() {
+        return Err(Error::Invalid(format!(
+            "'{}' exists; instant restore makes a new image (remove it or choose another path)",
+            file.display()
+        )));
+    }
+    let file = std::path::absolute(file)
+        .map_err(|e| Error::io(format!("resolve {}", file.display()), e))?;
+    let parent = file.parent().unwrap_or(Path::new("/"));
+    if !parent.is_dir() {
+        return Err(Error::Invalid(format!(
+            "'{}' is not a directory",
+            parent.display()
+        )));
+    }
+    Ok(file)
+}
+
 impl Manager {
-    /// Restore disk `disk` of stopped VM `name` from `source` at once: `file`
-    /// (which must not exist) becomes the disk, a qcow2 overlay on the backup
-    /// served over NBD; the VM starts on it and a stream copies every cluster
-    /// into it (at `speed` bytes per second, 0 for no limit) while the guest
-    /// runs. Returns QEMU's start note (TCG).
+    /// Restore disks of stopped VM `name` from backups at once: for each
+    /// (disk index, new file, source), the file (which must not exist)
+    /// becomes the disk, a qcow2 overlay on the backup served over NBD (one
+    /// server for all, so the sources share one repository); the VM starts on
+    /// them and one stream per disk copies every cluster into its overlay (at
+    /// `speed` bytes per second each, 0 for no limit) while the guest runs.
+    /// Returns QEMU's start note (TCG).
     pub fn instant_restore(
         &self,
         name: &str,
-        disk: usize,
-        file: &Path,
-        source: BackupSource,
+        disks: Vec<(usize, PathBuf, BackupSource)>,
         speed: u64,
     ) -> Result<Option<String>> {
         let mut vm = self.open(name)?;
         let n = vm.rec.def.disks.len();
-        if disk >= n {
-            return Err(Error::Invalid(format!(
-                "VM '{name}' has no disk {disk} (it has {n})"
-            )));
+        if disks.is_empty() {
+            return Err(Error::Invalid("no disk to restore".into()));
         }
         if qemu::live_pid(&vm.paths).is_some() {
             return Err(Error::State(format!(
@@ -487,8 +656,8 @@ impl Manager {
         }
         if let Some(r) = &vm.rec.restore {
             return Err(Error::State(format!(
-                "VM '{name}' is already restoring disk {} from a backup; wait for it to finish",
-                r.disk
+                "VM '{name}' is already restoring disk(s) {} from a backup; wait for it to finish",
+                r.disk_list()
             )));
         }
         if vm.rec.saved.is_some() {
@@ -502,34 +671,39 @@ impl Manager {
                 vm.rec.snapshots.len()
             )));
         }
-        if source.size == 0 || !source.size.is_multiple_of(512) {
-            return Err(Error::Invalid(format!(
-                "the backed-up disk is {} bytes, not a positive multiple of 512: it cannot be a VM disk",
-                source.size
-            )));
+        let mut restored = Vec::new();
+        let mut files = Vec::new();
+        for (disk, file, source) in disks {
+            let file = check_target(name, n, disk, &file, &source)?;
+            if restored.iter().any(|d: &RestoredDisk| d.disk == disk) {
+                return Err(Error::Invalid(format!("disk {disk} is named twice")));
+            }
+            if files.contains(&file) {
+                return Err(Error::Invalid(format!(
+                    "'{}' is named for two disks",
+                    file.display()
+                )));
+            }
+            let first = restored.first().map(|d: &RestoredDisk| &d.source);
+            if let Some(f) = first
+                .filter(|f| (&f.repo, &f.password_file) != (&source.repo, &source.password_file))
+            {
+                return Err(Error::Invalid(format!(
+                    "the disks come from two repositories ({} and {}): one restore serves one repository",
+                    f.repo, source.repo
+                )));
+            }
+            files.push(file);
+            restored.push(RestoredDisk::new(disk, source));
         }
-        if file.exists() || file.symlink_metadata().is_ok() {
-            return Err(Error::Invalid(format!(
-                "'{}' exists; instant restore makes a new image (remove it or choose another path)",
-                file.display()
-            )));
+        for (d, file) in restored.iter().zip(files) {
+            vm.rec.def.disks[d.disk] = Disk {
+                file,
+                format: "qcow2".into(),
+            };
         }
-        let file = std::path::absolute(file)
-            .map_err(|e| Error::io(format!("resolve {}", file.display()), e))?;
-        let parent = file.parent().unwrap_or(Path::new("/"));
-        if !parent.is_dir() {
-            return Err(Error::Invalid(format!(
-                "'{}' is not a directory",
-                parent.display()
-            )));
-        }
-        vm.rec.def.disks[disk] = Disk {
-            file,
-            format: "qcow2".into(),
-        };
         vm.rec.restore = Some(InstantRestore {
-            disk,
-            source,
+            disks: restored,
             speed,
         });
         vm.save()?;
@@ -565,44 +739,61 @@ impl Manager {
             vm.rec.restore = Some(r.clone());
             vm.save()?;
             if let Some(q) = qemu::connect(&vm.paths)? {
-                if job(&q, &r)?.is_some_and(|j| j.status == "running" || j.status == "paused") {
-                    q.execute_value(
-                        "block-job-set-speed",
-                        Some(json!({"device": job_id(r.disk), "speed": speed})),
-                    )?;
+                for d in &r.disks {
+                    let j = job(&q, d.disk)?;
+                    if j.is_some_and(|j| j.status == "running" || j.status == "paused") {
+                        q.execute_value(
+                            "block-job-set-speed",
+                            Some(json!({"device": job_id(d.disk), "speed": speed})),
+                        )?;
+                    }
                 }
             }
         }
         let mut done = 0;
         let mut first = true;
+        // Per disk: bytes streamed and the stream's total.
+        let mut streams = std::collections::BTreeMap::new();
         loop {
             let st = self.restore_status(name)?;
             let Some(st) = st else {
                 return Ok(!first);
             };
             first = false;
-            match st.phase {
-                Phase::Streaming { done: d, total } => {
-                    progress.set_total(total);
-                    progress.advance(d.saturating_sub(done));
-                    done = done.max(d);
-                }
-                Phase::Stopped => {
-                    return Err(Error::State(format!(
-                        "VM '{name}' stopped before disk {} was restored; start it again \
-                         (`strata vm start {name}`): it serves the backup and streams the rest",
-                        st.restore.disk
-                    )))
-                }
-                Phase::ServerDown => {
-                    let vm = self.open(name)?;
-                    return Err(broken(&vm, "the backup server is not running"));
-                }
-                Phase::Failed(e) => {
-                    let vm = self.open(name)?;
-                    return Err(broken(&vm, &format!("the restore stream failed ({e})")));
+            // Disks done drop out of the status: their bytes stay counted.
+            for d in &st.disks {
+                match &d.phase {
+                    Phase::Streaming { done: n, total } => {
+                        let i = d.disk.disk;
+                        let seen = streams.entry(i).or_insert((0, 0));
+                        *seen = (seen.0.max(*n), *total);
+                    }
+                    Phase::Stopped => {
+                        return Err(Error::State(format!(
+                            "VM '{name}' stopped before disk(s) {} were restored; start it again \
+                             (`strata vm start {name}`): it serves the backup and streams the rest",
+                            st.restore.disk_list()
+                        )))
+                    }
+                    Phase::ServerDown => {
+                        let vm = self.open(name)?;
+                        return Err(broken(&vm, "the backup server is not running"));
+                    }
+                    Phase::Failed(e) => {
+                        let vm = self.open(name)?;
+                        return Err(broken(
+                            &vm,
+                            &format!("the stream restoring disk {} failed ({e})", d.disk.disk),
+                        ));
+                    }
                 }
             }
+            let (now, total) = streams
+                .values()
+                .fold((0u64, 0u64), |(a, b), (n, t)| (a + n, b + t));
+            progress.set_total(total);
+            progress.advance(now.saturating_sub(done));
+            done = done.max(now);
             if cancelled() {
                 return Err(Error::State(format!(
                     "stopped waiting; the restore of VM '{name}' goes on"
@@ -618,10 +809,22 @@ pub(crate) fn restore_status(vm: &OpenVm) -> Result<Option<RestoreStatus>> {
     let Some(r) = vm.rec.restore.clone() else {
         return Ok(None);
     };
+    let qmp = qemu::connect(&vm.paths)?;
+    let server = server_pid(&vm.paths);
+    let disks = r
+        .disks
+        .iter()
+        .map(|d| {
+            Ok(DiskStatus {
+                file: vm.rec.def.disks[d.disk].file.clone(),
+                phase: phase(qmp.as_ref(), server.is_some(), d)?,
+                disk: d.clone(),
+            })
+        })
+        .collect::<Result<_>>()?;
     Ok(Some(RestoreStatus {
-        file: vm.rec.def.disks[r.disk].file.clone(),
-        phase: phase(vm, &r)?,
-        server: server_pid(&vm.paths),
+        disks,
+        server,
         restore: r,
     }))
 }
@@ -631,9 +834,11 @@ pub(crate) fn not_restoring(vm: &OpenVm, what: &str) -> Result<()> {
     match &vm.rec.restore {
         None => Ok(()),
         Some(r) => Err(Error::State(format!(
-            "VM '{}' is restoring disk {} from a backup; {what} waits until it is done \
+            "VM '{}' is restoring disk(s) {} from a backup; {what} waits until it is done \
              (`strata vm blockjob wait {}`)",
-            vm.name, r.disk, vm.name
+            vm.name,
+            r.disk_list(),
+            vm.name
         ))),
     }
 }
@@ -648,13 +853,13 @@ mod tests {
         let paths = VmPaths {
             dir: "/s/vms/t".into(),
         };
-        let name = backing_name(&paths);
+        let name = backing_name(&paths, &export_name(1));
         let spec: serde_json::Value =
             serde_json::from_str(name.strip_prefix("json:").unwrap()).unwrap();
         assert_eq!(spec["driver"], "raw");
         assert_eq!(spec["file"]["driver"], "nbd");
         assert_eq!(spec["file"]["server"]["path"], "/s/vms/t/restore.sock");
-        assert_eq!(spec["file"]["export"], EXPORT);
+        assert_eq!(spec["file"]["export"], "restore-disk1");
         assert_eq!(spec["file"]["reconnect-delay"], RECONNECT_DELAY);
     }
 
@@ -664,18 +869,36 @@ mod tests {
         let mut rec: VmRecord = serde_json::from_str(old).unwrap();
         assert_eq!(rec.restore, None);
         assert!(!serde_json::to_string(&rec).unwrap().contains("restore"));
+        let source = |snap: &str| BackupSource {
+            repo: "/r".into(),
+            snapshot: snap.repeat(32),
+            password_file: None,
+            size: 1 << 20,
+        };
         rec.restore = Some(InstantRestore {
-            disk: 0,
-            source: BackupSource {
-                repo: "/r".into(),
-                snapshot: "ab".repeat(32),
-                password_file: None,
-                size: 1 << 20,
-            },
+            disks: vec![
+                RestoredDisk::new(0, source("ab")),
+                RestoredDisk::new(1, source("cd")),
+            ],
             speed: 4096,
         });
         let back: VmRecord = serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
         assert_eq!(back.restore, rec.restore);
+    }
+
+    #[test]
+    fn a_single_disk_restore_recorded_before_several_disks_reads_with_its_export() {
+        let single = r#"{"def":{"name":"t","memory_mib":64,"cpus":1,"disks":[{"file":"/d.qcow2"}]},
+            "restore":{"disk":0,"source":{"repo":"/r","snapshot":"ab","size":512},"speed":7}}"#;
+        let rec: VmRecord = serde_json::from_str(single).unwrap();
+        let r = rec.restore.unwrap();
+        assert_eq!(r.speed, 7);
+        assert_eq!(r.disks.len(), 1);
+        assert_eq!((r.disks[0].disk, r.disks[0].source.size), (0, 512));
+        assert_eq!(
+            r.disks[0].export, "restore",
+            "its overlay names this export"
+        );
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub(super) struct InstantArgs {
     /// With --vm: which disk (0 for the first).
     #[arg(long = "disk", requires = "vm", default_value_t = 0)]
     disk: usize,
+    /// With --instant: restore another disk of the VM at the same time, from
+    /// a snapshot of the same repository into a new file (repeatable). One
+    /// server serves every disk; each streams in its own job.
+    #[arg(long = "also-disk", value_name = "N:SNAPSHOT:OUTPUT", requires = "instant",
+          value_parser = parse_also_disk)]
+    also_disk: Vec<AlsoDisk>,
     /// Start the VM at once on OUTPUT, a qcow2 overlay reading the backup
     /// over NBD, while every cluster streams into it; `strata vm status`
     /// shows the progress, `strata vm blockjob wait` waits for it.
@@ -35,6 +41,32 @@ pub(super) struct InstantArgs {
     /// With --vm: the VM state directory (as `strata vm --state-dir`).
     #[arg(long = "state-dir", requires = "vm", value_name = "DIR")]
     state_dir: Option<PathBuf>,
+}
+
+/// Another disk to restore: `N:SNAPSHOT:OUTPUT` (the file name may hold colons).
+#[derive(Clone, Debug)]
+pub(super) struct AlsoDisk {
+    disk: usize,
+    snapshot: String,
+    output: PathBuf,
+}
+
+fn parse_also_disk(s: &str) -> Result<AlsoDisk, String> {
+    let mut parts = s.splitn(3, ':');
+    let (Some(n), Some(snapshot), Some(output)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("'{s}' is not N:SNAPSHOT:OUTPUT"));
+    };
+    let disk = n
+        .parse()
+        .map_err(|_| format!("'{n}' is not a disk index (0 for the first)"))?;
+    if snapshot.is_empty() || output.is_empty() {
+        return Err(format!("'{s}' names no snapshot or no output"));
+    }
+    Ok(AlsoDisk {
+        disk,
+        snapshot: snapshot.to_string(),
+        output: output.into(),
+    })
 }
 
 /// A speed limit: bytes per second, with an optional k, M, G or T suffix.
@@ -63,25 +95,36 @@ pub(super) fn restore(a: RestoreArgs) -> Result<()> {
         .map(std::path::absolute)
         .transpose()?;
     let repo: Repository = a.repo.open()?;
-    let (id, snap) = repo.find_snapshot(&a.snapshot)?;
-    let node = strata_repo::restore::disk_node(&repo, &snap)?;
+    let wanted = std::iter::once((i.disk, &a.snapshot, &a.output))
+        .chain(i.also_disk.iter().map(|d| (d.disk, &d.snapshot, &d.output)));
+    let mut disks = Vec::new();
+    let mut started = Vec::new();
+    for (disk, snapshot, output) in wanted {
+        let (id, snap) = repo.find_snapshot(snapshot)?;
+        let node = strata_repo::restore::disk_node(&repo, &snap)?;
+        let source = BackupSource {
+            repo: location.clone(),
+            snapshot: id.to_string(),
+            password_file: password_file.clone(),
+            size: node.size,
+        };
+        started.push(format!(
+            "disk {disk} ({}) streams from snapshot {}",
+            output.display(),
+            id.short()
+        ));
+        disks.push((disk, output.clone(), source));
+    }
     drop(repo);
-    let source = BackupSource {
-        repo: location,
-        snapshot: id.to_string(),
-        password_file,
-        size: node.size,
-    };
     let mgr = Manager::new(StateDir::resolve(i.state_dir.clone()));
-    let note = mgr.instant_restore(&name, i.disk, &a.output, source, i.speed.unwrap_or(0))?;
+    let note = mgr.instant_restore(&name, disks, i.speed.unwrap_or(0))?;
     if let Some(note) = note {
         eprintln!("{note}");
     }
     println!(
-        "VM '{name}' started on {}; disk {} streams from snapshot {} (`strata vm status {name}` shows the progress, `strata vm blockjob wait {name}` waits for it)",
+        "VM '{name}' started on {}; {} (`strata vm status {name}` shows the progress, `strata vm blockjob wait {name}` waits for it)",
         a.output.display(),
-        i.disk,
-        id.short()
+        started.join(", "),
     );
     if i.wait {
         wait(&mgr, &name, None)?;
