@@ -120,26 +120,20 @@ pub fn parse_bool(key: &str, v: &str) -> std::result::Result<bool, String> {
     }
 }
 
-/// Parse a size with qemu's suffixes (k, M, G, T, P, E; b for bytes), at most
-/// 2^63 - 1 (a size QEMU can give an image).
+/// Parse a size as QEMU does (see [`crate::size`]), at most 2^63 - 1 (a size
+/// QEMU can give an image).
 pub fn parse_size(s: &str) -> Option<u64> {
     parse_size_u64(s).filter(|&v| v <= i64::MAX as u64)
 }
 
 /// Whether `s`, which did not parse as a size, failed only for its range: a
-/// negative number of bytes, or a well-formed non-negative number too large.
-/// QEMU calls those out of range and says the rest is not a size at all.
+/// negative number, or a well-formed number too large. QEMU calls those out of
+/// range and says the rest is not a size at all.
 pub fn size_out_of_range(s: &str) -> bool {
-    let negative_bytes = s
-        .strip_prefix('-')
-        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
-    let number = s
-        .strip_suffix(|c: char| "bBkKmMgGtTpPeE".contains(c))
-        .unwrap_or(s);
-    negative_bytes
-        || (!number.is_empty()
-            && number.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-            && number.parse::<f64>().is_ok())
+    match crate::size::parse(s) {
+        Ok(v) => v > i64::MAX as u64,
+        Err(e) => e == crate::size::SizeError::OutOfRange,
+    }
 }
 
 /// How QEMU's option parser refuses `s` as the size-typed option `key`.
@@ -153,28 +147,7 @@ pub fn option_size_error(key: &str, s: &str) -> String {
 
 /// Parse a size as QEMU's option parser does: any value below 2^64.
 pub fn parse_size_u64(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult): (&str, u64) = match s.chars().last()? {
-        'b' | 'B' => (&s[..s.len() - 1], 1),
-        'k' | 'K' => (&s[..s.len() - 1], 1 << 10),
-        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
-        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
-        't' | 'T' => (&s[..s.len() - 1], 1 << 40),
-        'p' | 'P' => (&s[..s.len() - 1], 1 << 50),
-        'e' | 'E' => (&s[..s.len() - 1], 1 << 60),
-        _ => (s, 1),
-    };
-    let v = if num.contains('.') {
-        let f: f64 = num.parse().ok()?;
-        let v = f * mult as f64;
-        if !(0.0..18_446_744_073_709_551_616.0).contains(&v) {
-            return None;
-        }
-        v as u64
-    } else {
-        num.parse::<u64>().ok()?.checked_mul(mult)?
-    };
-    Some(v)
+    crate::size::parse(s).ok()
 }
 
 /// Keys a qcow2 `-o` map may hold.
@@ -224,7 +197,9 @@ fn qcow2_parse(opts: &BTreeMap<String, String>) -> std::result::Result<CreateOpt
         match k.as_str() {
             "backing_file" => c.backing_file = Some(v.clone()),
             "backing_fmt" => c.backing_format = Some(v.clone()),
-            "cluster_size" => c.cluster_size = parse_size(v).ok_or_else(|| size_expected(k))?,
+            "cluster_size" => {
+                c.cluster_size = parse_size(v).ok_or_else(|| option_size_error(k, v))?
+            }
             "lazy_refcounts" => c.lazy_refcounts = parse_bool(k, v)?,
             "refcount_bits" => {
                 c.refcount_bits = v

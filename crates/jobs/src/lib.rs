@@ -15,6 +15,7 @@ pub mod measure;
 pub mod output;
 pub mod overlay;
 pub mod rebase;
+pub mod size;
 pub mod snapshot;
 pub mod status;
 pub mod stream;

@@ -1,5 +1,5 @@
 //! `strata img snapshot`: internal snapshots with qemu-img's interface
-//! (`-l` list, `-c` create, `-a` apply, `-d` delete; by ID or name).
+//! (`-l` list, `-c` create, `-a` apply by ID or name, `-d` delete by name).
 
 use super::common::{human_size, Ctx};
 use anyhow::{bail, Result};
@@ -21,7 +21,7 @@ pub struct Args {
     /// Apply (revert to) the snapshot with this ID or name; the current state is lost.
     #[arg(short = 'a', value_name = "SNAPSHOT")]
     apply: Option<String>,
-    /// Delete the snapshot with this ID or name, freeing what only it used.
+    /// Delete the snapshot with this name, freeing what only it used.
     #[arg(short = 'd', value_name = "SNAPSHOT")]
     delete: Option<String>,
     /// Image format (probed when omitted).
@@ -99,6 +99,14 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     if writing && spec.force_share {
         bail!("force-share=on can only be used with read-only images");
     }
+    if writing {
+        // qemu-img warns of a probed raw image as it opens it for writing (twice
+        // to apply a snapshot: it opens the image again).
+        let times = if args.apply.is_some() { 2 } else { 1 };
+        for _ in 0..times {
+            super::common::warn_probed_raw(&spec.path, spec.format.map(|f| f.name()));
+        }
+    }
     let dev = super::common::open_top(&spec, format, writing)?;
     use strata_jobs::snapshot::{self as job, NameRule};
     use strata_jobs::Error as E;
@@ -136,8 +144,12 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             e => anyhow::Error::new(e).context(format!("Could not apply snapshot '{key}'")),
         })?;
     } else if let Some(key) = &args.delete {
+        // qemu-img deletes by name only (an ID is not looked up).
+        let Some(target) = job::list(dev.as_ref()).into_iter().find(|s| s.name == *key) else {
+            bail!("Could not delete snapshot '{key}': snapshot not found");
+        };
         let req = job::DeleteRequest {
-            snapshot: key.clone(),
+            snapshot: target.id,
         };
         job::delete(dev.as_ref(), &req).map_err(|e| match e {
             E::NoInternalSnapshots { .. } | E::SnapshotNotFound(_) => {
