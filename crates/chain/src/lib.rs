@@ -109,6 +109,20 @@ pub struct OpenSpec {
     /// Open for the metadata only (`info`): external data files are not opened,
     /// and an encrypted top image needs no secret (its data cannot be read).
     pub metadata_only: bool,
+    /// The top image's bytes when they are not the file at `path` (an NBD
+    /// export, say): the top layer is opened on this storage, and `path` only
+    /// names it.
+    pub storage: Option<TopStorage>,
+}
+
+/// Storage already open for the top image of an [`OpenSpec`].
+#[derive(Clone)]
+pub struct TopStorage(pub Arc<dyn Storage>);
+
+impl std::fmt::Debug for TopStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TopStorage")
+    }
 }
 
 impl OpenSpec {
@@ -127,6 +141,7 @@ impl OpenSpec {
             display_name: None,
             protocol_driver: None,
             metadata_only: false,
+            storage: None,
         }
     }
     /// The secret the top image opens with: the one its `encrypt.key-secret`
@@ -244,6 +259,18 @@ impl Chain {
 /// Probe the format of a top image from its first bytes: qcow2 by magic, else raw.
 pub fn probe_format(path: &Path) -> Result<Format> {
     let s = FileStorage::open(path, OpenOptions::read().force_share(true))?;
+    probe_storage(&s)
+}
+
+/// [`probe_format`] for the top image `spec` names, on its own storage if it has one.
+pub fn probe_spec(spec: &OpenSpec) -> Result<Format> {
+    match &spec.storage {
+        Some(s) => probe_storage(s.0.as_ref()),
+        None => probe_format(&spec.path),
+    }
+}
+
+fn probe_storage(s: &dyn Storage) -> Result<Format> {
     let mut buf = [0u8; 4];
     s.read_at(&mut buf, 0)?;
     Ok(if strata_format::qcow2::probe(&buf) {
@@ -290,6 +317,17 @@ pub fn open_image_with(
         OpenOptions::read().force_share(force_share)
     };
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, opts)?);
+    open_on(storage, format, write, metadata_only, unlock)
+}
+
+/// Open the image whose bytes `storage` holds as a block device of `format`.
+fn open_on(
+    storage: Arc<dyn Storage>,
+    format: Format,
+    write: bool,
+    metadata_only: bool,
+    unlock: &Unlock,
+) -> Result<Arc<dyn BlockDevice>> {
     Ok(match format {
         Format::Raw => Arc::new(RawImage::open(storage)?),
         Format::Qcow2 => Arc::new(Qcow2Image::open(
@@ -304,12 +342,29 @@ pub fn open_image_with(
     })
 }
 
+/// Open the top image `spec` names on its own (no backing attached), on its own
+/// storage if it has one, with the secret its options name.
+pub fn open_top(spec: &OpenSpec, format: Format, write: bool) -> Result<Arc<dyn BlockDevice>> {
+    let unlock = spec.unlock()?;
+    match &spec.storage {
+        Some(s) => open_on(s.0.clone(), format, write, spec.metadata_only, &unlock),
+        None => open_image_with(
+            &spec.path,
+            format,
+            write,
+            spec.force_share,
+            spec.metadata_only,
+            &unlock,
+        ),
+    }
+}
+
 /// Open the image `spec` names and, unless told not to, its whole backing chain
 /// (read-only), attaching each layer to the one above.
 pub fn open(spec: &OpenSpec) -> Result<Chain> {
     let format = match spec.format {
         Some(f) => f,
-        None => probe_format(&spec.path)?,
+        None => probe_spec(spec)?,
     };
     let mut layers: Vec<Layer> = Vec::new();
     let mut seen: HashSet<PathBuf> = HashSet::new();
@@ -331,19 +386,18 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             });
         }
         // The secret is the top image's: a backing file QEMU would need its own for.
-        let unlock = if layers.is_empty() {
-            spec.unlock()?
+        let device = if layers.is_empty() {
+            open_top(spec, fmt, write)?
         } else {
-            Unlock::None
+            open_image_with(
+                &path,
+                fmt,
+                write,
+                spec.force_share,
+                spec.metadata_only,
+                &Unlock::None,
+            )?
         };
-        let device = open_image_with(
-            &path,
-            fmt,
-            write,
-            spec.force_share,
-            spec.metadata_only,
-            &unlock,
-        )?;
         let (backing_name, backing_format) = match device.overlay() {
             Some(link) => (link.backing_name(), link.backing_format()),
             None => (None, None),

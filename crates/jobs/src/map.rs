@@ -46,9 +46,40 @@ pub fn map(
     start: u64,
     len: Option<u64>,
     cancel: &Cancel,
-    mut emit: impl FnMut(&MapEntry) -> Result<()>,
+    emit: impl FnMut(&MapEntry) -> Result<()>,
 ) -> Result<()> {
-    let size = chain.virtual_size();
+    map_runs(
+        chain.virtual_size(),
+        start,
+        len,
+        cancel,
+        emit,
+        |off, len| {
+            let st = chain.status(off, len, Walk::DataOrZero)?;
+            Ok(MapEntry {
+                start: off,
+                length: st.len,
+                depth: st.depth,
+                present: st.allocated,
+                zero: st.zero,
+                data: st.data,
+                compressed: st.compressed,
+                offset: st.host_offset,
+            })
+        },
+    )
+}
+
+/// [`map`] over any source of runs: `query(offset, len)` describes the run at
+/// `offset` (at most `len` bytes, at least one) of an image of `size` bytes.
+pub fn map_runs(
+    size: u64,
+    start: u64,
+    len: Option<u64>,
+    cancel: &Cancel,
+    mut emit: impl FnMut(&MapEntry) -> Result<()>,
+    mut query: impl FnMut(u64, u64) -> Result<MapEntry>,
+) -> Result<()> {
     let end = match len {
         Some(l) => start.saturating_add(l).min(size),
         None => size,
@@ -57,18 +88,8 @@ pub fn map(
     let mut off = start.min(end);
     while off < end {
         cancel.check()?;
-        let st = chain.status(off, end - off, Walk::DataOrZero)?;
-        let e = MapEntry {
-            start: off,
-            length: st.len,
-            depth: st.depth,
-            present: st.allocated,
-            zero: st.zero,
-            data: st.data,
-            compressed: st.compressed,
-            offset: st.host_offset,
-        };
-        off += st.len;
+        let e = query(off, end - off)?;
+        off += e.length;
         match &mut cur {
             Some(c) if c.mergeable(&e) => c.length += e.length,
             _ => {

@@ -1,8 +1,9 @@
 //! A small blocking NBD client over a Unix socket or TCP: the fixed newstyle
-//! handshake with structured replies and metadata contexts, then reads and
-//! block-status queries. Enough to read a point-in-time export of a running VM,
-//! or any export, with the `base:allocation` and `qemu:dirty-bitmap:NAME`
-//! contexts QEMU offers with it.
+//! handshake with structured replies and metadata contexts, then reads, writes,
+//! write-zeroes, trims, flushes and block-status queries. Enough to read a
+//! point-in-time export of a running VM with the `base:allocation` and
+//! `qemu:dirty-bitmap:NAME` contexts QEMU offers with it, or to use any export
+//! as a disk (see [`crate::storage`]).
 
 use crate::proto::*;
 use crate::url::{Address, NbdUrl};
@@ -52,6 +53,8 @@ pub struct Client {
     size: u64,
     /// The metadata contexts the server agreed to: (name, id).
     contexts: Vec<(String, u32)>,
+    /// The transmission flags the server gave with the export.
+    flags: u16,
     handle: u64,
 }
 
@@ -75,11 +78,16 @@ impl Client {
     }
 
     /// [`Client::connect_unix`] to the server and export `url` names.
+    /// A refused or failed connection is [`Error::Connect`], naming the address.
     pub fn connect(url: &NbdUrl, contexts: &[&str]) -> Result<Client> {
+        let failed = |source| Error::Connect {
+            addr: url.address.to_string(),
+            source,
+        };
         let sock = match &url.address {
-            Address::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
+            Address::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(failed)?),
             Address::Tcp { host, port } => {
-                let s = TcpStream::connect((host.as_str(), *port))?;
+                let s = TcpStream::connect((host.as_str(), *port)).map_err(failed)?;
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
             }
@@ -92,6 +100,7 @@ impl Client {
             sock,
             size: 0,
             contexts: Vec::new(),
+            flags: 0,
             handle: 0,
         };
         c.handshake(export, contexts)?;
@@ -101,6 +110,11 @@ impl Client {
     /// The export's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether the server exports the disk read-only.
+    pub fn read_only(&self) -> bool {
+        self.flags & FLAG_READ_ONLY != 0
     }
 
     /// Whether the server agreed to the metadata context `name`.
@@ -144,6 +158,9 @@ impl Client {
                         let n = String::from_utf8_lossy(&d[4..]).into_owned();
                         self.contexts.push((n, id));
                     }
+                    // A refusal (of the export, say): no contexts, and the
+                    // export's own refusal comes with OPT_GO below.
+                    ty if ty & (1 << 31) != 0 => break,
                     _ => return Err(invalid(format!("unexpected meta context reply {ty}"))),
                 }
             }
@@ -158,8 +175,15 @@ impl Client {
                 REP_ACK => break,
                 REP_INFO if d.len() >= 12 && d[..2] == INFO_EXPORT.to_be_bytes() => {
                     self.size = u64::from_be_bytes(d[2..10].try_into().expect("8 bytes"));
+                    self.flags = u16::from_be_bytes(d[10..12].try_into().expect("2 bytes"));
                 }
                 REP_INFO => {}
+                REP_ERR_UNKNOWN => {
+                    return Err(Error::ExportUnavailable {
+                        export: export.to_string(),
+                        reason: String::from_utf8_lossy(&d).into_owned(),
+                    })
+                }
                 _ => {
                     return Err(invalid(format!(
                         "export '{export}' refused: {}",
@@ -197,6 +221,18 @@ impl Client {
     }
 
     fn request(&mut self, ty: u16, flags: u16, offset: u64, len: u32) -> Result<u64> {
+        self.request_with(ty, flags, offset, len, &[])
+    }
+
+    /// Send one request, `payload` (a write's data) right after its header.
+    fn request_with(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<u64> {
         self.handle += 1;
         let mut m = Vec::with_capacity(28);
         m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -205,6 +241,7 @@ impl Client {
         m.extend_from_slice(&self.handle.to_be_bytes());
         m.extend_from_slice(&offset.to_be_bytes());
         m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(payload);
         self.sock.write_all(&m)?;
         Ok(self.handle)
     }
@@ -216,6 +253,9 @@ impl Client {
         handle: u64,
         mut chunk: impl FnMut(u16, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        // An error chunk fails the request, but the chunks after it are read
+        // all the same, so the connection stays in step.
+        let mut failed = None;
         loop {
             let magic = self.u32()?;
             if magic == SIMPLE_REPLY_MAGIC {
@@ -226,7 +266,7 @@ impl Client {
                 return if err == 0 {
                     chunk(REPLY_TYPE_NONE, &[])
                 } else {
-                    Err(invalid(format!("request failed with error {err}")))
+                    Err(remote_error(err))
                 };
             }
             if magic != STRUCTURED_REPLY_MAGIC {
@@ -246,13 +286,15 @@ impl Client {
             if ty & (1 << 15) != 0 {
                 let err = d
                     .get(..4)
-                    .map_or(0, |e| u32::from_be_bytes(e.try_into().expect("4")));
-                let msg = d.get(6..).map(String::from_utf8_lossy).unwrap_or_default();
-                return Err(invalid(format!("request failed with error {err}: {msg}")));
+                    .map_or(EIO, |e| u32::from_be_bytes(e.try_into().expect("4")));
+                failed.get_or_insert(remote_error(err));
+            } else if failed.is_none() {
+                if let Err(e) = chunk(ty, &d) {
+                    failed = Some(e);
+                }
             }
-            chunk(ty, &d)?;
             if flags & REPLY_FLAG_DONE != 0 {
-                return Ok(());
+                return failed.map_or(Ok(()), Err);
             }
         }
     }
@@ -289,6 +331,52 @@ impl Client {
             done += n;
         }
         Ok(())
+    }
+
+    /// Write `buf` at `offset`.
+    pub fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        for (i, part) in buf.chunks(MAX_REQUEST as usize).enumerate() {
+            let at = offset + i as u64 * MAX_REQUEST;
+            let h = self.request_with(CMD_WRITE, 0, at, part.len() as u32, part)?;
+            self.replies(h, |_, _| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// Make `len` bytes at `offset` read as zeroes: with the server's
+    /// write-zeroes when it has one (`may_trim`: it may punch a hole), else by
+    /// writing zero bytes.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
+        let fast = self.flags & FLAG_SEND_WRITE_ZEROES != 0;
+        let step = if fast { 1 << 30 } else { MAX_REQUEST };
+        let zeroes = if fast {
+            Vec::new()
+        } else {
+            vec![0; step as usize]
+        };
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(step);
+            if fast {
+                let flags = if may_trim { 0 } else { CMD_FLAG_NO_HOLE };
+                let h = self.request(CMD_WRITE_ZEROES, flags, offset + done, n as u32)?;
+                self.replies(h, |_, _| Ok(()))?;
+            } else {
+                self.write(&zeroes[..n as usize], offset + done)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Make every completed write durable (nothing to do when the server says
+    /// it has no cache to flush).
+    pub fn flush(&mut self) -> Result<()> {
+        if self.flags & FLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        let h = self.request(CMD_FLUSH, 0, 0, 0)?;
+        self.replies(h, |_, _| Ok(()))
     }
 
     /// The extents of context `name` from `offset` for up to `len` bytes (the
@@ -366,6 +454,15 @@ impl Drop for Client {
     fn drop(&mut self) {
         let _ = self.request(CMD_DISC, 0, 0, 0);
     }
+}
+
+/// A request the server failed, as the error it sent (EIO for one it does not name).
+fn remote_error(errno: u32) -> Error {
+    let errno = match errno {
+        EPERM | EIO | ENOMEM | EINVAL | ENOSPC | EOVERFLOW | ENOTSUP | ESHUTDOWN => errno,
+        _ => EIO,
+    };
+    Error::Io(std::io::Error::from_raw_os_error(errno as i32))
 }
 
 /// Append a 32-bit length and `s`.

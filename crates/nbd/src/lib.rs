@@ -3,7 +3,8 @@
 //! status, TLS), and changes the chain under live connections: internal and
 //! external snapshots, commit and stream, driven through a control socket.
 //!
-//! - [`client`]: a small blocking client (reads, block status, metadata contexts);
+//! - [`client`]: a small blocking client (reads, writes, block status, metadata contexts);
+//! - [`storage`]: an export as a storage backend, for the engine to open like a file;
 //! - [`proto`]: wire constants;
 //! - [`export`]: an exported chain behind the gate that live operations take;
 //! - [`server`]: listeners and transmission;
@@ -17,6 +18,7 @@ pub mod export;
 mod handshake;
 pub mod proto;
 pub mod server;
+pub mod storage;
 pub mod tls;
 pub mod url;
 
@@ -39,6 +41,19 @@ pub enum Error {
     Invalid(String),
     #[error("TLS: {0}")]
     Tls(String),
+    /// The client could not reach the server at `addr`.
+    #[error(
+        "Failed to connect to '{addr}': {}",
+        strata_storage::os_message(source)
+    )]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server has no export of that name; `reason` is the server's message.
+    #[error("Requested export not available\nserver reported: {reason}")]
+    ExportUnavailable { export: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -53,6 +68,8 @@ impl Error {
             Error::Jobs(e) => e.kind(),
             Error::Io(e) if e.kind() == std::io::ErrorKind::NotFound => K::NotFound,
             Error::Io(_) => K::Io,
+            Error::Connect { .. } => K::Io,
+            Error::ExportUnavailable { .. } => K::NotFound,
             Error::Invalid(_) | Error::Tls(_) => K::InvalidArgument,
         }
     }

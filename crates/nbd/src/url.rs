@@ -16,6 +16,16 @@ pub enum Address {
     Unix(PathBuf),
 }
 
+impl std::fmt::Display for Address {
+    /// The address as connection messages name it: `HOST:PORT` or the socket path.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Address::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
 /// A parsed NBD URL: the server and the export's name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUrl {

@@ -58,7 +58,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     let format = match spec.format {
         Some(f) => f,
-        None => strata_chain::probe_format(&spec.path)?,
+        None => strata_chain::probe_spec(&spec)?,
     };
     if repair != Repair::None {
         super::common::warn_probed_raw(&spec.path, spec.format.map(Format::name));
@@ -73,10 +73,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     } else {
         OpenOptions::read().force_share(spec.force_share)
     };
-    let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::open(&spec.path, opts)
-            .with_context(|| format!("Could not open '{}'", spec.shown_name()))?,
-    );
+    let storage: Arc<dyn Storage> = match &spec.storage {
+        Some(s) => s.0.clone(),
+        None => Arc::new(
+            FileStorage::open(&spec.path, opts)
+                .with_context(|| format!("Could not open '{}'", spec.shown_name()))?,
+        ),
+    };
     let img = Qcow2Image::open(
         storage,
         Qcow2OpenOptions {

@@ -101,11 +101,16 @@ pub fn open_spec(
 pub fn warn_probed_raw(path: &std::path::Path, format: Option<&str>) {
     if format.is_none() && strata_chain::probe_format(path).ok() == Some(strata_format::Format::Raw)
     {
-        eprintln!(
-            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
-            path.display()
-        );
+        warn_guessed_raw(path);
     }
+}
+
+/// qemu-img's warning that probing guessed raw for the image `path` names.
+pub fn warn_guessed_raw(path: &std::path::Path) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
+        path.display()
+    );
 }
 
 /// Probe `path`'s format; a file that cannot be read gets qemu-img's twice-said
@@ -157,17 +162,7 @@ pub fn open_top(
     format: strata_format::Format,
     write: bool,
 ) -> Result<std::sync::Arc<dyn strata_format::BlockDevice>> {
-    spec.unlock()
-        .and_then(|u| {
-            strata_chain::open_image_with(
-                &spec.path,
-                format,
-                write,
-                spec.force_share,
-                spec.metadata_only,
-                &u,
-            )
-        })
+    strata_chain::open_top(spec, format, write)
         .map_err(|e| open_error(&spec.path, &spec.shown_name(), &e))
 }
 

@@ -118,7 +118,16 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     // option list or from the -o that creates it.
     let mut target_spec = None;
     let plain_out;
-    let (out_path, out_format) = if args.target_image_opts {
+    // An NBD export as the target is connected to where the target is opened.
+    let target_naming = super::imgname::Naming {
+        objects: naming.objects.clone(),
+        image_opts: args.target_image_opts,
+    };
+    let nbd_out = target_naming.names_nbd(out_path);
+    let (out_path, out_format) = if nbd_out {
+        plain_out = out_path.clone();
+        (&plain_out, out_format)
+    } else if args.target_image_opts {
         let target_spec = target_spec.insert(super::imgname::image_spec(out_path, None, true)?);
         let format = match target_spec.format {
             Some(f) => f,
@@ -222,7 +231,19 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     }
     let target_is_zero;
     let mut target_backing_size = None;
-    let target: Arc<dyn BlockDevice> = if args.no_create {
+    let target: Arc<dyn BlockDevice> = if nbd_out {
+        let fmt = (!args.target_image_opts).then(|| out_format.name());
+        let nbd =
+            super::nbdname::convert_target(&target_naming, out_path, fmt, total, args.no_create)?;
+        target_is_zero = args.no_create && args.target_is_zero;
+        let t = open_chain(&nbd.write(true).open_backing(false))?
+            .top()
+            .clone();
+        if t.virtual_size() < total {
+            bail!("output file is smaller than input file");
+        }
+        t
+    } else if args.no_create {
         check_output(out_path, &inputs).map_err(|e| match e {
             strata_jobs::Error::Storage(e) => {
                 anyhow::anyhow!("Could not open '{}': {e}", out_path.display())

@@ -35,12 +35,71 @@ impl Naming {
         if self.image_opts && format.is_some() {
             bail!("--image-opts and --format are mutually exclusive");
         }
+        Ok(self.spec_nbd(name, format, force_share)?.0)
+    }
+
+    /// [`Naming::spec`], and the NBD export's storage when the name is one.
+    pub fn spec_nbd(
+        &self,
+        name: &Path,
+        format: Option<&str>,
+        force_share: bool,
+    ) -> Result<(
+        OpenSpec,
+        Option<std::sync::Arc<strata_nbd::storage::NbdStorage>>,
+    )> {
+        if self.image_opts && format.is_some() {
+            bail!("--image-opts and --format are mutually exclusive");
+        }
         let secrets = self.objects.secrets()?;
-        let mut spec = image_spec(name, format, self.image_opts)?;
+        let (mut spec, nbd) = match self.open_nbd(name, format)? {
+            Some(nbd) => (nbd.spec, Some(nbd.storage)),
+            None => (image_spec(name, format, self.image_opts)?, None),
+        };
         spec.force_share |= force_share;
         spec.secrets = secrets;
-        Ok(spec)
+        Ok((spec, nbd))
     }
+
+    /// The NBD export the image argument `name` names, connected (`None` when it
+    /// names no export): see [`super::nbdname`].
+    pub fn open_nbd(
+        &self,
+        name: &Path,
+        format: Option<&str>,
+    ) -> Result<Option<super::nbdname::Opened>> {
+        let typed = name.to_string_lossy();
+        let flat = self.flat_options(name, format);
+        if !super::nbdname::names_export(&typed, flat.as_ref()) {
+            return Ok(None);
+        }
+        super::nbdname::open(&typed, flat.as_ref(), format, &self.objects.objects()?).map(Some)
+    }
+
+    /// Whether the image argument `name` names an NBD export.
+    pub fn names_nbd(&self, name: &Path) -> bool {
+        let flat = self.flat_options(name, None);
+        super::nbdname::names_export(&name.to_string_lossy(), flat.as_ref())
+    }
+
+    /// The options of an image argument given as an option list or a `json:`
+    /// name (`-f` as its driver), `None` for a file name or unparsable JSON.
+    fn flat_options(&self, name: &Path, format: Option<&str>) -> Option<BTreeMap<String, String>> {
+        if self.image_opts {
+            return Some(opts_list(&name.to_string_lossy()));
+        }
+        let json = name.as_os_str().as_bytes().strip_prefix(b"json:")?;
+        let mut flat = json_options(json).ok()?;
+        if let Some(f) = format {
+            flat.insert("driver".into(), f.to_string());
+        }
+        Some(flat)
+    }
+}
+
+/// Whether `key` is one of the options every block driver takes.
+pub fn is_common_option(key: &str) -> bool {
+    COMMON_OPTIONS.contains(&key)
 }
 
 /// Options every block driver takes (QEMU's generic node options); accepted and,
@@ -138,10 +197,7 @@ const PROTOCOL_DRIVERS: [&str; 2] = ["file", "host_device"];
 
 /// Protocol prefixes QEMU's block layer knows and strata does not open: named
 /// as such rather than as unknown protocols.
-const UNSUPPORTED_PROTOCOLS: [&str; 22] = [
-    "nbd",
-    "nbd+tcp",
-    "nbd+unix",
+const UNSUPPORTED_PROTOCOLS: [&str; 19] = [
     "blkdebug",
     "blkverify",
     "http",

@@ -57,6 +57,9 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     } else {
         vec![layer_info(&chain.layers[0], name)?]
     };
+    if spec.storage.is_some() {
+        infos = infos.into_iter().map(super::nbdname::info_view).collect();
+    }
     if let Some(driver) = &spec.protocol_driver {
         infos = infos
             .into_iter()
@@ -65,11 +68,14 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     }
     match args.output {
         OutputFormat::Json => {
-            let v = if args.backing_chain {
+            let mut v = if args.backing_chain {
                 serde_json::to_value(&infos)?
             } else {
                 serde_json::to_value(&infos[0])?
             };
+            if spec.storage.is_some() {
+                super::nbdname::json_view(&mut v);
+            }
             println!("{}", qjson::to_string(&v));
         }
         OutputFormat::Human => {

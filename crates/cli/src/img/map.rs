@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use strata_jobs::map::{map, MapEntry};
+use strata_jobs::map::{map, map_runs, MapEntry};
 use strata_jobs::status::ChainStatus;
 use strata_jobs::Cancel;
 
@@ -53,10 +53,12 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         Some(s) => Some(size_arg("max length", s)?),
         None => None,
     };
-    let spec = args
-        .naming
-        .spec(&args.filename, args.format.as_deref(), args.force_share)?;
+    let (spec, nbd) =
+        args.naming
+            .spec_nbd(&args.filename, args.format.as_deref(), args.force_share)?;
     let chain = open_chain(&spec)?;
+    // A raw image on an NBD export maps as the server's block status says.
+    let nbd = nbd.filter(|_| chain.layers[0].format == strata_format::Format::Raw);
     // File names, printed as the bytes they are (they need not be UTF-8); a layer
     // with an external data file maps into that file, named as the image records it.
     let names: Vec<Vec<u8>> = std::iter::once(spec.path.as_os_str().as_bytes())
@@ -90,39 +92,45 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     }
     let mut first = true;
     let mut failure = None;
-    let res = map(
-        &status,
-        start,
-        max_len,
-        &Cancel::default(),
-        |e: &MapEntry| {
-            if json {
-                if !first {
-                    writeln!(out, ",").map_err(io_err)?;
-                }
-                write!(out, "{}", json_entry(e)).map_err(io_err)?;
-            } else if e.data {
-                let Some(off) = e.offset else {
-                    failure = Some("File contains external, encrypted or compressed clusters.");
-                    return Err(strata_jobs::Error::Cancelled);
-                };
-                if !e.zero {
-                    write!(
-                        out,
-                        "{:<16}{:<16}{:<16}",
-                        hex(e.start),
-                        hex(e.length),
-                        hex(off),
-                    )
-                    .and_then(|()| out.write_all(&names[e.depth]))
-                    .and_then(|()| out.write_all(b"\n"))
-                    .map_err(io_err)?;
-                }
+    let emit = |e: &MapEntry| {
+        if json {
+            if !first {
+                writeln!(out, ",").map_err(io_err)?;
             }
-            first = false;
-            Ok(())
-        },
-    );
+            write!(out, "{}", json_entry(e)).map_err(io_err)?;
+        } else if e.data {
+            let Some(off) = e.offset else {
+                failure = Some("File contains external, encrypted or compressed clusters.");
+                return Err(strata_jobs::Error::Cancelled);
+            };
+            if !e.zero {
+                write!(
+                    out,
+                    "{:<16}{:<16}{:<16}",
+                    hex(e.start),
+                    hex(e.length),
+                    hex(off),
+                )
+                .and_then(|()| out.write_all(&names[e.depth]))
+                .and_then(|()| out.write_all(b"\n"))
+                .map_err(io_err)?;
+            }
+        }
+        first = false;
+        Ok(())
+    };
+    let cancel = Cancel::default();
+    let res = match nbd {
+        Some(s) => map_runs(
+            status.virtual_size(),
+            start,
+            max_len,
+            &cancel,
+            emit,
+            |off, len| super::nbdname::map_entry(&s, off, len),
+        ),
+        None => map(&status, start, max_len, &cancel, emit),
+    };
     if let Some(msg) = failure {
         out.flush()?;
         bail!("{msg}");

@@ -18,6 +18,7 @@ mod imgname;
 mod info;
 mod map;
 mod measure;
+mod nbdname;
 mod objects;
 pub(crate) mod progress;
 mod qjson;

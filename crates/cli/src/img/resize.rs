@@ -45,6 +45,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .spec(&args.filename, args.format.as_deref(), false)?;
     let format = match spec.format {
         Some(f) => f,
+        None if spec.storage.is_some() => {
+            let f = strata_chain::probe_spec(&spec)?;
+            if f == strata_format::Format::Raw {
+                super::common::warn_guessed_raw(&spec.path);
+            }
+            f
+        }
         None => {
             super::common::warn_probed_raw(&spec.path, None);
             strata_chain::probe_format(&spec.path)?
@@ -81,6 +88,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         if prealloc.is_some() {
             bail!("Preallocation can only be used for growing images");
         }
+    }
+    // An NBD export keeps the size its server gives it.
+    if spec.storage.is_some() && new != cur && format == strata_format::Format::Raw {
+        bail!("Cannot resize NBD nodes");
     }
     if new > MAX_LENGTH {
         bail!("offset({new}) exceeds maximum({MAX_LENGTH})");

@@ -31,20 +31,87 @@ impl QemuNbd {
                 panic!("qemu-nbd did not start ({e}); scripts/install-deps.sh installs it")
             });
         let srv = QemuNbd { child };
-        let start = Instant::now();
-        while !(if ready.starts_with('/') {
-            UnixStream::connect(ready).is_ok()
-        } else {
-            TcpStream::connect(ready).is_ok()
-        }) {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "qemu-nbd never listened on {ready}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening("qemu-nbd", ready);
         srv
     }
+}
+
+/// Wait until `ready` (a socket path or a TCP address) accepts connections.
+fn wait_listening(server: &str, ready: &str) {
+    let start = Instant::now();
+    while !(if ready.starts_with('/') {
+        UnixStream::connect(ready).is_ok()
+    } else {
+        TcpStream::connect(ready).is_ok()
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{server} never listened on {ready}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Which NBD server a test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// QEMU's `qemu-nbd` (persistent: it serves one client after another).
+    Qemu,
+    /// `strata nbd serve`.
+    Strata,
+}
+
+/// Both servers, for tests that must pass against each.
+pub const SERVERS: [Server; 2] = [Server::Qemu, Server::Strata];
+
+/// An NBD server process serving until dropped.
+pub struct NbdServer {
+    child: Child,
+}
+
+impl NbdServer {
+    /// Start `server` with `args` (the flags both take alike: `-f`, `-x`, `-k`,
+    /// `-p`, `-b`, `-r`) serving `image`; returns once `ready` (a socket path or
+    /// a TCP address) accepts connections.
+    pub fn start(server: Server, args: &[&str], image: &Path, ready: &str) -> NbdServer {
+        let mut cmd = match server {
+            Server::Qemu => {
+                let mut c = Command::new("qemu-nbd");
+                c.arg("-t");
+                c
+            }
+            Server::Strata => {
+                let mut c = Command::new(super::STRATA);
+                c.args(["nbd", "serve"]);
+                c
+            }
+        };
+        let child = cmd
+            .args(args)
+            .arg(image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{server:?} NBD server did not start: {e}"));
+        let srv = NbdServer { child };
+        wait_listening(&format!("{server:?}"), ready);
+        srv
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP port on 127.0.0.1 nothing listens on (free when asked).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl Drop for QemuNbd {

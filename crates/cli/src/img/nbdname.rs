@@ -1,0 +1,476 @@
+//! NBD exports as image names, the ways qemu-img takes them: the URLs
+//! `nbd://HOST[:PORT]/EXPORT`, `nbd+tcp://...` and
+//! `nbd+unix:///EXPORT?socket=PATH`; the legacy `nbd:HOST:PORT[:exportname=E]`
+//! and `nbd:unix:PATH[:exportname=E]`; and option lists (`--image-opts`,
+//! `json:`) with `driver=nbd` (or `file.driver=nbd` below a format) and
+//! `server.type=inet|unix`, `server.host`, `server.port`, `server.path`,
+//! `export`, `tls-creds`, `x-dirty-bitmap`. The export is connected to here and
+//! handed to the engine as the top image's storage, named by the canonical URL
+//! qemu-img reports it under.
+
+use super::objects::Objects;
+use anyhow::{anyhow, bail, Result};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use strata_chain::{OpenSpec, TopStorage};
+use strata_format::Format;
+use strata_nbd::client::Client;
+use strata_nbd::storage::NbdStorage;
+use strata_nbd::url::{Address, NbdUrl};
+
+/// The URL schemes (and the legacy prefix) that name an NBD export.
+const NBD_PROTOCOLS: [&str; 3] = ["nbd", "nbd+tcp", "nbd+unix"];
+
+/// Whether `protocol` (a file name's prefix before its first colon) names an
+/// NBD export.
+pub fn is_nbd_protocol(protocol: &[u8]) -> bool {
+    NBD_PROTOCOLS.iter().any(|p| p.as_bytes() == protocol)
+}
+
+/// What the name says to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    url: NbdUrl,
+    /// The `tls-creds` object the connection is secured with.
+    tls_creds: Option<String>,
+    /// The metadata context block status is read from instead of
+    /// `base:allocation` (`x-dirty-bitmap`).
+    context: Option<String>,
+}
+
+impl Target {
+    /// The name qemu-img reports the export under.
+    fn canonical(&self) -> String {
+        match &self.url.address {
+            Address::Unix(path) if self.url.export.is_empty() => {
+                format!("nbd+unix://?socket={}", path.display())
+            }
+            Address::Unix(path) => {
+                format!("nbd+unix:///{}?socket={}", self.url.export, path.display())
+            }
+            Address::Tcp { host, port } if self.url.export.is_empty() => {
+                format!("nbd://{host}:{port}")
+            }
+            Address::Tcp { host, port } => format!("nbd://{host}:{port}/{}", self.url.export),
+        }
+    }
+}
+
+/// An export opened for the engine: the spec naming it, and its storage.
+pub struct Opened {
+    pub spec: OpenSpec,
+    pub storage: Arc<NbdStorage>,
+}
+
+/// The spec for the image argument `typed`, which names an NBD export (see
+/// [`names_export`]): `flat` is its option list when given as one (`-f` already
+/// applied to the driver), `format` is `-f` for a file name. Connects to the
+/// server; every failure is worded as qemu-img words it, naming the image as typed.
+pub fn open(
+    typed: &str,
+    flat: Option<&BTreeMap<String, String>>,
+    format: Option<&str>,
+    objects: &Objects,
+) -> Result<Opened> {
+    let (target, format, protocol_top) = match flat {
+        Some(flat) => match from_options(flat) {
+            None => bail!("Could not open '{typed}': no NBD export named"),
+            Some(r) => r.map_err(|e| anyhow!("Could not open '{typed}': {e}"))?,
+        },
+        None => {
+            let target = parse_name(typed).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
+            match format {
+                Some("nbd") => (target, None, true),
+                Some(f) => (target, Some(parse_format(f)?), false),
+                None => (target, None, false),
+            }
+        }
+    };
+    let storage =
+        connect(&target, objects).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
+    let mut spec = OpenSpec::new(target.canonical()).format(format);
+    if protocol_top {
+        spec = spec.format(Some(Format::Raw));
+        spec.protocol_driver = Some("nbd".into());
+    }
+    spec.display_name = Some(typed.to_string());
+    spec.storage = Some(TopStorage(storage.clone()));
+    Ok(Opened { spec, storage })
+}
+
+/// The spec of the NBD export `convert` writes into (`name`, with `-O` as
+/// `format` unless the target is an option list). Without `-n` (`existing`)
+/// qemu-img "creates" the image on the export, which cannot grow past its size:
+/// a raw image is the export itself then; a qcow2 one strata does not write.
+pub fn convert_target(
+    naming: &super::imgname::Naming,
+    name: &std::path::Path,
+    format: Option<&str>,
+    total: u64,
+    existing: bool,
+) -> Result<OpenSpec> {
+    let Some(nbd) = naming.open_nbd(name, format)? else {
+        bail!("Could not open '{}'", name.display());
+    };
+    if !existing {
+        let fmt = format.unwrap_or("raw");
+        let failed = |why: &str| anyhow!("{}: error while converting {fmt}: {why}", name.display());
+        if total > strata_storage::Storage::size(nbd.storage.as_ref())? {
+            return Err(failed("Cannot grow NBD nodes"));
+        }
+        if fmt != "raw" {
+            return Err(failed(
+                "creating an image of this format on an NBD export is not supported by strata",
+            ));
+        }
+    }
+    Ok(nbd.spec)
+}
+
+/// Whether the image argument `typed` (with `flat`, its options when given as
+/// an option list) names an NBD export.
+pub fn names_export(typed: &str, flat: Option<&BTreeMap<String, String>>) -> bool {
+    match flat {
+        Some(flat) => from_options(flat).is_some(),
+        None => typed
+            .split_once(':')
+            .is_some_and(|(p, _)| !p.contains('/') && is_nbd_protocol(p.as_bytes())),
+    }
+}
+
+fn parse_format(f: &str) -> Result<Format> {
+    f.parse::<Format>()
+        .map_err(|_| anyhow!("Unknown driver '{f}'"))
+}
+
+/// Connect as `target` says and wrap the connection as storage.
+fn connect(target: &Target, objects: &Objects) -> Result<Arc<NbdStorage>> {
+    if let Some(id) = &target.tls_creds {
+        match objects.others.get(id) {
+            Some(o) if o.qom_type.starts_with("tls-creds") => {
+                bail!("TLS credentials for NBD clients are not supported by strata")
+            }
+            _ => bail!("No TLS credentials with id '{id}'"),
+        }
+    }
+    let context = target
+        .context
+        .as_deref()
+        .unwrap_or(strata_nbd::proto::CONTEXT_BASE_ALLOCATION);
+    let client = Client::connect(&target.url, &[context])?;
+    if target.context.is_some() && !client.has_context(context) {
+        bail!("Could not open image: Invalid argument");
+    }
+    Ok(Arc::new(NbdStorage::new(
+        client,
+        Some(context),
+        target.canonical(),
+    )))
+}
+
+/// An NBD file name: a URL, or the legacy `nbd:` form.
+fn parse_name(name: &str) -> Result<Target> {
+    let url = if name.contains("://") {
+        NbdUrl::parse(name).map_err(|_| anyhow!("No valid URL specified"))?
+    } else {
+        legacy(name)?
+    };
+    Ok(Target {
+        url,
+        tls_creds: None,
+        context: None,
+    })
+}
+
+/// `nbd:HOST:PORT[:exportname=E]` or `nbd:unix:PATH[:exportname=E]`.
+fn legacy(name: &str) -> Result<NbdUrl> {
+    const EXPORT: &str = ":exportname=";
+    let (spec, export) = match name.find(EXPORT) {
+        Some(i) => (&name[..i], Some(&name[i + EXPORT.len()..])),
+        None => (name, None),
+    };
+    let missing = || anyhow!("NBD server address missing");
+    if export == Some("") {
+        return Err(missing());
+    }
+    let host_spec = spec.strip_prefix("nbd:").unwrap_or_default();
+    if host_spec.is_empty() {
+        return Err(missing());
+    }
+    let address = match host_spec.strip_prefix("unix:") {
+        Some(path) => Address::Unix(path.into()),
+        None => inet(host_spec)?,
+    };
+    Ok(NbdUrl {
+        address,
+        export: export.unwrap_or_default().to_string(),
+    })
+}
+
+/// `HOST:PORT` (`[V6]:PORT`), the port required.
+fn inet(spec: &str) -> Result<Address> {
+    let bad = || anyhow!("error parsing address '{spec}'");
+    let (host, port) = match spec.strip_prefix('[') {
+        Some(v6) => {
+            let (h, rest) = v6.split_once(']').ok_or_else(bad)?;
+            (h, rest.strip_prefix(':').ok_or_else(bad)?)
+        }
+        None => spec.rsplit_once(':').ok_or_else(bad)?,
+    };
+    let port = port.parse().map_err(|_| bad())?;
+    Ok(Address::Tcp {
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// The NBD driver's own options (those below `server.` are checked apart).
+const NBD_OPTIONS: [&str; 10] = [
+    "export",
+    "tls-creds",
+    "tls-hostname",
+    "x-dirty-bitmap",
+    "reconnect-delay",
+    "open-timeout",
+    "host",
+    "port",
+    "path",
+    "filename",
+];
+
+/// The target an option list names, when its protocol layer is NBD: the top
+/// itself (`driver=nbd`: the nbd node is the image) or the `file` child of a
+/// format. `None` when the list names no NBD export.
+#[allow(clippy::type_complexity)]
+fn from_options(flat: &BTreeMap<String, String>) -> Option<Result<(Target, Option<Format>, bool)>> {
+    let driver = flat.get("driver").map(String::as_str);
+    if driver == Some("nbd") {
+        let opts = flat
+            .iter()
+            .filter(|(k, _)| k.as_str() != "driver")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        return Some(nbd_options(&opts).map(|t| (t, Some(Format::Raw), true)));
+    }
+    if flat.get("file.driver").map(String::as_str) != Some("nbd") {
+        return None;
+    }
+    let opts: BTreeMap<String, String> = flat
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("file.")?.to_string(), v.clone())))
+        .filter(|(k, _)| k != "driver")
+        .collect();
+    Some((|| {
+        let format = match driver {
+            None => None,
+            Some(d) => Some(parse_format(d)?),
+        };
+        if let Some(k) = flat.keys().find(|k| {
+            !k.starts_with("file.") && !["driver", "file"].contains(&k.as_str()) && {
+                !super::imgname::is_common_option(k)
+            }
+        }) {
+            let name = format.map_or("raw", Format::name);
+            bail!("Block format '{name}' does not support the option '{k}'");
+        }
+        Ok((nbd_options(&opts)?, format, false))
+    })())
+}
+
+/// The NBD driver's options (without `driver`) as a target, refused with
+/// qemu-img's messages.
+fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
+    if let Some(k) = opts.keys().find(|k| {
+        !k.starts_with("server.")
+            && !NBD_OPTIONS.contains(&k.as_str())
+            && !super::imgname::is_common_option(k)
+    }) {
+        bail!("Block protocol 'nbd' doesn't support the option '{k}'");
+    }
+    let get = |k: &str| opts.get(k).cloned();
+    let export = get("export").unwrap_or_default();
+    let address = match get("server.type").as_deref() {
+        Some("unix") => Address::Unix(
+            get("server.path")
+                .ok_or_else(|| anyhow!("Parameter 'path' is missing"))?
+                .into(),
+        ),
+        Some("inet") => {
+            let host = get("server.host").ok_or_else(|| anyhow!("Parameter 'host' is missing"))?;
+            let port = get("server.port").ok_or_else(|| anyhow!("Parameter 'port' is missing"))?;
+            Address::Tcp {
+                port: port
+                    .parse()
+                    .map_err(|_| anyhow!("address resolution failed for {host}:{port}: Servname not supported for ai_socktype"))?,
+                host,
+            }
+        }
+        Some(t) => bail!("Parameter 'type' does not accept value '{t}'"),
+        None => match (get("path"), get("host")) {
+            (Some(path), None) => Address::Unix(path.into()),
+            (None, Some(host)) => Address::Tcp {
+                port: match get("port") {
+                    Some(p) => p
+                        .parse()
+                        .map_err(|_| anyhow!("error parsing address '{host}:{p}'"))?,
+                    None => strata_nbd::url::DEFAULT_PORT,
+                },
+                host,
+            },
+            _ => bail!("NBD server address missing"),
+        },
+    };
+    Ok(Target {
+        url: NbdUrl { address, export },
+        tls_creds: get("tls-creds"),
+        context: get("x-dirty-bitmap"),
+    })
+}
+
+/// `info` of an image on an NBD export, as qemu-img reports it: the protocol
+/// node is `nbd`, with no disk size nor format-specific part.
+pub fn info_view(mut info: strata_jobs::info::ImageInfo) -> strata_jobs::info::ImageInfo {
+    for child in &mut info.children {
+        if child.name == "file" {
+            child.info.format = "nbd".into();
+            child.info.format_specific = None;
+            child.info.actual_size = None;
+        }
+    }
+    info.actual_size = None;
+    info
+}
+
+/// The JSON of [`info_view`]: the dirty flag only where the format has one
+/// (qcow2), as QEMU's NBD and raw drivers give none over NBD.
+pub fn json_view(v: &mut serde_json::Value) {
+    if let Some(list) = v.as_array_mut() {
+        list.iter_mut().for_each(json_view);
+        return;
+    }
+    let Some(m) = v.as_object_mut() else { return };
+    if m.get("format").and_then(|f| f.as_str()) != Some("qcow2") {
+        m.remove("dirty-flag");
+    }
+    if let Some(children) = m.get_mut("children").and_then(|c| c.as_array_mut()) {
+        for c in children {
+            if let Some(info) = c.get_mut("info") {
+                json_view(info);
+            }
+        }
+    }
+}
+
+/// One run of `map` on a raw image over NBD, from the server's block status:
+/// present where it holds data or reads as zeroes, mapped to the same offset.
+pub fn map_entry(
+    s: &NbdStorage,
+    offset: u64,
+    len: u64,
+) -> strata_jobs::Result<strata_jobs::map::MapEntry> {
+    let (a, n) = s.allocation(offset, len)?;
+    let present = a.data || a.zero;
+    Ok(strata_jobs::map::MapEntry {
+        start: offset,
+        length: n,
+        depth: 0,
+        present,
+        zero: a.zero,
+        data: a.data,
+        compressed: false,
+        offset: present.then_some(offset),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unix(path: &str, export: &str) -> NbdUrl {
+        NbdUrl {
+            address: Address::Unix(path.into()),
+            export: export.into(),
+        }
+    }
+
+    #[test]
+    fn urls_and_legacy_names_give_one_canonical_name() {
+        let t = |n: &str| parse_name(n).unwrap();
+        for n in ["nbd+unix:///ex?socket=/s", "nbd:unix:/s:exportname=ex"] {
+            assert_eq!(t(n).url, unix("/s", "ex"), "{n}");
+            assert_eq!(t(n).canonical(), "nbd+unix:///ex?socket=/s");
+        }
+        for n in [
+            "nbd://127.0.0.1:1234/ex",
+            "nbd+tcp://127.0.0.1:1234/ex",
+            "nbd:127.0.0.1:1234:exportname=ex",
+        ] {
+            assert_eq!(t(n).canonical(), "nbd://127.0.0.1:1234/ex", "{n}");
+        }
+        assert_eq!(t("nbd://h/e").canonical(), "nbd://h:10809/e");
+        assert_eq!(t("nbd:unix:/s").canonical(), "nbd+unix://?socket=/s");
+    }
+
+    #[test]
+    fn bad_names_get_qemu_img_messages() {
+        let e = |n: &str| parse_name(n).unwrap_err().to_string();
+        assert_eq!(e("nbd+unix:///ex"), "No valid URL specified");
+        assert_eq!(e("nbd://h:xx/e"), "No valid URL specified");
+        assert_eq!(e("nbd:"), "NBD server address missing");
+        assert_eq!(e("nbd:unix:/s:exportname="), "NBD server address missing");
+    }
+
+    #[test]
+    fn option_lists_name_the_server_the_export_and_the_context() {
+        let flat = |s: &[(&str, &str)]| -> BTreeMap<String, String> {
+            s.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let (t, f, top) = from_options(&flat(&[
+            ("driver", "nbd"),
+            ("server.type", "unix"),
+            ("server.path", "/s"),
+            ("export", "ex"),
+            ("x-dirty-bitmap", "qemu:dirty-bitmap:b0"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((t.url, f, top), (unix("/s", "ex"), Some(Format::Raw), true));
+        assert_eq!(t.context.as_deref(), Some("qemu:dirty-bitmap:b0"));
+        let (t, f, top) = from_options(&flat(&[
+            ("driver", "qcow2"),
+            ("file.driver", "nbd"),
+            ("file.server.type", "inet"),
+            ("file.server.host", "h"),
+            ("file.server.port", "99"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.canonical(), "nbd://h:99");
+        assert_eq!((f, top), (Some(Format::Qcow2), false));
+        assert!(from_options(&flat(&[("driver", "qcow2"), ("file.filename", "a")])).is_none());
+        let e = |s: &[(&str, &str)]| from_options(&flat(s)).unwrap().unwrap_err().to_string();
+        assert_eq!(
+            e(&[("driver", "nbd"), ("foo", "bar")]),
+            "Block protocol 'nbd' doesn't support the option 'foo'"
+        );
+        assert_eq!(e(&[("driver", "nbd")]), "NBD server address missing");
+        assert_eq!(
+            e(&[("driver", "nbd"), ("server.type", "unix")]),
+            "Parameter 'path' is missing"
+        );
+        assert_eq!(
+            e(&[
+                ("driver", "nbd"),
+                ("server.type", "inet"),
+                ("server.host", "h")
+            ]),
+            "Parameter 'port' is missing"
+        );
+        assert_eq!(
+            e(&[("driver", "nbd"), ("server.type", "x")]),
+            "Parameter 'type' does not accept value 'x'"
+        );
+    }
+}
