@@ -88,7 +88,8 @@ pub struct InstantRestore {
 }
 
 /// Where a restore stands, as `status` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// The stream copies data: `done` of `total` bytes.
     Streaming { done: u64, total: u64 },
@@ -101,7 +102,7 @@ pub enum Phase {
 }
 
 /// An instant restore and where it stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RestoreStatus {
     pub restore: InstantRestore,
     /// The local image the data streams into.
