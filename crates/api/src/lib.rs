@@ -5,12 +5,16 @@
 //! Handlers are thin: they parse, call the library crates on blocking threads
 //! and shape the answer. The CLI calls the same library functions.
 
+pub mod backups;
 pub mod error;
 pub mod images;
+pub mod run;
 pub mod schema;
+pub mod snapshots;
 pub mod task_routes;
 pub mod tasks;
 pub mod tokens;
+pub mod vms;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +37,10 @@ pub struct AppState {
     pub registry: Registry,
     pub tokens: Tokens,
     pub tasks: tasks::Tasks,
+    /// The VMs of the state directory (busy ones answer 409 quickly).
+    pub vms: strata_vm::Manager,
+    /// The backup repository, when the server was given one.
+    pub backup: Option<backups::BackupRepo>,
 }
 
 impl AppState {
@@ -45,6 +53,9 @@ impl AppState {
             registry,
             tokens: Tokens::new(dir),
             tasks: tasks::Tasks::open(dir)?,
+            vms: strata_vm::Manager::new(strata_vm::StateDir::new(dir))
+                .with_lock_wait(vms::VM_LOCK_WAIT),
+            backup: None,
         })
     }
 }
@@ -151,6 +162,9 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/images/{id}/verify",
             axum::routing::post(task_routes::verify),
         )
+        .merge(vms::routes())
+        .merge(snapshots::routes())
+        .merge(backups::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -174,6 +188,8 @@ pub struct ServeOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Largest image accepted (bytes); the registry's default when `None`.
     pub max_image_size: Option<u64>,
+    /// The backup repository's location and password file.
+    pub backup: Option<(String, PathBuf)>,
 }
 
 /// Serve until SIGINT or SIGTERM. `ready` is called with the bound address
@@ -182,6 +198,12 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
     let mut state = AppState::open(&opts.state_dir)?;
     if let Some(max) = opts.max_image_size {
         state.registry = state.registry.with_max_image_size(max);
+    }
+    if let Some((location, password_file)) = &opts.backup {
+        let repo = backups::BackupRepo::open(location, password_file).map_err(|e| {
+            Error::State(format!("backup repository {location}: {}", run::chain(&e)))
+        })?;
+        state.backup = Some(repo);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

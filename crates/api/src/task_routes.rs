@@ -124,5 +124,9 @@ pub struct ApiDoc;
 
 /// `GET /api/v1/openapi.json`.
 pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::vms::VmApi::openapi());
+    doc.merge(crate::snapshots::SnapshotApi::openapi());
+    doc.merge(crate::backups::BackupApi::openapi());
+    Json(doc)
 }

@@ -40,6 +40,11 @@ pub struct Task {
     pub log: Vec<String>,
     pub started_at: String,
     pub ended_at: Option<String>,
+    /// What the operation produced (a snapshot, a backup's counts, a
+    /// verify's report), when it has a result of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
 }
 
 /// The task store of a state directory, with the cancel flags of the tasks
@@ -131,6 +136,7 @@ impl Tasks {
             log: vec![format!("{kind} {target}: started")],
             started_at: strata_registry::record::now_precise(),
             ended_at: None,
+            result: None,
         };
         self.store(&task)?;
         let cancel = Arc::new(AtomicBool::new(false));
@@ -178,6 +184,12 @@ impl TaskHandle {
             self.task.progress = f;
             let _ = self.tasks.store(&self.task);
         }
+    }
+
+    /// Record the operation's result (shown with the task however it ends).
+    pub fn set_result(&mut self, result: serde_json::Value) {
+        self.task.result = Some(result);
+        let _ = self.tasks.store(&self.task);
     }
 
     pub fn log(&mut self, line: impl Into<String>) {

@@ -11,15 +11,16 @@ mod vm;
 pub(crate) use instant::{parse_speed, wait as wait_restore};
 
 use crate::img::progress::Bar;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use strata_format::Format;
 use strata_jobs::Cancel;
-use strata_repo::disk::{self, BackupOptions, DiskSource, Incremental};
-use strata_repo::restore::{self, RestoreOptions};
-use strata_repo::{Backend, Id, KdfParams, Repository};
+use strata_repo::disk::{self, BackupOptions, DiskSource};
+use strata_repo::ops;
+use strata_repo::restore::RestoreOptions;
+use strata_repo::{Backend, KdfParams, Repository};
 
 #[derive(clap::Args)]
 pub struct BackupCli {
@@ -295,11 +296,7 @@ impl RepoArgs {
     }
 
     fn password(&self) -> Result<String> {
-        let from_file = |p: &Path| -> Result<String> {
-            let s = std::fs::read_to_string(p)
-                .with_context(|| format!("could not read the password file '{}'", p.display()))?;
-            Ok(s.trim().to_string())
-        };
+        let from_file = |p: &Path| Ok(strata_repo::ops::read_password_file(p)?);
         if let Some(p) = &self.password_file {
             return from_file(p);
         }
@@ -355,26 +352,28 @@ fn create(a: CreateArgs) -> Result<()> {
         .image
         .clone()
         .expect("clap requires an image without --vm");
-    let format = a
-        .format
-        .as_deref()
-        .map(|f| f.parse::<Format>())
-        .transpose()?;
+    let args = ops::ImageBackup {
+        image,
+        format: a
+            .format
+            .as_deref()
+            .map(|f| f.parse::<Format>())
+            .transpose()?,
+        force_share: a.force_share,
+        parent: a.parent.clone(),
+        changed_chunks: a
+            .changed_chunks
+            .as_deref()
+            .map(ops::parse_chunk_list)
+            .transpose()?,
+        tags: a.tags,
+    };
     let mut repo = a.repo.open()?;
-    let src = DiskSource::open(&image, format, a.force_share)?;
-    let mut opts = BackupOptions::for_image(&image);
-    opts.tags = a.tags;
-    if let Some(p) = &a.parent {
-        let (parent, _) = repo.find_snapshot(p)?;
-        opts.parent = Some(parent);
-        if let Some(list) = &a.changed_chunks {
-            opts.incremental = Some(Incremental {
-                parent,
-                changed: parse_chunk_list(list)?,
-            });
-        }
-    }
-    run_backup(&mut repo, &src, &opts)
+    let bar = bar();
+    let (opts, s) = ops::backup_image(&mut repo, &args, &bar, &Cancel::default())?;
+    bar.finish();
+    print_backup(&opts.name, &s);
+    Ok(())
 }
 
 /// Back up `src` with a progress bar and print what it did.
@@ -382,9 +381,14 @@ fn run_backup(repo: &mut Repository, src: &DiskSource, opts: &BackupOptions) -> 
     let bar = bar();
     let s = disk::backup(repo, src, opts, &bar, &Cancel::default())?;
     bar.finish();
+    print_backup(&opts.name, &s);
+    Ok(())
+}
+
+fn print_backup(name: &str, s: &disk::BackupSummary) {
     println!(
         "{}: {} bytes in {} chunks ({} zero, {} reused), {} bytes read, {} new blobs, {} bytes stored",
-        opts.name,
+        name,
         s.size,
         s.chunks,
         s.zero_chunks,
@@ -394,27 +398,6 @@ fn run_backup(repo: &mut Repository, src: &DiskSource, opts: &BackupOptions) -> 
         s.saved.new_stored_bytes
     );
     println!("snapshot {} saved", s.snapshot.short());
-    Ok(())
-}
-
-/// `0,5-9` → {0, 5, 6, 7, 8, 9}.
-fn parse_chunk_list(s: &str) -> Result<std::collections::BTreeSet<u64>> {
-    let mut out = std::collections::BTreeSet::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || anyhow!("invalid chunk list '{s}': expected indexes and ranges like 0,5-9");
-        let (a, b): (u64, u64) = match part.split_once('-') {
-            Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
-            None => {
-                let v = part.parse().map_err(|_| bad())?;
-                (v, v)
-            }
-        };
-        if a > b {
-            return Err(bad());
-        }
-        out.extend(a..=b);
-    }
-    Ok(out)
 }
 
 /// Whether `--output` asks for JSON.
@@ -431,16 +414,7 @@ fn list(a: ListArgs) -> Result<()> {
     let repo = a.repo.open()?;
     let snaps = repo.snapshots()?;
     if json {
-        let out: Vec<serde_json::Value> = snaps
-            .iter()
-            .map(|(id, s)| {
-                let mut v = serde_json::to_value(s).expect("json");
-                v["id"] = id.to_string().into();
-                v["short_id"] = id.short().into();
-                v
-            })
-            .collect();
-        println!("{}", serde_json::to_string(&out)?);
+        println!("{}", ops::snapshots_json(&snaps));
         return Ok(());
     }
     let rows: Vec<[String; 5]> = snaps
@@ -481,20 +455,21 @@ fn restore_cmd(a: RestoreArgs) -> Result<()> {
     if a.instant.vm.is_some() {
         return instant::restore(a);
     }
-    let format = match a.output_format.as_deref().unwrap_or("raw") {
-        "raw" => Format::Raw,
-        "qcow2" => Format::Qcow2,
-        o => bail!("output format must be raw or qcow2, not '{o}'"),
-    };
-    let mut repo = a.repo.open()?;
-    let (id, snap): (Id, _) = repo.find_snapshot(&a.snapshot)?;
     let opts = RestoreOptions {
-        format,
+        format: ops::restore_format(a.output_format.as_deref())?,
         range: a.length.map(|len| (a.offset.unwrap_or(0), len)),
         existing: a.existing,
     };
+    let mut repo = a.repo.open()?;
     let bar = bar();
-    let s = restore::restore_with(&mut repo, &snap, &a.output, &opts, &bar, &Cancel::default())?;
+    let (id, s) = ops::restore_snapshot(
+        &mut repo,
+        &a.snapshot,
+        &a.output,
+        &opts,
+        &bar,
+        &Cancel::default(),
+    )?;
     bar.finish();
     println!(
         "restored snapshot {} to {} ({} bytes, {} written)",

@@ -28,6 +28,13 @@ pub struct ServeCli {
     /// Refuse images larger than this many bytes (413).
     #[arg(long, value_name = "BYTES")]
     max_image_size: Option<u64>,
+    /// The backup repository the /api/v1/backups endpoints work on (a
+    /// directory or s3:URL; needs --backup-password-file).
+    #[arg(long, value_name = "REPO", requires = "backup_password_file")]
+    backup_repo: Option<String>,
+    /// The file holding that repository's password (it stays on the server).
+    #[arg(long, value_name = "FILE", requires = "backup_repo")]
+    backup_password_file: Option<PathBuf>,
 }
 
 pub fn run_serve(c: ServeCli) -> i32 {
@@ -37,6 +44,7 @@ pub fn run_serve(c: ServeCli) -> i32 {
         state_dir: state.root().to_path_buf(),
         tls: c.tls_cert.zip(c.tls_key),
         max_image_size: c.max_image_size,
+        backup: c.backup_repo.zip(c.backup_password_file),
     };
     let scheme = if opts.tls.is_some() { "https" } else { "http" };
     let r = strata_api::serve(opts, |addr| {

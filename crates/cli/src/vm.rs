@@ -38,7 +38,11 @@ enum VmCommand {
     /// Kill a VM's QEMU at once.
     Kill { name: String },
     /// List the defined VMs and their state.
-    List,
+    List {
+        /// `json` for machine-readable output (what the HTTP API's VM list shows).
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
     /// Show a VM's state and definition.
     Status { name: String },
     /// Forget a stopped VM that has no snapshots (its disks are kept).
@@ -227,9 +231,18 @@ fn dispatch(mgr: &Manager, cmd: VmCommand) -> Result<i32> {
                 println!("VM '{name}' was not running");
             }
         }
-        VmCommand::List => {
+        VmCommand::List { output } => {
+            let list = mgr.list()?;
+            match output.as_str() {
+                "json" => {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                    return Ok(0);
+                }
+                "human" => {}
+                other => bail!("unknown output format '{other}' (human or json)"),
+            }
             println!("{:<24} {:<10} {:<8} CURRENT", "NAME", "STATE", "SNAPS");
-            for s in mgr.list()? {
+            for s in list {
                 println!(
                     "{:<24} {:<10} {:<8} {}",
                     s.name,
@@ -387,12 +400,8 @@ fn snapshot(mgr: &Manager, c: SnapCommand) -> Result<()> {
             }
         }
         SnapCommand::Info { name, snapshot } => {
-            let rec = mgr.record(&name)?;
-            let s = rec.snapshot(&snapshot)?;
-            let mut v = serde_json::to_value(s)?;
-            v["children"] = serde_json::json!(rec.children(&snapshot));
-            v["current"] = serde_json::json!(rec.current.as_deref() == Some(snapshot.as_str()));
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            let info = mgr.record(&name)?.snapshot_info(&snapshot)?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
         }
         SnapCommand::Current { name } => {
             let rec = mgr.record(&name)?;

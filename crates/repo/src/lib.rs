@@ -19,6 +19,7 @@ pub mod index;
 pub mod local;
 pub mod location;
 pub mod lock;
+pub mod ops;
 pub mod pack;
 pub mod policy;
 mod poly;

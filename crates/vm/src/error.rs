@@ -6,6 +6,9 @@ pub enum Error {
     /// Bad input (names, sizes, paths, options); nothing was changed.
     #[error("{0}")]
     Invalid(String),
+    /// The VM or snapshot to be made already exists; nothing was changed.
+    #[error("{0}")]
+    Exists(String),
     #[error("VM '{0}' is not defined")]
     NoSuchVm(String),
     #[error("VM '{vm}' has no snapshot '{snap}'")]

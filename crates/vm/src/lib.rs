@@ -33,6 +33,6 @@ pub mod state;
 
 pub use error::{Error, Result};
 pub use manager::{Manager, Status};
-pub use record::{Disk, Kind, Snapshot, VmDef, VmRecord};
+pub use record::{Disk, Kind, Snapshot, SnapshotInfo, VmDef, VmRecord};
 pub use snapshot::{CreateOptions, DeleteOptions};
 pub use state::StateDir;

@@ -19,13 +19,16 @@ use crate::state::{check_name, StateDir, VmLock};
 /// agent to answer (seconds).
 pub const AGENT_TIMEOUT_ENV: &str = "STRATA_AGENT_TIMEOUT";
 
-/// How long a command waits for another one holding the VM's lock.
-const LOCK_WAIT: Duration = Duration::from_secs(120);
+/// How long a command waits by default for another one holding the VM's lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(120);
 
 /// Entry point of all VM operations.
 #[derive(Debug, Clone)]
 pub struct Manager {
     pub(crate) state: StateDir,
+    /// How long an operation waits for the VM's lock before failing with
+    /// [`Error::Busy`].
+    lock_wait: Duration,
 }
 
 /// A VM opened for an operation: its lock is held until this is dropped.
@@ -45,8 +48,10 @@ impl OpenVm {
     }
 }
 
-/// A VM's state as `status` and `list` report it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A VM's state as `status` and `list` report it (and `list --output=json`
+/// and the HTTP API show it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Status {
     pub name: String,
     /// `running`, `paused`, `stopped`, or another QEMU run state.
@@ -56,12 +61,24 @@ pub struct Status {
     pub snapshots: usize,
     pub def: VmDef,
     /// The instant restore under way, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub restore: Option<crate::restore::RestoreStatus>,
 }
 
 impl Manager {
     pub fn new(state: StateDir) -> Self {
-        Manager { state }
+        Manager {
+            state,
+            lock_wait: LOCK_WAIT,
+        }
+    }
+
+    /// The same manager, waiting at most `wait` for a VM another operation
+    /// holds (a service answers "busy" rather than keep a caller waiting).
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
     }
 
     pub fn state_dir(&self) -> &StateDir {
@@ -73,16 +90,16 @@ impl Manager {
         def.validate()?;
         let dir = self.state.vm_dir(&def.name);
         if dir.join(crate::state::RECORD).exists() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Exists(format!(
                 "VM '{}' is already defined",
                 def.name
             )));
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        let _lock = VmLock::acquire(&dir, &def.name, LOCK_WAIT)?;
+        let _lock = VmLock::acquire(&dir, &def.name, self.lock_wait)?;
         if dir.join(crate::state::RECORD).exists() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Exists(format!(
                 "VM '{}' is already defined",
                 def.name
             )));
@@ -105,7 +122,7 @@ impl Manager {
         if !dir.join(crate::state::RECORD).is_file() {
             return Err(Error::NoSuchVm(name.to_string()));
         }
-        let lock = VmLock::acquire(&dir, name, LOCK_WAIT)?;
+        let lock = VmLock::acquire(&dir, name, self.lock_wait)?;
         let rec = VmRecord::load(&dir)?;
         let mut vm = OpenVm {
             name: name.to_string(),

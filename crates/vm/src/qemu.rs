@@ -127,7 +127,13 @@ pub fn launch(def: &VmDef, paths: &VmPaths, mode: StartMode) -> Result<(Qmp, Opt
         }
         if paths.qmp().exists() {
             match Qmp::connect(&paths.qmp(), Duration::from_secs(5)) {
-                Ok(q) => return Ok((q, note)),
+                Ok(q) => {
+                    // Reap it when it ends while this process lives (a
+                    // long-lived one, such as `strata serve`, would otherwise
+                    // keep its zombie, which `live_pid` takes for running).
+                    std::thread::spawn(move || child.wait());
+                    return Ok((q, note));
+                }
                 Err(e) if Instant::now() >= deadline => return Err(e.into()),
                 Err(_) => {}
             }

@@ -12,7 +12,9 @@ use crate::state::{check_name, write_atomic, RECORD};
 /// One disk: an image file and its format (`qcow2` or `raw`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Disk {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub file: PathBuf,
     #[serde(default = "default_format")]
     pub format: String,
@@ -25,6 +27,7 @@ fn default_format() -> String {
 /// A VM definition (also the `define --file` document).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmDef {
     pub name: String,
     /// Guest memory in MiB.
@@ -34,8 +37,10 @@ pub struct VmDef {
     /// snapshot or revert these are the overlays QEMU writes.
     pub disks: Vec<Disk>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub kernel: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub initrd: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub append: Option<String>,
@@ -44,6 +49,7 @@ pub struct VmDef {
 /// Internal (inside the qcow2 files) or external (overlays on frozen files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Kind {
     Internal,
     External,
@@ -60,6 +66,7 @@ impl Kind {
 
 /// One snapshot of the tree.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Snapshot {
     pub name: String,
     /// The snapshot the VM's state came from when this one was taken.
@@ -71,6 +78,7 @@ pub struct Snapshot {
     pub memory: bool,
     /// External memory snapshots: the file holding the memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub memory_file: Option<PathBuf>,
     /// How `memory_file` is laid out (records without it: `mapped-ram`).
     #[serde(default, skip_serializing_if = "MemoryLayout::is_mapped_ram")]
@@ -91,6 +99,7 @@ pub struct Snapshot {
 /// How QEMU laid out a memory file; loading it needs the same layout.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum MemoryLayout {
     /// QEMU's `mapped-ram`: every page at a fixed offset of a sparse file (what
     /// a save copied while the guest ran, each page once at its place).
@@ -105,6 +114,19 @@ impl MemoryLayout {
     fn is_mapped_ram(&self) -> bool {
         *self == MemoryLayout::MappedRam
     }
+}
+
+/// One snapshot with its place in the tree, as `snapshot info` and the HTTP
+/// API show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SnapshotInfo {
+    #[serde(flatten)]
+    pub snapshot: Snapshot,
+    /// The snapshots whose parent this one is.
+    pub children: Vec<String>,
+    /// Whether the VM's current state descends from this snapshot directly.
+    pub current: bool,
 }
 
 /// A multi-step operation under way: recorded before its first step, cleared in
@@ -177,6 +199,15 @@ impl VmRecord {
                 vm: self.def.name.clone(),
                 snap: name.to_string(),
             })
+    }
+
+    /// Snapshot `name` with its children and whether it is the current one.
+    pub fn snapshot_info(&self, name: &str) -> Result<SnapshotInfo> {
+        Ok(SnapshotInfo {
+            snapshot: self.snapshot(name)?.clone(),
+            children: self.children(name),
+            current: self.current.as_deref() == Some(name),
+        })
     }
 
     /// The names of the snapshots whose parent is `name`.

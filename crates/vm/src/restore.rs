@@ -163,7 +163,8 @@ impl InstantRestore {
 }
 
 /// Where a restore stands, as `status` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// The stream copies data: `done` of `total` bytes.
     Streaming { done: u64, total: u64 },
@@ -185,7 +186,7 @@ pub struct DiskStatus {
 }
 
 /// An instant restore and where it stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RestoreStatus {
     pub restore: InstantRestore,
     /// Each disk not local yet, in the record's order.

@@ -64,8 +64,12 @@ pub struct CreateOptions {
     pub background: bool,
 }
 
-/// What `snapshot delete` was asked for.
-#[derive(Debug, Clone, Copy, Default)]
+/// What `snapshot delete` was asked for (also the query of the HTTP API's
+/// delete).
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct DeleteOptions {
     /// Delete the snapshot's descendants too.
     pub children: bool,
@@ -154,7 +158,7 @@ impl Manager {
         let mut vm = self.open(name)?;
         crate::restore::not_restoring(&vm, "taking a snapshot")?;
         if vm.rec.snapshots.iter().any(|s| s.name == snap) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Exists(format!(
                 "VM '{name}' already has a snapshot '{snap}'"
             )));
         }

@@ -3,38 +3,22 @@
 
 use super::{bar, wants_json, GcArgs, PruneArgs, StatsArgs, VerifyArgs};
 use anyhow::{bail, Result};
-use serde_json::json;
 use strata_jobs::Cancel;
-use strata_repo::gc::{self, GcOptions, GcSummary, Planned};
+use strata_repo::gc::{self, GcOptions, GcSummary};
+use strata_repo::ops;
 use strata_repo::policy::Policy;
 use strata_repo::stats as repo_stats;
-use strata_repo::verify::{self, Problem, Subset};
+use strata_repo::verify::{self, Problem};
 
 pub(super) fn verify(a: VerifyArgs) -> Result<()> {
     let json = wants_json(&a.output)?;
-    let subset = match (&a.read_data_subset, a.no_read_data) {
-        (Some(s), _) => Subset::parse(s)?,
-        (None, true) => Subset::None,
-        (None, false) => Subset::All,
-    };
+    let subset = ops::verify_subset(a.read_data_subset.as_deref(), a.no_read_data)?;
     let mut repo = a.repo.open()?;
     let bar = bar();
     let r = verify::verify(&mut repo, subset, &bar, &Cancel::default())?;
     bar.finish();
     if json {
-        let problems: Vec<serde_json::Value> = r.problems.iter().map(problem_json).collect();
-        println!(
-            "{}",
-            json!({
-                "snapshots": r.snapshots,
-                "packs": r.packs,
-                "packs_read": r.packs_read,
-                "blobs_checked": r.blobs_checked,
-                "bytes_read": r.bytes_read,
-                "unindexed_packs": r.unindexed_packs,
-                "problems": problems,
-            })
-        );
+        println!("{}", ops::verify_json(&r));
     } else {
         for p in &r.problems {
             print_problem(p);
@@ -54,22 +38,6 @@ pub(super) fn verify(a: VerifyArgs) -> Result<()> {
         println!("no errors were found");
     }
     Ok(())
-}
-
-fn problem_json(p: &Problem) -> serde_json::Value {
-    let users: Vec<serde_json::Value> = p
-        .users
-        .iter()
-        .map(|u| json!({"snapshot": u.snapshot.to_string(), "path": u.path, "offset": u.offset}))
-        .collect();
-    json!({
-        "pack": p.pack.map(|id| id.to_string()),
-        "blob": p.blob.map(|(_, id)| id.to_string()),
-        "type": p.blob.map(|(k, _)| format!("{k:?}").to_lowercase()),
-        "pack_offset": p.pack_offset,
-        "error": p.error,
-        "breaks": users,
-    })
 }
 
 fn print_problem(p: &Problem) {
@@ -94,20 +62,6 @@ fn print_problem(p: &Problem) {
             None => println!("  breaks snapshot {} at {}", u.snapshot.short(), u.path),
         }
     }
-}
-
-fn gc_json(s: &GcSummary) -> serde_json::Value {
-    json!({
-        "packs": s.packs,
-        "packs_kept": s.packs_kept,
-        "packs_removed": s.packs_removed,
-        "packs_repacked": s.packs_repacked,
-        "unindexed_packs_removed": s.unindexed_removed,
-        "packs_written": s.packs_written,
-        "blobs_removed": s.blobs_removed,
-        "blobs_repacked": s.blobs_repacked,
-        "bytes_freed": s.bytes_freed,
-    })
 }
 
 fn print_gc(s: &GcSummary, dry_run: bool) {
@@ -148,24 +102,11 @@ pub(super) fn gc(a: GcArgs) -> Result<()> {
     let s = gc::gc(&mut repo, &opts, &bar, &Cancel::default())?;
     bar.finish();
     if json {
-        println!("{}", gc_json(&s));
+        println!("{}", ops::gc_json(&s));
     } else {
         print_gc(&s, a.dry_run);
     }
     Ok(())
-}
-
-fn planned_json(p: &Planned) -> serde_json::Value {
-    let reasons: Vec<&str> = p.reasons.iter().map(|r| r.reason()).collect();
-    json!({
-        "id": p.id.to_string(),
-        "short_id": p.id.short(),
-        "time": p.snapshot.time,
-        "hostname": p.snapshot.hostname,
-        "paths": p.snapshot.paths,
-        "keep": p.keep,
-        "reasons": reasons,
-    })
 }
 
 pub(super) fn prune(a: PruneArgs) -> Result<()> {
@@ -187,11 +128,7 @@ pub(super) fn prune(a: PruneArgs) -> Result<()> {
     let s = gc::prune(&mut repo, &policy, &opts, &bar, &Cancel::default())?;
     bar.finish();
     if json {
-        let plan: Vec<serde_json::Value> = s.plan.iter().map(planned_json).collect();
-        println!(
-            "{}",
-            json!({"dry_run": a.dry_run, "snapshots": plan, "gc": gc_json(&s.gc)})
-        );
+        println!("{}", ops::prune_json(&s, a.dry_run));
         return Ok(());
     }
     for p in &s.plan {
@@ -226,19 +163,7 @@ pub(super) fn stats(a: StatsArgs) -> Result<()> {
     let mut repo = a.repo.open()?;
     let s = repo_stats::stats(&mut repo)?;
     if json {
-        println!(
-            "{}",
-            json!({
-                "snapshots": s.snapshots,
-                "logical_bytes": s.logical_bytes,
-                "unique_blobs": s.unique_blobs,
-                "unique_bytes": s.unique_bytes,
-                "stored_bytes": s.stored_bytes,
-                "repository_bytes": s.repository_bytes,
-                "dedup_factor": s.dedup_factor,
-                "compression_factor": s.compression_factor,
-            })
-        );
+        println!("{}", ops::stats_json(&s));
         return Ok(());
     }
     println!("snapshots:           {}", s.snapshots);

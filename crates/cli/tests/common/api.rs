@@ -126,6 +126,57 @@ impl Server {
         s.write_all(body).unwrap();
         read_reply(&mut s)
     }
+
+    /// A request with a JSON body.
+    pub fn json(&self, method: &str, path: &str, token: &str, body: &serde_json::Value) -> Reply {
+        let body = serde_json::to_vec(body).unwrap();
+        self.req(method, path, Some(token), Some("application/json"), &body)
+    }
+
+    /// Poll task `id` until it is no longer running (within `STRATA_TEST_TASK_WAIT`
+    /// seconds, default 180); returns it.
+    pub fn wait_task(&self, token: &str, id: &str) -> serde_json::Value {
+        let limit = std::env::var("STRATA_TEST_TASK_WAIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(180);
+        let deadline = std::time::Instant::now() + Duration::from_secs(limit);
+        loop {
+            let r = self.req(
+                "GET",
+                &format!("/api/v1/tasks/{id}"),
+                Some(token),
+                None,
+                b"",
+            );
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let t = r.json();
+            if t["state"] != "running" {
+                return t;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task {id} still running: {t}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Follow a 202 answer to its task (named by `Location`) until it ends.
+    pub fn follow(&self, token: &str, started: &Reply) -> serde_json::Value {
+        assert_eq!(
+            started.status,
+            202,
+            "{}",
+            String::from_utf8_lossy(&started.body)
+        );
+        let id = started.json()["task"].as_str().unwrap().to_string();
+        assert_eq!(
+            started.header("location").as_deref(),
+            Some(format!("/api/v1/tasks/{id}").as_str())
+        );
+        self.wait_task(token, &id)
+    }
 }
 
 impl Drop for Server {
@@ -168,6 +219,34 @@ impl Reply {
             .as_str()
             .unwrap_or_else(|| panic!("no message: {v}"))
             .to_string()
+    }
+
+    /// Require `status`; the body's JSON (`null` when empty).
+    pub fn expect(&self, status: u16) -> serde_json::Value {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        if self.body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            self.json()
+        }
+    }
+
+    /// Require an error answer with `status` whose message contains `needle`
+    /// (`what` names the request in the failure).
+    pub fn refused(&self, status: u16, needle: &str, what: &dyn std::fmt::Display) {
+        assert_eq!(
+            self.status,
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let msg = self.error_message();
+        assert!(msg.contains(needle), "{what}: {msg}");
     }
 
     pub fn header(&self, name: &str) -> Option<String> {

@@ -1,0 +1,435 @@
+//! VMs and their snapshots through `strata serve`'s HTTP API, against the real
+//! server and QEMU: the API and `strata vm` show the same VMs and snapshot
+//! trees (one library does the work), long operations end as tasks whose
+//! state tells success from failure, and bad requests get their HTTP codes
+//! (400 naming the field, 401, 403, 404, 409 for a VM another command holds).
+
+mod common;
+
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::api::{token, Server};
+use serde_json::{json, Value};
+use strata_qmp::testing::TestGuest;
+
+use common::STRATA;
+
+/// `strata vm --state-dir STATE ARGS`, which must succeed; its stdout.
+fn vm_cli(state: &Path, args: &[&str]) -> String {
+    let o: Output = Command::new(STRATA)
+        .arg("vm")
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "strata vm {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn vm_cli_json(state: &Path, args: &[&str]) -> Value {
+    serde_json::from_str(&vm_cli(state, args)).unwrap()
+}
+
+/// qemu-io on an image file (which must succeed); its stdout.
+fn qemu_io(file: &str, cmd: &str) -> String {
+    let o = Command::new("qemu-io")
+        .args(["-c", cmd, file])
+        .output()
+        .expect("qemu-io must be installed");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The VM's first disk as the API reports it.
+fn disk_of(srv: &Server, tok: &str, vm: &str) -> String {
+    let s = srv
+        .req("GET", &format!("/api/v1/vms/{vm}"), Some(tok), None, b"")
+        .expect(200);
+    s["def"]["disks"][0]["file"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_stopped_vm_is_defined_snapshotted_reverted_and_undefined_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (tok, ro) = (token(&state, false), token(&state, true));
+    let srv = Server::start(&state, &[]);
+    let disk = dir.path().join("d.qcow2");
+    let d = disk.to_str().unwrap();
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", d, "16M"])
+        .status()
+        .unwrap()
+        .success());
+    qemu_io(d, "write -P 0x11 0 1M");
+
+    // Define: bad bodies are 400s naming the field; a second define is 409.
+    let def = json!({"name": "t", "memory_mib": 64, "cpus": 1, "disks": [{"file": d}]});
+    for (body, needle) in [
+        (json!({"name": "t", "cpus": 1, "disks": []}), "memory_mib"),
+        (
+            json!({"name": "t", "memory_mib": 64, "cpus": 1, "disks": [{"file": d}], "ram": 1}),
+            "ram",
+        ),
+        (
+            json!({"name": "t", "memory_mib": "lots", "cpus": 1, "disks": []}),
+            "invalid type",
+        ),
+        (
+            json!({"name": "t", "memory_mib": 64, "cpus": 0, "disks": [{"file": d}]}),
+            "CPU count",
+        ),
+        (
+            json!({"name": "../t", "memory_mib": 64, "cpus": 1, "disks": [{"file": d}]}),
+            "invalid VM name",
+        ),
+    ] {
+        srv.json("POST", "/api/v1/vms", &tok, &body)
+            .refused(400, needle, &body);
+    }
+    let r = srv.req(
+        "POST",
+        "/api/v1/vms",
+        Some(&tok),
+        Some("application/json"),
+        b"{\"name\": ",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(srv.json("POST", "/api/v1/vms", &ro, &def).status, 403);
+    assert_eq!(srv.req("GET", "/api/v1/vms", None, None, b"").status, 401);
+    assert_eq!(
+        srv.req("GET", "/api/v1/vms", Some("wrong"), None, b"")
+            .status,
+        401
+    );
+    let r = srv.json("POST", "/api/v1/vms", &tok, &def);
+    let created = r.expect(201);
+    assert_eq!(r.header("location").as_deref(), Some("/api/v1/vms/t"));
+    assert_eq!(created["state"], "stopped");
+    let r = srv.json("POST", "/api/v1/vms", &tok, &def);
+    assert_eq!(r.status, 409);
+    assert!(
+        r.error_message().contains("already defined"),
+        "{}",
+        r.error_message()
+    );
+
+    // The list as the CLI prints it, readable with a read-only token.
+    let list = srv
+        .req("GET", "/api/v1/vms", Some(&ro), None, b"")
+        .expect(200);
+    assert_eq!(list, vm_cli_json(&state, &["list", "--output=json"]));
+    assert_eq!(list[0]["name"], "t");
+    assert_eq!(
+        srv.req("GET", "/api/v1/vms/nope", Some(&tok), None, b"")
+            .status,
+        404
+    );
+    assert_eq!(
+        srv.req("POST", "/api/v1/vms/nope/start", Some(&tok), None, b"")
+            .status,
+        404
+    );
+    let r = srv
+        .req("POST", "/api/v1/vms/t/kill", Some(&tok), None, b"")
+        .expect(200);
+    assert_eq!(r["message"], "VM 't' was not running");
+
+    // Disk-only snapshots of a stopped VM answer at once (201).
+    let snaps = "/api/v1/vms/t/snapshots";
+    for (snap, pattern) in [("s1", "0x22"), ("s2", "0x33")] {
+        let body = json!({"name": snap, "disk_only": true, "kind": "external"});
+        let r = srv.json("POST", snaps, &tok, &body);
+        let s = r.expect(201);
+        assert_eq!(
+            (s["kind"].as_str(), s["vm_state"].as_str()),
+            (Some("external"), Some("stopped"))
+        );
+        let location = format!("/api/v1/vms/t/snapshots/{snap}");
+        assert_eq!(r.header("location"), Some(location));
+        let top = disk_of(&srv, &tok, "t");
+        assert_ne!(top, d, "an external snapshot moves the VM onto an overlay");
+        qemu_io(&top, &format!("write -P {pattern} 0 1M"));
+    }
+    for (body, status, needle) in [
+        (
+            json!({"name": "s1", "disk_only": true}),
+            409,
+            "already has a snapshot 's1'",
+        ),
+        (
+            json!({"name": "../x", "disk_only": true}),
+            400,
+            "invalid snapshot name",
+        ),
+        (
+            json!({"name": "x", "disk_only": "yes"}),
+            400,
+            "invalid type",
+        ),
+        (
+            json!({"name": "x", "disk_only": true, "kind": "sideways"}),
+            400,
+            "unknown variant",
+        ),
+        (
+            json!({"name": "x", "memory": true}),
+            400,
+            "unknown field `memory`",
+        ),
+    ] {
+        srv.json("POST", snaps, &tok, &body)
+            .refused(status, needle, &body);
+    }
+    assert_eq!(
+        srv.json(
+            "POST",
+            "/api/v1/vms/nope/snapshots",
+            &tok,
+            &json!({"name": "x"})
+        )
+        .status,
+        404
+    );
+
+    // The tree and one snapshot, as the CLI shows them.
+    let tree = srv.req("GET", snaps, Some(&ro), None, b"").expect(200);
+    assert_eq!(
+        tree,
+        vm_cli_json(&state, &["snapshot", "list", "t", "--output=json"])
+    );
+    assert_eq!(tree.as_array().unwrap().len(), 2);
+    let s1 = srv
+        .req("GET", &format!("{snaps}/s1"), Some(&tok), None, b"")
+        .expect(200);
+    assert_eq!(s1, vm_cli_json(&state, &["snapshot", "info", "t", "s1"]));
+    assert_eq!(s1["children"], json!(["s2"]));
+    assert_eq!(
+        srv.req("GET", &format!("{snaps}/nope"), Some(&tok), None, b"")
+            .status,
+        404
+    );
+    assert_eq!(
+        srv.req(
+            "POST",
+            &format!("{snaps}/nope/revert"),
+            Some(&tok),
+            None,
+            b""
+        )
+        .status,
+        404
+    );
+    assert_eq!(
+        srv.req(
+            "DELETE",
+            &format!("{snaps}/s2?children=maybe"),
+            Some(&tok),
+            None,
+            b""
+        )
+        .status,
+        400
+    );
+
+    // A task that fails: the error is in its state and log.
+    let r = srv.json("POST", snaps, &tok, &json!({"name": "q", "quiesce": true}));
+    let t = srv.follow(&tok, &r);
+    assert_eq!(t["state"], "error", "{t}");
+    assert_eq!(t["kind"], "vm-snapshot-create");
+    let last = t["log"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_str()
+        .unwrap();
+    assert!(last.contains("--quiesce needs a running VM"), "{t}");
+    assert_eq!(
+        tree,
+        srv.req("GET", snaps, Some(&tok), None, b"").expect(200)
+    );
+
+    // Revert to s1 as a task: the disk reads as at s1 again.
+    let r = srv.req("POST", &format!("{snaps}/s1/revert"), Some(&tok), None, b"");
+    let t = srv.follow(&tok, &r);
+    assert_eq!(t["state"], "ok", "{t}");
+    assert_eq!(t["progress"], 1.0);
+    let now = disk_of(&srv, &tok, "t");
+    assert!(qemu_io(&now, "read -P 0x11 0 1M").contains("read 1048576/1048576"));
+    assert_eq!(
+        srv.req("GET", &format!("{snaps}/s1"), Some(&tok), None, b"")
+            .expect(200)["current"],
+        true
+    );
+
+    // Another command holding the VM: 409 at once, not a hang.
+    let lock = std::fs::File::open(state.join("vms/t/lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns; released when it closes.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0, "the VM's lock is free between requests");
+    let started = std::time::Instant::now();
+    let r = srv.req("GET", "/api/v1/vms/t", Some(&tok), None, b"");
+    let busy = srv.req("DELETE", &format!("{snaps}/s2"), Some(&tok), None, b"");
+    drop(lock);
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.error_message().contains("busy"), "{}", r.error_message());
+    assert_eq!(busy.status, 409, "{}", String::from_utf8_lossy(&busy.body));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+
+    // Delete both snapshots (tasks), then undefine.
+    for s in ["s2", "s1"] {
+        let r = srv.req("DELETE", &format!("{snaps}/{s}"), Some(&tok), None, b"");
+        let t = srv.follow(&tok, &r);
+        assert_eq!(t["state"], "ok", "{t}");
+    }
+    assert_eq!(
+        vm_cli_json(&state, &["snapshot", "list", "t", "--output=json"]),
+        json!([])
+    );
+    assert!(qemu_io(d, "read -P 0x11 0 1M").contains("read 1048576/1048576"));
+    assert_eq!(
+        srv.req("DELETE", "/api/v1/vms/t", Some(&ro), None, b"")
+            .status,
+        403
+    );
+    srv.req("DELETE", "/api/v1/vms/t", Some(&tok), None, b"")
+        .expect(204);
+    assert_eq!(
+        srv.req("GET", "/api/v1/vms/t", Some(&tok), None, b"")
+            .status,
+        404
+    );
+    assert_eq!(vm_cli_json(&state, &["list", "--output=json"]), json!([]));
+
+    // Every operation is in the OpenAPI document.
+    let doc = srv
+        .req("GET", "/api/v1/openapi.json", None, None, b"")
+        .expect(200);
+    for p in [
+        "/api/v1/vms",
+        "/api/v1/vms/{name}",
+        "/api/v1/vms/{name}/exec",
+        "/api/v1/vms/{name}/snapshots/{snap}/revert",
+        "/api/v1/backups",
+        "/api/v1/backups/{id}/restore",
+        "/api/v1/backups/prune",
+    ] {
+        assert!(
+            doc["paths"][p].is_object(),
+            "{p} missing from the OpenAPI document"
+        );
+    }
+    for s in [
+        "VmDef",
+        "Status",
+        "Snapshot",
+        "SnapshotCreate",
+        "ExecResult",
+        "BackupCreate",
+    ] {
+        assert!(
+            doc["components"]["schemas"][s].is_object(),
+            "schema {s} missing"
+        );
+    }
+}
+
+/// Kills the VM when the test ends, however it ends.
+struct KillOnDrop<'a>(&'a Path);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(STRATA)
+            .arg("vm")
+            .arg("--state-dir")
+            .arg(self.0)
+            .args(["kill", "g"])
+            .output();
+    }
+}
+
+#[test]
+fn a_disk_only_snapshot_of_a_running_guest_through_the_api_is_the_one_the_cli_lists() {
+    let guest = TestGuest::ensure().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let tok = token(&state, false);
+    let srv = Server::start(&state, &[]);
+    let disk = dir.path().join("data.qcow2");
+    guest.copy_data_disk(&disk).unwrap();
+    let def = json!({
+        "name": "g", "memory_mib": 256, "cpus": 1,
+        "disks": [{"file": disk, "format": "qcow2"}],
+        "kernel": guest.kernel(), "initrd": guest.initrd(),
+        "append": "console=ttyS0 panic=-1 quiet",
+    });
+    srv.json("POST", "/api/v1/vms", &tok, &def).expect(201);
+    let _guard = KillOnDrop(&state);
+    let r = srv
+        .req("POST", "/api/v1/vms/g/start", Some(&tok), None, b"")
+        .expect(200);
+    assert_eq!(r["message"], "VM 'g' started");
+    assert_eq!(
+        srv.req("POST", "/api/v1/vms/g/start", Some(&tok), None, b"")
+            .status,
+        409,
+        "a running VM cannot start again"
+    );
+
+    // The agent runs a command: its output and exit code come back.
+    let sh = |script: &str| {
+        let body = json!({"command": ["/bin/sh", "-c", script], "timeout": 60});
+        srv.json("POST", "/api/v1/vms/g/exec", &tok, &body)
+            .expect(200)
+    };
+    let out = sh("echo ok; exit 3");
+    assert_eq!(out["stdout"], "ok\n", "{out}");
+    assert_eq!(out["exit_code"], 3, "{out}");
+    assert_eq!(
+        srv.json(
+            "POST",
+            "/api/v1/vms/g/exec",
+            &tok,
+            &json!({"command": "ls"})
+        )
+        .status,
+        400
+    );
+
+    let r = srv.json(
+        "POST",
+        "/api/v1/vms/g/snapshots",
+        &tok,
+        &json!({"name": "live", "disk_only": true}),
+    );
+    let s = r.expect(201);
+    assert_eq!(
+        (s["kind"].as_str(), s["memory"].as_bool()),
+        (Some("external"), Some(false))
+    );
+    assert_eq!(s["vm_state"], "running");
+    let listed = vm_cli_json(&state, &["snapshot", "list", "g", "--output=json"]);
+    assert_eq!(listed, json!([s]));
+    let status = srv
+        .req("GET", "/api/v1/vms/g", Some(&tok), None, b"")
+        .expect(200);
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["current"], "live");
+    assert_eq!(sh("echo still")["stdout"], "still\n", "the guest runs on");
+    let r = srv
+        .req("POST", "/api/v1/vms/g/kill", Some(&tok), None, b"")
+        .expect(200);
+    assert_eq!(r["message"], "VM 'g' killed");
+    assert_eq!(
+        vm_cli_json(&state, &["list", "--output=json"])[0]["state"],
+        "stopped"
+    );
+}
