@@ -293,23 +293,7 @@ impl RepoArgs {
     }
 
     fn password(&self) -> Result<String> {
-        let from_file = |p: &Path| -> Result<String> {
-            let s = std::fs::read_to_string(p)
-                .with_context(|| format!("could not read the password file '{}'", p.display()))?;
-            Ok(s.trim().to_string())
-        };
-        if let Some(p) = &self.password_file {
-            return from_file(p);
-        }
-        for var in ["STRATA_PASSWORD", "RESTIC_PASSWORD"] {
-            if let Ok(p) = std::env::var(var) {
-                return Ok(p);
-            }
-        }
-        if let Ok(p) = std::env::var("RESTIC_PASSWORD_FILE") {
-            return from_file(Path::new(&p));
-        }
-        bail!("no password given: use --password-file, STRATA_PASSWORD, RESTIC_PASSWORD or RESTIC_PASSWORD_FILE")
+        password(self.password_file.as_deref())
     }
 
     fn open(&self) -> Result<Repository> {
@@ -320,6 +304,27 @@ impl RepoArgs {
         }
         Ok(repo)
     }
+}
+
+/// A repository's password: from `file` when given, else the environment.
+pub(crate) fn password(file: Option<&Path>) -> Result<String> {
+    let from_file = |p: &Path| -> Result<String> {
+        let s = std::fs::read_to_string(p)
+            .with_context(|| format!("could not read the password file '{}'", p.display()))?;
+        Ok(s.trim().to_string())
+    };
+    if let Some(p) = file {
+        return from_file(p);
+    }
+    for var in ["STRATA_PASSWORD", "RESTIC_PASSWORD"] {
+        if let Ok(p) = std::env::var(var) {
+            return Ok(p);
+        }
+    }
+    if let Ok(p) = std::env::var("RESTIC_PASSWORD_FILE") {
+        return from_file(Path::new(&p));
+    }
+    bail!("no password given: use --password-file, STRATA_PASSWORD, RESTIC_PASSWORD or RESTIC_PASSWORD_FILE")
 }
 
 fn init(a: InitArgs) -> Result<()> {
@@ -427,7 +432,12 @@ fn wants_json(output: &str) -> Result<bool> {
 fn list(a: ListArgs) -> Result<()> {
     let json = wants_json(&a.output)?;
     let repo = a.repo.open()?;
-    let snaps = repo.snapshots()?;
+    // The image registry's snapshots are images, not backups: not listed here.
+    let snaps: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|(_, s)| !s.is_image())
+        .collect();
     if json {
         let out: Vec<serde_json::Value> = snaps
             .iter()

@@ -190,7 +190,7 @@ pub(super) fn prune(a: PruneArgs) -> Result<()> {
         let plan: Vec<serde_json::Value> = s.plan.iter().map(planned_json).collect();
         println!(
             "{}",
-            json!({"dry_run": a.dry_run, "snapshots": plan, "gc": gc_json(&s.gc)})
+            json!({"dry_run": a.dry_run, "snapshots": plan, "images_kept": s.images_kept, "gc": gc_json(&s.gc)})
         );
         return Ok(());
     }
@@ -217,6 +217,12 @@ pub(super) fn prune(a: PruneArgs) -> Result<()> {
         if a.dry_run { "would be " } else { "" },
         s.plan.len() - removed
     );
+    if s.images_kept > 0 {
+        println!(
+            "{} image snapshots of the image registry kept (never pruned)",
+            s.images_kept
+        );
+    }
     print_gc(&s.gc, a.dry_run);
     Ok(())
 }
