@@ -49,6 +49,12 @@ impl AppState {
     pub fn open(dir: &Path) -> Result<AppState> {
         let registry =
             Registry::open(dir).map_err(|e| Error::State(format!("open image registry: {e}")))?;
+        AppState::with_registry(dir, registry)
+    }
+
+    /// The state of the service on `dir` with its registry already opened
+    /// (its image data in a store of the caller's choice).
+    pub fn with_registry(dir: &Path, registry: Registry) -> Result<AppState> {
         Ok(AppState {
             registry,
             tokens: Tokens::new(dir),
@@ -180,7 +186,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Where and how to serve.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
@@ -190,12 +196,18 @@ pub struct ServeOptions {
     pub max_image_size: Option<u64>,
     /// The backup repository's location and password file.
     pub backup: Option<(String, PathBuf)>,
+    /// The registry, opened by the caller (with its image store); the state
+    /// directory's own when `None`.
+    pub registry: Option<Registry>,
 }
 
 /// Serve until SIGINT or SIGTERM. `ready` is called with the bound address
 /// once the server accepts connections.
 pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
-    let mut state = AppState::open(&opts.state_dir)?;
+    let mut state = match opts.registry.clone() {
+        Some(reg) => AppState::with_registry(&opts.state_dir, reg)?,
+        None => AppState::open(&opts.state_dir)?,
+    };
     if let Some(max) = opts.max_image_size {
         state.registry = state.registry.with_max_image_size(max);
     }

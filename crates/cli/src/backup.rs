@@ -296,19 +296,7 @@ impl RepoArgs {
     }
 
     fn password(&self) -> Result<String> {
-        let from_file = |p: &Path| Ok(strata_repo::ops::read_password_file(p)?);
-        if let Some(p) = &self.password_file {
-            return from_file(p);
-        }
-        for var in ["STRATA_PASSWORD", "RESTIC_PASSWORD"] {
-            if let Ok(p) = std::env::var(var) {
-                return Ok(p);
-            }
-        }
-        if let Ok(p) = std::env::var("RESTIC_PASSWORD_FILE") {
-            return from_file(Path::new(&p));
-        }
-        bail!("no password given: use --password-file, STRATA_PASSWORD, RESTIC_PASSWORD or RESTIC_PASSWORD_FILE")
+        password(self.password_file.as_deref())
     }
 
     fn open(&self) -> Result<Repository> {
@@ -319,6 +307,23 @@ impl RepoArgs {
         }
         Ok(repo)
     }
+}
+
+/// A repository's password: from `file` when given, else the environment.
+pub(crate) fn password(file: Option<&Path>) -> Result<String> {
+    let from_file = |p: &Path| Ok(strata_repo::ops::read_password_file(p)?);
+    if let Some(p) = file {
+        return from_file(p);
+    }
+    for var in ["STRATA_PASSWORD", "RESTIC_PASSWORD"] {
+        if let Ok(p) = std::env::var(var) {
+            return Ok(p);
+        }
+    }
+    if let Ok(p) = std::env::var("RESTIC_PASSWORD_FILE") {
+        return from_file(Path::new(&p));
+    }
+    bail!("no password given: use --password-file, STRATA_PASSWORD, RESTIC_PASSWORD or RESTIC_PASSWORD_FILE")
 }
 
 fn init(a: InitArgs) -> Result<()> {
@@ -412,7 +417,12 @@ fn wants_json(output: &str) -> Result<bool> {
 fn list(a: ListArgs) -> Result<()> {
     let json = wants_json(&a.output)?;
     let repo = a.repo.open()?;
-    let snaps = repo.snapshots()?;
+    // The image registry's snapshots are images, not backups: not listed here.
+    let snaps: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|(_, s)| !s.is_image())
+        .collect();
     if json {
         println!("{}", ops::snapshots_json(&snaps));
         return Ok(());

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use strata_api::{Role, ServeOptions, Tokens};
-use strata_registry::{ImageRecord, ListQuery, Registry};
+use strata_registry::{ImageRecord, ListQuery, Registry, StoreLocation};
 use strata_vm::StateDir;
 
 use crate::image_remote::Remote;
@@ -35,16 +35,63 @@ pub struct ServeCli {
     /// The file holding that repository's password (it stays on the server).
     #[arg(long, value_name = "FILE", requires = "backup_repo")]
     backup_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Where the registry keeps image data.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Where image data is kept: `dir` (files in the state directory, the
+    /// default) or a backup repository, `repo:PATH` or
+    /// `s3:http://HOST:PORT/BUCKET[/PREFIX]`, so images and backups share
+    /// chunks. Recorded in the state directory when first chosen and used from
+    /// then on; the password comes as for `strata backup`.
+    #[arg(long = "image-store", value_name = "STORE", global = true)]
+    image_store: Option<String>,
+    /// With a repository store: read its password from this file (else
+    /// STRATA_PASSWORD, RESTIC_PASSWORD, RESTIC_PASSWORD_FILE).
+    #[arg(long = "password-file", value_name = "FILE", global = true)]
+    password_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Open the registry of `state` with the store given, else the recorded one.
+    fn open(&self, state: &Path) -> Result<Registry> {
+        let store = match &self.image_store {
+            Some(s) => StoreLocation::parse(s)?,
+            None => strata_registry::recorded_store(state)?,
+        };
+        let password = match store {
+            StoreLocation::Directory => None,
+            StoreLocation::Repository(_) => {
+                Some(crate::backup::password(self.password_file.as_deref())?)
+            }
+        };
+        Ok(Registry::open_with_store(
+            state,
+            &store,
+            password.as_deref(),
+        )?)
+    }
 }
 
 pub fn run_serve(c: ServeCli) -> i32 {
     let state = StateDir::resolve(c.state_dir);
+    let registry = match c.store.open(state.root()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("strata serve: open the image registry: {e:#}");
+            return 1;
+        }
+    };
     let opts = ServeOptions {
         listen: c.listen,
         state_dir: state.root().to_path_buf(),
         tls: c.tls_cert.zip(c.tls_key),
         max_image_size: c.max_image_size,
         backup: c.backup_repo.zip(c.backup_password_file),
+        registry: Some(registry),
     };
     let scheme = if opts.tls.is_some() { "https" } else { "http" };
     let r = strata_api::serve(opts, |addr| {
@@ -137,6 +184,8 @@ pub struct ImageCli {
     /// `json` for machine-readable output.
     #[arg(long, global = true, default_value = "human")]
     output: String,
+    #[command(flatten)]
+    store: StoreArgs,
     #[command(subcommand)]
     command: ImageCommand,
 }
@@ -194,7 +243,10 @@ pub fn run_image(c: ImageCli) -> i32 {
                 image(&remote, c.command, json)
             }
             None => {
-                let reg = Registry::open(state.root()).context("open the image registry")?;
+                let reg = c
+                    .store
+                    .open(state.root())
+                    .context("open the image registry")?;
                 image(&reg, c.command, json)
             }
         }

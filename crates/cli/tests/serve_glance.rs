@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::api::{token, Server};
+use common::api::{hash, token, Server};
 
 /// The virtualenv with glanceclient, made once (by one test of this binary at
 /// a time) and reused by later runs.
@@ -105,15 +105,6 @@ fn parse_table(out: &str) -> BTreeMap<String, String> {
         }
     }
     m
-}
-
-fn hash(tool: &str, file: &Path) -> String {
-    let o = Command::new(tool).arg(file).output().expect(tool);
-    String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 #[test]

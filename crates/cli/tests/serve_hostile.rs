@@ -6,35 +6,15 @@
 mod common;
 
 use std::io::Write;
-use std::time::{Duration, Instant};
 
-use common::api::{connect, head, read_reply, status_of, token, Server};
+use common::api::{connect, create_image, head, read_reply, status_of, token, wait_status, Server};
 
 const JSON: Option<&str> = Some("application/json");
 const OCTETS: Option<&str> = Some("application/octet-stream");
 const PATCH: Option<&str> = Some("application/openstack-images-v2.1-json-patch");
 
 fn create(srv: &Server, tok: &str, name: &str) -> String {
-    let body = format!(r#"{{"name": "{name}", "disk_format": "raw", "container_format": "bare"}}"#);
-    let r = srv.req("POST", "/v2/images", Some(tok), JSON, body.as_bytes());
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    r.json()["id"].as_str().unwrap().to_string()
-}
-
-/// Wait (bounded) until image `id` shows `want`.
-fn wait_status(srv: &Server, tok: &str, id: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = status_of(srv, tok, id);
-        if s == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "image {id} stayed {s}, expected {want}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    create_image(srv, tok, name, "raw")
 }
 
 /// No image file in the state directory is anything but `UUID.ext`.

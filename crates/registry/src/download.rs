@@ -1,13 +1,12 @@
 //! Downloads: the data of an active image, whole (verified against its
 //! SHA-512 as it streams) or a byte range.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 
 use sha2::{Digest, Sha512};
 
 use crate::error::{Error, Result};
-use crate::record::{hex, ImageRecord};
+use crate::record::{hex, ImageRecord, Status};
 use crate::store::Registry;
 
 /// A reader over an image's data. A whole-image reader hashes what it returns
@@ -15,7 +14,7 @@ use crate::store::Registry;
 /// bytes differ from the recorded `os_hash_value`, so a consumer that reads to
 /// the end never takes damaged data for good data.
 pub struct Download {
-    file: std::io::Take<File>,
+    file: Box<dyn Read + Send>,
     verify: Option<(Sha512, String)>,
     len: u64,
 }
@@ -56,17 +55,14 @@ impl Registry {
     /// Open the data of active image `id`: all of it, or `range` (first and
     /// last byte, inclusive, already checked by [`resolve_range`]).
     pub fn download(&self, id: &str, range: Option<(u64, u64)>) -> Result<(ImageRecord, Download)> {
-        let (rec, mut file) = self.open_data(id)?;
-        let size = rec.size.unwrap_or(0);
-        let actual = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat image {id}"), e))?
-            .len();
-        if actual != size {
-            return Err(Error::Corrupt(format!(
-                "image {id} holds {actual} bytes, its record says {size}"
+        let rec = self.get(id)?;
+        if rec.status != Status::Active {
+            return Err(Error::NoData(format!(
+                "The requested image {id} has no data: its status is {}",
+                rec.status.as_str()
             )));
         }
+        let size = rec.size.unwrap_or(0);
         let (start, len, verify) = match range {
             None => (
                 0,
@@ -75,16 +71,8 @@ impl Registry {
             ),
             Some((a, b)) => (a, b - a + 1, None),
         };
-        file.seek(SeekFrom::Start(start))
-            .map_err(|e| Error::io(format!("seek image {id}"), e))?;
-        Ok((
-            rec,
-            Download {
-                file: file.take(len),
-                verify,
-                len,
-            },
-        ))
+        let file = self.data().reader(id, size, start, len)?;
+        Ok((rec, Download { file, verify, len }))
     }
 }
 

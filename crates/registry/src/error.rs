@@ -64,6 +64,19 @@ impl Error {
         ))
     }
 
+    /// An error of the backup repository holding the data, during `op`.
+    pub(crate) fn repo(op: impl Into<String>, e: strata_repo::Error) -> Self {
+        let op = op.into();
+        match e.kind() {
+            strata_repo::ErrorKind::Corrupt => Error::Corrupt(format!("{op}: {e}")),
+            strata_repo::ErrorKind::Locked => Error::Conflict(format!("{op}: {e}")),
+            _ => Error::Io {
+                op,
+                source: std::io::Error::other(e.to_string()),
+            },
+        }
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Invalid(_) => ErrorKind::Invalid,

@@ -1,10 +1,14 @@
 //! Checking uploaded data against its declared disk format with strata's own
 //! engine, and measuring its virtual size.
 
+use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::Arc;
 
 use strata_chain::OpenSpec;
-use strata_format::Format;
+use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions};
+use strata_format::{BlockDevice, Format};
+use strata_storage::Storage;
 
 use crate::error::{Error, Result};
 
@@ -22,26 +26,137 @@ pub fn inspect(path: &Path, disk_format: &str, size: u64) -> Result<Option<u64>>
                 .format(Some(Format::Qcow2))
                 .force_share(true)
                 .open_backing(false);
-            let chain = strata_chain::open(&spec).map_err(|e| {
-                Error::Invalid(format!("Image data is not a valid qcow2 image: {e}"))
-            })?;
+            let chain = strata_chain::open(&spec).map_err(not_qcow2)?;
             let top = &chain.layers[0];
             if let Some(b) = &top.backing_name {
-                return Err(Error::Invalid(format!(
-                    "qcow2 images with a backing file are refused (it names '{}')",
-                    b.to_string_lossy()
-                )));
+                return Err(backing_refused(b));
             }
             Ok(Some(top.device.virtual_size()))
         }
         "raw" => {
             if size >= 4 && strata_chain::probe_format(path).ok() == Some(Format::Qcow2) {
-                return Err(Error::Invalid(
-                    "Image data declared raw is a qcow2 image: set disk_format to qcow2".into(),
-                ));
+                return Err(raw_is_qcow2());
             }
             Ok(Some(size))
         }
         _ => Ok(None),
+    }
+}
+
+/// [`inspect`] for data that is not a host file (an image in a backup
+/// repository), read through `dev`. The same refusals, and also qcow2 data
+/// naming an external data file or encrypted (there is no file beside it to
+/// open, nor a secret).
+pub(crate) fn inspect_device(
+    dev: Arc<dyn BlockDevice>,
+    disk_format: &str,
+    size: u64,
+) -> Result<Option<u64>> {
+    match disk_format {
+        "qcow2" => {
+            let bytes: Arc<dyn Storage> = Arc::new(DeviceBytes(dev));
+            let open = |metadata_only| {
+                let opts = Qcow2OpenOptions {
+                    read_only: true,
+                    metadata_only,
+                    ..Default::default()
+                };
+                Qcow2Image::open(bytes.clone(), opts).map_err(not_qcow2)
+            };
+            let meta = open(true)?;
+            if let Some(b) = &meta.header().backing_file {
+                return Err(backing_refused(b));
+            }
+            if meta.has_data_file() || meta.encryption().is_some() {
+                return Err(Error::Invalid(
+                    "Image data is not a valid qcow2 image here: an external data file or encryption is refused".into(),
+                ));
+            }
+            // Opened again in full: everything a guest's read relies on is checked.
+            Ok(Some(open(false)?.virtual_size()))
+        }
+        "raw" => {
+            let mut magic = [0u8; 4];
+            if size >= 4 {
+                dev.read(&mut magic, 0)
+                    .map_err(|e| Error::Corrupt(format!("reading the image back: {e}")))?;
+                if strata_format::qcow2::probe(&magic) {
+                    return Err(raw_is_qcow2());
+                }
+            }
+            Ok(Some(size))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn not_qcow2(e: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("Image data is not a valid qcow2 image: {e}"))
+}
+
+fn backing_refused(name: &OsStr) -> Error {
+    Error::Invalid(format!(
+        "qcow2 images with a backing file are refused (it names '{}')",
+        name.to_string_lossy()
+    ))
+}
+
+fn raw_is_qcow2() -> Error {
+    Error::Invalid("Image data declared raw is a qcow2 image: set disk_format to qcow2".into())
+}
+
+/// A device's guest bytes as read-only storage, for the format drivers.
+struct DeviceBytes(Arc<dyn BlockDevice>);
+
+impl DeviceBytes {
+    fn refused() -> strata_storage::Error {
+        strata_storage::Error::ReadOnly
+    }
+}
+
+impl Storage for DeviceBytes {
+    /// Bytes past the end read as zeroes, as the storage contract says.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> strata_storage::Result<()> {
+        let size = self.0.virtual_size();
+        buf.fill(0);
+        let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if n > 0 {
+            self.0
+                .read(&mut buf[..n], offset)
+                .map_err(|e| strata_storage::Error::Io {
+                    op: "read",
+                    path: "image data".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _: &[u8], _: u64) -> strata_storage::Result<()> {
+        Err(Self::refused())
+    }
+
+    fn write_zeroes(&self, _: u64, _: u64) -> strata_storage::Result<()> {
+        Err(Self::refused())
+    }
+
+    fn discard(&self, _: u64, _: u64) -> strata_storage::Result<()> {
+        Err(Self::refused())
+    }
+
+    fn flush(&self) -> strata_storage::Result<()> {
+        Ok(())
+    }
+
+    fn size(&self) -> strata_storage::Result<u64> {
+        Ok(self.0.virtual_size())
+    }
+
+    fn set_size(&self, _: u64) -> strata_storage::Result<()> {
+        Err(Self::refused())
+    }
+
+    fn read_only(&self) -> bool {
+        true
     }
 }

@@ -1,6 +1,9 @@
 //! strata's image registry: images with Glance v2's attributes and statuses,
-//! stored in a directory of the state directory.
+//! recorded in a directory of the state directory, their data there too or
+//! in a backup repository.
 //!
+//! - `data`: where the bytes are: files, or snapshots of a backup repository
+//!   sharing chunks with disk backups;
 //! - [`record`]: an image's attributes, validation of what clients set;
 //! - [`store`]: the directory, atomic record writes, recovery, create, update,
 //!   tags, delete;
@@ -11,6 +14,7 @@
 //!
 //! The CLI's local mode and the HTTP API call these same functions.
 
+mod data;
 pub mod download;
 mod error;
 pub mod inspect;
@@ -19,6 +23,7 @@ pub mod record;
 pub mod store;
 pub mod upload;
 
+pub use data::{recorded_store, StoreLocation};
 pub use download::{resolve_range, Download};
 pub use error::{Error, ErrorKind, Result};
 pub use list::{ListQuery, Page};

@@ -1,7 +1,7 @@
 //! The registry on disk: `images/ID.json` (the record, replaced atomically),
-//! `images/ID.data` (the bytes of an active image), `images/ID.partial` (an
-//! upload in progress) and `images/ID.lock` (held by the one upload of an
-//! image, across processes).
+//! the image's data as its store keeps it ([`crate::data`]: `images/ID.data`
+//! and `images/ID.partial` in the directory store) and `images/ID.lock` (held
+//! by the one upload of an image, across processes).
 //!
 //! Contract (crash safety): the record is the truth. The data file is renamed
 //! into place only after it is complete and synced, and the record turns
@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::Value;
 
+use crate::data::{settle_store, DataStore, DirStore, RepoStore, StoreLocation};
 use crate::error::{Error, Result};
 use crate::record::{self, check_tag, is_valid_id, ImageRecord, Status};
 
@@ -33,6 +34,8 @@ pub struct Registry {
 pub(crate) struct Inner {
     pub(crate) dir: PathBuf,
     pub(crate) max_size: u64,
+    /// Where the bytes of the images are.
+    pub(crate) data: Arc<DataStore>,
     records: Mutex<()>,
 }
 
@@ -49,14 +52,42 @@ impl Registry {
     /// Open (creating if needed) the registry under `state_dir/images`, and
     /// recover what a killed process left: `saving` images without a live
     /// upload return to `queued`, files without a record are removed.
+    ///
+    /// A registry whose images are in a backup repository (see
+    /// [`Registry::open_with_store`]) is refused: it needs the password.
     pub fn open(state_dir: &Path) -> Result<Registry> {
+        Registry::open_with_store(state_dir, &StoreLocation::Directory, None)
+    }
+
+    /// [`Registry::open`] with the image data in `store`; a repository needs
+    /// its `password`. The store is recorded in the state directory the first
+    /// time a repository is chosen; a registry is refused a store other than
+    /// the one its images are in.
+    pub fn open_with_store(
+        state_dir: &Path,
+        store: &StoreLocation,
+        password: Option<&str>,
+    ) -> Result<Registry> {
         let dir = state_dir.join("images");
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        settle_store(state_dir, &dir, store)?;
+        let data = match store {
+            StoreLocation::Directory => DataStore::Dir(DirStore::new(dir.clone())),
+            StoreLocation::Repository(location) => {
+                let password = password.ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "the images are in the repository '{location}': its password is needed"
+                    ))
+                })?;
+                DataStore::Repo(RepoStore::open(dir.clone(), location, password)?)
+            }
+        };
         let reg = Registry {
             inner: Arc::new(Inner {
                 dir,
                 max_size: DEFAULT_MAX_IMAGE_SIZE,
+                data: Arc::new(data),
                 records: Mutex::new(()),
             }),
         };
@@ -70,6 +101,7 @@ impl Registry {
             inner: Arc::new(Inner {
                 dir: self.inner.dir.clone(),
                 max_size: max,
+                data: self.inner.data.clone(),
                 records: Mutex::new(()),
             }),
         }
@@ -81,6 +113,10 @@ impl Registry {
 
     pub(crate) fn path(&self, id: &str, ext: &str) -> PathBuf {
         self.inner.dir.join(format!("{id}.{ext}"))
+    }
+
+    pub(crate) fn data(&self) -> &DataStore {
+        &self.inner.data
     }
 
     pub(crate) fn guard(&self) -> MutexGuard<'_, ()> {
@@ -98,8 +134,7 @@ impl Registry {
             // A lock nobody holds means the uploading process is gone.
             if let Some(_lock) = UploadLock::try_take(&self.path(&rec.id, "lock"))? {
                 let mut rec = rec;
-                self.discard_file(&rec.id, "partial")?;
-                self.discard_file(&rec.id, "data")?;
+                self.data().discard_unfinished(&rec.id)?;
                 rec.status = Status::Queued;
                 rec.updated_at = record::now();
                 self.store(&rec)?;
@@ -110,7 +145,12 @@ impl Registry {
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some((id, ext)) = name.split_once('.') {
-                if matches!(ext, "data" | "partial" | "lock") && !ids.contains(id) {
+                if ids.contains(id) {
+                    continue;
+                }
+                if self.data().owns_ext(ext) {
+                    self.data().discard(id)?;
+                } else if ext == "lock" {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
@@ -293,21 +333,21 @@ impl Registry {
         let p = self.path(id, "json");
         std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
         sync_dir(&self.inner.dir)?;
-        self.discard_file(id, "data")?;
-        self.discard_file(id, "partial")?;
+        self.data().discard(id)?;
         drop(lock);
         self.discard_file(id, "lock")?;
         Ok(())
     }
 
-    /// The record of an `active` image and its data file, for reading.
+    /// The record of an `active` image and its data file, for reading (a
+    /// conflict when the data is in a backup repository: see
+    /// [`Registry::download`]).
     pub fn open_data(&self, id: &str) -> Result<(ImageRecord, File)> {
         let rec = self.load(id)?;
         if rec.status != Status::Active {
             return Err(Error::no_data(id, rec.status));
         }
-        let p = self.path(id, "data");
-        let f = File::open(&p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+        let f = self.data().file(id)?;
         Ok((rec, f))
     }
 }

@@ -1,17 +1,14 @@
-//! Uploads: the bytes stream into `ID.partial` while MD5 and SHA-512 are
-//! computed over them; only a complete, synced, inspected file becomes
-//! `ID.data`, and only then does the record turn `active`.
-
-use std::fs::File;
-use std::io::Write;
+//! Uploads: the bytes stream into the registry's data store while MD5 and
+//! SHA-512 are computed over them; only complete, durable, inspected data is
+//! made reachable by the store, and only then does the record turn `active`.
 
 use md5::{Digest, Md5};
 use sha2::Sha512;
 
+use crate::data::Sink;
 use crate::error::{Error, Result};
-use crate::inspect::inspect;
 use crate::record::{hex, ImageRecord, Status, HASH_ALGO};
-use crate::store::{sync_dir, Registry, UploadLock};
+use crate::store::{Registry, UploadLock};
 
 /// An upload in progress. The image is `saving` while it lives; [`finish`]
 /// makes it `active`, and dropping it unfinished returns it to `queued`.
@@ -20,7 +17,7 @@ use crate::store::{sync_dir, Registry, UploadLock};
 pub struct Upload {
     reg: Registry,
     id: String,
-    file: File,
+    sink: Option<Sink>,
     md5: Md5,
     sha: Sha512,
     size: u64,
@@ -62,18 +59,17 @@ impl Registry {
             rec.status = Status::Saving;
             Ok(())
         })?;
-        let p = self.path(id, "partial");
-        let file = match File::create(&p) {
-            Ok(f) => f,
+        let sink = match self.data().begin(id) {
+            Ok(s) => s,
             Err(e) => {
                 let _ = self.requeue(id);
-                return Err(Error::io(format!("create {}", p.display()), e));
+                return Err(e);
             }
         };
         Ok(Upload {
             reg: self.clone(),
             id: id.to_string(),
-            file,
+            sink: Some(sink),
             md5: Md5::new(),
             sha: Sha512::new(),
             size: 0,
@@ -85,7 +81,7 @@ impl Registry {
 
     /// Return a `saving` image to `queued` and drop its partial data.
     fn requeue(&self, id: &str) -> Result<()> {
-        self.discard_file(id, "partial")?;
+        self.data().discard(id)?;
         self.modify(id, |rec| {
             if rec.status == Status::Saving {
                 rec.status = Status::Queued;
@@ -129,9 +125,10 @@ impl Upload {
                 )));
             }
         }
-        self.file
-            .write_all(buf)
-            .map_err(|e| Error::io(format!("write image {}", self.id), e))?;
+        self.sink
+            .as_mut()
+            .ok_or_else(|| Error::Conflict(format!("The upload of image {} ended", self.id)))?
+            .write(buf)?;
         self.md5.update(buf);
         self.sha.update(buf);
         self.size = size;
@@ -159,16 +156,12 @@ impl Upload {
                 )));
             }
         }
-        let partial = self.reg.path(&self.id, "partial");
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(format!("sync {}", partial.display()), e))?;
+        let sink = self
+            .sink
+            .take()
+            .ok_or_else(|| Error::Conflict(format!("The upload of image {} ended", self.id)))?;
         let format = self.reg.get(&self.id)?.disk_format.unwrap_or_default();
-        let virtual_size = inspect(&partial, &format, self.size)?;
-        let data = self.reg.path(&self.id, "data");
-        std::fs::rename(&partial, &data)
-            .map_err(|e| Error::io(format!("rename to {}", data.display()), e))?;
-        sync_dir(data.parent().unwrap_or(std::path::Path::new(".")))?;
+        let virtual_size = self.reg.data().commit(&self.id, sink, &format, self.size)?;
         let md5 = hex(&std::mem::take(&mut self.md5).finalize());
         let sha = hex(&std::mem::take(&mut self.sha).finalize());
         let size = self.size;
@@ -183,7 +176,7 @@ impl Upload {
         });
         if r.is_err() {
             // The record still says saving: take the data back out.
-            let _ = self.reg.discard_file(&self.id, "data");
+            let _ = self.reg.data().discard(&self.id);
         }
         r
     }

@@ -34,6 +34,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::Id;
+use crate::index::IndexFile;
 use crate::lock::Lock;
 use crate::pack::BlobType;
 use crate::repository::Repository;
@@ -271,6 +272,89 @@ pub(crate) fn zero_id(cache: &mut HashMap<u64, Id>, len: u64) -> Id {
         .or_insert_with(|| Id::hash(&vec![0u8; len as usize]))
 }
 
+/// Save the zero blob of a `len`-byte chunk unless it is stored; its ID.
+pub(crate) fn save_zero_chunk(
+    saver: &mut BlobSaver,
+    zeros: &mut HashMap<u64, Id>,
+    len: u64,
+) -> Result<Id> {
+    let id = zero_id(zeros, len);
+    if !saver.has(BlobType::Data, &id) {
+        saver.save(BlobType::Data, id, &vec![0u8; len as usize])?;
+    }
+    Ok(id)
+}
+
+/// Hash the chunk `plain` and, if the repository lacks it, compress and seal
+/// it (with the thread's `preparer`, made on first use).
+pub(crate) fn prepare_data(
+    repo: &Repository,
+    plain: &[u8],
+    preparer: &mut Option<Preparer>,
+) -> Result<(Id, Option<PreparedBlob>)> {
+    let id = Id::hash(plain);
+    if repo.index().contains(BlobType::Data, &id) {
+        return Ok((id, None));
+    }
+    let p = match preparer {
+        Some(p) => p,
+        None => preparer.insert(Preparer::new()?),
+    };
+    Ok((id, Some(p.prepare(repo.key(), id, plain)?)))
+}
+
+/// The last steps of every disk backup: store the tree of a disk of `size`
+/// bytes whose chunks are the blobs `content`, write the packs and then their
+/// index files. Returns the index documents, the totals and the snapshot
+/// document, which the caller stores once it has added the documents to its
+/// index.
+pub(crate) fn finish_disk(
+    mut saver: BlobSaver,
+    opts: &BackupOptions,
+    size: u64,
+    content: Vec<Id>,
+) -> Result<(Vec<IndexFile>, SaveStats, Snapshot)> {
+    let now = Timestamp::now().rfc3339();
+    let tree = Tree {
+        nodes: vec![Node {
+            name: opts.name.clone(),
+            kind: "file".into(),
+            mode: 0o644,
+            mtime: now.clone(),
+            atime: now.clone(),
+            ctime: now.clone(),
+            uid: host::uid(),
+            gid: host::gid(),
+            user: host::username(),
+            group: String::new(),
+            inode: 0,
+            size,
+            links: 1,
+            content: Some(content),
+            subtree: None,
+        }],
+    };
+    let tree_bytes = tree.to_bytes();
+    let tree_id = Id::hash(&tree_bytes);
+    saver.save(BlobType::Tree, tree_id, &tree_bytes)?;
+    let (indexes, saved) = saver.finish()?;
+    let snapshot = Snapshot {
+        time: now,
+        parent: opts
+            .parent
+            .or_else(|| opts.incremental.as_ref().map(|i| i.parent)),
+        tree: tree_id,
+        paths: vec![opts.path.clone()],
+        hostname: host::hostname(),
+        username: host::username(),
+        uid: host::uid(),
+        gid: host::gid(),
+        tags: opts.tags.clone(),
+        original: None,
+    };
+    Ok((indexes, saved, snapshot))
+}
+
 /// Back up `src` into `repo` as a new snapshot, under a shared lock (the index is
 /// read again once the lock is held).
 pub fn backup(
@@ -366,11 +450,7 @@ pub fn backup(
                 }
                 Chunk::Zero => {
                     zero_chunks += 1;
-                    let id = zero_id(&mut zeros, len);
-                    if !saver.has(BlobType::Data, &id) {
-                        saver.save(BlobType::Data, id, &vec![0u8; len as usize])?;
-                    }
-                    id
+                    save_zero_chunk(&mut saver, &mut zeros, len)?
                 }
                 Chunk::Read { id, read, blob } => {
                     bytes_read += read;
@@ -385,47 +465,10 @@ pub fn backup(
         }
         Ok(())
     })?;
-    let now = Timestamp::now().rfc3339();
-    let tree = Tree {
-        nodes: vec![Node {
-            name: opts.name.clone(),
-            kind: "file".into(),
-            mode: 0o644,
-            mtime: now.clone(),
-            atime: now.clone(),
-            ctime: now.clone(),
-            uid: host::uid(),
-            gid: host::gid(),
-            user: host::username(),
-            group: String::new(),
-            inode: 0,
-            size,
-            links: 1,
-            content: Some(content),
-            subtree: None,
-        }],
-    };
-    let tree_bytes = tree.to_bytes();
-    let tree_id = Id::hash(&tree_bytes);
-    saver.save(BlobType::Tree, tree_id, &tree_bytes)?;
-    let (indexes, saved) = saver.finish()?;
+    let (indexes, saved, snapshot) = finish_disk(saver, opts, size, content)?;
     for f in &indexes {
         repo.add_index(f);
     }
-    let snapshot = Snapshot {
-        time: now,
-        parent: opts
-            .parent
-            .or_else(|| opts.incremental.as_ref().map(|i| i.parent)),
-        tree: tree_id,
-        paths: vec![opts.path.clone()],
-        hostname: host::hostname(),
-        username: host::username(),
-        uid: host::uid(),
-        gid: host::gid(),
-        tags: opts.tags.clone(),
-        original: None,
-    };
     let id = repo.save_snapshot(&snapshot)?;
     lock.release()?;
     Ok(BackupSummary {
@@ -456,8 +499,7 @@ enum Chunk {
     },
 }
 
-/// Read chunk `i` of `src` into `buf`, hash it and, if the repository lacks it,
-/// compress and seal it (with the thread's `preparer`, made on first use).
+/// Read chunk `i` of `src` into `buf` and prepare it ([`prepare_data`]).
 fn prepare_chunk(
     repo: &Repository,
     src: &DiskSource,
@@ -474,16 +516,7 @@ fn prepare_chunk(
     if read == 0 {
         return Ok(Chunk::Zero);
     }
-    let id = Id::hash(buf);
-    let blob = if repo.index().contains(BlobType::Data, &id) {
-        None
-    } else {
-        let p = match preparer {
-            Some(p) => p,
-            None => preparer.insert(Preparer::new()?),
-        };
-        Some(p.prepare(repo.key(), id, buf)?)
-    };
+    let (id, blob) = prepare_data(repo, buf, preparer)?;
     Ok(Chunk::Read { id, read, blob })
 }
 

@@ -13,7 +13,8 @@
 //! without a copy.
 //!
 //! prune first forgets the snapshots a retention [`Policy`] does not keep
-//! (removes their snapshot files), then collects like gc.
+//! (removes their snapshot files), then collects like gc. Snapshots of the
+//! image registry ([`crate::tree::IMAGE_TAG`]) are never pruned.
 
 use crate::backend::{FileType, Handle};
 use crate::error::{Error, ErrorKind, Result};
@@ -127,7 +128,10 @@ pub fn plan(snapshots: &[(Id, Snapshot)], policy: &Policy) -> Vec<Planned> {
 /// What prune decided and collected.
 #[derive(Debug, Clone)]
 pub struct PruneSummary {
+    /// The verdict on every disk backup (image snapshots are not planned).
     pub plan: Vec<Planned>,
+    /// Snapshots of the image registry, kept whatever the policy.
+    pub images_kept: usize,
     pub gc: GcSummary,
 }
 
@@ -149,7 +153,12 @@ pub fn prune(
     }
     let mut lock = Lock::acquire(repo, true)?;
     repo.reload_index()?;
-    let snapshots = repo.snapshots()?;
+    // Images of the registry are not backups: no retention rule applies to
+    // them, they are kept until the registry deletes them.
+    let (images, snapshots): (Vec<_>, Vec<_>) = repo
+        .snapshots()?
+        .into_iter()
+        .partition(|(_, s)| s.is_image());
     let planned = plan(&snapshots, policy);
     if !opts.dry_run {
         for p in planned.iter().filter(|p| !p.keep) {
@@ -157,15 +166,21 @@ pub fn prune(
                 .remove(&Handle::new(FileType::Snapshot, p.id.to_string()))?;
         }
     }
+    let images_kept = images.len();
     let kept: Vec<(Id, Snapshot)> = snapshots
         .into_iter()
         .zip(&planned)
         .filter(|(_, p)| p.keep)
         .map(|(s, _)| s)
+        .chain(images)
         .collect();
     let gc = collect(repo, &mut lock, &kept, opts, progress, cancel)?;
     lock.release()?;
-    Ok(PruneSummary { plan: planned, gc })
+    Ok(PruneSummary {
+        plan: planned,
+        images_kept,
+        gc,
+    })
 }
 
 /// What becomes of one pack.

@@ -29,6 +29,7 @@ pub mod restore;
 pub mod s3;
 pub mod scratch;
 pub mod stats;
+pub mod stream;
 pub mod time;
 pub mod tree;
 pub mod verify;

@@ -246,7 +246,7 @@ fn planned_json(p: &Planned) -> Value {
 /// A prune's plan (each snapshot kept or removed, and why) and its gc.
 pub fn prune_json(s: &PruneSummary, dry_run: bool) -> Value {
     let plan: Vec<Value> = s.plan.iter().map(planned_json).collect();
-    json!({"dry_run": dry_run, "snapshots": plan, "gc": gc_json(&s.gc)})
+    json!({"dry_run": dry_run, "snapshots": plan, "images_kept": s.images_kept, "gc": gc_json(&s.gc)})
 }
 
 /// A repository's sizes.

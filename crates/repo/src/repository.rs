@@ -204,6 +204,19 @@ impl Repository {
         ))
     }
 
+    /// Another handle on the same repository (backend, master key and config
+    /// shared; no key is derived again), for a thread of its own. Its index
+    /// is empty until [`Repository::reload_index`].
+    pub fn reopen(&self) -> Repository {
+        Repository {
+            backend: self.backend.clone(),
+            key: self.key.clone(),
+            config: self.config.clone(),
+            index: Index::default(),
+            lock_wait: self.lock_wait,
+        }
+    }
+
     /// How long taking a lock waits for a conflicting one to go (zero: not at all).
     pub fn lock_wait(&self) -> std::time::Duration {
         self.lock_wait
@@ -427,12 +440,14 @@ impl Repository {
         })
     }
 
-    /// The snapshot `spec` names: `latest`, or a unique prefix of its ID.
+    /// The snapshot `spec` names: `latest` (the newest disk backup; snapshots
+    /// of the image registry are passed over), or a unique prefix of its ID.
     pub fn find_snapshot(&self, spec: &str) -> Result<(Id, Snapshot)> {
         if spec == "latest" {
             return self
                 .snapshots()?
-                .pop()
+                .into_iter()
+                .rfind(|(_, s)| !s.is_image())
                 .ok_or_else(|| Error::new(ErrorKind::NotFound, "the repository has no snapshots"));
         }
         let spec_l = spec.to_ascii_lowercase();

@@ -78,7 +78,20 @@ pub struct Snapshot {
     pub original: Option<Id>,
 }
 
+/// The tag of a snapshot that holds an image of strata's image registry
+/// (beside `image-id=ID`). Such snapshots are the registry's to forget: disk
+/// listings and `latest` pass over them and prune always keeps them.
+pub const IMAGE_TAG: &str = "strata-image";
+
+/// The prefix of the tag naming the registry image a snapshot holds.
+pub const IMAGE_ID_TAG: &str = "image-id=";
+
 impl Snapshot {
+    /// Whether the snapshot holds an image of the image registry.
+    pub fn is_image(&self) -> bool {
+        self.tags.iter().any(|t| t == IMAGE_TAG)
+    }
+
     /// The snapshot time, for ordering (the epoch if unparsable).
     pub fn timestamp(&self) -> crate::time::Timestamp {
         crate::time::Timestamp::parse(&self.time)

@@ -175,10 +175,9 @@ impl<'r> BlobSaver<'r> {
     /// A saver that stores every blob given once, even those the index has: the
     /// new packs of a repack.
     pub fn for_repack(repo: &'r Repository, pack_size: usize) -> Self {
-        BlobSaver {
-            ignore_index: true,
-            ..BlobSaver::new(repo, pack_size)
-        }
+        let mut saver = BlobSaver::new(repo, pack_size);
+        saver.ignore_index = true;
+        saver
     }
 
     /// Whether the blob is stored already or saved in this session.
@@ -268,8 +267,18 @@ impl<'r> BlobSaver<'r> {
         if let Some(u) = self.uploader.take() {
             u.wait()?;
         }
-        let files = write_index(self.repo, self.written)?;
+        let files = write_index(self.repo, std::mem::take(&mut self.written))?;
         Ok((files, self.stats))
+    }
+}
+
+impl Drop for BlobSaver<'_> {
+    /// A saver given up (an error, a cancel) waits for the packs already
+    /// queued, so none is written after its owner has let go of its lock.
+    fn drop(&mut self) {
+        if let Some(u) = self.uploader.take() {
+            let _ = u.wait();
+        }
     }
 }
 

@@ -177,7 +177,7 @@ pub enum Phase {
 }
 
 /// Where one disk of an instant restore stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DiskStatus {
     pub disk: RestoredDisk,
     /// The local image the data streams into.

@@ -154,6 +154,12 @@ pub(super) fn prune(a: PruneArgs) -> Result<()> {
         if a.dry_run { "would be " } else { "" },
         s.plan.len() - removed
     );
+    if s.images_kept > 0 {
+        println!(
+            "{} image snapshots of the image registry kept (never pruned)",
+            s.images_kept
+        );
+    }
     print_gc(&s.gc, a.dry_run);
     Ok(())
 }

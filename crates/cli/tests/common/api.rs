@@ -324,9 +324,51 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
+/// The digest `tool` (md5sum, sha512sum) prints for `file`.
+pub fn hash(tool: &str, file: &Path) -> String {
+    let o = Command::new(tool).arg(file).output().expect(tool);
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// The status of image `id` as the API shows it.
 pub fn status_of(srv: &Server, token: &str, id: &str) -> String {
     let r = srv.req("GET", &format!("/v2/images/{id}"), Some(token), None, b"");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     r.json()["status"].as_str().unwrap().to_string()
+}
+
+/// Create a bare image of `disk_format` named `name`; its ID.
+pub fn create_image(srv: &Server, tok: &str, name: &str, disk_format: &str) -> String {
+    let body = format!(
+        r#"{{"name": "{name}", "disk_format": "{disk_format}", "container_format": "bare"}}"#
+    );
+    let r = srv.req(
+        "POST",
+        "/v2/images",
+        Some(tok),
+        Some("application/json"),
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+/// Wait (bounded) until image `id` shows `want`.
+pub fn wait_status(srv: &Server, tok: &str, id: &str, want: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status_of(srv, tok, id);
+        if s == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "image {id} stayed {s}, expected {want}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
