@@ -4,6 +4,7 @@
 //! external snapshots, commit and stream, driven through a control socket.
 //!
 //! - [`client`]: a small blocking client (reads, block status, metadata contexts);
+//! - [`device`]: an export as a read-only block device, for the engine's jobs;
 //! - [`proto`]: wire constants;
 //! - [`export`]: an exported chain behind the gate that live operations take;
 //! - [`server`]: listeners and transmission;
@@ -13,6 +14,7 @@
 
 pub mod client;
 pub mod control;
+pub mod device;
 pub mod export;
 mod handshake;
 pub mod proto;
