@@ -2,6 +2,7 @@
 //! name `qemu-img` (a symlink), the binary behaves as `strata img`.
 
 mod backup;
+mod image_ops;
 mod img;
 mod nbd;
 mod serve;

@@ -139,8 +139,17 @@ enum ImageCommand {
         #[arg(long, short = 'f')]
         file: PathBuf,
     },
-    /// Delete an image (refused when protected).
-    Delete { id: String },
+    /// Delete an image (refused when protected, or while disks cloned from
+    /// it read it, unless --force: the clones keep its cached copy).
+    Delete {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make an image of a VM's disk as it was at a snapshot (running or not).
+    CreateFromSnapshot(crate::image_ops::FromSnapshotArgs),
+    /// Make an image of a VM's disk as it is now, while the guest runs.
+    CreateFromVm(crate::image_ops::FromVmArgs),
     /// Make an image from a local file: create, upload, checksum.
     CreateFromFile {
         file: PathBuf,
@@ -229,7 +238,12 @@ fn image(reg: &Registry, cmd: ImageCommand, json: bool) -> Result<()> {
         }
         ImageCommand::Show { id } => show(&reg.get(&id)?, json)?,
         ImageCommand::Download { id, file } => download(reg, &id, &file)?,
-        ImageCommand::Delete { id } => reg.delete(&id)?,
+        ImageCommand::Delete { id, force: false } => reg.delete(&id)?,
+        ImageCommand::Delete { id, force: true } => reg.delete_forced(&id)?,
+        ImageCommand::CreateFromSnapshot(a) => {
+            show(&crate::image_ops::from_snapshot(reg, a)?, json)?
+        }
+        ImageCommand::CreateFromVm(a) => show(&crate::image_ops::from_running(reg, a)?, json)?,
         ImageCommand::CreateFromFile {
             file,
             name,
