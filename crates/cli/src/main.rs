@@ -3,6 +3,7 @@
 
 mod backup;
 mod image_remote;
+mod image_ops;
 mod img;
 mod nbd;
 mod serve;

@@ -209,8 +209,17 @@ pub(crate) enum ImageCommand {
         #[arg(long, short = 'f')]
         file: PathBuf,
     },
-    /// Delete an image (refused when protected).
-    Delete { id: String },
+    /// Delete an image (refused when protected, or while disks cloned from
+    /// it read it, unless --force: the clones keep its cached copy).
+    Delete {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make an image of a VM's disk as it was at a snapshot (running or not).
+    CreateFromSnapshot(crate::image_ops::FromSnapshotArgs),
+    /// Make an image of a VM's disk as it is now, while the guest runs.
+    CreateFromVm(crate::image_ops::FromVmArgs),
     /// Make an image from a local file: create, upload, checksum.
     CreateFromFile {
         file: PathBuf,
@@ -293,6 +302,19 @@ pub(crate) trait ImageStore {
     ) -> Result<ImageRecord>;
     /// Write the image's data to `file`, verified against its sha512.
     fn download(&self, id: &str, file: &Path) -> Result<()>;
+    /// The registry itself when it is on this machine (verbs that read a
+    /// VM's disks or clones' use of an image work only there).
+    fn registry(&self) -> Option<&Registry> {
+        None
+    }
+}
+
+/// The local registry behind `store`, or a refusal naming the verb.
+fn local<'a>(store: &'a dyn ImageStore, verb: &str) -> Result<&'a Registry> {
+    match store.registry() {
+        Some(r) => Ok(r),
+        None => bail!("`strata image {verb}` works on the local state directory only: run it without --server on the host of the VM"),
+    }
 }
 
 fn image(store: &dyn ImageStore, cmd: ImageCommand, json: bool) -> Result<()> {
@@ -300,7 +322,18 @@ fn image(store: &dyn ImageStore, cmd: ImageCommand, json: bool) -> Result<()> {
         ImageCommand::List { name, status } => print_list(&store.list(name, status)?, json)?,
         ImageCommand::Show { id } => show(&store.get(&id)?, json)?,
         ImageCommand::Download { id, file } => store.download(&id, &file)?,
-        ImageCommand::Delete { id } => store.delete(&id)?,
+        ImageCommand::Delete { id, force: false } => store.delete(&id)?,
+        ImageCommand::Delete { id, force: true } => {
+            local(store, "delete --force")?.delete_forced(&id)?
+        }
+        ImageCommand::CreateFromSnapshot(a) => show(
+            &crate::image_ops::from_snapshot(local(store, "create-from-snapshot")?, a)?,
+            json,
+        )?,
+        ImageCommand::CreateFromVm(a) => show(
+            &crate::image_ops::from_running(local(store, "create-from-vm")?, a)?,
+            json,
+        )?,
         ImageCommand::CreateFromFile {
             file,
             name,
@@ -338,6 +371,10 @@ fn print_list(all: &[ImageRecord], json: bool) -> Result<()> {
 }
 
 impl ImageStore for Registry {
+    fn registry(&self) -> Option<&Registry> {
+        Some(self)
+    }
+
     fn list(&self, name: Option<String>, status: Option<String>) -> Result<Vec<ImageRecord>> {
         let mut pairs = vec![(
             "limit".to_string(),

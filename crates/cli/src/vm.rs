@@ -1,7 +1,7 @@
 //! `strata vm`: define, run and snapshot QEMU virtual machines. No daemon: each
 //! command works on the VM's state directory and talks to its own QMP socket.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,8 +111,9 @@ enum JobCommand {
 #[derive(clap::Args)]
 struct DefineArgs {
     name: Option<String>,
-    /// A JSON definition (name, memory_mib, cpus, disks [{file, format}], kernel, initrd, append).
-    #[arg(long, conflicts_with_all = ["memory", "cpus", "disk", "kernel", "initrd", "append"])]
+    /// A JSON or TOML definition (name, memory_mib, cpus, disks [{file, format} or
+    /// {image, clone}], kernel, initrd, append).
+    #[arg(long, conflicts_with_all = ["memory", "cpus", "disk", "disk_from_image", "kernel", "initrd", "append"])]
     file: Option<PathBuf>,
     /// Memory (MiB, or with a K/M/G/T suffix).
     #[arg(long, default_value = "512M")]
@@ -122,6 +123,11 @@ struct DefineArgs {
     /// A disk, PATH[,format=qcow2|raw] (repeatable; in guest order).
     #[arg(long)]
     disk: Vec<String>,
+    /// A disk made from an image (ID or name), after the --disk ones: thin, a
+    /// qcow2 overlay in the VM's directory on a verified local copy of the
+    /// image, or copy (repeatable).
+    #[arg(long, value_name = "IMAGE[,clone=thin|copy]")]
+    disk_from_image: Vec<String>,
     #[arg(long)]
     kernel: Option<PathBuf>,
     #[arg(long)]
@@ -291,26 +297,14 @@ fn dispatch(mgr: &Manager, cmd: VmCommand) -> Result<i32> {
 }
 
 fn define(mgr: &Manager, a: DefineArgs) -> Result<()> {
-    let def = match &a.file {
-        Some(f) => {
-            let text = std::fs::read(f).with_context(|| format!("read {}", f.display()))?;
-            let not_a_def = || format!("{} is not a VM definition", f.display());
-            let mut def: VmDef = if f.extension().is_some_and(|e| e == "toml") {
-                let text = std::str::from_utf8(&text).with_context(not_a_def)?;
-                toml::from_str(text).with_context(not_a_def)?
-            } else {
-                serde_json::from_slice(&text).with_context(not_a_def)?
-            };
-            if let Some(n) = &a.name {
-                def.name = n.clone();
-            }
-            def
-        }
+    let (def, images) = match &a.file {
+        Some(f) => crate::image_ops::read_definition(mgr, f, a.name.as_deref())?,
         None => {
             let Some(name) = a.name else {
                 bail!("define needs a NAME (or --file)");
             };
-            VmDef {
+            let mut images = crate::image_ops::ImageDisks::new(mgr, &name)?;
+            let mut def = VmDef {
                 name,
                 memory_mib: strata_vm::record::parse_memory(&a.memory)?,
                 cpus: a.cpus,
@@ -322,11 +316,14 @@ fn define(mgr: &Manager, a: DefineArgs) -> Result<()> {
                 kernel: a.kernel,
                 initrd: a.initrd,
                 append: a.append,
-            }
+            };
+            images.add_options(mgr, &mut def, &a.disk_from_image)?;
+            (def, images)
         }
     };
     let name = def.name.clone();
     mgr.define(def)?;
+    images.keep();
     println!("VM '{name}' defined");
     Ok(())
 }

@@ -5,6 +5,7 @@
 //!
 //! - [`client`]: a small blocking client (reads, writes, block status, metadata contexts);
 //! - [`storage`]: an export as a storage backend, for the engine to open like a file;
+//! - [`device`]: an export as a read-only block device, for the engine's jobs;
 //! - [`proto`]: wire constants;
 //! - [`export`]: an exported chain behind the gate that live operations take;
 //! - [`server`]: listeners and transmission;
@@ -14,6 +15,7 @@
 
 pub mod client;
 pub mod control;
+pub mod device;
 pub mod export;
 mod handshake;
 pub mod proto;

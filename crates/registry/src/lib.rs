@@ -10,13 +10,17 @@
 //! - [`upload`]: streaming uploads, checksummed as they arrive;
 //! - [`download`]: reading data back, verified against its SHA-512; ranges;
 //! - [`list`]: filters, sorting and paging;
+//! - [`deploy`]: VM disks from images (thin clones on a verified cache, copies);
+//! - [`from_vm`]: images of VM disks, at a snapshot or live;
 //! - [`inspect`]: the data checked against its disk format by strata's engine.
 //!
 //! The CLI's local mode and the HTTP API call these same functions.
 
 mod data;
+pub mod deploy;
 pub mod download;
 mod error;
+pub mod from_vm;
 pub mod inspect;
 pub mod list;
 pub mod record;

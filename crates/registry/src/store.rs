@@ -1,7 +1,8 @@
 //! The registry on disk: `images/ID.json` (the record, replaced atomically),
 //! the image's data as its store keeps it ([`crate::data`]: `images/ID.data`
-//! and `images/ID.partial` in the directory store) and `images/ID.lock` (held
-//! by the one upload of an image, across processes).
+//! and `images/ID.partial` in the directory store), `images/ID.lock` (held
+//! by the one upload of an image, across processes) and `images/ID.build`
+//! (an image of a VM disk being made, see `from_vm`).
 //!
 //! Contract (crash safety): the record is the truth. The data file is renamed
 //! into place only after it is complete and synced, and the record turns
@@ -140,6 +141,7 @@ impl Registry {
                 self.store(&rec)?;
             }
         }
+        self.recover_builds()?;
         let rd = std::fs::read_dir(&self.inner.dir)
             .map_err(|e| Error::io(format!("read {}", self.inner.dir.display()), e))?;
         for entry in rd.flatten() {
@@ -317,7 +319,8 @@ impl Registry {
 
     /// Delete an image: refused when it is protected or an upload to it runs.
     /// The record goes first (the image is gone at that instant), the data after.
-    pub fn delete(&self, id: &str) -> Result<()> {
+    /// Disks cloned from it are not looked for (see [`Registry::delete`]).
+    pub fn delete_forced(&self, id: &str) -> Result<()> {
         let _g = self.guard();
         let rec = self.load(id)?;
         if rec.protected {

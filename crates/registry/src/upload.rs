@@ -38,6 +38,16 @@ impl Registry {
                 "Image {id} is already being uploaded"
             )));
         };
+        self.begin_upload_locked(id, expected, lock)
+    }
+
+    /// [`Registry::begin_upload`] by the holder of the image's upload lock.
+    pub(crate) fn begin_upload_locked(
+        &self,
+        id: &str,
+        expected: Option<u64>,
+        lock: UploadLock,
+    ) -> Result<Upload> {
         if let Some(n) = expected {
             if n > self.max_image_size() {
                 return Err(too_large(self.max_image_size()));

@@ -22,7 +22,7 @@ use strata_qmp::Qmp;
 
 use crate::error::{Error, Result};
 use crate::live::stamp;
-use crate::manager::{running_qmp, vm_file, Manager};
+use crate::manager::{running_qmp, vm_file, Manager, OpenVm};
 use crate::qemu;
 
 /// The prefix of the dirty bitmaps strata keeps for backups.
@@ -35,7 +35,7 @@ const FLEECE_PREFIX: &str = "backup-fleece-";
 /// The prefix of the NBD exports a backup adds to QEMU.
 const EXPORT_PREFIX: &str = "strata-export-";
 /// The VM's subdirectory of the fleecing overlays and NBD sockets.
-const WORK_DIR: &str = "backup";
+pub(crate) const WORK_DIR: &str = "backup";
 
 /// Time allowed for QEMU to let go of the export and the fleecing job.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -62,7 +62,7 @@ pub struct BackupPoint {
 }
 
 /// One dirty bitmap as QEMU reports it.
-struct BitmapInfo {
+pub(crate) struct BitmapInfo {
     name: String,
     recording: bool,
     persistent: bool,
@@ -95,39 +95,16 @@ impl Manager {
         let (size, bitmaps) = node_info(&qmp, &top)?;
         let qcow2 = d.format == "qcow2";
         let (changes, full_reason) = usable(&qmp, &top, since, &bitmaps);
-        let id = stamp();
-        let bitmap = qcow2.then(|| format!("{BITMAP_PREFIX}{id}"));
-        let fleece_file = vm_file(&vm, WORK_DIR, format!("{FLEECE_PREFIX}{id}.qcow2"))?;
-        let socket = vm_file(&vm, WORK_DIR, format!("nbd-{id}.sock"))?;
-        let (fleece, job, export) = (
-            format!("{FLEECE_PREFIX}{id}"),
-            format!("{FLEECE_PREFIX}{id}"),
-            format!("{EXPORT_PREFIX}{id}"),
-        );
-        create(&CreateRequest {
-            path: fleece_file.clone(),
-            format: Format::Qcow2,
-            size: Some(size),
-            options: Default::default(),
-            unsafe_backing: false,
-        })?;
-        let point = BackupPoint {
-            socket: socket.clone(),
-            export: export.clone(),
+        let bitmap = qcow2.then(|| format!("{BITMAP_PREFIX}{}", stamp()));
+        let spec = PointSpec {
+            top: &top,
             size,
+            disk_file: &d.file,
             changes: changes.clone(),
             full_reason,
             bitmap: bitmap.clone(),
-            disk_file: d.file.clone(),
         };
-        let started = start_point(&qmp, &top, &point, &fleece, &fleece_file, &job);
-        if started.is_ok() {
-            crate::snapshot::step(&vm, "backup-point");
-        }
-        let out = started.map(|()| read(&point));
-        let cleaned = stop_point(&qmp, &fleece, &job, &export);
-        let _ = std::fs::remove_file(&fleece_file);
-        let _ = std::fs::remove_file(&socket);
+        let (out, cleaned) = hold_point(&vm, &qmp, spec, read);
         let read_ok = matches!(out, Ok(Ok(_)));
         match (&changes, &bitmap) {
             (Some(old), _) if read_ok => {
@@ -161,8 +138,71 @@ impl Manager {
     }
 }
 
+/// The disk a point is taken of (its top node in QEMU, virtual size and
+/// file) and the bitmaps to switch in the point's transaction (see
+/// [`BackupPoint`]; all `None` for a point that leaves bitmaps alone).
+pub(crate) struct PointSpec<'a> {
+    pub top: &'a str,
+    pub size: u64,
+    pub disk_file: &'a std::path::Path,
+    pub changes: Option<String>,
+    pub full_reason: Option<String>,
+    pub bitmap: Option<String>,
+}
+
+/// Start a point of `disk` (a fleecing overlay, its job and its export, and
+/// the bitmap changes in the same transaction), run `read` on it, and remove
+/// it again, whatever part of it was made. Returns what `read` returned (or
+/// why the point could not start) and whether the cleanup succeeded.
+pub(crate) fn hold_point<T, E>(
+    vm: &OpenVm,
+    qmp: &Qmp,
+    disk: PointSpec<'_>,
+    read: impl FnOnce(&BackupPoint) -> std::result::Result<T, E>,
+) -> (Result<std::result::Result<T, E>>, Result<()>) {
+    let id = stamp();
+    let fleece_file = match vm_file(vm, WORK_DIR, format!("{FLEECE_PREFIX}{id}.qcow2")) {
+        Ok(f) => f,
+        Err(e) => return (Err(e), Ok(())),
+    };
+    let socket = fleece_file.with_file_name(format!("nbd-{id}.sock"));
+    let (fleece, job, export) = (
+        format!("{FLEECE_PREFIX}{id}"),
+        format!("{FLEECE_PREFIX}{id}"),
+        format!("{EXPORT_PREFIX}{id}"),
+    );
+    if let Err(e) = create(&CreateRequest {
+        path: fleece_file.clone(),
+        format: Format::Qcow2,
+        size: Some(disk.size),
+        options: Default::default(),
+        unsafe_backing: false,
+    }) {
+        let _ = std::fs::remove_file(&fleece_file);
+        return (Err(e.into()), Ok(()));
+    }
+    let point = BackupPoint {
+        socket: socket.clone(),
+        export: export.clone(),
+        size: disk.size,
+        changes: disk.changes,
+        full_reason: disk.full_reason,
+        bitmap: disk.bitmap,
+        disk_file: disk.disk_file.to_path_buf(),
+    };
+    let started = start_point(qmp, disk.top, &point, &fleece, &fleece_file, &job);
+    if started.is_ok() {
+        crate::snapshot::step(vm, "backup-point");
+    }
+    let out = started.map(|()| read(&point));
+    let cleaned = stop_point(qmp, &fleece, &job, &export);
+    let _ = std::fs::remove_file(&fleece_file);
+    let _ = std::fs::remove_file(&socket);
+    (out, cleaned)
+}
+
 /// The node's virtual size and dirty bitmaps.
-fn node_info(qmp: &Qmp, node: &str) -> Result<(u64, Vec<BitmapInfo>)> {
+pub(crate) fn node_info(qmp: &Qmp, node: &str) -> Result<(u64, Vec<BitmapInfo>)> {
     let nodes = qmp.execute_value("query-named-block-nodes", Some(json!({"flat": true})))?;
     let n = nodes
         .as_array()
@@ -314,7 +354,7 @@ fn start_point(
 /// Remove what a backup killed before its own cleanup left in QEMU (its
 /// fleecing job would copy every guest write into an overlay nobody reads) and
 /// in the VM's directory. No backup of this VM runs: the VM's lock is held.
-fn clear_leftovers(qmp: &Qmp, work: &std::path::Path) -> Result<()> {
+pub(crate) fn clear_leftovers(qmp: &Qmp, work: &std::path::Path) -> Result<()> {
     let ids = |query: &str, args: Option<Value>, key: &str, prefix: &str| -> Result<Vec<String>> {
         let list = qmp.execute_value(query, args)?;
         Ok(list

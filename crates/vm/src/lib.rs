@@ -10,6 +10,7 @@
 //! - `memory`: guest memory to and from files, and memory snapshots with a short pause;
 //! - `saved`: save a running VM's memory to a file and resume from it;
 //! - [`backup`]: a consistent point of a running disk for backups, with dirty bitmaps;
+//! - [`image_source`]: a disk read for an image, at a snapshot or live;
 //! - [`blockjob`]: live commit, pull and copy of a running VM's disk;
 //! - [`restore`]: instant restore, a VM running on a backup while it streams home;
 //! - `engine`: the same on image files with strata's own engine;
@@ -20,6 +21,7 @@ pub mod backup;
 pub mod blockjob;
 mod engine;
 mod error;
+pub mod image_source;
 mod live;
 pub mod manager;
 mod memory;

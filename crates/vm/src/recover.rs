@@ -9,7 +9,8 @@
 //! - delete (external, merging the overlays down): rolled forward, since the
 //!   merge may already have changed the snapshot's files;
 //! - pivot (a block job's switch): the record follows what QEMU runs on;
-//! - save: the file goes and the guest runs on.
+//! - save: the file goes and the guest runs on;
+//! - point (an image read from a running disk): only the thaw above.
 
 use serde_json::Value;
 use strata_qmp::commands::SnapshotDelete;
@@ -63,6 +64,7 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
             }
             None => engine::internal_delete(&vm.rec.def.disks, &intent.snapshot)?,
         },
+        ("point", _) => {}
         ("save", _) => {
             if let Some(f) = intent.new_files.first() {
                 return crate::saved::undo_save(vm, qmp.as_ref(), f);

@@ -97,13 +97,13 @@ fn vm_state(vm: &OpenVm) -> Result<(Option<Qmp>, String)> {
 }
 
 /// Thaws the guest's filesystems when dropped, on every path.
-struct FreezeGuard {
+pub(crate) struct FreezeGuard {
     agent: Agent,
     frozen: bool,
 }
 
 impl FreezeGuard {
-    fn freeze(mut agent: Agent) -> Result<(FreezeGuard, u64)> {
+    pub(crate) fn freeze(mut agent: Agent) -> Result<(FreezeGuard, u64)> {
         let n = agent.fsfreeze_freeze().map_err(|e| {
             // A partial freeze is undone before reporting.
             let _ = agent.fsfreeze_thaw();
@@ -118,7 +118,7 @@ impl FreezeGuard {
         ))
     }
 
-    fn thaw(&mut self) -> Result<()> {
+    pub(crate) fn thaw(&mut self) -> Result<()> {
         if self.frozen {
             self.frozen = false;
             self.agent.fsfreeze_thaw()?;

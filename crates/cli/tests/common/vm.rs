@@ -2,6 +2,7 @@
 //! writes through QEMU's own block layer (no guest needs to boot).
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 /// The monitor of the VM whose directory is `vm_dir`, on a connection of the
@@ -25,4 +26,16 @@ pub fn qemu_io_inside(vm_dir: &Path, cmd: &str) -> String {
     let out = v.as_str().unwrap().to_string();
     assert!(!out.contains("Error"), "{line}: {out}");
     out
+}
+
+/// Run `cmd` with strata told to stop dead (no cleanup) at VM step `step`
+/// (`STRATA_VM_CRASH_AT`), and require that it did.
+pub fn crashed_at(mut cmd: Command, step: &str) {
+    let o = cmd.env("STRATA_VM_CRASH_AT", step).output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(86),
+        "{step}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
