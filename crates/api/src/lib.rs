@@ -6,6 +6,7 @@
 //! and shape the answer. The CLI calls the same library functions.
 
 pub mod error;
+pub mod image_ops;
 pub mod images;
 pub mod schema;
 pub mod task_routes;
@@ -150,6 +151,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/images/{id}/verify",
             axum::routing::post(task_routes::verify),
+        )
+        .route(
+            "/api/v1/images/from-snapshot",
+            axum::routing::post(image_ops::from_snapshot),
+        )
+        .route(
+            "/api/v1/images/from-vm",
+            axum::routing::post(image_ops::from_vm),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(|| async {

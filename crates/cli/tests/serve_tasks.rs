@@ -5,32 +5,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::api::{token, Server};
+use common::api::{token, wait_task, Server};
 use serde_json::Value;
 
 const OCTETS: Option<&str> = Some("application/octet-stream");
-
-fn wait_task(srv: &Server, tok: &str, task: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let t = srv
-            .req(
-                "GET",
-                &format!("/api/v1/tasks/{task}"),
-                Some(tok),
-                None,
-                b"",
-            )
-            .json();
-        if t["state"] != "running" {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "task {task} still running: {t}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn verify(srv: &Server, tok: &str, id: &str) -> Value {
     let r = srv.req(

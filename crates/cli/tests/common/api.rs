@@ -196,3 +196,27 @@ pub fn status_of(srv: &Server, token: &str, id: &str) -> String {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     r.json()["status"].as_str().unwrap().to_string()
 }
+
+/// Wait (up to 60 s) until task `task` is no longer running; returns it.
+pub fn wait_task(srv: &Server, tok: &str, task: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = srv
+            .req(
+                "GET",
+                &format!("/api/v1/tasks/{task}"),
+                Some(tok),
+                None,
+                b"",
+            )
+            .json();
+        if t["state"] != "running" {
+            return t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task {task} still running: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
