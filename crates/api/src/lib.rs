@@ -7,6 +7,7 @@
 
 pub mod backups;
 pub mod error;
+pub mod image_ops;
 pub mod images;
 pub mod run;
 pub mod schema;
@@ -171,6 +172,14 @@ pub fn router(state: AppState) -> Router {
         .merge(vms::routes())
         .merge(snapshots::routes())
         .merge(backups::routes())
+        .route(
+            "/api/v1/images/from-snapshot",
+            axum::routing::post(image_ops::from_snapshot),
+        )
+        .route(
+            "/api/v1/images/from-vm",
+            axum::routing::post(image_ops::from_vm),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(|| async {
             ApiError::new(

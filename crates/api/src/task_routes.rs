@@ -117,8 +117,22 @@ pub async fn cancel(
         title = "strata API",
         description = "strata's own API (tasks and operations); the image registry follows OpenStack Glance's image API v2 under /v2."
     ),
-    paths(verify, list, show, cancel),
-    components(schemas(Task, TaskState, TaskList, Started))
+    paths(
+        verify,
+        list,
+        show,
+        cancel,
+        crate::image_ops::from_snapshot,
+        crate::image_ops::from_vm
+    ),
+    components(schemas(
+        Task,
+        TaskState,
+        TaskList,
+        Started,
+        crate::image_ops::FromSnapshotBody,
+        crate::image_ops::FromVmBody
+    ))
 )]
 pub struct ApiDoc;
 

@@ -37,7 +37,8 @@ enum Command {
     Serve(Box<serve::ServeCli>),
     /// API tokens: create (admin or --read-only), list.
     Token(Box<serve::TokenCli>),
-    /// The image registry: list, show, download, delete, create-from-file.
+    /// The image registry: list, show, download, delete, create-from-file,
+    /// create-from-snapshot, create-from-vm.
     Image(Box<serve::ImageCli>),
 }
 
