@@ -15,7 +15,7 @@ use std::sync::Arc;
 use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions, Unlock};
 use strata_format::raw::RawImage;
 use strata_format::{BlockDevice, Format};
-use strata_storage::{FileStorage, OpenOptions, Storage};
+use strata_storage::{BlkdebugConfig, BlkdebugStorage, FileStorage, OpenOptions, Storage};
 
 /// Errors from opening a chain. Each names the image it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,9 @@ pub enum Error {
     },
     #[error("Could not determine the format of '{0}'")]
     UnknownFormat(PathBuf),
+    /// The first bytes of the image could not be read to probe its format.
+    #[error("Could not read image for determining its format: {0}")]
+    Probe(strata_storage::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -57,6 +60,7 @@ impl Error {
             Error::Loop { .. } | Error::TooDeep { .. } => K::Invalid,
             Error::Backing { source, .. } => source.kind(),
             Error::UnknownFormat(_) => K::Unsupported,
+            Error::Probe(e) => e.kind(),
         }
     }
 
@@ -109,6 +113,10 @@ pub struct OpenSpec {
     /// Open for the metadata only (`info`): external data files are not opened,
     /// and an encrypted top image needs no secret (its data cannot be read).
     pub metadata_only: bool,
+    /// QEMU's blkdebug filter between the top image's format and its file
+    /// (`blkdebug:CONFIG:FILE`): its rules fail the requests the format engine
+    /// makes after the events they name.
+    pub blkdebug: Option<Arc<BlkdebugConfig>>,
 }
 
 impl OpenSpec {
@@ -127,6 +135,7 @@ impl OpenSpec {
             display_name: None,
             protocol_driver: None,
             metadata_only: false,
+            blkdebug: None,
         }
     }
     /// The secret the top image opens with: the one its `encrypt.key-secret`
@@ -244,8 +253,13 @@ impl Chain {
 /// Probe the format of a top image from its first bytes: qcow2 by magic, else raw.
 pub fn probe_format(path: &Path) -> Result<Format> {
     let s = FileStorage::open(path, OpenOptions::read().force_share(true))?;
+    probe_storage(&s)
+}
+
+/// [`probe_format`] of an open store.
+pub fn probe_storage(s: &dyn Storage) -> Result<Format> {
     let mut buf = [0u8; 4];
-    s.read_at(&mut buf, 0)?;
+    s.read_at(&mut buf, 0).map_err(Error::Probe)?;
     Ok(if strata_format::qcow2::probe(&buf) {
         Format::Qcow2
     } else {
@@ -290,6 +304,32 @@ pub fn open_image_with(
         OpenOptions::read().force_share(force_share)
     };
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, opts)?);
+    open_storage(storage, format, write, metadata_only, unlock)
+}
+
+/// The file `path` as the top image's store: behind the blkdebug filter when
+/// the spec asks for one.
+pub fn top_storage(spec: &OpenSpec, path: &Path, write: bool) -> Result<Arc<dyn Storage>> {
+    let opts = if write {
+        OpenOptions::write()
+    } else {
+        OpenOptions::read().force_share(spec.force_share)
+    };
+    let file = FileStorage::open(path, opts)?;
+    Ok(match &spec.blkdebug {
+        Some(config) => Arc::new(BlkdebugStorage::new(file, config.clone())),
+        None => Arc::new(file),
+    })
+}
+
+/// An image of `format` on an open store (see [`open_image_with`]).
+pub fn open_storage(
+    storage: Arc<dyn Storage>,
+    format: Format,
+    write: bool,
+    metadata_only: bool,
+    unlock: &Unlock,
+) -> Result<Arc<dyn BlockDevice>> {
     Ok(match format {
         Format::Raw => Arc::new(RawImage::open(storage)?),
         Format::Qcow2 => Arc::new(Qcow2Image::open(
@@ -307,9 +347,15 @@ pub fn open_image_with(
 /// Open the image `spec` names and, unless told not to, its whole backing chain
 /// (read-only), attaching each layer to the one above.
 pub fn open(spec: &OpenSpec) -> Result<Chain> {
-    let format = match spec.format {
-        Some(f) => f,
-        None => probe_format(&spec.path)?,
+    // A filtered top is probed through its filter, which then serves the image.
+    let mut filtered = match spec.blkdebug {
+        Some(_) => Some(top_storage(spec, &spec.path, spec.write)?),
+        None => None,
+    };
+    let format = match (spec.format, &filtered) {
+        (Some(f), _) => f,
+        (None, Some(s)) => probe_storage(&**s)?,
+        (None, None) => probe_format(&spec.path)?,
     };
     let mut layers: Vec<Layer> = Vec::new();
     let mut seen: HashSet<PathBuf> = HashSet::new();
@@ -336,14 +382,17 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
         } else {
             Unlock::None
         };
-        let device = open_image_with(
-            &path,
-            fmt,
-            write,
-            spec.force_share,
-            spec.metadata_only,
-            &unlock,
-        )?;
+        let device = match filtered.take() {
+            Some(storage) => open_storage(storage, fmt, write, spec.metadata_only, &unlock)?,
+            None => open_image_with(
+                &path,
+                fmt,
+                write,
+                spec.force_share,
+                spec.metadata_only,
+                &unlock,
+            )?,
+        };
         let (backing_name, backing_format) = match device.overlay() {
             Some(link) => (link.backing_name(), link.backing_format()),
             None => (None, None),
