@@ -137,10 +137,16 @@ pub fn open_qcow2(
     } else {
         strata_storage::OpenOptions::read()
     };
-    let storage = strata_storage::FileStorage::open(path, opts)
-        .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;
+    let storage: std::sync::Arc<dyn strata_storage::Storage> = match spec.blkdebug {
+        Some(_) => strata_chain::top_storage(spec, path, write)
+            .map_err(|e| open_error(path, &spec.shown_name(), &e))?,
+        None => std::sync::Arc::new(
+            strata_storage::FileStorage::open(path, opts)
+                .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?,
+        ),
+    };
     strata_format::qcow2::Qcow2Image::open(
-        std::sync::Arc::new(storage),
+        storage,
         strata_format::qcow2::Qcow2OpenOptions {
             read_only: !write,
             unlock,
@@ -158,15 +164,17 @@ pub fn open_top(
     write: bool,
 ) -> Result<std::sync::Arc<dyn strata_format::BlockDevice>> {
     spec.unlock()
-        .and_then(|u| {
-            strata_chain::open_image_with(
+        .and_then(|u| match spec.blkdebug {
+            Some(_) => strata_chain::top_storage(spec, &spec.path, write)
+                .and_then(|s| strata_chain::open_storage(s, format, write, spec.metadata_only, &u)),
+            None => strata_chain::open_image_with(
                 &spec.path,
                 format,
                 write,
                 spec.force_share,
                 spec.metadata_only,
                 &u,
-            )
+            ),
         })
         .map_err(|e| open_error(&spec.path, &spec.shown_name(), &e))
 }
