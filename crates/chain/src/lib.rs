@@ -15,7 +15,7 @@ use std::sync::Arc;
 use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions, Unlock};
 use strata_format::raw::RawImage;
 use strata_format::{BlockDevice, Format};
-use strata_storage::{FileStorage, OpenOptions, Storage};
+use strata_storage::{BlkdebugConfig, BlkdebugStorage, FileStorage, OpenOptions, Storage};
 
 /// Errors from opening a chain. Each names the image it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,9 @@ pub enum Error {
     },
     #[error("Could not determine the format of '{0}'")]
     UnknownFormat(PathBuf),
+    /// The first bytes of the image could not be read to probe its format.
+    #[error("Could not read image for determining its format: {0}")]
+    Probe(strata_storage::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -57,6 +60,7 @@ impl Error {
             Error::Loop { .. } | Error::TooDeep { .. } => K::Invalid,
             Error::Backing { source, .. } => source.kind(),
             Error::UnknownFormat(_) => K::Unsupported,
+            Error::Probe(e) => e.kind(),
         }
     }
 
@@ -109,6 +113,10 @@ pub struct OpenSpec {
     /// Open for the metadata only (`info`): external data files are not opened,
     /// and an encrypted top image needs no secret (its data cannot be read).
     pub metadata_only: bool,
+    /// QEMU's blkdebug filter between the top image's format and its file
+    /// (`blkdebug:CONFIG:FILE`): its rules fail the requests the format engine
+    /// makes after the events they name.
+    pub blkdebug: Option<Arc<BlkdebugConfig>>,
     /// The top image's bytes when they are not the file at `path` (an NBD
     /// export, say): the top layer is opened on this storage, and `path` only
     /// names it.
@@ -142,6 +150,7 @@ impl OpenSpec {
             protocol_driver: None,
             metadata_only: false,
             storage: None,
+            blkdebug: None,
         }
     }
     /// The secret the top image opens with: the one its `encrypt.key-secret`
@@ -270,9 +279,9 @@ pub fn probe_spec(spec: &OpenSpec) -> Result<Format> {
     }
 }
 
-fn probe_storage(s: &dyn Storage) -> Result<Format> {
+pub fn probe_storage(s: &dyn Storage) -> Result<Format> {
     let mut buf = [0u8; 4];
-    s.read_at(&mut buf, 0)?;
+    s.read_at(&mut buf, 0).map_err(Error::Probe)?;
     Ok(if strata_format::qcow2::probe(&buf) {
         Format::Qcow2
     } else {
@@ -317,11 +326,32 @@ pub fn open_image_with(
         OpenOptions::read().force_share(force_share)
     };
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, opts)?);
-    open_on(storage, format, write, metadata_only, unlock)
+    open_storage(storage, format, write, metadata_only, unlock)
 }
 
-/// Open the image whose bytes `storage` holds as a block device of `format`.
-fn open_on(
+/// The top image's store: its own storage when the spec carries one (an NBD
+/// export), else the file at `spec.path`; behind the blkdebug filter when the
+/// spec asks for one.
+pub fn top_storage(spec: &OpenSpec, write: bool) -> Result<Arc<dyn Storage>> {
+    let base: Arc<dyn Storage> = match &spec.storage {
+        Some(s) => s.0.clone(),
+        None => {
+            let opts = if write {
+                OpenOptions::write()
+            } else {
+                OpenOptions::read().force_share(spec.force_share)
+            };
+            Arc::new(FileStorage::open(&spec.path, opts)?)
+        }
+    };
+    Ok(match &spec.blkdebug {
+        Some(config) => Arc::new(BlkdebugStorage::new(base, config.clone())),
+        None => base,
+    })
+}
+
+/// An image of `format` on an open store (see [`open_image_with`]).
+pub fn open_storage(
     storage: Arc<dyn Storage>,
     format: Format,
     write: bool,
@@ -343,28 +373,31 @@ fn open_on(
 }
 
 /// Open the top image `spec` names on its own (no backing attached), on its own
-/// storage if it has one, with the secret its options name.
+/// storage if it has one (behind its blkdebug filter), with the secret its
+/// options name.
 pub fn open_top(spec: &OpenSpec, format: Format, write: bool) -> Result<Arc<dyn BlockDevice>> {
     let unlock = spec.unlock()?;
-    match &spec.storage {
-        Some(s) => open_on(s.0.clone(), format, write, spec.metadata_only, &unlock),
-        None => open_image_with(
-            &spec.path,
-            format,
-            write,
-            spec.force_share,
-            spec.metadata_only,
-            &unlock,
-        ),
-    }
+    open_storage(
+        top_storage(spec, write)?,
+        format,
+        write,
+        spec.metadata_only,
+        &unlock,
+    )
 }
 
 /// Open the image `spec` names and, unless told not to, its whole backing chain
 /// (read-only), attaching each layer to the one above.
 pub fn open(spec: &OpenSpec) -> Result<Chain> {
-    let format = match spec.format {
-        Some(f) => f,
-        None => probe_spec(spec)?,
+    // A filtered top is probed through its filter, which then serves the image.
+    let mut filtered = match spec.blkdebug {
+        Some(_) => Some(top_storage(spec, spec.write)?),
+        None => None,
+    };
+    let format = match (spec.format, &filtered) {
+        (Some(f), _) => f,
+        (None, Some(s)) => probe_storage(&**s)?,
+        (None, None) => probe_spec(spec)?,
     };
     let mut layers: Vec<Layer> = Vec::new();
     let mut seen: HashSet<PathBuf> = HashSet::new();
@@ -386,7 +419,9 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             });
         }
         // The secret is the top image's: a backing file QEMU would need its own for.
-        let device = if layers.is_empty() {
+        let device = if let Some(storage) = filtered.take() {
+            open_storage(storage, fmt, write, spec.metadata_only, &spec.unlock()?)?
+        } else if layers.is_empty() {
             open_top(spec, fmt, write)?
         } else {
             open_image_with(

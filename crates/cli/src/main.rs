@@ -2,8 +2,8 @@
 //! name `qemu-img` (a symlink), the binary behaves as `strata img`.
 
 mod backup;
-mod image_remote;
 mod image_ops;
+mod image_remote;
 mod img;
 mod nbd;
 mod serve;

@@ -4,7 +4,7 @@ use crate::error::{request, Operation};
 use crate::{check_range, BlockDevice, Error, Extent, Result, Status};
 use std::sync::{Arc, RwLock};
 use strata_storage::sync;
-use strata_storage::Storage;
+use strata_storage::{DebugEvent, Storage};
 
 /// A raw image: the file is the disk.
 pub struct RawImage {
@@ -73,12 +73,14 @@ impl BlockDevice for RawImage {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         request(Operation::Read, Some(offset), || {
             check_range(offset, buf.len() as u64, self.virtual_size())?;
+            self.storage.debug_event(DebugEvent::ReadAio);
             self.storage.read_at(buf, offset).map_err(|e| self.err(e))
         })
     }
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         request(Operation::Write, Some(offset), || {
             check_range(offset, buf.len() as u64, self.virtual_size())?;
+            self.storage.debug_event(DebugEvent::WriteAio);
             self.storage.write_at(buf, offset).map_err(|e| self.err(e))
         })
     }
@@ -106,6 +108,8 @@ impl BlockDevice for RawImage {
     }
     fn flush(&self) -> Result<()> {
         request(Operation::Flush, None, || {
+            self.storage.debug_event(DebugEvent::FlushToOs);
+            self.storage.debug_event(DebugEvent::FlushToDisk);
             self.storage.flush().map_err(|e| self.err(e))
         })
     }

@@ -73,6 +73,10 @@ pub enum Error {
     /// is gone (or an error was asked for).
     #[error("injected fault: {0}")]
     Injected(std::io::Error),
+    /// Raised by a [`crate::BlkdebugStorage`] rule: the errno alone, worded as
+    /// the OS words it (as QEMU reports an error its blkdebug driver injects).
+    #[error("{}", os_message(.0))]
+    Rule(std::io::Error),
     /// A thread panicked in the middle of an update of this state (`.0` names it):
     /// it is neither used nor written any more (see [`crate::sync`]).
     #[error("an operation panicked while updating the {0}; it is not used until reopened")]
@@ -104,7 +108,9 @@ impl Error {
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ErrorKind::NotFound
             }
-            Error::Io { .. } | Error::Injected(_) | Error::Poisoned(_) => ErrorKind::Io,
+            Error::Io { .. } | Error::Injected(_) | Error::Rule(_) | Error::Poisoned(_) => {
+                ErrorKind::Io
+            }
             Error::OutOfRange { .. } => ErrorKind::OutOfRange,
             Error::ReadOnly => ErrorKind::ReadOnly,
             Error::Locked { .. } => ErrorKind::Locked,
@@ -115,7 +121,9 @@ impl Error {
     /// The OS error code behind this error, if there is one (EIO, ENOSPC...).
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Error::Io { source, .. } | Error::Injected(source) => source.raw_os_error(),
+            Error::Io { source, .. } | Error::Injected(source) | Error::Rule(source) => {
+                source.raw_os_error()
+            }
             Error::ReadOnly => Some(libc::EPERM),
             Error::OutOfRange { .. } => Some(libc::EINVAL),
             Error::Locked { .. } => Some(libc::EAGAIN),

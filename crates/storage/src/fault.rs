@@ -129,6 +129,9 @@ impl<S: Storage> Storage for FaultStorage<S> {
     fn probe_data(&self, offset: u64, max_len: u64) -> Result<(bool, u64)> {
         self.inner.probe_data(offset, max_len)
     }
+    fn debug_event(&self, event: crate::DebugEvent) {
+        self.inner.debug_event(event)
+    }
 }
 
 #[cfg(test)]

@@ -11,9 +11,14 @@
 //!   crash, lets a chosen subset of them (torn at 512-byte sectors) reach the disk,
 //!   to prove that metadata is ordered by flushes.
 //!
+//! - [`BlkdebugStorage`]: QEMU's blkdebug driver: rules that fail operations
+//!   once an event the format engine announces ([`DebugEvent`]) has fired.
+//!
 //! [`sync`] holds the one policy for poisoned locks that every crate follows.
 
+mod blkdebug;
 mod crash;
+mod debug_event;
 mod error;
 mod fault;
 mod file;
@@ -21,7 +26,9 @@ pub mod lock;
 mod mem;
 pub mod sync;
 
+pub use blkdebug::{BlkdebugConfig, BlkdebugStorage, ConfigError};
 pub use crash::{materialise, picks_for, CrashClock, CrashPick, CrashStorage, SECTOR};
+pub use debug_event::DebugEvent;
 pub use error::{os_message, Error, ErrorKind, Result};
 pub use fault::{FaultClock, FaultMode, FaultPlan, FaultStorage};
 pub use file::{remove_created, start_writeback, FileStorage, OpenOptions, OutputFile};
@@ -92,6 +99,12 @@ pub trait Storage: Send + Sync {
     fn file(&self) -> Option<&std::fs::File> {
         None
     }
+    /// The format engine announces that it reached `event` (a metadata update, a
+    /// data read...), as QEMU's drivers announce them to the node below. Only a
+    /// debugging filter ([`BlkdebugStorage`]) acts on it; wrappers pass it down.
+    fn debug_event(&self, event: DebugEvent) {
+        let _ = event;
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -136,5 +149,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn file(&self) -> Option<&std::fs::File> {
         (**self).file()
+    }
+    fn debug_event(&self, event: DebugEvent) {
+        (**self).debug_event(event)
     }
 }

@@ -56,9 +56,18 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if repair != Repair::None && spec.force_share {
         bail!("force-share=on can only be used with read-only images");
     }
-    let format = match spec.format {
-        Some(f) => f,
-        None => strata_chain::probe_spec(&spec)?,
+    let writing = repair != Repair::None;
+    let opened_err = |e| super::common::open_error(&spec.path, &spec.shown_name(), &e);
+    // The top's own storage or a blkdebug filter is opened once: the probe
+    // goes through it too.
+    let filtered = match (&spec.blkdebug, &spec.storage) {
+        (None, None) => None,
+        _ => Some(strata_chain::top_storage(&spec, writing).map_err(opened_err)?),
+    };
+    let format = match (spec.format, &filtered) {
+        (Some(f), _) => f,
+        (None, Some(s)) => strata_chain::probe_storage(&**s).map_err(opened_err)?,
+        (None, None) => strata_chain::probe_format(&spec.path)?,
     };
     if repair != Repair::None {
         super::common::warn_probed_raw(&spec.path, spec.format.map(Format::name));
@@ -67,14 +76,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         eprintln!("{}: This image format does not support checks", ctx.prog);
         return Ok(63);
     }
-    let writing = repair != Repair::None;
     let opts = if writing {
         OpenOptions::write()
     } else {
         OpenOptions::read().force_share(spec.force_share)
     };
-    let storage: Arc<dyn Storage> = match &spec.storage {
-        Some(s) => s.0.clone(),
+    let storage: Arc<dyn Storage> = match filtered {
+        Some(s) => s,
         None => Arc::new(
             FileStorage::open(&spec.path, opts)
                 .with_context(|| format!("Could not open '{}'", spec.shown_name()))?,

@@ -142,10 +142,17 @@ pub fn open_qcow2(
     } else {
         strata_storage::OpenOptions::read()
     };
-    let storage = strata_storage::FileStorage::open(path, opts)
-        .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;
+    let storage: std::sync::Arc<dyn strata_storage::Storage> = match (&spec.blkdebug, &spec.storage)
+    {
+        (None, None) => std::sync::Arc::new(
+            strata_storage::FileStorage::open(path, opts)
+                .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?,
+        ),
+        _ => strata_chain::top_storage(spec, write)
+            .map_err(|e| open_error(path, &spec.shown_name(), &e))?,
+    };
     strata_format::qcow2::Qcow2Image::open(
-        std::sync::Arc::new(storage),
+        storage,
         strata_format::qcow2::Qcow2OpenOptions {
             read_only: !write,
             unlock,

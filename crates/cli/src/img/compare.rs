@@ -3,8 +3,9 @@
 
 use super::common::{open_chain, Ctx};
 use super::qsteps::{QemuSteps, Shown};
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use std::path::PathBuf;
+use strata_format::Operation;
 use strata_jobs::compare::{compare, Outcome};
 use strata_jobs::status::ChainStatus;
 use strata_jobs::Cancel;
@@ -45,10 +46,57 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     match run_inner(&args) {
         Ok(code) => Ok(code),
         Err(e) => {
-            ctx.error(&e);
-            Ok(2)
+            // A failed read exits with 4, a failed allocation query with 3.
+            let failed = super::ioerr::io_failure(&e).and_then(|f| {
+                let name = failing_name(&args, f.path.as_deref());
+                match f.op {
+                    Operation::Read => Some((
+                        format!(
+                            "Error while reading offset {} of {name}: {}",
+                            f.offset, f.os
+                        ),
+                        4,
+                    )),
+                    Operation::BlockStatus => {
+                        Some((format!("Sector allocation test failed for {name}"), 3))
+                    }
+                    _ => None,
+                }
+            });
+            match failed {
+                Some((msg, code)) => {
+                    ctx.error(&anyhow!(msg));
+                    Ok(code)
+                }
+                None => {
+                    ctx.error(&e);
+                    Ok(2)
+                }
+            }
         }
     }
+}
+
+/// The image (as named) whose file `path` failed: the one behind a blkdebug
+/// filter when both name that file.
+fn failing_name(args: &Args, path: Option<&std::path::Path>) -> String {
+    let spec = |p: &PathBuf, f: &Option<String>| args.naming.spec(p, f.as_deref(), true).ok();
+    let (s1, s2) = (
+        spec(&args.filename1, &args.format1),
+        spec(&args.filename2, &args.format2),
+    );
+    let is = |s: &Option<strata_chain::OpenSpec>| {
+        s.as_ref().is_some_and(|s| Some(s.path.as_path()) == path)
+    };
+    let filtered =
+        |s: &Option<strata_chain::OpenSpec>| s.as_ref().is_some_and(|s| s.blkdebug.is_some());
+    let second = is(&s2) && (!is(&s1) || (filtered(&s2) && !filtered(&s1)));
+    let name = if second {
+        &args.filename2
+    } else {
+        &args.filename1
+    };
+    name.display().to_string()
 }
 
 fn run_inner(args: &Args) -> Result<i32> {

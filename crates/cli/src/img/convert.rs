@@ -93,6 +93,21 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+    use strata_format::Operation;
+    convert_images(args).map_err(|e| match super::ioerr::io_failure(&e) {
+        Some(f) if f.op == Operation::Read => {
+            anyhow::anyhow!("error while reading at byte {}: {}", f.offset, f.os)
+        }
+        Some(f) if f.op == Operation::BlockStatus => anyhow::anyhow!(
+            "error while reading block status at offset {}: {}",
+            f.offset,
+            f.os
+        ),
+        _ => e,
+    })
+}
+
+fn convert_images(args: Args) -> Result<i32> {
     if args.target_image_opts && args.out_format.is_some() {
         bail!("--image-opts and --format are mutually exclusive");
     }

@@ -197,8 +197,7 @@ const PROTOCOL_DRIVERS: [&str; 2] = ["file", "host_device"];
 
 /// Protocol prefixes QEMU's block layer knows and strata does not open: named
 /// as such rather than as unknown protocols.
-const UNSUPPORTED_PROTOCOLS: [&str; 19] = [
-    "blkdebug",
+const UNSUPPORTED_PROTOCOLS: [&str; 18] = [
     "blkverify",
     "http",
     "https",
@@ -270,10 +269,25 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
     let format = format.map(parse_format).transpose()?;
     let path = match prefix {
         None => name.to_path_buf(),
+        Some((b"blkdebug", rest)) => {
+            let (path, rules) = super::blkdebug::from_filename(&String::from_utf8_lossy(rest))?;
+            return Ok(blkdebug_spec(path, format, rules));
+        }
         Some((b"file", rest)) => file_protocol_path(rest)?,
         Some((other, _)) => return Err(protocol_refusal(other)),
     };
     Ok(OpenSpec::new(path).format(format))
+}
+
+/// The spec for an image whose file is behind QEMU's blkdebug filter.
+fn blkdebug_spec(
+    path: std::path::PathBuf,
+    format: Option<Format>,
+    rules: strata_storage::BlkdebugConfig,
+) -> OpenSpec {
+    let mut spec = OpenSpec::new(path).format(format);
+    spec.blkdebug = Some(std::sync::Arc::new(rules));
+    spec
 }
 
 /// The file an output image's name names: a `file:` prefix taken off (an empty
@@ -433,6 +447,13 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
             spec.protocol_driver = Some(p.to_string());
             return Ok(spec);
         }
+        Some("blkdebug") => {
+            let (path, rules) =
+                super::blkdebug::from_options(flat, |k| COMMON_OPTIONS.contains(&k))?;
+            let mut spec = blkdebug_spec(path, Some(Format::Raw), rules);
+            spec.protocol_driver = Some("blkdebug".into());
+            return Ok(spec);
+        }
         Some("qcow2" | "raw") | None => {}
         Some(other) => bail!("Unknown driver '{other}'"),
     }
@@ -443,6 +464,11 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
         bail!("Cannot find device='{node}' nor node-name='{node}'");
     }
     let mut file = take_child(&mut flat, "file");
+    if file.get("driver").map(String::as_str) == Some("blkdebug") {
+        file.remove("driver");
+        let (path, rules) = super::blkdebug::from_options(file, |k| COMMON_OPTIONS.contains(&k))?;
+        return format_spec(flat, driver, path, Some(rules));
+    }
     let Some(path) = file.remove("filename") else {
         bail!("A block device must be specified for \"file\"");
     };
@@ -454,11 +480,22 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
         format!("Block protocol '{protocol}' doesn't support the option '{k}'")
     })?;
     check_protocol_file(&protocol, Path::new(&path))?;
+    format_spec(flat, driver, path.into(), None)
+}
+
+/// The spec of a format node over the file `path` (perhaps behind blkdebug),
+/// from the format driver's own options.
+fn format_spec(
+    mut flat: BTreeMap<String, String>,
+    driver: Option<String>,
+    path: std::path::PathBuf,
+    blkdebug: Option<strata_storage::BlkdebugConfig>,
+) -> Result<OpenSpec> {
     flat.remove("filename");
     let format = driver.as_deref().map(parse_format).transpose()?;
     // Validated against the driver that will open the image: the named one, or
     // the probed one (a file that cannot be probed fails to open later anyway).
-    let checked = format.or_else(|| strata_chain::probe_format(Path::new(&path)).ok());
+    let checked = format.or_else(|| strata_chain::probe_format(&path).ok());
     let own: &[&str] = match checked {
         Some(Format::Qcow2) => &QCOW2_OPTIONS,
         Some(Format::Raw) => &RAW_OPTIONS,
@@ -477,6 +514,7 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
     }
     let mut spec = OpenSpec::new(path).format(format).force_share(force_share);
     spec.driver_options = flat;
+    spec.blkdebug = blkdebug.map(std::sync::Arc::new);
     Ok(spec)
 }
 

@@ -60,7 +60,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     if spec.storage.is_some() {
         infos = infos.into_iter().map(super::nbdname::info_view).collect();
     }
-    if let Some(driver) = &spec.protocol_driver {
+    if spec.blkdebug.is_some() {
+        let top = infos.remove(0);
+        infos.insert(0, super::blkdebug::info_view(top, &spec));
+    } else if let Some(driver) = &spec.protocol_driver {
         infos = infos
             .into_iter()
             .map(|i| protocol_view(i, driver))
@@ -130,6 +133,13 @@ fn repeated_name(args: &Args, limit: usize) -> Result<Option<PathBuf>> {
 /// qemu-img's text dump of one node (and its children, indented), as bytes: file
 /// names are printed as they are.
 pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> Vec<u8> {
+    dump_node(info, level, protocol, "")
+}
+
+/// [`dump`] of a node whose children are named below `path` (`/file`, then
+/// `/file/image`); a child with children of its own is shown as an image, a
+/// leaf as a protocol node.
+fn dump_node(info: &ImageInfo, level: usize, protocol: bool, path: &str) -> Vec<u8> {
     let pad = "    ".repeat(level);
     let mut s = Vec::new();
     let name = |n: &std::ffi::OsStr| n.as_bytes().to_vec();
@@ -200,8 +210,10 @@ pub fn dump(info: &ImageInfo, level: usize, protocol: bool) -> Vec<u8> {
         }
     }
     for child in &info.children {
-        let _ = writeln!(s, "{pad}Child node '/{}':", child.name);
-        s.extend(dump(&child.info, level + 1, true));
+        let child_path = format!("{path}/{}", child.name);
+        let _ = writeln!(s, "{pad}Child node '{child_path}':");
+        let leaf = child.info.children.is_empty();
+        s.extend(dump_node(&child.info, level + 1, leaf, &child_path));
     }
     s
 }

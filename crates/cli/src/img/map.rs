@@ -45,6 +45,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+    map_image(args).map_err(|e| match super::ioerr::io_failure(&e) {
+        Some(f) => anyhow::anyhow!("Could not read file metadata: {}", f.os),
+        None => e,
+    })
+}
+
+fn map_image(args: Args) -> Result<i32> {
     let start = match &args.start_offset {
         Some(s) => size_arg("start offset", s)?,
         None => 0,
@@ -61,7 +68,11 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let nbd = nbd.filter(|_| chain.layers[0].format == strata_format::Format::Raw);
     // File names, printed as the bytes they are (they need not be UTF-8); a layer
     // with an external data file maps into that file, named as the image records it.
-    let names: Vec<Vec<u8>> = std::iter::once(spec.path.as_os_str().as_bytes())
+    let top_name = super::blkdebug::node_name(&spec).map(String::into_bytes);
+    let top_name = top_name
+        .as_deref()
+        .unwrap_or(spec.path.as_os_str().as_bytes());
+    let names: Vec<Vec<u8>> = std::iter::once(top_name)
         .chain(chain.layers[..chain.layers.len() - 1].iter().map(|l| {
             l.backing_path
                 .as_ref()

@@ -6,6 +6,7 @@
 mod amend;
 mod bench;
 mod bitmap;
+mod blkdebug;
 mod check;
 mod commit;
 mod common;
@@ -16,6 +17,7 @@ mod create;
 mod dd;
 mod imgname;
 mod info;
+mod ioerr;
 mod map;
 mod measure;
 mod nbdname;

@@ -121,7 +121,13 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             E::NoInternalSnapshots { .. } => {
                 anyhow::anyhow!("Could not create snapshot '{name}': Operation not supported")
             }
-            e => anyhow::Error::new(e).context(format!("Could not create snapshot '{name}'")),
+            e => {
+                let e = anyhow::Error::new(e);
+                match super::ioerr::os_words(&e) {
+                    Some(os) => anyhow::anyhow!("Could not create snapshot '{name}': {os}"),
+                    None => e.context(format!("Could not create snapshot '{name}'")),
+                }
+            }
         })?;
     } else if let Some(key) = &args.apply {
         let req = job::ApplyRequest {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use strata_storage::sync;
-use strata_storage::Storage;
+use strata_storage::{DebugEvent, Storage};
 
 /// How to open a qcow2 image.
 #[derive(Debug, Clone, Default)]
@@ -202,9 +202,22 @@ impl Qcow2Image {
         let crypt = Encryption::open(&*storage, &h, &opts.unlock, read_only, opts.metadata_only)?
             .map(Arc::new);
         let data = data_file::store_for(&h, given_data, read_only, opts.metadata_only)?;
-        let l1 = read_table(&*storage, h.l1_table_offset, u64::from(h.l1_size))?;
+        // A failed read is worded as QEMU words it for these tables.
+        let in_words = |what: &str| {
+            let what = what.to_string();
+            move |e: Error| match e.storage_error() {
+                Some(s) if s.kind() == ErrorKind::Io => {
+                    Error::new(ErrorKind::Io, format!("{what}: {s}"))
+                }
+                _ => e,
+            }
+        };
+        let l1 = read_table(&*storage, h.l1_table_offset, u64::from(h.l1_size))
+            .map_err(in_words("Could not read L1 table"))?;
         let rt_entries = u64::from(h.refcount_table_clusters) * h.cluster_size() / 8;
-        let reftable = read_table(&*storage, h.refcount_table_offset, rt_entries)?;
+        storage.debug_event(DebugEvent::ReftableLoad);
+        let reftable = read_table(&*storage, h.refcount_table_offset, rt_entries)
+            .map_err(in_words("Could not initialize refcount handling"))?;
         let (snaps, _) = snapshot::read_table(
             &*storage,
             h.snapshots_offset,
@@ -432,6 +445,7 @@ impl Qcow2Image {
         match run {
             Run::Data { host } => {
                 let storage = self.data_storage()?;
+                self.storage.debug_event(DebugEvent::ReadAio);
                 match &self.crypt {
                     None => storage.read_at(buf, host.get()).map_err(Error::from),
                     Some(c) => c.read(&**storage, host.get(), off, buf),
@@ -473,6 +487,7 @@ impl Qcow2Image {
         }
         // The entry's sector count bounds `size` by two clusters.
         let mut input = vec![0u8; index(size)];
+        self.storage.debug_event(DebugEvent::ReadCompressed);
         self.storage
             .read_at(&mut input, offset)
             .map_err(|e| self.err(e))?;
@@ -536,6 +551,7 @@ impl Qcow2Image {
                 Ok(())
             }
             Some(b) => {
+                self.storage.debug_event(DebugEvent::ReadBackingAio);
                 let bsize = b.virtual_size();
                 let len = buf.len() as u64;
                 if off >= bsize {
@@ -778,6 +794,7 @@ impl Qcow2Image {
                     .preallocate(seg.host.get(), data.len() as u64)
                     .map_err(|e| self.err(e))?;
             }
+            self.storage.debug_event(DebugEvent::WriteAio);
             storage
                 .write_at(data, seg.host.get())
                 .map_err(|e| self.err(e))?;
@@ -859,6 +876,7 @@ impl Qcow2Image {
             let old = m.entry(gc)?;
             let l2 = m.l2_for_write(gc / l2n)?;
             let off = self.alloc_bytes(&mut m, compressed.len() as u64)?;
+            self.storage.debug_event(DebugEvent::WriteCompressed);
             self.storage.write_at(compressed, off.get())?;
             let e = self.geo.encode_compressed(off, compressed.len() as u64);
             m.set_raw_entry(l2, gc % l2n, e, 0)?;
@@ -1335,7 +1353,9 @@ impl BlockDevice for Qcow2Image {
             let _gate = sync::write(&self.reuse);
             let mut m = self.lock()?;
             m.compressed_cursor = 0;
+            m.storage.debug_event(DebugEvent::FlushToOs);
             m.flush_metadata().map_err(|e| self.err(e))?;
+            m.storage.debug_event(DebugEvent::FlushToDisk);
             if !m.barriers {
                 if let Some(d) = &m.data_storage {
                     d.flush().map_err(|e| self.err(e))?;

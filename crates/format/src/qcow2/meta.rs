@@ -8,7 +8,7 @@ use super::snapshot::Snapshot;
 use crate::units::{index, ClusterCount, ClusterIndex, HostOffset};
 use crate::{Error, Result};
 use std::sync::Arc;
-use strata_storage::Storage;
+use strata_storage::{DebugEvent, Storage};
 
 /// Bytes of L2 tables kept in memory (QEMU's default covers 32 MiB of guest data per
 /// MiB; strata keeps enough to map a 1 TiB disk with 64 KiB clusters).
@@ -131,6 +131,7 @@ impl Meta {
         let offs = self.rb.dirty_offsets();
         for off in &offs {
             let slot = self.rb.get(*off).expect("dirty slot");
+            self.storage.debug_event(DebugEvent::RefblockUpdatePart);
             self.storage.write_at(&slot.data, *off)?;
             // Clean only once written: a failed write is retried by the next flush.
             slot.dirty = false;
@@ -143,6 +144,7 @@ impl Meta {
     fn write_evicted_l2(&mut self, off: u64, data: &[u64]) -> Result<()> {
         self.write_refblocks()?;
         self.barrier_named(Barrier::RefcountsBeforeL2)?;
+        self.storage.debug_event(DebugEvent::L2Update);
         self.storage.write_at(&Self::encode_table(data), off)?;
         Ok(())
     }
@@ -167,6 +169,7 @@ impl Meta {
             return Ok(());
         }
         let mut buf = vec![0u8; index(self.cluster_size())];
+        self.storage.debug_event(DebugEvent::L2Load);
         self.storage.read_at(&mut buf, off)?;
         let t = self.decode_table(&buf);
         self.insert_l2(off, t, false)
@@ -292,6 +295,7 @@ impl Meta {
 
     pub fn write_l1_entry(&mut self, i: u64) -> Result<()> {
         let e = self.l1[index(i)];
+        self.storage.debug_event(DebugEvent::L1Update);
         self.storage
             .write_at(&e.to_be_bytes(), self.h.l1_table_offset + i * 8)?;
         Ok(())

@@ -9,6 +9,7 @@
 use super::meta::Meta;
 use crate::units::{index, ClusterCount, ClusterIndex, HostOffset};
 use crate::{Error, Result};
+use strata_storage::DebugEvent;
 
 /// Read entry `i` of a refcount block of `order` (bits = 2^order).
 pub fn rb_get(block: &[u8], order: u32, i: usize) -> u64 {
@@ -102,6 +103,7 @@ impl Meta {
     ) -> Result<()> {
         if let Some((k, slot)) = evicted {
             if slot.dirty {
+                self.storage.debug_event(DebugEvent::RefblockUpdatePart);
                 if let Err(e) = self.storage.write_at(&slot.data, k) {
                     self.rb.put_back(k, slot);
                     return Err(e.into());
@@ -206,7 +208,14 @@ impl Meta {
     /// Add `delta` to the refcount of `cluster`, creating its refcount block if needed.
     /// Underflow and overflow are corruption errors, never wrap-around.
     pub fn update_refcount(&mut self, cluster: ClusterIndex, delta: i64) -> Result<u64> {
-        self.ensure_refblock(cluster.get() / self.rb_entries())?;
+        let idx = cluster.get() / self.rb_entries();
+        self.ensure_refblock(idx)?;
+        // Announced where QEMU announces it: a block loaded to be changed (plain
+        // lookups, as a check's, go unannounced).
+        let off = self.refblock_offset(idx)?;
+        if !self.rb.contains(off.get()) {
+            self.storage.debug_event(DebugEvent::RefblockLoad);
+        }
         let cur = self.refcount(cluster)?;
         let new = if delta >= 0 {
             cur.checked_add(delta as u64)
@@ -354,6 +363,7 @@ impl Meta {
     pub fn alloc_clusters(&mut self, n: ClusterCount) -> Result<HostOffset> {
         let n = n.get();
         debug_assert!(n > 0);
+        self.storage.debug_event(DebugEvent::ClusterAlloc);
         let epb = self.rb_entries();
         let mut extra = 0u64;
         loop {

@@ -1,0 +1,48 @@
+//! The storage failures of a guest request (a read, a block-status query)
+//! picked out of an error, so a subcommand can word them as qemu-img does
+//! ("error while reading at byte N: Input/output error").
+
+use strata_format::{ErrorKind, Offset, Operation};
+
+/// A guest request the storage failed: which, where, and the OS's words.
+pub struct IoFailure {
+    pub op: Operation,
+    pub offset: u64,
+    pub os: String,
+    /// The file whose storage failed.
+    pub path: Option<std::path::PathBuf>,
+}
+
+/// The failed guest request behind `e`, if the storage failed one.
+pub fn io_failure(e: &anyhow::Error) -> Option<IoFailure> {
+    let f = storage_failure(e)?;
+    let offset = match f.offset() {
+        Some(Offset::Guest(g)) => g.0,
+        _ => 0,
+    };
+    Some(IoFailure {
+        op: f.operation()?,
+        offset,
+        os: f.storage_error()?.to_string(),
+        path: f.path().map(Into::into),
+    })
+}
+
+/// The OS's words for the storage failure behind `e` (without the file's
+/// name, as qemu-img words a failed operation), if the storage failed.
+pub fn os_words(e: &anyhow::Error) -> Option<String> {
+    Some(storage_failure(e)?.storage_error()?.to_string())
+}
+
+/// The engine error behind `e` that a failing storage raised.
+fn storage_failure(e: &anyhow::Error) -> Option<&strata_format::Error> {
+    let f = e.chain().find_map(|c| {
+        c.downcast_ref::<strata_format::Error>().or_else(|| {
+            match c.downcast_ref::<strata_jobs::Error>()? {
+                strata_jobs::Error::Format(f) => Some(f),
+                _ => None,
+            }
+        })
+    })?;
+    (f.kind() == ErrorKind::Io && f.storage_error().is_some()).then_some(f)
+}
