@@ -101,3 +101,48 @@ fn sizes_are_read_and_refused_as_qemu_img_reads_them() {
     }
     assert_all_same();
 }
+
+/// `create` with each preallocation mode leaves a file of qemu-img's length and
+/// disk usage (what `info` reports as disk size), for qcow2 at several cluster
+/// sizes and for raw, and prints the same.
+#[test]
+fn preallocated_images_take_the_room_qemu_img_gives_them() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases: &[(&str, &str)] = &[
+        ("qcow2", "preallocation=off,cluster_size=512"),
+        ("qcow2", "preallocation=off,cluster_size=64k"),
+        ("qcow2", "preallocation=off,cluster_size=2M"),
+        ("qcow2", "preallocation=metadata,cluster_size=64k"),
+        ("qcow2", "preallocation=metadata,cluster_size=2M"),
+        ("qcow2", "preallocation=falloc,cluster_size=64k"),
+        ("qcow2", "preallocation=full,cluster_size=64k"),
+        ("qcow2", "preallocation=full,cluster_size=2M"),
+        ("raw", "preallocation=off"),
+        ("raw", "preallocation=falloc"),
+        ("raw", "preallocation=full"),
+    ];
+    for (fmt, opts) in cases {
+        let made = |prog: &str, name: &str| {
+            let _ = std::fs::remove_file(d.join(name));
+            let (code, out, err) =
+                common::outcome(d, prog, &["create", "-f", fmt, "-o", opts, name, "10M"]);
+            let meta = std::fs::metadata(d.join(name)).unwrap();
+            (
+                code,
+                out.replace(name, "IMG"),
+                err.replace(name, "IMG"),
+                meta.len(),
+                meta.blocks(),
+            )
+        };
+        let (ours, theirs) = (made("strata", "o.img"), made("qemu-img", "t.img"));
+        if ours != theirs {
+            common::differs(format!(
+                "create -f {fmt} -o {opts}: (exit, stdout, stderr, length, blocks)\n  strata:   {ours:?}\n  qemu-img: {theirs:?}"
+            ));
+        }
+    }
+    assert_all_same();
+}
