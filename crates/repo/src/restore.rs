@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
+use strata_format::qcow2::Qcow2Image;
 use strata_format::{BlockDevice, Format};
 use strata_jobs::{Cancel, Progress};
 use strata_storage::sync;
@@ -88,9 +89,17 @@ impl Target {
                     unsafe_backing: false,
                 })?
                 .create()?;
-                Ok(Target::Image(strata_chain::open_image(
-                    path, format, true, false,
-                )?))
+                let dev = strata_chain::open_image(path, format, true, false)?;
+                // A new output is removed when the restore fails, so a crash
+                // midway leaves nothing anyone uses: its metadata writes keep
+                // their order but are flushed once, by `finish` (not before
+                // every L2 update), and its data clusters are allocated in
+                // bulk, as convert does for a new target.
+                if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
+                    q.set_write_barriers(false)?;
+                    q.set_falloc_new_clusters(true);
+                }
+                Ok(Target::Image(dev))
             }
         }
     }
