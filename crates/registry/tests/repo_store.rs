@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 use strata_registry::{recorded_store, ErrorKind, Registry, Status, StoreLocation};
-use strata_repo::{Backend, FileType, KdfParams, LocalBackend, Repository};
+use strata_repo::pack::BlobType;
+use strata_repo::{Backend, FileType, Id, KdfParams, LocalBackend, Repository};
 
 const PASSWORD: &str = "image store";
 
@@ -203,4 +204,49 @@ fn reopen_without_lock(state: &Path, repo: &StoreLocation, id: &str) -> Registry
     let lock = state.join("images").join(format!("{id}.lock"));
     std::fs::remove_file(&lock).unwrap();
     Registry::open_with_store(state, repo, Some(PASSWORD)).unwrap()
+}
+
+#[test]
+fn a_range_download_reads_only_the_blobs_it_covers() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path());
+    let state = dir.path().join("state");
+    let reg = Registry::open_with_store(&state, &repo, Some(PASSWORD)).unwrap();
+    // Three 4 MiB chunks of different content.
+    let data: Vec<u8> = (0..12u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let id = new_image(&reg, "iso");
+    let mut up = reg.begin_upload(&id, None).unwrap();
+    up.write(&data).unwrap();
+    up.finish().unwrap();
+    // Damage the first chunk's blob where its pack holds it.
+    let r = Repository::open(
+        Arc::new(LocalBackend::new(dir.path().join("repo"))),
+        PASSWORD,
+    )
+    .unwrap();
+    let named = std::fs::read_to_string(state.join("images").join(format!("{id}.snap"))).unwrap();
+    let snap = r.load_snapshot(&Id::parse(named.trim()).unwrap()).unwrap();
+    let first = strata_repo::restore::disk_node(&r, &snap)
+        .unwrap()
+        .content
+        .unwrap()[0];
+    let loc = *r.index().get(BlobType::Data, &first).unwrap();
+    let pack = std::fs::read_dir(dir.path().join("repo/data"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy() == loc.pack.to_string())
+        .unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[(loc.offset + u64::from(loc.length) / 2) as usize] ^= 0x40;
+    std::fs::write(&pack, bytes).unwrap();
+    // A range of the other chunks never loads it; one that touches it fails,
+    // and so does the whole image.
+    let (a, b) = ((4 << 20) + 5, (11 << 20) + 3);
+    assert!(read_all(&reg, &id, Some((a, b))) == data[a as usize..=b as usize]);
+    for range in [Some((0, 10)), None] {
+        let (_, mut rd) = reg.download(&id, range).unwrap();
+        let e = rd.read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{range:?}: {e}");
+    }
 }
