@@ -7,12 +7,14 @@
 //! - [`upload`]: streaming uploads, checksummed as they arrive;
 //! - [`download`]: reading data back, verified against its SHA-512; ranges;
 //! - [`list`]: filters, sorting and paging;
+//! - [`index`]: the records in memory for lists, kept in step with the files;
 //! - [`inspect`]: the data checked against its disk format by strata's engine.
 //!
 //! The CLI's local mode and the HTTP API call these same functions.
 
 pub mod download;
 mod error;
+pub mod index;
 pub mod inspect;
 pub mod list;
 pub mod record;
