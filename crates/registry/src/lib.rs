@@ -12,6 +12,7 @@
 //! - [`list`]: filters, sorting and paging;
 //! - [`deploy`]: VM disks from images (thin clones on a verified cache, copies);
 //! - [`from_vm`]: images of VM disks, at a snapshot or live;
+//! - [`index`]: the records in memory for lists, kept in step with the files;
 //! - [`inspect`]: the data checked against its disk format by strata's engine.
 //!
 //! The CLI's local mode and the HTTP API call these same functions.
@@ -21,6 +22,7 @@ pub mod deploy;
 pub mod download;
 mod error;
 pub mod from_vm;
+pub mod index;
 pub mod inspect;
 pub mod list;
 pub mod record;

@@ -2,10 +2,12 @@
 //! of the records and the query.
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::index::Row;
 use crate::record::ImageRecord;
 
 /// Default and largest page size.
@@ -127,44 +129,69 @@ pub struct Page {
     pub more: bool,
 }
 
-fn text(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
+/// Whether an attribute's value, shown as text, is `want` (an absent or null
+/// value matches nothing).
+fn matches(v: Option<&Value>, want: &str) -> bool {
+    match v {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => s == want,
+        Some(other) => {
+            // A number or boolean, as the query would spell it.
+            let shown = other.to_string();
+            shown == want
+        }
     }
 }
 
-fn cmp_values(a: Option<&Value>, b: Option<&Value>) -> Ordering {
-    let rank = |v: Option<&Value>| match v {
-        None | Some(Value::Null) => 0,
-        _ => 1,
-    };
-    match (a, b) {
-        (Some(Value::Number(x)), Some(Value::Number(y))) => x
-            .as_f64()
-            .partial_cmp(&y.as_f64())
-            .unwrap_or(Ordering::Equal),
-        (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
-        _ => rank(a).cmp(&rank(b)),
+/// A sort key's value in one record, ordered as the key's JSON value would
+/// be: absent (null) first, then numbers by value or text by bytes.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Key<'a> {
+    Null,
+    Num(u64),
+    Text(&'a str),
+}
+
+type Getter = fn(&ImageRecord) -> Key<'_>;
+
+fn opt_text(v: &Option<String>) -> Key<'_> {
+    v.as_deref().map_or(Key::Null, Key::Text)
+}
+
+fn opt_num(v: Option<u64>) -> Key<'static> {
+    v.map_or(Key::Null, Key::Num)
+}
+
+/// How to read sort key `k` (one of [`SORT_KEYS`]) from a record.
+fn getter(k: &str) -> Getter {
+    match k {
+        "name" => |r| opt_text(&r.name),
+        "status" => |r| Key::Text(r.status.as_str()),
+        "container_format" => |r| opt_text(&r.container_format),
+        "disk_format" => |r| opt_text(&r.disk_format),
+        "size" => |r| opt_num(r.size),
+        "virtual_size" => |r| opt_num(r.virtual_size),
+        "created_at" => |r| Key::Text(&r.created_at),
+        "updated_at" => |r| Key::Text(&r.updated_at),
+        "visibility" => |r| Key::Text(r.visibility.as_str()),
+        "min_disk" => |r| Key::Num(r.min_disk),
+        "min_ram" => |r| Key::Num(r.min_ram),
+        "id" => |r| Key::Text(&r.id),
+        // Parsing refuses other keys; one would sort as absent everywhere.
+        _ => |_| Key::Null,
     }
 }
 
 /// Select, order and page `all` by `q`. Hidden images are left out unless the
 /// query filters on `os_hidden`. A marker that names no listed image is an error.
 pub fn select(all: Vec<ImageRecord>, q: &ListQuery) -> Result<Page> {
+    let rows: Vec<Arc<Row>> = all.into_iter().map(|r| Arc::new(Row::new(r))).collect();
+    select_rows(&rows, q)
+}
+
+/// [`select`] over indexed rows: only the records of the page are copied.
+pub fn select_rows(rows: &[Arc<Row>], q: &ListQuery) -> Result<Page> {
     let show_hidden = q.filters.iter().any(|(k, _)| k == "os_hidden");
-    let mut rows: Vec<(serde_json::Map<String, Value>, ImageRecord)> = all
-        .into_iter()
-        .filter(|r| show_hidden || !r.os_hidden)
-        .filter(|r| q.tags.iter().all(|t| r.tags.contains(t)))
-        .map(|r| (r.to_json(), r))
-        .filter(|(j, _)| {
-            q.filters
-                .iter()
-                .all(|(k, v)| text(j.get(k)).as_deref() == Some(v.as_str()))
-        })
-        .collect();
     let mut sort = q.sort.clone();
     if sort.is_empty() {
         sort.push(("created_at".into(), false));
@@ -173,32 +200,41 @@ pub fn select(all: Vec<ImageRecord>, q: &ListQuery) -> Result<Page> {
     if !sort.iter().any(|(k, _)| k == "id") {
         sort.push(("id".into(), last_dir));
     }
-    rows.sort_by(|(a, _), (b, _)| {
-        for (k, asc) in &sort {
-            let o = cmp_values(a.get(k), b.get(k));
+    let sort: Vec<(Getter, bool)> = sort.iter().map(|(k, a)| (getter(k), *a)).collect();
+    let mut keyed: Vec<&Row> = rows
+        .iter()
+        .map(|r| &**r)
+        .filter(|r| show_hidden || !r.rec.os_hidden)
+        .filter(|r| q.tags.iter().all(|t| r.rec.tags.contains(t)))
+        .filter(|r| q.filters.iter().all(|(k, v)| matches(r.json.get(k), v)))
+        .collect();
+    let order = |a: &&Row, b: &&Row| {
+        for (get, asc) in &sort {
+            let o = get(&a.rec).cmp(&get(&b.rec));
             let o = if *asc { o } else { o.reverse() };
             if o != Ordering::Equal {
                 return o;
             }
         }
         Ordering::Equal
-    });
-    let start = match &q.marker {
-        None => 0,
-        Some(m) => {
-            rows.iter().position(|(_, r)| &r.id == m).ok_or_else(|| {
-                Error::Invalid(format!("Invalid marker. Image {m} could not be found."))
-            })? + 1
-        }
     };
-    let rest = rows.len().saturating_sub(start);
+    // The order is total (the ID decides last), so the page is the `limit`
+    // rows after the marker: picked in linear time, then only they are sorted.
+    if let Some(m) = &q.marker {
+        let at = keyed.iter().position(|r| &r.rec.id == m).ok_or_else(|| {
+            Error::Invalid(format!("Invalid marker. Image {m} could not be found."))
+        })?;
+        let mark = keyed.swap_remove(at);
+        keyed.retain(|r| order(r, &mark) == Ordering::Greater);
+    }
+    let rest = keyed.len();
     let take = rest.min(q.limit);
-    let images = rows
-        .into_iter()
-        .skip(start)
-        .take(take)
-        .map(|(_, r)| r)
-        .collect();
+    if take > 0 && take < rest {
+        keyed.select_nth_unstable_by(take - 1, order);
+    }
+    keyed.truncate(take);
+    keyed.sort_unstable_by(order);
+    let images = keyed.iter().map(|r| r.rec.clone()).collect();
     Ok(Page {
         images,
         more: rest > take,
@@ -208,6 +244,6 @@ pub fn select(all: Vec<ImageRecord>, q: &ListQuery) -> Result<Page> {
 impl crate::Registry {
     /// One page of the images `q` selects.
     pub fn list(&self, q: &ListQuery) -> Result<Page> {
-        select(self.all()?, q)
+        select_rows(&self.rows()?, q)
     }
 }

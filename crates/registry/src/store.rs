@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use crate::data::{settle_store, DataStore, DirStore, RepoStore, StoreLocation};
 use crate::error::{Error, Result};
+use crate::index::{Index, Row};
 use crate::record::{self, check_tag, is_valid_id, ImageRecord, Status};
 
 /// Refuse uploads larger than this unless the registry is told otherwise.
@@ -38,6 +39,8 @@ pub(crate) struct Inner {
     /// Where the bytes of the images are.
     pub(crate) data: Arc<DataStore>,
     records: Mutex<()>,
+    /// The records in memory for lists (the files stay the truth).
+    index: Arc<Index>,
 }
 
 /// One JSON patch operation (RFC 6902's `add`, `replace`, `remove` on
@@ -90,6 +93,7 @@ impl Registry {
                 max_size: DEFAULT_MAX_IMAGE_SIZE,
                 data: Arc::new(data),
                 records: Mutex::new(()),
+                index: Arc::default(),
             }),
         };
         reg.recover()?;
@@ -104,6 +108,7 @@ impl Registry {
                 max_size: max,
                 data: self.inner.data.clone(),
                 records: Mutex::new(()),
+                index: self.inner.index.clone(),
             }),
         }
     }
@@ -127,7 +132,8 @@ impl Registry {
     fn recover(&self) -> Result<()> {
         let _g = self.guard();
         let mut ids = std::collections::HashSet::new();
-        for rec in self.load_all()? {
+        for row in self.rows()? {
+            let rec = row.rec.clone();
             ids.insert(rec.id.clone());
             if rec.status != Status::Saving {
                 continue;
@@ -193,21 +199,15 @@ impl Registry {
             .map_err(|e| Error::Corrupt(format!("image record {}: {e}", p.display())))
     }
 
-    fn load_all(&self) -> Result<Vec<ImageRecord>> {
-        let rd = std::fs::read_dir(&self.inner.dir)
-            .map_err(|e| Error::io(format!("read {}", self.inner.dir.display()), e))?;
-        let mut out = Vec::new();
-        for entry in rd.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".json") {
-                match self.load(id) {
-                    Ok(r) => out.push(r),
-                    Err(Error::NotFound(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Ok(out)
+    /// Every record, through the index (which reads only what changed).
+    pub(crate) fn rows(&self) -> Result<Vec<Arc<Row>>> {
+        self.inner
+            .index
+            .rows(&self.inner.dir, |id| match self.load(id) {
+                Ok(r) => Ok(Some(r)),
+                Err(Error::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            })
     }
 
     /// Create a `queued` image from the attributes in `body` (a JSON object;
@@ -228,15 +228,36 @@ impl Registry {
                 rec.set(k, v)?;
             }
         }
-        let _g = self.guard();
-        if self.path(&rec.id, "json").exists() {
-            return Err(Error::Conflict(format!(
-                "An image with identifier {} already exists",
-                rec.id
-            )));
-        }
-        self.store(&rec)?;
+        self.store_new(&rec)?;
         Ok(rec)
+    }
+
+    /// Write the record of a new image: to a temporary file of this call's
+    /// own, synced, then hard-linked to its name, which fails if the name
+    /// exists. No process lock is needed (nothing else can act on an image
+    /// before its record exists), so creations run in parallel.
+    fn store_new(&self, rec: &ImageRecord) -> Result<()> {
+        let data = serde_json::to_vec_pretty(rec)
+            .map_err(|e| Error::io("encode image record", std::io::Error::other(e)))?;
+        let path = self.path(&rec.id, "json");
+        let tmp = self
+            .inner
+            .dir
+            .join(format!(".{}.json.new-{}", rec.id, record::new_id()?));
+        let linked = (|| {
+            let mut f = File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &data)?;
+            f.sync_all()?;
+            std::fs::hard_link(&tmp, &path)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => sync_dir(&self.inner.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Conflict(
+                format!("An image with identifier {} already exists", rec.id),
+            )),
+            Err(e) => Err(Error::io(format!("write {}", path.display()), e)),
+        }
     }
 
     /// The record of image `id`.
@@ -246,7 +267,7 @@ impl Registry {
 
     /// Every image, in no particular order.
     pub fn all(&self) -> Result<Vec<ImageRecord>> {
-        self.load_all()
+        Ok(self.rows()?.iter().map(|r| r.rec.clone()).collect())
     }
 
     /// Apply `f` to the record of `id` and store it, under the process lock.
