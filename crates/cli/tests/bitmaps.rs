@@ -4,7 +4,7 @@
 //! bits are read back by the real QEMU (qemu-nbd exports a bitmap, nbdinfo maps it).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 mod common;
 
@@ -18,19 +18,13 @@ fn strata(dir: &Path, args: &[&str]) -> String {
 fn dirty(dir: &Path, img: &str, name: &str) -> Vec<(u64, u64)> {
     let sock = dir.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&sock);
-    let mut srv = Command::new("qemu-nbd")
-        .args(["-r", "-f", "qcow2", "-B", name, "-k"])
-        .arg(&sock)
-        .arg(dir.join(img))
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-nbd must be installed");
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let sock_name = sock.to_str().unwrap();
+    let srv = common::nbd::QemuNbd::start(
+        &dir.join(img),
+        "",
+        &["-B", name, "-k", sock_name],
+        sock_name,
+    );
     let map = run(
         dir,
         "nbdinfo",
@@ -39,8 +33,7 @@ fn dirty(dir: &Path, img: &str, name: &str) -> Vec<(u64, u64)> {
             &format!("nbd+unix:///?socket={}", sock.display()),
         ],
     );
-    let _ = srv.kill();
-    let _ = srv.wait();
+    drop(srv);
     map.lines()
         .filter(|l| l.contains("dirty"))
         .map(|l| {
