@@ -329,9 +329,21 @@ fn backing_files_stay_shared_and_commit_takes_the_base_only_when_free() {
         ],
     );
     drop(sibling);
-    srv.export(0)
-        .commit()
-        .expect("commit once the base is free");
+    // A child process that another test thread forks at this moment holds a
+    // copy of the sibling's descriptors, and so its OFD locks, until it execs;
+    // under load that can take a moment, so the now free base is retried
+    // briefly (a base still held after 5 s fails the test).
+    let mut tries = 0;
+    loop {
+        match srv.export(0).commit() {
+            Ok(_) => break,
+            Err(e) if tries < 50 && e.to_string().contains("lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("commit once the base is free: {e}"),
+        }
+    }
     ok("qemu-io", &["-f", "raw", "-c", "read -P 0x5a 1M 64k", &uri]);
     srv.stop_and_release();
     ok("qemu-io", &["-r", "-c", "read -P 0x5a 1M 64k", s(&base)]);
