@@ -138,13 +138,7 @@ fn backups_made_and_restored_through_the_api_are_byte_identical_and_restic_check
     ] {
         let t = srv.follow(&tok, &srv.json("POST", path, &tok, &body));
         assert_eq!(t["state"], "error", "{t}");
-        let last = t["log"]
-            .as_array()
-            .unwrap()
-            .last()
-            .unwrap()
-            .as_str()
-            .unwrap();
+        let last = Server::last_log(&t);
         assert!(last.contains(needle), "{t}");
     }
     assert!(!dir.path().join("x.raw").exists());

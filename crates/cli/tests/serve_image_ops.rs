@@ -24,14 +24,7 @@ fn task(srv: &Server, tok: &str, path: &str, body: &str) -> (serde_json::Value, 
     );
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     let t = srv.wait_task(tok, r.json()["task"].as_str().unwrap());
-    let last = t["log"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
+    let last = Server::last_log(&t);
     let id = last
         .strip_prefix("image ")
         .and_then(|l| l.strip_suffix(" is active"))

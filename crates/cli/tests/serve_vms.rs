@@ -244,13 +244,7 @@ fn a_stopped_vm_is_defined_snapshotted_reverted_and_undefined_through_the_api() 
     let t = srv.follow(&tok, &r);
     assert_eq!(t["state"], "error", "{t}");
     assert_eq!(t["kind"], "vm-snapshot-create");
-    let last = t["log"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .as_str()
-        .unwrap();
+    let last = Server::last_log(&t);
     assert!(last.contains("--quiesce needs a running VM"), "{t}");
     assert_eq!(
         tree,

@@ -5,13 +5,10 @@
 //! caller in turn.
 
 use crate::client::Client;
+use crate::proto::{CONTEXT_BASE_ALLOCATION as BASE_ALLOCATION, STATE_ZERO};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use strata_format::{BlockDevice, Extent, Status};
-
-/// The metadata context of allocation; flag bit 1 means the range reads as zeroes.
-pub const BASE_ALLOCATION: &str = "base:allocation";
-const STATE_ZERO: u32 = 2;
 
 /// A read-only disk served by an NBD export.
 pub struct NbdDevice {

@@ -10,13 +10,11 @@ use anyhow::{anyhow, Result};
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 use strata_nbd::client::Client;
+use strata_nbd::proto::{CONTEXT_BASE_ALLOCATION as BASE_ALLOCATION, STATE_ZERO};
 use strata_nbd::url::NbdUrl;
 use strata_repo::disk::{BackupOptions, DiskSource, Incremental, CHUNK_SIZE};
 use strata_repo::{Id, Repository};
 
-/// The metadata context of allocation (bit 1 of its flags: reads as zeroes).
-const BASE_ALLOCATION: &str = "base:allocation";
-const STATE_ZERO: u32 = 2;
 /// The tag prefixes of an NBD export backup.
 pub(super) const TAG_NBD: &str = "nbd:";
 pub(super) const TAG_BITMAP: &str = "bitmap:";

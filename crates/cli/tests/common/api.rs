@@ -162,6 +162,17 @@ impl Server {
         }
     }
 
+    /// The last line of task `t`'s log (where a finished task says its result
+    /// or its error).
+    pub fn last_log(t: &serde_json::Value) -> String {
+        t["log"]
+            .as_array()
+            .and_then(|l| l.last())
+            .and_then(|l| l.as_str())
+            .unwrap_or_else(|| panic!("task without a log line: {t}"))
+            .to_string()
+    }
+
     /// Follow a 202 answer to its task (named by `Location`) until it ends.
     pub fn follow(&self, token: &str, started: &Reply) -> serde_json::Value {
         assert_eq!(
