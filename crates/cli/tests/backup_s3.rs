@@ -8,7 +8,7 @@
 mod common;
 
 use common::garage::Garage;
-use common::restic::{noise, restic, run, saved_id, snapshots_json, stdout, strata, MIB};
+use common::restic::{noise, reads_clean, restic, run, saved_id, snapshots_json, strata, MIB};
 use std::path::Path;
 use std::process::Command;
 
@@ -24,16 +24,6 @@ fn raw_disk(path: &Path, mib: usize) -> Vec<u8> {
     d.extend(noise(mib * MIB - d.len()));
     std::fs::write(path, &d).unwrap();
     d
-}
-
-/// `restic check --read-data`, run by `cmd`, finds no error.
-fn restic_check_reads_clean(cmd: Command) {
-    let out = run(cmd);
-    assert!(
-        stdout(&out).contains("no errors were found"),
-        "{}",
-        stdout(&out)
-    );
 }
 
 /// `cmd` with the cluster's credentials.
@@ -66,7 +56,7 @@ fn restic_checks_and_restores_what_strata_stores_in_garage_and_the_reverse() {
         .map(|s| s["short_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, [first.as_str(), second.as_str()]);
-    restic_check_reads_clean(on(&g, restic(&repo, &["check", "--read-data"])));
+    reads_clean(on(&g, restic(&repo, &["check", "--read-data"])));
 
     let target = d.join("restic-out");
     run(on(
@@ -149,7 +139,7 @@ fn a_three_replica_cluster_that_loses_a_node_during_a_backup_completes_it() {
 
     // Two nodes of three hold a quorum: the repository reads back whole, through
     // either survivor.
-    restic_check_reads_clean(on(&g, restic(&repo, &["check", "--read-data"])));
+    reads_clean(on(&g, restic(&repo, &["check", "--read-data"])));
     let out = d.join("out.raw");
     let via_node1 = g.repo(1, "replicated");
     run(on(

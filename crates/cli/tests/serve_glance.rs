@@ -1,6 +1,7 @@
 //! OpenStack's own image client, python-glanceclient (installed from PyPI into
 //! a virtualenv kept under target/), drives `strata serve`: create with a
-//! file, list, show, download, update, tags, delete. Its numbers are checked
+//! file, list, show, download, update, tags, delete, with the image data in
+//! the state directory and in a backup repository. Its numbers are checked
 //! against md5sum, sha512sum and the file itself. A missing python3, venv or
 //! pip fails the test.
 
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::api::{hash, token, Server};
+use common::image_repo::{ImageRepo, Kind};
 
 /// The virtualenv with glanceclient, made once (by one test of this binary at
 /// a time) and reused by later runs.
@@ -109,11 +111,26 @@ fn parse_table(out: &str) -> BTreeMap<String, String> {
 
 #[test]
 fn glanceclient_creates_lists_shows_downloads_updates_tags_and_deletes_an_image() {
+    glance_round_trip(None);
+}
+
+#[test]
+fn glanceclient_round_trips_an_image_kept_in_a_backup_repository() {
+    glance_round_trip(Some(Kind::Dir));
+}
+
+/// Every verb of the client on one image, its data in the state directory
+/// (`repo` None) or in a new repository of that kind.
+fn glance_round_trip(repo: Option<Kind>) {
     let bin = glance_bin();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let tok = token(&state, false);
-    let srv = Server::start(&state, &[]);
+    let repo = repo.map(|k| ImageRepo::init(k, dir.path()));
+    let srv = match &repo {
+        None => Server::start(&state, &[]),
+        Some(r) => r.serve(&state),
+    };
     let g = Glance {
         bin,
         url: srv.url.clone(),
@@ -163,6 +180,16 @@ fn glanceclient_creates_lists_shows_downloads_updates_tags_and_deletes_an_image(
     let back = dir.path().join("back.qcow2");
     g.ok(&["image-download", "--file", back.to_str().unwrap(), &id]);
     assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&img).unwrap());
+    let data_file = state.join("images").join(format!("{id}.data"));
+    assert_eq!(
+        data_file.exists(),
+        repo.is_none(),
+        "{}",
+        data_file.display()
+    );
+    if let Some(r) = &repo {
+        assert_eq!(r.image_snapshots(&id).len(), 1);
+    }
 
     let updated = g.table(&[
         "image-update",
@@ -203,6 +230,11 @@ fn glanceclient_creates_lists_shows_downloads_updates_tags_and_deletes_an_image(
     let (ok, _, err) = g.run(&["image-show", &id]);
     assert!(!ok && err.contains("No image found"), "{err}");
     assert!(!g.ok(&["image-list"]).contains(&id));
+    if let Some(r) = &repo {
+        // The image's snapshot went with it, and the repository is sound.
+        assert_eq!(r.image_snapshots(&id), Vec::<String>::new());
+        r.check();
+    }
 }
 
 #[test]

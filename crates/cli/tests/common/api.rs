@@ -21,13 +21,19 @@ pub struct Server {
 impl Server {
     /// Start `strata serve` on `state` with extra `args`; waits until it listens.
     pub fn start(state: &Path, args: &[&str]) -> Server {
-        let mut child = Command::new(STRATA)
-            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        Server::start_with(state, args, |_| ())
+    }
+
+    /// [`Server::start`] with the command given to `env` first (credentials
+    /// of an object store, say).
+    pub fn start_with(state: &Path, args: &[&str], env: impl FnOnce(&mut Command)) -> Server {
+        let mut cmd = Command::new(STRATA);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(state)
             .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start strata serve");
+            .stdout(Stdio::piped());
+        env(&mut cmd);
+        let mut child = cmd.spawn().expect("start strata serve");
         let mut out = child.stdout.take().unwrap();
         let mut line = Vec::new();
         let mut b = [0u8; 1];

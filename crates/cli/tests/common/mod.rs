@@ -7,6 +7,7 @@
 pub mod api;
 pub mod damage;
 pub mod garage;
+pub mod image_repo;
 pub mod nbd;
 pub mod restic;
 pub mod vm;

@@ -141,22 +141,22 @@ pub fn snapshots_json(o: &Output) -> Vec<serde_json::Value> {
 
 /// `restic check --read-data` passes on `repo`.
 pub fn restic_check(repo: &Path) {
-    let check = run(restic(repo, &["check", "--read-data"]));
-    assert!(
-        stdout(&check).contains("no errors were found"),
-        "{}",
-        stdout(&check)
-    );
+    reads_clean(restic(repo, &["check", "--read-data"]));
 }
 
-/// `strata backup verify` (every pack read) passes on `repo`.
-pub fn strata_verify(repo: &Path) {
-    let out = run(strata(&["verify", "--repo", s(repo)]));
+/// `cmd` (a `restic check` or a `strata backup verify`) succeeds and finds no error.
+pub fn reads_clean(cmd: Command) {
+    let out = run(cmd);
     assert!(
         stdout(&out).contains("no errors were found"),
         "{}",
         stdout(&out)
     );
+}
+
+/// `strata backup verify` (every pack read) passes on `repo`.
+pub fn strata_verify(repo: &Path) {
+    reads_clean(strata(&["verify", "--repo", s(repo)]));
 }
 
 /// The full IDs of the snapshots strata lists, sorted.
