@@ -1,9 +1,11 @@
 //! The image registry with its data in a backup repository (`strata serve
-//! --image-store repo:PATH`): images go in and come out through the HTTP API
-//! (whole and by ranges, checksums as md5sum and sha512sum compute them), the
-//! real restic lists and checks the repository, a backup of the same disk adds
-//! no chunk, prune never removes an image, delete and gc free an image's own
-//! data, and a server killed during uploads leaves no snapshot behind.
+//! --image-store repo:PATH`, and `s3:URL` on a bucket of a real Garage
+//! server): images go in and come out through the HTTP API (whole and by
+//! ranges, checksums as md5sum and sha512sum compute them), the real restic
+//! lists and checks the repository, a backup of the same disk adds no chunk,
+//! prune never removes an image, delete and gc free an image's own data, and
+//! a server killed during uploads leaves no image saving and no snapshot
+//! behind. Each test runs once per kind of repository.
 
 mod common;
 
@@ -12,51 +14,36 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::api::{connect, create_image, hash, head, status_of, token, wait_status, Server};
-use common::restic::{
-    env_count, noise, qemu_img, raw_disk, restic, restic_check, run, s, snapshots_json, stdout,
-    strata, strata_verify, MIB, PASSWORD,
-};
+use common::image_repo::{ImageRepo, Kind};
+use common::restic::{env_count, noise, qemu_img, raw_disk, run, s, snapshots_json, stdout, MIB};
 
 const OCTETS: Option<&str> = Some("application/octet-stream");
 
 /// A repository, a state directory and an admin token.
 struct Setup {
-    dir: tempfile::TempDir,
-    repo: PathBuf,
+    repo: ImageRepo,
     state: PathBuf,
-    password_file: PathBuf,
     tok: String,
+    dir: tempfile::TempDir,
 }
 
-fn setup() -> Setup {
+fn setup(kind: Kind) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    run(strata(&["init", "--repo", s(&repo)]));
+    let repo = ImageRepo::init(kind, dir.path());
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
-    let password_file = dir.path().join("password");
-    std::fs::write(&password_file, PASSWORD).unwrap();
     let tok = token(&state, false);
     Setup {
-        dir,
         repo,
         state,
-        password_file,
         tok,
+        dir,
     }
 }
 
 impl Setup {
     fn serve(&self) -> Server {
-        Server::start(
-            &self.state,
-            &[
-                "--image-store",
-                &format!("repo:{}", s(&self.repo)),
-                "--password-file",
-                s(&self.password_file),
-            ],
-        )
+        self.repo.serve(&self.state)
     }
 
     fn upload(&self, srv: &Server, id: &str, data: &[u8]) -> u16 {
@@ -88,21 +75,15 @@ impl Setup {
         r.json()
     }
 
-    /// The IDs of the snapshots restic lists tagged as image `id`'s.
-    fn image_snapshots(&self, id: &str) -> Vec<String> {
-        let tag = format!("image-id={id}");
-        snapshots_json(&run(restic(&self.repo, &["snapshots", "--json"])))
-            .iter()
-            .filter(|v| {
-                let tags = v["tags"].as_array().cloned().unwrap_or_default();
-                tags.iter().any(|t| t == "strata-image") && tags.iter().any(|t| *t == *tag)
-            })
-            .map(|v| v["id"].as_str().unwrap().to_string())
-            .collect()
+    /// How many pack files the repository holds (restic lists them, taking no lock).
+    fn packs(&self) -> usize {
+        stdout(&run(self.repo.restic(&["--no-lock", "list", "packs"])))
+            .lines()
+            .count()
     }
 
     fn stats(&self) -> serde_json::Value {
-        let o = run(strata(&["stats", "--repo", s(&self.repo), "--output=json"]));
+        let o = run(self.repo.backup(&["stats", "--output=json"]));
         serde_json::from_str(&stdout(&o)).unwrap()
     }
 
@@ -117,7 +98,16 @@ fn write(path: &Path, data: &[u8]) {
 
 #[test]
 fn an_image_in_a_repository_reads_back_whole_and_by_ranges_and_shares_chunks_with_backups() {
-    let st = setup();
+    reads_back_and_shares_chunks(Kind::Dir);
+}
+
+#[test]
+fn an_image_in_an_s3_repository_reads_back_whole_and_by_ranges_and_shares_chunks_with_backups() {
+    reads_back_and_shares_chunks(Kind::S3);
+}
+
+fn reads_back_and_shares_chunks(kind: Kind) {
+    let st = setup(kind);
     // A whole number of sectors: a backup reads a raw disk as QEMU shows it,
     // its size rounded up to 512 bytes.
     let disk_path = st.path("disk.raw");
@@ -162,14 +152,17 @@ fn an_image_in_a_repository_reads_back_whole_and_by_ranges_and_shares_chunks_wit
 
     // restic sees one image snapshot and checks every byte; strata's disk
     // listing leaves it out.
-    assert_eq!(st.image_snapshots(&id).len(), 1);
-    restic_check(&st.repo);
-    let listed = run(strata(&["list", "--repo", s(&st.repo), "--output=json"]));
+    let snaps = st.repo.image_snapshots(&id);
+    assert_eq!(snaps.len(), 1);
+    st.repo.check();
+    let dumped = run(st.repo.restic(&["dump", &snaps[0], &format!("/{id}")])).stdout;
+    assert!(dumped == disk, "restic dumps other bytes than the image's");
+    let listed = run(st.repo.backup(&["list", "--output=json"]));
     assert!(snapshots_json(&listed).is_empty(), "{}", stdout(&listed));
 
     // A backup of the same disk stores no new data chunk.
     let before = st.stats();
-    run(strata(&["create", "--repo", s(&st.repo), s(&disk_path)]));
+    run(st.repo.backup(&["create", s(&disk_path)]));
     let after = st.stats();
     assert_eq!(after["unique_blobs"], before["unique_blobs"]);
     assert_eq!(after["unique_bytes"], before["unique_bytes"]);
@@ -181,20 +174,14 @@ fn an_image_in_a_repository_reads_back_whole_and_by_ranges_and_shares_chunks_wit
     // Prune never removes the image, whatever it keeps of the backups.
     let other = st.path("other.raw");
     write(&other, &noise(MIB));
-    run(strata(&["create", "--repo", s(&st.repo), s(&other)]));
-    let pruned = run(strata(&[
-        "prune",
-        "--repo",
-        s(&st.repo),
-        "--keep-last",
-        "1",
-    ]));
+    run(st.repo.backup(&["create", s(&other)]));
+    let pruned = run(st.repo.backup(&["prune", "--keep-last", "1"]));
     assert!(
         stdout(&pruned).contains("1 image snapshots of the image registry kept"),
         "{}",
         stdout(&pruned)
     );
-    assert_eq!(st.image_snapshots(&id).len(), 1);
+    assert_eq!(st.repo.image_snapshots(&id).len(), 1);
     let (status, body) = st.get(&srv, &id, None);
     assert!(status == 200 && body == disk, "the image was lost to prune");
 
@@ -225,7 +212,7 @@ fn an_image_in_a_repository_reads_back_whole_and_by_ranges_and_shares_chunks_wit
         400
     );
     assert_eq!(status_of(&srv, &st.tok, &bad), "queued");
-    assert!(st.image_snapshots(&bad).is_empty());
+    assert!(st.repo.image_snapshots(&bad).is_empty());
 
     // Deleting an image of data nothing else holds, then gc, frees that data;
     // everything else still reads back.
@@ -242,10 +229,10 @@ fn an_image_in_a_repository_reads_back_whole_and_by_ranges_and_shares_chunks_wit
     );
     assert_eq!(r.status, 204);
     assert!(
-        st.image_snapshots(&uid).is_empty(),
+        st.repo.image_snapshots(&uid).is_empty(),
         "delete left the snapshot"
     );
-    let gc = run(strata(&["gc", "--repo", s(&st.repo), "--output=json"]));
+    let gc = run(st.repo.backup(&["gc", "--output=json"]));
     let gc: serde_json::Value = serde_json::from_str(&stdout(&gc)).unwrap();
     assert!(
         gc["bytes_freed"].as_i64().unwrap() >= (10 * MIB) as i64,
@@ -256,8 +243,7 @@ fn an_image_in_a_repository_reads_back_whole_and_by_ranges_and_shares_chunks_wit
         with["unique_bytes"].as_u64().unwrap() - without["unique_bytes"].as_u64().unwrap(),
         (10 * MIB) as u64
     );
-    restic_check(&st.repo);
-    strata_verify(&st.repo);
+    st.repo.check();
     let (status, body) = st.get(&srv, &id, None);
     assert!(
         status == 200 && body == disk,
@@ -292,8 +278,20 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_server_killed_during_uploads_into_a_repository_leaves_no_snapshot_and_restarts_consistent() {
-    let st = setup();
-    let rounds = env_count("STRATA_TEST_IMAGE_KILLS", 8);
+    killed_uploads_leave_nothing(Kind::Dir, 8);
+}
+
+#[test]
+fn a_server_killed_during_uploads_into_an_s3_repository_leaves_no_snapshot_and_restarts_consistent()
+{
+    killed_uploads_leave_nothing(Kind::S3, 4);
+}
+
+/// `STRATA_TEST_IMAGE_KILLS` rounds (`default` when unset), each killing the
+/// server at another point of an upload.
+fn killed_uploads_leave_nothing(kind: Kind, default: u64) {
+    let st = setup(kind);
+    let rounds = env_count("STRATA_TEST_IMAGE_KILLS", default);
     let mut images = Vec::new();
     let mut kills_mid_upload = 0;
     for round in 0..rounds {
@@ -308,7 +306,7 @@ fn a_server_killed_during_uploads_into_a_repository_leaves_no_snapshot_and_resta
         let data = noise(24 * MIB);
         let mut srv = st.serve();
         let id = create_image(&srv, &st.tok, &format!("cut-{round}"), "raw");
-        let packs_before = files(&st.repo.join("data")).len();
+        let packs_before = st.packs();
         let mut c = connect(srv.addr);
         let path = format!("/v2/images/{id}/file");
         c.write_all(head("PUT", &path, Some(&st.tok), OCTETS, Some(data.len() as u64)).as_bytes())
@@ -321,9 +319,9 @@ fn a_server_killed_during_uploads_into_a_repository_leaves_no_snapshot_and_resta
             Cut::AfterPack => {
                 c.write_all(&data[..20 * MIB]).unwrap();
                 let deadline = Instant::now() + Duration::from_secs(60);
-                while files(&st.repo.join("data")).len() == packs_before {
+                while st.packs() == packs_before {
                     assert!(Instant::now() < deadline, "no pack was stored");
-                    std::thread::sleep(Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
             Cut::AfterBody(ms) => {
@@ -343,7 +341,7 @@ fn a_server_killed_during_uploads_into_a_repository_leaves_no_snapshot_and_resta
         // bytes, or queued with none.
         let srv = st.serve();
         let status = status_of(&srv, &st.tok, &id);
-        let snaps = st.image_snapshots(&id);
+        let snaps = st.repo.image_snapshots(&id);
         match status.as_str() {
             "active" => {
                 assert_eq!(snaps.len(), 1, "{cut:?}");
@@ -375,9 +373,9 @@ fn a_server_killed_during_uploads_into_a_repository_leaves_no_snapshot_and_resta
     // The repository is sound (once restic drops the killed servers' locks,
     // stale: same host, dead process); gc removes what the cut uploads
     // stored; every queued image then uploads whole.
-    run(restic(&st.repo, &["unlock"]));
-    restic_check(&st.repo);
-    let gc = run(strata(&["gc", "--repo", s(&st.repo), "--output=json"]));
+    run(st.repo.restic(&["unlock"]));
+    st.repo.check();
+    let gc = run(st.repo.backup(&["gc", "--output=json"]));
     let gc: serde_json::Value = serde_json::from_str(&stdout(&gc)).unwrap();
     assert!(
         gc["unindexed_packs_removed"].as_u64().unwrap() >= 1,
@@ -390,8 +388,7 @@ fn a_server_killed_during_uploads_into_a_repository_leaves_no_snapshot_and_resta
         }
         let (code, body) = st.get(&srv, id, Some("bytes=5000000-5999999"));
         assert!(code == 206 && body == data[5_000_000..6_000_000]);
-        assert_eq!(st.image_snapshots(id).len(), 1);
+        assert_eq!(st.repo.image_snapshots(id).len(), 1);
     }
-    restic_check(&st.repo);
-    strata_verify(&st.repo);
+    st.repo.check();
 }
