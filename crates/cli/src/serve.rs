@@ -435,30 +435,10 @@ impl ImageStore for Registry {
 /// do not match the image's sha512) to a temporary file beside `file`, and
 /// rename it into place only when every byte arrived and matched.
 pub(crate) fn write_verified(id: &str, mut reader: impl Read, file: &Path) -> Result<()> {
-    let dir = file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.part-{}",
-        file.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let r = (|| -> Result<()> {
-        let mut out =
-            std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        std::io::copy(&mut reader, &mut out).with_context(|| format!("download image {id}"))?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, file).with_context(|| format!("rename to {}", file.display()))?;
-        Ok(())
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    if r.is_ok() && !file.exists() {
+    strata_registry::download::write_file(&mut reader, file, None)
+        .with_context(|| format!("download image {id}"))?;
+    if !file.exists() {
         bail!("download of {id} did not produce {}", file.display());
     }
-    r
+    Ok(())
 }

@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha512};
@@ -25,9 +24,10 @@ use strata_format::Format;
 use strata_jobs::create::{create, CreateRequest};
 use strata_vm::{StateDir, VmRecord};
 
+use crate::download::write_file;
 use crate::error::{Error, Result};
 use crate::record::{hex, is_valid_id, ImageRecord, Status};
-use crate::store::{sync_dir, Registry};
+use crate::store::Registry;
 
 /// The cache directory under the state directory.
 const CACHE_DIR: &str = "image-cache";
@@ -88,39 +88,6 @@ fn sha512_of(path: &Path) -> Result<String> {
         }
         sha.update(&buf[..n]);
     }
-}
-
-/// Write `reader` to a temporary file beside `dest`, sync it, give it
-/// `mode`, and rename it to `dest` (syncing the directory). Nothing is left
-/// at either name on failure.
-fn write_new(reader: &mut impl Read, dest: &Path, mode: u32) -> Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.part-{}",
-        dest.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let r = (|| {
-        let mut out =
-            File::create(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
-        std::io::copy(reader, &mut out).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => Error::Corrupt(e.to_string()),
-            _ => Error::io(format!("write {}", tmp.display()), e),
-        })?;
-        out.sync_all()
-            .map_err(|e| Error::io(format!("sync {}", tmp.display()), e))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| Error::io(format!("chmod {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, dest)
-            .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
-        sync_dir(dir)
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
 }
 
 impl Registry {
@@ -186,7 +153,7 @@ impl Registry {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let (_, mut reader) = self.download(&rec.id, None)?;
-        write_new(&mut reader, &path, 0o444)?;
+        write_file(&mut reader, &path, Some(0o444))?;
         Ok(path)
     }
 
@@ -237,7 +204,7 @@ impl Registry {
             }
             CloneMode::Copy => {
                 let (_, mut reader) = self.download(&rec.id, None)?;
-                write_new(&mut reader, dest, 0o644)?;
+                write_file(&mut reader, dest, Some(0o644))?;
                 Ok(ClonedDisk {
                     file: dest.to_path_buf(),
                     format: format.name().into(),

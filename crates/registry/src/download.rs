@@ -1,13 +1,15 @@
 //! Downloads: the data of an active image, whole (verified against its
 //! SHA-512 as it streams) or a byte range.
 
+use std::fs::File;
 use std::io::Read;
+use std::path::Path;
 
 use sha2::{Digest, Sha512};
 
 use crate::error::{Error, Result};
 use crate::record::{hex, ImageRecord, Status};
-use crate::store::Registry;
+use crate::store::{sync_dir, Registry};
 
 /// A reader over an image's data. A whole-image reader hashes what it returns
 /// and, at the end, fails with `InvalidData` instead of reporting EOF if the
@@ -76,6 +78,60 @@ impl Registry {
     }
 }
 
+/// What the name of a temporary file of [`write_file`] holds after the
+/// name of the file it becomes.
+pub(crate) const PART_MARK: &str = ".part-";
+
+/// Write all of `reader` to `dest` atomically: to a temporary file of this
+/// call's own beside it (`.NAME.part-UNIQUE`), synced, given `mode` when
+/// given, renamed to `dest`, the directory synced. Nothing is left at either
+/// name on failure. A reader failing with `InvalidData` (a [`Download`] whose
+/// bytes do not match the image's sha512) is `Corrupt`.
+pub fn write_file(reader: &mut impl Read, dest: &Path, mode: Option<u32>) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}{PART_MARK}{}", crate::record::new_id()?));
+    let r = (|| {
+        let mut out =
+            File::create(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(Error::Corrupt(e.to_string()))
+                }
+                Err(e) => return Err(Error::io("read the image data", e)),
+            };
+            out.write_all(&buf[..n])
+                .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+        }
+        out.sync_all()
+            .map_err(|e| Error::io(format!("sync {}", tmp.display()), e))?;
+        if let Some(mode) = mode {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io(format!("chmod {}", tmp.display()), e))?;
+        }
+        std::fs::rename(&tmp, dest)
+            .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
+        sync_dir(dir)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
 /// Resolve an HTTP `Range` header value (`bytes=A-B`, `bytes=A-`, `bytes=-N`;
 /// one range) against a size: `Ok(Some((first, last)))`, `Ok(None)` for a
 /// header to ignore, `Err` for an unsatisfiable range.
@@ -113,7 +169,57 @@ pub fn resolve_range(header: &str, size: u64) -> Result<Option<(u64, u64)>> {
 
 #[cfg(test)]
 mod tests {
-    use super::resolve_range;
+    use super::{resolve_range, write_file};
+    use crate::error::ErrorKind;
+
+    /// Gives `good` bytes, then fails with `InvalidData` (a download whose
+    /// bytes do not match the image's sha512).
+    struct Failing {
+        good: usize,
+    }
+
+    impl std::io::Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.good == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "image data does not match its sha512",
+                ));
+            }
+            let n = buf.len().min(self.good).min(4096);
+            buf[..n].fill(0x42);
+            self.good -= n;
+            Ok(n)
+        }
+    }
+
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_written_file_appears_whole_with_its_mode_and_a_failed_one_leaves_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("image.qcow2");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        write_file(&mut &data[..], &dest, Some(0o444)).unwrap();
+        assert!(std::fs::read(&dest).unwrap() == data);
+        let mode = std::fs::metadata(&dest).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o444);
+        assert_eq!(names(dir.path()), ["image.qcow2"]);
+
+        let other = dir.path().join("other.raw");
+        let err = write_file(&mut Failing { good: 2 << 20 }, &other, None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains("sha512"), "{err}");
+        assert_eq!(names(dir.path()), ["image.qcow2"]);
+    }
 
     #[test]
     fn ranges_resolve_like_rfc_9110() {
