@@ -186,7 +186,8 @@ pub async fn kill(
     }))
 }
 
-/// Forget a stopped VM that has no snapshots (its disks are kept).
+/// Forget a stopped VM that has no snapshots (its own disks are kept; those
+/// strata made from images in its directory go with it).
 #[utoipa::path(delete, path = "/api/v1/vms/{name}",
     params(("name" = String, Path, description = "VM name")),
     responses((status = 204), (status = 404), (status = 409)))]
@@ -195,7 +196,7 @@ pub async fn undefine(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let mgr = st.vms.clone();
-    blocking(move || Ok(mgr.undefine(&name)?)).await?;
+    blocking(move || Ok(strata_registry::cache::undefine_vm(&mgr, &name)?)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

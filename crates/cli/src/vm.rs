@@ -275,7 +275,7 @@ fn dispatch(mgr: &Manager, cmd: VmCommand) -> Result<i32> {
                 print_restore(r);
             }
         }
-        VmCommand::Undefine { name } => mgr.undefine(&name)?,
+        VmCommand::Undefine { name } => strata_registry::cache::undefine_vm(mgr, &name)?,
         VmCommand::Exec {
             name,
             timeout,

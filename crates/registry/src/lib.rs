@@ -11,12 +11,14 @@
 //! - [`download`]: reading data back, verified against its SHA-512; ranges;
 //! - [`list`]: filters, sorting and paging;
 //! - [`deploy`]: VM disks from images (thin clones on a verified cache, copies);
+//! - [`cache`]: the images' local copies thin clones rest on, and who reads them;
 //! - [`from_vm`]: images of VM disks, at a snapshot or live;
 //! - [`index`]: the records in memory for lists, kept in step with the files;
 //! - [`inspect`]: the data checked against its disk format by strata's engine.
 //!
 //! The CLI's local mode and the HTTP API call these same functions.
 
+pub mod cache;
 mod data;
 pub mod deploy;
 pub mod download;

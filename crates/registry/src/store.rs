@@ -340,8 +340,9 @@ impl Registry {
 
     /// Delete an image: refused when it is protected or an upload to it runs.
     /// The record goes first (the image is gone at that instant), the data after.
-    /// Disks cloned from it are not looked for (see [`Registry::delete`]).
-    pub fn delete_forced(&self, id: &str) -> Result<()> {
+    /// Disks cloned from it and its cache copy are left to the callers
+    /// ([`Registry::delete`], [`Registry::delete_forced`]).
+    pub(crate) fn remove(&self, id: &str) -> Result<()> {
         let _g = self.guard();
         let rec = self.load(id)?;
         if rec.protected {
@@ -392,22 +393,31 @@ pub(crate) struct UploadLock {
 impl UploadLock {
     /// Take the lock if nobody holds it; `None` if someone does.
     pub(crate) fn try_take(path: &Path) -> Result<Option<UploadLock>> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        Ok(flock(path, libc::LOCK_EX | libc::LOCK_NB)?.map(|f| UploadLock { _file: f }))
+    }
+}
+
+/// Open (creating) the file at `path` and `flock` it with `how` (`LOCK_SH`
+/// or `LOCK_EX`, with `LOCK_NB` or waiting); the open file holds the lock
+/// until dropped. `None` when `LOCK_NB` was given and someone holds it.
+pub(crate) fn flock(path: &Path, how: libc::c_int) -> Result<Option<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    loop {
         // SAFETY: flock on a descriptor this function owns.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), how) };
         if rc == 0 {
-            return Ok(Some(UploadLock { _file: file }));
+            return Ok(Some(file));
         }
         let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Ok(None)
-        } else {
-            Err(Error::io(format!("lock {}", path.display()), err))
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if how & libc::LOCK_NB != 0 => return Ok(None),
+            _ => return Err(Error::io(format!("lock {}", path.display()), err)),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! written while QEMU holds their backing files).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use strata_format::{BlockDevice, Format};
 use strata_jobs::create::{create, CreateRequest};
@@ -141,6 +141,45 @@ pub fn commit_into_backing(top: &Disk) -> Result<()> {
     commit::commit(&resolved, &NoProgress, &Cancel::default())?;
     Ok(())
 }
+
+impl Disk {
+    /// The files this disk's chain names, top first, each canonical where it
+    /// resolves; the last one may not exist (the chain names a file that is
+    /// gone). Each layer is opened alone, read-only without locks (a running
+    /// VM may write the disk).
+    pub fn layer_files(&self) -> Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut next = Some((self.file.clone(), Some(format_of(self)?)));
+        while let Some((file, format)) = next.take() {
+            let name = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+            if files.contains(&name) || files.len() > MAX_CHAIN {
+                return Err(Error::Invalid(format!(
+                    "disk '{}': its chain loops or is deeper than {MAX_CHAIN}",
+                    self.file.display()
+                )));
+            }
+            files.push(name);
+            if !file.exists() {
+                break;
+            }
+            let chain = strata_chain::open(
+                &strata_chain::OpenSpec::new(&file)
+                    .format(format)
+                    .open_backing(false)
+                    .force_share(true),
+            )?;
+            let top = &chain.layers[0];
+            next = top.backing_path.clone().map(|p| {
+                let f = top.backing_format.as_deref().and_then(|f| f.parse().ok());
+                (p, f)
+            });
+        }
+        Ok(files)
+    }
+}
+
+/// The deepest chain [`Disk::layer_files`] follows.
+const MAX_CHAIN: usize = 64;
 
 /// The qcow2 image `x` alone, its backing file not opened (read without
 /// locks: `x` may be a disk the running VM writes).

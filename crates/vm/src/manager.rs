@@ -209,8 +209,11 @@ impl Manager {
         self.state.list()?.iter().map(|n| self.status(n)).collect()
     }
 
-    /// Forget a stopped VM without snapshots (its own disks are kept; files strata
-    /// made in its directory go with it).
+    /// Forget a stopped VM without snapshots. Its own disks are kept; files
+    /// strata made in its directory go with it, among them disks made from
+    /// images (thin clones on the image cache, copies). Refused while a disk
+    /// in its directory rests on a file elsewhere (other than the image
+    /// cache): removing it would lose writes meant for that file.
     pub fn undefine(&self, name: &str) -> Result<()> {
         let vm = self.open(name)?;
         if qemu::live_pid(&vm.paths).is_some() {
@@ -225,17 +228,31 @@ impl Manager {
                 vm.rec.snapshots.len()
             )));
         }
-        if vm
+        let canonical = |p: PathBuf| p.canonicalize().unwrap_or(p);
+        let own = [
+            canonical(vm.dir().to_path_buf()),
+            canonical(self.state.image_cache()),
+        ];
+        for d in vm
             .rec
             .def
             .disks
             .iter()
-            .any(|d| d.file.starts_with(vm.dir()))
+            .filter(|d| d.file.starts_with(vm.dir()))
         {
-            return Err(Error::State(format!(
-                "VM '{name}' runs on disks strata made in its state directory; \
-                 delete its snapshots (merging them) before undefining it"
-            )));
+            let files = d.layer_files().map_err(|e| {
+                Error::State(format!(
+                    "VM '{name}': its disk {} cannot be read ({e}); it is kept",
+                    d.file.display()
+                ))
+            })?;
+            if let Some(f) = files.iter().find(|f| !own.iter().any(|o| f.starts_with(o))) {
+                return Err(Error::State(format!(
+                    "VM '{name}' runs on disks strata made in its state directory over {}; \
+                     delete its snapshots (merging them) before undefining it",
+                    f.display()
+                )));
+            }
         }
         let dir = vm.dir().to_path_buf();
         drop(vm);

@@ -40,13 +40,20 @@ pub const KILL_QEMU_AT_ENV: &str = "STRATA_VM_KILL_QEMU_AT";
 /// `STRATA_VM_KILL_QEMU_AT` names it, the VM's QEMU is killed there and the
 /// command carries on as it would after QEMU died by itself.
 pub(crate) fn step(vm: &OpenVm, name: &str) {
-    if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == name) {
-        eprintln!("strata vm: crashing at step '{name}' ({CRASH_AT_ENV})");
-        std::process::exit(86);
-    }
+    crash_point(name);
     if std::env::var(KILL_QEMU_AT_ENV).is_ok_and(|v| v == name) {
         eprintln!("strata vm: killing QEMU at step '{name}' ({KILL_QEMU_AT_ENV})");
         let _ = qemu::kill(&vm.paths);
+    }
+}
+
+/// The crash half of [`step`], for steps of other crates' operations on VMs
+/// and their files: the process exits at once with status 86 when
+/// `STRATA_VM_CRASH_AT` names `name`.
+pub fn crash_point(name: &str) {
+    if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == name) {
+        eprintln!("strata vm: crashing at step '{name}' ({CRASH_AT_ENV})");
+        std::process::exit(86);
     }
 }
 

@@ -57,6 +57,13 @@ impl StateDir {
         self.root.join("vms")
     }
 
+    /// Where the image registry keeps the local copies of images that thin
+    /// clones read (`ID.FMT`): the only files outside a VM's directory that
+    /// disks strata made from images rest on.
+    pub fn image_cache(&self) -> PathBuf {
+        self.root.join("image-cache")
+    }
+
     /// The directory of VM `name` (which must be a checked name).
     pub fn vm_dir(&self, name: &str) -> PathBuf {
         self.vms().join(name)
