@@ -272,7 +272,19 @@ fn a_stopped_vm_is_defined_snapshotted_reverted_and_undefined_through_the_api() 
     let started = std::time::Instant::now();
     let r = srv.req("GET", "/api/v1/vms/t", Some(&tok), None, b"");
     let busy = srv.req("DELETE", &format!("{snaps}/s2"), Some(&tok), None, b"");
+    // The list does not wait for it: the VM is shown busy from its record,
+    // by the API and by the CLI alike.
+    let listed = srv
+        .req("GET", "/api/v1/vms", Some(&tok), None, b"")
+        .expect(200);
+    let cli_listed = vm_cli_json(&state, &["list", "--output=json"]);
     drop(lock);
+    for l in [&listed, &cli_listed] {
+        assert_eq!(l[0]["name"], "t", "{l}");
+        assert_eq!(l[0]["state"], "busy", "{l}");
+        assert_eq!(l[0]["snapshots"], 2, "{l}");
+        assert_eq!(l[0]["current"], "s1", "{l}");
+    }
     assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.error_message().contains("busy"), "{}", r.error_message());
     assert_eq!(busy.status, 409, "{}", String::from_utf8_lossy(&busy.body));
