@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::Value;
 use strata_jobs::Cancel;
+use strata_repo::export::{back_up_vm_disk, VmBackup};
 use strata_repo::gc::GcOptions;
 use strata_repo::ops;
 use strata_repo::policy::Policy;
@@ -49,13 +50,13 @@ impl BackupRepo {
         Ok(repo)
     }
 
-    fn repository(&self) -> strata_repo::Result<Repository> {
+    pub(crate) fn repository(&self) -> strata_repo::Result<Repository> {
         Repository::open(strata_repo::open_location(&self.location)?, &self.password)
     }
 }
 
 /// The configured repository, or 503 when the server has none.
-fn configured(st: &AppState) -> Result<BackupRepo, ApiError> {
+pub(crate) fn configured(st: &AppState) -> Result<BackupRepo, ApiError> {
     st.backup.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -64,20 +65,31 @@ fn configured(st: &AppState) -> Result<BackupRepo, ApiError> {
     })
 }
 
-/// A backup of a disk image file on the server.
+/// A backup of a disk image file on the server (`image`), or of a disk of a
+/// running VM (`vm`, as `strata backup create --vm`).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupCreate {
     /// The image (qcow2 or raw, with its backing chain).
-    #[schema(value_type = String)]
-    pub image: PathBuf,
-    /// Its format (probed when left out).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub image: Option<PathBuf>,
+    /// A running VM of the server: its disk `disk` is read at a consistent
+    /// point, incremental after the first through QEMU's persistent dirty
+    /// bitmap (the task's log says whether it was and why not).
+    #[serde(default)]
+    pub vm: Option<String>,
+    /// With `vm`: the disk (0 for the first).
+    #[serde(default)]
+    pub disk: Option<usize>,
+    /// Its format (probed when left out; not with `vm`).
     #[serde(default)]
     pub format: Option<String>,
-    /// Read an image another process holds for writing.
+    /// Read an image another process holds for writing (not with `vm`).
     #[serde(default)]
     pub force_share: bool,
-    /// Parent snapshot (an ID prefix or `latest`).
+    /// Parent snapshot (an ID prefix or `latest`); with `vm`, the latest
+    /// backup of the same VM disk when left out.
     #[serde(default)]
     pub parent: Option<String>,
     /// With `parent`: only these 4 MiB chunks changed (`0,5-9`).
@@ -198,11 +210,38 @@ async fn repo_task(
     .await
 }
 
-/// Back up a disk image (a task; its result names the new snapshot).
+/// Back up a disk image or a running VM's disk (a task; its result names the
+/// new snapshot).
 #[utoipa::path(post, path = "/api/v1/backups", request_body = BackupCreate,
-    responses((status = 202, body = Started), (status = 400), (status = 503)))]
+    responses((status = 202, body = Started), (status = 400), (status = 404),
+              (status = 409), (status = 503)))]
 pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
     let req: BackupCreate = json_body(body).await?;
+    let image = match (req.image, req.vm) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(ApiError::bad_request(
+                "give either image (a disk image file) or vm (a running VM)",
+            ))
+        }
+        (None, Some(vm)) => {
+            if req.format.is_some() || req.force_share || req.changed_chunks.is_some() {
+                return Err(ApiError::bad_request(
+                    "format, force_share and changed_chunks are for an image, not a vm",
+                ));
+            }
+            let args = VmBackup {
+                vm,
+                disk: req.disk.unwrap_or(0),
+                parent: req.parent,
+                tags: req.tags,
+            };
+            return vm_backup(&st, args).await;
+        }
+        (Some(image), None) => image,
+    };
+    if req.disk.is_some() {
+        return Err(ApiError::bad_request("disk is for a vm, not an image"));
+    }
     let args = ops::ImageBackup {
         format: req
             .format
@@ -221,7 +260,7 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
             .map(ops::parse_chunk_list)
             .transpose()?,
         tags: req.tags,
-        image: req.image,
+        image,
     };
     let target = args.image.display().to_string();
     repo_task(
@@ -230,6 +269,48 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
         target,
         move |repo, progress, cancel| {
             let (opts, s) = ops::backup_image(repo, &args, progress, cancel)?;
+            let msg = format!("snapshot {} saved", s.snapshot.short());
+            Ok((ops::backup_json(&opts.name, &s), msg))
+        },
+    )
+    .await
+}
+
+/// The backup of a running VM's disk as a task, after what can be answered
+/// at once: the VM exists (404), is not busy and runs (409), has the disk
+/// (400).
+async fn vm_backup(st: &AppState, args: VmBackup) -> Result<Response, ApiError> {
+    configured(st)?;
+    let mgr = st.vms.clone();
+    let (name, disk) = (args.vm.clone(), args.disk);
+    blocking({
+        let mgr = mgr.clone();
+        move || {
+            let status = mgr.status(&name)?;
+            if status.def.disks.len() <= disk {
+                return Err(ApiError::bad_request(format!(
+                    "disk: VM '{name}' has no disk {disk} (it has {})",
+                    status.def.disks.len()
+                )));
+            }
+            if status.state != "running" && status.state != "paused" {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("VM '{name}' is {}: only a running VM is backed up this way; back up its disk image instead", status.state),
+                ));
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let target = format!("vm {} disk {}", args.vm, args.disk);
+    repo_task(
+        st,
+        "backup-create",
+        target,
+        move |repo, progress, cancel| {
+            let note = |m: String| progress.log(m);
+            let (opts, s) = back_up_vm_disk(repo, &mgr, &args, progress, cancel, &note)?;
             let msg = format!("snapshot {} saved", s.snapshot.short());
             Ok((ops::backup_json(&opts.name, &s), msg))
         },

@@ -7,6 +7,7 @@
 
 pub mod backups;
 pub mod error;
+pub mod exports;
 pub mod image_ops;
 pub mod images;
 pub mod run;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub vms: strata_vm::Manager,
     /// The backup repository, when the server was given one.
     pub backup: Option<backups::BackupRepo>,
+    /// The NBD exports this process serves.
+    pub exports: exports::Exports,
 }
 
 impl AppState {
@@ -63,6 +66,7 @@ impl AppState {
             vms: strata_vm::Manager::new(strata_vm::StateDir::new(dir))
                 .with_lock_wait(vms::VM_LOCK_WAIT),
             backup: None,
+            exports: exports::Exports::default(),
         })
     }
 }
@@ -172,6 +176,7 @@ pub fn router(state: AppState) -> Router {
         .merge(vms::routes())
         .merge(snapshots::routes())
         .merge(backups::routes())
+        .merge(exports::routes())
         .route(
             "/api/v1/images/from-snapshot",
             axum::routing::post(image_ops::from_snapshot),

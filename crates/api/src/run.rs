@@ -159,6 +159,14 @@ impl<'a> TaskProgress<'a> {
         }
     }
 
+    /// Add `line` to the task's log.
+    pub fn log(&self, line: String) {
+        self.task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .log(line);
+    }
+
     fn report(&self) {
         let (done, total) = (
             self.done.load(Ordering::Relaxed),

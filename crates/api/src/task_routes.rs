@@ -141,6 +141,7 @@ pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::vms::VmApi::openapi());
     doc.merge(crate::snapshots::SnapshotApi::openapi());
+    doc.merge(crate::exports::ExportApi::openapi());
     doc.merge(crate::backups::BackupApi::openapi());
     Json(doc)
 }

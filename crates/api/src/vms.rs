@@ -74,9 +74,10 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/vms/{name}/exec", post(exec))
 }
 
-/// Every defined VM with its state (as `strata vm list --output=json`).
+/// Every defined VM with its state (as `strata vm list --output=json`); a
+/// VM another operation holds is listed as `busy`, not waited for.
 #[utoipa::path(get, path = "/api/v1/vms",
-    responses((status = 200, body = Vec<Status>), (status = 409, description = "a VM is busy")))]
+    responses((status = 200, body = Vec<Status>)))]
 pub async fn list(State(st): State<AppState>) -> Result<Json<Vec<Status>>, ApiError> {
     let mgr = st.vms.clone();
     Ok(Json(blocking(move || Ok(mgr.list()?)).await?))

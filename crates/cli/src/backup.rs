@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use strata_format::Format;
 use strata_jobs::Cancel;
-use strata_repo::disk::{self, BackupOptions, DiskSource};
+use strata_repo::disk;
 use strata_repo::ops;
 use strata_repo::restore::RestoreOptions;
 use strata_repo::{Backend, KdfParams, Repository};
@@ -342,7 +342,7 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 /// A progress bar on stderr when it is a terminal.
-fn bar() -> Bar {
+pub(super) fn bar() -> Bar {
     Bar::new(std::io::stderr().is_terminal())
 }
 
@@ -381,16 +381,7 @@ fn create(a: CreateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Back up `src` with a progress bar and print what it did.
-fn run_backup(repo: &mut Repository, src: &DiskSource, opts: &BackupOptions) -> Result<()> {
-    let bar = bar();
-    let s = disk::backup(repo, src, opts, &bar, &Cancel::default())?;
-    bar.finish();
-    print_backup(&opts.name, &s);
-    Ok(())
-}
-
-fn print_backup(name: &str, s: &disk::BackupSummary) {
+pub(super) fn print_backup(name: &str, s: &disk::BackupSummary) {
     println!(
         "{}: {} bytes in {} chunks ({} zero, {} reused), {} bytes read, {} new blobs, {} bytes stored",
         name,

@@ -8,7 +8,7 @@
 mod common;
 
 use common::api::{token, Server};
-use common::restic::{qcow2_chain, qemu_img, restic_check, run, s, strata, PASSWORD};
+use common::restic::{qcow2_chain, qemu_img, restic_check, run, s, strata};
 use serde_json::{json, Value};
 
 /// `strata backup ARGS --repo REPO --output=json`.
@@ -35,13 +35,7 @@ fn backups_made_and_restored_through_the_api_are_byte_identical_and_restic_check
             r.error_message()
         );
     }
-    run(strata(&["init", "--repo", s(&repo)]));
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
-    let srv = Server::start(
-        &state,
-        &["--backup-repo", s(&repo), "--backup-password-file", s(&pw)],
-    );
+    let srv = Server::start_with_backups(&state, &repo);
     let image = qcow2_chain(dir.path());
 
     // Bad requests: 400 naming the field, 403 for a read-only token.

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::api::{token, Server};
+use common::restic::{restic_check, run, s, strata};
 use serde_json::{json, Value};
 use strata_qmp::testing::TestGuest;
 
@@ -272,7 +273,19 @@ fn a_stopped_vm_is_defined_snapshotted_reverted_and_undefined_through_the_api() 
     let started = std::time::Instant::now();
     let r = srv.req("GET", "/api/v1/vms/t", Some(&tok), None, b"");
     let busy = srv.req("DELETE", &format!("{snaps}/s2"), Some(&tok), None, b"");
+    // The list does not wait for it: the VM is shown busy from its record,
+    // by the API and by the CLI alike.
+    let listed = srv
+        .req("GET", "/api/v1/vms", Some(&tok), None, b"")
+        .expect(200);
+    let cli_listed = vm_cli_json(&state, &["list", "--output=json"]);
     drop(lock);
+    for l in [&listed, &cli_listed] {
+        assert_eq!(l[0]["name"], "t", "{l}");
+        assert_eq!(l[0]["state"], "busy", "{l}");
+        assert_eq!(l[0]["snapshots"], 2, "{l}");
+        assert_eq!(l[0]["current"], "s1", "{l}");
+    }
     assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.error_message().contains("busy"), "{}", r.error_message());
     assert_eq!(busy.status, 409, "{}", String::from_utf8_lossy(&busy.body));
@@ -356,7 +369,8 @@ fn a_disk_only_snapshot_of_a_running_guest_through_the_api_is_the_one_the_cli_li
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let tok = token(&state, false);
-    let srv = Server::start(&state, &[]);
+    let repo = dir.path().join("repo");
+    let srv = Server::start_with_backups(&state, &repo);
     let disk = dir.path().join("data.qcow2");
     guest.copy_data_disk(&disk).unwrap();
     let def = json!({
@@ -418,6 +432,63 @@ fn a_disk_only_snapshot_of_a_running_guest_through_the_api_is_the_one_the_cli_li
     assert_eq!(status["state"], "running");
     assert_eq!(status["current"], "live");
     assert_eq!(sh("echo still")["stdout"], "still\n", "the guest runs on");
+
+    // Backups of the running guest's disk as tasks: the first reads it all,
+    // the next only the chunks QEMU's persistent bitmap marks since, and the
+    // file the guest wrote in between is in it.
+    let back_up = |body: Value| srv.follow(&tok, &srv.json("POST", "/api/v1/backups", &tok, &body));
+    let full = back_up(json!({"vm": "g", "tags": ["api"]}));
+    assert_eq!(full["state"], "ok", "{full}");
+    assert!(
+        full["log"].to_string().contains("reading the whole disk"),
+        "{full}"
+    );
+    let marker = "strata-api-backup-marker-5f0c2a";
+    sh(&format!("echo {marker} > /data/marker; sync"));
+    let inc = back_up(json!({"vm": "g"}));
+    assert_eq!(inc["state"], "ok", "{inc}");
+    assert!(inc["log"].to_string().contains("incremental: "), "{inc}");
+    let (full_read, inc_read) = (
+        full["result"]["bytes_read"].as_u64().unwrap(),
+        inc["result"]["bytes_read"].as_u64().unwrap(),
+    );
+    // The disk is mostly empty: the full backup read only what allocation
+    // reports as data; the incremental reads less and reuses the rest.
+    assert!(
+        inc_read > 0 && inc_read < full_read,
+        "the incremental read {inc_read} bytes, the full one {full_read}"
+    );
+    assert!(
+        inc["result"]["reused_chunks"].as_u64().unwrap() > 0,
+        "{inc}"
+    );
+    let snaps = cli_backups(&repo);
+    let ids: Vec<&str> = snaps.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    assert_eq!(ids[1], inc["result"]["snapshot"], "{snaps:?}");
+    assert_eq!(snaps[1]["parent"], ids[0], "{snaps:?}");
+    assert!(snaps[1]["tags"].to_string().contains("vm:g"), "{snaps:?}");
+    let restored = dir.path().join("restored.raw");
+    let (repo_s, restored_s) = (repo.to_str().unwrap(), restored.to_str().unwrap());
+    run(strata(&["restore", "--repo", repo_s, ids[1], restored_s]));
+    let bytes = std::fs::read(&restored).unwrap();
+    assert!(
+        bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the restored disk lacks the file written before the incremental"
+    );
+    restic_check(&repo);
+    // Refused at once: a VM that does not exist, a disk it lacks, both an
+    // image and a VM, image options with a VM.
+    for (body, status, needle) in [
+        (json!({"vm": "nope"}), 404, "nope"),
+        (json!({"vm": "g", "disk": 3}), 400, "no disk 3"),
+        (json!({"vm": "g", "image": "/x"}), 400, "either image"),
+        (json!({"vm": "g", "force_share": true}), 400, "not a vm"),
+        (json!({"image": "/x", "disk": 0}), 400, "not an image"),
+    ] {
+        srv.json("POST", "/api/v1/backups", &tok, &body)
+            .refused(status, needle, &body);
+    }
     let r = srv
         .req("POST", "/api/v1/vms/g/kill", Some(&tok), None, b"")
         .expect(200);
@@ -426,4 +497,12 @@ fn a_disk_only_snapshot_of_a_running_guest_through_the_api_is_the_one_the_cli_li
         vm_cli_json(&state, &["list", "--output=json"])[0]["state"],
         "stopped"
     );
+    srv.json("POST", "/api/v1/backups", &tok, &json!({"vm": "g"}))
+        .refused(409, "is stopped", &"a backup of a stopped VM");
+}
+
+/// `strata backup list --repo REPO --output=json`, oldest first.
+fn cli_backups(repo: &Path) -> Vec<Value> {
+    let o = run(strata(&["list", "--repo", s(repo), "--output=json"]));
+    serde_json::from_slice(&o.stdout).unwrap()
 }

@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod device;
 pub mod disk;
 mod error;
+pub mod export;
 pub mod gc;
 mod host;
 pub mod id;

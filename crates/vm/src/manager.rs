@@ -54,7 +54,9 @@ impl OpenVm {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Status {
     pub name: String,
-    /// `running`, `paused`, `stopped`, or another QEMU run state.
+    /// `running`, `paused`, `stopped`, or another QEMU run state; `busy` in a
+    /// list when another operation holds the VM (its other fields are then
+    /// those of its record as last saved, and its QEMU is not asked).
     pub state: String,
     pub pid: Option<i32>,
     pub current: Option<String>,
@@ -204,9 +206,39 @@ impl Manager {
         })
     }
 
-    /// The status of every defined VM.
+    /// The status of every defined VM. A VM another operation holds is not
+    /// waited for: it is listed as `busy` from its record as last saved.
     pub fn list(&self) -> Result<Vec<Status>> {
-        self.state.list()?.iter().map(|n| self.status(n)).collect()
+        let now = self.clone().with_lock_wait(Duration::ZERO);
+        let mut out = Vec::new();
+        for name in self.state.list()? {
+            match now.status(&name) {
+                Ok(s) => out.push(s),
+                Err(Error::Busy(_)) => out.push(self.busy_status(&name)?),
+                // Undefined between the listing and the look.
+                Err(Error::NoSuchVm(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// What can be told of a VM without its lock: its record (written
+    /// atomically, so whole) and whether its QEMU process lives.
+    fn busy_status(&self, name: &str) -> Result<Status> {
+        let paths = VmPaths {
+            dir: self.state.vm_dir(name),
+        };
+        let rec = VmRecord::load(&paths.dir)?;
+        Ok(Status {
+            name: name.to_string(),
+            state: "busy".to_string(),
+            pid: qemu::live_pid(&paths),
+            current: rec.current,
+            snapshots: rec.snapshots.len(),
+            def: rec.def,
+            restore: None,
+        })
     }
 
     /// Forget a stopped VM without snapshots. Its own disks are kept; files

@@ -5,109 +5,36 @@
 //! the bitmap marks are read and the parent's other chunks are reused. A
 //! missing context or parent means a full read, said on stderr.
 
-use super::{run_backup, CreateArgs};
+use super::{bar, print_backup, CreateArgs};
 use anyhow::{anyhow, Result};
-use std::collections::BTreeSet;
-use std::sync::Mutex;
+use strata_jobs::Cancel;
 use strata_nbd::client::Client;
-use strata_nbd::proto::{CONTEXT_BASE_ALLOCATION as BASE_ALLOCATION, STATE_ZERO};
 use strata_nbd::url::NbdUrl;
-use strata_repo::disk::{BackupOptions, DiskSource, Incremental, CHUNK_SIZE};
-use strata_repo::{Id, Repository};
+use strata_repo::disk::BackupOptions;
+use strata_repo::export::{
+    back_up_export, bitmap_context, contexts, ExportRead, TAG_BITMAP, TAG_NBD,
+};
+use strata_repo::Repository;
 
-/// The tag prefixes of an NBD export backup.
-pub(super) const TAG_NBD: &str = "nbd:";
-pub(super) const TAG_BITMAP: &str = "bitmap:";
-
-/// The context name of QEMU's dirty bitmap `name`.
-pub(super) fn bitmap_context(name: &str) -> String {
-    format!("qemu:dirty-bitmap:{name}")
-}
-
-/// The contexts to ask for: allocation, and the bitmap's when there is one.
-pub(super) fn contexts(bitmap_context: Option<&str>) -> Vec<&str> {
-    std::iter::once(BASE_ALLOCATION)
-        .chain(bitmap_context)
-        .collect()
-}
-
-/// How an export is read.
-pub(super) struct ExportRead<'a> {
-    /// The dirty bitmap context asked for, if any.
-    pub bitmap_context: Option<&'a str>,
-    /// The parent snapshot whose unmarked chunks are reused.
-    pub parent: Option<Id>,
-    /// Why everything is read even with a parent (no usable bitmap), if known.
-    pub full_reason: Option<String>,
-    /// What the parent's absence means, for the message.
-    pub no_parent: &'a str,
-}
-
-/// Back up the export `client` is connected to: only the chunks the bitmap
-/// marks when the parent and the bitmap allow it, else everything (with the
-/// reason on stderr); never the ranges allocation reports as zeroes.
-pub(super) fn back_up_export(
+/// Back up the export `client` reads with a progress bar, the notes of how
+/// it reads on stderr, and print what it did.
+pub(super) fn run_export_backup(
     repo: &mut Repository,
-    mut client: Client,
+    client: Client,
     how: ExportRead<'_>,
-    mut opts: BackupOptions,
+    opts: BackupOptions,
 ) -> Result<()> {
-    let reason = match (how.parent, how.bitmap_context) {
-        (None, _) => Some(how.no_parent.to_string()),
-        (Some(_), Some(c)) if client.has_context(c) => None,
-        (Some(_), Some(c)) => Some(format!("the server does not offer '{c}'")),
-        (Some(_), None) => how.full_reason,
-    };
-    let size = client.size();
-    match (reason, how.parent) {
-        (None, Some(parent)) => {
-            let context = how.bitmap_context.unwrap_or_default();
-            let changed = changed_chunks(&mut client, context)?;
-            eprintln!(
-                "strata backup: incremental: {} of {} chunks changed since snapshot {}",
-                changed.len(),
-                size.div_ceil(CHUNK_SIZE),
-                parent.short()
-            );
-            opts.incremental = Some(Incremental { parent, changed });
-        }
-        (reason, _) => {
-            if let Some(r) = reason {
-                eprintln!("strata backup: reading the whole disk: {r}");
-            }
-        }
-    }
-    let zeroes = if client.has_context(BASE_ALLOCATION) {
-        client
-            .map(BASE_ALLOCATION)?
-            .into_iter()
-            .filter(|&(_, _, flags)| flags & STATE_ZERO != 0)
-            .map(|(o, l, _)| (o, l))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let client = Mutex::new(client);
-    let src = DiskSource::from_reader_with_zeroes(
-        size,
-        Box::new(move |buf, offset| {
-            let mut c = client.lock().map_err(|_| "the NBD connection failed")?;
-            c.read(buf, offset).map_err(Into::into)
-        }),
-        zeroes,
-    );
-    run_backup(repo, &src, &opts)
+    let bar = bar();
+    let name = opts.name.clone();
+    let s = back_up_export(repo, client, how, opts, &bar, &Cancel::default(), &note)?;
+    bar.finish();
+    print_backup(&name, &s);
+    Ok(())
 }
 
-/// The chunk indexes the dirty bitmap `context` marks anywhere.
-fn changed_chunks(client: &mut Client, context: &str) -> Result<BTreeSet<u64>> {
-    let mut out = BTreeSet::new();
-    for (pos, len, flags) in client.map(context)? {
-        if flags & 1 != 0 {
-            out.extend(pos / CHUNK_SIZE..(pos + len).div_ceil(CHUNK_SIZE));
-        }
-    }
-    Ok(out)
+/// How a backup reads its source, on stderr.
+pub(super) fn note(msg: String) {
+    eprintln!("strata backup: {msg}");
 }
 
 /// `strata backup create --nbd URL [--bitmap NAME]`: the snapshot is tagged
@@ -151,5 +78,5 @@ pub(super) fn create(a: CreateArgs) -> Result<()> {
         full_reason: None,
         no_parent: "there is no previous backup of this export",
     };
-    back_up_export(&mut repo, client, how, opts)
+    run_export_backup(&mut repo, client, how, opts)
 }

@@ -19,6 +19,19 @@ pub struct Server {
 }
 
 impl Server {
+    /// A new backup repository at `repo` (`strata backup init`, its password
+    /// file beside it) and `strata serve` on `state` started with it.
+    pub fn start_with_backups(state: &Path, repo: &Path) -> Server {
+        use super::restic::{run, s, strata, PASSWORD};
+        run(strata(&["init", "--repo", s(repo)]));
+        let pw = repo.with_extension("password");
+        std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+        Server::start(
+            state,
+            &["--backup-repo", s(repo), "--backup-password-file", s(&pw)],
+        )
+    }
+
     /// Start `strata serve` on `state` with extra `args`; waits until it listens.
     pub fn start(state: &Path, args: &[&str]) -> Server {
         Server::start_with(state, args, |_| ())
