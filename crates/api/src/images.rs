@@ -16,8 +16,6 @@ use crate::AppState;
 
 /// Largest JSON request body (create, patch).
 pub const MAX_JSON_BODY: usize = 64 * 1024;
-/// Bytes per chunk read from an image's data for a download.
-const DOWNLOAD_CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the disk and the network, each way.
 const CHUNKS_IN_FLIGHT: usize = 8;
 
@@ -354,8 +352,9 @@ pub async fn upload(
 }
 
 /// `GET /v2/images/{id}/file`: the data, whole (verified against its SHA-512
-/// while it streams: a mismatch breaks the connection rather than finish a
-/// damaged download) or one `Range`.
+/// while it streams: the last chunk is sent only once the hash matches, so a
+/// mismatch breaks the connection short of the announced length rather than
+/// finish a damaged download) or one `Range`.
 pub async fn download(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -409,24 +408,21 @@ pub async fn download(
     Ok(resp)
 }
 
-/// Read `reader` in chunks into `tx` until the end, an error (sent on, so the
-/// response breaks) or the client going away.
+/// Send `reader`'s chunks (shared with the response, not copied) into `tx`
+/// until the end, an error (sent on, so the response breaks) or the client
+/// going away.
 fn pump(
     mut reader: strata_registry::Download,
     tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
 ) {
-    use std::io::Read;
     loop {
-        let mut buf = vec![0u8; DOWNLOAD_CHUNK];
-        match reader.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                buf.truncate(n);
-                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+        match reader.next_chunk() {
+            Ok(None) => return,
+            Ok(Some(c)) => {
+                if tx.blocking_send(Ok(Bytes::from_owner(c))).is_err() {
                     return;
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));
                 return;

@@ -324,3 +324,32 @@ fn downloads_serve_ranges_with_checksum_headers() {
     assert_eq!(r.header("content-md5").as_deref(), md5.as_str());
     assert_eq!(r.body, data);
 }
+
+#[test]
+fn a_download_of_data_damaged_on_disk_ends_short_of_its_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = token(dir.path(), false);
+    let srv = Server::start(dir.path(), &[]);
+    let id = create(&srv, &tok, "damaged");
+    let path = format!("/v2/images/{id}/file");
+    let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(srv.req("PUT", &path, Some(&tok), OCTETS, &data).status, 204);
+    let file = dir.path().join("images").join(format!("{id}.data"));
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[10] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let r = srv.req("GET", &path, Some(&tok), None, b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some(data.len().to_string()));
+    assert!(
+        r.body.len() < data.len(),
+        "all {} bytes of a damaged image were served",
+        r.body.len()
+    );
+    // Repaired, it downloads whole.
+    bytes[10] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let r = srv.req("GET", &path, Some(&tok), None, b"");
+    assert_eq!((r.status, r.body.len()), (200, data.len()));
+    assert!(r.body == data);
+}

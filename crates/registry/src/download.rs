@@ -1,24 +1,39 @@
 //! Downloads: the data of an active image, whole (verified against its
-//! SHA-512 as it streams) or a byte range.
+//! SHA-512 on a thread of its own while it streams) or a byte range.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use sha2::{Digest, Sha512};
+use sha2::Sha512;
 
+use crate::chunks::{Chunk, HashThread, Pool, CHUNK};
 use crate::error::{Error, Result};
 use crate::record::{hex, ImageRecord, Status};
 use crate::store::{sync_dir, Registry};
 
-/// A reader over an image's data. A whole-image reader hashes what it returns
-/// and, at the end, fails with `InvalidData` instead of reporting EOF if the
-/// bytes differ from the recorded `os_hash_value`, so a consumer that reads to
-/// the end never takes damaged data for good data.
+/// A reader over an image's data, in chunks ([`Download::next_chunk`]) or
+/// through [`Read`].
+///
+/// Contract of a whole-image reader: every chunk is hashed on a thread beside
+/// the reader, so the hash costs the stream no time, but the last chunk is
+/// handed out only once the SHA-512 of all the data equals the recorded
+/// `os_hash_value`. On a mismatch (or data shorter than the record says) the
+/// reader fails with `InvalidData` instead, so a consumer never receives all
+/// of an image's bytes unless they are the image's bytes; an HTTP response
+/// with the image's length ends short. A range is not verified (its hash is
+/// not known).
 pub struct Download {
     file: Box<dyn Read + Send>,
-    verify: Option<(Sha512, String)>,
+    verify: Option<(HashThread, String)>,
     len: u64,
+    /// Bytes read from the data so far.
+    done: u64,
+    /// Why the reader failed, repeated to any later call.
+    failed: Option<(std::io::ErrorKind, String)>,
+    pool: Pool,
+    /// The chunk [`Read`] is handing out, and how much of it it has.
+    current: Option<(Chunk, usize)>,
 }
 
 impl Download {
@@ -30,26 +45,94 @@ impl Download {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The next chunk of the data (up to 256 KiB, shared, not copied), `None`
+    /// after the last.
+    pub fn next_chunk(&mut self) -> std::io::Result<Option<Chunk>> {
+        if let Some((kind, msg)) = &self.failed {
+            return Err(std::io::Error::new(*kind, msg.clone()));
+        }
+        let r = self.advance();
+        if let Err(e) = &r {
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+        r
+    }
+
+    fn advance(&mut self) -> std::io::Result<Option<Chunk>> {
+        let left = self.len - self.done;
+        if left == 0 {
+            // Only an empty image ends without a last chunk.
+            self.check()?;
+            return Ok(None);
+        }
+        let want = left.min(CHUNK as u64) as usize;
+        let mut buf = self.pool.take();
+        let mut n = 0;
+        while n < want {
+            match self.file.read(&mut buf[n..want]) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "image data ends after {} of {} bytes",
+                            self.done + n as u64,
+                            self.len
+                        ),
+                    ))
+                }
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.done += n as u64;
+        let chunk = self.pool.share(buf, n);
+        if let Some((sha, _)) = &self.verify {
+            sha.feed(chunk.clone()).map_err(std::io::Error::other)?;
+        }
+        if self.done == self.len {
+            self.check()?;
+        }
+        Ok(Some(chunk))
+    }
+
+    /// Compare the hash of all the data with the record's (whole images).
+    fn check(&mut self) -> std::io::Result<()> {
+        let Some((sha, want)) = self.verify.take() else {
+            return Ok(());
+        };
+        let got = hex(&sha.finish().map_err(std::io::Error::other)?);
+        if got != want {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("image data does not match its sha512 {want} (read {got})"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Read for Download {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read(buf)?;
-        if let Some((sha, want)) = &mut self.verify {
-            if n > 0 {
-                sha.update(&buf[..n]);
-            } else if !buf.is_empty() {
-                let got = hex(&std::mem::take(sha).finalize());
-                if &got != want {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("image data does not match its sha512 {want} (read {got})"),
-                    ));
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if let Some((c, at)) = &mut self.current {
+                if *at < c.len() {
+                    let n = buf.len().min(c.len() - *at);
+                    buf[..n].copy_from_slice(&c[*at..*at + n]);
+                    *at += n;
+                    return Ok(n);
                 }
-                self.verify = None;
+            }
+            self.current = None;
+            match self.next_chunk()? {
+                Some(c) => self.current = Some((c, 0)),
+                None => return Ok(0),
             }
         }
-        Ok(n)
     }
 }
 
@@ -65,16 +148,25 @@ impl Registry {
             )));
         }
         let size = rec.size.unwrap_or(0);
-        let (start, len, verify) = match range {
-            None => (
-                0,
-                size,
-                rec.os_hash_value.clone().map(|h| (Sha512::new(), h)),
-            ),
+        let (start, len, want) = match range {
+            None => (0, size, rec.os_hash_value.clone()),
             Some((a, b)) => (a, b - a + 1, None),
         };
         let file = self.data().reader(id, size, start, len)?;
-        Ok((rec, Download { file, verify, len }))
+        let verify = match want {
+            Some(h) => Some((HashThread::spawn::<Sha512>("sha512")?, h)),
+            None => None,
+        };
+        let download = Download {
+            file,
+            verify,
+            len,
+            done: 0,
+            failed: None,
+            pool: Pool::default(),
+            current: None,
+        };
+        Ok((rec, download))
     }
 }
 

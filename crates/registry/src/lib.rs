@@ -8,6 +8,7 @@
 //! - [`store`]: the directory, atomic record writes, recovery, create, update,
 //!   tags, delete;
 //! - [`upload`]: streaming uploads, checksummed as they arrive;
+//! - `chunks`: shared buffers and the threads that hash them beside the I/O;
 //! - [`download`]: reading data back, verified against its SHA-512; ranges;
 //! - [`list`]: filters, sorting and paging;
 //! - [`deploy`]: VM disks from images (thin clones on a verified cache, copies);
@@ -19,6 +20,7 @@
 //! The CLI's local mode and the HTTP API call these same functions.
 
 pub mod cache;
+mod chunks;
 mod data;
 pub mod deploy;
 pub mod download;
@@ -31,6 +33,7 @@ pub mod record;
 pub mod store;
 pub mod upload;
 
+pub use chunks::Chunk;
 pub use data::{recorded_store, StoreLocation};
 pub use download::{resolve_range, Download};
 pub use error::{Error, ErrorKind, Result};

@@ -1,10 +1,13 @@
 //! Uploads: the bytes stream into the registry's data store while MD5 and
-//! SHA-512 are computed over them; only complete, durable, inspected data is
-//! made reachable by the store, and only then does the record turn `active`.
+//! SHA-512 are computed over them, each on a thread of its own fed the same
+//! buffers ([`crate::chunks`]), so writing and both hashes overlap; only
+//! complete, durable, inspected data is made reachable by the store, and only
+//! then does the record turn `active`.
 
-use md5::{Digest, Md5};
+use md5::Md5;
 use sha2::Sha512;
 
+use crate::chunks::{HashThread, Pool, CHUNK};
 use crate::data::Sink;
 use crate::error::{Error, Result};
 use crate::record::{hex, ImageRecord, Status, HASH_ALGO};
@@ -18,8 +21,12 @@ pub struct Upload {
     reg: Registry,
     id: String,
     sink: Option<Sink>,
-    md5: Md5,
-    sha: Sha512,
+    /// MD5 and SHA-512 threads, until the upload finishes.
+    hashes: Option<(HashThread, HashThread)>,
+    pool: Pool,
+    /// Received bytes not yet written nor hashed: `buf[..filled]`.
+    buf: Vec<u8>,
+    filled: usize,
     size: u64,
     expected: Option<u64>,
     done: bool,
@@ -69,19 +76,29 @@ impl Registry {
             rec.status = Status::Saving;
             Ok(())
         })?;
-        let sink = match self.data().begin(id) {
-            Ok(s) => s,
+        let begun = self.data().begin(id).and_then(|sink| {
+            let hashes = (
+                HashThread::spawn::<Md5>("md5")?,
+                HashThread::spawn::<Sha512>("sha512")?,
+            );
+            Ok((sink, hashes))
+        });
+        let (sink, hashes) = match begun {
+            Ok(b) => b,
             Err(e) => {
                 let _ = self.requeue(id);
                 return Err(e);
             }
         };
+        let mut pool = Pool::default();
         Ok(Upload {
             reg: self.clone(),
             id: id.to_string(),
             sink: Some(sink),
-            md5: Md5::new(),
-            sha: Sha512::new(),
+            hashes: Some(hashes),
+            buf: pool.take(),
+            pool,
+            filled: 0,
             size: 0,
             expected,
             done: false,
@@ -119,8 +136,10 @@ impl Upload {
     }
 
     /// Append the next bytes. Exceeding the registry's limit or the announced
-    /// size fails (the upload is then to be dropped).
-    pub fn write(&mut self, buf: &[u8]) -> Result<()> {
+    /// size fails (the upload is then to be dropped). The bytes are collected
+    /// into large buffers, each written and hashed once full, so a failure
+    /// to store them may be reported by a later call or by [`Upload::finish`].
+    pub fn write(&mut self, mut buf: &[u8]) -> Result<()> {
         let size = self
             .size
             .checked_add(buf.len() as u64)
@@ -135,14 +154,32 @@ impl Upload {
                 )));
             }
         }
-        self.sink
-            .as_mut()
-            .ok_or_else(|| Error::Conflict(format!("The upload of image {} ended", self.id)))?
-            .write(buf)?;
-        self.md5.update(buf);
-        self.sha.update(buf);
         self.size = size;
+        while !buf.is_empty() {
+            let n = buf.len().min(CHUNK - self.filled);
+            self.buf[self.filled..self.filled + n].copy_from_slice(&buf[..n]);
+            self.filled += n;
+            buf = &buf[n..];
+            if self.filled == CHUNK {
+                self.flush()?;
+            }
+        }
         Ok(())
+    }
+
+    /// Hand the collected bytes to both hash threads, then write them while
+    /// the threads hash.
+    fn flush(&mut self) -> Result<()> {
+        if self.filled == 0 {
+            return Ok(());
+        }
+        let ended = || Error::Conflict(format!("The upload of image {} ended", self.id));
+        let (md5, sha) = self.hashes.as_ref().ok_or_else(ended)?;
+        let buf = std::mem::replace(&mut self.buf, self.pool.take());
+        let chunk = self.pool.share(buf, std::mem::take(&mut self.filled));
+        md5.feed(chunk.clone())?;
+        sha.feed(chunk.clone())?;
+        self.sink.as_mut().ok_or_else(ended)?.write(&chunk)
     }
 
     /// Complete the upload: sync the data, check it against its disk format,
@@ -166,14 +203,20 @@ impl Upload {
                 )));
             }
         }
-        let sink = self
-            .sink
-            .take()
-            .ok_or_else(|| Error::Conflict(format!("The upload of image {} ended", self.id)))?;
+        self.flush()?;
+        let ended = || Error::Conflict(format!("The upload of image {} ended", self.id));
+        let sink = self.sink.take().ok_or_else(ended)?;
+        let (md5, sha) = self.hashes.take().ok_or_else(ended)?;
         let format = self.reg.get(&self.id)?.disk_format.unwrap_or_default();
+        // The hash threads finish their queues while the data is synced.
         let virtual_size = self.reg.data().commit(&self.id, sink, &format, self.size)?;
-        let md5 = hex(&std::mem::take(&mut self.md5).finalize());
-        let sha = hex(&std::mem::take(&mut self.sha).finalize());
+        let (md5, sha) = match (md5.finish(), sha.finish()) {
+            (Ok(m), Ok(s)) => (hex(&m), hex(&s)),
+            (Err(e), _) | (_, Err(e)) => {
+                let _ = self.reg.data().discard(&self.id);
+                return Err(e);
+            }
+        };
         let size = self.size;
         let r = self.reg.modify(&self.id, |rec| {
             rec.status = Status::Active;

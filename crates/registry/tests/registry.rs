@@ -69,22 +69,29 @@ fn upload_in_pieces_records_the_checksums_md5sum_and_sha512sum_compute() {
 }
 
 #[test]
-fn a_download_of_data_damaged_on_disk_fails_at_the_end_instead_of_passing() {
+fn a_download_of_data_damaged_on_disk_fails_before_its_last_chunk_instead_of_passing() {
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::open(dir.path()).unwrap();
     let id = new_image(&reg, "d", "iso");
+    let size = 3 * (1 << 20) + 100_000;
     let mut up = reg.begin_upload(&id, None).unwrap();
-    up.write(&[5u8; 100_000]).unwrap();
+    up.write(&vec![5u8; size]).unwrap();
     up.finish().unwrap();
     let data = dir.path().join("images").join(format!("{id}.data"));
     let mut bytes = std::fs::read(&data).unwrap();
-    bytes[99_999] ^= 1;
+    bytes[1000] ^= 1;
     std::fs::write(&data, &bytes).unwrap();
     let (_, mut r) = reg.download(&id, None).unwrap();
     let mut back = Vec::new();
     let err = std::io::Read::read_to_end(&mut r, &mut back).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     assert!(err.to_string().contains("sha512"), "{err}");
+    assert_eq!(back.len(), 3 << 20, "the last chunk is withheld");
+    let again = std::io::Read::read(&mut r, &mut [0u8; 10]).unwrap_err();
+    assert_eq!(again.kind(), std::io::ErrorKind::InvalidData);
+    // Data shorter than its record fails too, instead of ending early.
+    std::fs::write(&data, &bytes[..size - 1]).unwrap();
+    assert!(reg.download(&id, None).is_err());
 }
 
 #[test]
