@@ -175,8 +175,8 @@ fn config_and_option_mistakes_get_qemu_img_messages() {
     assert_all_same();
 }
 
-/// `sub args... blkdebug:CFG:COPY` with both tools, each on its own copy of
-/// `a.qcow2`: the same output, and copies QEMU reads alike: the same guest
+/// `sub args... blkdebug:CFG:COPY` (or the filter's name where `sub` has
+/// `IMG`) with both tools, each on its own copy of `a.qcow2`: the same output, and copies QEMU reads alike: the same guest
 /// data, the same snapshots, and the same check verdict (a failure may leak a
 /// cluster, the same one; the file's length is not compared). Where QEMU
 /// leaves its copy inconsistent (`qemu_corrupts`), strata's must check clean.
@@ -187,8 +187,13 @@ fn same_write(d: &Path, n: usize, cfg: &str, sub: &[&str], qemu_corrupts: bool) 
     }
     let run = |prog: &str, copy: &str| {
         let name = format!("blkdebug:{cfg}:{copy}");
-        let mut a = sub.to_vec();
-        a.push(&name);
+        let mut a: Vec<&str> = sub
+            .iter()
+            .map(|x| if *x == "IMG" { name.as_str() } else { x })
+            .collect();
+        if !sub.contains(&"IMG") {
+            a.push(&name);
+        }
         let (code, out, err) = common::outcome(d, prog, &a);
         (code, out.replace(copy, "IMG"), err.replace(copy, "IMG"))
     };
@@ -260,6 +265,33 @@ fn writes_failed_by_a_rule_fail_and_leave_images_as_qemu_img_does() {
             let qemu_corrupts = ev == "refblock_update_part" && sub[0] == "snapshot";
             same_write(d, n, &cfg, sub, qemu_corrupts);
         }
+    }
+    assert_all_same();
+}
+
+/// Failures injected at the steps QEMU announces inside an allocation: an L1
+/// table growth's new table taken and written, and the refcount block lookup
+/// of a refcount change. `resize` and `snapshot -c` fail as qemu-img fails them
+/// and leave images QEMU reads alike.
+#[test]
+fn allocation_steps_failed_by_a_rule_fail_as_in_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let cases: &[(&str, &[&str])] = &[
+        ("l1_grow_alloc_table", &["resize", "IMG", "1G"]),
+        ("l1_grow_write_table", &["resize", "IMG", "1G"]),
+        ("refblock_alloc", &["resize", "IMG", "1G"]),
+        ("refblock_alloc", &["snapshot", "-c", "s1"]),
+    ];
+    for (n, (ev, sub)) in cases.iter().enumerate() {
+        let cfg = format!("a-{ev}.cfg");
+        std::fs::write(
+            d.join(&cfg),
+            format!("[inject-error]\nevent = \"{ev}\"\nerrno = \"5\"\nonce = \"on\"\n"),
+        )
+        .unwrap();
+        same_write(d, 100 + n, &cfg, sub, false);
     }
     assert_all_same();
 }

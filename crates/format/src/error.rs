@@ -111,6 +111,13 @@ impl Error {
         Self::new(ErrorKind::ReadOnly, "Image is read-only")
     }
 
+    /// The same error, its message preceded by `what` failed (QEMU's
+    /// "WHAT: REASON" wording).
+    pub fn in_step(mut self, what: &str) -> Self {
+        self.0.message = format!("{what}: {}", self.0.message);
+        self
+    }
+
     /// Attach the image path, unless one is already there.
     pub fn at(mut self, path: Option<&Path>) -> Self {
         if self.0.path.is_none() {

@@ -7,7 +7,7 @@
 //! before the relink leaves every image showing the same guest content as before;
 //! after it, the content after.
 
-use crate::layers::{apply, plan_band, CopyPlan};
+use crate::layers::{apply, plan_band, CopyPlan, Zeroes};
 use crate::{Cancel, Error, Progress, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -235,6 +235,7 @@ pub fn apply_plan(
         &plan.copy,
         layers[plan.top].as_ref(),
         base.as_ref(),
+        Zeroes::Unmap,
         progress,
         cancel,
     )

@@ -165,40 +165,82 @@ fn pieces(plan: &CopyPlan) -> Vec<Range> {
     out
 }
 
+/// How [`apply`] writes zeroes, after the QEMU job it stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zeroes {
+    /// QEMU's commit job: Zero ranges are written as zeroes that may give their
+    /// clusters back (the base's own allocation there is dropped), and Copy ranges
+    /// are written as read, zero bytes included.
+    Unmap,
+    /// QEMU's copy-on-read (stream): Zero ranges, and Copy ranges that read as
+    /// zeroes, are written as zeroes that keep what the destination allocated.
+    Keep,
+}
+
+/// Pieces read ahead of the one being written, at most.
+const WINDOW: usize = 2 * READERS;
+
 /// Carry out `plan`: read each Copy range through `source` (the guest view) and
-/// write it into `dest` (zeroes where the data reads as zeroes, keeping `dest`
-/// sparse); write zeroes for Zero ranges. A few reader threads read pieces ahead
-/// (in any order: pieces never overlap) and hand them to one writer, the calling
-/// thread. `dest` is flushed at the end, so the data is durable before the caller
-/// relinks anything. On error or cancellation everything stops and the first error
-/// is returned; what was written stays (it is invisible until the caller relinks,
-/// see the jobs' crash-safety notes).
+/// write it into `dest`; write zeroes for Zero ranges, as `zeroes` says (with
+/// [`Zeroes::Unmap`], all of them first, then a flush). A few
+/// reader threads read pieces ahead (at most [`WINDOW`] past the one being
+/// written) and hand them to one writer, the calling thread, which writes them in
+/// the plan's order, so `dest` allocates its clusters in the same order at every
+/// run (QEMU's jobs walk the disk in that order too). `dest` is flushed at the
+/// end, so the data is durable before the caller relinks anything. On error or
+/// cancellation everything stops and the first error is returned; what was
+/// written stays (it is invisible until the caller relinks, see the jobs'
+/// crash-safety notes).
 pub fn apply(
     plan: &CopyPlan,
     source: &dyn BlockDevice,
     dest: &dyn BlockDevice,
+    zeroes: Zeroes,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<()> {
+    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{mpsc, Mutex};
+    use std::sync::{mpsc, Condvar, Mutex};
     progress.set_total(plan.total_bytes());
-    let items = pieces(plan);
+    let mut items = pieces(plan);
+    if zeroes == Zeroes::Unmap && items.iter().any(|r| r.action == Action::Zero) {
+        // QEMU's commit job has its zeroes (which need no read) written ahead of
+        // the data: the clusters they give back are free (after the flush) for
+        // the data's allocations, as in QEMU's image.
+        for r in items.iter().filter(|r| r.action == Action::Zero) {
+            cancel.check()?;
+            dest.write_zeroes(r.offset, r.len, true)?;
+            progress.advance(r.len);
+        }
+        dest.flush()?;
+        items.retain(|r| r.action == Action::Copy);
+    }
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
+    // Index of the piece the writer waits for; readers stay within WINDOW of it.
+    let written = (Mutex::new(0usize), Condvar::new());
     // Buffers go back to the readers once written: no fresh allocation (and page
     // faults) per piece.
     let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     let readers = READERS.min(items.len());
-    // A piece read: its range, and its bytes unless it reads as zeroes.
-    type Piece = Result<(Range, Option<Vec<u8>>)>;
-    let (tx, rx) = mpsc::sync_channel::<Piece>(2 * READERS);
+    // A piece read: its index, its range, and its bytes unless it is written as
+    // zeroes.
+    type Piece = Result<(usize, Range, Option<Vec<u8>>)>;
+    let (tx, rx) = mpsc::sync_channel::<Piece>(WINDOW);
     let read = |tx: mpsc::SyncSender<Piece>| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(&r) = items.get(i) else { return };
+        {
+            let (lock, cv) = &written;
+            let mut w = sync::lock(lock);
+            while i >= *w + WINDOW && !stop.load(Ordering::Relaxed) {
+                w = cv.wait(w).unwrap_or_else(|e| e.into_inner());
+            }
+        }
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(&r) = items.get(i) else { return };
         let piece = (|| -> Result<Option<Vec<u8>>> {
             cancel.check()?;
             if r.action == Action::Zero {
@@ -207,29 +249,38 @@ pub fn apply(
             let mut buf = sync::lock(&pool).pop().unwrap_or_default();
             buf.resize(r.len as usize, 0);
             source.read(&mut buf, r.offset)?;
-            if crate::convert::is_zero(&buf) {
+            if zeroes == Zeroes::Keep && crate::convert::is_zero(&buf) {
                 sync::lock(&pool).push(buf);
                 return Ok(None);
             }
             Ok(Some(buf))
         })();
         let failed = piece.is_err();
-        if tx.send(piece.map(|b| (r, b))).is_err() || failed {
+        if tx.send(piece.map(|b| (i, r, b))).is_err() || failed {
             return;
         }
     };
     let write = |rx: mpsc::Receiver<Piece>| -> Result<()> {
+        let mut ahead = BTreeMap::new();
+        let mut want = 0usize;
         for piece in rx {
-            let (r, buf) = piece?;
-            cancel.check()?;
-            match buf {
-                Some(buf) => {
-                    dest.write(&buf, r.offset)?;
-                    sync::lock(&pool).push(buf);
+            let (i, r, buf) = piece?;
+            ahead.insert(i, (r, buf));
+            while let Some((r, buf)) = ahead.remove(&want) {
+                cancel.check()?;
+                match buf {
+                    Some(buf) => {
+                        dest.write(&buf, r.offset)?;
+                        sync::lock(&pool).push(buf);
+                    }
+                    None => dest.write_zeroes(r.offset, r.len, zeroes == Zeroes::Unmap)?,
                 }
-                None => dest.write_zeroes(r.offset, r.len, false)?,
+                progress.advance(r.len);
+                want += 1;
+                let (lock, cv) = &written;
+                *sync::lock(lock) = want;
+                cv.notify_all();
             }
-            progress.advance(r.len);
         }
         Ok(())
     };
@@ -245,9 +296,12 @@ pub fn apply(
             scope.spawn(move || early_writeback(&path, done));
         }
         // Returning drops the receiver, so readers blocked on a full channel
-        // wake up and stop.
+        // wake up and stop; readers waiting for the window are woken here.
         let r = write(rx);
         stop.store(true, Ordering::Relaxed);
+        let (lock, cv) = &written;
+        drop(sync::lock(lock));
+        cv.notify_all();
         done.store(true, Ordering::Relaxed);
         r
     });

@@ -3,7 +3,7 @@
 //! (or to nothing) in one header write. Data first, flush, then relink: a crash
 //! leaves the chain showing the same content before and after.
 
-use crate::layers::{apply, plan_band, CopyPlan};
+use crate::layers::{apply, plan_band, CopyPlan, Zeroes};
 use crate::{Cancel, Error, Progress, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -94,6 +94,7 @@ pub fn apply_plan(
         plan,
         layers[0].as_ref(),
         layers[0].as_ref(),
+        Zeroes::Keep,
         progress,
         cancel,
     )

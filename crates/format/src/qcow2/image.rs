@@ -76,6 +76,9 @@ struct Seg {
     data: SegData,
     /// The clusters were allocated for this write (nothing of them is on disk yet).
     fresh: bool,
+    /// The data carries a copy-on-write of the clusters' other bytes, written with
+    /// it in one request (QEMU announces a COW write after the data write then).
+    cow: bool,
 }
 
 /// An L2 entry to set once the data is written; `old` loses its reference then.
@@ -651,6 +654,7 @@ impl Qcow2Image {
                     host: host + in_cl,
                     data: SegData::Buf(index(pos), index(pos + run)),
                     fresh: false,
+                    cow: false,
                 });
                 pos += run;
                 continue;
@@ -672,6 +676,7 @@ impl Qcow2Image {
                         host,
                         data: SegData::Owned(full),
                         fresh: false,
+                        cow: false,
                     });
                     plan.updates.push(L2Update {
                         gc,
@@ -707,11 +712,13 @@ impl Qcow2Image {
                     host,
                     data: SegData::Buf(index(pos), index(pos + run_bytes)),
                     fresh: true,
+                    cow: false,
                 });
             } else {
                 // Copy-on-write: fill the head and tail of the run from the current
                 // guest view, then write the whole run at once.
                 let mut data = vec![0u8; index(k * cs)];
+                self.storage.debug_event(DebugEvent::CowRead);
                 if in_cl > 0 {
                     self.read_locked(m, &mut data[..index(in_cl)], gc * cs)?;
                 }
@@ -727,6 +734,7 @@ impl Qcow2Image {
                     host,
                     data: SegData::Owned(data),
                     fresh: true,
+                    cow: true,
                 });
             }
             for (i, old) in olds.into_iter().enumerate() {
@@ -795,6 +803,9 @@ impl Qcow2Image {
                     .map_err(|e| self.err(e))?;
             }
             self.storage.debug_event(DebugEvent::WriteAio);
+            if seg.cow {
+                self.storage.debug_event(DebugEvent::CowWrite);
+            }
             storage
                 .write_at(data, seg.host.get())
                 .map_err(|e| self.err(e))?;
@@ -904,6 +915,7 @@ impl Qcow2Image {
     /// used cluster when it fits or continues contiguously. Each host cluster the
     /// bytes touch gains one reference.
     fn alloc_bytes(&self, m: &mut Meta, size: u64) -> Result<HostOffset> {
+        self.storage.debug_event(DebugEvent::ClusterAllocBytes);
         let bits = self.geo.cluster_bits;
         let cur = HostOffset(m.compressed_cursor);
         if !cur.is_none() && !cur.is_aligned(bits) {
@@ -1551,7 +1563,13 @@ impl Qcow2Image {
                 m.drop_l2_tables(first).map_err(|e| self.err(e))?;
             } else {
                 let entries = m.h.l1_entries_for(new_size);
-                self.grow_l1(&mut m, entries).map_err(|e| self.err(e))?;
+                // QEMU words a failed write of the growth as its own step.
+                self.grow_l1(&mut m, entries)
+                    .map_err(|e| match e.storage_error() {
+                        Some(_) => e.in_step("Failed to grow the L1 table"),
+                        None => e,
+                    })
+                    .map_err(|e| self.err(e))?;
             }
             m.flush_metadata().map_err(|e| self.err(e))?;
             m.storage

@@ -162,6 +162,17 @@ impl Meta {
         Ok(())
     }
 
+    /// The entries of the L2 table at `off`, from the cache or read (unannounced:
+    /// QEMU announces the copy of a table, not a load).
+    fn l2_table_copy(&mut self, off: HostOffset) -> Result<Vec<u64>> {
+        if let Some(slot) = self.l2.get(off.get()) {
+            return Ok(slot.data.clone());
+        }
+        let mut buf = vec![0u8; index(self.cluster_size())];
+        self.storage.read_at(&mut buf, off.get())?;
+        Ok(self.decode_table(&buf))
+    }
+
     /// Load the L2 table at `off` into the cache.
     pub fn load_l2(&mut self, off: HostOffset) -> Result<()> {
         let off = off.get();
@@ -227,14 +238,17 @@ impl Meta {
         if !old.is_none() && copied {
             return Ok(old);
         }
+        // QEMU's order: the new table's cluster first, then the old table's
+        // contents, each step announced as QEMU announces it.
+        let new = self.alloc_clusters(ClusterCount(1))?;
+        self.write_refblocks()?;
         let table = if old.is_none() {
             vec![0u64; index(self.l2_entries()) * self.words()]
         } else {
-            self.load_l2(old)?;
-            self.l2.get(old.get()).expect("loaded").data.clone()
+            self.storage.debug_event(DebugEvent::L2AllocCowRead);
+            self.l2_table_copy(old)?
         };
-        let new = self.alloc_clusters(ClusterCount(1))?;
-        self.write_refblocks()?;
+        self.storage.debug_event(DebugEvent::L2AllocWrite);
         self.storage
             .write_at(&Self::encode_table(&table), new.get())?;
         self.barrier_named(Barrier::L2BeforeL1)?;
@@ -258,6 +272,14 @@ impl Meta {
         // table QEMU bounds at 32 MiB: its entry count is far inside u32.
         let l1_size = u32::try_from(entries)
             .map_err(|_| Error::invalid(format!("L1 table of {entries} entries is too large")))?;
+        // A larger table is QEMU's L1 growth, announced at its three steps.
+        let grows = entries > self.l1.len() as u64;
+        let announce = |m: &Self, e: DebugEvent| {
+            if grows {
+                m.storage.debug_event(e);
+            }
+        };
+        announce(self, DebugEvent::L1GrowAllocTable);
         let new_off = self
             .alloc_clusters(
                 ClusterCount::for_bytes(entries * 8, self.geo.cluster_bits).max(ClusterCount(1)),
@@ -266,9 +288,11 @@ impl Meta {
         // Only the table's bytes are written, as QEMU does: the rest of its last
         // cluster is never read (a new image ends right after its L1 table).
         self.flush_metadata()?;
+        announce(self, DebugEvent::L1GrowWriteTable);
         self.storage
             .write_at(&Self::encode_table(&table), new_off)?;
         self.storage.flush()?;
+        announce(self, DebugEvent::L1GrowActivateTable);
         // Bytes 24..48: size, encryption method, l1_size, l1_table_offset.
         let mut hdr = [0u8; 24];
         hdr[..8].copy_from_slice(&size.unwrap_or(self.h.size).to_be_bytes());

@@ -209,9 +209,11 @@ impl Meta {
     /// Underflow and overflow are corruption errors, never wrap-around.
     pub fn update_refcount(&mut self, cluster: ClusterIndex, delta: i64) -> Result<u64> {
         let idx = cluster.get() / self.rb_entries();
+        // Announced where QEMU announces them: a block looked up (and created if
+        // missing) for a change, then loaded if not cached (plain lookups, as a
+        // check's, go unannounced).
+        self.storage.debug_event(DebugEvent::RefblockAlloc);
         self.ensure_refblock(idx)?;
-        // Announced where QEMU announces it: a block loaded to be changed (plain
-        // lookups, as a check's, go unannounced).
         let off = self.refblock_offset(idx)?;
         if !self.rb.contains(off.get()) {
             self.storage.debug_event(DebugEvent::RefblockLoad);
@@ -260,8 +262,10 @@ impl Meta {
             })?;
         let mut block = vec![0u8; index(cs)];
         rb_set(&mut block, self.h.refcount_order, 0, 1);
+        self.storage.debug_event(DebugEvent::RefblockAllocWrite);
         self.storage.write_at(&block, off)?;
         self.barrier()?;
+        self.storage.debug_event(DebugEvent::RefblockAllocHookup);
         self.reftable[index(idx)] = off;
         self.storage
             .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + idx * 8)?;
@@ -274,6 +278,7 @@ impl Meta {
     /// any blocks needed to count the new table itself, in a fresh area starting at
     /// the first cluster block `need` covers.
     fn grow_reftable(&mut self, need: u64) -> Result<()> {
+        self.storage.debug_event(DebugEvent::ReftableGrow);
         let cs = self.cluster_size();
         let epb = self.rb_entries();
         let per_cluster = cs / 8;
@@ -310,6 +315,8 @@ impl Meta {
         // The new blocks: block need+j covers clusters [(need+j)*epb, ...). Area clusters
         // are [area, area+m+t).
         let order = self.h.refcount_order;
+        self.storage
+            .debug_event(DebugEvent::RefblockAllocWriteBlocks);
         let mut new_table = self.reftable.clone();
         new_table.resize(index(t * per_cluster), 0);
         for j in 0..m {
@@ -330,8 +337,12 @@ impl Meta {
         for e in &new_table {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
+        self.storage
+            .debug_event(DebugEvent::RefblockAllocWriteTable);
         self.storage.write_at(&bytes, table_off)?;
         self.barrier()?;
+        self.storage
+            .debug_event(DebugEvent::RefblockAllocSwitchTable);
         // Switch the header to the new table in one write (offset 48: table offset
         // then cluster count).
         let mut hdr = [0u8; 12];
@@ -360,6 +371,11 @@ impl Meta {
     /// Refcount blocks missing for the run are placed right after it (each counted in
     /// the block that covers it), written and flushed, and only then entered in the
     /// refcount table, so the run stays contiguous whatever its length.
+    ///
+    /// The search follows QEMU's: first fit from a cursor that every search leaves
+    /// just past the run it returns (so a hole a search stepped over, too short
+    /// for it, stays unused by later searches too), and that a cluster freed below
+    /// it pulls back. Both tools then place the same requests at the same clusters.
     pub fn alloc_clusters(&mut self, n: ClusterCount) -> Result<HostOffset> {
         let n = n.get();
         debug_assert!(n > 0);
@@ -393,12 +409,12 @@ impl Meta {
                     (0..missing.len() as u64).map(|j| start + n + j).collect();
                 self.create_refblocks(&missing, &positions)?;
             }
+            // QEMU raises the new run's refcounts through the same lookup.
+            self.storage.debug_event(DebugEvent::RefblockAlloc);
             for c in start..start + n {
                 self.set_refcount_in_block(ClusterIndex(c), 1)?;
             }
-            if self.free_hint == start {
-                self.free_hint = start + n;
-            }
+            self.free_hint = start + n;
             // find_free_run stopped below the host offset limit.
             return Ok(HostOffset(start << self.geo.cluster_bits));
         }
@@ -410,7 +426,6 @@ impl Meta {
         let mut c = self.free_hint.max(1);
         let mut start = c;
         let mut run = 0u64;
-        let mut hint_moving = true;
         while run < n {
             if c.checked_mul(cs)
                 .is_none_or(|o| o >= super::header::MAX_HOST_OFFSET)
@@ -424,12 +439,8 @@ impl Meta {
                     start = c;
                 }
                 run += 1;
-                hint_moving = false;
             } else {
                 run = 0;
-                if hint_moving {
-                    self.free_hint = c + 1;
-                }
             }
             c += 1;
         }
@@ -450,6 +461,7 @@ impl Meta {
             }
         }
         self.write_dirty_refblocks()?;
+        self.storage.debug_event(DebugEvent::RefblockAllocWrite);
         let mut made = Vec::with_capacity(blocks.len());
         for (&b, &pos) in blocks.iter().zip(positions) {
             let mut block = vec![0u8; index(cs)];
@@ -462,6 +474,7 @@ impl Meta {
             made.push((b, pos * cs, block));
         }
         self.barrier()?;
+        self.storage.debug_event(DebugEvent::RefblockAllocHookup);
         for (b, off, block) in made {
             self.reftable[index(b)] = off;
             self.storage
