@@ -60,6 +60,8 @@ impl CommitRequest {
 #[derive(Debug, Clone)]
 pub struct ResolvedCommit {
     req: CommitRequest,
+    /// The image's bytes when not its file (an NBD export).
+    storage: Option<strata_chain::TopStorage>,
     /// Index of the highest merged layer (0: the image).
     pub top: usize,
     /// Index of the layer written into.
@@ -87,7 +89,18 @@ impl ResolvedCommit {
 /// [`Error::NotInChain`] when `base` or `top` names no layer (or `base` is not below
 /// `top`).
 pub fn resolve(req: &CommitRequest) -> Result<ResolvedCommit> {
-    let probe = strata_chain::open(&OpenSpec::new(&req.image).format(req.format))?;
+    resolve_on(req, None)
+}
+
+/// [`resolve`] for an image whose bytes are `storage` rather than the file
+/// `req.image` names (an NBD export: `req.image` only names it).
+pub fn resolve_on(
+    req: &CommitRequest,
+    storage: Option<strata_chain::TopStorage>,
+) -> Result<ResolvedCommit> {
+    let mut spec = OpenSpec::new(&req.image).format(req.format);
+    spec.storage = storage.clone();
+    let probe = strata_chain::open(&spec)?;
     let n = probe.layers.len();
     if n < 2 {
         return Err(Error::NoBackingFile);
@@ -114,6 +127,7 @@ pub fn resolve(req: &CommitRequest) -> Result<ResolvedCommit> {
     }
     Ok(ResolvedCommit {
         req: req.clone(),
+        storage,
         top,
         base,
         base_path: probe.layers[base].path.clone(),
@@ -133,6 +147,7 @@ pub fn commit(c: &ResolvedCommit, progress: &dyn Progress, cancel: &Cancel) -> R
     if c.relinks() && top > 1 {
         spec = spec.write_layer(top - 1);
     }
+    spec.storage = c.storage.clone();
     let chain = strata_chain::open(&spec)?;
     let layers = chain.devices();
     let plan = plan(&layers, top, base, cancel)?;

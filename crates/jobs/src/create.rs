@@ -427,6 +427,17 @@ impl Prepared {
     /// image cannot be written, a file this call created is removed again (a file
     /// that existed before is never removed).
     pub fn create(self) -> Result<Created> {
+        self.build(None)
+    }
+
+    /// Run the format's checks and write the image onto `storage`, an existing
+    /// device that is not a file (an NBD export): nothing is created, removed or
+    /// locked; what was on `storage` beyond the new image's metadata stays.
+    pub fn create_on(self, storage: Arc<dyn Storage>) -> Result<Created> {
+        self.build(Some(storage))
+    }
+
+    fn build(self, on: Option<Arc<dyn Storage>>) -> Result<Created> {
         let summary = self.summary();
         let p = &self.path;
         let build: Box<dyn FnOnce(Arc<dyn Storage>) -> Result<()>> = match self.kind {
@@ -468,6 +479,14 @@ impl Prepared {
                 })
             }
         };
+        let created = Created {
+            size: self.size,
+            summary,
+        };
+        if let Some(storage) = on {
+            build(storage)?;
+            return Ok(created);
+        }
         let out = output::create_output(p, &self.inputs).map_err(|e| match e {
             // qemu-img names the file before its lock and open errors.
             Error::Storage(e) => invalid(p, e),
@@ -477,10 +496,7 @@ impl Prepared {
             out.discard();
             return Err(e);
         }
-        Ok(Created {
-            size: self.size,
-            summary,
-        })
+        Ok(created)
     }
 }
 

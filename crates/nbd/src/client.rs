@@ -6,6 +6,7 @@
 //! as a disk (see [`crate::storage`]).
 
 use crate::proto::*;
+use crate::tls::ClientTls;
 use crate::url::{Address, NbdUrl};
 use crate::{Error, Result};
 use std::io::{Read, Write};
@@ -17,6 +18,14 @@ use std::path::Path;
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// A TLS session over one of the others, after `NBD_OPT_STARTTLS`.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Stream>>),
+    /// Only while the socket moves into a TLS session.
+    Closed,
+}
+
+fn closed() -> std::io::Error {
+    std::io::Error::from(std::io::ErrorKind::NotConnected)
 }
 
 impl Read for Stream {
@@ -24,6 +33,8 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+            Stream::Closed => Err(closed()),
         }
     }
 }
@@ -33,6 +44,8 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+            Stream::Closed => Err(closed()),
         }
     }
 
@@ -40,6 +53,8 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.flush(),
             Stream::Tcp(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+            Stream::Closed => Err(closed()),
         }
     }
 }
@@ -74,12 +89,28 @@ impl Client {
     /// metadata contexts `contexts` (those the server does not offer are simply
     /// absent: see [`Client::has_context`]), and open export `export`.
     pub fn connect_unix(path: &Path, export: &str, contexts: &[&str]) -> Result<Client> {
-        Self::start(Stream::Unix(UnixStream::connect(path)?), export, contexts)
+        Self::start(
+            Stream::Unix(UnixStream::connect(path)?),
+            export,
+            contexts,
+            None,
+        )
     }
 
     /// [`Client::connect_unix`] to the server and export `url` names.
     /// A refused or failed connection is [`Error::Connect`], naming the address.
     pub fn connect(url: &NbdUrl, contexts: &[&str]) -> Result<Client> {
+        Self::connect_with(url, contexts, None)
+    }
+
+    /// [`Client::connect`], securing the connection with TLS first when `tls`
+    /// is given (`NBD_OPT_STARTTLS`, then the rest of the handshake inside the
+    /// session). A server that refuses is an error in qemu-img's words.
+    pub fn connect_with(
+        url: &NbdUrl,
+        contexts: &[&str],
+        tls: Option<&ClientTls>,
+    ) -> Result<Client> {
         let failed = |source| Error::Connect {
             addr: url.address.to_string(),
             source,
@@ -92,10 +123,15 @@ impl Client {
                 Stream::Tcp(s)
             }
         };
-        Self::start(sock, &url.export, contexts)
+        Self::start(sock, &url.export, contexts, tls)
     }
 
-    fn start(sock: Stream, export: &str, contexts: &[&str]) -> Result<Client> {
+    fn start(
+        sock: Stream,
+        export: &str,
+        contexts: &[&str],
+        tls: Option<&ClientTls>,
+    ) -> Result<Client> {
         let mut c = Client {
             sock,
             size: 0,
@@ -103,7 +139,7 @@ impl Client {
             flags: 0,
             handle: 0,
         };
-        c.handshake(export, contexts)?;
+        c.handshake(export, contexts, tls)?;
         Ok(c)
     }
 
@@ -122,7 +158,12 @@ impl Client {
         self.contexts.iter().any(|(n, _)| n == name)
     }
 
-    fn handshake(&mut self, export: &str, contexts: &[&str]) -> Result<()> {
+    fn handshake(
+        &mut self,
+        export: &str,
+        contexts: &[&str],
+        tls: Option<&ClientTls>,
+    ) -> Result<()> {
         if self.u64()? != NBDMAGIC || self.u64()? != IHAVEOPT {
             return Err(invalid("not a newstyle NBD server"));
         }
@@ -135,11 +176,18 @@ impl Client {
             cflags |= FLAG_C_NO_ZEROES;
         }
         self.sock.write_all(&cflags.to_be_bytes())?;
+        if let Some(tls) = tls {
+            self.starttls(tls)?;
+        }
         self.option(OPT_STRUCTURED_REPLY, &[])?;
         let (ty, _) = self.option_reply(OPT_STRUCTURED_REPLY)?;
-        if ty != REP_ACK {
+        // A server that wants TLS first refuses every option; its answer to
+        // NBD_OPT_GO below is the one reported.
+        let structured = ty == REP_ACK;
+        if !structured && ty != REP_ERR_TLS_REQD {
             return Err(invalid("structured replies refused"));
         }
+        let contexts = if structured { contexts } else { &[] };
         let name = export.as_bytes();
         if !contexts.is_empty() {
             let mut data = Vec::new();
@@ -184,14 +232,42 @@ impl Client {
                         reason: String::from_utf8_lossy(&d).into_owned(),
                     })
                 }
-                _ => {
-                    return Err(invalid(format!(
-                        "export '{export}' refused: {}",
-                        String::from_utf8_lossy(&d)
-                    )))
-                }
+                ty => return Err(refused(OPT_GO, ty, &d)),
             }
         }
+        Ok(())
+    }
+
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake; the socket is the session's
+    /// from then on.
+    fn starttls(&mut self, tls: &ClientTls) -> Result<()> {
+        self.option(OPT_STARTTLS, &[])?;
+        let (ty, d) = self.option_reply(OPT_STARTTLS)?;
+        if ty != REP_ACK {
+            return Err(refused(OPT_STARTTLS, ty, &d));
+        }
+        let name = match (&tls.server_name, tls.verify) {
+            (Some(n), _) => n.clone(),
+            (None, crate::tls::Verify::Peer) => {
+                return Err(Error::Invalid(
+                    "No hostname for certificate validation".into(),
+                ))
+            }
+            // Not checked: any syntactically valid name does.
+            (None, crate::tls::Verify::None) => "localhost".into(),
+        };
+        let name =
+            rustls::pki_types::ServerName::try_from(name).map_err(|e| Error::Tls(e.to_string()))?;
+        let conn = rustls::ClientConnection::new(tls.config.clone(), name)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let plain = std::mem::replace(&mut self.sock, Stream::Closed);
+        let mut s = rustls::StreamOwned::new(conn, plain);
+        while s.conn.is_handshaking() {
+            s.conn
+                .complete_io(&mut s.sock)
+                .map_err(|e| tls_failure(e, tls.server_name.as_deref()))?;
+        }
+        self.sock = Stream::Tls(Box::new(s));
         Ok(())
     }
 
@@ -207,7 +283,16 @@ impl Client {
 
     /// One option reply: (type, data); an error reply is returned as its type.
     fn option_reply(&mut self, opt: u32) -> Result<(u32, Vec<u8>)> {
-        if self.u64()? != REPLY_MAGIC || self.u32()? != opt {
+        let magic = match self.u64() {
+            Err(Error::Io(e)) if matches!(self.sock, Stream::Tls(_)) => {
+                return Err(Error::Invalid(format!(
+                    "Failed to read option reply: {}",
+                    tls_read_failure(&e)
+                )))
+            }
+            r => r?,
+        };
+        if magic != REPLY_MAGIC || self.u32()? != opt {
             return Err(invalid("bad option reply"));
         }
         let ty = self.u32()?;
@@ -463,6 +548,90 @@ fn remote_error(errno: u32) -> Error {
         _ => EIO,
     };
     Error::Io(std::io::Error::from_raw_os_error(errno as i32))
+}
+
+/// The name of option `opt` in messages.
+fn option_name(opt: u32) -> &'static str {
+    match opt {
+        OPT_EXPORT_NAME => "export name",
+        OPT_ABORT => "abort",
+        OPT_LIST => "list",
+        OPT_STARTTLS => "starttls",
+        OPT_INFO => "info",
+        OPT_GO => "go",
+        OPT_STRUCTURED_REPLY => "structured reply",
+        OPT_LIST_META_CONTEXT => "list meta context",
+        OPT_SET_META_CONTEXT => "set meta context",
+        OPT_EXTENDED_HEADERS => "extended headers",
+        _ => "<unknown>",
+    }
+}
+
+/// The error for option `opt` refused with reply type `ty` and the server's
+/// message `msg`, worded as qemu-img words it.
+fn refused(opt: u32, ty: u32, msg: &[u8]) -> Error {
+    let name = option_name(opt);
+    let mut m = match ty {
+        REP_ERR_POLICY => format!("Denied by server for option {opt:x} ({name})"),
+        REP_ERR_INVALID => format!("Invalid data length for option {opt:x} ({name})"),
+        REP_ERR_PLATFORM => format!("Server lacks support for option {opt:x} ({name})"),
+        REP_ERR_TLS_REQD => format!(
+            "TLS negotiation required before option {opt:x} ({name})\nDid you forget a valid tls-creds?"
+        ),
+        REP_ERR_SHUTDOWN => format!("Server shutting down before option {opt:x} ({name})"),
+        REP_ERR_UNSUP if opt == OPT_STARTTLS => "Server don't support STARTTLS option".into(),
+        _ => format!("Unknown error code when asking for option {opt:x} ({name})"),
+    };
+    if !msg.is_empty() {
+        m.push_str("\nserver reported: ");
+        m.push_str(&String::from_utf8_lossy(msg));
+    }
+    Error::Invalid(m)
+}
+
+/// A read from a TLS session that failed, in qemu-img's words: the server
+/// hung up (it may refuse the client's certificate so) or reset the connection.
+fn tls_read_failure(e: &std::io::Error) -> String {
+    let cut = e.kind() == std::io::ErrorKind::UnexpectedEof
+        || e.get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(_)));
+    if cut {
+        "Cannot read from TLS channel: The TLS connection was non-properly terminated.".into()
+    } else {
+        format!(
+            "Unable to read from socket: {}",
+            strata_storage::os_message(e)
+        )
+    }
+}
+
+/// A failed TLS handshake, worded as qemu-img words the usual causes;
+/// `host` is the name the certificate was checked against.
+fn tls_failure(e: std::io::Error, host: Option<&str>) -> Error {
+    use rustls::CertificateError as C;
+    let Some(r) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return Error::Io(e);
+    };
+    let msg = match r {
+        // A CA of the issuer's name whose key did not sign it is no issuer either.
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            "The certificate hasn't got a known issuer".to_string()
+        }
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => {
+            format!(
+                "Certificate does not match the hostname {}",
+                host.unwrap_or_default()
+            )
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "The certificate has expired".to_string()
+        }
+        other => other.to_string(),
+    };
+    Error::Invalid(msg)
 }
 
 /// Append a 32-bit length and `s`.

@@ -19,6 +19,9 @@ pub struct NbdStorage {
     context: Option<String>,
     /// The export's name in error messages (its canonical URL).
     name: PathBuf,
+    /// Whether [`Storage::set_size`] to a size within the export succeeds
+    /// without effect (see [`NbdStorage::device_like`]).
+    device_like: bool,
 }
 
 /// How the flags of one block-status extent read as allocation, QEMU's way for
@@ -50,7 +53,17 @@ impl NbdStorage {
             context: client.has_context(context).then(|| context.to_string()),
             client: Mutex::new(client),
             name: name.into(),
+            device_like: false,
         }
+    }
+
+    /// Make resizing to any size up to the export's succeed without effect, as
+    /// for a block device: the size stays the export's. This is how an image is
+    /// formatted onto an export (QEMU's NBD driver takes an inexact truncation
+    /// alike); growing past the export still fails.
+    pub fn device_like(mut self) -> Self {
+        self.device_like = true;
+        self
     }
 
     /// The context holes are read from, if the server agreed to one.
@@ -75,8 +88,19 @@ impl NbdStorage {
         Ok((first.into(), first.len.clamp(1, max_len)))
     }
 
+    /// A failed request as a storage error naming the export. A connection the
+    /// server dropped (it exited, say) is EIO, as QEMU's NBD driver reports it.
     fn err(&self, op: &'static str, e: crate::Error) -> Error {
+        use std::io::ErrorKind as K;
         let source = match e {
+            crate::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    K::UnexpectedEof | K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted
+                ) =>
+            {
+                std::io::Error::from_raw_os_error(libc::EIO)
+            }
             crate::Error::Io(io) => io,
             other => std::io::Error::other(other.to_string()),
         };
@@ -149,7 +173,7 @@ impl Storage for NbdStorage {
     }
 
     fn set_size(&self, size: u64) -> Result<()> {
-        if size == self.size {
+        if size == self.size || (self.device_like && size < self.size) {
             return Ok(());
         }
         Err(Error::Io {

@@ -2,7 +2,7 @@
 //! `lazy_refcounts=`, `refcount_bits=`, `size=`, `backing_file=`, `backing_fmt=`),
 //! with qemu-img's refusals, messages and `-p` output.
 
-use super::common::{open_qcow2, option_items, option_size, probe_format, warn_probed_raw, Ctx};
+use super::common::{open_qcow2, option_items, option_size, spec_format, warn_probed_raw, Ctx};
 use super::qsteps::QemuSteps;
 use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
@@ -211,15 +211,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // on still ends the line.
     let bar = QemuSteps::milestones(args.progress && !args.quiet, 1.0, Vec::new());
     let spec = args.naming.spec(path, args.format.as_deref(), false)?;
-    let path = &spec.path;
-    let format = match spec.format {
-        Some(f) => f,
-        None => {
-            let f = probe_format(path)?;
-            warn_probed_raw(path, None);
-            f
-        }
-    };
+    let format = spec_format(&spec)?;
+    warn_probed_raw(&spec);
     if format != Format::Qcow2 {
         bail!(
             "Format driver '{}' does not support option amendment",

@@ -2,7 +2,7 @@
 //! dirty bitmaps of a qcow2 image, in the order the operations are given, as
 //! qemu-img does (an operation that fails stops the run; those before it stay).
 
-use super::common::{open_qcow2, probe_format, size_arg, warn_probed_raw, Ctx};
+use super::common::{open_qcow2, size_arg, spec_format, warn_probed_raw, Ctx};
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;
 use strata_format::qcow2::bitmap_edit::Bitmap;
@@ -221,17 +221,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 
 /// Open `path` as qcow2 (`format`, or probed), for writing or reading.
 fn open(spec: &strata_chain::OpenSpec, write: bool) -> Result<Qcow2Image> {
-    let path = spec.path.as_path();
-    let format = match spec.format {
-        Some(f) => f,
-        None => {
-            let f = probe_format(path)?;
-            if write {
-                warn_probed_raw(path, None);
-            }
-            f
-        }
-    };
+    let format = spec_format(spec)?;
+    if write {
+        warn_probed_raw(spec);
+    }
     if format != Format::Qcow2 {
         bail!(
             "Persistent bitmaps are only supported in qcow2 images, not in {}",

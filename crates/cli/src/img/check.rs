@@ -70,7 +70,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         (None, None) => strata_chain::probe_format(&spec.path)?,
     };
     if repair != Repair::None {
-        super::common::warn_probed_raw(&spec.path, spec.format.map(Format::name));
+        super::common::warn_probed_raw(&spec);
     }
     if format != Format::Qcow2 {
         eprintln!("{}: This image format does not support checks", ctx.prog);

@@ -6,7 +6,6 @@ use super::common::{job_error, warn_probed_raw, Ctx};
 use super::qsteps::{QemuSteps, Shown};
 use anyhow::Result;
 use std::path::PathBuf;
-use strata_format::Format;
 use strata_jobs::{commit, Cancel};
 
 #[derive(clap::Args)]
@@ -49,7 +48,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;
-    warn_probed_raw(&spec.path, spec.format.map(Format::name));
+    warn_probed_raw(&spec);
     let req = commit::CommitRequest {
         image: spec.path.clone(),
         format: spec.format,
@@ -57,7 +56,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         top: args.top.clone(),
         keep_top: args.drop_empty,
     };
-    let resolved = commit::resolve(&req).map_err(|e| job_error(&spec.path, e))?;
+    let resolved =
+        commit::resolve_on(&req, spec.storage.clone()).map_err(|e| job_error(&spec.path, e))?;
     for user in &resolved.other_users {
         eprintln!(
             "{}: warning: '{}' also has '{}' as its backing file; its content will change",

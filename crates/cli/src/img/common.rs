@@ -97,11 +97,13 @@ pub fn open_spec(
         .force_share(force_share))
 }
 
-/// qemu-img's warning when a raw image is opened for writing without `-f`.
-pub fn warn_probed_raw(path: &std::path::Path, format: Option<&str>) {
-    if format.is_none() && strata_chain::probe_format(path).ok() == Some(strata_format::Format::Raw)
+/// qemu-img's warning when the raw image `spec` names (a file or an NBD
+/// export) is opened for writing without `-f`.
+pub fn warn_probed_raw(spec: &strata_chain::OpenSpec) {
+    if spec.format.is_none()
+        && strata_chain::probe_spec(spec).ok() == Some(strata_format::Format::Raw)
     {
-        warn_guessed_raw(path);
+        warn_guessed_raw(&spec.path);
     }
 }
 
@@ -124,6 +126,17 @@ pub fn probe_format(path: &std::path::Path) -> Result<strata_format::Format> {
         };
         anyhow!("Could not open '{p}': Could not open '{p}': {os}")
     })
+}
+
+/// The format of the image `spec` names: given, or probed from its file or
+/// NBD export (see [`probe_format`]).
+pub fn spec_format(spec: &strata_chain::OpenSpec) -> Result<strata_format::Format> {
+    match (spec.format, &spec.storage) {
+        (Some(f), _) => Ok(f),
+        (None, Some(_)) => strata_chain::probe_spec(spec)
+            .map_err(|e| open_error(&spec.path, &spec.shown_name(), &e)),
+        (None, None) => probe_format(&spec.path),
+    }
 }
 
 /// Open the image `spec` names as a qcow2 image on its own (no backing file

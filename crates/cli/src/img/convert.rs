@@ -248,9 +248,20 @@ fn convert_images(args: Args) -> Result<i32> {
     let mut target_backing_size = None;
     let target: Arc<dyn BlockDevice> = if nbd_out {
         let fmt = (!args.target_image_opts).then(|| out_format.name());
-        let nbd =
-            super::nbdname::convert_target(&target_naming, out_path, fmt, total, args.no_create)?;
-        target_is_zero = args.no_create && args.target_is_zero;
+        let nbd = super::nbdname::convert_target(
+            &target_naming,
+            out_path,
+            fmt,
+            total,
+            (!args.no_create).then_some(&options),
+        )?;
+        // A qcow2 image just formatted onto the export reads as zeroes; the
+        // export itself (raw) holds whatever it held.
+        target_is_zero = if args.no_create {
+            args.target_is_zero
+        } else {
+            out_format == Format::Qcow2
+        };
         let t = open_chain(&nbd.write(true).open_backing(false))?
             .top()
             .clone();

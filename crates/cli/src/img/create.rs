@@ -65,8 +65,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(s) => Some(image_size(s)?),
         None => None,
     };
-    let path =
-        output_path(&filename).map_err(|e| anyhow::anyhow!("{}: {e}", filename.display()))?;
+    let typed = filename.to_string_lossy().into_owned();
+    let on_export = super::nbdname::names_export(&typed, None);
+    let path = if on_export {
+        filename.clone()
+    } else {
+        output_path(&filename).map_err(|e| anyhow::anyhow!("{}: {e}", filename.display()))?
+    };
     let prepared = prepare(&CreateRequest {
         path: path.clone(),
         format,
@@ -83,6 +88,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             prepared.summary_as(&filename.display().to_string(), &args.format)
         );
     }
-    prepared.with_secrets(secrets).create()?;
+    let prepared = prepared.with_secrets(secrets);
+    if on_export {
+        // An NBD export is formatted in place: it is neither created nor resized.
+        let storage = super::nbdname::open_device(&typed, &args.objects.objects()?)?;
+        prepared.create_on(storage)?;
+    } else {
+        prepared.create()?;
+    }
     Ok(0)
 }

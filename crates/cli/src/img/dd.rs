@@ -94,20 +94,36 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         eprintln!("{}: {input}: cannot skip to specified offset", ctx.prog);
         start = size;
     }
-    let out_path = super::imgname::output_path(Path::new(output))?;
-    strata_jobs::create::create(&strata_jobs::create::CreateRequest {
+    let on_export = super::nbdname::names_export(output, None);
+    let out_path = if on_export {
+        PathBuf::from(output)
+    } else {
+        super::imgname::output_path(Path::new(output))?
+    };
+    let request = strata_jobs::create::CreateRequest {
         path: out_path.clone(),
         format: out_format,
         size: Some(size - start),
         options: Default::default(),
         unsafe_backing: false,
-    })
-    .map_err(|e| {
+    };
+    let create_failed = |e: strata_jobs::Error| {
         let msg = e.to_string();
         let msg = msg.strip_prefix(&format!("{output}: ")).unwrap_or(&msg);
         anyhow!("{output}: error while creating output image: {msg}")
-    })?;
-    let out = strata_chain::open_image(&out_path, out_format, true, false)?;
+    };
+    let out = if on_export {
+        // An NBD export is formatted in place, within its size.
+        let device = super::nbdname::open_device(output, &args.naming.objects.objects()?)?;
+        strata_jobs::create::prepare(&request)
+            .and_then(|p| p.create_on(device.clone()))
+            .map_err(create_failed)?;
+        let unlock = strata_format::qcow2::Unlock::None;
+        strata_chain::open_storage(device, out_format, true, false, &unlock)?
+    } else {
+        strata_jobs::create::create(&request).map_err(create_failed)?;
+        strata_chain::open_image(&out_path, out_format, true, false)?
+    };
     let mut buf = vec![0u8; o.bs.min(size - start).max(1) as usize];
     let mut pos = start;
     while pos < size {

@@ -30,6 +30,7 @@ mod rebase;
 mod resize;
 mod snapshot;
 mod stream;
+mod tlscreds;
 mod usage;
 
 use clap::{Parser, Subcommand};

@@ -33,6 +33,9 @@ struct Target {
     url: NbdUrl,
     /// The `tls-creds` object the connection is secured with.
     tls_creds: Option<String>,
+    /// The name the server's certificate must be valid for (`tls-hostname`),
+    /// when not the server's host.
+    tls_hostname: Option<String>,
     /// The metadata context block status is read from instead of
     /// `base:allocation` (`x-dirty-bitmap`).
     context: Option<String>,
@@ -87,7 +90,7 @@ pub fn open(
         }
     };
     let storage =
-        connect(&target, objects).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
+        Arc::new(connect(&target, objects).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?);
     let mut spec = OpenSpec::new(target.canonical()).format(format);
     if protocol_top {
         spec = spec.format(Some(Format::Raw));
@@ -98,32 +101,56 @@ pub fn open(
     Ok(Opened { spec, storage })
 }
 
+/// The export the file name `typed` names, connected for an image to be
+/// formatted onto it.
+pub fn open_device(typed: &str, objects: &Objects) -> Result<Arc<NbdStorage>> {
+    let target = parse_name(typed).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
+    let storage =
+        connect(&target, objects).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
+    Ok(Arc::new(storage))
+}
+
 /// The spec of the NBD export `convert` writes into (`name`, with `-O` as
-/// `format` unless the target is an option list). Without `-n` (`existing`)
-/// qemu-img "creates" the image on the export, which cannot grow past its size:
-/// a raw image is the export itself then; a qcow2 one strata does not write.
+/// `format` unless the target is an option list). Unless `-n`, qemu-img
+/// "creates" the image on the export with `create` (the `-o` options), within
+/// its size: a raw image is the export itself then (it must be large enough); a
+/// qcow2 one is formatted onto it.
 pub fn convert_target(
     naming: &super::imgname::Naming,
     name: &std::path::Path,
     format: Option<&str>,
     total: u64,
-    existing: bool,
+    create: Option<&BTreeMap<String, String>>,
 ) -> Result<OpenSpec> {
+    if let Some(options) = create {
+        let fmt = format.unwrap_or("raw");
+        let failed = |why: &dyn std::fmt::Display| {
+            anyhow!("{}: error while converting {fmt}: {why}", name.display())
+        };
+        let typed = name.to_string_lossy();
+        let device = open_device(&typed, &naming.objects.objects()?)?;
+        match fmt {
+            "raw" if total > strata_storage::Storage::size(device.as_ref())? => {
+                return Err(failed(&"Cannot grow NBD nodes"));
+            }
+            "raw" => {}
+            _ => {
+                let request = strata_jobs::create::CreateRequest {
+                    path: name.to_path_buf(),
+                    format: parse_format(fmt)?,
+                    size: Some(total),
+                    options: options.clone(),
+                    unsafe_backing: true,
+                };
+                strata_jobs::create::prepare(&request)
+                    .and_then(|p| p.create_on(device))
+                    .map_err(|e| failed(&e))?;
+            }
+        }
+    }
     let Some(nbd) = naming.open_nbd(name, format)? else {
         bail!("Could not open '{}'", name.display());
     };
-    if !existing {
-        let fmt = format.unwrap_or("raw");
-        let failed = |why: &str| anyhow!("{}: error while converting {fmt}: {why}", name.display());
-        if total > strata_storage::Storage::size(nbd.storage.as_ref())? {
-            return Err(failed("Cannot grow NBD nodes"));
-        }
-        if fmt != "raw" {
-            return Err(failed(
-                "creating an image of this format on an NBD export is not supported by strata",
-            ));
-        }
-    }
     Ok(nbd.spec)
 }
 
@@ -144,28 +171,33 @@ fn parse_format(f: &str) -> Result<Format> {
 }
 
 /// Connect as `target` says and wrap the connection as storage.
-fn connect(target: &Target, objects: &Objects) -> Result<Arc<NbdStorage>> {
-    if let Some(id) = &target.tls_creds {
-        match objects.others.get(id) {
-            Some(o) if o.qom_type.starts_with("tls-creds") => {
-                bail!("TLS credentials for NBD clients are not supported by strata")
-            }
-            _ => bail!("No TLS credentials with id '{id}'"),
+fn connect(target: &Target, objects: &Objects) -> Result<NbdStorage> {
+    let tls = match &target.tls_creds {
+        None => None,
+        Some(id) => {
+            let host = match &target.url.address {
+                Address::Tcp { host, .. } => Some(host.as_str()),
+                Address::Unix(_) => None,
+            };
+            Some(super::tlscreds::client(
+                objects,
+                id,
+                host,
+                target.tls_hostname.as_deref(),
+            )?)
         }
-    }
+    };
     let context = target
         .context
         .as_deref()
         .unwrap_or(strata_nbd::proto::CONTEXT_BASE_ALLOCATION);
-    let client = Client::connect(&target.url, &[context])?;
+    let client = Client::connect_with(&target.url, &[context], tls.as_ref())?;
     if target.context.is_some() && !client.has_context(context) {
         bail!("Could not open image: Invalid argument");
     }
-    Ok(Arc::new(NbdStorage::new(
-        client,
-        Some(context),
-        target.canonical(),
-    )))
+    // Behaves as a block device: a format above may truncate it to less than
+    // its size (a qcow2 image shrinking, or formatted onto it), without effect.
+    Ok(NbdStorage::new(client, Some(context), target.canonical()).device_like())
 }
 
 /// An NBD file name: a URL, or the legacy `nbd:` form.
@@ -178,6 +210,7 @@ fn parse_name(name: &str) -> Result<Target> {
     Ok(Target {
         url,
         tls_creds: None,
+        tls_hostname: None,
         context: None,
     })
 }
@@ -323,6 +356,7 @@ fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
     Ok(Target {
         url: NbdUrl { address, export },
         tls_creds: get("tls-creds"),
+        tls_hostname: get("tls-hostname"),
         context: get("x-dirty-bitmap"),
     })
 }

@@ -49,7 +49,6 @@ pub struct Objects {
     /// Secret values by id (decoded when given as base64).
     pub secrets: Arc<BTreeMap<String, Vec<u8>>>,
     /// The other objects by id (TLS credentials for NBD connections, say).
-    #[allow(dead_code)]
     pub others: BTreeMap<String, Object>,
 }
 
@@ -64,6 +63,7 @@ impl ObjectArgs {
             if secrets.contains_key(&id) || others.contains_key(&id) {
                 bail!("attempt to add duplicate property '{id}' to object (type 'container')");
             }
+            super::tlscreds::check(&qom_type, &props)?;
             if qom_type == "secret" {
                 secrets.insert(id, secret_value(&props)?);
             } else {
@@ -207,14 +207,14 @@ mod tests {
             &file_def,
             "secret,id=b,data=c2VjcmV0,format=base64",
             "qom-type=secret,id=q,data=x,format=raw",
-            "tls-creds-x509,id=tls0,dir=/x,endpoint=client",
+            "tls-creds-anon,id=tls0,endpoint=client",
         ])
         .unwrap();
         assert_eq!(o.secrets["d"], b"a,b");
         assert_eq!(o.secrets["f"], b"from file\n");
         assert_eq!(o.secrets["b"], b"secret");
         assert_eq!(o.secrets["q"], b"x");
-        assert_eq!(o.others["tls0"].qom_type, "tls-creds-x509");
+        assert_eq!(o.others["tls0"].qom_type, "tls-creds-anon");
         assert_eq!(o.others["tls0"].props["endpoint"], "client");
     }
 

@@ -73,7 +73,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;
-    warn_probed_raw(&spec.path, spec.format.map(Format::name));
+    warn_probed_raw(&spec);
     let spec = spec.write(true).open_backing(!args.unsafe_mode);
     let chain = open_chain(&spec)?;
     let image = chain.top().clone();

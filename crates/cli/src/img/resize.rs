@@ -43,20 +43,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;
-    let format = match spec.format {
-        Some(f) => f,
-        None if spec.storage.is_some() => {
-            let f = strata_chain::probe_spec(&spec)?;
-            if f == strata_format::Format::Raw {
-                super::common::warn_guessed_raw(&spec.path);
-            }
-            f
-        }
-        None => {
-            super::common::warn_probed_raw(&spec.path, None);
-            strata_chain::probe_format(&spec.path)?
-        }
-    };
+    super::common::warn_probed_raw(&spec);
+    let format = super::common::spec_format(&spec)?;
     let prealloc = match args.preallocation.as_deref() {
         None | Some("off") => None,
         Some(p) => Some(

@@ -91,10 +91,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), args.force_share)?;
-    let format = match spec.format {
-        Some(f) => f,
-        None => strata_chain::probe_format(&spec.path)?,
-    };
+    let format = super::common::spec_format(&spec)?;
     let writing = args.create.is_some() || args.apply.is_some() || args.delete.is_some();
     if writing && spec.force_share {
         bail!("force-share=on can only be used with read-only images");
@@ -104,7 +101,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         // to apply a snapshot: it opens the image again).
         let times = if args.apply.is_some() { 2 } else { 1 };
         for _ in 0..times {
-            super::common::warn_probed_raw(&spec.path, spec.format.map(|f| f.name()));
+            super::common::warn_probed_raw(&spec);
         }
     }
     let dev = super::common::open_top(&spec, format, writing)?;

@@ -6,7 +6,6 @@ use super::common::{job_error, warn_probed_raw, Ctx};
 use super::progress::Bar;
 use anyhow::Result;
 use std::path::PathBuf;
-use strata_format::Format;
 use strata_jobs::{stream, Cancel};
 
 #[derive(clap::Args)]
@@ -35,7 +34,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;
-    warn_probed_raw(&spec.path, spec.format.map(Format::name));
+    warn_probed_raw(&spec);
     let req = stream::StreamRequest {
         image: spec.path.clone(),
         format: spec.format,

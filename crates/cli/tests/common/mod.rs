@@ -174,6 +174,8 @@ pub fn same_image(dir: &Path, ours: &str, theirs: &str, what: &str) {
         (out + &err)
             .lines()
             .filter(|l| !l.contains("actual-size") && !l.contains("\"filename\""))
+            // Snapshots the two tools take get the time they were taken.
+            .filter(|l| !l.contains("\"date-sec\"") && !l.contains("\"date-nsec\""))
             .collect::<Vec<_>>()
             .join("\n")
             .replace(f, "IMG")

@@ -210,3 +210,48 @@ fn forward_counting(
         }
     }
 }
+
+/// Run `args` with both tools, each against its own copy of `image` (in `d`)
+/// served by `server` as export `e` on the one socket `d/e.sock`, one tool after
+/// the other, so both name the export alike: `{URL}` in an argument stands for
+/// its URL, `{SOCK}` for the socket's path. Differences in what they print, and
+/// in what QEMU reads from the two copies afterwards, are recorded for
+/// [`super::assert_all_same`].
+pub fn same_on_export(d: &Path, server: Server, image: &str, args: &[&str]) {
+    let sock = d.join("e.sock");
+    let sock = sock.to_str().unwrap();
+    let url = format!("nbd+unix:///e?socket={sock}");
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("{URL}", &url).replace("{SOCK}", sock))
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let copies = ["o-exported", "t-exported"];
+    let mut outcomes = Vec::new();
+    for (prog, copy) in ["strata", "qemu-img"].into_iter().zip(copies) {
+        std::fs::copy(d.join(image), d.join(copy)).unwrap();
+        let _srv = NbdServer::start(
+            server,
+            &["-f", "raw", "-x", "e", "-k", sock],
+            &d.join(copy),
+            sock,
+        );
+        outcomes.push(super::outcome(d, prog, &args));
+    }
+    let what = format!("`img {}` ({server:?} serving {image})", args.join(" "));
+    if outcomes[0] != outcomes[1] {
+        super::differs(format!(
+            "{what}\n  strata:   {:?}\n  qemu-img: {:?}",
+            outcomes[0], outcomes[1]
+        ));
+    }
+    let qcow2 = std::fs::read(d.join(copies[1]))
+        .unwrap()
+        .starts_with(b"QFI\xfb");
+    if qcow2 {
+        super::same_image(d, copies[0], copies[1], &what);
+    } else if std::fs::read(d.join(copies[0])).unwrap() != std::fs::read(d.join(copies[1])).unwrap()
+    {
+        super::differs(format!("{what}: the exports' bytes differ"));
+    }
+}
