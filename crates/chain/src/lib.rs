@@ -32,7 +32,9 @@ pub enum Error {
     Loop { image: PathBuf, again: PathBuf },
     #[error("Backing chain of '{image}' is deeper than the limit of {limit} images")]
     TooDeep { image: PathBuf, limit: usize },
-    #[error("Could not open backing file '{backing}' of '{image}': {source}")]
+    /// A backing file (or the options given for one) failed to open; worded as
+    /// QEMU words it, nested once per level of the chain.
+    #[error("Could not open backing file: {source}")]
     Backing {
         image: PathBuf,
         backing: String,
@@ -117,6 +119,13 @@ pub struct OpenSpec {
     /// (`blkdebug:CONFIG:FILE`): its rules fail the requests the format engine
     /// makes after the events they name.
     pub blkdebug: Option<Arc<BlkdebugConfig>>,
+    /// The top image's external data file when the options name it
+    /// (`data-file.filename=`), instead of the file its header records. Not
+    /// opened for a metadata-only open (as qemu-img's info ignores it).
+    pub data_file: Option<PathBuf>,
+    /// Why the `data-file` options cannot be honoured, said when the data file
+    /// would be opened (a metadata-only open ignores them, as qemu-img's info).
+    pub data_file_refusal: Option<String>,
     /// The top image's bytes when they are not the file at `path` (an NBD
     /// export, say): the top layer is opened on this storage, and `path` only
     /// names it.
@@ -151,16 +160,35 @@ impl OpenSpec {
             metadata_only: false,
             storage: None,
             blkdebug: None,
+            data_file: None,
+            data_file_refusal: None,
         }
     }
     /// The secret the top image opens with: the one its `encrypt.key-secret`
     /// option names (an id no `--object` defined is refused, in QEMU's words).
     pub fn unlock(&self) -> Result<Unlock> {
+        self.unlock_at(0)
+    }
+    /// The option prefix of the layer at `depth` (1 = the top's backing file):
+    /// `backing.` once per level, as QEMU nests a backing file's options.
+    pub fn layer_prefix(depth: usize) -> String {
+        "backing.".repeat(depth)
+    }
+    /// Whether options were given for the layer at `depth` or below.
+    pub fn has_layer_options(&self, depth: usize) -> bool {
+        let prefix = Self::layer_prefix(depth);
+        depth > 0 && self.driver_options.keys().any(|k| k.starts_with(&prefix))
+    }
+    /// The secret the layer at `depth` opens with (see [`OpenSpec::unlock`]):
+    /// a backing file's is its own `backing.encrypt.key-secret`, one `backing.`
+    /// per level, never the top's.
+    pub fn unlock_at(&self, depth: usize) -> Result<Unlock> {
         if self.metadata_only {
             // No secret is needed, nor its id looked up (as qemu-img's info).
             return Ok(Unlock::None);
         }
-        match self.driver_options.get("encrypt.key-secret") {
+        let key = format!("{}encrypt.key-secret", Self::layer_prefix(depth));
+        match self.driver_options.get(&key) {
             None => Ok(Unlock::None),
             Some(id) => match self.secrets.get(id) {
                 Some(v) => Ok(Unlock::Secret(v.as_slice().into())),
@@ -377,13 +405,74 @@ pub fn open_storage(
 /// options name.
 pub fn open_top(spec: &OpenSpec, format: Format, write: bool) -> Result<Arc<dyn BlockDevice>> {
     let unlock = spec.unlock()?;
-    open_storage(
-        top_storage(spec, write)?,
-        format,
-        write,
-        spec.metadata_only,
-        &unlock,
-    )
+    let storage = top_storage(spec, write)?;
+    match format {
+        Format::Qcow2 if spec.data_file.is_some() || spec.data_file_refusal.is_some() => {
+            Ok(Arc::new(open_qcow2_on(
+                spec,
+                storage,
+                Qcow2OpenOptions {
+                    read_only: !write,
+                    metadata_only: spec.metadata_only,
+                    unlock,
+                    ..Default::default()
+                },
+            )?))
+        }
+        _ => open_storage(storage, format, write, spec.metadata_only, &unlock),
+    }
+}
+
+/// The top qcow2 image `spec` names, on `storage`, opened as `opts` say, with
+/// the external data file its options name (unless opened for the metadata
+/// only), else the one its header records.
+pub fn open_qcow2_on(
+    spec: &OpenSpec,
+    storage: Arc<dyn Storage>,
+    opts: Qcow2OpenOptions,
+) -> Result<Qcow2Image> {
+    if let (Some(refusal), false) = (&spec.data_file_refusal, opts.metadata_only) {
+        return Err(Error::Format(strata_format::Error::invalid_argument(
+            refusal.clone(),
+        )));
+    }
+    match &spec.data_file {
+        Some(data) if !opts.metadata_only => {
+            use std::os::unix::ffi::OsStrExt;
+            let data =
+                strata_format::qcow2::data_file::open(data.as_os_str().as_bytes(), opts.read_only)?;
+            Ok(Qcow2Image::open_with_data_file(storage, data, opts)?)
+        }
+        _ => Ok(Qcow2Image::open(storage, opts)?),
+    }
+}
+
+/// The failure `e` of the layer at `depth` below `layers` (the layers above it,
+/// open), wrapped once per level as QEMU reports a backing file's failure; the
+/// engine's own prefix naming the failed file is dropped, as QEMU does not repeat it.
+fn backing_error(layers: &[Layer], depth: usize, e: Error) -> Error {
+    let mut err = e;
+    for level in (1..=depth).rev() {
+        let over = &layers[level - 1];
+        let backing = over
+            .backing_name
+            .as_deref()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if level == depth {
+            if let (Error::Format(f), Some(p)) = (&err, &over.backing_path) {
+                if let Some(inner) = f.to_string().strip_prefix(&format!("{}: ", p.display())) {
+                    err = Error::Format(strata_format::Error::new(f.kind(), inner.to_string()));
+                }
+            }
+        }
+        err = Error::Backing {
+            image: over.path.clone(),
+            backing,
+            source: Box::new(err),
+        };
+    }
+    err
 }
 
 /// Open the image `spec` names and, unless told not to, its whole backing chain
@@ -418,20 +507,25 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 limit: spec.max_depth,
             });
         }
-        // The secret is the top image's: a backing file QEMU would need its own for.
+        // Each layer opens with its own secret (`backing.encrypt.key-secret`...).
         let device = if let Some(storage) = filtered.take() {
             open_storage(storage, fmt, write, spec.metadata_only, &spec.unlock()?)?
         } else if layers.is_empty() {
             open_top(spec, fmt, write)?
         } else {
-            open_image_with(
-                &path,
-                fmt,
-                write,
-                spec.force_share,
-                spec.metadata_only,
-                &Unlock::None,
-            )?
+            let depth = layers.len();
+            spec.unlock_at(depth)
+                .and_then(|unlock| {
+                    open_image_with(
+                        &path,
+                        fmt,
+                        write,
+                        spec.force_share,
+                        spec.metadata_only,
+                        &unlock,
+                    )
+                })
+                .map_err(|e| backing_error(&layers, depth, e))?
         };
         let (backing_name, backing_format) = match device.overlay() {
             Some(link) => (link.backing_name(), link.backing_format()),
@@ -447,6 +541,14 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             backing_path: backing_path.clone(),
         });
         let (Some(name), Some(bpath)) = (backing_name, backing_path) else {
+            if spec.open_backing && spec.has_layer_options(layers.len()) {
+                // Options for a backing file the image does not have: QEMU
+                // tries to open one from the options alone.
+                let e = Error::Format(strata_format::Error::invalid_argument(
+                    "Must specify either driver or file",
+                ));
+                return Err(backing_error(&layers, layers.len(), e));
+            }
             break;
         };
         if !spec.open_backing {
@@ -465,15 +567,12 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             }
         };
         if let Err(e) = std::fs::metadata(&bpath) {
-            return Err(Error::Backing {
-                image: path.clone(),
-                backing: name.to_string_lossy().into_owned(),
-                source: Box::new(Error::Storage(strata_storage::Error::Io {
-                    op: "Could not open",
-                    path: bpath,
-                    source: e,
-                })),
+            let e = Error::Storage(strata_storage::Error::Io {
+                op: "Could not open",
+                path: bpath,
+                source: e,
             });
+            return Err(backing_error(&layers, layers.len(), e));
         }
         path = bpath;
         fmt = bfmt;

@@ -396,3 +396,141 @@ fn each_tool_reads_what_the_other_wrote_through_a_data_file() {
         verify(d, "src.raw", "c.qcow2");
     }
 }
+
+#[test]
+fn a_data_file_named_by_option_is_opened_instead_of_the_recorded_one_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    zoo(d);
+    // The data file was moved: the name the image records is gone.
+    std::fs::rename(d.join("df.raw"), d.join("moved.raw")).unwrap();
+    let img = "driver=qcow2,file.filename=df.qcow2";
+    let names = [
+        format!("{img},data-file.filename=moved.raw"),
+        format!("{img},data-file.driver=file,data-file.filename=moved.raw,data-file.locking=off"),
+        format!("{img},data-file.driver=raw,data-file.file.filename=moved.raw"),
+        format!("{img},data-file.filename=missing.raw"),
+        format!("{img},data-file.filename=moved.raw,data-file.foo=bar"),
+        format!("{img},data-file=node0"),
+        img.to_string(),
+        "driver=qcow2,file.filename=base.qcow2,data-file.filename=moved.raw".to_string(),
+    ];
+    let json = r#"json:{"driver":"qcow2","file":{"filename":"df.qcow2"},"data-file":{"driver":"file","filename":"moved.raw"}}"#;
+    let subs: [&[&str]; 6] = [
+        &["info"],
+        &["info", "--output=json"],
+        &["map"],
+        &["map", "--output=json"],
+        &["check"],
+        &["check", "--output=json"],
+    ];
+    for n in &names {
+        for sub in subs {
+            same(d, &[sub, &["--image-opts", n.as_str()]].concat());
+        }
+        same(
+            d,
+            &[
+                "compare",
+                "--image-opts",
+                n,
+                "driver=qcow2,file.filename=base.qcow2",
+            ],
+        );
+    }
+    for sub in subs {
+        same(d, &[sub, &[json]].concat());
+    }
+    same(d, &["compare", json, "base.qcow2"]);
+    same(d, &["measure", "-O", "qcow2", json]);
+    // Read through the option, each tool's copy holds the guest's data.
+    for (tool, out) in [("strata", "s.raw"), ("qemu-img", "q.raw")] {
+        ok(
+            d,
+            tool,
+            &["convert", "-O", "raw", "--image-opts", &names[0], out],
+        );
+    }
+    sh(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", "s.raw", "q.raw"],
+    );
+    let (code, _, err) = outcome(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", "s.raw", "base.qcow2"],
+    );
+    assert_eq!(code, Some(1), "the data came from the data file: {err}");
+    // Resized through the option, the moved data file grows with the image and
+    // takes later writes alike.
+    for (tool, img) in [("strata", "w-s"), ("qemu-img", "w-t")] {
+        std::fs::copy(d.join("df.qcow2"), d.join(format!("{img}.qcow2"))).unwrap();
+        std::fs::copy(d.join("moved.raw"), d.join(format!("{img}.raw"))).unwrap();
+        let name = format!("driver=qcow2,file.filename={img}.qcow2,data-file.filename={img}.raw");
+        ok(d, tool, &["resize", "--image-opts", &name, "8M"]);
+        ok(
+            d,
+            "qemu-img",
+            &[
+                "convert",
+                "-n",
+                "-f",
+                "raw",
+                "s.raw",
+                "--target-image-opts",
+                &name,
+            ],
+        );
+    }
+    sh(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", "w-s.raw", "w-t.raw"],
+    );
+    let info = |f: &str| ok(d, "qemu-img", &["info", "--output=json", f]).replace(f, "IMG");
+    let lines = |s: String| -> Vec<String> {
+        s.lines()
+            .filter(|l| !l.contains("actual-size"))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(lines(info("w-s.qcow2")), lines(info("w-t.qcow2")));
+    // Subcommands that reopen the image by its file name refuse the option
+    // rather than write into the file the image records.
+    let name = "driver=qcow2,file.filename=w-s.qcow2,data-file.filename=w-s.raw";
+    for refused in [
+        &["commit", "--image-opts", name][..],
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "s.raw",
+            "--target-image-opts",
+            name,
+        ],
+    ] {
+        let (code, _, err) = outcome(d, "strata", refused);
+        assert_eq!(code, Some(1), "{refused:?}");
+        assert!(
+            err.contains("does not support the option 'data-file' here yet"),
+            "{err}"
+        );
+    }
+    for img in ["w-s", "w-t"] {
+        let name = format!("driver=qcow2,file.filename={img}.qcow2,data-file.filename={img}.raw");
+        ok(d, "qemu-img", &["check", "--image-opts", &name]);
+        ok(
+            d,
+            "qemu-img",
+            &[
+                "compare",
+                "--image-opts",
+                &name,
+                "driver=raw,file.filename=s.raw",
+            ],
+        );
+    }
+    assert_all_same();
+}

@@ -289,3 +289,153 @@ fn encrypted_creation_and_amend_are_refused_as_qemu_img_refuses_them() {
     }
     assert_all_same();
 }
+
+/// The second secret, for an overlay encrypted apart from its backing file.
+const SECRET1: &str = "secret,id=s1,data=0ther";
+
+/// `o.qcow2`: a LUKS overlay (secret `s1`) over the LUKS `e.qcow2` (secret
+/// `s0`), with data of its own; `p.qcow2`: a clear overlay over `e.qcow2`.
+fn encrypted_chain(d: &Path) {
+    images(d);
+    let objs = ["--object", SECRET, "--object", SECRET1];
+    let mut a = vec!["create", "-q", "-f", "qcow2"];
+    a.extend(objs);
+    a.extend(["-b", "e.qcow2", "-F", "qcow2", "-o"]);
+    let luks1 = "encrypt.format=luks,encrypt.key-secret=s1,encrypt.iter-time=10";
+    sh(d, "qemu-img", &[&a[..], &[luks1, "o.qcow2"]].concat());
+    let mut io = vec!["--image-opts"];
+    io.extend(objs);
+    let top =
+        "driver=qcow2,file.filename=o.qcow2,encrypt.key-secret=s1,backing.encrypt.key-secret=s0";
+    io.extend([top, "-c", "write -P 0x42 64k 64k", "-c", "write -z 3M 4k"]);
+    sh(d, "qemu-io", &io);
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "e.qcow2", "-F", "qcow2", "p.qcow2",
+        ],
+    );
+}
+
+#[test]
+fn encrypted_backing_files_open_with_their_own_secret_as_qemu_img_opens_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    encrypted_chain(d);
+    let objs = ["--object", SECRET, "--object", SECRET1];
+    let top = "driver=qcow2,file.filename=o.qcow2,encrypt.key-secret=s1";
+    // The backing file's secret: right, missing, the overlay's, undefined; and
+    // options for backing files the chain does not have.
+    let names = [
+        format!("{top},backing.encrypt.key-secret=s0"),
+        top.to_string(),
+        format!("{top},backing.encrypt.key-secret=s1"),
+        format!("{top},backing.encrypt.key-secret=s9"),
+        format!("{top},backing.encrypt.key-secret=s0,backing.lazy-refcounts=on"),
+        format!("{top},backing.encrypt.key-secret=s0,backing.backing.encrypt.key-secret=s0"),
+        "driver=qcow2,file.filename=p.qcow2,backing.encrypt.key-secret=s0".to_string(),
+        "driver=qcow2,file.filename=p.qcow2".to_string(),
+        "driver=qcow2,file.filename=c.qcow2,backing.encrypt.key-secret=s0".to_string(),
+    ];
+    let base = "driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s0";
+    for n in &names {
+        for sub in [
+            &["map"][..],
+            &["map", "--output=json"],
+            &["check"],
+            &["check", "--output=json"],
+            &["info"],
+            &["info", "--backing-chain"],
+            &["compare"],
+            &["compare", "-s"],
+        ] {
+            let mut a: Vec<&str> = sub.to_vec();
+            a.extend(objs);
+            a.extend(["--image-opts", n]);
+            if sub[0] == "compare" {
+                a.push(base);
+            }
+            same(d, &a);
+        }
+    }
+    // The same through a json: name, and by the file name alone.
+    let json = r#"json:{"driver":"qcow2","file":{"filename":"o.qcow2"},"encrypt":{"key-secret":"s1"},"backing":{"encrypt":{"key-secret":"s0"}}}"#;
+    for sub in ["map", "check", "compare"] {
+        let mut a = vec![sub];
+        a.extend(objs);
+        a.push(json);
+        if sub == "compare" {
+            a.push("p.qcow2");
+        }
+        same(d, &a);
+    }
+    for sub in ["map", "check"] {
+        same(d, &[sub, "o.qcow2"]);
+        same(d, &[sub, "p.qcow2"]);
+    }
+    // Converted through the chain, each tool's copy reads as the other's.
+    for (tool, out) in [("strata", "s.raw"), ("qemu-img", "q.raw")] {
+        let mut a = vec!["convert", "-O", "raw"];
+        a.extend(objs);
+        a.extend(["--image-opts", &names[0], out]);
+        ok(d, tool, &a);
+    }
+    sh(
+        d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", "s.raw", "q.raw"],
+    );
+    let mut a = vec!["compare"];
+    a.extend(objs);
+    a.extend(["--image-opts", &names[0], "driver=raw,file.filename=s.raw"]);
+    ok(d, "qemu-img", &a);
+    // Into a new encrypted image: qemu-img reads strata's with its secret.
+    let mut a = vec!["convert", "-O", "qcow2", "-o", LUKS];
+    a.extend(objs);
+    a.extend(["--image-opts", &names[0], "n.qcow2"]);
+    ok(d, "strata", &a);
+    reads_as_raw(d, &named("n.qcow2"), "s.raw");
+    assert_all_same();
+}
+
+#[test]
+fn info_names_an_image_opened_with_a_secret_by_its_json_options_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    encrypted_chain(d);
+    let objs = ["--object", SECRET, "--object", SECRET1];
+    let names = [
+        named("e.qcow2"),
+        "file.filename=e.qcow2,encrypt.key-secret=s0".to_string(),
+        format!("{},encrypt.format=luks,lazy-refcounts=on", named("e.qcow2")),
+        format!(
+            "{},file.driver=file,file.locking=off,node-name=n0,read-only=on",
+            named("e.qcow2")
+        ),
+        "driver=qcow2,file.filename=o.qcow2,encrypt.key-secret=s1".to_string(),
+        "driver=qcow2,file.filename=o.qcow2,encrypt.key-secret=s9".to_string(),
+        // No option that changes the data: the file name stays the name.
+        "driver=qcow2,file.filename=e.qcow2,lazy-refcounts=on".to_string(),
+        "driver=qcow2,file.filename=p.qcow2,l2-cache-size=1M".to_string(),
+    ];
+    let jsons = [
+        r#"json:{"driver":"qcow2","file":{"filename":"e.qcow2","locking":"off"},"encrypt":{"key-secret":"s0"},"lazy-refcounts":true}"#,
+        r#"json:{"driver":"qcow2","file.filename":"o.qcow2","encrypt.key-secret":"s1"}"#,
+    ];
+    let all = names
+        .iter()
+        .map(|n| ["--image-opts", n.as_str()].to_vec())
+        .chain(jsons.iter().map(|j| vec![*j]));
+    for n in all {
+        for sub in [
+            &["info"][..],
+            &["info", "--output=json"],
+            &["info", "--backing-chain"],
+            &["info", "--backing-chain", "--output=json"],
+        ] {
+            same(d, &[sub, &objs[..], &n[..]].concat());
+        }
+    }
+    assert_all_same();
+}

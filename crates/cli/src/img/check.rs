@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
-use strata_format::qcow2::{CheckReport, Qcow2Image, Qcow2OpenOptions, Repair};
+use strata_format::qcow2::{CheckReport, Qcow2OpenOptions, Repair};
 use strata_format::Format;
 use strata_storage::{FileStorage, OpenOptions, Storage};
 
@@ -88,7 +88,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 .with_context(|| format!("Could not open '{}'", spec.shown_name()))?,
         ),
     };
-    let img = Qcow2Image::open(
+    let img = strata_chain::open_qcow2_on(
+        &spec,
         storage,
         Qcow2OpenOptions {
             read_only: !writing,
@@ -101,21 +102,18 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             ..Default::default()
         },
     )
-    .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e.into()))?;
-    // qemu-img opens the backing file too, and fails when it is gone: a check
+    .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
+    // qemu-img opens the backing chain too (each file with the secret its
+    // options give), and fails when a file is gone or cannot be opened: a check
     // that passes says the image can be used.
-    if let Some(b) = img.header().backing_file {
-        let bpath = strata_chain::resolve_backing(&spec.path, &b);
-        if let Err(e) = std::fs::metadata(&bpath) {
-            let e = strata_storage::Error::Io {
-                op: "Could not open",
-                path: bpath,
-                source: e,
-            };
-            bail!(
-                "Could not open '{}': Could not open backing file: {e}",
-                spec.shown_name()
-            );
+    if img.header().backing_file.is_some() || spec.has_layer_options(1) {
+        let below = spec.clone().write(false).force_share(true);
+        if let Err(e @ strata_chain::Error::Backing { .. }) = strata_chain::open(&below) {
+            return Err(super::common::open_error(
+                &spec.path,
+                &spec.shown_name(),
+                &e,
+            ));
         }
     }
     let first = img.check(repair);

@@ -48,6 +48,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;
+    super::imgname::refuse_reopened_options(&spec)?;
     warn_probed_raw(&spec);
     let req = commit::CommitRequest {
         image: spec.path.clone(),

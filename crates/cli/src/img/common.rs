@@ -164,7 +164,8 @@ pub fn open_qcow2(
         _ => strata_chain::top_storage(spec, write)
             .map_err(|e| open_error(path, &spec.shown_name(), &e))?,
     };
-    strata_format::qcow2::Qcow2Image::open(
+    strata_chain::open_qcow2_on(
+        spec,
         storage,
         strata_format::qcow2::Qcow2OpenOptions {
             read_only: !write,
@@ -172,7 +173,12 @@ pub fn open_qcow2(
             ..Default::default()
         },
     )
-    .map_err(|e| anyhow!("Could not open '{}': {}", spec.shown_name(), e.message()))
+    .map_err(|e| match e {
+        strata_chain::Error::Format(e) => {
+            anyhow!("Could not open '{}': {}", spec.shown_name(), e.message())
+        }
+        e => open_error(path, &spec.shown_name(), &e),
+    })
 }
 
 /// Open the image `spec` names on its own (no backing file attached), with the

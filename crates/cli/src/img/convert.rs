@@ -144,6 +144,7 @@ fn convert_images(args: Args) -> Result<i32> {
         (&plain_out, out_format)
     } else if args.target_image_opts {
         let target_spec = target_spec.insert(super::imgname::image_spec(out_path, None, true)?);
+        super::imgname::refuse_reopened_options(target_spec)?;
         let format = match target_spec.format {
             Some(f) => f,
             None => super::common::probe_format(&target_spec.path)?,

@@ -138,7 +138,21 @@ const QCOW2_OPTIONS: [&str; 17] = [
 
 /// Driver options QEMU knows that would change the guest's view of the image and
 /// that strata does not implement: refused rather than ignored.
-const UNSUPPORTED_DATA_OPTIONS: &[&str] = &["offset", "size", "backing", "data-file", "data-file."];
+const UNSUPPORTED_DATA_OPTIONS: &[&str] = &["offset", "size", "backing"];
+
+/// The options a backing file takes through its overlay's `backing.` keys (one
+/// `backing.` per level): its own secret and the qcow2 options that leave its
+/// data as the image records it. Its file, driver and data file stay those the
+/// overlay records.
+fn backing_option_supported(key: &str) -> bool {
+    let mut own = key;
+    while let Some(rest) = own.strip_prefix("backing.") {
+        own = rest;
+    }
+    own != key
+        && (COMMON_OPTIONS.contains(&own)
+            || known(own, &QCOW2_OPTIONS) && !known(own, &["backing", "data-file", "data-file."]))
+}
 
 /// The raw format driver's own options.
 const RAW_OPTIONS: [&str; 2] = ["offset", "size"];
@@ -508,14 +522,139 @@ fn format_spec(
     for k in COMMON_OPTIONS {
         flat.remove(k);
     }
+    // Checked when the data file is opened: qemu-img's info ignores them.
+    let data_file = data_file_option(&mut flat);
     // Options that change which bytes the guest sees must not be dropped silently.
-    if let Some(k) = flat.keys().find(|k| known(k, UNSUPPORTED_DATA_OPTIONS)) {
+    if let Some(k) = flat
+        .keys()
+        .find(|k| known(k, UNSUPPORTED_DATA_OPTIONS) && !backing_option_supported(k))
+    {
         bail!("Block format '{name}': strata does not support the option '{k}' yet");
     }
     let mut spec = OpenSpec::new(path).format(format).force_share(force_share);
     spec.driver_options = flat;
+    match data_file {
+        Ok(path) => spec.data_file = path,
+        Err(e) => spec.data_file_refusal = Some(e.to_string()),
+    }
     spec.blkdebug = blkdebug.map(std::sync::Arc::new);
     Ok(spec)
+}
+
+/// The qcow2 driver's options that change the image's data ("strong" in QEMU's
+/// terms): given, QEMU cannot name the image by its file name alone.
+const QCOW2_STRONG_OPTIONS: [&str; 1] = ["encrypt.key-secret"];
+
+/// The name qemu-img reports for the top image `spec` names, opened as
+/// `format`, when its file name alone would not open it the same way: a
+/// `json:` name of its driver, the options that change its data and its file
+/// node. `None` when the file name suffices (options that only tune the open,
+/// or a data file named by option, do not count, as in QEMU).
+pub fn json_name(spec: &OpenSpec, format: Format) -> Option<String> {
+    if format != Format::Qcow2
+        || spec.storage.is_some()
+        || spec.blkdebug.is_some()
+        || spec.protocol_driver.is_some()
+    {
+        return None;
+    }
+    let mut top = serde_json::Map::new();
+    top.insert("driver".into(), Value::from(format.name()));
+    let mut strong = false;
+    for k in QCOW2_STRONG_OPTIONS {
+        if let Some(v) = spec.driver_options.get(k) {
+            top.insert(k.into(), Value::from(v.as_str()));
+            strong = true;
+        }
+    }
+    if !strong {
+        return None;
+    }
+    let mut file = serde_json::Map::new();
+    file.insert("driver".into(), Value::from("file"));
+    file.insert(
+        "filename".into(),
+        Value::from(spec.path.to_string_lossy().into_owned()),
+    );
+    top.insert("file".into(), Value::Object(file));
+    Some(format!(
+        "json:{}",
+        super::qjson::to_compact(&Value::Object(top))
+    ))
+}
+
+/// Options for a backing file, given where qemu-img opens none (`info`):
+/// refused as QEMU refuses options nothing takes.
+pub fn refuse_backing_options(spec: &OpenSpec, format: Format) -> Result<()> {
+    // QEMU names the first of them in its dictionary's order.
+    let left: serde_json::Map<String, Value> = spec
+        .driver_options
+        .keys()
+        .filter(|k| k.starts_with("backing."))
+        .map(|k| (k.clone(), Value::Null))
+        .collect();
+    match super::qjson::key_order(&left).first() {
+        Some(k) => bail!(
+            "Could not open '{}': Block format '{}' does not support the option '{k}'",
+            spec.shown_name(),
+            format.name()
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Refuse the options a subcommand would not honour because it reopens the
+/// image by its file name (`commit`, `convert`'s existing target): a data file
+/// named by option, and backing files' options. Dropped, writes would go to the
+/// file the image records.
+pub fn refuse_reopened_options(spec: &OpenSpec) -> Result<()> {
+    let key = match spec
+        .driver_options
+        .keys()
+        .find(|k| k.starts_with("backing."))
+    {
+        Some(k) => k.as_str(),
+        None if spec.data_file.is_some() || spec.data_file_refusal.is_some() => "data-file",
+        None => return Ok(()),
+    };
+    bail!(
+        "Could not open '{}': Block format 'qcow2': strata does not support the option '{key}' here yet",
+        spec.shown_name()
+    )
+}
+
+/// The external data file the `data-file` options name (taken out of `flat`):
+/// a file node (`data-file.filename=`, `data-file.driver=file`), or a raw node
+/// over one (`data-file.driver=raw,data-file.file.filename=`). A plain
+/// `data-file=NAME` names a node qemu-img cannot have defined.
+fn data_file_option(flat: &mut BTreeMap<String, String>) -> Result<Option<std::path::PathBuf>> {
+    if let Some(node) = flat.remove("data-file") {
+        bail!("Cannot find device='{node}' nor node-name='{node}'");
+    }
+    let mut child = take_child(flat, "data-file");
+    if child.is_empty() {
+        return Ok(None);
+    }
+    let unsupported = |k: &str| anyhow!("strata does not support the option 'data-file.{k}' yet");
+    if child.get("driver").map(String::as_str) == Some("raw") {
+        child.remove("driver");
+        let file = take_child(&mut child, "file");
+        if let Some(k) = child.keys().find(|k| !COMMON_OPTIONS.contains(&k.as_str())) {
+            return Err(unsupported(k));
+        }
+        child = file;
+    }
+    let protocol = child.remove("driver").unwrap_or_else(|| "file".into());
+    if protocol != "file" {
+        return Err(unsupported("driver"));
+    }
+    let Some(path) = child.remove("filename") else {
+        bail!("A block device must be specified for \"data-file\"");
+    };
+    check_options(&child, &FILE_OPTIONS, |k| {
+        format!("Block protocol 'file' doesn't support the option '{k}'")
+    })?;
+    Ok(Some(path.into()))
 }
 
 #[cfg(test)]
@@ -552,9 +691,9 @@ mod tests {
         for name in [
             "driver=raw,file.filename=/x/a,offset=4096",
             "driver=raw,file.filename=/x/a,size=1M",
-            "driver=qcow2,file.filename=/x/a,data-file=d",
-            "driver=qcow2,file.filename=/x/a,data-file.filename=d",
             "driver=qcow2,file.filename=/x/a,backing=",
+            "driver=qcow2,file.filename=/x/a,backing.file.filename=b",
+            "driver=qcow2,file.filename=/x/a,backing.driver=raw",
         ] {
             let e = spec(name, true).unwrap_err().to_string();
             assert!(
@@ -562,6 +701,24 @@ mod tests {
                 "{name}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn backing_secrets_and_a_data_file_by_option_reach_the_spec() {
+        let s = spec(
+            "driver=qcow2,file.filename=/x/a,backing.encrypt.key-secret=s0,backing.backing.lazy-refcounts=on,data-file.driver=raw,data-file.file.filename=/x/d",
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.data_file.as_deref(), Some(Path::new("/x/d")));
+        assert_eq!(s.driver_options["backing.encrypt.key-secret"], "s0");
+        assert_eq!(s.driver_options["backing.backing.lazy-refcounts"], "on");
+        assert_eq!(s.driver_options.len(), 2);
+        let s = spec("driver=qcow2,file.filename=/x/a,data-file=n0", true).unwrap();
+        assert_eq!(
+            s.data_file_refusal.as_deref(),
+            Some("Cannot find device='n0' nor node-name='n0'")
+        );
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         .open_backing(args.backing_chain)
         // As qemu-img: an encrypted image shows its header without its secret.
         .metadata_only(true);
+    // qemu-img's info opens no backing file through the options.
+    if let Some(f) = spec.format.or_else(|| strata_chain::probe_spec(&spec).ok()) {
+        super::imgname::refuse_backing_options(&spec, f)?;
+    }
     let chain = match strata_chain::open(&spec) {
         Ok(c) => c,
         Err(strata_chain::Error::Loop { .. }) if args.backing_chain => {
@@ -57,6 +61,9 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     } else {
         vec![layer_info(&chain.layers[0], name)?]
     };
+    if let Some(json) = super::imgname::json_name(&spec, chain.layers[0].format) {
+        infos[0].filename = json.into();
+    }
     if spec.storage.is_some() {
         infos = infos.into_iter().map(super::nbdname::info_view).collect();
     }

@@ -67,7 +67,8 @@ fn map_image(args: Args) -> Result<i32> {
     // A raw image on an NBD export maps as the server's block status says.
     let nbd = nbd.filter(|_| chain.layers[0].format == strata_format::Format::Raw);
     // File names, printed as the bytes they are (they need not be UTF-8); a layer
-    // with an external data file maps into that file, named as the image records it.
+    // with an external data file maps into that file, named as it was opened (as
+    // the image records it, or as the options named it).
     let top_name = super::blkdebug::node_name(&spec).map(String::into_bytes);
     let top_name = top_name
         .as_deref()
@@ -84,7 +85,12 @@ fn map_image(args: Args) -> Result<i32> {
                 .device
                 .as_any()
                 .downcast_ref::<strata_format::qcow2::Qcow2Image>()
-                .and_then(strata_format::qcow2::Qcow2Image::data_file_name)
+                .and_then(|img| {
+                    let opened = img.data_file_storage().and_then(|s| s.path());
+                    opened
+                        .map(|p| p.as_os_str().as_bytes().to_vec())
+                        .or_else(|| img.data_file_name())
+                })
                 .unwrap_or_else(|| name.to_vec())
         })
         .collect();

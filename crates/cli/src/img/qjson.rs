@@ -84,6 +84,42 @@ fn write_value(out: &mut String, v: &Value, level: usize) {
     }
 }
 
+/// `v` on one line as QEMU prints it in a `json:` name: `{"key": value, ...}`,
+/// keys in QEMU's order.
+pub fn to_compact(v: &Value) -> String {
+    let mut out = String::new();
+    write_compact(&mut out, v);
+    out
+}
+
+fn write_compact(out: &mut String, v: &Value) {
+    match v {
+        Value::Array(a) => {
+            out.push('[');
+            for (i, item) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_compact(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, k) in key_order(m).into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_string(out, k);
+                out.push_str(": ");
+                write_compact(out, &m[k]);
+            }
+            out.push('}');
+        }
+        scalar => write_value(out, scalar, 0),
+    }
+}
+
 /// QEMU's string escaping: printable ASCII as is, everything else as `\uXXXX`.
 fn write_string(out: &mut String, s: &str) {
     out.push('"');
@@ -144,6 +180,16 @@ mod tests {
         // children last and prints it first.
         let v = json!({"backing-filename-format": "raw", "children": []});
         assert!(to_string(&v).starts_with("{\n    \"children\": [\n    ],\n    \"backing"));
+    }
+
+    #[test]
+    fn compact_form_is_one_line_in_qemu_key_order() {
+        let v = json!({"driver": "qcow2", "encrypt.key-secret": "s0",
+            "file": {"driver": "file", "filename": "a \"b\""}});
+        assert_eq!(
+            to_compact(&v),
+            r#"{"encrypt.key-secret": "s0", "driver": "qcow2", "file": {"driver": "file", "filename": "a \"b\""}}"#
+        );
     }
 
     #[test]

@@ -171,7 +171,7 @@ pub(crate) fn store_for(
     if let Some(storage) = given {
         if !has_data_file(h) {
             return Err(Error::invalid_argument(
-                "a data file was given for an image that does not use one",
+                "'data-file' can only be set for images with an external data file",
             ));
         }
         return Ok(DataStore::External { storage, raw });
