@@ -80,11 +80,14 @@ pub struct BackupCreate {
     /// Parent snapshot (an ID prefix or `latest`).
     #[serde(default)]
     pub parent: Option<String>,
-    /// With `parent`: only these 4 MiB chunks changed (`0,5-9`).
+    /// With `parent`: only these chunks (of the parent's size) changed (`0,5-9`).
     #[serde(default)]
     pub changed_chunks: Option<String>,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Chunk size (`1M`, `2M`, `4M` or `8M`); the parent's, else 4M, when left out.
+    #[serde(default)]
+    pub chunk_size: Option<String>,
 }
 
 /// Where and how to restore a snapshot's disk.
@@ -222,6 +225,11 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
             .transpose()?,
         tags: req.tags,
         image: req.image,
+        chunk_size: req
+            .chunk_size
+            .as_deref()
+            .map(strata_repo::chunk::ChunkSize::parse)
+            .transpose()?,
     };
     let target = args.image.display().to_string();
     repo_task(

@@ -1,9 +1,10 @@
 //! Backups read over NBD: `strata backup create --nbd URL` (any export), and the
 //! point-in-time export of a running VM (`--vm`, see `vm.rs`). Ranges the
 //! export's `base:allocation` context reports as zeroes are never read; with a
-//! `qemu:dirty-bitmap:NAME` context and a parent snapshot, only the 4 MiB chunks
-//! the bitmap marks are read and the parent's other chunks are reused. A
-//! missing context or parent means a full read, said on stderr.
+//! `qemu:dirty-bitmap:NAME` context and a parent snapshot, only the chunks
+//! (of the parent's size) the bitmap marks are read and the parent's other
+//! chunks are reused. A missing context or parent, or a chunk size asked for
+//! that is not the parent's, means a full read, said on stderr.
 
 use super::{run_backup, CreateArgs};
 use anyhow::{anyhow, Result};
@@ -12,7 +13,8 @@ use std::sync::Mutex;
 use strata_nbd::client::Client;
 use strata_nbd::proto::{CONTEXT_BASE_ALLOCATION as BASE_ALLOCATION, STATE_ZERO};
 use strata_nbd::url::NbdUrl;
-use strata_repo::disk::{BackupOptions, DiskSource, Incremental, CHUNK_SIZE};
+use strata_repo::chunk::{self, ChunkSize};
+use strata_repo::disk::{BackupOptions, DiskSource, Incremental};
 use strata_repo::{Id, Repository};
 
 /// The tag prefixes of an NBD export backup.
@@ -41,6 +43,8 @@ pub(super) struct ExportRead<'a> {
     pub full_reason: Option<String>,
     /// What the parent's absence means, for the message.
     pub no_parent: &'a str,
+    /// The chunk size asked for (else the parent's, else the default).
+    pub chunk_size: Option<ChunkSize>,
 }
 
 /// Back up the export `client` is connected to: only the chunks the bitmap
@@ -52,8 +56,11 @@ pub(super) fn back_up_export(
     how: ExportRead<'_>,
     mut opts: BackupOptions,
 ) -> Result<()> {
+    let plan = chunk::plan(repo, how.parent.as_ref(), how.chunk_size)?;
+    opts.chunk_size = plan.size;
     let reason = match (how.parent, how.bitmap_context) {
         (None, _) => Some(how.no_parent.to_string()),
+        (Some(_), _) if plan.full_read.is_some() => plan.full_read,
         (Some(_), Some(c)) if client.has_context(c) => None,
         (Some(_), Some(c)) => Some(format!("the server does not offer '{c}'")),
         (Some(_), None) => how.full_reason,
@@ -62,11 +69,11 @@ pub(super) fn back_up_export(
     match (reason, how.parent) {
         (None, Some(parent)) => {
             let context = how.bitmap_context.unwrap_or_default();
-            let changed = changed_chunks(&mut client, context)?;
+            let changed = changed_chunks(&mut client, context, plan.size)?;
             eprintln!(
                 "strata backup: incremental: {} of {} chunks changed since snapshot {}",
                 changed.len(),
-                size.div_ceil(CHUNK_SIZE),
+                plan.size.count(size),
                 parent.short()
             );
             opts.incremental = Some(Incremental { parent, changed });
@@ -99,12 +106,12 @@ pub(super) fn back_up_export(
     run_backup(repo, &src, &opts)
 }
 
-/// The chunk indexes the dirty bitmap `context` marks anywhere.
-fn changed_chunks(client: &mut Client, context: &str) -> Result<BTreeSet<u64>> {
+/// The indexes of the chunks of size `cs` the dirty bitmap `context` marks anywhere.
+fn changed_chunks(client: &mut Client, context: &str, cs: ChunkSize) -> Result<BTreeSet<u64>> {
     let mut out = BTreeSet::new();
     for (pos, len, flags) in client.map(context)? {
         if flags & 1 != 0 {
-            out.extend(pos / CHUNK_SIZE..(pos + len).div_ceil(CHUNK_SIZE));
+            out.extend(cs.covering(pos, len));
         }
     }
     Ok(out)
@@ -150,6 +157,7 @@ pub(super) fn create(a: CreateArgs) -> Result<()> {
         parent,
         full_reason: None,
         no_parent: "there is no previous backup of this export",
+        chunk_size: a.chunk_size,
     };
     back_up_export(&mut repo, client, how, opts)
 }

@@ -9,6 +9,7 @@ use super::nbd::{back_up_export, bitmap_context, contexts, ExportRead, TAG_BITMA
 use super::CreateArgs;
 use anyhow::{anyhow, Result};
 use strata_nbd::client::Client;
+use strata_repo::chunk::ChunkSize;
 use strata_repo::disk::BackupOptions;
 use strata_repo::{Id, Repository};
 use strata_vm::backup::BackupPoint;
@@ -43,7 +44,7 @@ pub(super) fn create(a: CreateArgs) -> Result<()> {
         if let Some(b) = &point.bitmap {
             tags.push(format!("{TAG_BITMAP}{b}"));
         }
-        back_up_point(&mut repo, point, parent_id, tags)
+        back_up_point(&mut repo, point, parent_id, tags, a.chunk_size)
     })?
 }
 
@@ -54,6 +55,7 @@ fn back_up_point(
     point: &BackupPoint,
     parent: Option<Id>,
     tags: Vec<String>,
+    chunk_size: Option<ChunkSize>,
 ) -> Result<()> {
     let context = point.changes.as_deref().map(bitmap_context);
     let client = Client::connect_unix(&point.socket, &point.export, &contexts(context.as_deref()))?;
@@ -72,6 +74,7 @@ fn back_up_point(
         parent,
         full_reason: point.full_reason.clone(),
         no_parent: "there is no previous backup of this disk",
+        chunk_size,
     };
     back_up_export(repo, client, how, opts)
 }
