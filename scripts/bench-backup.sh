@@ -4,17 +4,24 @@
 #   - full backup of a raw image: 40% random data, 30% compressible text, 30% zeros;
 #   - incremental after rewriting 2% of the image (scattered 1 MiB runs): restic
 #     and borg read the whole file again (their way); strata twice: reading the
-#     whole image, and with --changed-chunks naming the rewritten 4 MiB chunks
-#     (what a dirty bitmap gives it);
+#     whole image, and with --changed-chunks naming the rewritten chunks (what a
+#     dirty bitmap gives it);
 #   - restore of the latest backup to a file (contents compared with the image);
 #   - repository size after both backups, and peak memory of every run
 #     (/usr/bin/time -v).
+# strata runs once per chunk size in STRATA_CHUNKS (each into its own
+# repository), against the same restic and borg runs.
 # Ratio = strata / other (< 1: strata is faster or smaller).
 # Usage: scripts/bench-backup.sh   (env: BENCH_SIZE_MB=4096 STRATA=path WORK=dir
+#        STRATA_CHUNKS="4M 1M" (default 4M; 1M, 2M, 4M, 8M)
 #        BENCH_DROP_CACHES=1 to start every run with a cold page cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${BENCH_SIZE_MB:-4096}
+CHUNKS=${STRATA_CHUNKS:-4M}
+for c in $CHUNKS; do
+  case $c in 1M | 2M | 4M | 8M) ;; *) echo "bench-backup: chunk size $c is not 1M, 2M, 4M or 8M" >&2; exit 1 ;; esac
+done
 WORK=$(realpath -m "${WORK:-$PWD/bench-work/backup}")
 STRATA=${STRATA:-}
 if [ -z "$STRATA" ]; then
@@ -53,18 +60,23 @@ with open(path, "ab") as f:
 EOF
 truncate -s "$((SIZE_MB << 20))" "$IMG"
 
-# The 2% change: 1 MiB runs of new random data at scattered offsets; the
-# 4 MiB chunks they touch, for strata's --changed-chunks.
+# The 2% change: 1 MiB runs of new random data at scattered offsets.
 CHANGE_MB=$((SIZE_MB * 2 / 100))
-CHANGED=$(python3 - "$SIZE_MB" "$CHANGE_MB" "$WORK/change-offsets" <<'EOF'
+python3 - "$SIZE_MB" "$CHANGE_MB" "$WORK/change-offsets" <<'EOF'
 import random, sys
 size_mb, n, plan = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 offsets = sorted(random.Random(11).sample(range(size_mb), n))
 with open(plan, "w") as f:
     f.write("\n".join(str(o) for o in offsets))
-print(",".join(str(c) for c in sorted({o >> 2 for o in offsets})))
 EOF
-)
+# changed_chunks 4M: the chunks of that size the runs touch, for --changed-chunks.
+changed_chunks() {
+  python3 - "$WORK/change-offsets" "${1%M}" <<'EOF'
+import sys
+mib = int(sys.argv[2])
+print(",".join(str(c) for c in sorted({int(o) // mib for o in open(sys.argv[1])})))
+EOF
+}
 apply_change() {
   python3 - "$IMG" "$WORK/change-offsets" <<'EOF'
 import os, sys
@@ -96,9 +108,11 @@ run() {
 }
 
 echo "== full backups"
-"$STRATA" backup init --repo "$WORK/strata" >/dev/null
+for c in $CHUNKS; do
+  "$STRATA" backup init --repo "$WORK/strata-$c" >/dev/null
+  run "strata-$c-full" "$STRATA" backup create --repo "$WORK/strata-$c" --chunk-size "$c" "$IMG"
+done
 restic init --repo "$WORK/restic" >/dev/null
-run strata-full "$STRATA" backup create --repo "$WORK/strata" "$IMG"
 run restic-full restic --no-cache --repo "$WORK/restic" backup "$IMG"
 if [ $HAVE_BORG = 1 ]; then
   borg init -e repokey "$WORK/borg" >/dev/null 2>&1
@@ -107,18 +121,22 @@ fi
 
 echo "== incremental after rewriting ${CHANGE_MB} MiB (2%)"
 apply_change
-run strata-incr-read-all "$STRATA" backup create --repo "$WORK/strata" --parent latest "$IMG"
-run strata-incr-bitmap "$STRATA" backup create --repo "$WORK/strata" --parent latest \
-  --changed-chunks "$CHANGED" "$IMG"
+for c in $CHUNKS; do
+  run "strata-$c-incr-read-all" "$STRATA" backup create --repo "$WORK/strata-$c" --parent latest "$IMG"
+  run "strata-$c-incr-bitmap" "$STRATA" backup create --repo "$WORK/strata-$c" --parent latest \
+    --changed-chunks "$(changed_chunks "$c")" "$IMG"
+done
 run restic-incr restic --no-cache --repo "$WORK/restic" backup "$IMG"
 if [ $HAVE_BORG = 1 ]; then
   run borg-incr borg create --compression zstd,3 "$WORK/borg::incr" "$IMG"
 fi
 
 echo "== restore of the latest backup"
-run strata-restore "$STRATA" backup restore --repo "$WORK/strata" latest "$WORK/strata-out.raw"
-cmp "$IMG" "$WORK/strata-out.raw"
-rm -f "$WORK/strata-out.raw"
+for c in $CHUNKS; do
+  run "strata-$c-restore" "$STRATA" backup restore --repo "$WORK/strata-$c" latest "$WORK/strata-out.raw"
+  cmp "$IMG" "$WORK/strata-out.raw"
+  rm -f "$WORK/strata-out.raw"
+done
 run restic-restore restic --no-cache --repo "$WORK/restic" restore latest --target "$WORK/restic-out"
 cmp "$IMG" "$WORK/restic-out$IMG"
 rm -rf "$WORK/restic-out"
@@ -133,7 +151,7 @@ fi
 
 echo "== repository sizes"
 declare -A SIZE
-for t in strata restic borg; do
+for t in $(printf 'strata-%s ' $CHUNKS) restic borg; do
   [ -d "$WORK/$t" ] || continue
   SIZE[$t]=$(du -sb "$WORK/$t" | cut -f1)
   printf '  %-8s %8d MiB\n' "$t" "$((SIZE[$t] >> 20))"
@@ -141,12 +159,14 @@ done
 
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 echo "== ratios (strata / other; targets vs restic: full <= 0.5, incremental <= 0.2, restore <= 0.5, size <= 1)"
-for other in restic borg; do
-  [ -n "${WALL[$other-full]:-}" ] || continue
-  echo "  vs $other: full $(ratio "${WALL[strata-full]}" "${WALL[$other-full]}")," \
-    "incremental $(ratio "${WALL[strata-incr-bitmap]}" "${WALL[$other-incr]}")" \
-    "(reading everything: $(ratio "${WALL[strata-incr-read-all]}" "${WALL[$other-incr]}"))," \
-    "restore $(ratio "${WALL[strata-restore]}" "${WALL[$other-restore]}")," \
-    "repository $(ratio "${SIZE[strata]}" "${SIZE[$other]}")," \
-    "peak memory $(ratio "${RSS[strata-full]}" "${RSS[$other-full]}")"
+for c in $CHUNKS; do
+  for other in restic borg; do
+    [ -n "${WALL[$other-full]:-}" ] || continue
+    echo "  $c chunks vs $other: full $(ratio "${WALL[strata-$c-full]}" "${WALL[$other-full]}")," \
+      "incremental $(ratio "${WALL[strata-$c-incr-bitmap]}" "${WALL[$other-incr]}")" \
+      "(reading everything: $(ratio "${WALL[strata-$c-incr-read-all]}" "${WALL[$other-incr]}"))," \
+      "restore $(ratio "${WALL[strata-$c-restore]}" "${WALL[$other-restore]}")," \
+      "repository $(ratio "${SIZE[strata-$c]}" "${SIZE[$other]}")," \
+      "peak memory $(ratio "${RSS[strata-$c-full]}" "${RSS[$other-full]}")"
+  done
 done

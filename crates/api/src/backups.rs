@@ -92,11 +92,14 @@ pub struct BackupCreate {
     /// backup of the same VM disk when left out.
     #[serde(default)]
     pub parent: Option<String>,
-    /// With `parent`: only these 4 MiB chunks changed (`0,5-9`).
+    /// With `parent`: only these chunks (of the parent's size) changed (`0,5-9`).
     #[serde(default)]
     pub changed_chunks: Option<String>,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Chunk size (`1M`, `2M`, `4M` or `8M`); the parent's, else 4M, when left out.
+    #[serde(default)]
+    pub chunk_size: Option<String>,
 }
 
 /// Where and how to restore a snapshot's disk.
@@ -234,6 +237,11 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
                 disk: req.disk.unwrap_or(0),
                 parent: req.parent,
                 tags: req.tags,
+                chunk_size: req
+                    .chunk_size
+                    .as_deref()
+                    .map(strata_repo::chunk::ChunkSize::parse)
+                    .transpose()?,
             };
             return vm_backup(&st, args).await;
         }
@@ -261,6 +269,11 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
             .transpose()?,
         tags: req.tags,
         image,
+        chunk_size: req
+            .chunk_size
+            .as_deref()
+            .map(strata_repo::chunk::ChunkSize::parse)
+            .transpose()?,
     };
     let target = args.image.display().to_string();
     repo_task(

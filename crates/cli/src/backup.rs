@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use strata_format::Format;
 use strata_jobs::Cancel;
+use strata_repo::chunk::ChunkSize;
 use strata_repo::disk;
 use strata_repo::ops;
 use strata_repo::restore::RestoreOptions;
@@ -66,6 +67,10 @@ struct RepoArgs {
     retry_lock: Option<std::time::Duration>,
 }
 
+fn parse_chunk_size(s: &str) -> Result<ChunkSize> {
+    Ok(ChunkSize::parse(s)?)
+}
+
 /// `90`, `90s`, `5m` or `1h`.
 fn parse_duration(s: &str) -> Result<std::time::Duration> {
     let (num, unit) = match s.char_indices().last() {
@@ -110,7 +115,7 @@ struct CreateArgs {
     /// reports as zeroes are not read.
     #[arg(long = "nbd", value_name = "URL", conflicts_with_all = ["vm", "format", "force_share", "changed_chunks"])]
     nbd: Option<String>,
-    /// With --nbd: read only the 4 MiB chunks the export's
+    /// With --nbd: read only the chunks the export's
     /// qemu:dirty-bitmap:NAME context marks, reusing the parent's others (the
     /// bitmap must mark every change since the parent snapshot).
     #[arg(long = "bitmap", value_name = "NAME", requires = "nbd")]
@@ -130,10 +135,16 @@ struct CreateArgs {
     /// Parent snapshot (ID prefix or `latest`), recorded in the new snapshot.
     #[arg(long = "parent")]
     parent: Option<String>,
-    /// With --parent: only these 4 MiB chunk indexes changed (comma-separated
-    /// lists and ranges, e.g. `0,5-9`); the others reuse the parent's blobs unread.
+    /// With --parent: only these chunk indexes changed (chunks of the parent's
+    /// size; comma-separated lists and ranges, e.g. `0,5-9`); the others reuse
+    /// the parent's blobs unread.
     #[arg(long = "changed-chunks", requires = "parent")]
     changed_chunks: Option<String>,
+    /// The size of the fixed chunks the disk is cut into: 1M, 2M, 4M or 8M
+    /// (default: the parent's, else 4M). Smaller chunks store less for small
+    /// scattered changes; another size than the parent's reads the whole disk.
+    #[arg(long = "chunk-size", value_name = "SIZE", value_parser = parse_chunk_size)]
+    chunk_size: Option<ChunkSize>,
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag")]
     tags: Vec<String>,
@@ -372,6 +383,7 @@ fn create(a: CreateArgs) -> Result<()> {
             .map(ops::parse_chunk_list)
             .transpose()?,
         tags: a.tags,
+        chunk_size: a.chunk_size,
     };
     let mut repo = a.repo.open()?;
     let bar = bar();
@@ -382,11 +394,15 @@ fn create(a: CreateArgs) -> Result<()> {
 }
 
 pub(super) fn print_backup(name: &str, s: &disk::BackupSummary) {
+    if let Some(why) = &s.full_read {
+        eprintln!("strata backup: reading the whole disk: {why}");
+    }
     println!(
-        "{}: {} bytes in {} chunks ({} zero, {} reused), {} bytes read, {} new blobs, {} bytes stored",
+        "{}: {} bytes in {} chunks of {} ({} zero, {} reused), {} bytes read, {} new blobs, {} bytes stored",
         name,
         s.size,
         s.chunks,
+        s.chunk_size,
         s.zero_chunks,
         s.reused_chunks,
         s.bytes_read,

@@ -563,26 +563,7 @@ fn a_served_backup_reads_as_the_disk_over_nbd_and_holds_off_gc() {
     run(strata(&["init", "--repo", s(&repo)]));
     run(strata(&["create", "--repo", s(&repo), "-U", s(&top)]));
     let sock = d.join("backup.sock");
-    let mut server = strata(&[
-        "serve",
-        "--repo",
-        s(&repo),
-        "latest",
-        "-k",
-        s(&sock),
-        "-x",
-        "disk",
-    ])
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut server = serve(&repo, "latest", &sock, "disk");
     let url = format!("nbd+unix:///disk?socket={}", s(&sock));
     qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&reference), &url]);
     // The zeroed ranges are reported as zeroes, not data.

@@ -42,32 +42,7 @@ fn restic_lists_checks_and_restores_what_strata_backed_up() {
     run(restic(&repo, &["restore", &id, "--target", s(&target)]));
     assert!(std::fs::read(target.join("top.qcow2")).unwrap() == want);
 
-    let out = d.join("out.raw");
-    run(strata(&["restore", "--repo", s(&repo), &id, s(&out)]));
-    assert!(
-        std::fs::read(&out).unwrap() == want,
-        "strata's raw restore differs"
-    );
-    let out_q = d.join("out.qcow2");
-    run(strata(&[
-        "restore",
-        "--repo",
-        s(&repo),
-        "latest",
-        s(&out_q),
-        "-O",
-        "qcow2",
-    ]));
-    qemu_img(&["check", s(&out_q)]);
-    qemu_img(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        s(&out_q),
-        s(&reference),
-    ]);
+    restores_raw_and_qcow2(&repo, &id, &reference);
 
     // restic backs up into the repository strata made (its key, config and
     // chunker polynomial), and strata restores that backup too.
@@ -291,4 +266,96 @@ fn backups_killed_midway_leave_only_whole_snapshots_and_a_sound_repository() {
     let out = d.join("out.raw");
     run(strata(&["restore", "--repo", s(&repo), &id, s(&out)]));
     assert!(std::fs::read(&out).unwrap() == want);
+}
+
+#[test]
+fn a_disk_in_1_mib_chunks_restores_serves_verifies_and_reads_in_restic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let disk = d.join("disk.raw");
+    raw_disk(&disk);
+    let mut want = guest_view(&disk);
+    let reference = d.join("ref.raw");
+    std::fs::write(&reference, &want).unwrap();
+    run(strata(&["init", "--repo", s(&repo)]));
+    let made = stdout(&run(strata(&[
+        "create",
+        "--repo",
+        s(&repo),
+        "--chunk-size",
+        "1M",
+        s(&disk),
+    ])));
+    assert!(made.contains(" in 40 chunks of 1 MiB "), "{made}");
+
+    restic_check(&repo);
+    strata_verify(&repo);
+    let target = d.join("restic-out");
+    run(restic(
+        &repo,
+        &["restore", "latest", "--target", s(&target)],
+    ));
+    assert!(std::fs::read(target.join("disk.raw")).unwrap() == want);
+    restores_raw_and_qcow2(&repo, "latest", &reference);
+    let out = d.join("out.raw");
+    let sock = d.join("backup.sock");
+    let mut server = serve(&repo, "latest", &sock, "disk");
+    let url = format!("nbd+unix:///disk?socket={}", s(&sock));
+    qemu_img(&["compare", "-f", "raw", "-F", "raw", &url, s(&reference)]);
+    // SAFETY: the child is ours and has not been waited for.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+
+    // New data in chunk 7 (a zero run before): the incremental keeps the
+    // parent's 1 MiB chunks and reads that one only.
+    let new = noise(MIB);
+    want[7 * MIB..8 * MIB].copy_from_slice(&new);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &new, 7 * MIB as u64).unwrap();
+    let inc = run(strata(&[
+        "create",
+        "--repo",
+        s(&repo),
+        "--parent",
+        "latest",
+        "--changed-chunks",
+        "7",
+        s(&disk),
+    ]));
+    let text = stdout(&inc);
+    assert!(
+        text.contains("chunks of 1 MiB (0 zero, 39 reused), 1048576 bytes read"),
+        "{text}"
+    );
+    // Another chunk size than the parent's reads everything, and says so.
+    let other = run(strata(&[
+        "create",
+        "--repo",
+        s(&repo),
+        "--parent",
+        "latest",
+        "--changed-chunks",
+        "7",
+        "--chunk-size",
+        "4M",
+        s(&disk),
+    ]));
+    let (text, err) = (stdout(&other), String::from_utf8_lossy(&other.stderr));
+    assert!(
+        text.contains(" in 10 chunks of 4 MiB (") && text.contains(" 0 reused)"),
+        "{text}"
+    );
+    assert!(
+        err.contains("reading the whole disk") && err.contains("1 MiB chunks"),
+        "{err}"
+    );
+    restic_check(&repo);
+    for snap in ["latest", &saved_id(&inc)] {
+        run(strata(&["restore", "--repo", s(&repo), snap, s(&out)]));
+        assert!(
+            std::fs::read(&out).unwrap() == want,
+            "{snap} restores other bytes"
+        );
+    }
 }

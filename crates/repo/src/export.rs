@@ -1,9 +1,10 @@
 //! Backups read over NBD, as `strata backup create --nbd URL` / `--vm NAME`
 //! and the HTTP API's backup of a running VM run them. Ranges the export's
 //! `base:allocation` context reports as zeroes are never read; with a
-//! `qemu:dirty-bitmap:NAME` context and a parent snapshot, only the 4 MiB
-//! chunks the bitmap marks are read and the parent's other chunks are reused.
-//! A missing context or parent means a full read, and the caller is told why
+//! `qemu:dirty-bitmap:NAME` context and a parent snapshot, only the chunks
+//! (of the parent's size) the bitmap marks are read and the parent's other
+//! chunks are reused. A missing context or parent, or a chunk size asked for
+//! that is not the parent's, means a full read, and the caller is told why
 //! through its `note` before the read starts.
 //!
 //! A running VM's disk is read at a point in time QEMU holds
@@ -21,7 +22,8 @@ use strata_nbd::proto::{CONTEXT_BASE_ALLOCATION as BASE_ALLOCATION, STATE_ZERO};
 use strata_vm::backup::BackupPoint;
 use strata_vm::Manager;
 
-use crate::disk::{self, BackupOptions, BackupSummary, DiskSource, Incremental, CHUNK_SIZE};
+use crate::chunk::{self, ChunkSize};
+use crate::disk::{self, BackupOptions, BackupSummary, DiskSource, Incremental};
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::Id;
 use crate::repository::Repository;
@@ -61,6 +63,8 @@ pub struct ExportRead<'a> {
     pub full_reason: Option<String>,
     /// What the parent's absence means, for the note.
     pub no_parent: &'a str,
+    /// The chunk size asked for (else the parent's, else the default).
+    pub chunk_size: Option<ChunkSize>,
 }
 
 /// Back up the export `client` is connected to: only the chunks the bitmap
@@ -76,8 +80,11 @@ pub fn back_up_export(
     cancel: &Cancel,
     note: &dyn Fn(String),
 ) -> Result<BackupSummary> {
+    let plan = chunk::plan(repo, how.parent.as_ref(), how.chunk_size)?;
+    opts.chunk_size = plan.size;
     let reason = match (how.parent, how.bitmap_context) {
         (None, _) => Some(how.no_parent.to_string()),
+        (Some(_), _) if plan.full_read.is_some() => plan.full_read,
         (Some(_), Some(c)) if client.has_context(c) => None,
         (Some(_), Some(c)) => Some(format!("the server does not offer '{c}'")),
         (Some(_), None) => how.full_reason,
@@ -86,11 +93,11 @@ pub fn back_up_export(
     match (reason, how.parent) {
         (None, Some(parent)) => {
             let context = how.bitmap_context.unwrap_or_default();
-            let changed = changed_chunks(&mut client, context)?;
+            let changed = changed_chunks(&mut client, context, plan.size)?;
             note(format!(
                 "incremental: {} of {} chunks changed since snapshot {}",
                 changed.len(),
-                size.div_ceil(CHUNK_SIZE),
+                plan.size.count(size),
                 parent.short()
             ));
             opts.incremental = Some(Incremental { parent, changed });
@@ -124,15 +131,15 @@ pub fn back_up_export(
     disk::backup(repo, &src, &opts, progress, cancel)
 }
 
-/// The chunk indexes the dirty bitmap `context` marks anywhere.
-fn changed_chunks(client: &mut Client, context: &str) -> Result<BTreeSet<u64>> {
+/// The indexes of the chunks of size `cs` the dirty bitmap `context` marks anywhere.
+fn changed_chunks(client: &mut Client, context: &str, cs: ChunkSize) -> Result<BTreeSet<u64>> {
     let mut out = BTreeSet::new();
     let map = client
         .map(context)
         .map_err(|e| nbd_error("read the dirty bitmap", e))?;
     for (pos, len, flags) in map {
         if flags & 1 != 0 {
-            out.extend(pos / CHUNK_SIZE..pos.saturating_add(len).div_ceil(CHUNK_SIZE));
+            out.extend(cs.covering(pos, len));
         }
     }
     Ok(out)
@@ -148,6 +155,8 @@ pub struct VmBackup {
     /// the same VM disk when `None`.
     pub parent: Option<String>,
     pub tags: Vec<String>,
+    /// The chunk size asked for (else the parent's, else the default).
+    pub chunk_size: Option<ChunkSize>,
 }
 
 /// Back up a disk of a running VM of `mgr` from a consistent point (see the
@@ -187,7 +196,7 @@ pub fn back_up_vm_disk(
             if let Some(b) = &point.bitmap {
                 tags.push(format!("{TAG_BITMAP}{b}"));
             }
-            back_up_point(repo, point, parent_id, tags, progress, cancel, note)
+            back_up_point(repo, point, parent_id, tags, args.chunk_size, progress, cancel, note)
         })
         .map_err(|e| {
             let kind = match &e {
@@ -208,6 +217,7 @@ fn back_up_point(
     point: &BackupPoint,
     parent: Option<Id>,
     tags: Vec<String>,
+    chunk_size: Option<ChunkSize>,
     progress: &dyn Progress,
     cancel: &Cancel,
     note: &dyn Fn(String),
@@ -233,6 +243,7 @@ fn back_up_point(
         parent,
         full_reason: point.full_reason.clone(),
         no_parent: "there is no previous backup of this disk",
+        chunk_size,
     };
     let s = back_up_export(repo, client, how, opts.clone(), progress, cancel, note)?;
     Ok((opts, s))

@@ -4,10 +4,11 @@
 //! scrypt. restic itself can list, check and restore what strata writes, and
 //! strata restores what restic wrote.
 //!
-//! Disks are stored as one file node per snapshot in fixed 4 MiB chunks
-//! ([`disk`]); [`restore`] writes them back to raw or qcow2 images.
+//! Disks are stored as one file node per snapshot in fixed chunks (4 MiB
+//! unless a backup asks for another [`chunk::ChunkSize`]; [`disk`]); [`restore`] writes them back to raw or qcow2 images.
 
 pub mod backend;
+pub mod chunk;
 pub mod crypto;
 pub mod device;
 pub mod disk;

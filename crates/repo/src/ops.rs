@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use strata_format::Format;
 use strata_jobs::{Cancel, Progress};
 
+use crate::chunk::{self, ChunkSize};
 use crate::disk::{self, BackupOptions, BackupSummary, DiskSource, Incremental};
 use crate::error::{Error, ErrorKind, Result};
 use crate::gc::{GcSummary, Planned, PruneSummary};
@@ -71,13 +72,18 @@ pub struct ImageBackup {
     pub force_share: bool,
     /// The parent snapshot (an ID prefix or `latest`).
     pub parent: Option<String>,
-    /// With `parent`: only these chunks changed; the others reuse the parent's.
+    /// With `parent`: only these chunks (of the parent's chunk size) changed;
+    /// the others reuse the parent's.
     pub changed_chunks: Option<BTreeSet<u64>>,
     pub tags: Vec<String>,
+    /// The chunk size; the parent's, else the default, when `None`. Another
+    /// size than the parent's reads everything, even with `changed_chunks`.
+    pub chunk_size: Option<ChunkSize>,
 }
 
 /// Back up an image as [`ImageBackup`] says; returns the options used (the
-/// snapshot's file name among them) and what the backup did.
+/// snapshot's file name among them) and what the backup did (with the reason
+/// when changed chunks were given but everything was read).
 pub fn backup_image(
     repo: &mut Repository,
     args: &ImageBackup,
@@ -90,17 +96,25 @@ pub fn backup_image(
     let src = DiskSource::open(&args.image, args.format, args.force_share)?;
     let mut opts = BackupOptions::for_image(&args.image);
     opts.tags = args.tags.clone();
-    if let Some(p) = &args.parent {
-        let (parent, _) = repo.find_snapshot(p)?;
-        opts.parent = Some(parent);
-        if let Some(changed) = &args.changed_chunks {
+    opts.parent = match &args.parent {
+        Some(p) => Some(repo.find_snapshot(p)?.0),
+        None => None,
+    };
+    let plan = chunk::plan(repo, opts.parent.as_ref(), args.chunk_size)?;
+    opts.chunk_size = plan.size;
+    let full_read = match (opts.parent, &args.changed_chunks) {
+        (Some(parent), Some(changed)) if plan.full_read.is_none() => {
             opts.incremental = Some(Incremental {
                 parent,
                 changed: changed.clone(),
             });
+            None
         }
-    }
-    let s = disk::backup(repo, &src, &opts, progress, cancel)?;
+        (_, Some(_)) => plan.full_read,
+        (_, None) => None,
+    };
+    let mut s = disk::backup(repo, &src, &opts, progress, cancel)?;
+    s.full_read = full_read;
     Ok((opts, s))
 }
 
@@ -111,12 +125,14 @@ pub fn backup_json(name: &str, s: &BackupSummary) -> Value {
         "snapshot": s.snapshot.to_string(),
         "short_id": s.snapshot.short(),
         "size": s.size,
+        "chunk_size": s.chunk_size.bytes(),
         "chunks": s.chunks,
         "zero_chunks": s.zero_chunks,
         "reused_chunks": s.reused_chunks,
         "bytes_read": s.bytes_read,
         "new_blobs": s.saved.new_blobs,
         "new_stored_bytes": s.saved.new_stored_bytes,
+        "full_read": s.full_read,
     })
 }
 

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use strata_format::raw::RawImage;
 use strata_format::{BlockDevice, Format};
 use strata_jobs::{Cancel, NoProgress};
+use strata_repo::chunk::{self, ChunkSize};
+use strata_repo::device::SnapshotDevice;
 use strata_repo::disk::{self, BackupOptions, DiskSource, Incremental, CHUNK_SIZE};
 use strata_repo::pack::BlobType;
 use strata_repo::{ErrorKind, FileType, LocalBackend, Repository};
@@ -182,6 +184,62 @@ fn an_incremental_backup_reads_only_the_changed_chunks() {
     let src = DiskSource::open(&img, Some(Format::Raw), false).unwrap();
     let e = disk::backup(&mut repo, &src, &opts, &NoProgress, &Cancel::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+}
+
+#[test]
+fn a_disk_in_1_mib_chunks_keeps_its_chunk_size_through_incrementals_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = new_repo(dir.path());
+    let img = mixed_image(dir.path());
+    let mut content = std::fs::read(&img).unwrap();
+    let mut opts = BackupOptions::for_image(&img);
+    opts.chunk_size = ChunkSize::MIN;
+    let full = back_up(&mut repo, &img, Some(opts));
+    assert_eq!(full.chunks, 40);
+    // The chunk size is known from the index alone, and a new backup with
+    // this parent keeps it unless another one is asked for.
+    let snap = repo.load_snapshot(&full.snapshot).unwrap();
+    let node = strata_repo::restore::disk_node(&repo, &snap).unwrap();
+    assert_eq!(
+        chunk::fixed_chunk_size(&repo, &node, ChunkSize::DEFAULT),
+        Some(ChunkSize::MIN)
+    );
+    let kept = chunk::plan(&repo, Some(&full.snapshot), None).unwrap();
+    assert_eq!((kept.size, kept.full_read), (ChunkSize::MIN, None));
+    let other = chunk::plan(&repo, Some(&full.snapshot), Some(ChunkSize::DEFAULT)).unwrap();
+    assert_eq!(other.size, ChunkSize::DEFAULT);
+    assert!(other.full_read.unwrap().contains("1 MiB chunks"));
+
+    // 100 bytes change in chunk 33: the incremental reads that 1 MiB only.
+    let at = (33 * MIB + 777) as usize;
+    content[at..at + 100].copy_from_slice(&noise(100, 9));
+    std::fs::write(&img, &content).unwrap();
+    let (src, read) = counted_source(&img);
+    let mut opts = BackupOptions::for_image(&img);
+    opts.chunk_size = kept.size;
+    opts.incremental = Some(Incremental {
+        parent: full.snapshot,
+        changed: [33].into(),
+    });
+    let inc = disk::backup(&mut repo, &src, &opts, &NoProgress, &Cancel::default()).unwrap();
+    assert_eq!(read.load(Ordering::Relaxed), MIB);
+    assert_eq!((inc.chunks, inc.reused_chunks), (40, 39));
+    let out = dir.path().join("out.raw");
+    restore_to(&mut repo, &inc.snapshot.to_string(), &out).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), content);
+    // Served in place, the disk reads the same through its 1 MiB blobs.
+    let (_, snap) = repo.find_snapshot(&inc.snapshot.to_string()).unwrap();
+    let mut served = repo.reopen();
+    served.reload_index().unwrap();
+    let dev = SnapshotDevice::open(Arc::new(served), &snap).unwrap();
+    let mut back = vec![0u8; content.len()];
+    dev.read(&mut back, 0).unwrap();
+    assert!(back == content, "the served disk differs");
+    // Reusing the parent's chunks under another chunk size is refused.
+    opts.chunk_size = ChunkSize::DEFAULT;
+    let e = disk::backup(&mut repo, &src, &opts, &NoProgress, &Cancel::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("in 4 MiB chunks"), "{e}");
 }
 
 #[test]

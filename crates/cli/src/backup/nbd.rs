@@ -1,9 +1,10 @@
 //! Backups read over NBD: `strata backup create --nbd URL` (any export), and the
 //! point-in-time export of a running VM (`--vm`, see `vm.rs`). Ranges the
 //! export's `base:allocation` context reports as zeroes are never read; with a
-//! `qemu:dirty-bitmap:NAME` context and a parent snapshot, only the 4 MiB chunks
-//! the bitmap marks are read and the parent's other chunks are reused. A
-//! missing context or parent means a full read, said on stderr.
+//! `qemu:dirty-bitmap:NAME` context and a parent snapshot, only the chunks
+//! (of the parent's size) the bitmap marks are read and the parent's other
+//! chunks are reused. A missing context or parent, or a chunk size asked for
+//! that is not the parent's, means a full read, said on stderr.
 
 use super::{bar, print_backup, CreateArgs};
 use anyhow::{anyhow, Result};
@@ -77,6 +78,7 @@ pub(super) fn create(a: CreateArgs) -> Result<()> {
         parent,
         full_reason: None,
         no_parent: "there is no previous backup of this export",
+        chunk_size: a.chunk_size,
     };
     run_export_backup(&mut repo, client, how, opts)
 }

@@ -17,6 +17,7 @@ pub(super) fn create(a: CreateArgs) -> Result<()> {
         disk: a.disk,
         parent: a.parent.clone(),
         tags: a.tags.clone(),
+        chunk_size: a.chunk_size,
     };
     let mut repo = a.repo.open()?;
     let mgr = Manager::new(StateDir::resolve(a.state_dir.clone()));

@@ -212,3 +212,61 @@ pub fn env_count(var: &str, default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// `strata backup serve REPO SNAPSHOT` on the Unix socket `sock` as export
+/// `export`, once the socket is there (the caller stops the child).
+pub fn serve(repo: &Path, snapshot: &str, sock: &Path, export: &str) -> std::process::Child {
+    let server = strata(&[
+        "serve",
+        "--repo",
+        s(repo),
+        snapshot,
+        "-k",
+        s(sock),
+        "-x",
+        export,
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    server
+}
+
+/// strata restores `snapshot` of `repo` to a raw file equal to `reference`
+/// and to a qcow2 image `qemu-img check` passes and `qemu-img compare` finds
+/// equal to it (both written beside `reference`).
+pub fn restores_raw_and_qcow2(repo: &Path, snapshot: &str, reference: &Path) {
+    let out = reference.with_extension("restored.raw");
+    run(strata(&["restore", "--repo", s(repo), snapshot, s(&out)]));
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(reference).unwrap(),
+        "strata's raw restore of {snapshot} differs"
+    );
+    let out_q = reference.with_extension("restored.qcow2");
+    run(strata(&[
+        "restore",
+        "--repo",
+        s(repo),
+        snapshot,
+        s(&out_q),
+        "-O",
+        "qcow2",
+    ]));
+    qemu_img(&["check", s(&out_q)]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        s(&out_q),
+        s(reference),
+    ]);
+}

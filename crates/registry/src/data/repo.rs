@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use strata_format::BlockDevice;
 use strata_repo::backend::{FileType, Handle};
+use strata_repo::chunk::ChunkSize;
 use strata_repo::device::SnapshotDevice;
 use strata_repo::disk::BackupOptions;
 use strata_repo::lock::Lock;
@@ -141,6 +142,7 @@ impl RepoStore {
             tags: vec![IMAGE_TAG.to_string(), format!("{IMAGE_ID_TAG}{id}")],
             parent: None,
             incremental: None,
+            chunk_size: ChunkSize::DEFAULT,
             pack_size: DEFAULT_PACK_SIZE,
         };
         let Streamed {
