@@ -675,11 +675,16 @@ mod gate_tests {
         let c = open(&OpenSpec::new(sub.join("top"))).unwrap();
         assert_eq!(c.layers[1].path, sub.join("base"));
         assert_eq!(c.find("base"), Some(1));
-        // A missing backing file names both images.
+        // A missing backing file is said as QEMU says it; the error keeps the
+        // overlay that names it.
         qcow2(&sub.join("orphan"), Some("nowhere"), Some("qcow2"));
         let e = open(&OpenSpec::new(sub.join("orphan"))).err().unwrap();
         assert_eq!(e.kind(), strata_format::ErrorKind::NotFound);
         let m = e.to_string();
-        assert!(m.contains("nowhere") && m.contains("orphan"), "{m}");
+        assert!(
+            m.starts_with("Could not open backing file: Could not open '") && m.contains("nowhere"),
+            "{m}"
+        );
+        assert!(matches!(&e, Error::Backing { image, .. } if *image == sub.join("orphan")));
     }
 }
