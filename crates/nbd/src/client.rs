@@ -582,7 +582,8 @@ fn refused(opt: u32, ty: u32, msg: &[u8]) -> Error {
         REP_ERR_UNSUP if opt == OPT_STARTTLS => "Server don't support STARTTLS option".into(),
         _ => format!("Unknown error code when asking for option {opt:x} ({name})"),
     };
-    if !msg.is_empty() {
+    // qemu-img reports the server's own words except for an unsupported STARTTLS.
+    if !msg.is_empty() && ty != REP_ERR_UNSUP {
         m.push_str("\nserver reported: ");
         m.push_str(&String::from_utf8_lossy(msg));
     }
