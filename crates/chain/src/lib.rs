@@ -32,10 +32,13 @@ pub enum Error {
     Loop { image: PathBuf, again: PathBuf },
     #[error("Backing chain of '{image}' is deeper than the limit of {limit} images")]
     TooDeep { image: PathBuf, limit: usize },
-    #[error("Could not open backing file '{backing}' of '{image}': {source}")]
+    /// The backing file `backing` of `image` (found at `path`) failed to open; QEMU's
+    /// words, said once for each level of the chain the failure is below the top.
+    #[error("Could not open backing file: {}", without_name(source, path))]
     Backing {
         image: PathBuf,
         backing: String,
+        path: PathBuf,
         #[source]
         source: Box<Error>,
     },
@@ -47,6 +50,16 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `e`'s message without the leading "PATH: " the format engine gives it: nested
+/// in a backing-file failure, the file is not named again (as in QEMU).
+fn without_name(e: &Error, path: &Path) -> String {
+    let m = e.to_string();
+    match m.strip_prefix(&format!("{}: ", path.display())) {
+        Some(rest) => rest.to_string(),
+        None => m,
+    }
+}
 
 impl Error {
     /// The kind of failure; for a backing file that failed to open, that of the
@@ -72,6 +85,31 @@ impl Error {
             Error::Backing { source, .. } => source.unknown_backing_format(),
             _ => None,
         }
+    }
+
+    /// For a backing file that failed to open: the innermost such file (as found,
+    /// its name resolved) and the failure opening it.
+    pub fn failed_backing(&self) -> Option<(&Path, &Error)> {
+        match self {
+            Error::Backing { path, source, .. } => {
+                Some(source.failed_backing().unwrap_or((path, source)))
+            }
+            _ => None,
+        }
+    }
+
+    /// `self`, a failure at the end of `links` (each an image, its backing name and
+    /// that name resolved), wrapped once per link from the innermost outwards.
+    fn below(self, links: &[(PathBuf, String, PathBuf)]) -> Error {
+        links
+            .iter()
+            .rev()
+            .fold(self, |source, (image, backing, path)| Error::Backing {
+                image: image.clone(),
+                backing: backing.clone(),
+                path: path.clone(),
+                source: Box::new(source),
+            })
     }
 }
 
@@ -404,6 +442,8 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
     let mut path = spec.path.clone();
     let mut fmt = format;
     let mut write = spec.write;
+    // Each step down the chain so far: a failure below the top is wrapped once per step.
+    let mut links: Vec<(PathBuf, String, PathBuf)> = Vec::new();
     loop {
         let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if !seen.insert(canon.clone()) {
@@ -431,7 +471,8 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 spec.force_share,
                 spec.metadata_only,
                 &Unlock::None,
-            )?
+            )
+            .map_err(|e| e.below(&links))?
         };
         let (backing_name, backing_format) = match device.overlay() {
             Some(link) => (link.backing_name(), link.backing_format()),
@@ -453,7 +494,9 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             break;
         }
         let bfmt = match backing_format.as_deref() {
-            Some(f) => f.parse::<Format>()?,
+            Some(f) => f
+                .parse::<Format>()
+                .map_err(|e| Error::from(e).below(&links))?,
             None if layers.len() == 1 && spec.backing_format.is_some() => {
                 spec.backing_format.expect("checked")
             }
@@ -461,19 +504,22 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 return Err(Error::BackingFormatUnknown {
                     image: path.clone(),
                     backing: name.to_string_lossy().into_owned(),
-                })
+                }
+                .below(&links))
             }
         };
+        links.push((
+            path.clone(),
+            name.to_string_lossy().into_owned(),
+            bpath.clone(),
+        ));
         if let Err(e) = std::fs::metadata(&bpath) {
-            return Err(Error::Backing {
-                image: path.clone(),
-                backing: name.to_string_lossy().into_owned(),
-                source: Box::new(Error::Storage(strata_storage::Error::Io {
-                    op: "Could not open",
-                    path: bpath,
-                    source: e,
-                })),
-            });
+            return Err(Error::Storage(strata_storage::Error::Io {
+                op: "Could not open",
+                path: bpath,
+                source: e,
+            })
+            .below(&links));
         }
         path = bpath;
         fmt = bfmt;

@@ -47,7 +47,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some("all") => Repair::All,
         Some(other) => bail!(
             "--repair (-r) expects 'leaks' or 'all' not '{other}'\nTry '{} check --help' for more info",
-            ctx.prog
+            super::invoked_as(ctx.prog)
         ),
     };
     let spec = args
@@ -67,7 +67,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let format = match (spec.format, &filtered) {
         (Some(f), _) => f,
         (None, Some(s)) => strata_chain::probe_storage(&**s).map_err(opened_err)?,
-        (None, None) => strata_chain::probe_format(&spec.path)?,
+        (None, None) => super::common::probe_format(&spec.path)?,
     };
     if repair != Repair::None {
         super::common::warn_probed_raw(&spec.path, spec.format.map(Format::name));
@@ -102,19 +102,36 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         },
     )
     .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e.into()))?;
-    // qemu-img opens the backing file too, and fails when it is gone: a check
-    // that passes says the image can be used.
-    if let Some(b) = img.header().backing_file {
-        let bpath = strata_chain::resolve_backing(&spec.path, &b);
-        if let Err(e) = std::fs::metadata(&bpath) {
-            let e = strata_storage::Error::Io {
+    // qemu-img opens the backing chain too, and fails when a file of it is gone
+    // or unreadable: a check that passes says the image can be used.
+    let header = img.header();
+    if let Some(b) = &header.backing_file {
+        let bpath = strata_chain::resolve_backing(&spec.path, b);
+        let opened = match std::fs::metadata(&bpath) {
+            Err(e) => Err(strata_chain::Error::Storage(strata_storage::Error::Io {
                 op: "Could not open",
-                path: bpath,
+                path: bpath.clone(),
                 source: e,
-            };
+            })),
+            // A backing file of unknown format is not probed here either.
+            Ok(_) => match header.backing_format.as_deref().map(str::parse) {
+                Some(Ok(f)) => strata_chain::open(
+                    &strata_chain::OpenSpec::new(&bpath)
+                        .format(Some(f))
+                        .force_share(true)
+                        .metadata_only(true),
+                )
+                .map(drop),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = opened {
+            let text = super::common::engine_text(&e);
+            let prefix = format!("{}: ", bpath.display());
             bail!(
-                "Could not open '{}': Could not open backing file: {e}",
-                spec.shown_name()
+                "Could not open '{}': Could not open backing file: {}",
+                spec.shown_name(),
+                text.strip_prefix(&prefix).unwrap_or(&text)
             );
         }
     }
