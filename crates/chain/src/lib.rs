@@ -32,12 +32,13 @@ pub enum Error {
     Loop { image: PathBuf, again: PathBuf },
     #[error("Backing chain of '{image}' is deeper than the limit of {limit} images")]
     TooDeep { image: PathBuf, limit: usize },
-    /// A backing file (or the options given for one) failed to open; worded as
-    /// QEMU words it, nested once per level of the chain.
-    #[error("Could not open backing file: {source}")]
+    /// The backing file `backing` of `image` (found at `path`) failed to open; QEMU's
+    /// words, said once for each level of the chain the failure is below the top.
+    #[error("Could not open backing file: {}", without_name(source, path))]
     Backing {
         image: PathBuf,
         backing: String,
+        path: PathBuf,
         #[source]
         source: Box<Error>,
     },
@@ -49,6 +50,16 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `e`'s message without the leading "PATH: " the format engine gives it: nested
+/// in a backing-file failure, the file is not named again (as in QEMU).
+fn without_name(e: &Error, path: &Path) -> String {
+    let m = e.to_string();
+    match m.strip_prefix(&format!("{}: ", path.display())) {
+        Some(rest) => rest.to_string(),
+        None => m,
+    }
+}
 
 impl Error {
     /// The kind of failure; for a backing file that failed to open, that of the
@@ -74,6 +85,31 @@ impl Error {
             Error::Backing { source, .. } => source.unknown_backing_format(),
             _ => None,
         }
+    }
+
+    /// For a backing file that failed to open: the innermost such file (as found,
+    /// its name resolved) and the failure opening it.
+    pub fn failed_backing(&self) -> Option<(&Path, &Error)> {
+        match self {
+            Error::Backing { path, source, .. } => {
+                Some(source.failed_backing().unwrap_or((path, source)))
+            }
+            _ => None,
+        }
+    }
+
+    /// `self`, a failure at the end of `links` (each an image, its backing name and
+    /// that name resolved), wrapped once per link from the innermost outwards.
+    fn below(self, links: &[(PathBuf, String, PathBuf)]) -> Error {
+        links
+            .iter()
+            .rev()
+            .fold(self, |source, (image, backing, path)| Error::Backing {
+                image: image.clone(),
+                backing: backing.clone(),
+                path: path.clone(),
+                source: Box::new(source),
+            })
     }
 }
 
@@ -447,34 +483,6 @@ pub fn open_qcow2_on(
     }
 }
 
-/// The failure `e` of the layer at `depth` below `layers` (the layers above it,
-/// open), wrapped once per level as QEMU reports a backing file's failure; the
-/// engine's own prefix naming the failed file is dropped, as QEMU does not repeat it.
-fn backing_error(layers: &[Layer], depth: usize, e: Error) -> Error {
-    let mut err = e;
-    for level in (1..=depth).rev() {
-        let over = &layers[level - 1];
-        let backing = over
-            .backing_name
-            .as_deref()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if level == depth {
-            if let (Error::Format(f), Some(p)) = (&err, &over.backing_path) {
-                if let Some(inner) = f.to_string().strip_prefix(&format!("{}: ", p.display())) {
-                    err = Error::Format(strata_format::Error::new(f.kind(), inner.to_string()));
-                }
-            }
-        }
-        err = Error::Backing {
-            image: over.path.clone(),
-            backing,
-            source: Box::new(err),
-        };
-    }
-    err
-}
-
 /// Open the image `spec` names and, unless told not to, its whole backing chain
 /// (read-only), attaching each layer to the one above.
 pub fn open(spec: &OpenSpec) -> Result<Chain> {
@@ -493,6 +501,8 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
     let mut path = spec.path.clone();
     let mut fmt = format;
     let mut write = spec.write;
+    // Each step down the chain so far: a failure below the top is wrapped once per step.
+    let mut links: Vec<(PathBuf, String, PathBuf)> = Vec::new();
     loop {
         let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if !seen.insert(canon.clone()) {
@@ -525,7 +535,7 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                         &unlock,
                     )
                 })
-                .map_err(|e| backing_error(&layers, depth, e))?
+                .map_err(|e| e.below(&links))?
         };
         let (backing_name, backing_format) = match device.overlay() {
             Some(link) => (link.backing_name(), link.backing_format()),
@@ -547,7 +557,8 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 let e = Error::Format(strata_format::Error::invalid_argument(
                     "Must specify either driver or file",
                 ));
-                return Err(backing_error(&layers, layers.len(), e));
+                links.push((path.clone(), String::new(), PathBuf::new()));
+                return Err(e.below(&links));
             }
             break;
         };
@@ -555,7 +566,9 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             break;
         }
         let bfmt = match backing_format.as_deref() {
-            Some(f) => f.parse::<Format>()?,
+            Some(f) => f
+                .parse::<Format>()
+                .map_err(|e| Error::from(e).below(&links))?,
             None if layers.len() == 1 && spec.backing_format.is_some() => {
                 spec.backing_format.expect("checked")
             }
@@ -563,16 +576,22 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 return Err(Error::BackingFormatUnknown {
                     image: path.clone(),
                     backing: name.to_string_lossy().into_owned(),
-                })
+                }
+                .below(&links))
             }
         };
+        links.push((
+            path.clone(),
+            name.to_string_lossy().into_owned(),
+            bpath.clone(),
+        ));
         if let Err(e) = std::fs::metadata(&bpath) {
-            let e = Error::Storage(strata_storage::Error::Io {
+            return Err(Error::Storage(strata_storage::Error::Io {
                 op: "Could not open",
                 path: bpath,
                 source: e,
-            });
-            return Err(backing_error(&layers, layers.len(), e));
+            })
+            .below(&links));
         }
         path = bpath;
         fmt = bfmt;

@@ -162,9 +162,11 @@ impl Plan {
                     } else {
                         Kind::Data
                     }
-                } else if st.zero {
+                } else if st.zero && !(opts.compress && opts.sparse_size == 0) {
                     Kind::Zero
                 } else {
+                    // -c -S 0: zeroes too are written, compressed (a fully
+                    // allocated output, as qemu-img makes it).
                     Kind::Data
                 };
                 let host0 = match (kind, st.compressed, st.host_offset) {
@@ -213,6 +215,17 @@ impl Plan {
             }
             base += size;
         }
+        if opts.compress {
+            for w in &mut windows {
+                w.runs = whole_clusters(std::mem::take(&mut w.runs), cluster);
+            }
+            data_bytes = windows
+                .iter()
+                .flat_map(|w| &w.runs)
+                .filter(|r| r.kind == Kind::Data)
+                .map(|r| r.len)
+                .sum();
+        }
         Ok(Plan {
             windows,
             total: base,
@@ -224,6 +237,61 @@ impl Plan {
     pub fn total(&self) -> u64 {
         self.total
     }
+}
+
+/// Runs for a compressed target, which takes clusters whole: the zero parts of a
+/// cluster that also holds data become data (read, as zeroes, with the rest), and
+/// the data of each cluster comes in one run, so it can be compressed. Ranges left
+/// to the backing file stay as they are (their cluster is written plain).
+fn whole_clusters(runs: Vec<Run>, cluster: u64) -> Vec<Run> {
+    let data_clusters: std::collections::HashSet<u64> = runs
+        .iter()
+        .filter(|r| r.kind == Kind::Data)
+        .flat_map(|r| [r.start / cluster, (r.start + r.len - 1) / cluster])
+        .collect();
+    let mut out: Vec<Run> = Vec::with_capacity(runs.len());
+    let mut push = |r: Run| match out.last_mut() {
+        Some(last) if last.kind == r.kind && last.start + last.len == r.start => {
+            // Merged data is read through the driver unless it stays contiguous
+            // in one layer's file.
+            if last.host.map(|(d, h)| (d, h + last.len)) != r.host {
+                last.host = None;
+            }
+            last.len += r.len;
+        }
+        _ => out.push(r),
+    };
+    for r in runs {
+        if r.kind != Kind::Zero {
+            push(r);
+            continue;
+        }
+        let end = r.start + r.len;
+        let head_end = r.start.next_multiple_of(cluster).min(end);
+        let tail_start = (end / cluster * cluster).max(head_end);
+        let part = |start: u64, end: u64, kind: Kind| Run {
+            start,
+            len: end - start,
+            kind,
+            host: None,
+        };
+        for (a, b) in [
+            (r.start, head_end),
+            (head_end, tail_start),
+            (tail_start, end),
+        ] {
+            if a < b {
+                let shared = a % cluster != 0 || b % cluster != 0;
+                let kind = if shared && data_clusters.contains(&(a / cluster)) {
+                    Kind::Data
+                } else {
+                    Kind::Zero
+                };
+                push(part(a, b, kind));
+            }
+        }
+    }
+    out
 }
 
 /// Bytes a producer hands to the writer.
@@ -670,7 +738,8 @@ impl<'m> Producer<'_, 'm> {
             let end = ((cend - off) as usize).min(buf.len());
             let chunk = &buf[i..end];
             let whole = abs.is_multiple_of(cs) && abs + chunk.len() as u64 == cend;
-            if is_zero(chunk) {
+            // -S 0 allocates everything: zero clusters are compressed too.
+            if self.opts.sparse_size != 0 && is_zero(chunk) {
                 if self.write_zeroes() {
                     self.send(Out::Zero {
                         at: abs,

@@ -192,10 +192,12 @@ impl StepProgress {
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let _ = (&args.cache, args.force);
+    super::common::check_option_lists(&args.options)?;
     if args.options.is_empty() {
         eprintln!(
             "{}: Must specify options (-o)\nTry '{} amend --help' for more info",
-            ctx.prog, ctx.prog
+            ctx.prog,
+            super::invoked_as(ctx.prog)
         );
         return Ok(1);
     }

@@ -56,7 +56,10 @@ struct Parsed {
 }
 
 fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
-    let try_help = format!("Try '{prog} bitmap --help' for more info");
+    let try_help = format!(
+        "Try '{} bitmap --help' for more info",
+        super::invoked_as(prog)
+    );
     let mut p = Parsed::default();
     let mut it = args.iter();
     while let Some(a) = it.next() {

@@ -45,6 +45,13 @@ pub struct Args {
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let rate = super::common::parse_rate(args.rate.as_deref())?;
+    if let Some(c) = args
+        .cache
+        .as_deref()
+        .filter(|c| !super::convert::is_cache_mode(c))
+    {
+        anyhow::bail!("Invalid cache option: {c}");
+    }
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;

@@ -284,7 +284,20 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// Parse repeated `-o key=value,key2=value2` options (commas inside values are
 /// written `,,` as in QEMU). Later values win.
 pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
+    check_option_lists(opts)?;
     Ok(option_items(opts).into_iter().collect())
+}
+
+/// Refuse an `-o` argument qemu-img refuses as it reads it: empty, starting with
+/// a comma, or ending in an odd number of commas (an escaped comma is two).
+pub fn check_option_lists(opts: &[String]) -> Result<()> {
+    for o in opts {
+        let trailing = o.len() - o.trim_end_matches(',').len();
+        if o.is_empty() || o.starts_with(',') || trailing % 2 == 1 {
+            anyhow::bail!("Invalid option list: {o}");
+        }
+    }
+    Ok(())
 }
 
 /// The `key=value` items of repeated `-o` options in the order given (a key

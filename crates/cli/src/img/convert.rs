@@ -92,9 +92,9 @@ pub struct Args {
     files: Vec<PathBuf>,
 }
 
-pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     use strata_format::Operation;
-    convert_images(args).map_err(|e| match super::ioerr::io_failure(&e) {
+    convert_images(args, ctx).map_err(|e| match super::ioerr::io_failure(&e) {
         Some(f) if f.op == Operation::Read => {
             anyhow::anyhow!("error while reading at byte {}: {}", f.offset, f.os)
         }
@@ -107,13 +107,17 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     })
 }
 
-fn convert_images(args: Args) -> Result<i32> {
+fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     if args.target_image_opts && args.out_format.is_some() {
         bail!("--image-opts and --format are mutually exclusive");
     }
     let mut naming = args.naming.clone();
     naming.image_opts |= args.source_image_opts;
     let out_format = super::imgname::output_format(args.out_format.as_deref().unwrap_or("raw"))?;
+    super::common::check_option_lists(&args.options)?;
+    if args.no_create && !args.options.is_empty() {
+        bail!("-o has no effect when skipping image creation");
+    }
     let mut options = parse_options(&args.options)?;
     if option_help_asked(&options) {
         print!("{}", strata_jobs::create::options_help(out_format));
@@ -186,13 +190,11 @@ fn convert_images(args: Args) -> Result<i32> {
         QemuSteps::milestones(on, 1.0, Vec::new())
     });
     shown.steps.set(0.0);
-    if args.compress && out_format != Format::Qcow2 {
-        bail!("Compression not supported for this file format");
-    }
     let snapshot = args
         .snapshot_param
         .as_deref()
-        .map(snapshot_key)
+        .map(|s| snapshot_key(s, ctx))
+        .transpose()?
         .or(args.snapshot.clone());
     if snapshot.is_some() && src_paths.len() > 1 {
         bail!("No support for concatenating multiple snapshot");
@@ -202,10 +204,17 @@ fn convert_images(args: Args) -> Result<i32> {
     // Every file of their chains, and of the -B chain, is one the output must not be.
     let mut inputs = Inputs::default();
     let mut sources = Vec::with_capacity(src_paths.len());
+    // The target's backing file: -B, or the backing_file the creation options give
+    // (-B wins). Either way only what each source's top layer stores is copied.
+    let out_backing = match (&args.backing, options.get("backing_file")) {
+        (Some(b), _) => Some(b.clone()),
+        (None, Some(b)) if !args.no_create && out_format != Format::Raw => Some(b.clone()),
+        _ => None,
+    };
     for p in src_paths {
         let mut spec = naming.spec(p, args.format.as_deref(), args.force_share)?;
         inputs.add_read_chain(&spec.path, spec.format);
-        if args.backing.is_some() {
+        if out_backing.is_some() {
             // With -B only the top layer is copied; its backing is not needed.
             spec = spec.open_backing(false);
         }
@@ -228,17 +237,33 @@ fn convert_images(args: Args) -> Result<i32> {
     }
     let total: u64 = sources.iter().map(|s| s.virtual_size()).sum();
 
-    // The target: created (with -o and -B) unless -n.
-    if let Some(b) = &args.backing {
-        if out_format == Format::Raw {
+    // The target: created (with -o, -B and -F) unless -n. qemu-img sets -B and -F
+    // as creation options over -o's, then checks them in this order.
+    if !args.no_create && out_format == Format::Raw {
+        if args.backing.is_some() {
             bail!("Backing file not supported for file format 'raw'");
         }
-        let Some(f) = &args.backing_format else {
-            bail!("Use of backing file requires explicit backing format");
-        };
-        inputs.add_backing_chain(out_path, b, f.parse().ok());
-        options.insert("backing_file".into(), b.clone());
-        options.insert("backing_fmt".into(), f.clone());
+        if args.backing_format.is_some() {
+            bail!("Backing file format not supported for file format 'raw'");
+        }
+    }
+    if src_paths.len() > 1 && out_backing.is_some() {
+        bail!("Having a backing file for the target makes no sense when concatenating multiple input images");
+    }
+    if !args.no_create {
+        if let Some(f) = &args.backing_format {
+            options.insert("backing_fmt".into(), f.clone());
+        }
+        if let Some(b) = &out_backing {
+            let Some(f) = options.get("backing_fmt").cloned() else {
+                bail!("Use of backing file requires explicit backing format");
+            };
+            inputs.add_backing_chain(out_path, b, f.parse().ok());
+            options.insert("backing_file".into(), b.clone());
+        }
+    }
+    if args.compress && out_format != Format::Qcow2 {
+        bail!("Compression not supported for this file format");
     }
     if args.compress {
         if let Some(p) = options.get("preallocation").filter(|p| p.as_str() != "off") {
@@ -341,7 +366,7 @@ fn convert_images(args: Args) -> Result<i32> {
                 .insert("encrypt.key-secret".into(), id.clone());
         }
         spec.secrets = secrets;
-        let t = if args.backing.is_some() {
+        let t = if out_backing.is_some() {
             // Opened with its backing file, as qemu-img does: a cluster the source
             // fills only in part takes the rest from there.
             let chain = open_chain(&spec)?;
@@ -365,7 +390,7 @@ fn convert_images(args: Args) -> Result<i32> {
         compress: args.compress,
         sparse_size,
         target_is_zero,
-        target_has_backing: args.backing.is_some(),
+        target_has_backing: out_backing.is_some(),
         workers,
         flush,
         out_of_order: args.out_of_order,
@@ -377,7 +402,7 @@ fn convert_images(args: Args) -> Result<i32> {
     let plan = Plan::new(&sources, &opts, cluster, &cancel)?;
     if shown.steps.enabled() {
         let shape = ConvertShape {
-            target_has_backing: args.backing.is_some(),
+            target_has_backing: out_backing.is_some(),
             target_backing_size,
             write_zeroes: sparse_size == 0,
             compress_cluster: args.compress.then_some(cluster),
@@ -403,7 +428,7 @@ fn convert_images(args: Args) -> Result<i32> {
 }
 
 /// The cache modes QEMU knows (`-t`, `-T`).
-fn is_cache_mode(c: &str) -> bool {
+pub(super) fn is_cache_mode(c: &str) -> bool {
     matches!(
         c,
         "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"

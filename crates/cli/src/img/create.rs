@@ -52,7 +52,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let Some(filename) = args.filename.clone() else {
         anyhow::bail!(
             "Expecting image file name\nTry '{} create --help' for more info",
-            ctx.prog
+            super::invoked_as(ctx.prog)
         );
     };
     if let Some(b) = &args.backing {

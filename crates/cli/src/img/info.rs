@@ -53,6 +53,16 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             }
             open_chain(&spec)?
         }
+        // qemu-img opens each image of the chain on its own: a backing file that
+        // fails is reported as itself failing to open.
+        Err(e) if args.backing_chain && e.failed_backing().is_some() => {
+            let (path, inner) = e.failed_backing().expect("checked");
+            return Err(super::common::open_error(
+                path,
+                &path.display().to_string(),
+                inner,
+            ));
+        }
         Err(_) => open_chain(&spec)?,
     };
     let name = spec.path.as_os_str();

@@ -41,20 +41,49 @@ pub struct Args {
     filenames: Vec<PathBuf>,
 }
 
-/// The snapshot key of a `-l` argument.
-pub fn snapshot_key(param: &str) -> String {
-    param
-        .strip_prefix("snapshot.name=")
-        .or_else(|| param.strip_prefix("snapshot.id="))
-        .unwrap_or(param)
-        .to_string()
+/// The snapshot key of a `-l` argument: a snapshot's ID or name, or an option
+/// list of `snapshot.id=` and `snapshot.name=` (other keys refused as qemu-img
+/// refuses them, after its warning for a key without a value).
+pub fn snapshot_key(param: &str, ctx: &Ctx) -> Result<String> {
+    if !param.starts_with("snapshot.") {
+        return Ok(param.to_string());
+    }
+    let mut key = None;
+    for item in super::common::split_items(param) {
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => {
+                eprintln!(
+                    "{}: warning: short-form boolean option '{item}' deprecated\nPlease use {item}=on instead",
+                    ctx.prog
+                );
+                (item.clone(), "on".to_string())
+            }
+        };
+        if k != "snapshot.id" && k != "snapshot.name" {
+            eprintln!("{}: Invalid parameter '{k}'", ctx.prog);
+            bail!("Failed in parsing snapshot param '{param}'");
+        }
+        key.get_or_insert(v);
+    }
+    Ok(key.unwrap_or_default())
 }
 
-pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    super::common::check_option_lists(&args.options)?;
+    let snapshot = args
+        .snapshot
+        .as_deref()
+        .map(|s| snapshot_key(s, ctx))
+        .transpose()?;
     if args.filenames.len() > 1 {
         bail!("At most one filename argument is allowed.");
     }
     let filename = args.filenames.first();
+    if filename.is_none() && (args.naming.image_opts || args.format.is_some() || snapshot.is_some())
+    {
+        bail!("--image-opts, -f, and -l require a filename argument.");
+    }
     match (filename.is_some(), args.size.is_some()) {
         (true, true) => bail!("--size N cannot be used together with a filename."),
         (false, false) => bail!("Either --size N or one filename must be specified."),
@@ -100,13 +129,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
                 args.force_share,
             )?)?;
             let top = chain.top().clone();
-            let status = match &args.snapshot {
+            let status = match &snapshot {
                 Some(key) => {
                     // The snapshot reads through the image's backing chain.
-                    let devices = match strata_jobs::snapshot::view_chain(
-                        &chain.devices(),
-                        &snapshot_key(key),
-                    ) {
+                    let devices = match strata_jobs::snapshot::view_chain(&chain.devices(), key) {
                         Err(strata_jobs::Error::NoInternalSnapshots { .. }) => bail!(
                             "Format '{}' does not support internal snapshots",
                             chain.layers[0].format

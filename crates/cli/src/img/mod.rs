@@ -107,6 +107,16 @@ fn version_text(prog: &str) -> String {
     }
 }
 
+/// The program as its "Try 'PROG SUB --help'" lines name it: as `qemu-img`, the
+/// argv[0] it was run by, as typed (qemu-img prints a path there if it was run by
+/// one, while its messages' prefix is the bare name); else `prog`.
+pub(crate) fn invoked_as(prog: &str) -> String {
+    match std::env::args_os().next() {
+        Some(argv0) if prog == "qemu-img" => argv0.to_string_lossy().into_owned(),
+        _ => prog.to_string(),
+    }
+}
+
 /// Parse `args` as `<prog> SUBCOMMAND ...` and run it; returns the exit code.
 pub fn main_as(args: impl Iterator<Item = OsString>, prog: &'static str) -> i32 {
     let mut args = args.peekable();

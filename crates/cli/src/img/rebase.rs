@@ -54,7 +54,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         (None, true) => String::new(),
         (None, false) => bail!(
             "Must specify backing file (-b) or use unsafe mode (-u)\nTry '{} rebase --help' for more info",
-            ctx.prog
+            super::invoked_as(ctx.prog)
         ),
     };
     // qemu-img shows its first figure before it opens anything.
@@ -63,12 +63,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     });
     shown.steps.set(0.0);
     let new_name = (!backing.is_empty()).then_some(backing.clone());
-    let new_format: Option<Format> = match (&new_name, &args.backing_format) {
-        (Some(_), None) => bail!(
-            "Could not change the backing file to '{backing}': backing format must be specified"
-        ),
-        (Some(_), Some(f)) => Some(f.parse()?),
-        (None, _) => None,
+    let new_format: Option<Format> = match &args.backing_format {
+        Some(f) if new_name.is_some() => Some(f.parse()?),
+        _ => None,
     };
     let spec = args
         .naming
@@ -77,6 +74,23 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = spec.write(true).open_backing(!args.unsafe_mode);
     let chain = open_chain(&spec)?;
     let image = chain.top().clone();
+    // An image without a backing file link (raw) cannot take one: refused as
+    // qemu-img refuses the change, before anything is written.
+    if image.overlay().is_none() {
+        bail!("Could not change the backing file to '{backing}': Operation not supported");
+    }
+    // Without -F the new backing file is refused once the image (and, in safe
+    // mode, the new backing file) opened, as qemu-img gets that far first.
+    if let (Some(n), None) = (&new_name, new_format) {
+        let path = strata_chain::resolve_backing(&spec.path, n);
+        if let (false, Err(e)) = (args.unsafe_mode, std::fs::metadata(&path)) {
+            bail!(
+                "Could not open new backing file '{n}': Could not open '{n}': {}",
+                strata_storage::os_message(&e)
+            );
+        }
+        bail!("Could not change the backing file to '{n}': backing format must be specified");
+    }
     if let Some(n) = &new_name {
         // The image must not end up below itself (with -u too): qemu-img's locks
         // refuse that in safe mode, worded so.

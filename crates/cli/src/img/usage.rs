@@ -38,7 +38,22 @@ fn option_name(arg: &str) -> &str {
 /// let clap speak (help, version, and mistakes qemu-img has no words for).
 pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<String> {
     let sub = args.first()?.as_str();
-    let try_help = format!("Try '{prog} {sub} --help' for more info");
+    if sub.starts_with('-') && e.kind() == ErrorKind::UnknownArgument {
+        // An option before any subcommand: refused by qemu-img itself, named by
+        // getopt after the program as it was run.
+        let argv0 = super::invoked_as(prog);
+        let said = match sub.strip_prefix("--") {
+            Some(_) => format!("unrecognized option '{sub}'"),
+            None => format!("invalid option -- '{}'", sub.chars().nth(1)?),
+        };
+        return Some(format!(
+            "{argv0}: {said}\nTry '{argv0} --help' for more info\n"
+        ));
+    }
+    let try_help = format!(
+        "Try '{} {sub} --help' for more info",
+        super::invoked_as(prog)
+    );
     let counted = |(msg, with_try): (&str, bool)| {
         if with_try {
             format!("{prog}: {msg}\n{try_help}\n")

@@ -161,13 +161,15 @@ impl Header {
     /// Parse and validate the header found in `buf` (the image's first bytes: at least
     /// the first cluster, or the whole file if it is shorter). `file_size` bounds offsets.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Header> {
+        // A file shorter than the magic reads as zeroes past its end (as QEMU's
+        // reads do): not qcow2 either.
+        if buf.len() < 4 || be32(buf, 0) != MAGIC {
+            return Err(Error::invalid("Image is not in qcow2 format"));
+        }
         if buf.len() < V2_HEADER_LEN as usize {
             return Err(Error::invalid(
                 "Image is not in qcow2 format (file too short for a header)",
             ));
-        }
-        if be32(buf, 0) != MAGIC {
-            return Err(Error::invalid("Image is not in qcow2 format"));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {

@@ -544,6 +544,14 @@ impl Qcow2Image {
         sync::read(&self.backing).is_some()
     }
 
+    /// Whether unallocated clusters may read as something other than zeroes: a
+    /// backing device is attached, or the header names a backing file (the image
+    /// was opened without it, but whoever opens it with its chain reads through).
+    /// Zeroing must not leave clusters unallocated then.
+    fn zero_needs_allocation(&self, m: &Meta) -> bool {
+        self.has_backing() || m.h.backing_file.is_some()
+    }
+
     /// Read guest bytes that this layer does not hold: from the backing device, or
     /// zeroes past its end or without one.
     fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
@@ -954,6 +962,7 @@ impl Qcow2Image {
         let cs = self.geo.cluster_size();
         let l2n = m.l2_entries();
         let has_backing = self.has_backing();
+        let named_backing = self.zero_needs_allocation(m);
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -987,7 +996,7 @@ impl Qcow2Image {
             };
             let v3 = self.geo.version >= 3;
             let (new_e, new_b, release) = if !v3 {
-                if has_backing && !discard {
+                if named_backing && !discard {
                     // v2 has no zero flag: with a backing file, zeroes must be written.
                     let zeros = vec![0u8; index(cs)];
                     self.write_locked(m, &zeros, pos)?;
@@ -1050,12 +1059,13 @@ impl Qcow2Image {
         }
         let cs = self.geo.cluster_size();
         let has_backing = self.has_backing();
+        let named_backing = self.zero_needs_allocation(m);
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let cstart = pos / cs * cs;
             if pos == cstart && end >= cstart + cs {
-                if self.geo.version < 3 && has_backing {
+                if self.geo.version < 3 && named_backing {
                     return Ok(false);
                 }
                 pos = end / cs * cs;
