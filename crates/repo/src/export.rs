@@ -196,7 +196,16 @@ pub fn back_up_vm_disk(
             if let Some(b) = &point.bitmap {
                 tags.push(format!("{TAG_BITMAP}{b}"));
             }
-            back_up_point(repo, point, parent_id, tags, args.chunk_size, progress, cancel, note)
+            back_up_point(
+                repo,
+                point,
+                parent_id,
+                tags,
+                args.chunk_size,
+                progress,
+                cancel,
+                note,
+            )
         })
         .map_err(|e| {
             let kind = match &e {
