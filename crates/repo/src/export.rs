@@ -191,21 +191,7 @@ pub fn back_up_vm_disk(
     let parent_id = parent.map(|(id, _)| id);
     let read = mgr
         .backup_point(&args.vm, args.disk, since.as_deref(), |point| {
-            let mut tags = args.tags.clone();
-            tags.extend([vm_tag.clone(), disk_tag.clone()]);
-            if let Some(b) = &point.bitmap {
-                tags.push(format!("{TAG_BITMAP}{b}"));
-            }
-            back_up_point(
-                repo,
-                point,
-                parent_id,
-                tags,
-                args.chunk_size,
-                progress,
-                cancel,
-                note,
-            )
+            back_up_point(repo, point, args, parent_id, progress, cancel, note)
         })
         .map_err(|e| {
             let kind = match &e {
@@ -220,13 +206,13 @@ pub fn back_up_vm_disk(
 }
 
 /// Read the point through its export: only the changed chunks when the
-/// parent and the bitmap of changes allow it, else everything.
+/// parent and the bitmap of changes allow it, else everything. The snapshot
+/// is tagged with the VM, the disk and the bitmap recording from this point.
 fn back_up_point(
     repo: &mut Repository,
     point: &BackupPoint,
+    args: &VmBackup,
     parent: Option<Id>,
-    tags: Vec<String>,
-    chunk_size: Option<ChunkSize>,
     progress: &dyn Progress,
     cancel: &Cancel,
     note: &dyn Fn(String),
@@ -245,14 +231,21 @@ fn back_up_point(
         ));
     }
     let mut opts = BackupOptions::for_image(&point.disk_file);
-    opts.tags = tags;
+    opts.tags = args.tags.clone();
+    opts.tags.extend([
+        format!("{TAG_VM}{}", args.vm),
+        format!("{TAG_DISK}{}", args.disk),
+    ]);
+    if let Some(b) = &point.bitmap {
+        opts.tags.push(format!("{TAG_BITMAP}{b}"));
+    }
     opts.parent = parent;
     let how = ExportRead {
         bitmap_context: context.as_deref(),
         parent,
         full_reason: point.full_reason.clone(),
         no_parent: "there is no previous backup of this disk",
-        chunk_size,
+        chunk_size: args.chunk_size,
     };
     let s = back_up_export(repo, client, how, opts.clone(), progress, cancel, note)?;
     Ok((opts, s))
