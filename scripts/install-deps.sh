@@ -109,7 +109,8 @@ done
 # provides, for the guest builder's ldd, the libraries the guest's agent needs.
 "${SUDO[@]}" apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-utils qemu-system-x86 qemu-guest-agent
-"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl e2fsprogs kmod restic python3-venv
+# gnutls-bin: certtool makes the certificates of the NBD TLS parity tests.
+"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl gnutls-bin e2fsprogs kmod restic python3-venv
 
 # libvirt from the same suite, so it drives the same QEMU; only for the VM benchmark.
 if [ "${STRATA_BENCH_DEPS:-0}" = 1 ]; then
