@@ -11,10 +11,9 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -103,37 +102,7 @@ struct Running {
     server: Arc<Server>,
     listener: Option<JoinHandle<()>>,
     socket: Option<PathBuf>,
-    keeper: Option<LockKeeper>,
-}
-
-/// A shared repository lock refreshed by a thread until stopped, so no prune
-/// or gc removes the packs an export reads.
-struct LockKeeper {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
-}
-
-impl LockKeeper {
-    fn start(repo: Arc<strata_repo::Repository>, mut lock: strata_repo::lock::Lock) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(200));
-                if lock.refresh_if_due(&repo).is_err() {
-                    // A lock that can no longer be refreshed is left to expire.
-                    return;
-                }
-            }
-            let _ = lock.release();
-        });
-        LockKeeper { stop, thread }
-    }
-
-    fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
-    }
+    keeper: Option<strata_repo::lock::LockKeeper>,
 }
 
 impl Running {
@@ -147,7 +116,7 @@ impl Running {
             let _ = std::fs::remove_file(p);
         }
         if let Some(k) = self.keeper.take() {
-            k.stop();
+            let _ = k.stop();
         }
         r
     }
@@ -239,7 +208,7 @@ impl Listen {
 fn open_export(
     st: &AppState,
     req: &ExportCreate,
-) -> Result<(Export, String, Option<LockKeeper>), ApiError> {
+) -> Result<(Export, String, Option<strata_repo::lock::LockKeeper>), ApiError> {
     match (&req.image, &req.backup) {
         (Some(image), None) => {
             if !image.exists() {
@@ -297,7 +266,7 @@ fn open_export(
             Ok((
                 e,
                 format!("backup {id}"),
-                Some(LockKeeper::start(repo, lock)),
+                Some(strata_repo::lock::LockKeeper::start(repo, lock)),
             ))
         }
         _ => Err(ApiError::bad_request(
@@ -321,7 +290,7 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
             Err(e) => {
                 let _ = export.close();
                 if let Some(k) = keeper {
-                    k.stop();
+                    let _ = k.stop();
                 }
                 return Err(e);
             }

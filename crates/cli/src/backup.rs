@@ -522,7 +522,7 @@ fn export_names(snapshots: usize, mut names: Vec<String>) -> Result<Vec<String>>
 fn serve(a: ServeArgs) -> Result<()> {
     let names = export_names(a.snapshots.len(), a.export_names)?;
     let mut repo = a.repo.open()?;
-    let mut lock = strata_repo::lock::Lock::acquire(&repo, false)?;
+    let lock = strata_repo::lock::Lock::acquire(&repo, false)?;
     repo.reload_index()?;
     let found = a
         .snapshots
@@ -539,17 +539,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             Arc::new(device),
         )?));
     }
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let refresher = {
-        let (repo, stop) = (repo.clone(), stop.clone());
-        std::thread::spawn(move || -> strata_repo::Result<()> {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                lock.refresh_if_due(&repo)?;
-            }
-            lock.release()
-        })
-    };
+    let keeper = strata_repo::lock::LockKeeper::start(repo.clone(), lock);
     let served = crate::nbd::run_server(
         exports,
         crate::nbd::Listen {
@@ -562,10 +552,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             prog: "strata backup",
         },
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let released = refresher
-        .join()
-        .map_err(|_| anyhow!("the lock refresher panicked"))?;
+    let released = keeper.stop();
     served?;
     released?;
     Ok(())

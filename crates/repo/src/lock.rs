@@ -123,6 +123,40 @@ impl Lock {
     }
 }
 
+/// A lock kept fresh by a thread of its own while long-lived readers (an NBD
+/// export of a snapshot) depend on it, so no prune or gc removes what they
+/// read. A lock that can no longer be refreshed is left to expire and the
+/// failure is returned by [`LockKeeper::stop`].
+pub struct LockKeeper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl LockKeeper {
+    /// Refresh `lock` on `repo` until [`LockKeeper::stop`].
+    pub fn start(repo: Arc<Repository>, mut lock: Lock) -> LockKeeper {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                lock.refresh_if_due(&repo)?;
+            }
+            lock.release()
+        });
+        LockKeeper { stop, thread }
+    }
+
+    /// Stop refreshing and remove the lock.
+    pub fn stop(self) -> Result<()> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| Error::new(ErrorKind::Io, "the lock refresher panicked"))?
+    }
+}
+
 impl Drop for Lock {
     fn drop(&mut self) {
         let _ = self.backend.remove(&handle(&self.id));
