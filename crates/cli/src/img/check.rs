@@ -47,7 +47,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some("all") => Repair::All,
         Some(other) => bail!(
             "--repair (-r) expects 'leaks' or 'all' not '{other}'\nTry '{} check --help' for more info",
-            ctx.prog
+            super::invoked_as(ctx.prog)
         ),
     };
     let spec = args
@@ -67,7 +67,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let format = match (spec.format, &filtered) {
         (Some(f), _) => f,
         (None, Some(s)) => strata_chain::probe_storage(&**s).map_err(opened_err)?,
-        (None, None) => strata_chain::probe_format(&spec.path)?,
+        (None, None) => super::common::probe_format(&spec.path)?,
     };
     if repair != Repair::None {
         super::common::warn_probed_raw(&spec);
