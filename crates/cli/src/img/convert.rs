@@ -261,6 +261,11 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             inputs.add_backing_chain(out_path, b, f.parse().ok());
             options.insert("backing_file".into(), b.clone());
         }
+    } else if let Some(b) = &out_backing {
+        // The existing target is opened over -B's chain as qemu-img opens it, so
+        // a target inside that chain is refused (qemu-img fails on its lock).
+        let f = args.backing_format.as_deref().and_then(|f| f.parse().ok());
+        inputs.add_backing_chain(out_path, b, f);
     }
     if args.compress && out_format != Format::Qcow2 {
         bail!("Compression not supported for this file format");
