@@ -90,7 +90,9 @@ fn commit_leaves_files_of_qemu_imgs_length() {
         ],
     );
     // Several zeroed clusters of the base among new data: the holes they
-    // leave are taken as QEMU takes them.
+    // leave are taken as QEMU takes them. (With a third data run, or a longer
+    // one, QEMU's job races its own writes: the same commit left files a
+    // cluster apart in 4 runs of 8, so such cases are not pinned.)
     pair(
         d,
         "holes",
@@ -101,8 +103,7 @@ fn commit_leaves_files_of_qemu_imgs_length() {
             "write -z 64k 64k",
             "write -z 256k 192k",
             "write -P 2 4M 64k",
-            "write -P 3 5M 256k",
-            "write -P 4 6M 64k",
+            "write -P 3 8M 128k",
         ],
     );
     for name in ["partial", "holes"] {
