@@ -220,6 +220,11 @@ async fn repo_task(
               (status = 409), (status = 503)))]
 pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
     let req: BackupCreate = json_body(body).await?;
+    let chunk_size = req
+        .chunk_size
+        .as_deref()
+        .map(strata_repo::chunk::ChunkSize::parse)
+        .transpose()?;
     let image = match (req.image, req.vm) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(ApiError::bad_request(
@@ -237,11 +242,7 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
                 disk: req.disk.unwrap_or(0),
                 parent: req.parent,
                 tags: req.tags,
-                chunk_size: req
-                    .chunk_size
-                    .as_deref()
-                    .map(strata_repo::chunk::ChunkSize::parse)
-                    .transpose()?,
+                chunk_size,
             };
             return vm_backup(&st, args).await;
         }
@@ -269,11 +270,7 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
             .transpose()?,
         tags: req.tags,
         image,
-        chunk_size: req
-            .chunk_size
-            .as_deref()
-            .map(strata_repo::chunk::ChunkSize::parse)
-            .transpose()?,
+        chunk_size,
     };
     let target = args.image.display().to_string();
     repo_task(
