@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A three-node Garage cluster on loopback, three replicas of every object, and a
 # strata backup that loses one node half-way and still completes; restic then
-# checks every blob through a surviving node and strata restores the disk.
+# checks every blob through each surviving node, strata restores the disk, and
+# once the node is back an incremental backup goes through it. The nodes'
+# configuration is scripts/garage-node.toml, as in the S3 backup tests.
 #
 #   bash scripts/garage-cluster.sh            # 256 MiB disk
 #   DISK_MIB=1024 bash scripts/garage-cluster.sh
@@ -24,20 +26,9 @@ s3_ports=()
 for i in 0 1 2; do
   root=$work/node$i; mkdir -p "$root"
   rpc=$(free_port); s3=$(free_port); s3_ports+=("$s3")
-  cat >"$root/garage.toml" <<TOML
-metadata_dir = "$root/meta"
-data_dir = "$root/data"
-db_engine = "sqlite"
-replication_factor = 3
-rpc_bind_addr = "127.0.0.1:$rpc"
-rpc_public_addr = "127.0.0.1:$rpc"
-rpc_secret = "$secret"
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:$s3"
-root_domain = ".s3.garage.localhost"
-TOML
-  "$GARAGE" -c "$root/garage.toml" server >"$root/log" 2>&1 &
+  sed -e "s|@ROOT@|$root|g" -e "s|@REPLICAS@|3|" -e "s|@RPC_PORT@|$rpc|g" \
+    -e "s|@S3_PORT@|$s3|" -e "s|@RPC_SECRET@|$secret|" scripts/garage-node.toml >"$root/garage.toml"
+  "$GARAGE" -c "$root/garage.toml" server >>"$root/log" 2>&1 &
   pids+=($!)
 done
 g() { "$GARAGE" -c "$work/node0/garage.toml" "$@"; }
@@ -69,16 +60,31 @@ repo="s3:http://127.0.0.1:${s3_ports[0]}/strata/demo"
 head -c $((DISK_MIB / 2 * 1048576)) /dev/urandom >"$work/disk.raw"
 truncate -s "${DISK_MIB}M" "$work/disk.raw"
 
-say "backing up a $DISK_MIB MiB disk; node 2 is killed a moment in"
+say "backing up a $DISK_MIB MiB disk; node 2 is killed once it holds 4 MiB of it"
 "$STRATA" backup create --repo "$repo" "$work/disk.raw" &
 backup=$!
-sleep 1
+while [ "$(du -sm "$work/node2/data" | cut -f1)" -lt 4 ] && kill -0 "$backup" 2>/dev/null; do
+  sleep 0.05
+done
 kill -9 "${pids[2]}"
 echo "node 2 killed (backup still running: $(kill -0 $backup 2>/dev/null && echo yes || echo no))"
 wait "$backup"
 
-say "restic check --read-data through node 1"
-restic --no-cache -r "s3:http://127.0.0.1:${s3_ports[1]}/strata/demo" check --read-data
+for n in 0 1; do
+  say "restic check --read-data through node $n"
+  restic --no-cache -r "s3:http://127.0.0.1:${s3_ports[$n]}/strata/demo" check --read-data
+done
 say "strata restore through node 1"
 "$STRATA" backup restore --repo "s3:http://127.0.0.1:${s3_ports[1]}/strata/demo" latest "$work/out.raw"
 cmp "$work/disk.raw" "$work/out.raw" && echo "restored disk identical to the source"
+
+say "node 2 back; an incremental backup through it"
+"$GARAGE" -c "$work/node2/garage.toml" server >>"$work/node2/log" 2>&1 &
+pids[2]=$!
+until "$GARAGE" -c "$work/node2/garage.toml" node id -q >/dev/null 2>&1; do sleep 0.2; done
+until (exec 3<>"/dev/tcp/127.0.0.1/${s3_ports[2]}") 2>/dev/null; do sleep 0.2; done
+repo2="s3:http://127.0.0.1:${s3_ports[2]}/strata/demo"
+printf 'changed after the node came back' | dd of="$work/disk.raw" bs=1M seek=1 conv=notrunc status=none
+"$STRATA" backup create --repo "$repo2" --parent latest "$work/disk.raw"
+"$STRATA" backup restore --repo "$repo2" latest "$work/out.raw"
+cmp "$work/disk.raw" "$work/out.raw" && echo "the incremental restores identical to the changed disk"

@@ -1,8 +1,9 @@
 //! `strata backup` on S3-compatible object storage, against a real Garage cluster
 //! on loopback and the real `restic` (missing binaries fail the tests): restic
 //! lists, checks and restores what strata stores in a bucket and the reverse; a
-//! three-node cluster with three replicas loses a node in the middle of a backup
-//! and the backup still completes and restores; unreachable servers, refused
+//! three-node cluster with three replicas loses a node in the middle of a backup,
+//! the backup still completes, checks and restores through either survivor, and
+//! an incremental goes through the node once it is back; unreachable servers, refused
 //! credentials and missing buckets are clear errors.
 
 mod common;
@@ -100,6 +101,9 @@ fn restic_checks_and_restores_what_strata_stores_in_garage_and_the_reverse() {
     );
 }
 
+/// Node 2 is killed once it stores this much of the backup's data.
+const KILL_AFTER: u64 = 4 * MIB as u64;
+
 #[test]
 fn a_three_replica_cluster_that_loses_a_node_during_a_backup_completes_it() {
     let mut g = Garage::start(3);
@@ -108,45 +112,74 @@ fn a_three_replica_cluster_that_loses_a_node_during_a_backup_completes_it() {
     let repo = g.repo(0, "replicated");
     run(on(&g, strata(&["init", "--repo", &repo])));
     let disk = d.join("disk.raw");
-    let mut mib = 96;
-    let want = loop {
-        let want = raw_disk(&disk, mib);
-        let mut backup = on(&g, strata(&["create", "--repo", &repo, s(&disk)]));
-        let mut child = backup
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(400));
-        let mid_backup = child.try_wait().unwrap().is_none();
-        if mid_backup {
-            g.kill_node(2);
-        }
-        let out = child.wait_with_output().unwrap();
+    let mut want = raw_disk(&disk, 96);
+    let before = g.stored_bytes(2);
+    let mut child = on(&g, strata(&["create", "--repo", &repo, s(&disk)]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The kill lands once node 2 holds the first few MiB of the backup, with
+    // most of the disk's ~48 MiB of stored data still to come.
+    let start = std::time::Instant::now();
+    while g.stored_bytes(2) < before + KILL_AFTER {
         assert!(
-            out.status.success(),
-            "the backup failed after a node was lost: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            child.try_wait().unwrap().is_none(),
+            "the backup finished before node 2 stored {KILL_AFTER} bytes of it"
         );
-        if mid_backup {
-            break want;
-        }
-        // The machine was quicker than the kill: the same with a larger disk.
-        mib *= 2;
-        assert!(mib <= 768, "every backup finished within 400 ms");
-    };
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "the backup made no progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    g.kill_node(2);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the backup ended before node 2 was killed"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the backup failed after a node was lost: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = saved_id(&out);
 
-    // Two nodes of three hold a quorum: the repository reads back whole, through
-    // either survivor.
-    reads_clean(on(&g, restic(&repo, &["check", "--read-data"])));
+    // Two nodes of three hold a quorum: the repository reads back whole through
+    // each survivor.
+    for node in [0, 1] {
+        reads_clean(on(
+            &g,
+            restic(g.repo(node, "replicated"), &["check", "--read-data"]),
+        ));
+    }
     let out = d.join("out.raw");
     let via_node1 = g.repo(1, "replicated");
     run(on(
         &g,
-        strata(&["restore", "--repo", &via_node1, "latest", s(&out)]),
+        strata(&["restore", "--repo", &via_node1, &first, s(&out)]),
     ));
     assert!(std::fs::read(&out).unwrap() == want, "the restore differs");
+
+    // The node comes back and an incremental goes through it.
+    g.restart_node(2);
+    want[10 * MIB..11 * MIB].fill(0x5a);
+    std::fs::write(&disk, &want).unwrap();
+    let via_node2 = g.repo(2, "replicated");
+    let second = saved_id(&run(on(
+        &g,
+        strata(&["create", "--repo", &via_node2, "--parent", &first, s(&disk)]),
+    )));
+    run(on(
+        &g,
+        strata(&["restore", "--repo", &via_node2, &second, s(&out)]),
+    ));
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "the incremental restores differently"
+    );
 }
 
 /// Run `cmd`, require failure with exit 1, and return its stderr.

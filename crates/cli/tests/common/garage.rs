@@ -1,7 +1,9 @@
 //! A Garage S3 cluster on loopback for the tests: one or more `garage server`
 //! processes (the real server, built with `cargo install --locked garage`; a
 //! missing binary fails the test), joined into one layout with a replication
-//! factor equal to the node count, one bucket and one access key.
+//! factor equal to the node count, one bucket and one access key. Each node's
+//! configuration is `scripts/garage-node.toml` filled in, the file
+//! `scripts/garage-cluster.sh` fills in too.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -9,13 +11,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The S3 region the cluster's signatures use.
+/// The S3 region the cluster's signatures use (`s3_region` in the node template).
 pub const REGION: &str = "garage";
 /// The bucket every cluster is given.
 pub const BUCKET: &str = "strata";
 
+/// The node configuration template shared with `scripts/garage-cluster.sh`.
+const NODE_TEMPLATE: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../scripts/garage-node.toml"
+));
+
 /// One `garage server` process.
 struct Node {
+    root: PathBuf,
     config: PathBuf,
     s3_port: u16,
     rpc_port: u16,
@@ -90,8 +99,13 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 }
 
 impl Node {
-    fn start(&mut self, log: &Path) {
-        let log = std::fs::File::create(log).unwrap();
+    /// Start (or restart) the server, its output appended to the node's log.
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("log"))
+            .unwrap();
         let child = Command::new(binary())
             .arg("-c")
             .arg(&self.config)
@@ -129,31 +143,25 @@ impl Garage {
             std::fs::create_dir_all(&root).unwrap();
             let (s3_port, rpc_port) = (free_port(), free_port());
             let config = root.join("garage.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "metadata_dir = \"{root}/meta\"\n\
-                     data_dir = \"{root}/data\"\n\
-                     db_engine = \"sqlite\"\n\
-                     replication_factor = {n}\n\
-                     rpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
-                     rpc_public_addr = \"127.0.0.1:{rpc_port}\"\n\
-                     rpc_secret = \"{secret}\"\n\
-                     [s3_api]\n\
-                     s3_region = \"{REGION}\"\n\
-                     api_bind_addr = \"127.0.0.1:{s3_port}\"\n\
-                     root_domain = \".s3.garage.localhost\"\n",
-                    root = root.display()
-                ),
-            )
-            .unwrap();
+            let text = NODE_TEMPLATE
+                .replace("@ROOT@", &root.display().to_string())
+                .replace("@REPLICAS@", &n.to_string())
+                .replace("@RPC_PORT@", &rpc_port.to_string())
+                .replace("@S3_PORT@", &s3_port.to_string())
+                .replace("@RPC_SECRET@", &secret);
+            assert!(
+                !text.lines().any(|l| !l.starts_with('#') && l.contains('@')),
+                "a placeholder left in:\n{text}"
+            );
+            std::fs::write(&config, text).unwrap();
             let mut node = Node {
+                root,
                 config,
                 s3_port,
                 rpc_port,
                 child: None,
             };
-            node.start(&root.join("log"));
+            node.start();
             nodes.push(node);
         }
         let mut g = Garage {
@@ -239,6 +247,73 @@ impl Garage {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Start node `i` again after [`Self::kill_node`], on its old ports and
+    /// data; it rejoins the cluster from the peers it recorded, and its S3 port
+    /// answers when this returns.
+    pub fn restart_node(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "node {i} is running");
+        self.nodes[i].start();
+        self.nodes[i].node_id();
+        // Its peers gave up on it: it calls them at once rather than on its
+        // next retry, and serves requests once connected to every node again.
+        let peers: Vec<String> = (0..self.nodes.len())
+            .filter(|&j| j != i)
+            .map(|j| self.nodes[j].node_id())
+            .collect();
+        for id in &peers {
+            // Retried: the server may not listen yet when its id is known.
+            wait_for(
+                "the restarted node to call its peers",
+                Duration::from_secs(30),
+                || {
+                    Command::new(binary())
+                        .arg("-c")
+                        .arg(&self.nodes[i].config)
+                        .args(["node", "connect", id])
+                        .output()
+                        .ok()
+                        .filter(|o| o.status.success())
+                },
+            );
+        }
+        let n = self.nodes.len() as u64;
+        let start = Instant::now();
+        loop {
+            let out = garage(&self.nodes[i].config, &["json-api", "GetClusterHealth"]);
+            let last = String::from_utf8_lossy(&out.stdout).into_owned();
+            let health: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
+            if health["connectedNodes"] == n {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "node {i} did not rejoin the cluster: {last}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let addr = format!("127.0.0.1:{}", self.nodes[i].s3_port);
+        wait_for(
+            "the restarted node's S3 port",
+            Duration::from_secs(30),
+            || std::net::TcpStream::connect(&addr).ok(),
+        );
+    }
+
+    /// Bytes of object data node `i` stores (its data directory's files).
+    pub fn stored_bytes(&self, i: usize) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            std::fs::read_dir(p).map_or(0, |rd| {
+                rd.flatten()
+                    .map(|e| match e.file_type() {
+                        Ok(t) if t.is_dir() => walk(&e.path()),
+                        _ => e.metadata().map_or(0, |m| m.len()),
+                    })
+                    .sum()
+            })
+        }
+        walk(&self.nodes[i].root.join("data"))
     }
 
     /// The cluster's scratch directory.
