@@ -4,9 +4,13 @@
 //! the restore, names the blob and the file offset, and removes the output.
 //! Workers (twice the cores, at most eight) read, check and write blobs at once,
 //! each into buffers of its own reused from blob to blob. A new raw output is
-//! sized once (unwritten ranges stay holes: zero blobs are never written) and
-//! written where it can be with direct I/O, so the page cache neither copies
-//! the data nor holds it for writeback; one sync at the end makes it durable.
+//! sized once (unwritten ranges stay holes: zero blobs are never written). A raw
+//! output, new or existing (a file or a block device), is written where it can
+//! be with direct I/O, so the page cache neither copies the data nor holds it
+//! for writeback; one sync at the end makes it durable. In an existing raw
+//! output the disk's zero ranges are discarded (a hole punched, or zeroes
+//! written where the file system or device cannot punch one): they read as
+//! zeroes and take no space, as in a new file.
 
 use crate::disk::zero_id;
 use crate::error::{Error, ErrorKind, Result};
@@ -17,6 +21,7 @@ use crate::scratch::{BlobScratch, ALIGN};
 use crate::tree::{Node, Snapshot};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -25,7 +30,7 @@ use std::sync::Mutex;
 use strata_format::qcow2::Qcow2Image;
 use strata_format::{BlockDevice, Format};
 use strata_jobs::{Cancel, Progress};
-use strata_storage::sync;
+use strata_storage::{sync, Storage};
 
 /// The single file a snapshot holds (a disk), found through its directories.
 pub fn disk_node(repo: &Repository, snap: &Snapshot) -> Result<Node> {
@@ -58,11 +63,15 @@ pub struct RestoreSummary {
 }
 
 enum Target {
-    /// A new raw file, with a second descriptor for direct I/O when the file
-    /// system allows it.
+    /// A raw file or device, with a second descriptor for direct I/O when the
+    /// file system allows it.
     Raw {
         file: File,
         direct: Option<File>,
+        /// An existing output's storage as the engine opened it: it holds the
+        /// image's lock and discards the disk's zero ranges. `None` for a new
+        /// file, which reads as zeroes wherever nothing is written.
+        existing: Option<Arc<dyn Storage>>,
     },
     Image(Arc<dyn BlockDevice>),
 }
@@ -78,6 +87,7 @@ impl Target {
                 Ok(Target::Raw {
                     file: f,
                     direct: open_direct(path),
+                    existing: None,
                 })
             }
             Format::Qcow2 => {
@@ -104,7 +114,9 @@ impl Target {
         }
     }
 
-    /// The existing image at `path` (format probed), writable, at least `end` bytes.
+    /// The existing image at `path` (format probed), writable, at least `end`
+    /// bytes. A raw image whose file the engine opened plainly is written
+    /// through that file (direct I/O where allowed), under the engine's lock.
     fn open_existing(path: &Path, end: u64) -> Result<Target> {
         let chain = strata_chain::open(&strata_chain::OpenSpec::new(path).write(true))?;
         let dev = chain.top().clone();
@@ -118,12 +130,34 @@ impl Target {
                 ),
             ));
         }
+        if dev.format_name() == "raw" {
+            if let Some(storage) = dev.host_file() {
+                if let Some(f) = storage.file() {
+                    let file = f.try_clone().map_err(|e| {
+                        Error::io(format!("could not open '{}'", path.display()), e)
+                    })?;
+                    // The very file the engine locked, opened again.
+                    let direct =
+                        open_direct(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())));
+                    return Ok(Target::Raw {
+                        file,
+                        direct,
+                        existing: Some(storage.clone()),
+                    });
+                }
+            }
+        }
         Ok(Target::Image(dev))
     }
 
+    /// Make `len` bytes at `offset` read as zeroes, freeing their space where
+    /// the output can.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         match self {
-            Target::Raw { .. } => self.write(&vec![0u8; len as usize], offset),
+            Target::Raw {
+                existing: Some(s), ..
+            } => Ok(s.discard(offset, len).map_err(strata_format::Error::from)?),
+            Target::Raw { existing: None, .. } => Ok(()),
             Target::Image(d) => Ok(d.write_zeroes(offset, len, false)?),
         }
     }
@@ -134,7 +168,7 @@ impl Target {
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         let err = |e| Error::io(format!("could not write at offset {offset}"), e);
         match self {
-            Target::Raw { file, direct } => {
+            Target::Raw { file, direct, .. } => {
                 if let Some(d) = direct.as_ref().filter(|_| direct_aligned(buf, offset)) {
                     match d.write_all_at(buf, offset) {
                         // A file system may still refuse some direct write.
