@@ -81,8 +81,12 @@ cmp "$work/disk.raw" "$work/out.raw" && echo "restored disk identical to the sou
 say "node 2 back; an incremental backup through it"
 "$GARAGE" -c "$work/node2/garage.toml" server >>"$work/node2/log" 2>&1 &
 pids[2]=$!
-until "$GARAGE" -c "$work/node2/garage.toml" node id -q >/dev/null 2>&1; do sleep 0.2; done
-until (exec 3<>"/dev/tcp/127.0.0.1/${s3_ports[2]}") 2>/dev/null; do sleep 0.2; done
+# Its peers gave up on it: it calls them now rather than on its next retry.
+for id in "${ids[0]}" "${ids[1]}"; do
+  until "$GARAGE" -c "$work/node2/garage.toml" node connect "$id" >/dev/null 2>&1; do sleep 0.2; done
+done
+until "$GARAGE" -c "$work/node2/garage.toml" json-api GetClusterHealth 2>/dev/null |
+  grep -q '"connectedNodes": *3'; do sleep 0.2; done
 repo2="s3:http://127.0.0.1:${s3_ports[2]}/strata/demo"
 printf 'changed after the node came back' | dd of="$work/disk.raw" bs=1M seek=1 conv=notrunc status=none
 "$STRATA" backup create --repo "$repo2" --parent latest "$work/disk.raw"
