@@ -8,8 +8,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use md5::Digest;
-
+use crate::digests::StreamDigest;
 use crate::error::{Error, Result};
 
 /// Bytes per buffer: large enough that files and hashes see few calls, small
@@ -79,7 +78,7 @@ pub(crate) struct HashThread {
 }
 
 impl HashThread {
-    pub(crate) fn spawn<H: Digest + Send + 'static>(name: &str) -> Result<HashThread> {
+    pub(crate) fn spawn<H: StreamDigest>(name: &str) -> Result<HashThread> {
         let (tx, rx) = sync_channel::<Chunk>(QUEUED);
         let handle = std::thread::Builder::new()
             .name(format!("strata-{name}"))
@@ -88,7 +87,7 @@ impl HashThread {
                 for c in rx {
                     h.update(&c);
                 }
-                h.finalize().to_vec()
+                h.finish()
             })
             .map_err(|e| Error::io(format!("start the {name} thread"), e))?;
         Ok(HashThread { tx, handle })
@@ -117,7 +116,7 @@ mod tests {
     #[test]
     fn a_hash_thread_digests_its_chunks_in_order_and_buffers_are_reused() {
         let mut pool = Pool::default();
-        let t = HashThread::spawn::<sha2::Sha512>("sha512").unwrap();
+        let t = HashThread::spawn::<crate::digests::Sha512>("sha512").unwrap();
         let mut whole = Vec::new();
         for i in 0..3 * QUEUED {
             let mut b = pool.take();
@@ -126,6 +125,7 @@ mod tests {
             whole.extend_from_slice(&b[..len]);
             t.feed(pool.share(b, len)).unwrap();
         }
+        use sha2::Digest;
         assert_eq!(t.finish().unwrap(), sha2::Sha512::digest(&whole).to_vec());
         assert!(pool.shared.len() <= POOLED);
         let before = pool.shared.len();
