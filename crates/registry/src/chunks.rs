@@ -14,8 +14,10 @@ use crate::error::{Error, Result};
 /// Bytes per buffer: large enough that files and hashes see few calls, small
 /// enough that many streams at once hold little memory.
 pub(crate) const CHUNK: usize = 256 << 10;
-/// Buffers a hash thread may have queued before the mover waits for it.
-pub(crate) const QUEUED: usize = 2;
+/// Buffers a hash thread may have queued before the mover waits for it: a
+/// few, so a mover held up by a write (or a hash by the other hash) does not
+/// leave a hash thread idle.
+pub(crate) const QUEUED: usize = 4;
 /// Buffers a pool keeps for reuse (more may be in use at once; those are
 /// freed when dropped).
 const POOLED: usize = 16;
