@@ -70,7 +70,7 @@ pub(crate) fn disk_format(rec: &ImageRecord) -> Result<Format> {
 
 /// The SHA-512 of the file at `path`, in hex.
 fn sha512_of(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha512};
+    use crate::digests::{Sha512, StreamDigest};
     let mut f = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
     let mut sha = Sha512::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -78,7 +78,7 @@ fn sha512_of(path: &Path) -> Result<String> {
         let n = std::io::Read::read(&mut f, &mut buf)
             .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
         if n == 0 {
-            return Ok(crate::record::hex(&sha.finalize()));
+            return Ok(crate::record::hex(&sha.finish()));
         }
         sha.update(&buf[..n]);
     }

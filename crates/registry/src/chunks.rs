@@ -8,15 +8,16 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use md5::Digest;
-
+use crate::digests::StreamDigest;
 use crate::error::{Error, Result};
 
 /// Bytes per buffer: large enough that files and hashes see few calls, small
 /// enough that many streams at once hold little memory.
 pub(crate) const CHUNK: usize = 256 << 10;
-/// Buffers a hash thread may have queued before the mover waits for it.
-pub(crate) const QUEUED: usize = 2;
+/// Buffers a hash thread may have queued before the mover waits for it: a
+/// few, so a mover held up by a write (or a hash by the other hash) does not
+/// leave a hash thread idle.
+pub(crate) const QUEUED: usize = 4;
 /// Buffers a pool keeps for reuse (more may be in use at once; those are
 /// freed when dropped).
 const POOLED: usize = 16;
@@ -79,7 +80,7 @@ pub(crate) struct HashThread {
 }
 
 impl HashThread {
-    pub(crate) fn spawn<H: Digest + Send + 'static>(name: &str) -> Result<HashThread> {
+    pub(crate) fn spawn<H: StreamDigest>(name: &str) -> Result<HashThread> {
         let (tx, rx) = sync_channel::<Chunk>(QUEUED);
         let handle = std::thread::Builder::new()
             .name(format!("strata-{name}"))
@@ -88,7 +89,7 @@ impl HashThread {
                 for c in rx {
                     h.update(&c);
                 }
-                h.finalize().to_vec()
+                h.finish()
             })
             .map_err(|e| Error::io(format!("start the {name} thread"), e))?;
         Ok(HashThread { tx, handle })
@@ -117,7 +118,7 @@ mod tests {
     #[test]
     fn a_hash_thread_digests_its_chunks_in_order_and_buffers_are_reused() {
         let mut pool = Pool::default();
-        let t = HashThread::spawn::<sha2::Sha512>("sha512").unwrap();
+        let t = HashThread::spawn::<crate::digests::Sha512>("sha512").unwrap();
         let mut whole = Vec::new();
         for i in 0..3 * QUEUED {
             let mut b = pool.take();
@@ -126,6 +127,7 @@ mod tests {
             whole.extend_from_slice(&b[..len]);
             t.feed(pool.share(b, len)).unwrap();
         }
+        use sha2::Digest;
         assert_eq!(t.finish().unwrap(), sha2::Sha512::digest(&whole).to_vec());
         assert!(pool.shared.len() <= POOLED);
         let before = pool.shared.len();

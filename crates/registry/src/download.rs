@@ -5,9 +5,8 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use sha2::Sha512;
-
 use crate::chunks::{Chunk, HashThread, Pool, CHUNK};
+use crate::digests::Sha512;
 use crate::error::{Error, Result};
 use crate::record::{hex, ImageRecord, Status};
 use crate::store::{sync_dir, Registry};

@@ -9,6 +9,7 @@
 //!   tags, delete;
 //! - [`upload`]: streaming uploads, checksummed as they arrive;
 //! - `chunks`: shared buffers and the threads that hash them beside the I/O;
+//! - `digests`: MD5 and SHA-512, the fastest implementations in the build;
 //! - [`download`]: reading data back, verified against its SHA-512; ranges;
 //! - [`list`]: filters, sorting and paging;
 //! - [`deploy`]: VM disks from images (thin clones on a verified cache, copies);
@@ -23,6 +24,7 @@ pub mod cache;
 mod chunks;
 mod data;
 pub mod deploy;
+mod digests;
 pub mod download;
 mod error;
 pub mod from_vm;

@@ -4,11 +4,9 @@
 //! complete, durable, inspected data is made reachable by the store, and only
 //! then does the record turn `active`.
 
-use md5::Md5;
-use sha2::Sha512;
-
 use crate::chunks::{HashThread, Pool, CHUNK};
 use crate::data::Sink;
+use crate::digests::{Md5, Sha512};
 use crate::error::{Error, Result};
 use crate::record::{hex, ImageRecord, Status, HASH_ALGO};
 use crate::store::{Registry, UploadLock};
