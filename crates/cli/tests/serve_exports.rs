@@ -297,3 +297,86 @@ fn hostile(srv: &Server, tok: &str, img: &Path, d: &Path, stopped: &str) {
         control(srv, tok, id, body.clone()).refused(400, needle, &body);
     }
 }
+
+/// A failed live operation answers by what failed, in the API's error shape:
+/// 400 for unusable arguments, 409 when the export's state refuses it (a name
+/// taken, no backing file, a raw top, a read-only export), 500 when the
+/// images cannot be read or written.
+#[test]
+fn control_errors_answer_400_409_or_500_by_what_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let (img, raw, ro) = (d.join("a.qcow2"), d.join("b.raw"), d.join("c.qcow2"));
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&ro), "16M"]);
+    let taken = d.join("taken.qcow2");
+    std::fs::write(&taken, b"not to be overwritten").unwrap();
+    let tok = token(&state, false);
+    let srv = Server::start(&state, &[]);
+    let start = |body: Value| -> String {
+        let r = srv.json("POST", "/api/v1/exports", &tok, &body).expect(201);
+        r["id"].as_str().unwrap().to_string()
+    };
+    let a = start(json!({"image": img, "socket": d.join("a.sock")}));
+    let b = start(json!({"image": raw, "format": "raw", "socket": d.join("b.sock")}));
+    let c = start(json!({"image": ro, "read_only": true, "socket": d.join("c.sock")}));
+    control(&srv, &tok, &a, json!({"command": "snapshot", "name": "s1"})).expect(200);
+    let cases = [
+        (
+            &a,
+            json!({"command": "snapshot", "name": ""}),
+            400,
+            "needs a name",
+        ),
+        (
+            &a,
+            json!({"command": "snapshot-external", "overlay": taken}),
+            400,
+            "exists",
+        ),
+        (
+            &a,
+            json!({"command": "snapshot-external", "overlay": d.join("no/such/dir/o.qcow2")}),
+            400,
+            "",
+        ),
+        (
+            &a,
+            json!({"command": "snapshot", "name": "s1"}),
+            409,
+            "already exists",
+        ),
+        (&a, json!({"command": "commit"}), 409, "backing file"),
+        (&a, json!({"command": "stream"}), 409, "backing file"),
+        (&b, json!({"command": "snapshot", "name": "r"}), 409, "raw"),
+        (
+            &c,
+            json!({"command": "snapshot", "name": "x"}),
+            409,
+            "read-only",
+        ),
+        (&c, json!({"command": "commit"}), 409, "read-only"),
+    ];
+    for (id, body, status, needle) in cases {
+        control(&srv, &tok, id, body.clone()).refused(status, needle, &body);
+    }
+    assert_eq!(
+        std::fs::read(&taken).unwrap(),
+        b"not to be overwritten",
+        "a refused overlay path was written"
+    );
+
+    // The base of an external snapshot removed behind the server's back: the
+    // commit cannot reopen it to write, an I/O failure (500).
+    let overlay = d.join("o.qcow2");
+    let body = json!({"command": "snapshot-external", "overlay": overlay});
+    control(&srv, &tok, &a, body).expect(200);
+    std::fs::rename(&img, d.join("moved.qcow2")).unwrap();
+    control(&srv, &tok, &a, json!({"command": "commit"})).refused(
+        500,
+        "could not be reopened",
+        &"a commit into a vanished base",
+    );
+}
