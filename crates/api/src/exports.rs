@@ -133,6 +133,21 @@ impl Exports {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stop every export (at server shutdown): each one's clients are cut
+    /// (they read EOF), its images flushed, closed and unlocked, its socket
+    /// removed and its repository lock released. Returns the failures, each
+    /// naming its export.
+    pub fn stop_all(&self) -> Vec<String> {
+        let running: Vec<Running> = self.lock().drain().map(|(_, r)| r).collect();
+        running
+            .into_iter()
+            .filter_map(|r| {
+                let what = format!("export '{}' ({})", r.record.name, r.record.source);
+                r.stop().err().map(|e| format!("{what}: {e}"))
+            })
+            .collect()
+    }
+
     fn record(&self, id: &str) -> Result<(ExportRecord, Arc<Server>), ApiError> {
         let map = self.lock();
         let r = map.get(id).ok_or_else(|| no_such(id))?;

@@ -380,3 +380,107 @@ fn control_errors_answer_400_409_or_500_by_what_failed() {
         &"a commit into a vanished base",
     );
 }
+
+/// `strata serve` stopped by SIGTERM or SIGINT with NBD clients connected:
+/// they read EOF, the data they wrote is in the image, the image's and the
+/// repository's locks are released, the sockets removed, and it exits 0.
+#[test]
+fn a_server_stopped_by_a_signal_stops_its_exports_cleanly_under_connected_clients() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (state, repo) = (d.join("state"), d.join("repo"));
+        let (img, raw) = (d.join("a.qcow2"), d.join("b.raw"));
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+        ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
+        let tok = token(&state, false);
+        let mut srv = Server::start_with_backups(&state, &repo);
+        run(strata(&["create", "--repo", s(&repo), s(&raw)]));
+        let (sock, bsock) = (d.join("a.sock"), d.join("b.sock"));
+        let url = srv
+            .json(
+                "POST",
+                "/api/v1/exports",
+                &tok,
+                &json!({"image": img, "socket": sock}),
+            )
+            .expect(201)["url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let burl = srv
+            .json(
+                "POST",
+                "/api/v1/exports",
+                &tok,
+                &json!({"backup": "latest", "socket": bsock}),
+            )
+            .expect(201)["url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(std::fs::read_dir(repo.join("locks")).unwrap().count() > 0);
+
+        // Two interactive clients, each with a request answered.
+        let client = |url: &str, first: &str, answer: &str| {
+            // The backup export (read only) is opened read-only.
+            let ro: &[&str] = if first.starts_with("read") {
+                &["-r"]
+            } else {
+                &[]
+            };
+            let mut c = Command::new("qemu-io")
+                .args(ro)
+                .args(["-f", "raw", url])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("qemu-io must be installed");
+            let mut input = c.stdin.take().unwrap();
+            writeln!(input, "{first}").unwrap();
+            let mut out = BufReader::new(c.stdout.take().unwrap());
+            let mut line = String::new();
+            while !line.contains(answer) {
+                line.clear();
+                if out.read_line(&mut line).unwrap() == 0 {
+                    let mut err = String::new();
+                    let _ = std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err);
+                    panic!("qemu-io on {url} ended before '{answer}': {err}");
+                }
+            }
+            (c, input, out)
+        };
+        let clients = [
+            client(&url, "write -P 0x5a 0 1M", "wrote 1048576/1048576"),
+            client(&burl, "read 0 4k", "read 4096/4096"),
+        ];
+
+        let status = srv.stop_with(sig, std::time::Duration::from_secs(60));
+        assert_eq!(status.code(), Some(0), "signal {sig}: {status:?}");
+        assert!(!sock.exists() && !bsock.exists(), "a socket was left");
+        assert_eq!(
+            std::fs::read_dir(repo.join("locks")).unwrap().count(),
+            0,
+            "the repository lock was left"
+        );
+        // The clients' next request finds the connection closed.
+        for (mut c, mut input, mut out) in clients {
+            writeln!(input, "read 0 4k").unwrap();
+            drop(input);
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+            let _ = c.wait();
+            assert!(
+                !rest.contains("read 4096/4096"),
+                "a stopped export answered: {rest}"
+            );
+        }
+        // qemu-io opens the image for writing: its lock was released.
+        let out = ok("qemu-io", &["-c", "read -P 0x5a 0 1M", s(&img)]);
+        assert!(out.contains("read 1048576/1048576"), "{out}");
+        ok("qemu-img", &["check", s(&img)]);
+    }
+}
