@@ -133,6 +133,21 @@ impl Exports {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stop every export (at server shutdown): each one's clients are cut
+    /// (they read EOF), its images flushed, closed and unlocked, its socket
+    /// removed and its repository lock released. Returns the failures, each
+    /// naming its export.
+    pub fn stop_all(&self) -> Vec<String> {
+        let running: Vec<Running> = self.lock().drain().map(|(_, r)| r).collect();
+        running
+            .into_iter()
+            .filter_map(|r| {
+                let what = format!("export '{}' ({})", r.record.name, r.record.source);
+                r.stop().err().map(|e| format!("{what}: {e}"))
+            })
+            .collect()
+    }
+
     fn record(&self, id: &str) -> Result<(ExportRecord, Arc<Server>), ApiError> {
         let map = self.lock();
         let r = map.get(id).ok_or_else(|| no_such(id))?;
@@ -389,7 +404,11 @@ pub async fn stop(
 /// server's control socket); the answer is the control socket's.
 #[utoipa::path(post, path = "/api/v1/exports/{id}/control", request_body = ControlRequest,
     params(("id" = String, Path, description = "export ID")),
-    responses((status = 200, body = Object), (status = 400), (status = 404), (status = 409)))]
+    responses((status = 200, body = Object),
+              (status = 400, description = "bad arguments (a missing or empty name, an overlay path that is taken)"),
+              (status = 404, description = "no such export"),
+              (status = 409, description = "the export refuses it now (read-only, no backing file, a name taken, a lock)"),
+              (status = 500, description = "reading or writing the images failed")))]
 pub async fn control(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -427,19 +446,23 @@ pub async fn control(
         wire["overlay"] = o.into();
     }
     let answer = blocking(move || {
-        Ok(strata_nbd::control::handle(
-            &server,
-            &wire,
-            &AtomicBool::new(false),
-        ))
+        strata_nbd::control::execute(&server, &wire, &AtomicBool::new(false)).map_err(control_error)
     })
     .await?;
-    if answer["ok"] != true {
-        return Err(conflict(
-            answer["error"].as_str().unwrap_or("the operation failed"),
-        ));
-    }
     Ok(Json(answer))
+}
+
+/// A failed live operation as an HTTP error: 400 bad arguments, 404 an
+/// unknown export, 409 the export's state refuses it, 500 I/O.
+fn control_error(e: strata_nbd::control::ControlError) -> ApiError {
+    use strata_nbd::control::Failure;
+    let status = match e.failure {
+        Failure::BadRequest => StatusCode::BAD_REQUEST,
+        Failure::NotFound => StatusCode::NOT_FOUND,
+        Failure::Conflict => StatusCode::CONFLICT,
+        Failure::Io => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.message)
 }
 
 /// The export endpoints' part of the OpenAPI document.

@@ -215,7 +215,9 @@ pub struct ServeOptions {
     pub registry: Option<Registry>,
 }
 
-/// Serve until SIGINT or SIGTERM. `ready` is called with the bound address
+/// Serve until SIGINT or SIGTERM, then stop: HTTP requests in progress get
+/// 5 s to finish, and every NBD export is stopped cleanly (see
+/// [`exports::Exports::stop_all`]). `ready` is called with the bound address
 /// once the server accepts connections.
 pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
     let mut state = match opts.registry.clone() {
@@ -235,7 +237,8 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::Serve(format!("start the runtime: {e}")))?;
-    rt.block_on(async move {
+    let exports = state.exports.clone();
+    let served = rt.block_on(async move {
         let app = router(state).into_make_service();
         let listener = std::net::TcpListener::bind(opts.listen)
             .map_err(|e| Error::Serve(format!("listen on {}: {e}", opts.listen)))?;
@@ -276,7 +279,16 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
                     .map_err(|e| Error::Serve(e.to_string()))
             }
         }
-    })
+    });
+    let failed = exports.stop_all();
+    served?;
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(Error::Serve(format!(
+            "stopping the NBD exports: {}",
+            failed.join("; ")
+        ))),
+    }
 }
 
 async fn shutdown_signal() {

@@ -37,7 +37,7 @@ impl From<strata_vm::Error> for ApiError {
         let status = match &e {
             E::Invalid(_) => StatusCode::BAD_REQUEST,
             E::NoSuchVm(_) | E::NoSuchSnapshot { .. } => StatusCode::NOT_FOUND,
-            E::Exists(_) | E::State(_) | E::Busy(_) => StatusCode::CONFLICT,
+            E::Exists(_) | E::State(_) | E::Busy(_) | E::Cancelled(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, chain(&e))

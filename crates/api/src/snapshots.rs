@@ -133,7 +133,7 @@ pub async fn create(
     let target = format!("{name}/{snap}");
     start_task(&st.tasks, "vm-snapshot-create", target, move |task| {
         let s = mgr
-            .snapshot_create(&name, &snap, opts)
+            .snapshot_create_cancellable(&name, &snap, opts, &task.cancel_flag())
             .map_err(|e| chain(&e))?;
         task.set_result(serde_json::to_value(&s).unwrap_or_default());
         Ok(format!(
@@ -160,8 +160,8 @@ pub async fn revert(
     let mgr = st.vms.clone();
     precheck(&mgr, &name, Some(&snap)).await?;
     let target = format!("{name}/{snap}");
-    start_task(&st.tasks, "vm-snapshot-revert", target, move |_| {
-        mgr.snapshot_revert(&name, &snap, req.force)
+    start_task(&st.tasks, "vm-snapshot-revert", target, move |task| {
+        mgr.snapshot_revert_cancellable(&name, &snap, req.force, &task.cancel_flag())
             .map_err(|e| chain(&e))?;
         Ok(format!("VM '{name}' reverted to snapshot '{snap}'"))
     })
@@ -189,8 +189,8 @@ pub async fn delete(
     }
     precheck(&mgr, &name, Some(&snap)).await?;
     let target = format!("{name}/{snap}");
-    start_task(&st.tasks, "vm-snapshot-delete", target, move |_| {
-        mgr.snapshot_delete(&name, &snap, opts)
+    start_task(&st.tasks, "vm-snapshot-delete", target, move |task| {
+        mgr.snapshot_delete_cancellable(&name, &snap, opts, &task.cancel_flag())
             .map_err(|e| chain(&e))?;
         Ok(format!("snapshot '{snap}' of VM '{name}' deleted"))
     })

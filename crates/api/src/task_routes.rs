@@ -10,6 +10,7 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::tasks::{verify_image, Task, TaskState};
 use crate::AppState;
+use strata_jobs::CancelAnswer;
 
 /// The answer of an operation that started a task.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -92,22 +93,37 @@ pub async fn show(
     }
 }
 
-/// Ask a running task to stop.
+/// Ask a running task to stop. 202: the cancel was taken (the task ends
+/// `cancelled`, its log saying what was undone, or `error`); 409: the task is
+/// not running in this server, or its operation is past its point of no
+/// return (the message says it came too late; the task completes).
 #[utoipa::path(delete, path = "/api/v1/tasks/{id}",
     params(("id" = String, Path, description = "task ID")),
-    responses((status = 202), (status = 404), (status = 409)))]
+    responses((status = 202, description = "the cancel was taken"), (status = 404),
+              (status = 409, description = "not running, or past its point of no return")))]
 pub async fn cancel(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let Json(t) = show(State(st.clone()), Path(id.clone())).await?;
-    if t.state != TaskState::Running || !st.tasks.cancel(&id) {
-        return Err(ApiError::new(
+    let answer = match t.state {
+        TaskState::Running => st.tasks.cancel(&id),
+        _ => None,
+    };
+    match answer {
+        Some(CancelAnswer::Accepted) => Ok(StatusCode::ACCEPTED),
+        Some(CancelAnswer::TooLate) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "Task {id} cannot be cancelled any more: its {} of {} is past the point where stopping would be safe, and it completes",
+                t.kind, t.target
+            ),
+        )),
+        None => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("Task {id} is not running in this server"),
-        ));
+        )),
     }
-    Ok(StatusCode::ACCEPTED)
 }
 
 /// The API description, generated from the handlers and types above.

@@ -7,10 +7,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use strata_jobs::{Cancel, CancelAnswer};
 
 use crate::error::{Error, Result};
 
@@ -52,14 +52,14 @@ pub struct Task {
 #[derive(Clone)]
 pub struct Tasks {
     dir: PathBuf,
-    cancel: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    cancel: Arc<Mutex<HashMap<String, Arc<Cancel>>>>,
 }
 
 /// The handle a running operation reports through.
 pub struct TaskHandle {
     tasks: Tasks,
     task: Task,
-    cancel: Arc<AtomicBool>,
+    cancel: Arc<Cancel>,
 }
 
 impl Tasks {
@@ -139,7 +139,7 @@ impl Tasks {
             result: None,
         };
         self.store(&task)?;
-        let cancel = Arc::new(AtomicBool::new(false));
+        let cancel = Arc::new(Cancel::new());
         self.cancel
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -151,20 +151,15 @@ impl Tasks {
         })
     }
 
-    /// Ask a running task to stop. `Ok(false)` if it is not running here.
-    pub fn cancel(&self, id: &str) -> bool {
-        match self
-            .cancel
+    /// Ask a running task to stop: `None` if it is not running here, else
+    /// whether its operation takes the cancel or is past its point of no
+    /// return (it then completes).
+    pub fn cancel(&self, id: &str) -> Option<CancelAnswer> {
+        self.cancel
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-        {
-            Some(flag) => {
-                flag.store(true, Ordering::SeqCst);
-                true
-            }
-            None => false,
-        }
+            .map(|c| c.request())
     }
 }
 
@@ -174,7 +169,13 @@ impl TaskHandle {
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.cancel.is_cancelled()
+    }
+
+    /// The task's cancel flag, for an operation that takes one (so that it
+    /// can declare its point of no return).
+    pub fn cancel_flag(&self) -> Arc<Cancel> {
+        self.cancel.clone()
     }
 
     /// Record progress (stored when it moved by a percent or more).
@@ -208,6 +209,7 @@ impl TaskHandle {
             }
             Err(msg) if self.is_cancelled() => {
                 self.task.state = TaskState::Cancelled;
+                let msg = msg.strip_prefix("cancelled: ").unwrap_or(&msg);
                 self.task.log.push(format!("cancelled: {msg}"));
             }
             Err(msg) => {
@@ -260,6 +262,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cancel_after_the_point_of_no_return_is_refused_and_the_task_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tasks = Tasks::open(dir.path()).unwrap();
+        let h = tasks.start("vm-snapshot-create", "g/s").unwrap();
+        let id = h.id().to_string();
+        h.cancel_flag().point_of_no_return().unwrap();
+        assert_eq!(tasks.cancel(&id), Some(CancelAnswer::TooLate));
+        let t = h.finish(Ok("snapshot 's' of VM 'g' created".into()));
+        assert_eq!(t.state, TaskState::Ok);
+    }
+
+    #[test]
     fn a_cancelled_task_ends_cancelled_and_only_running_tasks_can_be_cancelled() {
         let dir = tempfile::tempdir().unwrap();
         let tasks = Tasks::open(dir.path()).unwrap();
@@ -267,12 +281,12 @@ mod tests {
         let id = h.id().to_string();
         h.progress(0.5);
         assert_eq!(tasks.get(&id).unwrap().unwrap().progress, 0.5);
-        assert!(tasks.cancel(&id));
+        assert_eq!(tasks.cancel(&id), Some(CancelAnswer::Accepted));
         assert!(h.is_cancelled());
         let t = h.finish(Err("stopped after 5 bytes".into()));
         assert_eq!(t.state, TaskState::Cancelled);
         assert_eq!(tasks.get(&id).unwrap().unwrap(), t);
-        assert!(!tasks.cancel(&id), "a finished task took a cancel");
+        assert_eq!(tasks.cancel(&id), None, "a finished task took a cancel");
         let reopened = Tasks::open(dir.path()).unwrap();
         assert_eq!(
             reopened.get(&id).unwrap().unwrap().state,

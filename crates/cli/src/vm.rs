@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use strata_jobs::Cancel;
 use strata_vm::blockjob::{JobKind, JobOptions};
 use strata_vm::{CreateOptions, DeleteOptions, Kind, Manager, StateDir, VmDef, VmRecord};
 
@@ -199,7 +200,11 @@ pub fn run(cli: VmCli) -> i32 {
         Ok(code) => code,
         Err(e) => {
             crate::img::Ctx { prog: "strata vm" }.error(&e);
-            1
+            // A command the user cancelled (Ctrl-C) ends as one killed by SIGINT.
+            match e.downcast_ref::<strata_vm::Error>() {
+                Some(strata_vm::Error::Cancelled(_)) => 130,
+                _ => 1,
+            }
         }
     }
 }
@@ -344,7 +349,7 @@ fn snapshot(mgr: &Manager, c: SnapCommand) -> Result<()> {
                 (_, true) => Some(Kind::External),
                 _ => None,
             };
-            let s = mgr.snapshot_create(
+            let s = mgr.snapshot_create_cancellable(
                 &name,
                 &snapshot,
                 CreateOptions {
@@ -353,7 +358,9 @@ fn snapshot(mgr: &Manager, c: SnapCommand) -> Result<()> {
                     kind,
                     background,
                 },
+                cancel_on_interrupt(),
             )?;
+            interrupted_too_late("the snapshot");
             let mut what = format!(
                 "{} {}",
                 s.kind.name(),
@@ -412,7 +419,8 @@ fn snapshot(mgr: &Manager, c: SnapCommand) -> Result<()> {
             snapshot,
             force,
         } => {
-            mgr.snapshot_revert(&name, &snapshot, force)?;
+            mgr.snapshot_revert_cancellable(&name, &snapshot, force, cancel_on_interrupt())?;
+            interrupted_too_late("the revert");
             println!("VM '{name}' reverted to snapshot '{snapshot}'");
         }
         SnapCommand::Delete {
@@ -421,14 +429,16 @@ fn snapshot(mgr: &Manager, c: SnapCommand) -> Result<()> {
             children,
             metadata_only,
         } => {
-            mgr.snapshot_delete(
+            mgr.snapshot_delete_cancellable(
                 &name,
                 &snapshot,
                 DeleteOptions {
                     children,
                     metadata_only,
                 },
+                cancel_on_interrupt(),
             )?;
+            interrupted_too_late("the delete");
             println!("Snapshot '{snapshot}' deleted");
         }
     }
@@ -497,6 +507,43 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// The cancel of a snapshot create, revert or delete, asked for by SIGINT:
+/// the same request an API task's cancel makes, so the operation stops (and
+/// undoes its work) where the API's would, or completes when it is past its
+/// point of no return.
+static SNAPSHOT_CANCEL: Cancel = Cancel::new();
+
+extern "C" fn on_snapshot_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    SNAPSHOT_CANCEL.request();
+    // SAFETY: signal(2) is async-signal-safe; SIG_DFL is a valid disposition.
+    // A second Ctrl-C ends the command at once (the next command recovers).
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}
+
+/// Route SIGINT to [`SNAPSHOT_CANCEL`] and return it.
+fn cancel_on_interrupt() -> &'static Cancel {
+    // SAFETY: the handler only does atomic operations and signal(2).
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_snapshot_interrupt as *const () as libc::sighandler_t,
+        );
+    }
+    &SNAPSHOT_CANCEL
+}
+
+/// Say so when a Ctrl-C came after `what` was past its point of no return.
+fn interrupted_too_late(what: &str) {
+    if INTERRUPTED.load(Ordering::SeqCst) && !SNAPSHOT_CANCEL.is_cancelled() {
+        eprintln!(
+            "strata vm: interrupted too late: {what} was past the point where stopping is safe, so it was completed"
+        );
+    }
 }
 
 fn blockjob(mgr: &Manager, c: JobCommand) -> Result<()> {

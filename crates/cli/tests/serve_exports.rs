@@ -297,3 +297,190 @@ fn hostile(srv: &Server, tok: &str, img: &Path, d: &Path, stopped: &str) {
         control(srv, tok, id, body.clone()).refused(400, needle, &body);
     }
 }
+
+/// A failed live operation answers by what failed, in the API's error shape:
+/// 400 for unusable arguments, 409 when the export's state refuses it (a name
+/// taken, no backing file, a raw top, a read-only export), 500 when the
+/// images cannot be read or written.
+#[test]
+fn control_errors_answer_400_409_or_500_by_what_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let (img, raw, ro) = (d.join("a.qcow2"), d.join("b.raw"), d.join("c.qcow2"));
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&ro), "16M"]);
+    let taken = d.join("taken.qcow2");
+    std::fs::write(&taken, b"not to be overwritten").unwrap();
+    let tok = token(&state, false);
+    let srv = Server::start(&state, &[]);
+    let start = |body: Value| -> String {
+        let r = srv.json("POST", "/api/v1/exports", &tok, &body).expect(201);
+        r["id"].as_str().unwrap().to_string()
+    };
+    let a = start(json!({"image": img, "socket": d.join("a.sock")}));
+    let b = start(json!({"image": raw, "format": "raw", "socket": d.join("b.sock")}));
+    let c = start(json!({"image": ro, "read_only": true, "socket": d.join("c.sock")}));
+    control(&srv, &tok, &a, json!({"command": "snapshot", "name": "s1"})).expect(200);
+    let cases = [
+        (
+            &a,
+            json!({"command": "snapshot", "name": ""}),
+            400,
+            "needs a name",
+        ),
+        (
+            &a,
+            json!({"command": "snapshot-external", "overlay": taken}),
+            400,
+            "exists",
+        ),
+        (
+            &a,
+            json!({"command": "snapshot-external", "overlay": d.join("no/such/dir/o.qcow2")}),
+            400,
+            "",
+        ),
+        (
+            &a,
+            json!({"command": "snapshot", "name": "s1"}),
+            409,
+            "already exists",
+        ),
+        (&a, json!({"command": "commit"}), 409, "backing file"),
+        (&a, json!({"command": "stream"}), 409, "backing file"),
+        (&b, json!({"command": "snapshot", "name": "r"}), 409, "raw"),
+        (
+            &c,
+            json!({"command": "snapshot", "name": "x"}),
+            409,
+            "read-only",
+        ),
+        (&c, json!({"command": "commit"}), 409, "read-only"),
+    ];
+    for (id, body, status, needle) in cases {
+        control(&srv, &tok, id, body.clone()).refused(status, needle, &body);
+    }
+    assert_eq!(
+        std::fs::read(&taken).unwrap(),
+        b"not to be overwritten",
+        "a refused overlay path was written"
+    );
+
+    // The base of an external snapshot removed behind the server's back: the
+    // commit cannot reopen it to write, an I/O failure (500).
+    let overlay = d.join("o.qcow2");
+    let body = json!({"command": "snapshot-external", "overlay": overlay});
+    control(&srv, &tok, &a, body).expect(200);
+    std::fs::rename(&img, d.join("moved.qcow2")).unwrap();
+    control(&srv, &tok, &a, json!({"command": "commit"})).refused(
+        500,
+        "could not be reopened",
+        &"a commit into a vanished base",
+    );
+}
+
+/// `strata serve` stopped by SIGTERM or SIGINT with NBD clients connected:
+/// they read EOF, the data they wrote is in the image, the image's and the
+/// repository's locks are released, the sockets removed, and it exits 0.
+#[test]
+fn a_server_stopped_by_a_signal_stops_its_exports_cleanly_under_connected_clients() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (state, repo) = (d.join("state"), d.join("repo"));
+        let (img, raw) = (d.join("a.qcow2"), d.join("b.raw"));
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+        ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
+        let tok = token(&state, false);
+        let mut srv = Server::start_with_backups(&state, &repo);
+        run(strata(&["create", "--repo", s(&repo), s(&raw)]));
+        let (sock, bsock) = (d.join("a.sock"), d.join("b.sock"));
+        let url = srv
+            .json(
+                "POST",
+                "/api/v1/exports",
+                &tok,
+                &json!({"image": img, "socket": sock}),
+            )
+            .expect(201)["url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let burl = srv
+            .json(
+                "POST",
+                "/api/v1/exports",
+                &tok,
+                &json!({"backup": "latest", "socket": bsock}),
+            )
+            .expect(201)["url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(std::fs::read_dir(repo.join("locks")).unwrap().count() > 0);
+
+        // Two interactive clients, each with a request answered.
+        let client = |url: &str, first: &str, answer: &str| {
+            // The backup export (read only) is opened read-only.
+            let ro: &[&str] = if first.starts_with("read") {
+                &["-r"]
+            } else {
+                &[]
+            };
+            let mut c = Command::new("qemu-io")
+                .args(ro)
+                .args(["-f", "raw", url])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("qemu-io must be installed");
+            let mut input = c.stdin.take().unwrap();
+            writeln!(input, "{first}").unwrap();
+            let mut out = BufReader::new(c.stdout.take().unwrap());
+            let mut line = String::new();
+            while !line.contains(answer) {
+                line.clear();
+                if out.read_line(&mut line).unwrap() == 0 {
+                    let mut err = String::new();
+                    let _ = std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err);
+                    panic!("qemu-io on {url} ended before '{answer}': {err}");
+                }
+            }
+            (c, input, out)
+        };
+        let clients = [
+            client(&url, "write -P 0x5a 0 1M", "wrote 1048576/1048576"),
+            client(&burl, "read 0 4k", "read 4096/4096"),
+        ];
+
+        let status = srv.stop_with(sig, std::time::Duration::from_secs(60));
+        assert_eq!(status.code(), Some(0), "signal {sig}: {status:?}");
+        assert!(!sock.exists() && !bsock.exists(), "a socket was left");
+        assert_eq!(
+            std::fs::read_dir(repo.join("locks")).unwrap().count(),
+            0,
+            "the repository lock was left"
+        );
+        // The clients' next request finds the connection closed.
+        for (mut c, mut input, mut out) in clients {
+            writeln!(input, "read 0 4k").unwrap();
+            drop(input);
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+            let _ = c.wait();
+            assert!(
+                !rest.contains("read 4096/4096"),
+                "a stopped export answered: {rest}"
+            );
+        }
+        // qemu-io opens the image for writing: its lock was released.
+        let out = ok("qemu-io", &["-c", "read -P 0x5a 0 1M", s(&img)]);
+        assert!(out.contains("read 1048576/1048576"), "{out}");
+        ok("qemu-img", &["check", s(&img)]);
+    }
+}

@@ -363,6 +363,30 @@ impl Drop for KillOnDrop<'_> {
     }
 }
 
+/// Define VM `g` through the API on a copy of the test guest's data disk at
+/// `disk` and start it; the guard kills it when the test ends.
+fn define_and_start<'a>(
+    srv: &'a Server,
+    tok: &str,
+    guest: &TestGuest,
+    disk: &Path,
+) -> KillOnDrop<'a> {
+    guest.copy_data_disk(disk).unwrap();
+    let def = json!({
+        "name": "g", "memory_mib": 256, "cpus": 1,
+        "disks": [{"file": disk, "format": "qcow2"}],
+        "kernel": guest.kernel(), "initrd": guest.initrd(),
+        "append": "console=ttyS0 panic=-1 quiet",
+    });
+    srv.json("POST", "/api/v1/vms", tok, &def).expect(201);
+    let guard = KillOnDrop(&srv.state);
+    let r = srv
+        .req("POST", "/api/v1/vms/g/start", Some(tok), None, b"")
+        .expect(200);
+    assert_eq!(r["message"], "VM 'g' started");
+    guard
+}
+
 #[test]
 fn a_disk_only_snapshot_of_a_running_guest_through_the_api_is_the_one_the_cli_lists() {
     let guest = TestGuest::ensure().unwrap();
@@ -372,19 +396,7 @@ fn a_disk_only_snapshot_of_a_running_guest_through_the_api_is_the_one_the_cli_li
     let repo = dir.path().join("repo");
     let srv = Server::start_with_backups(&state, &repo);
     let disk = dir.path().join("data.qcow2");
-    guest.copy_data_disk(&disk).unwrap();
-    let def = json!({
-        "name": "g", "memory_mib": 256, "cpus": 1,
-        "disks": [{"file": disk, "format": "qcow2"}],
-        "kernel": guest.kernel(), "initrd": guest.initrd(),
-        "append": "console=ttyS0 panic=-1 quiet",
-    });
-    srv.json("POST", "/api/v1/vms", &tok, &def).expect(201);
-    let _guard = KillOnDrop(&state);
-    let r = srv
-        .req("POST", "/api/v1/vms/g/start", Some(&tok), None, b"")
-        .expect(200);
-    assert_eq!(r["message"], "VM 'g' started");
+    let _guard = define_and_start(&srv, &tok, &guest, &disk);
     assert_eq!(
         srv.req("POST", "/api/v1/vms/g/start", Some(&tok), None, b"")
             .status,
@@ -505,4 +517,162 @@ fn a_disk_only_snapshot_of_a_running_guest_through_the_api_is_the_one_the_cli_li
 fn cli_backups(repo: &Path) -> Vec<Value> {
     let o = run(strata(&["list", "--repo", s(repo), "--output=json"]));
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The speed limit on memory saves in the cancel test (bytes per second), so
+/// a save of the test guest lasts seconds and a cancel lands while QEMU copies.
+const SLOW_SAVE: &str = "8388608";
+
+/// Wait (up to 120 s) until the VM's memory directory holds a file of
+/// snapshot `snap` that QEMU has begun to write; its path.
+fn memory_file_being_written(state: &Path, snap: &str) -> std::path::PathBuf {
+    let dir = state.join("vms/g/memory");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let found = std::fs::read_dir(&dir).ok().and_then(|rd| {
+            rd.flatten().map(|e| e.path()).find(|p| {
+                let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                n.starts_with(&format!("{snap}-")) && p.metadata().is_ok_and(|m| m.len() > 0)
+            })
+        });
+        if let Some(p) = found {
+            return p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no memory file of '{snap}' is being written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The files of the VM's directory `sub` ("memory", "disks").
+fn vm_files(state: &Path, sub: &str) -> Vec<String> {
+    match std::fs::read_dir(state.join("vms/g").join(sub)) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Cancelling snapshot tasks of a running guest, and Ctrl-C on `strata vm
+/// snapshot create`, which asks the same operation the same way: a cancel
+/// before the operation starts means it never starts; one while QEMU copies
+/// the memory stops the copy in QEMU (`migrate_cancel`) and removes the new
+/// overlays and memory file, the task ends `cancelled` saying so and the
+/// guest runs on its old disk; one after the snapshot is taken answers 409
+/// (too late) and the snapshot completes.
+#[test]
+fn snapshot_tasks_of_a_running_guest_are_cancelled_cleanly_or_answered_too_late() {
+    let guest = TestGuest::ensure().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let tok = token(&state, false);
+    let srv = Server::start_with(&state, &[], |c| {
+        c.env("STRATA_VM_STALL_AT", "create-begin,create-done")
+            .env("STRATA_VM_MEMORY_BANDWIDTH", SLOW_SAVE);
+    });
+    let disk = dir.path().join("data.qcow2");
+    let _guard = define_and_start(&srv, &tok, &guest, &disk);
+    let create = |body: Value| -> String {
+        let r = srv.json("POST", "/api/v1/vms/g/snapshots", &tok, &body);
+        r.expect(202)["task"].as_str().unwrap().to_string()
+    };
+    let cancel = |id: &str| {
+        let path = format!("/api/v1/tasks/{id}");
+        srv.req("DELETE", &path, Some(&tok), None, b"")
+    };
+    let snapshots_in_disk = || {
+        let o = Command::new("qemu-img")
+            .args(["snapshot", "-U", "-l"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+
+    // Before it starts (held at its first step): it never starts.
+    let id = create(json!({"name": "early"}));
+    cancel(&id).expect(202);
+    let t = srv.wait_task(&tok, &id);
+    assert_eq!(t["state"], "cancelled", "{t}");
+    assert!(
+        Server::last_log(&t).contains("before it started; nothing was done"),
+        "{t}"
+    );
+
+    // While QEMU copies the memory of an external snapshot.
+    let id = create(json!({"name": "mem", "kind": "external"}));
+    memory_file_being_written(&state, "mem");
+    cancel(&id).expect(202);
+    let t = srv.wait_task(&tok, &id);
+    assert_eq!(t["state"], "cancelled", "{t}");
+    let log = Server::last_log(&t);
+    assert!(
+        log.contains("migrate_cancel") && log.contains("overlay(s) and the memory file removed"),
+        "{t}"
+    );
+    assert_eq!(vm_files(&state, "memory"), Vec::<String>::new());
+    assert_eq!(vm_files(&state, "disks"), Vec::<String>::new());
+
+    // After QEMU took an internal snapshot (held before it is recorded): too
+    // late, and the snapshot completes.
+    let id = create(json!({"name": "late"}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !snapshots_in_disk().contains("late") {
+        assert!(std::time::Instant::now() < deadline, "no snapshot 'late'");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    cancel(&id).refused(409, "cannot be cancelled any more", &"a late cancel");
+    let t = srv.wait_task(&tok, &id);
+    assert_eq!(t["state"], "ok", "{t}");
+
+    // Ctrl-C on the CLI while QEMU copies the memory: the same cancel.
+    let cli = Command::new(STRATA)
+        .arg("vm")
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["snapshot", "create", "g", "cli", "--external"])
+        .env("STRATA_VM_MEMORY_BANDWIDTH", SLOW_SAVE)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    memory_file_being_written(&state, "cli");
+    // SAFETY: kill(2) on the child just started.
+    let sent = unsafe { libc::kill(cli.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let o = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("cancelled:") && err.contains("migrate_cancel"),
+        "{err}"
+    );
+    assert_eq!(vm_files(&state, "memory"), Vec::<String>::new());
+    assert_eq!(vm_files(&state, "disks"), Vec::<String>::new());
+
+    // Only the late snapshot exists, the guest runs on its first disk and
+    // its agent answers.
+    let names: Vec<Value> = vm_cli_json(&state, &["snapshot", "list", "g", "--output=json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("late")]);
+    assert!(snapshots_in_disk().contains("late"));
+    let status = srv
+        .req("GET", "/api/v1/vms/g", Some(&tok), None, b"")
+        .expect(200);
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(disk_of(&srv, &tok, "g"), disk.to_str().unwrap());
+    let body = json!({"command": ["/bin/echo", "alive"], "timeout": 60});
+    let out = srv
+        .json("POST", "/api/v1/vms/g/exec", &tok, &body)
+        .expect(200);
+    assert_eq!(out["stdout"], "alive\n", "{out}");
 }

@@ -21,7 +21,7 @@ pub mod snapshot;
 pub mod status;
 pub mod stream;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Serde for an optional image format, as its name ("qcow2", "raw").
 mod format_name {
@@ -141,17 +141,60 @@ impl Progress for NoProgress {
     fn advance(&self, _n: u64) {}
 }
 
-/// A cancellation flag a job polls between units of work.
+/// A cancellation flag a job polls between units of work, with a point of no
+/// return: an operation whose last steps cannot be interrupted safely calls
+/// [`Cancel::point_of_no_return`] before them; a cancel asked for after that
+/// is refused ([`CancelAnswer::TooLate`]) and the operation completes. The CLI
+/// (on SIGINT) and the API (a task's cancel) ask through [`Cancel::request`],
+/// so both get the same answer from the same operation.
 #[derive(Debug, Default)]
-pub struct Cancel(AtomicBool);
+pub struct Cancel(AtomicU8);
+
+/// The states of a [`Cancel`].
+const RUNNING: u8 = 0;
+const REQUESTED: u8 = 1;
+const PAST_RETURN: u8 = 2;
+
+/// What a cancel request got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelAnswer {
+    /// The operation stops at its next check and undoes what it did.
+    Accepted,
+    /// The operation is past its point of no return: it completes.
+    TooLate,
+}
 
 impl Cancel {
+    /// A flag not cancelled (`const`, for a static one a signal handler sets).
+    pub const fn new() -> Cancel {
+        Cancel(AtomicU8::new(RUNNING))
+    }
+
+    /// Ask the operation to stop. Async-signal-safe (one atomic operation).
+    pub fn request(&self) -> CancelAnswer {
+        match self
+            .0
+            .compare_exchange(RUNNING, REQUESTED, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) | Err(REQUESTED) => CancelAnswer::Accepted,
+            Err(_) => CancelAnswer::TooLate,
+        }
+    }
+
+    /// [`Cancel::request`], ignoring the answer.
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.request();
     }
+
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst) == REQUESTED
     }
+
+    /// Whether the operation passed its point of no return.
+    pub fn is_past_return(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == PAST_RETURN
+    }
+
     /// `Err(Cancelled)` once cancelled.
     pub fn check(&self) -> Result<()> {
         if self.is_cancelled() {
@@ -159,5 +202,44 @@ impl Cancel {
         } else {
             Ok(())
         }
+    }
+
+    /// Enter the steps that cannot be interrupted: `Err(Cancelled)` when a
+    /// cancel came first (the caller undoes and stops), else from now on every
+    /// request answers [`CancelAnswer::TooLate`].
+    pub fn point_of_no_return(&self) -> Result<()> {
+        match self
+            .0
+            .compare_exchange(RUNNING, PAST_RETURN, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) | Err(PAST_RETURN) => Ok(()),
+            Err(_) => Err(Error::Cancelled),
+        }
+    }
+}
+
+#[cfg(test)]
+mod cancel_tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_before_the_point_of_no_return_stops_the_operation_and_one_after_it_is_too_late() {
+        let c = Cancel::new();
+        assert!(c.check().is_ok());
+        assert_eq!(c.request(), CancelAnswer::Accepted);
+        assert_eq!(c.request(), CancelAnswer::Accepted, "asked twice");
+        assert!(c.is_cancelled());
+        assert!(matches!(c.point_of_no_return(), Err(Error::Cancelled)));
+        assert!(
+            c.is_cancelled(),
+            "a refused entry leaves the cancel in force"
+        );
+
+        let c = Cancel::default();
+        c.point_of_no_return().unwrap();
+        c.point_of_no_return().unwrap();
+        assert_eq!(c.request(), CancelAnswer::TooLate);
+        assert!(!c.is_cancelled() && c.is_past_return());
+        assert!(c.check().is_ok(), "the operation completes");
     }
 }

@@ -200,7 +200,7 @@ fn reopen(b: &mut Backend, i: usize, write: bool) -> Result<()> {
                 );
                 b.layers = layers;
                 b.failed = Some(msg.clone());
-                return Err(Error::Invalid(msg));
+                return Err(Error::Io(std::io::Error::other(msg)));
             }
         },
     };
@@ -210,7 +210,7 @@ fn reopen(b: &mut Backend, i: usize, write: bool) -> Result<()> {
     *b = Backend::new(layers)?;
     match err {
         None => Ok(()),
-        Some(e) => Err(Error::Invalid(format!(
+        Some(e) => Err(Error::BackingBusy(format!(
             "cannot write the backing file '{}' to commit into it: {e}",
             path.display()
         ))),
@@ -367,10 +367,7 @@ impl Export {
     /// Live operations write the chain: refused on a read-only export.
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::Invalid(format!(
-                "export '{}' is read-only",
-                self.name
-            )));
+            return Err(Error::ReadOnlyExport(self.name.clone()));
         }
         Ok(())
     }

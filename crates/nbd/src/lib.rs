@@ -41,6 +41,13 @@ pub enum Error {
     /// A request that cannot be carried out; the message says why.
     #[error("{0}")]
     Invalid(String),
+    /// A live operation asked of an export that serves read-only.
+    #[error("export '{0}' is read-only")]
+    ReadOnlyExport(String),
+    /// The backing file a commit must write is held by another user (a lock);
+    /// the message says which and why.
+    #[error("{0}")]
+    BackingBusy(String),
     #[error("TLS: {0}")]
     Tls(String),
     /// The client could not reach the server at `addr`.
@@ -73,6 +80,8 @@ impl Error {
             Error::Connect { .. } => K::Io,
             Error::ExportUnavailable { .. } => K::NotFound,
             Error::Invalid(_) | Error::Tls(_) => K::InvalidArgument,
+            Error::ReadOnlyExport(_) => K::ReadOnly,
+            Error::BackingBusy(_) => K::Locked,
         }
     }
 

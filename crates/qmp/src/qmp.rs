@@ -292,8 +292,38 @@ impl Qmp {
     /// dismiss it. `command` is the command that started the job, for messages.
     /// The job is dismissed whether it succeeded or failed.
     pub fn finish_job(&self, command: &str, id: &str, timeout: Duration) -> Result<()> {
-        self.wait_job_status(id, "concluded", timeout)
-            .map_err(|e| Error::new(format!("{} (job '{id}')", op_name(command)), e.kind))?;
+        self.finish_job_polling(command, id, timeout, || {})
+    }
+
+    /// [`Qmp::finish_job`], calling `between` every 50 ms while the job runs
+    /// (to cancel it with `job-cancel`, say).
+    pub fn finish_job_polling(
+        &self,
+        command: &str,
+        id: &str,
+        timeout: Duration,
+        mut between: impl FnMut(),
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(50));
+            match self.wait_job_status(id, "concluded", slice) {
+                Ok(_) => break,
+                Err(e) if e.is_timeout() && Instant::now() < deadline => between(),
+                Err(e) => {
+                    let kind = match e.kind {
+                        ErrorKind::Timeout(_) => ErrorKind::Timeout(timeout),
+                        k => k,
+                    };
+                    return Err(Error::new(
+                        format!("{} (job '{id}')", op_name(command)),
+                        kind,
+                    ));
+                }
+            }
+        }
         let jobs = self.execute(&QueryJobs {})?;
         let error = jobs.into_iter().find(|j| j.id == id).and_then(|j| j.error);
         self.execute(&JobDismiss { id: id.to_string() })?;

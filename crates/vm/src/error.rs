@@ -19,6 +19,10 @@ pub enum Error {
     /// Another strata command holds the VM's lock.
     #[error("VM '{0}' is busy: another strata command holds its lock")]
     Busy(String),
+    /// The operation was cancelled before its point of no return; the message
+    /// says what was undone (the VM and its snapshot tree are as before).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// Starting or talking to QEMU failed in a way QMP does not describe.
     #[error("{0}")]
     Qemu(String),

@@ -56,6 +56,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use strata_jobs::Cancel;
 use strata_qmp::commands::{
     Cont, Migrate, MigrateSetCapabilities, MigrateSetParameters, MigrationCapability, QueryMigrate,
     Stop,
@@ -99,6 +100,19 @@ impl Mode {
 /// for its saves too). libvirt's largest value, in bytes per second.
 const FILE_BANDWIDTH: u64 = i64::MAX as u64;
 
+/// The environment variable that sets a speed limit (bytes per second) on
+/// migrations to files instead of [`FILE_BANDWIDTH`], so a memory save lasts
+/// long enough to be watched or cancelled (tests).
+pub const BANDWIDTH_ENV: &str = "STRATA_VM_MEMORY_BANDWIDTH";
+
+fn file_bandwidth() -> u64 {
+    std::env::var(BANDWIDTH_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&b| b > 0)
+        .unwrap_or(FILE_BANDWIDTH)
+}
+
 /// The capabilities strata uses, each turned on or off as `mode` needs: QEMU
 /// keeps capabilities for the life of the process, so one left on by an earlier
 /// operation must not change this one. `MIGRATION` events are always sent.
@@ -106,7 +120,7 @@ const FILE_BANDWIDTH: u64 = i64::MAX as u64;
 /// starts writes a local file.
 pub(crate) fn set_capabilities(qmp: &Qmp, mode: Mode) -> Result<()> {
     qmp.execute(&MigrateSetParameters {
-        max_bandwidth: Some(FILE_BANDWIDTH),
+        max_bandwidth: Some(file_bandwidth()),
     })?;
     let caps = [
         ("events", true),
@@ -129,19 +143,20 @@ pub(crate) fn set_capabilities(qmp: &Qmp, mode: Mode) -> Result<()> {
 /// Poll `query-migrate` until the migration reaches status `target`; an error
 /// when it failed.
 pub(crate) fn wait_migration(qmp: &Qmp, what: &str, target: &str) -> Result<()> {
-    wait_migration_polling(qmp, what, target, || {})
+    wait_migration_polling(qmp, what, target, || Ok(()))
 }
 
-/// [`wait_migration`], running `poll` between two questions.
+/// [`wait_migration`], running `poll` between two questions; an error of
+/// `poll` ends the wait with it.
 fn wait_migration_polling(
     qmp: &Qmp,
     what: &str,
     target: &str,
-    mut poll: impl FnMut(),
+    mut poll: impl FnMut() -> Result<()>,
 ) -> Result<()> {
     let deadline = Instant::now() + JOB_TIMEOUT;
     loop {
-        poll();
+        poll()?;
         let info = qmp.execute(&QueryMigrate {})?;
         match info.status.as_deref() {
             Some(st) if st == target => return Ok(()),
@@ -196,11 +211,14 @@ pub(crate) struct Taken {
 /// while the guest runs on after a pause of only the switch. The guest ends in
 /// the state it had (`was_running`). On an error after `switch` succeeded, the
 /// caller undoes the switch; the guest runs (if it ran) in every case.
+/// `cancel` stops a precopy while QEMU copies (`migrate_cancel`); `switch`
+/// itself decides whether a cancel still counts when the disks are to switch.
 pub(crate) fn snapshot(
     qmp: &Qmp,
     file: &Path,
     was_running: bool,
     background: bool,
+    cancel: &Cancel,
     switch: impl FnOnce() -> Result<()>,
 ) -> Result<Taken> {
     let mode = if background {
@@ -215,7 +233,7 @@ pub(crate) fn snapshot(
     };
     let pause_ms = match mode {
         Mode::Background => self::background(qmp, file, was_running, switch)?,
-        _ => precopy(qmp, file, was_running, switch)?,
+        _ => precopy(qmp, file, was_running, cancel, switch)?,
     };
     sync_file(file)?;
     Ok(Taken {
@@ -262,6 +280,7 @@ fn background(
         if let Some(f) = &written {
             start_writeback(f);
         }
+        Ok(())
     });
     if done.is_err() {
         let _ = qmp.execute_value("migrate_cancel", None);
@@ -342,6 +361,7 @@ fn precopy(
     qmp: &Qmp,
     file: &Path,
     was_running: bool,
+    cancel: &Cancel,
     switch: impl FnOnce() -> Result<()>,
 ) -> Result<Option<u64>> {
     set_capabilities(qmp, Mode::Precopy)?;
@@ -355,6 +375,7 @@ fn precopy(
         if let Some(f) = &written {
             start_writeback(f);
         }
+        Ok(cancel.check()?)
     };
     let saved = (|| -> Result<()> {
         wait_migration_polling(qmp, "saving the memory", "pre-switchover", writeback)?;
@@ -365,6 +386,8 @@ fn precopy(
     })();
     if saved.is_err() && !switched {
         let _ = qmp.execute_value("migrate_cancel", None);
+        // The file is closed and the guest resumable once QEMU says so.
+        let _ = wait_migration(qmp, "cancelling the memory snapshot", "cancelled");
     }
     if was_running && stopped_after_migration(qmp, saved.is_ok())? {
         qmp.execute(&Cont {})?;

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
+use strata_jobs::Cancel;
 use strata_qmp::commands::{
     blockdev_snapshot_action, BlockCommit, BlockdevAdd, BlockdevDel, Cont, JobComplete,
     QueryBlockJobs, SnapshotDelete, SnapshotLoad, SnapshotSave, Stop, Transaction,
@@ -34,6 +35,14 @@ pub const CRASH_AT_ENV: &str = "STRATA_VM_CRASH_AT";
 /// (SIGKILL) and the command goes on, for fault tests: see [`step`].
 pub const KILL_QEMU_AT_ENV: &str = "STRATA_VM_KILL_QEMU_AT";
 
+/// The environment variable naming steps (comma-separated) at which the
+/// command waits [`STALL`] before going on, so a test can act at that point
+/// (a cancel before an operation starts, or after its point of no return).
+pub const STALL_AT_ENV: &str = "STRATA_VM_STALL_AT";
+
+/// How long a step named in `STRATA_VM_STALL_AT` waits.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A named point between the steps of a multi-step operation. When
 /// `STRATA_VM_CRASH_AT` names it, the process exits at once with status 86,
 /// running no cleanup, like a strata killed there. When
@@ -41,6 +50,10 @@ pub const KILL_QEMU_AT_ENV: &str = "STRATA_VM_KILL_QEMU_AT";
 /// command carries on as it would after QEMU died by itself.
 pub(crate) fn step(vm: &OpenVm, name: &str) {
     crash_point(name);
+    if std::env::var(STALL_AT_ENV).is_ok_and(|v| v.split(',').any(|s| s == name)) {
+        eprintln!("strata vm: stalling {STALL:?} at step '{name}' ({STALL_AT_ENV})");
+        std::thread::sleep(STALL);
+    }
     if std::env::var(KILL_QEMU_AT_ENV).is_ok_and(|v| v == name) {
         eprintln!("strata vm: killing QEMU at step '{name}' ({KILL_QEMU_AT_ENV})");
         let _ = qemu::kill(&vm.paths);
@@ -161,8 +174,28 @@ fn remove_files(files: &[PathBuf]) {
 impl Manager {
     /// Create snapshot `snap` of VM `name`.
     pub fn snapshot_create(&self, name: &str, snap: &str, opts: CreateOptions) -> Result<Snapshot> {
+        self.snapshot_create_cancellable(name, snap, opts, &Cancel::new())
+    }
+
+    /// [`Manager::snapshot_create`], stopped by `cancel`: a cancel before the
+    /// VM's lock is taken means nothing starts; one while QEMU saves memory
+    /// stops QEMU's work (`job-cancel` of the internal snapshot's
+    /// `snapshot-save` job, `migrate_cancel` of an external snapshot's memory
+    /// copy) and removes what was made, the VM running as before; the switch
+    /// of the disks and the recording of the snapshot are past the point of no
+    /// return (a cancel then is answered too late and the snapshot completes).
+    /// A cancelled create returns [`Error::Cancelled`] saying what was undone.
+    pub fn snapshot_create_cancellable(
+        &self,
+        name: &str,
+        snap: &str,
+        opts: CreateOptions,
+        cancel: &Cancel,
+    ) -> Result<Snapshot> {
         check_name("snapshot", snap)?;
         let mut vm = self.open(name)?;
+        step(&vm, "create-begin");
+        not_started(cancel)?;
         crate::restore::not_restoring(&vm, "taking a snapshot")?;
         if vm.rec.snapshots.iter().any(|s| s.name == snap) {
             return Err(Error::Exists(format!(
@@ -236,8 +269,11 @@ impl Manager {
             pause_ms: None,
         };
         match (kind, &qmp) {
-            (Kind::Internal, Some(q)) => internal_live(&mut vm, q, &mut s)?,
+            (Kind::Internal, Some(q)) => internal_live(&mut vm, q, &mut s, cancel)?,
             (Kind::Internal, None) => {
+                // The engine's snapshot is quick and made in one step.
+                not_started(cancel)?;
+                cancel.point_of_no_return().map_err(|_| cancelled_early())?;
                 vm.rec.intent = Some(Intent {
                     op: "create".into(),
                     snapshot: snap.into(),
@@ -253,9 +289,10 @@ impl Manager {
                 }
             }
             (Kind::External, q) => {
-                external_create(&mut vm, q.as_ref(), &mut s, agent, opts.background)?
+                external_create(&mut vm, q.as_ref(), &mut s, agent, opts.background, cancel)?
             }
         }
+        debug_assert!(cancel.is_past_return());
         step(&vm, "create-done");
         vm.rec.snapshots.push(s.clone());
         vm.rec.current = Some(snap.to_string());
@@ -265,8 +302,12 @@ impl Manager {
     }
 }
 
-/// An internal snapshot of a running VM: one `snapshot-save` job over all disks.
-fn internal_live(vm: &mut OpenVm, qmp: &Qmp, s: &mut Snapshot) -> Result<()> {
+/// An internal snapshot of a running VM: one `snapshot-save` job over all
+/// disks. A cancel while the job runs is passed to QEMU (`job-cancel`); a
+/// cancel that comes before the snapshot is past its point of no return
+/// (whether QEMU stopped early or had finished) deletes what the job wrote,
+/// so no snapshot is left in the files, and the guest runs as it did.
+fn internal_live(vm: &mut OpenVm, qmp: &Qmp, s: &mut Snapshot, cancel: &Cancel) -> Result<()> {
     let nodes = qemu::top_nodes(qmp, vm.rec.def.disks.len())?;
     vm.rec.intent = Some(Intent {
         op: "create".into(),
@@ -278,16 +319,28 @@ fn internal_live(vm: &mut OpenVm, qmp: &Qmp, s: &mut Snapshot) -> Result<()> {
     vm.save()?;
     qmp.take_events();
     let job = format!("strata-save-{}", stamp());
-    let saved = qmp.run_job(
-        &SnapshotSave {
+    let mut asked = false;
+    let saved = qmp
+        .execute(&SnapshotSave {
             job_id: job.clone(),
             tag: s.name.clone(),
             vmstate: nodes[0].clone(),
             devices: nodes.clone(),
-        },
-        &job,
-        JOB_TIMEOUT,
-    );
+        })
+        .and_then(|_| {
+            qmp.finish_job_polling("snapshot-save", &job, JOB_TIMEOUT, || {
+                if cancel.is_cancelled() && !asked {
+                    asked = true;
+                    let _ = qmp.execute_value("job-cancel", Some(json!({ "id": job })));
+                }
+            })
+        })
+        .map_err(Error::from)
+        .and_then(|()| {
+            cancel.point_of_no_return().map_err(|_| {
+                Error::Cancelled("the snapshot QEMU had just taken was deleted again".into())
+            })
+        });
     if let Err(e) = saved {
         // Remove whatever part was written, then the intent.
         let del = format!("strata-undo-{}", stamp());
@@ -302,10 +355,35 @@ fn internal_live(vm: &mut OpenVm, qmp: &Qmp, s: &mut Snapshot) -> Result<()> {
         );
         vm.rec.intent = None;
         vm.save()?;
-        return Err(e.into());
+        if !cancel.is_cancelled() {
+            return Err(e);
+        }
+        // QEMU resumes a guest it stopped for the save however the job ends;
+        // this makes sure of it.
+        if s.vm_state == "running" && qemu::run_state(qmp)? != "running" {
+            qmp.execute(&Cont {})?;
+        }
+        return Err(match e {
+            Error::Cancelled(m) => Error::Cancelled(format!("{m}; the VM runs as before")),
+            _ => Error::Cancelled(format!(
+                "QEMU's snapshot-save job was cancelled (job-cancel) and what it wrote deleted; the VM runs as before ({e})"
+            )),
+        });
     }
     s.pause_ms = memory::pause_from_events(qmp).0;
     Ok(())
+}
+
+/// `Err(Cancelled)` when `cancel` was asked for before the operation began.
+fn not_started(cancel: &Cancel) -> Result<()> {
+    if cancel.is_cancelled() {
+        return Err(cancelled_early());
+    }
+    Ok(())
+}
+
+fn cancelled_early() -> Error {
+    Error::Cancelled("before it started; nothing was done".into())
 }
 
 /// An external snapshot: new overlays on every disk, switched to in one
@@ -317,6 +395,7 @@ fn external_create(
     s: &mut Snapshot,
     agent: Option<Agent>,
     background: bool,
+    cancel: &Cancel,
 ) -> Result<()> {
     let st = stamp();
     let mut overlays = Vec::new();
@@ -345,6 +424,23 @@ fn external_create(
     let undo = |vm: &mut OpenVm, e: Error| -> Error {
         remove_files(&new_files);
         vm.rec.intent = None;
+        let e = if cancel.is_cancelled() {
+            let memory = match (qmp.is_some(), &memory_file) {
+                (true, Some(_)) => "QEMU's copy of the memory was cancelled (migrate_cancel); ",
+                _ => "",
+            };
+            Error::Cancelled(format!(
+                "{memory}the {} new overlay(s){} removed; the VM runs on its disks as before",
+                overlays.len(),
+                if memory_file.is_some() {
+                    " and the memory file"
+                } else {
+                    ""
+                }
+            ))
+        } else {
+            e
+        };
         match vm.save() {
             Ok(()) => e,
             Err(e2) => Error::State(format!("{e}; recording the rollback failed too: {e2}")),
@@ -356,10 +452,21 @@ fn external_create(
         }
     }
     step(vm, "create-overlays");
-    if let Some(q) = qmp {
-        let memory = memory_file.as_ref().map(|m| (m, background));
-        if let Err(e) = switch_live(vm, q, s, &overlays, memory, agent, &st) {
-            return Err(undo(vm, e));
+    match qmp {
+        Some(q) => {
+            let targets = Targets {
+                overlays: &overlays,
+                memory: memory_file.as_ref().map(|m| (m, background)),
+                stamp: &st,
+            };
+            if let Err(e) = switch_live(vm, q, s, &targets, agent, cancel) {
+                return Err(undo(vm, e));
+            }
+        }
+        None => {
+            if cancel.point_of_no_return().is_err() {
+                return Err(undo(vm, cancelled_early()));
+            }
         }
     }
     s.memory_file = memory_file;
@@ -373,17 +480,27 @@ fn external_create(
     Ok(())
 }
 
+/// What an external snapshot switches a running VM to.
+struct Targets<'a> {
+    /// The new overlays, one per disk.
+    overlays: &'a [PathBuf],
+    /// With memory: its file, and whether it is saved in the background.
+    memory: Option<(&'a PathBuf, bool)>,
+    /// The stamp of the new files, also in the names of their QEMU nodes.
+    stamp: &'a str,
+}
+
 /// The live part of an external snapshot. On error nothing has been switched:
 /// added nodes are removed again and the guest runs as before.
 fn switch_live(
     vm: &OpenVm,
     qmp: &Qmp,
     s: &mut Snapshot,
-    overlays: &[PathBuf],
-    memory: Option<(&PathBuf, bool)>,
+    targets: &Targets,
     agent: Option<Agent>,
-    st: &str,
+    cancel: &Cancel,
 ) -> Result<()> {
+    let (overlays, memory, st) = (targets.overlays, targets.memory, targets.stamp);
     let tops = qemu::top_nodes(qmp, vm.rec.def.disks.len())?;
     let mut added = Vec::new();
     let mut switched = false;
@@ -411,8 +528,11 @@ fn switch_live(
             }
             None => None,
         };
+        // The disks switch past the point of no return: undoing the switch
+        // would mean merging the guest's new writes back.
         match memory {
             None => {
+                cancel.point_of_no_return()?;
                 let t0 = Instant::now();
                 qmp.execute(&Transaction { actions })?;
                 s.pause_ms = Some(t0.elapsed().as_millis() as u64);
@@ -420,7 +540,8 @@ fn switch_live(
             Some((mem, background)) => {
                 // Memory and disks of one instant (see `memory`).
                 let running = s.vm_state == "running";
-                let taken = memory::snapshot(qmp, mem, running, background, || {
+                let taken = memory::snapshot(qmp, mem, running, background, cancel, || {
+                    cancel.point_of_no_return()?;
                     qmp.execute(&Transaction { actions })?;
                     switched = true;
                     Ok(())
@@ -519,7 +640,21 @@ impl Manager {
     /// Revert VM `name` to snapshot `snap`. A running VM that must be restarted
     /// for it (a disk-only snapshot) is refused unless `force`.
     pub fn snapshot_revert(&self, name: &str, snap: &str, force: bool) -> Result<()> {
+        self.snapshot_revert_cancellable(name, snap, force, &Cancel::new())
+    }
+
+    /// [`Manager::snapshot_revert`], which `cancel` stops only before it
+    /// starts: once the VM's lock is taken the revert is past its point of no
+    /// return (it replaces the running state) and a cancel is answered too late.
+    pub fn snapshot_revert_cancellable(
+        &self,
+        name: &str,
+        snap: &str,
+        force: bool,
+        cancel: &Cancel,
+    ) -> Result<()> {
         let mut vm = self.open(name)?;
+        cancel.point_of_no_return().map_err(|_| cancelled_early())?;
         crate::restore::not_restoring(&vm, "reverting to a snapshot")?;
         let s = vm.rec.snapshot(snap)?.clone();
         if vm.rec.saved.is_some() {
@@ -650,7 +785,21 @@ fn discard_unused(vm: &OpenVm, files: &[Disk]) {
 impl Manager {
     /// Delete snapshot `snap` of VM `name` (see [`DeleteOptions`]).
     pub fn snapshot_delete(&self, name: &str, snap: &str, opts: DeleteOptions) -> Result<()> {
+        self.snapshot_delete_cancellable(name, snap, opts, &Cancel::new())
+    }
+
+    /// [`Manager::snapshot_delete`], which `cancel` stops only before it
+    /// starts: a merge half done would change what the snapshot holds, so once
+    /// the VM's lock is taken a cancel is answered too late.
+    pub fn snapshot_delete_cancellable(
+        &self,
+        name: &str,
+        snap: &str,
+        opts: DeleteOptions,
+        cancel: &Cancel,
+    ) -> Result<()> {
         let mut vm = self.open(name)?;
+        cancel.point_of_no_return().map_err(|_| cancelled_early())?;
         crate::restore::not_restoring(&vm, "deleting a snapshot")?;
         vm.rec.snapshot(snap)?;
         let mut order = Vec::new();

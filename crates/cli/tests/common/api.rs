@@ -124,6 +124,25 @@ impl Server {
         r.json()
     }
 
+    /// Send signal `sig` to the server and wait up to `limit` for it to exit
+    /// (a server still running then fails the test); its exit status.
+    pub fn stop_with(&mut self, sig: libc::c_int, limit: Duration) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the child this helper started and has not reaped.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(sent, 0);
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "strata serve still runs {limit:?} after signal {sig}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kill the server at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
