@@ -439,3 +439,306 @@ fn info_names_an_image_opened_with_a_secret_by_its_json_options_as_qemu_img_does
     }
     assert_all_same();
 }
+
+/// Three secrets for the key-slot cases: `s0` opens the images as created.
+const KEYS: [&str; 3] = [SECRET, SECRET1, "secret,id=s2,data=th1rd"];
+
+/// `--object` arguments defining [`KEYS`].
+fn key_objects() -> Vec<&'static str> {
+    KEYS.iter().flat_map(|k| ["--object", *k]).collect()
+}
+
+/// What each secret opens of `copy` by `tool`, its guest data compared with
+/// `e.qcow2`'s (one line per secret; the copy's name replaced), and which slots
+/// its header says are active.
+fn key_view(d: &Path, tool: &str, copy: &str) -> String {
+    let mut out = String::new();
+    for id in ["s0", "s1", "s2"] {
+        let n = format!("driver=qcow2,file.filename={copy},encrypt.key-secret={id}");
+        let e = named("e.qcow2");
+        let mut a = vec!["compare"];
+        a.extend(key_objects());
+        a.extend(["--image-opts", &n, &e]);
+        let (code, o, e) = common::outcome(d, tool, &a);
+        out += &format!("{id}: {code:?} {o}{e}").replace(copy, "IMG");
+    }
+    let (_, info, _) = common::outcome(d, "qemu-img", &["info", "--output=json", copy]);
+    out + &info
+        .lines()
+        .filter(|l| l.contains("\"active\""))
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+#[test]
+fn key_slots_are_added_and_erased_as_qemu_img_does_and_both_tools_open_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    let objs = key_objects();
+    let amend = |img: &str, extra: &[&str]| {
+        let n = named(img);
+        let mut a = vec!["amend", "-q"];
+        a.extend(objs.iter().copied());
+        a.extend(extra);
+        a.extend(["--image-opts", &n]);
+        sh(d, "qemu-img", &a);
+    };
+    // `two.qcow2`: s0 in slot 0, s1 in slot 3; `full.qcow2`: all eight slots
+    // (s0 in 0, s1 in 1..6, s2 in 7).
+    std::fs::copy(d.join("e.qcow2"), d.join("two.qcow2")).unwrap();
+    let add = "encrypt.state=active,encrypt.iter-time=10,encrypt.new-secret=";
+    amend("two.qcow2", &["-o", &format!("{add}s1,encrypt.keyslot=3")]);
+    std::fs::copy(d.join("e.qcow2"), d.join("full.qcow2")).unwrap();
+    for s in ["s1", "s1", "s1", "s1", "s1", "s1", "s2"] {
+        amend("full.qcow2", &["-o", &format!("{add}{s}")]);
+    }
+    let cases: &[(&str, &[&str])] = &[
+        // Adding a key.
+        ("e.qcow2", &["-o", &format!("{add}s1")]),
+        ("e.qcow2", &["-o", &format!("{add}s1,encrypt.keyslot=6")]),
+        ("e.qcow2", &["-o", &format!("{add}s1,encrypt.keyslot=0x7")]),
+        (
+            "e.qcow2",
+            &["-o", &format!("{add}s1,encrypt.keyslot=4294967301")],
+        ),
+        ("e.qcow2", &["-o", &format!("{add}s1,encrypt.keyslot=0")]),
+        (
+            "e.qcow2",
+            &["--force", "-o", &format!("{add}s1,encrypt.keyslot=0")],
+        ),
+        ("e.qcow2", &["-o", &format!("{add}s1,encrypt.keyslot=8")]),
+        ("e.qcow2", &["-o", &format!("{add}s1,encrypt.keyslot=-1")]),
+        ("e.qcow2", &["-o", &format!("{add}s1,encrypt.keyslot=abc")]),
+        (
+            "e.qcow2",
+            &[
+                "-o",
+                &format!("{add}s1,encrypt.keyslot=18446744073709551615"),
+            ],
+        ),
+        (
+            "e.qcow2",
+            &[
+                "-o",
+                &format!("{add}s1,encrypt.keyslot=18446744073709551616"),
+            ],
+        ),
+        ("e.qcow2", &["-o", &format!("{add}s9")]),
+        (
+            "e.qcow2",
+            &["-o", &format!("{add}s1,encrypt.old-secret=s0")],
+        ),
+        (
+            "e.qcow2",
+            &["-o", "encrypt.state=active,encrypt.iter-time=10"],
+        ),
+        (
+            "e.qcow2",
+            &[
+                "-o",
+                "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=1k",
+            ],
+        ),
+        (
+            "e.qcow2",
+            &[
+                "-o",
+                &format!("{add}s1,encrypt.iter-time=99999999999999999999"),
+            ],
+        ),
+        ("e.qcow2", &["-o", "encrypt.state=on,encrypt.new-secret=s1"]),
+        (
+            "e.qcow2",
+            &["-o", "encrypt.keyslot=1,encrypt.new-secret=s1"],
+        ),
+        ("e.qcow2", &["-o", "encrypt.state=active,encrypt.secret=s0"]),
+        (
+            "e.qcow2",
+            &["-p", "-o", &format!("{add}s2,lazy_refcounts=on")],
+        ),
+        ("full.qcow2", &["-o", &format!("{add}s0")]),
+        // Erasing keys.
+        (
+            "two.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.old-secret=s1"],
+        ),
+        (
+            "two.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.old-secret=s0"],
+        ),
+        (
+            "two.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.keyslot=3"],
+        ),
+        (
+            "two.qcow2",
+            &[
+                "-o",
+                "encrypt.state=inactive,encrypt.keyslot=3,encrypt.old-secret=s0",
+            ],
+        ),
+        (
+            "two.qcow2",
+            &[
+                "-o",
+                "encrypt.state=inactive,encrypt.keyslot=3,encrypt.old-secret=s1",
+            ],
+        ),
+        (
+            "two.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.keyslot=5"],
+        ),
+        (
+            "two.qcow2",
+            &["--force", "-o", "encrypt.state=inactive,encrypt.keyslot=5"],
+        ),
+        (
+            "two.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.keyslot=-1"],
+        ),
+        (
+            "two.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.keyslot=8"],
+        ),
+        ("two.qcow2", &["-o", "encrypt.state=inactive"]),
+        (
+            "two.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.new-secret=s1"],
+        ),
+        (
+            "two.qcow2",
+            &[
+                "-o",
+                "encrypt.state=inactive,encrypt.keyslot=3,encrypt.iter-time=10",
+            ],
+        ),
+        (
+            "two.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.old-secret=s9"],
+        ),
+        (
+            "two.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.old-secret=s2"],
+        ),
+        (
+            "full.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.old-secret=s1"],
+        ),
+        // The last key: only with --force.
+        (
+            "e.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.keyslot=0"],
+        ),
+        (
+            "e.qcow2",
+            &["-o", "encrypt.state=inactive,encrypt.old-secret=s0"],
+        ),
+        (
+            "e.qcow2",
+            &[
+                "--force",
+                "-o",
+                "encrypt.state=inactive,encrypt.old-secret=s0",
+            ],
+        ),
+        (
+            "e.qcow2",
+            &["--force", "-o", "encrypt.state=inactive,encrypt.keyslot=0"],
+        ),
+    ];
+    for (n, (img, extra)) in cases.iter().enumerate() {
+        let what = format!("amend {} {img}", extra.join(" "));
+        let (ours, theirs) = common::same_on_named_copies(d, n, img, &what, &|f| {
+            let mut a: Vec<String> = vec!["amend".into()];
+            a.extend(objs.iter().map(|s| s.to_string()));
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a.extend(["--image-opts".into(), named(f)]);
+            a
+        });
+        // Each tool opens each tool's result with the same secrets, to the same data.
+        let theirs_view = key_view(d, "qemu-img", &theirs);
+        for (tool, copy) in [("qemu-img", &ours), ("strata", &ours), ("strata", &theirs)] {
+            let view = key_view(d, tool, copy);
+            if view != theirs_view {
+                common::differs(format!(
+                    "{what}: {tool} on {copy}:\n{view}\n--- qemu-img on qemu-img's copy:\n{theirs_view}"
+                ));
+            }
+        }
+    }
+    // Without the image's own secret, and with a wrong one.
+    let wrong_objs = ["--object", WRONG, "--object", SECRET1];
+    let o = format!("{add}s1");
+    same(
+        d,
+        &[
+            "amend", "--object", SECRET, "--object", SECRET1, "-o", &o, "-f", "qcow2", "e.qcow2",
+        ],
+    );
+    let e = named("e.qcow2");
+    same(
+        d,
+        &[&["amend"], &wrong_objs[..], &["-o", &o, "--image-opts", &e]].concat(),
+    );
+    same(
+        d,
+        &["amend", "--object", SECRET, "-o", &o, "--image-opts", &e],
+    );
+    assert_all_same();
+}
+
+#[test]
+fn commit_through_an_encrypted_chain_works_and_is_refused_as_qemu_img_does() {
+    let objs = ["--object", SECRET, "--object", SECRET1];
+    let top = "driver=qcow2,file.filename=o.qcow2,encrypt.key-secret=s1";
+    let names = [
+        top.to_string(),
+        format!("{top},backing.encrypt.key-secret=s1"),
+        format!("{top},backing.encrypt.key-secret=s9"),
+        format!("{top},backing.encrypt.key-secret=s0"),
+    ];
+    let mut seen: Vec<Vec<(Option<i32>, String, String)>> = Vec::new();
+    for tool in ["strata", "qemu-img"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        encrypted_chain(d);
+        // No other overlay of the base (strata would warn that it changes).
+        std::fs::remove_file(d.join("p.qcow2")).unwrap();
+        // The overlay's guest view before the commit, decrypted.
+        let chain = &names[3];
+        ok(
+            d,
+            "qemu-img",
+            &[
+                &["convert"],
+                &objs[..],
+                &["-O", "raw", "--image-opts", chain, "before.raw"],
+            ]
+            .concat(),
+        );
+        let mut outs = Vec::new();
+        for n in &names {
+            let a = [&["commit"], &objs[..], &["--image-opts", n]].concat();
+            outs.push(common::outcome(d, tool, &a));
+        }
+        // The base now holds the overlay's view, encrypted with its own key.
+        reads_as_raw(d, &named("e.qcow2"), "before.raw");
+        let check = ok(
+            d,
+            "qemu-img",
+            &[
+                "check",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &named("e.qcow2"),
+            ],
+        );
+        assert!(check.contains("No errors were found"), "{tool}: {check}");
+        seen.push(outs);
+    }
+    for (n, (ours, theirs)) in names.iter().zip(seen[0].iter().zip(&seen[1])) {
+        assert_eq!(ours, theirs, "commit {n}");
+    }
+}

@@ -297,3 +297,205 @@ fn a_bitmap_store_cut_at_any_write_leaves_the_old_bitmaps_or_the_new_ones() {
     );
     assert!(cuts > 10, "only {cuts} cut points");
 }
+
+/// The passwords of the key-slot sweep, by secret id.
+const PASSWORDS: [(&str, &[u8]); 3] = [("s0", b"zero"), ("s1", b"one"), ("s2", b"two")];
+
+fn luks_open(storage: Arc<dyn Storage>, pw: &[u8]) -> strata_format::Result<Qcow2Image> {
+    Qcow2Image::open(
+        storage,
+        Qcow2OpenOptions {
+            unlock: strata_format::qcow2::Unlock::Secret(pw.into()),
+            ..Default::default()
+        },
+    )
+}
+
+/// The ids of the passwords that open `bytes`; `None` when a slot the header
+/// calls active opens with none of them (a key that looks present but is
+/// gone), or the image does not open at all.
+fn key_set(bytes: &[u8]) -> Option<Vec<&'static str>> {
+    use strata_format::crypto::luks::NUM_KEY_SLOTS;
+    use strata_format::qcow2::EncryptionInfo;
+    let img = Qcow2Image::open(
+        Arc::new(MemStorage::from_vec(bytes.to_vec())),
+        Qcow2OpenOptions {
+            read_only: true,
+            metadata_only: true,
+            ..Default::default()
+        },
+    )
+    .ok()?;
+    let Some(EncryptionInfo::Luks(h)) = img.encryption() else {
+        return None;
+    };
+    let area = img.header().crypto?.offset;
+    let mut read = |off: u64, buf: &mut [u8]| {
+        let at = (area + off) as usize;
+        buf.copy_from_slice(&bytes[at..at + buf.len()]);
+        Ok(())
+    };
+    let mut set = Vec::new();
+    for i in 0..NUM_KEY_SLOTS {
+        let mut opens = false;
+        for (id, pw) in PASSWORDS {
+            if h.load_key(i, pw, &mut read).ok()?.is_some() {
+                opens = true;
+                if !set.contains(&id) {
+                    set.push(id);
+                }
+                // One slot holds one password.
+                break;
+            }
+        }
+        if h.slots[i].active && !opens {
+            return None;
+        }
+    }
+    set.sort();
+    Some(set)
+}
+
+/// The guest data of the LUKS image `bytes`, read by strata with `pw`.
+fn luks_data(bytes: &[u8], pw: &[u8]) -> Option<Vec<u8>> {
+    let img = luks_open(Arc::new(MemStorage::from_vec(bytes.to_vec())), pw).ok()?;
+    let mut buf = vec![0u8; img.virtual_size() as usize];
+    img.read(&mut buf, 0).ok()?;
+    Some(buf)
+}
+
+#[test]
+fn a_key_slot_change_cut_at_any_write_leaves_the_old_keys_or_the_new_ones() {
+    use strata_format::crypto::keyslots::{KeySlotRequest, SlotState};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // s0 in slot 0, s1 in slots 1 and 7 (descriptors in both header sectors).
+    must(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=s0,data=zero",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            "k.qcow2",
+            "1M",
+        ],
+    );
+    let objs = [
+        "--object",
+        "secret,id=s0,data=zero",
+        "--object",
+        "secret,id=s1,data=one",
+    ];
+    let name = "driver=qcow2,file.filename=k.qcow2,encrypt.key-secret=s0";
+    must(
+        d,
+        "qemu-io",
+        &[&objs[..], &["--image-opts", name, "-c", "write -P 5 0 1M"]].concat(),
+    );
+    for slot in ["1", "7"] {
+        let o = format!("encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10,encrypt.keyslot={slot}");
+        must(
+            d,
+            "qemu-img",
+            &[&["amend"], &objs[..], &["-o", &o, "--image-opts", name]].concat(),
+        );
+    }
+    let base = std::fs::read(d.join("k.qcow2")).unwrap();
+    let data = luks_data(&base, b"zero").expect("the image opens");
+    assert_eq!(key_set(&base), Some(vec!["s0", "s1"]));
+    let req = |state, new: Option<&str>, old: Option<&str>, keyslot| KeySlotRequest {
+        state,
+        new_secret: new.map(str::to_string),
+        old_secret: old.map(str::to_string),
+        keyslot,
+        iter_time: (state == SlotState::Active).then_some(1),
+    };
+    let cases = [
+        (
+            req(SlotState::Active, Some("s2"), None, None),
+            vec!["s0", "s1", "s2"],
+        ),
+        (
+            req(SlotState::Active, Some("s2"), None, Some(6)),
+            vec!["s0", "s1", "s2"],
+        ),
+        (req(SlotState::Inactive, None, Some("s1"), None), vec!["s0"]),
+        (req(SlotState::Inactive, None, None, Some(0)), vec!["s1"]),
+    ];
+    let secret = |id: &str| {
+        PASSWORDS
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, p)| p.to_vec())
+            .ok_or_else(|| {
+                strata_format::Error::invalid_argument(format!("No secret with id '{id}'"))
+            })
+    };
+    let run = |s: Arc<dyn Storage>, r: &KeySlotRequest| {
+        if let Ok(mut img) = luks_open(s, b"zero") {
+            let _ = img.change_key_slots(r, b"zero", &secret, false);
+        }
+    };
+    let (mut cuts, mut images, mut failures) = (0, 0, Vec::new());
+    for (r, new_set) in &cases {
+        let uncut = Arc::new(CrashStorage::new(base.clone(), CrashClock::new(None)));
+        run(uncut.clone(), r);
+        let total = uncut.clock().ops();
+        let done = uncut.after_crash(strata_storage::CrashPick::None);
+        assert_eq!(key_set(&done).as_ref(), Some(new_set), "{r:?} uncut");
+        let mut seen = std::collections::HashSet::new();
+        for k in 0..total {
+            let store = Arc::new(CrashStorage::new(base.clone(), CrashClock::new(Some(k))));
+            run(store.clone(), r);
+            cuts += 1;
+            for pick in picks_for(&[&store], 2, 2) {
+                let bytes = store.after_crash(pick);
+                if !seen.insert(bytes.clone()) {
+                    continue;
+                }
+                images += 1;
+                let what = format!("{r:?} crash at {k}/{total} ({pick:?})");
+                let set = key_set(&bytes);
+                let old_set = vec!["s0", "s1"];
+                if set.as_ref() != Some(&old_set) && set.as_ref() != Some(new_set) {
+                    failures.push(format!("{what}: keys neither old nor new: {set:?}"));
+                    continue;
+                }
+                let pw = if set.as_ref().unwrap().contains(&"s0") {
+                    "zero"
+                } else {
+                    "one"
+                };
+                if luks_data(&bytes, pw.as_bytes()).as_ref() != Some(&data) {
+                    failures.push(format!("{what}: the guest data changed"));
+                }
+                // QEMU opens it with a key of the set and finds it consistent.
+                std::fs::write(d.join("cut.qcow2"), &bytes).unwrap();
+                let id = if pw == "zero" { "s0" } else { "s1" };
+                let n = format!("driver=qcow2,file.filename=cut.qcow2,encrypt.key-secret={id}");
+                let (code, text) = tool(
+                    d,
+                    "qemu-img",
+                    &[&["check"], &objs[..], &["--image-opts", &n]].concat(),
+                );
+                if code != 0 && code != 3 {
+                    failures.push(format!("{what}: check {code}\n{text}"));
+                }
+            }
+        }
+    }
+    eprintln!("key slot crash sweep: {cuts} cut points, {images} distinct images checked");
+    assert!(
+        failures.is_empty(),
+        "{} bad images; the first ones:\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n")
+    );
+    assert!(cuts >= 16, "only {cuts} cut points");
+}

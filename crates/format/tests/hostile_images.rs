@@ -1522,6 +1522,16 @@ fn luks_corpus() -> Vec<Case> {
                 put64(b, e + 16, u64::MAX)
             },
         ),
+        // QEMU reads the key material only once a secret is given: `info` passes.
+        luks_case(
+            "LUKS key material of the only slot damaged",
+            K::Key,
+            false,
+            |b, _, a| {
+                let m = a + 512 * be32(b, slot(a, 0) + 40) as usize;
+                b[m..m + 100].iter_mut().for_each(|x| *x ^= 0xff)
+            },
+        ),
         luks_case("wrong password", K::Key, false, |b, _, a| {
             // The master key digest no longer matches any slot's key.
             b[a + 112] ^= 1
@@ -1577,4 +1587,84 @@ fn every_hostile_luks_image_is_refused_with_a_clear_error_as_qemu_refuses_it() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A key-slot change on a LUKS image: opened with the image's password, with
+/// `other` as secret `s1`.
+fn change_slots(
+    bytes: Vec<u8>,
+    req: &strata_format::crypto::keyslots::KeySlotRequest,
+) -> (
+    Result<(), strata_format::qcow2::key_slots::KeySlotError>,
+    Vec<u8>,
+) {
+    use strata_format::qcow2::Unlock;
+    let s = Arc::new(MemStorage::from_vec(bytes));
+    let mut img = Qcow2Image::open(
+        s.clone(),
+        Qcow2OpenOptions {
+            unlock: Unlock::Secret(LUKS_PASSWORD.as_bytes().into()),
+            ..Default::default()
+        },
+    )
+    .expect("the image opens");
+    let secret = |id: &str| match id {
+        "s1" => Ok(b"other".to_vec()),
+        _ => Err(strata_format::Error::invalid_argument(format!(
+            "No secret with id '{id}'"
+        ))),
+    };
+    let r = img.change_key_slots(req, LUKS_PASSWORD.as_bytes(), &secret, false);
+    drop(img);
+    (r, s.snapshot())
+}
+
+#[test]
+fn a_key_slot_change_on_a_damaged_luks_area_is_refused_clearly_and_writes_nothing() {
+    use strata_format::crypto::keyslots::{KeySlotRequest, SlotState};
+    let (b, ext) = luks_base();
+    let area = be64(&b, ext + 8) as usize;
+    let slot = |i: usize| area + 208 + 48 * i;
+    let add = |keyslot| KeySlotRequest {
+        state: SlotState::Active,
+        new_secret: Some("s1".into()),
+        old_secret: None,
+        keyslot: Some(keyslot),
+        iter_time: Some(1),
+    };
+    // The header extension says the area ends inside slot 7's key material:
+    // nothing is written past it (QEMU's refusal).
+    let mut short = b.clone();
+    let len = 512 * be32(&b, slot(7) + 40) as u64 + 1000;
+    put64(&mut short, ext + 16, len);
+    let (r, after) = change_slots(short.clone(), &add(7));
+    match r {
+        Err(e) => assert_eq!(
+            e.error().message(),
+            "Request for data outside of extension header"
+        ),
+        Ok(()) => panic!("a key was written past the end of the LUKS area"),
+    }
+    assert_eq!(after, short, "the image changed");
+    // A second key whose material is then damaged opens nothing: erasing the
+    // keys of its password finds none, and says so.
+    let (r, with_two) = change_slots(b.clone(), &add(3));
+    r.expect("the key is added");
+    let mut damaged = with_two.clone();
+    let m = area + 512 * be32(&damaged, slot(3) + 40) as usize;
+    damaged[m..m + 64].iter_mut().for_each(|x| *x ^= 0x5a);
+    let erase = KeySlotRequest {
+        state: SlotState::Inactive,
+        new_secret: None,
+        old_secret: Some("s1".into()),
+        keyslot: None,
+        iter_time: None,
+    };
+    let (r, after) = change_slots(damaged.clone(), &erase);
+    let e = r.expect_err("no slot opens with the damaged key");
+    assert_eq!(
+        e.error().message(),
+        "No keyslots match given (old) password for erase operation"
+    );
+    assert_eq!(after[area..], damaged[area..], "the LUKS area changed");
 }

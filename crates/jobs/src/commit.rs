@@ -60,8 +60,10 @@ impl CommitRequest {
 #[derive(Debug, Clone)]
 pub struct ResolvedCommit {
     req: CommitRequest,
-    /// The image's bytes when not its file (an NBD export).
-    storage: Option<strata_chain::TopStorage>,
+    /// How the chain opens: the image's bytes when not its file (an NBD
+    /// export), the driver options and secrets of its layers (an encrypted
+    /// chain's `encrypt.key-secret` and `backing.encrypt.key-secret`).
+    spec: OpenSpec,
     /// Index of the highest merged layer (0: the image).
     pub top: usize,
     /// Index of the layer written into.
@@ -98,8 +100,16 @@ pub fn resolve_on(
     req: &CommitRequest,
     storage: Option<strata_chain::TopStorage>,
 ) -> Result<ResolvedCommit> {
-    let mut spec = OpenSpec::new(&req.image).format(req.format);
-    spec.storage = storage.clone();
+    let mut spec = OpenSpec::new(&req.image);
+    spec.storage = storage;
+    resolve_spec(req, spec)
+}
+
+/// [`resolve`] for a chain that opens as `spec` says (its storage, its
+/// layers' driver options and secrets); `req` names the image and format.
+pub fn resolve_spec(req: &CommitRequest, mut spec: OpenSpec) -> Result<ResolvedCommit> {
+    spec.path = req.image.clone();
+    spec.format = req.format;
     let probe = strata_chain::open(&spec)?;
     let n = probe.layers.len();
     if n < 2 {
@@ -127,7 +137,7 @@ pub fn resolve_on(
     }
     Ok(ResolvedCommit {
         req: req.clone(),
-        storage,
+        spec,
         top,
         base,
         base_path: probe.layers[base].path.clone(),
@@ -140,14 +150,14 @@ pub fn resolve_on(
 /// or relink, and close the written images. See the module for the order of work.
 pub fn commit(c: &ResolvedCommit, progress: &dyn Progress, cancel: &Cancel) -> Result<()> {
     let (top, base) = (c.top, c.base);
-    let mut spec = OpenSpec::new(&c.req.image)
-        .format(c.req.format)
+    let mut spec = c
+        .spec
+        .clone()
         .write(c.empties_top() || (c.relinks() && top == 1))
         .write_layer(base);
     if c.relinks() && top > 1 {
         spec = spec.write_layer(top - 1);
     }
-    spec.storage = c.storage.clone();
     let chain = strata_chain::open(&spec)?;
     let layers = chain.devices();
     let plan = plan(&layers, top, base, cancel)?;

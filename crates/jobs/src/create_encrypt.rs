@@ -131,3 +131,18 @@ pub(crate) fn luks_options(
         password: password.as_slice().into(),
     }))
 }
+
+/// Bytes of the LUKS area the `-o` map asks for, as `measure` counts it: 0 for
+/// a clear image and for the legacy AES format (whose key lives outside the
+/// file). The options are checked as a create checks them, secret included.
+pub fn measured_luks_area(
+    opts: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, Vec<u8>>,
+) -> Result<u64, String> {
+    match luks_options(opts, secrets) {
+        Ok(Some(e)) => Ok(strata_format::crypto::luks::area_len_for(&e.options)),
+        Ok(None) => Ok(0),
+        Err(m) if m == AES_WRITE_REFUSED => Ok(0),
+        Err(m) => Err(m),
+    }
+}

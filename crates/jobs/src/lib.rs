@@ -6,7 +6,7 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
-mod create_encrypt;
+pub mod create_encrypt;
 pub mod flatten;
 pub mod info;
 pub mod info_encrypt;

@@ -25,6 +25,9 @@ pub struct Target {
     pub preallocation: Preallocation,
     /// The new image will have a backing file (so every cluster may be needed).
     pub has_backing_file: bool,
+    /// Bytes of the new image's LUKS area (0: not LUKS-encrypted), taken in
+    /// whole clusters on top of the rest, as QEMU counts it.
+    pub luks_area: u64,
 }
 
 impl Default for Target {
@@ -37,6 +40,7 @@ impl Default for Target {
             version: 3,
             preallocation: Preallocation::Off,
             has_backing_file: false,
+            luks_area: 0,
         }
     }
 }
@@ -128,6 +132,7 @@ fn measure_qcow2(source: Source<'_>, t: &Target, cancel: &Cancel) -> Result<Meas
         t.refcount_bits.trailing_zeros(),
         t.extended_l2,
     )
+    .and_then(|f| f.checked_add(round_up(t.luks_area, cs)?))
     .ok_or_else(too_big)?;
     Ok(Measurement {
         required: fully_allocated - virtual_size + required,

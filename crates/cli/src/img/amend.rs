@@ -30,7 +30,8 @@ pub struct Args {
     /// Cache mode (accepted for compatibility; strata flushes at every ordering point).
     #[arg(short = 't', value_name = "CACHE")]
     cache: Option<String>,
-    /// Allow changes qemu-img guards with --force (encryption key slots; none here).
+    /// Allow the key-slot changes qemu-img guards with --force: overwriting an
+    /// active slot, erasing an inactive one or the last one.
     #[arg(long = "force")]
     force: bool,
     /// The image.
@@ -61,6 +62,31 @@ const AMEND_OPTIONS: &[(&str, &str, &str)] = &[
         "off: the data file need no longer be a raw image of the disk",
     ),
     (
+        "encrypt.iter-time",
+        "num",
+        "Milliseconds of PBKDF2 work to unlock the added key slot",
+    ),
+    (
+        "encrypt.keyslot",
+        "num",
+        "The key slot (0-7) to add or erase",
+    ),
+    (
+        "encrypt.new-secret",
+        "str",
+        "Id of the secret the added key slot opens with",
+    ),
+    (
+        "encrypt.old-secret",
+        "str",
+        "Erase every key slot this secret opens",
+    ),
+    (
+        "encrypt.state",
+        "str",
+        "active: add a key slot; inactive: erase key slots",
+    ),
+    (
         "lazy_refcounts",
         "bool (on/off)",
         "Defer refcount updates to a repair after a crash (v3 only)",
@@ -81,15 +107,6 @@ const CREATION_ONLY: &[&str] = &[
     "compression_type",
     "encryption",
     "nocow",
-];
-
-/// The LUKS key-slot options QEMU's amend takes (a slot's state, its secrets).
-const ENCRYPT_AMEND: &[&str] = &[
-    "encrypt.state",
-    "encrypt.keyslot",
-    "encrypt.old-secret",
-    "encrypt.new-secret",
-    "encrypt.iter-time",
 ];
 
 fn options_help() -> String {
@@ -116,9 +133,7 @@ struct Request {
 /// Check every key (the first unknown one is named), then every value.
 fn parse_request(items: &[(String, String)]) -> Result<Request> {
     for (k, _) in items {
-        if !AMEND_OPTIONS.iter().any(|(name, _, _)| name == k)
-            && !ENCRYPT_AMEND.contains(&k.as_str())
-        {
+        if !AMEND_OPTIONS.iter().any(|(name, _, _)| name == k) {
             // create's encrypt.* keys, but for the one key-slot option they share.
             let create_encrypt = strata_jobs::create::ENCRYPT_KEYS.contains(&k.as_str());
             if CREATION_ONLY.contains(&k.as_str()) || create_encrypt {
@@ -155,7 +170,7 @@ fn parse_request(items: &[(String, String)]) -> Result<Request> {
                 r.data_file_raw =
                     Some(strata_jobs::create::parse_bool(k, v).map_err(|e| anyhow!(e))?)
             }
-            k if ENCRYPT_AMEND.contains(&k) => r
+            k if k.starts_with("encrypt.") => r
                 .encrypt
                 .push((k.trim_start_matches("encrypt.").to_string(), v.clone())),
             _ => {}
@@ -191,7 +206,7 @@ impl StepProgress {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
-    let _ = (&args.cache, args.force);
+    let _ = &args.cache;
     super::common::check_option_lists(&args.options)?;
     if args.options.is_empty() {
         eprintln!(
@@ -225,30 +240,66 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         return print_help(Some("qcow2"));
     }
     let req = parse_request(&items)?;
-    let img = open_qcow2(&spec, true)?;
-    if !req.encrypt.is_empty() {
-        // qemu-img's refusals; strata does not add or erase LUKS key slots.
+    let mut img = open_qcow2(&spec, true)?;
+    super::amend_keys::check_numbers(&req.encrypt)?;
+    let keys = if req.encrypt.is_empty() {
+        None
+    } else {
         if img.encryption().is_none() {
             bail!("Can't amend encryption options - encryption not present");
         }
-        if !req.encrypt.iter().any(|(k, _)| k == "state") {
-            bail!("Parameter 'state' is missing");
-        }
-        bail!("Adding or erasing LUKS key slots is not supported by strata");
-    }
+        Some(super::amend_keys::request(&req.encrypt)?)
+    };
     let h = img.header();
     let steps = req.amend.steps(h.version, h.refcount_order).len() as u64;
     bar.set(0.0);
-    let result = amend(img, &req, steps, &bar);
+    // As qemu-img: the key slots change before the format's other options.
+    let result = match &keys {
+        Some(k) => change_key_slots(&mut img, &spec, k, args.force),
+        None => Ok(()),
+    }
+    .and_then(|()| amend(img, &req, steps, &bar).map_err(|e| format!("{e}\n")));
     bar.set(100.0);
     bar.end();
     match result {
         Ok(()) => Ok(0),
         Err(e) => {
-            eprintln!("{}: {e}", ctx.prog);
+            eprint!("{}: {e}", ctx.prog);
             Ok(1)
         }
     }
+}
+
+/// Add or erase key slots as `req` asks, with the secret the image opened
+/// with. The error is the text qemu-img prints after its name: a refusal ends
+/// with a newline, a failed write with QEMU's hint, which does not.
+fn change_key_slots(
+    img: &mut Qcow2Image,
+    spec: &strata_chain::OpenSpec,
+    req: &strata_format::crypto::keyslots::KeySlotRequest,
+    force: bool,
+) -> Result<(), String> {
+    use strata_format::qcow2::key_slots::KeySlotError;
+    let unlock = match spec.unlock() {
+        Ok(strata_format::qcow2::Unlock::Secret(s)) => s,
+        Ok(strata_format::qcow2::Unlock::None) => {
+            return Err(format!(
+                "{}\n",
+                strata_format::crypto::key_required().message()
+            ))
+        }
+        Err(e) => return Err(format!("{e}\n")),
+    };
+    let secret = |id: &str| {
+        spec.secrets.get(id).cloned().ok_or_else(|| {
+            strata_format::Error::invalid_argument(format!("No secret with id '{id}'"))
+        })
+    };
+    img.change_key_slots(req, &unlock, &secret, force)
+        .map_err(|e| match e {
+            KeySlotError::Refused(e) => format!("{}\n", e.message()),
+            KeySlotError::Failed { message, .. } => message,
+        })
 }
 
 fn print_help(format: Option<&str>) -> Result<i32> {

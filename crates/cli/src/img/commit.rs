@@ -55,8 +55,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;
-    super::imgname::refuse_reopened_options(&spec)?;
+    super::imgname::refuse_options_but_secrets(&spec)?;
     warn_probed_raw(&spec);
+    // Failures name the image as the user did (an option list with its secrets).
+    let named_as = PathBuf::from(spec.shown_name());
     let req = commit::CommitRequest {
         image: spec.path.clone(),
         format: spec.format,
@@ -64,8 +66,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         top: args.top.clone(),
         keep_top: args.drop_empty,
     };
-    let resolved =
-        commit::resolve_on(&req, spec.storage.clone()).map_err(|e| job_error(&spec.path, e))?;
+    let resolved = commit::resolve_spec(&req, spec.clone()).map_err(|e| job_error(&named_as, e))?;
     for user in &resolved.other_users {
         eprintln!(
             "{}: warning: '{}' also has '{}' as its backing file; its content will change",
@@ -83,7 +84,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     shown.steps.set(0.0);
     shown.steps.set(0.0);
     let limited = strata_jobs::layers::RateLimit::new(&shown, rate);
-    commit::commit(&resolved, &limited, &cancel).map_err(|e| job_error(&spec.path, e))?;
+    commit::commit(&resolved, &limited, &cancel).map_err(|e| job_error(&named_as, e))?;
     shown.finish_bar();
     shown.steps.set(100.0);
     shown.steps.end();

@@ -608,10 +608,27 @@ pub fn refuse_backing_options(spec: &OpenSpec, format: Format) -> Result<()> {
 /// named by option, and backing files' options. Dropped, writes would go to the
 /// file the image records.
 pub fn refuse_reopened_options(spec: &OpenSpec) -> Result<()> {
+    refuse_options_but(spec, |_| false)
+}
+
+/// As [`refuse_reopened_options`], for a subcommand that opens the chain with
+/// its layers' secrets (`commit`): the backing files' `encrypt.key-secret`
+/// (one `backing.` per level) is taken, the other backing options refused.
+pub fn refuse_options_but_secrets(spec: &OpenSpec) -> Result<()> {
+    refuse_options_but(spec, |k| {
+        let mut rest = k;
+        while let Some(r) = rest.strip_prefix("backing.") {
+            rest = r;
+        }
+        rest == "encrypt.key-secret"
+    })
+}
+
+fn refuse_options_but(spec: &OpenSpec, taken: fn(&str) -> bool) -> Result<()> {
     let key = match spec
         .driver_options
         .keys()
-        .find(|k| k.starts_with("backing."))
+        .find(|k| k.starts_with("backing.") && !taken(k))
     {
         Some(k) => k.as_str(),
         None if spec.data_file.is_some() || spec.data_file_refusal.is_some() => "data-file",

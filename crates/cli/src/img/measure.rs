@@ -103,7 +103,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         {
             bail!("Invalid compatibility level: '{v}'");
         }
-        let c = strata_jobs::create::qcow2_options(&opts).map_err(anyhow::Error::msg)?;
+        // The encryption options are checked apart (see `luks_area` below).
+        let clear: std::collections::BTreeMap<_, _> = opts
+            .iter()
+            .filter(|(k, _)| !k.starts_with("encrypt.") && k.as_str() != "encryption")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let c = strata_jobs::create::qcow2_options(&clear).map_err(anyhow::Error::msg)?;
         if c.version == 2 && c.refcount_bits != 16 {
             bail!("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
         }
@@ -119,15 +125,29 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         target.preallocation = c.preallocation;
         target.has_backing_file = c.backing_file.is_some();
     }
+    // A LUKS target's options and secret are checked as qemu-img's driver
+    // checks them: once the source (if any) is open.
+    let secrets = args.naming.objects.secrets()?;
+    let luks_area = || -> Result<u64> {
+        if format != Format::Qcow2 {
+            return Ok(0);
+        }
+        strata_jobs::create_encrypt::measured_luks_area(&opts, &secrets).map_err(anyhow::Error::msg)
+    };
     let cancel = Cancel::default();
     let m = match (filename, &args.size) {
-        (None, Some(s)) => measure(Source::Size(image_size(s)?), &target, &cancel)?,
+        (None, Some(s)) => {
+            let size = image_size(s)?;
+            target.luks_area = luks_area()?;
+            measure(Source::Size(size), &target, &cancel)?
+        }
         (Some(f), _) => {
             let chain = open_chain(&args.naming.spec(
                 f,
                 args.format.as_deref(),
                 args.force_share,
             )?)?;
+            target.luks_area = luks_area()?;
             let top = chain.top().clone();
             let status = match &snapshot {
                 Some(key) => {

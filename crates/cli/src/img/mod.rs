@@ -4,6 +4,7 @@
 //! `run(args, &Ctx) -> anyhow::Result<i32>` returning the process exit code.
 
 mod amend;
+mod amend_keys;
 mod bench;
 mod bitmap;
 mod blkdebug;

@@ -134,15 +134,33 @@ pub fn same_on_copies(
     args: &[&str],
     after: &[&str],
 ) -> (String, String) {
+    let what = format!("{sub} {} IMG {}", args.join(" "), after.join(" "));
+    same_on_named_copies(dir, n, img, &what, &|f| {
+        let mut a = vec![sub.to_string()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        a.push(f.to_string());
+        a.extend(after.iter().map(|s| s.to_string()));
+        a
+    })
+}
+
+/// [`same_on_copies`] for a command that names the image inside an argument
+/// (an `--image-opts` list): `args(copy)` gives the whole command line for a
+/// copy's file name; `what` describes the command in a failure.
+pub fn same_on_named_copies(
+    dir: &Path,
+    n: usize,
+    img: &str,
+    what: &str,
+    args: &dyn Fn(&str) -> Vec<String>,
+) -> (String, String) {
     let ours = format!("o{n}-{img}");
     let theirs = format!("t{n}-{img}");
     std::fs::copy(dir.join(img), dir.join(&ours)).unwrap();
     std::fs::copy(dir.join(img), dir.join(&theirs)).unwrap();
     let run = |prog: &str, f: &str| {
-        let mut a = vec![sub];
-        a.extend_from_slice(args);
-        a.push(f);
-        a.extend_from_slice(after);
+        let a = args(f);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
         let (code, out, err) = outcome(dir, prog, &a);
         (code, out.replace(f, "IMG"), err.replace(f, "IMG"))
     };
@@ -150,9 +168,7 @@ pub fn same_on_copies(
     if r_ours != r_theirs {
         FAILURES.with(|f| {
             f.borrow_mut().push(format!(
-                "`img {sub} {} IMG {}`\n  strata:   {r_ours:?}\n  qemu-img: {r_theirs:?}",
-                args.join(" "),
-                after.join(" ")
+                "`img {what}`\n  strata:   {r_ours:?}\n  qemu-img: {r_theirs:?}"
             ))
         });
     }

@@ -248,17 +248,8 @@ impl LuksHeader {
         b[164..168].copy_from_slice(&self.master_key_iterations.to_be_bytes());
         put(&mut b, 168, &self.uuid);
         for (i, s) in self.slots.iter().enumerate() {
-            let at = 208 + 48 * i;
-            let active = if s.active {
-                SLOT_ENABLED
-            } else {
-                SLOT_DISABLED
-            };
-            b[at..at + 4].copy_from_slice(&active.to_be_bytes());
-            b[at + 4..at + 8].copy_from_slice(&s.iterations.to_be_bytes());
-            b[at + 8..at + 40].copy_from_slice(&s.salt);
-            b[at + 40..at + 44].copy_from_slice(&s.key_offset.to_be_bytes());
-            b[at + 44..at + 48].copy_from_slice(&s.stripes.to_be_bytes());
+            let at = slot_descriptor_offset(i);
+            b[at..at + 48].copy_from_slice(&s.serialize());
         }
         b
     }
@@ -285,30 +276,128 @@ impl LuksHeader {
         password: &[u8],
         read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
     ) -> Result<SectorCipher> {
-        let klen = index(u64::from(self.key_bytes));
-        for s in self.slots.iter().filter(|s| s.active) {
-            let mut slot_key = vec![0u8; klen];
-            self.hash_alg
-                .pbkdf2(password, &s.salt, s.iterations, &mut slot_key);
-            let mut material = vec![0u8; klen * index(u64::from(s.stripes))];
-            read(u64::from(s.key_offset) * SECTOR_SIZE, &mut material)?;
-            self.cipher_for(&slot_key)?.decrypt(0, &mut material);
-            let key = afsplit::merge(self.hash_alg, &material, klen, index(u64::from(s.stripes)));
-            let mut digest = [0u8; DIGEST_LEN];
-            self.hash_alg.pbkdf2(
-                &key,
-                &self.master_key_salt,
-                self.master_key_iterations,
-                &mut digest,
-            );
-            if digest == self.master_key_digest {
-                return self.cipher_for(&key);
+        let key = self.find_key(password, read)?;
+        self.cipher_for(&key)
+    }
+
+    /// The master key `password` unlocks from the first active slot it opens
+    /// (QEMU's error when none does).
+    pub fn find_key(
+        &self,
+        password: &[u8],
+        read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<Vec<u8>> {
+        for i in 0..NUM_KEY_SLOTS {
+            if let Some(key) = self.load_key(i, password, read)? {
+                return Ok(key);
             }
         }
         Err(Error::new(
             ErrorKind::Key,
             "Invalid password, cannot unlock any keyslot",
         ))
+    }
+
+    /// The master key slot `slot` gives for `password`: `None` when the slot is
+    /// inactive or the password is not its own (the master key digest tells; a
+    /// damaged key material area reads as a wrong password, never a wrong key).
+    pub fn load_key(
+        &self,
+        slot: usize,
+        password: &[u8],
+        read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<Option<Vec<u8>>> {
+        let s = &self.slots[slot];
+        if !s.active {
+            return Ok(None);
+        }
+        let klen = index(u64::from(self.key_bytes));
+        let mut slot_key = vec![0u8; klen];
+        self.hash_alg
+            .pbkdf2(password, &s.salt, s.iterations, &mut slot_key);
+        let mut material = vec![0u8; klen * index(u64::from(s.stripes))];
+        read(u64::from(s.key_offset) * SECTOR_SIZE, &mut material)?;
+        self.cipher_for(&slot_key)?.decrypt(0, &mut material);
+        let key = afsplit::merge(self.hash_alg, &material, klen, index(u64::from(s.stripes)));
+        Ok(self.is_master_key(&key).then_some(key))
+    }
+
+    /// Whether `key` is the master key (its PBKDF2 digest is the header's).
+    fn is_master_key(&self, key: &[u8]) -> bool {
+        let mut digest = [0u8; DIGEST_LEN];
+        self.hash_alg.pbkdf2(
+            key,
+            &self.master_key_salt,
+            self.master_key_iterations,
+            &mut digest,
+        );
+        digest == self.master_key_digest
+    }
+
+    /// Slot `slot` made to hold `master` for `password` with `iterations` of
+    /// PBKDF2 and a fresh random salt: the slot's descriptor (active) and its
+    /// encrypted, anti-forensically split key material, to be stored at
+    /// `key_offset` sectors into the area.
+    pub fn seal_key(
+        &self,
+        slot: usize,
+        password: &[u8],
+        master: &[u8],
+        iterations: u32,
+    ) -> Result<(KeySlot, Vec<u8>)> {
+        let klen = index(u64::from(self.key_bytes));
+        let mut s = self.slots[slot];
+        random(&mut s.salt)?;
+        s.iterations = iterations;
+        s.active = true;
+        let mut slot_key = vec![0u8; klen];
+        self.hash_alg
+            .pbkdf2(password, &s.salt, s.iterations, &mut slot_key);
+        let stripes = index(u64::from(s.stripes));
+        let mut noise = vec![0u8; klen * (stripes - 1)];
+        random(&mut noise)?;
+        let mut material = afsplit::split(self.hash_alg, master, stripes, &noise);
+        self.cipher_for(&slot_key)?.encrypt(0, &mut material);
+        Ok((s, material))
+    }
+
+    /// Bytes of one slot's key material.
+    pub fn material_len(&self, slot: usize) -> u64 {
+        u64::from(self.key_bytes) * u64::from(self.slots[slot].stripes)
+    }
+}
+
+/// Where slot `i`'s 48-byte descriptor lies in the header.
+pub fn slot_descriptor_offset(i: usize) -> usize {
+    208 + 48 * i
+}
+
+impl KeySlot {
+    /// The descriptor's 48 bytes as the header stores them.
+    pub fn serialize(&self) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        let active = if self.active {
+            SLOT_ENABLED
+        } else {
+            SLOT_DISABLED
+        };
+        b[..4].copy_from_slice(&active.to_be_bytes());
+        b[4..8].copy_from_slice(&self.iterations.to_be_bytes());
+        b[8..40].copy_from_slice(&self.salt);
+        b[40..44].copy_from_slice(&self.key_offset.to_be_bytes());
+        b[44..48].copy_from_slice(&self.stripes.to_be_bytes());
+        b
+    }
+
+    /// The slot erased as QEMU erases one: inactive, no salt, no iterations;
+    /// where its material lies stays.
+    pub fn erased(&self) -> KeySlot {
+        KeySlot {
+            active: false,
+            iterations: 0,
+            salt: [0; SALT_LEN],
+            ..*self
+        }
     }
 }
 
@@ -337,12 +426,12 @@ impl Default for LuksCreateOptions {
     }
 }
 
-/// PBKDF2 iterations of `hash` that take about `ms` milliseconds here, measured
-/// on a short run (at least `MIN_ITERS`).
-fn iterations_for(hash: HashAlg, out_len: usize, ms: u64) -> Result<u32> {
+/// PBKDF2 iterations of `hash` (for `out_len` bytes) this machine runs per
+/// second, measured on a run of about `budget_ms` milliseconds (1 to 100).
+fn pbkdf2_rate(hash: HashAlg, out_len: usize, budget_ms: u64) -> u64 {
     let mut out = vec![0u8; out_len];
     let mut n: u32 = 1 << 10;
-    let budget = Duration::from_millis(ms.clamp(1, 100));
+    let budget = Duration::from_millis(budget_ms.clamp(1, 100));
     let elapsed = loop {
         let t = Instant::now();
         hash.pbkdf2(b"benchmark", &[0u8; SALT_LEN], n, &mut out);
@@ -352,7 +441,14 @@ fn iterations_for(hash: HashAlg, out_len: usize, ms: u64) -> Result<u32> {
         }
         n *= 2;
     };
-    let per_ms = u128::from(n) * 1000 / elapsed.as_micros().max(1);
+    let rate = u128::from(n) * 1_000_000 / elapsed.as_micros().max(1);
+    u64::try_from(rate).unwrap_or(u64::MAX)
+}
+
+/// PBKDF2 iterations of `hash` that take about `ms` milliseconds here, measured
+/// on a short run (at least `MIN_ITERS`).
+fn iterations_for(hash: HashAlg, out_len: usize, ms: u64) -> Result<u32> {
+    let per_ms = u128::from(pbkdf2_rate(hash, out_len, ms)) / 1000;
     let iters = per_ms.saturating_mul(u128::from(ms));
     let iters = u64::try_from(iters)
         .unwrap_or(u64::MAX)
@@ -360,6 +456,44 @@ fn iterations_for(hash: HashAlg, out_len: usize, ms: u64) -> Result<u32> {
     u32::try_from(iters).map_err(|_| {
         Error::invalid_argument(format!("PBKDF iterations {iters} larger than {}", u32::MAX))
     })
+}
+
+/// The PBKDF2 iterations a key slot added to `h` gets for an unlock time of
+/// `iter_time_ms` (`encrypt.iter-time`), scaled from the rate measured here
+/// and bounded as QEMU bounds them: a time whose product with the rate
+/// overflows 64 bits, or a count past 32 bits, is refused in QEMU's words; the
+/// count is at least `MIN_ITERS` (a time of 0 gives that).
+pub fn slot_iterations(h: &LuksHeader, iter_time_ms: u64) -> Result<u32> {
+    let klen = index(u64::from(h.key_bytes));
+    let rate = pbkdf2_rate(h.hash_alg, klen, iter_time_ms);
+    let range = |what: String| {
+        Error::new(
+            ErrorKind::OutOfRange,
+            format!("{what}: Numerical result out of range"),
+        )
+    };
+    if iter_time_ms != 0 && rate > u64::MAX / iter_time_ms {
+        return Err(range(format!("PBKDF iterations {rate} too large to scale")));
+    }
+    let iters = rate * iter_time_ms / 1000;
+    let iters = u32::try_from(iters)
+        .map_err(|_| range(format!("PBKDF iterations {iters} larger than {}", u32::MAX)))?;
+    Ok(iters.max(MIN_ITERS))
+}
+
+/// Bytes of the LUKS area [`create`] makes for `opts`: the header sectors, then
+/// eight slots of key material, each aligned to 4 KiB.
+pub fn area_len_for(opts: &LuksCreateOptions) -> u64 {
+    payload_sectors(key_bytes_for(opts)) * SECTOR_SIZE
+}
+
+fn key_bytes_for(opts: &LuksCreateOptions) -> u32 {
+    u32::try_from(opts.cipher_mode.key_len(opts.cipher_alg)).expect("a key of at most 64 bytes")
+}
+
+/// The first payload sector of a new area whose keys are `key_bytes` long.
+fn payload_sectors(key_bytes: u32) -> u64 {
+    KEY_SLOT_OFFSET / SECTOR_SIZE + material_sectors(key_bytes, STRIPES) * NUM_KEY_SLOTS as u64
 }
 
 /// A new LUKS area: the header, its one active key slot (slot 0, unlocked by
@@ -370,13 +504,11 @@ pub fn create(
     password: &[u8],
 ) -> Result<(LuksHeader, Vec<u8>, SectorCipher)> {
     let klen = opts.cipher_mode.key_len(opts.cipher_alg);
-    let key_bytes = u32::try_from(klen).expect("a key of at most 64 bytes");
+    let key_bytes = key_bytes_for(opts);
     let mut master = vec![0u8; klen];
     random(&mut master)?;
     let mut master_key_salt = [0u8; SALT_LEN];
     random(&mut master_key_salt)?;
-    let mut slot_salt = [0u8; SALT_LEN];
-    random(&mut slot_salt)?;
     let mut u = [0u8; 16];
     random(&mut u)?;
     u[6] = (u[6] & 0x0f) | 0x40;
@@ -406,10 +538,7 @@ pub fn create(
     for (i, s) in slots.iter_mut().enumerate() {
         s.key_offset = u32::try_from(first + mat_sectors * i as u64).expect("small");
     }
-    slots[0].active = true;
-    slots[0].iterations = slot_iters;
-    slots[0].salt = slot_salt;
-    let payload_offset = u32::try_from(first + mat_sectors * NUM_KEY_SLOTS as u64).expect("small");
+    let payload_offset = u32::try_from(payload_sectors(key_bytes)).expect("small");
     let mut master_key_digest = [0u8; DIGEST_LEN];
     opts.hash_alg
         .pbkdf2(&master, &master_key_salt, mk_iters, &mut master_key_digest);
@@ -422,7 +551,7 @@ pub fn create(
         ),
         None => format!("{}-{}", opts.cipher_mode.name(), opts.ivgen_alg.name()),
     };
-    let h = LuksHeader {
+    let mut h = LuksHeader {
         cipher_alg: opts.cipher_alg,
         cipher_mode: opts.cipher_mode,
         ivgen_alg: opts.ivgen_alg,
@@ -438,15 +567,9 @@ pub fn create(
         cipher_name_raw: "aes".to_string(),
         cipher_mode_raw: mode_raw,
     };
-    // Slot 0's material: the split master key, encrypted with the password's key.
-    let mut slot_key = vec![0u8; klen];
-    opts.hash_alg
-        .pbkdf2(password, &slot_salt, slot_iters, &mut slot_key);
-    let stripes = index(u64::from(STRIPES));
-    let mut noise = vec![0u8; klen * (stripes - 1)];
-    random(&mut noise)?;
-    let mut material = afsplit::split(opts.hash_alg, &master, stripes, &noise);
-    h.cipher_for(&slot_key)?.encrypt(0, &mut material);
+    // Slot 0: the split master key, encrypted with the password's key.
+    let (slot0, material) = h.seal_key(0, password, &master, slot_iters)?;
+    h.slots[0] = slot0;
     let mut area = vec![0u8; index(h.area_len())];
     area[..HEADER_LEN].copy_from_slice(&h.serialize());
     let at = index(u64::from(h.slots[0].key_offset) * SECTOR_SIZE);

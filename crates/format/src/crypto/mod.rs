@@ -8,6 +8,7 @@
 
 mod afsplit;
 mod cipher;
+pub mod keyslots;
 pub mod legacy;
 pub mod luks;
 

@@ -139,7 +139,7 @@ impl Encryption {
 
 /// Read `buf` at `off` inside the LUKS area `ext`: past the area is refused, past
 /// the end of the file reads zeroes (as QEMU reads a file).
-fn read_area(
+pub(crate) fn read_area(
     storage: &dyn Storage,
     ext: CryptoExt,
     file_size: u64,

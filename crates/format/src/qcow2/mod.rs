@@ -23,6 +23,7 @@ mod fresh;
 pub mod header;
 pub mod image;
 pub mod inspect;
+pub mod key_slots;
 mod meta;
 mod refcount;
 pub mod snapshot;
