@@ -25,6 +25,7 @@ pub mod image;
 pub mod inspect;
 mod meta;
 mod refcount;
+pub mod repair_notice;
 pub mod snapshot;
 pub mod snapshot_ops;
 mod snapshot_switch;
