@@ -566,9 +566,19 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
             break;
         }
         let bfmt = match backing_format.as_deref() {
-            Some(f) => f
-                .parse::<Format>()
-                .map_err(|e| Error::from(e).below(&links))?,
+            Some(f) => f.parse::<Format>().map_err(|_| {
+                // The recorded format names no driver: opening the backing file
+                // fails (before its file is looked at), as in QEMU.
+                links.push((
+                    path.clone(),
+                    name.to_string_lossy().into_owned(),
+                    bpath.clone(),
+                ));
+                Error::Format(strata_format::Error::invalid_argument(format!(
+                    "Unknown driver '{f}'"
+                )))
+                .below(&links)
+            })?,
             None if layers.len() == 1 && spec.backing_format.is_some() => {
                 spec.backing_format.expect("checked")
             }

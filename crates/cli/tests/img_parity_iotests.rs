@@ -8,21 +8,10 @@
 
 mod common;
 
-use common::{assert_all_same, differs, io, ok, outcome, same, same_image, same_on_copies, sh};
+use common::{
+    assert_all_same, differs, io, map_json, ok, qcow2, same, same_image, same_on_copies, sh,
+};
 use std::path::Path;
-
-fn qcow2(d: &Path, name: &str, size: &str, extra: &[&str]) {
-    let mut a = vec!["create", "-q", "-f", "qcow2"];
-    a.extend_from_slice(extra);
-    a.extend_from_slice(&[name, size]);
-    sh(d, "qemu-img", &a);
-}
-
-/// `map --output=json` of `f`, its name read as IMG.
-fn map_json(d: &Path, f: &str) -> String {
-    let (_, out, err) = outcome(d, "qemu-img", &["map", "--output=json", f]);
-    (out + &err).replace(f, "IMG")
-}
 
 /// Run `convert ARGS... OUT` with both tools (each on its own copy of `img` as the
 /// output, for -n), then require the same messages, outputs QEMU reads alike

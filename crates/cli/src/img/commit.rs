@@ -67,14 +67,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         keep_top: args.drop_empty,
     };
     let resolved = commit::resolve_spec(&req, spec.clone()).map_err(|e| job_error(&named_as, e))?;
-    for user in &resolved.other_users {
-        eprintln!(
-            "{}: warning: '{}' also has '{}' as its backing file; its content will change",
-            ctx.prog,
-            user.display(),
-            resolved.base_path.display()
-        );
-    }
     let cancel = Cancel::default();
     // qemu-img starts its progress once the image is open and prints the figure of
     // its block job until the job is done (when the job starts, 0 again).

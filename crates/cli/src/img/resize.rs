@@ -52,7 +52,16 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 .map_err(|_| anyhow::anyhow!("Invalid preallocation mode '{p}'"))?,
         ),
     };
-    let dev = super::common::open_top(&spec, format, true)?;
+    // qemu-img opens the image with its backing chain: a backing file that fails
+    // to open fails the resize, and one longer than the image has the range the
+    // image grows over zeroed (the engine's resize does that).
+    let dev = if format == strata_format::Format::Qcow2 {
+        super::common::open_chain(&spec.clone().write(true))?
+            .top()
+            .clone()
+    } else {
+        super::common::open_top(&spec, format, true)?
+    };
     let cur = dev.virtual_size();
     // As qemu-img computes it: the value as a signed 64-bit number, the change
     // added with wrap-around (+15E is a shrink below zero, +2^64-1 one of a byte).

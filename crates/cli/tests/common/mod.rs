@@ -79,6 +79,21 @@ pub fn sh<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(dir: &Path, prog: &str, a
     );
 }
 
+/// Create the qcow2 image `name` of `size` with qemu-img, `extra` options
+/// before the name.
+pub fn qcow2(dir: &Path, name: &str, size: &str, extra: &[&str]) {
+    let mut a = vec!["create", "-q", "-f", "qcow2"];
+    a.extend_from_slice(extra);
+    a.extend_from_slice(&[name, size]);
+    sh(dir, "qemu-img", &a);
+}
+
+/// qemu-img's `map --output=json` of `f` (and any error), its name read as IMG.
+pub fn map_json(dir: &Path, f: &str) -> String {
+    let (_, out, err) = outcome(dir, "qemu-img", &["map", "--output=json", f]);
+    (out + &err).replace(f, "IMG")
+}
+
 /// Output of one run: exit code, stdout, stderr (program name normalised, so the
 /// two tools' messages compare equal).
 pub fn outcome(dir: &Path, prog: &str, args: &[&str]) -> (Option<i32>, String, String) {

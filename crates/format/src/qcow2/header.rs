@@ -20,6 +20,8 @@ pub const MAX_BACKING_FORMAT: usize = 15;
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
+/// The fixed part of a snapshot table entry, in bytes.
+const SNAPSHOT_HEADER_LEN: u64 = 40;
 /// Host cluster offsets must stay below 2^56.
 pub const MAX_HOST_OFFSET: u64 = 1 << 56;
 
@@ -178,7 +180,7 @@ impl Header {
         let cluster_bits = be32(buf, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(Error::invalid(format!(
-                "Unsupported cluster size: 2^{cluster_bits} (must be 2^9 to 2^21)"
+                "Unsupported cluster size: 2^{cluster_bits}"
             )));
         }
         let cluster_size = 1u64 << cluster_bits;
@@ -220,16 +222,7 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             if h.header_length < V3_HEADER_LEN {
-                return Err(Error::invalid(format!(
-                    "qcow2 header too short: header_length {} < 104",
-                    h.header_length
-                )));
-            }
-            if !h.header_length.is_multiple_of(8) {
-                return Err(Error::invalid(format!(
-                    "qcow2 header_length {} is not a multiple of 8",
-                    h.header_length
-                )));
+                return Err(Error::invalid("qcow2 header too short"));
             }
             if u64::from(h.header_length) > cluster_size {
                 return Err(Error::invalid("qcow2 header exceeds cluster size"));
@@ -237,11 +230,20 @@ impl Header {
             if h.header_length as usize > buf.len() {
                 return Err(Error::invalid("qcow2 header exceeds the file size"));
             }
-            if h.header_length > V3_HEADER_LEN {
-                let ct = buf[104];
-                h.compression_type = CompressionType::from_byte(ct)
-                    .ok_or_else(|| Error::unsupported(format!("compression type {ct}")))?;
-            }
+        }
+        // QEMU's order from here: the backing file offset, the compression type,
+        // then the fixed fields (extensions after them).
+        if h.backing_file_offset > cluster_size {
+            return Err(Error::invalid("Invalid backing file offset"));
+        }
+        if h.header_length > V3_HEADER_LEN {
+            let ct = buf[104];
+            h.compression_type = CompressionType::from_byte(ct).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("qcow2: unknown compression type: {ct}"),
+                )
+            })?;
         }
         h.validate_fixed(file_size)?;
         h.parse_extensions(buf)?;
@@ -260,17 +262,17 @@ impl Header {
             ));
         }
         if self.refcount_order > 6 {
-            return Err(Error::invalid(format!(
-                "Reference count entry width too large; may not exceed 64 bits (refcount_order {})",
-                self.refcount_order
-            )));
+            return Err(Error::invalid(
+                "Reference count entry width too large; may not exceed 64 bits",
+            ));
         }
         let compression_bit = self.incompatible_features & incompat::COMPRESSION != 0;
         if compression_bit != (self.compression_type != CompressionType::Zlib) {
-            return Err(Error::invalid(format!(
-                "compression type {} does not agree with the compression-type feature bit",
-                self.compression_type.name()
-            )));
+            return Err(Error::invalid(if compression_bit {
+                "qcow2: Compression type incompatible feature bit must not be set"
+            } else {
+                "qcow2: Compression type incompatible feature bit must be set"
+            }));
         }
         if self.extended_l2() && cs / 32 < 512 {
             return Err(Error::invalid(format!(
@@ -280,24 +282,45 @@ impl Header {
         if self.version == 2 && self.incompatible_features != 0 {
             return Err(Error::invalid("version 2 image with feature bits"));
         }
-        // Size: the L1 table must be able to describe it; QEMU caps virtual size at 2^63-512.
-        if self.size > (i64::MAX as u64) - 511 {
-            return Err(Error::invalid(format!(
-                "Image size {} is too large",
-                self.size
-            )));
-        }
-        // Refcount table.
+        // The tables, as QEMU validates them (its limits and words), then what
+        // strata requires beyond that (see [`check_table`]).
         if self.refcount_table_clusters == 0 {
             return Err(Error::invalid(
                 "Image does not contain a reference count table",
             ));
         }
-        let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
-        if rt_bytes > MAX_REFTABLE_BYTES {
-            return Err(Error::invalid(format!(
-                "Reference count table too large ({rt_bytes} bytes; the limit is 8 MiB)"
-            )));
+        let rt_bytes = validate_table(
+            self.refcount_table_offset,
+            u64::from(self.refcount_table_clusters),
+            cs,
+            MAX_REFTABLE_BYTES,
+            cs,
+            "Reference count table",
+        )?;
+        validate_table(
+            self.snapshots_offset,
+            u64::from(self.nb_snapshots),
+            SNAPSHOT_HEADER_LEN,
+            SNAPSHOT_HEADER_LEN * u64::from(MAX_SNAPSHOTS),
+            cs,
+            "Snapshot table",
+        )?;
+        let l1_bytes = validate_table(
+            self.l1_table_offset,
+            u64::from(self.l1_size),
+            8,
+            MAX_L1_BYTES,
+            cs,
+            "Active L1 table",
+        )?;
+        // QEMU caps the virtual size where the L1 index of its end no longer fits
+        // a C int.
+        let needed = self.l1_entries_for(self.size);
+        if self.size > (i64::MAX as u64) - 511 || needed > i32::MAX as u64 {
+            return Err(Error::invalid("Image is too big"));
+        }
+        if u64::from(self.l1_size) < needed {
+            return Err(Error::invalid("L1 table is too small"));
         }
         check_table(
             self.refcount_table_offset,
@@ -306,20 +329,6 @@ impl Header {
             file_size,
             "Reference count table",
         )?;
-        // L1 table.
-        let l1_bytes = u64::from(self.l1_size) * 8;
-        if l1_bytes > MAX_L1_BYTES {
-            return Err(Error::invalid(format!(
-                "Active L1 table too large ({l1_bytes} bytes; the limit is 32 MiB)"
-            )));
-        }
-        let needed = self.l1_entries_for(self.size);
-        if u64::from(self.l1_size) < needed {
-            return Err(Error::invalid(format!(
-                "L1 table is too small: {} entries for a disk of {} bytes that needs {needed}",
-                self.l1_size, self.size
-            )));
-        }
         if self.l1_size > 0 {
             check_table(
                 self.l1_table_offset,
@@ -329,16 +338,8 @@ impl Header {
                 "Active L1 table",
             )?;
         }
-        // Snapshot table.
-        if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::invalid(format!(
-                "Too many snapshots ({}; the limit is {MAX_SNAPSHOTS})",
-                self.nb_snapshots
-            )));
-        }
         if self.nb_snapshots > 0 {
-            // Each entry is at least 40 bytes; the table is bounded to 64 MiB.
-            let min = u64::from(self.nb_snapshots) * 40;
+            let min = u64::from(self.nb_snapshots) * SNAPSHOT_HEADER_LEN;
             check_table(self.snapshots_offset, min, cs, file_size, "Snapshot table")?;
         }
         Ok(())
@@ -346,29 +347,37 @@ impl Header {
 
     fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
         let cs = index(self.cluster_size());
-        let limit = if self.backing_file_offset > 0 {
-            index(self.backing_file_offset).min(cs).min(buf.len())
+        let ext_end = if self.backing_file_offset > 0 {
+            index(self.backing_file_offset).min(cs)
         } else {
-            cs.min(buf.len())
+            cs
         };
+        let limit = ext_end.min(buf.len());
         let mut at = self.header_length as usize;
         let mut seen_backing_fmt = false;
         loop {
+            if at >= limit {
+                break;
+            }
+            // As QEMU reads them: an extension header that does not fit, or whose
+            // length runs past the limit, is refused, even the end marker; past
+            // the end of a short file the bytes read as zeroes (the end marker).
+            if at + 8 > ext_end {
+                return Err(Error::invalid("Header extension too large"));
+            }
             if at + 8 > limit {
-                // No room for another extension header: treat as the end (QEMU too).
                 break;
             }
             let ty = be32(buf, at);
             let len = be32(buf, at + 4) as usize;
             at += 8;
-            if ty == ext::END {
-                break;
-            }
-            // QEMU's wording, whichever extension it is.
             let end = at
                 .checked_add(len)
                 .filter(|&e| e <= limit)
                 .ok_or_else(|| Error::invalid("Header extension too large"))?;
+            if ty == ext::END {
+                break;
+            }
             let data = &buf[at..end];
             match ty {
                 ext::BACKING_FORMAT => {
@@ -494,10 +503,9 @@ impl Header {
             return Ok(());
         }
         let len = u64::from(self.backing_file_size);
-        if len > MAX_BACKING_NAME {
-            return Err(Error::invalid(format!(
-                "Backing file name too long ({len} bytes; the limit is 1023)"
-            )));
+        // The offset is at most a cluster (checked first thing).
+        if len > MAX_BACKING_NAME.min(self.cluster_size() - self.backing_file_offset) {
+            return Err(Error::invalid("Backing file name too long"));
         }
         let end = self
             .backing_file_offset
@@ -643,6 +651,28 @@ impl Header {
             f(2, 1, "raw external data"),
         ]
     }
+}
+
+/// QEMU's validation of a table of `entries` entries of `entry_len` bytes at
+/// `offset`, with its words: more than `max_bytes` is "NAME too large"; an
+/// offset off the cluster grid, or whose table would end past `i64::MAX`, is
+/// "NAME offset invalid". Returns the table's length in bytes.
+fn validate_table(
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
+    cluster_size: u64,
+    what: &str,
+) -> Result<u64> {
+    if entries > max_bytes / entry_len {
+        return Err(Error::invalid(format!("{what} too large")));
+    }
+    let len = entries * entry_len;
+    if (i64::MAX as u64) - len < offset || !offset.is_multiple_of(cluster_size) {
+        return Err(Error::invalid(format!("{what} offset invalid")));
+    }
+    Ok(len)
 }
 
 /// A table at `offset` of `len` bytes must be cluster-aligned, must not overflow, and

@@ -296,8 +296,10 @@ impl Qcow2Image {
         };
         if dirty && !read_only && !opts.no_auto_repair {
             // A dirty image (lazy refcounts, not closed cleanly) has refcounts that
-            // may be too low: rebuild them before writing, as QEMU does.
-            img.check(super::check::Repair::All)?;
+            // may be too low: rebuild them before writing, as QEMU does, telling
+            // what was repaired as QEMU tells it.
+            let report = img.check(super::check::Repair::All)?;
+            super::repair_notice::report(&report.messages);
         }
         Ok(img)
     }
@@ -1436,10 +1438,25 @@ impl BlockDevice for Qcow2Image {
 
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         let old_size = self.virtual_size();
+        // A backing file longer than the image would show through the range the
+        // image grows over: QEMU zeroes that range, which takes zero clusters
+        // (version 3); a version 2 image is refused before it changes.
+        let below = sync::read(&self.backing).as_ref().map(|b| b.virtual_size());
+        let hide_backing = new_size > old_size && below.is_some_and(|b| b > old_size);
+        if hide_backing && self.geo.version < 3 {
+            return Err(self.err(Error::new(
+                ErrorKind::Unsupported,
+                "Failed to zero out new clusters: Operation not supported",
+            )));
+        }
         self.resize_metadata(new_size, allow_shrink)?;
         request(Operation::Resize, None, || {
             self.resize_data_file(old_size, new_size)
-        })
+        })?;
+        if hide_backing {
+            self.zero_grown(old_size, new_size)?;
+        }
+        Ok(())
     }
 
     fn path(&self) -> Option<PathBuf> {
@@ -1519,6 +1536,23 @@ impl Qcow2Image {
         })();
         r.map_err(|e| self.err(e))?;
         m.h = h;
+        Ok(())
+    }
+
+    /// Zero the range `[from, to)` an image grew over, as QEMU does when its
+    /// backing file is longer: the subcluster holding the old end is written (its
+    /// bytes from `from` on as zeroes, those before copied from the backing file),
+    /// the subclusters after it become zero subclusters, keeping any clusters
+    /// allocated for them.
+    fn zero_grown(&self, from: u64, to: u64) -> Result<()> {
+        let sub = self.geo.subcluster_size();
+        let aligned = from.next_multiple_of(sub).min(to);
+        if aligned > from {
+            self.write(&vec![0u8; index(aligned - from)], from)?;
+        }
+        if to > aligned {
+            self.write_zeroes(aligned, to - aligned, false)?;
+        }
         Ok(())
     }
 

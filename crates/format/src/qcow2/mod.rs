@@ -26,6 +26,7 @@ pub mod inspect;
 pub mod key_slots;
 mod meta;
 mod refcount;
+pub mod repair_notice;
 pub mod snapshot;
 pub mod snapshot_ops;
 mod snapshot_switch;
