@@ -43,7 +43,7 @@ pub struct Args {
     filename: PathBuf,
 }
 
-pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let rate = super::common::parse_rate(args.rate.as_deref())?;
     if let Some(c) = args
         .cache
