@@ -100,6 +100,11 @@ pub struct BackupCreate {
     /// Chunk size (`1M`, `2M`, `4M` or `8M`); the parent's, else 4M, when left out.
     #[serde(default)]
     pub chunk_size: Option<String>,
+    /// With `image` and `parent`: read only the chunks this persistent qcow2
+    /// bitmap of the image marks, and clear it once the snapshot is stored
+    /// (the task's log says why when everything was read instead).
+    #[serde(default)]
+    pub bitmap: Option<String>,
 }
 
 /// Where and how to restore a snapshot's disk.
@@ -232,9 +237,13 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
             ))
         }
         (None, Some(vm)) => {
-            if req.format.is_some() || req.force_share || req.changed_chunks.is_some() {
+            if req.format.is_some()
+                || req.force_share
+                || req.changed_chunks.is_some()
+                || req.bitmap.is_some()
+            {
                 return Err(ApiError::bad_request(
-                    "format, force_share and changed_chunks are for an image, not a vm",
+                    "format, force_share, changed_chunks and bitmap are for an image, not a vm",
                 ));
             }
             let args = VmBackup {
@@ -271,6 +280,7 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
         tags: req.tags,
         image,
         chunk_size,
+        bitmap: req.bitmap,
     };
     let target = args.image.display().to_string();
     repo_task(
@@ -279,6 +289,9 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
         target,
         move |repo, progress, cancel| {
             let (opts, s) = ops::backup_image(repo, &args, progress, cancel)?;
+            if let Some(why) = &s.full_read {
+                progress.log(format!("reading the whole disk: {why}"));
+            }
             let msg = format!("snapshot {} saved", s.snapshot.short());
             Ok((ops::backup_json(&opts.name, &s), msg))
         },

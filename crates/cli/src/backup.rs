@@ -108,7 +108,7 @@ struct CreateArgs {
     /// Back up a disk of this running VM of `strata vm` instead: a consistent
     /// point taken through QEMU, reading only what changed since the VM's
     /// previous backup (a persistent dirty bitmap) when it can.
-    #[arg(long = "vm", conflicts_with_all = ["format", "force_share", "changed_chunks"])]
+    #[arg(long = "vm", conflicts_with_all = ["format", "force_share", "changed_chunks", "bitmap"])]
     vm: Option<String>,
     /// Back up an NBD export instead: nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH. Ranges its base:allocation context
@@ -117,8 +117,11 @@ struct CreateArgs {
     nbd: Option<String>,
     /// With --nbd: read only the chunks the export's
     /// qemu:dirty-bitmap:NAME context marks, reusing the parent's others (the
-    /// bitmap must mark every change since the parent snapshot).
-    #[arg(long = "bitmap", value_name = "NAME", requires = "nbd")]
+    /// bitmap must mark every change since the parent snapshot). With a qcow2
+    /// image and --parent: read only the chunks its persistent bitmap NAME
+    /// marks, then clear the bitmap once the snapshot is stored (the image is
+    /// held with a write lock meanwhile; not with -U).
+    #[arg(long = "bitmap", value_name = "NAME")]
     bitmap: Option<String>,
     /// With --vm: the disk (0 for the first).
     #[arg(long = "disk", requires = "vm", default_value_t = 0)]
@@ -384,6 +387,7 @@ fn create(a: CreateArgs) -> Result<()> {
             .transpose()?,
         tags: a.tags,
         chunk_size: a.chunk_size,
+        bitmap: a.bitmap,
     };
     let mut repo = a.repo.open()?;
     let bar = bar();
@@ -410,6 +414,9 @@ pub(super) fn print_backup(name: &str, s: &disk::BackupSummary) {
         s.saved.new_stored_bytes
     );
     println!("snapshot {} saved", s.snapshot.short());
+    if let Some(b) = &s.bitmap_cleared {
+        println!("bitmap '{b}' cleared");
+    }
 }
 
 /// Whether `--output` asks for JSON.

@@ -15,16 +15,6 @@ use std::process::{Command, Output};
 
 const MIB: u64 = 1 << 20;
 
-/// The bytes `qemu-img map` reports as data in `image`.
-fn allocated(image: &Path) -> u64 {
-    let out = qemu_img(&["map", "--output=json", s(image)]);
-    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    map.iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum()
-}
-
 fn qemu_io(image: &Path, cmds: &[&str]) {
     let mut c = Command::new("qemu-io");
     for cmd in cmds {

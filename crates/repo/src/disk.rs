@@ -280,6 +280,9 @@ pub struct BackupSummary {
     pub saved: SaveStats,
     /// Why a backup with a parent read everything, when its caller knows.
     pub full_read: Option<String>,
+    /// The persistent bitmap of the image cleared once the snapshot was
+    /// stored ([`crate::image_bitmap`]).
+    pub bitmap_cleared: Option<String>,
 }
 
 /// The blob ID of `len` zero bytes.
@@ -496,6 +499,7 @@ pub fn backup(
         bytes_read,
         saved,
         full_read: None,
+        bitmap_cleared: None,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod export;
 pub mod gc;
 mod host;
 pub mod id;
+pub mod image_bitmap;
 pub mod index;
 pub mod local;
 pub mod location;

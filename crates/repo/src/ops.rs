@@ -14,6 +14,7 @@ use crate::disk::{self, BackupOptions, BackupSummary, DiskSource, Incremental};
 use crate::error::{Error, ErrorKind, Result};
 use crate::gc::{GcSummary, Planned, PruneSummary};
 use crate::id::Id;
+use crate::image_bitmap;
 use crate::repository::Repository;
 use crate::restore::{self, RestoreOptions, RestoreSummary};
 use crate::stats::Stats;
@@ -79,6 +80,10 @@ pub struct ImageBackup {
     /// The chunk size; the parent's, else the default, when `None`. Another
     /// size than the parent's reads everything, even with `changed_chunks`.
     pub chunk_size: Option<ChunkSize>,
+    /// With `parent`: read only the chunks this persistent qcow2 bitmap of the
+    /// image marks, and clear it once the snapshot is stored
+    /// ([`crate::image_bitmap`]); not with `force_share` or `changed_chunks`.
+    pub bitmap: Option<String>,
 }
 
 /// Back up an image as [`ImageBackup`] says; returns the options used (the
@@ -93,7 +98,9 @@ pub fn backup_image(
     if args.changed_chunks.is_some() && args.parent.is_none() {
         return Err(invalid("a list of changed chunks needs a parent".into()));
     }
-    let src = DiskSource::open(&args.image, args.format, args.force_share)?;
+    if let Some(name) = &args.bitmap {
+        bitmap_args_fit(args, name)?;
+    }
     let mut opts = BackupOptions::for_image(&args.image);
     opts.tags = args.tags.clone();
     opts.parent = match &args.parent {
@@ -102,6 +109,10 @@ pub fn backup_image(
     };
     let plan = chunk::plan(repo, opts.parent.as_ref(), args.chunk_size)?;
     opts.chunk_size = plan.size;
+    if let Some(name) = &args.bitmap {
+        return image_bitmap::backup(repo, args, name, opts, plan, progress, cancel);
+    }
+    let src = DiskSource::open(&args.image, args.format, args.force_share)?;
     let full_read = match (opts.parent, &args.changed_chunks) {
         (Some(parent), Some(changed)) if plan.full_read.is_none() => {
             opts.incremental = Some(Incremental {
@@ -116,6 +127,28 @@ pub fn backup_image(
     let mut s = disk::backup(repo, &src, &opts, progress, cancel)?;
     s.full_read = full_read;
     Ok((opts, s))
+}
+
+/// Refuse a bitmap backup without a parent, of an image another process may
+/// write (`force_share`), or with a list of changed chunks besides.
+fn bitmap_args_fit(args: &ImageBackup, name: &str) -> Result<()> {
+    if args.parent.is_none() {
+        return Err(invalid(format!(
+            "bitmap '{name}' needs a parent snapshot: the one its changes are counted from (e.g. latest)"
+        )));
+    }
+    if args.force_share {
+        return Err(invalid(format!(
+            "bitmap '{name}' cannot be used with force-share: strata must hold the image's write \
+             lock from reading the bitmap to clearing it, and another process may be writing it"
+        )));
+    }
+    if args.changed_chunks.is_some() {
+        return Err(invalid(
+            "a bitmap and a list of changed chunks exclude each other".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A backup's result: the snapshot's file name and ID and the counts.
@@ -133,6 +166,7 @@ pub fn backup_json(name: &str, s: &BackupSummary) -> Value {
         "new_blobs": s.saved.new_blobs,
         "new_stored_bytes": s.saved.new_stored_bytes,
         "full_read": s.full_read,
+        "bitmap_cleared": s.bitmap_cleared,
     })
 }
 

@@ -62,3 +62,28 @@ pub fn reftable_entry(path: &Path, index: u64) -> u64 {
     let (_, rt, _) = geometry(&mut f);
     be64(&mut f, rt + 8 * index)
 }
+
+/// Set the table size of the first persistent bitmap of a qcow2 v3 image to
+/// `entries` (its directory entry, found through the bitmaps header extension).
+pub fn poke_bitmap_table_size(path: &Path, entries: u32) {
+    let mut f = open(path);
+    let mut len = [0u8; 4];
+    f.seek(SeekFrom::Start(100)).unwrap();
+    f.read_exact(&mut len).unwrap();
+    let mut at = u64::from(u32::from_be_bytes(len));
+    loop {
+        let mut head = [0u8; 8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut head).unwrap();
+        let kind = u32::from_be_bytes(head[..4].try_into().unwrap());
+        let size = u64::from(u32::from_be_bytes(head[4..].try_into().unwrap()));
+        assert_ne!(kind, 0, "the image has no bitmaps extension");
+        if kind == 0x2385_2875 {
+            let directory = be64(&mut f, at + 8 + 16);
+            f.seek(SeekFrom::Start(directory + 8)).unwrap();
+            f.write_all(&entries.to_be_bytes()).unwrap();
+            return;
+        }
+        at += 8 + size.next_multiple_of(8);
+    }
+}

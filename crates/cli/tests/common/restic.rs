@@ -117,6 +117,16 @@ pub fn guest_view(image: &Path) -> Vec<u8> {
     bytes
 }
 
+/// The bytes `qemu-img map` reports as data in `image`.
+pub fn allocated(image: &Path) -> u64 {
+    let out = qemu_img(&["map", "--output=json", s(image)]);
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    map.iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

@@ -74,7 +74,7 @@ pub struct Bitmaps {
 }
 
 /// Bitmap-table entries a bitmap of `granularity_bits` needs for `size` bytes.
-fn table_entries_for(size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+pub(crate) fn table_entries_for(size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
     size.div_ceil(1u64 << granularity_bits)
         .div_ceil(8)
         .div_ceil(cluster_size)

@@ -22,6 +22,8 @@ pub struct BitmapInfo {
     pub flags: u32,
     /// Length of the entry in the directory (name and extra data included, padded).
     pub entry_size: u64,
+    /// Entries of its bitmap table (clusters of bitmap data it can name).
+    pub table_size: u32,
 }
 
 impl BitmapInfo {
@@ -35,6 +37,16 @@ impl BitmapInfo {
             v.push("auto");
         }
         v
+    }
+
+    /// Whether its table has exactly the entries a disk of `disk_size` bytes
+    /// needs in an image of `cluster_size` clusters (QEMU loads a consistent
+    /// bitmap only then; a crash in the middle of a resize leaves one of another
+    /// size).
+    pub fn sized_for(&self, disk_size: u64, cluster_size: u64) -> bool {
+        let bits = u8::try_from(self.granularity.trailing_zeros()).expect("9..31 granularity bits");
+        u64::from(self.table_size)
+            == super::bitmaps::table_entries_for(disk_size, bits, cluster_size).max(1)
     }
 }
 
@@ -73,6 +85,7 @@ impl Qcow2Image {
             let fixed = dir
                 .get(pos..pos + BITMAP_ENTRY_FIXED)
                 .ok_or_else(|| Error::corrupt("bitmap directory entry runs past the directory"))?;
+            let table_size = u32::from_be_bytes(fixed[8..12].try_into().expect("4 bytes"));
             let flags = u32::from_be_bytes(fixed[12..16].try_into().expect("4 bytes"));
             let gran_bits = u32::from(fixed[17]);
             let name_size = usize::from(u16::from_be_bytes([fixed[18], fixed[19]]));
@@ -93,6 +106,7 @@ impl Qcow2Image {
                 granularity: 1u64 << gran_bits,
                 flags,
                 entry_size,
+                table_size,
             });
             pos += index(entry_size);
         }
