@@ -4,6 +4,7 @@
 use super::common::{option_size, Ctx};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
+use strata_format::qcow2::Preallocation;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,7 +49,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let prealloc = match args.preallocation.as_deref() {
         None | Some("off") => None,
         Some(p) => Some(
-            p.parse::<strata_format::qcow2::Preallocation>()
+            p.parse::<Preallocation>()
                 .map_err(|_| anyhow::anyhow!("Invalid preallocation mode '{p}'"))?,
         ),
     };
@@ -73,6 +74,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         bail!("New image size must be positive");
     }
     let new = total as u64;
+    if new <= cur && prealloc.is_some() {
+        bail!("Preallocation can only be used for growing images");
+    }
     if new < cur {
         if !args.shrink {
             eprintln!(
@@ -82,9 +86,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             eprintln!("{}: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.", ctx.prog);
             return Ok(1);
         }
-        if prealloc.is_some() {
-            bail!("Preallocation can only be used for growing images");
-        }
+    }
+    // A raw file has no metadata to preallocate; its driver refuses the mode
+    // before changing anything.
+    if format == strata_format::Format::Raw && prealloc == Some(Preallocation::Metadata) {
+        bail!("Unsupported preallocation mode: metadata");
     }
     // An NBD export keeps the size its server gives it.
     if spec.storage.is_some() && new != cur && format == strata_format::Format::Raw {
@@ -112,11 +118,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 /// Preallocate the grown area `[from, to)`.
 fn preallocate(
     dev: &dyn strata_format::BlockDevice,
-    mode: strata_format::qcow2::Preallocation,
+    mode: Preallocation,
     from: u64,
     to: u64,
 ) -> Result<()> {
-    use strata_format::qcow2::{Preallocation as P, Qcow2Image};
+    use strata_format::qcow2::Qcow2Image;
+    use Preallocation as P;
     // Preallocation modes are defined per format (qcow2 allocates clusters, raw
     // the file range): each format's own call, no capability trait.
     if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {

@@ -44,7 +44,7 @@ pub struct Qcow2Image {
     pub(crate) storage: Arc<dyn Storage>,
     /// Where guest clusters live (see [`super::data_file`]).
     pub(crate) data: DataStore,
-    geo: Geometry,
+    pub(crate) geo: Geometry,
     size: AtomicU64,
     backing: RwLock<Option<Arc<dyn BlockDevice>>>,
     read_only: bool,
@@ -580,7 +580,7 @@ impl Qcow2Image {
     }
 
     /// Read with the metadata lock already held (for copy-on-write inside writes).
-    fn read_locked(&self, m: &mut Meta, buf: &mut [u8], off: u64) -> Result<()> {
+    pub(crate) fn read_locked(&self, m: &mut Meta, buf: &mut [u8], off: u64) -> Result<()> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let (run, n) = self.lookup(m, off + pos as u64, (buf.len() - pos) as u64)?;
@@ -1105,78 +1105,6 @@ impl Qcow2Image {
         let mut table = m.l1.clone();
         table.resize(index(entries), 0);
         m.relocate_l1(table, None)
-    }
-
-    /// Allocate every cluster of the disk (`preallocation=metadata` and up); with
-    /// `falloc` the data clusters get disk space, with `full` they are written with zeroes.
-    pub(crate) fn preallocate(&self, mode: super::create::Preallocation) -> Result<()> {
-        self.preallocate_range(mode, 0, self.virtual_size())
-    }
-
-    /// Preallocate the unallocated clusters that hold guest bytes `[from, to)` (after
-    /// a resize grew the disk, for example). Clusters already allocated are kept.
-    pub fn preallocate_range(
-        &self,
-        mode: super::create::Preallocation,
-        from: u64,
-        to: u64,
-    ) -> Result<()> {
-        use super::create::Preallocation as P;
-        self.check_writable()?;
-        if mode == P::Off || from >= to {
-            return Ok(());
-        }
-        check_range(from, to - from, self.virtual_size()).map_err(|e| self.err(e))?;
-        let _excl = self.exclusive();
-        let mut m = self.lock()?;
-        let cs = self.geo.cluster_size();
-        let l2n = m.l2_entries();
-        let end = to.div_ceil(cs);
-        let mut gc = from / cs;
-        while gc < end {
-            let table_end = (gc / l2n + 1) * l2n;
-            let l2 = m.l2_for_write(gc / l2n)?;
-            // The run of unallocated clusters starting at gc, inside this L2 table.
-            let mut n = 0;
-            while gc + n < end.min(table_end) && m.raw_entry(l2, (gc + n) % l2n)?.0 == 0 {
-                n += 1;
-            }
-            if n == 0 {
-                gc += 1;
-                continue;
-            }
-            let host = self.alloc_data(&mut m, gc, n)?.get();
-            let bytes = n * cs;
-            let storage = self.data_storage()?.clone();
-            match mode {
-                P::Off => {}
-                P::Metadata => {
-                    if host + bytes > storage.size()? {
-                        storage.set_size(host + bytes)?;
-                    }
-                }
-                P::Falloc => storage.preallocate(host, bytes)?,
-                P::Full => {
-                    let zeros = vec![0u8; index((1 << 20).min(bytes))];
-                    let mut off = 0;
-                    while off < bytes {
-                        let k = index((bytes - off).min(zeros.len() as u64));
-                        storage.write_at(&zeros[..k], host + off)?;
-                        off += k as u64;
-                    }
-                }
-            }
-            for i in 0..n {
-                m.set_raw_entry(
-                    l2,
-                    (gc + i) % l2n,
-                    (host + i * cs) | OFLAG_COPIED,
-                    ALL_ALLOCATED,
-                )?;
-            }
-            gc += n;
-        }
-        m.flush_metadata()
     }
 }
 

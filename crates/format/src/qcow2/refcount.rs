@@ -193,7 +193,7 @@ impl Meta {
     }
 
     /// Set the refcount of `cluster` (its refcount block must exist).
-    fn set_refcount_in_block(&mut self, cluster: ClusterIndex, v: u64) -> Result<()> {
+    pub(crate) fn set_refcount_in_block(&mut self, cluster: ClusterIndex, v: u64) -> Result<()> {
         let epb = self.rb_entries();
         let off = self.refblock_offset(cluster.get() / epb)?;
         debug_assert!(!off.is_none(), "refcount block must exist");
@@ -274,92 +274,15 @@ impl Meta {
         self.write_evicted_refblock(evicted)
     }
 
-    /// Grow the refcount table so that block `need` fits, creating block `need` and
-    /// any blocks needed to count the new table itself, in a fresh area starting at
-    /// the first cluster block `need` covers.
+    /// Grow the refcount table so that block `need` fits: a new area (block
+    /// `need` and any others it needs, then the table) starts at the first
+    /// cluster block `need` covers, which is free since it has no block.
     fn grow_reftable(&mut self, need: u64) -> Result<()> {
         self.storage.debug_event(DebugEvent::ReftableGrow);
-        let cs = self.cluster_size();
-        let epb = self.rb_entries();
-        let per_cluster = cs / 8;
-        let old_len = self.reftable.len() as u64;
-        // Fixed point: m new blocks (for `need`.. need+m) and t table clusters.
-        let mut m = 1u64;
-        let mut t;
-        loop {
-            let entries = (need + m).max(old_len + old_len / 2).max(old_len + 1);
-            t = entries.div_ceil(per_cluster);
-            let m2 = (m + t).div_ceil(epb);
-            if m2 <= m {
-                break;
-            }
-            m = m2;
-        }
-        // The header limit (8 MiB of table) also keeps the cluster count in u32.
-        let table_clusters = u32::try_from(t)
-            .ok()
-            .filter(|_| t * cs <= super::header::MAX_REFTABLE_BYTES)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "refcount table would exceed 8 MiB: the image is too large for its cluster size",
-                )
-            })?;
-        let area = need * epb; // first cluster of the area
-        let area_off = area
-            .checked_mul(cs)
-            .and_then(|o| o.checked_add((m + t) * cs).map(|_| o))
-            .filter(|&o| o + (m + t) * cs <= super::header::MAX_HOST_OFFSET)
-            .ok_or_else(|| {
-                Error::invalid("image would grow past the 2^56-byte host offset limit")
-            })?;
-        // The new blocks: block need+j covers clusters [(need+j)*epb, ...). Area clusters
-        // are [area, area+m+t).
-        let order = self.h.refcount_order;
-        self.storage
-            .debug_event(DebugEvent::RefblockAllocWriteBlocks);
-        let mut new_table = self.reftable.clone();
-        new_table.resize(index(t * per_cluster), 0);
-        for j in 0..m {
-            let idx = need + j;
-            let first = idx * epb;
-            let mut block = vec![0u8; index(cs)];
-            for c in area..area + m + t {
-                if c >= first && c < first + epb {
-                    rb_set(&mut block, order, index(c - first), 1);
-                }
-            }
-            let off = (area + j) * cs;
-            self.storage.write_at(&block, off)?;
-            new_table[index(idx)] = off;
-        }
-        let table_off = area_off + m * cs;
-        let mut bytes = Vec::with_capacity(index(t * cs));
-        for e in &new_table {
-            bytes.extend_from_slice(&e.to_be_bytes());
-        }
-        self.storage
-            .debug_event(DebugEvent::RefblockAllocWriteTable);
-        self.storage.write_at(&bytes, table_off)?;
-        self.barrier()?;
-        self.storage
-            .debug_event(DebugEvent::RefblockAllocSwitchTable);
-        // Switch the header to the new table in one write (offset 48: table offset
-        // then cluster count).
-        let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-        hdr[8..].copy_from_slice(&table_clusters.to_be_bytes());
-        self.storage.write_at(&hdr, 48)?;
-        self.barrier()?;
-        let old_off = self.h.refcount_table_offset;
-        let old_clusters = u64::from(self.h.refcount_table_clusters);
-        self.h.refcount_table_offset = table_off;
-        self.h.refcount_table_clusters = table_clusters;
-        self.reftable = new_table;
-        // The old table is no longer referenced: free its clusters now that the
-        // header switch is durable.
-        for c in 0..old_clusters {
-            self.update_refcount(ClusterIndex(old_off / cs + c), -1)?;
-        }
+        let at = need.checked_mul(self.rb_entries()).ok_or_else(|| {
+            Error::invalid("image would grow past the 2^56-byte host offset limit")
+        })?;
+        self.refcount_area(at, 0, false, None)?;
         Ok(())
     }
 
@@ -368,9 +291,10 @@ impl Meta {
     /// pointing there reach the disk before the refcount blocks are flushed
     /// ([`Meta::flush_metadata`] keeps that order).
     ///
-    /// Refcount blocks missing for the run are placed right after it (each counted in
-    /// the block that covers it), written and flushed, and only then entered in the
-    /// refcount table, so the run stays contiguous whatever its length.
+    /// A refcount block missing for the run is created as QEMU creates it (see
+    /// [`Meta::place_refblock`]), and the search starts over: from the run's
+    /// start when part of the run was already counted, past the new block when
+    /// the run's first cluster lacked it.
     ///
     /// The search follows QEMU's: first fit from a cursor that every search leaves
     /// just past the run it returns (so a hole a search stepped over, too short
@@ -381,47 +305,31 @@ impl Meta {
         debug_assert!(n > 0);
         self.storage.debug_event(DebugEvent::ClusterAlloc);
         let epb = self.rb_entries();
-        let mut extra = 0u64;
-        loop {
-            let start = self.find_free_run(n + extra)?;
-            let end = start + n + extra;
-            // Blocks past the table need the table to grow first; growth takes its own
-            // area, so search again afterwards.
-            if (end - 1) / epb >= self.reftable.len() as u64 {
-                let first_missing = (start / epb..=(end - 1) / epb)
-                    .find(|&b| b >= self.reftable.len() as u64)
-                    .expect("a block past the table");
-                self.ensure_refblock(first_missing)?;
-                continue;
-            }
-            let mut missing = Vec::new();
-            for b in start / epb..=(end - 1) / epb {
+        'search: loop {
+            let start = self.find_free_run(n)?;
+            self.free_hint = start + n;
+            for b in start / epb..=(start + n - 1) / epb {
                 if self.refblock_offset(b)?.is_none() {
-                    missing.push(b);
+                    let c = (b * epb).max(start);
+                    self.place_refblock(c)?;
+                    if c > start {
+                        self.free_hint = self.free_hint.min(start);
+                    }
+                    continue 'search;
                 }
-            }
-            if missing.len() as u64 > extra {
-                extra = missing.len() as u64;
-                continue;
-            }
-            if !missing.is_empty() {
-                let positions: Vec<u64> =
-                    (0..missing.len() as u64).map(|j| start + n + j).collect();
-                self.create_refblocks(&missing, &positions)?;
             }
             // QEMU raises the new run's refcounts through the same lookup.
             self.storage.debug_event(DebugEvent::RefblockAlloc);
             for c in start..start + n {
                 self.set_refcount_in_block(ClusterIndex(c), 1)?;
             }
-            self.free_hint = start + n;
             // find_free_run stopped below the host offset limit.
             return Ok(HostOffset(start << self.geo.cluster_bits));
         }
     }
 
     /// First run of `n` clusters with refcount 0, searching from the hint.
-    fn find_free_run(&mut self, n: u64) -> Result<u64> {
+    pub(crate) fn find_free_run(&mut self, n: u64) -> Result<u64> {
         let cs = self.cluster_size();
         let mut c = self.free_hint.max(1);
         let mut start = c;
@@ -445,45 +353,6 @@ impl Meta {
             c += 1;
         }
         Ok(start)
-    }
-
-    /// Create refcount blocks `blocks` (all inside the table, all missing) at the free
-    /// clusters `positions`; each position is counted in whichever block covers it
-    /// (an existing one through the cache, a new one in its initial contents).
-    fn create_refblocks(&mut self, blocks: &[u64], positions: &[u64]) -> Result<()> {
-        let cs = self.cluster_size();
-        let epb = self.rb_entries();
-        let order = self.h.refcount_order;
-        // Positions covered by existing blocks are counted there first.
-        for &p in positions {
-            if !blocks.contains(&(p / epb)) {
-                self.set_refcount_in_block(ClusterIndex(p), 1)?;
-            }
-        }
-        self.write_dirty_refblocks()?;
-        self.storage.debug_event(DebugEvent::RefblockAllocWrite);
-        let mut made = Vec::with_capacity(blocks.len());
-        for (&b, &pos) in blocks.iter().zip(positions) {
-            let mut block = vec![0u8; index(cs)];
-            for &p in positions {
-                if p / epb == b {
-                    rb_set(&mut block, order, index(p % epb), 1);
-                }
-            }
-            self.storage.write_at(&block, pos * cs)?;
-            made.push((b, pos * cs, block));
-        }
-        self.barrier()?;
-        self.storage.debug_event(DebugEvent::RefblockAllocHookup);
-        for (b, off, block) in made {
-            self.reftable[index(b)] = off;
-            self.storage
-                .write_at(&off.to_be_bytes(), self.h.refcount_table_offset + b * 8)?;
-            let evicted = self.rb.insert(off, block, false);
-            self.write_evicted_refblock(evicted)?;
-        }
-        self.barrier()?;
-        Ok(())
     }
 
     /// Queue one reference of host cluster `cluster` to be dropped once the mapping

@@ -1,0 +1,203 @@
+//! Preallocation of a range of the disk (`preallocation=` at create, and
+//! `resize --preallocation=`), laid out as QEMU lays it out, so that both tools
+//! leave files of the same length and disk usage.
+//!
+//! - `metadata`: each L2 table is allocated before the data clusters it maps,
+//!   runs of data clusters follow it; the parts of a partial first or last
+//!   cluster outside the range are written (what the guest reads there), as
+//!   QEMU's copy-on-write writes them, and the file is extended over the last
+//!   run.
+//! - `falloc` / `full` (data in the image file): a new refcount table, with the
+//!   refcount blocks the new clusters need, goes right after the last used
+//!   cluster; the data clusters follow it as one run, given disk space
+//!   (`fallocate`) or written with zeroes; L2 tables are allocated afterwards
+//!   wherever the allocator finds room (the old refcount table's clusters first).
+//!
+//! Ordering: refcounts are raised (and flushed) before any L2 entry names the
+//! clusters, the data (zeroes, copy-on-write) is written before its L2 entry,
+//! and L2 tables before L1 entries ([`Meta::flush_metadata`]).
+
+use super::create::Preallocation;
+use super::entries::{ALL_ALLOCATED, OFLAG_COPIED};
+use super::image::Qcow2Image;
+use super::meta::Meta;
+use crate::units::{index, ClusterIndex};
+use crate::{check_range, BlockDevice, Result};
+use std::sync::Arc;
+use strata_storage::Storage;
+
+/// Write zeroes over `[from, to)` of `storage`.
+fn write_zeroes_through(storage: &dyn Storage, from: u64, to: u64) -> Result<()> {
+    let zeros = vec![0u8; index((1 << 20).min(to.saturating_sub(from)))];
+    let mut off = from;
+    while off < to {
+        let k = index((to - off).min(zeros.len() as u64));
+        storage.write_at(&zeros[..k], off)?;
+        off += k as u64;
+    }
+    Ok(())
+}
+
+impl Qcow2Image {
+    /// Allocate every cluster of the disk (`preallocation=metadata` and up); with
+    /// `falloc` the data clusters get disk space, with `full` they are written with zeroes.
+    pub(crate) fn preallocate(&self, mode: Preallocation) -> Result<()> {
+        self.preallocate_range(mode, 0, self.virtual_size())
+    }
+
+    /// Preallocate the clusters that hold guest bytes `[from, to)` (after a
+    /// resize grew the disk from `from`, for example). Clusters already
+    /// allocated are kept, except that `falloc` and `full` give a partial first
+    /// cluster a new home too (its bytes are copied), as QEMU does.
+    pub fn preallocate_range(&self, mode: Preallocation, from: u64, to: u64) -> Result<()> {
+        self.check_writable()?;
+        if mode == Preallocation::Off || from >= to {
+            return Ok(());
+        }
+        check_range(from, to - from, self.virtual_size()).map_err(|e| self.err(e))?;
+        let _excl = self.exclusive();
+        let mut m = self.lock()?;
+        if mode == Preallocation::Metadata || self.data.is_external() {
+            self.preallocate_in_place(&mut m, mode, from, to)?;
+        } else {
+            self.preallocate_after_end(&mut m, mode, from, to)?;
+        }
+        m.flush_metadata()
+    }
+
+    /// Allocate the unallocated clusters of `[from, to)`, L2 table first, runs
+    /// of data after it (the `metadata` layout; with a data file, every mode).
+    fn preallocate_in_place(
+        &self,
+        m: &mut Meta,
+        mode: Preallocation,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let l2n = m.l2_entries();
+        let end = to.div_ceil(cs);
+        let mut gc = from / cs;
+        let storage = self.data_storage()?.clone();
+        while gc < end {
+            let table_end = (gc / l2n + 1) * l2n;
+            let l2 = m.l2_for_write(gc / l2n)?;
+            // The run of unallocated clusters starting at gc, inside this L2 table.
+            let mut n = 0;
+            while gc + n < end.min(table_end) && m.raw_entry(l2, (gc + n) % l2n)?.0 == 0 {
+                n += 1;
+            }
+            if n == 0 {
+                gc += 1;
+                continue;
+            }
+            let host = self.alloc_data(m, gc, n)?.get();
+            let bytes = n * cs;
+            match mode {
+                Preallocation::Off => {}
+                Preallocation::Metadata => {
+                    self.copy_on_write(m, &storage, gc * cs, host, from, to, bytes)?;
+                    if host + bytes > storage.size()? {
+                        storage.set_size(host + bytes)?;
+                    }
+                }
+                Preallocation::Falloc => storage.preallocate(host, bytes)?,
+                Preallocation::Full => write_zeroes_through(storage.as_ref(), host, host + bytes)?,
+            }
+            for i in 0..n {
+                m.set_raw_entry(
+                    l2,
+                    (gc + i) % l2n,
+                    (host + i * cs) | OFLAG_COPIED,
+                    ALL_ALLOCATED,
+                )?;
+            }
+            gc += n;
+        }
+        Ok(())
+    }
+
+    /// Write what the guest reads in the parts of the run at guest `g0` (host
+    /// `host`, `bytes` long) that lie outside `[from, to)`: its head before
+    /// `from` and its tail from `to` to the end of its last cluster.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_on_write(
+        &self,
+        m: &mut Meta,
+        storage: &Arc<dyn Storage>,
+        g0: u64,
+        host: u64,
+        from: u64,
+        to: u64,
+        bytes: u64,
+    ) -> Result<()> {
+        let head = from.saturating_sub(g0).min(bytes);
+        let tail_at = to.saturating_sub(g0).min(bytes);
+        for (start, len) in [(0, head), (tail_at, bytes - tail_at)] {
+            if len == 0 {
+                continue;
+            }
+            let mut buf = vec![0u8; index(len)];
+            self.read_locked(m, &mut buf, g0 + start)?;
+            storage.write_at(&buf, host + start)?;
+        }
+        Ok(())
+    }
+
+    /// The `falloc` / `full` layout for data in the image file (see the module
+    /// documentation).
+    fn preallocate_after_end(
+        &self,
+        m: &mut Meta,
+        mode: Preallocation,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let l2n = m.l2_entries();
+        let file_clusters = self.storage.size()?.div_ceil(cs);
+        let mut used = file_clusters;
+        while used > 0 && m.refcount(ClusterIndex(used - 1))? == 0 {
+            used -= 1;
+        }
+        let first = from / cs;
+        let count = to.div_ceil(cs) - first;
+        let tables = count.div_ceil(l2n) + 1;
+        let at = m.refcount_area(used, count + tables, true, None)?;
+        for c in at..at + count {
+            m.set_refcount_in_block(ClusterIndex(c), 1)?;
+        }
+        m.write_refblocks()?;
+        m.barrier()?;
+        let (start, end) = (self.storage.size()?, (at + count) * cs);
+        if end > start {
+            match mode {
+                Preallocation::Full => write_zeroes_through(self.storage.as_ref(), start, end)?,
+                _ => self.storage.preallocate(start, end - start)?,
+            }
+        }
+        let mut gc = first;
+        let mut host = at * cs;
+        while gc < first + count {
+            let n = (first + count - gc).min(l2n - gc % l2n);
+            let l2 = m.l2_for_write(gc / l2n)?;
+            if gc * cs < from {
+                // The partial first cluster moves: its bytes before `from` come along.
+                self.copy_on_write(m, &self.storage, gc * cs, host, from, u64::MAX, cs)?;
+                let old = m.entry(gc)?;
+                m.release_entry(old);
+            }
+            for i in 0..n {
+                m.set_raw_entry(
+                    l2,
+                    (gc + i) % l2n,
+                    (host + i * cs) | OFLAG_COPIED,
+                    ALL_ALLOCATED,
+                )?;
+            }
+            gc += n;
+            host += n * cs;
+        }
+        Ok(())
+    }
+}
