@@ -142,12 +142,15 @@ fn commit_prints_only_what_qemu_img_prints_when_other_overlays_share_the_base() 
 /// Header fields out of range, as a damaged or hostile file carries them: each
 /// is refused with the words and in the order qemu-img uses, by every
 /// subcommand that opens the image.
+/// Byte patches (file offset, bytes) that damage one header field.
+type Patches = Vec<(u64, Vec<u8>)>;
+
 #[test]
 fn header_fields_out_of_range_are_refused_in_qemu_img_words() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let ff8 = [0xffu8; 8];
-    let cases: Vec<(&str, Vec<(u64, Vec<u8>)>)> = vec![
+    let cases: Vec<(&str, Patches)> = vec![
         ("huge-header", vec![(100, vec![0xff; 4])]),
         ("big-header", vec![(100, vec![0x7f, 0xff, 0xff, 0xff])]),
         ("short-header", vec![(100, vec![0, 0, 0, 96])]),

@@ -77,15 +77,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if new <= cur && prealloc.is_some() {
         bail!("Preallocation can only be used for growing images");
     }
-    if new < cur {
-        if !args.shrink {
-            eprintln!(
-                "{}: Use the --shrink option to perform a shrink operation.",
-                ctx.prog
-            );
-            eprintln!("{}: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.", ctx.prog);
-            return Ok(1);
-        }
+    if new < cur && !args.shrink {
+        eprintln!(
+            "{}: Use the --shrink option to perform a shrink operation.",
+            ctx.prog
+        );
+        eprintln!("{}: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.", ctx.prog);
+        return Ok(1);
     }
     // A raw file has no metadata to preallocate; its driver refuses the mode
     // before changing anything.
