@@ -971,7 +971,11 @@ impl Qcow2Image {
             let gc = pos / cs;
             let cstart = gc * cs;
             let cend = (cstart + cs).min(self.virtual_size().max(cstart + cs));
-            let whole = pos == cstart && end >= cstart + cs;
+            // A range ending at the disk's end covers its last cluster whole (the
+            // bytes past the end are never read), as QEMU zeroes it; a raw data
+            // file is the disk itself and ends there.
+            let at_end = end == self.virtual_size() && !self.data.is_raw();
+            let whole = pos == cstart && (end >= cstart + cs || at_end);
             let n = (cstart + cs).min(end) - pos;
             if !whole {
                 if !discard && !self.reads_zero(m, pos, n, has_backing)? {
@@ -1523,8 +1527,13 @@ impl Qcow2Image {
                 if !new_size.is_multiple_of(cs) {
                     // The tail of the last cluster must read as zeroes if the disk grows again.
                     let tail_end = (new_size.next_multiple_of(cs)).min(cur);
-                    // Zeroed only where it does not read as zeroes already.
-                    if tail_end > new_size {
+                    // Zeroed only where this image's own cluster holds data: an
+                    // unallocated tail shows the backing file, which a later growth
+                    // hides itself (the range it grows over is zeroed when the backing
+                    // file is longer), so it stays unallocated as QEMU leaves it.
+                    if tail_end > new_size
+                        && !self.reads_zero(&mut m, new_size, tail_end - new_size, false)?
+                    {
                         self.zero_locked(&mut m, new_size, tail_end - new_size, false, false)
                             .map_err(|e| self.err(e))?;
                     }
