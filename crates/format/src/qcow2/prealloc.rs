@@ -21,7 +21,7 @@ use super::create::Preallocation;
 use super::entries::{ALL_ALLOCATED, OFLAG_COPIED};
 use super::image::Qcow2Image;
 use super::meta::Meta;
-use crate::units::{index, ClusterIndex};
+use crate::units::{index, ClusterIndex, HostOffset};
 use crate::{check_range, BlockDevice, Result};
 use std::sync::Arc;
 use strata_storage::Storage;
@@ -34,6 +34,21 @@ fn write_zeroes_through(storage: &dyn Storage, from: u64, to: u64) -> Result<()>
         let k = index((to - off).min(zeros.len() as u64));
         storage.write_at(&zeros[..k], off)?;
         off += k as u64;
+    }
+    Ok(())
+}
+
+/// Point the L2 entries of the `n` guest clusters from `gc` (all inside the
+/// cached L2 table `l2`) at the host clusters from `host` on, in order.
+fn map_run(m: &mut Meta, l2: HostOffset, gc: u64, n: u64, host: u64) -> Result<()> {
+    let (cs, l2n) = (m.cluster_size(), m.l2_entries());
+    for i in 0..n {
+        m.set_raw_entry(
+            l2,
+            (gc + i) % l2n,
+            (host + i * cs) | OFLAG_COPIED,
+            ALL_ALLOCATED,
+        )?;
     }
     Ok(())
 }
@@ -104,14 +119,7 @@ impl Qcow2Image {
                 Preallocation::Falloc => storage.preallocate(host, bytes)?,
                 Preallocation::Full => write_zeroes_through(storage.as_ref(), host, host + bytes)?,
             }
-            for i in 0..n {
-                m.set_raw_entry(
-                    l2,
-                    (gc + i) % l2n,
-                    (host + i * cs) | OFLAG_COPIED,
-                    ALL_ALLOCATED,
-                )?;
-            }
+            map_run(m, l2, gc, n, host)?;
             gc += n;
         }
         Ok(())
@@ -187,14 +195,7 @@ impl Qcow2Image {
                 let old = m.entry(gc)?;
                 m.release_entry(old);
             }
-            for i in 0..n {
-                m.set_raw_entry(
-                    l2,
-                    (gc + i) % l2n,
-                    (host + i * cs) | OFLAG_COPIED,
-                    ALL_ALLOCATED,
-                )?;
-            }
+            map_run(m, l2, gc, n, host)?;
             gc += n;
             host += n * cs;
         }
