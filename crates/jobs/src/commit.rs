@@ -70,9 +70,6 @@ pub struct ResolvedCommit {
     pub base: usize,
     /// The base image's path.
     pub base_path: PathBuf,
-    /// Images outside the chain that also have the base as their backing file
-    /// (see [`other_users`]): their content changes too, so interfaces warn.
-    pub other_users: Vec<PathBuf>,
 }
 
 impl ResolvedCommit {
@@ -141,7 +138,6 @@ pub fn resolve_spec(req: &CommitRequest, mut spec: OpenSpec) -> Result<ResolvedC
         top,
         base,
         base_path: probe.layers[base].path.clone(),
-        other_users: other_users(&probe, base),
     })
 }
 
@@ -302,52 +298,4 @@ pub fn relink_above_to(
         ))
     })?;
     Ok(overlay.set_backing_file(backing_name, backing_format)?)
-}
-
-/// Images known to use `chain.layers[base]` as their backing file besides the
-/// chain's own layers: qcow2 files in the base's directory whose recorded backing
-/// name resolves to it. A commit into the base changes what they show, so callers
-/// warn before writing. (Overlays elsewhere cannot be found without a catalogue.)
-pub fn other_users(chain: &strata_chain::Chain, base: usize) -> Vec<std::path::PathBuf> {
-    let Ok(target) = std::fs::canonicalize(&chain.layers[base].path) else {
-        return Vec::new();
-    };
-    let members: Vec<std::path::PathBuf> = chain
-        .layers
-        .iter()
-        .filter_map(|l| std::fs::canonicalize(&l.path).ok())
-        .collect();
-    let dir = target
-        .parent()
-        .unwrap_or(std::path::Path::new("/"))
-        .to_path_buf();
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut users = Vec::new();
-    for e in entries.flatten() {
-        let p = e.path();
-        let Ok(c) = std::fs::canonicalize(&p) else {
-            continue;
-        };
-        if members.contains(&c) || !p.is_file() {
-            continue;
-        }
-        let Ok(dev) = strata_chain::open_image(&p, strata_format::Format::Qcow2, false, true)
-        else {
-            continue;
-        };
-        let Some(link) = dev.overlay() else {
-            continue;
-        };
-        if let Some(b) = link.backing_name() {
-            if std::fs::canonicalize(strata_chain::resolve_backing(&p, &b)).ok()
-                == Some(target.clone())
-            {
-                users.push(p);
-            }
-        }
-    }
-    users.sort();
-    users
 }
