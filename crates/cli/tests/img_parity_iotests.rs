@@ -9,7 +9,8 @@
 mod common;
 
 use common::{
-    assert_all_same, differs, io, map_json, ok, qcow2, same, same_image, same_on_copies, sh,
+    assert_all_same, differs, io, map_json, ok, qcow2, same, same_bytes, same_image,
+    same_on_copies, sh,
 };
 use std::path::Path;
 
@@ -377,10 +378,7 @@ fn rebase_refusals_come_in_qemu_img_order() {
         ),
     ] {
         let (ours, theirs) = same_on_copies(d, 0, img, "rebase", args, &[]);
-        let (a, b) = (std::fs::read(d.join(ours)), std::fs::read(d.join(theirs)));
-        if a.unwrap() != b.unwrap() {
-            differs(format!("rebase {args:?} {img}: the images differ"));
-        }
+        same_bytes(d, &ours, &theirs, &format!("rebase {args:?} {img}"));
     }
     assert_all_same();
 }

@@ -195,6 +195,15 @@ pub fn differs(what: String) {
     FAILURES.with(|f| f.borrow_mut().push(what));
 }
 
+/// The two copies of [`same_on_copies`] are the same bytes (for refusals and
+/// header-only changes, where both tools must leave the very same file).
+pub fn same_bytes(dir: &Path, ours: &str, theirs: &str, what: &str) {
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    if read(ours) != read(theirs) {
+        differs(format!("{what}: the images differ"));
+    }
+}
+
 /// The two copies of [`same_on_copies`] are alike to QEMU: the same `qemu-img
 /// info --output=json` (but for the file's name and allocated size: QEMU punches
 /// holes where strata may leave zeroes), the same guest data, and strata's copy
