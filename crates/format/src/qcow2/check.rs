@@ -103,6 +103,13 @@ impl Qcow2Image {
             again.messages = msgs;
             report = again;
         }
+        // Refcounts are whole after a full repair that completed, or after any
+        // repair that left nothing wrong: the dirty bit has done its work.
+        let settled =
+            report.check_errors == 0 && (repair == Repair::All || report.corruptions == 0);
+        if repairing && settled {
+            m.dirty_inherited = false;
+        }
         if repairing && report.corruptions == 0 && report.check_errors == 0 {
             let h = &mut m.h;
             let bits = header::incompat::CORRUPT | header::incompat::DIRTY;

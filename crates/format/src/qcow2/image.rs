@@ -278,6 +278,7 @@ impl Qcow2Image {
         let compression = h.compression_type;
         let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
         meta.snapshots = snaps;
+        meta.dirty_inherited = dirty;
         meta.bitmaps = bitmaps;
         meta.data_storage = data.external().cloned();
         let img = Qcow2Image {

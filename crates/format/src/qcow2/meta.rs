@@ -37,6 +37,10 @@ pub struct Meta {
     pub read_only: bool,
     /// Set once the dirty bit has been written for this session (lazy refcounts).
     pub dirty_written: bool,
+    /// The dirty bit was set when the image was opened (a lazy-refcounts writer
+    /// that did not close cleanly) and no repair has since made the refcounts
+    /// whole: closing leaves the bit set, so the next writer repairs first.
+    pub dirty_inherited: bool,
     /// Flush the storage between ordered metadata writes (the default).
     pub barriers: bool,
     /// `fallocate` fresh data clusters before writing them (off by default).
@@ -77,6 +81,7 @@ impl Meta {
             snapshots: Vec::new(),
             read_only,
             dirty_written: false,
+            dirty_inherited: false,
             barriers: true,
             falloc_new_clusters: false,
             bitmaps: None,
@@ -448,9 +453,12 @@ impl Meta {
         Ok(())
     }
 
-    /// After everything is flushed: clear the dirty bit this session set.
+    /// After everything is flushed: clear the dirty bit this session set. A bit
+    /// the image was opened with stays until a repair settles the refcounts
+    /// (clearing it would hide refcounts the lazy writer left too low from the
+    /// next writer, which could then hand out a cluster still in use).
     pub fn clear_dirty(&mut self) -> Result<()> {
-        if self.h.is_dirty() && !self.read_only {
+        if self.h.is_dirty() && !self.read_only && !self.dirty_inherited {
             self.h.incompatible_features &= !header::incompat::DIRTY;
             self.write_incompat()?;
             self.barrier()?;
