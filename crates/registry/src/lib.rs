@@ -11,7 +11,7 @@
 //! - `chunks`: shared buffers and the threads that hash them beside the I/O;
 //! - `digests`: MD5 and SHA-512, the fastest implementations in the build;
 //! - [`download`]: reading data back, verified against its SHA-512; ranges;
-//! - [`list`]: filters, sorting and paging;
+//! - [`list`]: filters, sorting and paging; [`filter`]: the filters beyond equality;
 //! - [`deploy`]: VM disks from images (thin clones on a verified cache, copies);
 //! - [`cache`]: the images' local copies thin clones rest on, and who reads them;
 //! - [`from_vm`]: images of VM disks, at a snapshot or live;
@@ -27,6 +27,7 @@ pub mod deploy;
 mod digests;
 pub mod download;
 mod error;
+pub mod filter;
 pub mod from_vm;
 pub mod index;
 pub mod inspect;

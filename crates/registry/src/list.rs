@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::filter::Condition;
 use crate::index::Row;
 use crate::record::ImageRecord;
 
@@ -35,6 +36,8 @@ pub const SORT_KEYS: &[&str] = &[
 pub struct ListQuery {
     /// Attribute equals value (core attributes and custom properties).
     pub filters: Vec<(String, String)>,
+    /// The other filters: sizes, `in:` lists, time comparisons.
+    pub conditions: Vec<Condition>,
     /// Tags every listed image must carry.
     pub tags: Vec<String>,
     /// Sort keys with `true` for ascending; `created_at` descending if empty.
@@ -46,7 +49,8 @@ pub struct ListQuery {
 impl ListQuery {
     /// Parse query parameters as Glance does: `limit`, `marker`, `sort_key` /
     /// `sort_dir` (repeatable, paired in order) or `sort=key:dir,...`, `tag`
-    /// (repeatable), and any other parameter as an equality filter.
+    /// (repeatable), the filters of [`Condition::parse`], and any other
+    /// parameter as an equality filter.
     pub fn from_pairs(pairs: &[(String, String)]) -> Result<ListQuery> {
         let mut q = ListQuery {
             limit: DEFAULT_LIMIT,
@@ -79,7 +83,10 @@ impl ListQuery {
                 }
                 "tag" => q.tags.push(v.clone()),
                 "member_status" | "owner" => {}
-                _ => q.filters.push((k.clone(), v.clone())),
+                _ => match Condition::parse(k, v)? {
+                    Some(c) => q.conditions.push(c),
+                    None => q.filters.push((k.clone(), v.clone())),
+                },
             }
         }
         if !keys.is_empty() && !q.sort.is_empty() {
@@ -207,6 +214,7 @@ pub fn select_rows(rows: &[Arc<Row>], q: &ListQuery) -> Result<Page> {
         .filter(|r| show_hidden || !r.rec.os_hidden)
         .filter(|r| q.tags.iter().all(|t| r.rec.tags.contains(t)))
         .filter(|r| q.filters.iter().all(|(k, v)| matches(r.json.get(k), v)))
+        .filter(|r| q.conditions.iter().all(|c| c.holds(&r.rec, &r.json)))
         .collect();
     let order = |a: &&Row, b: &&Row| {
         for (get, asc) in &sort {

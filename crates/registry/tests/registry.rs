@@ -362,3 +362,69 @@ fn lists_filter_sort_and_page_with_a_marker() {
     m.marker = Some("00000000-0000-4000-8000-000000000000".into());
     assert_eq!(reg.list(&m).unwrap_err().kind(), ErrorKind::Invalid);
 }
+
+#[test]
+fn lists_filter_by_size_range_in_lists_times_and_all_visibilities_as_glance_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::open(dir.path()).unwrap();
+    let mut ids = Vec::new();
+    for (i, len) in [100usize, 200, 300].into_iter().enumerate() {
+        let id = new_image(&reg, &format!("s{i}"), "raw");
+        let mut up = reg.begin_upload(&id, None).unwrap();
+        up.write(&vec![7u8; len]).unwrap();
+        up.finish().unwrap();
+        ids.push(id);
+    }
+    let empty = new_image(&reg, "a,b", "iso");
+    reg.update(
+        &ids[0],
+        &[PatchOp::Replace("visibility".into(), json!("private"))],
+    )
+    .unwrap();
+    let names = |pairs: &[(&str, &str)]| {
+        let p: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let mut n: Vec<String> = reg
+            .list(&ListQuery::from_pairs(&p).unwrap())
+            .unwrap()
+            .images
+            .into_iter()
+            .map(|r| r.name.unwrap())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&[("size_min", "200")]), ["s1", "s2"]);
+    assert_eq!(names(&[("size_max", "200")]), ["s0", "s1"]);
+    assert_eq!(names(&[("size_min", "150"), ("size_max", "250")]), ["s1"]);
+    assert_eq!(names(&[("visibility", "all")]), ["a,b", "s0", "s1", "s2"]);
+    assert_eq!(names(&[("visibility", "private")]), ["s0"]);
+    assert_eq!(names(&[("name", r#"in:s0,"a,b""#)]), ["a,b", "s0"]);
+    assert_eq!(names(&[("status", "in:queued,killed")]), ["a,b"]);
+    let in_ids = format!("in:{},{}", ids[1], ids[2]);
+    assert_eq!(names(&[("id", in_ids.as_str())]), ["s1", "s2"]);
+    assert_eq!(
+        names(&[("created_at", "gte:2000-01-01T00:00:00Z")]).len(),
+        4
+    );
+    assert!(names(&[("created_at", "lt:2000-01-01T00:00:00Z")]).is_empty());
+    assert!(names(&[("updated_at", "gt:2999-01-01T02:00:00+02:00")]).is_empty());
+    let made = reg.get(&empty).unwrap().created_at;
+    let eq = format!("eq:{made}");
+    assert!(names(&[("created_at", eq.as_str())]).contains(&"a,b".to_string()));
+    let lte = format!("lte:{made}");
+    assert_eq!(names(&[("created_at", lte.as_str())]).len(), 4);
+    for (k, v) in [
+        ("size_min", "-1"),
+        ("size_max", "big"),
+        ("created_at", "gte:yesterday"),
+        ("updated_at", "around:2000-01-01T00:00:00Z"),
+        ("name", r#"in:"open"#),
+    ] {
+        let err = ListQuery::from_pairs(&[(k.to_string(), v.to_string())]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{k}={v}");
+        assert!(err.to_string().contains(k), "{k}={v}: {err}");
+    }
+}
