@@ -255,6 +255,19 @@ fn patches_and_attributes_are_checked_and_applied_all_or_nothing() {
     let reg = Registry::open(dir.path()).unwrap();
     let id = new_image(&reg, "p", "raw");
     let kind = |ops: Vec<PatchOp>| reg.update(&id, &ops).unwrap_err().kind();
+    let message = |ops: Vec<PatchOp>| reg.update(&id, &ops).unwrap_err().to_string();
+    for (value, says) in [
+        (
+            json!(-3),
+            "-3 is out of range for 'min_disk' (0 to 2147483647)",
+        ),
+        (json!(1u64 << 31), "is out of range for 'min_disk'"),
+        (json!("2"), "\"2\" is not of type 'integer' for 'min_disk'"),
+        (json!(1.5), "1.5 is not of type 'integer' for 'min_disk'"),
+    ] {
+        let m = message(vec![PatchOp::Replace("min_disk".into(), value)]);
+        assert!(m.contains(says), "{m}");
+    }
     assert_eq!(
         kind(vec![PatchOp::Replace("status".into(), json!("active"))]),
         ErrorKind::Forbidden
