@@ -100,6 +100,12 @@ fn media_type(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
+/// Create an image (no data yet: `queued`) from the writable attributes.
+#[utoipa::path(post, path = "/v2/images",
+    request_body(content = serde_json::Value, content_type = "application/json",
+        description = "writable attributes (/v2/schemas/image) and custom properties"),
+    responses((status = 201, body = serde_json::Value, description = "the image"),
+        (status = 400), (status = 409), (status = 413), (status = 415)))]
 pub async fn create(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -127,6 +133,10 @@ pub async fn create(
     Ok(resp)
 }
 
+/// One image's attributes.
+#[utoipa::path(get, path = "/v2/images/{id}",
+    params(("id" = String, Path, description = "image ID")),
+    responses((status = 200, body = serde_json::Value, description = "the image"), (status = 404)))]
 pub async fn show(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -136,6 +146,19 @@ pub async fn show(
     Ok(Json(image_json(&rec)))
 }
 
+/// One page of images, with a `next` link when more follow.
+#[utoipa::path(get, path = "/v2/images",
+    params(
+        ("limit" = Option<u64>, Query, description = "page size (default 25, at most 1000)"),
+        ("marker" = Option<String>, Query, description = "the ID after which the page starts"),
+        ("sort" = Option<String>, Query, description = "key[:asc|desc],... (or sort_key / sort_dir)"),
+        ("tag" = Option<String>, Query, description = "a tag every image listed carries (repeatable)"),
+        ("size_min" = Option<u64>, Query, description = "at least this many bytes"),
+        ("size_max" = Option<u64>, Query, description = "at most this many bytes"),
+    ),
+    responses((status = 200, body = serde_json::Value,
+        description = "{images, first, schema, next}; any other parameter filters on the attribute it names (`in:a,b` for id, name, status and the formats, `gte:TIME`-style for created_at and updated_at)"),
+        (status = 400)))]
 pub async fn list(
     State(st): State<AppState>,
     RawQuery(raw): RawQuery,
@@ -240,6 +263,12 @@ fn parse_patch(v: Value) -> Result<Vec<PatchOp>, ApiError> {
     Ok(ops)
 }
 
+/// Change attributes with a JSON patch (add, replace, remove).
+#[utoipa::path(patch, path = "/v2/images/{id}",
+    params(("id" = String, Path, description = "image ID")),
+    request_body(content = serde_json::Value, content_type = "application/openstack-images-v2.1-json-patch"),
+    responses((status = 200, body = serde_json::Value, description = "the image"),
+        (status = 400), (status = 403), (status = 404), (status = 409), (status = 415)))]
 pub async fn update(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -259,6 +288,10 @@ pub async fn update(
     Ok(Json(image_json(&rec)))
 }
 
+/// Delete an image and its data (403 while it is `protected`).
+#[utoipa::path(delete, path = "/v2/images/{id}",
+    params(("id" = String, Path, description = "image ID")),
+    responses((status = 204), (status = 403), (status = 404), (status = 409)))]
 pub async fn delete(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -268,6 +301,10 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Add a tag.
+#[utoipa::path(put, path = "/v2/images/{id}/tags/{tag}",
+    params(("id" = String, Path, description = "image ID"), ("tag" = String, Path)),
+    responses((status = 204), (status = 400), (status = 404)))]
 pub async fn add_tag(
     State(st): State<AppState>,
     Path((id, tag)): Path<(String, String)>,
@@ -277,6 +314,10 @@ pub async fn add_tag(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Remove a tag.
+#[utoipa::path(delete, path = "/v2/images/{id}/tags/{tag}",
+    params(("id" = String, Path, description = "image ID"), ("tag" = String, Path)),
+    responses((status = 204), (status = 404)))]
 pub async fn remove_tag(
     State(st): State<AppState>,
     Path((id, tag)): Path<(String, String)>,
@@ -290,6 +331,11 @@ pub async fn remove_tag(
 /// pass through a small bounded channel to a blocking writer, so memory stays
 /// bounded whatever the size. A body that ends early or fails leaves the
 /// image `queued` (the upload is dropped).
+#[utoipa::path(put, path = "/v2/images/{id}/file",
+    params(("id" = String, Path, description = "image ID")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the image's data"),
+    responses((status = 204, description = "the image is active"), (status = 400), (status = 404),
+        (status = 409), (status = 413), (status = 415)))]
 pub async fn upload(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -355,6 +401,11 @@ pub async fn upload(
 /// while it streams: the last chunk is sent only once the hash matches, so a
 /// mismatch breaks the connection short of the announced length rather than
 /// finish a damaged download) or one `Range`.
+#[utoipa::path(get, path = "/v2/images/{id}/file",
+    params(("id" = String, Path, description = "image ID")),
+    responses((status = 200, body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 204, description = "the image has no data"), (status = 206, description = "the Range asked for"),
+        (status = 404), (status = 416)))]
 pub async fn download(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -430,3 +481,34 @@ fn pump(
         }
     }
 }
+
+/// The image schemas glanceclient reads (`GET /v2/schemas/image`).
+#[utoipa::path(get, path = "/v2/schemas/image",
+    responses((status = 200, body = serde_json::Value, description = "JSON schema of an image")))]
+pub async fn image_schema() -> Json<Value> {
+    Json(crate::schema::image())
+}
+
+/// `GET /v2/schemas/images`.
+#[utoipa::path(get, path = "/v2/schemas/images",
+    responses((status = 200, body = serde_json::Value, description = "JSON schema of a list")))]
+pub async fn images_schema() -> Json<Value> {
+    Json(crate::schema::images())
+}
+
+/// The Glance endpoints' part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list,
+    create,
+    show,
+    update,
+    delete,
+    upload,
+    download,
+    add_tag,
+    remove_tag,
+    image_schema,
+    images_schema
+))]
+pub struct ImageApi;

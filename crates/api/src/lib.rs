@@ -118,7 +118,9 @@ async fn authenticate(State(st): State<AppState>, req: Request, next: Next) -> R
 }
 
 /// Version discovery, as Glance answers it (300 Multiple Choices).
-async fn versions(headers: HeaderMap) -> Response {
+#[utoipa::path(get, path = "/versions",
+    responses((status = 300, body = serde_json::Value, description = "the API versions (also at /)")))]
+pub async fn versions(headers: HeaderMap) -> Response {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
@@ -143,11 +145,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(versions))
         .route("/versions", get(versions))
-        .route("/v2/schemas/image", get(|| async { Json(schema::image()) }))
-        .route(
-            "/v2/schemas/images",
-            get(|| async { Json(schema::images()) }),
-        )
+        .route("/v2/schemas/image", get(images::image_schema))
+        .route("/v2/schemas/images", get(images::images_schema))
         .route("/v2/images", get(images::list).post(images::create))
         .route(
             "/v2/images/{id}",

@@ -131,9 +131,10 @@ pub async fn cancel(
 #[openapi(
     info(
         title = "strata API",
-        description = "strata's own API (tasks and operations); the image registry follows OpenStack Glance's image API v2 under /v2."
+        description = "strata's own API under /api/v1 (VMs, snapshots, backups, NBD exports, tasks), and the image registry under /v2 in the shape of OpenStack Glance's image API v2. Every request but this document and version discovery carries a token in X-Auth-Token or Authorization: Bearer; a read-only token may only GET."
     ),
     paths(
+        crate::versions,
         verify,
         list,
         show,
@@ -155,6 +156,7 @@ pub struct ApiDoc;
 /// `GET /api/v1/openapi.json`.
 pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     let mut doc = ApiDoc::openapi();
+    doc.merge(crate::images::ImageApi::openapi());
     doc.merge(crate::vms::VmApi::openapi());
     doc.merge(crate::snapshots::SnapshotApi::openapi());
     doc.merge(crate::exports::ExportApi::openapi());

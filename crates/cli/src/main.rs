@@ -33,7 +33,8 @@ enum Command {
     Backup(Box<backup::BackupCli>),
     /// Virtual machines: define, start, stop, exec, and snapshots with memory.
     Vm(Box<vm::VmCli>),
-    /// The HTTP API: the image registry (Glance v2 compatible), tokens, TLS.
+    /// The HTTP API: VMs and snapshots, backups, NBD exports and tasks, and the
+    /// image registry (Glance v2 compatible); token auth, optional TLS.
     Serve(Box<serve::ServeCli>),
     /// API tokens: create (admin or --read-only), list.
     Token(Box<serve::TokenCli>),

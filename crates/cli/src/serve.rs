@@ -109,6 +109,8 @@ pub fn run_serve(c: ServeCli) -> i32 {
 
 #[derive(clap::Args)]
 pub struct TokenCli {
+    /// State directory the server reads its tokens from (default:
+    /// $STRATA_STATE_DIR, else /var/lib/strata).
     #[arg(long = "state-dir", global = true, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -168,6 +170,8 @@ fn finish(what: &str, r: Result<()>) -> i32 {
 
 #[derive(clap::Args)]
 pub struct ImageCli {
+    /// State directory of the local registry (default: $STRATA_STATE_DIR,
+    /// else /var/lib/strata); not used with --server.
     #[arg(long = "state-dir", global = true, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Work through the API of `strata serve` at URL instead of the local

@@ -140,3 +140,52 @@ fn the_openapi_document_describes_the_task_endpoints_and_types() {
         assert!(task[field].is_object(), "Task.{field} missing: {task}");
     }
 }
+
+/// What the router answers for a path no route has.
+const FALLBACK_404: &str = "The resource could not be found.";
+
+/// The routes of the Glance image API, which the document must describe too.
+const GLANCE_PATHS: &[&str] = &[
+    "/versions",
+    "/v2/schemas/image",
+    "/v2/schemas/images",
+    "/v2/images",
+    "/v2/images/{id}",
+    "/v2/images/{id}/file",
+    "/v2/images/{id}/tags/{tag}",
+];
+
+#[test]
+fn the_openapi_document_lists_every_route_with_exactly_the_methods_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = token(dir.path(), false);
+    let srv = Server::start(dir.path(), &[]);
+    let doc = srv
+        .req("GET", "/api/v1/openapi.json", None, None, b"")
+        .json();
+    let paths = doc["paths"].as_object().unwrap();
+    for p in GLANCE_PATHS {
+        assert!(paths.contains_key(*p), "{p} missing from the document");
+    }
+    let mut asked = 0;
+    for (path, ops) in paths {
+        // Every placeholder names something that does not exist: a handler
+        // answers its own 4xx/5xx, the router 405 (method) or its fallback.
+        let concrete = path.replace(['{', '}'], "_");
+        for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+            let r = srv.req(method, &concrete, Some(&tok), None, b"");
+            asked += 1;
+            let fallback = String::from_utf8_lossy(&r.body).contains(FALLBACK_404);
+            let routed = r.status != 405 && !(r.status == 404 && fallback);
+            let documented = ops.get(method.to_lowercase()).is_some();
+            assert_eq!(
+                routed,
+                documented,
+                "{method} {path}: answered {} {} but documented: {documented}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+    }
+    assert!(asked >= 5 * 25, "only {asked} requests: too few paths");
+}

@@ -5,7 +5,6 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
 
-use strata_chain::OpenSpec;
 use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions};
 use strata_format::{BlockDevice, Format};
 use strata_storage::Storage;
@@ -15,23 +14,22 @@ use crate::error::{Error, Result};
 /// Inspect the complete data of an image at `path` of `size` bytes declared as
 /// `disk_format`. Returns the virtual size for the formats strata reads (raw,
 /// qcow2), `None` for others. Refused as invalid: data declared qcow2 that is
-/// not a valid qcow2 image or that names a backing file (an image must stand
-/// alone; a backing name would point a consumer at a file of its host), and
+/// not a valid qcow2 image, that names a backing file or an external data file
+/// (an image must stand alone; such a name would point a consumer at a file of
+/// its host), or that is encrypted (there is no secret to read it with), and
 /// data declared raw that is a qcow2 image (a consumer that probes would read
-/// it as qcow2).
+/// it as qcow2). The refusals name no path of the server.
 pub fn inspect(path: &Path, disk_format: &str, size: u64) -> Result<Option<u64>> {
     match disk_format {
         "qcow2" => {
-            let spec = OpenSpec::new(path)
-                .format(Some(Format::Qcow2))
-                .force_share(true)
-                .open_backing(false);
-            let chain = strata_chain::open(&spec).map_err(not_qcow2)?;
-            let top = &chain.layers[0];
-            if let Some(b) = &top.backing_name {
-                return Err(backing_refused(b));
-            }
-            Ok(Some(top.device.virtual_size()))
+            let opts = strata_storage::OpenOptions::read().force_share(true);
+            let file = strata_storage::FileStorage::open(path, opts).map_err(|e| {
+                Error::io(
+                    "open the uploaded data",
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+            qcow2_size(Arc::new(file), Some(path))
         }
         "raw" => {
             if size >= 4 && strata_chain::probe_format(path).ok() == Some(Format::Qcow2) {
@@ -44,37 +42,14 @@ pub fn inspect(path: &Path, disk_format: &str, size: u64) -> Result<Option<u64>>
 }
 
 /// [`inspect`] for data that is not a host file (an image in a backup
-/// repository), read through `dev`. The same refusals, and also qcow2 data
-/// naming an external data file or encrypted (there is no file beside it to
-/// open, nor a secret).
+/// repository), read through `dev`, with the same refusals.
 pub(crate) fn inspect_device(
     dev: Arc<dyn BlockDevice>,
     disk_format: &str,
     size: u64,
 ) -> Result<Option<u64>> {
     match disk_format {
-        "qcow2" => {
-            let bytes: Arc<dyn Storage> = Arc::new(DeviceBytes(dev));
-            let open = |metadata_only| {
-                let opts = Qcow2OpenOptions {
-                    read_only: true,
-                    metadata_only,
-                    ..Default::default()
-                };
-                Qcow2Image::open(bytes.clone(), opts).map_err(not_qcow2)
-            };
-            let meta = open(true)?;
-            if let Some(b) = &meta.header().backing_file {
-                return Err(backing_refused(b));
-            }
-            if meta.has_data_file() || meta.encryption().is_some() {
-                return Err(Error::Invalid(
-                    "Image data is not a valid qcow2 image here: an external data file or encryption is refused".into(),
-                ));
-            }
-            // Opened again in full: everything a guest's read relies on is checked.
-            Ok(Some(open(false)?.virtual_size()))
-        }
+        "qcow2" => qcow2_size(Arc::new(DeviceBytes(dev)), None),
         "raw" => {
             let mut magic = [0u8; 4];
             if size >= 4 {
@@ -88,6 +63,39 @@ pub(crate) fn inspect_device(
         }
         _ => Ok(None),
     }
+}
+
+/// The virtual size of the qcow2 image in `bytes`, once it is checked to be
+/// valid in full and to stand alone (no backing file, no external data file,
+/// no encryption). The engine's errors name the file they read: `path` (the
+/// server's own) is taken out of them.
+fn qcow2_size(bytes: Arc<dyn Storage>, path: Option<&Path>) -> Result<Option<u64>> {
+    let not_qcow2 = |e: strata_format::Error| {
+        let mut msg = e.to_string();
+        if let Some(p) = path {
+            msg = msg.replace(&format!("{}: ", p.display()), "");
+        }
+        not_qcow2(msg)
+    };
+    let open = |metadata_only| {
+        let opts = Qcow2OpenOptions {
+            read_only: true,
+            metadata_only,
+            ..Default::default()
+        };
+        Qcow2Image::open(bytes.clone(), opts).map_err(not_qcow2)
+    };
+    let meta = open(true)?;
+    if let Some(b) = &meta.header().backing_file {
+        return Err(backing_refused(b));
+    }
+    if meta.has_data_file() || meta.encryption().is_some() {
+        return Err(Error::Invalid(
+            "Image data is not a valid qcow2 image here: an external data file or encryption is refused".into(),
+        ));
+    }
+    // Opened again in full: everything a guest's read relies on is checked.
+    Ok(Some(open(false)?.virtual_size()))
 }
 
 fn not_qcow2(e: impl std::fmt::Display) -> Error {

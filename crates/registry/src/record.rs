@@ -260,10 +260,17 @@ impl ImageRecord {
                 }
             }
             "min_disk" | "min_ram" => {
+                if !value.is_i64() && !value.is_u64() {
+                    return Err(invalid("'integer'"));
+                }
                 let v = value
                     .as_u64()
                     .filter(|v| *v <= i32::MAX as u64)
-                    .ok_or_else(|| invalid("'integer' (0 to 2147483647)"))?;
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "Provided object does not match schema 'image': {value} is out of range for '{key}' (0 to 2147483647)"
+                        ))
+                    })?;
                 if key == "min_disk" {
                     self.min_disk = v;
                 } else {

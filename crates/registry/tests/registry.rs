@@ -165,7 +165,7 @@ fn opening_the_registry_returns_an_abandoned_saving_image_to_queued_and_drops_st
 }
 
 #[test]
-fn qcow2_data_is_measured_by_the_engine_and_bad_or_backed_qcow2_is_refused() {
+fn qcow2_data_is_measured_by_the_engine_and_bad_backed_data_file_or_encrypted_qcow2_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::open(dir.path()).unwrap();
     let img = dir.path().join("a.qcow2");
@@ -189,6 +189,33 @@ fn qcow2_data_is_measured_by_the_engine_and_bad_or_backed_qcow2_is_refused() {
         "qcow2",
         ov.to_str().unwrap(),
     ]);
+    let host_file = dir.path().join("host-file");
+    std::fs::write(&host_file, b"host data a consumer must not reach").unwrap();
+    let with_data_file = dir.path().join("df.qcow2");
+    let data_file = format!("data_file={}", host_file.display());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &data_file,
+        with_data_file.to_str().unwrap(),
+        "1M",
+    ]);
+    let encrypted = dir.path().join("luks.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        encrypted.to_str().unwrap(),
+        "1M",
+    ]);
     let upload = |fmt: &str, bytes: &[u8]| {
         let id = new_image(&reg, "q", fmt);
         let mut up = reg.begin_upload(&id, None).unwrap();
@@ -205,11 +232,19 @@ fn qcow2_data_is_measured_by_the_engine_and_bad_or_backed_qcow2_is_refused() {
             "not a valid qcow2",
         ),
         ("raw", std::fs::read(&img).unwrap(), "is a qcow2 image"),
+        (
+            "qcow2",
+            std::fs::read(&with_data_file).unwrap(),
+            "external data file",
+        ),
+        ("qcow2", std::fs::read(&encrypted).unwrap(), "encryption"),
     ] {
         let (id, r) = upload(fmt, &bytes);
         let e = r.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Invalid);
         assert!(e.to_string().contains(why), "{e}");
+        let server_path = dir.path().to_str().unwrap();
+        assert!(!e.to_string().contains(server_path), "a path in: {e}");
         assert_eq!(reg.get(&id).unwrap().status, Status::Queued);
     }
 }
@@ -220,6 +255,19 @@ fn patches_and_attributes_are_checked_and_applied_all_or_nothing() {
     let reg = Registry::open(dir.path()).unwrap();
     let id = new_image(&reg, "p", "raw");
     let kind = |ops: Vec<PatchOp>| reg.update(&id, &ops).unwrap_err().kind();
+    let message = |ops: Vec<PatchOp>| reg.update(&id, &ops).unwrap_err().to_string();
+    for (value, says) in [
+        (
+            json!(-3),
+            "-3 is out of range for 'min_disk' (0 to 2147483647)",
+        ),
+        (json!(1u64 << 31), "is out of range for 'min_disk'"),
+        (json!("2"), "\"2\" is not of type 'integer' for 'min_disk'"),
+        (json!(1.5), "1.5 is not of type 'integer' for 'min_disk'"),
+    ] {
+        let m = message(vec![PatchOp::Replace("min_disk".into(), value)]);
+        assert!(m.contains(says), "{m}");
+    }
     assert_eq!(
         kind(vec![PatchOp::Replace("status".into(), json!("active"))]),
         ErrorKind::Forbidden
