@@ -3,7 +3,8 @@
 //! lists and restores the same snapshots and bytes as strata; prune keeps exactly
 //! the snapshots `restic forget` keeps under the same policy; damage is named
 //! down to the blob, the pack, and the snapshot, file and offset it breaks. The
-//! repository and password come from strata's or restic's variables.
+//! repository and password come from strata's or restic's variables, and every
+//! long job draws a progress bar on a terminal only.
 
 mod common;
 
@@ -295,7 +296,11 @@ fn a_flipped_byte_is_named_by_verify_with_what_it_breaks_and_restore_refuses_it(
     let text = stdout(&out);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("problems found"), "{err}");
-    assert!(text.contains(&format!("in pack {pack_name}")), "{text}");
+    assert!(text.contains(&pack_name), "{text}");
+    // Each line names the damaged pack once, however many things it says of it.
+    for line in text.lines() {
+        assert!(line.matches(&pack_name).count() <= 1, "{line}");
+    }
     assert!(text.contains("authentication failed"), "{text}");
     for id in [&first, &second] {
         assert!(
@@ -671,4 +676,53 @@ fn the_repository_and_password_come_from_strata_or_restic_variables_as_restic_re
         err.contains("RESTIC_PASSWORD_FILE or RESTIC_PASSWORD"),
         "{err}"
     );
+}
+
+/// `strata backup ARGS` run as [`strata`] runs it (its environment), with a
+/// terminal as its stdout and stderr (through `script`); what the terminal showed.
+fn on_a_terminal(args: &[&str]) -> String {
+    let plain = strata(args);
+    let line = std::iter::once(plain.get_program())
+        .chain(plain.get_args())
+        .map(|a| a.to_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut c = std::process::Command::new("script");
+    c.args(["-q", "-e", "-c", &line, "/dev/null"]);
+    for (k, v) in plain.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    stdout(&run(c))
+}
+
+#[test]
+fn every_long_job_draws_a_progress_bar_on_a_terminal_and_none_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let disk = d.join("disk.raw");
+    run(strata(&["init", "--repo", s(&repo)]));
+    std::fs::write(&disk, noise(6 * MIB)).unwrap();
+    let out = d.join("out.raw");
+    let jobs: [&[&str]; 5] = [
+        &["create", s(&disk)],
+        &["restore", "latest", s(&out)],
+        &["verify"],
+        &["prune", "--keep-last", "1"],
+        &["gc"],
+    ];
+    for job in jobs {
+        let args: Vec<&str> = job.iter().chain(&["--repo", s(&repo)]).copied().collect();
+        let shown = on_a_terminal(&args);
+        assert!(shown.contains("(100/100%) [="), "{job:?}: {shown}");
+        let piped = run(strata(&args));
+        let err = String::from_utf8_lossy(&piped.stderr);
+        assert!(
+            !err.contains("100%"),
+            "{job:?} drew a bar into a pipe: {err}"
+        );
+    }
 }
