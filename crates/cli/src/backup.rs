@@ -1,7 +1,7 @@
 //! `strata backup`: disk backups in restic's repository format (`init`, `create`,
 //! `list`, `restore`, `verify`, `prune`, `gc`, `stats`). The repository comes from `--repo`, `STRATA_REPOSITORY` or
 //! `RESTIC_REPOSITORY`; the password from `--password-file`, `STRATA_PASSWORD`,
-//! `RESTIC_PASSWORD` or `RESTIC_PASSWORD_FILE`, in that order.
+//! `RESTIC_PASSWORD_FILE` or `RESTIC_PASSWORD`, in that order.
 
 mod instant;
 mod maintenance;
@@ -58,7 +58,8 @@ struct RepoArgs {
     /// The repository: a directory, or s3:http://HOST:PORT/BUCKET[/PREFIX]; default $STRATA_REPOSITORY, then $RESTIC_REPOSITORY.
     #[arg(long = "repo", short = 'r')]
     repo: Option<String>,
-    /// Read the password from this file (surrounding whitespace and the newline trimmed).
+    /// Read the password from this file (surrounding whitespace and the newline
+    /// trimmed); default $STRATA_PASSWORD, then $RESTIC_PASSWORD_FILE, then $RESTIC_PASSWORD.
     #[arg(long = "password-file")]
     password_file: Option<PathBuf>,
     /// While another process holds a conflicting lock, retry for up to this long
@@ -69,6 +70,13 @@ struct RepoArgs {
 
 fn parse_chunk_size(s: &str) -> Result<ChunkSize> {
     Ok(ChunkSize::parse(s)?)
+}
+
+/// A byte count or offset: bytes, or with a k, M, G or T suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    strata_jobs::create::parse_size(s).ok_or_else(|| {
+        format!("invalid size '{s}': bytes, or a number with a k, M, G or T suffix (e.g. 64M)")
+    })
 }
 
 /// `90`, `90s`, `5m` or `1h`.
@@ -173,11 +181,13 @@ struct RestoreArgs {
     /// Output format: raw (sparse, the default) or qcow2.
     #[arg(short = 'O', long = "output-format")]
     output_format: Option<String>,
-    /// Restore only the bytes from this disk offset (with --length).
-    #[arg(long = "offset", requires = "length")]
+    /// With --length: where the range starts on the disk (bytes, or with a k,
+    /// M, G or T suffix; default 0).
+    #[arg(long = "offset", requires = "length", value_parser = parse_bytes)]
     offset: Option<u64>,
-    /// Restore only this many bytes (from --offset, default 0).
-    #[arg(long = "length")]
+    /// Restore only this many bytes of the disk, from --offset (bytes, or
+    /// with a k, M, G or T suffix, e.g. 64M).
+    #[arg(long = "length", value_parser = parse_bytes)]
     length: Option<u64>,
     /// Write into the existing image OUTPUT (format probed) at the disk's own
     /// offsets, zeroes included, instead of creating a new file.
@@ -325,19 +335,29 @@ impl RepoArgs {
 
 /// A repository's password: from `file` when given, else the environment.
 pub(crate) fn password(file: Option<&Path>) -> Result<String> {
+    password_from(file, |v| std::env::var(v).ok())
+}
+
+/// Where a password comes from, first found wins: `file`, `STRATA_PASSWORD`,
+/// then restic's variables in restic's own order (`RESTIC_PASSWORD_FILE`
+/// before `RESTIC_PASSWORD`), so strata opens a repository with the password
+/// restic would use. An empty variable counts as unset, as in restic.
+fn password_from(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<String> {
+    let var = |name: &str| env(name).filter(|v| !v.is_empty());
     let from_file = |p: &Path| Ok(strata_repo::ops::read_password_file(p)?);
     if let Some(p) = file {
         return from_file(p);
     }
-    for var in ["STRATA_PASSWORD", "RESTIC_PASSWORD"] {
-        if let Ok(p) = std::env::var(var) {
-            return Ok(p);
-        }
+    if let Some(p) = var("STRATA_PASSWORD") {
+        return Ok(p);
     }
-    if let Ok(p) = std::env::var("RESTIC_PASSWORD_FILE") {
+    if let Some(p) = var("RESTIC_PASSWORD_FILE") {
         return from_file(Path::new(&p));
     }
-    bail!("no password given: use --password-file, STRATA_PASSWORD, RESTIC_PASSWORD or RESTIC_PASSWORD_FILE")
+    if let Some(p) = var("RESTIC_PASSWORD") {
+        return Ok(p);
+    }
+    bail!("no password given: use --password-file, STRATA_PASSWORD, RESTIC_PASSWORD_FILE or RESTIC_PASSWORD")
 }
 
 fn init(a: InitArgs) -> Result<()> {
@@ -471,7 +491,8 @@ fn list(a: ListArgs) -> Result<()> {
     line(&head);
     println!("{}", "-".repeat(widths.iter().sum::<usize>() + 8));
     rows.iter().for_each(line);
-    println!("{} snapshots", rows.len());
+    let n = rows.len();
+    println!("{n} snapshot{}", if n == 1 { "" } else { "s" });
     Ok(())
 }
 
@@ -567,7 +588,52 @@ fn serve(a: ServeArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::export_names;
+    use super::{export_names, parse_bytes, password_from};
+    use std::path::Path;
+
+    #[test]
+    fn the_password_comes_from_the_file_then_strata_then_restics_variables_in_restics_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "from a\n").unwrap();
+        std::fs::write(&b, "  from b \n").unwrap();
+        let b = b.to_str().unwrap();
+        let pw = |file: Option<&Path>, vars: &[(&str, &str)]| {
+            password_from(file, |name| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            })
+        };
+        let all = [
+            ("STRATA_PASSWORD", "strata"),
+            ("RESTIC_PASSWORD_FILE", b),
+            ("RESTIC_PASSWORD", "restic"),
+        ];
+        assert_eq!(pw(Some(&a), &all).unwrap(), "from a");
+        assert_eq!(pw(None, &all).unwrap(), "strata");
+        // restic reads RESTIC_PASSWORD_FILE before RESTIC_PASSWORD; empty means unset.
+        assert_eq!(pw(None, &all[1..]).unwrap(), "from b");
+        let empty = [
+            ("STRATA_PASSWORD", ""),
+            ("RESTIC_PASSWORD_FILE", ""),
+            ("RESTIC_PASSWORD", "restic"),
+        ];
+        assert_eq!(pw(None, &empty).unwrap(), "restic");
+        let e = pw(None, &empty[..2]).unwrap_err().to_string();
+        assert!(e.starts_with("no password given"), "{e}");
+    }
+
+    #[test]
+    fn restore_ranges_take_bytes_or_binary_suffixes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64M"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        let e = parse_bytes("1X").unwrap_err();
+        assert!(e.contains("invalid size '1X'"), "{e}");
+        assert!(parse_bytes("-1").is_err());
+    }
 
     #[test]
     fn serve_names_one_export_per_snapshot_and_refuses_missing_or_repeated_names() {

@@ -29,7 +29,7 @@ enum Command {
     Img(Box<img::ImgCli>),
     /// NBD server: export images and chains; live snapshots, commit and stream.
     Nbd(Box<nbd::NbdCli>),
-    /// Backups in restic's repository format: init, create, list, restore.
+    /// Backups in restic's repository format: init, create, list, restore, verify, prune, gc, stats, serve.
     Backup(Box<backup::BackupCli>),
     /// Virtual machines: define, start, stop, exec, and snapshots with memory.
     Vm(Box<vm::VmCli>),

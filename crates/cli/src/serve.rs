@@ -50,7 +50,7 @@ struct StoreArgs {
     #[arg(long = "image-store", value_name = "STORE", global = true)]
     image_store: Option<String>,
     /// With a repository store: read its password from this file (else
-    /// STRATA_PASSWORD, RESTIC_PASSWORD, RESTIC_PASSWORD_FILE).
+    /// STRATA_PASSWORD, RESTIC_PASSWORD_FILE, RESTIC_PASSWORD).
     #[arg(long = "password-file", value_name = "FILE", global = true)]
     password_file: Option<PathBuf>,
 }

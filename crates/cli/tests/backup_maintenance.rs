@@ -2,7 +2,9 @@
 //! `restic`: after each of them `restic check --read-data` passes and restic
 //! lists and restores the same snapshots and bytes as strata; prune keeps exactly
 //! the snapshots `restic forget` keeps under the same policy; damage is named
-//! down to the blob, the pack, and the snapshot, file and offset it breaks.
+//! down to the blob, the pack, and the snapshot, file and offset it breaks. The
+//! repository and password come from strata's or restic's variables, and every
+//! long job draws a progress bar on a terminal only.
 
 mod common;
 
@@ -294,7 +296,11 @@ fn a_flipped_byte_is_named_by_verify_with_what_it_breaks_and_restore_refuses_it(
     let text = stdout(&out);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("problems found"), "{err}");
-    assert!(text.contains(&format!("in pack {pack_name}")), "{text}");
+    assert!(text.contains(&pack_name), "{text}");
+    // Each line names the damaged pack once, however many things it says of it.
+    for line in text.lines() {
+        assert!(line.matches(&pack_name).count() <= 1, "{line}");
+    }
     assert!(text.contains("authentication failed"), "{text}");
     for id in [&first, &second] {
         assert!(
@@ -402,11 +408,18 @@ fn a_byte_range_restores_alone_or_into_an_existing_image() {
     run(strata(&["init", "--repo", s(&repo)]));
     run(strata(&["create", "--repo", s(&repo), "-U", s(&top)]));
 
-    // A range across chunk boundaries, and one inside a zeroed region.
+    // A range across chunk boundaries, one inside a zeroed region, the whole
+    // disk and one of whole MiBs; whole MiBs are written with a suffix (1M), as
+    // the README writes them.
+    let arg = |n: usize| match n {
+        n if n > 0 && n % MIB == 0 => format!("{}M", n / MIB),
+        n => n.to_string(),
+    };
     for (offset, length) in [
         (3 * MIB - 17, 9 * MIB + 33),
         (31 * MIB, 1000),
         (0, want.len()),
+        (MIB, 2 * MIB),
     ] {
         let out = d.join("range.raw");
         run(strata(&[
@@ -416,9 +429,9 @@ fn a_byte_range_restores_alone_or_into_an_existing_image() {
             "latest",
             s(&out),
             "--offset",
-            &offset.to_string(),
+            &arg(offset),
             "--length",
-            &length.to_string(),
+            &arg(length),
         ]));
         assert!(
             std::fs::read(&out).unwrap() == want[offset..offset + length],
@@ -598,4 +611,118 @@ fn a_served_backup_reads_as_the_disk_over_nbd_and_holds_off_gc() {
     assert!(!sock.exists());
     run(strata(&["gc", "--repo", s(&repo)]));
     restic_check(&repo);
+}
+
+#[test]
+fn the_repository_and_password_come_from_strata_or_restic_variables_as_restic_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let pw = d.join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    run(strata(&["init", "--repo", s(&repo)]));
+    let list = |vars: &[(&str, &str)]| {
+        let mut c = strata(&["list"]);
+        c.env_remove("STRATA_PASSWORD");
+        c.envs(vars.iter().copied());
+        c.output().unwrap()
+    };
+    for vars in [
+        [
+            ("STRATA_REPOSITORY", s(&repo)),
+            ("STRATA_PASSWORD", PASSWORD),
+        ],
+        [
+            ("RESTIC_REPOSITORY", s(&repo)),
+            ("RESTIC_PASSWORD", PASSWORD),
+        ],
+        [
+            ("RESTIC_REPOSITORY", s(&repo)),
+            ("RESTIC_PASSWORD_FILE", s(&pw)),
+        ],
+    ] {
+        let o = list(&vars);
+        assert!(
+            o.status.success(),
+            "{vars:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(stdout(&o).ends_with("0 snapshots\n"), "{}", stdout(&o));
+    }
+    // restic prefers RESTIC_PASSWORD_FILE to RESTIC_PASSWORD, and so does strata;
+    // an empty STRATA_PASSWORD counts as unset, as an empty RESTIC_PASSWORD does in restic.
+    let both = [
+        ("RESTIC_REPOSITORY", s(&repo)),
+        ("STRATA_PASSWORD", ""),
+        ("RESTIC_PASSWORD", "not it"),
+        ("RESTIC_PASSWORD_FILE", s(&pw)),
+    ];
+    let o = list(&both);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut r = std::process::Command::new("restic");
+    r.args(["--no-cache", "snapshots"]).envs(both);
+    run(r);
+    // Neither given: the error names every way to give them.
+    let o = list(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("STRATA_REPOSITORY or RESTIC_REPOSITORY"),
+        "{err}"
+    );
+    let o = list(&[("STRATA_REPOSITORY", s(&repo))]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("RESTIC_PASSWORD_FILE or RESTIC_PASSWORD"),
+        "{err}"
+    );
+}
+
+/// `strata backup ARGS` run as [`strata`] runs it (its environment), with a
+/// terminal as its stdout and stderr (through `script`); what the terminal showed.
+fn on_a_terminal(args: &[&str]) -> String {
+    let plain = strata(args);
+    let line = std::iter::once(plain.get_program())
+        .chain(plain.get_args())
+        .map(|a| a.to_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut c = std::process::Command::new("script");
+    c.args(["-q", "-e", "-c", &line, "/dev/null"]);
+    for (k, v) in plain.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    stdout(&run(c))
+}
+
+#[test]
+fn every_long_job_draws_a_progress_bar_on_a_terminal_and_none_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let disk = d.join("disk.raw");
+    run(strata(&["init", "--repo", s(&repo)]));
+    std::fs::write(&disk, noise(6 * MIB)).unwrap();
+    let out = d.join("out.raw");
+    let jobs: [&[&str]; 5] = [
+        &["create", s(&disk)],
+        &["restore", "latest", s(&out)],
+        &["verify"],
+        &["prune", "--keep-last", "1"],
+        &["gc"],
+    ];
+    for job in jobs {
+        let args: Vec<&str> = job.iter().chain(&["--repo", s(&repo)]).copied().collect();
+        let shown = on_a_terminal(&args);
+        assert!(shown.contains("(100/100%) [="), "{job:?}: {shown}");
+        let piped = run(strata(&args));
+        let err = String::from_utf8_lossy(&piped.stderr);
+        assert!(
+            !err.contains("100%"),
+            "{job:?} drew a bar into a pipe: {err}"
+        );
+    }
 }

@@ -40,18 +40,25 @@ pub(super) fn verify(a: VerifyArgs) -> Result<()> {
     Ok(())
 }
 
+/// One problem: where it is (the blob, its pack and offset), unless the
+/// error's own words already name them, then what is wrong and what it breaks.
 fn print_problem(p: &Problem) {
-    let mut line = String::from("error:");
-    if let Some((kind, id)) = p.blob {
-        line += &format!(" {} blob {id}", format!("{kind:?}").to_lowercase());
+    let named = |id: String| p.error.contains(&id);
+    let mut place = Vec::new();
+    if let Some((kind, id)) = p.blob.filter(|(_, id)| !named(id.to_string())) {
+        place.push(format!("{} blob {id}", format!("{kind:?}").to_lowercase()));
     }
-    if let Some(pack) = p.pack {
-        line += &format!(" in pack {pack}");
+    if let Some(pack) = p.pack.filter(|pack| !named(pack.to_string())) {
+        place.push(format!("in pack {pack}"));
+        if let Some(o) = p.pack_offset {
+            place.push(format!("at offset {o}"));
+        }
     }
-    if let Some(o) = p.pack_offset {
-        line += &format!(" at offset {o}");
+    if place.is_empty() {
+        println!("error: {}", p.error);
+    } else {
+        println!("error: {}: {}", place.join(" "), p.error);
     }
-    println!("{line}: {}", p.error);
     for u in &p.users {
         match u.offset {
             Some(o) => println!(

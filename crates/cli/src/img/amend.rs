@@ -206,7 +206,6 @@ impl StepProgress {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
-    let _ = &args.cache;
     super::common::check_option_lists(&args.options)?;
     if args.options.is_empty() {
         eprintln!(
@@ -216,6 +215,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         );
         return Ok(1);
     }
+    super::common::check_cache_mode(args.cache.as_deref(), false)?;
     let items = option_items(&args.options);
     let help = items.iter().any(|(k, _)| k == "help" || k == "?");
     let [path] = args.filenames.as_slice() else {

@@ -40,7 +40,7 @@ pub struct Args {
     /// Offset step between requests (default: the request size).
     #[arg(short = 'S', value_name = "STEP_SIZE", allow_hyphen_values = true)]
     step: Option<String>,
-    /// Cache mode (accepted for compatibility).
+    /// Cache mode (checked; strata uses the page cache).
     #[arg(short = 't', value_name = "CACHE")]
     cache: Option<String>,
     /// Write instead of read.
@@ -93,12 +93,19 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         int_max,
         0,
     )?;
+    if args
+        .cache
+        .as_deref()
+        .is_some_and(|c| !super::convert::is_cache_mode(c))
+    {
+        bail!("Invalid cache mode");
+    }
     if let Some(a) = &args.aio {
         if !matches!(a.as_str(), "threads" | "native" | "io_uring") {
             bail!("Invalid aio option: {a}");
         }
     }
-    let _ = (args.native, args.quiet, &args.cache, args.no_drain);
+    let _ = (args.native, args.quiet, args.no_drain);
     if flush > 0 && !args.write {
         bail!("--flush-interval is only available in write tests");
     }

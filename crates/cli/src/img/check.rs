@@ -27,7 +27,7 @@ pub struct Args {
     /// are too low and wrong COPIED flags (rebuilding refcount structures if needed).
     #[arg(short = 'r', value_name = "leaks|all")]
     repair: Option<String>,
-    /// Cache mode for the image (accepted for compatibility; strata uses the page cache).
+    /// Cache mode for the image (checked; strata uses the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     cache: Option<String>,
     /// Open without locks (read-only checks only).
@@ -50,6 +50,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             super::invoked_as(ctx.prog)
         ),
     };
+    args.naming.objects.objects()?;
+    super::common::check_cache_mode(args.cache.as_deref(), true)?;
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), args.force_share)?;

@@ -45,13 +45,7 @@ pub struct Args {
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let rate = super::common::parse_rate(args.rate.as_deref())?;
-    if let Some(c) = args
-        .cache
-        .as_deref()
-        .filter(|c| !super::convert::is_cache_mode(c))
-    {
-        anyhow::bail!("Invalid cache option: {c}");
-    }
+    super::common::check_cache_mode(args.cache.as_deref(), false)?;
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;

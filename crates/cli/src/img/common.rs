@@ -259,6 +259,19 @@ pub fn option_size(key: &str, s: &str) -> Result<u64> {
     ))
 }
 
+/// Refuse a `-t` (`source` false) or `-T` (`source` true) value that names no
+/// cache mode QEMU knows, in qemu-img's words; strata itself always reads and
+/// writes through the page cache.
+pub fn check_cache_mode(mode: Option<&str>, source: bool) -> Result<()> {
+    match mode {
+        Some(c) if !super::convert::is_cache_mode(c) => {
+            let what = if source { "source cache" } else { "cache" };
+            anyhow::bail!("Invalid {what} option: {c}")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `-r RATE` as qemu-img reads it: a size with an optional suffix, in bytes/s.
 pub fn parse_rate(r: Option<&str>) -> Result<u64> {
     let Some(r) = r else { return Ok(0) };

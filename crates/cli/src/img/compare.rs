@@ -31,7 +31,7 @@ pub struct Args {
     /// Quiet: print nothing (the exit code tells the result).
     #[arg(short = 'q')]
     quiet: bool,
-    /// Cache mode (accepted for compatibility).
+    /// Cache mode (checked; strata uses the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     cache: Option<String>,
     /// Open without locks.
@@ -106,9 +106,11 @@ fn run_inner(args: &Args) -> Result<i32> {
     };
     // qemu-img starts its progress before opening the images (an open that fails
     // still ends it) and prints its first figure once both are open.
+    args.naming.objects.objects()?;
     let shown = Shown::new(args.progress && !args.quiet, |on| {
         QemuSteps::relative(on, 2.0)
     });
+    super::common::check_cache_mode(args.cache.as_deref(), true)?;
     let a = open(&args.filename1, &args.format1)?;
     let b = open(&args.filename2, &args.format2)?;
     shown.steps.set(0.0);

@@ -87,6 +87,13 @@ pub struct Args {
     /// 0: none).
     #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
     rate: Option<String>,
+    /// Copy the persistent bitmaps of the source's own layer into the target.
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: leave out inconsistent bitmaps (with a warning) instead of
+    /// failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Source images (concatenated) followed by the output image.
     #[arg(value_name = "FILENAME")]
     files: Vec<PathBuf>,
@@ -161,6 +168,12 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     if args.target_is_zero && !args.no_create {
         bail!("--target-is-zero requires use of -n flag");
     }
+    if args.skip_broken_bitmaps && !args.bitmaps {
+        bail!("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
+    if args.bitmaps && src_paths.len() > 1 {
+        bail!("Copying bitmaps only possible with single source");
+    }
     let sparse_size = match &args.sparse_size {
         None => 4096,
         Some(s) => match parse_size(s) {
@@ -180,9 +193,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(c) if is_cache_mode(c) => true,
         Some(c) => bail!("Invalid cache option: {c}"),
     };
-    if let Some(c) = args.src_cache.as_deref().filter(|c| !is_cache_mode(c)) {
-        bail!("Invalid source cache option: {c}");
-    }
+    super::common::check_cache_mode(args.src_cache.as_deref(), true)?;
     let rate = super::common::parse_rate(args.rate.as_deref())?;
     // qemu-img shows its first figure once the options are read, before it opens
     // anything, and ends the line on failure too.
@@ -204,6 +215,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     // Every file of their chains, and of the -B chain, is one the output must not be.
     let mut inputs = Inputs::default();
     let mut sources = Vec::with_capacity(src_paths.len());
+    let mut bitmaps = None;
     // The target's backing file: -B, or the backing_file the creation options give
     // (-B wins). Either way only what each source's top layer stores is copied.
     let out_backing = match (&args.backing, options.get("backing_file")) {
@@ -219,6 +231,10 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             spec = spec.open_backing(false);
         }
         let chain = open_chain(&spec)?;
+        if args.bitmaps {
+            let skip = args.skip_broken_bitmaps;
+            bitmaps = Some(super::convert_bitmaps::read(chain.top(), skip)?);
+        }
         let status = match &snapshot {
             None => ChainStatus::new(&chain)?,
             Some(key) => {
@@ -391,6 +407,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         t
     };
 
+    if bitmaps.is_some() {
+        super::convert_bitmaps::check_target(&target)?;
+    }
     let opts = ConvertOptions {
         compress: args.compress,
         sparse_size,
@@ -420,6 +439,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     let limited = strata_jobs::layers::RateLimit::new(&shown, rate);
     convert(&sources, &plan, &target, &opts, &limited, &cancel)?;
     shown.steps.complete();
+    if let Some(b) = &bitmaps {
+        super::convert_bitmaps::store(&target, b, ctx.prog)?;
+    }
     shown.finish_bar();
     // A raw target has nothing to finalize. Its data reaches the disk as the cache
     // mode says: `convert` flushes it unless `-t unsafe`, qemu-img's default for

@@ -282,12 +282,23 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
     }
     let format = format.map(parse_format).transpose()?;
     let path = match prefix {
-        None => name.to_path_buf(),
+        None => {
+            // QEMU takes a device by its name through host_device, anything
+            // else through the file driver, which wants a regular file.
+            if !is_device(name) {
+                check_protocol_file("file", name)?;
+            }
+            name.to_path_buf()
+        }
         Some((b"blkdebug", rest)) => {
             let (path, rules) = super::blkdebug::from_filename(&String::from_utf8_lossy(rest))?;
             return Ok(blkdebug_spec(path, format, rules));
         }
-        Some((b"file", rest)) => file_protocol_path(rest)?,
+        Some((b"file", rest)) => {
+            let path = file_protocol_path(rest)?;
+            check_protocol_file("file", &path)?;
+            path
+        }
         Some((other, _)) => return Err(protocol_refusal(other)),
     };
     Ok(OpenSpec::new(path).format(format))
@@ -348,6 +359,14 @@ fn check_protocol_file(driver: &str, path: &Path) -> Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Whether `path` is a block or character device (a missing file is not).
+fn is_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device() || m.file_type().is_char_device())
+        .unwrap_or(false)
 }
 
 /// An `--image-opts` list as QEMU's option parser reads it: `key=value` items,

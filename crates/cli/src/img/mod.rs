@@ -13,6 +13,7 @@ mod commit;
 mod common;
 mod compare;
 mod convert;
+mod convert_bitmaps;
 mod convert_steps;
 mod create;
 mod dd;

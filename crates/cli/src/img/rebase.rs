@@ -37,10 +37,10 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Cache mode (accepted for compatibility).
+    /// Cache mode (checked; strata uses the page cache).
     #[arg(short = 't', value_name = "CACHE")]
     cache: Option<String>,
-    /// Source cache mode (accepted for compatibility).
+    /// Source cache mode (checked; strata uses the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// The image to rebase.
@@ -62,6 +62,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         QemuSteps::milestones(on, 2.0, Vec::new())
     });
     shown.steps.set(0.0);
+    super::common::check_cache_mode(args.cache.as_deref(), false)?;
+    super::common::check_cache_mode(args.src_cache.as_deref(), true)?;
     let new_name = (!backing.is_empty()).then_some(backing.clone());
     let new_format: Option<Format> = match &args.backing_format {
         Some(f) if new_name.is_some() => Some(f.parse()?),

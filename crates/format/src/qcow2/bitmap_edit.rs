@@ -87,14 +87,28 @@ impl Qcow2Image {
     /// bitmaps, or its autoclear bit says they are stale). A bitmap marked in
     /// use (inconsistent) is refused, naming it.
     pub fn read_bitmaps(&self) -> Result<Vec<Bitmap>> {
+        let (bitmaps, in_use) = self.read_consistent_bitmaps()?;
+        match in_use.first() {
+            Some(name) => Err(Error::invalid_argument(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk"
+            ))),
+            None => Ok(bitmaps),
+        }
+    }
+
+    /// The persistent bitmaps that are consistent, with their bits, and the
+    /// names of those marked in use (inconsistent: a writer that had them open
+    /// never closed the image), both in directory order.
+    pub fn read_consistent_bitmaps(&self) -> Result<(Vec<Bitmap>, Vec<String>)> {
+        let mut in_use = Vec::new();
         let m = self.lock()?;
         let cs = m.cluster_size();
         let size = m.h.size;
         let Some(ext) = m.h.bitmaps else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), in_use));
         };
         if m.h.autoclear_features & autoclear::BITMAPS == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), in_use));
         }
         let mut dir = vec![0u8; index(ext.directory_size)];
         m.storage.read_at(&mut dir, ext.directory_offset)?;
@@ -114,9 +128,9 @@ impl Qcow2Image {
                 .ok_or_else(|| Error::corrupt("bitmap name runs past the directory"))?;
             let name = String::from_utf8_lossy(name).into_owned();
             if flags & 1 != 0 {
-                return Err(Error::invalid_argument(format!(
-                    "Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk"
-                )));
+                in_use.push(name);
+                at += (24 + extra + name_size).next_multiple_of(8);
+                continue;
             }
             if !(9..=31).contains(&gran) {
                 return Err(Error::corrupt(format!(
@@ -141,7 +155,7 @@ impl Qcow2Image {
             out.push(b);
             at += (24 + extra + name_size).next_multiple_of(8);
         }
-        Ok(out)
+        Ok((out, in_use))
     }
 
     /// Make `bitmaps` the image's whole set of persistent bitmaps (see the
