@@ -215,8 +215,9 @@ pub struct ServeOptions {
 }
 
 /// Serve until SIGINT or SIGTERM, then stop: HTTP requests in progress get
-/// 5 s to finish, and every NBD export is stopped cleanly (see
-/// [`exports::Exports::stop_all`]). `ready` is called with the bound address
+/// 5 s to finish, running tasks are cancelled and waited for (see
+/// [`tasks::Tasks::stop_all`], [`tasks::stop_grace`]), and every NBD export
+/// is stopped cleanly (see [`exports::Exports::stop_all`]). `ready` is called with the bound address
 /// once the server accepts connections.
 pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
     let mut state = match opts.registry.clone() {
@@ -237,6 +238,7 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
         .build()
         .map_err(|e| Error::Serve(format!("start the runtime: {e}")))?;
     let exports = state.exports.clone();
+    let tasks = state.tasks.clone();
     let served = rt.block_on(async move {
         let app = router(state).into_make_service();
         let listener = std::net::TcpListener::bind(opts.listen)
@@ -279,6 +281,15 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
             }
         }
     });
+    let cut = tasks.stop_all(tasks::stop_grace());
+    if !cut.is_empty() {
+        eprintln!(
+            "strata serve: {} task(s) still running after {:?} were cut (shown interrupted after a restart): {}",
+            cut.len(),
+            tasks::stop_grace(),
+            cut.join(", ")
+        );
+    }
     let failed = exports.stop_all();
     served?;
     match failed.is_empty() {

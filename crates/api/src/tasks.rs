@@ -3,16 +3,38 @@
 //! list is the model). Each task is one JSON file in `tasks/` of the state
 //! directory, replaced atomically on every change; a task still `running`
 //! when the store is opened was cut short by a dead server and is marked
-//! `interrupted`, so the list after a restart tells the truth.
+//! `interrupted`, so the list after a restart tells the truth. A server that
+//! is stopped (SIGTERM, SIGINT) first cancels the tasks it runs, each through
+//! its operation's own cancel, and waits for them a bounded time
+//! ([`Tasks::stop_all`]), so they end `cancelled` (or complete, when past their
+//! point of no return) instead of being cut.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use strata_jobs::{Cancel, CancelAnswer};
 
 use crate::error::{Error, Result};
+
+/// The environment variable setting how long (seconds) a stopping server
+/// waits for its cancelled tasks to end ([`stop_grace`]).
+pub const STOP_GRACE_ENV: &str = "STRATA_SERVE_TASK_GRACE";
+
+/// How long a stopping server waits for its cancelled tasks: 60 s, or
+/// `STRATA_SERVE_TASK_GRACE` seconds. A cancel is taken at the operation's
+/// next check (a memory save stops within a poll, a backup at its next
+/// chunk); a task past its point of no return needs the time to complete.
+pub fn stop_grace() -> Duration {
+    std::env::var(STOP_GRACE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(60))
+}
 
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -53,6 +75,8 @@ pub struct Task {
 pub struct Tasks {
     dir: PathBuf,
     cancel: Arc<Mutex<HashMap<String, Arc<Cancel>>>>,
+    /// Set once the server stops: a task cancelled then says why.
+    stopping: Arc<AtomicBool>,
 }
 
 /// The handle a running operation reports through.
@@ -71,6 +95,7 @@ impl Tasks {
         let tasks = Tasks {
             dir,
             cancel: Arc::default(),
+            stopping: Arc::default(),
         };
         for mut t in tasks.list()? {
             if t.state == TaskState::Running {
@@ -161,6 +186,36 @@ impl Tasks {
             .get(id)
             .map(|c| c.request())
     }
+
+    /// The server stops: ask every task this process runs to stop (the same
+    /// request as a task's cancel) and wait until each has ended, at most
+    /// `grace`. A task past its point of no return completes meanwhile.
+    /// Returns the IDs of the tasks still running when the wait ended; their
+    /// records say `running` until the store is opened again, which marks
+    /// them `interrupted`.
+    pub fn stop_all(&self, grace: Duration) -> Vec<String> {
+        self.stopping.store(true, Ordering::SeqCst);
+        for c in self.running_flags().values() {
+            c.request();
+        }
+        let deadline = Instant::now() + grace;
+        loop {
+            let left = self.running_flags();
+            if left.is_empty() || Instant::now() >= deadline {
+                let mut ids: Vec<String> = left.into_keys().collect();
+                ids.sort();
+                return ids;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn running_flags(&self) -> HashMap<String, Arc<Cancel>> {
+        self.cancel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl TaskHandle {
@@ -209,6 +264,11 @@ impl TaskHandle {
             }
             Err(msg) if self.is_cancelled() => {
                 self.task.state = TaskState::Cancelled;
+                if self.tasks.stopping.load(Ordering::SeqCst) {
+                    self.task
+                        .log
+                        .push("the server is stopping: the task was cancelled".into());
+                }
                 let msg = msg.strip_prefix("cancelled: ").unwrap_or(&msg);
                 self.task.log.push(format!("cancelled: {msg}"));
             }
@@ -271,6 +331,44 @@ mod tests {
         assert_eq!(tasks.cancel(&id), Some(CancelAnswer::TooLate));
         let t = h.finish(Ok("snapshot 's' of VM 'g' created".into()));
         assert_eq!(t.state, TaskState::Ok);
+    }
+
+    #[test]
+    fn stopping_the_server_cancels_its_tasks_and_one_that_outlives_the_wait_shows_interrupted_after_a_restart(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let tasks = Tasks::open(dir.path()).unwrap();
+        let polite = tasks.start("image-verify", "a").unwrap();
+        let polite_id = polite.id().to_string();
+        let worker = std::thread::spawn(move || {
+            while !polite.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            polite.finish(Err("stopped after 7 bytes".into()))
+        });
+        let stuck = tasks.start("image-verify", "b").unwrap();
+        let stuck_id = stuck.id().to_string();
+        stuck.cancel_flag().point_of_no_return().unwrap();
+
+        let left = tasks.stop_all(Duration::from_millis(300));
+        assert_eq!(left, vec![stuck_id.clone()]);
+        let t = worker.join().unwrap();
+        assert_eq!(t.state, TaskState::Cancelled);
+        assert_eq!(
+            t.log[t.log.len() - 2..],
+            [
+                "the server is stopping: the task was cancelled".to_string(),
+                "cancelled: stopped after 7 bytes".to_string()
+            ]
+        );
+        assert_eq!(tasks.get(&polite_id).unwrap().unwrap(), t);
+
+        // The process ends with the stuck task's record still running.
+        drop(stuck);
+        let reopened = Tasks::open(dir.path()).unwrap();
+        let t = reopened.get(&stuck_id).unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Interrupted, "{t:?}");
+        assert!(t.ended_at.is_some());
     }
 
     #[test]

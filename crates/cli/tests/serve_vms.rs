@@ -676,3 +676,166 @@ fn snapshot_tasks_of_a_running_guest_are_cancelled_cleanly_or_answered_too_late(
         .expect(200);
     assert_eq!(out["stdout"], "alive\n", "{out}");
 }
+
+/// The snapshots `g` has, as `strata vm snapshot list --output=json` shows them.
+fn snapshots(state: &Path) -> Vec<Value> {
+    vm_cli_json(state, &["snapshot", "list", "g", "--output=json"])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A `--background` snapshot saves the memory after its disks switched; a
+/// cancel then (the API task's, or Ctrl-C on the CLI, the same request) stops
+/// QEMU's save (`migrate_cancel`), removes the memory file and keeps the
+/// snapshot as a disk-only one, recorded without memory; the guest runs on,
+/// on the snapshot's overlay.
+#[test]
+fn a_background_snapshot_cancelled_while_its_memory_saves_is_kept_disk_only() {
+    let guest = TestGuest::ensure().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let tok = token(&state, false);
+    let srv = Server::start_with(&state, &[], |c| {
+        c.env("STRATA_VM_MEMORY_BANDWIDTH", SLOW_SAVE);
+    });
+    let disk = dir.path().join("data.qcow2");
+    let _guard = define_and_start(&srv, &tok, &guest, &disk);
+    let kept_disk_only = |name: &str| {
+        let list = snapshots(&state);
+        let s = list
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no snapshot {name}: {list:?}"));
+        assert_eq!(s["kind"], "external", "{s}");
+        assert_eq!(s["memory"], false, "{s}");
+        assert!(s["memory_file"].is_null(), "{s}");
+        assert_eq!(vm_files(&state, "memory"), Vec::<String>::new());
+        assert!(disk_of(&srv, &tok, "g").contains(&format!("-{name}-")));
+    };
+
+    let body = json!({"name": "bg", "kind": "external", "background": true});
+    let id = srv
+        .json("POST", "/api/v1/vms/g/snapshots", &tok, &body)
+        .expect(202)["task"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    memory_file_being_written(&state, "bg");
+    srv.req(
+        "DELETE",
+        &format!("/api/v1/tasks/{id}"),
+        Some(&tok),
+        None,
+        b"",
+    )
+    .expect(202);
+    let t = srv.wait_task(&tok, &id);
+    assert_eq!(t["state"], "cancelled", "{t}");
+    let log = Server::last_log(&t);
+    assert!(
+        log.contains("migrate_cancel") && log.contains("kept as a disk-only snapshot"),
+        "{t}"
+    );
+    kept_disk_only("bg");
+
+    let cli = Command::new(STRATA)
+        .arg("vm")
+        .arg("--state-dir")
+        .arg(&state)
+        .args([
+            "snapshot",
+            "create",
+            "g",
+            "bgcli",
+            "--external",
+            "--background",
+        ])
+        .env("STRATA_VM_MEMORY_BANDWIDTH", SLOW_SAVE)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    memory_file_being_written(&state, "bgcli");
+    // SAFETY: kill(2) on the child just started.
+    let sent = unsafe { libc::kill(cli.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let o = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("kept as a disk-only snapshot"), "{err}");
+    kept_disk_only("bgcli");
+
+    let status = srv
+        .req("GET", "/api/v1/vms/g", Some(&tok), None, b"")
+        .expect(200);
+    assert_eq!(status["state"], "running", "{status}");
+    let body = json!({"command": ["/bin/echo", "alive"], "timeout": 60});
+    let out = srv
+        .json("POST", "/api/v1/vms/g/exec", &tok, &body)
+        .expect(200);
+    assert_eq!(out["stdout"], "alive\n", "{out}");
+}
+
+/// A server stopped by SIGTERM cancels the snapshot task it runs through the
+/// task's own cancel (QEMU's memory copy stopped, the new files removed) and
+/// exits once it ended: after a restart the task shows `cancelled`, saying
+/// the server stopped. A server killed outright (SIGKILL) cannot: after a
+/// restart its task shows `interrupted`, never `running`, and the next
+/// command on the VM ends QEMU's save and rolls the snapshot back.
+#[test]
+fn tasks_running_when_the_server_stops_end_cancelled_or_show_interrupted_after_a_restart() {
+    let guest = TestGuest::ensure().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let tok = token(&state, false);
+    let slow = |c: &mut Command| {
+        c.env("STRATA_VM_MEMORY_BANDWIDTH", SLOW_SAVE);
+    };
+    let _guard = KillOnDrop(&state);
+    let mut srv = Server::start_with(&state, &[], slow);
+    let disk = dir.path().join("data.qcow2");
+    // `_guard` outlives the servers this test stops and starts again.
+    std::mem::forget(define_and_start(&srv, &tok, &guest, &disk));
+    let start = |srv: &Server, name: &str| -> String {
+        let body = json!({"name": name, "kind": "external"});
+        let r = srv.json("POST", "/api/v1/vms/g/snapshots", &tok, &body);
+        let id = r.expect(202)["task"].as_str().unwrap().to_string();
+        memory_file_being_written(&state, name);
+        id
+    };
+
+    let id = start(&srv, "term");
+    let st = srv.stop_with(libc::SIGTERM, std::time::Duration::from_secs(120));
+    assert!(st.success(), "{st:?}");
+    let mut srv = Server::start_with(&state, &[], slow);
+    let t = srv
+        .req("GET", &format!("/api/v1/tasks/{id}"), Some(&tok), None, b"")
+        .expect(200);
+    assert_eq!(t["state"], "cancelled", "{t}");
+    let log = t["log"].to_string();
+    assert!(
+        log.contains("the server is stopping") && log.contains("migrate_cancel"),
+        "{t}"
+    );
+    assert_eq!(vm_files(&state, "memory"), Vec::<String>::new());
+    assert_eq!(vm_files(&state, "disks"), Vec::<String>::new());
+
+    let id = start(&srv, "killed");
+    srv.kill();
+    let srv = Server::start_with(&state, &[], |_| ());
+    let t = srv
+        .req("GET", &format!("/api/v1/tasks/{id}"), Some(&tok), None, b"")
+        .expect(200);
+    assert_eq!(t["state"], "interrupted", "{t}");
+    assert!(vm_cli(&state, &["status", "g"]).contains("state: running"));
+    assert_eq!(vm_files(&state, "memory"), Vec::<String>::new());
+    assert_eq!(vm_files(&state, "disks"), Vec::<String>::new());
+
+    assert_eq!(snapshots(&state), Vec::<Value>::new());
+    assert_eq!(disk_of(&srv, &tok, "g"), disk.to_str().unwrap());
+    let body = json!({"command": ["/bin/echo", "alive"], "timeout": 60});
+    let out = srv
+        .json("POST", "/api/v1/vms/g/exec", &tok, &body)
+        .expect(200);
+    assert_eq!(out["stdout"], "alive\n", "{out}");
+}

@@ -1148,6 +1148,56 @@ fn faults_at_every_step_of_a_running_vm_leave_record_and_disks_in_agreement() {
     }
 }
 
+/// A memory snapshot that fails after its disks switched, while QEMU finishes
+/// the memory save, is undone with the save ended first: the finished save
+/// makes the disks inactive, and before it was awaited the guest was resumed
+/// under it and the merge back onto the old disk was refused ("Inactive ...
+/// can't be a backing child of active"), leaving QEMU to abort at the
+/// guest's next write. Now the guest runs on its old disk, writes and reads
+/// it, and a later snapshot's merge (a block-commit) is accepted.
+#[test]
+fn a_memory_snapshot_failing_after_its_disks_switched_leaves_the_guest_running_on_active_disks() {
+    let env = Env::new();
+    define_blank(&env, None);
+    env.ok(&["start", env.vm]);
+    let disk = env.disks();
+    let mut model = vec![7u8];
+    qemu_io_inside(&env, "write -P 7 0 4k");
+    qemu_io_inside(&env, "flush");
+    let record = env.record();
+
+    let o = env
+        .cmd(&["snapshot", "create", env.vm, "f", "--external"])
+        .env("STRATA_VM_FAIL_AT", "memory-continued")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("memory-continued"),
+        "{err}"
+    );
+    assert_eq!(env.record(), record, "{err}");
+    assert_eq!(env.vm_files(), Vec::<PathBuf>::new());
+    assert!(env.ok(&["status", env.vm]).contains("state: running"));
+    assert_eq!(env.disks(), disk);
+
+    // The guest writes again (an inactive disk would make QEMU abort).
+    let out = qemu_io_inside(&env, "write -P 8 65536 4k");
+    assert!(!out.contains("failed"), "{out}");
+    model.push(8);
+    assert!(current_shows(&env, &model));
+
+    // A merge needs the disks active: a disk-only snapshot, then its delete.
+    env.ok(&["snapshot", "create", env.vm, "d", "--disk-only"]);
+    qemu_io_inside(&env, "write -P 9 131072 4k");
+    model.push(9);
+    env.ok(&["snapshot", "delete", env.vm, "d"]);
+    assert_eq!(env.disks(), disk);
+    assert!(current_shows(&env, &model));
+    env.ok(&["stop", env.vm, "--timeout", "1"]);
+    check_at_most_leaks(Path::new(&disk[0]));
+}
+
 /// `qemu-img check` finds `file` clean or with leaked clusters only (exit 0 or
 /// 3): what a QEMU killed while it wrote may leave, never a corruption.
 fn check_at_most_leaks(file: &Path) {

@@ -216,6 +216,17 @@ impl Cancel {
             Err(_) => Err(Error::Cancelled),
         }
     }
+
+    /// Past the point of no return, open a later stage that a cancel may stop
+    /// again with a meaning of its own (an external snapshot whose disks have
+    /// switched can still give up its memory save and stay a disk-only
+    /// snapshot): from now on a request is [`CancelAnswer::Accepted`] until
+    /// the stage ends with another [`Cancel::point_of_no_return`].
+    pub fn reopen(&self) {
+        let _ = self
+            .0
+            .compare_exchange(PAST_RETURN, RUNNING, Ordering::SeqCst, Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]
@@ -241,5 +252,15 @@ mod cancel_tests {
         assert_eq!(c.request(), CancelAnswer::TooLate);
         assert!(!c.is_cancelled() && c.is_past_return());
         assert!(c.check().is_ok(), "the operation completes");
+
+        c.reopen();
+        assert_eq!(c.request(), CancelAnswer::Accepted, "a reopened stage");
+        assert!(c.is_cancelled() && c.point_of_no_return().is_err());
+        let c = Cancel::new();
+        c.reopen();
+        assert!(
+            !c.is_past_return() && !c.is_cancelled(),
+            "nothing to reopen"
+        );
     }
 }

@@ -203,6 +203,9 @@ pub(crate) fn sync_file(file: &Path) -> Result<()> {
 pub(crate) struct Taken {
     pub pause_ms: Option<u64>,
     pub layout: MemoryLayout,
+    /// False when a cancel stopped a background save after the disks had
+    /// switched: the file is incomplete and the caller removes it.
+    pub memory: bool,
 }
 
 /// Save the memory of the guest into `file` as an external snapshot whose
@@ -213,6 +216,9 @@ pub(crate) struct Taken {
 /// caller undoes the switch; the guest runs (if it ran) in every case.
 /// `cancel` stops a precopy while QEMU copies (`migrate_cancel`); `switch`
 /// itself decides whether a cancel still counts when the disks are to switch.
+/// A background save goes on after the switch, and a cancel then stops only
+/// the save (`migrate_cancel`): the result says the memory was not kept
+/// ([`Taken::memory`]) and `cancel` stays cancelled.
 pub(crate) fn snapshot(
     qmp: &Qmp,
     file: &Path,
@@ -232,23 +238,46 @@ pub(crate) fn snapshot(
         Mode::Precopy
     };
     let pause_ms = match mode {
-        Mode::Background => self::background(qmp, file, was_running, switch)?,
+        Mode::Background => match self::background(qmp, file, was_running, cancel, switch)? {
+            Saved::Whole(pause) => pause,
+            Saved::Cancelled => {
+                return Ok(Taken {
+                    pause_ms: None,
+                    layout: mode.layout(),
+                    memory: false,
+                })
+            }
+        },
         _ => precopy(qmp, file, was_running, cancel, switch)?,
     };
     sync_file(file)?;
     Ok(Taken {
         pause_ms,
         layout: mode.layout(),
+        memory: true,
     })
 }
 
-/// The `background-snapshot` protocol of the module doc.
+/// How a background save ended.
+enum Saved {
+    /// Complete, with the guest's pause (ms).
+    Whole(Option<u64>),
+    /// Stopped by a cancel after the disks switched; the file is incomplete.
+    Cancelled,
+}
+
+/// The `background-snapshot` protocol of the module doc. Once the disks have
+/// switched, `cancel` is reopened: a cancel while QEMU
+/// saves stops the save (`migrate_cancel`), and one that comes after QEMU
+/// finished but before the snapshot is kept still drops the memory, so an
+/// accepted cancel always means a snapshot without memory.
 fn background(
     qmp: &Qmp,
     file: &Path,
     was_running: bool,
+    cancel: &Cancel,
     switch: impl FnOnce() -> Result<()>,
-) -> Result<Option<u64>> {
+) -> Result<Saved> {
     qmp.take_events();
     if was_running {
         qmp.execute(&Stop {})?;
@@ -256,6 +285,9 @@ fn background(
     let mut started = false;
     let armed = (|| -> Result<()> {
         switch()?;
+        // From the switch on, a cancel stops only the memory save; one that
+        // comes while the save is armed is taken once the guest runs again.
+        cancel.reopen();
         qmp.execute(&Migrate {
             uri: format!("file:{}", file.display()),
         })?;
@@ -280,10 +312,22 @@ fn background(
         if let Some(f) = &written {
             start_writeback(f);
         }
-        Ok(())
+        Ok(cancel.check()?)
     });
     if done.is_err() {
         let _ = qmp.execute_value("migrate_cancel", None);
+        if cancel.is_cancelled() {
+            // QEMU closes the file and lifts its write protection before it
+            // reports the end (cancelled, or completed had it just finished).
+            wait_migration_end(qmp)?;
+        }
+    }
+    if cancel.point_of_no_return().is_err() {
+        let _ = pause_from_events(qmp);
+        if was_running && qemu::run_state(qmp)? != "running" {
+            qmp.execute(&Cont {})?;
+        }
+        return Ok(Saved::Cancelled);
     }
     done?;
     let (pause, stopped_after) = pause_from_events(qmp);
@@ -292,7 +336,49 @@ fn background(
             "QEMU stopped the guest for its memory snapshot after strata resumed it: the memory is not of the instant the disks switched, so the snapshot is not kept".into(),
         ));
     }
-    Ok(pause)
+    Ok(Saved::Whole(pause))
+}
+
+/// Wait (up to [`JOB_TIMEOUT`]) until the migration has ended, however; its
+/// last status (`completed`, `cancelled` or `failed`).
+fn wait_migration_end(qmp: &Qmp) -> Result<String> {
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    loop {
+        let info = qmp.execute(&QueryMigrate {})?;
+        if let Some(st @ ("completed" | "cancelled" | "failed")) = info.status.as_deref() {
+            return Ok(st.to_string());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Qemu(format!(
+                "the memory save did not end in {JOB_TIMEOUT:?} after migrate_cancel"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// End a memory save a command left behind when it died (recovery): QEMU's
+/// migration is stopped (`migrate_cancel`) and awaited, and a guest it left
+/// stopped (`finish-migrate`, waiting before its switchover, or
+/// `postmigrate`, its disks inactive) is resumed, which makes its disks
+/// active again. A guest paused by its user stays paused.
+pub(crate) fn end_interrupted_save(qmp: &Qmp) -> Result<()> {
+    let info = qmp.execute(&QueryMigrate {})?;
+    let ended = matches!(
+        info.status.as_deref(),
+        None | Some("none" | "completed" | "cancelled" | "failed")
+    );
+    if !ended {
+        let _ = qmp.execute_value("migrate_cancel", None);
+        wait_migration_end(qmp)?;
+    }
+    if matches!(
+        qemu::run_state(qmp)?.as_str(),
+        "finish-migrate" | "postmigrate"
+    ) {
+        qmp.execute(&Cont {})?;
+    }
+    Ok(())
 }
 
 /// Resume the guest strata stopped; a QEMU gone meanwhile is reported only
@@ -369,7 +455,7 @@ fn precopy(
     qmp.execute(&Migrate {
         uri: format!("file:{}", file.display()),
     })?;
-    let mut switched = false;
+    let mut ended = None;
     let written = std::fs::File::open(file).ok();
     let writeback = || {
         if let Some(f) = &written {
@@ -380,16 +466,21 @@ fn precopy(
     let saved = (|| -> Result<()> {
         wait_migration_polling(qmp, "saving the memory", "pre-switchover", writeback)?;
         switch()?;
-        switched = true;
         qmp.execute_value("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
+        crate::snapshot::fail_point("memory-continued")?;
         wait_migration(qmp, "saving the memory", "completed")
     })();
-    if saved.is_err() && !switched {
+    if saved.is_err() {
+        // Also after the switch: a migration left to go on would finish later
+        // and make the disks inactive under a guest already resumed, and the
+        // caller's merge back onto them would be refused. It is stopped, or
+        // its end awaited, before the guest resumes (`cont` makes inactive
+        // disks active again).
         let _ = qmp.execute_value("migrate_cancel", None);
-        // The file is closed and the guest resumable once QEMU says so.
-        let _ = wait_migration(qmp, "cancelling the memory snapshot", "cancelled");
+        ended = wait_migration_end(qmp).ok();
     }
-    if was_running && stopped_after_migration(qmp, saved.is_ok())? {
+    let completed = saved.is_ok() || ended.as_deref() == Some("completed");
+    if was_running && stopped_after_migration(qmp, completed)? {
         qmp.execute(&Cont {})?;
     }
     let (pause, _) = pause_from_events(qmp);
@@ -398,15 +489,16 @@ fn precopy(
 }
 
 /// Whether a guest that ran is stopped after a memory save ended. QEMU reports
-/// the migration completed a moment before it leaves the `running` state (and
-/// deactivates the disks), so after a completed save this waits (up to 10 s)
-/// for the state to change; a guest left `running` there would be stopped
-/// later with its disks inactive.
+/// the migration completed a moment before it leaves the `running` (or
+/// `finish-migrate`) state for `postmigrate` (and deactivates the disks), so
+/// after a completed save this waits (up to 10 s) for that change; a guest
+/// resumed before it would be stopped later with its disks inactive.
 fn stopped_after_migration(qmp: &Qmp, completed: bool) -> Result<bool> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let state = qemu::run_state(qmp)?;
-        if state != "running" {
+        let settled = state != "running" && !(completed && state == "finish-migrate");
+        if settled {
             return Ok(true);
         }
         if !completed || Instant::now() >= deadline {

@@ -3,8 +3,9 @@
 //! opened, under its lock, before anything else.
 //!
 //! - create: the record was not updated, so the snapshot does not exist: its
-//!   new files are removed (after merging back overlays QEMU already switched
-//!   to) and an internal tag that may have been written is deleted;
+//!   new files are removed (after ending a memory save still running and
+//!   merging back overlays QEMU already switched to) and an internal tag that
+//!   may have been written is deleted;
 //! - revert: the record still names the old disks: the new overlays go;
 //! - delete (external, merging the overlays down): rolled forward, since the
 //!   merge may already have changed the snapshot's files;
@@ -149,8 +150,10 @@ pub(crate) fn recover(vm: &mut OpenVm) -> Result<()> {
         }
         _ => {
             // An external create or revert: overlays QEMU already switched to are
-            // merged back before their files go.
+            // merged back before their files go, once a memory save the command
+            // left running has ended (its end could make the disks inactive).
             if let Some(q) = &qmp {
+                crate::memory::end_interrupted_save(q)?;
                 let files = active_files(q);
                 let tops = qemu::top_nodes(q, vm.rec.def.disks.len())?;
                 for (i, top) in tops.iter().enumerate() {

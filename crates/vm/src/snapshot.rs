@@ -60,6 +60,23 @@ pub(crate) fn step(vm: &OpenVm, name: &str) {
     }
 }
 
+/// The environment variable naming a step at which the operation fails as if
+/// a QEMU command had failed there, QEMU running on (for tests of the
+/// undo): see [`fail_point`].
+pub const FAIL_AT_ENV: &str = "STRATA_VM_FAIL_AT";
+
+/// A named point where `STRATA_VM_FAIL_AT` makes the operation fail with
+/// [`Error::Qemu`], so its undo runs against a live QEMU.
+pub(crate) fn fail_point(name: &str) -> Result<()> {
+    if std::env::var(FAIL_AT_ENV).is_ok_and(|v| v == name) {
+        eprintln!("strata vm: failing at step '{name}' ({FAIL_AT_ENV})");
+        return Err(Error::Qemu(format!(
+            "failed at step '{name}' ({FAIL_AT_ENV})"
+        )));
+    }
+    Ok(())
+}
+
 /// The crash half of [`step`], for steps of other crates' operations on VMs
 /// and their files: the process exits at once with status 86 when
 /// `STRATA_VM_CRASH_AT` names `name`.
@@ -183,8 +200,12 @@ impl Manager {
     /// `snapshot-save` job, `migrate_cancel` of an external snapshot's memory
     /// copy) and removes what was made, the VM running as before; the switch
     /// of the disks and the recording of the snapshot are past the point of no
-    /// return (a cancel then is answered too late and the snapshot completes).
-    /// A cancelled create returns [`Error::Cancelled`] saying what was undone.
+    /// return (a cancel then is answered too late and the snapshot completes),
+    /// except that a `background` snapshot's memory save, which goes on after
+    /// the switch, may still be cancelled: QEMU's save is stopped
+    /// (`migrate_cancel`), the memory file removed and the snapshot recorded
+    /// as a disk-only one. A cancelled create returns [`Error::Cancelled`]
+    /// saying what was undone or kept.
     pub fn snapshot_create_cancellable(
         &self,
         name: &str,
@@ -292,12 +313,18 @@ impl Manager {
                 external_create(&mut vm, q.as_ref(), &mut s, agent, opts.background, cancel)?
             }
         }
-        debug_assert!(cancel.is_past_return());
         step(&vm, "create-done");
         vm.rec.snapshots.push(s.clone());
         vm.rec.current = Some(snap.to_string());
         vm.rec.intent = None;
         vm.save()?;
+        if memory && !s.memory {
+            debug_assert!(cancel.is_cancelled());
+            return Err(Error::Cancelled(format!(
+                "QEMU's background save of the memory was stopped (migrate_cancel) after the disks had switched and its file removed; snapshot '{snap}' was kept as a disk-only snapshot"
+            )));
+        }
+        debug_assert!(cancel.is_past_return());
         Ok(s)
     }
 }
@@ -469,7 +496,12 @@ fn external_create(
             }
         }
     }
-    s.memory_file = memory_file;
+    match memory_file {
+        // A cancel stopped a background save after the switch: the snapshot
+        // stays, without memory.
+        Some(m) if !s.memory => remove_files(&[m]),
+        m => s.memory_file = m,
+    }
     vm.rec.def.disks = overlays
         .into_iter()
         .map(|file| Disk {
@@ -548,6 +580,7 @@ fn switch_live(
                 })?;
                 s.pause_ms = taken.pause_ms;
                 s.memory_layout = taken.layout;
+                s.memory = taken.memory;
             }
         }
         if let Some(g) = guard.as_mut() {
