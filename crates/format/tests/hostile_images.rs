@@ -1040,7 +1040,8 @@ fn corpus() -> Vec<Case> {
     // Extended L2: subclusters allocated without a host cluster. (A compressed
     // entry's bitmap is ignored by reads, as QEMU ignores it; only `check`
     // reports it.)
-    for (name, entry, bitmap) in [("subclusters allocated at host offset 0", 1u64 << 63, 1u64)] {
+    {
+        let (name, entry, bitmap) = ("subclusters allocated at host offset 0", 1u64 << 63, 1u64);
         let mut b = base_with(CreateOptions {
             size: 16 << 20,
             extended_l2: true,
