@@ -238,8 +238,7 @@ fn engine_refusals_get_the_command_lines_advice_from_their_kind() {
     let unknown = "Could not open 'top.qcow2': Could not open backing file 'base.qcow2' of \
         'top.qcow2': its format is not recorded in the image.\nGive it with -F FMT, or \
         record it with 'strata img rebase -u -b base.qcow2 -F FMT top.qcow2'\n";
-    let corrupt = "qcow2: Image is corrupt; cannot be opened read/write \
-        (run 'strata img check -r all' to repair it)\n";
+    let corrupt = "qcow2: Image is corrupt; cannot be opened read/write\n";
     for (args, code, says) in [
         ("map top.qcow2", 1, format!("strata img: {unknown}")),
         (

@@ -7,10 +7,10 @@
 
 mod common;
 
+use common::damage::poke;
 use common::{
     assert_all_same, differs, map_json, qcow2, same, same_bytes, same_image, same_on_copies, sh,
 };
-use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 /// Point `name`'s backing file at `backing` without looking at either.
@@ -20,16 +20,6 @@ fn relink(d: &Path, name: &str, backing: &str) {
         "qemu-img",
         &["rebase", "-u", "-b", backing, "-F", "qcow2", name],
     );
-}
-
-/// Write `bytes` into `file` at `at`.
-fn poke(d: &Path, file: &str, at: u64, bytes: &[u8]) {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(d.join(file))
-        .unwrap();
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(bytes).unwrap();
 }
 
 /// `info` refuses a chain whose backing files lead back to one already in it,

@@ -1037,16 +1037,11 @@ fn corpus() -> Vec<Case> {
         expect: Kind(K::BadCompressedData),
         qemu_refuses: false,
     });
-    // Extended L2: subclusters allocated without a host cluster, and a compressed
-    // entry with a subcluster bitmap.
-    for (name, entry, bitmap) in [
-        ("subclusters allocated at host offset 0", 1u64 << 63, 1u64),
-        (
-            "compressed entry with a subcluster bitmap",
-            1 << 62 | 3 << 16,
-            1,
-        ),
-    ] {
+    // Extended L2: subclusters allocated without a host cluster. (A compressed
+    // entry's bitmap is ignored by reads, as QEMU ignores it; only `check`
+    // reports it.)
+    {
+        let (name, entry, bitmap) = ("subclusters allocated at host offset 0", 1u64 << 63, 1u64);
         let mut b = base_with(CreateOptions {
             size: 16 << 20,
             extended_l2: true,

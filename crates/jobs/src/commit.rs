@@ -107,7 +107,10 @@ pub fn resolve_on(
 pub fn resolve_spec(req: &CommitRequest, mut spec: OpenSpec) -> Result<ResolvedCommit> {
     spec.path = req.image.clone();
     spec.format = req.format;
-    let probe = strata_chain::open(&spec)?;
+    // The image opens for writing first, as qemu-img opens it: an image that
+    // cannot be written (marked corrupt, read-only) is refused before its
+    // chain is looked at.
+    let probe = strata_chain::open(&spec.clone().write(true))?;
     let n = probe.layers.len();
     if n < 2 {
         return Err(Error::NoBackingFile);

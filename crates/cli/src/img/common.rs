@@ -28,24 +28,6 @@ impl Ctx {
     }
 }
 
-/// The kind of an engine error, whichever library raised it.
-fn kind_of(e: &(dyn std::error::Error + 'static)) -> Option<strata_format::ErrorKind> {
-    if let Some(e) = e.downcast_ref::<strata_format::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = e.downcast_ref::<strata_chain::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = e.downcast_ref::<strata_jobs::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = e.downcast_ref::<strata_nbd::Error>() {
-        return Some(e.kind());
-    }
-    e.downcast_ref::<strata_storage::Error>()
-        .map(strata_storage::Error::kind)
-}
-
 /// What the CLI says after an engine error of some kinds: the advice the
 /// engine's messages leave to the interface, worded for this command line.
 fn advice(e: &(dyn std::error::Error + 'static)) -> Option<String> {
@@ -68,12 +50,7 @@ fn advice(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     if let Some(strata_jobs::Error::CannotEmpty(_)) = e.downcast_ref() {
         return Some("; use -d to keep it".into());
     }
-    match kind_of(e)? {
-        strata_format::ErrorKind::MarkedCorrupt => {
-            Some(" (run 'strata img check -r all' to repair it)".into())
-        }
-        _ => None,
-    }
+    None
 }
 
 /// An engine error as the CLI prints it: its text, then the advice for its kind.

@@ -70,9 +70,6 @@ pub struct Args {
     /// Convert an internal snapshot: snapshot.name=NAME, snapshot.id=ID or NAME.
     #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]
     snapshot_param: Option<String>,
-    /// Convert an internal snapshot given by ID or name (deprecated form of -l).
-    #[arg(short = 's', value_name = "SNAPSHOT")]
-    snapshot: Option<String>,
     /// Open the sources without locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -205,8 +202,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         .snapshot_param
         .as_deref()
         .map(|s| snapshot_key(s, ctx))
-        .transpose()?
-        .or(args.snapshot.clone());
+        .transpose()?;
     if snapshot.is_some() && src_paths.len() > 1 {
         bail!("No support for concatenating multiple snapshot");
     }

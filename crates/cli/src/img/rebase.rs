@@ -65,10 +65,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     super::common::check_cache_mode(args.cache.as_deref(), false)?;
     super::common::check_cache_mode(args.src_cache.as_deref(), true)?;
     let new_name = (!backing.is_empty()).then_some(backing.clone());
-    let new_format: Option<Format> = match &args.backing_format {
-        Some(f) if new_name.is_some() => Some(f.parse()?),
-        _ => None,
-    };
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;
@@ -76,6 +72,24 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = spec.write(true).open_backing(!args.unsafe_mode);
     let chain = open_chain(&spec)?;
     let image = chain.top().clone();
+    // The new backing format must name one of QEMU's drivers, even with no new
+    // backing file. With -u any of them is recorded as given (the backing file
+    // is not opened); otherwise strata must open it, so it must be one strata
+    // reads.
+    if let Some(f) = &args.backing_format {
+        if !super::imgname::QEMU_DRIVERS.contains(&f.as_str()) {
+            bail!("Invalid format name: '{f}'");
+        }
+    }
+    let new_format_name = args
+        .backing_format
+        .as_deref()
+        .filter(|_| new_name.is_some());
+    let new_format: Option<Format> = match new_format_name {
+        Some(f) if args.unsafe_mode => f.parse().ok(),
+        Some(f) => Some(f.parse()?),
+        None => None,
+    };
     // An image without a backing file link (raw) cannot take one: refused as
     // qemu-img refuses the change, before anything is written.
     if image.overlay().is_none() {
@@ -83,7 +97,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     // Without -F the new backing file is refused once the image (and, in safe
     // mode, the new backing file) opened, as qemu-img gets that far first.
-    if let (Some(n), None) = (&new_name, new_format) {
+    if let (Some(n), None) = (&new_name, new_format_name) {
         let path = strata_chain::resolve_backing(&spec.path, n);
         if let (false, Err(e)) = (args.unsafe_mode, std::fs::metadata(&path)) {
             bail!(
@@ -135,11 +149,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         shown.steps.complete();
         shown.finish_bar();
     }
-    commit::relink_above(
-        image.as_ref(),
-        new_name.as_deref(),
-        new_format.map(|f| f.name()),
-    )?;
+    commit::relink_above(image.as_ref(), new_name.as_deref(), new_format_name)?;
     shown.steps.set(100.0);
     shown.steps.end();
     image.close()?;

@@ -87,3 +87,61 @@ pub fn poke_bitmap_table_size(path: &Path, entries: u32) {
         at += 8 + size.next_multiple_of(8);
     }
 }
+
+/// Write `bytes` into `file` (in `dir`) at `at`.
+pub fn poke(dir: &Path, file: &str, at: u64, bytes: &[u8]) {
+    let mut f = open(&dir.join(file));
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+/// Set bit `bit` of the header's feature field at `field` (72 incompatible,
+/// 80 compatible, 88 autoclear) of a qcow2 v3 image.
+pub fn set_feature_bit(path: &Path, field: u64, bit: u32) {
+    let mut f = open(path);
+    let v = be64(&mut f, field) | 1 << bit;
+    f.seek(SeekFrom::Start(field)).unwrap();
+    f.write_all(&v.to_be_bytes()).unwrap();
+}
+
+/// The header extensions of a qcow2 image without a backing file name, in file
+/// order (type, data).
+pub fn header_extensions(path: &Path) -> Vec<(u32, Vec<u8>)> {
+    let b = std::fs::read(path).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let mut at = if be32(4) >= 3 { be32(100) as usize } else { 72 };
+    let mut out = Vec::new();
+    loop {
+        let (kind, len) = (be32(at), be32(at + 4) as usize);
+        if kind == 0 {
+            return out;
+        }
+        out.push((kind, b[at + 8..at + 8 + len].to_vec()));
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// Replace the header extensions of a qcow2 image without a backing file name
+/// by `exts` (they must fit in its first cluster).
+pub fn set_header_extensions(path: &Path, exts: &[(u32, Vec<u8>)]) {
+    let mut f = open(path);
+    let mut h = [0u8; 104];
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_exact(&mut h).unwrap();
+    let v3 = u32::from_be_bytes(h[4..8].try_into().unwrap()) >= 3;
+    let at = if v3 {
+        u64::from(u32::from_be_bytes(h[100..104].try_into().unwrap()))
+    } else {
+        72
+    };
+    let mut bytes = Vec::new();
+    for (kind, data) in exts {
+        bytes.extend_from_slice(&kind.to_be_bytes());
+        bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(data);
+        bytes.resize(bytes.len().next_multiple_of(8), 0);
+    }
+    bytes.extend_from_slice(&[0; 8]);
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&bytes).unwrap();
+}

@@ -173,8 +173,10 @@ impl Qcow2Image {
 pub(crate) fn write_header(m: &mut Meta, mut new: Header) -> Result<()> {
     let cs = index(m.cluster_size());
     let old_len = m.h.clone().serialize()?.len();
+    // The whole first cluster, as QEMU writes it (a longer header the file held
+    // leaves nothing behind).
     let mut bytes = new.serialize()?;
-    bytes.resize(bytes.len().max(old_len).min(cs), 0);
+    bytes.resize(cs, 0);
     if old_len <= 512 && bytes.len() > 512 {
         m.storage.write_at(&bytes[512..], 512)?;
         m.storage.flush()?;

@@ -165,6 +165,7 @@ impl Qcow2Image {
             }
         }
         let mut count = self.count_refs(m, repair)?;
+        report.corruptions_fixed += count.ctr.fixed;
         let file_clusters = m.storage.size().map_err(|e| self.err(e))?.div_ceil(cs);
         let n = (count.ctr.refs.len() as u64).max(file_clusters);
         let mut stored = self.stored_refcounts(m, n)?;
@@ -275,6 +276,14 @@ impl Qcow2Image {
             Repair::None => false,
         };
         let copied = self.check_copied(m, fix_copied, &stored)?;
+        if copied.failed {
+            messages.append(&mut count.ctr.messages);
+            messages.extend(copied.messages);
+            report.messages = messages;
+            report.check_errors += 1;
+            report.failure = Some("Input/output error");
+            return Ok(report);
+        }
         report.corruptions_fixed += copied.fixed;
         report.check_errors += copied.check_errors;
         count.ctr.corruptions += copied.found - copied.fixed;
@@ -431,6 +440,17 @@ impl Qcow2Image {
                     out.messages.push(format!(
                         "{label} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                     ));
+                    if fix && self.l1_overlaps_active_l2(m) {
+                        // The L1 table is also named as an L2 table: writing it
+                        // would damage that table. qemu-img marks the image corrupt
+                        // and gives up.
+                        out.messages.push("qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with active L2 table); further corruption events will be suppressed".into());
+                        m.h.incompatible_features |= header::incompat::CORRUPT;
+                        m.write_incompat().map_err(|er| self.err(er))?;
+                        m.storage.flush().map_err(|er| self.err(er))?;
+                        out.failed = true;
+                        return Ok(out);
+                    }
                     if fix {
                         m.l1[i] = if rc == 1 {
                             e | OFLAG_COPIED
@@ -496,6 +516,17 @@ impl Qcow2Image {
             m.flush_metadata().map_err(|er| self.err(er))?;
         }
         Ok(out)
+    }
+
+    /// Whether an entry of the active L1 table names a cluster of the table
+    /// itself as its L2 table.
+    fn l1_overlaps_active_l2(&self, m: &Meta) -> bool {
+        let cs = m.cluster_size();
+        let start = m.h.l1_table_offset / cs;
+        let end = (m.h.l1_table_offset + m.l1.len() as u64 * 8).div_ceil(cs);
+        m.l1.iter()
+            .map(|e| (e & OFFSET_MASK) / cs)
+            .any(|c| c != 0 && (start..end).contains(&c))
     }
 
     /// The stored refcount of `cluster`: from `stored` when it covers the cluster,
@@ -564,6 +595,9 @@ struct Copied {
     found: u64,
     fixed: u64,
     check_errors: u64,
+    /// A fix would have written metadata over other metadata: the image was
+    /// marked corrupt instead and the check fails.
+    failed: bool,
 }
 
 /// The clusters past the end of the file (`n` clusters are checked) that entries

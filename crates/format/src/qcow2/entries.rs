@@ -107,12 +107,9 @@ impl Geometry {
     /// Decode an L2 entry and (for extended L2) its bitmap, checking reserved bits and
     /// alignment as QEMU does (it marks the image corrupt for these).
     pub fn decode_l2(&self, e: u64, bitmap: u64) -> Result<L2Entry> {
+        // A compressed entry's bitmap is meaningless: `check` reports one that is
+        // not zero, but reads ignore it, as QEMU's do.
         if e & OFLAG_COMPRESSED != 0 {
-            if self.extended_l2 && bitmap != 0 {
-                return Err(Error::corrupt(format!(
-                    "compressed cluster entry 0x{e:016x} has a non-zero subcluster bitmap"
-                )));
-            }
             let shift = self.csize_shift();
             let offset = e & ((1u64 << shift) - 1);
             let nb_sectors = ((e >> shift) & self.csize_mask()) + 1;

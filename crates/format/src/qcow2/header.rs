@@ -570,14 +570,52 @@ impl Header {
                 o.push(0);
             }
         };
+        // The extensions in the order QEMU writes them (backing format, data
+        // file, encryption, feature names, bitmaps, then the unknown ones as read),
+        // so that a header both tools rewrite comes out the same bytes.
         if let Some(fmt) = &self.backing_format {
             put_ext(&mut out, ext::BACKING_FORMAT, fmt.as_bytes());
+        }
+        let (data_file, unknown): (Vec<_>, Vec<_>) = self
+            .unknown_extensions
+            .iter()
+            .partition(|(ty, _)| *ty == ext::DATA_FILE);
+        for (ty, data) in data_file {
+            put_ext(&mut out, *ty, data);
         }
         if let Some(c) = self.crypto {
             let mut d = Vec::with_capacity(16);
             d.extend_from_slice(&c.offset.to_be_bytes());
             d.extend_from_slice(&c.length.to_be_bytes());
             put_ext(&mut out, ext::CRYPTO, &d);
+        }
+        // The feature-name table is informational, and QEMU's own, whatever
+        // table the file held (as QEMU, only with clusters over 4 KiB); like
+        // QEMU, leave it out when it would not fit in the first cluster with the
+        // other extensions and the backing file name.
+        let names = if self.version >= 3 && cs > 4096 {
+            Header::default_feature_names()
+        } else {
+            Vec::new()
+        };
+        let name_len = self.backing_file.as_ref().map_or(0, |n| n.len());
+        let later: usize = self.bitmaps.map_or(0, |_| 32)
+            + unknown
+                .iter()
+                .map(|(_, d)| 8 + d.len().next_multiple_of(8))
+                .sum::<usize>();
+        let table_len = 8 + 48 * names.len();
+        if !names.is_empty() && out.len() + table_len + later + 8 + name_len <= cs {
+            let mut d = Vec::with_capacity(48 * names.len());
+            for f in &names {
+                let mut e = [0u8; 48];
+                e[0] = f.kind;
+                e[1] = f.bit;
+                let n = f.name.len().min(46);
+                e[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
+                d.extend_from_slice(&e);
+            }
+            put_ext(&mut out, ext::FEATURE_TABLE, &d);
         }
         if let Some(b) = self.bitmaps {
             let mut d = Vec::with_capacity(24);
@@ -587,27 +625,8 @@ impl Header {
             d.extend_from_slice(&b.directory_offset.to_be_bytes());
             put_ext(&mut out, ext::BITMAPS, &d);
         }
-        for (ty, data) in &self.unknown_extensions {
+        for (ty, data) in unknown {
             put_ext(&mut out, *ty, data);
-        }
-        // The feature-name table is informational: like QEMU, leave it out when it
-        // would not fit in the first cluster with the backing file name.
-        let name_len = self.backing_file.as_ref().map_or(0, |n| n.len());
-        let table_len = 8 + 48 * self.feature_names.len();
-        if self.version >= 3
-            && !self.feature_names.is_empty()
-            && out.len() + table_len + 8 + name_len <= cs
-        {
-            let mut d = Vec::with_capacity(48 * self.feature_names.len());
-            for f in &self.feature_names {
-                let mut e = [0u8; 48];
-                e[0] = f.kind;
-                e[1] = f.bit;
-                let n = f.name.len().min(46);
-                e[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
-                d.extend_from_slice(&e);
-            }
-            put_ext(&mut out, ext::FEATURE_TABLE, &d);
         }
         put_ext(&mut out, ext::END, &[]);
         if let Some(name) = &self.backing_file {

@@ -1445,7 +1445,7 @@ impl Drop for Qcow2Image {
 
 impl Qcow2Image {
     /// Record a new backing file name and format (or none) in the header, in one
-    /// write of the header area, then flush. Only the pointer changes: the caller
+    /// write of the first cluster, then flush. Only the pointer changes: the caller
     /// (rebase, commit, stream) makes the guest view right first.
     pub fn set_backing_file(
         &self,
@@ -1460,7 +1460,10 @@ impl Qcow2Image {
         let mut h = m.h.clone();
         h.backing_file = name.map(std::ffi::OsStr::to_os_string);
         h.backing_format = name.and(format).map(str::to_string);
-        let bytes = h.serialize().map_err(|e| self.err(e))?;
+        // The whole first cluster, as QEMU writes it: what an older, longer
+        // header left past the new one's end is zeroed.
+        let mut bytes = h.serialize().map_err(|e| self.err(e))?;
+        bytes.resize(index(m.cluster_size()), 0);
         let r = (|| -> Result<()> {
             m.flush_metadata()?;
             m.storage.write_at(&bytes, 0)?;

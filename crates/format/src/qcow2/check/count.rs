@@ -8,7 +8,7 @@ use super::super::image::Qcow2Image;
 use super::super::meta::Meta;
 use super::super::refcount::REFTABLE_RESERVED;
 use super::Repair;
-use crate::units::index;
+use crate::units::{index, HostOffset};
 use crate::Result;
 
 /// Reserved bits of a bitmap table entry.
@@ -69,6 +69,11 @@ pub(super) struct Counter {
     /// Cluster ranges some entry names at or past the end of the file (not
     /// counted), with the references to them: a repair reserves them.
     pub(super) beyond: Vec<(u64, u64, u32)>,
+    /// The repair asked for: with [`Repair::All`], an L2 entry naming an
+    /// unaligned preallocated cluster is made a plain zero cluster as it is found.
+    pub(super) repair: Repair,
+    /// The L2 entries so repaired.
+    pub(super) fixed: u64,
 }
 
 impl Counter {
@@ -161,6 +166,8 @@ impl Qcow2Image {
             messages: Vec::new(),
             weight: 1,
             beyond: Vec::new(),
+            repair,
+            fixed: 0,
         };
         // Header cluster.
         ctr.add(0, cs);
@@ -249,6 +256,9 @@ impl Qcow2Image {
         // The LUKS area of an encrypted image.
         if let Some(c) = m.h.crypto {
             ctr.add(c.offset, c.length);
+        }
+        if ctr.fixed > 0 {
+            m.flush_metadata().map_err(|e| self.err(e))?;
         }
         let base = ctr.refs.clone();
         // Refcount structures.
@@ -383,6 +393,17 @@ impl Qcow2Image {
                         } else {
                             raw & OFLAG_ZERO == 0
                         };
+                        if !has_data && ctr.repair == Repair::All {
+                            // As qemu-img repairs it: the entry becomes a zero
+                            // cluster without a host cluster (the cluster it named
+                            // is no longer counted; at worst it leaks).
+                            ctr.messages.push(format!("Repairing offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."));
+                            let zero = if ext { 0 } else { OFLAG_ZERO };
+                            m.set_raw_entry(HostOffset(l2off), i as u64, zero, bitmap)
+                                .map_err(|e| self.err(e))?;
+                            ctr.fixed += u64::from(ctr.weight);
+                            continue;
+                        }
                         let what = if has_data {
                             "Data cluster"
                         } else {
