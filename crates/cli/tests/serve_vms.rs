@@ -546,6 +546,30 @@ fn memory_file_being_written(state: &Path, snap: &str) -> std::path::PathBuf {
     }
 }
 
+/// Run `strata vm snapshot create g SNAP ARGS` with its memory save slowed,
+/// interrupt it (SIGINT) once QEMU writes the memory file, and require exit
+/// status 130 (cancelled); its stderr.
+fn interrupted_snapshot(state: &Path, snap: &str, args: &[&str]) -> String {
+    let cli = Command::new(STRATA)
+        .arg("vm")
+        .arg("--state-dir")
+        .arg(state)
+        .args(["snapshot", "create", "g", snap])
+        .args(args)
+        .env("STRATA_VM_MEMORY_BANDWIDTH", SLOW_SAVE)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    memory_file_being_written(state, snap);
+    // SAFETY: kill(2) on the child just started.
+    let sent = unsafe { libc::kill(cli.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let o = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    err
+}
+
 /// The files of the VM's directory `sub` ("memory", "disks").
 fn vm_files(state: &Path, sub: &str) -> Vec<String> {
     match std::fs::read_dir(state.join("vms/g").join(sub)) {
@@ -632,22 +656,7 @@ fn snapshot_tasks_of_a_running_guest_are_cancelled_cleanly_or_answered_too_late(
     assert_eq!(t["state"], "ok", "{t}");
 
     // Ctrl-C on the CLI while QEMU copies the memory: the same cancel.
-    let cli = Command::new(STRATA)
-        .arg("vm")
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["snapshot", "create", "g", "cli", "--external"])
-        .env("STRATA_VM_MEMORY_BANDWIDTH", SLOW_SAVE)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    memory_file_being_written(&state, "cli");
-    // SAFETY: kill(2) on the child just started.
-    let sent = unsafe { libc::kill(cli.id() as libc::pid_t, libc::SIGINT) };
-    assert_eq!(sent, 0);
-    let o = cli.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(130), "{err}");
+    let err = interrupted_snapshot(&state, "cli", &["--external"]);
     assert!(
         err.contains("cancelled:") && err.contains("migrate_cancel"),
         "{err}"
@@ -739,29 +748,7 @@ fn a_background_snapshot_cancelled_while_its_memory_saves_is_kept_disk_only() {
     );
     kept_disk_only("bg");
 
-    let cli = Command::new(STRATA)
-        .arg("vm")
-        .arg("--state-dir")
-        .arg(&state)
-        .args([
-            "snapshot",
-            "create",
-            "g",
-            "bgcli",
-            "--external",
-            "--background",
-        ])
-        .env("STRATA_VM_MEMORY_BANDWIDTH", SLOW_SAVE)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    memory_file_being_written(&state, "bgcli");
-    // SAFETY: kill(2) on the child just started.
-    let sent = unsafe { libc::kill(cli.id() as libc::pid_t, libc::SIGINT) };
-    assert_eq!(sent, 0);
-    let o = cli.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(130), "{err}");
+    let err = interrupted_snapshot(&state, "bgcli", &["--external", "--background"]);
     assert!(err.contains("kept as a disk-only snapshot"), "{err}");
     kept_disk_only("bgcli");
 
