@@ -263,7 +263,7 @@ fn sparse_target_zero_backing_snapshot_and_concatenation() {
         "strata",
         &[
             "convert",
-            "-s",
+            "-l",
             "snap",
             "-O",
             "raw",
