@@ -339,3 +339,52 @@ fn bitmap_prints_and_leaves_what_qemu_img_bitmap_does() {
     }
     common::assert_all_same();
 }
+
+#[test]
+fn convert_bitmaps_copies_every_bitmap_with_its_bits_and_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::qcow2(d, "src.qcow2", "64M", &[]);
+    run(d, "qemu-img", &["bitmap", "--add", "src.qcow2", "b1"]);
+    run(
+        d,
+        "qemu-img",
+        &["bitmap", "--add", "-g", "1M", "src.qcow2", "off"],
+    );
+    common::io(
+        d,
+        "qcow2",
+        "src.qcow2",
+        &["write -P 1 0 4k", "write -P 2 9M 70k"],
+    );
+    run(d, "qemu-img", &["bitmap", "--disable", "src.qcow2", "off"]);
+    common::io(d, "qcow2", "src.qcow2", &["write -P 3 40M 64k"]);
+    strata(
+        d,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "--bitmaps",
+            "src.qcow2",
+            "out.qcow2",
+        ],
+    );
+    sound(d, "out.qcow2", "convert --bitmaps");
+    common::verify(d, "src.qcow2", "out.qcow2");
+    for name in ["b1", "off"] {
+        assert_eq!(
+            dirty(d, "out.qcow2", name),
+            dirty(d, "src.qcow2", name),
+            "bitmap {name}"
+        );
+    }
+    assert!(!dirty(d, "out.qcow2", "b1").is_empty());
+    // Names, granularities and the enabled flag as QEMU reads them.
+    let bitmaps = |f: &str| {
+        let info = run(d, "qemu-img", &["info", "--output=json", f]);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        v["format-specific"]["data"]["bitmaps"].clone()
+    };
+    assert_eq!(bitmaps("out.qcow2"), bitmaps("src.qcow2"));
+}

@@ -16,19 +16,19 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Image format (probed when omitted); only qcow2 images can be amended.
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Options to change, `key=value[,key=value...]` (`-o help` lists them).
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// Show progress in qemu-img's format.
-    #[arg(short = 'p')]
+    #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Quiet: no progress.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Cache mode (accepted for compatibility; strata flushes at every ordering point).
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Allow the key-slot changes qemu-img guards with --force: overwriting an
     /// active slot, erasing an inactive one or the last one.
@@ -215,7 +215,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         );
         return Ok(1);
     }
-    super::common::check_cache_mode(args.cache.as_deref(), false)?;
     let items = option_items(&args.options);
     let help = items.iter().any(|(k, _)| k == "help" || k == "?");
     let [path] = args.filenames.as_slice() else {
@@ -227,6 +226,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // qemu-img starts its progress before opening the image: a failure from here
     // on still ends the line.
     let bar = QemuSteps::milestones(args.progress && !args.quiet, 1.0, Vec::new());
+    super::common::check_cache_mode(args.cache.as_deref(), false)?;
     let spec = args.naming.spec(path, args.format.as_deref(), false)?;
     let format = spec_format(&spec)?;
     warn_probed_raw(&spec);

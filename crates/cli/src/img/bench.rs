@@ -14,37 +14,62 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Number of requests (default 75000).
-    #[arg(short = 'c', value_name = "COUNT", allow_hyphen_values = true)]
+    #[arg(
+        short = 'c',
+        long = "count",
+        value_name = "COUNT",
+        allow_hyphen_values = true
+    )]
     count: Option<String>,
     /// Requests in flight at once (default 64).
-    #[arg(short = 'd', value_name = "DEPTH", allow_hyphen_values = true)]
+    #[arg(
+        short = 'd',
+        long = "depth",
+        value_name = "DEPTH",
+        allow_hyphen_values = true
+    )]
     depth: Option<String>,
     /// Image format (probed when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Native AIO (accepted for compatibility).
-    #[arg(short = 'n')]
+    #[arg(short = 'n', long = "native")]
     native: bool,
     /// AIO mode: threads, native or io_uring (accepted for compatibility).
-    #[arg(short = 'i', value_name = "AIO")]
+    #[arg(short = 'i', long = "aio", value_name = "AIO")]
     aio: Option<String>,
     /// Offset of the first request.
-    #[arg(short = 'o', value_name = "OFFSET", allow_hyphen_values = true)]
+    #[arg(
+        short = 'o',
+        long = "offset",
+        value_name = "OFFSET",
+        allow_hyphen_values = true
+    )]
     offset: Option<String>,
     /// Quiet (qemu-img prints its two lines anyway).
     #[arg(short = 'q')]
     quiet: bool,
     /// Bytes per request (default 4 KiB).
-    #[arg(short = 's', value_name = "BUFFER_SIZE", allow_hyphen_values = true)]
+    #[arg(
+        short = 's',
+        long = "buffer-size",
+        value_name = "BUFFER_SIZE",
+        allow_hyphen_values = true
+    )]
     size: Option<String>,
     /// Offset step between requests (default: the request size).
-    #[arg(short = 'S', value_name = "STEP_SIZE", allow_hyphen_values = true)]
+    #[arg(
+        short = 'S',
+        long = "step-size",
+        value_name = "STEP_SIZE",
+        allow_hyphen_values = true
+    )]
     step: Option<String>,
     /// Cache mode (checked; strata uses the page cache).
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Write instead of read.
-    #[arg(short = 'w')]
+    #[arg(short = 'w', long = "write")]
     write: bool,
     /// Open read-only even if another program writes the image.
     #[arg(short = 'U', long = "force-share")]
@@ -78,6 +103,13 @@ fn ranged(what: &str, s: Option<&str>, min: u64, max: u64, default: u64) -> Resu
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    if args
+        .cache
+        .as_deref()
+        .is_some_and(|c| !super::convert::is_cache_mode(c))
+    {
+        bail!("Invalid cache mode");
+    }
     let int_max = i32::MAX as u64;
     let i64_max = i64::MAX as u64;
     let count = ranged("request count", args.count.as_deref(), 1, int_max, 75000)?;

@@ -81,12 +81,16 @@ fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
                 continue;
             }
         };
-        let takes_value = matches!(
-            name.as_str(),
-            "-f" | "-g" | "-b" | "-F" | "--merge" | "--object"
-        );
+        // The long names of the short options; messages keep the name as typed.
+        let key = match name.as_str() {
+            "--granularity" => "-g",
+            "--source-file" => "-b",
+            "--source-format" => "-F",
+            n => n,
+        };
+        let takes_value = matches!(key, "-f" | "-g" | "-b" | "-F" | "--merge" | "--object");
         let flag = matches!(
-            name.as_str(),
+            key,
             "--add" | "--remove" | "--clear" | "--enable" | "--disable" | "--image-opts"
         );
         if !takes_value && !flag {
@@ -123,7 +127,7 @@ fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
         } else {
             None
         };
-        match name.as_str() {
+        match key {
             "--add" => p.ops.push(Op::Add),
             "--remove" => p.ops.push(Op::Remove),
             "--clear" => p.ops.push(Op::Clear),

@@ -18,23 +18,23 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Image format (probed when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Output format.
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]
     output: OutputFormat,
     /// Repair: `leaks` frees leaked clusters only; `all` also fixes refcounts that
     /// are too low and wrong COPIED flags (rebuilding refcount structures if needed).
-    #[arg(short = 'r', value_name = "leaks|all")]
+    #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
     repair: Option<String>,
     /// Cache mode for the image (checked; strata uses the page cache).
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "cache", value_name = "SRC_CACHE")]
     cache: Option<String>,
     /// Open without locks (read-only checks only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Quiet: print nothing (the exit code still tells the result).
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image.
     filename: PathBuf,
@@ -56,7 +56,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .naming
         .spec(&args.filename, args.format.as_deref(), args.force_share)?;
     if repair != Repair::None && spec.force_share {
-        bail!("force-share=on can only be used with read-only images");
+        bail!(
+            "Could not open '{}': force-share=on can only be used with read-only images",
+            spec.shown_name()
+        );
     }
     let writing = repair != Repair::None;
     let opened_err = |e| super::common::open_error(&spec.path, &spec.shown_name(), &e);

@@ -14,30 +14,35 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Format of the image (probed when omitted; backing files never are).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Cache mode (accepted for compatibility).
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// The image to commit into (part of the backing chain; default: the backing
     /// file). Implies -d.
-    #[arg(short = 'b', value_name = "BASE")]
+    #[arg(short = 'b', long = "base", value_name = "BASE")]
     base: Option<String>,
     /// Keep the top image's data (do not empty it after the commit).
-    #[arg(short = 'd')]
+    #[arg(short = 'd', long = "drop")]
     drop_empty: bool,
     /// Merge from this layer of the chain instead of the top image, then relink the
     /// image above it to the base (the merged layers leave the chain).
     #[arg(long = "top", value_name = "IMAGE")]
     top: Option<String>,
     /// Show progress.
-    #[arg(short = 'p')]
+    #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Bandwidth limit in bytes per second (size suffixes allowed; 0: none).
-    #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
+    #[arg(
+        short = 'r',
+        long = "rate",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
     rate: Option<String>,
     /// The image whose changes are committed.
     filename: PathBuf,

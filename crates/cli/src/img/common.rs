@@ -263,14 +263,6 @@ pub fn parse_rate(r: Option<&str>) -> Result<u64> {
     }
 }
 
-/// Parse a size as qemu-img does: a number with an optional suffix k/K, M, G, T, P, E
-/// (powers of 1024) or b/B (bytes). Fractions are allowed with a suffix ("1.5G").
-pub fn parse_size(s: &str) -> Result<u64> {
-    strata_jobs::create::parse_size(s).ok_or_else(|| {
-        anyhow!("Invalid image size specified. Must be between 0 and 9223372036854775807.")
-    })
-}
-
 /// Parse repeated `-o key=value,key2=value2` options (commas inside values are
 /// written `,,` as in QEMU). Later values win.
 pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
@@ -378,12 +370,12 @@ mod tests {
 
     #[test]
     fn sizes_parse_like_qemu_img() {
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert_eq!(parse_size("64k").unwrap(), 65536);
-        assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("99999999999E").is_err());
+        assert_eq!(image_size("1G").unwrap(), 1 << 30);
+        assert_eq!(image_size("512").unwrap(), 512);
+        assert_eq!(image_size("64k").unwrap(), 65536);
+        assert_eq!(image_size("1.5M").unwrap(), 3 << 19);
+        assert!(image_size("12Q").is_err());
+        assert!(image_size("99999999999E").is_err());
     }
 
     #[test]

@@ -16,23 +16,33 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Format of the first image (probed when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(
+        short = 'f',
+        long = "a-format",
+        alias = "left-format",
+        value_name = "FMT"
+    )]
     format1: Option<String>,
     /// Format of the second image (probed when omitted).
-    #[arg(short = 'F', value_name = "FMT")]
+    #[arg(
+        short = 'F',
+        long = "b-format",
+        alias = "right-format",
+        value_name = "FMT"
+    )]
     format2: Option<String>,
     /// Strict: fail on a size difference or a different allocation status, not only
     /// on different contents.
-    #[arg(short = 's')]
+    #[arg(short = 's', long = "strict")]
     strict: bool,
     /// Show progress.
-    #[arg(short = 'p')]
+    #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Quiet: print nothing (the exit code tells the result).
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Cache mode (checked; strata uses the page cache).
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "cache", value_name = "SRC_CACHE")]
     cache: Option<String>,
     /// Open without locks.
     #[arg(short = 'U', long = "force-share")]

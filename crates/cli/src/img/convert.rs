@@ -2,7 +2,7 @@
 //! export internal snapshots, compress (zlib or zstd on every core), with
 //! qemu-img's flags and messages.
 
-use super::common::{open_chain, open_spec, option_help_asked, parse_options, parse_size, Ctx};
+use super::common::{open_chain, open_spec, option_help_asked, parse_options, Ctx};
 use super::convert_steps::{convert_figures, ConvertShape};
 use super::measure::snapshot_key;
 use super::qsteps::{QemuSteps, Shown};
@@ -20,10 +20,10 @@ use strata_jobs::Cancel;
 #[derive(clap::Args)]
 pub struct Args {
     /// Source format (probed from each source when omitted; backing files never are).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "source-format", value_name = "FMT")]
     format: Option<String>,
     /// Output format: qcow2 or raw (default raw).
-    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    #[arg(short = 'O', long = "output-format", value_name = "OUTPUT_FMT")]
     out_format: Option<String>,
     /// `--object` definitions and `--image-opts` (`--source-image-opts`) for the sources.
     #[command(flatten)]
@@ -35,54 +35,74 @@ pub struct Args {
     #[arg(long = "target-image-opts")]
     target_image_opts: bool,
     /// Creation options of the output (`-o help` with `create` lists them).
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// Compress the output's clusters (qcow2; zlib or zstd by -o compression_type).
     #[arg(short = 'c')]
     compress: bool,
     /// Leave out aligned all-zero blocks of this size (default 4k; 0 writes everything).
-    #[arg(short = 'S', value_name = "SPARSE_SIZE")]
+    #[arg(
+        short = 'S',
+        long = "sparse-size",
+        value_name = "SPARSE_SIZE",
+        allow_hyphen_values = true
+    )]
     sparse_size: Option<String>,
     /// Do not create the target: write into an existing image.
     #[arg(short = 'n')]
     no_create: bool,
     /// The output gets this backing file; only what the source's top layer stores is copied.
-    #[arg(short = 'B', value_name = "BACKING_FILE")]
+    #[arg(short = 'B', long = "backing", value_name = "BACKING_FILE")]
     backing: Option<String>,
     /// Format of the -B backing file (required with -B).
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_format: Option<String>,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Threads reading, scanning and compressing, 1 to 16 (default: one per CPU, at least 2).
-    #[arg(short = 'm', value_name = "NUM")]
+    #[arg(
+        short = 'm',
+        long = "parallel",
+        value_name = "NUM",
+        allow_hyphen_values = true
+    )]
     workers: Option<String>,
     /// Write output as it is ready instead of in guest order.
-    #[arg(short = 'W')]
+    #[arg(short = 'W', long = "oob-writes")]
     out_of_order: bool,
     /// With -n: the target already reads as zeroes, so zero ranges are not written.
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
     /// Convert an internal snapshot: snapshot.name=NAME, snapshot.id=ID or NAME.
-    #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT_PARAM")]
     snapshot_param: Option<String>,
+    /// Offload the copy to the storage (copy_file_range): accepted as qemu-img
+    /// takes it; strata copies through its own reads and writes, which leave the
+    /// same target.
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    _copy_range: bool,
     /// Open the sources without locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Target cache mode: none, writeback, writethrough, directsync or unsafe (the
     /// default, as in qemu-img convert: the target is not flushed at the end).
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "output-cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Source cache mode (validated; strata reads through the page cache).
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// Bandwidth limit in bytes per second for the output (size suffixes allowed;
     /// 0: none).
-    #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
+    #[arg(
+        short = 'r',
+        long = "rate",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
     rate: Option<String>,
     /// Copy the persistent bitmaps of the source's own layer into the target.
     #[arg(long = "bitmaps")]
@@ -173,24 +193,20 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     let sparse_size = match &args.sparse_size {
         None => 4096,
-        Some(s) => match parse_size(s) {
-            Ok(v) if v.is_multiple_of(512) && v <= MAX_SPARSE => v,
+        Some(s) => match super::common::size_arg("buffer size for sparse output", s)? {
+            v if v.is_multiple_of(512) && v <= MAX_SPARSE => v,
             _ => bail!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."),
         },
     };
     let workers = match &args.workers {
         None => default_workers(),
-        Some(m) => match m.parse::<usize>() {
-            Ok(v) if (1..=16).contains(&v) => v,
-            _ => bail!("Invalid number of coroutines specified. Must be between 1 and 16."),
+        Some(m) => match c_int(m) {
+            Some(v) if (1..=16).contains(&v) => v as usize,
+            Some(_) => bail!("Invalid number of coroutines specified. Must be between 1 and 16."),
+            None => bail!("Invalid number of coroutines specified: '{m}'."),
         },
     };
-    let flush = match args.cache.as_deref() {
-        None | Some("unsafe") => false,
-        Some(c) if is_cache_mode(c) => true,
-        Some(c) => bail!("Invalid cache option: {c}"),
-    };
-    super::common::check_cache_mode(args.src_cache.as_deref(), true)?;
+    let flush = !matches!(args.cache.as_deref(), None | Some("unsafe"));
     let rate = super::common::parse_rate(args.rate.as_deref())?;
     // qemu-img shows its first figure once the options are read, before it opens
     // anything, and ends the line on failure too.
@@ -198,6 +214,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         QemuSteps::milestones(on, 1.0, Vec::new())
     });
     shown.steps.set(0.0);
+    super::common::check_cache_mode(args.src_cache.as_deref(), true)?;
     let snapshot = args
         .snapshot_param
         .as_deref()
@@ -219,6 +236,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         (None, Some(b)) if !args.no_create && out_format != Format::Raw => Some(b.clone()),
         _ => None,
     };
+    let mut bitmap_source = None;
     for p in src_paths {
         let mut spec = naming.spec(p, args.format.as_deref(), args.force_share)?;
         inputs.add_read_chain(&spec.path, spec.format);
@@ -287,6 +305,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             bail!("Compression and preallocation not supported at the same time ('{p}')");
         }
     }
+    // qemu-img reads the target's cache mode only once it has created the
+    // target (a bad mode leaves the new, empty target behind).
+    let target_cache = || super::common::check_cache_mode(args.cache.as_deref(), false);
     let target_is_zero;
     let mut target_backing_size = None;
     let target: Arc<dyn BlockDevice> = if nbd_out {
@@ -313,6 +334,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         }
         t
     } else if args.no_create {
+        target_cache()?;
         check_output(out_path, &inputs).map_err(|e| match e {
             strata_jobs::Error::Storage(e) => {
                 anyhow::anyhow!("Could not open '{}': {e}", out_path.display())
@@ -376,6 +398,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             .with_secrets(secrets.clone())
             .create()
             .map_err(create_failed)?;
+        target_cache()?;
         target_is_zero = true;
         let mut spec = open_spec(out_path, Some(out_format.name()), false)?.write(true);
         if let Some(id) = options.get("encrypt.key-secret") {
@@ -448,6 +471,23 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     shown.steps.set(100.0);
     shown.steps.end();
     Ok(0)
+}
+
+/// A whole decimal number as C's integer parsing takes it (leading blanks and a
+/// sign allowed, nothing after the digits), or `None`; a value beyond 64 bits
+/// saturates, so it is refused as out of range, not as malformed.
+fn c_int(s: &str) -> Option<i64> {
+    let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (neg, digits) = match t.as_bytes().first()? {
+        b'-' => (true, &t[1..]),
+        b'+' => (false, &t[1..]),
+        _ => (false, t),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let v = digits.parse::<i64>().unwrap_or(i64::MAX);
+    Some(if neg { -v } else { v })
 }
 
 /// The cache modes QEMU knows (`-t`, `-T`).

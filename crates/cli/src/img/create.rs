@@ -11,25 +11,30 @@ use strata_jobs::create::{options_help, prepare, CreateRequest};
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format: qcow2 or raw (default raw).
-    #[arg(short = 'f', value_name = "FMT", default_value = "raw")]
+    #[arg(
+        short = 'f',
+        long = "format",
+        value_name = "FMT",
+        default_value = "raw"
+    )]
     format: String,
     /// Format options, comma separated (`-o help` lists them).
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// Backing file: the new image is an overlay on it (qcow2 only).
-    #[arg(short = 'b', value_name = "BACKING_FILE")]
+    #[arg(short = 'b', long = "backing", value_name = "BACKING_FILE")]
     backing: Option<String>,
     /// Backing file format (required with -b).
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_format: Option<String>,
     /// Do not open the backing file (its size must then be given).
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_backing: bool,
     /// `--object` definitions (secrets for encryption keys).
     #[command(flatten)]
     objects: super::objects::ObjectArgs,
     /// Quiet: do not print the summary line.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The new image (not needed with `-o help`).
     filename: Option<PathBuf>,
@@ -65,6 +70,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(s) => Some(image_size(s)?),
         None => None,
     };
+    if size.is_some() && options.contains_key("size") {
+        anyhow::bail!(
+            "{}: The image size must be specified only once",
+            filename.display()
+        );
+    }
     let typed = filename.to_string_lossy().into_owned();
     let on_export = super::nbdname::names_export(&typed, None);
     let path = if on_export {

@@ -15,10 +15,10 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Input format (probed when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Output format (raw by default).
-    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    #[arg(short = 'O', long = "output-format", value_name = "OUTPUT_FMT")]
     output_format: Option<String>,
     /// Open the input read-only even if another program writes it.
     #[arg(short = 'U', long = "force-share")]

@@ -16,13 +16,13 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Image format (probed from the top image when omitted; backing files never are).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Output format.
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]
     output: OutputFormat,
     /// Show every image of the backing chain, top first.
-    #[arg(long = "backing-chain")]
+    #[arg(short = 'b', long = "backing-chain")]
     backing_chain: bool,
     /// Open without locks, to inspect an image in use.
     #[arg(short = 'U', long = "force-share")]

@@ -16,7 +16,7 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Image format (probed from the top image when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Output format (`json` adds zero/unallocated runs and the chain depth).
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]

@@ -20,19 +20,24 @@ pub struct Args {
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]
     output: OutputFormat,
     /// Format of the image to be created (default raw).
-    #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+    #[arg(
+        short = 'O',
+        long = "target-format",
+        value_name = "OUTPUT_FMT",
+        default_value = "raw"
+    )]
     out_format: String,
     /// Creation options of the image to be created.
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// Measure an image of this size instead of a source image.
     #[arg(long = "size", value_name = "SIZE", allow_hyphen_values = true)]
     size: Option<String>,
     /// Source image format (probed when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Measure an internal snapshot of the source (snapshot.name=N, snapshot.id=I or a name).
-    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
     snapshot: Option<String>,
     /// Open without locks.
     #[arg(short = 'U', long = "force-share")]

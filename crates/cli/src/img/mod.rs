@@ -45,6 +45,9 @@ pub use common::Ctx;
     name = "img",
     // An option given twice takes the last value, as qemu-img's getopt loop does.
     args_override_self = true,
+    // A long option may be shortened to any prefix naming it alone, as getopt
+    // takes it (`--back` for `--backing-chain`).
+    infer_long_args = true,
     about = "Disk image tool compatible with qemu-img",
     long_about = "Disk image tool compatible with qemu-img: the same subcommands, flags, exit codes \
                   and --output=json shapes. Invoked as `qemu-img` (a symlink), strata behaves as \

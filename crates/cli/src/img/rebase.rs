@@ -16,33 +16,38 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Format of the image (probed when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// The new backing file ("" for none), relative to the image's directory.
     /// With -u and no -b, the backing file is removed.
-    #[arg(short = 'b', value_name = "BACKING_FILE")]
+    #[arg(short = 'b', long = "backing", value_name = "BACKING_FILE")]
     backing: Option<String>,
     /// Format of the new backing file (required with a non-empty -b).
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_format: Option<String>,
     /// Unsafe: only rewrite the backing file name; copy nothing.
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_mode: bool,
     /// Write the copied clusters compressed.
-    #[arg(short = 'c')]
+    #[arg(short = 'c', long = "compress")]
     compress: bool,
     /// Show progress.
-    #[arg(short = 'p')]
+    #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Cache mode (checked; strata uses the page cache).
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Source cache mode (checked; strata uses the page cache).
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "backing-cache", value_name = "SRC_CACHE")]
     src_cache: Option<String>,
+    /// Share the backing files with other users, as qemu-img's `-U` does for
+    /// them (the image itself is still opened for writing, locked): strata opens
+    /// backing files read-only, so this is accepted and changes nothing.
+    #[arg(short = 'U', long = "force-share")]
+    _force_share: bool,
     /// The image to rebase.
     filename: PathBuf,
 }

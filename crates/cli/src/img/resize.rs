@@ -12,7 +12,7 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// Image format (probed when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Preallocation of the new area: off, metadata, falloc or full.
     #[arg(long = "preallocation", value_name = "PREALLOC")]
@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long = "shrink")]
     shrink: bool,
     /// Quiet: print nothing on success.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image.
     filename: PathBuf,
@@ -41,11 +41,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         _ => (0, args.size.as_str()),
     };
     let n = option_size("size", num)?;
-    let spec = args
-        .naming
-        .spec(&args.filename, args.format.as_deref(), false)?;
-    super::common::warn_probed_raw(&spec);
-    let format = super::common::spec_format(&spec)?;
     let prealloc = match args.preallocation.as_deref() {
         None | Some("off") => None,
         Some(p) => Some(
@@ -53,6 +48,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 .map_err(|_| anyhow::anyhow!("Invalid preallocation mode '{p}'"))?,
         ),
     };
+    let spec = args
+        .naming
+        .spec(&args.filename, args.format.as_deref(), false)?;
+    super::common::warn_probed_raw(&spec);
+    let format = super::common::spec_format(&spec)?;
     // qemu-img opens the image with its backing chain: a backing file that fails
     // to open fails the resize, and one longer than the image has the range the
     // image grows over zeroed (the engine's resize does that).

@@ -13,25 +13,25 @@ pub struct Args {
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// List the snapshots (the default when no action is given).
-    #[arg(short = 'l')]
+    #[arg(short = 'l', long = "list")]
     list: bool,
     /// Create a snapshot named NAME of the current disk.
-    #[arg(short = 'c', value_name = "NAME")]
+    #[arg(short = 'c', long = "create", value_name = "NAME")]
     create: Option<String>,
     /// Apply (revert to) the snapshot with this ID or name; the current state is lost.
-    #[arg(short = 'a', value_name = "SNAPSHOT")]
+    #[arg(short = 'a', long = "apply", value_name = "SNAPSHOT")]
     apply: Option<String>,
     /// Delete the snapshot with this name, freeing what only it used.
-    #[arg(short = 'd', value_name = "SNAPSHOT")]
+    #[arg(short = 'd', long = "delete", value_name = "SNAPSHOT")]
     delete: Option<String>,
     /// Image format (probed when omitted).
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Open without locks, to list the snapshots of an image in use (read-only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Quiet: print nothing on success.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image.
     filename: PathBuf,
@@ -94,7 +94,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let format = super::common::spec_format(&spec)?;
     let writing = args.create.is_some() || args.apply.is_some() || args.delete.is_some();
     if writing && spec.force_share {
-        bail!("force-share=on can only be used with read-only images");
+        bail!(
+            "Could not open '{}': force-share=on can only be used with read-only images",
+            spec.shown_name()
+        );
     }
     if writing {
         // qemu-img warns of a probed raw image as it opens it for writing (twice

@@ -21,6 +21,35 @@ fn file_count_message(sub: &str) -> Option<(&'static str, bool)> {
     })
 }
 
+/// qemu-img's words for a file name beyond those a subcommand takes, where they
+/// differ from its words for too few (`extra` is the first one too many).
+fn extra_file_message(sub: &str, extra: &str) -> Option<String> {
+    match sub {
+        "create" => Some(format!("Unexpected argument: {extra}")),
+        "resize" => Some("Extra argument(s) in command line".into()),
+        _ => None,
+    }
+}
+
+/// `check`'s repair mode as typed (`-r MODE`, `-rMODE`, `--repair MODE`,
+/// `--repair=MODE`), when it is neither `leaks` nor `all`: qemu-img refuses it
+/// as it reads the options, before it counts the file names (`-r FILE` took the
+/// file name as the mode).
+fn bad_repair_mode(args: &[String]) -> Option<&str> {
+    let mut it = args.iter().skip(1);
+    let mut mode = None;
+    while let Some(a) = it.next() {
+        mode = match a.as_str() {
+            "-r" | "--repair" => it.next().map(String::as_str),
+            _ => match a.strip_prefix("--repair=") {
+                Some(m) => Some(m),
+                None => a.strip_prefix("-r").filter(|m| !m.is_empty()).or(mode),
+            },
+        };
+    }
+    mode.filter(|m| !matches!(*m, "leaks" | "all"))
+}
+
 fn context(e: &clap::Error, kind: ContextKind) -> Option<String> {
     match e.get(kind)? {
         ContextValue::String(s) => Some(s.clone()),
@@ -76,9 +105,19 @@ pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<
                 Some(format!(
                     "{prog} {sub}: invalid option -- '{c}'\n{try_help}\n"
                 ))
+            } else if let Some(msg) = extra_file_message(sub, &arg) {
+                Some(format!("{prog}: {msg}\n{try_help}\n"))
             } else {
                 file_count_message(sub).map(counted)
             }
+        }
+        ErrorKind::MissingRequiredArgument | ErrorKind::TooFewValues
+            if sub == "check" && bad_repair_mode(args).is_some() =>
+        {
+            let mode = bad_repair_mode(args)?;
+            Some(format!(
+                "{prog}: --repair (-r) expects 'leaks' or 'all' not '{mode}'\n{try_help}\n"
+            ))
         }
         // Only positionals (the file names) are required; a missing option
         // value is an InvalidValue, below.
@@ -114,6 +153,19 @@ pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_repair_mode_typed_is_the_one_judged() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(bad_repair_mode(&a(&["check", "-r", "img"])), Some("img"));
+        assert_eq!(bad_repair_mode(&a(&["check", "--repair=x"])), Some("x"));
+        assert_eq!(bad_repair_mode(&a(&["check", "-rfoo"])), Some("foo"));
+        assert_eq!(
+            bad_repair_mode(&a(&["check", "-r", "x", "-r", "all"])),
+            None
+        );
+        assert_eq!(bad_repair_mode(&a(&["check", "-q", "img"])), None);
+    }
 
     #[test]
     fn option_names_lose_their_value_names() {
