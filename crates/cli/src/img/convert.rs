@@ -236,7 +236,6 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         (None, Some(b)) if !args.no_create && out_format != Format::Raw => Some(b.clone()),
         _ => None,
     };
-    let mut bitmap_source = None;
     for p in src_paths {
         let mut spec = naming.spec(p, args.format.as_deref(), args.force_share)?;
         inputs.add_read_chain(&spec.path, spec.format);
