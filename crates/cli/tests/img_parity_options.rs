@@ -62,6 +62,8 @@ const READING: &[&str] = &[
     "info -f bogus top.qcow2",
     "info -t none top.qcow2",
     "info --output",
+    "info --format",
+    "check -qf",
     "info",
     "info a b",
     // map: --start-offset, --max-length, in and out of range.

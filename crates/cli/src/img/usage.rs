@@ -129,13 +129,17 @@ pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<
             let value = context(e, ContextKind::InvalidValue).unwrap_or_default();
             let name = option_name(&arg);
             if value.is_empty() {
-                return Some(match name.strip_prefix("--") {
+                // The option lacking its value is the last argument typed: getopt
+                // names a short one by its letter (clap names its long form),
+                // a long one by its full name.
+                let typed = args.last().map(String::as_str).unwrap_or(name);
+                return Some(match typed.strip_prefix("--") {
                     Some(_) => {
                         format!("{prog} {sub}: option '{name}' requires an argument\n{try_help}\n")
                     }
                     None => format!(
                         "{prog} {sub}: option requires an argument -- '{}'\n{try_help}\n",
-                        name.trim_start_matches('-')
+                        typed.chars().last().unwrap_or('?')
                     ),
                 });
             }
