@@ -649,12 +649,19 @@ fn kill_loop(setup: fn(&Path), op: Op) {
     // A loaded machine can run the operation faster or slower than the timed runs:
     // when no kill of a round landed while the files were changing, more rounds
     // follow (at most three), so a pass always rests on kills inside the operation.
+    // Those rounds aim at the run's second half and beyond (its writes come after
+    // the reads, and a loaded run outlasts the timed one), a wider span each time.
     let mut total = 0;
     for round in 0..4 {
         if round > 0 && (mid_changed > 0 || n < 4) {
             break;
         }
-        for frac in moments(&mut rng, n) {
+        let (from, span) = if round == 0 {
+            (0.0, 1.0)
+        } else {
+            (0.5, 0.5 + 0.25 * round as f64)
+        };
+        for frac in moments(&mut rng, n).into_iter().map(|f| from + f * span) {
             let k = total;
             total += 1;
             let delay = uncut.mul_f64(frac);
