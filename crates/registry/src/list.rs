@@ -50,7 +50,8 @@ impl ListQuery {
     /// Parse query parameters as Glance does: `limit`, `marker`, `sort_key` /
     /// `sort_dir` (repeatable, paired in order) or `sort=key:dir,...`, `tag`
     /// (repeatable), the filters of [`Condition::parse`], and any other
-    /// parameter as an equality filter.
+    /// parameter (`owner` too: no image here has one, so asking for an
+    /// owner's images lists none) as an equality filter.
     pub fn from_pairs(pairs: &[(String, String)]) -> Result<ListQuery> {
         let mut q = ListQuery {
             limit: DEFAULT_LIMIT,
@@ -82,7 +83,9 @@ impl ListQuery {
                     }
                 }
                 "tag" => q.tags.push(v.clone()),
-                "member_status" | "owner" => {}
+                // Membership of shared images: this registry has no members,
+                // so every status selects the images it would list anyway.
+                "member_status" => {}
                 _ => match Condition::parse(k, v)? {
                     Some(c) => q.conditions.push(c),
                     None => q.filters.push((k.clone(), v.clone())),

@@ -449,6 +449,9 @@ fn lists_filter_by_size_range_in_lists_times_and_all_visibilities_as_glance_does
     assert_eq!(names(&[("size_min", "150"), ("size_max", "250")]), ["s1"]);
     assert_eq!(names(&[("visibility", "all")]), ["a,b", "s0", "s1", "s2"]);
     assert_eq!(names(&[("visibility", "private")]), ["s0"]);
+    // Images here have no owner: another tenant's list is empty, not everything.
+    assert!(names(&[("owner", "another-tenant")]).is_empty());
+    assert_eq!(names(&[("member_status", "accepted")]).len(), 4);
     assert_eq!(names(&[("name", r#"in:s0,"a,b""#)]), ["a,b", "s0"]);
     assert_eq!(names(&[("status", "in:queued,killed")]), ["a,b"]);
     let in_ids = format!("in:{},{}", ids[1], ids[2]);
