@@ -125,13 +125,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         int_max,
         0,
     )?;
-    if args
-        .cache
-        .as_deref()
-        .is_some_and(|c| !super::convert::is_cache_mode(c))
-    {
-        bail!("Invalid cache mode");
-    }
     if let Some(a) = &args.aio {
         if !matches!(a.as_str(), "threads" | "native" | "io_uring") {
             bail!("Invalid aio option: {a}");
