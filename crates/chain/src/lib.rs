@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use strata_format::luks::LuksImage;
 use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions, Unlock};
 use strata_format::raw::RawImage;
 use strata_format::{BlockDevice, Format};
@@ -217,14 +218,17 @@ impl OpenSpec {
     }
     /// The secret the layer at `depth` opens with (see [`OpenSpec::unlock`]):
     /// a backing file's is its own `backing.encrypt.key-secret`, one `backing.`
-    /// per level, never the top's.
+    /// per level, never the top's. A `luks` image's secret is its `key-secret`.
     pub fn unlock_at(&self, depth: usize) -> Result<Unlock> {
         if self.metadata_only {
             // No secret is needed, nor its id looked up (as qemu-img's info).
             return Ok(Unlock::None);
         }
-        let key = format!("{}encrypt.key-secret", Self::layer_prefix(depth));
-        match self.driver_options.get(&key) {
+        let prefix = Self::layer_prefix(depth);
+        let id = ["encrypt.key-secret", "key-secret"]
+            .iter()
+            .find_map(|k| self.driver_options.get(&format!("{prefix}{k}")));
+        match id {
             None => Ok(Unlock::None),
             Some(id) => match self.secrets.get(id) {
                 Some(v) => Ok(Unlock::Secret(v.as_slice().into())),
@@ -348,9 +352,18 @@ pub fn probe_storage(s: &dyn Storage) -> Result<Format> {
     s.read_at(&mut buf, 0).map_err(Error::Probe)?;
     Ok(if strata_format::qcow2::probe(&buf) {
         Format::Qcow2
+    } else if probe_luks(s)? {
+        Format::Luks
     } else {
         Format::Raw
     })
+}
+
+/// Whether the store starts with the LUKS magic (a 6-byte signature).
+fn probe_luks(s: &dyn Storage) -> Result<bool> {
+    let mut buf = [0u8; 6];
+    s.read_at(&mut buf, 0).map_err(Error::Probe)?;
+    Ok(strata_format::luks::probe(&buf))
 }
 
 /// Resolve a backing file name recorded in `overlay` (relative names are relative to
@@ -424,6 +437,7 @@ pub fn open_storage(
 ) -> Result<Arc<dyn BlockDevice>> {
     Ok(match format {
         Format::Raw => Arc::new(RawImage::open(storage)?),
+        Format::Luks => Arc::new(LuksImage::open(storage, unlock, metadata_only)?),
         Format::Qcow2 => Arc::new(Qcow2Image::open(
             storage,
             Qcow2OpenOptions {

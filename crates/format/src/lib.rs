@@ -1,6 +1,7 @@
 //! The format layer: maps guest offsets to host data.
 //!
-//! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU) and [`raw`].
+//! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU), [`raw`] and
+//! [`luks`].
 //! Both offer the guest view through [`BlockDevice`].
 
 #![deny(clippy::cast_possible_truncation)]
@@ -10,6 +11,7 @@ mod device;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod luks;
 pub mod qcow2;
 pub mod raw;
 pub mod units;
@@ -22,6 +24,8 @@ pub use error::{Error, ErrorKind, Offset, Operation, Result};
 pub enum Format {
     Qcow2,
     Raw,
+    /// A LUKS1 header, then the encrypted disk (QEMU's `luks` driver).
+    Luks,
 }
 
 impl Format {
@@ -29,7 +33,14 @@ impl Format {
         match self {
             Format::Qcow2 => "qcow2",
             Format::Raw => "raw",
+            Format::Luks => "luks",
         }
+    }
+
+    /// Whether a new image of this format reads as zeroes before anything is
+    /// written to it (a `luks` image's unwritten sectors decrypt to noise).
+    pub fn zero_init(self) -> bool {
+        self != Format::Luks
     }
 }
 
@@ -39,6 +50,7 @@ impl std::str::FromStr for Format {
         match s {
             "qcow2" => Ok(Format::Qcow2),
             "raw" => Ok(Format::Raw),
+            "luks" => Ok(Format::Luks),
             other => Err(Error::invalid_argument(format!(
                 "Unknown file format '{other}'"
             ))),

@@ -31,20 +31,7 @@ impl RawImage {
     ) -> Result<Self> {
         use crate::qcow2::Preallocation as P;
         storage.set_size(0)?;
-        match prealloc {
-            P::Off | P::Metadata => storage.set_size(size)?,
-            P::Falloc => storage.preallocate(0, size)?,
-            P::Full => {
-                let zeros = vec![0u8; 1 << 20];
-                let mut off = 0;
-                while off < size {
-                    let n = crate::units::index((size - off).min(zeros.len() as u64));
-                    storage.write_at(&zeros[..n], off)?;
-                    off += n as u64;
-                }
-                storage.set_size(size)?;
-            }
-        }
+        fill(storage.as_ref(), 0, size, prealloc)?;
         // As QEMU does, write the first block so that the file system reports it as
         // data (tools probe the alignment there).
         let first = crate::units::index(size.min(4096));
@@ -61,6 +48,37 @@ impl RawImage {
     fn err(&self, e: impl Into<Error>) -> Error {
         e.into().at(self.storage.path())
     }
+}
+
+/// Give `storage` the range `[offset, offset + len)` as `prealloc` asks, growing
+/// it to `offset + len`: its size only (`off`, `metadata`), allocated space
+/// (`falloc`), or zeroes written (`full`). Shared by the formats whose data
+/// follows a fixed header (raw, luks).
+pub(crate) fn fill(
+    storage: &dyn Storage,
+    offset: u64,
+    len: u64,
+    prealloc: crate::qcow2::Preallocation,
+) -> Result<()> {
+    use crate::qcow2::Preallocation as P;
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| Error::out_of_range("The image size is too large"))?;
+    match prealloc {
+        P::Off | P::Metadata => storage.set_size(end)?,
+        P::Falloc => storage.preallocate(offset, len)?,
+        P::Full => {
+            let zeros = vec![0u8; 1 << 20];
+            let mut off = offset;
+            while off < end {
+                let n = crate::units::index((end - off).min(zeros.len() as u64));
+                storage.write_at(&zeros[..n], off)?;
+                off += n as u64;
+            }
+            storage.set_size(end)?;
+        }
+    }
+    Ok(())
 }
 
 impl BlockDevice for RawImage {

@@ -94,8 +94,41 @@ pub fn supported_options(format: Format) -> &'static [(&'static str, &'static st
             ),
             ("size", "size", "Virtual disk size"),
         ],
+        Format::Luks => &[
+            ("cipher-alg", "str", "Cipher of the disk data (default aes-256)"),
+            ("cipher-mode", "str", "Cipher mode: xts (default), cbc or ecb"),
+            ("hash-alg", "str", "Hash of the key derivation (default sha256)"),
+            (
+                "iter-time",
+                "num",
+                "Milliseconds of key derivation an unlock costs (default 2000)",
+            ),
+            ("ivgen-alg", "str", "IV generator: plain64 (default), plain or essiv"),
+            ("ivgen-hash-alg", "str", "Hash of the essiv IV generator"),
+            ("key-secret", "str", "Id of the secret object holding the passphrase"),
+            (
+                "preallocation",
+                "str",
+                "What to allocate up front: off, falloc or full",
+            ),
+            ("size", "size", "Virtual disk size"),
+        ],
     }
 }
+
+/// Keys a `luks` `-o` map may hold, in the order of qemu-img's summary line.
+const LUKS_KEYS: &[&str] = &[
+    "size",
+    "key-secret",
+    "cipher-alg",
+    "cipher-mode",
+    "ivgen-alg",
+    "ivgen-hash-alg",
+    "hash-alg",
+    "iter-time",
+    "detached-header",
+    "preallocation",
+];
 
 /// The `-o help` listing of [`supported_options`], laid out as qemu-img lays its
 /// own out (name=<type> in a 22-column field, then the description).
@@ -293,6 +326,8 @@ pub struct Prepared {
 enum Kind {
     /// The `preallocation=` value as given.
     Raw(Option<String>),
+    /// The `-o` map (its LUKS settings are checked after the summary).
+    Luks(BTreeMap<String, String>),
     Qcow2(CreateOptions, BTreeMap<String, String>),
 }
 
@@ -330,6 +365,41 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 size,
                 summary_options,
                 kind: Kind::Raw(prealloc),
+                inputs: Inputs::default(),
+                secrets: Secrets::default(),
+            })
+        }
+        Format::Luks => {
+            for (k, v) in opts {
+                match k.as_str() {
+                    "backing_file" | "backing_fmt" => {
+                        return Err(invalid(
+                            p,
+                            "Backing file not supported for file format 'luks'",
+                        ))
+                    }
+                    "iter-time" if v.parse::<u64>().is_err() => {
+                        return Err(invalid(p, format!("Parameter '{k}' expects a number")))
+                    }
+                    "detached-header" => {
+                        parse_bool(k, v).map_err(|m| invalid(p, m))?;
+                    }
+                    k if LUKS_KEYS.contains(&k) => {}
+                    _ => return Err(invalid(p, format!("Invalid parameter '{k}'"))),
+                }
+            }
+            let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
+            let mut parts = vec![format!("size={size}")];
+            parts.extend(
+                LUKS_KEYS[1..]
+                    .iter()
+                    .filter_map(|k| opts.get(*k).map(|v| format!("{k}={v}"))),
+            );
+            Ok(Prepared {
+                path: p.clone(),
+                size,
+                summary_options: parts.join(" "),
+                kind: Kind::Luks(opts.clone()),
                 inputs: Inputs::default(),
                 secrets: Secrets::default(),
             })
@@ -397,6 +467,7 @@ impl Prepared {
     pub fn summary(&self) -> String {
         let format = match self.kind {
             Kind::Raw(_) => Format::Raw,
+            Kind::Luks(_) => Format::Luks,
             Kind::Qcow2(..) => Format::Qcow2,
         };
         self.summary_as(&self.path.display().to_string(), format.name())
@@ -462,6 +533,40 @@ impl Prepared {
                             e.into()
                         }
                     })?;
+                    img.flush()?;
+                    Ok(())
+                })
+            }
+            Kind::Luks(opts) => {
+                let enc = crate::create_encrypt::luks_settings(&opts, "", &self.secrets)
+                    .map_err(|m| invalid(p, m))?;
+                if opts
+                    .get("detached-header")
+                    .is_some_and(|v| parse_bool("detached-header", v) == Ok(true))
+                {
+                    return Err(invalid(
+                        p,
+                        "A detached LUKS header is not supported by strata",
+                    ));
+                }
+                let mode = match opts.get("preallocation").map(String::as_str) {
+                    // QEMU's file layer takes `metadata` as no preallocation.
+                    None | Some("metadata") => Preallocation::Off,
+                    Some(v) => v
+                        .parse::<Preallocation>()
+                        .map_err(|_| invalid(p, format!("invalid parameter value: {v}")))?,
+                };
+                let size = self.size;
+                let path = p.clone();
+                Box::new(move |storage| {
+                    let img = strata_format::luks::LuksImage::create(
+                        storage,
+                        size,
+                        &enc.options,
+                        &enc.password,
+                        mode,
+                    )
+                    .map_err(|e| invalid(&path, e))?;
                     img.flush()?;
                     Ok(())
                 })

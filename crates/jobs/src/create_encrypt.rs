@@ -38,13 +38,14 @@ const HASH_ALGS: &[&str] = &[
     "sm3",
 ];
 
-/// The value of `encrypt.NAME`, checked against QEMU's enumeration.
+/// The value of `PREFIXNAME`, checked against QEMU's enumeration.
 fn enum_value<'a>(
     opts: &'a BTreeMap<String, String>,
+    prefix: &str,
     name: &str,
     accepted: &[&str],
 ) -> Result<Option<&'a str>, String> {
-    match opts.get(&format!("encrypt.{name}")) {
+    match opts.get(&format!("{prefix}{name}")) {
         None => Ok(None),
         Some(v) if accepted.contains(&v.as_str()) => Ok(Some(v)),
         Some(v) => Err(format!("Parameter '{name}' does not accept value '{v}'")),
@@ -73,17 +74,26 @@ pub(crate) fn luks_options(
         Some(f @ ("luks" | "aes")) => f,
         Some(f) => return Err(format!("Parameter 'format' does not accept value '{f}'")),
     };
-    let cipher = enum_value(opts, "cipher-alg", CIPHER_ALGS)?;
-    let mode = enum_value(opts, "cipher-mode", CIPHER_MODES)?;
-    let ivgen = enum_value(opts, "ivgen-alg", IVGEN_ALGS)?;
-    let ivhash = enum_value(opts, "ivgen-hash-alg", HASH_ALGS)?;
-    let hash = enum_value(opts, "hash-alg", HASH_ALGS)?;
     if format == "aes" {
+        // QEMU checks the values first, then refuses the format.
+        luks_values(opts, "encrypt.")?;
         return Err(AES_WRITE_REFUSED.into());
     }
+    luks_settings(opts, "encrypt.", secrets).map(Some)
+}
+
+/// The LUKS settings of a `-o` map whose LUKS keys carry `prefix` (`encrypt.`
+/// for qcow2, none for the `luks` format): QEMU's checks in its order, the
+/// secret last.
+pub(crate) fn luks_settings(
+    opts: &BTreeMap<String, String>,
+    prefix: &str,
+    secrets: &BTreeMap<String, Vec<u8>>,
+) -> Result<LuksEncrypt, String> {
+    let (cipher, mode, ivgen, ivhash, hash) = luks_values(opts, prefix)?;
     let id = opts
-        .get("encrypt.key-secret")
-        .ok_or("Parameter 'encrypt.key-secret' is required for cipher")?;
+        .get(&format!("{prefix}key-secret"))
+        .ok_or_else(|| format!("Parameter '{prefix}key-secret' is required for cipher"))?;
     let password = secrets
         .get(id)
         .ok_or_else(|| format!("No secret with id '{id}'"))?;
@@ -108,7 +118,7 @@ pub(crate) fn luks_options(
         None => None,
     };
     let hash_alg = hash.map(hash_of).transpose()?.unwrap_or(d.hash_alg);
-    let iter_time_ms = match opts.get("encrypt.iter-time") {
+    let iter_time_ms = match opts.get(&format!("{prefix}iter-time")) {
         // The parse stage checked it is a number.
         Some(v) => v.parse().unwrap_or(d.iter_time_ms),
         None => d.iter_time_ms,
@@ -119,7 +129,7 @@ pub(crate) fn luks_options(
             return Err(format!("No AES cipher with key size {len} available"));
         }
     }
-    Ok(Some(LuksEncrypt {
+    Ok(LuksEncrypt {
         options: LuksCreateOptions {
             cipher_alg,
             cipher_mode,
@@ -129,7 +139,30 @@ pub(crate) fn luks_options(
             iter_time_ms,
         },
         password: password.as_slice().into(),
-    }))
+    })
+}
+
+/// The enumerated LUKS values of the map (cipher, mode, IV generator, its
+/// hash, hash), each checked against QEMU's names.
+type LuksValues<'a> = (
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+);
+
+fn luks_values<'a>(
+    opts: &'a BTreeMap<String, String>,
+    prefix: &str,
+) -> Result<LuksValues<'a>, String> {
+    Ok((
+        enum_value(opts, prefix, "cipher-alg", CIPHER_ALGS)?,
+        enum_value(opts, prefix, "cipher-mode", CIPHER_MODES)?,
+        enum_value(opts, prefix, "ivgen-alg", IVGEN_ALGS)?,
+        enum_value(opts, prefix, "ivgen-hash-alg", HASH_ALGS)?,
+        enum_value(opts, prefix, "hash-alg", HASH_ALGS)?,
+    ))
 }
 
 /// Bytes of the LUKS area the `-o` map asks for, as `measure` counts it: 0 for
@@ -145,4 +178,14 @@ pub fn measured_luks_area(
         Err(m) if m == AES_WRITE_REFUSED => Ok(0),
         Err(m) => Err(m),
     }
+}
+
+/// Bytes of the header and key material of a `luks` image the `-o` map asks
+/// for, as `measure -O luks` counts them (options and secret checked as a
+/// create checks them).
+pub fn measured_luks_header(
+    opts: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, Vec<u8>>,
+) -> Result<u64, String> {
+    luks_settings(opts, "", secrets).map(|e| strata_format::crypto::luks::area_len_for(&e.options))
 }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use strata_chain::Layer;
+use strata_format::luks::LuksImage;
 use strata_format::qcow2::{Qcow2Image, Snapshot};
 use strata_format::BlockDevice;
 
@@ -80,6 +81,8 @@ impl From<&Snapshot> for SnapshotInfo {
 pub enum FormatSpecific {
     Qcow2(Qcow2Specific),
     File(FileSpecific),
+    /// A `luks` image: its header, as a qcow2 image's `encrypt` block shows it.
+    Luks(crate::info_encrypt::LuksInfo),
 }
 
 /// qcow2 details. Version 2 images report only `compat`, `compression-type` and
@@ -205,6 +208,10 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
             compression_type: h.compression_type.name().into(),
         }));
     }
+    if let Some(l) = dev.as_any().downcast_ref::<LuksImage>() {
+        info.encrypted = Some(true);
+        info.format_specific = Some(FormatSpecific::Luks(crate::info_encrypt::luks(&l.header())));
+    }
     Ok(info)
 }
 
@@ -214,7 +221,10 @@ fn file_length(dev: &dyn BlockDevice) -> Result<u64> {
     // A qcow2 image's file is its metadata's, even when the data is elsewhere.
     let file = match dev.as_any().downcast_ref::<Qcow2Image>() {
         Some(q) => Some(q.image_file()),
-        None => dev.host_file(),
+        None => match dev.as_any().downcast_ref::<LuksImage>() {
+            Some(l) => Some(l.storage()),
+            None => dev.host_file(),
+        },
     };
     let len = match file {
         Some(file) => file.size()?,

@@ -1,4 +1,5 @@
-//! The `encrypt` block `info` shows for an encrypted qcow2 image: QEMU's
+//! The `encrypt` block `info` shows for an encrypted qcow2 image (and the
+//! format-specific block of a `luks` image): QEMU's
 //! QCryptoBlockInfo (`format`, then for LUKS the algorithms, offsets, key
 //! iterations, UUID and the eight key slots), members in QEMU's schema order.
 
@@ -55,7 +56,8 @@ impl EncryptInfo {
     }
 }
 
-fn luks(h: &LuksHeader) -> LuksInfo {
+/// What `info` shows of a LUKS header (a qcow2 image's or a `luks` image's).
+pub fn luks(h: &LuksHeader) -> LuksInfo {
     LuksInfo {
         cipher_alg: h.cipher_alg.name().into(),
         cipher_mode: h.cipher_mode.name().into(),

@@ -26,7 +26,8 @@ pub struct Target {
     /// The new image will have a backing file (so every cluster may be needed).
     pub has_backing_file: bool,
     /// Bytes of the new image's LUKS area (0: not LUKS-encrypted), taken in
-    /// whole clusters on top of the rest, as QEMU counts it.
+    /// whole clusters on top of the rest for qcow2, as QEMU counts it; the
+    /// header of a `luks` target.
     pub luks_area: u64,
 }
 
@@ -76,6 +77,21 @@ pub fn measure(source: Source<'_>, target: &Target, cancel: &Cancel) -> Result<M
                 Source::Size(s) => s.div_ceil(512) * 512,
                 Source::Image { chain, .. } => chain.virtual_size(),
             };
+            Ok(Measurement {
+                required,
+                fully_allocated: required,
+                bitmaps: None,
+            })
+        }
+        // The header and key material, then the disk: nothing is sparse.
+        Format::Luks => {
+            let disk = match source {
+                Source::Size(s) => s.div_ceil(512) * 512,
+                Source::Image { chain, .. } => chain.virtual_size(),
+            };
+            let required = disk
+                .checked_add(target.luks_area)
+                .ok_or_else(|| Error::Invalid("The image size is too large".into()))?;
             Ok(Measurement {
                 required,
                 fully_allocated: required,

@@ -90,6 +90,11 @@ impl Target {
                     existing: None,
                 })
             }
+            // A new encrypted image needs a secret a restore is not given.
+            Format::Luks => Err(Error::new(
+                ErrorKind::Unsupported,
+                "a restore writes raw or qcow2 images, not luks",
+            )),
             Format::Qcow2 => {
                 strata_jobs::create::prepare(&strata_jobs::create::CreateRequest {
                     path: path.to_path_buf(),

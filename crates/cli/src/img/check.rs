@@ -77,6 +77,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if repair != Repair::None {
         super::common::warn_probed_raw(&spec);
     }
+    if format == Format::Luks {
+        // qemu-img opens the image (secret and all) before it finds no checks.
+        strata_chain::open_top(&spec, format, writing).map_err(opened_err)?;
+    }
     if format != Format::Qcow2 {
         eprintln!("{}: This image format does not support checks", ctx.prog);
         return Ok(63);

@@ -398,11 +398,12 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             .create()
             .map_err(create_failed)?;
         target_cache()?;
-        target_is_zero = true;
+        target_is_zero = out_format.zero_init();
         let mut spec = open_spec(out_path, Some(out_format.name()), false)?.write(true);
-        if let Some(id) = options.get("encrypt.key-secret") {
-            spec.driver_options
-                .insert("encrypt.key-secret".into(), id.clone());
+        for key in ["encrypt.key-secret", "key-secret"] {
+            if let Some(id) = options.get(key) {
+                spec.driver_options.insert(key.into(), id.clone());
+            }
         }
         spec.secrets = secrets;
         let t = if out_backing.is_some() {

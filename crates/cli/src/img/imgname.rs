@@ -156,6 +156,8 @@ fn backing_option_supported(key: &str) -> bool {
 
 /// The raw format driver's own options.
 const RAW_OPTIONS: [&str; 2] = ["offset", "size"];
+/// The luks driver's own options.
+const LUKS_OPTIONS: [&str; 1] = ["key-secret"];
 
 /// The file protocol's options (host_device's too).
 const FILE_OPTIONS: [&str; 6] = [
@@ -534,7 +536,7 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
             spec.protocol_driver = Some("blkdebug".into());
             return Ok(spec);
         }
-        Some("qcow2" | "raw") | None => {}
+        Some("qcow2" | "raw" | "luks") | None => {}
         Some(other) => bail!("Unknown driver '{other}'"),
     }
     if driver.is_none() && !flat.keys().any(|k| k == "file" || k.starts_with("file.")) {
@@ -579,6 +581,7 @@ fn format_spec(
     let own: &[&str] = match checked {
         Some(Format::Qcow2) => &QCOW2_OPTIONS,
         Some(Format::Raw) => &RAW_OPTIONS,
+        Some(Format::Luks) => &LUKS_OPTIONS,
         None => &[],
     };
     let name = checked.map_or("raw", Format::name);
@@ -610,6 +613,8 @@ fn format_spec(
 /// The qcow2 driver's options that change the image's data ("strong" in QEMU's
 /// terms): given, QEMU cannot name the image by its file name alone.
 const QCOW2_STRONG_OPTIONS: [&str; 1] = ["encrypt.key-secret"];
+/// The luks driver's options that change the image's data.
+const LUKS_STRONG_OPTIONS: [&str; 1] = ["key-secret"];
 
 /// The name qemu-img reports for the top image `spec` names, opened as
 /// `format`, when its file name alone would not open it the same way: a
@@ -617,17 +622,18 @@ const QCOW2_STRONG_OPTIONS: [&str; 1] = ["encrypt.key-secret"];
 /// node. `None` when the file name suffices (options that only tune the open,
 /// or a data file named by option, do not count, as in QEMU).
 pub fn json_name(spec: &OpenSpec, format: Format) -> Option<String> {
-    if format != Format::Qcow2
-        || spec.storage.is_some()
-        || spec.blkdebug.is_some()
-        || spec.protocol_driver.is_some()
-    {
+    let strong_options: &[&str] = match format {
+        Format::Qcow2 => &QCOW2_STRONG_OPTIONS,
+        Format::Luks => &LUKS_STRONG_OPTIONS,
+        Format::Raw => return None,
+    };
+    if spec.storage.is_some() || spec.blkdebug.is_some() || spec.protocol_driver.is_some() {
         return None;
     }
     let mut top = serde_json::Map::new();
     top.insert("driver".into(), Value::from(format.name()));
     let mut strong = false;
-    for k in QCOW2_STRONG_OPTIONS {
+    for &k in strong_options {
         if let Some(v) = spec.driver_options.get(k) {
             top.insert(k.into(), Value::from(v.as_str()));
             strong = true;

@@ -134,10 +134,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // checks them: once the source (if any) is open.
     let secrets = args.naming.objects.secrets()?;
     let luks_area = || -> Result<u64> {
-        if format != Format::Qcow2 {
-            return Ok(0);
+        use strata_jobs::create_encrypt::{measured_luks_area, measured_luks_header};
+        match format {
+            Format::Qcow2 => measured_luks_area(&opts, &secrets),
+            Format::Luks => measured_luks_header(&opts, &secrets),
+            Format::Raw => Ok(0),
         }
-        strata_jobs::create_encrypt::measured_luks_area(&opts, &secrets).map_err(anyhow::Error::msg)
+        .map_err(anyhow::Error::msg)
     };
     let cancel = Cancel::default();
     let m = match (filename, &args.size) {
