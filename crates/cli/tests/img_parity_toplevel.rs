@@ -1,4 +1,5 @@
-//! The command line before the subcommand, run through both tools.
+//! The command line before the subcommand, and the order of what a failing `-p`
+//! command prints, run through both tools.
 //!
 //! Top level: no subcommand, an unknown one, `--` and `-`, getopt's words for
 //! options qemu-img does not take or that lack their value, `-T`/`--trace` (strata
@@ -7,12 +8,16 @@
 //! `file=` is created when the subcommand is dispatched), and help and version
 //! (each tool's own text; the same stream and exit code). Both as `strata img` and
 //! as a program named `qemu-img` run by its path.
+//!
+//! Progress: with `-p` and stdout not a terminal, a command that fails prints its
+//! first figure, then the error, then the closing newline; read through one pipe
+//! for both streams, as `2>&1` shows them.
 
 mod common;
 
 use common::{assert_all_same, differs, same, same_in_dir_copies};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// Options and subcommand names before anything else: compared on stdout, stderr
 /// and exit code.
@@ -171,6 +176,79 @@ fn help_version_and_the_event_list_exit_0_on_stdout() {
             assert!(!theirs.1.is_empty(), "{case:?}");
         } else {
             assert!(!ours.1.is_empty() && !theirs.1.is_empty(), "{case:?}");
+        }
+    }
+    assert_all_same();
+}
+
+/// `prog args` in `dir` with stdout and stderr on one file, as `2>&1` merges them.
+fn merged(dir: &Path, prog: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = dir.join(".merged");
+    let f = std::fs::File::create(&out).unwrap();
+    let mut c = if prog == "strata" {
+        let mut c = Command::new(common::STRATA);
+        c.arg("img");
+        c
+    } else {
+        Command::new(prog)
+    };
+    let status = c
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(f.try_clone().unwrap()))
+        .stderr(Stdio::from(f))
+        .status()
+        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
+    let text = std::fs::read_to_string(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    (status.code(), text.replace("strata img", "qemu-img"))
+}
+
+/// `-p` commands that fail (and two that succeed, for the newline's place
+/// after their last words), each tool in its own copy of the fixture.
+const PROGRESS: &[&str] = &[
+    "convert -p -n -O raw a.qcow2 missing.raw",
+    "convert -p -O raw nothere.qcow2 o.raw",
+    "convert -p -O raw -f raw nothere o.raw",
+    "convert -p -O qcow2 -o bogus=1 a.qcow2 o.qcow2",
+    "convert -p -O raw a.qcow2 /nonexistent/o.raw",
+    "commit -p nothere.qcow2",
+    "commit -p a.qcow2",
+    "commit -p -b x.qcow2 t.qcow2",
+    "rebase -p -b nothere.qcow2 -F qcow2 t.qcow2",
+    "rebase -p -b a.qcow2 -F qcow2 nothere.qcow2",
+    "rebase -p -u -b a.qcow2 nothere.qcow2",
+    "compare -p a.qcow2 nothere.qcow2",
+    "compare -p nothere.qcow2 a.qcow2",
+    "compare -p a.qcow2 a.qcow2",
+    "amend -p -o compat=0.10 nothere.qcow2",
+    "amend -p -o bogus=1 a.qcow2",
+    "amend -p -o compat=0.10 r64.qcow2",
+    "amend -p -o size=512k a.qcow2",
+];
+
+#[test]
+fn a_failing_progress_command_ends_its_line_after_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = dir.path().join("fx");
+    std::fs::create_dir(&fx).unwrap();
+    fixture(&fx);
+    common::qcow2(&fx, "t.qcow2", "1M", &["-b", "a.qcow2", "-F", "qcow2"]);
+    common::qcow2(&fx, "r64.qcow2", "1M", &["-o", "refcount_bits=64"]);
+    for (n, case) in PROGRESS.iter().enumerate() {
+        let args: Vec<&str> = case.split_whitespace().collect();
+        let (o, t) = (
+            dir.path().join(format!("o{n}")),
+            dir.path().join(format!("t{n}")),
+        );
+        common::copy_dir(&fx, &o);
+        common::copy_dir(&fx, &t);
+        let (ours, theirs) = (merged(&o, "strata", &args), merged(&t, "qemu-img", &args));
+        if ours != theirs {
+            differs(format!(
+                "`{case}` 2>&1\n  strata:   {ours:?}\n  qemu-img: {theirs:?}"
+            ));
         }
     }
     assert_all_same();

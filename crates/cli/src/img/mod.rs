@@ -183,11 +183,13 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
         ImgCommand::Bench(a) => bench::run(a, &ctx),
         ImgCommand::Stream(a) => stream::run(a, &ctx),
     };
-    match r {
+    let code = match r {
         Ok(code) => code,
         Err(e) => {
             ctx.error(&e);
             1
         }
-    }
+    };
+    qprogress::print_end_due();
+    code
 }
