@@ -260,9 +260,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     .and_then(|()| amend(img, &req, steps, &bar).map_err(|e| format!("{e}\n")));
     bar.set(100.0);
-    bar.end();
     match result {
-        Ok(()) => Ok(0),
+        Ok(()) => {
+            bar.end();
+            Ok(0)
+        }
         Err(e) => {
             eprint!("{}: {e}", ctx.prog);
             Ok(1)

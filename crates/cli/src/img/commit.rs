@@ -65,13 +65,32 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         top: args.top.clone(),
         keep_top: args.drop_empty,
     };
-    let resolved = commit::resolve_spec(&req, spec.clone()).map_err(|e| job_error(&named_as, e))?;
+    // qemu-img starts its progress once the image is open (before it looks for
+    // the base: a chain without one still shows the first figure) and prints the
+    // figure of its block job until the job is done (when the job starts, 0 again).
+    let progress = || {
+        Shown::new(args.progress && !args.quiet, |on| {
+            QemuSteps::fraction(on, 1.0)
+        })
+    };
+    let resolved = match commit::resolve_spec(&req, spec.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            let opened = matches!(
+                e,
+                strata_jobs::Error::NoBackingFile | strata_jobs::Error::NotInChain { .. }
+            );
+            // Dropped with the error: its line ends after the message.
+            let _shown = opened.then(|| {
+                let shown = progress();
+                shown.steps.set(0.0);
+                shown
+            });
+            return Err(job_error(&named_as, e));
+        }
+    };
+    let shown = progress();
     let cancel = Cancel::default();
-    // qemu-img starts its progress once the image is open and prints the figure of
-    // its block job until the job is done (when the job starts, 0 again).
-    let shown = Shown::new(args.progress && !args.quiet, |on| {
-        QemuSteps::fraction(on, 1.0)
-    });
     shown.steps.set(0.0);
     shown.steps.set(0.0);
     let limited = strata_jobs::layers::RateLimit::new(&shown, rate);

@@ -33,6 +33,8 @@ mod resize;
 mod snapshot;
 mod stream;
 mod tlscreds;
+mod toplevel;
+mod trace;
 mod usage;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +50,8 @@ pub use common::Ctx;
     // A long option may be shortened to any prefix naming it alone, as getopt
     // takes it (`--back` for `--backing-chain`).
     infer_long_args = true,
+    // `help` is no command of qemu-img's: `-h`/`--help` are the ways to ask.
+    disable_help_subcommand = true,
     about = "Disk image tool compatible with qemu-img",
     long_about = "Disk image tool compatible with qemu-img: the same subcommands, flags, exit codes \
                   and --output=json shapes. Invoked as `qemu-img` (a symlink), strata behaves as \
@@ -124,12 +128,15 @@ pub(crate) fn invoked_as(prog: &str) -> String {
 
 /// Parse `args` as `<prog> SUBCOMMAND ...` and run it; returns the exit code.
 pub fn main_as(args: impl Iterator<Item = OsString>, prog: &'static str) -> i32 {
-    let mut args = args.peekable();
-    if args.peek().is_some_and(|a| a == "--version" || a == "-V") {
-        print!("{}", version_text(prog));
-        return 0;
-    }
-    let args: Vec<OsString> = args.collect();
+    use clap::CommandFactory;
+    let commands: Vec<String> = ImgCli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    let args = match toplevel::start(args.collect(), prog, &commands) {
+        toplevel::Start::Exit(code) => return code,
+        toplevel::Start::Run { args } => args,
+    };
     let argv = std::iter::once(OsString::from(prog)).chain(args.iter().cloned());
     match ImgCli::try_parse_from(argv) {
         Ok(cli) => run(cli, prog),
@@ -176,11 +183,13 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
         ImgCommand::Bench(a) => bench::run(a, &ctx),
         ImgCommand::Stream(a) => stream::run(a, &ctx),
     };
-    match r {
+    let code = match r {
         Ok(code) => code,
         Err(e) => {
             ctx.error(&e);
             1
         }
-    }
+    };
+    qprogress::print_end_due();
+    code
 }

@@ -2,8 +2,24 @@
 //! stdout, printed at 0 and 100 and whenever the figure moved by more than a
 //! minimum step since the last line, and a newline at the end. Scripts and logs
 //! that read qemu-img's progress see the same bytes, terminal or not.
+//!
+//! A job that fails ends its progress only after its error is printed, as
+//! qemu-img's commands report the error and then close the line on their way
+//! out: [`QemuProgress::end_at_exit`] leaves the newline to [`print_end_due`],
+//! which the command line calls once the command's last words are out.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A closing newline left for [`print_end_due`].
+static END_DUE: AtomicBool = AtomicBool::new(false);
+
+/// Print the closing newline a progress left for the command's exit, if any.
+pub fn print_end_due() {
+    if END_DUE.swap(false, Ordering::SeqCst) {
+        println!();
+    }
+}
 
 /// A progress printer in qemu-img's format; silent when not enabled.
 pub struct QemuProgress {
@@ -60,6 +76,13 @@ impl QemuProgress {
     pub fn end(&self) {
         if self.enabled {
             println!();
+        }
+    }
+
+    /// The closing newline, printed when the command exits (after its error).
+    pub fn end_at_exit(&self) {
+        if self.enabled {
+            END_DUE.store(true, Ordering::SeqCst);
         }
     }
 }

@@ -47,8 +47,9 @@ struct State {
     ended: bool,
 }
 
-/// qemu-img's `-p` lines for one job; prints its closing newline when dropped
-/// if [`QemuSteps::end`] was not called (qemu-img ends its progress on errors too).
+/// qemu-img's `-p` lines for one job. Dropped before [`QemuSteps::end`] (the job
+/// failed), it leaves its closing newline for the command's exit, after the
+/// error, where qemu-img ends its progress on errors.
 pub struct QemuSteps {
     state: Mutex<State>,
 }
@@ -219,7 +220,11 @@ impl Progress for QemuSteps {
 
 impl Drop for QemuSteps {
     fn drop(&mut self) {
-        self.end();
+        let mut s = lock(&self.state);
+        if !s.ended {
+            s.ended = true;
+            s.printer.end_at_exit();
+        }
     }
 }
 

@@ -67,22 +67,10 @@ fn option_name(arg: &str) -> &str {
 /// let clap speak (help, version, and mistakes qemu-img has no words for).
 pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<String> {
     let sub = args.first()?.as_str();
-    if sub.starts_with('-') && e.kind() == ErrorKind::UnknownArgument {
-        // An option before any subcommand: refused by qemu-img itself, named by
-        // getopt after the program as it was run.
-        let argv0 = super::invoked_as(prog);
-        let said = match sub.strip_prefix("--") {
-            Some(_) => format!("unrecognized option '{sub}'"),
-            None => format!("invalid option -- '{}'", sub.chars().nth(1)?),
-        };
-        return Some(format!(
-            "{argv0}: {said}\nTry '{argv0} --help' for more info\n"
-        ));
-    }
-    let try_help = format!(
-        "Try '{} {sub} --help' for more info",
-        super::invoked_as(prog)
-    );
+    // getopt names the program as it was run (a path, if run by one); qemu-img's
+    // own messages use its bare name.
+    let argv0 = super::invoked_as(prog);
+    let try_help = format!("Try '{argv0} {sub} --help' for more info");
     let counted = |(msg, with_try): (&str, bool)| {
         if with_try {
             format!("{prog}: {msg}\n{try_help}\n")
@@ -98,12 +86,12 @@ pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<
                 let prefix = format!("{arg}=");
                 let arg = args.iter().find(|a| a.starts_with(&prefix)).unwrap_or(&arg);
                 Some(format!(
-                    "{prog} {sub}: unrecognized option '{arg}'\n{try_help}\n"
+                    "{argv0} {sub}: unrecognized option '{arg}'\n{try_help}\n"
                 ))
             } else if arg.starts_with('-') && arg.len() > 1 {
                 let c = arg.chars().nth(1)?;
                 Some(format!(
-                    "{prog} {sub}: invalid option -- '{c}'\n{try_help}\n"
+                    "{argv0} {sub}: invalid option -- '{c}'\n{try_help}\n"
                 ))
             } else if let Some(msg) = extra_file_message(sub, &arg) {
                 Some(format!("{prog}: {msg}\n{try_help}\n"))
@@ -135,10 +123,10 @@ pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<
                 let typed = args.last().map(String::as_str).unwrap_or(name);
                 return Some(match typed.strip_prefix("--") {
                     Some(_) => {
-                        format!("{prog} {sub}: option '{name}' requires an argument\n{try_help}\n")
+                        format!("{argv0} {sub}: option '{name}' requires an argument\n{try_help}\n")
                     }
                     None => format!(
-                        "{prog} {sub}: option requires an argument -- '{}'\n{try_help}\n",
+                        "{argv0} {sub}: option requires an argument -- '{}'\n{try_help}\n",
                         typed.chars().last().unwrap_or('?')
                     ),
                 });

@@ -236,6 +236,15 @@ pub fn same_image(dir: &Path, ours: &str, theirs: &str, what: &str) {
     }
 }
 
+/// Copy the files of the directory `from` into a new directory `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
 /// Run `args` with each tool in its own copy of the directory `fixture`
 /// (`FIXTURE-o{n}` for strata, `FIXTURE-t{n}` for qemu-img) and record, for
 /// [`assert_all_same`], any difference in what they print or in the files they
@@ -245,12 +254,7 @@ pub fn same_in_dir_copies(fixture: &Path, n: usize, args: &[&str]) {
     let base = fixture.file_name().unwrap().to_string_lossy().into_owned();
     let (ours, theirs) = (format!("{base}-o{n}"), format!("{base}-t{n}"));
     for copy in [&ours, &theirs] {
-        let to = parent.join(copy);
-        std::fs::create_dir(&to).unwrap();
-        for e in std::fs::read_dir(fixture).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
+        copy_dir(fixture, &parent.join(copy));
     }
     let what = format!("img {}", args.join(" "));
     let r_ours = outcome(&parent.join(&ours), "strata", args);
