@@ -198,6 +198,7 @@ const QCOW2_KEYS: &[&str] = &[
     "encryption",
     "data_file",
     "data_file_raw",
+    "nocow",
 ];
 
 /// The `encrypt.*` keys of a qcow2 `-o` map, in QEMU's order (the summary's).
@@ -242,7 +243,7 @@ fn qcow2_parse(opts: &BTreeMap<String, String>) -> std::result::Result<CreateOpt
             "extended_l2" => c.extended_l2 = parse_bool(k, v)?,
             "data_file" => c.data_file = Some(v.clone()),
             "data_file_raw" => c.data_file_raw = parse_bool(k, v)?,
-            "encryption" => {
+            "encryption" | "nocow" => {
                 parse_bool(k, v)?;
             }
             "encrypt.iter-time" => {
@@ -320,6 +321,8 @@ pub struct Prepared {
     inputs: Inputs,
     /// Secrets `encrypt.key-secret=` may name.
     secrets: Secrets,
+    /// `nocow=on`: the new file is marked not to be copied on write.
+    nocow: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -341,10 +344,14 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
         None => None,
     };
     let mut size = req.size.or(size_opt);
+    let nocow = match opts.get("nocow") {
+        Some(v) => parse_bool("nocow", v).map_err(|m| invalid(p, m))?,
+        None => false,
+    };
     match req.format {
         Format::Raw => {
             for k in opts.keys() {
-                if k != "size" && k != "preallocation" {
+                if !["size", "preallocation", "nocow"].contains(&k.as_str()) {
                     if k == "backing_file" || k == "backing_fmt" {
                         return Err(invalid(
                             p,
@@ -357,6 +364,9 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
             let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
             let prealloc = opts.get("preallocation").cloned();
             let mut summary_options = format!("size={size}");
+            if let Some(v) = opts.get("nocow") {
+                summary_options.push_str(&format!(" nocow={v}"));
+            }
             if let Some(v) = &prealloc {
                 summary_options.push_str(&format!(" preallocation={v}"));
             }
@@ -367,6 +377,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 kind: Kind::Raw(prealloc),
                 inputs: Inputs::default(),
                 secrets: Secrets::default(),
+                nocow,
             })
         }
         Format::Luks => {
@@ -457,6 +468,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 kind: Kind::Qcow2(c, opts.clone()),
                 inputs,
                 secrets: Secrets::default(),
+                nocow,
             })
         }
     }
@@ -597,6 +609,9 @@ impl Prepared {
             Error::Storage(e) => invalid(p, e),
             e => e,
         })?;
+        if self.nocow {
+            mark_nocow(p);
+        }
         if let Err(e) = build(out.storage()) {
             out.discard();
             return Err(e);
@@ -660,5 +675,31 @@ fn qcow2_summary_options(opts: &BTreeMap<String, String>, c: &CreateOptions, siz
             .cloned()
             .unwrap_or(c.refcount_bits.to_string())
     ));
+    // The file protocol's own option comes after the format's.
+    if let Some(v) = opts.get("nocow") {
+        parts.push(format!("nocow={v}"));
+    }
     parts.join(" ")
+}
+
+/// Mark the new, still empty file at `path` not to be copied on write (the
+/// attribute takes effect only on an empty file, and only on filesystems that
+/// copy on write, such as btrfs). Best effort, as QEMU's: a filesystem without
+/// the attribute leaves the file as it is, and the image is created all the same.
+fn mark_nocow(path: &Path) {
+    /// `FS_NOCOW_FL` of the kernel's file attribute flags.
+    const NOCOW: libc::c_int = 0x0080_0000;
+    let Ok(f) = std::fs::File::open(path) else {
+        return;
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let mut attr: libc::c_int = 0;
+    // SAFETY: `fd` is open for the whole call and `attr` is a valid int the
+    // ioctls read and write.
+    unsafe {
+        if libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut attr) == 0 {
+            attr |= NOCOW;
+            libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &attr);
+        }
+    }
 }

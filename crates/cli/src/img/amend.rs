@@ -106,7 +106,6 @@ const CREATION_ONLY: &[&str] = &[
     "extended_l2",
     "compression_type",
     "encryption",
-    "nocow",
 ];
 
 fn options_help() -> String {

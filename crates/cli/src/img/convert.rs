@@ -161,6 +161,10 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     // option list or from the -o that creates it.
     let mut target_spec = None;
     let plain_out;
+    // A target protocol strata cannot write is refused where qemu-img looks it
+    // up: once the sources are open (to create the target), or where it opens
+    // the existing target (-n).
+    let mut out_refused = None;
     // An NBD export as the target is connected to where the target is opened.
     let target_naming = super::imgname::Naming {
         objects: naming.objects.clone(),
@@ -179,7 +183,10 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         };
         (&target_spec.path, format)
     } else {
-        plain_out = super::imgname::output_path(out_path)?;
+        plain_out = super::imgname::output_path(out_path).unwrap_or_else(|e| {
+            out_refused = Some(e);
+            out_path.clone()
+        });
         (&plain_out, out_format)
     };
     if args.target_is_zero && !args.no_create {
@@ -265,6 +272,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         sources.push(status);
     }
     let total: u64 = sources.iter().map(|s| s.virtual_size()).sum();
+    if let Some(e) = out_refused.take_if(|_| !args.no_create) {
+        return Err(e);
+    }
 
     // The target: created (with -o, -B and -F) unless -n. qemu-img sets -B and -F
     // as creation options over -o's, then checks them in this order.
@@ -334,6 +344,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         t
     } else if args.no_create {
         target_cache()?;
+        if let Some(e) = out_refused {
+            bail!("Could not open '{}': {e}", out_path.display());
+        }
         check_output(out_path, &inputs).map_err(|e| match e {
             strata_jobs::Error::Storage(e) => {
                 anyhow::anyhow!("Could not open '{}': {e}", out_path.display())
