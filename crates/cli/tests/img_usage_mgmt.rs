@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_all_same, io, qcow2, same_in_dir_copies, sh};
+use common::{assert_all_same, io, qcow2, same, same_in_dir_copies, sh};
 use std::path::{Path, PathBuf};
 
 /// The images of a management stack's storage domain, made by QEMU in
@@ -324,4 +324,111 @@ fn ansible_ganeti_and_cloud_image_guide_usages_match_qemu_img() {
         "rebase -f qcow2 -b base.qcow2 -F qcow2 -p leaf.qcow2",
         "commit -b base.qcow2 leaf.qcow2",
     ]);
+}
+
+/// A `qemu-storage-daemon` serving until dropped.
+struct StorageDaemon(std::process::Child);
+
+impl StorageDaemon {
+    /// Start it in `dir` with `args`; returns once the Unix socket `sock` accepts.
+    fn start(dir: &Path, args: &[&str], sock: &Path) -> StorageDaemon {
+        let child = std::process::Command::new("qemu-storage-daemon")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon must be installed");
+        let daemon = StorageDaemon(child);
+        let start = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(
+                start.elapsed().as_secs() < 20,
+                "qemu-storage-daemon never listened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        daemon
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn usages_next_to_qemu_storage_daemon_and_qemu_nbd_match_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = storage_domain(dir.path());
+    let d = fx.as_path();
+    let sock = d.join("qsd.sock");
+    let s = sock.to_str().unwrap();
+    let node = format!("driver=nbd,export=e,server.type=unix,server.path={s}");
+    let dirty = format!("{node},x-dirty-bitmap=qemu:dirty-bitmap:b0");
+    let depth = format!("{node},x-dirty-bitmap=qemu:allocation-depth");
+    let url = format!("nbd+unix:///e?socket={s}");
+    // A backup export of the change-tracking chain: the daemon holds cbt.qcow2
+    // (and its backing file) open for writing, with its bitmap and allocation depth.
+    let _qsd = StorageDaemon::start(
+        d,
+        &[
+            "--blockdev",
+            "file,node-name=f,filename=cbt.qcow2",
+            "--blockdev",
+            "qcow2,node-name=q,file=f",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={s}"),
+            "--export",
+            "nbd,id=e,node-name=q,name=e,writable=on,bitmaps.0=b0,allocation-depth=on",
+        ],
+        &sock,
+    );
+    for args in [
+        // ovirt-imageio: extents and dirty extents of a backup export
+        vec!["map", "--output", "json", "--image-opts", &node],
+        vec!["map", "--output=json", "--image-opts", &dirty],
+        vec!["map", "--output=json", "--image-opts", &depth],
+        vec!["info", "--output", "json", "--image-opts", &node],
+        // KubeVirt CDI: import from an NBD export
+        vec!["info", "--output=json", &url],
+        vec![
+            "convert",
+            "-t",
+            "writeback",
+            "-p",
+            "-O",
+            "raw",
+            &url,
+            "disk.img",
+        ],
+        vec!["compare", &url, "cbt.qcow2", "-U"],
+        vec!["compare", "-f", "raw", "-F", "qcow2", &url, "bm.qcow2"],
+        vec!["map", "--output=json", "-f", "raw", &url],
+        // vdsm / OpenNebula monitoring of a disk in use: locking and -U
+        vec!["info", "--output", "json", "-U", "cbt.qcow2"],
+        vec!["info", "--output", "json", "cbt.qcow2"],
+        vec!["info", "-U", "--backing-chain", "cbt.qcow2"],
+        vec!["map", "-U", "--output=json", "cbt.qcow2"],
+        vec!["map", "--output", "json", "cbt.qcow2"],
+        vec!["check", "-U", "cbt.qcow2"],
+        vec!["check", "--output", "json", "cbt.qcow2"],
+        vec![
+            "measure",
+            "--output",
+            "json",
+            "-O",
+            "qcow2",
+            "-U",
+            "cbt.qcow2",
+        ],
+        vec!["bitmap", "--add", "cbt.qcow2", "b9"],
+        vec!["snapshot", "-l", "-U", "cbt.qcow2"],
+        vec!["commit", "-f", "qcow2", "cbt.qcow2"],
+    ] {
+        same(d, &args);
+        let _ = std::fs::remove_file(d.join("disk.img"));
+    }
+    assert_all_same();
 }
