@@ -39,6 +39,11 @@ pub struct CompareRange {
     /// The new backing content is known to be zeroes here (no new backing file,
     /// past its end, or a zero range): it need not be read.
     pub new_zero: bool,
+    /// The image has no old backing file here (none at all, or past its end):
+    /// zeroes of the old view are written as zero clusters. Where an old backing
+    /// file serves the range, what it reads is copied as data, zeroes too, as
+    /// qemu-img copies them.
+    pub old_absent: bool,
 }
 
 /// The ranges a safe rebase must compare, and how much it could skip.
@@ -125,6 +130,7 @@ pub fn plan(
     } else {
         Some(ChainStatus::from_devices(new_devs.clone())?)
     };
+    let old_size = old_devs.first().map_or(0, |d| d.virtual_size());
     let mut plan = RebasePlan::default();
     let mut off = 0;
     while off < size {
@@ -143,12 +149,20 @@ pub fn plan(
                 plan.skipped += n;
             } else {
                 let new_zero = matches!(new, Source::Zero);
+                let old_absent = off >= old_size;
                 match plan.ranges.last_mut() {
-                    Some(l) if l.offset + l.len == off && l.new_zero == new_zero => l.len += n,
+                    Some(l)
+                        if l.offset + l.len == off
+                            && l.new_zero == new_zero
+                            && l.old_absent == old_absent =>
+                    {
+                        l.len += n
+                    }
                     _ => plan.ranges.push(CompareRange {
                         offset: off,
                         len: n,
                         new_zero,
+                        old_absent,
                     }),
                 }
             }
@@ -158,19 +172,18 @@ pub fn plan(
     Ok(plan)
 }
 
-/// Compare one piece and write the differing sectors of the old view into `image`.
-fn apply_piece(
+/// Read piece `r` as the image reads it now (`old`, through its current backing
+/// chain) and as the new backing file serves it (`new`).
+fn read_views(
     image: &dyn BlockDevice,
     new_backing: Option<&Arc<dyn BlockDevice>>,
     r: &CompareRange,
     old: &mut Vec<u8>,
     new: &mut Vec<u8>,
-    compress: bool,
-) -> Result<u64> {
+) -> Result<()> {
     let len = r.len as usize;
     old.resize(len, 0);
     new.resize(len, 0);
-    // Old view: the image reads through its current backing chain here.
     image.read(old, r.offset)?;
     // New view: the new backing file, zeroes past its end or without one.
     new.fill(0);
@@ -181,6 +194,19 @@ fn apply_piece(
             b.read(&mut new[..m], r.offset)?;
         }
     }
+    Ok(())
+}
+
+/// Write into `image` the sectors of piece `r` where its old view (`old`) differs
+/// from the new one (`new`).
+fn write_differences(
+    image: &dyn BlockDevice,
+    r: &CompareRange,
+    old: &[u8],
+    new: &[u8],
+    compress: bool,
+) -> Result<u64> {
+    let len = r.len as usize;
     if old == new {
         return Ok(0);
     }
@@ -206,7 +232,7 @@ fn apply_piece(
             j = (j + 512).min(len);
         }
         let at = r.offset + i as u64;
-        if is_zero(&old[i..j]) {
+        if r.old_absent && is_zero(&old[i..j]) {
             image.write_zeroes(at, (j - i) as u64, false)?;
         } else {
             image.write(&old[i..j], at)?;
@@ -291,15 +317,34 @@ fn apply_with(
     let copied = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_error: std::sync::Mutex<Option<crate::Error>> = std::sync::Mutex::new(None);
+    // Pieces are read in parallel but written in their order, so clusters are
+    // allocated at the offsets qemu-img's front-to-back copy gives them.
+    let turn = std::sync::Mutex::new(0usize);
+    let turned = std::sync::Condvar::new();
     let work = || {
         let (mut old, mut new) = (Vec::new(), Vec::new());
         while !failed.load(Ordering::Relaxed) {
-            let Some(r) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(r) = pieces.get(i) else {
                 return;
             };
-            let res = cancel.check().and_then(|_| {
-                apply_piece(image.as_ref(), new_backing, r, &mut old, &mut new, compress)
-            });
+            let res = cancel
+                .check()
+                .and_then(|_| read_views(image.as_ref(), new_backing, r, &mut old, &mut new));
+            let mut t = sync::lock(&turn);
+            while *t != i && !failed.load(Ordering::Relaxed) {
+                t = turned.wait(t).unwrap_or_else(|p| p.into_inner());
+            }
+            if *t != i || failed.load(Ordering::Relaxed) {
+                return; // another piece failed
+            }
+            let res = res.and_then(|_| write_differences(image.as_ref(), r, &old, &new, compress));
+            *t = i + 1;
+            if res.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            drop(t);
+            turned.notify_all();
             match res {
                 Ok(n) => {
                     copied.fetch_add(n, Ordering::Relaxed);
@@ -386,11 +431,12 @@ mod tests {
         d
     }
 
-    fn r(offset: u64, len: u64, new_zero: bool) -> CompareRange {
+    fn r(offset: u64, len: u64, new_zero: bool, old_absent: bool) -> CompareRange {
         CompareRange {
             offset,
             len,
             new_zero,
+            old_absent,
         }
     }
 
@@ -404,14 +450,17 @@ mod tests {
         let p = plan(&top, Some(&base), &c).unwrap();
         assert_eq!(
             p.ranges,
-            vec![r(32768, 32768, false), r(65536, 32768, true)]
+            vec![r(32768, 32768, false, false), r(65536, 32768, true, false)]
         );
         assert_eq!(p.skipped, (1 << 20) - 4096 - 65536);
         // Flatten: everything the old chain stores, against known zeroes.
         let p = plan(&top, None, &c).unwrap();
         assert_eq!(
             p.ranges,
-            vec![r(4096, 98304 - 4096, true), r(512 << 10, 8192, true)]
+            vec![
+                r(4096, 98304 - 4096, true, false),
+                r(512 << 10, 8192, true, false)
+            ]
         );
         // Onto the same chain: nothing to compare.
         let p = plan(&top, Some(&mid), &c).unwrap();

@@ -23,15 +23,25 @@ pub fn io_failure(e: &anyhow::Error) -> Option<IoFailure> {
     Some(IoFailure {
         op: f.operation()?,
         offset,
-        os: f.storage_error()?.to_string(),
+        os: words_of(f.storage_error()?),
         path: f.path().map(Into::into),
     })
+}
+
+/// What qemu-img says of a failed storage request: the OS's words alone for a
+/// failed read or write (a file's, an NBD export's whose server went away),
+/// without the operation and the name the storage error carries.
+fn words_of(e: &strata_storage::Error) -> String {
+    match e {
+        strata_storage::Error::Io { source, .. } => strata_storage::os_message(source),
+        other => other.to_string(),
+    }
 }
 
 /// The OS's words for the storage failure behind `e` (without the file's
 /// name, as qemu-img words a failed operation), if the storage failed.
 pub fn os_words(e: &anyhow::Error) -> Option<String> {
-    Some(storage_failure(e)?.storage_error()?.to_string())
+    Some(words_of(storage_failure(e)?.storage_error()?))
 }
 
 /// The engine error behind `e` that a failing storage raised.

@@ -281,8 +281,14 @@ const SHARE_SCALE: u64 = 1_000_000;
 /// The figures `qemu-img rebase -p` prints in safe mode: one step of
 /// `100 / (size / min(size, 2 MiB))` per range the image does not store, taken
 /// 2 MiB at most at a time from wherever the last one ended (and widened to the
-/// image's (sub)clusters, or clusters when compressing).
-pub fn rebase_figures(image: &dyn BlockDevice, compress: bool) -> strata_format::Result<Vec<f32>> {
+/// image's (sub)clusters, or clusters when compressing). When the new backing
+/// file `new_backing` (a path) is in the image's old backing chain, a range no
+/// layer above it stores needs no work and shows no step, as in qemu-img.
+pub fn rebase_figures(
+    image: &dyn BlockDevice,
+    compress: bool,
+    new_backing: Option<&std::path::Path>,
+) -> strata_format::Result<Vec<f32>> {
     const BUF: u64 = 2 << 20;
     let size = image.virtual_size();
     let step = if size == 0 {
@@ -304,6 +310,7 @@ pub fn rebase_figures(image: &dyn BlockDevice, compress: bool) -> strata_format:
         let entry = if g.extended_l2 { 16 } else { 8 };
         g.cluster_size() * (g.cluster_size() / entry)
     });
+    let prefix = layers_above(image, new_backing);
     let mut figures = Vec::new();
     let mut current = 0.0f32;
     let mut offset = 0u64;
@@ -318,6 +325,14 @@ pub fn rebase_figures(image: &dyn BlockDevice, compress: bool) -> strata_format:
             offset += n;
             continue;
         }
+        if let Some(layers) = &prefix {
+            let (allocated, m) = allocated_in(layers, offset, n)?;
+            if !allocated {
+                offset += m;
+                continue;
+            }
+            n = m;
+        }
         let start = offset / align * align;
         let end = (offset + n).next_multiple_of(align).min(size);
         offset = end.max(start + 1);
@@ -325,6 +340,47 @@ pub fn rebase_figures(image: &dyn BlockDevice, compress: bool) -> strata_format:
         figures.push(current);
     }
     Ok(figures)
+}
+
+/// The layers of `image`'s backing chain above the one whose file is
+/// `new_backing`, if that file is in the chain.
+fn layers_above(
+    image: &dyn BlockDevice,
+    new_backing: Option<&std::path::Path>,
+) -> Option<Vec<std::sync::Arc<dyn BlockDevice>>> {
+    let target = std::fs::canonicalize(new_backing?).ok()?;
+    let mut layers = Vec::new();
+    let mut cur = image.backing();
+    while let Some(d) = cur {
+        let here = d.path().and_then(|p| std::fs::canonicalize(p).ok());
+        if here.as_deref() == Some(target.as_path()) {
+            return Some(layers);
+        }
+        cur = d.backing();
+        layers.push(d);
+    }
+    None
+}
+
+/// Whether any of `layers` stores the start of `offset..offset + n`, and how far
+/// that answer holds.
+fn allocated_in(
+    layers: &[std::sync::Arc<dyn BlockDevice>],
+    offset: u64,
+    mut n: u64,
+) -> strata_format::Result<(bool, u64)> {
+    for layer in layers {
+        let size = layer.virtual_size();
+        if offset >= size {
+            continue;
+        }
+        let ext = layer.block_status(offset, n.min(size - offset))?;
+        if !matches!(ext.status, Status::Unallocated) {
+            return Ok((true, ext.len));
+        }
+        n = n.min(ext.len);
+    }
+    Ok((false, n))
 }
 
 #[cfg(test)]

@@ -141,7 +141,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             _ => None,
         };
         if shown.steps.enabled() {
-            let figures = rebase_figures(image.as_ref(), args.compress)?;
+            let new_path = new_name
+                .as_ref()
+                .map(|n| strata_chain::resolve_backing(&spec.path, n));
+            let figures = rebase_figures(image.as_ref(), args.compress, new_path.as_deref())?;
             shown.steps.set_shares(spread_over_job(figures));
         }
         rebase::copy_differences_with(

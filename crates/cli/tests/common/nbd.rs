@@ -99,6 +99,14 @@ impl NbdServer {
     }
 }
 
+impl NbdServer {
+    /// SIGKILL the server now (a server vanishing under its clients).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for NbdServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
