@@ -10,8 +10,8 @@
 //! `--salvage` of convert, which strata does not take; snapshot's `--create`,
 //! `--apply` and `--delete`, whose value qemu-img 10.0 fails to read (it takes
 //! the name as a second file name, and crashes with no name at all); and the
-//! length of a file `commit` empties or `snapshot -c`/`-d` changes, where
-//! qemu-img leaves a different length (the images read the same).
+//! length of a file `commit` empties, where qemu-img leaves a different length
+//! (the images read the same).
 
 mod common;
 

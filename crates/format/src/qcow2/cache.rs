@@ -105,6 +105,12 @@ impl<T> TableCache<T> {
         self.map.insert(offset, slot);
     }
 
+    /// Forget the table at `offset`, dirty or not (its cluster was freed: what the
+    /// cache held of it is never written).
+    pub fn remove(&mut self, offset: u64) {
+        self.map.remove(&offset);
+    }
+
     /// Drop every clean table (after tables were freed underneath the cache).
     pub fn clear(&mut self) {
         self.map.retain(|_, s| s.dirty);

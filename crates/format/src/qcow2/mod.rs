@@ -32,6 +32,7 @@ pub mod repair_notice;
 pub mod snapshot;
 pub mod snapshot_ops;
 mod snapshot_switch;
+mod snapshot_walk;
 
 pub use check::{CheckReport, Repair};
 pub use compress::CompressionType;

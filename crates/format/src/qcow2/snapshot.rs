@@ -127,6 +127,17 @@ pub fn table_size(snaps: &[Snapshot]) -> u64 {
         .sum()
 }
 
+/// Byte size of the table holding `snaps` as QEMU writes it: every entry starts
+/// 8-byte aligned, and the last one is not padded (so a table written at the end
+/// of the file leaves the file unaligned, as QEMU leaves it).
+pub fn written_size(snaps: &[Snapshot]) -> u64 {
+    let entry = |s: &Snapshot| (40 + s.extra.len() + s.id.len() + s.name.len()) as u64;
+    match snaps.split_last() {
+        None => 0,
+        Some((last, rest)) => table_size(rest) + entry(last),
+    }
+}
+
 impl Snapshot {
     /// The extra-data area QEMU writes: 64-bit VM-state size, disk size and
     /// instruction count (-1 when not recorded), keeping any longer unknown tail.

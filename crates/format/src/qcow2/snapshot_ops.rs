@@ -1,5 +1,8 @@
 //! Internal snapshots: create, apply (revert), delete, read-only views, and the
-//! VM-state area. Write orders (FACTS.md):
+//! VM-state area. On a version 3 image, create, delete and apply (but for an L1
+//! table larger than a sector or a change of disk size) run in place in QEMU's
+//! order and layout, under the header's dirty bit: see `snapshot_walk`. Otherwise
+//! the write orders are (FACTS.md):
 //! - create and delete: everything they change (snapshot table, active L1 and the
 //!   L2 tables whose COPIED flags change, refcount structures) is written anew off
 //!   to the side and switched in one header write (see `snapshot_switch`), so
@@ -27,7 +30,7 @@ use super::header::{MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
-use crate::units::{header_u32, ClusterCount, ClusterIndex, HostOffset};
+use crate::units::{header_u32, index, ClusterCount, ClusterIndex, HostOffset};
 use crate::{BlockDevice, Error, Result};
 
 /// Which snapshot: by ID first, then by name (as qemu-img resolves its argument).
@@ -145,7 +148,7 @@ impl Meta {
         Ok(())
     }
 
-    fn read_l1_at(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
+    pub(crate) fn read_l1_at(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
         if u64::from(entries) * 8 > MAX_L1_BYTES {
             return Err(Error::invalid("snapshot L1 table too large"));
         }
@@ -164,7 +167,9 @@ impl Meta {
         for s in &mut snaps {
             s.extra = s.encode_extra();
         }
-        let bytes = snapshot::serialize_table(&snaps)?;
+        let mut bytes = snapshot::serialize_table(&snaps)?;
+        // The last entry's padding is not written (see `snapshot::written_size`).
+        bytes.truncate(index(snapshot::written_size(&snaps)));
         let nb_snapshots = header_u32(snaps.len() as u64, "snapshot count")?;
         let new_off = if bytes.is_empty() {
             0
@@ -187,9 +192,13 @@ impl Meta {
         self.h.snapshots_offset = new_off;
         self.snapshots = snaps;
         if old_off != 0 && old_len > 0 {
+            let mut freed = Vec::new();
             for c in old_off / cs..(old_off + old_len).div_ceil(cs) {
-                self.update_refcount(ClusterIndex(c), -1)?;
+                if self.update_refcount(ClusterIndex(c), -1)? == 0 {
+                    freed.push(ClusterIndex(c));
+                }
             }
+            self.discard_freed(&freed)?;
         }
         Ok(())
     }
@@ -325,7 +334,9 @@ impl Qcow2Image {
         };
         let mut snaps = m.snapshots.clone();
         snaps.push(snap.clone());
-        if !self.switch_snapshots(m, snaps)? {
+        if m.snapshots_in_place() {
+            self.create_in_place(m, snap)?;
+        } else if !self.switch_snapshots(m, snaps)? {
             let l1_table_offset = self.share_active_l1(m)?;
             let mut snaps = m.snapshots.clone();
             snaps.push(Snapshot {
@@ -402,6 +413,10 @@ impl Qcow2Image {
         m.flush_metadata()?;
         // The guest disk changes wholesale: bitmaps record it first.
         m.dirty_bitmaps()?;
+        if m.snapshots_in_place() && self.apply_in_place(m, &snap)? {
+            m.l2.clear();
+            return Ok(());
+        }
         let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
         if sl1.len() > m.l1.len() {
             self.grow_l1_for(m, sl1.len() as u64)?;
@@ -491,6 +506,11 @@ impl Qcow2Image {
             .map(|(i, s)| (i, s.clone()))
             .ok_or_else(|| Error::not_found(format!("Can't find the snapshot '{key}'")))?;
         m.flush_metadata()?;
+        if m.snapshots_in_place() {
+            self.delete_in_place(m, idx)?;
+            m.l2.clear();
+            return Ok(snap);
+        }
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
         if self.switch_snapshots(m, snaps.clone())? {

@@ -16,17 +16,13 @@
 //! The fresh refcount structures take a run the old state leaves free, so the
 //! file does not grow by them at every switch; a free tail is given back after.
 //!
-//! File length: QEMU's `snapshot -c` raises the refcounts and clears the COPIED
-//! flags in place, then appends only the snapshot's L1 copy and the new snapshot
-//! table (not padded to a cluster), so its file ends shorter than strata's, which
-//! also holds the L2 copies, the new active L1 and the fresh refcount structures
-//! (a 64 MiB image with 1 MiB of data, one snapshot: 1441859 bytes from QEMU,
-//! 1703936 from strata; a second snapshot reuses the clusters the first switch
-//! freed). Placing the new state as QEMU does is not possible without QEMU's
-//! in-place writes, whose durable intermediate states have COPIED flags that
-//! disagree with the refcounts (`qemu-img check` calls such a state corrupt
-//! until `-r all` repairs it); the one switch keeps every durable state
-//! consistent, so strata keeps it and its files are longer.
+//! Only version 2 images take this path: a version 3 image runs create and delete in place, in QEMU's
+//! order and layout, under its dirty bit (see `snapshot_walk`). Version 2 has no
+//! dirty bit to cover the window in which an in-place refcount and its COPIED
+//! flag disagree, so here strata keeps the switch, and its files end longer
+//! than QEMU's: they also hold the L2 copies, the new active L1 and the fresh
+//! refcount structures (a second snapshot reuses the clusters the first switch
+//! freed).
 //!
 //! On create, the old active L1 and L2 tables become the snapshot's unchanged:
 //! their COPIED flags are no longer checked (only the active image's are), and

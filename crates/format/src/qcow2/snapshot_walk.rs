@@ -1,0 +1,251 @@
+//! Internal snapshots laid out as QEMU lays them out, for version 3 images.
+//!
+//! Create, delete and apply change, for every cluster an L1 table reaches, a
+//! refcount and the COPIED flag that must agree with it, in place and in QEMU's
+//! order, so that both tools allocate the same clusters (the snapshot's L1 copy,
+//! the new snapshot table, any refcount block) and leave files of the same
+//! length (the table is not padded to a cluster, nor its last entry to 8 bytes):
+//! - create: allocate and write the L1 copy (the active table as it is, flags
+//!   included); walk the active tables raising each refcount and setting each
+//!   COPIED flag from it; write the active L1 if a flag changed; write the new
+//!   snapshot table and switch the header's count and offset in one write
+//!   (the commit point); free the old table;
+//! - delete: write the new table and switch to it (the commit point); walk the
+//!   snapshot's tables lowering each refcount; free its L1 copy; walk the active
+//!   tables again for their flags;
+//! - apply: raise the snapshot's refcounts (its tables' flags follow); write its
+//!   L1 as stored over the active one (the commit point, one sector); lower the
+//!   old tables' refcounts; walk the active tables again for their flags.
+//!
+//! Between a refcount write and its flag write a durable state can hold a flag
+//! that disagrees with a refcount, which `qemu-img check` calls corrupt. So the
+//! whole operation runs under the header's dirty bit, set and flushed before the
+//! first write and cleared after the last flush (`Meta::begin_metadata_op`): an
+//! interrupted operation leaves an image that QEMU and strata both check and
+//! repair (leaks and COPIED flags) before they next write it, and the commit
+//! point alone decides which state the guest sees. Refcounts only rise before
+//! the commit point and only fall after it, so no referenced cluster is ever
+//! counted 0. Version 2 images have no dirty bit and keep the header switch of
+//! `snapshot_switch`; so do an apply whose L1 table is larger than one sector
+//! (QEMU's single write of it could tear) and an apply that changes the disk
+//! size.
+
+use super::barrier::Barrier;
+use super::entries::{decode_l1, L2Entry, OFLAG_COPIED};
+use super::image::Qcow2Image;
+use super::meta::Meta;
+use super::snapshot::Snapshot;
+use crate::units::{header_u32, ClusterCount, ClusterIndex, HostOffset};
+use crate::{BlockDevice, Result};
+
+/// An L1 table larger than this could be torn by a crash while written in place.
+const SECTOR: usize = 512;
+
+impl Meta {
+    /// Whether snapshot operations take QEMU's in-place layout: a version 3 image
+    /// whose dirty bit is set (by `begin_metadata_op`, or left by a lazy writer).
+    pub(crate) fn snapshots_in_place(&self) -> bool {
+        self.h.version >= 3 && self.h.is_dirty() && !self.l1.is_empty()
+    }
+
+    /// QEMU's walk over the tables `l1` reaches: add `addend` (-1, 0 or 1) to the
+    /// refcount of every data cluster, compressed run and L2 table, in table
+    /// order, and set every COPIED flag from the refcount it then has (entries in
+    /// the cached L2 tables, entries of `l1` in place). A table whose cluster
+    /// becomes free leaves the cache unwritten. The refcounts and L2 tables are
+    /// then written (no order among them: the dirty bit covers the window) and
+    /// made durable. Returns whether an entry of `l1` changed.
+    pub(crate) fn walk_snapshot_refcounts(&mut self, l1: &mut [u64], addend: i64) -> Result<bool> {
+        let cs = self.cluster_size();
+        let bits = self.geo.cluster_bits;
+        let mut modified = false;
+        let mut freed = Vec::new();
+        for (i, slot) in l1.iter_mut().enumerate() {
+            let raw_l1 = *slot;
+            let (l2off, _) = decode_l1(raw_l1, cs, i as u64)?;
+            if l2off.is_none() {
+                continue;
+            }
+            for j in 0..self.l2_entries() {
+                let (raw, bitmap) = self.raw_entry(l2off, j)?;
+                let entry = raw & !OFLAG_COPIED;
+                let rc = match self.geo.decode_l2(entry, bitmap)? {
+                    L2Entry::Compressed { offset, size } => {
+                        if addend != 0 {
+                            for c in offset.clusters(size, bits) {
+                                self.change_refcount(c, addend, &mut freed)?;
+                            }
+                        }
+                        // Compressed clusters are never written in place.
+                        2
+                    }
+                    L2Entry::Normal { host, .. } if !host.is_none() => {
+                        let c = host.cluster(bits);
+                        if addend != 0 {
+                            self.change_refcount(c, addend, &mut freed)?;
+                        }
+                        self.refcount(c)?
+                    }
+                    L2Entry::Normal { .. } => 0,
+                };
+                let entry = if rc == 1 { entry | OFLAG_COPIED } else { entry };
+                if entry != raw {
+                    self.set_raw_entry(l2off, j, entry, bitmap)?;
+                }
+            }
+            let c = l2off.cluster(bits);
+            if addend != 0 {
+                self.change_refcount(c, addend, &mut freed)?;
+            }
+            let e = if self.refcount(c)? == 1 {
+                l2off.get() | OFLAG_COPIED
+            } else {
+                l2off.get()
+            };
+            if e != raw_l1 {
+                *slot = e;
+                modified = true;
+            }
+        }
+        self.write_dirty_refblocks()?;
+        self.write_dirty_l2_tables()?;
+        self.barrier_named(Barrier::SnapshotRefcountsBeforeL1)?;
+        self.discard_freed(&freed)?;
+        Ok(modified)
+    }
+
+    /// Add `delta` to a refcount; a cluster that becomes free is dropped from the
+    /// L2 cache (QEMU's cache forgets a freed table the same way) and added to
+    /// `freed`.
+    fn change_refcount(
+        &mut self,
+        c: ClusterIndex,
+        delta: i64,
+        freed: &mut Vec<ClusterIndex>,
+    ) -> Result<()> {
+        if self.update_refcount(c, delta)? == 0 {
+            self.l2.remove(c.get() << self.geo.cluster_bits);
+            freed.push(c);
+        }
+        Ok(())
+    }
+
+    /// Give the file's space of clusters a snapshot operation freed back to the
+    /// storage, as QEMU does (its snapshot discards pass through by default): a
+    /// freed cluster then reads as zeroes in both tools' files. Call only once
+    /// nothing durable references them.
+    pub(crate) fn discard_freed(&mut self, freed: &[ClusterIndex]) -> Result<()> {
+        let bits = self.geo.cluster_bits;
+        let mut sorted = freed.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut i = 0;
+        while i < sorted.len() {
+            let start = sorted[i].get();
+            let mut end = start + 1;
+            i += 1;
+            while i < sorted.len() && sorted[i].get() == end {
+                end += 1;
+                i += 1;
+            }
+            self.storage.discard(start << bits, (end - start) << bits)?;
+        }
+        Ok(())
+    }
+
+    /// Write the whole active L1 table `l1` over the current one and flush.
+    fn write_active_l1(&mut self, l1: &[u64]) -> Result<()> {
+        self.storage
+            .write_at(&Meta::encode_table(l1), self.h.l1_table_offset)?;
+        self.storage.flush()?;
+        Ok(())
+    }
+
+    /// The active tables' COPIED flags set from their refcounts (QEMU's walk with
+    /// nothing added), the L1 table written if one changed.
+    fn settle_active_flags(&mut self) -> Result<()> {
+        let mut l1 = self.l1.clone();
+        if self.walk_snapshot_refcounts(&mut l1, 0)? {
+            self.write_active_l1(&l1)?;
+        }
+        self.l1 = l1;
+        Ok(())
+    }
+}
+
+impl Qcow2Image {
+    /// Create `snap` (its L1 offset is filled in) the way QEMU does; see the module.
+    pub(crate) fn create_in_place(&self, m: &mut Meta, snap: Snapshot) -> Result<()> {
+        let bits = m.geo.cluster_bits;
+        let l1 = m.l1.clone();
+        let bytes = l1.len() as u64 * 8;
+        let off = m.alloc_clusters(ClusterCount::for_bytes(bytes, bits))?;
+        m.write_dirty_refblocks()?;
+        m.storage.write_at(&Meta::encode_table(&l1), off.get())?;
+        let mut active = l1;
+        if m.walk_snapshot_refcounts(&mut active, 1)? {
+            m.write_active_l1(&active)?;
+        }
+        m.l1 = active;
+        let mut snaps = m.snapshots.clone();
+        snaps.push(Snapshot {
+            l1_table_offset: off.get(),
+            l1_size: header_u32(m.l1.len() as u64, "L1 table size")?,
+            ..snap
+        });
+        m.replace_snapshot_table(snaps)?;
+        m.flush_metadata()
+    }
+
+    /// Delete the snapshot at `idx` the way QEMU does; see the module.
+    pub(crate) fn delete_in_place(&self, m: &mut Meta, idx: usize) -> Result<()> {
+        let bits = m.geo.cluster_bits;
+        let snap = m.snapshots[idx].clone();
+        let mut sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
+        let mut snaps = m.snapshots.clone();
+        snaps.remove(idx);
+        m.replace_snapshot_table(snaps)?;
+        // The table no longer names it: drop its references, then its L1 copy.
+        m.walk_snapshot_refcounts(&mut sl1, -1)?;
+        let l1_bytes = u64::from(snap.l1_size) * 8;
+        let mut freed = Vec::new();
+        for c in HostOffset(snap.l1_table_offset).clusters(l1_bytes, bits) {
+            m.change_refcount(c, -1, &mut freed)?;
+        }
+        m.discard_freed(&freed)?;
+        m.settle_active_flags()?;
+        m.flush_metadata()
+    }
+
+    /// Apply `snap` the way QEMU does; see the module. Returns `Ok(false)`, with
+    /// nothing written, for an apply this layout does not take (the caller then
+    /// takes the header switch): a disk size change or an L1 table larger than
+    /// a sector.
+    pub(crate) fn apply_in_place(&self, m: &mut Meta, snap: &Snapshot) -> Result<bool> {
+        let cur = m.l1.len().max(snap.l1_size as usize);
+        if snap.disk_size.is_some_and(|s| s != self.virtual_size()) || cur * 8 > SECTOR {
+            return Ok(false);
+        }
+        let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
+        if sl1.len() > m.l1.len() {
+            self.grow_l1_for(m, sl1.len() as u64)?;
+        }
+        // Raise the snapshot's refcounts; its own tables' flags follow them.
+        let mut walked = sl1.clone();
+        if m.walk_snapshot_refcounts(&mut walked, 1)? {
+            m.storage
+                .write_at(&Meta::encode_table(&walked), snap.l1_table_offset)?;
+            m.storage.flush()?;
+        }
+        // The commit point: the snapshot's L1 as it was stored, in one sector.
+        let mut new = sl1;
+        new.resize(m.l1.len(), 0);
+        m.write_active_l1(&new)?;
+        // Then lower the old tables' refcounts and settle the active flags.
+        let mut old = std::mem::replace(&mut m.l1, new);
+        m.walk_snapshot_refcounts(&mut old, -1)?;
+        m.settle_active_flags()?;
+        m.flush_metadata()?;
+        Ok(true)
+    }
+}
