@@ -13,7 +13,9 @@
 //! The header code (parsing, unlocking, key slots) is [`crate::crypto::luks`],
 //! shared with LUKS-encrypted qcow2 images.
 
+use crate::crypto::keyslots::KeySlotRequest;
 use crate::crypto::luks::{self, LuksCreateOptions, LuksHeader};
+use crate::crypto::slot_writes::{self, KeySlotError, LuksArea};
 use crate::crypto::{SectorCipher, SECTOR_SIZE};
 use crate::error::{request, Operation};
 use crate::qcow2::Preallocation;
@@ -185,6 +187,46 @@ impl LuksImage {
         self.storage
             .write_at(&tmp, self.payload + start)
             .map_err(|e| self.err(e))
+    }
+}
+
+impl LuksArea for LuksImage {
+    fn read_area(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        read_header_area(self.storage.as_ref(), self.payload, off, buf)
+    }
+    fn write_area(&self, off: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        let size = self.storage.size()?;
+        if off
+            .checked_add(len)
+            .is_none_or(|end| end > self.payload || end > size)
+        {
+            return Err(Error::invalid(
+                "Request for data outside of the LUKS header",
+            ));
+        }
+        self.storage.write_at(data, off)?;
+        self.storage.flush()?;
+        Ok(())
+    }
+}
+
+impl LuksImage {
+    /// Add or erase key slots as `req` asks (`amend -o state=...`), in the
+    /// crash-safe order of [`crate::crypto::slot_writes`]. `unlock` is the
+    /// password the image was opened with, `secret` gives secret values by
+    /// id, `force` is `--force`. The image must be open for writing.
+    pub fn change_key_slots(
+        &self,
+        req: &KeySlotRequest,
+        unlock: &[u8],
+        secret: &dyn Fn(&str) -> Result<Vec<u8>>,
+        force: bool,
+    ) -> std::result::Result<(), KeySlotError> {
+        let h = self.header();
+        let updated = slot_writes::change(self, &h, req, unlock, secret, force)?;
+        *sync::write(&self.header) = updated;
+        Ok(())
     }
 }
 

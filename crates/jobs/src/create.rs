@@ -117,7 +117,7 @@ pub fn supported_options(format: Format) -> &'static [(&'static str, &'static st
 }
 
 /// Keys a `luks` `-o` map may hold, in the order of qemu-img's summary line.
-const LUKS_KEYS: &[&str] = &[
+pub const LUKS_KEYS: &[&str] = &[
     "size",
     "key-secret",
     "cipher-alg",
@@ -383,12 +383,6 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
         Format::Luks => {
             for (k, v) in opts {
                 match k.as_str() {
-                    "backing_file" | "backing_fmt" => {
-                        return Err(invalid(
-                            p,
-                            "Backing file not supported for file format 'luks'",
-                        ))
-                    }
                     "iter-time" if v.parse::<u64>().is_err() => {
                         return Err(invalid(p, format!("Parameter '{k}' expects a number")))
                     }

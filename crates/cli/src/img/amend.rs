@@ -229,6 +229,15 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = args.naming.spec(path, args.format.as_deref(), false)?;
     let format = spec_format(&spec)?;
     warn_probed_raw(&spec);
+    if format == Format::Luks && spec.protocol_driver.is_none() && !help {
+        let result = super::amend_luks::run(&items, &spec, args.force);
+        bar.set(100.0);
+        bar.end();
+        return result.or_else(|e| {
+            eprint!("{}: {e}", ctx.prog);
+            Ok(1)
+        });
+    }
     if format != Format::Qcow2 {
         bail!(
             "Format driver '{}' does not support option amendment",
@@ -240,7 +249,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     let req = parse_request(&items)?;
     let mut img = open_qcow2(&spec, true)?;
-    super::amend_keys::check_numbers(&req.encrypt)?;
+    super::amend_keys::check_numbers(&req.encrypt, "encrypt.")?;
     let keys = if req.encrypt.is_empty() {
         None
     } else {
@@ -254,7 +263,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     bar.set(0.0);
     // As qemu-img: the key slots change before the format's other options.
     let result = match &keys {
-        Some(k) => change_key_slots(&mut img, &spec, k, args.force),
+        Some(k) => change_key_slots(KeyImage::Qcow2(&mut img), &spec, k, args.force),
         None => Ok(()),
     }
     .and_then(|()| amend(img, &req, steps, &bar).map_err(|e| format!("{e}\n")));
@@ -271,11 +280,17 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
 }
 
+/// An image whose LUKS key slots an amend changes.
+pub(super) enum KeyImage<'a> {
+    Qcow2(&'a mut Qcow2Image),
+    Luks(&'a strata_format::luks::LuksImage),
+}
+
 /// Add or erase key slots as `req` asks, with the secret the image opened
 /// with. The error is the text qemu-img prints after its name: a refusal ends
 /// with a newline, a failed write with QEMU's hint, which does not.
-fn change_key_slots(
-    img: &mut Qcow2Image,
+pub(super) fn change_key_slots(
+    img: KeyImage<'_>,
     spec: &strata_chain::OpenSpec,
     req: &strata_format::crypto::keyslots::KeySlotRequest,
     force: bool,
@@ -296,11 +311,14 @@ fn change_key_slots(
             strata_format::Error::invalid_argument(format!("No secret with id '{id}'"))
         })
     };
-    img.change_key_slots(req, &unlock, &secret, force)
-        .map_err(|e| match e {
-            KeySlotError::Refused(e) => format!("{}\n", e.message()),
-            KeySlotError::Failed { message, .. } => message,
-        })
+    match img {
+        KeyImage::Qcow2(q) => q.change_key_slots(req, &unlock, &secret, force),
+        KeyImage::Luks(l) => l.change_key_slots(req, &unlock, &secret, force),
+    }
+    .map_err(|e| match e {
+        KeySlotError::Refused(e) => format!("{}\n", e.message()),
+        KeySlotError::Failed { message, .. } => message,
+    })
 }
 
 fn print_help(format: Option<&str>) -> Result<i32> {

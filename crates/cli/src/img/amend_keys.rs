@@ -62,10 +62,11 @@ fn last<'a>(items: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// The first stage: the number options must be numbers (checked before the
 /// image's encryption is looked at, as qemu-img parses its option list first).
-pub fn check_numbers(items: &[(String, String)]) -> Result<()> {
+/// Messages name each option with `prefix` (`encrypt.` for qcow2).
+pub fn check_numbers(items: &[(String, String)], prefix: &str) -> Result<()> {
     for (k, v) in items {
         if k == "keyslot" || k == "iter-time" {
-            check_opt_number(&format!("encrypt.{k}"), v)?;
+            check_opt_number(&format!("{prefix}{k}"), v)?;
         }
     }
     Ok(())
@@ -118,7 +119,7 @@ mod tests {
             r("18446744073709551615").unwrap_err().to_string(),
             "Parameter 'keyslot' expects integer"
         );
-        let n = |v: &str| check_numbers(&items(&[("keyslot", v)]));
+        let n = |v: &str| check_numbers(&items(&[("keyslot", v)]), "encrypt.");
         assert!(n("18446744073709551615").is_ok());
         assert_eq!(
             n("18446744073709551616").unwrap_err().to_string(),

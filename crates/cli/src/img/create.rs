@@ -60,6 +60,17 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             super::invoked_as(ctx.prog)
         );
     };
+    if format == Format::Luks {
+        // qemu-img refuses -b and -F itself for a format without backing
+        // files; as -o options they are merely unknown to the driver.
+        let f = filename.display();
+        if args.backing.is_some() {
+            anyhow::bail!("{f}: Backing file not supported for file format 'luks'");
+        }
+        if args.backing_format.is_some() {
+            anyhow::bail!("{f}: Backing file format not supported for file format 'luks'");
+        }
+    }
     if let Some(b) = &args.backing {
         options.insert("backing_file".into(), b.clone());
     }

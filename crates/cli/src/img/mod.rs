@@ -5,6 +5,7 @@
 
 mod amend;
 mod amend_keys;
+mod amend_luks;
 mod bench;
 mod bitmap;
 mod blkdebug;

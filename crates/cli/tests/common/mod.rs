@@ -8,6 +8,7 @@ pub mod api;
 pub mod damage;
 pub mod garage;
 pub mod image_repo;
+pub mod luks;
 pub mod nbd;
 pub mod restic;
 pub mod vm;

@@ -11,6 +11,7 @@ mod cipher;
 pub mod keyslots;
 pub mod legacy;
 pub mod luks;
+pub mod slot_writes;
 
 pub use cipher::{CipherAlg, CipherMode, IvGenAlg, SectorCipher};
 

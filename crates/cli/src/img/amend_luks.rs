@@ -1,0 +1,45 @@
+//! `amend` of a `luks` image: QEMU's luks amend options (`state`,
+//! `new-secret`, `old-secret`, `keyslot`, `iter-time`, without qcow2's
+//! `encrypt.` prefix), checked in qemu-img's order (the image is opened with its
+//! secret first), written by the key-slot code LUKS-encrypted qcow2 images use.
+
+use super::amend::{change_key_slots, KeyImage};
+use strata_format::luks::LuksImage;
+use strata_format::Format;
+
+/// The options a luks amend takes.
+const AMEND_KEYS: [&str; 5] = ["state", "new-secret", "old-secret", "keyslot", "iter-time"];
+/// Amend the luks image `spec` names as `items` ask (`force` is `--force`).
+/// The error is the text qemu-img prints after its name.
+pub fn run(
+    items: &[(String, String)],
+    spec: &strata_chain::OpenSpec,
+    force: bool,
+) -> Result<i32, String> {
+    let dev = strata_chain::open_top(spec, Format::Luks, true).map_err(|e| {
+        format!(
+            "{}\n",
+            super::common::open_error(&spec.path, &spec.shown_name(), &e)
+        )
+    })?;
+    let img = dev
+        .as_any()
+        .downcast_ref::<LuksImage>()
+        .ok_or_else(|| "Could not open the image as luks\n".to_string())?;
+    for (k, _) in items {
+        let create_only = strata_jobs::create::LUKS_KEYS.contains(&k.as_str());
+        if create_only && !AMEND_KEYS.contains(&k.as_str()) {
+            return Err(format!(
+                "Invalid parameter '{k}'\nThis option is only supported for image creation\n"
+            ));
+        }
+        if !AMEND_KEYS.contains(&k.as_str()) {
+            return Err(format!("Invalid parameter '{k}'\n"));
+        }
+    }
+    super::amend_keys::check_numbers(items, "").map_err(|e| format!("{e}\n"))?;
+    let req = super::amend_keys::request(items).map_err(|e| format!("{e}\n"))?;
+    change_key_slots(KeyImage::Luks(img), spec, &req, force)?;
+    dev.close().map_err(|e| format!("{e}\n"))?;
+    Ok(0)
+}
