@@ -78,15 +78,17 @@ pub(crate) fn luks_options(
     let ivgen = enum_value(opts, "ivgen-alg", IVGEN_ALGS)?;
     let ivhash = enum_value(opts, "ivgen-hash-alg", HASH_ALGS)?;
     let hash = enum_value(opts, "hash-alg", HASH_ALGS)?;
-    if format == "aes" {
-        return Err(AES_WRITE_REFUSED.into());
-    }
+    // The secret is looked for first, for either format, as QEMU does; the
+    // legacy format is refused only then (QEMU would write it).
     let id = opts
         .get("encrypt.key-secret")
         .ok_or("Parameter 'encrypt.key-secret' is required for cipher")?;
     let password = secrets
         .get(id)
         .ok_or_else(|| format!("No secret with id '{id}'"))?;
+    if format == "aes" {
+        return Err(AES_WRITE_REFUSED.into());
+    }
     let d = LuksCreateOptions::default();
     let cipher_alg = match cipher {
         None => d.cipher_alg,
