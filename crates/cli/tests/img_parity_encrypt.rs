@@ -225,6 +225,11 @@ fn encrypted_creation_and_amend_are_refused_as_qemu_img_refuses_them() {
     let luks = "encrypt.format=luks,encrypt.iter-time=10";
     for o in [
         "encrypt.format=luks,encrypt.iter-time=10".to_string(),
+        // The legacy format: the secret is asked for first.
+        "encryption=on".into(),
+        "encrypt.format=aes".into(),
+        "encryption=on,encrypt.key-secret=s9".into(),
+        "encrypt.format=aes,encrypt.key-secret=s9".into(),
         "encrypt.key-secret=s0".into(),
         "encrypt.format=foo,encrypt.key-secret=s0".into(),
         format!("{luks},encrypt.key-secret=s9"),

@@ -74,6 +74,7 @@ pub(crate) fn luks_options(
         Some(f @ ("luks" | "aes")) => f,
         Some(f) => return Err(format!("Parameter 'format' does not accept value '{f}'")),
     };
+<<<<<<< HEAD
     if format == "aes" {
         // QEMU checks the values first, then refuses the format.
         luks_values(opts, "encrypt.")?;
@@ -91,12 +92,24 @@ pub(crate) fn luks_settings(
     secrets: &BTreeMap<String, Vec<u8>>,
 ) -> Result<LuksEncrypt, String> {
     let (cipher, mode, ivgen, ivhash, hash) = luks_values(opts, prefix)?;
+=======
+    let cipher = enum_value(opts, "cipher-alg", CIPHER_ALGS)?;
+    let mode = enum_value(opts, "cipher-mode", CIPHER_MODES)?;
+    let ivgen = enum_value(opts, "ivgen-alg", IVGEN_ALGS)?;
+    let ivhash = enum_value(opts, "ivgen-hash-alg", HASH_ALGS)?;
+    let hash = enum_value(opts, "hash-alg", HASH_ALGS)?;
+    // The secret is looked for first, for either format, as QEMU does; the
+    // legacy format is refused only then (QEMU would write it).
+>>>>>>> h-cliedge
     let id = opts
         .get(&format!("{prefix}key-secret"))
         .ok_or_else(|| format!("Parameter '{prefix}key-secret' is required for cipher"))?;
     let password = secrets
         .get(id)
         .ok_or_else(|| format!("No secret with id '{id}'"))?;
+    if format == "aes" {
+        return Err(AES_WRITE_REFUSED.into());
+    }
     let d = LuksCreateOptions::default();
     let cipher_alg = match cipher {
         None => d.cipher_alg,
