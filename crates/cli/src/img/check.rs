@@ -133,8 +133,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             return Ok(1);
         }
     };
-    for m in &report.messages {
-        eprintln!("{m}");
+    for (i, m) in report.messages.iter().enumerate() {
+        if report.own_errors.contains(&i) {
+            eprintln!("{}: {m}", ctx.prog);
+        } else {
+            eprintln!("{m}");
+        }
     }
     if let Some(e) = report.failure {
         eprintln!("{}: Check failed: {e}", ctx.prog);

@@ -145,3 +145,8 @@ pub fn set_header_extensions(path: &Path, exts: &[(u32, Vec<u8>)]) {
     f.seek(SeekFrom::Start(at)).unwrap();
     f.write_all(&bytes).unwrap();
 }
+
+/// The big-endian 64-bit word at byte `at` of the file (a header field, a table entry).
+pub fn word_at(path: &Path, at: u64) -> u64 {
+    be64(&mut open(path), at)
+}

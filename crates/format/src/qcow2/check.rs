@@ -19,7 +19,7 @@ mod count;
 mod rebuild;
 
 use super::entries::{OFFSET_MASK, OFLAG_COPIED};
-use super::header;
+use super::header::{self, SnapshotTableFault};
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use super::refcount::REFTABLE_RESERVED;
@@ -54,6 +54,9 @@ pub struct CheckReport {
     /// `strerror` words it) after printing `messages`, and reports no counts: a
     /// repair of leaks only that finds the refcount structures need a rebuild.
     pub failure: Option<&'static str>,
+    /// Indexes into `messages` of the lines qemu-img prints as errors of its
+    /// own, with its name before them ("qemu-img: ERROR snapshot table too large").
+    pub own_errors: Vec<usize>,
 }
 
 /// Bytes of snapshot extra data a version 3 image must record (the 64-bit VM-state
@@ -67,6 +70,13 @@ impl Qcow2Image {
         let _excl = self.exclusive();
         let mut m = self.lock()?;
         let repairing = repair != Repair::None && !m.read_only;
+        let fault = m.h.snapshot_table_fault();
+        if !fault.is_none() {
+            return Ok(snapshot_table_failure(
+                fault,
+                repairing && repair == Repair::All,
+            ));
+        }
         if !m.read_only {
             m.flush_metadata().map_err(|e| self.err(e))?;
         }
@@ -586,6 +596,43 @@ impl Qcow2Image {
         }
         Ok(highest * cs)
     }
+}
+
+/// The check of an image whose snapshot table cannot be read where the header
+/// puts it: qemu-img's lines, and its failure, before anything else is counted.
+/// Entries past the limit are named (a full repair names them discarded) ahead
+/// of an offset that is invalid. Nothing is changed: discarding the entries
+/// past the limit is not done here, so a full repair of a table whose only
+/// fault is its length fails as a check does.
+fn snapshot_table_failure(fault: SnapshotTableFault, repair_all: bool) -> CheckReport {
+    let mut r = CheckReport {
+        check_errors: 1,
+        ..Default::default()
+    };
+    let n = fault.overhanging;
+    if n > 0 && !(repair_all && fault.offset_invalid) {
+        r.own_errors.push(r.messages.len());
+        r.messages.push("ERROR snapshot table too large".into());
+        r.messages.push(format!(
+            "You can force-remove all {n} overhanging snapshots with qemu-img check -r all"
+        ));
+        r.failure = Some("File too large");
+        return r;
+    }
+    if n > 0 {
+        r.messages
+            .push(format!("Discarding {n} overhanging snapshots"));
+    }
+    r.own_errors.push(r.messages.len());
+    if fault.offset_invalid {
+        r.messages
+            .push("ERROR snapshot table offset invalid".into());
+        r.failure = Some("Invalid argument");
+    } else {
+        r.messages.push("ERROR failed to read the snapshot table: Failed to read snapshot table: Input/output error".into());
+        r.failure = Some("Input/output error");
+    }
+    r
 }
 
 /// What the COPIED check found.

@@ -163,6 +163,17 @@ impl Header {
     /// Parse and validate the header found in `buf` (the image's first bytes: at least
     /// the first cluster, or the whole file if it is shorter). `file_size` bounds offsets.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Header> {
+        Self::parse_inner(buf, file_size, true)
+    }
+
+    /// Parse the header for a consistency check: tables may start past the end
+    /// of the file, and the snapshot table's count and offset are not judged here
+    /// (the check reports them, see [`Header::snapshot_table_fault`]).
+    pub fn parse_for_check(buf: &[u8]) -> Result<Header> {
+        Self::parse_inner(buf, u64::MAX, false)
+    }
+
+    fn parse_inner(buf: &[u8], file_size: u64, snapshots: bool) -> Result<Header> {
         // A file shorter than the magic reads as zeroes past its end (as QEMU's
         // reads do): not qcow2 either.
         if buf.len() < 4 || be32(buf, 0) != MAGIC {
@@ -245,13 +256,13 @@ impl Header {
                 )
             })?;
         }
-        h.validate_fixed(file_size)?;
+        h.validate_fixed(file_size, snapshots)?;
         h.parse_extensions(buf)?;
         h.parse_backing_name(buf)?;
         Ok(h)
     }
 
-    fn validate_fixed(&self, file_size: u64) -> Result<()> {
+    fn validate_fixed(&self, file_size: u64, snapshots: bool) -> Result<()> {
         let cs = self.cluster_size();
         // Unknown incompatible features are refused after the extensions are parsed,
         // so the error can use the image's own feature names.
@@ -297,14 +308,9 @@ impl Header {
             cs,
             "Reference count table",
         )?;
-        validate_table(
-            self.snapshots_offset,
-            u64::from(self.nb_snapshots),
-            SNAPSHOT_HEADER_LEN,
-            SNAPSHOT_HEADER_LEN * u64::from(MAX_SNAPSHOTS),
-            cs,
-            "Snapshot table",
-        )?;
+        if snapshots {
+            self.validate_snapshot_table(u64::from(self.nb_snapshots))?;
+        }
         let l1_bytes = validate_table(
             self.l1_table_offset,
             u64::from(self.l1_size),
@@ -338,11 +344,42 @@ impl Header {
                 "Active L1 table",
             )?;
         }
-        if self.nb_snapshots > 0 {
+        if self.nb_snapshots > 0 && snapshots {
             let min = u64::from(self.nb_snapshots) * SNAPSHOT_HEADER_LEN;
             check_table(self.snapshots_offset, min, cs, file_size, "Snapshot table")?;
         }
         Ok(())
+    }
+
+    /// QEMU's limits on a snapshot table of `count` entries at the header's
+    /// offset, in its words.
+    fn validate_snapshot_table(&self, count: u64) -> Result<u64> {
+        validate_table(
+            self.snapshots_offset,
+            count,
+            SNAPSHOT_HEADER_LEN,
+            SNAPSHOT_HEADER_LEN * u64::from(MAX_SNAPSHOTS),
+            self.cluster_size(),
+            "Snapshot table",
+        )
+    }
+
+    /// What makes the snapshot table unreadable, judged as a check judges it:
+    /// first more entries than the limit, then (for at most the limit's entries)
+    /// an offset off the cluster grid or a table that would end past `i64::MAX`.
+    pub fn snapshot_table_fault(&self) -> SnapshotTableFault {
+        let overhanging = self.nb_snapshots.saturating_sub(MAX_SNAPSHOTS);
+        let kept = self.nb_snapshots - overhanging;
+        let unreadable = self.nb_snapshots > 0
+            && self
+                .snapshots_offset
+                .checked_add(u64::from(self.nb_snapshots) * SNAPSHOT_HEADER_LEN)
+                .is_none_or(|end| end > MAX_REQUEST_END);
+        SnapshotTableFault {
+            overhanging,
+            offset_invalid: self.validate_snapshot_table(u64::from(kept)).is_err(),
+            unreadable,
+        }
     }
 
     fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
@@ -669,6 +706,31 @@ impl Header {
             f(2, 0, "bitmaps"),
             f(2, 1, "raw external data"),
         ]
+    }
+}
+
+/// The end of the furthest request QEMU's block layer accepts: `i64::MAX`
+/// rounded down to its largest alignment (2^30).
+const MAX_REQUEST_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
+/// What is wrong with a snapshot table's place in the header (see
+/// [`Header::snapshot_table_fault`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotTableFault {
+    /// Entries past the limit of 65536.
+    pub overhanging: u32,
+    /// The offset is not cluster aligned, or the table would end past `i64::MAX`.
+    pub offset_invalid: bool,
+    /// The table (its entries read as empty, as they read past the end of the
+    /// file) would end past the last byte QEMU's block layer lets a request
+    /// reach, so reading it fails.
+    pub unreadable: bool,
+}
+
+impl SnapshotTableFault {
+    /// Whether nothing is wrong.
+    pub fn is_none(&self) -> bool {
+        self.overhanging == 0 && !self.offset_invalid && !self.unreadable
     }
 }
 

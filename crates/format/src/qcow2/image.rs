@@ -195,7 +195,11 @@ impl Qcow2Image {
         }
         // Tables may start past the end of the file only for a check.
         let table_limit = if opts.for_check { u64::MAX } else { file_size };
-        let mut h = Header::parse(&first, table_limit)?;
+        let mut h = if opts.for_check {
+            Header::parse_for_check(&first)?
+        } else {
+            Header::parse(&first, file_size)?
+        };
         if h.is_corrupt() && !read_only && !opts.for_repair {
             return Err(Error::new(
                 ErrorKind::MarkedCorrupt,
@@ -221,10 +225,17 @@ impl Qcow2Image {
         storage.debug_event(DebugEvent::ReftableLoad);
         let reftable = read_table(&*storage, h.refcount_table_offset, rt_entries)
             .map_err(in_words("Could not initialize refcount handling"))?;
+        // A check opens an image whose snapshot table is not where a table may
+        // be, without reading it, and reports the fault itself.
+        let readable = if h.snapshot_table_fault().is_none() {
+            h.nb_snapshots
+        } else {
+            0
+        };
         let (snaps, _) = snapshot::read_table(
             &*storage,
             h.snapshots_offset,
-            h.nb_snapshots,
+            readable,
             h.cluster_size(),
             table_limit,
             opts.for_check,

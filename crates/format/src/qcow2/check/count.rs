@@ -266,7 +266,7 @@ impl Qcow2Image {
             m.h.refcount_table_offset,
             u64::from(m.h.refcount_table_clusters) * cs,
         );
-        let file_clusters = file_size.div_ceil(cs);
+        let mut file_clusters = file_size.div_ceil(cs);
         let mut bad_blocks = false;
         for (i, &e) in m.reftable.clone().iter().enumerate() {
             let off = e & !REFTABLE_RESERVED;
@@ -283,14 +283,27 @@ impl Qcow2Image {
                 continue;
             }
             if off / cs >= file_clusters {
-                let label = if repair == Repair::All {
-                    "Repairing"
-                } else {
-                    "ERROR"
-                };
-                ctr.corrupt(format!("{label} refcount block {i} is outside image"));
-                bad_blocks = true;
-                continue;
+                if repair != Repair::All {
+                    // Its clusters read as refcount 0 where the file has any;
+                    // the comparison finds what that breaks.
+                    ctr.corrupt(format!("ERROR refcount block {i} is outside image"));
+                    continue;
+                }
+                ctr.corrupt(format!("Repairing refcount block {i} is outside image"));
+                // The file grows over the block (which then holds zeroes), as
+                // qemu-img's repair grows it, and the block is counted.
+                match self.grow_over(m, off) {
+                    Ok(size) => {
+                        ctr.file_size = size;
+                        file_clusters = size.div_ceil(cs);
+                    }
+                    Err(words) => {
+                        ctr.messages
+                            .push(format!("ERROR could not resize image: {words}"));
+                        bad_blocks = true;
+                        continue;
+                    }
+                }
             }
             if off == 0 {
                 continue;
@@ -308,6 +321,21 @@ impl Qcow2Image {
             frag,
             bad_blocks,
         })
+    }
+
+    /// Grow the file to end with the cluster at `off`; returns its new size, or
+    /// the failure in `strerror`'s words.
+    fn grow_over(&self, m: &Meta, off: u64) -> std::result::Result<u64, String> {
+        let words = |e: strata_storage::Error| match e {
+            strata_storage::Error::Io { source, .. } => strata_storage::os_message(&source),
+            other => other.to_string(),
+        };
+        let end = off
+            .checked_add(m.cluster_size())
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| "Invalid argument".to_string())?;
+        m.storage.set_size(end).map_err(words)?;
+        m.storage.size().map_err(words)
     }
 
     /// `len` bytes at `offset`; what lies past the end of the file reads as zeroes.
