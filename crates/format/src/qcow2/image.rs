@@ -1536,8 +1536,14 @@ impl Qcow2Image {
                 let from = new_size.next_multiple_of(cs);
                 let to = cur.next_multiple_of(cs);
                 if to > from {
-                    self.zero_locked(&mut m, from, to - from, true, true)
-                        .map_err(|e| self.err(e))?;
+                    // QEMU discards the range in full; an external data file keeps
+                    // the engine's own discard, which also reaches that file.
+                    if self.data.is_external() {
+                        self.zero_locked(&mut m, from, to - from, true, true)
+                    } else {
+                        m.discard_in_full(from / cs, to / cs)
+                    }
+                    .map_err(|e| self.err(e))?;
                 }
                 if !new_size.is_multiple_of(cs) {
                     // The tail of the last cluster must read as zeroes if the disk grows again.
@@ -1556,7 +1562,7 @@ impl Qcow2Image {
                 // L2 tables wholly past the new end go too, and the file gives back its
                 // free tail (as QEMU's shrink does), before the header records the size.
                 let first = new_size.div_ceil(m.l2_entries() * cs);
-                m.drop_l2_tables(first).map_err(|e| self.err(e))?;
+                m.drop_l2_tables(first, true).map_err(|e| self.err(e))?;
             } else {
                 let entries = m.h.l1_entries_for(new_size);
                 // QEMU words a failed write of the growth as its own step.

@@ -31,6 +31,9 @@ pub struct Meta {
     pub free_hint: u64,
     /// Host clusters whose refcount drops once the current mappings are on disk.
     pub pending_frees: Vec<ClusterIndex>,
+    /// Freed host clusters whose bytes go back to the file system (a punched hole)
+    /// once their refcount is durable at zero (see [`super::shrink`]).
+    pub pending_punches: Vec<ClusterIndex>,
     /// Offset of the next free byte for packing compressed clusters (0: none open).
     pub compressed_cursor: u64,
     pub snapshots: Vec<Snapshot>,
@@ -77,6 +80,7 @@ impl Meta {
             rb: TableCache::new(index((REFBLOCK_CACHE_BYTES / cs).max(8))),
             free_hint: 1,
             pending_frees: Vec::new(),
+            pending_punches: Vec::new(),
             compressed_cursor: 0,
             snapshots: Vec::new(),
             read_only,
@@ -382,6 +386,9 @@ impl Meta {
             self.write_refblocks()?;
             self.barrier()?;
         }
+        if !self.pending_punches.is_empty() {
+            self.punch_freed()?;
+        }
         Ok(())
     }
 
@@ -541,11 +548,15 @@ impl Meta {
     /// then idle refcount blocks at the end and the file's free tail are given
     /// back. The L1 table is written and flushed before any refcount drops, so a
     /// crash leaks clusters at worst.
-    pub(crate) fn drop_l2_tables(&mut self, first: u64) -> Result<()> {
+    ///
+    /// With `punch`, the dropped tables and the clusters they map are punched
+    /// once free, as QEMU's shrink discards them.
+    pub(crate) fn drop_l2_tables(&mut self, first: u64, punch: bool) -> Result<()> {
         // Settle the cache so no L2 table is written after its L1 entry goes.
         self.flush_metadata()?;
         let l2n = self.l2_entries();
         let mut dropped = false;
+        let mut tables = Vec::new();
         for l1i in first..self.l1.len() as u64 {
             let (l2off, _) = self.l1_entry(l1i)?;
             if l2off.is_none() {
@@ -553,9 +564,17 @@ impl Meta {
             }
             for i in 0..l2n {
                 let old = self.entry(l1i * l2n + i)?;
-                self.release_entry(old);
+                if punch {
+                    self.release_entry_punching(old);
+                } else {
+                    self.release_entry(old);
+                }
             }
-            self.free_later(l2off.cluster(self.geo.cluster_bits));
+            let table = l2off.cluster(self.geo.cluster_bits);
+            self.free_later(table);
+            if punch {
+                tables.push(table);
+            }
             self.l1[index(l1i)] = 0;
             dropped = true;
         }
@@ -570,8 +589,13 @@ impl Meta {
             self.compressed_cursor = 0;
             // Drops the references (refcount blocks written and flushed).
             self.flush_metadata()?;
+            self.punch_each(&tables)?;
         }
-        self.drop_idle_refblocks()?;
+        if punch {
+            self.drop_unused_refblocks()?;
+        } else {
+            self.drop_idle_refblocks()?;
+        }
         self.trim_free_tail()
     }
 }

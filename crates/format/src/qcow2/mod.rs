@@ -29,6 +29,7 @@ mod prealloc;
 mod refcount;
 mod refcount_area;
 pub mod repair_notice;
+mod shrink;
 pub mod snapshot;
 pub mod snapshot_ops;
 mod snapshot_switch;

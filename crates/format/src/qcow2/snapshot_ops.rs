@@ -572,7 +572,7 @@ impl Qcow2Image {
         let _excl = self.exclusive();
         let mut m = self.lock()?;
         let set_here = m.begin_metadata_op().map_err(|e| self.err(e))?;
-        let r = m.dirty_bitmaps().and_then(|_| m.drop_l2_tables(0));
+        let r = m.dirty_bitmaps().and_then(|_| m.drop_l2_tables(0, false));
         r.map_err(|e| self.fail_corrupt(&mut m, e))?;
         m.end_metadata_op(set_here).map_err(|e| self.err(e))
     }
