@@ -74,13 +74,29 @@ pub(crate) fn luks_options(
         Some(f @ ("luks" | "aes")) => f,
         Some(f) => return Err(format!("Parameter 'format' does not accept value '{f}'")),
     };
-<<<<<<< HEAD
     if format == "aes" {
-        // QEMU checks the values first, then refuses the format.
+        // QEMU checks the values, then looks the secret up, and only then
+        // refuses to write the legacy format.
         luks_values(opts, "encrypt.")?;
+        key_password(opts, "encrypt.", secrets)?;
         return Err(AES_WRITE_REFUSED.into());
     }
     luks_settings(opts, "encrypt.", secrets).map(Some)
+}
+
+/// The password of the secret a `-o` map names under `{prefix}key-secret`,
+/// with QEMU's words when the key is missing or names no secret.
+fn key_password<'a>(
+    opts: &BTreeMap<String, String>,
+    prefix: &str,
+    secrets: &'a BTreeMap<String, Vec<u8>>,
+) -> Result<&'a Vec<u8>, String> {
+    let id = opts
+        .get(&format!("{prefix}key-secret"))
+        .ok_or_else(|| format!("Parameter '{prefix}key-secret' is required for cipher"))?;
+    secrets
+        .get(id)
+        .ok_or_else(|| format!("No secret with id '{id}'"))
 }
 
 /// The LUKS settings of a `-o` map whose LUKS keys carry `prefix` (`encrypt.`
@@ -92,24 +108,7 @@ pub(crate) fn luks_settings(
     secrets: &BTreeMap<String, Vec<u8>>,
 ) -> Result<LuksEncrypt, String> {
     let (cipher, mode, ivgen, ivhash, hash) = luks_values(opts, prefix)?;
-=======
-    let cipher = enum_value(opts, "cipher-alg", CIPHER_ALGS)?;
-    let mode = enum_value(opts, "cipher-mode", CIPHER_MODES)?;
-    let ivgen = enum_value(opts, "ivgen-alg", IVGEN_ALGS)?;
-    let ivhash = enum_value(opts, "ivgen-hash-alg", HASH_ALGS)?;
-    let hash = enum_value(opts, "hash-alg", HASH_ALGS)?;
-    // The secret is looked for first, for either format, as QEMU does; the
-    // legacy format is refused only then (QEMU would write it).
->>>>>>> h-cliedge
-    let id = opts
-        .get(&format!("{prefix}key-secret"))
-        .ok_or_else(|| format!("Parameter '{prefix}key-secret' is required for cipher"))?;
-    let password = secrets
-        .get(id)
-        .ok_or_else(|| format!("No secret with id '{id}'"))?;
-    if format == "aes" {
-        return Err(AES_WRITE_REFUSED.into());
-    }
+    let password = key_password(opts, prefix, secrets)?;
     let d = LuksCreateOptions::default();
     let cipher_alg = match cipher {
         None => d.cipher_alg,
