@@ -127,6 +127,7 @@ pub const LUKS_KEYS: &[&str] = &[
     "hash-alg",
     "iter-time",
     "detached-header",
+    "nocow",
     "preallocation",
 ];
 
@@ -386,7 +387,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                     "iter-time" if v.parse::<u64>().is_err() => {
                         return Err(invalid(p, format!("Parameter '{k}' expects a number")))
                     }
-                    "detached-header" => {
+                    "detached-header" | "nocow" => {
                         parse_bool(k, v).map_err(|m| invalid(p, m))?;
                     }
                     k if LUKS_KEYS.contains(&k) => {}
@@ -407,6 +408,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 kind: Kind::Luks(opts.clone()),
                 inputs: Inputs::default(),
                 secrets: Secrets::default(),
+                nocow,
             })
         }
         Format::Qcow2 => {

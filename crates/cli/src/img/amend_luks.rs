@@ -27,7 +27,8 @@ pub fn run(
         .downcast_ref::<LuksImage>()
         .ok_or_else(|| "Could not open the image as luks\n".to_string())?;
     for (k, _) in items {
-        let create_only = strata_jobs::create::LUKS_KEYS.contains(&k.as_str());
+        // nocow is the file's option, not the format's: a plain invalid parameter.
+        let create_only = strata_jobs::create::LUKS_KEYS.contains(&k.as_str()) && k != "nocow";
         if create_only && !AMEND_KEYS.contains(&k.as_str()) {
             return Err(format!(
                 "Invalid parameter '{k}'\nThis option is only supported for image creation\n"
