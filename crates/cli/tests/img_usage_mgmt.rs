@@ -87,6 +87,7 @@ fn words(usage: &str) -> Vec<&str> {
             "{MEASURE_TOP}" => MEASURE_TOP,
             "{MEASURE_RAW}" => MEASURE_RAW,
             "{MEASURE_PROBED}" => MEASURE_PROBED,
+            "{MEASURE_LAYER}" => MEASURE_LAYER,
             w => w,
         })
         .collect()
@@ -110,6 +111,8 @@ const MEASURE_TOP: &str =
 const MEASURE_RAW: &str =
     r#"json:{"file": {"driver": "file", "filename": "disk.raw"}, "driver": "raw"}"#;
 const MEASURE_PROBED: &str = r#"json:{"file": {"driver": "file", "filename": "leaf.qcow2"}}"#;
+/// vdsm's node for one layer of a chain: `"backing": null` opens no backing file.
+const MEASURE_LAYER: &str = r#"json:{"file": {"driver": "file", "filename": "top.qcow2"}, "driver": "qcow2", "backing": null}"#;
 
 #[test]
 fn ovirt_vdsm_usages_match_qemu_img() {
@@ -129,6 +132,10 @@ fn ovirt_vdsm_usages_match_qemu_img() {
         "measure --output json -O raw {MEASURE_RAW}",
         "measure --output json -O qcow2 {MEASURE_RAW}",
         "measure --output json {MEASURE_PROBED}",
+        // measure of one layer of a chain (copying a single volume)
+        "measure --output json -O qcow2 {MEASURE_LAYER}",
+        "info --output json {MEASURE_LAYER}",
+        "map --output json {MEASURE_LAYER}",
         // create volumes
         "create -f qcow2 -o compat=1.1 new.qcow2 1073741824",
         "create -f qcow2 -o compat=0.10 new.qcow2 8388608",

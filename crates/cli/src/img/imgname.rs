@@ -452,6 +452,11 @@ fn json_options(json: &[u8]) -> Result<BTreeMap<String, String>> {
     Ok(flat)
 }
 
+/// The value a `json:` name's `"backing": null` flattens to: open the image
+/// without its backing file (what management tools ask to measure or inspect
+/// one layer). No option list can spell it.
+const NO_BACKING: &str = "\0null";
+
 fn flatten(key: &str, v: &Value, out: &mut BTreeMap<String, String>) {
     match v {
         Value::Object(m) => {
@@ -472,6 +477,9 @@ fn flatten(key: &str, v: &Value, out: &mut BTreeMap<String, String>) {
         }
         Value::Number(n) => {
             out.insert(key.to_string(), n.to_string());
+        }
+        Value::Null if key == "backing" => {
+            out.insert(key.to_string(), NO_BACKING.to_string());
         }
         Value::Null => {
             out.insert(key.to_string(), String::new());
@@ -593,6 +601,10 @@ fn format_spec(
     }
     // Checked when the data file is opened: qemu-img's info ignores them.
     let data_file = data_file_option(&mut flat);
+    let no_backing = flat.get("backing").map(String::as_str) == Some(NO_BACKING);
+    if no_backing {
+        flat.remove("backing");
+    }
     // Options that change which bytes the guest sees must not be dropped silently.
     if let Some(k) = flat
         .keys()
@@ -600,7 +612,10 @@ fn format_spec(
     {
         bail!("Block format '{name}': strata does not support the option '{k}' yet");
     }
-    let mut spec = OpenSpec::new(path).format(format).force_share(force_share);
+    let mut spec = OpenSpec::new(path)
+        .format(format)
+        .force_share(force_share)
+        .open_backing(!no_backing);
     spec.driver_options = flat;
     match data_file {
         Ok(path) => spec.data_file = path,
