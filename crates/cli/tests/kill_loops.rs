@@ -7,7 +7,11 @@
 //! (so the first kill lands in its first n-th, the last one in its last). After
 //! every kill:
 //! - `qemu-img check` of every qcow2 file involved exits 0 (clean) or 3 (leaks
-//!   only), never 1 or 2;
+//!   only), never 1 or 2; but for an image the cut left marked dirty (an internal
+//!   snapshot operation on a version 3 image changes refcounts and COPIED flags in
+//!   place, as QEMU does, under the dirty bit): QEMU's next read-write open (a
+//!   `qemu-io` here) repairs it, after which check exits 0 and every view is still
+//!   the view before or after;
 //! - the files the operation must not write are unchanged to the byte;
 //! - every guest view, read by `qemu-img convert -O raw`, is the view before or the
 //!   view after the operation, whole, except where the operation's contract allows
@@ -316,6 +320,24 @@ fn check(dir: &Path, file: &str) -> (i32, String) {
     (code, text)
 }
 
+/// Whether the qcow2 header of `path` has the dirty bit (incompatible feature
+/// bit 0, version 3 headers only).
+fn is_dirty(path: &Path) -> bool {
+    let h = std::fs::read(path).unwrap_or_default();
+    h.len() >= 80 && u32::from_be_bytes(h[4..8].try_into().unwrap()) >= 3 && h[79] & 1 == 1
+}
+
+/// Open `file` read-write with QEMU (`qemu-io`), which repairs a dirty image as
+/// it opens it, as the next VM start or qemu-img command would.
+fn repair_on_open(dir: &Path, file: &str, ctx: &str) {
+    let o = run(dir, "qemu-io", &["-f", "qcow2", "-c", "quit", file]);
+    assert!(
+        o.status.success(),
+        "{ctx}: qemu-io could not open dirty {file}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn file_hash(path: &Path) -> Option<u64> {
     let d = std::fs::read(path).ok()?;
     Some(d.chunks(SECTOR).fold(d.len() as u64, |h, s| {
@@ -532,7 +554,16 @@ fn after_kill(
     }
     let mut leaks = 0;
     for f in op.checked {
-        let (code, text) = check(work, f);
+        let (mut code, mut text) = check(work, f);
+        if code == 2 && is_dirty(&work.join(f)) {
+            repair_on_open(work, f, ctx);
+            (code, text) = check(work, f);
+            assert_eq!(code, 0, "{ctx}: {f} after QEMU's repair on open: {text}");
+            for (i, v) in op.views.iter().enumerate() {
+                let seen = read_view(work, v, scratch);
+                judge(v, &states[i].0, &states[i].1, &seen, &mut tallies[i], ctx);
+            }
+        }
         let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("ERROR")).collect();
         assert!(
             code == 0 || code == 3,
