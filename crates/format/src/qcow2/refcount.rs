@@ -113,6 +113,27 @@ impl Meta {
         Ok(())
     }
 
+    /// The refcount block of table entry `idx`, when it counts no cluster but
+    /// (if it lies in its own range) itself, once: its cluster and whether it
+    /// describes itself. `None` for an empty entry or a block in use.
+    pub(crate) fn idle_refblock(&mut self, idx: u64) -> Result<Option<(ClusterIndex, bool)>> {
+        let off = self.refblock_offset(idx)?;
+        if off.is_none() {
+            return Ok(None);
+        }
+        let epb = self.rb_entries();
+        let order = self.h.refcount_order;
+        let own = off.cluster(self.geo.cluster_bits);
+        let self_described = own.get() / epb == idx;
+        self.load_refblock(off)?;
+        let data = &self.rb.get(off.get()).expect("loaded").data;
+        let idle = (0..epb).all(|i| {
+            let v = rb_get(data, order, index(i));
+            v == 0 || (self_described && idx * epb + i == own.get() && v == 1)
+        });
+        Ok(idle.then_some((own, self_described)))
+    }
+
     /// Drop the refcount blocks at the end of the refcount table that count no
     /// cluster but their own (what a shrink leaves past the new end), so the file
     /// can be shortened past them, as QEMU does. Only that tail is read: the scan
@@ -120,25 +141,14 @@ impl Meta {
     /// written first, and only then does a block described by another one lose
     /// its reference, so a crash leaks at worst. Call with the metadata flushed.
     pub(crate) fn drop_idle_refblocks(&mut self) -> Result<()> {
-        let epb = self.rb_entries();
-        let order = self.h.refcount_order;
         let mut dropped = Vec::new();
         for idx in (0..self.reftable.len() as u64).rev() {
-            let off = self.refblock_offset(idx)?;
-            if off.is_none() {
+            if self.refblock_offset(idx)?.is_none() {
                 continue;
             }
-            let own = off.cluster(self.geo.cluster_bits);
-            let self_described = own.get() / epb == idx;
-            self.load_refblock(off)?;
-            let data = &self.rb.get(off.get()).expect("loaded").data;
-            let idle = (0..epb).all(|i| {
-                let v = rb_get(data, order, index(i));
-                v == 0 || (self_described && idx * epb + i == own.get() && v == 1)
-            });
-            if !idle {
+            let Some((own, self_described)) = self.idle_refblock(idx)? else {
                 break;
-            }
+            };
             dropped.push((idx, own, self_described));
         }
         if dropped.is_empty() {

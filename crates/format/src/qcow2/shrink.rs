@@ -17,7 +17,6 @@
 
 use super::entries::L2Entry;
 use super::meta::Meta;
-use super::refcount::rb_get;
 use crate::units::{index, ClusterIndex};
 use crate::Result;
 
@@ -103,23 +102,9 @@ impl Meta {
     /// loses its reference (flushed), and every dropped block is punched.
     /// Call with the metadata flushed.
     pub(crate) fn drop_unused_refblocks(&mut self) -> Result<()> {
-        let epb = self.rb_entries();
-        let order = self.h.refcount_order;
         let mut dropped = Vec::new();
         for idx in 0..self.reftable.len() as u64 {
-            let off = self.refblock_offset(idx)?;
-            if off.is_none() {
-                continue;
-            }
-            let own = off.cluster(self.geo.cluster_bits);
-            let self_described = own.get() / epb == idx;
-            self.load_refblock(off)?;
-            let data = &self.rb.get(off.get()).expect("loaded").data;
-            let unused = (0..epb).all(|i| {
-                let v = rb_get(data, order, index(i));
-                v == 0 || (self_described && idx * epb + i == own.get())
-            });
-            if unused {
+            if let Some((own, self_described)) = self.idle_refblock(idx)? {
                 dropped.push((idx, own, self_described));
             }
         }
