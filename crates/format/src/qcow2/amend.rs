@@ -77,7 +77,9 @@ fn vet(h: &Header, o: &AmendOptions) -> Result<()> {
             ));
         }
     }
-    if o.lazy_refcounts == Some(true) && version < 3 {
+    // Asking for the lazy refcounts an image already has changes nothing, so a
+    // downgrade in the same amend goes ahead (and drops them), as in QEMU.
+    if o.lazy_refcounts == Some(true) && version < 3 && !h.lazy_refcounts() {
         return Err(Error::invalid_argument(
             "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
         ));
