@@ -20,7 +20,7 @@
 use super::header::{autoclear, ext, incompat, Header, MAX_HOST_OFFSET};
 use super::image::Qcow2Image;
 use super::meta::Meta;
-use crate::units::{ClusterCount, HostOffset};
+use crate::units::{index, ClusterCount, HostOffset};
 use crate::{Error, ErrorKind, Result};
 use std::path::Path;
 use std::sync::Arc;
@@ -226,12 +226,19 @@ impl Qcow2Image {
     /// The data file's part of a resize from `old` to `new` bytes, after the
     /// metadata's: the data file takes the new size exactly (as QEMU truncates
     /// it), and a raw data file's new clusters are mapped at once, so the data file
-    /// stays the whole disk.
+    /// stays the whole disk. A data file that grows from empty gets its first
+    /// block written with zeroes, as QEMU's file driver writes it (tools probe
+    /// the alignment there), so both leave the same disk usage.
     pub(crate) fn resize_data_file(&self, old: u64, new: u64) -> Result<()> {
         let Some(data) = self.data.external() else {
             return Ok(());
         };
+        let was_empty = data.size().map_err(|e| self.err(e))? == 0;
         data.set_size(new).map_err(|e| self.err(e))?;
+        if was_empty && new > 0 {
+            data.write_at(&vec![0u8; index(new.min(4096))], 0)
+                .map_err(|e| self.err(e))?;
+        }
         if self.data.is_raw() && new > old {
             self.preallocate_range(super::create::Preallocation::Metadata, old, new)?;
         }
