@@ -98,11 +98,23 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         bail!("offset({new}) exceeds maximum({MAX_LENGTH})");
     }
     // qemu-img reports the format's refusal without the file's name.
-    dev.resize(new, args.shrink)
-        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    if let Some(p) = prealloc {
-        if new > cur {
-            preallocate(dev.as_ref(), p, cur, new)?;
+    let qcow2 = dev
+        .as_any()
+        .downcast_ref::<strata_format::qcow2::Qcow2Image>();
+    match (qcow2, prealloc) {
+        // qcow2 preallocates the grown range before it hides a longer backing
+        // file there, as QEMU does (see `grow_preallocated`).
+        (Some(q), Some(p)) if new > cur => q
+            .grow_preallocated(new, p)
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?,
+        _ => {
+            dev.resize(new, args.shrink)
+                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            if let Some(p) = prealloc {
+                if new > cur {
+                    preallocate(dev.as_ref(), p, cur, new)?;
+                }
+            }
         }
     }
     dev.flush()?;

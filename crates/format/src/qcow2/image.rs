@@ -1385,13 +1385,9 @@ impl BlockDevice for Qcow2Image {
         // A backing file longer than the image would show through the range the
         // image grows over: QEMU zeroes that range, which takes zero clusters
         // (version 3); a version 2 image is refused before it changes.
-        let below = sync::read(&self.backing).as_ref().map(|b| b.virtual_size());
-        let hide_backing = new_size > old_size && below.is_some_and(|b| b > old_size);
-        if hide_backing && self.geo.version < 3 {
-            return Err(self.err(Error::new(
-                ErrorKind::Unsupported,
-                "Failed to zero out new clusters: Operation not supported",
-            )));
+        let hide_backing = self.grows_under_backing(new_size);
+        if hide_backing {
+            self.check_zeroable()?;
         }
         self.resize_metadata(new_size, allow_shrink)?;
         request(Operation::Resize, None, || {
@@ -1486,12 +1482,32 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Whether growing to `new_size` reaches over the end of the image into a
+    /// longer backing file, whose bytes there must not show through.
+    pub(crate) fn grows_under_backing(&self, new_size: u64) -> bool {
+        let old_size = self.virtual_size();
+        let below = sync::read(&self.backing).as_ref().map(|b| b.virtual_size());
+        new_size > old_size && below.is_some_and(|b| b > old_size)
+    }
+
+    /// Refuse, before anything changes, to zero a grown range with zero
+    /// clusters on a version 2 image, which has none (QEMU's error).
+    pub(crate) fn check_zeroable(&self) -> Result<()> {
+        if self.geo.version < 3 {
+            return Err(self.err(Error::new(
+                ErrorKind::Unsupported,
+                "Failed to zero out new clusters: Operation not supported",
+            )));
+        }
+        Ok(())
+    }
+
     /// Zero the range `[from, to)` an image grew over, as QEMU does when its
     /// backing file is longer: the subcluster holding the old end is written (its
     /// bytes from `from` on as zeroes, those before copied from the backing file),
     /// the subclusters after it become zero subclusters, keeping any clusters
     /// allocated for them.
-    fn zero_grown(&self, from: u64, to: u64) -> Result<()> {
+    pub(crate) fn zero_grown(&self, from: u64, to: u64) -> Result<()> {
         let sub = self.geo.subcluster_size();
         let aligned = from.next_multiple_of(sub).min(to);
         if aligned > from {
@@ -1504,7 +1520,7 @@ impl Qcow2Image {
     }
 
     /// Change the virtual size in the metadata (the guest view's part of a resize).
-    fn resize_metadata(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+    pub(crate) fn resize_metadata(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         request(Operation::Resize, None, || {
             self.check_writable()?;
             let cur = self.virtual_size();

@@ -63,21 +63,62 @@ impl Qcow2Image {
     /// Preallocate the clusters that hold guest bytes `[from, to)` (after a
     /// resize grew the disk from `from`, for example). Clusters already
     /// allocated are kept, except that `falloc` and `full` give a partial first
-    /// cluster a new home too (its bytes are copied), as QEMU does.
+    /// cluster a new home too (its bytes are copied), as QEMU does. An empty
+    /// range with `falloc` or `full` (data in the image file) still gets a new
+    /// refcount table past the file's end, as QEMU's creation of an empty
+    /// image has.
     pub fn preallocate_range(&self, mode: Preallocation, from: u64, to: u64) -> Result<()> {
         self.check_writable()?;
-        if mode == Preallocation::Off || from >= to {
+        // An empty range still moves the refcount table with `falloc` and
+        // `full` (a new one, sized for one more L2 table, goes past the end), as
+        // QEMU's creation of an empty image does.
+        let in_place = mode == Preallocation::Metadata || self.data.is_external();
+        if mode == Preallocation::Off || from > to || (from == to && in_place) {
             return Ok(());
         }
         check_range(from, to - from, self.virtual_size()).map_err(|e| self.err(e))?;
         let _excl = self.exclusive();
         let mut m = self.lock()?;
-        if mode == Preallocation::Metadata || self.data.is_external() {
+        if in_place {
             self.preallocate_in_place(&mut m, mode, from, to)?;
         } else {
             self.preallocate_after_end(&mut m, mode, from, to)?;
         }
         m.flush_metadata()
+    }
+
+    /// Grow the disk to `new_size` (which must be larger) and preallocate the
+    /// grown range with `mode`, in QEMU's order: the size, then the clusters,
+    /// then, where a longer backing file would show through the grown range,
+    /// its zeroing.
+    ///
+    /// `falloc` and `full` with data in the image file map the grown range to
+    /// new clusters past the file's end, which read as zeroes: nothing is left to
+    /// zero (so a version 2 image grows over its backing file too), and a
+    /// partial first cluster takes what the guest read before (its backing
+    /// bytes included). `off` and `metadata` (and any mode with an external data
+    /// file) zero the range with zero clusters, keeping the clusters allocated
+    /// for it; a version 2 image is refused before it changes.
+    ///
+    /// Safety: as [`BlockDevice::resize`], the new size is recorded (and
+    /// flushed) before the clusters are; each step orders its own writes.
+    pub fn grow_preallocated(&self, new_size: u64, mode: Preallocation) -> Result<()> {
+        let old_size = self.virtual_size();
+        let fresh =
+            matches!(mode, Preallocation::Falloc | Preallocation::Full) && !self.data.is_external();
+        let hide_backing = self.grows_under_backing(new_size) && !fresh;
+        if hide_backing {
+            self.check_zeroable()?;
+        }
+        self.resize_metadata(new_size, false)?;
+        crate::error::request(crate::error::Operation::Resize, None, || {
+            self.resize_data_file(old_size, new_size)
+        })?;
+        self.preallocate_range(mode, old_size, new_size)?;
+        if hide_backing {
+            self.zero_grown(old_size, new_size)?;
+        }
+        Ok(())
     }
 
     /// Allocate the unallocated clusters of `[from, to)`, L2 table first, runs
