@@ -6,8 +6,8 @@
 //! of the same directory).
 //!
 //! What is deliberately not compared: the text of `--help` and `-o help`, which is
-//! qemu-img's own prose (both tools print their help on stdout and exit 0), and
-//! `--salvage` of convert, which strata does not take; snapshot's `--create`,
+//! qemu-img's own prose (both tools print their help on stdout and exit 0);
+//! snapshot's `--create`,
 //! `--apply` and `--delete`, whose value qemu-img 10.0 fails to read (it takes
 //! the name as a second file name, and crashes with no name at all); and the
 //! length of a file `commit` empties, where qemu-img leaves a different length

@@ -84,7 +84,7 @@ pub struct Args {
     /// takes it; strata copies through its own reads and writes, which leave the
     /// same target.
     #[arg(short = 'C', long = "copy-range-offloading")]
-    _copy_range: bool,
+    copy_range: bool,
     /// Open the sources without locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -111,6 +111,10 @@ pub struct Args {
     /// failing.
     #[arg(long = "skip-broken-bitmaps")]
     skip_broken_bitmaps: bool,
+    /// Go on past sectors of the sources that cannot be read: they are copied as
+    /// zeroes, each with a warning.
+    #[arg(long = "salvage")]
+    salvage: bool,
     /// Source images (concatenated) followed by the output image.
     #[arg(value_name = "FILENAME")]
     files: Vec<PathBuf>,
@@ -132,6 +136,19 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 }
 
 fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
+    // The combinations qemu-img refuses before anything else, in its order.
+    if args.skip_broken_bitmaps && !args.bitmaps {
+        bail!("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
+    if args.copy_range && args.compress {
+        bail!("Cannot enable copy offloading when -c is used");
+    }
+    if args.copy_range && args.sparse_size.is_some() {
+        bail!("Cannot enable copy offloading when -S is used");
+    }
+    if args.copy_range && args.salvage {
+        bail!("Cannot use copy offloading in salvaging mode");
+    }
     if args.target_image_opts && args.out_format.is_some() {
         bail!("--image-opts and --format are mutually exclusive");
     }
@@ -191,9 +208,6 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     };
     if args.target_is_zero && !args.no_create {
         bail!("--target-is-zero requires use of -n flag");
-    }
-    if args.skip_broken_bitmaps && !args.bitmaps {
-        bail!("Use of --skip-broken-bitmaps requires --bitmaps");
     }
     if args.bitmaps && src_paths.len() > 1 {
         bail!("Copying bitmaps only possible with single source");
@@ -450,8 +464,15 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         workers,
         flush,
         out_of_order: args.out_of_order,
-        // A source others may write (-U) could shrink under a map.
-        map_sources: !args.force_share,
+        // A source others may write (-U) could shrink under a map. Salvage
+        // reads every byte through the source's device, one window at a time,
+        // so its warnings come in the order of the offsets.
+        map_sources: !args.force_share && !args.salvage,
+    };
+    let opts = if args.salvage {
+        ConvertOptions { workers: 1, ..opts }
+    } else {
+        opts
     };
     let cancel = Cancel::default();
     let cluster = target.cluster_size().unwrap_or(512);
@@ -469,6 +490,11 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     // -r: the writer is held back to RATE bytes per second (producers wait on it).
     let limited = strata_jobs::layers::RateLimit::new(&shown, rate);
+    let sources = if args.salvage {
+        salvaging(&sources, (!args.quiet).then_some(ctx.prog))?
+    } else {
+        sources
+    };
     convert(&sources, &plan, &target, &opts, &limited, &cancel)?;
     shown.steps.complete();
     if let Some(b) = &bitmaps {
@@ -484,6 +510,19 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     shown.steps.set(100.0);
     shown.steps.end();
     Ok(0)
+}
+
+/// `sources` with their top layers read with salvage (see `convert_salvage`);
+/// `warn` is the program's name, `None` when quiet.
+fn salvaging(sources: &[ChainStatus], warn: Option<&str>) -> Result<Vec<ChainStatus>> {
+    sources
+        .iter()
+        .map(|s| {
+            let mut devices: Vec<_> = (0..s.depth()).map(|d| s.layer(d).clone()).collect();
+            devices[0] = super::convert_salvage::Salvaging::wrap(devices[0].clone(), warn);
+            Ok(ChainStatus::from_devices(devices)?)
+        })
+        .collect()
 }
 
 /// A whole decimal number as C's integer parsing takes it (leading blanks and a

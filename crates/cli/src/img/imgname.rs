@@ -439,8 +439,21 @@ fn opts_list(list: &str) -> BTreeMap<String, String> {
 /// The options of a `json:` pseudo-filename, nested objects flattened to dotted
 /// keys (arrays by index), scalars as text: booleans `on`/`off`, null empty.
 fn json_options(json: &[u8]) -> Result<BTreeMap<String, String>> {
-    let v: Value = serde_json::from_slice(json).map_err(|_| {
-        anyhow!("Could not parse the JSON options: JSON parse error, expecting value")
+    let (std_json, open_string) = single_quoted_to_json(json);
+    let v: Value = serde_json::from_slice(&std_json).map_err(|e| {
+        // QEMU's lexer calls a string left open a stray token (from its quote
+        // on), and input that ends inside a value a premature end.
+        let why = if json.iter().all(u8::is_ascii_whitespace) {
+            "Expecting a JSON value".to_string()
+        } else if let Some(at) = open_string {
+            let token = String::from_utf8_lossy(&json[at..]);
+            format!("JSON parse error, stray '{token}'")
+        } else if e.is_eof() {
+            "JSON parse error, premature EOI".to_string()
+        } else {
+            "JSON parse error, expecting value".to_string()
+        };
+        anyhow!("Could not parse the JSON options: {why}")
     })?;
     let Value::Object(map) = v else {
         bail!("Invalid JSON object given");
@@ -450,6 +463,51 @@ fn json_options(json: &[u8]) -> Result<BTreeMap<String, String>> {
         flatten(&k, &v, &mut flat);
     }
     Ok(flat)
+}
+
+/// `json` with QEMU's single-quoted strings (`'driver': 'qcow2'`, which its
+/// JSON parser takes as well as double-quoted ones) rewritten as standard
+/// JSON strings: `\'` inside becomes `'`, a `"` inside is escaped. Text
+/// outside strings and double-quoted strings are left as they are, so
+/// malformed input stays malformed. Also gives where a string left open at
+/// the end begins.
+fn single_quoted_to_json(json: &[u8]) -> (Vec<u8>, Option<usize>) {
+    let mut out = Vec::with_capacity(json.len());
+    let mut quote: Option<u8> = None;
+    let mut opened = 0;
+    let mut i = 0;
+    while i < json.len() {
+        let c = json[i];
+        match quote {
+            None if c == b'\'' => {
+                quote = Some(c);
+                opened = i;
+                out.push(b'"');
+            }
+            None | Some(b'"') if c == b'"' => {
+                quote = if quote.is_some() { None } else { Some(c) };
+                opened = i;
+                out.push(c);
+            }
+            Some(q) if c == b'\\' && i + 1 < json.len() => {
+                let next = json[i + 1];
+                if q == b'\'' && next == b'\'' {
+                    out.push(next);
+                } else {
+                    out.extend_from_slice(&[c, next]);
+                }
+                i += 1;
+            }
+            Some(b'\'') if c == b'\'' => {
+                quote = None;
+                out.push(b'"');
+            }
+            Some(b'\'') if c == b'"' => out.extend_from_slice(b"\\\""),
+            _ => out.push(c),
+        }
+        i += 1;
+    }
+    (out, quote.map(|_| opened))
 }
 
 /// The value a `json:` name's `"backing": null` flattens to: open the image
@@ -767,6 +825,18 @@ mod tests {
 
     fn spec(name: &str, image_opts: bool) -> Result<OpenSpec> {
         image_spec(Path::new(name), None, image_opts)
+    }
+
+    #[test]
+    fn single_quoted_json_strings_read_as_double_quoted_ones() {
+        let j = |s: &str| String::from_utf8(single_quoted_to_json(s.as_bytes()).0).unwrap();
+        assert_eq!(j("{'a': 'b'}"), r#"{"a": "b"}"#);
+        assert_eq!(j(r#"{'a"b': 'it\'s'}"#), r#"{"a\"b": "it's"}"#);
+        assert_eq!(j(r#"{"a'b": "c\"d"}"#), r#"{"a'b": "c\"d"}"#);
+        assert_eq!(j(r#"{'a': 'b\\'}"#), r#"{"a": "b\\"}"#);
+        assert_eq!(single_quoted_to_json(b"{'a").1, Some(1));
+        assert_eq!(single_quoted_to_json(b"{\"a\": \"b").1, Some(6));
+        assert_eq!(single_quoted_to_json(b"{'a'}").1, None);
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod common;
 mod compare;
 mod convert;
 mod convert_bitmaps;
+mod convert_salvage;
 mod convert_steps;
 mod create;
 mod dd;
