@@ -32,90 +32,6 @@ pub struct Created {
     pub summary: String,
 }
 
-/// The `-o` options strata's create understands for `format`, as `-o help` lists
-/// them: name, value type (as qemu-img shows types) and what it does.
-pub fn supported_options(format: Format) -> &'static [(&'static str, &'static str, &'static str)] {
-    match format {
-        Format::Qcow2 => &[
-            (
-                "backing_file",
-                "str",
-                "Image the new one is an overlay on (a relative name is taken from the new image's directory)",
-            ),
-            ("backing_fmt", "str", "Format of the backing image: qcow2 or raw"),
-            (
-                "cluster_size",
-                "size",
-                "Allocation unit, a power of two from 512 bytes to 2 MiB (default 64 KiB)",
-            ),
-            ("compat", "str", "qcow2 version: 0.10 (v2) or 1.1 (v3, the default)"),
-            (
-                "compression_type",
-                "str",
-                "Codec for compressed clusters: zlib (default) or zstd",
-            ),
-            (
-                "data_file",
-                "str",
-                "File that holds the guest data, at the guest offsets (created or truncated)",
-            ),
-            (
-                "data_file_raw",
-                "bool (on/off)",
-                "Keep the data file a raw image of the disk (implies metadata preallocation)",
-            ),
-            (
-                "extended_l2",
-                "bool (on/off)",
-                "Split each cluster into 32 subclusters (v3 only)",
-            ),
-            (
-                "lazy_refcounts",
-                "bool (on/off)",
-                "Defer refcount updates to a repair after a crash (v3 only)",
-            ),
-            (
-                "preallocation",
-                "str",
-                "What to allocate up front: off, metadata, falloc or full",
-            ),
-            (
-                "refcount_bits",
-                "num",
-                "Bits per reference count: 1, 2, 4, 8, 16 (default), 32 or 64",
-            ),
-            ("size", "size", "Virtual disk size"),
-        ],
-        Format::Raw => &[
-            (
-                "preallocation",
-                "str",
-                "What to allocate up front: off, falloc or full",
-            ),
-            ("size", "size", "Virtual disk size"),
-        ],
-        Format::Luks => &[
-            ("cipher-alg", "str", "Cipher of the disk data (default aes-256)"),
-            ("cipher-mode", "str", "Cipher mode: xts (default), cbc or ecb"),
-            ("hash-alg", "str", "Hash of the key derivation (default sha256)"),
-            (
-                "iter-time",
-                "num",
-                "Milliseconds of key derivation an unlock costs (default 2000)",
-            ),
-            ("ivgen-alg", "str", "IV generator: plain64 (default), plain or essiv"),
-            ("ivgen-hash-alg", "str", "Hash of the essiv IV generator"),
-            ("key-secret", "str", "Id of the secret object holding the passphrase"),
-            (
-                "preallocation",
-                "str",
-                "What to allocate up front: off, falloc or full",
-            ),
-            ("size", "size", "Virtual disk size"),
-        ],
-    }
-}
-
 /// Keys a `luks` `-o` map may hold, in the order of qemu-img's summary line.
 pub const LUKS_KEYS: &[&str] = &[
     "size",
@@ -130,16 +46,6 @@ pub const LUKS_KEYS: &[&str] = &[
     "nocow",
     "preallocation",
 ];
-
-/// The `-o help` listing of [`supported_options`], laid out as qemu-img lays its
-/// own out (name=<type> in a 22-column field, then the description).
-pub fn options_help(format: Format) -> String {
-    let mut out = format!("Supported {} options:\n", format.name());
-    for (k, ty, help) in supported_options(format) {
-        out.push_str(&format!("  {:<22} - {help}\n", format!("{k}=<{ty}>")));
-    }
-    out
-}
 
 fn invalid(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("{}: {msg}", path.display()))

@@ -38,67 +38,6 @@ pub struct Args {
     filenames: Vec<PathBuf>,
 }
 
-/// Options `amend` changes, with their types, for `-o help`.
-const AMEND_OPTIONS: &[(&str, &str, &str)] = &[
-    (
-        "backing_file",
-        "str",
-        "Backing file name (only the current one; see rebase)",
-    ),
-    (
-        "backing_fmt",
-        "str",
-        "Backing file format (only the current one; see rebase)",
-    ),
-    ("compat", "str", "qcow2 version: 0.10 (v2) or 1.1 (v3)"),
-    (
-        "data_file",
-        "str",
-        "Name of the external data file (images that have one; empty: forget it)",
-    ),
-    (
-        "data_file_raw",
-        "bool (on/off)",
-        "off: the data file need no longer be a raw image of the disk",
-    ),
-    (
-        "encrypt.iter-time",
-        "num",
-        "Milliseconds of PBKDF2 work to unlock the added key slot",
-    ),
-    (
-        "encrypt.keyslot",
-        "num",
-        "The key slot (0-7) to add or erase",
-    ),
-    (
-        "encrypt.new-secret",
-        "str",
-        "Id of the secret the added key slot opens with",
-    ),
-    (
-        "encrypt.old-secret",
-        "str",
-        "Erase every key slot this secret opens",
-    ),
-    (
-        "encrypt.state",
-        "str",
-        "active: add a key slot; inactive: erase key slots",
-    ),
-    (
-        "lazy_refcounts",
-        "bool (on/off)",
-        "Defer refcount updates to a repair after a crash (v3 only)",
-    ),
-    (
-        "refcount_bits",
-        "num",
-        "Bits per reference count: 1, 2, 4, 8, 16, 32 or 64",
-    ),
-    ("size", "size", "Virtual disk size"),
-];
-
 /// qcow2 options only `create` takes.
 const CREATION_ONLY: &[&str] = &[
     "cluster_size",
@@ -107,14 +46,6 @@ const CREATION_ONLY: &[&str] = &[
     "compression_type",
     "encryption",
 ];
-
-fn options_help() -> String {
-    let mut out = "Amend options for 'qcow2':\n".to_string();
-    for (k, ty, help) in AMEND_OPTIONS {
-        out.push_str(&format!("  {:<22} - {help}\n", format!("{k}=<{ty}>")));
-    }
-    out
-}
 
 /// What the `-o` items ask for.
 #[derive(Default)]
@@ -132,7 +63,7 @@ struct Request {
 /// Check every key (the first unknown one is named), then every value.
 fn parse_request(items: &[(String, String)]) -> Result<Request> {
     for (k, _) in items {
-        if !AMEND_OPTIONS.iter().any(|(name, _, _)| name == k) {
+        if !super::opthelp::amendable("qcow2", k) {
             // create's encrypt.* keys, but for the one key-slot option they share.
             let create_encrypt = strata_jobs::create::ENCRYPT_KEYS.contains(&k.as_str());
             if CREATION_ONLY.contains(&k.as_str()) || create_encrypt {
@@ -215,11 +146,14 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         return Ok(1);
     }
     let items = option_items(&args.options);
-    let help = items.iter().any(|(k, _)| k == "help" || k == "?");
-    let [path] = args.filenames.as_slice() else {
-        if help && args.format.is_some() {
-            return print_help(args.format.as_deref());
+    let help = super::opthelp::has_help_option(&args.options);
+    if help {
+        // A format given lists its options without the image being opened.
+        if let Some(f) = &args.format {
+            return print_help(f);
         }
+    }
+    let [path] = args.filenames.as_slice() else {
         bail!("Expecting one image file name");
     };
     // qemu-img starts its progress before opening the image: a failure from here
@@ -229,7 +163,15 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = args.naming.spec(path, args.format.as_deref(), false)?;
     let format = spec_format(&spec)?;
     warn_probed_raw(&spec);
-    if format == Format::Luks && spec.protocol_driver.is_none() && !help {
+    if help {
+        if format == Format::Luks && spec.protocol_driver.is_none() {
+            // qemu-img opens the image, with its secret, before it lists.
+            strata_chain::open_top(&spec, Format::Luks, true)
+                .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
+        }
+        return print_help(spec.protocol_driver.as_deref().unwrap_or(format.name()));
+    }
+    if format == Format::Luks && spec.protocol_driver.is_none() {
         let result = super::amend_luks::run(&items, &spec, args.force);
         bar.set(100.0);
         bar.end();
@@ -243,9 +185,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             "Format driver '{}' does not support option amendment",
             spec.protocol_driver.as_deref().unwrap_or(format.name())
         );
-    }
-    if help {
-        return print_help(Some("qcow2"));
     }
     let req = parse_request(&items)?;
     let mut img = open_qcow2(&spec, true)?;
@@ -321,15 +260,9 @@ pub(super) fn change_key_slots(
     })
 }
 
-fn print_help(format: Option<&str>) -> Result<i32> {
-    let format = format.unwrap_or("qcow2").parse::<Format>()?;
-    if format != Format::Qcow2 {
-        bail!(
-            "Format driver '{}' does not support option amendment",
-            format.name()
-        );
-    }
-    print!("{}", options_help());
+/// Print the `-o help` listing of the format driver `fmt`.
+fn print_help(fmt: &str) -> Result<i32> {
+    print!("{}", super::opthelp::amend_help(fmt)?);
     Ok(0)
 }
 

@@ -320,11 +320,6 @@ pub fn split_items(list: &str) -> Vec<String> {
     items
 }
 
-/// Whether `-o` asked for the option listing (`help` or `?` among the keys).
-pub fn option_help_asked(opts: &BTreeMap<String, String>) -> bool {
-    opts.contains_key("help") || opts.contains_key("?")
-}
-
 /// QEMU's human-readable size: three significant digits and a binary unit
 /// ("192 KiB", "1 GiB", "1.5 MiB").
 pub fn human_size(val: u64) -> String {

@@ -2,7 +2,7 @@
 //! export internal snapshots, compress (zlib or zstd on every core), with
 //! qemu-img's flags and messages.
 
-use super::common::{open_chain, open_spec, option_help_asked, parse_options, Ctx};
+use super::common::{open_chain, open_spec, parse_options, Ctx};
 use super::convert_steps::{convert_figures, ConvertShape};
 use super::measure::snapshot_key;
 use super::qsteps::{QemuSteps, Shown};
@@ -159,11 +159,17 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     if args.no_create && !args.options.is_empty() {
         bail!("-o has no effect when skipping image creation");
     }
-    let mut options = parse_options(&args.options)?;
-    if option_help_asked(&options) {
-        print!("{}", strata_jobs::create::options_help(out_format));
+    if super::opthelp::has_help_option(&args.options) {
+        // The target is the last file name, when there are two or more.
+        let target = match args.files.as_slice() {
+            [_, .., out] => Some(out.to_string_lossy()),
+            _ => None,
+        };
+        let fmt = args.out_format.as_deref().unwrap_or("raw");
+        print!("{}", super::opthelp::create_help(fmt, target.as_deref())?);
         return Ok(0);
     }
+    let mut options = parse_options(&args.options)?;
     let (out_path, src_paths) = match args.files.split_last() {
         Some((out, srcs)) if !srcs.is_empty() => (out, srcs),
         _ => bail!("Must specify image file name"),

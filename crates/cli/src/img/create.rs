@@ -1,12 +1,12 @@
 //! `strata img create`: a new qcow2 or raw image, optionally on a backing file, with
 //! qemu-img's options (`-o cluster_size=...,compat=...,preallocation=...`).
 
-use super::common::{image_size, option_help_asked, parse_options, Ctx};
+use super::common::{check_option_lists, image_size, parse_options, Ctx};
 use super::imgname::{output_format, output_path};
 use anyhow::Result;
 use std::path::PathBuf;
 use strata_format::Format;
-use strata_jobs::create::{options_help, prepare, CreateRequest};
+use strata_jobs::create::{prepare, CreateRequest};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,26 +40,45 @@ pub struct Args {
     filename: Option<PathBuf>,
     /// Virtual size (k, M, G, T, P, E suffixes); defaults to the backing file's size.
     size: Option<String>,
+    /// Arguments beyond the size: refused after the size is read (and ignored
+    /// by `-o help`), as qemu-img does.
+    #[arg(hide = true)]
+    extra: Vec<String>,
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // The secrets by id, for the options that name one.
     let secrets = args.objects.secrets()?;
+    check_option_lists(&args.options)?;
+    if super::opthelp::has_help_option(&args.options) {
+        let target = args.filename.as_ref().map(|f| f.to_string_lossy());
+        print!(
+            "{}",
+            super::opthelp::create_help(&args.format, target.as_deref())?
+        );
+        return Ok(0);
+    }
     let format: Format = output_format(&args.format).map_err(|e| match &args.filename {
         Some(p) => anyhow::anyhow!("{}: {e}", p.display()),
         None => anyhow::anyhow!("{e}"),
     })?;
     let mut options = parse_options(&args.options)?;
-    if option_help_asked(&options) {
-        print!("{}", options_help(format));
-        return Ok(0);
-    }
     let Some(filename) = args.filename.clone() else {
         anyhow::bail!(
             "Expecting image file name\nTry '{} create --help' for more info",
             super::invoked_as(ctx.prog)
         );
     };
+    let size = match &args.size {
+        Some(s) => Some(image_size(s)?),
+        None => None,
+    };
+    if let Some(extra) = args.extra.first() {
+        anyhow::bail!(
+            "Unexpected argument: {extra}\nTry '{} create --help' for more info",
+            super::invoked_as(ctx.prog)
+        );
+    }
     if format == Format::Luks {
         // qemu-img refuses -b and -F itself for a format without backing
         // files; as -o options they are merely unknown to the driver.
@@ -77,10 +96,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if let Some(f) = &args.backing_format {
         options.insert("backing_fmt".into(), f.clone());
     }
-    let size = match &args.size {
-        Some(s) => Some(image_size(s)?),
-        None => None,
-    };
     if size.is_some() && options.contains_key("size") {
         anyhow::bail!(
             "{}: The image size must be specified only once",

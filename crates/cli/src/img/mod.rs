@@ -26,6 +26,7 @@ mod map;
 mod measure;
 mod nbdname;
 mod objects;
+mod opthelp;
 pub(crate) mod progress;
 mod qjson;
 mod qprogress;
