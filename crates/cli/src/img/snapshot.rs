@@ -121,6 +121,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             E::NoInternalSnapshots { .. } => {
                 anyhow::anyhow!("Could not create snapshot '{name}': Operation not supported")
             }
+            // A refcount the width cannot hold (1-bit refcounts): QEMU's EINVAL.
+            E::Format(f) if f.kind() == strata_format::ErrorKind::InvalidArgument => {
+                anyhow::anyhow!("Could not create snapshot '{name}': Invalid argument")
+            }
             e => {
                 let e = anyhow::Error::new(e);
                 match super::ioerr::os_words(&e) {
@@ -146,6 +150,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             ),
             E::SnapshotNotFound(_) => anyhow::anyhow!(
                 "Could not apply snapshot '{key}': Failed to load snapshot: No such file or directory"
+            ),
+            // A refcount the width cannot hold (a cluster shared too often).
+            E::Format(f) if f.kind() == strata_format::ErrorKind::InvalidArgument => anyhow::anyhow!(
+                "Could not apply snapshot '{key}': Failed to load snapshot: Invalid argument"
             ),
             e => anyhow::Error::new(e).context(format!("Could not apply snapshot '{key}'")),
         })?;

@@ -216,7 +216,9 @@ impl Meta {
     }
 
     /// Add `delta` to the refcount of `cluster`, creating its refcount block if needed.
-    /// Underflow and overflow are corruption errors, never wrap-around.
+    /// Underflow is a corruption error; overflow (a count the refcount width cannot
+    /// hold, as a snapshot of a 1-bit image asks) an invalid argument, QEMU's
+    /// EINVAL; neither wraps around.
     pub fn update_refcount(&mut self, cluster: ClusterIndex, delta: i64) -> Result<u64> {
         let idx = cluster.get() / self.rb_entries();
         // Announced where QEMU announces them: a block looked up (and created if
@@ -233,7 +235,10 @@ impl Meta {
             cur.checked_add(delta as u64)
                 .filter(|&v| v <= self.max_refcount())
                 .ok_or_else(|| {
-                    Error::corrupt(format!("refcount of cluster {} would overflow", cluster.0))
+                    Error::invalid_argument(format!(
+                        "refcount of cluster {} would overflow",
+                        cluster.0
+                    ))
                 })?
         } else {
             cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
