@@ -414,3 +414,102 @@ fn luks_key_slots_are_amended_as_qemu_img_amends_them() {
     same(d, &["amend", "-o", "state=active", "-f", "raw", "q.raw"]);
     assert_all_same();
 }
+
+/// `check`, `measure`, `dd` and `bench` on `luks` images: qemu-img's words
+/// where it refuses (a format without checks, a missing secret, bench's lack
+/// of `--object`), its sizes where it measures, and its bytes where it copies.
+#[test]
+fn luks_images_are_checked_measured_copied_and_benched_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixture(d);
+    let o = opts_name("q.luks");
+    let j = json_name("q.luks");
+    for args in [
+        vec!["check", "--object", SECRET, "--image-opts", &o],
+        vec!["check", "--object", SECRET, &j],
+        vec!["check", "-f", "luks", "q.luks"],
+        vec!["check", "q.luks"],
+        vec![
+            "measure",
+            "--object",
+            SECRET,
+            "-O",
+            "qcow2",
+            "--image-opts",
+            &o,
+        ],
+        vec!["measure", "--object", SECRET, "-O", "raw", &j],
+        vec!["measure", "-O", "qcow2", "-f", "luks", "q.luks"],
+        vec![
+            "measure",
+            "--object",
+            SECRET,
+            "-O",
+            "luks",
+            "-o",
+            "key-secret=s0",
+            "--size",
+            "10M",
+        ],
+        vec![
+            "measure",
+            "--object",
+            SECRET,
+            "-O",
+            "luks",
+            "-o",
+            "key-secret=s0",
+            "q.raw",
+        ],
+        vec![
+            "measure",
+            "--object",
+            SECRET,
+            "-O",
+            "luks",
+            "-o",
+            "key-secret=s0",
+            &j,
+        ],
+        vec!["measure", "-O", "luks", "--size", "10M"],
+        vec![
+            "measure",
+            "--object",
+            SECRET,
+            "-O",
+            "luks",
+            "-o",
+            "key-secret=s9",
+            "--size",
+            "1M",
+        ],
+        vec!["dd", "-f", "luks", "if=q.luks", "of=x.raw"],
+        vec!["dd", "-O", "luks", "if=q.raw", "of=x.luks"],
+        vec!["bench", "-c", "4", "--object", SECRET, "q.luks"],
+        vec!["bench", "-c", "4", &j],
+        vec!["bench", "-c", "4", "-f", "luks", "q.luks"],
+        vec!["bench", "-c", "4", "--image-opts", &o],
+    ] {
+        same(d, &args);
+    }
+    // dd decrypts: both tools leave the same raw bytes.
+    let input = format!("if={o}");
+    for (n, extra) in [(0, vec![]), (1, vec!["count=40", "skip=3"])] {
+        let run = |tool: &str| {
+            let out = format!("of={tool}{n}.raw");
+            let mut a = vec!["dd", "--object", SECRET, "--image-opts", "bs=4k", &out];
+            a.push(&input);
+            a.extend(extra.iter().copied());
+            outcome(d, tool, &a)
+        };
+        let (ours, theirs) = (run("strata"), run("qemu-img"));
+        if ours != theirs {
+            differs(format!("dd {extra:?}: {ours:?} vs {theirs:?}"));
+        }
+        let n_ours = format!("strata{n}.raw");
+        let n_theirs = format!("qemu-img{n}.raw");
+        common::same_bytes(d, &n_ours, &n_theirs, &format!("dd {extra:?}"));
+    }
+    assert_all_same();
+}

@@ -173,6 +173,7 @@ fn qcow2_values(
     secrets: &BTreeMap<String, Vec<u8>>,
 ) -> std::result::Result<(), String> {
     c.encrypt = crate::create_encrypt::luks_options(opts, secrets)?;
+    c.encrypt_aes = crate::create_encrypt::aes_password(opts, secrets)?.map(Into::into);
     for (k, v) in opts {
         match k.as_str() {
             "compat" => {

@@ -1,12 +1,12 @@
 //! The `encrypt.*` options of a qcow2 create: QEMU's checks, in its order and words,
 //! after the "Formatting" line (the values, the secret), giving the LUKS settings
 //! of the new image. The legacy AES format (`encryption=on`, `encrypt.format=aes`)
-//! is refused: strata reads such images and writes none.
+//! is created as qemu-img creates it (see [`aes_password`]).
 
 use std::collections::BTreeMap;
 use strata_format::crypto::luks::LuksCreateOptions;
 use strata_format::crypto::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
-use strata_format::qcow2::encryption::{LuksEncrypt, AES_WRITE_REFUSED};
+use strata_format::qcow2::encryption::LuksEncrypt;
 
 /// QEMU's names of each enumeration (what it accepts at all), for its
 /// "does not accept value" refusal.
@@ -57,11 +57,40 @@ fn not_implemented(what: &str, v: &str) -> String {
     format!("{what} '{v}' is not supported by strata")
 }
 
-/// The LUKS encryption the `-o` map asks for (`None`: a clear image).
+/// The LUKS encryption the `-o` map asks for (`None`: a clear image, or the
+/// legacy AES format, whose options and secret are checked here).
 pub(crate) fn luks_options(
     opts: &BTreeMap<String, String>,
     secrets: &BTreeMap<String, Vec<u8>>,
 ) -> Result<Option<LuksEncrypt>, String> {
+    match encrypt_format(opts)? {
+        None => Ok(None),
+        Some("aes") => {
+            // QEMU checks the values, then looks the secret up.
+            luks_values(opts, "encrypt.")?;
+            key_password(opts, "encrypt.", secrets)?;
+            Ok(None)
+        }
+        Some(_) => luks_settings(opts, "encrypt.", secrets).map(Some),
+    }
+}
+
+/// The password of the legacy AES format the `-o` map asks for (`None`: a
+/// clear or LUKS image). qemu-img 10 still creates such images (only QEMU's
+/// system emulators refuse them); call after [`luks_options`] accepted the map.
+pub(crate) fn aes_password(
+    opts: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, Vec<u8>>,
+) -> Result<Option<Vec<u8>>, String> {
+    match encrypt_format(opts)? {
+        Some("aes") => key_password(opts, "encrypt.", secrets).map(|p| Some(p.clone())),
+        _ => Ok(None),
+    }
+}
+
+/// The encryption format (`luks` or `aes`) the `-o` map asks for, `None` for a
+/// clear image.
+fn encrypt_format(opts: &BTreeMap<String, String>) -> Result<Option<&'static str>, String> {
     let legacy = opts
         .get("encryption")
         .is_some_and(|v| matches!(v.as_str(), "on" | "yes" | "true"));
@@ -71,17 +100,11 @@ pub(crate) fn luks_options(
             return Err("Parameter 'encrypt.format' is missing".into())
         }
         None => return Ok(None),
-        Some(f @ ("luks" | "aes")) => f,
+        Some("luks") => "luks",
+        Some("aes") => "aes",
         Some(f) => return Err(format!("Parameter 'format' does not accept value '{f}'")),
     };
-    if format == "aes" {
-        // QEMU checks the values, then looks the secret up, and only then
-        // refuses to write the legacy format.
-        luks_values(opts, "encrypt.")?;
-        key_password(opts, "encrypt.", secrets)?;
-        return Err(AES_WRITE_REFUSED.into());
-    }
-    luks_settings(opts, "encrypt.", secrets).map(Some)
+    Ok(Some(format))
 }
 
 /// The password of the secret a `-o` map names under `{prefix}key-secret`,
@@ -184,12 +207,8 @@ pub fn measured_luks_area(
     opts: &BTreeMap<String, String>,
     secrets: &BTreeMap<String, Vec<u8>>,
 ) -> Result<u64, String> {
-    match luks_options(opts, secrets) {
-        Ok(Some(e)) => Ok(strata_format::crypto::luks::area_len_for(&e.options)),
-        Ok(None) => Ok(0),
-        Err(m) if m == AES_WRITE_REFUSED => Ok(0),
-        Err(m) => Err(m),
-    }
+    Ok(luks_options(opts, secrets)?
+        .map_or(0, |e| strata_format::crypto::luks::area_len_for(&e.options)))
 }
 
 /// Bytes of the header and key material of a `luks` image the `-o` map asks

@@ -53,6 +53,9 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// Encrypt with LUKS (`encrypt.format=luks`).
     pub encrypt: Option<LuksEncrypt>,
+    /// Encrypt with the legacy AES format (`encryption=on`, `encrypt.format=aes`)
+    /// keyed by this password; only one of `encrypt` and `encrypt_aes` is set.
+    pub encrypt_aes: Option<std::sync::Arc<[u8]>>,
     /// External data file name (`data_file=`): created (or truncated) and named in
     /// the header; relative names are taken from the current directory, as QEMU does.
     pub data_file: Option<String>,
@@ -74,6 +77,7 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             encrypt: None,
+            encrypt_aes: None,
             data_file: None,
             data_file_raw: false,
         }
@@ -273,6 +277,9 @@ fn create_inner(
     // The LUKS area follows the L1 table, as in QEMU's images.
     if let Some(enc) = &opts.encrypt {
         img.install_luks(enc)?;
+    }
+    if let Some(password) = &opts.encrypt_aes {
+        img.install_aes(password)?;
     }
     if opts.preallocation != Preallocation::Off {
         img.preallocate(opts.preallocation)?;

@@ -14,7 +14,7 @@
 use super::header::{crypt, CryptoExt, Header};
 use crate::crypto::{self, luks::LuksHeader, SectorCipher, SECTOR_SIZE};
 use crate::units::index;
-use crate::{Error, ErrorKind, Result};
+use crate::{Error, Result};
 use std::sync::Arc;
 use strata_storage::Storage;
 
@@ -44,11 +44,6 @@ pub(crate) struct Encryption {
     cipher: Option<SectorCipher>,
 }
 
-/// The message QEMU's system emulators give for the legacy format; strata refuses
-/// it for writing in the same words.
-pub const AES_WRITE_REFUSED: &str =
-    "Use of AES-CBC encrypted qcow2 images is no longer supported for writing";
-
 impl Encryption {
     /// The encryption `h` records, unlocked as `unlock` says; `None` for a clear image.
     /// Opened for its `metadata_only`, the LUKS header is read and checked but no
@@ -57,7 +52,6 @@ impl Encryption {
         storage: &dyn Storage,
         h: &Header,
         unlock: &Unlock,
-        read_only: bool,
         metadata_only: bool,
     ) -> Result<Option<Encryption>> {
         if h.crypt_method == crypt::NONE {
@@ -69,9 +63,8 @@ impl Encryption {
             Unlock::Secret(s) => Some(s),
         };
         if h.crypt_method == crypt::AES {
-            if !read_only {
-                return Err(Error::new(ErrorKind::Unsupported, AES_WRITE_REFUSED));
-            }
+            // qemu-img and qemu-io read and write the legacy format (only QEMU's
+            // system emulators refuse it); so does strata.
             let cipher = secret.map(|s| crypto::legacy::cipher(s)).transpose()?;
             return Ok(Some(Encryption {
                 info: EncryptionInfo::Aes,
@@ -124,15 +117,16 @@ impl Encryption {
         Ok(())
     }
 
-    /// Encrypt `data` (whole sectors) for host offset `host` (LUKS only: legacy
-    /// images never open for writing).
-    pub(crate) fn seal(&self, host: u64, data: &[u8]) -> Result<Vec<u8>> {
+    /// Encrypt `data` (whole sectors) stored at host offset `host` for guest
+    /// offset `guest`: the IVs count host sectors (LUKS) or guest sectors (legacy).
+    pub(crate) fn seal(&self, host: u64, guest: u64, data: &[u8]) -> Result<Vec<u8>> {
         let cipher = self.cipher()?;
+        let first = if self.host_iv() { host } else { guest };
         debug_assert!(
-            host.is_multiple_of(SECTOR_SIZE) && (data.len() as u64).is_multiple_of(SECTOR_SIZE)
+            first.is_multiple_of(SECTOR_SIZE) && (data.len() as u64).is_multiple_of(SECTOR_SIZE)
         );
         let mut out = data.to_vec();
-        cipher.encrypt(host / SECTOR_SIZE, &mut out);
+        cipher.encrypt(first / SECTOR_SIZE, &mut out);
         Ok(out)
     }
 }
@@ -215,6 +209,29 @@ impl super::Qcow2Image {
         }
         self.crypt = Some(Arc::new(Encryption {
             info: EncryptionInfo::Luks(Box::new(luks)),
+            cipher: Some(cipher),
+        }));
+        Ok(())
+    }
+
+    /// Encrypt a new, still empty image with the legacy AES format keyed by
+    /// `password`: as QEMU's create, only the header's crypt_method changes (the
+    /// key lives outside the file), in one durable header write.
+    pub(crate) fn install_aes(&mut self, password: &[u8]) -> Result<()> {
+        let cipher = crypto::legacy::cipher(password)?;
+        {
+            let mut m = self.lock()?;
+            m.flush_metadata()?;
+            m.storage.flush()?;
+            let mut h = m.h.clone();
+            h.crypt_method = crypt::AES;
+            let bytes = h.serialize()?;
+            m.storage.write_at(&bytes, 0)?;
+            m.storage.flush()?;
+            m.h = h;
+        }
+        self.crypt = Some(Arc::new(Encryption {
+            info: EncryptionInfo::Aes,
             cipher: Some(cipher),
         }));
         Ok(())

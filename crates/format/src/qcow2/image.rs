@@ -73,6 +73,8 @@ enum SegData {
 /// One contiguous host write of a plan.
 struct Seg {
     host: HostOffset,
+    /// The guest offset of the segment's first byte (the legacy format's IVs).
+    guest: u64,
     data: SegData,
     /// The clusters were allocated for this write (nothing of them is on disk yet).
     fresh: bool,
@@ -206,8 +208,8 @@ impl Qcow2Image {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
-        let crypt = Encryption::open(&*storage, &h, &opts.unlock, read_only, opts.metadata_only)?
-            .map(Arc::new);
+        let crypt =
+            Encryption::open(&*storage, &h, &opts.unlock, opts.metadata_only)?.map(Arc::new);
         let data = data_file::store_for(&h, given_data, read_only, opts.metadata_only)?;
         // A failed read is worded as QEMU words it for these tables.
         let in_words = |what: &str| {
@@ -674,6 +676,7 @@ impl Qcow2Image {
                     .map_err(|e| self.fail_corrupt(m, e))?;
                 plan.segs.push(Seg {
                     host: host + in_cl,
+                    guest: off,
                     data: SegData::Buf(index(pos), index(pos + run)),
                     fresh: false,
                     cow: false,
@@ -696,6 +699,7 @@ impl Qcow2Image {
                         .copy_from_slice(&buf[index(pos)..index(pos + n)]);
                     plan.segs.push(Seg {
                         host,
+                        guest: gc * cs,
                         data: SegData::Owned(full),
                         fresh: false,
                         cow: false,
@@ -732,6 +736,7 @@ impl Qcow2Image {
             if in_cl == 0 && end_in_last == cs {
                 plan.segs.push(Seg {
                     host,
+                    guest: off,
                     data: SegData::Buf(index(pos), index(pos + run_bytes)),
                     fresh: true,
                     cow: false,
@@ -754,6 +759,7 @@ impl Qcow2Image {
                     .copy_from_slice(&buf[index(pos)..index(pos + run_bytes)]);
                 plan.segs.push(Seg {
                     host,
+                    guest: gc * cs,
                     data: SegData::Owned(data),
                     fresh: true,
                     cow: true,
@@ -815,7 +821,9 @@ impl Qcow2Image {
             let data = match &self.crypt {
                 None => data,
                 Some(c) => {
-                    sealed = c.seal(seg.host.get(), data).map_err(|e| self.err(e))?;
+                    sealed = c
+                        .seal(seg.host.get(), seg.guest, data)
+                        .map_err(|e| self.err(e))?;
                     sealed.as_slice()
                 }
             };
