@@ -8,7 +8,7 @@
 mod index;
 pub use index::IndexedChain;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -511,7 +511,8 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
         (None, None) => probe_spec(spec)?,
     };
     let mut layers: Vec<Layer> = Vec::new();
-    let mut seen: HashSet<PathBuf> = HashSet::new();
+    // Each file opened so far, and whether it was opened for writing.
+    let mut seen: HashMap<PathBuf, bool> = HashMap::new();
     let mut path = spec.path.clone();
     let mut fmt = format;
     let mut write = spec.write;
@@ -519,12 +520,24 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
     let mut links: Vec<(PathBuf, String, PathBuf)> = Vec::new();
     loop {
         let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-        if !seen.insert(canon.clone()) {
+        if let Some(&written) = seen.get(&canon) {
+            // Back at a file this open holds for writing: its own lock refuses
+            // the read-only open of the backing file, in QEMU's words (QEMU
+            // gets that far before it notices anything). Elsewhere, a loop.
+            if written && !spec.force_share {
+                return Err(Error::Storage(strata_storage::Error::Locked {
+                    kind: "shared",
+                    perm: "write",
+                    path,
+                })
+                .below(&links));
+            }
             return Err(Error::Loop {
                 image: spec.path.clone(),
                 again: path,
             });
         }
+        seen.insert(canon.clone(), write);
         if layers.len() >= spec.max_depth {
             return Err(Error::TooDeep {
                 image: spec.path.clone(),

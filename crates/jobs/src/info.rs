@@ -135,9 +135,14 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
     let dev = &layer.device;
     let actual = dev.allocated_bytes()?;
     let file_len = file_length(dev.as_ref())?;
+    // QEMU picks its host_device protocol for character and block devices.
+    let device = std::fs::metadata(&layer.path).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_char_device() || m.file_type().is_block_device()
+    });
     let file = ImageInfo {
         filename: filename.to_os_string(),
-        format: "file".into(),
+        format: if device { "host_device" } else { "file" }.into(),
         dirty_flag: false,
         actual_size: actual,
         virtual_size: file_len,

@@ -57,7 +57,11 @@ fn long_option(body: &str, rest: &mut impl Iterator<Item = String>) -> Result<Op
     let &(full, takes) = match (exact, matches.as_slice()) {
         (Some(e), _) => e,
         (None, [one]) => *one,
-        _ => return Err(format!("unrecognized option '--{body}'")),
+        (None, []) => return Err(format!("unrecognized option '--{body}'")),
+        (None, many) => {
+            let names: Vec<&str> = many.iter().map(|(l, _)| *l).collect();
+            return Err(super::usage::ambiguous_option(body, &names));
+        }
     };
     match (full, takes, attached) {
         (_, false, Some(_)) => Err(format!("option '--{full}' doesn't allow an argument")),

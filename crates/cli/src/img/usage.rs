@@ -58,6 +58,273 @@ fn context(e: &clap::Error, kind: ContextKind) -> Option<String> {
     }
 }
 
+/// Each subcommand's long options in the order qemu-img's getopt table lists
+/// them: getopt names the candidates of an ambiguous prefix in this order.
+const QEMU_LONG_OPTIONS: &[(&str, &[&str])] = &[
+    (
+        "create",
+        &[
+            "help",
+            "quiet",
+            "object",
+            "format",
+            "backing",
+            "backing-format",
+            "backing-unsafe",
+            "options",
+        ],
+    ),
+    (
+        "info",
+        &[
+            "help",
+            "format",
+            "output",
+            "backing-chain",
+            "object",
+            "image-opts",
+            "force-share",
+        ],
+    ),
+    (
+        "map",
+        &[
+            "help",
+            "format",
+            "output",
+            "object",
+            "image-opts",
+            "force-share",
+            "start-offset",
+            "max-length",
+        ],
+    ),
+    (
+        "check",
+        &[
+            "help",
+            "quiet",
+            "format",
+            "cache",
+            "repair",
+            "output",
+            "object",
+            "image-opts",
+            "force-share",
+        ],
+    ),
+    (
+        "compare",
+        &[
+            "help",
+            "quiet",
+            "object",
+            "cache",
+            "image-opts",
+            "a-format",
+            "left-format",
+            "b-format",
+            "right-format",
+            "force-share",
+            "strict",
+            "progress",
+        ],
+    ),
+    (
+        "measure",
+        &[
+            "help",
+            "target-format",
+            "format",
+            "image-opts",
+            "options",
+            "snapshot",
+            "object",
+            "output",
+            "size",
+            "force-share",
+        ],
+    ),
+    (
+        "resize",
+        &[
+            "help",
+            "quiet",
+            "object",
+            "format",
+            "image-opts",
+            "preallocation",
+            "shrink",
+        ],
+    ),
+    (
+        "convert",
+        &[
+            "help",
+            "quiet",
+            "object",
+            "image-opts",
+            "source-image-opts",
+            "source-format",
+            "source-cache",
+            "snapshot",
+            "sparse-size",
+            "output-format",
+            "options",
+            "output-cache",
+            "backing",
+            "backing-format",
+            "force-share",
+            "target-image-opts",
+            "salvage",
+            "target-is-zero",
+            "bitmaps",
+            "skip-broken-bitmaps",
+            "rate",
+            "parallel",
+            "oob-writes",
+            "copy-range-offloading",
+        ],
+    ),
+    (
+        "snapshot",
+        &[
+            "help",
+            "quiet",
+            "object",
+            "format",
+            "image-opts",
+            "force-share",
+            "list",
+            "apply",
+            "create",
+            "delete",
+        ],
+    ),
+    (
+        "commit",
+        &[
+            "help",
+            "quiet",
+            "object",
+            "format",
+            "image-opts",
+            "cache",
+            "drop",
+            "base",
+            "progress",
+            "rate",
+        ],
+    ),
+    (
+        "rebase",
+        &[
+            "help",
+            "quiet",
+            "progress",
+            "object",
+            "image-opts",
+            "force-share",
+            "format",
+            "cache",
+            "compress",
+            "backing",
+            "backing-format",
+            "backing-cache",
+            "backing-unsafe",
+        ],
+    ),
+    (
+        "amend",
+        &[
+            "help",
+            "quiet",
+            "progress",
+            "object",
+            "format",
+            "cache",
+            "options",
+            "image-opts",
+            "force",
+        ],
+    ),
+    (
+        "bitmap",
+        &[
+            "help",
+            "object",
+            "image-opts",
+            "add",
+            "remove",
+            "clear",
+            "enable",
+            "disable",
+            "merge",
+            "granularity",
+            "source-file",
+            "source-format",
+        ],
+    ),
+    (
+        "dd",
+        &[
+            "help",
+            "object",
+            "format",
+            "output-format",
+            "image-opts",
+            "force-share",
+        ],
+    ),
+    (
+        "bench",
+        &[
+            "help",
+            "format",
+            "image-opts",
+            "cache",
+            "count",
+            "depth",
+            "offset",
+            "buffer-size",
+            "step-size",
+            "aio",
+            "native",
+            "write",
+            "pattern",
+            "flush-interval",
+            "no-drain",
+            "force-share",
+        ],
+    ),
+];
+
+/// getopt's refusal of `--BODY` (as typed, `=value` and all) when its name is a
+/// prefix of several long options (`names`, in table order).
+pub fn ambiguous_option(body: &str, names: &[&str]) -> String {
+    let listed: Vec<String> = names.iter().map(|n| format!("'--{n}'")).collect();
+    format!(
+        "option '--{body}' is ambiguous; possibilities: {}",
+        listed.join(" ")
+    )
+}
+
+/// The long options of qemu-img's `sub` that `--BODY` abbreviates, when there
+/// are several and none is named in full (getopt then refuses it as ambiguous).
+fn ambiguous_candidates(sub: &str, body: &str) -> Option<Vec<&'static str>> {
+    let (_, table) = QEMU_LONG_OPTIONS.iter().find(|(s, _)| *s == sub)?;
+    let name = body.split('=').next().unwrap_or(body);
+    if table.contains(&name) {
+        return None;
+    }
+    let found: Vec<&str> = table
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with(name))
+        .collect();
+    (found.len() > 1).then_some(found)
+}
+
 /// The option as typed, without clap's value name (`-f <FMT>` -> `-f`).
 fn option_name(arg: &str) -> &str {
     arg.split([' ', '=']).next().unwrap_or(arg)
@@ -85,6 +352,10 @@ pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<
                 // As typed, with any `=value` (clap reports the name alone).
                 let prefix = format!("{arg}=");
                 let arg = args.iter().find(|a| a.starts_with(&prefix)).unwrap_or(&arg);
+                if let Some(names) = ambiguous_candidates(sub, &arg[2..]) {
+                    let said = ambiguous_option(&arg[2..], &names);
+                    return Some(format!("{argv0} {sub}: {said}\n{try_help}\n"));
+                }
                 Some(format!(
                     "{argv0} {sub}: unrecognized option '{arg}'\n{try_help}\n"
                 ))
@@ -133,6 +404,15 @@ pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<
             }
             (name == "--output").then(|| {
                 format!("{prog}: --output expects 'human' or 'json' not '{value}'\n{try_help}\n")
+            })
+        }
+        // `--NAME=VALUE` for an option that takes no value: getopt names the
+        // option in full.
+        ErrorKind::TooManyValues => {
+            let arg = context(e, ContextKind::InvalidArg)?;
+            let name = option_name(&arg);
+            name.starts_with("--").then(|| {
+                format!("{argv0} {sub}: option '{name}' doesn't allow an argument\n{try_help}\n")
             })
         }
         ErrorKind::ArgumentConflict if sub == "snapshot" => Some(format!(
