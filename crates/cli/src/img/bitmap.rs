@@ -218,7 +218,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             break;
         }
     }
-    img.store_bitmaps(&set)?;
+    img.store_bitmaps_as_qemu(&set)?;
     img.close()?;
     match failure {
         Some(msg) => bail!(msg),

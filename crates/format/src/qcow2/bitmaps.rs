@@ -71,6 +71,9 @@ pub struct Bitmaps {
     entries: Vec<Entry>,
     /// Enabled bitmaps were set to all ones in this session.
     dirtied: bool,
+    /// The set was stored whole (as QEMU stores it when it closes an image)
+    /// and has not changed since: closing the image writes nothing more.
+    stored: bool,
 }
 
 /// Bitmap-table entries a bitmap of `granularity_bits` needs for `size` bytes.
@@ -145,6 +148,7 @@ impl Bitmaps {
             dir,
             entries,
             dirtied: false,
+            stored: false,
         }))
     }
 
@@ -182,6 +186,16 @@ impl Bitmaps {
             }
         }
         Ok(())
+    }
+
+    /// Whether the set was stored whole and is unchanged since.
+    pub(crate) fn stored(&self) -> bool {
+        self.stored
+    }
+
+    /// Record that the set was just stored whole.
+    pub(crate) fn set_stored(&mut self) {
+        self.stored = true;
     }
 
     fn put_entry(&mut self, i: usize) {
@@ -239,6 +253,7 @@ impl Meta {
                 b.entries[i].flags |= FLAG_IN_USE;
                 b.entries[i].resizing = true;
                 b.put_entry(i);
+                b.stored = false;
                 any = true;
             }
         }
@@ -270,6 +285,7 @@ impl Meta {
     /// with bitmaps being resized no longer in use, and free what the old tables
     /// held.
     fn fill(&mut self, b: &mut Bitmaps, size: u64, chosen: impl Fn(&Entry) -> bool) -> Result<()> {
+        b.stored = false;
         let cs = self.cluster_size();
         let bits = self.geo.cluster_bits;
         let mut frees = Vec::new();

@@ -357,6 +357,8 @@ impl Qcow2Image {
         }
         let _gate = sync::write(&self.reuse);
         let mut m = self.lock()?;
+        // Persistent bitmaps are stored anew first, as QEMU stores them.
+        m.store_bitmaps_at_close().map_err(|e| self.err(e))?;
         m.flush_metadata().map_err(|e| self.err(e))?;
         m.clear_dirty().map_err(|e| self.err(e))
     }
