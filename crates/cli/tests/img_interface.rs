@@ -131,6 +131,16 @@ fn option_help_lists_exactly_what_create_accepts() {
         "preallocation" => "metadata",
         "refcount_bits" => "8",
         "size" => "2M",
+        "encrypt.cipher-alg" => "aes-128",
+        "encrypt.cipher-mode" => "xts",
+        "encrypt.format" => "luks",
+        "encrypt.hash-alg" => "sha512",
+        "encrypt.iter-time" => "10",
+        "encrypt.ivgen-alg" => "plain64",
+        "encrypt.ivgen-hash-alg" => "sha256",
+        "encrypt.key-secret" => "sec0",
+        "encryption" => "on",
+        "nocow" => "on",
         other => panic!("no sample value for listed option {other}"),
     };
     let run = |args: &[&str]| {
@@ -156,15 +166,18 @@ fn option_help_lists_exactly_what_create_accepts() {
             listing.starts_with(&format!("Supported {fmt} options:\n")),
             "{listing}"
         );
+        // Naming a target adds its protocol's options, for convert as for create.
         let via_convert = ok(&["img", "convert", "-O", fmt, "-o", "help", "base.qcow2", "x"]);
-        assert_eq!(via_convert, listing);
+        let with_target = ok(&["img", "create", "-f", fmt, "-o", "help", "x"]);
+        assert_eq!(via_convert, with_target);
         assert!(!d.join("x").exists(), "-o help made an image");
-        let keys: Vec<String> = listing
+        // The listing for a named target adds the file's own options.
+        let keys: Vec<String> = with_target
             .lines()
             .skip(1)
             .filter_map(|l| l.trim_start().split_once('=').map(|(k, _)| k.to_string()))
             .collect();
-        assert!(keys.len() >= 2, "{listing}");
+        assert!(keys.len() >= 2, "{with_target}");
         for k in keys {
             let mut v = sample(&k);
             if fmt == "raw" && k == "preallocation" {
@@ -172,14 +185,32 @@ fn option_help_lists_exactly_what_create_accepts() {
             }
             // v2 takes neither of the v3-only switches; the raw-data switch needs a
             // data file.
+            // The encryption options need a secret (and a format but for the
+            // old switch); luks gets a short key derivation.
+            let luks_rest = [
+                ("encrypt.format", "luks"),
+                ("encrypt.key-secret", "sec0"),
+                ("encrypt.iter-time", "10"),
+            ]
+            .iter()
+            .filter(|(o, _)| *o != k)
+            .map(|(o, v)| format!(",{o}={v}"))
+            .collect::<String>();
+            let encrypted = k.starts_with("encrypt");
             let compat = match k.as_str() {
-                "extended_l2" | "lazy_refcounts" => ",compat=1.1",
-                "data_file_raw" => ",data_file=raw-data.bin",
-                _ => "",
+                "extended_l2" | "lazy_refcounts" => ",compat=1.1".to_string(),
+                "data_file_raw" => ",data_file=raw-data.bin".to_string(),
+                "encryption" => ",encrypt.key-secret=sec0".to_string(),
+                "encrypt.ivgen-hash-alg" => format!(",encrypt.ivgen-alg=essiv{luks_rest}"),
+                _ if encrypted => luks_rest,
+                _ => String::new(),
             };
             let name = format!("{fmt}-{k}.img");
             let opts = format!("{k}={v}{compat}");
             let mut args = vec!["img", "create", "-q", "-f", fmt, "-o", &opts, &name];
+            if encrypted {
+                args.extend(["--object", "secret,id=sec0,data=pw"]);
+            }
             match k.as_str() {
                 "backing_file" => args.extend(["-F", "qcow2"]),
                 "backing_fmt" => args.extend(["-b", "base.qcow2"]),
@@ -190,8 +221,15 @@ fn option_help_lists_exactly_what_create_accepts() {
             }
             ok(&args);
             if fmt == "qcow2" {
+                let opened = format!("driver=qcow2,file.filename={name},encrypt.key-secret=sec0");
+                let check: Vec<&str> = if encrypted {
+                    let obj = "secret,id=sec0,data=pw";
+                    vec!["check", "--object", obj, "--image-opts", &opened]
+                } else {
+                    vec!["check", &name]
+                };
                 let out = Command::new("qemu-img")
-                    .args(["check", &name])
+                    .args(&check)
                     .current_dir(d)
                     .output()
                     .expect("qemu-img must be installed");

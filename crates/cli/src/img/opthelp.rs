@@ -84,7 +84,7 @@ const QCOW2: &[Opt] = &[
     (
         "encrypt.format",
         Ty::Str,
-        "Encryption of the guest data: luks (the legacy aes is refused)",
+        "Encryption of the guest data: luks, or the legacy aes (weak; for old tools only)",
     ),
     (
         "encrypt.hash-alg",
@@ -114,7 +114,7 @@ const QCOW2: &[Opt] = &[
     (
         "encryption",
         Ty::Bool,
-        "Old switch for the legacy aes encryption (on is refused)",
+        "Old switch for the legacy aes encryption (use encrypt.format)",
     ),
     (
         "extended_l2",
