@@ -847,3 +847,45 @@ fn same_files_in_copies(fx: &Path, n: usize, args: &[&str]) {
         &args.join(" "),
     );
 }
+
+/// A preallocated encrypted target holds zeroes on disk, which decrypt to noise:
+/// convert must write the source's zero ranges into it, as qemu-img does, so
+/// the copy reads as the source everywhere (strata once skipped them).
+#[test]
+fn convert_into_preallocated_encrypted_targets_writes_the_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::ok(d, "qemu-img", &["create", "-q", "-f", "raw", "s.raw", "4M"]);
+    common::io(d, "raw", "s.raw", &["write -P 7 1000 100k"]);
+    let obj = "secret,id=s,data=pw";
+    for enc in [
+        "encrypt.format=luks,encrypt.iter-time=10",
+        "encrypt.format=aes",
+    ] {
+        for prealloc in ["metadata", "falloc", "full"] {
+            let out = format!("o-{prealloc}-{}.qcow2", enc.len());
+            let opts = format!("{enc},encrypt.key-secret=s,preallocation={prealloc}");
+            common::ok(
+                d,
+                "strata",
+                &[
+                    "convert", "--object", obj, "-O", "qcow2", "-o", &opts, "s.raw", &out,
+                ],
+            );
+            let copy = format!("driver=qcow2,file.filename={out},encrypt.key-secret=s");
+            let said = common::ok(
+                d,
+                "qemu-img",
+                &[
+                    "compare",
+                    "--object",
+                    obj,
+                    "--image-opts",
+                    "driver=raw,file.filename=s.raw",
+                    &copy,
+                ],
+            );
+            assert_eq!(said, "Images are identical.\n", "{opts}");
+        }
+    }
+}
