@@ -47,6 +47,17 @@ pub const LUKS_KEYS: &[&str] = &[
     "preallocation",
 ];
 
+/// Whether an image `create` made of `format` with the `-o` map reads as zeroes
+/// before anything is written to it. An encrypted image's preallocated
+/// clusters hold zeroes on disk, which decrypt to noise: such an image does
+/// not, so a copy into it must write its zeroes (as qemu-img does).
+pub fn created_reads_zero(format: Format, opts: &BTreeMap<String, String>) -> bool {
+    let preallocated = opts
+        .get("preallocation")
+        .is_some_and(|p| p.as_str() != "off");
+    format.zero_init() && !(preallocated && crate::create_encrypt::encrypted(opts))
+}
+
 fn invalid(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("{}: {msg}", path.display()))
 }

@@ -88,6 +88,11 @@ pub(crate) fn aes_password(
     }
 }
 
+/// Whether the `-o` map asks for an encrypted image (LUKS or the legacy AES).
+pub(crate) fn encrypted(opts: &BTreeMap<String, String>) -> bool {
+    encrypt_format(opts).is_ok_and(|f| f.is_some())
+}
+
 /// The encryption format (`luks` or `aes`) the `-o` map asks for, `None` for a
 /// clear image.
 fn encrypt_format(opts: &BTreeMap<String, String>) -> Result<Option<&'static str>, String> {

@@ -431,17 +431,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             .create()
             .map_err(create_failed)?;
         target_cache()?;
-        // Preallocated clusters of an encrypted image hold zeroes on disk, which
-        // decrypt to noise: such a target must have its zeroes written, as
-        // qemu-img writes them.
-        let encrypted = options.contains_key("encrypt.format")
-            || options
-                .get("encryption")
-                .is_some_and(|v| v.as_str() == "on");
-        let preallocated = options
-            .get("preallocation")
-            .is_some_and(|p| p.as_str() != "off");
-        target_is_zero = out_format.zero_init() && !(encrypted && preallocated);
+        target_is_zero = strata_jobs::create::created_reads_zero(out_format, &options);
         let mut spec = open_spec(out_path, Some(out_format.name()), false)?.write(true);
         for key in ["encrypt.key-secret", "key-secret"] {
             if let Some(id) = options.get(key) {
