@@ -4,6 +4,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How to open a [`FileStorage`].
 #[derive(Debug, Clone, Copy)]
@@ -41,11 +42,23 @@ impl OpenOptions {
 }
 
 /// A host file (or block device) used as storage.
+///
+/// A flush syncs the file only if something changed it through this storage
+/// since the last successful flush (a write, a zeroing, a discard, a resize or
+/// an allocation, whether it succeeded or not): the engine's commit points
+/// often flush twice in a row, and each sync costs milliseconds on a real disk.
+/// The first flush after opening always syncs, so that writes another process
+/// left in the page cache are made durable before anything strata writes
+/// depends on them. Writes made through [`Storage::file`] bypass this
+/// bookkeeping: whoever makes them syncs them.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     path: PathBuf,
     read_only: bool,
+    /// Set after every change made through this storage; cleared by a sync
+    /// that succeeded.
+    unflushed: AtomicBool,
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -75,6 +88,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             read_only: !opts.write,
+            unflushed: AtomicBool::new(opts.write),
         })
     }
 
@@ -91,7 +105,20 @@ impl FileStorage {
         }
     }
 
+    /// Record that the file changed (or may have) since the last sync. Called
+    /// after the change, so that a flush racing with it either sees the mark or
+    /// started its sync after the change completed.
+    fn changed(&self) {
+        self.unflushed.store(true, Ordering::Release);
+    }
+
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        let r = self.fallocate_once(mode, offset, len);
+        self.changed();
+        r
+    }
+
+    fn fallocate_once(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
         // SAFETY: the descriptor is open; fallocate only reads its integer arguments.
         let r = unsafe {
             libc::fallocate(
@@ -236,6 +263,7 @@ impl OutputFile {
             file: self.file,
             path: self.path,
             read_only: false,
+            unflushed: AtomicBool::new(true),
         })
     }
 
@@ -277,9 +305,9 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(io("Could not write", &self.path))
+        let r = self.file.write_all_at(buf, offset);
+        self.changed();
+        r.map_err(io("Could not write", &self.path))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -304,12 +332,14 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only || !self.unflushed.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(io("Could not flush", &self.path))
+        let r = self.file.sync_data();
+        if r.is_err() {
+            self.changed();
+        }
+        r.map_err(io("Could not flush", &self.path))
     }
 
     fn size(&self) -> Result<u64> {
@@ -329,9 +359,9 @@ impl Storage for FileStorage {
 
     fn set_size(&self, size: u64) -> Result<()> {
         self.check_writable()?;
-        self.file
-            .set_len(size)
-            .map_err(io("Could not resize", &self.path))
+        let r = self.file.set_len(size);
+        self.changed();
+        r.map_err(io("Could not resize", &self.path))
     }
 
     fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
@@ -406,5 +436,56 @@ pub fn start_writeback(file: &std::fs::File) {
     // SAFETY: a plain syscall on a descriptor the caller owns; no memory is passed.
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unflushed(s: &FileStorage) -> bool {
+        s.unflushed.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn flush_syncs_only_after_a_change_through_this_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let s = FileStorage::open(&path, OpenOptions::write()).unwrap();
+        // Opened for writing: the first flush syncs whatever is in the page cache.
+        assert!(unflushed(&s));
+        s.flush().unwrap();
+        assert!(!unflushed(&s));
+        s.flush().unwrap();
+        assert!(!unflushed(&s));
+        let changes: [&dyn Fn(&FileStorage); 5] = [
+            &|s| s.write_at(b"x", 10).unwrap(),
+            &|s| s.write_zeroes(0, 512).unwrap(),
+            &|s| s.discard(0, 4096).unwrap(),
+            &|s| s.set_size(8192).unwrap(),
+            &|s| s.preallocate(8192, 4096).unwrap(),
+        ];
+        for change in changes {
+            change(&s);
+            assert!(unflushed(&s));
+            s.flush().unwrap();
+            assert!(!unflushed(&s));
+        }
+        // Reads change nothing.
+        let mut buf = [0u8; 16];
+        s.read_at(&mut buf, 0).unwrap();
+        assert!(!unflushed(&s));
+    }
+
+    #[test]
+    fn read_only_storage_never_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let s = FileStorage::open(&path, OpenOptions::read()).unwrap();
+        assert!(!unflushed(&s));
+        assert!(s.write_at(b"x", 0).is_err());
+        assert!(!unflushed(&s));
     }
 }
