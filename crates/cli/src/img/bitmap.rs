@@ -53,6 +53,43 @@ struct Parsed {
     source_format: Option<String>,
     naming: super::imgname::Naming,
     positional: Vec<String>,
+    /// `-h` or `--help` (or a prefix of it) came before any mistake.
+    help: bool,
+}
+
+/// qemu-img bitmap's long options, in the order of its getopt table (the
+/// order getopt names the candidates of an ambiguous prefix in).
+const LONG_OPTIONS: &[&str] = &[
+    "help",
+    "object",
+    "image-opts",
+    "add",
+    "remove",
+    "clear",
+    "enable",
+    "disable",
+    "merge",
+    "granularity",
+    "source-file",
+    "source-format",
+];
+
+/// The long option `--BODY` (`=value` and all) names: itself, or the one
+/// option it is a prefix of; else how many options it is a prefix of.
+fn long_option(body: &str) -> Result<&'static str, usize> {
+    let name = body.split('=').next().unwrap_or(body);
+    if let Some(exact) = LONG_OPTIONS.iter().find(|l| **l == name) {
+        return Ok(exact);
+    }
+    let found: Vec<&'static str> = LONG_OPTIONS
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with(name))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        _ => Err(found.len()),
+    }
 }
 
 fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
@@ -81,7 +118,33 @@ fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
                 continue;
             }
         };
-        // The long names of the short options; messages keep the name as typed.
+        // A long option may be abbreviated to any prefix naming one option
+        // alone (getopt_long); messages then name it in full.
+        let name = match name.strip_prefix("--") {
+            Some(body) => match long_option(body) {
+                Ok(full) => format!("--{full}"),
+                Err(0) => {
+                    return Err(format!(
+                        "{prog} bitmap: unrecognized option '{a}'\n{try_help}"
+                    ))
+                }
+                Err(_) => {
+                    let names: Vec<&str> = LONG_OPTIONS
+                        .iter()
+                        .copied()
+                        .filter(|l| l.starts_with(body))
+                        .collect();
+                    let said = super::usage::ambiguous_option(&a[2..], &names);
+                    return Err(format!("{prog} bitmap: {said}\n{try_help}"));
+                }
+            },
+            None => name,
+        };
+        if name == "--help" || name == "-h" {
+            p.help = true;
+            return Ok(p);
+        }
+        // The long names of the short options.
         let key = match name.as_str() {
             "--granularity" => "-g",
             "--source-file" => "-b",
@@ -135,7 +198,15 @@ fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
             "--disable" => p.ops.push(Op::Disable),
             "--merge" => p.ops.push(Op::Merge(value.unwrap_or_default())),
             "-f" => p.format = value,
-            "-g" => p.granularity = value,
+            // qemu-img reads the size as it meets the option.
+            "-g" => {
+                if let Some(g) = &value {
+                    if size_arg("granularity", g).is_err() {
+                        return Err(format!("{prog}: Invalid granularity specified: '{g}'."));
+                    }
+                }
+                p.granularity = value
+            }
             "-b" => p.source_file = value,
             "-F" => p.source_format = value,
             "--object" => p.naming.objects.object.extend(value),
@@ -147,14 +218,6 @@ fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
-    if args.args.iter().any(|a| a == "-h" || a == "--help") {
-        println!(
-            "Usage: {} bitmap [-f FMT] [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] \
-             {{--add|--remove|--clear|--enable|--disable|--merge SOURCE}}... FILENAME BITMAP",
-            ctx.prog
-        );
-        return Ok(0);
-    }
     let p = match parse(&args.args, ctx.prog) {
         Ok(p) => p,
         Err(msg) => {
@@ -162,6 +225,14 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             return Ok(1);
         }
     };
+    if p.help {
+        println!(
+            "Usage: {} bitmap [-f FMT] [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] \
+             {{--add|--remove|--clear|--enable|--disable|--merge SOURCE}}... FILENAME BITMAP",
+            ctx.prog
+        );
+        return Ok(0);
+    }
     if p.ops.is_empty() {
         bail!("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
     }
@@ -202,6 +273,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     };
     let v2 = img.header().version < 3;
     let mut failure = None;
+    // qemu-img removes a bitmap from the file at once (the other operations
+    // change the set it stores when it closes the image).
+    let mut removed = Vec::new();
     for op in &p.ops {
         if v2 && *op == Op::Add {
             // The node name QEMU prints is its own; the file's name stands here.
@@ -217,8 +291,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             ));
             break;
         }
+        if *op == Op::Remove {
+            removed.push(name.clone());
+        }
     }
-    img.store_bitmaps_as_qemu(&set)?;
+    img.store_bitmaps_as_qemu_removing(&set, &removed)?;
     img.close()?;
     match failure {
         Some(msg) => bail!(msg),

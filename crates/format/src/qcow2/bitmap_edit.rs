@@ -145,12 +145,36 @@ impl Qcow2Image {
     /// set is stored. A crash before the header names the new directory leaves
     /// the old bitmaps inconsistent, as QEMU would, never wrong.
     pub fn store_bitmaps_as_qemu(&self, bitmaps: &[Bitmap]) -> Result<()> {
+        self.store_bitmaps_as_qemu_removing(bitmaps, &[])
+    }
+
+    /// [`Qcow2Image::store_bitmaps_as_qemu`] after the bitmaps named in
+    /// `removed` were removed one by one, as `qemu-img bitmap --remove` removes
+    /// them: the directory marked in use where it lies, then for each name
+    /// found in it a new directory without it (written, counted and flushed
+    /// before the header names it; the old directory and the removed bitmap's
+    /// clusters freed after), then the new set stored. A crash leaves the
+    /// bitmaps in use (inconsistent) or the new set, and leaks at worst.
+    pub fn store_bitmaps_as_qemu_removing(
+        &self,
+        bitmaps: &[Bitmap],
+        removed: &[String],
+    ) -> Result<()> {
         self.check_writable()?;
         self.read_bitmaps()?;
         let _excl = self.exclusive();
         let mut m = self.lock()?;
         let slots: Vec<Slot> = bitmaps.iter().cloned().map(Slot::Live).collect();
-        store(&mut m, &slots, true).map_err(|e| self.err(e))
+        let r = (|| {
+            if !removed.is_empty() {
+                mark_in_use(&mut m)?;
+                for name in removed {
+                    remove_from_directory(&mut m, name)?;
+                }
+            }
+            store(&mut m, &slots, true)
+        })();
+        r.map_err(|e| self.err(e))
     }
 }
 
@@ -203,6 +227,14 @@ fn read_slots(m: &Meta) -> Result<Vec<Slot>> {
         let name = String::from_utf8_lossy(name).into_owned();
         at += (24 + extra + name_size).next_multiple_of(8);
         if flags & FLAG_IN_USE != 0 {
+            // Marked in use by this session's resize, which holds it whole.
+            if let Some(p) = m.pending_bitmap(&name) {
+                let mut b = p.clone();
+                b.bits.resize(index(bytes_for(size, b.granularity_bits)), 0);
+                b.clear_past_end(size);
+                out.push(Slot::Live(b));
+                continue;
+            }
             out.push(Slot::Kept(Kept {
                 name,
                 table_offset,
@@ -236,6 +268,21 @@ fn read_slots(m: &Meta) -> Result<Vec<Slot>> {
         out.push(Slot::Live(b));
     }
     Ok(out)
+}
+
+/// Every bitmap of the image read whole, in directory order; refused if one
+/// is marked in use (but for those this session's resize holds).
+pub(crate) fn read_whole(m: &Meta) -> Result<Vec<Bitmap>> {
+    read_slots(m)?
+        .into_iter()
+        .map(|s| match s {
+            Slot::Live(b) => Ok(b),
+            Slot::Kept(k) => Err(Error::invalid_argument(format!(
+                "Bitmap '{}' is inconsistent and cannot be used",
+                k.name
+            ))),
+        })
+        .collect()
 }
 
 impl Meta {
@@ -324,6 +371,88 @@ fn mark_in_use(m: &mut Meta) -> Result<()> {
     if changed {
         m.storage.write_at(&dir, ext.directory_offset)?;
         m.storage.flush()?;
+    }
+    Ok(())
+}
+
+/// Write a new directory without the entry named `name` (the others as they
+/// are on disk), switch the header to it, then free the old directory and
+/// the removed bitmap's table and data clusters (the data discarded, as QEMU
+/// discards it). Nothing when no entry has that name.
+fn remove_from_directory(m: &mut Meta, name: &str) -> Result<()> {
+    let Some(ext) = m.h.bitmaps else {
+        return Ok(());
+    };
+    if m.h.autoclear_features & autoclear::BITMAPS == 0 {
+        return Ok(());
+    }
+    let cs = m.cluster_size();
+    let mut dir = vec![0u8; index(ext.directory_size)];
+    m.storage.read_at(&mut dir, ext.directory_offset)?;
+    let mut kept = Vec::new();
+    let mut gone = None;
+    let mut at = 0usize;
+    for _ in 0..ext.nb_bitmaps {
+        let head = dir
+            .get(at..at + 24)
+            .ok_or_else(|| Error::corrupt("bitmap directory entry runs past the directory"))?;
+        let name_size = usize::from(u16::from_be_bytes([head[18], head[19]]));
+        let extra = index(u64::from(be32(head, 20)));
+        let len = (24 + extra + name_size).next_multiple_of(8);
+        let entry = dir
+            .get(at..at + len)
+            .ok_or_else(|| Error::corrupt("bitmap name runs past the directory"))?;
+        if gone.is_none() && entry.get(24 + extra..24 + extra + name_size) == Some(name.as_bytes())
+        {
+            gone = Some((be64(head, 0), u64::from(be32(head, 8))));
+        } else {
+            kept.extend_from_slice(entry);
+        }
+        at += len;
+    }
+    let Some((table_offset, table_size)) = gone else {
+        return Ok(());
+    };
+    let mut table = vec![0u8; index(table_size) * 8];
+    m.storage.read_at(&mut table, table_offset)?;
+    let data: Vec<u64> = table
+        .chunks_exact(8)
+        .map(|c| be64(c, 0) & OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .map(|o| o / cs)
+        .collect();
+    m.flush_metadata()?;
+    let mut h = m.h.clone();
+    if kept.is_empty() {
+        h.bitmaps = None;
+        h.autoclear_features &= !autoclear::BITMAPS;
+    } else {
+        let directory_offset = put(m, &kept)?;
+        h.bitmaps = Some(BitmapsExt {
+            nb_bitmaps: ext.nb_bitmaps - 1,
+            directory_size: kept.len() as u64,
+            directory_offset,
+        });
+    }
+    // The new directory and its refcounts are on disk before the header names it.
+    m.flush_metadata()?;
+    m.storage.flush()?;
+    write_header(m, h)?;
+    let span = |off: u64, len: u64| off / cs..(off + len).div_ceil(cs);
+    for c in span(ext.directory_offset, ext.directory_size) {
+        m.free_later(ClusterIndex(c));
+    }
+    for &c in &data {
+        m.free_later(ClusterIndex(c));
+    }
+    for c in span(table_offset, table_size * 8) {
+        m.free_later(ClusterIndex(c));
+    }
+    m.flush_metadata()?;
+    for c in data {
+        if m.refcount(ClusterIndex(c))? == 0 {
+            m.storage.discard(c * cs, cs)?;
+        }
     }
     Ok(())
 }

@@ -6,8 +6,11 @@
 //! session, every enabled ("auto") bitmap is set to all ones (each bitmap-table entry
 //! becomes the all-ones marker and the bitmap's data clusters are freed). An
 //! incremental backup from such a bitmap copies the whole disk: more work, nothing
-//! missed. A resize sets every consistent bitmap to all ones at the new size.
-//! Bitmaps already marked in use (inconsistent) are left as they are.
+//! missed. Bitmaps already marked in use (inconsistent) are left as they are.
+//!
+//! A resize keeps the bits, as QEMU does: a shrink drops those past the new end,
+//! a growth adds clean ones for the new range (which reads as zeroes). An image
+//! with a bitmap marked in use is not resized at all (QEMU's refusal).
 //!
 //! A directory strata cannot vouch for (reserved flags, unknown types, extra data
 //! not marked compatible, fields out of range) is not touched: the image falls back
@@ -17,10 +20,13 @@
 //! Crash safety: a table rewritten in place changes entry by entry, and every entry
 //! is valid before and after; a table that moves is written, with its refcounts,
 //! before the directory points at it, and old clusters are freed last (a crash leaks
-//! at worst). A resize marks the bitmaps in use before it starts, so a crash in the
-//! middle leaves them inconsistent (QEMU then disregards their size) rather than
-//! wrong.
+//! at worst). A resize reads the bitmaps into memory and marks them in use before
+//! it starts; they are stored anew at the new size only when the image is closed
+//! (as QEMU stores them), so a crash anywhere in between leaves them inconsistent
+//! (QEMU then disregards them) rather than wrong. A resize that fails half way
+//! leaves them in use for good.
 
+use super::bitmap_edit::Bitmap;
 use super::entries::OFFSET_MASK;
 use super::header::{be32, be64, BitmapsExt};
 use super::meta::Meta;
@@ -58,9 +64,6 @@ struct Entry {
     table_size: u32,
     flags: u32,
     granularity_bits: u8,
-    /// Marked in use by [`Meta::bitmaps_begin_resize`], to be refilled at the new
-    /// size by [`Meta::bitmaps_end_resize`].
-    resizing: bool,
 }
 
 /// The bitmap directory of an image open for writing.
@@ -74,6 +77,16 @@ pub struct Bitmaps {
     /// The set was stored whole (as QEMU stores it when it closes an image)
     /// and has not changed since: closing the image writes nothing more.
     stored: bool,
+    /// Bitmaps a resize read whole and marked in use on disk, with their bits
+    /// as they are to be stored (sized when stored, to the disk size then).
+    pending: Vec<Bitmap>,
+    /// A resize (by this thread) started and has not finished: `pending` must
+    /// not be stored (the bitmaps stay in use on disk), nor changed by the
+    /// resize's own writes.
+    resize_open: Option<std::thread::ThreadId>,
+    /// The enabled `pending` bitmaps were set to all ones for a change to the
+    /// guest disk since the last resize.
+    pending_dirtied: bool,
 }
 
 /// Bitmap-table entries a bitmap of `granularity_bits` needs for `size` bytes.
@@ -139,7 +152,6 @@ impl Bitmaps {
                 table_size,
                 flags,
                 granularity_bits,
-                resizing: false,
             });
             at += len;
         }
@@ -149,6 +161,9 @@ impl Bitmaps {
             entries,
             dirtied: false,
             stored: false,
+            pending: Vec::new(),
+            resize_open: None,
+            pending_dirtied: false,
         }))
     }
 
@@ -210,7 +225,24 @@ impl Bitmaps {
 impl Meta {
     /// Before the first change to the guest disk in this session: set every
     /// enabled bitmap to all ones (a no-op after that, or without bitmaps).
+    /// Bitmaps a resize holds in memory are set to all ones in memory, once per
+    /// resize; during a resize, by a change another thread makes (the resize's
+    /// own writes of the grown range leave them clean, as QEMU's do).
     pub(crate) fn dirty_bitmaps(&mut self) -> Result<()> {
+        if let Some(b) = self.bitmaps.as_mut() {
+            if !b.pending.is_empty() && !b.pending_dirtied {
+                match &b.resize_open {
+                    Some(t) if *t == std::thread::current().id() => {}
+                    _ => {
+                        for p in b.pending.iter_mut().filter(|p| p.enabled) {
+                            p.bits.fill(0xff);
+                        }
+                        b.pending_dirtied = true;
+                        b.stored = false;
+                    }
+                }
+            }
+        }
         match &self.bitmaps {
             Some(b) if !b.dirtied => {}
             _ => return Ok(()),
@@ -226,37 +258,58 @@ impl Meta {
         r
     }
 
-    /// Before a resize to `size`: refuse if a bitmap would outgrow QEMU's limits,
-    /// else mark every consistent bitmap in use (one directory write), to be made
-    /// whole again by [`Meta::bitmaps_end_resize`].
+    /// Before a resize to `size` (also to the same size): refuse, as QEMU
+    /// does, if a bitmap is marked in use (inconsistent) or would outgrow QEMU's
+    /// limits; else read every bitmap whole into memory and mark it in use on
+    /// disk (one directory write, flushed), so that the image is safe from here
+    /// until [`Meta::store_bitmaps_at_close`] stores them at the size the image
+    /// then has. [`Meta::bitmaps_end_resize`] says the resize finished; without
+    /// it the bitmaps stay in use.
     pub(crate) fn bitmaps_begin_resize(&mut self, size: u64) -> Result<()> {
         let cs = self.cluster_size();
-        let Some(mut b) = self.bitmaps.take() else {
+        let Some(b) = self.bitmaps.as_ref() else {
             return Ok(());
         };
-        let consistent = |e: &Entry| e.flags & FLAG_IN_USE == 0;
-        for e in b.entries.iter().filter(|e| consistent(e)) {
+        // Bitmaps this session's own earlier resize holds are whole in memory;
+        // those of a resize that failed half way are not.
+        let held =
+            |e: &Entry| b.resize_open.is_none() && b.pending.iter().any(|p| p.name == e.name);
+        if let Some(e) = b
+            .entries
+            .iter()
+            .find(|e| e.flags & FLAG_IN_USE != 0 && !held(e))
+        {
+            return Err(Error::invalid_argument(format!(
+                "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk",
+                e.name
+            )));
+        }
+        for e in &b.entries {
             let need = table_entries_for(size, e.granularity_bits, cs);
             if need > u64::from(MAX_TABLE_SIZE) || need * cs > MAX_PHYS_SIZE {
-                let msg = format!(
+                return Err(Error::invalid_argument(format!(
                     "Cannot resize to {size} bytes: persistent bitmap '{}' would exceed \
                      {MAX_PHYS_SIZE} bytes (remove it first with 'qemu-img bitmap --remove')",
                     e.name
-                );
-                self.bitmaps = Some(b);
-                return Err(Error::invalid_argument(msg));
+                )));
             }
         }
+        if size == self.h.size {
+            return Ok(());
+        }
+        let pending = super::bitmap_edit::read_whole(self)?;
+        let mut b = self.bitmaps.take().expect("checked");
         let mut any = false;
         for i in 0..b.entries.len() {
-            if consistent(&b.entries[i]) {
+            if b.entries[i].flags & FLAG_IN_USE == 0 {
                 b.entries[i].flags |= FLAG_IN_USE;
-                b.entries[i].resizing = true;
                 b.put_entry(i);
-                b.stored = false;
                 any = true;
             }
         }
+        b.pending = pending;
+        b.stored = false;
+        b.resize_open = Some(std::thread::current().id());
         let r = if any {
             self.flush_metadata()
                 .and_then(|_| Ok(self.storage.write_at(&b.dir, b.dir_offset)?))
@@ -268,22 +321,31 @@ impl Meta {
         r
     }
 
-    /// After a resize to `size`: the bitmaps marked by
-    /// [`Meta::bitmaps_begin_resize`] become all ones at the new size and
-    /// consistent again.
-    pub(crate) fn bitmaps_end_resize(&mut self, size: u64) -> Result<()> {
-        let Some(mut b) = self.bitmaps.take() else {
-            return Ok(());
-        };
-        let r = self.fill(&mut b, size, |e| e.resizing);
-        self.bitmaps = Some(b);
-        r
+    /// After a resize (its own writes of the grown range included): the
+    /// bitmaps [`Meta::bitmaps_begin_resize`] holds in memory are to be stored
+    /// when the image closes; a later change to the guest disk sets the enabled
+    /// ones to all ones.
+    pub(crate) fn bitmaps_end_resize(&mut self) {
+        if let Some(b) = self.bitmaps.as_mut() {
+            if b.resize_open.take().is_some() {
+                b.pending_dirtied = false;
+                b.stored = false;
+            }
+        }
+    }
+
+    /// The bitmap a finished resize holds in memory under `name`, if any.
+    pub(crate) fn pending_bitmap(&self, name: &str) -> Option<&Bitmap> {
+        let b = self.bitmaps.as_ref()?;
+        if b.resize_open.is_some() {
+            return None;
+        }
+        b.pending.iter().find(|p| p.name == name)
     }
 
     /// Set the bitmaps `chosen` picks to all ones for a disk of `size` bytes (tables
     /// of the right size, moved if their size changes), then write the directory
-    /// with bitmaps being resized no longer in use, and free what the old tables
-    /// held.
+    /// and free what the old tables held.
     fn fill(&mut self, b: &mut Bitmaps, size: u64, chosen: impl Fn(&Entry) -> bool) -> Result<()> {
         b.stored = false;
         let cs = self.cluster_size();
@@ -300,38 +362,32 @@ impl Meta {
             self.storage.read_at(&mut raw, e.table_offset)?;
             let old: Vec<u64> = (0..raw.len()).step_by(8).map(|at| be64(&raw, at)).collect();
             let unchanged = need == u64::from(e.table_size) && old.iter().all(|&x| x == ALL_ONES);
-            if !unchanged {
-                let table_size = header_u32(need, "bitmap table size")?;
-                let ones: Vec<u8> = std::iter::repeat_n(ALL_ONES.to_be_bytes(), index(need))
-                    .flatten()
-                    .collect();
-                if need == u64::from(e.table_size) {
-                    // In place: every entry is valid before and after its own write.
-                    self.storage.write_at(&ones, e.table_offset)?;
-                } else {
-                    let at = self
-                        .alloc_clusters(ClusterCount::for_bytes(need * 8, bits))?
-                        .get();
-                    self.storage.write_at(&ones, at)?;
-                    frees.extend(
-                        HostOffset(e.table_offset).clusters(u64::from(e.table_size) * 8, bits),
-                    );
-                    e.table_offset = at;
-                    e.table_size = table_size;
-                }
-                frees.extend(
-                    old.iter()
-                        .map(|&x| HostOffset(x & OFFSET_MASK))
-                        .filter(|o| !o.is_none())
-                        .map(|o| o.cluster(bits)),
-                );
-            } else if !e.resizing {
+            if unchanged {
                 continue;
             }
-            if e.resizing {
-                e.flags &= !FLAG_IN_USE;
-                e.resizing = false;
+            let table_size = header_u32(need, "bitmap table size")?;
+            let ones: Vec<u8> = std::iter::repeat_n(ALL_ONES.to_be_bytes(), index(need))
+                .flatten()
+                .collect();
+            if need == u64::from(e.table_size) {
+                // In place: every entry is valid before and after its own write.
+                self.storage.write_at(&ones, e.table_offset)?;
+            } else {
+                let at = self
+                    .alloc_clusters(ClusterCount::for_bytes(need * 8, bits))?
+                    .get();
+                self.storage.write_at(&ones, at)?;
+                frees
+                    .extend(HostOffset(e.table_offset).clusters(u64::from(e.table_size) * 8, bits));
+                e.table_offset = at;
+                e.table_size = table_size;
             }
+            frees.extend(
+                old.iter()
+                    .map(|&x| HostOffset(x & OFFSET_MASK))
+                    .filter(|o| !o.is_none())
+                    .map(|o| o.cluster(bits)),
+            );
             b.put_entry(i);
             dir_changed = true;
         }

@@ -1406,7 +1406,7 @@ impl BlockDevice for Qcow2Image {
         if hide_backing {
             self.zero_grown(old_size, new_size)?;
         }
-        Ok(())
+        self.end_bitmap_resize()
     }
 
     fn path(&self) -> Option<PathBuf> {
@@ -1529,7 +1529,16 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// The resize's own writes are done: persistent bitmaps it holds record
+    /// later changes again (see [`Meta::bitmaps_end_resize`]).
+    pub(crate) fn end_bitmap_resize(&self) -> Result<()> {
+        self.lock()?.bitmaps_end_resize();
+        Ok(())
+    }
+
     /// Change the virtual size in the metadata (the guest view's part of a resize).
+    /// Persistent bitmaps are held whole in memory from here until
+    /// [`Qcow2Image::end_bitmap_resize`] (see [`Meta::bitmaps_begin_resize`]).
     pub(crate) fn resize_metadata(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         request(Operation::Resize, None, || {
             self.check_writable()?;
@@ -1554,9 +1563,9 @@ impl Qcow2Image {
                     "Shrinking the image from {cur} to {new_size} bytes was not allowed"
                 )));
             }
-            if new_size != cur {
-                m.bitmaps_begin_resize(new_size).map_err(|e| self.err(e))?;
-            }
+            // Checked even when the size stays (QEMU refuses an inconsistent
+            // bitmap then too).
+            m.bitmaps_begin_resize(new_size).map_err(|e| self.err(e))?;
             if new_size < cur {
                 let cs = self.geo.cluster_size();
                 let from = new_size.next_multiple_of(cs);
@@ -1606,7 +1615,7 @@ impl Qcow2Image {
             m.storage.flush().map_err(|e| self.err(e))?;
             m.h.size = new_size;
             self.size.store(new_size, Ordering::Release);
-            m.bitmaps_end_resize(new_size).map_err(|e| self.err(e))
+            Ok(())
         })
     }
 }

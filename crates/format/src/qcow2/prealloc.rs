@@ -118,7 +118,7 @@ impl Qcow2Image {
         if hide_backing {
             self.zero_grown(old_size, new_size)?;
         }
-        Ok(())
+        self.end_bitmap_resize()
     }
 
     /// Allocate the unallocated clusters of `[from, to)`, L2 table first, runs
