@@ -763,11 +763,12 @@ mod gate_tests {
         qcow2(&t.path().join("b"), Some("a"), Some("qcow2"));
         let spec = OpenSpec::new(t.path().join("a"));
         let top = open_image(&t.path().join("a"), Format::Qcow2, true, false).unwrap();
-        // Held for writing: the loop meets the top's own lock, one step down.
+        // Held for writing: the loop meets the top's own lock, a step per link.
         let e = verify_backing(&spec, top.as_ref(), true).err().unwrap();
         assert!(
-            e.to_string()
-                .starts_with("Could not open backing file: Failed to get shared"),
+            e.to_string().starts_with(
+                "Could not open backing file: Could not open backing file: Failed to get shared"
+            ),
             "{e}"
         );
         // Held for reading: a loop.
