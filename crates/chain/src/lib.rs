@@ -368,13 +368,25 @@ fn probe_luks(s: &dyn Storage) -> Result<bool> {
 
 /// Resolve a backing file name recorded in `overlay` (relative names are relative to
 /// the overlay's directory, as QEMU resolves them).
+///
+/// The result is spelled as QEMU spells it: a relative name is appended, as
+/// written, to the overlay's name up to and including its last `/` (nothing when
+/// it has none). No component is normalised away, so each `./` of a chain stays
+/// in the names below it (`./a` backed by `./b` backed by `./a` reaches
+/// `./././a`), as QEMU's messages quote them.
 pub fn resolve_backing(overlay: &Path, name: impl AsRef<Path>) -> PathBuf {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let p = name.as_ref();
     if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        overlay.parent().unwrap_or(Path::new(".")).join(p)
+        return p.to_path_buf();
     }
+    let base = overlay.as_os_str().as_bytes();
+    let mut out = match base.iter().rposition(|&c| c == b'/') {
+        Some(i) => base[..=i].to_vec(),
+        None => Vec::new(),
+    };
+    out.extend_from_slice(p.as_os_str().as_bytes());
+    PathBuf::from(OsString::from_vec(out))
 }
 
 /// Open one image file (no backing) as a block device.
@@ -500,16 +512,66 @@ pub fn open_qcow2_on(
 /// Open the image `spec` names and, unless told not to, its whole backing chain
 /// (read-only), attaching each layer to the one above.
 pub fn open(spec: &OpenSpec) -> Result<Chain> {
+    let layers = walk(spec, None)?;
+    // Attach each layer to the one below it.
+    for i in 0..layers.len() - 1 {
+        let below = layers[i + 1].device.clone();
+        layers[i].device.set_backing(Some(below));
+    }
+    Ok(Chain { layers })
+}
+
+/// Open the backing chain below the top image `spec` names, which the caller
+/// already holds open as `top` (for writing when `top_written`), only to learn
+/// whether it opens, as QEMU opens it with the image: a backing file gone, of
+/// an unknown format or failing to open is refused in QEMU's words, and a
+/// chain that loops back to a top held for writing meets that top's own lock
+/// (QEMU's "Failed to get shared \"write\" lock"). Every file below is opened
+/// read-only and closed again; nothing is written. The walk ends at the first
+/// file met twice (never loops) and at [`OpenSpec::max_depth`].
+pub fn verify_backing(spec: &OpenSpec, top: &dyn BlockDevice, top_written: bool) -> Result<()> {
+    if !spec.open_backing {
+        return Ok(());
+    }
+    let (backing_name, backing_format) = match top.overlay() {
+        Some(link) => (link.backing_name(), link.backing_format()),
+        None => (None, None),
+    };
+    walk(
+        spec,
+        Some(HeldTop {
+            written: top_written,
+            backing_name,
+            backing_format,
+        }),
+    )
+    .map(drop)
+}
+
+/// The top image of a walk down a chain when the caller holds it open already.
+struct HeldTop {
+    written: bool,
+    backing_name: Option<OsString>,
+    backing_format: Option<String>,
+}
+
+/// Open the layers of the chain `spec` names, top first (without the top when
+/// the caller holds it: `held`), none attached to another.
+fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
     // A filtered top is probed through its filter, which then serves the image.
-    let mut filtered = match spec.blkdebug {
-        Some(_) => Some(top_storage(spec, spec.write)?),
-        None => None,
+    let mut filtered = match (&spec.blkdebug, &held) {
+        (Some(_), None) => Some(top_storage(spec, spec.write)?),
+        _ => None,
     };
-    let format = match (spec.format, &filtered) {
-        (Some(f), _) => f,
-        (None, Some(s)) => probe_storage(&**s)?,
-        (None, None) => probe_spec(spec)?,
+    let format = match (spec.format, &filtered, &held) {
+        (Some(f), _, _) => f,
+        (None, Some(s), _) => probe_storage(&**s)?,
+        // A held top is never opened again; its format is not needed.
+        (None, None, Some(_)) => Format::Raw,
+        (None, None, None) => probe_spec(spec)?,
     };
+    // Layers above the first one opened here (the held top): depths count them.
+    let skipped = usize::from(held.is_some());
     let mut layers: Vec<Layer> = Vec::new();
     // Each file opened so far, and whether it was opened for writing.
     let mut seen: HashMap<PathBuf, bool> = HashMap::new();
@@ -537,48 +599,59 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 again: path,
             });
         }
-        seen.insert(canon.clone(), write);
-        if layers.len() >= spec.max_depth {
+        // The top the caller holds counts as opened as it holds it.
+        let top = held.take();
+        seen.insert(canon.clone(), top.as_ref().map_or(write, |t| t.written));
+        if layers.len() + skipped >= spec.max_depth {
             return Err(Error::TooDeep {
                 image: spec.path.clone(),
                 limit: spec.max_depth,
             });
         }
-        // Each layer opens with its own secret (`backing.encrypt.key-secret`...).
-        let device = if let Some(storage) = filtered.take() {
-            open_storage(storage, fmt, write, spec.metadata_only, &spec.unlock()?)?
-        } else if layers.is_empty() {
-            open_top(spec, fmt, write)?
-        } else {
-            let depth = layers.len();
-            spec.unlock_at(depth)
-                .and_then(|unlock| {
-                    open_image_with(
-                        &path,
-                        fmt,
-                        write,
-                        spec.force_share,
-                        spec.metadata_only,
-                        &unlock,
-                    )
-                })
-                .map_err(|e| e.below(&links))?
+        let (backing_name, backing_format, backing_path) = match top {
+            Some(t) => {
+                let backing_path = t.backing_name.as_deref().map(|b| resolve_backing(&path, b));
+                (t.backing_name, t.backing_format, backing_path)
+            }
+            None => {
+                // Each layer opens with its own secret (`backing.encrypt.key-secret`...).
+                let device = if let Some(storage) = filtered.take() {
+                    open_storage(storage, fmt, write, spec.metadata_only, &spec.unlock()?)?
+                } else if layers.len() + skipped == 0 {
+                    open_top(spec, fmt, write)?
+                } else {
+                    let depth = layers.len() + skipped;
+                    spec.unlock_at(depth)
+                        .and_then(|unlock| {
+                            open_image_with(
+                                &path,
+                                fmt,
+                                write,
+                                spec.force_share,
+                                spec.metadata_only,
+                                &unlock,
+                            )
+                        })
+                        .map_err(|e| e.below(&links))?
+                };
+                let (backing_name, backing_format) = match device.overlay() {
+                    Some(link) => (link.backing_name(), link.backing_format()),
+                    None => (None, None),
+                };
+                let backing_path = backing_name.as_deref().map(|b| resolve_backing(&path, b));
+                layers.push(Layer {
+                    path: path.clone(),
+                    format: fmt,
+                    device,
+                    backing_name: backing_name.clone(),
+                    backing_format: backing_format.clone(),
+                    backing_path: backing_path.clone(),
+                });
+                (backing_name, backing_format, backing_path)
+            }
         };
-        let (backing_name, backing_format) = match device.overlay() {
-            Some(link) => (link.backing_name(), link.backing_format()),
-            None => (None, None),
-        };
-        let backing_path = backing_name.as_deref().map(|b| resolve_backing(&path, b));
-        layers.push(Layer {
-            path: path.clone(),
-            format: fmt,
-            device,
-            backing_name: backing_name.clone(),
-            backing_format: backing_format.clone(),
-            backing_path: backing_path.clone(),
-        });
         let (Some(name), Some(bpath)) = (backing_name, backing_path) else {
-            if spec.open_backing && spec.has_layer_options(layers.len()) {
+            if spec.open_backing && spec.has_layer_options(layers.len() + skipped) {
                 // Options for a backing file the image does not have: QEMU
                 // tries to open one from the options alone.
                 let e = Error::Format(strata_format::Error::invalid_argument(
@@ -606,7 +679,7 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
                 )))
                 .below(&links)
             })?,
-            None if layers.len() == 1 && spec.backing_format.is_some() => {
+            None if layers.len() + skipped == 1 && spec.backing_format.is_some() => {
                 spec.backing_format.expect("checked")
             }
             None => {
@@ -632,14 +705,9 @@ pub fn open(spec: &OpenSpec) -> Result<Chain> {
         }
         path = bpath;
         fmt = bfmt;
-        write = spec.write_layers.contains(&layers.len());
+        write = spec.write_layers.contains(&(layers.len() + skipped));
     }
-    // Attach each layer to the one below it.
-    for i in 0..layers.len() - 1 {
-        let below = layers[i + 1].device.clone();
-        layers[i].device.set_backing(Some(below));
-    }
-    Ok(Chain { layers })
+    Ok(layers)
 }
 
 #[cfg(test)]
@@ -675,6 +743,45 @@ mod gate_tests {
         qcow2(&t.path().join("self"), Some("self"), Some("qcow2"));
         let e = open(&OpenSpec::new(t.path().join("self"))).err().unwrap();
         assert!(matches!(e, Error::Loop { .. }), "{e}");
+    }
+
+    #[test]
+    fn backing_names_resolve_spelled_as_qemu_spells_them() {
+        let r = |o: &str, b: &str| resolve_backing(Path::new(o), b);
+        assert_eq!(r("x", "./y"), Path::new("./y"));
+        assert_eq!(r("./x", "./y"), Path::new("././y"));
+        assert_eq!(r("././y", "./x"), Path::new("./././x"));
+        assert_eq!(r("/d/./x", "./y"), Path::new("/d/././y"));
+        assert_eq!(r("sub/z", "../sub/z"), Path::new("sub/../sub/z"));
+        assert_eq!(r("sub/z", "/abs"), Path::new("/abs"));
+    }
+
+    #[test]
+    fn verifying_a_held_top_s_chain_meets_its_lock_or_its_gaps() {
+        let t = tempfile::tempdir().unwrap();
+        qcow2(&t.path().join("a"), Some("b"), Some("qcow2"));
+        qcow2(&t.path().join("b"), Some("a"), Some("qcow2"));
+        let spec = OpenSpec::new(t.path().join("a"));
+        let top = open_image(&t.path().join("a"), Format::Qcow2, true, false).unwrap();
+        // Held for writing: the loop meets the top's own lock, a step per link.
+        let e = verify_backing(&spec, top.as_ref(), true).err().unwrap();
+        assert!(
+            e.to_string().starts_with(
+                "Could not open backing file: Could not open backing file: Failed to get shared"
+            ),
+            "{e}"
+        );
+        // Held for reading: a loop.
+        let e = verify_backing(&spec, top.as_ref(), false).err().unwrap();
+        assert!(matches!(e, Error::Loop { .. }), "{e}");
+        // A backing file gone.
+        qcow2(&t.path().join("c"), Some("gone"), Some("qcow2"));
+        let top = open_image(&t.path().join("c"), Format::Qcow2, true, false).unwrap();
+        let spec = OpenSpec::new(t.path().join("c"));
+        let e = verify_backing(&spec, top.as_ref(), true).err().unwrap();
+        assert_eq!(e.kind(), strata_format::ErrorKind::NotFound);
+        // Without backing files opened, nothing is looked at.
+        assert!(verify_backing(&spec.open_backing(false), top.as_ref(), true).is_ok());
     }
 
     #[test]

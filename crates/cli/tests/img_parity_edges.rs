@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{assert_all_same, qcow2, same, sh};
+use common::{assert_all_same, qcow2, same, same_in_dir_copies, sh};
 use std::path::Path;
 
 /// `name` records `backing` (format qcow2) as its backing file, written as
@@ -162,5 +162,178 @@ fn character_devices_are_host_device_files() {
     ] {
         same(d, args);
     }
+    assert_all_same();
+}
+
+/// Commands that open an image for writing with its backing chain (amend,
+/// snapshot -c/-d/-a, commit) refuse it when that chain does not open, as
+/// qemu-img does before it reads their options: a backing file gone, or a
+/// chain that loops back to the image held for writing (its own lock, quoted
+/// with the name the chain reached it by: each relative `./` step stays in it,
+/// `./x` backed by `./y` backed by `./x` reaching `./././x`). Nothing is
+/// written.
+#[test]
+fn writing_opens_refuse_a_chain_that_does_not_open_in_qemu_img_s_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qcow2(d, "self.qcow2", "1M", &[]);
+    link(d, "self.qcow2", "self.qcow2");
+    qcow2(d, "dot.qcow2", "1M", &[]);
+    link(d, "dot.qcow2", "./dot.qcow2");
+    qcow2(d, "a.qcow2", "1M", &[]);
+    qcow2(d, "b.qcow2", "1M", &["-b", "a.qcow2", "-F", "qcow2"]);
+    link(d, "a.qcow2", "b.qcow2");
+    qcow2(d, "x.qcow2", "1M", &[]);
+    qcow2(d, "y.qcow2", "1M", &[]);
+    link(d, "x.qcow2", "./y.qcow2");
+    link(d, "y.qcow2", "./x.qcow2");
+    std::fs::create_dir(d.join("sub")).unwrap();
+    qcow2(d, "sub/z.qcow2", "1M", &[]);
+    link(d, "sub/z.qcow2", "../sub/z.qcow2");
+    qcow2(
+        d,
+        "miss.qcow2",
+        "1M",
+        &["-u", "-b", "gone.qcow2", "-F", "qcow2"],
+    );
+    let files = [
+        "self.qcow2",
+        "dot.qcow2",
+        "a.qcow2",
+        "b.qcow2",
+        "x.qcow2",
+        "y.qcow2",
+        "sub/z.qcow2",
+        "miss.qcow2",
+    ];
+    let before = contents(d, &files);
+    let abs = d.join("x.qcow2").display().to_string();
+    for f in [
+        "self.qcow2",
+        "dot.qcow2",
+        "a.qcow2",
+        "x.qcow2",
+        "./x.qcow2",
+        abs.as_str(),
+        "sub/z.qcow2",
+        "miss.qcow2",
+    ] {
+        for args in [
+            &["amend", "-o", "compat=1.1", f][..],
+            &["amend", "-o", "foo=bar", f],
+            &["snapshot", "-c", "s", f],
+            &["snapshot", "-d", "s", f],
+            &["snapshot", "-a", "s", f],
+            &["commit", f],
+            &["rebase", "-b", "", f],
+        ] {
+            same(d, args);
+        }
+    }
+    // Read-only opens of the broken chain.
+    for args in [
+        &["snapshot", "-l", "miss.qcow2"][..],
+        &["snapshot", "-l", "-U", "miss.qcow2"],
+    ] {
+        same(d, args);
+    }
+    assert_eq!(contents(d, &files), before, "a refused command wrote");
+    assert_all_same();
+}
+
+/// An `--image-opts` list whose first item has no `=` names a node as `file`
+/// (strata has none to find); a later bare item is a deprecated short-form
+/// boolean (`KEY` on, `noKEY` off), warned about as qemu-img warns.
+#[test]
+fn a_bare_first_image_opts_item_is_a_node_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qcow2(d, "t.qcow2", "1M", &[]);
+    for o in [
+        "t.qcow2",
+        "foo",
+        "t.qcow2,driver=qcow2",
+        ",driver=qcow2",
+        ",,x",
+        "a,,b,driver=raw",
+        "file=t.qcow2",
+        "driver=qcow2,t.qcow2",
+        "driver=qcow2,file.filename=t.qcow2,force-share",
+        "driver=qcow2,file.filename=t.qcow2,noforce-share",
+        "driver=qcow2,file.filename=t.qcow2,no",
+    ] {
+        same(d, &["info", "--image-opts", o]);
+        same(d, &["map", "--image-opts", o]);
+        same(d, &["check", "--image-opts", o]);
+        same(d, &["compare", "--image-opts", o, o]);
+        same(d, &["convert", "--image-opts", "-O", "raw", o, "n.raw"]);
+        let _ = std::fs::remove_file(d.join("n.raw"));
+    }
+    assert_all_same();
+}
+
+/// In a `-o` list a bare item is a boolean: `KEY` on, `noKEY` off, `no` the
+/// empty key; so `-o nocow` asks for an option `cow` no format has.
+#[test]
+fn bare_creation_options_are_booleans_on_or_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("f");
+    std::fs::create_dir(&fixture).unwrap();
+    qcow2(&fixture, "t.qcow2", "1M", &[]);
+    let mut n = 0;
+    let mut run = |args: &[&str]| {
+        n += 1;
+        same_in_dir_copies(&fixture, n, args);
+    };
+    for o in [
+        "nocow",
+        "cow",
+        "no",
+        "nocow=on",
+        "nocow=off",
+        "lazy_refcounts",
+        "nolazy_refcounts",
+        "compat=1.1,lazy_refcounts",
+        "preallocation",
+        "backing_file=x",
+        "backing_fmt=raw",
+    ] {
+        run(&["create", "-f", "qcow2", "-o", o, "n.qcow2", "1M"]);
+        run(&["create", "-f", "raw", "-o", o, "n.raw", "1M"]);
+    }
+    run(&["amend", "-o", "lazy_refcounts", "t.qcow2"]);
+    run(&["amend", "-o", "nolazy_refcounts", "t.qcow2"]);
+    run(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "lazy_refcounts",
+        "t.qcow2",
+        "n.qcow2",
+    ]);
+    run(&[
+        "convert",
+        "-O",
+        "raw",
+        "-o",
+        "backing_file=x",
+        "t.qcow2",
+        "n.raw",
+    ]);
+    run(&["create", "-f", "raw", "-b", "x", "n.raw", "1M"]);
+    run(&["create", "-f", "raw", "-F", "raw", "n.raw", "1M"]);
+    same(
+        &fixture,
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "lazy_refcounts",
+            "--size",
+            "1M",
+        ],
+    );
     assert_all_same();
 }

@@ -271,12 +271,8 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
         Format::Raw => {
             for k in opts.keys() {
                 if !["size", "preallocation", "nocow"].contains(&k.as_str()) {
-                    if k == "backing_file" || k == "backing_fmt" {
-                        return Err(invalid(
-                            p,
-                            "Backing file not supported for file format 'raw'",
-                        ));
-                    }
+                    // `backing_file` too: the raw driver has no such option
+                    // (qemu-img's own -b refusal is its caller's).
                     return Err(invalid(p, format!("Invalid parameter '{k}'")));
                 }
             }

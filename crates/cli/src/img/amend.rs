@@ -186,8 +186,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             spec.protocol_driver.as_deref().unwrap_or(format.name())
         );
     }
-    let req = parse_request(&items)?;
+    // As qemu-img: the image opens, with its backing chain, before the
+    // options are read.
     let mut img = open_qcow2(&spec, true)?;
+    super::common::verify_backing(&spec, &img, true)?;
+    let req = parse_request(&items)?;
     super::amend_keys::check_numbers(&req.encrypt, "encrypt.")?;
     let keys = if req.encrypt.is_empty() {
         None

@@ -160,12 +160,30 @@ pub fn open_qcow2(
 
 /// Open the image `spec` names on its own (no backing file attached), with the
 /// secret its options name, a failure worded as qemu-img words a failed open.
+/// Its backing chain is opened too and closed again (see [`verify_backing`]):
+/// qemu-img opens the image with its chain, and fails as the chain fails.
 pub fn open_top(
     spec: &strata_chain::OpenSpec,
     format: strata_format::Format,
     write: bool,
 ) -> Result<std::sync::Arc<dyn strata_format::BlockDevice>> {
-    strata_chain::open_top(spec, format, write)
+    let dev = strata_chain::open_top(spec, format, write)
+        .map_err(|e| open_error(&spec.path, &spec.shown_name(), &e))?;
+    verify_backing(spec, dev.as_ref(), write)?;
+    Ok(dev)
+}
+
+/// Refuse the image `spec` names, held open as `top` (for writing when
+/// `written`), when its backing chain does not open, in qemu-img's words:
+/// a backing file gone or unreadable, or a chain that loops back to a top held
+/// for writing (its own lock refuses it). Nothing is written; see
+/// [`strata_chain::verify_backing`].
+pub fn verify_backing(
+    spec: &strata_chain::OpenSpec,
+    top: &dyn strata_format::BlockDevice,
+    written: bool,
+) -> Result<()> {
+    strata_chain::verify_backing(spec, top, written)
         .map_err(|e| open_error(&spec.path, &spec.shown_name(), &e))
 }
 
@@ -283,14 +301,19 @@ pub fn check_option_lists(opts: &[String]) -> Result<()> {
 }
 
 /// The `key=value` items of repeated `-o` options in the order given (a key
-/// without a value is `on`).
+/// without a value is `on`, `noKEY` is `KEY` off).
 pub fn option_items(opts: &[String]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for o in opts {
         for item in split_items(o) {
             match item.split_once('=') {
                 Some((k, v)) => out.push((k.to_string(), v.to_string())),
-                None => out.push((item, "on".to_string())),
+                // A bare item is a boolean: `KEY` is on, `noKEY` off (`no`
+                // alone the empty key), as QEMU's option parser reads it.
+                None => match item.strip_prefix("no") {
+                    Some(k) => out.push((k.to_string(), "off".to_string())),
+                    None => out.push((item, "on".to_string())),
+                },
             }
         }
     }
@@ -357,6 +380,16 @@ pub fn fmt_g3(v: f64) -> String {
     } else {
         s
     }
+}
+
+/// The program's name as its messages begin (`qemu-img`, `strata img`), for
+/// code that runs without the command's context; set once as a command starts.
+pub static PROG: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Print `PROG: warning: MESSAGE` on stderr, as qemu-img prints a warning.
+pub fn warn(message: &str) {
+    let prog = PROG.get().copied().unwrap_or("strata img");
+    eprintln!("{prog}: warning: {message}");
 }
 
 #[cfg(test)]

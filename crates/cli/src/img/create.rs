@@ -79,15 +79,16 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             super::invoked_as(ctx.prog)
         );
     }
-    if format == Format::Luks {
+    if matches!(format, Format::Luks | Format::Raw) {
         // qemu-img refuses -b and -F itself for a format without backing
         // files; as -o options they are merely unknown to the driver.
         let f = filename.display();
+        let name = format.name();
         if args.backing.is_some() {
-            anyhow::bail!("{f}: Backing file not supported for file format 'luks'");
+            anyhow::bail!("{f}: Backing file not supported for file format '{name}'");
         }
         if args.backing_format.is_some() {
-            anyhow::bail!("{f}: Backing file format not supported for file format 'luks'");
+            anyhow::bail!("{f}: Backing file format not supported for file format '{name}'");
         }
     }
     if let Some(b) = &args.backing {

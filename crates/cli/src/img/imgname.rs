@@ -183,7 +183,11 @@ fn known(key: &str, known: &[&str]) -> bool {
 pub fn image_spec(name: &Path, format: Option<&str>, image_opts: bool) -> Result<OpenSpec> {
     let typed = name.to_string_lossy().into_owned();
     let flat = if image_opts {
-        Some(opts_list(&typed))
+        let (flat, warnings) = opts_list_noted(&typed);
+        for w in warnings {
+            super::common::warn(&w);
+        }
+        Some(flat)
     } else if let Some(json) = name.as_os_str().as_bytes().strip_prefix(b"json:") {
         Some(json_options(json).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?)
     } else {
@@ -419,21 +423,60 @@ fn is_device(path: &Path) -> bool {
 }
 
 /// An `--image-opts` list as QEMU's option parser reads it: `key=value` items,
-/// a bare `key` meaning `key=on` (`nokey`: `key=off`), the last of a repeated key
-/// winning.
+/// the last of a repeated key winning. A first item without `=` is the value
+/// of `file` (a node name, which strata never has); a later bare `key` means
+/// `key=on` (`nokey`: `key=off`, `no` alone the empty key).
 fn opts_list(list: &str) -> BTreeMap<String, String> {
+    opts_list_noted(list).0
+}
+
+/// [`opts_list`], with QEMU's deprecation warning for each short-form boolean
+/// item (the text after "warning: ").
+fn opts_list_noted(list: &str) -> (BTreeMap<String, String>, Vec<String>) {
     let mut flat = BTreeMap::new();
-    for item in split_items(list) {
+    let mut warnings = Vec::new();
+    let mut items = split_items(list);
+    // The first item, even an empty one, without `=`: the node named as `file`.
+    let end = first_item_end(list);
+    if !list.is_empty() && !list[..end].contains('=') {
+        flat.insert("file".to_string(), list[..end].replace(",,", ","));
+        items = split_items(list.get(end + 1..).unwrap_or(""));
+    }
+    for item in items {
         let (k, v) = match item.split_once('=') {
             Some((k, v)) => (k.to_string(), v.to_string()),
-            None => match item.strip_prefix("no") {
-                Some(k) if !k.is_empty() => (k.to_string(), "off".to_string()),
-                _ => (item, "on".to_string()),
-            },
+            None => {
+                let (k, v) = match item.strip_prefix("no") {
+                    Some(k) => (k.to_string(), "off"),
+                    None => (item.clone(), "on"),
+                };
+                warnings.push(format!(
+                    "short-form boolean option '{item}' deprecated\nPlease use {k}={v} instead"
+                ));
+                (k, v.to_string())
+            }
         };
         flat.insert(k, v);
     }
-    flat
+    (flat, warnings)
+}
+
+/// The byte offset where the first item of the option list `list` ends: its
+/// first comma not doubled (`,,` is a comma inside the item), else its length.
+fn first_item_end(list: &str) -> usize {
+    let b = list.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b',' {
+            if b.get(i + 1) == Some(&b',') {
+                i += 2;
+                continue;
+            }
+            return i;
+        }
+        i += 1;
+    }
+    b.len()
 }
 
 /// The options of a `json:` pseudo-filename, nested objects flattened to dotted

@@ -166,6 +166,7 @@ pub fn main_as(args: impl Iterator<Item = OsString>, prog: &'static str) -> i32 
 
 pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
     let ctx = Ctx { prog };
+    let _ = common::PROG.set(prog);
     // A dirty image repaired as it is opened says what was fixed, as qemu-img does.
     strata_format::qcow2::repair_notice::on_auto_repair(|line| eprintln!("{line}"));
     let r = match cli.command {
