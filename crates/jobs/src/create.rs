@@ -62,6 +62,27 @@ fn invalid(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("{}: {msg}", path.display()))
 }
 
+/// How qemu-img words a preallocation that needed the image's storage to grow
+/// when the storage cannot (an NBD export): `None` for any other failure.
+/// `metadata` grows the file once its clusters are mapped; `falloc` and `full`
+/// grow it first, through the file layer's own resize.
+fn cannot_grow_words(e: &strata_format::Error, mode: Preallocation) -> Option<String> {
+    let refused = matches!(
+        e.storage_error(),
+        Some(strata_storage::Error::Io { op: "Could not resize", source, .. })
+            if source.raw_os_error() == Some(libc::ENOTSUP)
+    );
+    match mode {
+        _ if !refused => None,
+        Preallocation::Metadata => Some("Could not resize image: Cannot grow NBD nodes".into()),
+        Preallocation::Falloc | Preallocation::Full => Some(
+            "Could not resize image: Failed to resize underlying file: Cannot grow NBD nodes"
+                .into(),
+        ),
+        Preallocation::Off => None,
+    }
+}
+
 /// Parse an on/off value as QEMU does.
 pub fn parse_bool(key: &str, v: &str) -> std::result::Result<bool, String> {
     match v {
@@ -437,6 +458,15 @@ impl Prepared {
             Kind::Raw(prealloc) => {
                 let mode = match prealloc.as_deref() {
                     None => Preallocation::Off,
+                    // On a device (an NBD export) the image is the device:
+                    // qemu-img's generic creation takes no preallocation.
+                    Some(v) if on.is_some() => match v.parse::<Preallocation>() {
+                        Ok(Preallocation::Off) => Preallocation::Off,
+                        Ok(_) => {
+                            return Err(invalid(p, format!("Unsupported preallocation mode '{v}'")))
+                        }
+                        Err(_) => return Err(invalid(p, format!("invalid parameter value: {v}"))),
+                    },
                     Some(v) => match v.parse::<Preallocation>() {
                         Ok(Preallocation::Metadata) => {
                             return Err(invalid(p, format!("Unsupported preallocation mode: {v}")))
@@ -499,8 +529,12 @@ impl Prepared {
                 c.validate().map_err(|e| invalid(p, e))?;
                 let path = p.clone();
                 Box::new(move |storage| {
-                    let img =
-                        strata_format::qcow2::create(storage, &c).map_err(|e| invalid(&path, e))?;
+                    let img = strata_format::qcow2::create(storage, &c).map_err(|e| {
+                        match cannot_grow_words(&e, c.preallocation) {
+                            Some(words) => invalid(&path, words),
+                            None => invalid(&path, e),
+                        }
+                    })?;
                     img.close()?;
                     Ok(())
                 })

@@ -221,7 +221,13 @@ impl Qcow2Image {
         let (start, end) = (self.storage.size()?, (at + count) * cs);
         if end > start {
             match mode {
-                Preallocation::Full => write_zeroes_through(self.storage.as_ref(), start, end)?,
+                // The file grows first, then its zeroes are written: a storage
+                // that cannot grow refuses the resize (as QEMU's does), not
+                // a write past its end.
+                Preallocation::Full => {
+                    self.storage.set_size(end)?;
+                    write_zeroes_through(self.storage.as_ref(), start, end)?
+                }
                 _ => self.storage.preallocate(start, end - start)?,
             }
         }

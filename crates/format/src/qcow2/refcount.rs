@@ -307,9 +307,10 @@ impl Meta {
     /// ([`Meta::flush_metadata`] keeps that order).
     ///
     /// A refcount block missing for the run is created as QEMU creates it (see
-    /// [`Meta::place_refblock`]), and the search starts over: from the run's
-    /// start when part of the run was already counted, past the new block when
-    /// the run's first cluster lacked it.
+    /// [`Meta::place_refblock`]), and the search starts over from the run's
+    /// start (or from lower, where a grown table freed the old one), as QEMU
+    /// retries the same clusters first; the new block, placed past the run,
+    /// then only moves the run when it landed inside it.
     ///
     /// The search follows QEMU's: first fit from a cursor that every search leaves
     /// just past the run it returns (so a hole a search stepped over, too short
@@ -325,11 +326,11 @@ impl Meta {
             self.free_hint = start + n;
             for b in start / epb..=(start + n - 1) / epb {
                 if self.refblock_offset(b)?.is_none() {
-                    let c = (b * epb).max(start);
-                    self.place_refblock(c)?;
-                    if c > start {
-                        self.free_hint = self.free_hint.min(start);
-                    }
+                    self.place_refblock((b * epb).max(start))?;
+                    // QEMU tries the same clusters first: the cursor goes back
+                    // to the run's start (or stays lower, where growing the
+                    // table freed the old one).
+                    self.free_hint = self.free_hint.min(start);
                     continue 'search;
                 }
             }

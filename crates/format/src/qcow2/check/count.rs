@@ -289,15 +289,23 @@ impl Qcow2Image {
                     ctr.corrupt(format!("ERROR refcount block {i} is outside image"));
                     continue;
                 }
-                ctr.corrupt(format!("Repairing refcount block {i} is outside image"));
                 // The file grows over the block (which then holds zeroes), as
-                // qemu-img's repair grows it, and the block is counted.
+                // qemu-img's repair grows it, and the block is counted; a
+                // successful grow is a corruption fixed, as qemu-img reports it.
+                let msg = format!("Repairing refcount block {i} is outside image");
                 match self.grow_over(m, off) {
                     Ok(size) => {
+                        ctr.messages.push(msg);
+                        ctr.fixed += 1;
                         ctr.file_size = size;
                         file_clusters = size.div_ceil(cs);
+                        // Its cluster was just added to the file: nothing else
+                        // can count it, so its count is 1.
+                        ctr.add(off, cs);
+                        continue;
                     }
                     Err(words) => {
+                        ctr.corrupt(msg);
                         ctr.messages
                             .push(format!("ERROR could not resize image: {words}"));
                         bad_blocks = true;
