@@ -321,14 +321,24 @@ impl Storage for FileStorage {
         Ok(self.zero_range(offset, len)?.is_none())
     }
 
+    /// A range that reaches past the end is punched whole, as QEMU's discard
+    /// punches it: the file keeps its length, and a last partial block inside
+    /// the range is given back too (a punch clipped to the end would only zero
+    /// it). Where nothing can be punched, the bytes up to the end are zeroed.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let Some(len) = self.clip(offset, len)? else {
+        let Some(clipped) = self.clip(offset, len)? else {
             return Ok(());
         };
-        if self.punch_hole(offset, len) {
+        // `clip` checked that `offset + len` does not overflow.
+        let whole = if offset + len <= i64::MAX as u64 {
+            len
+        } else {
+            clipped
+        };
+        if self.punch_hole(offset, whole) {
             return Ok(());
         }
-        self.write_zero_bytes(offset, len)
+        self.write_zero_bytes(offset, clipped)
     }
 
     fn flush(&self) -> Result<()> {
@@ -487,5 +497,24 @@ mod tests {
         assert!(!unflushed(&s));
         assert!(s.write_at(b"x", 0).is_err());
         assert!(!unflushed(&s));
+    }
+
+    /// A discard of whole clusters over a file whose last cluster is partial (a
+    /// qcow2 snapshot table at the end) leaves that last block a hole, the
+    /// length unchanged: the file takes the blocks QEMU's file takes.
+    #[test]
+    fn a_discard_past_the_end_frees_the_last_partial_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 65536 + 139]).unwrap();
+        let s = FileStorage::open(&path, OpenOptions::write()).unwrap();
+        s.discard(65536, 65536).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 65536 + 139);
+        // 64 KiB of data in 512-byte units; the tail block is given back.
+        assert_eq!(meta.blocks(), 128);
+        let mut tail = [1u8; 139];
+        s.read_at(&mut tail, 65536).unwrap();
+        assert_eq!(tail, [0u8; 139]);
     }
 }

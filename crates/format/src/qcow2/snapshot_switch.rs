@@ -24,6 +24,15 @@
 //! refcount structures (a second snapshot reuses the clusters the first switch
 //! freed).
 //!
+//! QEMU's in-place order is not taken for version 2 even where it would leave
+//! only leaks: a cut between a refcount block write and the L2 table write of
+//! its COPIED flags leaves an image `qemu-img check` reports as corrupt
+//! (`ERROR OFLAG_COPIED ...`, exit code 2), not merely leaking; and an apply
+//! cut after its commit point leaves the active L1 with the snapshot's stored
+//! COPIED flags on tables the snapshot still shares, which a writer (QEMU
+//! included: nothing makes it check a version 2 image first) would write in
+//! place, changing the snapshot.
+//!
 //! On create, the old active L1 and L2 tables become the snapshot's unchanged:
 //! their COPIED flags are no longer checked (only the active image's are), and
 //! whoever makes them active again recomputes them (see `snapshot_apply`).

@@ -74,6 +74,9 @@ pub(super) struct Counter {
     pub(super) repair: Repair,
     /// The L2 entries so repaired.
     pub(super) fixed: u64,
+    /// Whether the corruption event of an unreadable refcount block has been
+    /// raised (qemu-img raises it once, and suppresses the later ones).
+    pub(super) signaled: bool,
 }
 
 impl Counter {
@@ -168,6 +171,7 @@ impl Qcow2Image {
             beyond: Vec::new(),
             repair,
             fixed: 0,
+            signaled: false,
         };
         // Header cluster.
         ctr.add(0, cs);
