@@ -513,3 +513,39 @@ fn luks_images_are_checked_measured_copied_and_benched_as_qemu_img_does() {
     }
     assert_all_same();
 }
+
+#[test]
+fn damaged_luks_headers_are_refused_in_qemu_img_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixture(d);
+    let base = std::fs::read(d.join("q.luks")).unwrap();
+    let put32 =
+        |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    type Damage<'a> = (&'a str, &'a dyn Fn(&mut Vec<u8>));
+    let cases: [Damage; 9] = [
+        ("short", &|b| b.truncate(600)),
+        ("cut", &|b| b.truncate(5000)),
+        ("magic", &|b| b[0] = b'X'),
+        ("version", &|b| b[6..8].copy_from_slice(&[0, 2])),
+        ("hash", &|b| b[72..104].copy_from_slice(&[b'm'; 32])),
+        ("stripes", &|b| put32(b, 208 + 44, u32::MAX)),
+        ("payload", &|b| put32(b, 104, 0xffff_0000)),
+        ("overlap", &|b| put32(b, 208 + 40, 1)),
+        ("keybytes", &|b| put32(b, 108, 0)),
+    ];
+    for (name, damage) in cases {
+        let mut b = base.clone();
+        damage(&mut b);
+        let f = format!("{name}.luks");
+        std::fs::write(d.join(&f), b).unwrap();
+        same(d, &["info", "-f", "luks", &f]);
+        same(d, &["info", "--output=json", "-f", "luks", &f]);
+        same(
+            d,
+            &["map", "--object", SECRET, "--image-opts", &opts_name(&f)],
+        );
+        same(d, &["check", "--object", SECRET, &json_name(&f)]);
+    }
+    assert_all_same();
+}

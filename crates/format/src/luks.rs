@@ -66,6 +66,10 @@ impl LuksImage {
     /// Open the image on `storage`: parse and check the header, and unlock the
     /// master key with `unlock` unless `metadata_only`.
     pub fn open(storage: Arc<dyn Storage>, unlock: &Unlock, metadata_only: bool) -> Result<Self> {
+        // The secret is asked for before the header is read, as QEMU asks.
+        if !metadata_only && matches!(unlock, Unlock::None) {
+            return Err(key_required());
+        }
         let mut hdr = vec![0u8; luks::HEADER_LEN];
         storage.read_at(&mut hdr, 0)?;
         let header = LuksHeader::parse(&hdr)?;
@@ -82,9 +86,11 @@ impl LuksImage {
         };
         let file = storage.size()?;
         if file < payload {
-            return Err(Error::invalid(format!(
-                "The LUKS payload offset {payload} lies past the end of the file ({file} bytes)"
-            )));
+            // The payload would start past the end of the file (a truncated
+            // image, a hostile offset): QEMU's words for a negative size.
+            return Err(Error::invalid(
+                "Could not refresh total sector count: Input/output error",
+            ));
         }
         let size = (file - payload).next_multiple_of(SECTOR_SIZE);
         Ok(LuksImage {

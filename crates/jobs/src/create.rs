@@ -275,7 +275,8 @@ enum Kind {
 }
 
 /// Check `req` up to qemu-img's "Formatting" line: option keys and typed values,
-/// the size, and the backing file (opened read-only, unless `-u`, for its size).
+/// the size, and the backing file (its header read, unless `-u`, for its size;
+/// an encrypted one needs no secret).
 pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
     let p = &req.path;
     let opts = &req.options;
@@ -355,12 +356,18 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 if same_file || Path::new(b) == p {
                     return Err(Error::BackingIsItself(p.clone()));
                 }
-                let open_failed = |e: &dyn std::fmt::Display| {
-                    let e = e.to_string();
-                    let e = if e.starts_with("Could not open") {
-                        e
+                let open_failed = |e: &strata_chain::Error| {
+                    let m = e.to_string();
+                    let e = if m.starts_with("Could not open") {
+                        m
+                    } else if let strata_chain::Error::Format(_) = e {
+                        // The format driver's own refusal ("Image is not in
+                        // qcow2 format"), said as QEMU's create says it: the
+                        // file not named again.
+                        let named = format!("{}: ", bpath.display());
+                        m.strip_prefix(&named).map_or(m.clone(), str::to_string)
                     } else {
-                        format!("Could not open '{b}': {e}")
+                        format!("Could not open '{b}': {m}")
                     };
                     invalid(p, format!("{e}\nCould not open backing image."))
                 };
@@ -381,8 +388,13 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                     }
                 };
                 if !req.unsafe_backing {
-                    let dev = strata_chain::open_image(&bpath, fmt, false, true)
-                        .map_err(|e| open_failed(&e))?;
+                    // For its header only, as qemu-img opens it (no I/O): an
+                    // encrypted backing file needs no secret, and an external
+                    // data file is not opened.
+                    let unlock = strata_format::qcow2::Unlock::None;
+                    let dev =
+                        strata_chain::open_image_with(&bpath, fmt, false, true, true, &unlock)
+                            .map_err(|e| open_failed(&e))?;
                     if size.is_none() {
                         size = Some(dev.virtual_size());
                     }

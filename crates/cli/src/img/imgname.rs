@@ -141,7 +141,7 @@ const QCOW2_OPTIONS: [&str; 17] = [
 const UNSUPPORTED_DATA_OPTIONS: &[&str] = &["offset", "size", "backing"];
 
 /// The options a backing file takes through its overlay's `backing.` keys (one
-/// `backing.` per level): its own secret and the qcow2 options that leave its
+/// `backing.` per level): its own secret (`encrypt.key-secret`, a luks file's `key-secret`) and the qcow2 options that leave its
 /// data as the image records it. Its file, driver and data file stay those the
 /// overlay records.
 fn backing_option_supported(key: &str) -> bool {
@@ -151,7 +151,8 @@ fn backing_option_supported(key: &str) -> bool {
     }
     own != key
         && (COMMON_OPTIONS.contains(&own)
-            || known(own, &QCOW2_OPTIONS) && !known(own, &["backing", "data-file", "data-file."]))
+            || known(own, &QCOW2_OPTIONS) && !known(own, &["backing", "data-file", "data-file."])
+            || LUKS_OPTIONS.contains(&own))
 }
 
 /// The raw format driver's own options.
@@ -771,6 +772,68 @@ pub fn json_name(spec: &OpenSpec, format: Format) -> Option<String> {
     ))
 }
 
+/// [`json_name`] for a top image whose backing file is open too: options
+/// that change the backing file's data (its secret, under `backing.`) also
+/// keep the file names from naming the image, and then the `json:` name holds
+/// a `backing` node (its driver `backing.1`, its file `backing.0` as opened,
+/// and those options), as QEMU names such an image.
+pub fn json_name_with_backing(
+    spec: &OpenSpec,
+    format: Format,
+    backing: Option<(&std::path::Path, Format)>,
+) -> Option<String> {
+    let strong = |f: Format| -> &'static [&'static str] {
+        match f {
+            Format::Qcow2 => &QCOW2_STRONG_OPTIONS,
+            Format::Luks => &LUKS_STRONG_OPTIONS,
+            Format::Raw => &[],
+        }
+    };
+    let mut node = serde_json::Map::new();
+    if let Some((path, f)) = backing {
+        for &k in strong(f) {
+            if let Some(v) = spec.driver_options.get(&format!("backing.{k}")) {
+                node.insert(k.into(), Value::from(v.as_str()));
+            }
+        }
+        if !node.is_empty() {
+            node.insert("driver".into(), Value::from(f.name()));
+            let mut file = serde_json::Map::new();
+            file.insert("driver".into(), Value::from("file"));
+            file.insert(
+                "filename".into(),
+                Value::from(path.to_string_lossy().into_owned()),
+            );
+            node.insert("file".into(), Value::Object(file));
+        }
+    }
+    if node.is_empty() {
+        return json_name(spec, format);
+    }
+    if spec.storage.is_some() || spec.blkdebug.is_some() || spec.protocol_driver.is_some() {
+        return None;
+    }
+    let mut top = serde_json::Map::new();
+    top.insert("driver".into(), Value::from(format.name()));
+    for &k in strong(format) {
+        if let Some(v) = spec.driver_options.get(k) {
+            top.insert(k.into(), Value::from(v.as_str()));
+        }
+    }
+    let mut file = serde_json::Map::new();
+    file.insert("driver".into(), Value::from("file"));
+    file.insert(
+        "filename".into(),
+        Value::from(spec.path.to_string_lossy().into_owned()),
+    );
+    top.insert("file".into(), Value::Object(file));
+    top.insert("backing".into(), Value::Object(node));
+    Some(format!(
+        "json:{}",
+        super::qjson::to_compact(&Value::Object(top))
+    ))
+}
+
 /// Options for a backing file, given where qemu-img opens none (`info`):
 /// refused as QEMU refuses options nothing takes.
 pub fn refuse_backing_options(spec: &OpenSpec, format: Format) -> Result<()> {
@@ -800,7 +863,7 @@ pub fn refuse_reopened_options(spec: &OpenSpec) -> Result<()> {
 }
 
 /// As [`refuse_reopened_options`], for a subcommand that opens the chain with
-/// its layers' secrets (`commit`): the backing files' `encrypt.key-secret`
+/// its layers' secrets (`commit`): the backing files' `encrypt.key-secret` (a luks file's `key-secret`)
 /// (one `backing.` per level) is taken, the other backing options refused.
 pub fn refuse_options_but_secrets(spec: &OpenSpec) -> Result<()> {
     refuse_options_but(spec, |k| {
@@ -808,7 +871,7 @@ pub fn refuse_options_but_secrets(spec: &OpenSpec) -> Result<()> {
         while let Some(r) = rest.strip_prefix("backing.") {
             rest = r;
         }
-        rest == "encrypt.key-secret"
+        rest == "encrypt.key-secret" || LUKS_OPTIONS.contains(&rest)
     })
 }
 

@@ -77,6 +77,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = spec.write(true).open_backing(!args.unsafe_mode);
     let chain = open_chain(&spec)?;
     let image = chain.top().clone();
+    // With -u no backing file is opened: options for one are refused, as
+    // qemu-img refuses options nothing takes.
+    if args.unsafe_mode {
+        super::imgname::refuse_backing_options(&spec, chain.layers[0].format)?;
+    }
     // The new backing format must name one of QEMU's drivers, even with no new
     // backing file. With -u any of them is recorded as given (the backing file
     // is not opened); otherwise strata must open it, so it must be one strata
@@ -127,15 +132,35 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         }
     }
     if !args.unsafe_mode {
+        // A relative new backing name resolves against the image's file
+        // name; an image QEMU names by a `json:` name (options that change
+        // its data, or its backing file's) has none to resolve it against.
+        if new_name.as_deref().is_some_and(|n| !n.starts_with('/')) {
+            let backing = chain.layers.get(1).map(|l| (l.path.as_path(), l.format));
+            let top = chain.layers[0].format;
+            if let Some(j) = super::imgname::json_name_with_backing(&spec, top, backing) {
+                bail!(
+                    "Could not resolve backing filename: Cannot use relative backing file names for '{j}'"
+                );
+            }
+        }
         let new_chain = match (&new_name, new_format) {
             (Some(n), Some(f)) => {
                 let path = strata_chain::resolve_backing(&spec.path, n);
                 let spec = strata_chain::OpenSpec::new(&path).format(Some(f));
-                Some(strata_chain::open(&spec).map_err(|e| {
-                    anyhow::anyhow!(
+                Some(strata_chain::open(&spec).map_err(|e| match &e {
+                    // The format driver's own refusal (a secret it needs, a
+                    // header it rejects): the file is not named again.
+                    strata_chain::Error::Format(_) => {
+                        let m = super::common::engine_text(&e);
+                        let named = format!("{}: ", path.display());
+                        let m = m.strip_prefix(&named).unwrap_or(&m);
+                        anyhow::anyhow!("Could not open new backing file '{n}': {m}")
+                    }
+                    _ => anyhow::anyhow!(
                         "Could not open new backing file '{n}': Could not open '{n}': {}",
                         short(&e)
-                    )
+                    ),
                 })?)
             }
             _ => None,

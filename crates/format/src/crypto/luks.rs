@@ -21,6 +21,13 @@ const KEY_SLOT_OFFSET: u64 = 4096;
 const SLOT_ENABLED: u32 = 0x00ac_71f3;
 const SLOT_DISABLED: u32 = 0x0000_dead;
 const MIN_ITERS: u32 = 1000;
+/// The most PBKDF2 iterations an unlock runs for one key slot or for the
+/// master key digest. QEMU has no bound (a hostile header's 2^32 - 1 keeps it
+/// busy for the better part of an hour per slot); this one is about thirty
+/// times what a default 2-second `iter-time` gives on a fast machine, so a
+/// header past it is refused before any work, as [`Error`] of kind
+/// [`ErrorKind::Unsupported`].
+pub const MAX_UNLOCK_ITERS: u32 = 1 << 27;
 
 /// One key slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,9 +137,10 @@ impl LuksHeader {
         }
         for (i, s) in slots.iter().enumerate() {
             if s.stripes != STRIPES {
+                // QEMU prints the count as a signed int (0xffffffff as -1).
                 return Err(Error::invalid(format!(
                     "Keyslot {i} is corrupted (stripes {} != {STRIPES})",
-                    s.stripes
+                    s.stripes as i32
                 )));
             }
             if raw_active[i] != SLOT_ENABLED && raw_active[i] != SLOT_DISABLED {
@@ -311,6 +319,8 @@ impl LuksHeader {
         if !s.active {
             return Ok(None);
         }
+        too_many_iterations(&format!("Keyslot {slot}"), s.iterations)?;
+        too_many_iterations("The LUKS master key digest", self.master_key_iterations)?;
         let klen = index(u64::from(self.key_bytes));
         let mut slot_key = vec![0u8; klen];
         self.hash_alg
@@ -365,6 +375,20 @@ impl LuksHeader {
     pub fn material_len(&self, slot: usize) -> u64 {
         u64::from(self.key_bytes) * u64::from(self.slots[slot].stripes)
     }
+}
+
+/// Refuse an iteration count past [`MAX_UNLOCK_ITERS`] for `what`.
+fn too_many_iterations(what: &str, iterations: u32) -> Result<()> {
+    if iterations > MAX_UNLOCK_ITERS {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{what} asks for {iterations} PBKDF2 iterations, more than the \
+                 {MAX_UNLOCK_ITERS} strata runs to unlock an image"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Where slot `i`'s 48-byte descriptor lies in the header.
