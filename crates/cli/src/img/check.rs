@@ -77,11 +77,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if repair != Repair::None {
         super::common::warn_probed_raw(&spec);
     }
-    if format == Format::Luks {
-        // qemu-img opens the image (secret and all) before it finds no checks.
-        strata_chain::open_top(&spec, format, writing).map_err(opened_err)?;
-    }
     if format != Format::Qcow2 {
+        // qemu-img opens the image (a luks one with its secret) before it
+        // finds no checks: a missing or unreadable file is reported as such.
+        strata_chain::open_top(&spec, format, writing).map_err(opened_err)?;
         eprintln!("{}: This image format does not support checks", ctx.prog);
         return Ok(63);
     }
@@ -157,10 +156,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     // As the user named it (an option list is printed as given).
     let name = spec.shown_name();
+    // -q silences the report in either format (qemu-img prints its JSON
+    // through the same quiet-aware printer as the text).
     match args.output {
-        OutputFormat::Human if !args.quiet => print!("{}", human_report(&report)),
+        _ if args.quiet => {}
+        OutputFormat::Human => print!("{}", human_report(&report)),
         OutputFormat::Json => println!("{}", qjson::to_string(&json_report(&report, &name))),
-        _ => {}
     }
     if report.check_errors > 0 {
         eprintln!("{}: Check failed", ctx.prog);

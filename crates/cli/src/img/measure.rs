@@ -94,7 +94,21 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         (false, false) => bail!("Either --size N or one filename must be specified."),
         _ => {}
     }
-    let format: Format = args.out_format.parse()?;
+    let format: Format = match args.out_format.parse() {
+        Ok(f) => f,
+        Err(e) => {
+            // qemu-img opens the source before it looks the output format up:
+            // a missing source is reported first.
+            if let Some(f) = filename {
+                open_chain(
+                    &args
+                        .naming
+                        .spec(f, args.format.as_deref(), args.force_share)?,
+                )?;
+            }
+            return Err(unmeasurable_format(&args.out_format).unwrap_or_else(|| e.into()));
+        }
+    };
     let opts = parse_options(&args.options)?;
     let mut target = Target {
         format,
@@ -200,4 +214,39 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// qemu-img's refusal of an output format strata does not measure but QEMU
+/// knows: the drivers that create images have no size measurement, the other
+/// drivers no image creation. None for a name QEMU does not know either.
+fn unmeasurable_format(name: &str) -> Option<anyhow::Error> {
+    const CREATING: [&str; 12] = [
+        "file",
+        "host_cdrom",
+        "host_device",
+        "nbd",
+        "nvme",
+        "parallels",
+        "qcow",
+        "qed",
+        "vdi",
+        "vhdx",
+        "vmdk",
+        "vpc",
+    ];
+    // Drivers qemu-img loads from a module (its message names the package).
+    const MODULES: [&str; 10] = [
+        "ftp", "ftps", "gluster", "http", "https", "iscsi", "iser", "nfs", "rbd", "ssh",
+    ];
+    if CREATING.contains(&name) {
+        Some(anyhow::anyhow!(
+            "Block driver '{name}' does not support size measurement"
+        ))
+    } else if super::imgname::QEMU_DRIVERS.contains(&name) && !MODULES.contains(&name) {
+        Some(anyhow::anyhow!(
+            "Format driver '{name}' does not support image creation"
+        ))
+    } else {
+        None
+    }
 }
