@@ -123,14 +123,14 @@ impl Kind {
     fn open(self, s: Arc<dyn Storage>, pw: &[u8]) -> strata_format::Result<Opened> {
         let unlock = Unlock::Secret(pw.into());
         Ok(match self {
-            Kind::Luks => Opened::Luks(LuksImage::open(s, &unlock, false)?),
-            Kind::Qcow2 => Opened::Qcow2(Qcow2Image::open(
+            Kind::Luks => Opened::Luks(Box::new(LuksImage::open(s, &unlock, false)?)),
+            Kind::Qcow2 => Opened::Qcow2(Box::new(Qcow2Image::open(
                 s,
                 Qcow2OpenOptions {
                     unlock,
                     ..Default::default()
                 },
-            )?),
+            )?)),
         })
     }
 
@@ -154,8 +154,8 @@ impl Kind {
             .open(Arc::new(MemStorage::from_vec(bytes.to_vec())), pw)
             .ok()?
         {
-            Opened::Luks(i) => Box::new(i),
-            Opened::Qcow2(i) => Box::new(i),
+            Opened::Luks(i) => i,
+            Opened::Qcow2(i) => i,
         };
         let mut buf = vec![0u8; usize::try_from(dev.virtual_size()).ok()?];
         dev.read(&mut buf, 0).ok()?;
@@ -197,8 +197,8 @@ impl Kind {
 }
 
 enum Opened {
-    Luks(LuksImage),
-    Qcow2(Qcow2Image),
+    Luks(Box<LuksImage>),
+    Qcow2(Box<Qcow2Image>),
 }
 
 fn req(
