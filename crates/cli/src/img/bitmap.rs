@@ -57,41 +57,6 @@ struct Parsed {
     help: bool,
 }
 
-/// qemu-img bitmap's long options, in the order of its getopt table (the
-/// order getopt names the candidates of an ambiguous prefix in).
-const LONG_OPTIONS: &[&str] = &[
-    "help",
-    "object",
-    "image-opts",
-    "add",
-    "remove",
-    "clear",
-    "enable",
-    "disable",
-    "merge",
-    "granularity",
-    "source-file",
-    "source-format",
-];
-
-/// The long option `--BODY` (`=value` and all) names: itself, or the one
-/// option it is a prefix of; else how many options it is a prefix of.
-fn long_option(body: &str) -> Result<&'static str, usize> {
-    let name = body.split('=').next().unwrap_or(body);
-    if let Some(exact) = LONG_OPTIONS.iter().find(|l| **l == name) {
-        return Ok(exact);
-    }
-    let found: Vec<&'static str> = LONG_OPTIONS
-        .iter()
-        .copied()
-        .filter(|l| l.starts_with(name))
-        .collect();
-    match found.as_slice() {
-        [one] => Ok(one),
-        _ => Err(found.len()),
-    }
-}
-
 fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
     let try_help = format!(
         "Try '{} bitmap --help' for more info",
@@ -121,19 +86,14 @@ fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
         // A long option may be abbreviated to any prefix naming one option
         // alone (getopt_long); messages then name it in full.
         let name = match name.strip_prefix("--") {
-            Some(body) => match long_option(body) {
+            Some(body) => match super::usage::long_option("bitmap", body) {
                 Ok(full) => format!("--{full}"),
-                Err(0) => {
+                Err(names) if names.is_empty() => {
                     return Err(format!(
                         "{prog} bitmap: unrecognized option '{a}'\n{try_help}"
                     ))
                 }
-                Err(_) => {
-                    let names: Vec<&str> = LONG_OPTIONS
-                        .iter()
-                        .copied()
-                        .filter(|l| l.starts_with(body))
-                        .collect();
+                Err(names) => {
                     let said = super::usage::ambiguous_option(&a[2..], &names);
                     return Err(format!("{prog} bitmap: {said}\n{try_help}"));
                 }

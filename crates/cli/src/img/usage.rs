@@ -309,20 +309,33 @@ pub fn ambiguous_option(body: &str, names: &[&str]) -> String {
     )
 }
 
-/// The long options of qemu-img's `sub` that `--BODY` abbreviates, when there
-/// are several and none is named in full (getopt then refuses it as ambiguous).
-fn ambiguous_candidates(sub: &str, body: &str) -> Option<Vec<&'static str>> {
-    let (_, table) = QEMU_LONG_OPTIONS.iter().find(|(s, _)| *s == sub)?;
+/// The long option of qemu-img's `sub` that `--BODY` (`=value` and all)
+/// names, as getopt_long reads it: the option named in full, or the one option
+/// it is a prefix of. Otherwise the options it is a prefix of, in table order:
+/// none (unrecognized, or a subcommand without a table) or several (ambiguous).
+pub fn long_option(sub: &str, body: &str) -> Result<&'static str, Vec<&'static str>> {
+    let Some((_, table)) = QEMU_LONG_OPTIONS.iter().find(|(s, _)| *s == sub) else {
+        return Err(Vec::new());
+    };
     let name = body.split('=').next().unwrap_or(body);
-    if table.contains(&name) {
-        return None;
+    if let Some(exact) = table.iter().find(|l| **l == name) {
+        return Ok(exact);
     }
-    let found: Vec<&str> = table
+    let found: Vec<&'static str> = table
         .iter()
         .copied()
         .filter(|l| l.starts_with(name))
         .collect();
-    (found.len() > 1).then_some(found)
+    match found.as_slice() {
+        [one] => Ok(one),
+        _ => Err(found),
+    }
+}
+
+/// The long options of qemu-img's `sub` that `--BODY` abbreviates, when there
+/// are several and none is named in full (getopt then refuses it as ambiguous).
+fn ambiguous_candidates(sub: &str, body: &str) -> Option<Vec<&'static str>> {
+    long_option(sub, body).err().filter(|found| found.len() > 1)
 }
 
 /// The option as typed, without clap's value name (`-f <FMT>` -> `-f`).
