@@ -35,7 +35,7 @@ pub enum Error {
     TooDeep { image: PathBuf, limit: usize },
     /// The backing file `backing` of `image` (found at `path`) failed to open; QEMU's
     /// words, said once for each level of the chain the failure is below the top.
-    #[error("Could not open backing file: {}", without_name(source, path))]
+    #[error("Could not open backing file: {}", source.without_name(path))]
     Backing {
         image: PathBuf,
         backing: String,
@@ -52,17 +52,19 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// `e`'s message without the leading "PATH: " the format engine gives it: nested
-/// in a backing-file failure, the file is not named again (as in QEMU).
-fn without_name(e: &Error, path: &Path) -> String {
-    let m = e.to_string();
-    match m.strip_prefix(&format!("{}: ", path.display())) {
-        Some(rest) => rest.to_string(),
-        None => m,
-    }
-}
-
 impl Error {
+    /// The message without the leading "PATH: " the format engine gives it
+    /// for the file at `path`: where a failure is reported under another name
+    /// (nested in a backing-file failure, or after "Could not open new backing
+    /// file 'NAME':"), the file is not named again, as in QEMU.
+    pub fn without_name(&self, path: &Path) -> String {
+        let m = self.to_string();
+        match m.strip_prefix(&format!("{}: ", path.display())) {
+            Some(rest) => rest.to_string(),
+            None => m,
+        }
+    }
+
     /// The kind of failure; for a backing file that failed to open, that of the
     /// failure behind it.
     pub fn kind(&self) -> strata_format::ErrorKind {

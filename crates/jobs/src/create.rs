@@ -364,8 +364,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                         // The format driver's own refusal ("Image is not in
                         // qcow2 format"), said as QEMU's create says it: the
                         // file not named again.
-                        let named = format!("{}: ", bpath.display());
-                        m.strip_prefix(&named).map_or(m.clone(), str::to_string)
+                        e.without_name(&bpath)
                     } else {
                         format!("Could not open '{b}': {m}")
                     };

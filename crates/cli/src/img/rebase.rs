@@ -151,12 +151,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 Some(strata_chain::open(&spec).map_err(|e| match &e {
                     // The format driver's own refusal (a secret it needs, a
                     // header it rejects): the file is not named again.
-                    strata_chain::Error::Format(_) => {
-                        let m = super::common::engine_text(&e);
-                        let named = format!("{}: ", path.display());
-                        let m = m.strip_prefix(&named).unwrap_or(&m);
-                        anyhow::anyhow!("Could not open new backing file '{n}': {m}")
-                    }
+                    strata_chain::Error::Format(_) => anyhow::anyhow!(
+                        "Could not open new backing file '{n}': {}",
+                        e.without_name(&path)
+                    ),
                     _ => anyhow::anyhow!(
                         "Could not open new backing file '{n}': Could not open '{n}': {}",
                         short(&e)
