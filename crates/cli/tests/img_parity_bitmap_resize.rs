@@ -8,28 +8,10 @@
 
 mod common;
 
-use common::{assert_all_same, differs, io, outcome, qcow2, same_bytes, same_on_copies, sh};
+use common::{
+    assert_all_same, differs, io, outcome, qcow2, qemu_views, same_bytes, same_on_copies, sh,
+};
 use std::path::Path;
-
-/// `info --output=json` and `check --output=json` of `f`, but for what the
-/// file system decides (allocated size) and the file's name.
-fn views(dir: &Path, f: &str) -> String {
-    let mut all = String::new();
-    for args in [
-        &["info", "--output=json", f][..],
-        &["check", "--output=json", f],
-    ] {
-        let (code, out, err) = outcome(dir, "qemu-img", args);
-        all += &format!("{code:?}\n");
-        all += &(out + &err)
-            .lines()
-            .filter(|l| !l.contains("actual-size") && !l.contains("\"filename\""))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .replace(f, "IMG");
-    }
-    all
-}
 
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
@@ -96,7 +78,7 @@ fn bitmap_dump(dir: &Path, f: &str) -> String {
 /// The copies left by [`same_on_copies`] are the same bytes and look the same
 /// to QEMU, bitmap contents included.
 fn alike(dir: &Path, (ours, theirs): (String, String), what: &str) {
-    let (v_ours, v_theirs) = (views(dir, &ours), views(dir, &theirs));
+    let (v_ours, v_theirs) = (qemu_views(dir, &ours), qemu_views(dir, &theirs));
     if v_ours != v_theirs {
         differs(format!("{what}: views\n{v_ours}\n---\n{v_theirs}"));
     }

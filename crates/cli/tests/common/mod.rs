@@ -205,6 +205,91 @@ pub fn same_bytes(dir: &Path, ours: &str, theirs: &str, what: &str) {
     }
 }
 
+/// Run `setup` (bash, qemu-img and qemu-io only; nothing when empty) in two
+/// fresh directories under `root` named after `n`, then each command of
+/// `steps` with strata in the first and qemu-img in the second; record any
+/// difference in what they print and, for every file qemu-img's side holds at
+/// the end, in its bytes and map, and when `disk_usage`, in its length and disk
+/// usage (512-byte blocks, within the 8 a file system's extent tree may take).
+pub fn same_files(root: &Path, n: &str, setup: &str, steps: &[&str], disk_usage: bool) {
+    use std::os::unix::fs::MetadataExt;
+    let dirs = [root.join(format!("{n}-o")), root.join(format!("{n}-t"))];
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+        if !setup.is_empty() {
+            sh(d, "bash", &["-ec", setup]);
+        }
+    }
+    for step in steps {
+        let args: Vec<&str> = step.split(' ').collect();
+        let ours = outcome(&dirs[0], "strata", &args);
+        let theirs = outcome(&dirs[1], "qemu-img", &args);
+        if ours != theirs {
+            differs(format!(
+                "[{n}] `img {step}`\n  strata:   {ours:?}\n  qemu-img: {theirs:?}"
+            ));
+        }
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&dirs[1])
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for f in names {
+        let what = format!("[{n}] {steps:?}: {f}");
+        if !dirs[0].join(&f).exists() {
+            differs(format!("{what}: strata left no file"));
+            continue;
+        }
+        if disk_usage {
+            let room = |d: &Path| {
+                let meta = std::fs::metadata(d.join(&f)).unwrap();
+                (meta.len(), meta.blocks())
+            };
+            let ((l_o, b_o), (l_t, b_t)) = (room(&dirs[0]), room(&dirs[1]));
+            if l_o != l_t || b_o.abs_diff(b_t) > 8 {
+                differs(format!(
+                    "{what}: (length, blocks) strata {:?}, qemu-img {:?}",
+                    (l_o, b_o),
+                    (l_t, b_t)
+                ));
+            }
+        }
+        let read = |d: &Path| std::fs::read(d.join(&f)).unwrap();
+        if read(&dirs[0]) != read(&dirs[1]) {
+            differs(format!("{what}: the files' bytes differ"));
+            continue;
+        }
+        let (m_o, m_t) = (map_json(&dirs[0], &f), map_json(&dirs[1], &f));
+        if m_o != m_t {
+            differs(format!("{what}: map\n{m_o}---\n{m_t}"));
+        }
+    }
+}
+
+/// qemu-img's `info --output=json` and `check --output=json` of `f` in `dir`
+/// (exit codes included), but for what the file system decides (allocated
+/// size), the file's name and the times snapshots were taken: two copies that
+/// give the same views look the same to QEMU.
+pub fn qemu_views(dir: &Path, f: &str) -> String {
+    let mut all = String::new();
+    for args in [
+        &["info", "--output=json", f][..],
+        &["check", "--output=json", f],
+    ] {
+        let (code, out, err) = outcome(dir, "qemu-img", args);
+        all += &format!("{code:?}\n");
+        all += &(out + &err)
+            .lines()
+            .filter(|l| !l.contains("actual-size") && !l.contains("\"filename\""))
+            .filter(|l| !l.contains("\"date-sec\"") && !l.contains("\"date-nsec\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(f, "IMG");
+    }
+    all
+}
+
 /// The two copies of [`same_on_copies`] are alike to QEMU: the same `qemu-img
 /// info --output=json` (but for the file's name and allocated size: QEMU punches
 /// holes where strata may leave zeroes), the same guest data, and strata's copy,
