@@ -295,23 +295,11 @@ pub fn qemu_views(dir: &Path, f: &str) -> String {
 /// holes where strata may leave zeroes), the same guest data, and strata's copy,
 /// if qcow2, checks clean.
 pub fn same_image(dir: &Path, ours: &str, theirs: &str, what: &str) {
-    same_image_but(dir, ours, theirs, what, false)
-}
-
-/// [`same_image`], but for the files' lengths when `file_length_free` (the
-/// `virtual-size` of the protocol layer below the format: the two tools may
-/// place new metadata at different ends of the file).
-fn same_image_but(dir: &Path, ours: &str, theirs: &str, what: &str, file_length_free: bool) {
     let info = |f: &str| {
         let (_, out, err) = outcome(dir, "qemu-img", &["info", "--output=json", f]);
         (out + &err)
             .lines()
             .filter(|l| !l.contains("actual-size") && !l.contains("\"filename\""))
-            .filter(|l| {
-                !(file_length_free
-                    && l.trim_start().starts_with("\"virtual-size\"")
-                    && l.starts_with("        "))
-            })
             // Snapshots the two tools take get the time they were taken.
             .filter(|l| !l.contains("\"date-sec\"") && !l.contains("\"date-nsec\""))
             .collect::<Vec<_>>()
@@ -348,17 +336,6 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// [`assert_all_same`], any difference in what they print or in the files they
 /// leave: the same names, and each pair alike by [`same_image`].
 pub fn same_in_dir_copies(fixture: &Path, n: usize, args: &[&str]) {
-    in_dir_copies(fixture, n, args, false)
-}
-
-/// [`same_in_dir_copies`] for commands whose new metadata QEMU and strata may
-/// place apart in the file (internal snapshots): the files' lengths are not
-/// compared, all else is.
-pub fn same_in_dir_copies_but_file_length(fixture: &Path, n: usize, args: &[&str]) {
-    in_dir_copies(fixture, n, args, true)
-}
-
-fn in_dir_copies(fixture: &Path, n: usize, args: &[&str], file_length_free: bool) {
     let parent = fixture.parent().unwrap();
     let base = fixture.file_name().unwrap().to_string_lossy().into_owned();
     let (ours, theirs) = (format!("{base}-o{n}"), format!("{base}-t{n}"));
@@ -388,6 +365,6 @@ fn in_dir_copies(fixture: &Path, n: usize, args: &[&str], file_length_free: bool
     }
     for f in n_ours {
         let (o, t) = (format!("{ours}/{f}"), format!("{theirs}/{f}"));
-        same_image_but(parent, &o, &t, &format!("`{what}` {f}"), file_length_free);
+        same_image(parent, &o, &t, &format!("`{what}` {f}"));
     }
 }
