@@ -48,6 +48,15 @@ pub enum Error {
     /// The first bytes of the image could not be read to probe its format.
     #[error("Could not read image for determining its format: {0}")]
     Probe(strata_storage::Error),
+    /// The image `name` names through a protocol (see [`set_protocol_opener`])
+    /// could not be reached; `message` is the opener's, which does not repeat
+    /// the name (callers say it, as for files).
+    #[error("{message}")]
+    Protocol { name: String, message: String },
+    /// The top image's own store (an NBD export served read-only) refuses the
+    /// writing open asked of it.
+    #[error("Could not open image: Permission denied")]
+    ReadOnlyStore,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -77,6 +86,8 @@ impl Error {
             Error::Backing { source, .. } => source.kind(),
             Error::UnknownFormat(_) => K::Unsupported,
             Error::Probe(e) => e.kind(),
+            Error::Protocol { .. } => K::Io,
+            Error::ReadOnlyStore => K::ReadOnly,
         }
     }
 
@@ -335,8 +346,57 @@ impl Chain {
     }
 }
 
+/// Opens images named by a protocol rather than a file (QEMU's `nbd://...`
+/// backing file names): the chain layer only knows files, so the program
+/// registers one with [`set_protocol_opener`].
+pub trait ProtocolOpener: Send + Sync {
+    /// Whether `name` is a protocol name this opener serves (decided from the
+    /// name alone, nothing is contacted). Such a name is never resolved
+    /// against an overlay's directory.
+    fn claims(&self, name: &str) -> bool;
+    /// Connect to the image `name` names (one [`ProtocolOpener::claims`]),
+    /// for writing if `write`: its store and the canonical name it is reported
+    /// under. The error is the reason, in QEMU's words, without the name.
+    fn open(&self, name: &str, write: bool) -> Result<(Arc<dyn Storage>, String), String>;
+}
+
+static PROTOCOL_OPENER: std::sync::OnceLock<Box<dyn ProtocolOpener>> = std::sync::OnceLock::new();
+
+/// Register the process's [`ProtocolOpener`]; backing files (and [`open_image`]
+/// paths) it claims open through it from now on. Only the first registration
+/// counts.
+pub fn set_protocol_opener(opener: Box<dyn ProtocolOpener>) {
+    let _ = PROTOCOL_OPENER.set(opener);
+}
+
+/// The registered opener, when it claims `path` (a name that is not a file).
+fn protocol_for(path: &Path) -> Option<&'static dyn ProtocolOpener> {
+    let opener = PROTOCOL_OPENER.get()?;
+    let name = path.to_str()?;
+    opener.claims(name).then_some(opener.as_ref())
+}
+
+/// Whether `name` names an image through a registered [`ProtocolOpener`]
+/// rather than a file.
+pub fn is_protocol_name(name: &Path) -> bool {
+    protocol_for(name).is_some()
+}
+
+/// The store of the protocol name `path` when an opener claims it.
+fn protocol_storage(path: &Path, write: bool) -> Option<Result<(Arc<dyn Storage>, String)>> {
+    let opener = protocol_for(path)?;
+    let name = path.to_str()?;
+    Some(opener.open(name, write).map_err(|message| Error::Protocol {
+        name: name.to_string(),
+        message,
+    }))
+}
+
 /// Probe the format of a top image from its first bytes: qcow2 by magic, else raw.
 pub fn probe_format(path: &Path) -> Result<Format> {
+    if let Some(s) = protocol_storage(path, false) {
+        return probe_storage(s?.0.as_ref());
+    }
     let s = FileStorage::open(path, OpenOptions::read().force_share(true))?;
     probe_storage(&s)
 }
@@ -375,11 +435,13 @@ fn probe_luks(s: &dyn Storage) -> Result<bool> {
 /// written, to the overlay's name up to and including its last `/` (nothing when
 /// it has none). No component is normalised away, so each `./` of a chain stays
 /// in the names below it (`./a` backed by `./b` backed by `./a` reaches
-/// `./././a`), as QEMU's messages quote them.
+/// `./././a`), as QEMU's messages quote them. A name a registered
+/// [`ProtocolOpener`] claims (an NBD URL) is kept as written, like an absolute
+/// one.
 pub fn resolve_backing(overlay: &Path, name: impl AsRef<Path>) -> PathBuf {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let p = name.as_ref();
-    if p.is_absolute() {
+    if p.is_absolute() || is_protocol_name(p) {
         return p.to_path_buf();
     }
     let base = overlay.as_os_str().as_bytes();
@@ -411,6 +473,9 @@ pub fn open_image_with(
     metadata_only: bool,
     unlock: &Unlock,
 ) -> Result<Arc<dyn BlockDevice>> {
+    if let Some(s) = protocol_storage(path, write) {
+        return open_storage(s?.0, format, write, metadata_only, unlock);
+    }
     let opts = if write {
         OpenOptions::write()
     } else {
@@ -421,10 +486,11 @@ pub fn open_image_with(
 }
 
 /// The top image's store: its own storage when the spec carries one (an NBD
-/// export), else the file at `spec.path`; behind the blkdebug filter when the
-/// spec asks for one.
+/// export; refused for writing when it is read-only), else the file at
+/// `spec.path`; behind the blkdebug filter when the spec asks for one.
 pub fn top_storage(spec: &OpenSpec, write: bool) -> Result<Arc<dyn Storage>> {
     let base: Arc<dyn Storage> = match &spec.storage {
+        Some(s) if write && s.0.read_only() => return Err(Error::ReadOnlyStore),
         Some(s) => s.0.clone(),
         None => {
             let opts = if write {
@@ -582,6 +648,8 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
     let mut write = spec.write;
     // Each step down the chain so far: a failure below the top is wrapped once per step.
     let mut links: Vec<(PathBuf, String, PathBuf)> = Vec::new();
+    // The store of the next layer when its name is a protocol's (already connected).
+    let mut remote: Option<Arc<dyn Storage>> = None;
     loop {
         let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if let Some(&written) = seen.get(&canon) {
@@ -619,6 +687,12 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                 // Each layer opens with its own secret (`backing.encrypt.key-secret`...).
                 let device = if let Some(storage) = filtered.take() {
                     open_storage(storage, fmt, write, spec.metadata_only, &spec.unlock()?)?
+                } else if let Some(storage) = remote.take() {
+                    spec.unlock_at(layers.len() + skipped)
+                        .and_then(|unlock| {
+                            open_storage(storage, fmt, write, spec.metadata_only, &unlock)
+                        })
+                        .map_err(|e| e.below(&links))?
                 } else if layers.len() + skipped == 0 {
                     open_top(spec, fmt, write)?
                 } else {
@@ -697,6 +771,16 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
             name.to_string_lossy().into_owned(),
             bpath.clone(),
         ));
+        let below_writes = spec.write_layers.contains(&(layers.len() + skipped));
+        if let Some(opened) = protocol_storage(&bpath, below_writes) {
+            // Reached through its protocol, and named as it reports itself.
+            let (storage, canonical) = opened.map_err(|e| e.below(&links))?;
+            remote = Some(storage);
+            path = PathBuf::from(canonical);
+            fmt = bfmt;
+            write = below_writes;
+            continue;
+        }
         if let Err(e) = std::fs::metadata(&bpath) {
             return Err(Error::Storage(strata_storage::Error::Io {
                 op: "Could not open",

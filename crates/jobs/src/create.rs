@@ -358,7 +358,11 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 }
                 let open_failed = |e: &strata_chain::Error| {
                     let m = e.to_string();
-                    let e = if m.starts_with("Could not open") {
+                    // A backing export that cannot be reached is not named
+                    // again (the opener's reason is QEMU's whole message).
+                    let e = if m.starts_with("Could not open")
+                        || strata_chain::is_protocol_name(Path::new(b))
+                    {
                         m
                     } else if let strata_chain::Error::Format(_) = e {
                         // The format driver's own refusal ("Image is not in

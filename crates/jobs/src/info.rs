@@ -244,6 +244,11 @@ pub fn chain_info(chain: &strata_chain::Chain, top_name: &OsStr) -> Result<Vec<I
     let mut out = Vec::with_capacity(chain.layers.len());
     let mut name = top_name.to_os_string();
     for layer in &chain.layers {
+        // A layer reached through a protocol (an NBD export) is named as it
+        // reports itself.
+        if strata_chain::is_protocol_name(&layer.path) {
+            name = layer.path.clone().into_os_string();
+        }
         let info = layer_info(layer, &name)?;
         name = layer
             .backing_path

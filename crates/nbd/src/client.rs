@@ -116,6 +116,11 @@ impl Client {
             source,
         };
         let sock = match &url.address {
+            // An empty path names no socket; QEMU's connect is refused there.
+            Address::Unix(path) if path.as_os_str().is_empty() => {
+                const ECONNREFUSED: i32 = 111;
+                return Err(failed(std::io::Error::from_raw_os_error(ECONNREFUSED)));
+            }
             Address::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(failed)?),
             Address::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port)).map_err(failed)?;

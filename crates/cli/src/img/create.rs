@@ -129,7 +129,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let prepared = prepared.with_secrets(secrets);
     if on_export {
         // An NBD export is formatted in place: it is neither created nor resized.
-        let storage = super::nbdname::open_device(&typed, &args.objects.objects()?)?;
+        let named = |e: anyhow::Error| anyhow::anyhow!("{typed}: {e}");
+        let storage =
+            super::nbdname::open_device(&typed, &args.objects.objects()?).map_err(named)?;
+        if let (Format::Raw, Some(size)) = (format, size) {
+            super::nbdname::check_fits(&storage, size).map_err(named)?;
+        }
         prepared.create_on(storage)?;
     } else {
         prepared.create()?;

@@ -114,7 +114,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     };
     let out = if on_export {
         // An NBD export is formatted in place, within its size.
-        let device = super::nbdname::open_device(output, &args.naming.objects.objects()?)?;
+        let device = super::nbdname::open_device(output, &args.naming.objects.objects()?)
+            .map_err(|e| anyhow!("{output}: error while creating output image: {e}"))?;
+        if out_format == Format::Raw {
+            super::nbdname::check_fits(&device, size - start)
+                .map_err(|e| anyhow!("{output}: error while creating output image: {e}"))?;
+        }
         strata_jobs::create::prepare(&request)
             .and_then(|p| p.create_on(device.clone()))
             .map_err(create_failed)?;

@@ -74,9 +74,19 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     if let Some(json) = super::imgname::json_name(&spec, chain.layers[0].format) {
         infos[0].filename = json.into();
     }
-    if spec.storage.is_some() {
-        infos = infos.into_iter().map(super::nbdname::info_view).collect();
-    }
+    // Layers on NBD exports: the top named as one, or backing files named by
+    // NBD URLs.
+    let remote: Vec<bool> = chain
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i == 0 && spec.storage.is_some()) || strata_chain::is_protocol_name(&l.path))
+        .collect();
+    infos = infos
+        .into_iter()
+        .zip(&remote)
+        .map(|(i, &r)| if r { super::nbdname::info_view(i) } else { i })
+        .collect();
     if spec.blkdebug.is_some() {
         let top = infos.remove(0);
         infos.insert(0, super::blkdebug::info_view(top, &spec));
@@ -93,8 +103,14 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             } else {
                 serde_json::to_value(&infos[0])?
             };
-            if spec.storage.is_some() {
-                super::nbdname::json_view(&mut v);
+            match v.as_array_mut() {
+                Some(list) => list
+                    .iter_mut()
+                    .zip(&remote)
+                    .filter(|(_, &r)| r)
+                    .for_each(|(v, _)| super::nbdname::json_view(v)),
+                None if remote[0] => super::nbdname::json_view(&mut v),
+                None => {}
             }
             println!("{}", qjson::to_string(&v));
         }

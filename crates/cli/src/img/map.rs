@@ -74,11 +74,21 @@ fn map_image(args: Args) -> Result<i32> {
         .as_deref()
         .unwrap_or(spec.path.as_os_str().as_bytes());
     let names: Vec<Vec<u8>> = std::iter::once(top_name)
-        .chain(chain.layers[..chain.layers.len() - 1].iter().map(|l| {
-            l.backing_path
-                .as_ref()
-                .map_or(&b""[..], |p| p.as_os_str().as_bytes())
-        }))
+        .chain(
+            chain.layers[1..]
+                .iter()
+                .zip(&chain.layers)
+                .map(|(l, above)| {
+                    // A backing export is named as it reports itself.
+                    if strata_chain::is_protocol_name(&l.path) {
+                        return l.path.as_os_str().as_bytes();
+                    }
+                    above
+                        .backing_path
+                        .as_ref()
+                        .map_or(&b""[..], |p| p.as_os_str().as_bytes())
+                }),
+        )
         .zip(&chain.layers)
         .map(|(name, layer)| {
             layer

@@ -169,6 +169,8 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
     let _ = common::PROG.set(prog);
     // A dirty image repaired as it is opened says what was fixed, as qemu-img does.
     strata_format::qcow2::repair_notice::on_auto_repair(|line| eprintln!("{line}"));
+    // Backing files may name NBD exports, as QEMU's do.
+    nbdname::install();
     let r = match cli.command {
         ImgCommand::Create(a) => create::run(a, &ctx),
         ImgCommand::Info(a) => info::run(a, &ctx),

@@ -102,12 +102,33 @@ pub fn open(
 }
 
 /// The export the file name `typed` names, connected for an image to be
-/// formatted onto it.
+/// formatted onto it (`create`, `convert` without `-n`, `dd`). QEMU cannot
+/// create an image on NBD, so it opens the export as an existing image: one it
+/// cannot reach, or that is served read-only, is refused with qemu-img's
+/// explanation, unnamed (each command says the name and the step).
 pub fn open_device(typed: &str, objects: &Objects) -> Result<Arc<NbdStorage>> {
-    let target = parse_name(typed).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
-    let storage =
-        connect(&target, objects).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
+    let refused = |e: &dyn std::fmt::Display| {
+        anyhow!(
+            "Protocol driver 'nbd' does not support creating new images, so an existing image \
+             must be selected as the target; however, opening the given target as an existing \
+             image failed: {e}"
+        )
+    };
+    let target = parse_name(typed).map_err(|e| refused(&e))?;
+    let storage = connect(&target, objects).map_err(|e| refused(&e))?;
+    if strata_storage::Storage::read_only(&storage) {
+        return Err(refused(&"Could not open image: Permission denied"));
+    }
     Ok(Arc::new(storage))
+}
+
+/// Refuse an export smaller than `size` for a raw image: QEMU's NBD driver
+/// cannot grow an export.
+pub fn check_fits(device: &NbdStorage, size: u64) -> Result<()> {
+    if size > strata_storage::Storage::size(device)? {
+        bail!("Cannot grow NBD nodes");
+    }
+    Ok(())
 }
 
 /// The spec of the NBD export `convert` writes into (`name`, with `-O` as
@@ -128,12 +149,9 @@ pub fn convert_target(
             anyhow!("{}: error while converting {fmt}: {why}", name.display())
         };
         let typed = name.to_string_lossy();
-        let device = open_device(&typed, &naming.objects.objects()?)?;
+        let device = open_device(&typed, &naming.objects.objects()?).map_err(|e| failed(&e))?;
         match fmt {
-            "raw" if total > strata_storage::Storage::size(device.as_ref())? => {
-                return Err(failed(&"Cannot grow NBD nodes"));
-            }
-            "raw" => {}
+            "raw" => check_fits(&device, total).map_err(|e| failed(&e))?,
             _ => {
                 let request = strata_jobs::create::CreateRequest {
                     path: name.to_path_buf(),
@@ -163,6 +181,35 @@ pub fn names_export(typed: &str, flat: Option<&BTreeMap<String, String>>) -> boo
             .split_once(':')
             .is_some_and(|(p, _)| !p.contains('/') && is_nbd_protocol(p.as_bytes())),
     }
+}
+
+/// Backing files named by NBD URLs (`nbd://...`, `nbd+unix:///...?socket=`,
+/// the legacy `nbd:` forms), as QEMU opens them: connected to, and named by
+/// their canonical URL. Registered with the chain layer by [`install`].
+struct BackingExports;
+
+impl strata_chain::ProtocolOpener for BackingExports {
+    fn claims(&self, name: &str) -> bool {
+        names_export(name, None)
+    }
+
+    fn open(
+        &self,
+        name: &str,
+        write: bool,
+    ) -> std::result::Result<(Arc<dyn strata_storage::Storage>, String), String> {
+        let target = parse_name(name).map_err(|e| e.to_string())?;
+        let storage = connect(&target, &Objects::default()).map_err(|e| e.to_string())?;
+        if write && strata_storage::Storage::read_only(&storage) {
+            return Err("Can't reopen read-only NBD mount as read/write".into());
+        }
+        Ok((Arc::new(storage), target.canonical()))
+    }
+}
+
+/// Let the chain layer open backing files that name NBD exports.
+pub fn install() {
+    strata_chain::set_protocol_opener(Box::new(BackingExports));
 }
 
 fn parse_format(f: &str) -> Result<Format> {

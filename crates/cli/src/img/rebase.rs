@@ -100,6 +100,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(f) => Some(f.parse()?),
         None => None,
     };
+    // A raw image on an NBD export: QEMU's nbd driver has no driver
+    // information, which rebase asks for before anything else.
+    if image.overlay().is_none() && spec.storage.is_some() {
+        bail!("could not get block driver info");
+    }
     // An image without a backing file link (raw) cannot take one: refused as
     // qemu-img refuses the change, before anything is written.
     if image.overlay().is_none() {
