@@ -38,17 +38,6 @@ fn serve_read_only(d: &Path, image: &str, fmt: &str, export: &str, sock: &str) -
     )
 }
 
-/// Every name of the export `e` on the socket `sock` qemu-img takes as a
-/// backing file name.
-fn backing_names(sock: &str, port: u16) -> Vec<String> {
-    vec![
-        format!("nbd+unix:///e?socket={sock}"),
-        format!("nbd:unix:{sock}:exportname=e"),
-        format!("nbd://127.0.0.1:{port}/e"),
-        format!("nbd+tcp://127.0.0.1:{port}/e"),
-    ]
-}
-
 #[test]
 fn a_base_export_that_cannot_be_reached_is_refused_in_qemu_img_words() {
     let dir = tempfile::tempdir().unwrap();
