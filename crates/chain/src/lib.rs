@@ -53,6 +53,13 @@ pub enum Error {
     /// the name (callers say it, as for files).
     #[error("{message}")]
     Protocol { name: String, message: String },
+    /// The image `name` names through a protocol opened, but refuses the
+    /// writing a layer below the top was asked for (a read-only NBD export
+    /// committed into). QEMU opens such a layer read-only first and fails
+    /// only when it reopens it for writing, so the message stands alone: it is
+    /// never wrapped in the steps down the chain.
+    #[error("{message}")]
+    ProtocolReopen { name: String, message: String },
     /// The top image's own store (an NBD export served read-only) refuses the
     /// writing open asked of it.
     #[error("Could not open image: Permission denied")]
@@ -87,6 +94,7 @@ impl Error {
             Error::UnknownFormat(_) => K::Unsupported,
             Error::Probe(e) => e.kind(),
             Error::Protocol { .. } => K::Io,
+            Error::ProtocolReopen { .. } => K::ReadOnly,
             Error::ReadOnlyStore => K::ReadOnly,
         }
     }
@@ -357,7 +365,18 @@ pub trait ProtocolOpener: Send + Sync {
     /// Connect to the image `name` names (one [`ProtocolOpener::claims`]),
     /// for writing if `write`: its store and the canonical name it is reported
     /// under. The error is the reason, in QEMU's words, without the name.
-    fn open(&self, name: &str, write: bool) -> Result<(Arc<dyn Storage>, String), String>;
+    fn open(&self, name: &str, write: bool) -> Result<(Arc<dyn Storage>, String), ProtocolRefusal>;
+}
+
+/// Why a [`ProtocolOpener`] did not open a name, in QEMU's words (without the
+/// name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolRefusal {
+    /// The image could not be reached or opened at all.
+    Unreachable(String),
+    /// The image opens, but not for the writing asked of it (a read-only
+    /// export); QEMU meets this when it reopens the layer read/write.
+    ReadOnly(String),
 }
 
 static PROTOCOL_OPENER: std::sync::OnceLock<Box<dyn ProtocolOpener>> = std::sync::OnceLock::new();
@@ -386,9 +405,15 @@ pub fn is_protocol_name(name: &Path) -> bool {
 fn protocol_storage(path: &Path, write: bool) -> Option<Result<(Arc<dyn Storage>, String)>> {
     let opener = protocol_for(path)?;
     let name = path.to_str()?;
-    Some(opener.open(name, write).map_err(|message| Error::Protocol {
-        name: name.to_string(),
-        message,
+    Some(opener.open(name, write).map_err(|refusal| match refusal {
+        ProtocolRefusal::Unreachable(message) => Error::Protocol {
+            name: name.to_string(),
+            message,
+        },
+        ProtocolRefusal::ReadOnly(message) => Error::ProtocolReopen {
+            name: name.to_string(),
+            message,
+        },
     }))
 }
 
@@ -774,7 +799,10 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
         let below_writes = spec.write_layers.contains(&(layers.len() + skipped));
         if let Some(opened) = protocol_storage(&bpath, below_writes) {
             // Reached through its protocol, and named as it reports itself.
-            let (storage, canonical) = opened.map_err(|e| e.below(&links))?;
+            let (storage, canonical) = opened.map_err(|e| match e {
+                e @ Error::ProtocolReopen { .. } => e,
+                e => e.below(&links),
+            })?;
             remote = Some(storage);
             path = PathBuf::from(canonical);
             fmt = bfmt;

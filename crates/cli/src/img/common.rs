@@ -194,8 +194,14 @@ pub fn open_chain(spec: &strata_chain::OpenSpec) -> Result<strata_chain::Chain> 
 }
 
 /// qemu-img's "Could not open 'NAME': reason" for a failure to open `path`'s
-/// chain, the image named as the user named it.
+/// chain, the image named as the user named it (a layer refusing its reopen
+/// for writing, [`strata_chain::Error::ProtocolReopen`], says its reason alone).
 pub fn open_error(path: &std::path::Path, name: &str, e: &strata_chain::Error) -> anyhow::Error {
+    // A layer that opened but refuses to be reopened for writing (a read-only
+    // NBD export committed into): QEMU's reopen failure names no image.
+    if let strata_chain::Error::ProtocolReopen { message, .. } = e {
+        return anyhow!("{message}");
+    }
     // The engine's message names the file too; say it once.
     let path = path.display().to_string();
     let msg = engine_text(e);

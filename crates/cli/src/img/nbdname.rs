@@ -12,7 +12,7 @@ use super::objects::Objects;
 use anyhow::{anyhow, bail, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use strata_chain::{OpenSpec, TopStorage};
+use strata_chain::{OpenSpec, ProtocolRefusal, TopStorage};
 use strata_format::Format;
 use strata_nbd::client::Client;
 use strata_nbd::storage::NbdStorage;
@@ -197,11 +197,14 @@ impl strata_chain::ProtocolOpener for BackingExports {
         &self,
         name: &str,
         write: bool,
-    ) -> std::result::Result<(Arc<dyn strata_storage::Storage>, String), String> {
-        let target = parse_name(name).map_err(|e| e.to_string())?;
-        let storage = connect(&target, &Objects::default()).map_err(|e| e.to_string())?;
+    ) -> std::result::Result<(Arc<dyn strata_storage::Storage>, String), ProtocolRefusal> {
+        let unreachable = |e: &dyn std::fmt::Display| ProtocolRefusal::Unreachable(e.to_string());
+        let target = parse_name(name).map_err(|e| unreachable(&e))?;
+        let storage = connect(&target, &Objects::default()).map_err(|e| unreachable(&e))?;
         if write && strata_storage::Storage::read_only(&storage) {
-            return Err("Can't reopen read-only NBD mount as read/write".into());
+            return Err(ProtocolRefusal::ReadOnly(
+                "Can't reopen read-only NBD mount as read/write".into(),
+            ));
         }
         Ok((Arc::new(storage), target.canonical()))
     }
@@ -357,6 +360,48 @@ fn from_options(flat: &BTreeMap<String, String>) -> Option<Result<(Target, Optio
     })())
 }
 
+/// The members of an `inet` server address besides `type`.
+const INET_MEMBERS: [&str; 11] = [
+    "host",
+    "port",
+    "numeric",
+    "to",
+    "ipv4",
+    "ipv6",
+    "keep-alive",
+    "keep-alive-count",
+    "keep-alive-idle",
+    "keep-alive-interval",
+    "mptcp",
+];
+
+/// The refusal of `server.type=fd,server.str=FD` (a socket inherited from the
+/// parent process), in qemu-img's words: a number that does not parse as a C
+/// `int` ("Unable to parse FD number ..."), or a descriptor that is not an
+/// open socket. strata does not speak NBD over an inherited descriptor, so an
+/// open socket is refused too, in its own words.
+fn inherited_socket(fd: &str) -> anyhow::Error {
+    let digits = fd.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b');
+    let unsigned = digits.strip_prefix(['+', '-']).unwrap_or(digits);
+    if unsigned.is_empty() || !unsigned.bytes().all(|b| b.is_ascii_digit()) {
+        return anyhow!("Unable to parse FD number {fd}");
+    }
+    let Ok(n) = digits.strip_prefix('+').unwrap_or(digits).parse::<i32>() else {
+        return anyhow!("Unable to parse FD number {fd}: Numerical result out of range");
+    };
+    // SAFETY: `stat` is plain old data, for which all zero bytes are valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes the buffer it is given; any number is a
+    // valid argument (a closed or negative one fails with EBADF).
+    let status = unsafe { libc::fstat(n, &mut st) };
+    let is_socket = status == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK;
+    if is_socket {
+        anyhow!("NBD over an inherited file descriptor ('{fd}') is not supported by strata")
+    } else {
+        anyhow!("File descriptor '{fd}' is not a socket")
+    }
+}
+
 /// The NBD driver's options (without `driver`) as a target, refused with
 /// qemu-img's messages.
 fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
@@ -369,15 +414,34 @@ fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
     }
     let get = |k: &str| opts.get(k).cloned();
     let export = get("export").unwrap_or_default();
-    let address = match get("server.type").as_deref() {
-        Some("unix") => Address::Unix(
-            get("server.path")
-                .ok_or_else(|| anyhow!("Parameter 'path' is missing"))?
-                .into(),
-        ),
+    let server_type = get("server.type");
+    // A member the address type has no use for ("server.host" of a unix
+    // address), refused after the missing ones, as QEMU's option parser does.
+    let unexpected = |allowed: &[&str]| -> Result<()> {
+        match opts
+            .keys()
+            .filter_map(|k| k.strip_prefix("server."))
+            .find(|m| *m != "type" && !allowed.contains(m))
+        {
+            Some(m) => bail!("Parameter '{m}' is unexpected"),
+            None => Ok(()),
+        }
+    };
+    let address = match server_type.as_deref() {
+        Some("fd") => {
+            let fd = get("server.str").ok_or_else(|| anyhow!("Parameter 'str' is missing"))?;
+            unexpected(&["str"])?;
+            return Err(inherited_socket(&fd));
+        }
+        Some("unix") => {
+            let path = get("server.path").ok_or_else(|| anyhow!("Parameter 'path' is missing"))?;
+            unexpected(&["path", "abstract", "tight"])?;
+            Address::Unix(path.into())
+        }
         Some("inet") => {
             let host = get("server.host").ok_or_else(|| anyhow!("Parameter 'host' is missing"))?;
             let port = get("server.port").ok_or_else(|| anyhow!("Parameter 'port' is missing"))?;
+            unexpected(&INET_MEMBERS)?;
             Address::Tcp {
                 port: port
                     .parse()
@@ -552,6 +616,33 @@ mod tests {
         assert_eq!(
             e(&[("driver", "nbd"), ("server.type", "x")]),
             "Parameter 'type' does not accept value 'x'"
+        );
+        let fd = |n: &str| e(&[("driver", "nbd"), ("server.type", "fd"), ("server.str", n)]);
+        assert_eq!(fd("abc"), "Unable to parse FD number abc");
+        assert_eq!(fd(""), "Unable to parse FD number ");
+        assert_eq!(fd("0x5"), "Unable to parse FD number 0x5");
+        assert_eq!(
+            fd("2147483648"),
+            "Unable to parse FD number 2147483648: Numerical result out of range"
+        );
+        assert_eq!(fd("-1"), "File descriptor '-1' is not a socket");
+        assert_eq!(fd(" +987654"), "File descriptor ' +987654' is not a socket");
+        assert_eq!(
+            e(&[
+                ("driver", "nbd"),
+                ("server.type", "fd"),
+                ("server.path", "p")
+            ]),
+            "Parameter 'str' is missing"
+        );
+        assert_eq!(
+            e(&[
+                ("driver", "nbd"),
+                ("server.type", "unix"),
+                ("server.path", "p"),
+                ("server.host", "h")
+            ]),
+            "Parameter 'host' is unexpected"
         );
     }
 }
