@@ -3,6 +3,22 @@
 //! structures are full) in both tools: each runs the same command on its own
 //! copy of an image qemu-img made (qemu-io filled, or the test crafted), and
 //! both must print the same and leave images QEMU reads alike.
+//!
+//! 298 (the `preallocate` filter) is not here: strata does not know the
+//! driver. What qemu-img 10 does with it, for whoever adds it:
+//! `--image-opts driver=qcow2,file.driver=preallocate,file.file.filename=F`
+//! (and `json:`) opens; `info` names the image `json:{"driver": "qcow2",
+//! "file": {"driver": "preallocate", "file": {"driver": "file", "filename":
+//! "F"}}}` (prealloc-align and prealloc-size left out of the name) and lists
+//! `Child node '/file'` (that json name for the filter, `file format:
+//! preallocate`, its virtual size the file's length) above `Child node
+//! '/file/file'` (the file). `file.prealloc-align=3` is refused with "Could
+//! not open 'OPTS': prealloc-align parameter of preallocate filter is not
+//! aligned to 512", an unknown key with "Block format 'preallocate' does not
+//! support the option 'KEY'", a missing `file.file` with "A block device must
+//! be specified for \"file\"". The file grows in prealloc-size steps while
+//! written and is cut back to the end of the data at close, so the length
+//! left after a qemu-img command is the one left without the filter.
 
 mod common;
 
