@@ -11,8 +11,9 @@
 //! compressed cluster (qemu-img: "error while reading at byte 0: Input/output
 //! error"; strata names the decompression failure); failures spread over several of qemu-img's parallel copy
 //! requests with its default 8 coroutines (qemu-img interleaves their warnings
-//! by coroutine; strata's, like `-m 1`'s, come in offset order), and damaged
-//! allocation metadata (qemu-img salvages failed block-status queries too).
+//! by coroutine; strata's, like `-m 1`'s, come in offset order). Failed
+//! allocation queries (an L2 table that cannot be loaded) are compared with
+//! `-m 1`.
 
 mod common;
 
@@ -266,5 +267,46 @@ fn salvage_and_copy_offloading_refusals_come_in_qemu_img_order() {
         a.extend_from_slice(&["-O", "qcow2", "a.qcow2", "o.qcow2"]);
         same_salvage(&fx, n + 1, &a, "o.qcow2");
     }
+    assert_all_same();
+}
+
+/// A source whose allocation queries fail (its L2 tables cannot be loaded):
+/// each sector is taken as data with qemu-img's block-status warning, first
+/// for the whole source (qemu-img's counting pass), then again before each
+/// sector's own read warning; zeroes are copied and the exit code is 0.
+///
+/// Left: the same rule firing once (`once = "on"`): qemu-img's copy warns of
+/// nothing (the one failure lands on a request of its own that it does not
+/// report), strata's first allocation query fails and is warned of, twice.
+#[test]
+fn salvage_goes_on_past_failed_allocation_queries_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture(dir.path());
+    std::fs::write(fx.join("l2.cfg"), "[inject-error]\nevent = \"l2_load\"\n").unwrap();
+    let mut n = 100;
+    for cfg in ["l2"] {
+        let src = format!("blkdebug:{cfg}.cfg:a.qcow2");
+        for extra in [&[][..], &["-q"], &["-n"]] {
+            for out in ["raw", "qcow2"] {
+                n += 1;
+                let target = if extra == ["-n"] {
+                    format!("n.{out}")
+                } else {
+                    format!("o.{out}")
+                };
+                let mut a = vec!["convert", "--salvage", "-m", "1"];
+                a.extend_from_slice(extra);
+                a.extend_from_slice(&["-O", out, &src, &target]);
+                same_salvage(&fx, n, &a, &target);
+            }
+        }
+    }
+    // Without --salvage the first failed query ends the copy.
+    same_salvage(
+        &fx,
+        200,
+        &["convert", "-O", "raw", "blkdebug:l2.cfg:a.qcow2", "o.raw"],
+        "o.raw",
+    );
     assert_all_same();
 }

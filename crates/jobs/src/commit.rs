@@ -169,7 +169,10 @@ pub fn commit(c: &ResolvedCommit, progress: &dyn Progress, cancel: &Cancel) -> R
             Some(chain.layers[base].format.name()),
         )?;
     } else if c.empties_top() {
-        make_empty(layers[0].as_ref())?;
+        make_empty(layers[0].as_ref()).map_err(|e| match e {
+            Error::Format(f) => Error::EmptyFailed(f),
+            e => e,
+        })?;
     }
     for l in &layers {
         l.close()?;

@@ -82,6 +82,11 @@ pub enum Error {
     /// emptied after a commit.
     #[error("A {0} image cannot be emptied")]
     CannotEmpty(&'static str),
+    /// Emptying the top image after a commit failed (its data is already in
+    /// the base); the error is the engine's, its message without the file's
+    /// name. The command line names the image as the user did.
+    #[error("Failed to empty the image: {}", .0.message())]
+    EmptyFailed(strata_format::Error),
     /// `create` was asked for an image whose backing file is the image itself
     /// (by name or by identity); refused before anything is written.
     #[error("{}: Error: Trying to create an image with the same filename as the backing file", .0.display())]
@@ -103,7 +108,7 @@ impl Error {
         use strata_format::ErrorKind as K;
         match self {
             Error::Chain(e) => e.kind(),
-            Error::Format(e) => e.kind(),
+            Error::Format(e) | Error::EmptyFailed(e) => e.kind(),
             Error::Storage(e) => e.kind(),
             Error::Invalid(_) | Error::BackingIsItself(_) => K::InvalidArgument,
             Error::Cancelled => K::Cancelled,

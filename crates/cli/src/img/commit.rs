@@ -94,7 +94,12 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     shown.steps.set(0.0);
     shown.steps.set(0.0);
     let limited = strata_jobs::layers::RateLimit::new(&shown, rate);
-    commit::commit(&resolved, &limited, &cancel).map_err(|e| job_error(&named_as, e))?;
+    commit::commit(&resolved, &limited, &cancel).map_err(|e| match e {
+        strata_jobs::Error::EmptyFailed(f) => {
+            anyhow::anyhow!("Failed to empty {}: {}", named_as.display(), f.message())
+        }
+        e => job_error(&named_as, e),
+    })?;
     shown.finish_bar();
     shown.steps.set(100.0);
     shown.steps.end();

@@ -480,6 +480,13 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     } else {
         opts
     };
+    // Wrapped before the plan walks the allocation: a failed query there is
+    // salvaged (and warned of) as qemu-img's counting pass does.
+    let sources = if args.salvage {
+        salvaging(&sources, (!args.quiet).then_some(ctx.prog))?
+    } else {
+        sources
+    };
     let cancel = Cancel::default();
     let cluster = target.cluster_size().unwrap_or(512);
     let plan = Plan::new(&sources, &opts, cluster, &cancel)?;
@@ -496,11 +503,6 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     // -r: the writer is held back to RATE bytes per second (producers wait on it).
     let limited = strata_jobs::layers::RateLimit::new(&shown, rate);
-    let sources = if args.salvage {
-        salvaging(&sources, (!args.quiet).then_some(ctx.prog))?
-    } else {
-        sources
-    };
     convert(&sources, &plan, &target, &opts, &limited, &cancel)?;
     shown.steps.complete();
     if let Some(b) = &bitmaps {

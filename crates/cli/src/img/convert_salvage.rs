@@ -4,13 +4,19 @@
 //! Input/output error", left out with `-q`), and the copy goes on. The exit
 //! code stays 0, as with qemu-img.
 //!
-//! What is not salvaged (the copy fails as without `--salvage`): a failed
-//! allocation query (qemu-img goes on there too, sector by sector, after
-//! reporting a corrupt image in its own words).
+//! A failed allocation query is salvaged too, as qemu-img does: the sector
+//! it asked about is taken as data (the next query starts at the next
+//! sector), with a warning "error while reading block status at offset N:
+//! Input/output error". qemu-img asks twice, once to count the work and once
+//! while copying (then right before reading the sector); strata asks once,
+//! remembers each such sector and, when the copy reads it, says the warning
+//! again before the read's own, so the warnings come in qemu-img's order
+//! (with one copy request at a time, as strata's salvage runs).
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
-use strata_format::{BlockDevice, Extent, InternalSnapshots, Overlay, Result};
+use std::sync::{Arc, Mutex};
+use strata_format::{BlockDevice, Extent, InternalSnapshots, Overlay, Result, Status};
 use strata_storage::Storage;
 
 /// The sector a failed read is retried in.
@@ -21,6 +27,8 @@ pub struct Salvaging {
     inner: Arc<dyn BlockDevice>,
     /// `PROG: warning: ` before each warning; `None`: quiet.
     warn: Option<String>,
+    /// Sectors (offsets of their first byte) whose allocation query failed.
+    unknown: Mutex<BTreeSet<u64>>,
 }
 
 impl Salvaging {
@@ -30,7 +38,24 @@ impl Salvaging {
         Arc::new(Salvaging {
             inner,
             warn: warn.map(|p| format!("{p}: warning: ")),
+            unknown: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// Say `what` as a warning (unless quiet).
+    fn warn(&self, what: std::fmt::Arguments) {
+        if let Some(p) = &self.warn {
+            eprintln!("{p}{what}");
+        }
+    }
+
+    /// The sectors in `[offset, offset + len)` whose allocation query failed.
+    fn unknown_in(&self, offset: u64, len: u64) -> Vec<u64> {
+        let set = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        let first = offset - offset % SECTOR;
+        set.range(first..offset.saturating_add(len))
+            .copied()
+            .collect()
     }
 
     /// The words qemu-img gives a failed read: the OS's, or EIO's for a failure
@@ -52,14 +77,19 @@ impl BlockDevice for Salvaging {
     /// zeroes, sector by sector. A range past the device's end fails as the
     /// device fails it.
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let failed = match self.inner.read(buf, offset) {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        // A range outside the device is the caller's mistake, not a bad sector.
-        let end = offset.checked_add(buf.len() as u64);
-        if end.is_none_or(|end| end > self.inner.virtual_size()) {
-            return Err(failed);
+        let unknown = self.unknown_in(offset, buf.len() as u64);
+        if unknown.is_empty() {
+            match self.inner.read(buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // A range outside the device is the caller's mistake, not a
+                    // bad sector.
+                    let end = offset.checked_add(buf.len() as u64);
+                    if end.is_none_or(|end| end > self.inner.virtual_size()) {
+                        return Err(e);
+                    }
+                }
+            }
         }
         let mut at = 0usize;
         while at < buf.len() {
@@ -67,10 +97,17 @@ impl BlockDevice for Salvaging {
             // Sectors are counted from the source's start, as qemu-img does.
             let n = ((SECTOR - pos % SECTOR) as usize).min(buf.len() - at);
             let piece = &mut buf[at..at + n];
+            let sector = pos - pos % SECTOR;
+            if unknown.binary_search(&sector).is_ok() {
+                self.warn(format_args!(
+                    "error while reading block status at offset {sector}: Input/output error"
+                ));
+            }
             if let Err(e) = self.inner.read(piece, pos) {
-                if let Some(p) = &self.warn {
-                    eprintln!("{p}error while reading offset {pos}: {}", Self::words(e));
-                }
+                self.warn(format_args!(
+                    "error while reading offset {pos}: {}",
+                    Self::words(e)
+                ));
                 piece.fill(0);
             }
             at += n;
@@ -92,8 +129,35 @@ impl BlockDevice for Salvaging {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+    /// Never fails for a range inside the device: a failed query takes the
+    /// rest of the sector at `offset` as data (warned of the first time).
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.block_status(offset, len)
+        let failed = match self.inner.block_status(offset, len) {
+            Ok(e) => return Ok(e),
+            Err(e) => e,
+        };
+        if len == 0 || offset >= self.inner.virtual_size() {
+            return Err(failed);
+        }
+        let sector = offset - offset % SECTOR;
+        let fresh = {
+            let mut set = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
+            set.insert(sector)
+        };
+        if fresh {
+            self.warn(format_args!(
+                "error while reading block status at offset {sector}: {}",
+                Self::words(failed)
+            ));
+        }
+        Ok(Extent {
+            offset,
+            len: (SECTOR - offset % SECTOR).min(len),
+            status: Status::Data {
+                host_offset: None,
+                compressed: false,
+            },
+        })
     }
     fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
         self.inner.backing()

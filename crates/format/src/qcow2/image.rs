@@ -1597,7 +1597,8 @@ impl Qcow2Image {
                 // L2 tables wholly past the new end go too, and the file gives back its
                 // free tail (as QEMU's shrink does), before the header records the size.
                 let first = new_size.div_ceil(m.l2_entries() * cs);
-                m.drop_l2_tables(first, true).map_err(|e| self.err(e))?;
+                m.drop_l2_tables(first, true, &[])
+                    .map_err(|e| self.err(e))?;
             } else {
                 let entries = m.h.l1_entries_for(new_size);
                 // QEMU words a failed write of the growth as its own step.

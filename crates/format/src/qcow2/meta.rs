@@ -550,8 +550,16 @@ impl Meta {
     /// crash leaks clusters at worst.
     ///
     /// With `punch`, the dropped tables and the clusters they map are punched
-    /// once free, as QEMU's shrink discards them.
-    pub(crate) fn drop_l2_tables(&mut self, first: u64, punch: bool) -> Result<()> {
+    /// once free, as QEMU's shrink discards them. `after_l1` are announced to
+    /// the storage once the cleared L1 table is durable (or found with nothing
+    /// to clear), before any refcount changes: a debugging filter failing what
+    /// follows them leaves leaked clusters, never a lost reference.
+    pub(crate) fn drop_l2_tables(
+        &mut self,
+        first: u64,
+        punch: bool,
+        after_l1: &[DebugEvent],
+    ) -> Result<()> {
         // Settle the cache so no L2 table is written after its L1 entry goes.
         self.flush_metadata()?;
         let l2n = self.l2_entries();
@@ -585,6 +593,11 @@ impl Meta {
             }
             self.storage.write_at(&table, self.h.l1_table_offset)?;
             self.barrier()?;
+        }
+        for &event in after_l1 {
+            self.storage.debug_event(event);
+        }
+        if dropped {
             self.l2.clear();
             self.compressed_cursor = 0;
             // Drops the references (refcount blocks written and flushed).

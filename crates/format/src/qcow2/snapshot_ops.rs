@@ -32,6 +32,7 @@ use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
 use crate::units::{header_u32, index, ClusterCount, ClusterIndex, HostOffset};
 use crate::{BlockDevice, Error, Result};
+use strata_storage::DebugEvent;
 
 /// Which snapshot: by ID first, then by name (as qemu-img resolves its argument).
 pub fn find<'a>(snaps: &'a [Snapshot], key: &str) -> Option<(usize, &'a Snapshot)> {
@@ -567,12 +568,33 @@ impl Qcow2Image {
     /// Crash safety: the cleared L1 table is written and flushed before any
     /// refcount drops, and the file is shortened only past the last cluster whose
     /// refcount is durable at zero, so a crash leaks clusters at worst.
+    ///
+    /// A v3 image without snapshots announces the events QEMU's emptying of
+    /// such an image announces (`l1_update` before the L1 table is cleared;
+    /// `empty_image_prepare`, `l1_update`, `reftable_update` and
+    /// `refblock_alloc` once it is), so blkdebug rules fail the same step. A
+    /// failure after the L1 table is cleared leaves the image marked dirty
+    /// with its clusters leaked (QEMU's next writable open repairs it); QEMU
+    /// zeroes its refcount structures there instead, which strata never does.
     pub fn make_empty(&self) -> Result<()> {
         self.check_writable()?;
         let _excl = self.exclusive();
         let mut m = self.lock()?;
         let set_here = m.begin_metadata_op().map_err(|e| self.err(e))?;
-        let r = m.dirty_bitmaps().and_then(|_| m.drop_l2_tables(0, false));
+        let after_l1: &[DebugEvent] = if m.h.version >= 3 && m.snapshots.is_empty() {
+            m.storage.debug_event(DebugEvent::L1Update);
+            &[
+                DebugEvent::EmptyImagePrepare,
+                DebugEvent::L1Update,
+                DebugEvent::ReftableUpdate,
+                DebugEvent::RefblockAlloc,
+            ]
+        } else {
+            &[]
+        };
+        let r = m
+            .dirty_bitmaps()
+            .and_then(|_| m.drop_l2_tables(0, false, after_l1));
         r.map_err(|e| self.fail_corrupt(&mut m, e))?;
         m.end_metadata_op(set_here).map_err(|e| self.err(e))
     }
