@@ -258,6 +258,14 @@ pub fn apply_plan(
     if let Some(n) = plan.grow_base_to {
         base.resize(n, false)?;
     }
+    // qemu-img opens the base with unmapping on: the clusters its zeroes free
+    // are punched, and read as zeroes in the file afterwards.
+    if let Some(q) = base
+        .as_any()
+        .downcast_ref::<strata_format::qcow2::Qcow2Image>()
+    {
+        q.set_punch_unmapped(true);
+    }
     apply(
         &plan.copy,
         layers[plan.top].as_ref(),

@@ -236,15 +236,30 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // qemu-img removes a bitmap from the file at once (the other operations
     // change the set it stores when it closes the image).
     let mut removed = Vec::new();
-    for op in &p.ops {
-        if v2 && *op == Op::Add {
-            // The node name QEMU prints is its own; the file's name stands here.
-            failure = Some(format!(
-                "Operation add on bitmap {name} failed: Can't make bitmap '{name}' persistent in '{file}': Cannot store dirty bitmaps in qcow2 v2 files"
-            ));
-            break;
+    let cluster_size = img.header().cluster_size();
+    // Whether a new bitmap of this granularity can be stored in the file, in
+    // QEMU's order of checks. The node name QEMU prints is its own (and
+    // changes from run to run); the file's name stands here.
+    let can_store = |g: u64| -> Result<(), String> {
+        let why = persistence_refusal(v2, size, cluster_size, g, name);
+        match why {
+            Some(why) => Err(format!(
+                "Can't make bitmap '{name}' persistent in '{file}': {why}"
+            )),
+            None => Ok(()),
         }
-        if let Err(e) = apply(&mut set, op, name, granularity, size, source_set.as_deref()) {
+    };
+    for op in &p.ops {
+        let applied = apply(
+            &mut set,
+            op,
+            name,
+            granularity,
+            size,
+            source_set.as_deref(),
+            &can_store,
+        );
+        if let Err(e) = applied {
             failure = Some(format!(
                 "Operation {} on bitmap {name} failed: {e}",
                 op.name()
@@ -278,6 +293,35 @@ fn open(spec: &strata_chain::OpenSpec, write: bool) -> Result<Qcow2Image> {
     open_qcow2(spec, write)
 }
 
+/// QEMU's limits for a persistent bitmap: bytes of bitmap data, and
+/// bitmap-table entries (each maps one cluster of data).
+const MAX_BITMAP_BYTES: u64 = 0x2000_0000;
+const MAX_BITMAP_TABLE_ENTRIES: u64 = 0x0800_0000;
+
+/// Why a new persistent bitmap named `name` with `granularity` (a power of
+/// two, at least 512) cannot be stored in a qcow2 image of `size` bytes with
+/// `cluster_size` clusters, in qemu-img's words and order; `None` if it can.
+fn persistence_refusal(
+    v2: bool,
+    size: u64,
+    cluster_size: u64,
+    granularity: u64,
+    name: &str,
+) -> Option<&'static str> {
+    if v2 {
+        return Some("Cannot store dirty bitmaps in qcow2 v2 files");
+    }
+    let bytes = size.div_ceil(granularity).div_ceil(8);
+    let table_room = MAX_BITMAP_TABLE_ENTRIES.saturating_mul(cluster_size);
+    if bytes > MAX_BITMAP_BYTES || bytes > table_room {
+        return Some("Too much space will be occupied by the bitmap. Use larger granularity");
+    }
+    if name.len() > 1023 {
+        return Some("Name length exceeds maximum (1023 characters)");
+    }
+    None
+}
+
 fn find<'a>(set: &'a mut [Bitmap], name: &str) -> Result<&'a mut Bitmap, String> {
     set.iter_mut()
         .find(|b| b.name == name)
@@ -292,21 +336,20 @@ fn apply(
     granularity: Option<u64>,
     size: u64,
     source: Option<&[Bitmap]>,
+    can_store: &dyn Fn(u64) -> Result<(), String>,
 ) -> Result<(), String> {
     match op {
         Op::Add => {
             if name.is_empty() {
                 return Err("Bitmap name cannot be empty".into());
             }
-            if set.iter().any(|b| b.name == name) {
-                return Err(format!("Bitmap already exists: {name}"));
-            }
-            if name.len() > 1023 {
-                return Err("Name length exceeds maximum (1023 characters)".into());
-            }
             let g = granularity.unwrap_or(65536);
             if !g.is_power_of_two() || !(512..=1 << 31).contains(&g) {
                 return Err("Granularity must be power of 2 and at least 512".into());
+            }
+            can_store(g)?;
+            if set.iter().any(|b| b.name == name) {
+                return Err(format!("Bitmap already exists: {name}"));
             }
             set.push(Bitmap::new(name, g.trailing_zeros() as u8, true, size));
         }

@@ -281,7 +281,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
                 let devices = strata_jobs::snapshot::view_chain(&chain.devices(), key).map_err(
                     |e| match e {
                         strata_jobs::Error::NoInternalSnapshots { .. } => {
-                            anyhow::anyhow!("Failed to load snapshot")
+                            anyhow::anyhow!(no_snapshot_load(&chain.layers[0].format))
                         }
                         _ => anyhow::anyhow!("Failed to load snapshot: Can't find snapshot"),
                     },
@@ -555,5 +555,14 @@ pub(super) fn is_cache_mode(c: &str) -> bool {
     matches!(
         c,
         "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
+    )
+}
+
+/// qemu-img's refusal (convert and measure `-l`) to read an internal snapshot
+/// of an image whose format keeps none, naming the format.
+pub(super) fn no_snapshot_load(format: &impl std::fmt::Display) -> String {
+    format!(
+        "Failed to load snapshot: Block format '{format}' used by device '' \
+         does not support temporarily loading internal snapshots"
     )
 }

@@ -175,10 +175,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 Some(key) => {
                     // The snapshot reads through the image's backing chain.
                     let devices = match strata_jobs::snapshot::view_chain(&chain.devices(), key) {
-                        Err(strata_jobs::Error::NoInternalSnapshots { .. }) => bail!(
-                            "Format '{}' does not support internal snapshots",
-                            chain.layers[0].format
-                        ),
+                        Err(strata_jobs::Error::NoInternalSnapshots { .. }) => {
+                            bail!(super::convert::no_snapshot_load(&chain.layers[0].format))
+                        }
                         r => r?,
                     };
                     ChainStatus::from_devices(devices)?

@@ -82,6 +82,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if args.unsafe_mode {
         super::imgname::refuse_backing_options(&spec, chain.layers[0].format)?;
     }
+    // Only qcow2 writes compressed clusters; qemu-img refuses -c for any other
+    // format as soon as the image is open.
+    if args.compress && chain.layers[0].format != Format::Qcow2 {
+        bail!("Compression not supported for this file format");
+    }
     // The new backing format must name one of QEMU's drivers, even with no new
     // backing file. With -u any of them is recorded as given (the backing file
     // is not opened); otherwise strata must open it, so it must be one strata

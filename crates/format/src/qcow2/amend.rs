@@ -216,6 +216,8 @@ fn upgrade(m: &mut Meta) -> Result<()> {
     );
     let rewrite = m.snapshots.iter().any(|s| s.extra.len() < 16);
     if rewrite {
+        let size = m.h.size;
+        super::snapshot::complete_disk_sizes(&mut m.snapshots, size);
         let bytes = super::snapshot::serialize_table(&m.snapshots)?;
         let off = m
             .alloc_clusters(ClusterCount((bytes.len() as u64).div_ceil(cs)))?
@@ -232,10 +234,22 @@ fn upgrade(m: &mut Meta) -> Result<()> {
             s.extra = s.encode_extra();
         }
         let (off, len) = old_table;
-        for c in off / cs..(off + len).div_ceil(cs) {
-            m.update_refcount(ClusterIndex(c), -1)?;
+        let freed: Vec<ClusterIndex> = (off / cs..(off + len).div_ceil(cs))
+            .map(ClusterIndex)
+            .collect();
+        for &c in &freed {
+            m.update_refcount(c, -1)?;
         }
         m.flush_metadata()?;
+        // The old table's clusters go back to the file system once their
+        // refcounts are durable at zero, as QEMU discards a snapshot table.
+        let mut unused = Vec::new();
+        for c in freed {
+            if m.refcount(c)? == 0 {
+                unused.push(c);
+            }
+        }
+        m.discard_freed(&unused)?;
     }
     Ok(())
 }

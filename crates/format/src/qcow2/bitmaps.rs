@@ -48,7 +48,7 @@ const TABLE_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
 /// QEMU's limits for a bitmap: table entries, bytes of bitmap data, granularity
 /// bits, name length.
 const MAX_TABLE_SIZE: u32 = 0x0800_0000;
-const MAX_PHYS_SIZE: u64 = 64 << 20;
+const MAX_PHYS_SIZE: u64 = 0x2000_0000;
 const MIN_GRANULARITY_BITS: u8 = 9;
 const MAX_GRANULARITY_BITS: u8 = 31;
 const MAX_NAME_SIZE: usize = 1023;

@@ -906,6 +906,18 @@ impl Qcow2Image {
         }
     }
 
+    /// Punch the file's space of clusters that zeroes written with unmap allowed,
+    /// or a discard, free (once their refcounts are durable at zero), as QEMU
+    /// does for an image it opened with unmapping on (`qemu-img commit`'s base):
+    /// a freed cluster then reads as zeroes in the file, not as stale data.
+    /// Off by default.
+    pub fn set_punch_unmapped(&self, on: bool) {
+        // A poisoned image writes nothing more: there is nothing to set then.
+        if let Ok(mut m) = self.lock() {
+            m.punch_unmapped = on;
+        }
+    }
+
     /// Write one cluster's worth of already compressed bytes for guest cluster `gc`.
     pub fn write_compressed_cluster(&self, gc: u64, compressed: &[u8]) -> Result<()> {
         self.check_writable()?;
@@ -1069,7 +1081,11 @@ impl Qcow2Image {
                 let l2 = m.l2_for_write(gc / l2n)?;
                 m.set_raw_entry(l2, gc % l2n, new_e, new_b)?;
                 if release {
-                    m.release_entry(old);
+                    if m.punch_unmapped && (may_unmap || discard) {
+                        m.release_entry_punching(old);
+                    } else {
+                        m.release_entry(old);
+                    }
                 }
             }
             pos += cs;

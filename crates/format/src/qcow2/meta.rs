@@ -34,6 +34,10 @@ pub struct Meta {
     /// Freed host clusters whose bytes go back to the file system (a punched hole)
     /// once their refcount is durable at zero (see [`super::shrink`]).
     pub pending_punches: Vec<ClusterIndex>,
+    /// Clusters that zeroes written with unmap allowed, or a discard, free are
+    /// punched once free too (QEMU's behaviour for an image opened with
+    /// unmapping on, as `qemu-img commit` opens its base).
+    pub punch_unmapped: bool,
     /// Offset of the next free byte for packing compressed clusters (0: none open).
     pub compressed_cursor: u64,
     pub snapshots: Vec<Snapshot>,
@@ -81,6 +85,7 @@ impl Meta {
             free_hint: 1,
             pending_frees: Vec::new(),
             pending_punches: Vec::new(),
+            punch_unmapped: false,
             compressed_cursor: 0,
             snapshots: Vec::new(),
             read_only,

@@ -138,6 +138,15 @@ pub fn written_size(snaps: &[Snapshot]) -> u64 {
     }
 }
 
+/// Give every snapshot that does not record its disk size the size `size`
+/// (the image's current one), as QEMU does when it reads such an entry: a
+/// rewritten table then records that size, never 0.
+pub fn complete_disk_sizes(snaps: &mut [Snapshot], size: u64) {
+    for s in snaps {
+        s.disk_size.get_or_insert(size);
+    }
+}
+
 impl Snapshot {
     /// The extra-data area QEMU writes: 64-bit VM-state size, disk size and
     /// instruction count (-1 when not recorded), keeping any longer unknown tail.

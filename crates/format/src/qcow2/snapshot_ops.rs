@@ -165,6 +165,7 @@ impl Meta {
     /// the old table.
     pub(crate) fn replace_snapshot_table(&mut self, mut snaps: Vec<Snapshot>) -> Result<()> {
         let cs = self.cluster_size();
+        snapshot::complete_disk_sizes(&mut snaps, self.h.size);
         for s in &mut snaps {
             s.extra = s.encode_extra();
         }

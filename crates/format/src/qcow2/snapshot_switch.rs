@@ -65,6 +65,7 @@ impl Qcow2Image {
         let bits = m.geo.cluster_bits;
         // The snapshot table.
         let mut snaps = snaps;
+        snapshot::complete_disk_sizes(&mut snaps, m.h.size);
         for s in &mut snaps {
             s.extra = s.encode_extra();
         }
