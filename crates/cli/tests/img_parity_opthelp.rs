@@ -7,26 +7,18 @@
 //!
 //! The description after " - " is prose, and strata's is its own: every option
 //! line is compared exactly up to its " - " (name, type, padding) and must have
-//! a description after it. One line of qemu-img's is left out on purpose: the
-//! file protocol's `extent_size_hint`, an option strata's create does not take
-//! (a listing promises that the option works).
+//! a description after it.
 
 mod common;
 
 use common::{assert_all_same, differs, outcome, sh};
 use std::path::Path;
 
-/// The option the file protocol lists in QEMU that strata does not take.
-const NOT_TAKEN: &str = "  extent_size_hint=<size> ";
-
 /// A listing reduced to what must match: option lines cut before " - " (and
 /// `None` when one has no description), other lines whole.
-fn layout(stdout: &str, drop_not_taken: bool) -> Option<Vec<String>> {
+fn layout(stdout: &str) -> Option<Vec<String>> {
     let mut out = Vec::new();
     for line in stdout.split_inclusive('\n') {
-        if drop_not_taken && line.starts_with(NOT_TAKEN) {
-            continue;
-        }
         if line.starts_with("  ") {
             let (head, desc) = line.split_once(" - ")?;
             if desc.trim().is_empty() {
@@ -45,8 +37,8 @@ fn layout(stdout: &str, drop_not_taken: bool) -> Option<Vec<String>> {
 fn same_listing(dir: &Path, args: &[&str]) {
     let (c1, o1, e1) = outcome(dir, "strata", args);
     let (c2, o2, e2) = outcome(dir, "qemu-img", args);
-    let ours = (c1, layout(&o1, false), e1);
-    let theirs = (c2, layout(&o2, true), e2);
+    let ours = (c1, layout(&o1), e1);
+    let theirs = (c2, layout(&o2), e2);
     if ours != theirs || ours.1.is_none() {
         differs(format!(
             "`img {}`\n  strata:   {ours:?}\n  qemu-img: {theirs:?}\n  strata's stdout: {o1:?}",

@@ -138,6 +138,7 @@ const QCOW2_KEYS: &[&str] = &[
     "data_file",
     "data_file_raw",
     "nocow",
+    "extent_size_hint",
 ];
 
 /// The `encrypt.*` keys of a qcow2 `-o` map, in QEMU's order (the summary's).
@@ -150,6 +151,55 @@ pub const ENCRYPT_KEYS: &[&str] = &[
     "encrypt.ivgen-hash-alg",
     "encrypt.hash-alg",
     "encrypt.iter-time",
+];
+
+/// The names QEMU 10's qcow2 driver takes as a backing format (its block
+/// driver enumeration as this build has it): with `-u` any of them is recorded
+/// as given, the backing file not opened; another is refused after the
+/// summary line.
+pub const BACKING_FORMATS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkreplay",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
 ];
 
 /// Secrets by id (`--object secret,id=ID,...`), for `encrypt.key-secret=ID`.
@@ -185,6 +235,9 @@ fn qcow2_parse(opts: &BTreeMap<String, String>) -> std::result::Result<CreateOpt
             "encryption" | "nocow" => {
                 parse_bool(k, v)?;
             }
+            "extent_size_hint" => {
+                parse_size_u64(v).ok_or_else(|| option_size_error(k, v))?;
+            }
             "encrypt.iter-time" => {
                 v.parse::<u64>()
                     .map_err(|_| format!("Parameter '{k}' expects a number"))?;
@@ -208,6 +261,11 @@ fn qcow2_values(
     c.encrypt_aes = crate::create_encrypt::aes_password(opts, secrets)?.map(Into::into);
     for (k, v) in opts {
         match k.as_str() {
+            "backing_fmt" if !BACKING_FORMATS.contains(&v.as_str()) => {
+                return Err(format!(
+                    "Parameter 'backing-fmt' does not accept value '{v}'"
+                ));
+            }
             "compat" => {
                 c.version = match v.as_str() {
                     "0.10" | "v2" => 2,
@@ -263,6 +321,10 @@ pub struct Prepared {
     secrets: Secrets,
     /// `nocow=on`: the new file is marked not to be copied on write.
     nocow: bool,
+    /// `extent_size_hint=`: the file protocol's hint, checked against its
+    /// limit (32 bits) after the summary line, before any file is made. A hint
+    /// only: nothing the image holds depends on it.
+    extent_size_hint: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -289,10 +351,21 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
         Some(v) => parse_bool("nocow", v).map_err(|m| invalid(p, m))?,
         None => false,
     };
+    let extent_size_hint = match opts.get("extent_size_hint") {
+        Some(v) => Some(
+            parse_size_u64(v)
+                .ok_or_else(|| invalid(p, option_size_error("extent_size_hint", v)))?,
+        ),
+        None => None,
+    };
+    // qemu-img's summary prints the hint as a signed 64-bit number.
+    let hint_summary = extent_size_hint
+        .map(|v| format!(" extent_size_hint={}", v as i64))
+        .unwrap_or_default();
     match req.format {
         Format::Raw => {
             for k in opts.keys() {
-                if !["size", "preallocation", "nocow"].contains(&k.as_str()) {
+                if !["size", "preallocation", "nocow", "extent_size_hint"].contains(&k.as_str()) {
                     // `backing_file` too: the raw driver has no such option
                     // (qemu-img's own -b refusal is its caller's).
                     return Err(invalid(p, format!("Invalid parameter '{k}'")));
@@ -307,6 +380,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
             if let Some(v) = &prealloc {
                 summary_options.push_str(&format!(" preallocation={v}"));
             }
+            summary_options.push_str(&hint_summary);
             Ok(Prepared {
                 path: p.clone(),
                 size,
@@ -315,6 +389,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 inputs: Inputs::default(),
                 secrets: Secrets::default(),
                 nocow,
+                extent_size_hint,
             })
         }
         Format::Luks => {
@@ -326,6 +401,8 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                     "detached-header" | "nocow" => {
                         parse_bool(k, v).map_err(|m| invalid(p, m))?;
                     }
+                    // The file protocol's hint, read above.
+                    "extent_size_hint" => {}
                     k if LUKS_KEYS.contains(&k) => {}
                     _ => return Err(invalid(p, format!("Invalid parameter '{k}'"))),
                 }
@@ -340,11 +417,12 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
             Ok(Prepared {
                 path: p.clone(),
                 size,
-                summary_options: parts.join(" "),
+                summary_options: parts.join(" ") + &hint_summary,
                 kind: Kind::Luks(opts.clone()),
                 inputs: Inputs::default(),
                 secrets: Secrets::default(),
                 nocow,
+                extent_size_hint,
             })
         }
         Format::Qcow2 => {
@@ -374,8 +452,20 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                     };
                     invalid(p, format!("{e}\nCould not open backing image."))
                 };
-                let fmt: Format = match c.backing_format.as_deref() {
-                    Some(f) => f.parse().map_err(|e: strata_format::Error| invalid(p, e))?,
+                let fmt: Option<Format> = match c.backing_format.as_deref() {
+                    Some(f) => match f.parse::<Format>() {
+                        Ok(f) => Some(f),
+                        // A driver strata lacks, recorded unopened (its
+                        // name is checked after the summary line).
+                        Err(_) if req.unsafe_backing => None,
+                        Err(_) if !BACKING_FORMATS.contains(&f) => {
+                            return Err(invalid(
+                                p,
+                                format!("Unknown driver '{f}'\nCould not open backing image."),
+                            ))
+                        }
+                        Err(e) => return Err(invalid(p, e)),
+                    },
                     None => {
                         // qemu-img probes, to say what it found, and still refuses:
                         // a probed format is never recorded.
@@ -390,7 +480,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                         ));
                     }
                 };
-                if !req.unsafe_backing {
+                if let (false, Some(fmt)) = (req.unsafe_backing, fmt) {
                     // For its header only, as qemu-img opens it (no I/O): an
                     // encrypted backing file needs no secret, and an external
                     // data file is not opened.
@@ -404,17 +494,18 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 }
                 // The new image must not be any file of the chain it goes on
                 // (with -u too, as far as that chain can be found).
-                inputs.add_backing_chain(p, b, Some(fmt));
+                inputs.add_backing_chain(p, b, fmt);
             }
             let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
             Ok(Prepared {
                 path: p.clone(),
                 size,
-                summary_options: qcow2_summary_options(opts, &c, size),
+                summary_options: qcow2_summary_options(opts, &c, size) + &hint_summary,
                 kind: Kind::Qcow2(c, opts.clone()),
                 inputs,
                 secrets: Secrets::default(),
                 nocow,
+                extent_size_hint,
             })
         }
     }
@@ -469,6 +560,12 @@ impl Prepared {
     fn build(self, on: Option<Arc<dyn Storage>>) -> Result<Created> {
         let summary = self.summary();
         let p = &self.path;
+        if self
+            .extent_size_hint
+            .is_some_and(|h| h > u64::from(u32::MAX))
+        {
+            return Err(invalid(p, "Extent size hint is too large"));
+        }
         let build: Box<dyn FnOnce(Arc<dyn Storage>) -> Result<()>> = match self.kind {
             Kind::Raw(prealloc) => {
                 let mode = match prealloc.as_deref() {

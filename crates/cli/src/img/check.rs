@@ -114,9 +114,17 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // qemu-img opens the backing chain too (each file with the secret its
     // options give), and fails when a file is gone or cannot be opened: a check
     // that passes says the image can be used.
+    // A repair holds the image for writing before its chain opens, so a chain
+    // that loops back to it meets the image's own lock, in QEMU's words; the
+    // refusal comes before anything is written.
     if img.header().backing_file.is_some() || spec.has_layer_options(1) {
-        let below = spec.clone().write(false).force_share(true);
-        if let Err(e @ strata_chain::Error::Backing { .. }) = strata_chain::open(&below) {
+        let opened = if writing {
+            strata_chain::verify_backing(&spec, &img, true)
+        } else {
+            let below = spec.clone().write(false).force_share(true);
+            strata_chain::open(&below).map(drop)
+        };
+        if let Err(e @ strata_chain::Error::Backing { .. }) = opened {
             return Err(super::common::open_error(
                 &spec.path,
                 &spec.shown_name(),

@@ -55,6 +55,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // Errors exit with 2 here, not 1: 1 means "different".
     match run_inner(&args) {
         Ok(code) => Ok(code),
+        Err(e) if e.is::<NoMedium>() => {
+            ctx.error(&e);
+            Ok(4)
+        }
         Err(e) => {
             // A failed read exits with 4, a failed allocation query with 3.
             let failed = super::ioerr::io_failure(&e).and_then(|f| {
@@ -109,10 +113,26 @@ fn failing_name(args: &Args, path: Option<&std::path::Path>) -> String {
     name.display().to_string()
 }
 
+/// An image that has no length to give (a `host_cdrom` drive without a
+/// medium), named as the command line names it: the comparison fails as a
+/// failed read does.
+#[derive(Debug)]
+struct NoMedium(PathBuf);
+
+impl std::fmt::Display for NoMedium {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Can't get size of {}: No medium found", self.0.display())
+    }
+}
+
+impl std::error::Error for NoMedium {}
+
 fn run_inner(args: &Args) -> Result<i32> {
     let open = |p: &PathBuf, f: &Option<String>| -> Result<_> {
-        let chain = open_chain(&args.naming.spec(p, f.as_deref(), args.force_share)?)?;
-        Ok(ChainStatus::new(&chain)?)
+        let spec = args.naming.spec(p, f.as_deref(), args.force_share)?;
+        let chain = open_chain(&spec)?;
+        let no_medium = super::imgname::cdrom_without_medium(&spec);
+        Ok((ChainStatus::new(&chain)?, no_medium))
     };
     // qemu-img starts its progress before opening the images (an open that fails
     // still ends it) and prints its first figure once both are open.
@@ -121,8 +141,16 @@ fn run_inner(args: &Args) -> Result<i32> {
         QemuSteps::relative(on, 2.0)
     });
     super::common::check_cache_mode(args.cache.as_deref(), true)?;
-    let a = open(&args.filename1, &args.format1)?;
-    let b = open(&args.filename2, &args.format2)?;
+    let (a, a_no_medium) = open(&args.filename1, &args.format1)?;
+    let (b, b_no_medium) = open(&args.filename2, &args.format2)?;
+    for (no_medium, name) in [
+        (a_no_medium, &args.filename1),
+        (b_no_medium, &args.filename2),
+    ] {
+        if no_medium {
+            return Err(NoMedium(name.clone()).into());
+        }
+    }
     shown.steps.set(0.0);
     let (sa, sb) = (a.virtual_size(), b.virtual_size());
     if sa != sb && !args.strict && !args.quiet {

@@ -84,6 +84,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .naming
         .spec(&input_path, args.format.as_deref(), args.force_share)?;
     let chain = open_chain(&spec)?;
+    if super::imgname::cdrom_without_medium(&spec) {
+        bail!("Failed to get size for '{}'", spec.shown_name());
+    }
     let reader = chain.reader();
     let mut size = reader.virtual_size();
     if let Some(count) = o.count {

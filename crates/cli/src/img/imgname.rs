@@ -261,7 +261,7 @@ pub const QEMU_DRIVERS: [&str; 42] = [
 
 /// The protocol drivers qemu-img takes as a format (`-f file`): the file itself
 /// is the image.
-const PROTOCOL_DRIVERS: [&str; 2] = ["file", "host_device"];
+const PROTOCOL_DRIVERS: [&str; 3] = ["file", "host_device", "host_cdrom"];
 
 /// Protocol prefixes QEMU's block layer knows and strata does not open: named
 /// as such rather than as unknown protocols.
@@ -397,7 +397,7 @@ fn parse_format(f: &str) -> Result<Format> {
 }
 
 /// A protocol driver opens only its kind of file: `file` a regular file,
-/// `host_device` a block or character device. A file that is not there is left
+/// `host_device` and `host_cdrom` a block or character device. A file that is not there is left
 /// to the open, which says so.
 fn check_protocol_file(driver: &str, path: &Path) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
@@ -408,8 +408,8 @@ fn check_protocol_file(driver: &str, path: &Path) -> Result<()> {
     let p = path.display();
     match driver {
         "file" if !t.is_file() => bail!("'file' driver requires '{p}' to be a regular file"),
-        "host_device" if !t.is_block_device() && !t.is_char_device() => {
-            bail!("'host_device' driver requires '{p}' to be either a character or block device")
+        "host_device" | "host_cdrom" if !t.is_block_device() && !t.is_char_device() => {
+            bail!("'{driver}' driver requires '{p}' to be either a character or block device")
         }
         _ => Ok(()),
     }
@@ -625,7 +625,7 @@ fn check_options(
 fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
     let driver = flat.remove("driver");
     match driver.as_deref() {
-        Some(p @ ("file" | "host_device")) => {
+        Some(p @ ("file" | "host_device" | "host_cdrom")) => {
             let Some(path) = flat.remove("filename") else {
                 bail!("The '{p}' block driver requires a file name");
             };
@@ -923,6 +923,35 @@ fn data_file_option(flat: &mut BTreeMap<String, String>) -> Result<Option<std::p
         format!("Block protocol 'file' doesn't support the option '{k}'")
     })?;
     Ok(Some(path.into()))
+}
+
+/// Whether the image `spec` names is a `host_cdrom` drive holding no medium
+/// (or a device that is no CD-ROM drive at all, `/dev/null`): QEMU's block
+/// backend then has no length to give, and the commands that ask it (`map`,
+/// `dd`, `compare`) fail, while those that ask the node (`info`, `convert`,
+/// `measure`) see an empty image. The drive is asked as QEMU asks it.
+pub fn cdrom_without_medium(spec: &OpenSpec) -> bool {
+    if spec.protocol_driver.as_deref() != Some("host_cdrom") {
+        return false;
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    // Linux's CDROM_DRIVE_STATUS for the current slot; CDS_DISC_OK means a
+    // medium is in.
+    const CDROM_DRIVE_STATUS: libc::c_ulong = 0x5326;
+    const CDSL_CURRENT: libc::c_int = libc::c_int::MAX;
+    const CDS_DISC_OK: libc::c_int = 4;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&spec.path)
+    else {
+        return true;
+    };
+    // SAFETY: the descriptor is open for the call's duration, and the request
+    // takes its argument by value (no memory is passed).
+    let status = unsafe { libc::ioctl(f.as_raw_fd(), CDROM_DRIVE_STATUS as _, CDSL_CURRENT) };
+    status != CDS_DISC_OK
 }
 
 #[cfg(test)]

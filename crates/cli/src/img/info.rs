@@ -112,6 +112,18 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
                 None if remote[0] => super::nbdname::json_view(&mut v),
                 None => {}
             }
+            // QEMU's host_cdrom node reports neither a dirty flag nor
+            // protocol-specific data.
+            if spec.protocol_driver.as_deref() == Some("host_cdrom") {
+                let nodes = match &mut v {
+                    serde_json::Value::Array(a) => a.iter_mut().collect(),
+                    one => vec![one],
+                };
+                for n in nodes.into_iter().filter_map(|n| n.as_object_mut()) {
+                    n.shift_remove("format-specific");
+                    n.shift_remove("dirty-flag");
+                }
+            }
             println!("{}", qjson::to_string(&v));
         }
         OutputFormat::Human => {

@@ -105,6 +105,8 @@ fn map_image(args: Args) -> Result<i32> {
         })
         .collect();
     let status = ChainStatus::new(&chain)?;
+    // A drive without a medium has no length: qemu-img has begun its listing.
+    let no_medium = super::imgname::cdrom_without_medium(&spec);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let json = args.output == OutputFormat::Json;
@@ -116,6 +118,10 @@ fn map_image(args: Args) -> Result<i32> {
             "{:<16}{:<16}{:<16}File",
             "Offset", "Length", "Mapped to"
         )?;
+    }
+    if no_medium {
+        out.flush()?;
+        bail!("Failed to get size for '{}'", spec.shown_name());
     }
     let mut first = true;
     let mut failure = None;

@@ -10,9 +10,8 @@
 //! `create` and `convert` list the format's options and, when a target file name
 //! is given, the options of the protocol that would hold it (the file, a device
 //! or an NBD export), a name listed once (the format's entry wins). Options
-//! strata's create does not take are left out even where qemu-img lists them
-//! (the file protocol's `extent_size_hint`): a listing promises that the option
-//! works.
+//! strata's create does not take are left out even where qemu-img lists them:
+//! a listing promises that the option works.
 
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -185,6 +184,11 @@ const LUKS: &[Opt] = &[
 
 /// The file protocol's create options (a regular file).
 const FILE: &[Opt] = &[
+    (
+        "extent_size_hint",
+        Ty::Size,
+        "Hint for the file system's extent size (0: none)",
+    ),
     (
         "nocow",
         Ty::Bool,

@@ -110,14 +110,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if image.overlay().is_none() && spec.storage.is_some() {
         bail!("could not get block driver info");
     }
-    // An image without a backing file link (raw) cannot take one: refused as
-    // qemu-img refuses the change, before anything is written.
-    if image.overlay().is_none() {
-        bail!("Could not change the backing file to '{backing}': Operation not supported");
-    }
-    // Without -F the new backing file is refused once the image (and, in safe
-    // mode, the new backing file) opened, as qemu-img gets that far first.
-    if let (Some(n), None) = (&new_name, new_format_name) {
+    // In safe mode qemu-img opens the new backing file before anything else: a
+    // missing one is refused first.
+    let missing_new_backing = |n: &str| -> Result<()> {
         let path = strata_chain::resolve_backing(&spec.path, n);
         if let (false, Err(e)) = (args.unsafe_mode, std::fs::metadata(&path)) {
             bail!(
@@ -125,7 +120,22 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 strata_storage::os_message(&e)
             );
         }
+        Ok(())
+    };
+    // Without -F the new backing file is refused once the image (and, in safe
+    // mode, the new backing file) opened, as qemu-img gets that far first; a
+    // raw image too (the missing format is found before the missing link).
+    if let (Some(n), None) = (&new_name, new_format_name) {
+        missing_new_backing(n)?;
         bail!("Could not change the backing file to '{n}': backing format must be specified");
+    }
+    // An image without a backing file link (raw) cannot take one: refused as
+    // qemu-img refuses the change, before anything is written.
+    if image.overlay().is_none() {
+        if let Some(n) = &new_name {
+            missing_new_backing(n)?;
+        }
+        bail!("Could not change the backing file to '{backing}': Operation not supported");
     }
     if let Some(n) = &new_name {
         // The image must not end up below itself (with -u too): qemu-img's locks
