@@ -641,6 +641,37 @@ pub fn verify_backing(spec: &OpenSpec, top: &dyn BlockDevice, top_written: bool)
     .map(drop)
 }
 
+/// [`verify_backing`], keeping what it opened: the chain below `top` is
+/// attached to it (each layer to the one above), so reads of `top` fall
+/// through to its backing files and a resize can hide a longer backing file.
+/// Nothing is attached when the spec opens no backing or `top` has none.
+pub fn attach_backing(spec: &OpenSpec, top: &dyn BlockDevice, top_written: bool) -> Result<()> {
+    if !spec.open_backing {
+        return Ok(());
+    }
+    let (backing_name, backing_format) = match top.overlay() {
+        Some(link) => (link.backing_name(), link.backing_format()),
+        None => (None, None),
+    };
+    let layers = walk(
+        spec,
+        Some(HeldTop {
+            written: top_written,
+            backing_name,
+            backing_format,
+        }),
+    )?;
+    for i in 1..layers.len() {
+        layers[i - 1]
+            .device
+            .set_backing(Some(layers[i].device.clone()));
+    }
+    if let Some(first) = layers.first() {
+        top.set_backing(Some(first.device.clone()));
+    }
+    Ok(())
+}
+
 /// The top image of a walk down a chain when the caller holds it open already.
 struct HeldTop {
     written: bool,

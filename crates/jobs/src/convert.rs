@@ -499,6 +499,9 @@ pub fn convert(
     if let Some(e) = sync::into_inner(failure) {
         return Err(e);
     }
+    if let (true, Some(q)) = (opts.compress, qcow2) {
+        q.align_file_end_to_sector()?;
+    }
     if opts.flush {
         target.flush()?;
     }

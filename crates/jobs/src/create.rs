@@ -122,6 +122,38 @@ pub fn parse_size_u64(s: &str) -> Option<u64> {
     crate::size::parse(s).ok()
 }
 
+/// A number-typed `-o` value as QEMU's option parser reads it (`strtoull` with
+/// base 0): leading blanks, a sign, `0x` for hex or a leading `0` for octal, and
+/// nothing after the digits. A negative number wraps around 2^64, as in C. Errs
+/// with qemu-img's words when the text is no number or its magnitude does not
+/// fit 64 bits.
+pub fn parse_opt_number(key: &str, v: &str) -> std::result::Result<u64, String> {
+    let t = v.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (16, h)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(format!("Parameter '{key}' expects a number"));
+    }
+    let n = u64::from_str_radix(digits, radix)
+        .map_err(|_| format!("Value '{v}' is too large for parameter '{key}'"))?;
+    Ok(if neg { n.wrapping_neg() } else { n })
+}
+
+/// How qemu-img's "Formatting" line shows a number-typed option: the parsed
+/// value as a signed 64-bit number (so `0x10` shows as 16 and `-1` as -1).
+fn shown_number(key: &str, v: &str) -> String {
+    parse_opt_number(key, v).map_or_else(|_| v.to_string(), |n| (n as i64).to_string())
+}
+
 /// Keys a qcow2 `-o` map may hold.
 const QCOW2_KEYS: &[&str] = &[
     "size",
@@ -225,9 +257,8 @@ fn qcow2_parse(opts: &BTreeMap<String, String>) -> std::result::Result<CreateOpt
             }
             "lazy_refcounts" => c.lazy_refcounts = parse_bool(k, v)?,
             "refcount_bits" => {
-                c.refcount_bits = v
-                    .parse()
-                    .map_err(|_| "Parameter 'refcount_bits' expects a number".to_string())?
+                // Past u32, the width is no power of two up to 64 all the same.
+                c.refcount_bits = u32::try_from(parse_opt_number(k, v)?).unwrap_or(0)
             }
             "extended_l2" => c.extended_l2 = parse_bool(k, v)?,
             "data_file" => c.data_file = Some(v.clone()),
@@ -239,8 +270,7 @@ fn qcow2_parse(opts: &BTreeMap<String, String>) -> std::result::Result<CreateOpt
                 parse_size_u64(v).ok_or_else(|| option_size_error(k, v))?;
             }
             "encrypt.iter-time" => {
-                v.parse::<u64>()
-                    .map_err(|_| format!("Parameter '{k}' expects a number"))?;
+                parse_opt_number(k, v)?;
             }
             k if QCOW2_KEYS.contains(&k) || ENCRYPT_KEYS.contains(&k) => {}
             _ => return Err(format!("Invalid parameter '{k}'")),
@@ -395,8 +425,8 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
         Format::Luks => {
             for (k, v) in opts {
                 match k.as_str() {
-                    "iter-time" if v.parse::<u64>().is_err() => {
-                        return Err(invalid(p, format!("Parameter '{k}' expects a number")))
+                    "iter-time" => {
+                        parse_opt_number(k, v).map_err(|m| invalid(p, m))?;
                     }
                     "detached-header" | "nocow" => {
                         parse_bool(k, v).map_err(|m| invalid(p, m))?;
@@ -409,11 +439,12 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
             }
             let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
             let mut parts = vec![format!("size={size}")];
-            parts.extend(
-                LUKS_KEYS[1..]
-                    .iter()
-                    .filter_map(|k| opts.get(*k).map(|v| format!("{k}={v}"))),
-            );
+            parts.extend(LUKS_KEYS[1..].iter().filter_map(|k| {
+                opts.get(*k).map(|v| match *k {
+                    "iter-time" => format!("{k}={}", shown_number(k, v)),
+                    _ => format!("{k}={v}"),
+                })
+            }));
             Ok(Prepared {
                 path: p.clone(),
                 size,
@@ -687,7 +718,12 @@ fn qcow2_summary_options(opts: &BTreeMap<String, String>, c: &CreateOptions, siz
     let onoff = |b: bool| if b { "on" } else { "off" };
     let mut parts: Vec<String> = std::iter::once("encryption")
         .chain(ENCRYPT_KEYS.iter().copied())
-        .filter_map(|k| opts.get(k).map(|v| format!("{k}={v}")))
+        .filter_map(|k| {
+            opts.get(k).map(|v| match k {
+                "encrypt.iter-time" => format!("{k}={}", shown_number(k, v)),
+                _ => format!("{k}={v}"),
+            })
+        })
         .collect();
     parts.extend([
         format!("cluster_size={}", c.cluster_size),
@@ -728,7 +764,7 @@ fn qcow2_summary_options(opts: &BTreeMap<String, String>, c: &CreateOptions, siz
     parts.push(format!(
         "refcount_bits={}",
         opts.get("refcount_bits")
-            .cloned()
+            .map(|v| shown_number("refcount_bits", v))
             .unwrap_or(c.refcount_bits.to_string())
     ));
     // The file protocol's own option comes after the format's.

@@ -87,10 +87,8 @@ fn parse_request(items: &[(String, String)]) -> Result<Request> {
                     Some(strata_jobs::create::parse_bool(k, v).map_err(|e| anyhow!(e))?)
             }
             "refcount_bits" => {
-                r.amend.refcount_bits = Some(
-                    v.parse::<u64>()
-                        .map_err(|_| anyhow!("Parameter 'refcount_bits' expects a number"))?,
-                )
+                r.amend.refcount_bits =
+                    Some(strata_jobs::create::parse_opt_number(k, v).map_err(|e| anyhow!(e))?)
             }
             "size" => r.size = Some(option_size("size", v)?),
             "backing_file" => r.backing_file = Some(v.clone()),
@@ -189,7 +187,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // As qemu-img: the image opens, with its backing chain, before the
     // options are read.
     let mut img = open_qcow2(&spec, true)?;
-    super::common::verify_backing(&spec, &img, true)?;
+    // Kept attached: a size growing over a longer backing file zeroes the
+    // range, so the backing file's bytes do not show through (as resize).
+    strata_chain::attach_backing(&spec, &img, true)
+        .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
     let req = parse_request(&items)?;
     super::amend_keys::check_numbers(&req.encrypt, "encrypt.")?;
     let keys = if req.encrypt.is_empty() {

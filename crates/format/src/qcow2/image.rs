@@ -941,6 +941,24 @@ impl Qcow2Image {
         r.map_err(|e| self.fail_corrupt(&mut m, e))
     }
 
+    /// Round the image file's length up to a multiple of 512 bytes, as qemu-img
+    /// leaves a qcow2 image at the end of a compressed convert (the last
+    /// compressed cluster may end mid-sector). The file only grows past every
+    /// byte in use and no metadata changes, so a crash at any point leaves the
+    /// image as consistent as it was.
+    pub fn align_file_end_to_sector(&self) -> Result<()> {
+        self.check_writable()?;
+        let _m = self.lock()?;
+        let len = self.storage.size()?;
+        let aligned = len
+            .checked_next_multiple_of(512)
+            .ok_or_else(|| Error::invalid_argument("image file length overflows"))?;
+        if aligned != len {
+            self.storage.set_size(aligned)?;
+        }
+        Ok(())
+    }
+
     /// Compress a whole guest cluster (or the zero-padded last one). `None` when it
     /// does not shrink, so it should be written uncompressed. Needs no lock: callers
     /// compress on several threads and write in order.

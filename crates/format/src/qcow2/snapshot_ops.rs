@@ -593,9 +593,33 @@ impl Qcow2Image {
         } else {
             &[]
         };
+        let external = self.data.is_external();
         let r = m
             .dirty_bitmaps()
-            .and_then(|_| m.drop_l2_tables(0, false, after_l1));
+            .and_then(|_| m.drop_l2_tables(0, false, after_l1))
+            .and_then(|_| {
+                // qemu-img lays an image it may rebuild (version 3 without
+                // snapshots, bitmaps, encryption or a data file) out anew,
+                // ending on a cluster boundary: grow a shorter file to it (only
+                // zeroes past every byte in use).
+                let h = &m.h;
+                if h.version >= 3
+                    && h.nb_snapshots == 0
+                    && h.bitmaps.is_none()
+                    && h.crypt_method == 0
+                    && !external
+                {
+                    let len = m.storage.size()?;
+                    let aligned = len
+                        .checked_next_multiple_of(m.geo.cluster_size())
+                        .ok_or_else(|| Error::invalid_argument("image file length overflows"))?;
+                    if aligned != len {
+                        m.storage.set_size(aligned)?;
+                        m.storage.flush()?;
+                    }
+                }
+                Ok(())
+            });
         r.map_err(|e| self.fail_corrupt(&mut m, e))?;
         m.end_metadata_op(set_here).map_err(|e| self.err(e))
     }
