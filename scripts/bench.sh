@@ -5,11 +5,17 @@
 #   BENCH_SIZE=1G BENCH_RUNS=1 bash scripts/bench.sh
 #   BENCH_ONLY='map|check' bash scripts/bench.sh   # only operations whose name matches
 #   STRATA=/path/to/old/strata bash scripts/bench.sh   # another build, e.g. before a change
+#   BENCH_SYNCS=1 bash scripts/bench.sh   # also count each tool's fdatasync/fsync calls
 #
 # The input disk is half incompressible data, a quarter compressible text and a
 # quarter zeroes (holes). Each operation runs alternately through both tools; the
 # best time of each is kept (page cache warm for both). Ratio = strata / qemu-img:
 # below 1.0 strata is faster.
+#
+# On a loaded machine the times of the quick operations (amend, snapshots: tens of
+# milliseconds, mostly flushes) are noisy; BENCH_SYNCS=1 adds a work count that is
+# not: one more untimed run of each tool under strace, counting its file syncs
+# (fdatasync and fsync), printed as "syncs q/s".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${BENCH_SIZE:-4G}
@@ -68,7 +74,29 @@ time_one() { # tool args... -> microseconds of one run
 QUICK=100000
 QUICK_RUNS=${BENCH_QUICK_RUNS:-15}
 
-printf "%-28s %12s %12s %8s %8s\n" "operation ($SIZE)" "qemu-img s" "strata s" "ratio" "target"
+SYNCS=${BENCH_SYNCS:-0}
+if [ "$SYNCS" = 1 ] && ! command -v strace >/dev/null; then
+  echo "bench: BENCH_SYNCS=1 needs strace" >&2
+  exit 1
+fi
+# The file syncs (fdatasync, fsync) of one run of a command, all threads counted.
+count_syncs() { # args... -> count
+  local log="$WORK/out.strace"
+  strace -f -qq -o "$log" -e trace=fdatasync,fsync "$@" >/dev/null
+  grep -cE '(fdatasync|fsync)\(' "$log" || true
+}
+# One result line: name target qemu-us strata-us [qemu-syncs strata-syncs].
+report() {
+  awk -v n="$1" -v tg="$2" -v q="$3" -v s="$4" -v sq="${5:-}" -v ss="${6:-}" \
+    'BEGIN { printf "%-28s %12.3f %12.3f %8.2f %8s", n, q/1e6, s/1e6, s/q, tg
+             if (sq != "") printf " %9s", sq "/" ss
+             printf "\n" }'
+}
+if [ "$SYNCS" = 1 ]; then
+  printf "%-28s %12s %12s %8s %8s %9s\n" "operation ($SIZE)" "qemu-img s" "strata s" "ratio" "target" "syncs q/s"
+else
+  printf "%-28s %12s %12s %8s %8s\n" "operation ($SIZE)" "qemu-img s" "strata s" "ratio" "target"
+fi
 ONLY=${BENCH_ONLY:-.}
 wanted() { printf '%s\n' "$1" | grep -Eq -- "$ONLY"; }
 bench() { # name target args-after-tool...
@@ -82,8 +110,12 @@ bench() { # name target args-after-tool...
     i=$((i + 1))
     [ "$bq" -lt "$QUICK" ] && [ "$runs" -lt "$QUICK_RUNS" ] && runs=$QUICK_RUNS
   done
-  awk -v n="$name" -v q="$bq" -v s="$bs" -v tg="$target" \
-    'BEGIN { printf "%-28s %12.3f %12.3f %8.2f %8s\n", n, q/1e6, s/1e6, s/q, tg }'
+  local sq= ss=
+  if [ "$SYNCS" = 1 ]; then
+    rm -f "$WORK"/out.*; sq=$(count_syncs qemu-img "$@")
+    rm -f "$WORK"/out.*; ss=$(count_syncs "$STRATA" img "$@")
+  fi
+  report "$name" "$target" "$bq" "$bs" "$sq" "$ss"
 }
 
 bench "convert qcow2->raw"      "<=0.8" convert -O raw "$src_q" "$WORK/out.raw"
@@ -114,9 +146,15 @@ undo_bench() { # name target "timed args" "undo args" [args after the image]
       if [ "$tool" = qemu-img ]; then [ "$t" -lt "$bq" ] && bq=$t; else [ "$t" -lt "$bs" ] && bs=$t; fi
     done
   done
+  local sq= ss=
+  if [ "$SYNCS" = 1 ]; then
+    # shellcheck disable=SC2086
+    sq=$(count_syncs qemu-img $timed "$img" $after); qemu-img $undo "$img" $after
+    # shellcheck disable=SC2086
+    ss=$(count_syncs "$STRATA" img $timed "$img" $after); qemu-img $undo "$img" $after
+  fi
   rm -f "$img"
-  awk -v n="$name" -v q="$bq" -v s="$bs" -v tg="$target" \
-    'BEGIN { printf "%-28s %12.3f %12.3f %8.2f %8s\n", n, q/1e6, s/1e6, s/q, tg }'
+  report "$name" "$target" "$bq" "$bs" "$sq" "$ss"
 }
 undo_bench "amend refcount_bits=64"  "<=1.0" "amend -o refcount_bits=64" "amend -o refcount_bits=16"
 undo_bench "amend compat=0.10"       "<=1.0" "amend -o compat=0.10" "amend -o compat=1.1"
@@ -140,33 +178,42 @@ if [ ! -f "$full" ]; then
   qemu-io -f qcow2 "${fill[@]}" "$full.tmp" >/dev/null
   mv "$full.tmp" "$full"
 fi
+# One run of snapshot operation $1 (create, list, apply, delete) on image $2 by the
+# tool command after them, set up and undone by qemu-img outside the measurement;
+# prints its microseconds, or with COUNT=1 its file syncs.
+snap_once() {
+  local op=$1 img=$2 t0 t1; shift 2
+  local args
+  case $op in
+    create) args=(snapshot -c bench "$img") ;;
+    list) args=(snapshot -l "$img") ;;
+    apply) args=(snapshot -a bench "$img") ;;
+    *) args=(snapshot -d bench "$img") ;;
+  esac
+  case $op in apply | delete) qemu-img snapshot -c bench "$img" ;; esac
+  if [ "${COUNT:-0}" = 1 ]; then
+    count_syncs "$@" "${args[@]}"
+  else
+    t0=${EPOCHREALTIME/./}; "$@" "${args[@]}" >/dev/null; t1=${EPOCHREALTIME/./}
+    echo $((t1 - t0))
+  fi
+  case $op in create | apply) qemu-img snapshot -d bench "$img" ;; esac
+}
 snap_bench() { # image label
   local img=$1 label=$2
   wanted "snapshot ($label)" || return 0
   for op in create list apply delete; do
     local bq=999999999999 bs=999999999999 t
     for _ in $(seq "$(( RUNS > 10 ? RUNS : 10 ))"); do
-      for tool in qemu-img strata; do
-        local cmd=("$tool"); [ "$tool" = strata ] && cmd=("$STRATA" img)
-        if [ "$op" = create ]; then
-          t0=${EPOCHREALTIME/./}; "${cmd[@]}" snapshot -c bench "$img"; t1=${EPOCHREALTIME/./}
-          qemu-img snapshot -d bench "$img"
-        elif [ "$op" = list ]; then
-          t0=${EPOCHREALTIME/./}; "${cmd[@]}" snapshot -l "$img" >/dev/null; t1=${EPOCHREALTIME/./}
-        elif [ "$op" = apply ]; then
-          qemu-img snapshot -c bench "$img"
-          t0=${EPOCHREALTIME/./}; "${cmd[@]}" snapshot -a bench "$img"; t1=${EPOCHREALTIME/./}
-          qemu-img snapshot -d bench "$img"
-        else
-          qemu-img snapshot -c bench "$img"
-          t0=${EPOCHREALTIME/./}; "${cmd[@]}" snapshot -d bench "$img"; t1=${EPOCHREALTIME/./}
-        fi
-        t=$((t1 - t0))
-        if [ "$tool" = qemu-img ]; then [ "$t" -lt "$bq" ] && bq=$t; else [ "$t" -lt "$bs" ] && bs=$t; fi
-      done
+      t=$(snap_once "$op" "$img" qemu-img); [ "$t" -lt "$bq" ] && bq=$t
+      t=$(snap_once "$op" "$img" "$STRATA" img); [ "$t" -lt "$bs" ] && bs=$t
     done
-    awk -v n="snapshot $op ($label)" -v q="$bq" -v s="$bs" \
-      'BEGIN { printf "%-28s %12.3f %12.3f %8.2f %8s\n", n, q/1e6, s/1e6, s/q, "<=0.5" }'
+    local sq= ss=
+    if [ "$SYNCS" = 1 ]; then
+      sq=$(COUNT=1 snap_once "$op" "$img" qemu-img)
+      ss=$(COUNT=1 snap_once "$op" "$img" "$STRATA" img)
+    fi
+    report "snapshot $op ($label)" "<=0.5" "$bq" "$bs" "$sq" "$ss"
   done
 }
 for n in 0 10 100; do

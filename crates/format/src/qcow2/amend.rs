@@ -127,8 +127,16 @@ impl Qcow2Image {
         progress: &mut dyn FnMut(AmendStep, u64, u64),
     ) -> Result<()> {
         vet(&m.h, o)?;
-        m.flush_metadata()?;
         let version = o.version.unwrap_or(m.h.version);
+        let lazy_only = version == m.h.version
+            && !matches!(o.refcount_bits, Some(b) if b.trailing_zeros() != m.h.refcount_order);
+        // The lazy-refcounts toggle is one header field, flushed after it is
+        // written; it makes nothing else live, so with nothing of this session
+        // waiting in the caches it needs no flush before it (as QEMU's, one
+        // fdatasync, not two). Every other step starts from flushed metadata.
+        if !(lazy_only && m.metadata_clean()) {
+            m.flush_metadata()?;
+        }
         if version < m.h.version
             && m.h.compression_type != super::CompressionType::Zlib
             && has_compressed_clusters(m)?

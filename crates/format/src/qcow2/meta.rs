@@ -48,6 +48,11 @@ pub struct Meta {
     /// that did not close cleanly) and no repair has since made the refcounts
     /// whole: closing leaves the bit set, so the next writer repairs first.
     pub dirty_inherited: bool,
+    /// A metadata operation ([`Meta::begin_metadata_op`]) runs and owes the dirty
+    /// bit before its first write that could leave a COPIED flag disagreeing with
+    /// its refcount ([`Meta::mark_op_dirty`]); until then it has written only
+    /// what a crash leaves as leaks, so the bit (two flushes) is spared.
+    pub(crate) dirty_deferred: bool,
     /// Flush the storage between ordered metadata writes (the default).
     pub barriers: bool,
     /// `fallocate` fresh data clusters before writing them (off by default).
@@ -91,6 +96,7 @@ impl Meta {
             read_only,
             dirty_written: false,
             dirty_inherited: false,
+            dirty_deferred: false,
             barriers: true,
             falloc_new_clusters: false,
             bitmaps: None,
@@ -397,6 +403,15 @@ impl Meta {
         Ok(())
     }
 
+    /// Whether no metadata waits to be written: no dirty L2 table or refcount
+    /// block cached, no deferred free or punch.
+    pub(crate) fn metadata_clean(&self) -> bool {
+        !self.l2.any_dirty()
+            && !self.rb.any_dirty()
+            && self.pending_frees.is_empty()
+            && self.pending_punches.is_empty()
+    }
+
     /// An ordering point between metadata writes: a flush of the storage, unless
     /// barriers are off (see [`super::Qcow2Image::set_write_barriers`]).
     pub fn barrier(&self) -> Result<()> {
@@ -443,22 +458,42 @@ impl Meta {
         Ok(())
     }
 
-    /// Before a multi-step metadata operation (snapshots): set the dirty bit so that a
-    /// crash in the middle leaves an image that is checked and repaired before its
-    /// next read-write use. Returns whether this call set it (and should clear it).
+    /// Before a multi-step metadata operation (snapshots): arrange for the dirty bit,
+    /// so that a crash in the middle leaves an image that is checked and repaired
+    /// before its next read-write use. The bit is written (and flushed) only by
+    /// [`Meta::mark_op_dirty`], before the operation's first write that needs it:
+    /// an operation that never calls it leaves leaks at worst, as QEMU's do.
+    /// Returns whether this operation owns the bit (and clears it at the end).
     pub fn begin_metadata_op(&mut self) -> Result<bool> {
         if self.read_only || self.h.version < 3 || self.h.is_dirty() {
             return Ok(false);
         }
-        self.h.incompatible_features |= header::incompat::DIRTY;
-        self.write_incompat()?;
-        self.barrier()?;
+        self.dirty_deferred = true;
         Ok(true)
     }
 
-    /// End an operation begun with [`Meta::begin_metadata_op`].
+    /// Write and flush the dirty bit a [`Meta::begin_metadata_op`] deferred, if not
+    /// yet written. Call before any write whose durable state could hold a COPIED
+    /// flag that disagrees with its refcount (or any write whose safety relies on
+    /// the bit): every write made before it must leave leaks at worst.
+    pub(crate) fn mark_op_dirty(&mut self) -> Result<()> {
+        if !self.dirty_deferred {
+            return Ok(());
+        }
+        if !self.h.is_dirty() {
+            self.h.incompatible_features |= header::incompat::DIRTY;
+            self.write_incompat()?;
+            self.barrier()?;
+        }
+        self.dirty_deferred = false;
+        Ok(())
+    }
+
+    /// End an operation begun with [`Meta::begin_metadata_op`]: flush, then clear
+    /// the dirty bit if the operation wrote it.
     pub fn end_metadata_op(&mut self, set_here: bool) -> Result<()> {
         self.flush_metadata()?;
+        self.dirty_deferred = false;
         if set_here {
             self.clear_dirty()?;
         }

@@ -44,6 +44,18 @@ pub fn find<'a>(snaps: &'a [Snapshot], key: &str) -> Option<(usize, &'a Snapshot
 }
 
 impl Meta {
+    /// Before apply or delete: write what the caches hold, so the operation starts
+    /// from metadata on disk. With nothing cached to write, no flush either: each
+    /// of their commit points is preceded by a flush of their own (which also
+    /// makes durable any guest data written before), so one here would only sync
+    /// a file nothing of this session changed.
+    fn flush_caches_before_op(&mut self) -> Result<()> {
+        if self.metadata_clean() {
+            return Ok(());
+        }
+        self.flush_metadata()
+    }
+
     /// Add `delta` to the refcount of every L2 table and data cluster `l1` reaches.
     pub(crate) fn update_l1_refcounts(&mut self, l1: &[u64], delta: i64) -> Result<()> {
         let cs = self.cluster_size();
@@ -299,6 +311,10 @@ impl Qcow2Image {
             return Err(Error::invalid_argument("Snapshot name too long"));
         }
         let cs = m.cluster_size();
+        if !spec.vm_state.is_empty() || !m.snapshots_in_place() {
+            // Only the in-place walk defers the dirty bit to its first flag change.
+            m.mark_op_dirty()?;
+        }
         if !spec.vm_state.is_empty() {
             self.write_beyond_disk(m, &spec.vm_state, vm_base)?;
         }
@@ -412,13 +428,15 @@ impl Qcow2Image {
         let snap = find(&m.snapshots, key)
             .map(|(_, s)| s.clone())
             .ok_or_else(|| Error::not_found(format!("Can't find snapshot '{key}'")))?;
-        m.flush_metadata()?;
+        m.flush_caches_before_op()?;
         // The guest disk changes wholesale: bitmaps record it first.
         m.dirty_bitmaps()?;
         if m.snapshots_in_place() && self.apply_in_place(m, &snap)? {
             m.l2.clear();
             return Ok(());
         }
+        // Only the in-place walk defers the dirty bit to its first flag change.
+        m.mark_op_dirty()?;
         let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
         if sl1.len() > m.l1.len() {
             self.grow_l1_for(m, sl1.len() as u64)?;
@@ -507,12 +525,14 @@ impl Qcow2Image {
         let (idx, snap) = find(&m.snapshots, key)
             .map(|(i, s)| (i, s.clone()))
             .ok_or_else(|| Error::not_found(format!("Can't find the snapshot '{key}'")))?;
-        m.flush_metadata()?;
+        m.flush_caches_before_op()?;
         if m.snapshots_in_place() {
             self.delete_in_place(m, idx)?;
             m.l2.clear();
             return Ok(snap);
         }
+        // Only the in-place walk defers the dirty bit to its first flag change.
+        m.mark_op_dirty()?;
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
         if self.switch_snapshots(m, snaps.clone())? {
@@ -582,20 +602,24 @@ impl Qcow2Image {
         let _excl = self.exclusive();
         let mut m = self.lock()?;
         let set_here = m.begin_metadata_op().map_err(|e| self.err(e))?;
-        let after_l1: &[DebugEvent] = if m.h.version >= 3 && m.snapshots.is_empty() {
-            m.storage.debug_event(DebugEvent::L1Update);
-            &[
-                DebugEvent::EmptyImagePrepare,
-                DebugEvent::L1Update,
-                DebugEvent::ReftableUpdate,
-                DebugEvent::RefblockAlloc,
-            ]
-        } else {
-            &[]
-        };
+        // The dirty bit goes first, before the events that announce the
+        // emptying's writes (a rule failing them must not fail the bit).
+        let marked = m.mark_op_dirty();
+        let after_l1: &[DebugEvent] =
+            if marked.is_ok() && m.h.version >= 3 && m.snapshots.is_empty() {
+                m.storage.debug_event(DebugEvent::L1Update);
+                &[
+                    DebugEvent::EmptyImagePrepare,
+                    DebugEvent::L1Update,
+                    DebugEvent::ReftableUpdate,
+                    DebugEvent::RefblockAlloc,
+                ]
+            } else {
+                &[]
+            };
         let external = self.data.is_external();
-        let r = m
-            .dirty_bitmaps()
+        let r = marked
+            .and_then(|_| m.dirty_bitmaps())
             .and_then(|_| m.drop_l2_tables(0, false, after_l1))
             .and_then(|_| {
                 // qemu-img lays an image it may rebuild (version 3 without

@@ -18,12 +18,18 @@
 //!   old tables' refcounts; walk the active tables again for their flags.
 //!
 //! Between a refcount write and its flag write a durable state can hold a flag
-//! that disagrees with a refcount, which `qemu-img check` calls corrupt. So the
-//! whole operation runs under the header's dirty bit, set and flushed before the
-//! first write and cleared after the last flush (`Meta::begin_metadata_op`): an
-//! interrupted operation leaves an image that QEMU and strata both check and
-//! repair (leaks and COPIED flags) before they next write it, and the commit
-//! point alone decides which state the guest sees. Refcounts only rise before
+//! that disagrees with a refcount, which `qemu-img check` calls corrupt. So from
+//! the first such change on, the operation runs under the header's dirty bit,
+//! set and flushed before any write of that change and cleared after the last
+//! flush (`Meta::begin_metadata_op`, `Meta::mark_op_dirty`): an interrupted
+//! operation leaves an image that QEMU and strata both check and repair (leaks
+//! and COPIED flags) before they next write it, and the commit point alone
+//! decides which state the guest sees. A walk that changes no flag (every
+//! cluster it counts stays shared, or stays owned: a snapshot operation on an
+//! image whose clusters other snapshots already share) writes only refcounts
+//! that agree with the flags as they lie, in every mix of old and new blocks;
+//! its crash leaves leaks at worst, as QEMU's does, and the bit with its two
+//! flushes is spared. Refcounts only rise before
 //! the commit point and only fall after it, so no referenced cluster is ever
 //! counted 0. Version 2 images have no dirty bit and keep the header switch of
 //! `snapshot_switch`; so do an apply whose L1 table is larger than one sector
@@ -43,9 +49,10 @@ const SECTOR: usize = 512;
 
 impl Meta {
     /// Whether snapshot operations take QEMU's in-place layout: a version 3 image
-    /// whose dirty bit is set (by `begin_metadata_op`, or left by a lazy writer).
+    /// whose dirty bit is set (left by a lazy writer) or owed by the operation
+    /// (`begin_metadata_op`, written by `mark_op_dirty` when first needed).
     pub(crate) fn snapshots_in_place(&self) -> bool {
-        self.h.version >= 3 && self.h.is_dirty() && !self.l1.is_empty()
+        self.h.version >= 3 && (self.h.is_dirty() || self.dirty_deferred) && !self.l1.is_empty()
     }
 
     /// QEMU's walk over the tables `l1` reaches: add `addend` (-1, 0 or 1) to the
@@ -54,7 +61,10 @@ impl Meta {
     /// the cached L2 tables, entries of `l1` in place). A table whose cluster
     /// becomes free leaves the cache unwritten. The refcounts and L2 tables are
     /// then written (no order among them: the dirty bit covers the window) and
-    /// made durable. Returns whether an entry of `l1` changed.
+    /// made durable. The dirty bit an operation deferred is written at the first
+    /// flag that changes, before the refcount change that calls for it can be
+    /// written (it is still in the cache) and before any flag is. Returns
+    /// whether an entry of `l1` changed.
     pub(crate) fn walk_snapshot_refcounts(&mut self, l1: &mut [u64], addend: i64) -> Result<bool> {
         let cs = self.cluster_size();
         let bits = self.geo.cluster_bits;
@@ -90,6 +100,7 @@ impl Meta {
                 };
                 let entry = if rc == 1 { entry | OFLAG_COPIED } else { entry };
                 if entry != raw {
+                    self.mark_op_dirty()?;
                     self.set_raw_entry(l2off, j, entry, bitmap)?;
                 }
             }
@@ -103,6 +114,7 @@ impl Meta {
                 l2off.get()
             };
             if e != raw_l1 {
+                self.mark_op_dirty()?;
                 *slot = e;
                 modified = true;
             }
@@ -228,6 +240,7 @@ impl Qcow2Image {
         }
         let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
         if sl1.len() > m.l1.len() {
+            m.mark_op_dirty()?;
             self.grow_l1_for(m, sl1.len() as u64)?;
         }
         // Raise the snapshot's refcounts; its own tables' flags follow them.
