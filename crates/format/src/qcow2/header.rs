@@ -167,8 +167,11 @@ impl Header {
     }
 
     /// Parse the header for a consistency check: tables may start past the end
-    /// of the file, and the snapshot table's count and offset are not judged here
-    /// (the check reports them, see [`Header::snapshot_table_fault`]).
+    /// of the file, the refcount table may be missing (no clusters, as QEMU's
+    /// check accepts it: the check reports every cluster in use and its
+    /// repair rebuilds the table), and the snapshot table's count and offset
+    /// are not judged here (the check reports them, see
+    /// [`Header::snapshot_table_fault`]).
     pub fn parse_for_check(buf: &[u8]) -> Result<Header> {
         Self::parse_inner(buf, u64::MAX, false)
     }
@@ -295,7 +298,9 @@ impl Header {
         }
         // The tables, as QEMU validates them (its limits and words), then what
         // strata requires beyond that (see [`check_table`]).
-        if self.refcount_table_clusters == 0 {
+        // A check (`snapshots` false) opens an image without a refcount table,
+        // as QEMU's does, so that its repair can rebuild one.
+        if self.refcount_table_clusters == 0 && snapshots {
             return Err(Error::invalid(
                 "Image does not contain a reference count table",
             ));
@@ -328,13 +333,15 @@ impl Header {
         if u64::from(self.l1_size) < needed {
             return Err(Error::invalid("L1 table is too small"));
         }
-        check_table(
-            self.refcount_table_offset,
-            rt_bytes,
-            cs,
-            file_size,
-            "Reference count table",
-        )?;
+        if rt_bytes > 0 {
+            check_table(
+                self.refcount_table_offset,
+                rt_bytes,
+                cs,
+                file_size,
+                "Reference count table",
+            )?;
+        }
         if self.l1_size > 0 {
             check_table(
                 self.l1_table_offset,
