@@ -122,12 +122,12 @@ pub fn parse_size_u64(s: &str) -> Option<u64> {
     crate::size::parse(s).ok()
 }
 
-/// A number-typed `-o` value as QEMU's option parser reads it (`strtoull` with
-/// base 0): leading blanks, a sign, `0x` for hex or a leading `0` for octal, and
-/// nothing after the digits. A negative number wraps around 2^64, as in C. Errs
-/// with qemu-img's words when the text is no number or its magnitude does not
-/// fit 64 bits.
-pub fn parse_opt_number(key: &str, v: &str) -> std::result::Result<u64, String> {
+/// A C-style number as QEMU's option parser reads it (`strtoull`/`strtoll` with
+/// base 0): leading blanks, a sign, `0x` for hex or a leading `0` for octal,
+/// and nothing after the digits. Returns the sign and the magnitude;
+/// `Err(true)` when the magnitude does not fit 64 bits, `Err(false)` when the
+/// text is no number.
+pub fn c_number(v: &str) -> std::result::Result<(bool, u64), bool> {
     let t = v.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
     let (neg, t) = match t.strip_prefix('-') {
         Some(r) => (true, r),
@@ -141,11 +141,22 @@ pub fn parse_opt_number(key: &str, v: &str) -> std::result::Result<u64, String> 
         (10, t)
     };
     if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(format!("Parameter '{key}' expects a number"));
+        return Err(false);
     }
-    let n = u64::from_str_radix(digits, radix)
-        .map_err(|_| format!("Value '{v}' is too large for parameter '{key}'"))?;
-    Ok(if neg { n.wrapping_neg() } else { n })
+    u64::from_str_radix(digits, radix)
+        .map(|n| (neg, n))
+        .map_err(|_| true)
+}
+
+/// A number-typed `-o` value read as [`c_number`] reads it; a negative number
+/// wraps around 2^64, as in C. Errs with qemu-img's words when the text is no
+/// number or its magnitude does not fit 64 bits.
+pub fn parse_opt_number(key: &str, v: &str) -> std::result::Result<u64, String> {
+    match c_number(v) {
+        Ok((neg, n)) => Ok(if neg { n.wrapping_neg() } else { n }),
+        Err(true) => Err(format!("Value '{v}' is too large for parameter '{key}'")),
+        Err(false) => Err(format!("Parameter '{key}' expects a number")),
+    }
 }
 
 /// How qemu-img's "Formatting" line shows a number-typed option: the parsed

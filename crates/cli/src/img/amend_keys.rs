@@ -5,45 +5,18 @@
 use anyhow::{bail, Result};
 use strata_format::crypto::keyslots::{KeySlotRequest, SlotState};
 
-/// A C-style number (`strtoull`/`strtoll` with base 0): leading blanks, a sign,
-/// `0x` for hex, a leading `0` for octal; the whole text must be the number.
-/// Returns the sign and the magnitude; `Err(true)` when the magnitude does not
-/// fit 64 bits, `Err(false)` when the text is no number.
-fn c_number(v: &str) -> std::result::Result<(bool, u64), bool> {
-    let t = v.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
-    let (neg, t) = match t.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, t.strip_prefix('+').unwrap_or(t)),
-    };
-    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        (16, h)
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(false);
-    }
-    u64::from_str_radix(digits, radix)
-        .map(|n| (neg, n))
-        .map_err(|_| true)
-}
-
 /// The option list's check of a number option (`encrypt.keyslot`,
 /// `encrypt.iter-time`): any 64-bit magnitude, negative ones included.
 fn check_opt_number(key: &str, v: &str) -> Result<()> {
-    match c_number(v) {
-        Ok(_) => Ok(()),
-        Err(true) => bail!("Value '{v}' is too large for parameter '{key}'"),
-        Err(false) => bail!("Parameter '{key}' expects a number"),
-    }
+    strata_jobs::create::parse_opt_number(key, v)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// The request's integer fields: a signed 64-bit value.
 fn keyval_int(name: &str, v: &str) -> Result<i64> {
     let bad = || anyhow::anyhow!("Parameter '{name}' expects integer");
-    let (neg, n) = c_number(v).map_err(|_| bad())?;
+    let (neg, n) = strata_jobs::create::c_number(v).map_err(|_| bad())?;
     if neg {
         0i64.checked_sub_unsigned(n).ok_or_else(bad)
     } else {
