@@ -241,7 +241,7 @@ fn unmeasurable_format(name: &str) -> Option<anyhow::Error> {
         Some(anyhow::anyhow!(
             "Block driver '{name}' does not support size measurement"
         ))
-    } else if super::imgname::QEMU_DRIVERS.contains(&name) && !MODULES.contains(&name) {
+    } else if super::imgname::is_qemu_driver(name) && !MODULES.contains(&name) {
         Some(anyhow::anyhow!(
             "Format driver '{name}' does not support image creation"
         ))

@@ -92,7 +92,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // is not opened); otherwise strata must open it, so it must be one strata
     // reads.
     if let Some(f) = &args.backing_format {
-        if !super::imgname::QEMU_DRIVERS.contains(&f.as_str()) {
+        if !super::imgname::is_qemu_driver(f) {
             bail!("Invalid format name: '{f}'");
         }
     }
