@@ -12,7 +12,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_all_same, copy_dir, differs, map_json, outcome, qemu_views, same_files, sh};
+use common::{assert_all_same, compare_runs, copy_dir, same_files, sh, FileCheck};
 
 /// A shell function writing `printf`-escaped bytes at an offset of a file,
 /// as the iotests' `poke_file` does.
@@ -23,7 +23,7 @@ const POKE: &str =
 /// give each tool a copy, run `steps` (space-separated arguments) with each,
 /// and record any difference in what they print or leave: the same bytes
 /// (`bytes`) or, where the tools take snapshots at different times, the same
-/// view to qemu-img (see [`qemu_views`]) and the same guest data.
+/// view to qemu-img (see `common::qemu_views`) and the same guest data.
 fn same_after(root: &Path, n: &str, setup: &str, steps: &[&str], bytes: bool) {
     let fixture = root.join(format!("{n}-f"));
     std::fs::create_dir_all(&fixture).unwrap();
@@ -32,43 +32,12 @@ fn same_after(root: &Path, n: &str, setup: &str, steps: &[&str], bytes: bool) {
     for d in &dirs {
         copy_dir(&fixture, d);
     }
-    for step in steps {
-        let args: Vec<&str> = step.split(' ').collect();
-        let ours = outcome(&dirs[0], "strata", &args);
-        let theirs = outcome(&dirs[1], "qemu-img", &args);
-        if ours != theirs {
-            differs(format!(
-                "[{n}] `img {step}`\n  strata:   {ours:?}\n  qemu-img: {theirs:?}"
-            ));
-        }
-    }
-    let mut names: Vec<String> = std::fs::read_dir(&dirs[1])
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    for f in names {
-        let what = format!("[{n}] {steps:?}: {f}");
-        if !dirs[0].join(&f).exists() {
-            differs(format!("{what}: strata left no file"));
-            continue;
-        }
-        if bytes {
-            let read = |d: &Path| std::fs::read(d.join(&f)).unwrap();
-            if read(&dirs[0]) != read(&dirs[1]) {
-                differs(format!("{what}: the files' bytes differ"));
-            }
-        } else {
-            let (v_o, v_t) = (qemu_views(&dirs[0], &f), qemu_views(&dirs[1], &f));
-            if v_o != v_t {
-                differs(format!("{what}: views\n{v_o}\n---\n{v_t}"));
-            }
-        }
-        let (m_o, m_t) = (map_json(&dirs[0], &f), map_json(&dirs[1], &f));
-        if m_o != m_t {
-            differs(format!("{what}: map\n{m_o}---\n{m_t}"));
-        }
-    }
+    let check = if bytes {
+        FileCheck::Bytes
+    } else {
+        FileCheck::QemuViews
+    };
+    compare_runs(&dirs, n, steps, check);
 }
 
 /// 049: `create` reads sizes with every suffix (as the size argument and as

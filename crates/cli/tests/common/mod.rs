@@ -13,7 +13,7 @@ pub mod nbd;
 pub mod restic;
 pub mod vm;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The `strata` binary under test.
@@ -205,14 +205,24 @@ pub fn same_bytes(dir: &Path, ours: &str, theirs: &str, what: &str) {
     }
 }
 
+/// What [`compare_runs`] compares of each file the tools leave.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum FileCheck {
+    /// The bytes and the map.
+    Bytes,
+    /// The bytes, the map, the length and the disk usage (512-byte blocks,
+    /// within the 8 a file system's extent tree may take).
+    BytesAndUsage,
+    /// qemu-img's view ([`qemu_views`]) and the map: for files the tools
+    /// stamp with their own times (snapshots).
+    QemuViews,
+}
+
 /// Run `setup` (bash, qemu-img and qemu-io only; nothing when empty) in two
-/// fresh directories under `root` named after `n`, then each command of
-/// `steps` with strata in the first and qemu-img in the second; record any
-/// difference in what they print and, for every file qemu-img's side holds at
-/// the end, in its bytes and map, and when `disk_usage`, in its length and disk
-/// usage (512-byte blocks, within the 8 a file system's extent tree may take).
+/// fresh directories under `root` named after `n`, then compare the tools on
+/// `steps` there ([`compare_runs`]), bytes and maps, and when `disk_usage`,
+/// lengths and disk usage too.
 pub fn same_files(root: &Path, n: &str, setup: &str, steps: &[&str], disk_usage: bool) {
-    use std::os::unix::fs::MetadataExt;
     let dirs = [root.join(format!("{n}-o")), root.join(format!("{n}-t"))];
     for d in &dirs {
         std::fs::create_dir_all(d).unwrap();
@@ -220,6 +230,20 @@ pub fn same_files(root: &Path, n: &str, setup: &str, steps: &[&str], disk_usage:
             sh(d, "bash", &["-ec", setup]);
         }
     }
+    let check = if disk_usage {
+        FileCheck::BytesAndUsage
+    } else {
+        FileCheck::Bytes
+    };
+    compare_runs(&dirs, n, steps, check);
+}
+
+/// Run each command of `steps` (space-separated arguments) with strata in
+/// `dirs[0]` and qemu-img in `dirs[1]`; record any difference in what they
+/// print and, for every file qemu-img's side holds at the end, in what
+/// `check` names.
+pub fn compare_runs(dirs: &[PathBuf; 2], n: &str, steps: &[&str], check: FileCheck) {
+    use std::os::unix::fs::MetadataExt;
     for step in steps {
         let args: Vec<&str> = step.split(' ').collect();
         let ours = outcome(&dirs[0], "strata", &args);
@@ -241,7 +265,7 @@ pub fn same_files(root: &Path, n: &str, setup: &str, steps: &[&str], disk_usage:
             differs(format!("{what}: strata left no file"));
             continue;
         }
-        if disk_usage {
+        if check == FileCheck::BytesAndUsage {
             let room = |d: &Path| {
                 let meta = std::fs::metadata(d.join(&f)).unwrap();
                 (meta.len(), meta.blocks())
@@ -255,10 +279,17 @@ pub fn same_files(root: &Path, n: &str, setup: &str, steps: &[&str], disk_usage:
                 ));
             }
         }
-        let read = |d: &Path| std::fs::read(d.join(&f)).unwrap();
-        if read(&dirs[0]) != read(&dirs[1]) {
-            differs(format!("{what}: the files' bytes differ"));
-            continue;
+        if check == FileCheck::QemuViews {
+            let (v_o, v_t) = (qemu_views(&dirs[0], &f), qemu_views(&dirs[1], &f));
+            if v_o != v_t {
+                differs(format!("{what}: views\n{v_o}\n---\n{v_t}"));
+            }
+        } else {
+            let read = |d: &Path| std::fs::read(d.join(&f)).unwrap();
+            if read(&dirs[0]) != read(&dirs[1]) {
+                differs(format!("{what}: the files' bytes differ"));
+                continue;
+            }
         }
         let (m_o, m_t) = (map_json(&dirs[0], &f), map_json(&dirs[1], &f));
         if m_o != m_t {
