@@ -244,9 +244,12 @@ fn create_inner(
     }
     let hdr = h.serialize()?;
     // The old contents go first, durably: new clusters under an old header would
-    // make an image neither old nor new.
-    storage.set_size(0)?;
-    storage.flush()?;
+    // make an image neither old nor new. A file that is still empty (made for
+    // this image, as convert and create make theirs) has nothing to drop.
+    if storage.size()? != 0 {
+        storage.set_size(0)?;
+        storage.flush()?;
+    }
     // Refcount table (cluster 1) pointing at one refcount block (cluster 2) that counts
     // clusters 0, 1 and 2. They are durable before the header names them: a crash
     // before the header leaves a file no tool opens as qcow2, never a qcow2 header
