@@ -130,6 +130,20 @@ impl Node {
             (out.status.success() && id.contains('@')).then_some(id)
         })
     }
+
+    /// Wait until the server answers its admin RPC (`node id` reads only the
+    /// node's key file, so it answers before the server listens).
+    fn wait_listening(&self) {
+        wait_for("the garage server's RPC", Duration::from_secs(30), || {
+            let out = Command::new(binary())
+                .arg("-c")
+                .arg(&self.config)
+                .arg("status")
+                .output()
+                .ok()?;
+            out.status.success().then_some(())
+        })
+    }
 }
 
 impl Garage {
@@ -181,6 +195,9 @@ impl Garage {
     /// Connect the nodes, give each a role, apply the layout, make the bucket and key.
     fn form_cluster(&mut self) {
         let ids: Vec<String> = self.nodes.iter().map(Node::node_id).collect();
+        for node in &self.nodes {
+            node.wait_listening();
+        }
         for id in &ids[1..] {
             self.admin(&["node", "connect", id]);
         }
