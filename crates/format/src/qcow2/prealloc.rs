@@ -18,7 +18,7 @@
 //! and L2 tables before L1 entries ([`Meta::flush_metadata`]).
 
 use super::create::Preallocation;
-use super::entries::{ALL_ALLOCATED, OFFSET_MASK, OFLAG_COPIED};
+use super::entries::{ALL_ALLOCATED, OFLAG_COPIED};
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use crate::units::{index, ClusterIndex, HostOffset};
@@ -123,14 +123,6 @@ impl Qcow2Image {
 
     /// Allocate the unallocated clusters of `[from, to)`, L2 table first, runs
     /// of data after it (the `metadata` layout; with a data file, every mode).
-    ///
-    /// As QEMU's preallocation, the data of one request stays contiguous in
-    /// the file across L2 tables: a run goes right after the previous one's
-    /// last cluster (or after an allocated cluster the range passes) when that
-    /// is free, as far as it is free; only where it is not (the usual case: the
-    /// L2 table just allocated sits there) does a run go where the allocator's
-    /// search finds room. A request is at most `i32::MAX` bytes (cluster-aligned)
-    /// of the range, so the chain also restarts at each such boundary.
     fn preallocate_in_place(
         &self,
         m: &mut Meta,
@@ -143,56 +135,19 @@ impl Qcow2Image {
         let end = to.div_ceil(cs);
         let mut gc = from / cs;
         let storage = self.data_storage()?.clone();
-        let external = self.data.is_external();
-        let request = (i32::MAX as u64) / cs * cs;
-        // The host cluster the next run continues at, if any.
-        let mut chain: Option<u64> = None;
         while gc < end {
-            // A new request starts at each `from + k * request`: at a cluster's
-            // start it begins a new chain; inside a cluster (allocated by the
-            // previous request) it carries the chain on from that cluster.
-            let into = (gc * cs).saturating_sub(from);
-            if into > 0 && into.is_multiple_of(request) {
-                chain = None;
-            }
-            let request_end_c = from
-                .saturating_add((into / request + 1).saturating_mul(request))
-                .div_ceil(cs);
             let table_end = (gc / l2n + 1) * l2n;
-            let limit = end.min(table_end).min(request_end_c.max(gc + 1));
             let l2 = m.l2_for_write(gc / l2n)?;
             // The run of unallocated clusters starting at gc, inside this L2 table.
             let mut n = 0;
-            while gc + n < limit && m.raw_entry(l2, (gc + n) % l2n)?.0 == 0 {
+            while gc + n < end.min(table_end) && m.raw_entry(l2, (gc + n) % l2n)?.0 == 0 {
                 n += 1;
             }
             if n == 0 {
-                let host = m.raw_entry(l2, gc % l2n)?.0 & OFFSET_MASK;
-                chain = (host != 0).then(|| host / cs + 1);
                 gc += 1;
                 continue;
             }
-            let cont = chain.filter(|_| !external);
-            let at = match cont {
-                Some(next) => m.alloc_clusters_at(next, n)?,
-                None => 0,
-            };
-            let host = match cont {
-                // Contiguous with what came before, as far as it is free; a
-                // shorter run ends the chain (QEMU's next allocation there
-                // finds nothing and starts a new request).
-                Some(next) if at > 0 => {
-                    chain = (at == n).then_some(next + at);
-                    n = at;
-                    next
-                }
-                _ => {
-                    let host = self.alloc_data(m, gc, n)?.get() / cs;
-                    chain = Some(host + n);
-                    host
-                }
-            };
-            let host = host * cs;
+            let host = self.alloc_data(m, gc, n)?.get();
             let bytes = n * cs;
             match mode {
                 Preallocation::Off => {}

@@ -344,55 +344,6 @@ impl Meta {
         }
     }
 
-    /// Allocate up to `n` clusters at cluster `start` exactly: as many free
-    /// clusters as follow one another from there (none when `start` is in
-    /// use), with refcount 1 (in the cache, as [`Meta::alloc_clusters`]).
-    /// Returns how many were allocated.
-    ///
-    /// This is QEMU's allocation at a given host offset, which its
-    /// preallocation uses to keep a request's data contiguous across L2
-    /// tables. A refcount block missing for the run is created first (as
-    /// [`Meta::alloc_clusters`] creates it) and the free clusters counted
-    /// again, since the block may have taken one of them; the search cursor
-    /// only moves where the block's creation moves it, and back to `start`
-    /// when QEMU's undoing of the run's first refcounts frees clusters below it.
-    pub(crate) fn alloc_clusters_at(&mut self, start: u64, n: u64) -> Result<u64> {
-        let cs = self.cluster_size();
-        let epb = self.rb_entries();
-        'count: loop {
-            let mut got = 0u64;
-            while got < n {
-                let c = start.checked_add(got).ok_or_else(|| {
-                    Error::invalid("image would grow past the 2^56-byte host offset limit")
-                })?;
-                if c.checked_mul(cs)
-                    .is_none_or(|o| o >= super::header::MAX_HOST_OFFSET)
-                    || self.refcount(ClusterIndex(c))? != 0
-                {
-                    break;
-                }
-                got += 1;
-            }
-            if got == 0 {
-                return Ok(0);
-            }
-            for b in start / epb..=(start + got - 1) / epb {
-                if self.refblock_offset(b)?.is_none() {
-                    self.place_refblock((b * epb).max(start))?;
-                    if b * epb > start {
-                        self.free_hint = self.free_hint.min(start);
-                    }
-                    continue 'count;
-                }
-            }
-            self.storage.debug_event(DebugEvent::RefblockAlloc);
-            for c in start..start + got {
-                self.set_refcount_in_block(ClusterIndex(c), 1)?;
-            }
-            return Ok(got);
-        }
-    }
-
     /// First run of `n` clusters with refcount 0, searching from the hint.
     pub(crate) fn find_free_run(&mut self, n: u64) -> Result<u64> {
         let cs = self.cluster_size();
