@@ -141,6 +141,7 @@ fn option_help_lists_exactly_what_create_accepts() {
         "encrypt.key-secret" => "sec0",
         "encryption" => "on",
         "nocow" => "on",
+        "extent_size_hint" => "1M",
         other => panic!("no sample value for listed option {other}"),
     };
     let run = |args: &[&str]| {
