@@ -53,34 +53,11 @@ fn a_commit_whose_emptying_fails_reports_it_and_leaves_a_repairable_top_as_qemu_
             std::fs::create_dir(&sub).unwrap();
             sh(
                 &sub,
-                "qemu-img",
+                "bash",
                 &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    "compat=1.1",
-                    "t.base",
-                    "64M",
-                ],
-            );
-            sh(
-                &sub,
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    "compat=1.1",
-                    "-b",
-                    "t.base",
-                    "-F",
-                    "qcow2",
-                    "t.qcow2",
-                    "64M",
+                    "-ec",
+                    "qemu-img create -q -f qcow2 -o compat=1.1 t.base 64M\n\
+                     qemu-img create -q -f qcow2 -o compat=1.1 -b t.base -F qcow2 t.qcow2 64M",
                 ],
             );
             common::io(&sub, "qcow2", "t.qcow2", &["write 0 64k"]);

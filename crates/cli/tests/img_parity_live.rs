@@ -213,12 +213,7 @@ fn images_a_running_qemu_holds_are_locked_as_qemu_img_finds_them() {
         .collect();
     for img in ["rw.qcow2", "ro.qcow2", "base.qcow2"] {
         for u in [None, Some("-U")] {
-            let with = |args: &[&str]| -> Vec<String> {
-                let mut v: Vec<String> = vec![args[0].into()];
-                v.extend(u.map(String::from));
-                v.extend(args[1..].iter().map(|s| s.to_string()));
-                v
-            };
+            let with = |args: &[&str]| with_option(u, args);
             for args in [
                 with(&["info", img]),
                 with(&["info", "--backing-chain", img]),
@@ -402,12 +397,7 @@ fn files_a_running_qemu_nbd_serves_are_locked_as_qemu_img_finds_them() {
         .collect();
     for img in ["q.qcow2"] {
         for u in [None, Some("-U")] {
-            let with = |args: &[&str]| -> Vec<String> {
-                let mut v: Vec<String> = vec![args[0].into()];
-                v.extend(u.map(String::from));
-                v.extend(args[1..].iter().map(|s| s.to_string()));
-                v
-            };
+            let with = |args: &[&str]| with_option(u, args);
             for args in [
                 with(&["info", img]),
                 with(&["info", "--output=json", img]),
@@ -447,4 +437,13 @@ fn files_a_running_qemu_nbd_serves_are_locked_as_qemu_img_finds_them() {
         .collect();
     assert!(before == after, "a file qemu-nbd serves was written");
     assert_all_same();
+}
+
+/// `args` (a subcommand first) with `opt`, when given, right after the
+/// subcommand: the same command with and without `-U`.
+fn with_option(opt: Option<&str>, args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec![args[0].into()];
+    v.extend(opt.map(String::from));
+    v.extend(args[1..].iter().map(|s| s.to_string()));
+    v
 }
