@@ -136,7 +136,15 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let mut pos = start;
     while pos < size {
         let n = (size - pos).min(o.bs) as usize;
-        reader.read(&mut buf[..n], pos)?;
+        // A failed read (storage, or data that does not decompress) is worded
+        // as qemu-img's dd words it.
+        reader.read(&mut buf[..n], pos).map_err(|e| {
+            let e = anyhow::Error::new(e);
+            match super::ioerr::io_failure(&e) {
+                Some(f) => anyhow::anyhow!("error while reading from input image file: {}", f.os),
+                None => e,
+            }
+        })?;
         out.write(&buf[..n], pos - start)?;
         pos += n as u64;
     }

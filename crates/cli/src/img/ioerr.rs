@@ -14,8 +14,17 @@ pub struct IoFailure {
 }
 
 /// The failed guest request behind `e`, if the storage failed one.
+/// Data that does not decompress counts as a failed read: QEMU's compressed
+/// read fails with EIO there, and qemu-img words it as any read error.
 pub fn io_failure(e: &anyhow::Error) -> Option<IoFailure> {
-    let f = storage_failure(e)?;
+    let (f, os) = match storage_failure(e) {
+        Some(f) => (f, words_of(f.storage_error()?)),
+        None => {
+            let f = engine_error(e).filter(|f| f.kind() == ErrorKind::BadCompressedData)?;
+            let eio = std::io::Error::from_raw_os_error(libc::EIO);
+            (f, strata_storage::os_message(&eio))
+        }
+    };
     let offset = match f.offset() {
         Some(Offset::Guest(g)) => g.0,
         _ => 0,
@@ -23,7 +32,7 @@ pub fn io_failure(e: &anyhow::Error) -> Option<IoFailure> {
     Some(IoFailure {
         op: f.operation()?,
         offset,
-        os: words_of(f.storage_error()?),
+        os,
         path: f.path().map(Into::into),
     })
 }
@@ -46,13 +55,18 @@ pub fn os_words(e: &anyhow::Error) -> Option<String> {
 
 /// The engine error behind `e` that a failing storage raised.
 fn storage_failure(e: &anyhow::Error) -> Option<&strata_format::Error> {
-    let f = e.chain().find_map(|c| {
+    let f = engine_error(e)?;
+    (f.kind() == ErrorKind::Io && f.storage_error().is_some()).then_some(f)
+}
+
+/// The engine error behind `e`, if any.
+fn engine_error(e: &anyhow::Error) -> Option<&strata_format::Error> {
+    e.chain().find_map(|c| {
         c.downcast_ref::<strata_format::Error>().or_else(|| {
             match c.downcast_ref::<strata_jobs::Error>()? {
                 strata_jobs::Error::Format(f) => Some(f),
                 _ => None,
             }
         })
-    })?;
-    (f.kind() == ErrorKind::Io && f.storage_error().is_some()).then_some(f)
+    })
 }

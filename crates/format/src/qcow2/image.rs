@@ -10,7 +10,7 @@ use super::header::{self, Header};
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
 use crate::error::{request, Offset, Operation};
-use crate::units::{index, ClusterCount, ClusterIndex, HostOffset};
+use crate::units::{index, ClusterCount, ClusterIndex, GuestOffset, HostOffset};
 use crate::{check_range, BlockDevice, Error, ErrorKind, Extent, Result, Status};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -484,7 +484,12 @@ impl Qcow2Image {
             Run::Compressed { offset, size, skip } => {
                 let mut zc = sync::lock(&self.zcache);
                 if zc.as_ref().map(|(o, _)| *o) != Some(offset) {
-                    let data = self.decompress_cluster(offset, size)?;
+                    // Data that does not decompress fails the guest read at this
+                    // cluster's guest offset (the host offset is in the message):
+                    // callers word it as the read error QEMU's EIO is there.
+                    let data = self
+                        .decompress_cluster(offset, size)
+                        .map_err(|e| e.at_offset(Offset::Guest(GuestOffset(off))))?;
                     *zc = Some((offset, data));
                 }
                 let data = &zc.as_ref().expect("filled").1;
@@ -515,13 +520,10 @@ impl Qcow2Image {
         let mut out = vec![0u8; index(cs)];
         let kind = self.compression_type();
         compress::decompress(kind, &input, &mut out).map_err(|msg| {
-            self.err(
-                Error::new(
-                    ErrorKind::BadCompressedData,
-                    format!("Could not decompress cluster: at host offset 0x{offset:x}: {msg}"),
-                )
-                .at_offset(Offset::Host(HostOffset(offset))),
-            )
+            self.err(Error::new(
+                ErrorKind::BadCompressedData,
+                format!("Could not decompress cluster: at host offset 0x{offset:x}: {msg}"),
+            ))
         })?;
         Ok(out)
     }

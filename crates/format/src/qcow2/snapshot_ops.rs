@@ -25,8 +25,8 @@
 //! A crash anywhere leaks clusters at worst.
 
 use super::barrier::Barrier;
-use super::entries::{decode_l1, L2Entry, OFLAG_COPIED};
-use super::header::{MAX_L1_BYTES, MAX_SNAPSHOTS};
+use super::entries::{decode_l1, L2Entry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::header::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS};
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
@@ -82,6 +82,69 @@ impl Meta {
             self.update_refcount(l2off.cluster(self.geo.cluster_bits), delta)?;
         }
         Ok(())
+    }
+
+    /// Before a snapshot shares the clusters `l1` reaches: refuse, with nothing
+    /// written, when one of them has no refcount block (a damaged L2 entry
+    /// pointing far past the end of the file). Raising that refcount would make
+    /// a block for it, and the file would grow to wherever the entry points.
+    /// QEMU fails there too, after its first new block (EAGAIN, or EFBIG where
+    /// the refcount table would pass 8 MiB), leaking clusters; strata fails
+    /// with the same error number before changing anything. The entries are
+    /// read as QEMU's refcount walk reads them: reserved bits are ignored.
+    pub(crate) fn refuse_unrefcounted(&mut self, l1: &[u64]) -> Result<()> {
+        let cs = self.cluster_size();
+        let bits = self.geo.cluster_bits;
+        let epb = self.rb_entries();
+        let n = self.l2_entries();
+        for (i, &e) in l1.iter().enumerate() {
+            let (l2off, _) = decode_l1(e, cs, i as u64)?;
+            if l2off.is_none() {
+                continue;
+            }
+            for j in 0..n {
+                let (raw, _) = self.raw_entry(l2off, j)?;
+                let clusters: Vec<u64> = if raw & OFLAG_COMPRESSED != 0 {
+                    match self.geo.decode_l2(raw, 0)? {
+                        L2Entry::Compressed { offset, size } => {
+                            offset.clusters(size, bits).map(|c| c.get()).collect()
+                        }
+                        L2Entry::Normal { .. } => Vec::new(),
+                    }
+                } else {
+                    let host = raw & OFFSET_MASK;
+                    if host == 0 {
+                        Vec::new()
+                    } else {
+                        vec![host >> bits]
+                    }
+                };
+                for c in clusters {
+                    self.refuse_without_refblock(c / epb)?;
+                }
+            }
+            self.refuse_without_refblock(l2off.get() / cs / epb)?;
+        }
+        Ok(())
+    }
+
+    /// The error QEMU's refcount update gives where refcount block `idx` is missing.
+    fn refuse_without_refblock(&self, idx: u64) -> Result<()> {
+        if !self.refblock_offset(idx)?.is_none() {
+            return Ok(());
+        }
+        let table_bytes = idx.saturating_add(2).saturating_mul(8);
+        let errno = if idx >= self.reftable.len() as u64 && table_bytes > MAX_REFTABLE_BYTES {
+            libc::EFBIG
+        } else {
+            libc::EAGAIN
+        };
+        Err(strata_storage::Error::Io {
+            op: "raise the refcount of",
+            path: std::path::PathBuf::new(),
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+        .into())
     }
 
     /// Clear the COPIED flag of every active L1 entry and normal L2 entry (the L1
@@ -311,6 +374,8 @@ impl Qcow2Image {
             return Err(Error::invalid_argument("Snapshot name too long"));
         }
         let cs = m.cluster_size();
+        let l1 = m.l1.clone();
+        m.refuse_unrefcounted(&l1)?;
         if !spec.vm_state.is_empty() || !m.snapshots_in_place() {
             // Only the in-place walk defers the dirty bit to its first flag change.
             m.mark_op_dirty()?;

@@ -1,0 +1,161 @@
+//! Hostile and damaged qcow2 images (QEMU's iotests 080 and 214 and crafted
+//! corruptions): what both tools print, their exit codes and the files they
+//! leave. Each tool runs the same command on its own copy of one fixture.
+//! Where qemu-img's failed operation leaves damage behind (leaked clusters)
+//! and strata refuses before writing anything, strata's copy must be the
+//! fixture unchanged and consistent by qemu-img's check.
+
+mod common;
+
+use common::{assert_all_same, differs, ok, same_files, same_on_copies, sh};
+use std::path::Path;
+
+/// A shell function writing `printf`-escaped bytes at an offset of a file,
+/// as the iotests' `poke_file` does.
+const POKE: &str =
+    "poke() { printf \"$3\" | dd of=\"$1\" bs=1 seek=$(($2)) conv=notrunc status=none; }\n";
+
+/// Overwrite the first 16 bytes of the compressed data that L2 entry `index`
+/// of the first L2 table points at (argv: file, index), so it no longer
+/// decompresses.
+const SPOIL_COMPRESSED: &str = r#"
+import struct, sys
+f, idx = sys.argv[1], int(sys.argv[2])
+b = bytearray(open(f, 'rb').read())
+cb = struct.unpack('>I', b[20:24])[0]
+l1 = struct.unpack('>Q', b[40:48])[0]
+l2 = struct.unpack('>Q', b[l1:l1 + 8])[0] & 0x00fffffffffffe00
+e = struct.unpack('>Q', b[l2 + 8 * idx:l2 + 8 * idx + 8])[0]
+off = e & ((1 << (62 - (cb - 8))) - 1)
+b[off:off + 16] = b'\xff' * 16
+open(f, 'wb').write(b)
+"#;
+
+/// Run `script` (bash, with `poke`) in `dir`.
+fn fixture(dir: &Path, script: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    sh(dir, "bash", &["-ec", &format!("{POKE}{script}")]);
+}
+
+/// 214 and a compressed cluster whose data is garbage: `compare`, `convert`
+/// and `map` fail (or not) as qemu-img does. A read that meets data that does
+/// not decompress is an I/O error at that cluster's guest offset: compare
+/// exits 4 with "Error while reading offset N of IMG: Input/output error",
+/// convert says "error while reading at byte N", dd "error while reading
+/// from input image file".
+#[test]
+fn undecompressable_clusters_fail_reads_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("fix")).unwrap();
+    std::fs::write(d.join("spoil.py"), SPOIL_COMPRESSED).unwrap();
+    let setup = "python3 ../spoil.py img 5 >/dev/null";
+    // 214's shapes: 2 MiB clusters whose descriptors claim too few sectors.
+    same_files(
+        d,
+        "short-descriptor",
+        &format!(
+            "{POKE}qemu-img create -q -f qcow2 -o cluster_size=2M img 8M
+             qemu-io -c 'write -c -P 0x11 0 2M' -c 'write -c -P 0x11 2M 2M' img >/dev/null
+             poke img $((0x800000)) '\\x40\\x06'
+             cp img img2
+             poke img2 $((0x800000)) '\\x7f\\xfe'
+             poke img2 $((0x800008)) '\\x7f\\xfe'
+             cp img img4
+             poke img4 $((0x800000)) '\\x40\\x00'"
+        ),
+        &[
+            "compare img img2",
+            "compare img2 img",
+            "compare img4 img",
+            "compare -q img4 img",
+            "map --output=json img4",
+            "check img4",
+        ],
+        false,
+    );
+    // Garbage where the sixth 64 KiB cluster's compressed data is. qemu-io
+    // compresses clusters in parallel, so their places vary from run to run:
+    // both tools get copies of one fixture.
+    fixture(
+        &d.join("fix"),
+        &format!(
+            "qemu-img create -q -f qcow2 img 8M
+             qemu-io -c 'write -c -P 0x11 0 1M' img >/dev/null
+             cp img clean
+             qemu-img create -q -f qcow2 plain 8M
+             qemu-io -c 'write -P 0x11 0 1M' plain >/dev/null
+             {setup}"
+        ),
+    );
+    let copy = "cp ../fix/img ../fix/clean ../fix/plain .";
+    same_files(
+        d,
+        "garbage",
+        copy,
+        &[
+            "compare img clean",
+            "compare clean img",
+            "compare img plain",
+            "compare -f qcow2 -F qcow2 plain img",
+            "map --output=json img",
+            "check img",
+        ],
+        false,
+    );
+    for (n, step) in [
+        ("convert-raw", "convert -O raw img out"),
+        ("convert-qcow2", "convert -O qcow2 img out"),
+        ("dd-64k", "dd if=img of=out bs=64k"),
+        ("dd-1m", "dd -O qcow2 if=img of=out bs=1M"),
+    ] {
+        same_files(d, n, copy, &[step], false);
+    }
+    assert_all_same();
+}
+
+/// 080's "Invalid L2 entry (huge physical offset)": an L2 entry pointing far
+/// past the end of the file (with and without reserved bits). `snapshot -c`
+/// fails as qemu-img's does, with its error number (EFBIG where the refcount
+/// table would pass 8 MiB, EAGAIN where a refcount block would be made),
+/// but before writing anything: qemu-img's attempt leaks clusters, strata
+/// leaves the image as it was (where it used to grow the file to the
+/// entry's offset, a terabyte for the second image).
+#[test]
+fn snapshot_of_entries_past_any_refcount_block_is_refused_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixture(
+        d,
+        "qemu-img create -q -f qcow2 img 64M
+         qemu-io -c 'write 0 512' img >/dev/null
+         cp img img2
+         poke img $((0x40000)) '\\xbf\\xff\\xff\\xff\\xff\\xff\\x00\\x00'
+         poke img2 $((0x40000)) '\\x80\\x00\\x00\\xff\\xff\\xff\\x00\\x00'",
+    );
+    for (n, img) in ["img", "img2"].into_iter().enumerate() {
+        let (ours, _) = same_on_copies(d, n, img, "snapshot", &["-c", "test"], &[]);
+        if std::fs::read(d.join(&ours)).unwrap() != std::fs::read(d.join(img)).unwrap() {
+            differs(format!("snapshot -c {img}: strata changed the image"));
+        }
+        // Both copies' views after the failure: strata's is the fixture's.
+        let before = common::outcome(d, "qemu-img", &["check", img]);
+        let after = common::outcome(d, "qemu-img", &["check", &ours]);
+        if before.0 != after.0 || before.1 != after.1 {
+            differs(format!(
+                "check of strata's {img} after snapshot -c: {after:?}"
+            ));
+        }
+    }
+    // A healthy image still takes its snapshot.
+    fixture(
+        &d.join("healthy"),
+        "qemu-img create -q -f qcow2 img 64M
+         qemu-io -c 'write 0 1M' -c 'write -c 2M 64k' img >/dev/null",
+    );
+    let h = d.join("healthy");
+    common::run(&h, "strata", &["snapshot", "-c", "s", "img"]);
+    ok(&h, "qemu-img", &["check", "img"]);
+    assert!(ok(&h, "qemu-img", &["snapshot", "-l", "img"]).contains(" s "));
+    assert_all_same();
+}
