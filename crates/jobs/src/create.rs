@@ -506,7 +506,17 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                                 format!("Unknown driver '{f}'\nCould not open backing image."),
                             ))
                         }
-                        Err(e) => return Err(invalid(p, e)),
+                        // The file protocol as a format: the file itself is
+                        // the backing image, read as raw (its size the new
+                        // image's); `file` is recorded as given.
+                        Err(_) if f == "file" => Some(Format::Raw),
+                        // A QEMU driver strata lacks: QEMU's driver would
+                        // open the file, and most files fail its first checks.
+                        Err(e) => {
+                            let why = crate::foreign_probe::refusal(f, &bpath)
+                                .map(|m| format!("{m}\nCould not open backing image."));
+                            return Err(invalid(p, why.unwrap_or_else(|| e.to_string())));
+                        }
                     },
                     None => {
                         // qemu-img probes, to say what it found, and still refuses:

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod create;
 pub mod create_encrypt;
 pub mod flatten;
+pub mod foreign_probe;
 pub mod info;
 pub mod info_encrypt;
 pub mod layers;

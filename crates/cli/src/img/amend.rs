@@ -35,6 +35,7 @@ pub struct Args {
     #[arg(long = "force")]
     force: bool,
     /// The image.
+    #[arg(value_parser = super::common::any_file_name())]
     filenames: Vec<PathBuf>,
 }
 

@@ -91,6 +91,7 @@ pub struct Args {
     #[arg(long = "no-drain")]
     no_drain: bool,
     /// The image.
+    #[arg(value_parser = super::common::any_file_name())]
     filename: PathBuf,
 }
 

@@ -37,6 +37,7 @@ pub struct Args {
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image.
+    #[arg(value_parser = super::common::any_file_name())]
     filename: PathBuf,
 }
 

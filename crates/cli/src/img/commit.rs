@@ -45,6 +45,7 @@ pub struct Args {
     )]
     rate: Option<String>,
     /// The image whose changes are committed.
+    #[arg(value_parser = super::common::any_file_name())]
     filename: PathBuf,
 }
 

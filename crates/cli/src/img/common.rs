@@ -398,6 +398,16 @@ pub fn warn(message: &str) {
     eprintln!("{prog}: warning: {message}");
 }
 
+/// clap's parser for an image's file name: any string, the empty one
+/// included. clap's own `PathBuf` parser refuses an empty value as a missing
+/// one; qemu-img takes `''` and fails only when it opens (or creates) it.
+pub fn any_file_name() -> clap::builder::ValueParser {
+    use clap::builder::TypedValueParser;
+    clap::builder::ValueParser::new(
+        clap::builder::OsStringValueParser::new().map(std::path::PathBuf::from),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,7 +47,9 @@ pub struct Args {
     /// Open without locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[arg(value_parser = super::common::any_file_name())]
     filename1: PathBuf,
+    #[arg(value_parser = super::common::any_file_name())]
     filename2: PathBuf,
 }
 

@@ -117,6 +117,7 @@ pub struct Args {
     salvage: bool,
     /// Source images (concatenated) followed by the output image.
     #[arg(value_name = "FILENAME")]
+    #[arg(value_parser = super::common::any_file_name())]
     files: Vec<PathBuf>,
 }
 

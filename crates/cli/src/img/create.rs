@@ -37,6 +37,7 @@ pub struct Args {
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The new image (not needed with `-o help`).
+    #[arg(value_parser = super::common::any_file_name())]
     filename: Option<PathBuf>,
     /// Virtual size (k, M, G, T, P, E suffixes); defaults to the backing file's size.
     size: Option<String>,

@@ -358,9 +358,12 @@ fn parse_format(f: &str) -> Result<Format> {
 
 /// A protocol driver opens only its kind of file: `file` a regular file,
 /// `host_device` and `host_cdrom` a block or character device. A file that is not there is left
-/// to the open, which says so.
+/// to the open, which says so. An empty name is refused as QEMU refuses it.
 fn check_protocol_file(driver: &str, path: &Path) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
+    if path.as_os_str().is_empty() {
+        bail!("The '{driver}' block driver requires a file name");
+    }
     let Ok(meta) = std::fs::metadata(path) else {
         return Ok(());
     };

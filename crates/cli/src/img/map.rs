@@ -41,6 +41,7 @@ pub struct Args {
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
+    #[arg(value_parser = super::common::any_file_name())]
     filename: PathBuf,
 }
 

@@ -43,6 +43,7 @@ pub struct Args {
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The source image.
+    #[arg(value_parser = super::common::any_file_name())]
     filenames: Vec<PathBuf>,
 }
 

@@ -402,6 +402,63 @@ fn inherited_socket(fd: &str) -> anyhow::Error {
     }
 }
 
+/// A vsock address's number as QEMU reads it: decimal, an optional `+`, at
+/// most `u32::MAX`.
+fn vsock_number(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix('+').unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The refusal of `server.type=vsock` (a virtio socket to context `cid`,
+/// port `port`): numbers QEMU cannot read and a connection that fails are
+/// refused in qemu-img's words (the system's reason for the failure, as
+/// qemu-img gives it). strata does not speak NBD over vsock, so a
+/// connection that succeeds is closed and refused in its own words.
+fn vsock_refusal(cid: &str, port: &str) -> anyhow::Error {
+    let Some(cid_n) = vsock_number(cid) else {
+        return anyhow!("Failed to parse cid '{cid}'");
+    };
+    let Some(port_n) = vsock_number(port) else {
+        return anyhow!("Failed to parse port '{port}'");
+    };
+    // SAFETY: socket() takes no pointers; a negative result is an error.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return anyhow!(
+            "Failed to create socket: {}",
+            strata_storage::os_message(&e)
+        );
+    }
+    // SAFETY: sockaddr_vm is plain old data, for which all zero bytes are valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid_n;
+    addr.svm_port = port_n;
+    // SAFETY: `addr` is a valid sockaddr_vm of the length given; `fd` is the
+    // socket just created, closed below on every path.
+    let status = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    let err = (status != 0).then(std::io::Error::last_os_error);
+    // SAFETY: `fd` is ours and not used after this.
+    unsafe { libc::close(fd) };
+    match err {
+        Some(e) => anyhow!(
+            "Failed to connect to '{cid}:{port}': {}",
+            strata_storage::os_message(&e)
+        ),
+        None => anyhow!("NBD over vsock ('{cid}:{port}') is not supported by strata"),
+    }
+}
+
 /// The NBD driver's options (without `driver`) as a target, refused with
 /// qemu-img's messages.
 fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
@@ -448,6 +505,12 @@ fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
                     .map_err(|_| anyhow!("address resolution failed for {host}:{port}: Servname not supported for ai_socktype"))?,
                 host,
             }
+        }
+        Some("vsock") => {
+            let cid = get("server.cid").ok_or_else(|| anyhow!("Parameter 'cid' is missing"))?;
+            let port = get("server.port").ok_or_else(|| anyhow!("Parameter 'port' is missing"))?;
+            unexpected(&["cid", "port"])?;
+            return Err(vsock_refusal(&cid, &port));
         }
         Some(t) => bail!("Parameter 'type' does not accept value '{t}'"),
         None => match (get("path"), get("host")) {

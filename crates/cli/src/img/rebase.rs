@@ -49,6 +49,7 @@ pub struct Args {
     #[arg(short = 'U', long = "force-share")]
     _force_share: bool,
     /// The image to rebase.
+    #[arg(value_parser = super::common::any_file_name())]
     filename: PathBuf,
 }
 

@@ -24,6 +24,7 @@ pub struct Args {
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image.
+    #[arg(value_parser = super::common::any_file_name())]
     filename: PathBuf,
     /// The new size, or a change (+SIZE / -SIZE), with k, M, G, T, P, E suffixes.
     #[arg(allow_hyphen_values = true)]
@@ -121,6 +122,16 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     dev.close()?;
     if !args.quiet {
         println!("Image resized.");
+    }
+    // qemu-img resizes past a bitmap's limits and fails only to store the
+    // bitmaps when it closes the image: a warning, not a failure. strata names
+    // the node by its file name where QEMU gives a generated `#blockNNN`.
+    if let Some(name) = qcow2.and_then(|q| q.lost_bitmap()) {
+        eprintln!(
+            "{}: Lost persistent bitmaps during inactivation of node '{}': Bitmap '{name}' doesn't satisfy the constraints: Too much space will be occupied by the bitmap. Use larger granularity",
+            ctx.prog,
+            args.filename.display()
+        );
     }
     Ok(0)
 }

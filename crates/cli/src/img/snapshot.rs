@@ -34,6 +34,7 @@ pub struct Args {
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image.
+    #[arg(value_parser = super::common::any_file_name())]
     filename: PathBuf,
 }
 
@@ -168,6 +169,14 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         job::delete(dev.as_ref(), &req).map_err(|e| match e {
             E::NoInternalSnapshots { .. } | E::SnapshotNotFound(_) => {
                 anyhow::anyhow!("Could not delete snapshot '{key}': snapshot not found")
+            }
+            // A failure to drop the snapshot's references, in QEMU's words
+            // (without the file's name).
+            E::Format(f)
+                if f.message()
+                    .starts_with("Failed to free the cluster and L1 table") =>
+            {
+                anyhow::anyhow!("Could not delete snapshot '{key}': {}", f.message())
             }
             e => anyhow::Error::new(e).context(format!("Could not delete snapshot '{key}'")),
         })?;

@@ -27,6 +27,7 @@ pub struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// The image to stream into (it stays readable throughout).
+    #[arg(value_parser = super::common::any_file_name())]
     filename: PathBuf,
 }
 

@@ -370,8 +370,10 @@ fn expand_zero_clusters(m: &mut Meta, done: &mut dyn FnMut(u64)) -> Result<()> {
 /// Rewrite the refcount structures at width `2^order`: the current refcounts
 /// (those of the old structures excepted, which become free) go into fresh
 /// structures at the first free run, and one write of the first header sector
-/// names them with the new width. `progress(done, total)` runs three passes over
-/// the old refcount table: reading, checking, writing.
+/// names them with the new width. Where [`qemu_placement`] can replay QEMU's
+/// allocations, the new structures go where qemu-img puts them instead.
+/// `progress(done, total)` runs three passes over the old refcount table:
+/// reading, checking, writing (more when QEMU's walks are more).
 fn change_refcount_order(
     m: &mut Meta,
     order: u32,
@@ -404,7 +406,8 @@ fn change_refcount_order(
     }
     let table = m.h.refcount_table_offset / cs;
     old_structures.extend(table..table + u64::from(m.h.refcount_table_clusters));
-    for c in old_structures {
+    let counted = refs.clone();
+    for &c in &old_structures {
         if let Some(r) = refs.get_mut(index(c)) {
             *r = r.saturating_sub(1);
         }
@@ -426,6 +429,9 @@ fn change_refcount_order(
             )));
         }
         progress(entries + i + 1, total);
+    }
+    if let Some(p) = replay_placement(m, order, &counted, &old_structures)? {
+        return switch_to_placement(m, order, p, &counted, &old_structures, progress);
     }
     // Room for the new structures, taken at the first free run under the old
     // width (so nothing else lands there), sized for the new one.
@@ -467,4 +473,263 @@ fn change_refcount_order(
         progress(2 * entries + i + 1, total);
     }
     Ok(())
+}
+
+/// [`qemu_placement`] for this image's old structures and the width
+/// `2^order`; `refs` counts every cluster's references, the old structures'
+/// included. `None` when the replay does not model the layout.
+fn replay_placement(
+    m: &mut Meta,
+    order: u32,
+    refs: &[u64],
+    old_structures: &[u64],
+) -> Result<Option<Placement>> {
+    let cs = m.cluster_size();
+    let entries = m.reftable.len() as u64;
+    let epb = m.rb_entries();
+    let present: Vec<bool> = (0..entries)
+        .map(|i| m.refblock_offset(i).map(|b| !b.is_none()))
+        .collect::<Result<_>>()?;
+    let covered = |c: u64| {
+        usize::try_from(c / epb)
+            .ok()
+            .and_then(|i| present.get(i))
+            .copied()
+            .unwrap_or(false)
+    };
+    let Some(positions) = entries.checked_mul(epb) else {
+        return Ok(None);
+    };
+    let new_epb = (cs * 8) >> order;
+    let p = qemu_placement(refs, &covered, positions, new_epb, cs / 8, m.max_refcount());
+    // The old structures must all be counted, to be freed once unused.
+    Ok(p.filter(|p| {
+        old_structures.iter().all(|&c| {
+            usize::try_from(c)
+                .ok()
+                .and_then(|c| p.refs.get(c))
+                .is_some_and(|&r| r > 0)
+        })
+    }))
+}
+
+/// Write the new structures where `p` places them, with the refcounts the
+/// image has once the header names them (the old structures free), then
+/// name them and the width `2^order` in one write of the header's first
+/// sector. The clusters the new structures take are counted in the old
+/// structures first, as QEMU counts them; nothing names them until the
+/// header write, so a crash before it leaks them at worst. `progress` goes on as QEMU's does after its first two walks:
+/// one pass over the old table per further walk, then the writing one.
+fn switch_to_placement(
+    m: &mut Meta,
+    order: u32,
+    p: Placement,
+    counted: &[u64],
+    old_structures: &[u64],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let cs = m.cluster_size();
+    let entries = m.reftable.len() as u64;
+    let new_epb = (cs * 8) >> order;
+    // As QEMU allocates them: counted in the old structures first (durable
+    // before anything is written there; a crash leaks them at worst).
+    for (c, &r) in p.refs.iter().enumerate() {
+        if counted.get(c).copied().unwrap_or(0) != r {
+            m.set_refcount_in_block(ClusterIndex(c as u64), r)?;
+        }
+    }
+    m.write_dirty_refblocks()?;
+    m.storage.flush()?;
+    let mut refs = p.refs;
+    for &c in old_structures {
+        if let Some(r) = refs.get_mut(index(c)) {
+            *r = r.saturating_sub(1);
+        }
+    }
+    // The reading and checking passes already reported what QEMU's first
+    // two walks report (a third of the work each).
+    for w in 2..p.walks {
+        let total = (w + 2).max(3) * entries;
+        for i in 0..entries {
+            progress(w * entries + i, total);
+        }
+        progress((w + 1) * entries, total);
+    }
+    for (j, &at) in p.blocks.iter().enumerate() {
+        if at == 0 {
+            continue;
+        }
+        let mut block = vec![0u8; index(cs)];
+        let first = j as u64 * new_epb;
+        for i in 0..new_epb {
+            if let Some(&v) = refs.get(index(first + i)) {
+                super::refcount::rb_set(&mut block, order, index(i), v);
+            }
+        }
+        m.storage.write_at(&block, at * cs)?;
+    }
+    let table: Vec<u64> = p.blocks.iter().map(|&b| b * cs).collect();
+    let mut bytes = Vec::with_capacity(table.len() * 8);
+    for e in &table {
+        bytes.extend_from_slice(&e.to_be_bytes());
+    }
+    let table_offset = p.table_at * cs;
+    m.storage.write_at(&bytes, table_offset)?;
+    m.storage.flush()?;
+    let table_clusters = crate::units::header_u32(
+        (table.len() as u64 * 8).div_ceil(cs),
+        "refcount table clusters",
+    )?;
+    let w = p.walks;
+    for i in 0..entries {
+        progress(w * entries + i, (w + 1) * entries);
+    }
+    let mut hdr = [0u8; 52];
+    hdr[..8].copy_from_slice(&table_offset.to_be_bytes());
+    hdr[8..12].copy_from_slice(&table_clusters.to_be_bytes());
+    hdr[12..16].copy_from_slice(&m.h.nb_snapshots.to_be_bytes());
+    hdr[16..24].copy_from_slice(&m.h.snapshots_offset.to_be_bytes());
+    hdr[24..32].copy_from_slice(&m.h.incompatible_features.to_be_bytes());
+    hdr[32..40].copy_from_slice(&m.h.compatible_features.to_be_bytes());
+    hdr[40..48].copy_from_slice(&m.h.autoclear_features.to_be_bytes());
+    hdr[48..].copy_from_slice(&order.to_be_bytes());
+    m.storage.write_at(&hdr, 48)?;
+    m.storage.flush()?;
+    m.h.refcount_order = order;
+    m.adopt_refcounts(super::fresh::FreshRefcounts {
+        table_offset,
+        table_clusters,
+        table,
+    });
+    progress((w + 1) * entries, (w + 1) * entries);
+    Ok(())
+}
+
+/// Where QEMU's change of the refcount width puts the new structures, as
+/// [`qemu_placement`] finds it.
+struct Placement {
+    /// The new refcount table: per new refcount block, the host cluster
+    /// holding it (0: none, its clusters all free).
+    blocks: Vec<u64>,
+    /// The first cluster of the new refcount table.
+    table_at: u64,
+    /// Refcounts once the new structures are allocated (the old ones still
+    /// counted).
+    refs: Vec<u64>,
+    /// Passes over the old table that allocated something, plus the last
+    /// one, which found nothing more to allocate.
+    walks: u64,
+}
+
+/// Replay the allocations QEMU makes when it changes the refcount width, on
+/// the current refcounts `refs` (by cluster, the old structures included):
+/// passes over every cluster the old table can describe (`positions`), in
+/// blocks of `new_epb`; each block with a cluster in use that has no new
+/// refcount block yet gets one cluster, first fit from the start of the
+/// file (the search goes on from the last allocation, and moves back to a
+/// cluster freed below it); after a pass that allocated, the new table
+/// (`per_cluster` entries a cluster, grown to cover the last block in use)
+/// is allocated anew, the previous one freed. Passes repeat until one
+/// allocates nothing. `covered(c)` says whether an old refcount block
+/// describes cluster `c`; `None` when an allocation would need one the old
+/// structures lack (QEMU then grows them, which this does not replay) or
+/// would pass `old_max`.
+fn qemu_placement(
+    refs: &[u64],
+    covered: &dyn Fn(u64) -> bool,
+    positions: u64,
+    new_epb: u64,
+    per_cluster: u64,
+    old_max: u64,
+) -> Option<Placement> {
+    struct Alloc {
+        refs: Vec<u64>,
+        free: u64,
+    }
+    impl Alloc {
+        fn get(&self, c: u64) -> u64 {
+            usize::try_from(c)
+                .ok()
+                .and_then(|c| self.refs.get(c))
+                .copied()
+                .unwrap_or(0)
+        }
+        fn alloc(&mut self, n: u64, covered: &dyn Fn(u64) -> bool, max: u64) -> Option<u64> {
+            let mut run = 0;
+            while run < n {
+                let c = self.free;
+                self.free = c.checked_add(1)?;
+                run = if self.get(c) == 0 { run + 1 } else { 0 };
+            }
+            let start = self.free - n;
+            for c in start..self.free {
+                if !covered(c) {
+                    return None;
+                }
+                let i = usize::try_from(c).ok()?;
+                if self.refs.len() <= i {
+                    self.refs.resize(i + 1, 0);
+                }
+                self.refs[i] = self.refs[i].checked_add(1).filter(|&r| r <= max)?;
+            }
+            Some(start)
+        }
+        fn free(&mut self, start: u64, n: u64) -> Option<()> {
+            for c in start..start.checked_add(n)? {
+                let r = self.refs.get_mut(usize::try_from(c).ok()?)?;
+                *r = r.checked_sub(1)?;
+                if *r == 0 && c < self.free {
+                    self.free = c;
+                }
+            }
+            Some(())
+        }
+    }
+    let mut a = Alloc {
+        refs: refs.to_vec(),
+        free: 0,
+    };
+    let mut blocks: Vec<u64> = Vec::new();
+    let mut table: Option<(u64, u64)> = None;
+    let mut walks = 0u64;
+    loop {
+        walks += 1;
+        // Each pass allocates or ends the loop; a long run means a layout
+        // this replay does not model.
+        if walks > 64 {
+            return None;
+        }
+        let mut allocated = false;
+        for j in 0..positions.div_ceil(new_epb) {
+            let lo = j * new_epb;
+            let hi = (lo + new_epb).min(positions);
+            if (lo..hi).all(|c| a.get(c) == 0) {
+                continue;
+            }
+            let j = usize::try_from(j).ok()?;
+            if j >= blocks.len() {
+                let len = (j as u64 + 1).next_multiple_of(per_cluster);
+                blocks.resize(usize::try_from(len).ok()?, 0);
+            }
+            if blocks[j] == 0 {
+                blocks[j] = a.alloc(1, covered, old_max)?;
+                allocated = true;
+            }
+        }
+        if !allocated {
+            break;
+        }
+        if let Some((at, n)) = table {
+            a.free(at, n)?;
+        }
+        let n = (blocks.len() as u64).div_ceil(per_cluster);
+        table = Some((a.alloc(n, covered, old_max)?, n));
+    }
+    let (table_at, _) = table?;
+    Some(Placement {
+        blocks,
+        table_at,
+        refs: a.refs,
+        walks,
+    })
 }

@@ -293,7 +293,12 @@ impl Meta {
     /// clusters freed). Bitmaps marked in use stay as they are; with none
     /// consistent, or once stored and unchanged since, nothing is written.
     pub(crate) fn store_bitmaps_at_close(&mut self) -> Result<()> {
-        if self.read_only || self.bitmaps.as_ref().is_none_or(|b| b.stored()) {
+        if self.read_only
+            || self
+                .bitmaps
+                .as_ref()
+                .is_none_or(|b| b.stored() || b.lost().is_some())
+        {
             return Ok(());
         }
         let slots = read_slots(self)?;

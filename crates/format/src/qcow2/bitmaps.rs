@@ -87,6 +87,10 @@ pub struct Bitmaps {
     /// The enabled `pending` bitmaps were set to all ones for a change to the
     /// guest disk since the last resize.
     pending_dirtied: bool,
+    /// A resize made a bitmap outgrow QEMU's limits: the bitmap QEMU names
+    /// when it then fails to store them. Every bitmap stays in use on disk;
+    /// none is stored again.
+    lost: Option<String>,
 }
 
 /// Bitmap-table entries a bitmap of `granularity_bits` needs for `size` bytes.
@@ -164,6 +168,7 @@ impl Bitmaps {
             pending: Vec::new(),
             resize_open: None,
             pending_dirtied: false,
+            lost: None,
         }))
     }
 
@@ -201,6 +206,12 @@ impl Bitmaps {
             }
         }
         Ok(())
+    }
+
+    /// The bitmap a resize made too large to store (see
+    /// [`Meta::bitmaps_begin_resize`]), if any.
+    pub(crate) fn lost(&self) -> Option<&str> {
+        self.lost.as_deref()
     }
 
     /// Whether the set was stored whole and is unchanged since.
@@ -259,12 +270,19 @@ impl Meta {
     }
 
     /// Before a resize to `size` (also to the same size): refuse, as QEMU
-    /// does, if a bitmap is marked in use (inconsistent) or would outgrow QEMU's
-    /// limits; else read every bitmap whole into memory and mark it in use on
-    /// disk (one directory write, flushed), so that the image is safe from here
-    /// until [`Meta::store_bitmaps_at_close`] stores them at the size the image
-    /// then has. [`Meta::bitmaps_end_resize`] says the resize finished; without
-    /// it the bitmaps stay in use.
+    /// does, if a bitmap is marked in use (inconsistent); else read every
+    /// bitmap whole into memory and mark it in use on disk (one directory
+    /// write, flushed), so that the image is safe from here until
+    /// [`Meta::store_bitmaps_at_close`] stores them at the size the image then
+    /// has. [`Meta::bitmaps_end_resize`] says the resize finished; without it
+    /// the bitmaps stay in use.
+    ///
+    /// A bitmap that would outgrow QEMU's limits at `size` does not stop the
+    /// resize, as it does not stop qemu-img's: every bitmap is marked in use
+    /// on disk (before the resize changes anything) and none is stored again,
+    /// which is what qemu-img leaves when it fails to store them at close.
+    /// [`Bitmaps::lost`] names the bitmap qemu-img's warning names (the last
+    /// one too large, in directory order: QEMU tries them newest first).
     pub(crate) fn bitmaps_begin_resize(&mut self, size: u64) -> Result<()> {
         let cs = self.cluster_size();
         let Some(b) = self.bitmaps.as_ref() else {
@@ -284,15 +302,27 @@ impl Meta {
                 e.name
             )));
         }
-        for e in &b.entries {
+        let too_big = |e: &&Entry| {
             let need = table_entries_for(size, e.granularity_bits, cs);
-            if need > u64::from(MAX_TABLE_SIZE) || need * cs > MAX_PHYS_SIZE {
-                return Err(Error::invalid_argument(format!(
-                    "Cannot resize to {size} bytes: persistent bitmap '{}' would exceed \
-                     {MAX_PHYS_SIZE} bytes (remove it first with 'qemu-img bitmap --remove')",
-                    e.name
-                )));
+            need > u64::from(MAX_TABLE_SIZE)
+                || need.checked_mul(cs).is_none_or(|n| n > MAX_PHYS_SIZE)
+        };
+        if let Some(lost) = b.entries.iter().rev().find(too_big).map(|e| e.name.clone()) {
+            let mut b = self.bitmaps.take().expect("checked");
+            for i in 0..b.entries.len() {
+                if b.entries[i].flags & FLAG_IN_USE == 0 {
+                    b.entries[i].flags |= FLAG_IN_USE;
+                    b.put_entry(i);
+                }
             }
+            b.pending.clear();
+            b.lost = Some(lost);
+            let r = self
+                .flush_metadata()
+                .and_then(|_| Ok(self.storage.write_at(&b.dir, b.dir_offset)?))
+                .and_then(|_| self.barrier());
+            self.bitmaps = Some(b);
+            return r;
         }
         if size == self.h.size {
             return Ok(());

@@ -341,6 +341,16 @@ impl Qcow2Image {
         self.peek().snapshots.clone()
     }
 
+    /// The persistent bitmap a resize of this session made too large for
+    /// QEMU's limits, if any: then no bitmap is stored at close and all stay
+    /// marked in use on disk, as qemu-img leaves them (it warns naming this one).
+    pub fn lost_bitmap(&self) -> Option<String> {
+        self.peek()
+            .bitmaps
+            .as_ref()
+            .and_then(|b| b.lost().map(str::to_string))
+    }
+
     pub fn geometry(&self) -> Geometry {
         self.geo
     }

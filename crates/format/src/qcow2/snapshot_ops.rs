@@ -269,13 +269,27 @@ impl Meta {
         self.h.snapshots_offset = new_off;
         self.snapshots = snaps;
         if old_off != 0 && old_len > 0 {
-            let mut freed = Vec::new();
-            for c in old_off / cs..(old_off + old_len).div_ceil(cs) {
-                if self.update_refcount(ClusterIndex(c), -1)? == 0 {
-                    freed.push(ClusterIndex(c));
+            // QEMU's free of the old table announces `cluster_free`; a
+            // failure to give the freed clusters back is reported on stderr
+            // (in QEMU's words) and does not fail the step: the header no
+            // longer names the table, so the clusters leak at worst.
+            self.storage.debug_event(DebugEvent::ClusterFree);
+            let free = |m: &mut Self| -> Result<()> {
+                let mut freed = Vec::new();
+                for c in old_off / cs..(old_off + old_len).div_ceil(cs) {
+                    if m.update_refcount(ClusterIndex(c), -1)? == 0 {
+                        freed.push(ClusterIndex(c));
+                    }
                 }
+                m.discard_freed(&freed)
+            };
+            if let Err(e) = free(self) {
+                let why = e
+                    .raw_os_error()
+                    .map(|n| strata_storage::os_message(&std::io::Error::from_raw_os_error(n)))
+                    .unwrap_or_else(|| e.message().to_string());
+                eprintln!("qcow2_free_clusters failed: {why}");
             }
-            self.discard_freed(&freed)?;
         }
         Ok(())
     }
@@ -705,6 +719,20 @@ impl Qcow2Image {
                     if aligned != len {
                         m.storage.set_size(aligned)?;
                         m.storage.flush()?;
+                    }
+                    // The new layout's L1 table starts after the header, the
+                    // refcount table and one refcount block; an empty L1
+                    // table (a zero-sized image) is named there too, as
+                    // qemu-img names it. With no entries nothing reads it.
+                    let l1_at = m
+                        .geo
+                        .cluster_size()
+                        .checked_mul(3)
+                        .ok_or_else(|| Error::invalid_argument("cluster size overflows"))?;
+                    if m.h.l1_size == 0 && m.h.l1_table_offset != l1_at {
+                        m.storage.write_at(&l1_at.to_be_bytes(), 40)?;
+                        m.storage.flush()?;
+                        m.h.l1_table_offset = l1_at;
                     }
                 }
                 Ok(())

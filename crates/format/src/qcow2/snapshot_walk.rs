@@ -217,8 +217,12 @@ impl Qcow2Image {
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
         m.replace_snapshot_table(snaps)?;
-        // The table no longer names it: drop its references, then its L1 copy.
-        m.walk_snapshot_refcounts(&mut sl1, -1)?;
+        // The table no longer names it: drop its references, then its L1 copy
+        // (QEMU announces `cluster_free` for the copy).
+        m.walk_snapshot_refcounts(&mut sl1, -1)
+            .map_err(|e| e.in_step("Failed to free the cluster and L1 table"))?;
+        m.storage
+            .debug_event(strata_storage::DebugEvent::ClusterFree);
         let l1_bytes = u64::from(snap.l1_size) * 8;
         let mut freed = Vec::new();
         for c in HostOffset(snap.l1_table_offset).clusters(l1_bytes, bits) {

@@ -1,0 +1,172 @@
+//! What qemu-img says when `create -F DRIVER -b FILE` names a format strata
+//! does not read (vmdk, vdi, vpc, ...) and the file is not in that format:
+//! each QEMU driver refuses the file in its own words when it opens it, and
+//! qemu-img's create reports that refusal.
+//!
+//! Only the first checks each driver makes on the file's header are
+//! modelled, those a file of another format (a qcow2 or raw file, the usual
+//! mistake) fails. A file that passes them may really be in that format, or
+//! fail a later check; strata then keeps its own refusal (`None`).
+
+use std::io::Read;
+use std::path::Path;
+
+/// The most bytes any check below reads: vmdk reads a descriptor of up to
+/// 1 MiB - 1.
+const MAX_READ: u64 = (1 << 20) - 1;
+
+/// The refusal QEMU's `driver` gives the file at `path` (as the backing file
+/// is opened: relative to the new image), or `None` when the file passes the
+/// checks modelled here, or cannot be read.
+pub fn refusal(driver: &str, path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut head = Vec::new();
+    f.by_ref().take(MAX_READ).read_to_end(&mut head).ok()?;
+    // QEMU reads past the end of a file as zeroes, and sizes a file in whole
+    // 512-byte sectors.
+    let sectors_len = len.checked_next_multiple_of(512)?;
+    let at = |off: usize, n: usize| -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        if let Some(src) = head.get(off..) {
+            let k = src.len().min(n);
+            v[..k].copy_from_slice(&src[..k]);
+        }
+        v
+    };
+    let le32 = |off: usize| u32::from_le_bytes(at(off, 4).try_into().unwrap_or_default());
+    let be32 = |off: usize| u32::from_be_bytes(at(off, 4).try_into().unwrap_or_default());
+    let tail = |n: u64| -> Option<Vec<u8>> {
+        use std::io::{Seek, SeekFrom};
+        let start = sectors_len.checked_sub(n)?;
+        let mut v = vec![0u8; usize::try_from(n).ok()?];
+        let mut f = std::fs::File::open(path).ok()?;
+        f.seek(SeekFrom::Start(start)).ok()?;
+        let mut got = 0;
+        while got < v.len() {
+            match f.read(&mut v[got..]).ok()? {
+                0 => break,
+                k => got += k,
+            }
+        }
+        Some(v)
+    };
+    match driver {
+        "vmdk" => {
+            if sectors_len < 4 {
+                return Some("File is too small, not a valid image".into());
+            }
+            if matches!(&at(0, 4)[..], b"KDMV" | b"COWD") {
+                return None;
+            }
+            // A descriptor file names its createType; the text is read as a
+            // C string.
+            let text = head.split(|&b| b == 0).next().unwrap_or_default();
+            let has = text.windows(10).any(|w| w == b"createType");
+            (!has).then(|| "invalid VMDK image descriptor".into())
+        }
+        "vdi" => {
+            const MAX_DISK: u64 = 0x1_ffff_f800_0000;
+            let disk = u64::from_le_bytes(at(0x170, 8).try_into().unwrap_or_default());
+            if disk > MAX_DISK {
+                return Some(format!(
+                    "Unsupported VDI image size (size is {disk:#x}, max supported is {MAX_DISK:#x})"
+                ));
+            }
+            let signature = le32(0x40);
+            if signature != 0xbeda_107f {
+                return Some(format!(
+                    "Image not in VDI format (bad signature {signature:08x})"
+                ));
+            }
+            let version = le32(0x44);
+            (version != 0x0001_0001).then(|| {
+                format!(
+                    "unsupported VDI image (version {}.{})",
+                    version >> 16,
+                    version & 0xffff
+                )
+            })
+        }
+        "vpc" => {
+            if at(0, 8) == b"conectix" {
+                return None;
+            }
+            if sectors_len < 512 {
+                return Some("File too small for a VHD header".into());
+            }
+            let footer = tail(512)?;
+            (&footer[..8] != b"conectix").then(|| "invalid VPC image".into())
+        }
+        "dmg" => {
+            if sectors_len < 512 {
+                return Some("dmg file must be at least 512 bytes long".into());
+            }
+            // The trailer's magic lies in the last 515 bytes of the
+            // sector-rounded length.
+            let window = tail(sectors_len.min(515))?;
+            let found = window.windows(4).any(|w| w == b"koly");
+            (!found).then(|| "Could not locate UDIF trailer in dmg file".into())
+        }
+        "vhdx" => (at(0, 8) != b"vhdxfile")
+            .then(|| format!("Could not open '{}': Invalid argument", path.display())),
+        "qed" => (at(0, 4) != b"QED\0").then(|| "Image not in QED format".into()),
+        "parallels" => {
+            let magic = at(0, 16);
+            let known = magic == b"WithoutFreeSpace" || magic == b"WithouFreSpacExt";
+            (le32(16) != 2 || !known).then(|| "Image not in Parallels format".into())
+        }
+        "bochs" => {
+            // Each field holds its text and a terminating NUL.
+            let field = |off: usize, text: &[u8]| {
+                let v = at(off, text.len() + 1);
+                &v[..text.len()] == text && v[text.len()] == 0
+            };
+            let version = le32(64);
+            let ok = field(0, b"Bochs Virtual HD Image")
+                && field(32, b"Redolog")
+                && field(48, b"Growing")
+                && (version == 0x0002_0000 || version == 0x0001_0000);
+            (!ok).then(|| "Image not in Bochs format".into())
+        }
+        "cloop" => {
+            const MAX_BLOCK: u32 = 64 << 20;
+            let block = be32(128);
+            if block % 512 != 0 {
+                return Some(format!("block_size {block} must be a multiple of 512"));
+            }
+            if block == 0 {
+                return Some("block_size cannot be zero".into());
+            }
+            if block > MAX_BLOCK {
+                return Some(format!(
+                    "block_size {block} must be {} MB or less",
+                    MAX_BLOCK >> 20
+                ));
+            }
+            let blocks = u64::from(be32(132));
+            let limit = (u64::from(u32::MAX) - 1) / 8;
+            if blocks > limit {
+                return Some(format!("n_blocks {blocks} must be {limit} or less"));
+            }
+            ((blocks + 1) * 8 > 512 << 20)
+                .then(|| "image requires too many offsets, try increasing block size".into())
+        }
+        "qcow" => {
+            if at(0, 4) != b"QFI\xfb" {
+                return Some("Image not in qcow format".into());
+            }
+            let version = be32(4);
+            match version {
+                1 => None,
+                2 | 3 => Some(format!(
+                    "qcow (v1) does not support qcow version {version}\nTry the 'qcow2' driver instead."
+                )),
+                v => Some(format!("qcow (v1) does not support qcow version {v}")),
+            }
+        }
+        "nbd" => (!path.to_string_lossy().starts_with("nbd:"))
+            .then(|| "File name string for NBD must start with 'nbd:'".into()),
+        _ => None,
+    }
+}
