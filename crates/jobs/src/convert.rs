@@ -155,7 +155,14 @@ impl Plan {
                 cancel.check()?;
                 let st = src.status(off, size - off, Walk::Allocated)?;
                 let kind = if opts.target_has_backing {
-                    if st.depth > 0 || !st.allocated {
+                    // What a top layer without a backing file does not store reads
+                    // as zeroes: such runs are zeroed in the target, whose own
+                    // backing file would otherwise show through (qemu-img does the
+                    // same). `sources` must hold whole chains for this.
+                    let below_top = st.depth > 0 || !st.allocated;
+                    if below_top && src.depth() == 1 {
+                        Kind::Zero
+                    } else if below_top {
                         Kind::Backing
                     } else if st.zero {
                         Kind::Zero

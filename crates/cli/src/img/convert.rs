@@ -265,12 +265,11 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         _ => None,
     };
     for p in src_paths {
-        let mut spec = naming.spec(p, args.format.as_deref(), args.force_share)?;
+        // With -B only the top layer is copied, but the whole chain is opened (as
+        // qemu-img opens it): whether the top has a backing file decides whether
+        // what it does not store is left to the target's backing file or zeroed.
+        let spec = naming.spec(p, args.format.as_deref(), args.force_share)?;
         inputs.add_read_chain(&spec.path, spec.format);
-        if out_backing.is_some() {
-            // With -B only the top layer is copied; its backing is not needed.
-            spec = spec.open_backing(false);
-        }
         let chain = open_chain(&spec)?;
         if args.bitmaps {
             let skip = args.skip_broken_bitmaps;
