@@ -264,7 +264,11 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         _ => None,
     };
     for p in src_paths {
-        let mut spec = naming.spec(p, args.format.as_deref(), args.force_share)?;
+        // qemu-img locks its sources against writers and resizers, raw ones
+        // too (a raw image another process writes is not copied).
+        let mut spec = naming
+            .spec(p, args.format.as_deref(), args.force_share)?
+            .no_share(true);
         inputs.add_read_chain(&spec.path, spec.format);
         if out_backing.is_some() {
             // With -B only the top layer is copied; its backing is not needed.
