@@ -188,6 +188,19 @@ pub struct OpenSpec {
     /// export, say): the top layer is opened on this storage, and `path` only
     /// names it.
     pub storage: Option<TopStorage>,
+    /// Lock every file as qemu-img locks `convert`'s sources: nobody may write
+    /// or resize them meanwhile, raw images included (see [`Self::no_share`]).
+    pub no_share: bool,
+    /// The top image is opened to be resized: a raw one also holds QEMU's
+    /// resize permission, as `qemu-img resize` does.
+    pub resize: bool,
+    /// The subcommand opening the top image for writing refuses a raw one
+    /// without writing to it: a raw top is locked sharing writing, as qemu-img
+    /// locks it (see [`OpenSpec::writes_no_raw_data`]).
+    pub writes_no_raw_data: bool,
+    /// The top image is opened to be served over NBD: a raw one is locked as
+    /// qemu-nbd locks it (others may read and write it, nobody may resize it).
+    pub nbd_export: bool,
 }
 
 /// Storage already open for the top image of an [`OpenSpec`].
@@ -220,6 +233,10 @@ impl OpenSpec {
             blkdebug: None,
             data_file: None,
             data_file_refusal: None,
+            no_share: false,
+            resize: false,
+            writes_no_raw_data: false,
+            nbd_export: false,
         }
     }
     /// The secret the top image opens with: the one its `encrypt.key-secret`
@@ -276,6 +293,30 @@ impl OpenSpec {
     }
     pub fn force_share(mut self, u: bool) -> Self {
         self.force_share = u;
+        self
+    }
+    /// Refuse to share writing and resizing of every file, raw ones too (a raw
+    /// image is otherwise read while others write it, as QEMU's raw driver
+    /// lets them): qemu-img's `convert` locks its sources so.
+    pub fn no_share(mut self, yes: bool) -> Self {
+        self.no_share = yes;
+        self
+    }
+    /// Say that this open writes nothing to a raw top image (the subcommand
+    /// refuses raw images once open, as qemu-img does): its file is then locked
+    /// as qemu-img locks it, next to other writers of the raw image.
+    pub fn writes_no_raw_data(mut self, yes: bool) -> Self {
+        self.writes_no_raw_data = yes;
+        self
+    }
+    /// Open the top image to serve it over NBD (see [`OpenSpec::nbd_export`]).
+    pub fn nbd_export(mut self, yes: bool) -> Self {
+        self.nbd_export = yes;
+        self
+    }
+    /// Open the top image to resize it (see [`OpenSpec::resize`]).
+    pub fn resize(mut self, yes: bool) -> Self {
+        self.resize = yes;
         self
     }
     pub fn open_backing(mut self, b: bool) -> Self {
@@ -498,6 +539,22 @@ pub fn open_image_with(
     metadata_only: bool,
     unlock: &Unlock,
 ) -> Result<Arc<dyn BlockDevice>> {
+    let raw = format == Format::Raw;
+    open_image_locked(path, format, write, force_share, raw, metadata_only, unlock)
+}
+
+/// [`open_image_with`], the file locked as a raw image is (`raw_locks`: others
+/// may keep using it as QEMU's raw driver lets them) or as one under a format
+/// driver.
+fn open_image_locked(
+    path: &Path,
+    format: Format,
+    write: bool,
+    force_share: bool,
+    raw_locks: bool,
+    metadata_only: bool,
+    unlock: &Unlock,
+) -> Result<Arc<dyn BlockDevice>> {
     if let Some(s) = protocol_storage(path, write) {
         return open_storage(s?.0, format, write, metadata_only, unlock);
     }
@@ -506,7 +563,7 @@ pub fn open_image_with(
     } else {
         OpenOptions::read().force_share(force_share)
     };
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, opts)?);
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, opts.raw(raw_locks))?);
     open_storage(storage, format, write, metadata_only, unlock)
 }
 
@@ -514,6 +571,16 @@ pub fn open_image_with(
 /// export; refused for writing when it is read-only), else the file at
 /// `spec.path`; behind the blkdebug filter when the spec asks for one.
 pub fn top_storage(spec: &OpenSpec, write: bool) -> Result<Arc<dyn Storage>> {
+    top_storage_as(spec, write, spec.format)
+}
+
+/// [`top_storage`] for an image of `format` (when known): its file is locked
+/// as QEMU locks a file under that format's driver.
+pub fn top_storage_as(
+    spec: &OpenSpec,
+    write: bool,
+    format: Option<Format>,
+) -> Result<Arc<dyn Storage>> {
     let base: Arc<dyn Storage> = match &spec.storage {
         Some(s) if write && s.0.read_only() => return Err(Error::ReadOnlyStore),
         Some(s) => s.0.clone(),
@@ -523,7 +590,14 @@ pub fn top_storage(spec: &OpenSpec, write: bool) -> Result<Arc<dyn Storage>> {
             } else {
                 OpenOptions::read().force_share(spec.force_share)
             };
-            Arc::new(FileStorage::open(&spec.path, opts)?)
+            let raw = format == Some(Format::Raw) && !spec.no_share;
+            Arc::new(FileStorage::open(
+                &spec.path,
+                opts.raw(raw)
+                    .resize(spec.resize)
+                    .writes_no_raw_data(spec.writes_no_raw_data)
+                    .nbd_export(spec.nbd_export),
+            )?)
         }
     };
     Ok(match &spec.blkdebug {
@@ -560,7 +634,7 @@ pub fn open_storage(
 /// options name.
 pub fn open_top(spec: &OpenSpec, format: Format, write: bool) -> Result<Arc<dyn BlockDevice>> {
     let unlock = spec.unlock()?;
-    let storage = top_storage(spec, write)?;
+    let storage = top_storage_as(spec, write, Some(format))?;
     match format {
         Format::Qcow2 if spec.data_file.is_some() || spec.data_file_refusal.is_some() => {
             Ok(Arc::new(open_qcow2_on(
@@ -755,11 +829,12 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                     let depth = layers.len() + skipped;
                     spec.unlock_at(depth)
                         .and_then(|unlock| {
-                            open_image_with(
+                            open_image_locked(
                                 &path,
                                 fmt,
                                 write,
                                 spec.force_share,
+                                fmt == Format::Raw && !spec.no_share,
                                 spec.metadata_only,
                                 &unlock,
                             )

@@ -247,9 +247,12 @@ impl Export {
                 cfg.min_block
             )));
         }
+        // Locked as qemu-nbd locks what it serves (a raw image stays open to
+        // other readers and writers, as QEMU's raw driver lets them).
         let spec = OpenSpec::new(&cfg.path)
             .format(cfg.format)
-            .write(!cfg.read_only);
+            .write(!cfg.read_only)
+            .nbd_export(true);
         let chain = strata_chain::open(&spec)?;
         let size = chain.top().virtual_size();
         Ok(Export {

@@ -31,6 +31,39 @@ impl OpenOptions {
             lock: LockMode::Write,
         }
     }
+    /// Lock as QEMU locks a raw image (`raw`) rather than one under a format
+    /// driver: a raw reader shares everything, a raw writer holds no resize.
+    /// Keeps `-U`'s no-locks.
+    pub fn raw(mut self, raw: bool) -> Self {
+        self.lock = self.lock.for_raw(raw);
+        self
+    }
+    /// A raw image opened for writing by a subcommand that writes nothing to a
+    /// raw image (it refuses one once open) shares writing, as qemu-img does
+    /// (see [`LockMode::WriteRawShared`]).
+    pub fn writes_no_raw_data(mut self, yes: bool) -> Self {
+        if yes && self.lock == LockMode::WriteRaw {
+            self.lock = LockMode::WriteRawShared;
+        }
+        self
+    }
+    /// A raw image an NBD server exports is locked as qemu-nbd locks it (see
+    /// [`LockMode::ExportRaw`]).
+    pub fn nbd_export(mut self, yes: bool) -> Self {
+        self.lock = match (yes, self.lock) {
+            (true, LockMode::ReadRaw) => LockMode::ExportRawRead,
+            (true, LockMode::WriteRaw) => LockMode::ExportRaw,
+            (_, m) => m,
+        };
+        self
+    }
+    /// A raw image opened to be resized also holds resize (qemu-img resize).
+    pub fn resize(mut self, yes: bool) -> Self {
+        if yes && self.lock == LockMode::WriteRaw {
+            self.lock = LockMode::ResizeRaw;
+        }
+        self
+    }
     /// With no locks: `-U` / `--force-share`. Read-only only: opening for writing
     /// with it is refused, as QEMU refuses it.
     pub fn force_share(mut self, yes: bool) -> Self {

@@ -19,14 +19,41 @@ const RESIZE: u8 = 1 << 3;
 const ALL: u8 = CONSISTENT_READ | WRITE | WRITE_UNCHANGED | RESIZE;
 
 /// How an image is locked when it is opened.
+///
+/// The permissions each mode holds and shares are those QEMU 10's file node ends
+/// up with under qemu-img (as seen in /proc/locks): a format driver such as qcow2
+/// never shares writing or resizing of the file under its metadata, while the raw
+/// driver passes its user's sharing straight through to the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {
     /// No locks at all (`-U` / `--force-share`): read-only inspection of an image in use.
     ForceShare,
-    /// Reading: holds consistent-read and refuses to share writing, as `qemu-img info` does.
+    /// Reading through a format driver (qcow2, luks...), or reading a raw image
+    /// that others must not change meanwhile (`convert`'s sources): holds
+    /// consistent-read and shares neither write nor resize.
     Read,
-    /// Writing: holds read, write and resize and shares neither write nor resize.
+    /// Reading a raw image: holds consistent-read and shares everything, so a
+    /// raw image another process writes (a running qemu-nbd) can still be read.
+    ReadRaw,
+    /// Writing through a format driver: holds consistent-read, write and resize,
+    /// and shares neither write nor resize.
     Write,
+    /// Writing a raw image: holds consistent-read and write. QEMU shares writing
+    /// here; strata does not, so that it never writes a file someone else writes.
+    WriteRaw,
+    /// Resizing a raw image: [`LockMode::WriteRaw`] that also holds resize.
+    ResizeRaw,
+    /// A raw image opened for writing by a subcommand that then refuses raw
+    /// images without writing anything (`snapshot -c`, `commit`, `rebase`,
+    /// `check -r`): locked exactly as qemu-img locks it, sharing writing, so
+    /// the refusal is the subcommand's own, as qemu-img's is.
+    WriteRawShared,
+    /// A raw image an NBD server exports read-only, locked as qemu-nbd locks
+    /// it: consistent-read held, everything but resize shared.
+    ExportRawRead,
+    /// A raw image an NBD server exports writable, locked as qemu-nbd locks it:
+    /// consistent-read and write held, everything but resize shared.
+    ExportRaw,
 }
 
 impl LockMode {
@@ -34,11 +61,35 @@ impl LockMode {
     fn perms(self) -> (u8, u8) {
         match self {
             LockMode::ForceShare => (0, ALL),
-            LockMode::Read => (CONSISTENT_READ, ALL & !WRITE),
+            LockMode::Read => (CONSISTENT_READ, CONSISTENT_READ | WRITE_UNCHANGED),
+            LockMode::ReadRaw => (CONSISTENT_READ, ALL),
             LockMode::Write => (
-                CONSISTENT_READ | WRITE | WRITE_UNCHANGED | RESIZE,
+                CONSISTENT_READ | WRITE | RESIZE,
                 CONSISTENT_READ | WRITE_UNCHANGED,
             ),
+            LockMode::WriteRaw => (CONSISTENT_READ | WRITE, ALL & !WRITE),
+            LockMode::ResizeRaw => (CONSISTENT_READ | WRITE | RESIZE, ALL & !WRITE),
+            LockMode::WriteRawShared => (CONSISTENT_READ | WRITE, ALL),
+            LockMode::ExportRawRead => (CONSISTENT_READ, ALL & !RESIZE),
+            LockMode::ExportRaw => (CONSISTENT_READ | WRITE, ALL & !RESIZE),
+        }
+    }
+
+    /// The mode for the same access to a raw image (`raw`) or through a format
+    /// driver; a resize of a raw image also holds resize.
+    pub fn for_raw(self, raw: bool) -> LockMode {
+        match (self, raw) {
+            (LockMode::Read, true) => LockMode::ReadRaw,
+            (LockMode::Write, true) => LockMode::WriteRaw,
+            (LockMode::ReadRaw | LockMode::ExportRawRead, false) => LockMode::Read,
+            (
+                LockMode::WriteRaw
+                | LockMode::ResizeRaw
+                | LockMode::WriteRawShared
+                | LockMode::ExportRaw,
+                false,
+            ) => LockMode::Write,
+            (m, _) => m,
         }
     }
 }
@@ -114,6 +165,8 @@ pub fn acquire(file: &std::fs::File, path: &Path, mode: LockMode) -> Result<()> 
             set_lock(fd, SHARED_BASE + i, path)?;
         }
     }
+    // As QEMU checks (and so with its error for the first conflict): every
+    // permission held first, then every permission not shared.
     for i in 0..4i64 {
         // We hold permission i: nobody else may refuse to share it.
         if held & (1 << i) != 0 && is_locked_by_other(fd, SHARED_BASE + i, path)? {
@@ -123,6 +176,8 @@ pub fn acquire(file: &std::fs::File, path: &Path, mode: LockMode) -> Result<()> 
                 path: path.to_path_buf(),
             });
         }
+    }
+    for i in 0..4i64 {
         // We refuse to share permission i: nobody else may hold it.
         if unshared & (1 << i) != 0 && is_locked_by_other(fd, PERM_BASE + i, path)? {
             return Err(Error::Locked {

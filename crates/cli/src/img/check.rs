@@ -55,7 +55,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     super::common::check_cache_mode(args.cache.as_deref(), true)?;
     let spec = args
         .naming
-        .spec(&args.filename, args.format.as_deref(), args.force_share)?;
+        .spec(&args.filename, args.format.as_deref(), args.force_share)?
+        // Only qcow2 is checked: a raw image is refused once open, never written.
+        .writes_no_raw_data(true);
     if repair != Repair::None && spec.force_share {
         bail!(
             "Could not open '{}': force-share=on can only be used with read-only images",
@@ -122,7 +124,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         let opened = if writing {
             strata_chain::verify_backing(&spec, &img, true)
         } else {
-            let below = spec.clone().write(false).force_share(true);
+            let below = spec.clone().write(false);
             strata_chain::open(&below).map(drop)
         };
         if let Err(e @ strata_chain::Error::Backing { .. }) = opened {

@@ -268,7 +268,11 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         // With -B only the top layer is copied, but the whole chain is opened (as
         // qemu-img opens it): whether the top has a backing file decides whether
         // what it does not store is left to the target's backing file or zeroed.
-        let spec = naming.spec(p, args.format.as_deref(), args.force_share)?;
+        // qemu-img locks its sources against writers and resizers, raw ones
+        // too (a raw image another process writes is not copied).
+        let spec = naming
+            .spec(p, args.format.as_deref(), args.force_share)?
+            .no_share(true);
         inputs.add_read_chain(&spec.path, spec.format);
         let chain = open_chain(&spec)?;
         if args.bitmaps {

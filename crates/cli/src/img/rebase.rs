@@ -75,7 +75,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;
     warn_probed_raw(&spec);
-    let spec = spec.write(true).open_backing(!args.unsafe_mode);
+    // A raw image has no backing file link: refused once open, never written.
+    let spec = spec
+        .write(true)
+        .open_backing(!args.unsafe_mode)
+        .writes_no_raw_data(true);
     let chain = open_chain(&spec)?;
     let image = chain.top().clone();
     // With -u no backing file is opened: options for one are refused, as

@@ -62,7 +62,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             .top()
             .clone()
     } else {
-        super::common::open_top(&spec, format, true)?
+        // A raw image is locked with QEMU's resize permission, as qemu-img
+        // resize locks it (a qemu-nbd serving it, which shares no resize,
+        // refuses the resize, and a reader of it does not).
+        super::common::open_top(&spec.clone().resize(true), format, true)?
     };
     let cur = dev.virtual_size();
     // As qemu-img computes it: the value as a signed 64-bit number, the change

@@ -91,7 +91,9 @@ fn local_date(secs: u32) -> String {
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
-        .spec(&args.filename, args.format.as_deref(), args.force_share)?;
+        .spec(&args.filename, args.format.as_deref(), args.force_share)?
+        // A raw image has no snapshots: refused once open, never written.
+        .writes_no_raw_data(true);
     let format = super::common::spec_format(&spec)?;
     let writing = args.create.is_some() || args.apply.is_some() || args.delete.is_some();
     if writing && spec.force_share {
