@@ -518,6 +518,11 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                             return Err(invalid(p, why.unwrap_or_else(|| e.to_string())));
                         }
                     },
+                    // With -u qemu-img does not look at the file to say
+                    // what it holds.
+                    None if req.unsafe_backing => {
+                        return Err(invalid(p, "Backing file specified without backing format"))
+                    }
                     None => {
                         // qemu-img probes, to say what it found, and still refuses:
                         // a probed format is never recorded.

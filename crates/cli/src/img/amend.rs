@@ -88,8 +88,12 @@ fn parse_request(items: &[(String, String)]) -> Result<Request> {
                     Some(strata_jobs::create::parse_bool(k, v).map_err(|e| anyhow!(e))?)
             }
             "refcount_bits" => {
-                r.amend.refcount_bits =
-                    Some(strata_jobs::create::parse_opt_number(k, v).map_err(|e| anyhow!(e))?)
+                let bits = strata_jobs::create::parse_opt_number(k, v).map_err(|e| anyhow!(e))?;
+                // Refused as the option is read, before anything changes.
+                if bits == 0 || bits > 64 || !bits.is_power_of_two() {
+                    bail!("Refcount width must be a power of two and may not exceed 64 bits");
+                }
+                r.amend.refcount_bits = Some(bits);
             }
             "size" => r.size = Some(option_size("size", v)?),
             "backing_file" => r.backing_file = Some(v.clone()),
@@ -271,17 +275,49 @@ fn print_help(fmt: &str) -> Result<i32> {
     Ok(0)
 }
 
-/// The size first (a plain resize), then the format changes, which close the
-/// image. A backing file or format other than the current one is refused.
+/// In qemu-img's order: the refusals it makes first, the data file, the
+/// backing file check (a backing file or format other than the current one is
+/// refused), the size (a plain resize), then the format changes, which close
+/// the image.
 fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &QemuSteps) -> Result<(), String> {
     let kind = |e: strata_format::Error| e.message().to_string();
+    let h = img.header();
+    let version = req.amend.version.unwrap_or(h.version);
+    // qemu-img upgrades first, so a wider refcount needs compat 1.1 after it;
+    // refused before the data file or size changes.
+    if let Some(bits) = req.amend.refcount_bits {
+        if version.max(h.version) < 3 && bits != u64::from(h.refcount_bits()) {
+            return Err("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)".into());
+        }
+    }
     if req.data_file.is_some() || req.data_file_raw.is_some() {
         img.amend_data_file(req.data_file.as_deref(), req.data_file_raw)
             .map_err(kind)?;
     }
+    check_backing(&img, req)?;
+    // Refused before the size changes (the other format checks come after it).
+    if req.amend.lazy_refcounts == Some(true) && version < 3 && !img.header().lazy_refcounts() {
+        return Err("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into());
+    }
     if let Some(size) = req.size {
         img.resize(size, true).map_err(kind)?;
     }
+    let mut spread = StepProgress {
+        steps,
+        finished: 0,
+        done_before: 0,
+        last: None,
+    };
+    img.amend(&req.amend, &mut |step, done, total| {
+        let (d, t) = spread.report(step, done, total);
+        bar.set_fraction(d, t);
+    })
+    .map_err(kind)
+}
+
+/// Only a request that names the current backing file and format passes:
+/// changing them is rebase's work.
+fn check_backing(img: &Qcow2Image, req: &Request) -> Result<(), String> {
     if req.backing_file.is_some() || req.backing_fmt.is_some() {
         // Only a request that names the current backing file and format passes:
         // changing them is rebase's work.
@@ -295,17 +331,7 @@ fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &QemuSteps) -> Result<
             );
         }
     }
-    let mut spread = StepProgress {
-        steps,
-        finished: 0,
-        done_before: 0,
-        last: None,
-    };
-    img.amend(&req.amend, &mut |step, done, total| {
-        let (d, t) = spread.report(step, done, total);
-        bar.set_fraction(d, t);
-    })
-    .map_err(kind)
+    Ok(())
 }
 
 #[cfg(test)]

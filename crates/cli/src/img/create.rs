@@ -80,6 +80,25 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             super::invoked_as(ctx.prog)
         );
     }
+    if size.is_some() && options.contains_key("size") {
+        anyhow::bail!(
+            "{}: The image size must be specified only once",
+            filename.display()
+        );
+    }
+    if matches!(format, Format::Luks | Format::Raw)
+        && (args.backing.is_some() || args.backing_format.is_some())
+    {
+        // qemu-img reads the -o list (naming the first unknown option) before
+        // it refuses -b and -F for a format without backing files.
+        prepare(&CreateRequest {
+            path: filename.clone(),
+            format,
+            size: Some(size.unwrap_or(0)),
+            options: options.clone(),
+            unsafe_backing: true,
+        })?;
+    }
     if matches!(format, Format::Luks | Format::Raw) {
         // qemu-img refuses -b and -F itself for a format without backing
         // files; as -o options they are merely unknown to the driver.
@@ -97,12 +116,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     if let Some(f) = &args.backing_format {
         options.insert("backing_fmt".into(), f.clone());
-    }
-    if size.is_some() && options.contains_key("size") {
-        anyhow::bail!(
-            "{}: The image size must be specified only once",
-            filename.display()
-        );
     }
     let typed = filename.to_string_lossy().into_owned();
     let on_export = super::nbdname::names_export(&typed, None);

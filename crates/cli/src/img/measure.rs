@@ -111,6 +111,22 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         }
     };
     let opts = parse_options(&args.options)?;
+    // The first option the target format does not know is refused once the
+    // source is open, before anything is measured.
+    let unknown = super::common::option_items(&args.options)
+        .into_iter()
+        .find(|(k, _)| !super::opthelp::creatable(format.name(), k));
+    if let Some((k, _)) = unknown {
+        if let Some(f) = filename {
+            open_chain(
+                &args
+                    .naming
+                    .spec(f, args.format.as_deref(), args.force_share)?,
+            )?;
+        }
+        eprintln!("{}: Invalid parameter '{k}'", ctx.prog);
+        bail!("Invalid options for file format '{}'", args.out_format);
+    }
     let mut target = Target {
         format,
         ..Default::default()
@@ -170,8 +186,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                 args.format.as_deref(),
                 args.force_share,
             )?)?;
-            target.luks_area = luks_area()?;
             let top = chain.top().clone();
+            // The snapshot is loaded as the source opens, before the target's
+            // options are looked at.
             let status = match &snapshot {
                 Some(key) => {
                     // The snapshot reads through the image's backing chain.
@@ -179,12 +196,14 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
                         Err(strata_jobs::Error::NoInternalSnapshots { .. }) => {
                             bail!(super::convert::no_snapshot_load(&chain.layers[0].format))
                         }
-                        r => r?,
+                        Err(_) => bail!("Failed to load snapshot: Can't find snapshot"),
+                        Ok(d) => d,
                     };
                     ChainStatus::from_devices(devices)?
                 }
                 None => ChainStatus::new(&chain)?,
             };
+            target.luks_area = luks_area()?;
             // The bitmaps' sizes are read from qcow2's bitmap directory: an
             // inspection of that format, no capability of devices.
             let q = top.as_any().downcast_ref::<Qcow2Image>();

@@ -430,6 +430,13 @@ fn amend_options(fmt: &str) -> Result<&'static [Opt]> {
     })
 }
 
+/// Whether creating (or measuring) a `fmt` image on a file takes the option
+/// `name`: the format's own options and the file protocol's.
+pub fn creatable(fmt: &str, name: &str) -> bool {
+    let known = |opts: &[Opt]| opts.iter().any(|(n, _, _)| *n == name);
+    format_options(fmt).is_ok_and(known) || known(FILE)
+}
+
 /// Whether `amend` of a `fmt` image takes the option `name`.
 pub fn amendable(fmt: &str, name: &str) -> bool {
     amend_options(fmt).is_ok_and(|opts| opts.iter().any(|(n, _, _)| *n == name))

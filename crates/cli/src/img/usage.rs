@@ -50,6 +50,33 @@ fn bad_repair_mode(args: &[String]) -> Option<&str> {
     mode.filter(|m| !matches!(*m, "leaks" | "all"))
 }
 
+/// `check`'s first bad repair mode when it is typed before the first bad
+/// `--output` value: qemu-img judges options in the order typed and stops at
+/// the first it refuses.
+fn repair_refused_before_output(args: &[String]) -> Option<&str> {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let mode = match a.as_str() {
+            "-r" | "--repair" => it.next().map(String::as_str),
+            "--output" => match it.next().map(String::as_str) {
+                Some("human" | "json") => None,
+                _ => return None,
+            },
+            _ if a.starts_with("--output=") => match &a["--output=".len()..] {
+                "human" | "json" => None,
+                _ => return None,
+            },
+            _ => a
+                .strip_prefix("--repair=")
+                .or_else(|| a.strip_prefix("-r").filter(|m| !m.is_empty())),
+        };
+        if let Some(m) = mode.filter(|m| !matches!(*m, "leaks" | "all")) {
+            return Some(m);
+        }
+    }
+    None
+}
+
 fn context(e: &clap::Error, kind: ContextKind) -> Option<String> {
     match e.get(kind)? {
         ContextValue::String(s) => Some(s.clone()),
@@ -415,6 +442,13 @@ pub fn qemu_img_message(e: &clap::Error, prog: &str, args: &[String]) -> Option<
                     ),
                 });
             }
+            if name == "--output" && sub == "check" {
+                if let Some(mode) = repair_refused_before_output(args) {
+                    return Some(format!(
+                        "{prog}: --repair (-r) expects 'leaks' or 'all' not '{mode}'\n{try_help}\n"
+                    ));
+                }
+            }
             (name == "--output").then(|| {
                 format!("{prog}: --output expects 'human' or 'json' not '{value}'\n{try_help}\n")
             })
@@ -450,6 +484,18 @@ mod tests {
             None
         );
         assert_eq!(bad_repair_mode(&a(&["check", "-q", "img"])), None);
+    }
+
+    #[test]
+    fn a_repair_mode_typed_before_a_bad_output_is_refused_first() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let f = |v: &[&str]| repair_refused_before_output(&a(v)).map(str::to_string);
+        assert_eq!(
+            f(&["check", "-r", "x", "--output=y", "i"]),
+            Some("x".into())
+        );
+        assert_eq!(f(&["check", "--output", "y", "-r", "x", "i"]), None);
+        assert_eq!(f(&["check", "-rall", "--output=y", "i"]), None);
     }
 
     #[test]
