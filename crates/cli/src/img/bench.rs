@@ -205,6 +205,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             filename.display()
         );
     }
+    if args.write {
+        // A write test on a probed raw image gets qemu-img's warning.
+        super::common::warn_probed_raw(&spec);
+    }
     let chain = open_chain(&spec)?;
     let dev = if args.write {
         chain.top().clone()

@@ -228,6 +228,11 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     });
     shown.steps.set(0.0);
     if snapshot.is_some() && src_paths.len() > 1 {
+        // qemu-img opens every source before it refuses the combination: a
+        // source it cannot open is reported first.
+        for p in src_paths {
+            open_chain(&naming.spec(p, args.format.as_deref(), args.force_share)?)?;
+        }
         bail!("No support for concatenating multiple snapshot");
     }
 
