@@ -90,9 +90,9 @@ pub struct Args {
     /// the request that completes the interval).
     #[arg(long = "no-drain")]
     no_drain: bool,
-    /// The image.
-    #[arg(value_parser = super::common::any_file_name())]
-    filename: PathBuf,
+    /// The image (exactly one; the count is checked after the option values).
+    #[arg(value_name = "FILENAME")]
+    files: Vec<std::ffi::OsString>,
 }
 
 /// A number argument in `[min, max]`, refused with qemu-img's two messages.
@@ -105,34 +105,74 @@ fn ranged(what: &str, s: Option<&str>, min: u64, max: u64, default: u64) -> Resu
     }
 }
 
-pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
-    if args
-        .cache
-        .as_deref()
-        .is_some_and(|c| !super::convert::is_cache_mode(c))
-    {
-        bail!("Invalid cache mode");
+/// A count argument in `[min, max]`: a plain integer as `strtol` reads it (no
+/// size suffix), refused with qemu-img's two messages.
+fn counted(what: &str, s: Option<&str>, min: u64, max: u64, default: u64) -> Result<u64> {
+    let Some(s) = s else { return Ok(default) };
+    match super::dd::c_integer(s) {
+        None => bail!("Invalid {what} specified: '{s}'."),
+        Some(v) if (min as i128..=max as i128).contains(&v) => Ok(v as u64),
+        Some(_) => bail!("Invalid {what} specified. Must be between {min} and {max}."),
     }
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let int_max = i32::MAX as u64;
     let i64_max = i64::MAX as u64;
-    let count = ranged("request count", args.count.as_deref(), 1, int_max, 75000)?;
-    let depth = ranged("queue depth", args.depth.as_deref(), 1, int_max, 64)?;
-    let offset = ranged("offset", args.offset.as_deref(), 0, i64_max, 0)?;
-    let bufsize = ranged("buffer size", args.size.as_deref(), 1, int_max, 4096)?;
-    let step = ranged("step size", args.step.as_deref(), 0, i64_max, 0)?;
-    let pattern = ranged("pattern byte", args.pattern.as_deref(), 0, 255, 0)? as u8;
-    let flush = ranged(
-        "flush interval",
-        args.flush_interval.as_deref(),
-        0,
-        int_max,
-        0,
-    )?;
-    if let Some(a) = &args.aio {
-        if !matches!(a.as_str(), "threads" | "native" | "io_uring") {
-            bail!("Invalid aio option: {a}");
+    let (mut count, mut depth, mut offset, mut bufsize) = (75000, 64, 0, 4096);
+    let (mut step, mut pattern, mut flush) = (0, 0, 0);
+    // qemu-img checks each option value as getopt hands it over, so the first
+    // wrong one typed is the one reported; the file name is counted after.
+    use super::convert::typed_at;
+    let mut order = [
+        (typed_at("-c", "--count"), 0),
+        (typed_at("-d", "--depth"), 1),
+        (typed_at("-o", "--offset"), 2),
+        (typed_at("-s", "--buffer-size"), 3),
+        (typed_at("-S", "--step-size"), 4),
+        (typed_at("", "--pattern"), 5),
+        (typed_at("", "--flush-interval"), 6),
+        (typed_at("-t", "--cache"), 7),
+        (typed_at("-i", "--aio"), 8),
+    ];
+    order.sort();
+    for (_, which) in order {
+        match which {
+            0 => count = counted("request count", args.count.as_deref(), 1, int_max, count)?,
+            1 => depth = counted("queue depth", args.depth.as_deref(), 1, int_max, depth)?,
+            2 => offset = ranged("offset", args.offset.as_deref(), 0, i64_max, offset)?,
+            3 => bufsize = ranged("buffer size", args.size.as_deref(), 1, int_max, bufsize)?,
+            4 => step = ranged("step size", args.step.as_deref(), 0, int_max, step)?,
+            5 => pattern = counted("pattern byte", args.pattern.as_deref(), 0, 255, 0)? as u8,
+            6 => {
+                let f = args.flush_interval.as_deref();
+                flush = counted("flush interval", f, 0, int_max, 0)?
+            }
+            7 => {
+                if args
+                    .cache
+                    .as_deref()
+                    .is_some_and(|c| !super::convert::is_cache_mode(c))
+                {
+                    bail!("Invalid cache mode");
+                }
+            }
+            _ => {
+                if let Some(a) = &args.aio {
+                    if !matches!(a.as_str(), "threads" | "native" | "io_uring") {
+                        bail!("Invalid aio option: {a}");
+                    }
+                }
+            }
         }
     }
+    let [filename] = args.files.as_slice() else {
+        bail!(
+            "Expecting one image file name\nTry '{} bench --help' for more info",
+            super::invoked_as(ctx.prog)
+        );
+    };
+    let filename = PathBuf::from(filename);
     let _ = (args.native, args.quiet, args.no_drain);
     if flush > 0 && !args.write {
         bail!("--flush-interval is only available in write tests");
@@ -145,9 +185,30 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         objects: Default::default(),
         image_opts: args.image_opts,
     };
+    // qemu-img's block layer refuses these when it opens the image: sharing a
+    // writable image before anything else, native AIO without O_DIRECT once the
+    // file is found.
+    if args.force_share && args.write {
+        bail!(
+            "Could not open '{}': force-share=on can only be used with read-only images",
+            filename.display()
+        );
+    }
     let spec = naming
-        .spec(&args.filename, args.format.as_deref(), args.force_share)?
+        .spec(&filename, args.format.as_deref(), args.force_share)?
         .write(args.write);
+    let native = args.native || args.aio.as_deref() == Some("native");
+    let direct = matches!(args.cache.as_deref(), Some("none" | "directsync"));
+    if native && !direct && std::fs::metadata(&spec.path).is_ok() {
+        bail!(
+            "Could not open '{}': aio=native was specified, but it requires cache.direct=on, which was not specified.",
+            filename.display()
+        );
+    }
+    if args.write {
+        // A write test on a probed raw image gets qemu-img's warning.
+        super::common::warn_probed_raw(&spec);
+    }
     let chain = open_chain(&spec)?;
     let dev = if args.write {
         chain.top().clone()

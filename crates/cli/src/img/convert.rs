@@ -137,7 +137,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 }
 
 fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
-    // The combinations qemu-img refuses before anything else, in its order.
+    // qemu-img checks the values of -S, -m, -r, -l and -o as it reads each
+    // option, so the first one typed that is wrong is the one reported.
+    let early = early_values(&args, ctx)?;
+    let (sparse_size, workers, rate, snapshot) = early;
+    // The combinations qemu-img refuses once the options are read, in its order.
     if args.skip_broken_bitmaps && !args.bitmaps {
         bail!("Use of --skip-broken-bitmaps requires --bitmaps");
     }
@@ -150,15 +154,21 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     if args.copy_range && args.salvage {
         bail!("Cannot use copy offloading in salvaging mode");
     }
-    if args.target_image_opts && args.out_format.is_some() {
-        bail!("--image-opts and --format are mutually exclusive");
+    if args.target_image_opts && !args.no_create {
+        bail!("--target-image-opts requires use of -n flag");
     }
     let mut naming = args.naming.clone();
     naming.image_opts |= args.source_image_opts;
-    let out_format = super::imgname::output_format(args.out_format.as_deref().unwrap_or("raw"))?;
-    super::common::check_option_lists(&args.options)?;
+    // An unknown output format is reported once the sources are open (for a
+    // new target) or where the existing target is opened (-n).
+    let out_fmt_name = args.out_format.as_deref().unwrap_or("raw");
+    let out_format_known = super::imgname::output_format(out_fmt_name);
+    let out_format = *out_format_known.as_ref().unwrap_or(&Format::Raw);
     if args.no_create && !args.options.is_empty() {
         bail!("-o has no effect when skipping image creation");
+    }
+    if args.target_is_zero && !args.no_create {
+        bail!("--target-is-zero requires use of -n flag");
     }
     if super::opthelp::has_help_option(&args.options) {
         // The target is the last file name, when there are two or more.
@@ -175,9 +185,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         Some((out, srcs)) if !srcs.is_empty() => (out, srcs),
         _ => bail!("Must specify image file name"),
     };
-    if args.target_image_opts && !args.no_create {
-        bail!("--target-image-opts requires use of -n flag");
-    }
+    super::common::check_cache_mode(args.src_cache.as_deref(), true)?;
     // An output named by options is an existing image: its format is the one
     // the options give, or probed.
     let secrets = naming.objects.secrets()?;
@@ -213,42 +221,19 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         });
         (&plain_out, out_format)
     };
-    if args.target_is_zero && !args.no_create {
-        bail!("--target-is-zero requires use of -n flag");
-    }
-    if args.bitmaps && src_paths.len() > 1 {
-        bail!("Copying bitmaps only possible with single source");
-    }
-    let sparse_size = match &args.sparse_size {
-        None => 4096,
-        Some(s) => match super::common::size_arg("buffer size for sparse output", s)? {
-            v if v.is_multiple_of(512) && v <= MAX_SPARSE => v,
-            _ => bail!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."),
-        },
-    };
-    let workers = match &args.workers {
-        None => default_workers(),
-        Some(m) => match c_int(m) {
-            Some(v) if (1..=16).contains(&v) => v as usize,
-            Some(_) => bail!("Invalid number of coroutines specified. Must be between 1 and 16."),
-            None => bail!("Invalid number of coroutines specified: '{m}'."),
-        },
-    };
     let flush = !matches!(args.cache.as_deref(), None | Some("unsafe"));
-    let rate = super::common::parse_rate(args.rate.as_deref())?;
     // qemu-img shows its first figure once the options are read, before it opens
     // anything, and ends the line on failure too.
     let shown = Shown::new(args.progress && !args.quiet, |on| {
         QemuSteps::milestones(on, 1.0, Vec::new())
     });
     shown.steps.set(0.0);
-    super::common::check_cache_mode(args.src_cache.as_deref(), true)?;
-    let snapshot = args
-        .snapshot_param
-        .as_deref()
-        .map(|s| snapshot_key(s, ctx))
-        .transpose()?;
     if snapshot.is_some() && src_paths.len() > 1 {
+        // qemu-img opens every source before it refuses the combination: a
+        // source it cannot open is reported first.
+        for p in src_paths {
+            open_chain(&naming.spec(p, args.format.as_deref(), args.force_share)?)?;
+        }
         bail!("No support for concatenating multiple snapshot");
     }
 
@@ -256,7 +241,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     // Every file of their chains, and of the -B chain, is one the output must not be.
     let mut inputs = Inputs::default();
     let mut sources = Vec::with_capacity(src_paths.len());
-    let mut bitmaps = None;
+    let mut bitmaps_of = None;
     // The target's backing file: -B, or the backing_file the creation options give
     // (-B wins). Either way only what each source's top layer stores is copied.
     let out_backing = match (&args.backing, options.get("backing_file")) {
@@ -276,8 +261,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         inputs.add_read_chain(&spec.path, spec.format);
         let chain = open_chain(&spec)?;
         if args.bitmaps {
-            let skip = args.skip_broken_bitmaps;
-            bitmaps = Some(super::convert_bitmaps::read(chain.top(), skip)?);
+            bitmaps_of = Some(chain.top().clone());
         }
         let status = match &snapshot {
             None => ChainStatus::new(&chain)?,
@@ -296,6 +280,25 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         sources.push(status);
     }
     let total: u64 = sources.iter().map(|s| s.virtual_size()).sum();
+    if args.target_image_opts && args.out_format.is_some() {
+        bail!("--image-opts and --format are mutually exclusive");
+    }
+    if let Err(e) = &out_format_known {
+        if args.no_create {
+            bail!(
+                "Could not open '{}': Unknown driver '{out_fmt_name}'",
+                out_path.display()
+            );
+        }
+        bail!("{e}");
+    }
+    if args.bitmaps && src_paths.len() > 1 {
+        bail!("Copying bitmaps only possible with single source");
+    }
+    let bitmaps = match &bitmaps_of {
+        Some(top) => Some(super::convert_bitmaps::read(top, args.skip_broken_bitmaps)?),
+        None => None,
+    };
     if let Some(e) = out_refused.take_if(|_| !args.no_create) {
         return Err(e);
     }
@@ -540,6 +543,70 @@ fn salvaging(sources: &[ChainStatus], warn: Option<&str>) -> Result<Vec<ChainSta
 /// A whole decimal number as C's integer parsing takes it (leading blanks and a
 /// sign allowed, nothing after the digits), or `None`; a value beyond 64 bits
 /// saturates, so it is refused as out of range, not as malformed.
+/// The values qemu-img checks while it reads the options (-S, -m, -r, -l and
+/// the -o lists), checked in the order they were typed: the sparse size, the
+/// worker count, the rate limit and the snapshot key.
+type Early = (u64, usize, u64, Option<String>);
+
+/// Where on the command line the option `short` (`-X`, `-Xvalue`; none if
+/// empty) or `long` (`--name`, `--name=value`) was first typed, for checking
+/// option values in the order getopt hands them to qemu-img; `usize::MAX` if
+/// it was not.
+pub(super) fn typed_at(short: &str, long: &str) -> usize {
+    std::env::args()
+        .position(|a| {
+            (!short.is_empty() && a.starts_with(short) && !a.starts_with("--"))
+                || a == long
+                || a.starts_with(&format!("{long}="))
+        })
+        .unwrap_or(usize::MAX)
+}
+
+fn early_values(args: &Args, ctx: &Ctx) -> Result<Early> {
+    let mut order = [
+        (typed_at("-S", "--sparse-size"), 0),
+        (typed_at("-m", "--parallel"), 1),
+        (typed_at("-r", "--rate"), 2),
+        (typed_at("-l", "--snapshot"), 3),
+        (typed_at("-o", "--options"), 4),
+    ];
+    order.sort();
+    let (mut sparse, mut workers, mut rate, mut snapshot) = (4096, default_workers(), 0, None);
+    for (_, which) in order {
+        match which {
+            0 => {
+                if let Some(s) = &args.sparse_size {
+                    sparse = match super::common::size_arg("buffer size for sparse output", s)? {
+                        v if v.is_multiple_of(512) && v <= MAX_SPARSE => v,
+                        _ => bail!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."),
+                    };
+                }
+            }
+            1 => {
+                if let Some(m) = &args.workers {
+                    workers = match c_int(m) {
+                        Some(v) if (1..=16).contains(&v) => v as usize,
+                        Some(_) => bail!(
+                            "Invalid number of coroutines specified. Must be between 1 and 16."
+                        ),
+                        None => bail!("Invalid number of coroutines specified: '{m}'."),
+                    };
+                }
+            }
+            2 => rate = super::common::parse_rate(args.rate.as_deref())?,
+            3 => {
+                snapshot = args
+                    .snapshot_param
+                    .as_deref()
+                    .map(|s| snapshot_key(s, ctx))
+                    .transpose()?
+            }
+            _ => super::common::check_option_lists(&args.options)?,
+        }
+    }
+    Ok((sparse, workers, rate, snapshot))
+}
+
 fn c_int(s: &str) -> Option<i64> {
     let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
     let (neg, digits) = match t.as_bytes().first()? {

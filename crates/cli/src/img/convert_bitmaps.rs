@@ -17,14 +17,17 @@ pub struct Copied {
     skipped: Vec<String>,
 }
 
-/// Read the bitmaps of `top` (the source's own layer; an image of another
-/// format has none). An inconsistent one is refused unless `skip_broken`.
+/// Read the bitmaps of `top` (the source's own layer; an image that cannot
+/// hold persistent bitmaps, not qcow2 v3, is refused). An inconsistent one is refused unless `skip_broken`.
 pub fn read(top: &Arc<dyn BlockDevice>, skip_broken: bool) -> Result<Copied> {
-    let Some(q) = top.as_any().downcast_ref::<Qcow2Image>() else {
-        return Ok(Copied {
-            bitmaps: Vec::new(),
-            skipped: Vec::new(),
-        });
+    // Only a qcow2 v3 source can hold persistent bitmaps; qemu-img refuses any
+    // other before it creates the target.
+    let Some(q) = top
+        .as_any()
+        .downcast_ref::<Qcow2Image>()
+        .filter(|q| q.header().version >= 3)
+    else {
+        bail!("Source lacks bitmap support");
     };
     let (bitmaps, skipped) = q.read_consistent_bitmaps()?;
     // qemu-img walks the bitmaps from the last one in the directory.

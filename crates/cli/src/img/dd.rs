@@ -62,12 +62,50 @@ fn parse(operands: &[String]) -> Result<Operands> {
                 }
                 o.bs = bs;
             }
-            "count" => o.count = Some(size_arg("count", v)?),
-            "skip" => o.skip = size_arg("skip", v)?,
+            "count" => o.count = Some(block_count("count", v)?),
+            "skip" => o.skip = block_count("skip", v)?,
             _ => bail!("unrecognized operand {k}"),
         }
     }
     Ok(o)
+}
+
+/// `s` read as C's `strtoll` reads it in base 0 (leading blanks, a sign, then
+/// decimal, `0x` hexadecimal or `0` octal digits; no size suffix) with nothing
+/// left over: `None` if it is not such a number; a value past `i64`'s range
+/// reads as `i128::MAX`.
+pub(super) fn c_integer(s: &str) -> Option<i128> {
+    let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => (16, h),
+        None if t.len() > 1 && t.starts_with('0') => (8, &t[1..]),
+        None => (10, t),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    Some(match u64::from_str_radix(digits, radix) {
+        Ok(v) if v <= i64::MAX as u64 && neg => -(v as i128),
+        Ok(v) if v <= i64::MAX as u64 => v as i128,
+        _ => i128::MAX,
+    })
+}
+
+/// A `count=` or `skip=` value: a plain integer ([`c_integer`]) from 0 to
+/// `i64::MAX`, refused with qemu-img's messages.
+fn block_count(what: &str, s: &str) -> Result<u64> {
+    match c_integer(s) {
+        None => bail!("Invalid {what} specified: '{s}'."),
+        Some(v) if (0..=i64::MAX as i128).contains(&v) => Ok(v as u64),
+        Some(_) => {
+            bail!("Invalid {what} specified. Must be between 0 and 9223372036854775807.")
+        }
+    }
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
@@ -75,15 +113,16 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let (Some(input), Some(output)) = (&o.input, &o.output) else {
         bail!("Must specify both input and output files");
     };
-    let out_format = match &args.output_format {
-        None => Format::Raw,
-        Some(f) => super::imgname::output_format(f).map_err(|_| anyhow!("Unknown file format"))?,
-    };
     let input_path = PathBuf::from(input);
     let spec = args
         .naming
         .spec(&input_path, args.format.as_deref(), args.force_share)?;
     let chain = open_chain(&spec)?;
+    // qemu-img looks the output format up once the input is open.
+    let out_format = match &args.output_format {
+        None => Format::Raw,
+        Some(f) => super::imgname::output_format(f).map_err(|_| anyhow!("Unknown file format"))?,
+    };
     if super::imgname::cdrom_without_medium(&spec) {
         bail!("Failed to get size for '{}'", spec.shown_name());
     }

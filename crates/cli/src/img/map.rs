@@ -19,8 +19,8 @@ pub struct Args {
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Output format (`json` adds zero/unallocated runs and the chain depth).
-    #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human, value_name = "OFMT")]
-    output: OutputFormat,
+    #[arg(long = "output", value_name = "OFMT")]
+    output: Option<String>,
     /// Start mapping at this guest offset.
     #[arg(
         short = 's',
@@ -40,30 +40,66 @@ pub struct Args {
     /// Open without locks, to inspect an image in use.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// The image.
-    #[arg(value_parser = super::common::any_file_name())]
-    filename: PathBuf,
+    /// The image (exactly one; the count is checked after the option values).
+    #[arg(value_name = "FILENAME")]
+    files: Vec<std::ffi::OsString>,
 }
 
-pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
-    map_image(args).map_err(|e| match super::ioerr::io_failure(&e) {
-        Some(f) => anyhow::anyhow!("Could not read file metadata: {}", f.os),
-        None => e,
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    let try_help = format!(
+        "Try '{} map --help' for more info",
+        super::invoked_as(ctx.prog)
+    );
+    // qemu-img checks each option value as getopt hands it over, then counts
+    // the file names.
+    let mut order = [
+        (super::convert::typed_at("", "--output"), 0),
+        (super::convert::typed_at("-s", "--start-offset"), 1),
+        (super::convert::typed_at("-l", "--max-length"), 2),
+    ];
+    order.sort();
+    let (mut output, mut start, mut max_len) = (OutputFormat::Human, 0, None);
+    for (_, which) in order {
+        match which {
+            0 => match args.output.as_deref() {
+                None | Some("human") => output = OutputFormat::Human,
+                Some("json") => output = OutputFormat::Json,
+                Some(o) => bail!("--output expects 'human' or 'json' not '{o}'\n{try_help}"),
+            },
+            1 => {
+                if let Some(s) = &args.start_offset {
+                    start = size_arg("start offset", s)?;
+                }
+            }
+            _ => {
+                if let Some(s) = &args.max_length {
+                    max_len = Some(size_arg("max length", s)?);
+                }
+            }
+        }
+    }
+    let [file] = args.files.as_slice() else {
+        bail!("Expecting one image file name\n{try_help}");
+    };
+    let file = PathBuf::from(file);
+    map_image(&args, &file, output, start, max_len).map_err(|e| {
+        match super::ioerr::io_failure(&e) {
+            Some(f) => anyhow::anyhow!("Could not read file metadata: {}", f.os),
+            None => e,
+        }
     })
 }
 
-fn map_image(args: Args) -> Result<i32> {
-    let start = match &args.start_offset {
-        Some(s) => size_arg("start offset", s)?,
-        None => 0,
-    };
-    let max_len = match &args.max_length {
-        Some(s) => Some(size_arg("max length", s)?),
-        None => None,
-    };
-    let (spec, nbd) =
-        args.naming
-            .spec_nbd(&args.filename, args.format.as_deref(), args.force_share)?;
+fn map_image(
+    args: &Args,
+    file: &std::path::Path,
+    output: OutputFormat,
+    start: u64,
+    max_len: Option<u64>,
+) -> Result<i32> {
+    let (spec, nbd) = args
+        .naming
+        .spec_nbd(file, args.format.as_deref(), args.force_share)?;
     let chain = open_chain(&spec)?;
     // A raw image on an NBD export maps as the server's block status says.
     let nbd = nbd.filter(|_| chain.layers[0].format == strata_format::Format::Raw);
@@ -110,7 +146,7 @@ fn map_image(args: Args) -> Result<i32> {
     let no_medium = super::imgname::cdrom_without_medium(&spec);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let json = args.output == OutputFormat::Json;
+    let json = output == OutputFormat::Json;
     if json {
         write!(out, "[")?;
     } else {
