@@ -3,7 +3,7 @@
 //! qemu-img does (an operation that fails stops the run; those before it stay).
 
 use super::common::{open_qcow2, size_arg, spec_format, warn_probed_raw, Ctx};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use std::path::Path;
 use strata_format::qcow2::bitmap_edit::Bitmap;
 use strata_format::qcow2::Qcow2Image;
@@ -161,8 +161,9 @@ fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
             // qemu-img reads the size as it meets the option.
             "-g" => {
                 if let Some(g) = &value {
-                    if size_arg("granularity", g).is_err() {
-                        return Err(format!("{prog}: Invalid granularity specified: '{g}'."));
+                    // Out of range and not a number are worded apart.
+                    if let Err(e) = size_arg("granularity", g) {
+                        return Err(format!("{prog}: {e}"));
                     }
                 }
                 p.granularity = value
@@ -198,10 +199,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     let granularity = match &p.granularity {
         Some(_) if !p.ops.contains(&Op::Add) => bail!("granularity only supported with --add"),
-        Some(g) => Some(
-            size_arg("granularity", g)
-                .map_err(|_| anyhow!("Invalid granularity specified: '{g}'."))?,
-        ),
+        Some(g) => Some(size_arg("granularity", g)?),
         None => None,
     };
     if p.source_format.is_some() && p.source_file.is_none() {
@@ -217,10 +215,15 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         &p.naming.spec(Path::new(file), p.format.as_deref(), false)?,
         true,
     )?;
+    // The source file is a file name even with --image-opts (which names the
+    // image only), as qemu-img opens it; -F gives its format.
+    let plain = super::imgname::Naming {
+        image_opts: false,
+        ..p.naming.clone()
+    };
     let source = match &p.source_file {
         Some(s) => Some(open(
-            &p.naming
-                .spec(Path::new(s), p.source_format.as_deref(), false)?,
+            &plain.spec(Path::new(s), p.source_format.as_deref(), false)?,
             false,
         )?),
         None => None,

@@ -50,7 +50,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
-    let rate = super::common::parse_rate(args.rate.as_deref())?;
+    // A rate is a size: out of range (negative, or too large with its suffix)
+    // and not a number at all are refused with qemu-img's two messages.
+    let rate = match args.rate.as_deref() {
+        Some(r) => super::common::size_arg("rate limit", r)?,
+        None => 0,
+    };
     super::common::check_cache_mode(args.cache.as_deref(), false)?;
     let spec = args
         .naming
@@ -87,6 +92,15 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
                 shown.steps.set(0.0);
                 shown
             });
+            // The image is named as the user named it (a `json:` name or an
+            // option list), as qemu-img names it.
+            let e = match e {
+                strata_jobs::Error::NotInChain { what, .. } => strata_jobs::Error::NotInChain {
+                    what,
+                    image: named_as.clone(),
+                },
+                e => e,
+            };
             return Err(job_error(&named_as, e));
         }
     };

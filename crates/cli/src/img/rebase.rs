@@ -130,9 +130,16 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // Without -F the new backing file is refused once the image (and, in safe
     // mode, the new backing file) opened, as qemu-img gets that far first; a
     // raw image too (the missing format is found before the missing link).
-    if let (Some(n), None) = (&new_name, new_format_name) {
-        missing_new_backing(n)?;
-        bail!("Could not change the backing file to '{n}': backing format must be specified");
+    // In safe mode on an image that can take a backing file, qemu-img probes
+    // the new backing file's format, copies the differences (the guest view
+    // stays the same) and only then refuses to record a link without a format:
+    // the copy is done here too, and refused after it.
+    let format_missing = new_name.is_some() && new_format_name.is_none();
+    if let (Some(n), true) = (&new_name, format_missing) {
+        if args.unsafe_mode || image.overlay().is_none() {
+            missing_new_backing(n)?;
+            bail!("Could not change the backing file to '{n}': backing format must be specified");
+        }
     }
     // An image without a backing file link (raw) cannot take one: refused as
     // qemu-img refuses the change, before anything is written.
@@ -170,9 +177,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             }
         }
         let new_chain = match (&new_name, new_format) {
-            (Some(n), Some(f)) => {
+            (Some(n), f) if f.is_some() || format_missing => {
                 let path = strata_chain::resolve_backing(&spec.path, n);
-                let spec = strata_chain::OpenSpec::new(&path).format(Some(f));
+                let spec = strata_chain::OpenSpec::new(&path).format(f);
                 Some(strata_chain::open(&spec).map_err(|e| match &e {
                     // The format driver's own refusal (a secret it needs, a
                     // header it rejects): the file is not named again.
@@ -204,6 +211,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         )?;
         shown.steps.complete();
         shown.finish_bar();
+        if let (Some(n), true) = (&new_name, format_missing) {
+            image.close()?;
+            bail!("Could not change the backing file to '{n}': backing format must be specified");
+        }
     }
     commit::relink_above(image.as_ref(), new_name.as_deref(), new_format_name)?;
     shown.steps.set(100.0);

@@ -6,24 +6,37 @@ use anyhow::{bail, Result};
 use std::path::PathBuf;
 use strata_jobs::info::SnapshotInfo;
 
+/// qemu-img 10 reads `-c`, `-a` and `-d` with a value but declares their long
+/// forms (`--create`, `--apply`, `--delete`) as taking none: `--apply=NAME` is
+/// refused, `--apply NAME IMG` is two file names, and `--apply IMG` looks up no
+/// snapshot (qemu-img prints the missing name as `(null)`). The long forms are
+/// flags here so that the same command lines fail the same way.
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("action").args(["list", "create", "apply", "delete"])))]
 pub struct Args {
     /// `--object` definitions and `--image-opts`.
     #[command(flatten)]
     naming: super::imgname::Naming,
     /// List the snapshots (the default when no action is given).
-    #[arg(short = 'l', long = "list")]
-    list: bool,
+    #[arg(short = 'l', long = "list", action = clap::ArgAction::Count)]
+    list: u8,
     /// Create a snapshot named NAME of the current disk.
-    #[arg(short = 'c', long = "create", value_name = "NAME")]
-    create: Option<String>,
+    #[arg(short = 'c', value_name = "NAME", action = clap::ArgAction::Append)]
+    create: Vec<String>,
+    /// `--create`: as qemu-img declares it, without a name.
+    #[arg(long = "create", hide = true)]
+    create_unnamed: bool,
     /// Apply (revert to) the snapshot with this ID or name; the current state is lost.
-    #[arg(short = 'a', long = "apply", value_name = "SNAPSHOT")]
-    apply: Option<String>,
+    #[arg(short = 'a', value_name = "SNAPSHOT", action = clap::ArgAction::Append)]
+    apply: Vec<String>,
+    /// `--apply`: as qemu-img declares it, without a name.
+    #[arg(long = "apply", hide = true)]
+    apply_unnamed: bool,
     /// Delete the snapshot with this name, freeing what only it used.
-    #[arg(short = 'd', long = "delete", value_name = "SNAPSHOT")]
-    delete: Option<String>,
+    #[arg(short = 'd', value_name = "SNAPSHOT", action = clap::ArgAction::Append)]
+    delete: Vec<String>,
+    /// `--delete`: as qemu-img declares it, without a name.
+    #[arg(long = "delete", hide = true)]
+    delete_unnamed: bool,
     /// Image format (probed when omitted).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
@@ -88,24 +101,56 @@ fn local_date(secs: u32) -> String {
     )
 }
 
-pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
+/// What qemu-img prints for a snapshot name it was not given (C's `%s` of NULL).
+const NO_NAME: &str = "(null)";
+
+/// The one action of a command line: `None` to list. qemu-img refuses a second
+/// action, the same one repeated too.
+fn action(args: &Args, prog: &str) -> Result<Option<(char, Option<String>)>> {
+    let mut all: Vec<(char, Option<String>)> = Vec::new();
+    all.extend((0..args.list).map(|_| ('l', None)));
+    all.extend(args.create.iter().map(|n| ('c', Some(n.clone()))));
+    all.extend(args.create_unnamed.then_some(('c', None)));
+    all.extend(args.apply.iter().map(|n| ('a', Some(n.clone()))));
+    all.extend(args.apply_unnamed.then_some(('a', None)));
+    all.extend(args.delete.iter().map(|n| ('d', Some(n.clone()))));
+    all.extend(args.delete_unnamed.then_some(('d', None)));
+    if all.len() > 1 {
+        bail!(
+            "Cannot mix '-l', '-a', '-c', '-d'\nTry '{} snapshot --help' for more info",
+            super::invoked_as(prog)
+        );
+    }
+    Ok(all.pop().filter(|(a, _)| *a != 'l'))
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
+    let action = action(&args, ctx.prog)?;
+    let named = |a: char| {
+        action
+            .as_ref()
+            .filter(|(c, _)| *c == a)
+            .map(|(_, n)| n.clone())
+    };
+    let (create, apply, delete) = (named('c'), named('a'), named('d'));
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), args.force_share)?
         // A raw image has no snapshots: refused once open, never written.
         .writes_no_raw_data(true);
-    let format = super::common::spec_format(&spec)?;
-    let writing = args.create.is_some() || args.apply.is_some() || args.delete.is_some();
+    // Refused before the image is opened (or its format probed).
+    let writing = action.is_some();
     if writing && spec.force_share {
         bail!(
             "Could not open '{}': force-share=on can only be used with read-only images",
             spec.shown_name()
         );
     }
+    let format = super::common::spec_format(&spec)?;
     if writing {
         // qemu-img warns of a probed raw image as it opens it for writing (twice
         // to apply a snapshot: it opens the image again).
-        let times = if args.apply.is_some() { 2 } else { 1 };
+        let times = if apply.is_some() { 2 } else { 1 };
         for _ in 0..times {
             super::common::warn_probed_raw(&spec);
         }
@@ -115,7 +160,15 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     use strata_jobs::Error as E;
     // qemu-img's wording for each refusal (a format without internal snapshots is
     // worded as its block layer words it).
-    if let Some(name) = &args.create {
+    if let Some(None) = &create {
+        // qemu-img 10 crashes here (it copies the missing name); refused instead.
+        bail!("Could not create snapshot '{NO_NAME}': Invalid argument");
+    }
+    if let Some(None) = &delete {
+        // qemu-img 10 crashes here (it compares the missing name); refused instead.
+        bail!("Could not delete snapshot '{NO_NAME}': snapshot not found");
+    }
+    if let Some(Some(name)) = &create {
         let req = job::CreateRequest {
             name: name.clone(),
             names: NameRule::Any,
@@ -136,9 +189,17 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
                 }
             }
         })?;
-    } else if let Some(key) = &args.apply {
+    } else if let Some(given) = &apply {
+        let key = given.as_deref().unwrap_or(NO_NAME);
+        // No snapshot is found by a missing name, even one named "(null)".
+        let found = job::list(dev.as_ref())
+            .iter()
+            .any(|s| s.name == key || s.id == key);
+        if given.is_none() && found {
+            bail!("Could not apply snapshot '{key}': Failed to load snapshot: No such file or directory");
+        }
         let req = job::ApplyRequest {
-            snapshot: key.clone(),
+            snapshot: key.to_string(),
         };
         let data_file = dev
             .as_any()
@@ -160,7 +221,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             ),
             e => anyhow::Error::new(e).context(format!("Could not apply snapshot '{key}'")),
         })?;
-    } else if let Some(key) = &args.delete {
+    } else if let Some(Some(key)) = &delete {
         // qemu-img deletes by name only (an ID is not looked up).
         let Some(target) = job::list(dev.as_ref()).into_iter().find(|s| s.name == *key) else {
             bail!("Could not delete snapshot '{key}': snapshot not found");
