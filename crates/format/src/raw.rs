@@ -23,13 +23,18 @@ impl RawImage {
         })
     }
 
-    /// Create a raw image of `size` bytes, preallocated as asked.
+    /// Create a raw image of `size` bytes rounded up to whole 512-byte sectors
+    /// (the file's length then, as QEMU's file driver creates it), preallocated
+    /// as asked.
     pub fn create(
         storage: Arc<dyn Storage>,
         size: u64,
         prealloc: crate::qcow2::Preallocation,
     ) -> Result<Self> {
         use crate::qcow2::Preallocation as P;
+        let size = size
+            .checked_next_multiple_of(512)
+            .ok_or_else(|| Error::out_of_range("The image size is too large"))?;
         storage.set_size(0)?;
         fill(storage.as_ref(), 0, size, prealloc)?;
         // As QEMU does, write the first block so that the file system reports it as
@@ -43,6 +48,14 @@ impl RawImage {
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
+    }
+
+    /// Zero `[offset, offset + len)` by giving its blocks back to the host;
+    /// `false` if the storage cannot (nothing changed).
+    fn unmap(&self, offset: u64, len: u64) -> Result<bool> {
+        self.storage
+            .write_zeroes_unmap(offset, len)
+            .map_err(|e| self.err(e))
     }
 
     fn err(&self, e: impl Into<Error>) -> Error {
@@ -102,17 +115,29 @@ impl BlockDevice for RawImage {
             self.storage.write_at(buf, offset).map_err(|e| self.err(e))
         })
     }
-    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
+    /// With `may_unmap`, the range's blocks are given back to the host (a punched
+    /// hole) where it can, else zeroed as without it (allocation kept, or zero
+    /// bytes written), as QEMU's file driver does: either way the range reads
+    /// as zeroes, and is durable at the next flush.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         request(Operation::WriteZeroes, Some(offset), || {
             check_range(offset, len, self.virtual_size())?;
+            if may_unmap && self.unmap(offset, len)? {
+                return Ok(());
+            }
             self.storage
                 .write_zeroes(offset, len)
                 .map_err(|e| self.err(e))
         })
     }
-    fn write_zeroes_fast(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<bool> {
+    /// [`Self::write_zeroes`] done without writing zero bytes (a punched hole,
+    /// or a zeroed allocation), or not at all (`Ok(false)`).
+    fn write_zeroes_fast(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
         request(Operation::WriteZeroes, Some(offset), || {
             check_range(offset, len, self.virtual_size())?;
+            if may_unmap && self.unmap(offset, len)? {
+                return Ok(true);
+            }
             self.storage
                 .write_zeroes_fast(offset, len)
                 .map_err(|e| self.err(e))

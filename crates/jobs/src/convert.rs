@@ -391,6 +391,12 @@ pub fn convert(
             "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216".into(),
         ));
     }
+    // qemu-img opens the target with unmapping on unless -S 0: its zeroes then
+    // free what a target (-n) had allocated, and the freed clusters of a qcow2
+    // target are punched in its file.
+    if let (true, Some(q)) = (opts.sparse_size != 0, qcow2) {
+        q.set_punch_unmapped(true);
+    }
     progress.set_total(plan.total);
     // Maps of every layer's file, by source then depth.
     let maps: Vec<Vec<Option<Mapping>>> = sources
@@ -422,6 +428,7 @@ pub fn convert(
         // Only in a raw file are guest offsets host offsets, so that a range can be
         // preallocated in the file directly: the format itself is the question.
         raw: target.as_any().downcast_ref::<RawImage>(),
+        unmap: opts.sparse_size != 0,
         progress,
         pool: &pool,
         stats: ConvertStats::default(),
@@ -520,6 +527,9 @@ struct Writer<'a> {
     target: &'a Arc<dyn BlockDevice>,
     qcow2: Option<&'a Qcow2Image>,
     raw: Option<&'a RawImage>,
+    /// Whether zeroes may free what the target allocated (qemu-img opens the
+    /// target with unmapping on unless -S 0).
+    unmap: bool,
     progress: &'a dyn Progress,
     pool: &'a Mutex<Vec<Vec<u8>>>,
     stats: ConvertStats,
@@ -545,7 +555,7 @@ impl Writer<'_> {
             }
             Out::Zero { at, len } => {
                 self.stats.zeroed_bytes += len;
-                self.target.write_zeroes(at, len, true)?;
+                self.target.write_zeroes(at, len, self.unmap)?;
             }
             Out::Compressed {
                 cluster,

@@ -433,11 +433,17 @@ impl Client {
         Ok(())
     }
 
+    /// Whether the server takes write-zeroes requests (else [`Self::write_zeroes`]
+    /// writes zero bytes).
+    pub fn can_write_zeroes(&self) -> bool {
+        self.flags & FLAG_SEND_WRITE_ZEROES != 0
+    }
+
     /// Make `len` bytes at `offset` read as zeroes: with the server's
     /// write-zeroes when it has one (`may_trim`: it may punch a hole), else by
     /// writing zero bytes.
     pub fn write_zeroes(&mut self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
-        let fast = self.flags & FLAG_SEND_WRITE_ZEROES != 0;
+        let fast = self.can_write_zeroes();
         let step = if fast { 1 << 30 } else { MAX_REQUEST };
         let zeroes = if fast {
             Vec::new()

@@ -792,7 +792,10 @@ fn run(s: &Session, req: &Request) -> io::Result<()> {
             reply_result(s, req, r, true)
         }
         CMD_WRITE_ZEROES => {
-            let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
+            // As qemu-nbd with its default --discard=ignore: a write of zeroes
+            // never frees what the image allocated, NO_HOLE flag or not (a raw
+            // file keeps its blocks, a qcow2 image its clusters).
+            let may_unmap = false;
             let r = if req.flags & CMD_FLAG_FAST_ZERO != 0 {
                 // Fast zero: done only if it costs no data writes, else ENOTSUP
                 // with nothing changed (the client then writes the zeroes its own way).

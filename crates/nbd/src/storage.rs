@@ -150,6 +150,22 @@ impl Storage for NbdStorage {
             .map_err(|e| self.err("Could not write zeroes to", e))
     }
 
+    /// Zeroes the server may punch (no NO_HOLE flag), as QEMU's NBD client sends
+    /// a write of zeroes that may unmap; the server decides what it frees. A
+    /// server without write-zeroes cannot (`Ok(false)`, nothing sent).
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<bool> {
+        self.check_write()?;
+        self.check_inside(offset, len)?;
+        let mut client = sync::lock(&self.client);
+        if !client.can_write_zeroes() {
+            return Ok(false);
+        }
+        client
+            .write_zeroes(offset, len, true)
+            .map_err(|e| self.err("Could not write zeroes to", e))?;
+        Ok(true)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // Discarded ranges must read as zeroes: zeroes the server may punch.
         self.check_write()?;

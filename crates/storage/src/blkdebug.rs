@@ -406,6 +406,14 @@ impl<S: Storage> Storage for BlkdebugStorage<S> {
         self.check(offset, len, IoType::Discard)?;
         self.inner.discard(offset, len)
     }
+    /// A write of zeroes for the rules and events, whichever way it zeroes.
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<bool> {
+        self.debug_event(DebugEvent::PwritevZero);
+        self.check(offset, len, IoType::WriteZeroes)?;
+        let done = self.inner.write_zeroes_unmap(offset, len)?;
+        self.debug_event(DebugEvent::PwritevDone);
+        Ok(done)
+    }
     fn flush(&self) -> Result<()> {
         self.check(0, 0, IoType::Flush)?;
         self.inner.flush()

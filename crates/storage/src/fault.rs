@@ -102,6 +102,10 @@ impl<S: Storage> Storage for FaultStorage<S> {
         self.gate()?;
         self.inner.discard(offset, len)
     }
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<bool> {
+        self.gate()?;
+        self.inner.write_zeroes_unmap(offset, len)
+    }
     fn flush(&self) -> Result<()> {
         self.gate()?;
         self.inner.flush()

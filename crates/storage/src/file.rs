@@ -191,6 +191,24 @@ impl FileStorage {
         .is_ok()
     }
 
+    /// Punch `[offset, offset+len)` where it lies in the file, whole even where it
+    /// reaches past the end (the size is kept, and a last partial block inside the
+    /// range is given back too: a punch clipped to the end would only zero it).
+    /// `None` when done (or nothing lies in the file); the range clipped to the
+    /// file's end when the file system cannot punch (nothing was changed).
+    fn punch_range(&self, offset: u64, len: u64) -> Result<Option<u64>> {
+        let Some(clipped) = self.clip(offset, len)? else {
+            return Ok(None);
+        };
+        // `clip` checked that `offset + len` does not overflow.
+        let whole = if offset + len <= i64::MAX as u64 {
+            len
+        } else {
+            clipped
+        };
+        Ok((!self.punch_hole(offset, whole)).then_some(clipped))
+    }
+
     /// Zero `[offset, offset+len)` (clipped to the file) by changing its allocation:
     /// `FALLOC_FL_ZERO_RANGE`, else punching a hole. Returns the clipped range when
     /// the file system can do neither (the caller writes zero bytes or gives up).
@@ -359,19 +377,16 @@ impl Storage for FileStorage {
     /// the range is given back too (a punch clipped to the end would only zero
     /// it). Where nothing can be punched, the bytes up to the end are zeroed.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let Some(clipped) = self.clip(offset, len)? else {
-            return Ok(());
-        };
-        // `clip` checked that `offset + len` does not overflow.
-        let whole = if offset + len <= i64::MAX as u64 {
-            len
-        } else {
-            clipped
-        };
-        if self.punch_hole(offset, whole) {
-            return Ok(());
+        match self.punch_range(offset, len)? {
+            Some(clipped) => self.write_zero_bytes(offset, clipped),
+            None => Ok(()),
         }
-        self.write_zero_bytes(offset, clipped)
+    }
+
+    /// Punches the range as [`Storage::discard`] does (a range reaching past the
+    /// end is punched whole); `Ok(false)` if the file system cannot punch.
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<bool> {
+        Ok(self.punch_range(offset, len)?.is_none())
     }
 
     fn flush(&self) -> Result<()> {

@@ -59,6 +59,16 @@ pub trait Storage: Send + Sync {
         Ok(false)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Zero the range by giving its blocks back to the host (a punched hole that
+    /// reads as zeroes; the size is kept), as a write of zeroes that may unmap
+    /// does in QEMU's file driver. `Ok(false)` means the backend cannot give
+    /// blocks back: nothing was changed, and the caller zeroes the range another
+    /// way ([`Storage::write_zeroes`]). Like every write, it is durable once
+    /// [`Storage::flush`] returns. The default never can.
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
     fn flush(&self) -> Result<()>;
     /// Current size in bytes.
     fn size(&self) -> Result<u64>;
@@ -122,6 +132,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         (**self).discard(offset, len)
+    }
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<bool> {
+        (**self).write_zeroes_unmap(offset, len)
     }
     fn flush(&self) -> Result<()> {
         (**self).flush()

@@ -704,7 +704,9 @@ impl Qcow2Image {
                 // qemu-img lays an image it may rebuild (version 3 without
                 // snapshots, bitmaps, encryption or a data file) out anew,
                 // ending on a cluster boundary: grow a shorter file to it (only
-                // zeroes past every byte in use).
+                // zeroes past every byte in use). It zeroes the clusters after
+                // the header by allocation, so its file system keeps them all
+                // allocated: they are allocated here too (contents unchanged).
                 let h = &m.h;
                 if h.version >= 3
                     && h.nb_snapshots == 0
@@ -713,13 +715,17 @@ impl Qcow2Image {
                     && !external
                 {
                     let len = m.storage.size()?;
+                    let cs = m.geo.cluster_size();
                     let aligned = len
-                        .checked_next_multiple_of(m.geo.cluster_size())
+                        .checked_next_multiple_of(cs)
                         .ok_or_else(|| Error::invalid_argument("image file length overflows"))?;
-                    if aligned != len {
-                        m.storage.set_size(aligned)?;
-                        m.storage.flush()?;
+                    if aligned > cs {
+                        m.storage.preallocate(cs, aligned - cs)?;
                     }
+                    if m.storage.size()? != aligned {
+                        m.storage.set_size(aligned)?;
+                    }
+                    m.storage.flush()?;
                     // The new layout's L1 table starts after the header, the
                     // refcount table and one refcount block; an empty L1
                     // table (a zero-sized image) is named there too, as
