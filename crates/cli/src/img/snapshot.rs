@@ -4,6 +4,9 @@
 use super::common::{human_size, Ctx};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
+use strata_format::qcow2::Qcow2Image;
+use strata_format::BlockDevice;
 use strata_jobs::info::SnapshotInfo;
 
 /// qemu-img 10 reads `-c`, `-a` and `-d` with a value but declares their long
@@ -101,6 +104,17 @@ fn local_date(secs: u32) -> String {
     )
 }
 
+/// `r`, after the notices its operation left on `dev` are printed on stderr
+/// (steps that failed without failing it, as QEMU prints them).
+fn with_notices<T>(dev: &Arc<dyn BlockDevice>, r: T) -> T {
+    if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
+        for n in q.take_notices() {
+            eprintln!("{n}");
+        }
+    }
+    r
+}
+
 /// What qemu-img prints for a snapshot name it was not given (C's `%s` of NULL).
 const NO_NAME: &str = "(null)";
 
@@ -173,7 +187,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             name: name.clone(),
             names: NameRule::Any,
         };
-        job::create(dev.as_ref(), &req).map_err(|e| match e {
+        with_notices(&dev, job::create(dev.as_ref(), &req)).map_err(|e| match e {
             E::NoInternalSnapshots { .. } => {
                 anyhow::anyhow!("Could not create snapshot '{name}': Operation not supported")
             }
@@ -203,9 +217,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         };
         let data_file = dev
             .as_any()
-            .downcast_ref::<strata_format::qcow2::Qcow2Image>()
-            .is_some_and(strata_format::qcow2::Qcow2Image::has_data_file);
-        job::apply(dev.as_ref(), &req).map_err(|e| match e {
+            .downcast_ref::<Qcow2Image>()
+            .is_some_and(Qcow2Image::has_data_file);
+        with_notices(&dev, job::apply(dev.as_ref(), &req)).map_err(|e| match e {
             E::NoInternalSnapshots { .. } if data_file => anyhow::anyhow!(
                 "Could not apply snapshot '{key}': Failed to load snapshot: Operation not supported"
             ),
@@ -229,7 +243,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         let req = job::DeleteRequest {
             snapshot: target.id,
         };
-        job::delete(dev.as_ref(), &req).map_err(|e| match e {
+        with_notices(&dev, job::delete(dev.as_ref(), &req)).map_err(|e| match e {
             E::NoInternalSnapshots { .. } | E::SnapshotNotFound(_) => {
                 anyhow::anyhow!("Could not delete snapshot '{key}': snapshot not found")
             }

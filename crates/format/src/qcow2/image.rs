@@ -908,6 +908,15 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// The notices of this session's operations so far (see [`Meta::notices`]),
+    /// oldest first; each is returned once.
+    pub fn take_notices(&self) -> Vec<String> {
+        match self.lock() {
+            Ok(mut m) => std::mem::take(&mut m.notices),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Allocate file space (`fallocate`) for newly allocated data clusters before
     /// writing them. Off by default; for bulk copies into a new image (convert),
     /// where it spares the file system per-page delayed-allocation work.

@@ -57,6 +57,10 @@ pub struct Meta {
     pub barriers: bool,
     /// `fallocate` fresh data clusters before writing them (off by default).
     pub falloc_new_clusters: bool,
+    /// Steps that failed without failing their operation (clusters leaked at
+    /// worst), in the words QEMU prints for them on stderr; the caller shows
+    /// them ([`super::Qcow2Image::take_notices`]).
+    pub notices: Vec<String>,
     /// Persistent bitmaps kept valid while the image is open for writing.
     pub bitmaps: Option<super::bitmaps::Bitmaps>,
     /// The external data file, when guest data lives there: flushed at every
@@ -99,6 +103,7 @@ impl Meta {
             dirty_deferred: false,
             barriers: true,
             falloc_new_clusters: false,
+            notices: Vec::new(),
             bitmaps: None,
             data_storage: None,
             h,
@@ -184,7 +189,7 @@ impl Meta {
 
     /// The entries of the L2 table at `off`, from the cache or read (unannounced:
     /// QEMU announces the copy of a table, not a load).
-    fn l2_table_copy(&mut self, off: HostOffset) -> Result<Vec<u64>> {
+    pub(super) fn l2_table_copy(&mut self, off: HostOffset) -> Result<Vec<u64>> {
         if let Some(slot) = self.l2.get(off.get()) {
             return Ok(slot.data.clone());
         }

@@ -96,14 +96,17 @@ impl Meta {
         let cs = self.cluster_size();
         let bits = self.geo.cluster_bits;
         let epb = self.rb_entries();
-        let n = self.l2_entries();
+        let w = self.words();
         for (i, &e) in l1.iter().enumerate() {
             let (l2off, _) = decode_l1(e, cs, i as u64)?;
             if l2off.is_none() {
                 continue;
             }
-            for j in 0..n {
-                let (raw, _) = self.raw_entry(l2off, j)?;
+            // Read without announcing an L2 load or filling the cache: the
+            // walk this check runs ahead of announces its own loads, where
+            // QEMU's does (blkdebug rules keyed to them fire there).
+            let table = self.l2_table_copy(l2off)?;
+            for &raw in table.iter().step_by(w) {
                 let clusters: Vec<u64> = if raw & OFLAG_COMPRESSED != 0 {
                     match self.geo.decode_l2(raw, 0)? {
                         L2Entry::Compressed { offset, size } => {
@@ -270,9 +273,9 @@ impl Meta {
         self.snapshots = snaps;
         if old_off != 0 && old_len > 0 {
             // QEMU's free of the old table announces `cluster_free`; a
-            // failure to give the freed clusters back is reported on stderr
-            // (in QEMU's words) and does not fail the step: the header no
-            // longer names the table, so the clusters leak at worst.
+            // failure to give the freed clusters back becomes a notice (in
+            // QEMU's words) and does not fail the step: the header no longer
+            // names the table, so the clusters leak at worst.
             self.storage.debug_event(DebugEvent::ClusterFree);
             let free = |m: &mut Self| -> Result<()> {
                 let mut freed = Vec::new();
@@ -288,7 +291,8 @@ impl Meta {
                     .raw_os_error()
                     .map(|n| strata_storage::os_message(&std::io::Error::from_raw_os_error(n)))
                     .unwrap_or_else(|| e.message().to_string());
-                eprintln!("qcow2_free_clusters failed: {why}");
+                self.notices
+                    .push(format!("qcow2_free_clusters failed: {why}"));
             }
         }
         Ok(())
