@@ -59,7 +59,9 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     super::common::check_cache_mode(args.cache.as_deref(), false)?;
     let spec = args
         .naming
-        .spec(&args.filename, args.format.as_deref(), false)?;
+        .spec(&args.filename, args.format.as_deref(), false)?
+        // A raw image has no backing file: refused once open, never written.
+        .writes_no_raw_data(true);
     super::imgname::refuse_options_but_secrets(&spec)?;
     warn_probed_raw(&spec);
     // Failures name the image as the user did (an option list with its secrets).

@@ -367,7 +367,9 @@ fn ambiguous_candidates(sub: &str, body: &str) -> Option<Vec<&'static str>> {
 
 /// The option as typed, without clap's value name (`-f <FMT>` -> `-f`).
 fn option_name(arg: &str) -> &str {
-    arg.split([' ', '=']).next().unwrap_or(arg)
+    let name = arg.split([' ', '=']).next().unwrap_or(arg);
+    // clap marks an option that may be repeated (counted) with `...`.
+    name.strip_suffix("...").unwrap_or(name)
 }
 
 /// qemu-img's text for `e` (a clap parse error of `prog sub ...`), or `None` to
@@ -503,5 +505,6 @@ mod tests {
         assert_eq!(option_name("-f <FMT>"), "-f");
         assert_eq!(option_name("--output <OFMT>"), "--output");
         assert_eq!(option_name("--output=<OFMT>"), "--output");
+        assert_eq!(option_name("--list..."), "--list");
     }
 }
