@@ -90,11 +90,14 @@ enum Source {
 impl DiskSource {
     /// Open the image at `path` (format probed when `None`) with its backing chain,
     /// read-only; `force_share` reads an image another process holds for writing.
+    /// Without it, nobody may write or resize the files while they are read, raw
+    /// images included (a backup must not mix two states of a disk).
     pub fn open(path: &Path, format: Option<Format>, force_share: bool) -> Result<DiskSource> {
         let chain = strata_chain::open(
             &strata_chain::OpenSpec::new(path)
                 .format(format)
-                .force_share(force_share),
+                .force_share(force_share)
+                .no_share(true),
         )?;
         Ok(DiskSource {
             inner: Source::Chain {
