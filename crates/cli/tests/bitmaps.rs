@@ -152,19 +152,50 @@ fn bitmaps_stay_valid_through_writes_snapshots_commits_and_resizes() {
         assert_eq!(dirty(d, "d.qcow2", "b2"), b2, "{what}: disabled b2 changed");
     }
 
-    // A size the bitmaps cannot follow within QEMU's limits is refused up front,
-    // with nothing changed (qemu-img 10 aborts, failing to allocate the bitmap).
-    let before = size(d, "d.qcow2");
+    // A size whose bitmap would not fit in memory (256 GiB for 1P at 512-byte
+    // granularity) is refused up front, with nothing changed: qemu-img aborts,
+    // failing to allocate it, and QEMU could not load the bitmap afterwards.
+    run(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "fine.qcow2", "64M"],
+    );
+    run(
+        d,
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512", "fine.qcow2", "b1"],
+    );
     let out = Command::new(STRATA)
-        .args(["img", "resize", "d.qcow2", "1P"])
+        .args(["img", "resize", "fine.qcow2", "1P"])
         .current_dir(d)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("persistent bitmap 'b1'"), "{err}");
-    assert_eq!(size(d, "d.qcow2"), before);
-    sound(d, "d.qcow2", "refused resize");
+    assert_eq!(size(d, "fine.qcow2"), 64 << 20);
+    sound(d, "fine.qcow2", "refused resize");
+
+    // A size past the bitmaps' on-disk limits but within memory resizes, as
+    // qemu-img's does, leaving every bitmap in use (not stored again) with
+    // qemu-img's warning: the same bytes as qemu-img leaves.
+    std::fs::copy(d.join("d.qcow2"), d.join("q.qcow2")).unwrap();
+    run(d, "qemu-img", &["resize", "q.qcow2", "1P"]);
+    let out = Command::new(STRATA)
+        .args(["img", "resize", "d.qcow2", "1P"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("Lost persistent bitmaps"), "{err}");
+    assert_eq!(size(d, "d.qcow2"), 1 << 50);
+    let same =
+        std::fs::read(d.join("d.qcow2")).unwrap() == std::fs::read(d.join("q.qcow2")).unwrap();
+    assert!(
+        same,
+        "resize past the bitmaps' limits: not the bytes qemu-img leaves"
+    );
 
     // Commit writes into a base with bitmaps, and empties a top with bitmaps.
     image_with_bitmaps(d, "base.qcow2", None);

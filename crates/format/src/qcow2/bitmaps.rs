@@ -100,6 +100,26 @@ pub(crate) fn table_entries_for(size: u64, granularity_bits: u8, cluster_size: u
         .div_ceil(cluster_size)
 }
 
+/// Bytes QEMU allocates at once to hold a bitmap of `granularity_bits` over
+/// `size` bytes in memory (one bit per granule), as it does to load or resize one.
+fn in_memory_bytes(size: u64, granularity_bits: u8) -> u64 {
+    size.div_ceil(1u64 << granularity_bits).div_ceil(8)
+}
+
+/// The largest single allocation this machine's kernel grants, as its default
+/// overcommit rule judges one (RAM plus swap); `None` when it cannot be read.
+fn largest_allocation() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    kib("MemTotal:")?
+        .checked_add(kib("SwapTotal:").unwrap_or(0))?
+        .checked_mul(1024)
+}
+
 impl Bitmaps {
     /// Read and vet the directory. `Ok(None)` when strata cannot keep these bitmaps
     /// valid (the caller then clears the autoclear bit); errors are I/O errors.
@@ -283,6 +303,8 @@ impl Meta {
     /// which is what qemu-img leaves when it fails to store them at close.
     /// [`Bitmaps::lost`] names the bitmap qemu-img's warning names (the last
     /// one too large, in directory order: QEMU tries them newest first).
+    /// A bitmap that would not even fit in this machine's memory at `size`
+    /// (where qemu-img aborts) refuses the resize, with nothing changed.
     pub(crate) fn bitmaps_begin_resize(&mut self, size: u64) -> Result<()> {
         let cs = self.cluster_size();
         let Some(b) = self.bitmaps.as_ref() else {
@@ -301,6 +323,24 @@ impl Meta {
                 "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk",
                 e.name
             )));
+        }
+        // qemu-img aborts, failing to allocate, where a bitmap at the new size
+        // does not fit in memory, leaving the image as it was; QEMU could not
+        // load that bitmap afterwards either. Refused before anything changes.
+        if let Some(limit) = largest_allocation() {
+            if let Some(e) = b
+                .entries
+                .iter()
+                .find(|e| in_memory_bytes(size, e.granularity_bits) > limit)
+            {
+                return Err(Error::invalid_argument(format!(
+                    "Cannot resize to {size} bytes: persistent bitmap '{}' would need {} \
+                     bytes of memory, more than this machine has (QEMU could not load it); \
+                     remove it first with 'qemu-img bitmap --remove'",
+                    e.name,
+                    in_memory_bytes(size, e.granularity_bits)
+                )));
+            }
         }
         let too_big = |e: &&Entry| {
             let need = table_entries_for(size, e.granularity_bits, cs);
