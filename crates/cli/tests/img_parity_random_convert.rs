@@ -339,10 +339,8 @@ fn convert(r: &mut Rng) -> Vec<String> {
         // strata's parser refuses unknown options before any value.
         opts.push(vec!["-l".into(), l.into()]);
     }
-    // -B only over the overlay: from a source without a backing file,
-    // qemu-img writes zero clusters where the source is unallocated (the
-    // output reads as the source does) while strata leaves them unallocated,
-    // so the output shows the new backing file's data there (not fixed yet).
+    // -B over the overlay here; from sources without a backing file (whose
+    // unallocated ranges are zeroed in the output) see the pinned rows.
     let overlay = srcs.iter().all(|s| s.contains("ov.qcow2"));
     if overlay && r.one_in(2) {
         opts.push(opt(r, "B", "backing", &["base.qcow2", "missing.qcow2"]));
@@ -702,6 +700,15 @@ fn shell_words(args: &[String]) -> String {
 
 /// Usages the sweep found differing, fixed: each pinned as one row.
 const PINNED: &[&str] = &[
+    // -B from a source without a backing file: what the source does not store
+    // is zeroed, so the new backing file's data does not show through.
+    "convert -O qcow2 -B base.qcow2 -F qcow2 v3.qcow2 out.qcow2",
+    // (From el2.qcow2 the output reads the same, but qemu-img writes a
+    // cluster whose zero subclusters and unallocated rest it zeroes in two
+    // requests as data, COW from the new backing file and then zeroes;
+    // strata writes one zero cluster.)
+    "convert -O qcow2 -B base.qcow2 -F qcow2 -f raw raw.img out.qcow2",
+    "convert -O qcow2 -B base.qcow2 -F qcow2 -o size=8M v2.qcow2 out.qcow2",
     // convert checks -S, -m, -r, -l and -o as typed, before anything else.
     "convert -O bogus -S 4097 raw.img out.bogus",
     "convert -m 0 -S 4097 raw.img out.qcow2",
