@@ -323,6 +323,12 @@ impl Storage for CrashStorage {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len)
     }
+    /// A punched hole, like any write, reaches the disk only at a flush (or,
+    /// unflushed, at the crash's pick).
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<bool> {
+        self.write_zeroes(offset, len)?;
+        Ok(true)
+    }
     fn flush(&self) -> Result<()> {
         let mut q = sync::lock(&self.pending);
         self.clock.gate()?;
@@ -336,6 +342,18 @@ impl Storage for CrashStorage {
     }
     fn set_size(&self, size: u64) -> Result<()> {
         self.record(Change::Resize(size))
+    }
+    /// One operation, as over a file (a crash can land on it): it grows the
+    /// store where `offset + len` passes its end, and changes nothing inside.
+    fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::OutOfRange { offset, len })?;
+        if end > self.size()? {
+            self.set_size(end)
+        } else {
+            self.clock.gate()
+        }
     }
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         self.volatile.allocated_bytes()
