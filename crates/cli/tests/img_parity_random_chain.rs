@@ -17,31 +17,9 @@
 
 mod common;
 
+use common::rng::{Draw, Rng};
 use common::{assert_all_same, copy_dir, differs, io, outcome, qcow2, qemu_views, sh};
 use std::path::Path;
-
-/// xorshift64*: a tiny deterministic generator (no crate, no OS randomness).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// A number below `n`.
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    /// True once in `n` times.
-    fn one_in(&mut self, n: usize) -> bool {
-        self.below(n) == 0
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
 
 const SECRET: &str = "--object secret,id=sec0,file=key.txt";
 

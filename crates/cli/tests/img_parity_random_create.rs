@@ -15,36 +15,9 @@
 
 mod common;
 
+use common::rng::{Draw, Rng};
 use common::{assert_all_same, copy_dir, differs, io, outcome, qcow2, sh};
 use std::path::Path;
-
-/// xorshift64*: a tiny generator whose sequence depends on the seed alone.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    /// True `pct` times in 100.
-    fn odds(&mut self, pct: u64) -> bool {
-        self.next() % 100 < pct
-    }
-    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
-        xs[self.below(xs.len())]
-    }
-    /// Shuffle the option groups (each group's words stay together).
-    fn shuffle(&mut self, v: &mut [Vec<String>]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
 
 const SECRET: &str = "secret,id=sec0,file=key.txt";
 const SECRET1: &str = "secret,id=sec1,data=other";

@@ -11,6 +11,7 @@ pub mod image_repo;
 pub mod luks;
 pub mod nbd;
 pub mod restic;
+pub mod rng;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
