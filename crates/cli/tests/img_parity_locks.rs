@@ -155,7 +155,17 @@ struct Case {
     args: Vec<String>,
     held: &'static str,
     image: &'static str,
-    format: &'static str,
+}
+
+impl Case {
+    /// The worked-on image's format, as its name says.
+    fn format(&self) -> &'static str {
+        if self.image.ends_with(".raw") {
+            "raw"
+        } else {
+            "qcow2"
+        }
+    }
 }
 
 const SOCK: &str = "h.sock";
@@ -170,11 +180,6 @@ fn nbd(name: &'static str, flags: &[&str], held: &'static str, image: &'static s
         args,
         held,
         image,
-        format: if image.ends_with(".raw") {
-            "raw"
-        } else {
-            "qcow2"
-        },
     }
 }
 
@@ -198,11 +203,6 @@ fn storage_daemon(name: &'static str, held: &'static str, fmt: &str, writable: b
         ],
         held,
         image: held,
-        format: if held.ends_with(".raw") {
-            "raw"
-        } else {
-            "qcow2"
-        },
     }
 }
 
@@ -225,11 +225,6 @@ fn vm(name: &'static str, held: &'static str, fmt: &str, readonly: bool) -> Case
         .collect(),
         held,
         image: held,
-        format: if held.ends_with(".raw") {
-            "raw"
-        } else {
-            "qcow2"
-        },
     }
 }
 
@@ -258,7 +253,7 @@ impl Case {
 
     /// The subcommands that only read the image, `-U` given or not.
     fn reads(&self, u: bool) -> Vec<Vec<String>> {
-        let (i, f) = (self.image, self.format);
+        let (i, f) = (self.image, self.format());
         let u = if u { "-U" } else { "" };
         let cmds = [
             format!("info {u} {i}"),
@@ -279,7 +274,7 @@ impl Case {
 
     /// The subcommands that write the image (or try to).
     fn writes(&self) -> Vec<Vec<String>> {
-        let (i, f) = (self.image, self.format);
+        let (i, f) = (self.image, self.format());
         let mut cmds = vec![
             format!("check -r leaks -f {f} {i}"),
             format!("convert -n -f raw -O {f} src.raw {i}"),
@@ -322,7 +317,7 @@ fn held_bytes(d: &Path, case: &Case) -> Vec<Vec<u8>> {
 /// Whether `case`'s holder writes its raw image, so that qemu-img (sharing
 /// writes as QEMU's raw driver does) writes it too where strata refuses.
 fn raw_writer_serves(case: &Case) -> bool {
-    case.format == "raw" && case.name.contains("rw")
+    case.format() == "raw" && case.name.contains("rw")
 }
 
 /// A write qemu-img lets through next to a raw writer (raw shares writing),
