@@ -9,8 +9,8 @@
 
 mod common;
 
-use common::{assert_all_same, differs, outcome, same_files, same_on_copies, sh};
-use std::path::Path;
+use common::node::same_but_node;
+use common::{assert_all_same, same_files, same_on_copies, sh};
 
 /// A shell function writing `printf`-escaped bytes at an offset of a file,
 /// as the iotests' `poke_file` does.
@@ -109,47 +109,6 @@ fn measure_refusals_and_sizes_match_qemu_img() {
     assert_all_same();
 }
 
-/// `img` after the node name qemu-img gives an image it opened (`#blockNNN`,
-/// a new number each run) or the file name strata gives in its place.
-fn node_blind(s: &str) -> String {
-    let key = "persistent in '";
-    match s.find(key) {
-        Some(i) => {
-            let rest = &s[i + key.len()..];
-            let end = rest.find('\'').unwrap_or(rest.len());
-            format!("{}{key}NODE{}", &s[..i], &rest[end..])
-        }
-        None => s.to_string(),
-    }
-}
-
-/// Run `step` with both tools, each in its own directory `setup` prepared;
-/// what they print must be the same but for the node name, and the files
-/// they leave the same bytes.
-fn same_but_node_name(root: &Path, n: &str, setup: &str, step: &str) {
-    let dirs = [root.join(format!("{n}-o")), root.join(format!("{n}-t"))];
-    for d in &dirs {
-        std::fs::create_dir_all(d).unwrap();
-        sh(d, "bash", &["-ec", setup]);
-    }
-    let args: Vec<&str> = step.split(' ').collect();
-    let (c_o, o_o, e_o) = outcome(&dirs[0], "strata", &args);
-    let (c_t, o_t, e_t) = outcome(&dirs[1], "qemu-img", &args);
-    let (ours, theirs) = ((c_o, o_o, node_blind(&e_o)), (c_t, o_t, node_blind(&e_t)));
-    if ours != theirs {
-        differs(format!(
-            "[{n}] `img {step}`\n  strata:   {ours:?}\n  qemu-img: {theirs:?}"
-        ));
-    }
-    for e in std::fs::read_dir(&dirs[1]).unwrap() {
-        let f = e.unwrap().file_name();
-        let read = |d: &Path| std::fs::read(d.join(&f)).ok();
-        if read(&dirs[0]) != read(&dirs[1]) {
-            differs(format!("[{n}] `img {step}`: {f:?} differs"));
-        }
-    }
-}
-
 /// 190: `measure` of a 2 TiB image, then with a bitmap of 512-byte
 /// granularity (the largest QEMU stores: 512 MiB of bits) and one of 2 MiB
 /// added; adding the second keeps the first. A bitmap that would need more
@@ -208,7 +167,7 @@ fn measure_and_bitmaps_of_a_huge_image_match_qemu_img() {
             "bitmap --add img x".to_string(),
         ),
     ] {
-        same_but_node_name(d, n, setup, &step);
+        same_but_node(d, n, setup, &[&step], "persistent in '");
     }
     assert_all_same();
 }

@@ -10,6 +10,7 @@ pub mod garage;
 pub mod image_repo;
 pub mod luks;
 pub mod nbd;
+pub mod node;
 pub mod restic;
 pub mod rng;
 pub mod vm;

@@ -1,0 +1,52 @@
+//! Comparing the tools where qemu-img's messages name a node it opened: it
+//! names it by a generated `#blockNNN` (a new number each run) where strata
+//! names the file, so that one name is blinded before the outputs are
+//! compared; everything else must be the same.
+
+use super::{differs, outcome, sh};
+use std::path::Path;
+
+/// `s` with the name after the first `key` (up to the next `'`) replaced by
+/// `NODE`; `key` ends in the opening quote, e.g. `node '`.
+pub fn blind(s: &str, key: &str) -> String {
+    match s.find(key) {
+        Some(i) => {
+            let rest = &s[i + key.len()..];
+            let end = rest.find('\'').unwrap_or(rest.len());
+            format!("{}{key}NODE{}", &s[..i], &rest[end..])
+        }
+        None => s.to_string(),
+    }
+}
+
+/// Run `steps` (space-separated arguments) with both tools, each in its own
+/// directory under `root` named after `n` that `setup` (bash) prepared; what
+/// they print must be the same but for the node named after `key` in stderr
+/// ([`blind`]), and every file qemu-img's side holds at the end the same
+/// bytes on strata's side.
+pub fn same_but_node(root: &Path, n: &str, setup: &str, steps: &[&str], key: &str) {
+    let dirs = [root.join(format!("{n}-o")), root.join(format!("{n}-t"))];
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+        sh(d, "bash", &["-ec", setup]);
+    }
+    for step in steps {
+        let args: Vec<&str> = step.split(' ').collect();
+        let (c_o, o_o, e_o) = outcome(&dirs[0], "strata", &args);
+        let (c_t, o_t, e_t) = outcome(&dirs[1], "qemu-img", &args);
+        let ours = (c_o, o_o, blind(&e_o, key));
+        let theirs = (c_t, o_t, blind(&e_t, key));
+        if ours != theirs {
+            differs(format!(
+                "[{n}] `img {step}`\n  strata:   {ours:?}\n  qemu-img: {theirs:?}"
+            ));
+        }
+    }
+    for e in std::fs::read_dir(&dirs[1]).unwrap() {
+        let f = e.unwrap().file_name();
+        let read = |d: &Path| std::fs::read(d.join(&f)).ok();
+        if read(&dirs[0]) != read(&dirs[1]) {
+            differs(format!("[{n}] {steps:?}: {f:?} differs"));
+        }
+    }
+}
