@@ -686,37 +686,19 @@ impl<'m> Producer<'_, 'm> {
         self.send(Out::Done(done))
     }
 
-    /// Hand over `data` (at target offset `off`) leaving out aligned all-zero blocks
-    /// of `-S` bytes.
+    /// Hand over `data` (at target offset `off`, one read request of a data run)
+    /// leaving out the zero ranges [`sparse_split`] finds in it.
     fn sparse(&self, data: Bytes<'m>, off: u64) -> Result<()> {
-        let ss = self.opts.sparse_size as usize;
         let len = data.as_slice().len();
-        if ss == 0 {
+        if self.opts.sparse_size == 0 {
             return self.send(Out::Data {
                 at: off,
                 data,
                 range: 0..len,
             });
         }
-        let buf = data.as_slice();
-        let mut i = 0usize;
-        let mut run: Option<(usize, bool)> = None;
-        while i < len {
-            let abs = off + i as u64;
-            let end = (((abs / ss as u64 + 1) * ss as u64 - off) as usize).min(len);
-            let zero = end - i == ss && is_zero(&buf[i..end]);
-            match run {
-                Some((_, z)) if z == zero => {}
-                Some((s, z)) => {
-                    self.emit(&data, off, s..i, z)?;
-                    run = Some((i, zero));
-                }
-                None => run = Some((i, zero)),
-            }
-            i = end;
-        }
-        if let Some((s, z)) = run {
-            self.emit(&data, off, s..len, z)?;
+        for (range, zero) in sparse_split(data.as_slice(), off, self.opts.sparse_size) {
+            self.emit(&data, off, range, zero)?;
         }
         Ok(())
     }
@@ -836,6 +818,77 @@ fn entropy_bits(data: &[u8]) -> f64 {
     n.log2() - sum / n
 }
 
+/// The ranges of `buf` (one read request of a data run, at target offset `off`)
+/// to write as data and to leave out as zeroes (`true`) with a sparse size of
+/// `min_sparse` bytes (not 0), judged as qemu-img judges a request, in 512-byte
+/// sectors: a request starting with zero sectors leaves them out up to the last
+/// boundary of the alignment (the sparse size rounded down to a power of two)
+/// before its data, unless that leaves nothing; a request starting with data
+/// writes every zero run shorter than the sparse size, or than the request
+/// where that is shorter (qemu-img shrinks the minimum to the request), with
+/// the data around it, the data's end rounded up to the alignment. The ranges
+/// are in order and cover `buf`; the last sector may be partial.
+pub fn sparse_split(buf: &[u8], off: u64, min_sparse: u64) -> Vec<(std::ops::Range<usize>, bool)> {
+    const SECTOR: usize = 512;
+    let sectors = buf.len().div_ceil(SECTOR);
+    let zero_at = |i: usize| is_zero(&buf[i * SECTOR..((i + 1) * SECTOR).min(buf.len())]);
+    let min_sectors = usize::try_from(min_sparse / SECTOR as u64)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    // A power of two: the largest not above the sparse size, in sectors.
+    let align = 1u64 << (usize::BITS - 1 - min_sectors.leading_zeros());
+    let first_sector = off / SECTOR as u64;
+    // One same-status run from sector `at` of `n`: (data, sectors).
+    let run = |at: usize, n: usize| -> (bool, usize) {
+        let zero = zero_at(at);
+        let mut i = 1;
+        while i < n && zero_at(at + i) == zero {
+            i += 1;
+        }
+        if i == n {
+            return (!zero, i);
+        }
+        let tail = ((first_sector + (at + i) as u64) & (align - 1)) as usize;
+        if tail == 0 {
+            return (!zero, i);
+        }
+        if !zero || i <= tail {
+            (true, (i + (align as usize - tail)).min(n))
+        } else {
+            (false, i - tail)
+        }
+    };
+    let mut out: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
+    let mut at = 0;
+    while at < sectors {
+        let n = sectors - at;
+        let min = min_sectors.min(n);
+        let (data, first) = run(at, n);
+        let used = if data {
+            let (mut checked, mut used) = (first, first);
+            while checked < n {
+                let (d, k) = run(at + checked, n - checked);
+                checked += k;
+                if d {
+                    used = checked;
+                } else if k >= min {
+                    break;
+                }
+            }
+            used
+        } else {
+            first
+        };
+        let range = at * SECTOR..((at + used) * SECTOR).min(buf.len());
+        match out.last_mut() {
+            Some((r, z)) if *z == !data => r.end = range.end,
+            _ => out.push((range, !data)),
+        }
+        at += used;
+    }
+    out
+}
+
 /// Whether every byte is zero. Data rarely starts with zeroes, so the first word
 /// decides most blocks at once; the rest is OR-folded in blocks of 256 bytes
 /// (which vectorises) and stops at the first block that is not zero.
@@ -856,6 +909,39 @@ pub fn is_zero(b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sparse_size_past_the_request_keeps_a_request_starting_with_zeroes_whole() {
+        // -S 4M over a 2 MiB request at 4 MiB: the zeroes before the data end
+        // off the 4 MiB grid, so the whole request is data.
+        let mut buf = vec![0u8; 2 << 20];
+        buf[1 << 20] = 1;
+        assert_eq!(
+            sparse_split(&buf, 4 << 20, 4 << 20),
+            vec![(0..2 << 20, false)]
+        );
+        // A request of zeroes alone is left out whatever its alignment.
+        let zeroes = vec![0u8; 2 << 20];
+        assert_eq!(
+            sparse_split(&zeroes, 6 << 20, 4 << 20),
+            vec![(0..2 << 20, true)]
+        );
+    }
+
+    #[test]
+    fn zeroes_around_data_are_left_out_on_the_alignment_grid() {
+        // -S 8k: 12 KiB of zeroes, 1 KiB of data, zeroes to 64 KiB.
+        let mut buf = vec![0u8; 64 << 10];
+        buf[12 << 10..13 << 10].fill(7);
+        assert_eq!(
+            sparse_split(&buf, 0, 8 << 10),
+            vec![
+                (0..8 << 10, true),
+                (8 << 10..16 << 10, false),
+                (16 << 10..64 << 10, true)
+            ]
+        );
+    }
 
     #[test]
     fn random_data_is_judged_incompressible_and_text_or_sparse_data_is_not() {
