@@ -1051,6 +1051,10 @@ impl Qcow2Image {
             let whole = pos == cstart && (end >= cstart + cs || at_end);
             let n = (cstart + cs).min(end) - pos;
             if !whole {
+                if !discard && self.zero_subclusters(m, gc, pos, n, has_backing)? {
+                    pos += n;
+                    continue;
+                }
                 if !discard && !self.reads_zero(m, pos, n, has_backing)? {
                     let zeros = vec![0u8; index(n)];
                     self.write_locked(m, &zeros, pos)?;
@@ -1130,6 +1134,79 @@ impl Qcow2Image {
             pos += cs;
         }
         Ok(())
+    }
+
+    /// Zero `[pos, pos+n)`, part of guest cluster `gc` (not all of it), by its
+    /// subclusters, as QEMU zeroes an image with extended L2 entries: whole
+    /// subclusters get their zero bit (and lose their allocation bit; the host
+    /// cluster stays); a subcluster the range covers in part does too where the
+    /// rest of it reads as zeroes and it holds no data, else the range's part of
+    /// it is written as zero data. Returns false, changing nothing, where this
+    /// does not apply (no extended L2, v2, a raw data file, a compressed cluster).
+    fn zero_subclusters(
+        &self,
+        m: &mut Meta,
+        gc: u64,
+        pos: u64,
+        n: u64,
+        has_backing: bool,
+    ) -> Result<bool> {
+        if !self.geo.extended_l2 || self.geo.version < 3 || self.data.is_raw() {
+            return Ok(false);
+        }
+        if matches!(m.entry(gc)?, L2Entry::Compressed { .. }) {
+            return Ok(false);
+        }
+        let cs = self.geo.cluster_size();
+        let sc = self.geo.subcluster_size();
+        let cstart = gc * cs;
+        let end = pos + n;
+        let mut mask = 0u64;
+        let mut at = pos;
+        while at < end {
+            let first = at / sc * sc;
+            let next = (first + sc).min(end);
+            let sub = (first - cstart) / sc;
+            let part = at != first || next != first + sc;
+            let by_bit = if part {
+                let state = self.geo.sub_state(m.entry(gc)?, sub as u32);
+                let holds_no_data = matches!(state, SubState::Unallocated | SubState::Zero { .. });
+                let head_zero =
+                    at == first || self.reads_zero(m, first, at - first, has_backing)?;
+                let tail_end = (first + sc).min(self.virtual_size());
+                let tail_zero =
+                    next >= tail_end || self.reads_zero(m, next, tail_end - next, has_backing)?;
+                holds_no_data && head_zero && tail_zero
+            } else {
+                true
+            };
+            if by_bit {
+                mask |= 1u64 << sub;
+            } else {
+                let zeros = vec![0u8; index(next - at)];
+                self.write_locked(m, &zeros, at)?;
+            }
+            at = next;
+        }
+        if mask != 0 {
+            // Read again: a write above may have allocated the cluster.
+            if let L2Entry::Normal {
+                host,
+                copied,
+                bitmap,
+                ..
+            } = m.entry(gc)?
+            {
+                let new_bitmap = (bitmap | (mask << 32)) & !mask;
+                if new_bitmap != bitmap {
+                    let e = host.get() | if copied { OFLAG_COPIED } else { 0 };
+                    let l2n = m.l2_entries();
+                    let l2 = m.l2_for_write(gc / l2n)?;
+                    m.set_raw_entry(l2, gc % l2n, e, new_bitmap)?;
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Whether zeroing `[offset, offset+len)` (as `zero_locked` does it) changes
