@@ -881,7 +881,7 @@ pub fn sparse_split(buf: &[u8], off: u64, min_sparse: u64) -> Vec<(std::ops::Ran
         };
         let range = at * SECTOR..((at + used) * SECTOR).min(buf.len());
         match out.last_mut() {
-            Some((r, z)) if *z == !data => r.end = range.end,
+            Some((r, z)) if *z != data => r.end = range.end,
             _ => out.push((range, !data)),
         }
         at += used;

@@ -1166,10 +1166,11 @@ impl Qcow2Image {
         while at < end {
             let first = at / sc * sc;
             let next = (first + sc).min(end);
-            let sub = (first - cstart) / sc;
+            let sub = u32::try_from((first - cstart) / sc)
+                .expect("a subcluster index is below the subcluster count");
             let part = at != first || next != first + sc;
             let by_bit = if part {
-                let state = self.geo.sub_state(m.entry(gc)?, sub as u32);
+                let state = self.geo.sub_state(m.entry(gc)?, sub);
                 let holds_no_data = matches!(state, SubState::Unallocated | SubState::Zero { .. });
                 let head_zero =
                     at == first || self.reads_zero(m, first, at - first, has_backing)?;
