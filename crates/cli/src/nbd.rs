@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use strata_format::Format;
-use strata_nbd::{Export, ExportConfig, Server, ServerConfig};
+use strata_nbd::{DetectZeroes, Discard, Export, ExportConfig, Server, ServerConfig};
 
 #[derive(clap::Args)]
 pub struct NbdCli {
@@ -63,6 +63,15 @@ struct ServeArgs {
     /// Requests carried out concurrently per connection.
     #[arg(long = "workers", default_value_t = 4)]
     workers: usize,
+    /// What a client's TRIM does, as qemu-nbd's: `ignore` (the default:
+    /// nothing) or `unmap` (the range is freed; a write-zeroes may free too).
+    #[arg(long = "discard", value_name = "MODE", default_value = "ignore")]
+    discard: String,
+    /// Whether writes of zero data become write-zeroes, as qemu-nbd's: `off`
+    /// (the default), `on`, or `unmap` (may free the range; needs
+    /// --discard=unmap).
+    #[arg(long = "detect-zeroes", value_name = "MODE", default_value = "off")]
+    detect_zeroes: String,
 }
 
 /// Where a server listens (shared by every command that serves NBD).
@@ -120,6 +129,11 @@ fn serve(a: ServeArgs) -> Result<i32> {
         .map(|f| f.parse::<Format>())
         .transpose()
         .map_err(|e| anyhow!("{e}"))?;
+    let discard: Discard = a.discard.parse()?;
+    let detect_zeroes: DetectZeroes = a.detect_zeroes.parse()?;
+    if detect_zeroes == DetectZeroes::Unmap && discard != Discard::Unmap {
+        bail!("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
+    }
     let mut configs = Vec::new();
     let mk = |name: &str, path: PathBuf| ExportConfig {
         name: name.to_string(),
@@ -128,6 +142,8 @@ fn serve(a: ServeArgs) -> Result<i32> {
         read_only: a.read_only,
         description: a.description.clone(),
         min_block: a.min_block_size,
+        discard,
+        detect_zeroes,
     };
     if let Some(f) = &a.file {
         configs.push(mk(&a.export_name, f.clone()));

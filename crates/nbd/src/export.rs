@@ -31,6 +31,65 @@ pub struct ExportConfig {
     pub description: String,
     /// Minimum block size advertised and enforced (a power of two, 1..=65536).
     pub min_block: u32,
+    /// What a client's TRIM does (qemu-nbd's `--discard`; ignored by default).
+    pub discard: Discard,
+    /// Whether writes of zero data become write-zeroes (qemu-nbd's
+    /// `--detect-zeroes`; off by default). [`DetectZeroes::Unmap`] needs
+    /// [`Discard::Unmap`]: [`Export::open`] refuses it otherwise.
+    pub detect_zeroes: DetectZeroes,
+}
+
+/// What an export does with a client's TRIM, as qemu-nbd's `--discard`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Discard {
+    /// TRIM succeeds and changes nothing, and a write-zeroes never frees what
+    /// the image allocated (qemu-nbd's default).
+    #[default]
+    Ignore,
+    /// TRIM frees the range (a raw file's blocks are punched, a qcow2 image's
+    /// clusters freed), and a write-zeroes without NBD's NO_HOLE flag may too.
+    Unmap,
+}
+
+impl std::str::FromStr for Discard {
+    type Err = Error;
+    /// qemu-nbd's names: `ignore` (or `off`), `unmap` (or `on`).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "ignore" | "off" => Ok(Discard::Ignore),
+            "unmap" | "on" => Ok(Discard::Unmap),
+            _ => Err(Error::Invalid(format!("Invalid discard mode `{s}'"))),
+        }
+    }
+}
+
+/// Whether an export turns writes of all-zero data into write-zeroes, as
+/// qemu-nbd's `--detect-zeroes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Zero data is written as any data (qemu-nbd's default).
+    #[default]
+    Off,
+    /// Zero data is written as a write-zeroes that keeps the allocation.
+    On,
+    /// Zero data is written as a write-zeroes that may free the range (only
+    /// with [`Discard::Unmap`]).
+    Unmap,
+}
+
+impl std::str::FromStr for DetectZeroes {
+    type Err = Error;
+    /// qemu-nbd's names: `off`, `on`, `unmap`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(DetectZeroes::Off),
+            "on" => Ok(DetectZeroes::On),
+            "unmap" => Ok(DetectZeroes::Unmap),
+            _ => Err(Error::Invalid(format!(
+                "Failed to parse detect_zeroes mode: invalid parameter value: {s}"
+            ))),
+        }
+    }
 }
 
 impl ExportConfig {
@@ -42,6 +101,8 @@ impl ExportConfig {
             read_only: false,
             description: String::new(),
             min_block: 1,
+            discard: Discard::Ignore,
+            detect_zeroes: DetectZeroes::Off,
         }
     }
 }
@@ -156,6 +217,11 @@ pub struct Export {
     pub description: String,
     pub read_only: bool,
     pub min_block: u32,
+    /// What a client's TRIM does; see [`ExportConfig::discard`].
+    pub discard: Discard,
+    /// Whether zero data is written as write-zeroes; see
+    /// [`ExportConfig::detect_zeroes`].
+    pub detect_zeroes: DetectZeroes,
     size: u64,
     gate: RwLock<Backend>,
     /// Ranges written since a commit began copying (None when no commit runs).
@@ -247,6 +313,11 @@ impl Export {
                 cfg.min_block
             )));
         }
+        if cfg.detect_zeroes == DetectZeroes::Unmap && cfg.discard != Discard::Unmap {
+            return Err(Error::Invalid(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into(),
+            ));
+        }
         // Locked as qemu-nbd locks what it serves (a raw image stays open to
         // other readers and writers, as QEMU's raw driver lets them).
         let spec = OpenSpec::new(&cfg.path)
@@ -260,6 +331,8 @@ impl Export {
             description: cfg.description.clone(),
             read_only: cfg.read_only,
             min_block: cfg.min_block,
+            discard: cfg.discard,
+            detect_zeroes: cfg.detect_zeroes,
             size,
             gate: RwLock::new(Backend::new(chain.layers)?),
             dirty: Mutex::new(None),
@@ -290,6 +363,8 @@ impl Export {
             description: description.into(),
             read_only: true,
             min_block: 1,
+            discard: Discard::Ignore,
+            detect_zeroes: DetectZeroes::Off,
             size,
             gate: RwLock::new(Backend::new(vec![layer])?),
             dirty: Mutex::new(None),

@@ -24,7 +24,7 @@ pub mod storage;
 pub mod tls;
 pub mod url;
 
-pub use export::{Export, ExportConfig};
+pub use export::{DetectZeroes, Discard, Export, ExportConfig};
 pub use server::{Server, ServerConfig};
 
 /// Errors from the NBD crate (opening exports, live operations, TLS setup).

@@ -11,7 +11,7 @@
 //! connection is served in order by its reader thread alone (a TLS session cannot
 //! be read and written from two threads).
 
-use crate::export::{Backend, Export};
+use crate::export::{Backend, DetectZeroes, Discard, Export};
 use crate::proto::*;
 use crate::Result;
 use std::collections::HashMap;
@@ -783,7 +783,20 @@ fn run(s: &Session, req: &Request) -> io::Result<()> {
             }
         }
         CMD_WRITE => {
-            let r = write_result(top.write(&req.payload.data, req.offset), &gate);
+            let data = &req.payload.data;
+            // As qemu-nbd's --detect-zeroes: zero data becomes a write-zeroes,
+            // which may free the range only under --detect-zeroes=unmap (which
+            // Export::open allows with --discard=unmap alone).
+            let r = if ex.detect_zeroes != DetectZeroes::Off
+                && !data.is_empty()
+                && data.iter().all(|&b| b == 0)
+            {
+                let may_unmap = ex.detect_zeroes == DetectZeroes::Unmap;
+                top.write_zeroes(req.offset, data.len() as u64, may_unmap)
+            } else {
+                top.write(data, req.offset)
+            };
+            let r = write_result(r, &gate);
             // Marked once done: a flush that started earlier may not cover it.
             s.unflushed.store(true, Ordering::SeqCst);
             ex.mark_dirty(req.offset, req.payload.data.len() as u64);
@@ -792,10 +805,11 @@ fn run(s: &Session, req: &Request) -> io::Result<()> {
             reply_result(s, req, r, true)
         }
         CMD_WRITE_ZEROES => {
-            // As qemu-nbd with its default --discard=ignore: a write of zeroes
+            // As qemu-nbd: under its default --discard=ignore a write of zeroes
             // never frees what the image allocated, NO_HOLE flag or not (a raw
-            // file keeps its blocks, a qcow2 image its clusters).
-            let may_unmap = false;
+            // file keeps its blocks, a qcow2 image its clusters); under
+            // --discard=unmap it may, unless the client asked for NO_HOLE.
+            let may_unmap = ex.discard == Discard::Unmap && req.flags & CMD_FLAG_NO_HOLE == 0;
             let r = if req.flags & CMD_FLAG_FAST_ZERO != 0 {
                 // Fast zero: done only if it costs no data writes, else ENOTSUP
                 // with nothing changed (the client then writes the zeroes its own way).
@@ -813,6 +827,13 @@ fn run(s: &Session, req: &Request) -> io::Result<()> {
             // Marked once done: a flush that started earlier may not cover it.
             s.unflushed.store(true, Ordering::SeqCst);
             ex.mark_dirty(req.offset, req.len);
+            drop(gate);
+            reply_result(s, req, r, true)
+        }
+        CMD_TRIM if ex.discard == Discard::Ignore => {
+            // As qemu-nbd's default --discard=ignore: the (validated) trim
+            // succeeds and changes nothing.
+            let r = write_result(Ok(()), &gate);
             drop(gate);
             reply_result(s, req, r, true)
         }

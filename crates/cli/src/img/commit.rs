@@ -103,6 +103,9 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
                 },
                 e => e,
             };
+            if let Some(m) = base_write_refused(&e) {
+                return Err(anyhow::anyhow!("{m}"));
+            }
             return Err(job_error(&named_as, e));
         }
     };
@@ -115,7 +118,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         strata_jobs::Error::EmptyFailed(f) => {
             anyhow::anyhow!("Failed to empty {}: {}", named_as.display(), f.message())
         }
-        e => job_error(&named_as, e),
+        e => match base_write_refused(&e) {
+            Some(m) => anyhow::anyhow!("{m}"),
+            None => job_error(&named_as, e),
+        },
     })?;
     shown.finish_bar();
     shown.steps.set(100.0);
@@ -124,4 +130,36 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         println!("Image committed.");
     }
     Ok(0)
+}
+
+/// The lock refusal of a layer below the top that could be read but not
+/// written (a holder shares reading it, not writing: `qemu-nbd -r`), if that
+/// is what `e` is. qemu-img opens the chain read-only and meets the lock only
+/// as its commit reopens the base for writing, so it reports the refusal
+/// alone, without the "Could not open 'TOP': Could not open backing file: "
+/// of a failed open (as for a read-only NBD export, see
+/// [`strata_chain::Error::ProtocolReopen`]).
+fn base_write_refused(e: &strata_jobs::Error) -> Option<String> {
+    fn below(e: &strata_chain::Error, depth: usize) -> Option<String> {
+        let storage = match e {
+            strata_chain::Error::Backing { source, .. } => return below(source, depth + 1),
+            strata_chain::Error::Storage(s) => s,
+            strata_chain::Error::Format(f) => f.storage_error()?,
+            _ => return None,
+        };
+        // A held permission refused ("write"), not a sharing one ("shared ..."),
+        // in a backing file rather than the top.
+        match storage {
+            strata_storage::Error::Locked {
+                kind: "",
+                perm: "write",
+                ..
+            } if depth > 0 => Some(storage.to_string()),
+            _ => None,
+        }
+    }
+    match e {
+        strata_jobs::Error::Chain(c) => below(c, 0),
+        _ => None,
+    }
 }

@@ -380,9 +380,10 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             }
             e => e.into(),
         })?;
-        let mut spec = open_spec(out_path, Some(out_format.name()), false)?
-            .write(true)
-            .open_backing(false);
+        // The target's backing chain is opened (read-only) as qemu-img opens
+        // it: a missing backing file, or one a writer holds, refuses the
+        // convert before anything is written. Only the top is written.
+        let mut spec = open_spec(out_path, Some(out_format.name()), false)?.write(true);
         if let Some(t) = &target_spec {
             spec.driver_options = t.driver_options.clone();
             spec.display_name = t.display_name.clone();

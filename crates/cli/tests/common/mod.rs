@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod damage;
+pub mod fiemap;
 pub mod garage;
 pub mod image_repo;
 pub mod luks;
