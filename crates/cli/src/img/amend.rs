@@ -163,7 +163,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // on still ends the line.
     let bar = QemuSteps::milestones(args.progress && !args.quiet, 1.0, Vec::new());
     super::common::check_cache_mode(args.cache.as_deref(), false)?;
-    let spec = args.naming.spec(path, args.format.as_deref(), false)?;
+    let spec = args.naming.writable_spec(path, args.format.as_deref())?;
     let format = spec_format(&spec)?;
     warn_probed_raw(&spec);
     if help {

@@ -38,6 +38,39 @@ impl Naming {
         Ok(self.spec_nbd(name, format, force_share)?.0)
     }
 
+    /// [`Naming::spec`] for an image the subcommand opens for writing (no
+    /// `-U`): an option list or `json:` name asking for `force-share` on it
+    /// (or on its file) is refused as qemu-img refuses it, before the image or
+    /// the rest of its options are looked at; so is an NBD export served
+    /// read-only.
+    pub fn writable_spec(&self, name: &Path, format: Option<&str>) -> Result<OpenSpec> {
+        if self.image_opts && format.is_some() {
+            bail!("--image-opts and --format are mutually exclusive");
+        }
+        self.objects.secrets()?;
+        let flat = self.flat_options(name, format).unwrap_or_default();
+        let on = |k: &str| {
+            flat.get(k)
+                .is_some_and(|v| matches!(v.as_str(), "on" | "yes" | "true" | "y"))
+        };
+        if on("force-share") || on("file.force-share") {
+            bail!(
+                "Could not open '{}': force-share=on can only be used with read-only images",
+                name.display()
+            );
+        }
+        let (spec, nbd) = self.spec_nbd(name, format, false)?;
+        // A read-only export cannot be opened for writing: refused at the
+        // open, before the format is probed.
+        if nbd.is_some_and(|s| strata_storage::Storage::read_only(s.as_ref())) {
+            bail!(
+                "Could not open '{}': Could not open image: Permission denied",
+                name.display()
+            );
+        }
+        Ok(spec)
+    }
+
     /// [`Naming::spec`], and the NBD export's storage when the name is one.
     pub fn spec_nbd(
         &self,
@@ -306,6 +339,15 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
         }
         Some((b"blkdebug", rest)) => {
             let (path, rules) = super::blkdebug::from_filename(&String::from_utf8_lossy(rest))?;
+            // The image under the filter is a file name of its own: a `file:`
+            // prefix is taken off, another protocol prefix refused.
+            let inner = path.as_os_str().as_bytes();
+            let path = match protocol_prefix(inner) {
+                _ if inner.is_empty() => bail!("The 'file' block driver requires a file name"),
+                None => path.clone(),
+                Some((b"file", rest)) => file_protocol_path(rest)?,
+                Some((other, _)) => return Err(protocol_refusal(other)),
+            };
             return Ok(blkdebug_spec(path, format, rules));
         }
         Some((b"file", rest)) => {
@@ -658,6 +700,12 @@ fn format_spec(
         None => &[],
     };
     let name = checked.map_or("raw", Format::name);
+    // `"backing": null` (no backing file) is a generic option: every format
+    // takes it, raw too.
+    let no_backing = flat.get("backing").map(String::as_str) == Some(NO_BACKING);
+    if no_backing {
+        flat.remove("backing");
+    }
     let force_share = check_options(&flat, own, |k| {
         format!("Block format '{name}' does not support the option '{k}'")
     })?;
@@ -666,10 +714,6 @@ fn format_spec(
     }
     // Checked when the data file is opened: qemu-img's info ignores them.
     let data_file = data_file_option(&mut flat);
-    let no_backing = flat.get("backing").map(String::as_str) == Some(NO_BACKING);
-    if no_backing {
-        flat.remove("backing");
-    }
     // Options that change which bytes the guest sees must not be dropped silently.
     if let Some(k) = flat
         .keys()

@@ -51,7 +51,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     };
     let spec = args
         .naming
-        .spec(&args.filename, args.format.as_deref(), false)?;
+        .writable_spec(&args.filename, args.format.as_deref())?;
     super::common::warn_probed_raw(&spec);
     let format = super::common::spec_format(&spec)?;
     // qemu-img opens the image with its backing chain: a backing file that fails
