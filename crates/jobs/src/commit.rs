@@ -86,7 +86,7 @@ impl ResolvedCommit {
 /// Find the layers `req` names, reading the chain only. Errors:
 /// [`Error::NoBackingFile`] when there is nothing below the merged range,
 /// [`Error::NotInChain`] when `base` or `top` names no layer (or `base` is not below
-/// `top`).
+/// `top`), also when `base` is named for an image without a backing file.
 pub fn resolve(req: &CommitRequest) -> Result<ResolvedCommit> {
     resolve_on(req, None)
 }
@@ -112,13 +112,18 @@ pub fn resolve_spec(req: &CommitRequest, mut spec: OpenSpec) -> Result<ResolvedC
     // chain is looked at.
     let probe = strata_chain::open(&spec.clone().write(true))?;
     let n = probe.layers.len();
-    if n < 2 {
-        return Err(Error::NoBackingFile);
-    }
     let not_found = |what: &str| Error::NotInChain {
         what: what.to_string(),
         image: req.image.clone(),
     };
+    if n < 2 {
+        // A base named for an image without a backing file is looked for (and
+        // not found) in its chain, as qemu-img looks for it.
+        return Err(match (&req.base, &req.top) {
+            (Some(b), None) => not_found(b),
+            _ => Error::NoBackingFile,
+        });
+    }
     let find = |what: &str| probe.find(what).ok_or_else(|| not_found(what));
     let top = match &req.top {
         Some(t) => find(t)?,

@@ -1,7 +1,8 @@
-//! What qemu-img says when `create -F DRIVER -b FILE` names a format strata
-//! does not read (vmdk, vdi, vpc, ...) and the file is not in that format:
-//! each QEMU driver refuses the file in its own words when it opens it, and
-//! qemu-img's create reports that refusal.
+//! What qemu-img says when `create -F DRIVER -b FILE` (or `-f DRIVER` for
+//! the image a command opens) names a format strata does not read (vmdk,
+//! vdi, vpc, ...) and the file is not in that format: each QEMU driver
+//! refuses the file in its own words when it opens it, and qemu-img reports
+//! that refusal.
 //!
 //! Only the first checks each driver makes on the file's header are
 //! modelled, those a file of another format (a qcow2 or raw file, the usual
@@ -10,6 +11,22 @@
 
 use std::io::Read;
 use std::path::Path;
+
+/// The QEMU format drivers modelled below that read their image through a
+/// file child: each opens the file first (a missing file is refused as the
+/// file protocol refuses it), then checks its header.
+pub const FILE_FORMATS: &[&str] = &[
+    "vmdk",
+    "vdi",
+    "vpc",
+    "dmg",
+    "vhdx",
+    "qed",
+    "parallels",
+    "bochs",
+    "cloop",
+    "qcow",
+];
 
 /// The most bytes any check below reads: vmdk reads a descriptor of up to
 /// 1 MiB - 1.

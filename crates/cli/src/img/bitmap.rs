@@ -197,11 +197,15 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if p.ops.is_empty() {
         bail!("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
     }
+    // A granularity of 0 is qemu-img's "none given": the default with --add,
+    // and no refusal of the other operations.
     let granularity = match &p.granularity {
-        Some(_) if !p.ops.contains(&Op::Add) => bail!("granularity only supported with --add"),
-        Some(g) => Some(size_arg("granularity", g)?),
+        Some(g) => Some(size_arg("granularity", g)?).filter(|&g| g != 0),
         None => None,
     };
+    if granularity.is_some() && !p.ops.contains(&Op::Add) {
+        bail!("granularity only supported with --add");
+    }
     if p.source_format.is_some() && p.source_file.is_none() {
         bail!("-F only supported with -b");
     }

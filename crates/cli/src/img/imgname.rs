@@ -327,7 +327,12 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
         spec.protocol_driver = Some(p.to_string());
         return Ok(spec);
     }
-    let format = format.map(parse_format).transpose()?;
+    // A foreign format driver is refused once its file is found.
+    let foreign = format.and_then(foreign_format);
+    let format = match foreign {
+        Some(_) => None,
+        None => format.map(parse_format).transpose()?,
+    };
     let path = match prefix {
         None => {
             // QEMU takes a device by its name through host_device, anything
@@ -348,6 +353,9 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
                 Some((b"file", rest)) => file_protocol_path(rest)?,
                 Some((other, _)) => return Err(protocol_refusal(other)),
             };
+            if let Some(f) = foreign {
+                return Err(foreign_refusal(f, &path));
+            }
             return Ok(blkdebug_spec(path, format, rules));
         }
         Some((b"file", rest)) => {
@@ -357,6 +365,9 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
         }
         Some((other, _)) => return Err(protocol_refusal(other)),
     };
+    if let Some(f) = foreign {
+        return Err(foreign_refusal(f, &path));
+    }
     Ok(OpenSpec::new(path).format(format))
 }
 
@@ -396,6 +407,33 @@ pub fn output_format(f: &str) -> Result<Format, strata_format::Error> {
 fn parse_format(f: &str) -> Result<Format> {
     f.parse::<Format>()
         .map_err(|_| anyhow!("Unknown driver '{f}'"))
+}
+
+/// A format driver QEMU has and strata lacks, given as `-f` or `driver=` for
+/// the file at `path` (named as the user named it): `None` for another name.
+/// QEMU's driver opens the file (a missing one is refused as the file
+/// protocol refuses it) and refuses a file not in its format in its own words
+/// ([`strata_jobs::foreign_probe`]); a file that passes the checks modelled
+/// there is refused as an unknown driver, as before.
+fn foreign_format(f: &str) -> Option<&str> {
+    (f.parse::<Format>().is_err() && strata_jobs::foreign_probe::FILE_FORMATS.contains(&f))
+        .then_some(f)
+}
+
+/// The refusal of the file at `path` by the foreign format driver `f` (see
+/// [`foreign_format`]).
+fn foreign_refusal(f: &str, path: &Path) -> anyhow::Error {
+    if let Err(e) = std::fs::metadata(path) {
+        return anyhow!(
+            "Could not open '{}': {}",
+            path.display(),
+            strata_storage::os_message(&e)
+        );
+    }
+    match strata_jobs::foreign_probe::refusal(f, path) {
+        Some(m) => anyhow!("{m}"),
+        None => anyhow!("Unknown driver '{f}'"),
+    }
 }
 
 /// A protocol driver opens only its kind of file: `file` a regular file,
@@ -652,6 +690,8 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
             return Ok(spec);
         }
         Some("qcow2" | "raw" | "luks") | None => {}
+        // Refused once its file is found (see `format_spec`).
+        Some(other) if foreign_format(other).is_some() => {}
         Some(other) => bail!("Unknown driver '{other}'"),
     }
     if driver.is_none() && !flat.keys().any(|k| k == "file" || k.starts_with("file.")) {
@@ -689,6 +729,9 @@ fn format_spec(
     blkdebug: Option<strata_storage::BlkdebugConfig>,
 ) -> Result<OpenSpec> {
     flat.remove("filename");
+    if let Some(f) = driver.as_deref().and_then(foreign_format) {
+        return Err(foreign_refusal(f, &path));
+    }
     let format = driver.as_deref().map(parse_format).transpose()?;
     // Validated against the driver that will open the image: the named one, or
     // the probed one (a file that cannot be probed fails to open later anyway).
