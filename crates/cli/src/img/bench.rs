@@ -96,7 +96,7 @@ pub struct Args {
 }
 
 /// A number argument in `[min, max]`, refused with qemu-img's two messages.
-fn ranged(what: &str, s: Option<&str>, min: u64, max: u64, default: u64) -> Result<u64> {
+pub(super) fn ranged(what: &str, s: Option<&str>, min: u64, max: u64, default: u64) -> Result<u64> {
     let Some(s) = s else { return Ok(default) };
     match size_arg(what, s) {
         Ok(v) if (min..=max).contains(&v) => Ok(v),
@@ -107,7 +107,13 @@ fn ranged(what: &str, s: Option<&str>, min: u64, max: u64, default: u64) -> Resu
 
 /// A count argument in `[min, max]`: a plain integer as `strtol` reads it (no
 /// size suffix), refused with qemu-img's two messages.
-fn counted(what: &str, s: Option<&str>, min: u64, max: u64, default: u64) -> Result<u64> {
+pub(super) fn counted(
+    what: &str,
+    s: Option<&str>,
+    min: u64,
+    max: u64,
+    default: u64,
+) -> Result<u64> {
     let Some(s) = s else { return Ok(default) };
     match super::dd::c_integer(s) {
         None => bail!("Invalid {what} specified: '{s}'."),

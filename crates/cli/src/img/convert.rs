@@ -577,21 +577,12 @@ fn early_values(args: &Args, ctx: &Ctx) -> Result<Early> {
         match which {
             0 => {
                 if let Some(s) = &args.sparse_size {
-                    sparse = match super::common::size_arg("buffer size for sparse output", s)? {
-                        v if v.is_multiple_of(512) && v <= MAX_SPARSE => v,
-                        _ => bail!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."),
-                    };
+                    sparse = sparse_size_arg(s)?;
                 }
             }
             1 => {
                 if let Some(m) = &args.workers {
-                    workers = match c_int(m) {
-                        Some(v) if (1..=16).contains(&v) => v as usize,
-                        Some(_) => bail!(
-                            "Invalid number of coroutines specified. Must be between 1 and 16."
-                        ),
-                        None => bail!("Invalid number of coroutines specified: '{m}'."),
-                    };
+                    workers = workers_arg(m)?;
                 }
             }
             2 => rate = super::common::parse_rate(args.rate.as_deref())?,
@@ -606,6 +597,24 @@ fn early_values(args: &Args, ctx: &Ctx) -> Result<Early> {
         }
     }
     Ok((sparse, workers, rate, snapshot))
+}
+
+/// `-S SIZE` as qemu-img reads it: a size that is a multiple of 512 up to
+/// [`MAX_SPARSE`] (0 turns sparse detection off), refused in its words.
+pub(super) fn sparse_size_arg(s: &str) -> Result<u64> {
+    match super::common::size_arg("buffer size for sparse output", s)? {
+        v if v.is_multiple_of(512) && v <= MAX_SPARSE => Ok(v),
+        _ => bail!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."),
+    }
+}
+
+/// `-m N` as qemu-img reads it: an integer from 1 to 16, refused in its words.
+pub(super) fn workers_arg(m: &str) -> Result<usize> {
+    match c_int(m) {
+        Some(v) if (1..=16).contains(&v) => Ok(v as usize),
+        Some(_) => bail!("Invalid number of coroutines specified. Must be between 1 and 16."),
+        None => bail!("Invalid number of coroutines specified: '{m}'."),
+    }
 }
 
 fn c_int(s: &str) -> Option<i64> {

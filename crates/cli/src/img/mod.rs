@@ -19,6 +19,7 @@ mod convert_salvage;
 mod convert_steps;
 mod create;
 mod dd;
+mod getopt;
 mod imgname;
 mod info;
 mod ioerr;
@@ -140,6 +141,16 @@ pub fn main_as(args: impl Iterator<Item = OsString>, prog: &'static str) -> i32 
         toplevel::Start::Exit(code) => return code,
         toplevel::Start::Run { args } => args,
     };
+    // Values qemu-img judges as its option loop meets them are judged first,
+    // in the order typed (clap would report a later mistake first).
+    let typed: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Some(said) = getopt::refusal(&ImgCli::command(), &typed, &Ctx { prog }) {
+        eprint!("{said}");
+        return 1;
+    }
     let argv = std::iter::once(OsString::from(prog)).chain(args.iter().cloned());
     match ImgCli::try_parse_from(argv) {
         Ok(cli) => run(cli, prog),
