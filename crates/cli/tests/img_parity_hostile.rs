@@ -159,3 +159,60 @@ fn snapshot_of_entries_past_any_refcount_block_is_refused_without_writing() {
     assert!(ok(&h, "qemu-img", &["snapshot", "-l", "img"]).contains(" s "));
     assert_all_same();
 }
+
+/// L1 and L2 entries with reserved bits set (high and low ones, and with
+/// extended L2 the zero flag, reserved there): qemu-img ignores the bits when
+/// it reads, so `map`, `convert`, `compare`, `dd` and `measure` work and read
+/// the cluster the offset field names; only `check` reports the entry (exit 2),
+/// and `check -r all` leaves it as it is. strata reads and reports the same.
+#[test]
+fn reserved_bits_in_l1_and_l2_entries_are_read_past_and_only_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The fixture's L1 table is at 0x30000 and its L2 table at 0x40000
+    // (as with extended L2, whose first bitmap follows at 0x40008).
+    let setup = format!(
+        "{POKE}qemu-img create -q -f qcow2 clean 64M
+         qemu-io -c 'write -P 0x11 0 128k' -c 'write -P 0x22 1M 64k' clean >/dev/null
+         cp clean l2hi; poke l2hi $((0x40000)) '\\x81'
+         cp clean l2lo; poke l2lo $((0x40006)) '\\x00\\x02'
+         cp clean l2all; poke l2all $((0x40008)) '\\xbf\\x00\\x00\\x00\\x00\\x06\\x01\\xfe'
+         cp clean l1hi; poke l1hi $((0x30000)) '\\x84'
+         cp clean l1lo; poke l1lo $((0x30006)) '\\x01\\x01'
+         qemu-img create -q -f qcow2 -o extended_l2=on xclean 64M
+         qemu-io -c 'write -P 0x33 0 96k' xclean >/dev/null
+         cp xclean xzero; poke xzero $((0x40007)) '\\x01'"
+    );
+    let imgs = ["l2hi", "l2lo", "l2all", "l1hi", "l1lo", "xzero"];
+    let mut steps = Vec::new();
+    for img in imgs {
+        let clean = if img.starts_with('x') {
+            "xclean"
+        } else {
+            "clean"
+        };
+        steps.extend([
+            format!("map {img}"),
+            format!("map --output=json {img}"),
+            format!("convert -O raw {img} {img}.raw"),
+            format!("convert -O qcow2 {img} {img}.qcow2"),
+            format!("compare {img} {clean}"),
+            format!("dd if={img} of={img}.dd bs=64k"),
+            format!("measure -O qcow2 {img}"),
+            format!("check {img}"),
+            format!("check --output=json {img}"),
+        ]);
+    }
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    same_files(d, "read", &setup, &steps, false);
+    for (n, img) in imgs.into_iter().enumerate() {
+        same_files(
+            d,
+            &format!("repair{n}"),
+            &setup,
+            &[&format!("check -r all {img}"), &format!("check {img}")],
+            false,
+        );
+    }
+    assert_all_same();
+}

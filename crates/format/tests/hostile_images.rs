@@ -548,8 +548,8 @@ fn corpus() -> Vec<Case> {
         ),
         case(
             "L1 entry with reserved bits",
-            Use,
-            Kind(K::Corrupt),
+            Check,
+            Reports("reserved bits set"),
             false,
             |b, l| {
                 let e = be64(b, l.l1);
@@ -568,8 +568,8 @@ fn corpus() -> Vec<Case> {
         ),
         case(
             "L2 entry with reserved bits",
-            Use,
-            Kind(K::Corrupt),
+            Check,
+            Reports("reserved bits set"),
             false,
             |b, l| {
                 let e = be64(b, l.l2);

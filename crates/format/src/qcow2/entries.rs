@@ -15,12 +15,11 @@ pub const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 pub const SUBCLUSTERS: u32 = 32;
 
 /// Decode an L1 entry into the L2 table offset (none if 0) and its COPIED flag.
+///
+/// Reserved bits are ignored, as QEMU's reads ignore them (only `check` reports
+/// them, as corruptions it cannot repair); an L2 offset that is not
+/// cluster-aligned is corruption.
 pub fn decode_l1(e: u64, cluster_size: u64, index: u64) -> Result<(HostOffset, bool)> {
-    if e & L1_RESERVED != 0 {
-        return Err(Error::corrupt(format!(
-            "L1 entry {index} has reserved bits set (0x{e:016x})"
-        )));
-    }
     let off = e & OFFSET_MASK;
     if !off.is_multiple_of(cluster_size) {
         return Err(Error::corrupt(format!(
@@ -104,8 +103,12 @@ impl Geometry {
         i
     }
 
-    /// Decode an L2 entry and (for extended L2) its bitmap, checking reserved bits and
-    /// alignment as QEMU does (it marks the image corrupt for these).
+    /// Decode an L2 entry and (for extended L2) its bitmap as QEMU's reads decode
+    /// it: reserved bits (and, with extended L2, the zero flag, which is reserved
+    /// there) are ignored, as qemu-img reads, maps and converts such entries and
+    /// only `check` reports them. An unaligned data offset, a zero flag in a
+    /// version 2 image and an invalid subcluster bitmap are corruption (QEMU marks
+    /// the image corrupt for these).
     pub fn decode_l2(&self, e: u64, bitmap: u64) -> Result<L2Entry> {
         // A compressed entry's bitmap is meaningless: `check` reports one that is
         // not zero, but reads ignore it, as QEMU's do.
@@ -119,23 +122,15 @@ impl Geometry {
                 size,
             });
         }
-        let reserved = if self.extended_l2 {
-            L2_STD_RESERVED | OFLAG_ZERO
-        } else {
-            L2_STD_RESERVED
-        };
-        if e & reserved != 0 {
-            return Err(Error::corrupt(format!(
-                "L2 entry 0x{e:016x} has reserved bits set"
-            )));
-        }
         let host = e & OFFSET_MASK;
         if !host.is_multiple_of(self.cluster_size()) {
             return Err(Error::corrupt(format!(
                 "data cluster offset 0x{host:x} is not cluster-aligned"
             )));
         }
-        let zero = e & OFLAG_ZERO != 0;
+        // With extended L2 the zero flag is a reserved bit: the bitmap says
+        // which subclusters read as zeroes.
+        let zero = !self.extended_l2 && e & OFLAG_ZERO != 0;
         if zero && self.version < 3 {
             return Err(Error::corrupt("zero cluster flag set in a version 2 image"));
         }
@@ -244,8 +239,12 @@ mod tests {
     }
 
     #[test]
-    fn reserved_l1_bits_are_corruption() {
-        assert!(decode_l1(0x10_0001, 65536, 0).is_err());
+    fn reserved_l1_bits_are_ignored_as_qemu_reads_them() {
+        assert_eq!(
+            decode_l1(L1_RESERVED | 0x10_0000, 65536, 0).unwrap(),
+            (HostOffset(0x10_0000), false)
+        );
+        assert!(decode_l1(0x10_1000, 65536, 0).is_err());
         assert_eq!(
             decode_l1(OFLAG_COPIED | 0x10_0000, 65536, 0).unwrap(),
             (HostOffset(0x10_0000), true)
@@ -271,6 +270,32 @@ mod tests {
             g.sub_state(g.decode_l2(0, 0).unwrap(), 0),
             SubState::Unallocated
         );
+    }
+
+    #[test]
+    fn reserved_l2_bits_are_ignored_as_qemu_reads_them() {
+        let e = G
+            .decode_l2(L2_STD_RESERVED | OFLAG_COPIED | 0x5_0000, 0)
+            .unwrap();
+        assert_eq!(
+            G.sub_state(e, 0),
+            SubState::Data {
+                host: HostOffset(0x5_0000)
+            }
+        );
+        // With extended L2 the zero flag is reserved too: the bitmap decides.
+        let g = Geometry {
+            extended_l2: true,
+            ..G
+        };
+        let e = g.decode_l2(OFLAG_ZERO | 0x5_0000, 1).unwrap();
+        assert_eq!(
+            g.sub_state(e, 0),
+            SubState::Data {
+                host: HostOffset(0x5_0000)
+            }
+        );
+        assert_eq!(g.sub_state(e, 1), SubState::Unallocated);
     }
 
     #[test]
