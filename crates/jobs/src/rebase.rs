@@ -8,7 +8,6 @@
 //! report as zeroes), or that both chains serve from the same image, cannot differ
 //! and is not read. The rest is read through both chains and compared.
 
-use crate::convert::is_zero;
 use crate::status::{ChainStatus, Walk};
 use crate::{Cancel, Progress, Result};
 use std::sync::Arc;
@@ -197,82 +196,179 @@ fn read_views(
     Ok(())
 }
 
-/// Write into `image` the sectors of piece `r` where its old view (`old`) differs
-/// from the new one (`new`).
+/// How qemu-img writes what a safe rebase copies: in whole units of `align`
+/// bytes (the image's subcluster, or its cluster when compressing), zeroes
+/// where the image has no old backing file (at or past `old_size`, its size),
+/// data (compressed with `compress`) elsewhere.
+#[derive(Debug, Clone, Copy)]
+struct WriteRules {
+    align: u64,
+    old_size: u64,
+    compress: bool,
+}
+
+impl WriteRules {
+    fn of(image: &dyn BlockDevice, compress: bool) -> Self {
+        let q = image.as_any().downcast_ref::<Qcow2Image>();
+        let align = q.map_or(512, |q| {
+            let g = q.geometry();
+            if compress {
+                g.cluster_size()
+            } else {
+                g.subcluster_size()
+            }
+        });
+        let old_size = image.backing().map_or(0, |b| b.virtual_size());
+        WriteRules {
+            align: align.max(1),
+            old_size,
+            compress: compress && q.is_some(),
+        }
+    }
+}
+
+/// `[from, to)` widened to whole units of `rules.align` (not past the disk's
+/// end), if the image stores nothing there: qemu-img writes such whole units
+/// (any part of one that differs makes it write all of it). `None` where the
+/// image stores some of it (the exact range is written then).
+fn widened(
+    image: &dyn BlockDevice,
+    rules: &WriteRules,
+    from: u64,
+    to: u64,
+) -> Result<Option<(u64, u64)>> {
+    let size = image.virtual_size();
+    let start = from / rules.align * rules.align;
+    let end = to
+        .checked_next_multiple_of(rules.align)
+        .map_or(size, |e| e.min(size));
+    if (start, end) == (from, to) {
+        return Ok(Some((from, to)));
+    }
+    let ext = image.block_status(start, end - start)?;
+    Ok((ext.status == Status::Unallocated && ext.len >= end - start).then_some((start, end)))
+}
+
+/// Write into `image` the units (see [`WriteRules`]) of piece `r` where its
+/// old view (`old`) differs from the new one (`new`), runs of differing units
+/// at once, as qemu-img compares and writes them.
 fn write_differences(
     image: &dyn BlockDevice,
     r: &CompareRange,
     old: &[u8],
     new: &[u8],
-    compress: bool,
+    rules: &WriteRules,
 ) -> Result<u64> {
-    let len = r.len as usize;
     if old == new {
         return Ok(0);
     }
-    if compress {
-        if let Some(q) = image.as_any().downcast_ref::<Qcow2Image>() {
-            return write_compressed(q, r, old, new);
-        }
-    }
-    // Copy only the sectors that differ, keeping the image sparse.
-    let mut copied = 0;
-    let mut i = 0;
-    let differs = |j: usize| {
-        let e = (j + 512).min(len);
-        old[j..e] != new[j..e]
+    let end = r.offset + r.len;
+    let differs = |from: u64, to: u64| {
+        let (i, j) = ((from - r.offset) as usize, (to - r.offset) as usize);
+        old[i..j] != new[i..j]
     };
-    while i < len {
-        if !differs(i) {
-            i = (i + 512).min(len);
+    // Units of the piece, aligned to the disk: the first and the last may be
+    // cut by the piece's ends.
+    let unit_end = |at: u64| ((at / rules.align + 1) * rules.align).min(end);
+    let mut copied = 0;
+    let mut at = r.offset;
+    while at < end {
+        if !differs(at, unit_end(at)) {
+            at = unit_end(at);
             continue;
         }
-        let mut j = i;
-        while j < len && differs(j) {
-            j = (j + 512).min(len);
+        // The plan holds only what the image stored none of: what it stores now
+        // an earlier run wrote (a whole unit it shares with this piece), with
+        // the old view this run would write.
+        let ext = image.block_status(at, end - at)?;
+        let free = at + ext.len.clamp(1, end - at);
+        if ext.status != Status::Unallocated {
+            at = free;
+            continue;
         }
-        let at = r.offset + i as u64;
-        if r.old_absent && is_zero(&old[i..j]) {
-            image.write_zeroes(at, (j - i) as u64, false)?;
-        } else {
-            image.write(&old[i..j], at)?;
+        let mut to = unit_end(at).min(free);
+        while to < free && differs(to, unit_end(to)) {
+            to = unit_end(to).min(free);
         }
-        copied += (j - i) as u64;
-        i = j;
+        copied += write_run(image, r, old, rules, at, to)?;
+        at = to;
     }
     Ok(copied)
 }
 
-/// Write, compressed, each whole cluster of piece `r` whose old view (`old`)
-/// differs from the new one (`new`); a cluster of zeroes becomes a zero cluster,
-/// one that does not shrink is written as it is, and a cluster the piece covers
-/// only in part (subclusters the image stores) is copied sector by sector.
-fn write_compressed(q: &Qcow2Image, r: &CompareRange, old: &[u8], new: &[u8]) -> Result<u64> {
-    let cs = q.geometry().cluster_size();
-    let size = q.virtual_size();
-    let end = r.offset + r.len;
-    let mut copied = 0;
-    let mut c = r.offset / cs * cs;
-    while c < end {
-        let (from, to) = (c.max(r.offset), (c + cs).min(end));
-        let (i, j) = ((from - r.offset) as usize, (to - r.offset) as usize);
-        c += cs;
-        if old[i..j] == new[i..j] {
-            continue;
-        }
-        let whole = from == c - cs && (to == c || to == size);
-        if !whole {
-            q.write(&old[i..j], from)?;
-        } else if is_zero(&old[i..j]) {
-            q.write_zeroes(from, (j - i) as u64, false)?;
-        } else if let Some(z) = q.compress_cluster(&old[i..j]) {
-            q.write_compressed_cluster(from / cs, &z)?;
-        } else {
-            q.write(&old[i..j], from)?;
-        }
-        copied += (j - i) as u64;
+/// Write the run `[from, to)` of piece `r` (its old view `old`) as
+/// [`write_differences`] decided; the bytes it covers.
+fn write_run(
+    image: &dyn BlockDevice,
+    r: &CompareRange,
+    old: &[u8],
+    rules: &WriteRules,
+    from: u64,
+    to: u64,
+) -> Result<u64> {
+    let slice = |a: u64, b: u64| &old[(a - r.offset) as usize..(b - r.offset) as usize];
+    // Past the old backing file's end qemu-img writes zeroes (never
+    // compressed): whole units where the image stores none of them.
+    if r.old_absent && from >= rules.old_size {
+        let (a, b) = match widened(image, rules, from, to)? {
+            Some((a, b)) if a >= rules.old_size => (a, b),
+            _ => (from, to),
+        };
+        image.write_zeroes(a, b - a, false)?;
+        return Ok(to - from);
     }
-    Ok(copied)
+    if rules.compress {
+        if let Some(q) = image.as_any().downcast_ref::<Qcow2Image>() {
+            return write_compressed(q, r, old, rules, from, to);
+        }
+    }
+    image.write(slice(from, to), from)?;
+    Ok(to - from)
+}
+
+/// Write, compressed, each cluster of the run `[from, to)` of piece `r` (its
+/// old view `old`), as qemu-img's compressed writes do: every cluster the run
+/// touches, zeroes too, is compressed whole (the last one of the disk padded
+/// with zeroes), one that does not shrink is written as it is. A cluster the
+/// piece covers only in part is read whole from the image (which stores none
+/// of it: its old view); where the image stores some of it, the run's part is
+/// written as it is.
+fn write_compressed(
+    q: &Qcow2Image,
+    r: &CompareRange,
+    old: &[u8],
+    rules: &WriteRules,
+    from: u64,
+    to: u64,
+) -> Result<u64> {
+    let cs = q.geometry().cluster_size();
+    let end = r.offset + r.len;
+    let mut c = from / cs * cs;
+    let mut whole = Vec::new();
+    while c < to {
+        let (a, b) = (c.max(from), (c + cs).min(to));
+        let data: &[u8] = match widened(q, rules, a, b)? {
+            Some((s, e)) if s >= r.offset && e <= end => {
+                &old[(s - r.offset) as usize..(e - r.offset) as usize]
+            }
+            Some((s, e)) => {
+                whole.resize((e - s) as usize, 0);
+                q.read(&mut whole, s)?;
+                &whole
+            }
+            None => {
+                q.write(&old[(a - r.offset) as usize..(b - r.offset) as usize], a)?;
+                c += cs;
+                continue;
+            }
+        };
+        match q.compress_cluster(data) {
+            Some(z) => q.write_compressed_cluster(c / cs, &z)?,
+            None => q.write(data, c)?,
+        }
+        c += cs;
+    }
+    Ok(to - from)
 }
 
 /// Carry out a rebase plan with a few workers, then flush `image`. The caller then
@@ -313,6 +409,7 @@ fn apply_with(
         }
     }
     progress.set_total(plan.compare_bytes());
+    let rules = WriteRules::of(image.as_ref(), compress);
     let next = AtomicUsize::new(0);
     let copied = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -338,7 +435,7 @@ fn apply_with(
             if *t != i || failed.load(Ordering::Relaxed) {
                 return; // another piece failed
             }
-            let res = res.and_then(|_| write_differences(image.as_ref(), r, &old, &new, compress));
+            let res = res.and_then(|_| write_differences(image.as_ref(), r, &old, &new, &rules));
             *t = i + 1;
             if res.is_err() {
                 failed.store(true, Ordering::Relaxed);

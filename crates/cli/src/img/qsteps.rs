@@ -325,6 +325,9 @@ pub fn rebase_figures(
             offset += n;
             continue;
         }
+        if let Some(q) = q {
+            n = unallocated_run(q, offset, n)?;
+        }
         if let Some(layers) = &prefix {
             let (allocated, m) = allocated_in(layers, offset, n)?;
             if !allocated {
@@ -340,6 +343,29 @@ pub fn rebase_figures(
         figures.push(current);
     }
     Ok(figures)
+}
+
+/// How much of the unallocated `offset..offset + n` of `q` QEMU reports as
+/// one run: with extended L2 entries, unallocated subclusters of a cluster that
+/// has a host cluster are a kind apart from those of one that has none, so a
+/// run ends where the kind changes (at a cluster boundary).
+fn unallocated_run(q: &Qcow2Image, offset: u64, n: u64) -> strata_format::Result<u64> {
+    let g = q.geometry();
+    if !g.extended_l2 {
+        return Ok(n);
+    }
+    let cs = g.cluster_size();
+    let reserved = |at: u64| q.reserved_host_offset(at).map(|r| r.is_some());
+    let first = reserved(offset)?;
+    let end = offset.saturating_add(n);
+    let mut c = (offset / cs + 1) * cs;
+    while c < end {
+        if reserved(c)? != first {
+            return Ok(c - offset);
+        }
+        c += cs;
+    }
+    Ok(n)
 }
 
 /// The layers of `image`'s backing chain above the one whose file is

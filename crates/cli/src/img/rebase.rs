@@ -105,8 +105,15 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .backing_format
         .as_deref()
         .filter(|_| new_name.is_some());
+    // In safe mode qemu-img reads a new backing file that is one of the
+    // image's backing files through the image's own chain, whatever -F says
+    // (the format given is only recorded).
+    let in_chain = new_name
+        .as_deref()
+        .filter(|_| !args.unsafe_mode)
+        .and_then(|n| layer_in_chain(&chain, &spec.path, n));
     let new_format: Option<Format> = match new_format_name {
-        Some(f) if args.unsafe_mode => f.parse().ok(),
+        Some(f) if args.unsafe_mode || in_chain.is_some() => f.parse().ok(),
         Some(f) => Some(f.parse()?),
         None => None,
     };
@@ -119,7 +126,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // missing one is refused first.
     let missing_new_backing = |n: &str| -> Result<()> {
         let path = strata_chain::resolve_backing(&spec.path, n);
-        if let (false, Err(e)) = (args.unsafe_mode, std::fs::metadata(&path)) {
+        let file = !n.starts_with("json:");
+        if let (false, true, Err(e)) = (args.unsafe_mode, file, std::fs::metadata(&path)) {
             bail!(
                 "Could not open new backing file '{n}': Could not open '{n}': {}",
                 strata_storage::os_message(&e)
@@ -167,7 +175,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         // A relative new backing name resolves against the image's file
         // name; an image QEMU names by a `json:` name (options that change
         // its data, or its backing file's) has none to resolve it against.
-        if new_name.as_deref().is_some_and(|n| !n.starts_with('/')) {
+        if new_name
+            .as_deref()
+            .is_some_and(|n| !n.starts_with('/') && !n.starts_with("json:"))
+        {
             let backing = chain.layers.get(1).map(|l| (l.path.as_path(), l.format));
             let top = chain.layers[0].format;
             if let Some(j) = super::imgname::json_name_with_backing(&spec, top, backing) {
@@ -177,9 +188,19 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             }
         }
         let new_chain = match (&new_name, new_format) {
+            _ if in_chain.is_some() => None,
             (Some(n), f) if f.is_some() || format_missing => {
                 let path = strata_chain::resolve_backing(&spec.path, n);
-                let spec = strata_chain::OpenSpec::new(&path).format(f);
+                // A `json:` name is opened as QEMU opens it (its file names
+                // relative to the working directory), and recorded as given.
+                let spec = if n.starts_with("json:") {
+                    super::imgname::image_spec(std::path::Path::new(n), new_format_name, false)
+                        .map_err(|e| {
+                            anyhow::anyhow!("Could not open new backing file '{n}': {e}")
+                        })?
+                } else {
+                    strata_chain::OpenSpec::new(&path).format(f)
+                };
                 Some(strata_chain::open(&spec).map_err(|e| match &e {
                     // The format driver's own refusal (a secret it needs, a
                     // header it rejects): the file is not named again.
@@ -202,9 +223,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             let figures = rebase_figures(image.as_ref(), args.compress, new_path.as_deref())?;
             shown.steps.set_shares(spread_over_job(figures));
         }
+        let new_backing = in_chain.or_else(|| new_chain.as_ref().map(|c| c.top().clone()));
         rebase::copy_differences_with(
             &image,
-            new_chain.as_ref().map(|c| c.top()),
+            new_backing.as_ref(),
             args.compress,
             &shown,
             &Cancel::default(),
@@ -221,6 +243,22 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     shown.steps.end();
     image.close()?;
     Ok(0)
+}
+
+/// The device of the layer of `chain` below its top whose file is the new
+/// backing file `name` (resolved against the image `path`), if any.
+fn layer_in_chain(
+    chain: &strata_chain::Chain,
+    path: &std::path::Path,
+    name: &str,
+) -> Option<std::sync::Arc<dyn strata_format::BlockDevice>> {
+    let target = std::fs::canonicalize(strata_chain::resolve_backing(path, name)).ok()?;
+    chain
+        .layers
+        .iter()
+        .skip(1)
+        .find(|l| std::fs::canonicalize(&l.path).is_ok_and(|p| p == target))
+        .map(|l| l.device.clone())
 }
 
 /// The innermost reason of a chain error, as qemu-img words it.

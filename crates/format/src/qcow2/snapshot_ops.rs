@@ -662,12 +662,19 @@ impl Qcow2Image {
 }
 
 impl Qcow2Image {
-    /// Make the active disk empty: every L1 entry cleared, so all reads fall through
-    /// to the backing file (what an overlay looks like after `qemu-img commit`).
-    /// Each L2 table and the clusters it maps lose the active view's reference;
-    /// what internal snapshots share stays with them. The file's free tail is then
-    /// given back, so an image without snapshots shrinks to its header, refcount
-    /// structures and L1 table, as qemu-img 10 leaves it.
+    /// Make the active disk empty: every guest cluster unallocated, so all reads
+    /// fall through to the backing file (what an overlay looks like after
+    /// `qemu-img commit`).
+    ///
+    /// An image qemu-img 10 rebuilds (version 3 without snapshots, bitmaps or
+    /// encryption) has every L1 entry cleared: each L2 table and the clusters
+    /// it maps lose the active view's reference, and the file's free tail is
+    /// given back, so it shrinks to its header, refcount structures and L1
+    /// table. Any other image (but one with an external data file) is emptied
+    /// as qemu-img's fallback empties it: every L2 entry is cleared in place
+    /// (a table shared with a snapshot copied first), the clusters freed are
+    /// punched, and the file keeps its length; what internal snapshots share
+    /// stays with them.
     ///
     /// Crash safety: the cleared L1 table is written and flushed before any
     /// refcount drops, and the file is shortened only past the last cluster whose
@@ -701,6 +708,25 @@ impl Qcow2Image {
                 &[]
             };
         let external = self.data.is_external();
+        // What qemu-img cannot rebuild (version 2, snapshots, bitmaps,
+        // encryption) it empties by discarding every guest cluster in full:
+        // each L2 table stays (made the image's own), its entries cleared, and
+        // only the freed clusters are punched; the file keeps its length.
+        let discards = !external
+            && (m.h.version < 3
+                || m.h.nb_snapshots != 0
+                || m.h.bitmaps.is_some()
+                || m.h.crypt_method == super::header::crypt::LUKS);
+        if discards {
+            let cs = m.geo.cluster_size();
+            let clusters = m.h.size.div_ceil(cs);
+            let r = marked
+                .and_then(|_| m.dirty_bitmaps())
+                .and_then(|_| m.discard_in_full(0, clusters))
+                .and_then(|_| m.flush_metadata());
+            r.map_err(|e| self.fail_corrupt(&mut m, e))?;
+            return m.end_metadata_op(set_here).map_err(|e| self.err(e));
+        }
         let r = marked
             .and_then(|_| m.dirty_bitmaps())
             .and_then(|_| m.drop_l2_tables(0, false, after_l1))
