@@ -128,13 +128,14 @@ impl Qcow2Image {
     ) -> Result<()> {
         vet(&m.h, o)?;
         let version = o.version.unwrap_or(m.h.version);
-        let lazy_only = version == m.h.version
-            && !matches!(o.refcount_bits, Some(b) if b.trailing_zeros() != m.h.refcount_order);
-        // The lazy-refcounts toggle is one header field, flushed after it is
-        // written; it makes nothing else live, so with nothing of this session
-        // waiting in the caches it needs no flush before it (as QEMU's, one
-        // fdatasync, not two). Every other step starts from flushed metadata.
-        if !(lazy_only && m.metadata_clean()) {
+        // Every step starts from flushed metadata. With nothing of this session
+        // waiting in the caches, no flush is needed for that: each step flushes
+        // what it writes before the write that makes it live (the lazy-refcounts
+        // toggle is one header field flushed after it is written; the version
+        // and refcount-width changes write their new structures, flush, then
+        // switch the header), so a flush here would only sync a file nothing of
+        // this session changed (QEMU does none either).
+        if !m.metadata_clean() {
             m.flush_metadata()?;
         }
         if version < m.h.version
@@ -179,17 +180,24 @@ impl Qcow2Image {
 
 /// Write `new` over the header area, which now holds `old`: the part past the
 /// first sector first when `old` does not reach it, so that the first sector's
-/// write switches from one whole header to the other.
+/// write switches from one whole header to the other. The part past the first
+/// sector is flushed before the first sector is written only when `new` uses
+/// it: where neither header reaches past the first sector, that part holds
+/// nothing either names (it is only zeroed, as QEMU leaves it), and one flush
+/// after both writes suffices.
 pub(crate) fn write_header(m: &mut Meta, mut new: Header) -> Result<()> {
     let cs = index(m.cluster_size());
     let old_len = m.h.clone().serialize()?.len();
     // The whole first cluster, as QEMU writes it (a longer header the file held
     // leaves nothing behind).
     let mut bytes = new.serialize()?;
+    let new_len = bytes.len();
     bytes.resize(cs, 0);
     if old_len <= 512 && bytes.len() > 512 {
         m.storage.write_at(&bytes[512..], 512)?;
-        m.storage.flush()?;
+        if new_len > 512 {
+            m.storage.flush()?;
+        }
         m.storage.write_at(&bytes[..512], 0)?;
     } else {
         m.storage.write_at(&bytes, 0)?;

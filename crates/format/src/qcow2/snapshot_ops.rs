@@ -106,24 +106,29 @@ impl Meta {
             // walk this check runs ahead of announces its own loads, where
             // QEMU's does (blkdebug rules keyed to them fire there).
             let table = self.l2_table_copy(l2off)?;
+            // Consecutive entries mostly share a refcount block: each block
+            // index is looked up once per run.
+            let mut known = None;
+            let mut check = |m: &Self, c: u64| -> Result<()> {
+                let idx = c / epb;
+                if known != Some(idx) {
+                    m.refuse_without_refblock(idx)?;
+                    known = Some(idx);
+                }
+                Ok(())
+            };
             for &raw in table.iter().step_by(w) {
-                let clusters: Vec<u64> = if raw & OFLAG_COMPRESSED != 0 {
-                    match self.geo.decode_l2(raw, 0)? {
-                        L2Entry::Compressed { offset, size } => {
-                            offset.clusters(size, bits).map(|c| c.get()).collect()
+                if raw & OFLAG_COMPRESSED != 0 {
+                    if let L2Entry::Compressed { offset, size } = self.geo.decode_l2(raw, 0)? {
+                        for c in offset.clusters(size, bits) {
+                            check(self, c.get())?;
                         }
-                        L2Entry::Normal { .. } => Vec::new(),
                     }
                 } else {
                     let host = raw & OFFSET_MASK;
-                    if host == 0 {
-                        Vec::new()
-                    } else {
-                        vec![host >> bits]
+                    if host != 0 {
+                        check(self, host >> bits)?;
                     }
-                };
-                for c in clusters {
-                    self.refuse_without_refblock(c / epb)?;
                 }
             }
             self.refuse_without_refblock(l2off.get() / cs / epb)?;
@@ -241,7 +246,22 @@ impl Meta {
 
     /// Write `snaps` as the new snapshot table and switch the header to it; then free
     /// the old table.
-    pub(crate) fn replace_snapshot_table(&mut self, mut snaps: Vec<Snapshot>) -> Result<()> {
+    pub(crate) fn replace_snapshot_table(&mut self, snaps: Vec<Snapshot>) -> Result<()> {
+        self.replace_snapshot_table_with(snaps, None)
+    }
+
+    /// [`Meta::replace_snapshot_table`], with the header's incompatible-features
+    /// field set to `incompat` (version 3 only) by the same write that switches the
+    /// count and offset: bytes 60..80 lie in the first sector, which the disk
+    /// writes whole, so the commit point and the features change become durable
+    /// together. Only a caller for which either state of the field is safe on
+    /// both sides of the commit point may pass one (see `create_in_place`).
+    pub(crate) fn replace_snapshot_table_with(
+        &mut self,
+        mut snaps: Vec<Snapshot>,
+        incompat: Option<u64>,
+    ) -> Result<()> {
+        let incompat = incompat.filter(|_| self.h.version >= 3);
         let cs = self.cluster_size();
         snapshot::complete_disk_sizes(&mut snaps, self.h.size);
         for s in &mut snaps {
@@ -261,11 +281,21 @@ impl Meta {
             off
         };
         self.storage.flush()?;
-        let mut hdr = [0u8; 12];
+        let mut hdr = [0u8; 20];
         hdr[..4].copy_from_slice(&nb_snapshots.to_be_bytes());
-        hdr[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.storage.write_at(&hdr, 60)?;
+        hdr[4..12].copy_from_slice(&new_off.to_be_bytes());
+        let hdr = match incompat {
+            Some(features) => {
+                hdr[12..].copy_from_slice(&features.to_be_bytes());
+                &hdr[..]
+            }
+            None => &hdr[..12],
+        };
+        self.storage.write_at(hdr, 60)?;
         self.storage.flush()?;
+        if let Some(features) = incompat {
+            self.h.incompatible_features = features;
+        }
         let old_off = self.h.snapshots_offset;
         let old_len = snapshot::table_size(&self.snapshots);
         self.h.nb_snapshots = nb_snapshots;
@@ -368,7 +398,7 @@ impl Qcow2Image {
         let m = &mut *m;
         let r = (|| {
             let set = m.begin_metadata_op()?;
-            let r = self.snapshot_create_locked(m, spec, vm_base);
+            let r = self.snapshot_create_locked(m, spec, vm_base, set);
             if r.is_ok() {
                 m.end_metadata_op(set)?;
             }
@@ -382,6 +412,7 @@ impl Qcow2Image {
         m: &mut Meta,
         spec: &SnapshotSpec,
         vm_base: u64,
+        owns_dirty: bool,
     ) -> Result<Snapshot> {
         if m.snapshots.len() as u64 >= u64::from(MAX_SNAPSHOTS) {
             return Err(Error::invalid_argument(
@@ -401,7 +432,15 @@ impl Qcow2Image {
         if !spec.vm_state.is_empty() {
             self.write_beyond_disk(m, &spec.vm_state, vm_base)?;
         }
-        m.flush_metadata()?;
+        if m.snapshots_in_place() {
+            // The in-place create flushes before its commit point, which makes
+            // everything written before it durable first (the VM state, and
+            // anything cached now): a flush here would only sync a file nothing
+            // of this operation changed yet (as QEMU, which does none).
+            m.flush_caches_before_op()?;
+        } else {
+            m.flush_metadata()?;
+        }
         let next_id = m
             .snapshots
             .iter()
@@ -436,7 +475,7 @@ impl Qcow2Image {
         let mut snaps = m.snapshots.clone();
         snaps.push(snap.clone());
         if m.snapshots_in_place() {
-            self.create_in_place(m, snap)?;
+            self.create_in_place(m, snap, owns_dirty)?;
         } else if !self.switch_snapshots(m, snaps)? {
             let l1_table_offset = self.share_active_l1(m)?;
             let mut snaps = m.snapshots.clone();

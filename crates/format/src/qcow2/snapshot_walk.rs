@@ -31,13 +31,18 @@
 //! its crash leaves leaks at worst, as QEMU's does, and the bit with its two
 //! flushes is spared. Refcounts only rise before
 //! the commit point and only fall after it, so no referenced cluster is ever
-//! counted 0. Version 2 images have no dirty bit and keep the header switch of
+//! counted 0. Flushes are spent on those orders only: after the dirty bit,
+//! before and after each commit point, and before the bit is cleared (create
+//! clears it in its commit write: past it only refcounts fall, leaks at worst);
+//! writes between them (refcounts, flags, the L1 tables) are not ordered among
+//! themselves. Version 2 images have no dirty bit and keep the header switch of
 //! `snapshot_switch`; so do an apply whose L1 table is larger than one sector
 //! (QEMU's single write of it could tear) and an apply that changes the disk
 //! size.
 
 use super::barrier::Barrier;
 use super::entries::{decode_l1, L2Entry, OFLAG_COPIED};
+use super::header;
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use super::snapshot::Snapshot;
@@ -60,11 +65,15 @@ impl Meta {
     /// order, and set every COPIED flag from the refcount it then has (entries in
     /// the cached L2 tables, entries of `l1` in place). A table whose cluster
     /// becomes free leaves the cache unwritten. The refcounts and L2 tables are
-    /// then written (no order among them: the dirty bit covers the window) and
-    /// made durable. The dirty bit an operation deferred is written at the first
-    /// flag that changes, before the refcount change that calls for it can be
-    /// written (it is still in the cache) and before any flag is. Returns
-    /// whether an entry of `l1` changed.
+    /// then written (no order among them: the dirty bit covers the window). The
+    /// dirty bit an operation deferred is written at the first flag that changes,
+    /// before the refcount change that calls for it can be written (it is still
+    /// in the cache) and before any flag is. Nothing is
+    /// flushed after these writes: a caller whose next write must not land
+    /// before them (apply's commit point) places its own barrier. Clusters that
+    /// became free are discarded at once, so call only where nothing durable
+    /// references them any more (past the commit point). Returns whether an
+    /// entry of `l1` changed.
     pub(crate) fn walk_snapshot_refcounts(&mut self, l1: &mut [u64], addend: i64) -> Result<bool> {
         let cs = self.cluster_size();
         let bits = self.geo.cluster_bits;
@@ -121,7 +130,6 @@ impl Meta {
         }
         self.write_dirty_refblocks()?;
         self.write_dirty_l2_tables()?;
-        self.barrier_named(Barrier::SnapshotRefcountsBeforeL1)?;
         self.discard_freed(&freed)?;
         Ok(modified)
     }
@@ -165,16 +173,17 @@ impl Meta {
         Ok(())
     }
 
-    /// Write the whole active L1 table `l1` over the current one and flush.
+    /// Write the whole active L1 table `l1` over the current one (no flush).
     fn write_active_l1(&mut self, l1: &[u64]) -> Result<()> {
         self.storage
             .write_at(&Meta::encode_table(l1), self.h.l1_table_offset)?;
-        self.storage.flush()?;
         Ok(())
     }
 
     /// The active tables' COPIED flags set from their refcounts (QEMU's walk with
-    /// nothing added), the L1 table written if one changed.
+    /// nothing added), the L1 table written if one changed (no flush: the flags
+    /// change under the dirty bit, and the flush before it is cleared makes them
+    /// durable).
     fn settle_active_flags(&mut self) -> Result<()> {
         let mut l1 = self.l1.clone();
         if self.walk_snapshot_refcounts(&mut l1, 0)? {
@@ -187,7 +196,22 @@ impl Meta {
 
 impl Qcow2Image {
     /// Create `snap` (its L1 offset is filled in) the way QEMU does; see the module.
-    pub(crate) fn create_in_place(&self, m: &mut Meta, snap: Snapshot) -> Result<()> {
+    ///
+    /// Flushes: the L1 copy and the new snapshot table are written with the
+    /// walk's refcounts and flags (under the dirty bit where a flag changes),
+    /// one flush, then the commit point. Where this operation set the dirty bit
+    /// (`owns_dirty`), the commit's header write clears it in the same sector:
+    /// every flag and refcount change is durable before it, and what follows
+    /// (the old table's refcounts falling) leaks clusters at worst, which needs
+    /// no bit; a torn outcome cannot arise (one sector), and either order of the
+    /// two fields would be safe anyway (before the commit only raised refcounts
+    /// and agreeing flags are durable: leaks).
+    pub(crate) fn create_in_place(
+        &self,
+        m: &mut Meta,
+        snap: Snapshot,
+        owns_dirty: bool,
+    ) -> Result<()> {
         let bits = m.geo.cluster_bits;
         let l1 = m.l1.clone();
         let bytes = l1.len() as u64 * 8;
@@ -205,7 +229,10 @@ impl Qcow2Image {
             l1_size: header_u32(m.l1.len() as u64, "L1 table size")?,
             ..snap
         });
-        m.replace_snapshot_table(snaps)?;
+        // The bit was written only if a flag changed (else it is still deferred).
+        let clear = (owns_dirty && !m.dirty_deferred && m.h.is_dirty())
+            .then_some(m.h.incompatible_features & !header::incompat::DIRTY);
+        m.replace_snapshot_table_with(snaps, clear)?;
         m.flush_metadata()
     }
 
@@ -249,16 +276,24 @@ impl Qcow2Image {
         }
         // Raise the snapshot's refcounts; its own tables' flags follow them.
         let mut walked = sl1.clone();
-        if m.walk_snapshot_refcounts(&mut walked, 1)? {
+        let relabelled = m.walk_snapshot_refcounts(&mut walked, 1)?;
+        // The raised refcounts are durable before the commit point.
+        m.barrier_named(Barrier::SnapshotRefcountsBeforeL1)?;
+        if relabelled {
+            // Flags only, under the dirty bit (a flag changed): no flush of
+            // its own; the commit's flush follows.
             m.storage
                 .write_at(&Meta::encode_table(&walked), snap.l1_table_offset)?;
-            m.storage.flush()?;
         }
-        // The commit point: the snapshot's L1 as it was stored, in one sector.
+        // The commit point: the snapshot's L1 as it was stored, in one sector
+        // (its flags may disagree with the refcounts until the settling walk:
+        // the dirty bit covers that). Durable before any refcount falls.
         let mut new = sl1;
         new.resize(m.l1.len(), 0);
         m.write_active_l1(&new)?;
-        // Then lower the old tables' refcounts and settle the active flags.
+        m.storage.flush()?;
+        // Then lower the old tables' refcounts and settle the active flags,
+        // made durable by one flush before the bit is cleared.
         let mut old = std::mem::replace(&mut m.l1, new);
         m.walk_snapshot_refcounts(&mut old, -1)?;
         m.settle_active_flags()?;
