@@ -22,7 +22,7 @@ pub struct NbdCli {
 #[derive(clap::Subcommand)]
 enum NbdCommand {
     /// Export images (and their backing chains) over NBD.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send a live operation to a running server's control socket.
     Ctl(CtlArgs),
 }
@@ -103,7 +103,7 @@ struct CtlArgs {
 
 pub fn run(cli: NbdCli) -> i32 {
     let r = match cli.command {
-        NbdCommand::Serve(a) => serve(a),
+        NbdCommand::Serve(a) => serve(*a),
         NbdCommand::Ctl(a) => ctl(a),
     };
     match r {

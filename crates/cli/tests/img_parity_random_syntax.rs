@@ -579,7 +579,7 @@ fn pinned_image_name_usages_match_qemu_img() {
 
 #[test]
 fn random_image_name_usages_match_qemu_img() {
-    let seed = std::env::var("SWEEP_SEED").map_or(0x5eed_0f_4a3e, |s| s.parse().unwrap());
+    let seed = std::env::var("SWEEP_SEED").map_or(0x005e_ed0f_4a3e, |s| s.parse().unwrap());
     let n = std::env::var("SWEEP_N").map_or(150, |s| s.parse().unwrap());
     let root = tempfile::tempdir().unwrap();
     let (fx, nbd, _srv) = setup(root.path());
