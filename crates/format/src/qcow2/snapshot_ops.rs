@@ -719,7 +719,7 @@ impl Qcow2Image {
     /// refcount drops, and the file is shortened only past the last cluster whose
     /// refcount is durable at zero, so a crash leaks clusters at worst.
     ///
-    /// A v3 image without snapshots announces the events QEMU's emptying of
+    /// A v3 image qemu-img rebuilds announces the events QEMU's emptying of
     /// such an image announces (`l1_update` before the L1 table is cleared;
     /// `empty_image_prepare`, `l1_update`, `reftable_update` and
     /// `refblock_alloc` once it is), so blkdebug rules fail the same step. A
@@ -734,18 +734,6 @@ impl Qcow2Image {
         // The dirty bit goes first, before the events that announce the
         // emptying's writes (a rule failing them must not fail the bit).
         let marked = m.mark_op_dirty();
-        let after_l1: &[DebugEvent] =
-            if marked.is_ok() && m.h.version >= 3 && m.snapshots.is_empty() {
-                m.storage.debug_event(DebugEvent::L1Update);
-                &[
-                    DebugEvent::EmptyImagePrepare,
-                    DebugEvent::L1Update,
-                    DebugEvent::ReftableUpdate,
-                    DebugEvent::RefblockAlloc,
-                ]
-            } else {
-                &[]
-            };
         let external = self.data.is_external();
         // What qemu-img cannot rebuild (version 2, snapshots, bitmaps,
         // encryption) it empties by discarding every guest cluster in full:
@@ -756,6 +744,19 @@ impl Qcow2Image {
                 || m.h.nb_snapshots != 0
                 || m.h.bitmaps.is_some()
                 || m.h.crypt_method == super::header::crypt::LUKS);
+        // Only the rebuild announces the rebuild's events.
+        let after_l1: &[DebugEvent] =
+            if marked.is_ok() && !discards && m.h.version >= 3 && m.snapshots.is_empty() {
+                m.storage.debug_event(DebugEvent::L1Update);
+                &[
+                    DebugEvent::EmptyImagePrepare,
+                    DebugEvent::L1Update,
+                    DebugEvent::ReftableUpdate,
+                    DebugEvent::RefblockAlloc,
+                ]
+            } else {
+                &[]
+            };
         if discards {
             let cs = m.geo.cluster_size();
             let clusters = m.h.size.div_ceil(cs);
