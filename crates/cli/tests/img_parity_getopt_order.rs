@@ -68,6 +68,12 @@ const ROWS: &[&str] = &[
     "resize --preallocation=bogus a.qcow2 abc",
     "resize --zzz --preallocation=bogus a.qcow2 1M",
     "resize a.qcow2 1M --preallocation",
+    // A negative size right after the file name is no option; elsewhere it is.
+    "resize --shrink a.qcow2 -512k",
+    "resize --shrink a.qcow2 -512k --zzz",
+    "resize --preallocation=bogus a.qcow2 -512k",
+    "resize --shrink -512k a.qcow2",
+    "resize -512k a.qcow2",
     // convert
     "convert -S abc --zzz a.qcow2 o.raw",
     "convert -m 0 --zzz a.qcow2 o.raw",

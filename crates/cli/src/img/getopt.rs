@@ -45,6 +45,7 @@ fn options(cmd: &clap::Command, sub: &str, args: &[String]) -> Vec<Met> {
 fn walk(cmd: &clap::Command, sub: &str, args: &[String]) -> (Vec<Met>, Option<Stop>) {
     let mut met = Vec::new();
     let mut it = args.iter();
+    let mut file_seen = false;
     let takes_value = |a: &clap::Arg| a.get_action().takes_values();
     let key = |a: &clap::Arg| match a.get_long() {
         Some(l) => l.to_string(),
@@ -94,6 +95,17 @@ fn walk(cmd: &clap::Command, sub: &str, args: &[String]) -> (Vec<Met>, Option<St
             continue;
         }
         let Some(cluster) = a.strip_prefix('-').filter(|c| !c.is_empty()) else {
+            // resize's first file name may be followed by a negative size,
+            // which is no option (`-` and a digit).
+            if sub == "resize" && !file_seen {
+                let mut ahead = it.clone();
+                if ahead.next().is_some_and(|n| {
+                    n.len() > 1 && n.starts_with('-') && n.as_bytes()[1].is_ascii_digit()
+                }) {
+                    it = ahead;
+                }
+            }
+            file_seen = true;
             continue;
         };
         for (i, c) in cluster.char_indices() {
