@@ -146,6 +146,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if let (Some(n), true) = (&new_name, format_missing) {
         if args.unsafe_mode || image.overlay().is_none() {
             missing_new_backing(n)?;
+            // qemu-img shows its last figure before it reports the change
+            // of the link failed.
+            shown.steps.set(100.0);
             bail!("Could not change the backing file to '{n}': backing format must be specified");
         }
     }
