@@ -125,51 +125,31 @@ pub(super) fn counted(
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let int_max = i32::MAX as u64;
     let i64_max = i64::MAX as u64;
-    let (mut count, mut depth, mut offset, mut bufsize) = (75000, 64, 0, 4096);
-    let (mut step, mut pattern, mut flush) = (0, 0, 0);
-    // qemu-img checks each option value as getopt hands it over, so the first
-    // wrong one typed is the one reported; the file name is counted after.
-    use super::convert::typed_at;
-    let mut order = [
-        (typed_at("-c", "--count"), 0),
-        (typed_at("-d", "--depth"), 1),
-        (typed_at("-o", "--offset"), 2),
-        (typed_at("-s", "--buffer-size"), 3),
-        (typed_at("-S", "--step-size"), 4),
-        (typed_at("", "--pattern"), 5),
-        (typed_at("", "--flush-interval"), 6),
-        (typed_at("-t", "--cache"), 7),
-        (typed_at("-i", "--aio"), 8),
-    ];
-    order.sort();
-    for (_, which) in order {
-        match which {
-            0 => count = counted("request count", args.count.as_deref(), 1, int_max, count)?,
-            1 => depth = counted("queue depth", args.depth.as_deref(), 1, int_max, depth)?,
-            2 => offset = ranged("offset", args.offset.as_deref(), 0, i64_max, offset)?,
-            3 => bufsize = ranged("buffer size", args.size.as_deref(), 1, int_max, bufsize)?,
-            4 => step = ranged("step size", args.step.as_deref(), 0, int_max, step)?,
-            5 => pattern = counted("pattern byte", args.pattern.as_deref(), 0, 255, 0)? as u8,
-            6 => {
-                let f = args.flush_interval.as_deref();
-                flush = counted("flush interval", f, 0, int_max, 0)?
-            }
-            7 => {
-                if args
-                    .cache
-                    .as_deref()
-                    .is_some_and(|c| !super::convert::is_cache_mode(c))
-                {
-                    bail!("Invalid cache mode");
-                }
-            }
-            _ => {
-                if let Some(a) = &args.aio {
-                    if !matches!(a.as_str(), "threads" | "native" | "io_uring") {
-                        bail!("Invalid aio option: {a}");
-                    }
-                }
-            }
+    // qemu-img judges each value as its option loop meets it: `getopt::refusal`
+    // has already refused the first bad one in the order typed.
+    let count = counted("request count", args.count.as_deref(), 1, int_max, 75000)?;
+    let depth = counted("queue depth", args.depth.as_deref(), 1, int_max, 64)?;
+    let offset = ranged("offset", args.offset.as_deref(), 0, i64_max, 0)?;
+    let bufsize = ranged("buffer size", args.size.as_deref(), 1, int_max, 4096)?;
+    let step = ranged("step size", args.step.as_deref(), 0, int_max, 0)?;
+    let pattern = counted("pattern byte", args.pattern.as_deref(), 0, 255, 0)? as u8;
+    let flush = counted(
+        "flush interval",
+        args.flush_interval.as_deref(),
+        0,
+        int_max,
+        0,
+    )?;
+    if args
+        .cache
+        .as_deref()
+        .is_some_and(|c| !super::convert::is_cache_mode(c))
+    {
+        bail!("Invalid cache mode");
+    }
+    if let Some(a) = &args.aio {
+        if !matches!(a.as_str(), "threads" | "native" | "io_uring") {
+            bail!("Invalid aio option: {a}");
         }
     }
     let [filename] = args.files.as_slice() else {

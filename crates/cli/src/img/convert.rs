@@ -137,8 +137,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 }
 
 fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
-    // qemu-img checks the values of -S, -m, -r, -l and -o as it reads each
-    // option, so the first one typed that is wrong is the one reported.
     let early = early_values(&args, ctx)?;
     let (sparse_size, workers, rate, snapshot) = early;
     // The combinations qemu-img refuses once the options are read, in its order.
@@ -549,53 +547,25 @@ fn salvaging(sources: &[ChainStatus], warn: Option<&str>) -> Result<Vec<ChainSta
 /// worker count, the rate limit and the snapshot key.
 type Early = (u64, usize, u64, Option<String>);
 
-/// Where on the command line the option `short` (`-X`, `-Xvalue`; none if
-/// empty) or `long` (`--name`, `--name=value`) was first typed, for checking
-/// option values in the order getopt hands them to qemu-img; `usize::MAX` if
-/// it was not.
-pub(super) fn typed_at(short: &str, long: &str) -> usize {
-    std::env::args()
-        .position(|a| {
-            (!short.is_empty() && a.starts_with(short) && !a.starts_with("--"))
-                || a == long
-                || a.starts_with(&format!("{long}="))
-        })
-        .unwrap_or(usize::MAX)
-}
-
+/// The values of -S, -m, -r, -l and -o, read. qemu-img judges them as its
+/// option loop meets them; `getopt::refusal` has already refused the first
+/// bad one in the order typed, so here they are only parsed.
 fn early_values(args: &Args, ctx: &Ctx) -> Result<Early> {
-    let mut order = [
-        (typed_at("-S", "--sparse-size"), 0),
-        (typed_at("-m", "--parallel"), 1),
-        (typed_at("-r", "--rate"), 2),
-        (typed_at("-l", "--snapshot"), 3),
-        (typed_at("-o", "--options"), 4),
-    ];
-    order.sort();
-    let (mut sparse, mut workers, mut rate, mut snapshot) = (4096, default_workers(), 0, None);
-    for (_, which) in order {
-        match which {
-            0 => {
-                if let Some(s) = &args.sparse_size {
-                    sparse = sparse_size_arg(s)?;
-                }
-            }
-            1 => {
-                if let Some(m) = &args.workers {
-                    workers = workers_arg(m)?;
-                }
-            }
-            2 => rate = super::common::parse_rate(args.rate.as_deref())?,
-            3 => {
-                snapshot = args
-                    .snapshot_param
-                    .as_deref()
-                    .map(|s| snapshot_key(s, ctx))
-                    .transpose()?
-            }
-            _ => super::common::check_option_lists(&args.options)?,
-        }
-    }
+    let sparse = args
+        .sparse_size
+        .as_deref()
+        .map_or(Ok(4096), sparse_size_arg)?;
+    let workers = args
+        .workers
+        .as_deref()
+        .map_or(Ok(default_workers()), workers_arg)?;
+    let rate = super::common::parse_rate(args.rate.as_deref())?;
+    let snapshot = args
+        .snapshot_param
+        .as_deref()
+        .map(|s| snapshot_key(s, ctx))
+        .transpose()?;
+    super::common::check_option_lists(&args.options)?;
     Ok((sparse, workers, rate, snapshot))
 }
 

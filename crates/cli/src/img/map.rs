@@ -50,34 +50,22 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         "Try '{} map --help' for more info",
         super::invoked_as(ctx.prog)
     );
-    // qemu-img checks each option value as getopt hands it over, then counts
-    // the file names.
-    let mut order = [
-        (super::convert::typed_at("", "--output"), 0),
-        (super::convert::typed_at("-s", "--start-offset"), 1),
-        (super::convert::typed_at("-l", "--max-length"), 2),
-    ];
-    order.sort();
-    let (mut output, mut start, mut max_len) = (OutputFormat::Human, 0, None);
-    for (_, which) in order {
-        match which {
-            0 => match args.output.as_deref() {
-                None | Some("human") => output = OutputFormat::Human,
-                Some("json") => output = OutputFormat::Json,
-                Some(o) => bail!("--output expects 'human' or 'json' not '{o}'\n{try_help}"),
-            },
-            1 => {
-                if let Some(s) = &args.start_offset {
-                    start = size_arg("start offset", s)?;
-                }
-            }
-            _ => {
-                if let Some(s) = &args.max_length {
-                    max_len = Some(size_arg("max length", s)?);
-                }
-            }
-        }
-    }
+    // qemu-img judges each value as its option loop meets it: `getopt::refusal`
+    // has already refused the first bad one in the order typed.
+    let output = match args.output.as_deref() {
+        None | Some("human") => OutputFormat::Human,
+        Some("json") => OutputFormat::Json,
+        Some(o) => bail!("--output expects 'human' or 'json' not '{o}'\n{try_help}"),
+    };
+    let start = args
+        .start_offset
+        .as_deref()
+        .map_or(Ok(0), |s| size_arg("start offset", s))?;
+    let max_len = args
+        .max_length
+        .as_deref()
+        .map(|s| size_arg("max length", s))
+        .transpose()?;
     let [file] = args.files.as_slice() else {
         bail!("Expecting one image file name\n{try_help}");
     };
