@@ -283,6 +283,21 @@ fn reopen(b: &mut Backend, i: usize, write: bool) -> Result<()> {
     }
 }
 
+/// Give the device clients write the export's TRIM policy. Under
+/// [`Discard::Unmap`] a qcow2 image punches the file's space of the clusters a
+/// trim (or a zero write that may unmap) frees, once their zero refcounts are
+/// durable, as qemu-nbd's qcow2 driver passes those discards down to its file;
+/// under [`Discard::Ignore`] the export never frees anything, so there is
+/// nothing to punch.
+fn apply_discard_policy(device: &dyn BlockDevice, discard: Discard) {
+    if let Some(q) = device
+        .as_any()
+        .downcast_ref::<strata_format::qcow2::Qcow2Image>()
+    {
+        q.set_punch_unmapped(discard == Discard::Unmap);
+    }
+}
+
 fn layer_for(path: &Path, format: Format, device: Arc<dyn BlockDevice>) -> Layer {
     let (backing_name, backing_format) = match device.overlay() {
         Some(link) => (link.backing_name(), link.backing_format()),
@@ -326,6 +341,7 @@ impl Export {
             .nbd_export(true);
         let chain = strata_chain::open(&spec)?;
         let size = chain.top().virtual_size();
+        apply_discard_policy(chain.top().as_ref(), cfg.discard);
         Ok(Export {
             name: cfg.name.clone(),
             description: cfg.description.clone(),
@@ -477,6 +493,7 @@ impl Export {
                 return Err(e.into());
             }
         };
+        apply_discard_policy(device.as_ref(), self.discard);
         let layer = layer_for(overlay, Format::Qcow2, device.clone());
         let mut b = self.exclusive();
         let flushed = b.top().flush();
@@ -527,6 +544,7 @@ impl Export {
             base.flush()?;
             let layers = b.layers[1..].to_vec();
             *b = Backend::new(layers)?;
+            apply_discard_policy(b.top().as_ref(), self.discard);
             drop(b);
             // The old top is no longer served; it still shows the same view.
             top.flush()?;
