@@ -1,5 +1,5 @@
 //! What QEMU's iotests 024, 028, 031, 039, 043, 069, 082, 086, 097, 106,
-//! 114, 163, 244, 271, 287, 291 and the named test qemu-img-bitmaps ran
+//! 114, 163, 244, 271, 287, 291, 292 and the named test qemu-img-bitmaps ran
 //! through qemu-img, in the shapes scripts use most: safe rebases onto a new
 //! backing file (also from another working directory), loops in backing
 //! chains, committing into the first or a lower backing file, overlays
@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{assert_all_same, differs, outcome, same_files, sh};
+use common::{assert_all_same, compare_runs, differs, outcome, same_files, sh, FileCheck};
 
 /// The chain 024 rebases: the old backing file has every other cluster of
 /// the first eight, the new one the first two and the fifth and sixth, the
@@ -692,6 +692,71 @@ fn external_data_files_show_and_convert_as_in_qemu_img() {
             "compare -f raw data img",
         ],
         true,
+    );
+    assert_all_same();
+}
+
+/// 292: an overlay over a full backing file, shrunk and grown again within
+/// one cluster: the grown tail reads zeroes (not the backing file's data)
+/// and the map shows it as qemu-img's does.
+///
+/// With data in the last cluster the files are compared as QEMU sees them
+/// (info, check, map, and the data through `convert`), not byte for byte:
+/// qemu-img 10.0.2 leaves the cluster's bytes past 520k as they were on the
+/// shrink and writes zeroes over 520k..567k on the grow (the bytes at
+/// 567k..576k keep 0x22), where strata zeroes the whole tail 520k..576k
+/// already on the shrink. Bytes past the image's end are never read, and
+/// zeroing them when they go out of view leaves no stale data to show.
+#[test]
+fn overlay_shrunk_and_grown_within_a_cluster_hides_its_backing_file_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let dirs = [dir.path().join("292-o"), dir.path().join("292-t")];
+    for d in &dirs {
+        std::fs::create_dir(d).unwrap();
+        sh(
+            d,
+            "bash",
+            &[
+                "-ec",
+                "qemu-img create -q -f qcow2 base 1M
+         qemu-io -c 'write -P 0x11 0 1M' base >/dev/null
+         qemu-img create -q -f qcow2 -b base -F qcow2 img 1M
+         qemu-io -c 'write -P 0x22 0 1M' img >/dev/null",
+            ],
+        );
+    }
+    compare_runs(
+        &dirs,
+        "292",
+        &[
+            "resize --shrink img 520k",
+            "resize img 567k",
+            "map img",
+            "map --output=json img",
+            "check img",
+            "convert -O raw img flat",
+        ],
+        FileCheck::QemuViews,
+    );
+    for f in ["base", "flat"] {
+        let read = |d: &std::path::Path| std::fs::read(d.join(f)).unwrap();
+        if read(&dirs[0]) != read(&dirs[1]) {
+            differs(format!("[292] {f}: the files' bytes differ"));
+        }
+    }
+    same_files(
+        dir.path(),
+        "292-empty",
+        "qemu-img create -q -f qcow2 base 1M
+         qemu-io -c 'write -P 0x11 0 1M' base >/dev/null
+         qemu-img create -q -f qcow2 -b base -F qcow2 img 1M",
+        &[
+            "resize --shrink img 520k",
+            "resize img 567k",
+            "map --output=json img",
+            "convert -O raw img flat",
+        ],
+        false,
     );
     assert_all_same();
 }
