@@ -413,6 +413,23 @@ fn writing_subcommands_refuse_force_share_named_in_the_image_options() {
         n += 1;
         common::same_in_dir_copies(&fx, n, c);
     }
+    // info opens no backing file: a backing node given by options is an
+    // option nothing takes.
+    for name in [
+        "driver=qcow2,file.filename=t.qcow2,backing.driver=qcow2,backing.file.filename=b.qcow2",
+        "driver=qcow2,file.filename=t.qcow2,backing=foo",
+        r#"json:{"driver":"qcow2","file":{"filename":"t.qcow2"},"backing":{"driver":"raw","file":{"filename":"r.raw"}}}"#,
+    ] {
+        let opts = !name.starts_with("json:");
+        for args in [&["info"][..], &["info", "--backing-chain"]] {
+            let mut a = args.to_vec();
+            if opts {
+                a.push("--image-opts");
+            }
+            a.push(name);
+            same(&fx, &a);
+        }
+    }
     assert_all_same();
 }
 

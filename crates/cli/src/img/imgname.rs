@@ -118,7 +118,12 @@ impl Naming {
             Some(nbd) => (nbd.spec, Some(nbd.storage)),
             None => match image_spec(name, format, self.image_opts) {
                 Ok(spec) => (spec, None),
-                Err(e) if metadata_only => return Err(e),
+                Err(e) if metadata_only => {
+                    return Err(match e.downcast::<BackingNodeOption>() {
+                        Ok(b) => anyhow!("{}", b.unknown_without_backing),
+                        Err(e) => e,
+                    })
+                }
                 Err(e) => return Err(for_data_open(e, name, &secrets)),
             },
         };
@@ -279,7 +284,15 @@ pub fn image_spec(name: &Path, format: Option<&str>, image_opts: bool) -> Result
                 u.refusal = format!("Could not open '{typed}': {}", u.refusal);
                 anyhow::Error::new(u)
             }
-            Err(e) => anyhow!("Could not open '{typed}': {e}"),
+            Err(e) => match e.downcast::<BackingNodeOption>() {
+                Ok(mut b) => {
+                    b.refusal = format!("Could not open '{typed}': {}", b.refusal);
+                    b.unknown_without_backing =
+                        format!("Could not open '{typed}': {}", b.unknown_without_backing);
+                    anyhow::Error::new(b)
+                }
+                Err(e) => anyhow!("Could not open '{typed}': {e}"),
+            },
         })?;
     spec.display_name = Some(typed);
     Ok(spec)
@@ -853,7 +866,25 @@ fn format_spec(
         .keys()
         .find(|k| known(k, UNSUPPORTED_DATA_OPTIONS) && !backing_option_supported(k))
     {
-        bail!("Block format '{name}': strata does not support the option '{k}' yet");
+        let refusal =
+            format!("Block format '{name}': strata does not support the option '{k}' yet");
+        if k == "backing" || k.starts_with("backing.") {
+            let left: serde_json::Map<String, Value> = flat
+                .keys()
+                .filter(|k| *k == "backing" || k.starts_with("backing."))
+                .map(|k| (k.clone(), Value::Null))
+                .collect();
+            let first = super::qjson::key_order(&left)
+                .first()
+                .map_or_else(|| k.clone(), |k| k.to_string());
+            return Err(anyhow::Error::new(BackingNodeOption {
+                refusal,
+                unknown_without_backing: format!(
+                    "Block format '{name}' does not support the option '{first}'"
+                ),
+            }));
+        }
+        bail!("{refusal}");
     }
     let mut spec = OpenSpec::new(path)
         .format(format)
@@ -928,6 +959,24 @@ fn encryption_secret_key(format: Option<Format>, path: &Path) -> Option<&'static
         }
     }
 }
+
+/// A backing node given by options (`backing=NODE`, `backing.driver=...`),
+/// which strata does not open yet: refused as not supported, but where the
+/// image is opened without its backing file (`info`), refused as QEMU refuses
+/// options nothing takes (the first in its dictionary's order).
+#[derive(Debug)]
+pub struct BackingNodeOption {
+    refusal: String,
+    unknown_without_backing: String,
+}
+
+impl std::fmt::Display for BackingNodeOption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.refusal)
+    }
+}
+
+impl std::error::Error for BackingNodeOption {}
 
 /// The qcow2 driver's options that change the image's data ("strong" in QEMU's
 /// terms): given, QEMU cannot name the image by its file name alone.
