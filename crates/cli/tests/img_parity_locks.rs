@@ -11,7 +11,8 @@
 //!
 //! One difference is deliberate: QEMU's raw driver shares writing, so qemu-img
 //! writes a raw image a qemu-nbd or qemu-storage-daemon is serving writable
-//! (`convert -n`, `dd conv=notrunc` into it). strata never writes a file another
+//! (`convert -n`, `dd conv=notrunc` into it), and resizes one a qemu-io writes
+//! (qemu-io, unlike the servers, shares resizing). strata never writes a file another
 //! process writes: it refuses with qemu-img's own lock wording
 //! (`Failed to get shared "write" lock`), and the file is left untouched.
 //! [`strata_refuses_to_write_a_raw_image_a_writer_serves`] pins that.
@@ -76,6 +77,23 @@ fn fixture(d: &Path) {
     sh(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x44 0 64k", "img.raw"],
+    );
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=df.data",
+            "df.qcow2",
+            "4M",
+        ],
+    );
+    sh(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x66 0 64k", "df.qcow2"],
     );
     sh("qemu-img", &["create", "-q", "-f", "raw", "src.raw", "4M"]);
     sh(
@@ -237,9 +255,24 @@ fn strata_nbd(name: &'static str, flags: &[&str], held: &'static str) -> Case {
     c
 }
 
+/// qemu-io holding `held` (as `fmt`, read-only with `-r` in `flags`) while
+/// it sleeps.
+fn qemu_io(name: &'static str, flags: &[&str], held: &'static str, fmt: &str) -> Case {
+    let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    args.extend(["-f", fmt, "-c", "sleep 600000", held].map(String::from));
+    Case {
+        name,
+        prog: "qemu-io",
+        args,
+        held,
+        image: held,
+    }
+}
+
 impl Case {
     fn start(&self, d: &Path) -> Holder {
-        let sock = (self.prog != "qemu-system-x86_64").then(|| d.join(SOCK));
+        let sock = !matches!(self.prog, "qemu-system-x86_64" | "qemu-io");
+        let sock = sock.then(|| d.join(SOCK));
         let _ = std::fs::remove_file(d.join(SOCK));
         // qemu-nbd takes its socket by absolute name only.
         let abs = d.join(SOCK).to_str().unwrap().to_string();
@@ -332,8 +365,8 @@ fn raw_writer_serves(case: &Case) -> bool {
 
 /// A write qemu-img lets through next to a raw writer (raw shares writing),
 /// which strata refuses; see the module documentation.
-fn writes_raw_data(args: &[String]) -> bool {
-    args[0] == "convert"
+fn writes_raw_data(case: &Case, args: &[String]) -> bool {
+    args[0] == "convert" || (args[0] == "resize" && case.prog == "qemu-io")
 }
 
 fn check_case(case: &Case) {
@@ -363,7 +396,7 @@ fn check_case(case: &Case) {
         );
     }
     for args in case.writes() {
-        if raw_writer_serves(case) && writes_raw_data(&args) {
+        if raw_writer_serves(case) && writes_raw_data(case, &args) {
             continue;
         }
         let mut results = Vec::new();
@@ -523,8 +556,13 @@ fn strata_refuses_to_write_a_raw_image_a_writer_serves() {
     for case in [
         nbd("qemu-nbd rw raw", &["-f", "raw"], "img.raw", "img.raw"),
         storage_daemon("qsd rw raw", "img.raw", "raw", true),
+        qemu_io("qemu-io rw raw", &[], "img.raw", "raw"),
     ] {
-        for args in case.writes().into_iter().filter(|a| writes_raw_data(a)) {
+        for args in case
+            .writes()
+            .into_iter()
+            .filter(|a| writes_raw_data(&case, a))
+        {
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path();
             fixture(d);
@@ -559,4 +597,53 @@ fn strata_refuses_to_write_a_raw_image_a_writer_serves() {
             );
         }
     }
+}
+
+#[test]
+fn images_qemu_io_holds_are_locked_as_qemu_img_finds_them() {
+    check_cases(
+        &[
+            qemu_io("qemu-io rw qcow2", &[], "img.qcow2", "qcow2"),
+            qemu_io("qemu-io -r qcow2", &["-r"], "img.qcow2", "qcow2"),
+            qemu_io("qemu-io rw raw", &[], "img.raw", "raw"),
+            qemu_io("qemu-io -r raw", &["-r"], "img.raw", "raw"),
+            qemu_io("qemu-io rw base", &[], "base.qcow2", "qcow2"),
+        ]
+        .map(|mut c| {
+            if c.held == "base.qcow2" {
+                c.image = "top.qcow2";
+            }
+            c
+        }),
+    );
+}
+
+#[test]
+fn an_image_whose_data_file_another_process_holds_is_locked_as_qemu_img_finds_it() {
+    let over_it = |mut c: Case| {
+        c.image = "df.qcow2";
+        c
+    };
+    check_cases(&[
+        nbd(
+            "qemu-nbd rw df.qcow2",
+            &["-f", "qcow2"],
+            "df.qcow2",
+            "df.qcow2",
+        ),
+        nbd(
+            "qemu-nbd -r df.qcow2",
+            &["-r", "-f", "qcow2"],
+            "df.qcow2",
+            "df.qcow2",
+        ),
+        over_it(nbd(
+            "qemu-nbd -r data file",
+            &["-r", "-f", "raw"],
+            "df.data",
+            "df.qcow2",
+        )),
+        over_it(qemu_io("qemu-io -r data file", &["-r"], "df.data", "raw")),
+        over_it(storage_daemon("qsd ro data file", "df.data", "raw", false)),
+    ]);
 }

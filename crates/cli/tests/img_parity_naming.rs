@@ -304,3 +304,230 @@ fn file_prefixes_colons_and_protocol_drivers_as_formats_match_qemu_img() {
         &["compare", "-f", "raw", "-F", "raw", "a.qcow2", "out7.img"],
     );
 }
+
+/// A fixture directory for naming cases: `t.qcow2` over `b.qcow2` and a raw
+/// `r.raw`.
+fn naming_fixture(root: &Path) -> std::path::PathBuf {
+    let d = root.join("fx");
+    std::fs::create_dir(&d).unwrap();
+    common::qcow2(&d, "b.qcow2", "4M", &[]);
+    common::io(&d, "qcow2", "b.qcow2", &["write -P 3 0 64k"]);
+    common::qcow2(&d, "t.qcow2", "4M", &["-b", "b.qcow2", "-F", "qcow2"]);
+    common::io(&d, "qcow2", "t.qcow2", &["write -P 5 1M 64k"]);
+    sh(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "r.raw", "1M"],
+    );
+    d
+}
+
+/// In `d`: a luks image `l.luks` and an encrypted qcow2 `e.qcow2` (secret
+/// `abc` for both), a raw `r.raw`.
+fn encrypted_images(d: &Path) {
+    sh(d, "qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    let secret = ["--object", "secret,id=s0,data=abc"];
+    sh(
+        d,
+        "qemu-img",
+        &[
+            &["create", "-q", "-f", "luks"][..],
+            &secret,
+            &["-o", "key-secret=s0,iter-time=10", "l.luks", "1M"],
+        ]
+        .concat(),
+    );
+    sh(
+        d,
+        "qemu-img",
+        &[
+            &["create", "-q", "-f", "qcow2"][..],
+            &secret,
+            &[
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                "e.qcow2",
+                "1M",
+            ],
+        ]
+        .concat(),
+    );
+}
+
+#[test]
+fn writing_subcommands_refuse_force_share_named_in_the_image_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = naming_fixture(dir.path());
+    let on = "driver=qcow2,file.filename=t.qcow2,force-share=on";
+    let on_file = "driver=qcow2,file.filename=t.qcow2,file.force-share=on";
+    let on_unknown = "driver=qcow2,file.filename=t.qcow2,force-share=on,foo=bar";
+    let on_missing = "driver=qcow2,file.filename=nope.qcow2,force-share=on";
+    let json = r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"t.qcow2"},"force-share":true}"#;
+    let mut n = 0;
+    for name in [on, on_file, on_unknown, on_missing] {
+        let cases: [&[&str]; 11] = [
+            &["commit", "--image-opts", name],
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "b.qcow2",
+                "-F",
+                "qcow2",
+                "--image-opts",
+                name,
+            ],
+            &["rebase", "-b", "", "--image-opts", name],
+            &["bitmap", "--add", "--image-opts", name, "b0"],
+            &["snapshot", "-c", "s", "--image-opts", name],
+            &["snapshot", "-d", "s", "--image-opts", name],
+            &["snapshot", "-a", "s", "--image-opts", name],
+            &["amend", "-o", "lazy_refcounts=on", "--image-opts", name],
+            &["resize", "--image-opts", name, "8M"],
+            &["convert", "-n", "--target-image-opts", "r.raw", name],
+            &["snapshot", "-l", "--image-opts", name],
+        ];
+        for c in cases {
+            n += 1;
+            common::same_in_dir_copies(&fx, n, c);
+        }
+    }
+    let cases: [&[&str]; 8] = [
+        &["commit", json],
+        &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", json],
+        &["bitmap", "--add", json, "b0"],
+        &["snapshot", "-c", "s", json],
+        &["convert", "-n", "-O", "qcow2", "r.raw", json],
+        &["snapshot", "-U", "-c", "s", "t.qcow2"],
+        &["snapshot", "-U", "-l", "t.qcow2"],
+        &[
+            "convert",
+            "-n",
+            "-O",
+            "qcow2",
+            "r.raw",
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"t.qcow2"}}"#,
+        ],
+    ];
+    for c in cases {
+        n += 1;
+        common::same_in_dir_copies(&fx, n, c);
+    }
+    // info opens no backing file: a backing node given by options is an
+    // option nothing takes.
+    for name in [
+        "driver=qcow2,file.filename=t.qcow2,backing.driver=qcow2,backing.file.filename=b.qcow2",
+        "driver=qcow2,file.filename=t.qcow2,backing=foo",
+        r#"json:{"driver":"qcow2","file":{"filename":"t.qcow2"},"backing":{"driver":"raw","file":{"filename":"r.raw"}}}"#,
+    ] {
+        let opts = !name.starts_with("json:");
+        for args in [&["info"][..], &["info", "--backing-chain"]] {
+            let mut a = args.to_vec();
+            if opts {
+                a.push("--image-opts");
+            }
+            a.push(name);
+            same(&fx, &a);
+        }
+    }
+    assert_all_same();
+}
+
+#[test]
+fn encrypted_images_opened_for_their_data_want_the_secret_before_unknown_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    encrypted_images(d);
+    let luks = "driver=luks,file.filename=l.luks,foo=bar";
+    let enc = "driver=qcow2,file.filename=e.qcow2,foo=bar";
+    let luks_json = r#"json:{"driver":"luks","file":{"filename":"l.luks"},"foo":1}"#;
+    let cases: &[&[&str]] = &[
+        &["info", "--image-opts", luks],
+        &["info", "--image-opts", enc],
+        &["check", "--image-opts", luks],
+        &["map", "--image-opts", luks],
+        &["compare", "--image-opts", luks, "r.raw"],
+        &["measure", "-O", "raw", "--image-opts", luks],
+        &["snapshot", "-l", "--image-opts", enc],
+        &["snapshot", "-c", "s", "--image-opts", enc],
+        &["convert", "--image-opts", luks, "-O", "raw", "o.raw"],
+        &["convert", "-n", "--target-image-opts", "r.raw", luks],
+        &["convert", "-n", "--target-image-opts", "r.raw", enc],
+        &["resize", "--image-opts", luks, "2M"],
+        &["resize", luks_json, "2M"],
+        &[
+            "resize",
+            "--image-opts",
+            "file.filename=l.luks,foo=bar",
+            "2M",
+        ],
+        &["amend", "-o", "size=2M", "--image-opts", luks],
+        &["commit", "--image-opts", enc],
+        &["bitmap", "--add", "--image-opts", enc, "b0"],
+        &["rebase", "-u", "-b", "", "--image-opts", enc],
+        &["bench", "-c", "1", "--image-opts", luks],
+        &[
+            "resize",
+            "--image-opts",
+            "driver=luks,file.filename=l.luks,key-secret=nope,foo=bar",
+            "2M",
+        ],
+        &[
+            "resize",
+            "--image-opts",
+            "driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=nope,foo=bar",
+            "2M",
+        ],
+        &[
+            "resize",
+            "--object",
+            "secret,id=s0,data=abc",
+            "--image-opts",
+            "driver=luks,file.filename=l.luks,key-secret=s0,foo=bar",
+            "2M",
+        ],
+        &[
+            "check",
+            "--image-opts",
+            "driver=luks,file.filename=l.luks,foo=bar,file.x=1",
+        ],
+    ];
+    // Every case is refused: nothing is written.
+    for c in cases {
+        same(d, c);
+    }
+    assert_all_same();
+}
+
+#[test]
+fn blkdebug_over_json_and_nbd_names_opens_or_refuses_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    let gone = d.join("gone.sock");
+    let unix = format!("blkdebug::nbd:unix:{}", gone.display());
+    let unix_url = format!("blkdebug::nbd+unix:///x?socket={}", gone.display());
+    let names: &[&str] = &[
+        "blkdebug::json:{}",
+        "blkdebug::json:{",
+        r#"blkdebug::json:{"driver":"file","filename":"a.qcow2"}"#,
+        r#"blkdebug::json:{"filename":"a.qcow2"}"#,
+        r#"blkdebug::json:{"driver":"file","filename":"a.qcow2","foo":1}"#,
+        r#"blkdebug::json:{"driver":"file","filename":"nope"}"#,
+        r#"blkdebug::json:{"driver":"file"}"#,
+        r#"blkdebug::json:{"driver":"bogus"}"#,
+        r#"blkdebug::json:{"driver":"raw"}"#,
+        r#"blkdebug::json:{"file":{"driver":"file","filename":"a.qcow2"}}"#,
+        "blkdebug::nbd:x",
+        "blkdebug::nbd:",
+        "blkdebug::nbd://",
+        &unix,
+        &unix_url,
+    ];
+    for n in names {
+        for sub in ["info", "check", "map"] {
+            same(d, &[sub, n]);
+        }
+    }
+    assert_all_same();
+}

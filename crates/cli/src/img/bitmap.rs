@@ -216,7 +216,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         bail!("Expecting filename and bitmap name");
     };
     let img = open(
-        &p.naming.spec(Path::new(file), p.format.as_deref(), false)?,
+        &p.naming
+            .writable_spec(Path::new(file), p.format.as_deref())?,
         true,
     )?;
     // The source file is a file name even with --image-opts (which names the

@@ -59,7 +59,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     super::common::check_cache_mode(args.cache.as_deref(), false)?;
     let spec = args
         .naming
-        .spec(&args.filename, args.format.as_deref(), false)?
+        .writable_spec(&args.filename, args.format.as_deref())?
         // A raw image has no backing file: refused once open, never written.
         .writes_no_raw_data(true);
     super::imgname::refuse_options_but_secrets(&spec)?;

@@ -204,8 +204,12 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     let (out_path, out_format) = if nbd_out {
         plain_out = out_path.clone();
         (&plain_out, out_format)
-    } else if args.target_image_opts {
-        let target_spec = target_spec.insert(super::imgname::image_spec(out_path, None, true)?);
+    } else if args.target_image_opts
+        || (args.no_create
+            && std::os::unix::ffi::OsStrExt::as_bytes(out_path.as_os_str()).starts_with(b"json:"))
+    {
+        // Opened for writing: `force-share` is refused first.
+        let target_spec = target_spec.insert(target_naming.writable_spec(out_path, None)?);
         super::imgname::refuse_reopened_options(target_spec)?;
         let format = match target_spec.format {
             Some(f) => f,

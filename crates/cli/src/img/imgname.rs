@@ -38,6 +38,21 @@ impl Naming {
         Ok(self.spec_nbd(name, format, force_share)?.0)
     }
 
+    /// [`Naming::spec`] for a subcommand that opens the image for its
+    /// metadata only (`info`): an unknown option is refused before any
+    /// secret is looked for, as QEMU opens such an image without its key.
+    pub fn metadata_spec(
+        &self,
+        name: &Path,
+        format: Option<&str>,
+        force_share: bool,
+    ) -> Result<OpenSpec> {
+        if self.image_opts && format.is_some() {
+            bail!("--image-opts and --format are mutually exclusive");
+        }
+        Ok(self.spec_nbd_as(name, format, force_share, true)?.0)
+    }
+
     /// [`Naming::spec`] for an image the subcommand opens for writing (no
     /// `-U`): an option list or `json:` name asking for `force-share` on it
     /// (or on its file) is refused as qemu-img refuses it, before the image or
@@ -81,13 +96,36 @@ impl Naming {
         OpenSpec,
         Option<std::sync::Arc<strata_nbd::storage::NbdStorage>>,
     )> {
+        self.spec_nbd_as(name, format, force_share, false)
+    }
+
+    /// [`Naming::spec_nbd`]; `metadata_only` as in [`Naming::metadata_spec`].
+    fn spec_nbd_as(
+        &self,
+        name: &Path,
+        format: Option<&str>,
+        force_share: bool,
+        metadata_only: bool,
+    ) -> Result<(
+        OpenSpec,
+        Option<std::sync::Arc<strata_nbd::storage::NbdStorage>>,
+    )> {
         if self.image_opts && format.is_some() {
             bail!("--image-opts and --format are mutually exclusive");
         }
         let secrets = self.objects.secrets()?;
         let (mut spec, nbd) = match self.open_nbd(name, format)? {
             Some(nbd) => (nbd.spec, Some(nbd.storage)),
-            None => (image_spec(name, format, self.image_opts)?, None),
+            None => match image_spec(name, format, self.image_opts) {
+                Ok(spec) => (spec, None),
+                Err(e) if metadata_only => {
+                    return Err(match e.downcast::<BackingNodeOption>() {
+                        Ok(b) => anyhow!("{}", b.unknown_without_backing),
+                        Err(e) => e,
+                    })
+                }
+                Err(e) => return Err(for_data_open(e, name, &secrets)),
+            },
         };
         spec.force_share |= force_share;
         spec.secrets = secrets;
@@ -240,9 +278,41 @@ pub fn image_spec(name: &Path, format: Option<&str>, image_opts: bool) -> Result
     if let Some(f) = format {
         flat.insert("driver".into(), f.to_string());
     }
-    let mut spec = from_options(flat).map_err(|e| anyhow!("Could not open '{typed}': {e}"))?;
+    let mut spec =
+        from_options(flat).map_err(|e| match e.downcast::<UnknownOptionOnEncrypted>() {
+            Ok(mut u) => {
+                u.refusal = format!("Could not open '{typed}': {}", u.refusal);
+                anyhow::Error::new(u)
+            }
+            Err(e) => match e.downcast::<BackingNodeOption>() {
+                Ok(mut b) => {
+                    b.refusal = format!("Could not open '{typed}': {}", b.refusal);
+                    b.unknown_without_backing =
+                        format!("Could not open '{typed}': {}", b.unknown_without_backing);
+                    anyhow::Error::new(b)
+                }
+                Err(e) => anyhow!("Could not open '{typed}': {e}"),
+            },
+        })?;
     spec.display_name = Some(typed);
     Ok(spec)
+}
+
+/// An error from [`image_spec`] as a subcommand opening the image for its
+/// data (not `info`) gives it: see [`UnknownOptionOnEncrypted`]. `secrets`
+/// are the command line's; `name` the image as typed.
+pub fn for_data_open(
+    e: anyhow::Error,
+    name: &Path,
+    secrets: &BTreeMap<String, Vec<u8>>,
+) -> anyhow::Error {
+    match e
+        .downcast_ref::<UnknownOptionOnEncrypted>()
+        .and_then(|u| u.for_data_open(secrets))
+    {
+        Some(refusal) => anyhow!("Could not open '{}': {refusal}", name.display()),
+        None => e,
+    }
 }
 
 /// Whether QEMU 10 lists `name` among its block drivers (`qemu-img --help`):
@@ -351,6 +421,12 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
                 _ if inner.is_empty() => bail!("The 'file' block driver requires a file name"),
                 None => path.clone(),
                 Some((b"file", rest)) => file_protocol_path(rest)?,
+                Some((b"json", json)) => filtered_json_file(json)?,
+                Some((p, _)) if super::nbdname::is_nbd_protocol(p) => {
+                    return Err(super::nbdname::refusal_under_filter(
+                        &String::from_utf8_lossy(inner),
+                    ))
+                }
                 Some((other, _)) => return Err(protocol_refusal(other)),
             };
             if let Some(f) = foreign {
@@ -369,6 +445,26 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
         return Err(foreign_refusal(f, &path));
     }
     Ok(OpenSpec::new(path).format(format))
+}
+
+/// The file a `json:` name under a filter (`blkdebug::json:{...}`) names: a
+/// file protocol node (`driver` `file` or `host_device`, or no driver and a
+/// `filename`). Mistakes get QEMU's messages; a format node there, valid for
+/// QEMU, is refused as not supported.
+fn filtered_json_file(json: &[u8]) -> Result<std::path::PathBuf> {
+    let mut flat = json_options(json)?;
+    match flat.get("driver").map(String::as_str) {
+        Some(_) => {}
+        None if flat.contains_key("filename") => {
+            flat.insert("driver".into(), "file".into());
+        }
+        None => bail!("Must specify either driver or file"),
+    }
+    let spec = from_options(flat)?;
+    match spec.protocol_driver.as_deref() {
+        Some("file" | "host_device") => Ok(spec.path),
+        _ => bail!("strata does not support a format node under a filter driver yet"),
+    }
 }
 
 /// The spec for an image whose file is behind QEMU's blkdebug filter.
@@ -751,6 +847,14 @@ fn format_spec(
     }
     let force_share = check_options(&flat, own, |k| {
         format!("Block format '{name}' does not support the option '{k}'")
+    })
+    .map_err(|e| match encryption_secret_key(checked, &path) {
+        Some(key) => anyhow::Error::new(UnknownOptionOnEncrypted {
+            refusal: e.to_string(),
+            secret_key: key,
+            secret_id: flat.get(key).cloned(),
+        }),
+        None => e,
     })?;
     for k in COMMON_OPTIONS {
         flat.remove(k);
@@ -762,7 +866,25 @@ fn format_spec(
         .keys()
         .find(|k| known(k, UNSUPPORTED_DATA_OPTIONS) && !backing_option_supported(k))
     {
-        bail!("Block format '{name}': strata does not support the option '{k}' yet");
+        let refusal =
+            format!("Block format '{name}': strata does not support the option '{k}' yet");
+        if k == "backing" || k.starts_with("backing.") {
+            let left: serde_json::Map<String, Value> = flat
+                .keys()
+                .filter(|k| *k == "backing" || k.starts_with("backing."))
+                .map(|k| (k.clone(), Value::Null))
+                .collect();
+            let first = super::qjson::key_order(&left)
+                .first()
+                .map_or_else(|| k.clone(), |k| k.to_string());
+            return Err(anyhow::Error::new(BackingNodeOption {
+                refusal,
+                unknown_without_backing: format!(
+                    "Block format '{name}' does not support the option '{first}'"
+                ),
+            }));
+        }
+        bail!("{refusal}");
     }
     let mut spec = OpenSpec::new(path)
         .format(format)
@@ -776,6 +898,85 @@ fn format_spec(
     spec.blkdebug = blkdebug.map(std::sync::Arc::new);
     Ok(spec)
 }
+
+/// An option the format driver does not know, on an encrypted image (a luks
+/// one, or a qcow2 one with encryption): QEMU's driver opens the image, its
+/// secret first, before the options left over are refused, so an image opened
+/// for its data (every subcommand but `info`) fails for a missing or unknown
+/// secret first. Shows as the unknown option's refusal.
+#[derive(Debug)]
+pub struct UnknownOptionOnEncrypted {
+    /// The unknown option's refusal.
+    refusal: String,
+    /// The option naming the image's secret (`key-secret`, `encrypt.key-secret`).
+    secret_key: &'static str,
+    /// The secret's id when the option is given.
+    secret_id: Option<String>,
+}
+
+impl std::fmt::Display for UnknownOptionOnEncrypted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.refusal)
+    }
+}
+
+impl std::error::Error for UnknownOptionOnEncrypted {}
+
+impl UnknownOptionOnEncrypted {
+    /// The refusal QEMU gives opening the image for its data with `secrets`:
+    /// the missing secret, the secret id no `--object` defines, else the
+    /// unknown option (a wrong secret is not tried here: the option is refused).
+    fn for_data_open(&self, secrets: &BTreeMap<String, Vec<u8>>) -> Option<String> {
+        match &self.secret_id {
+            None => Some(format!(
+                "Parameter '{}' is required for cipher",
+                self.secret_key
+            )),
+            Some(id) if !secrets.contains_key(id) => Some(format!("No secret with id '{id}'")),
+            Some(_) => None,
+        }
+    }
+}
+
+/// The option naming the secret of the image at `path` opened as `format`
+/// when it is encrypted: `key-secret` for luks, `encrypt.key-secret` for a
+/// qcow2 image whose header says it is encrypted. `None` otherwise (or when
+/// the header cannot be read: the open says why).
+fn encryption_secret_key(format: Option<Format>, path: &Path) -> Option<&'static str> {
+    use std::io::Read;
+    match format? {
+        Format::Luks => Some("key-secret"),
+        Format::Raw => None,
+        Format::Qcow2 => {
+            // QCOW2 header: magic at 0, crypt_method (big-endian u32) at 32.
+            let mut header = [0u8; 36];
+            std::fs::File::open(path)
+                .ok()?
+                .read_exact(&mut header)
+                .ok()?;
+            let method = u32::from_be_bytes([header[32], header[33], header[34], header[35]]);
+            (header[..4] == *b"QFI\xfb" && method != 0).then_some("encrypt.key-secret")
+        }
+    }
+}
+
+/// A backing node given by options (`backing=NODE`, `backing.driver=...`),
+/// which strata does not open yet: refused as not supported, but where the
+/// image is opened without its backing file (`info`), refused as QEMU refuses
+/// options nothing takes (the first in its dictionary's order).
+#[derive(Debug)]
+pub struct BackingNodeOption {
+    refusal: String,
+    unknown_without_backing: String,
+}
+
+impl std::fmt::Display for BackingNodeOption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.refusal)
+    }
+}
+
+impl std::error::Error for BackingNodeOption {}
 
 /// The qcow2 driver's options that change the image's data ("strong" in QEMU's
 /// terms): given, QEMU cannot name the image by its file name alone.

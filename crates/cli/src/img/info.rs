@@ -35,7 +35,7 @@ pub struct Args {
 pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
-        .spec(&args.filename, args.format.as_deref(), args.force_share)?
+        .metadata_spec(&args.filename, args.format.as_deref(), args.force_share)?
         .open_backing(args.backing_chain)
         // As qemu-img: an encrypted image shows its header without its secret.
         .metadata_only(true);

@@ -220,6 +220,21 @@ fn parse_format(f: &str) -> Result<Format> {
         .map_err(|_| anyhow!("Unknown driver '{f}'"))
 }
 
+/// Why the NBD file name `typed`, given as the image under a filter
+/// (`blkdebug::nbd:...`), is not opened: the address mistake or failed
+/// connection worded as qemu-img words it, or (an export reached) that strata
+/// does not take an export under a filter.
+pub fn refusal_under_filter(typed: &str) -> anyhow::Error {
+    let target = match parse_name(typed) {
+        Ok(t) => t,
+        Err(e) => return e,
+    };
+    match connect(&target, &Objects::default()) {
+        Err(e) => e,
+        Ok(_) => anyhow!("strata does not support an NBD export under a filter driver yet"),
+    }
+}
+
 /// Connect as `target` says and wrap the connection as storage.
 fn connect(target: &Target, objects: &Objects) -> Result<NbdStorage> {
     let tls = match &target.tls_creds {

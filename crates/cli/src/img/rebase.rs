@@ -73,7 +73,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let new_name = (!backing.is_empty()).then_some(backing.clone());
     let spec = args
         .naming
-        .spec(&args.filename, args.format.as_deref(), false)?;
+        .writable_spec(&args.filename, args.format.as_deref())?;
     warn_probed_raw(&spec);
     // A raw image has no backing file link: refused once open, never written.
     let spec = spec

@@ -147,19 +147,24 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             .map(|(_, n)| n.clone())
     };
     let (create, apply, delete) = (named('c'), named('a'), named('d'));
-    let spec = args
-        .naming
-        .spec(&args.filename, args.format.as_deref(), args.force_share)?
-        // A raw image has no snapshots: refused once open, never written.
-        .writes_no_raw_data(true);
-    // Refused before the image is opened (or its format probed).
+    // Refused before the image is opened (or its format probed), -U as the
+    // image's own force-share option.
     let writing = action.is_some();
-    if writing && spec.force_share {
+    if writing && args.force_share {
         bail!(
             "Could not open '{}': force-share=on can only be used with read-only images",
-            spec.shown_name()
+            args.filename.display()
         );
     }
+    let spec = if writing {
+        args.naming
+            .writable_spec(&args.filename, args.format.as_deref())?
+    } else {
+        args.naming
+            .spec(&args.filename, args.format.as_deref(), args.force_share)?
+    }
+    // A raw image has no snapshots: refused once open, never written.
+    .writes_no_raw_data(true);
     let format = super::common::spec_format(&spec)?;
     if writing {
         // qemu-img warns of a probed raw image as it opens it for writing (twice
