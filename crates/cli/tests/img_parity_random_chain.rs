@@ -898,6 +898,17 @@ const PINNED: &[&[&str]] = &[
         "bm.qcow2",
         "b0",
     ],
+    // A merge looks its target bitmap up before its source.
+    &["bitmap", "--merge", "b2", "--clear", "bm2.qcow2", "b1"],
+    &[
+        "bitmap",
+        "--merge",
+        "nosuch",
+        "-b",
+        "bm.qcow2",
+        "bm2.qcow2",
+        "b1",
+    ],
 ];
 
 #[test]

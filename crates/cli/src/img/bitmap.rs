@@ -393,6 +393,8 @@ fn apply(
         Op::Enable => find(set, name)?.enabled = true,
         Op::Disable => find(set, name)?.enabled = false,
         Op::Merge(src) => {
+            // The target bitmap is looked up before the source, as in qemu-img.
+            find(set, name)?;
             // Without -b the source is in the image itself, as it is now.
             let from = source
                 .unwrap_or(set)
