@@ -12,12 +12,12 @@
 //! the time it was taken, alike in qemu-img's views).
 //!
 //! The seed and the number of usages are fixed; `STRATA_SWEEP_SEED` and
-//! `STRATA_SWEEP_N` run other sweeps locally. Rows in [`PINNED`] are fixed usages
+//! `STRATA_SWEEP_N` (or `SWEEP_SEED`, `SWEEP_N`) run other sweeps locally. Rows in [`PINNED`] are fixed usages
 //! that once differed.
 
 mod common;
 
-use common::rng::{Draw, Rng};
+use common::rng::{sweep_var, Draw, Rng};
 use common::{assert_all_same, copy_dir, differs, io, map_json, outcome, qcow2, qemu_views, sh};
 use std::path::Path;
 
@@ -573,8 +573,17 @@ fn compare(fx: &Path, n: usize, args: &[String]) {
     }
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let what = format!("#{n} `img {}`", shell_words(args));
-    let ours = outcome(&dirs[0], "strata", &a);
-    let theirs = outcome(&dirs[1], "qemu-img", &a);
+    let ours = node_masked(outcome(&dirs[0], "strata", &a));
+    let theirs = node_masked(outcome(&dirs[1], "qemu-img", &a));
+    // qemu-img 10 aborts on an assertion of its own in some usages (rebase -c
+    // onto an extended-L2 image whose subclusters are allocated in part:
+    // `img_rebase: Assertion ... failed`): nothing to compare with.
+    if theirs.0.is_none() && theirs.2.contains(": Assertion `") {
+        for d in &dirs {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+        return;
+    }
     if ours != theirs {
         differs(format!(
             "{what}\n  strata:   {ours:?}\n  qemu-img: {theirs:?}"
@@ -605,6 +614,16 @@ fn compare(fx: &Path, n: usize, args: &[String]) {
         if racy && alike(&dirs, &f) {
             continue;
         }
+        // snapshot -c/-a/-d on a version 2 image: strata keeps its header
+        // switch there, a crash-safe layout QEMU's in-place order cannot give
+        // without a dirty bit (see format's snapshot_switch): the files differ
+        // by design, so they are compared as QEMU sees them.
+        if args[0] == "snapshot"
+            && version(&dirs[1].join(&f)) == Some(2)
+            && switched_alike(&dirs, &f)
+        {
+            continue;
+        }
         if !timed || qemu_views(&dirs[0], &f) != qemu_views(&dirs[1], &f) {
             differs(format!("{what}: {f} differs"));
         }
@@ -621,6 +640,59 @@ fn alike(dirs: &[std::path::PathBuf; 2], f: &str) -> bool {
     let theirs = dirs[1].join(f).display().to_string();
     qemu_views(&dirs[0], f) == qemu_views(&dirs[1], f)
         && map_json(&dirs[0], f) == map_json(&dirs[1], f)
+        && outcome(&dirs[0], "qemu-img", &["compare", "-U", f, &theirs]).0 == Some(0)
+}
+
+/// `out` with the node a bitmap cannot be made persistent in named `NODE`:
+/// qemu-img names the image by the node name it made up (`#block178`), which
+/// changes from run to run of qemu-img itself; strata names the file.
+fn node_masked(mut out: (Option<i32>, String, String)) -> (Option<i32>, String, String) {
+    const AT: &str = "' persistent in '";
+    if let Some(i) = out.2.find(AT) {
+        let from = i + AT.len();
+        if let Some(len) = out.2[from..].find('\'') {
+            out.2.replace_range(from..from + len, "NODE");
+        }
+    }
+    out
+}
+
+/// The qcow2 version of the file at `p`, if it is a qcow2 image.
+fn version(p: &Path) -> Option<u32> {
+    let b = std::fs::read(p).ok()?;
+    (b.len() >= 8 && b[..4] == *b"QFI\xfb").then(|| u32::from_be_bytes(b[4..8].try_into().unwrap()))
+}
+
+/// Whether version 2 image `f` is alike in the two directories `dirs` to QEMU
+/// but for its layout: the same `info` (the file's own length, allocated size
+/// and the snapshots' dates aside), the same `check` verdict (its end offset
+/// and fragmentation aside) and the same guest data.
+fn switched_alike(dirs: &[std::path::PathBuf; 2], f: &str) -> bool {
+    let view = |d: &Path, args: &[&str], drop: &[&str]| {
+        let mut a = args.to_vec();
+        a.push(f);
+        let (code, out, _) = outcome(d, "qemu-img", &a);
+        let mut v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            for k in drop {
+                o.remove(*k);
+            }
+            if let Some(snaps) = o.get_mut("snapshots").and_then(|s| s.as_array_mut()) {
+                for s in snaps.iter_mut().filter_map(|s| s.as_object_mut()) {
+                    s.remove("date-sec");
+                    s.remove("date-nsec");
+                }
+            }
+        }
+        (code, v)
+    };
+    let info = ["info", "-U", "--output=json"];
+    let not_layout = ["children", "actual-size", "filename"];
+    let check = ["check", "-U", "--output=json"];
+    let not_end = ["image-end-offset", "fragmented-clusters", "filename"];
+    let theirs = dirs[1].join(f).display().to_string();
+    view(&dirs[0], &info, &not_layout) == view(&dirs[1], &info, &not_layout)
+        && view(&dirs[0], &check, &not_end) == view(&dirs[1], &check, &not_end)
         && outcome(&dirs[0], "qemu-img", &["compare", "-U", f, &theirs]).0 == Some(0)
 }
 
@@ -784,6 +856,59 @@ const PINNED: &[&[&str]] = &[
         r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"base.qcow2"}}"#,
         "top.qcow2",
     ],
+    // snapshot on version 2 images: strata's header switch leaves another
+    // layout, alike to QEMU.
+    &["snapshot", "-c", "", "v2.qcow2"],
+    &["snapshot", "-c", "s1", "v2ov.qcow2"],
+    // Safe rebase without -F: the copy ends at its last figure before the
+    // link is refused.
+    &[
+        "rebase",
+        "-b",
+        "mid.qcow2",
+        "--format",
+        "qcow2",
+        "-p",
+        "top.qcow2",
+    ],
+    &["rebase", "-p", "-b", "base.qcow2", "top.qcow2"],
+    // A merge source without persistent bitmaps (raw, or qcow2 read as raw)
+    // opens and holds none: the operations before the merge run first.
+    &[
+        "bitmap",
+        "--enable",
+        "--source-file",
+        "raw.img",
+        "--merge=b2",
+        "--disable",
+        "-F",
+        "raw",
+        "v3.qcow2",
+        "b1",
+    ],
+    &["bitmap", "--merge", "b0", "-b", "raw.img", "bm.qcow2", "b0"],
+    &[
+        "bitmap",
+        "--merge",
+        "b0",
+        "-b",
+        "bm2.qcow2",
+        "-F",
+        "raw",
+        "bm.qcow2",
+        "b0",
+    ],
+    // A merge looks its target bitmap up before its source.
+    &["bitmap", "--merge", "b2", "--clear", "bm2.qcow2", "b1"],
+    &[
+        "bitmap",
+        "--merge",
+        "nosuch",
+        "-b",
+        "bm.qcow2",
+        "bm2.qcow2",
+        "b1",
+    ],
 ];
 
 #[test]
@@ -800,10 +925,10 @@ fn pinned_chain_usages_match_qemu_img() {
 
 #[test]
 fn random_chain_usages_match_qemu_img() {
-    let seed = std::env::var("STRATA_SWEEP_SEED").map_or(0x5eed_c4a1, |s| s.parse().unwrap());
-    // 56 usages: this seed's first difference not fixed yet is usage 57
-    // (`snapshot -c '' v2.qcow2`: the files differ).
-    let n = std::env::var("STRATA_SWEEP_N").map_or(56, |s| s.parse().unwrap());
+    let seed = sweep_var("SEED", 0x5eed_c4a1);
+    // 400 usages pass (about 2.5 minutes on a loaded machine, with the
+    // pinned rows beside them).
+    let n = sweep_var("N", 400) as usize;
     let root = tempfile::tempdir().unwrap();
     let fx = root.path().join("fx");
     fixture(&fx);

@@ -7,11 +7,12 @@
 //! directory; they must print the same bytes (bench's timing masked), exit
 //! alike and leave the same files (byte-equal, or alike to QEMU where the
 //! bytes differ). The seed is fixed so every run draws the same usages; set
-//! `SWEEP_SEED` and `SWEEP_N` to explore further.
+//! `STRATA_SWEEP_SEED` and `STRATA_SWEEP_N` (or `SWEEP_SEED`, `SWEEP_N`) to
+//! explore further.
 
 mod common;
 
-use common::rng::{Draw, XorShift as Rng};
+use common::rng::{sweep_var, Draw, XorShift as Rng};
 use common::{assert_all_same, copy_dir, differs, io, outcome, qcow2, same_image, sh};
 use std::path::Path;
 
@@ -750,8 +751,9 @@ fn pinned_copy_and_read_usages_match_qemu_img() {
 
 #[test]
 fn random_copy_and_read_usages_match_qemu_img() {
-    let seed = std::env::var("SWEEP_SEED").map_or(0x5eed_c0de, |s| s.parse().unwrap());
-    let n = std::env::var("SWEEP_N").map_or(120, |s| s.parse().unwrap());
+    let seed = sweep_var("SEED", 0x5eed_c0de);
+    // 200 usages (250 pass too, in about 4.7 minutes on a loaded machine).
+    let n = sweep_var("N", 200) as usize;
     let root = tempfile::tempdir().unwrap();
     let fx = root.path().join("fx");
     fixture(&fx);

@@ -62,6 +62,10 @@ pub struct ConvertOptions {
     /// during the copy (that raises SIGBUS), so only sources opened with locks that
     /// keep writers out should be mapped (not `-U`).
     pub map_sources: bool,
+    /// Copy data runs as they are, zeroes included (`-C`, where qemu-img copies
+    /// what a source stores as data without reading it); runs that read as
+    /// zeroes are still left out as `sparse_size` says.
+    pub whole_data: bool,
 }
 
 impl Default for ConvertOptions {
@@ -75,6 +79,7 @@ impl Default for ConvertOptions {
             flush: true,
             out_of_order: false,
             map_sources: true,
+            whole_data: false,
         }
     }
 }
@@ -690,7 +695,7 @@ impl<'m> Producer<'_, 'm> {
     /// leaving out the zero ranges [`sparse_split`] finds in it.
     fn sparse(&self, data: Bytes<'m>, off: u64) -> Result<()> {
         let len = data.as_slice().len();
-        if self.opts.sparse_size == 0 {
+        if self.opts.sparse_size == 0 || self.opts.whole_data {
             return self.send(Out::Data {
                 at: off,
                 data,

@@ -61,17 +61,49 @@ struct Request {
     encrypt: Vec<(String, String)>,
 }
 
-/// Check every key (the first unknown one is named), then every value.
-fn parse_request(items: &[(String, String)]) -> Result<Request> {
-    for (k, _) in items {
-        if !super::opthelp::amendable("qcow2", k) {
-            // create's encrypt.* keys, but for the one key-slot option they share.
-            let create_encrypt = strata_jobs::create::ENCRYPT_KEYS.contains(&k.as_str());
-            if CREATION_ONLY.contains(&k.as_str()) || create_encrypt {
-                bail!("Invalid parameter '{k}'\nThis option is only supported for image creation");
-            }
-            bail!("Invalid parameter '{k}'");
+/// The type of the value qemu-img reads for option `key` as it parses a list.
+fn typed(key: &str, v: &str) -> Result<(), String> {
+    use strata_jobs::create::{option_size_error, parse_bool, parse_opt_number, parse_size_u64};
+    match key {
+        "lazy_refcounts" | "data_file_raw" | "encryption" | "extended_l2" => {
+            parse_bool(key, v).map(drop)
         }
+        "refcount_bits" | "encrypt.iter-time" => parse_opt_number(key, v).map(drop),
+        "size" | "cluster_size" => parse_size_u64(v)
+            .map(drop)
+            .ok_or_else(|| option_size_error(key, v)),
+        _ => Ok(()),
+    }
+}
+
+/// The list parsed as qemu-img parses it against a set of options (`known`
+/// keys): in the order typed, each key known and each value of its type; the
+/// first mistake, in qemu-img's words.
+fn parse_against(items: &[(String, String)], known: impl Fn(&str) -> bool) -> Result<(), String> {
+    for (k, v) in items {
+        if !known(k) {
+            return Err(format!("Invalid parameter '{k}'"));
+        }
+        typed(k, v)?;
+    }
+    Ok(())
+}
+
+/// Parse the list as qemu-img does, against the options the format amends: the
+/// first mistake in the order typed is refused; a list the creation options
+/// would take whole is told so. The values are judged by [`judge_values`].
+fn parse_request(items: &[(String, String)]) -> Result<Request> {
+    let amendable = |k: &str| super::opthelp::amendable("qcow2", k);
+    if let Err(e) = parse_against(items, amendable) {
+        let creatable = |k: &str| {
+            amendable(k)
+                || CREATION_ONLY.contains(&k)
+                || strata_jobs::create::ENCRYPT_KEYS.contains(&k)
+        };
+        if parse_against(items, creatable).is_ok() {
+            bail!("{e}\nThis option is only supported for image creation");
+        }
+        bail!("{e}");
     }
     let mut r = Request::default();
     for (k, v) in items {
@@ -80,7 +112,8 @@ fn parse_request(items: &[(String, String)]) -> Result<Request> {
                 r.amend.version = Some(match v.as_str() {
                     "0.10" | "v2" => 2,
                     "1.1" | "v3" => 3,
-                    _ => bail!("Unknown compatibility level {v}"),
+                    // Only the last one counts (checked above).
+                    _ => continue,
                 })
             }
             "lazy_refcounts" => {
@@ -88,11 +121,8 @@ fn parse_request(items: &[(String, String)]) -> Result<Request> {
                     Some(strata_jobs::create::parse_bool(k, v).map_err(|e| anyhow!(e))?)
             }
             "refcount_bits" => {
+                // Its range is judged with the other values (`judge_values`).
                 let bits = strata_jobs::create::parse_opt_number(k, v).map_err(|e| anyhow!(e))?;
-                // Refused as the option is read, before anything changes.
-                if bits == 0 || bits > 64 || !bits.is_power_of_two() {
-                    bail!("Refcount width must be a power of two and may not exceed 64 bits");
-                }
                 r.amend.refcount_bits = Some(bits);
             }
             "size" => r.size = Some(option_size("size", v)?),
@@ -110,6 +140,41 @@ fn parse_request(items: &[(String, String)]) -> Result<Request> {
         }
     }
     Ok(r)
+}
+
+/// The values qcow2 judges before it changes anything, in its order (after the
+/// encryption options): `compat`, `data_file` (only an image with a data file
+/// takes one), `data_file_raw` (which cannot be turned on), the range of
+/// `refcount_bits`. Where a key is repeated its last value counts.
+fn judge_values(items: &[(String, String)], img: &Qcow2Image) -> Result<()> {
+    let last = |key: &str| {
+        items
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    if let Some(v) = last("compat") {
+        if !matches!(v, "0.10" | "v2" | "1.1" | "v3") {
+            bail!("Unknown compatibility level {v}");
+        }
+    }
+    if last("data_file").is_some() && !img.has_data_file() {
+        bail!("data-file can only be set for images that use an external data file");
+    }
+    if let Some(v) = last("data_file_raw") {
+        if strata_jobs::create::parse_bool("data_file_raw", v) == Ok(true) && !img.data_file_raw() {
+            bail!("data-file-raw cannot be set on existing images");
+        }
+    }
+    if let Some(v) = last("refcount_bits") {
+        let bits =
+            strata_jobs::create::parse_opt_number("refcount_bits", v).map_err(|e| anyhow!(e))?;
+        if bits == 0 || bits > 64 || !bits.is_power_of_two() {
+            bail!("Refcount width must be a power of two and may not exceed 64 bits");
+        }
+    }
+    Ok(())
 }
 
 /// Spreads each step's own (done, total) over the whole run as qemu-img does:
@@ -198,12 +263,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
     let req = parse_request(&items)?;
     super::amend_keys::check_numbers(&req.encrypt, "encrypt.")?;
+    if !req.encrypt.is_empty() && img.encryption().is_none() {
+        bail!("Can't amend encryption options - encryption not present");
+    }
+    judge_values(&items, &img)?;
     let keys = if req.encrypt.is_empty() {
         None
     } else {
-        if img.encryption().is_none() {
-            bail!("Can't amend encryption options - encryption not present");
-        }
         Some(super::amend_keys::request(&req.encrypt)?)
     };
     let h = img.header();

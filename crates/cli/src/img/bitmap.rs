@@ -55,6 +55,8 @@ struct Parsed {
     positional: Vec<String>,
     /// `-h` or `--help` (or a prefix of it) came before any mistake.
     help: bool,
+    /// `--object help` came before any mistake: the object types are listed.
+    object_types: bool,
 }
 
 fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
@@ -170,7 +172,19 @@ fn parse(args: &[String], prog: &str) -> Result<Parsed, String> {
             }
             "-b" => p.source_file = value,
             "-F" => p.source_format = value,
-            "--object" => p.naming.objects.object.extend(value),
+            // Each object is created as the loop meets it (`help` lists the
+            // types and ends the run).
+            "--object" => {
+                let v = value.unwrap_or_default();
+                if super::objects::asks_for_types(&v) {
+                    p.object_types = true;
+                    return Ok(p);
+                }
+                p.naming.objects.object.push(v);
+                if let Err(e) = p.naming.objects.objects() {
+                    return Err(format!("{prog}: {e}"));
+                }
+            }
             "--image-opts" => p.naming.image_opts = true,
             _ => {}
         }
@@ -186,6 +200,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             return Ok(1);
         }
     };
+    if p.object_types {
+        print!("{}", super::objects::types_list());
+        return Ok(0);
+    }
     if p.help {
         println!(
             "Usage: {} bitmap [-f FMT] [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] \
@@ -226,19 +244,26 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         image_opts: false,
         ..p.naming.clone()
     };
-    let source = match &p.source_file {
-        Some(s) => Some(open(
-            &plain.spec(Path::new(s), p.source_format.as_deref(), false)?,
-            false,
-        )?),
+    // A source in a format without persistent bitmaps (raw, or a qcow2 file
+    // read as raw) opens as qemu-img opens it and holds none: a merge from it
+    // fails when its turn comes, after the operations before it.
+    let source_set = match &p.source_file {
+        Some(s) => {
+            let spec = plain.spec(Path::new(s), p.source_format.as_deref(), false)?;
+            match spec_format(&spec)? {
+                Format::Qcow2 => Some(open(&spec, false)?.read_bitmaps()?),
+                format => {
+                    strata_chain::open_top(&spec, format, false).map_err(|e| {
+                        super::common::open_error(&spec.path, &spec.shown_name(), &e)
+                    })?;
+                    Some(Vec::new())
+                }
+            }
+        }
         None => None,
     };
     let size = strata_format::BlockDevice::virtual_size(&img);
     let mut set = img.read_bitmaps()?;
-    let source_set = match &source {
-        Some(s) => Some(s.read_bitmaps()?),
-        None => None,
-    };
     let v2 = img.header().version < 3;
     let mut failure = None;
     // qemu-img removes a bitmap from the file at once (the other operations
@@ -369,6 +394,8 @@ fn apply(
         Op::Enable => find(set, name)?.enabled = true,
         Op::Disable => find(set, name)?.enabled = false,
         Op::Merge(src) => {
+            // The target bitmap is looked up before the source, as in qemu-img.
+            find(set, name)?;
             // Without -b the source is in the image itself, as it is now.
             let from = source
                 .unwrap_or(set)

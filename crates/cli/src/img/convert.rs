@@ -294,15 +294,19 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         }
         bail!("{e}");
     }
-    if args.bitmaps && src_paths.len() > 1 {
-        bail!("Copying bitmaps only possible with single source");
-    }
-    let bitmaps = match &bitmaps_of {
-        Some(top) => Some(super::convert_bitmaps::read(top, args.skip_broken_bitmaps)?),
-        None => None,
-    };
     if let Some(e) = out_refused.take_if(|_| !args.no_create) {
         return Err(e);
+    }
+    if !args.no_create {
+        // qemu-img reads the -o list against the format's creation options
+        // (every key known, every typed value well formed) before it judges
+        // -B, -F, -c or --bitmaps, in the order typed. The backing file
+        // itself is looked at only when the image is created.
+        super::create::first_bad_item(out_format, out_path, &args.options).map_err(|e| {
+            let m = e.to_string();
+            let prefix = format!("{}: ", out_path.display());
+            anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
+        })?;
     }
 
     // The target: created (with -o, -B and -F) unless -n. qemu-img sets -B and -F
@@ -343,6 +347,14 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             bail!("Compression and preallocation not supported at the same time ('{p}')");
         }
     }
+    // Bitmaps are judged after the target's options and -c.
+    if args.bitmaps && src_paths.len() > 1 {
+        bail!("Copying bitmaps only possible with single source");
+    }
+    let bitmaps = match &bitmaps_of {
+        Some(top) => Some(super::convert_bitmaps::read(top, args.skip_broken_bitmaps)?),
+        None => None,
+    };
     // qemu-img reads the target's cache mode only once it has created the
     // target (a bad mode leaves the new, empty target behind).
     let target_cache = || super::common::check_cache_mode(args.cache.as_deref(), false);
@@ -480,6 +492,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         workers,
         flush,
         out_of_order: args.out_of_order,
+        // -C copies what the sources store as data with no look for zeroes in
+        // it, as qemu-img's offloaded copy does.
+        whole_data: args.copy_range,
         // A source others may write (-U) could shrink under a map. Salvage
         // reads every byte through the source's device, one window at a time,
         // so its warnings come in the order of the offsets.

@@ -80,6 +80,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             super::invoked_as(ctx.prog)
         );
     }
+    first_bad_item(format, &filename, &args.options)?;
     if size.is_some() && options.contains_key("size") {
         anyhow::bail!(
             "{}: The image size must be specified only once",
@@ -154,4 +155,30 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         prepared.create()?;
     }
     Ok(0)
+}
+
+/// Refuse the first `-o` item qemu-img refuses as it reads the list against
+/// `format`'s creation options, in the order typed: a key the format does not
+/// know, or a value not of its key's type. A key given twice is judged each
+/// time (the map the options end in keeps only its last value). The refusal
+/// names `path` as [`prepare`] does.
+pub(super) fn first_bad_item(
+    format: Format,
+    path: &std::path::Path,
+    opts: &[String],
+) -> Result<()> {
+    for (k, v) in super::common::option_items(opts) {
+        // The backing file is only recorded by this reading.
+        if k == "backing_file" && format != Format::Raw {
+            continue;
+        }
+        prepare(&CreateRequest {
+            path: path.to_path_buf(),
+            format,
+            size: Some(0),
+            options: std::iter::once((k, v)).collect(),
+            unsafe_backing: true,
+        })?;
+    }
+    Ok(())
 }

@@ -219,13 +219,37 @@ fn is_snapshot_action(key: &str) -> bool {
     )
 }
 
-/// What qemu-img prints (on stderr, before it exits 1) for the first mistake
-/// its option loop finds in `args` (the subcommand's name, then its
-/// arguments), given clap's declaration `cmd` of the subcommands: a value it
-/// refuses as it meets it, or where getopt stops at an option it does not know
-/// or one lacking its value. `None` when the loop finds nothing to refuse
-/// (clap and the subcommand then judge the line).
-pub fn refusal(cmd: &clap::Command, args: &[String], ctx: &Ctx) -> Option<String> {
+/// How a run ends inside qemu-img's option loop: what it prints on stdout and
+/// stderr, and its exit code.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Said {
+    pub out: String,
+    pub err: String,
+    pub code: i32,
+}
+
+/// What qemu-img prints for the first mistake its option loop finds in `args`
+/// (the subcommand's name, then its arguments), given clap's declaration `cmd`
+/// of the subcommands, and how it exits: a value it refuses as it meets it
+/// (`--object` definitions too, which it creates there), or where getopt
+/// stops at an option it does not know or one lacking its value; also
+/// `--object help`, which lists the object types and exits 0 there. `None`
+/// when the loop ends the run nowhere (clap and the subcommand then judge the
+/// line).
+pub fn refusal(cmd: &clap::Command, args: &[String], ctx: &Ctx) -> Option<Said> {
+    let failed = |err: String| Said {
+        out: String::new(),
+        err,
+        code: 1,
+    };
+    refused(cmd, args, ctx).map(|r| match r {
+        Ok(said) => said,
+        Err(err) => failed(err),
+    })
+}
+
+/// [`refusal`]'s walk: `Err` with the text of a refusal that exits 1.
+fn refused(cmd: &clap::Command, args: &[String], ctx: &Ctx) -> Option<Result<Said, String>> {
     let (sub, rest) = args.split_first()?;
     let sub_cmd = cmd.find_subcommand(sub)?;
     let prog = ctx.prog;
@@ -233,19 +257,42 @@ pub fn refusal(cmd: &clap::Command, args: &[String], ctx: &Ctx) -> Option<String
     let try_help = format!("Try '{argv0} {sub} --help' for more info");
     let (met, stop) = walk(sub_cmd, sub, rest);
     let mut actions = 0usize;
+    let mut objects = super::objects::ObjectArgs::default();
     for m in met {
         if sub == "snapshot" && is_snapshot_action(&m.key) {
             actions += 1;
             if actions > 1 {
-                return Some(format!(
+                return Some(Err(format!(
                     "{prog}: Cannot mix '-l', '-a', '-c', '-d'\n{try_help}\n"
-                ));
+                )));
             }
         }
-        if let Some(v) = &m.value {
-            if let Err(e) = judge(sub, &m.key, v, ctx) {
-                return Some(format!("{prog}: {e}\n"));
+        match (m.key.as_str(), &m.value) {
+            // Each object is created as it is met (ids unique across them).
+            ("object", Some(v)) => {
+                if super::objects::asks_for_types(v) {
+                    return Some(Ok(Said {
+                        out: super::objects::types_list(),
+                        err: String::new(),
+                        code: 0,
+                    }));
+                }
+                objects.object.push(v.clone());
+                if let Err(e) = objects.objects() {
+                    return Some(Ok(Said {
+                        out: String::new(),
+                        err: format!("{prog}: {e}\n"),
+                        // compare exits 2 on every error but a difference.
+                        code: if sub == "compare" { 2 } else { 1 },
+                    }));
+                }
             }
+            (key, Some(v)) => {
+                if let Err(e) = judge(sub, key, v, ctx) {
+                    return Some(Err(format!("{prog}: {e}\n")));
+                }
+            }
+            _ => {}
         }
     }
     // bitmap reads its own line (its operations are no clap options).
@@ -253,20 +300,20 @@ pub fn refusal(cmd: &clap::Command, args: &[String], ctx: &Ctx) -> Option<String
         return None;
     }
     match stop? {
-        Stop::MissingValue(o) => Some(match o.strip_prefix("--") {
+        Stop::MissingValue(o) => Some(Err(match o.strip_prefix("--") {
             Some(_) => format!("{argv0} {sub}: option '{o}' requires an argument\n{try_help}\n"),
             None => format!(
                 "{argv0} {sub}: option requires an argument -- '{}'\n{try_help}\n",
                 &o[1..]
             ),
-        }),
-        Stop::Unknown(o) => Some(match o.strip_prefix("--") {
+        })),
+        Stop::Unknown(o) => Some(Err(match o.strip_prefix("--") {
             Some(_) => format!("{argv0} {sub}: unrecognized option '{o}'\n{try_help}\n"),
             None => format!(
                 "{argv0} {sub}: invalid option -- '{}'\n{try_help}\n",
                 &o[1..]
             ),
-        }),
+        })),
         Stop::Other => None,
     }
 }

@@ -148,8 +148,9 @@ pub fn main_as(args: impl Iterator<Item = OsString>, prog: &'static str) -> i32 
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     if let Some(said) = getopt::refusal(&ImgCli::command(), &typed, &Ctx { prog }) {
-        eprint!("{said}");
-        return 1;
+        print!("{}", said.out);
+        eprint!("{}", said.err);
+        return said.code;
     }
     let argv = std::iter::once(OsString::from(prog)).chain(args.iter().cloned());
     match ImgCli::try_parse_from(argv) {

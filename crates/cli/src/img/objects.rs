@@ -25,6 +25,21 @@ const QEMU_IMG_TYPES: [&str; 12] = [
     "tls-creds-x509",
 ];
 
+/// Whether object definition `def` asks for the list of object types: its
+/// first item is `help` (`--object help`, `--object help,id=x`).
+pub fn asks_for_types(def: &str) -> bool {
+    split_items(def).first().is_some_and(|t| t == "help")
+}
+
+/// The list of object types qemu-img prints for `--object help`.
+pub fn types_list() -> String {
+    let mut out = String::from("List of user creatable objects:\n");
+    for t in QEMU_IMG_TYPES {
+        out.push_str(&format!("  {t}\n"));
+    }
+    out
+}
+
 /// The `--object` options of a command line.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct ObjectArgs {

@@ -238,6 +238,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         shown.finish_bar();
         if let (Some(n), true) = (&new_name, format_missing) {
             image.close()?;
+            // qemu-img ends its copy at its last figure, then reports the
+            // change of the link failed.
+            shown.steps.set(100.0);
             bail!("Could not change the backing file to '{n}': backing format must be specified");
         }
     }

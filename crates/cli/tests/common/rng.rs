@@ -54,3 +54,17 @@ impl Draw for XorShift {
         x
     }
 }
+
+/// A sweep's setting `name` (`SEED`, `N`, ...) from the environment:
+/// `STRATA_SWEEP_<name>` when set, else `SWEEP_<name>`, else `default`. The
+/// value is a decimal number; anything else panics (a sweep run with a seed it
+/// did not read would look like a pass).
+pub fn sweep_var(name: &str, default: u64) -> u64 {
+    ["STRATA_SWEEP_", "SWEEP_"]
+        .iter()
+        .find_map(|p| std::env::var(format!("{p}{name}")).ok())
+        .map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("sweep setting {name}={v:?} is not a number"))
+        })
+}
