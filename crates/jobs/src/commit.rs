@@ -271,8 +271,27 @@ pub fn apply_plan(
     {
         q.set_punch_unmapped(true);
     }
+    // qemu-img commits through a mirror job, which copies whole chunks of its
+    // granularity (the base's cluster size, within 4 KiB to 64 KiB). Into a base
+    // with extended L2 entries only the subclusters written are allocated, so
+    // the chunks are copied whole as qemu-img copies them; elsewhere a partial
+    // write fills its cluster the same either way.
+    let widened;
+    let copy = match base
+        .as_any()
+        .downcast_ref::<strata_format::qcow2::Qcow2Image>()
+    {
+        Some(q) if q.geometry().extended_l2 => {
+            let g = q.geometry().cluster_size().clamp(4096, 65536);
+            widened = plan
+                .copy
+                .widened_to_chunks(g, layers[plan.top].virtual_size());
+            &widened
+        }
+        _ => &plan.copy,
+    };
     apply(
-        &plan.copy,
+        copy,
         layers[plan.top].as_ref(),
         base.as_ref(),
         Zeroes::Unmap,

@@ -53,6 +53,60 @@ impl CopyPlan {
         self.ranges.iter().map(|r| r.len).sum()
     }
 
+    /// The plan with every copied range widened to whole chunks of `g` bytes
+    /// (within `size`), as a mirror job of that granularity copies: the chunks
+    /// are copied whole (the zeroes planned inside them are copied as the
+    /// zeroes they read as), the rest of the zero ranges stays as it was.
+    pub fn widened_to_chunks(&self, g: u64, size: u64) -> CopyPlan {
+        let mut copies: Vec<(u64, u64)> = Vec::new();
+        for r in self.ranges.iter().filter(|r| r.action == Action::Copy) {
+            let start = r.offset / g * g;
+            let end = (r.offset + r.len)
+                .checked_next_multiple_of(g)
+                .map_or(size, |e| e.min(size));
+            match copies.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ => copies.push((start, end)),
+            }
+        }
+        let mut pieces: Vec<Range> = copies
+            .iter()
+            .map(|&(a, b)| Range {
+                offset: a,
+                len: b - a,
+                action: Action::Copy,
+            })
+            .collect();
+        for r in self.ranges.iter().filter(|r| r.action == Action::Zero) {
+            // What of the zero range no widened copy covers.
+            let mut at = r.offset;
+            let end = r.offset + r.len;
+            for &(a, b) in copies.iter().filter(|&&(a, b)| a < end && r.offset < b) {
+                if a > at {
+                    pieces.push(Range {
+                        offset: at,
+                        len: a - at,
+                        action: Action::Zero,
+                    });
+                }
+                at = at.max(b);
+            }
+            if at < end {
+                pieces.push(Range {
+                    offset: at,
+                    len: end - at,
+                    action: Action::Zero,
+                });
+            }
+        }
+        pieces.sort_by_key(|r| r.offset);
+        let mut out = CopyPlan::default();
+        for r in pieces {
+            out.push(r.offset, r.len, r.action);
+        }
+        out
+    }
+
     fn push(&mut self, offset: u64, len: u64, action: Action) {
         if let Some(last) = self.ranges.last_mut() {
             if last.action == action && last.offset + last.len == offset {
@@ -335,6 +389,31 @@ mod tests {
             len,
             action,
         }
+    }
+
+    #[test]
+    fn widened_copies_cover_whole_chunks_and_the_zeroes_outside_them_stay() {
+        use Action::*;
+        let g = 65536;
+        let plan = CopyPlan {
+            ranges: vec![
+                r(4096, 1024, Copy),
+                r(5120, 200_000, Zero),
+                r(205_120, 10, Copy),
+                r(300_000, 5, Copy),
+                r(400_000, 100, Copy),
+            ],
+        };
+        let got = plan.widened_to_chunks(g, 400_050);
+        assert_eq!(
+            got.ranges,
+            vec![
+                r(0, g, Copy),
+                r(g, 131_072, Zero),
+                r(3 * g, 2 * g, Copy),
+                r(6 * g, 400_050 - 6 * g, Copy),
+            ]
+        );
     }
 
     #[test]

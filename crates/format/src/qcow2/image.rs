@@ -703,25 +703,32 @@ impl Qcow2Image {
             } = entry
             {
                 if !host.is_none() {
-                    // Owned cluster that needs its missing parts filled (zero flag,
-                    // or subclusters not yet allocated): rewrite it in place.
-                    m.check_data_write(host, cs)
+                    // An owned cluster whose written part is not all allocated (zero
+                    // flag, or subclusters unallocated or zero): written in place,
+                    // with copy-on-write only of the partly written subclusters that
+                    // hold no data, and only those subclusters gain their bit.
+                    let (from, to) = self.in_place_cow(entry, in_cl, n);
+                    m.check_data_write(host + from, to - from)
                         .map_err(|e| self.fail_corrupt(m, e))?;
-                    let mut full = vec![0u8; index(cs)];
-                    self.read_locked(m, &mut full, gc * cs)?;
-                    full[index(in_cl)..index(in_cl + n)]
-                        .copy_from_slice(&buf[index(pos)..index(pos + n)]);
+                    let data = self.cow_merge(
+                        m,
+                        gc * cs,
+                        from,
+                        to,
+                        in_cl,
+                        &buf[index(pos)..index(pos + n)],
+                    )?;
                     plan.segs.push(Seg {
-                        host,
-                        guest: gc * cs,
-                        data: SegData::Owned(full),
+                        host: host + from,
+                        guest: gc * cs + from,
+                        cow: from < in_cl || to > in_cl + n,
+                        data: SegData::Owned(data),
                         fresh: false,
-                        cow: false,
                     });
                     plan.updates.push(L2Update {
                         gc,
                         entry: host.get() | OFLAG_COPIED,
-                        bitmap: ALL_ALLOCATED,
+                        bitmap: self.written_bitmap(entry, from, to),
                         old: None,
                     });
                     pos += n;
@@ -746,34 +753,37 @@ impl Qcow2Image {
             m.l2_for_write(gc / l2n)?;
             let host = self.alloc_data(m, gc, k)?;
             let run_bytes = (k * cs - in_cl).min(len - pos);
-            let end_in_last = (in_cl + run_bytes) - (k - 1) * cs; // bytes used in the last cluster
-            if in_cl == 0 && end_in_last == cs {
+            // Bytes used in the last cluster.
+            let end_in_last = (in_cl + run_bytes) - (k - 1) * cs;
+            // What of the new clusters gets written: the request, widened by
+            // copy-on-write to what the old entries make necessary (whole clusters
+            // without extended L2; with it, the partly written subclusters and
+            // whatever the old host cluster holds).
+            let from = self.fresh_cow_start(olds[0], in_cl);
+            let last = *olds.last().expect("at least one cluster");
+            let to = (k - 1) * cs + self.fresh_cow_end(last, end_in_last);
+            if from == in_cl && to == in_cl + run_bytes {
                 plan.segs.push(Seg {
-                    host,
+                    host: host + in_cl,
                     guest: off,
                     data: SegData::Buf(index(pos), index(pos + run_bytes)),
                     fresh: true,
                     cow: false,
                 });
             } else {
-                // Copy-on-write: fill the head and tail of the run from the current
-                // guest view, then write the whole run at once.
-                let mut data = vec![0u8; index(k * cs)];
-                self.storage.debug_event(DebugEvent::CowRead);
-                if in_cl > 0 {
-                    self.read_locked(m, &mut data[..index(in_cl)], gc * cs)?;
-                }
-                if end_in_last < cs {
-                    let tail_start = (k - 1) * cs + end_in_last;
-                    let mut tail = vec![0u8; index(cs - end_in_last)];
-                    self.read_locked(m, &mut tail, gc * cs + tail_start)?;
-                    data[index(tail_start)..].copy_from_slice(&tail);
-                }
-                data[index(in_cl)..index(in_cl + run_bytes)]
-                    .copy_from_slice(&buf[index(pos)..index(pos + run_bytes)]);
+                // Copy-on-write: fill the head and tail from the current guest
+                // view, then write it all at once.
+                let data = self.cow_merge(
+                    m,
+                    gc * cs,
+                    from,
+                    to,
+                    in_cl,
+                    &buf[index(pos)..index(pos + run_bytes)],
+                )?;
                 plan.segs.push(Seg {
-                    host,
-                    guest: gc * cs,
+                    host: host + from,
+                    guest: gc * cs + from,
                     data: SegData::Owned(data),
                     fresh: true,
                     cow: true,
@@ -781,16 +791,148 @@ impl Qcow2Image {
             }
             for (i, old) in olds.into_iter().enumerate() {
                 let i = i as u64;
+                // This cluster's part of the written range `[from, to)`.
+                let c_from = from.saturating_sub(i * cs).min(cs);
+                let c_to = (to - i * cs).min(cs);
                 plan.updates.push(L2Update {
                     gc: gc + i,
                     entry: (host + i * cs).get() | OFLAG_COPIED,
-                    bitmap: ALL_ALLOCATED,
+                    bitmap: self.written_bitmap(old, c_from, c_to),
                     old: Some(old),
                 });
             }
             pos += run_bytes;
         }
         Ok(plan)
+    }
+
+    /// The bytes `[from, to)` of the cluster run starting at guest offset `base`:
+    /// `data` at `at`, the rest read from the current guest view (copy-on-write).
+    fn cow_merge(
+        &self,
+        m: &mut Meta,
+        base: u64,
+        from: u64,
+        to: u64,
+        at: u64,
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
+        let end = at + data.len() as u64;
+        let mut out = vec![0u8; index(to - from)];
+        if from < at || end < to {
+            self.storage.debug_event(DebugEvent::CowRead);
+        }
+        if from < at {
+            self.read_locked(m, &mut out[..index(at - from)], base + from)?;
+        }
+        if end < to {
+            self.read_locked(m, &mut out[index(end - from)..], base + end)?;
+        }
+        out[index(at - from)..index(end - from)].copy_from_slice(data);
+        Ok(out)
+    }
+
+    /// Whether subcluster `sc` of `e` holds data of its own (without extended L2:
+    /// the cluster is not zero-flagged).
+    fn sub_has_data(&self, e: L2Entry, sc: u64) -> bool {
+        match e {
+            L2Entry::Normal { bitmap, zero, .. } => {
+                if self.geo.extended_l2 {
+                    bitmap & (1 << sc) != 0
+                } else {
+                    !zero
+                }
+            }
+            L2Entry::Compressed { .. } => true,
+        }
+    }
+
+    /// The range `[from, to)` of an owned cluster that a write of `[in_cl, in_cl+n)`
+    /// into it writes, as QEMU widens it: a partly written subcluster that holds no
+    /// data (unallocated or zero; without extended L2, a zero-flagged cluster)
+    /// is filled to its bounds from the guest view, one holding data is not.
+    fn in_place_cow(&self, e: L2Entry, in_cl: u64, n: u64) -> (u64, u64) {
+        let scs = self.geo.subcluster_size();
+        let end = in_cl + n;
+        let from = if self.sub_has_data(e, in_cl / scs) {
+            in_cl
+        } else {
+            in_cl / scs * scs
+        };
+        let to = if self.sub_has_data(e, (end - 1) / scs) {
+            end
+        } else {
+            end.next_multiple_of(scs)
+        };
+        (from, to)
+    }
+
+    /// Whether an entry that a write replaces has a host cluster whose data the
+    /// new cluster must take over (allocated but shared, or compressed).
+    fn has_old_data(&self, e: L2Entry) -> bool {
+        match e {
+            L2Entry::Normal { host, copied, .. } => {
+                !host.is_none() || (self.geo.data_file && copied)
+            }
+            L2Entry::Compressed { .. } => true,
+        }
+    }
+
+    /// Where the write into a new cluster replacing `old` starts, the request
+    /// starting at `in_cl`: at the cluster start without extended L2 or for a
+    /// compressed cluster; at the first subcluster holding data of an old host
+    /// cluster if that comes first; else at the written subcluster's start.
+    fn fresh_cow_start(&self, old: L2Entry, in_cl: u64) -> u64 {
+        let scs = self.geo.subcluster_size();
+        let sc = in_cl / scs;
+        match old {
+            L2Entry::Compressed { .. } => 0,
+            L2Entry::Normal { bitmap, .. } if self.has_old_data(old) => {
+                let first = u64::from((bitmap & ALL_ALLOCATED).trailing_zeros());
+                sc.min(first) * scs
+            }
+            L2Entry::Normal { .. } => sc * scs,
+        }
+    }
+
+    /// Where the write into a new cluster replacing `old` ends, the request
+    /// ending at `end` (in `1..=cluster size`): the mirror of [`Self::fresh_cow_start`].
+    fn fresh_cow_end(&self, old: L2Entry, end: u64) -> u64 {
+        let cs = self.geo.cluster_size();
+        let scs = self.geo.subcluster_size();
+        let nsub = u64::from(self.geo.subclusters());
+        let sc = (end - 1) / scs;
+        match old {
+            L2Entry::Compressed { .. } => cs,
+            L2Entry::Normal { bitmap, .. } if self.has_old_data(old) => {
+                if !self.geo.extended_l2 {
+                    return cs;
+                }
+                #[allow(clippy::cast_possible_truncation)] // the low 32 bits
+                let alloc = (bitmap & ALL_ALLOCATED) as u32;
+                let after = u64::from(alloc.leading_zeros());
+                cs - (nsub - sc - 1).min(after) * scs
+            }
+            L2Entry::Normal { .. } => end.next_multiple_of(scs),
+        }
+    }
+
+    /// The subcluster bitmap of a cluster after `[from, to)` of it was written
+    /// (`old` the entry before): the written subclusters are allocated and not
+    /// zero, the others keep their state. Without extended L2 it is not stored.
+    fn written_bitmap(&self, old: L2Entry, from: u64, to: u64) -> u64 {
+        if !self.geo.extended_l2 {
+            return ALL_ALLOCATED;
+        }
+        let old_bitmap = match old {
+            L2Entry::Normal { bitmap, .. } => bitmap,
+            L2Entry::Compressed { .. } => 0,
+        };
+        let scs = self.geo.subcluster_size();
+        let first = from / scs;
+        let last = (to - 1) / scs;
+        let range = ((1u64 << (last - first + 1)) - 1) << first;
+        (old_bitmap | range) & !(range << 32)
     }
 
     /// An encrypted image's write of `buf` at `offset` widened to whole sectors
