@@ -369,3 +369,36 @@ fn a_snapshot_l1_table_past_the_end_or_too_large_is_never_written_through() {
     );
     assert!(ok(d, "qemu-img", &["info", "q"]).contains("corrupt: true"));
 }
+
+/// A snapshot table past the end of the file: qemu-img opens the image and
+/// reads the table as zeros, so `info` and `snapshot -l` show a row with an
+/// empty ID and name, `map` and `convert` work, `convert -l test` finds no
+/// such snapshot and `check` reports the incomplete entry and the table past
+/// the end. strata shows and refuses the same.
+#[test]
+fn a_snapshot_table_past_the_end_of_the_file_reads_as_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    bad_snapshot_l1_fixture(&d.join("fix"));
+    fixture(
+        &d.join("fix"),
+        "cp base stp; poke stp 64 '\\x00\\x00\\x00\\x00\\x10\\x00\\x00\\x00'",
+    );
+    same_files(
+        d,
+        "table",
+        "cp ../fix/stp .",
+        &[
+            "info stp",
+            "info --output=json stp",
+            "snapshot -l stp",
+            "map --output=json stp",
+            "convert -O raw stp stp.raw",
+            "convert -l test -O raw stp stp.l",
+            "check stp",
+            "check --output=json stp",
+        ],
+        false,
+    );
+    assert_all_same();
+}
