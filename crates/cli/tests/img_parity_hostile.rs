@@ -216,3 +216,189 @@ fn reserved_bits_in_l1_and_l2_entries_are_read_past_and_only_reported() {
     }
     assert_all_same();
 }
+
+/// Make `base` (one snapshot `test`, then a write) in `dir` and copies of it
+/// whose snapshot L1 table is damaged as in 080: `unal` (offset not
+/// cluster-aligned), `big` (more than 32 MiB of entries) and `eof` (aligned,
+/// far past the end of the file).
+fn bad_snapshot_l1_fixture(dir: &Path) {
+    fixture(
+        dir,
+        "qemu-img create -q -f qcow2 base 64M
+         qemu-io -c 'write -P 0x11 0 128k' base >/dev/null
+         qemu-img snapshot -c test base
+         qemu-io -c 'write -P 0x22 64k 64k' base >/dev/null
+         st=$((0x$(od -An -t x8 --endian=big -j 64 -N 8 base | tr -d ' ')))
+         cp base unal; poke unal $st '\\x00\\x00\\x00\\x00\\x00\\x40\\x02\\x00'
+         cp base big; poke big $((st + 8)) '\\x10\\x00\\x00\\x00'
+         cp base eof; poke eof $st '\\x00\\x00\\x00\\x10\\x00\\x00\\x00\\x00'",
+    );
+}
+
+/// 080's invalid snapshot L1 tables: qemu-img opens such an image, and
+/// `info`, `check`, `map`, `snapshot -l`, `convert` and `compare` work on it;
+/// only a use of the snapshot is refused, in QEMU's words ("Snapshot L1 table
+/// offset invalid" / "too large"): `convert -l`, `snapshot -a` (the reason,
+/// then "Failed to load snapshot: Invalid argument" / "File too large"),
+/// `snapshot -d`, and `amend -o compat=0.10` ("Failed to turn zero into data
+/// clusters: ..."), each leaving the file as it was. A table past the end of
+/// the file reads as zeros (an empty table) for `convert -l` and the amend, as
+/// in QEMU. strata matches all of this, byte for byte in the files.
+#[test]
+fn invalid_snapshot_l1_tables_open_and_only_their_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    bad_snapshot_l1_fixture(&d.join("fix"));
+    let copy = "cp ../fix/* .";
+    let mut steps = Vec::new();
+    for img in ["unal", "big", "eof"] {
+        steps.extend([
+            format!("info {img}"),
+            format!("check {img}"),
+            format!("check --output=json {img}"),
+            format!("map --output=json {img}"),
+            format!("snapshot -l {img}"),
+            format!("convert -O raw {img} {img}.raw"),
+            format!("convert -l test -O raw {img} {img}.l"),
+            format!("compare {img} base"),
+        ]);
+    }
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    same_files(d, "read", copy, &steps, false);
+    let mut n = 0;
+    for img in ["unal", "big"] {
+        for step in [
+            "snapshot -a test",
+            "snapshot -d test",
+            "amend -o compat=0.10",
+        ] {
+            n += 1;
+            same_files(
+                d,
+                &format!("use{n}"),
+                copy,
+                &[&format!("{step} {img}")],
+                false,
+            );
+        }
+    }
+    for (n, (step, img)) in [
+        ("amend -o compat=0.10", "eof"),
+        ("check -r all", "unal"),
+        ("check -r all", "eof"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let step = format!("{step} {img}");
+        let after = format!("check {img}");
+        same_files(d, &format!("change{n}"), copy, &[&step, &after], false);
+    }
+    assert_all_same();
+}
+
+/// Where strata deliberately differs on the images of
+/// [`invalid_snapshot_l1_tables_open_and_only_their_use_is_refused`]:
+/// - `snapshot -a test` and `snapshot -d test` on `eof`: qemu-img applies a
+///   table past the end of the file as zeros (the disk goes empty and the
+///   active clusters are freed) and deletes the entry ("qcow2_free_clusters
+///   failed: Resource temporarily unavailable", exit 0). strata refuses
+///   both (exit 1, the table lies past the end of the file) and writes
+///   nothing: a table that is not in the file is no snapshot to revert to.
+/// - `check -r all big` and `snapshot -c new big`: qemu-img counts the
+///   snapshot's 2 GiB table as metadata, refuses its own repair's (or the new
+///   snapshot's) writes as overlapping it, marks the image corrupt and fails
+///   (exit 1). strata writes around it: the repair mends the leaks and the
+///   flags (exit 2, the entry is still reported), the snapshot is made, and
+///   the image is not marked corrupt; qemu-img's check then reports only
+///   the entry (and for the snapshot the leaks that were there before).
+#[test]
+fn a_snapshot_l1_table_past_the_end_or_too_large_is_never_written_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    bad_snapshot_l1_fixture(d);
+    for (n, args) in [&["-a", "test"], &["-d", "test"]].into_iter().enumerate() {
+        let f = format!("s{n}");
+        std::fs::copy(d.join("eof"), d.join(&f)).unwrap();
+        let mut a = vec!["snapshot"];
+        a.extend_from_slice(args);
+        a.push(&f);
+        let (code, out, err) = common::outcome(d, "strata", &a);
+        assert_eq!((code, out.as_str()), (Some(1), ""), "{err}");
+        assert!(err.contains("past the end of the file"), "{err}");
+        assert_eq!(
+            std::fs::read(d.join(&f)).unwrap(),
+            std::fs::read(d.join("eof")).unwrap()
+        );
+        // qemu-img goes on (the behaviour strata declines).
+        std::fs::copy(d.join("eof"), d.join("q")).unwrap();
+        a.pop();
+        a.push("q");
+        assert_eq!(common::outcome(d, "qemu-img", &a).0, Some(0));
+    }
+    let qemu_check = |f: &str| common::outcome(d, "qemu-img", &["check", f]);
+    std::fs::copy(d.join("big"), d.join("r")).unwrap();
+    let (code, _, err) = common::outcome(d, "strata", &["check", "-r", "all", "r"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, out, err) = qemu_check("r");
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        "ERROR snapshot 1 (test) l1_size=0x10000000: L1 table is too large; \
+         snapshot table entry corrupted\n"
+    );
+    assert!(
+        out.contains("1 errors were found") && !out.contains("leaked"),
+        "{out}"
+    );
+    std::fs::copy(d.join("big"), d.join("c")).unwrap();
+    ok(d, "strata", &["snapshot", "-c", "new", "c"]);
+    assert!(ok(d, "qemu-img", &["snapshot", "-l", "c"]).contains(" new "));
+    let (code, out, _) = qemu_check("c");
+    assert_eq!(code, Some(2));
+    assert!(out.contains("1 errors were found"), "{out}");
+    for f in ["r", "c"] {
+        let info = ok(d, "qemu-img", &["info", f]);
+        assert!(info.contains("corrupt: false"), "{info}");
+    }
+    // qemu-img's own repair fails and leaves the image marked corrupt.
+    std::fs::copy(d.join("big"), d.join("q")).unwrap();
+    assert_eq!(
+        common::outcome(d, "qemu-img", &["check", "-r", "all", "q"]).0,
+        Some(1)
+    );
+    assert!(ok(d, "qemu-img", &["info", "q"]).contains("corrupt: true"));
+}
+
+/// A snapshot table past the end of the file: qemu-img opens the image and
+/// reads the table as zeros, so `info` and `snapshot -l` show a row with an
+/// empty ID and name, `map` and `convert` work, `convert -l test` finds no
+/// such snapshot and `check` reports the incomplete entry and the table past
+/// the end. strata shows and refuses the same.
+#[test]
+fn a_snapshot_table_past_the_end_of_the_file_reads_as_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    bad_snapshot_l1_fixture(&d.join("fix"));
+    fixture(
+        &d.join("fix"),
+        "cp base stp; poke stp 64 '\\x00\\x00\\x00\\x00\\x10\\x00\\x00\\x00'",
+    );
+    same_files(
+        d,
+        "table",
+        "cp ../fix/stp .",
+        &[
+            "info stp",
+            "info --output=json stp",
+            "snapshot -l stp",
+            "map --output=json stp",
+            "convert -O raw stp stp.raw",
+            "convert -l test -O raw stp stp.l",
+            "check stp",
+            "check --output=json stp",
+        ],
+        false,
+    );
+    assert_all_same();
+}

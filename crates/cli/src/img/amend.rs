@@ -378,7 +378,15 @@ fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &QemuSteps) -> Result<
         let (d, t) = spread.report(step, done, total);
         bar.set_fraction(d, t);
     })
-    .map_err(kind)
+    .map_err(|e| match super::snapshot::bad_snapshot_l1(&e) {
+        // The zero-cluster expansion of a downgrade reads every snapshot's L1
+        // table: qemu-img reports the bad one, then the failed expansion.
+        Some((msg, errno)) => {
+            let prog = super::common::PROG.get().copied().unwrap_or("strata img");
+            format!("{msg}\n{prog}: Failed to turn zero into data clusters: {errno}")
+        }
+        None => kind(e),
+    })
 }
 
 /// Only a request that names the current backing file and format passes:

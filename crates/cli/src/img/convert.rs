@@ -273,6 +273,11 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
                         strata_jobs::Error::NoInternalSnapshots { .. } => {
                             anyhow::anyhow!(no_snapshot_load(&chain.layers[0].format))
                         }
+                        strata_jobs::Error::Format(f)
+                            if super::snapshot::bad_snapshot_l1(&f).is_some() =>
+                        {
+                            anyhow::anyhow!("Failed to load snapshot: {}", f.message())
+                        }
                         _ => anyhow::anyhow!("Failed to load snapshot: Can't find snapshot"),
                     },
                 )?;

@@ -106,6 +106,18 @@ fn local_date(secs: u32) -> String {
 
 /// `r`, after the notices its operation left on `dev` are printed on stderr
 /// (steps that failed without failing it, as QEMU prints them).
+/// A snapshot whose L1 table QEMU refuses to load (misplaced or too large):
+/// its message and the errno words qemu-img adds where it reports the failed
+/// load a second time ("Invalid argument", "File too large").
+pub fn bad_snapshot_l1(e: &strata_format::Error) -> Option<(&str, &'static str)> {
+    use strata_format::qcow2::snapshot::{L1_OFFSET_INVALID, L1_TOO_LARGE};
+    match e.message() {
+        m @ L1_OFFSET_INVALID => Some((m, "Invalid argument")),
+        m @ L1_TOO_LARGE => Some((m, "File too large")),
+        _ => None,
+    }
+}
+
 fn with_notices<T>(dev: &Arc<dyn BlockDevice>, r: T) -> T {
     if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
         for n in q.take_notices() {
@@ -234,6 +246,14 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             E::SnapshotNotFound(_) => anyhow::anyhow!(
                 "Could not apply snapshot '{key}': Failed to load snapshot: No such file or directory"
             ),
+            // qemu-img reports a bad table as it loads it, then the failed load.
+            E::Format(f) if bad_snapshot_l1(&f).is_some() => {
+                let (msg, errno) = bad_snapshot_l1(&f).expect("matched");
+                eprintln!("{}: {msg}", ctx.prog);
+                anyhow::anyhow!(
+                    "Could not apply snapshot '{key}': Failed to load snapshot: {errno}"
+                )
+            }
             // A refcount the width cannot hold (a cluster shared too often).
             E::Format(f) if f.kind() == strata_format::ErrorKind::InvalidArgument => anyhow::anyhow!(
                 "Could not apply snapshot '{key}': Failed to load snapshot: Invalid argument"
@@ -251,6 +271,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         with_notices(&dev, job::delete(dev.as_ref(), &req)).map_err(|e| match e {
             E::NoInternalSnapshots { .. } | E::SnapshotNotFound(_) => {
                 anyhow::anyhow!("Could not delete snapshot '{key}': snapshot not found")
+            }
+            E::Format(f) if bad_snapshot_l1(&f).is_some() => {
+                anyhow::anyhow!("Could not delete snapshot '{key}': {}", f.message())
             }
             // A failure to drop the snapshot's references, in QEMU's words
             // (without the file's name).

@@ -195,8 +195,6 @@ impl Qcow2Image {
                 storage.read_at(&mut first, 0)?;
             }
         }
-        // Tables may start past the end of the file only for a check.
-        let table_limit = if opts.for_check { u64::MAX } else { file_size };
         let mut h = if opts.for_check {
             Header::parse_for_check(&first)?
         } else {
@@ -234,14 +232,7 @@ impl Qcow2Image {
         } else {
             0
         };
-        let (snaps, _) = snapshot::read_table(
-            &*storage,
-            h.snapshots_offset,
-            readable,
-            h.cluster_size(),
-            table_limit,
-            opts.for_check,
-        )?;
+        let (snaps, _) = snapshot::read_table(&*storage, h.snapshots_offset, readable)?;
         if opts.for_check && h.autoclear_features & header::autoclear::BITMAPS != 0 {
             if let Some(ext) = h.bitmaps {
                 super::bitmaps::Bitmaps::vet(&*storage, ext, h.cluster_size(), h.size, file_size)?;

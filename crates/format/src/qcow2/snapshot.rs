@@ -2,10 +2,14 @@
 
 use super::header::{be32, be64, check_table, MAX_L1_BYTES};
 use crate::units::{header_u32, index};
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 use strata_storage::Storage;
 
 pub const MAX_EXTRA_DATA: u32 = 1024;
+/// QEMU's refusal of a snapshot whose L1 table holds more than 32 MiB.
+pub const L1_TOO_LARGE: &str = "Snapshot L1 table too large";
+/// QEMU's refusal of a snapshot whose L1 table offset is not cluster-aligned.
+pub const L1_OFFSET_INVALID: &str = "Snapshot L1 table offset invalid";
 pub const MAX_TABLE_BYTES: u64 = 64 << 20;
 
 /// One internal snapshot as QEMU records it.
@@ -33,16 +37,10 @@ fn be16(b: &[u8], at: usize) -> u16 {
 }
 
 /// Read `count` snapshot entries at `offset`. Returns them and the table's byte size.
-/// With `for_check`, an entry's L1 table is not vetted (the check reports what is
-/// wrong with it, as qemu-img's does).
-pub fn read_table(
-    storage: &dyn Storage,
-    offset: u64,
-    count: u32,
-    cluster_size: u64,
-    file_size: u64,
-    for_check: bool,
-) -> Result<(Vec<Snapshot>, u64)> {
+/// An entry's L1 table is not vetted here: as with QEMU, an image whose snapshot
+/// L1 table is misplaced or too large opens, and only a use of that snapshot
+/// (see [`Snapshot::usable_l1`]) is refused; a check reports the entry.
+pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut at = offset;
     for i in 0..count {
@@ -70,20 +68,6 @@ pub fn read_table(
             return Err(Error::invalid(
                 "Snapshot table too large (the limit is 64 MiB)",
             ));
-        }
-        if u64::from(l1_size) * 8 > MAX_L1_BYTES && !for_check {
-            return Err(Error::invalid(format!(
-                "Snapshot {i} L1 table is too large"
-            )));
-        }
-        if l1_size > 0 && !for_check {
-            check_table(
-                l1_table_offset,
-                u64::from(l1_size) * 8,
-                cluster_size,
-                file_size,
-                "Snapshot L1 table",
-            )?;
         }
         let mut vbuf = vec![0u8; index(var)];
         storage.read_at(&mut vbuf, at + 40)?;
@@ -148,6 +132,40 @@ pub fn complete_disk_sizes(snaps: &mut [Snapshot], size: u64) {
 }
 
 impl Snapshot {
+    /// Whether this snapshot's L1 table may be read (and its clusters freed or
+    /// shared) in an image of `cluster_size` clusters and `file_size` bytes.
+    ///
+    /// The first two refusals are QEMU's, in its words and order: a table of
+    /// more than 32 MiB ("Snapshot L1 table too large", [`ErrorKind::OutOfRange`],
+    /// QEMU's EFBIG) and an offset that is not cluster-aligned or whose table
+    /// would end past 2^63 ("Snapshot L1 table offset invalid",
+    /// [`ErrorKind::Invalid`], QEMU's EINVAL). A non-empty table QEMU would still
+    /// read (over the header, past the end of the file, past the 2^56 offset
+    /// limit) is refused too, in strata's words: nothing is ever read or written
+    /// through it. Readers that only look at the table (a snapshot's view, the
+    /// search for zero clusters) pass `u64::MAX` as `file_size`: a table past the
+    /// end of the file reads as zeros, an empty table, as QEMU reads it.
+    pub fn usable_l1(&self, cluster_size: u64, file_size: u64) -> Result<()> {
+        let bytes = u64::from(self.l1_size) * 8;
+        if bytes > MAX_L1_BYTES {
+            return Err(Error::new(ErrorKind::OutOfRange, L1_TOO_LARGE));
+        }
+        let past_i64 = self.l1_table_offset > (i64::MAX as u64) - bytes;
+        if past_i64 || !self.l1_table_offset.is_multiple_of(cluster_size) {
+            return Err(Error::invalid(L1_OFFSET_INVALID));
+        }
+        if self.l1_size > 0 {
+            check_table(
+                self.l1_table_offset,
+                bytes,
+                cluster_size,
+                file_size,
+                "Snapshot L1 table",
+            )?;
+        }
+        Ok(())
+    }
+
     /// The extra-data area QEMU writes: 64-bit VM-state size, disk size and
     /// instruction count (-1 when not recorded), keeping any longer unknown tail.
     pub fn encode_extra(&self) -> Vec<u8> {

@@ -26,7 +26,7 @@
 
 use super::barrier::Barrier;
 use super::entries::{decode_l1, L2Entry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
-use super::header::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS};
+use super::header::{MAX_REFTABLE_BYTES, MAX_SNAPSHOTS};
 use super::image::Qcow2Image;
 use super::meta::Meta;
 use super::snapshot::{self, Snapshot};
@@ -232,12 +232,23 @@ impl Meta {
         Ok(())
     }
 
-    pub(crate) fn read_l1_at(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
-        if u64::from(entries) * 8 > MAX_L1_BYTES {
-            return Err(Error::invalid("snapshot L1 table too large"));
+    /// Refuse a use of `snap` whose L1 table [`Snapshot::usable_l1`] rejects,
+    /// before anything is read or written for that use.
+    pub(crate) fn usable_snapshot_l1(&self, snap: &Snapshot) -> Result<()> {
+        snap.usable_l1(self.cluster_size(), self.storage.size()?)
+    }
+
+    /// The L1 table of `snap`, once [`Snapshot::usable_l1`] allows it to be
+    /// read: for a change (`for_change`), only a table inside the file; else
+    /// also one past its end, which reads as zeros.
+    pub(crate) fn read_snapshot_l1(&self, snap: &Snapshot, for_change: bool) -> Result<Vec<u64>> {
+        if for_change {
+            self.usable_snapshot_l1(snap)?;
+        } else {
+            snap.usable_l1(self.cluster_size(), u64::MAX)?;
         }
-        let mut buf = vec![0u8; entries as usize * 8];
-        self.storage.read_at(&mut buf, offset)?;
+        let mut buf = vec![0u8; index(u64::from(snap.l1_size) * 8)];
+        self.storage.read_at(&mut buf, snap.l1_table_offset)?;
         Ok(buf
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
@@ -550,6 +561,8 @@ impl Qcow2Image {
         let snap = find(&m.snapshots, key)
             .map(|(_, s)| s.clone())
             .ok_or_else(|| Error::not_found(format!("Can't find snapshot '{key}'")))?;
+        // A bad table is refused before the bitmaps or the dirty bit change.
+        m.usable_snapshot_l1(&snap)?;
         m.flush_caches_before_op()?;
         // The guest disk changes wholesale: bitmaps record it first.
         m.dirty_bitmaps()?;
@@ -559,7 +572,7 @@ impl Qcow2Image {
         }
         // Only the in-place walk defers the dirty bit to its first flag change.
         m.mark_op_dirty()?;
-        let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
+        let sl1 = m.read_snapshot_l1(&snap, true)?;
         if sl1.len() > m.l1.len() {
             self.grow_l1_for(m, sl1.len() as u64)?;
         }
@@ -647,6 +660,8 @@ impl Qcow2Image {
         let (idx, snap) = find(&m.snapshots, key)
             .map(|(i, s)| (i, s.clone()))
             .ok_or_else(|| Error::not_found(format!("Can't find the snapshot '{key}'")))?;
+        // A bad table is refused before the snapshot table changes.
+        m.usable_snapshot_l1(&snap)?;
         m.flush_caches_before_op()?;
         if m.snapshots_in_place() {
             self.delete_in_place(m, idx)?;
@@ -660,7 +675,7 @@ impl Qcow2Image {
         if self.switch_snapshots(m, snaps.clone())? {
             return Ok(snap);
         }
-        let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
+        let sl1 = m.read_snapshot_l1(&snap, true)?;
         m.replace_snapshot_table(snaps)?;
         // The table no longer names it: now drop its references.
         m.update_l1_refcounts(&sl1, -1)?;
@@ -683,9 +698,7 @@ impl Qcow2Image {
         let snap = find(&m.snapshots, key)
             .map(|(_, s)| s.clone())
             .ok_or_else(|| self.err(Error::not_found(format!("Can't find snapshot '{key}'"))))?;
-        let l1 = m
-            .read_l1_at(snap.l1_table_offset, snap.l1_size)
-            .map_err(|e| self.err(e))?;
+        let l1 = m.read_snapshot_l1(&snap, false).map_err(|e| self.err(e))?;
         let mut h = m.h.clone();
         h.size = snap.disk_size.unwrap_or(h.size);
         h.l1_size = snap.l1_size;

@@ -240,7 +240,7 @@ impl Qcow2Image {
     pub(crate) fn delete_in_place(&self, m: &mut Meta, idx: usize) -> Result<()> {
         let bits = m.geo.cluster_bits;
         let snap = m.snapshots[idx].clone();
-        let mut sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
+        let mut sl1 = m.read_snapshot_l1(&snap, true)?;
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
         m.replace_snapshot_table(snaps)?;
@@ -269,7 +269,7 @@ impl Qcow2Image {
         if snap.disk_size.is_some_and(|s| s != self.virtual_size()) || cur * 8 > SECTOR {
             return Ok(false);
         }
-        let sl1 = m.read_l1_at(snap.l1_table_offset, snap.l1_size)?;
+        let sl1 = m.read_snapshot_l1(snap, true)?;
         if sl1.len() > m.l1.len() {
             m.mark_op_dirty()?;
             self.grow_l1_for(m, sl1.len() as u64)?;
