@@ -13,6 +13,7 @@
 
 mod common;
 
+use common::opthelp::layout;
 use common::{assert_all_same, compare_runs, differs, outcome, same_files, sh, FileCheck};
 
 /// The chain 024 rebases: the old backing file has every other cluster of
@@ -629,24 +630,6 @@ fn option_lists_of_create_convert_and_amend_match_qemu_img() {
         }
     }
     assert_all_same();
-}
-
-/// An option listing reduced to what must match qemu-img's: option lines cut
-/// before their " - " (`None` when one has no description), other lines whole.
-fn layout(stdout: &str) -> Option<Vec<String>> {
-    let mut out = Vec::new();
-    for line in stdout.split_inclusive('\n') {
-        if line.starts_with("  ") {
-            let (head, desc) = line.split_once(" - ")?;
-            if desc.trim().is_empty() {
-                return None;
-            }
-            out.push(format!("{head} - ..."));
-        } else {
-            out.push(line.to_string());
-        }
-    }
-    Some(out)
 }
 
 /// 244: images whose data lives in an external data file: created with and

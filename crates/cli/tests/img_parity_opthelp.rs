@@ -11,26 +11,9 @@
 
 mod common;
 
+use common::opthelp::layout;
 use common::{assert_all_same, differs, outcome, sh};
 use std::path::Path;
-
-/// A listing reduced to what must match: option lines cut before " - " (and
-/// `None` when one has no description), other lines whole.
-fn layout(stdout: &str) -> Option<Vec<String>> {
-    let mut out = Vec::new();
-    for line in stdout.split_inclusive('\n') {
-        if line.starts_with("  ") {
-            let (head, desc) = line.split_once(" - ")?;
-            if desc.trim().is_empty() {
-                return None;
-            }
-            out.push(format!("{head} - ..."));
-        } else {
-            out.push(line.to_string());
-        }
-    }
-    Some(out)
-}
 
 /// Run `args` with both tools in `dir` and record any difference in exit code,
 /// stderr, or the listing's layout (see [`layout`]).

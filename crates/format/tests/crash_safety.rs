@@ -783,13 +783,26 @@ fn snapshot_operations_on_a_multi_sector_l1_survive_every_crash_as_one_model_sta
         cluster_size: 512,
         ..Default::default()
     };
-    let base = base_image(&opts);
+    prove_every_crash(
+        "snapshots on a multi-sector L1",
+        &opts,
+        &snapshot_ops_large_l1(),
+        50,
+    );
+}
+
+/// Sweep `seq` on a fresh image made with `opts` through every crash point and
+/// the error injections, and fail on any crash image that a check rejects or
+/// that shows the guest no single model state; `label` names the run in its
+/// summary line. The sweep must reach more than `min_cut_points` crash points,
+/// so a sequence that stops writing cannot pass unseen.
+fn prove_every_crash(label: &str, opts: &CreateOptions, seq: &[Op], min_cut_points: u64) {
+    let base = base_image(opts);
     let mut checker = Checker::default();
-    let seq = snapshot_ops_large_l1();
-    let mut s = sweep(&opts, &base, &seq, &mut checker, false);
-    let errors = inject_errors(&opts, &base, &seq, &mut checker, &mut s.failures);
+    let mut s = sweep(opts, &base, seq, &mut checker, false);
+    let errors = inject_errors(opts, &base, seq, &mut checker, &mut s.failures);
     eprintln!(
-        "snapshots on a multi-sector L1: {} crash points x picks = {} images, {errors} error injections; {} distinct images checked by qemu-img",
+        "{label}: {} crash points x picks = {} images, {errors} error injections; {} distinct images checked by qemu-img",
         s.cut_points, s.images, checker.images
     );
     assert!(
@@ -798,7 +811,7 @@ fn snapshot_operations_on_a_multi_sector_l1_survive_every_crash_as_one_model_sta
         s.failures.len(),
         s.failures[..s.failures.len().min(5)].join("\n")
     );
-    assert!(s.cut_points > 50);
+    assert!(s.cut_points > min_cut_points);
 }
 
 /// Writes that cover subclusters of an extended-L2 image only in part (64 KiB
@@ -836,22 +849,7 @@ fn partial_subcluster_writes_on_extended_l2_survive_every_crash_as_one_model_sta
         extended_l2: true,
         ..Default::default()
     };
-    let base = base_image(&opts);
-    let mut checker = Checker::default();
-    let seq = subcluster_ops();
-    let mut s = sweep(&opts, &base, &seq, &mut checker, false);
-    let errors = inject_errors(&opts, &base, &seq, &mut checker, &mut s.failures);
-    eprintln!(
-        "partial subcluster writes: {} crash points x picks = {} images, {errors} error injections; {} distinct images checked by qemu-img",
-        s.cut_points, s.images, checker.images
-    );
-    assert!(
-        s.failures.is_empty(),
-        "{} bad crash images; the first ones:\n{}",
-        s.failures.len(),
-        s.failures[..s.failures.len().min(5)].join("\n")
-    );
-    assert!(s.cut_points > 30);
+    prove_every_crash("partial subcluster writes", &opts, &subcluster_ops(), 30);
 }
 
 /// The sweep can fail: with one metadata barrier removed, some crash leaves an

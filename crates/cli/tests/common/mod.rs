@@ -12,6 +12,7 @@ pub mod image_repo;
 pub mod luks;
 pub mod nbd;
 pub mod node;
+pub mod opthelp;
 pub mod restic;
 pub mod rng;
 pub mod vm;
