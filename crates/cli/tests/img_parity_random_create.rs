@@ -739,6 +739,12 @@ const PINNED: &[&str] = &[
     "amend -o refcount_bits=3 --format qcow2 -o data_file=new.raw -o size=1G -t unsafe v2.qcow2",
     // -o items are read in the order typed, a repeated key each time.
     "create --format=qcow2 -o refcount_bits=16 -o lazy_refcounts=maybe,lazy_refcounts=yes new.img 6M",
+    // A value the format refuses is judged after the progress started: qemu-img
+    // shows 0% and 100% first.
+    "amend -o lazy_refcounts=on,refcount_bits=64 --progress -f qcow2 -o data_file=new.raw ov.qcow2",
+    "amend -p -o compat=9 v3.qcow2",
+    "amend -p -o refcount_bits=3 v3.qcow2",
+    "amend -p -o encrypt.new-secret=x v3.qcow2",
 ];
 
 #[test]

@@ -263,24 +263,30 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
     let req = parse_request(&items)?;
     super::amend_keys::check_numbers(&req.encrypt, "encrypt.")?;
-    if !req.encrypt.is_empty() && img.encryption().is_none() {
-        bail!("Can't amend encryption options - encryption not present");
-    }
-    judge_values(&items, &img)?;
-    let keys = if req.encrypt.is_empty() {
-        None
-    } else {
-        Some(super::amend_keys::request(&req.encrypt)?)
-    };
+    // As qemu-img: the progress starts before the format judges the values, so
+    // a refused value still shows 0% and 100%.
+    bar.set(0.0);
+    let judged = (|| -> Result<Option<_>> {
+        if !req.encrypt.is_empty() && img.encryption().is_none() {
+            bail!("Can't amend encryption options - encryption not present");
+        }
+        judge_values(&items, &img)?;
+        if req.encrypt.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(super::amend_keys::request(&req.encrypt)?))
+    })()
+    .map_err(|e| format!("{e}\n"));
     let h = img.header();
     let steps = req.amend.steps(h.version, h.refcount_order).len() as u64;
-    bar.set(0.0);
     // As qemu-img: the key slots change before the format's other options.
-    let result = match &keys {
-        Some(k) => change_key_slots(KeyImage::Qcow2(&mut img), &spec, k, args.force),
-        None => Ok(()),
-    }
-    .and_then(|()| amend(img, &req, steps, &bar).map_err(|e| format!("{e}\n")));
+    let result = judged.and_then(|keys| {
+        match &keys {
+            Some(k) => change_key_slots(KeyImage::Qcow2(&mut img), &spec, k, args.force),
+            None => Ok(()),
+        }
+        .and_then(|()| amend(img, &req, steps, &bar).map_err(|e| format!("{e}\n")))
+    });
     bar.set(100.0);
     match result {
         Ok(()) => {
