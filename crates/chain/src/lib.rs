@@ -590,7 +590,7 @@ pub fn top_storage_as(
             } else {
                 OpenOptions::read().force_share(spec.force_share)
             };
-            let raw = matches!(format, Some(Format::Raw | Format::Luks)) && !spec.no_share;
+            let raw = format == Some(Format::Raw) && !spec.no_share;
             Arc::new(FileStorage::open(
                 &spec.path,
                 opts.raw(raw)
@@ -834,7 +834,7 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                                 fmt,
                                 write,
                                 spec.force_share,
-                                matches!(fmt, Format::Raw | Format::Luks) && !spec.no_share,
+                                fmt == Format::Raw && !spec.no_share,
                                 spec.metadata_only,
                                 &unlock,
                             )
