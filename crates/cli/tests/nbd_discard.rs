@@ -135,3 +135,86 @@ fn bad_discard_and_detect_zeroes_modes_are_refused_as_qemu_nbd_refuses_them() {
         assert_eq!(ours, theirs, "{flags:?}");
     }
 }
+
+/// Host bytes a client's trim frees in the image an export serves, measured
+/// between two qemu-io sessions (each ends with a flush): `before` runs, then
+/// the allocation is taken, `trim` runs, and the drop is returned.
+fn room_freed_by(url: &str, d: &Path, image: &Path, before: &str, trim: &str) -> i128 {
+    common::ok(d, "qemu-io", &["-f", "raw", "-c", before, url]);
+    let held = i128::from(extent_bytes(image));
+    common::ok(d, "qemu-io", &["-f", "raw", "-c", trim, url]);
+    held - i128::from(extent_bytes(image))
+}
+
+/// `--discard=unmap` still holds for the image a live external snapshot puts
+/// on top and for the base a live commit returns to: a trim there frees as
+/// much host room as qemu-nbd's trim frees when it serves that same top from
+/// the start (an overlay of the same base; the base itself).
+#[test]
+fn trims_after_a_live_snapshot_and_a_live_commit_free_the_room_qemu_nbd_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = "qemu-img create -q -f qcow2 -o preallocation=full x.qcow2 4M
+qemu-io -f qcow2 -c 'write -P 1 0 4M' x.qcow2 >/dev/null";
+    let (o, t) = (dir.path().join("o"), dir.path().join("t"));
+    for d in [&o, &t] {
+        std::fs::create_dir(d).unwrap();
+        sh(d, "bash", &["-ec", setup]);
+    }
+    let (write, trim_top, trim_base) = ("write -P 2 0 2M", "discard 0 1M", "discard 2M 1M");
+
+    // strata: one export, switched by the control socket.
+    let sock = o.join("x.sock");
+    let ctl = o.join("x.ctl");
+    let (sock_s, ctl_s) = (sock.to_str().unwrap(), ctl.to_str().unwrap());
+    let args = [
+        "-f",
+        "qcow2",
+        "-k",
+        sock_s,
+        "--discard=unmap",
+        "--control",
+        ctl_s,
+    ];
+    let srv = NbdServer::start(Server::Strata, &args, &o.join("x.qcow2"), sock_s);
+    let url = format!("nbd+unix:///?socket={sock_s}");
+    let ov = o.join("ov.qcow2");
+    let ctl_run = |what: &[&str]| {
+        let mut a = vec!["nbd", "ctl", "--socket", ctl_s];
+        a.extend_from_slice(what);
+        common::ok(&o, common::STRATA, &a);
+    };
+    ctl_run(&["snapshot-external", ov.to_str().unwrap()]);
+    let ours_top = room_freed_by(&url, &o, &ov, write, trim_top);
+    ctl_run(&["commit"]);
+    let ours_base = room_freed_by(&url, &o, &o.join("x.qcow2"), "flush", trim_base);
+    drop(srv);
+
+    // qemu-nbd: the overlay served from the start, then the base.
+    sh(
+        &t,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "x.qcow2", "-F", "qcow2", "ov.qcow2",
+        ],
+    );
+    let sock = t.join("x.sock");
+    let sock_s = sock.to_str().unwrap();
+    let url = format!("nbd+unix:///?socket={sock_s}");
+    let args = ["-f", "qcow2", "-k", sock_s, "--discard=unmap"];
+    let ov = t.join("ov.qcow2");
+    let srv = NbdServer::start(Server::Qemu, &args, &ov, sock_s);
+    let theirs_top = room_freed_by(&url, &t, &ov, write, trim_top);
+    drop(srv);
+    sh(&t, "qemu-img", &["commit", "-q", "ov.qcow2"]);
+    let base = t.join("x.qcow2");
+    let srv = NbdServer::start(Server::Qemu, &args, &base, sock_s);
+    let theirs_base = room_freed_by(&url, &t, &base, "flush", trim_base);
+    drop(srv);
+
+    assert!(theirs_top > 0 && theirs_base > 0, "qemu-nbd freed no room");
+    assert_eq!(
+        (ours_top, ours_base),
+        (theirs_top, theirs_base),
+        "host bytes freed by a trim of the new top and of the committed base"
+    );
+}
