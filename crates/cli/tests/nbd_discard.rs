@@ -218,3 +218,55 @@ qemu-io -f qcow2 -c 'write -P 1 0 4M' x.qcow2 >/dev/null";
         "host bytes freed by a trim of the new top and of the committed base"
     );
 }
+
+/// A zero write covering part of a cluster that stores nothing (unallocated or
+/// already zero) gives the whole cluster its zero flag where the rest of it
+/// reads as zeroes through the chain, as qemu-nbd's qcow2 driver does, and is
+/// written as zero bytes where the backing file shows through the rest: the
+/// images left map alike and have the same length, with and without a backing
+/// file.
+#[test]
+fn partial_zero_writes_zero_whole_clusters_where_the_rest_reads_as_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = "qemu-img create -q -f qcow2 base.qcow2 4M
+qemu-io -f qcow2 -c 'write -P 7 0 2M' base.qcow2 >/dev/null
+qemu-img create -q -f qcow2 plain.qcow2 4M
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 4M";
+    let requests = [
+        "write -z 4k 4k",
+        "write -z 3M 4k",
+        "write -z 3100k 8k",
+        "write -z 1M 60k",
+    ];
+    for image in ["plain.qcow2", "top.qcow2"] {
+        let dirs = [
+            dir.path().join(format!("{image}-o")),
+            dir.path().join(format!("{image}-t")),
+        ];
+        for (d, server) in dirs.iter().zip([Server::Strata, Server::Qemu]) {
+            std::fs::create_dir_all(d).unwrap();
+            sh(d, "bash", &["-ec", setup]);
+            let sock = d.join("x.sock");
+            let sock = sock.to_str().unwrap();
+            let srv = NbdServer::start(server, &["-f", "qcow2", "-k", sock], &d.join(image), sock);
+            let url = format!("nbd+unix:///?socket={sock}");
+            for r in requests {
+                common::ok(d, "qemu-io", &["-f", "raw", "-c", r, &url]);
+            }
+            drop(srv);
+        }
+        let len = |d: &Path| std::fs::metadata(d.join(image)).unwrap().len();
+        if len(&dirs[0]) != len(&dirs[1]) {
+            differs(format!(
+                "{image}: length {} vs {}",
+                len(&dirs[0]),
+                len(&dirs[1])
+            ));
+        }
+        let (m_o, m_t) = (map_json(&dirs[0], image), map_json(&dirs[1], image));
+        if m_o != m_t {
+            differs(format!("{image}: map\n{m_o}---\n{m_t}"));
+        }
+    }
+    assert_all_same();
+}

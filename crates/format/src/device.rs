@@ -157,6 +157,31 @@ pub trait Overlay {
 }
 
 /// Check that `[offset, offset+len)` lies inside a disk of `size` bytes.
+/// Whether `[offset, offset+len)` of `dev` reads as zeroes by what the chain's
+/// metadata says, without reading any data: zero runs, holes, ranges no layer
+/// stores and ranges past a backing device's end. Stored data, even of zero
+/// bytes, is not known to be zeroes. (QEMU's "is zero, fast" test.)
+pub fn reads_zero_by_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<bool> {
+    let end = offset.saturating_add(len).min(dev.virtual_size());
+    let mut pos = offset;
+    while pos < end {
+        let e = dev.block_status(pos, end - pos)?;
+        match e.status {
+            Status::Zero { .. } => {}
+            Status::Unallocated => {
+                if let Some(b) = dev.backing() {
+                    if !reads_zero_by_status(b.as_ref(), pos, e.len)? {
+                        return Ok(false);
+                    }
+                }
+            }
+            Status::Data { .. } => return Ok(false),
+        }
+        pos += e.len.max(1);
+    }
+    Ok(true)
+}
+
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),

@@ -16,7 +16,9 @@ pub mod qcow2;
 pub mod raw;
 pub mod units;
 
-pub use device::{check_range, BlockDevice, Extent, InternalSnapshots, Overlay, Status};
+pub use device::{
+    check_range, reads_zero_by_status, BlockDevice, Extent, InternalSnapshots, Overlay, Status,
+};
 pub use error::{Error, ErrorKind, Offset, Operation, Result};
 
 /// Image formats strata reads and writes.

@@ -1181,8 +1181,13 @@ impl Qcow2Image {
             // bytes past the end are never read), as QEMU zeroes it; a raw data
             // file is the disk itself and ends there.
             let at_end = end == self.virtual_size() && !self.data.is_raw();
-            let whole = pos == cstart && (end >= cstart + cs || at_end);
+            let mut whole = pos == cstart && (end >= cstart + cs || at_end);
             let n = (cstart + cs).min(end) - pos;
+            if !whole && !discard && self.zeroes_cluster_whole(m, gc, pos, n)? {
+                // The whole cluster gets its zero flag, as QEMU gives it.
+                whole = true;
+                pos = cstart;
+            }
             if !whole {
                 if !discard && self.zero_subclusters(m, gc, pos, n, has_backing)? {
                     pos += n;
@@ -1366,10 +1371,70 @@ impl Qcow2Image {
                 continue;
             }
             let n = (cstart + cs).min(end) - pos;
-            if !self.reads_zero(m, pos, n, has_backing)? {
+            if !self.reads_zero(m, pos, n, has_backing)?
+                && !self.zeroes_cluster_whole(m, pos / cs, pos, n)?
+            {
                 return Ok(false);
             }
             pos += n;
+        }
+        Ok(true)
+    }
+
+    /// Whether a request to zero `[pos, pos+n)`, part of guest cluster `gc`,
+    /// zeroes the cluster whole, as QEMU's qcow2 driver does: a v3 image without
+    /// extended L2 entries or a raw data file, a cluster that stores no data
+    /// (unallocated, or a zero cluster), and the rest of the cluster reading as
+    /// zeroes through the whole chain by its metadata. The cluster reads as
+    /// zeroes in full then, and its zero flag keeps a backing file from showing
+    /// through (instead of a cluster allocated and written with zero bytes).
+    /// With a backing file named but not attached the rest cannot be known:
+    /// false.
+    fn zeroes_cluster_whole(&self, m: &mut Meta, gc: u64, pos: u64, n: u64) -> Result<bool> {
+        if self.geo.version < 3 || self.geo.extended_l2 || self.data.is_raw() {
+            return Ok(false);
+        }
+        let stores_nothing = match m.entry(gc)? {
+            L2Entry::Normal { host, zero, .. } => zero || host.is_none(),
+            _ => false,
+        };
+        if !stores_nothing {
+            return Ok(false);
+        }
+        let cs = self.geo.cluster_size();
+        let cstart = gc * cs;
+        let cend = (cstart + cs).min(self.virtual_size());
+        let rest = [(cstart, pos), (pos + n, cend)];
+        for (from, to) in rest {
+            if from < to && !self.chain_reads_zero(m, from, to - from)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether `[off, off+n)` reads as zeroes through the whole chain by the
+    /// metadata of this layer and its backing devices (no data is read).
+    fn chain_reads_zero(&self, m: &mut Meta, off: u64, n: u64) -> Result<bool> {
+        let backing = sync::read(&self.backing).clone();
+        let end = off + n;
+        let mut pos = off;
+        while pos < end {
+            let (run, len) = self.lookup(m, pos, end - pos)?;
+            match run {
+                Run::Zero { .. } => {}
+                Run::Unallocated => match &backing {
+                    Some(b) => {
+                        if !crate::reads_zero_by_status(b.as_ref(), pos, len)? {
+                            return Ok(false);
+                        }
+                    }
+                    None if m.h.backing_file.is_some() => return Ok(false),
+                    None => {}
+                },
+                _ => return Ok(false),
+            }
+            pos += len.max(1);
         }
         Ok(true)
     }
