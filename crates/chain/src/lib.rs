@@ -13,6 +13,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use strata_format::luks::LuksImage;
+use strata_format::qcow2::data_file::DataFileLock;
 use strata_format::qcow2::{Qcow2Image, Qcow2OpenOptions, Unlock};
 use strata_format::raw::RawImage;
 use strata_format::{BlockDevice, Format};
@@ -323,6 +324,19 @@ impl OpenSpec {
         self.open_backing = b;
         self
     }
+    /// How the external data files of the images are locked when read: not at
+    /// all under `-U`, sharing neither writing nor resizing for `convert`'s
+    /// sources ([`Self::no_share`]), else as an ordinary reader that shares
+    /// everything (as QEMU locks a qcow2 node's data child).
+    pub fn data_file_lock(&self) -> DataFileLock {
+        if self.force_share {
+            DataFileLock::ForceShare
+        } else if self.no_share {
+            DataFileLock::NoShare
+        } else {
+            DataFileLock::Shared
+        }
+    }
     /// Open the images for their metadata only (external data files stay closed).
     pub fn metadata_only(mut self, yes: bool) -> Self {
         self.metadata_only = yes;
@@ -539,13 +553,28 @@ pub fn open_image_with(
     metadata_only: bool,
     unlock: &Unlock,
 ) -> Result<Arc<dyn BlockDevice>> {
-    let raw = format == Format::Raw;
-    open_image_locked(path, format, write, force_share, raw, metadata_only, unlock)
+    let raw = matches!(format, Format::Raw | Format::Luks);
+    let data_lock = if force_share {
+        DataFileLock::ForceShare
+    } else {
+        DataFileLock::Shared
+    };
+    open_image_locked(
+        path,
+        format,
+        write,
+        force_share,
+        raw,
+        metadata_only,
+        unlock,
+        data_lock,
+    )
 }
 
 /// [`open_image_with`], the file locked as a raw image is (`raw_locks`: others
 /// may keep using it as QEMU's raw driver lets them) or as one under a format
-/// driver.
+/// driver, an external data file as `data_lock` says.
+#[allow(clippy::too_many_arguments)]
 fn open_image_locked(
     path: &Path,
     format: Format,
@@ -554,9 +583,10 @@ fn open_image_locked(
     raw_locks: bool,
     metadata_only: bool,
     unlock: &Unlock,
+    data_lock: DataFileLock,
 ) -> Result<Arc<dyn BlockDevice>> {
     if let Some(s) = protocol_storage(path, write) {
-        return open_storage(s?.0, format, write, metadata_only, unlock);
+        return open_storage_with(s?.0, format, write, metadata_only, unlock, data_lock);
     }
     let opts = if write {
         OpenOptions::write()
@@ -564,7 +594,7 @@ fn open_image_locked(
         OpenOptions::read().force_share(force_share)
     };
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, opts.raw(raw_locks))?);
-    open_storage(storage, format, write, metadata_only, unlock)
+    open_storage_with(storage, format, write, metadata_only, unlock, data_lock)
 }
 
 /// The top image's store: its own storage when the spec carries one (an NBD
@@ -590,7 +620,7 @@ pub fn top_storage_as(
             } else {
                 OpenOptions::read().force_share(spec.force_share)
             };
-            let raw = format == Some(Format::Raw) && !spec.no_share;
+            let raw = matches!(format, Some(Format::Raw | Format::Luks)) && !spec.no_share;
             Arc::new(FileStorage::open(
                 &spec.path,
                 opts.raw(raw)
@@ -606,13 +636,34 @@ pub fn top_storage_as(
     })
 }
 
-/// An image of `format` on an open store (see [`open_image_with`]).
+/// An image of `format` on an open store (see [`open_image_with`]); an external
+/// data file is locked as an ordinary reader locks it ([`DataFileLock::Shared`]).
 pub fn open_storage(
     storage: Arc<dyn Storage>,
     format: Format,
     write: bool,
     metadata_only: bool,
     unlock: &Unlock,
+) -> Result<Arc<dyn BlockDevice>> {
+    open_storage_with(
+        storage,
+        format,
+        write,
+        metadata_only,
+        unlock,
+        DataFileLock::Shared,
+    )
+}
+
+/// [`open_storage`], an external data file opened for reading locked as
+/// `data_lock` says.
+pub fn open_storage_with(
+    storage: Arc<dyn Storage>,
+    format: Format,
+    write: bool,
+    metadata_only: bool,
+    unlock: &Unlock,
+    data_lock: DataFileLock,
 ) -> Result<Arc<dyn BlockDevice>> {
     Ok(match format {
         Format::Raw => Arc::new(RawImage::open(storage)?),
@@ -623,6 +674,7 @@ pub fn open_storage(
                 read_only: !write,
                 metadata_only,
                 unlock: unlock.clone(),
+                data_file_lock: data_lock,
                 ..Default::default()
             },
         )?),
@@ -648,7 +700,14 @@ pub fn open_top(spec: &OpenSpec, format: Format, write: bool) -> Result<Arc<dyn 
                 },
             )?))
         }
-        _ => open_storage(storage, format, write, spec.metadata_only, &unlock),
+        _ => open_storage_with(
+            storage,
+            format,
+            write,
+            spec.metadata_only,
+            &unlock,
+            spec.data_file_lock(),
+        ),
     }
 }
 
@@ -660,6 +719,10 @@ pub fn open_qcow2_on(
     storage: Arc<dyn Storage>,
     opts: Qcow2OpenOptions,
 ) -> Result<Qcow2Image> {
+    let opts = Qcow2OpenOptions {
+        data_file_lock: spec.data_file_lock(),
+        ..opts
+    };
     if let (Some(refusal), false) = (&spec.data_file_refusal, opts.metadata_only) {
         return Err(Error::Format(strata_format::Error::invalid_argument(
             refusal.clone(),
@@ -668,8 +731,11 @@ pub fn open_qcow2_on(
     match &spec.data_file {
         Some(data) if !opts.metadata_only => {
             use std::os::unix::ffi::OsStrExt;
-            let data =
-                strata_format::qcow2::data_file::open(data.as_os_str().as_bytes(), opts.read_only)?;
+            let data = strata_format::qcow2::data_file::open(
+                data.as_os_str().as_bytes(),
+                opts.read_only,
+                opts.data_file_lock,
+            )?;
             Ok(Qcow2Image::open_with_data_file(storage, data, opts)?)
         }
         _ => Ok(Qcow2Image::open(storage, opts)?),
@@ -816,11 +882,25 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
             None => {
                 // Each layer opens with its own secret (`backing.encrypt.key-secret`...).
                 let device = if let Some(storage) = filtered.take() {
-                    open_storage(storage, fmt, write, spec.metadata_only, &spec.unlock()?)?
+                    open_storage_with(
+                        storage,
+                        fmt,
+                        write,
+                        spec.metadata_only,
+                        &spec.unlock()?,
+                        spec.data_file_lock(),
+                    )?
                 } else if let Some(storage) = remote.take() {
                     spec.unlock_at(layers.len() + skipped)
                         .and_then(|unlock| {
-                            open_storage(storage, fmt, write, spec.metadata_only, &unlock)
+                            open_storage_with(
+                                storage,
+                                fmt,
+                                write,
+                                spec.metadata_only,
+                                &unlock,
+                                spec.data_file_lock(),
+                            )
                         })
                         .map_err(|e| e.below(&links))?
                 } else if layers.len() + skipped == 0 {
@@ -834,9 +914,10 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                                 fmt,
                                 write,
                                 spec.force_share,
-                                fmt == Format::Raw && !spec.no_share,
+                                matches!(fmt, Format::Raw | Format::Luks) && !spec.no_share,
                                 spec.metadata_only,
                                 &unlock,
+                                spec.data_file_lock(),
                             )
                         })
                         .map_err(|e| e.below(&links))?

@@ -25,8 +25,28 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Lay out the images every case starts from, in `d`.
+/// Lay out the images every case starts from, in `d`: copies of one set made
+/// once per test process (each case and each write row gets its own copies).
 fn fixture(d: &Path) {
+    static TEMPLATE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let t = TEMPLATE.get_or_init(|| {
+        let t = tempfile::tempdir().unwrap();
+        make_fixture(t.path());
+        t
+    });
+    for e in std::fs::read_dir(t.path()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+    }
+}
+
+/// The secret of `l.luks`, as a `--object` argument.
+const LUKS_SECRET: &str = "secret,id=s,data=pw";
+/// `l.luks` opened with its secret, as `--image-opts` names it.
+const LUKS_OPTS: &str = "driver=luks,key-secret=s,file.filename=l.luks";
+
+/// Create the images of [`fixture`] in `d`.
+fn make_fixture(d: &Path) {
     let sh = |prog: &str, args: &[&str]| {
         let out = Command::new(prog)
             .args(args)
@@ -95,6 +115,32 @@ fn fixture(d: &Path) {
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x66 0 64k", "df.qcow2"],
     );
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            LUKS_SECRET,
+            "-o",
+            "key-secret=s,iter-time=10",
+            "l.luks",
+            "4M",
+        ],
+    );
+    sh(
+        "qemu-io",
+        &[
+            "--object",
+            LUKS_SECRET,
+            "--image-opts",
+            LUKS_OPTS,
+            "-c",
+            "write -P 0x77 0 64k",
+        ],
+    );
     sh("qemu-img", &["create", "-q", "-f", "raw", "src.raw", "4M"]);
     sh(
         "qemu-io",
@@ -126,7 +172,17 @@ impl Holder {
     /// Start `prog args` in `d` and return once it holds its locks on `held`
     /// (the set seen twice in a row, 50 ms apart) and, for a server, once its
     /// socket `sock` exists.
-    fn start(d: &Path, prog: &str, args: &[String], held: &Path, sock: Option<&Path>) -> Holder {
+    /// A holder that takes its locks in steps (qemu-nbd opening a LUKS image
+    /// reads first and takes its final locks only after the key derivation)
+    /// names its final lock bytes in `expect`; it is ready once it holds them.
+    fn start(
+        d: &Path,
+        prog: &str,
+        args: &[String],
+        held: &Path,
+        sock: Option<&Path>,
+        expect: &[&str],
+    ) -> Holder {
         let child = Command::new(prog)
             .args(args)
             .current_dir(d)
@@ -144,6 +200,7 @@ impl Holder {
             }
             let now = lock_bytes(held);
             let ready = sock.is_none_or(|s| s.exists());
+            let ready = ready && (expect.is_empty() || now == expect);
             if ready && !now.is_empty() && now == last {
                 return h;
             }
@@ -173,6 +230,9 @@ struct Case {
     args: Vec<String>,
     held: &'static str,
     image: &'static str,
+    /// The lock bytes the holder ends up with, when it takes them in steps
+    /// (see [`Holder::start`]); empty: whatever set it keeps.
+    expect: &'static [&'static str],
 }
 
 impl Case {
@@ -180,6 +240,8 @@ impl Case {
     fn format(&self) -> &'static str {
         if self.image.ends_with(".raw") {
             "raw"
+        } else if self.image.ends_with(".luks") {
+            "luks"
         } else {
             "qcow2"
         }
@@ -198,7 +260,25 @@ fn nbd(name: &'static str, flags: &[&str], held: &'static str, image: &'static s
         args,
         held,
         image,
+        expect: &[],
     }
+}
+
+/// qemu-nbd serving `l.luks` (opened with its secret), read-write or `-r`.
+fn nbd_luks(name: &'static str, read_only: bool) -> Case {
+    let mut flags = vec!["--object", LUKS_SECRET, "--image-opts", LUKS_OPTS];
+    if read_only {
+        flags.insert(0, "-r");
+    }
+    let mut c = nbd(name, &flags, "l.luks", "l.luks");
+    // `nbd` appends the held file as the image name; the options name it here.
+    c.args.pop();
+    c.expect = if read_only {
+        &["100-100", "203-203"]
+    } else {
+        &["100-101", "203-203"]
+    };
+    c
 }
 
 fn storage_daemon(name: &'static str, held: &'static str, fmt: &str, writable: bool) -> Case {
@@ -221,6 +301,7 @@ fn storage_daemon(name: &'static str, held: &'static str, fmt: &str, writable: b
         ],
         held,
         image: held,
+        expect: &[],
     }
 }
 
@@ -243,6 +324,7 @@ fn vm(name: &'static str, held: &'static str, fmt: &str, readonly: bool) -> Case
         .collect(),
         held,
         image: held,
+        expect: &[],
     }
 }
 
@@ -266,6 +348,7 @@ fn qemu_io(name: &'static str, flags: &[&str], held: &'static str, fmt: &str) ->
         args,
         held,
         image: held,
+        expect: &[],
     }
 }
 
@@ -281,12 +364,22 @@ impl Case {
             .iter()
             .map(|a| if a == SOCK { abs.clone() } else { a.clone() })
             .collect();
-        Holder::start(d, self.prog, &args, &d.join(self.held), sock.as_deref())
+        Holder::start(
+            d,
+            self.prog,
+            &args,
+            &d.join(self.held),
+            sock.as_deref(),
+            self.expect,
+        )
     }
 
     /// The subcommands that only read the image, `-U` given or not.
     fn reads(&self, u: bool) -> Vec<Vec<String>> {
         let (i, f) = (self.image, self.format());
+        if f == "luks" {
+            return luks_reads(u);
+        }
         let u = if u { "-U" } else { "" };
         let cmds = [
             format!("info {u} {i}"),
@@ -318,6 +411,9 @@ impl Case {
     /// The subcommands that write the image (or try to).
     fn writes(&self) -> Vec<Vec<String>> {
         let (i, f) = (self.image, self.format());
+        if f == "luks" {
+            return luks_writes();
+        }
         let mut cmds = vec![
             format!("check -r leaks -f {f} {i}"),
             format!("convert -n -f raw -O {f} src.raw {i}"),
@@ -334,6 +430,45 @@ impl Case {
         }
         cmds.iter().map(|c| split(c)).collect()
     }
+}
+
+/// [`Case::reads`] of `l.luks`, opened with its secret where it is read.
+fn luks_reads(u: bool) -> Vec<Vec<String>> {
+    let u = if u { "-U" } else { "" };
+    let (s, o) = (LUKS_SECRET, LUKS_OPTS);
+    let json = r#"json:{"driver":"luks","key-secret":"s","file":{"filename":"l.luks"}}"#;
+    [
+        format!("info {u} l.luks"),
+        format!("info {u} -f luks l.luks"),
+        format!("check {u} --object {s} --image-opts {o}"),
+        format!("map {u} --object {s} --image-opts {o}"),
+        format!("measure {u} --object {s} -O qcow2 --image-opts {o}"),
+        format!("compare {u} --object {s} --image-opts {o} driver=raw,file.filename=src.raw"),
+        format!("convert {u} --object {s} --image-opts {o} -O raw out.raw"),
+        format!("dd {u} --object {s} -f luks if={json} of=dd.raw"),
+        format!("snapshot {u} -l l.luks"),
+    ]
+    .iter()
+    .map(|c| split(c))
+    .collect()
+}
+
+/// [`Case::writes`] of `l.luks`.
+fn luks_writes() -> Vec<Vec<String>> {
+    let (s, o) = (LUKS_SECRET, LUKS_OPTS);
+    [
+        format!("resize --object {s} --image-opts {o} 8M"),
+        format!("resize --shrink --object {s} --image-opts {o} 2M"),
+        format!("convert -n --object {s} --target-image-opts -f raw src.raw {o}"),
+        format!("amend --object {s} --image-opts {o} -o state=active,keyslot=1,new-secret=s,iter-time=10"),
+        format!("snapshot -c s2 --object {s} --image-opts {o}"),
+        format!("commit --object {s} --image-opts {o}"),
+        format!("rebase -u --object {s} -b src.raw -F raw --image-opts {o}"),
+        format!("check -r leaks --object {s} --image-opts {o}"),
+    ]
+    .iter()
+    .map(|c| split(c))
+    .collect()
 }
 
 fn split(c: &str) -> Vec<String> {
@@ -360,7 +495,7 @@ fn held_bytes(d: &Path, case: &Case) -> Vec<Vec<u8>> {
 /// Whether `case`'s holder writes its raw image, so that qemu-img (sharing
 /// writes as QEMU's raw driver does) writes it too where strata refuses.
 fn raw_writer_serves(case: &Case) -> bool {
-    case.format() == "raw" && case.name.contains("rw")
+    matches!(case.format(), "raw" | "luks") && case.name.contains("rw")
 }
 
 /// A write qemu-img lets through next to a raw writer (raw shares writing),
@@ -369,7 +504,17 @@ fn writes_raw_data(case: &Case, args: &[String]) -> bool {
     args[0] == "convert" || (args[0] == "resize" && case.prog == "qemu-io")
 }
 
-fn check_case(case: &Case) {
+/// Run every row of `case` with both tools; the differences found.
+/// Whether `case`'s holder writes the data file of the image worked on and
+/// shares writing it (qemu-io), so that qemu-img writes the image where strata
+/// refuses; see [`strata_refuses_to_write_an_image_whose_data_file_a_writer_holds`].
+fn data_file_writer(case: &Case) -> bool {
+    case.held == "df.data" && case.prog == "qemu-io" && case.name.contains("rw")
+}
+
+fn check_case(case: &Case) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut differs = |what: String| found.push(what);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     fixture(d);
@@ -396,11 +541,11 @@ fn check_case(case: &Case) {
         );
     }
     for args in case.writes() {
-        if raw_writer_serves(case) && writes_raw_data(case, &args) {
+        if raw_writer_serves(case) && writes_raw_data(case, &args) || data_file_writer(case) {
             continue;
         }
-        let mut results = Vec::new();
-        for prog in ["strata", "qemu-img"] {
+        // Each tool on its own copies under its own holder, both at once.
+        let one = |prog: &str| {
             let sub = tempfile::tempdir().unwrap();
             let s = sub.path();
             fixture(s);
@@ -415,8 +560,13 @@ fn check_case(case: &Case) {
                     args.join(" ")
                 );
             }
-            results.push(r);
-        }
+            r
+        };
+        let results = std::thread::scope(|t| {
+            let ours = t.spawn(|| one("strata"));
+            let theirs = one("qemu-img");
+            vec![ours.join().unwrap(), theirs]
+        });
         if results[0] != results[1] {
             differs(format!(
                 "[{}] `img {}`\n  strata:   {:?}\n  qemu-img: {:?}",
@@ -427,11 +577,18 @@ fn check_case(case: &Case) {
             ));
         }
     }
+    found
 }
 
+/// [`check_case`] for every holder, all at once (each in its own directory,
+/// with its own socket), the differences gathered for [`assert_all_same`].
 fn check_cases(cases: &[Case]) {
-    for c in cases {
-        check_case(c);
+    let found: Vec<Vec<String>> = std::thread::scope(|t| {
+        let runs: Vec<_> = cases.iter().map(|c| t.spawn(|| check_case(c))).collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for what in found.into_iter().flatten() {
+        differs(what);
     }
     assert_all_same();
 }
@@ -557,6 +714,7 @@ fn strata_refuses_to_write_a_raw_image_a_writer_serves() {
         nbd("qemu-nbd rw raw", &["-f", "raw"], "img.raw", "img.raw"),
         storage_daemon("qsd rw raw", "img.raw", "raw", true),
         qemu_io("qemu-io rw raw", &[], "img.raw", "raw"),
+        nbd_luks("qemu-nbd rw luks", false),
     ] {
         for args in case
             .writes()
@@ -578,14 +736,21 @@ fn strata_refuses_to_write_a_raw_image_a_writer_serves() {
             );
             std::fs::write(d.join(case.image), &before[1]).unwrap();
             let ours = run(d, "strata", &args);
+            let shown = if case.format() == "luks" {
+                LUKS_OPTS
+            } else {
+                case.image
+            };
             assert_eq!(
                 ours,
                 (
                     Some(1),
                     String::new(),
-                    "PROG: Could not open 'img.raw': Failed to get shared \"write\" lock\n\
-                     Is another process using the image [img.raw]?\n"
-                        .to_string()
+                    format!(
+                        "PROG: Could not open '{shown}': Failed to get shared \"write\" lock\n\
+                         Is another process using the image [{}]?\n",
+                        case.image
+                    )
                 ),
                 "[{}] strata `{}`",
                 case.name,
@@ -646,4 +811,89 @@ fn an_image_whose_data_file_another_process_holds_is_locked_as_qemu_img_finds_it
         over_it(qemu_io("qemu-io -r data file", &["-r"], "df.data", "raw")),
         over_it(storage_daemon("qsd ro data file", "df.data", "raw", false)),
     ]);
+}
+
+#[test]
+fn a_luks_image_qemu_nbd_serves_is_read_and_refused_as_qemu_img_does() {
+    // QEMU's luks driver locks its file as raw does: a reader shares writing,
+    // so info, check, map, compare and dd go on next to a writer (convert's
+    // source shares no writing and is refused); a resize needs the resize
+    // permission qemu-nbd does not share, and a key update (amend) shares
+    // neither reading nor writing. The one write qemu-img lets through next to
+    // the read-write server (`convert -n`) is pinned in
+    // `strata_refuses_to_write_a_raw_image_a_writer_serves`.
+    check_cases(&[
+        nbd_luks("qemu-nbd rw luks", false),
+        nbd_luks("qemu-nbd -r luks", true),
+    ]);
+}
+
+#[test]
+fn an_image_whose_data_file_a_writer_holds_is_read_and_refused_as_qemu_img_does() {
+    // qemu-img locks the data file as raw is locked: reads go on next to a
+    // writer of it, except convert's (which shares no writing), and every write
+    // of the image needs the data file's resize permission the servers keep.
+    let over_it = |mut c: Case| {
+        c.image = "df.qcow2";
+        c
+    };
+    check_cases(&[
+        over_it(nbd(
+            "qemu-nbd rw data file",
+            &["-f", "raw"],
+            "df.data",
+            "df.qcow2",
+        )),
+        over_it(storage_daemon("qsd rw data file", "df.data", "raw", true)),
+        over_it(qemu_io("qemu-io rw data file", &[], "df.data", "raw")),
+    ]);
+}
+
+#[test]
+fn strata_refuses_to_write_an_image_whose_data_file_a_writer_holds() {
+    // qemu-io writes the data file and shares writing it; qemu-img's qcow2
+    // writer shares writing its data file too, so it resizes, amends, repairs
+    // and converts into the image. strata never writes a file another process
+    // writes: every write of the image is either refused alike or refused with
+    // the data file's write lock, and nothing changes.
+    let case = qemu_io("qemu-io rw data file", &[], "df.data", "raw");
+    let case = Case {
+        image: "df.qcow2",
+        ..case
+    };
+    for args in case.writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fixture(d);
+        let _h = case.start(d);
+        let before = held_bytes(d, &case);
+        let ours = run(d, "strata", &args);
+        assert!(
+            before == held_bytes(d, &case),
+            "strata `{}` wrote an image whose data file a writer holds",
+            args.join(" ")
+        );
+        drop(_h);
+        let theirs = {
+            let sub = tempfile::tempdir().unwrap();
+            fixture(sub.path());
+            let _h = case.start(sub.path());
+            run(sub.path(), "qemu-img", &args)
+        };
+        if ours != theirs {
+            assert_eq!(
+                ours,
+                (
+                    Some(1),
+                    String::new(),
+                    "PROG: Could not open 'df.qcow2': Failed to get shared \"write\" lock\n\
+                     Is another process using the image [df.data]?\n"
+                        .to_string()
+                ),
+                "[{}] strata `{}` (qemu-img: {theirs:?})",
+                case.name,
+                args.join(" ")
+            );
+        }
+    }
 }

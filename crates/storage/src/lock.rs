@@ -54,6 +54,11 @@ pub enum LockMode {
     /// A raw image an NBD server exports writable, locked as qemu-nbd locks it:
     /// consistent-read and write held, everything but resize shared.
     ExportRaw,
+    /// Rewriting the key slots of a LUKS image (`amend`): taken on top of the
+    /// open's own locks once the image is open, as QEMU's luks driver asks for
+    /// its file when it updates keys: consistent read and write held, neither
+    /// shared, so no one else may read or write the header meanwhile.
+    UpdateKeys,
 }
 
 impl LockMode {
@@ -72,6 +77,7 @@ impl LockMode {
             LockMode::WriteRawShared => (CONSISTENT_READ | WRITE, ALL),
             LockMode::ExportRawRead => (CONSISTENT_READ, ALL & !RESIZE),
             LockMode::ExportRaw => (CONSISTENT_READ | WRITE, ALL & !RESIZE),
+            LockMode::UpdateKeys => (CONSISTENT_READ | WRITE, WRITE_UNCHANGED | RESIZE),
         }
     }
 
@@ -153,6 +159,8 @@ fn lock_error(byte: i64, path: &Path, err: std::io::Error) -> Error {
 /// Take the locks `mode` asks for on `file`, failing if another holder conflicts.
 ///
 /// The locks live as long as the open file description (they go when the file closes).
+/// Acquiring a second mode on the same file adds its locks to those already held
+/// (a holder's own locks never conflict with it).
 pub fn acquire(file: &std::fs::File, path: &Path, mode: LockMode) -> Result<()> {
     let fd = file.as_raw_fd();
     let (held, shared) = mode.perms();

@@ -16,7 +16,12 @@ pub fn run(
     spec: &strata_chain::OpenSpec,
     force: bool,
 ) -> Result<i32, String> {
-    let dev = strata_chain::open_top(spec, Format::Luks, true).map_err(|e| {
+    // qemu-img opens the image as any LUKS writer (sharing writing: nothing is
+    // written yet) and asks for the key update's locks only once the options
+    // are read; strata takes them at the same point, before any key slot is
+    // written (see `LockMode::UpdateKeys`).
+    let open_spec = spec.clone().writes_no_raw_data(true);
+    let dev = strata_chain::open_top(&open_spec, Format::Luks, true).map_err(|e| {
         format!(
             "{}\n",
             super::common::open_error(&spec.path, &spec.shown_name(), &e)
@@ -40,6 +45,11 @@ pub fn run(
     }
     super::amend_keys::check_numbers(items, "").map_err(|e| format!("{e}\n"))?;
     let req = super::amend_keys::request(items).map_err(|e| format!("{e}\n"))?;
+    let storage = img.storage();
+    if let (Some(file), Some(path)) = (storage.file(), storage.path()) {
+        strata_storage::lock::acquire(file, path, strata_storage::LockMode::UpdateKeys)
+            .map_err(|e| format!("{e}\n"))?;
+    }
     change_key_slots(KeyImage::Luks(img), spec, &req, force)?;
     dev.close().map_err(|e| format!("{e}\n"))?;
     Ok(0)

@@ -129,16 +129,39 @@ pub fn required_name(h: &Header) -> Result<Option<Vec<u8>>> {
     }
 }
 
-/// Open the data file `name` (taken from the current directory when relative), for
-/// writing with QEMU's locks, or for reading (shared: the qcow2 file's own lock
-/// already stands for the image).
-pub fn open(name: &[u8], read_only: bool) -> Result<Arc<dyn Storage>> {
+/// How a data file opened for reading is locked, as QEMU locks the data child of
+/// a qcow2 node under qemu-img.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DataFileLock {
+    /// An ordinary reader: consistent-read held, everything shared, as QEMU's
+    /// data child passes a reader's sharing through (a data file another
+    /// process writes can still be read, as qemu-img reads it).
+    #[default]
+    Shared,
+    /// A reader that others must not change meanwhile (`convert`'s sources):
+    /// neither writing nor resizing shared, so a data file another process
+    /// writes is refused, as qemu-img refuses it.
+    NoShare,
+    /// No locks at all (`-U` / `force-share`).
+    ForceShare,
+}
+
+/// Open the data file `name` (taken from the current directory when relative).
+///
+/// For reading it is locked as `lock` says. For writing it holds consistent
+/// read, write and resize and shares neither writing nor resizing: QEMU's qcow2
+/// writer shares writing of its data file, but strata never writes a file
+/// another process writes, so it refuses one with qemu-img's wording for a lock
+/// conflict (`Failed to get shared "write" lock`). Next to a holder that shares
+/// no resize (a qemu-nbd), both refuse alike, for the resize lock.
+pub fn open(name: &[u8], read_only: bool, lock: DataFileLock) -> Result<Arc<dyn Storage>> {
     use std::os::unix::ffi::OsStrExt;
     let path = Path::new(std::ffi::OsStr::from_bytes(name));
-    let opts = if read_only {
-        OpenOptions::read().force_share(true)
-    } else {
-        OpenOptions::write()
+    let opts = match (read_only, lock) {
+        (true, DataFileLock::Shared) => OpenOptions::read().raw(true),
+        (true, DataFileLock::NoShare) => OpenOptions::read(),
+        (true, DataFileLock::ForceShare) => OpenOptions::read().force_share(true),
+        (false, _) => OpenOptions::write(),
     };
     let s = FileStorage::open(path, opts)?;
     Ok(Arc::new(s))
@@ -158,6 +181,7 @@ pub(crate) fn store_for(
     h: &Header,
     given: Option<Arc<dyn Storage>>,
     read_only: bool,
+    lock: DataFileLock,
     metadata_only: bool,
 ) -> Result<DataStore> {
     if metadata_only {
@@ -179,7 +203,7 @@ pub(crate) fn store_for(
     match required_name(h)? {
         None => Ok(DataStore::Image),
         Some(n) => Ok(DataStore::External {
-            storage: open(&n, read_only)?,
+            storage: open(&n, read_only, lock)?,
             raw,
         }),
     }
@@ -366,7 +390,7 @@ mod tests {
         assert_eq!(required_name(&h).unwrap().as_deref(), Some(&b"x"[..]));
         // Metadata-only opens need none of it.
         assert!(matches!(
-            store_for(&h, None, true, true).unwrap(),
+            store_for(&h, None, true, DataFileLock::Shared, true).unwrap(),
             DataStore::Unopened
         ));
     }

@@ -36,6 +36,9 @@ pub struct Qcow2OpenOptions {
     /// opened, an encrypted image needs no secret, and guest data can be neither
     /// read nor written.
     pub metadata_only: bool,
+    /// How the external data file, when the image has one, is locked on a
+    /// read-only open (see [`data_file::DataFileLock`]).
+    pub data_file_lock: data_file::DataFileLock,
 }
 
 /// A qcow2 image.
@@ -208,7 +211,13 @@ impl Qcow2Image {
         }
         let crypt =
             Encryption::open(&*storage, &h, &opts.unlock, opts.metadata_only)?.map(Arc::new);
-        let data = data_file::store_for(&h, given_data, read_only, opts.metadata_only)?;
+        let data = data_file::store_for(
+            &h,
+            given_data,
+            read_only,
+            opts.data_file_lock,
+            opts.metadata_only,
+        )?;
         // A failed read is worded as QEMU words it for these tables.
         let in_words = |what: &str| {
             let what = what.to_string();
