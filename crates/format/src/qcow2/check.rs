@@ -69,7 +69,7 @@ pub struct CheckReport {
 fn old_table_free_fails(m: &mut Meta) -> Result<bool> {
     let cs = m.cluster_size();
     let off = m.h.snapshots_offset;
-    let size = super::snapshot::table_size(&m.snapshots);
+    let size = m.snapshot_table_len();
     let file_len = m.storage.size()?;
     let Some(end) = off.checked_add(size) else {
         return Ok(false);
@@ -105,12 +105,38 @@ impl Qcow2Image {
                 repairing && repair == Repair::All,
             ));
         }
+        let dropped = m.snapshot_extra_dropped.clone();
+        let mut discarded = Vec::new();
+        if let Some(&(first, _)) = dropped.first() {
+            if !(repairing && repair == Repair::All) {
+                return Ok(extra_data_failure(first));
+            }
+            // As qemu-img's repair reads the table: the excess is named
+            // before anything is counted, and discarded when the table is
+            // rewritten below.
+            discarded = dropped
+                .iter()
+                .map(|(i, len)| {
+                    format!(
+                        "Discarding too much extra metadata in snapshot table entry {i} ({len} > {})",
+                        super::snapshot::MAX_EXTRA_DATA
+                    )
+                })
+                .collect();
+        }
         if !m.read_only {
             m.flush_metadata().map_err(|e| self.err(e))?;
         }
         let free_fails = old_table_free_fails(&mut m).map_err(|e| self.err(e))?;
         let mut report =
             self.check_locked(&mut m, if repairing { repair } else { Repair::None })?;
+        if !discarded.is_empty() {
+            report.messages.splice(0..0, discarded);
+            report
+                .own_errors
+                .iter_mut()
+                .for_each(|i| *i += dropped.len());
+        }
         if report.failure.is_some() {
             return Ok(report);
         }
@@ -181,7 +207,9 @@ impl Qcow2Image {
     /// current one, as qemu-img records it). Returns the number of entries fixed.
     fn complete_snapshots(&self, m: &mut Meta) -> Result<u64> {
         let bad = self.incomplete_snapshots(m);
-        if bad.is_empty() {
+        // Entries whose extra data was cut to its first 1024 bytes when read.
+        let cut = m.snapshot_extra_dropped.len() as u64;
+        if bad.is_empty() && cut == 0 {
             return Ok(0);
         }
         let mut snaps = m.snapshots.clone();
@@ -190,7 +218,7 @@ impl Qcow2Image {
         }
         m.replace_snapshot_table(snaps).map_err(|e| self.err(e))?;
         m.flush_metadata().map_err(|e| self.err(e))?;
-        Ok(bad.len() as u64)
+        Ok(bad.len() as u64 + cut)
     }
 
     fn check_locked(&self, m: &mut Meta, repair: Repair) -> Result<CheckReport> {
@@ -495,10 +523,7 @@ impl Qcow2Image {
                 u64::from(m.h.refcount_table_clusters) * cs,
             )
             || m.reftable.iter().any(|&e| e != 0 && e / cs == c)
-            || within(
-                m.h.snapshots_offset,
-                super::snapshot::table_size(&m.snapshots),
-            )
+            || within(m.h.snapshots_offset, m.snapshot_table_len())
             || m.h.crypto.is_some_and(|x| within(x.offset, x.length))
     }
 
@@ -512,6 +537,10 @@ impl Qcow2Image {
         let stride = if geo.extended_l2 { 2 } else { 1 };
         let file_size = m.storage.size().map_err(|er| self.err(er))?;
         let label = if fix { "Repairing" } else { "ERROR" };
+        // Entries this repair has rewritten, by L2 table: an L2 table that several
+        // L1 entries name is judged with its fixes on a later visit, as qemu-img
+        // (which writes each table back at once) sees it.
+        let mut rewritten = std::collections::HashMap::<u64, Vec<(usize, u64)>>::new();
         for i in 0..m.l1.len() {
             let e = m.l1[i];
             let l2off = e & OFFSET_MASK;
@@ -550,7 +579,10 @@ impl Qcow2Image {
                 continue;
             }
             let writable = l2off.is_multiple_of(cs) && !self.overlaps_metadata(m, l2off);
-            let table = words(&self.read_padded(m, l2off, cs)?);
+            let mut table = words(&self.read_padded(m, l2off, cs)?);
+            for &(j, raw) in rewritten.get(&l2off).into_iter().flatten() {
+                table[j * stride] = raw;
+            }
             let mut wrong = Vec::new();
             for (j, w) in table.chunks_exact(stride).enumerate() {
                 let (raw, bitmap) = (w[0], if stride == 2 { w[1] } else { 0 });
@@ -593,6 +625,7 @@ impl Qcow2Image {
             for (j, new, bitmap) in wrong {
                 m.set_raw_entry(HostOffset(l2off), j, new, bitmap)
                     .map_err(|er| self.err(er))?;
+                rewritten.entry(l2off).or_default().push((index(j), new));
                 out.fixed += 1;
             }
         }
@@ -707,6 +740,22 @@ fn snapshot_table_failure(fault: SnapshotTableFault, repair_all: bool) -> CheckR
         r.failure = Some("Input/output error");
     }
     r
+}
+
+/// The check of an image with more than 1024 bytes of extra data in snapshot
+/// table entry `first` when the check may not discard it (anything but
+/// `-r all`): qemu-img's error and hint, and its failure, with nothing counted.
+fn extra_data_failure(first: usize) -> CheckReport {
+    CheckReport {
+        check_errors: 1,
+        messages: vec![format!(
+            "ERROR failed to read the snapshot table: {}",
+            super::snapshot::too_much_extra(first)
+        )],
+        own_errors: vec![0],
+        failure: Some("File too large"),
+        ..Default::default()
+    }
 }
 
 /// What the COPIED check found.

@@ -241,7 +241,12 @@ impl Qcow2Image {
         } else {
             0
         };
-        let (snaps, _) = snapshot::read_table(&*storage, h.snapshots_offset, readable)?;
+        let (snaps, span, dropped) = if opts.for_check {
+            snapshot::read_table_for_check(&*storage, h.snapshots_offset, readable)?
+        } else {
+            let (snaps, span) = snapshot::read_table(&*storage, h.snapshots_offset, readable)?;
+            (snaps, span, Vec::new())
+        };
         if opts.for_check && h.autoclear_features & header::autoclear::BITMAPS != 0 {
             if let Some(ext) = h.bitmaps {
                 super::bitmaps::Bitmaps::vet(&*storage, ext, h.cluster_size(), h.size, file_size)?;
@@ -291,6 +296,14 @@ impl Qcow2Image {
         let compression = h.compression_type;
         let mut meta = Meta::new(storage.clone(), h, l1, reftable, read_only);
         meta.snapshots = snaps;
+        // An ID or name cut at a NUL, or skipped extra data, makes the entries
+        // shorter than the table on disk, which is what the file holds.
+        if span != snapshot::table_size(&meta.snapshots) {
+            meta.snapshot_span = Some(span);
+        }
+        if !dropped.is_empty() {
+            meta.snapshot_extra_dropped = dropped;
+        }
         meta.dirty_inherited = dirty;
         meta.bitmaps = bitmaps;
         meta.data_storage = data.external().cloned();

@@ -41,6 +41,13 @@ pub struct Meta {
     /// Offset of the next free byte for packing compressed clusters (0: none open).
     pub compressed_cursor: u64,
     pub snapshots: Vec<Snapshot>,
+    /// Entries a check read with more than 1024 bytes of extra data, of which only
+    /// the first 1024 are in `snapshots` (index, length on disk); their table's
+    /// on-disk span is `snapshot_span`. Empty once the table is rewritten.
+    pub snapshot_extra_dropped: Vec<(usize, u32)>,
+    /// The snapshot table's length on disk when it differs from what
+    /// `snapshots` serialises to (extra data a check skipped).
+    pub snapshot_span: Option<u64>,
     pub read_only: bool,
     /// Set once the dirty bit has been written for this session (lazy refcounts).
     pub dirty_written: bool,
@@ -70,6 +77,13 @@ pub struct Meta {
 }
 
 impl Meta {
+    /// Bytes the snapshot table takes on disk (its entries' serialised size, or
+    /// the span a check read when it skipped extra data).
+    pub fn snapshot_table_len(&self) -> u64 {
+        self.snapshot_span
+            .unwrap_or_else(|| super::snapshot::table_size(&self.snapshots))
+    }
+
     pub fn new(
         storage: Arc<dyn Storage>,
         h: Header,
@@ -97,6 +111,8 @@ impl Meta {
             punch_unmapped: false,
             compressed_cursor: 0,
             snapshots: Vec::new(),
+            snapshot_extra_dropped: Vec::new(),
+            snapshot_span: None,
             read_only,
             dirty_written: false,
             dirty_inherited: false,
@@ -534,7 +550,7 @@ impl Meta {
         let end = off.saturating_add(len);
         let hits =
             |start: u64, bytes: u64| bytes > 0 && start < end && off < start.saturating_add(bytes);
-        let snap_bytes = super::snapshot::table_size(&self.snapshots);
+        let snap_bytes = self.snapshot_table_len();
         let mut what = None;
         if hits(0, cs) {
             what = Some("the image header");

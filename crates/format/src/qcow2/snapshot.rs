@@ -41,6 +41,40 @@ fn be16(b: &[u8], at: usize) -> u16 {
 /// L1 table is misplaced or too large opens, and only a use of that snapshot
 /// (see [`Snapshot::usable_l1`]) is refused; a check reports the entry.
 pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<(Vec<Snapshot>, u64)> {
+    read_table_inner(storage, offset, count, false).map(|(snaps, len, _)| (snaps, len))
+}
+
+/// The message and hint QEMU gives for an entry with more than 1024 bytes of
+/// extra data (entry index `i`), at open and in a check that does not repair it.
+pub fn too_much_extra(i: usize) -> String {
+    format!(
+        "Too much extra metadata in snapshot table entry {i}\nYou can force-remove this extra metadata with qemu-img check -r all"
+    )
+}
+
+/// A table read for a check: its entries, its on-disk byte size, and the
+/// entries whose extra data was cut (index, original extra-data length).
+pub type CheckedTable = (Vec<Snapshot>, u64, Vec<(usize, u32)>);
+
+/// [`read_table`] for a check: an entry with more than 1024 bytes of extra data
+/// keeps its first 1024 and the rest is skipped, as QEMU's repairing read does.
+/// Also returns the entries so shortened (index, original extra-data length);
+/// the returned byte size is the table's on-disk span, skipped bytes included.
+pub fn read_table_for_check(
+    storage: &dyn Storage,
+    offset: u64,
+    count: u32,
+) -> Result<CheckedTable> {
+    read_table_inner(storage, offset, count, true)
+}
+
+fn read_table_inner(
+    storage: &dyn Storage,
+    offset: u64,
+    count: u32,
+    lenient: bool,
+) -> Result<CheckedTable> {
+    let mut dropped = Vec::new();
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut at = offset;
     for i in 0..count {
@@ -57,10 +91,8 @@ pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<(Vec
         let id_len = u64::from(be16(&fixed, 12));
         let name_len = u64::from(be16(&fixed, 14));
         let extra_len = be32(&fixed, 36);
-        if extra_len > MAX_EXTRA_DATA {
-            return Err(Error::invalid(format!(
-                "Snapshot {i} has {extra_len} bytes of extra data (the limit is 1024)"
-            )));
+        if extra_len > MAX_EXTRA_DATA && !lenient {
+            return Err(Error::invalid(too_much_extra(index(u64::from(i)))));
         }
         let var = u64::from(extra_len) + id_len + name_len;
         let entry = (40 + var).next_multiple_of(8);
@@ -69,13 +101,19 @@ pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<(Vec
                 "Snapshot table too large (the limit is 64 MiB)",
             ));
         }
-        let mut vbuf = vec![0u8; index(var)];
-        storage.read_at(&mut vbuf, at + 40)?;
-        let extra_len = index(u64::from(extra_len));
-        let extra = vbuf[..extra_len].to_vec();
-        let id_end = extra_len + index(id_len);
-        let id = String::from_utf8_lossy(&vbuf[extra_len..id_end]).into_owned();
-        let name = String::from_utf8_lossy(&vbuf[id_end..]).into_owned();
+        // Past the first 1024 bytes (only when lenient), extra data is skipped.
+        let kept = extra_len.min(MAX_EXTRA_DATA);
+        if kept < extra_len {
+            dropped.push((index(u64::from(i)), extra_len));
+        }
+        let mut extra = vec![0u8; index(u64::from(kept))];
+        storage.read_at(&mut extra, at + 40)?;
+        let mut names = vec![0u8; index(id_len + name_len)];
+        storage.read_at(&mut names, at + 40 + u64::from(extra_len))?;
+        // QEMU keeps the ID and name as C strings: each ends at its first NUL.
+        let (id, name) = names.split_at(index(id_len));
+        let id = c_string(id);
+        let name = c_string(name);
         let vm_state_size = if extra.len() >= 8 {
             be64(&extra, 0)
         } else {
@@ -100,7 +138,13 @@ pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<(Vec
         });
         at += entry;
     }
-    Ok((out, at - offset))
+    Ok((out, at - offset, dropped))
+}
+
+/// `bytes` up to its first NUL, as text.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// Byte size of the table holding `snaps`.

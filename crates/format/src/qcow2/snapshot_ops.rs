@@ -308,10 +308,12 @@ impl Meta {
             self.h.incompatible_features = features;
         }
         let old_off = self.h.snapshots_offset;
-        let old_len = snapshot::table_size(&self.snapshots);
+        let old_len = self.snapshot_table_len();
         self.h.nb_snapshots = nb_snapshots;
         self.h.snapshots_offset = new_off;
         self.snapshots = snaps;
+        self.snapshot_span = None;
+        self.snapshot_extra_dropped.clear();
         if old_off != 0 && old_len > 0 {
             // QEMU's free of the old table announces `cluster_free`; a
             // failure to give the freed clusters back becomes a notice (in

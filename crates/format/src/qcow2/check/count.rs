@@ -246,10 +246,7 @@ impl Qcow2Image {
         }
         ctr.weight = 1;
         if !snaps.is_empty() {
-            ctr.add(
-                m.h.snapshots_offset,
-                super::super::snapshot::table_size(&snaps),
-            );
+            ctr.add(m.h.snapshots_offset, m.snapshot_table_len());
         }
         // Bitmaps.
         if let Some(b) = m.h.bitmaps {
