@@ -940,13 +940,6 @@ const PINNED: &[&[&str]] = &[
         "driver=qcow2,file.filename=lov.qcow2,backing.encrypt.key-secret=sec0",
         "b1",
     ],
-    &[
-        "bitmap",
-        "--add",
-        "--image-opts",
-        "driver=qcow2,file.filename=top.qcow2,backing.file.filename=base.qcow2",
-        "b1",
-    ],
 ];
 
 #[test]
