@@ -46,10 +46,18 @@ pub struct IndexedChain {
 
 impl IndexedChain {
     /// An indexed view of `layers` (top first, attached to each other), or `None`
-    /// when the chain cannot be indexed: a writable layer, too many layers, or an
-    /// index that would be too large.
+    /// when the chain cannot be indexed: a writable layer, a layer over a
+    /// debugging filter, too many layers, or an index that would be too large.
     pub fn new(layers: Vec<Arc<dyn BlockDevice>>) -> Option<IndexedChain> {
         if layers.is_empty() || layers.len() > MAX_LAYERS || layers.iter().any(|l| !l.read_only()) {
+            return None;
+        }
+        // A debugging filter under a layer must see each read as the format
+        // engine makes it (its rules count reads and the events they announce).
+        if layers
+            .iter()
+            .any(|l| l.host_file().is_some_and(|f| f.watches_requests()))
+        {
             return None;
         }
         let granule = layers

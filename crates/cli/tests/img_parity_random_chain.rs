@@ -909,6 +909,37 @@ const PINNED: &[&[&str]] = &[
         "bm2.qcow2",
         "b1",
     ],
+    // A relative base name is looked up against each layer's file name: an
+    // image named by a `json:` name (its backing file's secret given) has
+    // none, so its backing file is not found by name.
+    &[
+        "commit",
+        "--object",
+        "secret,id=sec0,file=key.txt",
+        "-b",
+        "luks.qcow2",
+        "--image-opts",
+        "driver=qcow2,file.filename=lov.qcow2,backing.encrypt.key-secret=sec0",
+    ],
+    &[
+        "commit",
+        "-q",
+        "-b",
+        "base.qcow2",
+        "--image-opts",
+        "driver=qcow2,file.filename=top.qcow2",
+    ],
+    // bitmap opens the image without its backing file: options for one are
+    // refused.
+    &[
+        "bitmap",
+        "--object",
+        "secret,id=sec0,file=key.txt",
+        "--add",
+        "--image-opts",
+        "driver=qcow2,file.filename=lov.qcow2,backing.encrypt.key-secret=sec0",
+        "b1",
+    ],
 ];
 
 #[test]

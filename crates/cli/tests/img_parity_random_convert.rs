@@ -735,6 +735,17 @@ const PINNED: &[&str] = &[
     "map --start-offset x --output=bogus raw.img",
     "map --output=bogus --start-offset x raw.img",
     "map --output=json",
+    // A target named by options is read where qemu-img opens it: after the
+    // sources, the -O/--target-image-opts clash and the target's cache mode.
+    "convert -n --target-image-opts --output-format=bogus raw.img tgt.raw",
+    "convert -n --target-image-opts -O qcow2 -l nosuch raw.img tgt.raw",
+    "convert -n --target-image-opts -t bogus raw.img tgt.raw",
+    "convert -n --target-image-opts missing.img tgt.raw",
+    "convert -n --target-image-opts raw.img tgt.raw",
+    // qcow2 loads snapshots: an image with a data file just has none.
+    "convert -l nosuch df.qcow2 out.raw",
+    "convert -l snapshot.name=nosuch -O qcow2 df.qcow2 out.qcow2",
+    "measure -l nosuch -O qcow2 df.qcow2",
 ];
 
 #[test]

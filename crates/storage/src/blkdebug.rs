@@ -441,6 +441,9 @@ impl<S: Storage> Storage for BlkdebugStorage<S> {
         self.check(offset, max_len, IoType::BlockStatus)?;
         self.inner.probe_data(offset, max_len)
     }
+    fn watches_requests(&self) -> bool {
+        true
+    }
     fn debug_event(&self, event: DebugEvent) {
         let mut live = self.live();
         let before = live.state;

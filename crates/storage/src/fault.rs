@@ -136,6 +136,9 @@ impl<S: Storage> Storage for FaultStorage<S> {
     fn debug_event(&self, event: crate::DebugEvent) {
         self.inner.debug_event(event)
     }
+    fn watches_requests(&self) -> bool {
+        self.inner.watches_requests()
+    }
 }
 
 #[cfg(test)]

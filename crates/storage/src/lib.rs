@@ -115,6 +115,14 @@ pub trait Storage: Send + Sync {
     fn debug_event(&self, event: DebugEvent) {
         let _ = event;
     }
+    /// Whether the store acts on the requests it sees and the events announced
+    /// to it (a debugging filter such as [`BlkdebugStorage`]), so a reader must
+    /// send every guest read through the format engine above it, never around it
+    /// (no shortcut that reads the file directly or skips ranges known to be
+    /// zero). Wrappers pass it down.
+    fn watches_requests(&self) -> bool {
+        false
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -165,5 +173,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn debug_event(&self, event: DebugEvent) {
         (**self).debug_event(event)
+    }
+    fn watches_requests(&self) -> bool {
+        (**self).watches_requests()
     }
 }

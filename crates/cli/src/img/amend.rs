@@ -349,8 +349,9 @@ fn print_help(fmt: &str) -> Result<i32> {
 
 /// In qemu-img's order: the refusals it makes first, the data file, the
 /// backing file check (a backing file or format other than the current one is
-/// refused), the size (a plain resize), then the format changes, which close
-/// the image.
+/// refused, after the upgrade and the refcount width change the request also
+/// asks for, which qemu-img makes before it looks at the backing file), the
+/// size (a plain resize), then the format changes, which close the image.
 fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &QemuSteps) -> Result<(), String> {
     let kind = |e: strata_format::Error| e.message().to_string();
     let h = img.header();
@@ -366,7 +367,17 @@ fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &QemuSteps) -> Result<
         img.amend_data_file(req.data_file.as_deref(), req.data_file_raw)
             .map_err(kind)?;
     }
-    check_backing(&img, req)?;
+    if let Err(refusal) = check_backing(&img, req) {
+        let early = AmendOptions {
+            version: req.amend.version.filter(|v| *v > h.version),
+            refcount_bits: req.amend.refcount_bits,
+            lazy_refcounts: None,
+        };
+        if early != AmendOptions::default() {
+            run_format_changes(img, &early, steps, bar).map_err(kind)?;
+        }
+        return Err(refusal);
+    }
     // Refused before the size changes (the other format checks come after it).
     if req.amend.lazy_refcounts == Some(true) && version < 3 && !img.header().lazy_refcounts() {
         return Err("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into());
@@ -374,24 +385,36 @@ fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &QemuSteps) -> Result<
     if let Some(size) = req.size {
         img.resize(size, true).map_err(kind)?;
     }
+    run_format_changes(img, &req.amend, steps, bar).map_err(|e| {
+        match super::snapshot::bad_snapshot_l1(&e) {
+            // The zero-cluster expansion of a downgrade reads every snapshot's L1
+            // table: qemu-img reports the bad one, then the failed expansion.
+            Some((msg, errno)) => {
+                let prog = super::common::PROG.get().copied().unwrap_or("strata img");
+                format!("{msg}\n{prog}: Failed to turn zero into data clusters: {errno}")
+            }
+            None => kind(e),
+        }
+    })
+}
+
+/// Make the format changes `o` asks for (then close the image), their
+/// progress spread over the `steps` the whole request reports.
+fn run_format_changes(
+    img: Qcow2Image,
+    o: &AmendOptions,
+    steps: u64,
+    bar: &QemuSteps,
+) -> strata_format::Result<()> {
     let mut spread = StepProgress {
         steps,
         finished: 0,
         done_before: 0,
         last: None,
     };
-    img.amend(&req.amend, &mut |step, done, total| {
+    img.amend(o, &mut |step, done, total| {
         let (d, t) = spread.report(step, done, total);
         bar.set_fraction(d, t);
-    })
-    .map_err(|e| match super::snapshot::bad_snapshot_l1(&e) {
-        // The zero-cluster expansion of a downgrade reads every snapshot's L1
-        // table: qemu-img reports the bad one, then the failed expansion.
-        Some((msg, errno)) => {
-            let prog = super::common::PROG.get().copied().unwrap_or("strata img");
-            format!("{msg}\n{prog}: Failed to turn zero into data clusters: {errno}")
-        }
-        None => kind(e),
     })
 }
 

@@ -314,6 +314,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 /// Open `path` as qcow2 (`format`, or probed), for writing or reading.
 fn open(spec: &strata_chain::OpenSpec, write: bool) -> Result<Qcow2Image> {
     let format = spec_format(spec)?;
+    // qemu-img opens the image without its backing file: options for one
+    // are left over, and refused.
+    super::imgname::refuse_backing_options(spec, format)?;
     if write {
         warn_probed_raw(spec);
     }

@@ -81,7 +81,16 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
             QemuSteps::fraction(on, 1.0)
         })
     };
-    let resolved = match commit::resolve_spec(&req, spec.clone()) {
+    let found = commit::resolve_spec(&req, spec.clone()).and_then(|r| match &args.base {
+        Some(b) if base_unreachable_by_name(&spec, b, r.base) => {
+            Err(strata_jobs::Error::NotInChain {
+                what: b.clone(),
+                image: spec.path.clone(),
+            })
+        }
+        _ => Ok(r),
+    });
+    let resolved = match found {
         Ok(r) => r,
         Err(e) => {
             let opened = matches!(
@@ -130,6 +139,52 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         println!("Image committed.");
     }
     Ok(0)
+}
+
+/// Whether qemu-img fails to find the base `name` (found by strata at layer
+/// `base`) in the chain of `spec`. It looks a plain file name up from each
+/// layer, resolved against that layer's file name, as is the backing name the
+/// layer records; a layer QEMU names by a `json:` name (the top given options
+/// that change its data or its backing file's, or the backing file given such
+/// options) has no directory to resolve a relative name against, so the layer
+/// below it is not found unless both names are absolute.
+fn base_unreachable_by_name(spec: &strata_chain::OpenSpec, name: &str, base: usize) -> bool {
+    let has_protocol = |n: &str| {
+        n.find([':', '/', '\\'])
+            .is_some_and(|i| n.as_bytes()[i] == b':')
+    };
+    if base == 0 || has_protocol(name) {
+        return false;
+    }
+    let Ok(chain) = strata_chain::open(spec) else {
+        return false;
+    };
+    let above = base - 1;
+    let (Some(layer), Some(below)) = (chain.layers.get(above), chain.layers.get(base)) else {
+        return false;
+    };
+    let json_named = match above {
+        0 => super::imgname::json_name_with_backing(
+            spec,
+            layer.format,
+            Some((below.path.as_path(), below.format)),
+        )
+        .is_some(),
+        1 => {
+            let key = match layer.format {
+                strata_format::Format::Qcow2 => "backing.encrypt.key-secret",
+                strata_format::Format::Luks => "backing.key-secret",
+                strata_format::Format::Raw => return false,
+            };
+            spec.driver_options.contains_key(key)
+        }
+        _ => false,
+    };
+    let recorded_absolute = layer
+        .backing_name
+        .as_deref()
+        .is_some_and(|n| std::path::Path::new(n).is_absolute());
+    json_named && !(name.starts_with('/') && recorded_absolute)
 }
 
 /// The lock refusal of a layer below the top that could be read but not

@@ -195,6 +195,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     // up: once the sources are open (to create the target), or where it opens
     // the existing target (-n).
     let mut out_refused = None;
+    // A target named by options (or `json:`) that cannot be opened: refused
+    // where qemu-img opens the existing target.
+    let mut target_refused: Option<anyhow::Error> = None;
     // An NBD export as the target is connected to where the target is opened.
     let target_naming = super::imgname::Naming {
         objects: naming.objects.clone(),
@@ -208,14 +211,24 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         || (args.no_create
             && std::os::unix::ffi::OsStrExt::as_bytes(out_path.as_os_str()).starts_with(b"json:"))
     {
-        // Opened for writing: `force-share` is refused first.
-        let target_spec = target_spec.insert(target_naming.writable_spec(out_path, None)?);
-        super::imgname::refuse_reopened_options(target_spec)?;
-        let format = match target_spec.format {
-            Some(f) => f,
-            None => super::common::probe_format(&target_spec.path)?,
-        };
-        (&target_spec.path, format)
+        // Opened for writing: `force-share` is refused first. qemu-img reads
+        // the target's name where it opens the target, after the sources and
+        // the other options: a mistake in it waits until then.
+        let named = target_naming.writable_spec(out_path, None).and_then(|t| {
+            super::imgname::refuse_reopened_options(&t)?;
+            let format = match t.format {
+                Some(f) => f,
+                None => super::common::probe_format(&t.path)?,
+            };
+            Ok((t, format))
+        });
+        match named {
+            Ok((t, format)) => (&target_spec.insert(t).path, format),
+            Err(e) => {
+                target_refused = Some(e);
+                (out_path, out_format)
+            }
+        }
     } else {
         plain_out = super::imgname::output_path(out_path).unwrap_or_else(|e| {
             out_refused = Some(e);
@@ -390,6 +403,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         t
     } else if args.no_create {
         target_cache()?;
+        if let Some(e) = target_refused {
+            return Err(e);
+        }
         if let Some(e) = out_refused {
             bail!("Could not open '{}': {e}", out_path.display());
         }
@@ -634,8 +650,14 @@ pub(super) fn is_cache_mode(c: &str) -> bool {
 }
 
 /// qemu-img's refusal (convert and measure `-l`) to read an internal snapshot
-/// of an image whose format keeps none, naming the format.
+/// of an image that keeps none: a format without internal snapshots is named;
+/// a qcow2 image that cannot keep any (one with an external data file) just
+/// has no such snapshot, as its format does load them.
 pub(super) fn no_snapshot_load(format: &impl std::fmt::Display) -> String {
+    let format = format.to_string();
+    if format == "qcow2" {
+        return "Failed to load snapshot: Can't find snapshot".into();
+    }
     format!(
         "Failed to load snapshot: Block format '{format}' used by device '' \
          does not support temporarily loading internal snapshots"
