@@ -1363,7 +1363,6 @@ mod tests {
         for name in [
             "driver=raw,file.filename=/x/a,offset=4096",
             "driver=raw,file.filename=/x/a,size=1M",
-            "driver=qcow2,file.filename=/x/a,backing=",
             "driver=qcow2,file.filename=/x/a,backing.file.filename=b",
             "driver=qcow2,file.filename=/x/a,backing.driver=raw",
         ] {
@@ -1373,6 +1372,13 @@ mod tests {
                 "{name}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn an_empty_backing_option_opens_the_image_without_its_backing_file() {
+        let s = spec("driver=qcow2,file.filename=/x/a,backing=", true).unwrap();
+        assert!(!s.open_backing);
+        assert!(s.driver_options.is_empty());
     }
 
     #[test]
