@@ -531,3 +531,101 @@ fn blkdebug_over_json_and_nbd_names_opens_or_refuses_as_qemu_img() {
     }
     assert_all_same();
 }
+
+#[test]
+fn a_wrong_secret_is_refused_before_an_unknown_option_on_an_encrypted_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    encrypted_images(d);
+    for image in [
+        "driver=luks,file.filename=l.luks,key-secret=s0,foo=bar",
+        "driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s0,foo=bar",
+    ] {
+        for data in ["wrong", "abc"] {
+            let object = format!("secret,id=s0,data={data}");
+            for sub in [&["check"][..], &["map"], &["info"]] {
+                let mut a = sub.to_vec();
+                a.extend(["--object", &object, "--image-opts", image]);
+                same(d, &a);
+            }
+            // Refused before anything is written.
+            same(
+                d,
+                &["resize", "--object", &object, "--image-opts", image, "2M"],
+            );
+        }
+    }
+    assert_all_same();
+}
+
+#[test]
+fn nbd_addresses_with_a_port_that_is_no_number_fail_to_resolve_as_in_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for name in [
+        "nbd:localhost:x",
+        "nbd:127.0.0.1:1x",
+        "nbd::x",
+        "nbd:a:b:c",
+        "nbd:localhost:x:exportname=e",
+        "nbd:localhost",
+        "nbd:localhost:",
+        "nbd:[::1",
+        "nbd:[::1]",
+        "nbd:[::1]:",
+        "nbd:[]:x",
+        "nbd:[::1]:x",
+        "blkdebug::nbd:localhost:x",
+    ] {
+        same(d, &["info", name]);
+    }
+    for opts in [
+        "driver=nbd,host=localhost,port=x",
+        "driver=nbd,server.type=inet,server.host=localhost,server.port=x",
+    ] {
+        same(d, &["info", "--image-opts", opts]);
+    }
+    assert_all_same();
+}
+
+#[test]
+fn a_backing_node_named_by_node_name_or_left_empty_is_treated_as_qemu_img_treats_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "t.qcow2",
+        ],
+    );
+    let names = [
+        "driver=qcow2,file.filename=t.qcow2,backing=x",
+        "driver=qcow2,file.filename=t.qcow2,backing=x,foo=1",
+        "driver=qcow2,file.filename=t.qcow2,backing=",
+        "driver=qcow2,file.filename=t.qcow2,backing=,foo=1",
+        "driver=raw,file.filename=r.raw,backing=x",
+        "driver=raw,file.filename=r.raw,backing=",
+    ];
+    for name in names {
+        for sub in [
+            &["info"][..],
+            &["map"],
+            &["check"],
+            &["measure", "-O", "qcow2"],
+        ] {
+            let mut a = sub.to_vec();
+            a.extend(["--image-opts", name]);
+            same(d, &a);
+        }
+    }
+    same(
+        d,
+        &[
+            "map",
+            r#"json:{"driver":"qcow2","file":{"filename":"t.qcow2"},"backing":""}"#,
+        ],
+    );
+    assert_all_same();
+}

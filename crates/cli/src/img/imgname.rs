@@ -118,12 +118,7 @@ impl Naming {
             Some(nbd) => (nbd.spec, Some(nbd.storage)),
             None => match image_spec(name, format, self.image_opts) {
                 Ok(spec) => (spec, None),
-                Err(e) if metadata_only => {
-                    return Err(match e.downcast::<BackingNodeOption>() {
-                        Ok(b) => anyhow!("{}", b.unknown_without_backing),
-                        Err(e) => e,
-                    })
-                }
+                Err(e) if metadata_only => return Err(for_metadata_open(e)),
                 Err(e) => return Err(for_data_open(e, name, &secrets)),
             },
         };
@@ -278,40 +273,42 @@ pub fn image_spec(name: &Path, format: Option<&str>, image_opts: bool) -> Result
     if let Some(f) = format {
         flat.insert("driver".into(), f.to_string());
     }
-    let mut spec =
-        from_options(flat).map_err(|e| match e.downcast::<UnknownOptionOnEncrypted>() {
-            Ok(mut u) => {
-                u.refusal = format!("Could not open '{typed}': {}", u.refusal);
-                anyhow::Error::new(u)
-            }
-            Err(e) => match e.downcast::<BackingNodeOption>() {
-                Ok(mut b) => {
-                    b.refusal = format!("Could not open '{typed}': {}", b.refusal);
-                    b.unknown_without_backing =
-                        format!("Could not open '{typed}': {}", b.unknown_without_backing);
-                    anyhow::Error::new(b)
-                }
-                Err(e) => anyhow!("Could not open '{typed}': {e}"),
-            },
-        })?;
+    let mut spec = from_options(flat).map_err(|e| match e.downcast::<NamingError>() {
+        Ok(n) => anyhow::Error::new(n.opening(&typed)),
+        Err(e) => anyhow!("Could not open '{typed}': {e}"),
+    })?;
     spec.display_name = Some(typed);
     Ok(spec)
 }
 
 /// An error from [`image_spec`] as a subcommand opening the image for its
-/// data (not `info`) gives it: see [`UnknownOptionOnEncrypted`]. `secrets`
-/// are the command line's; `name` the image as typed.
+/// data (not `info`) gives it: see [`NamingErrorKind::UnknownOptionOnEncrypted`].
+/// `secrets` are the command line's; `name` the image as typed.
 pub fn for_data_open(
     e: anyhow::Error,
     name: &Path,
     secrets: &BTreeMap<String, Vec<u8>>,
 ) -> anyhow::Error {
     match e
-        .downcast_ref::<UnknownOptionOnEncrypted>()
-        .and_then(|u| u.for_data_open(secrets))
+        .downcast_ref::<NamingError>()
+        .and_then(|n| n.for_data_open(secrets))
     {
         Some(refusal) => anyhow!("Could not open '{}': {refusal}", name.display()),
         None => e,
+    }
+}
+
+/// An error from [`image_spec`] as a subcommand opening the image for its
+/// metadata only (`info`) gives it: see [`NamingErrorKind::BackingNodeOption`].
+fn for_metadata_open(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<NamingError>() {
+        Ok(n) => match n.kind {
+            NamingErrorKind::BackingNodeOption {
+                unknown_without_backing,
+            } => anyhow!("{}{unknown_without_backing}", n.context),
+            kind => anyhow::Error::new(NamingError { kind, ..n }),
+        },
+        Err(e) => e,
     }
 }
 
@@ -840,22 +837,40 @@ fn format_spec(
     };
     let name = checked.map_or("raw", Format::name);
     // `"backing": null` (no backing file) is a generic option: every format
-    // takes it, raw too.
-    let no_backing = flat.get("backing").map(String::as_str) == Some(NO_BACKING);
+    // takes it, raw too; so is its deprecated spelling, the empty string.
+    let no_backing = match flat.get("backing").map(String::as_str) {
+        Some(NO_BACKING) => true,
+        Some("") => {
+            super::common::warn(
+                "Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
+            );
+            true
+        }
+        _ => false,
+    };
     if no_backing {
         flat.remove("backing");
+    }
+    if let Some(node) = flat.get("backing").filter(|_| !has_backing_children(&flat)) {
+        return Err(backing_node_reference(&flat, node, own, name, checked));
     }
     let force_share = check_options(&flat, own, |k| {
         format!("Block format '{name}' does not support the option '{k}'")
     })
-    .map_err(|e| match encryption_secret_key(checked, &path) {
-        Some(key) => anyhow::Error::new(UnknownOptionOnEncrypted {
-            refusal: e.to_string(),
-            secret_key: key,
-            secret_id: flat.get(key).cloned(),
-        }),
-        None => e,
-    })?;
+    .map_err(
+        |e| match checked.zip(encryption_secret_key(checked, &path)) {
+            Some((format, key)) => anyhow::Error::new(NamingError::new(
+                NamingErrorKind::UnknownOptionOnEncrypted {
+                    secret_key: key,
+                    secret_id: flat.get(key).cloned(),
+                    path: path.clone(),
+                    format,
+                },
+                e.to_string(),
+            )),
+            None => e,
+        },
+    )?;
     for k in COMMON_OPTIONS {
         flat.remove(k);
     }
@@ -877,12 +892,14 @@ fn format_spec(
             let first = super::qjson::key_order(&left)
                 .first()
                 .map_or_else(|| k.clone(), |k| k.to_string());
-            return Err(anyhow::Error::new(BackingNodeOption {
+            return Err(anyhow::Error::new(NamingError::new(
+                NamingErrorKind::BackingNodeOption {
+                    unknown_without_backing: format!(
+                        "Block format '{name}' does not support the option '{first}'"
+                    ),
+                },
                 refusal,
-                unknown_without_backing: format!(
-                    "Block format '{name}' does not support the option '{first}'"
-                ),
-            }));
+            )));
         }
         bail!("{refusal}");
     }
@@ -899,44 +916,157 @@ fn format_spec(
     Ok(spec)
 }
 
-/// An option the format driver does not know, on an encrypted image (a luks
-/// one, or a qcow2 one with encryption): QEMU's driver opens the image, its
-/// secret first, before the options left over are refused, so an image opened
-/// for its data (every subcommand but `info`) fails for a missing or unknown
-/// secret first. Shows as the unknown option's refusal.
+/// Whether `flat` gives options below `backing.` (a backing node by options).
+fn has_backing_children(flat: &BTreeMap<String, String>) -> bool {
+    flat.keys().any(|k| k.starts_with("backing."))
+}
+
+/// The refusal of `backing=NODE`, a backing node named by its node name
+/// (qemu-img has no named nodes besides the images it opens): for an open
+/// of the image's data, QEMU's search for the node (a format without
+/// backing files refuses any), before any unknown option; for an open
+/// without the backing file (`info`), the first option nothing takes, in
+/// QEMU's dictionary order. `own` are the format's options, `name` its name.
+fn backing_node_reference(
+    flat: &BTreeMap<String, String>,
+    node: &str,
+    own: &[&str],
+    name: &str,
+    format: Option<Format>,
+) -> anyhow::Error {
+    let refusal = match format {
+        Some(Format::Qcow2) => {
+            format!(
+                "Could not open backing file: Cannot find device='{node}' nor node-name='{node}'"
+            )
+        }
+        _ => "Driver doesn't support backing files".to_string(),
+    };
+    let unknown: serde_json::Map<String, Value> = flat
+        .keys()
+        .filter(|k| *k == "backing" || (!known(k, own) && !COMMON_OPTIONS.contains(&k.as_str())))
+        .map(|k| (k.clone(), Value::Null))
+        .collect();
+    let first = super::qjson::key_order(&unknown)
+        .first()
+        .map_or("backing", |k| k.as_str());
+    anyhow::Error::new(NamingError::new(
+        NamingErrorKind::BackingNodeOption {
+            unknown_without_backing: format!(
+                "Block format '{name}' does not support the option '{first}'"
+            ),
+        },
+        refusal,
+    ))
+}
+
+/// A refusal of an image's name whose wording depends on how the subcommand
+/// opens the image (for its data, or for its metadata only): what the
+/// refusal is ([`NamingErrorKind`]), the image it is about, and the refusal
+/// for an open that meets nothing else first. Shows as that refusal.
 #[derive(Debug)]
-pub struct UnknownOptionOnEncrypted {
-    /// The unknown option's refusal.
+pub struct NamingError {
+    /// What is refused, with what the other opens need to word it.
+    kind: NamingErrorKind,
+    /// `Could not open 'NAME': ` once the image's name is known, else empty.
+    context: String,
+    /// The refusal, without the context.
     refusal: String,
-    /// The option naming the image's secret (`key-secret`, `encrypt.key-secret`).
-    secret_key: &'static str,
-    /// The secret's id when the option is given.
-    secret_id: Option<String>,
 }
 
-impl std::fmt::Display for UnknownOptionOnEncrypted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.refusal)
+/// What a [`NamingError`] refuses.
+#[derive(Debug)]
+pub enum NamingErrorKind {
+    /// An option the format driver does not know, on an encrypted image (a
+    /// luks one, or a qcow2 one with encryption): QEMU's driver opens the
+    /// image, its secret first, before the options left over are refused, so
+    /// an image opened for its data (every subcommand but `info`) fails for a
+    /// missing, unknown or wrong secret first.
+    UnknownOptionOnEncrypted {
+        /// The option naming the image's secret (`key-secret`, `encrypt.key-secret`).
+        secret_key: &'static str,
+        /// The secret's id when the option is given.
+        secret_id: Option<String>,
+        /// The image's file.
+        path: std::path::PathBuf,
+        /// The format the image is opened as.
+        format: Format,
+    },
+    /// A backing node given by options: by its own options
+    /// (`backing.driver=...`), which strata does not open yet (refused as not
+    /// supported), or by a node name (`backing=NODE`, refused as QEMU's search
+    /// for it refuses it). Where the image is opened without its backing file
+    /// (`info`), refused as QEMU refuses options nothing takes (the first in
+    /// its dictionary's order).
+    BackingNodeOption {
+        /// The refusal of an open without the backing file, without the context.
+        unknown_without_backing: String,
+    },
+}
+
+impl NamingError {
+    fn new(kind: NamingErrorKind, refusal: String) -> Self {
+        Self {
+            kind,
+            context: String::new(),
+            refusal,
+        }
     }
-}
 
-impl std::error::Error for UnknownOptionOnEncrypted {}
+    /// The error about the image named `typed`.
+    fn opening(self, typed: &str) -> Self {
+        Self {
+            context: format!("Could not open '{typed}': "),
+            ..self
+        }
+    }
 
-impl UnknownOptionOnEncrypted {
-    /// The refusal QEMU gives opening the image for its data with `secrets`:
-    /// the missing secret, the secret id no `--object` defines, else the
-    /// unknown option (a wrong secret is not tried here: the option is refused).
+    /// For [`NamingErrorKind::UnknownOptionOnEncrypted`], the refusal QEMU
+    /// gives opening the image for its data with `secrets`, when it is not
+    /// the unknown option's: the missing secret, the secret id no `--object`
+    /// defines, the wrong secret (tried as QEMU tries it, on the image's key
+    /// slots). `None` for the other kinds.
     fn for_data_open(&self, secrets: &BTreeMap<String, Vec<u8>>) -> Option<String> {
-        match &self.secret_id {
-            None => Some(format!(
-                "Parameter '{}' is required for cipher",
-                self.secret_key
-            )),
-            Some(id) if !secrets.contains_key(id) => Some(format!("No secret with id '{id}'")),
-            Some(_) => None,
+        let NamingErrorKind::UnknownOptionOnEncrypted {
+            secret_key,
+            secret_id,
+            path,
+            format,
+        } = &self.kind
+        else {
+            return None;
+        };
+        let id = match secret_id {
+            None => return Some(format!("Parameter '{secret_key}' is required for cipher")),
+            Some(id) if !secrets.contains_key(id) => {
+                return Some(format!("No secret with id '{id}'"))
+            }
+            Some(id) => id,
+        };
+        // The secret opens the image or not: only a key no slot takes is said
+        // here; any other failure leaves the unknown option's refusal.
+        let mut spec = OpenSpec::new(path.clone())
+            .format(Some(*format))
+            .force_share(true);
+        spec.driver_options
+            .insert((*secret_key).to_string(), id.clone());
+        spec.secrets = std::sync::Arc::new(secrets.clone());
+        match strata_chain::open_top(&spec, *format, false) {
+            Err(strata_chain::Error::Format(e)) if e.kind() == strata_format::ErrorKind::Key => {
+                Some(e.message().to_string())
+            }
+            _ => None,
         }
     }
 }
+
+impl std::fmt::Display for NamingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.context, self.refusal)
+    }
+}
+
+impl std::error::Error for NamingError {}
 
 /// The option naming the secret of the image at `path` opened as `format`
 /// when it is encrypted: `key-secret` for luks, `encrypt.key-secret` for a
@@ -959,24 +1089,6 @@ fn encryption_secret_key(format: Option<Format>, path: &Path) -> Option<&'static
         }
     }
 }
-
-/// A backing node given by options (`backing=NODE`, `backing.driver=...`),
-/// which strata does not open yet: refused as not supported, but where the
-/// image is opened without its backing file (`info`), refused as QEMU refuses
-/// options nothing takes (the first in its dictionary's order).
-#[derive(Debug)]
-pub struct BackingNodeOption {
-    refusal: String,
-    unknown_without_backing: String,
-}
-
-impl std::fmt::Display for BackingNodeOption {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.refusal)
-    }
-}
-
-impl std::error::Error for BackingNodeOption {}
 
 /// The qcow2 driver's options that change the image's data ("strong" in QEMU's
 /// terms): given, QEMU cannot name the image by its file name alone.
@@ -1251,7 +1363,6 @@ mod tests {
         for name in [
             "driver=raw,file.filename=/x/a,offset=4096",
             "driver=raw,file.filename=/x/a,size=1M",
-            "driver=qcow2,file.filename=/x/a,backing=",
             "driver=qcow2,file.filename=/x/a,backing.file.filename=b",
             "driver=qcow2,file.filename=/x/a,backing.driver=raw",
         ] {
@@ -1261,6 +1372,13 @@ mod tests {
                 "{name}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn an_empty_backing_option_opens_the_image_without_its_backing_file() {
+        let s = spec("driver=qcow2,file.filename=/x/a,backing=", true).unwrap();
+        assert!(!s.open_backing);
+        assert!(s.driver_options.is_empty());
     }
 
     #[test]

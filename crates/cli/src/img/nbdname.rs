@@ -305,17 +305,33 @@ fn legacy(name: &str) -> Result<NbdUrl> {
     })
 }
 
-/// `HOST:PORT` (`[V6]:PORT`), the port required.
+/// `HOST:PORT` (`[V6]:PORT`), the port required: the host ends at the first
+/// colon (the port is the rest), as QEMU's address parser reads it. A port
+/// that is not a number is refused as resolving it fails (see [`tcp`]).
 fn inet(spec: &str) -> Result<Address> {
-    let bad = || anyhow!("error parsing address '{spec}'");
     let (host, port) = match spec.strip_prefix('[') {
-        Some(v6) => {
-            let (h, rest) = v6.split_once(']').ok_or_else(bad)?;
-            (h, rest.strip_prefix(':').ok_or_else(bad)?)
-        }
-        None => spec.rsplit_once(':').ok_or_else(bad)?,
+        Some(v6) => v6
+            .split_once("]:")
+            .filter(|(h, p)| !h.is_empty() && !p.is_empty())
+            .ok_or_else(|| anyhow!("error parsing IPv6 address '{spec}'"))?,
+        None => spec
+            .split_once(':')
+            .filter(|(_, p)| !p.is_empty())
+            .ok_or_else(|| anyhow!("error parsing address '{spec}'"))?,
     };
-    let port = port.parse().map_err(|_| bad())?;
+    tcp(host, port)
+}
+
+/// The TCP address `host` port `port`: a port that is not a number is refused
+/// as QEMU's name resolution refuses a service it cannot find. (A service
+/// name the system knows, or a number above 65535, which QEMU's resolution
+/// takes, is refused too: strata connects to numeric ports only.)
+fn tcp(host: &str, port: &str) -> Result<Address> {
+    let port = port.parse().map_err(|_| {
+        anyhow!(
+            "address resolution failed for {host}:{port}: Servname not supported for ai_socktype"
+        )
+    })?;
     Ok(Address::Tcp {
         host: host.to_string(),
         port,
@@ -514,12 +530,7 @@ fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
             let host = get("server.host").ok_or_else(|| anyhow!("Parameter 'host' is missing"))?;
             let port = get("server.port").ok_or_else(|| anyhow!("Parameter 'port' is missing"))?;
             unexpected(&INET_MEMBERS)?;
-            Address::Tcp {
-                port: port
-                    .parse()
-                    .map_err(|_| anyhow!("address resolution failed for {host}:{port}: Servname not supported for ai_socktype"))?,
-                host,
-            }
+            tcp(&host, &port)?
         }
         Some("vsock") => {
             let cid = get("server.cid").ok_or_else(|| anyhow!("Parameter 'cid' is missing"))?;
@@ -530,14 +541,12 @@ fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
         Some(t) => bail!("Parameter 'type' does not accept value '{t}'"),
         None => match (get("path"), get("host")) {
             (Some(path), None) => Address::Unix(path.into()),
-            (None, Some(host)) => Address::Tcp {
-                port: match get("port") {
-                    Some(p) => p
-                        .parse()
-                        .map_err(|_| anyhow!("error parsing address '{host}:{p}'"))?,
-                    None => strata_nbd::url::DEFAULT_PORT,
+            (None, Some(host)) => match get("port") {
+                Some(p) => tcp(&host, &p)?,
+                None => Address::Tcp {
+                    port: strata_nbd::url::DEFAULT_PORT,
+                    host,
                 },
-                host,
             },
             _ => bail!("NBD server address missing"),
         },
