@@ -169,10 +169,12 @@ pub fn reads_zero_by_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Res
         match e.status {
             Status::Zero { .. } => {}
             Status::Unallocated => {
-                if let Some(b) = dev.backing() {
-                    if !reads_zero_by_status(b.as_ref(), pos, e.len)? {
-                        return Ok(false);
-                    }
+                let zero = match dev.backing() {
+                    Some(b) => reads_zero_by_status(b.as_ref(), pos, e.len)?,
+                    None => true,
+                };
+                if !zero {
+                    return Ok(false);
                 }
             }
             Status::Data { .. } => return Ok(false),

@@ -1445,15 +1445,15 @@ impl Qcow2Image {
             let (run, len) = self.lookup(m, pos, end - pos)?;
             match run {
                 Run::Zero { .. } => {}
-                Run::Unallocated => match &backing {
-                    Some(b) => {
-                        if !crate::reads_zero_by_status(b.as_ref(), pos, len)? {
-                            return Ok(false);
-                        }
+                Run::Unallocated => {
+                    let zero = match &backing {
+                        Some(b) => crate::reads_zero_by_status(b.as_ref(), pos, len)?,
+                        None => m.h.backing_file.is_none(),
+                    };
+                    if !zero {
+                        return Ok(false);
                     }
-                    None if m.h.backing_file.is_some() => return Ok(false),
-                    None => {}
-                },
+                }
                 _ => return Ok(false),
             }
             pos += len.max(1);
