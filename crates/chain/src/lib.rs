@@ -329,13 +329,7 @@ impl OpenSpec {
     /// sources ([`Self::no_share`]), else as an ordinary reader that shares
     /// everything (as QEMU locks a qcow2 node's data child).
     pub fn data_file_lock(&self) -> DataFileLock {
-        if self.force_share {
-            DataFileLock::ForceShare
-        } else if self.no_share {
-            DataFileLock::NoShare
-        } else {
-            DataFileLock::Shared
-        }
+        DataFileLock::for_reader(self.force_share, self.no_share)
     }
     /// Open the images for their metadata only (external data files stay closed).
     pub fn metadata_only(mut self, yes: bool) -> Self {
@@ -554,11 +548,7 @@ pub fn open_image_with(
     unlock: &Unlock,
 ) -> Result<Arc<dyn BlockDevice>> {
     let raw = matches!(format, Format::Raw | Format::Luks);
-    let data_lock = if force_share {
-        DataFileLock::ForceShare
-    } else {
-        DataFileLock::Shared
-    };
+    let data_lock = DataFileLock::for_reader(force_share, false);
     open_image_locked(
         path,
         format,

@@ -149,11 +149,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
 /// options) has no directory to resolve a relative name against, so the layer
 /// below it is not found unless both names are absolute.
 fn base_unreachable_by_name(spec: &strata_chain::OpenSpec, name: &str, base: usize) -> bool {
-    let has_protocol = |n: &str| {
-        n.find([':', '/', '\\'])
-            .is_some_and(|i| n.as_bytes()[i] == b':')
-    };
-    if base == 0 || has_protocol(name) {
+    if base == 0 || super::imgname::protocol_prefix(name.as_bytes()).is_some() {
         return false;
     }
     let Ok(chain) = strata_chain::open(spec) else {

@@ -358,7 +358,7 @@ fn protocol_refusal(prefix: &[u8]) -> anyhow::Error {
 
 /// The protocol prefix of a file name, as QEMU finds one: a colon before any
 /// slash (`nbd:...`, `file:...`; `./a:b` has none).
-fn protocol_prefix(name: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(super) fn protocol_prefix(name: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = name.iter().position(|&b| b == b':' || b == b'/')?;
     (name[end] == b':').then(|| (&name[..end], &name[end + 1..]))
 }

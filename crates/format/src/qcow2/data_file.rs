@@ -146,6 +146,21 @@ pub enum DataFileLock {
     ForceShare,
 }
 
+impl DataFileLock {
+    /// The lock of a reader that takes no locks under `force_share` (`-U`) and
+    /// lets no one change the file meanwhile under `no_share` (`convert`'s
+    /// sources); any other reader shares everything.
+    pub fn for_reader(force_share: bool, no_share: bool) -> DataFileLock {
+        if force_share {
+            DataFileLock::ForceShare
+        } else if no_share {
+            DataFileLock::NoShare
+        } else {
+            DataFileLock::Shared
+        }
+    }
+}
+
 /// Open the data file `name` (taken from the current directory when relative).
 ///
 /// For reading it is locked as `lock` says. For writing it holds consistent
