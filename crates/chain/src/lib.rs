@@ -202,6 +202,26 @@ pub struct OpenSpec {
     /// The top image is opened to be served over NBD: a raw one is locked as
     /// qemu-nbd locks it (others may read and write it, nobody may resize it).
     pub nbd_export: bool,
+    /// Backing files given by options in place of those the overlays' headers
+    /// name, by depth (`[0]` is the top's backing file): QEMU's `backing.`
+    /// node options (`backing.driver`, `backing.file.filename`, one `backing.`
+    /// per level). A depth beyond the list, or a node giving neither, follows
+    /// the header.
+    pub backing_nodes: Vec<BackingNode>,
+}
+
+/// A backing file given by options (see [`OpenSpec::backing_nodes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackingNode {
+    /// Its file (`backing.file.filename`), as given: relative to the current
+    /// directory, not to the overlay's. `None`: the file the overlay names.
+    pub path: Option<PathBuf>,
+    /// Its format driver (`backing.driver`). `None`: the format the overlay
+    /// records, else (for a file given by options) the one its bytes show, as
+    /// QEMU probes a backing node given without a driver.
+    pub format: Option<Format>,
+    /// Opened without a backing file of its own (`"backing": null` inside it).
+    pub no_backing: bool,
 }
 
 /// Storage already open for the top image of an [`OpenSpec`].
@@ -238,7 +258,13 @@ impl OpenSpec {
             resize: false,
             writes_no_raw_data: false,
             nbd_export: false,
+            backing_nodes: Vec::new(),
         }
+    }
+    /// The backing node the options give for the layer at `depth` (1 = the
+    /// top's backing file), if any.
+    pub fn backing_node(&self, depth: usize) -> Option<&BackingNode> {
+        depth.checked_sub(1).and_then(|i| self.backing_nodes.get(i))
     }
     /// The secret the top image opens with: the one its `encrypt.key-secret`
     /// option names (an id no `--object` defined is refused, in QEMU's words).
@@ -928,7 +954,35 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                 (backing_name, backing_format, backing_path)
             }
         };
+        let next = layers.len() + skipped;
+        // The layer just opened was given by options without a backing file
+        // of its own.
+        if spec.backing_node(next - 1).is_some_and(|n| n.no_backing) {
+            break;
+        }
+        let node = spec.backing_node(next).filter(|_| spec.open_backing);
+        // A file given by options takes the place of the one the header names
+        // (its format, unless given too, stays the recorded one).
+        let given = node.and_then(|n| n.path.clone());
+        let (backing_name, backing_path) = match given {
+            Some(p) => {
+                if let Some(l) = layers.last_mut() {
+                    l.backing_path = Some(p.clone());
+                }
+                (Some(p.clone().into_os_string()), Some(p))
+            }
+            None => (backing_name, backing_path),
+        };
         let (Some(name), Some(bpath)) = (backing_name, backing_path) else {
+            if node.is_some_and(|n| n.format.is_some()) {
+                // A driver for a backing file the image does not name, and
+                // no file for it.
+                let e = Error::Format(strata_format::Error::invalid_argument(
+                    "A block device must be specified for \"file\"",
+                ));
+                links.push((path.clone(), String::new(), PathBuf::new()));
+                return Err(e.below(&links));
+            }
             if spec.open_backing && spec.has_layer_options(layers.len() + skipped) {
                 // Options for a backing file the image does not have: QEMU
                 // tries to open one from the options alone.
@@ -943,8 +997,13 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
         if !spec.open_backing {
             break;
         }
-        let bfmt = match backing_format.as_deref() {
-            Some(f) => f.parse::<Format>().map_err(|_| {
+        // A file given by options without a driver, where the overlay
+        // records no format, is probed once found (as QEMU does).
+        let probe = node.is_some_and(|n| n.path.is_some()) && backing_format.is_none();
+        let bfmt = match (node.and_then(|n| n.format), backing_format.as_deref()) {
+            (Some(f), _) => Some(f),
+            (None, None) if probe => None,
+            (None, Some(f)) => Some(f.parse::<Format>().map_err(|_| {
                 // The recorded format names no driver: opening the backing file
                 // fails (before its file is looked at), as in QEMU.
                 links.push((
@@ -956,11 +1015,11 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                     "Unknown driver '{f}'"
                 )))
                 .below(&links)
-            })?,
-            None if layers.len() + skipped == 1 && spec.backing_format.is_some() => {
-                spec.backing_format.expect("checked")
+            })?),
+            (None, None) if layers.len() + skipped == 1 && spec.backing_format.is_some() => {
+                spec.backing_format
             }
-            None => {
+            (None, None) => {
                 return Err(Error::BackingFormatUnknown {
                     image: path.clone(),
                     backing: name.to_string_lossy().into_owned(),
@@ -980,9 +1039,12 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                 e @ Error::ProtocolReopen { .. } => e,
                 e => e.below(&links),
             })?;
+            fmt = match bfmt {
+                Some(f) => f,
+                None => probe_storage(storage.as_ref()).map_err(|e| e.below(&links))?,
+            };
             remote = Some(storage);
             path = PathBuf::from(canonical);
-            fmt = bfmt;
             write = below_writes;
             continue;
         }
@@ -994,8 +1056,11 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
             })
             .below(&links));
         }
+        fmt = match bfmt {
+            Some(f) => f,
+            None => probe_format(&bpath).map_err(|e| e.below(&links))?,
+        };
         path = bpath;
-        fmt = bfmt;
         write = spec.write_layers.contains(&(layers.len() + skipped));
     }
     Ok(layers)

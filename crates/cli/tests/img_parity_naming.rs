@@ -629,3 +629,113 @@ fn a_backing_node_named_by_node_name_or_left_empty_is_treated_as_qemu_img_treats
     );
     assert_all_same();
 }
+
+/// Images whose backing files are given by options in place of the ones their
+/// headers name: a chain `top.qcow2` over `base.qcow2`, a chain `t3.qcow2`
+/// over `mid.qcow2` over `base.qcow2`, an image `nob.qcow2` naming none, and
+/// other images to give as backing files (raw ones shorter and longer than
+/// the overlays).
+fn backing_node_fixture(d: &Path) {
+    let create = |args: &[&str]| sh(d, "qemu-img", &[&["create", "-q"][..], args].concat());
+    create(&["-f", "qcow2", "base.qcow2", "1M"]);
+    common::io(d, "qcow2", "base.qcow2", &["write -P 0x11 0 64k"]);
+    create(&["-f", "qcow2", "other.qcow2", "1M"]);
+    common::io(d, "qcow2", "other.qcow2", &["write -P 0x22 64k 64k"]);
+    create(&["-f", "raw", "base.raw", "1M"]);
+    common::io(d, "raw", "base.raw", &["write -P 0x33 128k 64k"]);
+    create(&["-f", "raw", "small.raw", "64k"]);
+    common::io(d, "raw", "small.raw", &["write -P 0x44 0 64k"]);
+    create(&["-f", "raw", "big.raw", "2M"]);
+    common::io(d, "raw", "big.raw", &["write -P 0x55 0 2M"]);
+    let overlay = |name: &str, backing: &str| {
+        create(&["-f", "qcow2", "-b", backing, "-F", "qcow2", name]);
+    };
+    overlay("top.qcow2", "base.qcow2");
+    common::io(d, "qcow2", "top.qcow2", &["write -P 0x66 192k 64k"]);
+    overlay("mid.qcow2", "base.qcow2");
+    common::io(d, "qcow2", "mid.qcow2", &["write -P 0x77 256k 64k"]);
+    overlay("t3.qcow2", "mid.qcow2");
+    create(&["-f", "qcow2", "nob.qcow2", "1M"]);
+}
+
+#[test]
+fn backing_files_given_by_options_are_opened_in_place_of_the_headers_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    backing_node_fixture(d);
+    let opts = |rest: &str| format!("driver=qcow2,file.filename={rest}");
+    let names = [
+        opts("top.qcow2,backing.driver=qcow2,backing.file.filename=other.qcow2"),
+        opts("top.qcow2,backing.driver=raw,backing.file.filename=base.raw"),
+        opts("top.qcow2,backing.driver=raw,backing.file.driver=file,backing.file.filename=small.raw"),
+        opts("top.qcow2,backing.driver=raw,backing.file.filename=big.raw"),
+        // The header's file, in another format, or in the recorded one.
+        opts("top.qcow2,backing.driver=raw"),
+        opts("top.qcow2,backing.driver=qcow2"),
+        // An image naming no backing file gets one (probed without a driver).
+        opts("nob.qcow2,backing.driver=raw,backing.file.filename=base.raw"),
+        opts("nob.qcow2,backing.file.filename=base.raw"),
+        // Nested nodes, and a node without a backing file of its own.
+        opts("t3.qcow2,backing.driver=qcow2,backing.file.filename=mid.qcow2,backing.backing.driver=raw,backing.backing.file.filename=base.raw"),
+        opts("t3.qcow2,backing.backing.driver=qcow2,backing.backing.file.filename=other.qcow2"),
+        opts("t3.qcow2,backing.driver=qcow2,backing.file.filename=mid.qcow2,backing.backing="),
+        opts("top.qcow2,backing.driver=raw,backing.file.filename=base.raw,backing.backing="),
+        r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"t3.qcow2"},"backing":{"driver":"qcow2","file":{"driver":"file","filename":"mid.qcow2"},"backing":null}}"#.into(),
+        r#"json:{"driver":"qcow2","file":{"filename":"top.qcow2"},"backing":{"driver":"raw","file":{"filename":"base.raw"}}}"#.into(),
+        r#"json:{"driver":"qcow2","file":{"filename":"t3.qcow2"},"backing":{"driver":"qcow2","file":{"filename":"top.qcow2"}}}"#.into(),
+        // Refusals: no such driver, file or option, no file for a driver, a
+        // file not in the driver's format, a raw image with a backing file.
+        opts("top.qcow2,backing.driver=bogus,backing.file.filename=base.raw"),
+        opts("top.qcow2,backing.driver=raw,backing.file.filename=missing.raw"),
+        opts("top.qcow2,backing.driver=raw,backing.file.filename=base.raw,backing.foo=bar"),
+        opts("top.qcow2,backing.driver=raw,backing.file.filename=base.raw,backing.lazy-refcounts=on"),
+        opts("top.qcow2,backing.driver=raw,backing.file.filename=base.raw,backing.file.foo=1"),
+        opts("top.qcow2,backing.driver=raw,backing.file.driver=host_device,backing.file.filename=base.raw"),
+        opts("top.qcow2,backing.driver=qcow2,backing.file.filename=base.raw"),
+        opts("top.qcow2,backing.file.filename=base.raw"),
+        opts("nob.qcow2,backing.driver=raw"),
+        opts("top.qcow2,backing.driver=raw,backing.file.filename=base.raw,backing.backing.driver=raw"),
+        "driver=raw,file.filename=base.raw,backing.driver=raw,backing.file.filename=small.raw".into(),
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let json = name.starts_with("json:");
+        let named = |sub: &[&str], after: &[&str]| {
+            let mut a = sub.to_vec();
+            if !json {
+                a.push("--image-opts");
+            }
+            a.push(name);
+            a.extend_from_slice(after);
+            a
+        };
+        for sub in [
+            &["map"][..],
+            &["map", "--output=json"],
+            &["check"],
+            &["measure", "-O", "qcow2"],
+            // info opens no backing file: the options are left over.
+            &["info", "--backing-chain"],
+        ] {
+            same(d, &named(sub, &[]));
+        }
+        let other = if json {
+            "base.raw"
+        } else {
+            "driver=raw,file.filename=base.raw"
+        };
+        same(d, &named(&["compare"], &[other]));
+        // convert reads the chain the options give.
+        let outs = [format!("o{i}.raw"), format!("t{i}.raw")];
+        let ran: Vec<_> = ["strata", "qemu-img"]
+            .iter()
+            .zip(&outs)
+            .map(|(tool, out)| common::outcome(d, tool, &named(&["convert", "-O", "raw"], &[out])))
+            .collect();
+        assert_eq!(ran[0], ran[1], "convert {name}");
+        if ran[0].0 == Some(0) {
+            let read = |f: &String| std::fs::read(d.join(f)).unwrap();
+            assert!(read(&outs[0]) == read(&outs[1]), "convert {name}");
+        }
+    }
+    assert_all_same();
+}

@@ -229,6 +229,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let bar = QemuSteps::milestones(args.progress && !args.quiet, 1.0, Vec::new());
     super::common::check_cache_mode(args.cache.as_deref(), false)?;
     let spec = args.naming.writable_spec(path, args.format.as_deref())?;
+    super::imgname::refuse_backing_nodes(&spec)?;
     let format = spec_format(&spec)?;
     warn_probed_raw(&spec);
     if help {

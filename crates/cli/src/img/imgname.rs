@@ -854,6 +854,30 @@ fn format_spec(
     if let Some(node) = flat.get("backing").filter(|_| !has_backing_children(&flat)) {
         return Err(backing_node_reference(&flat, node, own, name, checked));
     }
+    // The backing nodes the options give are opened (QEMU opens them with
+    // the image, before it looks at options nothing took): refusals of them
+    // come first. Where the image is opened without its backing file
+    // (`info`), they are options nothing takes.
+    let backing_refusal = |refusal: String| {
+        let left: serde_json::Map<String, Value> = flat
+            .keys()
+            .filter(|k| k.starts_with("backing."))
+            .map(|k| (k.clone(), Value::Null))
+            .collect();
+        let first = super::qjson::key_order(&left)
+            .first()
+            .map_or_else(|| "backing".to_string(), |k| k.to_string());
+        anyhow::Error::new(NamingError::new(
+            NamingErrorKind::BackingNodeOption {
+                unknown_without_backing: format!(
+                    "Block format '{name}' does not support the option '{first}'"
+                ),
+            },
+            refusal,
+        ))
+    };
+    let (backing_nodes, node_keys) =
+        backing_nodes(&flat, checked).map_err(|e| backing_refusal(e.to_string()))?;
     let force_share = check_options(&flat, own, |k| {
         format!("Block format '{name}' does not support the option '{k}'")
     })
@@ -877,10 +901,11 @@ fn format_spec(
     // Checked when the data file is opened: qemu-img's info ignores them.
     let data_file = data_file_option(&mut flat);
     // Options that change which bytes the guest sees must not be dropped silently.
-    if let Some(k) = flat
-        .keys()
-        .find(|k| known(k, UNSUPPORTED_DATA_OPTIONS) && !backing_option_supported(k))
-    {
+    if let Some(k) = flat.keys().find(|k| {
+        known(k, UNSUPPORTED_DATA_OPTIONS)
+            && !backing_option_supported(k)
+            && !node_keys.contains(*k)
+    }) {
         let refusal =
             format!("Block format '{name}': strata does not support the option '{k}' yet");
         if k == "backing" || k.starts_with("backing.") {
@@ -908,12 +933,143 @@ fn format_spec(
         .force_share(force_share)
         .open_backing(!no_backing);
     spec.driver_options = flat;
+    spec.backing_nodes = backing_nodes;
     match data_file {
         Ok(path) => spec.data_file = path,
         Err(e) => spec.data_file_refusal = Some(e.to_string()),
     }
     spec.blkdebug = blkdebug.map(std::sync::Arc::new);
     Ok(spec)
+}
+
+/// The backing nodes the `backing.` options of an image in `format` give
+/// (QEMU's node options, one `backing.` per level): for each depth down to the
+/// deepest one that names a driver, a file or no backing file, that node;
+/// and the keys that said so. The keys stay in the options (the subcommands
+/// that do not open backing nodes by options refuse them, `info` as QEMU
+/// does); the backing files' own options are checked against the driver
+/// named for them. Refusals are QEMU's, one "Could not open backing file: "
+/// per level. What strata does not open (another protocol, a node named by
+/// reference) is left to the caller's refusal of options it does not take.
+fn backing_nodes(
+    flat: &BTreeMap<String, String>,
+    format: Option<Format>,
+) -> Result<(
+    Vec<strata_chain::BackingNode>,
+    std::collections::BTreeSet<String>,
+)> {
+    let mut nodes = Vec::new();
+    let mut taken = std::collections::BTreeSet::new();
+    let mut parent = format;
+    let mut depth = 1;
+    let below = |d: usize, m: String| anyhow!("{}{m}", "Could not open backing file: ".repeat(d));
+    loop {
+        let prefix = strata_chain::OpenSpec::layer_prefix(depth);
+        let keys: Vec<&String> = flat.keys().filter(|k| k.starts_with(&prefix)).collect();
+        if keys.is_empty() {
+            break;
+        }
+        // Raw and luks images have no backing file to give options for.
+        if matches!(parent, Some(Format::Raw | Format::Luks)) {
+            return Err(below(
+                depth - 1,
+                "Driver doesn't support backing files".into(),
+            ));
+        }
+        let key = |k: &str| format!("{prefix}{k}");
+        let get = |k: &str| flat.get(&key(k)).map(String::as_str);
+        let mut node = strata_chain::BackingNode::default();
+        let mut given = false;
+        if let Some(d) = get("driver") {
+            node.format = match d.parse::<Format>() {
+                Ok(f) => Some(f),
+                Err(_) if !is_qemu_driver(d) => {
+                    return Err(below(depth, format!("Unknown driver '{d}'")))
+                }
+                // Left to the refusal of what strata does not open.
+                Err(_) => None,
+            };
+            if node.format.is_some() {
+                taken.insert(key("driver"));
+                given = true;
+            }
+        }
+        if let Some(f) = node.format {
+            let own: &[&str] = match f {
+                Format::Qcow2 => &QCOW2_OPTIONS,
+                Format::Raw => &RAW_OPTIONS,
+                Format::Luks => &LUKS_OPTIONS,
+            };
+            let next = format!("{prefix}backing.");
+            if let Some(k) = keys
+                .iter()
+                .filter(|k| !k.starts_with(&next))
+                .map(|k| &k[prefix.len()..])
+                .find(|k| {
+                    !matches!(*k, "driver" | "file" | "backing")
+                        && !k.starts_with("file.")
+                        && !known(k, own)
+                        && !COMMON_OPTIONS.contains(k)
+                })
+            {
+                return Err(below(
+                    depth,
+                    format!(
+                        "Block format '{}' does not support the option '{k}'",
+                        f.name()
+                    ),
+                ));
+            }
+        }
+        let protocol = get("file.driver").unwrap_or("file");
+        if let (Some(file), true) = (
+            get("file.filename"),
+            matches!(protocol, "file" | "host_device") && get("file").is_none(),
+        ) {
+            let file_keys: Vec<&str> = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&key("file.")))
+                .collect();
+            if let Some(k) = file_keys.iter().find(|k| {
+                !matches!(**k, "driver" | "filename")
+                    && !FILE_OPTIONS.contains(k)
+                    && !COMMON_OPTIONS.contains(k)
+            }) {
+                return Err(below(
+                    depth,
+                    format!("Block protocol '{protocol}' doesn't support the option '{k}'"),
+                ));
+            }
+            check_protocol_file(protocol, Path::new(file))
+                .map_err(|e| below(depth, e.to_string()))?;
+            taken.extend(file_keys.iter().map(|k| key(&format!("file.{k}"))));
+            node.path = Some(file.into());
+            given = true;
+        }
+        match get("backing") {
+            Some(NO_BACKING) => node.no_backing = true,
+            Some("") => {
+                super::common::warn(
+                    "Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
+                );
+                node.no_backing = true;
+            }
+            _ => {}
+        }
+        if node.no_backing {
+            taken.insert(key("backing"));
+            given = true;
+        }
+        if given {
+            nodes.resize(depth - 1, Default::default());
+            parent = node.format;
+            nodes.push(node);
+        } else {
+            parent = None;
+        }
+        depth += 1;
+    }
+    Ok((nodes, taken))
 }
 
 /// Whether `flat` gives options below `backing.` (a backing node by options).
@@ -1238,6 +1394,17 @@ pub fn refuse_options_but_secrets(spec: &OpenSpec) -> Result<()> {
     })
 }
 
+/// Refuse a backing node given by options (`backing.driver`,
+/// `backing.file.filename`...) where the subcommand does not open it as
+/// qemu-img does (it reopens or rewrites the chain by the names the headers
+/// record): said as not supported rather than ignored.
+pub fn refuse_backing_nodes(spec: &OpenSpec) -> Result<()> {
+    if spec.backing_nodes.is_empty() {
+        return Ok(());
+    }
+    refuse_options_but(spec, |_| false)
+}
+
 fn refuse_options_but(spec: &OpenSpec, taken: fn(&str) -> bool) -> Result<()> {
     let key = match spec
         .driver_options
@@ -1363,8 +1530,9 @@ mod tests {
         for name in [
             "driver=raw,file.filename=/x/a,offset=4096",
             "driver=raw,file.filename=/x/a,size=1M",
-            "driver=qcow2,file.filename=/x/a,backing.file.filename=b",
-            "driver=qcow2,file.filename=/x/a,backing.driver=raw",
+            "driver=qcow2,file.filename=/x/a,backing.driver=raw,backing.offset=1",
+            "driver=qcow2,file.filename=/x/a,backing.driver=vmdk",
+            "driver=qcow2,file.filename=/x/a,backing.file.driver=nbd",
         ] {
             let e = spec(name, true).unwrap_err().to_string();
             assert!(
@@ -1372,6 +1540,34 @@ mod tests {
                 "{name}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn backing_nodes_by_options_reach_the_spec_by_depth() {
+        let s = spec(
+            "driver=qcow2,file.filename=/x/a,backing.backing.driver=raw,backing.backing.file.filename=/x/b,backing.backing.backing=",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            s.backing_nodes,
+            vec![
+                Default::default(),
+                strata_chain::BackingNode {
+                    path: Some("/x/b".into()),
+                    format: Some(Format::Raw),
+                    no_backing: true,
+                },
+            ]
+        );
+        let s = spec("driver=qcow2,file.filename=/x/a,backing.driver=qcow2", true).unwrap();
+        assert_eq!(s.backing_nodes[0].format, Some(Format::Qcow2));
+        assert_eq!(s.backing_nodes[0].path, None);
+        let e = spec("driver=qcow2,file.filename=/x/a,backing.driver=nope", true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Could not open 'driver=qcow2,file.filename=/x/a,backing.driver=nope': Could not open backing file: Unknown driver 'nope'"
+        );
     }
 
     #[test]

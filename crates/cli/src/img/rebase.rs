@@ -74,6 +74,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .writable_spec(&args.filename, args.format.as_deref())?;
+    // A safe rebase compares with the old backing file the header names.
+    if !args.unsafe_mode {
+        super::imgname::refuse_backing_nodes(&spec)?;
+    }
     warn_probed_raw(&spec);
     // A raw image has no backing file link: refused once open, never written.
     let spec = spec

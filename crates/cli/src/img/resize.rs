@@ -52,6 +52,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .writable_spec(&args.filename, args.format.as_deref())?;
+    super::imgname::refuse_backing_nodes(&spec)?;
     super::common::warn_probed_raw(&spec);
     let format = super::common::spec_format(&spec)?;
     // qemu-img opens the image with its backing chain: a backing file that fails

@@ -177,6 +177,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     // A raw image has no snapshots: refused once open, never written.
     .writes_no_raw_data(true);
+    super::imgname::refuse_backing_nodes(&spec)?;
     let format = super::common::spec_format(&spec)?;
     if writing {
         // qemu-img warns of a probed raw image as it opens it for writing (twice

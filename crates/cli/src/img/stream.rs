@@ -35,6 +35,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
     let spec = args
         .naming
         .spec(&args.filename, args.format.as_deref(), false)?;
+    super::imgname::refuse_backing_nodes(&spec)?;
     warn_probed_raw(&spec);
     let req = stream::StreamRequest {
         image: spec.path.clone(),
