@@ -212,9 +212,8 @@ fn name(r: &mut Rng, nbd: &Nbd, opts: Option<bool>) -> Name {
             l.push("encrypt.key-secret=sec0".into());
         }
         // Not `backing.driver=...,backing.file.filename=...` (a backing node
-        // given by options): qemu-img opens that node as the backing file;
-        // strata refuses ("Block format 'qcow2': strata does not support the
-        // option 'backing.driver' yet").
+        // given by options): img_parity_naming pins those, and the writing
+        // subcommands drawn here refuse them.
         if img.starts_with("df") && r.one_in(3) {
             l.push(format!(
                 "data-file.filename={}",

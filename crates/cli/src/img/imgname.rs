@@ -124,6 +124,17 @@ impl Naming {
         };
         spec.force_share |= force_share;
         spec.secrets = secrets;
+        if !metadata_only {
+            // A backing node given without a backing file of its own by the
+            // deprecated empty string, warned of as QEMU opens the node.
+            for _ in spec.driver_options.iter().filter(|(k, v)| {
+                k.starts_with("backing.") && k.ends_with(".backing") && v.is_empty()
+            }) {
+                super::common::warn(
+                    "Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
+                );
+            }
+        }
         Ok((spec, nbd))
     }
 
@@ -716,7 +727,7 @@ fn flatten(key: &str, v: &Value, out: &mut BTreeMap<String, String>) {
         Value::Number(n) => {
             out.insert(key.to_string(), n.to_string());
         }
-        Value::Null if key == "backing" => {
+        Value::Null if key == "backing" || key.ends_with(".backing") => {
             out.insert(key.to_string(), NO_BACKING.to_string());
         }
         Value::Null => {
@@ -1048,12 +1059,9 @@ fn backing_nodes(
         }
         match get("backing") {
             Some(NO_BACKING) => node.no_backing = true,
-            Some("") => {
-                super::common::warn(
-                    "Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
-                );
-                node.no_backing = true;
-            }
+            // Its deprecated spelling: warned of where the node is opened
+            // (see `Naming::spec_nbd_as`).
+            Some("") => node.no_backing = true,
             _ => {}
         }
         if node.no_backing {
