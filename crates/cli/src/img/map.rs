@@ -88,6 +88,18 @@ fn map_image(
     let (spec, nbd) = args
         .naming
         .spec_nbd(file, args.format.as_deref(), args.force_share)?;
+    // A filter over a format node (and a raw image above it) passes block
+    // status down to that node: it maps as the node alone, into its file.
+    let (spec, node_only) = match &spec.filtered {
+        Some(inner) => {
+            // The image above the filter opens (its format is right) first.
+            drop(open_chain(&spec)?);
+            let mut inner = (**inner).clone();
+            inner.force_share |= spec.force_share;
+            (inner, true)
+        }
+        None => (spec, false),
+    };
     let chain = open_chain(&spec)?;
     // A raw image on an NBD export maps as the server's block status says.
     let nbd = nbd.filter(|_| chain.layers[0].format == strata_format::Format::Raw);
@@ -129,7 +141,10 @@ fn map_image(
                 .unwrap_or_else(|| name.to_vec())
         })
         .collect();
-    let status = ChainStatus::new(&chain)?;
+    let status = match node_only {
+        true => ChainStatus::top_layer(&chain)?,
+        false => ChainStatus::new(&chain)?,
+    };
     // A drive without a medium has no length: qemu-img has begun its listing.
     let no_medium = super::imgname::cdrom_without_medium(&spec);
     let stdout = std::io::stdout();
