@@ -134,14 +134,15 @@ fn run_inner(args: &Args) -> Result<i32> {
         let spec = args.naming.spec(p, f.as_deref(), args.force_share)?;
         let chain = open_chain(&spec)?;
         let no_medium = super::imgname::cdrom_without_medium(&spec);
-        // Through a filter over a format node, allocation is the node's own.
-        let status = match &spec.filtered {
-            Some(node) => {
+        // Through a raw image over a filter over a format node, allocation
+        // is the node's own (the filter as the image has the node's chain).
+        let status = match (&spec.filtered, &spec.protocol_driver) {
+            (Some(node), None) => {
                 let mut node = (**node).clone();
                 node.force_share |= spec.force_share;
                 ChainStatus::through(chain.top().clone(), &open_chain(&node)?)?
             }
-            None => ChainStatus::new(&chain)?,
+            _ => ChainStatus::new(&chain)?,
         };
         Ok((status, no_medium))
     };

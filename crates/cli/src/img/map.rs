@@ -88,15 +88,16 @@ fn map_image(
     let (spec, nbd) = args
         .naming
         .spec_nbd(file, args.format.as_deref(), args.force_share)?;
-    // A filter over a format node (and a raw image above it) passes block
-    // status down to that node: it maps as the node alone, into its file.
+    // A filter over a format node maps as that node, into its file: the
+    // node's whole chain when the filter is the image, the node alone (its
+    // own allocation) when a raw image above the filter passes block status down.
     let (spec, node_only) = match &spec.filtered {
         Some(inner) => {
             // The image above the filter opens (its format is right) first.
             drop(open_chain(&spec)?);
             let mut inner = (**inner).clone();
             inner.force_share |= spec.force_share;
-            (inner, true)
+            (inner, spec.protocol_driver.is_none())
         }
         None => (spec, false),
     };
