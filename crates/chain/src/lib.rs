@@ -178,6 +178,11 @@ pub struct OpenSpec {
     /// (`blkdebug:CONFIG:FILE`): its rules fail the requests the format engine
     /// makes after the events they name.
     pub blkdebug: Option<Arc<BlkdebugConfig>>,
+    /// The format node under the top's filter, when the filter is over an
+    /// image rather than a file (`blkdebug` over a qcow2 node): the top's bytes
+    /// are that image's guest data (opened with its chain, see
+    /// [`top_storage`]), and `path` is that image's file, naming it.
+    pub filtered: Option<Box<OpenSpec>>,
     /// The top image's external data file when the options name it
     /// (`data-file.filename=`), instead of the file its header records. Not
     /// opened for a metadata-only open (as qemu-img's info ignores it).
@@ -252,6 +257,7 @@ impl OpenSpec {
             metadata_only: false,
             storage: None,
             blkdebug: None,
+            filtered: None,
             data_file: None,
             data_file_refusal: None,
             no_share: false,
@@ -505,6 +511,8 @@ pub fn probe_format(path: &Path) -> Result<Format> {
 pub fn probe_spec(spec: &OpenSpec) -> Result<Format> {
     match &spec.storage {
         Some(s) => probe_storage(s.0.as_ref()),
+        // The guest data of the image under the filter is probed.
+        None if spec.filtered.is_some() => probe_storage(&*top_storage(spec, false)?),
         None => probe_format(&spec.path),
     }
 }
@@ -630,6 +638,7 @@ pub fn top_storage_as(
     let base: Arc<dyn Storage> = match &spec.storage {
         Some(s) if write && s.0.read_only() => return Err(Error::ReadOnlyStore),
         Some(s) => s.0.clone(),
+        None if spec.filtered.is_some() => filtered_storage(spec, write)?,
         None => {
             let opts = if write {
                 OpenOptions::write()
@@ -650,6 +659,34 @@ pub fn top_storage_as(
         Some(config) => Arc::new(BlkdebugStorage::new(base, config.clone())),
         None => base,
     })
+}
+
+/// The guest data of the image under the top's filter ([`OpenSpec::filtered`]),
+/// opened with its backing chain as the top is opened: for writing when it is,
+/// without locks when it is, with the top's secrets.
+fn filtered_storage(spec: &OpenSpec, write: bool) -> Result<Arc<dyn Storage>> {
+    let Some(inner) = &spec.filtered else {
+        return Err(Error::Format(strata_format::Error::invalid_argument(
+            "no image under the filter",
+        )));
+    };
+    let mut inner = (**inner).clone();
+    inner.write = write;
+    inner.force_share |= spec.force_share;
+    inner.metadata_only = spec.metadata_only;
+    if inner.secrets.is_empty() {
+        inner.secrets = spec.secrets.clone();
+    }
+    let chain = open(&inner)?;
+    let device = if write {
+        chain.top().clone()
+    } else {
+        chain.reader()
+    };
+    Ok(Arc::new(strata_format::DeviceStorage::new(
+        device,
+        inner.path.clone(),
+    )))
 }
 
 /// An image of `format` on an open store (see [`open_image_with`]); an external

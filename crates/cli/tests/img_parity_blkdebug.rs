@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_all_same, same, sh};
+use common::{assert_all_same, ok, same, sh};
 use std::path::Path;
 
 /// `a.qcow2` with data in its first cluster, and a config file per rule.
@@ -292,6 +292,112 @@ fn allocation_steps_failed_by_a_rule_fail_as_in_qemu_img() {
         )
         .unwrap();
         same_write(d, 100 + n, &cfg, sub, false);
+    }
+    assert_all_same();
+}
+
+/// The filter over a format node (a qcow2 image, not its file): it passes
+/// the node's guest data on, so a probe above it finds raw data, `info`
+/// reports the raw image, the filter and the node with its file as children,
+/// `map` maps into the node's file (its own allocation alone, not its backing
+/// file's), `check` finds a format without checks, and the rules fail the
+/// requests made of the node as in qemu-img. The named file forms, `json:`
+/// and `--image-opts` alike; what `convert` and `dd` copy out is the guest data.
+#[test]
+fn a_filter_over_a_format_node_serves_its_guest_data_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    common::qcow2(d, "b.qcow2", "1M", &["-b", "a.qcow2", "-F", "qcow2"]);
+    common::io(
+        d,
+        "qcow2",
+        "b.qcow2",
+        &["write -P 7 512k 64k", "write -z 64k 64k"],
+    );
+    let node =
+        |f: &str| format!(r#"{{"driver":"qcow2","file":{{"driver":"file","filename":"{f}"}}}}"#);
+    let names = [
+        format!("blkdebug::json:{}", node("a.qcow2")),
+        format!("blkdebug::json:{}", node("b.qcow2")),
+        format!("blkdebug:read_aio.cfg:json:{}", node("a.qcow2")),
+        format!("blkdebug:none.cfg:json:{}", node("a.qcow2")),
+        r#"blkdebug::json:{"driver":"qcow2","file":{"filename":"a.qcow2"}}"#.into(),
+        r#"json:{"driver":"raw","file":{"driver":"blkdebug","image":{"driver":"qcow2","file":{"filename":"b.qcow2"}}}}"#.into(),
+    ];
+    for (i, name) in names.iter().enumerate() {
+        for sub in [
+            &["info"][..],
+            &["info", "--output=json"],
+            &["map"],
+            &["map", "--output=json"],
+            &["check"],
+            &["info", "-f", "raw"],
+            &["info", "-f", "qcow2"],
+        ] {
+            // (A qcow2 header read that fails is worded apart by qemu-img.)
+            if sub.contains(&"qcow2") && name.contains("none.cfg") {
+                continue;
+            }
+            let mut a = sub.to_vec();
+            a.push(name);
+            same(d, &a);
+        }
+        same(d, &["compare", name, "b.qcow2"]);
+        same(d, &["compare", "a.qcow2", name]);
+        let out = format!("node-{i}.raw");
+        same(d, &["convert", "-O", "raw", name, &out]);
+        same(
+            d,
+            &[
+                "dd",
+                &format!("if={name}"),
+                "of=dd.raw",
+                "bs=64k",
+                "count=9",
+            ],
+        );
+    }
+    // Inline rules (which QEMU names the node by in reports) fail reads too.
+    for name in [
+        r#"json:{"driver":"raw","file":{"driver":"blkdebug","image":{"driver":"qcow2","file":{"filename":"a.qcow2"}},"inject-error":[{"event":"read_aio","errno":28}]}}"#,
+        r#"json:{"driver":"raw","file":{"driver":"blkdebug","image":{"driver":"qcow2","file":{"filename":"b.qcow2"}},"inject-error":[{"event":"l2_load"}]}}"#,
+    ] {
+        same(d, &["map", name]);
+        same(d, &["check", name]);
+        same(d, &["convert", "-O", "raw", name, "inline.raw"]);
+        same(
+            d,
+            &[
+                "dd",
+                &format!("if={name}"),
+                "of=dd.raw",
+                "bs=64k",
+                "count=9",
+            ],
+        );
+    }
+    // What strata copies out of the filter is the node's guest data.
+    ok(d, "strata", &["convert", "-O", "raw", &names[1], "s.raw"]);
+    ok(d, "qemu-img", &["compare", "-f", "raw", "s.raw", "b.qcow2"]);
+    let opts = [
+        "driver=blkdebug,image.driver=qcow2,image.file.filename=a.qcow2",
+        "driver=blkdebug,config=l2_load.cfg,image.driver=qcow2,image.file.filename=b.qcow2",
+        "driver=raw,file.driver=blkdebug,file.config=read_aio.cfg,file.image.driver=qcow2,file.image.file.filename=a.qcow2",
+        "driver=raw,file.driver=blkdebug,file.image.driver=qcow2,file.image.file.filename=b.qcow2",
+    ];
+    for o in opts {
+        for sub in [
+            &["info"][..],
+            &["info", "--output=json"],
+            &["map", "--output=json"],
+            &["check"],
+        ] {
+            let mut a = sub.to_vec();
+            a.extend(["--image-opts", o]);
+            same(d, &a);
+        }
+        same(d, &["convert", "--image-opts", o, "-O", "raw", "o.raw"]);
     }
     assert_all_same();
 }

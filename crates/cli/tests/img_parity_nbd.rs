@@ -364,3 +364,65 @@ fn convert_writes_into_and_reads_from_exports_as_qemu_img_does() {
         assert_all_same();
     }
 }
+
+/// A TCP port given as a service name (`nbd`, 10809 in the services
+/// database) or as a number the resolver takes past 65535 (it wraps) in the
+/// `nbd:HOST:PORT` name and the option lists, as qemu-img resolves them: the
+/// server reached, or not, and named with the port as written; URLs take
+/// digits up to 65535 alone (0 is the default port).
+#[test]
+fn ports_resolve_as_qemu_img_resolves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    let port = free_port();
+    let gone = free_port();
+    std::fs::copy(d.join("a.raw"), d.join("tcp-a.raw")).unwrap();
+    let _ts = NbdServer::start(
+        Server::Qemu,
+        &[
+            "-f",
+            "raw",
+            "-x",
+            "r",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-r",
+        ],
+        &d.join("tcp-a.raw"),
+        &format!("127.0.0.1:{port}"),
+    );
+    let wrapped = u32::from(port) + 65536;
+    let names = [
+        format!("nbd:127.0.0.1:{wrapped}:exportname=r"),
+        format!("nbd:127.0.0.1:{wrapped}"),
+        format!("nbd:127.0.0.1:+{port}:exportname=r"),
+        format!("nbd:127.0.0.1:{}", u32::from(gone) + 65536),
+        "nbd:127.0.0.1:nbd:exportname=r".into(),
+        "nbd:127.0.0.1:-1".into(),
+        "nbd:127.0.0.1:nosuchservice".into(),
+        format!("nbd://127.0.0.1:{wrapped}/r"),
+        format!("nbd://127.0.0.1:+{port}/r"),
+        format!("nbd://127.0.0.1:0{port}/r"),
+        "nbd://127.0.0.1:0/r".into(),
+    ];
+    for name in &names {
+        for sub in [&["info"][..], &["info", "--output=json"], &["map"]] {
+            let mut a = sub.to_vec();
+            a.push(name);
+            same(d, &a);
+        }
+    }
+    for o in [
+        format!("driver=nbd,host=127.0.0.1,port={wrapped},export=r"),
+        format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={wrapped},export=r"),
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=nbd,export=r".into(),
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=nosuchservice".into(),
+    ] {
+        same(d, &["info", "--image-opts", &o]);
+        same(d, &["map", "--output=json", "--image-opts", &o]);
+    }
+    assert_all_same();
+}

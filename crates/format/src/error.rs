@@ -159,6 +159,15 @@ impl Error {
     pub fn storage_error(&self) -> Option<&strata_storage::Error> {
         self.0.source.as_ref()
     }
+    /// The storage error behind this one, taken out of it; the error itself
+    /// when the storage did not fail.
+    pub fn into_storage_error(self) -> std::result::Result<strata_storage::Error, Self> {
+        let mut inner = self.0;
+        match inner.source.take() {
+            Some(e) => Ok(e),
+            None => Err(Error(inner)),
+        }
+    }
     /// The OS error code behind this error (EIO, ENOSPC...), if the storage failed.
     pub fn raw_os_error(&self) -> Option<i32> {
         self.0

@@ -8,6 +8,7 @@
 
 pub mod crypto;
 mod device;
+mod device_storage;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -19,6 +20,7 @@ pub mod units;
 pub use device::{
     check_range, reads_zero_by_status, BlockDevice, Extent, InternalSnapshots, Overlay, Status,
 };
+pub use device_storage::DeviceStorage;
 pub use error::{Error, ErrorKind, Offset, Operation, Result};
 
 /// Image formats strata reads and writes.

@@ -69,8 +69,8 @@ pub fn compare(
             if s1.allocated {
                 chunk = chunk.min(CHUNK);
                 let n = chunk as usize;
-                a.layer(0).read(&mut buf_a[..n], off)?;
-                b.layer(0).read(&mut buf_b[..n], off)?;
+                a.reader().read(&mut buf_a[..n], off)?;
+                b.reader().read(&mut buf_b[..n], off)?;
                 if let Some(i) = first_difference(&buf_a[..n], &buf_b[..n]) {
                     return Ok(mismatch(off + i / SECTOR * SECTOR));
                 }
@@ -112,6 +112,6 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
 
 fn first_nonzero(c: &ChainStatus, off: u64, len: u64, buf: &mut [u8]) -> Result<Option<u64>> {
     let n = len as usize;
-    c.layer(0).read(&mut buf[..n], off)?;
+    c.reader().read(&mut buf[..n], off)?;
     Ok(buf[..n].iter().position(|&x| x != 0).map(|i| i as u64))
 }

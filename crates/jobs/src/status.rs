@@ -57,6 +57,13 @@ pub enum Walk {
 /// A chain prepared for status queries.
 pub struct ChainStatus {
     layers: Vec<LayerInfo>,
+    /// The bottom layer has a backing file that is not walked (see
+    /// [`ChainStatus::top_layer`]): its unallocated ranges are not known to
+    /// read as zeroes.
+    unwalked_backing: bool,
+    /// The device guest reads go to when not the top layer: a filter's (its
+    /// rules see them) above the node whose allocation the layers tell.
+    reader: Option<Arc<dyn BlockDevice>>,
 }
 
 struct LayerInfo {
@@ -84,7 +91,35 @@ impl ChainStatus {
             };
             layers.push(LayerInfo { device, recurse });
         }
-        Ok(ChainStatus { layers })
+        Ok(ChainStatus {
+            layers,
+            unwalked_backing: false,
+            reader: None,
+        })
+    }
+
+    /// The top layer of `chain` alone, as QEMU answers for a format node
+    /// reached through another node (a filter's child): its own allocation,
+    /// its unallocated ranges neither data nor known zeroes when a backing
+    /// file lies below.
+    pub fn top_layer(chain: &Chain) -> Result<Self> {
+        let mut status = Self::from_devices(vec![chain.top().clone()])?;
+        status.unwalked_backing = chain.layers.len() > 1;
+        Ok(status)
+    }
+
+    /// [`ChainStatus::top_layer`] of the format node `node`, whose guest data
+    /// is read through `reader` (a filter over the node, and what is above it).
+    pub fn through(reader: Arc<dyn BlockDevice>, node: &Chain) -> Result<Self> {
+        let mut status = Self::top_layer(node)?;
+        status.reader = Some(reader);
+        Ok(status)
+    }
+
+    /// The device the guest data is read from: the top layer, or the filter
+    /// above the node ([`ChainStatus::through`]).
+    pub fn reader(&self) -> &Arc<dyn BlockDevice> {
+        self.reader.as_ref().unwrap_or(&self.layers[0].device)
     }
 
     pub fn virtual_size(&self) -> u64 {
@@ -161,6 +196,12 @@ impl ChainStatus {
                         host_offset,
                         ..base
                     })
+                }
+                Status::Unallocated if depth + 1 == n && self.unwalked_backing => {
+                    return Ok(BlockState {
+                        zero: false,
+                        ..base
+                    });
                 }
                 Status::Unallocated if depth + 1 == n => {
                     // A cluster allocated around unallocated subclusters still has a

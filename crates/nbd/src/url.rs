@@ -97,7 +97,12 @@ fn tcp_address(url: &str, authority: &str) -> Result<Address> {
     if host.is_empty() {
         return Err(bad(url, "no host"));
     }
+    // Digits only (no sign); none, or 0, means the default port, as in QEMU.
     let port = match port {
+        Some(p) if !p.bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(bad(url, &format!("bad port '{p}'")))
+        }
+        Some(p) if p.bytes().all(|b| b == b'0') => DEFAULT_PORT,
         Some(p) => p
             .parse()
             .map_err(|_| bad(url, &format!("bad port '{p}'")))?,
@@ -107,6 +112,33 @@ fn tcp_address(url: &str, authority: &str) -> Result<Address> {
         host: host.to_string(),
         port,
     })
+}
+
+/// The TCP port the service `service` names, resolved as the system's
+/// resolver (`getaddrinfo`) resolves it for a stream socket, as QEMU resolves
+/// the port of an `nbd:HOST:PORT` name: a number (taken modulo 65536, as the
+/// resolver takes it), or a service name from the services database
+/// (`nbd` is 10809). The error is the resolver's words.
+pub fn service_port(service: &str) -> std::result::Result<u16, String> {
+    let c = std::ffi::CString::new(service)
+        .map_err(|_| "Servname not supported for ai_socktype".to_string())?;
+    // SAFETY: `hints` is zeroed but for the socket type, as getaddrinfo
+    // wants; `res` is freed once read, and only read when the call succeeded.
+    unsafe {
+        let mut hints: libc::addrinfo = std::mem::zeroed();
+        hints.ai_socktype = libc::SOCK_STREAM;
+        hints.ai_family = libc::AF_INET;
+        let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+        let rc = libc::getaddrinfo(std::ptr::null(), c.as_ptr(), &hints, &mut res);
+        if rc != 0 {
+            let why = std::ffi::CStr::from_ptr(libc::gai_strerror(rc));
+            return Err(why.to_string_lossy().into_owned());
+        }
+        let addr = (*res).ai_addr as *const libc::sockaddr_in;
+        let port = u16::from_be((*addr).sin_port);
+        libc::freeaddrinfo(res);
+        Ok(port)
+    }
 }
 
 /// Percent-decode `s` (a part of `url`, for messages).
@@ -154,6 +186,10 @@ mod tests {
         );
         assert_eq!(p("nbd+tcp://h/a/b"), tcp("h", 10809, "a/b"));
         assert_eq!(p("nbd://[::1]:99/x"), tcp("::1", 99, "x"));
+        // No port, or port 0, is the default one; leading zeros are read past.
+        assert_eq!(p("nbd://h:0/x"), tcp("h", 10809, "x"));
+        assert_eq!(p("nbd://h:/x"), tcp("h", 10809, "x"));
+        assert_eq!(p("nbd://h:0099/x"), tcp("h", 99, "x"));
     }
 
     #[test]
@@ -173,6 +209,8 @@ mod tests {
             ("nbd+unix:///x", "no ?socket"),
             ("nbd+unix://host/x?socket=s", "names no host"),
             ("nbd://h:port/x", "bad port"),
+            ("nbd://h:+1/x", "bad port"),
+            ("nbd://h:65536/x", "bad port"),
             ("nbd://:1/x", "no host"),
             ("nbd://h/x?socket=s", "unknown parameter"),
             ("nbd://h/%zz", "percent"),

@@ -2,8 +2,8 @@
 //! `blkdebug:CONFIG:FILE` file name (an empty CONFIG for no config file) and
 //! the option form (`driver=blkdebug,config=PATH,image.filename=FILE`, inline
 //! `inject-error.*`/`set-state.*` rules, `align` and QEMU's other limits),
-//! turned into the file below the format and its [`BlkdebugConfig`]. Mistakes
-//! get QEMU's messages.
+//! turned into what the filter is over (a file, or a format node whose guest
+//! data it passes on) and its [`BlkdebugConfig`]. Mistakes get QEMU's messages.
 
 use anyhow::{anyhow, bail, Result};
 use std::collections::BTreeMap;
@@ -38,12 +38,24 @@ pub fn from_filename(rest: &str) -> Result<(PathBuf, BlkdebugConfig)> {
     Ok((PathBuf::from(image), rules))
 }
 
-/// The file and rules of a blkdebug node's options (`known` tells the generic
-/// node options every driver takes).
+/// What a blkdebug node filters: a file, or a format node (an image opened
+/// by a format driver, whose guest data the filter passes on), as its options
+/// (`driver`, `file.filename`...) or its spec.
+#[derive(Debug)]
+pub enum Under<N> {
+    File(PathBuf),
+    Node(N),
+}
+
+/// The format drivers strata opens under a filter.
+const FORMAT_DRIVERS: [&str; 3] = ["qcow2", "raw", "luks"];
+
+/// What a blkdebug node filters and its rules, from the node's options
+/// (`known` tells the generic node options every driver takes).
 pub fn from_options(
     mut opts: BTreeMap<String, String>,
     known: impl Fn(&str) -> bool,
-) -> Result<(PathBuf, BlkdebugConfig)> {
+) -> Result<(Under<BTreeMap<String, String>>, BlkdebugConfig)> {
     if let Some(k) = opts
         .keys()
         .find(|k| !own(k) && !known(k) && !k.starts_with("image."))
@@ -51,23 +63,21 @@ pub fn from_options(
         bail!("Block protocol 'blkdebug' doesn't support the option '{k}'");
     }
     let image = take_prefixed(&mut opts, "image.");
-    let path = match (image.get("filename"), opts.get("x-image")) {
-        (Some(f), _) | (None, Some(f)) => PathBuf::from(f),
-        (None, None) => bail!("A block device must be specified for \"image\""),
+    let under = match image.get("driver").map(String::as_str) {
+        Some(d) if FORMAT_DRIVERS.contains(&d) => Under::Node(image),
+        Some(d) if !["file", "host_device"].contains(&d) => bail!("Unknown protocol '{d}'"),
+        _ => match (image.get("filename"), opts.get("x-image")) {
+            (Some(f), _) | (None, Some(f)) => Under::File(PathBuf::from(f)),
+            (None, None) => bail!("A block device must be specified for \"image\""),
+        },
     };
-    if let Some(d) = image
-        .get("driver")
-        .filter(|d| !["file", "host_device"].contains(&d.as_str()))
-    {
-        bail!("Unknown protocol '{d}'");
-    }
     let inline = rule_groups(&mut opts, "inject-error")
         .into_iter()
         .chain(rule_groups(&mut opts, "set-state"))
         .collect();
     let config = BlkdebugConfig::new(opts.get("config").map(String::as_str), inline)?;
     check_limits(&opts)?;
-    Ok((path, config))
+    Ok((under, config))
 }
 
 fn own(key: &str) -> bool {
@@ -164,12 +174,15 @@ pub fn node_name(spec: &OpenSpec) -> Option<String> {
 /// `info`'s report of an image behind a blkdebug filter, as QEMU's: the
 /// filter is a node of its own (no disk size) between the format (or the top,
 /// when the filter is the image) and the file, which is its child `image`.
-pub fn info_view(mut info: ImageInfo, spec: &OpenSpec) -> ImageInfo {
+pub fn info_view(mut info: ImageInfo, spec: &OpenSpec) -> Result<ImageInfo> {
     let Some(name) = node_name(spec) else {
-        return info;
+        return Ok(info);
     };
+    if let Some(inner) = &spec.filtered {
+        return node_view(info, spec, inner, name);
+    }
     let Some(file) = info.children.pop() else {
-        return info;
+        return Ok(info);
     };
     let mut image = file.info;
     image.filename = spec.path.clone().into_os_string();
@@ -187,6 +200,17 @@ pub fn info_view(mut info: ImageInfo, spec: &OpenSpec) -> ImageInfo {
         }],
         ..image
     };
+    Ok(above_filter(info, filter, spec, name))
+}
+
+/// The report of the top above the blkdebug node `filter`: the filter itself
+/// when it is the top, else the top (named as the filter) with it as its file.
+fn above_filter(
+    mut info: ImageInfo,
+    filter: ImageInfo,
+    spec: &OpenSpec,
+    name: String,
+) -> ImageInfo {
     if spec.protocol_driver.is_some() {
         return filter;
     }
@@ -196,6 +220,59 @@ pub fn info_view(mut info: ImageInfo, spec: &OpenSpec) -> ImageInfo {
         info: filter,
     }];
     info
+}
+
+/// [`info_view`] of a filter over the format node `inner`: the filter (no
+/// disk size; the node's size and cluster size) has the node's own report as
+/// its child `image`, and the top above it takes the cluster size too (QEMU's
+/// filters and raw pass the question down).
+fn node_view(
+    mut info: ImageInfo,
+    spec: &OpenSpec,
+    inner: &OpenSpec,
+    name: String,
+) -> Result<ImageInfo> {
+    let mut inner = inner.clone();
+    inner.force_share |= spec.force_share;
+    inner.metadata_only = true;
+    let chain = strata_chain::open(&inner)?;
+    // Each image of the node's chain has the one below as its child `backing`.
+    let mut image: Option<ImageInfo> = None;
+    for layer in chain.layers.iter().rev() {
+        let mut info = strata_jobs::info::layer_info(layer, layer.path.as_os_str())?;
+        if let Some(below) = image.take() {
+            info.children.insert(
+                0,
+                ChildInfo {
+                    name: "backing".into(),
+                    info: below,
+                },
+            );
+        }
+        image = Some(info);
+    }
+    let image = image.expect("a chain has a top");
+    let filter = ImageInfo {
+        filename: name.clone().into(),
+        format: "blkdebug".into(),
+        dirty_flag: false,
+        actual_size: None,
+        virtual_size: image.virtual_size,
+        cluster_size: image.cluster_size,
+        encrypted: None,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        snapshots: Vec::new(),
+        format_specific: None,
+        children: vec![ChildInfo {
+            name: "image".into(),
+            info: image,
+        }],
+    };
+    info.actual_size = None;
+    info.cluster_size = filter.cluster_size;
+    Ok(above_filter(info, filter, spec, name))
 }
 
 #[cfg(test)]

@@ -134,7 +134,17 @@ fn run_inner(args: &Args) -> Result<i32> {
         let spec = args.naming.spec(p, f.as_deref(), args.force_share)?;
         let chain = open_chain(&spec)?;
         let no_medium = super::imgname::cdrom_without_medium(&spec);
-        Ok((ChainStatus::new(&chain)?, no_medium))
+        // Through a raw image over a filter over a format node, allocation
+        // is the node's own (the filter as the image has the node's chain).
+        let status = match (&spec.filtered, &spec.protocol_driver) {
+            (Some(node), None) => {
+                let mut node = (**node).clone();
+                node.force_share |= spec.force_share;
+                ChainStatus::through(chain.top().clone(), &open_chain(&node)?)?
+            }
+            _ => ChainStatus::new(&chain)?,
+        };
+        Ok((status, no_medium))
     };
     // qemu-img starts its progress before opening the images (an open that fails
     // still ends it) and prints its first figure once both are open.

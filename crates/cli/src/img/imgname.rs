@@ -6,6 +6,7 @@
 //! `--object` secrets go to its `secrets`. Options QEMU's drivers do not know are
 //! refused with QEMU's message, naming the image as typed.
 
+use super::blkdebug::Under;
 use super::common::split_items;
 use super::objects::ObjectArgs;
 use anyhow::{anyhow, bail, Result};
@@ -429,7 +430,15 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
                 _ if inner.is_empty() => bail!("The 'file' block driver requires a file name"),
                 None => path.clone(),
                 Some((b"file", rest)) => file_protocol_path(rest)?,
-                Some((b"json", json)) => filtered_json_file(json)?,
+                Some((b"json", json)) => match filtered_json_node(json)? {
+                    Under::File(path) => path,
+                    Under::Node(inner) => {
+                        if let Some(f) = foreign {
+                            return Err(foreign_refusal(f, &inner.path));
+                        }
+                        return Ok(filter_over_node(inner, format, rules));
+                    }
+                },
                 Some((p, _)) if super::nbdname::is_nbd_protocol(p) => {
                     return Err(super::nbdname::refusal_under_filter(
                         &String::from_utf8_lossy(inner),
@@ -455,11 +464,10 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
     Ok(OpenSpec::new(path).format(format))
 }
 
-/// The file a `json:` name under a filter (`blkdebug::json:{...}`) names: a
-/// file protocol node (`driver` `file` or `host_device`, or no driver and a
-/// `filename`). Mistakes get QEMU's messages; a format node there, valid for
-/// QEMU, is refused as not supported.
-fn filtered_json_file(json: &[u8]) -> Result<std::path::PathBuf> {
+/// What a `json:` name under a filter (`blkdebug::json:{...}`) names: a file
+/// protocol node (`driver` `file` or `host_device`, or no driver and a
+/// `filename`), or a format node. Mistakes get QEMU's messages.
+fn filtered_json_node(json: &[u8]) -> Result<Under<OpenSpec>> {
     let mut flat = json_options(json)?;
     match flat.get("driver").map(String::as_str) {
         Some(_) => {}
@@ -470,8 +478,9 @@ fn filtered_json_file(json: &[u8]) -> Result<std::path::PathBuf> {
     }
     let spec = from_options(flat)?;
     match spec.protocol_driver.as_deref() {
-        Some("file" | "host_device") => Ok(spec.path),
-        _ => bail!("strata does not support a format node under a filter driver yet"),
+        Some("file" | "host_device") => Ok(Under::File(spec.path)),
+        None => Ok(Under::Node(spec)),
+        Some(_) => bail!("strata does not support a filter over another filter yet"),
     }
 }
 
@@ -484,6 +493,37 @@ fn blkdebug_spec(
     let mut spec = OpenSpec::new(path).format(format);
     spec.blkdebug = Some(std::sync::Arc::new(rules));
     spec
+}
+
+/// The spec for an image (of `format`, probed when `None`) whose bytes are the
+/// guest data of the image `inner` behind QEMU's blkdebug filter: the filter's
+/// rules apply to the requests made of `inner`.
+fn filter_over_node(
+    inner: OpenSpec,
+    format: Option<Format>,
+    rules: strata_storage::BlkdebugConfig,
+) -> OpenSpec {
+    let mut spec = blkdebug_spec(inner.path.clone(), format, rules);
+    spec.filtered = Some(Box::new(inner));
+    spec
+}
+
+/// The spec of a blkdebug node's options over what they filter (a file, or a
+/// format node), the top of `format`.
+fn blkdebug_over(
+    under: Under<BTreeMap<String, String>>,
+    format: Option<Format>,
+    rules: strata_storage::BlkdebugConfig,
+) -> Result<OpenSpec> {
+    Ok(match under {
+        Under::File(path) => blkdebug_spec(path, format, rules),
+        Under::Node(opts) => match from_options(opts)? {
+            inner if inner.protocol_driver.is_some() => {
+                bail!("strata does not support a filter over another filter yet")
+            }
+            inner => filter_over_node(inner, format, rules),
+        },
+    })
 }
 
 /// The file an output image's name names: a `file:` prefix taken off (an empty
@@ -787,9 +827,9 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
             return Ok(spec);
         }
         Some("blkdebug") => {
-            let (path, rules) =
+            let (under, rules) =
                 super::blkdebug::from_options(flat, |k| COMMON_OPTIONS.contains(&k))?;
-            let mut spec = blkdebug_spec(path, Some(Format::Raw), rules);
+            let mut spec = blkdebug_over(under, Some(Format::Raw), rules)?;
             spec.protocol_driver = Some("blkdebug".into());
             return Ok(spec);
         }
@@ -807,8 +847,19 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
     let mut file = take_child(&mut flat, "file");
     if file.get("driver").map(String::as_str) == Some("blkdebug") {
         file.remove("driver");
-        let (path, rules) = super::blkdebug::from_options(file, |k| COMMON_OPTIONS.contains(&k))?;
-        return format_spec(flat, driver, path, Some(rules));
+        let (under, rules) = super::blkdebug::from_options(file, |k| COMMON_OPTIONS.contains(&k))?;
+        return match under {
+            Under::File(path) => format_spec(flat, driver, path, Some(rules)),
+            node => {
+                let path = std::path::PathBuf::new();
+                let mut spec = format_spec(flat, driver, path, None)?;
+                let over = blkdebug_over(node, spec.format, rules)?;
+                spec.path = over.path;
+                spec.blkdebug = over.blkdebug;
+                spec.filtered = over.filtered;
+                Ok(spec)
+            }
+        };
     }
     let Some(path) = file.remove("filename") else {
         bail!("A block device must be specified for \"file\"");

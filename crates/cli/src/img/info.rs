@@ -90,7 +90,7 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
         .collect();
     if spec.blkdebug.is_some() {
         let top = infos.remove(0);
-        infos.insert(0, super::blkdebug::info_view(top, &spec));
+        infos.insert(0, super::blkdebug::info_view(top, &spec)?);
     } else if let Some(driver) = &spec.protocol_driver {
         infos = infos
             .into_iter()

@@ -88,6 +88,19 @@ fn map_image(
     let (spec, nbd) = args
         .naming
         .spec_nbd(file, args.format.as_deref(), args.force_share)?;
+    // A filter over a format node maps as that node, into its file: the
+    // node's whole chain when the filter is the image, the node alone (its
+    // own allocation) when a raw image above the filter passes block status down.
+    let (spec, node_only) = match &spec.filtered {
+        Some(inner) => {
+            // The image above the filter opens (its format is right) first.
+            drop(open_chain(&spec)?);
+            let mut inner = (**inner).clone();
+            inner.force_share |= spec.force_share;
+            (inner, spec.protocol_driver.is_none())
+        }
+        None => (spec, false),
+    };
     let chain = open_chain(&spec)?;
     // A raw image on an NBD export maps as the server's block status says.
     let nbd = nbd.filter(|_| chain.layers[0].format == strata_format::Format::Raw);
@@ -129,7 +142,10 @@ fn map_image(
                 .unwrap_or_else(|| name.to_vec())
         })
         .collect();
-    let status = ChainStatus::new(&chain)?;
+    let status = match node_only {
+        true => ChainStatus::top_layer(&chain)?,
+        false => ChainStatus::new(&chain)?,
+    };
     // A drive without a medium has no length: qemu-img has begun its listing.
     let no_medium = super::imgname::cdrom_without_medium(&spec);
     let stdout = std::io::stdout();

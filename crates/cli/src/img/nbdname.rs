@@ -39,11 +39,21 @@ struct Target {
     /// The metadata context block status is read from instead of
     /// `base:allocation` (`x-dirty-bitmap`).
     context: Option<String>,
+    /// The TCP port as named when that is not the number it resolved to (a
+    /// service name such as `nbd`, a number past 65535): QEMU names the
+    /// server with it.
+    port_name: Option<String>,
 }
 
 impl Target {
     /// The name qemu-img reports the export under.
     fn canonical(&self) -> String {
+        if let (Address::Tcp { host, .. }, Some(port)) = (&self.url.address, &self.port_name) {
+            return match self.url.export.as_str() {
+                "" => format!("nbd://{host}:{port}"),
+                export => format!("nbd://{host}:{port}/{export}"),
+            };
+        }
         match &self.url.address {
             Address::Unix(path) if self.url.export.is_empty() => {
                 format!("nbd+unix://?socket={}", path.display())
@@ -256,7 +266,20 @@ fn connect(target: &Target, objects: &Objects) -> Result<NbdStorage> {
         .context
         .as_deref()
         .unwrap_or(strata_nbd::proto::CONTEXT_BASE_ALLOCATION);
-    let client = Client::connect_with(&target.url, &[context], tls.as_ref())?;
+    let client =
+        Client::connect_with(&target.url, &[context], tls.as_ref()).map_err(|e| {
+            match (e, &target.url.address, &target.port_name) {
+                (
+                    strata_nbd::Error::Connect { source, .. },
+                    Address::Tcp { host, .. },
+                    Some(port),
+                ) => strata_nbd::Error::Connect {
+                    addr: format!("{host}:{port}"),
+                    source,
+                },
+                (e, ..) => e,
+            }
+        })?;
     if target.context.is_some() && !client.has_context(context) {
         bail!("Could not open image: Invalid argument");
     }
@@ -267,8 +290,9 @@ fn connect(target: &Target, objects: &Objects) -> Result<NbdStorage> {
 
 /// An NBD file name: a URL, or the legacy `nbd:` form.
 fn parse_name(name: &str) -> Result<Target> {
-    let url = if name.contains("://") {
-        NbdUrl::parse(name).map_err(|_| anyhow!("No valid URL specified"))?
+    let (url, port_name) = if name.contains("://") {
+        let url = NbdUrl::parse(name).map_err(|_| anyhow!("No valid URL specified"))?;
+        (url, None)
     } else {
         legacy(name)?
     };
@@ -277,11 +301,13 @@ fn parse_name(name: &str) -> Result<Target> {
         tls_creds: None,
         tls_hostname: None,
         context: None,
+        port_name,
     })
 }
 
-/// `nbd:HOST:PORT[:exportname=E]` or `nbd:unix:PATH[:exportname=E]`.
-fn legacy(name: &str) -> Result<NbdUrl> {
+/// `nbd:HOST:PORT[:exportname=E]` or `nbd:unix:PATH[:exportname=E]`, and the
+/// port as named when it is not its number (see [`tcp`]).
+fn legacy(name: &str) -> Result<(NbdUrl, Option<String>)> {
     const EXPORT: &str = ":exportname=";
     let (spec, export) = match name.find(EXPORT) {
         Some(i) => (&name[..i], Some(&name[i + EXPORT.len()..])),
@@ -295,20 +321,21 @@ fn legacy(name: &str) -> Result<NbdUrl> {
     if host_spec.is_empty() {
         return Err(missing());
     }
-    let address = match host_spec.strip_prefix("unix:") {
-        Some(path) => Address::Unix(path.into()),
+    let (address, port_name) = match host_spec.strip_prefix("unix:") {
+        Some(path) => (Address::Unix(path.into()), None),
         None => inet(host_spec)?,
     };
-    Ok(NbdUrl {
+    let url = NbdUrl {
         address,
         export: export.unwrap_or_default().to_string(),
-    })
+    };
+    Ok((url, port_name))
 }
 
 /// `HOST:PORT` (`[V6]:PORT`), the port required: the host ends at the first
 /// colon (the port is the rest), as QEMU's address parser reads it. A port
-/// that is not a number is refused as resolving it fails (see [`tcp`]).
-fn inet(spec: &str) -> Result<Address> {
+/// is resolved as QEMU resolves it (see [`tcp`]).
+fn inet(spec: &str) -> Result<(Address, Option<String>)> {
     let (host, port) = match spec.strip_prefix('[') {
         Some(v6) => v6
             .split_once("]:")
@@ -322,20 +349,20 @@ fn inet(spec: &str) -> Result<Address> {
     tcp(host, port)
 }
 
-/// The TCP address `host` port `port`: a port that is not a number is refused
-/// as QEMU's name resolution refuses a service it cannot find. (A service
-/// name the system knows, or a number above 65535, which QEMU's resolution
-/// takes, is refused too: strata connects to numeric ports only.)
-fn tcp(host: &str, port: &str) -> Result<Address> {
-    let port = port.parse().map_err(|_| {
-        anyhow!(
-            "address resolution failed for {host}:{port}: Servname not supported for ai_socktype"
-        )
-    })?;
-    Ok(Address::Tcp {
+/// The TCP address `host` port `port`, the port resolved by the system's
+/// resolver as QEMU resolves it: a service name it knows (`nbd`), a number
+/// (past 65535 too: it wraps), else refused in the resolver's words. Also
+/// the port as named when that is not how its number is written: QEMU names
+/// the server with it.
+fn tcp(host: &str, port: &str) -> Result<(Address, Option<String>)> {
+    let number = strata_nbd::url::service_port(port)
+        .map_err(|why| anyhow!("address resolution failed for {host}:{port}: {why}"))?;
+    let named = (number.to_string() != port).then(|| port.to_string());
+    let address = Address::Tcp {
         host: host.to_string(),
-        port,
-    })
+        port: number,
+    };
+    Ok((address, named))
 }
 
 /// The NBD driver's own options (those below `server.` are checked apart).
@@ -515,7 +542,7 @@ fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
             None => Ok(()),
         }
     };
-    let address = match server_type.as_deref() {
+    let (address, port_name) = match server_type.as_deref() {
         Some("fd") => {
             let fd = get("server.str").ok_or_else(|| anyhow!("Parameter 'str' is missing"))?;
             unexpected(&["str"])?;
@@ -524,7 +551,7 @@ fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
         Some("unix") => {
             let path = get("server.path").ok_or_else(|| anyhow!("Parameter 'path' is missing"))?;
             unexpected(&["path", "abstract", "tight"])?;
-            Address::Unix(path.into())
+            (Address::Unix(path.into()), None)
         }
         Some("inet") => {
             let host = get("server.host").ok_or_else(|| anyhow!("Parameter 'host' is missing"))?;
@@ -540,13 +567,13 @@ fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
         }
         Some(t) => bail!("Parameter 'type' does not accept value '{t}'"),
         None => match (get("path"), get("host")) {
-            (Some(path), None) => Address::Unix(path.into()),
+            (Some(path), None) => (Address::Unix(path.into()), None),
             (None, Some(host)) => match get("port") {
                 Some(p) => tcp(&host, &p)?,
-                None => Address::Tcp {
-                    port: strata_nbd::url::DEFAULT_PORT,
-                    host,
-                },
+                None => {
+                    let port = strata_nbd::url::DEFAULT_PORT;
+                    (Address::Tcp { port, host }, None)
+                }
             },
             _ => bail!("NBD server address missing"),
         },
@@ -556,6 +583,7 @@ fn nbd_options(opts: &BTreeMap<String, String>) -> Result<Target> {
         tls_creds: get("tls-creds"),
         tls_hostname: get("tls-hostname"),
         context: get("x-dirty-bitmap"),
+        port_name,
     })
 }
 
@@ -641,6 +669,24 @@ mod tests {
         }
         assert_eq!(t("nbd://h/e").canonical(), "nbd://h:10809/e");
         assert_eq!(t("nbd:unix:/s").canonical(), "nbd+unix://?socket=/s");
+    }
+
+    #[test]
+    fn legacy_ports_resolve_as_the_system_resolver_takes_them() {
+        let t = |n: &str| parse_name(n).unwrap();
+        let port = |n: &str| match t(n).url.address {
+            Address::Tcp { port, .. } => port,
+            Address::Unix(_) => unreachable!(),
+        };
+        // Past 65535 wraps (70000 is 4464); the name keeps the port as written.
+        assert_eq!(port("nbd:h:70000"), 4464);
+        assert_eq!(t("nbd:h:70000:exportname=e").canonical(), "nbd://h:70000/e");
+        assert_eq!(port("nbd:h:+1234"), 1234);
+        assert_eq!(t("nbd:h:1234").canonical(), "nbd://h:1234");
+        assert_eq!(
+            parse_name("nbd:h:-1").unwrap_err().to_string(),
+            "address resolution failed for h:-1: Servname not supported for ai_socktype"
+        );
     }
 
     #[test]
