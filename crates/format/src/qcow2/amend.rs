@@ -276,6 +276,12 @@ fn downgrade(m: &mut Meta) -> Result<()> {
     h.header_length = header::V2_HEADER_LEN;
     h.compression_type = super::CompressionType::Zlib;
     h.feature_names.clear();
+    // The persistent bitmaps loaded when the image was opened are stored again
+    // when it closes, as QEMU stores them, into the version 2 file too (whose
+    // header has no autoclear field, so the bit stays in memory only).
+    if m.bitmaps.is_some() {
+        h.autoclear_features = m.h.autoclear_features & header::autoclear::BITMAPS;
+    }
     write_header(m, h)?;
     m.geo.version = 2;
     Ok(())
