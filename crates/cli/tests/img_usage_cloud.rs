@@ -84,8 +84,8 @@ fn fixture(d: &Path) {
     sh(d, "truncate", &["-s", "64M", "target.raw"]);
 }
 
-/// The images the tutorials, manuals and Q&A answers of [`GUIDES_IMAGES`]
-/// and [`GUIDES_CHAINS`] work on, made in `d` with QEMU's own tools:
+/// The images the tutorials, manuals and Q&A answers of [`GUIDES_CREATE_INFO`],
+/// [`GUIDES_CONVERT_RESIZE`] and [`GUIDES_CHAINS`] work on, made in `d` with QEMU's own tools:
 /// - `base.qcow2` (64 MiB): data at 0, 8 MiB and 40 MiB, zeroes at 16 MiB;
 /// - `disk.img`: the same guest bytes as a sparse raw file;
 /// - `snap1.qcow2` on `base.qcow2` and `snap2.qcow2` on `snap1.qcow2`,
@@ -491,10 +491,10 @@ const GUESTFS_PACKER_VAGRANT: &[&str] = &[
     "compare -f qcow2 -F raw overlay.qcow2 disk.raw",
 ];
 
-/// Tutorials, manuals and Q&A answers: creating, inspecting, converting,
-/// resizing, measuring, mapping, comparing and copying images. (Sizes of
-/// preallocated and raw images are scaled down: comparing them reads them.)
-const GUIDES_IMAGES: &[&str] = &[
+/// Tutorials, manuals and Q&A answers: creating and inspecting images.
+/// (Sizes of preallocated and raw images are scaled down: comparing them
+/// reads them.)
+const GUIDES_CREATE_INFO: &[&str] = &[
     // create: the everyday forms, preallocation modes, -o tuning
     "create -f qcow2 disk.qcow2 10G",
     "create -f raw disk.raw 128M",
@@ -553,6 +553,11 @@ const GUIDES_IMAGES: &[&str] = &[
     "info nonexistent.qcow2",
     "info --output=xml base.qcow2",
     "info snap1.qcow2 snap2.qcow2",
+];
+
+/// Tutorials, manuals and Q&A answers: converting, resizing, measuring,
+/// mapping, comparing and copying images.
+const GUIDES_CONVERT_RESIZE: &[&str] = &[
     // convert: formats, compression, sparseness, flattening, snapshots
     "convert -f raw -O qcow2 disk.img disk.qcow2",
     "convert disk.img -O qcow2 disk.qcow2",
@@ -749,8 +754,13 @@ fn guestfs_packer_and_vagrant_usages_print_and_leave_what_qemu_img_does() {
 }
 
 #[test]
-fn tutorial_image_usages_print_and_leave_what_qemu_img_does() {
-    run_table_on(guides_fixture, GUIDES_IMAGES);
+fn tutorial_create_and_info_usages_print_and_leave_what_qemu_img_does() {
+    run_table_on(guides_fixture, GUIDES_CREATE_INFO);
+}
+
+#[test]
+fn tutorial_convert_resize_and_inspection_usages_print_and_leave_what_qemu_img_does() {
+    run_table_on(guides_fixture, GUIDES_CONVERT_RESIZE);
 }
 
 #[test]

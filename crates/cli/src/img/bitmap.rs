@@ -266,7 +266,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         None => None,
     };
     let img = match target {
-        Target::Qcow2(img) => img,
+        Target::Qcow2(img) => *img,
         // An image of a format without persistent bitmaps holds none and
         // can store none: its first operation fails, as in qemu-img (where
         // the node name it prints changes from run to run; the file's name
@@ -351,7 +351,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 /// The image the operations apply to: a qcow2 image, or an image of a
 /// format that stores no bitmaps, held open (and locked) as qemu-img holds it.
 enum Target {
-    Qcow2(Qcow2Image),
+    Qcow2(Box<Qcow2Image>),
     Other(std::sync::Arc<dyn strata_format::BlockDevice>),
 }
 
@@ -359,7 +359,7 @@ enum Target {
 fn open_target(spec: &strata_chain::OpenSpec) -> Result<Target> {
     let format = spec_format(spec)?;
     if format == Format::Qcow2 {
-        return Ok(Target::Qcow2(open(spec, true)?));
+        return Ok(Target::Qcow2(Box::new(open(spec, true)?)));
     }
     super::imgname::refuse_backing_options(spec, format)?;
     warn_probed_raw(spec);
