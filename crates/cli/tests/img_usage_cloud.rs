@@ -6,7 +6,11 @@
 //! copy of the same directory of images (qcow2 written by qemu-io, backing
 //! chains, raw and sparse files, compressed clusters, internal snapshots, a
 //! persistent bitmap, a compat=0.10 image, existing targets). They must print
-//! the same bytes, exit alike and leave images QEMU sees alike.
+//! the same bytes, exit alike and leave images QEMU sees alike. The same holds
+//! for the command lines of tutorials, vendor manuals and Q&A answers (Red
+//! Hat, SUSE, Ubuntu, Arch, Proxmox and oVirt documentation, qemu-img's own
+//! manual, StackOverflow/ServerFault/Unix.SE), run on images named as they
+//! name them.
 
 mod common;
 
@@ -80,14 +84,113 @@ fn fixture(d: &Path) {
     sh(d, "truncate", &["-s", "64M", "target.raw"]);
 }
 
+/// The images the tutorials, manuals and Q&A answers of [`GUIDES_CREATE_INFO`],
+/// [`GUIDES_CONVERT_RESIZE`] and [`GUIDES_CHAINS`] work on, made in `d` with QEMU's own tools:
+/// - `base.qcow2` (64 MiB): data at 0, 8 MiB and 40 MiB, zeroes at 16 MiB;
+/// - `disk.img`: the same guest bytes as a sparse raw file;
+/// - `snap1.qcow2` on `base.qcow2` and `snap2.qcow2` on `snap1.qcow2`,
+///   external snapshots with data and zeroes of their own;
+/// - `vm.qcow2` (32 MiB) with internal snapshots `clean-install` and
+///   `before-upgrade`;
+/// - `bm.qcow2` (16 MiB) with the persistent bitmap `b0` tracking a write;
+/// - `leaky.qcow2` with one leaked cluster (allocated, unreferenced);
+/// - `target.qcow2` and `target.raw`: empty 64 MiB targets for `convert -n`.
+fn guides_fixture(d: &Path) {
+    qcow2(d, "base.qcow2", "64M", &[]);
+    io(
+        d,
+        "qcow2",
+        "base.qcow2",
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x22 8M 64k",
+            "write -z 16M 1M",
+            "write -P 0x33 40M 512",
+        ],
+    );
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "base.qcow2",
+            "disk.img",
+        ],
+    );
+    qcow2(
+        d,
+        "snap1.qcow2",
+        "64M",
+        &["-b", "base.qcow2", "-F", "qcow2"],
+    );
+    io(
+        d,
+        "qcow2",
+        "snap1.qcow2",
+        &["write -P 0x44 1M 128k", "write -z 8M 64k"],
+    );
+    qcow2(
+        d,
+        "snap2.qcow2",
+        "64M",
+        &["-b", "snap1.qcow2", "-F", "qcow2"],
+    );
+    io(
+        d,
+        "qcow2",
+        "snap2.qcow2",
+        &["write -P 0x55 2M 64k", "write -P 0x66 0 64k"],
+    );
+    qcow2(d, "vm.qcow2", "32M", &[]);
+    io(d, "qcow2", "vm.qcow2", &["write -P 0x55 0 256k"]);
+    sh(
+        d,
+        "qemu-img",
+        &["snapshot", "-c", "clean-install", "vm.qcow2"],
+    );
+    io(d, "qcow2", "vm.qcow2", &["write -P 0x66 128k 256k"]);
+    sh(
+        d,
+        "qemu-img",
+        &["snapshot", "-c", "before-upgrade", "vm.qcow2"],
+    );
+    io(d, "qcow2", "vm.qcow2", &["write -P 0x77 1M 64k"]);
+    qcow2(d, "bm.qcow2", "16M", &[]);
+    sh(d, "qemu-img", &["bitmap", "--add", "bm.qcow2", "b0"]);
+    io(d, "qcow2", "bm.qcow2", &["write -P 0x88 2M 128k"]);
+    // A leak: one more cluster at the end of the file, counted but unused.
+    qcow2(d, "leaky.qcow2", "16M", &[]);
+    io(d, "qcow2", "leaky.qcow2", &["write -P 0x99 0 64k"]);
+    let leaky = d.join("leaky.qcow2");
+    let len = std::fs::metadata(&leaky).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&leaky)
+        .unwrap();
+    f.set_len(len + 65536).unwrap();
+    drop(f);
+    common::damage::poke_refcount(&leaky, len / 65536, 1);
+    qcow2(d, "target.qcow2", "64M", &[]);
+    sh(d, "truncate", &["-s", "64M", "target.raw"]);
+}
+
 /// Run every row of `table` (a command line split at spaces; `''` is an
 /// empty argument) with both tools, each in its own copy of a fresh
 /// [`fixture`], and fail with every difference found.
 fn run_table(table: &[&str]) {
+    run_table_on(fixture, table);
+}
+
+/// [`run_table`] on the images `make` makes.
+fn run_table_on(make: fn(&Path), table: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let fix = dir.path().join("imgs");
     std::fs::create_dir(&fix).unwrap();
-    fixture(&fix);
+    make(&fix);
     for (n, line) in table.iter().enumerate() {
         let args: Vec<&str> = line
             .split_whitespace()
@@ -388,6 +491,238 @@ const GUESTFS_PACKER_VAGRANT: &[&str] = &[
     "compare -f qcow2 -F raw overlay.qcow2 disk.raw",
 ];
 
+/// Tutorials, manuals and Q&A answers: creating and inspecting images.
+/// (Sizes of preallocated and raw images are scaled down: comparing them
+/// reads them.)
+const GUIDES_CREATE_INFO: &[&str] = &[
+    // create: the everyday forms, preallocation modes, -o tuning
+    "create -f qcow2 disk.qcow2 10G",
+    "create -f raw disk.raw 128M",
+    "create disk.raw 100M",
+    "create -q -f qcow2 disk.qcow2 1G",
+    "create -f qcow2 -o preallocation=metadata disk.qcow2 256M",
+    "create -f qcow2 -o preallocation=falloc disk.qcow2 100M",
+    "create -f qcow2 -o preallocation=full disk.qcow2 10M",
+    "create -f raw -o preallocation=full disk.raw 10M",
+    "create -f raw -o preallocation=falloc disk.raw 10M",
+    "create -f qcow2 -o cluster_size=2M disk.qcow2 20G",
+    "create -f qcow2 -o cluster_size=4k disk.qcow2 1G",
+    "create -f qcow2 -o compression_type=zstd disk.qcow2 1G",
+    "create -f qcow2 -o compat=1.1,lazy_refcounts=on a.qcow2 10G",
+    "create -f qcow2 -o cluster_size=64k,preallocation=metadata,lazy_refcounts=on,compat=1.1 disk.qcow2 128M",
+    "create -f qcow2 -o extended_l2=on,cluster_size=128k disk.qcow2 10G",
+    "create -f qcow2 -o size=20G,cluster_size=65536 disk.qcow2",
+    "create -f qcow2 -o refcount_bits=1 x.qcow2 1G",
+    "create -f qcow2 -o encryption=on enc.qcow2 1G",
+    // options after the names, as getopt permutes them
+    "create -f qcow2 disk.qcow2 256M -o preallocation=metadata",
+    "create -f qcow2 disk.qcow2 2T -o cluster_size=2M",
+    // overlays on a base, the old -o spelling, a base that is missing
+    "create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2",
+    "create -f qcow2 -F qcow2 -b base.qcow2 overlay.qcow2 20G",
+    "create -f qcow2 -o backing_file=disk.img,backing_fmt=raw img1.cow",
+    "create -f qcow2 -b snap2.qcow2 -F qcow2 snap3.qcow2",
+    "create -f qcow2 -o preallocation=metadata -b base.qcow2 -F qcow2 ov.qcow2",
+    "create -f qcow2 -b base.qcow2 overlay.qcow2",
+    "create -f qcow2 -o backing_file=base.qcow2 overlay.qcow2",
+    "create -f qcow2 -b missing.qcow2 -F qcow2 overlay.qcow2 10G",
+    // sizes tutorials get wrong, and an existing image overwritten
+    "create -f qcow2 disk.qcow2 10GB",
+    "create -f qcow2 disk.qcow2 1.5G",
+    "create -f qcow2 disk.qcow2",
+    "create -f qcow2 disk.qcow2 1P",
+    "create -f qcow2 -o cluster_size=3k disk.qcow2 1G",
+    "create -f raw disk.img 128M",
+    // info: one image, the chain, JSON, force-share, image-opts, errors
+    "info base.qcow2",
+    "info disk.img",
+    "info snap2.qcow2",
+    "info vm.qcow2",
+    "info leaky.qcow2",
+    "info --backing-chain snap2.qcow2",
+    "info --output=json --backing-chain snap2.qcow2",
+    "info --backing-chain -U --output=json snap2.qcow2",
+    "info -U --backing-chain --output=human snap2.qcow2",
+    "info --output json snap1.qcow2",
+    "info base.qcow2 --output=json",
+    "info --force-share bm.qcow2",
+    "info --image-opts driver=qcow2,file.filename=base.qcow2",
+    "info --image-opts driver=qcow2,file.driver=file,file.filename=snap2.qcow2",
+    "info -f qcow2 disk.img",
+    "info -f raw base.qcow2",
+    "info nonexistent.qcow2",
+    "info --output=xml base.qcow2",
+    "info snap1.qcow2 snap2.qcow2",
+];
+
+/// Tutorials, manuals and Q&A answers: converting, resizing, measuring,
+/// mapping, comparing and copying images.
+const GUIDES_CONVERT_RESIZE: &[&str] = &[
+    // convert: formats, compression, sparseness, flattening, snapshots
+    "convert -f raw -O qcow2 disk.img disk.qcow2",
+    "convert disk.img -O qcow2 disk.qcow2",
+    "convert -p -f qcow2 -O raw base.qcow2 out.img",
+    "convert -O qcow2 -c base.qcow2 small.qcow2",
+    "convert -c -O qcow2 -o compression_type=zstd base.qcow2 small.qcow2",
+    "convert -S 0 -O qcow2 -o preallocation=metadata disk.img full.qcow2",
+    "convert -O raw -S 1M base.qcow2 out.raw",
+    "convert -m 16 -W -O qcow2 base.qcow2 out.qcow2",
+    "convert -t none -T none -O raw base.qcow2 out.raw",
+    "convert -n -O raw base.qcow2 target.raw",
+    "convert -n -f qcow2 -O qcow2 snap2.qcow2 target.qcow2",
+    "convert -O qcow2 snap2.qcow2 flat.qcow2",
+    "convert -O qcow2 -F qcow2 -B base.qcow2 snap2.qcow2 new.qcow2",
+    "convert -O qcow2 -B base.qcow2 snap2.qcow2 new.qcow2",
+    "convert -l snapshot.name=before-upgrade -O raw vm.qcow2 out.raw",
+    "convert -O raw -l clean-install vm.qcow2 out.raw",
+    "convert -s clean-install -O qcow2 vm.qcow2 out.qcow2",
+    "convert -O raw disk.img base.qcow2 joined.raw",
+    "convert --bitmaps -O qcow2 bm.qcow2 out.qcow2",
+    "convert --image-opts driver=qcow2,file.filename=base.qcow2 -O raw out.raw",
+    "convert -n --target-image-opts base.qcow2 driver=raw,file.filename=target.raw",
+    "convert -O qcow2 -o preallocation=metadata,lazy_refcounts=on,compat=1.1 disk.img out.qcow2",
+    "convert -O qcow2 -o preallocation=metadata,extended_l2=on,cluster_size=128k disk.img out.qcow2",
+    "convert -O qcow2 nonexistent.img out.qcow2",
+    "convert -O qcow2 base.qcow2 base.qcow2",
+    "convert -O qcow3 base.qcow2 out.qcow2",
+    // resize: grow, shrink with and without --shrink, preallocation, chains
+    "resize base.qcow2 +10G",
+    "resize --shrink base.qcow2 -1M",
+    "resize base.qcow2 -1M",
+    "resize base.qcow2 +10",
+    "resize --shrink disk.img 32M",
+    "resize disk.img 32M",
+    "resize -f raw disk.img 128M",
+    "resize --preallocation=falloc disk.img +10M",
+    "resize --preallocation=full base.qcow2 +10M",
+    "resize --preallocation=metadata base.qcow2 +100M",
+    "resize vm.qcow2 +1G",
+    "resize --shrink vm.qcow2 16M",
+    "resize bm.qcow2 +16M",
+    "resize snap2.qcow2 128M",
+    "resize --shrink -f qcow2 snap1.qcow2 -8M",
+    "resize base.qcow2",
+    // measure, map, compare, dd
+    "measure -O qcow2 --size 10G",
+    "measure -f raw -O qcow2 disk.img",
+    "measure -O qcow2 disk.img",
+    "measure --output=json -O qcow2 snap2.qcow2",
+    "measure --output=json --bitmaps -O qcow2 bm.qcow2",
+    "measure -O qcow2 --size 10G -o cluster_size=2M,preallocation=metadata",
+    "measure --size 10G",
+    "map base.qcow2",
+    "map --output=json snap2.qcow2",
+    "map -f qcow2 --output=human base.qcow2",
+    "map --output=json disk.img",
+    "map --start-offset=1M --max-length=1M base.qcow2",
+    "compare disk.img base.qcow2",
+    "compare -s disk.img base.qcow2",
+    "compare -f raw -F qcow2 disk.img base.qcow2",
+    "compare -s base.qcow2 snap2.qcow2",
+    "compare -s vm.qcow2 base.qcow2",
+    "compare --image-opts driver=raw,file.filename=disk.img driver=qcow2,file.filename=base.qcow2",
+    "dd if=disk.img of=out.raw bs=1M count=10",
+    "dd -f qcow2 -O raw if=base.qcow2 of=out.raw",
+    "dd if=base.qcow2 of=out.qcow2 -O qcow2 bs=4k count=100",
+    "dd if=disk.img of=out.raw bs=1M skip=8 count=1",
+    "dd if=missing.img of=out.raw",
+];
+
+/// Tutorials, manuals and Q&A answers: internal and external snapshots,
+/// commit, rebase, check and repair, amend, and persistent bitmaps. (A commit
+/// of `snap2.qcow2`, whose data QEMU's commit job copies with requests in
+/// flight together, is left out: qemu-img's layout of it changes from run to
+/// run.)
+const GUIDES_CHAINS: &[&str] = &[
+    // internal snapshots
+    "snapshot -c snap1 base.qcow2",
+    "snapshot -l vm.qcow2",
+    "snapshot -l -U vm.qcow2",
+    "snapshot vm.qcow2 -l",
+    "snapshot -a clean-install vm.qcow2",
+    "snapshot -a 1 vm.qcow2",
+    "snapshot -d before-upgrade vm.qcow2",
+    "snapshot -d 2 vm.qcow2",
+    "snapshot -c clean-install vm.qcow2",
+    "snapshot -a nonexistent vm.qcow2",
+    "snapshot -q -c daily vm.qcow2",
+    "snapshot -l base.qcow2",
+    "snapshot -l disk.img",
+    "snapshot -c snap disk.img",
+    "snapshot -c new snap1.qcow2",
+    "snapshot -c",
+    // commit of an overlay into its base
+    "commit snap1.qcow2",
+    "commit -d snap1.qcow2",
+    "commit -t none snap1.qcow2",
+    "commit -f qcow2 -t writeback snap1.qcow2",
+    "commit -b disk.img snap2.qcow2",
+    // rebase: safe, unsafe, flattening, onto a missing or raw base
+    "rebase -b base.qcow2 -F qcow2 snap2.qcow2",
+    "rebase -p -b base.qcow2 -F qcow2 snap2.qcow2",
+    "rebase -t none -T none -b base.qcow2 -F qcow2 snap2.qcow2",
+    "rebase -u -b base.qcow2 -F qcow2 snap2.qcow2",
+    "rebase -b base.qcow2 -F qcow2 -u snap2.qcow2",
+    "rebase -u -b base.qcow2 snap2.qcow2",
+    "rebase -b '' snap1.qcow2",
+    "rebase -p -b '' snap2.qcow2",
+    "rebase -u -b '' snap2.qcow2",
+    "rebase -b missing.qcow2 -F qcow2 snap1.qcow2",
+    "rebase -b disk.img -F raw snap1.qcow2",
+    "rebase -u -b disk.img -F raw snap1.qcow2",
+    // check and repair
+    "check base.qcow2",
+    "check leaky.qcow2",
+    "check -q leaky.qcow2",
+    "check -r leaks leaky.qcow2",
+    "check -r all leaky.qcow2",
+    "check -r all -q leaky.qcow2",
+    "check --output=json leaky.qcow2",
+    "check -r leaks --output=json leaky.qcow2",
+    "check -r leaks -U leaky.qcow2",
+    "check -r all snap2.qcow2",
+    "check -T none base.qcow2",
+    "check bm.qcow2",
+    "check disk.img",
+    "check -r wrong base.qcow2",
+    "check",
+    // amend
+    "amend -f qcow2 -o compat=0.10 base.qcow2",
+    "amend -o compat=1.1 base.qcow2",
+    "amend -f qcow2 -o compat=1.1,lazy_refcounts=on base.qcow2",
+    "amend -o refcount_bits=1 base.qcow2",
+    "amend -o size=128M base.qcow2",
+    "amend -o size=32M base.qcow2",
+    "amend -o compat=0.10 vm.qcow2",
+    "amend -p -o compat=0.10 base.qcow2",
+    "amend -o backing_file=disk.img,backing_fmt=raw snap1.qcow2",
+    "amend -o cluster_size=128k base.qcow2",
+    "amend -o compression_type=zstd base.qcow2",
+    "amend -f raw -o size=1M disk.img",
+    // persistent bitmaps
+    "bitmap --add base.qcow2 bitmap0",
+    "bitmap --add -g 64K --disable base.qcow2 bitmap0",
+    "bitmap --add --granularity 1M bm.qcow2 b2",
+    "bitmap --remove bm.qcow2 b0",
+    "bitmap --clear bm.qcow2 b0",
+    "bitmap --disable bm.qcow2 b0",
+    "bitmap --enable bm.qcow2 b0",
+    "bitmap --add bm.qcow2 b1 --merge b0",
+    "bitmap --add bm.qcow2 b0",
+    "bitmap --remove bm.qcow2 nosuch",
+    "bitmap --merge b0 -b bm.qcow2 bm.qcow2 b1",
+    // a raw image has no bitmaps to change (--add names QEMU's node, which
+    // changes from run to run, so it is left out)
+    "bitmap --remove disk.img b0",
+    "bitmap --clear -f raw disk.img b0",
+    "bitmap --enable disk.img b0",
+    "bitmap --merge b1 -f raw disk.img b0",
+    "bitmap --remove -f raw bm.qcow2 b0",
+    // a bitmap of a 16 MiB disk merged into one of a 64 MiB disk
+    "bitmap --add base.qcow2 b9 --merge b0 -b bm.qcow2 -F qcow2",
+    "bitmap --merge b0 -b bm.qcow2 -F qcow2 base.qcow2 b0",
+];
+
 #[test]
 fn nova_usages_print_and_leave_what_qemu_img_does() {
     run_table(NOVA);
@@ -416,4 +751,19 @@ fn proxmox_usages_print_and_leave_what_qemu_img_does() {
 #[test]
 fn guestfs_packer_and_vagrant_usages_print_and_leave_what_qemu_img_does() {
     run_table(GUESTFS_PACKER_VAGRANT);
+}
+
+#[test]
+fn tutorial_create_and_info_usages_print_and_leave_what_qemu_img_does() {
+    run_table_on(guides_fixture, GUIDES_CREATE_INFO);
+}
+
+#[test]
+fn tutorial_convert_resize_and_inspection_usages_print_and_leave_what_qemu_img_does() {
+    run_table_on(guides_fixture, GUIDES_CONVERT_RESIZE);
+}
+
+#[test]
+fn tutorial_snapshot_chain_and_maintenance_usages_print_and_leave_what_qemu_img_does() {
+    run_table_on(guides_fixture, GUIDES_CHAINS);
 }

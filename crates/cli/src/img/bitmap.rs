@@ -233,10 +233,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let [file, name] = p.positional.as_slice() else {
         bail!("Expecting filename and bitmap name");
     };
-    let img = open(
+    let target = open_target(
         &p.naming
             .writable_spec(Path::new(file), p.format.as_deref())?,
-        true,
     )?;
     // The source file is a file name even with --image-opts (which names the
     // image only), as qemu-img opens it; -F gives its format.
@@ -251,16 +250,52 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(s) => {
             let spec = plain.spec(Path::new(s), p.source_format.as_deref(), false)?;
             match spec_format(&spec)? {
-                Format::Qcow2 => Some(open(&spec, false)?.read_bitmaps()?),
+                Format::Qcow2 => {
+                    let src = open(&spec, false)?;
+                    let size = strata_format::BlockDevice::virtual_size(&src);
+                    Some((src.read_bitmaps()?, size))
+                }
                 format => {
-                    strata_chain::open_top(&spec, format, false).map_err(|e| {
+                    let src = strata_chain::open_top(&spec, format, false).map_err(|e| {
                         super::common::open_error(&spec.path, &spec.shown_name(), &e)
                     })?;
-                    Some(Vec::new())
+                    Some((Vec::new(), src.virtual_size()))
                 }
             }
         }
         None => None,
+    };
+    let img = match target {
+        Target::Qcow2(img) => *img,
+        // An image of a format without persistent bitmaps holds none and
+        // can store none: its first operation fails, as in qemu-img (where
+        // the node name it prints changes from run to run; the file's name
+        // stands here).
+        Target::Other(dev) => {
+            let refuse = |_: u64| -> Result<(), String> {
+                Err(format!(
+                    "Can't store persistent bitmaps to {file}: Operation not supported"
+                ))
+            };
+            let mut none = Vec::new();
+            for op in &p.ops {
+                let applied = apply(
+                    &mut none,
+                    op,
+                    name,
+                    granularity,
+                    dev.virtual_size(),
+                    source_set
+                        .as_ref()
+                        .map(|(set, size)| (set.as_slice(), *size)),
+                    &refuse,
+                );
+                if let Err(e) = applied {
+                    bail!("Operation {} on bitmap {name} failed: {e}", op.name());
+                }
+            }
+            return Ok(0);
+        }
     };
     let size = strata_format::BlockDevice::virtual_size(&img);
     let mut set = img.read_bitmaps()?;
@@ -289,7 +324,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             name,
             granularity,
             size,
-            source_set.as_deref(),
+            source_set
+                .as_ref()
+                .map(|(set, size)| (set.as_slice(), *size)),
             &can_store,
         );
         if let Err(e) = applied {
@@ -309,6 +346,26 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(msg) => bail!(msg),
         None => Ok(0),
     }
+}
+
+/// The image the operations apply to: a qcow2 image, or an image of a
+/// format that stores no bitmaps, held open (and locked) as qemu-img holds it.
+enum Target {
+    Qcow2(Box<Qcow2Image>),
+    Other(std::sync::Arc<dyn strata_format::BlockDevice>),
+}
+
+/// Open the image `spec` names for writing, in its format (given or probed).
+fn open_target(spec: &strata_chain::OpenSpec) -> Result<Target> {
+    let format = spec_format(spec)?;
+    if format == Format::Qcow2 {
+        return Ok(Target::Qcow2(Box::new(open(spec, true)?)));
+    }
+    super::imgname::refuse_backing_options(spec, format)?;
+    warn_probed_raw(spec);
+    strata_chain::open_top(spec, format, true)
+        .map(Target::Other)
+        .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))
 }
 
 /// Open `path` as qcow2 (`format`, or probed), for writing or reading.
@@ -371,7 +428,7 @@ fn apply(
     name: &str,
     granularity: Option<u64>,
     size: u64,
-    source: Option<&[Bitmap]>,
+    source: Option<(&[Bitmap], u64)>,
     can_store: &dyn Fn(u64) -> Result<(), String>,
 ) -> Result<(), String> {
     match op {
@@ -400,12 +457,19 @@ fn apply(
             // The target bitmap is looked up before the source, as in qemu-img.
             find(set, name)?;
             // Without -b the source is in the image itself, as it is now.
-            let from = source
-                .unwrap_or(set)
+            let (from_set, from_size) = source.unwrap_or((set.as_slice(), size));
+            let from = from_set
                 .iter()
                 .find(|b| &b.name == src)
                 .cloned()
                 .ok_or_else(|| format!("Dirty bitmap '{src}' not found"))?;
+            // A bitmap covers its whole disk: disks of other sizes do not merge.
+            if from_size != size {
+                return Err(format!(
+                    "Bitmaps are of different sizes (destination size is {size}, \
+                     source size is {from_size}) and can't be merged"
+                ));
+            }
             find(set, name)?.merge_from(&from);
         }
     }
