@@ -247,21 +247,35 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // A source in a format without persistent bitmaps (raw, or a qcow2 file
     // read as raw) opens as qemu-img opens it and holds none: a merge from it
     // fails when its turn comes, after the operations before it.
-    let source_set = match &p.source_file {
-        Some(s) => {
-            let spec = plain.spec(Path::new(s), p.source_format.as_deref(), false)?;
-            match spec_format(&spec)? {
-                Format::Qcow2 => Some(open(&spec, false)?.read_bitmaps()?),
-                format => {
-                    strata_chain::open_top(&spec, format, false).map_err(|e| {
-                        super::common::open_error(&spec.path, &spec.shown_name(), &e)
-                    })?;
-                    Some(Vec::new())
+    let open_source = || -> Result<Option<Vec<Bitmap>>> {
+        Ok(match &p.source_file {
+            Some(s) => {
+                let spec = plain.spec(Path::new(s), p.source_format.as_deref(), false)?;
+                match spec_format(&spec)? {
+                    Format::Qcow2 => Some(open_qcow2(&spec, false)?.read_bitmaps()?),
+                    format => {
+                        strata_chain::open_top(&spec, format, false).map_err(|e| {
+                            super::common::open_error(&spec.path, &spec.shown_name(), &e)
+                        })?;
+                        Some(Vec::new())
+                    }
                 }
             }
-        }
-        None => None,
+            None => None,
+        })
     };
+    let img = match img {
+        Opened::Qcow2(img) => img,
+        Opened::Other(dev) => {
+            // Every operation fails on it, so the first one is the last: a
+            // merge opens its source first.
+            if matches!(p.ops.first(), Some(Op::Merge(_))) {
+                open_source()?;
+            }
+            return without_bitmaps(&p.ops, name, granularity, dev.as_ref());
+        }
+    };
+    let source_set = open_source()?;
     let size = strata_format::BlockDevice::virtual_size(&img);
     let mut set = img.read_bitmaps()?;
     let v2 = img.header().version < 3;
@@ -271,13 +285,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let mut removed = Vec::new();
     let cluster_size = img.header().cluster_size();
     // Whether a new bitmap of this granularity can be stored in the file, in
-    // QEMU's order of checks. The node name QEMU prints is its own (and
-    // changes from run to run); the file's name stands here.
+    // QEMU's order of checks, naming the image by the node name QEMU makes up.
     let can_store = |g: u64| -> Result<(), String> {
         let why = persistence_refusal(v2, size, cluster_size, g, name);
         match why {
             Some(why) => Err(format!(
-                "Can't make bitmap '{name}' persistent in '{file}': {why}"
+                "Can't make bitmap '{name}' persistent in '{}': {why}",
+                super::common::generated_node_name(1)
             )),
             None => Ok(()),
         }
@@ -311,8 +325,15 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
 }
 
-/// Open `path` as qcow2 (`format`, or probed), for writing or reading.
-fn open(spec: &strata_chain::OpenSpec, write: bool) -> Result<Qcow2Image> {
+/// The image a bitmap command works on: a qcow2 image, or an image of a format
+/// that stores no bitmaps (raw, luks), opened as qemu-img opens it.
+enum Opened {
+    Qcow2(Qcow2Image),
+    Other(std::sync::Arc<dyn strata_format::BlockDevice>),
+}
+
+/// Open `spec`'s image (`format`, or probed), without its backing file.
+fn open(spec: &strata_chain::OpenSpec, write: bool) -> Result<Opened> {
     let format = spec_format(spec)?;
     // qemu-img opens the image without its backing file: options for one
     // are left over, and refused.
@@ -321,12 +342,49 @@ fn open(spec: &strata_chain::OpenSpec, write: bool) -> Result<Qcow2Image> {
         warn_probed_raw(spec);
     }
     if format != Format::Qcow2 {
-        bail!(
-            "Persistent bitmaps are only supported in qcow2 images, not in {}",
-            format.name()
-        );
+        let dev = strata_chain::open_top(spec, format, write)
+            .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))?;
+        return Ok(Opened::Other(dev));
     }
-    open_qcow2(spec, write)
+    open_qcow2(spec, write).map(Opened::Qcow2)
+}
+
+/// Run `ops` on an image whose format holds no bitmaps, as qemu-img runs them:
+/// it finds no bitmap to remove, clear, enable, disable or merge into, and
+/// cannot store a new one (naming the image by the node name QEMU makes up),
+/// so the first operation fails, after the checks `apply` makes before.
+fn without_bitmaps(
+    ops: &[Op],
+    name: &str,
+    granularity: Option<u64>,
+    dev: &dyn strata_format::BlockDevice,
+) -> Result<i32> {
+    let cannot_store = |_: u64| -> Result<(), String> {
+        Err(format!(
+            "Can't store persistent bitmaps to {}: Operation not supported",
+            super::common::generated_node_name(1)
+        ))
+    };
+    let mut none = Vec::new();
+    let failed = ops.iter().find_map(|op| {
+        let size = dev.virtual_size();
+        apply(
+            &mut none,
+            op,
+            name,
+            granularity,
+            size,
+            Some(&[]),
+            &cannot_store,
+        )
+        .err()
+        .map(|e| format!("Operation {} on bitmap {name} failed: {e}", op.name()))
+    });
+    dev.close()?;
+    match failed {
+        Some(msg) => bail!(msg),
+        None => Ok(0),
+    }
 }
 
 /// QEMU's limits for a persistent bitmap: bytes of bitmap data, and
