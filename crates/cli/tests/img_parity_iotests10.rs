@@ -172,6 +172,58 @@ fn measure_and_bitmaps_of_a_huge_image_match_qemu_img() {
     assert_all_same();
 }
 
+/// Bitmap operations on images whose format stores no bitmaps (raw, probed
+/// or named; luks): qemu-img opens them and fails the first operation, an
+/// added bitmap for want of a place to store it (naming the node it made up),
+/// the others for want of the bitmap; its checks of the name and granularity
+/// come first, and a merge opens its source file first.
+#[test]
+fn bitmap_operations_on_images_without_bitmaps_fail_as_in_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The luks image is made once (its key material is random).
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s,data=x",
+            "-o",
+            "key-secret=s,iter-time=10",
+            "l.luks",
+            "1M",
+        ],
+    );
+    let setup = "qemu-img create -q -f raw r.raw 1M
+                 qemu-img create -q -f qcow2 q.qcow2 1M
+                 qemu-img bitmap --add q.qcow2 b0
+                 cp ../l.luks .";
+    let steps = [
+        "bitmap --add r.raw b1",
+        "bitmap --add -f raw r.raw b1",
+        "bitmap --add -g 64k --disable -f raw r.raw b1",
+        "bitmap --add -g 3 -f raw r.raw b1",
+        "bitmap --remove r.raw b1",
+        "bitmap --clear -f raw r.raw b1",
+        "bitmap --enable -f raw r.raw b1",
+        "bitmap --disable --add -f raw r.raw b1",
+        "bitmap --merge b0 -b q.qcow2 -F qcow2 -f raw r.raw b1",
+        "bitmap --merge b0 -b nosuch.qcow2 -F qcow2 -f raw r.raw b1",
+        "bitmap --remove -f raw q.qcow2 b0",
+        "bitmap --add -f raw q.qcow2 b1",
+        "bitmap --add --image-opts driver=raw,file.filename=r.raw b1",
+        "bitmap --add --object secret,id=s,data=x --image-opts driver=luks,key-secret=s,file.filename=l.luks b1",
+        "bitmap --clear --object secret,id=s,data=x --image-opts driver=luks,key-secret=s,file.filename=l.luks b1",
+    ];
+    // Every step fails and changes nothing: one pair of directories serves all.
+    same_but_node(d, "nobitmaps", setup, &steps, "bitmaps to ");
+    assert_all_same();
+}
+
 /// 170: `dd` copies an image into a new one of the same format, which
 /// `compare` and `check` then find equal and clean.
 #[test]

@@ -355,6 +355,7 @@ fn luks_key_slots_are_amended_as_qemu_img_amends_them() {
         "size=1M",
         "cipher-alg=aes-128",
         "encrypt.state=active",
+        "state=active,new-secret=s1,iter-time=abc",
     ]
     .iter()
     .enumerate()
@@ -372,6 +373,12 @@ fn luks_key_slots_are_amended_as_qemu_img_amends_them() {
                 "--image-opts",
             ];
             let mut a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+            // Every other request shows progress: qemu-img's 0% and 100% once
+            // the driver takes the options (whether it then succeeds or not),
+            // only the closing newline where they are refused before.
+            if i % 2 == 1 {
+                a.insert(1, "-p".into());
+            }
             a.push(opts_name(f));
             a
         });

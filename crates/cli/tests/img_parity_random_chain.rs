@@ -715,6 +715,46 @@ fn shell_words(args: &[String]) -> String {
 
 /// Usages the sweep found differing, each fixed and kept as a row.
 const PINNED: &[&[&str]] = &[
+    // Writes into an image with an enabled bitmap are recorded in it, as
+    // QEMU records them: the same bits, and the same file once stored.
+    &[
+        "rebase",
+        "-b",
+        "top.qcow2",
+        "-Fqcow2",
+        "-p",
+        "--image-opts",
+        "driver=qcow2,file.filename=bm2.qcow2",
+    ],
+    // A new backing format strata lacks: its driver refuses the file.
+    &[
+        "rebase",
+        "-b",
+        "nonexist.qcow2",
+        "-Tunsafe",
+        "-U",
+        "-Fvmdk",
+        "df.qcow2",
+    ],
+    &[
+        "rebase",
+        "--backing=raw.img",
+        "--backing-format",
+        "vmdk",
+        "top.qcow2",
+    ],
+    // An image named by options is named so when it cannot be opened.
+    &[
+        "bitmap",
+        "driver=qcow2,file.filename=nonexist.qcow2",
+        "new",
+        "--remove",
+        "--clear",
+        "--image-opts",
+    ],
+    // No snapshot is loaded over bitmaps, before it is looked up.
+    &["snapshot", "-a1", "-q", "bm2.qcow2"],
+    &["snapshot", "-a", "s1", "bm.qcow2"],
     // qemu-img 10 declares the long forms of -c/-a/-d without a value.
     &["snapshot", "--apply=s1", "snap.qcow2"],
     &["snapshot", "--create=s3", "snap.qcow2"],

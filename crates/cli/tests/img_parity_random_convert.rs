@@ -672,6 +672,8 @@ fn shell_words(args: &[String]) -> String {
 
 /// Usages the sweep found differing, fixed: each pinned as one row.
 const PINNED: &[&str] = &[
+    // -c with preallocation: refused without naming the mode.
+    "convert -o preallocation=falloc,cluster_size=2M -c -O qcow2 v3.qcow2 out.qcow2",
     // -B from a source without a backing file: what the source does not store
     // is zeroed, so the new backing file's data does not show through.
     "convert -O qcow2 -B base.qcow2 -F qcow2 v3.qcow2 out.qcow2",

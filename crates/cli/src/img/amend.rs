@@ -241,8 +241,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         return print_help(spec.protocol_driver.as_deref().unwrap_or(format.name()));
     }
     if format == Format::Luks && spec.protocol_driver.is_none() {
-        let result = super::amend_luks::run(&items, &spec, args.force);
-        bar.set(100.0);
+        let result = super::amend_luks::run(&items, &spec, args.force, &bar);
         bar.end();
         return result.or_else(|e| {
             eprint!("{}: {e}", ctx.prog);

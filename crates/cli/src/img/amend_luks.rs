@@ -15,6 +15,7 @@ pub fn run(
     items: &[(String, String)],
     spec: &strata_chain::OpenSpec,
     force: bool,
+    bar: &super::qsteps::QemuSteps,
 ) -> Result<i32, String> {
     // qemu-img opens the image as any LUKS writer (sharing writing: nothing is
     // written yet) and asks for the key update's locks only once the options
@@ -44,13 +45,28 @@ pub fn run(
         }
     }
     super::amend_keys::check_numbers(items, "").map_err(|e| format!("{e}\n"))?;
+    // The options parsed, qemu-img shows 0% before the driver reads them, and
+    // 100% once it is done, whether it succeeded or not.
+    bar.set(0.0);
+    let amended = amend_keys(img, items, spec, force);
+    bar.set(100.0);
+    amended?;
+    dev.close().map_err(|e| format!("{e}\n"))?;
+    Ok(0)
+}
+
+/// The key-slot change the options ask for, as QEMU's luks driver makes it.
+fn amend_keys(
+    img: &LuksImage,
+    items: &[(String, String)],
+    spec: &strata_chain::OpenSpec,
+    force: bool,
+) -> Result<(), String> {
     let req = super::amend_keys::request(items).map_err(|e| format!("{e}\n"))?;
     let storage = img.storage();
     if let (Some(file), Some(path)) = (storage.file(), storage.path()) {
         strata_storage::lock::acquire(file, path, strata_storage::LockMode::UpdateKeys)
             .map_err(|e| format!("{e}\n"))?;
     }
-    change_key_slots(KeyImage::Luks(img), spec, &req, force)?;
-    dev.close().map_err(|e| format!("{e}\n"))?;
-    Ok(0)
+    change_key_slots(KeyImage::Luks(img), spec, &req, force)
 }

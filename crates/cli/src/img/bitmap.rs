@@ -268,13 +268,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let img = match target {
         Target::Qcow2(img) => *img,
         // An image of a format without persistent bitmaps holds none and
-        // can store none: its first operation fails, as in qemu-img (where
-        // the node name it prints changes from run to run; the file's name
-        // stands here).
+        // can store none: its first operation fails, as in qemu-img (naming
+        // the node by the name QEMU makes up for it).
         Target::Other(dev) => {
             let refuse = |_: u64| -> Result<(), String> {
                 Err(format!(
-                    "Can't store persistent bitmaps to {file}: Operation not supported"
+                    "Can't store persistent bitmaps to {}: Operation not supported",
+                    super::common::generated_node_name(1)
                 ))
             };
             let mut none = Vec::new();
@@ -306,13 +306,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let mut removed = Vec::new();
     let cluster_size = img.header().cluster_size();
     // Whether a new bitmap of this granularity can be stored in the file, in
-    // QEMU's order of checks. The node name QEMU prints is its own (and
-    // changes from run to run); the file's name stands here.
+    // QEMU's order of checks, naming the image by the node name QEMU makes up.
     let can_store = |g: u64| -> Result<(), String> {
         let why = persistence_refusal(v2, size, cluster_size, g, name);
         match why {
             Some(why) => Err(format!(
-                "Can't make bitmap '{name}' persistent in '{file}': {why}"
+                "Can't make bitmap '{name}' persistent in '{}': {why}",
+                super::common::generated_node_name(1)
             )),
             None => Ok(()),
         }

@@ -136,7 +136,7 @@ pub fn open_qcow2(
     {
         (None, None) => std::sync::Arc::new(
             strata_storage::FileStorage::open(path, opts)
-                .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?,
+                .map_err(|e| anyhow!("Could not open '{}': {e}", spec.shown_name()))?,
         ),
         _ => strata_chain::top_storage(spec, write)
             .map_err(|e| open_error(path, &spec.shown_name(), &e))?,
@@ -443,4 +443,17 @@ mod tests {
         assert_eq!(o["lazy_refcounts"], "on");
         assert_eq!(o["backing_file"], "a,b");
     }
+}
+
+/// The name QEMU makes up for a node opened without one (`#block` then a
+/// counter, `n` for the `n`th node named, then two random digits), which its
+/// messages give where the image has no name of its own: a new name each run,
+/// as in qemu-img.
+pub fn generated_node_name(n: u64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % 100;
+    format!("#block{n}{random:02}")
 }

@@ -361,8 +361,11 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         bail!("Compression not supported for this file format");
     }
     if args.compress {
-        if let Some(p) = options.get("preallocation").filter(|p| p.as_str() != "off") {
-            bail!("Compression and preallocation not supported at the same time ('{p}')");
+        if options
+            .get("preallocation")
+            .is_some_and(|p| p.as_str() != "off")
+        {
+            bail!("Compression and preallocation not supported at the same time");
         }
     }
     // Bitmaps are judged after the target's options and -c.

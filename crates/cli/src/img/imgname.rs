@@ -559,14 +559,14 @@ fn parse_format(f: &str) -> Result<Format> {
 /// protocol refuses it) and refuses a file not in its format in its own words
 /// ([`strata_jobs::foreign_probe`]); a file that passes the checks modelled
 /// there is refused as an unknown driver, as before.
-fn foreign_format(f: &str) -> Option<&str> {
+pub fn foreign_format(f: &str) -> Option<&str> {
     (f.parse::<Format>().is_err() && strata_jobs::foreign_probe::FILE_FORMATS.contains(&f))
         .then_some(f)
 }
 
 /// The refusal of the file at `path` by the foreign format driver `f` (see
 /// [`foreign_format`]).
-fn foreign_refusal(f: &str, path: &Path) -> anyhow::Error {
+pub fn foreign_refusal(f: &str, path: &Path) -> anyhow::Error {
     if let Err(e) = std::fs::metadata(path) {
         return anyhow!(
             "Could not open '{}': {}",

@@ -118,7 +118,19 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .and_then(|n| layer_in_chain(&chain, &spec.path, n));
     let new_format: Option<Format> = match new_format_name {
         Some(f) if args.unsafe_mode || in_chain.is_some() => f.parse().ok(),
-        Some(f) => Some(f.parse()?),
+        // A format QEMU has and strata lacks: qemu-img opens the new backing
+        // file with it, and its driver refuses a file not in its format.
+        Some(f) => match (f.parse(), &new_name, super::imgname::foreign_format(f)) {
+            (Ok(f), _, _) => Some(f),
+            (Err(_), Some(n), Some(foreign)) => {
+                let path = strata_chain::resolve_backing(&spec.path, n);
+                bail!(
+                    "Could not open new backing file '{n}': {}",
+                    super::imgname::foreign_refusal(foreign, &path)
+                )
+            }
+            (Err(e), _, _) => return Err(e.into()),
+        },
         None => None,
     };
     // A raw image on an NBD export: QEMU's nbd driver has no driver

@@ -128,13 +128,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         println!("Image resized.");
     }
     // qemu-img resizes past a bitmap's limits and fails only to store the
-    // bitmaps when it closes the image: a warning, not a failure. strata names
-    // the node by its file name where QEMU gives a generated `#blockNNN`.
+    // bitmaps when it closes the image: a warning, not a failure, naming the
+    // node by the name QEMU makes up for it.
     if let Some(name) = qcow2.and_then(|q| q.lost_bitmap()) {
         eprintln!(
             "{}: Lost persistent bitmaps during inactivation of node '{}': Bitmap '{name}' doesn't satisfy the constraints: Too much space will be occupied by the bitmap. Use larger granularity",
             ctx.prog,
-            args.filename.display()
+            super::common::generated_node_name(1)
         );
     }
     Ok(0)

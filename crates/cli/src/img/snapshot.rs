@@ -223,6 +223,15 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         })?;
     } else if let Some(given) = &apply {
         let key = given.as_deref().unwrap_or(NO_NAME);
+        // QEMU refuses to load any snapshot over the image's bitmaps (all of
+        // them loaded when it opens the image, disabled ones too), before it
+        // looks the snapshot up.
+        let qcow2 = dev.as_any().downcast_ref::<Qcow2Image>();
+        if let Some(q) = qcow2 {
+            if !q.bitmaps()?.is_empty() {
+                bail!("Could not apply snapshot '{key}': Device has active dirty bitmaps");
+            }
+        }
         // No snapshot is found by a missing name, even one named "(null)".
         let found = job::list(dev.as_ref())
             .iter()
@@ -233,10 +242,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         let req = job::ApplyRequest {
             snapshot: key.to_string(),
         };
-        let data_file = dev
-            .as_any()
-            .downcast_ref::<Qcow2Image>()
-            .is_some_and(Qcow2Image::has_data_file);
+        let data_file = qcow2.is_some_and(Qcow2Image::has_data_file);
         with_notices(&dev, job::apply(dev.as_ref(), &req)).map_err(|e| match e {
             E::NoInternalSnapshots { .. } if data_file => anyhow::anyhow!(
                 "Could not apply snapshot '{key}': Failed to load snapshot: Operation not supported"

@@ -6,13 +6,22 @@
 use super::{differs, outcome, sh};
 use std::path::Path;
 
-/// `s` with the name after the first `key` (up to the next `'`) replaced by
-/// `NODE`; `key` ends in the opening quote, e.g. `node '`.
+/// `s` with the name after the first `key` (up to the next `'` or `:`)
+/// replaced by `NODE`; `key` ends where the name starts, e.g. `node '` or
+/// `bitmaps to `. The name must look like the one QEMU makes up
+/// (`#block` and digits) or be a name the options gave.
 pub fn blind(s: &str, key: &str) -> String {
     match s.find(key) {
         Some(i) => {
             let rest = &s[i + key.len()..];
-            let end = rest.find('\'').unwrap_or(rest.len());
+            let end = rest.find(['\'', ':']).unwrap_or(rest.len());
+            let name = &rest[..end];
+            if let Some(digits) = name.strip_prefix("#block") {
+                assert!(
+                    digits.len() >= 3 && digits.bytes().all(|b| b.is_ascii_digit()),
+                    "not a generated node name: {name:?} in {s:?}"
+                );
+            }
             format!("{}{key}NODE{}", &s[..i], &rest[end..])
         }
         None => s.to_string(),

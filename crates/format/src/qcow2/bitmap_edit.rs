@@ -80,6 +80,33 @@ impl Bitmap {
 }
 
 impl Bitmap {
+    /// Record a change to the guest bytes `[offset, offset + len)`: set every
+    /// bit whose range they touch (the bits grow to cover them).
+    pub(crate) fn mark(&mut self, offset: u64, len: u64) {
+        let Some(last_byte) = offset.checked_add(len).and_then(|e| e.checked_sub(1)) else {
+            return;
+        };
+        let first = offset >> self.granularity_bits;
+        let last = last_byte >> self.granularity_bits;
+        let need = index(last / 8 + 1);
+        if self.bits.len() < need {
+            self.bits.resize(need, 0);
+        }
+        let mut k = first;
+        while k <= last {
+            if k.is_multiple_of(8) && last - k >= 7 {
+                // Whole bytes at once.
+                let whole = (last - k + 1) / 8;
+                let at = index(k / 8);
+                self.bits[at..at + index(whole)].fill(0xff);
+                k += whole * 8;
+            } else {
+                self.set(k);
+                k += 1;
+            }
+        }
+    }
+
     /// Clear the bits of the last byte that lie past a disk of `size` bytes
     /// (an all-ones table entry sets them too; QEMU stores them as zeroes).
     fn clear_past_end(&mut self, size: u64) {
@@ -268,6 +295,18 @@ fn read_slots(m: &Meta) -> Result<Vec<Slot>> {
         out.push(Slot::Live(b));
     }
     Ok(out)
+}
+
+/// Every consistent bitmap of the image read whole (and those this session
+/// holds), in directory order; those marked in use are left out.
+pub(crate) fn read_consistent_whole(m: &Meta) -> Result<Vec<Bitmap>> {
+    Ok(read_slots(m)?
+        .into_iter()
+        .filter_map(|s| match s {
+            Slot::Live(b) => Some(b),
+            Slot::Kept(_) => None,
+        })
+        .collect())
 }
 
 /// Every bitmap of the image read whole, in directory order; refused if one

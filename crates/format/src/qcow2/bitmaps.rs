@@ -1,12 +1,16 @@
 //! Persistent dirty bitmaps (the bitmaps header extension), kept valid across the
 //! changes strata makes to an image.
 //!
-//! strata does not record which clusters each write touches. It keeps bitmaps valid
-//! the conservative way instead: before the first change to the guest disk in a
-//! session, every enabled ("auto") bitmap is set to all ones (each bitmap-table entry
-//! becomes the all-ones marker and the bitmap's data clusters are freed). An
-//! incremental backup from such a bitmap copies the whole disk: more work, nothing
-//! missed. Bitmaps already marked in use (inconsistent) are left as they are.
+//! They record changes as QEMU's do. Before the first change to the guest disk in
+//! a session, every consistent bitmap is read whole into memory and marked in use
+//! (inconsistent) on disk, in one directory write made durable before the change;
+//! each change then sets the bits of its guest range in the enabled ones; closing
+//! the image stores them anew (new data clusters, tables and directory, then the
+//! header, then the old clusters freed), consistent again. A crash in between
+//! leaves them in use: QEMU then disregards them (an incremental backup from one
+//! starts over with a full one), never trusts wrong bits. Bitmaps already marked
+//! in use when the image was opened are left as they are. Emptying an image (a
+//! commit's top) changes no guest data and leaves the bits alone, as QEMU's does.
 //!
 //! A resize keeps the bits, as QEMU does: a shrink drops those past the new end,
 //! a growth adds clean ones for the new range (which reads as zeroes). An image
@@ -17,20 +21,18 @@
 //! to the specification's rule for programs without bitmap support (the autoclear
 //! bit is cleared, and QEMU then ignores the bitmaps).
 //!
-//! Crash safety: a table rewritten in place changes entry by entry, and every entry
-//! is valid before and after; a table that moves is written, with its refcounts,
-//! before the directory points at it, and old clusters are freed last (a crash leaks
-//! at worst). A resize reads the bitmaps into memory and marks them in use before
-//! it starts; they are stored anew at the new size only when the image is closed
-//! (as QEMU stores them), so a crash anywhere in between leaves them inconsistent
-//! (QEMU then disregards them) rather than wrong. A resize that fails half way
-//! leaves them in use for good.
+//! Crash safety: a table that moves is written, with its refcounts, before the
+//! directory points at it, and old clusters are freed last (a crash leaks at
+//! worst). Bitmaps held in memory (for changes or a resize) are in use on disk
+//! from before the first change until they are stored at close, so a crash
+//! anywhere in between leaves them inconsistent rather than wrong. A resize that
+//! fails half way leaves them in use for good.
 
 use super::bitmap_edit::Bitmap;
 use super::entries::OFFSET_MASK;
 use super::header::{be32, be64, BitmapsExt};
 use super::meta::Meta;
-use crate::units::{header_u32, index, ClusterCount, HostOffset};
+use crate::units::index;
 use crate::{Error, Result};
 use strata_storage::Storage;
 
@@ -72,21 +74,20 @@ pub struct Bitmaps {
     dir_offset: u64,
     dir: Vec<u8>,
     entries: Vec<Entry>,
-    /// Enabled bitmaps were set to all ones in this session.
-    dirtied: bool,
+    /// The consistent bitmaps are held whole in `pending` and marked in use on
+    /// disk: changes to the guest disk set their bits there.
+    held: bool,
     /// The set was stored whole (as QEMU stores it when it closes an image)
     /// and has not changed since: closing the image writes nothing more.
     stored: bool,
-    /// Bitmaps a resize read whole and marked in use on disk, with their bits
-    /// as they are to be stored (sized when stored, to the disk size then).
+    /// Bitmaps read whole and marked in use on disk (for changes to the guest
+    /// disk or a resize), with their bits as they are to be stored (sized when
+    /// stored, to the disk size then).
     pending: Vec<Bitmap>,
     /// A resize (by this thread) started and has not finished: `pending` must
     /// not be stored (the bitmaps stay in use on disk), nor changed by the
     /// resize's own writes.
     resize_open: Option<std::thread::ThreadId>,
-    /// The enabled `pending` bitmaps were set to all ones for a change to the
-    /// guest disk since the last resize.
-    pending_dirtied: bool,
     /// A resize made a bitmap outgrow QEMU's limits: the bitmap QEMU names
     /// when it then fails to store them. Every bitmap stays in use on disk;
     /// none is stored again.
@@ -183,11 +184,10 @@ impl Bitmaps {
             dir_offset: ext.directory_offset,
             dir,
             entries,
-            dirtied: false,
+            held: false,
             stored: false,
             pending: Vec::new(),
             resize_open: None,
-            pending_dirtied: false,
             lost: None,
         }))
     }
@@ -244,6 +244,20 @@ impl Bitmaps {
         self.stored = true;
     }
 
+    /// Mark every entry not yet in use in use, in the directory held here
+    /// (the caller writes it); whether any changed.
+    fn mark_all_in_use(&mut self) -> bool {
+        let mut any = false;
+        for i in 0..self.entries.len() {
+            if self.entries[i].flags & FLAG_IN_USE == 0 {
+                self.entries[i].flags |= FLAG_IN_USE;
+                self.put_entry(i);
+                any = true;
+            }
+        }
+        any
+    }
+
     fn put_entry(&mut self, i: usize) {
         let e = &self.entries[i];
         let at = e.at;
@@ -254,37 +268,44 @@ impl Bitmaps {
 }
 
 impl Meta {
-    /// Before the first change to the guest disk in this session: set every
-    /// enabled bitmap to all ones (a no-op after that, or without bitmaps).
-    /// Bitmaps a resize holds in memory are set to all ones in memory, once per
-    /// resize; during a resize, by a change another thread makes (the resize's
-    /// own writes of the grown range leave them clean, as QEMU's do).
-    pub(crate) fn dirty_bitmaps(&mut self) -> Result<()> {
-        if let Some(b) = self.bitmaps.as_mut() {
-            if !b.pending.is_empty() && !b.pending_dirtied {
-                match &b.resize_open {
-                    Some(t) if *t == std::thread::current().id() => {}
-                    _ => {
-                        for p in b.pending.iter_mut().filter(|p| p.enabled) {
-                            p.bits.fill(0xff);
-                        }
-                        b.pending_dirtied = true;
-                        b.stored = false;
-                    }
-                }
-            }
+    /// Before a change to the guest bytes `[offset, offset + len)`: the enabled
+    /// bitmaps record it (held in memory, see the module; the first change of a
+    /// session marks them in use on disk first). A resize's own writes (of the
+    /// grown range, by the thread resizing) are not recorded, as QEMU's are not.
+    pub(crate) fn dirty_bitmaps(&mut self, offset: u64, len: u64) -> Result<()> {
+        let Some(b) = self.bitmaps.as_ref() else {
+            return Ok(());
+        };
+        if len == 0 || matches!(&b.resize_open, Some(t) if *t == std::thread::current().id()) {
+            return Ok(());
         }
-        match &self.bitmaps {
-            Some(b) if !b.dirtied => {}
-            _ => return Ok(()),
+        if !b.held {
+            self.hold_bitmaps()?;
         }
+        let b = self.bitmaps.as_mut().expect("checked");
+        for p in b.pending.iter_mut().filter(|p| p.enabled) {
+            p.mark(offset, len);
+        }
+        b.stored = false;
+        Ok(())
+    }
+
+    /// Read every consistent bitmap whole into memory and mark it in use on
+    /// disk (one directory write, made durable before anything else changes).
+    fn hold_bitmaps(&mut self) -> Result<()> {
+        let live = super::bitmap_edit::read_consistent_whole(self)?;
         let mut b = self.bitmaps.take().expect("checked");
-        let size = self.h.size;
-        let enabled = |e: &Entry| e.flags & FLAG_AUTO != 0 && e.flags & FLAG_IN_USE == 0;
-        let r = self.fill(&mut b, size, enabled);
-        if r.is_ok() {
-            b.dirtied = true;
-        }
+        let marked = b.mark_all_in_use();
+        b.pending = live;
+        b.held = true;
+        b.stored = false;
+        let r = if marked {
+            self.flush_metadata()
+                .and_then(|_| Ok(self.storage.write_at(&b.dir, b.dir_offset)?))
+                .and_then(|_| self.barrier())
+        } else {
+            Ok(())
+        };
         self.bitmaps = Some(b);
         r
     }
@@ -349,13 +370,9 @@ impl Meta {
         };
         if let Some(lost) = b.entries.iter().rev().find(too_big).map(|e| e.name.clone()) {
             let mut b = self.bitmaps.take().expect("checked");
-            for i in 0..b.entries.len() {
-                if b.entries[i].flags & FLAG_IN_USE == 0 {
-                    b.entries[i].flags |= FLAG_IN_USE;
-                    b.put_entry(i);
-                }
-            }
+            b.mark_all_in_use();
             b.pending.clear();
+            b.held = true;
             b.lost = Some(lost);
             let r = self
                 .flush_metadata()
@@ -369,15 +386,9 @@ impl Meta {
         }
         let pending = super::bitmap_edit::read_whole(self)?;
         let mut b = self.bitmaps.take().expect("checked");
-        let mut any = false;
-        for i in 0..b.entries.len() {
-            if b.entries[i].flags & FLAG_IN_USE == 0 {
-                b.entries[i].flags |= FLAG_IN_USE;
-                b.put_entry(i);
-                any = true;
-            }
-        }
+        let any = b.mark_all_in_use();
         b.pending = pending;
+        b.held = true;
         b.stored = false;
         b.resize_open = Some(std::thread::current().id());
         let r = if any {
@@ -393,12 +404,11 @@ impl Meta {
 
     /// After a resize (its own writes of the grown range included): the
     /// bitmaps [`Meta::bitmaps_begin_resize`] holds in memory are to be stored
-    /// when the image closes; a later change to the guest disk sets the enabled
-    /// ones to all ones.
+    /// when the image closes; later changes to the guest disk are recorded in
+    /// them.
     pub(crate) fn bitmaps_end_resize(&mut self) {
         if let Some(b) = self.bitmaps.as_mut() {
             if b.resize_open.take().is_some() {
-                b.pending_dirtied = false;
                 b.stored = false;
             }
         }
@@ -411,67 +421,6 @@ impl Meta {
             return None;
         }
         b.pending.iter().find(|p| p.name == name)
-    }
-
-    /// Set the bitmaps `chosen` picks to all ones for a disk of `size` bytes (tables
-    /// of the right size, moved if their size changes), then write the directory
-    /// and free what the old tables held.
-    fn fill(&mut self, b: &mut Bitmaps, size: u64, chosen: impl Fn(&Entry) -> bool) -> Result<()> {
-        b.stored = false;
-        let cs = self.cluster_size();
-        let bits = self.geo.cluster_bits;
-        let mut frees = Vec::new();
-        let mut dir_changed = false;
-        for i in 0..b.entries.len() {
-            if !chosen(&b.entries[i]) {
-                continue;
-            }
-            let e = &mut b.entries[i];
-            let need = table_entries_for(size, e.granularity_bits, cs).max(1);
-            let mut raw = vec![0u8; e.table_size as usize * 8];
-            self.storage.read_at(&mut raw, e.table_offset)?;
-            let old: Vec<u64> = (0..raw.len()).step_by(8).map(|at| be64(&raw, at)).collect();
-            let unchanged = need == u64::from(e.table_size) && old.iter().all(|&x| x == ALL_ONES);
-            if unchanged {
-                continue;
-            }
-            let table_size = header_u32(need, "bitmap table size")?;
-            let ones: Vec<u8> = std::iter::repeat_n(ALL_ONES.to_be_bytes(), index(need))
-                .flatten()
-                .collect();
-            if need == u64::from(e.table_size) {
-                // In place: every entry is valid before and after its own write.
-                self.storage.write_at(&ones, e.table_offset)?;
-            } else {
-                let at = self
-                    .alloc_clusters(ClusterCount::for_bytes(need * 8, bits))?
-                    .get();
-                self.storage.write_at(&ones, at)?;
-                frees
-                    .extend(HostOffset(e.table_offset).clusters(u64::from(e.table_size) * 8, bits));
-                e.table_offset = at;
-                e.table_size = table_size;
-            }
-            frees.extend(
-                old.iter()
-                    .map(|&x| HostOffset(x & OFFSET_MASK))
-                    .filter(|o| !o.is_none())
-                    .map(|o| o.cluster(bits)),
-            );
-            b.put_entry(i);
-            dir_changed = true;
-        }
-        // New tables and their refcounts are on disk before the directory points
-        // at them; old clusters are freed only once it no longer does.
-        self.flush_metadata()?;
-        if dir_changed {
-            self.storage.write_at(&b.dir, b.dir_offset)?;
-            self.barrier()?;
-        }
-        for c in frees {
-            self.free_later(c);
-        }
-        self.flush_metadata()
     }
 }
 

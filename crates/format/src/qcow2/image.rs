@@ -576,7 +576,8 @@ impl Qcow2Image {
                 return Ok(false);
             }
         }
-        m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+        m.before_guest_change(offset, len)
+            .map_err(|e| self.err(e))?;
         self.zero_locked(&mut m, offset, len, may_unmap, false)
             .map_err(|e| self.fail_corrupt(&mut m, e))?;
         Ok(true)
@@ -1101,7 +1102,10 @@ impl Qcow2Image {
             return Err(self.err(data_file::compressed_write_refused()));
         }
         let mut m = self.lock()?;
-        m.mark_dirty_if_lazy()?;
+        let cs = m.cluster_size();
+        let start = gc.saturating_mul(cs);
+        let len = cs.min(m.h.size.saturating_sub(start));
+        m.before_guest_change(start, len)?;
         let l2n = m.l2_entries();
         let r = (|| {
             let old = m.entry(gc)?;
@@ -1627,7 +1631,8 @@ impl BlockDevice for Qcow2Image {
                 .acquire(offset / cs, (offset + buf.len() as u64).div_ceil(cs));
             let plan = {
                 let mut m = self.lock()?;
-                m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+                m.before_guest_change(offset, buf.len() as u64)
+                    .map_err(|e| self.err(e))?;
                 self.plan_write(&mut m, buf, offset)
                     .map_err(|e| self.fail_corrupt(&mut m, e))?
             };
@@ -1663,11 +1668,14 @@ impl BlockDevice for Qcow2Image {
                 end = offset + len;
             }
             if end <= start {
-                return Ok(());
+                // Nothing to discard, yet bitmaps record the request, as QEMU's do.
+                let mut m = self.lock()?;
+                return m.dirty_bitmaps(offset, len).map_err(|e| self.err(e));
             }
             let _busy = self.inflight.acquire(start / cs, end.div_ceil(cs));
             let mut m = self.lock()?;
-            m.mark_dirty_if_lazy().map_err(|e| self.err(e))?;
+            m.before_guest_change(offset, len)
+                .map_err(|e| self.err(e))?;
             let padded_end = end.next_multiple_of(cs);
             self.zero_locked(&mut m, start, padded_end - start, true, true)
                 .map_err(|e| self.fail_corrupt(&mut m, e))

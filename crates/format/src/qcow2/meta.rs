@@ -463,12 +463,16 @@ impl Meta {
         Ok(())
     }
 
-    /// Before a change to the guest disk: persistent bitmaps record it (the first
-    /// time in a session), and the first write of a lazy-refcounts session sets and
+    /// Before a change to the guest bytes `[offset, offset + len)`: persistent
+    /// bitmaps record it (see `bitmaps`), and [`Meta::mark_dirty_if_lazy`].
+    pub fn before_guest_change(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.dirty_bitmaps(offset, len)?;
+        self.mark_dirty_if_lazy()
+    }
+
+    /// Before a write: the first write of a lazy-refcounts session sets and
     /// flushes the dirty bit.
     pub fn mark_dirty_if_lazy(&mut self) -> Result<()> {
-        // Bitmaps first record that the disk changes (see `bitmaps`).
-        self.dirty_bitmaps()?;
         if self.dirty_written || !self.h.lazy_refcounts() || self.h.version < 3 {
             return Ok(());
         }

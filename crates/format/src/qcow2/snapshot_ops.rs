@@ -567,7 +567,8 @@ impl Qcow2Image {
         m.usable_snapshot_l1(&snap)?;
         m.flush_caches_before_op()?;
         // The guest disk changes wholesale: bitmaps record it first.
-        m.dirty_bitmaps()?;
+        let size = m.h.size;
+        m.dirty_bitmaps(0, size)?;
         if m.snapshots_in_place() && self.apply_in_place(m, &snap)? {
             m.l2.clear();
             return Ok(());
@@ -776,14 +777,12 @@ impl Qcow2Image {
             let cs = m.geo.cluster_size();
             let clusters = m.h.size.div_ceil(cs);
             let r = marked
-                .and_then(|_| m.dirty_bitmaps())
                 .and_then(|_| m.discard_in_full(0, clusters))
                 .and_then(|_| m.flush_metadata());
             r.map_err(|e| self.fail_corrupt(&mut m, e))?;
             return m.end_metadata_op(set_here).map_err(|e| self.err(e));
         }
         let r = marked
-            .and_then(|_| m.dirty_bitmaps())
             .and_then(|_| m.drop_l2_tables(0, false, after_l1))
             .and_then(|_| {
                 // qemu-img lays an image it may rebuild (version 3 without
