@@ -144,7 +144,7 @@ impl Qcow2Image {
             // The header counts only the entries kept before the refcounts are
             // counted: the table's tail and the discarded entries' tables leak,
             // and the count below frees them.
-            let kept = m.snapshots.len() as u32;
+            let kept = m.h.nb_snapshots.min(header::MAX_SNAPSHOTS) - overhang;
             m.storage
                 .write_at(&kept.to_be_bytes(), 60)
                 .and_then(|()| m.storage.flush())
