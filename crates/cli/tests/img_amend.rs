@@ -97,6 +97,49 @@ const CASES: &[(&str, &[&str])] = &[
     ("zstdc.qcow2", &["-o", "compat=0.10"]),
     ("lazy.qcow2", &["-p", "-o", "lazy_refcounts=off"]),
     ("lazy.qcow2", &["-o", "compat=0.10"]),
+    // Several steps at once, in qemu-img's order: the upgrade, the refcount
+    // width, lazy refcounts, the size, the downgrade; a refused step leaves
+    // those before it done.
+    (
+        "plain.qcow2",
+        &["-p", "-o", "lazy_refcounts=on,refcount_bits=64,size=2G"],
+    ),
+    ("plain.qcow2", &["-p", "-o", "size=96M,refcount_bits=8"]),
+    (
+        "plain.qcow2",
+        &[
+            "-p",
+            "-o",
+            "compat=0.10,lazy_refcounts=on,refcount_bits=64,size=2G",
+        ],
+    ),
+    (
+        "plain.qcow2",
+        &["-p", "-o", "refcount_bits=64,size=1073741825"],
+    ),
+    ("plain.qcow2", &["-p", "-o", "compat=0.10,size=128M"]),
+    ("r64.qcow2", &["-p", "-o", "compat=0.10,size=128M"]),
+    (
+        "r64.qcow2",
+        &["-p", "-o", "compat=0.10,refcount_bits=16,size=32M"],
+    ),
+    (
+        "v2.qcow2",
+        &[
+            "-p",
+            "-o",
+            "compat=1.1,lazy_refcounts=on,refcount_bits=64,size=2G",
+        ],
+    ),
+    ("v2.qcow2", &["-o", "lazy_refcounts=on,size=128M"]),
+    (
+        "lazy.qcow2",
+        &["-p", "-o", "compat=0.10,lazy_refcounts=on,size=128M"],
+    ),
+    (
+        "lazy.qcow2",
+        &["-o", "refcount_bits=2,lazy_refcounts=off,size=32M"],
+    ),
 ];
 
 #[test]

@@ -217,6 +217,62 @@ qemu-io -f {fmt} -c 'write -P 3 1M 1M' img >/dev/null"
     assert_all_same();
 }
 
+/// Metadata preallocation with subclusters (`extended_l2=on`) only reserves
+/// the clusters: their subclusters stay unallocated, only the subclusters the
+/// range starts and ends inside are written, and the file reaches the end of
+/// the subcluster holding the disk's last byte, at sizes off the subcluster
+/// and cluster grids, on `create` and on `resize`. (With an external data
+/// file qemu-img's data file has only its first block allocated, where
+/// strata's also has the last subcluster's: not pinned yet.)
+#[test]
+fn subclustered_preallocation_reserves_to_the_last_subcluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for size in ["1", "4096", "66048", "134218240"] {
+        for o in [
+            "extended_l2=on,preallocation=metadata",
+            "extended_l2=on,cluster_size=2M,preallocation=metadata",
+        ] {
+            let step = ["create", "-f", "qcow2", "-o", o, "img", size];
+            same_usage(dir.path(), &format!("sc{n}"), "", &[step.as_slice()]);
+            n += 1;
+        }
+    }
+    let setup = "qemu-img create -q -f qcow2 -o extended_l2=on img 1000000
+qemu-io -f qcow2 -c 'write -P 3 0 512' img >/dev/null";
+    for size in ["+512", "+1049088", "+3145728"] {
+        let step = ["resize", "--preallocation=metadata", "img", size];
+        same_usage(dir.path(), &format!("sc{n}"), setup, &[step.as_slice()]);
+        n += 1;
+    }
+    assert_all_same();
+}
+
+/// Growing an empty raw file writes its first block (a sector below 4 KiB,
+/// which makes a shorter file a sector long, else 4 KiB) without
+/// preallocation and with `falloc`, not with `full`, as qemu-img does.
+#[test]
+fn growing_an_empty_raw_file_writes_its_first_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for p in [None, Some("off"), Some("falloc"), Some("full")] {
+        for size in ["1", "4095", "65537"] {
+            let p = p.map(|p| format!("--preallocation={p}"));
+            let mut step = vec!["resize", "-f", "raw"];
+            step.extend(p.as_deref());
+            step.extend(["img", size]);
+            same_usage(
+                dir.path(),
+                &format!("er{n}"),
+                "touch img",
+                &[step.as_slice()],
+            );
+            n += 1;
+        }
+    }
+    assert_all_same();
+}
+
 /// `dd` into new raw and qcow2 files, whole and in part, from a sparse qcow2
 /// image and from a raw file, writes what qemu-img's dd writes.
 #[test]

@@ -472,14 +472,7 @@ fn too_much_snapshot_extra_data_is_refused_until_check_r_all_discards_it() {
     );
     let mut n = 0;
     for img in ["img", "small"] {
-        for sub in [&["info"][..], &["snapshot", "-l"]] {
-            n += 1;
-            let (ours, _) = same_on_copies(d, n, img, sub[0], &sub[1..], &[]);
-            if std::fs::read(d.join(&ours)).unwrap() != std::fs::read(d.join(img)).unwrap() {
-                differs(format!("{sub:?} {img}: strata changed the image"));
-            }
-        }
-        same_checks(
+        refused_until_check_r_all(
             d,
             &mut n,
             img,
@@ -491,26 +484,123 @@ fn too_much_snapshot_extra_data_is_refused_until_check_r_all_discards_it() {
                 &["-r", "all", "--output=json"],
             ],
         );
-        // The repaired images open again, with the same snapshots.
-        n += 1;
-        let (ours, theirs) = same_on_copies(d, n, img, "check", &["-r", "all"], &[]);
-        for sub in [&["snapshot", "-l"][..], &["check"]] {
-            let on = |f: &str| -> Vec<String> {
-                sub.iter()
-                    .map(|s| s.to_string())
-                    .chain([f.to_string()])
-                    .collect()
-            };
-            let (a_ours, a_theirs) = (on(&ours), on(&theirs));
-            let a_ours: Vec<&str> = a_ours.iter().map(String::as_str).collect();
-            let a_theirs: Vec<&str> = a_theirs.iter().map(String::as_str).collect();
-            common::same(d, &a_ours);
-            let a = common::outcome(d, "qemu-img", &a_ours);
-            let b = common::outcome(d, "qemu-img", &a_theirs);
-            if a.0 != b.0 || a.1.replace(&ours, "IMG") != b.1.replace(&theirs, "IMG") {
-                differs(format!("{sub:?} after check -r all {img}: {a:?} vs {b:?}"));
-            }
+    }
+    assert_all_same();
+}
+
+/// `info` and `snapshot -l` of `img` in `d` (copy set `n` on), then each
+/// check mode ([`same_checks`]), and after `check -r all` `snapshot -l` and
+/// `check` of the repaired copies: both tools print the same and leave the
+/// same bytes.
+fn refused_until_check_r_all(d: &Path, n: &mut usize, img: &str, checks: &[&[&str]]) {
+    for sub in [&["info"][..], &["snapshot", "-l"]] {
+        *n += 1;
+        let (ours, _) = same_on_copies(d, *n, img, sub[0], &sub[1..], &[]);
+        if std::fs::read(d.join(&ours)).unwrap() != std::fs::read(d.join(img)).unwrap() {
+            differs(format!("{sub:?} {img}: strata changed the image"));
         }
+    }
+    same_checks(d, n, img, checks);
+    // The repaired images open again, with the same snapshots.
+    *n += 1;
+    let (ours, theirs) = same_on_copies(d, *n, img, "check", &["-r", "all"], &[]);
+    for sub in [&["snapshot", "-l"][..], &["check"]] {
+        let on = |f: &str| -> Vec<String> {
+            sub.iter()
+                .map(|s| s.to_string())
+                .chain([f.to_string()])
+                .collect()
+        };
+        let (a_ours, a_theirs) = (on(&ours), on(&theirs));
+        let a_ours: Vec<&str> = a_ours.iter().map(String::as_str).collect();
+        let a_theirs: Vec<&str> = a_theirs.iter().map(String::as_str).collect();
+        common::same(d, &a_ours);
+        let a = common::outcome(d, "qemu-img", &a_ours);
+        let b = common::outcome(d, "qemu-img", &a_theirs);
+        if a.0 != b.0 || a.1.replace(&ours, "IMG") != b.1.replace(&theirs, "IMG") {
+            differs(format!("{sub:?} after check -r all {img}: {a:?} vs {b:?}"));
+        }
+    }
+}
+
+/// Build one of 261's oversized snapshot tables into the new qcow2 image
+/// (argv: kind, file), at 1 MiB, with an L2 table at 960 KiB and an L1 table
+/// at 896 KiB for the first entry to be discarded, all counted in refcount
+/// block 0: `many`, 131072 empty (version 2) entries; `big`, entries of 1 KiB
+/// extra data and an ID and name of 65535 bytes each, one more than fit in
+/// 64 MiB; `bigextra`, the same with the fourth-last entry's extra data grown
+/// so that the table passes 64 MiB two entries before its end unless that
+/// extra data is cut to 1 KiB.
+const OVERSIZED_TABLE: &str = r#"
+import struct, sys, os
+M = 1048576
+def rd(f, off, fmt):
+    with open(f, 'rb') as h:
+        h.seek(off); return struct.unpack(fmt, h.read(struct.calcsize(fmt)))[0]
+def poke(f, off, data):
+    with open(f, 'r+b') as h:
+        h.seek(off); h.write(data)
+def hook_up(f, end):
+    poke(f, M - 2 * 65536, struct.pack('>Q', 0x80000000000f0000))
+    rb = rd(f, rd(f, 48, '>Q'), '>Q')
+    c, e = (M - 2 * 65536) // 65536, (end + 65535) // 65536
+    poke(f, rb + 2 * c, b'\x00\x01' * (e - c))
+def table(f, extras):
+    off = M
+    for i, extra in enumerate(extras):
+        e = bytearray(40)
+        e[12:16] = b'\xff\xff\xff\xff'
+        e[36:40] = struct.pack('>I', extra)
+        if i == len(extras) - 1:
+            e[0:12] = struct.pack('>QI', 0xe0000, 1)
+        poke(f, off, e)
+        off = (off + 40 + extra + 2 * 65535 + 7) // 8 * 8
+    os.truncate(f, off)
+    hook_up(f, off)
+    return len(extras)
+kind, f = sys.argv[1], sys.argv[2]
+sn = 40 + 1024 + 2 * 65535 + 2
+n = 64 * M // sn + 1
+if kind == 'many':
+    count = 131072
+    os.truncate(f, M + 40 * count)
+    poke(f, M + 40 * 65536, struct.pack('>QI', 0xe0000, 1))
+    hook_up(f, M + 40 * count)
+elif kind == 'big':
+    count = table(f, [1024] * n)
+else:
+    extra = 64 * M + 8 - sn - ((n - 2) * sn - 1024)
+    count = table(f, [1024] * (n - 3) + [extra, 1024, 1024])
+poke(f, 60, struct.pack('>IQ', count, M))
+"#;
+
+/// 261's "Snapshot table too big" (with and without an entry whose extra data
+/// is too much) and "Too many snapshots": qemu-img refuses to open the image
+/// ("Snapshot table is too big" with the hint to remove the overhanging
+/// snapshots, or "Snapshot table too large"), `check` and `check -r leaks`
+/// fail alike, and `check -r all` discards the entries past 64 MiB or past
+/// 65536 (the header counts only those kept; their tables and the table's
+/// tail leak and are freed), so the image opens again. strata prints, leaves
+/// and reopens the same.
+#[test]
+fn oversized_snapshot_tables_are_refused_until_check_r_all_cuts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("table.py"), OVERSIZED_TABLE).unwrap();
+    fixture(
+        d,
+        "qemu-img create -q -f qcow2 -o compat=0.10 many 64M
+         python3 table.py many many
+         for k in big bigextra; do
+             qemu-img create -q -f qcow2 $k 64M
+             python3 table.py $k $k
+         done",
+    );
+    let mut n = 0;
+    // The JSON forms and `-r leaks` (a check) are pinned above; these
+    // tables are 64 MiB each.
+    for img in ["many", "big", "bigextra"] {
+        refused_until_check_r_all(d, &mut n, img, &[&[], &["-r", "all"]]);
     }
     assert_all_same();
 }

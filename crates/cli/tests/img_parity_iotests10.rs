@@ -460,9 +460,10 @@ open(f, 'wb').write(b)
 /// entry then records the disk size, the image's, as qemu-img writes it, and
 /// the old table's clusters are given back); a v2 file forced to v3 repaired
 /// by `check -r all`; snapshots of the upgraded image deleted (the unknown
-/// extra data kept). (An entry with more than 1 KiB of extra data is pinned
-/// in img_parity_hostile.rs: refused at open, its excess discarded by
-/// `check -r all`.)
+/// extra data kept). (An entry with more than 1 KiB of extra data, a table
+/// over 64 MiB and one of more than 65536 entries are pinned in
+/// img_parity_hostile.rs: refused at open, the excess discarded by `check -r
+/// all`.)
 #[test]
 fn snapshot_entries_with_odd_extra_data_are_handled_as_in_qemu_img() {
     let dir = tempfile::tempdir().unwrap();

@@ -50,6 +50,28 @@ impl RawImage {
         &self.storage
     }
 
+    /// Grow the disk to `new_size` (larger than the file), the new range
+    /// preallocated as `mode` asks, as QEMU's file driver truncates: from the
+    /// file's length, and a file that was empty gets its first block written
+    /// (see [`first_block`]) unless `full` wrote it already.
+    pub fn grow_preallocated(
+        &self,
+        new_size: u64,
+        mode: crate::qcow2::Preallocation,
+    ) -> Result<()> {
+        request(Operation::Resize, None, || {
+            let len = self.storage.size().map_err(|e| self.err(e))?;
+            if new_size > len {
+                fill(self.storage.as_ref(), len, new_size - len, mode).map_err(|e| self.err(e))?;
+                if len == 0 && mode != crate::qcow2::Preallocation::Full {
+                    first_block(self.storage.as_ref(), new_size).map_err(|e| self.err(e))?;
+                }
+            }
+            *sync::write(&self.size) = new_size;
+            Ok(())
+        })
+    }
+
     /// Zero `[offset, offset + len)` by giving its blocks back to the host;
     /// `false` if the storage cannot (nothing changed).
     fn unmap(&self, offset: u64, len: u64) -> Result<bool> {
@@ -61,6 +83,16 @@ impl RawImage {
     fn err(&self, e: impl Into<Error>) -> Error {
         e.into().at(self.storage.path())
     }
+}
+
+/// Write zeroes over the first block of an empty file grown to `size`, as
+/// QEMU's file driver does so that the file system reports it as data (tools
+/// probe the alignment there): a sector when `size` is below 4 KiB (which
+/// makes a shorter file a sector long), else 4 KiB.
+fn first_block(storage: &dyn Storage, size: u64) -> Result<()> {
+    let n = if size < 4096 { 512 } else { 4096 };
+    storage.write_at(&[0u8; 4096][..n], 0)?;
+    Ok(())
 }
 
 /// Give `storage` the range `[offset, offset + len)` as `prealloc` asks, growing
@@ -208,7 +240,11 @@ impl BlockDevice for RawImage {
                     "Shrinking the image from {cur} to {new_size} bytes was not allowed"
                 )));
             }
+            let len = self.storage.size().map_err(|e| self.err(e))?;
             self.storage.set_size(new_size).map_err(|e| self.err(e))?;
+            if len == 0 && new_size > 0 {
+                first_block(self.storage.as_ref(), new_size).map_err(|e| self.err(e))?;
+            }
             *sync::write(&self.size) = new_size;
             Ok(())
         })

@@ -6,7 +6,7 @@ use super::common::{open_qcow2, option_items, option_size, spec_format, warn_pro
 use super::qsteps::QemuSteps;
 use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
-use strata_format::qcow2::amend::{AmendOptions, AmendStep};
+use strata_format::qcow2::amend::{AmendOptions, AmendPoint, AmendStep};
 use strata_format::qcow2::Qcow2Image;
 use strata_format::{BlockDevice, Format};
 
@@ -347,75 +347,61 @@ fn print_help(fmt: &str) -> Result<i32> {
     Ok(0)
 }
 
-/// In qemu-img's order: the refusals it makes first, the data file, the
-/// backing file check (a backing file or format other than the current one is
-/// refused, after the upgrade and the refcount width change the request also
-/// asks for, which qemu-img makes before it looks at the backing file), the
-/// size (a plain resize), then the format changes, which close the image.
+/// In qemu-img's order (see [`Qcow2Image::amend_with`]): the upgrade and the
+/// refcount width change, then the data file and the backing file check (a
+/// backing file or format other than the current one is refused), lazy
+/// refcounts, the size (a plain resize), and the downgrade last, which closes
+/// the image. A refusal leaves the steps before it done, as qemu-img does.
 fn amend(img: Qcow2Image, req: &Request, steps: u64, bar: &QemuSteps) -> Result<(), String> {
-    let kind = |e: strata_format::Error| e.message().to_string();
-    let h = img.header();
-    let version = req.amend.version.unwrap_or(h.version);
-    // qemu-img upgrades first, so a wider refcount needs compat 1.1 after it;
-    // refused before the data file or size changes.
-    if let Some(bits) = req.amend.refcount_bits {
-        if version.max(h.version) < 3 && bits != u64::from(h.refcount_bits()) {
-            return Err("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)".into());
-        }
-    }
-    if req.data_file.is_some() || req.data_file_raw.is_some() {
-        img.amend_data_file(req.data_file.as_deref(), req.data_file_raw)
-            .map_err(kind)?;
-    }
-    if let Err(refusal) = check_backing(&img, req) {
-        let early = AmendOptions {
-            version: req.amend.version.filter(|v| *v > h.version),
-            refcount_bits: req.amend.refcount_bits,
-            lazy_refcounts: None,
-        };
-        if early != AmendOptions::default() {
-            run_format_changes(img, &early, steps, bar).map_err(kind)?;
-        }
-        return Err(refusal);
-    }
-    // Refused before the size changes (the other format checks come after it).
-    if req.amend.lazy_refcounts == Some(true) && version < 3 && !img.header().lazy_refcounts() {
-        return Err("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into());
-    }
-    if let Some(size) = req.size {
-        img.resize(size, true).map_err(kind)?;
-    }
-    run_format_changes(img, &req.amend, steps, bar).map_err(|e| {
-        match super::snapshot::bad_snapshot_l1(&e) {
-            // The zero-cluster expansion of a downgrade reads every snapshot's L1
-            // table: qemu-img reports the bad one, then the failed expansion.
-            Some((msg, errno)) => {
-                let prog = super::common::PROG.get().copied().unwrap_or("strata img");
-                format!("{msg}\n{prog}: Failed to turn zero into data clusters: {errno}")
-            }
-            None => kind(e),
-        }
-    })
-}
-
-/// Make the format changes `o` asks for (then close the image), their
-/// progress spread over the `steps` the whole request reports.
-fn run_format_changes(
-    img: Qcow2Image,
-    o: &AmendOptions,
-    steps: u64,
-    bar: &QemuSteps,
-) -> strata_format::Result<()> {
     let mut spread = StepProgress {
         steps,
         finished: 0,
         done_before: 0,
         last: None,
     };
-    img.amend(o, &mut |step, done, total| {
+    let mut progress = |step, done, total| {
         let (d, t) = spread.report(step, done, total);
         bar.set_fraction(d, t);
-    })
+    };
+    let mut between = |point, img: &Qcow2Image| -> Result<(), Refusal> {
+        match point {
+            AmendPoint::AfterRefcounts => {
+                if req.data_file.is_some() || req.data_file_raw.is_some() {
+                    img.amend_data_file(req.data_file.as_deref(), req.data_file_raw)?;
+                }
+                check_backing(img, req).map_err(Refusal::Said)
+            }
+            AmendPoint::BeforeDowngrade => match req.size {
+                Some(size) => Ok(img.resize(size, true)?),
+                None => Ok(()),
+            },
+        }
+    };
+    img.amend_with(&req.amend, &mut progress, &mut between)
+        .map_err(|e| match e {
+            Refusal::Said(s) => s,
+            Refusal::Format(e) => match super::snapshot::bad_snapshot_l1(&e) {
+                // The zero-cluster expansion of a downgrade reads every snapshot's
+                // L1 table: qemu-img reports the bad one, then the failed expansion.
+                Some((msg, errno)) => {
+                    let prog = super::common::PROG.get().copied().unwrap_or("strata img");
+                    format!("{msg}\n{prog}: Failed to turn zero into data clusters: {errno}")
+                }
+                None => e.message().to_string(),
+            },
+        })
+}
+
+/// Why an amend stopped: the format's error, or a refusal in qemu-img's words.
+enum Refusal {
+    Format(strata_format::Error),
+    Said(String),
+}
+
+impl From<strata_format::Error> for Refusal {
+    fn from(e: strata_format::Error) -> Self {
+        Refusal::Format(e)
+    }
 }
 
 /// Only a request that names the current backing file and format passes:

@@ -106,20 +106,19 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     let qcow2 = dev
         .as_any()
         .downcast_ref::<strata_format::qcow2::Qcow2Image>();
-    match (qcow2, prealloc) {
+    let raw = dev.as_any().downcast_ref::<strata_format::raw::RawImage>();
+    match (qcow2, raw, prealloc) {
         // qcow2 preallocates the grown range before it hides a longer backing
         // file there, as QEMU does (see `grow_preallocated`).
-        (Some(q), Some(p)) if new > cur => q
+        (Some(q), _, Some(p)) if new > cur => q
+            .grow_preallocated(new, p)
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?,
+        (_, Some(r), Some(p)) if new > cur => r
             .grow_preallocated(new, p)
             .map_err(|e| anyhow::anyhow!("{}", e.message()))?,
         _ => {
             dev.resize(new, args.shrink)
                 .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-            if let Some(p) = prealloc {
-                if new > cur {
-                    preallocate(dev.as_ref(), p, cur, new)?;
-                }
-            }
         }
     }
     dev.flush()?;
@@ -138,37 +137,4 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         );
     }
     Ok(0)
-}
-
-/// Preallocate the grown area `[from, to)`.
-fn preallocate(
-    dev: &dyn strata_format::BlockDevice,
-    mode: Preallocation,
-    from: u64,
-    to: u64,
-) -> Result<()> {
-    use strata_format::qcow2::Qcow2Image;
-    use Preallocation as P;
-    // Preallocation modes are defined per format (qcow2 allocates clusters, raw
-    // the file range): each format's own call, no capability trait.
-    if let Some(q) = dev.as_any().downcast_ref::<Qcow2Image>() {
-        q.preallocate_range(mode, from, to)?;
-        return Ok(());
-    }
-    if let Some(r) = dev.as_any().downcast_ref::<strata_format::raw::RawImage>() {
-        match mode {
-            P::Off | P::Metadata => {}
-            P::Falloc => r.storage().preallocate(from, to - from)?,
-            P::Full => {
-                let zeros = vec![0u8; 1 << 20];
-                let mut off = from;
-                while off < to {
-                    let n = (to - off).min(zeros.len() as u64) as usize;
-                    r.storage().write_at(&zeros[..n], off)?;
-                    off += n as u64;
-                }
-            }
-        }
-    }
-    Ok(())
 }

@@ -57,50 +57,76 @@ impl AmendOptions {
     }
 }
 
-/// Refuse what cannot be done before anything changes.
+/// Refuse what QEMU refuses before anything changes: a refcount width that
+/// is not one, or that the resulting version cannot have.
 fn vet(h: &Header, o: &AmendOptions) -> Result<()> {
     let version = o.version.unwrap_or(h.version);
-    if version < 3 && super::data_file::has_data_file(h) {
-        return Err(Error::invalid_argument(
-            "Cannot downgrade an image with a data file",
-        ));
-    }
     if let Some(bits) = o.refcount_bits {
         if bits == 0 || bits > 64 || !bits.is_power_of_two() {
             return Err(Error::invalid_argument(
                 "Refcount width must be a power of two and may not exceed 64 bits",
             ));
         }
-        if version < 3 && bits != 16 {
+        if version < 3 && bits != 16 && bits != 1 << h.refcount_order {
             return Err(Error::invalid_argument(
                 "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
             ));
         }
     }
-    // Asking for the lazy refcounts an image already has changes nothing, so a
-    // downgrade in the same amend goes ahead (and drops them), as in QEMU.
+    Ok(())
+}
+
+/// Refuse lazy refcounts on an image that stays at version 2. Asking for the
+/// lazy refcounts an image already has changes nothing, so a downgrade in the
+/// same amend goes ahead (and drops them), as in QEMU.
+fn vet_lazy(h: &Header, o: &AmendOptions) -> Result<()> {
+    let version = o.version.unwrap_or(h.version);
     if o.lazy_refcounts == Some(true) && version < 3 && !h.lazy_refcounts() {
         return Err(Error::invalid_argument(
             "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
         ));
     }
-    if version < h.version {
-        let bits = o.refcount_bits.unwrap_or(1 << h.refcount_order);
-        if bits != 16 {
-            return Err(Error::invalid_argument(
-                "compat=0.10 requires refcount_bits=16",
-            ));
-        }
-        let left =
-            h.incompatible_features & !(header::incompat::DIRTY | header::incompat::COMPRESSION);
-        if left != 0 {
-            return Err(Error::invalid_argument(format!(
-                "Cannot downgrade an image with incompatible features 0x{left:x} set"
-            )));
-        }
+    Ok(())
+}
+
+/// Refuse a downgrade to `version` of what version 2 cannot hold, judged on
+/// the image as the earlier steps left it.
+fn vet_downgrade(h: &Header, version: u32) -> Result<()> {
+    if version >= h.version {
+        return Ok(());
+    }
+    if h.refcount_order != 4 {
+        return Err(Error::invalid_argument(
+            "compat=0.10 requires refcount_bits=16",
+        ));
+    }
+    if super::data_file::has_data_file(h) {
+        return Err(Error::invalid_argument(
+            "Cannot downgrade an image with a data file",
+        ));
+    }
+    let left = h.incompatible_features & !(header::incompat::DIRTY | header::incompat::COMPRESSION);
+    if left != 0 {
+        return Err(Error::invalid_argument(format!(
+            "Cannot downgrade an image with incompatible features 0x{left:x} set"
+        )));
     }
     Ok(())
 }
+
+/// Where [`Qcow2Image::amend_with`] hands the image to its caller between its
+/// own steps, in QEMU's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmendPoint {
+    /// After the upgrade and the refcount width change, before lazy refcounts
+    /// (QEMU changes the data file and judges the backing file here).
+    AfterRefcounts,
+    /// After lazy refcounts, before the downgrade (QEMU resizes here).
+    BeforeDowngrade,
+}
+
+/// What [`Qcow2Image::amend_with`]'s caller does between the steps.
+pub type AmendHook<'a, E> = dyn FnMut(AmendPoint, &Qcow2Image) -> std::result::Result<(), E> + 'a;
 
 impl Qcow2Image {
     /// Apply `o` (see the module), reporting each step's progress as
@@ -110,17 +136,44 @@ impl Qcow2Image {
         o: &AmendOptions,
         progress: &mut dyn FnMut(AmendStep, u64, u64),
     ) -> Result<()> {
+        self.amend_with(o, progress, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::amend`] in QEMU's order, calling `between` at each
+    /// [`AmendPoint`] (with no lock held) for the changes the caller makes
+    /// itself: the upgrade, the refcount width, `between(AfterRefcounts)`,
+    /// lazy refcounts, `between(BeforeDowngrade)`, the downgrade. A step that
+    /// fails leaves the earlier ones done, as in QEMU.
+    pub fn amend_with<E: From<Error>>(
+        mut self,
+        o: &AmendOptions,
+        progress: &mut dyn FnMut(AmendStep, u64, u64),
+        between: &mut AmendHook<'_, E>,
+    ) -> std::result::Result<(), E> {
         self.check_writable()?;
+        self.amend_step(|m| self.amend_upgrade(m, o, progress))?;
+        // The caller's steps (a resize) work at the version the image now has.
+        let version = self.lock()?.h.version;
+        self.geo.version = version;
+        between(AmendPoint::AfterRefcounts, &self)?;
+        self.amend_step(|m| self.amend_lazy(m, o))?;
+        between(AmendPoint::BeforeDowngrade, &self)?;
+        self.amend_step(|m| self.amend_downgrade(m, o, progress))?;
+        Ok(self.close()?)
+    }
+
+    /// Run one step of an amend with the image locked.
+    fn amend_step(&self, f: impl FnOnce(&mut Meta) -> Result<()>) -> Result<()> {
         let r = {
             let _excl = self.exclusive();
             let mut m = self.lock()?;
-            self.amend_locked(&mut m, o, progress)
+            f(&mut m)
         };
-        r.map_err(|e| self.err(e))?;
-        self.close()
+        r.map_err(|e| self.err(e))
     }
 
-    fn amend_locked(
+    /// The upgrade and the refcount width change.
+    fn amend_upgrade(
         &self,
         m: &mut Meta,
         o: &AmendOptions,
@@ -138,14 +191,6 @@ impl Qcow2Image {
         if !m.metadata_clean() {
             m.flush_metadata()?;
         }
-        if version < m.h.version
-            && m.h.compression_type != super::CompressionType::Zlib
-            && has_compressed_clusters(m)?
-        {
-            return Err(Error::invalid_argument(
-                "Cannot downgrade an image with zstd compression type and existing compressed clusters",
-            ));
-        }
         if version > m.h.version {
             progress(AmendStep::Upgrade, 0, 2);
             upgrade(m)?;
@@ -160,8 +205,17 @@ impl Qcow2Image {
                 })?;
             }
         }
+        Ok(())
+    }
+
+    /// Lazy refcounts on or off.
+    fn amend_lazy(&self, m: &mut Meta, o: &AmendOptions) -> Result<()> {
+        vet_lazy(&m.h, o)?;
         if let Some(lazy) = o.lazy_refcounts {
             if lazy != m.h.lazy_refcounts() {
+                if !m.metadata_clean() {
+                    m.flush_metadata()?;
+                }
                 m.clear_dirty()?;
                 m.h.compatible_features ^= header::compat::LAZY_REFCOUNTS;
                 m.storage
@@ -169,12 +223,31 @@ impl Qcow2Image {
                 m.storage.flush()?;
             }
         }
-        if version < m.h.version {
-            let n = 1 + m.snapshots.len() as u64;
-            expand_zero_clusters(m, &mut |d| progress(AmendStep::Downgrade, d, n))?;
-            downgrade(m)?;
-        }
         Ok(())
+    }
+
+    /// The downgrade, last (what version 2 cannot hold is refused first).
+    fn amend_downgrade(
+        &self,
+        m: &mut Meta,
+        o: &AmendOptions,
+        progress: &mut dyn FnMut(AmendStep, u64, u64),
+    ) -> Result<()> {
+        let version = o.version.unwrap_or(m.h.version);
+        vet_downgrade(&m.h, version)?;
+        if version >= m.h.version {
+            return Ok(());
+        }
+        if !m.metadata_clean() {
+            m.flush_metadata()?;
+        }
+        if m.h.compression_type != super::CompressionType::Zlib && has_compressed_clusters(m)? {
+            return Err(Error::invalid_argument(
+                "Cannot downgrade an image with zstd compression type and existing compressed clusters",
+            ));
+        }
+        expand_zero_clusters(m, &mut |d, t| progress(AmendStep::Downgrade, d, t))?;
+        downgrade(m)
     }
 }
 
@@ -328,15 +401,20 @@ fn has_compressed_clusters(m: &mut Meta) -> Result<bool> {
 /// as its L2 table is shared); an allocated zero cluster gets its zeroes written
 /// and keeps its host cluster. The zeroes and refcounts are durable before the
 /// L2 table changes. `done(n)` reports the L1 tables finished.
-fn expand_zero_clusters(m: &mut Meta, done: &mut dyn FnMut(u64)) -> Result<()> {
+fn expand_zero_clusters(m: &mut Meta, done: &mut dyn FnMut(u64, u64)) -> Result<()> {
     let cs = m.cluster_size();
     let l1s = all_l1_tables(m)?;
     let backed = m.h.backing_file.is_some();
     let zeroes = vec![0u8; index(cs)];
-    for (n, l1) in l1s.iter().enumerate() {
+    // Progress counts L1 entries, of every table, as QEMU's does.
+    let total: u64 = l1s.iter().map(|l1| l1.len() as u64).sum();
+    let mut visited = 0;
+    for l1 in &l1s {
         for (i, &e) in l1.iter().enumerate() {
+            visited += 1;
             let (l2off, _) = super::entries::decode_l1(e, cs, i as u64)?;
             if l2off.is_none() {
+                done(visited, total);
                 continue;
             }
             let l2_refs = m.refcount(l2off.cluster(m.geo.cluster_bits))?;
@@ -369,16 +447,15 @@ fn expand_zero_clusters(m: &mut Meta, done: &mut dyn FnMut(u64)) -> Result<()> {
                 };
                 changes.push((j, new));
             }
-            if changes.is_empty() {
-                continue;
+            if !changes.is_empty() {
+                m.storage.flush()?;
+                for (j, new) in changes {
+                    m.set_raw_entry(l2off, j, new, 0)?;
+                }
+                m.flush_metadata()?;
             }
-            m.storage.flush()?;
-            for (j, new) in changes {
-                m.set_raw_entry(l2off, j, new, 0)?;
-            }
-            m.flush_metadata()?;
+            done(visited, total);
         }
-        done(n as u64 + 1);
     }
     Ok(())
 }

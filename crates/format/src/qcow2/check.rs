@@ -98,31 +98,59 @@ impl Qcow2Image {
         let _excl = self.exclusive();
         let mut m = self.lock()?;
         let repairing = repair != Repair::None && !m.read_only;
+        let repair_all = repairing && repair == Repair::All;
+        // What a full repair discards as it reads the snapshot table, named
+        // before anything is counted: the entries past the limit of 65536,
+        // extra data past 1024 bytes, and the entries past 64 MiB.
+        let mut head = Vec::new();
+        let mut reduced = 0u32;
         let fault = m.h.snapshot_table_fault();
         if !fault.is_none() {
-            return Ok(snapshot_table_failure(
-                fault,
-                repairing && repair == Repair::All,
+            let cut_only =
+                fault.overhanging > 0 && m.h.snapshot_table_fault_within_limit().is_none();
+            if !(repair_all && cut_only) {
+                return Ok(snapshot_table_failure(fault, repair_all));
+            }
+            head.push(format!(
+                "Discarding {} overhanging snapshots",
+                fault.overhanging
             ));
+            reduced += fault.overhanging;
         }
         let dropped = m.snapshot_extra_dropped.clone();
-        let mut discarded = Vec::new();
         if let Some(&(first, _)) = dropped.first() {
-            if !(repairing && repair == Repair::All) {
-                return Ok(extra_data_failure(first));
+            if !repair_all {
+                return Ok(table_read_failure(super::snapshot::too_much_extra(first)));
             }
-            // As qemu-img's repair reads the table: the excess is named
-            // before anything is counted, and discarded when the table is
-            // rewritten below.
-            discarded = dropped
-                .iter()
-                .map(|(i, len)| {
-                    format!(
-                        "Discarding too much extra metadata in snapshot table entry {i} ({len} > {})",
-                        super::snapshot::MAX_EXTRA_DATA
-                    )
-                })
-                .collect();
+            // Discarded when the table is rewritten below.
+            head.extend(dropped.iter().map(|(i, len)| {
+                format!(
+                    "Discarding too much extra metadata in snapshot table entry {i} ({len} > {})",
+                    super::snapshot::MAX_EXTRA_DATA
+                )
+            }));
+        }
+        let overhang = m.snapshot_overhang;
+        if overhang > 0 {
+            if !repair_all {
+                return Ok(table_read_failure(super::snapshot::too_big(overhang)));
+            }
+            head.push(format!(
+                "Discarding {overhang} overhanging snapshots (snapshot table is too big)"
+            ));
+            reduced += overhang;
+        }
+        if reduced > 0 {
+            // The header counts only the entries kept before the refcounts are
+            // counted: the table's tail and the discarded entries' tables leak,
+            // and the count below frees them.
+            let kept = m.h.nb_snapshots.min(header::MAX_SNAPSHOTS) - overhang;
+            m.storage
+                .write_at(&kept.to_be_bytes(), 60)
+                .and_then(|()| m.storage.flush())
+                .map_err(|e| self.err(e))?;
+            m.h.nb_snapshots = kept;
+            m.snapshot_overhang = 0;
         }
         if !m.read_only {
             m.flush_metadata().map_err(|e| self.err(e))?;
@@ -130,12 +158,11 @@ impl Qcow2Image {
         let free_fails = old_table_free_fails(&mut m).map_err(|e| self.err(e))?;
         let mut report =
             self.check_locked(&mut m, if repairing { repair } else { Repair::None })?;
-        if !discarded.is_empty() {
-            report.messages.splice(0..0, discarded);
-            report
-                .own_errors
-                .iter_mut()
-                .for_each(|i| *i += dropped.len());
+        report.corruptions_fixed += u64::from(reduced);
+        if !head.is_empty() {
+            let n = head.len();
+            report.messages.splice(0..0, head);
+            report.own_errors.iter_mut().for_each(|i| *i += n);
         }
         if report.failure.is_some() {
             return Ok(report);
@@ -708,16 +735,16 @@ impl Qcow2Image {
 /// The check of an image whose snapshot table cannot be read where the header
 /// puts it: qemu-img's lines, and its failure, before anything else is counted.
 /// Entries past the limit are named (a full repair names them discarded) ahead
-/// of an offset that is invalid. Nothing is changed: discarding the entries
-/// past the limit is not done here, so a full repair of a table whose only
-/// fault is its length fails as a check does.
+/// of an offset that is invalid, or a table that cannot be read. Nothing is
+/// changed. (A full repair of a table whose only fault is its length goes on:
+/// see [`Qcow2Image::check`].)
 fn snapshot_table_failure(fault: SnapshotTableFault, repair_all: bool) -> CheckReport {
     let mut r = CheckReport {
         check_errors: 1,
         ..Default::default()
     };
     let n = fault.overhanging;
-    if n > 0 && !(repair_all && fault.offset_invalid) {
+    if n > 0 && !repair_all {
         r.own_errors.push(r.messages.len());
         r.messages.push("ERROR snapshot table too large".into());
         r.messages.push(format!(
@@ -742,16 +769,14 @@ fn snapshot_table_failure(fault: SnapshotTableFault, repair_all: bool) -> CheckR
     r
 }
 
-/// The check of an image with more than 1024 bytes of extra data in snapshot
-/// table entry `first` when the check may not discard it (anything but
-/// `-r all`): qemu-img's error and hint, and its failure, with nothing counted.
-fn extra_data_failure(first: usize) -> CheckReport {
+/// The check of an image whose snapshot table a check may read only to
+/// repair it (anything but `-r all`): more than 1024 bytes of extra data in an
+/// entry, or a table past 64 MiB. qemu-img's error (`why`, with its hint) and
+/// its failure, with nothing counted.
+fn table_read_failure(why: String) -> CheckReport {
     CheckReport {
         check_errors: 1,
-        messages: vec![format!(
-            "ERROR failed to read the snapshot table: {}",
-            super::snapshot::too_much_extra(first)
-        )],
+        messages: vec![format!("ERROR failed to read the snapshot table: {why}")],
         own_errors: vec![0],
         failure: Some("File too large"),
         ..Default::default()

@@ -391,6 +391,14 @@ impl Header {
         }
     }
 
+    /// [`Header::snapshot_table_fault`] of the table cut to its first 65536
+    /// entries, as a full repair cuts it before it reads the table.
+    pub fn snapshot_table_fault_within_limit(&self) -> SnapshotTableFault {
+        let mut kept = self.clone();
+        kept.nb_snapshots = kept.nb_snapshots.min(MAX_SNAPSHOTS);
+        kept.snapshot_table_fault()
+    }
+
     fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
         let cs = index(self.cluster_size());
         let ext_end = if self.backing_file_offset > 0 {

@@ -236,17 +236,26 @@ impl Qcow2Image {
             .map_err(in_words("Could not initialize refcount handling"))?;
         // A check opens an image whose snapshot table is not where a table may
         // be, without reading it, and reports the fault itself.
+        // A check reads the entries within the limit of 65536 when that is the
+        // table's only fault: a full repair discards the rest.
         let readable = if h.snapshot_table_fault().is_none() {
             h.nb_snapshots
+        } else if opts.for_check && h.snapshot_table_fault_within_limit().is_none() {
+            header::MAX_SNAPSHOTS
         } else {
             0
         };
-        let (snaps, span, dropped) = if opts.for_check {
+        let table = if opts.for_check {
             snapshot::read_table_for_check(&*storage, h.snapshots_offset, readable)?
         } else {
-            let (snaps, span) = snapshot::read_table(&*storage, h.snapshots_offset, readable)?;
-            (snaps, span, Vec::new())
+            let (snapshots, span) = snapshot::read_table(&*storage, h.snapshots_offset, readable)?;
+            snapshot::CheckedTable {
+                snapshots,
+                span,
+                ..Default::default()
+            }
         };
+        let (snaps, span, dropped) = (table.snapshots, table.span, table.dropped);
         if opts.for_check && h.autoclear_features & header::autoclear::BITMAPS != 0 {
             if let Some(ext) = h.bitmaps {
                 super::bitmaps::Bitmaps::vet(&*storage, ext, h.cluster_size(), h.size, file_size)?;
@@ -304,6 +313,7 @@ impl Qcow2Image {
         if !dropped.is_empty() {
             meta.snapshot_extra_dropped = dropped;
         }
+        meta.snapshot_overhang = table.overhang;
         meta.dirty_inherited = dirty;
         meta.bitmaps = bitmaps;
         meta.data_storage = data.external().cloned();

@@ -48,6 +48,9 @@ pub struct Meta {
     /// The snapshot table's length on disk when it differs from what
     /// `snapshots` serialises to (extra data a check skipped).
     pub snapshot_span: Option<u64>,
+    /// Entries a check's read left out because the table would pass 64 MiB
+    /// (the header still counts them).
+    pub snapshot_overhang: u32,
     pub read_only: bool,
     /// Set once the dirty bit has been written for this session (lazy refcounts).
     pub dirty_written: bool,
@@ -113,6 +116,7 @@ impl Meta {
             snapshots: Vec::new(),
             snapshot_extra_dropped: Vec::new(),
             snapshot_span: None,
+            snapshot_overhang: 0,
             read_only,
             dirty_written: false,
             dirty_inherited: false,

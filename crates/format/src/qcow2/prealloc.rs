@@ -40,15 +40,10 @@ fn write_zeroes_through(storage: &dyn Storage, from: u64, to: u64) -> Result<()>
 
 /// Point the L2 entries of the `n` guest clusters from `gc` (all inside the
 /// cached L2 table `l2`) at the host clusters from `host` on, in order.
-fn map_run(m: &mut Meta, l2: HostOffset, gc: u64, n: u64, host: u64) -> Result<()> {
+fn map_run(m: &mut Meta, l2: HostOffset, gc: u64, n: u64, host: u64, bitmap: u64) -> Result<()> {
     let (cs, l2n) = (m.cluster_size(), m.l2_entries());
     for i in 0..n {
-        m.set_raw_entry(
-            l2,
-            (gc + i) % l2n,
-            (host + i * cs) | OFLAG_COPIED,
-            ALL_ALLOCATED,
-        )?;
+        m.set_raw_entry(l2, (gc + i) % l2n, (host + i * cs) | OFLAG_COPIED, bitmap)?;
     }
     Ok(())
 }
@@ -148,11 +143,29 @@ impl Qcow2Image {
                 continue;
             }
             let host = self.alloc_data(m, gc, n)?.get();
-            let bytes = n * cs;
+            // With subclusters, as in QEMU, the clusters are only reserved: their
+            // subclusters stay unallocated (nothing is copied in), and the data
+            // reaches the end of the subcluster holding the range's last byte.
+            let extended = self.geo.extended_l2;
+            let bytes = if extended {
+                let sc = self.geo.subcluster_size();
+                (((gc + n) * cs).min(to) - gc * cs).next_multiple_of(sc)
+            } else {
+                n * cs
+            };
             match mode {
                 Preallocation::Off => {}
+                // Subclustered clusters are written only where QEMU copies on
+                // write: the subclusters the range starts and ends inside.
+                _ if extended => {
+                    let sc = self.geo.subcluster_size();
+                    self.copy_on_write(m, &storage, gc * cs, host, from, to, bytes, sc)?;
+                    if host + bytes > storage.size()? {
+                        storage.set_size(host + bytes)?;
+                    }
+                }
                 Preallocation::Metadata => {
-                    self.copy_on_write(m, &storage, gc * cs, host, from, to, bytes)?;
+                    self.copy_on_write(m, &storage, gc * cs, host, from, to, bytes, cs)?;
                     if host + bytes > storage.size()? {
                         storage.set_size(host + bytes)?;
                     }
@@ -160,7 +173,8 @@ impl Qcow2Image {
                 Preallocation::Falloc => storage.preallocate(host, bytes)?,
                 Preallocation::Full => write_zeroes_through(storage.as_ref(), host, host + bytes)?,
             }
-            map_run(m, l2, gc, n, host)?;
+            let bitmap = if extended { 0 } else { ALL_ALLOCATED };
+            map_run(m, l2, gc, n, host, bitmap)?;
             gc += n;
         }
         Ok(())
@@ -168,7 +182,8 @@ impl Qcow2Image {
 
     /// Write what the guest reads in the parts of the run at guest `g0` (host
     /// `host`, `bytes` long) that lie outside `[from, to)`: its head before
-    /// `from` and its tail from `to` to the end of its last cluster.
+    /// `from` from the start of the `grain` (cluster or subcluster) holding
+    /// `from`, and its tail from `to` to the run's end.
     #[allow(clippy::too_many_arguments)]
     fn copy_on_write(
         &self,
@@ -179,10 +194,12 @@ impl Qcow2Image {
         from: u64,
         to: u64,
         bytes: u64,
+        grain: u64,
     ) -> Result<()> {
         let head = from.saturating_sub(g0).min(bytes);
+        let head_at = head / grain * grain;
         let tail_at = to.saturating_sub(g0).min(bytes);
-        for (start, len) in [(0, head), (tail_at, bytes - tail_at)] {
+        for (start, len) in [(head_at, head - head_at), (tail_at, bytes - tail_at)] {
             if len == 0 {
                 continue;
             }
@@ -238,11 +255,11 @@ impl Qcow2Image {
             let l2 = m.l2_for_write(gc / l2n)?;
             if gc * cs < from {
                 // The partial first cluster moves: its bytes before `from` come along.
-                self.copy_on_write(m, &self.storage, gc * cs, host, from, u64::MAX, cs)?;
+                self.copy_on_write(m, &self.storage, gc * cs, host, from, u64::MAX, cs, cs)?;
                 let old = m.entry(gc)?;
                 m.release_entry(old);
             }
-            map_run(m, l2, gc, n, host)?;
+            map_run(m, l2, gc, n, host, ALL_ALLOCATED)?;
             gc += n;
             host += n * cs;
         }

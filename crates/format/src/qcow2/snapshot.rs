@@ -41,7 +41,7 @@ fn be16(b: &[u8], at: usize) -> u16 {
 /// L1 table is misplaced or too large opens, and only a use of that snapshot
 /// (see [`Snapshot::usable_l1`]) is refused; a check reports the entry.
 pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<(Vec<Snapshot>, u64)> {
-    read_table_inner(storage, offset, count, false).map(|(snaps, len, _)| (snaps, len))
+    read_table_inner(storage, offset, count, false).map(|t| (t.snapshots, t.span))
 }
 
 /// The message and hint QEMU gives for an entry with more than 1024 bytes of
@@ -52,14 +52,31 @@ pub fn too_much_extra(i: usize) -> String {
     )
 }
 
-/// A table read for a check: its entries, its on-disk byte size, and the
-/// entries whose extra data was cut (index, original extra-data length).
-pub type CheckedTable = (Vec<Snapshot>, u64, Vec<(usize, u32)>);
+/// QEMU's refusal of a snapshot table longer than 64 MiB, with its hint
+/// (`overhang`: the entries from the first one past the limit on).
+pub fn too_big(overhang: u32) -> String {
+    format!(
+        "Snapshot table is too big\nYou can force-remove all {overhang} overhanging snapshots with qemu-img check -r all"
+    )
+}
+
+/// A table read for a check.
+#[derive(Debug, Default)]
+pub struct CheckedTable {
+    /// The entries read (those past the 64 MiB limit left out).
+    pub snapshots: Vec<Snapshot>,
+    /// The on-disk span of those entries, skipped extra data included.
+    pub span: u64,
+    /// The entries whose extra data was cut to 1024 bytes (index, original
+    /// extra-data length); the first entry past the limit included.
+    pub dropped: Vec<(usize, u32)>,
+    /// Entries left out because the table would reach past 64 MiB.
+    pub overhang: u32,
+}
 
 /// [`read_table`] for a check: an entry with more than 1024 bytes of extra data
-/// keeps its first 1024 and the rest is skipped, as QEMU's repairing read does.
-/// Also returns the entries so shortened (index, original extra-data length);
-/// the returned byte size is the table's on-disk span, skipped bytes included.
+/// keeps its first 1024 and the rest is skipped, and the read stops at the
+/// first entry that takes the table past 64 MiB, as QEMU's repairing read does.
 pub fn read_table_for_check(
     storage: &dyn Storage,
     offset: u64,
@@ -68,6 +85,11 @@ pub fn read_table_for_check(
     read_table_inner(storage, offset, count, true)
 }
 
+/// Reads the table as QEMU does: an entry's length counts its extra data as
+/// kept (at most 1024 bytes when `lenient`), and the table is too big when the
+/// entries before one (each padded to 8 bytes) and that one (unpadded) exceed
+/// 64 MiB, or when its on-disk span passes 2 GiB. Too much extra data in an
+/// entry is judged before its length.
 fn read_table_inner(
     storage: &dyn Storage,
     offset: u64,
@@ -77,13 +99,8 @@ fn read_table_inner(
     let mut dropped = Vec::new();
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut at = offset;
+    let mut table_length = 0u64;
     for i in 0..count {
-        let rel = at - offset;
-        if rel + 40 > MAX_TABLE_BYTES {
-            return Err(Error::invalid(
-                "Snapshot table too large (the limit is 64 MiB)",
-            ));
-        }
         let mut fixed = [0u8; 40];
         storage.read_at(&mut fixed, at)?;
         let l1_table_offset = be64(&fixed, 0);
@@ -94,18 +111,26 @@ fn read_table_inner(
         if extra_len > MAX_EXTRA_DATA && !lenient {
             return Err(Error::invalid(too_much_extra(index(u64::from(i)))));
         }
-        let var = u64::from(extra_len) + id_len + name_len;
-        let entry = (40 + var).next_multiple_of(8);
-        if rel + entry > MAX_TABLE_BYTES {
-            return Err(Error::invalid(
-                "Snapshot table too large (the limit is 64 MiB)",
-            ));
-        }
         // Past the first 1024 bytes (only when lenient), extra data is skipped.
         let kept = extra_len.min(MAX_EXTRA_DATA);
         if kept < extra_len {
             dropped.push((index(u64::from(i)), extra_len));
         }
+        let var = u64::from(extra_len) + id_len + name_len;
+        let end = at - offset + 40 + var;
+        let length = table_length + 40 + u64::from(kept) + id_len + name_len;
+        if length > MAX_TABLE_BYTES || end > i32::MAX as u64 {
+            if !lenient {
+                return Err(Error::new(ErrorKind::OutOfRange, too_big(count - i)));
+            }
+            return Ok(CheckedTable {
+                snapshots: out,
+                span: at - offset,
+                dropped,
+                overhang: count - i,
+            });
+        }
+        table_length = length.next_multiple_of(8);
         let mut extra = vec![0u8; index(u64::from(kept))];
         storage.read_at(&mut extra, at + 40)?;
         let mut names = vec![0u8; index(id_len + name_len)];
@@ -136,9 +161,14 @@ fn read_table_inner(
             icount,
             extra,
         });
-        at += entry;
+        at += (40 + var).next_multiple_of(8);
     }
-    Ok((out, at - offset, dropped))
+    Ok(CheckedTable {
+        snapshots: out,
+        span: at - offset,
+        dropped,
+        overhang: 0,
+    })
 }
 
 /// `bytes` up to its first NUL, as text.

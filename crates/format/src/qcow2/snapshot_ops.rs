@@ -313,6 +313,7 @@ impl Meta {
         self.h.snapshots_offset = new_off;
         self.snapshots = snaps;
         self.snapshot_span = None;
+        self.snapshot_overhang = 0;
         self.snapshot_extra_dropped.clear();
         if old_off != 0 && old_len > 0 {
             // QEMU's free of the old table announces `cluster_free`; a
