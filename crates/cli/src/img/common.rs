@@ -408,6 +408,19 @@ pub fn any_file_name() -> clap::builder::ValueParser {
     )
 }
 
+/// The name QEMU makes up for a node opened without one (`#block` then a
+/// counter, `n` for the `n`th node named, then two random digits), which its
+/// messages give where the image has no name of its own: a new name each run,
+/// as in qemu-img.
+pub fn generated_node_name(n: u64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % 100;
+    format!("#block{n}{random:02}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,17 +456,4 @@ mod tests {
         assert_eq!(o["lazy_refcounts"], "on");
         assert_eq!(o["backing_file"], "a,b");
     }
-}
-
-/// The name QEMU makes up for a node opened without one (`#block` then a
-/// counter, `n` for the `n`th node named, then two random digits), which its
-/// messages give where the image has no name of its own: a new name each run,
-/// as in qemu-img.
-pub fn generated_node_name(n: u64) -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-        % 100;
-    format!("#block{n}{random:02}")
 }

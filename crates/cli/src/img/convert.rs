@@ -360,13 +360,12 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     if args.compress && out_format != Format::Qcow2 {
         bail!("Compression not supported for this file format");
     }
-    if args.compress {
-        if options
+    if args.compress
+        && options
             .get("preallocation")
             .is_some_and(|p| p.as_str() != "off")
-        {
-            bail!("Compression and preallocation not supported at the same time");
-        }
+    {
+        bail!("Compression and preallocation not supported at the same time");
     }
     // Bitmaps are judged after the target's options and -c.
     if args.bitmaps && src_paths.len() > 1 {
