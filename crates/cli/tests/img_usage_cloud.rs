@@ -17,6 +17,25 @@ mod common;
 use common::{assert_all_same, io, qcow2, same_in_dir_copies, sh};
 use std::path::Path;
 
+/// A 64 MiB qcow2 image `qcow2_name` written by qemu-io (data at 0, 8 MiB and
+/// 40 MiB, zeroes at 16 MiB), and the same guest bytes as the raw file `raw`.
+fn disk_and_raw_copy(d: &Path, qcow2_name: &str, raw: &str) {
+    qcow2(d, qcow2_name, "64M", &[]);
+    io(
+        d,
+        "qcow2",
+        qcow2_name,
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x22 8M 64k",
+            "write -z 16M 1M",
+            "write -P 0x33 40M 512",
+        ],
+    );
+    let args = ["convert", "-f", "qcow2", "-O", "raw", qcow2_name, raw];
+    sh(d, "qemu-img", &args);
+}
+
 /// The images every usage runs on, made in `d` with QEMU's own tools:
 /// - `disk.qcow2` (64 MiB): data at 0, 8 MiB and 40 MiB, zeroes at 16 MiB;
 /// - `disk.raw`: the same guest bytes as a sparse raw file;
@@ -27,31 +46,7 @@ use std::path::Path;
 /// - `old.qcow2`: a compat=0.10 image with data;
 /// - `target.qcow2` and `target.raw`: empty 64 MiB targets for `convert -n`.
 fn fixture(d: &Path) {
-    qcow2(d, "disk.qcow2", "64M", &[]);
-    io(
-        d,
-        "qcow2",
-        "disk.qcow2",
-        &[
-            "write -P 0x11 0 1M",
-            "write -P 0x22 8M 64k",
-            "write -z 16M 1M",
-            "write -P 0x33 40M 512",
-        ],
-    );
-    sh(
-        d,
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            "disk.qcow2",
-            "disk.raw",
-        ],
-    );
+    disk_and_raw_copy(d, "disk.qcow2", "disk.raw");
     qcow2(
         d,
         "overlay.qcow2",
@@ -96,31 +91,7 @@ fn fixture(d: &Path) {
 /// - `leaky.qcow2` with one leaked cluster (allocated, unreferenced);
 /// - `target.qcow2` and `target.raw`: empty 64 MiB targets for `convert -n`.
 fn guides_fixture(d: &Path) {
-    qcow2(d, "base.qcow2", "64M", &[]);
-    io(
-        d,
-        "qcow2",
-        "base.qcow2",
-        &[
-            "write -P 0x11 0 1M",
-            "write -P 0x22 8M 64k",
-            "write -z 16M 1M",
-            "write -P 0x33 40M 512",
-        ],
-    );
-    sh(
-        d,
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            "base.qcow2",
-            "disk.img",
-        ],
-    );
+    disk_and_raw_copy(d, "base.qcow2", "disk.img");
     qcow2(
         d,
         "snap1.qcow2",

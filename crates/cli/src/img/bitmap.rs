@@ -251,7 +251,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             let spec = plain.spec(Path::new(s), p.source_format.as_deref(), false)?;
             match spec_format(&spec)? {
                 Format::Qcow2 => {
-                    let src = open(&spec, false)?;
+                    let src = open_alone(&spec, false)?;
                     let size = strata_format::BlockDevice::virtual_size(&src);
                     Some((src.read_bitmaps()?, size))
                 }
@@ -359,7 +359,7 @@ enum Target {
 fn open_target(spec: &strata_chain::OpenSpec) -> Result<Target> {
     let format = spec_format(spec)?;
     if format == Format::Qcow2 {
-        return Ok(Target::Qcow2(Box::new(open(spec, true)?)));
+        return Ok(Target::Qcow2(Box::new(open_alone(spec, true)?)));
     }
     super::imgname::refuse_backing_options(spec, format)?;
     warn_probed_raw(spec);
@@ -368,20 +368,13 @@ fn open_target(spec: &strata_chain::OpenSpec) -> Result<Target> {
         .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))
 }
 
-/// Open `path` as qcow2 (`format`, or probed), for writing or reading.
-fn open(spec: &strata_chain::OpenSpec, write: bool) -> Result<Qcow2Image> {
-    let format = spec_format(spec)?;
-    // qemu-img opens the image without its backing file: options for one
-    // are left over, and refused.
-    super::imgname::refuse_backing_options(spec, format)?;
+/// Open the qcow2 image `spec` names (its format given or probed as qcow2)
+/// without its backing file, as qemu-img's bitmap opens it: options for one
+/// are left over, and refused.
+fn open_alone(spec: &strata_chain::OpenSpec, write: bool) -> Result<Qcow2Image> {
+    super::imgname::refuse_backing_options(spec, Format::Qcow2)?;
     if write {
         warn_probed_raw(spec);
-    }
-    if format != Format::Qcow2 {
-        bail!(
-            "Persistent bitmaps are only supported in qcow2 images, not in {}",
-            format.name()
-        );
     }
     open_qcow2(spec, write)
 }
