@@ -16,6 +16,10 @@ pub mod luks;
 pub mod qcow2;
 pub mod raw;
 pub mod units;
+pub mod vdi;
+pub mod vhdx;
+pub mod vmdk;
+pub mod vpc;
 
 pub use device::{
     check_range, reads_zero_by_status, BlockDevice, Extent, InternalSnapshots, Overlay, Status,

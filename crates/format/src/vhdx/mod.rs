@@ -1,0 +1,65 @@
+//! QEMU's `vhdx` format: Hyper-V's VHDX (dynamic and fixed disks).
+//!
+//! The driver's contract (the same for every foreign format, see
+//! [`crate::Format`]): [`probe`] decides from a file's first bytes as
+//! QEMU's probe does, [`open`] gives the guest view, [`create`] writes a
+//! new empty image as qemu-img's `create -f vhdx` does.
+
+use crate::{BlockDevice, Error, Result};
+use std::path::Path;
+use std::sync::Arc;
+use strata_storage::Storage;
+
+/// Whether `head` (the first up to 2048 bytes of a file, fewer when it is
+/// shorter) is a vhdx image, as QEMU's probe would choose this driver.
+pub fn probe(head: &[u8]) -> bool {
+    let _ = head;
+    false
+}
+
+/// The options of `create -f vhdx -o ...`, parsed and checked by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// `log_size` in bytes (default 1 MiB).
+    pub log_size: u64,
+    /// `block_size` in bytes; 0 chooses from the image size as QEMU does.
+    pub block_size: u64,
+    /// `subformat=fixed` (else dynamic).
+    pub fixed: bool,
+    /// `block_state_zero` (default on).
+    pub block_state_zero: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            log_size: 1 << 20,
+            block_size: 0,
+            fixed: false,
+            block_state_zero: true,
+        }
+    }
+}
+
+/// Open the image on `storage`; `path` is its file name (companion files are
+/// found relative to it). `write`: open for writing.
+pub fn open(
+    storage: Arc<dyn Storage>,
+    path: Option<&Path>,
+    write: bool,
+) -> Result<Arc<dyn BlockDevice>> {
+    let _ = (storage, path, write);
+    Err(Error::unsupported("the vhdx driver is not built yet"))
+}
+
+/// Write a new, empty image of `size` guest bytes on `storage` (an empty
+/// file, `path` its name), as `qemu-img create -f vhdx` lays it out.
+pub fn create(
+    storage: Arc<dyn Storage>,
+    path: Option<&Path>,
+    size: u64,
+    opts: &CreateOptions,
+) -> Result<()> {
+    let _ = (storage, path, size, opts);
+    Err(Error::unsupported("the vhdx driver is not built yet"))
+}
