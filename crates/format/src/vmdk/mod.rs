@@ -5,7 +5,15 @@
 //! QEMU's probe does, [`open`] gives the guest view, [`create`] writes a
 //! new empty image as qemu-img's `create -f vmdk` does.
 
-use crate::{BlockDevice, Error, Result};
+mod create;
+mod descriptor;
+mod extent;
+mod header;
+mod image;
+
+pub use image::{ExtentInfo, VmdkImage};
+
+use crate::{BlockDevice, Result};
 use std::path::Path;
 use std::sync::Arc;
 use strata_storage::Storage;
@@ -13,8 +21,63 @@ use strata_storage::Storage;
 /// Whether `head` (the first up to 2048 bytes of a file, fewer when it is
 /// shorter) is a vmdk image, as QEMU's probe would choose this driver.
 pub fn probe(head: &[u8]) -> bool {
-    let _ = head;
+    let m = header::magic(head);
+    if head.len() < 4 {
+        return false;
+    }
+    if m == header::KDMV_MAGIC || m == header::COWD_MAGIC {
+        return true;
+    }
+    probe_descriptor(head)
+}
+
+/// QEMU's test for a text descriptor: comment lines and blank lines (of
+/// spaces) may come first; then the text must start with `version=1`, `2`
+/// or `3` and a line end.
+fn probe_descriptor(buf: &[u8]) -> bool {
+    let mut p = 0usize;
+    let end = buf.len();
+    while p < end {
+        if buf[p] == b'#' {
+            while p < end && buf[p] != b'\n' {
+                p += 1;
+            }
+            p += 1;
+            continue;
+        }
+        if buf[p] == b' ' {
+            while p < end && buf[p] == b' ' {
+                p += 1;
+            }
+            if p < end && buf[p] == b'\r' {
+                p += 1;
+            }
+            if p == end || buf[p] != b'\n' {
+                return false;
+            }
+            p += 1;
+            continue;
+        }
+        let rest = &buf[p..];
+        for v in [b'1', b'2', b'3'] {
+            let mut lf = b"version=X\n".to_vec();
+            lf[8] = v;
+            let mut crlf = b"version=X\r\n".to_vec();
+            crlf[8] = v;
+            if rest.starts_with(&lf) || rest.starts_with(&crlf) {
+                return true;
+            }
+        }
+        return false;
+    }
     false
+}
+
+/// What QEMU's `check` of a vmdk image reports: `None` when every
+/// allocated grain lies inside its extent file; else the message it prints
+/// on stderr (one corruption). QEMU's check cannot repair.
+pub fn check(image: &VmdkImage) -> Result<Option<String>> {
+    image.check()
 }
 
 /// The options of `create -f vmdk -o ...`, parsed and checked by the caller.
@@ -58,8 +121,7 @@ pub fn open(
     path: Option<&Path>,
     write: bool,
 ) -> Result<Arc<dyn BlockDevice>> {
-    let _ = (storage, path, write);
-    Err(Error::unsupported("the vmdk driver is not built yet"))
+    Ok(Arc::new(VmdkImage::open(storage, path, write)?))
 }
 
 /// Write a new, empty image of `size` guest bytes on `storage` (an empty
@@ -70,6 +132,5 @@ pub fn create(
     size: u64,
     opts: &CreateOptions,
 ) -> Result<()> {
-    let _ = (storage, path, size, opts);
-    Err(Error::unsupported("the vmdk driver is not built yet"))
+    create::create(storage, path, size, opts)
 }
