@@ -395,6 +395,33 @@ fn refusals_have_qemu_words() {
     let mut o = opts("monolithicSparse");
     o.adapter_type = "scsi".into();
     assert_eq!(try_create(o), "invalid parameter value: scsi");
+    // An empty sparse image reads as a descriptor-only file: QEMU refuses it.
+    let z = dir.path().join("z.vmdk");
+    vmdk::create(new_storage(&z), Some(&z), 0, &opts("monolithicSparse")).unwrap();
+    let e = vmdk::open(storage(&z, false), Some(&z), false)
+        .err()
+        .unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", p(&z)])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(e.message()),
+        "{e}"
+    );
+    assert_eq!(e.message(), "Unsupported image type 'monolithicSparse'");
+    // Resizing is not supported, in QEMU's words.
+    let r = dir.path().join("r.vmdk");
+    create(&r, MIB, &opts("monolithicSparse"));
+    let e = open(&r, true).resize(2 * MIB, false).unwrap_err();
+    let out = std::process::Command::new("qemu-img")
+        .args(["resize", p(&r), "2M"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(e.message()),
+        "{e}"
+    );
     // QEMU prints the same words.
     let out = std::process::Command::new("qemu-img")
         .args([
@@ -779,6 +806,57 @@ fn malformed_images_are_refused_without_panic() {
             );
         }
     }
+    // Damaged compressed grains of a stream-optimized image.
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, pattern(256 << 10, 3)).unwrap();
+    let s = dir.path().join("s.vmdk");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        p(&raw),
+        p(&s),
+    ]);
+    let good = std::fs::read(&s).unwrap();
+    let grain0 = 128 * 512; // QEMU's first grain starts at the grain offset.
+    let damages: [(&str, usize, &[u8]); 4] = [
+        ("no size", grain0 + 8, &[0, 0, 0, 0]),
+        ("huge size", grain0 + 8, &[0xff, 0xff, 0xff, 0x7f]),
+        (
+            "bad stream",
+            grain0 + 12,
+            &[0x78, 0x9c, 0xff, 0xff, 0xff, 0xff],
+        ),
+        ("short size", grain0 + 8, &[0x10, 0, 0, 0]),
+    ];
+    for (what, at, bytes) in damages {
+        let mut f = good.clone();
+        f[at..at + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(&s, &f).unwrap();
+        let qemu_ok = std::process::Command::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "vmdk",
+                "-O",
+                "raw",
+                p(&s),
+                p(&dir.path().join("out.raw")),
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        let dev = open(&s, false);
+        let mut buf = vec![0u8; 256 << 10];
+        let ours = dev.read(&mut buf, 0);
+        assert_eq!(ours.is_ok(), qemu_ok, "{what}: {ours:?}");
+    }
+
     // A descriptor naming a missing extent, or an invalid extent line.
     let d = dir.path().join("d.vmdk");
     std::fs::write(&d, "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"nope.vmdk\" 0\n").unwrap();

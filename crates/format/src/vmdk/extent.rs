@@ -304,7 +304,10 @@ impl Sparse {
     }
 
     /// Read `buf.len()` bytes at `in_grain` of the compressed grain stored at
-    /// byte `at`.
+    /// byte `at`. As QEMU: the stream (after its marker, whose size field
+    /// bounds it) must end within twice the grain size and inflate to at
+    /// most a grain, covering the bytes asked for. Memory stays bounded by
+    /// small buffers whatever the grain size.
     pub fn read_compressed(
         &self,
         storage: &dyn Storage,
@@ -313,43 +316,70 @@ impl Sparse {
         buf: &mut [u8],
     ) -> Result<()> {
         use flate2::{Decompress, FlushDecompress, Status};
-        let grain = index(self.grain());
-        let mut raw = vec![0u8; grain * 2];
-        storage.read_at(&mut raw, at)?;
-        let (data, len) = if self.has_marker {
-            let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
-            (&raw[12..], len)
+        let bad = || Error::new(crate::ErrorKind::BadCompressedData, "Invalid argument");
+        let grain = self.grain();
+        let (data_at, len) = if self.has_marker {
+            let mut m = [0u8; 12];
+            storage.read_at(&mut m, at)?;
+            let len = u64::from(u32::from_le_bytes([m[8], m[9], m[10], m[11]]));
+            (at + 12, len)
         } else {
-            (&raw[..], grain)
+            (at, grain)
         };
         if len == 0 || len > grain * 2 {
-            return Err(Error::new(
-                crate::ErrorKind::BadCompressedData,
-                "Invalid argument",
-            ));
+            return Err(bad());
         }
-        let data = &data[..len.min(data.len())];
-        let mut out = vec![0u8; grain];
+        // The stream is read from a buffer of two grains that starts with the marker.
+        let len = if self.has_marker {
+            len.min(grain * 2 - 12)
+        } else {
+            len
+        };
+        const CHUNK: u64 = 64 << 10;
+        let mut input = vec![0u8; index(len.min(CHUNK))];
+        let mut out = vec![0u8; index(grain.min(CHUNK))];
+        let (want_start, want_end) = (in_grain, in_grain + buf.len() as u64);
         let mut d = Decompress::new(true);
-        let st = d.decompress(data, &mut out, FlushDecompress::Finish);
-        let n = index(d.total_out());
-        match st {
-            Ok(Status::StreamEnd) => {}
-            _ => {
-                return Err(Error::new(
-                    crate::ErrorKind::BadCompressedData,
-                    "Invalid argument",
-                ))
+        let mut read = 0u64;
+        let mut pending = 0..0;
+        loop {
+            if pending.is_empty() && read < len {
+                let n = (len - read).min(CHUNK);
+                storage.read_at(&mut input[..index(n)], data_at + read)?;
+                read += n;
+                pending = 0..index(n);
+            }
+            let flush = if read == len {
+                FlushDecompress::Finish
+            } else {
+                FlushDecompress::None
+            };
+            let (in0, out0) = (d.total_in(), d.total_out());
+            let st = d
+                .decompress(&input[pending.clone()], &mut out, flush)
+                .map_err(|_| bad())?;
+            let used = index(d.total_in() - in0);
+            let produced = d.total_out() - out0;
+            pending.start += used;
+            if d.total_out() > grain {
+                return Err(bad());
+            }
+            // Copy the part of this output that falls in the window asked for.
+            let (lo, hi) = (out0.max(want_start), d.total_out().min(want_end));
+            if lo < hi {
+                buf[index(lo - want_start)..index(hi - want_start)]
+                    .copy_from_slice(&out[index(lo - out0)..index(hi - out0)]);
+            }
+            if st == Status::StreamEnd {
+                break;
+            }
+            if used == 0 && produced == 0 && pending.is_empty() && read == len {
+                return Err(bad());
             }
         }
-        let start = index(in_grain);
-        if start + buf.len() > n {
-            return Err(Error::new(
-                crate::ErrorKind::BadCompressedData,
-                "Invalid argument",
-            ));
+        if want_end > d.total_out() {
+            return Err(bad());
         }
-        buf.copy_from_slice(&out[start..start + buf.len()]);
         Ok(())
     }
 }

@@ -468,21 +468,21 @@ impl VmdkImage {
                         match found {
                             Lookup::At(at) => storage.write_at(data, at + in_unit)?,
                             Lookup::Unallocated | Lookup::Zeroed => {
-                                let grain = index(s.grain());
-                                let mut g = vec![0u8; grain];
-                                if found == Lookup::Unallocated {
-                                    if let Some(b) = self.backing_for_read()? {
-                                        let base = offset - in_unit;
-                                        let bsize = b.virtual_size();
-                                        if base < bsize {
-                                            let m = index((bsize - base).min(grain as u64));
-                                            b.read(&mut g[..m], base)?;
-                                        }
-                                    }
-                                }
-                                g[index(in_unit)..index(in_unit) + n].copy_from_slice(data);
+                                let backing = if found == Lookup::Unallocated {
+                                    self.backing_for_read()?
+                                } else {
+                                    None
+                                };
                                 let sector = s.allocate()?;
-                                storage.write_at(&g, sector * 512)?;
+                                let grain_start = offset - in_unit;
+                                fill_grain(
+                                    storage.as_ref(),
+                                    sector * 512,
+                                    s.grain(),
+                                    backing.as_deref(),
+                                    grain_start,
+                                    (in_unit, data),
+                                )?;
                                 let v = u32::try_from(sector)
                                     .map_err(|_| Error::corrupt("Input/output error"))?;
                                 s.set_entry(storage.as_ref(), rel, v)?;
@@ -605,6 +605,46 @@ impl VmdkImage {
         }
         Ok(true)
     }
+}
+
+/// Write a newly allocated grain at byte `at` of `storage`: `data` at
+/// `in_grain`, the rest copied from `backing` (guest offset `guest` on) or
+/// zeroes, in bounded pieces (QEMU's copy-on-write of a new grain).
+fn fill_grain(
+    storage: &dyn Storage,
+    at: u64,
+    grain: u64,
+    backing: Option<&dyn BlockDevice>,
+    guest: u64,
+    (in_grain, data): (u64, &[u8]),
+) -> Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let mut buf = vec![0u8; index(grain.min(PIECE))];
+    let mut pos = 0u64;
+    while pos < grain {
+        let n = (grain - pos).min(PIECE);
+        let piece = &mut buf[..index(n)];
+        piece.fill(0);
+        if let Some(b) = backing {
+            let bsize = b.virtual_size();
+            let g = guest + pos;
+            if g < bsize {
+                let m = index((bsize - g).min(n));
+                b.read(&mut piece[..m], g)?;
+            }
+        }
+        let (lo, hi) = (
+            pos.max(in_grain),
+            (pos + n).min(in_grain + data.len() as u64),
+        );
+        if lo < hi {
+            piece[index(lo - pos)..index(hi - pos)]
+                .copy_from_slice(&data[index(lo - in_grain)..index(hi - in_grain)]);
+        }
+        storage.write_at(piece, at + pos)?;
+        pos += n;
+    }
+    Ok(())
 }
 
 /// Append the compressed grain for extent byte `rel` (a grain's start) at
@@ -788,7 +828,11 @@ impl BlockDevice for VmdkImage {
         Ok(Some(total))
     }
     fn resize(&self, _new_size: u64, _allow_shrink: bool) -> Result<()> {
-        Err(Error::unsupported("vmdk resize").during(Operation::Resize))
+        Err(Error::new(
+            crate::ErrorKind::Unsupported,
+            "Image format driver does not support resize",
+        )
+        .during(Operation::Resize))
     }
     fn path(&self) -> Option<PathBuf> {
         self.path.clone()
