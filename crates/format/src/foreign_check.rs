@@ -8,6 +8,8 @@ use crate::{BlockDevice, Result};
 /// Check the image `dev` holds (opened by its format's driver), as QEMU's
 /// driver for its format checks it.
 pub fn check(dev: &dyn BlockDevice) -> Result<CheckReport> {
-    let _ = dev;
+    if let Some(v) = dev.as_any().downcast_ref::<crate::vmdk::VmdkImage>() {
+        return crate::vmdk::check(v);
+    }
     Ok(CheckReport::default())
 }

@@ -205,7 +205,8 @@ fn qemu_writes_driver_reads_every_subformat() {
         assert_eq!(dev.cluster_size(), cluster, "{sub}");
         let v = dev.as_any().downcast_ref::<VmdkImage>().unwrap();
         assert_eq!(v.create_type(), sub);
-        assert_eq!(vmdk::check(v).unwrap(), None);
+        let r = vmdk::check(v).unwrap();
+        assert!(r.messages.is_empty() && r.failure.is_none() && r.corruptions == 0);
         let info = qemu_img(&["info", "-f", "vmdk", p(&img)]);
         assert!(info.contains(&format!("cid: {}\n", v.cid())), "{info}");
         assert!(info.contains(&format!("parent cid: {}\n", v.parent_cid())));
@@ -704,7 +705,13 @@ fn check_reports_what_qemu_reports() {
     std::fs::write(&img, &f).unwrap();
     let dev = open(&img, false);
     let v = dev.as_any().downcast_ref::<VmdkImage>().unwrap();
-    let ours = vmdk::check(v).unwrap().expect("a corruption");
+    let r = vmdk::check(v).unwrap();
+    assert_eq!((r.corruptions, r.failure), (1, Some("Invalid argument")));
+    let ours = format!(
+        "{}\nqemu-img: Check failed: {}\n",
+        r.messages[0],
+        r.failure.unwrap()
+    );
     let out = std::process::Command::new("qemu-img")
         .args(["check", "-f", "vmdk", p(&img)])
         .output()

@@ -301,7 +301,8 @@ impl VmdkImage {
 
     /// QEMU's check: every grain (every flat extent) must start inside its
     /// file; the first that does not is reported with QEMU's words.
-    pub(crate) fn check(&self) -> Result<Option<String>> {
+    /// The message and the `strerror` words of the failure, or `None`.
+    pub(crate) fn check(&self) -> Result<Option<(String, &'static str)>> {
         let mut st = self.lock();
         let total = self.size / 512;
         let mut sector = 0u64;
@@ -313,21 +314,25 @@ impl VmdkImage {
                 i += 1;
             }
             let Some(e) = st.extents.get_mut(i) else {
-                return Ok(Some(format!(
-                    "ERROR: could not find extent for sector {sector}"
+                return Ok(Some((
+                    format!("ERROR: could not find extent for sector {sector}"),
+                    "Invalid argument",
                 )));
             };
             let rel = sector * 512 - e.start;
             match e.lookup(rel) {
                 Err(_) => {
-                    return Ok(Some(format!(
-                        "ERROR: could not get cluster_offset for sector {sector}"
-                    )))
+                    // QEMU's VMDK_ERROR (-1) read as an errno.
+                    return Ok(Some((
+                        format!("ERROR: could not get cluster_offset for sector {sector}"),
+                        "Operation not permitted",
+                    )));
                 }
                 Ok(Lookup::At(at)) => {
                     if at >= e.storage.size().map_err(|e| self.err(e))? {
-                        return Ok(Some(format!(
-                            "ERROR: cluster offset for sector {sector} points after EOF"
+                        return Ok(Some((
+                            format!("ERROR: cluster offset for sector {sector} points after EOF"),
+                            "Invalid argument",
                         )));
                     }
                 }

@@ -13,6 +13,7 @@ mod image;
 
 pub use image::{ExtentInfo, VmdkImage};
 
+use crate::qcow2::CheckReport;
 use crate::{BlockDevice, Result};
 use std::path::Path;
 use std::sync::Arc;
@@ -73,11 +74,19 @@ fn probe_descriptor(buf: &[u8]) -> bool {
     false
 }
 
-/// What QEMU's `check` of a vmdk image reports: `None` when every
-/// allocated grain lies inside its extent file; else the message it prints
-/// on stderr (one corruption). QEMU's check cannot repair.
-pub fn check(image: &VmdkImage) -> Result<Option<String>> {
-    image.check()
+/// What QEMU's `check` of a vmdk image reports: nothing when every
+/// allocated grain (and every flat extent) starts inside its file; else
+/// the first that does not, as one corruption whose message QEMU prints on
+/// stderr, and the failure ("Check failed: ...") it ends with. QEMU's
+/// check repairs nothing.
+pub fn check(image: &VmdkImage) -> Result<CheckReport> {
+    let mut r = CheckReport::default();
+    if let Some((msg, failure)) = image.check()? {
+        r.corruptions = 1;
+        r.messages.push(msg);
+        r.failure = Some(failure);
+    }
+    Ok(r)
 }
 
 /// The options of `create -f vmdk -o ...`, parsed and checked by the caller.
