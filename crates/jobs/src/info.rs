@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use strata_chain::Layer;
 use strata_format::luks::LuksImage;
 use strata_format::qcow2::{Qcow2Image, Snapshot};
+use strata_format::vmdk::VmdkImage;
 use strata_format::BlockDevice;
 
 /// Information about one image (one layer of a chain).
@@ -83,6 +84,32 @@ pub enum FormatSpecific {
     File(FileSpecific),
     /// A `luks` image: its header, as a qcow2 image's `encrypt` block shows it.
     Luks(crate::info_encrypt::LuksInfo),
+    /// A `vmdk` image: its descriptor's IDs and create type, its extents.
+    Vmdk(VmdkSpecific),
+}
+
+/// vmdk details, fields in QEMU's schema order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VmdkSpecific {
+    pub create_type: String,
+    pub cid: u32,
+    pub parent_cid: u32,
+    pub extents: Vec<VmdkExtentInfo>,
+}
+
+/// One extent of a vmdk image.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VmdkExtentInfo {
+    #[serde(serialize_with = "lossy")]
+    pub filename: OsString,
+    pub format: String,
+    pub virtual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<bool>,
 }
 
 /// qcow2 details. Version 2 images report only `compat`, `compression-type` and
@@ -140,6 +167,21 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
         use std::os::unix::fs::FileTypeExt;
         m.file_type().is_char_device() || m.file_type().is_block_device()
     });
+    let file_template = |name: OsString, len: u64, actual: Option<u64>| ImageInfo {
+        filename: name,
+        format: "file".into(),
+        dirty_flag: false,
+        actual_size: actual,
+        virtual_size: len,
+        cluster_size: None,
+        encrypted: None,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        snapshots: Vec::new(),
+        format_specific: Some(FormatSpecific::File(FileSpecific {})),
+        children: Vec::new(),
+    };
     let file = ImageInfo {
         filename: filename.to_os_string(),
         format: if device { "host_device" } else { "file" }.into(),
@@ -220,11 +262,59 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
     {
         info.cluster_size = dev.cluster_size();
     }
+    if let Some(v) = dev.as_any().downcast_ref::<VmdkImage>() {
+        vmdk_info(&mut info, v, &file_template)?;
+    }
     if let Some(l) = dev.as_any().downcast_ref::<LuksImage>() {
         info.encrypted = Some(true);
         info.format_specific = Some(FormatSpecific::Luks(crate::info_encrypt::luks(&l.header())));
     }
     Ok(info)
+}
+
+/// A vmdk image's details, and its extent files (those apart from the
+/// image's own file) as child nodes before `file`, the last extent first
+/// (QEMU's order).
+fn vmdk_info(
+    info: &mut ImageInfo,
+    v: &VmdkImage,
+    file: &dyn Fn(OsString, u64, Option<u64>) -> ImageInfo,
+) -> Result<()> {
+    let extents = v.extents();
+    info.format_specific = Some(FormatSpecific::Vmdk(VmdkSpecific {
+        create_type: v.create_type().to_string(),
+        cid: v.cid(),
+        parent_cid: v.parent_cid(),
+        extents: extents
+            .iter()
+            .map(|e| VmdkExtentInfo {
+                filename: e.filename.clone().into_os_string(),
+                format: e.format.clone(),
+                virtual_size: e.virtual_size,
+                cluster_size: e.cluster_size,
+                compressed: e.compressed.then_some(true),
+            })
+            .collect(),
+    }));
+    // The image's own file is the descriptor (or the one sparse extent).
+    let main = v.main_file();
+    let (len, actual) = (main.size()?, main.allocated_bytes()?);
+    for c in info.children.iter_mut().filter(|c| c.name == "file") {
+        c.info.virtual_size = len.div_ceil(512) * 512;
+        c.info.actual_size = actual;
+    }
+    for (i, e) in extents.iter().enumerate() {
+        if let Some((len, actual)) = v.extent_file_size(i)? {
+            info.children.insert(
+                0,
+                ChildInfo {
+                    name: format!("extents.{i}"),
+                    info: file(e.filename.clone().into_os_string(), len, actual),
+                },
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The length of the file under a device, in whole 512-byte sectors as QEMU

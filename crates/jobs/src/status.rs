@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use strata_chain::Chain;
 use strata_format::qcow2::Qcow2Image;
+use strata_format::vmdk::VmdkImage;
 use strata_format::{BlockDevice, Status};
 
 use crate::Result;
@@ -187,6 +188,16 @@ impl ChainStatus {
                     };
                     if let (true, Some(h), false) = (layer.recurse, host_offset, compressed) {
                         self.refine_from_file(layer, h, &mut st)?;
+                    } else if let (Some(h), false) = (host_offset, compressed) {
+                        // A vmdk's flat extent: QEMU asks the extent's file.
+                        let flat = layer
+                            .device
+                            .as_any()
+                            .downcast_ref::<VmdkImage>()
+                            .and_then(|v| v.flat_file_at(offset));
+                        if let Some(file) = flat {
+                            refine_in(file.as_ref(), size, h, &mut st)?;
+                        }
                     }
                     return Ok(st);
                 }
@@ -238,19 +249,30 @@ impl ChainStatus {
         let Some(storage) = layer.device.host_file() else {
             return Ok(());
         };
-        let file_len = storage.size()?;
-        if host >= file_len {
-            st.zero = true;
-            return Ok(());
-        }
-        let (is_data, n) = storage.probe_data(host, st.len)?;
-        if n > 0 {
-            st.len = st.len.min(n);
-        }
-        if !is_data {
-            st.zero = true;
-        }
-        st.eof = st.offset + st.len == layer.device.virtual_size();
-        Ok(())
+        refine_in(storage.as_ref(), layer.device.virtual_size(), host, st)
     }
+}
+
+/// Refine a data run at `host` of `storage` by the file system's holes (they
+/// read as zeroes); `size` is the answering layer's virtual size.
+fn refine_in(
+    storage: &dyn strata_storage::Storage,
+    size: u64,
+    host: u64,
+    st: &mut BlockState,
+) -> Result<()> {
+    let file_len = storage.size()?;
+    if host >= file_len {
+        st.zero = true;
+        return Ok(());
+    }
+    let (is_data, n) = storage.probe_data(host, st.len)?;
+    if n > 0 {
+        st.len = st.len.min(n);
+    }
+    if !is_data {
+        st.zero = true;
+    }
+    st.eof = st.offset + st.len == size;
+    Ok(())
 }

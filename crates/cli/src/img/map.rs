@@ -164,6 +164,15 @@ fn map_image(
         out.flush()?;
         bail!("Failed to get size for '{}'", spec.shown_name());
     }
+    // A vmdk's extents may be files of their own: data there maps into them.
+    let vmdk_file = |depth: usize, offset: u64| {
+        chain.layers[depth]
+            .device
+            .as_any()
+            .downcast_ref::<strata_format::vmdk::VmdkImage>()
+            .and_then(|v| v.extent_file_at(offset))
+            .map(|p| p.as_os_str().as_bytes().to_vec())
+    };
     let mut first = true;
     let mut failure = None;
     let emit = |e: &MapEntry| {
@@ -185,7 +194,10 @@ fn map_image(
                     hex(e.length),
                     hex(off),
                 )
-                .and_then(|()| out.write_all(&names[e.depth]))
+                .and_then(|()| match vmdk_file(e.depth, e.start) {
+                    Some(f) => out.write_all(&f),
+                    None => out.write_all(&names[e.depth]),
+                })
                 .and_then(|()| out.write_all(b"\n"))
                 .map_err(io_err)?;
             }

@@ -289,14 +289,48 @@ impl VmdkImage {
             })
             .collect()
     }
-    /// The file holding guest byte `offset` (what `Status::Data`'s
-    /// host offset refers to), if it is inside the disk.
+    /// The image's own file: the descriptor, or the monolithic sparse extent.
+    pub fn main_file(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// The length and allocated bytes of extent `i`'s file, when it is a
+    /// file of its own (not the image's own file); `None` otherwise.
+    pub fn extent_file_size(&self, i: usize) -> Result<Option<(u64, Option<u64>)>> {
+        let st = self.lock();
+        let Some(e) = st.extents.get(i) else {
+            return Ok(None);
+        };
+        if Arc::ptr_eq(&e.storage, &self.storage) {
+            return Ok(None);
+        }
+        let len = e.storage.size().map_err(|e| self.err(e))?;
+        let actual = e.storage.allocated_bytes().map_err(|e| self.err(e))?;
+        Ok(Some((len, actual)))
+    }
+
+    /// The extent file holding guest byte `offset` (what `Status::Data`'s
+    /// host offset refers to there), when that is a file of its own rather
+    /// than the image's own file.
     pub fn extent_file_at(&self, offset: u64) -> Option<PathBuf> {
         let st = self.lock();
         st.extents
             .iter()
             .find(|e| offset >= e.start && offset - e.start < e.len())
+            .filter(|e| !Arc::ptr_eq(&e.storage, &self.storage))
             .map(|e| e.filename.clone())
+    }
+
+    /// The file of the flat extent holding guest byte `offset`, if that
+    /// extent is flat: QEMU asks that file which of its ranges are holes
+    /// (its block status recurses there), and so may a caller.
+    pub fn flat_file_at(&self, offset: u64) -> Option<Arc<dyn Storage>> {
+        let st = self.lock();
+        st.extents
+            .iter()
+            .find(|e| offset >= e.start && offset - e.start < e.len())
+            .filter(|e| matches!(e.layout, Layout::Flat { .. }))
+            .map(|e| e.storage.clone())
     }
 
     /// QEMU's check: every grain (every flat extent) must start inside its
@@ -762,27 +796,16 @@ impl BlockDevice for VmdkImage {
                 Lookup::Unallocated => (Status::Unallocated, n),
                 Lookup::Zeroed => (Status::Zero { host_offset: None }, n),
                 Lookup::At(at) => match &e.layout {
-                    Layout::Flat { start } => {
-                        let host = start + rel;
-                        let (data, m) = e.storage.probe_data(host, n).map_err(|e| self.err(e))?;
-                        let m = m.clamp(1, n);
-                        if data {
-                            (
-                                Status::Data {
-                                    host_offset: Some(host),
-                                    compressed: false,
-                                },
-                                m,
-                            )
-                        } else {
-                            (
-                                Status::Zero {
-                                    host_offset: Some(host),
-                                },
-                                m,
-                            )
-                        }
-                    }
+                    // As QEMU: data at its place in the file, up to the
+                    // extent's end; which of it is a hole the file tells
+                    // (see `flat_file_at`).
+                    Layout::Flat { start } => (
+                        Status::Data {
+                            host_offset: Some(start + rel),
+                            compressed: false,
+                        },
+                        n,
+                    ),
                     Layout::Sparse(s) if s.compressed => (
                         Status::Data {
                             host_offset: None,
