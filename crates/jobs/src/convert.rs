@@ -66,6 +66,12 @@ pub struct ConvertOptions {
     /// what a source stores as data without reading it); runs that read as
     /// zeroes are still left out as `sparse_size` says.
     pub whole_data: bool,
+    /// The target takes only whole clusters of this size (a stream-optimized
+    /// vmdk, which compresses each grain it is given): each cluster holding
+    /// data is written whole in one request, zeroes around the data included,
+    /// as for `compress`, but through the target's own write; clusters of
+    /// zeroes are left out where the target reads as zeroes.
+    pub whole_clusters: Option<u64>,
 }
 
 impl Default for ConvertOptions {
@@ -80,6 +86,7 @@ impl Default for ConvertOptions {
             out_of_order: false,
             map_sources: true,
             whole_data: false,
+            whole_clusters: None,
         }
     }
 }
@@ -227,7 +234,8 @@ impl Plan {
             }
             base += size;
         }
-        if opts.compress {
+        if opts.compress || opts.whole_clusters.is_some() {
+            let cluster = opts.whole_clusters.unwrap_or(cluster);
             for w in &mut windows {
                 w.runs = whole_clusters(std::mem::take(&mut w.runs), cluster);
             }
@@ -681,6 +689,8 @@ impl<'m> Producer<'_, 'm> {
                     };
                     if self.opts.compress {
                         self.compressed(data, r.start)?;
+                    } else if let Some(cs) = self.opts.whole_clusters {
+                        self.whole(data, r.start, cs)?;
                     } else {
                         self.sparse(data, r.start)?;
                     }
@@ -704,6 +714,29 @@ impl<'m> Producer<'_, 'm> {
         }
         for (range, zero) in sparse_split(data.as_slice(), off, self.opts.sparse_size) {
             self.emit(&data, off, range, zero)?;
+        }
+        Ok(())
+    }
+
+    /// Hand over `data` (at target offset `off`, cluster-aligned) one whole
+    /// cluster of `cs` bytes per request (the last one may end the disk),
+    /// leaving out clusters of zeroes where the target reads as zeroes.
+    fn whole(&self, data: Bytes<'m>, off: u64, cs: u64) -> Result<()> {
+        let buf = data.as_slice();
+        let mut i = 0usize;
+        while i < buf.len() {
+            let at = off + i as u64;
+            let room = usize::try_from((at / cs + 1) * cs - at).unwrap_or(usize::MAX);
+            let n = room.min(buf.len() - i);
+            let zero = buf[i..i + n].iter().all(|&b| b == 0);
+            if !zero || self.write_zeroes() {
+                self.send(Out::Data {
+                    at,
+                    data: data.share(),
+                    range: i..i + n,
+                })?;
+            }
+            i += n;
         }
         Ok(())
     }

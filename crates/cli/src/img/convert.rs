@@ -513,7 +513,16 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     if bitmaps.is_some() {
         super::convert_bitmaps::check_target(&target)?;
     }
+    let cluster = target.cluster_size().unwrap_or(512);
+    // A stream-optimized vmdk compresses each grain it is given: it takes
+    // whole grains only, as qemu-img's convert gives them.
+    let whole_clusters = target
+        .as_any()
+        .downcast_ref::<strata_format::vmdk::VmdkImage>()
+        .filter(|v| v.needs_whole_grains())
+        .map(|_| cluster);
     let opts = ConvertOptions {
+        whole_clusters,
         compress: args.compress,
         sparse_size,
         target_is_zero,
@@ -542,7 +551,6 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         sources
     };
     let cancel = Cancel::default();
-    let cluster = target.cluster_size().unwrap_or(512);
     let plan = Plan::new(&sources, &opts, cluster, &cancel)?;
     if shown.steps.enabled() {
         let shape = ConvertShape {

@@ -289,6 +289,12 @@ impl VmdkImage {
             })
             .collect()
     }
+    /// Whether writes must come as whole grains (QEMU's
+    /// `needs_compressed_writes`: the first extent is stream-optimized).
+    pub fn needs_whole_grains(&self) -> bool {
+        self.lock().extents.first().is_some_and(Extent::compressed)
+    }
+
     /// The image's own file: the descriptor, or the monolithic sparse extent.
     pub fn main_file(&self) -> &Arc<dyn Storage> {
         &self.storage
