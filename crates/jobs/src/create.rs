@@ -651,6 +651,9 @@ impl Prepared {
         {
             return Err(invalid(p, "Extent size hint is too large"));
         }
+        // QEMU's vdi driver refuses a size only once the file layer has made
+        // the file, which stays (empty) behind.
+        let keep_on_failure = matches!(self.kind, Kind::Foreign(Format::Vdi, _));
         let build: Box<dyn FnOnce(Arc<dyn Storage>) -> Result<()>> = match self.kind {
             Kind::Raw(prealloc) => {
                 let mode = match prealloc.as_deref() {
@@ -764,7 +767,9 @@ impl Prepared {
             mark_nocow(p);
         }
         if let Err(e) = build(out.storage()) {
-            out.discard();
+            if !keep_on_failure {
+                out.discard();
+            }
             return Err(e);
         }
         Ok(created)
