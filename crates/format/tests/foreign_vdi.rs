@@ -418,6 +418,13 @@ fn hostile_maps_cost_no_memory() {
     dev.read(&mut buf, dev.virtual_size() - 4096).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
     assert!(dev.read(&mut buf, dev.virtual_size() - 4095).is_err());
+    // Every entry names block 0: all but the first are duplicates, and the
+    // count is off; the lines kept are bounded.
+    let image = dev.as_any().downcast_ref::<VdiImage>().unwrap();
+    let report = image.check(false).unwrap();
+    assert_eq!(report.corruptions, u64::from(vdi::header::BLOCKS_MAX));
+    assert_eq!(report.errors.len(), vdi::MAX_KEPT_ERRORS);
+    assert_eq!(report.errors[0], "ERROR: block index 0 also used by 0");
 }
 
 #[test]

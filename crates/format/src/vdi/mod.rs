@@ -15,7 +15,7 @@ mod check;
 pub mod header;
 mod image;
 
-pub use check::CheckReport;
+pub use check::{CheckReport, MAX_KEPT_ERRORS};
 pub use header::Header;
 pub use image::VdiImage;
 
