@@ -11,5 +11,13 @@ pub fn check(dev: &dyn BlockDevice) -> Result<CheckReport> {
     if let Some(v) = dev.as_any().downcast_ref::<crate::vmdk::VmdkImage>() {
         return crate::vmdk::check(v);
     }
+    if let Some(vdi) = dev.as_any().downcast_ref::<crate::vdi::VdiImage>() {
+        let r = vdi.check(false)?;
+        return Ok(CheckReport {
+            corruptions: r.corruptions,
+            messages: r.errors,
+            ..CheckReport::default()
+        });
+    }
     Ok(CheckReport::default())
 }

@@ -651,6 +651,15 @@ impl Prepared {
         {
             return Err(invalid(p, "Extent size hint is too large"));
         }
+        // QEMU's vdi driver refuses a size, and the file layer a preallocation
+        // mode, only once the file layer has made the file, which stays
+        // (empty) behind.
+        let keep_on_failure = match &self.kind {
+            Kind::Foreign(f, opts) => {
+                *f == Format::Vdi || opts.get("preallocation").is_some_and(|v| v == "metadata")
+            }
+            _ => false,
+        };
         let build: Box<dyn FnOnce(Arc<dyn Storage>) -> Result<()>> = match self.kind {
             Kind::Raw(prealloc) => {
                 let mode = match prealloc.as_deref() {
@@ -723,9 +732,20 @@ impl Prepared {
             Kind::Foreign(format, opts) => {
                 let typed =
                     crate::create_foreign::options(format, &opts).map_err(|m| invalid(p, m))?;
+                // The file layer's preallocation: any mode but `metadata` does
+                // nothing to the file these drivers write; an unknown one is
+                // refused before the file is made, `metadata` after.
+                let file_refusal = match opts.get("preallocation").map(String::as_str) {
+                    None | Some("off" | "falloc" | "full") => None,
+                    Some("metadata") => Some("Unsupported preallocation mode: metadata"),
+                    Some(v) => return Err(invalid(p, format!("invalid parameter value: {v}"))),
+                };
                 let size = self.size;
                 let path = p.clone();
                 Box::new(move |storage| {
+                    if let Some(m) = file_refusal {
+                        return Err(invalid(&path, m));
+                    }
                     crate::create_foreign::create(storage, &path, size, &typed)
                         .map_err(|e| invalid(&path, e))
                 })
@@ -764,7 +784,9 @@ impl Prepared {
             mark_nocow(p);
         }
         if let Err(e) = build(out.storage()) {
-            out.discard();
+            if !keep_on_failure {
+                out.discard();
+            }
             return Err(e);
         }
         Ok(created)

@@ -86,9 +86,14 @@ impl ChainStatus {
         for device in devices {
             // Metadata preallocation is a qcow2 notion with no capability trait
             // (only this status walk asks about it).
+            // A static vdi image is the same case: QEMU asks its file which
+            // stored blocks are holes.
             let recurse = match device.as_any().downcast_ref::<Qcow2Image>() {
                 Some(q) => q.metadata_preallocated()?,
-                None => false,
+                None => device
+                    .as_any()
+                    .downcast_ref::<strata_format::vdi::VdiImage>()
+                    .is_some_and(|v| v.is_static()),
             };
             layers.push(LayerInfo { device, recurse });
         }
