@@ -152,6 +152,10 @@ pub fn options(format: Format, opts: &BTreeMap<String, String>) -> Result<Option
             })
         }
         _ => {
+            // QEMU's vmdk takes only a vmdk parent, and says so first.
+            if opts.get("backing_fmt").is_some_and(|f| f != "vmdk") {
+                return Err("backing_file must be a vmdk image".into());
+            }
             let d = vmdk::CreateOptions::default();
             Options::Vmdk(vmdk::CreateOptions {
                 subformat: opts.get("subformat").cloned().unwrap_or(d.subformat),

@@ -263,6 +263,9 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
         info.cluster_size = dev.cluster_size();
     }
     if let Some(v) = dev.as_any().downcast_ref::<VmdkImage>() {
+        info.backing_filename = layer.backing_name.clone();
+        info.full_backing_filename = layer.backing_path.clone().map(PathBuf::into_os_string);
+        info.backing_filename_format = layer.backing_format.clone();
         vmdk_info(&mut info, v, &file_template)?;
     }
     if let Some(l) = dev.as_any().downcast_ref::<LuksImage>() {
