@@ -478,3 +478,48 @@ fn sector_bitmaps_are_not_consulted_on_reads_as_in_qemu() {
     assert!(got[..4096].iter().all(|&b| b == 0x55));
     assert_same_contents(&got, &qemu_contents("vpc", &img), "cleared bitmap");
 }
+
+/// Use every part of `dev` a damaged header could make go wrong, reading
+/// only small disks whole.
+fn exercise(dev: &VpcImage) {
+    let size = dev.virtual_size();
+    let mut pos = 0;
+    let mut runs = 0;
+    while pos < size && runs < 64 {
+        let e = dev.block_status(pos, size - pos).expect("status");
+        assert!(e.len >= 1 && e.offset == pos);
+        pos += e.len;
+        runs += 1;
+    }
+    if size <= 16 * MIB {
+        let _ = read_all(dev);
+        let _ = dev.write(&[1u8; 700], size.saturating_sub(700));
+    }
+}
+
+#[test]
+fn damaged_headers_give_errors_not_panics() {
+    let dir = scratch();
+    let img = dir.path().join("good.vhd");
+    qemu_create(&img, 8 * MIB, "");
+    qemu_io("vpc", &img, &["write -P 1 0 512", "write -P 2 5m 512"]);
+    let good = std::fs::read(&img).unwrap();
+    let fixed = dir.path().join("fixed.vhd");
+    qemu_create(&fixed, 4 * MIB, "subformat=fixed");
+    let good_fixed = std::fs::read(&fixed).unwrap();
+    let path = dir.path().join("bad.vhd");
+    let end = good_fixed.len() - 512;
+    let positions = (0..100)
+        .map(|i| (i, Some(0), &good))
+        .chain((512..600).map(|i| (i, None, &good)))
+        .chain((1536..1560).map(|i| (i, None, &good)))
+        .chain((0..100).map(|i| (end + i, Some(end), &good_fixed)));
+    for (at, footer, src) in positions {
+        for v in [0x00u8, 0xff] {
+            std::fs::write(&path, damaged(src, at, &[v], footer)).unwrap();
+            if let Ok(dev) = VpcImage::open(storage(&path, true), true) {
+                exercise(&dev);
+            }
+        }
+    }
+}
