@@ -479,8 +479,8 @@ fn sector_bitmaps_are_not_consulted_on_reads_as_in_qemu() {
     assert_same_contents(&got, &qemu_contents("vpc", &img), "cleared bitmap");
 }
 
-/// Use every part of `dev` a damaged header could make go wrong, reading
-/// only small disks whole.
+/// Use every part of `dev` a damaged header could make go wrong: status,
+/// reads at both ends, across a block boundary and in the middle, a write.
 fn exercise(dev: &VpcImage) {
     let size = dev.virtual_size();
     let mut pos = 0;
@@ -491,15 +491,18 @@ fn exercise(dev: &VpcImage) {
         pos += e.len;
         runs += 1;
     }
-    if size <= 16 * MIB {
-        let _ = read_all(dev);
-        let _ = dev.write(&[1u8; 700], size.saturating_sub(700));
+    let mut buf = vec![0u8; 100_000];
+    for at in [0, 2 * MIB - 50_000, size / 2, size.saturating_sub(100_000)] {
+        let n = buf.len().min((size.saturating_sub(at)) as usize);
+        let _ = dev.read(&mut buf[..n], at);
     }
+    let _ = dev.write(&[1u8; 700], size.saturating_sub(700));
 }
 
 #[test]
 fn damaged_headers_give_errors_not_panics() {
-    let dir = scratch();
+    // Hundreds of small writes with flushes: on tmpfs where there is one.
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| scratch());
     let img = dir.path().join("good.vhd");
     qemu_create(&img, 8 * MIB, "");
     qemu_io("vpc", &img, &["write -P 1 0 512", "write -P 2 5m 512"]);
@@ -507,19 +510,36 @@ fn damaged_headers_give_errors_not_panics() {
     let fixed = dir.path().join("fixed.vhd");
     qemu_create(&fixed, 4 * MIB, "subformat=fixed");
     let good_fixed = std::fs::read(&fixed).unwrap();
-    let path = dir.path().join("bad.vhd");
     let end = good_fixed.len() - 512;
     let positions = (0..100)
         .map(|i| (i, Some(0), &good))
         .chain((512..600).map(|i| (i, None, &good)))
         .chain((1536..1560).map(|i| (i, None, &good)))
         .chain((0..100).map(|i| (end + i, Some(end), &good_fixed)));
-    for (at, footer, src) in positions {
+    for (n, (at, footer, src)) in positions.enumerate() {
         for v in [0x00u8, 0xff] {
+            // A new file each time: a process another test forks may hold
+            // the last one's lock for a moment.
+            let path = dir.path().join(format!("bad{n}-{v}.vhd"));
             std::fs::write(&path, damaged(src, at, &[v], footer)).unwrap();
             if let Ok(dev) = VpcImage::open(storage(&path, true), true) {
                 exercise(&dev);
             }
+            std::fs::remove_file(&path).unwrap();
         }
     }
+}
+
+#[test]
+fn a_dynamic_disk_without_its_first_footer_is_refused_as_in_qemu() {
+    let dir = scratch();
+    let img = dir.path().join("dyn.vhd");
+    qemu_create(&img, 8 * MIB, "");
+    qemu_io("vpc", &img, &["write -P 3 0 4k"]);
+    let d = damaged(&std::fs::read(&img).unwrap(), 0, b"X", None);
+    std::fs::write(&img, d).unwrap();
+    let err = VpcImage::open(storage(&img, false), false)
+        .err()
+        .expect("refused");
+    assert_eq!(err.message(), qemu_open_error(&img));
 }

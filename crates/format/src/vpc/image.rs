@@ -49,10 +49,16 @@ pub struct VpcImage {
     /// The footer as read (at offset 0 for a dynamic disk, else at the end).
     footer: Footer,
     size: u64,
-    fixed: bool,
-    /// The BAT of a dynamic disk; `None` when the footer was only at the end.
-    dynamic: Option<Mutex<Dynamic>>,
+    layout: Layout,
     read_only: bool,
+}
+
+/// How guest offsets map to the file.
+enum Layout {
+    /// The file is the disk (its footer follows).
+    Fixed,
+    /// Blocks found through the BAT.
+    Dynamic(Mutex<Dynamic>),
 }
 
 impl VpcImage {
@@ -77,7 +83,8 @@ impl VpcImage {
             // A fixed disk has its footer only at the end.
             storage.read_at(&mut buf, file_len - FOOTER_SIZE as u64)?;
             footer = Footer::from_bytes(&buf);
-            if !footer.has_cookie() {
+            // Only a fixed disk may lack the copy at the start.
+            if !footer.has_cookie() || footer.disk_type() != TYPE_FIXED {
                 return Err(Error::invalid("invalid VPC image"));
             }
             at_start = false;
@@ -109,43 +116,41 @@ impl VpcImage {
         }
         let size = sectors * 512;
 
+        // A footer at the start means a dynamic disk's header and BAT follow
+        // (checked even when the footer then says fixed, as QEMU does).
         let dynamic = if at_start {
-            Some(Mutex::new(read_dynamic(
-                storage.as_ref(),
-                &footer,
-                size,
-                file_len,
-            )?))
+            Some(read_dynamic(storage.as_ref(), &footer, size, file_len)?)
         } else {
             None
         };
+        let layout = match dynamic {
+            _ if footer.disk_type() == TYPE_FIXED => Layout::Fixed,
+            Some(d) => Layout::Dynamic(Mutex::new(d)),
+            // Ruled out above: a footer only at the end is a fixed disk's.
+            None => return Err(Error::invalid("invalid VPC image")),
+        };
         let read_only = !write || storage.read_only();
         Ok(VpcImage {
-            fixed: footer.disk_type() == TYPE_FIXED,
             storage,
             footer,
             size,
-            dynamic,
+            layout,
             read_only,
         })
     }
 
     /// Whether this is a fixed disk (the data, then the footer).
     pub fn is_fixed(&self) -> bool {
-        self.fixed
+        matches!(self.layout, Layout::Fixed)
     }
 
     /// The block size of a dynamic disk (QEMU's cluster size), `None` for a
     /// fixed one.
     pub fn block_size(&self) -> Option<u64> {
-        if self.fixed {
-            return None;
+        match &self.layout {
+            Layout::Fixed => None,
+            Layout::Dynamic(d) => Some(sync::lock(d).block_size),
         }
-        Some(
-            self.dynamic
-                .as_ref()
-                .map_or(0, |d| sync::lock(d).block_size),
-        )
     }
 
     /// The footer's fields, as read.
@@ -307,13 +312,9 @@ impl BlockDevice for VpcImage {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         request(Operation::Read, Some(offset), || {
             check_range(offset, buf.len() as u64, self.size)?;
-            let d = match (&self.dynamic, self.fixed) {
-                (_, true) => return self.storage.read_at(buf, offset).map_err(|e| self.err(e)),
-                (None, false) => {
-                    buf.fill(0);
-                    return Ok(());
-                }
-                (Some(d), false) => sync::lock(d),
+            let d = match &self.layout {
+                Layout::Fixed => return self.storage.read_at(buf, offset).map_err(|e| self.err(e)),
+                Layout::Dynamic(d) => sync::lock(d),
             };
             let mut done = 0usize;
             while done < buf.len() {
@@ -337,10 +338,9 @@ impl BlockDevice for VpcImage {
                 return Err(Error::read_only());
             }
             check_range(offset, buf.len() as u64, self.size)?;
-            match (&self.dynamic, self.fixed) {
-                (_, true) => self.storage.write_at(buf, offset).map_err(|e| self.err(e)),
-                (Some(d), false) => self.write_dynamic(d, buf, offset).map_err(|e| self.err(e)),
-                (None, false) => Err(self.err(Error::invalid("Invalid argument"))),
+            match &self.layout {
+                Layout::Fixed => self.storage.write_at(buf, offset).map_err(|e| self.err(e)),
+                Layout::Dynamic(d) => self.write_dynamic(d, buf, offset).map_err(|e| self.err(e)),
             }
         })
     }
@@ -377,8 +377,8 @@ impl BlockDevice for VpcImage {
             if len == 0 {
                 return Err(Error::out_of_range("empty block status request"));
             }
-            let d = match (&self.dynamic, self.fixed) {
-                (_, true) => {
+            let d = match &self.layout {
+                Layout::Fixed => {
                     return Ok(Extent {
                         offset,
                         len,
@@ -388,14 +388,7 @@ impl BlockDevice for VpcImage {
                         },
                     })
                 }
-                (None, false) => {
-                    return Ok(Extent {
-                        offset,
-                        len,
-                        status: Status::Zero { host_offset: None },
-                    })
-                }
-                (Some(d), false) => sync::lock(d),
+                Layout::Dynamic(d) => sync::lock(d),
             };
             let end = offset + len;
             let block_end = |o: u64| (o / d.block_size + 1).saturating_mul(d.block_size).min(end);
