@@ -266,7 +266,9 @@ pub async fn create(State(st): State<AppState>, body: Body) -> Result<Response, 
             .as_deref()
             .map(|f| {
                 f.parse().map_err(|_| {
-                    ApiError::bad_request(format!("format: unknown format '{f}' (qcow2 or raw)"))
+                    ApiError::bad_request(format!(
+                        "format: unknown format '{f}' (qcow2, raw, luks, vpc, vdi, vhdx or vmdk)"
+                    ))
                 })
             })
             .transpose()?,

@@ -240,7 +240,7 @@ fn open_export(
                 .map(|f| {
                     f.parse().map_err(|_| {
                         ApiError::bad_request(format!(
-                            "format: unknown format '{f}' (qcow2 or raw)"
+                            "format: unknown format '{f}' (qcow2, raw, luks, vpc, vdi, vhdx or vmdk)"
                         ))
                     })
                 })

@@ -48,7 +48,7 @@ fn backups_made_and_restored_through_the_api_are_byte_identical_and_restic_check
         ),
         (
             "/api/v1/backups",
-            json!({"image": s(&image), "format": "vmdk"}),
+            json!({"image": s(&image), "format": "bogus"}),
             "format",
         ),
         (

@@ -248,7 +248,7 @@ fn hostile(srv: &Server, tok: &str, img: &Path, d: &Path, stopped: &str) {
             "HOST:PORT",
         ),
         (
-            json!({"image": img, "socket": sock, "format": "vmdk"}),
+            json!({"image": img, "socket": sock, "format": "bogus"}),
             400,
             "format",
         ),
