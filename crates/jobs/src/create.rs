@@ -651,6 +651,9 @@ impl Prepared {
         {
             return Err(invalid(p, "Extent size hint is too large"));
         }
+        // QEMU's vpc driver reads its options and checks the size after the
+        // file is created, which a refusal then leaves behind, empty.
+        let keep_on_failure = matches!(self.kind, Kind::Foreign(Format::Vpc, _));
         let build: Box<dyn FnOnce(Arc<dyn Storage>) -> Result<()>> = match self.kind {
             Kind::Raw(prealloc) => {
                 let mode = match prealloc.as_deref() {
@@ -721,11 +724,14 @@ impl Prepared {
                 })
             }
             Kind::Foreign(format, opts) => {
-                let typed =
-                    crate::create_foreign::options(format, &opts).map_err(|m| invalid(p, m))?;
+                let typed = crate::create_foreign::options(format, &opts);
+                if !keep_on_failure {
+                    typed.clone().map_err(|m| invalid(p, m))?;
+                }
                 let size = self.size;
                 let path = p.clone();
                 Box::new(move |storage| {
+                    let typed = typed.map_err(|m| invalid(&path, m))?;
                     crate::create_foreign::create(storage, &path, size, &typed)
                         .map_err(|e| invalid(&path, e))
                 })
@@ -764,7 +770,9 @@ impl Prepared {
             mark_nocow(p);
         }
         if let Err(e) = build(out.storage()) {
-            out.discard();
+            if !keep_on_failure {
+                out.discard();
+            }
             return Err(e);
         }
         Ok(created)

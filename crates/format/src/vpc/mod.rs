@@ -95,15 +95,18 @@ pub fn create(
     uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4
     uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
     let footer = Footer::new(creator, size, chs, disk_type, timestamp, uuid);
-    let fail = |e: Error| e.at(path);
+    let fail = |e: strata_storage::Error| Error::from(e).at(path);
+    let write = |buf: &[u8], at: u64| storage.write_at(buf, at).map_err(fail);
     if opts.fixed {
-        storage
-            .set_size(size + FOOTER_SIZE as u64)
-            .map_err(|e| fail(e.into()))?;
-        storage
-            .write_at(&footer.raw, size)
-            .map_err(|e| fail(e.into()))?;
-        return storage.flush().map_err(|e| fail(e.into()));
+        storage.set_size(size + FOOTER_SIZE as u64).map_err(fail)?;
+        // QEMU's file driver writes the first block of a file it grows from
+        // empty, so that the file system reports it as data.
+        let first = crate::units::index(size.min(4096));
+        if first > 0 {
+            write(&vec![0u8; first], 0)?;
+        }
+        write(&footer.raw, size)?;
+        return storage.flush().map_err(fail);
     }
     let entries = sectors.div_ceil(u64::from(DEFAULT_BLOCK_SIZE) / 512);
     let bat_len = (entries * 4).next_multiple_of(512);
@@ -116,10 +119,9 @@ pub fn create(
         })?,
         block_size: DEFAULT_BLOCK_SIZE,
     };
-    let write = |buf: &[u8], at: u64| storage.write_at(buf, at).map_err(|e| fail(e.into()));
     write(&footer.raw, 0)?;
     write(&footer.raw, bat_offset + bat_len)?;
     write(&vec![0xff; crate::units::index(bat_len)], bat_offset)?;
     write(&header.to_bytes(), FOOTER_SIZE as u64)?;
-    storage.flush().map_err(|e| fail(e.into()))
+    storage.flush().map_err(fail)
 }
