@@ -123,8 +123,17 @@ mod vpc {
         case(
             dir.path(),
             "r",
-            "qemu-img create -q -f vpc a.vhd 8M",
+            "qemu-img create -q -f vpc a.vhd 8M
+            head -c 1000 a.vhd > cut.vhd
+            : > empty.vhd
+            cp a.vhd sum.vhd
+            printf 'X' | dd of=sum.vhd bs=1 seek=24 conv=notrunc status=none",
             &[
+                "info cut.vhd",
+                "info -f vpc cut.vhd",
+                "info -f vpc empty.vhd",
+                "info sum.vhd",
+                "convert -O raw sum.vhd out.raw",
                 "create -f vpc big.vhd 3T",
                 "create -f vpc -o force_size=on big2.vhd 2041G",
                 "create -f vpc -o subformat=sparse b.vhd 8M",
