@@ -182,6 +182,22 @@ mod vpc {
                 ],
             );
         }
+        // Into existing images: the blocks are allocated in the same order,
+        // the footer moved alike.
+        case(
+            root,
+            "n",
+            &format!(
+                "{SOURCE}
+                qemu-img create -q -f vpc d.vhd 6M
+                qemu-img create -q -f vpc -o subformat=fixed f.vhd 6M"
+            ),
+            &[
+                "convert -n -f raw -O vpc src.raw d.vhd",
+                "convert -n -f raw -O vpc src.raw f.vhd",
+                "compare -f raw -F vpc src.raw d.vhd",
+            ],
+        );
         // QEMU writes the data: both tools read it.
         case(
             root,
