@@ -8,6 +8,13 @@ use crate::{BlockDevice, Result};
 /// Check the image `dev` holds (opened by its format's driver), as QEMU's
 /// driver for its format checks it.
 pub fn check(dev: &dyn BlockDevice) -> Result<CheckReport> {
-    let _ = dev;
+    if let Some(vdi) = dev.as_any().downcast_ref::<crate::vdi::VdiImage>() {
+        let r = vdi.check(false)?;
+        return Ok(CheckReport {
+            corruptions: r.corruptions,
+            messages: r.errors,
+            ..CheckReport::default()
+        });
+    }
     Ok(CheckReport::default())
 }

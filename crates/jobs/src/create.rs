@@ -651,9 +651,16 @@ impl Prepared {
         {
             return Err(invalid(p, "Extent size hint is too large"));
         }
-        // QEMU's vpc driver reads its options and checks the size after the
-        // file is created, which a refusal then leaves behind, empty.
-        let keep_on_failure = matches!(self.kind, Kind::Foreign(Format::Vpc, _));
+        // QEMU's vdi driver refuses a size, its vpc driver its options or a
+        // size, and the file layer a preallocation mode, only once the file
+        // layer has made the file, which stays (empty) behind.
+        let keep_on_failure = match &self.kind {
+            Kind::Foreign(f, opts) => {
+                matches!(f, Format::Vdi | Format::Vpc)
+                    || opts.get("preallocation").is_some_and(|v| v == "metadata")
+            }
+            _ => false,
+        };
         let build: Box<dyn FnOnce(Arc<dyn Storage>) -> Result<()>> = match self.kind {
             Kind::Raw(prealloc) => {
                 let mode = match prealloc.as_deref() {
@@ -725,12 +732,24 @@ impl Prepared {
             }
             Kind::Foreign(format, opts) => {
                 let typed = crate::create_foreign::options(format, &opts);
-                if !keep_on_failure {
+                // vpc reads its options only once the file is made.
+                if format != Format::Vpc {
                     typed.clone().map_err(|m| invalid(p, m))?;
                 }
+                // The file layer's preallocation: any mode but `metadata` does
+                // nothing to the file these drivers write; an unknown one is
+                // refused before the file is made, `metadata` after.
+                let file_refusal = match opts.get("preallocation").map(String::as_str) {
+                    None | Some("off" | "falloc" | "full") => None,
+                    Some("metadata") => Some("Unsupported preallocation mode: metadata"),
+                    Some(v) => return Err(invalid(p, format!("invalid parameter value: {v}"))),
+                };
                 let size = self.size;
                 let path = p.clone();
                 Box::new(move |storage| {
+                    if let Some(m) = file_refusal {
+                        return Err(invalid(&path, m));
+                    }
                     let typed = typed.map_err(|m| invalid(&path, m))?;
                     crate::create_foreign::create(storage, &path, size, &typed)
                         .map_err(|e| invalid(&path, e))
