@@ -5,7 +5,15 @@
 //! QEMU's probe does, [`open`] gives the guest view, [`create`] writes a
 //! new empty image as qemu-img's `create -f vhdx` does.
 
-use crate::{BlockDevice, Error, Result};
+mod create;
+mod image;
+mod layout;
+mod log;
+
+pub use create::{plan, Plan};
+pub use image::VhdxImage;
+
+use crate::{BlockDevice, Result};
 use std::path::Path;
 use std::sync::Arc;
 use strata_storage::Storage;
@@ -13,8 +21,19 @@ use strata_storage::Storage;
 /// Whether `head` (the first up to 2048 bytes of a file, fewer when it is
 /// shorter) is a vhdx image, as QEMU's probe would choose this driver.
 pub fn probe(head: &[u8]) -> bool {
-    let _ = head;
-    false
+    head.starts_with(b"vhdxfile")
+}
+
+/// What `qemu-img check -f vhdx` finds ([`VhdxImage::check`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// One entry per corruption QEMU counts: the line it prints (without
+    /// the `qemu-img: ` prefix), or empty for one it counts silently (a
+    /// payload block overlapping the log, the BAT or the metadata region).
+    pub problems: Vec<String>,
+    /// A log was replayed when the image was opened for writing (QEMU
+    /// counts it as one fixed corruption).
+    pub log_replayed: bool,
 }
 
 /// The options of `create -f vhdx -o ...`, parsed and checked by the caller.
@@ -48,18 +67,19 @@ pub fn open(
     path: Option<&Path>,
     write: bool,
 ) -> Result<Arc<dyn BlockDevice>> {
-    let _ = (storage, path, write);
-    Err(Error::unsupported("the vhdx driver is not built yet"))
+    Ok(Arc::new(VhdxImage::open(storage, path, write)?))
 }
 
 /// Write a new, empty image of `size` guest bytes on `storage` (an empty
-/// file, `path` its name), as `qemu-img create -f vhdx` lays it out.
+/// file, `path` its name), as `qemu-img create -f vhdx` lays it out
+/// (`size`, `log_size` and `block_size` rounded and checked as QEMU does:
+/// see [`plan`]).
 pub fn create(
     storage: Arc<dyn Storage>,
     path: Option<&Path>,
     size: u64,
     opts: &CreateOptions,
 ) -> Result<()> {
-    let _ = (storage, path, size, opts);
-    Err(Error::unsupported("the vhdx driver is not built yet"))
+    let _ = path;
+    create::create(storage.as_ref(), size, opts)
 }
