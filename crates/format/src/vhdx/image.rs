@@ -381,15 +381,26 @@ impl VhdxImage {
         // QEMU counts the disk in 512-byte sectors of `size >> log2(lss)`.
         let virtual_size = (vds >> lss.trailing_zeros()) * 512;
         if vds > MAX_IMAGE_SIZE {
-            return Err(Error::invalid(format!(
-                "Could not open '{}': the virtual disk size {vds} is over the 64 TiB limit",
-                path.map(|p| p.display().to_string()).unwrap_or_default()
-            )));
+            // Past the specification's limit (QEMU refuses such a disk too
+            // when its BAT region cannot hold the entries).
+            return Err(einval(path));
         }
 
         // The BAT.
         let entries = bat_entries(vds, block_size, ratio);
         if entries > u64::from(bat_rt.length) / 8 {
+            return Err(einval(path));
+        }
+        // A BAT reaching past the file's end is refused before it is read
+        // (QEMU would read zeroes there; an image QEMU or Hyper-V wrote always
+        // holds its whole BAT, and this bounds what a hostile header can make
+        // us allocate).
+        let file_size = storage.size()?;
+        if bat_rt
+            .file_offset
+            .checked_add(entries * 8)
+            .is_none_or(|end| end > file_size)
+        {
             return Err(einval(path));
         }
         let mut raw = vec![0u8; crate::units::index(entries * 8)];
