@@ -525,8 +525,28 @@ pub fn probe_storage(s: &dyn Storage) -> Result<Format> {
     } else if probe_luks(s)? {
         Format::Luks
     } else {
-        Format::Raw
+        probe_foreign(s)?.unwrap_or(Format::Raw)
     })
+}
+
+/// The format of another tool whose probe claims the store's first bytes (as
+/// QEMU probes: the first 2048 bytes, zeroes past the end of a shorter file).
+fn probe_foreign(s: &dyn Storage) -> Result<Option<Format>> {
+    const PROBE_LEN: u64 = 2048;
+    let len = s.size().map_err(Error::Probe)?.min(PROBE_LEN);
+    let mut head = vec![0u8; PROBE_LEN as usize];
+    s.read_at(&mut head[..len as usize], 0)
+        .map_err(Error::Probe)?;
+    use strata_format::{vdi, vhdx, vmdk, vpc};
+    Ok([
+        (Format::Vmdk, vmdk::probe as fn(&[u8]) -> bool),
+        (Format::Vdi, vdi::probe),
+        (Format::Vpc, vpc::probe),
+        (Format::Vhdx, vhdx::probe),
+    ]
+    .into_iter()
+    .find(|(_, probe)| probe(&head))
+    .map(|(f, _)| f))
 }
 
 /// Whether the store starts with the LUKS magic (a 6-byte signature).
@@ -721,6 +741,9 @@ pub fn open_storage_with(
     Ok(match format {
         Format::Raw => Arc::new(RawImage::open(storage)?),
         Format::Luks => Arc::new(LuksImage::open(storage, unlock, metadata_only)?),
+        Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk => {
+            open_foreign(storage, format, write)?
+        }
         Format::Qcow2 => Arc::new(Qcow2Image::open(
             storage,
             Qcow2OpenOptions {
@@ -731,6 +754,24 @@ pub fn open_storage_with(
                 ..Default::default()
             },
         )?),
+    })
+}
+
+/// An image of one of the [`Format::is_foreign`] formats on `storage` (its
+/// companion files, such as a vmdk's extents, found next to the store's file).
+fn open_foreign(
+    storage: Arc<dyn Storage>,
+    format: Format,
+    write: bool,
+) -> Result<Arc<dyn BlockDevice>> {
+    use strata_format::{vdi, vhdx, vmdk, vpc};
+    let path = storage.path().map(Path::to_path_buf);
+    let path = path.as_deref();
+    Ok(match format {
+        Format::Vpc => vpc::open(storage, path, write)?,
+        Format::Vdi => vdi::open(storage, path, write)?,
+        Format::Vhdx => vhdx::open(storage, path, write)?,
+        _ => vmdk::open(storage, path, write)?,
     })
 }
 

@@ -1,7 +1,8 @@
 //! The format layer: maps guest offsets to host data.
 //!
-//! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU), [`raw`] and
-//! [`luks`].
+//! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU), [`raw`],
+//! [`luks`], and the formats of other tools as QEMU reads and writes them:
+//! [`vpc`], [`vdi`], [`vhdx`], [`vmdk`].
 //! Both offer the guest view through [`BlockDevice`].
 
 #![deny(clippy::cast_possible_truncation)]
@@ -10,6 +11,7 @@ pub mod crypto;
 mod device;
 mod device_storage;
 mod error;
+pub mod foreign_check;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod luks;
@@ -34,6 +36,14 @@ pub enum Format {
     Raw,
     /// A LUKS1 header, then the encrypted disk (QEMU's `luks` driver).
     Luks,
+    /// Microsoft's VHD (QEMU's `vpc` driver).
+    Vpc,
+    /// VirtualBox's VDI.
+    Vdi,
+    /// Hyper-V's VHDX.
+    Vhdx,
+    /// VMware's VMDK.
+    Vmdk,
 }
 
 impl Format {
@@ -42,7 +52,21 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Raw => "raw",
             Format::Luks => "luks",
+            Format::Vpc => "vpc",
+            Format::Vdi => "vdi",
+            Format::Vhdx => "vhdx",
+            Format::Vmdk => "vmdk",
         }
+    }
+
+    /// The formats of other tools that QEMU reads and writes through its own
+    /// drivers (their modules: [`vpc`], [`vdi`], [`vhdx`], [`vmdk`]): no
+    /// internal snapshots, bitmaps, amendment, measurement or resizing.
+    pub fn is_foreign(self) -> bool {
+        matches!(
+            self,
+            Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk
+        )
     }
 
     /// Whether a new image of this format reads as zeroes before anything is
@@ -59,6 +83,10 @@ impl std::str::FromStr for Format {
             "qcow2" => Ok(Format::Qcow2),
             "raw" => Ok(Format::Raw),
             "luks" => Ok(Format::Luks),
+            "vpc" => Ok(Format::Vpc),
+            "vdi" => Ok(Format::Vdi),
+            "vhdx" => Ok(Format::Vhdx),
+            "vmdk" => Ok(Format::Vmdk),
             other => Err(Error::invalid_argument(format!(
                 "Unknown file format '{other}'"
             ))),

@@ -375,6 +375,8 @@ enum Kind {
     /// The `-o` map (its LUKS settings are checked after the summary).
     Luks(BTreeMap<String, String>),
     Qcow2(CreateOptions, BTreeMap<String, String>),
+    /// A format of another tool, with its `-o` map (typed after the summary).
+    Foreign(Format, BTreeMap<String, String>),
 }
 
 /// Check `req` up to qemu-img's "Formatting" line: option keys and typed values,
@@ -461,6 +463,31 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 size,
                 summary_options: parts.join(" ") + &hint_summary,
                 kind: Kind::Luks(opts.clone()),
+                inputs: Inputs::default(),
+                secrets: Secrets::default(),
+                nocow,
+                extent_size_hint,
+            })
+        }
+        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk) => {
+            crate::create_foreign::check(f, opts).map_err(|m| invalid(p, m))?;
+            if let (None, Some(b)) = (size, opts.get("backing_file")) {
+                // A vmdk over a parent takes the parent's size.
+                let bpath = strata_chain::resolve_backing(p, b);
+                let fmt = match opts.get("backing_fmt") {
+                    Some(f) => f.parse::<Format>().map_err(|e| invalid(p, e))?,
+                    None => strata_chain::probe_format(&bpath)?,
+                };
+                let dev = strata_chain::open_image(&bpath, fmt, false, true)
+                    .map_err(|e| invalid(p, format!("{e}\nCould not open backing image.")))?;
+                size = Some(dev.virtual_size());
+            }
+            let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
+            Ok(Prepared {
+                path: p.clone(),
+                size,
+                summary_options: crate::create_foreign::summary(f, size, opts),
+                kind: Kind::Foreign(f, opts.clone()),
                 inputs: Inputs::default(),
                 secrets: Secrets::default(),
                 nocow,
@@ -575,6 +602,7 @@ impl Prepared {
             Kind::Raw(_) => Format::Raw,
             Kind::Luks(_) => Format::Luks,
             Kind::Qcow2(..) => Format::Qcow2,
+            Kind::Foreign(f, _) => f,
         };
         self.summary_as(&self.path.display().to_string(), format.name())
     }
@@ -690,6 +718,16 @@ impl Prepared {
                     .map_err(|e| invalid(&path, e))?;
                     img.flush()?;
                     Ok(())
+                })
+            }
+            Kind::Foreign(format, opts) => {
+                let typed =
+                    crate::create_foreign::options(format, &opts).map_err(|m| invalid(p, m))?;
+                let size = self.size;
+                let path = p.clone();
+                Box::new(move |storage| {
+                    crate::create_foreign::create(storage, &path, size, &typed)
+                        .map_err(|e| invalid(&path, e))
                 })
             }
             Kind::Qcow2(mut c, opts) => {

@@ -213,6 +213,13 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
             compression_type: h.compression_type.name().into(),
         }));
     }
+    if dev
+        .format_name()
+        .parse::<strata_format::Format>()
+        .is_ok_and(strata_format::Format::is_foreign)
+    {
+        info.cluster_size = dev.cluster_size();
+    }
     if let Some(l) = dev.as_any().downcast_ref::<LuksImage>() {
         info.encrypted = Some(true);
         info.format_specific = Some(FormatSpecific::Luks(crate::info_encrypt::luks(&l.header())));

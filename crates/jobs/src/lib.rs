@@ -7,6 +7,7 @@ pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod create_encrypt;
+pub mod create_foreign;
 pub mod flatten;
 pub mod foreign_probe;
 pub mod info;

@@ -83,6 +83,12 @@ pub fn measure(source: Source<'_>, target: &Target, cancel: &Cancel) -> Result<M
                 bitmaps: None,
             })
         }
+        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk) => {
+            Err(Error::Invalid(format!(
+                "Block driver '{}' does not support size measurement",
+                f.name()
+            )))
+        }
         // The header and key material, then the disk: nothing is sparse.
         Format::Luks => {
             let disk = match source {

@@ -80,6 +80,24 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if repair != Repair::None {
         super::common::warn_probed_raw(&spec);
     }
+    // These drivers check their own tables and repair nothing: vdi's and
+    // vmdk's refuse a repair as no check at all, vhdx's checks anyway.
+    let own_check = match format {
+        Format::Vdi | Format::Vmdk => repair == Repair::None,
+        Format::Vhdx => true,
+        _ => false,
+    };
+    if own_check {
+        let dev = strata_chain::open_top(&spec, format, writing).map_err(opened_err)?;
+        let report = match strata_format::foreign_check::check(dev.as_ref()) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("{}: Check failed: {e}", ctx.prog);
+                return Ok(1);
+            }
+        };
+        return finish(&report, &args, &spec.shown_name(), format, ctx, || Ok(()));
+    }
     if format != Format::Qcow2 {
         // qemu-img opens the image (a luks one with its secret) before it
         // finds no checks: a missing or unreadable file is reported as such.
@@ -143,6 +161,33 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             return Ok(1);
         }
     };
+    let close = || -> Result<()> {
+        if writing {
+            img.close()?;
+        }
+        Ok(())
+    };
+    finish(
+        &report,
+        &args,
+        &spec.shown_name(),
+        Format::Qcow2,
+        ctx,
+        close,
+    )
+}
+
+/// Print a check's `report` of the image (`name` as the user named it, of
+/// `format`) as qemu-img prints it, once `close` has written out what a
+/// repair changed, and give qemu-img's exit code.
+fn finish(
+    report: &CheckReport,
+    args: &Args,
+    name: &str,
+    format: Format,
+    ctx: &Ctx,
+    close: impl FnOnce() -> Result<()>,
+) -> Result<i32> {
     for (i, m) in report.messages.iter().enumerate() {
         if report.own_errors.contains(&i) {
             eprintln!("{}: {m}", ctx.prog);
@@ -154,9 +199,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         eprintln!("{}: Check failed: {e}", ctx.prog);
         return Ok(1);
     }
-    if writing {
-        img.close()?;
-    }
+    close()?;
     let repaired = report.corruptions_fixed > 0 || report.leaks_fixed > 0;
     let human = args.output == OutputFormat::Human && !args.quiet;
     if repaired && human {
@@ -165,14 +208,15 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             report.leaks_fixed, report.corruptions_fixed
         );
     }
-    // As the user named it (an option list is printed as given).
-    let name = spec.shown_name();
     // -q silences the report in either format (qemu-img prints its JSON
     // through the same quiet-aware printer as the text).
     match args.output {
         _ if args.quiet => {}
-        OutputFormat::Human => print!("{}", human_report(&report)),
-        OutputFormat::Json => println!("{}", qjson::to_string(&json_report(&report, &name))),
+        OutputFormat::Human => print!("{}", human_report(report)),
+        OutputFormat::Json => println!(
+            "{}",
+            qjson::to_string(&json_report(report, name, format.name()))
+        ),
     }
     if report.check_errors > 0 {
         eprintln!("{}: Check failed", ctx.prog);
@@ -230,10 +274,10 @@ pub fn human_report(r: &CheckReport) -> String {
 }
 
 /// qemu-img's JSON report: optional counters appear only when non-zero.
-pub fn json_report(r: &CheckReport, filename: &str) -> Value {
+pub fn json_report(r: &CheckReport, filename: &str, format: &str) -> Value {
     let mut m = Map::new();
     m.insert("filename".into(), json!(filename));
-    m.insert("format".into(), json!("qcow2"));
+    m.insert("format".into(), json!(format));
     m.insert("check-errors".into(), json!(r.check_errors));
     let mut opt = |k: &str, v: u64| {
         if v != 0 {

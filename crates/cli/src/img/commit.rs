@@ -170,7 +170,7 @@ fn base_unreachable_by_name(spec: &strata_chain::OpenSpec, name: &str, base: usi
             let key = match layer.format {
                 strata_format::Format::Qcow2 => "backing.encrypt.key-secret",
                 strata_format::Format::Luks => "backing.key-secret",
-                strata_format::Format::Raw => return false,
+                _ => return false,
             };
             spec.driver_options.contains_key(key)
         }

@@ -329,12 +329,18 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
 
     // The target: created (with -o, -B and -F) unless -n. qemu-img sets -B and -F
     // as creation options over -o's, then checks them in this order.
-    if !args.no_create && out_format == Format::Raw {
+    if !args.no_create
+        && matches!(
+            out_format,
+            Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx
+        )
+    {
+        let name = out_format.name();
         if args.backing.is_some() {
-            bail!("Backing file not supported for file format 'raw'");
+            bail!("Backing file not supported for file format '{name}'");
         }
         if args.backing_format.is_some() {
-            bail!("Backing file format not supported for file format 'raw'");
+            bail!("Backing file format not supported for file format '{name}'");
         }
     }
     if src_paths.len() > 1 && out_backing.is_some() {

@@ -87,9 +87,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             filename.display()
         );
     }
-    if matches!(format, Format::Luks | Format::Raw)
-        && (args.backing.is_some() || args.backing_format.is_some())
-    {
+    let no_backing = matches!(
+        format,
+        Format::Luks | Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx
+    );
+    if no_backing && (args.backing.is_some() || args.backing_format.is_some()) {
         // qemu-img reads the -o list (naming the first unknown option) before
         // it refuses -b and -F for a format without backing files.
         prepare(&CreateRequest {
@@ -100,7 +102,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             unsafe_backing: true,
         })?;
     }
-    if matches!(format, Format::Luks | Format::Raw) {
+    if no_backing {
         // qemu-img refuses -b and -F itself for a format without backing
         // files; as -o options they are merely unknown to the driver.
         let f = filename.display();

@@ -237,6 +237,8 @@ fn backing_option_supported(key: &str) -> bool {
 const RAW_OPTIONS: [&str; 2] = ["offset", "size"];
 /// The luks driver's own options.
 const LUKS_OPTIONS: [&str; 1] = ["key-secret"];
+/// The vpc driver's own options.
+const VPC_OPTIONS: [&str; 1] = ["force_size_calc"];
 
 /// The file protocol's options (host_device's too).
 const FILE_OPTIONS: [&str; 6] = [
@@ -895,7 +897,8 @@ fn format_spec(
         Some(Format::Qcow2) => &QCOW2_OPTIONS,
         Some(Format::Raw) => &RAW_OPTIONS,
         Some(Format::Luks) => &LUKS_OPTIONS,
-        None => &[],
+        Some(Format::Vpc) => &VPC_OPTIONS,
+        Some(Format::Vdi | Format::Vhdx | Format::Vmdk) | None => &[],
     };
     let name = checked.map_or("raw", Format::name);
     // `"backing": null` (no backing file) is a generic option: every format
@@ -1061,6 +1064,8 @@ fn backing_nodes(
                 Format::Qcow2 => &QCOW2_OPTIONS,
                 Format::Raw => &RAW_OPTIONS,
                 Format::Luks => &LUKS_OPTIONS,
+                Format::Vpc => &VPC_OPTIONS,
+                Format::Vdi | Format::Vhdx | Format::Vmdk => &[],
             };
             let next = format!("{prefix}backing.");
             if let Some(k) = keys
@@ -1291,7 +1296,7 @@ fn encryption_secret_key(format: Option<Format>, path: &Path) -> Option<&'static
     use std::io::Read;
     match format? {
         Format::Luks => Some("key-secret"),
-        Format::Raw => None,
+        Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk => None,
         Format::Qcow2 => {
             // QCOW2 header: magic at 0, crypt_method (big-endian u32) at 32.
             let mut header = [0u8; 36];
@@ -1320,7 +1325,7 @@ pub fn json_name(spec: &OpenSpec, format: Format) -> Option<String> {
     let strong_options: &[&str] = match format {
         Format::Qcow2 => &QCOW2_STRONG_OPTIONS,
         Format::Luks => &LUKS_STRONG_OPTIONS,
-        Format::Raw => return None,
+        Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk => return None,
     };
     if spec.storage.is_some() || spec.blkdebug.is_some() || spec.protocol_driver.is_some() {
         return None;
@@ -1364,7 +1369,7 @@ pub fn json_name_with_backing(
         match f {
             Format::Qcow2 => &QCOW2_STRONG_OPTIONS,
             Format::Luks => &LUKS_STRONG_OPTIONS,
-            Format::Raw => &[],
+            Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk => &[],
         }
     };
     let mut node = serde_json::Map::new();

@@ -169,7 +169,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         match format {
             Format::Qcow2 => measured_luks_area(&opts, &secrets),
             Format::Luks => measured_luks_header(&opts, &secrets),
-            Format::Raw => Ok(0),
+            _ => Ok(0),
         }
         .map_err(anyhow::Error::msg)
     };

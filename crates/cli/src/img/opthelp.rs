@@ -274,6 +274,77 @@ const QCOW2_AMEND: &[Opt] = &[
     SIZE,
 ];
 
+/// The vpc (VHD) format's create options.
+const VPC: &[Opt] = &[
+    (
+        "force_size",
+        Ty::Bool,
+        "Keep the size as given instead of rounding it to a disk geometry (cylinders, heads, sectors)",
+    ),
+    SIZE,
+    (
+        "subformat",
+        Ty::Str,
+        "dynamic (the default: blocks allocated as written) or fixed (the whole disk, then a footer)",
+    ),
+];
+
+/// The vdi (VirtualBox) format's create options.
+const VDI: &[Opt] = &[
+    SIZE,
+    (
+        "static",
+        Ty::Bool,
+        "Allocate every block when the image is made (default off)",
+    ),
+];
+
+/// The vhdx (Hyper-V) format's create options.
+const VHDX: &[Opt] = &[
+    (
+        "block_size",
+        Ty::Size,
+        "Allocation unit, 1 MiB to 256 MiB, a power of two; 0 picks one from the disk size",
+    ),
+    (
+        "block_state_zero",
+        Ty::Bool,
+        "Mark new blocks as reading zeroes (default on; keep it on when converting to a dynamic image)",
+    ),
+    ("log_size", Ty::Size, "Size of the metadata log, at least 1 MiB"),
+    ("size", Ty::Size, "Virtual disk size, at most 64 TiB"),
+    (
+        "subformat",
+        Ty::Str,
+        "dynamic (the default: blocks allocated as written) or fixed (every block allocated)",
+    ),
+];
+
+/// The vmdk (VMware) format's create options.
+const VMDK: &[Opt] = &[
+    (
+        "adapter_type",
+        Ty::Str,
+        "Disk controller the descriptor names: ide (default), lsilogic, buslogic or legacyESX",
+    ),
+    ("backing_file", Ty::Str, "Parent image of a delta disk"),
+    ("backing_fmt", Ty::Str, "Format of the parent image: vmdk only"),
+    ("compat6", Ty::Bool, "Virtual hardware version 6"),
+    ("hwversion", Ty::Str, "Virtual hardware version the descriptor names"),
+    SIZE,
+    (
+        "subformat",
+        Ty::Str,
+        "Extent layout: monolithicSparse (default), monolithicFlat, twoGbMaxExtentSparse, twoGbMaxExtentFlat or streamOptimized",
+    ),
+    ("toolsversion", Ty::Str, "VMware Tools version the descriptor names"),
+    (
+        "zeroed_grain",
+        Ty::Bool,
+        "Record zero writes as zeroed grains instead of writing zeroes (sparse extents)",
+    ),
+];
+
 /// The luks format's amend options (its key slots).
 const LUKS_AMEND: &[Opt] = &[
     (
@@ -346,6 +417,10 @@ fn format_options(fmt: &str) -> Result<&'static [Opt]> {
         "qcow2" => QCOW2,
         "raw" => RAW,
         "luks" => LUKS,
+        "vpc" => VPC,
+        "vdi" => VDI,
+        "vhdx" => VHDX,
+        "vmdk" => VMDK,
         "file" => FILE,
         other => bail!("Unknown file format '{other}'"),
     })
@@ -423,7 +498,7 @@ fn amend_options(fmt: &str) -> Result<&'static [Opt]> {
         "qcow2" => QCOW2_AMEND,
         "luks" => LUKS_AMEND,
         "raw" | "file" | "host_device" | "host_cdrom" | "nbd" | "blkdebug" | "blkverify"
-        | "null-co" | "null-aio" => {
+        | "null-co" | "null-aio" | "vpc" | "vdi" | "vhdx" | "vmdk" => {
             bail!("Format driver '{fmt}' does not support option amendment")
         }
         other => bail!("Unknown file format '{other}'"),
