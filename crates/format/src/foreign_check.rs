@@ -8,6 +8,9 @@ use crate::{BlockDevice, Result};
 /// Check the image `dev` holds (opened by its format's driver), as QEMU's
 /// driver for its format checks it.
 pub fn check(dev: &dyn BlockDevice) -> Result<CheckReport> {
+    if let Some(img) = dev.as_any().downcast_ref::<crate::vhdx::VhdxImage>() {
+        return crate::vhdx::check_report(img);
+    }
     let _ = dev;
     Ok(CheckReport::default())
 }

@@ -18,6 +18,8 @@ struct State {
     /// No guest-visible write yet in this session (the headers get new
     /// write GUIDs before the first).
     first_visible_write: bool,
+    /// Where the next log entry goes.
+    log: log::LogState,
 }
 
 /// A registered region of the file `[start, end)` that payload blocks must
@@ -242,6 +244,12 @@ impl VhdxImage {
             headers,
             current,
             first_visible_write: true,
+            log: log::LogState {
+                offset: hdr.log_offset,
+                length: u64::from(hdr.log_length),
+                sequence: pending.map_or(0, |p| p.next_sequence()),
+                ..Default::default()
+            },
         };
         let mut log_replayed = false;
         if let Some(seq) = pending {
@@ -598,16 +606,34 @@ impl VhdxImage {
                     .ok_or_else(|| Error::invalid("Invalid argument"))?;
                 self.storage.set_size(base + self.block_size)?;
                 self.storage.write_at(buf, base + in_block)?;
-                // Data first, then the entry that points to it.
-                self.storage.flush()?;
                 let new = base | PAYLOAD_BLOCK_FULLY_PRESENT;
-                self.storage
-                    .write_at(&new.to_le_bytes(), self.bat_offset + idx as u64 * 8)?;
+                self.journal_bat_entry(st, idx, new)?;
                 st.bat[idx] = new;
             }
             _ => return Err(self.io_error()),
         }
         Ok(())
+    }
+
+    /// Set BAT entry `idx` to `entry` through the log, as QEMU does: the
+    /// data flushed; the headers given a log GUID; the entry journaled and
+    /// flushed; the BAT sector written from the journal and flushed; the log
+    /// GUID cleared in the headers.
+    fn journal_bat_entry(&self, st: &mut State, idx: usize, entry: u64) -> Result<()> {
+        let storage = self.storage.as_ref();
+        storage.flush()?;
+        if st.headers[st.current].log_length < 8 {
+            return Err(Error::invalid("Invalid argument"));
+        }
+        if st.headers[st.current].log_guid != [0; 16] {
+            return Err(Error::unsupported("log state: a log that was not flushed"));
+        }
+        let guid = random_guid();
+        Self::update_headers(storage, st, &self.session_guid, false, Some(guid))?;
+        let at = self.bat_offset + idx as u64 * 8;
+        log::write_and_replay(storage, &mut st.log, &guid, &entry.to_le_bytes(), at)?;
+        storage.flush()?;
+        Self::update_headers(storage, st, &self.session_guid, false, Some([0; 16]))
     }
 
     fn write_impl(&self, buf: Option<&[u8]>, offset: u64, len: u64) -> Result<()> {

@@ -214,6 +214,13 @@ pub struct Sequence {
     first_seq: u64,
 }
 
+impl Sequence {
+    /// The sequence number the next entry of this session takes.
+    pub fn next_sequence(&self) -> u64 {
+        self.first_seq + 1
+    }
+}
+
 /// Search the log at `[offset, offset + length)` for its active sequence
 /// (the valid run with the highest first sequence number), as QEMU does.
 pub fn search(
@@ -269,7 +276,7 @@ pub fn replay(
     length: u64,
     log_guid: &Guid,
     seq: Sequence,
-) -> Result<()> {
+) -> Result<u64> {
     let mut c = Cursor {
         storage,
         offset,
@@ -325,5 +332,137 @@ pub fn replay(
             storage.set_size(h.last_file_offset.next_multiple_of(MIB))?;
         }
     }
+    Ok(c.read)
+}
+
+/// Where this session writes log entries: the region, the read and write
+/// indexes of the circular buffer, the tail of the current sequence and the
+/// next sequence number (QEMU keeps them from entry to entry, so entries
+/// march through the log).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogState {
+    pub offset: u64,
+    pub length: u64,
+    pub read: u64,
+    pub write: u64,
+    pub tail: u64,
+    pub sequence: u64,
+}
+
+/// Journal `data` for file `offset` as one log entry (data descriptors for
+/// each 4 KiB sector it touches, partial sectors merged with the file's
+/// bytes), write it at the log's write index, and replay it, as QEMU's
+/// `vhdx_log_write_and_flush` does between its flushes. The headers must
+/// already carry `log_guid`; the caller flushes and clears it after.
+pub fn write_and_replay(
+    storage: &dyn Storage,
+    st: &mut LogState,
+    log_guid: &Guid,
+    data: &[u8],
+    offset: u64,
+) -> Result<()> {
+    if st.sequence == 0 {
+        st.sequence = 1;
+    }
+    let length = data.len() as u64;
+    let sector_offset = offset % SECTOR;
+    let mut file_offset = offset - sector_offset;
+    let mut aligned = length;
+    let mut leading = 0;
+    let mut partial = 0;
+    if sector_offset != 0 {
+        leading = (SECTOR - sector_offset).min(length);
+        aligned -= leading;
+        partial += 1;
+    }
+    let mut sectors = aligned / SECTOR;
+    let trailing = aligned - sectors * SECTOR;
+    if trailing != 0 {
+        partial += 1;
+    }
+    sectors += partial;
+    let count = u32::try_from(sectors).map_err(|_| einval())?;
+    let dsect = desc_sectors(count);
+    let total = (dsect + sectors) * SECTOR;
+    let file_len = storage.size()?;
+    let mut e = vec![0u8; crate::units::index(total)];
+    e[..4].copy_from_slice(b"loge");
+    e[8..12].copy_from_slice(&u32::try_from(total).map_err(|_| einval())?.to_le_bytes());
+    e[12..16].copy_from_slice(&u32::try_from(st.tail).map_err(|_| einval())?.to_le_bytes());
+    e[16..24].copy_from_slice(&st.sequence.to_le_bytes());
+    e[24..28].copy_from_slice(&count.to_le_bytes());
+    e[32..48].copy_from_slice(log_guid);
+    e[48..56].copy_from_slice(&file_len.to_le_bytes());
+    e[56..64].copy_from_slice(&file_len.to_le_bytes());
+    let mut at = 0usize;
+    for i in 0..sectors {
+        let mut sector = [0u8; SECTOR_LEN];
+        let used;
+        if i == 0 && leading != 0 {
+            storage.read_at(&mut sector, file_offset)?;
+            let so = crate::units::index(sector_offset);
+            let n = crate::units::index(leading);
+            sector[so..so + n].copy_from_slice(&data[at..at + n]);
+            used = n;
+        } else if i == sectors - 1 && trailing != 0 {
+            let t = crate::units::index(trailing);
+            storage.read_at(&mut sector[t..], file_offset + trailing)?;
+            sector[..t].copy_from_slice(&data[at..at + t]);
+            used = t;
+        } else {
+            sector.copy_from_slice(&data[at..at + SECTOR_LEN]);
+            used = SECTOR_LEN;
+        }
+        at += used;
+        let d = 64 + crate::units::index(i) * 32;
+        e[d..d + 4].copy_from_slice(b"desc");
+        e[d + 4..d + 8].copy_from_slice(&sector[4092..]);
+        e[d + 8..d + 16].copy_from_slice(&sector[..8]);
+        e[d + 16..d + 24].copy_from_slice(&file_offset.to_le_bytes());
+        e[d + 24..d + 32].copy_from_slice(&st.sequence.to_le_bytes());
+        let ds = crate::units::index((dsect + i) * SECTOR);
+        e[ds..ds + 4].copy_from_slice(b"data");
+        e[ds + 4..ds + 8].copy_from_slice(&((st.sequence >> 32) as u32).to_le_bytes());
+        e[ds + 8..ds + 4092].copy_from_slice(&sector[8..4092]);
+        e[ds + 4092..ds + 4096]
+            .copy_from_slice(&((st.sequence & 0xffff_ffff) as u32).to_le_bytes());
+        file_offset += SECTOR;
+    }
+    let crc = checksum(&e, 4);
+    e[4..8].copy_from_slice(&crc.to_le_bytes());
+
+    // Into the circular buffer at the write index.
+    let start = st.read;
+    let mut write = st.write;
+    for chunk in e.chunks(SECTOR_LEN) {
+        let at = st.offset + write;
+        let next = if write + SECTOR >= st.length {
+            0
+        } else {
+            write + SECTOR
+        };
+        if next == st.read {
+            // Full: QEMU does not flush the log to make room.
+            return Err(einval());
+        }
+        storage.write_at(chunk, at)?;
+        write = next;
+        st.write = write;
+    }
+    st.sequence += 1;
+    st.tail = st.write;
+    storage.flush()?;
+    st.read = replay(
+        storage,
+        st.offset,
+        st.length,
+        log_guid,
+        Sequence {
+            read: start,
+            write: st.write,
+            count: 1,
+            first_seq: 0,
+        },
+    )?;
     Ok(())
 }

@@ -70,6 +70,33 @@ pub fn open(
     Ok(Arc::new(VhdxImage::open(storage, path, write)?))
 }
 
+/// Open the image for `qemu-img check` (see [`VhdxImage::open_for_check`]):
+/// BAT entries pointing outside the file are left for the check to report.
+pub fn open_for_check(
+    storage: Arc<dyn Storage>,
+    path: Option<&Path>,
+    write: bool,
+) -> Result<Arc<dyn BlockDevice>> {
+    Ok(Arc::new(VhdxImage::open_for_check(storage, path, write)?))
+}
+
+/// What qemu-img's check prints and counts for the image: each BAT problem
+/// one corruption (its line printed as qemu-img's own error), a log replayed
+/// when the image was opened one fixed corruption.
+pub fn check_report(img: &VhdxImage) -> Result<crate::qcow2::CheckReport> {
+    let r = img.check()?;
+    let mut out = crate::qcow2::CheckReport {
+        corruptions: r.problems.len() as u64,
+        corruptions_fixed: u64::from(r.log_replayed),
+        ..Default::default()
+    };
+    for m in r.problems.into_iter().filter(|m| !m.is_empty()) {
+        out.own_errors.push(out.messages.len());
+        out.messages.push(m);
+    }
+    Ok(out)
+}
+
 /// Write a new, empty image of `size` guest bytes on `storage` (an empty
 /// file, `path` its name), as `qemu-img create -f vhdx` lays it out
 /// (`size`, `log_size` and `block_size` rounded and checked as QEMU does:
