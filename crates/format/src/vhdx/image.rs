@@ -33,14 +33,15 @@ struct Region {
 /// A VHDX image (dynamic or fixed; differencing images are refused).
 ///
 /// Crash contract of writes: a write into a block not yet allocated puts the
-/// data in a new block at the end of the file (rounded up to 1 MiB), flushes
-/// it, and only then writes the block's BAT entry in place (one aligned
-/// 8-byte write). A crash before the entry is durable leaves the old entry,
-/// so the guest sees the old contents and at worst a block is leaked at the
-/// end of the file; after it, the data the entry points to is durable.
-/// (QEMU journals the entry through the log instead; both leave the BAT
-/// either as before or as after.) Writes into allocated blocks are in place
-/// and durable at the next `flush`.
+/// data in a new block at the end of the file (rounded up to 1 MiB) and
+/// flushes it; only then is the block's BAT entry changed, through the log as
+/// QEMU does it: the headers get a log GUID, the entry is journaled and
+/// flushed, the BAT sector is written from the journal and flushed, and the
+/// headers drop the log GUID. A crash before the journal is durable leaves
+/// the old entry (the guest sees the old contents; a block may be leaked at
+/// the end of the file); after it, the next open for writing replays the
+/// journal (a read-only open is refused until then, as QEMU refuses it).
+/// Writes into allocated blocks are in place and durable at the next `flush`.
 pub struct VhdxImage {
     storage: Arc<dyn Storage>,
     path: Option<PathBuf>,
