@@ -67,6 +67,15 @@ struct Cursor<'a> {
 }
 
 impl Cursor<'_> {
+    /// The longest entry taken as valid: the log's length, or the part of
+    /// the log inside the file when the file ends sooner (a hostile header
+    /// cannot make the driver read gigabytes of zeroes past the end; a log
+    /// QEMU or Hyper-V wrote lies inside its file).
+    fn entry_limit(&self) -> Result<u64> {
+        let inside = self.storage.size()?.saturating_sub(self.offset);
+        Ok(self.length.min(inside))
+    }
+
     fn inc(&self, idx: u64) -> u64 {
         let n = idx + SECTOR;
         if n >= self.length {
@@ -159,7 +168,7 @@ fn read_desc(
 ) -> Result<(EntryHeader, Vec<Descriptor>, Vec<u8>)> {
     let head = c.peek()?;
     let (sig, h) = EntryHeader::decode(&head);
-    if !header_valid(c.length, &h, sig, log_guid) {
+    if !header_valid(c.entry_limit()?, &h, sig, log_guid) {
         return Err(einval());
     }
     let n = desc_sectors(h.descriptor_count);
@@ -186,7 +195,9 @@ fn validate_entry(c: &mut Cursor<'_>, seq: u64, log_guid: &Guid) -> Result<Optio
         }
     };
     let (sig, h) = EntryHeader::decode(&head);
-    if !header_valid(c.length, &h, sig, log_guid) || (seq > 0 && h.sequence_number != seq + 1) {
+    if !header_valid(c.entry_limit()?, &h, sig, log_guid)
+        || (seq > 0 && h.sequence_number != seq + 1)
+    {
         c.read = c.inc(c.read);
         return Ok(None);
     }
