@@ -222,7 +222,8 @@ mod vdi {
         for (n, args) in cases.iter().enumerate() {
             same_in_dir_copies(&fx, n, args);
         }
-
+    }
+}
 
 mod vhdx {
     use super::common::{assert_all_same, ok, run, same, same_in_dir_copies, sh};
