@@ -222,6 +222,428 @@ mod vdi {
         for (n, args) in cases.iter().enumerate() {
             same_in_dir_copies(&fx, n, args);
         }
+    }
+}
+
+mod vhdx {
+    use super::common::{assert_all_same, ok, run, same, same_in_dir_copies, sh};
+    use std::path::Path;
+
+    /// A fixture directory: `src.raw` (12 MiB of patterned data with zero
+    /// runs), `q.vhdx` (qemu-img's dynamic image, written by qemu-io across
+    /// block boundaries), `f.vhdx` (its fixed image of `src.raw`) and
+    /// `cut.vhdx` (`q.vhdx` cut inside its second data block).
+    fn fixture(d: &Path) {
+        let mut data: Vec<u8> = (0..12u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        data[3 << 20..6 << 20].fill(0);
+        std::fs::write(d.join("src.raw"), data).unwrap();
+        ok(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "vhdx", "q.vhdx", "12M"],
+        );
+        sh(
+            d,
+            "qemu-io",
+            &[
+                "-f",
+                "vhdx",
+                "-c",
+                "write -P 0x17 100k 300k",
+                "-c",
+                "write -P 0x22 8388000 9000",
+                "-c",
+                "write -z 9M 1M",
+                "q.vhdx",
+            ],
+        );
+        ok(
+            d,
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vhdx",
+                "-o",
+                "subformat=fixed",
+                "src.raw",
+                "f.vhdx",
+            ],
+        );
+        let q = std::fs::read(d.join("q.vhdx")).unwrap();
+        std::fs::write(d.join("cut.vhdx"), &q[..(11 << 20) + 4096]).unwrap();
+        std::fs::write(d.join("log.vhdx"), with_pending_log(q)).unwrap();
+    }
+
+    /// CRC-32C (Castagnoli), bit by bit: the checksum of VHDX structures.
+    fn crc32c(data: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    /// The image `img` (qemu-img's 12 MiB dynamic image, 8 MiB blocks, its
+    /// first block at 8 MiB) with a log entry left to replay: it points BAT
+    /// entry 1 at a copy of block 0 appended to the file.
+    fn with_pending_log(mut img: Vec<u8>) -> Vec<u8> {
+        let end = img.len() as u64;
+        let block0 = img[8 << 20..16 << 20].to_vec();
+        img.extend_from_slice(&block0);
+        let len = img.len() as u64;
+        let mut sector = img[2 << 20..(2 << 20) + 4096].to_vec();
+        sector[8..16].copy_from_slice(&(end | 6).to_le_bytes());
+        let guid = [0x42u8; 16];
+        let mut e = vec![0u8; 8192];
+        e[..4].copy_from_slice(b"loge");
+        e[8..12].copy_from_slice(&8192u32.to_le_bytes());
+        e[16..24].copy_from_slice(&1u64.to_le_bytes());
+        e[24..28].copy_from_slice(&1u32.to_le_bytes());
+        e[32..48].copy_from_slice(&guid);
+        e[48..56].copy_from_slice(&len.to_le_bytes());
+        e[56..64].copy_from_slice(&len.to_le_bytes());
+        e[64..68].copy_from_slice(b"desc");
+        e[68..72].copy_from_slice(&sector[4092..]);
+        e[72..80].copy_from_slice(&sector[..8]);
+        e[80..88].copy_from_slice(&(2u64 << 20).to_le_bytes());
+        e[88..96].copy_from_slice(&1u64.to_le_bytes());
+        e[4096..4100].copy_from_slice(b"data");
+        e[4104..8188].copy_from_slice(&sector[8..4092]);
+        e[8188..].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c(&e);
+        e[4..8].copy_from_slice(&crc.to_le_bytes());
+        img[1 << 20..(1 << 20) + 8192].copy_from_slice(&e);
+        for off in [64usize << 10, 128 << 10] {
+            img[off + 48..off + 64].copy_from_slice(&guid);
+            img[off + 4..off + 8].fill(0);
+            let crc = crc32c(&img[off..off + 4096]);
+            img[off + 4..off + 8].copy_from_slice(&crc.to_le_bytes());
+        }
+        img
+    }
+
+    #[test]
+    fn vhdx_images_are_inspected_as_qemu_img_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fixture(d);
+        for img in ["q.vhdx", "f.vhdx"] {
+            same(d, &["info", img]);
+            same(d, &["info", "-f", "vhdx", img]);
+            same(d, &["info", "--output=json", img]);
+            same(d, &["map", "--output=json", img]);
+            same(d, &["map", img]);
+            same(d, &["check", img]);
+            same(d, &["check", "--output=json", img]);
+            same(d, &["compare", img, "src.raw"]);
+            same(d, &["compare", "-f", "vhdx", "-F", "raw", img, "src.raw"]);
+            same(d, &["measure", "-O", "qcow2", img]);
+            same(d, &["resize", img, "30M"]);
+            same(d, &["resize", "--shrink", img, "4M"]);
+        }
+        same(d, &["compare", "q.vhdx", "f.vhdx"]);
+        // A truncated image: check reports the blocks past the end.
+        same(d, &["check", "cut.vhdx"]);
+        same(d, &["check", "--output=json", "cut.vhdx"]);
+        // A log left to replay: refused read-only, in QEMU's words.
+        let o = run(d, "qemu-img", &["info", "log.vhdx"]);
+        assert!(String::from_utf8_lossy(&o.stderr).contains("replay"));
+        same(d, &["info", "log.vhdx"]);
+        same(d, &["check", "log.vhdx"]);
+        same(d, &["convert", "-O", "raw", "log.vhdx", "out.raw"]);
+        // Not a vhdx image.
+        same(d, &["info", "-f", "vhdx", "src.raw"]);
+        assert_all_same();
+    }
+
+    #[test]
+    fn vhdx_images_are_created_and_converted_as_qemu_img_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = dir.path().join("fx");
+        std::fs::create_dir(&fx).unwrap();
+        fixture(&fx);
+        let mut n = 0;
+        let mut both = |args: &[&str]| {
+            n += 1;
+            same_in_dir_copies(&fx, n, args);
+        };
+        for o in [
+            "subformat=dynamic",
+            "subformat=fixed",
+            "block_size=1M",
+            "block_size=0",
+            "block_size=300M",
+            "log_size=3M",
+            "log_size=1500000",
+            "block_state_zero=off",
+            "subformat=fixed,block_state_zero=off",
+        ] {
+            both(&["create", "-f", "vhdx", "-o", o, "new.vhdx", "16M"]);
+        }
+        both(&["create", "-f", "vhdx", "new.vhdx", "1G"]);
+        both(&["create", "-f", "vhdx", "new.vhdx", "1000"]);
+        // Refusals: the same words and exit code. (qemu-img leaves the empty
+        // file it made before its vhdx driver refused; strata removes it.)
+        for (i, o) in [
+            "block_size=3M",
+            "log_size=0",
+            "log_size=5G",
+            "subformat=foo",
+            "block_state_zero=maybe",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let f = format!("refused{i}.vhdx");
+            same(&fx, &["create", "-f", "vhdx", "-o", o, &f, "16M"]);
+        }
+        same(&fx, &["create", "-f", "vhdx", "big.vhdx", "65T"]);
+        // Convert to and from each subformat.
+        for o in [
+            "subformat=dynamic",
+            "subformat=fixed",
+            "block_state_zero=off",
+            "block_size=2M",
+        ] {
+            both(&["convert", "-O", "vhdx", "-o", o, "src.raw", "out.vhdx"]);
+        }
+        both(&["convert", "-f", "vhdx", "-O", "raw", "q.vhdx", "out.raw"]);
+        both(&["convert", "-O", "qcow2", "f.vhdx", "out.qcow2"]);
+        both(&["convert", "-O", "vhdx", "q.vhdx", "out.vhdx"]);
+        both(&["check", "-r", "all", "q.vhdx"]);
+        // The log replayed: the same report and the same disk after.
+        both(&["check", "-r", "all", "log.vhdx"]);
+        assert_all_same();
+    }
+}
+
+mod vpc {
+    use super::common::{assert_all_same, compare_runs, differs, FileCheck};
+    use std::path::{Path, PathBuf};
+
+    /// A patterned raw disk (data in two places, a zero run between) made
+    /// by qemu-img and qemu-io, for the conversions.
+    const SOURCE: &str = "qemu-img create -q -f raw src.raw 6M
+        qemu-io -f raw -c 'write -P 0x11 0 1M' -c 'write -P 0x22 3M 4k' \
+            -c 'write -P 0x33 5M 1000' src.raw";
+
+    /// Two fresh directories under `root` for case `n`, with `setup` run
+    /// in both (bash, qemu-img and qemu-io only).
+    fn dirs(root: &Path, n: &str, setup: &str) -> [PathBuf; 2] {
+        let dirs = [root.join(format!("{n}-o")), root.join(format!("{n}-t"))];
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+            if !setup.is_empty() {
+                super::common::sh(d, "bash", &["-ec", setup]);
+            }
+        }
+        dirs
+    }
+
+    /// A VHD file's bytes but for what differs between two creations: the
+    /// footers' timestamp, checksum and UUID (in the copy at the start and
+    /// in the footer at the end).
+    fn masked(bytes: &[u8]) -> Vec<u8> {
+        let mut b = bytes.to_vec();
+        let len = b.len();
+        let mut footers = vec![];
+        if b.starts_with(b"conectix") {
+            footers.push(0);
+        }
+        if len >= 512 && b[len - 512..].starts_with(b"conectix") {
+            footers.push(len - 512);
+        }
+        for f in footers {
+            b[f + 24..f + 28].fill(0);
+            b[f + 64..f + 84].fill(0);
+        }
+        b
+    }
+
+    /// The two tools left the same VHD files (masked) in `dirs`.
+    fn same_vhd_files(dirs: &[PathBuf; 2], n: &str) {
+        for e in std::fs::read_dir(&dirs[1]).unwrap() {
+            let f = e.unwrap().file_name();
+            if !f.to_string_lossy().ends_with(".vhd") {
+                continue;
+            }
+            let read = |d: &Path| std::fs::read(d.join(&f)).unwrap_or_default();
+            if masked(&read(&dirs[0])) != masked(&read(&dirs[1])) {
+                differs(format!(
+                    "[{n}] {f:?}: the files differ beyond time and UUID"
+                ));
+            }
+        }
+    }
+
+    /// Run `steps` with both tools in two fresh directories set up by
+    /// `setup`; compare what they print, QEMU's view of every file they
+    /// leave, and the VHD files' bytes.
+    fn case(root: &Path, n: &str, setup: &str, steps: &[&str]) {
+        let d = dirs(root, n, setup);
+        compare_runs(&d, n, steps, FileCheck::QemuViews);
+        same_vhd_files(&d, n);
+    }
+
+    #[test]
+    fn create_with_each_option_and_inspect() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (i, size) in ["0", "1000000", "9M", "64M", "1G", "200G"]
+            .iter()
+            .enumerate()
+        {
+            for (j, opts) in [
+                "",
+                "-o subformat=dynamic",
+                "-o subformat=fixed",
+                "-o force_size=on",
+                "-o subformat=fixed,force_size=on",
+                "-o force_size=off,subformat=dynamic",
+            ]
+            .iter()
+            .enumerate()
+            {
+                if size.ends_with('G') && opts.contains("fixed") {
+                    continue; // a fixed disk's file is its full size
+                }
+                let create = format!("create -f vpc {opts} a.vhd {size}").replace("  ", " ");
+                case(
+                    root,
+                    &format!("c{i}{j}"),
+                    "",
+                    &[
+                        &create,
+                        "info a.vhd",
+                        "info --output=json a.vhd",
+                        "info -f vpc a.vhd",
+                        "info -f vpc --output=json a.vhd",
+                        "map -f vpc a.vhd",
+                        "map -f vpc --output=json a.vhd",
+                        "check -f vpc a.vhd",
+                    ],
+                );
+            }
+        }
+        assert_all_same();
+    }
+
+    #[test]
+    fn refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        case(
+            dir.path(),
+            "r",
+            "qemu-img create -q -f vpc a.vhd 8M
+            head -c 1000 a.vhd > cut.vhd
+            : > empty.vhd
+            cp a.vhd sum.vhd
+            printf 'X' | dd of=sum.vhd bs=1 seek=24 conv=notrunc status=none",
+            &[
+                "info cut.vhd",
+                "info -f vpc cut.vhd",
+                "info -f vpc empty.vhd",
+                "info sum.vhd",
+                "convert -O raw sum.vhd out.raw",
+                "create -f vpc big.vhd 3T",
+                "create -f vpc -o force_size=on big2.vhd 2041G",
+                "create -f vpc -o subformat=sparse b.vhd 8M",
+                "create -f vpc -o force_size=maybe c.vhd 8M",
+                "create -f vpc -o cluster_size=64k d.vhd 8M",
+                "create -f vpc -o preallocation=metadata e.vhd 8M",
+                "create -f vpc -o subformat=bogus,preallocation=metadata g.vhd 8M",
+                "create -f vpc -o subformat=bogus,preallocation=bogus h.vhd 8M",
+                "create -f vpc -o subformat=fixed,preallocation=falloc i.vhd 8M",
+                "resize a.vhd 16M",
+                "resize -f vpc a.vhd 16M",
+                "check a.vhd",
+                "check -f vpc a.vhd",
+                "amend -f vpc -o subformat=fixed a.vhd",
+                "snapshot -l a.vhd",
+            ],
+        );
+        assert_all_same();
+    }
+
+    #[test]
+    fn convert_to_and_from_vpc() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (i, opts) in [
+            "",
+            "-o subformat=fixed",
+            "-o force_size=on",
+            "-o subformat=fixed,force_size=on",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let to = format!("convert -f raw -O vpc {opts} src.raw out.vhd").replace("  ", " ");
+            case(
+                root,
+                &format!("v{i}"),
+                SOURCE,
+                &[
+                    // (`info` right after: its disk size is the file system's
+                    // delayed allocation; QEMU's view below compares the rest.)
+                    &to,
+                    "map -f vpc --output=json out.vhd",
+                    "map -f vpc out.vhd",
+                    "compare -f raw -F vpc src.raw out.vhd",
+                    "compare -f vpc -F raw out.vhd src.raw",
+                    "convert -f vpc -O raw out.vhd back.raw",
+                    "convert -f vpc -O qcow2 out.vhd back.qcow2",
+                    "compare src.raw back.qcow2",
+                ],
+            );
+        }
+        // Into existing images: the blocks are allocated in the same order,
+        // the footer moved alike.
+        case(
+            root,
+            "n",
+            &format!(
+                "{SOURCE}
+                qemu-img create -q -f vpc d.vhd 6M
+                qemu-img create -q -f vpc -o subformat=fixed f.vhd 6M"
+            ),
+            &[
+                "convert -n -f raw -O vpc src.raw d.vhd",
+                "convert -n -f raw -O vpc src.raw f.vhd",
+                "compare -f raw -F vpc src.raw d.vhd",
+            ],
+        );
+        // QEMU writes the data: both tools read it.
+        case(
+            root,
+            "q",
+            &format!(
+                "{SOURCE}
+                qemu-img convert -f raw -O vpc src.raw q.vhd
+                qemu-io -f vpc -c 'write -P 0x44 2047k 2k' -c 'write -z 4M 8k' q.vhd"
+            ),
+            &[
+                "info q.vhd",
+                "map --output=json q.vhd",
+                "compare -f raw -F vpc src.raw q.vhd",
+                "convert -O raw q.vhd q.raw",
+                "convert -O vpc q.vhd copy.vhd",
+                "convert -O vpc -o subformat=fixed q.vhd fixed.vhd",
+                "compare -f vpc -F vpc q.vhd copy.vhd",
+            ],
+        );
         assert_all_same();
     }
 }

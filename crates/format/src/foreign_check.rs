@@ -19,5 +19,8 @@ pub fn check(dev: &dyn BlockDevice) -> Result<CheckReport> {
             ..CheckReport::default()
         });
     }
+    if let Some(img) = dev.as_any().downcast_ref::<crate::vhdx::VhdxImage>() {
+        return crate::vhdx::check_report(img);
+    }
     Ok(CheckReport::default())
 }

@@ -651,12 +651,13 @@ impl Prepared {
         {
             return Err(invalid(p, "Extent size hint is too large"));
         }
-        // QEMU's vdi driver refuses a size, and the file layer a preallocation
-        // mode, only once the file layer has made the file, which stays
-        // (empty) behind.
+        // QEMU's vdi driver refuses a size, its vpc driver its options or a
+        // size, and the file layer a preallocation mode, only once the file
+        // layer has made the file, which stays (empty) behind.
         let keep_on_failure = match &self.kind {
             Kind::Foreign(f, opts) => {
-                *f == Format::Vdi || opts.get("preallocation").is_some_and(|v| v == "metadata")
+                matches!(f, Format::Vdi | Format::Vpc)
+                    || opts.get("preallocation").is_some_and(|v| v == "metadata")
             }
             _ => false,
         };
@@ -730,8 +731,11 @@ impl Prepared {
                 })
             }
             Kind::Foreign(format, opts) => {
-                let typed =
-                    crate::create_foreign::options(format, &opts).map_err(|m| invalid(p, m))?;
+                let typed = crate::create_foreign::options(format, &opts);
+                // vpc reads its options only once the file is made.
+                if format != Format::Vpc {
+                    typed.clone().map_err(|m| invalid(p, m))?;
+                }
                 // The file layer's preallocation: any mode but `metadata` does
                 // nothing to the file these drivers write; an unknown one is
                 // refused before the file is made, `metadata` after.
@@ -746,6 +750,7 @@ impl Prepared {
                     if let Some(m) = file_refusal {
                         return Err(invalid(&path, m));
                     }
+                    let typed = typed.map_err(|m| invalid(&path, m))?;
                     crate::create_foreign::create(storage, &path, size, &typed)
                         .map_err(|e| invalid(&path, e))
                 })

@@ -85,15 +85,21 @@ impl ChainStatus {
         let mut layers = Vec::with_capacity(devices.len());
         for device in devices {
             // Metadata preallocation is a qcow2 notion with no capability trait
-            // (only this status walk asks about it).
-            // A static vdi image is the same case: QEMU asks its file which
+            // (only this status walk asks about it). A static vdi image and a
+            // fixed VHD disk are the same case: QEMU asks their file which
             // stored blocks are holes.
             let recurse = match device.as_any().downcast_ref::<Qcow2Image>() {
                 Some(q) => q.metadata_preallocated()?,
-                None => device
-                    .as_any()
-                    .downcast_ref::<strata_format::vdi::VdiImage>()
-                    .is_some_and(|v| v.is_static()),
+                None => {
+                    device
+                        .as_any()
+                        .downcast_ref::<strata_format::vdi::VdiImage>()
+                        .is_some_and(|v| v.is_static())
+                        || device
+                            .as_any()
+                            .downcast_ref::<strata_format::vpc::VpcImage>()
+                            .is_some_and(|v| v.is_fixed())
+                }
             };
             layers.push(LayerInfo { device, recurse });
         }

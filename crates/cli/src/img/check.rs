@@ -88,7 +88,20 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         _ => false,
     };
     if own_check {
-        let dev = strata_chain::open_top(&spec, format, writing).map_err(opened_err)?;
+        let dev = if format == Format::Vhdx {
+            // Opened as QEMU opens an image to check it: BAT entries past the
+            // file's end are the check's to report, not the open's to refuse.
+            let storage = match &filtered {
+                Some(s) => s.clone(),
+                None => strata_chain::top_storage_as(&spec, writing, Some(format))
+                    .map_err(opened_err)?,
+            };
+            let path = storage.path().map(std::path::Path::to_path_buf);
+            strata_format::vhdx::open_for_check(storage, path.as_deref(), writing)
+                .map_err(|e| opened_err(e.into()))?
+        } else {
+            strata_chain::open_top(&spec, format, writing).map_err(opened_err)?
+        };
         let report = match strata_format::foreign_check::check(dev.as_ref()) {
             Ok(r) => r,
             Err(e) => {
