@@ -835,7 +835,8 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
             spec.protocol_driver = Some("blkdebug".into());
             return Ok(spec);
         }
-        Some("qcow2" | "raw" | "luks") | None => {}
+        Some(f) if f.parse::<Format>().is_ok() => {}
+        None => {}
         // Refused once its file is found (see `format_spec`).
         Some(other) if foreign_format(other).is_some() => {}
         Some(other) => bail!("Unknown driver '{other}'"),
