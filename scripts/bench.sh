@@ -123,6 +123,19 @@ bench "convert raw->qcow2"      "<=0.8" convert -f raw -O qcow2 "$src_raw" "$WOR
 bench "convert qcow2->qcow2"    "<=0.8" convert -O qcow2 "$src_q" "$WORK/out.qcow2"
 bench "convert -c zlib"         "<=0.5" convert -c -O qcow2 -o compression_type=zlib "$src_q" "$WORK/out.qcow2"
 bench "convert -c zstd"         "<=0.5" convert -c -O qcow2 -o compression_type=zstd "$src_q" "$WORK/out.qcow2"
+# Other tools' formats: sources made once by qemu-img (untimed).
+src_vmdk="$WORK/src-$SIZE.vmdk"; src_vhdx="$WORK/src-$SIZE.vhdx"
+if wanted "vmdk|vhdx"; then
+  [ -e "$src_vmdk" ] || qemu-img convert -O vmdk "$src_q" "$src_vmdk"
+  [ -e "$src_vhdx" ] || qemu-img convert -O vhdx "$src_q" "$src_vhdx"
+fi
+bench "convert qcow2->vmdk"     "<=0.8" convert -O vmdk "$src_q" "$WORK/out.vmdk"
+bench "convert ->vmdk stream"   "<=0.5" convert -O vmdk -o subformat=streamOptimized "$src_q" "$WORK/out.vmdk"
+bench "convert qcow2->vpc"      "<=0.8" convert -O vpc "$src_q" "$WORK/out.vhd"
+bench "convert qcow2->vhdx"     "<=0.8" convert -O vhdx "$src_q" "$WORK/out.vhdx"
+bench "convert qcow2->vdi"      "<=0.8" convert -O vdi "$src_q" "$WORK/out.vdi"
+bench "convert vmdk->qcow2"     "<=0.8" convert -O qcow2 "$src_vmdk" "$WORK/out.qcow2"
+bench "convert vhdx->raw"       "<=0.8" convert -O raw "$src_vhdx" "$WORK/out.raw"
 bench "map --output=json"       "<=0.5" map --output=json "$src_q"
 bench "check"                   "<=0.5" check "$src_q"
 bench "info"                    "-"     info "$src_q"

@@ -1015,6 +1015,73 @@ mod vmdk {
         assert_all_same();
     }
 
+    /// A stream-optimized target (or `-c`) takes whole grains, counted in
+    /// the progress as qemu-img counts a compressed copy; each grain is
+    /// allocated whole (zero-filled) before its compressed record, so a
+    /// very compressible disk leaves a file of qemu-img's length.
+    #[test]
+    fn vmdk_compressed_targets_match_qemu_img() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = dir.path().join("fx");
+        std::fs::create_dir(&fx).unwrap();
+        ok(
+            &fx,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "src.qcow2", "16M"],
+        );
+        ok(
+            &fx,
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0xab 1M 3M",
+                "-c",
+                "write -z 8M 1M",
+                "src.qcow2",
+            ],
+        );
+        let cases: [&[&str]; 2] = [
+            &[
+                "convert",
+                "-p",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+                "src.qcow2",
+                "o.vmdk",
+            ],
+            &["convert", "-p", "-c", "-O", "vmdk", "src.qcow2", "o.vmdk"],
+        ];
+        for (n, args) in cases.iter().enumerate() {
+            same_in_copies(&fx, n, args, &[], &["o.vmdk"]);
+            let len = |who: &str| {
+                std::fs::metadata(dir.path().join(format!("fx-{who}{n}/o.vmdk")))
+                    .map(|m| m.len())
+                    .ok()
+            };
+            if len("o") != len("t") {
+                differs(format!(
+                    "`{}`: file length {:?} vs {:?}",
+                    args.join(" "),
+                    len("o"),
+                    len("t")
+                ));
+            }
+        }
+        // Formats without compressed writes refuse -c.
+        same_in_copies(
+            &fx,
+            2,
+            &["convert", "-c", "-O", "vpc", "src.qcow2", "o.vhd"],
+            &[],
+            &[],
+        );
+        assert_all_same();
+    }
+
     #[test]
     fn vmdk_overlays_match_qemu_img() {
         let dir = tempfile::tempdir().unwrap();
@@ -1098,6 +1165,17 @@ mod vmdk {
             &["convert", "-O", "raw", "top.vmdk", "o.raw"],
             &[],
             &["o.raw"],
+        );
+        // vmdk has no emptying: commit leaves the top as it was (and, the
+        // base's CID changed, no longer readable over it, in QEMU too); nor
+        // can its link change: rebase copies, then refuses.
+        same_in_copies(&fx, 11, &["commit", "top.vmdk"], &[], &["base.vmdk"]);
+        same_in_copies(
+            &fx,
+            12,
+            &["rebase", "-b", "", "top.vmdk"],
+            &[],
+            &["top.vmdk"],
         );
         let d = fx.as_path();
         for args in [

@@ -173,7 +173,7 @@ pub fn commit(c: &ResolvedCommit, progress: &dyn Progress, cancel: &Cancel) -> R
             Some(&new_name),
             Some(chain.layers[base].format.name()),
         )?;
-    } else if c.empties_top() {
+    } else if c.empties_top() && !cannot_empty(layers[0].as_ref()) {
         make_empty(layers[0].as_ref()).map_err(|e| match e {
             Error::Format(f) => Error::EmptyFailed(f),
             e => e,
@@ -298,6 +298,15 @@ pub fn apply_plan(
         progress,
         cancel,
     )
+}
+
+/// Whether `image` is of a format whose QEMU driver has no emptying (vmdk):
+/// qemu-img's commit then leaves the top as it is, and so does strata's.
+fn cannot_empty(image: &dyn BlockDevice) -> bool {
+    image
+        .format_name()
+        .parse::<strata_format::Format>()
+        .is_ok_and(strata_format::Format::is_foreign)
 }
 
 /// Make `image` empty (every cluster unallocated, so it shows its backing file), as

@@ -173,7 +173,7 @@ fn requests_are_plain_json_and_names_default_to_unique() {
         serde_json::from_str(&serde_json::to_string(&commit).unwrap()).unwrap();
     assert_eq!(back, commit);
     let bad = serde_json::from_str::<strata_jobs::commit::CommitRequest>(
-        r#"{"image":"t","format":"vmdk"}"#,
+        r#"{"image":"t","format":"bogus"}"#,
     );
     assert!(bad.is_err());
 }

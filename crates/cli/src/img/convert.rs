@@ -363,7 +363,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         let f = args.backing_format.as_deref().and_then(|f| f.parse().ok());
         inputs.add_backing_chain(out_path, b, f);
     }
-    if args.compress && out_format != Format::Qcow2 {
+    // vmdk takes compressed writes too (stored compressed in a
+    // stream-optimized extent, as ordinary grains elsewhere).
+    if args.compress && !matches!(out_format, Format::Qcow2 | Format::Vmdk) {
         bail!("Compression not supported for this file format");
     }
     if args.compress
@@ -516,14 +518,16 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     let cluster = target.cluster_size().unwrap_or(512);
     // A stream-optimized vmdk compresses each grain it is given: it takes
     // whole grains only, as qemu-img's convert gives them.
-    let whole_clusters = target
+    // `-c` gives a vmdk whole grains the same way.
+    let vmdk = target
         .as_any()
-        .downcast_ref::<strata_format::vmdk::VmdkImage>()
-        .filter(|v| v.needs_whole_grains())
+        .downcast_ref::<strata_format::vmdk::VmdkImage>();
+    let whole_clusters = vmdk
+        .filter(|v| args.compress || v.needs_whole_grains())
         .map(|_| cluster);
     let opts = ConvertOptions {
         whole_clusters,
-        compress: args.compress,
+        compress: args.compress && vmdk.is_none(),
         sparse_size,
         target_is_zero,
         target_has_backing: out_backing.is_some(),
@@ -557,7 +561,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             target_has_backing: out_backing.is_some(),
             target_backing_size,
             write_zeroes: sparse_size == 0,
-            compress_cluster: args.compress.then_some(cluster),
+            // A target taking whole grains counts as qemu-img's compressed
+            // copy does.
+            compress_cluster: (args.compress || opts.whole_clusters.is_some()).then_some(cluster),
         };
         shown
             .steps

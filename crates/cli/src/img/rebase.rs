@@ -260,7 +260,18 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             bail!("Could not change the backing file to '{n}': backing format must be specified");
         }
     }
-    commit::relink_above(image.as_ref(), new_name.as_deref(), new_format_name)?;
+    // A format whose link cannot change (vmdk) refuses once the data is
+    // copied, as qemu-img's rebase does.
+    commit::relink_above(image.as_ref(), new_name.as_deref(), new_format_name).map_err(
+        |e| match &e {
+            strata_jobs::Error::Format(f) if f.kind() == strata_format::ErrorKind::Unsupported => {
+                anyhow::anyhow!(
+                    "Could not change the backing file to '{backing}': Operation not supported"
+                )
+            }
+            _ => e.into(),
+        },
+    )?;
     shown.steps.set(100.0);
     shown.steps.end();
     image.close()?;

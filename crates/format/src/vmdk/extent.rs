@@ -55,6 +55,9 @@ pub struct Sparse {
     pub version: u32,
     /// Where the next grain is allocated, in sectors.
     pub next_cluster_sector: u64,
+    /// How far (in bytes) this session has filled the grains it allocated
+    /// for compressed writes with zeroes (see `write_compressed`).
+    pub zeroed_to: u64,
     cache: HashMap<u32, Vec<u32>>,
 }
 
@@ -139,6 +142,7 @@ impl Sparse {
             zero_grain: false,
             version: 0,
             next_cluster_sector,
+            zeroed_to: 0,
             cache: HashMap::new(),
         })
     }

@@ -695,6 +695,12 @@ fn fill_grain(
 /// Append the compressed grain for extent byte `rel` (a grain's start) at
 /// the allocation point, with its marker, padded to a sector; point the
 /// grain table at it.
+///
+/// As QEMU allocates it, the grain's whole uncompressed size is first
+/// filled with zeroes, and the next grain goes right after this one's
+/// record, over those zeroes: the file ends one grain past the last
+/// record's start, zero-filled. Only the part no earlier record or fill
+/// covers is written, which leaves the same bytes and the same allocation.
 fn write_compressed(s: &mut Sparse, storage: &dyn Storage, rel: u64, data: &[u8]) -> Result<()> {
     use flate2::{write::ZlibEncoder, Compression};
     use std::io::Write;
@@ -715,7 +721,17 @@ fn write_compressed(s: &mut Sparse, storage: &dyn Storage, rel: u64, data: &[u8]
     if sector >= 1 << 32 {
         return Err(Error::corrupt("Input/output error"));
     }
-    storage.write_at(&rec, sector * 512)?;
+    let start = sector * 512;
+    storage.write_at(&rec, start)?;
+    let grain_end = start + s.cluster_sectors * 512;
+    let fill_from = (start + rec.len() as u64).max(s.zeroed_to);
+    if fill_from < grain_end {
+        storage.write_at(
+            &vec![0u8; crate::units::index(grain_end - fill_from)],
+            fill_from,
+        )?;
+    }
+    s.zeroed_to = s.zeroed_to.max(grain_end);
     s.next_cluster_sector = sector + rec.len() as u64 / 512;
     let v = u32::try_from(sector).map_err(|_| Error::corrupt("Input/output error"))?;
     s.set_entry(storage, rel, v)
