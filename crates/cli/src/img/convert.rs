@@ -509,6 +509,12 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             q.set_write_barriers(false)?;
             q.set_falloc_new_clusters(true);
         }
+        if let Some(v) = t.as_any().downcast_ref::<strata_format::vmdk::VmdkImage>() {
+            v.set_write_barriers(false);
+        }
+        if let Some(v) = t.as_any().downcast_ref::<strata_format::vpc::VpcImage>() {
+            v.set_write_barriers(false);
+        }
         t
     };
 

@@ -58,6 +58,9 @@ pub struct Sparse {
     /// How far (in bytes) this session has filled the grains it allocated
     /// for compressed writes with zeroes (see `write_compressed`).
     pub zeroed_to: u64,
+    /// Flush after each grain table update (off for a new image nobody uses
+    /// yet, flushed once at the end: what a copy into it needs).
+    pub barriers: bool,
     cache: HashMap<u32, Vec<u32>>,
 }
 
@@ -143,6 +146,7 @@ impl Sparse {
             version: 0,
             next_cluster_sector,
             zeroed_to: 0,
+            barriers: true,
             cache: HashMap::new(),
         })
     }
@@ -289,7 +293,9 @@ impl Sparse {
             let b = backup.get(index(l1_index)).copied().unwrap_or(0);
             storage.write_at(&bytes, u64::from(b) * 512 + l2_index * 4)?;
         }
-        storage.flush()?;
+        if self.barriers {
+            storage.flush()?;
+        }
         let t = self.load(storage, l2_offset)?;
         if let Some(e) = t.get_mut(index(l2_index)) {
             *e = value;

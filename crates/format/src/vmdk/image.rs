@@ -383,6 +383,18 @@ impl VmdkImage {
         Ok(None)
     }
 
+    /// Whether each grain table update is flushed before the write returns
+    /// (the default). A new image that nothing uses until a copy into it
+    /// completes and is flushed can do without, as qemu-img's convert does
+    /// (its target's cache mode makes those flushes no-ops).
+    pub fn set_write_barriers(&self, on: bool) {
+        for e in &mut self.lock().extents {
+            if let Layout::Sparse(s) = &mut e.layout {
+                s.barriers = on;
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

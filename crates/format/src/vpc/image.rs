@@ -51,6 +51,9 @@ pub struct VpcImage {
     size: u64,
     layout: Layout,
     read_only: bool,
+    /// Flush after each metadata step of a block allocation (the default);
+    /// see [`VpcImage::set_write_barriers`].
+    barriers: std::sync::atomic::AtomicBool,
 }
 
 /// How guest offsets map to the file.
@@ -136,7 +139,26 @@ impl VpcImage {
             size,
             layout,
             read_only,
+            barriers: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Whether each metadata step of a block allocation (bitmap, moved
+    /// footer, BAT entry) is flushed before the next (the default). A new
+    /// image that nothing uses until a copy into it completes and is flushed
+    /// can do without, as qemu-img's convert does (its target's cache mode
+    /// makes those flushes no-ops).
+    pub fn set_write_barriers(&self, on: bool) {
+        self.barriers
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A flush between allocation steps, when barriers are on.
+    fn barrier(&self) -> Result<()> {
+        if self.barriers.load(std::sync::atomic::Ordering::Relaxed) {
+            self.storage.flush()?;
+        }
+        Ok(())
     }
 
     /// Whether this is a fixed disk (the data, then the footer).
@@ -195,7 +217,7 @@ impl VpcImage {
     fn write_bitmap(&self, d: &Dynamic, at: u64) -> Result<()> {
         self.storage
             .write_at(&vec![0xff; index(d.bitmap_size)], at)?;
-        self.storage.flush()?;
+        self.barrier()?;
         Ok(())
     }
 
@@ -211,10 +233,10 @@ impl VpcImage {
         self.write_bitmap(d, at)?;
         let next = at + d.bitmap_size + d.block_size;
         self.storage.write_at(&self.footer.raw, next)?;
-        self.storage.flush()?;
+        self.barrier()?;
         self.storage
             .write_at(&entry.to_be_bytes(), d.bat_offset + 4 * i as u64)?;
-        self.storage.flush()?;
+        self.barrier()?;
         d.bat[i] = entry;
         d.free_offset = next;
         Ok(at + d.bitmap_size + offset % d.block_size)
