@@ -1,6 +1,6 @@
 //! What qemu-img says when `create -F DRIVER -b FILE` (or `-f DRIVER` for
-//! the image a command opens) names a format strata does not read (vmdk,
-//! vdi, vpc, ...) and the file is not in that format: each QEMU driver
+//! the image a command opens) names a format strata does not read (qed,
+//! dmg, parallels, ...) and the file is not in that format: each QEMU driver
 //! refuses the file in its own words when it opens it, and qemu-img reports
 //! that refusal.
 //!
@@ -15,22 +15,11 @@ use std::path::Path;
 /// The QEMU format drivers modelled below that read their image through a
 /// file child: each opens the file first (a missing file is refused as the
 /// file protocol refuses it), then checks its header.
-pub const FILE_FORMATS: &[&str] = &[
-    "vmdk",
-    "vdi",
-    "vpc",
-    "dmg",
-    "vhdx",
-    "qed",
-    "parallels",
-    "bochs",
-    "cloop",
-    "qcow",
-];
+pub const FILE_FORMATS: &[&str] = &["dmg", "qed", "parallels", "bochs", "cloop", "qcow"];
 
-/// The most bytes any check below reads: vmdk reads a descriptor of up to
-/// 1 MiB - 1.
-const MAX_READ: u64 = (1 << 20) - 1;
+/// More bytes than any check below reads from the file's start (the
+/// header fields end within its first 512 bytes).
+const MAX_READ: u64 = 4096;
 
 /// The refusal QEMU's `driver` gives the file at `path` (as the backing file
 /// is opened: relative to the new image), or `None` when the file passes the
@@ -69,52 +58,6 @@ pub fn refusal(driver: &str, path: &Path) -> Option<String> {
         Some(v)
     };
     match driver {
-        "vmdk" => {
-            if sectors_len < 4 {
-                return Some("File is too small, not a valid image".into());
-            }
-            if matches!(&at(0, 4)[..], b"KDMV" | b"COWD") {
-                return None;
-            }
-            // A descriptor file names its createType; the text is read as a
-            // C string.
-            let text = head.split(|&b| b == 0).next().unwrap_or_default();
-            let has = text.windows(10).any(|w| w == b"createType");
-            (!has).then(|| "invalid VMDK image descriptor".into())
-        }
-        "vdi" => {
-            const MAX_DISK: u64 = 0x1_ffff_f800_0000;
-            let disk = u64::from_le_bytes(at(0x170, 8).try_into().unwrap_or_default());
-            if disk > MAX_DISK {
-                return Some(format!(
-                    "Unsupported VDI image size (size is {disk:#x}, max supported is {MAX_DISK:#x})"
-                ));
-            }
-            let signature = le32(0x40);
-            if signature != 0xbeda_107f {
-                return Some(format!(
-                    "Image not in VDI format (bad signature {signature:08x})"
-                ));
-            }
-            let version = le32(0x44);
-            (version != 0x0001_0001).then(|| {
-                format!(
-                    "unsupported VDI image (version {}.{})",
-                    version >> 16,
-                    version & 0xffff
-                )
-            })
-        }
-        "vpc" => {
-            if at(0, 8) == b"conectix" {
-                return None;
-            }
-            if sectors_len < 512 {
-                return Some("File too small for a VHD header".into());
-            }
-            let footer = tail(512)?;
-            (&footer[..8] != b"conectix").then(|| "invalid VPC image".into())
-        }
         "dmg" => {
             if sectors_len < 512 {
                 return Some("dmg file must be at least 512 bytes long".into());
@@ -125,8 +68,6 @@ pub fn refusal(driver: &str, path: &Path) -> Option<String> {
             let found = window.windows(4).any(|w| w == b"koly");
             (!found).then(|| "Could not locate UDIF trailer in dmg file".into())
         }
-        "vhdx" => (at(0, 8) != b"vhdxfile")
-            .then(|| format!("Could not open '{}': Invalid argument", path.display())),
         "qed" => (at(0, 4) != b"QED\0").then(|| "Image not in QED format".into()),
         "parallels" => {
             let magic = at(0, 16);

@@ -102,10 +102,6 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if new > MAX_LENGTH {
         bail!("offset({new}) exceeds maximum({MAX_LENGTH})");
     }
-    if format.is_foreign() {
-        // QEMU's drivers for these formats cannot change a disk's size.
-        bail!("Image format driver does not support resize");
-    }
     // qemu-img reports the format's refusal without the file's name.
     let qcow2 = dev
         .as_any()
