@@ -710,3 +710,76 @@ fn a_crash_at_any_write_leaves_the_old_or_the_new_contents() {
     assert!(replays > 0, "no crash left a log to replay");
     eprintln!("{images} images checked, {replays} replayed");
 }
+
+#[test]
+fn without_write_barriers_the_same_writes_land_and_only_flush_makes_them_durable() {
+    let _serial = serial();
+    use std::sync::Arc;
+    use strata_storage::{CrashClock, CrashPick, CrashStorage, MemStorage};
+    let dir = scratch();
+    let size = 8u64 << 20;
+    let base = {
+        let m = Arc::new(MemStorage::new());
+        let o = CreateOptions {
+            block_size: MIB,
+            ..Default::default()
+        };
+        vhdx::create(m.clone(), None, size, &o).unwrap();
+        m.snapshot()
+    };
+    // New blocks (each journaled), a write into one of them, zeroes.
+    let ops = [
+        Op::Write(3 * MIB / 2, 1 << 20, 1),
+        Op::Write(5 * MIB - 512, 4096, 2),
+        Op::Write(MIB + 100, 3000, 3),
+        Op::Zero(MIB + 4096, 8192),
+    ];
+    let mut model = vec![0u8; size as usize];
+    for op in ops {
+        op.apply_model(&mut model);
+    }
+    let write = |barriers: bool| {
+        let store = Arc::new(CrashStorage::new(base.clone(), CrashClock::new(None)));
+        let dev = VhdxImage::open(store.clone(), None, true).expect("open vhdx");
+        dev.set_write_barriers(barriers).expect("barriers");
+        for op in ops {
+            op.run(&dev).expect("op");
+        }
+        dev.close().expect("close");
+        (store, dev)
+    };
+    let (ordered, _) = write(true);
+    let (store, dev) = write(false);
+    let (a, b) = (ordered.volatile(), store.volatile());
+    // The same writes, whatever the barriers: the same BAT, metadata and
+    // payload; headers of the same sequence numbers; log entries in the same
+    // sectors (GUIDs, and the checksums over them, are new each session).
+    assert_eq!(a.len(), b.len());
+    let log_end = 2 * MIB as usize;
+    assert!(
+        a[log_end..] == b[log_end..],
+        "BAT, metadata or payload differ"
+    );
+    for header in [64 << 10, 128 << 10] {
+        assert_eq!(a[header + 8..header + 16], b[header + 8..header + 16]);
+    }
+    for sector in (MIB as usize..log_end).step_by(4096) {
+        assert_eq!(
+            a[sector..sector + 4],
+            b[sector..sector + 4],
+            "log at {sector}"
+        );
+    }
+    // With barriers, every step was made durable (and close flushed);
+    // without, nothing was, close included.
+    assert_eq!(ordered.pending(), 0);
+    assert_eq!(store.after_crash(CrashPick::None), base);
+    assert!(store.pending() > 0);
+    dev.flush().expect("flush");
+    assert_eq!(store.pending(), 0);
+    // QEMU finds the flushed image clean, with the contents written.
+    let path = dir.path().join("unordered.vhdx");
+    std::fs::write(&path, store.after_crash(CrashPick::None)).unwrap();
+    qemu_img(&["check", "-f", "vhdx", s(&path)]);
+    assert_same_contents(&model, &qemu_contents("vhdx", &path), "without barriers");
+}

@@ -6,6 +6,7 @@ use super::log;
 use crate::error::{request, Operation};
 use crate::{check_range, BlockDevice, Error, Extent, Result, Status};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use strata_storage::{sync, Storage};
 
@@ -42,6 +43,8 @@ struct Region {
 /// the end of the file); after it, the next open for writing replays the
 /// journal (a read-only open is refused until then, as QEMU refuses it).
 /// Writes into allocated blocks are in place and durable at the next `flush`.
+/// With write barriers off ([`VhdxImage::set_write_barriers`]) the same
+/// writes happen in the same order, but nothing is durable before `flush`.
 pub struct VhdxImage {
     storage: Arc<dyn Storage>,
     path: Option<PathBuf>,
@@ -57,6 +60,9 @@ pub struct VhdxImage {
     regions: Vec<Region>,
     session_guid: Guid,
     log_replayed: bool,
+    /// Flush between the steps of a header or BAT update (the default); see
+    /// [`VhdxImage::set_write_barriers`].
+    barriers: AtomicBool,
     state: RwLock<State>,
 }
 
@@ -255,7 +261,14 @@ impl VhdxImage {
         let mut log_replayed = false;
         if let Some(seq) = pending {
             // Replay, then mark the log empty (after a first-write header update).
-            Self::update_headers(storage.as_ref(), &mut state, &session_guid, true, None)?;
+            Self::update_headers(
+                storage.as_ref(),
+                &mut state,
+                &session_guid,
+                true,
+                None,
+                true,
+            )?;
             log::replay(
                 storage.as_ref(),
                 hdr.log_offset,
@@ -274,6 +287,7 @@ impl VhdxImage {
                 &session_guid,
                 false,
                 Some([0; 16]),
+                true,
             )?;
             state.first_visible_write = false;
             log_replayed = true;
@@ -431,6 +445,7 @@ impl VhdxImage {
             regions,
             session_guid,
             log_replayed,
+            barriers: AtomicBool::new(true),
             state: RwLock::new(state),
         };
         let first = if check_bat {
@@ -469,13 +484,14 @@ impl VhdxImage {
     /// current, twice (so both headers end up valid), as QEMU does before the
     /// first write of a session: new file write GUID (`session`), a new data
     /// write GUID when `new_data_guid`, and `log_guid` when given. Each
-    /// header write is flushed before the next.
+    /// header write is flushed before the next when `barriers`.
     fn update_headers(
         storage: &dyn Storage,
         st: &mut State,
         session: &Guid,
         new_data_guid: bool,
         log_guid: Option<Guid>,
+        barriers: bool,
     ) -> Result<()> {
         for _ in 0..2 {
             let idx = 1 - st.current;
@@ -498,7 +514,9 @@ impl VhdxImage {
             storage.read_at(&mut area, offset)?;
             h.encode_into(&mut area);
             storage.write_at(&area[..HEADER_STRUCT_LEN], offset)?;
-            storage.flush()?;
+            if barriers {
+                storage.flush()?;
+            }
             st.current = idx;
         }
         Ok(())
@@ -533,6 +551,28 @@ impl VhdxImage {
             problems: self.bat_problems(false)?,
             log_replayed: self.log_replayed,
         })
+    }
+
+    /// Whether each step of a header or BAT update (the data before the BAT
+    /// entry's journal, each header, the journal, the BAT sector) is flushed
+    /// before the next (the default, which the crash contract above needs).
+    /// A new image that nothing uses until a copy into it completes and is
+    /// flushed can do without, as qemu-img's convert does (its target's cache
+    /// mode makes those flushes no-ops): the same bytes are written in the
+    /// same order, and only [`BlockDevice::flush`] makes them durable
+    /// ([`BlockDevice::close`] does not flush then either). Turning barriers
+    /// back on flushes first.
+    pub fn set_write_barriers(&self, on: bool) -> Result<()> {
+        if on && !self.read_only {
+            let _st = sync::write(&self.state);
+            self.storage.flush().map_err(|e| self.err(e))?;
+        }
+        self.barriers.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn barriers(&self) -> bool {
+        self.barriers.load(Ordering::Relaxed)
     }
 
     /// The payload block size (what `qemu-img info` shows as cluster_size).
@@ -619,10 +659,14 @@ impl VhdxImage {
     /// Set BAT entry `idx` to `entry` through the log, as QEMU does: the
     /// data flushed; the headers given a log GUID; the entry journaled and
     /// flushed; the BAT sector written from the journal and flushed; the log
-    /// GUID cleared in the headers.
+    /// GUID cleared in the headers (without the flushes when barriers are
+    /// off).
     fn journal_bat_entry(&self, st: &mut State, idx: usize, entry: u64) -> Result<()> {
         let storage = self.storage.as_ref();
-        storage.flush()?;
+        let barriers = self.barriers();
+        if barriers {
+            storage.flush()?;
+        }
         if st.headers[st.current].log_length < 8 {
             return Err(Error::invalid("Invalid argument"));
         }
@@ -630,11 +674,21 @@ impl VhdxImage {
             return Err(Error::unsupported("log state: a log that was not flushed"));
         }
         let guid = random_guid();
-        Self::update_headers(storage, st, &self.session_guid, false, Some(guid))?;
+        Self::update_headers(storage, st, &self.session_guid, false, Some(guid), barriers)?;
         let at = self.bat_offset + idx as u64 * 8;
-        log::write_and_replay(storage, &mut st.log, &guid, &entry.to_le_bytes(), at)?;
-        storage.flush()?;
-        Self::update_headers(storage, st, &self.session_guid, false, Some([0; 16]))
+        let data = entry.to_le_bytes();
+        log::write_and_replay(storage, &mut st.log, &guid, &data, at, barriers)?;
+        if barriers {
+            storage.flush()?;
+        }
+        Self::update_headers(
+            storage,
+            st,
+            &self.session_guid,
+            false,
+            Some([0; 16]),
+            barriers,
+        )
     }
 
     fn write_impl(&self, buf: Option<&[u8]>, offset: u64, len: u64) -> Result<()> {
@@ -651,6 +705,7 @@ impl VhdxImage {
                 &self.session_guid,
                 true,
                 None,
+                self.barriers(),
             )?;
         }
         let zeros = match buf {
@@ -741,6 +796,15 @@ impl BlockDevice for VhdxImage {
         request(Operation::Flush, None, || {
             self.storage.flush().map_err(|e| self.err(e))
         })
+    }
+    /// Every write is in the file already (nothing is held back in memory),
+    /// so closing only makes it durable: a flush, unless write barriers are
+    /// off ([`VhdxImage::set_write_barriers`]).
+    fn close(&self) -> Result<()> {
+        if self.read_only || !self.barriers() {
+            return Ok(());
+        }
+        self.flush()
     }
     /// As QEMU's vhdx reports it (it has no block status of its own): the
     /// whole range is data, without a host offset.

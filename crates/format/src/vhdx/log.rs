@@ -288,6 +288,18 @@ pub fn replay(
     log_guid: &Guid,
     seq: Sequence,
 ) -> Result<u64> {
+    replay_with(storage, offset, length, log_guid, seq, true)
+}
+
+/// [`replay`], flushing after each sector it writes only when `barriers`.
+fn replay_with(
+    storage: &dyn Storage,
+    offset: u64,
+    length: u64,
+    log_guid: &Guid,
+    seq: Sequence,
+    barriers: bool,
+) -> Result<u64> {
     let mut c = Cursor {
         storage,
         offset,
@@ -323,7 +335,9 @@ pub fn replay(
                     sector[8..4092].copy_from_slice(&data[8..4092]);
                     sector[4092..].copy_from_slice(&trailing);
                     storage.write_at(&sector, file_offset)?;
-                    storage.flush()?;
+                    if barriers {
+                        storage.flush()?;
+                    }
                 }
                 Descriptor::Zero {
                     length,
@@ -333,7 +347,9 @@ pub fn replay(
                     for i in 0..length / SECTOR {
                         let at = file_offset.checked_add(i * SECTOR).ok_or_else(einval)?;
                         storage.write_at(&zero, at)?;
-                        storage.flush()?;
+                        if barriers {
+                            storage.flush()?;
+                        }
                     }
                 }
             }
@@ -363,14 +379,16 @@ pub struct LogState {
 /// Journal `data` for file `offset` as one log entry (data descriptors for
 /// each 4 KiB sector it touches, partial sectors merged with the file's
 /// bytes), write it at the log's write index, and replay it, as QEMU's
-/// `vhdx_log_write_and_flush` does between its flushes. The headers must
-/// already carry `log_guid`; the caller flushes and clears it after.
+/// `vhdx_log_write_and_flush` does between its flushes (made only when
+/// `barriers`). The headers must already carry `log_guid`; the caller
+/// flushes and clears it after.
 pub fn write_and_replay(
     storage: &dyn Storage,
     st: &mut LogState,
     log_guid: &Guid,
     data: &[u8],
     offset: u64,
+    barriers: bool,
 ) -> Result<()> {
     if st.sequence == 0 {
         st.sequence = 1;
@@ -462,8 +480,10 @@ pub fn write_and_replay(
     }
     st.sequence += 1;
     st.tail = st.write;
-    storage.flush()?;
-    st.read = replay(
+    if barriers {
+        storage.flush()?;
+    }
+    st.read = replay_with(
         storage,
         st.offset,
         st.length,
@@ -474,6 +494,7 @@ pub fn write_and_replay(
             count: 1,
             first_seq: 0,
         },
+        barriers,
     )?;
     Ok(())
 }

@@ -147,7 +147,9 @@ impl VpcImage {
     /// footer, BAT entry) is flushed before the next (the default). A new
     /// image that nothing uses until a copy into it completes and is flushed
     /// can do without, as qemu-img's convert does (its target's cache mode
-    /// makes those flushes no-ops).
+    /// makes those flushes no-ops). With barriers off, [`BlockDevice::close`]
+    /// does not flush either: only [`BlockDevice::flush`] makes the writes
+    /// durable.
     pub fn set_write_barriers(&self, on: bool) {
         self.barriers
             .store(on, std::sync::atomic::Ordering::Relaxed);
@@ -388,6 +390,17 @@ impl BlockDevice for VpcImage {
         request(Operation::Flush, None, || {
             self.storage.flush().map_err(|e| self.err(e))
         })
+    }
+    /// Every write is in the file already (nothing is held back in memory),
+    /// so closing only makes it durable: a flush, unless write barriers are
+    /// off ([`VpcImage::set_write_barriers`]), where durability is left to an
+    /// explicit [`BlockDevice::flush`], as a qcow2 image without barriers
+    /// leaves it.
+    fn close(&self) -> Result<()> {
+        if self.read_only || !self.barriers.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.flush()
     }
     /// A fixed disk is data throughout (its file's holes read as zeroes,
     /// which the caller may ask the file about). In a dynamic disk a stored
