@@ -980,6 +980,16 @@ const PINNED: &[&[&str]] = &[
         "driver=qcow2,file.filename=lov.qcow2,backing.encrypt.key-secret=sec0",
         "b1",
     ],
+    // getopt refuses `--apply=NAME` (the long action takes no name) before
+    // the file names are counted.
+    &[
+        "snapshot",
+        "nonexist.qcow2",
+        "--delete",
+        "s1",
+        "--apply=s1",
+        "-q",
+    ],
 ];
 
 #[test]

@@ -748,6 +748,9 @@ const PINNED: &[&str] = &[
     "convert -l nosuch df.qcow2 out.raw",
     "convert -l snapshot.name=nosuch -O qcow2 df.qcow2 out.qcow2",
     "measure -l nosuch -O qcow2 df.qcow2",
+    // -O with --target-image-opts is refused as the target opens, after
+    // the sources' checks (bitmaps of two sources refused first).
+    "convert -n --target-is-zero df.qcow2 base.qcow2 tgt.qcow2 -O qcow2 --bitmaps --target-image-opts",
 ];
 
 #[test]

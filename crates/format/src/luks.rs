@@ -125,12 +125,18 @@ impl LuksImage {
             .checked_add(size)
             .ok_or_else(|| Error::out_of_range("The image size is too large"))?;
         storage.set_size(0)?;
+        // The file is sized (and preallocated) before the header is written,
+        // as QEMU sizes it: a size the file system cannot hold leaves the file
+        // empty, refused in QEMU's words.
+        crate::raw::fill(storage.as_ref(), payload, size, prealloc)
+            .and_then(|()| Ok(storage.set_size(end)?))
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EFBIG) => Error::invalid("The requested file size is too large"),
+                _ => e,
+            })?;
         // The unused slots' material is zeroes: left as a hole, as QEMU leaves it.
         let used = area.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
         storage.write_at(&area[..used], 0)?;
-        storage.flush()?;
-        crate::raw::fill(storage.as_ref(), payload, size, prealloc)?;
-        storage.set_size(end)?;
         storage.flush()?;
         Self::open(storage, &Unlock::Secret(password.into()), false)
     }

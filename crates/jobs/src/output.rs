@@ -129,20 +129,24 @@ fn chain_files(path: &Path, format: Option<Format>) -> Vec<FileId> {
             break;
         }
         out.push(id);
-        let fmt = match fmt.map_or_else(|| strata_chain::probe_format(&p), Ok) {
-            Ok(Format::Qcow2) => Format::Qcow2,
-            _ => break,
-        };
-        let Ok(dev) = strata_chain::open_image(&p, fmt, false, true) else {
+        if !matches!(
+            fmt.map_or_else(|| strata_chain::probe_format(&p), Ok),
+            Ok(Format::Qcow2)
+        ) {
+            break;
+        }
+        // The header is enough: opening the image would do (and say) more.
+        let opts = strata_storage::OpenOptions::read().force_share(true);
+        let Ok(file) = strata_storage::FileStorage::open(&p, opts) else {
             break;
         };
-        let Some(link) = dev.overlay() else {
+        let Ok(header) = strata_format::qcow2::Header::read(&file) else {
             break;
         };
-        let Some(name) = link.backing_name() else {
+        let Some(name) = header.backing_file else {
             break;
         };
-        let bfmt = link.backing_format().and_then(|f| f.parse().ok());
+        let bfmt = header.backing_format.and_then(|f| f.parse().ok());
         next = Some((strata_chain::resolve_backing(&p, &name), bfmt));
     }
     out

@@ -300,10 +300,11 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         sources.push(status);
     }
     let total: u64 = sources.iter().map(|s| s.virtual_size()).sum();
-    if args.target_image_opts && args.out_format.is_some() {
-        bail!("--image-opts and --format are mutually exclusive");
-    }
-    if let Err(e) = &out_format_known {
+    // -O with --target-image-opts (which implies -n) is refused as the target
+    // is opened, whatever format it names: after the checks of the sources
+    // and their bitmaps, before any judgement of the format.
+    let target_opts_conflict = args.target_image_opts && args.out_format.is_some();
+    if let (Err(e), false) = (&out_format_known, target_opts_conflict) {
         if args.no_create {
             bail!(
                 "Could not open '{}': Unknown driver '{out_fmt_name}'",
@@ -365,7 +366,8 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     // vmdk takes compressed writes too (stored compressed in a
     // stream-optimized extent, as ordinary grains elsewhere).
-    if args.compress && !matches!(out_format, Format::Qcow2 | Format::Vmdk) {
+    if args.compress && !target_opts_conflict && !matches!(out_format, Format::Qcow2 | Format::Vmdk)
+    {
         bail!("Compression not supported for this file format");
     }
     if args.compress
@@ -383,6 +385,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(top) => Some(super::convert_bitmaps::read(top, args.skip_broken_bitmaps)?),
         None => None,
     };
+    if target_opts_conflict {
+        bail!("--image-opts and --format are mutually exclusive");
+    }
     // qemu-img reads the target's cache mode only once it has created the
     // target (a bad mode leaves the new, empty target behind).
     let target_cache = || super::common::check_cache_mode(args.cache.as_deref(), false);

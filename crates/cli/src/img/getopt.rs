@@ -29,6 +29,8 @@ enum Stop {
     MissingValue(String),
     /// An option getopt does not know, as typed: `--NAME[=V]`, or `-X`.
     Unknown(String),
+    /// `--NAME=VALUE` for an option that takes no value: `--NAME` in full.
+    NoValueAllowed(String),
     /// Anything else (help, `--`, an option clap and qemu-img spell apart).
     Other,
 }
@@ -86,7 +88,7 @@ fn walk(cmd: &clap::Command, sub: &str, args: &[String]) -> (Vec<Met>, Option<St
                     None => return (met, Some(Stop::MissingValue(format!("--{long}")))),
                 },
                 (false, None) => None,
-                (false, Some(_)) => return (met, Some(Stop::Other)),
+                (false, Some(_)) => return (met, Some(Stop::NoValueAllowed(format!("--{long}")))),
             };
             met.push(Met {
                 key: key(arg),
@@ -314,6 +316,9 @@ fn refused(cmd: &clap::Command, args: &[String], ctx: &Ctx) -> Option<Result<Sai
                 &o[1..]
             ),
         })),
+        Stop::NoValueAllowed(o) => Some(Err(format!(
+            "{argv0} {sub}: option '{o}' doesn't allow an argument\n{try_help}\n"
+        ))),
         Stop::Other => None,
     }
 }

@@ -181,6 +181,11 @@ pub fn run(cli: ImgCli, prog: &'static str) -> i32 {
     let _ = common::PROG.set(prog);
     // A dirty image repaired as it is opened says what was fixed, as qemu-img does.
     strata_format::qcow2::repair_notice::on_auto_repair(|line| eprintln!("{line}"));
+    // So are the open's warnings about stale bitmaps, with qemu-img's prefix.
+    strata_format::qcow2::open_notice::on_open_warning(|w| {
+        let prog = common::PROG.get().copied().unwrap_or("strata img");
+        eprint!("{prog}: warning: {}\n{}", w.warning, w.trailer);
+    });
     // Backing files may name NBD exports, as QEMU's do.
     nbdname::install();
     let r = match cli.command {

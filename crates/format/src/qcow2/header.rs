@@ -160,6 +160,30 @@ impl Header {
         size.div_ceil(per_l1)
     }
 
+    /// The header area of the image on `storage`: its first cluster, as
+    /// large as the header's cluster-size field says (the first page when
+    /// that field is out of range), or the whole file when it is shorter.
+    pub fn read_area(storage: &dyn strata_storage::Storage) -> Result<Vec<u8>> {
+        let file_size = storage.size()?;
+        let mut first = vec![0u8; index(file_size.min(4096))];
+        storage.read_at(&mut first, 0)?;
+        if first.len() >= 24 {
+            let bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
+            if bits <= MAX_CLUSTER_BITS && (1u64 << bits) > first.len() as u64 {
+                first = vec![0u8; index(file_size.min(1 << bits))];
+                storage.read_at(&mut first, 0)?;
+            }
+        }
+        Ok(first)
+    }
+
+    /// The validated header of the image on `storage`, as an open reads it,
+    /// without opening the image: no table is read, nothing is written and
+    /// nothing is reported (for a look at the backing file's name).
+    pub fn read(storage: &dyn strata_storage::Storage) -> Result<Header> {
+        Header::parse(&Header::read_area(storage)?, storage.size()?)
+    }
+
     /// Parse and validate the header found in `buf` (the image's first bytes: at least
     /// the first cluster, or the whole file if it is shorter). `file_size` bounds offsets.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Header> {

@@ -187,17 +187,8 @@ impl Qcow2Image {
     ) -> Result<Self> {
         let read_only = opts.read_only || storage.read_only();
         let file_size = storage.size()?;
-        // The header and its extensions fill at most the first cluster: read a page,
-        // then the rest of the cluster once its size is known.
-        let mut first = vec![0u8; index(file_size.min(4096))];
-        storage.read_at(&mut first, 0)?;
-        if first.len() >= 24 {
-            let bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
-            if bits <= header::MAX_CLUSTER_BITS && (1u64 << bits) > first.len() as u64 {
-                first = vec![0u8; index(file_size.min(1 << bits))];
-                storage.read_at(&mut first, 0)?;
-            }
-        }
+        // The header and its extensions fill at most the first cluster.
+        let first = Header::read_area(&*storage)?;
         let mut h = if opts.for_check {
             Header::parse_for_check(&first)?
         } else {
@@ -259,6 +250,24 @@ impl Qcow2Image {
         if opts.for_check && h.autoclear_features & header::autoclear::BITMAPS != 0 {
             if let Some(ext) = h.bitmaps {
                 super::bitmaps::Bitmaps::vet(&*storage, ext, h.cluster_size(), h.size, file_size)?;
+            }
+        }
+        // Bitmaps a program without bitmap support may have changed are
+        // warned about and, on a writable open, their extension dropped from
+        // the header (the whole first cluster rewritten, as QEMU rewrites it);
+        // their clusters stay, leaked, for a repair to free.
+        if h.bitmaps.is_some() && h.autoclear_features & header::autoclear::BITMAPS == 0 {
+            super::open_notice::report(if h.version < 3 {
+                &super::open_notice::STALE_BITMAPS_V2
+            } else {
+                &super::open_notice::STALE_BITMAPS
+            });
+            if !read_only {
+                h.bitmaps = None;
+                let mut bytes = h.serialize()?;
+                bytes.resize(index(h.cluster_size()), 0);
+                storage.write_at(&bytes, 0)?;
+                storage.flush()?;
             }
         }
         let mut bitmaps = None;

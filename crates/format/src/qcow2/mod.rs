@@ -25,6 +25,7 @@ pub mod image;
 pub mod inspect;
 pub mod key_slots;
 mod meta;
+pub mod open_notice;
 mod prealloc;
 mod refcount;
 mod refcount_area;
