@@ -2,7 +2,7 @@
 //!
 //! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU), [`raw`],
 //! [`luks`], and the formats of other tools as QEMU reads and writes them:
-//! [`vpc`], [`vdi`], [`vhdx`], [`vmdk`].
+//! [`vpc`], [`vdi`], [`vhdx`], [`vmdk`], [`qed`].
 //! Both offer the guest view through [`BlockDevice`].
 
 #![deny(clippy::cast_possible_truncation)]
@@ -16,6 +16,7 @@ pub mod foreign_check;
 pub mod fuzzing;
 pub mod luks;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 pub mod units;
 pub mod vdi;
