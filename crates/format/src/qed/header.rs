@@ -97,7 +97,7 @@ pub fn max_image_size(cluster_size: u32, table_size: u32) -> u64 {
 
 /// Whether `image_size` is whole sectors and addressable with these sizes.
 pub fn image_size_valid(image_size: u64, cluster_size: u32, table_size: u32) -> bool {
-    image_size % SECTOR_SIZE == 0 && image_size <= max_image_size(cluster_size, table_size)
+    image_size.is_multiple_of(SECTOR_SIZE) && image_size <= max_image_size(cluster_size, table_size)
 }
 
 impl Header {

@@ -121,9 +121,7 @@ impl State {
             return Ok((Found::Unallocated { l2_missing: true }, len));
         }
         if !h.table_offset_valid(l2_offset, self.file_size) {
-            return Err(Error::corrupt(format!(
-                "QED L1 entry {l1i} points at an invalid L2 table offset {l2_offset:#x}"
-            )));
+            return Err(bad_offset(storage, "QED L2 table offset out of place"));
         }
         let entries = h.table_entries();
         let first = index((pos / cs) % entries);
@@ -155,11 +153,7 @@ impl State {
             off if h.cluster_offset_valid(off, file_size) => {
                 Found::Data(off + h.offset_in_cluster(pos))
             }
-            off => {
-                return Err(Error::corrupt(format!(
-                    "QED L2 entry for guest offset {pos:#x} points at an invalid cluster offset {off:#x}"
-                )))
-            }
+            _ => return Err(bad_offset(storage, "QED cluster offset out of place")),
         };
         Ok((found, len))
     }
@@ -173,6 +167,16 @@ impl State {
             .ok_or_else(|| Error::corrupt("QED image file would grow past 2^64 bytes"))?;
         Ok(at)
     }
+}
+
+/// A table entry that points outside the file's clusters: the request fails
+/// as in QEMU, with EINVAL ("Invalid argument"), which `check -r` repairs.
+fn bad_offset(storage: &dyn Storage, what: &'static str) -> Error {
+    Error::from(strata_storage::Error::Io {
+        op: what,
+        path: storage.path().map(|p| p.to_path_buf()).unwrap_or_default(),
+        source: std::io::Error::from_raw_os_error(libc::EINVAL),
+    })
 }
 
 /// Read the backing file's bytes at guest `pos` into `buf`: zeroes where it
