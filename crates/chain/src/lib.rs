@@ -537,12 +537,13 @@ fn probe_foreign(s: &dyn Storage) -> Result<Option<Format>> {
     let mut head = vec![0u8; PROBE_LEN as usize];
     s.read_at(&mut head[..len as usize], 0)
         .map_err(Error::Probe)?;
-    use strata_format::{vdi, vhdx, vmdk, vpc};
+    use strata_format::{qed, vdi, vhdx, vmdk, vpc};
     Ok([
         (Format::Vmdk, vmdk::probe as fn(&[u8]) -> bool),
         (Format::Vdi, vdi::probe),
         (Format::Vpc, vpc::probe),
         (Format::Vhdx, vhdx::probe),
+        (Format::Qed, qed::probe),
     ]
     .into_iter()
     .find(|(_, probe)| probe(&head))
@@ -741,7 +742,7 @@ pub fn open_storage_with(
     Ok(match format {
         Format::Raw => Arc::new(RawImage::open(storage)?),
         Format::Luks => Arc::new(LuksImage::open(storage, unlock, metadata_only)?),
-        Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk => {
+        Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed => {
             open_foreign(storage, format, write)?
         }
         Format::Qcow2 => Arc::new(Qcow2Image::open(
@@ -764,13 +765,14 @@ fn open_foreign(
     format: Format,
     write: bool,
 ) -> Result<Arc<dyn BlockDevice>> {
-    use strata_format::{vdi, vhdx, vmdk, vpc};
+    use strata_format::{qed, vdi, vhdx, vmdk, vpc};
     let path = storage.path().map(Path::to_path_buf);
     let path = path.as_deref();
     Ok(match format {
         Format::Vpc => vpc::open(storage, path, write)?,
         Format::Vdi => vdi::open(storage, path, write)?,
         Format::Vhdx => vhdx::open(storage, path, write)?,
+        Format::Qed => qed::open(storage, path, write)?,
         _ => vmdk::open(storage, path, write)?,
     })
 }
@@ -860,16 +862,14 @@ pub fn verify_backing(spec: &OpenSpec, top: &dyn BlockDevice, top_written: bool)
     if !spec.open_backing {
         return Ok(());
     }
-    let (backing_name, backing_format) = match top.overlay() {
-        Some(link) => (link.backing_name(), link.backing_format()),
-        None => (None, None),
-    };
+    let (backing_name, backing_format, backing_probed) = link_of(top);
     walk(
         spec,
         Some(HeldTop {
             written: top_written,
             backing_name,
             backing_format,
+            backing_probed,
         }),
     )
     .map(drop)
@@ -883,16 +883,14 @@ pub fn attach_backing(spec: &OpenSpec, top: &dyn BlockDevice, top_written: bool)
     if !spec.open_backing {
         return Ok(());
     }
-    let (backing_name, backing_format) = match top.overlay() {
-        Some(link) => (link.backing_name(), link.backing_format()),
-        None => (None, None),
-    };
+    let (backing_name, backing_format, backing_probed) = link_of(top);
     let layers = walk(
         spec,
         Some(HeldTop {
             written: top_written,
             backing_name,
             backing_format,
+            backing_probed,
         }),
     )?;
     for i in 1..layers.len() {
@@ -911,6 +909,22 @@ struct HeldTop {
     written: bool,
     backing_name: Option<OsString>,
     backing_format: Option<String>,
+    /// The format defines an unrecorded backing format as probed (qed).
+    backing_probed: bool,
+}
+
+/// What `image` records of its backing file: name, format, and whether its
+/// format defines an unrecorded backing format as probed
+/// ([`strata_format::Overlay::backing_format_probed`]).
+fn link_of(image: &dyn BlockDevice) -> (Option<OsString>, Option<String>, bool) {
+    match image.overlay() {
+        Some(link) => (
+            link.backing_name(),
+            link.backing_format(),
+            link.backing_format_probed(),
+        ),
+        None => (None, None, false),
+    }
 }
 
 /// Open the layers of the chain `spec` names, top first (without the top when
@@ -968,10 +982,15 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                 limit: spec.max_depth,
             });
         }
-        let (backing_name, backing_format, backing_path) = match top {
+        let (backing_name, backing_format, backing_path, backing_probed) = match top {
             Some(t) => {
                 let backing_path = t.backing_name.as_deref().map(|b| resolve_backing(&path, b));
-                (t.backing_name, t.backing_format, backing_path)
+                (
+                    t.backing_name,
+                    t.backing_format,
+                    backing_path,
+                    t.backing_probed,
+                )
             }
             None => {
                 // Each layer opens with its own secret (`backing.encrypt.key-secret`...).
@@ -1016,10 +1035,7 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                         })
                         .map_err(|e| e.below(&links))?
                 };
-                let (backing_name, backing_format) = match device.overlay() {
-                    Some(link) => (link.backing_name(), link.backing_format()),
-                    None => (None, None),
-                };
+                let (backing_name, backing_format, backing_probed) = link_of(device.as_ref());
                 let backing_path = backing_name.as_deref().map(|b| resolve_backing(&path, b));
                 layers.push(Layer {
                     path: path.clone(),
@@ -1029,7 +1045,7 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
                     backing_format: backing_format.clone(),
                     backing_path: backing_path.clone(),
                 });
-                (backing_name, backing_format, backing_path)
+                (backing_name, backing_format, backing_path, backing_probed)
             }
         };
         let next = layers.len() + skipped;
@@ -1077,7 +1093,10 @@ fn walk(spec: &OpenSpec, mut held: Option<HeldTop>) -> Result<Vec<Layer>> {
         }
         // A file given by options without a driver, where the overlay
         // records no format, is probed once found (as QEMU does).
-        let probe = node.is_some_and(|n| n.path.is_some()) && backing_format.is_none();
+        // So is the backing file of a format that records only some
+        // backing formats and defines the others as probed (qed).
+        let probe =
+            (backing_probed || node.is_some_and(|n| n.path.is_some())) && backing_format.is_none();
         let bfmt = match (node.and_then(|n| n.format), backing_format.as_deref()) {
             (Some(f), _) => Some(f),
             (None, None) if probe => None,

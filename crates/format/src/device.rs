@@ -148,6 +148,13 @@ pub trait Overlay {
     fn backing_name(&self) -> Option<OsString>;
     /// The backing file format as recorded, if any.
     fn backing_format(&self) -> Option<String>;
+    /// Whether the format defines a backing file whose format is not recorded
+    /// as one to probe (qed: only a raw backing file's format is recorded).
+    /// Formats that record their backing format, or should, say `false`: the
+    /// chain then refuses to guess.
+    fn backing_format_probed(&self) -> bool {
+        false
+    }
     /// Record a new backing file name and format, or none (`name` = `None`, which
     /// also drops the format).
     fn set_backing_file(&self, name: Option<&OsStr>, format: Option<&str>) -> Result<()>;

@@ -2,7 +2,7 @@
 //!
 //! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU), [`raw`],
 //! [`luks`], and the formats of other tools as QEMU reads and writes them:
-//! [`vpc`], [`vdi`], [`vhdx`], [`vmdk`].
+//! [`vpc`], [`vdi`], [`vhdx`], [`vmdk`], [`qed`].
 //! Both offer the guest view through [`BlockDevice`].
 
 #![deny(clippy::cast_possible_truncation)]
@@ -16,6 +16,7 @@ pub mod foreign_check;
 pub mod fuzzing;
 pub mod luks;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 pub mod units;
 pub mod vdi;
@@ -44,6 +45,8 @@ pub enum Format {
     Vhdx,
     /// VMware's VMDK.
     Vmdk,
+    /// QEMU Enhanced Disk (QEMU's `qed` driver).
+    Qed,
 }
 
 impl Format {
@@ -56,17 +59,26 @@ impl Format {
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
             Format::Vmdk => "vmdk",
+            Format::Qed => "qed",
         }
     }
 
-    /// The formats of other tools that QEMU reads and writes through its own
-    /// drivers (their modules: [`vpc`], [`vdi`], [`vhdx`], [`vmdk`]): no
-    /// internal snapshots, bitmaps, amendment, measurement or resizing.
+    /// The formats other than qcow2, raw and luks that QEMU reads and writes
+    /// through its own drivers (their modules: [`vpc`], [`vdi`], [`vhdx`],
+    /// [`vmdk`], [`qed`]): no internal snapshots, bitmaps, amendment,
+    /// measurement or emptying after a commit. Of them only qed resizes
+    /// ([`Format::resizes`]) and has a backing file whose link can change.
     pub fn is_foreign(self) -> bool {
         matches!(
             self,
-            Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk
+            Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed
         )
+    }
+
+    /// Whether QEMU's driver for the format can change an image's virtual
+    /// size (qcow2, raw and luks; qed only grows).
+    pub fn resizes(self) -> bool {
+        !self.is_foreign() || self == Format::Qed
     }
 
     /// Whether a new image of this format reads as zeroes before anything is
@@ -87,6 +99,7 @@ impl std::str::FromStr for Format {
             "vdi" => Ok(Format::Vdi),
             "vhdx" => Ok(Format::Vhdx),
             "vmdk" => Ok(Format::Vmdk),
+            "qed" => Ok(Format::Qed),
             other => Err(Error::invalid_argument(format!(
                 "Unknown file format '{other}'"
             ))),

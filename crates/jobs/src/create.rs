@@ -469,9 +469,14 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 extent_size_hint,
             })
         }
-        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk) => {
+        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed) => {
             crate::create_foreign::check(f, opts).map_err(|m| invalid(p, m))?;
-            if let (None, Some(b)) = (size, opts.get("backing_file")) {
+            let mut inputs = Inputs::default();
+            if let (Format::Qed, Some(b)) = (f, opts.get("backing_file")) {
+                // A qed overlay's backing file is checked as a qcow2 one's.
+                let fmt = opts.get("backing_fmt").map(String::as_str);
+                check_backing(req, p, b, fmt, &mut size, &mut inputs)?;
+            } else if let (None, Some(b)) = (size, opts.get("backing_file")) {
                 // A vmdk over a parent takes the parent's size.
                 let bpath = strata_chain::resolve_backing(p, b);
                 let fmt = match opts.get("backing_fmt") {
@@ -488,7 +493,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 size,
                 summary_options: crate::create_foreign::summary(f, size, opts),
                 kind: Kind::Foreign(f, opts.clone()),
-                inputs: Inputs::default(),
+                inputs,
                 secrets: Secrets::default(),
                 nocow,
                 extent_size_hint,
@@ -498,87 +503,14 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
             let c = qcow2_parse(opts).map_err(|m| invalid(p, m))?;
             let mut inputs = Inputs::default();
             if let Some(b) = &c.backing_file {
-                let bpath = strata_chain::resolve_backing(p, b);
-                let same_file = FileId::of(p).is_some_and(|id| FileId::of(&bpath) == Some(id));
-                if same_file || Path::new(b) == p {
-                    return Err(Error::BackingIsItself(p.clone()));
-                }
-                let open_failed = |e: &strata_chain::Error| {
-                    let m = e.to_string();
-                    // A backing export that cannot be reached is not named
-                    // again (the opener's reason is QEMU's whole message).
-                    let e = if m.starts_with("Could not open")
-                        || strata_chain::is_protocol_name(Path::new(b))
-                    {
-                        m
-                    } else if let strata_chain::Error::Format(_) = e {
-                        // The format driver's own refusal ("Image is not in
-                        // qcow2 format"), said as QEMU's create says it: the
-                        // file not named again.
-                        e.without_name(&bpath)
-                    } else {
-                        format!("Could not open '{b}': {m}")
-                    };
-                    invalid(p, format!("{e}\nCould not open backing image."))
-                };
-                let fmt: Option<Format> = match c.backing_format.as_deref() {
-                    Some(f) => match f.parse::<Format>() {
-                        Ok(f) => Some(f),
-                        // A driver strata lacks, recorded unopened (its
-                        // name is checked after the summary line).
-                        Err(_) if req.unsafe_backing => None,
-                        Err(_) if !BACKING_FORMATS.contains(&f) => {
-                            return Err(invalid(
-                                p,
-                                format!("Unknown driver '{f}'\nCould not open backing image."),
-                            ))
-                        }
-                        // The file protocol as a format: the file itself is
-                        // the backing image, read as raw (its size the new
-                        // image's); `file` is recorded as given.
-                        Err(_) if f == "file" => Some(Format::Raw),
-                        // A QEMU driver strata lacks: QEMU's driver would
-                        // open the file, and most files fail its first checks.
-                        Err(e) => {
-                            let why = crate::foreign_probe::refusal(f, &bpath)
-                                .map(|m| format!("{m}\nCould not open backing image."));
-                            return Err(invalid(p, why.unwrap_or_else(|| e.to_string())));
-                        }
-                    },
-                    // With -u qemu-img does not look at the file to say
-                    // what it holds.
-                    None if req.unsafe_backing => {
-                        return Err(invalid(p, "Backing file specified without backing format"))
-                    }
-                    None => {
-                        // qemu-img probes, to say what it found, and still refuses:
-                        // a probed format is never recorded.
-                        let found =
-                            strata_chain::probe_format(&bpath).map_err(|e| open_failed(&e))?;
-                        return Err(invalid(
-                            p,
-                            format!(
-                                "Backing file specified without backing format\nDetected format of {}.",
-                                found.name()
-                            ),
-                        ));
-                    }
-                };
-                if let (false, Some(fmt)) = (req.unsafe_backing, fmt) {
-                    // For its header only, as qemu-img opens it (no I/O): an
-                    // encrypted backing file needs no secret, and an external
-                    // data file is not opened.
-                    let unlock = strata_format::qcow2::Unlock::None;
-                    let dev =
-                        strata_chain::open_image_with(&bpath, fmt, false, true, true, &unlock)
-                            .map_err(|e| open_failed(&e))?;
-                    if size.is_none() {
-                        size = Some(dev.virtual_size());
-                    }
-                }
-                // The new image must not be any file of the chain it goes on
-                // (with -u too, as far as that chain can be found).
-                inputs.add_backing_chain(p, b, fmt);
+                check_backing(
+                    req,
+                    p,
+                    b,
+                    c.backing_format.as_deref(),
+                    &mut size,
+                    &mut inputs,
+                )?;
             }
             let size = size.ok_or_else(|| invalid(p, "Image creation needs a size parameter"))?;
             Ok(Prepared {
@@ -593,6 +525,100 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
             })
         }
     }
+}
+
+/// Check the backing file `b` a new image of `req` (at `p`) records, with
+/// its format (`backing_format`), as qemu-img does before its summary line
+/// (for qcow2 and qed): the file opened for its header (unless `-u`), its
+/// size taken when none was given (`size`), and every file of its chain
+/// added to the files the new image must not be (`inputs`).
+fn check_backing(
+    req: &CreateRequest,
+    p: &Path,
+    b: &str,
+    backing_format: Option<&str>,
+    size: &mut Option<u64>,
+    inputs: &mut Inputs,
+) -> Result<()> {
+    let p = &p.to_path_buf();
+    let bpath = strata_chain::resolve_backing(p, b);
+    let same_file = FileId::of(p).is_some_and(|id| FileId::of(&bpath) == Some(id));
+    if same_file || Path::new(b) == p {
+        return Err(Error::BackingIsItself(p.clone()));
+    }
+    let open_failed = |e: &strata_chain::Error| {
+        let m = e.to_string();
+        // A backing export that cannot be reached is not named
+        // again (the opener's reason is QEMU's whole message).
+        let e = if m.starts_with("Could not open") || strata_chain::is_protocol_name(Path::new(b)) {
+            m
+        } else if let strata_chain::Error::Format(_) = e {
+            // The format driver's own refusal ("Image is not in
+            // qcow2 format"), said as QEMU's create says it: the
+            // file not named again.
+            e.without_name(&bpath)
+        } else {
+            format!("Could not open '{b}': {m}")
+        };
+        invalid(p, format!("{e}\nCould not open backing image."))
+    };
+    let fmt: Option<Format> = match backing_format {
+        Some(f) => match f.parse::<Format>() {
+            Ok(f) => Some(f),
+            // A driver strata lacks, recorded unopened (its
+            // name is checked after the summary line).
+            Err(_) if req.unsafe_backing => None,
+            Err(_) if !BACKING_FORMATS.contains(&f) => {
+                return Err(invalid(
+                    p,
+                    format!("Unknown driver '{f}'\nCould not open backing image."),
+                ))
+            }
+            // The file protocol as a format: the file itself is
+            // the backing image, read as raw (its size the new
+            // image's); `file` is recorded as given.
+            Err(_) if f == "file" => Some(Format::Raw),
+            // A QEMU driver strata lacks: QEMU's driver would
+            // open the file, and most files fail its first checks.
+            Err(e) => {
+                let why = crate::foreign_probe::refusal(f, &bpath)
+                    .map(|m| format!("{m}\nCould not open backing image."));
+                return Err(invalid(p, why.unwrap_or_else(|| e.to_string())));
+            }
+        },
+        // With -u qemu-img does not look at the file to say
+        // what it holds.
+        None if req.unsafe_backing => {
+            return Err(invalid(p, "Backing file specified without backing format"))
+        }
+        None => {
+            // qemu-img probes, to say what it found, and still refuses:
+            // a probed format is never recorded.
+            let found = strata_chain::probe_format(&bpath).map_err(|e| open_failed(&e))?;
+            return Err(invalid(
+                p,
+                format!(
+                    "Backing file specified without backing format\nDetected format of {}.",
+                    found.name()
+                ),
+            ));
+        }
+    };
+    if let (false, Some(fmt)) = (req.unsafe_backing, fmt) {
+        // For its header only, as qemu-img opens it (no I/O): an
+        // encrypted backing file needs no secret, and an external
+        // data file is not opened.
+        let unlock = strata_format::qcow2::Unlock::None;
+        let dev = strata_chain::open_image_with(&bpath, fmt, false, true, true, &unlock)
+            .map_err(|e| open_failed(&e))?;
+        if size.is_none() {
+            *size = Some(dev.virtual_size());
+        }
+    }
+    // The new image must not be any file of the chain it goes on
+    // (with -u too, as far as that chain can be found).
+    inputs.add_backing_chain(p, b, fmt);
+    Ok(())
 }
 
 impl Prepared {
@@ -656,7 +682,7 @@ impl Prepared {
         // layer has made the file, which stays (empty) behind.
         let keep_on_failure = match &self.kind {
             Kind::Foreign(f, opts) => {
-                matches!(f, Format::Vdi | Format::Vpc)
+                matches!(f, Format::Vdi | Format::Vpc | Format::Qed)
                     || opts.get("preallocation").is_some_and(|v| v == "metadata")
             }
             _ => false,

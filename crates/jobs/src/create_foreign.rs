@@ -1,4 +1,4 @@
-//! `create -f vpc|vdi|vhdx|vmdk`: the `-o` options of the formats of other
+//! `create -f vpc|vdi|vhdx|vmdk|qed`: the `-o` options of the formats of other
 //! tools ([`Format::is_foreign`]), checked, shown in the "Formatting ..." line
 //! and turned into each driver's [`CreateOptions`](strata_format::vpc::CreateOptions)
 //! as qemu-img does.
@@ -9,7 +9,7 @@
 
 use crate::create::{option_size_error, parse_bool, parse_size};
 use std::collections::BTreeMap;
-use strata_format::{vdi, vhdx, vmdk, vpc, Format};
+use strata_format::{qed, vdi, vhdx, vmdk, vpc, Format};
 
 /// How a `-o` value is typed.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -47,6 +47,13 @@ const VMDK: &[Key] = &[
     ("subformat", Ty::Str, None),
     ("zeroed_grain", Ty::Bool, None),
 ];
+const QED: &[Key] = &[
+    ("size", Ty::Size, None),
+    ("backing_file", Ty::Str, None),
+    ("backing_fmt", Ty::Str, None),
+    ("cluster_size", Ty::Size, Some("65536")),
+    ("table_size", Ty::Size, None),
+];
 /// The file protocol's options, after the format's.
 const FILE: &[Key] = &[
     ("nocow", Ty::Bool, None),
@@ -59,6 +66,7 @@ fn keys(format: Format) -> &'static [Key] {
         Format::Vpc => VPC,
         Format::Vdi => VDI,
         Format::Vhdx => VHDX,
+        Format::Qed => QED,
         _ => VMDK,
     }
 }
@@ -129,6 +137,7 @@ pub enum Options {
     Vdi(vdi::CreateOptions),
     Vhdx(vhdx::CreateOptions),
     Vmdk(vmdk::CreateOptions),
+    Qed(qed::CreateOptions),
 }
 
 /// The typed options of `opts` (checked by [`check`]), refusing the values
@@ -149,6 +158,15 @@ pub fn options(format: Format, opts: &BTreeMap<String, String>) -> Result<Option
                 block_size: size_of(opts, "block_size", d.block_size),
                 fixed: fixed(opts)?,
                 block_state_zero: flag(opts, "block_state_zero", d.block_state_zero),
+            })
+        }
+        Format::Qed => {
+            let d = qed::CreateOptions::default();
+            Options::Qed(qed::CreateOptions {
+                cluster_size: size_of(opts, "cluster_size", d.cluster_size),
+                table_size: size_of(opts, "table_size", d.table_size),
+                backing_file: opts.get("backing_file").map(|b| b.as_bytes().to_vec()),
+                backing_fmt: opts.get("backing_fmt").cloned(),
             })
         }
         _ => {
@@ -186,5 +204,6 @@ pub fn create(
         Options::Vdi(o) => vdi::create(storage, path, size, o),
         Options::Vhdx(o) => vhdx::create(storage, path, size, o),
         Options::Vmdk(o) => vmdk::create(storage, path, size, o),
+        Options::Qed(o) => qed::create(storage, path, size, o),
     }
 }

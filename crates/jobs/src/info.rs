@@ -262,6 +262,16 @@ pub fn layer_info(layer: &Layer, filename: &OsStr) -> Result<ImageInfo> {
     {
         info.cluster_size = dev.cluster_size();
     }
+    if dev
+        .as_any()
+        .downcast_ref::<strata_format::qed::QedImage>()
+        .is_some()
+    {
+        // QEMU's qed reports no dirty flag (the need-check flag stays inside).
+        info.backing_filename = layer.backing_name.clone();
+        info.full_backing_filename = layer.backing_path.clone().map(PathBuf::into_os_string);
+        info.backing_filename_format = layer.backing_format.clone();
+    }
     if let Some(v) = dev.as_any().downcast_ref::<VmdkImage>() {
         info.backing_filename = layer.backing_name.clone();
         info.full_backing_filename = layer.backing_path.clone().map(PathBuf::into_os_string);

@@ -158,7 +158,7 @@ fn glance_name(format: Format) -> Option<&'static str> {
         Format::Vhdx => Some("vhdx"),
         Format::Vdi => Some("vdi"),
         Format::Vmdk => Some("vmdk"),
-        Format::Luks => None,
+        Format::Luks | Format::Qed => None,
     }
 }
 

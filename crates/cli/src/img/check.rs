@@ -84,11 +84,22 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // vmdk's refuse a repair as no check at all, vhdx's checks anyway.
     let own_check = match format {
         Format::Vdi | Format::Vmdk => repair == Repair::None,
-        Format::Vhdx => true,
+        Format::Vhdx | Format::Qed => true,
         _ => false,
     };
     if own_check {
-        let dev = if format == Format::Vhdx {
+        let dev = if format == Format::Qed {
+            // Opened as QEMU opens an image to check it: a flagged image is
+            // not checked and repaired by the open, but by the check.
+            let storage = match &filtered {
+                Some(s) => s.clone(),
+                None => strata_chain::top_storage_as(&spec, writing, Some(format))
+                    .map_err(opened_err)?,
+            };
+            let path = storage.path().map(std::path::Path::to_path_buf);
+            strata_format::qed::open_for_check(storage, path.as_deref(), writing)
+                .map_err(|e| opened_err(e.into()))?
+        } else if format == Format::Vhdx {
             // Opened as QEMU opens an image to check it: BAT entries past the
             // file's end are the check's to report, not the open's to refuse.
             let storage = match &filtered {
@@ -102,7 +113,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         } else {
             strata_chain::open_top(&spec, format, writing).map_err(opened_err)?
         };
-        let report = match strata_format::foreign_check::check(dev.as_ref()) {
+        let checked = match strata_format::qed::check_report(dev.as_ref(), writing) {
+            Some(r) => r,
+            None => strata_format::foreign_check::check(dev.as_ref()),
+        };
+        let report = match checked {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("{}: Check failed: {e}", ctx.prog);

@@ -299,6 +299,31 @@ const VDI: &[Opt] = &[
     ),
 ];
 
+/// The qed (QEMU Enhanced Disk) format's create options.
+const QED: &[Opt] = &[
+    (
+        "backing_file",
+        Ty::Str,
+        "Image the new one is an overlay on (a relative name is taken from the new image's directory)",
+    ),
+    (
+        "backing_fmt",
+        Ty::Str,
+        "Format of the backing image (recorded only when raw; others are probed)",
+    ),
+    (
+        "cluster_size",
+        Ty::Size,
+        "Allocation unit, a power of two from 4 KiB to 64 MiB (default 64 KiB)",
+    ),
+    SIZE,
+    (
+        "table_size",
+        Ty::Size,
+        "L1 and L2 table size in clusters, a power of two from 1 to 16 (default 4)",
+    ),
+];
+
 /// The vhdx (Hyper-V) format's create options.
 const VHDX: &[Opt] = &[
     (
@@ -421,6 +446,7 @@ fn format_options(fmt: &str) -> Result<&'static [Opt]> {
         "vdi" => VDI,
         "vhdx" => VHDX,
         "vmdk" => VMDK,
+        "qed" => QED,
         "file" => FILE,
         other => bail!("Unknown file format '{other}'"),
     })
@@ -498,7 +524,7 @@ fn amend_options(fmt: &str) -> Result<&'static [Opt]> {
         "qcow2" => QCOW2_AMEND,
         "luks" => LUKS_AMEND,
         "raw" | "file" | "host_device" | "host_cdrom" | "nbd" | "blkdebug" | "blkverify"
-        | "null-co" | "null-aio" | "vpc" | "vdi" | "vhdx" | "vmdk" => {
+        | "null-co" | "null-aio" | "vpc" | "vdi" | "vhdx" | "vmdk" | "qed" => {
             bail!("Format driver '{fmt}' does not support option amendment")
         }
         other => bail!("Unknown file format '{other}'"),

@@ -95,6 +95,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if format == strata_format::Format::Raw && prealloc == Some(Preallocation::Metadata) {
         bail!("Unsupported preallocation mode: metadata");
     }
+    // QEMU's qed driver grows only without preallocation.
+    if format == strata_format::Format::Qed && new > cur {
+        if let Some(p) = &args.preallocation.as_deref().filter(|p| *p != "off") {
+            bail!("Unsupported preallocation mode '{p}'");
+        }
+    }
     // An NBD export keeps the size its server gives it.
     if spec.storage.is_some() && new != cur && format == strata_format::Format::Raw {
         bail!("Cannot resize NBD nodes");
