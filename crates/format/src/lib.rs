@@ -2,7 +2,7 @@
 //!
 //! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU), [`raw`],
 //! [`luks`], and the formats of other tools as QEMU reads and writes them:
-//! [`vpc`], [`vdi`], [`vhdx`], [`vmdk`].
+//! [`vpc`], [`vdi`], [`vhdx`], [`vmdk`], [`parallels`].
 //! Both offer the guest view through [`BlockDevice`].
 
 #![deny(clippy::cast_possible_truncation)]
@@ -15,6 +15,7 @@ pub mod foreign_check;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod luks;
+pub mod parallels;
 pub mod qcow2;
 pub mod raw;
 pub mod units;
@@ -44,6 +45,8 @@ pub enum Format {
     Vhdx,
     /// VMware's VMDK.
     Vmdk,
+    /// Parallels Desktop's and Virtuozzo's disks.
+    Parallels,
 }
 
 impl Format {
@@ -56,16 +59,18 @@ impl Format {
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
             Format::Vmdk => "vmdk",
+            Format::Parallels => "parallels",
         }
     }
 
     /// The formats of other tools that QEMU reads and writes through its own
-    /// drivers (their modules: [`vpc`], [`vdi`], [`vhdx`], [`vmdk`]): no
+    /// drivers (their modules: [`vpc`], [`vdi`], [`vhdx`], [`vmdk`],
+    /// [`parallels`]): no
     /// internal snapshots, bitmaps, amendment, measurement or resizing.
     pub fn is_foreign(self) -> bool {
         matches!(
             self,
-            Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk
+            Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Parallels
         )
     }
 
@@ -87,6 +92,7 @@ impl std::str::FromStr for Format {
             "vdi" => Ok(Format::Vdi),
             "vhdx" => Ok(Format::Vhdx),
             "vmdk" => Ok(Format::Vmdk),
+            "parallels" => Ok(Format::Parallels),
             other => Err(Error::invalid_argument(format!(
                 "Unknown file format '{other}'"
             ))),
