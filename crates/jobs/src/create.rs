@@ -469,7 +469,7 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 extent_size_hint,
             })
         }
-        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk) => {
+        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Parallels) => {
             crate::create_foreign::check(f, opts).map_err(|m| invalid(p, m))?;
             if let (None, Some(b)) = (size, opts.get("backing_file")) {
                 // A vmdk over a parent takes the parent's size.
@@ -651,12 +651,12 @@ impl Prepared {
         {
             return Err(invalid(p, "Extent size hint is too large"));
         }
-        // QEMU's vdi driver refuses a size, its vpc driver its options or a
-        // size, and the file layer a preallocation mode, only once the file
+        // QEMU's vdi and parallels drivers refuse a size, its vpc driver its
+        // options or a size, and the file layer a preallocation mode, only once the file
         // layer has made the file, which stays (empty) behind.
         let keep_on_failure = match &self.kind {
             Kind::Foreign(f, opts) => {
-                matches!(f, Format::Vdi | Format::Vpc)
+                matches!(f, Format::Vdi | Format::Vpc | Format::Parallels)
                     || opts.get("preallocation").is_some_and(|v| v == "metadata")
             }
             _ => false,

@@ -9,7 +9,7 @@
 
 use crate::create::{option_size_error, parse_bool, parse_size};
 use std::collections::BTreeMap;
-use strata_format::{vdi, vhdx, vmdk, vpc, Format};
+use strata_format::{parallels, vdi, vhdx, vmdk, vpc, Format};
 
 /// How a `-o` value is typed.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -47,6 +47,10 @@ const VMDK: &[Key] = &[
     ("subformat", Ty::Str, None),
     ("zeroed_grain", Ty::Bool, None),
 ];
+const PARALLELS: &[Key] = &[
+    ("size", Ty::Size, None),
+    ("cluster_size", Ty::Size, Some("1048576")),
+];
 /// The file protocol's options, after the format's.
 const FILE: &[Key] = &[
     ("nocow", Ty::Bool, None),
@@ -59,6 +63,7 @@ fn keys(format: Format) -> &'static [Key] {
         Format::Vpc => VPC,
         Format::Vdi => VDI,
         Format::Vhdx => VHDX,
+        Format::Parallels => PARALLELS,
         _ => VMDK,
     }
 }
@@ -129,6 +134,7 @@ pub enum Options {
     Vdi(vdi::CreateOptions),
     Vhdx(vhdx::CreateOptions),
     Vmdk(vmdk::CreateOptions),
+    Parallels(parallels::CreateOptions),
 }
 
 /// The typed options of `opts` (checked by [`check`]), refusing the values
@@ -151,6 +157,13 @@ pub fn options(format: Format, opts: &BTreeMap<String, String>) -> Result<Option
                 block_state_zero: flag(opts, "block_state_zero", d.block_state_zero),
             })
         }
+        Format::Parallels => Options::Parallels(parallels::CreateOptions {
+            cluster_size: size_of(
+                opts,
+                "cluster_size",
+                parallels::CreateOptions::default().cluster_size,
+            ),
+        }),
         _ => {
             // QEMU's vmdk takes only a vmdk parent, and says so first.
             if opts.get("backing_fmt").is_some_and(|f| f != "vmdk") {
@@ -186,5 +199,6 @@ pub fn create(
         Options::Vdi(o) => vdi::create(storage, path, size, o),
         Options::Vhdx(o) => vhdx::create(storage, path, size, o),
         Options::Vmdk(o) => vmdk::create(storage, path, size, o),
+        Options::Parallels(o) => parallels::create(storage, path, size, o),
     }
 }

@@ -83,7 +83,7 @@ pub fn measure(source: Source<'_>, target: &Target, cancel: &Cancel) -> Result<M
                 bitmaps: None,
             })
         }
-        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk) => {
+        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Parallels) => {
             Err(Error::Invalid(format!(
                 "Block driver '{}' does not support size measurement",
                 f.name()

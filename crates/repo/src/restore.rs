@@ -95,7 +95,12 @@ impl Target {
                 ErrorKind::Unsupported,
                 "a restore writes raw or qcow2 images, not luks",
             )),
-            Format::Qcow2 | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk => {
+            Format::Qcow2
+            | Format::Vpc
+            | Format::Vdi
+            | Format::Vhdx
+            | Format::Vmdk
+            | Format::Parallels => {
                 strata_jobs::create::prepare(&strata_jobs::create::CreateRequest {
                     path: path.to_path_buf(),
                     format,
