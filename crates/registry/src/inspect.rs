@@ -12,33 +12,26 @@ use strata_storage::Storage;
 use crate::error::{Error, Result};
 
 /// Inspect the complete data of an image at `path` of `size` bytes declared as
-/// `disk_format`. Returns the virtual size for the formats strata reads (raw,
-/// qcow2), `None` for others. Refused as invalid: data declared qcow2 that is
-/// not a valid qcow2 image, that names a backing file or an external data file
-/// (an image must stand alone; such a name would point a consumer at a file of
-/// its host), or that is encrypted (there is no secret to read it with), and
-/// data declared raw that is a qcow2 image (a consumer that probes would read
-/// it as qcow2). The refusals name no path of the server.
+/// `disk_format` (Glance's names). Returns the virtual size for the formats
+/// strata reads (raw, qcow2, vhd, vhdx, vdi, vmdk), `None` for others.
+///
+/// Refused as invalid, as Glance's format inspection refuses them: data that
+/// is not a valid image of its declared format; an image that does not stand
+/// alone (a qcow2 backing file or external data file, a vmdk descriptor
+/// naming extent files or a parent, a differencing VHD): such a name would
+/// point a consumer at a file of its host; an encrypted qcow2 (there is no
+/// secret to read it with); and data declared as one format that a consumer
+/// probing it would read as another (a vmdk declared raw, a qcow2 declared
+/// iso, ...). The refusals name no path of the server.
 pub fn inspect(path: &Path, disk_format: &str, size: u64) -> Result<Option<u64>> {
-    match disk_format {
-        "qcow2" => {
-            let opts = strata_storage::OpenOptions::read().force_share(true);
-            let file = strata_storage::FileStorage::open(path, opts).map_err(|e| {
-                Error::io(
-                    "open the uploaded data",
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
-            qcow2_size(Arc::new(file), Some(path))
-        }
-        "raw" => {
-            if size >= 4 && strata_chain::probe_format(path).ok() == Some(Format::Qcow2) {
-                return Err(raw_is_qcow2());
-            }
-            Ok(Some(size))
-        }
-        _ => Ok(None),
-    }
+    let opts = strata_storage::OpenOptions::read().force_share(true);
+    let file = strata_storage::FileStorage::open(path, opts).map_err(|e| {
+        Error::io(
+            "open the uploaded data",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    inspect_bytes(Arc::new(file), Some(path), disk_format, size)
 }
 
 /// [`inspect`] for data that is not a host file (an image in a backup
@@ -48,46 +41,157 @@ pub(crate) fn inspect_device(
     disk_format: &str,
     size: u64,
 ) -> Result<Option<u64>> {
+    inspect_bytes(Arc::new(DeviceBytes(dev)), None, disk_format, size)
+}
+
+/// [`inspect`] of the data in `bytes`; `path`, the server's name for it, is
+/// taken out of the engine's messages and never given to a driver (no
+/// driver looks for companion files beside it).
+fn inspect_bytes(
+    bytes: Arc<dyn Storage>,
+    path: Option<&Path>,
+    disk_format: &str,
+    size: u64,
+) -> Result<Option<u64>> {
+    let invalid = |e: strata_format::Error| {
+        let mut msg = e.to_string();
+        if let Some(p) = path {
+            msg = msg.replace(&format!("{}: ", p.display()), "");
+            msg = msg.replace(&p.display().to_string(), "the image");
+        }
+        Error::Invalid(format!(
+            "Image data is not a valid {disk_format} image: {msg}"
+        ))
+    };
+    let read_only = false;
     match disk_format {
-        "qcow2" => qcow2_size(Arc::new(DeviceBytes(dev)), None),
-        "raw" => {
-            let mut magic = [0u8; 4];
-            if size >= 4 {
-                dev.read(&mut magic, 0)
+        "qcow2" => qcow2_size(bytes, invalid),
+        "vmdk" => {
+            let head = head(bytes.as_ref())?;
+            if !strata_format::vmdk::probe(&head) {
+                return Err(invalid(strata_format::Error::invalid("no vmdk header")));
+            }
+            if !strata_format::vmdk::is_self_contained(&head) {
+                return Err(Error::Invalid(
+                    "vmdk images whose descriptor names other files (extents) are refused: \
+                     upload a monolithicSparse or streamOptimized image"
+                        .into(),
+                ));
+            }
+            let img =
+                strata_format::vmdk::VmdkImage::open(bytes, None, read_only).map_err(invalid)?;
+            if let Some(parent) = img.parent_file_name() {
+                return Err(backing_refused("vmdk", parent.as_ref()));
+            }
+            checked(&img, invalid)
+        }
+        "vhd" => {
+            let img = strata_format::vpc::VpcImage::open(bytes, read_only).map_err(invalid)?;
+            if img.footer().disk_type() == VHD_DIFFERENCING {
+                return Err(Error::Invalid(
+                    "differencing VHD images are refused: they need their parent disk; \
+                     upload the merged disk (qemu-img convert)"
+                        .into(),
+                ));
+            }
+            Ok(Some(img.virtual_size()))
+        }
+        "vhdx" => {
+            let img =
+                strata_format::vhdx::open_for_check(bytes, None, read_only).map_err(invalid)?;
+            checked(img.as_ref(), invalid)
+        }
+        "vdi" => {
+            let img = strata_format::vdi::open(bytes, None, read_only).map_err(invalid)?;
+            checked(img.as_ref(), invalid)
+        }
+        declared => {
+            if size > 0 {
+                let found = strata_chain::probe_storage(bytes.as_ref())
                     .map_err(|e| Error::Corrupt(format!("reading the image back: {e}")))?;
-                if strata_format::qcow2::probe(&magic) {
-                    return Err(raw_is_qcow2());
+                if found != Format::Raw && glance_name(found) != Some(declared) {
+                    return Err(declared_as_other(declared, found));
                 }
             }
-            Ok(Some(size))
+            Ok((declared == "raw").then_some(size))
         }
-        _ => Ok(None),
     }
+}
+
+/// A VHD footer's disk type of a differencing disk (its blocks fall through
+/// to a parent it names).
+const VHD_DIFFERENCING: u32 = 4;
+
+/// The first bytes of the data, as the format probes read them.
+fn head(bytes: &dyn Storage) -> Result<Vec<u8>> {
+    let mut head = vec![0u8; 2048];
+    bytes
+        .read_at(&mut head, 0)
+        .map_err(|e| Error::Corrupt(format!("reading the image back: {e}")))?;
+    Ok(head)
+}
+
+/// The virtual size of `img` once its driver's own check finds nothing wrong
+/// with its tables (a block mapped twice or past the end of the data).
+fn checked(
+    img: &dyn BlockDevice,
+    invalid: impl Fn(strata_format::Error) -> Error,
+) -> Result<Option<u64>> {
+    let report = strata_format::foreign_check::check(img).map_err(&invalid)?;
+    if report.corruptions > 0 || report.failure.is_some() {
+        let first = report.messages.first().cloned().unwrap_or_default();
+        return Err(invalid(strata_format::Error::invalid(format!(
+            "its tables are damaged ({} corruptions{}{first})",
+            report.corruptions,
+            if first.is_empty() { "" } else { "; first: " }
+        ))));
+    }
+    Ok(Some(img.virtual_size()))
+}
+
+/// The name Glance gives `format` as a disk format, if it has one.
+fn glance_name(format: Format) -> Option<&'static str> {
+    match format {
+        Format::Raw => Some("raw"),
+        Format::Qcow2 => Some("qcow2"),
+        Format::Vpc => Some("vhd"),
+        Format::Vhdx => Some("vhdx"),
+        Format::Vdi => Some("vdi"),
+        Format::Vmdk => Some("vmdk"),
+        Format::Luks => None,
+    }
+}
+
+fn declared_as_other(declared: &str, found: Format) -> Error {
+    Error::Invalid(match glance_name(found) {
+        Some(name) => {
+            format!("Image data declared {declared} is a {name} image: set disk_format to {name}")
+        }
+        None => format!(
+            "Image data declared {declared} is a {} image, which is not a disk format images can have",
+            found.name()
+        ),
+    })
 }
 
 /// The virtual size of the qcow2 image in `bytes`, once it is checked to be
 /// valid in full and to stand alone (no backing file, no external data file,
-/// no encryption). The engine's errors name the file they read: `path` (the
-/// server's own) is taken out of them.
-fn qcow2_size(bytes: Arc<dyn Storage>, path: Option<&Path>) -> Result<Option<u64>> {
-    let not_qcow2 = |e: strata_format::Error| {
-        let mut msg = e.to_string();
-        if let Some(p) = path {
-            msg = msg.replace(&format!("{}: ", p.display()), "");
-        }
-        not_qcow2(msg)
-    };
+/// no encryption).
+fn qcow2_size(
+    bytes: Arc<dyn Storage>,
+    invalid: impl Fn(strata_format::Error) -> Error,
+) -> Result<Option<u64>> {
     let open = |metadata_only| {
         let opts = Qcow2OpenOptions {
             read_only: true,
             metadata_only,
             ..Default::default()
         };
-        Qcow2Image::open(bytes.clone(), opts).map_err(not_qcow2)
+        Qcow2Image::open(bytes.clone(), opts).map_err(&invalid)
     };
     let meta = open(true)?;
     if let Some(b) = &meta.header().backing_file {
-        return Err(backing_refused(b));
+        return Err(backing_refused("qcow2", b));
     }
     if meta.has_data_file() || meta.encryption().is_some() {
         return Err(Error::Invalid(
@@ -98,19 +202,11 @@ fn qcow2_size(bytes: Arc<dyn Storage>, path: Option<&Path>) -> Result<Option<u64
     Ok(Some(open(false)?.virtual_size()))
 }
 
-fn not_qcow2(e: impl std::fmt::Display) -> Error {
-    Error::Invalid(format!("Image data is not a valid qcow2 image: {e}"))
-}
-
-fn backing_refused(name: &OsStr) -> Error {
+fn backing_refused(format: &str, name: &OsStr) -> Error {
     Error::Invalid(format!(
-        "qcow2 images with a backing file are refused (it names '{}')",
+        "{format} images with a backing file are refused (it names '{}')",
         name.to_string_lossy()
     ))
-}
-
-fn raw_is_qcow2() -> Error {
-    Error::Invalid("Image data declared raw is a qcow2 image: set disk_format to qcow2".into())
 }
 
 /// A device's guest bytes as read-only storage, for the format drivers.

@@ -32,6 +32,25 @@ pub fn probe(head: &[u8]) -> bool {
     probe_descriptor(head)
 }
 
+/// Whether the vmdk file whose first bytes are `head` holds the whole disk
+/// itself: a sparse extent (a `KDMV` or `COWD` header) with its own grains.
+/// A text descriptor, or a sparse header that only carries a descriptor
+/// (capacity 0), names extent files that [`open`] would read, by absolute
+/// names too; such a file is not self-contained. A sparse file can still
+/// name a parent ([`VmdkImage::parent_file_name`]).
+pub fn is_self_contained(head: &[u8]) -> bool {
+    let m = header::magic(head);
+    if m == header::COWD_MAGIC {
+        return true;
+    }
+    if m != header::KDMV_MAGIC || head.len() < 4 {
+        return false;
+    }
+    // A header that does not parse is refused by the open itself.
+    header::SparseHeader::parse(&head[4..])
+        .map_or(true, |h| !(h.capacity == 0 && h.desc_offset != 0))
+}
+
 /// QEMU's test for a text descriptor: comment lines and blank lines (of
 /// spaces) may come first; then the text must start with `version=1`, `2`
 /// or `3` and a line end.
