@@ -158,7 +158,8 @@ fn glance_name(format: Format) -> Option<&'static str> {
         Format::Vhdx => Some("vhdx"),
         Format::Vdi => Some("vdi"),
         Format::Vmdk => Some("vmdk"),
-        Format::Luks => None,
+        // Glance's "ploop" is not a format the registry takes in.
+        Format::Luks | Format::Parallels => None,
     }
 }
 
