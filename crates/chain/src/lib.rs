@@ -537,13 +537,14 @@ fn probe_foreign(s: &dyn Storage) -> Result<Option<Format>> {
     let mut head = vec![0u8; PROBE_LEN as usize];
     s.read_at(&mut head[..len as usize], 0)
         .map_err(Error::Probe)?;
-    use strata_format::{qed, vdi, vhdx, vmdk, vpc};
+    use strata_format::{parallels, qed, vdi, vhdx, vmdk, vpc};
     Ok([
         (Format::Vmdk, vmdk::probe as fn(&[u8]) -> bool),
         (Format::Vdi, vdi::probe),
         (Format::Vpc, vpc::probe),
         (Format::Vhdx, vhdx::probe),
         (Format::Qed, qed::probe),
+        (Format::Parallels, parallels::probe),
     ]
     .into_iter()
     .find(|(_, probe)| probe(&head))
@@ -742,9 +743,12 @@ pub fn open_storage_with(
     Ok(match format {
         Format::Raw => Arc::new(RawImage::open(storage)?),
         Format::Luks => Arc::new(LuksImage::open(storage, unlock, metadata_only)?),
-        Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed => {
-            open_foreign(storage, format, write)?
-        }
+        Format::Vpc
+        | Format::Vdi
+        | Format::Vhdx
+        | Format::Vmdk
+        | Format::Qed
+        | Format::Parallels => open_foreign(storage, format, write)?,
         Format::Qcow2 => Arc::new(Qcow2Image::open(
             storage,
             Qcow2OpenOptions {
@@ -765,7 +769,7 @@ fn open_foreign(
     format: Format,
     write: bool,
 ) -> Result<Arc<dyn BlockDevice>> {
-    use strata_format::{qed, vdi, vhdx, vmdk, vpc};
+    use strata_format::{parallels, qed, vdi, vhdx, vmdk, vpc};
     let path = storage.path().map(Path::to_path_buf);
     let path = path.as_deref();
     Ok(match format {
@@ -773,6 +777,7 @@ fn open_foreign(
         Format::Vdi => vdi::open(storage, path, write)?,
         Format::Vhdx => vhdx::open(storage, path, write)?,
         Format::Qed => qed::open(storage, path, write)?,
+        Format::Parallels => parallels::open(storage, path, write)?,
         _ => vmdk::open(storage, path, write)?,
     })
 }

@@ -2,7 +2,7 @@
 //!
 //! Drivers: [`qcow2`] (versions 2 and 3, byte-compatible with QEMU), [`raw`],
 //! [`luks`], and the formats of other tools as QEMU reads and writes them:
-//! [`vpc`], [`vdi`], [`vhdx`], [`vmdk`], [`qed`].
+//! [`vpc`], [`vdi`], [`vhdx`], [`vmdk`], [`qed`], [`parallels`].
 //! Both offer the guest view through [`BlockDevice`].
 
 #![deny(clippy::cast_possible_truncation)]
@@ -15,6 +15,7 @@ pub mod foreign_check;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod luks;
+pub mod parallels;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
@@ -47,6 +48,8 @@ pub enum Format {
     Vmdk,
     /// QEMU Enhanced Disk (QEMU's `qed` driver).
     Qed,
+    /// Parallels Desktop's and Virtuozzo's disks.
+    Parallels,
 }
 
 impl Format {
@@ -60,18 +63,25 @@ impl Format {
             Format::Vhdx => "vhdx",
             Format::Vmdk => "vmdk",
             Format::Qed => "qed",
+            Format::Parallels => "parallels",
         }
     }
 
     /// The formats other than qcow2, raw and luks that QEMU reads and writes
     /// through its own drivers (their modules: [`vpc`], [`vdi`], [`vhdx`],
-    /// [`vmdk`], [`qed`]): no internal snapshots, bitmaps, amendment,
-    /// measurement or emptying after a commit. Of them only qed resizes
-    /// ([`Format::resizes`]) and has a backing file whose link can change.
+    /// [`vmdk`], [`qed`], [`parallels`]): no internal snapshots, bitmaps,
+    /// amendment, measurement or emptying after a commit. Of them only qed
+    /// resizes ([`Format::resizes`]) and has a backing file whose link can
+    /// change.
     pub fn is_foreign(self) -> bool {
         matches!(
             self,
-            Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed
+            Format::Vpc
+                | Format::Vdi
+                | Format::Vhdx
+                | Format::Vmdk
+                | Format::Qed
+                | Format::Parallels
         )
     }
 
@@ -100,6 +110,7 @@ impl std::str::FromStr for Format {
             "vhdx" => Ok(Format::Vhdx),
             "vmdk" => Ok(Format::Vmdk),
             "qed" => Ok(Format::Qed),
+            "parallels" => Ok(Format::Parallels),
             other => Err(Error::invalid_argument(format!(
                 "Unknown file format '{other}'"
             ))),

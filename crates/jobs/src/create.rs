@@ -469,7 +469,12 @@ pub fn prepare(req: &CreateRequest) -> Result<Prepared> {
                 extent_size_hint,
             })
         }
-        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed) => {
+        f @ (Format::Vpc
+        | Format::Vdi
+        | Format::Vhdx
+        | Format::Vmdk
+        | Format::Qed
+        | Format::Parallels) => {
             crate::create_foreign::check(f, opts).map_err(|m| invalid(p, m))?;
             let mut inputs = Inputs::default();
             if let (Format::Qed, Some(b)) = (f, opts.get("backing_file")) {
@@ -677,13 +682,15 @@ impl Prepared {
         {
             return Err(invalid(p, "Extent size hint is too large"));
         }
-        // QEMU's vdi driver refuses a size, its vpc driver its options or a
-        // size, and the file layer a preallocation mode, only once the file
+        // QEMU's vdi and parallels drivers refuse a size, its vpc driver its
+        // options or a size, and the file layer a preallocation mode, only once the file
         // layer has made the file, which stays (empty) behind.
         let keep_on_failure = match &self.kind {
             Kind::Foreign(f, opts) => {
-                matches!(f, Format::Vdi | Format::Vpc | Format::Qed)
-                    || opts.get("preallocation").is_some_and(|v| v == "metadata")
+                matches!(
+                    f,
+                    Format::Vdi | Format::Vpc | Format::Qed | Format::Parallels
+                ) || opts.get("preallocation").is_some_and(|v| v == "metadata")
             }
             _ => false,
         };

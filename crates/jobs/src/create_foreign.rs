@@ -9,7 +9,7 @@
 
 use crate::create::{option_size_error, parse_bool, parse_size};
 use std::collections::BTreeMap;
-use strata_format::{qed, vdi, vhdx, vmdk, vpc, Format};
+use strata_format::{parallels, qed, vdi, vhdx, vmdk, vpc, Format};
 
 /// How a `-o` value is typed.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,10 @@ const QED: &[Key] = &[
     ("cluster_size", Ty::Size, Some("65536")),
     ("table_size", Ty::Size, None),
 ];
+const PARALLELS: &[Key] = &[
+    ("size", Ty::Size, None),
+    ("cluster_size", Ty::Size, Some("1048576")),
+];
 /// The file protocol's options, after the format's.
 const FILE: &[Key] = &[
     ("nocow", Ty::Bool, None),
@@ -67,6 +71,7 @@ fn keys(format: Format) -> &'static [Key] {
         Format::Vdi => VDI,
         Format::Vhdx => VHDX,
         Format::Qed => QED,
+        Format::Parallels => PARALLELS,
         _ => VMDK,
     }
 }
@@ -138,6 +143,7 @@ pub enum Options {
     Vhdx(vhdx::CreateOptions),
     Vmdk(vmdk::CreateOptions),
     Qed(qed::CreateOptions),
+    Parallels(parallels::CreateOptions),
 }
 
 /// The typed options of `opts` (checked by [`check`]), refusing the values
@@ -169,6 +175,13 @@ pub fn options(format: Format, opts: &BTreeMap<String, String>) -> Result<Option
                 backing_fmt: opts.get("backing_fmt").cloned(),
             })
         }
+        Format::Parallels => Options::Parallels(parallels::CreateOptions {
+            cluster_size: size_of(
+                opts,
+                "cluster_size",
+                parallels::CreateOptions::default().cluster_size,
+            ),
+        }),
         _ => {
             // QEMU's vmdk takes only a vmdk parent, and says so first.
             if opts.get("backing_fmt").is_some_and(|f| f != "vmdk") {
@@ -205,5 +218,6 @@ pub fn create(
         Options::Vhdx(o) => vhdx::create(storage, path, size, o),
         Options::Vmdk(o) => vmdk::create(storage, path, size, o),
         Options::Qed(o) => qed::create(storage, path, size, o),
+        Options::Parallels(o) => parallels::create(storage, path, size, o),
     }
 }

@@ -1,6 +1,6 @@
 //! What qemu-img says when `create -F DRIVER -b FILE` (or `-f DRIVER` for
 //! the image a command opens) names a format strata does not read (dmg,
-//! parallels, ...) and the file is not in that format: each QEMU driver
+//! bochs, ...) and the file is not in that format: each QEMU driver
 //! refuses the file in its own words when it opens it, and qemu-img reports
 //! that refusal.
 //!
@@ -15,7 +15,7 @@ use std::path::Path;
 /// The QEMU format drivers modelled below that read their image through a
 /// file child: each opens the file first (a missing file is refused as the
 /// file protocol refuses it), then checks its header.
-pub const FILE_FORMATS: &[&str] = &["dmg", "parallels", "bochs", "cloop", "qcow"];
+pub const FILE_FORMATS: &[&str] = &["dmg", "bochs", "cloop", "qcow"];
 
 /// More bytes than any check below reads from the file's start (the
 /// header fields end within its first 512 bytes).
@@ -67,11 +67,6 @@ pub fn refusal(driver: &str, path: &Path) -> Option<String> {
             let window = tail(sectors_len.min(515))?;
             let found = window.windows(4).any(|w| w == b"koly");
             (!found).then(|| "Could not locate UDIF trailer in dmg file".into())
-        }
-        "parallels" => {
-            let magic = at(0, 16);
-            let known = magic == b"WithoutFreeSpace" || magic == b"WithouFreSpacExt";
-            (le32(16) != 2 || !known).then(|| "Image not in Parallels format".into())
         }
         "bochs" => {
             // Each field holds its text and a terminating NUL.

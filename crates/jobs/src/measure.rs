@@ -83,12 +83,15 @@ pub fn measure(source: Source<'_>, target: &Target, cancel: &Cancel) -> Result<M
                 bitmaps: None,
             })
         }
-        f @ (Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed) => {
-            Err(Error::Invalid(format!(
-                "Block driver '{}' does not support size measurement",
-                f.name()
-            )))
-        }
+        f @ (Format::Vpc
+        | Format::Vdi
+        | Format::Vhdx
+        | Format::Vmdk
+        | Format::Qed
+        | Format::Parallels) => Err(Error::Invalid(format!(
+            "Block driver '{}' does not support size measurement",
+            f.name()
+        ))),
         // The header and key material, then the disk: nothing is sparse.
         Format::Luks => {
             let disk = match source {

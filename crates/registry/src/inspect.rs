@@ -158,6 +158,7 @@ fn glance_name(format: Format) -> Option<&'static str> {
         Format::Vhdx => Some("vhdx"),
         Format::Vdi => Some("vdi"),
         Format::Vmdk => Some("vmdk"),
+        Format::Parallels => Some("ploop"),
         Format::Luks | Format::Qed => None,
     }
 }

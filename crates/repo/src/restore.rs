@@ -100,7 +100,8 @@ impl Target {
             | Format::Vdi
             | Format::Vhdx
             | Format::Vmdk
-            | Format::Qed => {
+            | Format::Qed
+            | Format::Parallels => {
                 strata_jobs::create::prepare(&strata_jobs::create::CreateRequest {
                     path: path.to_path_buf(),
                     format,

@@ -87,6 +87,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Format::Vhdx | Format::Qed => true,
         _ => false,
     };
+    if format == Format::Parallels {
+        return check_parallels(&spec, filtered, repair, &args, ctx);
+    }
     if own_check {
         let dev = if format == Format::Qed {
             // Opened as QEMU opens an image to check it: a flagged image is
@@ -202,6 +205,48 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Format::Qcow2,
         ctx,
         close,
+    )
+}
+
+/// `check` of a parallels image: opened as QEMU's check opens it (not
+/// repaired at open; for writing when repairing), checked and repaired by
+/// its driver, then closed (which clears the in-use mark and cuts the file
+/// to its last cluster, as QEMU's close does).
+fn check_parallels(
+    spec: &strata_chain::OpenSpec,
+    filtered: Option<Arc<dyn Storage>>,
+    repair: Repair,
+    args: &Args,
+    ctx: &Ctx,
+) -> Result<i32> {
+    let writing = repair != Repair::None;
+    let opened_err = |e| super::common::open_error(&spec.path, &spec.shown_name(), &e);
+    let storage = match filtered {
+        Some(s) => s,
+        None => strata_chain::top_storage_as(spec, writing, Some(Format::Parallels))
+            .map_err(opened_err)?,
+    };
+    let path = storage.path().map(std::path::Path::to_path_buf);
+    let dev = strata_format::parallels::open_for_check(storage, path.as_deref(), writing)
+        .map_err(|e| opened_err(e.into()))?;
+    let fix = strata_format::parallels::Fix {
+        errors: repair == Repair::All,
+        leaks: repair != Repair::None,
+    };
+    let report = match strata_format::parallels::check_report(dev.as_ref(), fix) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: Check failed: {e}", ctx.prog);
+            return Ok(1);
+        }
+    };
+    finish(
+        &report,
+        args,
+        &spec.shown_name(),
+        Format::Parallels,
+        ctx,
+        || Ok(dev.close()?),
     )
 }
 

@@ -333,7 +333,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     if !args.no_create
         && matches!(
             out_format,
-            Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx
+            Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Parallels
         )
     {
         let name = out_format.name();

@@ -89,7 +89,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     }
     let no_backing = matches!(
         format,
-        Format::Luks | Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx
+        Format::Luks | Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Parallels
     );
     if no_backing && (args.backing.is_some() || args.backing_format.is_some()) {
         // qemu-img reads the -o list (naming the first unknown option) before

@@ -899,7 +899,8 @@ fn format_spec(
         Some(Format::Raw) => &RAW_OPTIONS,
         Some(Format::Luks) => &LUKS_OPTIONS,
         Some(Format::Vpc) => &VPC_OPTIONS,
-        Some(Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed) | None => &[],
+        Some(Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed | Format::Parallels)
+        | None => &[],
     };
     let name = checked.map_or("raw", Format::name);
     // `"backing": null` (no backing file) is a generic option: every format
@@ -1066,7 +1067,7 @@ fn backing_nodes(
                 Format::Raw => &RAW_OPTIONS,
                 Format::Luks => &LUKS_OPTIONS,
                 Format::Vpc => &VPC_OPTIONS,
-                Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed => &[],
+                Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed | Format::Parallels => &[],
             };
             let next = format!("{prefix}backing.");
             if let Some(k) = keys
@@ -1297,7 +1298,13 @@ fn encryption_secret_key(format: Option<Format>, path: &Path) -> Option<&'static
     use std::io::Read;
     match format? {
         Format::Luks => Some("key-secret"),
-        Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed => None,
+        Format::Raw
+        | Format::Vpc
+        | Format::Vdi
+        | Format::Vhdx
+        | Format::Vmdk
+        | Format::Qed
+        | Format::Parallels => None,
         Format::Qcow2 => {
             // QCOW2 header: magic at 0, crypt_method (big-endian u32) at 32.
             let mut header = [0u8; 36];
@@ -1326,9 +1333,13 @@ pub fn json_name(spec: &OpenSpec, format: Format) -> Option<String> {
     let strong_options: &[&str] = match format {
         Format::Qcow2 => &QCOW2_STRONG_OPTIONS,
         Format::Luks => &LUKS_STRONG_OPTIONS,
-        Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed => {
-            return None
-        }
+        Format::Raw
+        | Format::Vpc
+        | Format::Vdi
+        | Format::Vhdx
+        | Format::Vmdk
+        | Format::Qed
+        | Format::Parallels => return None,
     };
     if spec.storage.is_some() || spec.blkdebug.is_some() || spec.protocol_driver.is_some() {
         return None;
@@ -1372,9 +1383,13 @@ pub fn json_name_with_backing(
         match f {
             Format::Qcow2 => &QCOW2_STRONG_OPTIONS,
             Format::Luks => &LUKS_STRONG_OPTIONS,
-            Format::Raw | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed => {
-                &[]
-            }
+            Format::Raw
+            | Format::Vpc
+            | Format::Vdi
+            | Format::Vhdx
+            | Format::Vmdk
+            | Format::Qed
+            | Format::Parallels => &[],
         }
     };
     let mut node = serde_json::Map::new();

@@ -125,6 +125,17 @@ pub fn run(args: Args, _ctx: &Ctx) -> Result<i32> {
                     n.shift_remove("dirty-flag");
                 }
             }
+            // QEMU's parallels driver has no driver information, where the
+            // dirty flag comes from.
+            let nodes: Vec<&mut serde_json::Value> = match &mut v {
+                serde_json::Value::Array(a) => a.iter_mut().collect(),
+                one => vec![one],
+            };
+            for n in nodes.into_iter().filter_map(|n| n.as_object_mut()) {
+                if n.get("format").and_then(|f| f.as_str()) == Some("parallels") {
+                    n.shift_remove("dirty-flag");
+                }
+            }
             println!("{}", qjson::to_string(&v));
         }
         OutputFormat::Human => {

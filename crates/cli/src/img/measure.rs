@@ -209,6 +209,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             let q = top.as_any().downcast_ref::<Qcow2Image>();
             let bitmaps = match q {
                 Some(q) if q.header().version >= 3 => Some(q.bitmaps()?),
+                // QEMU's parallels driver supports persistent bitmaps (it
+                // reads those of the format extension, which strata does
+                // not copy): none to measure.
+                None if chain.layers[0].format == strata_format::Format::Parallels => {
+                    Some(Vec::new())
+                }
                 _ => None,
             };
             measure(

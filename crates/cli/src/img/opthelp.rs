@@ -324,6 +324,16 @@ const QED: &[Opt] = &[
     ),
 ];
 
+/// The parallels format's create options.
+const PARALLELS: &[Opt] = &[
+    (
+        "cluster_size",
+        Ty::Size,
+        "Allocation unit, rounded up to whole 512-byte sectors (default 1 MiB)",
+    ),
+    SIZE,
+];
+
 /// The vhdx (Hyper-V) format's create options.
 const VHDX: &[Opt] = &[
     (
@@ -447,6 +457,7 @@ fn format_options(fmt: &str) -> Result<&'static [Opt]> {
         "vhdx" => VHDX,
         "vmdk" => VMDK,
         "qed" => QED,
+        "parallels" => PARALLELS,
         "file" => FILE,
         other => bail!("Unknown file format '{other}'"),
     })
@@ -524,7 +535,7 @@ fn amend_options(fmt: &str) -> Result<&'static [Opt]> {
         "qcow2" => QCOW2_AMEND,
         "luks" => LUKS_AMEND,
         "raw" | "file" | "host_device" | "host_cdrom" | "nbd" | "blkdebug" | "blkverify"
-        | "null-co" | "null-aio" | "vpc" | "vdi" | "vhdx" | "vmdk" | "qed" => {
+        | "null-co" | "null-aio" | "vpc" | "vdi" | "vhdx" | "vmdk" | "qed" | "parallels" => {
             bail!("Format driver '{fmt}' does not support option amendment")
         }
         other => bail!("Unknown file format '{other}'"),

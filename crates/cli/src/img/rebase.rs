@@ -138,6 +138,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if image.overlay().is_none() && spec.storage.is_some() {
         bail!("could not get block driver info");
     }
+    // QEMU's parallels driver has none either.
+    if chain.layers[0].format == Format::Parallels {
+        drop(chain);
+        image.close()?;
+        bail!("could not get block driver info");
+    }
     // In safe mode qemu-img opens the new backing file before anything else: a
     // missing one is refused first.
     let missing_new_backing = |n: &str| -> Result<()> {
