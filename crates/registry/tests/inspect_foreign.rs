@@ -203,6 +203,18 @@ fn data_of_another_format_or_damaged_tables_are_refused() {
     fx.refused("ami", &fx.read("x.vhdx"), "is a vhdx image");
     fx.refused("iso", &fx.read("v.vdi"), "is a vdi image");
     fx.refused("vdi", &fx.read("x.vhdx"), "not a valid vdi image");
+    // Parallels (Virtuozzo's ploop) data is Glance's ploop, not raw.
+    qemu_img(d, &["create", "-q", "-f", "parallels", "p.hds", "4M"]);
+    fx.refused(
+        "raw",
+        &fx.read("p.hds"),
+        "is a ploop image: set disk_format to ploop",
+    );
+    let (_, as_ploop) = fx.upload("ploop", &fx.read("p.hds"));
+    assert_eq!(
+        as_ploop.expect("ploop data as ploop").status,
+        Status::Active
+    );
 
     // A vdi whose block map names one data block twice: qemu-img check
     // reports it, the upload is refused.

@@ -1615,7 +1615,7 @@ mod tests {
             "driver=raw,file.filename=/x/a,offset=4096",
             "driver=raw,file.filename=/x/a,size=1M",
             "driver=qcow2,file.filename=/x/a,backing.driver=raw,backing.offset=1",
-            "driver=qcow2,file.filename=/x/a,backing.driver=qed",
+            "driver=qcow2,file.filename=/x/a,backing.driver=dmg",
             "driver=qcow2,file.filename=/x/a,backing.file.driver=nbd",
         ] {
             let e = spec(name, true).unwrap_err().to_string();
