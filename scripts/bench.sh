@@ -136,6 +136,8 @@ bench "convert qcow2->vhdx"     "<=0.8" convert -O vhdx "$src_q" "$WORK/out.vhdx
 bench "convert qcow2->vdi"      "<=0.8" convert -O vdi "$src_q" "$WORK/out.vdi"
 bench "convert vmdk->qcow2"     "<=0.8" convert -O qcow2 "$src_vmdk" "$WORK/out.qcow2"
 bench "convert vhdx->raw"       "<=0.8" convert -O raw "$src_vhdx" "$WORK/out.raw"
+bench "convert qcow2->qed"      "<=0.8" convert -O qed "$src_q" "$WORK/out.qed"
+bench "convert qcow2->parallels" "<=0.8" convert -O parallels "$src_q" "$WORK/out.hds"
 bench "map --output=json"       "<=0.5" map --output=json "$src_q"
 bench "check"                   "<=0.5" check "$src_q"
 bench "info"                    "-"     info "$src_q"
