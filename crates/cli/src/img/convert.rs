@@ -523,6 +523,15 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         if let Some(v) = t.as_any().downcast_ref::<strata_format::vhdx::VhdxImage>() {
             v.set_write_barriers(false)?;
         }
+        if let Some(v) = t.as_any().downcast_ref::<strata_format::qed::QedImage>() {
+            v.set_write_barriers(false)?;
+        }
+        if let Some(v) = t
+            .as_any()
+            .downcast_ref::<strata_format::parallels::ParallelsImage>()
+        {
+            v.set_write_barriers(false)?;
+        }
         t
     };
 

@@ -96,6 +96,9 @@ pub struct ParallelsImage {
     /// Messages of the repair made at open (QEMU prints them on stderr).
     open_messages: Vec<String>,
     pub(super) state: RwLock<State>,
+    /// Flush at close, around clearing `inuse` (the default); see
+    /// [`ParallelsImage::set_write_barriers`].
+    barriers: std::sync::atomic::AtomicBool,
 }
 
 /// The entry of the BAT (`head` holds header and BAT) at `i`, 0 past what is held.
@@ -158,6 +161,7 @@ impl ParallelsImage {
             writable: write,
             prealloc_sectors,
             open_messages: Vec::new(),
+            barriers: std::sync::atomic::AtomicBool::new(true),
             state: RwLock::new(State {
                 head,
                 header_size,
@@ -505,6 +509,21 @@ impl ParallelsImage {
         self.write_bat(&mut st)
     }
 
+    /// Whether closing flushes before and after it clears `inuse` (the
+    /// default). A new convert target that nothing uses until the copy
+    /// completes can do without, as qemu-img's target cache mode makes those
+    /// flushes no-ops: the same bytes are written in the same order, and only
+    /// [`BlockDevice::flush`] makes them durable. Turning barriers back on
+    /// flushes first.
+    pub fn set_write_barriers(&self, on: bool) -> Result<()> {
+        if on && self.writable {
+            self.storage.flush()?;
+        }
+        self.barriers
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Clear `inuse`, write the header and cut the file to the end of the
     /// last cluster, as QEMU closes an image it opened for writing. The image
     /// stays usable (a later write marks it in use again).
@@ -513,14 +532,19 @@ impl ParallelsImage {
         if !self.writable || !st.inuse_on_disk {
             return Ok(());
         }
+        let barriers = self.barriers.load(std::sync::atomic::Ordering::Relaxed);
         self.write_bat(&mut st)?;
         put32(&mut st.head, OFF_INUSE, 0);
         self.write_header(&st)?;
-        self.storage.flush()?;
+        if barriers {
+            self.storage.flush()?;
+        }
         st.inuse_on_disk = false;
         let end = st.data_end * SECTOR;
         self.storage.set_size(end)?;
-        self.storage.flush()?;
+        if barriers {
+            self.storage.flush()?;
+        }
         let cs = self.header.cluster_size();
         let room = end.saturating_sub(st.data_start * SECTOR).div_ceil(cs);
         if st.used.len() > room {

@@ -62,6 +62,9 @@ pub struct QedImage {
     writable: bool,
     state: Mutex<State>,
     backing: RwLock<Option<Arc<dyn BlockDevice>>>,
+    /// Flush after a copy from the backing file and at close (the default);
+    /// see [`QedImage::set_write_barriers`].
+    barriers: std::sync::atomic::AtomicBool,
 }
 
 fn le64_at(b: &[u8], i: usize) -> u64 {
@@ -195,6 +198,26 @@ fn read_backing(backing: Option<&dyn BlockDevice>, buf: &mut [u8], pos: u64) -> 
 }
 
 impl QedImage {
+    /// Whether the image flushes after copying backing data into a new
+    /// cluster and at close, before and after clearing the need-check flag
+    /// (the default). A new convert target that nothing uses until the copy
+    /// completes can do without, as qemu-img's target cache mode makes those
+    /// flushes no-ops: the same bytes are written in the same order, and only
+    /// [`BlockDevice::flush`] makes them durable. Turning barriers back on
+    /// flushes first.
+    pub fn set_write_barriers(&self, on: bool) -> Result<()> {
+        if on && self.writable {
+            self.storage.flush().map_err(|e| self.err(e))?;
+        }
+        self.barriers
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn barriers(&self) -> bool {
+        self.barriers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Open the image on `storage`, its header checked as QEMU checks it.
     /// `write`: writes allowed. `auto_check`: a writable image flagged as
     /// needing a check is checked and repaired first, as QEMU's open does
@@ -234,6 +257,7 @@ impl QedImage {
             storage,
             path,
             writable: write,
+            barriers: std::sync::atomic::AtomicBool::new(true),
             state: Mutex::new(State {
                 header,
                 backing_name,
@@ -371,7 +395,7 @@ impl QedImage {
                 self.storage.write_at(&tail, cluster + in_cluster + n)?;
             }
             self.storage.write_at(data, cluster + in_cluster)?;
-            if backing.is_some() {
+            if backing.is_some() && self.barriers() {
                 self.storage.flush()?;
             }
         }
@@ -506,12 +530,17 @@ impl BlockDevice for QedImage {
         if self.read_only() {
             return Ok(());
         }
-        self.storage.flush().map_err(|e| self.err(e))?;
+        let barriers = self.barriers();
+        if barriers {
+            self.storage.flush().map_err(|e| self.err(e))?;
+        }
         let mut st = self.lock();
         if st.header.needs_check() {
             st.header.features &= !F_NEED_CHECK;
             self.write_header(&st.header).map_err(|e| self.err(e))?;
-            self.storage.flush().map_err(|e| self.err(e))?;
+            if barriers {
+                self.storage.flush().map_err(|e| self.err(e))?;
+            }
         }
         Ok(())
     }
