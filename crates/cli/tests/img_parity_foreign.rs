@@ -7,17 +7,8 @@
 mod common;
 
 mod vdi {
-    use crate::common::{assert_all_same, io, ok, same, same_in_dir_copies};
+    use crate::common::{assert_all_same, io, ok, put, same, same_in_dir_copies};
     use std::path::Path;
-
-    fn put(dir: &Path, file: &str, at: u64, bytes: &[u8]) {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join(file))
-            .unwrap();
-        f.write_all_at(bytes, at).unwrap();
-    }
 
     /// qemu-img's images: `q.vdi` dynamic (10 MiB, data in three blocks,
     /// a zero write, blocks never written), `s.vdi` static, `q.raw` the same

@@ -7,17 +7,8 @@
 
 mod common;
 
-use common::{assert_all_same, io, ok, same_in_dir_copies};
+use common::{assert_all_same, io, ok, put, same_in_dir_copies};
 use std::path::Path;
-
-fn put(dir: &Path, file: &str, at: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join(file))
-        .unwrap();
-    f.write_all_at(bytes, at).unwrap();
-}
 
 /// qemu-img's images: `q.hds` (10 MiB, data in clusters written out of
 /// order, clusters never written), `c.hds` (64 KiB clusters), `q.raw` with

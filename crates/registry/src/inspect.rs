@@ -63,7 +63,8 @@ fn inspect_bytes(
             "Image data is not a valid {disk_format} image: {msg}"
         ))
     };
-    let read_only = false;
+    // Every driver opens the data read-only (its `write` argument false).
+    let write = false;
     match disk_format {
         "qcow2" => qcow2_size(bytes, invalid),
         "vmdk" => {
@@ -78,15 +79,14 @@ fn inspect_bytes(
                         .into(),
                 ));
             }
-            let img =
-                strata_format::vmdk::VmdkImage::open(bytes, None, read_only).map_err(invalid)?;
+            let img = strata_format::vmdk::VmdkImage::open(bytes, None, write).map_err(invalid)?;
             if let Some(parent) = img.parent_file_name() {
                 return Err(backing_refused("vmdk", parent.as_ref()));
             }
             checked(&img, invalid)
         }
         "vhd" => {
-            let img = strata_format::vpc::VpcImage::open(bytes, read_only).map_err(invalid)?;
+            let img = strata_format::vpc::VpcImage::open(bytes, write).map_err(invalid)?;
             if img.footer().disk_type() == VHD_DIFFERENCING {
                 return Err(Error::Invalid(
                     "differencing VHD images are refused: they need their parent disk; \
@@ -97,12 +97,11 @@ fn inspect_bytes(
             Ok(Some(img.virtual_size()))
         }
         "vhdx" => {
-            let img =
-                strata_format::vhdx::open_for_check(bytes, None, read_only).map_err(invalid)?;
+            let img = strata_format::vhdx::open_for_check(bytes, None, write).map_err(invalid)?;
             checked(img.as_ref(), invalid)
         }
         "vdi" => {
-            let img = strata_format::vdi::open(bytes, None, read_only).map_err(invalid)?;
+            let img = strata_format::vdi::open(bytes, None, write).map_err(invalid)?;
             checked(img.as_ref(), invalid)
         }
         declared => {

@@ -585,3 +585,13 @@ impl Untouched {
         }
     }
 }
+
+/// Write `bytes` at offset `at` of `dir/file` in place (a planted fault).
+pub fn put(dir: &Path, file: &str, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(file))
+        .unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
