@@ -83,11 +83,12 @@ fn cannot_grow_words(e: &strata_format::Error, mode: Preallocation) -> Option<St
     }
 }
 
-/// Parse an on/off value as QEMU does.
+/// Parse an on/off value as QEMU does (its spellings `on`, `yes`, `true`, `y`
+/// and `off`, `no`, `false`, `n`).
 pub fn parse_bool(key: &str, v: &str) -> std::result::Result<bool, String> {
     match v {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
         _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
     }
 }

@@ -98,7 +98,7 @@ pub(crate) fn encrypted(opts: &BTreeMap<String, String>) -> bool {
 fn encrypt_format(opts: &BTreeMap<String, String>) -> Result<Option<&'static str>, String> {
     let legacy = opts
         .get("encryption")
-        .is_some_and(|v| matches!(v.as_str(), "on" | "yes" | "true"));
+        .is_some_and(|v| crate::create::parse_bool("encryption", v) == Ok(true));
     let format = match opts.get("encrypt.format").map(String::as_str) {
         None if legacy => "aes",
         None if opts.keys().any(|k| k.starts_with("encrypt.")) => {

@@ -73,9 +73,12 @@ fn is_server(props: &BTreeMap<String, String>) -> Result<bool> {
 
 fn verify(props: &BTreeMap<String, String>) -> Result<Verify> {
     match props.get("verify-peer").map(String::as_str) {
-        None | Some("on" | "yes" | "true") => Ok(Verify::Peer),
-        Some("off" | "no" | "false") => Ok(Verify::None),
-        Some(_) => bail!("Parameter 'verify-peer' expects 'on' or 'off'"),
+        None => Ok(Verify::Peer),
+        Some(v) => match strata_jobs::create::parse_bool("verify-peer", v) {
+            Ok(true) => Ok(Verify::Peer),
+            Ok(false) => Ok(Verify::None),
+            Err(e) => bail!("{e}"),
+        },
     }
 }
 
