@@ -301,12 +301,11 @@ impl OpenSpec {
             .find_map(|k| self.driver_options.get(&format!("{prefix}{k}")));
         match id {
             None => Ok(Unlock::None),
-            Some(id) => match self.secrets.get(id) {
-                Some(v) => Ok(Unlock::Secret(v.as_slice().into())),
-                None => Err(Error::Format(strata_format::Error::invalid_argument(
-                    format!("No secret with id '{id}'"),
-                ))),
-            },
+            Some(id) => Ok(match self.secrets.get(id) {
+                Some(v) => Unlock::Secret(v.as_slice().into()),
+                // Refused by an encrypted image's open; a clear one needs none.
+                None => Unlock::Unknown(id.clone()),
+            }),
         }
     }
     /// The name messages about opening the image quote: as the user gave it.
@@ -511,8 +510,11 @@ pub fn probe_format(path: &Path) -> Result<Format> {
 pub fn probe_spec(spec: &OpenSpec) -> Result<Format> {
     match &spec.storage {
         Some(s) => probe_storage(s.0.as_ref()),
-        // The guest data of the image under the filter is probed.
-        None if spec.filtered.is_some() => probe_storage(&*top_storage(spec, false)?),
+        // The guest data of the image under the filter is probed; a filter
+        // over a file is probed through (its rules fail the probe's read).
+        None if spec.filtered.is_some() || spec.blkdebug.is_some() => {
+            probe_storage(&*top_storage(spec, false)?)
+        }
         None => probe_format(&spec.path),
     }
 }

@@ -67,8 +67,8 @@ impl LuksImage {
     /// master key with `unlock` unless `metadata_only`.
     pub fn open(storage: Arc<dyn Storage>, unlock: &Unlock, metadata_only: bool) -> Result<Self> {
         // The secret is asked for before the header is read, as QEMU asks.
-        if !metadata_only && matches!(unlock, Unlock::None) {
-            return Err(key_required());
+        if !metadata_only {
+            unlock.secret(key_required)?;
         }
         let mut hdr = vec![0u8; luks::HEADER_LEN];
         storage.read_at(&mut hdr, 0)?;
@@ -76,8 +76,8 @@ impl LuksImage {
         let payload = header.area_len();
         let cipher = match unlock {
             _ if metadata_only => None,
-            Unlock::None => return Err(key_required()),
-            Unlock::Secret(s) => {
+            u => {
+                let s = u.secret(key_required)?;
                 let mut read = |off: u64, buf: &mut [u8]| {
                     read_header_area(storage.as_ref(), payload, off, buf)
                 };

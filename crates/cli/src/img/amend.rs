@@ -318,12 +318,10 @@ pub(super) fn change_key_slots(
     use strata_format::qcow2::key_slots::KeySlotError;
     let unlock = match spec.unlock() {
         Ok(strata_format::qcow2::Unlock::Secret(s)) => s,
-        Ok(strata_format::qcow2::Unlock::None) => {
-            return Err(format!(
-                "{}\n",
-                strata_format::crypto::key_required().message()
-            ))
-        }
+        Ok(u) => match u.secret(strata_format::crypto::key_required) {
+            Ok(s) => s.clone(),
+            Err(e) => return Err(format!("{}\n", e.message())),
+        },
         Err(e) => return Err(format!("{e}\n")),
     };
     let secret = |id: &str| {

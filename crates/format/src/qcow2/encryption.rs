@@ -27,6 +27,26 @@ pub enum Unlock {
     None,
     /// The password (LUKS) or key (legacy AES).
     Secret(Arc<[u8]>),
+    /// The options name a secret by an id nothing defines: an encrypted image
+    /// is refused ("No secret with id"), a clear one opens, as QEMU looks the
+    /// secret up only to decrypt.
+    Unknown(String),
+}
+
+impl Unlock {
+    /// The secret, or the refusal of an encrypted image that needs one.
+    pub fn secret(&self, required: impl FnOnce() -> Error) -> Result<&Arc<[u8]>> {
+        match self {
+            Unlock::None => Err(required()),
+            Unlock::Secret(s) => Ok(s),
+            Unlock::Unknown(id) => Err(unknown_secret(id)),
+        }
+    }
+}
+
+/// QEMU's refusal of a secret id no `--object secret` defines.
+pub fn unknown_secret(id: &str) -> Error {
+    Error::invalid_argument(format!("No secret with id '{id}'"))
 }
 
 /// What `info` shows of an image's encryption.
@@ -59,8 +79,7 @@ impl Encryption {
         }
         let secret = match unlock {
             _ if metadata_only => None,
-            Unlock::None => return Err(crypto::key_required()),
-            Unlock::Secret(s) => Some(s),
+            u => Some(u.secret(crypto::key_required)?),
         };
         if h.crypt_method == crypt::AES {
             // qemu-img and qemu-io read and write the legacy format (only QEMU's
