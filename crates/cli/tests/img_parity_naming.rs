@@ -752,3 +752,134 @@ fn backing_files_given_by_options_are_opened_in_place_of_the_headers_names() {
     assert!(converts.is_empty(), "{converts:#?}");
     assert_all_same();
 }
+
+#[test]
+fn writing_subcommands_refuse_read_only_nodes_once_the_image_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = naming_fixture(dir.path());
+    let names = [
+        "driver=qcow2,file.filename=t.qcow2,read-only=on",
+        "driver=qcow2,file.filename=t.qcow2,file.read-only=on",
+        "driver=qcow2,file.filename=t.qcow2,read-only=on,file.read-only=off",
+        // Shared, but read-only: the write is what is refused.
+        "driver=qcow2,file.filename=t.qcow2,read-only=on,force-share=on",
+        // Whatever fails the open is said first.
+        "driver=qcow2,file.filename=nope.qcow2,read-only=on",
+        "driver=qcow2,file.filename=t.qcow2,read-only=on,foo=bar",
+        "driver=qcow2,file.filename=t.qcow2,read-only=on,lazy-refcounts=maybe",
+        // A secret id nothing defines is looked up only to decrypt.
+        "driver=qcow2,file.filename=t.qcow2,read-only=on,encrypt.key-secret=s9",
+        "driver=qcow2,file.filename=t.qcow2,read-only=off",
+        "driver=raw,file.filename=r.raw,read-only=on",
+    ];
+    let mut n = 0;
+    for name in names {
+        let cases: [&[&str]; 8] = [
+            &["commit", "--image-opts", name],
+            &["rebase", "-b", "", "--image-opts", name],
+            &["bitmap", "--add", "--image-opts", name, "b0"],
+            &["snapshot", "-c", "s", "--image-opts", name],
+            &["amend", "-o", "lazy_refcounts=on", "--image-opts", name],
+            &["resize", "--image-opts", name, "8M"],
+            &["check", "-r", "all", "--image-opts", name],
+            &["convert", "-n", "--target-image-opts", "r.raw", name],
+        ];
+        for c in cases {
+            n += 1;
+            common::same_in_dir_copies(&fx, n, c);
+        }
+    }
+    for c in [
+        &["info", "--image-opts", names[0]][..],
+        &["map", "--image-opts", names[1]],
+        // The backing file's own switch: commit reopens it for writing.
+        &[
+            "commit",
+            "--image-opts",
+            "driver=qcow2,file.filename=t.qcow2,backing.read-only=on",
+        ],
+        &[
+            "amend",
+            "-o",
+            "compat=1.1",
+            r#"json:{"driver":"qcow2","read-only":true,"file":{"driver":"file","filename":"t.qcow2"}}"#,
+        ],
+        &[
+            "resize",
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"t.qcow2","read-only":true}}"#,
+            "8M",
+        ],
+    ] {
+        n += 1;
+        common::same_in_dir_copies(&fx, n, c);
+    }
+    assert_all_same();
+}
+
+#[test]
+fn option_values_are_refused_as_qemu_img_refuses_them_and_after_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = naming_fixture(dir.path());
+    let values = [
+        "read-only=maybe",
+        "auto-read-only=2",
+        "force-share=maybe",
+        "cache.direct=maybe",
+        "cache.no-flush=maybe",
+        "read-only=n",
+        "read-only=yes",
+        "file.read-only=maybe",
+        "file.locking=maybe",
+        "file.locking=auto",
+        "file.aio=x",
+        "file.aio=native",
+        "file.aio=native,cache.direct=on",
+        "lazy-refcounts=maybe",
+        "lazy-refcounts=y",
+        "pass-discard-other=2",
+        "cache-size=x",
+        "cache-size=-1",
+        "cache-size=1k",
+        "l2-cache-size=1M,refcount-cache-size=1M,cache-size=2M",
+        "cache-clean-interval=x",
+        "cache-clean-interval=-1",
+        "cache-clean-interval=0x10",
+        "overlap-check=x",
+        "overlap-check.template=all",
+        "overlap-check.main-header=x",
+        "discard=maybe",
+        "discard=unmap,detect-zeroes=unmap",
+        "detect-zeroes=unmap",
+        "detect-zeroes=x",
+        "foo=bar",
+        "file.foo=bar",
+        "encrypt.key-secret=s9",
+    ];
+    for v in values {
+        for file in ["t.qcow2", "nope.qcow2"] {
+            let name = format!("driver=qcow2,file.filename={file},{v}");
+            same(&fx, &["info", "--image-opts", &name]);
+        }
+    }
+    for name in [
+        "driver=file,filename=r.raw,locking=x",
+        "driver=file,filename=r.raw,read-only=x",
+        "driver=raw,file.filename=r.raw,lazy-refcounts=x",
+        r#"json:{"driver":"qcow2","read-only":1,"file":{"filename":"t.qcow2"}}"#,
+        r#"json:{"driver":"qcow2","read-only":"on","file":{"filename":"t.qcow2"}}"#,
+    ] {
+        let mut a = vec!["info"];
+        if !name.starts_with("json:") {
+            a.push("--image-opts");
+        }
+        a.push(name);
+        same(&fx, &a);
+    }
+    // Spellings of a switch QEMU takes in -o too.
+    for (n, v) in ["y", "n", "maybe"].into_iter().enumerate() {
+        let o = format!("lazy_refcounts={v}");
+        let c = ["create", "-f", "qcow2", "-o", &o, "n.qcow2", "1M"];
+        common::same_in_dir_copies(&fx, n, &c);
+    }
+    assert_all_same();
+}

@@ -58,6 +58,10 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         .spec(&args.filename, args.format.as_deref(), args.force_share)?
         // Only qcow2 is checked: a raw image is refused once open, never written.
         .writes_no_raw_data(true);
+    if repair != Repair::None {
+        args.naming
+            .refuse_read_only_node(&args.filename, args.format.as_deref(), &spec)?;
+    }
     if repair != Repair::None && spec.force_share {
         bail!(
             "Could not open '{}': force-share=on can only be used with read-only images",
@@ -132,6 +136,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if format != Format::Qcow2 {
         // qemu-img opens the image (a luks one with its secret) before it
         // finds no checks: a missing or unreadable file is reported as such.
+        // The probe's hold on a filtered file is let go first (it would meet
+        // its own lock).
+        drop(filtered);
         strata_chain::open_top(&spec, format, writing).map_err(opened_err)?;
         eprintln!("{}: This image format does not support checks", ctx.prog);
         return Ok(63);

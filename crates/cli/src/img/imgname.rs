@@ -69,7 +69,10 @@ impl Naming {
             flat.get(k)
                 .is_some_and(|v| matches!(v.as_str(), "on" | "yes" | "true" | "y"))
         };
-        if on("force-share") || on("file.force-share") {
+        // A read-only node may share its file; it is refused for writing
+        // below, once open.
+        let read_only = on("read-only") || on("file.read-only");
+        if !read_only && (on("force-share") || on("file.force-share")) {
             bail!(
                 "Could not open '{}': force-share=on can only be used with read-only images",
                 name.display()
@@ -84,7 +87,38 @@ impl Naming {
                 name.display()
             );
         }
+        self.refuse_read_only_node(name, format, &spec)?;
         Ok(spec)
+    }
+
+    /// Refuses to write an image whose options make it, or its file, a
+    /// read-only node (`read-only=on`, `file.read-only=on`), as qemu-img
+    /// refuses it: the image is opened first (read-only, then closed again),
+    /// so whatever fails that open is said instead, in its own words; only an
+    /// image that opens is refused as "Block node is read-only", where QEMU's
+    /// request for write permission on the opened node fails.
+    pub fn refuse_read_only_node(
+        &self,
+        name: &Path,
+        format: Option<&str>,
+        spec: &OpenSpec,
+    ) -> Result<()> {
+        let flat = self.flat_options(name, format).unwrap_or_default();
+        let on = |k: &str| {
+            flat.get(k)
+                .is_some_and(|v| matches!(v.as_str(), "on" | "yes" | "true" | "y"))
+        };
+        if !on("read-only") && !on("file.read-only") {
+            return Ok(());
+        }
+        let mut trial = spec.clone();
+        trial.write = false;
+        trial.write_layers.clear();
+        drop(super::common::open_chain(&trial)?);
+        bail!(
+            "Could not open '{}': Block node is read-only",
+            spec.shown_name()
+        );
     }
 
     /// [`Naming::spec`], and the NBD export's storage when the name is one.
@@ -535,6 +569,11 @@ pub fn output_path(name: &Path) -> Result<std::path::PathBuf> {
         None => Ok(name.to_path_buf()),
         Some((b"file", b"")) => Ok(Default::default()),
         Some((b"file", rest)) => file_protocol_path(rest),
+        // Filters and null devices QEMU opens but cannot create.
+        Some((p @ (b"blkdebug" | b"blkverify" | b"null-co" | b"null-aio"), _)) => Err(anyhow!(
+            "Protocol driver '{}' does not support image creation",
+            String::from_utf8_lossy(p)
+        )),
         Some((other, _)) => Err(protocol_refusal(other)),
     }
 }
@@ -818,9 +857,15 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
             let Some(path) = flat.remove("filename") else {
                 bail!("The '{p}' block driver requires a file name");
             };
-            let force_share = check_options(&flat, &FILE_OPTIONS, |k| {
-                format!("Block protocol '{p}' doesn't support the option '{k}'")
-            })?;
+            super::optvalues::check_node(&flat, "", true)?;
+            let force_share = if file_missing(Path::new(&path)) {
+                flat.get("force-share").map(String::as_str) == Some("on")
+            } else {
+                super::optvalues::check_opened_file(&flat, None)?;
+                check_options(&flat, &FILE_OPTIONS, |k| {
+                    format!("Block protocol '{p}' doesn't support the option '{k}'")
+                })?
+            };
             check_protocol_file(p, Path::new(&path))?;
             let mut spec = OpenSpec::new(path)
                 .format(Some(Format::Raw))
@@ -848,6 +893,12 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
         bail!("Cannot find device='{node}' nor node-name='{node}'");
     }
     let mut file = take_child(&mut flat, "file");
+    super::optvalues::check_node(&flat, "", false)?;
+    let over_file = matches!(
+        file.get("driver").map(String::as_str),
+        None | Some("file" | "host_device")
+    );
+    super::optvalues::check_node(&file, "", over_file)?;
     if file.get("driver").map(String::as_str) == Some("blkdebug") {
         file.remove("driver");
         let (under, rules) = super::blkdebug::from_options(file, |k| COMMON_OPTIONS.contains(&k))?;
@@ -871,11 +922,24 @@ fn from_options(mut flat: BTreeMap<String, String>) -> Result<OpenSpec> {
     if !matches!(protocol.as_str(), "file" | "host_device") {
         bail!("Unknown protocol '{protocol}'");
     }
-    check_options(&file, &FILE_OPTIONS, |k| {
-        format!("Block protocol '{protocol}' doesn't support the option '{k}'")
-    })?;
+    // Options nothing takes are refused once the file opened (a missing
+    // file is said first, by the open).
+    if !file_missing(Path::new(&path)) {
+        super::optvalues::check_opened_file(&file, Some(&flat))?;
+        check_options(&file, &FILE_OPTIONS, |k| {
+            format!("Block protocol '{protocol}' doesn't support the option '{k}'")
+        })?;
+    }
     check_protocol_file(&protocol, Path::new(&path))?;
     format_spec(flat, driver, path.into(), None)
+}
+
+/// Whether the image file `path` names does not exist: the open that follows
+/// says so, as QEMU's does, before options that only the opened node would
+/// look at are refused.
+fn file_missing(path: &Path) -> bool {
+    !path.as_os_str().is_empty()
+        && matches!(std::fs::metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// The spec of a format node over the file `path` (perhaps behind blkdebug),
@@ -945,9 +1009,17 @@ fn format_spec(
     };
     let (backing_nodes, node_keys) =
         backing_nodes(&flat, checked).map_err(|e| backing_refusal(e.to_string()))?;
-    let force_share = check_options(&flat, own, |k| {
-        format!("Block format '{name}' does not support the option '{k}'")
-    })
+    let missing = file_missing(&path);
+    if !missing {
+        super::optvalues::check_format(&flat, checked)?;
+    }
+    let force_share = if missing {
+        Ok(flat.get("force-share").map(String::as_str) == Some("on"))
+    } else {
+        check_options(&flat, own, |k| {
+            format!("Block format '{name}' does not support the option '{k}'")
+        })
+    }
     .map_err(
         |e| match checked.zip(encryption_secret_key(checked, &path)) {
             Some((format, key)) => anyhow::Error::new(NamingError::new(
@@ -1466,15 +1538,20 @@ pub fn refuse_reopened_options(spec: &OpenSpec) -> Result<()> {
 }
 
 /// As [`refuse_reopened_options`], for a subcommand that opens the chain with
-/// its layers' secrets (`commit`): the backing files' `encrypt.key-secret` (a luks file's `key-secret`)
-/// (one `backing.` per level) is taken, the other backing options refused.
+/// its layers' secrets (`commit`): the backing files' `encrypt.key-secret` (a
+/// luks file's `key-secret`) and the generic node options, which leave their
+/// data as it is (`read-only`: QEMU reopens the base for writing all the
+/// same), are taken (one `backing.` per level); the other backing options
+/// are refused.
 pub fn refuse_options_but_secrets(spec: &OpenSpec) -> Result<()> {
     refuse_options_but(spec, |k| {
         let mut rest = k;
         while let Some(r) = rest.strip_prefix("backing.") {
             rest = r;
         }
-        rest == "encrypt.key-secret" || LUKS_OPTIONS.contains(&rest)
+        rest == "encrypt.key-secret"
+            || LUKS_OPTIONS.contains(&rest)
+            || (COMMON_OPTIONS.contains(&rest) && rest != "force-share")
     })
 }
 

@@ -28,6 +28,7 @@ mod measure;
 mod nbdname;
 mod objects;
 mod opthelp;
+mod optvalues;
 pub(crate) mod progress;
 mod qjson;
 mod qprogress;
