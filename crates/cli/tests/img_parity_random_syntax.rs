@@ -565,6 +565,10 @@ const PINNED: &[&str] = &[
     "dd if=blkdebug:st.cfg:raw.img of=out.raw -O raw",
     "dd if=blkdebug:rd.cfg:raw.img of=out.raw bs=64k count=2",
     "dd if=blkdebug:st.cfg:raw.img of=out.raw bs=64k skip=20",
+    // A raw image probed through a filter is named after the filter.
+    "amend -o lazy_refcounts=on blkdebug:st.cfg:raw.img",
+    // A read-only node is refused for writing once it opens.
+    r#"amend -o compat=1.1 json:{"driver":"qcow2","read-only":true,"file":{"filename":"bm.qcow2"}}"#,
 ];
 
 #[test]

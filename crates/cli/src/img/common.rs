@@ -80,7 +80,11 @@ pub fn warn_probed_raw(spec: &strata_chain::OpenSpec) {
     if spec.format.is_none()
         && strata_chain::probe_spec(spec).ok() == Some(strata_format::Format::Raw)
     {
-        warn_guessed_raw(&spec.path);
+        // A blkdebug filter's node is named after it (`blkdebug:CONFIG:FILE`).
+        match super::blkdebug::node_name(spec) {
+            Some(name) => warn_guessed_raw(std::path::Path::new(&name)),
+            None => warn_guessed_raw(&spec.path),
+        }
     }
 }
 
@@ -108,11 +112,11 @@ pub fn probe_format(path: &std::path::Path) -> Result<strata_format::Format> {
 /// The format of the image `spec` names: given, or probed from its file or
 /// NBD export (see [`probe_format`]).
 pub fn spec_format(spec: &strata_chain::OpenSpec) -> Result<strata_format::Format> {
-    match (spec.format, &spec.storage) {
-        (Some(f), _) => Ok(f),
-        (None, Some(_)) => strata_chain::probe_spec(spec)
+    match (spec.format, &spec.storage, &spec.blkdebug) {
+        (Some(f), _, _) => Ok(f),
+        (None, Some(_), _) | (None, None, Some(_)) => strata_chain::probe_spec(spec)
             .map_err(|e| open_error(&spec.path, &spec.shown_name(), &e)),
-        (None, None) => probe_format(&spec.path),
+        (None, None, None) => probe_format(&spec.path),
     }
 }
 

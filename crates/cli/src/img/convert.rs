@@ -127,6 +127,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         Some(f) if f.op == Operation::Read => {
             anyhow::anyhow!("error while reading at byte {}: {}", f.offset, f.os)
         }
+        Some(f) if matches!(f.op, Operation::Write | Operation::WriteZeroes) => {
+            anyhow::anyhow!("error while writing at byte {}: {}", f.offset, f.os)
+        }
         Some(f) if f.op == Operation::BlockStatus => anyhow::anyhow!(
             "error while reading block status at offset {}: {}",
             f.offset,
@@ -190,6 +193,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     // The target's driver options (an encrypted target's key-secret), from an
     // option list or from the -o that creates it.
     let mut target_spec = None;
+    let mut target_shown: Option<String> = None;
     let plain_out;
     // A target protocol strata cannot write is refused where qemu-img looks it
     // up: once the sources are open (to create the target), or where it opens
@@ -209,7 +213,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         (&plain_out, out_format)
     } else if args.target_image_opts
         || (args.no_create
-            && std::os::unix::ffi::OsStrExt::as_bytes(out_path.as_os_str()).starts_with(b"json:"))
+            && [&b"json:"[..], b"blkdebug:"].iter().any(|p| {
+                std::os::unix::ffi::OsStrExt::as_bytes(out_path.as_os_str()).starts_with(p)
+            }))
     {
         // Opened for writing: `force-share` is refused first. qemu-img reads
         // the target's name where it opens the target, after the sources and
@@ -223,7 +229,10 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
             Ok((t, format))
         });
         match named {
-            Ok((t, format)) => (&target_spec.insert(t).path, format),
+            Ok((t, format)) => {
+                target_shown = Some(t.shown_name());
+                (&target_spec.insert(t).path, format)
+            }
             Err(e) => {
                 target_refused = Some(e);
                 (out_path, out_format)
@@ -424,9 +433,13 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         if let Some(e) = out_refused {
             bail!("Could not open '{}': {e}", out_path.display());
         }
+        // Named as the user named it (a `blkdebug:` name is its file's path).
+        let target_name = target_shown
+            .take()
+            .unwrap_or_else(|| out_path.display().to_string());
         check_output(out_path, &inputs).map_err(|e| match e {
             strata_jobs::Error::Storage(e) => {
-                anyhow::anyhow!("Could not open '{}': {e}", out_path.display())
+                anyhow::anyhow!("Could not open '{target_name}': {e}")
             }
             e => e.into(),
         })?;
@@ -437,10 +450,25 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         if let Some(t) = &target_spec {
             spec.driver_options = t.driver_options.clone();
             spec.display_name = t.display_name.clone();
+            // Written through its blkdebug filter, whose rules fail the
+            // requests they name.
+            spec.blkdebug = t.blkdebug.clone();
         }
         spec.secrets = secrets.clone();
         let chain = open_chain(&spec)?;
         let t = chain.top().clone();
+        if args.target_is_zero && out_backing.is_some() {
+            // qemu-img refuses the copy here but exits with success (its
+            // status is still the one of the open that succeeded), its
+            // progress shown complete.
+            eprintln!(
+                "{}: Cannot use --target-is-zero when the destination image has a backing file",
+                ctx.prog
+            );
+            shown.steps.set(100.0);
+            shown.steps.end();
+            return Ok(0);
+        }
         if t.virtual_size() < total {
             bail!("output file is smaller than input file");
         }
