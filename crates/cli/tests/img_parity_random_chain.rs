@@ -643,10 +643,12 @@ fn alike(dirs: &[std::path::PathBuf; 2], f: &str) -> bool {
         && outcome(&dirs[0], "qemu-img", &["compare", "-U", f, &theirs]).0 == Some(0)
 }
 
-/// `out` with the node a bitmap cannot be made persistent in named `NODE`:
-/// qemu-img names the image by the node name it made up (`#block178`), which
-/// changes from run to run of qemu-img itself; strata names the file.
+/// `out` with the node a bitmap cannot be made persistent in, or stored to,
+/// named `NODE`: qemu-img names the image by the node name it made up
+/// (`#block178`), which changes from run to run of qemu-img itself; strata
+/// names the file (or makes up a name of its own).
 fn node_masked(mut out: (Option<i32>, String, String)) -> (Option<i32>, String, String) {
+    out.2 = common::node::blind(&out.2, "persistent bitmaps to ");
     const AT: &str = "' persistent in '";
     if let Some(i) = out.2.find(AT) {
         let from = i + AT.len();

@@ -751,6 +751,12 @@ const PINNED: &[&str] = &[
     // -O with --target-image-opts is refused as the target opens, after
     // the sources' checks (bitmaps of two sources refused first).
     "convert -n --target-is-zero df.qcow2 base.qcow2 tgt.qcow2 -O qcow2 --bitmaps --target-image-opts",
+    // A target given a backing file is not zero: refused (with success)
+    // once open, before its size is compared.
+    "convert -S 1M --target-is-zero -n -Bmissing.qcow2 -O qcow2 ov.qcow2 tgt.qcow2",
+    // qcow2's creation checks in QEMU's order: a backing format without a
+    // backing file before the refcount width.
+    r#"convert -o preallocation=falloc -o backing_fmt=qcow2,refcount_bits=3 -O qcow2 json:{"driver":"qcow2","file":{"driver":"file","filename":"df.qcow2"}} out.qcow2"#,
 ];
 
 #[test]

@@ -114,6 +114,9 @@ impl CreateOptions {
         {
             return bad("Backing file and preallocation can only be used at the same time if extended_l2 is on");
         }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return bad("Backing format cannot be used without backing file");
+        }
         if v2 && self.lazy_refcounts {
             return bad("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
@@ -123,20 +126,17 @@ impl CreateOptions {
         if v2 && self.refcount_bits != 16 {
             return bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)");
         }
-        if v2 && self.compression_type != CompressionType::Zlib {
-            return bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
-        }
-        if self.backing_format.is_some() && self.backing_file.is_none() {
-            return bad("Backing format cannot be used without backing file");
-        }
         if self.data_file_raw && self.data_file.is_none() {
             return bad("data-file-raw requires data-file");
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return bad("Backing file and data-file-raw cannot be used at the same time");
         }
         if self.data_file.is_some() && v2 {
             return bad("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
-        if self.data_file_raw && self.backing_file.is_some() {
-            return bad("Backing file and data-file-raw cannot be used at the same time");
+        if v2 && self.compression_type != CompressionType::Zlib {
+            return bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         // The last two are refused by QEMU once it writes the image; here, before
         // anything is written, so that a refused create leaves no file changed.
