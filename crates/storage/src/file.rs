@@ -337,6 +337,15 @@ pub fn remove_created(path: &Path, id: Option<(u64, u64)>) {
     }
 }
 
+impl Drop for FileStorage {
+    /// The locks go with the storage, even while a process forked elsewhere
+    /// in this program still holds a copy of the descriptor (see
+    /// [`lock::release`]).
+    fn drop(&mut self) {
+        lock::release(&self.file);
+    }
+}
+
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;

@@ -198,6 +198,20 @@ pub fn acquire(file: &std::fs::File, path: &Path, mode: LockMode) -> Result<()> 
     Ok(())
 }
 
+/// Let go of every lock taken on `file` (all of QEMU's lock bytes), before
+/// it closes. Closing releases them too, but only when the last copy of the
+/// descriptor goes: a child process another thread forks meanwhile (to run a
+/// program) holds a copy until it executes that program, and with it the
+/// locks, past this close. Unlocking acts on the open file description, so
+/// the copy lets go too. A failure changes nothing: the close still releases
+/// the locks.
+pub fn release(file: &std::fs::File) {
+    let mut fl = flock(PERM_BASE, libc::F_UNLCK as libc::c_short);
+    fl.l_len = SHARED_BASE + 4 - PERM_BASE;
+    // SAFETY: the descriptor is open and fl is initialised.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+}
+
 /// Who else uses an image, as seen through QEMU's lock bytes, without taking any lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LockProbe {
