@@ -558,6 +558,9 @@ impl BlockDevice for ParallelsImage {
     fn format_name(&self) -> &'static str {
         "parallels"
     }
+    fn set_write_barriers(&self, on: bool) -> Result<()> {
+        ParallelsImage::set_write_barriers(self, on)
+    }
     fn virtual_size(&self) -> u64 {
         self.header.disk_size()
     }
