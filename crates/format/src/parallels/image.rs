@@ -196,6 +196,8 @@ impl ParallelsImage {
         let report = img
             .repair_at_open()
             .map_err(|e| Error::new(e.kind(), format!("Could not repair corrupted image: {e}")))?;
+        // QEMU prints the repair's lines as it opens the image.
+        crate::qcow2::repair_notice::report(&report);
         img.open_messages = report;
         Ok(img)
     }
