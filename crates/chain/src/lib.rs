@@ -803,6 +803,9 @@ pub fn open_top(spec: &OpenSpec, format: Format, write: bool) -> Result<Arc<dyn 
                 },
             )?))
         }
+        Format::Parallels if !spec.driver_options.is_empty() => {
+            Ok(open_parallels_on(spec, storage, write)?)
+        }
         _ => open_storage_with(
             storage,
             format,
@@ -812,6 +815,27 @@ pub fn open_top(spec: &OpenSpec, format: Format, write: bool) -> Result<Arc<dyn 
             spec.data_file_lock(),
         ),
     }
+}
+
+/// The top parallels image `spec` names, on `storage`, with the driver's
+/// preallocation options (`prealloc-mode`, `prealloc-size` in bytes, as the
+/// command line checked and wrote them).
+fn open_parallels_on(
+    spec: &OpenSpec,
+    storage: Arc<dyn Storage>,
+    write: bool,
+) -> Result<Arc<dyn BlockDevice>> {
+    use strata_format::parallels::{self, OpenOptions, PreallocMode};
+    let o = &spec.driver_options;
+    let mut opts = OpenOptions::default();
+    if let Some(n) = o.get("prealloc-size").and_then(|v| v.parse().ok()) {
+        opts.prealloc_size = n;
+    }
+    if o.get("prealloc-mode").map(String::as_str) == Some("truncate") {
+        opts.prealloc_mode = PreallocMode::Truncate;
+    }
+    let path = storage.path().map(Path::to_path_buf);
+    Ok(parallels::open_with(storage, path.as_deref(), write, opts)?)
 }
 
 /// The top qcow2 image `spec` names, on `storage`, opened as `opts` say, with

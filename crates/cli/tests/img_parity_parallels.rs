@@ -121,6 +121,14 @@ fn parallels_checks_and_repairs_as_qemu_img_does() {
     cases.push(vec!["check", "-r", "all", "--output=json", "outside.hds"]);
     // Read-only, an image not closed cleanly is read as it is.
     cases.push(vec!["convert", "-O", "raw", "unclean.hds", "o.raw"]);
+    // Opened for writing, a damaged image is repaired first, and qemu-img
+    // prints the repair's lines before what the subcommand says.
+    for img in ["unclean.hds", "dup.hds", "leak.hds", "dataoff.hds"] {
+        cases.push(vec!["convert", "-n", "-O", "parallels", "q.raw", img]);
+        cases.push(vec!["commit", img]);
+        cases.push(vec!["resize", img, "20M"]);
+        cases.push(vec!["rebase", "-u", "-b", "", img]);
+    }
     for (n, args) in cases.iter().enumerate() {
         same_in_dir_copies(&fx, n, args);
     }
@@ -286,6 +294,43 @@ fn parallels_images_are_converted_as_qemu_img_does() {
     ];
     for (n, args) in cases.iter().enumerate() {
         same_in_dir_copies(&fx, n, args);
+    }
+    assert_all_same();
+}
+
+#[test]
+fn parallels_preallocation_options_are_taken_and_refused_as_qemu_img_does() {
+    let (_dir, fx) = fixture_dir();
+    ok(
+        &fx,
+        "qemu-img",
+        &["create", "-q", "-f", "parallels", "e.hds", "10M"],
+    );
+    let mut cases: Vec<Vec<String>> = Vec::new();
+    for o in [
+        "prealloc-mode=falloc",
+        "prealloc-mode=truncate",
+        "prealloc-mode=x",
+        "prealloc-size=1M",
+        "prealloc-size=x",
+        "prealloc-size=-1",
+        "prealloc-size=0",
+        "bogus=1",
+    ] {
+        let name = format!("driver=parallels,file.filename=q.hds,{o}");
+        cases.push(vec!["info".into(), "--image-opts".into(), name]);
+        // The file grows by the preallocation asked for, and is cut back at
+        // close: the same bytes either way.
+        let target = format!("driver=parallels,file.filename=e.hds,{o}");
+        cases.push(
+            ["convert", "-n", "q.raw", "--target-image-opts", &target]
+                .map(String::from)
+                .to_vec(),
+        );
+    }
+    for (n, args) in cases.iter().enumerate() {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        same_in_dir_copies(&fx, n, &args);
     }
     assert_all_same();
 }

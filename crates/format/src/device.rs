@@ -60,6 +60,16 @@ pub trait BlockDevice: Send + Sync {
     /// backing data or zeroes.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     fn flush(&self) -> Result<()>;
+    /// Switch the syncs between the steps of the device's own metadata
+    /// updates off (`false`) or back on. Off, the same bytes land in the same
+    /// order, but only [`BlockDevice::flush`] makes them durable: for an image
+    /// nobody uses until a copy into it completes (a new convert target),
+    /// whose crash leaves an unfinished copy either way. The default, for
+    /// devices without such steps, does nothing.
+    fn set_write_barriers(&self, on: bool) -> Result<()> {
+        let _ = on;
+        Ok(())
+    }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
     /// The device reads fall through to for `Unallocated` ranges.
     fn backing(&self) -> Option<Arc<dyn BlockDevice>>;

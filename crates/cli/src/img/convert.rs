@@ -534,31 +534,13 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         } else {
             open_chain(&spec.open_backing(false))?.top().clone()
         };
-        // A new target is unusable until the copy completes: order metadata writes
-        // but flush only at the end. Its data clusters are allocated in bulk.
-        // Write barriers and bulk allocation are tuning knobs of qcow2's metadata
-        // ordering, for a target nobody uses yet: no capability of devices.
+        // A new target is unusable until the copy completes: its metadata
+        // writes are ordered but flushed only at the end (qemu-img's target
+        // cache mode makes its flushes no-ops too). A qcow2 target's data
+        // clusters are allocated in bulk, a tuning knob of that format alone.
+        t.set_write_barriers(false)?;
         if let Some(q) = t.as_any().downcast_ref::<Qcow2Image>() {
-            q.set_write_barriers(false)?;
             q.set_falloc_new_clusters(true);
-        }
-        if let Some(v) = t.as_any().downcast_ref::<strata_format::vmdk::VmdkImage>() {
-            v.set_write_barriers(false);
-        }
-        if let Some(v) = t.as_any().downcast_ref::<strata_format::vpc::VpcImage>() {
-            v.set_write_barriers(false);
-        }
-        if let Some(v) = t.as_any().downcast_ref::<strata_format::vhdx::VhdxImage>() {
-            v.set_write_barriers(false)?;
-        }
-        if let Some(v) = t.as_any().downcast_ref::<strata_format::qed::QedImage>() {
-            v.set_write_barriers(false)?;
-        }
-        if let Some(v) = t
-            .as_any()
-            .downcast_ref::<strata_format::parallels::ParallelsImage>()
-        {
-            v.set_write_barriers(false)?;
         }
         t
     };

@@ -269,6 +269,8 @@ fn backing_option_supported(key: &str) -> bool {
 
 /// The raw format driver's own options.
 const RAW_OPTIONS: [&str; 2] = ["offset", "size"];
+/// The parallels driver's own options (how the file grows).
+const PARALLELS_OPTIONS: [&str; 2] = ["prealloc-mode", "prealloc-size"];
 /// The luks driver's own options.
 const LUKS_OPTIONS: [&str; 1] = ["key-secret"];
 /// The vpc driver's own options.
@@ -963,8 +965,8 @@ fn format_spec(
         Some(Format::Raw) => &RAW_OPTIONS,
         Some(Format::Luks) => &LUKS_OPTIONS,
         Some(Format::Vpc) => &VPC_OPTIONS,
-        Some(Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed | Format::Parallels)
-        | None => &[],
+        Some(Format::Parallels) => &PARALLELS_OPTIONS,
+        Some(Format::Vdi | Format::Vhdx | Format::Vmdk | Format::Qed) | None => &[],
     };
     let name = checked.map_or("raw", Format::name);
     // `"backing": null` (no backing file) is a generic option: every format
@@ -1012,6 +1014,12 @@ fn format_spec(
     let missing = file_missing(&path);
     if !missing {
         super::optvalues::check_format(&flat, checked)?;
+        // Sizes reach the driver in bytes.
+        if let Some(v) = flat.get_mut("prealloc-size") {
+            if let Some(n) = strata_jobs::create::parse_size_u64(v) {
+                *v = n.to_string();
+            }
+        }
     }
     let force_share = if missing {
         Ok(flat.get("force-share").map(String::as_str) == Some("on"))

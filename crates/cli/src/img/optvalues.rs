@@ -119,8 +119,25 @@ pub fn check_format(opts: &BTreeMap<String, String>, format: Option<Format>) -> 
             bail!("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
         }
     }
-    if format == Some(Format::Qcow2) {
-        check_qcow2(opts)?;
+    match format {
+        Some(Format::Qcow2) => check_qcow2(opts)?,
+        Some(Format::Parallels) => check_parallels(opts)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The parallels driver's own options: how the file grows.
+fn check_parallels(opts: &BTreeMap<String, String>) -> Result<()> {
+    if let Some(v) = opts.get("prealloc-mode") {
+        if !matches!(v.as_str(), "falloc" | "truncate") {
+            bail!("invalid parameter value: {v}");
+        }
+    }
+    if let Some(v) = opts.get("prealloc-size") {
+        if parse_size_u64(v).is_none() {
+            bail!("{}", option_size_error("prealloc-size", v));
+        }
     }
     Ok(())
 }

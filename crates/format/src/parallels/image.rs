@@ -196,6 +196,8 @@ impl ParallelsImage {
         let report = img
             .repair_at_open()
             .map_err(|e| Error::new(e.kind(), format!("Could not repair corrupted image: {e}")))?;
+        // QEMU prints the repair's lines as it opens the image.
+        crate::qcow2::repair_notice::report(&report);
         img.open_messages = report;
         Ok(img)
     }
@@ -557,6 +559,9 @@ impl ParallelsImage {
 impl BlockDevice for ParallelsImage {
     fn format_name(&self) -> &'static str {
         "parallels"
+    }
+    fn set_write_barriers(&self, on: bool) -> Result<()> {
+        ParallelsImage::set_write_barriers(self, on)
     }
     fn virtual_size(&self) -> u64 {
         self.header.disk_size()

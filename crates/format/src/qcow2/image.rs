@@ -1612,6 +1612,9 @@ impl BlockDevice for Qcow2Image {
     fn format_name(&self) -> &'static str {
         "qcow2"
     }
+    fn set_write_barriers(&self, on: bool) -> Result<()> {
+        Qcow2Image::set_write_barriers(self, on)
+    }
 
     fn virtual_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)

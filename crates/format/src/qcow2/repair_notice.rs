@@ -1,9 +1,10 @@
 //! Where the lines of an automatic repair go.
 //!
-//! A dirty image (lazy refcounts, not closed cleanly) opened read-write is
-//! repaired before use, and QEMU prints what the repair found and fixed on its
-//! standard error, the lines `check -r all` prints ("ERROR cluster 5
-//! refcount=0 reference=1", "Rebuilding refcount structure", ...). The library
+//! A dirty image (a qcow2 one with lazy refcounts, a parallels one, not
+//! closed cleanly) opened read-write is repaired before use, and QEMU prints
+//! what the repair found and fixed on its standard error, the lines `check -r
+//! all` prints ("ERROR cluster 5 refcount=0 reference=1", "Rebuilding
+//! refcount structure", "Repairing image was not closed correctly", ...). The library
 //! prints nothing itself: a program that mirrors QEMU's output installs a sink
 //! once, and every automatic repair hands its lines to it. Without a sink the
 //! lines are dropped.

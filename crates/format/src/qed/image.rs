@@ -447,6 +447,9 @@ impl BlockDevice for QedImage {
     fn format_name(&self) -> &'static str {
         "qed"
     }
+    fn set_write_barriers(&self, on: bool) -> Result<()> {
+        QedImage::set_write_barriers(self, on)
+    }
     fn virtual_size(&self) -> u64 {
         self.header().image_size
     }

@@ -30,6 +30,8 @@ pub struct VdiImage {
     path: Option<PathBuf>,
     writable: bool,
     state: RwLock<State>,
+    /// Whether closing syncs the file (see [`BlockDevice::set_write_barriers`]).
+    barriers: std::sync::atomic::AtomicBool,
 }
 
 impl VdiImage {
@@ -51,6 +53,7 @@ impl VdiImage {
             path,
             writable: write,
             state: RwLock::new(State { header, bmap }),
+            barriers: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -218,6 +221,20 @@ impl BlockDevice for VdiImage {
         request(Operation::Flush, None, || {
             self.storage.flush().map_err(|e| self.err(e))
         })
+    }
+    /// The block map and header are written as they change, with no syncs
+    /// between: off, only the close's sync goes (a new convert target).
+    fn set_write_barriers(&self, on: bool) -> Result<()> {
+        self.barriers
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    /// Syncs the file, unless write barriers are off.
+    fn close(&self) -> Result<()> {
+        if self.read_only() || !self.barriers.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.flush()
     }
     /// As QEMU's vdi reports: one block at most per extent; a stored block is
     /// data at its host offset, an unallocated or discarded one reads as zeroes.

@@ -732,6 +732,9 @@ impl BlockDevice for VhdxImage {
     fn format_name(&self) -> &'static str {
         "vhdx"
     }
+    fn set_write_barriers(&self, on: bool) -> Result<()> {
+        VhdxImage::set_write_barriers(self, on)
+    }
     fn virtual_size(&self) -> u64 {
         self.virtual_size
     }

@@ -49,6 +49,8 @@ pub struct VmdkImage {
     monolithic: bool,
     state: Mutex<State>,
     backing: RwLock<Option<Arc<dyn BlockDevice>>>,
+    /// Whether closing syncs the files (see [`VmdkImage::set_write_barriers`]).
+    barriers: std::sync::atomic::AtomicBool,
 }
 
 fn file_too_small() -> Error {
@@ -237,6 +239,7 @@ impl VmdkImage {
                 cid_updated: false,
             }),
             backing: RwLock::new(None),
+            barriers: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -386,8 +389,11 @@ impl VmdkImage {
     /// Whether each grain table update is flushed before the write returns
     /// (the default). A new image that nothing uses until a copy into it
     /// completes and is flushed can do without, as qemu-img's convert does
-    /// (its target's cache mode makes those flushes no-ops).
+    /// (its target's cache mode makes those flushes no-ops). With barriers
+    /// off, [`BlockDevice::close`] does not sync either; `flush` still does.
     pub fn set_write_barriers(&self, on: bool) {
+        self.barriers
+            .store(on, std::sync::atomic::Ordering::Relaxed);
         for e in &mut self.lock().extents {
             if let Layout::Sparse(s) = &mut e.layout {
                 s.barriers = on;
@@ -752,6 +758,19 @@ fn write_compressed(s: &mut Sparse, storage: &dyn Storage, rel: u64, data: &[u8]
 impl BlockDevice for VmdkImage {
     fn format_name(&self) -> &'static str {
         "vmdk"
+    }
+    fn set_write_barriers(&self, on: bool) -> Result<()> {
+        VmdkImage::set_write_barriers(self, on);
+        Ok(())
+    }
+    /// Syncs the files, unless write barriers are off (a new convert target
+    /// that qemu-img would not sync either): its grain tables and data are
+    /// written as they change, so there is nothing else to write out.
+    fn close(&self) -> Result<()> {
+        if self.read_only() || !self.barriers.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.flush()
     }
     fn virtual_size(&self) -> u64 {
         self.size

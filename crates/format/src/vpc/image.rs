@@ -327,6 +327,10 @@ impl BlockDevice for VpcImage {
     fn format_name(&self) -> &'static str {
         "vpc"
     }
+    fn set_write_barriers(&self, on: bool) -> Result<()> {
+        VpcImage::set_write_barriers(self, on);
+        Ok(())
+    }
     fn virtual_size(&self) -> u64 {
         self.size
     }
