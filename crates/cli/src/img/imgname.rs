@@ -1807,12 +1807,16 @@ mod tests {
         let err = |n: &str, o: bool| spec(n, o).unwrap_err().to_string();
         // Options nothing takes are refused once the file is found (a
         // missing one is said by the open): the file here exists.
-        let n = "driver=qcow2,file.filename=/dev/null,foo=bar";
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"").unwrap();
+        let f = f.display();
+        let n = &format!("driver=qcow2,file.filename={f},foo=bar");
         assert_eq!(
             err(n, true),
             format!("Could not open '{n}': Block format 'qcow2' does not support the option 'foo'")
         );
-        let n = "driver=qcow2,file.filename=/dev/null,file.foo=bar";
+        let n = &format!("driver=qcow2,file.filename={f},file.foo=bar");
         assert_eq!(
             err(n, true),
             format!("Could not open '{n}': Block protocol 'file' doesn't support the option 'foo'")
