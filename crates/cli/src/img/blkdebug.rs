@@ -279,11 +279,7 @@ fn node_view(
 mod tests {
     use super::*;
 
-    fn opts(list: &[(&str, &str)]) -> BTreeMap<String, String> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::img::common::option_map as opts;
 
     #[test]
     fn the_filename_form_needs_both_parts_and_may_leave_out_the_config() {

@@ -425,6 +425,14 @@ pub fn generated_node_name(n: u64) -> String {
     format!("#block{n}{random:02}")
 }
 
+/// An option map from `(key, value)` pairs, for the tests of option parsing.
+#[cfg(test)]
+pub fn option_map(list: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    list.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

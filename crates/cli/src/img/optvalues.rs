@@ -191,11 +191,7 @@ fn check_qcow2(opts: &BTreeMap<String, String>) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn opts(list: &[(&str, &str)]) -> BTreeMap<String, String> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::img::common::option_map as opts;
 
     #[test]
     fn switches_take_every_spelling_qemu_takes_and_name_the_unprefixed_key() {
