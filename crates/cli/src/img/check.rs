@@ -61,12 +61,12 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     if repair != Repair::None {
         args.naming
             .refuse_read_only_node(&args.filename, args.format.as_deref(), &spec)?;
-    }
-    if repair != Repair::None && spec.force_share {
-        bail!(
-            "Could not open '{}': force-share=on can only be used with read-only images",
-            spec.shown_name()
-        );
+        if spec.force_share {
+            bail!(
+                "Could not open '{}': force-share=on can only be used with read-only images",
+                spec.shown_name()
+            );
+        }
     }
     let writing = repair != Repair::None;
     let opened_err = |e| super::common::open_error(&spec.path, &spec.shown_name(), &e);

@@ -65,14 +65,10 @@ impl Naming {
         }
         self.objects.secrets()?;
         let flat = self.flat_options(name, format).unwrap_or_default();
-        let on = |k: &str| {
-            flat.get(k)
-                .is_some_and(|v| matches!(v.as_str(), "on" | "yes" | "true" | "y"))
-        };
+        let on = |k: &str| switched_on(&flat, k);
         // A read-only node may share its file; it is refused for writing
         // below, once open.
-        let read_only = on("read-only") || on("file.read-only");
-        if !read_only && (on("force-share") || on("file.force-share")) {
+        if !self.read_only_node(name, format) && (on("force-share") || on("file.force-share")) {
             bail!(
                 "Could not open '{}': force-share=on can only be used with read-only images",
                 name.display()
@@ -103,12 +99,7 @@ impl Naming {
         format: Option<&str>,
         spec: &OpenSpec,
     ) -> Result<()> {
-        let flat = self.flat_options(name, format).unwrap_or_default();
-        let on = |k: &str| {
-            flat.get(k)
-                .is_some_and(|v| matches!(v.as_str(), "on" | "yes" | "true" | "y"))
-        };
-        if !on("read-only") && !on("file.read-only") {
+        if !self.read_only_node(name, format) {
             return Ok(());
         }
         let mut trial = spec.clone();
@@ -119,6 +110,13 @@ impl Naming {
             "Could not open '{}': Block node is read-only",
             spec.shown_name()
         );
+    }
+
+    /// Whether the options of the image argument `name` make it, or its
+    /// file, a read-only node.
+    fn read_only_node(&self, name: &Path, format: Option<&str>) -> bool {
+        let flat = self.flat_options(name, format).unwrap_or_default();
+        switched_on(&flat, "read-only") || switched_on(&flat, "file.read-only")
     }
 
     /// [`Naming::spec`], and the NBD export's storage when the name is one.
@@ -207,6 +205,12 @@ impl Naming {
         }
         Some(flat)
     }
+}
+
+/// Whether the switch `key` of an option map is on, in any of QEMU's spellings.
+fn switched_on(flat: &BTreeMap<String, String>, key: &str) -> bool {
+    flat.get(key)
+        .is_some_and(|v| strata_jobs::create::parse_bool(key, v) == Ok(true))
 }
 
 /// Whether `key` is one of the options every block driver takes.
@@ -1014,8 +1018,11 @@ fn format_spec(
     let missing = file_missing(&path);
     if !missing {
         super::optvalues::check_format(&flat, checked)?;
-        // Sizes reach the driver in bytes.
-        if let Some(v) = flat.get_mut("prealloc-size") {
+        // Sizes reach the parallels driver in bytes.
+        if let Some(v) = flat
+            .get_mut("prealloc-size")
+            .filter(|_| checked == Some(Format::Parallels))
+        {
             if let Some(n) = strata_jobs::create::parse_size_u64(v) {
                 *v = n.to_string();
             }
