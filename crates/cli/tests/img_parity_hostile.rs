@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_all_same, differs, ok, same_files, same_on_copies, sh};
+use common::{assert_all_same, differs, ok, same, same_files, same_on_copies, sh};
 use std::path::Path;
 
 /// A shell function writing `printf`-escaped bytes at an offset of a file,
@@ -103,9 +103,22 @@ fn undecompressable_clusters_fail_reads_as_qemu_img_does() {
         ],
         false,
     );
+    // convert reads compressed clusters one at a time, eight requests in
+    // flight: how many of those before the bad one qemu-img has written when
+    // it stops depends on thread timing (seen: none mostly, some at times,
+    // all of them with -m 1), so only what it prints is compared. dd reads in
+    // order, one request at a time: its output file is compared too.
+    let converts = d.join("convert-printed");
+    std::fs::create_dir(&converts).unwrap();
+    sh(&converts, "bash", &["-ec", copy]);
+    for step in [
+        "convert -O raw img out",
+        "convert -O qcow2 img out",
+        "convert -m 1 -O raw img out",
+    ] {
+        same(&converts, &step.split(' ').collect::<Vec<_>>());
+    }
     for (n, step) in [
-        ("convert-raw", "convert -O raw img out"),
-        ("convert-qcow2", "convert -O qcow2 img out"),
         ("dd-64k", "dd if=img of=out bs=64k"),
         ("dd-1m", "dd -O qcow2 if=img of=out bs=1M"),
     ] {
