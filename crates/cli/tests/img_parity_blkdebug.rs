@@ -403,9 +403,9 @@ fn a_filter_over_a_format_node_serves_its_guest_data_as_qemu_img_does() {
 }
 
 /// A convert target behind a filter (`-n`), outputs a filter cannot create,
-/// and raw images behind one opened for writing: the same messages (write
-/// failures at the byte QEMU names, probed raw images named after the
-/// filter), codes and files as qemu-img.
+/// and raw images behind one opened for writing or mapped: the same messages
+/// (write failures at the byte QEMU names, probed raw images named after the
+/// filter, mapped ones after their file), codes and files as qemu-img.
 #[test]
 fn filtered_targets_and_raw_images_behind_a_filter_match_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
@@ -438,6 +438,12 @@ fn filtered_targets_and_raw_images_behind_a_filter_match_qemu_img() {
         "qemu-img",
         &["create", "-q", "-f", "raw", "r8.img", "8M"],
     );
+    sh(
+        &fx,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "data.img", "4M"],
+    );
+    common::io(&fx, "raw", "data.img", &["write -P 3 64k 1M"]);
     let rule = |name: &str, body: &str| std::fs::write(fx.join(name), body).unwrap();
     rule(
         "werr.cfg",
@@ -505,6 +511,16 @@ fn filtered_targets_and_raw_images_behind_a_filter_match_qemu_img() {
         &["commit", "blkdebug:none.cfg:raw.img"],
         &["check", "-r", "all", "blkdebug:none.cfg:raw.img"],
         &["rebase", "-u", "-b", "", "blkdebug::raw.img"],
+        // Mapped into the file beneath the filter under raw (whose block
+        // status passes through it), into the filter under qcow2.
+        &["map", "blkdebug:none.cfg:data.img"],
+        &["map", "-f", "raw", "blkdebug::data.img"],
+        &[
+            "map",
+            "--image-opts",
+            "driver=raw,file.driver=blkdebug,file.image.filename=data.img",
+        ],
+        &["map", "blkdebug:none.cfg:big.qcow2"],
     ];
     for (n, c) in cases.iter().enumerate() {
         common::same_in_dir_copies(&fx, n, c);

@@ -106,8 +106,12 @@ fn map_image(
     let nbd = nbd.filter(|_| chain.layers[0].format == strata_format::Format::Raw);
     // File names, printed as the bytes they are (they need not be UTF-8); a layer
     // with an external data file maps into that file, named as it was opened (as
-    // the image records it, or as the options named it).
-    let top_name = super::blkdebug::node_name(&spec).map(String::into_bytes);
+    // the image records it, or as the options named it). A blkdebug filter
+    // under a format is the file that format maps into, except under raw,
+    // whose block status passes through the filter to the file beneath.
+    let top_name = super::blkdebug::node_name(&spec)
+        .filter(|_| chain.layers[0].format != strata_format::Format::Raw)
+        .map(String::into_bytes);
     let top_name = top_name
         .as_deref()
         .unwrap_or(spec.path.as_os_str().as_bytes());
