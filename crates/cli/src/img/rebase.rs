@@ -175,11 +175,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         }
     }
     // An image without a backing file link (raw) cannot take one: refused as
-    // qemu-img refuses the change, before anything is written.
+    // qemu-img refuses the change, before anything is written (its copy of
+    // nothing shows its last figure first, -u or not).
     if image.overlay().is_none() {
         if let Some(n) = &new_name {
             missing_new_backing(n)?;
         }
+        shown.steps.set(100.0);
         bail!("Could not change the backing file to '{backing}': Operation not supported");
     }
     if let Some(n) = &new_name {
