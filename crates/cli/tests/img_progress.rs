@@ -246,6 +246,12 @@ fn rebase_and_amend_progress_is_qemu_imgs_lines_and_the_images_agree() {
         ("overraw.qcow2", &["-p", "-c", "-b", ""]),
         ("top.qcow2", &["-p", "-b", "missing.qcow2", "-F", "qcow2"]),
         ("top.qcow2", &["-p", "-q", "-b", ""]),
+        // A raw image takes no link: the last figure, then the refusal.
+        (
+            "odd.raw",
+            &["-p", "-f", "raw", "-b", "base.qcow2", "-F", "qcow2"],
+        ),
+        ("odd.raw", &["-p", "-u", "-f", "raw", "-b", ""]),
     ];
     let mut n = 0;
     for (img, args) in rebases {
