@@ -42,7 +42,8 @@ fn fixture(dir: &Path, script: &str) {
 /// not decompress is an I/O error at that cluster's guest offset: compare
 /// exits 4 with "Error while reading offset N of IMG: Input/output error",
 /// convert says "error while reading at byte N", dd "error while reading
-/// from input image file".
+/// from input image file", rebase "error while reading from old (or new)
+/// backing file".
 #[test]
 fn undecompressable_clusters_fail_reads_as_qemu_img_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -123,6 +124,32 @@ fn undecompressable_clusters_fail_reads_as_qemu_img_does() {
         ("dd-1m", "dd -O qcow2 if=img of=out bs=1M"),
     ] {
         same_files(d, n, copy, &[step], false);
+    }
+    // rebase reads 2 MiB at a time, in order: the pieces before the one
+    // holding the bad cluster (at 2.5 MiB) are copied, then it stops, naming
+    // the backing file whose read failed and not why.
+    fixture(
+        &d.join("fix-rebase"),
+        "qemu-img create -q -f qcow2 img 8M
+         qemu-io -c 'write -c -P 0x11 0 4M' img >/dev/null
+         python3 ../spoil.py img 40 >/dev/null
+         qemu-img create -q -f qcow2 -b img -F qcow2 top 8M
+         qemu-img create -q -f qcow2 other 8M
+         qemu-img create -q -f qcow2 -b other -F qcow2 top2 8M",
+    );
+    let copy = "cp ../fix-rebase/* .";
+    for (n, steps) in [
+        (
+            "rebase-old",
+            ["rebase -b other -F qcow2 top", "map --output=json top"],
+        ),
+        (
+            "rebase-new",
+            ["rebase -p -b img -F qcow2 top2", "map --output=json top2"],
+        ),
+        ("rebase-none", ["rebase -b  top", "map --output=json top"]),
+    ] {
+        same_files(d, n, copy, &steps, false);
     }
     assert_all_same();
 }

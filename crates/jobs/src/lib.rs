@@ -100,6 +100,15 @@ pub enum Error {
         path: std::path::PathBuf,
         depth: usize,
     },
+    /// Reading one of the two views a rebase compares failed: `from` names
+    /// it as qemu-img does ("old backing file", "new backing file"); the
+    /// failure itself is the source.
+    #[error("error while reading from {from}")]
+    RebaseRead {
+        from: &'static str,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -120,6 +129,7 @@ impl Error {
             Error::NoBackingFile => K::InvalidArgument,
             // Refused as the lock protocol would refuse it.
             Error::OutputBelowItself { .. } => K::Locked,
+            Error::RebaseRead { source, .. } => source.kind(),
         }
     }
 

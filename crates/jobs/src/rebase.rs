@@ -172,7 +172,9 @@ pub fn plan(
 }
 
 /// Read piece `r` as the image reads it now (`old`, through its current backing
-/// chain) and as the new backing file serves it (`new`).
+/// chain) and as the new backing file serves it (`new`). A failed read is a
+/// [`crate::Error::RebaseRead`] naming the side that failed (the image does
+/// not store the piece, so its old view is its old backing file's).
 fn read_views(
     image: &dyn BlockDevice,
     new_backing: Option<&Arc<dyn BlockDevice>>,
@@ -183,14 +185,23 @@ fn read_views(
     let len = r.len as usize;
     old.resize(len, 0);
     new.resize(len, 0);
-    image.read(old, r.offset)?;
+    let failed = |from| {
+        move |e: strata_format::Error| crate::Error::RebaseRead {
+            from,
+            source: Box::new(e.into()),
+        }
+    };
+    image
+        .read(old, r.offset)
+        .map_err(failed("old backing file"))?;
     // New view: the new backing file, zeroes past its end or without one.
     new.fill(0);
     if let (false, Some(b)) = (r.new_zero, new_backing) {
         let new_size = b.virtual_size();
         if r.offset < new_size {
             let m = (new_size - r.offset).min(r.len) as usize;
-            b.read(&mut new[..m], r.offset)?;
+            b.read(&mut new[..m], r.offset)
+                .map_err(failed("new backing file"))?;
         }
     }
     Ok(())
@@ -384,7 +395,9 @@ pub fn apply(
 }
 
 /// [`apply`], writing the copied clusters compressed when `compress` is set.
-fn apply_with(
+/// The plan's ranges are done in their order: `progress` has advanced past a
+/// range only once it and every range before it are written.
+pub fn apply_with(
     image: &Arc<dyn BlockDevice>,
     new_backing: Option<&Arc<dyn BlockDevice>>,
     plan: &RebasePlan,

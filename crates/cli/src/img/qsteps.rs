@@ -24,12 +24,6 @@ enum Mode {
         points: Vec<(u64, f32)>,
         next: usize,
     },
-    /// `(share, figure)`: the figure once `share` millionths of the job are done.
-    Shares {
-        points: Vec<(u64, f32)>,
-        next: usize,
-        total: u64,
-    },
     /// Each step of `n` bytes adds `n / base` of 100 %, in single precision
     /// (`base`: the job's total).
     Relative { base: u64 },
@@ -86,20 +80,11 @@ impl QemuSteps {
         };
     }
 
-    /// Figures due at shares of the job (see [`spread_over_job`]).
-    pub fn set_shares(&self, figures: Vec<(u64, f32)>) {
-        lock(&self.state).mode = Mode::Shares {
-            points: figures,
-            next: 0,
-            total: 0,
-        };
-    }
-
     /// The job is done: print the figures still due.
     pub fn complete(&self) {
         let mut s = lock(&self.state);
         let State { printer, mode, .. } = &mut *s;
-        if let Mode::Milestones { points, next } | Mode::Shares { points, next, .. } = mode {
+        if let Mode::Milestones { points, next } = mode {
             for &(_, figure) in &points[*next..] {
                 printer.set(figure);
             }
@@ -169,9 +154,7 @@ impl Progress for QemuSteps {
     fn set_total(&self, total: u64) {
         let mut s = lock(&self.state);
         match &mut s.mode {
-            Mode::Fraction { total: t }
-            | Mode::Relative { base: t }
-            | Mode::Shares { total: t, .. } => *t = total,
+            Mode::Fraction { total: t } | Mode::Relative { base: t } => *t = total,
             Mode::Milestones { .. } => {}
         }
         s.notice_due();
@@ -183,20 +166,6 @@ impl Progress for QemuSteps {
         let done = s.done;
         let State { printer, mode, .. } = &mut *s;
         match mode {
-            Mode::Shares {
-                points,
-                next,
-                total,
-            } => {
-                while let Some(&(share, figure)) = points.get(*next) {
-                    let at = u128::from(*total) * u128::from(share) / u128::from(SHARE_SCALE);
-                    if at > u128::from(done) {
-                        break;
-                    }
-                    printer.set(figure);
-                    *next += 1;
-                }
-            }
             Mode::Milestones { points, next } => {
                 while let Some(&(at, figure)) = points.get(*next) {
                     if at > done {
@@ -263,32 +232,19 @@ impl Progress for Shown {
     }
 }
 
-/// Figures whose place in the job is a share of it, not a position: the i-th of
-/// `k` (from 1) is due once `i / k` of the job is done (the job's total is known
-/// only when it starts: shares are kept in millionths and scaled then).
-pub fn spread_over_job(figures: Vec<f32>) -> Vec<(u64, f32)> {
-    let k = figures.len() as u64;
-    figures
-        .into_iter()
-        .enumerate()
-        .map(|(i, f)| ((i as u64 + 1) * SHARE_SCALE / k.max(1), f))
-        .collect()
-}
-
-/// The unit of a share in [`spread_over_job`].
-const SHARE_SCALE: u64 = 1_000_000;
-
 /// The figures `qemu-img rebase -p` prints in safe mode: one step of
 /// `100 / (size / min(size, 2 MiB))` per range the image does not store, taken
 /// 2 MiB at most at a time from wherever the last one ended (and widened to the
 /// image's (sub)clusters, or clusters when compressing). When the new backing
 /// file `new_backing` (a path) is in the image's old backing chain, a range no
 /// layer above it stores needs no work and shows no step, as in qemu-img.
+/// Each figure comes with the offset where its range ends: qemu-img prints it
+/// once everything before that offset is copied.
 pub fn rebase_figures(
     image: &dyn BlockDevice,
     compress: bool,
     new_backing: Option<&std::path::Path>,
-) -> strata_format::Result<Vec<f32>> {
+) -> strata_format::Result<Vec<(u64, f32)>> {
     const BUF: u64 = 2 << 20;
     let size = image.virtual_size();
     let step = if size == 0 {
@@ -340,7 +296,7 @@ pub fn rebase_figures(
         let end = (offset + n).next_multiple_of(align).min(size);
         offset = end.max(start + 1);
         current = (current + step / 100.0 * 100.0).min(100.0);
-        figures.push(current);
+        figures.push((offset, current));
     }
     Ok(figures)
 }
@@ -407,17 +363,4 @@ fn allocated_in(
         n = n.min(ext.len);
     }
     Ok((false, n))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shares_fall_evenly_and_the_last_is_due_at_the_end_of_the_job() {
-        assert_eq!(
-            spread_over_job(vec![20.0, 50.0, 100.0]),
-            vec![(333_333, 20.0), (666_666, 50.0), (1_000_000, 100.0)]
-        );
-    }
 }

@@ -3,7 +3,7 @@
 //! unchanged; `-u` only rewrites the pointer; `-b ""` flattens the image.
 
 use super::common::{open_chain, warn_probed_raw, Ctx};
-use super::qsteps::{rebase_figures, spread_over_job, QemuSteps, Shown};
+use super::qsteps::{rebase_figures, QemuSteps, Shown};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use strata_format::Format;
@@ -243,21 +243,36 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             }
             _ => None,
         };
+        let new_backing = in_chain.or_else(|| new_chain.as_ref().map(|c| c.top().clone()));
+        let cancel = Cancel::default();
+        let plan = rebase::plan(&image, new_backing.as_ref(), &cancel)?;
         if shown.steps.enabled() {
             let new_path = new_name
                 .as_ref()
                 .map(|n| strata_chain::resolve_backing(&spec.path, n));
             let figures = rebase_figures(image.as_ref(), args.compress, new_path.as_deref())?;
-            shown.steps.set_shares(spread_over_job(figures));
+            shown
+                .steps
+                .set_milestones(figures_at_compared_bytes(figures, &plan));
+            // Figures for ranges with nothing to compare before the first are
+            // due before any copying (a first read that fails follows them).
+            strata_jobs::Progress::advance(&shown.steps, 0);
         }
-        let new_backing = in_chain.or_else(|| new_chain.as_ref().map(|c| c.top().clone()));
-        rebase::copy_differences_with(
+        rebase::apply_with(
             &image,
             new_backing.as_ref(),
+            &plan,
             args.compress,
             &shown,
-            &Cancel::default(),
-        )?;
+            &cancel,
+        )
+        .map_err(|e| match e {
+            // qemu-img names the side whose read failed, not the reason.
+            strata_jobs::Error::RebaseRead { from, .. } => {
+                anyhow::anyhow!("error while reading from {from}")
+            }
+            e => e.into(),
+        })?;
         shown.steps.complete();
         shown.finish_bar();
         if let (Some(n), true) = (&new_name, format_missing) {
@@ -284,6 +299,28 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     shown.steps.end();
     image.close()?;
     Ok(0)
+}
+
+/// qemu-img's figures (each with the offset its range ends at) as milestones
+/// of the job carrying out `plan`: a figure is due once the ranges to compare
+/// before its offset are done.
+fn figures_at_compared_bytes(
+    figures: Vec<(u64, f32)>,
+    plan: &rebase::RebasePlan,
+) -> Vec<(u64, f32)> {
+    // Both ascend: one pass over the ranges.
+    let mut ranges = plan.ranges.iter().peekable();
+    let mut whole = 0u64; // bytes of the ranges that end at or before `end`
+    figures
+        .into_iter()
+        .map(|(end, figure)| {
+            while let Some(r) = ranges.next_if(|r| r.offset + r.len <= end) {
+                whole += r.len;
+            }
+            let part = ranges.peek().map_or(0, |r| end.saturating_sub(r.offset));
+            (whole + part, figure)
+        })
+        .collect()
 }
 
 /// The device of the layer of `chain` below its top whose file is the new
