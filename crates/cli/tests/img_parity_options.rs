@@ -176,6 +176,8 @@ const WRITING: &[&str] = &[
     "convert -O raw --source-snapshot snap1 top.qcow2 o.raw",
     "convert --no-create -O raw top.qcow2 r.raw",
     "convert -n -O raw -t bogus top.qcow2 r.raw",
+    "convert -n -O bogus -t bogus top.qcow2 r.raw",
+    "convert -n -O bogus -t none top.qcow2 r.raw",
     "convert --compress -O qcow2 top.qcow2 o.qcow2",
     "convert --source-image-opts -O raw driver=qcow2,file.filename=top.qcow2 o.raw",
     // commit, rebase, amend, snapshot, dd: long forms and cache modes.

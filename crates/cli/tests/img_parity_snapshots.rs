@@ -350,3 +350,41 @@ fn snapshot_sequences_with_512_byte_clusters_leave_qemus_bytes() {
 fn snapshot_sequences_with_default_clusters_leave_qemus_bytes() {
     exact_case("default clusters", "64M", &[], &mixed());
 }
+
+/// `-l snapshot.id=ID,snapshot.name=NAME` names a snapshot exactly: an ID is
+/// not looked for among names nor a name among IDs, both given must match
+/// the same snapshot, a key given twice takes its last value. Unlike `-l
+/// NAME`, it is not refused with several sources: the first is read at the
+/// snapshot, the others as they are. convert and measure alike.
+#[test]
+fn snapshot_options_name_a_snapshot_exactly_and_load_it_on_the_first_source() {
+    let dir = tempfile::tempdir().unwrap();
+    // Made once (a snapshot records its date) and copied to both sides.
+    let fix = dir.path().join("fix");
+    std::fs::create_dir(&fix).unwrap();
+    let made = "qemu-img create -q -f qcow2 a 1M
+         qemu-io -c 'write -P 1 0 64k' a >/dev/null
+         qemu-img snapshot -c snap a
+         qemu-io -c 'write -P 2 0 128k' a >/dev/null
+         qemu-img snapshot -c 1 a
+         qemu-io -c 'write -P 3 0 192k' a >/dev/null
+         qemu-img create -q -f qcow2 b 1M
+         qemu-io -c 'write -P 4 64k 64k' b >/dev/null";
+    common::sh(&fix, "bash", &["-ec", made]);
+    let steps = [
+        "convert -l snapshot.id=snap a o1",
+        "convert -l snapshot.name=1 -O raw a o2",
+        "convert -l snapshot.id=2,snapshot.id=1 -O raw a o3",
+        "convert -l snapshot.name=x,snapshot.name=snap -O raw a o4",
+        "convert -l snapshot.id=1,snapshot.name=1 a b o5",
+        "convert -l snapshot.id=1,snapshot.name=snap -O raw a b a o6",
+        "convert -l snapshot.name=1 -O qcow2 a b o7",
+        "convert -l 1 a b o8",
+        "convert -l snapshot.id=2 b a o9",
+        "measure -l snapshot.id=snap a",
+        "measure -l snapshot.name=1 a",
+        "measure -l snapshot.name=snap,snapshot.id=1 -O qcow2 a",
+    ];
+    common::same_files(dir.path(), "exact", "cp ../fix/* .", &steps, false);
+    assert_all_same();
+}

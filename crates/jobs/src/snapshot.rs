@@ -116,15 +116,58 @@ pub fn delete(image: &dyn BlockDevice, req: &DeleteRequest) -> Result<SnapshotIn
     Ok(SnapshotInfo::from(&snaps.delete(&req.snapshot)?))
 }
 
+/// How a reader names the snapshot it reads, as qemu-img's `-l` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotKey {
+    /// The snapshot with this ID, else the first with this name (`-l NAME`).
+    IdOrName(String),
+    /// The snapshot whose ID and name are the ones given; a part not given
+    /// matches any (`-l snapshot.id=ID,snapshot.name=NAME`). An ID is never
+    /// taken for a name here, nor a name for an ID.
+    Exact {
+        id: Option<String>,
+        name: Option<String>,
+    },
+}
+
 /// The chain `layers` (top first, each attached to the next) as it was at the top's
-/// snapshot `key`: the snapshot's read-only view on top, reading through the top's
-/// backing chain, then the backing layers. For reading a snapshot as a disk
-/// (`convert -l`, `measure -l`).
+/// snapshot `key` (an ID or a name): see [`view_chain_at`].
 pub fn view_chain(layers: &[Arc<dyn BlockDevice>], key: &str) -> Result<Vec<Arc<dyn BlockDevice>>> {
+    view_chain_at(layers, &SnapshotKey::IdOrName(key.to_string()))
+}
+
+/// The chain `layers` (top first, each attached to the next) as it was at the
+/// top's snapshot `key`: the snapshot's read-only view on top, reading through
+/// the top's backing chain, then the backing layers. For reading a snapshot as
+/// a disk (`convert -l`, `measure -l`). No such snapshot:
+/// [`Error::SnapshotNotFound`].
+pub fn view_chain_at(
+    layers: &[Arc<dyn BlockDevice>],
+    key: &SnapshotKey,
+) -> Result<Vec<Arc<dyn BlockDevice>>> {
     let top = layers
         .first()
         .ok_or_else(|| Error::Invalid("an empty chain has no snapshots".into()))?;
-    let view = snapshots_of(top.as_ref())?.view(key)?;
+    let snaps = snapshots_of(top.as_ref())?;
+    let key = match key {
+        SnapshotKey::IdOrName(k) => k.clone(),
+        SnapshotKey::Exact { id, name } => {
+            let matches = |s: &&strata_format::qcow2::Snapshot| {
+                (id.is_some() || name.is_some())
+                    && id.as_ref().is_none_or(|i| &s.id == i)
+                    && name.as_ref().is_none_or(|n| &s.name == n)
+            };
+            let shown = || id.clone().or_else(|| name.clone()).unwrap_or_default();
+            // IDs are unique: the one found is named by it.
+            snaps
+                .list()
+                .iter()
+                .find(matches)
+                .map(|s| s.id.clone())
+                .ok_or_else(|| Error::SnapshotNotFound(shown()))?
+        }
+    };
+    let view = snaps.view(&key)?;
     view.set_backing(top.backing());
     let mut out = vec![view];
     out.extend(layers[1..].iter().cloned());

@@ -14,6 +14,7 @@ use strata_format::{BlockDevice, Format};
 use strata_jobs::convert::{convert, default_workers, ConvertOptions, Plan, MAX_SPARSE};
 use strata_jobs::create::{prepare, CreateRequest};
 use strata_jobs::output::{check_output, Inputs};
+use strata_jobs::snapshot::SnapshotKey;
 use strata_jobs::status::ChainStatus;
 use strata_jobs::Cancel;
 
@@ -252,7 +253,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         QemuSteps::milestones(on, 1.0, Vec::new())
     });
     shown.steps.set(0.0);
-    if snapshot.is_some() && src_paths.len() > 1 {
+    // `-l NAME` reads one image; `-l snapshot.id=...` loads the snapshot of
+    // the first source and reads the others as they are, as qemu-img does.
+    if matches!(snapshot, Some(SnapshotKey::IdOrName(_))) && src_paths.len() > 1 {
         // qemu-img opens every source before it refuses the combination: a
         // source it cannot open is reported first.
         for p in src_paths {
@@ -287,10 +290,10 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         if args.bitmaps {
             bitmaps_of = Some(chain.top().clone());
         }
+        let first = sources.is_empty();
         let status = match &snapshot {
-            None => ChainStatus::new(&chain)?,
-            Some(key) => {
-                let devices = strata_jobs::snapshot::view_chain(&chain.devices(), key).map_err(
+            Some(key) if first => {
+                let devices = strata_jobs::snapshot::view_chain_at(&chain.devices(), key).map_err(
                     |e| match e {
                         strata_jobs::Error::NoInternalSnapshots { .. } => {
                             anyhow::anyhow!(no_snapshot_load(&chain.layers[0].format))
@@ -305,6 +308,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
                 )?;
                 ChainStatus::from_devices(devices)?
             }
+            _ => ChainStatus::new(&chain)?,
         };
         sources.push(status);
     }
@@ -315,6 +319,9 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     let target_opts_conflict = args.target_image_opts && args.out_format.is_some();
     if let (Err(e), false) = (&out_format_known, target_opts_conflict) {
         if args.no_create {
+            // The existing target's driver is looked up where it is opened,
+            // after its cache mode is read.
+            super::common::check_cache_mode(args.cache.as_deref(), false)?;
             bail!(
                 "Could not open '{}': Unknown driver '{out_fmt_name}'",
                 out_path.display()
@@ -640,7 +647,7 @@ fn salvaging(sources: &[ChainStatus], warn: Option<&str>) -> Result<Vec<ChainSta
 /// The values qemu-img checks while it reads the options (-S, -m, -r, -l and
 /// the -o lists), checked in the order they were typed: the sparse size, the
 /// worker count, the rate limit and the snapshot key.
-type Early = (u64, usize, u64, Option<String>);
+type Early = (u64, usize, u64, Option<SnapshotKey>);
 
 /// The values of -S, -m, -r, -l and -o, read. qemu-img judges them as its
 /// option loop meets them; `getopt::refusal` has already refused the first

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use strata_format::qcow2::Qcow2Image;
 use strata_format::Format;
 use strata_jobs::measure::{measure, Source, Target};
+use strata_jobs::snapshot::SnapshotKey;
 use strata_jobs::status::ChainStatus;
 use strata_jobs::Cancel;
 
@@ -50,11 +51,12 @@ pub struct Args {
 /// The snapshot key of a `-l` argument: a snapshot's ID or name, or an option
 /// list of `snapshot.id=` and `snapshot.name=` (other keys refused as qemu-img
 /// refuses them, after its warning for a key without a value).
-pub fn snapshot_key(param: &str, ctx: &Ctx) -> Result<String> {
+pub fn snapshot_key(param: &str, ctx: &Ctx) -> Result<SnapshotKey> {
     if !param.starts_with("snapshot.") {
-        return Ok(param.to_string());
+        return Ok(SnapshotKey::IdOrName(param.to_string()));
     }
-    let mut key = None;
+    // An option list: a key given twice takes its last value.
+    let (mut id, mut name) = (None, None);
     for item in super::common::split_items(param) {
         let (k, v) = match item.split_once('=') {
             Some((k, v)) => (k.to_string(), v.to_string()),
@@ -66,13 +68,16 @@ pub fn snapshot_key(param: &str, ctx: &Ctx) -> Result<String> {
                 (item.clone(), "on".to_string())
             }
         };
-        if k != "snapshot.id" && k != "snapshot.name" {
-            eprintln!("{}: Invalid parameter '{k}'", ctx.prog);
-            bail!("Failed in parsing snapshot param '{param}'");
+        match k.as_str() {
+            "snapshot.id" => id = Some(v),
+            "snapshot.name" => name = Some(v),
+            _ => {
+                eprintln!("{}: Invalid parameter '{k}'", ctx.prog);
+                bail!("Failed in parsing snapshot param '{param}'");
+            }
         }
-        key.get_or_insert(v);
     }
-    Ok(key.unwrap_or_default())
+    Ok(SnapshotKey::Exact { id, name })
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
@@ -192,7 +197,8 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             let status = match &snapshot {
                 Some(key) => {
                     // The snapshot reads through the image's backing chain.
-                    let devices = match strata_jobs::snapshot::view_chain(&chain.devices(), key) {
+                    let devices = match strata_jobs::snapshot::view_chain_at(&chain.devices(), key)
+                    {
                         Err(strata_jobs::Error::NoInternalSnapshots { .. }) => {
                             bail!(super::convert::no_snapshot_load(&chain.layers[0].format))
                         }
