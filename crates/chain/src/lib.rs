@@ -680,6 +680,11 @@ pub fn top_storage_as(
         }
     };
     Ok(match &spec.blkdebug {
+        // The filter named as the format is the top node: the raw reader over
+        // it stands for no driver of QEMU's and raises no events.
+        Some(config) if spec.protocol_driver.as_deref() == Some("blkdebug") => {
+            Arc::new(BlkdebugStorage::top_node(base, config.clone()))
+        }
         Some(config) => Arc::new(BlkdebugStorage::new(base, config.clone())),
         None => base,
     })

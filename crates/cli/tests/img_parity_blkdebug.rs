@@ -527,3 +527,77 @@ fn filtered_targets_and_raw_images_behind_a_filter_match_qemu_img() {
     }
     assert_all_same();
 }
+
+/// `-f blkdebug`: the filter is the image's format, over the file's bytes (a
+/// name without the `blkdebug:` prefix is the file's). It is the top node,
+/// so no driver above announces events to it: only its `none` rules fire.
+/// info names it (`blkdebug::FILE`, its `/image` child), check refuses, and
+/// a bitmap cannot be stored to the node QEMU numbers first (its number is
+/// compared, its random digits are not). Drivers that create no image are
+/// refused as such as a target format.
+#[test]
+fn blkdebug_named_as_the_format_is_the_top_node_and_hears_no_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    sh(d, "qemu-img", &["create", "-q", "-f", "raw", "r.img", "1M"]);
+    // One run of data: qemu-img reads it in one request (its requests in
+    // flight each report a failure of their own).
+    common::io(d, "raw", "r.img", &["write -P 3 0 64k"]);
+    for name in [
+        "blkdebug::a.qcow2",
+        "a.qcow2",
+        "blkdebug::file:a.qcow2",
+        "blkdebug:read_aio.cfg:r.img",
+        "blkdebug:none.cfg:r.img",
+        "blkdebug:nosuch.cfg:r.img",
+        "nosuch.img",
+    ] {
+        for sub in [
+            &["info"][..],
+            &["info", "--output=json"],
+            &["map"],
+            &["map", "--output=json"],
+            &["check"],
+            &["measure", "-O", "qcow2"],
+        ] {
+            let mut a = vec![sub[0], "-f", "blkdebug"];
+            a.extend(&sub[1..]);
+            a.push(name);
+            same(d, &a);
+        }
+        same(
+            d,
+            &["compare", "-f", "blkdebug", "-F", "raw", name, "r.img"],
+        );
+        same(
+            d,
+            &["convert", "-f", "blkdebug", "-O", "raw", name, "out.raw"],
+        );
+        same(
+            d,
+            &["dd", "-f", "blkdebug", &format!("if={name}"), "of=dd.raw"],
+        );
+    }
+    for f in ["blkdebug", "null-co", "throttle", "quorum"] {
+        same(d, &["create", "-f", f, "x.img", "1M"]);
+        same(d, &["create", "-f", f, "-o", "help"]);
+        same(d, &["convert", "-O", f, "a.qcow2", "x.img"]);
+        same(d, &["dd", "-O", f, "if=a.qcow2", "of=x.img"]);
+    }
+    let bitmap_steps = [
+        "bitmap --add -f blkdebug r.img b",
+        "bitmap --add -f blkdebug blkdebug::r.img b",
+        "bitmap --add -f raw blkdebug::r.img b",
+        "bitmap --add -f file r.img b",
+        "bitmap --add -f raw r.img b",
+    ];
+    common::node::same_but_node(
+        d,
+        "bitmap",
+        "qemu-img create -q -f raw r.img 1M",
+        &bitmap_steps,
+        "persistent bitmaps to ",
+    );
+    assert_all_same();
+}

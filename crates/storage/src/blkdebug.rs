@@ -315,6 +315,9 @@ pub struct BlkdebugStorage<S> {
     inner: S,
     config: Arc<BlkdebugConfig>,
     live: Mutex<Live>,
+    /// Whether a format driver above sends the filter its events: not when
+    /// the filter is itself the image's top node (`-f blkdebug`).
+    hears_events: bool,
 }
 
 impl<S: Storage> BlkdebugStorage<S> {
@@ -329,8 +332,18 @@ impl<S: Storage> BlkdebugStorage<S> {
             inner,
             config,
             live: Mutex::new(live),
+            hears_events: true,
         };
         s.debug_event(DebugEvent::None);
+        s
+    }
+
+    /// The filter as the image's top node (QEMU's `-f blkdebug`): no format
+    /// driver above it raises events, so only its `none` event (at open)
+    /// triggers rules; the raw reader strata puts above it is not heard.
+    pub fn top_node(inner: S, config: Arc<BlkdebugConfig>) -> Self {
+        let mut s = Self::new(inner, config);
+        s.hears_events = false;
         s
     }
 
@@ -445,6 +458,9 @@ impl<S: Storage> Storage for BlkdebugStorage<S> {
         true
     }
     fn debug_event(&self, event: DebugEvent) {
+        if !self.hears_events {
+            return;
+        }
         let mut live = self.live();
         let before = live.state;
         let mut next = before;

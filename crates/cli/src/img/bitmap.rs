@@ -270,11 +270,11 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
         // An image of a format without persistent bitmaps holds none and
         // can store none: its first operation fails, as in qemu-img (naming
         // the node by the name QEMU makes up for it).
-        Target::Other(dev) => {
+        Target::Other(dev, node) => {
             let refuse = |_: u64| -> Result<(), String> {
                 Err(format!(
                     "Can't store persistent bitmaps to {}: Operation not supported",
-                    super::common::generated_node_name(1)
+                    super::common::generated_node_name(node)
                 ))
             };
             let mut none = Vec::new();
@@ -352,7 +352,23 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
 /// format that stores no bitmaps, held open (and locked) as qemu-img holds it.
 enum Target {
     Qcow2(Box<Qcow2Image>),
-    Other(std::sync::Arc<dyn strata_format::BlockDevice>),
+    /// An image of another format, with the number QEMU's name for its node
+    /// would carry (see [`node_number`]).
+    Other(std::sync::Arc<dyn strata_format::BlockDevice>, u64),
+}
+
+/// Which node QEMU names `n` when it opens the image `spec` names: nodes are
+/// numbered as they are opened, a format's file before the format, a filter
+/// (blkdebug) before what it filters. A protocol driver as the format is the
+/// first; a format over its file the second; over blkdebug over a file the
+/// third (filter, file, format); over blkdebug over a format node, the fourth.
+fn node_number(spec: &strata_chain::OpenSpec) -> u64 {
+    match (&spec.protocol_driver, &spec.blkdebug, &spec.filtered) {
+        (Some(_), _, _) => 0,
+        (None, Some(_), Some(_)) => 3,
+        (None, Some(_), None) => 2,
+        (None, None, _) => 1,
+    }
 }
 
 /// Open the image `spec` names for writing, in its format (given or probed).
@@ -364,7 +380,7 @@ fn open_target(spec: &strata_chain::OpenSpec) -> Result<Target> {
     super::imgname::refuse_backing_options(spec, format)?;
     warn_probed_raw(spec);
     strata_chain::open_top(spec, format, true)
-        .map(Target::Other)
+        .map(|dev| Target::Other(dev, node_number(spec)))
         .map_err(|e| super::common::open_error(&spec.path, &spec.shown_name(), &e))
 }
 

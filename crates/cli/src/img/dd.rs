@@ -121,7 +121,9 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     // qemu-img looks the output format up once the input is open.
     let out_format = match &args.output_format {
         None => Format::Raw,
-        Some(f) => super::imgname::output_format(f).map_err(|_| anyhow!("Unknown file format"))?,
+        Some(f) => super::imgname::output_format(f).map_err(|_| {
+            anyhow!(super::imgname::creation_refusal(f).unwrap_or("Unknown file format".into()))
+        })?,
     };
     if super::imgname::cdrom_without_medium(&spec) {
         bail!("Failed to get size for '{}'", spec.shown_name());

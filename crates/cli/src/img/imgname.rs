@@ -448,6 +448,20 @@ fn file_name_spec(name: &Path, format: Option<&str>) -> Result<OpenSpec> {
         spec.protocol_driver = Some(p.to_string());
         return Ok(spec);
     }
+    if format == Some("blkdebug") {
+        // The filter as the format: what it filters is read as raw bytes. A
+        // name without the `blkdebug:` prefix is the filtered image's, with
+        // no rules.
+        let mut spec = if matches!(prefix, Some((b"blkdebug", _))) {
+            file_name_spec(name, Some("raw"))?
+        } else {
+            let mut filtered = std::ffi::OsString::from("blkdebug::");
+            filtered.push(name.as_os_str());
+            file_name_spec(Path::new(&filtered), Some("raw"))?
+        };
+        spec.protocol_driver = Some("blkdebug".into());
+        return Ok(spec);
+    }
     // A foreign format driver is refused once its file is found.
     let foreign = format.and_then(foreign_format);
     let format = match foreign {
@@ -589,9 +603,37 @@ pub fn output_path(name: &Path) -> Result<std::path::PathBuf> {
 pub fn output_format(f: &str) -> Result<Format, strata_format::Error> {
     match f {
         "file" => Ok(Format::Raw),
-        f => f.parse(),
+        f => match creation_refusal(f) {
+            Some(m) => Err(strata_format::Error::invalid_argument(m)),
+            None => f.parse(),
+        },
     }
 }
+
+/// qemu-img's refusal of a driver it has but that creates no image, named
+/// as a target format.
+pub fn creation_refusal(f: &str) -> Option<String> {
+    CANNOT_CREATE
+        .contains(&f)
+        .then(|| format!("Format driver '{f}' does not support image creation"))
+}
+
+/// QEMU's drivers that exist but create no image (filters and null devices):
+/// named as a target format, they are refused as such, not as unknown.
+const CANNOT_CREATE: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "null-aio",
+    "null-co",
+    "preallocate",
+    "quorum",
+    "snapshot-access",
+    "throttle",
+];
 
 /// A format name given with `-f` or `driver=`, refused as QEMU refuses a driver
 /// it does not have.

@@ -459,7 +459,10 @@ fn format_options(fmt: &str) -> Result<&'static [Opt]> {
         "qed" => QED,
         "parallels" => PARALLELS,
         "file" => FILE,
-        other => bail!("Unknown file format '{other}'"),
+        other => match super::imgname::creation_refusal(other) {
+            Some(m) => bail!("{m}"),
+            None => bail!("Unknown file format '{other}'"),
+        },
     })
 }
 

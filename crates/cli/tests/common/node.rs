@@ -1,28 +1,33 @@
-//! Comparing the tools where qemu-img's messages name a node it opened: it
-//! names it by a generated `#blockNNN` (a new number each run) where strata
-//! names the file, so that one name is blinded before the outputs are
-//! compared; everything else must be the same.
+//! Comparing the tools where qemu-img's messages name a node it opened by a
+//! generated `#blockNRR` (the node's number, then two random digits each
+//! run): the random digits are blinded before the outputs are compared, the
+//! number is not; everything else must be the same.
 
 use super::{differs, outcome, sh};
 use std::path::Path;
 
 /// `s` with the name after the first `key` (up to the next `'` or `:`)
-/// replaced by `NODE`; `key` ends where the name starts, e.g. `node '` or
-/// `bitmaps to `. The name must look like the one QEMU makes up
-/// (`#block` and digits) or be a name the options gave.
+/// blinded; `key` ends where the name starts, e.g. `node '` or `bitmaps to `.
+/// A name QEMU makes up (`#block`, the node's number in the order nodes were
+/// opened, two random digits) keeps its number: `#block<number>RR`. Any other
+/// (a name the options gave, or strata's file name) becomes `NODE`.
 pub fn blind(s: &str, key: &str) -> String {
     match s.find(key) {
         Some(i) => {
             let rest = &s[i + key.len()..];
             let end = rest.find(['\'', ':']).unwrap_or(rest.len());
             let name = &rest[..end];
-            if let Some(digits) = name.strip_prefix("#block") {
-                assert!(
-                    digits.len() >= 3 && digits.bytes().all(|b| b.is_ascii_digit()),
-                    "not a generated node name: {name:?} in {s:?}"
-                );
-            }
-            format!("{}{key}NODE{}", &s[..i], &rest[end..])
+            let shown = match name.strip_prefix("#block") {
+                Some(digits) => {
+                    assert!(
+                        digits.len() >= 3 && digits.bytes().all(|b| b.is_ascii_digit()),
+                        "not a generated node name: {name:?} in {s:?}"
+                    );
+                    format!("#block{}RR", &digits[..digits.len() - 2])
+                }
+                None => "NODE".to_string(),
+            };
+            format!("{}{key}{shown}{}", &s[..i], &rest[end..])
         }
         None => s.to_string(),
     }
