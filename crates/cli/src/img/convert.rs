@@ -267,6 +267,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
     // Sources, each with its chain (or the snapshot view over the chain below).
     // Every file of their chains, and of the -B chain, is one the output must not be.
     let mut inputs = Inputs::default();
+    let mut chains = Vec::with_capacity(src_paths.len());
     let mut sources = Vec::with_capacity(src_paths.len());
     let mut bitmaps_of = None;
     // The target's backing file: -B, or the backing_file the creation options give
@@ -290,9 +291,12 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
         if args.bitmaps {
             bitmaps_of = Some(chain.top().clone());
         }
-        let first = sources.is_empty();
+        chains.push(chain);
+    }
+    // The snapshot is loaded once every source is open.
+    for (i, chain) in chains.iter().enumerate() {
         let status = match &snapshot {
-            Some(key) if first => {
+            Some(key) if i == 0 => {
                 let devices = strata_jobs::snapshot::view_chain_at(&chain.devices(), key).map_err(
                     |e| match e {
                         strata_jobs::Error::NoInternalSnapshots { .. } => {
@@ -308,7 +312,7 @@ fn convert_images(args: Args, ctx: &Ctx) -> Result<i32> {
                 )?;
                 ChainStatus::from_devices(devices)?
             }
-            _ => ChainStatus::new(&chain)?,
+            _ => ChainStatus::new(chain)?,
         };
         sources.push(status);
     }
