@@ -106,6 +106,16 @@ const READING: &[&str] = &[
     "measure -O qcow2 --options cluster_size=4k --size 1G",
     "measure -O qcow2 --snapshot snap1 top.qcow2",
     "measure --format qcow2 -O raw top.qcow2",
+    // qcow2's checks in QEMU's order: for create, extended L2 on a version 2
+    // image before the cluster size; for measure, the cluster size (and its
+    // extended-L2 minimum), then compat, then the refcount width.
+    "create -f qcow2 -o compat=0.10,cluster_size=3k,extended_l2=on n.qcow2 1M",
+    "create -f qcow2 -o cluster_size=3k,extended_l2=on n.qcow2 1M",
+    "measure -O qcow2 -o compat=bogus,cluster_size=3k --size 1M",
+    "measure -O qcow2 -o cluster_size=3k,extended_l2=on --size 1M",
+    "measure -O qcow2 -o compat=bogus,refcount_bits=3 --size 1M",
+    "measure -O qcow2 -o compat=0.10,refcount_bits=3 --size 1M",
+    "measure -O qcow2 -o compat=0.10,refcount_bits=8,extended_l2=on --size 1M",
     // snapshot -l, long forms.
     "snapshot --list top.qcow2",
     "snapshot -U --list top.qcow2",

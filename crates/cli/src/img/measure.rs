@@ -138,26 +138,36 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
     };
     if format == Format::Qcow2 {
         // qemu-img's measure knows compat only as 0.10, 1.1 or v3.
-        if let Some(v) = opts
+        let bad_compat = opts
             .get("compat")
-            .filter(|v| !["0.10", "1.1", "v3"].contains(&v.as_str()))
-        {
-            bail!("Invalid compatibility level: '{v}'");
-        }
+            .filter(|v| !["0.10", "1.1", "v3"].contains(&v.as_str()));
         // The encryption options are checked apart (see `luks_area` below).
         let clear: std::collections::BTreeMap<_, _> = opts
             .iter()
             .filter(|(k, _)| !k.starts_with("encrypt.") && k.as_str() != "encryption")
+            .filter(|(k, _)| bad_compat.is_none() || k.as_str() != "compat")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let c = strata_jobs::create::qcow2_options(&clear).map_err(anyhow::Error::msg)?;
-        if c.version == 2 && c.refcount_bits != 16 {
-            bail!("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
+        // QEMU's order: the cluster size (with extended L2 entries, at least
+        // 16 KiB), the compat level, then the refcount width.
+        let cs = c.cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            bail!("Cluster size must be a power of two between 512 and 2048k");
         }
-        if c.extended_l2 && c.cluster_size < 16384 {
+        if c.extended_l2 && cs < 16384 {
             bail!(
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
             );
+        }
+        if let Some(v) = bad_compat {
+            bail!("Invalid compatibility level: '{v}'");
+        }
+        if !c.refcount_bits.is_power_of_two() || c.refcount_bits > 64 {
+            bail!("Refcount width must be a power of two and may not exceed 64 bits");
+        }
+        if c.version == 2 && c.refcount_bits != 16 {
+            bail!("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
         }
         target.cluster_size = c.cluster_size;
         target.refcount_bits = c.refcount_bits;

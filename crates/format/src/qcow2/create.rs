@@ -97,11 +97,11 @@ impl CreateOptions {
         if self.version != 2 && self.version != 3 {
             return bad("Invalid compatibility level");
         }
-        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-            return bad("Cluster size must be a power of two between 512 and 2048k");
-        }
         if self.extended_l2 && v2 {
             return bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+        }
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return bad("Cluster size must be a power of two between 512 and 2048k");
         }
         if self.extended_l2 && cs < 16384 {
             return bad(
