@@ -110,7 +110,11 @@ done
 "${SUDO[@]}" apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-utils qemu-system-x86 qemu-guest-agent
 # gnutls-bin: certtool makes the certificates of the NBD TLS parity tests.
-"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl gnutls-bin e2fsprogs kmod restic python3-venv
+# zlib1g-dev, pkg-config: strata links the system's zlib, the one QEMU uses, so
+# that compressed clusters are the bytes qemu-img writes (without them the zlib
+# crate builds its own copy of the same library).
+"${SUDO[@]}" apt-get install -y -q libnbd-bin openssl gnutls-bin e2fsprogs kmod restic python3-venv \
+  zlib1g-dev pkg-config
 
 # libvirt from the same suite, so it drives the same QEMU; only for the VM benchmark.
 if [ "${STRATA_BENCH_DEPS:-0}" = 1 ]; then
