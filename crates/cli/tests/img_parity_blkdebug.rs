@@ -10,6 +10,15 @@ mod common;
 use common::{assert_all_same, ok, same, sh};
 use std::path::Path;
 
+/// The commands that only look at an image, each run on every name.
+const INSPECTIONS: [&[&str]; 5] = [
+    &["info"],
+    &["info", "--output=json"],
+    &["map"],
+    &["map", "--output=json"],
+    &["check"],
+];
+
 /// `a.qcow2` with data in its first cluster, and a config file per rule.
 fn setup(d: &Path) {
     sh(
@@ -103,17 +112,11 @@ fn injected_errors_fail_where_and_as_qemu_img_fails() {
             format!("{c}.cfg")
         };
         let name = format!("blkdebug:{cfg}:a.qcow2");
-        for sub in [
-            &["info"][..],
-            &["info", "--output=json"],
-            &["map"],
-            &["check"],
-        ] {
+        for sub in INSPECTIONS {
             let mut a = sub.to_vec();
             a.push(&name);
             same(d, &a);
         }
-        same(d, &["map", "--output=json", &name]);
         same(d, &["compare", &name, "a.qcow2"]);
         same(d, &["compare", "a.qcow2", &name]);
         same(d, &["convert", "-O", "raw", &name, &format!("out-{c}.raw")]);
@@ -326,15 +329,11 @@ fn a_filter_over_a_format_node_serves_its_guest_data_as_qemu_img_does() {
         r#"json:{"driver":"raw","file":{"driver":"blkdebug","image":{"driver":"qcow2","file":{"filename":"b.qcow2"}}}}"#.into(),
     ];
     for (i, name) in names.iter().enumerate() {
-        for sub in [
-            &["info"][..],
-            &["info", "--output=json"],
-            &["map"],
-            &["map", "--output=json"],
-            &["check"],
-            &["info", "-f", "raw"],
-            &["info", "-f", "qcow2"],
-        ] {
+        for sub in INSPECTIONS
+            .iter()
+            .copied()
+            .chain([&["info", "-f", "raw"][..], &["info", "-f", "qcow2"]])
+        {
             // (A qcow2 header read that fails is worded apart by qemu-img.)
             if sub.contains(&"qcow2") && name.contains("none.cfg") {
                 continue;
@@ -553,14 +552,11 @@ fn blkdebug_named_as_the_format_is_the_top_node_and_hears_no_events() {
         "blkdebug:nosuch.cfg:r.img",
         "nosuch.img",
     ] {
-        for sub in [
-            &["info"][..],
-            &["info", "--output=json"],
-            &["map"],
-            &["map", "--output=json"],
-            &["check"],
-            &["measure", "-O", "qcow2"],
-        ] {
+        for sub in INSPECTIONS
+            .iter()
+            .copied()
+            .chain([&["measure", "-O", "qcow2"][..]])
+        {
             let mut a = vec![sub[0], "-f", "blkdebug"];
             a.extend(&sub[1..]);
             a.push(name);
