@@ -382,22 +382,12 @@ fn write_compressed(
     Ok(to - from)
 }
 
-/// Carry out a rebase plan with a few workers, then flush `image`. The caller then
-/// rewrites the pointer.
+/// Carry out a rebase plan with a few workers, writing the copied clusters
+/// compressed when `compress` is set (`rebase -c`), then flush `image`. The
+/// caller then rewrites the pointer. The plan's ranges are done in their
+/// order: `progress` has advanced past a range only once it and every range
+/// before it are written.
 pub fn apply(
-    image: &Arc<dyn BlockDevice>,
-    new_backing: Option<&Arc<dyn BlockDevice>>,
-    plan: &RebasePlan,
-    progress: &dyn Progress,
-    cancel: &Cancel,
-) -> Result<RebaseStats> {
-    apply_with(image, new_backing, plan, false, progress, cancel)
-}
-
-/// [`apply`], writing the copied clusters compressed when `compress` is set.
-/// The plan's ranges are done in their order: `progress` has advanced past a
-/// range only once it and every range before it are written.
-pub fn apply_with(
     image: &Arc<dyn BlockDevice>,
     new_backing: Option<&Arc<dyn BlockDevice>>,
     plan: &RebasePlan,
@@ -500,20 +490,8 @@ pub fn copy_differences(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<RebaseStats> {
-    copy_differences_with(image, new_backing, false, progress, cancel)
-}
-
-/// [`copy_differences`], writing the copied clusters compressed when `compress`
-/// is set (`rebase -c`).
-pub fn copy_differences_with(
-    image: &Arc<dyn BlockDevice>,
-    new_backing: Option<&Arc<dyn BlockDevice>>,
-    compress: bool,
-    progress: &dyn Progress,
-    cancel: &Cancel,
-) -> Result<RebaseStats> {
     let p = plan(image, new_backing, cancel)?;
-    apply_with(image, new_backing, &p, compress, progress, cancel)
+    apply(image, new_backing, &p, false, progress, cancel)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! qemu-img advances its figure per request of its own copy loop, not per byte, so
 //! the figures it prints follow from how it splits the work. [`QemuSteps`] prints
 //! the same figures: precomputed ones (convert, rebase: [`QemuSteps::milestones`]),
-//! released as strata's job passes the matching share of its work, or ones
+//! released once strata's job has done the bytes that come before them, or ones
 //! accumulated per chunk of a job that splits the work as qemu-img does (compare:
 //! [`QemuSteps::relative`]), or the plain fraction done (commit, whose figures
 //! qemu-img takes from a block job at times that depend on timing).

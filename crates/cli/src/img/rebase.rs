@@ -258,7 +258,7 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             // due before any copying (a first read that fails follows them).
             strata_jobs::Progress::advance(&shown.steps, 0);
         }
-        rebase::apply_with(
+        rebase::apply(
             &image,
             new_backing.as_ref(),
             &plan,
