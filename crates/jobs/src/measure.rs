@@ -111,18 +111,42 @@ pub fn measure(source: Source<'_>, target: &Target, cancel: &Cancel) -> Result<M
     }
 }
 
-fn measure_qcow2(source: Source<'_>, t: &Target, cancel: &Cancel) -> Result<Measurement> {
-    let cs = t.cluster_size;
-    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+/// A qcow2 target's cluster size as qemu-img's measure judges it, in its
+/// order: a power of two from 512 bytes to 2 MiB, then (with extended L2
+/// entries) at least 16 KiB.
+pub fn check_cluster_size(cluster_size: u64, extended_l2: bool) -> Result<()> {
+    if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
         return Err(Error::Invalid(
             "Cluster size must be a power of two between 512 and 2048k".into(),
         ));
     }
-    if !t.refcount_bits.is_power_of_two() || t.refcount_bits > 64 {
+    if extended_l2 && cluster_size < 16384 {
+        return Err(Error::Invalid(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A qcow2 target's refcount width as qemu-img's measure judges it, in its
+/// order: a power of two up to 64, then 16 on a version 2 image.
+pub fn check_refcount_width(refcount_bits: u32, version: u32) -> Result<()> {
+    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
         return Err(Error::Invalid(
             "Refcount width must be a power of two and may not exceed 64 bits".into(),
         ));
     }
+    if version == 2 && refcount_bits != 16 {
+        return Err(Error::Invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)".into()));
+    }
+    Ok(())
+}
+
+fn measure_qcow2(source: Source<'_>, t: &Target, cancel: &Cancel) -> Result<Measurement> {
+    let cs = t.cluster_size;
+    check_cluster_size(cs, t.extended_l2)?;
+    check_refcount_width(t.refcount_bits, t.version)?;
     let too_big = || Error::Invalid("Image size is too large for this cluster size".into());
     let (virtual_size, mut required, bitmaps) = match source {
         Source::Size(s) => (round_up(s, cs).ok_or_else(too_big)?, 0, None),

@@ -139,8 +139,8 @@ pub fn view_chain(layers: &[Arc<dyn BlockDevice>], key: &str) -> Result<Vec<Arc<
 /// The chain `layers` (top first, each attached to the next) as it was at the
 /// top's snapshot `key`: the snapshot's read-only view on top, reading through
 /// the top's backing chain, then the backing layers. For reading a snapshot as
-/// a disk (`convert -l`, `measure -l`). No such snapshot:
-/// [`Error::SnapshotNotFound`].
+/// a disk (`convert -l`, `measure -l`). An exact key that names no snapshot
+/// is [`Error::SnapshotNotFound`]; an ID or name, the format's own refusal.
 pub fn view_chain_at(
     layers: &[Arc<dyn BlockDevice>],
     key: &SnapshotKey,

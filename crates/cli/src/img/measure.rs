@@ -149,26 +149,13 @@ pub fn run(args: Args, ctx: &Ctx) -> Result<i32> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let c = strata_jobs::create::qcow2_options(&clear).map_err(anyhow::Error::msg)?;
-        // QEMU's order: the cluster size (with extended L2 entries, at least
-        // 16 KiB), the compat level, then the refcount width.
-        let cs = c.cluster_size;
-        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-            bail!("Cluster size must be a power of two between 512 and 2048k");
-        }
-        if c.extended_l2 && cs < 16384 {
-            bail!(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
-            );
-        }
+        // QEMU's order: the cluster size, the compat level, then the
+        // refcount width (the job checks them again, for its other callers).
+        strata_jobs::measure::check_cluster_size(c.cluster_size, c.extended_l2)?;
         if let Some(v) = bad_compat {
             bail!("Invalid compatibility level: '{v}'");
         }
-        if !c.refcount_bits.is_power_of_two() || c.refcount_bits > 64 {
-            bail!("Refcount width must be a power of two and may not exceed 64 bits");
-        }
-        if c.version == 2 && c.refcount_bits != 16 {
-            bail!("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
-        }
+        strata_jobs::measure::check_refcount_width(c.refcount_bits, c.version)?;
         target.cluster_size = c.cluster_size;
         target.refcount_bits = c.refcount_bits;
         target.extended_l2 = c.extended_l2;
